@@ -1,0 +1,150 @@
+"""The training configuration every layer takes: what the user controls.
+
+One :class:`TrainConfig` feeds ``vramplan.estimate`` (analytic), ``vramplan.dryrun``
+(meta-device tracing) and the calibration runner (real steps), so the three are always
+asked the same question. Build it with :func:`make_config`, which validates and fills
+the defaults (including the PEFT defaults rank 8, alpha 8, the model type's default
+targets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from .errors import VramplanError, unknown
+from .methods import Adapter, Recipe, resolve
+from .models import ModelSpec, get_model
+from .optimizers import DEFAULT_OPTIMIZER, get_optimizer
+from .precision import DEFAULT_REGIME, get_regime
+
+ATTENTION = ("eager", "sdpa", "flash")
+FRAMEWORKS = ("hf",)  # grows with issue 7 (torchtune, unsloth, litgpt)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training configuration. Shapes are per micro-batch on one GPU.
+
+    Attributes:
+        method: registry name (full, lora, qlora, dora, ia3, dpo, ppo).
+        adapter: adapter choice (DPO/PPO take full|lora|qlora|dora|ia3).
+        batch: micro-batch size (examples; DPO doubles it into chosen + rejected sequences).
+        seq: tokens per sequence (PPO: prompt + response).
+        grad_accum: gradient accumulation steps (memory-neutral; for throughput and global batch).
+        rank, alpha, dropout: LoRA/DoRA hyper-parameters (PEFT defaults 8, 8, 0.0).
+        targets: target module names, or ("all-linear",); empty means the model type's default.
+        grad_ckpt: gradient checkpointing (HF ``gradient_checkpointing_enable``, non-reentrant).
+        optimizer: adamw | adamw_8bit | paged_adamw_8bit | sgd | adafactor.
+        precision: bf16 | bf16-mixed | fp16-mixed | fp32 (see vramplan.precision).
+        attn: eager | sdpa | flash (attention implementation).
+        framework: training stack (hf = transformers + PEFT).
+        double_quant: QLoRA double quantisation of the NF4 constants (default on).
+        ppo_response: PPO response tokens generated per sequence (default seq // 2).
+    """
+
+    method: str = "lora"
+    adapter: str = "lora"
+    batch: int = 1
+    seq: int = 2048
+    grad_accum: int = 1
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ()
+    grad_ckpt: bool = False
+    optimizer: str = DEFAULT_OPTIMIZER
+    precision: str = DEFAULT_REGIME
+    attn: str = "sdpa"
+    framework: str = "hf"
+    double_quant: bool = True
+    ppo_response: int | None = None
+    extras: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def recipe(self) -> Recipe:
+        return resolve(self.method, self.adapter)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    def with_(self, **changes) -> "TrainConfig":
+        return replace(self, **changes)
+
+
+def resolve_targets(model: ModelSpec, targets) -> tuple[str, ...]:
+    """Expand ``targets`` (None/empty: the model type's default; "all-linear"; names) into module names.
+
+    "all-linear" follows PEFT: every ``nn.Linear`` in the decoder layers, never the lm_head.
+    """
+    linear = [l.name for l in model.layer_linears() if l.is_linear]
+    if not targets:
+        return tuple(t for t in model.lora_targets if t in linear) or tuple(linear[:1])
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    targets = tuple(targets)
+    if targets in (("all-linear",), ("all",)):
+        return tuple(linear)
+    bad = [t for t in targets if t not in linear]
+    if bad:
+        from .errors import did_you_mean
+
+        raise VramplanError(f"{model.name} has no linear module {bad[0]!r} to adapt",
+                            did_you_mean(bad[0], linear) or f"choose from {', '.join(linear)} or all-linear")
+    return targets
+
+
+def make_config(model: ModelSpec | str, method: str = "lora", *, adapter: str | None = None, batch: int = 1,
+                seq: int = 2048, grad_accum: int = 1, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
+                targets=None, grad_ckpt: bool | None = None, optimizer: str = DEFAULT_OPTIMIZER,
+                precision: str | None = None, attn: str = "sdpa", framework: str = "hf", double_quant: bool = True,
+                ppo_response: int | None = None) -> TrainConfig:
+    """Validate user input into a :class:`TrainConfig` for ``model``.
+
+    Defaults: gradient checkpointing off (on for QLoRA, as TRL/PEFT's
+    ``prepare_model_for_kbit_training`` enables it), alpha = rank (PEFT's default
+    ``lora_alpha=8`` with ``r=8``), precision bf16-mixed.
+
+    Raises:
+        VramplanError: non-positive batch/seq/rank, a rank larger than an adapted layer,
+            an unknown method/adapter/optimizer/precision/attention, a sequence longer
+            than PPO's response allows.
+    """
+    spec = get_model(model)
+    recipe = resolve(method, adapter)
+    for label, value in (("batch", batch), ("seq", seq), ("grad-accum", grad_accum), ("rank", rank)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise VramplanError(f"--{label} must be a positive integer, got {value!r}")
+    if attn not in ATTENTION:
+        raise unknown("attention implementation", attn, ATTENTION)
+    if framework not in FRAMEWORKS:
+        raise unknown("framework", framework, FRAMEWORKS)
+    get_optimizer(optimizer)
+    regime = get_regime(precision or DEFAULT_REGIME)
+    tg: tuple[str, ...] = ()
+    if recipe.adapter in (Adapter.LORA, Adapter.QLORA, Adapter.DORA):
+        tg = resolve_targets(spec, targets)
+        shapes = {l.name: l for l in spec.layer_linears()}
+        for t in tg:
+            l = shapes[t]
+            if rank > min(l.in_features, l.out_features):
+                raise VramplanError(f"rank {rank} is larger than {t} ({l.out_features}x{l.in_features}) of {spec.name}",
+                                    f"use --rank <= {min(l.in_features, l.out_features)}")
+    elif recipe.adapter is Adapter.IA3:
+        tg = tuple(t for t in spec.ia3_targets if t in {l.name for l in spec.layer_linears() if l.is_linear})
+        if targets:
+            tg = resolve_targets(spec, targets)
+    if recipe.method.rollout:
+        resp = ppo_response if ppo_response is not None else seq // 2
+        if not 0 < resp < seq:
+            raise VramplanError(f"PPO needs 0 < response tokens < --seq ({seq}), got {resp}")
+        ppo_response = resp
+    if grad_ckpt is None:
+        grad_ckpt = recipe.adapter is Adapter.QLORA
+    return TrainConfig(
+        method=recipe.method.name, adapter=recipe.adapter.value, batch=batch, seq=seq, grad_accum=grad_accum,
+        rank=rank, alpha=float(alpha if alpha is not None else rank), dropout=float(dropout), targets=tg,
+        grad_ckpt=bool(grad_ckpt), optimizer=get_optimizer(optimizer).name, precision=regime.name, attn=attn,
+        framework=framework, double_quant=double_quant, ppo_response=ppo_response,
+    )

@@ -1,0 +1,315 @@
+"""The model catalogue and the architecture description every layer plans from.
+
+A :class:`ModelSpec` is parsed from a Hugging Face ``config.json`` dict -- the catalogue
+(``vramplan/data/models.json``) stores exactly those dicts, one entry per model with its
+source, so ``--model path/to/config.json`` and ``--model llama-2-7b`` go through the same
+parser. Layout details per ``model_type`` come from ``data/architectures.toml``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from ._data import load_data, read_config_file
+from .errors import VramplanError, unknown
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One linear weight of a decoder layer (or an expert bank), as PEFT sees it.
+
+    ``name`` is the module's last name (``q_proj``); ``count`` the number of such matrices
+    per layer (experts for a fused MoE bank); ``is_linear`` is False for fused expert
+    parameters, which are ``nn.Parameter`` (not ``nn.Linear``) and so never LoRA targets.
+    """
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool = False
+    count: int = 1
+    is_linear: bool = True
+
+    @property
+    def params(self) -> int:
+        return self.count * (self.in_features * self.out_features + (self.out_features if self.bias else 0))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A decoder-only causal LM: the shapes that memory and FLOPs depend on."""
+
+    name: str
+    model_type: str
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_embeddings: bool
+    hidden_act: str = "silu"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    qk_norm: str = "none"
+    norms_per_layer: int = 2
+    embed_scale: bool = False
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    max_position_embeddings: int = 4096
+    sliding_window: int | None = None
+    final_logit_softcapping: float | None = None
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    ia3_targets: tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
+    ia3_feedforward: tuple[str, ...] = ("down_proj",)
+    hf_id: str | None = None
+    source: str | None = None
+    published_params: int | None = None
+    aliases: tuple[str, ...] = ()
+    hf_config: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+    # -- derived shapes -------------------------------------------------------------
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def layer_linears(self) -> list[Linear]:
+        """Linear weights of one decoder layer, named as in transformers."""
+        h, i = self.hidden_size, self.intermediate_size
+        out: list[Linear] = []
+        if self.fused_qkv:
+            out.append(Linear("qkv_proj", h, self.q_dim + 2 * self.kv_dim, self.qkv_bias))
+        else:
+            out += [Linear("q_proj", h, self.q_dim, self.qkv_bias), Linear("k_proj", h, self.kv_dim, self.qkv_bias),
+                    Linear("v_proj", h, self.kv_dim, self.qkv_bias)]
+        out.append(Linear("o_proj", self.q_dim, h, self.o_bias))
+        if self.is_moe:
+            e, mi = self.num_experts, self.moe_intermediate_size or i
+            # the router is a bare nn.Parameter in transformers >= 5 (not nn.Linear)
+            out.append(Linear("gate", h, e, False, 1, is_linear=False))
+            out.append(Linear("experts.gate_up_proj", h, 2 * mi, False, e, is_linear=False))
+            out.append(Linear("experts.down_proj", mi, h, False, e, is_linear=False))
+            if self.shared_expert_intermediate_size:
+                si = self.shared_expert_intermediate_size
+                out += [Linear("gate_proj", h, si), Linear("up_proj", h, si), Linear("down_proj", si, h),
+                        Linear("shared_expert_gate", h, 1)]
+        elif self.fused_gate_up:
+            out += [Linear("gate_up_proj", h, 2 * i, self.mlp_bias), Linear("down_proj", i, h, self.mlp_bias)]
+        else:
+            out += [Linear("gate_proj", h, i, self.mlp_bias), Linear("up_proj", h, i, self.mlp_bias),
+                    Linear("down_proj", i, h, self.mlp_bias)]
+        return out
+
+    def layer_norm_params(self) -> int:
+        """RMSNorm weights of one layer (norms and q/k norms)."""
+        n = self.norms_per_layer * self.hidden_size
+        if self.qk_norm == "head":
+            n += 2 * self.head_dim
+        elif self.qk_norm == "full":
+            n += self.q_dim + self.kv_dim
+        return n
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def lm_head_params(self) -> int:
+        """Untied output projection (0 when tied to the embeddings)."""
+        return 0 if self.tie_embeddings else self.vocab_size * self.hidden_size
+
+    @property
+    def layer_params(self) -> int:
+        return sum(l.params for l in self.layer_linears()) + self.layer_norm_params()
+
+    @property
+    def linear_params(self) -> int:
+        """Parameters of all decoder-layer matrices (what NF4 quantises)."""
+        return self.num_layers * sum(l.params for l in self.layer_linears())
+
+    @property
+    def params(self) -> int:
+        """Total parameters, as ``sum(p.numel() for p in model.parameters())`` counts them."""
+        return (self.embedding_params + self.lm_head_params + self.num_layers * self.layer_params
+                + self.hidden_size)  # final norm
+
+    @property
+    def active_params(self) -> int:
+        """Parameters touched per token (MoE: only the routed experts)."""
+        if not self.is_moe:
+            return self.params
+        mi = self.moe_intermediate_size or self.intermediate_size
+        idle = (self.num_experts - self.experts_per_token) * 3 * self.hidden_size * mi
+        return self.params - self.num_layers * idle
+
+    def describe(self) -> str:
+        moe = f", MoE {self.num_experts}x top-{self.experts_per_token}" if self.is_moe else ""
+        return (f"{self.name} ({self.params / 1e9:.2f}B params, {self.num_layers} layers, hidden {self.hidden_size}, "
+                f"{self.num_heads}/{self.num_kv_heads} heads, vocab {self.vocab_size}{moe})")
+
+
+def _layout(model_type: str) -> dict:
+    return load_data("architectures.toml").get(model_type, {})
+
+
+def supported_model_types() -> list[str]:
+    return list(load_data("architectures.toml"))
+
+
+def from_hf_config(cfg: dict, name: str | None = None, **meta) -> ModelSpec:
+    """Parse a Hugging Face ``config.json`` dict into a :class:`ModelSpec`.
+
+    Any ``*ForCausalLM`` decoder with the usual fields works: an unknown ``model_type``
+    gets the Llama layout (separate q/k/v/o and gated MLP), honouring ``attention_bias``
+    and ``mlp_bias``.
+
+    Raises:
+        VramplanError: a required field is missing or not a positive integer.
+    """
+    if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrappers: plan the language model
+        cfg = {**cfg["text_config"], "architectures": cfg.get("architectures")}
+    model_type = str(cfg.get("model_type", "llama"))
+    lay = _layout(model_type)
+    label = name or cfg.get("_name_or_path") or model_type
+
+    def need(*keys: str) -> int:
+        for k in keys:
+            v = cfg.get(k)
+            if v is not None:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or int(v) != v:
+                    raise VramplanError(f"config of {label}: {k} must be a positive integer, got {v!r}")
+                return int(v)
+        raise VramplanError(f"config of {label} has no {keys[0]}", "is it a decoder-only *ForCausalLM config.json?")
+
+    hidden = need("hidden_size", "n_embd", "d_model")
+    heads = need("num_attention_heads", "n_head")
+    kv = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    num_experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+    archs = cfg.get("architectures") or []
+    arch = archs[0] if archs else f"{model_type.title()}ForCausalLM"
+    qkv_bias = bool(cfg.get("attention_bias", lay.get("qkv_bias", False)))
+    spec = ModelSpec(
+        name=str(label),
+        model_type=model_type,
+        architecture=str(arch),
+        hidden_size=hidden,
+        num_layers=need("num_hidden_layers", "n_layer"),
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=head_dim,
+        intermediate_size=need("intermediate_size", "n_inner") if not num_experts or cfg.get("intermediate_size") else int(cfg.get("moe_intermediate_size")),
+        vocab_size=need("vocab_size"),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", lay.get("tie_default", False))),
+        hidden_act=str(cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu"),
+        qkv_bias=qkv_bias,
+        o_bias=bool(cfg.get("attention_bias", False)) and model_type not in ("qwen2", "qwen2_moe"),
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        fused_qkv=bool(lay.get("fused_qkv", False)),
+        fused_gate_up=bool(lay.get("fused_gate_up", False)),
+        qk_norm=str(lay.get("qk_norm", "none")),
+        norms_per_layer=int(lay.get("norms_per_layer", 2)),
+        embed_scale=bool(lay.get("embed_scale", False)),
+        num_experts=num_experts,
+        experts_per_token=int(cfg.get("num_experts_per_tok") or 0),
+        moe_intermediate_size=int(cfg.get("moe_intermediate_size") or (cfg.get("intermediate_size") if num_experts else 0) or 0),
+        shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0) if lay.get("shared_expert") else 0,
+        max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
+        sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+        final_logit_softcapping=cfg.get("final_logit_softcapping"),
+        lora_targets=tuple(lay.get("lora_targets", ("q_proj", "v_proj"))),
+        ia3_targets=tuple(lay.get("ia3_targets", ("k_proj", "v_proj", "down_proj"))),
+        ia3_feedforward=tuple(lay.get("ia3_feedforward", ("down_proj",))),
+        hf_config=dict(cfg),
+        **meta,
+    )
+    if spec.hidden_size % 1 or spec.num_heads % spec.num_kv_heads:
+        raise VramplanError(f"config of {label}: {heads} attention heads is not a multiple of {kv} kv heads")
+    return spec
+
+
+# -- catalogue ------------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def catalogue() -> dict[str, ModelSpec]:
+    """All catalogue models by name, validated on load."""
+    raw = load_data("models.json")
+    out: dict[str, ModelSpec] = {}
+    for entry in raw["models"]:
+        try:
+            spec = from_hf_config(
+                entry["config"], name=entry["name"], hf_id=entry.get("hf_id"), source=entry["source"],
+                published_params=entry.get("params"), aliases=tuple(entry.get("aliases", ())),
+            )
+        except KeyError as exc:
+            raise VramplanError(f"models.json: entry {entry.get('name')!r} lacks {exc}") from None
+        if spec.name in out:
+            raise VramplanError(f"models.json: duplicate model {spec.name!r}")
+        out[spec.name] = spec
+    return out
+
+
+@lru_cache(maxsize=None)
+def _aliases() -> dict[str, str]:
+    table: dict[str, str] = {}
+    for spec in catalogue().values():
+        keys = [spec.name] + list(spec.aliases) + ([spec.hf_id] if spec.hf_id else [])
+        for key in keys:
+            k = key.lower()
+            if k in table and table[k] != spec.name:
+                raise VramplanError(f"models.json: alias {key!r} names both {table[k]} and {spec.name}")
+            table[k] = spec.name
+    return table
+
+
+def size_aliases() -> dict[str, str]:
+    """Size shorthands (``7b``, ``13b``) and the model each resolves to."""
+    return {k: v for k, v in _aliases().items() if k[:-1].replace(".", "").isdigit() and k[-1] in "bm"}
+
+
+def get_model(name: str | Path | ModelSpec) -> ModelSpec:
+    """Resolve a catalogue name, an alias (``13b``), an HF repo id, or a local config path.
+
+    A path may be a ``config.json`` file or a directory holding one.
+    """
+    if isinstance(name, ModelSpec):
+        return name
+    text = str(name)
+    key = text.lower()
+    table = _aliases()
+    if key in table:
+        return catalogue()[table[key]]
+    path = Path(text).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.exists():
+            raise VramplanError(f"directory {text} holds no config.json")
+    if path.is_file():
+        cfg = read_config_file(path)
+        return from_hf_config(cfg, name=cfg.get("_name_or_path") or path.parent.name or path.stem, source=str(path))
+    if text.endswith(".json") or "/" in text and not key in table:
+        if text.endswith(".json") or text.startswith((".", "/", "~")):
+            raise VramplanError(f"no such file {text}")
+    raise unknown("model", text, list(table), "vramplan models")
+
+
+def model_names() -> list[str]:
+    return list(catalogue())

@@ -1,0 +1,98 @@
+"""Result dataclasses shared by the analytic model, the dry run and calibration.
+
+Bytes are ints. ``to_json()`` gives the ``--json`` object of the CLI contract; the
+Python API returns these objects unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from .taxonomy import Component, Phase, Quantity
+from .units import GIB
+
+
+def jsonable(obj: Any) -> Any:
+    """Convert dataclasses, Enums (by value), tuples and numpy scalars to JSON-ready values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        if hasattr(obj, "to_json"):
+            return obj.to_json()
+        return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        return {jsonable(k) if isinstance(k, enum.Enum) else str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalar
+        return obj.item()
+    return obj
+
+
+@dataclass
+class Estimate:
+    """A prediction of one configuration's peak memory (one GPU).
+
+    ``components`` holds every tensor component at the peak phase plus the runtime
+    components; ``tensor_peak_bytes`` is their tensor part (what ``max_memory_allocated``
+    or the dry run measure), ``peak_bytes`` adds CUDA context, workspaces and allocator
+    reserve (what nvidia-smi shows for the process: ``quantity``).
+    """
+
+    model: str
+    method: str
+    adapter: str
+    config: Any  # TrainConfig
+    params: int
+    trainable_params: int
+    components: dict[Component, int]
+    phases: dict[Phase, int]
+    peak_phase: Phase
+    tensor_peak_bytes: int
+    peak_bytes: int
+    quantity: Quantity = Quantity.DEVICE_TOTAL
+    gpu: str | None = None
+    capacity_bytes: int | None = None
+    fits: bool | None = None
+    uncertainty_bytes: int = 0
+    calibrated: bool = False
+    assumptions: list[str] = field(default_factory=list)
+    model_resolved_from: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
+    @property
+    def headroom_bytes(self) -> int | None:
+        return None if self.capacity_bytes is None else self.capacity_bytes - self.peak_bytes
+
+    def to_json(self) -> dict:
+        out = {
+            "model": self.model,
+            "model_resolved_from": self.model_resolved_from,
+            "method": self.method,
+            "adapter": self.adapter,
+            "config": jsonable(self.config),
+            "params": self.params,
+            "trainable_params": self.trainable_params,
+            "peak_bytes": int(self.peak_bytes),
+            "peak_gib": round(self.peak_gib, 4),
+            "tensor_peak_bytes": int(self.tensor_peak_bytes),
+            "quantity": self.quantity.value,
+            "peak_phase": self.peak_phase.value,
+            "components": {c.value: int(v) for c, v in self.components.items()},
+            "phases": {p.value: int(v) for p, v in self.phases.items()},
+            "uncertainty_bytes": int(self.uncertainty_bytes),
+            "calibrated": self.calibrated,
+            "assumptions": list(self.assumptions),
+        }
+        if self.gpu is not None:
+            out.update(gpu=self.gpu, capacity_bytes=int(self.capacity_bytes), fits=bool(self.fits),
+                       headroom_bytes=int(self.headroom_bytes))
+        out.update(jsonable(self.extra))
+        return out
