@@ -128,7 +128,8 @@ def make_config(model: ModelSpec | str, method: str = "lora", *, adapter: str | 
         shapes = {l.name: l for l in spec.layer_linears()}
         for t in tg:
             l = shapes[t]
-            if rank > min(l.in_features, l.out_features):
+            # 1-unit gates (Qwen-MoE's shared_expert_gate) take any rank in PEFT; judge the projections
+            if min(l.in_features, l.out_features) > 16 and rank > min(l.in_features, l.out_features):
                 raise VramplanError(f"rank {rank} is larger than {t} ({l.out_features}x{l.in_features}) of {spec.name}",
                                     f"use --rank <= {min(l.in_features, l.out_features)}")
     elif recipe.adapter is Adapter.IA3:

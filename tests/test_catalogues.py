@@ -1,0 +1,277 @@
+"""The packaged catalogues: every model and GPU entry parses, resolves and is internally consistent.
+
+Models: the analytic layout (``ModelSpec.params``, ``layer_linears()``) must match what
+transformers builds from the same ``config.json`` exactly -- parameter for parameter and
+linear for linear -- on the ``meta`` device (no weights, no downloads).
+GPUs: every figure carries a source, names and aliases resolve to one card each, and the
+feature flags agree with the compute capability.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from dataclasses import fields
+from functools import lru_cache
+
+import pytest
+
+from vramplan._data import load_data
+from vramplan.errors import UnknownNameError
+from vramplan.gpus import GPUSpec, _norm, get_gpu
+from vramplan.gpus import catalogue as gpu_catalogue
+from vramplan.models import ModelSpec, get_model, size_aliases, supported_model_types
+from vramplan.models import catalogue as model_catalogue
+from vramplan.units import MIB
+
+MODEL_ENTRIES: list[dict] = load_data("models.json")["models"]
+GPU_ENTRIES: list[dict] = load_data("gpus.json")["gpus"]
+MODEL_NAMES = [e["name"] for e in MODEL_ENTRIES]
+GPU_NAMES = [e["name"] for e in GPU_ENTRIES]
+
+REQUIRED_MODELS = {
+    "llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3.2-1b", "llama-3.2-3b", "llama-3-8b", "llama-3.1-8b",
+    "llama-3.1-70b", "mistral-7b-v0.3", "mixtral-8x7b", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b",
+    "qwen2.5-14b", "qwen2.5-32b", "qwen2.5-72b", "gemma-2-2b", "gemma-2-9b", "gemma-2-27b", "phi-3-mini-4k",
+    "phi-3.5-mini", "tinyllama-1.1b",
+}
+SIZE_ALIASES = {
+    "1b": "llama-3.2-1b", "3b": "llama-3.2-3b", "7b": "llama-2-7b", "8b": "llama-3.1-8b", "13b": "llama-2-13b",
+    "70b": "llama-3.1-70b", "0.5b": "qwen2.5-0.5b", "14b": "qwen2.5-14b", "32b": "qwen2.5-32b", "72b": "qwen2.5-72b",
+    "2b": "gemma-2-2b", "9b": "gemma-2-9b", "27b": "gemma-2-27b", "1.1b": "tinyllama-1.1b",
+}
+REQUIRED_GPUS = {
+    "rtx3080", "rtx3090", "rtx4090", "rtx5090", "rtx4000ada", "rtxa4000", "rtxa6000", "rtx6000ada", "l4", "l40s",
+    "a10g", "t4", "v100-16gb", "v100-32gb", "a100-40gb", "a100-80gb", "h100-pcie", "h100-sxm", "h100-nvl", "h200",
+    "b200",
+}
+# figures that need a source beside them in gpus.json
+GPU_FIGURES = ("memory_bytes", "bf16_tflops", "fp16_tflops", "fp32_tflops", "bandwidth_gbs", "compute_capability",
+               "sm_count", "nvlink_gbs", "pcie_gbs")
+
+
+# -- models: the catalogue file ----------------------------------------------------------
+
+def test_model_catalogue_size_and_schema():
+    assert load_data("models.json")["schema"] == 1
+    assert len(MODEL_ENTRIES) >= 28
+    assert REQUIRED_MODELS <= set(MODEL_NAMES)
+    assert len(set(MODEL_NAMES)) == len(MODEL_NAMES)
+    assert set(model_catalogue()) == set(MODEL_NAMES)
+
+
+@pytest.mark.parametrize("entry", MODEL_ENTRIES, ids=MODEL_NAMES)
+def test_model_entry_parses(entry):
+    assert set(entry) == {"name", "hf_id", "source", "params", "aliases", "config"}
+    assert entry["name"] == entry["name"].lower()
+    assert entry["source"] == f"https://huggingface.co/{entry['hf_id']}/blob/main/config.json"
+    cfg = entry["config"]
+    assert cfg["model_type"] in supported_model_types(), "a layout in architectures.toml for every catalogue family"
+    assert cfg["architectures"][0].endswith("ForCausalLM")
+    spec = model_catalogue()[entry["name"]]
+    assert spec.hf_id == entry["hf_id"] and spec.source == entry["source"]
+    assert spec.num_heads % spec.num_kv_heads == 0
+    assert spec.hidden_size == cfg["hidden_size"] and spec.num_layers == cfg["num_hidden_layers"]
+    assert get_model(entry["name"]) is spec
+    assert get_model(entry["hf_id"]) is spec
+    for alias in entry["aliases"]:
+        assert get_model(alias) is spec
+        assert get_model(alias.upper()) is spec
+
+
+@pytest.mark.parametrize("entry", MODEL_ENTRIES, ids=MODEL_NAMES)
+def test_model_analytic_params_match_catalogue(entry):
+    """``ModelSpec.params`` (from the layout) equals the count transformers gives (stored in the entry)."""
+    spec = model_catalogue()[entry["name"]]
+    assert spec.published_params == entry["params"]
+    assert spec.params == entry["params"]
+    assert spec.linear_params < spec.params
+    assert 0 < spec.active_params <= spec.params
+    if spec.is_moe:
+        assert spec.active_params < spec.params
+
+
+def test_model_aliases_unique():
+    owners: dict[str, set[str]] = {}
+    for e in MODEL_ENTRIES:
+        for key in (e["name"], e["hf_id"], *e["aliases"]):
+            owners.setdefault(key.lower(), set()).add(e["name"])
+    clashes = {k: v for k, v in owners.items() if len(v) > 1}
+    assert not clashes
+    for e in MODEL_ENTRIES:  # no entry lists the same key twice either
+        keys = [k.lower() for k in (e["name"], e["hf_id"], *e["aliases"])]
+        assert len(keys) == len(set(keys)), e["name"]
+
+
+@pytest.mark.parametrize("alias,name", sorted(SIZE_ALIASES.items()))
+def test_size_alias_resolves(alias, name):
+    assert get_model(alias).name == name
+    assert size_aliases()[alias] == name
+
+
+def test_size_aliases_name_real_sizes():
+    """A size shorthand points at a model of roughly that size (gemma-2-2b is 2.6B)."""
+    for alias, name in size_aliases().items():
+        scale = 1e9 if alias.endswith("b") else 1e6
+        nominal = float(alias[:-1]) * scale
+        assert 0.75 < model_catalogue()[name].params / nominal < 1.35, (alias, name)
+
+
+def test_unknown_model_suggests_a_name():
+    with pytest.raises(UnknownNameError, match="did you mean"):
+        get_model("llama-2-7")
+
+
+# -- models: against transformers on the meta device ---------------------------------------
+
+@lru_cache(maxsize=None)
+def _hf_model(name: str):
+    """The HF model transformers builds from the catalogue config, on the meta device."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    cfg = dict(model_catalogue()[name].hf_config)
+    model_type = cfg.pop("model_type")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = transformers.AutoConfig.for_model(model_type, **cfg)
+        with torch.device("meta"):
+            return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def _layer_linears_hf(layer) -> Counter:
+    """(last name, in, out, bias) of every nn.Linear in one decoder layer."""
+    from torch import nn
+
+    return Counter((n.rsplit(".", 1)[-1], m.in_features, m.out_features, m.bias is not None)
+                   for n, m in layer.named_modules() if isinstance(m, nn.Linear))
+
+
+def _layer_linears_spec(spec: ModelSpec) -> Counter:
+    return Counter((l.name, l.in_features, l.out_features, l.bias) for l in spec.layer_linears() if l.is_linear)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_hf_meta_model_param_count(name):
+    spec = model_catalogue()[name]
+    model = _hf_model(name)
+    assert type(model).__name__ == spec.architecture
+    assert sum(p.numel() for p in model.parameters()) == spec.params
+    assert len(model.model.layers) == spec.num_layers
+    layer0 = model.model.layers[0]
+    assert sum(p.numel() for p in layer0.parameters()) == spec.layer_params
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    assert tied == spec.tie_embeddings
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_hf_meta_model_layer_linears(name):
+    """The nn.Linear modules of layer 0 are the linear entries of ``layer_linears()``: names (the module's
+    last name, as PEFT matches targets), shapes and biases; fused expert banks and the router are parameters."""
+    spec = model_catalogue()[name]
+    layer0 = _hf_model(name).model.layers[0]
+    hf = _layer_linears_hf(layer0)
+    assert hf == _layer_linears_spec(spec)
+    assert {n for n, *_ in hf} == {l.name for l in spec.layer_linears() if l.is_linear}
+    for lin in spec.layer_linears():
+        if lin.is_linear:
+            continue
+        parent = layer0.mlp
+        try:
+            p = parent.get_parameter(lin.name)
+        except AttributeError:
+            p = parent.get_parameter(f"{lin.name}.weight")
+        assert p.numel() == lin.params, lin.name
+    for target in spec.lora_targets:
+        assert target in {n for n, *_ in hf}, f"default LoRA target {target} is not a Linear of {name}"
+
+
+# -- GPUs --------------------------------------------------------------------------------
+
+def test_gpu_catalogue_size_and_schema():
+    assert load_data("gpus.json")["schema"] == 1
+    assert len(GPU_ENTRIES) >= 22
+    assert REQUIRED_GPUS <= set(GPU_NAMES)
+    assert len(set(GPU_NAMES)) == len(GPU_NAMES)
+    assert set(gpu_catalogue()) == set(GPU_NAMES)
+
+
+@pytest.mark.parametrize("entry", GPU_ENTRIES, ids=GPU_NAMES)
+def test_gpu_entry_parses(entry):
+    known = {f.name for f in fields(GPUSpec)} - {"custom"}
+    assert set(entry) <= known, set(entry) - known
+    spec = gpu_catalogue()[entry["name"]]
+    assert isinstance(spec.memory_bytes, int) and spec.memory_bytes > 4 * 1024 * MIB
+    assert spec.bf16_tflops > 0 and spec.fp16_tflops >= spec.bf16_tflops and spec.fp32_tflops > 0
+    assert spec.fp16_tflops > spec.fp32_tflops
+    assert spec.bandwidth_gbs > 0 and spec.sm_count > 0 and spec.pcie_gbs > 0 and spec.nvlink_gbs >= 0
+    cc = float(spec.compute_capability)
+    assert spec.bf16 == (cc >= 8.0)
+    assert spec.flash_attention == (cc >= 8.0)
+    assert spec.arch in ("turing", "volta", "ampere", "ada", "hopper", "blackwell")
+    missing = [f for f in GPU_FIGURES if not spec.sources.get(f)]
+    assert not missing, f"{spec.name}: no source for {missing}"
+    assert set(spec.uncertain) <= set(GPU_FIGURES)
+    assert spec.nvml_names, "every card lists the name NVML reports"
+    assert get_gpu(spec.display_name) is spec
+    for key in (*spec.aliases, *spec.nvml_names):
+        assert get_gpu(key) is spec
+
+
+def test_gpu_names_and_aliases_unique():
+    owners: dict[str, set[str]] = {}
+    for spec in gpu_catalogue().values():
+        for key in (spec.name, spec.display_name, *spec.aliases, *spec.nvml_names):
+            owners.setdefault(_norm(key), set()).add(spec.name)
+    clashes = {k: v for k, v in owners.items() if len(v) > 1}
+    assert not clashes
+
+
+@pytest.mark.parametrize("text,name", [
+    ("RTX 4000 Ada", "rtx4000ada"), ("rtx-4000-ada", "rtx4000ada"), ("NVIDIA RTX 4000 Ada Generation", "rtx4000ada"),
+    ("4090", "rtx4090"), ("NVIDIA GeForce RTX 4090", "rtx4090"), ("GeForce RTX 3090", "rtx3090"),
+    ("h100", "h100-sxm"), ("NVIDIA H100 80GB HBM3", "h100-sxm"), ("NVIDIA H100 PCIe", "h100-pcie"),
+    ("a100", "a100-80gb"), ("NVIDIA A100-SXM4-80GB", "a100-80gb"), ("NVIDIA A100-SXM4-40GB", "a100-40gb"),
+    ("Tesla T4", "t4"), ("Tesla V100-SXM2-16GB", "v100-16gb"), ("v100", "v100-16gb"), ("A6000", "rtxa6000"),
+    ("RTX 6000 Ada", "rtx6000ada"), ("L40S", "l40s"), ("NVIDIA A10G", "a10g"), ("NVIDIA A10", "a10"),
+])
+def test_gpu_lookup(text, name):
+    assert get_gpu(text).name == name
+
+
+@pytest.mark.parametrize("name,mib", [
+    ("rtx3090", 24576), ("rtx4090", 24564), ("rtx4000ada", 20475), ("rtxa6000", 49140), ("l4", 23034),
+    ("l40s", 46068), ("a10g", 23028), ("t4", 15360), ("v100-16gb", 16160), ("a100-40gb", 40960),
+    ("a100-80gb", 81920), ("h100-sxm", 81559), ("h100-nvl", 95830), ("h200", 143771), ("b200", 183359),
+    ("rtx5090", 32607),
+])
+def test_gpu_memory_is_the_nvidia_smi_total(name, mib):
+    """REFERENCE.md's nvidia-smi totals, in bytes."""
+    assert gpu_catalogue()[name].memory_bytes == mib * MIB
+
+
+def test_gpu_memory_rtx6000ada_is_the_torch_total():
+    """REFERENCE.md: torch reported 50,865,307,648 B on an RTX 6000 Ada (nvidia-smi: 49140 MiB)."""
+    assert gpu_catalogue()["rtx6000ada"].memory_bytes == 50_865_307_648
+
+
+def test_gpu_geforce_runs_fp32_accumulate_at_half_rate():
+    """RTX 4090: 165.2 TF with FP32 accumulate = half of 330.3 with FP16 accumulate (REFERENCE.md)."""
+    assert get_gpu("rtx4090").bf16_tflops == pytest.approx(330.3 / 2, rel=0.01)
+    assert get_gpu("rtx3090").bf16_tflops == pytest.approx(142 / 2, rel=0.01)
+
+
+def test_pre_ampere_cards_have_no_bf16():
+    for name in ("t4", "v100-16gb", "v100-32gb"):
+        spec = get_gpu(name)
+        assert not spec.bf16 and not spec.flash_attention
+        assert spec.bf16_tflops <= spec.fp32_tflops < spec.fp16_tflops
+
+
+def test_unknown_gpu_suggests_a_name():
+    with pytest.raises(UnknownNameError, match="did you mean"):
+        get_gpu("rtx4000adaa")
+    with pytest.raises(UnknownNameError, match="did you mean"):
+        get_gpu("h1000")

@@ -1,0 +1,171 @@
+"""``vramplan`` command line: parse, call one library function, render. No logic here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import VramplanError
+
+
+def _add_plan_args(p: argparse.ArgumentParser, *, single: bool = True) -> None:
+    p.add_argument("--model", required=True, help="catalogue name, size alias (13b), HF repo id, or a config.json path/dir")
+    if single:
+        p.add_argument("--method", default="lora", help="full|lora|qlora|dora|ia3|dpo|ppo (default lora)")
+        p.add_argument("--adapter", default=None, help="for dpo/ppo: full|lora|qlora|dora|ia3")
+        p.add_argument("--batch", type=int, default=1, help="micro-batch size (default 1)")
+    p.add_argument("--gpu", default=None, help="catalogue GPU name, or 'auto' (NVML)")
+    p.add_argument("--gpu-mem", default=None, help="plan for any capacity, e.g. 24GiB")
+    p.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA/DoRA rank (default 8)")
+    p.add_argument("--targets", default=None, help="q_proj,v_proj | all-linear (default: PEFT's for the model)")
+    p.add_argument("--precision", default=None, help="bf16|bf16-mixed|fp16-mixed|fp32 (default bf16-mixed)")
+    p.add_argument("--attn", default="sdpa", help="eager|sdpa|flash (default sdpa)")
+    if single:
+        p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default = rank)")
+        p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+        p.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", default=None, help="gradient checkpointing on")
+        p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="gradient checkpointing off")
+        p.add_argument("--optimizer", default="adamw", help="adamw|adamw_8bit|paged_adamw_8bit|sgd|adafactor")
+        p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+        p.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=True,
+                       help="QLoRA without double quantisation")
+        p.add_argument("--ppo-response", type=int, default=None, help="PPO response tokens (default seq/2)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _plan_kwargs(a: argparse.Namespace) -> dict:
+    """The library keyword arguments of estimate/dryrun (no Namespace reaches library code)."""
+    return dict(adapter=a.adapter, gpu=a.gpu, gpu_mem=a.gpu_mem, batch=a.batch, seq=a.seq, grad_accum=a.grad_accum,
+                rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=a.targets, grad_ckpt=a.grad_ckpt,
+                optimizer=a.optimizer, precision=a.precision, attn=a.attn, double_quant=a.double_quant,
+                ppo_response=a.ppo_response)
+
+
+def _print_json(obj) -> None:
+    from .results import jsonable
+
+    print(json.dumps(jsonable(obj), indent=2))
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def cmd_estimate(a) -> int:
+    from .plan import estimate
+    from .render import render_estimate
+
+    est = estimate(a.model, a.method, **_plan_kwargs(a))
+    _print_json(est) if a.json else render_estimate(est, _console())
+    return 0
+
+
+def cmd_dryrun(a) -> int:
+    from .dryrun import dryrun
+    from .render import render_estimate
+
+    res = dryrun(a.model, a.method, **_plan_kwargs(a))
+    if a.json:
+        _print_json(res)
+    elif hasattr(res, "render"):
+        res.render(_console())
+    else:
+        render_estimate(res, _console())
+    return 0
+
+
+def cmd_fit(a) -> int:
+    from .plan import fit
+    from .render import render_fit
+
+    rep = fit(a.model, a.gpu, gpu_mem=a.gpu_mem, seq=a.seq, precision=a.precision, attn=a.attn, rank=a.rank,
+              targets=a.targets)
+    _print_json(rep) if a.json else render_fit(rep, _console())
+    return 0
+
+
+def cmd_models(a) -> int:
+    from .models import catalogue
+    from .render import render_models
+
+    ms = list(catalogue().values())
+    if a.json:
+        _print_json([{"name": m.name, "hf_id": m.hf_id, "params": m.params, "aliases": list(m.aliases),
+                      "source": m.source} for m in ms])
+    else:
+        render_models(ms, _console())
+    return 0
+
+
+def cmd_gpus(a) -> int:
+    from .gpus import catalogue
+    from .render import render_gpus
+
+    gs = list(catalogue().values())
+    if a.json:
+        _print_json([{"name": g.name, "display_name": g.display_name, "memory_bytes": g.memory_bytes,
+                      "bf16_tflops": g.bf16_tflops, "bandwidth_gbs": g.bandwidth_gbs, "aliases": list(g.aliases),
+                      "sources": g.sources} for g in gs])
+    else:
+        render_gpus(gs, _console())
+    return 0
+
+
+def cmd_methods(a) -> int:
+    from .methods import registry
+
+    for m in registry().values():
+        print(f"{m.name:6} {m.summary}  [adapters: {', '.join(x.value for x in m.adapters)}]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vramplan", description="Will it fit, how fast, which configuration: "
+                                "GPU memory planning for LLM fine-tuning.")
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("estimate", help="peak memory of one configuration (analytic model)")
+    _add_plan_args(e)
+    e.set_defaults(func=cmd_estimate)
+    d = sub.add_parser("dryrun", help="exact tensor accounting of one real training step on the meta device")
+    _add_plan_args(d)
+    d.set_defaults(func=cmd_dryrun)
+    f = sub.add_parser("fit", help="every method on one GPU: fits, largest batch, longest sequence")
+    _add_plan_args(f, single=False)
+    f.set_defaults(func=cmd_fit)
+    for name, fn, text in (("models", cmd_models, "list the model catalogue"), ("gpus", cmd_gpus, "list the GPU catalogue")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("--json", action="store_true")
+        s.set_defaults(func=fn)
+    m = sub.add_parser("methods", help="list the training methods")
+    m.set_defaults(func=cmd_methods)
+    return p
+
+
+class _Parser(argparse.ArgumentParser):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed its one-line usage error
+        return 2 if exc.code not in (0, None) else 0
+    try:
+        return int(args.func(args) or 0)
+    except VramplanError as exc:
+        print(f"vramplan: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("vramplan: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,501 @@
+"""Per-card calibration profiles: the versioned schema, validation on load, and lookup.
+
+A profile is what ``vramplan calibrate`` fits from real steps on one card
+(``profiles/<gpu>.json``, beside the raw JSONL log it was fitted from). The planner asks it
+for the runtime overheads and corrections it would otherwise take from defaults; every
+getter returns ``None`` (or 1.0 for a factor) when the profile did not calibrate that
+number, so the caller can say which numbers are calibrated and which are defaults.
+
+Schema (``"schema": "vramplan.profile"``, ``"version": 1``)::
+
+    gpu            catalogue name of the card (the file's stem)
+    device         {name, kind, total_bytes, compute_capability, sm_count, index}
+    versions       {driver, cuda, torch, transformers, peft, bitsandbytes, vramplan, python}
+    created        ISO-8601 UTC time of the fit
+    source         {log, sha256, records, points, fit_points, holdout_points, suite}
+    allocated_source  "torch.cuda" (max_memory_allocated) or "dryrun" (a CPU profile)
+    context        {bytes, n, residual} | null   NVML process memory minus torch reserved
+    workspace      {bytes, n, residual} | null   cuBLAS workspace, probed from the allocator
+    allocator      {slope, intercept_bytes, round_bytes, n, residual} | null
+                   reserved = ceil((slope * allocated + intercept) / round) * round
+    activation_factors  {method: {factor, n, residual}}   measured/predicted activations
+    throughput     {method: {coef, features, knots, n, residual}}
+                   step seconds = coef . features (see :func:`step_features`);
+                   knots = [[tokens per step, achieved TFLOP/s], ...] (medians)
+    qlora_dequant  {s_per_gparam, n, residual} | null   seconds per 1e9 NF4 weights dequantised
+    holdout        {reserved, allocated, device_total, tokens_per_s: residual}   held-out accuracy
+
+A residual is ``{n, median_rel, median_abs_rel, p90_abs_rel, max_under_rel, max_over_rel}``
+with relative error ``(predicted - measured) / measured`` (negative: under-prediction).
+
+Lookup order of :func:`load_profile`: directories in ``$VRAMPLAN_PROFILES`` (``os.pathsep``
+separated), ``./profiles``, the source checkout's top-level ``profiles/``, then the
+packaged ``vramplan/profiles_data/``. This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .errors import ProfileError
+
+SCHEMA = "vramplan.profile"
+SCHEMA_VERSION = 1
+PACKAGE_DIR = Path(__file__).resolve().parent / "profiles_data"
+REPO_DIR = Path(__file__).resolve().parent.parent / "profiles"
+#: Allocator segment granularity: large blocks are rounded to 2 MiB (c10/cuda/CUDACachingAllocator.cpp, kRoundLarge).
+ALLOCATOR_ROUND = 2 << 20
+#: The features of the step-time model, in the order of ``throughput[method].coef``.
+TIME_FEATURES = ("layer_passes", "gen_passes", "flops", "flops_per_width")
+
+
+def profile_key(gpu_name: str) -> str:
+    """File stem of a card's profile: lower case, runs of other characters folded to ``-``."""
+    key = re.sub(r"[^a-z0-9.+_]+", "-", str(gpu_name).lower()).strip("-")
+    if not key:
+        raise ProfileError(f"cannot name a profile after GPU {gpu_name!r}")
+    return key
+
+
+# -- residuals -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Residual:
+    """Relative errors ``(predicted - measured) / measured`` of one fitted quantity."""
+
+    n: int = 0
+    median_rel: float | None = None
+    median_abs_rel: float | None = None
+    p90_abs_rel: float | None = None
+    max_under_rel: float | None = None  # most negative error, as a positive fraction (0.02 = 2 % under)
+    max_over_rel: float | None = None
+
+    @classmethod
+    def of(cls, predicted: Sequence[float], measured: Sequence[float]) -> "Residual":
+        rel = [(p - m) / m for p, m in zip(predicted, measured) if m and p is not None and m > 0]
+        if not rel:
+            return cls()
+        rel.sort()
+        absr = sorted(abs(r) for r in rel)
+        return cls(n=len(rel), median_rel=_median(rel), median_abs_rel=_median(absr),
+                   p90_abs_rel=_quantile(absr, 0.9), max_under_rel=max(0.0, -rel[0]), max_over_rel=max(0.0, rel[-1]))
+
+    def to_json(self) -> dict:
+        return {k: (None if v is None else (v if isinstance(v, int) else round(float(v), 6)))
+                for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> "Residual":
+        if d is None:
+            return cls()
+        _need_map(d, where)
+        out = {}
+        for k in cls.__dataclass_fields__:
+            v = d.get(k)
+            if k == "n":
+                out[k] = _int(v if v is not None else 0, f"{where}.n")
+            elif v is not None:
+                out[k] = _num(v, f"{where}.{k}")
+        return cls(**out)
+
+
+def _median(xs: Sequence[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def _quantile(sorted_xs: Sequence[float], q: float) -> float:
+    if len(sorted_xs) == 1:
+        return sorted_xs[0]
+    pos = q * (len(sorted_xs) - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+# -- fitted parts --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Fitted:
+    """A fitted scalar (bytes, a factor, seconds per Gparam) with its residual."""
+
+    value: float
+    n: int
+    residual: Residual = field(default_factory=Residual)
+
+
+@dataclass(frozen=True)
+class AllocatorModel:
+    """``reserved = ceil((slope * allocated + intercept) / round) * round``, never below allocated."""
+
+    slope: float
+    intercept_bytes: int
+    round_bytes: int = ALLOCATOR_ROUND
+    n: int = 0
+    residual: Residual = field(default_factory=Residual)
+
+    def __call__(self, allocated: int) -> int:
+        raw = max(float(allocated), self.slope * float(allocated) + self.intercept_bytes)
+        r = max(1, int(self.round_bytes))
+        return int(math.ceil(raw / r) * r)
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Step-time model of one method: ``seconds = coef . features`` (see :func:`step_features`)."""
+
+    coef: tuple[float, ...]
+    knots: tuple[tuple[int, float], ...] = ()  # (tokens per step, achieved TFLOP/s), tokens ascending
+    n: int = 0
+    residual: Residual = field(default_factory=Residual)
+
+    def seconds(self, features: Mapping[str, float]) -> float:
+        return float(sum(c * float(features.get(name, 0.0)) for c, name in zip(self.coef, TIME_FEATURES)))
+
+
+def step_features(*, flops: float, layers: int, hidden: int, passes: int = 3, gen_tokens: int = 0) -> dict[str, float]:
+    """The regressors of the step-time model.
+
+    Args:
+        flops: FLOPs of one optimiser step (``vramplan.calibration.flops.step_flops``).
+        layers: decoder layers of the model.
+        hidden: hidden width (small widths run matmuls below peak: the ``flops / width`` term).
+        passes: sequential passes over the layers per step (forward + backward = 2 plus a
+            recompute under GC, plus no-grad forwards of frozen copies); each costs kernel launches.
+        gen_tokens: tokens generated one at a time (PPO rollout), each a pass over the layers.
+
+    The model ``t = a * layers * passes + b * layers * gen_tokens + c * flops + d * flops / hidden``
+    is a launch-overhead plus roofline form: ``1 / c`` is the asymptotic FLOP rate, and
+    ``d`` the loss of efficiency of narrow matmuls (tile quantisation).
+    """
+    return {"layer_passes": float(layers * passes), "gen_passes": float(layers * gen_tokens),
+            "flops": float(flops), "flops_per_width": float(flops) / max(1, hidden)}
+
+
+# -- the profile ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Profile:
+    """A card's calibration, as loaded from ``profiles/<gpu>.json``.
+
+    Getters return ``None`` for numbers this profile did not calibrate (the planner then
+    uses its defaults and says so); :meth:`activation_factor` returns 1.0.
+    """
+
+    gpu: str
+    device: dict
+    versions: dict
+    created: str
+    source: str  # the JSONL log the profile was fitted from (file name, beside the profile)
+    source_info: dict
+    allocated_source: str
+    context: Fitted | None = None
+    workspace: Fitted | None = None
+    allocator: AllocatorModel | None = None
+    activation_factors: dict[str, Fitted] = field(default_factory=dict)
+    throughput: dict[str, Throughput] = field(default_factory=dict)
+    qlora_dequant: Fitted | None = None
+    holdout: dict[str, Residual] = field(default_factory=dict)
+    path: str | None = None
+
+    # -- getters the planner uses --
+    @property
+    def context_bytes(self) -> int | None:
+        """CUDA context and lazily loaded kernels (NVML process memory minus torch's reserve)."""
+        return None if self.context is None else int(self.context.value)
+
+    @property
+    def workspace_bytes(self) -> int | None:
+        """cuBLAS/cuBLASLt workspaces held in the caching allocator (counted as allocated)."""
+        return None if self.workspace is None else int(self.workspace.value)
+
+    @property
+    def qlora_dequant_s_per_gparam(self) -> float | None:
+        """Seconds to dequantise 1e9 NF4 weights once (forward or backward pass)."""
+        return None if self.qlora_dequant is None else float(self.qlora_dequant.value)
+
+    def reserved_bytes(self, allocated_peak: int) -> int | None:
+        """Peak ``max_memory_reserved`` for a peak ``max_memory_allocated`` (None if not calibrated)."""
+        return None if self.allocator is None else self.allocator(int(allocated_peak))
+
+    def activation_factor(self, method: str) -> float:
+        """Measured / predicted activation bytes for ``method`` (``dpo+qlora``, ``dpo``, ...); 1.0 if unknown."""
+        f = self._by_method(self.activation_factors, method)
+        return 1.0 if f is None else float(f.value)
+
+    def step_seconds(self, method: str, features: Mapping[str, float], *, dequant_gparams: float = 0.0) -> float | None:
+        """Predicted seconds of one step from :func:`step_features`, plus QLoRA dequantisation.
+
+        ``dequant_gparams`` is NF4 weights dequantised per step in 1e9 (linear params x passes);
+        a QLoRA method without its own time model uses its LoRA twin's model plus this term.
+        """
+        key = method.lower()
+        tp = self._by_method(self.throughput, key)
+        extra = 0.0
+        if "qlora" in key and (tp is None or key not in self.throughput):
+            tp = self._by_method(self.throughput, key.replace("qlora", "lora")) or tp
+            if self.qlora_dequant is not None:
+                extra = self.qlora_dequant.value * dequant_gparams
+        if tp is None:
+            return None
+        return max(tp.seconds(features), 1e-9) + extra
+
+    def achieved_tflops(self, method: str, tokens: int | None = None, *, flops: float | None = None,
+                        features: Mapping[str, float] | None = None) -> float | None:
+        """Achieved TFLOP/s of ``method`` (FLOPs as ``step_flops`` counts them).
+
+        With ``features`` (and ``flops``), from the step-time model; with ``tokens`` only, the
+        measured medians interpolated in log(tokens per step) and clamped at the ends; with
+        neither, the median over the method's points. None when the method was not calibrated.
+        """
+        if features is not None:
+            t = self.step_seconds(method, features)
+            f = flops if flops is not None else features.get("flops")
+            return None if t is None or not f else float(f) / t / 1e12
+        tp = self._by_method(self.throughput, method)
+        if tp is None or not tp.knots:
+            return None
+        if tokens is None:
+            return _median([k[1] for k in tp.knots])
+        return _interp_log(tp.knots, float(tokens))
+
+    def is_calibrated(self, what: str) -> bool:
+        """``context``, ``workspace``, ``allocator``, ``qlora_dequant``, ``activation:<m>``, ``throughput:<m>``."""
+        kind, _, m = what.partition(":")
+        if kind == "activation":
+            return self._by_method(self.activation_factors, m) is not None
+        if kind == "throughput":
+            return self._by_method(self.throughput, m) is not None
+        return getattr(self, kind, None) is not None
+
+    @property
+    def calibrated(self) -> list[str]:
+        """Names of the calibrated quantities (for the planner's 'calibrated vs default' notes)."""
+        out = [k for k in ("context", "workspace", "allocator", "qlora_dequant") if getattr(self, k) is not None]
+        out += [f"activation:{m}" for m in self.activation_factors]
+        out += [f"throughput:{m}" for m in self.throughput]
+        return out
+
+    @staticmethod
+    def _by_method(table: Mapping[str, Any], method: str):
+        key = method.lower()
+        if key in table:
+            return table[key]
+        base = key.split("+", 1)[0]
+        return table.get(base)
+
+    # -- (de)serialisation --
+    def to_json(self) -> dict:
+        def fitted(f: Fitted | None, name: str):
+            if f is None:
+                return None
+            return {name: (int(f.value) if name == "bytes" else round(float(f.value), 9)), "n": f.n,
+                    "residual": f.residual.to_json()}
+
+        return {
+            "schema": SCHEMA,
+            "version": SCHEMA_VERSION,
+            "gpu": self.gpu,
+            "device": self.device,
+            "versions": self.versions,
+            "created": self.created,
+            "source": {**self.source_info, "log": self.source},
+            "allocated_source": self.allocated_source,
+            "context": fitted(self.context, "bytes"),
+            "workspace": fitted(self.workspace, "bytes"),
+            "allocator": None if self.allocator is None else {
+                "slope": round(self.allocator.slope, 6), "intercept_bytes": int(self.allocator.intercept_bytes),
+                "round_bytes": int(self.allocator.round_bytes), "n": self.allocator.n,
+                "residual": self.allocator.residual.to_json()},
+            "activation_factors": {m: {"factor": round(f.value, 6), "n": f.n, "residual": f.residual.to_json()}
+                                   for m, f in sorted(self.activation_factors.items())},
+            "throughput": {m: {"features": list(TIME_FEATURES), "coef": [float(f"{c:.6g}") for c in t.coef],
+                               "knots": [[int(a), round(b, 4)] for a, b in t.knots], "n": t.n,
+                               "residual": t.residual.to_json()}
+                           for m, t in sorted(self.throughput.items())},
+            "qlora_dequant": fitted(self.qlora_dequant, "s_per_gparam"),
+            "holdout": {k: r.to_json() for k, r in self.holdout.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "profile") -> "Profile":
+        """Validate a parsed profile document; raise :class:`ProfileError` naming the first problem."""
+        _need_map(data, where)
+        if data.get("schema") != SCHEMA:
+            raise ProfileError(f"{where} is not a vramplan profile (schema {data.get('schema')!r})",
+                               "re-run `vramplan calibrate` to make one")
+        ver = data.get("version")
+        if ver != SCHEMA_VERSION:
+            raise ProfileError(f"{where} has profile schema version {ver!r}; this vramplan reads version {SCHEMA_VERSION}",
+                               "upgrade vramplan or re-run `vramplan calibrate`")
+        for k in ("gpu", "created", "allocated_source"):
+            if not isinstance(data.get(k), str) or not data.get(k):
+                raise ProfileError(f"{where}: field {k!r} must be a non-empty string")
+        for k in ("device", "versions", "source", "activation_factors", "throughput", "holdout"):
+            _need_map(data.get(k), f"{where}.{k}")
+        src = data["source"]
+        if not isinstance(src.get("log"), str):
+            raise ProfileError(f"{where}: source.log must name the JSONL log")
+
+        def fitted(key: str, name: str, *, positive: bool = False) -> Fitted | None:
+            d = data.get(key)
+            if d is None:
+                return None
+            _need_map(d, f"{where}.{key}")
+            v = _num(d.get(name), f"{where}.{key}.{name}")
+            if v < 0 or (positive and v == 0):
+                raise ProfileError(f"{where}: {key}.{name} must be {'positive' if positive else 'non-negative'}, got {v}")
+            return Fitted(v, _int(d.get("n", 0), f"{where}.{key}.n"), Residual.from_json(d.get("residual"), f"{where}.{key}.residual"))
+
+        alloc = None
+        if data.get("allocator") is not None:
+            a = data["allocator"]
+            _need_map(a, f"{where}.allocator")
+            slope = _num(a.get("slope"), f"{where}.allocator.slope")
+            if not 0.5 <= slope <= 10:
+                raise ProfileError(f"{where}: allocator.slope {slope} is implausible (expected 0.5 to 10)")
+            alloc = AllocatorModel(slope, _int(a.get("intercept_bytes"), f"{where}.allocator.intercept_bytes", signed=True),
+                                   _int(a.get("round_bytes", ALLOCATOR_ROUND), f"{where}.allocator.round_bytes"),
+                                   _int(a.get("n", 0), f"{where}.allocator.n"),
+                                   Residual.from_json(a.get("residual"), f"{where}.allocator.residual"))
+        factors = {}
+        for m, d in data["activation_factors"].items():
+            _need_map(d, f"{where}.activation_factors.{m}")
+            f = _num(d.get("factor"), f"{where}.activation_factors.{m}.factor")
+            if not 0 < f < 100:
+                raise ProfileError(f"{where}: activation factor of {m} must be in (0, 100), got {f}")
+            factors[m] = Fitted(f, _int(d.get("n", 0), f"{where}.activation_factors.{m}.n"),
+                                Residual.from_json(d.get("residual"), f"{where}.activation_factors.{m}.residual"))
+        thr = {}
+        for m, d in data["throughput"].items():
+            w = f"{where}.throughput.{m}"
+            _need_map(d, w)
+            feats = d.get("features", list(TIME_FEATURES))
+            if list(feats) != list(TIME_FEATURES):
+                raise ProfileError(f"{w}: unknown time-model features {feats}", "re-run `vramplan calibrate`")
+            coef = d.get("coef")
+            if not isinstance(coef, list) or len(coef) != len(TIME_FEATURES):
+                raise ProfileError(f"{w}.coef must be a list of {len(TIME_FEATURES)} numbers")
+            coef_t = tuple(_num(c, f"{w}.coef") for c in coef)
+            if any(c < 0 for c in coef_t) or not any(c > 0 for c in coef_t):
+                raise ProfileError(f"{w}.coef must be non-negative and not all zero")
+            knots = d.get("knots", [])
+            if not isinstance(knots, list) or any(not isinstance(k, list) or len(k) != 2 for k in knots):
+                raise ProfileError(f"{w}.knots must be a list of [tokens, tflops] pairs")
+            kn = tuple(sorted((_int(a, f"{w}.knots"), _num(b, f"{w}.knots")) for a, b in knots))
+            thr[m] = Throughput(coef_t, kn, _int(d.get("n", 0), f"{w}.n"), Residual.from_json(d.get("residual"), f"{w}.residual"))
+        holdout = {k: Residual.from_json(v, f"{where}.holdout.{k}") for k, v in data["holdout"].items()}
+        return cls(
+            gpu=data["gpu"], device=dict(data["device"]), versions=dict(data["versions"]), created=data["created"],
+            source=src["log"], source_info={k: v for k, v in src.items() if k != "log"},
+            allocated_source=data["allocated_source"],
+            context=fitted("context", "bytes"), workspace=fitted("workspace", "bytes"), allocator=alloc,
+            activation_factors=factors, throughput=thr, qlora_dequant=fitted("qlora_dequant", "s_per_gparam"),
+            holdout=holdout,
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (temp file + rename), so a crash never leaves half a profile."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+
+def _interp_log(knots: Sequence[tuple[int, float]], x: float) -> float:
+    if x <= knots[0][0]:
+        return float(knots[0][1])
+    if x >= knots[-1][0]:
+        return float(knots[-1][1])
+    for (x0, y0), (x1, y1) in zip(knots, knots[1:]):
+        if x0 <= x <= x1:
+            if x1 == x0:
+                return float(y1)
+            w = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return float(y0 + w * (y1 - y0))
+    return float(knots[-1][1])  # pragma: no cover
+
+
+def _need_map(v: Any, where: str) -> None:
+    if not isinstance(v, dict):
+        raise ProfileError(f"{where} must be a JSON object, got {type(v).__name__}")
+
+
+def _num(v: Any, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ProfileError(f"{where} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _int(v: Any, where: str, signed: bool = False) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or (v < 0 and not signed):
+        raise ProfileError(f"{where} must be a {'' if signed else 'non-negative '}integer, got {v!r}")
+    return int(v)
+
+
+# -- loading -------------------------------------------------------------------------------
+
+def read_profile(path: str | Path) -> Profile:
+    """Read and validate one profile file. Raises :class:`ProfileError` with one clear line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ProfileError(f"cannot read profile {path}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ProfileError(f"profile {path} is corrupt (not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno})",
+                           "delete it or re-run `vramplan calibrate`") from None
+    prof = Profile.from_json(data, where=f"profile {path}")
+    from dataclasses import replace
+
+    return replace(prof, path=str(path))
+
+
+def default_search() -> tuple[Path, ...]:
+    """Profile directories in lookup order (see the module docstring)."""
+    dirs = [Path(p) for p in os.environ.get("VRAMPLAN_PROFILES", "").split(os.pathsep) if p]
+    dirs += [Path.cwd() / "profiles", REPO_DIR, PACKAGE_DIR]
+    out: list[Path] = []
+    for d in dirs:
+        try:
+            r = d.resolve()
+        except OSError:  # pragma: no cover
+            continue
+        if r not in out:
+            out.append(r)
+    return tuple(out)
+
+
+def find_profile(gpu_name: str, search: Iterable[str | Path] | None = None) -> Path | None:
+    """Path of the first ``<key>.json`` for ``gpu_name`` in the search directories, or None."""
+    key = profile_key(gpu_name)
+    for d in (default_search() if search is None else search):
+        p = Path(d) / f"{key}.json"
+        if p.is_file():
+            return p
+    return None
+
+
+def load_profile(gpu_name: str, search: Iterable[str | Path] | None = None) -> Profile | None:
+    """The calibration profile of card ``gpu_name`` (a catalogue name), or None if there is none.
+
+    Args:
+        gpu_name: the GPU's catalogue name (``GPUSpec.name``), e.g. ``h100-sxm``.
+        search: directories to look in, in order (default: :func:`default_search`).
+
+    Raises:
+        ProfileError: the profile found is corrupt or has an unknown schema version.
+    """
+    path = find_profile(gpu_name, search)
+    return None if path is None else read_profile(path)
