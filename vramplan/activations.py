@@ -95,14 +95,19 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
             b += d.norm_out * width  # normalised output saved for the weight gradient
         return b
 
-    def linear_inputs(names: list[str], width: int, shared_in_full: bool) -> float:
-        """Saved copies of the input of the linears ``names`` that all read one tensor."""
+    def linear_inputs(names: list[str], width: int, fresh: bool) -> float:
+        """Saved copies of the input of the linears ``names`` that all read one tensor.
+
+        ``fresh``: the input is a new tensor nobody else saves (a norm's output, the MLP
+        product); False when it is already counted (SDPA's output feeds o_proj in place:
+        flash kernels write it in the layout ``transpose(1, 2).contiguous()`` keeps).
+        """
         b = 0.0
         if full:
             if d.autocast_casts:
                 b += d.linear_in * width * len(names)  # one autocast cast per call
-            elif not shared_in_full:
-                b += d.linear_in * width
+            elif fresh:
+                b += d.linear_in * width  # the shared input, saved once by every mm
         if lora_like:
             adapted = [n for n in names if n in targets]
             if regime.autocast is not None:
@@ -115,7 +120,8 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
             b += sum(rank_bytes * cfg.rank for n in adapted)  # lora_A output saved by lora_B
             if copy.adapter is Adapter.DORA:
                 # DoRA: the base output's cast and lora output enter the magnitude scaling
-                b += sum(d.adapter * lin[n].out_features for n in adapted)
+                # (PEFT DoraLinearLayer: (m / ||W + BA||) scales the base result and the LoRA result; both saved)
+                b += sum((d.adapter + d.proj_out) * lin[n].out_features for n in adapted)
         return b
 
     def ia3_out(names: list[str]) -> float:
@@ -128,7 +134,7 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
     # -- attention block ------------------------------------------------------------------
     per_tok += norm(input_requires_grad)
     attn_in = ["qkv_proj"] if model.fused_qkv else ["q_proj", "k_proj", "v_proj"]
-    per_tok += linear_inputs(attn_in, h, shared_in_full=True)
+    per_tok += linear_inputs(attn_in, h, fresh=True)
     per_tok += ia3_out(attn_in)
     if model.qk_norm == "head" or model.qk_norm == "full":
         per_tok += norm(True, qd) + norm(True, kvd)
@@ -140,7 +146,7 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
     else:
         per_tok += a * (qd + 2 * kvd) + a * qd + 4 * heads  # q, k, v, out, logsumexp
     # attention output (transposed, contiguous) feeds o_proj
-    per_tok += linear_inputs(["o_proj"], qd, shared_in_full=False)
+    per_tok += linear_inputs(["o_proj"], qd, fresh=False)
     per_tok += ia3_out(["o_proj"])
     # -- MLP block ----------------------------------------------------------------------
     if model.norms_per_layer == 4:  # Gemma-2/3 post-attention norm before the residual add
@@ -154,18 +160,16 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
         per_tok += router + expert + (m * h if full else 0)
         if model.shared_expert_intermediate_size:
             si = model.shared_expert_intermediate_size
-            per_tok += linear_inputs(["gate_proj", "up_proj"], h, shared_in_full=True) + m * si * 3 + (m * si if full else 0)
+            per_tok += linear_inputs(["gate_proj", "up_proj"], h, fresh=True) + m * si * 3 + (m * si if full else 0)
     else:
         i = model.intermediate_size
         mlp_in = ["gate_up_proj"] if model.fused_gate_up else ["gate_proj", "up_proj"]
-        per_tok += linear_inputs(mlp_in, h, shared_in_full=True)
+        per_tok += linear_inputs(mlp_in, h, fresh=True)
         per_tok += ia3_out(mlp_in)
         per_tok += m * i * 3  # gate out (act input), act out, up out
         if model.fused_gate_up:
             per_tok += m * i * 2  # the fused output is chunked: the 2i tensor stays alive
-        per_tok += linear_inputs(["down_proj"], i, shared_in_full=False) if (full or "down_proj" in targets) else 0.0
-        if full and not d.autocast_casts:
-            pass
+        per_tok += linear_inputs(["down_proj"], i, fresh=True) if (full or "down_proj" in targets) else 0.0
         per_tok += ia3_out(["down_proj"])
     if model.norms_per_layer == 4:
         per_tok += norm(True)

@@ -16,11 +16,13 @@ Schema (``"schema": "vramplan.profile"``, ``"version": 1``)::
     allocated_source  "torch.cuda" (max_memory_allocated) or "dryrun" (a CPU profile)
     context        {bytes, n, residual} | null   NVML process memory minus torch reserved
     workspace      {bytes, n, residual} | null   cuBLAS workspace, probed from the allocator
-    allocator      {slope, intercept_bytes, round_bytes, n, residual} | null
-                   reserved = ceil((slope * allocated + intercept) / round) * round
+    allocator      {slope, intercept_bytes, round_bytes, by_method, n, residual} | null
+                   reserved = ceil((slope * allocated + intercept) / round) * round, times
+                   by_method[method] where the method has its own correction
     activation_factors  {method: {factor, n, residual}}   measured/predicted activations
     throughput     {method: {coef, features, knots, n, residual}}
-                   step seconds = coef . features (see :func:`step_features`);
+                   step seconds = coef . features (see :func:`step_features`); coef is null
+                   for QLoRA recipes, timed as their LoRA twin plus qlora_dequant;
                    knots = [[tokens per step, achieved TFLOP/s], ...] (medians)
     qlora_dequant  {s_per_gparam, n, residual} | null   seconds per 1e9 NF4 weights dequantised
     holdout        {reserved, allocated, device_total, tokens_per_s: residual}   held-out accuracy
@@ -140,6 +142,7 @@ class AllocatorModel:
     round_bytes: int = ALLOCATOR_ROUND
     n: int = 0
     residual: Residual = field(default_factory=Residual)
+    by_method: dict = field(default_factory=dict)  # method -> multiplicative correction of reserved
 
     def __call__(self, allocated: int) -> int:
         raw = max(float(allocated), self.slope * float(allocated) + self.intercept_bytes)
@@ -151,12 +154,14 @@ class AllocatorModel:
 class Throughput:
     """Step-time model of one method: ``seconds = coef . features`` (see :func:`step_features`)."""
 
-    coef: tuple[float, ...]
+    coef: tuple[float, ...] | None  # None: no time model of its own (QLoRA: its LoRA twin + dequantisation)
     knots: tuple[tuple[int, float], ...] = ()  # (tokens per step, achieved TFLOP/s), tokens ascending
     n: int = 0
     residual: Residual = field(default_factory=Residual)
 
-    def seconds(self, features: Mapping[str, float]) -> float:
+    def seconds(self, features: Mapping[str, float]) -> float | None:
+        if self.coef is None:
+            return None
         return float(sum(c * float(features.get(name, 0.0)) for c, name in zip(self.coef, TIME_FEATURES)))
 
 
@@ -221,13 +226,33 @@ class Profile:
         """Seconds to dequantise 1e9 NF4 weights once (forward or backward pass)."""
         return None if self.qlora_dequant is None else float(self.qlora_dequant.value)
 
-    def reserved_bytes(self, allocated_peak: int) -> int | None:
-        """Peak ``max_memory_reserved`` for a peak ``max_memory_allocated`` (None if not calibrated)."""
-        return None if self.allocator is None else self.allocator(int(allocated_peak))
+    def reserved_bytes(self, allocated_peak: int, method: str | None = None) -> int | None:
+        """Peak ``max_memory_reserved`` for a peak ``max_memory_allocated`` (None if not calibrated).
+
+        ``allocated_peak`` is what ``torch.cuda.max_memory_allocated`` would show: live tensors
+        *including* the cuBLAS workspaces (:attr:`workspace_bytes`). With ``method``, that
+        method's own correction of the allocator model applies where one was fitted.
+        """
+        if self.allocator is None:
+            return None
+        out = self.allocator(int(allocated_peak))
+        if method is not None:
+            k = self._lookup(self.allocator.by_method, method)
+            if k is not None:
+                r = max(1, int(self.allocator.round_bytes))
+                out = max(int(allocated_peak), int(math.ceil(out * k / r) * r))
+        return out
+
+    def reserved_uncertainty_bytes(self, allocated_peak: int) -> int:
+        """A +/- band on :meth:`reserved_bytes`: the larger of the held-out p90 and worst under-prediction."""
+        r = self.holdout.get("reserved") or (self.allocator.residual if self.allocator else Residual())
+        frac = max(r.p90_abs_rel or 0.0, r.max_under_rel or 0.0) or 0.03
+        base = self.reserved_bytes(allocated_peak) or int(allocated_peak)
+        return int(frac * base)
 
     def activation_factor(self, method: str) -> float:
         """Measured / predicted activation bytes for ``method`` (``dpo+qlora``, ``dpo``, ...); 1.0 if unknown."""
-        f = self._by_method(self.activation_factors, method)
+        f = self._lookup(self.activation_factors, method)
         return 1.0 if f is None else float(f.value)
 
     def step_seconds(self, method: str, features: Mapping[str, float], *, dequant_gparams: float = 0.0) -> float | None:
@@ -237,15 +262,15 @@ class Profile:
         a QLoRA method without its own time model uses its LoRA twin's model plus this term.
         """
         key = method.lower()
-        tp = self._by_method(self.throughput, key)
-        extra = 0.0
-        if "qlora" in key and (tp is None or key not in self.throughput):
-            tp = self._by_method(self.throughput, key.replace("qlora", "lora")) or tp
-            if self.qlora_dequant is not None:
-                extra = self.qlora_dequant.value * dequant_gparams
-        if tp is None:
+        own = self._lookup(self.throughput, key, siblings="qlora" not in key)
+        if own is not None and own.coef is not None:
+            return max(own.seconds(features), 1e-9)
+        if "qlora" not in key or self.qlora_dequant is None:
             return None
-        return max(tp.seconds(features), 1e-9) + extra
+        twin = self._lookup(self.throughput, key.replace("qlora", "lora"), siblings=True)
+        if twin is None or twin.coef is None:
+            return None
+        return max(twin.seconds(features), 1e-9) + self.qlora_dequant.value * float(dequant_gparams)
 
     def achieved_tflops(self, method: str, tokens: int | None = None, *, flops: float | None = None,
                         features: Mapping[str, float] | None = None) -> float | None:
@@ -259,7 +284,7 @@ class Profile:
             t = self.step_seconds(method, features)
             f = flops if flops is not None else features.get("flops")
             return None if t is None or not f else float(f) / t / 1e12
-        tp = self._by_method(self.throughput, method)
+        tp = self._lookup(self.throughput, method, siblings=True)
         if tp is None or not tp.knots:
             return None
         if tokens is None:
@@ -270,9 +295,9 @@ class Profile:
         """``context``, ``workspace``, ``allocator``, ``qlora_dequant``, ``activation:<m>``, ``throughput:<m>``."""
         kind, _, m = what.partition(":")
         if kind == "activation":
-            return self._by_method(self.activation_factors, m) is not None
+            return self._lookup(self.activation_factors, m) is not None
         if kind == "throughput":
-            return self._by_method(self.throughput, m) is not None
+            return self.step_seconds(m, step_features(flops=1e12, layers=1, hidden=1024), dequant_gparams=1.0) is not None
         return getattr(self, kind, None) is not None
 
     @property
@@ -284,12 +309,31 @@ class Profile:
         return out
 
     @staticmethod
-    def _by_method(table: Mapping[str, Any], method: str):
+    def _lookup(table: Mapping[str, Any], method: str, siblings: bool = False):
+        """``table[method]``, accepting a method name (``dpo``) for its default recipe (``dpo+lora``).
+
+        With ``siblings``, fall back to another adapter of the same method (``dpo+dora`` ->
+        ``dpo+lora``), the default adapter first: for throughput, where adapters differ little.
+        """
         key = method.lower()
         if key in table:
             return table[key]
         base = key.split("+", 1)[0]
-        return table.get(base)
+        try:
+            from .methods import resolve
+
+            default = resolve(base).name
+        except Exception:  # an unknown method name: no fallback
+            default = None
+        if "+" not in key and default in table:
+            return table[default]
+        if siblings:
+            if default in table:
+                return table[default]
+            for k in sorted(table):
+                if k.split("+", 1)[0] == base:
+                    return table[k]
+        return None
 
     # -- (de)serialisation --
     def to_json(self) -> dict:
@@ -313,10 +357,12 @@ class Profile:
             "allocator": None if self.allocator is None else {
                 "slope": round(self.allocator.slope, 6), "intercept_bytes": int(self.allocator.intercept_bytes),
                 "round_bytes": int(self.allocator.round_bytes), "n": self.allocator.n,
+                "by_method": {m: round(float(k), 6) for m, k in sorted(self.allocator.by_method.items())},
                 "residual": self.allocator.residual.to_json()},
             "activation_factors": {m: {"factor": round(f.value, 6), "n": f.n, "residual": f.residual.to_json()}
                                    for m, f in sorted(self.activation_factors.items())},
-            "throughput": {m: {"features": list(TIME_FEATURES), "coef": [float(f"{c:.6g}") for c in t.coef],
+            "throughput": {m: {"features": list(TIME_FEATURES),
+                               "coef": None if t.coef is None else [float(f"{c:.6g}") for c in t.coef],
                                "knots": [[int(a), round(b, 4)] for a, b in t.knots], "n": t.n,
                                "residual": t.residual.to_json()}
                            for m, t in sorted(self.throughput.items())},
@@ -361,10 +407,15 @@ class Profile:
             slope = _num(a.get("slope"), f"{where}.allocator.slope")
             if not 0.5 <= slope <= 10:
                 raise ProfileError(f"{where}: allocator.slope {slope} is implausible (expected 0.5 to 10)")
+            by_method = a.get("by_method", {})
+            _need_map(by_method, f"{where}.allocator.by_method")
+            bm = {m: _num(k, f"{where}.allocator.by_method.{m}") for m, k in by_method.items()}
+            if any(not 0.5 <= k <= 2 for k in bm.values()):
+                raise ProfileError(f"{where}: allocator.by_method corrections must lie in [0.5, 2]")
             alloc = AllocatorModel(slope, _int(a.get("intercept_bytes"), f"{where}.allocator.intercept_bytes", signed=True),
                                    _int(a.get("round_bytes", ALLOCATOR_ROUND), f"{where}.allocator.round_bytes"),
                                    _int(a.get("n", 0), f"{where}.allocator.n"),
-                                   Residual.from_json(a.get("residual"), f"{where}.allocator.residual"))
+                                   Residual.from_json(a.get("residual"), f"{where}.allocator.residual"), bm)
         factors = {}
         for m, d in data["activation_factors"].items():
             _need_map(d, f"{where}.activation_factors.{m}")
@@ -381,11 +432,13 @@ class Profile:
             if list(feats) != list(TIME_FEATURES):
                 raise ProfileError(f"{w}: unknown time-model features {feats}", "re-run `vramplan calibrate`")
             coef = d.get("coef")
-            if not isinstance(coef, list) or len(coef) != len(TIME_FEATURES):
-                raise ProfileError(f"{w}.coef must be a list of {len(TIME_FEATURES)} numbers")
-            coef_t = tuple(_num(c, f"{w}.coef") for c in coef)
-            if any(c < 0 for c in coef_t) or not any(c > 0 for c in coef_t):
-                raise ProfileError(f"{w}.coef must be non-negative and not all zero")
+            coef_t = None
+            if coef is not None:
+                if not isinstance(coef, list) or len(coef) != len(TIME_FEATURES):
+                    raise ProfileError(f"{w}.coef must be null or a list of {len(TIME_FEATURES)} numbers")
+                coef_t = tuple(_num(c, f"{w}.coef") for c in coef)
+                if any(c < 0 for c in coef_t) or not any(c > 0 for c in coef_t):
+                    raise ProfileError(f"{w}.coef must be non-negative and not all zero")
             knots = d.get("knots", [])
             if not isinstance(knots, list) or any(not isinstance(k, list) or len(k) != 2 for k in knots):
                 raise ProfileError(f"{w}.knots must be a list of [tokens, tflops] pairs")

@@ -1,0 +1,118 @@
+"""Predictions that calibration compares with its measurements.
+
+* The analytic model's tensor prediction (``vramplan.plan.estimate_config`` without a card,
+  so no profile is applied): tensor peak, components at the peak, the activation part.
+* The dry run's tensor accounting (``vramplan.dryrun``) when that extra is importable.
+* A calibrated prediction: the analytic tensors corrected and completed with a
+  :class:`~vramplan.profiles.Profile` (:func:`calibrated`).
+
+Chain of a calibrated prediction (every term named in the report):
+
+    allocated = tensor_peak + (activation_factor - 1) * activations + workspace  [- paged states]
+    reserved  = profile.reserved_bytes(allocated, method)
+    device    = reserved + context [+ paged optimiser states, in managed memory outside the allocator]
+    step_s    = profile.step_seconds(method, step_features) (+ QLoRA dequantisation)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import TrainConfig
+from ..models import ModelSpec
+from ..optimizers import get_optimizer
+from ..profiles import Profile
+from ..taxonomy import Component, Group
+from .flops import step_shape
+
+
+@dataclass(frozen=True)
+class TensorPrediction:
+    """The analytic model's (uncalibrated) tensor prediction of one configuration."""
+
+    tensor_peak_bytes: int
+    activation_bytes: int       # activations + logits + KV cache at the peak
+    paged_state_bytes: int      # optimiser states in managed memory (paged 8-bit optimisers)
+    default_peak_bytes: int     # the planner's device total with its default overheads
+    peak_phase: str
+    components: dict
+
+    def to_json(self) -> dict:
+        return {"tensor_peak_bytes": self.tensor_peak_bytes, "activation_bytes": self.activation_bytes,
+                "paged_state_bytes": self.paged_state_bytes, "default_peak_bytes": self.default_peak_bytes,
+                "peak_phase": self.peak_phase, "components": self.components}
+
+
+def analytic(spec: ModelSpec, cfg: TrainConfig) -> TensorPrediction | None:
+    """The analytic prediction, or None if the planner is not available in this build."""
+    try:
+        from ..plan import estimate_config
+    except ImportError:  # pragma: no cover - the planner is part of the package
+        return None
+    est = estimate_config(spec, cfg, None)
+    comps = {Component(c) if not isinstance(c, Component) else c: int(v) for c, v in est.components.items()}
+    act = sum(v for c, v in comps.items() if c.group is Group.ACTIVATIONS)
+    paged = comps.get(Component.OPTIMIZER_STATES, 0) if get_optimizer(cfg.optimizer).paged else 0
+    return TensorPrediction(int(est.tensor_peak_bytes), int(act), int(paged), int(est.peak_bytes),
+                            getattr(est.peak_phase, "value", str(est.peak_phase)), {c.value: v for c, v in comps.items()})
+
+
+def dryrun_accounting(spec: ModelSpec, cfg: TrainConfig) -> dict | None:
+    """The dry run's tensor peak and components (meta device), or None where the extra is missing."""
+    try:
+        from .. import dryrun as dr  # noqa: F401
+        from ..dryrun import dryrun as run_dry
+    except ImportError:
+        return None
+    res = run_dry(spec, cfg.method, config=cfg) if _takes_config(run_dry) else run_dry(
+        spec, cfg.method, **_dryrun_kwargs(cfg))
+    peak = getattr(res, "tensor_peak_bytes", None)
+    comps = getattr(res, "components", {}) or {}
+    return {"tensor_peak_bytes": int(peak) if peak is not None else None,
+            "components": {getattr(c, "value", str(c)): int(v) for c, v in comps.items()},
+            "peak_phase": getattr(getattr(res, "peak_phase", None), "value", None)}
+
+
+def _takes_config(fn) -> bool:
+    import inspect
+
+    try:
+        return "config" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+
+
+def _dryrun_kwargs(cfg: TrainConfig) -> dict:
+    d = cfg.to_dict()
+    for k in ("method", "extras", "framework"):
+        d.pop(k, None)
+    d["targets"] = list(cfg.targets) or None
+    return d
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """A calibrated prediction; a field is None where the profile lacks the quantity."""
+
+    allocated_bytes: int
+    reserved_bytes: int | None
+    device_bytes: int | None
+    step_s: float | None
+    tokens_per_s: float | None
+
+
+def calibrated(pred: TensorPrediction, spec: ModelSpec, cfg: TrainConfig, profile: Profile) -> Calibrated:
+    """Apply ``profile`` to an analytic prediction (see the module docstring for the chain)."""
+    method = cfg.recipe.name
+    alloc = pred.tensor_peak_bytes + (profile.activation_factor(method) - 1.0) * pred.activation_bytes
+    alloc += profile.workspace_bytes or 0
+    alloc -= pred.paged_state_bytes
+    alloc = int(max(0, round(alloc)))
+    reserved = profile.reserved_bytes(alloc, method)
+    device = None
+    if reserved is not None and profile.context_bytes is not None:
+        device = reserved + profile.context_bytes + pred.paged_state_bytes
+    shape = step_shape(spec, cfg)
+    step_s = profile.step_seconds(method, shape.features(), dequant_gparams=shape.dequant_gparams)
+    tps = shape.tokens / step_s if step_s else None
+    return Calibrated(alloc, reserved, device, step_s, tps)
