@@ -25,8 +25,27 @@ def dryrun(model, method: str = "lora", **kwargs):
     return _dryrun(model, method, **kwargs)
 
 
+# Lazy attributes: the trainer integrations and the matrix load on first use, so that
+# `import vramplan` imports neither transformers (VramplanCallback) nor anything unneeded.
+_LAZY = {
+    "from_model": ("vramplan.integrations.from_model", "from_model"),
+    "VramplanCallback": ("vramplan.integrations.hf", "VramplanCallback"),  # needs transformers
+    "feasibility_matrix": ("vramplan.matrix", "feasibility_matrix"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'vramplan' has no attribute {name!r}")
+
+
+# VramplanCallback is public but left out of __all__: a star import must not need transformers.
 __all__ = [
     "Adapter", "Component", "Estimate", "FitReport", "FitRow", "GPUSpec", "Group", "MissingDependencyError",
     "ModelSpec", "Phase", "ProfileError", "Quantity", "TrainConfig", "UnknownNameError", "VramplanError",
-    "dryrun", "estimate", "fit", "get_gpu", "get_method", "get_model", "make_config", "resolve",
+    "dryrun", "estimate", "feasibility_matrix", "fit", "from_model", "get_gpu", "get_method", "get_model", "make_config", "resolve",
 ]

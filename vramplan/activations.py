@@ -54,13 +54,17 @@ class Dtypes:
     adapter: int       # adapter parameter dtype
 
 
-def copy_dtypes(copy: ModelCopy, regime: Regime) -> Dtypes:
-    """The dtypes that ``copy`` computes in under ``regime`` (HF stack)."""
+def copy_dtypes(copy: ModelCopy, regime: Regime, kbit_upcast: bool = True) -> Dtypes:
+    """The dtypes that ``copy`` computes in under ``regime``.
+
+    ``kbit_upcast``: QLoRA's non-quantised weights were upcast to fp32 (HF stack's
+    ``prepare_model_for_kbit_training``), so the residual stream runs in fp32.
+    """
     c = DTYPE_BYTES[regime.compute_dtype]
     ac = regime.autocast is not None
     if copy.adapter is Adapter.FULL:
         wb = DTYPE_BYTES[regime.trainable_dtype]
-    elif copy.quantized and copy.trains:
+    elif copy.quantized and copy.trains and kbit_upcast:
         wb = 4  # prepare_model_for_kbit_training upcasts embeddings/norms/lm_head to fp32
     else:
         wb = DTYPE_BYTES[regime.frozen_dtype]
@@ -78,8 +82,10 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
     """
     T = np.asarray(tokens, dtype=np.float64)
     s = np.asarray(seq, dtype=np.float64)
-    d = copy_dtypes(copy, regime)
+    stack = cfg.stack
+    d = copy_dtypes(copy, regime, stack.kbit_upcast)
     h, qd, kvd, heads = model.hidden_size, model.q_dim, model.kv_dim, model.num_heads
+    padded = cfg.uses("padding") and cfg.attn == "sdpa"  # a padding mask disables GQA in SDPA
     full = copy.adapter is Adapter.FULL
     peft = copy.adapter is not None and not full
     targets = set(cfg.targets) if peft else set()
@@ -95,13 +101,16 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
             b += d.norm_out * width  # normalised output saved for the weight gradient
         return b
 
-    def linear_inputs(names: list[str], width: int, fresh: bool) -> float:
+    def linear_inputs(names: list[str], width: int, fresh: bool, in_bytes: int | None = None) -> float:
         """Saved copies of the input of the linears ``names`` that all read one tensor.
 
         ``fresh``: the input is a new tensor nobody else saves (a norm's output, the MLP
         product); False when it is already counted (SDPA's output feeds o_proj in place:
         flash kernels write it in the layout ``transpose(1, 2).contiguous()`` keeps).
+        ``in_bytes``: the input's dtype size (default: the norm output's).
         """
+        xb = d.norm_out if in_bytes is None else in_bytes
+        c = DTYPE_BYTES[regime.compute_dtype]
         b = 0.0
         if full:
             if d.autocast_casts:
@@ -110,16 +119,16 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
                 b += d.linear_in * width  # the shared input, saved once by every mm
         if lora_like:
             adapted = [n for n in names if n in targets]
-            if regime.autocast is not None:
-                b += DTYPE_BYTES[regime.compute_dtype] * width * len(adapted)
-            elif d.linear_in != d.adapter:
-                b += d.adapter * width * len(adapted)  # PEFT's _cast_input_dtype copy, one per adapter
-            elif adapted and not full:
-                b += d.adapter * width  # the shared input itself
-            rank_bytes = DTYPE_BYTES[regime.compute_dtype] if regime.autocast else d.adapter
-            b += sum(rank_bytes * cfg.rank for n in adapted)  # lora_A output saved by lora_B
+            # PEFT casts the input to the adapter dtype first (when the stack does); autocast then
+            # casts whatever reaches lora_A to the compute dtype, one copy per call
+            e = d.adapter if (stack.peft_input_cast and xb != d.adapter) else xb
+            target = c if regime.autocast is not None else e
+            if e != xb or target != e:
+                b += target * width * len(adapted)  # a cast copy per adapted module, saved by lora_A
+            elif adapted and fresh and not full:
+                b += xb * width  # lora_A saves the shared input itself
+            b += target * cfg.rank * len(adapted)  # lora_A's output, saved by lora_B
             if copy.adapter is Adapter.DORA:
-                # DoRA: the base output's cast and lora output enter the magnitude scaling
                 # (PEFT DoraLinearLayer: (m / ||W + BA||) scales the base result and the LoRA result; both saved)
                 b += sum((d.adapter + d.proj_out) * lin[n].out_features for n in adapted)
         return b
@@ -144,9 +153,10 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
         per_tok += a * (qd + rep + rep)
         per_seq2 += heads * (4 + (a if a != 4 else 0))  # fp32 softmax + its cast, x seq per token
     else:
-        per_tok += a * (qd + 2 * kvd) + a * qd + 4 * heads  # q, k, v, out, logsumexp
+        kv_saved = qd if padded else kvd  # repeat_kv copies when SDPA cannot use GQA
+        per_tok += a * (qd + 2 * kv_saved) + a * qd + 4 * heads  # q, k, v, out, logsumexp
     # attention output (transposed, contiguous) feeds o_proj
-    per_tok += linear_inputs(["o_proj"], qd, fresh=False)
+    per_tok += linear_inputs(["o_proj"], qd, fresh=False, in_bytes=d.proj_out)
     per_tok += ia3_out(["o_proj"])
     # -- MLP block ----------------------------------------------------------------------
     if model.norms_per_layer == 4:  # Gemma-2/3 post-attention norm before the residual add
@@ -169,17 +179,18 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
         per_tok += m * i * 3  # gate out (act input), act out, up out
         if model.fused_gate_up:
             per_tok += m * i * 2  # the fused output is chunked: the 2i tensor stays alive
-        per_tok += linear_inputs(["down_proj"], i, fresh=True) if (full or "down_proj" in targets) else 0.0
+        per_tok += linear_inputs(["down_proj"], i, fresh=True, in_bytes=d.proj_out) if (full or "down_proj" in targets) else 0.0
         per_tok += ia3_out(["down_proj"])
     if model.norms_per_layer == 4:
         per_tok += norm(True)
     return T * per_tok + T * s * per_seq2
 
 
-def layer_backward_transient(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, seq, attn: str):
+def layer_backward_transient(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, seq, attn: str,
+                             kbit_upcast: bool = True):
     """Gradient buffers alive while one layer runs backward (above its saved tensors)."""
     T = np.asarray(tokens, dtype=np.float64)
-    d = copy_dtypes(copy, regime)
+    d = copy_dtypes(copy, regime, kbit_upcast)
     i = model.moe_intermediate_size * model.experts_per_token if model.is_moe else model.intermediate_size
     b = T * (2 * d.proj_out * i + 2 * d.residual * model.hidden_size)
     if attn == "eager":
@@ -187,31 +198,71 @@ def layer_backward_transient(model: ModelSpec, copy: ModelCopy, regime: Regime, 
     return b
 
 
-def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head: str = "lm"):
-    """(forward peak, backward peak) bytes of the logits and the fp32 loss for ``tokens`` tokens.
+def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head: str = "lm",
+                 cfg: TrainConfig | None = None):
+    """(forward peak, backward peak) bytes of the logits and the loss for ``tokens`` tokens.
 
-    Forward: the logits in their dtype, the fp32 upcast (transient) and log_softmax's saved
-    fp32 output. Backward: the saved output plus the incoming and outgoing fp32 gradients.
+    * ``full_fp32`` (HF ``ForCausalLMLoss``): the logits in their dtype, the whole fp32 upcast
+      (transient) and log_softmax's saved fp32 output; backward holds the saved output plus
+      the incoming and outgoing fp32 gradients (12 bytes per logit).
+    * ``chunked`` (torchtune ``CEWithChunkedOutputLoss``, litgpt ``chunked_cross_entropy``):
+      each chunk is upcast and reduced on its own, so only one chunk's fp32 copy and
+      gradients are alive at a time; the saved fp32 log-probabilities of every chunk stay.
+    * ``fused_linear`` (Liger ``FusedLinearCrossEntropy``, Unsloth): the lm_head and the loss
+      run over token chunks of ``2**ceil(log2(T / ceil(V / h)))`` tokens; no logits tensor;
+      the input gradient (T x h) is computed in forward and kept for backward.
     A scalar head (reward/value) has one output per token.
     """
     T = np.asarray(tokens, dtype=np.float64)
     if head == "scalar":
         return T * 8.0, T * 8.0
-    V = model.vocab_size
-    d = copy_dtypes(copy, regime)
+    V, h = model.vocab_size, model.hidden_size
+    kbit = cfg.stack.kbit_upcast if cfg is not None else True
+    d = copy_dtypes(copy, regime, kbit)
+    mode, chunks, keep = "full_fp32", 1, 0.0
+    if cfg is not None:
+        st = cfg.stack
+        mode, chunks = st.loss, st.loss_chunks
+        keep = 0.0 if st.frees_logits else float(d.logits)
+        if cfg.uses("liger_ce"):
+            mode = "fused_linear"
+        elif cfg.uses("chunked_ce"):
+            mode, chunks = "chunked", max(chunks, 8)
     up = 4.0 if d.logits != 4 else 0.0
+    if mode == "fused_linear":
+        chunk = np.exp2(np.ceil(np.log2(np.maximum(1.0, np.ceil(T / np.ceil(V / h))))))
+        chunk = np.minimum(chunk, T)
+        work = chunk * V * (d.logits + up + 4.0)
+        grad_in = T * h * d.residual
+        return work + grad_in, grad_in + T * h * d.residual
+    if mode == "chunked":
+        fwd = T * V * (d.logits + 4.0 + up / chunks)
+        bwd = T * V * (4.0 + 8.0 / chunks + d.logits / chunks + keep)
+        return fwd, bwd
     fwd = T * V * (d.logits + up + 4.0)
-    bwd = T * V * 12.0
+    bwd = T * V * (12.0 + keep)
     return fwd, bwd
 
 
-def checkpoint_input_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens):
+def checkpoint_input_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, kbit_upcast: bool = True):
     """Under gradient checkpointing each decoder layer keeps only its input hidden states."""
-    return np.asarray(tokens, dtype=np.float64) * copy_dtypes(copy, regime).residual * model.hidden_size
+    return np.asarray(tokens, dtype=np.float64) * copy_dtypes(copy, regime, kbit_upcast).residual * model.hidden_size
 
 
-def kv_cache_bytes(model: ModelSpec, regime: Regime, copy: ModelCopy, batch, total_tokens):
+def attention_mask_bytes(model: ModelSpec, cfg: TrainConfig, regime: Regime, batch, seq):
+    """The 4-D mask shared by every layer: eager attention's additive float mask, or SDPA's
+    boolean mask when batches are padded (with packing / equal lengths SDPA runs is_causal)."""
+    b = np.asarray(batch, dtype=np.float64) * cfg.recipe.sequences_per_example
+    s = np.asarray(seq, dtype=np.float64)
+    if cfg.attn == "eager":
+        return b * s * s * DTYPE_BYTES[regime.compute_dtype]
+    if cfg.attn == "sdpa" and cfg.uses("padding"):
+        return b * s * s * 1.0
+    return b * s * 0.0
+
+
+def kv_cache_bytes(model: ModelSpec, regime: Regime, copy: ModelCopy, batch, total_tokens, kbit_upcast: bool = True):
     """KV cache of ``batch`` sequences of ``total_tokens``: 2 (k, v) x layers x kv_dim per token."""
-    d = copy_dtypes(copy, regime)
+    d = copy_dtypes(copy, regime, kbit_upcast)
     return (np.asarray(batch, dtype=np.float64) * np.asarray(total_tokens, dtype=np.float64)
             * 2 * model.num_layers * model.kv_dim * d.proj_out)

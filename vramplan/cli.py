@@ -9,8 +9,8 @@ import sys
 from .errors import VramplanError
 
 
-def _add_plan_args(p: argparse.ArgumentParser, *, single: bool = True) -> None:
-    p.add_argument("--model", required=True, help="catalogue name, size alias (13b), HF repo id, or a config.json path/dir")
+def _add_plan_args(p: argparse.ArgumentParser, *, single: bool = True, model_required: bool = True) -> None:
+    p.add_argument("--model", required=model_required, help="catalogue name, size alias (13b), HF repo id, or a config.json path/dir")
     if single:
         p.add_argument("--method", default="lora", help="full|lora|qlora|dora|ia3|dpo|ppo (default lora)")
         p.add_argument("--adapter", default=None, help="for dpo/ppo: full|lora|qlora|dora|ia3")
@@ -55,11 +55,28 @@ def _console():
     return Console()
 
 
+def _estimate_from_file(a):
+    """``estimate --config FILE``: the file's settings, with every flag given on the command line winning."""
+    from .integrations.config_files import estimate_file
+
+    defaults = vars(build_parser().parse_args(["estimate", "--config", a.config]))
+    kw = _plan_kwargs(a)
+    overrides = {k: v for k, v in kw.items() if k not in ("gpu", "gpu_mem") and v != defaults.get(k)}
+    if a.method != defaults.get("method"):
+        overrides["method"] = a.method
+    return estimate_file(a.config, gpu=kw.get("gpu"), gpu_mem=kw.get("gpu_mem"), model=a.model, **overrides)
+
+
 def cmd_estimate(a) -> int:
     from .plan import estimate
     from .render import render_estimate
 
-    est = estimate(a.model, a.method, **_plan_kwargs(a))
+    if getattr(a, "config", None):
+        est = _estimate_from_file(a)
+    elif a.model is None:
+        raise VramplanError("estimate needs --model", "or --config FILE (an Axolotl YAML or HF/TRL training arguments)")
+    else:
+        est = estimate(a.model, a.method, **_plan_kwargs(a))
     _print_json(est) if a.json else render_estimate(est, _console())
     return 0
 
@@ -85,6 +102,31 @@ def cmd_fit(a) -> int:
     rep = fit(a.model, a.gpu, gpu_mem=a.gpu_mem, seq=a.seq, precision=a.precision, attn=a.attn, rank=a.rank,
               targets=a.targets)
     _print_json(rep) if a.json else render_fit(rep, _console())
+    return 0
+
+
+def cmd_matrix(a) -> int:
+    from .matrix import feasibility_matrix, parse_formats, write_csv, write_markdown, write_reports
+
+    mx = feasibility_matrix(a.models, a.methods, a.gpus, a.seq, batch=a.batch, precision=a.precision, attn=a.attn,
+                            rank=a.rank, targets=a.targets)
+    if a.json:
+        _print_json(mx)
+    elif a.out:
+        preamble = None
+        if a.preamble:
+            try:
+                with open(a.preamble, encoding="utf-8") as fh:
+                    preamble = fh.read()
+            except OSError as exc:
+                raise VramplanError(f"cannot read {a.preamble}: {exc.strerror or exc}") from None
+        for path in write_reports(mx, a.out, a.format or "md,csv,html,png", a.name, preamble=preamble):
+            print(path)
+    else:
+        fmt = parse_formats(a.format or "md")
+        if fmt not in (["md"], ["csv"]):
+            raise VramplanError(f"--format {','.join(fmt)} needs --out DIR", "or print one of md, csv to stdout")
+        (write_markdown if fmt == ["md"] else write_csv)(mx, sys.stdout)
     return 0
 
 
@@ -128,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "GPU memory planning for LLM fine-tuning.")
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("estimate", help="peak memory of one configuration (analytic model)")
-    _add_plan_args(e)
+    _add_plan_args(e, model_required=False)
+    e.add_argument("--config", default=None, metavar="FILE",
+                   help="an Axolotl YAML or HF/TRL training-arguments JSON/YAML; flags given here win over it")
     e.set_defaults(func=cmd_estimate)
     d = sub.add_parser("dryrun", help="exact tensor accounting of one real training step on the meta device")
     _add_plan_args(d)
@@ -140,6 +184,26 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=text)
         s.add_argument("--json", action="store_true")
         s.set_defaults(func=fn)
+    from .verdict import THRESHOLDS_TEXT
+
+    x = sub.add_parser("matrix", help="feasibility of models x methods x GPUs: verdict, peak, largest micro-batch",
+                       description="One cell per model x method x GPU (x sequence length). Verdicts: "
+                       + THRESHOLDS_TEXT + ".")
+    x.add_argument("--models", default="all", help="all | comma list of names, aliases (1b,7b), HF ids (default all)")
+    x.add_argument("--methods", default="all", help="all | comma list, method+adapter for dpo/ppo (dpo+qlora)")
+    x.add_argument("--gpus", default="all", help="all | comma list of GPU names or capacities (rtx3080,24GiB)")
+    x.add_argument("--seq", default="2048", help="tokens per sequence, one or a comma list (default 2048)")
+    x.add_argument("--batch", type=int, default=1, help="micro-batch of the verdict and peak (default 1)")
+    x.add_argument("--rank", type=int, default=8, help="LoRA/DoRA rank (default 8)")
+    x.add_argument("--targets", default=None, help="q_proj,v_proj | all-linear (default: PEFT's for the model)")
+    x.add_argument("--precision", default=None, help="bf16|bf16-mixed|fp16-mixed|fp32 (default bf16-mixed)")
+    x.add_argument("--attn", default="sdpa", help="eager|sdpa|flash (default sdpa)")
+    x.add_argument("--format", default=None, help="md,csv,html,png (default: md to stdout; all four with --out)")
+    x.add_argument("--out", default=None, metavar="DIR", help="write <DIR>/<name>.<format> files")
+    x.add_argument("--name", default="feasibility", help="file name stem with --out (default feasibility)")
+    x.add_argument("--preamble", default=None, metavar="FILE", help="markdown inserted at the top of the .md file")
+    x.add_argument("--json", action="store_true", help="print one JSON object (every cell)")
+    x.set_defaults(func=cmd_matrix)
     m = sub.add_parser("methods", help="list the training methods")
     m.set_defaults(func=cmd_methods)
     return p

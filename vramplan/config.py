@@ -18,7 +18,6 @@ from .optimizers import DEFAULT_OPTIMIZER, get_optimizer
 from .precision import DEFAULT_REGIME, get_regime
 
 ATTENTION = ("eager", "sdpa", "flash")
-FRAMEWORKS = ("hf",)  # grows with issue 7 (torchtune, unsloth, litgpt)
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,9 @@ class TrainConfig:
         optimizer: adamw | adamw_8bit | paged_adamw_8bit | sgd | adafactor.
         precision: bf16 | bf16-mixed | fp16-mixed | fp32 (see vramplan.precision).
         attn: eager | sdpa | flash (attention implementation).
-        framework: training stack (hf = transformers + PEFT).
+        framework: training stack (hf = transformers + PEFT; torchtune, unsloth, litgpt: see data/stacks.toml).
+        techniques: memory-saving techniques (chunked_ce, liger_ce, act_offload, selective_ckpt,
+            opt_in_bwd, opt_offload, padding), on top of the stack's own.
         double_quant: QLoRA double quantisation of the NF4 constants (default on).
         ppo_response: PPO response tokens generated per sequence (default seq // 2).
     """
@@ -56,6 +57,7 @@ class TrainConfig:
     precision: str = DEFAULT_REGIME
     attn: str = "sdpa"
     framework: str = "hf"
+    techniques: tuple[str, ...] = ()
     double_quant: bool = True
     ppo_response: int | None = None
     extras: dict = field(default_factory=dict, compare=False, hash=False)
@@ -64,9 +66,27 @@ class TrainConfig:
     def recipe(self) -> Recipe:
         return resolve(self.method, self.adapter)
 
+    @property
+    def stack(self):
+        from .stacks import get_stack
+
+        return get_stack(self.framework)
+
+    @property
+    def regime(self):
+        """The precision regime as this config's stack runs it (adapter dtype, optimizer kernel)."""
+        from .stacks import effective_regime
+
+        return effective_regime(self.precision, self.framework)
+
+    def uses(self, technique: str) -> bool:
+        """Whether a memory-saving technique is on (asked for, or the stack's default)."""
+        return technique in self.techniques or technique in self.stack.techniques
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["targets"] = list(self.targets)
+        d["techniques"] = list(self.techniques)
         return d
 
     def with_(self, **changes) -> "TrainConfig":
@@ -99,7 +119,7 @@ def make_config(model: ModelSpec | str, method: str = "lora", *, adapter: str | 
                 seq: int = 2048, grad_accum: int = 1, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
                 targets=None, grad_ckpt: bool | None = None, optimizer: str = DEFAULT_OPTIMIZER,
                 precision: str | None = None, attn: str = "sdpa", framework: str = "hf", double_quant: bool = True,
-                ppo_response: int | None = None) -> TrainConfig:
+                ppo_response: int | None = None, techniques=None) -> TrainConfig:
     """Validate user input into a :class:`TrainConfig` for ``model``.
 
     Defaults: gradient checkpointing off (on for QLoRA, as TRL/PEFT's
@@ -118,10 +138,15 @@ def make_config(model: ModelSpec | str, method: str = "lora", *, adapter: str | 
             raise VramplanError(f"--{label} must be a positive integer, got {value!r}")
     if attn not in ATTENTION:
         raise unknown("attention implementation", attn, ATTENTION)
-    if framework not in FRAMEWORKS:
-        raise unknown("framework", framework, FRAMEWORKS)
+    from .stacks import get_stack, parse_techniques
+
+    stack = get_stack(framework)
+    techs = parse_techniques(techniques)
+    if "opt_in_bwd" in techs and grad_accum > 1:
+        raise VramplanError("opt_in_bwd steps the optimizer inside backward, so it cannot accumulate gradients",
+                            "use --grad-accum 1 or drop opt_in_bwd")
     get_optimizer(optimizer)
-    regime = get_regime(precision or DEFAULT_REGIME)
+    regime = get_regime(precision or stack.default_precision)
     tg: tuple[str, ...] = ()
     if recipe.adapter in (Adapter.LORA, Adapter.QLORA, Adapter.DORA):
         tg = resolve_targets(spec, targets)
@@ -147,5 +172,5 @@ def make_config(model: ModelSpec | str, method: str = "lora", *, adapter: str | 
         method=recipe.method.name, adapter=recipe.adapter.value, batch=batch, seq=seq, grad_accum=grad_accum,
         rank=rank, alpha=float(alpha if alpha is not None else rank), dropout=float(dropout), targets=tg,
         grad_ckpt=bool(grad_ckpt), optimizer=get_optimizer(optimizer).name, precision=regime.name, attn=attn,
-        framework=framework, double_quant=double_quant, ppo_response=ppo_response,
+        framework=stack.name, techniques=techs, double_quant=double_quant, ppo_response=ppo_response,
     )

@@ -41,6 +41,7 @@ class ModelState:
     params: int = 0            # parameters of the policy
     trainable_params: int = 0  # trainable parameters of all copies
     step_temporary: int = 0    # inside optimizer.step()
+    largest_grad: int = 0      # bytes of the largest single trainable tensor's gradient
 
     def add(self, comp: Component, n: int) -> None:
         self.bytes[comp] = self.bytes.get(comp, 0) + int(n)
@@ -54,7 +55,7 @@ def _copy_params(model: ModelSpec, copy: ModelCopy) -> int:
 
 def model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
     """Weights, quantisation state, adapters, gradients and optimiser state of every held copy."""
-    regime = get_regime(cfg.precision)
+    regime = cfg.regime
     opt = get_optimizer(cfg.optimizer)
     recipe = cfg.recipe
     st = ModelState(params=model.params)
@@ -87,7 +88,8 @@ def model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
                 p, q = nf4_bytes(l.in_features * l.out_features, cfg.double_quant)
                 packed += p * l.count * model.num_layers
                 qs += q * l.count * model.num_layers
-            nb = 4 if copy.trains else DTYPE_BYTES[regime.frozen_dtype]  # kbit prep upcasts the rest to fp32
+            kbit = copy.trains and cfg.stack.kbit_upcast  # prepare_model_for_kbit_training upcasts the rest to fp32
+            nb = 4 if kbit else DTYPE_BYTES[regime.frozen_dtype]
             st.add(Component.WEIGHTS, packed + non_linear * nb)
             st.add(Component.QUANT_STATE, qs)
         else:
@@ -105,8 +107,10 @@ def model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
         opt_groups += [(s, c, ab) for s, c in tensors]
         if regime.autocast is not None and copy.adapter is not Adapter.IA3:
             st.add(Component.AUTOCAST_CACHE, count * DTYPE_BYTES[regime.compute_dtype])
-    st.add(Component.OPTIMIZER_STATES, opt.total_state_bytes(opt_groups))
-    st.step_temporary = opt.step_temporary_bytes(opt_groups, regime.runner)
+    offload = cfg.uses("opt_offload")
+    st.add(Component.OPTIMIZER_STATES, 0 if offload else opt.total_state_bytes(opt_groups))
+    st.step_temporary = 0 if offload else opt.step_temporary_bytes(opt_groups, regime.runner)
+    st.largest_grad = max((int(np.prod(shape)) * pb for shape, _c, pb in opt_groups), default=0)
     return st
 
 
@@ -130,12 +134,41 @@ def _dequant_temp(model: ModelSpec, regime: Regime) -> int:
     return largest * DTYPE_BYTES[regime.compute_dtype]
 
 
+def _stack_activations(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime, T, s):
+    """Saved activations of the whole decoder stack of a copy that trains, per checkpointing and offloading.
+
+    * no checkpointing: every layer's saved tensors (layer 0's input needs no gradient unless
+      the copy trains fully or checkpointing made the inputs require grad);
+    * gradient checkpointing (HF, non-reentrant, per decoder layer): each layer's input, plus
+      one layer recomputed in backward; with ``gc_offload`` (Unsloth) the inputs live in host memory;
+    * ``selective_ckpt``: every second layer checkpointed (torchtune ``ac_option=2``);
+    * ``act_offload``: saved tensors moved to host memory, two layers (current + prefetched) on the GPU.
+    """
+    kbit = cfg.stack.kbit_upcast
+    L = model.num_layers
+    full_layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
+    ckpt_in = act.checkpoint_input_bytes(model, copy, regime, T, kbit)
+    offload = cfg.uses("act_offload")
+    if cfg.grad_ckpt:
+        kept = ckpt_in if (cfg.stack.gc_offload or offload) else L * ckpt_in
+        return kept + full_layer
+    if cfg.uses("selective_ckpt"):
+        ck = L // 2
+        return (L - ck) * full_layer + ck * ckpt_in + full_layer
+    first_grad = copy.adapter is Adapter.FULL
+    first = act.layer_activation_bytes(model, cfg, copy, regime, T, s, input_requires_grad=first_grad)
+    if offload:
+        return 2 * full_layer
+    return (L - 1) * full_layer + first
+
+
 def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepMemory:
     """Peak tensor bytes of a steady-state step of ``cfg`` on ``model``, by component and phase.
 
     ``batch`` and ``seq`` default to the config's; arrays broadcast.
     """
-    regime = get_regime(cfg.precision)
+    regime = cfg.regime
+    kbit = cfg.stack.kbit_upcast
     recipe = cfg.recipe
     b = np.asarray(cfg.batch if batch is None else batch, dtype=np.float64)
     s = np.asarray(cfg.seq if seq is None else seq, dtype=np.float64)
@@ -149,6 +182,8 @@ def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> Ste
     states = st.bytes[Component.OPTIMIZER_STATES] + zeros
     cache = st.bytes[Component.AUTOCAST_CACHE] + zeros
     grads_all = st.bytes[Component.GRADIENTS] + zeros
+    if cfg.uses("opt_in_bwd"):
+        grads_all = st.largest_grad + zeros  # each gradient is consumed and freed as soon as it is ready
 
     acts = zeros.copy()
     logits_fwd = zeros.copy()
@@ -161,34 +196,30 @@ def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> Ste
     for copy in recipe.copies:
         if copy.forward is Forward.NO_GRAD:
             # frozen copies run under no_grad: only one layer's working set at a time plus their logits
-            f, _ = act.logits_bytes(model, copy, regime, T, copy.head)
+            f, _ = act.logits_bytes(model, copy, regime, T, copy.head, cfg)
             layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
             nograd_peak = np.maximum(nograd_peak, f + layer)
             continue
-        first_grad = cfg.grad_ckpt or copy.adapter is Adapter.FULL
-        if cfg.grad_ckpt:
-            per_layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
-            a = L * act.checkpoint_input_bytes(model, copy, regime, T) + per_layer
-        else:
-            a = (L - 1) * act.layer_activation_bytes(model, cfg, copy, regime, T, s) + \
-                act.layer_activation_bytes(model, cfg, copy, regime, T, s, input_requires_grad=first_grad)
-        d = act.copy_dtypes(copy, regime)
+        a = _stack_activations(model, cfg, copy, regime, T, s)
+        d = act.copy_dtypes(copy, regime, kbit)
         a = a + T * 4 * model.hidden_size  # final norm's fp32 upcast
         if copy.adapter is Adapter.FULL:
             a = a + T * d.norm_out * model.hidden_size  # final norm output saved by the trainable lm_head
-        f, bw = act.logits_bytes(model, copy, regime, T, copy.head)
+        f, bw = act.logits_bytes(model, copy, regime, T, copy.head, cfg)
         acts += a
         logits_fwd += f
         logits_bwd += bw
-        transient = np.maximum(transient, act.layer_backward_transient(model, copy, regime, T, s, cfg.attn))
+        transient = np.maximum(transient, act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, kbit))
         if copy.quantized:
             temps_fwd = np.maximum(temps_fwd, _dequant_temp(model, regime) + zeros)
     if recipe.method.rollout:
         policy = recipe.copies[0]
-        kv = act.kv_cache_bytes(model, regime, policy, b, s)
+        kv = act.kv_cache_bytes(model, regime, policy, b, s, kbit)
     # ordered phases
     load = static.copy()
-    rollout = static + states + kv + np.where(kv > 0, act.logits_bytes(model, recipe.copies[0], regime, b)[0], 0)
+    rollout = static + states + kv + np.where(kv > 0, act.logits_bytes(model, recipe.copies[0], regime, b, "lm", cfg)[0], 0)
+    if recipe.copies[0].forward is not Forward.NONE:
+        acts = acts + act.attention_mask_bytes(model, cfg, regime, b, s)
     forward = static + states + cache + np.maximum(acts + logits_fwd + temps_fwd, nograd_peak)
     backward = static + states + cache + np.maximum(acts + logits_bwd + temps_fwd,
                                                     grads_all + transient + temps_fwd)

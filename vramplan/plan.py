@@ -7,6 +7,7 @@ that ``--json`` serialises unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +22,7 @@ from .precision import DEFAULT_REGIME, FALLBACK_REGIME, get_regime
 from .results import Estimate
 from .taxonomy import Component, Quantity
 from .units import parse_size
+from .verdict import COMFORTABLE_FRACTION, Verdict, classify, pick
 
 STACK = "transformers + PEFT (HF Trainer / TRL semantics)"
 
@@ -79,38 +81,71 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, adapter: str | Non
              grad_accum: int = 1, rank: int = 8, alpha: float | None = None, dropout: float = 0.0, targets=None,
              grad_ckpt: bool | None = None, optimizer: str = "adamw", precision: str | None = None,
              attn: str = "sdpa", framework: str = "hf", double_quant: bool = True,
-             ppo_response: int | None = None) -> Estimate:
-    """Predict the peak GPU memory of one training configuration (analytic model, numpy only).
+             ppo_response: int | None = None, gpus: int = 1, strategy: str | None = None,
+             offload: str | None = None, global_batch: int | None = None, tokens=None,
+             epochs: float = 1.0) -> Estimate:
+    """Predict the peak GPU memory of one training configuration (analytic model, numpy only), and its speed.
 
     Args mirror the CLI (``vramplan estimate``); sizes are tokens and examples, memory in bytes.
     ``gpu`` is a catalogue name/alias or ``"auto"`` (NVML); ``gpu_mem`` a capacity such as ``"24GiB"``.
+    ``gpus``/``strategy``/``offload`` plan N GPUs (``vramplan.distributed``; ``gpus > 1`` alone
+    means DDP); ``batch`` is then per GPU. ``global_batch`` (examples per optimiser step over all
+    GPUs) sets ``grad_accum = global_batch / (gpus x batch)``. ``tokens`` (dataset tokens, e.g.
+    ``"500M"``) and ``epochs`` give the time to train.
 
     Returns:
-        :class:`vramplan.results.Estimate` with ``components`` (bytes), ``tensor_peak_bytes``,
-        ``peak_bytes`` (device total) and, with a GPU, ``capacity_bytes`` and ``fits``.
+        :class:`vramplan.results.Estimate` with ``components`` (bytes, per GPU), ``tensor_peak_bytes``,
+        ``peak_bytes`` (device total per GPU) and, with a GPU, ``capacity_bytes``, ``fits``,
+        ``step_time_s`` and ``tokens_per_s`` (all GPUs; :mod:`vramplan.throughput`).
 
     Raises:
-        VramplanError: bad input (unknown names, non-positive shapes, unsupported features).
+        VramplanError: bad input (unknown names, non-positive shapes, unsupported features,
+            ``gpus < 1``, an unknown strategy, a global batch that the GPUs and micro-batch do not divide).
     """
+    from .distributed import make_parallel
+    from .throughput import parse_count
+
     spec = get_model(model)
     card = resolve_gpu(gpu, gpu_mem)
+    par = make_parallel(gpus, strategy, offload)
     precision = _check_card(precision, method, adapter, attn, card)
+    if global_batch is not None:
+        grad_accum = _accum_for(global_batch, par.gpus, batch)
     cfg = make_config(spec, method, adapter=adapter, batch=batch, seq=seq, grad_accum=grad_accum, rank=rank,
                       alpha=alpha, dropout=dropout, targets=targets, grad_ckpt=grad_ckpt, optimizer=optimizer,
                       precision=precision, attn=attn, framework=framework, double_quant=double_quant,
                       ppo_response=ppo_response)
-    return estimate_config(spec, cfg, card, model_query=str(model) if not isinstance(model, ModelSpec) else None)
+    return estimate_config(spec, cfg, card, model_query=str(model) if not isinstance(model, ModelSpec) else None,
+                           parallel=par, tokens=parse_count(tokens, "--tokens"), epochs=epochs)
+
+
+def _accum_for(global_batch: int, gpus: int, batch: int) -> int:
+    """Accumulation steps for ``global_batch`` examples per optimiser step, or a VramplanError."""
+    if isinstance(global_batch, bool) or not isinstance(global_batch, (int, np.integer)) or global_batch <= 0:
+        raise VramplanError(f"--global-batch must be a positive integer, got {global_batch!r}")
+    if global_batch % (gpus * batch):
+        raise VramplanError(f"--global-batch {global_batch} is not a multiple of --gpus x --batch ({gpus} x {batch})",
+                            f"use a multiple of {gpus * batch}")
+    return int(global_batch // (gpus * batch))
 
 
 def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = None,
-                    model_query: str | None = None) -> Estimate:
-    """:func:`estimate` for an already validated :class:`TrainConfig`."""
-    mem = step_memory(spec, cfg)
+                    model_query: str | None = None, parallel=None, tokens: float | None = None,
+                    epochs: float = 1.0) -> Estimate:
+    """:func:`estimate` for an already validated :class:`TrainConfig` (and a :class:`~vramplan.distributed.Parallel`)."""
+    from .distributed import SINGLE, parallel_step_memory
+
+    par = parallel or SINGLE
+    mem = parallel_step_memory(spec, cfg, par) if par.distributed else step_memory(spec, cfg)
     tensor_peak = int(np.ceil(float(mem.peak)))
     over = runtime_overheads(tensor_peak, card)
     comps = {c: int(np.ceil(float(v))) for c, v in mem.components.items()}
     comps.update(over.components)
-    peak = tensor_peak + sum(over.components.values())
+    if par.distributed:
+        from .distributed import NCCL_BYTES
+
+        comps[Component.CUDA_CONTEXT] = comps.get(Component.CUDA_CONTEXT, 0) + NCCL_BYTES  # NCCL communicator buffers
+    peak = tensor_peak + sum(v for c, v in comps.items() if not c.is_tensor)
     phases = {p: int(np.ceil(float(mem.phases[p]))) for p in PHASE_ORDER if float(mem.phases[p]) > 0}
     resolved = None
     if model_query is not None and model_query.lower() != spec.name.lower():
@@ -122,10 +157,25 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
         quantity=Quantity.DEVICE_TOTAL, uncertainty_bytes=over.uncertainty_bytes, calibrated=over.calibrated,
         assumptions=_assumptions(cfg, over.source), model_resolved_from=resolved,
     )
+    est.gpus, est.strategy, est.offload = par.gpus, par.strategy, par.offload
+    if par.distributed:
+        from .distributed import shard_state
+
+        sh = shard_state(spec, cfg, par)
+        est.assumptions.append(f"{par.label}: {sh.layout}; peak_bytes and components are per GPU; cuda_context includes "
+                               "NCCL's buffers (256 MiB)" + "".join(f"; {n}" for n in sh.notes))
+        if sh.cpu_bytes:
+            est.extra["cpu_offload_bytes_per_gpu"] = int(sh.cpu_bytes)
     if card is not None:
+        from .throughput import step_time, time_to_train
+
         est.gpu = card.name
         est.capacity_bytes = card.memory_bytes
         est.fits = peak <= card.memory_bytes
+        t = step_time(spec, cfg, card, parallel=par).at()
+        est.throughput, est.step_time_s, est.tokens_per_s = t, t.step_s, t.tokens_per_s
+        est.time_to_train_s, est.gpu_hours = time_to_train(tokens, epochs, t.tokens_per_s, par.gpus)
+        est.assumptions.append(f"throughput: {t.source}")
     return est
 
 
@@ -165,7 +215,13 @@ def longest_seq(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, limit: int | N
 
 @dataclass
 class FitRow:
-    """One method's verdict on a card, with the settings that made it fit."""
+    """One method's verdict on a card: the best plan (fastest that fits with the margin) and its alternatives.
+
+    ``estimate`` is the chosen plan's full estimate: the best plan, else the fastest that fits
+    without the margin ("tight"), else the least-memory one (to show how far off it is).
+    ``plans`` ranks every settings combination tried (:class:`vramplan.recommend.Plan`);
+    ``suggestions`` say what would fit when nothing does.
+    """
 
     method: str
     adapter: str
@@ -175,11 +231,45 @@ class FitRow:
     max_seq: int
     settings: dict
     notes: list[str] = field(default_factory=list)
+    plans: list = field(default_factory=list)          # ranked vramplan.recommend.Plan
+    best: Any = None                                   # the recommended Plan, or None
+    chosen: Any = None                                 # the Plan shown (best, tight or smallest)
+    suggestions: list = field(default_factory=list)    # vramplan.recommend.Suggestion
 
-    def to_json(self) -> dict:
-        return {"method": self.method, "adapter": self.adapter, "fits": self.fits, "peak_bytes": self.estimate.peak_bytes,
+    @property
+    def verdict(self) -> Verdict:
+        """comfortable / tight / no (:mod:`vramplan.verdict`, the same thresholds as ``vramplan matrix``)."""
+        return classify(self.estimate.peak_bytes, self.estimate.capacity_bytes)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.estimate.tokens_per_s
+
+    @property
+    def step_time_s(self) -> float | None:
+        return self.estimate.step_time_s
+
+    @property
+    def time_to_train_s(self) -> float | None:
+        return self.estimate.time_to_train_s
+
+    @property
+    def gpu_hours(self) -> float | None:
+        return self.estimate.gpu_hours
+
+    def to_json(self, top: int | None = None) -> dict:
+        plans = self.plans if top is None else self.plans[:top]
+        return {"method": self.method, "adapter": self.adapter, "fits": self.fits, "verdict": self.verdict.value,
+                "peak_bytes": self.estimate.peak_bytes,
                 "peak_gib": round(self.estimate.peak_gib, 3), "capacity_bytes": self.estimate.capacity_bytes,
                 "max_batch": self.max_batch, "max_seq": self.max_seq, "settings": self.settings, "notes": self.notes,
+                "tokens_per_s": None if self.tokens_per_s is None else round(float(self.tokens_per_s), 1),
+                "step_time_s": None if self.step_time_s is None else round(float(self.step_time_s), 6),
+                "time_to_train_s": None if self.time_to_train_s is None else round(float(self.time_to_train_s), 1),
+                "gpu_hours": None if self.gpu_hours is None else round(float(self.gpu_hours), 3),
+                "recommended": None if self.best is None else self.best.to_json(),
+                "plans": [p.to_json() for p in plans], "plans_considered": len(self.plans),
+                "suggestions": [x.to_json() for x in self.suggestions],
                 "estimate": self.estimate.to_json()}
 
 
@@ -192,11 +282,21 @@ class FitReport:
     seq: int
     rows: list[FitRow]
     assumptions: list[str]
+    gpus: int = 1
+    strategy: str | None = None
+    offload: str = "none"
+    margin: float = 0.15
+    global_batch: int | None = None
+    tokens: float | None = None
+    epochs: float = 1.0
+    top: int = 20  # ranked plans per method in to_json()
 
     def to_json(self) -> dict:
         return {"model": self.model, "model_resolved_from": self.model_resolved_from, "gpu": self.gpu,
-                "capacity_bytes": self.capacity_bytes, "seq": self.seq, "rows": [r.to_json() for r in self.rows],
-                "assumptions": self.assumptions}
+                "capacity_bytes": self.capacity_bytes, "seq": self.seq, "gpus": self.gpus, "strategy": self.strategy,
+                "offload": self.offload, "margin": self.margin, "global_batch": self.global_batch,
+                "tokens": self.tokens, "epochs": self.epochs,
+                "rows": [r.to_json(self.top) for r in self.rows], "assumptions": self.assumptions}
 
 
 def _candidates(method: str, adapter: str | None):
@@ -207,39 +307,95 @@ def _candidates(method: str, adapter: str | None):
 
 
 def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: str | int | None = None,
-        seq: int = 2048, batch: int = 1, methods: list[str] | None = None, precision: str | None = None,
-        attn: str = "sdpa", rank: int = 8, targets=None) -> FitReport:
-    """Every method on one card: fits or not, peak/capacity, largest micro-batch, longest sequence.
+        seq: int = 2048, batch: int | None = None, methods: list[str] | None = None, precision: str | None = None,
+        attn: str | None = None, rank: int | None = None, targets=None, grad_ckpt: bool | None = None,
+        optimizer: str | None = None, gpus: int = 1, strategy: str | None = None, offload: str | None = None,
+        global_batch: int | None = None, tokens=None, epochs: float = 1.0, margin: float | None = None,
+        top: int = 20) -> FitReport:
+    """Every method on one card (or ``gpus`` cards): the fastest configuration that fits with a margin.
 
-    For each method the first setting that fits at ``batch`` is recommended, trying gradient
-    checkpointing and 8-bit optimisers only when needed (they cost throughput).
+    For each method :func:`vramplan.recommend.search` tries every combination of gradient
+    checkpointing, optimiser (AdamW, 8-bit, paged 8-bit), attention implementation, LoRA rank
+    and targets, the LoRA-to-QLoRA fallback and, on several GPUs without ``strategy``, every
+    sharding strategy, each over all micro-batches (with accumulation to ``global_batch`` when
+    given), and ranks those that fit below ``capacity x (1 - margin)`` by tokens/s. A setting
+    passed here (``attn``, ``rank``, ``targets``, ``grad_ckpt``, ``optimizer``, ``batch``) is
+    fixed instead of searched. When nothing fits, the row says what would
+    (:func:`vramplan.recommend.what_would_fit`).
+
+    Args:
+        margin: fraction of the capacity kept free (default ``1 - COMFORTABLE_FRACTION`` = 0.15:
+            the recommended plan is always "comfortable", as ``vramplan matrix`` says it).
+        tokens, epochs: dataset tokens (``"500M"``) and epochs for time to train and GPU-hours.
+        top: ranked plans per method kept in ``to_json()`` (the API keeps them all).
+
+    Returns:
+        :class:`FitReport`; each row's ``estimate`` is the chosen plan's, ``plans`` the ranking.
+
+    Raises:
+        VramplanError: no GPU, bad ``gpus``/``strategy``/``offload``/``global_batch``/``margin``.
     """
+    from .distributed import STRATEGIES, make_parallel
+    from .recommend import _Totals, largest_micro_batch, longest_sequence, search, what_would_fit
+    from .throughput import parse_count
+
     spec = get_model(model)
     card = resolve_gpu(gpu, gpu_mem)
     if card is None:
         raise VramplanError("fit needs a GPU", "pass --gpu NAME, --gpu auto or --gpu-mem 24GiB")
+    base = make_parallel(gpus, strategy, offload)
+    if base.gpus > 1 and strategy is None:
+        parallels = [make_parallel(base.gpus, s) for s in STRATEGIES]  # search the strategy too
+    else:
+        parallels = [base]
+    if global_batch is not None and (isinstance(global_batch, bool) or not isinstance(global_batch, (int, np.integer))
+                                     or global_batch <= 0):
+        raise VramplanError(f"--global-batch must be a positive integer, got {global_batch!r}")
+    if not isinstance(top, (int, np.integer)) or isinstance(top, bool) or top < 1:
+        raise VramplanError(f"--top must be a positive integer, got {top!r}")
+    margin = 1.0 - COMFORTABLE_FRACTION if margin is None else float(margin)
+    n_tokens = parse_count(tokens, "--tokens")
+    if batch is not None:
+        if global_batch is not None:
+            _accum_for(global_batch, base.gpus, batch)
+        make_config(spec, "lora", batch=batch, seq=seq)  # validates batch/seq
+    totals = _Totals()
     rows: list[FitRow] = []
     for name in methods or method_names():
-        prec = _check_card(precision, name, None, attn, card)
-        chosen = None
-        first = None
-        for settings in _candidates(name, None):
-            cfg = make_config(spec, name, batch=batch, seq=seq, rank=rank, targets=targets, precision=prec, attn=attn,
-                              **settings)
-            est = estimate_config(spec, cfg, card)
-            first = first or (cfg, est, settings)
-            if est.fits:
-                chosen = (cfg, est, settings)
-                break
-        cfg, est, settings = chosen or first
-        notes = []
-        if chosen is None:
-            notes.append("does not fit even with gradient checkpointing and a paged 8-bit optimizer")
-        rows.append(FitRow(method=name, adapter=cfg.adapter, fits=chosen is not None, estimate=est,
-                           max_batch=largest_batch(spec, cfg, card), max_seq=longest_seq(spec, cfg, card),
-                           settings={"grad_ckpt": cfg.grad_ckpt, "optimizer": cfg.optimizer, "precision": cfg.precision,
-                                     "attn": cfg.attn, "batch": cfg.batch}, notes=notes))
+        prec = _check_card(precision, name, None, attn or "sdpa", card)
+        mp = search(spec, name, card, seq=seq, precision=prec, global_batch=global_batch, parallels=parallels,
+                    grad_ckpt=grad_ckpt, optimizer=optimizer, attn=attn, rank=rank, targets=targets, margin=margin,
+                    tokens=n_tokens, epochs=epochs, totals=totals, batch=batch)
+        tight = [p for p in mp.plans if p.peak_bytes <= p.capacity_bytes]
+        chosen = mp.best or (max(tight, key=lambda p: p.tokens_per_s) if tight else mp.smallest)
+        cfg, par = chosen.config, chosen.parallel
+        est = estimate_config(spec, cfg, card, parallel=par, tokens=n_tokens, epochs=epochs)
+        notes: list[str] = []
+        suggestions = []
+        if mp.best is None:
+            suggestions = what_would_fit(spec, name, card, seq=seq, precision=prec, margin=margin, gpus=base.gpus,
+                                         rank=rank, targets=targets, totals=totals)
+            if not est.fits:
+                notes.append("does not fit with any setting tried (gradient checkpointing, 8-bit/paged AdamW"
+                             + (", QLoRA" if any(p.fallback for p in mp.plans) else "") + ")")
+            else:
+                notes.append(f"tight: no setting leaves the {margin:.0%} margin; shown: the fastest that fits")
+        elif chosen.fallback:
+            notes.append(chosen.fallback)
+        notes += [s.text for s in suggestions]
+        settings = {"grad_ckpt": cfg.grad_ckpt, "optimizer": cfg.optimizer, "precision": cfg.precision,
+                    "attn": cfg.attn, "batch": cfg.batch, "grad_accum": cfg.grad_accum, **chosen.settings}
+        rows.append(FitRow(method=name, adapter=cfg.adapter, fits=bool(est.fits), estimate=est,
+                           max_batch=largest_micro_batch(spec, cfg, card, par, totals=totals),
+                           max_seq=longest_sequence(spec, cfg, card, par, totals=totals),
+                           settings=settings, notes=notes, plans=mp.plans, best=mp.best, chosen=chosen,
+                           suggestions=suggestions))
     resolved = None if isinstance(model, ModelSpec) or str(model).lower() == spec.name else f"{model} -> {spec.name}"
     assumptions = rows[0].estimate.assumptions[:4] if rows else []
+    if rows:
+        assumptions.append(f"ranking: tokens/s of plans whose per-GPU peak stays below {1 - margin:.0%} of the "
+                           f"capacity; {next(a for a in rows[0].estimate.assumptions if a.startswith('throughput'))}")
     return FitReport(model=spec.name, model_resolved_from=resolved, gpu=card.name, capacity_bytes=card.memory_bytes,
-                     seq=seq, rows=rows, assumptions=assumptions)
+                     seq=seq, rows=rows, assumptions=assumptions, gpus=base.gpus,
+                     strategy=base.strategy if len(parallels) == 1 else None, offload=base.offload, margin=margin,
+                     global_batch=global_batch, tokens=n_tokens, epochs=epochs, top=int(top))

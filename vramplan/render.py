@@ -47,7 +47,10 @@ def render_fit(report, console: Console) -> None:
         t.add_column(col, justify=just)
     for r in report.rows:
         name = r.method + (f" ({r.adapter})" if r.adapter != r.method else "")
-        verdict = "[green]yes[/green]" if r.fits else "[red]no[/red]"
+        colour = {"comfortable": "green", "tight": "yellow", "no": "red"}
+        v = getattr(r, "verdict", None)
+        verdict = (f"[{colour[v.value]}]{v.value}[/{colour[v.value]}]" if v is not None
+                   else "[green]yes[/green]" if r.fits else "[red]no[/red]")
         s = r.settings
         rec = (f"GC {'on' if s['grad_ckpt'] else 'off'}, {s['optimizer']}, {s['precision']}, {s['attn']}"
                if r.fits else (r.notes[0] if r.notes else ""))

@@ -34,7 +34,7 @@ def jsonable(obj: Any) -> Any:
 
 @dataclass
 class Estimate:
-    """A prediction of one configuration's peak memory (one GPU).
+    """A prediction of one configuration's peak memory (per GPU) and, with a GPU, its speed.
 
     ``components`` holds every tensor component at the peak phase plus the runtime
     components; ``tensor_peak_bytes`` is their tensor part (what ``max_memory_allocated``
@@ -62,6 +62,17 @@ class Estimate:
     assumptions: list[str] = field(default_factory=list)
     model_resolved_from: str | None = None
     extra: dict = field(default_factory=dict)
+    #: GPUs and sharding strategy (``peak_bytes`` and ``capacity_bytes`` are per GPU).
+    gpus: int = 1
+    strategy: str | None = None
+    offload: str = "none"
+    #: Throughput with a GPU (``vramplan.throughput``): seconds per optimiser step, tokens/s of all GPUs.
+    step_time_s: float | None = None
+    tokens_per_s: float | None = None
+    throughput: Any = None  # vramplan.throughput.StepTime (scalar)
+    #: With ``tokens``: seconds and GPU-hours to train ``tokens`` x ``epochs``.
+    time_to_train_s: float | None = None
+    gpu_hours: float | None = None
 
     @property
     def peak_gib(self) -> float:
@@ -94,5 +105,11 @@ class Estimate:
         if self.gpu is not None:
             out.update(gpu=self.gpu, capacity_bytes=int(self.capacity_bytes), fits=bool(self.fits),
                        headroom_bytes=int(self.headroom_bytes))
+        out.update(gpus=self.gpus, strategy=self.strategy, offload=self.offload)
+        if self.tokens_per_s is not None:
+            out.update(tokens_per_s=round(float(self.tokens_per_s), 1), step_time_s=round(float(self.step_time_s), 6),
+                       throughput=jsonable(self.throughput))
+        if self.time_to_train_s is not None:
+            out.update(time_to_train_s=round(float(self.time_to_train_s), 1), gpu_hours=round(float(self.gpu_hours), 3))
         out.update(jsonable(self.extra))
         return out

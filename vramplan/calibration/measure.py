@@ -99,8 +99,9 @@ class Device:
     def reset_peak(self) -> None:
         pass
 
-    def cleanup(self) -> None:
-        gc.collect()
+    def cleanup(self, collect: bool = True) -> None:
+        if collect:
+            gc.collect()
 
     def sample(self) -> MemorySample:
         return MemorySample()
@@ -161,8 +162,10 @@ class CudaDevice(Device):
     def reset_peak(self) -> None:
         self.cuda.reset_peak_memory_stats(self.index)
 
-    def cleanup(self) -> None:
-        gc.collect()
+    def cleanup(self, collect: bool = True) -> None:
+        """Free what the last point left: collect reference cycles, empty the cache, reset the peaks."""
+        if collect:
+            gc.collect()
         try:
             self.cuda.synchronize(self.index)
         except Exception:

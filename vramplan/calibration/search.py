@@ -52,6 +52,7 @@ def outcome(results: Mapping[int, bool], *, start: int, max_size: int, granulari
 def next_size(results: Mapping[int, bool], *, start: int, max_size: int, granularity: int = 1) -> int | None:
     """The next size to probe, or None when the search is finished."""
     g = max(1, int(granularity))
+    max_size = _down(max_size, g)  # every size probed is a multiple of the granularity
     start = min(_down(start, g), max_size)
     if not results:
         return start

@@ -9,6 +9,7 @@ A suite is a TOML file, validated on load::
     steps = 3             # timed steps per point
     holdout_every = 4     # every 4th point of a model x method group is held out of the fit
     time_budget_s = 900   # expected wall time (a guide, reported; the run is never cut short)
+    dryrun = true         # also record the dry run's tensor accounting of every point
 
     [defaults]            # make_config keywords every point starts from
     precision = "bf16-mixed"
@@ -61,7 +62,7 @@ GRID_KEYS = {"models", "methods", "quick", "split", "targets", "alpha", "double_
 SEARCH_KEYS = {"model", "method", "vary", "batch", "seq", "start", "max", "granularity", "quick", "grad_ckpt",
                "optimizer", "precision", "attn", "rank", "targets"}
 TOP_KEYS = {"schema", "name", "summary", "warmup", "steps", "holdout_every", "time_budget_s", "defaults", "models",
-            "grid", "search", "device"}
+            "grid", "search", "device", "dryrun"}
 SPLITS = ("fit", "holdout")
 
 
@@ -133,6 +134,7 @@ class Suite:
     steps: int
     time_budget_s: float | None = None
     device: str | None = None
+    dryrun: bool = True
 
     def quick_subset(self) -> "Suite":
         """The points and searches marked ``quick = true``."""
@@ -141,7 +143,7 @@ class Suite:
         if not pts:
             raise VramplanError(f"suite {self.name} marks no grid as quick = true", "drop --quick or use --suite quick")
         return Suite(self.name + "-quick", self.path, self.summary, pts, srch, self.models, self.warmup, self.steps,
-                     self.time_budget_s, self.device)
+                     self.time_budget_s, self.device, self.dryrun)
 
 
 def _hash(obj: Any) -> str:
@@ -297,7 +299,8 @@ def load_suite(suite: str | Path) -> Suite:
     budget = raw.get("time_budget_s")
     return Suite(name=name, path=str(path), summary=str(raw.get("summary", "")), points=tuple(pts),
                  searches=tuple(searches), models=models, warmup=warmup, steps=steps,
-                 time_budget_s=float(budget) if budget is not None else None, device=raw.get("device"))
+                 time_budget_s=float(budget) if budget is not None else None, device=raw.get("device"),
+                 dryrun=bool(raw.get("dryrun", True)))
 
 
 def _assign_holdout(points: list[Point], every: int) -> list[Point]:

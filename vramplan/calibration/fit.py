@@ -1,0 +1,379 @@
+"""Fitting a card's profile from its calibration log, and evaluating predictions against it.
+
+Every fitted quantity uses the ``fit`` points only (and, for memory, the probes of the
+largest-size searches); the ``holdout`` points are predicted with the finished profile and
+their errors are the profile's ``holdout`` residuals -- the acceptance figures.
+
+What is fitted, and how (relative error = (predicted - measured) / measured throughout):
+
+* workspace: the cuBLAS/cuBLASLt workspace bytes probed at the start of each session (median).
+* activation factor per method: ``(allocated - workspace - (tensor_peak - activations)) /
+  activations`` per point (analytic tensors; allocated from ``max_memory_allocated``), median
+  over the method's points where activations are at least 3% of the tensor peak; clamped to
+  [0.25, 4]. Paged optimiser states live outside the allocator and are taken out first.
+* allocator: ``reserved = slope * allocated + intercept`` by least squares on relative
+  error over measured (allocated, reserved) pairs, slope clamped to [1, 3]; a method with
+  three or more points gets its own multiplicative correction (median ratio); finally all
+  of it is scaled up just enough that no fit point is under-predicted by more than 1%.
+* context: NVML process memory minus torch's reserve after the timed steps, maximum over
+  points without a paged optimiser (lazily loaded kernels only add up as a run goes on).
+* step time per method: ``t = coef . step_features`` with non-negative coefficients, the
+  subset of features with the best AIC on relative error (all subsets, at most 4 features).
+  QLoRA recipes are timed as their LoRA twin plus ``s_per_gparam`` x NF4 weights
+  dequantised per step (median over the QLoRA points).
+* knots: achieved TFLOP/s (``step_flops`` / step time) per method and tokens per step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from ..config import TrainConfig
+from ..errors import VramplanError
+from ..models import ModelSpec, from_hf_config, get_model
+from ..optimizers import get_optimizer
+from ..profiles import (TIME_FEATURES, AllocatorModel, Fitted, Profile, Residual, Throughput, _median,
+                        profile_key)
+from .env import now_iso
+from .flops import StepShape, step_shape
+from .log import read_log
+from .predict import Calibrated, TensorPrediction, analytic, calibrated
+
+MIN_ACT_FRACTION = 0.03
+FACTOR_RANGE = (0.25, 4.0)
+SLOPE_RANGE = (1.0, 3.0)
+UNDER_MARGIN = 0.01  # fit points may be under-predicted by at most this after the safety scaling
+METHOD_ALLOC_MIN_POINTS = 3
+
+
+@dataclass
+class Row:
+    """One logged point, re-predicted with the current analytic model."""
+
+    rec: dict
+    spec: ModelSpec | None
+    cfg: TrainConfig | None
+    method: str
+    split: str
+    status: str
+    pred: TensorPrediction | None
+    shape: StepShape | None
+    allocated: int | None
+    reserved: int | None
+    process: int | None
+    outside: int | None
+    step_s: float | None
+    tokens: int
+    paged: bool
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens / self.step_s if self.step_s else None
+
+
+def _config_from(d: dict) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    kw = {k: v for k, v in d.items() if k in known}
+    kw["targets"] = tuple(kw.get("targets") or ())
+    kw.pop("extras", None)
+    return TrainConfig(**kw)
+
+
+def _spec_from(rec: dict) -> ModelSpec:
+    if rec.get("model_config"):
+        return from_hf_config(dict(rec["model_config"]), name=rec["model"])
+    return get_model(rec["model"])
+
+
+def load_rows(records: list[dict], allocated_source: str | None = None) -> tuple[list[Row], str]:
+    """Point records (the last record of each point/probe) as :class:`Row` s, and the allocated source."""
+    latest: dict[tuple, dict] = {}
+    for r in records:
+        if r.get("kind") == "point":
+            latest[(r["id"], r.get("search"), r.get("size"))] = r
+    recs = list(latest.values())
+    if allocated_source is None:
+        has_cuda = any((r.get("memory") or {}).get("max_allocated") is not None for r in recs if r.get("status") == "ok")
+        allocated_source = "torch.cuda" if has_cuda else ("dryrun" if any(r.get("dryrun") for r in recs) else "none")
+    rows = []
+    for r in recs:
+        mem = r.get("memory") or {}
+        spec = cfg = pred = shape = None
+        try:
+            spec = _spec_from(r)
+            cfg = _config_from(r["config"])
+            shape = step_shape(spec, cfg)
+            pred = analytic(spec, cfg)
+        except (VramplanError, KeyError, TypeError, ValueError):
+            pass
+        if allocated_source == "torch.cuda":
+            alloc = mem.get("max_allocated")
+        elif allocated_source == "dryrun":
+            alloc = (r.get("dryrun") or {}).get("tensor_peak_bytes")
+        else:
+            alloc = None
+        res = [x for x in (mem.get("max_reserved"), mem.get("max_reserved_load")) if x is not None]
+        split = "search" if r.get("search") else r.get("split", "fit")
+        rows.append(Row(
+            rec=r, spec=spec, cfg=cfg, method=r.get("method") or (cfg.recipe.name if cfg else "?"), split=split,
+            status=r.get("status", "error"), pred=pred, shape=shape, allocated=alloc,
+            reserved=max(res) if res else None, process=mem.get("nvml_process_max_bytes") or mem.get("nvml_process_bytes"),
+            outside=mem.get("outside_allocator_bytes"), step_s=r.get("step_s_median"),
+            tokens=int(r.get("tokens_per_step") or 0),
+            paged=bool(cfg and get_optimizer(cfg.optimizer).paged),
+        ))
+    return rows, allocated_source
+
+
+# -- pieces ----------------------------------------------------------------------------------
+
+def _ok(rows: list[Row], splits: tuple[str, ...]) -> list[Row]:
+    return [r for r in rows if r.status == "ok" and r.split in splits]
+
+
+def _fit_activation(rows: list[Row], workspace: int, cuda: bool) -> dict[str, Fitted]:
+    by: dict[str, list[tuple[float, Row]]] = {}
+    for r in rows:
+        if r.pred is None or r.allocated is None:
+            continue
+        act = r.pred.activation_bytes
+        if act < MIN_ACT_FRACTION * max(1, r.pred.tensor_peak_bytes):
+            continue
+        paged = r.pred.paged_state_bytes if cuda else 0
+        rest = r.pred.tensor_peak_bytes - paged - act
+        f = (r.allocated - workspace - rest) / act
+        by.setdefault(r.method, []).append((f, r))
+    out = {}
+    for m, items in by.items():
+        f = min(max(_median([x for x, _ in items]), FACTOR_RANGE[0]), FACTOR_RANGE[1])
+        preds, meas = [], []
+        for _, r in items:
+            paged = r.pred.paged_state_bytes if cuda else 0
+            preds.append(r.pred.tensor_peak_bytes - paged + (f - 1) * r.pred.activation_bytes + workspace)
+            meas.append(r.allocated)
+        out[m] = Fitted(float(f), len(items), Residual.of(preds, meas))
+    return out
+
+
+def _fit_allocator(rows: list[Row]) -> AllocatorModel | None:
+    pairs = [(float(r.allocated), float(r.reserved), r.method) for r in rows
+             if r.allocated is not None and r.reserved is not None and r.allocated > 0 and r.reserved > 0]
+    if not pairs:
+        return None
+    A = np.array([p[0] for p in pairs])
+    R = np.array([p[1] for p in pairs])
+    if len(pairs) == 1:
+        slope, icpt = 1.0, float(R[0] - A[0])
+    else:
+        X = np.stack([A / R, 1.0 / R], axis=1)
+        (slope, icpt), *_ = np.linalg.lstsq(X, np.ones_like(R), rcond=None)
+        if not SLOPE_RANGE[0] <= slope <= SLOPE_RANGE[1]:
+            slope = float(min(max(slope, SLOPE_RANGE[0]), SLOPE_RANGE[1]))
+            icpt = float(np.median(R - slope * A))
+    base = slope * A + icpt
+    by_method: dict[str, float] = {}
+    methods = [p[2] for p in pairs]
+    for m in sorted(set(methods)):
+        idx = [i for i, x in enumerate(methods) if x == m]
+        if len(idx) >= METHOD_ALLOC_MIN_POINTS:
+            k = float(np.median(R[idx] / np.maximum(base[idx], A[idx])))
+            if abs(k - 1) > 0.01:
+                by_method[m] = min(max(k, 0.5), 2.0)
+    k_i = np.array([by_method.get(m, 1.0) for m in methods])
+    pred = np.maximum(A, base * k_i)
+    worst = float(np.max((R - pred) / R))
+    if worst > UNDER_MARGIN:
+        scale = (1 - UNDER_MARGIN) / (1 - worst)
+        slope, icpt = slope * scale, icpt * scale
+        pred = np.maximum(A, (slope * A + icpt) * k_i)
+    model = AllocatorModel(float(slope), int(round(icpt)), n=len(pairs), by_method=by_method)
+    probe = Profile(gpu="-", device={}, versions={}, created="", source="", source_info={}, allocated_source="",
+                    allocator=model)
+    preds = [probe.reserved_bytes(int(a), m) for a, m in zip(A, methods)]
+    return AllocatorModel(model.slope, model.intercept_bytes, n=len(pairs), by_method=by_method,
+                          residual=Residual.of(preds, list(R)))
+
+
+def _fit_context(rows: list[Row]) -> Fitted | None:
+    vals = [r.outside for r in rows if r.outside is not None and r.outside > 0 and not r.paged]
+    if not vals:
+        return None
+    c = max(vals)
+    return Fitted(float(c), len(vals), Residual.of([c] * len(vals), vals))
+
+
+def _nnls_subsets(X: np.ndarray, y: np.ndarray) -> np.ndarray | None:
+    """Non-negative least squares on relative error, choosing the feature subset by AIC."""
+    n, k = X.shape
+    Xr = X / y[:, None]
+    ones = np.ones(n)
+    cols = [j for j in range(k) if np.any(X[:, j] > 0)]
+    best, best_aic = None, math.inf
+    for size in range(1, min(len(cols), max(1, n - 1)) + 1):
+        for sub in itertools.combinations(cols, size):
+            A = Xr[:, sub]
+            coef, *_ = np.linalg.lstsq(A, ones, rcond=None)
+            if np.any(coef < 0) or not np.all(np.isfinite(coef)):
+                continue
+            sse = float(np.sum((A @ coef - ones) ** 2))
+            aic = n * math.log(sse / n + 1e-12) + 2 * size
+            if aic < best_aic - 1e-9:
+                full = np.zeros(k)
+                full[list(sub)] = coef
+                best, best_aic = full, aic
+    return best
+
+
+def _fit_throughput(rows: list[Row]) -> tuple[dict[str, Throughput], Fitted | None]:
+    timed = [r for r in rows if r.step_s and r.shape is not None and r.split == "fit"]
+    by: dict[str, list[Row]] = {}
+    for r in timed:
+        by.setdefault(r.method, []).append(r)
+    out: dict[str, Throughput] = {}
+
+    def knots(items: list[Row]) -> tuple[tuple[int, float], ...]:
+        g: dict[int, list[float]] = {}
+        for r in items:
+            g.setdefault(r.tokens, []).append(r.shape.flops / r.step_s / 1e12)
+        return tuple(sorted((t, round(_median(v), 4)) for t, v in g.items()))
+
+    def fit_own(items: list[Row]) -> Throughput | None:
+        X = np.array([[r.shape.features()[f] for f in TIME_FEATURES] for r in items])
+        y = np.array([r.step_s for r in items])
+        coef = _nnls_subsets(X, y)
+        if coef is None:
+            return None
+        th = Throughput(tuple(float(c) for c in coef), knots(items), len(items))
+        return Throughput(th.coef, th.knots, th.n, Residual.of([th.seconds(r.shape.features()) for r in items], list(y)))
+
+    for m, items in by.items():
+        if "qlora" not in m:
+            t = fit_own(items)
+            if t is not None:
+                out[m] = t
+    # QLoRA: LoRA twin + dequantisation
+    d_vals, d_rows = [], []
+    for m, items in by.items():
+        if "qlora" not in m:
+            continue
+        twin = out.get(m.replace("qlora", "lora"))
+        if twin is None:
+            own = fit_own(items)
+            if own is not None:
+                out[m] = own
+            continue
+        for r in items:
+            if r.shape.dequant_gparams > 0:
+                d_vals.append((r.step_s - twin.seconds(r.shape.features())) / r.shape.dequant_gparams)
+                d_rows.append((r, twin))
+        out[m] = Throughput(None, knots(items), len(items))
+    dequant = None
+    if d_vals:
+        d = max(0.0, _median(d_vals))
+        preds = [tw.seconds(r.shape.features()) + d * r.shape.dequant_gparams for r, tw in d_rows]
+        dequant = Fitted(d, len(d_vals), Residual.of(preds, [r.step_s for r, _ in d_rows]))
+        for m in list(out):
+            if "qlora" in m and out[m].coef is None:
+                items = by[m]
+                ps = [out[m.replace("qlora", "lora")].seconds(r.shape.features()) + d * r.shape.dequant_gparams for r in items]
+                out[m] = Throughput(None, out[m].knots, out[m].n, Residual.of(ps, [r.step_s for r in items]))
+    return out, dequant
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+@dataclass
+class PointEval:
+    """A point's measurements beside the default and the calibrated predictions."""
+
+    row: Row
+    cal: Calibrated | None
+
+    @property
+    def rec(self) -> dict:
+        return self.row.rec
+
+
+def evaluate(rows: list[Row], profile: Profile) -> list[PointEval]:
+    out = []
+    for r in rows:
+        cal = None
+        if r.pred is not None and r.spec is not None and r.cfg is not None:
+            cal = calibrated(r.pred, r.spec, r.cfg, profile)
+        out.append(PointEval(r, cal))
+    return out
+
+
+def residuals(evals: list[PointEval], split: str) -> dict[str, Residual]:
+    ok = [e for e in evals if e.row.status == "ok" and e.row.split == split and e.cal is not None]
+    cuda = [e for e in ok if e.row.allocated is not None]
+    return {
+        "allocated": Residual.of([e.cal.allocated_bytes for e in cuda], [e.row.allocated for e in cuda]),
+        "reserved": Residual.of([e.cal.reserved_bytes for e in ok if e.cal.reserved_bytes is not None and e.row.reserved],
+                                [e.row.reserved for e in ok if e.cal.reserved_bytes is not None and e.row.reserved]),
+        "device_total": Residual.of([e.cal.device_bytes for e in ok if e.cal.device_bytes is not None and e.row.process],
+                                    [e.row.process for e in ok if e.cal.device_bytes is not None and e.row.process]),
+        "tokens_per_s": Residual.of([e.cal.tokens_per_s for e in ok if e.cal.tokens_per_s and e.row.step_s],
+                                    [e.row.tokens_per_s for e in ok if e.cal.tokens_per_s and e.row.step_s]),
+    }
+
+
+# -- the fit ---------------------------------------------------------------------------------
+
+def fit_profile(log_path: str | Path) -> Profile:
+    """Fit the profile of the card whose calibration log is ``log_path`` (``<gpu>.jsonl``).
+
+    Returns:
+        The :class:`~vramplan.profiles.Profile` (not written; ``Profile.save`` writes it).
+
+    Raises:
+        VramplanError: the log is unreadable, corrupt or holds no measured point.
+    """
+    log_path = Path(log_path)
+    records = read_log(log_path)
+    sessions = [r for r in records if r.get("kind") == "session"]
+    rows, source = load_rows(records)
+    ok = [r for r in rows if r.status == "ok"]
+    if not ok:
+        raise VramplanError(f"{log_path} holds no measured point to fit", "run `vramplan calibrate` first")
+    cuda = source == "torch.cuda"
+    last = sessions[-1] if sessions else {}
+    gpu = last.get("gpu") or profile_key(log_path.stem)
+    ws_vals = [s.get("probes", {}).get("workspace_bytes") for s in sessions]
+    ws_vals = [w for w in ws_vals if w is not None]
+    workspace = Fitted(float(_median(ws_vals)), len(ws_vals)) if (cuda and ws_vals) else None
+    w = int(workspace.value) if workspace else 0
+    mem_rows = _ok(rows, ("fit", "search"))
+    factors = _fit_activation(mem_rows, w, cuda)
+    allocator = _fit_allocator(mem_rows) if cuda else None
+    context = _fit_context(mem_rows) if cuda else None
+    throughput, dequant = _fit_throughput(ok)
+    ctx_init = [s.get("probes", {}).get("context_init_bytes") for s in sessions]
+    ctx_init = [c for c in ctx_init if c is not None]
+    digest = hashlib.sha256(log_path.read_bytes()).hexdigest()
+    suites = sorted({(s.get("suite") or {}).get("name", "?") for s in sessions})
+    prof = Profile(
+        gpu=gpu, device={**(last.get("device") or {"kind": "unknown"})}, versions=dict(last.get("versions") or {}),
+        created=now_iso(), source=log_path.name,
+        source_info={"sha256": digest, "records": len(records), "sessions": len(sessions), "suites": suites,
+                     "points_ok": len(ok), "fit_points": sum(r.split == "fit" for r in ok),
+                     "holdout_points": sum(r.split == "holdout" for r in ok),
+                     "search_probes": sum(r.split == "search" for r in rows),
+                     "oom_points": sum(r.status == "oom" for r in rows),
+                     "error_points": sum(r.status == "error" for r in rows),
+                     "context_init_bytes": int(_median(ctx_init)) if ctx_init else None,
+                     "alloc_conf": (last.get("env") or {}).get("PYTORCH_CUDA_ALLOC_CONF")},
+        allocated_source=source, context=context, workspace=workspace, allocator=allocator,
+        activation_factors=factors, throughput=throughput, qlora_dequant=dequant,
+    )
+    evals = evaluate(rows, prof)
+    hold = residuals(evals, "holdout")
+    from dataclasses import replace
+
+    return replace(prof, holdout={k: v for k, v in hold.items() if v.n})

@@ -1,0 +1,609 @@
+"""Multi-GPU plans on paper: sharded model state per GPU, communication volume and time.
+
+``--gpus N --strategy ddp|zero1|zero2|zero3|fsdp [--offload cpu|none]``. Each GPU runs the
+micro-batch of the single-GPU model (activations do not shrink); what the strategy changes is
+where the model state lives and what crosses the interconnect.
+
+Layouts per GPU (P = trainable parameters, N = GPUs, Adam in mixed precision):
+
+* **ddp** (PyTorch ``DistributedDataParallel`` under the HF Trainer): the single-GPU state
+  (fp32 trainable weights, fp32 gradients, optimiser states, autocast's weight casts) plus
+  DDP's gradient buckets, one more gradient-sized buffer: with the default
+  ``gradient_as_bucket_view=False`` "the saved memory size will be equal to the total
+  gradients size" when it is turned on (PyTorch DDP docs), i.e. it costs that much when off.
+  Gradients are all-reduced once per optimiser step (accelerate's ``no_sync`` while accumulating).
+* **zero1 / zero2 / zero3** (DeepSpeed, bf16/fp16 mode; Rajbhandari et al., "ZeRO", SC 2020):
+  16-bit working weights (2 B) and gradients (2 B), an fp32 master copy (4 B), the optimiser
+  states (8 B for AdamW) and an fp32 gradient partition (4 B) -- the K = 16 of DeepSpeed's
+  estimators. The model-state bytes follow DeepSpeed's own estimators exactly
+  (``deepspeed/runtime/zero/stage_1_and_2.py: estimate_zero2_model_states_mem_needs``:
+  ``4 P + 16 P / N`` on the GPU, ``2 P`` with the optimiser offloaded; ``stage3.py:
+  estimate_zero3_model_states_mem_needs``: ``18 P / N + 4 L`` with L the largest layer's
+  parameters, ``4 L`` with parameters and optimiser offloaded). DeepSpeed's estimator gives
+  stages 1 and 2 the same figure; stage 2 differs in its communication (reduce-scatter every
+  micro-step). No autocast: DeepSpeed runs the module in 16 bit.
+* **fsdp** (PyTorch FSDP ``FULL_SHARD`` via accelerate, ``MixedPrecision(param_dtype=bf16,
+  reduce_dtype=bf16)``, decoder layers as wrap units): the single-GPU fp32 state sharded N
+  ways, plus the unsharded 16-bit parameters of the root unit (embeddings, lm_head, final
+  norm: kept gathered from forward to backward) and of two decoder layers (the one running
+  and the prefetched one), and the unsharded gradients of the root and one layer in backward.
+* **--offload cpu**: DeepSpeed ZeRO-Offload / ZeRO-Infinity (stages 1-2: optimiser states,
+  master weights and gradients on the host; stage 3: parameters too) or FSDP
+  ``CPUOffload(offload_params=True)``; the optimiser then runs on the CPU.
+
+PEFT methods shard the same way: the frozen base counts as parameters that are sharded
+under zero3/fsdp (QLoRA-FSDP stores the NF4 weights in a 16-bit ``quant_storage``), the
+adapters as the trainable part. PPO under zero3/fsdp gathers the whole policy for generation
+(TRL's ``unwrap_model_for_generation``, ``ds3_gather_for_generation=True`` by default).
+
+Communication (ring collectives, bytes each GPU sends; NCCL's bus-bandwidth convention):
+all-reduce ``2 (N-1)/N V``, all-gather and reduce-scatter ``(N-1)/N V`` for a tensor of V bytes.
+ZeRO-3/FSDP move 1.5x DDP's volume: parameters gathered in forward and again in backward
+(and for the recompute under gradient checkpointing), gradients reduce-scattered (ZeRO
+paper, section 7). The interconnect is NVLink when the catalogue lists it, else PCIe
+(peer-to-peer or through the host); across nodes (more than ``gpus_per_node``) NCCL spreads
+each ring over the node's network adapters (one channel per adapter), so the node's aggregate
+inter-node bandwidth bounds the ring when it is below the intra-node link's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import activations as act
+from .adapters import adapter_tensors, full_tensors
+from .config import TrainConfig
+from .errors import VramplanError, unknown
+from .gpus import GPUSpec
+from .memory import PHASE_ORDER, ModelState, StepMemory, model_state
+from .methods import Adapter, Forward
+from .models import ModelSpec
+from .optimizers import get_optimizer
+from .precision import DTYPE_BYTES, FP32, get_regime
+from .taxonomy import Component, Phase
+from .units import MIB
+
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+OFFLOADS = ("none", "cpu")
+SHARDED_PARAMS = ("zero3", "fsdp")
+DEEPSPEED = ("zero1", "zero2", "zero3")
+GPUS_PER_NODE = 8  # DGX/HGX nodes; PCIe boxes often hold 4-8 cards
+
+#: NCCL communicator buffers per process (runtime, outside the caching allocator): ~4 MiB per
+#: channel per peer connection by default, "hundreds of MB per communicator" (REFERENCE.md).
+NCCL_BYTES = 256 * MIB
+#: Achieved fraction of the link bandwidth by NCCL ring collectives (bus bandwidth / link
+#: bandwidth; nccl-tests reach roughly 80% on NVLink and InfiniBand, less over PCIe). Assumption.
+LINK_EFFICIENCY = {"nvlink": 0.80, "pcie": 0.70, "infiniband": 0.80}
+#: Inter-node bandwidth per GPU, one direction, GB/s, when the catalogue has none: DGX H100 /
+#: B200 nodes have one 400 Gb/s NDR adapter per GPU, DGX A100 one 200 Gb/s HDR adapter per
+#: GPU; other cards are assumed on 100 Gb/s Ethernet. Assumptions; a catalogue field
+#: ``infiniband_gbs`` replaces them.
+INTERNODE_GBS = {"hopper": 50.0, "blackwell": 50.0, "ampere-dc": 25.0, "other": 12.5}
+#: Share of the shorter of compute and communication that overlaps with the other (DDP's
+#: bucketed all-reduce during backward, Li et al., "PyTorch Distributed", VLDB 2020; FSDP and
+#: ZeRO-3 prefetch the next unit's all-gather). Assumption.
+OVERLAP = 0.8
+#: DeepSpeed's CPU-Adam, parameters updated per second by one process's CPU share (assumption:
+#: order of magnitude of the ZeRO-Offload paper's CPU-Adam, Ren et al., USENIX ATC 2021).
+CPU_ADAM_PARAMS_PER_S = 1.0e9
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """How a run is spread over GPUs. ``strategy=None`` is one process without torch.distributed."""
+
+    gpus: int = 1
+    strategy: str | None = None
+    offload: str = "none"
+    gpus_per_node: int = GPUS_PER_NODE
+
+    @property
+    def distributed(self) -> bool:
+        return self.strategy is not None
+
+    @property
+    def nodes(self) -> int:
+        return -(-self.gpus // self.gpus_per_node)
+
+    @property
+    def shards_params(self) -> bool:
+        return self.strategy in SHARDED_PARAMS
+
+    @property
+    def label(self) -> str:
+        if self.strategy is None:
+            return "1 GPU"
+        off = ", offload cpu" if self.offload == "cpu" else ""
+        return f"{self.gpus}x {self.strategy}{off}"
+
+    def to_json(self) -> dict:
+        return {"gpus": self.gpus, "strategy": self.strategy, "offload": self.offload, "nodes": self.nodes}
+
+
+SINGLE = Parallel()
+
+
+def make_parallel(gpus: int = 1, strategy: str | None = None, offload: str | None = None,
+                  gpus_per_node: int = GPUS_PER_NODE) -> Parallel:
+    """Validate ``--gpus/--strategy/--offload`` into a :class:`Parallel`.
+
+    ``gpus > 1`` without a strategy means DDP. ``strategy`` on one GPU is allowed (ZeRO-3 with
+    CPU offload on a single card is a real recipe).
+
+    Raises:
+        VramplanError: ``gpus`` not a positive integer, an unknown strategy or offload, offload
+            without a sharding strategy.
+    """
+    if isinstance(gpus, bool) or not isinstance(gpus, (int, np.integer)) or gpus < 1:
+        raise VramplanError(f"--gpus must be a positive integer, got {gpus!r}", "use --gpus 1 for a single card")
+    if isinstance(gpus_per_node, bool) or not isinstance(gpus_per_node, (int, np.integer)) or gpus_per_node < 1:
+        raise VramplanError(f"gpus per node must be a positive integer, got {gpus_per_node!r}")
+    if strategy is not None:
+        strategy = str(strategy).lower()
+        if strategy in ("none", "single"):
+            strategy = None
+        elif strategy not in STRATEGIES:
+            raise unknown("strategy", strategy, STRATEGIES)
+    off = "none" if offload is None else str(offload).lower()
+    if off not in OFFLOADS:
+        raise unknown("offload", off, OFFLOADS)
+    if strategy is None and int(gpus) > 1:
+        strategy = "ddp"
+    if off == "cpu" and strategy in (None, "ddp"):
+        raise VramplanError(f"--offload cpu needs a sharding strategy, not {strategy or 'a single process'}",
+                            "add --strategy zero2, zero3 or fsdp")
+    return Parallel(gpus=int(gpus), strategy=strategy, offload=off, gpus_per_node=int(gpus_per_node))
+
+
+# -- the published estimators (for tests and the comparison in the output) ----------------
+
+def deepspeed_zero2_estimate(total_params: int, num_gpus_per_node: int = 1, num_nodes: int = 1,
+                             cpu_offload: bool = True, additional_buffer_factor: float = 1.5) -> tuple[int, int]:
+    """DeepSpeed's ``estimate_zero2_model_states_mem_needs`` (stage_1_and_2.py): (cpu_mem, gpu_mem) bytes."""
+    total_gpus = num_nodes * num_gpus_per_node
+    if cpu_offload:
+        gpu_mem = 2 * total_params
+        cpu_mem = total_params * max(4 * total_gpus, 16) * additional_buffer_factor
+    else:
+        gpu_mem = 4 * total_params + int(16 * total_params / total_gpus)
+        cpu_mem = total_params * 4 * num_gpus_per_node * additional_buffer_factor
+    return int(cpu_mem), int(gpu_mem)
+
+
+def deepspeed_zero3_estimate(total_params: int, largest_layer_params: int, num_gpus_per_node: int = 1,
+                             num_nodes: int = 1, cpu_offload: bool = True, cpu_offload_params: bool = True,
+                             zero_init: bool = True, additional_buffer_factor: float = 1.5) -> tuple[int, int, int]:
+    """DeepSpeed's ``estimate_zero3_model_states_mem_needs`` (stage3.py): (cpu_mem, gpu_mem, largest_layer_mem)."""
+    total_gpus = num_nodes * num_gpus_per_node
+    gpus_factor = 1 / num_nodes
+    largest_layer_memory = 4 * largest_layer_params
+    if cpu_offload:
+        if cpu_offload_params:
+            gpu_mem = largest_layer_memory
+            factor = 18 * gpus_factor if zero_init else max(4 * num_gpus_per_node, 18 * gpus_factor)
+        else:
+            gpu_mem = largest_layer_memory + int(2 * total_params / total_gpus)
+            factor = 16 * gpus_factor if zero_init else max(4 * num_gpus_per_node, 16 * gpus_factor)
+        cpu_mem = total_params * factor * additional_buffer_factor
+    else:
+        gpu_mem = largest_layer_memory + int(18 * total_params / total_gpus)
+        cpu_mem = (largest_layer_params if zero_init else total_params) * 4 * num_gpus_per_node * additional_buffer_factor
+    return int(cpu_mem), int(gpu_mem), int(largest_layer_memory)
+
+
+def largest_layer_params(model: ModelSpec) -> int:
+    """Parameters of the largest single module, as DeepSpeed's ``model_to_params`` counts them.
+
+    (``sum(p.numel() for p in m.parameters(recurse=False))`` over modules): the embedding or
+    lm_head (vocab x hidden) or the largest linear / fused expert bank of a decoder layer.
+    """
+    biggest = max(l.count * (l.in_features * l.out_features) + (l.out_features * l.count if l.bias else 0)
+                  if not l.is_linear else l.in_features * l.out_features + (l.out_features if l.bias else 0)
+                  for l in model.layer_linears())
+    return max(model.vocab_size * model.hidden_size, biggest)
+
+
+# -- sharded model state -------------------------------------------------------------------
+
+@dataclass
+class ShardedState:
+    """Per-GPU bytes of the model state under a strategy, by component, and what else the strategy adds.
+
+    ``bytes`` holds the persistent per-GPU shares; ``gathered_bytes`` parameters gathered for the
+    unit(s) in flight during forward and backward (zero3/fsdp), ``inflight_grad_bytes`` their
+    unsharded gradients in backward, ``comm_buffer_bytes`` persistent communication buffers (DDP
+    buckets, DeepSpeed's reduce / all-gather buckets), ``rollout_gather_bytes`` the whole policy
+    gathered for PPO generation, ``nccl_bytes`` NCCL's own buffers (runtime, outside the allocator),
+    ``cpu_bytes`` host memory the offloaded state takes per GPU.
+    """
+
+    bytes: dict[Component, int]
+    trainable_params: int
+    step_temporary: int = 0
+    gathered_bytes: int = 0
+    inflight_grad_bytes: int = 0
+    comm_buffer_bytes: int = 0
+    rollout_gather_bytes: int = 0
+    nccl_bytes: int = 0
+    cpu_bytes: int = 0
+    layout: str = "single process (HF Trainer / TRL)"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def model_state_bytes(self) -> int:
+        """Weights + master + gradients + optimiser states + gathered units: what DeepSpeed's estimators count."""
+        keys = (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS,
+                Component.GRADIENTS, Component.OPTIMIZER_STATES)
+        return sum(self.bytes.get(k, 0) for k in keys) + self.gathered_bytes + self.inflight_grad_bytes
+
+
+def _trainable_groups(model: ModelSpec, cfg: TrainConfig) -> list[tuple[tuple[int, ...], int]]:
+    """(shape, count) of every trainable tensor of every training copy (as ``model_state`` builds them)."""
+    out: list[tuple[tuple[int, ...], int]] = []
+    for copy in cfg.recipe.copies:
+        if copy.adapter is None:
+            continue
+        if copy.adapter is Adapter.FULL:
+            out += full_tensors(model, copy.head)
+            continue
+        out += [(t.shape, t.count) for t in adapter_tensors(model, copy.adapter, cfg.rank, cfg.targets)]
+        if copy.head == "scalar":
+            out.append(((1, model.hidden_size), 1))
+    return out
+
+
+def _copy_params(model: ModelSpec, head: str) -> int:
+    return model.params - model.lm_head_params + model.hidden_size if head == "scalar" else model.params
+
+
+def _frozen_bytes_per_param(model: ModelSpec, cfg: TrainConfig, st) -> float:
+    """Average stored bytes per frozen base parameter (bf16 2, NF4 about 0.5 plus constants)."""
+    regime = get_regime(cfg.precision)
+    frozen_params = sum(_copy_params(model, c.head) for c in cfg.recipe.copies if c.adapter is not Adapter.FULL)
+    if frozen_params == 0:
+        return float(DTYPE_BYTES[regime.frozen_dtype])
+    frozen = _frozen_weight_bytes(model, cfg, st) + st.bytes.get(Component.QUANT_STATE, 0)
+    return frozen / frozen_params
+
+
+def _frozen_weight_bytes(model: ModelSpec, cfg: TrainConfig, st) -> int:
+    """WEIGHTS bytes that do not train (frozen copies, PEFT bases)."""
+    regime = get_regime(cfg.precision)
+    full_trainable = sum(_copy_params(model, c.head) for c in cfg.recipe.copies if c.adapter is Adapter.FULL)
+    return int(st.bytes.get(Component.WEIGHTS, 0) - full_trainable * DTYPE_BYTES[regime.trainable_dtype])
+
+
+def _unit_params(model: ModelSpec) -> tuple[int, int]:
+    """FSDP wrap units: (root unit = embeddings + lm_head + final norm, one decoder layer)."""
+    return model.embedding_params + model.lm_head_params + model.hidden_size, model.layer_params
+
+
+def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE) -> ShardedState:
+    """Per-GPU model-state bytes of ``cfg`` on ``model`` under ``par`` (see the module docstring)."""
+    st = model_state(model, cfg)
+    base = {c: int(v) for c, v in st.bytes.items()}
+    if par.strategy is None:
+        return ShardedState(bytes=base, trainable_params=st.trainable_params, step_temporary=st.step_temporary)
+    n = par.gpus
+    regime = get_regime(cfg.precision)
+    opt = get_optimizer(cfg.optimizer)
+    P = st.trainable_params
+    full = cfg.recipe.adapter is Adapter.FULL
+    offload = par.offload == "cpu"
+    frozen_w = _frozen_weight_bytes(model, cfg, st) if full else base[Component.WEIGHTS]
+    quant = base.get(Component.QUANT_STATE, 0)
+    out = ShardedState(bytes=dict.fromkeys(base, 0), trainable_params=P, nccl_bytes=NCCL_BYTES)
+
+    if par.strategy == "ddp":
+        out.bytes.update(base)
+        out.step_temporary = st.step_temporary
+        out.comm_buffer_bytes = base[Component.GRADIENTS]  # gradient_as_bucket_view=False
+        out.layout = "PyTorch DDP (HF Trainer): full replica per GPU + gradient buckets"
+        return out
+
+    groups = _trainable_groups(model, cfg)
+    if par.strategy in DEEPSPEED:
+        p16 = DTYPE_BYTES[regime.compute_dtype]
+        mixed = regime.compute_dtype != FP32
+        master = 4 * P if mixed else 0
+        g32 = 4 * P if mixed else 0
+        # the optimiser keeps its states on the fp32 master partition (DeepSpeed's K = 12 for Adam)
+        states = opt.total_state_bytes([(s, c, 4) for s, c in groups])
+        trainable_w = p16 * P
+        train_key = Component.WEIGHTS if full else Component.ADAPTERS
+        ll = largest_layer_params(model)
+        stage = int(par.strategy[-1])
+        if stage in (1, 2):
+            out.bytes[Component.WEIGHTS] = frozen_w
+            out.bytes[Component.QUANT_STATE] = quant
+            out.bytes[train_key] += trainable_w
+            if offload:
+                out.cpu_bytes = (master + g32 + states) // n + p16 * P // n
+            else:
+                out.bytes[Component.MASTER_WEIGHTS] = master // n
+                out.bytes[Component.GRADIENTS] = p16 * P + g32 // n
+                out.bytes[Component.OPTIMIZER_STATES] = states // n
+                out.step_temporary = opt.step_temporary_bytes([(s, c, 4) for s, c in groups], "trainer") // n
+            # reduce and all-gather buckets: HF's "auto" DeepSpeed config sets reduce_bucket_size to hidden^2
+            out.comm_buffer_bytes = 2 * 2 * p16 * model.hidden_size ** 2
+        else:
+            if not offload:
+                out.bytes[Component.WEIGHTS] = frozen_w // n
+                out.bytes[Component.QUANT_STATE] = quant // n
+                out.bytes[train_key] += trainable_w // n
+                out.bytes[Component.MASTER_WEIGHTS] = master // n
+                out.bytes[Component.GRADIENTS] = g32 // n
+                out.bytes[Component.OPTIMIZER_STATES] = states // n
+                out.step_temporary = opt.step_temporary_bytes([(s, c, 4) for s, c in groups], "trainer") // n
+            else:
+                out.cpu_bytes = (frozen_w + quant + trainable_w + master + g32 + states) // n
+            # the largest module gathered (16-bit) and, when it trains, its 16-bit gradient: 4 L (DeepSpeed)
+            out.gathered_bytes = p16 * ll if full else int(np.ceil(_frozen_bytes_per_param(model, cfg, st) * ll))
+            out.inflight_grad_bytes = p16 * ll if full else 0
+            # prefetch bucket: HF "auto" stage3_prefetch_bucket_size = 0.9 hidden^2 elements
+            out.comm_buffer_bytes = int(0.9 * model.hidden_size ** 2) * p16
+        out.layout = (f"DeepSpeed ZeRO-{stage} ({'bf16/fp16 weights + fp32 master' if mixed else 'fp32'})"
+                      + (", optimiser" + (" and parameters" if stage == 3 else "") + " offloaded to CPU" if offload else ""))
+    else:  # fsdp
+        root, layer = _unit_params(model)
+        p16 = DTYPE_BYTES[regime.compute_dtype]
+        if full:
+            gathered = (root + 2 * layer) * p16
+            inflight = (root + layer) * p16
+        else:
+            pp = _frozen_bytes_per_param(model, cfg, st)
+            gathered = int(np.ceil((root + 2 * layer) * pp))
+            inflight = 0
+        shardable = (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS,
+                     Component.GRADIENTS, Component.OPTIMIZER_STATES)
+        if offload:
+            out.cpu_bytes = sum(base.get(c, 0) for c in shardable) // n
+        else:
+            for c in shardable:
+                out.bytes[c] = base.get(c, 0) // n
+            out.step_temporary = st.step_temporary // n
+        out.gathered_bytes = gathered
+        out.inflight_grad_bytes = inflight
+        out.layout = "PyTorch FSDP FULL_SHARD (mixed precision, decoder layers as units)" + (
+            ", parameters and optimiser offloaded to CPU" if offload else "")
+    if cfg.recipe.method.rollout and par.shards_params:
+        policy = cfg.recipe.copies[0]
+        per = DTYPE_BYTES[regime.compute_dtype] if policy.adapter is Adapter.FULL else _frozen_bytes_per_param(model, cfg, st)
+        out.rollout_gather_bytes = int(model.params * per)
+        out.notes.append("PPO generation gathers the whole policy (TRL ds3_gather_for_generation)")
+    return out
+
+
+# -- per-GPU step memory -------------------------------------------------------------------
+
+def _activation_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict[str, np.ndarray]:
+    """The batch-dependent terms of :func:`vramplan.memory.step_memory`, term by term.
+
+    Kept identical to ``step_memory`` (tests check that ``Parallel()`` reproduces its phases
+    exactly); the sharded planner swaps only the model-state terms around them.
+    """
+    regime = get_regime(cfg.precision)
+    recipe = cfg.recipe
+    b = np.asarray(cfg.batch if batch is None else batch, dtype=np.float64)
+    s = np.asarray(cfg.seq if seq is None else seq, dtype=np.float64)
+    T = b * s * recipe.sequences_per_example
+    zeros = np.zeros(np.broadcast(b, s).shape)
+    acts, logits_fwd, logits_bwd = zeros.copy(), zeros.copy(), zeros.copy()
+    transient, nograd_peak, temps_fwd, kv = zeros.copy(), zeros.copy(), zeros.copy(), zeros.copy()
+    L = model.num_layers
+    for copy in recipe.copies:
+        if copy.forward is Forward.NO_GRAD:
+            f, _ = act.logits_bytes(model, copy, regime, T, copy.head)
+            layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
+            nograd_peak = np.maximum(nograd_peak, f + layer)
+            continue
+        first_grad = cfg.grad_ckpt or copy.adapter is Adapter.FULL
+        if cfg.grad_ckpt:
+            per_layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
+            a = L * act.checkpoint_input_bytes(model, copy, regime, T) + per_layer
+        else:
+            a = (L - 1) * act.layer_activation_bytes(model, cfg, copy, regime, T, s) + \
+                act.layer_activation_bytes(model, cfg, copy, regime, T, s, input_requires_grad=first_grad)
+        d = act.copy_dtypes(copy, regime)
+        a = a + T * 4 * model.hidden_size
+        if copy.adapter is Adapter.FULL:
+            a = a + T * d.norm_out * model.hidden_size
+        f, bw = act.logits_bytes(model, copy, regime, T, copy.head)
+        acts += a
+        logits_fwd += f
+        logits_bwd += bw
+        transient = np.maximum(transient, act.layer_backward_transient(model, copy, regime, T, s, cfg.attn))
+        if copy.quantized:
+            largest = max(l.in_features * l.out_features for l in model.layer_linears())
+            temps_fwd = np.maximum(temps_fwd, largest * DTYPE_BYTES[regime.compute_dtype] + zeros)
+    rollout_logits = zeros.copy()
+    if recipe.method.rollout:
+        policy = recipe.copies[0]
+        kv = act.kv_cache_bytes(model, regime, policy, b, s) + zeros
+        rollout_logits = np.where(kv > 0, act.logits_bytes(model, policy, regime, b)[0], 0) + zeros
+    return {"acts": acts, "logits_fwd": logits_fwd, "logits_bwd": logits_bwd, "transient": transient,
+            "nograd_peak": nograd_peak, "temps_fwd": temps_fwd, "kv": kv, "rollout_logits": rollout_logits,
+            "zeros": zeros}
+
+
+def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, batch=None, seq=None,
+                         state: ShardedState | None = None) -> StepMemory:
+    """Per-GPU tensor bytes of one steady-state step under ``par`` (arrays broadcast over batch/seq).
+
+    The phases of :func:`vramplan.memory.step_memory` with the model-state terms of
+    :func:`shard_state`: gathered units join forward and backward, their gradients the
+    backward, communication buckets every phase, the gathered policy the PPO rollout.
+    """
+    sh = state or shard_state(model, cfg, par)
+    t = _activation_terms(model, cfg, batch, seq)
+    zeros = t["zeros"]
+    B = sh.bytes
+    static = sum(B.get(c, 0) for c in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS,
+                                       Component.MASTER_WEIGHTS)) + zeros
+    comm = sh.comm_buffer_bytes + zeros
+    states = B.get(Component.OPTIMIZER_STATES, 0) + zeros
+    cache = B.get(Component.AUTOCAST_CACHE, 0) + zeros
+    grads = B.get(Component.GRADIENTS, 0) + zeros
+    gathered = sh.gathered_bytes + zeros
+    grads_bwd = grads + sh.inflight_grad_bytes
+    acts, lf, lb, tr, ng, tf, kv = (t[k] for k in ("acts", "logits_fwd", "logits_bwd", "transient", "nograd_peak",
+                                                  "temps_fwd", "kv"))
+    rollout_on = cfg.recipe.method.rollout
+    load = static + comm
+    rollout = static + comm + states + kv + t["rollout_logits"] + sh.rollout_gather_bytes
+    forward = static + comm + states + cache + gathered + np.maximum(acts + lf + tf, ng)
+    backward = static + comm + states + cache + gathered + np.maximum(acts + lb + tf, grads_bwd + tr + tf)
+    opt_step = static + comm + states + grads + sh.step_temporary
+    phases = {Phase.LOAD: load, Phase.ROLLOUT: rollout if rollout_on else zeros.copy(), Phase.FORWARD: forward,
+              Phase.BACKWARD: backward, Phase.OPTIMIZER_STEP: opt_step}
+    stack = np.stack([phases[p] for p in PHASE_ORDER])
+    idx = np.argmax(stack, axis=0)
+    peak = np.max(stack, axis=0)
+
+    def at_peak(by_phase: dict) -> np.ndarray:
+        out = zeros.copy()
+        for k, p in enumerate(PHASE_ORDER):
+            out = np.where(idx == k, by_phase.get(p, zeros), out)
+        return out
+
+    bwd_act = acts + lb >= grads_bwd + tr
+    fwd_act = acts + lf + tf >= ng
+    comps: dict[Component, np.ndarray] = {}
+    for c in (Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS):
+        comps[c] = B.get(c, 0) + zeros
+    comps[Component.WEIGHTS] = B.get(Component.WEIGHTS, 0) + at_peak(
+        {Phase.FORWARD: gathered, Phase.BACKWARD: gathered, Phase.ROLLOUT: sh.rollout_gather_bytes + zeros})
+    comps[Component.OPTIMIZER_STATES] = at_peak({p: states for p in PHASE_ORDER if p is not Phase.LOAD})
+    comps[Component.AUTOCAST_CACHE] = at_peak({Phase.FORWARD: cache, Phase.BACKWARD: cache})
+    comps[Component.GRADIENTS] = comm + at_peak({Phase.BACKWARD: np.where(bwd_act, 0, grads_bwd),
+                                                 Phase.OPTIMIZER_STEP: grads})
+    comps[Component.ACTIVATIONS] = at_peak({Phase.FORWARD: np.where(fwd_act, acts, ng),
+                                            Phase.BACKWARD: np.where(bwd_act, acts, 0)})
+    comps[Component.LOGITS] = at_peak({Phase.FORWARD: np.where(fwd_act, lf, 0),
+                                       Phase.BACKWARD: np.where(bwd_act, lb, 0)})
+    comps[Component.TEMPORARIES] = at_peak({Phase.FORWARD: np.where(fwd_act, tf, 0),
+                                            Phase.BACKWARD: np.where(bwd_act, tf, tr + tf),
+                                            Phase.OPTIMIZER_STEP: sh.step_temporary + zeros})
+    comps[Component.KV_CACHE] = at_peak({Phase.ROLLOUT: kv})
+    comps[Component.LOGITS] = comps[Component.LOGITS] + at_peak({Phase.ROLLOUT: t["rollout_logits"]})
+
+    ms = ModelState(bytes=dict(B), params=model.params, trainable_params=sh.trainable_params,
+                    step_temporary=sh.step_temporary)
+    return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=ms)
+
+
+# -- communication -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Comm:
+    """Bytes each GPU moves per micro-step and per optimiser step, and the links they cross."""
+
+    micro_bytes: float = 0.0     # over the GPU interconnect, every micro-step
+    step_bytes: float = 0.0      # over the GPU interconnect, once per optimiser step
+    pcie_micro_bytes: float = 0.0  # host <-> GPU (offload), every micro-step
+    pcie_step_bytes: float = 0.0   # host <-> GPU (offload), once per optimiser step
+    link: str = "none"
+    link_gbs: float = 0.0        # achieved GB/s of the bottleneck link (efficiency applied)
+    pcie_gbs: float = 0.0
+    cpu_optimizer_params: int = 0  # parameters the CPU updates per optimiser step (offload)
+
+    def seconds(self, grad_accum: int = 1) -> tuple[float, float]:
+        """(interconnect seconds, host-link + CPU seconds) per optimiser step with ``grad_accum`` micro-steps."""
+        net = (grad_accum * self.micro_bytes + self.step_bytes) / (self.link_gbs * 1e9) if self.link_gbs else 0.0
+        host = ((grad_accum * self.pcie_micro_bytes + self.pcie_step_bytes) / (self.pcie_gbs * 1e9)
+                if self.pcie_gbs else 0.0) + self.cpu_optimizer_params / CPU_ADAM_PARAMS_PER_S
+        return net, host
+
+
+def _gpu_family(gpu: GPUSpec) -> str:
+    arch = (gpu.arch or "").lower()
+    if arch == "hopper":
+        return "hopper"
+    if arch == "blackwell" and gpu.compute_capability.startswith("10"):
+        return "blackwell"
+    if arch == "ampere" and gpu.compute_capability == "8.0":
+        return "ampere-dc"
+    return "other"
+
+
+def interconnect(gpu: GPUSpec, par: Parallel) -> tuple[str, float]:
+    """(link name, achieved GB/s per GPU per direction) that bounds ``par``'s ring collectives."""
+    intra = ("nvlink", gpu.nvlink_gbs * LINK_EFFICIENCY["nvlink"]) if gpu.nvlink_gbs else \
+        ("pcie", gpu.pcie_gbs * LINK_EFFICIENCY["pcie"])
+    if par.nodes > 1:
+        # NCCL runs one ring (channel) per NIC: a rank's traffic is spread over the node's adapters,
+        # so the ring sees the node's aggregate inter-node bandwidth, unless the intra-node link is slower
+        ib = getattr(gpu, "infiniband_gbs", None) or INTERNODE_GBS[_gpu_family(gpu)]
+        agg = ib * min(par.gpus_per_node, par.gpus) * LINK_EFFICIENCY["infiniband"]
+        return ("infiniband", agg) if agg < intra[1] else intra
+    return intra
+
+
+def comm_volume(model: ModelSpec, cfg: TrainConfig, par: Parallel, gpu: GPUSpec,
+                state: ShardedState | None = None, st=None) -> Comm:
+    """Per-GPU communication of one step of ``cfg`` under ``par`` (see the module docstring).
+
+    ``st`` is ``model_state(model, cfg)`` when the caller has it already.
+    """
+    if par.strategy is None:
+        return Comm()
+    n = par.gpus
+    f = (n - 1) / n
+    st = st or model_state(model, cfg)
+    regime = get_regime(cfg.precision)
+    P = st.trainable_params
+    p16 = DTYPE_BYTES[regime.compute_dtype]
+    full = cfg.recipe.adapter is Adapter.FULL
+    link, gbs = interconnect(gpu, par)
+    pcie = gpu.pcie_gbs * LINK_EFFICIENCY["pcie"]
+    gc = 1 if cfg.grad_ckpt else 0
+    micro = step = pm = ps = 0.0
+    cpu_params = 0
+    if par.strategy == "ddp":
+        gbytes = st.bytes.get(Component.GRADIENTS, 0)  # reduced in the gradient dtype
+        step = 2 * f * gbytes
+    elif par.strategy == "zero1":
+        step = 2 * f * p16 * P + f * p16 * P  # all-reduce gradients, all-gather updated weights
+    elif par.strategy == "zero2":
+        micro = f * p16 * P  # reduce-scatter every micro-step
+        step = f * p16 * P   # all-gather updated weights
+    else:
+        # parameters gathered for every pass over the layers of every sharded copy
+        sh = state or shard_state(model, cfg, par)
+        per_frozen = _frozen_bytes_per_param(model, cfg, st)
+        gathered = 0.0
+        for c in cfg.recipe.copies:
+            w = _copy_params(model, c.head) * (p16 if c.adapter is Adapter.FULL else per_frozen)
+            if c.forward is Forward.GRAD:
+                passes = 2 + gc + (1 if cfg.recipe.method.rollout else 0)
+            else:
+                passes = 1
+            gathered += w * passes
+        for _ in cfg.recipe.shared_roles:  # the policy's base again, adapter disabled
+            gathered += model.params * (p16 if full else per_frozen)
+        micro = f * gathered + f * p16 * P  # + reduce-scatter of gradients
+        if sh.rollout_gather_bytes:
+            micro += f * sh.rollout_gather_bytes
+    if par.offload == "cpu":
+        cpu_params = -(-P // n)
+        if par.strategy in ("zero1", "zero2"):
+            pm = p16 * P / n   # gradient partition down every micro-step
+            ps = p16 * P / n   # updated 16-bit weights up
+        else:
+            w16 = (p16 * P if full else 0) + (_frozen_weight_bytes(model, cfg, st) if full else
+                                              st.bytes.get(Component.WEIGHTS, 0) + st.bytes.get(Component.QUANT_STATE, 0))
+            pm = w16 / n * (2 + gc) + p16 * P / n
+            ps = 0.0
+    return Comm(micro_bytes=micro, step_bytes=step, pcie_micro_bytes=pm, pcie_step_bytes=ps, link=link,
+                link_gbs=gbs if n > 1 else 0.0, pcie_gbs=pcie if par.offload == "cpu" else 0.0,
+                cpu_optimizer_params=cpu_params)
+
+
+def overlap(compute_s, comm_s, share: float = OVERLAP):
+    """Step seconds when ``share`` of the shorter of compute and communication hides behind the other."""
+    c = np.asarray(compute_s, dtype=np.float64)
+    m = np.asarray(comm_s, dtype=np.float64)
+    return np.maximum(c, m) + (1.0 - share) * np.minimum(c, m)

@@ -1,0 +1,189 @@
+"""What a trainer's configuration asks the planner: one :class:`PlanRequest`, and the name maps.
+
+Readers of live models (:mod:`.from_model`) and of configuration files
+(:mod:`.config_files`) translate their inputs into a ``PlanRequest`` -- a model, a method
+and the keyword arguments of :func:`vramplan.estimate` -- and say in ``notes`` how each
+setting was read and what was left out. Translation tables from trainer vocabularies
+(HF ``optim`` names, ``attn_implementation``) to vramplan's live here, in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..errors import VramplanError
+from ..models import ModelSpec
+from ..results import Estimate
+
+#: HF ``TrainingArguments.optim`` / Axolotl ``optimizer`` names -> vramplan optimizers.
+#: Sources: transformers ``OptimizerNames``; Axolotl's ``optimizer`` option takes the same names.
+OPTIMIZERS: dict[str, str] = {
+    "adamw_torch": "adamw",             # torch.optim.AdamW (foreach); planned as AdamW states (see note)
+    "adamw_torch_fused": "adamw",       # the Trainer default with torch >= 2.8
+    "adamw_hf": "adamw",
+    "adamw": "adamw",
+    "adamw_apex_fused": "adamw",
+    "adamw_bnb_8bit": "adamw_8bit",     # bitsandbytes AdamW8bit
+    "adamw_8bit": "adamw_8bit",
+    "bnb_8bit": "adamw_8bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+    "paged_adamw": "adamw",             # 32-bit states in paged (unified) memory: same bytes as AdamW
+    "paged_adamw_32bit": "adamw",
+    "sgd": "sgd",
+    "adafactor": "adafactor",
+}
+
+#: ``attn_implementation`` / ``_attn_implementation`` -> vramplan ``--attn``.
+ATTENTION: dict[str, str] = {
+    "eager": "eager",
+    "sdpa": "sdpa",
+    "flash_attention_2": "flash",
+    "flash_attention_3": "flash",
+    "flash": "flash",
+}
+
+#: Keyword arguments of :func:`vramplan.estimate` a request may carry.
+OPTION_KEYS = ("adapter", "batch", "seq", "grad_accum", "rank", "alpha", "dropout", "targets", "grad_ckpt",
+               "optimizer", "precision", "attn", "double_quant", "ppo_response")
+
+
+def map_optimizer(name: Any, notes: list[str]) -> str:
+    """A trainer's optimizer name (string or ``OptimizerNames`` enum) as a vramplan optimizer."""
+    text = str(getattr(name, "value", name)).lower()
+    if text not in OPTIMIZERS:
+        raise VramplanError(f"optimizer {text!r} is not modelled",
+                            "plan with optimizer= one of adamw, adamw_8bit, paged_adamw_8bit, sgd, adafactor")
+    if text == "adamw_torch":
+        notes.append("optim adamw_torch (foreach) planned as fused AdamW: its one state-sized step "
+                     "temporary is not counted")
+    elif text.startswith("paged_adamw") and OPTIMIZERS[text] == "adamw":
+        notes.append(f"optim {text}: 32-bit AdamW states in paged memory, counted as AdamW")
+    return OPTIMIZERS[text]
+
+
+def map_attention(name: Any, notes: list[str]) -> str:
+    text = str(name or "sdpa").lower()
+    if text not in ATTENTION:
+        notes.append(f"attention {text!r} is not modelled; planned as sdpa")
+        return "sdpa"
+    return ATTENTION[text]
+
+
+def normalise_targets(targets: Any, linear_names: list[str], notes: list[str]):
+    """PEFT ``target_modules`` (None, ``"all-linear"``, a regex string, or names/paths) -> vramplan targets.
+
+    Full module paths keep their last name (``model.layers.0.self_attn.q_proj`` -> ``q_proj``);
+    names vramplan does not model (``lm_head``, ``embed_tokens``) are dropped with a note.
+    """
+    import re
+
+    if targets is None or targets == [] or targets == ():
+        return None
+    if isinstance(targets, str):
+        if targets.lower() in ("all-linear", "all_linear", "all"):
+            return "all-linear"
+        try:
+            pat = re.compile(targets)
+        except re.error as exc:
+            raise VramplanError(f"target_modules {targets!r} is not a valid regex ({exc})") from None
+        hits = [n for n in linear_names if pat.search(n) or pat.search(f"model.layers.0.self_attn.{n}")
+                or pat.search(f"model.layers.0.mlp.{n}")]
+        if not hits:
+            raise VramplanError(f"target_modules regex {targets!r} matches none of {', '.join(linear_names)}")
+        notes.append(f"target_modules regex {targets!r} read as {','.join(hits)}")
+        return ",".join(hits)
+    names = []
+    for t in targets:
+        last = str(t).split(".")[-1]
+        if last in linear_names:
+            if last not in names:
+                names.append(last)
+        else:
+            notes.append(f"target module {t!r} is not a decoder-layer linear vramplan models; ignored")
+    if not names:
+        raise VramplanError(f"none of target_modules {sorted(map(str, targets))} is a decoder linear layer",
+                            f"vramplan models {', '.join(linear_names)}")
+    return ",".join(names)
+
+
+def precision_from_flags(bf16: Any, fp16: Any, notes: list[str], *, model_dtype: str | None = None) -> str | None:
+    """``bf16`` / ``fp16`` training flags (and the load dtype of a live model) -> a precision regime.
+
+    ``bf16=True`` -> bf16-mixed; ``fp16=True`` -> fp16-mixed; neither: the live model's dtype
+    decides (bf16 weights -> bf16, fp32 -> fp32); with no model, None (the planner's default).
+    """
+    if bf16 and fp16:
+        raise VramplanError("bf16 and fp16 are both set", "set one of them")
+    if bf16 and str(bf16).lower() not in ("false", "0"):
+        return "bf16-mixed"
+    if fp16 and str(fp16).lower() not in ("false", "0"):
+        return "fp16-mixed"
+    if model_dtype is None:
+        return None
+    if model_dtype in ("bfloat16", "float16"):
+        if model_dtype == "float16":
+            notes.append("fp16 weights without fp16=True planned as bf16 (same sizes)")
+        return "bf16"
+    return "fp32"
+
+
+def _estimate_options() -> tuple[str, ...]:
+    """Keyword options of :func:`vramplan.estimate` a request may carry (read from its signature)."""
+    import inspect
+
+    from ..plan import estimate
+
+    skip = {"model", "method", "gpu", "gpu_mem"}
+    params = inspect.signature(estimate).parameters.values()
+    return tuple(p.name for p in params if p.name not in skip and p.kind is p.KEYWORD_ONLY) or OPTION_KEYS
+
+
+@dataclass
+class PlanRequest:
+    """A model, a method and :func:`vramplan.estimate` options, read from a trainer's configuration.
+
+    ``notes`` say where each setting came from and what was not modelled; they are
+    appended to the estimate's assumptions.
+    """
+
+    model: ModelSpec
+    method: str = "full"
+    options: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    source: str = ""
+
+    def with_overrides(self, **overrides) -> "PlanRequest":
+        """Explicit settings win over what was read (``model``, ``method`` and any estimate option)."""
+        from ..models import get_model
+
+        allowed = _estimate_options()
+        bad = [k for k in overrides if k not in allowed + ("model", "method")]
+        if bad:
+            raise VramplanError(f"unknown planning option {bad[0]!r}", f"choose from {', '.join(allowed)}")
+        opts = dict(self.options)
+        model, method, notes = self.model, self.method, list(self.notes)
+        for k, v in overrides.items():
+            if v is None:
+                continue
+            if k == "model":
+                model = get_model(v)
+            elif k == "method":
+                method = str(v)
+            else:
+                opts[k] = v
+        if overrides:
+            given = ", ".join(f"{k}={v}" for k, v in overrides.items() if v is not None and k != "model")
+            if given:
+                notes.append(f"overridden: {given}")
+        return replace(self, model=model, method=method, options=opts, notes=notes)
+
+    def estimate(self, gpu=None, gpu_mem=None) -> Estimate:
+        """Run :func:`vramplan.estimate` on this request; the notes join the assumptions."""
+        from ..plan import estimate
+
+        est = estimate(self.model, self.method, gpu=gpu, gpu_mem=gpu_mem, **self.options)
+        if self.source:
+            est.assumptions.append(f"read from {self.source}")
+        est.assumptions.extend(self.notes)
+        return est

@@ -1,0 +1,635 @@
+"""Feasibility matrices: every model x method x card, vectorised, with writers for docs.
+
+:func:`feasibility_matrix` answers, for each (model, method, card, sequence length), the
+question ``vramplan fit`` answers for one model on one card: does it fit at micro-batch 1
+(:mod:`vramplan.verdict`: comfortable / tight / no), its predicted device-total peak, the
+largest micro-batch that fits, and the settings that make it fit. It tries the same
+settings ladder as ``vramplan fit`` (:data:`SETTINGS_LADDER`, cheapest in throughput first)
+and picks with :func:`vramplan.verdict.pick`.
+
+Speed: the Python loop runs over models x methods x settings (about 37 x 7 x 6); inside it
+one call of :func:`vramplan.memory.step_memory` evaluates every (sequence, micro-batch)
+pair as a numpy array, and all cards are compared at once by broadcasting. Runtime
+overheads are affine in the tensor peak (context + workspace + a reserve fraction, or a
+calibration profile's fit), so each card reduces to two coefficients, evaluated exactly as
+:func:`vramplan.plan.estimate_config` does (within a few bytes of integer rounding).
+
+:func:`peak_grid` is the raw vectorised evaluation (every config of a grid, no settings
+choice); ``benchmarks/matrix_speed.py`` times both.
+
+Writers (``write_markdown``, ``write_csv``, ``write_html``, ``write_png``) take the
+:class:`FeasibilityMatrix`; pandas is imported only by the CSV writer and matplotlib (the
+``plot`` extra) only by the PNG writer.
+"""
+
+from __future__ import annotations
+
+import html as _html
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence, TextIO
+
+import numpy as np
+
+from .config import make_config
+from .errors import UnknownNameError, VramplanError, require
+from .gpus import GPUSpec, custom_gpu, get_gpu
+from .gpus import catalogue as gpu_catalogue
+from .memory import step_memory
+from .methods import Recipe, method_names, resolve
+from .models import ModelSpec, get_model
+from .models import catalogue as model_catalogue
+from .overheads import runtime_overheads
+from .plan import STACK, _check_card
+from .precision import DEFAULT_REGIME, DTYPE_BYTES, get_regime
+from .units import GIB, parse_size
+from .verdict import COMFORTABLE_FRACTION, THRESHOLDS_TEXT, VERDICTS, Verdict, classify_array, pick
+
+#: (gradient checkpointing, optimizer) in the order tried: no checkpointing before
+#: checkpointing (it costs ~30 % throughput), AdamW before 8-bit and paged 8-bit AdamW.
+#: The same order as ``vramplan fit``.
+SETTINGS_LADDER: tuple[tuple[bool, str], ...] = tuple((gc, opt) for gc in (False, True)
+                                                      for opt in ("adamw", "adamw_8bit", "paged_adamw_8bit"))
+#: Micro-batches searched for the largest that fits (as ``vramplan.plan.largest_batch``).
+BATCH_GRID = np.arange(1, 1025)
+#: The benchmark grid of the issue: 5 sequence lengths x 8 micro-batches.
+BENCH_SEQS = (512, 1024, 2048, 4096, 8192)
+BENCH_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
+FORMATS = ("md", "csv", "html", "png")
+
+_SIZE_LIKE = re.compile(r"^\s*[0-9]*\.?[0-9]+\s*(g|gb|gib|m|mb|mib|t|tb|tib)\s*$", re.I)
+
+
+# -- selection of models, methods, cards --------------------------------------------------
+
+def _split(items: str | Iterable[str] | None) -> list[str]:
+    if items is None:
+        return ["all"]
+    if isinstance(items, str):
+        return [s.strip() for s in items.split(",") if s.strip()]
+    return [str(s).strip() for s in items]
+
+
+def select_models(items: str | Iterable | None = "all") -> list[ModelSpec]:
+    """``"all"`` (the catalogue, smallest first) or names, aliases, HF ids or config paths."""
+    out: list[ModelSpec] = []
+    for it in ([items] if isinstance(items, ModelSpec) else _split(items) if not isinstance(items, list) else items):
+        if isinstance(it, ModelSpec):
+            out.append(it)
+        elif str(it).lower() == "all":
+            out += sorted(model_catalogue().values(), key=lambda m: m.params)
+        else:
+            out.append(get_model(it))
+    if not out:
+        raise VramplanError("no models selected", "pass --models all or a list such as 1b,3b,7b,13b")
+    return list({m.name: m for m in out}.values())
+
+
+def select_methods(items: str | Iterable | None = "all") -> list[Recipe]:
+    """``"all"`` (every method with its default adapter) or ``method`` / ``method+adapter`` names."""
+    out: list[Recipe] = []
+    for it in _split(items) if not isinstance(items, list) else items:
+        if isinstance(it, Recipe):
+            out.append(it)
+            continue
+        text = str(it).lower()
+        if text == "all":
+            out += [resolve(m) for m in method_names()]
+            continue
+        method, _, adapter = text.partition("+")
+        out.append(resolve(method.strip(), adapter.strip() or None))
+    if not out:
+        raise VramplanError("no methods selected", "pass --methods all or a list such as lora,qlora,dpo+qlora")
+    return list({r.name: r for r in out}.values())
+
+
+def select_gpus(items: str | Iterable | None = "all") -> list[GPUSpec]:
+    """``"all"`` (the catalogue, smallest first), catalogue names/aliases, or capacities (``24GiB``)."""
+    out: list[GPUSpec] = []
+    for it in _split(items) if not isinstance(items, list) else items:
+        if isinstance(it, GPUSpec):
+            out.append(it)
+        elif str(it).lower() == "all":
+            out += sorted(gpu_catalogue().values(), key=lambda g: g.memory_bytes)
+        else:
+            try:
+                out.append(get_gpu(it))
+            except UnknownNameError:
+                if not _SIZE_LIKE.match(str(it)):
+                    raise
+                out.append(custom_gpu(parse_size(it)))
+    if not out:
+        raise VramplanError("no GPUs selected", "pass --gpus all or a list such as rtx3080,rtx4000ada")
+    return list({g.name: g for g in out}.values())
+
+
+def _seqs(seqs) -> list[int]:
+    vals = _split(seqs) if isinstance(seqs, str) else [seqs] if isinstance(seqs, (int, np.integer)) else list(seqs)
+    out = []
+    for v in vals:
+        try:
+            n = int(v)
+        except (TypeError, ValueError):
+            raise VramplanError(f"--seq must be positive integers, got {v!r}") from None
+        if n <= 0 or isinstance(v, bool):
+            raise VramplanError(f"--seq must be positive integers, got {v!r}")
+        out.append(n)
+    if not out:
+        raise VramplanError("no sequence length given", "pass --seq 2048 or --seq 1024,2048,4096")
+    return sorted(set(out))
+
+
+# -- vectorised evaluation ----------------------------------------------------------------
+
+#: Tensor peak at which the overheads' slope is probed: large, so that integer truncation of
+#: the reserve (int(0.15 * peak)) costs < 1e-12 relative.
+_PROBE = 1 << 40
+
+
+def card_overheads(cards: Sequence[GPUSpec]) -> tuple[np.ndarray, np.ndarray]:
+    """Per card, ``(base, slope)`` with device total = tensor_peak * (1 + slope) + base (bytes).
+
+    Evaluated from :func:`vramplan.overheads.runtime_overheads` at two tensor peaks, so a
+    calibration profile is honoured exactly where it is affine (as in ``plan._total``).
+    """
+    base = np.empty(len(cards))
+    slope = np.empty(len(cards))
+    for i, card in enumerate(cards):
+        o0 = sum(runtime_overheads(0, card).components.values())
+        o1 = sum(runtime_overheads(_PROBE, card).components.values())
+        base[i] = o0
+        slope[i] = (o1 - o0) / float(_PROBE)
+    return base, slope
+
+
+def _memory_key(precision: str) -> tuple:
+    """What the analytic model reads of a precision regime: dtype sizes, autocast on/off, the runner.
+
+    bf16-mixed and fp16-mixed share a key (same sizes), so cards of both are evaluated once;
+    ``tests/test_matrix.py`` checks cells against ``estimate`` on a card of each regime.
+    """
+    r = get_regime(precision)
+    return (DTYPE_BYTES[r.trainable_dtype], DTYPE_BYTES[r.frozen_dtype], DTYPE_BYTES[r.adapter_dtype],
+            DTYPE_BYTES[r.compute_dtype], r.autocast is not None, r.runner)
+
+
+def _card_groups(cards: Sequence[GPUSpec], recipe: Recipe, precision: str | None, attn: str):
+    """Cards grouped by what their precision regime costs in memory; each card's regime; errors per card.
+
+    Returns ``(groups, precs, errors)``: ``groups`` maps a regime evaluated to card indices,
+    ``precs`` a card index to the regime it runs (bf16-mixed, or fp16-mixed without bf16).
+    """
+    groups: dict[tuple, tuple[str, list[int]]] = {}
+    precs: dict[int, str] = {}
+    errors: dict[int, str] = {}
+    for i, card in enumerate(cards):
+        try:
+            prec = _check_card(precision, recipe.method.name, recipe.adapter.value, attn, card)
+        except VramplanError as exc:
+            errors[i] = str(exc)
+            continue
+        precs[i] = get_regime(prec or DEFAULT_REGIME).name
+        groups.setdefault(_memory_key(precs[i]), (precs[i], []))[1].append(i)
+    return {prec: idx for prec, idx in groups.values()}, precs, errors
+
+
+def _tensor_peaks(spec: ModelSpec, recipe: Recipe, precision: str, ladder, seqs: np.ndarray, batches: np.ndarray,
+                  rank: int, targets, attn: str) -> np.ndarray:
+    """Tensor peaks, shape (len(ladder), len(seqs), len(batches)), from one step_memory call per setting."""
+    out = np.empty((len(ladder), len(seqs), len(batches)))
+    for k, (gc, opt) in enumerate(ladder):
+        cfg = make_config(spec, recipe.method.name, adapter=recipe.adapter.value, seq=int(seqs[0]), rank=rank,
+                          targets=targets, grad_ckpt=gc, optimizer=opt, precision=precision, attn=attn)
+        out[k] = step_memory(spec, cfg, batch=batches[None, :], seq=seqs[:, None]).peak
+    return out
+
+
+@dataclass
+class PeakGrid:
+    """Device-total peaks (bytes, float) of a full grid; NaN where a card cannot run the method.
+
+    ``peaks`` has shape (models, methods, settings, gpus, seqs, batches); ``codes`` the
+    verdict codes (0 comfortable, 1 tight, 2 no) of the same shape.
+    """
+
+    models: list[str]
+    methods: list[str]
+    settings: list[tuple[bool, str]]
+    gpus: list[str]
+    seqs: list[int]
+    batches: list[int]
+    peaks: np.ndarray
+    codes: np.ndarray
+
+    @property
+    def configurations(self) -> int:
+        return int(self.peaks.size)
+
+
+def peak_grid(models="all", methods="all", gpus="all", seqs=BENCH_SEQS, batches=BENCH_BATCHES, *,
+              settings: Sequence[tuple[bool, str]] | None = None, precision: str | None = None, attn: str = "sdpa",
+              rank: int = 8, targets=None) -> PeakGrid:
+    """Every configuration of a grid at once: models x methods x settings x cards x seqs x batches.
+
+    ``settings`` defaults to each method's own default (one setting: no gradient
+    checkpointing except QLoRA, AdamW); pass :data:`SETTINGS_LADDER` for all six.
+    """
+    specs, recipes, cards = select_models(models), select_methods(methods), select_gpus(gpus)
+    s = np.asarray(_seqs(seqs), dtype=np.int64)
+    b = np.asarray(sorted({int(x) for x in batches}), dtype=np.int64)
+    if b.size == 0 or b.min() <= 0:
+        raise VramplanError("batches must be positive integers")
+    cap = np.array([c.memory_bytes for c in cards], dtype=np.float64)
+    base, slope = card_overheads(cards)
+    ladder = list(settings) if settings else [(None, "adamw")]
+    peaks = np.full((len(specs), len(recipes), len(ladder), len(cards), len(s), len(b)), np.nan)
+    for i, spec in enumerate(specs):
+        for j, recipe in enumerate(recipes):
+            groups, _precs, _errors = _card_groups(cards, recipe, precision, attn)
+            for prec, idx in groups.items():
+                t = _tensor_peaks(spec, recipe, prec, ladder, s, b, rank, targets, attn)  # (L, S, B)
+                ix = np.asarray(idx)
+                peaks[i, j][:, ix] = t[:, None] * (1.0 + slope[ix, None, None]) + base[ix, None, None]
+    codes = np.where(np.isnan(peaks), 2, classify_array(np.nan_to_num(peaks, nan=np.inf),
+                                                         cap[:, None, None])).astype(np.int8)
+    return PeakGrid([m.name for m in specs], [r.name for r in recipes],
+                    [(bool(gc) if gc is not None else None, o) for gc, o in ladder], [c.name for c in cards],
+                    [int(x) for x in s], [int(x) for x in b], peaks, codes)
+
+
+# -- the matrix ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Cell:
+    """One model x method x card x sequence length.
+
+    ``peak_bytes`` is the predicted device total at micro-batch ``batch`` with the chosen
+    settings (None when the card cannot run the method at all, see ``note``);
+    ``max_batch`` the largest micro-batch (<= 1024) that fits with those settings.
+    """
+
+    model: str
+    method: str
+    gpu: str
+    seq: int
+    batch: int
+    verdict: Verdict
+    peak_bytes: int | None
+    tensor_peak_bytes: int | None
+    capacity_bytes: int
+    max_batch: int
+    grad_ckpt: bool | None
+    optimizer: str | None
+    precision: str | None
+    note: str = ""
+
+    @property
+    def peak_gib(self) -> float | None:
+        return None if self.peak_bytes is None else self.peak_bytes / GIB
+
+    @property
+    def peak_fraction(self) -> float | None:
+        return None if self.peak_bytes is None else self.peak_bytes / self.capacity_bytes
+
+    @property
+    def settings_label(self) -> str:
+        """Short form of the memory savers the cell needs: ``GC``, ``8-bit``, ``paged 8-bit``."""
+        parts = []
+        if self.grad_ckpt:
+            parts.append("GC")
+        if self.optimizer == "adamw_8bit":
+            parts.append("8-bit Adam")
+        elif self.optimizer == "paged_adamw_8bit":
+            parts.append("paged 8-bit Adam")
+        return " + ".join(parts)
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "method": self.method, "gpu": self.gpu, "seq": self.seq, "batch": self.batch,
+                "verdict": self.verdict.value, "peak_bytes": self.peak_bytes,
+                "peak_gib": None if self.peak_gib is None else round(self.peak_gib, 3),
+                "tensor_peak_bytes": self.tensor_peak_bytes, "capacity_bytes": self.capacity_bytes,
+                "max_batch": self.max_batch, "grad_ckpt": self.grad_ckpt, "optimizer": self.optimizer,
+                "precision": self.precision, "note": self.note}
+
+
+@dataclass
+class FeasibilityMatrix:
+    """Cells of every (model, method, card, seq), with what they assume."""
+
+    models: list[str]
+    methods: list[str]
+    gpus: list[GPUSpec]
+    seqs: list[int]
+    batch: int
+    cells: list[Cell]
+    assumptions: list[str] = field(default_factory=list)
+    thresholds: str = THRESHOLDS_TEXT
+
+    def __post_init__(self):
+        self._index = {(c.model, c.method, c.gpu, c.seq): c for c in self.cells}
+
+    def cell(self, model: str, method: str, gpu: str, seq: int | None = None) -> Cell:
+        """Look a cell up by catalogue names (aliases accepted for model and card)."""
+        m = model if model in self.models else get_model(model).name
+        g = gpu if gpu in self._gpu_names else get_gpu(gpu).name
+        meth = method if method in self.methods else resolve(*(method.split("+", 1) + [None])[:2]).name
+        try:
+            return self._index[(m, meth, g, seq if seq is not None else self.seqs[0])]
+        except KeyError:
+            raise VramplanError(f"the matrix has no cell {m} / {meth} / {g} / seq {seq}") from None
+
+    @property
+    def _gpu_names(self) -> list[str]:
+        return [g.name for g in self.gpus]
+
+    def to_json(self) -> dict:
+        return {"models": self.models, "methods": self.methods,
+                "gpus": [{"name": g.name, "display_name": g.display_name, "memory_bytes": g.memory_bytes}
+                         for g in self.gpus],
+                "seqs": self.seqs, "batch": self.batch, "thresholds": self.thresholds,
+                "comfortable_fraction": COMFORTABLE_FRACTION, "assumptions": self.assumptions,
+                "cells": [c.to_json() for c in self.cells]}
+
+
+def feasibility_matrix(models="all", methods="all", gpus="all", seqs=2048, *, batch: int = 1,
+                       precision: str | None = None, attn: str = "sdpa", rank: int = 8, targets=None,
+                       ladder: Sequence[tuple[bool, str]] = SETTINGS_LADDER) -> FeasibilityMatrix:
+    """Verdict, peak and largest micro-batch of every model x method x card x sequence length.
+
+    Args:
+        models: ``"all"`` or a comma list / list of names, aliases (``7b``), HF ids, config paths.
+        methods: ``"all"`` or names, ``method+adapter`` for DPO/PPO (``dpo+qlora``).
+        gpus: ``"all"`` or card names/aliases, or capacities such as ``24GiB``.
+        seqs: tokens per sequence, one or several.
+        batch: micro-batch at which the verdict and the peak are given (examples).
+        ladder: the settings tried, in preference order (see :data:`SETTINGS_LADDER`).
+
+    Returns:
+        :class:`FeasibilityMatrix`; cells are in (seq, card, model, method) order.
+
+    Raises:
+        VramplanError: unknown names, non-positive shapes, an impossible rank.
+    """
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch <= 0 or batch > BATCH_GRID[-1]:
+        raise VramplanError(f"--batch must be an integer in 1..{BATCH_GRID[-1]}, got {batch!r}")
+    specs, recipes, cards = select_models(models), select_methods(methods), select_gpus(gpus)
+    s = np.asarray(_seqs(seqs), dtype=np.int64)
+    cap = np.array([c.memory_bytes for c in cards], dtype=np.float64)
+    base, slope = card_overheads(cards)
+    cells: dict[tuple, Cell] = {}
+    for spec in specs:
+        for recipe in recipes:
+            groups, precs, errors = _card_groups(cards, recipe, precision, attn)
+            for gi, msg in errors.items():
+                for sq in s:
+                    cells[(int(sq), gi, spec.name, recipe.name)] = Cell(
+                        spec.name, recipe.name, cards[gi].name, int(sq), batch, Verdict.NO, None, None,
+                        cards[gi].memory_bytes, 0, None, None, None, note=msg)
+            for prec, idx in groups.items():
+                ix = np.asarray(idx)
+                scale = 1.0 + slope[ix]                                                   # (G,)
+                # 1. every setting at the requested micro-batch; pick per card and seq
+                t1 = _tensor_peaks(spec, recipe, prec, ladder, s, np.array([batch]), rank, targets, attn)[..., 0]
+                total_b = t1[:, None, :] * scale[None, :, None] + base[ix][None, :, None]  # (L, G, S)
+                choice = pick(total_b, cap[ix][:, None])                                  # (G, S)
+                # 2. the largest micro-batch of each chosen setting: tensor peaks over 1..1024 against each
+                #    card's tensor budget; a batch counts only if every smaller one fits (monotone envelope)
+                budget = (cap[ix] - base[ix]) / scale                                     # (G,)
+                max_b = np.zeros(choice.shape, dtype=np.int64)
+                for k in np.unique(choice):
+                    tk = _tensor_peaks(spec, recipe, prec, [ladder[k]], s, BATCH_GRID, rank, targets, attn)[0]
+                    tk = np.maximum.accumulate(tk, axis=-1)                               # (S, NB)
+                    counts = (tk[None, :, :] <= budget[:, None, None]).sum(axis=-1)       # (G, S)
+                    max_b = np.where(choice == k, counts, max_b)
+                gi = np.arange(len(ix))[:, None]
+                si = np.arange(len(s))[None, :]
+                peak = total_b[choice, gi, si]                                            # (G, S)
+                tensor = t1[choice, si]                                                   # (G, S)
+                codes = classify_array(peak, cap[ix][:, None])
+                for a, g in enumerate(ix):
+                    for b_, sq in enumerate(s):
+                        gc, opt = ladder[int(choice[a, b_])]
+                        cells[(int(sq), int(g), spec.name, recipe.name)] = Cell(
+                            spec.name, recipe.name, cards[g].name, int(sq), batch, VERDICTS[int(codes[a, b_])],
+                            int(np.ceil(peak[a, b_])), int(np.ceil(tensor[a, b_])), cards[g].memory_bytes,
+                            int(max_b[a, b_]), bool(gc), opt, precs[int(g)])
+    mpos = {m.name: i for i, m in enumerate(specs)}
+    rpos = {r.name: i for i, r in enumerate(recipes)}
+    ordered = [cells[k] for k in sorted(cells, key=lambda k: (k[0], k[1], mpos[k[2]], rpos[k[3]]))]
+    assumptions = [
+        f"stack: {STACK}",
+        f"precision: {precision or 'bf16-mixed (fp16-mixed on cards without bf16)'}; attention {attn}; "
+        f"LoRA/DoRA rank {rank}, targets {targets or 'PEFT defaults for the model type'}",
+        f"peak: predicted device total (what nvidia-smi shows) at micro-batch {batch}, steady-state step",
+        "settings tried in this order, first comfortable kept, else first that fits: "
+        + "; ".join(f"{'GC' if gc else 'no GC'} + {opt}" for gc, opt in ladder),
+        "largest micro-batch: with the chosen settings, searched up to 1024",
+        "runtime overheads: the card's calibration profile if one ships, else defaults "
+        "(512 MiB CUDA context, cuBLAS workspaces, 15% allocator reserve)",
+    ]
+    return FeasibilityMatrix([m.name for m in specs], [r.name for r in recipes], list(cards), [int(x) for x in s],
+                             batch, ordered, assumptions)
+
+
+# -- writers ------------------------------------------------------------------------------
+
+def _gib(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / GIB:.1f} GiB"
+
+
+def cell_text(c: Cell) -> str:
+    """The short text of a cell in tables: ``tight · 9.4 GiB · b≤1 · GC + 8-bit Adam``."""
+    if c.peak_bytes is None:
+        return f"no · n/a ({c.note})"
+    parts = [c.verdict.value, _gib(c.peak_bytes)]
+    if c.verdict.fits:
+        parts.append(f"b≤{c.max_batch}")
+        if c.settings_label:
+            parts.append(c.settings_label)
+    return " · ".join(parts)
+
+
+def _card_title(g: GPUSpec, seq: int) -> str:
+    return f"{g.display_name} ({g.memory_bytes / GIB:.2f} GiB) · seq {seq}"
+
+
+def write_markdown(mx: FeasibilityMatrix, out: TextIO, *, title: str | None = "Feasibility matrix") -> None:
+    """One table per card and sequence length: rows models, columns methods."""
+    if title:
+        out.write(f"# {title}\n\n")
+    out.write(f"Verdicts: {mx.thresholds}.\n\n")
+    out.write("Each cell: verdict · predicted peak at micro-batch "
+              f"{mx.batch} · largest micro-batch that fits (b≤N) · memory savers needed "
+              "(GC = gradient checkpointing). Generated by `vramplan matrix`.\n\n")
+    for seq in mx.seqs:
+        for g in mx.gpus:
+            out.write(f"## {_card_title(g, seq)}\n\n")
+            out.write("| model | " + " | ".join(mx.methods) + " |\n")
+            out.write("|---|" + "---|" * len(mx.methods) + "\n")
+            for m in mx.models:
+                row = [cell_text(mx._index[(m, meth, g.name, seq)]) for meth in mx.methods]
+                out.write(f"| {m} | " + " | ".join(row) + " |\n")
+            out.write("\n")
+    out.write("Assumptions:\n\n" + "".join(f"* {a}\n" for a in mx.assumptions))
+
+
+def to_frame(mx: FeasibilityMatrix):
+    """The cells as a pandas DataFrame (one row per cell)."""
+    import pandas as pd
+
+    rows = []
+    disp = {g.name: g.display_name for g in mx.gpus}
+    for c in mx.cells:
+        rows.append({"model": c.model, "method": c.method, "gpu": c.gpu, "gpu_name": disp[c.gpu],
+                     "capacity_gib": round(c.capacity_bytes / GIB, 3), "seq": c.seq, "batch": c.batch,
+                     "verdict": c.verdict.value, "peak_gib": None if c.peak_gib is None else round(c.peak_gib, 3),
+                     "peak_bytes": c.peak_bytes, "peak_pct_of_capacity":
+                         None if c.peak_fraction is None else round(100 * c.peak_fraction, 1),
+                     "max_batch": c.max_batch, "grad_ckpt": c.grad_ckpt, "optimizer": c.optimizer,
+                     "precision": c.precision, "note": c.note})
+    return pd.DataFrame(rows)
+
+
+def write_csv(mx: FeasibilityMatrix, out: TextIO) -> None:
+    """Long format: one row per cell, bytes and GiB."""
+    to_frame(mx).to_csv(out, index=False)
+
+
+_COLOURS = {Verdict.COMFORTABLE: "#2e9d4f", Verdict.TIGHT: "#f0a020", Verdict.NO: "#c8382e"}
+_TINTS = {Verdict.COMFORTABLE: "#d6f0dc", Verdict.TIGHT: "#fde9c4", Verdict.NO: "#f6d2cf"}
+
+
+def write_html(mx: FeasibilityMatrix, out: TextIO, *, title: str = "vramplan feasibility matrix") -> None:
+    """A single self-contained page (inline CSS, no scripts or external files)."""
+    e = _html.escape
+    css = ("body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:0 0 2em}"
+           "th,td{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:center}th{background:#f4f4f4}"
+           "td.m{text-align:left;font-weight:600}small{color:#555}.lg span{display:inline-block;padding:2px 8px;"
+           "margin-right:6px;border-radius:3px}")
+    out.write(f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{e(title)}</title>"
+              f"<style>{css}</style></head><body>\n<h1>{e(title)}</h1>\n")
+    out.write("<p class=\"lg\">" + "".join(f"<span style=\"background:{_TINTS[v]}\">{v.value}</span>" for v in VERDICTS)
+              + f"</p>\n<p><small>{e(mx.thresholds)}. Cell: predicted peak at micro-batch {mx.batch}; "
+                "b&le;N: largest micro-batch that fits; GC: gradient checkpointing.</small></p>\n")
+    for seq in mx.seqs:
+        for g in mx.gpus:
+            out.write(f"<h2>{e(_card_title(g, seq))}</h2>\n<table><tr><th>model</th>"
+                      + "".join(f"<th>{e(m)}</th>" for m in mx.methods) + "</tr>\n")
+            for m in mx.models:
+                out.write(f"<tr><td class=\"m\">{e(m)}</td>")
+                for meth in mx.methods:
+                    c = mx._index[(m, meth, g.name, seq)]
+                    if c.peak_bytes is None:
+                        body = f"<b>no</b><br><small>{e(c.note)}</small>"
+                    else:
+                        body = f"<b>{c.verdict.value}</b><br>{_gib(c.peak_bytes)}"
+                        if c.verdict.fits:
+                            body += f"<br><small>b&le;{c.max_batch}" + (
+                                f" · {e(c.settings_label)}" if c.settings_label else "") + "</small>"
+                    tip = (f"{c.model} {c.method} on {g.display_name}, seq {seq}: "
+                           f"{'' if c.peak_fraction is None else f'{100 * c.peak_fraction:.0f}% of capacity; '}"
+                           f"optimizer {c.optimizer}, GC {'on' if c.grad_ckpt else 'off'}")
+                    out.write(f"<td style=\"background:{_TINTS[c.verdict]}\" title=\"{e(tip)}\">{body}</td>")
+                out.write("</tr>\n")
+            out.write("</table>\n")
+    out.write("<h3>Assumptions</h3><ul>" + "".join(f"<li>{e(a)}</li>" for a in mx.assumptions) + "</ul>\n")
+    out.write("<p><small>Generated by <code>vramplan matrix</code>.</small></p></body></html>\n")
+
+
+def write_png(mx: FeasibilityMatrix, path: str | Path, *, dpi: int = 110) -> None:
+    """A heat map per card and sequence length: colour = verdict, text = peak GiB and largest batch."""
+    require("matplotlib", "plot")
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    panels = [(seq, g) for seq in mx.seqs for g in mx.gpus]
+    ncol = min(2, len(panels))
+    nrow = -(-len(panels) // ncol)
+    w = 1.25 * len(mx.methods) + 2.2
+    h = 0.42 * len(mx.models) + 1.4
+    fig, axes = plt.subplots(nrow, ncol, figsize=(w * ncol, h * nrow + 0.8), squeeze=False)
+    cmap = ListedColormap([_COLOURS[v] for v in VERDICTS])
+    for ax, (seq, g) in zip(axes.flat, panels):
+        grid = np.zeros((len(mx.models), len(mx.methods)))
+        for i, m in enumerate(mx.models):
+            for j, meth in enumerate(mx.methods):
+                c = mx._index[(m, meth, g.name, seq)]
+                grid[i, j] = c.verdict.code
+                text = "n/a" if c.peak_bytes is None else f"{c.peak_bytes / GIB:.1f}"
+                if c.verdict.fits:
+                    text += f"\nb≤{c.max_batch}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=7.5, color="white")
+        ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=2.5, aspect="auto")
+        ax.set_xticks(range(len(mx.methods)), mx.methods, fontsize=8)
+        ax.set_yticks(range(len(mx.models)), mx.models, fontsize=8)
+        ax.xaxis.tick_top()
+        ax.set_title(_card_title(g, seq), fontsize=9, pad=18)
+        ax.set_xticks(np.arange(-0.5, len(mx.methods)), minor=True)
+        ax.set_yticks(np.arange(-0.5, len(mx.models)), minor=True)
+        ax.grid(which="minor", color="white", linewidth=1.5)
+        ax.tick_params(which="minor", length=0)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.legend(handles=[Patch(color=_COLOURS[v], label=v.value) for v in VERDICTS], loc="lower center", ncol=3,
+               frameon=False, fontsize=9)
+    fig.text(0.5, 0.005, f"peak GiB at micro-batch {mx.batch}; b≤N largest micro-batch. "
+             f"comfortable ≤ {COMFORTABLE_FRACTION:.0%} of memory < tight ≤ 100% < no", ha="center", fontsize=7,
+             color="#444")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def parse_formats(formats: str | Iterable[str]) -> list[str]:
+    fs = _split(formats) if isinstance(formats, str) else list(formats)
+    bad = [f for f in fs if f not in FORMATS]
+    if bad:
+        from .errors import unknown
+
+        raise unknown("format", bad[0], FORMATS)
+    if not fs:
+        raise VramplanError("no output format", f"choose from {', '.join(FORMATS)}")
+    return list(dict.fromkeys(fs))
+
+
+def write_reports(mx: FeasibilityMatrix, out_dir: str | Path, formats="md,csv,html,png",
+                  name: str = "feasibility", *, preamble: str | None = None) -> list[Path]:
+    """Write ``<out_dir>/<name>.<ext>`` for each format; return the paths written.
+
+    ``preamble`` (markdown) is inserted into the .md file after its title (for a written
+    comparison); the tables follow.
+    """
+    fs = parse_formats(formats)
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VramplanError(f"cannot create {out}: {exc.strerror or exc}") from None
+    paths = []
+    for f in fs:
+        p = out / f"{name}.{f}"
+        if f == "png":
+            write_png(mx, p)
+        else:
+            buf = io.StringIO()
+            if f == "md":
+                buf.write("# Feasibility matrix\n\n")
+                if preamble:
+                    buf.write(preamble.rstrip() + "\n\n")
+                write_markdown(mx, buf, title=None)
+            elif f == "csv":
+                write_csv(mx, buf)
+            else:
+                write_html(mx, buf)
+            try:
+                p.write_text(buf.getvalue(), encoding="utf-8")
+            except OSError as exc:
+                raise VramplanError(f"cannot write {p}: {exc.strerror or exc}") from None
+        paths.append(p)
+    return paths

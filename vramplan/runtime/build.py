@@ -1,0 +1,485 @@
+"""Build the models, adapters and optimiser of one training configuration, on any device.
+
+Everything is built from the method registry (``cfg.recipe``: which copies exist and
+which train) and the precision regime (``vramplan.precision``: the dtype of every kind of
+tensor), the way the Hugging Face stack builds it:
+
+* ``AutoModelForCausalLM.from_config`` (``AutoModelForSequenceClassification`` with
+  ``num_labels=1`` for reward and value copies) in the regime's dtype: trainable full
+  copies in ``trainable_dtype``, frozen bases in ``frozen_dtype`` (the load dtype).
+* PEFT exactly as a user calls it: ``LoraConfig(r, lora_alpha, lora_dropout,
+  target_modules, use_dora)`` or ``IA3Config(target_modules, feedforward_modules)`` and
+  ``get_peft_model`` (PEFT keeps its adapters fp32 over a 16-bit base,
+  ``autocast_adapter_dtype=True``).
+* QLoRA: NF4 ``Linear4bit`` layers (``vramplan.runtime.nf4``) and PEFT's own
+  ``prepare_model_for_kbit_training`` (TRL's SFTTrainer calls it): every non-quantised
+  fp16/bf16 parameter -- embeddings, norms, lm_head, fused MoE experts -- is upcast to fp32.
+* Gradient checkpointing as HF Trainer enables it: ``gradient_checkpointing_enable(
+  gradient_checkpointing_kwargs={"use_reentrant": False})``.
+* The optimiser per ``cfg.optimizer``: torch AdamW ``foreach`` for the plain loop (CUDA's
+  default) and ``fused`` for the HF Trainer (``adamw_torch_fused``), bitsandbytes
+  ``AdamW8bit`` / ``PagedAdamW8bit``, torch ``SGD`` (no momentum), transformers
+  ``Adafactor(scale_parameter=False, relative_step=False)``. One optimiser holds every
+  trainable copy (TRL's PPO trains policy and value with one optimiser).
+
+``fake=True`` builds on ``meta`` while emulating ``device`` (CUDA): no weights exist, and
+the trainee's steps run under :class:`~vramplan.runtime.emulation.CudaEmulation`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..errors import VramplanError
+from ..methods import Adapter, ModelCopy, Recipe, Role
+from ..models import ModelSpec
+from ..optimizers import get_optimizer
+from ..precision import Regime, get_regime
+from ..taxonomy import Component, Phase
+from .emulation import CudaEmulation, emulated_autocast, install_meta_patches
+from .hooks import NULL_HOOKS, StepHooks
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: config.json keys that are not model hyper-parameters (or would trigger loading behaviour)
+_DROP_KEYS = ("architectures", "_name_or_path", "torch_dtype", "dtype", "transformers_version", "quantization_config",
+              "auto_map", "_attn_implementation", "attn_implementation")
+LR = 1e-5
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def hf_config(spec: ModelSpec, *, num_labels: int | None = None):
+    """``AutoConfig.for_model(**spec.hf_config)``: the real transformers config of ``spec``."""
+    from transformers import AutoConfig
+
+    raw = {k: v for k, v in (spec.hf_config or {}).items() if k not in _DROP_KEYS}
+    if "text_config" in raw and "hidden_size" not in raw:  # multimodal wrapper: the language model
+        raw = dict(raw["text_config"])
+    raw.setdefault("model_type", spec.model_type)
+    try:
+        conf = AutoConfig.for_model(**raw)
+    except (ValueError, KeyError) as exc:
+        raise VramplanError(f"transformers cannot build a config for {spec.name} ({exc})",
+                            "is its model_type supported by the installed transformers?") from None
+    if num_labels is not None:
+        conf.num_labels = num_labels
+        if getattr(conf, "pad_token_id", None) is None:
+            conf.pad_token_id = getattr(conf, "eos_token_id", None) if isinstance(getattr(conf, "eos_token_id", None),
+                                                                                   int) else 0
+    return conf
+
+
+@dataclass
+class Copy:
+    """One model copy held in memory, as built."""
+
+    role: Role
+    spec: ModelCopy
+    module: nn.Module  # the PeftModel or the PreTrainedModel
+    trains: bool
+
+    @property
+    def inner(self) -> nn.Module:
+        """The transformers model (under the PEFT wrapper, if any)."""
+        m = self.module
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+
+@dataclass
+class Trainee:
+    """What one training configuration holds in memory, plus the step that trains it.
+
+    Use :func:`build`; then call :meth:`step` (one optimiser step of ``cfg.grad_accum``
+    micro-batches). ``device`` is the device the step runs on (or, with ``fake``, the
+    device it emulates on ``meta``).
+    """
+
+    spec: ModelSpec
+    cfg: TrainConfig
+    recipe: Recipe
+    regime: Regime
+    device: str
+    fake: bool
+    copies: dict[Role, Copy]
+    optimizer: Any
+    hooks: StepHooks = field(default=NULL_HOOKS, repr=False)
+    emulation: CudaEmulation | None = field(default=None, repr=False)
+    scaler: Any = field(default=None, repr=False)
+    notes: list[str] = field(default_factory=list)
+    steps_done: int = 0
+    _logits_depth: int = field(default=0, repr=False)
+    _head_grads_pending: int = field(default=0, repr=False)
+    _in_backward_logits: bool = field(default=False, repr=False)
+
+    # -- introspection ---------------------------------------------------------------------
+    @property
+    def tensor_device(self) -> str:
+        return "meta" if self.fake else self.device
+
+    @property
+    def policy(self) -> nn.Module:
+        return self.copies[Role.POLICY].module
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        seen, out = set(), []
+        for c in self.copies.values():
+            if not c.trains:
+                continue
+            for p in c.module.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def parameter_components(self):
+        """Yield ``(tensor, Component)`` for every parameter, buffer and quantisation constant held."""
+        from .nf4 import quant_state_tensors
+
+        for c in self.copies.values():
+            peft = c.trains and self.recipe.adapter.is_peft
+            for p in c.module.parameters():
+                qs = getattr(p, "quant_state", None)
+                if qs is not None:
+                    yield p, Component.WEIGHTS
+                    for t in quant_state_tensors(qs):
+                        yield t, Component.QUANT_STATE
+                elif peft and p.requires_grad:
+                    yield p, Component.ADAPTERS
+                else:
+                    yield p, Component.WEIGHTS
+            for b in c.module.buffers():
+                yield b, Component.WEIGHTS
+
+    def counts(self) -> tuple[int, int]:
+        """``(params, trainable_params)`` over the copies held (an NF4 weight counts its real elements)."""
+        total = 0
+        seen = set()
+        for c in self.copies.values():
+            for p in c.module.parameters():
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                qs = getattr(p, "quant_state", None)
+                total += int(qs.shape.numel()) if qs is not None else p.numel()
+        return total, sum(p.numel() for p in self.trainable_parameters())
+
+    # -- precision -----------------------------------------------------------------------------
+    def amp(self, enabled: bool = True):
+        """The regime's autocast context (the emulated CUDA one on ``meta``); a no-op without autocast."""
+        import contextlib
+
+        if not enabled or self.regime.autocast is None:
+            return contextlib.nullcontext()
+        dtype = torch_dtype(self.regime.autocast)
+        if self.fake:
+            return emulated_autocast(self.emulation, dtype)
+        return torch.autocast(self.device.split(":")[0], dtype=dtype)
+
+    def amp_state(self):
+        if self.fake:
+            return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+        return None
+
+    def amp_restore(self, state):
+        import contextlib
+
+        if not self.fake or state is None or not state[0]:
+            return contextlib.nullcontext()
+        return emulated_autocast(self.emulation, state[1])
+
+    # -- logits sections (attribution only) -----------------------------------------------
+    def _head_pre_hook(self, module, args):
+        if self._logits_depth == 0:
+            self.hooks.enter(Component.LOGITS)
+        self._logits_depth += 1
+
+    def _head_post_hook(self, module, args, output):
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
+            self._head_grads_pending += 1
+            x.register_hook(self._head_grad_done)
+
+    def _head_grad_done(self, grad):
+        self._head_grads_pending -= 1
+        if self._head_grads_pending <= 0 and self._in_backward_logits:
+            self._in_backward_logits = False
+            self.hooks.exit(Component.LOGITS)
+
+    def logits_done(self) -> None:
+        """Close the forward logits section opened by the output head (called once the loss exists)."""
+        if self._logits_depth:
+            self._logits_depth = 0
+            self.hooks.exit(Component.LOGITS)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()`` with the logits section open until the heads' input gradients exist."""
+        self.logits_done()
+        if self._head_grads_pending > 0:
+            self._in_backward_logits = True
+            self.hooks.enter(Component.LOGITS)
+        try:
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            elif self.regime.name == "fp16-mixed" and self.fake:  # GradScaler: loss * scale (a 0-dim fp32)
+                (loss * torch.full((), 65536.0, device=loss.device)).backward()
+            else:
+                loss.backward()
+        finally:
+            if self._in_backward_logits:
+                self._in_backward_logits = False
+                self.hooks.exit(Component.LOGITS)
+            self._head_grads_pending = 0
+
+    # -- the step --------------------------------------------------------------------------------
+    def step(self) -> dict:
+        """One optimiser step: ``cfg.grad_accum`` micro-batches of the method's step, then the update."""
+        from . import steps
+
+        ctx = self.emulation if self.fake else _null()
+        with ctx:
+            out = steps.run_step(self)
+        self.steps_done += 1
+        return out
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
+def _attn_impl(cfg: TrainConfig, device: str, fake: bool, notes: list[str]) -> str:
+    if cfg.attn == "eager":
+        return "eager"
+    if cfg.attn == "flash":
+        if fake:
+            return "sdpa"  # routed to the flash kernels by CudaEmulation
+        if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+        notes.append("flash-attn is not installed: attention runs through SDPA (its flash kernel on CUDA)")
+        return "sdpa"
+    return "sdpa"
+
+
+def _from_config(spec: ModelSpec, head: str, dtype: torch.dtype, attn: str, device: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    conf = hf_config(spec, num_labels=1 if head == "scalar" else None)
+    cls = AutoModelForSequenceClassification if head == "scalar" else AutoModelForCausalLM
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.device(device):
+                return cls.from_config(conf, dtype=dtype, attn_implementation=attn)
+        except (ValueError, KeyError) as exc:
+            raise VramplanError(f"transformers cannot build {spec.name} as a {cls.__name__[4:]} ({exc})") from None
+
+
+def _enable_gc(model: nn.Module) -> None:
+    kwargs = {"use_reentrant": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # pragma: no cover - transformers < 5
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _wrap_gc(model: nn.Module, trainee: Trainee) -> None:
+    """Make checkpoint recomputation restore the emulated autocast state and report itself.
+
+    torch.utils.checkpoint restores autocast for the inputs' device (``meta`` has none),
+    so on ``meta`` the recompute would otherwise run without the emulated CUDA autocast.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def make(orig):
+        kwargs = dict(getattr(orig, "keywords", {}) or {})
+        if trainee.fake:
+            kwargs["preserve_rng_state"] = False  # meta has no RNG state (no device memory either way)
+
+        def ckpt(function, *args, **kw):
+            layer = (getattr(function, "args", None) or (None,))[0]
+            state = trainee.amp_state()
+            calls = [0]
+
+            def run(*a, **k):
+                calls[0] += 1
+                if calls[0] == 1:
+                    return function(*a, **k)
+                # the autograd engine runs the recompute with torch-function modes off: re-enter ours
+                with trainee.hooks.recompute(layer), (trainee.emulation or _null()), trainee.amp_restore(state):
+                    return function(*a, **k)
+
+            return checkpoint(run, *args, **{**kwargs, **kw})
+
+        ckpt.keywords = kwargs
+        return ckpt
+
+    for m in model.modules():
+        f = getattr(m, "_gradient_checkpointing_func", None)
+        if f is not None and getattr(m, "gradient_checkpointing", False):
+            m._gradient_checkpointing_func = make(f)
+
+
+def _peft_config(cfg: TrainConfig, spec: ModelSpec, adapter: Adapter, head: str):
+    import peft
+
+    task = peft.TaskType.SEQ_CLS if head == "scalar" else peft.TaskType.CAUSAL_LM
+    if adapter is Adapter.IA3:
+        ff = [t for t in cfg.targets if t in spec.ia3_feedforward]
+        return peft.IA3Config(target_modules=list(cfg.targets), feedforward_modules=ff, task_type=task)
+    return peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets),
+                           use_dora=adapter is Adapter.DORA, bias="none", task_type=task)
+
+
+def _build_copy(trainee: Trainee, copy: ModelCopy, attn: str) -> Copy:
+    spec, cfg, regime = trainee.spec, trainee.cfg, trainee.regime
+    dev = trainee.tensor_device
+    adapter = copy.adapter
+    full = adapter is Adapter.FULL
+    dtype = torch_dtype(regime.trainable_dtype if full else regime.frozen_dtype)
+    model = _from_config(spec, copy.head, dtype, attn, dev)
+    if copy.quantized:
+        from .nf4 import quantize_linears
+
+        quantize_linears(model, compute_dtype=torch_dtype(regime.frozen_dtype), double_quant=cfg.double_quant,
+                         device=dev, fake=trainee.fake)
+    if adapter is None:  # a frozen copy (reference / reward)
+        model.requires_grad_(False)
+        model.eval()
+        return Copy(copy.role, copy, model, trains=False)
+    if full:
+        model.requires_grad_(True)
+        if cfg.grad_ckpt:
+            _enable_gc(model)
+        module = model
+    else:
+        import peft
+
+        if copy.quantized:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = peft.prepare_model_for_kbit_training(
+                    model, use_gradient_checkpointing=cfg.grad_ckpt,
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif cfg.grad_ckpt:
+            _enable_gc(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = peft.get_peft_model(model, _peft_config(cfg, spec, adapter, copy.head))
+    if trainee.fake and cfg.grad_ckpt:
+        _wrap_gc(module, trainee)
+    module.train()
+    return Copy(copy.role, copy, module, trains=True)
+
+
+def make_optimizer(params: list, cfg: TrainConfig, regime: Regime, device: str, fake: bool, notes: list[str]):
+    opt = get_optimizer(cfg.optimizer)
+    if not params:
+        raise VramplanError("nothing to train: the configuration leaves no trainable parameter")
+    if opt.name == "adamw":
+        if regime.runner == "loop":
+            return torch.optim.AdamW(params, lr=LR, foreach=True)
+        if fake:
+            return FusedAdamWOnMeta(params, lr=LR)
+        return torch.optim.AdamW(params, lr=LR, fused=True)
+    if opt.name == "sgd":
+        return torch.optim.SGD(params, lr=LR)
+    if opt.name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=LR, scale_parameter=False, relative_step=False, warmup_init=False)
+    from ..errors import require
+
+    bnb = require("bitsandbytes", "calibrate")
+    if opt.paged and not fake and device.startswith("cuda"):
+        return bnb.optim.PagedAdamW8bit(params, lr=LR)
+    if opt.paged:
+        notes.append("paged_adamw_8bit: its 8-bit states are counted as device tensors; on CUDA they live in "
+                     "unified memory outside torch's allocator (visible to nvidia-smi, evictable to host)")
+    return bnb.optim.AdamW8bit(params, lr=LR)
+
+
+class FusedAdamWOnMeta(torch.optim.AdamW):
+    """``torch.optim.AdamW(fused=True)`` on ``meta``: same states (``step`` on the device) and kernel.
+
+    The constructor rejects ``meta`` for ``fused=True``, so the states are initialised here
+    exactly as ``Adam._init_group`` does for fused, and the step calls ``_fused_adamw_``.
+    """
+
+    def __init__(self, params, lr: float = LR):
+        super().__init__(params, lr=lr, foreach=False, fused=False)
+        self.defaults["fused"] = True
+        for g in self.param_groups:
+            g["fused"] = True
+
+    def _init_group(self, group, params_with_grad, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps):
+        for p in group["params"]:
+            if p.grad is not None and len(self.state[p]) == 0:
+                st = self.state[p]
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return super()._init_group(group, params_with_grad, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                   state_steps)
+
+
+def build(spec: ModelSpec, cfg: TrainConfig, device: str = "cpu", *, fake: bool = False,
+          hooks: StepHooks | None = None) -> Trainee:
+    """Build every model copy, adapter and the optimiser of ``cfg`` for ``spec``.
+
+    Args:
+        spec: the model (its ``hf_config`` is what transformers builds).
+        cfg: a validated :class:`~vramplan.config.TrainConfig` (``make_config``).
+        device: ``cuda``, ``cuda:N`` or ``cpu`` -- where the step runs, or with ``fake`` the
+            device to emulate.
+        fake: build on ``meta`` (no weights, nothing allocated) and emulate ``device``'s
+            kernels and autocast; what the dry run uses.
+        hooks: attribution callbacks (:class:`~vramplan.runtime.hooks.StepHooks`).
+
+    Raises:
+        VramplanError: transformers cannot build the config; nothing trains.
+        MissingDependencyError: bitsandbytes is needed (QLoRA, 8-bit optimisers) and missing.
+    """
+    hooks = hooks or NULL_HOOKS
+    regime = get_regime(cfg.precision)
+    recipe = cfg.recipe
+    notes: list[str] = []
+    if recipe.adapter is Adapter.QLORA:
+        from ..errors import require
+
+        require("bitsandbytes", "calibrate")
+    if fake:
+        install_meta_patches()
+    emu = CudaEmulation(cfg.attn, on_cached_cast=lambda t: hooks.tag(t, Component.AUTOCAST_CACHE)) if fake else None
+    trainee = Trainee(spec=spec, cfg=cfg, recipe=recipe, regime=regime, device=device, fake=fake, copies={},
+                      optimizer=None, hooks=hooks, emulation=emu, notes=notes)
+    hooks.phase(Phase.LOAD)
+    attn = _attn_impl(cfg, device, fake, notes)
+    for copy in recipe.copies:
+        trainee.copies[copy.role] = _build_copy(trainee, copy, attn)
+    # the output heads open the logits sections (attribution only)
+    for c in trainee.copies.values():
+        head = c.inner.get_output_embeddings() if c.spec.head == "lm" else getattr(c.inner, "score", None)
+        if head is not None:
+            head.register_forward_pre_hook(trainee._head_pre_hook)
+            head.register_forward_hook(trainee._head_post_hook)
+    trainee.optimizer = make_optimizer(trainee.trainable_parameters(), cfg, regime, device, fake, notes)
+    if regime.name == "fp16-mixed" and not fake:
+        trainee.scaler = torch.amp.GradScaler(device.split(":")[0])
+    hooks.event("built", trainee)
+    return trainee

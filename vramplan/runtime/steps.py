@@ -1,0 +1,350 @@
+"""Real training steps: supervised fine-tuning, DPO and PPO, as the HF/TRL stack runs them.
+
+Every step is ``cfg.grad_accum`` micro-batches then one optimiser update; a step reports
+its phases through ``trainee.hooks``. The regime decides the runner:
+
+* ``trainer`` regimes (bf16-mixed, fp16-mixed, fp32) follow HF ``Trainer`` + accelerate:
+  autocast wraps the model's forward only, and accelerate's ``convert_outputs_to_fp32``
+  upcasts the forward's 16-bit outputs (logits, hidden states) to fp32; the loss is divided
+  by the accumulation steps; ``clip_grad_norm_(max_norm=1.0)`` runs before
+  ``optimizer.step()``; ``zero_grad(set_to_none=True)`` after. fp16-mixed scales the loss
+  (GradScaler).
+* the ``loop`` regime (bf16) is a plain PyTorch loop: no autocast, no conversion, no
+  clipping.
+
+Inputs are full-length sequences without padding (no attention mask), labels a copy of the
+input ids (``DataCollatorForLanguageModeling``); training forwards pass ``use_cache=False``.
+
+Methods:
+
+* SFT (full, lora, qlora, dora, ia3): ``model(input_ids, labels)`` -- the HF causal-LM loss
+  (fp32 upcast of the logits, cross-entropy).
+* DPO, as TRL's ``DPOTrainer.concatenated_forward``: chosen and rejected concatenated
+  into one batch of ``2*batch`` sequences; per-token log-probs by TRL's
+  ``selective_log_softmax`` (gather + per-row logsumexp for fp32 logits, per-row
+  log_softmax for 16-bit ones); the mean chosen/rejected logits metric (a masked copy of
+  the logits, the loss mask taken as the whole sequence); then the reference log-probs
+  under ``no_grad`` (TRL computes them *after* the policy forward, while its activations are
+  alive) with the adapter disabled (PEFT) or a frozen reference copy (full); sigmoid loss
+  ``-logsigmoid(beta * margin)``.
+* PPO, as TRL's ``PPOTrainer``: a rollout under ``no_grad`` without autocast (TRL
+  generates with the unwrapped model): prefill of ``seq - ppo_response`` prompt tokens with
+  ``logits_to_keep=1``, then decoding with a ``DynamicCache``, keeping each step's fp32
+  scores (``output_scores``) and stacking them into ``[batch, response, vocab]``.
+  **Shortcut**: the cache and the score list are pre-grown to ``seq - 2`` tokens and only
+  the last two decode steps run -- the decode loop's memory grows monotonically, so its
+  peak is at its last step, which runs for real. Then log-probs of the response, the
+  reference forward (adapter disabled or reference copy), the value and reward scores
+  (backbone with ``output_hidden_states=True``, score head on the last hidden state).
+  Training: policy and value forwards under autocast (one wrapper, outputs converted to
+  fp32), clipped policy loss and clipped value loss, backward, and TRL's post-backward
+  entropy statistics (softmax of the response logits) under ``no_grad``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..methods import Role
+from ..taxonomy import Component, Phase
+
+BETA = 0.1  # TRL DPOConfig.beta
+TEMPERATURE = 0.7  # TRL PPOConfig.temperature
+CLIP_RANGE = 0.2  # TRL PPOConfig.cliprange / cliprange_value
+VF_COEF = 0.1
+
+
+def run_step(t) -> dict:
+    name = t.recipe.method.name
+    if name == "dpo":
+        return _dpo(t)
+    if name == "ppo":
+        return _ppo(t)
+    return _sft(t)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _ids(t, batch: int, seq: int) -> torch.Tensor:
+    dev = t.tensor_device
+    return torch.randint(0, int(t.spec.vocab_size), (batch, seq), device=dev)
+
+
+def _convert(t, out):
+    """accelerate's ``convert_outputs_to_fp32`` where the Trainer's forward is wrapped by it."""
+    if t.regime.runner != "trainer" or t.regime.autocast is None:
+        return out
+    try:
+        from accelerate.utils import convert_to_fp32
+    except ImportError:  # pragma: no cover - accelerate ships with transformers' Trainer
+        return out
+    return convert_to_fp32(out)
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """TRL's ``selective_log_softmax`` (trl/trainer/utils.py): log-probs of ``index`` under ``logits``."""
+    if logits.dtype in (torch.float32, torch.float64):
+        selected = torch.gather(logits, dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
+        lse = torch.stack([torch.logsumexp(lg, dim=-1) for lg in logits])  # a row at a time, as TRL
+        return selected - lse
+    rows = []
+    for row_logits, row_labels in zip(logits, index):
+        row = F.log_softmax(row_logits, dim=-1)
+        rows.append(row.gather(dim=-1, index=row_labels.unsqueeze(-1)).squeeze(-1))
+    return torch.stack(rows)
+
+
+def _optimizer_step(t) -> None:
+    t.hooks.phase(Phase.OPTIMIZER_STEP)
+    opt = t.optimizer
+    if t.scaler is not None:
+        t.scaler.unscale_(opt)
+    if t.regime.runner == "trainer":
+        torch.nn.utils.clip_grad_norm_(t.trainable_parameters(), 1.0)
+    if t.scaler is not None:
+        t.scaler.step(opt)
+        t.scaler.update()
+    else:
+        opt.step()
+    t.hooks.event("after_optimizer_step", t)
+    opt.zero_grad(set_to_none=True)
+    t.hooks.event("step_end", t)
+
+
+# -- SFT -------------------------------------------------------------------------------------------
+def _sft(t) -> dict:
+    cfg = t.cfg
+    policy = t.policy
+    ga = cfg.grad_accum
+    last = None
+    for _ in range(ga):
+        t.hooks.phase(Phase.FORWARD)
+        ids = _ids(t, cfg.batch, cfg.seq)
+        labels = ids.clone()
+        with t.amp():
+            out = policy(input_ids=ids, labels=labels, use_cache=False)
+        out = _convert(t, out)
+        loss = out.loss / ga
+        del out, ids, labels
+        t.logits_done()
+        t.hooks.phase(Phase.BACKWARD)
+        t.backward(loss)
+        last = loss.detach()
+        del loss
+        t.hooks.event("after_backward", t)
+    _optimizer_step(t)
+    return {"loss": last}
+
+
+# -- DPO -------------------------------------------------------------------------------------------
+def _sequence_logps(t, model, ids: torch.Tensor, labels: torch.Tensor, with_metrics: bool):
+    with t.amp():
+        out = model(input_ids=ids, use_cache=False)
+    out = _convert(t, out)
+    logits = out.logits
+    del out
+    per_token = selective_log_softmax(logits, labels)
+    per_token = torch.roll(per_token, shifts=1, dims=1)
+    logps = per_token[:, 1:].sum(-1)
+    metrics = None
+    if with_metrics:  # TRL: logits[:n][loss_mask[:n]].mean() -- a masked copy; the mask taken as all tokens
+        n = ids.shape[0] // 2
+        flat = torch.arange(n * ids.shape[1], device=ids.device)
+        chosen = logits[:n].reshape(-1, logits.shape[-1]).index_select(0, flat).mean()
+        rejected = logits[n:].reshape(-1, logits.shape[-1]).index_select(0, flat).mean()
+        metrics = (chosen.detach(), rejected.detach())
+        del chosen, rejected, flat
+    del logits, per_token
+    t.logits_done()
+    return logps, metrics
+
+
+def _dpo(t) -> dict:
+    cfg = t.cfg
+    policy = t.policy
+    ga = cfg.grad_accum
+    last = None
+    for _ in range(ga):
+        t.hooks.phase(Phase.FORWARD)
+        ids = _ids(t, 2 * cfg.batch, cfg.seq)  # chosen then rejected, concatenated
+        labels = torch.roll(ids, shifts=-1, dims=1)
+        logps, _metrics = _sequence_logps(t, policy, ids, labels, with_metrics=True)
+        with torch.no_grad():
+            if Role.REFERENCE in t.copies:
+                ref_logps, _ = _sequence_logps(t, t.copies[Role.REFERENCE].module, ids, labels, False)
+            else:
+                with policy.disable_adapter():
+                    ref_logps, _ = _sequence_logps(t, policy, ids, labels, False)
+        n = cfg.batch
+        margin = (logps[:n] - ref_logps[:n]) - (logps[n:] - ref_logps[n:])
+        loss = -F.logsigmoid(BETA * margin).mean() / ga
+        del logps, ref_logps, margin, ids, labels
+        t.hooks.phase(Phase.BACKWARD)
+        t.backward(loss)
+        last = loss.detach()
+        del loss
+        t.hooks.event("after_backward", t)
+    _optimizer_step(t)
+    return {"loss": last}
+
+
+# -- PPO -------------------------------------------------------------------------------------------
+def _backbone_and_head(copy):
+    inner = copy.inner
+    return getattr(inner, inner.base_model_prefix), inner.score
+
+
+def _score(t, copy, ids: torch.Tensor) -> torch.Tensor:
+    """TRL's ``get_reward``: the backbone with all hidden states, the score head on the last one."""
+    backbone, head = _backbone_and_head(copy)
+    out = backbone(input_ids=ids, output_hidden_states=True, use_cache=False)
+    values = head(out.hidden_states[-1])
+    del out
+    t.logits_done()
+    return values
+
+
+def _pregrow(t, cache, target: int) -> None:
+    """Grow every layer of a DynamicCache to ``target`` tokens (fresh storage, as the decode loop's cat)."""
+    for layer in getattr(cache, "layers", []):
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(k, torch.Tensor) or k.dim() != 4:
+            continue
+        window = getattr(layer, "sliding_window", None)
+        length = target if not window else min(target, int(window) - 1)
+        layer.keys = torch.zeros(k.shape[0], k.shape[1], length, k.shape[3], dtype=k.dtype, device=k.device)
+        layer.values = torch.zeros(v.shape[0], v.shape[1], length, v.shape[3], dtype=v.dtype, device=v.device)
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = target
+
+
+def _tag_cache(t, cache) -> None:
+    for layer in getattr(cache, "layers", []):
+        for x in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(x, torch.Tensor):
+                t.hooks.tag(x, Component.KV_CACHE)
+
+
+def _sample(scores: torch.Tensor) -> torch.Tensor:
+    probs = F.softmax(scores, dim=-1)
+    return torch.multinomial(probs, num_samples=1)
+
+
+def _rollout(t) -> dict:
+    from transformers import DynamicCache
+
+    cfg = t.cfg
+    policy = t.policy
+    b, s = cfg.batch, cfg.seq
+    resp = int(cfg.ppo_response or s // 2)
+    prompt = s - resp
+    t.hooks.phase(Phase.ROLLOUT)
+    was_training = {r: c.module.training for r, c in t.copies.items()}
+    for c in t.copies.values():
+        c.module.eval()
+    try:
+        with torch.no_grad():
+            queries = _ids(t, b, prompt)
+            cache = DynamicCache(config=t.copies[Role.POLICY].inner.config)
+            out = policy(input_ids=queries, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            _tag_cache(t, cache)
+            # generate(): next_token_logits.to(copy=True, dtype=float32), then TemperatureLogitsWarper
+            scores = [out.logits[:, -1, :].to(copy=True, dtype=torch.float32) / TEMPERATURE]
+            del out
+            t.logits_done()
+            t.hooks.tag(scores[-1], Component.KV_CACHE)
+            nxt = _sample(scores[-1])
+            tokens = [nxt]
+            steps = resp - 1
+            if steps > 2:  # shortcut to the last two decode steps (see the module docstring)
+                _pregrow(t, cache, s - 2)
+                for _ in range(steps - 2):
+                    scores.append(torch.zeros(b, int(t.spec.vocab_size), dtype=torch.float32, device=queries.device))
+                    t.hooks.tag(scores[-1], Component.KV_CACHE)
+                tokens.append(torch.zeros(b, steps - 2, dtype=torch.long, device=queries.device))
+                steps = 2
+            for _ in range(steps):
+                out = policy(input_ids=nxt, past_key_values=cache, use_cache=True)
+                _tag_cache(t, cache)
+                scores.append(out.logits[:, -1, :].to(copy=True, dtype=torch.float32) / TEMPERATURE)
+                del out
+                t.logits_done()
+                t.hooks.tag(scores[-1], Component.KV_CACHE)
+                nxt = _sample(scores[-1])
+                tokens.append(nxt)
+            responses = torch.cat(tokens, dim=1)
+            del tokens, nxt
+            logitss = torch.stack(scores, 1)
+            t.hooks.tag(logitss, Component.KV_CACHE)
+            del scores
+            del cache
+            query_responses = torch.cat([queries, responses], dim=1)
+            logprobs = selective_log_softmax(logitss, responses)
+            del logitss
+            # reference log-probs: the adapter disabled (PEFT) or the frozen reference copy
+            if Role.REFERENCE in t.copies:
+                ref_out = t.copies[Role.REFERENCE].module(input_ids=query_responses, output_hidden_states=True,
+                                                           use_cache=False)
+            else:
+                with policy.disable_adapter():
+                    ref_out = policy(input_ids=query_responses, output_hidden_states=True, use_cache=False)
+            ref_logits = ref_out.logits[:, prompt - 1:-1]
+            ref_logits /= TEMPERATURE + 1e-7
+            ref_logprobs = selective_log_softmax(ref_logits, responses)
+            del ref_out, ref_logits
+            t.logits_done()
+            values = _score(t, t.copies[Role.VALUE], query_responses)[:, prompt - 1:-1].squeeze(-1)
+            rewards = _score(t, t.copies[Role.REWARD], query_responses)[:, -1, 0]
+            # advantages and returns (GAE): [batch, response] fp32 tensors
+            kl = logprobs - ref_logprobs
+            advantages = (-kl * 0.05 + rewards[:, None] - values).float()
+            returns = advantages + values
+    finally:
+        for r, c in t.copies.items():
+            c.module.train(was_training[r])
+    return dict(query_responses=query_responses, responses=responses, logprobs=logprobs, values=values,
+                advantages=advantages, returns=returns, prompt=prompt)
+
+
+def _ppo(t) -> dict:
+    cfg = t.cfg
+    policy = t.policy
+    ga = cfg.grad_accum
+    roll = _rollout(t)
+    qr, responses, prompt = roll["query_responses"], roll["responses"], roll["prompt"]
+    last = None
+    for _ in range(ga):
+        t.hooks.phase(Phase.FORWARD)
+        with t.amp():  # PolicyAndValueWrapper.forward: critic backbone + score, then the policy
+            backbone, head = _backbone_and_head(t.copies[Role.VALUE])
+            vout = backbone(input_ids=qr, output_hidden_states=True, use_cache=False)
+            vpred_temp = head(vout.hidden_states[-1])
+            del vout
+            out = policy(input_ids=qr, output_hidden_states=True, use_cache=False)
+        out, vpred_temp = _convert(t, (out, vpred_temp))
+        logits = out.logits[:, prompt - 1:-1]
+        del out
+        logits /= TEMPERATURE + 1e-7
+        new_logprobs = selective_log_softmax(logits, responses)
+        vpred = vpred_temp[:, prompt - 1:-1].squeeze(-1)
+        del vpred_temp
+        t.logits_done()
+        vclipped = torch.clamp(vpred, roll["values"] - CLIP_RANGE, roll["values"] + CLIP_RANGE)
+        vf_loss = 0.5 * torch.max(torch.square(vpred - roll["returns"]), torch.square(vclipped - roll["returns"])).mean()
+        ratio = torch.exp(new_logprobs - roll["logprobs"])
+        pg = torch.max(-roll["advantages"] * ratio,
+                       -roll["advantages"] * torch.clamp(ratio, 1.0 - CLIP_RANGE, 1.0 + CLIP_RANGE)).mean()
+        loss = (pg + VF_COEF * vf_loss) / ga
+        del vpred, vclipped, vf_loss, ratio, pg, new_logprobs
+        t.hooks.phase(Phase.BACKWARD)
+        t.backward(loss)
+        last = loss.detach()
+        del loss
+        t.hooks.event("after_backward", t)
+        with torch.no_grad():  # TRL's entropy statistic, while the response logits are alive
+            prob_dist = F.softmax(logits, dim=-1)
+            entropy = torch.logsumexp(logits, dim=-1) - torch.sum(prob_dist * logits, dim=-1)
+            del prob_dist, entropy
+        del logits
+    _optimizer_step(t)
+    return {"loss": last}

@@ -1,0 +1,522 @@
+"""Throughput: FLOPs and bytes of one training step by method, step time, tokens/s (numpy only).
+
+Arrays broadcast: ``batch`` and ``seq`` may be numpy arrays, as in :mod:`vramplan.memory`, so
+``vramplan fit`` times a whole grid of micro-batches at once.
+
+**FLOPs** (matmul FLOPs, 2 per multiply-add; the convention of
+``vramplan.calibration.flops.step_shape``, so a card's calibrated step-time model applies
+unchanged; a test keeps the two in step):
+
+* Training FLOPs per token ~ 6 N + 12 L H Q T (PaLM, Chowdhery et al. 2022, Appendix B; the
+  MFU formula of nanoGPT and torchtitan): a forward is 2 FLOPs per weight touched (decoder
+  linears, routed experts only for MoE, and the LM head) plus ``4 seq q_dim`` per layer for
+  the attention scores and values (no causal discount); backward is twice the forward.
+* Frozen weights skip the weight-gradient matmul: backward is one forward's matmuls for
+  LoRA, QLoRA, DoRA and IA3 bases (the input gradient only), so a LoRA step is ~4 N per
+  token, attention still twice (gradients of Q, K and V).
+* Gradient checkpointing recomputes the forward: + 2 N per token (Korthikanti et al. 2023).
+* LoRA's own matmuls, ``6 r (in + out)`` per adapted linear and token (forward, input and
+  weight gradients), are counted apart (``adapter_flops``); DoRA also multiplies ``B A``
+  (``2 r in out``) per forward to take the weight norm.
+* DPO: chosen + rejected sequences (``sequences_per_example`` = 2) through the policy and
+  a no-grad forward of the reference (the policy's base with the adapter disabled under PEFT).
+* PPO: the rollout prefills the prompt (compute-bound) and generates ``ppo_response``
+  tokens one at a time (memory-bandwidth-bound: every token reads the policy's weights and
+  the KV cache); then no-grad forwards of the reference, reward and value models and of the
+  policy (old log-probs), and the clipped updates of policy and value (one PPO epoch).
+
+**Time.** Compute runs at the card's dense tensor peak (``GPUSpec.tensor_tflops`` for the
+compute dtype) x the card class's achievable-matmul fraction (MAMF, below) x a stack
+efficiency for eager PyTorch training, reduced for narrow models and few tokens per
+micro-step; memory-bound work (QLoRA's dequantisation, DoRA's weight norm, eager attention's
+materialised scores, PPO's decoding, the optimiser update) runs at a fraction of the card's
+bandwidth. A card with a calibration profile (``vramplan.profiles``) replaces the defaults by
+its fitted step-time model or its measured achieved TFLOP/s, and every result says which it used.
+
+Default efficiencies (assumptions; sources where measured):
+
+* Achievable matmul fraction (ml-engineering, "Maximum Achievable Matmul FLOPS" table, BF16,
+  REFERENCE.md): A100 SXM 271.2 / 312 TF = 0.869; A100 PCIe 252.9 / 312 = 0.811; H100 SXM
+  794.5 / 989 = 0.803 (used for every Hopper card); B200 about 1745 / 2250 = 0.776 (used for
+  datacenter Blackwell). GDDR workstation and consumer cards (Ampere 8.6, Ada, Blackwell
+  12.0) have no published MAMF: 0.80 is assumed; Turing/Volta (fp16 only) 0.75.
+* Stack efficiency 0.62 of MAMF at large micro-batches: eager transformers/PEFT training
+  does not run at the matmul ceiling (norms, rotary, softmax and SwiGLU are memory-bound,
+  kernels launch one by one). For scale: torchtitan's compiled FSDP2 Llama-3-8B reaches
+  56-58% MFU on A100s, about 0.66 of MAMF (docs/performance.md); torchtune's
+  Llama-3.2-3B full fine-tune on one A100, packed, without ``torch.compile``, 7,075 tokens/s
+  (README), about 0.62 of MAMF by the count above. ``benchmarks/throughput_vs_published.py``
+  prints the comparison.
+* Small work: ``x T / (T + 256)`` for T tokens per micro-step and ``x h / (h + 256)`` for
+  hidden width h (narrow and short matmuls do not fill the GPU), and a floor of 0.25 ms per
+  decoder layer per pass (about 30 kernel launches of ~8 us each in eager mode).
+* Memory-bound work at 0.80 of the datasheet bandwidth. QLoRA dequantises every NF4 weight
+  once per pass over the layers (forward, recompute, backward); effectively 8 bytes moved
+  per weight and pass -- bitsandbytes/torchao dequantise in several memory-bound passes,
+  and torchtune's published QLoRA-vs-LoRA gaps (Llama-3.1-8B on an RTX 4090: 2,413 vs 3,083
+  tokens/s; Llama-3.2-3B on an A100: 8,035 vs 8,210) imply 5-14 bytes per weight and pass.
+  DoRA (PEFT ``DoraLinearLayer``) materialises ``W + s B A`` in fp32 per forward for its
+  column norm: ~18 bytes per adapted weight. Eager attention writes and reads the fp32
+  scores, the softmax and its 16-bit cast: ~20 bytes per score in forward, ~40 in backward.
+* The optimiser update streams parameters, gradients and states once: fused AdamW reads
+  p, g, m, v and writes p, m, v (28 bytes per fp32 parameter); bitsandbytes' 8-bit AdamW
+  moves 16 bytes but at 0.4 of the bandwidth (torchtune measured 4.7% fewer tokens/s
+  with 8-bit AdamW on a 3B full fine-tune); a foreach (non-fused) AdamW 1.5x the bytes.
+* PPO decoding: per generated token, ``max(bytes / bandwidth, FLOPs / compute)`` plus
+  0.3 ms per decoder layer of launch overhead (HF ``generate`` in eager mode is
+  CPU-bound at small batches); bitsandbytes 4-bit weights are dequantised for every token
+  when more than one sequence is decoded (4.5 bytes per weight instead of 0.5).
+
+Known limitations: no torch.compile, Liger or Unsloth kernels (they run faster than this
+model says); sequences are packed or equal length (padding costs tokens that do not count);
+PPO runs one epoch of updates per rollout (TRL's ``num_ppo_epochs`` multiplies the update part).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import TrainConfig
+from .distributed import SINGLE, Comm, Parallel, comm_volume, overlap, shard_state
+from .gpus import GPUSpec
+from .memory import model_state
+from .methods import Adapter, Forward
+from .models import ModelSpec
+from .optimizers import get_optimizer
+from .precision import DTYPE_BYTES, get_regime
+from .taxonomy import Component
+
+# -- default efficiencies (see the module docstring for sources) ---------------------------
+
+#: Measured MAMF / datasheet peak (ml-engineering, BF16 table) for the cards that have one.
+MAMF_BY_CARD = {
+    "a100-40gb": (0.869, "ml-engineering MAMF: A100 SXM 271.2 of 312 TF"),
+    "a100-80gb": (0.869, "ml-engineering MAMF: A100 SXM 271.2 of 312 TF"),
+    "a100-80gb-pcie": (0.811, "ml-engineering MAMF: A100 PCIe 252.9 of 312 TF"),
+    "h100-sxm": (0.803, "ml-engineering MAMF: H100 SXM 794.5 of 989 TF"),
+}
+#: Per card class when the card itself has no measurement.
+MAMF_BY_CLASS = {
+    "datacenter-hopper": (0.803, "ml-engineering MAMF of the H100 SXM (794.5 of 989 TF) applied to every Hopper card"),
+    "datacenter-blackwell": (0.776, "ml-engineering: B200 SXM about 1745 of 2250 TF"),
+    "datacenter-ampere": (0.869, "ml-engineering MAMF: A100 SXM 271.2 of 312 TF"),
+    "gddr": (0.80, "assumed: no published MAMF for GDDR workstation/consumer cards (datacenter range 0.78-0.87)"),
+    "pre-ampere": (0.75, "assumed: Turing/Volta fp16 tensor cores, no published MAMF"),
+    "generic": (0.80, "assumed for a --gpu-mem placeholder card"),
+}
+STACK_EFFICIENCY = 0.62   # eager PyTorch/transformers training, of MAMF (module docstring)
+TOKENS_HALF = 256.0       # tokens per micro-step at which small-work efficiency halves
+WIDTH_HALF = 256.0        # hidden width at which narrow-matmul efficiency halves
+BANDWIDTH_EFFICIENCY = 0.80
+LAUNCH_S_PER_LAYER_PASS = 0.25e-3
+DECODE_LAUNCH_S_PER_LAYER = 0.30e-3
+DEQUANT_BYTES_PER_PARAM = 8.0   # effective bytes moved per NF4 weight per pass (module docstring)
+DORA_BYTES_PER_PARAM = 18.0
+EAGER_FWD_BYTES, EAGER_BWD_BYTES = 20.0, 40.0  # per attention score element
+OPT_BANDWIDTH_EFFICIENCY = {"adamw": 1.0, "adamw_8bit": 0.4, "paged_adamw_8bit": 0.4, "sgd": 1.0, "adafactor": 0.5}
+
+
+def card_class(gpu: GPUSpec) -> str:
+    """``datacenter-hopper|datacenter-blackwell|datacenter-ampere|gddr|pre-ampere|generic``."""
+    arch = (gpu.arch or "").lower()
+    cc = gpu.compute_capability or ""
+    if gpu.custom and arch == "generic":
+        return "generic"
+    if arch == "hopper":
+        return "datacenter-hopper"
+    if arch == "blackwell" and cc.startswith("10"):
+        return "datacenter-blackwell"
+    if arch == "ampere" and cc == "8.0":
+        return "datacenter-ampere"
+    if arch in ("turing", "volta") or (cc and cc < "8.0"):
+        return "pre-ampere"
+    return "gddr"
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Achieved fractions of a card's datasheet figures that the default time model uses."""
+
+    card_class: str
+    matmul: float          # achievable matmul fraction (MAMF / peak)
+    matmul_source: str
+    stack: float = STACK_EFFICIENCY
+    bandwidth: float = BANDWIDTH_EFFICIENCY
+
+
+def card_efficiency(gpu: GPUSpec) -> Efficiency:
+    """The default efficiencies of ``gpu``: its own MAMF measurement, else its class's."""
+    cls = card_class(gpu)
+    base = gpu.name.split("@", 1)[0]  # a --gpu-mem override keeps its card's throughput
+    frac, src = MAMF_BY_CARD.get(base, MAMF_BY_CLASS[cls])
+    return Efficiency(cls, frac, src)
+
+
+# -- work of one micro-step ----------------------------------------------------------------
+
+@dataclass
+class StepWork:
+    """FLOPs, bytes and passes of one micro-step on one GPU (arrays over batch/seq)."""
+
+    tokens: np.ndarray            # tokens through the trained policy: batch x seq x sequences per example
+    batch: np.ndarray             # sequences per micro-step (examples)
+    model_flops: np.ndarray       # calibration convention (includes the rollout's generation FLOPs)
+    adapter_flops: np.ndarray     # LoRA/DoRA matmuls, not in model_flops
+    rollout_flops: np.ndarray     # the part of model_flops spent generating (PPO prefill + decode)
+    prefill_flops: np.ndarray     # PPO prompt prefill (compute-bound)
+    prefill_tokens: np.ndarray
+    decode_bytes: np.ndarray      # bytes read by all decode steps (weights + KV cache)
+    decode_flops: np.ndarray
+    eager_bytes: np.ndarray       # eager attention score traffic
+    layer_passes: int             # sequential passes over the layers (forward, backward, recompute, no-grad)
+    gen_tokens: int               # tokens generated one at a time (PPO)
+    layers: int
+    hidden: int
+    dequant_gparams: float        # NF4 weights dequantised per micro-step in 1e9 (calibration convention)
+    train_dequant_gparams: float  # the part outside generation
+    dora_params: float            # adapted weights whose norm DoRA recomputes, x forwards
+
+
+def _body_params(spec: ModelSpec) -> int:
+    """Matmul weights touched per token in the decoder layers (routed experts only for MoE)."""
+    return (spec.active_params - spec.embedding_params - spec.lm_head_params
+            - spec.num_layers * spec.layer_norm_params() - spec.hidden_size)
+
+
+def _adapted_shapes(spec: ModelSpec, cfg: TrainConfig) -> list[tuple[int, int, int]]:
+    """(in, out, matrices in the model) of every LoRA/DoRA-adapted linear."""
+    if cfg.recipe.adapter not in (Adapter.LORA, Adapter.QLORA, Adapter.DORA):
+        return []
+    lin = {l.name: l for l in spec.layer_linears() if l.is_linear}
+    return [(lin[t].in_features, lin[t].out_features, lin[t].count * spec.num_layers) for t in cfg.targets if t in lin]
+
+
+def step_work(spec: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepWork:
+    """What one micro-step of ``cfg`` does on ``spec`` (arrays broadcast over ``batch`` and ``seq``)."""
+    recipe = cfg.recipe
+    regime = get_regime(cfg.precision)
+    b = np.asarray(cfg.batch if batch is None else batch, dtype=np.float64)
+    s = np.asarray(cfg.seq if seq is None else seq, dtype=np.float64)
+    zeros = np.zeros(np.broadcast(b, s).shape)
+    tokens = b * s * recipe.sequences_per_example + zeros
+    body = _body_params(spec)
+    L, h = spec.num_layers, spec.hidden_size
+    attn_fwd = 4 * s * spec.q_dim * L  # per token
+    gc = 1 if cfg.grad_ckpt else 0
+    flops = zeros.copy()
+    eager = zeros.copy()
+    passes = 0
+    dequant = 0.0
+    quant_linear = spec.linear_params / 1e9
+    score = s * spec.num_heads * L if cfg.attn == "eager" else zeros  # score elements per token
+    for c in recipe.copies:
+        head = spec.vocab_size * h if c.head == "lm" else h
+        fwd_mm = 2 * (body + head)
+        fwd = (fwd_mm + attn_fwd) * tokens
+        if c.forward is Forward.GRAD:
+            full = c.adapter is Adapter.FULL
+            bwd = ((2 * fwd_mm if full else fwd_mm) + 2 * attn_fwd) * tokens
+            flops += fwd * (1 + gc) + bwd
+            passes += 2 + gc
+            eager += tokens * score * (EAGER_FWD_BYTES * (1 + gc) + EAGER_BWD_BYTES)
+            if c.quantized:
+                dequant += quant_linear * (2 + gc)
+            if recipe.method.rollout:  # no-grad scoring forward of a training copy
+                flops += fwd
+                passes += 1
+                eager += tokens * score * EAGER_FWD_BYTES
+                if c.quantized:
+                    dequant += quant_linear
+        elif c.forward is Forward.NO_GRAD:
+            flops += fwd
+            passes += 1
+            eager += tokens * score * EAGER_FWD_BYTES
+            if c.quantized:
+                dequant += quant_linear
+    for _role in recipe.shared_roles:
+        flops += (2 * (body + spec.vocab_size * h) + attn_fwd) * tokens
+        passes += 1
+        eager += tokens * score * EAGER_FWD_BYTES
+        if recipe.adapter.quantized_base:
+            dequant += quant_linear
+    train_dequant = dequant
+    gen = 0
+    rollout = zeros.copy()
+    prefill = zeros.copy()
+    prefill_tokens = zeros.copy()
+    decode_bytes = zeros.copy()
+    decode_flops = zeros.copy()
+    if recipe.method.rollout:
+        gen = int(cfg.ppo_response or cfg.seq // 2)
+        fwd_mm = 2 * (body + spec.vocab_size * h)
+        rollout = fwd_mm * b * s + zeros
+        passes += 1
+        if recipe.adapter.quantized_base:
+            dequant += quant_linear * (1 + gen)
+        prompt = np.maximum(s - gen, 1)
+        prefill_tokens = b * prompt + zeros
+        prefill = (fwd_mm + 4 * prompt * spec.q_dim * L) * prefill_tokens
+        # decode: every token reads the policy's weights and the KV cache so far
+        policy = recipe.copies[0]
+        if policy.adapter is Adapter.FULL:
+            wbytes = spec.params * DTYPE_BYTES[regime.trainable_dtype] + zeros
+        elif policy.quantized:
+            nf4 = spec.linear_params
+            per = np.where(b > 1, 4.5, 0.5)  # bnb dequantises per token unless decoding one sequence
+            wbytes = nf4 * per + (spec.params - nf4) * 4 + zeros
+        else:
+            wbytes = spec.params * DTYPE_BYTES[regime.frozen_dtype] + zeros
+        kv_per_token = 2 * L * spec.kv_dim * DTYPE_BYTES[regime.compute_dtype]
+        ctx = gen * prompt + gen * (gen - 1) / 2.0  # cached positions read over the whole generation
+        decode_bytes = gen * wbytes + b * ctx * kv_per_token
+        decode_flops = gen * b * fwd_mm + 4 * spec.q_dim * L * b * ctx
+    adapter = zeros.copy()
+    dora = 0.0
+    shapes = _adapted_shapes(spec, cfg)
+    if shapes:
+        lora_per_token = sum(6 * cfg.rank * (i + o) * n for i, o, n in shapes)
+        fwd_per_token = sum(2 * cfg.rank * (i + o) * n for i, o, n in shapes)
+        grad_copies = [c for c in recipe.copies if c.forward is Forward.GRAD and c.adapter in
+                       (Adapter.LORA, Adapter.QLORA, Adapter.DORA)]
+        forwards = 1 + gc + (1 if recipe.method.rollout else 0)
+        adapter += len(grad_copies) * tokens * (lora_per_token + gc * fwd_per_token)
+        if recipe.method.rollout:
+            adapter += tokens * fwd_per_token
+        if recipe.adapter is Adapter.DORA:
+            dora = float(sum(i * o * n for i, o, n in shapes) * forwards)
+            adapter += sum(2 * cfg.rank * i * o * n for i, o, n in shapes) * forwards
+    return StepWork(tokens=tokens, batch=b + zeros, model_flops=flops + rollout, adapter_flops=adapter, rollout_flops=rollout,
+                    prefill_flops=prefill, prefill_tokens=prefill_tokens, decode_bytes=decode_bytes,
+                    decode_flops=decode_flops, eager_bytes=eager, layer_passes=passes, gen_tokens=gen, layers=L,
+                    hidden=h, dequant_gparams=dequant, train_dequant_gparams=train_dequant, dora_params=dora)
+
+
+def flops_per_token(spec: ModelSpec, cfg: TrainConfig, seq=None) -> np.ndarray:
+    """Training FLOPs per token of ``cfg`` (model + adapter matmuls, one micro-step / its tokens)."""
+    w = step_work(spec, cfg, batch=1, seq=seq)
+    return (w.model_flops + w.adapter_flops) / w.tokens
+
+
+# -- time ----------------------------------------------------------------------------------
+
+@dataclass
+class StepTime:
+    """Seconds of one optimiser step and the throughput that follows (arrays over batch/seq).
+
+    ``tokens_per_s`` counts the tokens of all GPUs (batch x seq x sequences per example x
+    grad_accum x GPUs per step). ``achieved_tflops`` and ``mfu`` are per GPU, model FLOPs only.
+    """
+
+    step_s: np.ndarray
+    micro_s: np.ndarray
+    optimizer_s: float
+    comm_s: float
+    host_s: float
+    tokens_per_step: np.ndarray
+    tokens_per_s: np.ndarray
+    achieved_tflops: np.ndarray
+    mfu: np.ndarray
+    grad_accum: np.ndarray
+    calibrated: bool
+    source: str
+    parts: dict = field(default_factory=dict)
+
+    def at(self, index=()) -> "StepTime":
+        """The scalar StepTime at ``index`` of the grid (``()`` for an already scalar one)."""
+        shape = np.shape(self.step_s)
+
+        def pick(v) -> float:
+            a = np.asarray(v, dtype=np.float64)
+            return float(a if a.ndim == 0 else np.broadcast_to(a, shape)[index])
+
+        scalars = {k: pick(getattr(self, k)) for k in ("step_s", "micro_s", "optimizer_s", "comm_s", "host_s",
+                                                          "tokens_per_step", "tokens_per_s", "achieved_tflops", "mfu")}
+        return StepTime(**scalars, grad_accum=int(round(pick(self.grad_accum))), calibrated=self.calibrated,
+                        source=self.source, parts={k: pick(v) for k, v in self.parts.items()})
+
+    def to_json(self) -> dict:
+        f = lambda v: round(float(v), 6)  # noqa: E731
+        return {"step_time_s": f(self.step_s), "micro_step_s": f(self.micro_s), "optimizer_s": f(self.optimizer_s),
+                "comm_s": f(self.comm_s), "host_s": f(self.host_s), "tokens_per_step": int(round(float(self.tokens_per_step))),
+                "tokens_per_s": round(float(self.tokens_per_s), 1), "achieved_tflops": round(float(self.achieved_tflops), 2),
+                "mfu": round(float(self.mfu), 4), "grad_accum": int(self.grad_accum), "calibrated": self.calibrated,
+                "source": self.source, "parts_s": {k: f(v) for k, v in self.parts.items()}}
+
+
+_LOAD = object()  # step_time(profile=...) default: look the card's profile up
+
+
+def _profile(gpu: GPUSpec):
+    if gpu is None or gpu.custom:
+        return None
+    try:
+        from .profiles import load_profile
+    except ImportError:  # pragma: no cover - the profiles module is optional
+        return None
+    return load_profile(gpu.name)
+
+
+def _optimizer_seconds(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, par: Parallel, st=None) -> float:
+    """The optimiser update: trainable parameters x bytes streamed, at the optimiser's bandwidth share."""
+    if par.offload == "cpu":
+        return 0.0  # runs on the CPU: Comm.seconds counts it
+    st = st or model_state(spec, cfg)
+    P = st.trainable_params
+    if P == 0:
+        return 0.0
+    opt = get_optimizer(cfg.optimizer)
+    regime = get_regime(cfg.precision)
+    if par.strategy in ("zero1", "zero2", "zero3"):
+        pb = 4  # DeepSpeed steps the fp32 master partition
+    else:
+        pb = max(1, round(st.bytes.get(Component.GRADIENTS, 0) / P))
+    per = {"adamw": 2 * pb + pb + 4 * pb, "adamw_8bit": 2 * pb + pb + 4, "paged_adamw_8bit": 2 * pb + pb + 4,
+           "sgd": 3 * pb, "adafactor": 3 * pb}[opt.name]
+    if opt.name == "adamw" and regime.runner == "loop" and par.strategy is None:
+        per *= 1.5  # foreach AdamW: extra temporaries
+    shard = par.gpus if par.strategy in ("zero1", "zero2", "zero3", "fsdp") else 1
+    bw = gpu.bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY * OPT_BANDWIDTH_EFFICIENCY[opt.name]
+    return P / shard * per / bw
+
+
+def step_time(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, batch=None, seq=None, *, grad_accum: int | None = None,
+              parallel: Parallel = SINGLE, use_profile: bool = True, profile=_LOAD) -> StepTime:
+    """Seconds per optimiser step and tokens/s of ``cfg`` on ``gpu`` (arrays over ``batch``/``seq``).
+
+    Args:
+        spec, cfg: the model and the validated configuration (shapes per micro-batch and GPU).
+        gpu: the card; its calibration profile is used when one ships (``use_profile``).
+        batch, seq: override the config's micro-batch / sequence (numpy arrays broadcast).
+        grad_accum: micro-steps per optimiser step (default ``cfg.grad_accum``; may be an array).
+        parallel: GPUs and sharding strategy (communication and the sharded optimiser).
+        use_profile: False ignores the card's calibration profile (the defaults only).
+        profile: an already loaded profile (or None) to skip the lookup; a search passes it once.
+
+    Returns:
+        :class:`StepTime`; ``source`` names the profile or the default efficiencies used.
+    """
+    a = np.asarray(cfg.grad_accum if grad_accum is None else grad_accum, dtype=np.float64)
+    regime = get_regime(cfg.precision)
+    w = step_work(spec, cfg, batch, seq)
+    eff = card_efficiency(gpu)
+    peak = gpu.tensor_tflops(regime.compute_dtype) * 1e12
+    bw = gpu.bandwidth_gbs * 1e9 * eff.bandwidth
+    width = spec.hidden_size / (spec.hidden_size + WIDTH_HALF)
+
+    def rate(tokens):
+        t = np.asarray(tokens, dtype=np.float64)
+        return peak * eff.matmul * eff.stack * width * t / (t + TOKENS_HALF)
+
+    st = model_state(spec, cfg)
+    opt_s = _optimizer_seconds(spec, cfg, gpu, parallel, st)
+    prof = None if not use_profile else (_profile(gpu) if profile is _LOAD else profile)
+    key = cfg.recipe.name
+    micro = None
+    source = (f"defaults for {eff.card_class} cards ({eff.matmul_source}; stack efficiency {eff.stack:g}); "
+              f"no calibration profile" + ("" if use_profile else " used"))
+    calibrated = False
+    parts: dict[str, np.ndarray] = {}
+    if prof is not None:
+        micro = _profile_micro(prof, key, w, opt_s)
+        if micro is not None:
+            calibrated = True
+            source = f"calibration profile {getattr(prof, 'path', None) or gpu.name} (throughput:{key})"
+            parts["profile_s"] = micro
+    if micro is None:
+        train_flops = w.model_flops - w.rollout_flops + w.adapter_flops
+        train_passes = w.layer_passes - (1 if w.gen_tokens else 0)  # the rollout's pass is timed as decoding
+        compute = np.maximum(train_flops / rate(w.tokens), train_passes * w.layers * LAUNCH_S_PER_LAYER_PASS)
+        dequant = w.train_dequant_gparams * 1e9 * DEQUANT_BYTES_PER_PARAM / bw + 0 * compute
+        if prof is not None and getattr(prof, "qlora_dequant_s_per_gparam", None):
+            dequant = w.train_dequant_gparams * float(prof.qlora_dequant_s_per_gparam) + 0 * compute
+        dora = w.dora_params * DORA_BYTES_PER_PARAM / bw + 0 * compute
+        eager = w.eager_bytes / bw
+        prefill = np.where(w.prefill_tokens > 0, w.prefill_flops / rate(np.maximum(w.prefill_tokens, 1)), 0.0)
+        decode = 0 * compute
+        if w.gen_tokens:
+            decode = (np.maximum(w.decode_bytes / bw, w.decode_flops / (peak * eff.matmul * eff.stack * width))
+                      + w.gen_tokens * w.layers * DECODE_LAUNCH_S_PER_LAYER)
+        micro = compute + dequant + dora + eager + prefill + decode
+        parts.update(compute_s=compute, dequant_s=dequant, dora_s=dora, eager_attention_s=eager,
+                     rollout_s=prefill + decode)
+    comm = comm_volume(spec, cfg, parallel, gpu, st=st) if parallel.distributed else Comm()
+    net_s, host_s = comm.seconds(a)
+    step = overlap(a * micro, net_s) + opt_s + host_s
+    n = parallel.gpus
+    tokens_step = w.tokens * a * n
+    tps = tokens_step / step
+    ach = a * w.model_flops / step / 1e12
+    parts.update(optimizer_s=opt_s + 0 * step, comm_s=net_s + 0 * step, host_s=host_s + 0 * step)
+    return StepTime(step_s=step, micro_s=micro, optimizer_s=opt_s, comm_s=net_s, host_s=host_s, tokens_per_step=tokens_step,
+                    tokens_per_s=tps, achieved_tflops=ach, mfu=ach * 1e12 / peak, grad_accum=a, calibrated=calibrated,
+                    source=source, parts=parts)
+
+
+def _profile_micro(prof, key: str, w: StepWork, opt_s: float):
+    """Micro-step seconds from a profile: its step-time model, else its achieved TFLOP/s; None if neither."""
+    shape = np.shape(w.model_flops)
+    flops = np.ravel(w.model_flops)
+    toks = np.ravel(np.broadcast_to(w.tokens, shape))
+    out = np.empty(flops.shape)
+    step_seconds = getattr(prof, "step_seconds", None)
+    achieved = getattr(prof, "achieved_tflops", None)
+    if step_seconds is not None:
+        from .profiles import step_features
+
+        for i, (f, t) in enumerate(zip(flops, toks)):
+            feats = step_features(flops=float(f), layers=w.layers, hidden=w.hidden, passes=w.layer_passes,
+                                  gen_tokens=w.gen_tokens)
+            v = step_seconds(key, feats, dequant_gparams=w.dequant_gparams)
+            if v is None:
+                break
+            out[i] = v
+        else:
+            # the profile timed whole steps (one micro-step + the update): take the update out once
+            return np.maximum(out - opt_s, 0.5 * out).reshape(shape)
+    if achieved is not None:
+        for i, (f, t) in enumerate(zip(flops, toks)):
+            v = achieved(key, int(t))
+            if v is None or v <= 0:
+                return None
+            out[i] = f / (v * 1e12)
+        return np.maximum(out - opt_s, 0.5 * out).reshape(shape)
+    return None
+
+
+def time_to_train(tokens: float | None, epochs: float, tokens_per_s: float, gpus: int = 1) -> tuple[float | None, float | None]:
+    """(seconds, GPU-hours) to train ``tokens`` x ``epochs`` at ``tokens_per_s`` on ``gpus`` GPUs."""
+    if tokens is None or not tokens_per_s:
+        return None, None
+    seconds = float(tokens) * float(epochs) / float(tokens_per_s)
+    return seconds, seconds * gpus / 3600.0
+
+
+_COUNT_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def parse_count(value, label: str = "--tokens") -> float | None:
+    """Read a token count: ``1000000``, ``"2.5e9"``, ``"500M"``, ``"2B"`` (None stays None).
+
+    Raises:
+        VramplanError: not a positive number.
+    """
+    from .errors import VramplanError
+
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise VramplanError(f"{label} must be a positive number of tokens, got {value!r}")
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        n = float(value)
+    else:
+        text = str(value).strip().lower().replace(",", "").replace("_", "")
+        suffix = text[-1:] if text[-1:] in _COUNT_SUFFIX and text[-1:] != "" else ""
+        try:
+            n = float(text[: len(text) - len(suffix)] if suffix else text) * _COUNT_SUFFIX[suffix]
+        except ValueError:
+            raise VramplanError(f"cannot read {label} {value!r}", "write it like 500M, 2B or 1.5e9") from None
+    if not np.isfinite(n) or n <= 0:
+        raise VramplanError(f"{label} must be a positive number of tokens, got {value!r}")
+    return n
