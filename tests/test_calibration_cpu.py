@@ -36,6 +36,10 @@ def test_every_method_steps_on_the_cpu(cpu_run):
         assert r["step_s_median"] > 0 and r["tokens_per_s"] > 0 and r["load_s"] >= 0
         assert r["prediction"]["tensor_peak_bytes"] > 0
         assert r["memory"]["max_allocated"] is None  # no allocator statistics on the CPU
+    dry = [r for r in pts if r.get("dryrun")]
+    assert {r["id"] for r in dry} == suite.dryrun_ids()  # the first point of each model x method group
+    for r in dry:
+        assert r["dryrun"]["tensor_peak_bytes"] > 0 and r["dryrun"]["components"]
     sess = next(r for r in read_log(res.log_path) if r["kind"] == "session")
     assert sess["versions"]["torch"] and sess["versions"]["transformers"] and sess["versions"]["peft"]
 
@@ -45,6 +49,7 @@ def test_profile_and_report_are_written(cpu_run):
     prof = load_profile("cpu", search=[tmp / "profiles"])
     assert prof is not None and prof.source == "cpu.jsonl"
     assert prof.context_bytes is None and prof.reserved_bytes(1 << 30) is None  # not measurable on a CPU
+    assert prof.allocated_source == "dryrun" and prof.activation_factors  # dry run vs analytic tensors
     assert prof.is_calibrated("throughput:lora") and prof.is_calibrated("throughput:ppo")
     assert prof.holdout["tokens_per_s"].n == sum(p.split == "holdout" for p in load_suite("cpu").points)
     md = res.report_path.read_text()

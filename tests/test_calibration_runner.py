@@ -520,3 +520,16 @@ def test_holdout_is_stable_across_loads():
     a = {p.id: p.split for p in load_suite("standard").points}
     b = {p.id: p.split for p in load_suite("standard").points}
     assert a == b
+
+
+def test_missing_bitsandbytes_fails_before_measuring(tmp_path, monkeypatch):
+    import importlib.util
+
+    from vramplan.errors import MissingDependencyError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(MissingDependencyError, match="bitsandbytes is not installed"):
+        run_calibration(suite="cpu", out=tmp_path / "p", device="cpu", progress=False, report_dir=None)
+    log = tmp_path / "p" / "cpu.jsonl"
+    assert not log.exists() or not [r for r in read_log(log) if r["kind"] == "point"]

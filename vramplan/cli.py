@@ -18,10 +18,17 @@ def _add_plan_args(p: argparse.ArgumentParser, *, single: bool = True, model_req
     p.add_argument("--gpu", default=None, help="catalogue GPU name, or 'auto' (NVML)")
     p.add_argument("--gpu-mem", default=None, help="plan for any capacity, e.g. 24GiB")
     p.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA/DoRA rank (default 8)")
-    p.add_argument("--targets", default=None, help="q_proj,v_proj | all-linear (default: PEFT's for the model)")
+    if single:
+        p.add_argument("--rank", type=int, default=8, help="LoRA/DoRA rank (default 8)")
+    else:
+        p.add_argument("--rank", type=int, default=None, help="LoRA/DoRA rank (default: search 8, 16, 64)")
+    p.add_argument("--targets", default=None, help="q_proj,v_proj | all-linear (default: PEFT's for the model"
+                   + ("" if single else "; fit also tries all-linear") + ")")
     p.add_argument("--precision", default=None, help="bf16|bf16-mixed|fp16-mixed|fp32 (default bf16-mixed)")
-    p.add_argument("--attn", default="sdpa", help="eager|sdpa|flash (default sdpa)")
+    if single:
+        p.add_argument("--attn", default="sdpa", help="eager|sdpa|flash (default sdpa)")
+    else:
+        p.add_argument("--attn", default=None, help="eager|sdpa|flash (default: search sdpa and flash)")
     if single:
         p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default = rank)")
         p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
@@ -33,6 +40,32 @@ def _add_plan_args(p: argparse.ArgumentParser, *, single: bool = True, model_req
                        help="QLoRA without double quantisation")
         p.add_argument("--ppo-response", type=int, default=None, help="PPO response tokens (default seq/2)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_scale_args(p: argparse.ArgumentParser, *, fit: bool = False) -> None:
+    """GPUs, sharding strategy, global batch and dataset size (estimate and fit)."""
+    g = p.add_argument_group("scale and time (vramplan.distributed, vramplan.throughput)")
+    g.add_argument("--gpus", type=int, default=1, help="number of GPUs (default 1)")
+    g.add_argument("--strategy", default=None,
+                   help="ddp|zero1|zero2|zero3|fsdp (default: ddp with --gpus > 1" + ("; fit searches all" if fit else "")
+                   + ")")
+    g.add_argument("--offload", default=None, help="cpu|none: optimiser (zero1/2) or parameters too (zero3/fsdp) in host memory")
+    g.add_argument("--global-batch", type=int, default=None, help="examples per optimiser step over all GPUs "
+                   "(sets gradient accumulation)")
+    g.add_argument("--tokens", default=None, help="dataset tokens per epoch (500M, 2B) for time to train and GPU-hours")
+    g.add_argument("--epochs", type=float, default=1.0, help="epochs over --tokens (default 1)")
+    if fit:
+        g.add_argument("--batch", type=int, default=None, help="fix the micro-batch (default: search)")
+        g.add_argument("--optimizer", default=None, help="fix the optimiser (default: AdamW, then 8-bit/paged)")
+        g.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", default=None, help="fix gradient checkpointing on")
+        g.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="fix gradient checkpointing off")
+        g.add_argument("--margin", type=float, default=None, help="fraction of memory kept free (default 0.15)")
+        g.add_argument("--top", type=int, default=0, help="also print each method's N best plans and why they lose")
+
+
+def _scale_kwargs(a: argparse.Namespace) -> dict:
+    return dict(gpus=a.gpus, strategy=a.strategy, offload=a.offload, global_batch=a.global_batch, tokens=a.tokens,
+                epochs=a.epochs)
 
 
 def _plan_kwargs(a: argparse.Namespace) -> dict:
@@ -60,7 +93,7 @@ def _estimate_from_file(a):
     from .integrations.config_files import estimate_file
 
     defaults = vars(build_parser().parse_args(["estimate", "--config", a.config]))
-    kw = _plan_kwargs(a)
+    kw = {**_plan_kwargs(a), **_scale_kwargs(a)}
     overrides = {k: v for k, v in kw.items() if k not in ("gpu", "gpu_mem") and v != defaults.get(k)}
     if a.method != defaults.get("method"):
         overrides["method"] = a.method
@@ -76,7 +109,7 @@ def cmd_estimate(a) -> int:
     elif a.model is None:
         raise VramplanError("estimate needs --model", "or --config FILE (an Axolotl YAML or HF/TRL training arguments)")
     else:
-        est = estimate(a.model, a.method, **_plan_kwargs(a))
+        est = estimate(a.model, a.method, **_plan_kwargs(a), **_scale_kwargs(a))
     _print_json(est) if a.json else render_estimate(est, _console())
     return 0
 
@@ -100,8 +133,9 @@ def cmd_fit(a) -> int:
     from .render import render_fit
 
     rep = fit(a.model, a.gpu, gpu_mem=a.gpu_mem, seq=a.seq, precision=a.precision, attn=a.attn, rank=a.rank,
-              targets=a.targets)
-    _print_json(rep) if a.json else render_fit(rep, _console())
+              targets=a.targets, batch=a.batch, optimizer=a.optimizer, grad_ckpt=a.grad_ckpt, margin=a.margin,
+              top=max(20, a.top), **_scale_kwargs(a))
+    _print_json(rep) if a.json else render_fit(rep, _console(), top=a.top)
     return 0
 
 
@@ -171,14 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("estimate", help="peak memory of one configuration (analytic model)")
     _add_plan_args(e, model_required=False)
+    _add_scale_args(e)
     e.add_argument("--config", default=None, metavar="FILE",
-                   help="an Axolotl YAML or HF/TRL training-arguments JSON/YAML; flags given here win over it")
+                   help="an Axolotl YAML or HF/TRL training-arguments JSON/YAML; flags set to other than their "
+                        "defaults win over the file")
     e.set_defaults(func=cmd_estimate)
     d = sub.add_parser("dryrun", help="exact tensor accounting of one real training step on the meta device")
     _add_plan_args(d)
     d.set_defaults(func=cmd_dryrun)
-    f = sub.add_parser("fit", help="every method on one GPU: fits, largest batch, longest sequence")
+    f = sub.add_parser("fit", help="every method on one GPU (or N): the fastest settings that fit, tokens/s, "
+                       "largest batch, longest sequence, what would fit otherwise")
     _add_plan_args(f, single=False)
+    _add_scale_args(f, fit=True)
     f.set_defaults(func=cmd_fit)
     for name, fn, text in (("models", cmd_models, "list the model catalogue"), ("gpus", cmd_gpus, "list the GPU catalogue")):
         s = sub.add_parser(name, help=text)

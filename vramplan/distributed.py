@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import activations as act
+from . import memory as _mem
 from .adapters import adapter_tensors, full_tensors
 from .config import TrainConfig
 from .errors import VramplanError, unknown
@@ -61,7 +62,7 @@ from .memory import PHASE_ORDER, ModelState, StepMemory, model_state
 from .methods import Adapter, Forward
 from .models import ModelSpec
 from .optimizers import get_optimizer
-from .precision import DTYPE_BYTES, FP32, get_regime
+from .precision import DTYPE_BYTES, FP32
 from .taxonomy import Component, Phase
 from .units import MIB
 
@@ -229,6 +230,7 @@ class ShardedState:
     rollout_gather_bytes: int = 0
     nccl_bytes: int = 0
     cpu_bytes: int = 0
+    backward_grad_bytes: int | None = None  # gradients alive in backward/step if not all of them (optimizer in backward)
     layout: str = "single process (HF Trainer / TRL)"
     notes: list[str] = field(default_factory=list)
 
@@ -261,7 +263,7 @@ def _copy_params(model: ModelSpec, head: str) -> int:
 
 def _frozen_bytes_per_param(model: ModelSpec, cfg: TrainConfig, st) -> float:
     """Average stored bytes per frozen base parameter (bf16 2, NF4 about 0.5 plus constants)."""
-    regime = get_regime(cfg.precision)
+    regime = cfg.regime
     frozen_params = sum(_copy_params(model, c.head) for c in cfg.recipe.copies if c.adapter is not Adapter.FULL)
     if frozen_params == 0:
         return float(DTYPE_BYTES[regime.frozen_dtype])
@@ -271,7 +273,7 @@ def _frozen_bytes_per_param(model: ModelSpec, cfg: TrainConfig, st) -> float:
 
 def _frozen_weight_bytes(model: ModelSpec, cfg: TrainConfig, st) -> int:
     """WEIGHTS bytes that do not train (frozen copies, PEFT bases)."""
-    regime = get_regime(cfg.precision)
+    regime = cfg.regime
     full_trainable = sum(_copy_params(model, c.head) for c in cfg.recipe.copies if c.adapter is Adapter.FULL)
     return int(st.bytes.get(Component.WEIGHTS, 0) - full_trainable * DTYPE_BYTES[regime.trainable_dtype])
 
@@ -281,14 +283,20 @@ def _unit_params(model: ModelSpec) -> tuple[int, int]:
     return model.embedding_params + model.lm_head_params + model.hidden_size, model.layer_params
 
 
-def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE) -> ShardedState:
-    """Per-GPU model-state bytes of ``cfg`` on ``model`` under ``par`` (see the module docstring)."""
-    st = model_state(model, cfg)
+def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, st=None) -> ShardedState:
+    """Per-GPU model-state bytes of ``cfg`` on ``model`` under ``par`` (see the module docstring).
+
+    ``st`` is ``model_state(model, cfg)`` when the caller has it already.
+    """
+    st = st or model_state(model, cfg)
     base = {c: int(v) for c, v in st.bytes.items()}
     if par.strategy is None:
-        return ShardedState(bytes=base, trainable_params=st.trainable_params, step_temporary=st.step_temporary)
+        out = ShardedState(bytes=base, trainable_params=st.trainable_params, step_temporary=st.step_temporary)
+        if cfg.uses("opt_in_bwd"):  # each gradient is consumed and freed as soon as it is ready
+            out.backward_grad_bytes = st.largest_grad
+        return out
     n = par.gpus
-    regime = get_regime(cfg.precision)
+    regime = cfg.regime
     opt = get_optimizer(cfg.optimizer)
     P = st.trainable_params
     full = cfg.recipe.adapter is Adapter.FULL
@@ -382,10 +390,12 @@ def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE) -> S
 def _activation_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict[str, np.ndarray]:
     """The batch-dependent terms of :func:`vramplan.memory.step_memory`, term by term.
 
-    Kept identical to ``step_memory`` (tests check that ``Parallel()`` reproduces its phases
-    exactly); the sharded planner swaps only the model-state terms around them.
+    Mirrors ``step_memory`` (with its helpers) so that the sharded planner can swap only the
+    model-state terms around them; ``tests/test_distributed.py`` checks that ``Parallel()``
+    reproduces ``step_memory``'s phases and components exactly, so a change there shows up.
     """
-    regime = get_regime(cfg.precision)
+    regime = cfg.regime
+    kbit = cfg.stack.kbit_upcast
     recipe = cfg.recipe
     b = np.asarray(cfg.batch if batch is None else batch, dtype=np.float64)
     s = np.asarray(cfg.seq if seq is None else seq, dtype=np.float64)
@@ -393,37 +403,31 @@ def _activation_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) 
     zeros = np.zeros(np.broadcast(b, s).shape)
     acts, logits_fwd, logits_bwd = zeros.copy(), zeros.copy(), zeros.copy()
     transient, nograd_peak, temps_fwd, kv = zeros.copy(), zeros.copy(), zeros.copy(), zeros.copy()
-    L = model.num_layers
     for copy in recipe.copies:
         if copy.forward is Forward.NO_GRAD:
-            f, _ = act.logits_bytes(model, copy, regime, T, copy.head)
+            f, _ = act.logits_bytes(model, copy, regime, T, copy.head, cfg)
             layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
             nograd_peak = np.maximum(nograd_peak, f + layer)
             continue
-        first_grad = cfg.grad_ckpt or copy.adapter is Adapter.FULL
-        if cfg.grad_ckpt:
-            per_layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
-            a = L * act.checkpoint_input_bytes(model, copy, regime, T) + per_layer
-        else:
-            a = (L - 1) * act.layer_activation_bytes(model, cfg, copy, regime, T, s) + \
-                act.layer_activation_bytes(model, cfg, copy, regime, T, s, input_requires_grad=first_grad)
-        d = act.copy_dtypes(copy, regime)
+        a = _mem._stack_activations(model, cfg, copy, regime, T, s)
+        d = act.copy_dtypes(copy, regime, kbit)
         a = a + T * 4 * model.hidden_size
         if copy.adapter is Adapter.FULL:
             a = a + T * d.norm_out * model.hidden_size
-        f, bw = act.logits_bytes(model, copy, regime, T, copy.head)
+        f, bw = act.logits_bytes(model, copy, regime, T, copy.head, cfg)
         acts += a
         logits_fwd += f
         logits_bwd += bw
-        transient = np.maximum(transient, act.layer_backward_transient(model, copy, regime, T, s, cfg.attn))
+        transient = np.maximum(transient, act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, kbit))
         if copy.quantized:
-            largest = max(l.in_features * l.out_features for l in model.layer_linears())
-            temps_fwd = np.maximum(temps_fwd, largest * DTYPE_BYTES[regime.compute_dtype] + zeros)
+            temps_fwd = np.maximum(temps_fwd, _mem._dequant_temp(model, regime) + zeros)
     rollout_logits = zeros.copy()
     if recipe.method.rollout:
         policy = recipe.copies[0]
-        kv = act.kv_cache_bytes(model, regime, policy, b, s) + zeros
-        rollout_logits = np.where(kv > 0, act.logits_bytes(model, policy, regime, b)[0], 0) + zeros
+        kv = act.kv_cache_bytes(model, regime, policy, b, s, kbit) + zeros
+        rollout_logits = np.where(kv > 0, act.logits_bytes(model, policy, regime, b, "lm", cfg)[0], 0) + zeros
+    if recipe.copies[0].forward is not Forward.NONE:
+        acts = acts + act.attention_mask_bytes(model, cfg, regime, b, s)
     return {"acts": acts, "logits_fwd": logits_fwd, "logits_bwd": logits_bwd, "transient": transient,
             "nograd_peak": nograd_peak, "temps_fwd": temps_fwd, "kv": kv, "rollout_logits": rollout_logits,
             "zeros": zeros}
@@ -446,7 +450,7 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
     comm = sh.comm_buffer_bytes + zeros
     states = B.get(Component.OPTIMIZER_STATES, 0) + zeros
     cache = B.get(Component.AUTOCAST_CACHE, 0) + zeros
-    grads = B.get(Component.GRADIENTS, 0) + zeros
+    grads = (B.get(Component.GRADIENTS, 0) if sh.backward_grad_bytes is None else sh.backward_grad_bytes) + zeros
     gathered = sh.gathered_bytes + zeros
     grads_bwd = grads + sh.inflight_grad_bytes
     acts, lf, lb, tr, ng, tf, kv = (t[k] for k in ("acts", "logits_fwd", "logits_bwd", "transient", "nograd_peak",
@@ -553,7 +557,7 @@ def comm_volume(model: ModelSpec, cfg: TrainConfig, par: Parallel, gpu: GPUSpec,
     n = par.gpus
     f = (n - 1) / n
     st = st or model_state(model, cfg)
-    regime = get_regime(cfg.precision)
+    regime = cfg.regime
     P = st.trainable_params
     p16 = DTYPE_BYTES[regime.compute_dtype]
     full = cfg.recipe.adapter is Adapter.FULL
@@ -572,7 +576,7 @@ def comm_volume(model: ModelSpec, cfg: TrainConfig, par: Parallel, gpu: GPUSpec,
         step = f * p16 * P   # all-gather updated weights
     else:
         # parameters gathered for every pass over the layers of every sharded copy
-        sh = state or shard_state(model, cfg, par)
+        sh = state or shard_state(model, cfg, par, st)
         per_frozen = _frozen_bytes_per_param(model, cfg, st)
         gathered = 0.0
         for c in cfg.recipe.copies:

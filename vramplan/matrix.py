@@ -3,9 +3,12 @@
 :func:`feasibility_matrix` answers, for each (model, method, card, sequence length), the
 question ``vramplan fit`` answers for one model on one card: does it fit at micro-batch 1
 (:mod:`vramplan.verdict`: comfortable / tight / no), its predicted device-total peak, the
-largest micro-batch that fits, and the settings that make it fit. It tries the same
-settings ladder as ``vramplan fit`` (:data:`SETTINGS_LADDER`, cheapest in throughput first)
-and picks with :func:`vramplan.verdict.pick`.
+largest micro-batch that fits, and the settings that make it fit. It tries gradient
+checkpointing and 8-bit optimisers in a fixed order (:data:`SETTINGS_LADDER`, cheapest in
+throughput first) at the method's own adapter, rank and targets, and picks with
+:func:`vramplan.verdict.pick`. ``vramplan fit`` searches more (rank, targets, attention,
+micro-batch, a QLoRA fallback) and ranks by speed; with those fixed, the two give the same
+verdict (``tests/test_matrix.py``).
 
 Speed: the Python loop runs over models x methods x settings (about 37 x 7 x 6); inside it
 one call of :func:`vramplan.memory.step_memory` evaluates every (sequence, micro-batch)
@@ -49,7 +52,6 @@ from .verdict import COMFORTABLE_FRACTION, THRESHOLDS_TEXT, VERDICTS, Verdict, c
 
 #: (gradient checkpointing, optimizer) in the order tried: no checkpointing before
 #: checkpointing (it costs ~30 % throughput), AdamW before 8-bit and paged 8-bit AdamW.
-#: The same order as ``vramplan fit``.
 SETTINGS_LADDER: tuple[tuple[bool, str], ...] = tuple((gc, opt) for gc in (False, True)
                                                       for opt in ("adamw", "adamw_8bit", "paged_adamw_8bit"))
 #: Micro-batches searched for the largest that fits (as ``vramplan.plan.largest_batch``).
@@ -564,7 +566,7 @@ def write_png(mx: FeasibilityMatrix, path: str | Path, *, dpi: int = 110) -> Non
                 text = "n/a" if c.peak_bytes is None else f"{c.peak_bytes / GIB:.1f}"
                 if c.verdict.fits:
                     text += f"\nb≤{c.max_batch}"
-                ax.text(j, i, text, ha="center", va="center", fontsize=7.5, color="white")
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white")
         ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=2.5, aspect="auto")
         ax.set_xticks(range(len(mx.methods)), mx.methods, fontsize=8)
         ax.set_yticks(range(len(mx.models)), mx.models, fontsize=8)
@@ -576,12 +578,13 @@ def write_png(mx: FeasibilityMatrix, path: str | Path, *, dpi: int = 110) -> Non
         ax.tick_params(which="minor", length=0)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
+    foot = 0.9 / (h * nrow + 0.8)  # figure fraction for the legend and the note, ~0.9 inch
     fig.legend(handles=[Patch(color=_COLOURS[v], label=v.value) for v in VERDICTS], loc="lower center", ncol=3,
-               frameon=False, fontsize=9)
-    fig.text(0.5, 0.005, f"peak GiB at micro-batch {mx.batch}; b≤N largest micro-batch. "
-             f"comfortable ≤ {COMFORTABLE_FRACTION:.0%} of memory < tight ≤ 100% < no", ha="center", fontsize=7,
-             color="#444")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+               frameon=False, fontsize=9, bbox_to_anchor=(0.5, foot * 0.4))
+    fig.text(0.5, foot * 0.12, f"cell: predicted peak GiB at micro-batch {mx.batch}; b≤N: largest micro-batch that "
+             f"fits. comfortable: peak ≤ {COMFORTABLE_FRACTION:.0%} of memory; tight: ≤ 100%; no: above",
+             ha="center", fontsize=8, color="#444")
+    fig.tight_layout(rect=(0, foot, 1, 1))
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
 

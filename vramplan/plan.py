@@ -22,7 +22,7 @@ from .precision import DEFAULT_REGIME, FALLBACK_REGIME, get_regime
 from .results import Estimate
 from .taxonomy import Component, Quantity
 from .units import parse_size
-from .verdict import COMFORTABLE_FRACTION, Verdict, classify, pick
+from .verdict import COMFORTABLE_FRACTION, Verdict, classify
 
 STACK = "transformers + PEFT (HF Trainer / TRL semantics)"
 
@@ -376,13 +376,14 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
             suggestions = what_would_fit(spec, name, card, seq=seq, precision=prec, margin=margin, gpus=base.gpus,
                                          rank=rank, targets=targets, totals=totals)
             if not est.fits:
-                notes.append("does not fit with any setting tried (gradient checkpointing, 8-bit/paged AdamW"
+                notes.append("no setting fits (tried GC, 8-bit/paged AdamW"
                              + (", QLoRA" if any(p.fallback for p in mp.plans) else "") + ")")
             else:
                 notes.append(f"tight: no setting leaves the {margin:.0%} margin; shown: the fastest that fits")
+            if suggestions:
+                notes.append("with GC and 8-bit AdamW it would fit on " + "; ".join(x.text for x in suggestions))
         elif chosen.fallback:
             notes.append(chosen.fallback)
-        notes += [s.text for s in suggestions]
         settings = {"grad_ckpt": cfg.grad_ckpt, "optimizer": cfg.optimizer, "precision": cfg.precision,
                     "attn": cfg.attn, "batch": cfg.batch, "grad_accum": cfg.grad_accum, **chosen.settings}
         rows.append(FitRow(method=name, adapter=cfg.adapter, fits=bool(est.fits), estimate=est,

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from .config import TrainConfig, make_config
-from .distributed import SINGLE, STRATEGIES, Parallel, make_parallel, parallel_step_memory
+from .distributed import SINGLE, STRATEGIES, Parallel, make_parallel, parallel_step_memory, shard_state
 from .errors import VramplanError
 from .gpus import GPUSpec, catalogue
-from .memory import step_memory
+from .memory import model_state, step_memory
 from .methods import Adapter, resolve
 from .models import ModelSpec
 from .overheads import runtime_overheads
@@ -260,6 +260,7 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
     memo: dict[tuple, tuple] = {}
     seen: set = set()
     prof = _profile(card)
+    grids = {}
     for par in parallels:
         b_grid, a_grid = _batch_grid(global_batch, par.gpus)
         if batch is not None:
@@ -268,31 +269,37 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
                 raise VramplanError(f"--global-batch {global_batch} is not a multiple of --gpus x --batch "
                                     f"({par.gpus} x {batch})", f"use a multiple of {par.gpus * batch}")
             b_grid, a_grid = b_grid[keep], a_grid[keep]
-        for m, ad, note, settings, p in _combos(spec, method, adapter, card, fixed, [par]):
-            try:
-                cfg = make_config(spec, m, adapter=ad, batch=1, seq=seq, precision=precision,
-                                  ppo_response=ppo_response, **settings)
-            except VramplanError:
-                if fixed.get("rank") or fixed.get("targets"):
-                    raise  # the user's own setting is invalid: say so
-                continue  # a searched rank larger than a small model's layer
-            if (cfg, p) in seen:
-                continue  # e.g. all-linear is already the model's default target set
-            seen.add((cfg, p))
-            # flash and sdpa save the same tensors and run the same kernels (SDPA dispatches to
-            # FlashAttention-2); paged 8-bit AdamW keeps the same states as 8-bit AdamW (on the GPU
-            # while they fit): evaluate each pair once
-            key = (cfg.with_(attn="sdpa" if cfg.attn == "flash" else cfg.attn,
-                             optimizer="adamw_8bit" if cfg.optimizer == "paged_adamw_8bit" else cfg.optimizer), p)
-            if key not in memo:
-                total = totals(_tensor_peak(spec, cfg, p, batch=b_grid), card, p)
-                t = step_time(spec, cfg, card, batch=b_grid, grad_accum=a_grid, parallel=p, profile=prof)
-                memo[key] = (total, t)
-            total, t = memo[key]
+        grids[par] = (b_grid, a_grid)
+    for m, ad, note, settings, _ in _combos(spec, method, adapter, card, fixed, [None]):
+        try:
+            cfg = make_config(spec, m, adapter=ad, batch=1, seq=seq, precision=precision,
+                              ppo_response=ppo_response, **settings)
+        except VramplanError:
+            if fixed.get("rank") or fixed.get("targets"):
+                raise  # the user's own setting is invalid: say so
+            continue  # a searched rank larger than a small model's layer
+        if cfg in seen:
+            continue  # e.g. all-linear is already the model's default target set
+        seen.add(cfg)
+        # flash and sdpa save the same tensors and run the same kernels (SDPA dispatches to
+        # FlashAttention-2); paged 8-bit AdamW keeps the same states as 8-bit AdamW (on the GPU
+        # while they fit): evaluate each pair once
+        key = cfg.with_(attn="sdpa" if cfg.attn == "flash" else cfg.attn,
+                        optimizer="adamw_8bit" if cfg.optimizer == "paged_adamw_8bit" else cfg.optimizer)
+        st = model_state(spec, cfg) if key not in memo else None
+        for p in parallels:
+            b_grid, a_grid = grids[p]
+            if (key, p) not in memo:
+                sh = shard_state(spec, cfg, p, st) if p.distributed else None
+                peak = (parallel_step_memory(spec, cfg, p, batch=b_grid, state=sh).peak if p.distributed
+                        else step_memory(spec, cfg, batch=b_grid).peak)
+                t = step_time(spec, cfg, card, batch=b_grid, grad_accum=a_grid, parallel=p, profile=prof, state=st,
+                              sharded=sh)
+                memo[(key, p)] = (totals(peak, card, p), t)
+            total, t = memo[(key, p)]
             ok = total <= usable
             if ok.any():
-                tps = np.where(ok, t.tokens_per_s, -np.inf)
-                i = int(np.argmax(tps))
+                i = int(np.argmax(np.where(ok, t.tokens_per_s, -np.inf)))
             else:
                 i = int(np.argmin(total))
             cfg_i = cfg.with_(batch=int(b_grid[i]), grad_accum=int(a_grid[i]))
@@ -318,8 +325,7 @@ def _reason(p: Plan, best: Plan | None) -> str:
     if p is best:
         return "best: fastest that fits with the margin"
     if not p.fits:
-        return (f"does not fit: {p.peak_bytes / GIB:.2f} GiB > {p.usable_bytes / GIB:.2f} GiB usable "
-                f"({p.capacity_bytes / GIB:.2f} GiB less the margin)")
+        return f"does not fit: {p.peak_bytes / GIB:.2f} GiB > {p.usable_bytes / GIB:.2f} GiB usable"
     slower = 1.0 - p.tokens_per_s / best.tokens_per_s
     diffs = []
     c, b = p.config, best.config
@@ -341,10 +347,11 @@ def _reason(p: Plan, best: Plan | None) -> str:
     if p.parallel != best.parallel:
         diffs.append(p.parallel.label)
     if c.attn != b.attn:
-        diffs.append(f"{c.attn} attention" + (" (same kernels as sdpa; needs flash-attn)" if c.attn == "flash" else ""))
+        diffs.append("flash: same kernels as sdpa, needs flash-attn" if c.attn == "flash" else f"{c.attn} attention")
     if slower <= 1e-9:
-        return "ties the best" + (f" ({'; '.join(diffs)})" if diffs else "") + "; simpler settings rank first"
-    return f"{100 * slower:.1f}% slower" + (f": {'; '.join(diffs)}" if diffs else "")
+        return "ties the best" + (f": {'; '.join(diffs)}" if diffs else "")
+    pct = f"{100 * slower:.1f}%" if slower >= 0.001 else "<0.1%"
+    return f"{pct} slower" + (f": {'; '.join(diffs)}" if diffs else "")
 
 
 # -- when nothing fits -------------------------------------------------------------------------
@@ -381,25 +388,27 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, pre
         if g.memory_bytes <= card.memory_bytes or (cfg.precision != "fp32" and "bf16" in cfg.precision and not g.bf16):
             continue
         if float(totals(peak_t, g, SINGLE)) <= g.memory_bytes * keep:
-            out.append(Suggestion("gpu", f"fits on one {g.name} ({g.memory_bytes / GIB:.0f} GiB) with GC and 8-bit AdamW"
+            out.append(Suggestion("gpu", f"1x {g.name} ({g.memory_bytes / GIB:.0f} GiB)"
                                   + (f" as {cfg.recipe.name}" if cfg.recipe.name != method else ""),
                                   {"gpu": g.name, "capacity_bytes": g.memory_bytes}))
             break
     # 2. more of this card with ZeRO-3 / FSDP
+    found: dict[int, list[str]] = {}
     for strategy in ("zero3", "fsdp"):
         for n in GPU_COUNTS:
             if n <= gpus:
                 continue
             par = make_parallel(n, strategy)
             if float(totals(_tensor_peak(spec, cfg, par), card, par)) <= card.memory_bytes * keep:
-                out.append(Suggestion("gpus", f"fits on {n}x {card.name} with {strategy} (GC, 8-bit AdamW)",
-                                      {"gpus": n, "strategy": strategy, "gpu": card.name}))
+                found.setdefault(n, []).append(strategy)
                 break
+    for n, strategies in sorted(found.items()):
+        out.append(Suggestion("gpus", f"{n}x {card.name} with {' or '.join(strategies)}",
+                              {"gpus": n, "strategies": strategies, "gpu": card.name}))
     # 3. CPU offload on the same number of cards
     par = make_parallel(max(1, gpus), "zero3", "cpu")
     if float(totals(_tensor_peak(spec, cfg, par), card, par)) <= card.memory_bytes * keep:
-        out.append(Suggestion("offload", f"fits on {max(1, gpus)}x {card.name} with zero3 --offload cpu "
-                              "(parameters and optimiser in host memory; much slower)",
+        out.append(Suggestion("offload", f"{max(1, gpus)}x {card.name} with zero3 --offload cpu (slow)",
                               {"gpus": max(1, gpus), "strategy": "zero3", "offload": "cpu"}))
     # 4. a shorter sequence on this card
     limit = min(seq - 128, spec.max_position_embeddings)
@@ -413,7 +422,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, pre
             ok = totals(_tensor_peak(spec, c, par, batch=1, seq=grid), card, par) <= card.memory_bytes * keep
             if ok.any():
                 s = int(grid[ok].max())
-                out.append(Suggestion("seq", f"fits at seq <= {s:,} on this card (GC, 8-bit AdamW, batch 1)",
+                out.append(Suggestion("seq", f"seq <= {s:,} on {card.name}",
                                       {"seq": s}))
     return out
 

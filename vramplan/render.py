@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -37,26 +38,100 @@ def render_estimate(est: Estimate, console: Console) -> None:
         console.print(f"[dim]· {a}[/dim]")
 
 
-def render_fit(report, console: Console) -> None:
+def fmt_duration(seconds: float | None) -> str:
+    """``42 s``, ``17 min``, ``3.4 h``, ``2.1 d`` (rendering only)."""
+    if seconds is None:
+        return "-"
+    s = float(seconds)
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    if s < 172800:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} d"
+
+
+def plan_brief(plan) -> str:
+    """Compact settings of a :class:`vramplan.recommend.Plan`: ``b4x2, GC, adamw, r8`` (GC only when on)."""
+    c = plan.config
+    parts = [f"b{c.batch}" + (f"x{c.grad_accum}" if c.grad_accum > 1 else "")]
+    if c.grad_ckpt:
+        parts.append("GC")
+    parts.append({"adamw_8bit": "8-bit", "paged_adamw_8bit": "paged 8-bit"}.get(c.optimizer, c.optimizer))
+    if c.attn != "sdpa":
+        parts.append(c.attn)
+    if c.adapter in ("lora", "qlora", "dora"):
+        parts.append(f"r{c.rank}" + (" all-linear" if len(c.targets) > 2 else ""))
+    if plan.parallel.distributed:
+        parts.append(plan.parallel.label)
+    return ", ".join(parts)
+
+
+def render_fit(report, console: Console, top: int = 0) -> None:
+    """One row per method (its best plan); with ``top``, each method's ``top`` ranked plans and why they lose."""
     if report.model_resolved_from:
         console.print(f"[dim]model {report.model_resolved_from}[/dim]")
-    t = Table(title=f"{report.model} on {report.gpu} ({fmt_bytes(report.capacity_bytes)}), seq {report.seq}",
-              header_style="bold")
-    for col, just in (("method", "left"), ("fits", "center"), ("peak / capacity", "right"), ("max batch", "right"),
-                      ("max seq (b=1)", "right"), ("recommended", "left")):
-        t.add_column(col, justify=just)
+    gpus = getattr(report, "gpus", 1)
+    where = report.gpu if gpus == 1 else f"{gpus}x {report.gpu}" + (f" {report.strategy}" if report.strategy else "")
+    each = " each" if gpus > 1 else ""
+    t = Table(title=f"{report.model} on {where} ({fmt_bytes(report.capacity_bytes)}{each}), seq {report.seq}",
+              header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    timed = getattr(report, "tokens", None) is not None
+    cols = [("method", "left"), ("fits", "left"), ("peak GiB", "right"), ("max batch/seq", "right"),
+            ("tok/s", "right"), ("best settings", "left")]
+    if timed:
+        cols.insert(5, ("time", "right"))
+    for col, just in cols:
+        t.add_column(col, justify=just, no_wrap=col not in ("method", "best settings"))
+    colour = {"comfortable": "green", "tight": "yellow", "no": "red"}
+    footnotes = []
     for r in report.rows:
         name = r.method + (f" ({r.adapter})" if r.adapter != r.method else "")
-        colour = {"comfortable": "green", "tight": "yellow", "no": "red"}
         v = getattr(r, "verdict", None)
         verdict = (f"[{colour[v.value]}]{v.value}[/{colour[v.value]}]" if v is not None
                    else "[green]yes[/green]" if r.fits else "[red]no[/red]")
-        s = r.settings
-        rec = (f"GC {'on' if s['grad_ckpt'] else 'off'}, {s['optimizer']}, {s['precision']}, {s['attn']}"
-               if r.fits else (r.notes[0] if r.notes else ""))
-        t.add_row(name, verdict, f"{r.estimate.peak_gib:.2f} / {report.capacity_bytes / 2**30:.2f} GiB",
-                  str(r.max_batch) if r.max_batch else "-", f"{r.max_seq:,}" if r.max_seq else "-", rec)
+        chosen = getattr(r, "chosen", None)
+        if chosen is not None:
+            rec = plan_brief(chosen) if r.fits else "-"
+        else:
+            s = r.settings
+            rec = f"GC {'on' if s['grad_ckpt'] else 'off'}, {s['optimizer']}, {s['attn']}" if r.fits else "-"
+        tps = getattr(r, "tokens_per_s", None)
+        row = [name, verdict, f"{r.estimate.peak_gib:.2f}",
+               f"{r.max_batch or '-'} / {r.max_seq:,}" if r.max_seq else f"{r.max_batch or '-'} / -",
+               f"{tps:,.0f}" if tps and r.fits else "-", rec]
+        if timed:
+            row.insert(5, fmt_duration(r.time_to_train_s).replace(" ", "") if r.fits else "-")
+        t.add_row(*row)
+        if r.notes:
+            footnotes.append(f"{name}: " + "; ".join(r.notes))
     console.print(t)
+    for f in footnotes:
+        console.print(f"· {f}")
+    if top:
+        for r in report.rows:
+            # flash ties sdpa and paged 8-bit AdamW ties 8-bit AdamW exactly: list the simpler one only
+            listed = [p for p in getattr(r, "plans", []) if p.config.attn != "flash"
+                      and p.config.optimizer != "paged_adamw_8bit"]
+            plans = listed[:top]
+            # an adapter with no plan among those (LoRA behind its QLoRA fallback): show its first, to say why
+            for ad in dict.fromkeys(p.adapter for p in listed):
+                if all(p.adapter != ad for p in plans):
+                    plans.append(next(p for p in listed if p.adapter == ad))
+            if not plans:
+                continue
+            pt = Table(title=f"{r.method}: {len(plans)} of {len(r.plans)} plans, fastest that fits first",
+                       header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+            for col, just in (("#", "right"), ("settings", "left"), ("peak GiB", "right"), ("tok/s", "right"),
+                              ("why not first", "left")):
+                pt.add_column(col, justify=just)
+            for p in plans:
+                label = (p.adapter + ", " if p.adapter != r.method else "") + plan_brief(p)
+                pt.add_row(str(p.rank), label, f"{p.peak_bytes / 2**30:.2f}", f"{p.tokens_per_s:,.0f}", p.reason)
+            console.print(pt)
+        console.print("[dim]· not listed: flash attention and paged 8-bit AdamW, which tie sdpa and 8-bit AdamW "
+                      "(in --json)[/dim]")
     for a in report.assumptions:
         console.print(f"[dim]· {a}[/dim]")
 

@@ -42,11 +42,13 @@ Default efficiencies (assumptions; sources where measured):
   12.0) have no published MAMF: 0.80 is assumed; Turing/Volta (fp16 only) 0.75.
 * Stack efficiency 0.62 of MAMF at large micro-batches: eager transformers/PEFT training
   does not run at the matmul ceiling (norms, rotary, softmax and SwiGLU are memory-bound,
-  kernels launch one by one). For scale: torchtitan's compiled FSDP2 Llama-3-8B reaches
-  56-58% MFU on A100s, about 0.66 of MAMF (docs/performance.md); torchtune's
-  Llama-3.2-3B full fine-tune on one A100, packed, without ``torch.compile``, 7,075 tokens/s
-  (README), about 0.62 of MAMF by the count above. ``benchmarks/throughput_vs_published.py``
-  prints the comparison.
+  kernels launch one by one). For scale: torchtune's Llama-3.2-3B full fine-tune on one
+  A100, packed, without ``torch.compile``, 7,075 tokens/s (README, "Optimization flags") is
+  53% MFU by the count above, 0.61 of MAMF (with the small-work factors below this model
+  predicts 0.89x of it); torchtitan's compiled FSDP2 Llama-3-8B reaches 56-58% MFU on A100s
+  (docs/performance.md). No published single-GPU HF Trainer figure was found; compiled
+  stacks run 1.3-1.5x faster than predicted. ``benchmarks/throughput_vs_published.py``
+  prints every comparison.
 * Small work: ``x T / (T + 256)`` for T tokens per micro-step and ``x h / (h + 256)`` for
   hidden width h (narrow and short matmuls do not fill the GPU), and a floor of 0.25 ms per
   decoder layer per pass (about 30 kernel launches of ~8 us each in eager mode).
@@ -67,6 +69,10 @@ Default efficiencies (assumptions; sources where measured):
   CPU-bound at small batches); bitsandbytes 4-bit weights are dequantised for every token
   when more than one sequence is decoded (4.5 bytes per weight instead of 0.5).
 
+Memory-saving techniques of the training stack (``--techniques``, ``vramplan/data/stacks.toml``)
+add their ``cost``, the assumed fraction of step time (activation offloading, selective
+checkpointing, optimiser offloading).
+
 Known limitations: no torch.compile, Liger or Unsloth kernels (they run faster than this
 model says); sequences are packed or equal length (padding costs tokens that do not count);
 PPO runs one epoch of updates per rollout (TRL's ``num_ppo_epochs`` multiplies the update part).
@@ -79,13 +85,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import TrainConfig
-from .distributed import SINGLE, Comm, Parallel, comm_volume, overlap, shard_state
+from .distributed import SINGLE, Comm, Parallel, comm_volume, overlap
 from .gpus import GPUSpec
 from .memory import model_state
 from .methods import Adapter, Forward
 from .models import ModelSpec
 from .optimizers import get_optimizer
-from .precision import DTYPE_BYTES, get_regime
+from .precision import DTYPE_BYTES
 from .taxonomy import Component
 
 # -- default efficiencies (see the module docstring for sources) ---------------------------
@@ -196,7 +202,7 @@ def _adapted_shapes(spec: ModelSpec, cfg: TrainConfig) -> list[tuple[int, int, i
 def step_work(spec: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepWork:
     """What one micro-step of ``cfg`` does on ``spec`` (arrays broadcast over ``batch`` and ``seq``)."""
     recipe = cfg.recipe
-    regime = get_regime(cfg.precision)
+    regime = cfg.regime
     b = np.asarray(cfg.batch if batch is None else batch, dtype=np.float64)
     s = np.asarray(cfg.seq if seq is None else seq, dtype=np.float64)
     zeros = np.zeros(np.broadcast(b, s).shape)
@@ -306,7 +312,9 @@ class StepTime:
     """Seconds of one optimiser step and the throughput that follows (arrays over batch/seq).
 
     ``tokens_per_s`` counts the tokens of all GPUs (batch x seq x sequences per example x
-    grad_accum x GPUs per step). ``achieved_tflops`` and ``mfu`` are per GPU, model FLOPs only.
+    grad_accum x GPUs per step). ``achieved_tflops`` and ``mfu`` are per GPU and count the
+    FLOPs as :func:`step_work` does: the recompute of gradient checkpointing included (so
+    ``mfu`` is a hardware-FLOPs utilisation), LoRA's own matmuls left out.
     """
 
     step_s: np.ndarray
@@ -367,7 +375,7 @@ def _optimizer_seconds(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, par: Par
     if P == 0:
         return 0.0
     opt = get_optimizer(cfg.optimizer)
-    regime = get_regime(cfg.precision)
+    regime = cfg.regime
     if par.strategy in ("zero1", "zero2", "zero3"):
         pb = 4  # DeepSpeed steps the fp32 master partition
     else:
@@ -382,7 +390,8 @@ def _optimizer_seconds(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, par: Par
 
 
 def step_time(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, batch=None, seq=None, *, grad_accum: int | None = None,
-              parallel: Parallel = SINGLE, use_profile: bool = True, profile=_LOAD) -> StepTime:
+              parallel: Parallel = SINGLE, use_profile: bool = True, profile=_LOAD, state=None,
+              sharded=None) -> StepTime:
     """Seconds per optimiser step and tokens/s of ``cfg`` on ``gpu`` (arrays over ``batch``/``seq``).
 
     Args:
@@ -393,12 +402,13 @@ def step_time(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, batch=None, seq=N
         parallel: GPUs and sharding strategy (communication and the sharded optimiser).
         use_profile: False ignores the card's calibration profile (the defaults only).
         profile: an already loaded profile (or None) to skip the lookup; a search passes it once.
+        state, sharded: ``model_state(spec, cfg)`` and ``shard_state(...)`` when the caller has them.
 
     Returns:
         :class:`StepTime`; ``source`` names the profile or the default efficiencies used.
     """
     a = np.asarray(cfg.grad_accum if grad_accum is None else grad_accum, dtype=np.float64)
-    regime = get_regime(cfg.precision)
+    regime = cfg.regime
     w = step_work(spec, cfg, batch, seq)
     eff = card_efficiency(gpu)
     peak = gpu.tensor_tflops(regime.compute_dtype) * 1e12
@@ -409,7 +419,7 @@ def step_time(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, batch=None, seq=N
         t = np.asarray(tokens, dtype=np.float64)
         return peak * eff.matmul * eff.stack * width * t / (t + TOKENS_HALF)
 
-    st = model_state(spec, cfg)
+    st = state or model_state(spec, cfg)
     opt_s = _optimizer_seconds(spec, cfg, gpu, parallel, st)
     prof = None if not use_profile else (_profile(gpu) if profile is _LOAD else profile)
     key = cfg.recipe.name
@@ -441,7 +451,14 @@ def step_time(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, batch=None, seq=N
         micro = compute + dequant + dora + eager + prefill + decode
         parts.update(compute_s=compute, dequant_s=dequant, dora_s=dora, eager_attention_s=eager,
                      rollout_s=prefill + decode)
-    comm = comm_volume(spec, cfg, parallel, gpu, st=st) if parallel.distributed else Comm()
+    # memory-saving techniques (stacks.toml) add their assumed fraction of step time
+    from .stacks import techniques
+
+    cost = sum(t.cost for name, t in techniques().items() if cfg.uses(name))
+    if cost:
+        parts["techniques_s"] = micro * cost
+        micro = micro * (1.0 + cost)
+    comm = comm_volume(spec, cfg, parallel, gpu, state=sharded, st=st) if parallel.distributed else Comm()
     net_s, host_s = comm.seconds(a)
     step = overlap(a * micro, net_s) + opt_s + host_s
     n = parallel.gpus

@@ -24,13 +24,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (tiny models: time and dry-run accounting)")
     p.add_argument("--report-dir", default="reports/calibration", help="where <gpu>.md and <gpu>.png go")
     p.add_argument("--no-report", action="store_true", help="do not write the report")
-    p.add_argument("--no-dryrun", action="store_true", help="skip the dry-run accounting of each point")
+    p.add_argument("--dryrun", choices=("all", "first", "none"), default=None,
+                   help="record the dry run's accounting of all points, the first of each model x method group, "
+                        "or none (default: the suite's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="start no new point after this long; fit what is logged (resume later with --resume)")
     p.add_argument("--fit-only", metavar="LOG", default=None,
                    help="refit the profile and rewrite the report from an existing JSONL log; measure nothing")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def print_record(rec: dict) -> None:
+    """One plain line per record on stderr (the progress of a run without a terminal)."""
+    mib = 1 << 20
+    if rec.get("kind") == "search":
+        print(f"search {rec['model']} {rec['method']} {rec['vary']}: largest fit {rec.get('largest_fit')}, "
+              f"first OOM {rec.get('smallest_oom')} ({rec.get('probes')} probes, {rec.get('reason')})", file=sys.stderr)
+        return
+    c, m = rec.get("config") or {}, rec.get("memory") or {}
+    what = f"{rec.get('model')} {rec.get('method')} b{c.get('batch')} s{c.get('seq')}{' gc' if c.get('grad_ckpt') else ''} {c.get('optimizer')}"
+    if rec.get("status") == "ok":
+        mem = ""
+        if m.get("max_allocated") is not None:
+            mem = (f" alloc {m['max_allocated'] / mib:,.0f} MiB reserved {m['max_reserved'] / mib:,.0f} MiB"
+                   + (f" nvml {m['nvml_process_bytes'] / mib:,.0f} MiB" if m.get("nvml_process_bytes") else ""))
+        print(f"ok   {what}: {rec.get('step_s_median', 0):.4f} s/step {rec.get('tokens_per_s') or 0:,.0f} tok/s{mem} "
+              f"(load {rec.get('load_s', 0):.1f} s, point {rec.get('elapsed_s', 0):.1f} s)", file=sys.stderr)
+    else:
+        print(f"{rec.get('status'):4s} {what}: {rec.get('error')}", file=sys.stderr)
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
@@ -47,9 +69,11 @@ def run_from_args(args: argparse.Namespace) -> dict:
         return {"gpu": prof.gpu, "log": str(log), "profile": str(path),
                 "report": str(rep[0]) if rep[0] else None, "plot": str(rep[1]) if rep[1] else None,
                 "holdout": {k: r.to_json() for k, r in prof.holdout.items()}}
+    bar = not args.no_progress and sys.stderr.isatty()
     res = run_calibration(gpu=args.gpu, suite=args.suite, out=args.out, resume=args.resume, quick=args.quick,
-                          device=args.device, report_dir=report_dir, progress=not args.no_progress,
-                          dryrun=False if args.no_dryrun else None, time_limit_s=args.time_limit)
+                          device=args.device, report_dir=report_dir, progress=bar,
+                          dryrun=args.dryrun, time_limit_s=args.time_limit,
+                          on_record=None if bar else print_record)
     out = res.to_json()
     if res.profile is not None:
         out["holdout"] = {k: r.to_json() for k, r in res.profile.holdout.items()}

@@ -18,7 +18,8 @@ What is fitted, and how (relative error = (predicted - measured) / measured thro
 * context: NVML process memory minus torch's reserve after the timed steps, maximum over
   points without a paged optimiser (lazily loaded kernels only add up as a run goes on).
 * step time per method: ``t = coef . step_features`` with non-negative coefficients, the
-  subset of features with the best AIC on relative error (all subsets, at most 4 features).
+  subset of features with the best AIC on relative error (all subsets, at most 4 features),
+  refitted once without outliers (off by > 25% and > 4 median errors; at most a fifth).
   QLoRA recipes are timed as their LoRA twin plus ``s_per_gparam`` x NF4 weights
   dequantised per step (median over the QLoRA points).
 * knots: achieved TFLOP/s (``step_flops`` / step time) per method and tokens per step.
@@ -249,6 +250,16 @@ def _fit_throughput(rows: list[Row]) -> tuple[dict[str, Throughput], Fitted | No
         coef = _nnls_subsets(X, y)
         if coef is None:
             return None
+        # one refit without outliers (a stalled step, a one-off warm-up cost): points off by more than
+        # 4 median absolute deviations and 25%, at most a fifth of them
+        rel = np.abs(X @ coef / y - 1)
+        cut = max(0.25, 4 * float(np.median(rel)))
+        out_idx = [i for i in np.argsort(-rel)[: len(items) // 5] if rel[i] > cut]
+        if out_idx and len(items) - len(out_idx) >= 2:
+            keep = np.setdiff1d(np.arange(len(items)), out_idx)
+            refit = _nnls_subsets(X[keep], y[keep])
+            if refit is not None:
+                coef = refit
         th = Throughput(tuple(float(c) for c in coef), knots(items), len(items))
         return Throughput(th.coef, th.knots, th.n, Residual.of([th.seconds(r.shape.features()) for r in items], list(y)))
 

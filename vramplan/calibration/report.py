@@ -221,18 +221,21 @@ def render_markdown(log_path: Path, profile: Profile, rows: list[Row], evals: li
     # every point
     L.append("## Every point")
     L.append("")
-    L.append("Memory in MiB. *alloc*: max_memory_allocated (or the dry run on CPU); *reserved*: max_memory_reserved; "
+    L.append("Memory in MiB. *alloc*: max_memory_allocated (or the dry run on CPU); *dry*: the dry run's tensor peak; "
+             "*analytic*: the analytic tensor peak; *pred*: calibrated predictions; *reserved*: max_memory_reserved; "
              "*NVML*: the process's device memory; *default*: the planner's device total without a profile.")
     L.append("")
-    L.append("| point | split | status | alloc | pred | reserved | pred | err | NVML | pred | err | default | step s | tok/s | pred | err |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    L.append("| point | split | status | alloc | dry | analytic | pred | reserved | pred | err | NVML | pred | err | default "
+             "| step s | tok/s | pred | err |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for e in sorted(evals, key=lambda e: (e.row.split, e.rec.get("model", ""), e.row.method, e.row.tokens)):
         r, c = e.row, e.cal
         if r.status != "ok":
             continue
         label = _label(r)
         L.append("| " + " | ".join([
-            label, r.split, r.status, _mib(r.allocated), _mib(c.allocated_bytes if c else None), _mib(r.reserved),
+            label, r.split, r.status, _mib(r.allocated), _mib((r.rec.get("dryrun") or {}).get("tensor_peak_bytes")),
+            _mib(r.pred.tensor_peak_bytes if r.pred else None), _mib(c.allocated_bytes if c else None), _mib(r.reserved),
             _mib(c.reserved_bytes if c else None), _pct(_rel(c.reserved_bytes if c else None, r.reserved)),
             _mib(r.process), _mib(c.device_bytes if c else None), _pct(_rel(c.device_bytes if c else None, r.process)),
             _mib(r.pred.default_peak_bytes if r.pred else None), f"{r.step_s:.4f}" if r.step_s else "–",

@@ -21,6 +21,7 @@ Each record is appended durably to ``<out>/<gpu>.jsonl`` before the next point s
 
 from __future__ import annotations
 
+import gc
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from typing import Any, Callable, Protocol
 from ..config import TrainConfig
 from ..errors import VramplanError
 from ..models import ModelSpec
+from ..optimizers import get_optimizer
 from ..profiles import Profile, profile_key
 from .env import environment, now_iso
 from .log import JsonlLog, LogState
@@ -282,7 +284,7 @@ _PROBES_GUESS = 7  # probes a search usually takes (for the ETA; corrected as se
 
 def run_search(spec: SearchSpec, dev: Device, builder: Builder, log: JsonlLog, prior: dict[int, dict], *,
                session: str = "", progress: _Progress | None = None, with_dryrun: bool = False,
-               deadline: float | None = None) -> dict | None:
+               deadline: float | None = None, on_record: Callable[[dict], None] | None = None) -> dict | None:
     """Find the largest ``spec.vary`` that fits; every probe is logged; resumes from ``prior`` probes.
 
     Returns the ``search`` record, or None if ``deadline`` (a ``time.perf_counter`` value)
@@ -303,6 +305,8 @@ def run_search(spec: SearchSpec, dev: Device, builder: Builder, log: JsonlLog, p
             progress.describe(f"search {spec.model} {point.method_key} {spec.vary}={size}")
         rec = measure_point(point, dev, builder, session=session, search=spec.id, size=size, with_dryrun=with_dryrun)
         log.append(rec)
+        if on_record:
+            on_record(rec)
         if progress:
             progress.advance()
         if rec["status"] == "error":
@@ -322,7 +326,30 @@ def run_search(spec: SearchSpec, dev: Device, builder: Builder, log: JsonlLog, p
            "probes": o.probes, "reason": error or o.reason, "status": "error" if error else "ok",
            "config": cfg, "capacity_bytes": (dev.describe().get("total_bytes") if dev.kind == "cuda" else None)}
     log.append(out)
+    if on_record:
+        on_record(out)
     return out
+
+
+def _needs_bnb(cfg: TrainConfig) -> bool:
+    return cfg.adapter == "qlora" or cfg.optimizer in ("adamw_8bit", "paged_adamw_8bit")
+
+
+def _check_bitsandbytes(points: list[Point], searches: list[SearchSpec]) -> None:
+    """Fail before measuring anything if QLoRA or 8-bit optimiser points need a missing bitsandbytes."""
+    import importlib.util
+
+    need = [p for p in points if _needs_bnb(p.config)] + [s for s in searches if _needs_bnb(s.config(s.start))]
+    if need and importlib.util.find_spec("bitsandbytes") is None:
+        from ..errors import MissingDependencyError
+
+        raise MissingDependencyError(f"bitsandbytes is not installed, and {len(need)} points of the suite need it "
+                                     "(QLoRA, 8-bit optimisers)", "pip install 'vramplan[calibrate]'; on a lent GPU "
+                                     "machine carry its wheel in .whl/ (calibrate/run_on_gpu.sh --fetch-wheels)")
+
+
+def _paged(p: Point) -> bool:
+    return get_optimizer(p.config.optimizer).paged
 
 
 def _resolve_suite(suite: str | Path | Suite | None, quick: bool, dev: Device) -> Suite:
@@ -340,7 +367,8 @@ def run_calibration(gpu: str = "auto", suite: str | Path | Suite | None = None, 
                     resume: bool = False, quick: bool = False, device: str = "cuda", *,
                     report_dir: str | Path | None = "reports/calibration", fit: bool = True, progress: bool = True,
                     builder: Builder | None = None, device_obj: Device | None = None, console: Any = None,
-                    dryrun: bool | None = None, time_limit_s: float | None = None) -> CalibrationResult:
+                    dryrun: bool | str | None = None, time_limit_s: float | None = None,
+                    on_record: Callable[[dict], None] | None = None) -> CalibrationResult:
     """Run a calibration suite on one device, then fit the card's profile and write the report.
 
     Args:
@@ -357,10 +385,12 @@ def run_calibration(gpu: str = "auto", suite: str | Path | Suite | None = None, 
         progress: show a rich progress bar with ETA on stderr.
         builder: ``builder(spec, config, torch_device) -> Workload`` (default: ``vramplan.runtime``).
         device_obj: a :class:`Device` to use instead of ``device`` (tests inject fakes).
-        dryrun: record the dry run's accounting per point (default: the suite's ``dryrun`` key, on).
+        dryrun: record the dry run's accounting: True for every point, False for none, or
+            ``"first"`` (the first point of each model x method group); default: the suite's ``dryrun``.
         time_limit_s: start no new point after this many seconds; the run then fits what the log
             holds and returns with ``complete = False`` (for machines lent by the 10 minutes:
             call again with ``resume=True``).
+        on_record: called with every record once it is safely in the log (for plain-text progress).
 
     Returns:
         :class:`CalibrationResult`.
@@ -372,13 +402,13 @@ def run_calibration(gpu: str = "auto", suite: str | Path | Suite | None = None, 
     """
     t_start = time.perf_counter()
     dev = device_obj or make_device(device)
-    probes = dev.probe_context()  # first: NVML before and after CUDA initialises
+    st = _resolve_suite(suite, quick, dev)  # a bad suite fails before CUDA starts
+    dry_ids = st.dryrun_ids(dryrun)
+    probes = dev.probe_context()  # before anything else touches CUDA: NVML before and after it starts
     probes.update(dev.probe_workspace())
     info = dev.describe()
     name = resolve_gpu_name(gpu, dev, info)
     key = profile_key(name)
-    st = _resolve_suite(suite, quick, dev)
-    with_dryrun = st.dryrun if dryrun is None else bool(dryrun)
     out = Path(out)
     log_path = out / f"{key}.jsonl"
     state = LogState.load(log_path) if log_path.exists() else LogState()
@@ -395,23 +425,47 @@ def run_calibration(gpu: str = "auto", suite: str | Path | Suite | None = None, 
     todo = [p for p in st.points if not state.done(p.id)]
     result.skipped = len(st.points) - len(todo)
     searches = [s for s in st.searches if s.id not in state.searches]
+    if builder is None and (todo or searches):
+        _check_bitsandbytes(todo, searches)
     bld = builder if builder is not None else (default_builder() if todo or searches else None)
     bar = _Progress(progress, len(todo) + _PROBES_GUESS * len(searches), console)
     log = JsonlLog(log_path).open()
     interrupted = False
+    # Everything imported so far (torch, transformers, ...) lives as long as the process: freeze it
+    # out of the collector, so the full collection after each point scans only that point's objects.
+    gc.collect()
+    gc.freeze()
     try:
         log.append({"kind": "session", "session": session, "gpu": key, "gpu_name": name,
                     "suite": {"name": st.name, "path": st.path, "points": len(st.points), "searches": len(st.searches)},
                     "resume": resume, "probes": probes, **environment(info)})
         deadline = None if time_limit_s is None else t_start + float(time_limit_s)
-        for i, p in enumerate(todo):
+        # Paged 8-bit optimisers put their states in cudaMallocManaged memory that bitsandbytes never
+        # frees: run those points last, so no other point's NVML reading carries their leak.
+        tasks: list = [p for p in todo if not _paged(p)] + list(searches) + [p for p in todo if _paged(p)]
+        for i, task in enumerate(tasks):
             if deadline is not None and time.perf_counter() > deadline:
                 result.complete = False
-                result.remaining = len(todo) - i + len(searches)
+                result.remaining = len(tasks) - i
                 break
+            if isinstance(task, SearchSpec):
+                before = len(state.probes.get(task.id, {}))
+                res = run_search(task, dev, bld, log, state.probes.get(task.id, {}), session=session, progress=bar,
+                                 with_dryrun=False, deadline=deadline, on_record=on_record)
+                if res is None:
+                    result.complete = False
+                    result.remaining = len(tasks) - i
+                    break
+                result.searches.append({k: res[k] for k in ("id", "vary", "fixed", "largest_fit", "smallest_oom",
+                                                            "probes", "reason")})
+                bar.grow(res["probes"] - before - _PROBES_GUESS)
+                continue
+            p = task
             bar.describe(p.describe())
-            rec = measure_point(p, dev, bld, session=session, with_dryrun=with_dryrun)
+            rec = measure_point(p, dev, bld, session=session, with_dryrun=p.id in dry_ids)
             log.append(rec)
+            if on_record:
+                on_record(rec)
             status = rec["status"]
             result.measured += status == "ok"
             result.oom += status == "oom"
@@ -419,22 +473,11 @@ def run_calibration(gpu: str = "auto", suite: str | Path | Suite | None = None, 
             if status != "ok":
                 bar.log(f"[yellow]{status}[/]: {p.describe()}: {rec.get('error', '')[:160]}")
             bar.advance()
-        for j, s in enumerate(searches):
-            if not result.complete:
-                break
-            before = len(state.probes.get(s.id, {}))
-            res = run_search(s, dev, bld, log, state.probes.get(s.id, {}),
-                             session=session, progress=bar, with_dryrun=False, deadline=deadline)
-            if res is None:
-                result.complete = False
-                result.remaining = len(searches) - j
-                break
-            result.searches.append({k: res[k] for k in ("id", "vary", "fixed", "largest_fit", "smallest_oom", "probes", "reason")})
-            bar.grow(res["probes"] - before - _PROBES_GUESS)
     except KeyboardInterrupt:
         interrupted = True
         raise
     finally:
+        gc.unfreeze()
         log.close()
         bar.stop()
         result.elapsed_s = time.perf_counter() - t_start
@@ -443,7 +486,7 @@ def run_calibration(gpu: str = "auto", suite: str | Path | Suite | None = None, 
 
             print(f"vramplan calibrate: interrupted; everything measured so far is in {log_path}; "
                   f"re-run with --resume to continue", file=sys.stderr)
-    if fit:
+    if fit and (result.complete or LogState.load(log_path).measured):  # a cut-short run fits what it has
         from .fit import fit_profile
 
         prof = fit_profile(log_path)

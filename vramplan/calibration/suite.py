@@ -9,7 +9,8 @@ A suite is a TOML file, validated on load::
     steps = 3             # timed steps per point
     holdout_every = 4     # every 4th point of a model x method group is held out of the fit
     time_budget_s = 900   # expected wall time (a guide, reported; the run is never cut short)
-    dryrun = true         # also record the dry run's tensor accounting of every point
+    dryrun = "first"      # record the dry run's tensor accounting: "all" points, the "first" of each
+                          # model x method group, or "none" (true / false mean all / none)
 
     [defaults]            # make_config keywords every point starts from
     precision = "bf16-mixed"
@@ -134,7 +135,22 @@ class Suite:
     steps: int
     time_budget_s: float | None = None
     device: str | None = None
-    dryrun: bool = True
+    dryrun: str = "first"
+
+    def dryrun_ids(self, mode: str | bool | None = None) -> set[str]:
+        """Ids of the points whose dry-run accounting is recorded under ``mode`` (default: the suite's)."""
+        mode = _dryrun_mode(self.dryrun if mode is None else mode)
+        if mode == "none":
+            return set()
+        if mode == "all":
+            return {p.id for p in self.points}
+        seen, out = set(), set()
+        for p in self.points:
+            key = (p.model, p.method_key)
+            if key not in seen:
+                seen.add(key)
+                out.add(p.id)
+        return out
 
     def quick_subset(self) -> "Suite":
         """The points and searches marked ``quick = true``."""
@@ -300,7 +316,17 @@ def load_suite(suite: str | Path) -> Suite:
     return Suite(name=name, path=str(path), summary=str(raw.get("summary", "")), points=tuple(pts),
                  searches=tuple(searches), models=models, warmup=warmup, steps=steps,
                  time_budget_s=float(budget) if budget is not None else None, device=raw.get("device"),
-                 dryrun=bool(raw.get("dryrun", True)))
+                 dryrun=_dryrun_mode(raw.get("dryrun", "first"), path))
+
+
+def _dryrun_mode(v: Any, path: Path | None = None) -> str:
+    if v is True:
+        return "all"
+    if v is False:
+        return "none"
+    if v in ("all", "first", "none"):
+        return str(v)
+    raise VramplanError(f"{'suite ' + path.name + ': ' if path else ''}dryrun must be all, first or none, got {v!r}")
 
 
 def _assign_holdout(points: list[Point], every: int) -> list[Point]:

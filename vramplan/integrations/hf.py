@@ -36,7 +36,7 @@ from ..units import GIB
 from ..verdict import Verdict, classify
 from .request import PlanRequest
 
-transformers = require("transformers", "dryrun")
+transformers = require("transformers", "integrations")
 
 logger = logging.getLogger("vramplan")
 
@@ -113,8 +113,6 @@ def _detect_card():
         return None
     if not torch.cuda.is_available():
         return None
-    from dataclasses import replace
-
     from ..gpus import custom_gpu, detect_gpu, get_gpu
 
     try:
@@ -202,8 +200,9 @@ class VramplanCallback(transformers.TrainerCallback):
         return "; ".join(tips)
 
     def _card_spec(self):
+        """The card planned for: the given or detected one, its capacity replaced by ``gpu_mem``."""
         if self.gpu_mem is None:
-            return self._card if not isinstance(self._card, str) else None
+            return self._card
         from ..plan import resolve_gpu
 
         return resolve_gpu(self._card, self.gpu_mem)

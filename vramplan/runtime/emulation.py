@@ -214,6 +214,10 @@ class CudaEmulation(TorchFunctionMode):
         name = getattr(func, "__name__", None)
         if name == "scaled_dot_product_attention":
             return self._sdpa(func, args, kwargs)
+        if name in ("grouped_mm", "_grouped_mm"):
+            a, b = args[0], args[1]
+            if a.dtype is not torch.bfloat16 or b.dtype is not torch.bfloat16:
+                return _GroupedMMFallback.apply(a, b)
         if name is not None and torch.is_autocast_enabled("cuda"):
             policy = POLICY.get(name)
             if policy is not None:
@@ -221,6 +225,25 @@ class CudaEmulation(TorchFunctionMode):
         # A Python composite runs with this mode off (re-entering would recurse through its own
         # has_torch_function check): the composites that hide a listed op are mapped above.
         return func(*args, **kwargs)
+
+
+class _GroupedMMFallback(torch.autograd.Function):
+    """``grouped_mm`` for non-bf16 operands on ``meta`` (whose kernel accepts bf16 only).
+
+    Memory as a grouped GEMM: the [tokens, N] output; both operands saved for backward;
+    gradients shaped like the operands. (2-D input sorted by expert, 3-D expert weights.)
+    """
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a.new_empty(a.shape[0], b.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return (torch.empty_like(a) if ctx.needs_input_grad[0] else None,
+                torch.empty_like(b) if ctx.needs_input_grad[1] else None)
 
 
 @contextmanager

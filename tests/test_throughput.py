@@ -1,0 +1,215 @@
+"""The throughput model: FLOP counts, their agreement with the calibration convention, monotonicity."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import vramplan
+from vramplan.config import make_config
+from vramplan.distributed import make_parallel
+from vramplan.gpus import get_gpu
+from vramplan.models import get_model
+from vramplan.throughput import card_class, card_efficiency, flops_per_token, parse_count, step_time, step_work
+
+METHODS = ["full", "lora", "qlora", "dora", "ia3", "dpo", "ppo"]
+
+
+def _n_dense(spec):
+    """Decoder matmul weights + LM head: the N of 6 N (PaLM appendix B)."""
+    body = spec.active_params - spec.embedding_params - spec.lm_head_params - spec.num_layers * spec.layer_norm_params() \
+        - spec.hidden_size
+    return body + spec.vocab_size * spec.hidden_size
+
+
+def test_full_training_is_6n_plus_attention():
+    """PaLM appendix B: 6 N + 12 L H Q T per token (no causal discount)."""
+    spec = get_model("llama-2-7b")
+    seq = 2048
+    cfg = make_config(spec, "full", seq=seq)
+    expected = 6 * _n_dense(spec) + 12 * spec.num_layers * spec.num_heads * spec.head_dim * seq
+    w = step_work(spec, cfg)
+    assert float(w.model_flops / w.tokens) == pytest.approx(expected, rel=1e-12)
+
+
+def test_lora_skips_weight_gradients_and_gc_recomputes():
+    spec = get_model("llama-2-7b")
+    seq = 2048
+    attn = 4 * seq * spec.q_dim * spec.num_layers
+    N = _n_dense(spec)
+    lora = step_work(spec, make_config(spec, "lora", seq=seq))
+    assert float(lora.model_flops / lora.tokens) == pytest.approx(4 * N + 3 * attn, rel=1e-12)
+    gc = step_work(spec, make_config(spec, "lora", seq=seq, grad_ckpt=True))
+    assert float(gc.model_flops / gc.tokens) == pytest.approx(6 * N + 4 * attn, rel=1e-12)
+    assert gc.layer_passes == lora.layer_passes + 1
+
+
+def test_dpo_counts_chosen_rejected_and_the_reference():
+    spec = get_model("llama-3.2-1b")
+    seq = 1024
+    lora = step_work(spec, make_config(spec, "lora", seq=seq, batch=2))
+    dpo = step_work(spec, make_config(spec, "dpo", seq=seq, batch=2))
+    assert float(dpo.tokens) == 2 * float(lora.tokens)
+    fwd = 2 * _n_dense(spec) + 4 * seq * spec.q_dim * spec.num_layers
+    assert float(dpo.model_flops) == pytest.approx(2 * float(lora.model_flops) + fwd * float(dpo.tokens), rel=1e-12)
+
+
+@pytest.mark.parametrize("model", ["llama-2-7b", "qwen2.5-0.5b", "mixtral-8x7b", "gemma-2-2b"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("gc", [False, True])
+def test_same_convention_as_the_calibration_step_shape(model, method, gc):
+    """A profile's step-time model is fitted on calibration.flops.step_shape: the planner counts the same."""
+    flops_mod = pytest.importorskip("vramplan.calibration.flops")
+    spec = get_model(model)
+    cfg = make_config(spec, method, grad_ckpt=gc, batch=3, seq=1024)
+    w, s = step_work(spec, cfg), flops_mod.step_shape(spec, cfg)
+    assert float(w.model_flops) == pytest.approx(s.flops, rel=1e-12)
+    assert (w.layer_passes, w.gen_tokens) == (s.layer_passes, s.gen_tokens)
+    assert w.dequant_gparams == pytest.approx(s.dequant_gparams, rel=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(method=st.sampled_from(METHODS), batch=st.integers(1, 16), seq=st.integers(256, 8192), gc=st.booleans(),
+       attn=st.sampled_from(["eager", "sdpa"]))
+def test_more_batch_or_seq_never_fewer_flops_or_less_time(method, batch, seq, gc, attn):
+    spec = get_model("qwen2.5-0.5b")
+    gpu = get_gpu("a100-80gb")
+    cfg = make_config(spec, method, batch=batch, seq=seq, grad_ckpt=gc, attn=attn)
+    w0 = step_work(spec, cfg)
+    f0 = float(w0.model_flops + w0.adapter_flops)
+    for c in (cfg.with_(batch=batch + 1), make_config(spec, method, batch=batch, seq=seq + 128, grad_ckpt=gc, attn=attn)):
+        w = step_work(spec, c)
+        assert float(w.model_flops + w.adapter_flops) >= f0
+    t0 = float(step_time(spec, cfg, gpu).step_s)
+    assert float(step_time(spec, cfg.with_(batch=batch + 1), gpu).step_s) >= t0
+
+
+def test_vectorised_equals_scalar():
+    spec = get_model("llama-3.2-1b")
+    gpu = get_gpu("l40s")
+    cfg = make_config(spec, "qlora", seq=1024)
+    b = np.array([1, 2, 4, 8])
+    grid = step_time(spec, cfg, gpu, batch=b)
+    for i, bb in enumerate(b):
+        one = step_time(spec, cfg.with_(batch=int(bb)), gpu)
+        assert float(grid.tokens_per_s[i]) == pytest.approx(float(one.tokens_per_s), rel=1e-12)
+        assert grid.at(i).step_s == pytest.approx(float(one.step_s), rel=1e-12)
+
+
+def test_gradient_checkpointing_costs_about_a_third_for_full_training():
+    spec = get_model("llama-2-7b")
+    gpu = get_gpu("h100-sxm")
+    off = float(step_time(spec, make_config(spec, "full", batch=4), gpu).tokens_per_s)
+    on = float(step_time(spec, make_config(spec, "full", batch=4, grad_ckpt=True), gpu).tokens_per_s)
+    assert 0.70 < on / off < 0.80  # 6N -> 8N FLOPs per token
+
+
+def test_qlora_dequantisation_is_a_per_step_cost():
+    spec = get_model("llama-3.1-8b")
+    gpu = get_gpu("rtx4090")
+    for b in (1, 8):
+        lo = step_time(spec, make_config(spec, "lora", batch=b, grad_ckpt=True), gpu)
+        q = step_time(spec, make_config(spec, "qlora", batch=b, grad_ckpt=True), gpu)
+        assert float(q.step_s) > float(lo.step_s)
+        assert float(q.parts["dequant_s"]) > 0
+    # the same dequantisation per step weighs less with more tokens per step
+    small = step_time(spec, make_config(spec, "qlora", batch=1), gpu)
+    big = step_time(spec, make_config(spec, "qlora", batch=8), gpu)
+    assert float(small.parts["dequant_s"]) == pytest.approx(float(big.parts["dequant_s"]))
+
+
+def test_ppo_generation_is_bandwidth_bound():
+    from dataclasses import replace
+
+    from vramplan.throughput import DECODE_LAUNCH_S_PER_LAYER
+
+    spec = get_model("llama-2-7b")
+    cfg = make_config(spec, "ppo", batch=1, seq=1024)
+    gpu = get_gpu("rtx6000ada")
+    launch = cfg.ppo_response * spec.num_layers * DECODE_LAUNCH_S_PER_LAYER
+    base = float(step_time(spec, cfg, gpu).parts["rollout_s"])
+    twice_bw = float(step_time(spec, cfg, replace(gpu, bandwidth_gbs=2 * gpu.bandwidth_gbs)).parts["rollout_s"])
+    twice_tf = float(step_time(spec, cfg, replace(gpu, bf16_tflops=2 * gpu.bf16_tflops)).parts["rollout_s"])
+    assert 1.8 < (base - launch) / (twice_bw - launch) <= 2.0   # decoding scales with bandwidth ...
+    assert twice_tf > 0.95 * base                              # ... not with compute (only the prefill does)
+    assert base > float(step_time(spec, cfg, gpu).parts["compute_s"])  # generation dominates at batch 1
+
+
+def test_more_gpus_more_tokens_per_second_and_comm_counted():
+    spec = get_model("llama-2-7b")
+    gpu = get_gpu("h100-sxm")
+    cfg = make_config(spec, "full", batch=4, grad_ckpt=True)
+    t1 = step_time(spec, cfg, gpu, parallel=make_parallel(1, "zero3"))
+    t8 = step_time(spec, cfg, gpu, parallel=make_parallel(8, "zero3"))
+    assert float(t8.tokens_per_s) > 4 * float(t1.tokens_per_s)
+    assert float(t8.comm_s) > 0 and float(t1.comm_s) == 0
+
+
+def test_offload_is_slower():
+    spec = get_model("llama-2-7b")
+    gpu = get_gpu("a100-80gb")
+    cfg = make_config(spec, "full", batch=4, grad_ckpt=True)
+    z3 = step_time(spec, cfg, gpu, parallel=make_parallel(2, "zero3"))
+    off = step_time(spec, cfg, gpu, parallel=make_parallel(2, "zero3", "cpu"))
+    assert float(off.step_s) > float(z3.step_s)
+
+
+def test_card_classes_and_sources():
+    assert card_class(get_gpu("h100-sxm")) == "datacenter-hopper"
+    assert card_class(get_gpu("a100-80gb")) == "datacenter-ampere"
+    assert card_class(get_gpu("rtx4090")) == "gddr"
+    assert card_class(get_gpu("t4")) == "pre-ampere"
+    assert card_efficiency(get_gpu("a100-80gb-pcie")).matmul == pytest.approx(252.9 / 312, abs=1e-3)
+    assert card_efficiency(get_gpu("h100-sxm")).matmul == pytest.approx(794.5 / 989, abs=1e-3)
+    assert "assumed" in card_efficiency(get_gpu("rtx4090")).matmul_source
+
+
+def test_estimate_says_where_throughput_comes_from():
+    est = vramplan.estimate("7b", "lora", gpu="a100-80gb", batch=4)
+    assert est.tokens_per_s > 0 and est.step_time_s > 0
+    assert any(a.startswith("throughput: defaults for datacenter-ampere") for a in est.assumptions)
+    assert est.to_json()["throughput"]["calibrated"] is False
+    assert vramplan.estimate("7b", "lora").tokens_per_s is None  # no GPU, no speed
+
+
+def test_profile_replaces_the_defaults(monkeypatch):
+    import vramplan.throughput as tp
+
+    class FakeProfile:
+        path = "profiles/a100-80gb.json"
+
+        def step_seconds(self, method, features, dequant_gparams=0.0):
+            return 1e-12 * features["flops"] + 0.01
+
+    monkeypatch.setattr(tp, "_profile", lambda gpu: FakeProfile())
+    spec = get_model("llama-2-7b")
+    cfg = make_config(spec, "lora", batch=2)
+    t = tp.step_time(spec, cfg, get_gpu("a100-80gb"))
+    assert t.calibrated and "calibration profile" in t.source
+    # the profile times whole steps (one micro-step + the update): the update is taken out once
+    expected = 1e-12 * float(step_work(spec, cfg).model_flops) + 0.01 - t.optimizer_s
+    assert float(t.micro_s) == pytest.approx(expected, rel=1e-9)
+
+    class OnlyKnots:
+        def achieved_tflops(self, method, tokens):
+            return 100.0
+
+    monkeypatch.setattr(tp, "_profile", lambda gpu: OnlyKnots())
+    t = tp.step_time(spec, cfg, get_gpu("a100-80gb"))
+    assert t.calibrated
+    assert float(t.micro_s) == pytest.approx(float(step_work(spec, cfg).model_flops) / 100e12 - t.optimizer_s, rel=1e-9)
+
+
+def test_time_to_train_and_gpu_hours():
+    est = vramplan.estimate("7b", "lora", gpu="a100-80gb", batch=4, gpus=2, tokens="100M", epochs=3)
+    assert est.time_to_train_s == pytest.approx(3e8 / est.tokens_per_s)
+    assert est.gpu_hours == pytest.approx(est.time_to_train_s * 2 / 3600)
+
+
+@pytest.mark.parametrize("text, value", [("500M", 5e8), ("2B", 2e9), ("1.5e9", 1.5e9), ("12,000", 12000.0), (7, 7.0)])
+def test_parse_count(text, value):
+    assert parse_count(text) == value
+
+
+def test_flops_per_token_of_lora_below_full():
+    spec = get_model("llama-2-7b")
+    assert float(flops_per_token(spec, make_config(spec, "lora"))) < float(flops_per_token(spec, make_config(spec, "full")))
