@@ -31,7 +31,8 @@ ARCHS = {
               "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True},
     # Gemma-2-2B widths (google/gemma-2-2b config.json): 4 norms, head_dim 256, softcapping -> eager attention
     "gemma2": {"model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216, "num_attention_heads": 8,
-               "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 256000, "hidden_activation": "gelu_pytorch_tanh"},
+               "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 256000,
+               "hidden_activation": "gelu_pytorch_tanh"},
     # Phi-3-mini widths (microsoft/Phi-3-mini-4k-instruct config.json): fused qkv and gate_up
     "phi3": {"model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 32,
              "num_key_value_heads": 32, "vocab_size": 32064, "pad_token_id": 32000},
@@ -91,7 +92,7 @@ def run(arch: str, method: str, precision: str, gc: bool, seq: int, batch: int, 
             print(f"    {_fmt(nbytes / tokens)} {nbytes / tokens / h:8.3f}  {key}", file=out)
         cached = {k: v for k, v in section["ops"].items() if k.endswith("]")}
         if cached:
-            print(f"    other components (bytes per layer, token-independent):", file=out)
+            print("    other components (bytes per layer, token-independent):", file=out)
             for key, nbytes in cached.items():
                 print(f"    {nbytes:>10d} B     {key}", file=out)
     return row
@@ -110,8 +111,10 @@ def main(argv=None) -> int:
     import transformers
 
     print(f"# dry-run per-layer activation evidence: torch {torch.__version__}, transformers "
-          f"{transformers.__version__}; batch {a.batch} x seq {a.seq}; {LAYERS} layers, the middle one sampled", file=out)
-    print("# B/token = bytes the layer holds per token of the micro-batch; x h = the same divided by hidden_size", file=out)
+          f"{transformers.__version__}; batch {a.batch} x seq {a.seq}; {LAYERS} layers, the middle one sampled",
+          file=out)
+    print("# B/token = bytes the layer holds per token of the micro-batch; x h = the same divided by hidden_size",
+          file=out)
     rows = []
     t0 = time.perf_counter()
     for arch in a.arch:

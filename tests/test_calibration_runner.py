@@ -533,3 +533,17 @@ def test_missing_bitsandbytes_fails_before_measuring(tmp_path, monkeypatch):
         run_calibration(suite="cpu", out=tmp_path / "p", device="cpu", progress=False, report_dir=None)
     log = tmp_path / "p" / "cpu.jsonl"
     assert not log.exists() or not [r for r in read_log(log) if r["kind"] == "point"]
+
+
+def test_gpu_script_is_valid_bash():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "calibrate" / "run_on_gpu.sh"
+    assert script.exists() and os.access(script, os.X_OK)
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert "--resume" in text and "--time-limit" in text and '"$OUT/' in text

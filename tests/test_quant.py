@@ -81,5 +81,5 @@ def test_nf4_bytes_rejects_bad_input():
 
 
 def test_quant_module_is_torch_free():
-    code = "import sys, vramplan.quant; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
+    code = "import sys, vramplan, vramplan.quant, vramplan.dryrun; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

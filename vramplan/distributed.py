@@ -434,15 +434,19 @@ def _activation_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) 
 
 
 def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, batch=None, seq=None,
-                         state: ShardedState | None = None) -> StepMemory:
+                         state: ShardedState | None = None, terms: dict | None = None,
+                         components: bool = True) -> StepMemory:
     """Per-GPU tensor bytes of one steady-state step under ``par`` (arrays broadcast over batch/seq).
 
     The phases of :func:`vramplan.memory.step_memory` with the model-state terms of
     :func:`shard_state`: gathered units join forward and backward, their gradients the
     backward, communication buckets every phase, the gathered policy the PPO rollout.
+    ``state`` and ``terms`` (:func:`_activation_terms` for the same batch/seq) may be passed in
+    when already computed; ``components=False`` skips the per-component breakdown (a search
+    only needs the peak).
     """
     sh = state or shard_state(model, cfg, par)
-    t = _activation_terms(model, cfg, batch, seq)
+    t = terms or _activation_terms(model, cfg, batch, seq)
     zeros = t["zeros"]
     B = sh.bytes
     static = sum(B.get(c, 0) for c in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS,
@@ -466,6 +470,10 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
     stack = np.stack([phases[p] for p in PHASE_ORDER])
     idx = np.argmax(stack, axis=0)
     peak = np.max(stack, axis=0)
+    ms = ModelState(bytes=dict(B), params=model.params, trainable_params=sh.trainable_params,
+                    step_temporary=sh.step_temporary)
+    if not components:
+        return StepMemory(components={}, phases=phases, peak=peak, peak_phase=idx, state=ms)
 
     def at_peak(by_phase: dict) -> np.ndarray:
         out = zeros.copy()
@@ -494,8 +502,6 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
     comps[Component.KV_CACHE] = at_peak({Phase.ROLLOUT: kv})
     comps[Component.LOGITS] = comps[Component.LOGITS] + at_peak({Phase.ROLLOUT: t["rollout_logits"]})
 
-    ms = ModelState(bytes=dict(B), params=model.params, trainable_params=sh.trainable_params,
-                    step_temporary=sh.step_temporary)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=ms)
 
 

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from .config import TrainConfig, make_config
-from .distributed import SINGLE, STRATEGIES, Parallel, make_parallel, parallel_step_memory, shard_state
+from .distributed import (SINGLE, STRATEGIES, Parallel, _activation_terms, make_parallel, parallel_step_memory,
+                          shard_state)
 from .errors import VramplanError
 from .gpus import GPUSpec, catalogue
 from .memory import model_state, step_memory
@@ -258,6 +259,7 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
     fixed = dict(grad_ckpt=grad_ckpt, optimizer=optimizer, attn=attn, rank=rank, targets=targets)
     plans: list[Plan] = []
     memo: dict[tuple, tuple] = {}
+    terms: dict[tuple, dict] = {}  # activation terms: the same for every strategy
     seen: set = set()
     prof = _profile(card)
     grids = {}
@@ -291,8 +293,14 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
             b_grid, a_grid = grids[p]
             if (key, p) not in memo:
                 sh = shard_state(spec, cfg, p, st) if p.distributed else None
-                peak = (parallel_step_memory(spec, cfg, p, batch=b_grid, state=sh).peak if p.distributed
-                        else step_memory(spec, cfg, batch=b_grid).peak)
+                if p.distributed:
+                    tkey = (key, tuple(b_grid))
+                    if tkey not in terms:
+                        terms[tkey] = _activation_terms(spec, cfg, batch=b_grid)
+                    peak = parallel_step_memory(spec, cfg, p, batch=b_grid, state=sh, terms=terms[tkey],
+                                                components=False).peak
+                else:
+                    peak = step_memory(spec, cfg, batch=b_grid).peak
                 t = step_time(spec, cfg, card, batch=b_grid, grad_accum=a_grid, parallel=p, profile=prof, state=st,
                               sharded=sh)
                 memo[(key, p)] = (totals(peak, card, p), t)

@@ -33,7 +33,18 @@ def render_estimate(est: Estimate, console: Console) -> None:
     if est.gpu is not None:
         verdict = "[green]fits[/green]" if est.fits else "[red]does not fit[/red]"
         console.print(f"{est.gpu}: {verdict} — {fmt_bytes(est.peak_bytes)} of {fmt_bytes(est.capacity_bytes)} "
-                      f"(headroom {fmt_bytes(est.headroom_bytes)})")
+                      f"(headroom {fmt_bytes(est.headroom_bytes)})"
+                      + (f" per GPU, {est.gpus}x {est.strategy}" + (" + CPU offload" if est.offload == "cpu" else "")
+                         if getattr(est, "strategy", None) else ""))
+    if getattr(est, "tokens_per_s", None) is not None:
+        t = est.throughput
+        line = (f"speed: {est.tokens_per_s:,.0f} tokens/s, {est.step_time_s:.3f} s per optimiser step "
+                f"(grad accum {cfg.grad_accum}), {t.achieved_tflops:.0f} TFLOP/s per GPU ({t.mfu:.0%} of peak)")
+        if t.comm_s or t.host_s:
+            line += f"; communication {t.comm_s:.3f} s, host/offload {t.host_s:.3f} s per step"
+        console.print(line)
+        if est.time_to_train_s is not None:
+            console.print(f"time to train: {fmt_duration(est.time_to_train_s)} ({est.gpu_hours:,.1f} GPU-hours)")
     for a in est.assumptions:
         console.print(f"[dim]· {a}[/dim]")
 
@@ -78,7 +89,7 @@ def render_fit(report, console: Console, top: int = 0) -> None:
     t = Table(title=f"{report.model} on {where} ({fmt_bytes(report.capacity_bytes)}{each}), seq {report.seq}",
               header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     timed = getattr(report, "tokens", None) is not None
-    cols = [("method", "left"), ("fits", "left"), ("peak GiB", "right"), ("max batch/seq", "right"),
+    cols = [("method", "left"), ("fits", "left"), ("peak GiB", "right"), ("max b/seq", "right"),
             ("tok/s", "right"), ("best settings", "left")]
     if timed:
         cols.insert(5, ("time", "right"))

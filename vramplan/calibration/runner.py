@@ -164,7 +164,7 @@ def measure_point(point: Point, dev: Device, builder: Builder, *, session: str =
     mem: dict[str, Any] = {"baseline_allocated": base.allocated, "baseline_reserved": base.reserved}
     workload = None
     step_s: list[float] = []
-    failure: BaseException | None = None
+    failure: Exception | None = None
     try:
         t0 = time.perf_counter()
         workload = builder(spec, cfg, dev.torch_device)
@@ -198,7 +198,7 @@ def measure_point(point: Point, dev: Device, builder: Builder, *, session: str =
         rec["status"] = "ok"
     except KeyboardInterrupt:
         raise
-    except BaseException as exc:  # OOM, a failing step, a bad config the runtime rejects
+    except Exception as exc:  # OOM (torch's OutOfMemoryError, MemoryError), a failing step, a rejected config
         failure = exc
         rec["status"] = "oom" if is_oom(exc) else "error"
         rec["error"] = first_line(exc)
@@ -224,7 +224,7 @@ def measure_point(point: Point, dev: Device, builder: Builder, *, session: str =
         except Exception:
             pass
     del failure
-    if step_s:
+    if step_s and rec["status"] == "ok":
         med = _median(step_s)
         rec["step_s"] = [round(x, 6) for x in step_s]
         rec["step_s_median"] = round(med, 6)

@@ -159,6 +159,8 @@ def dryrun_config(spec: ModelSpec, cfg: TrainConfig, card=None, *, model_query: 
     tf_logger = logging.getLogger("transformers")
     level = tf_logger.level
     tf_logger.setLevel(logging.ERROR)
+    from ..runtime.build import first_sentence
+
     try:
         with warnings.catch_warnings(), tracker.mode:
             warnings.simplefilter("ignore")
@@ -174,6 +176,8 @@ def dryrun_config(spec: ModelSpec, cfg: TrainConfig, card=None, *, model_query: 
             tracker.start_measure()
             trainee.step()
             tracker.stop()
+    except (ValueError, NotImplementedError) as exc:  # transformers/PEFT rejecting the configuration
+        raise VramplanError(f"the dry run's training step failed: {first_sentence(exc)}") from exc
     finally:
         tf_logger.setLevel(level)
 
@@ -202,9 +206,11 @@ def dryrun_config(spec: ModelSpec, cfg: TrainConfig, card=None, *, model_query: 
     peak = tensor_peak + sum(runtime.values())
 
     params, trainable = trainee.counts()
-    policy_params = sum(
+    pol = trainee.copies[Role.POLICY]
+    peft_policy = pol.trains and trainee.recipe.adapter.is_peft
+    policy_params = sum(  # the base model's parameters (an NF4 weight counts its elements), adapters apart
         int(p.quant_state.shape.numel()) if getattr(p, "quant_state", None) is not None else p.numel()
-        for p in trainee.copies[Role.POLICY].module.parameters())
+        for p in pol.module.parameters() if not (peft_policy and p.requires_grad))
     tokens = cfg.batch * cfg.seq * cfg.recipe.sequences_per_example
     layer = {
         "index": sample,

@@ -28,7 +28,6 @@ the trainee's steps run under :class:`~vramplan.runtime.emulation.CudaEmulation`
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import warnings
 from dataclasses import dataclass, field
@@ -52,6 +51,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _DROP_KEYS = ("architectures", "_name_or_path", "torch_dtype", "dtype", "transformers_version", "quantization_config",
               "auto_map", "_attn_implementation", "attn_implementation")
 LR = 1e-5
+
+
+def first_sentence(exc: BaseException, limit: int = 200) -> str:
+    """The first sentence of an exception's message, on one line (for VramplanError)."""
+    text = " ".join(str(exc).split()) or exc.__class__.__name__
+    cut = text.find(". ")
+    text = text[: cut + 1] if 0 < cut < limit else text
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -284,8 +291,11 @@ def _from_config(spec: ModelSpec, head: str, dtype: torch.dtype, attn: str, devi
         try:
             with torch.device(device):
                 return cls.from_config(conf, dtype=dtype, attn_implementation=attn)
-        except (ValueError, KeyError) as exc:
-            raise VramplanError(f"transformers cannot build {spec.name} as a {cls.__name__[4:]} ({exc})") from None
+        except (ValueError, KeyError, NotImplementedError) as exc:
+            what = "sequence classifier" if head == "scalar" else "causal LM"
+            hint = "try --attn eager" if "attention implementation" in str(exc) else None
+            raise VramplanError(f"transformers cannot build {spec.name} as a {what}: {first_sentence(exc)}",
+                                hint) from None
 
 
 def _enable_gc(model: nn.Module) -> None:

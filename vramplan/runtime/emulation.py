@@ -38,7 +38,6 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ..taxonomy import Component
 
 # ---- CUDA autocast policy (ATen/autocast_mode.h, AT_FORALL_* lists; names as Python sees them)
 _LOWER = {
@@ -105,7 +104,8 @@ class CudaEmulation(TorchFunctionMode):
     Args:
         attn: ``sdpa`` (torch's choice), ``flash`` (flash-attention kernels whenever the
             dtype allows, as HF's ``flash_attention_2`` would), or ``eager``.
-        on_cached_cast: called with each autocast-cached weight cast (for attribution).
+        on_cached_cast: called with each autocast cast of a weight (``nn.Parameter``): the cached
+            casts of trainable fp32 leaves, and the per-use casts of frozen fp32 weights.
     """
 
     def __init__(self, attn: str = "sdpa", on_cached_cast: Callable[[torch.Tensor], None] | None = None):
@@ -134,7 +134,12 @@ class CudaEmulation(TorchFunctionMode):
             if self.on_cached_cast is not None:
                 self.on_cached_cast(cast)
             return cast
-        return t.to(dtype)
+        cast = t.to(dtype)
+        if self.on_cached_cast is not None and isinstance(t, torch.nn.Parameter):
+            # a frozen fp32 weight (QLoRA's upcast lm_head, fp32 experts) is cast anew at every use
+            # (not cached), but it is the same kind of memory: autocast's 16-bit copy of a weight
+            self.on_cached_cast(cast)
+        return cast
 
     def _autocast(self, func, policy: int, args, kwargs):
         lower = torch.get_autocast_dtype("cuda")
@@ -261,10 +266,6 @@ def emulated_autocast(mode: CudaEmulation, dtype: torch.dtype, enabled: bool = T
         torch.set_autocast_dtype("cuda", prev[1])
         if mode.nesting == 0:
             mode.clear_cache()
-
-
-def tag_cached_cast(hooks) -> Callable[[torch.Tensor], None]:
-    return lambda t: hooks.tag(t, Component.AUTOCAST_CACHE)
 
 
 _PATCHED = False

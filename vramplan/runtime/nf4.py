@@ -95,6 +95,10 @@ def quantize_linears(model: nn.Module, *, compute_dtype: torch.dtype, double_qua
         if module.bias is not None:
             new.bias = nn.Parameter(module.bias.data, requires_grad=False)
         new.requires_grad_(False)
+        if hasattr(new, "support_avx512bf16_for_cpu"):
+            # bitsandbytes' CPU inference path repacks the weight for good the first time it runs in
+            # eval mode (a PPO rollout), and that layout has no backward: keep the training layout
+            new.support_avx512bf16_for_cpu = False
         model.set_submodule(name, new)
         del module, w
         count += 1

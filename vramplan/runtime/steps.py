@@ -31,9 +31,12 @@ Methods:
   generates with the unwrapped model): prefill of ``seq - ppo_response`` prompt tokens with
   ``logits_to_keep=1``, then decoding with a ``DynamicCache``, keeping each step's fp32
   scores (``output_scores``) and stacking them into ``[batch, response, vocab]``.
-  **Shortcut**: the cache and the score list are pre-grown to ``seq - 2`` tokens and only
-  the last two decode steps run -- the decode loop's memory grows monotonically, so its
-  peak is at its last step, which runs for real. Then log-probs of the response, the
+  **Shortcut**: the cache is pre-grown to ``seq - 3`` tokens and the score list to
+  ``response - 2`` entries, and only the last two decode steps run (ending, as the real loop
+  does, with ``seq - 1`` cached tokens and ``response`` scores) -- the decode loop's memory
+  grows monotonically, so its peak is at its last step, which runs for real. As in TRL's
+  ``batch_generation``, the scores are stacked while ``generate``'s output still holds the
+  cache. Then log-probs of the response, the
   reference forward (adapter disabled or reference copy), the value and reward scores
   (backbone with ``output_hidden_states=True``, score head on the last hidden state).
   Training: policy and value forwards under autocast (one wrapper, outputs converted to
@@ -257,7 +260,7 @@ def _rollout(t) -> dict:
             tokens = [nxt]
             steps = resp - 1
             if steps > 2:  # shortcut to the last two decode steps (see the module docstring)
-                _pregrow(t, cache, s - 2)
+                _pregrow(t, cache, s - 3)  # after two more steps the cache holds prompt + response - 1 tokens
                 for _ in range(steps - 2):
                     scores.append(torch.zeros(b, int(t.spec.vocab_size), dtype=torch.float32, device=queries.device))
                     t.hooks.tag(scores[-1], Component.KV_CACHE)
@@ -330,7 +333,8 @@ def _ppo(t) -> dict:
         del vpred_temp
         t.logits_done()
         vclipped = torch.clamp(vpred, roll["values"] - CLIP_RANGE, roll["values"] + CLIP_RANGE)
-        vf_loss = 0.5 * torch.max(torch.square(vpred - roll["returns"]), torch.square(vclipped - roll["returns"])).mean()
+        ret = roll["returns"]
+        vf_loss = 0.5 * torch.max(torch.square(vpred - ret), torch.square(vclipped - ret)).mean()
         ratio = torch.exp(new_logprobs - roll["logprobs"])
         pg = torch.max(-roll["advantages"] * ratio,
                        -roll["advantages"] * torch.clamp(ratio, 1.0 - CLIP_RANGE, 1.0 + CLIP_RANGE)).mean()
