@@ -191,6 +191,15 @@ def cmd_gpus(a) -> int:
     return 0
 
 
+def cmd_calibrate(a) -> int:
+    from .calibration.__main__ import run_from_args
+
+    out = run_from_args(a)
+    if getattr(a, "json", False):
+        _print_json(out)
+    return 0
+
+
 def cmd_methods(a) -> int:
     from .methods import registry
 
@@ -242,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--preamble", default=None, metavar="FILE", help="markdown inserted at the top of the .md file")
     x.add_argument("--json", action="store_true", help="print one JSON object (every cell)")
     x.set_defaults(func=cmd_matrix)
+    c = sub.add_parser("calibrate", help="run real steps on a GPU and fit profiles/<gpu>.json (needs the calibrate extra)")
+    from .calibration.__main__ import add_arguments as _cal_args
+
+    _cal_args(c)
+    c.set_defaults(func=cmd_calibrate)
     m = sub.add_parser("methods", help="list the training methods")
     m.set_defaults(func=cmd_methods)
     return p
