@@ -38,6 +38,9 @@ def _add_plan_args(p: argparse.ArgumentParser, *, single: bool = True, model_req
         p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
         p.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=True,
                        help="QLoRA without double quantisation")
+        p.add_argument("--framework", default="hf", help="training stack: hf|torchtune|unsloth|litgpt (default hf)")
+        p.add_argument("--techniques", default=None,
+                       help="chunked_ce,liger_ce,act_offload,selective_ckpt,opt_in_bwd,opt_offload,padding")
         p.add_argument("--ppo-response", type=int, default=None, help="PPO response tokens (default seq/2)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -73,7 +76,7 @@ def _plan_kwargs(a: argparse.Namespace) -> dict:
     return dict(adapter=a.adapter, gpu=a.gpu, gpu_mem=a.gpu_mem, batch=a.batch, seq=a.seq, grad_accum=a.grad_accum,
                 rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=a.targets, grad_ckpt=a.grad_ckpt,
                 optimizer=a.optimizer, precision=a.precision, attn=a.attn, double_quant=a.double_quant,
-                ppo_response=a.ppo_response)
+                ppo_response=a.ppo_response, framework=getattr(a, "framework", "hf"))
 
 
 def _print_json(obj) -> None:
@@ -109,7 +112,7 @@ def cmd_estimate(a) -> int:
     elif a.model is None:
         raise VramplanError("estimate needs --model", "or --config FILE (an Axolotl YAML or HF/TRL training arguments)")
     else:
-        est = estimate(a.model, a.method, **_plan_kwargs(a), **_scale_kwargs(a))
+        est = estimate(a.model, a.method, **_plan_kwargs(a), **_scale_kwargs(a), techniques=a.techniques)
     _print_json(est) if a.json else render_estimate(est, _console())
     return 0
 

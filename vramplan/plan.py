@@ -80,7 +80,7 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, adapter: str | Non
              gpu: str | GPUSpec | None = None, gpu_mem: str | int | None = None, batch: int = 1, seq: int = 2048,
              grad_accum: int = 1, rank: int = 8, alpha: float | None = None, dropout: float = 0.0, targets=None,
              grad_ckpt: bool | None = None, optimizer: str = "adamw", precision: str | None = None,
-             attn: str = "sdpa", framework: str = "hf", double_quant: bool = True,
+             attn: str = "sdpa", framework: str = "hf", techniques=None, double_quant: bool = True,
              ppo_response: int | None = None, gpus: int = 1, strategy: str | None = None,
              offload: str | None = None, global_batch: int | None = None, tokens=None,
              epochs: float = 1.0) -> Estimate:
@@ -113,7 +113,7 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, adapter: str | Non
         grad_accum = _accum_for(global_batch, par.gpus, batch)
     cfg = make_config(spec, method, adapter=adapter, batch=batch, seq=seq, grad_accum=grad_accum, rank=rank,
                       alpha=alpha, dropout=dropout, targets=targets, grad_ckpt=grad_ckpt, optimizer=optimizer,
-                      precision=precision, attn=attn, framework=framework, double_quant=double_quant,
+                      precision=precision, attn=attn, framework=framework, techniques=techniques, double_quant=double_quant,
                       ppo_response=ppo_response)
     return estimate_config(spec, cfg, card, model_query=str(model) if not isinstance(model, ModelSpec) else None,
                            parallel=par, tokens=parse_count(tokens, "--tokens"), epochs=epochs)
