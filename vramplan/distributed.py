@@ -52,7 +52,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import activations as act
 from . import memory as _mem
 from .adapters import adapter_tensors, full_tensors
 from .config import TrainConfig
@@ -388,49 +387,8 @@ def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, st=N
 # -- per-GPU step memory -------------------------------------------------------------------
 
 def _activation_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict[str, np.ndarray]:
-    """The batch-dependent terms of :func:`vramplan.memory.step_memory`, term by term.
-
-    Mirrors ``step_memory`` (with its helpers) so that the sharded planner can swap only the
-    model-state terms around them; ``tests/test_distributed.py`` checks that ``Parallel()``
-    reproduces ``step_memory``'s phases and components exactly, so a change there shows up.
-    """
-    regime = cfg.regime
-    kbit = cfg.stack.kbit_upcast
-    recipe = cfg.recipe
-    b = np.asarray(cfg.batch if batch is None else batch, dtype=np.float64)
-    s = np.asarray(cfg.seq if seq is None else seq, dtype=np.float64)
-    T = b * s * recipe.sequences_per_example
-    zeros = np.zeros(np.broadcast(b, s).shape)
-    acts, logits_fwd, logits_bwd = zeros.copy(), zeros.copy(), zeros.copy()
-    transient, nograd_peak, temps_fwd, kv = zeros.copy(), zeros.copy(), zeros.copy(), zeros.copy()
-    for copy in recipe.copies:
-        if copy.forward is Forward.NO_GRAD:
-            f, _ = act.logits_bytes(model, copy, regime, T, copy.head, cfg)
-            layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
-            nograd_peak = np.maximum(nograd_peak, f + layer)
-            continue
-        a = _mem._stack_activations(model, cfg, copy, regime, T, s)
-        d = act.copy_dtypes(copy, regime, kbit)
-        a = a + T * 4 * model.hidden_size
-        if copy.adapter is Adapter.FULL:
-            a = a + T * d.norm_out * model.hidden_size
-        f, bw = act.logits_bytes(model, copy, regime, T, copy.head, cfg)
-        acts += a
-        logits_fwd += f
-        logits_bwd += bw
-        transient = np.maximum(transient, act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, kbit))
-        if copy.quantized:
-            temps_fwd = np.maximum(temps_fwd, _mem._dequant_temp(model, regime) + zeros)
-    rollout_logits = zeros.copy()
-    if recipe.method.rollout:
-        policy = recipe.copies[0]
-        kv = act.kv_cache_bytes(model, regime, policy, b, s, kbit) + zeros
-        rollout_logits = np.where(kv > 0, act.logits_bytes(model, policy, regime, b, "lm", cfg)[0], 0) + zeros
-    if recipe.copies[0].forward is not Forward.NONE:
-        acts = acts + act.attention_mask_bytes(model, cfg, regime, b, s)
-    return {"acts": acts, "logits_fwd": logits_fwd, "logits_bwd": logits_bwd, "transient": transient,
-            "nograd_peak": nograd_peak, "temps_fwd": temps_fwd, "kv": kv, "rollout_logits": rollout_logits,
-            "zeros": zeros}
+    """The batch-dependent terms of a step: :func:`vramplan.memory.step_terms`, shared with ``step_memory``."""
+    return _mem.step_terms(model, cfg, batch, seq)
 
 
 def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, batch=None, seq=None,

@@ -162,37 +162,23 @@ def _stack_activations(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regi
     return (L - 1) * full_layer + first
 
 
-def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepMemory:
-    """Peak tensor bytes of a steady-state step of ``cfg`` on ``model``, by component and phase.
+def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict[str, np.ndarray]:
+    """The batch-dependent terms of a step (arrays over batch/seq), shared by :func:`step_memory`
+    and the sharded planner (:func:`vramplan.distributed.parallel_step_memory`).
 
-    ``batch`` and ``seq`` default to the config's; arrays broadcast.
+    Keys: acts (saved activations incl. the shared attention mask), logits_fwd, logits_bwd,
+    transient (one layer's backward buffers), nograd_peak (frozen copies' forward working set),
+    temps_fwd (QLoRA dequantised weight), kv (PPO KV cache), rollout_logits, zeros.
     """
     regime = cfg.regime
     kbit = cfg.stack.kbit_upcast
     recipe = cfg.recipe
     b = np.asarray(cfg.batch if batch is None else batch, dtype=np.float64)
     s = np.asarray(cfg.seq if seq is None else seq, dtype=np.float64)
-    st = model_state(model, cfg)
-    spe = recipe.sequences_per_example
-    T = b * s * spe  # tokens through a training forward
+    T = b * s * recipe.sequences_per_example  # tokens through a training forward
     zeros = np.zeros(np.broadcast(b, s).shape)
-
-    static = sum(st.bytes[c] for c in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS,
-                                       Component.MASTER_WEIGHTS)) + zeros
-    states = st.bytes[Component.OPTIMIZER_STATES] + zeros
-    cache = st.bytes[Component.AUTOCAST_CACHE] + zeros
-    grads_all = st.bytes[Component.GRADIENTS] + zeros
-    if cfg.uses("opt_in_bwd"):
-        grads_all = st.largest_grad + zeros  # each gradient is consumed and freed as soon as it is ready
-
-    acts = zeros.copy()
-    logits_fwd = zeros.copy()
-    logits_bwd = zeros.copy()
-    transient = zeros.copy()
-    nograd_peak = zeros.copy()
-    temps_fwd = zeros.copy()
-    kv = zeros.copy()
-    L = model.num_layers
+    acts, logits_fwd, logits_bwd = zeros.copy(), zeros.copy(), zeros.copy()
+    transient, nograd_peak, temps_fwd, kv = zeros.copy(), zeros.copy(), zeros.copy(), zeros.copy()
     for copy in recipe.copies:
         if copy.forward is Forward.NO_GRAD:
             # frozen copies run under no_grad: only one layer's working set at a time plus their logits
@@ -212,14 +198,43 @@ def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> Ste
         transient = np.maximum(transient, act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, kbit))
         if copy.quantized:
             temps_fwd = np.maximum(temps_fwd, _dequant_temp(model, regime) + zeros)
+    rollout_logits = zeros.copy()
     if recipe.method.rollout:
         policy = recipe.copies[0]
-        kv = act.kv_cache_bytes(model, regime, policy, b, s, kbit)
-    # ordered phases
-    load = static.copy()
-    rollout = static + states + kv + np.where(kv > 0, act.logits_bytes(model, recipe.copies[0], regime, b, "lm", cfg)[0], 0)
+        kv = act.kv_cache_bytes(model, regime, policy, b, s, kbit) + zeros
+        rollout_logits = np.where(kv > 0, act.logits_bytes(model, policy, regime, b, "lm", cfg)[0], 0) + zeros
     if recipe.copies[0].forward is not Forward.NONE:
         acts = acts + act.attention_mask_bytes(model, cfg, regime, b, s)
+    return {"acts": acts, "logits_fwd": logits_fwd, "logits_bwd": logits_bwd, "transient": transient,
+            "nograd_peak": nograd_peak, "temps_fwd": temps_fwd, "kv": kv, "rollout_logits": rollout_logits,
+            "zeros": zeros}
+
+
+def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepMemory:
+    """Peak tensor bytes of a steady-state step of ``cfg`` on ``model``, by component and phase.
+
+    ``batch`` and ``seq`` default to the config's; arrays broadcast.
+    """
+    recipe = cfg.recipe
+    b = np.asarray(cfg.batch if batch is None else batch, dtype=np.float64)
+    s = np.asarray(cfg.seq if seq is None else seq, dtype=np.float64)
+    st = model_state(model, cfg)
+    zeros = np.zeros(np.broadcast(b, s).shape)
+
+    static = sum(st.bytes[c] for c in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS,
+                                       Component.MASTER_WEIGHTS)) + zeros
+    states = st.bytes[Component.OPTIMIZER_STATES] + zeros
+    cache = st.bytes[Component.AUTOCAST_CACHE] + zeros
+    grads_all = st.bytes[Component.GRADIENTS] + zeros
+    if cfg.uses("opt_in_bwd"):
+        grads_all = st.largest_grad + zeros  # each gradient is consumed and freed as soon as it is ready
+
+    t = step_terms(model, cfg, batch, seq)
+    acts, logits_fwd, logits_bwd = t["acts"], t["logits_fwd"], t["logits_bwd"]
+    transient, nograd_peak, temps_fwd, kv = t["transient"], t["nograd_peak"], t["temps_fwd"], t["kv"]
+    # ordered phases
+    load = static.copy()
+    rollout = static + states + kv + t["rollout_logits"]
     forward = static + states + cache + np.maximum(acts + logits_fwd + temps_fwd, nograd_peak)
     backward = static + states + cache + np.maximum(acts + logits_bwd + temps_fwd,
                                                     grads_all + transient + temps_fwd)
