@@ -8,6 +8,8 @@
 # call measures for at most TIME_LIMIT_S seconds (commands there are cut at 10 minutes),
 # resumes the log it finds in profiles/, then fits the profile and writes the report from
 # everything logged so far. It exits 0 once the suite is complete, 3 while points remain.
+# The measuring process is stopped hard at TIME_LIMIT_S + 120 s (HARD_LIMIT=seconds overrides),
+# and the log is brought back to $OUT even when the run fails.
 # Results go to profiles/ and reports/calibration/ of the copy, and also to $OUT:
 #   <gpu>.jsonl (raw log), <gpu>.json (profile), <gpu>.md + <gpu>.png (report),
 #   result.json (what the run did), env.txt (device and versions), calibrate.log.
@@ -61,12 +63,22 @@ for name in ("transformers", "peft", "bitsandbytes", "accelerate", "nvidia-ml-py
 EOF
 } 2>&1 | tee "$OUT/env.txt"
 
-python3 -m vramplan.calibration --device "${DEVICE:-cuda}" --suite "$SUITE" --out profiles --report-dir reports/calibration \
+# A hard stop well inside the machine's 10 minutes (a point that hangs, a GPU that stops answering):
+# SIGINT first (the runner closes its log and exits 130), SIGKILL 30 s later; the copy below still runs.
+HARD="${HARD_LIMIT:-$((${LIMIT%.*} + 120))}"
+timeout -s INT -k 30 "$HARD" \
+    python3 -m vramplan.calibration --device "${DEVICE:-cuda}" --suite "$SUITE" --out profiles --report-dir reports/calibration \
     --resume --time-limit "$LIMIT" --no-progress --json > "$OUT/result.json" 2> >(tee "$OUT/calibrate.log" >&2)
 rc=$?
 cat "$OUT/result.json"
 
 GPU=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1])).get('gpu',''))" "$OUT/result.json" 2>/dev/null)
+if [[ -z "$GPU" ]]; then
+    # the run failed before printing its result (device lost, interrupted, crashed): the newest log in
+    # profiles/ is this run's; bring it back, or what it measured is lost with the machine
+    NEWEST=$(ls -t profiles/*.jsonl 2>/dev/null | head -n 1)
+    [[ -n "$NEWEST" ]] && GPU=$(basename "$NEWEST" .jsonl)
+fi
 if [[ -n "$GPU" ]]; then
     for f in "profiles/$GPU.jsonl" "profiles/$GPU.json" "reports/calibration/$GPU.md" "reports/calibration/$GPU.png"; do
         [[ -f "$f" ]] && cp "$f" "$OUT/"

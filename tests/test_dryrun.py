@@ -139,6 +139,36 @@ def test_components_sum_to_the_peak_and_groups_agree(lora):
         assert sum(comps.values()) == lora.phases[p]
 
 
+def test_overheads_get_the_paged_states_and_the_method_but_no_activation_factor(spec, monkeypatch):
+    """The measured tensor peak goes through vramplan.overheads' chain with the method (its profile
+    figures) and the paged optimiser states (no allocator reserve on them), but no activations: the
+    activation factor corrects the analytic model, not the dry run's measurement."""
+    from vramplan import overheads
+    from vramplan.profiles import AllocatorModel, Fitted, Profile
+
+    mib = 1 << 20
+    plain = dryrun(spec, "full", batch=B, seq=S, optimizer="adamw_8bit", gpu="a100-80gb")
+    paged = dryrun(spec, "full", batch=B, seq=S, optimizer="paged_adamw_8bit", gpu="a100-80gb")
+    t, states = paged.tensor_peak_bytes, paged.components[Component.OPTIMIZER_STATES]
+    assert states > 0 and (t, states) == (plain.tensor_peak_bytes, plain.components[Component.OPTIMIZER_STATES])
+    assert plain.components[Component.ALLOCATOR_RESERVE] == int(overheads.DEFAULT_RESERVE_FRACTION * t)
+    assert paged.components[Component.ALLOCATOR_RESERVE] == int(overheads.DEFAULT_RESERVE_FRACTION * (t - states))
+    assert any("paged optimizer states" in a for a in paged.assumptions)
+    # a profile calibrating every figure: the method's allocator correction applies, its activation factor does not
+    prof = Profile(gpu="a100-80gb", device={"kind": "cuda", "compute_capability": "8.0"}, versions={},
+                   created="2026-11-23T00:00:00Z", source="a100-80gb.jsonl", source_info={},
+                   allocated_source="torch.cuda", context=Fitted(400 * mib, 3), workspace=Fitted(16 * mib, 2),
+                   allocator=AllocatorModel(1.1, 64 * mib, by_method={"full": 1.05}),
+                   activation_factors={"full": Fitted(1.5, 3)})
+    monkeypatch.setattr(overheads, "card_profile", lambda gpu: prof)
+    cal = dryrun(spec, "full", batch=B, seq=S, optimizer="paged_adamw_8bit", gpu="a100-80gb")
+    assert cal.tensor_peak_bytes == t and cal.calibrated
+    assert cal.peak_bytes == 400 * mib + prof.reserved_bytes(t - states + 16 * mib, "full") + states
+    assert prof.reserved_bytes(t - states + 16 * mib, "full") != prof.reserved_bytes(t - states + 16 * mib)
+    line = next(a for a in cal.assumptions if a.startswith("runtime overheads:"))
+    assert "activation factor (1.5) is not applied" in line
+
+
 def test_json_has_the_estimate_keys(lora):
     j = lora.to_json()
     assert isinstance(lora, Estimate) and isinstance(lora, DryRunResult)

@@ -59,7 +59,7 @@ def test_no_coincides_with_estimate_fits(small):
 # -- agreement with the scalar path ---------------------------------------------------------
 
 def test_cells_match_estimate_and_largest_batch(small):
-    """Every cell: the same peak as estimate() (integer rounding only), verdict, and largest_batch()."""
+    """Every cell: the same peak as estimate() to the byte, verdict, and largest_batch()."""
     for c in small.cells:
         if c.peak_bytes is None:
             continue
@@ -67,7 +67,7 @@ def test_cells_match_estimate_and_largest_batch(small):
         est = vramplan.estimate(c.model, method, adapter=adapter or None, gpu=c.gpu, seq=c.seq, batch=c.batch,
                                 grad_ckpt=c.grad_ckpt, optimizer=c.optimizer)
         assert est.config.precision == c.precision
-        assert abs(est.peak_bytes - c.peak_bytes) <= 2, c
+        assert est.peak_bytes == c.peak_bytes, c
         assert est.tensor_peak_bytes == c.tensor_peak_bytes
         assert classify(est.peak_bytes, est.capacity_bytes) is c.verdict
         assert largest_batch(vramplan.get_model(c.model), est.config, get_gpu(c.gpu)) == c.max_batch, c
@@ -95,7 +95,7 @@ def test_matrix_verdicts_agree_with_fit(model, gpu):
         assert row.verdict is c.verdict, (row.method, row.estimate.peak_bytes, c)
         assert row.to_json()["verdict"] == c.verdict.value
         if (row.settings["grad_ckpt"], row.settings["optimizer"]) == (c.grad_ckpt, c.optimizer):
-            assert abs(row.estimate.peak_bytes - c.peak_bytes) <= 2
+            assert row.estimate.peak_bytes == c.peak_bytes
         compared += 1
     assert compared >= 3
 
@@ -154,7 +154,7 @@ def test_grid_agrees_with_estimate_on_a_sample():
         gc, opt = g.settings[k]
         est = vramplan.estimate(g.models[i], g.methods[j].split("+")[0], gpu=g.gpus[gi], seq=g.seqs[si],
                                 batch=g.batches[bi], grad_ckpt=gc, optimizer=opt)
-        assert abs(est.peak_bytes - g.peaks[i, j, k, gi, si, bi]) <= 2
+        assert est.peak_bytes == g.peaks[i, j, k, gi, si, bi]
 
 
 # -- writers --------------------------------------------------------------------------------

@@ -87,10 +87,81 @@ def test_padding_disables_gqa_and_materialises_the_mask():
     padded = make_config(M, "lora", batch=4, seq=4096, techniques="padding")
     extra = comp(padded, C.ACTIVATIONS) - comp(packed, C.ACTIVATIONS)
     T = 4 * 4096
-    repeat = (M.num_layers - 1) * 2 * (M.q_dim - M.kv_dim) * 2 * T  # k and v expanded, bf16
-    mask = 4 * 4096 * 4096
-    assert extra == pytest.approx(repeat + mask, rel=0.05)
+    repeat = M.num_layers * 2 * (M.q_dim - M.kv_dim) * 2 * T  # k and v expanded to every head, bf16
+    bias = M.num_layers * T * 4096 * 2  # each layer's SDPA saves the mask as a bf16 additive bias
+    mask = 4 * 4096 * 4096  # the shared boolean mask
+    # (the same mechanics as a sliding-window mask, which the dry run traces: Phi-3 at 8k tokens)
+    assert extra == pytest.approx(repeat + bias + mask, rel=0.05)
 
 
 def test_stack_summary_in_catalogue():
     assert "PEFT" in get_stack("hf").summary
+
+
+# -- --framework on fit and matrix; the stack's default precision; technique step-time cost ----------
+
+L3 = get_model("llama-3-8b")
+FIXED = dict(seq=2048, batch=2, grad_ckpt=True, optimizer="adamw", attn="sdpa", rank=8, targets="q_proj,v_proj")
+
+
+def test_fit_framework_torchtune_lora_peak_is_below_hf():
+    """Chunked loss, no fp32 logits, bf16 adapters: torchtune's LoRA step holds less than HF's."""
+    import vramplan
+
+    rows = {fw: vramplan.fit(L3, "a100-80gb", methods=["lora"], framework=fw, **FIXED).rows[0]
+            for fw in ("hf", "torchtune")}
+    hf, tt = rows["hf"].estimate, rows["torchtune"].estimate
+    assert hf.config.framework == "hf" and tt.config.framework == "torchtune"
+    assert tt.tensor_peak_bytes < hf.tensor_peak_bytes
+    assert tt.components[C.LOGITS] < hf.components[C.LOGITS]
+    assert tt.config.precision == "bf16"   # the stack's default precision, not HF's bf16-mixed
+
+
+def test_matrix_framework_changes_the_cells_and_says_which_stack():
+    import io
+
+    from vramplan.matrix import feasibility_matrix, write_markdown
+
+    cells = {fw: feasibility_matrix(L3, "lora", "a100-80gb", 2048, batch=2, framework=fw).cells[0]
+             for fw in ("hf", "torchtune", "unsloth")}
+    assert cells["torchtune"].tensor_peak_bytes < cells["hf"].tensor_peak_bytes
+    assert cells["unsloth"].tensor_peak_bytes < cells["hf"].tensor_peak_bytes
+    assert cells["torchtune"].precision == "bf16" and cells["hf"].precision == "bf16-mixed"
+    mx = feasibility_matrix(L3, "lora", "a100-80gb", 2048, framework="torchtune", techniques="act_offload")
+    buf = io.StringIO()
+    write_markdown(mx, buf)
+    assert "Stack: torchtune" in buf.getvalue() and "act_offload" in buf.getvalue()
+    assert mx.to_json()["framework"] == "torchtune" and mx.to_json()["techniques"] == ["act_offload"]
+    gc = [(True, "adamw")]  # the same settings for both (else the matrix may drop GC once it fits)
+    with_t = feasibility_matrix(L3, "lora", "a100-80gb", 4096, batch=2, techniques="liger_ce", ladder=gc).cells[0]
+    without = feasibility_matrix(L3, "lora", "a100-80gb", 4096, batch=2, ladder=gc).cells[0]
+    assert with_t.tensor_peak_bytes < without.tensor_peak_bytes
+
+
+def test_stack_default_precision_with_a_gpu():
+    """_check_card used HF's default even for torchtune when a GPU was given (issue #7)."""
+    import vramplan
+
+    assert vramplan.estimate(L3, "lora", gpu="rtx4090", framework="torchtune").config.precision == "bf16"
+    assert vramplan.estimate(L3, "lora", gpu="rtx4090", framework="litgpt").config.precision == "bf16"
+    assert vramplan.estimate(L3, "lora", gpu="rtx4090").config.precision == "bf16-mixed"
+    assert vramplan.estimate(L3, "lora", gpu="t4", framework="torchtune").config.precision == "fp16-mixed"  # no bf16
+    assert vramplan.estimate(L3, "lora", gpu="rtx4090", framework="torchtune",
+                             precision="bf16-mixed").config.precision == "bf16-mixed"  # asked for wins
+
+
+def test_technique_cost_is_applied_to_the_step_time():
+    import vramplan
+
+    def micro(**kw):
+        return float(vramplan.estimate(L3, "lora", gpu="a100-80gb", seq=2048, batch=2, **kw).throughput.micro_s)
+
+    t = techniques()
+    assert micro(grad_ckpt=True, techniques="act_offload") == pytest.approx(
+        micro(grad_ckpt=True) * (1 + t["act_offload"].cost_with_ckpt))
+    assert micro(grad_ckpt=False, techniques="act_offload") == pytest.approx(
+        micro(grad_ckpt=False) * (1 + t["act_offload"].cost))
+    # selective checkpointing under full checkpointing changes nothing, in memory or time
+    assert micro(grad_ckpt=True, techniques="selective_ckpt") == pytest.approx(micro(grad_ckpt=True))
+    for tech in t.values():
+        assert tech.label and tech.cost_source, tech.name

@@ -31,6 +31,9 @@ _LAZY = {
     "from_model": ("vramplan.integrations.from_model", "from_model"),
     "VramplanCallback": ("vramplan.integrations.hf", "VramplanCallback"),  # needs transformers
     "feasibility_matrix": ("vramplan.matrix", "feasibility_matrix"),
+    "recommend_techniques": ("vramplan.recommend", "recommend_techniques"),
+    "TechniqueAdvice": ("vramplan.recommend", "TechniqueAdvice"),
+    "TechniqueSaving": ("vramplan.recommend", "TechniqueSaving"),
 }
 
 
@@ -46,6 +49,7 @@ def __getattr__(name: str):
 # VramplanCallback is public but left out of __all__: a star import must not need transformers.
 __all__ = [
     "Adapter", "Component", "Estimate", "FitReport", "FitRow", "GPUSpec", "Group", "MissingDependencyError",
-    "ModelSpec", "Phase", "ProfileError", "Quantity", "TrainConfig", "UnknownNameError", "VramplanError",
-    "dryrun", "estimate", "feasibility_matrix", "fit", "from_model", "get_gpu", "get_method", "get_model", "make_config", "resolve",
+    "ModelSpec", "Phase", "ProfileError", "Quantity", "TechniqueAdvice", "TechniqueSaving", "TrainConfig",
+    "UnknownNameError", "VramplanError", "dryrun", "estimate", "feasibility_matrix", "fit", "from_model", "get_gpu",
+    "get_method", "get_model", "make_config", "recommend_techniques", "resolve",
 ]

@@ -48,6 +48,7 @@ class Dtypes:
     residual: int      # the residual stream between layers
     norm_out: int      # RMSNorm output (= weight dtype x input dtype promotion)
     proj_out: int      # outputs of base linears (q/k/v, gate/up): autocast dtype or weight dtype
+    attn: int          # what attention computes in (SDPA's saved q/k/v/out; autocast casts to it)
     linear_in: int     # what a base linear sees as input (autocast casts a copy)
     autocast_casts: bool  # each linear call makes its own cast of an fp32 input
     logits: int        # lm_head output dtype
@@ -69,14 +70,17 @@ def copy_dtypes(copy: ModelCopy, regime: Regime, kbit_upcast: bool = True) -> Dt
     else:
         wb = DTYPE_BYTES[regime.frozen_dtype]
     residual = wb
-    proj = c if ac else (residual if copy.quantized else wb)  # bnb Linear4bit casts its output back to the input dtype
-    return Dtypes(residual=residual, norm_out=wb, proj_out=proj, linear_in=c if ac else wb,
+    # bitsandbytes Linear4bit casts its input to the compute dtype and its output back to the input
+    # dtype (``out.to(inp_dtype)``), with or without autocast; other linears output autocast's dtype
+    proj = residual if copy.quantized else (c if ac else wb)
+    return Dtypes(residual=residual, norm_out=wb, proj_out=proj, attn=c if ac else proj, linear_in=c if ac else wb,
                   autocast_casts=ac and wb != c, logits=c if ac else wb, adapter=DTYPE_BYTES[regime.adapter_dtype])
 
 
 def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime,
-                           tokens, seq, *, input_requires_grad: bool = True):
-    """Bytes autograd saves in one decoder layer for ``tokens`` tokens of length-``seq`` sequences.
+                           tokens, seq, *, input_requires_grad: bool = True, attention_only: bool = False):
+    """Bytes autograd saves in one decoder layer for ``tokens`` tokens of length-``seq`` sequences
+    (``attention_only``: just its attention block's).
 
     Returns an array broadcast over ``tokens`` and ``seq``.
     """
@@ -85,7 +89,6 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
     stack = cfg.stack
     d = copy_dtypes(copy, regime, stack.kbit_upcast)
     h, qd, kvd, heads = model.hidden_size, model.q_dim, model.kv_dim, model.num_heads
-    padded = cfg.uses("padding") and cfg.attn == "sdpa"  # a padding mask disables GQA in SDPA
     full = copy.adapter is Adapter.FULL
     peft = copy.adapter is not None and not full
     targets = set(cfg.targets) if peft else set()
@@ -130,14 +133,16 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
             b += target * cfg.rank * len(adapted)  # lora_A's output, saved by lora_B
             if copy.adapter is Adapter.DORA:
                 # (PEFT DoraLinearLayer: (m / ||W + BA||) scales the base result and the LoRA result; both saved)
-                b += sum((d.adapter + d.proj_out) * lin[n].out_features for n in adapted)
+                # (lora_B's output is in autocast's dtype under autocast, else the adapter's)
+                b += sum((target + d.proj_out) * lin[n].out_features for n in adapted)
         return b
 
     def ia3_out(names: list[str]) -> float:
         if copy.adapter is not Adapter.IA3:
             return 0.0
-        # IA³ scales the base output (out features) or the feed-forward input: the scaled operand is saved
-        return sum(d.proj_out * (lin[n].in_features if n in model.ia3_feedforward else lin[n].out_features)
+        # IA³ scales the base output (saved, out features) or, for feed-forward modules, the input
+        # after casting it to the vector's dtype (PEFT IA3 Linear: ``x.to(ia3_l.dtype) * ia3_l``)
+        return sum(d.adapter * lin[n].in_features if n in model.ia3_feedforward else d.proj_out * lin[n].out_features
                    for n in names if n in targets or n in cfg.targets)
 
     # -- attention block ------------------------------------------------------------------
@@ -147,17 +152,27 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
     per_tok += ia3_out(attn_in)
     if model.qk_norm == "head" or model.qk_norm == "full":
         per_tok += norm(True, qd) + norm(True, kvd)
-    a = d.proj_out
+    a = d.attn
     if cfg.attn == "eager":
         rep = qd  # repeat_kv expands k and v to every head
         per_tok += a * (qd + rep + rep)
         per_seq2 += heads * (4 + (a if a != 4 else 0))  # fp32 softmax + its cast, x seq per token
+        if model.attn_logit_softcapping:
+            per_seq2 += heads * a  # Gemma-2: tanh(scores / cap) saved for backward
     else:
-        kv_saved = qd if padded else kvd  # repeat_kv copies when SDPA cannot use GQA
-        per_tok += a * (qd + 2 * kv_saved) + a * qd + 4 * heads  # q, k, v, out, logsumexp
+        per_tok += a * (qd + 2 * kvd) + a * qd + 4 * heads  # q, k, v, out, logsumexp
+        # with a mask (padding, or a sliding window shorter than the sequence) SDPA cannot use GQA
+        # (repeat_kv copies k and v to every head) and the memory-efficient kernel saves the mask
+        # converted to an additive bias of the query dtype, per layer
+        masked = sdpa_masked_fraction(model, cfg, s)
+        per_tok = per_tok + masked * (2 * a * (qd - kvd) + a * s)
+        if model.fused_qkv and d.attn == d.proj_out:
+            per_tok += a * (qd + kvd)  # v is a view of the fused qkv output: all of it stays saved
     # attention output (transposed, contiguous) feeds o_proj
-    per_tok += linear_inputs(["o_proj"], qd, fresh=False, in_bytes=d.proj_out)
+    per_tok += linear_inputs(["o_proj"], qd, fresh=False, in_bytes=d.attn)
     per_tok += ia3_out(["o_proj"])
+    if attention_only:
+        return T * per_tok + T * s * per_seq2
     # -- MLP block ----------------------------------------------------------------------
     if model.norms_per_layer == 4:  # Gemma-2/3 post-attention norm before the residual add
         per_tok += norm(True)
@@ -166,7 +181,17 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
     if model.is_moe:
         k, mi = model.experts_per_token, model.moe_intermediate_size
         router = 4 * model.num_experts * 2  # router logits fp32 + softmax
-        expert = k * (m * h + m * 2 * mi + m * mi * 2 + (m * mi if full else 0))
+        # per routed token (transformers >= 5 grouped_mm experts): the gate_up output (its gate half
+        # feeds the activation), the activation's output, the down output (saved by the routing
+        # weight's multiply); full training also saves the product for down's weight gradient
+        expert = k * (m * h + m * 2 * mi + m * mi + (m * mi if full else 0))
+        if d.residual == 4 and (copy.quantized or full):
+            # fp32 expert banks -- QLoRA: fused experts are not nn.Linear, so bitsandbytes leaves
+            # them and prepare_model_for_kbit_training upcasts them; full training in a mixed
+            # regime: fp32 master weights autocast does not cast -- run without grouped_mm, saving
+            # the gathered input, the gate_up and down outputs, the activation's output and the
+            # product, all fp32 (dry run, Qwen3-30B-A3B / Mixtral)
+            expert = k * 4 * (2 * h + 4 * mi)
         per_tok += router + expert + (m * h if full else 0)
         if model.shared_expert_intermediate_size:
             si = model.shared_expert_intermediate_size
@@ -176,14 +201,27 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
         mlp_in = ["gate_up_proj"] if model.fused_gate_up else ["gate_proj", "up_proj"]
         per_tok += linear_inputs(mlp_in, h, fresh=True)
         per_tok += ia3_out(mlp_in)
-        per_tok += m * i * 3  # gate out (act input), act out, up out
-        if model.fused_gate_up:
-            per_tok += m * i * 2  # the fused output is chunked: the 2i tensor stays alive
+        # gate out (the activation's input), the activation's output, up out; a fused gate_up
+        # projection's 2i output is chunked into gate and up views and saved whole: the same bytes
+        per_tok += m * i * 3
         per_tok += linear_inputs(["down_proj"], i, fresh=True, in_bytes=d.proj_out) if (full or "down_proj" in targets) else 0.0
         per_tok += ia3_out(["down_proj"])
     if model.norms_per_layer == 4:
         per_tok += norm(True)
     return T * per_tok + T * s * per_seq2
+
+
+def sdpa_masked_fraction(model: ModelSpec, cfg: TrainConfig, seq):
+    """The fraction of decoder layers whose SDPA call gets an attention mask: every layer when
+    batches are padded; the sliding-window layers when the sequence is longer than the window."""
+    s = np.asarray(seq, dtype=np.float64)
+    if cfg.attn != "sdpa":
+        return 0.0 * s
+    if cfg.uses("padding"):
+        return 1.0 + 0.0 * s
+    if not model.sliding_window:
+        return 0.0 * s
+    return np.where(s > model.sliding_window, model.sliding_fraction, 0.0)
 
 
 def layer_backward_transient(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, seq, attn: str,
@@ -199,7 +237,7 @@ def layer_backward_transient(model: ModelSpec, copy: ModelCopy, regime: Regime, 
 
 
 def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head: str = "lm",
-                 cfg: TrainConfig | None = None):
+                 cfg: TrainConfig | None = None, rows=1):
     """(forward peak, backward peak) bytes of the logits and the loss for ``tokens`` tokens.
 
     * ``full_fp32`` (HF ``ForCausalLMLoss``): the logits in their dtype, the whole fp32 upcast
@@ -212,6 +250,17 @@ def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head
       run over token chunks of ``2**ceil(log2(T / ceil(V / h)))`` tokens; no logits tensor;
       the input gradient (T x h) is computed in forward and kept for backward.
     A scalar head (reward/value) has one output per token.
+
+    Methods whose loss is ``sequence_logps`` (TRL DPO: ``selective_log_softmax`` over the
+    ``rows`` sequences of the batch) follow the dry run's measurements instead
+    (``benchmarks/dryrun_vs_analytic.py``): with fp32 logits (HF Trainer's accelerate converts
+    the 16-bit output to fp32; or an fp32 model) the fp32 logits are saved by the gather and
+    the per-row logsumexp, and backward holds them with the gather's scattered gradient, the
+    rows' stacked gradient and their sum: 16 B per logit; forward holds the 16-bit output
+    while converting, the fp32 logits and a masked copy for the logits metric (8 B + the
+    16-bit output). With 16-bit logits (a plain bf16 loop) each row's log_softmax output is
+    saved (2 B) beside the logits, one row's fp32 temporaries at a time, and backward holds
+    two 16-bit gradients.
     """
     T = np.asarray(tokens, dtype=np.float64)
     if head == "scalar":
@@ -226,9 +275,34 @@ def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head
         keep = 0.0 if st.frees_logits else float(d.logits)
         if cfg.uses("liger_ce"):
             mode = "fused_linear"
-        elif cfg.uses("chunked_ce"):
+        elif cfg.uses("chunked_ce") and mode != "fused_linear":  # a fused loss never materialises the logits
             mode, chunks = "chunked", max(chunks, 8)
     up = 4.0 if d.logits != 4 else 0.0
+    fwd, bwd = _logits_by_loss(model, regime, d, T, V, h, cfg, mode, chunks, keep, up, rows)
+    if model.final_logit_softcapping and mode != "fused_linear":
+        # Gemma-2: logits = tanh(logits / cap) * cap; tanh's output is saved for backward
+        fwd, bwd = fwd + T * V * d.logits, bwd + T * V * d.logits
+    return fwd, bwd
+
+
+def _logits_by_loss(model, regime, d, T, V, h, cfg, mode, chunks, keep, up, rows):
+    if cfg is not None and cfg.recipe.method.loss == "sequence_logps":
+        if d.logits == 4 or regime.runner == "trainer":
+            return T * V * (8.0 + (d.logits if d.logits != 4 else 0.0)), T * V * 16.0
+        r = np.maximum(np.asarray(rows, dtype=np.float64), 1.0)
+        return T * V * (2.0 * d.logits + 4.0 / r), T * V * 2.0 * d.logits
+    if cfg is not None and cfg.recipe.method.loss == "response_logps":
+        r = np.maximum(np.asarray(rows, dtype=np.float64), 1.0)
+        seq = T / r
+        resp = np.minimum(float(cfg.ppo_response) if cfg.ppo_response else seq / 2, seq - 1)
+        RV = r * resp * V
+        # the whole sequence's logits stay alive (the response logits are a view into them) with
+        # their gradient twice over (the slice's zero-filled gradient and the accumulated one), plus
+        # the temperature-scaled response logits and their clone; measured by the dry run
+        lg = 4.0 if (d.logits == 4 or regime.runner == "trainer") else float(d.logits)
+        converted = d.logits != 4 and regime.runner == "trainer"
+        fwd = T * V * (lg + (d.logits if converted else 0.0)) + (0.0 if lg == 4 else RV * lg)
+        return fwd, T * V * 3 * lg + RV * 2 * lg
     if mode == "fused_linear":
         chunk = np.exp2(np.ceil(np.log2(np.maximum(1.0, np.ceil(T / np.ceil(V / h))))))
         chunk = np.minimum(chunk, T)
@@ -251,18 +325,41 @@ def checkpoint_input_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, to
 
 def attention_mask_bytes(model: ModelSpec, cfg: TrainConfig, regime: Regime, batch, seq):
     """The 4-D mask shared by every layer: eager attention's additive float mask, or SDPA's
-    boolean mask when batches are padded (with packing / equal lengths SDPA runs is_causal)."""
+    boolean mask when batches are padded or a sliding window is shorter than the sequence
+    (with packing / equal lengths and no window SDPA runs ``is_causal``)."""
     b = np.asarray(batch, dtype=np.float64) * cfg.recipe.sequences_per_example
     s = np.asarray(seq, dtype=np.float64)
     if cfg.attn == "eager":
         return b * s * s * DTYPE_BYTES[regime.compute_dtype]
-    if cfg.attn == "sdpa" and cfg.uses("padding"):
-        return b * s * s * 1.0
+    if cfg.attn == "sdpa":
+        return b * s * s * np.where(sdpa_masked_fraction(model, cfg, s) > 0, 1.0, 0.0)
     return b * s * 0.0
 
 
 def kv_cache_bytes(model: ModelSpec, regime: Regime, copy: ModelCopy, batch, total_tokens, kbit_upcast: bool = True):
-    """KV cache of ``batch`` sequences of ``total_tokens``: 2 (k, v) x layers x kv_dim per token."""
+    """KV cache of ``batch`` sequences of ``total_tokens``: 2 (k, v) x layers x kv_dim per token,
+    in the model's own dtype (TRL generates without autocast; bitsandbytes returns the input dtype)."""
     d = copy_dtypes(copy, regime, kbit_upcast)
     return (np.asarray(batch, dtype=np.float64) * np.asarray(total_tokens, dtype=np.float64)
-            * 2 * model.num_layers * model.kv_dim * d.proj_out)
+            * 2 * model.num_layers * model.kv_dim * d.residual)
+
+
+def rollout_logits_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, batch, seq, *, scores_only=False):
+    """PPO rollout (TRL ``PPOTrainer``, no autocast) without the KV cache: the larger of
+
+    * the end of generation: the cache plus ``generate``'s fp32 scores of every response step,
+      as a list and stacked (2 x batch x response x vocab x 4 B) -- ``scores_only`` returns
+      just these, to be added to :func:`kv_cache_bytes`;
+    * the reference forward over prompt + response after the cache is dropped: its logits in
+      the model dtype and the temperature-scaled response slice.
+    """
+    b = np.asarray(batch, dtype=np.float64)
+    s = np.asarray(seq, dtype=np.float64)
+    resp = np.minimum(float(cfg.ppo_response) if cfg.ppo_response else s / 2, s - 1)
+    V = model.vocab_size
+    scores = 2.0 * b * resp * V * 4
+    if scores_only:
+        return scores
+    dl = copy_dtypes(copy, cfg.regime, cfg.stack.kbit_upcast).residual
+    return np.maximum(scores + kv_cache_bytes(model, cfg.regime, copy, b, s, cfg.stack.kbit_upcast),
+                      b * (s + resp) * V * dl)

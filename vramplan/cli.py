@@ -24,7 +24,8 @@ def _add_plan_args(p: argparse.ArgumentParser, *, single: bool = True, model_req
         p.add_argument("--rank", type=int, default=None, help="LoRA/DoRA rank (default: search 8, 16, 64)")
     p.add_argument("--targets", default=None, help="q_proj,v_proj | all-linear (default: PEFT's for the model"
                    + ("" if single else "; fit also tries all-linear") + ")")
-    p.add_argument("--precision", default=None, help="bf16|bf16-mixed|fp16-mixed|fp32 (default bf16-mixed)")
+    p.add_argument("--precision", default=None, help="bf16|bf16-mixed|fp16-mixed|fp32 (default: the stack's; "
+                   "bf16-mixed for hf, bf16 for torchtune/litgpt)")
     if single:
         p.add_argument("--attn", default="sdpa", help="eager|sdpa|flash (default sdpa)")
     else:
@@ -38,11 +39,17 @@ def _add_plan_args(p: argparse.ArgumentParser, *, single: bool = True, model_req
         p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
         p.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=True,
                        help="QLoRA without double quantisation")
-        p.add_argument("--framework", default="hf", help="training stack: hf|torchtune|unsloth|litgpt (default hf)")
-        p.add_argument("--techniques", default=None,
-                       help="chunked_ce,liger_ce,act_offload,selective_ckpt,opt_in_bwd,opt_offload,padding")
         p.add_argument("--ppo-response", type=int, default=None, help="PPO response tokens (default seq/2)")
+    _add_stack_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_stack_args(p: argparse.ArgumentParser) -> None:
+    """``--framework`` and ``--techniques`` (estimate, dryrun, fit, matrix); the library validates both."""
+    p.add_argument("--framework", default="hf", help="training stack: hf|torchtune|unsloth|litgpt (default hf)")
+    p.add_argument("--techniques", default=None,
+                   help="memory-saving techniques on every plan: chunked_ce,liger_ce,act_offload,selective_ckpt,"
+                        "opt_in_bwd,opt_offload,padding")
 
 
 def _add_scale_args(p: argparse.ArgumentParser, *, fit: bool = False) -> None:
@@ -121,7 +128,7 @@ def cmd_dryrun(a) -> int:
     from .dryrun import dryrun
     from .render import render_estimate
 
-    res = dryrun(a.model, a.method, **_plan_kwargs(a))
+    res = dryrun(a.model, a.method, **_plan_kwargs(a), techniques=a.techniques)
     if a.json:
         _print_json(res)
     elif hasattr(res, "render"):
@@ -137,7 +144,7 @@ def cmd_fit(a) -> int:
 
     rep = fit(a.model, a.gpu, gpu_mem=a.gpu_mem, seq=a.seq, precision=a.precision, attn=a.attn, rank=a.rank,
               targets=a.targets, batch=a.batch, optimizer=a.optimizer, grad_ckpt=a.grad_ckpt, margin=a.margin,
-              top=max(20, a.top), **_scale_kwargs(a))
+              top=max(20, a.top), framework=a.framework, techniques=a.techniques, **_scale_kwargs(a))
     _print_json(rep) if a.json else render_fit(rep, _console(), top=a.top)
     return 0
 
@@ -146,7 +153,7 @@ def cmd_matrix(a) -> int:
     from .matrix import feasibility_matrix, parse_formats, write_csv, write_markdown, write_reports
 
     mx = feasibility_matrix(a.models, a.methods, a.gpus, a.seq, batch=a.batch, precision=a.precision, attn=a.attn,
-                            rank=a.rank, targets=a.targets)
+                            rank=a.rank, targets=a.targets, framework=a.framework, techniques=a.techniques)
     if a.json:
         _print_json(mx)
     elif a.out:
@@ -246,8 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--batch", type=int, default=1, help="micro-batch of the verdict and peak (default 1)")
     x.add_argument("--rank", type=int, default=8, help="LoRA/DoRA rank (default 8)")
     x.add_argument("--targets", default=None, help="q_proj,v_proj | all-linear (default: PEFT's for the model)")
-    x.add_argument("--precision", default=None, help="bf16|bf16-mixed|fp16-mixed|fp32 (default bf16-mixed)")
+    x.add_argument("--precision", default=None, help="bf16|bf16-mixed|fp16-mixed|fp32 (default: the stack's; "
+                   "bf16-mixed for hf, bf16 for torchtune/litgpt)")
     x.add_argument("--attn", default="sdpa", help="eager|sdpa|flash (default sdpa)")
+    _add_stack_args(x)
     x.add_argument("--format", default=None, help="md,csv,html,png (default: md to stdout; all four with --out)")
     x.add_argument("--out", default=None, metavar="DIR", help="write <DIR>/<name>.<format> files")
     x.add_argument("--name", default="feasibility", help="file name stem with --out (default feasibility)")

@@ -92,6 +92,25 @@ class TrainConfig:
     def with_(self, **changes) -> "TrainConfig":
         return replace(self, **changes)
 
+    def with_techniques(self, techniques) -> "TrainConfig":
+        """This configuration with exactly ``techniques`` requested, validated as :func:`make_config` does.
+
+        Raises:
+            VramplanError: an unknown technique, chunked_ce with liger_ce, opt_in_bwd with accumulation.
+        """
+        from .stacks import parse_techniques
+
+        techs = parse_techniques(techniques)
+        _check_techniques(techs, self.grad_accum)
+        return replace(self, techniques=techs)
+
+
+def _check_techniques(techs: tuple[str, ...], grad_accum: int) -> None:
+    """Rules between techniques and the other settings (names are already validated)."""
+    if "opt_in_bwd" in techs and grad_accum > 1:
+        raise VramplanError("opt_in_bwd steps the optimizer inside backward, so it cannot accumulate gradients",
+                            "use --grad-accum 1 or drop opt_in_bwd")
+
 
 def resolve_targets(model: ModelSpec, targets) -> tuple[str, ...]:
     """Expand ``targets`` (None/empty: the model type's default; "all-linear"; names) into module names.
@@ -142,9 +161,7 @@ def make_config(model: ModelSpec | str, method: str = "lora", *, adapter: str | 
 
     stack = get_stack(framework)
     techs = parse_techniques(techniques)
-    if "opt_in_bwd" in techs and grad_accum > 1:
-        raise VramplanError("opt_in_bwd steps the optimizer inside backward, so it cannot accumulate gradients",
-                            "use --grad-accum 1 or drop opt_in_bwd")
+    _check_techniques(techs, grad_accum)
     get_optimizer(optimizer)
     regime = get_regime(precision or stack.default_precision)
     tg: tuple[str, ...] = ()

@@ -405,61 +405,20 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
     """
     sh = state or shard_state(model, cfg, par)
     t = terms or _activation_terms(model, cfg, batch, seq)
-    zeros = t["zeros"]
     B = sh.bytes
-    static = sum(B.get(c, 0) for c in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS,
-                                       Component.MASTER_WEIGHTS)) + zeros
-    comm = sh.comm_buffer_bytes + zeros
-    states = B.get(Component.OPTIMIZER_STATES, 0) + zeros
-    cache = B.get(Component.AUTOCAST_CACHE, 0) + zeros
-    grads = (B.get(Component.GRADIENTS, 0) if sh.backward_grad_bytes is None else sh.backward_grad_bytes) + zeros
-    gathered = sh.gathered_bytes + zeros
-    grads_bwd = grads + sh.inflight_grad_bytes
-    acts, lf, lb, tr, ng, tf, kv = (t[k] for k in ("acts", "logits_fwd", "logits_bwd", "transient", "nograd_peak",
-                                                  "temps_fwd", "kv"))
-    rollout_on = cfg.recipe.method.rollout
-    load = static + comm
-    rollout = static + comm + states + kv + t["rollout_logits"] + sh.rollout_gather_bytes
-    forward = static + comm + states + cache + gathered + np.maximum(acts + lf + tf, ng)
-    backward = static + comm + states + cache + gathered + np.maximum(acts + lb + tf, grads_bwd + tr + tf)
-    opt_step = static + comm + states + grads + sh.step_temporary
-    phases = {Phase.LOAD: load, Phase.ROLLOUT: rollout if rollout_on else zeros.copy(), Phase.FORWARD: forward,
-              Phase.BACKWARD: backward, Phase.OPTIMIZER_STEP: opt_step}
-    stack = np.stack([phases[p] for p in PHASE_ORDER])
-    idx = np.argmax(stack, axis=0)
-    peak = np.max(stack, axis=0)
+    full = _mem.model_state(model, cfg)  # unsharded: the casts and the gradient tail scale with the shard
+    grads = (B.get(Component.GRADIENTS, 0) if sh.backward_grad_bytes is None else sh.backward_grad_bytes)
+    shard = grads / full.bytes[Component.GRADIENTS] if full.bytes[Component.GRADIENTS] else 0.0
+    phases, peak, idx, comps = _mem.combine_phases(
+        t, B, states=B.get(Component.OPTIMIZER_STATES, 0), cache=B.get(Component.AUTOCAST_CACHE, 0),
+        **_mem.backward_casts(full, cfg),
+        grads_bwd=grads + sh.inflight_grad_bytes, grads_opt=grads,
+        grads_tail=full.grads_tail * shard, grads_end_extra=full.grads_end_extra * shard,
+        layer_grad=full.layer_grad * shard, step_temporary=sh.step_temporary,
+        rollout_on=cfg.recipe.method.rollout, comm=sh.comm_buffer_bytes, gathered=sh.gathered_bytes,
+        rollout_gather=sh.rollout_gather_bytes, components=components)
     ms = ModelState(bytes=dict(B), params=model.params, trainable_params=sh.trainable_params,
                     step_temporary=sh.step_temporary)
-    if not components:
-        return StepMemory(components={}, phases=phases, peak=peak, peak_phase=idx, state=ms)
-
-    def at_peak(by_phase: dict) -> np.ndarray:
-        out = zeros.copy()
-        for k, p in enumerate(PHASE_ORDER):
-            out = np.where(idx == k, by_phase.get(p, zeros), out)
-        return out
-
-    bwd_act = acts + lb >= grads_bwd + tr
-    fwd_act = acts + lf + tf >= ng
-    comps: dict[Component, np.ndarray] = {}
-    for c in (Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS):
-        comps[c] = B.get(c, 0) + zeros
-    comps[Component.WEIGHTS] = B.get(Component.WEIGHTS, 0) + at_peak(
-        {Phase.FORWARD: gathered, Phase.BACKWARD: gathered, Phase.ROLLOUT: sh.rollout_gather_bytes + zeros})
-    comps[Component.OPTIMIZER_STATES] = at_peak({p: states for p in PHASE_ORDER if p is not Phase.LOAD})
-    comps[Component.AUTOCAST_CACHE] = at_peak({Phase.FORWARD: cache, Phase.BACKWARD: cache})
-    comps[Component.GRADIENTS] = comm + at_peak({Phase.BACKWARD: np.where(bwd_act, 0, grads_bwd),
-                                                 Phase.OPTIMIZER_STEP: grads})
-    comps[Component.ACTIVATIONS] = at_peak({Phase.FORWARD: np.where(fwd_act, acts, ng),
-                                            Phase.BACKWARD: np.where(bwd_act, acts, 0)})
-    comps[Component.LOGITS] = at_peak({Phase.FORWARD: np.where(fwd_act, lf, 0),
-                                       Phase.BACKWARD: np.where(bwd_act, lb, 0)})
-    comps[Component.TEMPORARIES] = at_peak({Phase.FORWARD: np.where(fwd_act, tf, 0),
-                                            Phase.BACKWARD: np.where(bwd_act, tf, tr + tf),
-                                            Phase.OPTIMIZER_STEP: sh.step_temporary + zeros})
-    comps[Component.KV_CACHE] = at_peak({Phase.ROLLOUT: kv})
-    comps[Component.LOGITS] = comps[Component.LOGITS] + at_peak({Phase.ROLLOUT: t["rollout_logits"]})
-
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=ms)
 
 

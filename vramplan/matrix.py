@@ -12,10 +12,12 @@ verdict (``tests/test_matrix.py``).
 
 Speed: the Python loop runs over models x methods x settings (about 37 x 7 x 6); inside it
 one call of :func:`vramplan.memory.step_memory` evaluates every (sequence, micro-batch)
-pair as a numpy array, and all cards are compared at once by broadcasting. Runtime
-overheads are affine in the tensor peak (context + workspace + a reserve fraction, or a
-calibration profile's fit), so each card reduces to two coefficients, evaluated exactly as
-:func:`vramplan.plan.estimate_config` does (within a few bytes of integer rounding).
+pair as a numpy array. The device total is :mod:`vramplan.overheads`' chain on those
+arrays (:func:`~vramplan.overheads.device_total` with :func:`~vramplan.overheads.peak_terms`:
+activation factor, paged optimiser states outside the allocator's reserve, a profile's
+allocator), so every cell equals :func:`vramplan.estimate`'s ``peak_bytes`` to the byte. The
+chain is evaluated once per group of cards that run the same one (:class:`_Overheads`: cards
+without a calibration profile differ only in context and workspace) and broadcast to them.
 
 :func:`peak_grid` is the raw vectorised evaluation (every config of a grid, no settings
 choice); ``benchmarks/matrix_speed.py`` times both.
@@ -44,9 +46,10 @@ from .memory import step_memory
 from .methods import Recipe, method_names, resolve
 from .models import ModelSpec, get_model
 from .models import catalogue as model_catalogue
-from .overheads import runtime_overheads
-from .plan import STACK, _check_card
+from .overheads import activation_correction, card_profile, device_total, peak_terms, runtime_overheads
+from .plan import _check_card, _stack_text
 from .precision import DEFAULT_REGIME, DTYPE_BYTES, get_regime
+from .taxonomy import Component
 from .units import GIB, parse_size
 from .verdict import COMFORTABLE_FRACTION, THRESHOLDS_TEXT, VERDICTS, Verdict, classify_array, pick
 
@@ -145,25 +148,70 @@ def _seqs(seqs) -> list[int]:
 
 # -- vectorised evaluation ----------------------------------------------------------------
 
-#: Tensor peak at which the overheads' slope is probed: large, so that integer truncation of
-#: the reserve (int(0.15 * peak)) costs < 1e-12 relative.
-_PROBE = 1 << 40
+@dataclass(frozen=True)
+class _Chain:
+    """Cards that run the same device-memory chain (:mod:`vramplan.overheads`) for one method."""
+
+    card: GPUSpec          # the first of them: the chain is evaluated with its figures
+    profile: object        # its calibration profile (vramplan.profiles.Profile), None for the defaults
+    members: np.ndarray    # the cards' indices into the matrix's card list
+    method: str            # the recipe (``lora``, ``dpo+qlora``): its activation factor and allocator correction
+    factor: float          # that activation factor (1 without a calibrated one)
+
+    def total(self, tensor_peak, activation_bytes, paged_bytes) -> np.ndarray:
+        """Device totals (float64 bytes) of tensor peaks and their chain terms, broadcast."""
+        return device_total(tensor_peak, self.card, method=self.method, activation_bytes=activation_bytes,
+                            paged_bytes=paged_bytes, profile=self.profile)
+
+    def tensors(self, tensor_peak, activation_bytes) -> np.ndarray:
+        """The tensor peaks after the activation factor (``Estimate.tensor_peak_bytes``)."""
+        return np.asarray(tensor_peak, dtype=np.float64) + activation_correction(activation_bytes, self.factor)
 
 
-def card_overheads(cards: Sequence[GPUSpec]) -> tuple[np.ndarray, np.ndarray]:
-    """Per card, ``(base, slope)`` with device total = tensor_peak * (1 + slope) + base (bytes).
+class _Overheads:
+    """The cards' device-memory chains, each card's calibration profile loaded once.
 
-    Evaluated from :func:`vramplan.overheads.runtime_overheads` at two tensor peaks, so a
-    calibration profile is honoured exactly where it is affine (as in ``plan._total``).
+    A card with a profile runs its own chain. Cards without one run the defaults, whose
+    figures differ between cards only in the CUDA context and cuBLAS workspace
+    (``vramplan.overheads``: every other default is a constant), so cards sharing those two
+    are evaluated once -- the catalogue's cards form two such groups (Hopper's workspaces and
+    the others'). ``tests/test_matrix.py`` and ``tests/test_overheads.py`` (a calibrated card among
+    default ones) check cells against ``estimate`` to the byte.
+
+    Raises:
+        ProfileError: a card's profile is corrupt or of an unknown schema version.
     """
-    base = np.empty(len(cards))
-    slope = np.empty(len(cards))
-    for i, card in enumerate(cards):
-        o0 = sum(runtime_overheads(0, card).components.values())
-        o1 = sum(runtime_overheads(_PROBE, card).components.values())
-        base[i] = o0
-        slope[i] = (o1 - o0) / float(_PROBE)
-    return base, slope
+
+    def __init__(self, cards: Sequence[GPUSpec]):
+        self.cards = list(cards)
+        self.profiles = [card_profile(c) for c in self.cards]
+        self._keys: list = []
+        for i, (card, prof) in enumerate(zip(self.cards, self.profiles)):
+            if prof is None:
+                o = runtime_overheads(0, card, profile=None)
+                self._keys.append(("default", o.components[Component.CUDA_CONTEXT], o.components[Component.WORKSPACE]))
+            else:
+                self._keys.append(("profile", i))
+        self._factors: dict[tuple[int, str], float] = {}
+
+    def chains(self, idx: Iterable[int], method: str) -> list[_Chain]:
+        """The cards of ``idx`` grouped by the chain they run for ``method``, in order of first appearance."""
+        groups: dict = {}
+        for g in idx:
+            groups.setdefault(self._keys[g], []).append(int(g))
+        out = []
+        for members in groups.values():
+            g = members[0]
+            prof = self.profiles[g]
+            if prof is None:
+                factor = 1.0
+            else:
+                if (g, method) not in self._factors:
+                    self._factors[(g, method)] = runtime_overheads(0, self.cards[g], method=method,
+                                                                   profile=prof).activation_factor
+                factor = self._factors[(g, method)]
+            out.append(_Chain(self.cards[g], prof, np.asarray(members), method, factor))
+        return out
 
 
 def _memory_key(precision: str) -> tuple:
@@ -177,18 +225,20 @@ def _memory_key(precision: str) -> tuple:
             DTYPE_BYTES[r.compute_dtype], r.autocast is not None, r.runner)
 
 
-def _card_groups(cards: Sequence[GPUSpec], recipe: Recipe, precision: str | None, attn: str):
+def _card_groups(cards: Sequence[GPUSpec], recipe: Recipe, precision: str | None, attn: str,
+                 framework: str = "hf"):
     """Cards grouped by what their precision regime costs in memory; each card's regime; errors per card.
 
     Returns ``(groups, precs, errors)``: ``groups`` maps a regime evaluated to card indices,
-    ``precs`` a card index to the regime it runs (bf16-mixed, or fp16-mixed without bf16).
+    ``precs`` a card index to the regime it runs (the stack's default -- bf16-mixed for hf --
+    or fp16-mixed without bf16). One ``framework`` per matrix, so the key needs no stack.
     """
     groups: dict[tuple, tuple[str, list[int]]] = {}
     precs: dict[int, str] = {}
     errors: dict[int, str] = {}
     for i, card in enumerate(cards):
         try:
-            prec = _check_card(precision, recipe.method.name, recipe.adapter.value, attn, card)
+            prec = _check_card(precision, recipe.method.name, recipe.adapter.value, attn, card, framework)
         except VramplanError as exc:
             errors[i] = str(exc)
             continue
@@ -198,14 +248,33 @@ def _card_groups(cards: Sequence[GPUSpec], recipe: Recipe, precision: str | None
 
 
 def _tensor_peaks(spec: ModelSpec, recipe: Recipe, precision: str, ladder, seqs: np.ndarray, batches: np.ndarray,
-                  rank: int, targets, attn: str) -> np.ndarray:
-    """Tensor peaks, shape (len(ladder), len(seqs), len(batches)), from one step_memory call per setting."""
-    out = np.empty((len(ladder), len(seqs), len(batches)))
+                  rank: int, targets, attn: str, framework: str = "hf",
+                  techniques=()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tensor peaks and their chain terms, one step_memory call per setting.
+
+    Returns ``(tensor_peak, activation_bytes, paged_bytes)``, each of shape (len(ladder),
+    len(seqs), len(batches)), in whole bytes as :func:`vramplan.plan.estimate_config` rounds
+    them (each component and the peak rounded up; :func:`vramplan.overheads.peak_terms`).
+    """
+    shape = (len(ladder), len(seqs), len(batches))
+    peak, act, paged = np.empty(shape), np.empty(shape), np.empty(shape)
+    # PPO generates seq // 2 response tokens at each sequence length (make_config's default, as estimate
+    # runs it). make_config fixes the response of one length; left open (None), the analytic model takes
+    # seq / 2 of each, the same for even lengths: odd ones are evaluated one at a time.
+    rollout = recipe.method.rollout
+    parts = ([(slice(i, i + 1), seqs[i:i + 1]) for i in range(len(seqs))]
+             if rollout and bool((np.asarray(seqs) % 2).any()) else [(slice(None), seqs)])
     for k, (gc, opt) in enumerate(ladder):
-        cfg = make_config(spec, recipe.method.name, adapter=recipe.adapter.value, seq=int(seqs[0]), rank=rank,
-                          targets=targets, grad_ckpt=gc, optimizer=opt, precision=precision, attn=attn)
-        out[k] = step_memory(spec, cfg, batch=batches[None, :], seq=seqs[:, None]).peak
-    return out
+        for at, sq in parts:
+            cfg = make_config(spec, recipe.method.name, adapter=recipe.adapter.value, seq=int(sq[0]), rank=rank,
+                              targets=targets, grad_ckpt=gc, optimizer=opt, precision=precision, attn=attn,
+                              framework=framework, techniques=techniques)
+            if rollout and len(sq) > 1:
+                cfg = cfg.with_(ppo_response=None)
+            mem = step_memory(spec, cfg, batch=batches[None, :], seq=sq[:, None])
+            act[k, at], paged[k, at] = peak_terms({c: np.ceil(v) for c, v in mem.components.items()}, cfg.optimizer)
+            peak[k, at] = np.ceil(mem.peak)
+    return peak, act, paged
 
 
 @dataclass
@@ -232,33 +301,42 @@ class PeakGrid:
 
 def peak_grid(models="all", methods="all", gpus="all", seqs=BENCH_SEQS, batches=BENCH_BATCHES, *,
               settings: Sequence[tuple[bool, str]] | None = None, precision: str | None = None, attn: str = "sdpa",
-              rank: int = 8, targets=None) -> PeakGrid:
+              rank: int = 8, targets=None, framework: str = "hf", techniques=None) -> PeakGrid:
     """Every configuration of a grid at once: models x methods x settings x cards x seqs x batches.
 
     ``settings`` defaults to each method's own default (one setting: no gradient
     checkpointing except QLoRA, AdamW); pass :data:`SETTINGS_LADDER` for all six.
+    ``framework`` and ``techniques`` (training stack, memory-saving techniques) apply to every cell.
     """
+    framework, techniques = _stack_args(framework, techniques)
     specs, recipes, cards = select_models(models), select_methods(methods), select_gpus(gpus)
     s = np.asarray(_seqs(seqs), dtype=np.int64)
     b = np.asarray(sorted({int(x) for x in batches}), dtype=np.int64)
     if b.size == 0 or b.min() <= 0:
         raise VramplanError("batches must be positive integers")
     cap = np.array([c.memory_bytes for c in cards], dtype=np.float64)
-    base, slope = card_overheads(cards)
+    over = _Overheads(cards)
     ladder = list(settings) if settings else [(None, "adamw")]
     peaks = np.full((len(specs), len(recipes), len(ladder), len(cards), len(s), len(b)), np.nan)
     for i, spec in enumerate(specs):
         for j, recipe in enumerate(recipes):
-            groups, _precs, _errors = _card_groups(cards, recipe, precision, attn)
+            groups, _precs, _errors = _card_groups(cards, recipe, precision, attn, framework)
             for prec, idx in groups.items():
-                t = _tensor_peaks(spec, recipe, prec, ladder, s, b, rank, targets, attn)  # (L, S, B)
-                ix = np.asarray(idx)
-                peaks[i, j][:, ix] = t[:, None] * (1.0 + slope[ix, None, None]) + base[ix, None, None]
+                terms = _tensor_peaks(spec, recipe, prec, ladder, s, b, rank, targets, attn, framework, techniques)
+                for chain in over.chains(idx, recipe.name):
+                    peaks[i, j][:, chain.members] = chain.total(*terms)[:, None]
     codes = np.where(np.isnan(peaks), 2, classify_array(np.nan_to_num(peaks, nan=np.inf),
                                                          cap[:, None, None])).astype(np.int8)
     return PeakGrid([m.name for m in specs], [r.name for r in recipes],
                     [(bool(gc) if gc is not None else None, o) for gc, o in ladder], [c.name for c in cards],
                     [int(x) for x in s], [int(x) for x in b], peaks, codes)
+
+
+def _stack_args(framework: str, techniques) -> tuple[str, tuple[str, ...]]:
+    """Validate ``framework`` and ``techniques`` once (unknown names: a did-you-mean error)."""
+    from .stacks import get_stack, parse_techniques
+
+    return get_stack(framework).name, parse_techniques(techniques)
 
 
 # -- the matrix ---------------------------------------------------------------------------
@@ -328,6 +406,16 @@ class FeasibilityMatrix:
     cells: list[Cell]
     assumptions: list[str] = field(default_factory=list)
     thresholds: str = THRESHOLDS_TEXT
+    framework: str = "hf"                 # the training stack every cell assumes (vramplan/data/stacks.toml)
+    techniques: tuple[str, ...] = ()      # memory-saving techniques every cell uses
+
+    @property
+    def stack_text(self) -> str:
+        """``hf (transformers + PEFT ...)`` plus the techniques: what the tables say they assume."""
+        from .stacks import get_stack
+
+        text = f"{self.framework} — {get_stack(self.framework).summary}"
+        return text + (f", techniques {', '.join(self.techniques)}" if self.techniques else "")
 
     def __post_init__(self):
         self._index = {(c.model, c.method, c.gpu, c.seq): c for c in self.cells}
@@ -351,13 +439,15 @@ class FeasibilityMatrix:
                 "gpus": [{"name": g.name, "display_name": g.display_name, "memory_bytes": g.memory_bytes}
                          for g in self.gpus],
                 "seqs": self.seqs, "batch": self.batch, "thresholds": self.thresholds,
+                "framework": self.framework, "techniques": list(self.techniques),
                 "comfortable_fraction": COMFORTABLE_FRACTION, "assumptions": self.assumptions,
                 "cells": [c.to_json() for c in self.cells]}
 
 
 def feasibility_matrix(models="all", methods="all", gpus="all", seqs=2048, *, batch: int = 1,
                        precision: str | None = None, attn: str = "sdpa", rank: int = 8, targets=None,
-                       ladder: Sequence[tuple[bool, str]] = SETTINGS_LADDER) -> FeasibilityMatrix:
+                       ladder: Sequence[tuple[bool, str]] = SETTINGS_LADDER, framework: str = "hf",
+                       techniques=None) -> FeasibilityMatrix:
     """Verdict, peak and largest micro-batch of every model x method x card x sequence length.
 
     Args:
@@ -367,72 +457,84 @@ def feasibility_matrix(models="all", methods="all", gpus="all", seqs=2048, *, ba
         seqs: tokens per sequence, one or several.
         batch: micro-batch at which the verdict and the peak are given (examples).
         ladder: the settings tried, in preference order (see :data:`SETTINGS_LADDER`).
+        framework: training stack of every cell (hf, torchtune, unsloth, litgpt); its default
+            precision applies when ``precision`` is None. techniques: memory-saving techniques
+            every cell uses (``"chunked_ce,act_offload"`` or a list).
 
     Returns:
         :class:`FeasibilityMatrix`; cells are in (seq, card, model, method) order.
 
     Raises:
-        VramplanError: unknown names, non-positive shapes, an impossible rank.
+        VramplanError: unknown names (models, cards, methods, framework, techniques), non-positive
+            shapes, an impossible rank.
     """
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch <= 0 or batch > BATCH_GRID[-1]:
         raise VramplanError(f"--batch must be an integer in 1..{BATCH_GRID[-1]}, got {batch!r}")
+    framework, techniques = _stack_args(framework, techniques)
     specs, recipes, cards = select_models(models), select_methods(methods), select_gpus(gpus)
     s = np.asarray(_seqs(seqs), dtype=np.int64)
     cap = np.array([c.memory_bytes for c in cards], dtype=np.float64)
-    base, slope = card_overheads(cards)
+    over = _Overheads(cards)
     cells: dict[tuple, Cell] = {}
     for spec in specs:
         for recipe in recipes:
-            groups, precs, errors = _card_groups(cards, recipe, precision, attn)
+            groups, precs, errors = _card_groups(cards, recipe, precision, attn, framework)
             for gi, msg in errors.items():
                 for sq in s:
                     cells[(int(sq), gi, spec.name, recipe.name)] = Cell(
                         spec.name, recipe.name, cards[gi].name, int(sq), batch, Verdict.NO, None, None,
                         cards[gi].memory_bytes, 0, None, None, None, note=msg)
             for prec, idx in groups.items():
-                ix = np.asarray(idx)
-                scale = 1.0 + slope[ix]                                                   # (G,)
-                # 1. every setting at the requested micro-batch; pick per card and seq
-                t1 = _tensor_peaks(spec, recipe, prec, ladder, s, np.array([batch]), rank, targets, attn)[..., 0]
-                total_b = t1[:, None, :] * scale[None, :, None] + base[ix][None, :, None]  # (L, G, S)
-                choice = pick(total_b, cap[ix][:, None])                                  # (G, S)
-                # 2. the largest micro-batch of each chosen setting: tensor peaks over 1..1024 against each
-                #    card's tensor budget; a batch counts only if every smaller one fits (monotone envelope)
-                budget = (cap[ix] - base[ix]) / scale                                     # (G,)
-                max_b = np.zeros(choice.shape, dtype=np.int64)
-                for k in np.unique(choice):
-                    tk = _tensor_peaks(spec, recipe, prec, [ladder[k]], s, BATCH_GRID, rank, targets, attn)[0]
-                    tk = np.maximum.accumulate(tk, axis=-1)                               # (S, NB)
-                    counts = (tk[None, :, :] <= budget[:, None, None]).sum(axis=-1)       # (G, S)
-                    max_b = np.where(choice == k, counts, max_b)
-                gi = np.arange(len(ix))[:, None]
+                # every setting at the requested micro-batch: (L, S) each
+                t1, a1, p1 = (x[..., 0] for x in _tensor_peaks(spec, recipe, prec, ladder, s, np.array([batch]), rank,
+                                                               targets, attn, framework, techniques))
+                wide: dict[int, tuple] = {}  # setting -> its terms over micro-batches 1..1024, (S, NB) each
                 si = np.arange(len(s))[None, :]
-                peak = total_b[choice, gi, si]                                            # (G, S)
-                tensor = t1[choice, si]                                                   # (G, S)
-                codes = classify_array(peak, cap[ix][:, None])
-                for a, g in enumerate(ix):
-                    for b_, sq in enumerate(s):
-                        gc, opt = ladder[int(choice[a, b_])]
-                        cells[(int(sq), int(g), spec.name, recipe.name)] = Cell(
-                            spec.name, recipe.name, cards[g].name, int(sq), batch, VERDICTS[int(codes[a, b_])],
-                            int(np.ceil(peak[a, b_])), int(np.ceil(tensor[a, b_])), cards[g].memory_bytes,
-                            int(max_b[a, b_]), bool(gc), opt, precs[int(g)])
+                for chain in over.chains(idx, recipe.name):
+                    ix = chain.members
+                    total = chain.total(t1, a1, p1)                                       # (L, S)
+                    # 1. pick a setting per card and seq
+                    choice = pick(np.broadcast_to(total[:, None, :], (len(ladder), len(ix), len(s))),
+                                  cap[ix][:, None])                                       # (G, S)
+                    # 2. the largest micro-batch of each chosen setting: device totals over 1..1024; a batch
+                    #    counts only if every smaller one fits (monotone envelope)
+                    max_b = np.zeros(choice.shape, dtype=np.int64)
+                    for k in np.unique(choice):
+                        if k not in wide:
+                            wide[k] = tuple(x[0] for x in _tensor_peaks(spec, recipe, prec, [ladder[k]], s, BATCH_GRID,
+                                                                         rank, targets, attn, framework, techniques))
+                        tk = np.maximum.accumulate(chain.total(*wide[k]), axis=-1)        # (S, NB)
+                        counts = (tk[None, :, :] <= cap[ix][:, None, None]).sum(axis=-1)  # (G, S)
+                        max_b = np.where(choice == k, counts, max_b)
+                    peak = total[choice, si]                                              # (G, S)
+                    tensor = chain.tensors(t1, a1)[choice, si]                            # (G, S)
+                    codes = classify_array(peak, cap[ix][:, None])
+                    for a, g in enumerate(ix):
+                        for b_, sq in enumerate(s):
+                            gc, opt = ladder[int(choice[a, b_])]
+                            cells[(int(sq), int(g), spec.name, recipe.name)] = Cell(
+                                spec.name, recipe.name, cards[g].name, int(sq), batch, VERDICTS[int(codes[a, b_])],
+                                int(np.ceil(peak[a, b_])), int(np.ceil(tensor[a, b_])), cards[g].memory_bytes,
+                                int(max_b[a, b_]), bool(gc), opt, precs[int(g)])
     mpos = {m.name: i for i, m in enumerate(specs)}
     rpos = {r.name: i for i, r in enumerate(recipes)}
     ordered = [cells[k] for k in sorted(cells, key=lambda k: (k[0], k[1], mpos[k[2]], rpos[k[3]]))]
+    from .stacks import get_stack
+
+    default_prec = get_stack(framework).default_precision
     assumptions = [
-        f"stack: {STACK}",
-        f"precision: {precision or 'bf16-mixed (fp16-mixed on cards without bf16)'}; attention {attn}; "
+        f"stack: {_stack_text(framework)}" + (f"; techniques: {', '.join(techniques)}" if techniques else ""),
+        f"precision: {precision or default_prec + ' (fp16-mixed on cards without bf16)'}; attention {attn}; "
         f"LoRA/DoRA rank {rank}, targets {targets or 'PEFT defaults for the model type'}",
         f"peak: predicted device total (what nvidia-smi shows) at micro-batch {batch}, steady-state step",
         "settings tried in this order, first comfortable kept, else first that fits: "
         + "; ".join(f"{'GC' if gc else 'no GC'} + {opt}" for gc, opt in ladder),
         "largest micro-batch: with the chosen settings, searched up to 1024",
         "runtime overheads: the card's calibration profile if one ships, else defaults "
-        "(512 MiB CUDA context, cuBLAS workspaces, 15% allocator reserve)",
+        "(512 MiB CUDA context, cuBLAS workspaces, 15% allocator reserve; paged optimizer states outside it)",
     ]
     return FeasibilityMatrix([m.name for m in specs], [r.name for r in recipes], list(cards), [int(x) for x in s],
-                             batch, ordered, assumptions)
+                             batch, ordered, assumptions, framework=framework, techniques=techniques)
 
 
 # -- writers ------------------------------------------------------------------------------
@@ -461,6 +563,7 @@ def write_markdown(mx: FeasibilityMatrix, out: TextIO, *, title: str | None = "F
     """One table per card and sequence length: rows models, columns methods."""
     if title:
         out.write(f"# {title}\n\n")
+    out.write(f"Stack: {mx.stack_text}.\n\n")
     out.write(f"Verdicts: {mx.thresholds}.\n\n")
     out.write("Each cell: verdict · predicted peak at micro-batch "
               f"{mx.batch} · largest micro-batch that fits (b≤N) · memory savers needed "
@@ -490,7 +593,8 @@ def to_frame(mx: FeasibilityMatrix):
                      "peak_bytes": c.peak_bytes, "peak_pct_of_capacity":
                          None if c.peak_fraction is None else round(100 * c.peak_fraction, 1),
                      "max_batch": c.max_batch, "grad_ckpt": c.grad_ckpt, "optimizer": c.optimizer,
-                     "precision": c.precision, "note": c.note})
+                     "precision": c.precision, "framework": mx.framework, "techniques": "+".join(mx.techniques),
+                     "note": c.note})
     return pd.DataFrame(rows)
 
 
@@ -513,7 +617,8 @@ def write_html(mx: FeasibilityMatrix, out: TextIO, *, title: str = "vramplan fea
     out.write(f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{e(title)}</title>"
               f"<style>{css}</style></head><body>\n<h1>{e(title)}</h1>\n")
     out.write("<p class=\"lg\">" + "".join(f"<span style=\"background:{_TINTS[v]}\">{v.value}</span>" for v in VERDICTS)
-              + f"</p>\n<p><small>{e(mx.thresholds)}. Cell: predicted peak at micro-batch {mx.batch}; "
+              + f"</p>\n<p><small>Stack: {e(mx.stack_text)}.<br>{e(mx.thresholds)}. "
+                f"Cell: predicted peak at micro-batch {mx.batch}; "
                 "b&le;N: largest micro-batch that fits; GC: gradient checkpointing.</small></p>\n")
     for seq in mx.seqs:
         for g in mx.gpus:

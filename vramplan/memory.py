@@ -42,9 +42,22 @@ class ModelState:
     trainable_params: int = 0  # trainable parameters of all copies
     step_temporary: int = 0    # inside optimizer.step()
     largest_grad: int = 0      # bytes of the largest single trainable tensor's gradient
+    head_cast: int = 0         # autocast's casts of the output heads' weights (saved by their matmuls)
+    layer_cast: int = 0        # autocast's casts of one decoder layer's trainable weights
+    attn_cast: int = 0         # ... of its attention block's
+    layer_grad: int = 0        # gradients of one decoder layer's MLP block (full training)
+    grads_tail: int = 0        # gradients produced by the first layer's attention block and the embedding
+    grads_end_extra: int = 0   # temporaries of the last gradient accumulation (tied embeddings)
 
     def add(self, comp: Component, n: int) -> None:
         self.bytes[comp] = self.bytes.get(comp, 0) + int(n)
+
+
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
+
+
+def _attention_params(model: ModelSpec) -> int:
+    return sum(l.params for l in model.layer_linears() if l.name in ATTENTION_LINEARS)
 
 
 def _copy_params(model: ModelSpec, copy: ModelCopy) -> int:
@@ -76,10 +89,26 @@ def model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
             st.trainable_params += n
             tensors = full_tensors(model, copy.head)
             opt_groups += [(shape, cnt, wb) for shape, cnt in tensors]
+            # backward ends with the first layer's attention block (its MLP ran backward before it)
+            # and the embedding (tied: accumulated into the lm_head's existing gradient)
+            embed = 0 if (model.tie_embeddings and copy.head == "lm") else model.embedding_params
+            attn = _attention_params(model)
+            st.grads_tail = max(st.grads_tail, (attn + embed) * wb)
+            st.layer_grad = max(st.layer_grad, (model.layer_params - attn) * wb)
+            if model.tie_embeddings and copy.head == "lm":
+                # the embedding's dense gradient is accumulated into the lm_head's: two V x h
+                # buffers beside every gradient at the very end of backward (measured by the dry run)
+                st.grads_end_extra = max(st.grads_end_extra, 2 * model.embedding_params * wb)
             if regime.autocast is not None:
                 # autocast caches a 16-bit cast of every weight a matmul uses (leaf tensors requiring grad)
-                matmul_params = model.linear_params + (model.vocab_size * model.hidden_size if copy.head == "lm" else 0)
-                st.add(Component.AUTOCAST_CACHE, matmul_params * DTYPE_BYTES[regime.compute_dtype])
+                # (fused MoE expert banks are plain parameters that autocast never casts)
+                c = DTYPE_BYTES[regime.compute_dtype]
+                head = model.vocab_size * model.hidden_size if copy.head == "lm" else 0
+                layer = sum(l.params for l in model.layer_linears() if l.is_linear)
+                st.add(Component.AUTOCAST_CACHE, (model.num_layers * layer + head) * c)
+                st.head_cast += head * c
+                st.layer_cast = max(st.layer_cast, layer * c)
+                st.attn_cast = max(st.attn_cast, _attention_params(model) * c)
             continue
         # a frozen base, maybe with an adapter
         if copy.quantized:
@@ -92,6 +121,12 @@ def model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
             nb = 4 if kbit else DTYPE_BYTES[regime.frozen_dtype]
             st.add(Component.WEIGHTS, packed + non_linear * nb)
             st.add(Component.QUANT_STATE, qs)
+            if kbit and regime.autocast is not None and copy.head == "lm":
+                # autocast casts the fp32 lm_head (or tied embedding) for its matmul; the frozen weight's
+                # cast is saved for the input gradient, alive from the loss forward to its backward
+                head = model.vocab_size * model.hidden_size * DTYPE_BYTES[regime.compute_dtype]
+                st.add(Component.AUTOCAST_CACHE, head)
+                st.head_cast += head
         else:
             st.add(Component.WEIGHTS, n * DTYPE_BYTES[regime.frozen_dtype])
         if copy.adapter is None:
@@ -134,12 +169,22 @@ def _dequant_temp(model: ModelSpec, regime: Regime) -> int:
     return largest * DTYPE_BYTES[regime.compute_dtype]
 
 
+def _dora_norm_temp(model: ModelSpec, cfg: TrainConfig, regime: Regime) -> int:
+    """DoRA: PEFT's weight norm ``||W + s * B @ A||`` builds four dense copies of the largest adapted
+    weight in the adapter dtype (W cast, B @ A, its scaled copy, the sum), in every forward."""
+    sizes = [l.in_features * l.out_features for l in model.layer_linears() if l.is_linear and l.name in cfg.targets]
+    return 4 * max(sizes, default=0) * DTYPE_BYTES[regime.adapter_dtype]
+
+
 def _stack_activations(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime, T, s):
-    """Saved activations of the whole decoder stack of a copy that trains, per checkpointing and offloading.
+    """Saved activations of the decoder stack of a copy that trains: ``(kept, recomputed)``.
+
+    ``kept`` is what is alive when the loss's backward starts; ``recomputed`` what a
+    checkpointed layer's recomputation adds while that layer runs backward.
 
     * no checkpointing: every layer's saved tensors (layer 0's input needs no gradient unless
       the copy trains fully or checkpointing made the inputs require grad);
-    * gradient checkpointing (HF, non-reentrant, per decoder layer): each layer's input, plus
+    * gradient checkpointing (HF, non-reentrant, per decoder layer): each layer's input kept,
       one layer recomputed in backward; with ``gc_offload`` (Unsloth) the inputs live in host memory;
     * ``selective_ckpt``: every second layer checkpointed (torchtune ``ac_option=2``);
     * ``act_offload``: saved tensors moved to host memory, two layers (current + prefetched) on the GPU.
@@ -151,99 +196,151 @@ def _stack_activations(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regi
     offload = cfg.uses("act_offload")
     if cfg.grad_ckpt:
         kept = ckpt_in if (cfg.stack.gc_offload or offload) else L * ckpt_in
-        return kept + full_layer
+        return kept, full_layer
     if cfg.uses("selective_ckpt"):
         ck = L // 2
-        return (L - ck) * full_layer + ck * ckpt_in + full_layer
+        return (L - ck) * full_layer + ck * ckpt_in, full_layer
     first_grad = copy.adapter is Adapter.FULL
     first = act.layer_activation_bytes(model, cfg, copy, regime, T, s, input_requires_grad=first_grad)
     if offload:
-        return 2 * full_layer
-    return (L - 1) * full_layer + first
+        return 2 * full_layer, 0 * full_layer
+    return (L - 1) * full_layer + first, 0 * full_layer
 
 
 def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict[str, np.ndarray]:
     """The batch-dependent terms of a step (arrays over batch/seq), shared by :func:`step_memory`
     and the sharded planner (:func:`vramplan.distributed.parallel_step_memory`).
 
-    Keys: acts (saved activations incl. the shared attention mask), logits_fwd, logits_bwd,
+    Keys: acts (saved activations alive when backward starts, incl. the shared attention mask),
+    recompute (a checkpointed layer's recomputed activations), layer (the saved tensors of the
+    layer running backward; layer_attn: its attention block's), logits_fwd, logits_bwd,
     transient (one layer's backward buffers), nograd_peak (frozen copies' forward working set),
-    temps_fwd (QLoRA dequantised weight), kv (PPO KV cache), rollout_logits, zeros.
+    temps_fwd (QLoRA's dequantised weight, in forward and backward), temps_fwd_only (DoRA's
+    weight-norm buffers in forward), temps_recompute (the same in a checkpointed layer's
+    recomputation, before its backward's buffers exist), kv (PPO KV cache), rollout_logits, zeros.
     """
     regime = cfg.regime
     kbit = cfg.stack.kbit_upcast
     recipe = cfg.recipe
     b = np.asarray(cfg.batch if batch is None else batch, dtype=np.float64)
     s = np.asarray(cfg.seq if seq is None else seq, dtype=np.float64)
-    T = b * s * recipe.sequences_per_example  # tokens through a training forward
+    rows = b * recipe.sequences_per_example  # sequences through a training forward
+    T = rows * s  # tokens
     zeros = np.zeros(np.broadcast(b, s).shape)
-    acts, logits_fwd, logits_bwd = zeros.copy(), zeros.copy(), zeros.copy()
+    acts, recompute, layer, layer_attn, logits_fwd, logits_bwd = (zeros.copy() for _ in range(6))
     transient, nograd_peak, temps_fwd, kv = zeros.copy(), zeros.copy(), zeros.copy(), zeros.copy()
+    temps_fwd_only, temps_recompute = zeros.copy(), zeros.copy()
     for copy in recipe.copies:
         if copy.forward is Forward.NO_GRAD:
             # frozen copies run under no_grad: only one layer's working set at a time plus their logits
-            f, _ = act.logits_bytes(model, copy, regime, T, copy.head, cfg)
+            f, _ = act.logits_bytes(model, copy, regime, T, copy.head, cfg, rows)
             layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
             nograd_peak = np.maximum(nograd_peak, f + layer)
             continue
-        a = _stack_activations(model, cfg, copy, regime, T, s)
+        a, r = _stack_activations(model, cfg, copy, regime, T, s)
+        recompute = np.maximum(recompute, r)
+        layer = np.maximum(layer, act.layer_activation_bytes(model, cfg, copy, regime, T, s))
+        layer_attn = np.maximum(layer_attn, act.layer_activation_bytes(model, cfg, copy, regime, T, s,
+                                                                       attention_only=True))
         d = act.copy_dtypes(copy, regime, kbit)
         a = a + T * 4 * model.hidden_size  # final norm's fp32 upcast
         if copy.adapter is Adapter.FULL:
             a = a + T * d.norm_out * model.hidden_size  # final norm output saved by the trainable lm_head
-        f, bw = act.logits_bytes(model, copy, regime, T, copy.head, cfg)
+        f, bw = act.logits_bytes(model, copy, regime, T, copy.head, cfg, rows)
         acts += a
         logits_fwd += f
         logits_bwd += bw
         transient = np.maximum(transient, act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, kbit))
         if copy.quantized:
             temps_fwd = np.maximum(temps_fwd, _dequant_temp(model, regime) + zeros)
+        if copy.adapter is Adapter.DORA:  # in backward too when checkpointing recomputes the forward
+            temps_fwd_only = np.maximum(temps_fwd_only, _dora_norm_temp(model, cfg, regime) + zeros)
+            if cfg.grad_ckpt:
+                temps_recompute = np.maximum(temps_recompute, temps_fwd_only)
     rollout_logits = zeros.copy()
     if recipe.method.rollout:
         policy = recipe.copies[0]
         kv = act.kv_cache_bytes(model, regime, policy, b, s, kbit) + zeros
-        rollout_logits = np.where(kv > 0, act.logits_bytes(model, policy, regime, b, "lm", cfg)[0], 0) + zeros
+        rollout_logits = act.rollout_logits_bytes(model, cfg, policy, b, s) - kv  # what rides on the cache
+        rollout_logits = np.maximum(rollout_logits, act.rollout_logits_bytes(model, cfg, policy, b, s, scores_only=True))
     if recipe.copies[0].forward is not Forward.NONE:
         acts = acts + act.attention_mask_bytes(model, cfg, regime, b, s)
-    return {"acts": acts, "logits_fwd": logits_fwd, "logits_bwd": logits_bwd, "transient": transient,
-            "nograd_peak": nograd_peak, "temps_fwd": temps_fwd, "kv": kv, "rollout_logits": rollout_logits,
+    return {"acts": acts, "recompute": recompute, "layer": layer, "layer_attn": layer_attn, "logits_fwd": logits_fwd, "logits_bwd": logits_bwd, "transient": transient,
+            "nograd_peak": nograd_peak, "temps_fwd": temps_fwd, "temps_fwd_only": temps_fwd_only, "temps_recompute": temps_recompute, "kv": kv, "rollout_logits": rollout_logits,
             "zeros": zeros}
 
 
-def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepMemory:
-    """Peak tensor bytes of a steady-state step of ``cfg`` on ``model``, by component and phase.
+def backward_casts(st: ModelState, cfg: TrainConfig) -> dict[str, int]:
+    """Autocast's weight casts seen by backward (:func:`combine_phases`' ``cache_bwd`` and
+    ``recompute_cache``). Under checkpointing the layers saved nothing in forward, so only the
+    heads' casts are still saved when backward starts, and each recomputed layer casts its
+    weights again; without it every cast made in forward is saved by its matmul."""
+    cache = st.bytes.get(Component.AUTOCAST_CACHE, 0)
+    if cfg.grad_ckpt:
+        return {"cache_bwd": min(cache, st.head_cast), "recompute_cache": st.layer_cast, "layer_cache": st.layer_cast,
+                "attn_cache": st.attn_cast, "head_cache": min(cache, st.head_cast)}
+    return {"cache_bwd": cache, "recompute_cache": 0, "layer_cache": st.layer_cast, "attn_cache": st.attn_cast,
+            "head_cache": min(cache, st.head_cast)}
 
-    ``batch`` and ``seq`` default to the config's; arrays broadcast.
+
+def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, states, cache, cache_bwd,
+                   recompute_cache, layer_cache=0, attn_cache=0, head_cache=0, grads_bwd, grads_opt, step_temporary, rollout_on: bool, grads_tail=0,
+                   grads_end_extra=0, layer_grad=0, comm=0, gathered=0,
+                   rollout_gather=0, components: bool = True):
+    """The phases of a step from its terms, the peak phase, and the components at the peak.
+
+    One place for the phase arithmetic of :func:`step_memory` and the sharded planner
+    (:func:`vramplan.distributed.parallel_step_memory`). ``t``: :func:`step_terms`; ``base``:
+    the always-resident bytes by component (weights, quantisation state, adapters, master
+    weights); ``cache``: autocast's weight casts during forward (the cache lives until the
+    autocast context exits); ``cache_bwd``: the casts still saved for backward when it starts
+    (all of them without checkpointing; only the heads' with it); ``recompute_cache``: the
+    casts a recomputed layer makes again; ``layer_cache``: the casts of the layer running
+    backward (alive until it is done, checkpointed or not) and ``attn_cache`` its attention
+    block's; ``head_cache``: the heads' casts, freed once the loss's backward is through the
+    heads (before any layer's); ``grads_bwd`` / ``grads_opt``: gradient bytes alive at
+    the end of backward and during the optimiser step; ``grads_tail``: the part of ``grads_bwd``
+    produced by the first layer and the embedding, after the last layer's backward work;
+    ``grads_end_extra``: buffers of the last accumulation, beside every gradient;
+    ``layer_grad``: the gradients of the first layer's MLP block (produced before its attention's); ``comm`` (buckets), ``gathered`` (unsharded units in forward and
+    backward) and ``rollout_gather`` (the policy gathered for generation) are the sharded
+    planner's extras. Returns ``(phases, peak, peak_phase_index, components)``.
     """
-    recipe = cfg.recipe
-    b = np.asarray(cfg.batch if batch is None else batch, dtype=np.float64)
-    s = np.asarray(cfg.seq if seq is None else seq, dtype=np.float64)
-    st = model_state(model, cfg)
-    zeros = np.zeros(np.broadcast(b, s).shape)
-
-    static = sum(st.bytes[c] for c in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS,
-                                       Component.MASTER_WEIGHTS)) + zeros
-    states = st.bytes[Component.OPTIMIZER_STATES] + zeros
-    cache = st.bytes[Component.AUTOCAST_CACHE] + zeros
-    grads_all = st.bytes[Component.GRADIENTS] + zeros
-    if cfg.uses("opt_in_bwd"):
-        grads_all = st.largest_grad + zeros  # each gradient is consumed and freed as soon as it is ready
-
-    t = step_terms(model, cfg, batch, seq)
+    zeros = t["zeros"]
     acts, logits_fwd, logits_bwd = t["acts"], t["logits_fwd"], t["logits_bwd"]
     transient, nograd_peak, temps_fwd, kv = t["transient"], t["nograd_peak"], t["temps_fwd"], t["kv"]
-    # ordered phases
-    load = static.copy()
-    rollout = static + states + kv + t["rollout_logits"]
-    forward = static + states + cache + np.maximum(acts + logits_fwd + temps_fwd, nograd_peak)
-    backward = static + states + cache + np.maximum(acts + logits_bwd + temps_fwd,
-                                                    grads_all + transient + temps_fwd)
-    opt_step = static + states + grads_all + st.step_temporary
-    phases = {Phase.LOAD: load, Phase.ROLLOUT: rollout if recipe.method.rollout else zeros.copy(),
-              Phase.FORWARD: forward, Phase.BACKWARD: backward, Phase.OPTIMIZER_STEP: opt_step}
+    recompute, layer_saved, layer_attn = t["recompute"], t["layer"], t["layer_attn"]
+    static = sum(base.get(c, 0) for c in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS,
+                                          Component.MASTER_WEIGHTS)) + zeros + comm
+    states, cache, cache_bwd = states + zeros, cache + zeros, cache_bwd + zeros
+    # QLoRA's dequantised weight lives inside one layer's forward/backward, never beside the loss
+    temps_f = np.maximum(temps_fwd, t["temps_fwd_only"])
+    fwd_work = acts + np.maximum(logits_fwd, temps_f)
+    # backward starts with everything saved plus the loss's gradients; then, layer by layer, saved
+    # tensors and casts are freed while gradients accumulate: a layer's backward sees the larger of
+    # the two ends, plus its recomputation (checkpointing), its transient buffers and its dequantised weight
+    saved_bwd = acts + cache_bwd
+    # a layer's backward works beside either end: early, every saved tensor (plus its recomputation);
+    # late, the first layer beside every gradient but its attention block's and the embedding's
+    grads_before = np.maximum(grads_bwd - grads_tail, 0)
+    saved_side = acts + np.maximum(cache_bwd - head_cache, 0) + recompute + recompute_cache
+    # the first layer's MLP backward (all its saved tensors and casts), then its attention's
+    grads_side = np.maximum(np.maximum(grads_before - layer_grad, 0) + layer_saved + layer_cache,
+                            grads_before + layer_attn + attn_cache)
+    layer_temps = np.maximum(transient + temps_fwd, t["temps_recompute"])
+    work = np.maximum(saved_side, grads_side) + layer_temps
+    bwd_acts = saved_bwd + logits_bwd
+    bwd_grads = np.maximum(work, grads_bwd + grads_end_extra)
+    phases = {Phase.LOAD: static.copy(),
+              Phase.ROLLOUT: static + states + kv + t["rollout_logits"] + rollout_gather if rollout_on else zeros.copy(),
+              Phase.FORWARD: static + states + cache + gathered + np.maximum(fwd_work, nograd_peak),
+              Phase.BACKWARD: static + states + gathered + np.maximum(bwd_acts, bwd_grads),
+              Phase.OPTIMIZER_STEP: static + states + grads_opt + step_temporary}
     stack = np.stack([phases[p] for p in PHASE_ORDER])
     idx = np.argmax(stack, axis=0)
     peak = np.max(stack, axis=0)
+    if not components:
+        return phases, peak, idx, {}
 
     def at_peak(by_phase: dict[Phase, np.ndarray]) -> np.ndarray:
         out = zeros.copy()
@@ -251,23 +348,53 @@ def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> Ste
             out = np.where(idx == k, by_phase.get(p, zeros), out)
         return out
 
-    bwd_act_branch = acts + logits_bwd >= grads_all + transient
-    fwd_act_branch = acts + logits_fwd + temps_fwd >= nograd_peak
-    comps: dict[Component, np.ndarray] = {}
-    for c in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS):
-        comps[c] = st.bytes[c] + zeros
+    bwd_act = bwd_acts >= bwd_grads
+    bwd_saved = saved_side >= grads_side  # in the layer branch: the saved end or the gradient end
+    bwd_end = grads_bwd + grads_end_extra >= work  # backward's last state: all gradients
+    fwd_act = fwd_work >= nograd_peak
+    fwd_temps = logits_fwd < temps_f
+    comps: dict[Component, np.ndarray] = {c: base.get(c, 0) + zeros
+                                          for c in (Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS)}
+    comps[Component.WEIGHTS] = base.get(Component.WEIGHTS, 0) + at_peak(
+        {Phase.FORWARD: gathered + zeros, Phase.BACKWARD: gathered + zeros, Phase.ROLLOUT: rollout_gather + zeros})
     comps[Component.OPTIMIZER_STATES] = at_peak({p: states for p in PHASE_ORDER if p is not Phase.LOAD})
-    comps[Component.AUTOCAST_CACHE] = at_peak({Phase.FORWARD: cache, Phase.BACKWARD: cache})
-    comps[Component.GRADIENTS] = at_peak({Phase.BACKWARD: np.where(bwd_act_branch, 0, grads_all),
-                                          Phase.OPTIMIZER_STEP: grads_all})
-    comps[Component.ACTIVATIONS] = at_peak({Phase.FORWARD: np.where(fwd_act_branch, acts, nograd_peak),
-                                            Phase.BACKWARD: np.where(bwd_act_branch, acts, 0)})
-    comps[Component.LOGITS] = at_peak({Phase.FORWARD: np.where(fwd_act_branch, logits_fwd, 0),
-                                       Phase.BACKWARD: np.where(bwd_act_branch, logits_bwd, 0)})
-    comps[Component.TEMPORARIES] = at_peak({Phase.FORWARD: np.where(fwd_act_branch, temps_fwd, 0),
-                                            Phase.BACKWARD: np.where(bwd_act_branch, temps_fwd, transient + temps_fwd),
-                                            Phase.OPTIMIZER_STEP: st.step_temporary + zeros})
+    layer = ~bwd_act & ~bwd_end  # the peak is inside a layer's backward
+    comps[Component.AUTOCAST_CACHE] = at_peak({
+        Phase.FORWARD: cache,
+        Phase.BACKWARD: np.where(bwd_act, cache_bwd, np.where(
+            layer, np.where(bwd_saved, np.maximum(cache_bwd - head_cache, 0) + recompute_cache, layer_cache), 0))})
+    comps[Component.GRADIENTS] = comm + at_peak({
+        Phase.BACKWARD: np.where(bwd_act, 0, np.where(layer, np.where(bwd_saved, 0, grads_before), grads_bwd)),
+        Phase.OPTIMIZER_STEP: grads_opt + zeros})
+    comps[Component.ACTIVATIONS] = at_peak({
+        Phase.FORWARD: np.where(fwd_act, acts, nograd_peak),
+        Phase.BACKWARD: np.where(bwd_act, acts, np.where(layer, np.where(bwd_saved, acts + recompute, layer_saved), 0))})
+    comps[Component.LOGITS] = at_peak({Phase.FORWARD: np.where(fwd_act & ~fwd_temps, logits_fwd, 0),
+                                       Phase.BACKWARD: np.where(bwd_act, logits_bwd, 0),
+                                       Phase.ROLLOUT: t["rollout_logits"]})
+    comps[Component.TEMPORARIES] = at_peak({Phase.FORWARD: np.where(fwd_act & fwd_temps, temps_f, 0),
+                                            Phase.BACKWARD: np.where(layer, layer_temps,
+                                                                     np.where(bwd_act, 0, grads_end_extra)),
+                                            Phase.OPTIMIZER_STEP: step_temporary + zeros})
     comps[Component.KV_CACHE] = at_peak({Phase.ROLLOUT: kv})
-    # the rollout's logits of one decode step are small; fold them into KV_CACHE's phase total
-    comps[Component.LOGITS] = comps[Component.LOGITS] + at_peak({Phase.ROLLOUT: rollout - static - states - kv})
+    return phases, peak, idx, comps
+
+
+def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepMemory:
+    """Peak tensor bytes of a steady-state step of ``cfg`` on ``model``, by component and phase.
+
+    ``batch`` and ``seq`` default to the config's; arrays broadcast.
+    """
+    st = model_state(model, cfg)
+    grads_all = st.bytes[Component.GRADIENTS]
+    t = step_terms(model, cfg, batch, seq)
+    phases, peak, idx, comps = combine_phases(
+        t, st.bytes, states=st.bytes[Component.OPTIMIZER_STATES], cache=st.bytes[Component.AUTOCAST_CACHE],
+        **backward_casts(st, cfg),
+        # with the step in backward each gradient is consumed and freed as soon as it is ready
+        grads_bwd=st.largest_grad if cfg.uses("opt_in_bwd") else grads_all,
+        grads_opt=st.largest_grad if cfg.uses("opt_in_bwd") else grads_all,
+        grads_tail=0 if cfg.uses("opt_in_bwd") else st.grads_tail,
+        grads_end_extra=st.grads_end_extra, layer_grad=0 if cfg.uses("opt_in_bwd") else st.layer_grad,
+        step_temporary=st.step_temporary, rollout_on=cfg.recipe.method.rollout)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=st)

@@ -62,6 +62,9 @@ class CopyDef:
     forward: Forward
 
 
+LOSSES = ("causal_lm", "sequence_logps", "response_logps")
+
+
 @dataclass(frozen=True)
 class MethodDef:
     """A method as declared in methods.toml."""
@@ -73,6 +76,10 @@ class MethodDef:
     sequences_per_example: int
     rollout: bool
     copies: tuple[CopyDef, ...]
+    #: how the policy's logits become the loss: "causal_lm" (the model's cross-entropy),
+    #: "sequence_logps" (per-token log-probs of the labels, summed per sequence: TRL DPO) or
+    #: "response_logps" (log-probs of the generated response tokens only: TRL PPO)
+    loss: str = "causal_lm"
 
     @property
     def default_adapter(self) -> Adapter:
@@ -133,9 +140,12 @@ def _parse(name: str, raw: dict) -> MethodDef:
             sequences_per_example=int(raw["sequences_per_example"]),
             rollout=bool(raw.get("rollout", False)),
             copies=copies,
+            loss=str(raw.get("loss", "causal_lm")),
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise VramplanError(f"methods.toml: method {name!r} is invalid ({exc})") from None
+    if md.loss not in LOSSES:
+        raise VramplanError(f"methods.toml: method {name!r}: loss must be one of {', '.join(LOSSES)}, not {md.loss!r}")
     if not md.copies or md.copies[0].role is not Role.POLICY or not md.copies[0].trains:
         raise VramplanError(f"methods.toml: method {name!r} must list a training policy copy first")
     if md.sequences_per_example < 1 or any(h not in ("lm", "scalar") for h in (c.head for c in copies)):

@@ -8,6 +8,8 @@ parser. Layout details per ``model_type`` come from ``data/architectures.toml``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -69,6 +71,7 @@ class ModelSpec:
     max_position_embeddings: int = 4096
     sliding_window: int | None = None
     final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     ia3_targets: tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
     ia3_feedforward: tuple[str, ...] = ("down_proj",)
@@ -118,6 +121,17 @@ class ModelSpec:
                     Linear("down_proj", i, h, self.mlp_bias)]
         return out
 
+    @property
+    def sliding_fraction(self) -> float:
+        """Fraction of layers with sliding-window attention (``layer_types`` when the config
+        lists them, else every layer when a window is set)."""
+        if not self.sliding_window:
+            return 0.0
+        types = (self.hf_config or {}).get("layer_types")
+        if isinstance(types, list) and types:
+            return sum(t == "sliding_attention" for t in types) / len(types)
+        return 1.0
+
     def layer_norm_params(self) -> int:
         """RMSNorm weights of one layer (norms and q/k norms)."""
         n = self.norms_per_layer * self.hidden_size
@@ -159,6 +173,19 @@ class ModelSpec:
         mi = self.moe_intermediate_size or self.intermediate_size
         idle = (self.num_experts - self.experts_per_token) * 3 * self.hidden_size * mi
         return self.params - self.num_layers * idle
+
+    def with_layers(self, n: int) -> "ModelSpec":
+        """The same architecture with ``n`` decoder layers (per-layer lists of the config cut to
+        match): what tests and the dry-run sweep use to keep real widths at a small depth."""
+        if n < 1:
+            raise VramplanError(f"a model needs at least one layer, not {n}")
+        raw = dict(self.hf_config or {})
+        if raw:
+            raw["num_hidden_layers"] = n
+            for key, value in list(raw.items()):
+                if isinstance(value, list) and len(value) == self.num_layers and key.endswith("layer_types"):
+                    raw[key] = value[:n]
+        return dataclasses.replace(self, num_layers=n, name=f"{self.name}[{n}l]", hf_config=raw)
 
     def describe(self) -> str:
         moe = f", MoE {self.num_experts}x top-{self.experts_per_token}" if self.is_moe else ""
@@ -235,6 +262,7 @@ def from_hf_config(cfg: dict, name: str | None = None, **meta) -> ModelSpec:
         max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
         sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
         final_logit_softcapping=cfg.get("final_logit_softcapping"),
+        attn_logit_softcapping=cfg.get("attn_logit_softcapping"),
         lora_targets=tuple(lay.get("lora_targets", ("q_proj", "v_proj"))),
         ia3_targets=tuple(lay.get("ia3_targets", ("k_proj", "v_proj", "down_proj"))),
         ia3_feedforward=tuple(lay.get("ia3_feedforward", ("down_proj",))),

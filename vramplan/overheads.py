@@ -1,22 +1,51 @@
 """Runtime overheads beyond tensor storages: CUDA context, cuBLAS workspaces, allocator reserve.
 
-Defaults come from public measurements (``shared/REFERENCE.md``); a card's calibration
-profile (``profiles/<gpu>.json``) replaces them with measured figures, and every
-prediction says which it used.
+This module is the one implementation of the chain from the analytic tensors to the device
+total: the planner (``plan.estimate_config`` and its vectorised grids), the calibration fit
+(``calibration.predict.calibrated``) and its report all call :func:`runtime_overheads` or
+:func:`device_total`.
+
+Chain (bytes; ``f`` is the method's activation factor, ``paged`` the optimiser states of a
+paged optimiser, which bitsandbytes keeps in ``cudaMallocManaged`` memory outside PyTorch's
+caching allocator, so no reserve applies to them)::
+
+    tensors   = tensor_peak + round((f - 1) * activations)          activations: activations + logits + KV cache
+    allocated = tensors - paged + workspace                         torch.cuda.max_memory_allocated
+    reserved  = allocator(allocated, method)                        torch.cuda.max_memory_reserved
+    device    = context + reserved + paged                          what nvidia-smi shows for the process
+
+A card's calibration profile (``profiles/<gpu>.json``, :mod:`vramplan.profiles`) supplies each
+figure it measured; every figure it lacks (a ``null`` field, or no profile at all) takes its
+default below, and :attr:`Overheads.figures` records which was used, figure by figure.
+
+Defaults (public measurements, ``shared/REFERENCE.md``):
 
 * CUDA context with lazy module loading (PyTorch's default since 1.13): 287,047,680 B
   measured in PyTorch PR #86509; 426 MiB on an RTX 6000 Ada with torch 2.10. It grows with
   the SM count, so the default takes the high end, 512 MiB.
 * cuBLAS workspace: 8 MiB per handle and stream by default, 32 MiB on Hopper (PyTorch PRs
   #89027, #120925); forward and the autograd thread each hold a handle: two workspaces.
+  None for a profile measured by the dry run (no cuBLAS on the meta device).
 * Caching allocator: requests rounded to 512 B, blocks cached and fragmented; reserved
-  exceeds allocated by 10-35% for LLM training (REFERENCE.md). Default: 15% of the tensor
-  peak, with +/-10% of the tensor peak reported as uncertainty.
+  exceeds allocated by 10-35% for LLM training (REFERENCE.md). Default: 15% of the tensors
+  in the allocator (paged optimiser states excluded), the workspaces not counted.
+* Activation factor: 1 (the analytic activations as they are).
+* Uncertainty: +/-10% of the tensor peak by default; with a calibrated allocator, the
+  profile's own residuals (:meth:`vramplan.profiles.Profile.memory_band`).
+
+Known limitations: the activation factor scales the activations at the analytic peak phase;
+it does not move the peak to another phase when it shrinks them. The vectorised callers
+(``plan._total``, ``vramplan.matrix``, ``vramplan.recommend``) pass the same terms to
+:func:`device_total` (from :func:`peak_terms`), so their totals equal :func:`runtime_overheads`'
+to the byte; the dry run passes its paged states but no activations (it measures them).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
 
 from .gpus import GPUSpec
 from .taxonomy import Component
@@ -25,51 +54,264 @@ from .units import MIB
 DEFAULT_CONTEXT_BYTES = 512 * MIB
 DEFAULT_RESERVE_FRACTION = 0.15
 DEFAULT_UNCERTAINTY_FRACTION = 0.10
+#: The figures of the chain that a profile may calibrate, in the order they are reported.
+FIGURES = ("context", "workspace", "allocator", "activation_factor")
+CALIBRATED, DEFAULT = "calibrated", "default"
+
+_LOAD = object()  # runtime_overheads(profile=...) default: look the card's profile up
+
+
+def _workspace_for(compute_capability: str | None) -> int:
+    """Two cuBLAS workspaces (forward handle + autograd thread's): 32 MiB each on Hopper, else 8 MiB."""
+    per = 32 * MIB if compute_capability is not None and str(compute_capability).startswith("9") else 8 * MIB
+    return 2 * per
+
+
+def _workspace(gpu: GPUSpec | None) -> int:
+    return _workspace_for(gpu.compute_capability if gpu is not None else None)
+
+
+default_workspace_bytes = _workspace_for
+
+#: Components the activation factor scales (the activation group of the taxonomy).
+ACTIVATION_COMPONENTS = (Component.ACTIVATIONS, Component.LOGITS, Component.KV_CACHE)
+
+
+def peak_terms(components: Mapping[Component, Any], optimizer: str):
+    """``(activation_bytes, paged_bytes)`` of a step's components at its peak (ints or arrays).
+
+    Activations are the activation group (activations, logits, KV cache); paged bytes are
+    the optimiser states when ``optimizer`` is a paged one (``OptimizerDef.paged``), else 0.
+    """
+    from .optimizers import get_optimizer
+
+    act = sum(components.get(c, 0) for c in ACTIVATION_COMPONENTS)
+    paged = components.get(Component.OPTIMIZER_STATES, 0) if get_optimizer(optimizer).paged else 0
+    return act, paged
+
+
+def activation_correction(activation_bytes, factor: float):
+    """Bytes the activation ``factor`` adds to the tensors: ``round((factor - 1) x activation_bytes)``.
+
+    Ints or arrays (float64 bytes); zeros for factor 1. The chain's own rounding, for callers
+    that report the tensors after the factor (``vramplan.matrix``'s ``tensor_peak_bytes``).
+    """
+    act = np.asarray(activation_bytes, dtype=np.float64)
+    return np.rint((factor - 1.0) * act) if factor != 1.0 else np.zeros_like(act)
+
+
+def apply_activation_factor(components: dict[Component, int], over: "Overheads") -> dict[Component, int]:
+    """``components`` with the activation group scaled by ``over.activation_factor``.
+
+    Each of activations, logits and KV cache is scaled (rounded to a byte); the rounding
+    remainder goes to activations, so the tensor components grow by exactly
+    ``over.activation_correction_bytes``.
+    """
+    out = dict(components)
+    if not over.activation_correction_bytes:
+        return out
+    delta = 0
+    for c in ACTIVATION_COMPONENTS:
+        if c in out:
+            d = int(round((over.activation_factor - 1.0) * out[c]))
+            out[c] += d
+            delta += d
+    out[Component.ACTIVATIONS] = out.get(Component.ACTIVATIONS, 0) + over.activation_correction_bytes - delta
+    return out
+
+
+def card_profile(gpu: GPUSpec | None):
+    """The calibration profile of catalogue card ``gpu`` (None for no card, a custom card, or none found).
+
+    Raises:
+        ProfileError: the profile found is corrupt or of an unknown schema version.
+    """
+    if gpu is None or getattr(gpu, "custom", False):
+        return None
+    from .profiles import load_profile
+
+    return load_profile(gpu.name)
+
+
+@dataclass(frozen=True)
+class _Figures:
+    """The chain's parameters once each is taken from the profile or its default."""
+
+    context: int
+    workspace: int
+    factor: float
+    allocator: Any            # profiles.AllocatorModel, or None: the default reserve fraction
+    correction: float | None  # the method's allocator correction
+    paged_outside: bool       # paged states live outside the allocator (False for a dry-run profile)
+    status: dict              # figure -> "calibrated" | "default"
+
+
+def _figures(gpu: GPUSpec | None, profile, method: str | None) -> _Figures:
+    if profile is None:
+        return _Figures(DEFAULT_CONTEXT_BYTES, _workspace(gpu), 1.0, None, None, True, dict.fromkeys(FIGURES, DEFAULT))
+    status = {}
+    ctx = profile.context_bytes
+    status["context"] = CALIBRATED if ctx is not None else DEFAULT
+    ws = profile.workspace_bytes
+    status["workspace"] = CALIBRATED if ws is not None else DEFAULT
+    measured_on_device = profile.allocated_source == "torch.cuda"
+    if ws is None:
+        cc = gpu.compute_capability if gpu is not None else (profile.device or {}).get("compute_capability")
+        ws = _workspace_for(cc) if measured_on_device or gpu is not None else 0
+    status["allocator"] = CALIBRATED if profile.allocator is not None else DEFAULT
+    factor = 1.0
+    if method is not None and profile.is_calibrated(f"activation:{method}"):
+        factor = profile.activation_factor(method)
+        status["activation_factor"] = CALIBRATED
+    else:
+        status["activation_factor"] = DEFAULT
+    return _Figures(DEFAULT_CONTEXT_BYTES if ctx is None else int(ctx), int(ws), float(factor), profile.allocator,
+                    profile.allocator_correction(method), measured_on_device or gpu is not None, status)
+
+
+def _chain(fig: _Figures, tensor_peak, activation_bytes, paged_bytes) -> dict[str, Any]:
+    """The chain of the module docstring on float64 arrays (or scalars); every term in bytes."""
+    t = np.asarray(tensor_peak, dtype=np.float64)
+    act = np.asarray(activation_bytes, dtype=np.float64)
+    paged = np.asarray(paged_bytes, dtype=np.float64) if fig.paged_outside else np.zeros_like(t)
+    corr = activation_correction(act, fig.factor)
+    tensors = t + corr
+    in_alloc = np.maximum(0.0, tensors - paged)
+    allocated = in_alloc + fig.workspace
+    if fig.allocator is not None:
+        reserved = fig.allocator.reserve(allocated, fig.correction)
+    else:
+        reserved = allocated + np.floor(DEFAULT_RESERVE_FRACTION * in_alloc)
+    reserved = np.asarray(reserved, dtype=np.float64)
+    device = fig.context + reserved + (tensors - in_alloc)
+    return {"correction": corr, "tensors": tensors, "paged": tensors - in_alloc, "allocated": allocated,
+            "reserved": reserved, "reserve": reserved - allocated, "device": device}
 
 
 @dataclass(frozen=True)
 class Overheads:
+    """Runtime components of one step and how they were obtained.
+
+    ``components`` (context, workspace, allocator reserve) plus ``tensor_peak_bytes +
+    activation_correction_bytes`` add up to ``device_bytes``. ``figures`` says, per figure
+    of the chain, ``calibrated`` or ``default``; ``band_fraction`` / ``band_source`` the
+    uncertainty band used for ``uncertainty_bytes``.
+    """
+
     components: dict[Component, int]
     uncertainty_bytes: int
-    calibrated: bool
-    source: str
+    calibrated: bool                    # any figure came from the card's profile
+    source: str                         # one line for the estimate's assumptions
+    figures: dict[str, str] = field(default_factory=lambda: dict.fromkeys(FIGURES, DEFAULT))
+    activation_factor: float = 1.0
+    activation_correction_bytes: int = 0  # (factor - 1) x activations, added to the activation components
+    paged_bytes: int = 0                # optimiser states outside the caching allocator (no reserve)
+    allocated_bytes: int = 0            # predicted max_memory_allocated (workspaces included, paged states not)
+    reserved_bytes: int = 0             # predicted max_memory_reserved
+    device_bytes: int = 0               # predicted device total (nvidia-smi)
+    band_fraction: float = DEFAULT_UNCERTAINTY_FRACTION
+    band_source: str = "+/-10% of the tensor peak (default)"
+    profile: str | None = None          # the profile's file and versions (Profile.describe), None without one
+    profile_path: str | None = None
+    versions: dict = field(default_factory=dict)  # the profile's GPU driver / CUDA / torch versions
+
+    def is_calibrated(self, figure: str) -> bool:
+        return self.figures.get(figure) == CALIBRATED
+
+    def to_json(self) -> dict:
+        return {"calibrated": self.calibrated, "figures": dict(self.figures),
+                "profile": self.profile_path, "profile_versions": dict(self.versions) if self.profile_path else None,
+                "cuda_context_bytes": int(self.components.get(Component.CUDA_CONTEXT, 0)),
+                "workspace_bytes": int(self.components.get(Component.WORKSPACE, 0)),
+                "allocator_reserve_bytes": int(self.components.get(Component.ALLOCATOR_RESERVE, 0)),
+                "activation_factor": round(float(self.activation_factor), 6),
+                "activation_correction_bytes": int(self.activation_correction_bytes),
+                "paged_optimizer_bytes": int(self.paged_bytes),
+                "allocated_bytes": int(self.allocated_bytes), "reserved_bytes": int(self.reserved_bytes),
+                "uncertainty_bytes": int(self.uncertainty_bytes), "uncertainty_fraction": round(self.band_fraction, 6),
+                "uncertainty_source": self.band_source, "source": self.source}
 
 
-def _workspace(gpu: GPUSpec | None) -> int:
-    per = 32 * MIB if gpu is not None and gpu.compute_capability.startswith("9") else 8 * MIB
-    return 2 * per
-
-
-def _profile(gpu: GPUSpec | None):
-    if gpu is None or gpu.custom:
-        return None
-    try:
-        from .profiles import load_profile
-    except ImportError:  # pragma: no cover - profiles module not present in this build
-        return None
-    return load_profile(gpu.name)
-
-
-def runtime_overheads(tensor_peak_bytes: int, gpu: GPUSpec | None = None) -> Overheads:
+def runtime_overheads(tensor_peak_bytes: int, gpu: GPUSpec | None = None, *, method: str | None = None,
+                      activation_bytes: int = 0, paged_bytes: int = 0, profile=_LOAD) -> Overheads:
     """Runtime components for a step whose live tensors peak at ``tensor_peak_bytes``.
 
-    Uses ``gpu``'s calibration profile when one ships, else the documented defaults.
+    Args:
+        tensor_peak_bytes: the analytic tensor peak (bytes).
+        gpu: the card; its calibration profile is looked up unless ``profile`` is given.
+        method: the recipe (``lora``, ``dpo+qlora``, ...) whose activation factor and allocator
+            correction apply.
+        activation_bytes: activations + logits + KV cache at the peak (what the factor scales).
+        paged_bytes: optimiser states of a paged optimiser at the peak (kept out of the reserve).
+        profile: a loaded :class:`~vramplan.profiles.Profile`, or None for the defaults only.
+
+    Returns:
+        :class:`Overheads`; ``device_bytes = tensor_peak + activation_correction + sum(components)``.
+
+    Raises:
+        ProfileError: the card's profile is corrupt or of an unknown schema version.
     """
-    peak = int(tensor_peak_bytes)
-    prof = _profile(gpu)
+    prof = card_profile(gpu) if profile is _LOAD else profile
+    fig = _figures(gpu, prof, method)
+    c = _chain(fig, int(tensor_peak_bytes), int(activation_bytes), int(paged_bytes))
+    val = {k: int(v) for k, v in c.items()}
+    comps = {Component.CUDA_CONTEXT: fig.context, Component.WORKSPACE: fig.workspace,
+             Component.ALLOCATOR_RESERVE: val["reserve"]}
+    band = prof.memory_band() if (prof is not None and prof.allocator is not None) else None
+    if band is not None:
+        frac, applies, label = band
+        unc = int(frac * (val["device"] if applies == "device_total" else val["reserved"]))
+        band_source = f"+/-{100 * frac:.1f}% of the {applies.replace('_', ' ')} (calibrated: residuals of the {label})"
+    else:
+        frac = DEFAULT_UNCERTAINTY_FRACTION
+        unc = int(frac * val["tensors"])
+        band_source = f"+/-{100 * frac:.0f}% of the tensor peak (default)"
+    calibrated = any(s == CALIBRATED for s in fig.status.values())
+    over = Overheads(comps, unc, calibrated, "", dict(fig.status), fig.factor, val["correction"], val["paged"],
+                     val["allocated"], val["reserved"], val["device"], frac, band_source,
+                     prof.describe() if prof is not None else None, getattr(prof, "path", None) if prof else None,
+                     {k: v for k, v in (prof.versions if prof is not None else {}).items()
+                      if k in ("driver", "cuda", "cuda_driver", "torch")})
+    return _with_source(over, gpu, method, prof)
+
+
+def _with_source(o: Overheads, gpu: GPUSpec | None, method: str | None, prof) -> Overheads:
+    from dataclasses import replace
+
+    def mib(n: int) -> str:
+        return f"{n / MIB:,.0f} MiB"
+
+    st = o.figures
+    ctx, ws = o.components[Component.CUDA_CONTEXT], o.components[Component.WORKSPACE]
+    parts = [f"CUDA context {mib(ctx)} ({st['context']})", f"cuBLAS workspace {mib(ws)} ({st['workspace']})"]
+    if prof is not None and prof.allocator is not None:
+        a = prof.allocator
+        k = prof.allocator_correction(method)
+        parts.append(f"allocator reserve (calibrated: reserved = {a.slope:.4g} x allocated + {a.intercept_bytes / MIB:,.0f} MiB"
+                     + (f", x {k:.4g} for {method}" if k is not None else "") + f", rounded to {a.round_bytes / MIB:g} MiB)")
+    else:
+        parts.append(f"allocator reserve {DEFAULT_RESERVE_FRACTION:.0%} of the tensors in the allocator (default)")
+    parts.append(f"activation factor {o.activation_factor:.3g}" + (f" for {method}" if method else "")
+                 + f" ({st['activation_factor']})")
+    if o.paged_bytes:
+        parts.append(f"paged optimizer states {mib(o.paged_bytes)} in managed memory, outside the allocator's reserve")
     if prof is not None:
-        reserved = int(prof.reserved_bytes(peak))
-        comps = {
-            Component.CUDA_CONTEXT: int(prof.context_bytes),
-            Component.WORKSPACE: int(getattr(prof, "workspace_bytes", 0) or 0),
-            Component.ALLOCATOR_RESERVE: max(0, reserved - peak),
-        }
-        unc = int(getattr(prof, "reserved_uncertainty_bytes", lambda p: 0.03 * p)(peak)) if callable(
-            getattr(prof, "reserved_uncertainty_bytes", None)) else int(0.03 * peak)
-        return Overheads(comps, unc, True, f"profile {getattr(prof, 'source', gpu.name)}")
-    comps = {
-        Component.CUDA_CONTEXT: DEFAULT_CONTEXT_BYTES,
-        Component.WORKSPACE: _workspace(gpu),
-        Component.ALLOCATOR_RESERVE: int(DEFAULT_RESERVE_FRACTION * peak),
-    }
-    return Overheads(comps, int(DEFAULT_UNCERTAINTY_FRACTION * peak), False, "defaults (no calibration profile)")
+        head = ("calibrated from profile " if o.calibrated else "defaults (profile without memory figures: ") + o.profile
+        head += "" if o.calibrated else ")"
+    else:
+        why = "no card" if gpu is None else ("custom card" if getattr(gpu, "custom", False)
+                                             else f"no calibration profile for {gpu.name}")
+        head = f"defaults ({why})"
+    return replace(o, source=f"{head}: " + "; ".join(parts) + f"; uncertainty {o.band_source}")
+
+
+def device_total(tensor_peak, gpu: GPUSpec | None = None, *, method: str | None = None, activation_bytes=0,
+                 paged_bytes=0, profile=_LOAD) -> np.ndarray:
+    """Vectorised :func:`runtime_overheads`: the device total (float64 bytes) over arrays of tensor peaks.
+
+    Arguments as :func:`runtime_overheads`; ``tensor_peak``, ``activation_bytes`` and
+    ``paged_bytes`` broadcast. Equal to ``runtime_overheads(...).device_bytes`` element by element.
+    """
+    prof = card_profile(gpu) if profile is _LOAD else profile
+    fig = _figures(gpu, prof, method)
+    return _chain(fig, tensor_peak, activation_bytes, paged_bytes)["device"]

@@ -35,13 +35,21 @@ def resolve_gpu(gpu: str | GPUSpec | None = None, gpu_mem: str | int | None = No
     return spec
 
 
-def _check_card(cfg_precision: str | None, method: str, adapter: str | None, attn: str, gpu: GPUSpec | None) -> str | None:
-    """Validate features against the card; return the precision to use (bf16 fallback to fp16)."""
+def _check_card(cfg_precision: str | None, method: str, adapter: str | None, attn: str, gpu: GPUSpec | None,
+                framework: str = "hf") -> str | None:
+    """Validate features against the card; return the precision to use.
+
+    Without a requested precision: the stack's ``default_precision`` (``stacks.toml``: hf
+    bf16-mixed, torchtune and litgpt bf16), or fp16-mixed on a card without bf16.
+    """
     if gpu is None:
         return cfg_precision
     regime_name = cfg_precision
     if regime_name is None:
-        regime_name = DEFAULT_REGIME if gpu.bf16 else FALLBACK_REGIME
+        from .stacks import get_stack
+
+        default = get_stack(framework).default_precision if framework else DEFAULT_REGIME
+        regime_name = default if (gpu.bf16 or not get_regime(default).needs_bf16) else FALLBACK_REGIME
     if get_regime(regime_name).needs_bf16 and not gpu.bf16:
         raise VramplanError(f"{gpu.display_name} (compute capability {gpu.compute_capability}) has no bf16",
                             "use --precision fp16-mixed or fp32")
@@ -52,21 +60,44 @@ def _check_card(cfg_precision: str | None, method: str, adapter: str | None, att
     return regime_name
 
 
+def _stack_text(framework: str) -> str:
+    """``stack: ...`` as the assumptions say it (hf keeps its historical wording)."""
+    from .stacks import get_stack
+
+    return STACK if framework == "hf" else f"{framework}: {get_stack(framework).summary}"
+
+
+def _techniques_text(cfg: TrainConfig) -> str | None:
+    """The memory-saving techniques on (requested or the stack's) with their step-time cost, or None."""
+    from .stacks import techniques
+
+    on = [t for name, t in techniques().items() if cfg.uses(name)]
+    if not on:
+        return None
+    return "techniques: " + "; ".join(f"{t.label} ({t.name}, +{t.cost_for(cfg):.0%} step time)" for t in on)
+
+
 def _assumptions(cfg: TrainConfig, overhead_source: str) -> list[str]:
     regime = get_regime(cfg.precision)
     out = [
-        f"stack: {STACK}",
+        f"stack: {_stack_text(cfg.framework)}",
         f"precision {regime.name}: {regime.summary}",
         f"quantity: peak_bytes is the device total nvidia-smi shows for the process (tensors + CUDA context + "
         f"cuBLAS workspace + allocator reserve); tensor_peak_bytes is live tensors (max_memory_allocated)",
         f"runtime overheads: {overhead_source}",
         f"attention: {cfg.attn}; gradient checkpointing {'on' if cfg.grad_ckpt else 'off'}; optimizer {cfg.optimizer}",
         "steady state (step >= 2): optimizer states exist; gradients freed between steps (set_to_none)",
-        "sequences packed or equal length (no padding mask materialised)",
+        ("sequences padded to the longest of the batch (padding mask materialised; SDPA repeats k/v for GQA)"
+         if cfg.uses("padding") else "sequences packed or equal length (no padding mask materialised)"),
     ]
+    tech = _techniques_text(cfg)
+    if tech:
+        out.append(tech)
     if cfg.adapter == "qlora":
         out.append("QLoRA: NF4 decoder linears (bitsandbytes, blocksize 64, double quant "
-                   f"{'on' if cfg.double_quant else 'off'}); prepare_model_for_kbit_training upcasts the rest to fp32")
+                   f"{'on' if cfg.double_quant else 'off'}); "
+                   + ("prepare_model_for_kbit_training upcasts the rest to fp32" if cfg.stack.kbit_upcast
+                      else "the other weights stay in the model dtype"))
     if cfg.method == "dpo":
         out.append("DPO: chosen + rejected concatenated (2 x batch sequences); reference = "
                    + ("adapter disabled on the policy" if cfg.adapter != "full" else "a frozen copy"))
@@ -108,7 +139,7 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, adapter: str | Non
     spec = get_model(model)
     card = resolve_gpu(gpu, gpu_mem)
     par = make_parallel(gpus, strategy, offload)
-    precision = _check_card(precision, method, adapter, attn, card)
+    precision = _check_card(precision, method, adapter, attn, card, framework)
     if global_batch is not None:
         grad_accum = _accum_for(global_batch, par.gpus, batch)
     cfg = make_config(spec, method, adapter=adapter, batch=batch, seq=seq, grad_accum=grad_accum, rank=rank,
@@ -137,9 +168,14 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
 
     par = parallel or SINGLE
     mem = parallel_step_memory(spec, cfg, par) if par.distributed else step_memory(spec, cfg)
+    from .overheads import apply_activation_factor, peak_terms
+
     tensor_peak = int(np.ceil(float(mem.peak)))
-    over = runtime_overheads(tensor_peak, card)
     comps = {c: int(np.ceil(float(v))) for c, v in mem.components.items()}
+    act, paged = peak_terms(comps, cfg.optimizer)
+    over = runtime_overheads(tensor_peak, card, method=cfg.recipe.name, activation_bytes=act, paged_bytes=paged)
+    comps = apply_activation_factor(comps, over)  # a calibrated activation factor (none by default)
+    tensor_peak += over.activation_correction_bytes
     comps.update(over.components)
     if par.distributed:
         from .distributed import NCCL_BYTES
@@ -155,7 +191,7 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
         trainable_params=mem.state.trainable_params, components=comps, phases=phases,
         peak_phase=PHASE_ORDER[int(mem.peak_phase)], tensor_peak_bytes=tensor_peak, peak_bytes=peak,
         quantity=Quantity.DEVICE_TOTAL, uncertainty_bytes=over.uncertainty_bytes, calibrated=over.calibrated,
-        assumptions=_assumptions(cfg, over.source), model_resolved_from=resolved,
+        assumptions=_assumptions(cfg, over.source), model_resolved_from=resolved, overheads=over,
     )
     est.gpus, est.strategy, est.offload = par.gpus, par.strategy, par.offload
     if par.distributed:
@@ -186,15 +222,17 @@ SEQ_GRID = np.arange(128, 131072 + 1, 128)
 
 
 def _total(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None, batch=None, seq=None) -> np.ndarray:
-    """Vectorised device-total peak (tensors + default or calibrated overheads) over batch/seq arrays."""
+    """Vectorised device-total peak (tensors + default or calibrated overheads) over batch/seq arrays.
+
+    The same chain as :func:`estimate_config` (:func:`vramplan.overheads.device_total`):
+    activation factor, paged optimiser states outside the reserve, the profile's allocator.
+    """
+    from .overheads import device_total, peak_terms
+
     mem = step_memory(spec, cfg, batch, seq)
-    tensor = mem.peak
-    # overheads are affine in the tensor peak: evaluate the two coefficients once
-    o0 = runtime_overheads(0, card)
-    o1 = runtime_overheads(1 << 30, card)
-    base = sum(o0.components.values())
-    slope = (sum(o1.components.values()) - base) / float(1 << 30)
-    return tensor * (1.0 + slope) + base
+    comps = {c: np.ceil(v) for c, v in mem.components.items()}
+    act, paged = peak_terms(comps, cfg.optimizer)
+    return device_total(np.ceil(mem.peak), card, method=cfg.recipe.name, activation_bytes=act, paged_bytes=paged)
 
 
 def largest_batch(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec) -> int:
@@ -220,7 +258,9 @@ class FitRow:
     ``estimate`` is the chosen plan's full estimate: the best plan, else the fastest that fits
     without the margin ("tight"), else the least-memory one (to show how far off it is).
     ``plans`` ranks every settings combination tried (:class:`vramplan.recommend.Plan`);
-    ``suggestions`` say what would fit when nothing does.
+    ``suggestions`` say what would fit when nothing does; ``techniques``
+    (:class:`vramplan.recommend.TechniqueAdvice`) what each memory-saving technique saves on the
+    chosen plan and, when it is not comfortable, the cheapest set that makes it fit.
     """
 
     method: str
@@ -235,6 +275,7 @@ class FitRow:
     best: Any = None                                   # the recommended Plan, or None
     chosen: Any = None                                 # the Plan shown (best, tight or smallest)
     suggestions: list = field(default_factory=list)    # vramplan.recommend.Suggestion
+    techniques: Any = None                             # vramplan.recommend.TechniqueAdvice
 
     @property
     def verdict(self) -> Verdict:
@@ -270,6 +311,7 @@ class FitRow:
                 "recommended": None if self.best is None else self.best.to_json(),
                 "plans": [p.to_json() for p in plans], "plans_considered": len(self.plans),
                 "suggestions": [x.to_json() for x in self.suggestions],
+                "techniques": None if self.techniques is None else self.techniques.to_json(),
                 "estimate": self.estimate.to_json()}
 
 
@@ -290,9 +332,12 @@ class FitReport:
     tokens: float | None = None
     epochs: float = 1.0
     top: int = 20  # ranked plans per method in to_json()
+    framework: str = "hf"
+    techniques: tuple[str, ...] = ()  # requested on every plan (the stack's own are in stacks.toml)
 
     def to_json(self) -> dict:
         return {"model": self.model, "model_resolved_from": self.model_resolved_from, "gpu": self.gpu,
+                "framework": self.framework, "techniques": list(self.techniques),
                 "capacity_bytes": self.capacity_bytes, "seq": self.seq, "gpus": self.gpus, "strategy": self.strategy,
                 "offload": self.offload, "margin": self.margin, "global_batch": self.global_batch,
                 "tokens": self.tokens, "epochs": self.epochs,
@@ -311,7 +356,7 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
         attn: str | None = None, rank: int | None = None, targets=None, grad_ckpt: bool | None = None,
         optimizer: str | None = None, gpus: int = 1, strategy: str | None = None, offload: str | None = None,
         global_batch: int | None = None, tokens=None, epochs: float = 1.0, margin: float | None = None,
-        top: int = 20) -> FitReport:
+        top: int = 20, framework: str = "hf", techniques=None) -> FitReport:
     """Every method on one card (or ``gpus`` cards): the fastest configuration that fits with a margin.
 
     For each method :func:`vramplan.recommend.search` tries every combination of gradient
@@ -321,24 +366,34 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
     given), and ranks those that fit below ``capacity x (1 - margin)`` by tokens/s. A setting
     passed here (``attn``, ``rank``, ``targets``, ``grad_ckpt``, ``optimizer``, ``batch``) is
     fixed instead of searched. When nothing fits, the row says what would
-    (:func:`vramplan.recommend.what_would_fit`).
+    (:func:`vramplan.recommend.what_would_fit`). Each row also says what every memory-saving
+    technique (``vramplan/data/stacks.toml``) not already on would save on the chosen plan and,
+    when that plan is not comfortable, the cheapest set that makes it so, with the fastest plan
+    under that set (:func:`vramplan.recommend.recommend_techniques`).
 
     Args:
         margin: fraction of the capacity kept free (default ``1 - COMFORTABLE_FRACTION`` = 0.15:
             the recommended plan is always "comfortable", as ``vramplan matrix`` says it).
         tokens, epochs: dataset tokens (``"500M"``) and epochs for time to train and GPU-hours.
         top: ranked plans per method kept in ``to_json()`` (the API keeps them all).
+        framework: training stack (hf, torchtune, unsloth, litgpt); its default precision applies
+            when ``precision`` is None. techniques: memory-saving techniques every plan uses
+            (``"chunked_ce,act_offload"`` or a list).
 
     Returns:
         :class:`FitReport`; each row's ``estimate`` is the chosen plan's, ``plans`` the ranking.
 
     Raises:
-        VramplanError: no GPU, bad ``gpus``/``strategy``/``offload``/``global_batch``/``margin``.
+        VramplanError: no GPU, bad ``gpus``/``strategy``/``offload``/``global_batch``/``margin``,
+            an unknown framework or technique.
     """
     from .distributed import STRATEGIES, make_parallel
-    from .recommend import _Totals, largest_micro_batch, longest_sequence, search, what_would_fit
+    from .recommend import _Totals, largest_micro_batch, longest_sequence, recommend_techniques, search, what_would_fit
+    from .stacks import get_stack, parse_techniques
     from .throughput import parse_count
 
+    framework = get_stack(framework).name
+    techs = parse_techniques(techniques)
     spec = get_model(model)
     card = resolve_gpu(gpu, gpu_mem)
     if card is None:
@@ -359,13 +414,16 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
         if global_batch is not None:
             _accum_for(global_batch, base.gpus, batch)
         make_config(spec, "lora", batch=batch, seq=seq)  # validates batch/seq
+    if techs:
+        make_config(spec, "lora", seq=seq, framework=framework, techniques=techs)  # technique rules
     totals = _Totals()
     rows: list[FitRow] = []
     for name in methods or method_names():
-        prec = _check_card(precision, name, None, attn or "sdpa", card)
-        mp = search(spec, name, card, seq=seq, precision=prec, global_batch=global_batch, parallels=parallels,
-                    grad_ckpt=grad_ckpt, optimizer=optimizer, attn=attn, rank=rank, targets=targets, margin=margin,
-                    tokens=n_tokens, epochs=epochs, totals=totals, batch=batch)
+        prec = _check_card(precision, name, None, attn or "sdpa", card, framework)
+        search_kw = dict(seq=seq, precision=prec, global_batch=global_batch, parallels=parallels, grad_ckpt=grad_ckpt,
+                         optimizer=optimizer, attn=attn, rank=rank, targets=targets, margin=margin, tokens=n_tokens,
+                         epochs=epochs, totals=totals, batch=batch, framework=framework)
+        mp = search(spec, name, card, techniques=techs, **search_kw)
         tight = [p for p in mp.plans if p.peak_bytes <= p.capacity_bytes]
         chosen = mp.best or (max(tight, key=lambda p: p.tokens_per_s) if tight else mp.smallest)
         cfg, par = chosen.config, chosen.parallel
@@ -374,7 +432,8 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
         suggestions = []
         if mp.best is None:
             suggestions = what_would_fit(spec, name, card, seq=seq, precision=prec, margin=margin, gpus=base.gpus,
-                                         rank=rank, targets=targets, totals=totals)
+                                         rank=rank, targets=targets, totals=totals, framework=framework,
+                                         techniques=techs)
             if not est.fits:
                 notes.append("no setting fits (tried GC, 8-bit/paged AdamW"
                              + (", QLoRA" if any(p.fallback for p in mp.plans) else "") + ")")
@@ -386,17 +445,27 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
             notes.append(chosen.fallback)
         settings = {"grad_ckpt": cfg.grad_ckpt, "optimizer": cfg.optimizer, "precision": cfg.precision,
                     "attn": cfg.attn, "batch": cfg.batch, "grad_accum": cfg.grad_accum, **chosen.settings}
+        advice = recommend_techniques(spec, cfg, card, parallel=par, margin=margin, base=est)
+        if mp.best is None and advice.recommended and advice.fits:
+            # the fastest plan of the method with the recommended techniques on (it may drop GC, say)
+            with_t = search(spec, name, card, techniques=techs + advice.techniques, **search_kw)
+            fitting = [p for p in with_t.plans if p.peak_bytes <= p.capacity_bytes]
+            advice.plan = with_t.best or (max(fitting, key=lambda p: p.tokens_per_s) if fitting else None)
         rows.append(FitRow(method=name, adapter=cfg.adapter, fits=bool(est.fits), estimate=est,
                            max_batch=largest_micro_batch(spec, cfg, card, par, totals=totals),
                            max_seq=longest_sequence(spec, cfg, card, par, totals=totals),
                            settings=settings, notes=notes, plans=mp.plans, best=mp.best, chosen=chosen,
-                           suggestions=suggestions))
+                           suggestions=suggestions, techniques=advice))
     resolved = None if isinstance(model, ModelSpec) or str(model).lower() == spec.name else f"{model} -> {spec.name}"
     assumptions = rows[0].estimate.assumptions[:4] if rows else []
+    tech_text = _techniques_text(rows[0].estimate.config) if rows else None
+    if tech_text:
+        assumptions.append(tech_text)
     if rows:
         assumptions.append(f"ranking: tokens/s of plans whose per-GPU peak stays below {1 - margin:.0%} of the "
                            f"capacity; {next(a for a in rows[0].estimate.assumptions if a.startswith('throughput'))}")
     return FitReport(model=spec.name, model_resolved_from=resolved, gpu=card.name, capacity_bytes=card.memory_bytes,
                      seq=seq, rows=rows, assumptions=assumptions, gpus=base.gpus,
                      strategy=base.strategy if len(parallels) == 1 else None, offload=base.offload, margin=margin,
-                     global_batch=global_batch, tokens=n_tokens, epochs=epochs, top=int(top))
+                     global_batch=global_batch, tokens=n_tokens, epochs=epochs, top=int(top), framework=framework,
+                     techniques=techs)

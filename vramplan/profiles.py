@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
+
 from .errors import ProfileError
 
 SCHEMA = "vramplan.profile"
@@ -145,9 +147,22 @@ class AllocatorModel:
     by_method: dict = field(default_factory=dict)  # method -> multiplicative correction of reserved
 
     def __call__(self, allocated: int) -> int:
-        raw = max(float(allocated), self.slope * float(allocated) + self.intercept_bytes)
-        r = max(1, int(self.round_bytes))
-        return int(math.ceil(raw / r) * r)
+        return int(self.reserve(int(allocated)))
+
+    def reserve(self, allocated, correction: float | None = None):
+        """Reserved bytes for ``allocated`` (an int or a numpy array of them), times ``correction``.
+
+        The one implementation of the formula (the planner's vectorised grids and the scalar
+        getters both call it): ``r0 = ceil(max(A, slope * A + intercept) / round) * round``;
+        with a per-method ``correction`` k, ``max(A, ceil(r0 * k / round) * round)``. float64
+        holds every byte count below 2**53 exactly, so scalars and arrays agree to the byte.
+        """
+        a = np.asarray(allocated, dtype=np.float64)
+        r = float(max(1, int(self.round_bytes)))
+        out = np.ceil(np.maximum(a, self.slope * a + float(self.intercept_bytes)) / r) * r
+        if correction is not None:
+            out = np.maximum(a, np.ceil(out * float(correction) / r) * r)
+        return out if out.ndim else float(out)
 
 
 @dataclass(frozen=True)
@@ -235,20 +250,48 @@ class Profile:
         """
         if self.allocator is None:
             return None
-        out = self.allocator(int(allocated_peak))
-        if method is not None:
-            k = self._lookup(self.allocator.by_method, method)
-            if k is not None:
-                r = max(1, int(self.allocator.round_bytes))
-                out = max(int(allocated_peak), int(math.ceil(out * k / r) * r))
-        return out
+        return int(self.allocator.reserve(int(allocated_peak), self.allocator_correction(method)))
+
+    def allocator_correction(self, method: str | None) -> float | None:
+        """``method``'s multiplicative correction of the allocator model, or None (none fitted)."""
+        if self.allocator is None or method is None:
+            return None
+        k = self._lookup(self.allocator.by_method, method)
+        return None if k is None else float(k)
+
+    def memory_band(self) -> tuple[float, str, str] | None:
+        """The +/- band of a calibrated memory prediction, from this profile's own residuals.
+
+        Returns ``(fraction, applies_to, source)``: the larger of the p90 absolute error and
+        the worst under-prediction of, in order of preference, the held-out device totals
+        (``applies_to = "device_total"``), the held-out reserved peaks, or the allocator
+        fit's own points (``"reserved"``). None where no residual was measured: the planner
+        then uses its default band and says so.
+        """
+        cands = [("device_total", self.holdout.get("device_total"), "held-out device total"),
+                 ("reserved", self.holdout.get("reserved"), "held-out peak reserved"),
+                 ("reserved", self.allocator.residual if self.allocator else None, "allocator fit points")]
+        for applies, r, label in cands:
+            if r is None or not r.n:
+                continue
+            frac = max(r.p90_abs_rel or 0.0, r.max_under_rel or 0.0)
+            return frac, applies, f"{label}, n={r.n}"
+        return None
 
     def reserved_uncertainty_bytes(self, allocated_peak: int) -> int:
-        """A +/- band on :meth:`reserved_bytes`: the larger of the held-out p90 and worst under-prediction."""
-        r = self.holdout.get("reserved") or (self.allocator.residual if self.allocator else Residual())
-        frac = max(r.p90_abs_rel or 0.0, r.max_under_rel or 0.0) or 0.03
+        """A +/- band on :meth:`reserved_bytes` (:meth:`memory_band`'s fraction of it; 0 without residuals)."""
+        band = self.memory_band()
         base = self.reserved_bytes(allocated_peak) or int(allocated_peak)
-        return int(frac * base)
+        return 0 if band is None else int(band[0] * base)
+
+    def describe(self) -> str:
+        """``<file> (<device>; driver D, CUDA C, torch T; fitted <time>)``: where a calibration comes from."""
+        v = self.versions or {}
+        parts = [f"{k} {v[k2]}" for k, k2 in (("driver", "driver"), ("CUDA", "cuda"), ("torch", "torch"))
+                 if v.get(k2)]
+        dev = (self.device or {}).get("name") or self.gpu
+        return (f"{self.path or self.gpu + '.json'} ({dev}; " + (", ".join(parts) or "versions not recorded")
+                + f"; fitted {self.created})")
 
     def activation_factor(self, method: str) -> float:
         """Measured / predicted activation bytes for ``method`` (``dpo+qlora``, ``dpo``, ...); 1.0 if unknown."""
@@ -497,9 +540,21 @@ def _int(v: Any, where: str, signed: bool = False) -> int:
 
 # -- loading -------------------------------------------------------------------------------
 
+#: Profiles already read, by (path, inode, mtime, size): the planner asks for a card's profile on
+#: every estimate, and a search makes thousands; a rewritten file is read again.
+_CACHE: dict[tuple[str, int, int, int], Profile] = {}
+
+
 def read_profile(path: str | Path) -> Profile:
     """Read and validate one profile file. Raises :class:`ProfileError` with one clear line."""
     path = Path(path)
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_ino, st.st_mtime_ns, st.st_size)  # save() replaces: a new inode
+    except OSError:
+        key = None
+    if key is not None and key in _CACHE:
+        return _CACHE[key]
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -512,7 +567,12 @@ def read_profile(path: str | Path) -> Profile:
     prof = Profile.from_json(data, where=f"profile {path}")
     from dataclasses import replace
 
-    return replace(prof, path=str(path))
+    prof = replace(prof, path=str(path))
+    if key is not None:
+        if len(_CACHE) > 64:
+            _CACHE.clear()
+        _CACHE[key] = prof
+    return prof
 
 
 def default_search() -> tuple[Path, ...]:

@@ -28,10 +28,10 @@ from .distributed import (SINGLE, STRATEGIES, Parallel, _activation_terms, make_
                           shard_state)
 from .errors import VramplanError
 from .gpus import GPUSpec, catalogue
-from .memory import model_state, step_memory
+from .memory import StepMemory, model_state, step_memory
 from .methods import Adapter, resolve
 from .models import ModelSpec
-from .overheads import runtime_overheads
+from .overheads import card_profile, device_total, peak_terms
 from .throughput import StepTime, _profile, step_time, time_to_train
 from .units import GIB
 
@@ -152,28 +152,34 @@ class MethodPlans:
 # -- device totals ---------------------------------------------------------------------------
 
 class _Totals:
-    """Per-card affine device-total model (tensor peak -> nvidia-smi total), evaluated once per card."""
+    """Per-GPU device totals (tensor peak -> nvidia-smi total) of step memories, as ``estimate`` computes them.
+
+    :mod:`vramplan.overheads`' chain on arrays (:func:`~vramplan.overheads.device_total` with
+    :func:`~vramplan.overheads.peak_terms`: the activation factor, paged optimiser states outside
+    the allocator's reserve, the card's profile), plus NCCL's buffers on several GPUs as
+    :func:`vramplan.plan.estimate_config` adds them. Each card's profile is looked up once.
+    """
 
     def __init__(self):
-        self._coef: dict[str, tuple[float, float]] = {}
+        self._profiles: dict[str, Any] = {}
 
-    def __call__(self, tensor_peak, card: GPUSpec, par: Parallel):
-        key = card.name
-        if key not in self._coef:
-            o0 = runtime_overheads(0, card)
-            o1 = runtime_overheads(1 << 30, card)
-            base = sum(o0.components.values())
-            self._coef[key] = (base, (sum(o1.components.values()) - base) / float(1 << 30))
-        base, slope = self._coef[key]
+    def __call__(self, mem: StepMemory, cfg: TrainConfig, card: GPUSpec, par: Parallel) -> np.ndarray:
+        """Device totals (float64 bytes) of ``mem`` (arrays over batch/seq) for ``cfg`` on ``card`` under ``par``."""
+        if card.name not in self._profiles:
+            self._profiles[card.name] = card_profile(card)
         from .distributed import NCCL_BYTES
 
-        return np.ceil(np.asarray(tensor_peak) * (1.0 + slope) + base + (NCCL_BYTES if par.distributed else 0))
+        act, paged = peak_terms({c: np.ceil(v) for c, v in mem.components.items()}, cfg.optimizer)
+        total = device_total(np.ceil(mem.peak), card, method=cfg.recipe.name, activation_bytes=act,
+                             paged_bytes=paged, profile=self._profiles[card.name])
+        return total + (NCCL_BYTES if par.distributed else 0)
 
 
-def _tensor_peak(spec: ModelSpec, cfg: TrainConfig, par: Parallel, batch=None, seq=None):
+def _step_memory(spec: ModelSpec, cfg: TrainConfig, par: Parallel, batch=None, seq=None) -> StepMemory:
+    """Per-GPU tensor bytes of ``cfg`` under ``par`` (arrays over batch/seq), with the components at the peak."""
     if par.distributed:
-        return parallel_step_memory(spec, cfg, par, batch=batch, seq=seq).peak
-    return step_memory(spec, cfg, batch=batch, seq=seq).peak
+        return parallel_step_memory(spec, cfg, par, batch=batch, seq=seq)
+    return step_memory(spec, cfg, batch=batch, seq=seq)
 
 
 # -- the search ------------------------------------------------------------------------------
@@ -235,7 +241,7 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
            grad_ckpt: bool | None = None, optimizer: str | None = None, attn: str | None = None,
            rank: int | None = None, targets=None, margin: float = DEFAULT_MARGIN, tokens: float | None = None,
            epochs: float = 1.0, ppo_response: int | None = None, totals: _Totals | None = None,
-           batch: int | None = None) -> MethodPlans:
+           batch: int | None = None, framework: str = "hf", techniques=None) -> MethodPlans:
     """Rank every settings combination of ``method`` on ``card`` (see the module docstring).
 
     Args:
@@ -246,6 +252,7 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
         grad_ckpt, optimizer, attn, rank, targets: fix a setting (None searches it).
         batch: fix the micro-batch (None searches 1..256, or the divisors of ``global_batch / gpus``).
         margin: fraction of the capacity kept free. tokens, epochs: dataset size for time to train.
+        framework, techniques: the training stack and memory-saving techniques every plan uses.
 
     Returns:
         :class:`MethodPlans` with every combination's best micro-batch, ranked.
@@ -275,7 +282,7 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
     for m, ad, note, settings, _ in _combos(spec, method, adapter, card, fixed, [None]):
         try:
             cfg = make_config(spec, m, adapter=ad, batch=1, seq=seq, precision=precision,
-                              ppo_response=ppo_response, **settings)
+                              ppo_response=ppo_response, framework=framework, techniques=techniques, **settings)
         except VramplanError:
             if fixed.get("rank") or fixed.get("targets"):
                 raise  # the user's own setting is invalid: say so
@@ -285,7 +292,8 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
         seen.add(cfg)
         # flash and sdpa save the same tensors and run the same kernels (SDPA dispatches to
         # FlashAttention-2); paged 8-bit AdamW keeps the same states as 8-bit AdamW (on the GPU
-        # while they fit): evaluate each pair once
+        # while they fit): evaluate each pair's tensors and time once. Their device totals differ
+        # (paged states live outside the allocator's reserve): one per optimiser.
         key = cfg.with_(attn="sdpa" if cfg.attn == "flash" else cfg.attn,
                         optimizer="adamw_8bit" if cfg.optimizer == "paged_adamw_8bit" else cfg.optimizer)
         st = model_state(spec, cfg) if key not in memo else None
@@ -297,14 +305,16 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
                     tkey = (key, tuple(b_grid))
                     if tkey not in terms:
                         terms[tkey] = _activation_terms(spec, cfg, batch=b_grid)
-                    peak = parallel_step_memory(spec, cfg, p, batch=b_grid, state=sh, terms=terms[tkey],
-                                                components=False).peak
+                    mem = parallel_step_memory(spec, cfg, p, batch=b_grid, state=sh, terms=terms[tkey])
                 else:
-                    peak = step_memory(spec, cfg, batch=b_grid).peak
+                    mem = step_memory(spec, cfg, batch=b_grid)
                 t = step_time(spec, cfg, card, batch=b_grid, grad_accum=a_grid, parallel=p, profile=prof, state=st,
                               sharded=sh)
-                memo[(key, p)] = (totals(peak, card, p), t)
-            total, t = memo[(key, p)]
+                memo[(key, p)] = (mem, t, {})
+            mem, t, by_opt = memo[(key, p)]
+            if cfg.optimizer not in by_opt:
+                by_opt[cfg.optimizer] = totals(mem, cfg, card, p)
+            total = by_opt[cfg.optimizer]
             ok = total <= usable
             if ok.any():
                 i = int(np.argmax(np.where(ok, t.tokens_per_s, -np.inf)))
@@ -365,18 +375,20 @@ def _reason(p: Plan, best: Plan | None) -> str:
 # -- when nothing fits -------------------------------------------------------------------------
 
 def _frugal_cfg(spec: ModelSpec, method: str, seq: int, precision: str | None, ppo_response: int | None,
-                adapter: str | None = None, rank: int | None = None, targets=None, attn: str | None = None):
+                adapter: str | None = None, rank: int | None = None, targets=None, attn: str | None = None,
+                framework: str = "hf", techniques=None):
     """The least-memory configuration of ``method``: GC on, 8-bit AdamW, the QLoRA fallback, batch 1."""
     choices = _adapters_for(method, adapter)
     m, ad, _ = choices[-1]
     return make_config(spec, m, adapter=ad, batch=1, seq=seq, grad_ckpt=True, optimizer="adamw_8bit",
                        precision=precision, attn=attn or "sdpa", rank=rank or 8, targets=targets,
-                       ppo_response=ppo_response)
+                       ppo_response=ppo_response, framework=framework, techniques=techniques)
 
 
 def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, precision: str | None = None,
                    margin: float = DEFAULT_MARGIN, ppo_response: int | None = None, adapter: str | None = None,
-                   rank: int | None = None, targets=None, gpus: int = 1, totals: _Totals | None = None) -> list[Suggestion]:
+                   rank: int | None = None, targets=None, gpus: int = 1, totals: _Totals | None = None,
+                   framework: str = "hf", techniques=None) -> list[Suggestion]:
     """What would make ``method`` fit when no setting does: a bigger card, more GPUs, offload, shorter sequences.
 
     Each suggestion uses the method's least-memory settings (gradient checkpointing, 8-bit
@@ -385,17 +397,18 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, pre
     totals = totals or _Totals()
     out: list[Suggestion] = []
     try:
-        cfg = _frugal_cfg(spec, method, seq, precision, ppo_response, adapter, rank, targets)
+        cfg = _frugal_cfg(spec, method, seq, precision, ppo_response, adapter, rank, targets,
+                          framework=framework, techniques=techniques)
     except VramplanError:
         return out
     keep = 1.0 - margin
     # 1. the smallest card of the catalogue
     cards = sorted(catalogue().values(), key=lambda g: (g.memory_bytes, -g.bf16_tflops))
-    peak_t = float(_tensor_peak(spec, cfg, SINGLE))
+    mem = _step_memory(spec, cfg, SINGLE)
     for g in cards:
         if g.memory_bytes <= card.memory_bytes or (cfg.precision != "fp32" and "bf16" in cfg.precision and not g.bf16):
             continue
-        if float(totals(peak_t, g, SINGLE)) <= g.memory_bytes * keep:
+        if float(totals(mem, cfg, g, SINGLE)) <= g.memory_bytes * keep:
             out.append(Suggestion("gpu", f"1x {g.name} ({g.memory_bytes / GIB:.0f} GiB)"
                                   + (f" as {cfg.recipe.name}" if cfg.recipe.name != method else ""),
                                   {"gpu": g.name, "capacity_bytes": g.memory_bytes}))
@@ -407,7 +420,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, pre
             if n <= gpus:
                 continue
             par = make_parallel(n, strategy)
-            if float(totals(_tensor_peak(spec, cfg, par), card, par)) <= card.memory_bytes * keep:
+            if float(totals(_step_memory(spec, cfg, par), cfg, card, par)) <= card.memory_bytes * keep:
                 found.setdefault(n, []).append(strategy)
                 break
     for n, strategies in sorted(found.items()):
@@ -415,7 +428,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, pre
                               {"gpus": n, "strategies": strategies, "gpu": card.name}))
     # 3. CPU offload on the same number of cards
     par = make_parallel(max(1, gpus), "zero3", "cpu")
-    if float(totals(_tensor_peak(spec, cfg, par), card, par)) <= card.memory_bytes * keep:
+    if float(totals(_step_memory(spec, cfg, par), cfg, card, par)) <= card.memory_bytes * keep:
         out.append(Suggestion("offload", f"{max(1, gpus)}x {card.name} with zero3 --offload cpu (slow)",
                               {"gpus": max(1, gpus), "strategy": "zero3", "offload": "cpu"}))
     # 4. a shorter sequence on this card
@@ -427,7 +440,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, pre
         if grid.size:
             par = make_parallel(gpus) if gpus > 1 else SINGLE
             c = cfg.with_(ppo_response=None)
-            ok = totals(_tensor_peak(spec, c, par, batch=1, seq=grid), card, par) <= card.memory_bytes * keep
+            ok = totals(_step_memory(spec, c, par, batch=1, seq=grid), c, card, par) <= card.memory_bytes * keep
             if ok.any():
                 s = int(grid[ok].max())
                 out.append(Suggestion("seq", f"seq <= {s:,} on {card.name}",
@@ -440,7 +453,7 @@ def largest_micro_batch(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, par: P
     """Largest micro-batch (<= 1024) of ``cfg`` below ``usable`` bytes per GPU; 0 if none."""
     totals = totals or _Totals()
     grid = np.arange(1, 1025)
-    ok = totals(_tensor_peak(spec, cfg, par, batch=grid), card, par) <= (usable or card.memory_bytes)
+    ok = totals(_step_memory(spec, cfg, par, batch=grid), cfg, card, par) <= (usable or card.memory_bytes)
     return int(grid[ok].max()) if ok.any() else 0
 
 
@@ -452,5 +465,207 @@ def longest_sequence(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, par: Para
     if cfg.method == "ppo":
         grid = grid[grid >= 256]
     c = cfg.with_(batch=1, ppo_response=None)
-    ok = totals(_tensor_peak(spec, c, par, batch=1, seq=grid), card, par) <= (usable or card.memory_bytes)
+    ok = totals(_step_memory(spec, c, par, batch=1, seq=grid), c, card, par) <= (usable or card.memory_bytes)
     return int(grid[ok].max()) if ok.any() else 0
+
+
+# -- memory-saving techniques ------------------------------------------------------------------
+
+#: A technique saving less than this (device total) is not listed: it does not apply to the stack or
+#: method (chunked_ce under a stack whose loss is already chunked, opt_offload over a LoRA adapter's
+#: few MiB of states) or is below the analytic model's resolution (±10% of the tensor peak).
+MIN_SAVING_BYTES = 64 << 20
+#: ... nor less than this fraction of the card's capacity.
+MIN_SAVING_FRACTION = 0.005
+
+
+@dataclass(frozen=True)
+class TechniqueSaving:
+    """What one memory-saving technique (``vramplan/data/stacks.toml``) saves on a configuration.
+
+    ``saving_bytes`` is the device-total peak without it minus with it (what decides whether a
+    plan fits); ``tensor_saving_bytes`` the same on live tensors (``tensor_peak_bytes``). In a
+    recommended set the savings are marginal: each on top of the ones before it. ``cost`` is the
+    fraction of step time it adds (:meth:`vramplan.stacks.Technique.cost_for`).
+    """
+
+    technique: str
+    label: str
+    saving_bytes: int
+    tensor_saving_bytes: int
+    cost: float
+    cost_source: str
+
+    def to_json(self) -> dict:
+        return {"technique": self.technique, "label": self.label, "saving_bytes": int(self.saving_bytes),
+                "saving_gib": round(self.saving_bytes / GIB, 3), "tensor_saving_bytes": int(self.tensor_saving_bytes),
+                "step_time_cost": round(float(self.cost), 4), "cost_source": self.cost_source}
+
+
+@dataclass
+class TechniqueAdvice:
+    """Memory-saving techniques for one configuration on one card (:func:`recommend_techniques`).
+
+    ``savings``: every technique that is not already on (requested or the stack's default) and
+    saves at least :data:`MIN_SAVING_BYTES` on its own, cheapest first, then largest saving.
+    ``recommended``: when the configuration is not comfortable (above ``usable_bytes``), the
+    smallest set found that brings it below (else below the capacity, else as low as they go),
+    in the order applied, each with its marginal saving; empty when not needed.
+    ``plan``: in ``vramplan fit``, the fastest plan of the method with that set on.
+    """
+
+    config: TrainConfig
+    peak_bytes: int
+    tensor_peak_bytes: int
+    capacity_bytes: int
+    usable_bytes: int
+    savings: list[TechniqueSaving]
+    recommended: list[TechniqueSaving]
+    peak_with_bytes: int
+    fits: bool          # with the recommended set: peak <= capacity
+    comfortable: bool   # with the recommended set: peak <= usable
+    plan: Any = None
+
+    @property
+    def needed(self) -> bool:
+        """The configuration alone is above its usable memory (tight or does not fit)."""
+        return self.peak_bytes > self.usable_bytes
+
+    @property
+    def techniques(self) -> tuple[str, ...]:
+        return tuple(s.technique for s in self.recommended)
+
+    @property
+    def cost(self) -> float:
+        """Fraction of step time the recommended set adds."""
+        return float(sum(s.cost for s in self.recommended))
+
+    @property
+    def saving_bytes(self) -> int:
+        return int(self.peak_bytes - self.peak_with_bytes)
+
+    def to_json(self) -> dict:
+        on = [t for t in _technique_names() if self.config.uses(t)]
+        return {"framework": self.config.framework, "techniques_on": on,
+                "peak_bytes": int(self.peak_bytes), "tensor_peak_bytes": int(self.tensor_peak_bytes),
+                "capacity_bytes": int(self.capacity_bytes), "usable_bytes": int(self.usable_bytes),
+                "needed": self.needed, "savings": [s.to_json() for s in self.savings],
+                "recommended": [s.to_json() for s in self.recommended], "recommended_techniques": list(self.techniques),
+                "peak_with_bytes": int(self.peak_with_bytes), "saving_bytes": self.saving_bytes,
+                "step_time_cost": round(self.cost, 4), "fits": self.fits, "comfortable": self.comfortable,
+                "plan": None if self.plan is None else self.plan.to_json()}
+
+
+def _technique_names() -> list[str]:
+    from .stacks import techniques
+
+    return list(techniques())
+
+
+def recommend_techniques(model, cfg: TrainConfig, gpu, *, parallel: Parallel | None = None,
+                         margin: float = DEFAULT_MARGIN, base=None) -> TechniqueAdvice:
+    """Which memory-saving techniques make ``cfg`` fit on ``gpu``, cheapest first, and what each saves.
+
+    Every technique of ``stacks.toml`` that is a memory saver and not already on is evaluated
+    alone (the full :func:`vramplan.plan.estimate_config` with and without it; savings below
+    ``max(MIN_SAVING_BYTES, MIN_SAVING_FRACTION x capacity)`` are dropped). When ``cfg`` is above
+    ``capacity x (1 - margin)``, techniques are added greedily -- each round the cheapest in step
+    time whose saving on top of those already chosen is worth listing, ties to the largest --
+    until the estimate is below that (or, failing that, below the capacity); then each one the
+    target does not need is dropped again, dearest first, so the set is minimal (no technique can
+    be removed; not necessarily the cheapest of all subsets). Techniques that exclude each other
+    (chunked_ce and liger_ce; opt_in_bwd with gradient accumulation) are skipped when they conflict.
+
+    Args:
+        model: a :class:`~vramplan.models.ModelSpec` or a name. cfg: the configuration.
+        gpu: a :class:`~vramplan.gpus.GPUSpec` or a catalogue name. parallel: its GPU layout.
+        margin: fraction of the capacity kept free. base: ``cfg``'s estimate, if already computed.
+
+    Returns:
+        :class:`TechniqueAdvice` (bytes are device totals per GPU unless named tensor).
+    """
+    from .gpus import get_gpu
+    from .models import get_model
+    from .plan import estimate_config
+    from .stacks import techniques
+
+    spec, card = get_model(model), get_gpu(gpu)
+    par = parallel or SINGLE
+    if not 0.0 <= margin < 1.0:
+        raise VramplanError(f"margin must be in [0, 1), got {margin!r}", "use e.g. --margin 0.1 for 10%")
+    capacity = card.memory_bytes
+    usable = int(capacity * (1.0 - margin))
+    floor = max(MIN_SAVING_BYTES, int(MIN_SAVING_FRACTION * capacity))
+    cache: dict[tuple, Any] = {}
+
+    def est(techs: tuple[str, ...]):
+        key = tuple(sorted(techs))
+        if key not in cache:
+            c = cfg if techs == cfg.techniques else cfg.with_techniques(techs)
+            cache[key] = estimate_config(spec, c, card, parallel=par)
+        return cache[key]
+
+    base = base if base is not None and base.config == cfg else est(cfg.techniques)
+    cache[tuple(sorted(cfg.techniques))] = base
+    catalogue = techniques()
+
+    def saving(name: str, before, after) -> TechniqueSaving:
+        t = catalogue[name]
+        return TechniqueSaving(name, t.label, int(before.peak_bytes - after.peak_bytes),
+                               int(before.tensor_peak_bytes - after.tensor_peak_bytes), t.cost_for(cfg), t.cost_source)
+
+    candidates: list[str] = []
+    singles: list[TechniqueSaving] = []
+    for name, t in catalogue.items():
+        if not t.saver or cfg.uses(name):
+            continue
+        try:
+            e = est(cfg.techniques + (name,))
+        except VramplanError:
+            continue  # excluded by a technique already on, or by gradient accumulation
+        candidates.append(name)
+        s = saving(name, base, e)
+        if s.saving_bytes >= floor:
+            singles.append(s)
+    singles.sort(key=lambda s: (s.cost, -s.saving_bytes, s.technique))
+
+    # greedy: each round adds the cheapest technique whose saving on top of the chosen ones is worth
+    # listing (ties: the largest saving) -- on top, because they interact: once opt_in_bwd frees the
+    # gradients the peak moves to the forward, where the logits are and liger_ce starts to count
+    chosen: list[str] = []
+    current = base
+    cost = {n: catalogue[n].cost_for(cfg) for n in candidates}
+    if base.peak_bytes > usable:
+        while current.peak_bytes > usable:
+            options = []
+            for name in candidates:
+                if name in chosen:
+                    continue
+                try:
+                    e = est(cfg.techniques + tuple(chosen) + (name,))
+                except VramplanError:
+                    continue  # conflicts with one already chosen (chunked_ce after liger_ce)
+                gain = current.peak_bytes - e.peak_bytes
+                if gain >= floor:
+                    options.append((cost[name], -gain, name, e))
+            if not options:
+                break
+            _c, _g, name, current = min(options, key=lambda o: o[:3])
+            chosen.append(name)
+        target = usable if current.peak_bytes <= usable else capacity if current.peak_bytes <= capacity else None
+        if target is not None:  # drop what the target does not need, dearest (then last added) first
+            for name in sorted(chosen, key=lambda n: (-cost[n], -chosen.index(n))):
+                rest = [n for n in chosen if n != name]
+                if est(cfg.techniques + tuple(rest)).peak_bytes <= target:
+                    chosen = rest
+    recommended: list[TechniqueSaving] = []
+    before = base
+    for i, name in enumerate(chosen):
+        after = est(cfg.techniques + tuple(chosen[:i + 1]))
+        recommended.append(saving(name, before, after))
+        before = after
+    final = before
+    return TechniqueAdvice(config=cfg, peak_bytes=int(base.peak_bytes), tensor_peak_bytes=int(base.tensor_peak_bytes),
+                           capacity_bytes=capacity, usable_bytes=usable, savings=singles, recommended=recommended,
+                           peak_with_bytes=int(final.peak_bytes), fits=bool(final.peak_bytes <= capacity),
+                           comfortable=bool(final.peak_bytes <= usable))

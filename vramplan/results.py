@@ -73,6 +73,9 @@ class Estimate:
     #: With ``tokens``: seconds and GPU-hours to train ``tokens`` x ``epochs``.
     time_to_train_s: float | None = None
     gpu_hours: float | None = None
+    #: How the runtime overheads were obtained (``vramplan.overheads.Overheads``): per figure
+    #: calibrated or default, the profile file and its versions, the uncertainty band used.
+    overheads: Any = None
 
     @property
     def peak_gib(self) -> float:
@@ -100,6 +103,7 @@ class Estimate:
             "phases": {p.value: int(v) for p, v in self.phases.items()},
             "uncertainty_bytes": int(self.uncertainty_bytes),
             "calibrated": self.calibrated,
+            "overheads": jsonable(self.overheads) if self.overheads is not None else None,
             "assumptions": list(self.assumptions),
         }
         if self.gpu is not None:

@@ -35,10 +35,28 @@ class Stack:
 
 @dataclass(frozen=True)
 class Technique:
+    """A memory-saving technique: what it does, and the step time it adds (fractions, sourced).
+
+    ``cost`` is the fraction of step time added without gradient checkpointing and
+    ``cost_with_ckpt`` with it (activation offloading moves only the layer inputs then;
+    selective checkpointing changes nothing). ``saver`` is False for a setting that costs
+    memory (padding): the recommender never proposes it.
+    """
+
     name: str
     summary: str
     cost: float
     source: str
+    label: str = ""
+    cost_with_ckpt: float | None = None
+    cost_source: str = ""
+    saver: bool = True
+
+    def cost_for(self, cfg) -> float:
+        """Fraction of step time this technique adds to ``cfg`` (a :class:`~vramplan.config.TrainConfig`)."""
+        if cfg.grad_ckpt and self.cost_with_ckpt is not None:
+            return self.cost_with_ckpt
+        return self.cost
 
 
 def _raw() -> dict:
@@ -50,9 +68,15 @@ def techniques() -> dict[str, Technique]:
     out = {}
     for name, t in _raw().get("techniques", {}).items():
         try:
-            out[name] = Technique(name, str(t["summary"]), float(t["cost"]), str(t["source"]))
-        except (KeyError, ValueError) as exc:
+            ckpt = t.get("cost_with_ckpt")
+            out[name] = Technique(name, str(t["summary"]), float(t["cost"]), str(t["source"]),
+                                  label=str(t.get("label", name)),
+                                  cost_with_ckpt=None if ckpt is None else float(ckpt),
+                                  cost_source=str(t.get("cost_source", "")), saver=bool(t.get("saver", True)))
+        except (KeyError, ValueError, TypeError) as exc:
             raise VramplanError(f"stacks.toml: technique {name!r} is invalid ({exc})") from None
+        if not 0.0 <= out[name].cost < 10.0 or not 0.0 <= (out[name].cost_with_ckpt or 0.0) < 10.0:
+            raise VramplanError(f"stacks.toml: technique {name!r} has a cost outside [0, 10)")
     return out
 
 

@@ -39,6 +39,7 @@ from ..config import TrainConfig
 from ..errors import VramplanError
 from ..models import ModelSpec, from_hf_config, get_model
 from ..optimizers import get_optimizer
+from ..overheads import default_workspace_bytes
 from ..profiles import (TIME_FEATURES, AllocatorModel, Fitted, Profile, Residual, Throughput, _median,
                         profile_key)
 from .env import now_iso
@@ -359,7 +360,10 @@ def fit_profile(log_path: str | Path) -> Profile:
     ws_vals = [s.get("probes", {}).get("workspace_bytes") for s in sessions]
     ws_vals = [w for w in ws_vals if w is not None]
     workspace = Fitted(float(_median(ws_vals)), len(ws_vals)) if (cuda and ws_vals) else None
-    w = int(workspace.value) if workspace else 0
+    # without a workspace probe, the planner's default (vramplan.overheads) stands in, as it does
+    # in the calibrated chain; a dry-run (CPU) profile has none
+    cc = (last.get("device") or {}).get("compute_capability")
+    w = int(workspace.value) if workspace else (default_workspace_bytes(cc) if cuda else 0)
     mem_rows = _ok(rows, ("fit", "search"))
     factors = _fit_activation(mem_rows, w, cuda)
     allocator = _fit_allocator(mem_rows) if cuda else None

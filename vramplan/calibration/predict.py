@@ -6,7 +6,8 @@
 * A calibrated prediction: the analytic tensors corrected and completed with a
   :class:`~vramplan.profiles.Profile` (:func:`calibrated`).
 
-Chain of a calibrated prediction (every term named in the report):
+Chain of a calibrated prediction (every term named in the report; the memory part is
+:func:`vramplan.overheads.runtime_overheads`, the planner's one implementation):
 
     allocated = tensor_peak + (activation_factor - 1) * activations + workspace  [- paged states]
     reserved  = profile.reserved_bytes(allocated, method)
@@ -20,9 +21,9 @@ from dataclasses import dataclass
 
 from ..config import TrainConfig
 from ..models import ModelSpec
-from ..optimizers import get_optimizer
+from ..overheads import peak_terms
 from ..profiles import Profile
-from ..taxonomy import Component, Group
+from ..taxonomy import Component
 from .flops import step_shape
 
 
@@ -51,8 +52,7 @@ def analytic(spec: ModelSpec, cfg: TrainConfig) -> TensorPrediction | None:
         return None
     est = estimate_config(spec, cfg, None)
     comps = {Component(c) if not isinstance(c, Component) else c: int(v) for c, v in est.components.items()}
-    act = sum(v for c, v in comps.items() if c.group is Group.ACTIVATIONS)
-    paged = comps.get(Component.OPTIMIZER_STATES, 0) if get_optimizer(cfg.optimizer).paged else 0
+    act, paged = peak_terms(comps, cfg.optimizer)
     return TensorPrediction(int(est.tensor_peak_bytes), int(act), int(paged), int(est.peak_bytes),
                             getattr(est.peak_phase, "value", str(est.peak_phase)), {c.value: v for c, v in comps.items()})
 
@@ -102,17 +102,20 @@ class Calibrated:
 
 
 def calibrated(pred: TensorPrediction, spec: ModelSpec, cfg: TrainConfig, profile: Profile) -> Calibrated:
-    """Apply ``profile`` to an analytic prediction (see the module docstring for the chain)."""
+    """Apply ``profile`` to an analytic prediction (see the module docstring for the chain).
+
+    The memory chain is :func:`vramplan.overheads.runtime_overheads`, the planner's own, so
+    what the fit and the report evaluate is exactly what ``vramplan estimate`` predicts;
+    here a figure the profile lacks is None instead of the planner's default.
+    """
+    from ..overheads import runtime_overheads
+
     method = cfg.recipe.name
-    alloc = pred.tensor_peak_bytes + (profile.activation_factor(method) - 1.0) * pred.activation_bytes
-    alloc += profile.workspace_bytes or 0
-    alloc -= pred.paged_state_bytes
-    alloc = int(max(0, round(alloc)))
-    reserved = profile.reserved_bytes(alloc, method)
-    device = None
-    if reserved is not None and profile.context_bytes is not None:
-        device = reserved + profile.context_bytes + pred.paged_state_bytes
+    o = runtime_overheads(pred.tensor_peak_bytes, None, method=method, activation_bytes=pred.activation_bytes,
+                          paged_bytes=pred.paged_state_bytes, profile=profile)
+    reserved = o.reserved_bytes if o.is_calibrated("allocator") else None
+    device = o.device_bytes if reserved is not None and o.is_calibrated("context") else None
     shape = step_shape(spec, cfg)
     step_s = profile.step_seconds(method, shape.features(), dequant_gparams=shape.dequant_gparams)
     tps = shape.tokens / step_s if step_s else None
-    return Calibrated(alloc, reserved, device, step_s, tps)
+    return Calibrated(o.allocated_bytes, reserved, device, step_s, tps)

@@ -22,13 +22,30 @@ workspaces that CUDA kernels allocate internally (``vramplan.dryrun.tracker``).
 Known gaps: autocast acts on Python-level calls (an op CUDA autocast would catch inside a
 C++ composite that is not itself listed is not cast); cuDNN attention is never chosen;
 the memory-efficient attention backward's workspace is counted as its ``delta`` only;
-paged 8-bit optimiser states are counted as device tensors; ``tensor_peak_bytes`` sums
-exact storage sizes (``max_memory_allocated`` rounds each block to 512 B:
-``extra.tensor_peak_bytes_rounded``); the allocator's reserve, CUDA context and cuBLAS
-workspaces come from ``vramplan.overheads``.
+paged 8-bit optimiser states are counted as device tensors (and passed to the overheads as
+paged, outside the allocator's reserve); ``tensor_peak_bytes`` sums exact storage sizes
+(``max_memory_allocated`` rounds each block to 512 B: ``extra.tensor_peak_bytes_rounded``);
+the allocator's reserve, CUDA context and cuBLAS workspaces come from ``vramplan.overheads``
+(the card's profile for the method, or the defaults; no activation factor: it corrects the
+analytic model, not this measurement).
+
+Stacks (``framework``)
+----------------------
+Every result says which stack ran and how (``DryRunResult.stack`` / ``run``; JSON ``stack``):
+
+* ``traced``: the stack's own code ran -- ``hf`` (transformers + PEFT), ``torchtune`` and
+  ``litgpt`` (their own model builders, adapters, losses and training steps:
+  :mod:`vramplan.runtime.frameworks`; the ``torchtune`` / ``litgpt`` extras).
+* ``emulated``: part of the step is vramplan's reimplementation of code that cannot run here,
+  with its sources -- the ``liger_ce`` technique (Liger's fused linear cross-entropy is Triton
+  only: :mod:`vramplan.runtime.liger`).
+* ``documented``: the stack cannot run here at all (Unsloth needs a CUDA GPU); the dry run
+  refuses it with one line pointing at ``vramplan estimate --framework NAME``, whose
+  accounting cites its sources (``vramplan/data/stacks.toml``).
 
 Importing this package does not import torch; :func:`dryrun` raises
-:class:`~vramplan.errors.MissingDependencyError` when torch, transformers or peft is missing.
+:class:`~vramplan.errors.MissingDependencyError` when torch, transformers or peft (or the
+stack's own package) is missing.
 """
 
 from __future__ import annotations
@@ -37,14 +54,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import TrainConfig, make_config
-from ..errors import VramplanError, require
+from ..errors import MissingDependencyError, VramplanError, require
 from ..models import ModelSpec, get_model
 from ..results import Estimate, jsonable
 from ..taxonomy import TENSOR_COMPONENTS, Component, Group, Phase, Quantity
 
 PHASE_ORDER = (Phase.LOAD, Phase.ROLLOUT, Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER_STEP)
+RUNS = ("traced", "emulated", "documented")
+#: why a ``documented`` stack cannot run in the dry run
+_CANNOT_RUN = {"unsloth": "it needs a CUDA GPU (its Triton kernels and CUDA-only imports)"}
+#: techniques the dry run runs, and how (the others are only in the analytic model)
+_TECHNIQUES = {"liger_ce": "emulated"}
+_PACKAGES = {"hf": ("transformers", "peft"), "torchtune": ("torchtune", "torchao"), "litgpt": ("litgpt",)}
+#: the package a stack's dry run needs (the pip extra of the same name)
+_STACK_PACKAGE = {"torchtune": "torchtune", "litgpt": "litgpt"}
 
-__all__ = ["DryRunResult", "dryrun", "dryrun_config"]
+__all__ = ["DryRunResult", "dryrun", "dryrun_config", "stack_run"]
 
 
 @dataclass
@@ -61,6 +86,22 @@ class DryRunResult(Estimate):
     phase_components: dict[Phase, dict[Component, int]] = field(default_factory=dict)
     layer: dict = field(default_factory=dict)
     seconds: float = 0.0
+    #: the stack that ran (``hf``, ``torchtune``, ``litgpt``) and how: ``traced`` (its own code)
+    #: or ``emulated`` (part of it reimplemented here: ``emulated`` lists what, with sources)
+    stack: str = "hf"
+    run: str = "traced"
+    packages: dict[str, str] = field(default_factory=dict)
+    stack_sources: list[str] = field(default_factory=list)
+    emulated: list[str] = field(default_factory=list)
+
+    @property
+    def stack_line(self) -> str:
+        """One line: which stack ran, and how."""
+        pk = ", ".join(f"{k} {v}" for k, v in self.packages.items())
+        what = f"{self.stack} stack {self.run}"
+        if self.run == "traced":
+            return f"{what}: its own code ran on meta ({pk})"
+        return f"{what}: its own code ({pk}) with vramplan's reimplementation of {'; '.join(self.emulated)}"
 
     def to_json(self) -> dict:
         out = super().to_json()
@@ -70,26 +111,85 @@ class DryRunResult(Estimate):
         out["layer"] = jsonable(self.layer)
         out["seconds"] = round(self.seconds, 3)
         out["source"] = "dryrun"
+        out["stack"] = {"name": self.stack, "run": self.run, "packages": dict(self.packages),
+                        "sources": list(self.stack_sources), "emulated": list(self.emulated)}
         return out
 
+    def render(self, console) -> None:
+        """The stack line, then the estimate's table (``vramplan.render``)."""
+        from ..render import render_estimate
 
-def _require() -> None:
-    for mod in ("torch", "transformers", "peft"):
-        require(mod, "dryrun")
+        colour = "green" if self.run == "traced" else "yellow"
+        console.print(f"[{colour}]dry run: {self.stack_line}[/{colour}]", highlight=False)
+        render_estimate(self, console)
+
+
+def stack_run(framework: str, techniques=()) -> str:
+    """How the dry run covers ``framework`` with ``techniques``: ``traced`` or ``emulated``.
+
+    Raises:
+        VramplanError: the stack is ``documented`` (it cannot run here: the message points at
+            ``vramplan estimate``), or a technique the dry run does not run.
+    """
+    from ..stacks import get_stack
+
+    st = get_stack(framework)
+    if st.dryrun not in RUNS:
+        raise VramplanError(f"stacks.toml: stack {st.name!r} has dryrun {st.dryrun!r}, not one of {', '.join(RUNS)}")
+    estimate_hint = f"`vramplan estimate --framework {st.name}` gives its accounting, documented with sources"
+    if st.dryrun == "documented":
+        why = _CANNOT_RUN.get(st.name, "it cannot run on this machine")
+        raise VramplanError(f"the dry run cannot trace the {st.name} stack: {why}", estimate_hint)
+    run = st.dryrun
+    for t in techniques:
+        how = _TECHNIQUES.get(t)
+        if how is None or st.name != "hf":
+            raise VramplanError(f"the dry run does not run technique {t} on the {st.name} stack",
+                                f"`vramplan estimate --framework {st.name} --techniques {t}` accounts for it")
+        if how == "emulated":
+            run = "emulated"
+    return run
+
+
+def _require(framework: str = "hf") -> None:
+    """Import the dry run's dependencies, keeping their import-time notices off stderr.
+
+    (bitsandbytes, which PEFT imports, logs that it found no CPU kernel package; torchao logs
+    the C++ extensions it skips on CPU.) A stack's own package is checked first, so that a
+    missing one is the only line printed.
+    """
+    import importlib.util
+    import logging
+
+    pkg = _STACK_PACKAGE.get(framework)
+    if pkg is not None and importlib.util.find_spec(pkg) is None:
+        raise MissingDependencyError(f"the {framework} dry run needs the {pkg} package, which is not installed",
+                                     f"install it with `pip install 'vramplan[{framework}]'`")
+    loggers = [logging.getLogger(name) for name in ("bitsandbytes", "torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        for mod in ("torch", "transformers", "peft"):
+            require(mod, "dryrun")
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def dryrun(model: str | ModelSpec, method: str = "lora", *, adapter: str | None = None, batch: int = 1,
            seq: int = 2048, grad_accum: int = 1, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
            targets=None, grad_ckpt: bool | None = None, optimizer: str = "adamw", precision: str | None = None,
            attn: str = "sdpa", double_quant: bool = True, ppo_response: int | None = None, gpu=None,
-           gpu_mem=None, framework: str = "hf", config: TrainConfig | None = None,
+           gpu_mem=None, framework: str = "hf", techniques=None, config: TrainConfig | None = None,
            sample_layer: int | None = None) -> DryRunResult:
     """Trace one steady-state training step on ``meta`` and account for every tensor byte.
 
     Args mirror :func:`vramplan.estimate` (and ``vramplan dryrun`` the CLI's flags); ``config``
     passes an already validated :class:`~vramplan.config.TrainConfig` instead.
     ``sample_layer`` picks the decoder layer whose saved activations are broken down op by
-    op (default: the middle one).
+    op (default: the middle one). ``framework`` picks the stack (``hf``; ``torchtune`` and
+    ``litgpt`` need their extras); ``techniques`` may be ``liger_ce`` (emulated, hf stack).
 
     Returns:
         :class:`DryRunResult`: ``tensor_peak_bytes`` (live storages, exact), ``peak_bytes``
@@ -97,22 +197,38 @@ def dryrun(model: str | ModelSpec, method: str = "lora", *, adapter: str | None 
 
     Raises:
         MissingDependencyError: torch, transformers or peft (or bitsandbytes for QLoRA and
-            8-bit optimisers) is not installed.
-        VramplanError: bad input, or transformers cannot build the model.
+            8-bit optimisers, or the stack's package) is not installed.
+        VramplanError: bad input; transformers (or the stack) cannot build the model; a
+            ``documented`` stack (Unsloth), which cannot run here.
     """
-    _require()
+    from ..stacks import parse_techniques
+
+    stack_run(framework, parse_techniques(techniques))  # a documented stack stops here, torch or not
+    _require(framework)
     from ..plan import _check_card, resolve_gpu
 
     spec = get_model(model)
     card = resolve_gpu(gpu, gpu_mem)
     if config is None:
-        precision = _check_card(precision, method, adapter, attn, card)
+        precision = _check_card(precision, method, adapter, attn, card, framework)
         config = make_config(spec, method, adapter=adapter, batch=batch, seq=seq, grad_accum=grad_accum, rank=rank,
                              alpha=alpha, dropout=dropout, targets=targets, grad_ckpt=grad_ckpt, optimizer=optimizer,
                              precision=precision, attn=attn, framework=framework, double_quant=double_quant,
-                             ppo_response=ppo_response)
+                             ppo_response=ppo_response, techniques=techniques)
     query = None if isinstance(model, ModelSpec) else str(model)
     return dryrun_config(spec, config, card, model_query=query, sample_layer=sample_layer)
+
+
+def _package_versions(framework: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in _PACKAGES.get(framework, ()) + ("torch",):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def decoder_layers(model) -> list:
@@ -127,22 +243,35 @@ def decoder_layers(model) -> list:
     return best
 
 
-def _overheads(tensor_peak: int, card) -> tuple[dict[Component, int], int, bool, str]:
-    try:
-        from ..overheads import runtime_overheads
-    except ImportError:  # pragma: no cover - the overheads module ships with vramplan
-        return {}, 0, False, "none (vramplan.overheads unavailable)"
-    over = runtime_overheads(tensor_peak, card)
-    if isinstance(over, dict):
-        return {Component(k): int(v) for k, v in over.items()}, 0, False, "vramplan.overheads"
-    return ({Component(k): int(v) for k, v in over.components.items()}, int(getattr(over, "uncertainty_bytes", 0)),
-            bool(getattr(over, "calibrated", False)), str(getattr(over, "source", "vramplan.overheads")))
+def _overheads(tensor_peak: int, components: dict[Component, int], cfg: TrainConfig, card):
+    """Runtime overheads of the measured tensor peak: :mod:`vramplan.overheads`' chain, as the planner's.
+
+    ``method`` selects the card's profile figures (its allocator correction); the paged
+    optimiser states, which the dry run counts as device tensors, are passed as
+    ``paged_bytes``, so they get no allocator reserve (bitsandbytes keeps them in managed
+    memory outside PyTorch's allocator). No activations are passed: the activation factor
+    corrects the analytic model's activations, which the dry run measures, so it adds nothing.
+
+    Returns:
+        ``(overheads, calibrated, source)``: the :class:`~vramplan.overheads.Overheads`;
+        whether a figure that applies here came from the profile; the assumptions' line.
+    """
+    from ..overheads import CALIBRATED, peak_terms, runtime_overheads
+
+    _activations, paged = peak_terms(components, cfg.optimizer)
+    over = runtime_overheads(tensor_peak, card, method=cfg.recipe.name, paged_bytes=int(paged))
+    applied = {k: v for k, v in over.figures.items() if k != "activation_factor"}
+    source = over.source
+    if over.is_calibrated("activation_factor"):
+        source += (f"; the activation factor ({over.activation_factor:.3g}) is not applied: it corrects the analytic "
+                   "model's activations, which the dry run measures")
+    return over, any(v == CALIBRATED for v in applied.values()), source
 
 
 def dryrun_config(spec: ModelSpec, cfg: TrainConfig, card=None, *, model_query: str | None = None,
                   sample_layer: int | None = None) -> DryRunResult:
     """:func:`dryrun` for a validated :class:`TrainConfig` (and a resolved GPU or None)."""
-    _require()
+    _require(cfg.framework)
     import gc
     import logging
     import time
@@ -152,13 +281,18 @@ def dryrun_config(spec: ModelSpec, cfg: TrainConfig, card=None, *, model_query: 
     from ..runtime import build
     from .tracker import Tracker
 
-    if cfg.framework != "hf":
-        raise VramplanError(f"the dry run builds the HF stack only, not framework {cfg.framework!r}")
+    run = stack_run(cfg.framework, cfg.techniques)
+    if cfg.framework != "hf":  # import the stack's package and reject what it cannot run, outside the tracker
+        from ..runtime.frameworks import check_stack
+
+        check_stack(spec, cfg)
     t0 = time.perf_counter()
     tracker = Tracker("meta")
-    tf_logger = logging.getLogger("transformers")
-    level = tf_logger.level
-    tf_logger.setLevel(logging.ERROR)
+    # transformers' and torchao's import-time notices (torchao: C++ extensions skipped on CPU) are not results
+    loggers = [logging.getLogger(name) for name in ("transformers", "torchao")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     from ..runtime.build import first_sentence
 
     try:
@@ -176,10 +310,11 @@ def dryrun_config(spec: ModelSpec, cfg: TrainConfig, card=None, *, model_query: 
             tracker.start_measure()
             trainee.step()
             tracker.stop()
-    except (ValueError, NotImplementedError) as exc:  # transformers/PEFT rejecting the configuration
+    except (ValueError, NotImplementedError) as exc:  # transformers/PEFT/the stack rejecting the configuration
         raise VramplanError(f"the dry run's training step failed: {first_sentence(exc)}") from exc
     finally:
-        tf_logger.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
     peak_at, tensor_peak = tracker.peak.at, int(tracker.peak.bytes)
     at_peak = tracker.breakdown(peak_at)
@@ -199,7 +334,9 @@ def dryrun_config(spec: ModelSpec, cfg: TrainConfig, card=None, *, model_query: 
     groups: dict[Group, int] = {}
     for c, v in comps.items():
         groups[c.group] = groups.get(c.group, 0) + v
-    runtime, unc, calibrated, source = _overheads(tensor_peak, card)
+    over, calibrated, source = _overheads(tensor_peak, comps, cfg, card)
+    runtime = {Component(k): int(v) for k, v in over.components.items()}
+    unc = int(over.uncertainty_bytes)
     comps.update(runtime)
     for c, v in runtime.items():
         groups[c.group] = groups.get(c.group, 0) + v
@@ -211,6 +348,16 @@ def dryrun_config(spec: ModelSpec, cfg: TrainConfig, card=None, *, model_query: 
     policy_params = sum(  # the base model's parameters (an NF4 weight counts its elements), adapters apart
         int(p.quant_state.shape.numel()) if getattr(p, "quant_state", None) is not None else p.numel()
         for p in pol.module.parameters() if not (peft_policy and p.requires_grad))
+    from ..stacks import get_stack
+
+    packages = _package_versions(cfg.framework)
+    stack_sources = list(get_stack(cfg.framework).sources)
+    emulated: list[str] = []
+    if "liger_ce" in cfg.techniques:
+        from ..runtime import liger
+
+        emulated.append("Liger's fused linear cross-entropy (Triton only; vramplan.runtime.liger)")
+        stack_sources += list(liger.SOURCES)
     tokens = cfg.batch * cfg.seq * cfg.recipe.sequences_per_example
     layer = {
         "index": sample,
@@ -219,9 +366,13 @@ def dryrun_config(spec: ModelSpec, cfg: TrainConfig, card=None, *, model_query: 
         "recomputed": tracker.layer_saved(recompute=True) if cfg.grad_ckpt else None,
     }
     emu = trainee.emulation
+    own = {"hf": "the real transformers/PEFT model", "torchtune": "torchtune's own model, adapters, loss and step",
+           "litgpt": "litgpt's own model, adapters, loss and step"}.get(cfg.framework, cfg.framework)
     assumptions = [
-        "dry run: the real transformers/PEFT model on meta, one measured steady-state step after a warm-up step "
-        "(optimizer states exist; gradients set to None between steps)",
+        f"dry run ({cfg.framework} stack, {run}): {own} on meta"
+        + (f", with vramplan's emulation of {'; '.join(emulated)}" if emulated else "")
+        + ", one measured steady-state step after a warm-up step (optimizer states exist; gradients set to None "
+        "between steps)",
         "emulated CUDA: autocast op lists and weight-cast cache, SDPA backend choice "
         f"({', '.join(f'{k} x{v}' for k, v in sorted(emu.sdpa_calls.items())) or 'no SDPA calls'}), kernel workspaces "
         f"({', '.join(sorted(tracker.transients)) or 'none'})",
@@ -253,7 +404,8 @@ def dryrun_config(spec: ModelSpec, cfg: TrainConfig, card=None, *, model_query: 
         tensor_peak_bytes=tensor_peak, peak_bytes=int(peak), quantity=Quantity.DEVICE_TOTAL,
         uncertainty_bytes=unc, calibrated=calibrated, assumptions=assumptions, model_resolved_from=resolved,
         extra=extra, groups=groups, phase_components=phase_components, layer=layer,
-        seconds=time.perf_counter() - t0)
+        seconds=time.perf_counter() - t0, stack=cfg.framework, run=run, packages=packages,
+        stack_sources=stack_sources, emulated=emulated)
     if card is not None:
         res.gpu = card.name
         res.capacity_bytes = int(card.memory_bytes)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
 from ..runtime.hooks import StepHooks
 from ..taxonomy import Component, Phase
@@ -149,6 +149,11 @@ class Tracker(StepHooks):
     def _track(self, x: torch.Tensor, op: str) -> Record | None:
         if x.device.type != self.device_type:
             return None
+        if is_traceable_wrapper_subclass(x):  # torchao's NF4Tensor: its plain inner tensors hold the bytes
+            rec = None
+            for name in x.__tensor_flatten__()[0]:
+                rec = self._track(getattr(x, name), op) or rec
+            return rec
         st = x.untyped_storage()
         key = st._cdata
         rec = self.live.get(key)
@@ -252,6 +257,10 @@ class Tracker(StepHooks):
 
     def tag(self, tensor: Any, component: Component) -> None:
         if not isinstance(tensor, torch.Tensor) or tensor.device.type != self.device_type:
+            return
+        if is_traceable_wrapper_subclass(tensor):
+            for name in tensor.__tensor_flatten__()[0]:
+                self.tag(getattr(tensor, name), component)
             return
         rec = self.live.get(tensor.untyped_storage()._cdata) or self.track_existing(tensor)
         if rec is not None:

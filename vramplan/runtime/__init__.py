@@ -7,6 +7,11 @@ calibration runner (real tensors on ``cuda`` or ``cpu``)::
     trainee = build(spec, cfg, "cuda")      # or build(spec, cfg, "cuda", fake=True)
     trainee.step()                          # one optimiser step (cfg.grad_accum micro-batches)
 
+``cfg.framework`` other than ``hf`` builds that stack's own model, loss and step instead
+(:mod:`vramplan.runtime.frameworks`: torchtune, litgpt; their extras). The ``liger_ce``
+technique runs :mod:`vramplan.runtime.liger`, a plain-torch emulation of Liger's fused
+linear cross-entropy (its Triton kernels need a GPU).
+
 Importing this package needs torch, transformers and peft (the ``dryrun`` extra); a
 missing one raises :class:`vramplan.errors.MissingDependencyError`. ``import vramplan``
 never imports it.

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ..config import TrainConfig
 from ..errors import VramplanError
@@ -124,6 +125,10 @@ class Trainee:
     scaler: Any = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)
     steps_done: int = 0
+    #: the step of a stack other than HF's (``vramplan.runtime.frameworks``); None runs ``steps.run_step``
+    run: Any = field(default=None, repr=False)
+    #: what that stack's step needs (its loss module, the recipe's label cache)
+    extras: dict = field(default_factory=dict, repr=False)
     _logits_depth: int = field(default=0, repr=False)
     _head_grads_pending: int = field(default=0, repr=False)
     _in_backward_logits: bool = field(default=False, repr=False)
@@ -160,6 +165,11 @@ class Trainee:
                     yield p, Component.WEIGHTS
                     for t in quant_state_tensors(qs):
                         yield t, Component.QUANT_STATE
+                elif is_traceable_wrapper_subclass(p):  # torchao NF4Tensor: codes, then its constants
+                    inner = _inner_tensors(p)
+                    big = max(inner, key=lambda t: t.untyped_storage().nbytes(), default=None)
+                    for t in inner:
+                        yield t, (Component.WEIGHTS if t is big else Component.QUANT_STATE)
                 elif peft and p.requires_grad:
                     yield p, Component.ADAPTERS
                 else:
@@ -254,9 +264,18 @@ class Trainee:
 
         ctx = self.emulation if self.fake else _null()
         with ctx:
-            out = steps.run_step(self)
+            out = (self.run or steps.run_step)(self)
         self.steps_done += 1
         return out
+
+
+def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors inside a traceable wrapper subclass (``__tensor_flatten__``), recursively."""
+    out = []
+    for name in t.__tensor_flatten__()[0]:
+        x = getattr(t, name)
+        out.extend(_inner_tensors(x) if is_traceable_wrapper_subclass(x) else [x])
+    return out
 
 
 class _null:
@@ -314,35 +333,44 @@ def _wrap_gc(model: nn.Module, trainee: Trainee) -> None:
     torch.utils.checkpoint restores autocast for the inputs' device (``meta`` has none),
     so on ``meta`` the recompute would otherwise run without the emulated CUDA autocast.
     """
-    from torch.utils.checkpoint import checkpoint
-
-    def make(orig):
-        kwargs = dict(getattr(orig, "keywords", {}) or {})
-        if trainee.fake:
-            kwargs["preserve_rng_state"] = False  # meta has no RNG state (no device memory either way)
-
-        def ckpt(function, *args, **kw):
-            layer = (getattr(function, "args", None) or (None,))[0]
-            state = trainee.amp_state()
-            calls = [0]
-
-            def run(*a, **k):
-                calls[0] += 1
-                if calls[0] == 1:
-                    return function(*a, **k)
-                # the autograd engine runs the recompute with torch-function modes off: re-enter ours
-                with trainee.hooks.recompute(layer), (trainee.emulation or _null()), trainee.amp_restore(state):
-                    return function(*a, **k)
-
-            return checkpoint(run, *args, **{**kwargs, **kw})
-
-        ckpt.keywords = kwargs
-        return ckpt
-
     for m in model.modules():
         f = getattr(m, "_gradient_checkpointing_func", None)
         if f is not None and getattr(m, "gradient_checkpointing", False):
-            m._gradient_checkpointing_func = make(f)
+            m._gradient_checkpointing_func = checkpoint_fn(
+                trainee, getattr(f, "keywords", {}), lambda function: (getattr(function, "args", None) or (None,))[0])
+
+
+def checkpoint_fn(trainee: Trainee, keywords: dict | None = None, layer_of=lambda function: None):
+    """A non-reentrant ``torch.utils.checkpoint`` whose recomputation re-enters the trainee's modes.
+
+    Returns ``ckpt(function, *args, **kw)``. ``keywords`` are the checkpoint keywords the
+    stack passes (``use_reentrant=False``); on ``meta`` the RNG state is not preserved (meta
+    has none, and it costs no device memory either way). ``layer_of(function)`` names the
+    decoder layer being recomputed for :meth:`StepHooks.recompute`.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    kwargs = {"use_reentrant": False, **dict(keywords or {})}
+    if trainee.fake:
+        kwargs["preserve_rng_state"] = False
+
+    def ckpt(function, *args, **kw):
+        layer = layer_of(function)
+        state = trainee.amp_state()
+        calls = [0]
+
+        def run(*a, **k):
+            calls[0] += 1
+            if calls[0] == 1:
+                return function(*a, **k)
+            # the autograd engine runs the recompute with torch-function modes off: re-enter ours
+            with trainee.hooks.recompute(layer), (trainee.emulation or _null()), trainee.amp_restore(state):
+                return function(*a, **k)
+
+        return checkpoint(run, *args, **{**kwargs, **kw})
+
+    ckpt.keywords = kwargs
+    return ckpt
 
 
 def _peft_config(cfg: TrainConfig, spec: ModelSpec, adapter: Adapter, head: str):
@@ -462,14 +490,22 @@ def build(spec: ModelSpec, cfg: TrainConfig, device: str = "cpu", *, fake: bool 
         hooks: attribution callbacks (:class:`~vramplan.runtime.hooks.StepHooks`).
 
     Raises:
-        VramplanError: transformers cannot build the config; nothing trains.
-        MissingDependencyError: bitsandbytes is needed (QLoRA, 8-bit optimisers) and missing.
+        VramplanError: transformers cannot build the config; nothing trains; another stack
+            (``cfg.framework``) cannot run this method, model or precision.
+        MissingDependencyError: bitsandbytes is needed (QLoRA, 8-bit optimisers) and missing, or
+            the stack's package (torchtune, litgpt) is.
     """
     hooks = hooks or NULL_HOOKS
-    regime = get_regime(cfg.precision)
+    hf = cfg.framework == "hf"
+    # another stack runs the regime its own way (adapter dtype, optimizer kernel: vramplan.stacks)
+    regime = get_regime(cfg.precision) if hf else cfg.regime
     recipe = cfg.recipe
     notes: list[str] = []
-    if recipe.adapter is Adapter.QLORA:
+    if not hf:
+        from .frameworks import check_stack
+
+        check_stack(spec, cfg)  # before anything is built: unsupported methods, models, precisions
+    if hf and recipe.adapter is Adapter.QLORA:
         from ..errors import require
 
         require("bitsandbytes", "calibrate")
@@ -479,6 +515,12 @@ def build(spec: ModelSpec, cfg: TrainConfig, device: str = "cpu", *, fake: bool 
     trainee = Trainee(spec=spec, cfg=cfg, recipe=recipe, regime=regime, device=device, fake=fake, copies={},
                       optimizer=None, hooks=hooks, emulation=emu, notes=notes)
     hooks.phase(Phase.LOAD)
+    if not hf:
+        from .frameworks import build_stack
+
+        build_stack(trainee)
+        hooks.event("built", trainee)
+        return trainee
     attn = _attn_impl(cfg, device, fake, notes)
     for copy in recipe.copies:
         trainee.copies[copy.role] = _build_copy(trainee, copy, attn)

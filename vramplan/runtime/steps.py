@@ -18,7 +18,9 @@ input ids (``DataCollatorForLanguageModeling``); training forwards pass ``use_ca
 Methods:
 
 * SFT (full, lora, qlora, dora, ia3): ``model(input_ids, labels)`` -- the HF causal-LM loss
-  (fp32 upcast of the logits, cross-entropy).
+  (fp32 upcast of the logits, cross-entropy). With the ``liger_ce`` technique, Liger's patched
+  forward instead: the backbone, then its fused linear cross-entropy (no logits tensor;
+  emulated by :mod:`vramplan.runtime.liger`, as Liger's kernels need a GPU).
 * DPO, as TRL's ``DPOTrainer.concatenated_forward``: chosen and rejected concatenated
   into one batch of ``2*batch`` sequences; per-token log-probs by TRL's
   ``selective_log_softmax`` (gather + per-row logsumexp for fp32 logits, per-row
@@ -45,6 +47,9 @@ Methods:
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +102,25 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     return torch.stack(rows)
 
 
+@contextmanager
+def _reference_model(t) -> Iterator[torch.nn.Module]:
+    """The reference model as TRL runs it (DPO and PPO): the frozen reference copy when the
+    method holds one (full training), else the policy with its PEFT adapter disabled."""
+    if Role.REFERENCE in t.copies:
+        yield t.copies[Role.REFERENCE].module
+    else:
+        with t.policy.disable_adapter():
+            yield t.policy
+
+
+def _response_logprobs(logits: torch.Tensor, prompt: int, responses: torch.Tensor):
+    """TRL PPO: the logits that predict the response tokens (a view), divided in place by the
+    sampling temperature, and the response tokens' log-probs. Returns ``(logits, logprobs)``."""
+    logits = logits[:, prompt - 1:-1]
+    logits /= TEMPERATURE + 1e-7
+    return logits, selective_log_softmax(logits, responses)
+
+
 def _optimizer_step(t) -> None:
     t.hooks.phase(Phase.OPTIMIZER_STEP)
     opt = t.optimizer
@@ -125,7 +149,10 @@ def _sft(t) -> dict:
         ids = _ids(t, cfg.batch, cfg.seq)
         labels = ids.clone()
         with t.amp():
-            out = policy(input_ids=ids, labels=labels, use_cache=False)
+            if cfg.uses("liger_ce"):
+                out = _liger_forward(t, ids, labels)
+            else:
+                out = policy(input_ids=ids, labels=labels, use_cache=False)
         out = _convert(t, out)
         loss = out.loss / ga
         del out, ids, labels
@@ -137,6 +164,23 @@ def _sft(t) -> dict:
         t.hooks.event("after_backward", t)
     _optimizer_step(t)
     return {"loss": last}
+
+
+def _liger_forward(t, ids: torch.Tensor, labels: torch.Tensor):
+    """Liger's patched causal-LM forward (``lce_forward``): the backbone, then the fused linear
+    cross-entropy on the last hidden states and the head's weight; no logits. The loss is
+    :mod:`vramplan.runtime.liger`'s emulation of Liger's Triton kernels."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from .liger import causal_lm_loss
+
+    inner = t.copies[Role.POLICY].inner
+    backbone = getattr(inner, inner.base_model_prefix)
+    hidden = backbone(input_ids=ids, use_cache=False)[0]
+    t._head_pre_hook(None, (hidden,))  # the loss stands in for the output head (attribution only)
+    loss = causal_lm_loss(hidden, inner.get_output_embeddings().weight, labels)
+    t._head_post_hook(None, (hidden,), loss)
+    return CausalLMOutputWithPast(loss=loss, logits=None)
 
 
 # -- DPO -------------------------------------------------------------------------------------------
@@ -172,12 +216,8 @@ def _dpo(t) -> dict:
         ids = _ids(t, 2 * cfg.batch, cfg.seq)  # chosen then rejected, concatenated
         labels = torch.roll(ids, shifts=-1, dims=1)
         logps, _metrics = _sequence_logps(t, policy, ids, labels, with_metrics=True)
-        with torch.no_grad():
-            if Role.REFERENCE in t.copies:
-                ref_logps, _ = _sequence_logps(t, t.copies[Role.REFERENCE].module, ids, labels, False)
-            else:
-                with policy.disable_adapter():
-                    ref_logps, _ = _sequence_logps(t, policy, ids, labels, False)
+        with torch.no_grad(), _reference_model(t) as ref:
+            ref_logps, _ = _sequence_logps(t, ref, ids, labels, False)
         n = cfg.batch
         margin = (logps[:n] - ref_logps[:n]) - (logps[n:] - ref_logps[n:])
         loss = -F.logsigmoid(BETA * margin).mean() / ga
@@ -284,16 +324,9 @@ def _rollout(t) -> dict:
             query_responses = torch.cat([queries, responses], dim=1)
             logprobs = selective_log_softmax(logitss, responses)
             del logitss
-            # reference log-probs: the adapter disabled (PEFT) or the frozen reference copy
-            if Role.REFERENCE in t.copies:
-                ref_out = t.copies[Role.REFERENCE].module(input_ids=query_responses, output_hidden_states=True,
-                                                           use_cache=False)
-            else:
-                with policy.disable_adapter():
-                    ref_out = policy(input_ids=query_responses, output_hidden_states=True, use_cache=False)
-            ref_logits = ref_out.logits[:, prompt - 1:-1]
-            ref_logits /= TEMPERATURE + 1e-7
-            ref_logprobs = selective_log_softmax(ref_logits, responses)
+            with _reference_model(t) as ref:
+                ref_out = ref(input_ids=query_responses, output_hidden_states=True, use_cache=False)
+            ref_logits, ref_logprobs = _response_logprobs(ref_out.logits, prompt, responses)
             del ref_out, ref_logits
             t.logits_done()
             values = _score(t, t.copies[Role.VALUE], query_responses)[:, prompt - 1:-1].squeeze(-1)
@@ -325,10 +358,9 @@ def _ppo(t) -> dict:
             del vout
             out = policy(input_ids=qr, output_hidden_states=True, use_cache=False)
         out, vpred_temp = _convert(t, (out, vpred_temp))
-        logits = out.logits[:, prompt - 1:-1]
+        logits = out.logits
         del out
-        logits /= TEMPERATURE + 1e-7
-        new_logprobs = selective_log_softmax(logits, responses)
+        logits, new_logprobs = _response_logprobs(logits, prompt, responses)
         vpred = vpred_temp[:, prompt - 1:-1].squeeze(-1)
         del vpred_temp
         t.logits_done()

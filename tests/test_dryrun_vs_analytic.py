@@ -1,0 +1,54 @@
+"""The analytic model held to the dry run: a reduced form of benchmarks/dryrun_vs_analytic.py.
+
+Three architectures the coefficients were not read from (tied embeddings, q/k norms,
+Gemma-2's eager soft-capped attention), every method, checkpointing off and on, at two
+layers and two shapes: every row's analytic ``tensor_peak_bytes`` within 2% of the dry run's.
+The whole sweep (11 architectures, full depth, 3 shapes) is the benchmark; see its output in
+reports/dryrun_vs_analytic.txt.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+_path = Path(__file__).resolve().parents[1] / "benchmarks" / "dryrun_vs_analytic.py"
+_spec = importlib.util.spec_from_file_location("dryrun_vs_analytic", _path)
+bench = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = bench  # dataclasses look their module up while the class is built
+_spec.loader.exec_module(bench)
+
+LAYERS = 2
+GRID = [(arch, method, gc, shape)
+        for arch, shape in (("smollm2-360m", "2k"), ("qwen3-8b", "short"), ("gemma-2-2b", "short"))
+        for method in bench.METHODS
+        for gc in (False, True)]
+
+
+@pytest.mark.parametrize("arch,method,gc,shape", GRID, ids=lambda v: str(v))
+def test_analytic_within_two_percent_of_dryrun(arch, method, gc, shape):
+    row = bench.run_row(arch, method, gc, shape, layers=LAYERS)
+    assert not row.error_text, row.error_text
+    assert abs(row.error) <= 0.02, (
+        f"{arch} {method} gc={gc} {shape}: estimate {row.estimate} vs dry run {row.dryrun} B "
+        f"({100 * row.error:+.2f}%); peak phase {row.est_phase}/{row.dry_phase}; "
+        f"largest component difference {row.worst} {row.worst_bytes:+d} B")
+
+
+def test_summary_reports_median_and_max():
+    rows = [bench.Row("a", "lora", False, "2k", estimate=101, dryrun=100),
+            bench.Row("b", "lora", True, "2k", estimate=99, dryrun=100),
+            bench.Row("c", "full", True, "2k", estimate=100, dryrun=100)]
+    import io
+
+    out = io.StringIO()
+    stats = bench.summarize(rows, out)
+    assert stats["all"] == (pytest.approx(0.01), pytest.approx(0.01))
+    assert "median |error| 1.00%" in out.getvalue()
