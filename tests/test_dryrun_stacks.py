@@ -207,6 +207,37 @@ def test_torchtune_rejects_what_its_recipes_do_not_run(spec):
         dryrun(spec, "lora", framework="torchtune", targets="q_proj,gate_proj")
 
 
+# the analytic model held to the torchtune dry run (benchmarks/dryrun_vs_analytic.py --framework torchtune):
+# one row per torchtune-only term of stacks.toml -- k/v expanded for GQA and one RoPE cache per layer
+# (lora_llama3), torchao NF4 dequantisation and adapted-only quantisation (lora_qwen2), the head's chunked
+# weight gradient and fp32 RMSNorm of a trainable model (tied llama3_2), a held-out family with checkpointing
+TORCHTUNE_ROWS = [("llama-3-8b", "lora", False, "2k"), ("qwen2.5-7b", "qlora", False, "short"),
+                  ("llama-3.2-3b", "full", False, "2k"), ("mistral-7b-v0.3", "lora", True, "2k"),
+                  ("llama-3-8b", "dora", True, "2k")]
+
+
+def _benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dryrun_vs_analytic.py"
+    spec = importlib.util.spec_from_file_location("dryrun_vs_analytic", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(bench)
+    return bench
+
+
+@needs_torchtune
+@pytest.mark.parametrize("arch,method,gc,shape", TORCHTUNE_ROWS, ids=lambda v: str(v))
+def test_torchtune_analytic_within_two_percent_of_dryrun(arch, method, gc, shape):
+    row = _benchmark().run_row(arch, method, gc, shape, layers=2, framework="torchtune")
+    assert not row.error_text and not row.skipped, row.error_text or row.skipped
+    assert abs(row.error) <= 0.02, (
+        f"{arch} {method} gc={gc} {shape}: estimate {row.estimate} vs dry run {row.dryrun} B "
+        f"({100 * row.error:+.2f}%); largest component difference {row.worst} {row.worst_bytes:+d} B")
+
+
 # -- litgpt: traced with its own code -------------------------------------------------------------------
 @needs_litgpt
 def test_litgpt_is_traced_bf16_true(spec, hf):
@@ -215,3 +246,21 @@ def test_litgpt_is_traced_bf16_true(spec, hf):
     assert json.loads(json.dumps(lit.to_json()))["stack"]["packages"]["litgpt"]
     assert lit.components[C.ADAPTERS] * 2 == hf.components[C.ADAPTERS]
     assert lit.tensor_peak_bytes < hf.tensor_peak_bytes
+
+
+# the analytic model held to the litgpt dry run (benchmarks/dryrun_vs_analytic.py --framework litgpt): one row
+# per litgpt-only term of stacks.toml -- the bf16 loss in 128-token chunks, k/v expanded for GQA and the zero-padded
+# q/v LoRA output (lora 2k), the untied lm_head of a tied checkpoint (llama-3.2-3b), a held-out family
+LITGPT_ROWS = [("llama-3-8b", "lora", False, "2k"), ("qwen2.5-7b", "lora", False, "short"),
+               ("llama-3.2-3b", "full", False, "2k"), ("llama-3.2-3b", "lora", False, "short"),
+               ("mistral-7b-v0.3", "lora", False, "2k")]
+
+
+@needs_litgpt
+@pytest.mark.parametrize("arch,method,gc,shape", LITGPT_ROWS, ids=lambda v: str(v))
+def test_litgpt_analytic_within_two_percent_of_dryrun(arch, method, gc, shape):
+    row = _benchmark().run_row(arch, method, gc, shape, layers=2, framework="litgpt")
+    assert not row.error_text and not row.skipped, row.error_text or row.skipped
+    assert abs(row.error) <= 0.02, (
+        f"{arch} {method} gc={gc} {shape}: estimate {row.estimate} vs dry run {row.dryrun} B "
+        f"({100 * row.error:+.2f}%); largest component difference {row.worst} {row.worst_bytes:+d} B")

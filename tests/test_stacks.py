@@ -58,7 +58,10 @@ def test_chunked_and_fused_loss_shrink_logits():
 def test_qlora_without_kbit_upcast_is_smaller():
     hf = model_state(M, make_config(M, "qlora"))
     tt = model_state(M, make_config(M, "qlora", framework="torchtune"))
-    assert tt.bytes[C.WEIGHTS] < hf.bytes[C.WEIGHTS]
+    # beside torchtune's fp32 RoPE caches (one per layer in lora_llama3: the catalogue's Llama 3.1 has no rope_scaling)
+    rope = get_stack("torchtune").rope_cache_bytes(M, peft=True)
+    assert rope > 0
+    assert tt.bytes[C.WEIGHTS] - rope < hf.bytes[C.WEIGHTS]
 
 
 def test_unsloth_offloads_checkpoints():
@@ -165,3 +168,37 @@ def test_technique_cost_is_applied_to_the_step_time():
     assert micro(grad_ckpt=True, techniques="selective_ckpt") == pytest.approx(micro(grad_ckpt=True))
     for tech in t.values():
         assert tech.label and tech.cost_source, tech.name
+
+
+def test_torchtune_accounting_fields_are_validated_and_hf_keeps_defaults(monkeypatch):
+    """The torchtune-only fields (stacks.toml header) load with their sources; the HF stack keeps the defaults."""
+    from vramplan import stacks as stacks_mod
+
+    hf, tt = get_stack("hf"), get_stack("torchtune")
+    assert (hf.gqa_expand_kv, hf.rope_cache, hf.dequant_temp, hf.chunked_output, hf.norm_fp32) == (False, (), (0, 1), False, False)
+    assert hf.rope_cache_bytes(M, peft=True) == 0
+    assert tt.gqa_expand_kv and tt.chunked_output and tt.norm_fp32 and tt.dequant_temp == (8, 3)
+    for field in ("gqa_expand_kv", "rope_cache", "rope_cache_per_layer", "nf4_adapted_only", "dequant_temp",
+                  "chunked_output", "norm_fp32"):
+        assert any(s.startswith(field + ":") for s in tt.sources), field
+    raw = stacks_mod._raw()
+    for bad in ({"gqa_expand_kv": "yes"}, {"dequant_temp": [8]}, {"rope_cache": {"llama": 0}},
+                {"nf4_adapted_only": "lora_qwen2"}):
+        broken = {**raw, "torchtune": {**raw["torchtune"], **bad}}
+        monkeypatch.setattr(stacks_mod, "_raw", lambda b=broken: b)
+        stacks_mod.stacks.cache_clear()
+        with pytest.raises(VramplanError, match="torchtune"):
+            stacks_mod.stacks()
+    monkeypatch.undo()
+    stacks_mod.stacks.cache_clear()
+
+
+def test_torchtune_builder_matches_the_families():
+    from vramplan.stacks import torchtune_builder
+
+    assert torchtune_builder(get_model("llama-3-8b"), True) == "lora_llama3"
+    assert torchtune_builder(get_model("llama-3.2-3b"), False) == "llama3_2"
+    assert torchtune_builder(get_model("qwen2.5-7b"), True) == "lora_qwen2"
+    # one cache per layer in lora_qwen2 ([131072, 2 x 128] fp32 each), one shared by the base model
+    q = get_model("qwen2.5-7b")
+    assert get_stack("torchtune").rope_cache_bytes(q, True) == q.num_layers * get_stack("torchtune").rope_cache_bytes(q, False)

@@ -27,6 +27,17 @@ dry run (``benchmarks/dryrun_vs_analytic.py``; evidence in ``reports/``):
   trains) the product are saved.
 * Loss (``ForCausalLMLoss``): logits are upcast to fp32, ``log_softmax`` saves its fp32
   output; its backward holds the saved output, the incoming and the outgoing gradient.
+* QLoRA: bitsandbytes ``Linear4bit`` returns its input's dtype, so over
+  ``prepare_model_for_kbit_training``'s fp32 residual stream the projections' outputs (and
+  the MLP's saved tensors) are fp32 while attention runs in autocast's dtype.
+* A mask (padding, or a sliding window shorter than the sequence) makes SDPA repeat k/v
+  and save the mask as a per-layer additive bias; Gemma-2's soft-capping saves ``tanh``'s
+  output (attention scores and logits).
+* MoE (transformers >= 5): grouped_mm experts save the gate_up output, the activation's
+  output and the down output per routed token; fp32 expert banks (QLoRA, full training under
+  autocast) run a per-expert path that also saves the gathered input and the product.
+* DPO and PPO compute log-probs from the logits the trainer returns (fp32 after
+  accelerate's conversion): see :func:`logits_bytes`.
 """
 
 from __future__ import annotations
@@ -98,10 +109,13 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
     per_tok = 0.0  # bytes per token
     per_seq2 = 0.0  # bytes per token per sequence position (eager attention's s^2 terms)
 
-    def norm(requires_grad: bool, width: int = h) -> float:
+    def norm(requires_grad: bool, width: int = h, in_bytes: int | None = None) -> float:
         b = 4.0 * width if requires_grad else 0.0  # fp32 upcast saved by pow/mul
         if full:
-            b += d.norm_out * width  # normalised output saved for the weight gradient
+            # normalised output, cast back to the input's dtype, saved for the weight gradient (fp32
+            # when the stack's norm applies its weight in fp32: torchtune RMSNorm, stacks.toml norm_fp32)
+            fp32 = stack.norm_fp32 or model.norm_weight_fp32  # Gemma / OLMo-2 apply the weight in fp32
+            b += (4 if fp32 else (d.norm_out if in_bytes is None else in_bytes)) * width
         return b
 
     def linear_inputs(names: list[str], width: int, fresh: bool, in_bytes: int | None = None) -> float:
@@ -116,10 +130,10 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
         c = DTYPE_BYTES[regime.compute_dtype]
         b = 0.0
         if full:
-            if d.autocast_casts:
+            if d.autocast_casts and xb != c:
                 b += d.linear_in * width * len(names)  # one autocast cast per call
             elif fresh:
-                b += d.linear_in * width  # the shared input, saved once by every mm
+                b += (xb if regime.autocast is not None else d.linear_in) * width  # the shared input, saved once
         if lora_like:
             adapted = [n for n in names if n in targets]
             # PEFT casts the input to the adapter dtype first (when the stack does); autocast then
@@ -150,8 +164,14 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
     attn_in = ["qkv_proj"] if model.fused_qkv else ["q_proj", "k_proj", "v_proj"]
     per_tok += linear_inputs(attn_in, h, fresh=True)
     per_tok += ia3_out(attn_in)
+    qkv_adapted = [n for n in ("q_proj", "k_proj", "v_proj") if n in targets] if lora_like else []
+    if stack.lora_qkv_pad and 0 < len(qkv_adapted) < 3:
+        # a fused-qkv LoRA zero-pads the adapted outputs into the qkv width (litgpt LoRAQKVLinear.zero_pad,
+        # index_copy_): the LoRA-B output of the adapted projections stays saved (stacks.toml lora_qkv_pad)
+        per_tok += d.adapter * sum(lin[n].out_features for n in qkv_adapted)
     if model.qk_norm == "head" or model.qk_norm == "full":
-        per_tok += norm(True, qd) + norm(True, kvd)
+        # q/k norms see the projections' outputs (autocast's dtype under autocast)
+        per_tok += norm(True, qd, d.proj_out) + norm(True, kvd, d.proj_out)
     a = d.attn
     if cfg.attn == "eager":
         rep = qd  # repeat_kv expands k and v to every head
@@ -165,7 +185,10 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
         # (repeat_kv copies k and v to every head) and the memory-efficient kernel saves the mask
         # converted to an additive bias of the query dtype, per layer
         masked = sdpa_masked_fraction(model, cfg, s)
-        per_tok = per_tok + masked * (2 * a * (qd - kvd) + a * s)
+        # a stack that expands k and v for GQA itself (torchtune MultiHeadAttention: expand + flatten,
+        # a copy) hands SDPA, which saves them, two full-width copies in every layer (stacks.toml)
+        expanded = 1.0 if stack.gqa_expand_kv else masked
+        per_tok = per_tok + expanded * 2 * a * (qd - kvd) + masked * a * s
         if model.fused_qkv and d.attn == d.proj_out:
             per_tok += a * (qd + kvd)  # v is a view of the fused qkv output: all of it stays saved
     # attention output (transposed, contiguous) feeds o_proj
@@ -272,12 +295,21 @@ def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head
     if cfg is not None:
         st = cfg.stack
         mode, chunks = st.loss, st.loss_chunks
+        if st.loss_chunk_tokens and mode == "chunked":
+            # chunks of loss_chunk_tokens tokens: of every sequence when the head runs chunked (litgpt LoRA:
+            # lm_head_chunk_size), else of the flattened logits (stacks.toml loss_chunk_tokens)
+            r = np.maximum(np.asarray(rows, dtype=np.float64), 1.0)
+            per_row = copy.adapter is not None and copy.adapter.is_peft
+            chunk = r * np.minimum(st.loss_chunk_tokens, T / r) if per_row else np.minimum(st.loss_chunk_tokens, T)
+            chunks = T / np.maximum(chunk, 1.0)
         keep = 0.0 if st.frees_logits else float(d.logits)
         if cfg.uses("liger_ce"):
             mode = "fused_linear"
         elif cfg.uses("chunked_ce") and mode != "fused_linear":  # a fused loss never materialises the logits
             mode, chunks = "chunked", max(chunks, 8)
     up = 4.0 if d.logits != 4 else 0.0
+    if cfg is not None and not cfg.stack.loss_upcast and mode == "chunked":
+        up = 0.0  # cross-entropy in the logits' dtype: no fp32 copy (litgpt chunked_cross_entropy)
     fwd, bwd = _logits_by_loss(model, regime, d, T, V, h, cfg, mode, chunks, keep, up, rows)
     if model.final_logit_softcapping and mode != "fused_linear":
         # Gemma-2: logits = tanh(logits / cap) * cap; tanh's output is saved for backward
@@ -302,6 +334,9 @@ def _logits_by_loss(model, regime, d, T, V, h, cfg, mode, chunks, keep, up, rows
         lg = 4.0 if (d.logits == 4 or regime.runner == "trainer") else float(d.logits)
         converted = d.logits != 4 and regime.runner == "trainer"
         fwd = T * V * (lg + (d.logits if converted else 0.0)) + (0.0 if lg == 4 else RV * lg)
+        if converted:
+            # TRL asks the policy for output_hidden_states; accelerate converts every one to fp32 too
+            fwd = fwd + (model.num_layers + 1) * T * h * 4.0
         return fwd, T * V * 3 * lg + RV * 2 * lg
     if mode == "fused_linear":
         chunk = np.exp2(np.ceil(np.log2(np.maximum(1.0, np.ceil(T / np.ceil(V / h))))))
@@ -309,9 +344,21 @@ def _logits_by_loss(model, regime, d, T, V, h, cfg, mode, chunks, keep, up, rows
         work = chunk * V * (d.logits + up + 4.0)
         grad_in = T * h * d.residual
         return work + grad_in, grad_in + T * h * d.residual
+    if mode == "chunked" and cfg is not None and not cfg.stack.loss_upcast:
+        # no upcast (litgpt chunked_cross_entropy): log_softmax saves each chunk's output in the logits'
+        # dtype beside the logits; backward holds them and two chunk gradients (dry run)
+        lg = float(d.logits)
+        return T * V * (lg + lg), T * V * (lg + keep) + 2.0 * (T / chunks) * V * lg
     if mode == "chunked":
         fwd = T * V * (d.logits + 4.0 + up / chunks)
         bwd = T * V * (4.0 + 8.0 / chunks + d.logits / chunks + keep)
+        if cfg is not None and cfg.stack.chunked_output and chunks > 1 and cfg.recipe.copies[0].adapter is Adapter.FULL:
+            # the head runs per chunk (torchtune chunked_output): once every chunk's loss backward is done
+            # (their fp32 buffers freed) the head's backward accumulates its weight gradient chunk by chunk,
+            # two chunk gradients and their sum alive (out of place) beside the chunks' logit gradients
+            # not yet consumed (all but two) -- measured by the dry run
+            head = 3.0 * V * h * d.norm_out + T * V * d.logits * (chunks - 2) / chunks
+            bwd = np.maximum(bwd, head)
         return fwd, bwd
     fwd = T * V * (d.logits + up + 4.0)
     bwd = T * V * (12.0 + keep)
@@ -330,7 +377,12 @@ def attention_mask_bytes(model: ModelSpec, cfg: TrainConfig, regime: Regime, bat
     b = np.asarray(batch, dtype=np.float64) * cfg.recipe.sequences_per_example
     s = np.asarray(seq, dtype=np.float64)
     if cfg.attn == "eager":
-        return b * s * s * DTYPE_BYTES[regime.compute_dtype]
+        # an additive mask in the hidden states' dtype; a model mixing sliding-window and full
+        # layers (Gemma-2/3) builds one of each once the window is shorter than the sequence
+        d = copy_dtypes(cfg.recipe.copies[0], regime, cfg.stack.kbit_upcast)
+        frac = model.sliding_fraction
+        masks = np.where((frac > 0) & (frac < 1) & (s > (model.sliding_window or np.inf)), 2.0, 1.0)
+        return masks * b * s * s * d.residual
     if cfg.attn == "sdpa":
         return b * s * s * np.where(sdpa_masked_fraction(model, cfg, s) > 0, 1.0, 0.0)
     return b * s * 0.0

@@ -68,6 +68,7 @@ def _copy_params(model: ModelSpec, copy: ModelCopy) -> int:
 
 def model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
     """Weights, quantisation state, adapters, gradients and optimiser state of every held copy."""
+    model = cfg.stack.as_built(model)  # litgpt: a separate lm_head even when tied (stacks.toml untied_embeddings)
     regime = cfg.regime
     opt = get_optimizer(cfg.optimizer)
     recipe = cfg.recipe
@@ -80,8 +81,10 @@ def model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
         n = _copy_params(model, copy)
         # what bitsandbytes quantises: nn.Linear weights of the decoder layers (not biases, embeddings,
         # lm_head, norms -- nor fused MoE expert parameters, which are not nn.Linear in transformers >= 5)
-        quantizable = [l for l in model.layer_linears() if l.is_linear]
+        quantizable = _quantized_linears(model, cfg) if copy.quantized else []
         non_linear = n - model.num_layers * sum(l.count * l.in_features * l.out_features for l in quantizable)
+        # the stack's fp32 RoPE cache buffers (torchtune; stacks.toml rope_cache)
+        st.add(Component.WEIGHTS, cfg.stack.rope_cache_bytes(model, copy.adapter is not None and copy.adapter.is_peft))
         if copy.adapter is Adapter.FULL:
             wb = DTYPE_BYTES[regime.trainable_dtype]
             st.add(Component.WEIGHTS, n * wb)
@@ -163,10 +166,27 @@ class StepMemory:
 PHASE_ORDER = (Phase.LOAD, Phase.ROLLOUT, Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER_STEP)
 
 
-def _dequant_temp(model: ModelSpec, regime: Regime) -> int:
-    """QLoRA: one layer's largest dequantised weight in the compute dtype (bitsandbytes MatMul4Bit)."""
-    largest = max(l.in_features * l.out_features for l in model.layer_linears())
-    return largest * DTYPE_BYTES[regime.compute_dtype]
+def _quantized_linears(model: ModelSpec, cfg: TrainConfig) -> list:
+    """The decoder-layer linears QLoRA quantises: every ``nn.Linear`` (bitsandbytes), or only the
+    adapted ones where the stack's builder says so (stacks.toml ``nf4_adapted_only``)."""
+    linears = [l for l in model.layer_linears() if l.is_linear]
+    if cfg.stack.quantises_only_adapted(model):
+        linears = [l for l in linears if l.name in cfg.targets]
+    return linears
+
+
+def _dequant_temp(model: ModelSpec, regime: Regime, cfg: TrainConfig | None = None) -> int:
+    """QLoRA: the working set of dequantising one layer's largest quantised weight of n elements:
+    n x (a + b x compute dtype bytes) with ``(a, b)`` the stack's ``dequant_temp`` -- (0, 1) for
+    bitsandbytes MatMul4Bit (the dequantised weight), (8, 3) for torchao NF4Tensor (stacks.toml)."""
+    if cfg is None:
+        largest, (per, copies) = max(l.in_features * l.out_features for l in model.layer_linears()), (0, 1)
+    else:
+        largest = max((l.in_features * l.out_features for l in _quantized_linears(model, cfg)), default=0)
+        if not cfg.stack.quantises_only_adapted(model):  # bitsandbytes: the layer's largest linear, as before
+            largest = max(l.in_features * l.out_features for l in model.layer_linears())
+        per, copies = cfg.stack.dequant_temp
+    return largest * (per + copies * DTYPE_BYTES[regime.compute_dtype])
 
 
 def _dora_norm_temp(model: ModelSpec, cfg: TrainConfig, regime: Regime) -> int:
@@ -219,6 +239,7 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
     weight-norm buffers in forward), temps_recompute (the same in a checkpointed layer's
     recomputation, before its backward's buffers exist), kv (PPO KV cache), rollout_logits, zeros.
     """
+    model = cfg.stack.as_built(model)
     regime = cfg.regime
     kbit = cfg.stack.kbit_upcast
     recipe = cfg.recipe
@@ -246,13 +267,15 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
         a = a + T * 4 * model.hidden_size  # final norm's fp32 upcast
         if copy.adapter is Adapter.FULL:
             a = a + T * d.norm_out * model.hidden_size  # final norm output saved by the trainable lm_head
+            if cfg.stack.norm_fp32:  # and the fp32 normalised input its weight's multiply saves (torchtune)
+                a = a + T * 4 * model.hidden_size
         f, bw = act.logits_bytes(model, copy, regime, T, copy.head, cfg, rows)
         acts += a
         logits_fwd += f
         logits_bwd += bw
         transient = np.maximum(transient, act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, kbit))
         if copy.quantized:
-            temps_fwd = np.maximum(temps_fwd, _dequant_temp(model, regime) + zeros)
+            temps_fwd = np.maximum(temps_fwd, _dequant_temp(model, regime, cfg) + zeros)
         if copy.adapter is Adapter.DORA:  # in backward too when checkpointing recomputes the forward
             temps_fwd_only = np.maximum(temps_fwd_only, _dora_norm_temp(model, cfg, regime) + zeros)
             if cfg.grad_ckpt:

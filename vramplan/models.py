@@ -64,12 +64,14 @@ class ModelSpec:
     qk_norm: str = "none"
     norms_per_layer: int = 2
     embed_scale: bool = False
+    norm_weight_fp32: bool = False
     num_experts: int = 0
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
     max_position_embeddings: int = 4096
     sliding_window: int | None = None
+    sliding_pattern: int = 0  # every n-th layer is full attention, the rest sliding (Gemma-2: 2, Gemma-3: 6)
     final_logit_softcapping: float | None = None
     attn_logit_softcapping: float | None = None
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
@@ -130,6 +132,9 @@ class ModelSpec:
         types = (self.hf_config or {}).get("layer_types")
         if isinstance(types, list) and types:
             return sum(t == "sliding_attention" for t in types) / len(types)
+        if self.sliding_pattern > 1:
+            L = self.num_layers
+            return sum(bool((i + 1) % self.sliding_pattern) for i in range(L)) / L
         return 1.0
 
     def layer_norm_params(self) -> int:
@@ -255,12 +260,14 @@ def from_hf_config(cfg: dict, name: str | None = None, **meta) -> ModelSpec:
         qk_norm=str(lay.get("qk_norm", "none")),
         norms_per_layer=int(lay.get("norms_per_layer", 2)),
         embed_scale=bool(lay.get("embed_scale", False)),
+        norm_weight_fp32=bool(lay.get("norm_weight_fp32", False)),
         num_experts=num_experts,
         experts_per_token=int(cfg.get("num_experts_per_tok") or 0),
         moe_intermediate_size=int(cfg.get("moe_intermediate_size") or (cfg.get("intermediate_size") if num_experts else 0) or 0),
         shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0) if lay.get("shared_expert") else 0,
         max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
         sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+        sliding_pattern=int(cfg.get("sliding_window_pattern") or lay.get("sliding_window_pattern", 0)),
         final_logit_softcapping=cfg.get("final_logit_softcapping"),
         attn_logit_softcapping=cfg.get("attn_logit_softcapping"),
         lora_targets=tuple(lay.get("lora_targets", ("q_proj", "v_proj"))),

@@ -31,6 +31,51 @@ class Stack:
     techniques: tuple[str, ...]
     dryrun: str
     sources: tuple[str, ...]
+    # optional (stacks.toml's header; the defaults are the HF stack's behaviour)
+    gqa_expand_kv: bool = False
+    rope_cache: tuple[tuple[str, int], ...] = ()      # (model_type, cache width in head_dims)
+    rope_cache_per_layer: tuple[str, ...] = ()        # model builders with one RoPE module per layer
+    nf4_adapted_only: tuple[str, ...] = ()            # model builders that quantise only adapted linears
+    dequant_temp: tuple[int, int] = (0, 1)            # (bytes per weight, copies in the compute dtype)
+    chunked_output: bool = False
+    norm_fp32: bool = False                           # RMSNorm applies its weight in fp32
+    loss_upcast: bool = True                          # the chunked loss upcasts each chunk to fp32
+    loss_chunk_tokens: int = 0                        # tokens per loss chunk (0: loss_chunks equal chunks)
+    untied_embeddings: bool = False                   # a separate lm_head even where the checkpoint ties it
+    lora_qkv_pad: bool = False                        # fused-qkv LoRA zero-pads partially adapted q/k/v
+
+    def as_built(self, model):
+        """``model`` as this stack builds it: untied embeddings where the stack never ties them."""
+        if self.untied_embeddings and model.tie_embeddings:
+            from dataclasses import replace
+
+            return replace(model, tie_embeddings=False)
+        return model
+
+    def rope_cache_bytes(self, model, peft: bool) -> int:
+        """Bytes of the fp32 RoPE cache buffers of one model copy (0 when the stack keeps none)."""
+        width = dict(self.rope_cache).get(model.model_type, 0)
+        if not width:
+            return 0
+        modules = model.num_layers if torchtune_builder(model, peft) in self.rope_cache_per_layer else 1
+        # cache [max_seq_len, width x head_dim] plus theta [head_dim // 2], both fp32
+        return modules * 4 * (model.max_position_embeddings * width * model.head_dim + model.head_dim // 2)
+
+    def quantises_only_adapted(self, model) -> bool:
+        return torchtune_builder(model, True) in self.nf4_adapted_only
+
+
+def torchtune_builder(model, peft: bool) -> str:
+    """The torchtune component builder the torchtune stack builds ``model`` with (``lora_`` + family
+    for adapters), as :func:`vramplan.runtime.frameworks._torchtune_builder` picks it: Llama with tied
+    embeddings -> ``llama3_2``, with llama3-scaled RoPE -> ``llama3_1``, else ``llama3``."""
+    family = {"llama": "llama3"}.get(model.model_type, model.model_type)
+    if family == "llama3":
+        hc = model.hf_config or {}
+        rs = hc.get("rope_scaling") or hc.get("rope_parameters") or {}
+        scaled = isinstance(rs, dict) and rs.get("rope_type", rs.get("type")) == "llama3"
+        family = "llama3_2" if model.tie_embeddings else ("llama3_1" if scaled else "llama3")
+    return ("lora_" if peft else "") + family
 
 
 @dataclass(frozen=True)
@@ -92,9 +137,21 @@ def stacks() -> dict[str, Stack]:
                        kbit_upcast=bool(s["kbit_upcast"]), gc_offload=bool(s["gc_offload"]),
                        frees_logits=bool(s["frees_logits"]), default_precision=str(s["default_precision"]),
                        runner=str(s["runner"]), techniques=tuple(s.get("techniques", ())), dryrun=str(s["dryrun"]),
-                       sources=tuple(s["sources"]))
+                       sources=tuple(s["sources"]), gqa_expand_kv=_flag(s, "gqa_expand_kv"),
+                       rope_cache=tuple((str(k), int(v)) for k, v in dict(s.get("rope_cache", {})).items()),
+                       rope_cache_per_layer=_names(s, "rope_cache_per_layer"),
+                       nf4_adapted_only=_names(s, "nf4_adapted_only"),
+                       dequant_temp=tuple(int(v) for v in s.get("dequant_temp", (0, 1))),
+                       chunked_output=_flag(s, "chunked_output"), norm_fp32=_flag(s, "norm_fp32"),
+                       loss_upcast=_flag(s, "loss_upcast", True),
+                       loss_chunk_tokens=int(s.get("loss_chunk_tokens", 0)),
+                       untied_embeddings=_flag(s, "untied_embeddings"), lora_qkv_pad=_flag(s, "lora_qkv_pad"))
         except (KeyError, ValueError, TypeError) as exc:
             raise VramplanError(f"stacks.toml: stack {name!r} is invalid ({exc})") from None
+        if len(st.dequant_temp) != 2 or min(st.dequant_temp) < 0 or any(w < 1 for _, w in st.rope_cache):
+            raise VramplanError(f"stacks.toml: stack {name!r} has a bad dequant_temp or rope_cache")
+        if st.loss_chunk_tokens < 0 or ((st.loss_chunk_tokens or not st.loss_upcast) and st.loss != "chunked"):
+            raise VramplanError(f"stacks.toml: stack {name!r}: loss_chunk_tokens and loss_upcast describe a chunked loss")
         if st.loss not in LOSSES or st.loss_chunks < 1 or st.runner not in ("trainer", "loop", "regime"):
             raise VramplanError(f"stacks.toml: stack {name!r} has a bad loss, loss_chunks or runner")
         bad = [t for t in st.techniques if t not in techniques()]
@@ -102,6 +159,20 @@ def stacks() -> dict[str, Stack]:
             raise VramplanError(f"stacks.toml: stack {name!r} names unknown technique {bad[0]!r}")
         out[name] = st
     return out
+
+
+def _flag(s: dict, key: str, default: bool = False) -> bool:
+    v = s.get(key, default)
+    if not isinstance(v, bool):
+        raise TypeError(f"{key} must be true or false")
+    return v
+
+
+def _names(s: dict, key: str) -> tuple[str, ...]:
+    v = s.get(key, [])
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise TypeError(f"{key} must be a list of names")
+    return tuple(v)
 
 
 def get_stack(name: str) -> Stack:
