@@ -217,25 +217,9 @@ TORCHTUNE_ROWS = [("llama-3-8b", "lora", False, "2k"), ("qwen2.5-7b", "qlora", F
 
 
 def _benchmark():
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dryrun_vs_analytic.py"
-    spec = importlib.util.spec_from_file_location("dryrun_vs_analytic", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(bench)
-    return bench
-
-
-@needs_torchtune
-@pytest.mark.parametrize("arch,method,gc,shape", TORCHTUNE_ROWS, ids=lambda v: str(v))
-def test_torchtune_analytic_within_two_percent_of_dryrun(arch, method, gc, shape):
-    row = _benchmark().run_row(arch, method, gc, shape, layers=2, framework="torchtune")
-    assert not row.error_text and not row.skipped, row.error_text or row.skipped
-    assert abs(row.error) <= 0.02, (
-        f"{arch} {method} gc={gc} {shape}: estimate {row.estimate} vs dry run {row.dryrun} B "
-        f"({100 * row.error:+.2f}%); largest component difference {row.worst} {row.worst_bytes:+d} B")
+    return load_benchmark("dryrun_vs_analytic")
 
 
 # -- litgpt: traced with its own code -------------------------------------------------------------------
@@ -256,10 +240,13 @@ LITGPT_ROWS = [("llama-3-8b", "lora", False, "2k"), ("qwen2.5-7b", "lora", False
                ("mistral-7b-v0.3", "lora", False, "2k")]
 
 
-@needs_litgpt
-@pytest.mark.parametrize("arch,method,gc,shape", LITGPT_ROWS, ids=lambda v: str(v))
-def test_litgpt_analytic_within_two_percent_of_dryrun(arch, method, gc, shape):
-    row = _benchmark().run_row(arch, method, gc, shape, layers=2, framework="litgpt")
+STACK_ROWS = ([pytest.param("torchtune", *r, marks=needs_torchtune, id=f"torchtune-{r}") for r in TORCHTUNE_ROWS]
+              + [pytest.param("litgpt", *r, marks=needs_litgpt, id=f"litgpt-{r}") for r in LITGPT_ROWS])
+
+
+@pytest.mark.parametrize("framework,arch,method,gc,shape", STACK_ROWS)
+def test_stack_analytic_within_two_percent_of_dryrun(framework, arch, method, gc, shape):
+    row = _benchmark().run_row(arch, method, gc, shape, layers=2, framework=framework)
     assert not row.error_text and not row.skipped, row.error_text or row.skipped
     assert abs(row.error) <= 0.02, (
         f"{arch} {method} gc={gc} {shape}: estimate {row.estimate} vs dry run {row.dryrun} B "

@@ -1,29 +1,22 @@
 """The analytic model held to the dry run: a reduced form of benchmarks/dryrun_vs_analytic.py.
 
-Three architectures the coefficients were not read from (tied embeddings, q/k norms,
-Gemma-2's eager soft-capped attention), every method, checkpointing off and on, at two
-layers and two shapes: every row's analytic ``tensor_peak_bytes`` within 2% of the dry run's.
-The whole sweep (11 architectures, full depth, 3 shapes) is the benchmark; see its output in
-reports/dryrun_vs_analytic.txt.
+Two architectures the coefficients were not read from (SmolLM2: tied embeddings; Qwen3: q/k
+norms) and Gemma-2 (eager soft-capped attention, two masks), every method, checkpointing off
+and on, at two layers: every row's analytic ``tensor_peak_bytes`` within 2% of the dry run's.
+The whole sweep (11 architectures x 3 shapes, at 4 layers and at full depth) is the benchmark;
+its output is in reports/dryrun_vs_analytic.txt and reports/dryrun_vs_analytic_full_depth.txt.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import load_benchmark
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-_path = Path(__file__).resolve().parents[1] / "benchmarks" / "dryrun_vs_analytic.py"
-_spec = importlib.util.spec_from_file_location("dryrun_vs_analytic", _path)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = bench  # dataclasses look their module up while the class is built
-_spec.loader.exec_module(bench)
+bench = load_benchmark("dryrun_vs_analytic")
 
 LAYERS = 2
 GRID = [(arch, method, gc, shape)

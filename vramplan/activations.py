@@ -334,9 +334,14 @@ def _logits_by_loss(model, regime, d, T, V, h, cfg, mode, chunks, keep, up, rows
         lg = 4.0 if (d.logits == 4 or regime.runner == "trainer") else float(d.logits)
         converted = d.logits != 4 and regime.runner == "trainer"
         fwd = T * V * (lg + (d.logits if converted else 0.0)) + (0.0 if lg == 4 else RV * lg)
+        # TRL asks the policy for output_hidden_states: without checkpointing nothing else keeps the
+        # layers' outputs (their norms save fp32 copies), so the tuple holds them until the logits
+        # are taken; accelerate converts every one of them to fp32 too
+        hs = (model.num_layers + 1) * T * h
+        if not cfg.grad_ckpt:
+            fwd = fwd + hs * d.residual
         if converted:
-            # TRL asks the policy for output_hidden_states; accelerate converts every one to fp32 too
-            fwd = fwd + (model.num_layers + 1) * T * h * 4.0
+            fwd = fwd + hs * 4.0
         return fwd, T * V * 3 * lg + RV * 2 * lg
     if mode == "fused_linear":
         chunk = np.exp2(np.ceil(np.log2(np.maximum(1.0, np.ceil(T / np.ceil(V / h))))))
