@@ -287,6 +287,7 @@ def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, st=N
 
     ``st`` is ``model_state(model, cfg)`` when the caller has it already.
     """
+    model = cfg.stack.as_built(model)  # litgpt: a separate lm_head even when the checkpoint ties it
     st = st or model_state(model, cfg)
     base = {c: int(v) for c, v in st.bytes.items()}
     if par.strategy is None:
@@ -403,6 +404,7 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
     when already computed; ``components=False`` skips the per-component breakdown (a search
     only needs the peak).
     """
+    model = cfg.stack.as_built(model)
     sh = state or shard_state(model, cfg, par)
     t = terms or _activation_terms(model, cfg, batch, seq)
     B = sh.bytes
@@ -479,6 +481,7 @@ def comm_volume(model: ModelSpec, cfg: TrainConfig, par: Parallel, gpu: GPUSpec,
         return Comm()
     n = par.gpus
     f = (n - 1) / n
+    model = cfg.stack.as_built(model)
     st = st or model_state(model, cfg)
     regime = cfg.regime
     P = st.trainable_params
