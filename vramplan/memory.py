@@ -18,7 +18,7 @@ by ``zero_grad(set_to_none=True)``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -66,8 +66,30 @@ def _copy_params(model: ModelSpec, copy: ModelCopy) -> int:
     return model.params
 
 
+_STATE_CACHE: dict = {}
+
+
 def model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
-    """Weights, quantisation state, adapters, gradients and optimiser state of every held copy."""
+    """Weights, quantisation state, adapters, gradients and optimiser state of every held copy.
+
+    Batch-independent, so a search over batch, sequence and checkpointing reuses one result
+    (cached on the fields it reads; callers get their own copy).
+    """
+    key = (model, cfg.method, cfg.adapter, cfg.rank, cfg.targets, cfg.optimizer, cfg.precision, cfg.framework,
+           cfg.techniques, cfg.double_quant)
+    try:
+        hash(key)
+    except TypeError:  # a spec built with list fields (from a log's JSON): not cacheable
+        return _model_state(model, cfg)
+    st = _STATE_CACHE.get(key)
+    if st is None:
+        if len(_STATE_CACHE) > 4096:
+            _STATE_CACHE.clear()
+        st = _STATE_CACHE[key] = _model_state(model, cfg)
+    return replace(st, bytes=dict(st.bytes))
+
+
+def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
     model = cfg.stack.as_built(model)  # litgpt: a separate lm_head even when tied (stacks.toml untied_embeddings)
     regime = cfg.regime
     opt = get_optimizer(cfg.optimizer)

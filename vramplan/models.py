@@ -98,6 +98,12 @@ class ModelSpec:
 
     def layer_linears(self) -> list[Linear]:
         """Linear weights of one decoder layer, named as in transformers."""
+        try:
+            return list(_layer_linears(self))
+        except TypeError:  # unhashable (list-valued fields): build it each time
+            return self._build_layer_linears()
+
+    def _build_layer_linears(self) -> list[Linear]:
         h, i = self.hidden_size, self.intermediate_size
         out: list[Linear] = []
         if self.fused_qkv:
@@ -196,6 +202,11 @@ class ModelSpec:
         moe = f", MoE {self.num_experts}x top-{self.experts_per_token}" if self.is_moe else ""
         return (f"{self.name} ({self.params / 1e9:.2f}B params, {self.num_layers} layers, hidden {self.hidden_size}, "
                 f"{self.num_heads}/{self.num_kv_heads} heads, vocab {self.vocab_size}{moe})")
+
+
+@lru_cache(maxsize=1024)
+def _layer_linears(spec: ModelSpec) -> tuple[Linear, ...]:
+    return tuple(spec._build_layer_linears())
 
 
 def _layout(model_type: str) -> dict:

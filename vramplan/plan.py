@@ -162,8 +162,11 @@ def _accum_for(global_batch: int, gpus: int, batch: int) -> int:
 
 def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = None,
                     model_query: str | None = None, parallel=None, tokens: float | None = None,
-                    epochs: float = 1.0) -> Estimate:
-    """:func:`estimate` for an already validated :class:`TrainConfig` (and a :class:`~vramplan.distributed.Parallel`)."""
+                    epochs: float = 1.0, with_time: bool = True) -> Estimate:
+    """:func:`estimate` for an already validated :class:`TrainConfig` (and a :class:`~vramplan.distributed.Parallel`).
+
+    ``with_time=False`` skips the throughput model (memory only: what a search comparing peaks needs).
+    """
     from .distributed import SINGLE, parallel_step_memory
 
     par = parallel or SINGLE
@@ -208,6 +211,7 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
         est.gpu = card.name
         est.capacity_bytes = card.memory_bytes
         est.fits = peak <= card.memory_bytes
+    if card is not None and with_time:
         t = step_time(spec, cfg, card, parallel=par).at()
         est.throughput, est.step_time_s, est.tokens_per_s = t, t.step_s, t.tokens_per_s
         est.time_to_train_s, est.gpu_hours = time_to_train(tokens, epochs, t.tokens_per_s, par.gpus)

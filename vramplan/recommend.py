@@ -602,7 +602,7 @@ def recommend_techniques(model, cfg: TrainConfig, gpu, *, parallel: Parallel | N
         key = tuple(sorted(techs))
         if key not in cache:
             c = cfg if techs == cfg.techniques else cfg.with_techniques(techs)
-            cache[key] = estimate_config(spec, c, card, parallel=par)
+            cache[key] = estimate_config(spec, c, card, parallel=par, with_time=False)
         return cache[key]
 
     base = base if base is not None and base.config == cfg else est(cfg.techniques)

@@ -9,11 +9,22 @@ torch; the runner does when it starts.
 
 from __future__ import annotations
 
-from .fit import fit_profile
-from .log import JsonlLog, LogState, read_log
-from .report import write_report
-from .runner import Builder, CalibrationResult, Workload, measure_point, run_calibration
-from .suite import Point, SearchSpec, Suite, load_suite
+import importlib
+
+# names are imported on first use, so that ``vramplan calibrate``'s argument parser (built for
+# every CLI call) does not load the runner, the fit and the report
+_LAZY = {
+    "fit_profile": "fit", "JsonlLog": "log", "LogState": "log", "read_log": "log", "write_report": "report",
+    "Builder": "runner", "CalibrationResult": "runner", "Workload": "runner", "measure_point": "runner",
+    "run_calibration": "runner", "Point": "suite", "SearchSpec": "suite", "Suite": "suite", "load_suite": "suite",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Builder", "CalibrationResult", "JsonlLog", "LogState", "Point", "SearchSpec", "Suite", "Workload",
