@@ -203,6 +203,16 @@ def main(argv=None) -> int:
           + ", ".join(f"{k} {b}x{s}" for k, (b, s) in SHAPES.items() if k in a.shape)
           + (f"; depth capped at {a.layers} layers" if a.layers else "; full depth")
           + f"; stack {a.framework}", file=out)
+    if a.framework != "hf":
+        from importlib.metadata import PackageNotFoundError, version
+
+        found = []
+        for pkg in ("torchtune", "torchao", "litgpt"):
+            try:
+                found.append(f"{pkg} {version(pkg)}")
+            except PackageNotFoundError:
+                pass
+        print(f"# stack packages: {', '.join(found) or 'none installed'}", file=out)
     print(f"# tuned on: {', '.join(TUNED)}; held out: {', '.join(h for h in HELD_OUT)}", file=out)
     rows = sweep(a.arch, a.method, [g == "on" for g in a.gc], a.shape, a.layers, a.jobs, out, a.framework)
     stats = summarize(rows, out)
