@@ -306,7 +306,7 @@ def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head
         if cfg.uses("liger_ce"):
             mode = "fused_linear"
         elif cfg.uses("chunked_ce") and mode != "fused_linear":  # a fused loss never materialises the logits
-            mode, chunks = "chunked", max(chunks, 8)
+            mode, chunks = "chunked", np.maximum(chunks, 8)
     up = 4.0 if d.logits != 4 else 0.0
     if cfg is not None and not cfg.stack.loss_upcast and mode == "chunked":
         up = 0.0  # cross-entropy in the logits' dtype: no fp32 copy (litgpt chunked_cross_entropy)
