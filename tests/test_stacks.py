@@ -202,3 +202,14 @@ def test_torchtune_builder_matches_the_families():
     # one cache per layer in lora_qwen2 ([131072, 2 x 128] fp32 each), one shared by the base model
     q = get_model("qwen2.5-7b")
     assert get_stack("torchtune").rope_cache_bytes(q, True) == q.num_layers * get_stack("torchtune").rope_cache_bytes(q, False)
+
+
+def test_chunked_ce_is_a_no_op_over_a_stack_that_chunks_its_loss():
+    """litgpt (128-token chunks) and torchtune (8 chunks) already chunk the loss; over a grid too."""
+    import numpy as np
+
+    for fw in ("litgpt", "torchtune"):
+        plain = make_config(L3, "lora", seq=2048, framework=fw)
+        asked = make_config(L3, "lora", seq=2048, framework=fw, techniques="chunked_ce")
+        seqs = np.array([512, 2048, 8192])
+        assert np.array_equal(step_memory(L3, plain, seq=seqs).peak, step_memory(L3, asked, seq=seqs).peak)

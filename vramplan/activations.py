@@ -305,8 +305,9 @@ def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head
         keep = 0.0 if st.frees_logits else float(d.logits)
         if cfg.uses("liger_ce"):
             mode = "fused_linear"
-        elif cfg.uses("chunked_ce") and mode != "fused_linear":  # a fused loss never materialises the logits
-            mode, chunks = "chunked", np.maximum(chunks, 8)
+        elif cfg.uses("chunked_ce") and mode == "full_fp32":
+            # (a stack that already chunks its loss keeps its own chunks; a fused loss has no logits)
+            mode, chunks = "chunked", 8
     up = 4.0 if d.logits != 4 else 0.0
     if cfg is not None and not cfg.stack.loss_upcast and mode == "chunked":
         up = 0.0  # cross-entropy in the logits' dtype: no fp32 copy (litgpt chunked_cross_entropy)
