@@ -326,9 +326,7 @@ def _logits_by_loss(model, regime, d, T, V, h, cfg, mode, chunks, keep, up, rows
         return T * V * (2.0 * d.logits + 4.0 / r), T * V * 2.0 * d.logits
     if cfg is not None and cfg.recipe.method.loss == "response_logps":
         r = np.maximum(np.asarray(rows, dtype=np.float64), 1.0)
-        seq = T / r
-        resp = np.minimum(float(cfg.ppo_response) if cfg.ppo_response else seq / 2, seq - 1)
-        RV = r * resp * V
+        RV = r * response_tokens(cfg, T / r) * V
         # the whole sequence's logits stay alive (the response logits are a view into them) with
         # their gradient twice over (the slice's zero-filled gradient and the accumulated one), plus
         # the temperature-scaled response logits and their clone; measured by the dry run
@@ -402,22 +400,24 @@ def kv_cache_bytes(model: ModelSpec, regime: Regime, copy: ModelCopy, batch, tot
             * 2 * model.num_layers * model.kv_dim * d.residual)
 
 
-def rollout_logits_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, batch, seq, *, scores_only=False):
-    """PPO rollout (TRL ``PPOTrainer``, no autocast) without the KV cache: the larger of
+def response_tokens(cfg: TrainConfig, seq):
+    """PPO: tokens generated per sequence of ``seq`` (``--ppo-response``, else half the sequence)."""
+    s = np.asarray(seq, dtype=np.float64)
+    return np.minimum(float(cfg.ppo_response) if cfg.ppo_response else s / 2, s - 1)
 
-    * the end of generation: the cache plus ``generate``'s fp32 scores of every response step,
-      as a list and stacked (2 x batch x response x vocab x 4 B) -- ``scores_only`` returns
-      just these, to be added to :func:`kv_cache_bytes`;
+
+def rollout_logits_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, batch, seq, kv):
+    """PPO rollout (TRL ``PPOTrainer``, no autocast): the bytes beside its KV cache ``kv`` at the
+    rollout's peak, the larger of
+
+    * the end of generation: ``generate``'s fp32 scores of every response step, as a list and
+      stacked (2 x batch x response x vocab x 4 B), beside the cache;
     * the reference forward over prompt + response after the cache is dropped: its logits in
-      the model dtype and the temperature-scaled response slice.
+      the model dtype and the temperature-scaled response slice (less the cache it replaces).
     """
     b = np.asarray(batch, dtype=np.float64)
     s = np.asarray(seq, dtype=np.float64)
-    resp = np.minimum(float(cfg.ppo_response) if cfg.ppo_response else s / 2, s - 1)
+    resp = response_tokens(cfg, s)
     V = model.vocab_size
-    scores = 2.0 * b * resp * V * 4
-    if scores_only:
-        return scores
     dl = copy_dtypes(copy, cfg.regime, cfg.stack.kbit_upcast).residual
-    return np.maximum(scores + kv_cache_bytes(model, cfg.regime, copy, b, s, cfg.stack.kbit_upcast),
-                      b * (s + resp) * V * dl)
+    return np.maximum(2.0 * b * resp * V * 4, b * (s + resp) * V * dl - kv)

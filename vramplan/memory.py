@@ -113,11 +113,11 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
             st.add(Component.GRADIENTS, n * wb)
             st.trainable_params += n
             tensors = full_tensors(model, copy.head)
+            attn = _attention_params(model)
             opt_groups += [(shape, cnt, wb) for shape, cnt in tensors]
             # backward ends with the first layer's attention block (its MLP ran backward before it)
             # and the embedding (tied: accumulated into the lm_head's existing gradient)
             embed = 0 if (model.tie_embeddings and copy.head == "lm") else model.embedding_params
-            attn = _attention_params(model)
             st.grads_tail = max(st.grads_tail, (attn + embed) * wb)
             st.layer_grad = max(st.layer_grad, (model.layer_params - attn) * wb)
             if model.tie_embeddings and copy.head == "lm":
@@ -133,7 +133,7 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
                 st.add(Component.AUTOCAST_CACHE, (model.num_layers * layer + head) * c)
                 st.head_cast += head * c
                 st.layer_cast = max(st.layer_cast, layer * c)
-                st.attn_cast = max(st.attn_cast, _attention_params(model) * c)
+                st.attn_cast = max(st.attn_cast, attn * c)
             continue
         # a frozen base, maybe with an adapter
         if copy.quantized:
@@ -197,17 +197,13 @@ def _quantized_linears(model: ModelSpec, cfg: TrainConfig) -> list:
     return linears
 
 
-def _dequant_temp(model: ModelSpec, regime: Regime, cfg: TrainConfig | None = None) -> int:
+def _dequant_temp(model: ModelSpec, regime: Regime, cfg: TrainConfig) -> int:
     """QLoRA: the working set of dequantising one layer's largest quantised weight of n elements:
     n x (a + b x compute dtype bytes) with ``(a, b)`` the stack's ``dequant_temp`` -- (0, 1) for
     bitsandbytes MatMul4Bit (the dequantised weight), (8, 3) for torchao NF4Tensor (stacks.toml)."""
-    if cfg is None:
-        largest, (per, copies) = max(l.in_features * l.out_features for l in model.layer_linears()), (0, 1)
-    else:
-        largest = max((l.in_features * l.out_features for l in _quantized_linears(model, cfg)), default=0)
-        if not cfg.stack.quantises_only_adapted(model):  # bitsandbytes: the layer's largest linear, as before
-            largest = max(l.in_features * l.out_features for l in model.layer_linears())
-        per, copies = cfg.stack.dequant_temp
+    linears = _quantized_linears(model, cfg) if cfg.stack.quantises_only_adapted(model) else model.layer_linears()
+    largest = max((l.in_features * l.out_features for l in linears), default=0)
+    per, copies = cfg.stack.dequant_temp
     return largest * (per + copies * DTYPE_BYTES[regime.compute_dtype])
 
 
@@ -277,8 +273,8 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
         if copy.forward is Forward.NO_GRAD:
             # frozen copies run under no_grad: only one layer's working set at a time plus their logits
             f, _ = act.logits_bytes(model, copy, regime, T, copy.head, cfg, rows)
-            layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
-            nograd_peak = np.maximum(nograd_peak, f + layer)
+            working = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
+            nograd_peak = np.maximum(nograd_peak, f + working)
             continue
         a, r = _stack_activations(model, cfg, copy, regime, T, s)
         recompute = np.maximum(recompute, r)
@@ -306,13 +302,13 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
     if recipe.method.rollout:
         policy = recipe.copies[0]
         kv = act.kv_cache_bytes(model, regime, policy, b, s, kbit) + zeros
-        rollout_logits = act.rollout_logits_bytes(model, cfg, policy, b, s) - kv  # what rides on the cache
-        rollout_logits = np.maximum(rollout_logits, act.rollout_logits_bytes(model, cfg, policy, b, s, scores_only=True))
+        rollout_logits = act.rollout_logits_bytes(model, cfg, policy, b, s, kv)
     if recipe.copies[0].forward is not Forward.NONE:
         acts = acts + act.attention_mask_bytes(model, cfg, regime, b, s)
-    return {"acts": acts, "recompute": recompute, "layer": layer, "layer_attn": layer_attn, "logits_fwd": logits_fwd, "logits_bwd": logits_bwd, "transient": transient,
-            "nograd_peak": nograd_peak, "temps_fwd": temps_fwd, "temps_fwd_only": temps_fwd_only, "temps_recompute": temps_recompute, "kv": kv, "rollout_logits": rollout_logits,
-            "zeros": zeros}
+    return {"acts": acts, "recompute": recompute, "layer": layer, "layer_attn": layer_attn, "logits_fwd": logits_fwd,
+            "logits_bwd": logits_bwd, "transient": transient, "nograd_peak": nograd_peak, "temps_fwd": temps_fwd,
+            "temps_fwd_only": temps_fwd_only, "temps_recompute": temps_recompute, "kv": kv,
+            "rollout_logits": rollout_logits, "zeros": zeros}
 
 
 def backward_casts(st: ModelState, cfg: TrainConfig) -> dict[str, int]:
@@ -321,11 +317,9 @@ def backward_casts(st: ModelState, cfg: TrainConfig) -> dict[str, int]:
     heads' casts are still saved when backward starts, and each recomputed layer casts its
     weights again; without it every cast made in forward is saved by its matmul."""
     cache = st.bytes.get(Component.AUTOCAST_CACHE, 0)
-    if cfg.grad_ckpt:
-        return {"cache_bwd": min(cache, st.head_cast), "recompute_cache": st.layer_cast, "layer_cache": st.layer_cast,
-                "attn_cache": st.attn_cast, "head_cache": min(cache, st.head_cast)}
-    return {"cache_bwd": cache, "recompute_cache": 0, "layer_cache": st.layer_cast, "attn_cache": st.attn_cast,
-            "head_cache": min(cache, st.head_cast)}
+    head = min(cache, st.head_cast)
+    return {"cache_bwd": head if cfg.grad_ckpt else cache, "recompute_cache": st.layer_cast if cfg.grad_ckpt else 0,
+            "layer_cache": st.layer_cast, "attn_cache": st.attn_cast, "head_cache": head}
 
 
 def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, states, cache, cache_bwd,
