@@ -49,7 +49,7 @@ import numpy as np
 from .config import TrainConfig
 from .methods import Adapter, ModelCopy
 from .models import ModelSpec
-from .precision import DTYPE_BYTES, FP32, Regime
+from .precision import DTYPE_BYTES, Regime
 
 
 @dataclass(frozen=True)

@@ -57,12 +57,12 @@ from .adapters import adapter_tensors, full_tensors
 from .config import TrainConfig
 from .errors import VramplanError, unknown
 from .gpus import GPUSpec
-from .memory import PHASE_ORDER, ModelState, StepMemory, model_state
+from .memory import ModelState, StepMemory, model_state
 from .methods import Adapter, Forward
 from .models import ModelSpec
 from .optimizers import get_optimizer
 from .precision import DTYPE_BYTES, FP32
-from .taxonomy import Component, Phase
+from .taxonomy import Component
 from .units import MIB
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
@@ -387,11 +387,6 @@ def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, st=N
 
 # -- per-GPU step memory -------------------------------------------------------------------
 
-def _activation_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict[str, np.ndarray]:
-    """The batch-dependent terms of a step: :func:`vramplan.memory.step_terms`, shared with ``step_memory``."""
-    return _mem.step_terms(model, cfg, batch, seq)
-
-
 def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, batch=None, seq=None,
                          state: ShardedState | None = None, terms: dict | None = None,
                          components: bool = True) -> StepMemory:
@@ -400,15 +395,15 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
     The phases of :func:`vramplan.memory.step_memory` with the model-state terms of
     :func:`shard_state`: gathered units join forward and backward, their gradients the
     backward, communication buckets every phase, the gathered policy the PPO rollout.
-    ``state`` and ``terms`` (:func:`_activation_terms` for the same batch/seq) may be passed in
+    ``state`` and ``terms`` (:func:`vramplan.memory.step_terms` for the same batch/seq) may be passed in
     when already computed; ``components=False`` skips the per-component breakdown (a search
     only needs the peak).
     """
     model = cfg.stack.as_built(model)
-    sh = state or shard_state(model, cfg, par)
-    t = terms or _activation_terms(model, cfg, batch, seq)
-    B = sh.bytes
     full = _mem.model_state(model, cfg)  # unsharded: the casts and the gradient tail scale with the shard
+    sh = state or shard_state(model, cfg, par, st=full)
+    t = terms or _mem.step_terms(model, cfg, batch, seq)
+    B = sh.bytes
     grads = (B.get(Component.GRADIENTS, 0) if sh.backward_grad_bytes is None else sh.backward_grad_bytes)
     shard = grads / full.bytes[Component.GRADIENTS] if full.bytes[Component.GRADIENTS] else 0.0
     phases, peak, idx, comps = _mem.combine_phases(

@@ -28,7 +28,7 @@ from .config import TrainConfig
 from .methods import Adapter, ModelCopy, Forward
 from .models import ModelSpec
 from .optimizers import get_optimizer
-from .precision import DTYPE_BYTES, Regime, get_regime
+from .precision import DTYPE_BYTES, Regime
 from .quant import nf4_bytes
 from .taxonomy import Component, Phase
 

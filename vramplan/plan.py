@@ -82,8 +82,8 @@ def _assumptions(cfg: TrainConfig, overhead_source: str) -> list[str]:
     out = [
         f"stack: {_stack_text(cfg.framework)}",
         f"precision {regime.name}: {regime.summary}",
-        f"quantity: peak_bytes is the device total nvidia-smi shows for the process (tensors + CUDA context + "
-        f"cuBLAS workspace + allocator reserve); tensor_peak_bytes is live tensors (max_memory_allocated)",
+        "quantity: peak_bytes is the device total nvidia-smi shows for the process (tensors + CUDA context + "
+        "cuBLAS workspace + allocator reserve); tensor_peak_bytes is live tensors (max_memory_allocated)",
         f"runtime overheads: {overhead_source}",
         f"attention: {cfg.attn}; gradient checkpointing {'on' if cfg.grad_ckpt else 'off'}; optimizer {cfg.optimizer}",
         "steady state (step >= 2): optimizer states exist; gradients freed between steps (set_to_none)",

@@ -24,11 +24,10 @@ from typing import Any
 import numpy as np
 
 from .config import TrainConfig, make_config
-from .distributed import (SINGLE, STRATEGIES, Parallel, _activation_terms, make_parallel, parallel_step_memory,
-                          shard_state)
+from .distributed import SINGLE, STRATEGIES, Parallel, make_parallel, parallel_step_memory, shard_state
 from .errors import VramplanError
 from .gpus import GPUSpec, catalogue
-from .memory import StepMemory, model_state, step_memory
+from .memory import StepMemory, model_state, step_memory, step_terms
 from .methods import Adapter, resolve
 from .models import ModelSpec
 from .overheads import card_profile, device_total, peak_terms
@@ -304,7 +303,7 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
                 if p.distributed:
                     tkey = (key, tuple(b_grid))
                     if tkey not in terms:
-                        terms[tkey] = _activation_terms(spec, cfg, batch=b_grid)
+                        terms[tkey] = step_terms(spec, cfg, batch=b_grid)
                     mem = parallel_step_memory(spec, cfg, p, batch=b_grid, state=sh, terms=terms[tkey])
                 else:
                     mem = step_memory(spec, cfg, batch=b_grid)
