@@ -46,7 +46,7 @@ from .memory import step_memory
 from .methods import Recipe, method_names, resolve
 from .models import ModelSpec, get_model
 from .models import catalogue as model_catalogue
-from .overheads import activation_correction, card_profile, device_total, peak_terms, runtime_overheads
+from .overheads import activation_correction, card_profile, device_total, rounded_terms, runtime_overheads
 from .plan import _check_card, _stack_text
 from .precision import DEFAULT_REGIME, DTYPE_BYTES, get_regime
 from .taxonomy import Component
@@ -254,7 +254,7 @@ def _tensor_peaks(spec: ModelSpec, recipe: Recipe, precision: str, ladder, seqs:
 
     Returns ``(tensor_peak, activation_bytes, paged_bytes)``, each of shape (len(ladder),
     len(seqs), len(batches)), in whole bytes as :func:`vramplan.plan.estimate_config` rounds
-    them (each component and the peak rounded up; :func:`vramplan.overheads.peak_terms`).
+    them (each component and the peak rounded up; :func:`vramplan.overheads.rounded_terms`).
     """
     shape = (len(ladder), len(seqs), len(batches))
     peak, act, paged = np.empty(shape), np.empty(shape), np.empty(shape)
@@ -272,8 +272,7 @@ def _tensor_peaks(spec: ModelSpec, recipe: Recipe, precision: str, ladder, seqs:
             if rollout and len(sq) > 1:
                 cfg = cfg.with_(ppo_response=None)
             mem = step_memory(spec, cfg, batch=batches[None, :], seq=sq[:, None])
-            act[k, at], paged[k, at] = peak_terms({c: np.ceil(v) for c, v in mem.components.items()}, cfg.optimizer)
-            peak[k, at] = np.ceil(mem.peak)
+            peak[k, at], act[k, at], paged[k, at] = rounded_terms(mem, cfg.optimizer)
     return peak, act, paged
 
 

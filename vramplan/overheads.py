@@ -90,6 +90,20 @@ def peak_terms(components: Mapping[Component, Any], optimizer: str):
     return act, paged
 
 
+def rounded_terms(mem, optimizer: str):
+    """``(tensor_peak, activation_bytes, paged_bytes)`` of a step memory (``vramplan.memory.StepMemory``,
+    arrays over batch/seq) in whole bytes, rounded as :func:`vramplan.plan.estimate_config` rounds
+    them (each component and the peak up): the terms the vectorised callers hand :func:`device_total`."""
+    act, paged = peak_terms({c: np.ceil(v) for c, v in mem.components.items()}, optimizer)
+    return np.ceil(mem.peak), act, paged
+
+
+def step_device_total(mem, cfg, gpu: GPUSpec | None, *, profile=_LOAD) -> np.ndarray:
+    """:func:`device_total` of a step memory of ``cfg`` (``vramplan.memory.StepMemory``) on ``gpu``."""
+    peak, act, paged = rounded_terms(mem, cfg.optimizer)
+    return device_total(peak, gpu, method=cfg.recipe.name, activation_bytes=act, paged_bytes=paged, profile=profile)
+
+
 def activation_correction(activation_bytes, factor: float):
     """Bytes the activation ``factor`` adds to the tensors: ``round((factor - 1) x activation_bytes)``.
 

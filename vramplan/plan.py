@@ -231,12 +231,9 @@ def _total(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None, batch=None, 
     The same chain as :func:`estimate_config` (:func:`vramplan.overheads.device_total`):
     activation factor, paged optimiser states outside the reserve, the profile's allocator.
     """
-    from .overheads import device_total, peak_terms
+    from .overheads import step_device_total
 
-    mem = step_memory(spec, cfg, batch, seq)
-    comps = {c: np.ceil(v) for c, v in mem.components.items()}
-    act, paged = peak_terms(comps, cfg.optimizer)
-    return device_total(np.ceil(mem.peak), card, method=cfg.recipe.name, activation_bytes=act, paged_bytes=paged)
+    return step_device_total(step_memory(spec, cfg, batch, seq), cfg, card)
 
 
 def largest_batch(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec) -> int:

@@ -30,7 +30,7 @@ from .gpus import GPUSpec, catalogue
 from .memory import StepMemory, model_state, step_memory, step_terms
 from .methods import Adapter, resolve
 from .models import ModelSpec
-from .overheads import card_profile, device_total, peak_terms
+from .overheads import card_profile, step_device_total
 from .throughput import StepTime, _profile, step_time, time_to_train
 from .units import GIB
 
@@ -153,9 +153,9 @@ class MethodPlans:
 class _Totals:
     """Per-GPU device totals (tensor peak -> nvidia-smi total) of step memories, as ``estimate`` computes them.
 
-    :mod:`vramplan.overheads`' chain on arrays (:func:`~vramplan.overheads.device_total` with
-    :func:`~vramplan.overheads.peak_terms`: the activation factor, paged optimiser states outside
-    the allocator's reserve, the card's profile), plus NCCL's buffers on several GPUs as
+    :mod:`vramplan.overheads`' chain on arrays (:func:`~vramplan.overheads.step_device_total`:
+    the activation factor, paged optimiser states outside the allocator's reserve, the card's
+    profile), plus NCCL's buffers on several GPUs as
     :func:`vramplan.plan.estimate_config` adds them. Each card's profile is looked up once.
     """
 
@@ -168,9 +168,7 @@ class _Totals:
             self._profiles[card.name] = card_profile(card)
         from .distributed import NCCL_BYTES
 
-        act, paged = peak_terms({c: np.ceil(v) for c, v in mem.components.items()}, cfg.optimizer)
-        total = device_total(np.ceil(mem.peak), card, method=cfg.recipe.name, activation_bytes=act,
-                             paged_bytes=paged, profile=self._profiles[card.name])
+        total = step_device_total(mem, cfg, card, profile=self._profiles[card.name])
         return total + (NCCL_BYTES if par.distributed else 0)
 
 
