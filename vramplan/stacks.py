@@ -67,7 +67,7 @@ class Stack:
 
 def torchtune_builder(model, peft: bool) -> str:
     """The torchtune component builder the torchtune stack builds ``model`` with (``lora_`` + family
-    for adapters), as :func:`vramplan.runtime.frameworks._torchtune_builder` picks it: Llama with tied
+    for adapters; the dry run's :mod:`vramplan.runtime.frameworks` builds with it): Llama with tied
     embeddings -> ``llama3_2``, with llama3-scaled RoPE -> ``llama3_1``, else ``llama3``."""
     family = {"llama": "llama3"}.get(model.model_type, model.model_type)
     if family == "llama3":

@@ -231,20 +231,19 @@ def _default_dtype(dtype: torch.dtype):
 # -- torchtune ---------------------------------------------------------------------------------------
 def _torchtune_builder(spec, cfg):
     """The component builder of ``spec``'s family and its arguments (from the HF config)."""
-    family = {"llama": "llama3", "mistral": "mistral", "qwen2": "qwen2"}[spec.model_type]
+    from ..stacks import torchtune_builder
+
+    family = torchtune_builder(spec, peft=False)  # llama3 / llama3_1 / llama3_2, mistral, qwen2
     kw = dict(vocab_size=int(spec.vocab_size), num_layers=int(spec.num_layers), num_heads=int(spec.num_heads),
               num_kv_heads=int(spec.num_kv_heads), embed_dim=int(spec.hidden_size),
               intermediate_dim=int(spec.intermediate_size), max_seq_len=int(spec.max_position_embeddings),
               norm_eps=_norm_eps(spec), rope_base=_rope_theta(spec))
-    if family == "llama3":
+    if family.startswith("llama3"):
         rs = _rope_scaling(spec)
-        scaled = rs.get("rope_type", rs.get("type")) == "llama3"
-        if spec.tie_embeddings:  # Llama 3.2 1B/3B: tied output projection
-            family = "llama3_2"
+        if family == "llama3_2":  # Llama 3.2 1B/3B: tied output projection
             kw["tie_word_embeddings"] = True
             kw["scale_factor"] = int(rs.get("factor", 32))
-        elif scaled:
-            family = "llama3_1"
+        elif family == "llama3_1":  # llama3-scaled RoPE
             kw["scale_factor"] = int(rs.get("factor", 8))
         kw["rope_base"] = int(kw["rope_base"])
     elif family == "qwen2":
