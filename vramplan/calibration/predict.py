@@ -60,34 +60,14 @@ def analytic(spec: ModelSpec, cfg: TrainConfig) -> TensorPrediction | None:
 def dryrun_accounting(spec: ModelSpec, cfg: TrainConfig) -> dict | None:
     """The dry run's tensor peak and components (meta device), or None where the extra is missing."""
     try:
-        from .. import dryrun as dr  # noqa: F401
         from ..dryrun import dryrun as run_dry
     except ImportError:
         return None
-    res = run_dry(spec, cfg.method, config=cfg) if _takes_config(run_dry) else run_dry(
-        spec, cfg.method, **_dryrun_kwargs(cfg))
-    peak = getattr(res, "tensor_peak_bytes", None)
-    comps = getattr(res, "components", {}) or {}
-    return {"tensor_peak_bytes": int(peak) if peak is not None else None,
+    res = run_dry(spec, cfg.method, config=cfg)
+    comps = res.components or {}
+    return {"tensor_peak_bytes": int(res.tensor_peak_bytes),
             "components": {getattr(c, "value", str(c)): int(v) for c, v in comps.items()},
-            "peak_phase": getattr(getattr(res, "peak_phase", None), "value", None)}
-
-
-def _takes_config(fn) -> bool:
-    import inspect
-
-    try:
-        return "config" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
-
-
-def _dryrun_kwargs(cfg: TrainConfig) -> dict:
-    d = cfg.to_dict()
-    for k in ("method", "extras", "framework"):
-        d.pop(k, None)
-    d["targets"] = list(cfg.targets) or None
-    return d
+            "peak_phase": getattr(res.peak_phase, "value", None)}
 
 
 @dataclass(frozen=True)
