@@ -1,7 +1,6 @@
 """`vramplan fit` as a recommender: the fastest plan that fits with its margin, the ranking, what would fit."""
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -176,13 +175,6 @@ def test_cli_fit_top_prints_reasons(capsys):
     assert main(["fit", "--model", "1b", "--gpu", "rtx4090", "--top", "3", "--tokens", "10M"]) == 0
     out = capsys.readouterr().out
     assert "why not first" in out and "slower" in out and "tok/s" in out and "time" in out
-
-
-def test_fit_is_fast():
-    vramplan.fit("13b", "rtx4000ada")  # warm caches (catalogue parsing)
-    t = time.perf_counter()
-    vramplan.fit("13b", "rtx4000ada")
-    assert time.perf_counter() - t < 2.0  # about 0.2 s on a CI core; generous for loaded machines
 
 
 def test_bad_input():
