@@ -120,7 +120,7 @@ def test_fits_matches_capacity():
 
 def test_fit_every_method_present():
     rep = vramplan.fit("13b", "rtx4000ada")
-    assert [r.method for r in rep.rows] == ["full", "lora", "qlora", "dora", "ia3", "dpo", "ppo"]
+    assert [r.requested for r in rep.rows] == ["full", "lora", "qlora", "dora", "ia3", "dpo", "ppo"]
     for r in rep.rows:
         if r.fits:
             assert r.estimate.peak_bytes <= rep.capacity_bytes

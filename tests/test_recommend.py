@@ -63,8 +63,11 @@ def test_ranking_is_by_tokens_per_second_among_plans_that_fit():
     mp = search(get_model("llama-3.2-1b"), "lora", get_gpu("rtx4090"), seq=2048)
     fits = [p for p in mp.plans if p.fits]
     assert fits and mp.best is fits[0]
-    tps = [p.tokens_per_s for p in fits]
-    assert tps == sorted(tps, reverse=True)
+    own = [p for p in fits if p.fallback is None]
+    assert fits[:len(own)] == own  # the QLoRA fallback ranks after every LoRA plan that fits
+    for group in (own, fits[len(own):]):
+        tps = [p.tokens_per_s for p in group]
+        assert tps == sorted(tps, reverse=True)
     assert all(not p.fits for p in mp.plans[len(fits):])
     assert [p.rank for p in mp.plans] == list(range(1, len(mp.plans) + 1))
     assert mp.best.reason.startswith("best")
@@ -93,6 +96,27 @@ def test_gradient_checkpointing_and_8bit_lose_when_not_needed():
     assert not mp.best.config.grad_ckpt and mp.best.config.optimizer == "adamw"
     gc = next(p for p in mp.plans if p.config.grad_ckpt and p.fits)
     assert "gradient checkpointing" in gc.reason
+
+
+@pytest.mark.parametrize("model,gpu,kw", [("7b", "rtx4090", {}), ("mistral-7b", "rtx4090", {}),
+                                          ("3b", "rtx3090", {"framework": "torchtune"})])
+def test_lora_that_fits_is_never_replaced_by_its_qlora_fallback(model, gpu, kw):
+    rep = vramplan.fit(model, gpu, methods=["lora", "dpo"], **kw)
+    for r in rep.rows:
+        own = [p for p in r.plans if p.fallback is None and p.fits]
+        assert own, "the 16-bit LoRA fits on this card"
+        assert r.best is own[0] and r.adapter == "lora" and r.method == r.requested
+        assert not any("does not fit" in n for n in r.notes)
+        assert r.label == r.requested
+
+
+def test_fallback_row_is_named_for_what_it_runs():
+    rep = vramplan.fit("13b", "rtx4090", methods=["lora"])
+    r = rep.rows[0]
+    assert r.adapter == "qlora" and r.method == "qlora" and r.requested == "lora" and r.label == "lora → qlora"
+    assert r.to_json()["recipe"] == "qlora"
+    least = min(p.peak_bytes for p in r.plans if p.fallback is None)
+    assert least > rep.capacity_bytes and any(f"{least / 2**30:.2f} GiB" in n for n in r.notes)
 
 
 def test_lora_falls_back_to_qlora_and_says_why():

@@ -264,7 +264,7 @@ class FitRow:
     chosen plan and, when it is not comfortable, the cheapest set that makes it fit.
     """
 
-    method: str
+    method: str                                        # the chosen plan's method (qlora for LoRA's fallback)
     adapter: str
     fits: bool
     estimate: Estimate
@@ -277,6 +277,21 @@ class FitRow:
     chosen: Any = None                                 # the Plan shown (best, tight or smallest)
     suggestions: list = field(default_factory=list)    # vramplan.recommend.Suggestion
     techniques: Any = None                             # vramplan.recommend.TechniqueAdvice
+    requested: str = ""                                # the method asked for (fit's methods=); "" = method
+
+    def __post_init__(self):
+        self.requested = self.requested or self.method
+
+    @property
+    def recipe(self) -> str:
+        """The chosen plan's recipe: ``lora``, ``qlora``, ``dpo+qlora`` (a fallback says what it became)."""
+        return self.estimate.config.recipe.name
+
+    @property
+    def label(self) -> str:
+        """``lora``, or ``lora → qlora`` when the requested method fell back to another recipe."""
+        fell_back = self.chosen is not None and getattr(self.chosen, "fallback", None)
+        return f"{self.requested} → {self.recipe}" if fell_back else self.requested
 
     @property
     def verdict(self) -> Verdict:
@@ -301,7 +316,8 @@ class FitRow:
 
     def to_json(self, top: int | None = None) -> dict:
         plans = self.plans if top is None else self.plans[:top]
-        return {"method": self.method, "adapter": self.adapter, "fits": self.fits, "verdict": self.verdict.value,
+        return {"method": self.method, "requested": self.requested, "recipe": self.recipe, "adapter": self.adapter,
+                "fits": self.fits, "verdict": self.verdict.value,
                 "peak_bytes": self.estimate.peak_bytes,
                 "peak_gib": round(self.estimate.peak_gib, 3), "capacity_bytes": self.estimate.capacity_bytes,
                 "max_batch": self.max_batch, "max_seq": self.max_seq, "settings": self.settings, "notes": self.notes,
@@ -389,7 +405,7 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
             an unknown framework or technique.
     """
     from .distributed import STRATEGIES, make_parallel
-    from .recommend import _Totals, largest_micro_batch, longest_sequence, recommend_techniques, search, what_would_fit
+    from .recommend import _Totals, fallback_note, largest_micro_batch, longest_sequence, recommend_techniques, search, what_would_fit
     from .stacks import get_stack, parse_techniques
     from .throughput import parse_count
 
@@ -426,7 +442,7 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
                          epochs=epochs, totals=totals, batch=batch, framework=framework)
         mp = search(spec, name, card, techniques=techs, **search_kw)
         tight = [p for p in mp.plans if p.peak_bytes <= p.capacity_bytes]
-        chosen = mp.best or (max(tight, key=lambda p: p.tokens_per_s) if tight else mp.smallest)
+        chosen = mp.best or (max(tight, key=lambda p: (p.fallback is None, p.tokens_per_s)) if tight else mp.smallest)
         cfg, par = chosen.config, chosen.parallel
         est = estimate_config(spec, cfg, card, parallel=par, tokens=n_tokens, epochs=epochs)
         notes: list[str] = []
@@ -443,7 +459,7 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
             if suggestions:
                 notes.append("with GC and 8-bit AdamW it would fit on " + "; ".join(x.text for x in suggestions))
         elif chosen.fallback:
-            notes.append(chosen.fallback)
+            notes.append(fallback_note(mp) or chosen.fallback)
         settings = {"grad_ckpt": cfg.grad_ckpt, "optimizer": cfg.optimizer, "precision": cfg.precision,
                     "attn": cfg.attn, "batch": cfg.batch, "grad_accum": cfg.grad_accum, **chosen.settings}
         advice = recommend_techniques(spec, cfg, card, parallel=par, margin=margin, base=est)
@@ -452,7 +468,7 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
             with_t = search(spec, name, card, techniques=techs + advice.techniques, **search_kw)
             fitting = [p for p in with_t.plans if p.peak_bytes <= p.capacity_bytes]
             advice.plan = with_t.best or (max(fitting, key=lambda p: p.tokens_per_s) if fitting else None)
-        rows.append(FitRow(method=name, adapter=cfg.adapter, fits=bool(est.fits), estimate=est,
+        rows.append(FitRow(method=cfg.method, requested=name, adapter=cfg.adapter, fits=bool(est.fits), estimate=est,
                            max_batch=largest_micro_batch(spec, cfg, card, par, totals=totals),
                            max_seq=longest_sequence(spec, cfg, card, par, totals=totals),
                            settings=settings, notes=notes, plans=mp.plans, best=mp.best, chosen=chosen,

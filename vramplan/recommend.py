@@ -201,10 +201,32 @@ def _adapters_for(method: str, adapter: str | None) -> list[tuple[str, str | Non
         return out
     ad = rec.adapter.value
     if rec.method.name == "lora":
-        out.append(("qlora", None, "QLoRA fallback: LoRA over a 16-bit base does not fit"))
+        out.append(("qlora", None, "QLoRA fallback"))
     elif ad == "lora" and Adapter.QLORA in rec.method.adapters:
-        out.append((rec.method.name, "qlora", "QLoRA fallback: the 16-bit base does not fit"))
+        out.append((rec.method.name, "qlora", "QLoRA fallback"))
     return out
+
+
+def fallback_note(mp: "MethodPlans") -> str | None:
+    """Why the chosen plan of ``mp`` is its fallback (QLoRA), from the plans of the method's own adapter.
+
+    Says what is true of them: none fits even without the margin (the least memory, against the
+    capacity), or the best fits only without the margin ("tight"). None when the best plan is not a
+    fallback.
+    """
+    best = mp.best
+    if best is None or best.fallback is None:
+        return None
+    own = [p for p in mp.plans if p.fallback is None]
+    if not own:
+        return best.fallback
+    what = f"{own[0].adapter} over a 16-bit base"
+    least = min(own, key=lambda p: p.peak_bytes)
+    if least.peak_bytes > least.capacity_bytes:
+        return (f"{best.fallback}: {what} does not fit (least {least.peak_bytes / GIB:.2f} GiB > "
+                f"{least.capacity_bytes / GIB:.2f} GiB)")
+    return (f"{best.fallback}: {what} fits only without the {1 - least.usable_bytes / least.capacity_bytes:.0%} "
+            f"margin (least {least.peak_bytes / GIB:.2f} GiB > {least.usable_bytes / GIB:.2f} GiB usable)")
 
 
 def _combos(spec: ModelSpec, method: str, adapter: str | None, card: GPUSpec, fixed: dict,
@@ -324,7 +346,12 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
                               peak_bytes=int(total[i]), capacity_bytes=capacity, usable_bytes=usable, fits=bool(ok[i]),
                               tokens_per_s=tps, step_time_s=float(np.asarray(t.step_s)[i]), time_to_train_s=ttt,
                               gpu_hours=gh, fallback=note, _grid=(t, i)))
-    feasible = sorted((p for p in plans if p.fits), key=lambda p: (-round(p.tokens_per_s, 6), _preference(p)))
+    # a fallback (QLoRA for LoRA) is what the method becomes when its own adapter does not fit: its plans
+    # rank after every plan of the method's own adapter that fits, however fast the throughput model
+    # rates them (a larger micro-batch over an NF4 base can come out marginally faster, inside the
+    # model's resolution, and QLoRA changes the weights the adapter trains against)
+    feasible = sorted((p for p in plans if p.fits),
+                      key=lambda p: (p.fallback is not None, -round(p.tokens_per_s, 6), _preference(p)))
     rest = sorted((p for p in plans if not p.fits), key=lambda p: (p.peak_bytes, _preference(p)))
     ranked = feasible + rest
     best = feasible[0] if feasible else None
@@ -341,6 +368,8 @@ def _reason(p: Plan, best: Plan | None) -> str:
         return "best: fastest that fits with the margin"
     if not p.fits:
         return f"does not fit: {p.peak_bytes / GIB:.2f} GiB > {p.usable_bytes / GIB:.2f} GiB usable"
+    if p.fallback is not None and best.fallback is None:
+        return f"{p.adapter} fallback: only when {best.adapter} over a 16-bit base does not fit, and it does"
     slower = 1.0 - p.tokens_per_s / best.tokens_per_s
     diffs = []
     c, b = p.config, best.config

@@ -63,6 +63,12 @@ def fmt_duration(seconds: float | None) -> str:
     return f"{s / 86400:.1f} d"
 
 
+def _row_label(r) -> str:
+    """``lora``, ``lora → qlora`` (a fallback), ``dpo → dpo+qlora``: never a QLoRA plan called lora."""
+    label = getattr(r, "label", None)
+    return label if label else r.method + (f" ({r.adapter})" if r.adapter != r.method else "")
+
+
 def plan_brief(plan) -> str:
     """Compact settings of a :class:`vramplan.recommend.Plan`: ``b4x2, GC, adamw, r8`` (GC only when on)."""
     c = plan.config
@@ -101,7 +107,7 @@ def render_fit(report, console: Console, top: int = 0) -> None:
     colour = {"comfortable": "green", "tight": "yellow", "no": "red"}
     footnotes = []
     for r in report.rows:
-        name = r.method + (f" ({r.adapter})" if r.adapter != r.method else "")
+        name = _row_label(r)
         v = getattr(r, "verdict", None)
         verdict = (f"[{colour[v.value]}]{v.value}[/{colour[v.value]}]" if v is not None
                    else "[green]yes[/green]" if r.fits else "[red]no[/red]")
@@ -136,13 +142,14 @@ def render_fit(report, console: Console, top: int = 0) -> None:
                     plans.append(next(p for p in listed if p.adapter == ad))
             if not plans:
                 continue
-            pt = Table(title=f"{r.method}: {len(plans)} of {len(r.plans)} plans, fastest that fits first",
+            pt = Table(title=f"{getattr(r, 'requested', r.method)}: {len(plans)} of {len(r.plans)} plans, "
+                       "fastest that fits first",
                        header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
             for col, just in (("#", "right"), ("settings", "left"), ("peak GiB", "right"), ("tok/s", "right"),
                               ("why not first", "left")):
                 pt.add_column(col, justify=just)
             for p in plans:
-                label = (p.adapter + ", " if p.adapter != r.method else "") + plan_brief(p)
+                label = (p.adapter + ", " if p.adapter != getattr(r, "requested", r.method) else "") + plan_brief(p)
                 pt.add_row(str(p.rank), label, f"{p.peak_bytes / 2**30:.2f}", f"{p.tokens_per_s:,.0f}", p.reason)
             console.print(pt)
         console.print("[dim]· not listed: flash attention and paged 8-bit AdamW, which tie sdpa and 8-bit AdamW "
@@ -168,7 +175,7 @@ def render_technique_advice(report, console: Console, useful: float = 0.05) -> N
         a = getattr(r, "techniques", None)
         if a is None:
             continue
-        name = r.method + (f" ({r.adapter})" if r.adapter != r.method else "")
+        name = _row_label(r)
         if a.needed and a.recommended:
             flag = ",".join(tuple(a.config.techniques) + a.techniques)  # with those already asked for
             each = "; ".join(_saving_text(s) for s in a.recommended)
