@@ -54,9 +54,15 @@ Default efficiencies (assumptions; sources where measured):
   decoder layer per pass (about 30 kernel launches of ~8 us each in eager mode).
 * Memory-bound work at 0.80 of the datasheet bandwidth. QLoRA dequantises every NF4 weight
   once per pass over the layers (forward, recompute, backward); effectively 8 bytes moved
-  per weight and pass -- bitsandbytes/torchao dequantise in several memory-bound passes,
-  and torchtune's published QLoRA-vs-LoRA gaps (Llama-3.1-8B on an RTX 4090: 2,413 vs 3,083
-  tokens/s; Llama-3.2-3B on an A100: 8,035 vs 8,210) imply 5-14 bytes per weight and pass.
+  per weight and pass -- bitsandbytes/torchao dequantise in several memory-bound passes.
+  ``benchmarks/qlora_overhead.py`` solves each published same-shape LoRA/QLoRA pair for
+  this figure: litgpt's config hub on an A10G (Mistral-7B, QLoRA 31% fewer tokens/s: 9.8;
+  Phi-3-mini, 13.5% fewer: 6.5), LLaMA-Factory's Llama-2-7B on an A100 (no gap: 0); median of
+  the bitsandbytes pairs 6.5, so 8 errs on the slow side (a test keeps it between the median
+  and twice it). The cost is per micro-step, not per token: at 1-2k tokens per micro-step
+  it is the 15-30% the published runs show, at fit's larger micro-batches a few percent.
+  torchtune's compiled torchao pair (Llama-3.1-8B, RTX 4090: 2,413 vs 3,083 tokens/s) implies
+  more (~30) because this model's eager compute is slower than compiled torchtune's.
   DoRA (PEFT ``DoraLinearLayer``) materialises ``W + s B A`` in fp32 per forward for its
   column norm: ~18 bytes per adapted weight. Eager attention writes and reads the fp32
   scores, the softmax and its 16-bit cast: ~20 bytes per score in forward, ~40 in backward.
