@@ -220,3 +220,24 @@ def test_per_gpu_memory_never_grows_with_gpus_under_zero3_in_fit():
     peaks = [float(parallel_step_memory(spec, cfg, make_parallel(n, "zero3"), batch=np.array([1, 4])).peak[1])
              for n in (1, 2, 4, 8, 16)]
     assert peaks == sorted(peaks, reverse=True)
+
+
+def test_fit_suggests_other_stacks_and_precisions_that_turn_a_no_into_a_fit():
+    rep = vramplan.fit("3b", "rtx3090", methods=["full"])
+    r = rep.rows[0]
+    assert r.best is None and not r.fits
+    by = {(s.detail["framework"], s.detail["precision"]): s for s in r.alternatives}
+    assert ("torchtune", "bf16") in by and ("hf", "bf16") in by
+    for s in r.alternatives:  # each really fits on the card with that setup
+        assert s.detail["peak_bytes"] <= rep.capacity_bytes
+        again = vramplan.fit("3b", "rtx3090", methods=["full"], framework=s.detail["framework"],
+                             precision=s.detail["precision"])
+        assert again.rows[0].fits
+    assert r.to_json()["alternatives"]
+    # liger_ce and the other techniques are suggested too (TechniqueAdvice)
+    assert r.techniques.recommended and r.techniques.fits
+
+
+def test_nothing_else_is_suggested_when_the_plan_is_comfortable():
+    rep = vramplan.fit("1b", "a100-80gb", methods=["lora"])
+    assert rep.rows[0].best is not None and rep.rows[0].alternatives == []

@@ -144,8 +144,9 @@ def cmd_fit(a) -> int:
 
     rep = fit(a.model, a.gpu, gpu_mem=a.gpu_mem, seq=a.seq, precision=a.precision, attn=a.attn, rank=a.rank,
               targets=a.targets, batch=a.batch, optimizer=a.optimizer, grad_ckpt=a.grad_ckpt, margin=a.margin,
-              top=max(20, a.top), framework=a.framework, techniques=a.techniques, **_scale_kwargs(a))
-    _print_json(rep) if a.json else render_fit(rep, _console(), top=a.top)
+              top=max(20, a.top), framework=a.framework, techniques=a.techniques, **_scale_kwargs(a),
+              methods=[m.strip() for m in a.methods.split(",") if m.strip()] if getattr(a, "methods", None) else None)
+    _print_json(rep) if a.json else render_fit(rep, _console(), top=a.top, verbose=getattr(a, "verbose", False))
     return 0
 
 
@@ -236,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "largest batch, longest sequence, what would fit otherwise")
     _add_plan_args(f, single=False)
     _add_scale_args(f, fit=True)
+    f.add_argument("--methods", default=None, help="comma list of methods (default: every method)")
+    f.add_argument("--verbose", action="store_true", help="also the assumptions and the techniques that would "
+                   "save memory on plans that already fit")
     f.set_defaults(func=cmd_fit)
     for name, fn, text in (("models", cmd_models, "list the model catalogue"), ("gpus", cmd_gpus, "list the GPU catalogue")):
         s = sub.add_parser(name, help=text)

@@ -277,6 +277,7 @@ class FitRow:
     chosen: Any = None                                 # the Plan shown (best, tight or smallest)
     suggestions: list = field(default_factory=list)    # vramplan.recommend.Suggestion
     techniques: Any = None                             # vramplan.recommend.TechniqueAdvice
+    alternatives: list = field(default_factory=list)   # other stacks/precisions that fit (recommend.other_setups)
     requested: str = ""                                # the method asked for (fit's methods=); "" = method
 
     def __post_init__(self):
@@ -329,6 +330,7 @@ class FitRow:
                 "plans": [p.to_json() for p in plans], "plans_considered": len(self.plans),
                 "suggestions": [x.to_json() for x in self.suggestions],
                 "techniques": None if self.techniques is None else self.techniques.to_json(),
+                "alternatives": [x.to_json() for x in self.alternatives],
                 "estimate": self.estimate.to_json()}
 
 
@@ -405,7 +407,7 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
             an unknown framework or technique.
     """
     from .distributed import STRATEGIES, make_parallel
-    from .recommend import _Totals, fallback_note, largest_micro_batch, longest_sequence, recommend_techniques, search, what_would_fit
+    from .recommend import _Totals, fallback_note, largest_micro_batch, other_setups, longest_sequence, recommend_techniques, search, what_would_fit
     from .stacks import get_stack, parse_techniques
     from .throughput import parse_count
 
@@ -468,7 +470,12 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
             with_t = search(spec, name, card, techniques=techs + advice.techniques, **search_kw)
             fitting = [p for p in with_t.plans if p.peak_bytes <= p.capacity_bytes]
             advice.plan = with_t.best or (max(fitting, key=lambda p: p.tokens_per_s) if fitting else None)
-        rows.append(FitRow(method=cfg.method, requested=name, adapter=cfg.adapter, fits=bool(est.fits), estimate=est,
+        alternatives = []
+        if mp.best is None and gpus == 1:
+            alternatives = other_setups(spec, name, card, framework=framework, precision=prec, current=chosen,
+                                        techniques=techs, **{k: v for k, v in search_kw.items()
+                                                             if k not in ("precision", "framework")})
+        rows.append(FitRow(method=cfg.method, requested=name, adapter=cfg.adapter, alternatives=alternatives, fits=bool(est.fits), estimate=est,
                            max_batch=largest_micro_batch(spec, cfg, card, par, totals=totals),
                            max_seq=longest_sequence(spec, cfg, card, par, totals=totals),
                            settings=settings, notes=notes, plans=mp.plans, best=mp.best, chosen=chosen,

@@ -695,3 +695,55 @@ def recommend_techniques(model, cfg: TrainConfig, gpu, *, parallel: Parallel | N
                            capacity_bytes=capacity, usable_bytes=usable, savings=singles, recommended=recommended,
                            peak_with_bytes=int(final.peak_bytes), fits=bool(final.peak_bytes <= capacity),
                            comfortable=bool(final.peak_bytes <= usable))
+
+
+# -- other stacks and precisions ---------------------------------------------------------------
+
+def other_setups(spec: ModelSpec, method: str, card: GPUSpec, *, framework: str = "hf", precision: str | None = None,
+                 current: Plan | None = None, **search_kw) -> list[Suggestion]:
+    """Stacks (``stacks.toml``) and precisions that make ``method`` fit where ``framework``/``precision`` do not.
+
+    Tries every other stack at its own default precision, and the current stack in pure bf16
+    (``--precision bf16``: no fp32 master weights or states) when the card has bf16 and it is
+    not already the precision. A setup is listed when its best plan fits with the margin
+    (``comfortable``), or fits without it while ``current`` (the plan shown) does not fit at all
+    (``tight``). ``search_kw`` are :func:`search`'s settings (seq, margin, fixed settings, ...).
+
+    Returns:
+        :class:`Suggestion` of kind ``stack`` or ``precision`` with ``framework``, ``precision``,
+        ``peak_bytes``, ``tokens_per_s`` and ``verdict``, comfortable ones first, then fastest.
+    """
+    from .plan import _check_card
+    from .stacks import stacks
+
+    tries: list[tuple[str, str | None, str]] = []
+    for name in stacks():
+        if name != framework:
+            tries.append((name, None, "stack"))
+    if card.bf16 and precision != "bf16":
+        tries.append((framework, "bf16", "precision"))
+    found = []
+    current_fits = current is not None and current.peak_bytes <= current.capacity_bytes
+    for fw, prec, kind in tries:
+        try:
+            p = _check_card(prec, method, None, search_kw.get("attn") or "sdpa", card, fw)
+            mp = search(spec, method, card, framework=fw, precision=p, **search_kw)
+        except VramplanError:
+            continue  # the stack does not run this method or card (e.g. no bf16)
+        best = mp.best
+        verdict = "comfortable"
+        if best is None:
+            tight = [q for q in mp.plans if q.peak_bytes <= q.capacity_bytes]
+            if current_fits or not tight:
+                continue
+            best, verdict = max(tight, key=lambda q: q.tokens_per_s), "tight"
+        flag = f"--framework {fw}" if kind == "stack" else "--precision bf16"
+        prec_name = best.config.precision
+        text = (f"{flag} ({prec_name}{', ' + best.adapter if best.adapter != method else ''}) fits"
+                + (" (tight)" if verdict == "tight" else "")
+                + f": {best.peak_bytes / GIB:.2f} GiB, {best.tokens_per_s:,.0f} tok/s, {best.summary()}")
+        found.append(Suggestion(kind, text, {"framework": fw, "precision": prec_name, "verdict": verdict,
+                                             "peak_bytes": int(best.peak_bytes),
+                                             "tokens_per_s": round(float(best.tokens_per_s), 1)}))
+    found.sort(key=lambda s: (s.detail["verdict"] != "comfortable", -s.detail["tokens_per_s"]))
+    return found

@@ -85,8 +85,13 @@ def plan_brief(plan) -> str:
     return ", ".join(parts)
 
 
-def render_fit(report, console: Console, top: int = 0) -> None:
-    """One row per method (its best plan); with ``top``, each method's ``top`` ranked plans and why they lose."""
+def render_fit(report, console: Console, top: int = 0, verbose: bool = False) -> None:
+    """One row per method (its best plan); with ``top``, each method's ``top`` ranked plans and why they lose.
+
+    Compact by default: the table, one line per method that needs one (a fallback, what would
+    fit), the techniques or stacks that turn a "no" into a fit. ``verbose`` adds the
+    techniques that would merely save memory on plans that already fit, and the assumptions.
+    """
     if report.model_resolved_from:
         console.print(f"[dim]model {report.model_resolved_from}[/dim]")
     gpus = getattr(report, "gpus", 1)
@@ -129,7 +134,8 @@ def render_fit(report, console: Console, top: int = 0) -> None:
     console.print(t)
     for f in footnotes:
         console.print(f"· {f}")
-    render_technique_advice(report, console)
+    render_technique_advice(report, console, verbose=verbose)
+    render_alternatives(report, console)
     if top:
         for r in report.rows:
             # flash ties sdpa and paged 8-bit AdamW ties 8-bit AdamW exactly: list the simpler one only
@@ -154,8 +160,23 @@ def render_fit(report, console: Console, top: int = 0) -> None:
             console.print(pt)
         console.print("[dim]· not listed: flash attention and paged 8-bit AdamW, which tie sdpa and 8-bit AdamW "
                       "(in --json)[/dim]")
-    for a in report.assumptions:
-        console.print(f"[dim]· {a}[/dim]")
+    if verbose:
+        for a in report.assumptions:
+            console.print(f"[dim]· {a}[/dim]")
+    else:
+        console.print("[dim]assumptions (stack, precision, overheads, ranking): --verbose[/dim]")
+
+
+def render_alternatives(report, console: Console) -> None:
+    """Other stacks or precisions that turn a method's "no" into a fit (``FitRow.alternatives``)."""
+    lines = []
+    for r in report.rows:
+        for alt in getattr(r, "alternatives", None) or []:
+            lines.append(f"{_row_label(r)}: {alt.text}")
+    if lines:
+        console.print("other stacks and precisions (vramplan/data/stacks.toml) that make it fit:")
+        for line in lines:
+            console.print(f"· {line}")
 
 
 def _cost_text(cost: float) -> str:
@@ -167,7 +188,7 @@ def _saving_text(s, label: bool = True) -> str:
     return f"{s.label if label else s.technique} −{s.saving_bytes / 2**30:.1f} GiB, {_cost_text(s.cost)}"
 
 
-def render_technique_advice(report, console: Console, useful: float = 0.05) -> None:
+def render_technique_advice(report, console: Console, useful: float = 0.05, verbose: bool = True) -> None:
     """Per method: the memory-saving techniques that make its plan fit, or (when it already fits) the
     ones that would save at least ``useful`` of its peak. Nothing is printed when no row has any."""
     lines = []
@@ -190,8 +211,9 @@ def render_technique_advice(report, console: Console, useful: float = 0.05) -> N
                         f"{a.capacity_bytes / 2**30:.2f} GiB ({each})")
             lines.append(line)
         elif a.needed:
-            lines.append(f"{name}: no technique that is not on saves memory on this plan")
-        else:
+            if verbose:
+                lines.append(f"{name}: no technique that is not on saves memory on this plan")
+        elif verbose:
             keep = [s for s in a.savings if s.saving_bytes >= useful * a.peak_bytes][:3]
             if keep:
                 lines.append(f"{name}: fits; would also save: " + "; ".join(_saving_text(s, False) for s in keep))
