@@ -155,3 +155,25 @@ def test_vectorised_equals_scalar():
     for i, bb in enumerate((1, 2, 4)):
         for j, ss in enumerate((512, 2048)):
             assert grid[i, j] == float(step_memory(spec, cfg, batch=bb, seq=ss).peak)
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_models_and_gpus_listings_never_truncate_a_name(terminal):
+    import io
+
+    from rich.console import Console
+
+    from vramplan.gpus import catalogue as gpu_catalogue
+    from vramplan.models import catalogue
+    from vramplan.render import render_gpus, render_models
+
+    buf = io.StringIO()
+    c = Console(file=buf, width=80, force_terminal=terminal, color_system=None)
+    render_models(list(catalogue().values()), c)
+    render_gpus(list(gpu_catalogue().values()), c)
+    words = set(buf.getvalue().replace(",", " ").split())
+    assert "…" not in buf.getvalue()
+    for m in catalogue().values():
+        assert {m.name, *m.aliases} <= words, m.name
+    for g in gpu_catalogue().values():
+        assert {g.name, *g.aliases} <= words, g.name

@@ -43,7 +43,7 @@ from .errors import UnknownNameError, VramplanError, require
 from .gpus import GPUSpec, custom_gpu, get_gpu
 from .gpus import catalogue as gpu_catalogue
 from .memory import step_memory
-from .methods import Recipe, method_names, resolve
+from .methods import Recipe, method_names, parse_recipe_name, resolve
 from .models import ModelSpec, get_model
 from .models import catalogue as model_catalogue
 from .overheads import activation_correction, card_profile, device_total, rounded_terms, runtime_overheads
@@ -103,8 +103,7 @@ def select_methods(items: str | Iterable | None = "all") -> list[Recipe]:
         if text == "all":
             out += [resolve(m) for m in method_names()]
             continue
-        method, _, adapter = text.partition("+")
-        out.append(resolve(method.strip(), adapter.strip() or None))
+        out.append(resolve(*parse_recipe_name(text)))
     if not out:
         raise VramplanError("no methods selected", "pass --methods all or a list such as lora,qlora,dpo+qlora")
     return list({r.name: r for r in out}.values())

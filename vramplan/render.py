@@ -223,21 +223,50 @@ def render_technique_advice(report, console: Console, useful: float = 0.05, verb
             console.print(f"· {line}")
 
 
-def render_models(models, console: Console) -> None:
-    t = Table(title="models", header_style="bold")
-    for col in ("name", "params", "layers", "hidden", "heads (kv)", "vocab", "aliases"):
-        t.add_column(col)
-    for m in models:
-        t.add_row(m.name, fmt_count(m.params), str(m.num_layers), str(m.hidden_size), f"{m.num_heads} ({m.num_kv_heads})",
-                  str(m.vocab_size), ", ".join(m.aliases))
+def _plain_table(console: Console, header: list[str], rows: list[list[str]]) -> None:
+    """Space-aligned columns, every cell whole (for pipes: names are what users copy and type)."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
+    console.file.write("\n".join(lines) + "\n")
+
+
+def _catalogue_table(title: str, header: list[str], rows: list[list[str]], console: Console) -> None:
+    """A catalogue listing that never truncates a cell.
+
+    Piped (not a terminal): plain aligned text at whatever width the cells need. In a terminal:
+    a rich table whose first column (the name) never wraps and whose other cells fold onto more
+    lines rather than end in an ellipsis, at any width (80 columns included).
+    """
+    if not console.is_terminal:
+        _plain_table(console, header, rows)
+        return
+    # the aliases (last column), one per line, so each stays whole; columns between the first two and the
+    # aliases are dropped when the terminal is too narrow for them (--json and a pipe keep every one)
+    rows = [r[:-1] + ["\n".join(a.strip() for a in r[-1].split(",") if a.strip()) or "-"] for r in rows]
+    widths = [max(len(header[i]), *(max(len(x) for x in r[i].split("\n")) for r in rows)) for i in range(len(header))]
+    keep = list(range(len(header)))
+    while sum(widths[i] + 3 for i in keep) + 1 > console.width and len(keep) > 3:  # padding + rule per column
+        keep.pop(-2)
+    t = Table(title=title, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    for i in keep:
+        t.add_column(header[i], no_wrap=True, min_width=widths[i])
+    for r in rows:
+        t.add_row(*(r[i] for i in keep))
     console.print(t)
+    if len(keep) < len(header):
+        console.print(f"[dim]{', '.join(header[i] for i in range(len(header)) if i not in keep)}: in a wider "
+                      "terminal, piped, or with --json[/dim]")
+
+
+def render_models(models, console: Console) -> None:
+    rows = [[m.name, fmt_count(m.params), str(m.num_layers), str(m.hidden_size), f"{m.num_heads} ({m.num_kv_heads})",
+             str(m.vocab_size), ", ".join(dict.fromkeys(([m.hf_id] if m.hf_id else []) + list(m.aliases)))]
+            for m in models]
+    _catalogue_table("models", ["name", "params", "layers", "hidden", "heads (kv)", "vocab", "also accepted"], rows,
+                     console)
 
 
 def render_gpus(gpus, console: Console) -> None:
-    t = Table(title="GPUs", header_style="bold")
-    for col in ("name", "memory", "BF16 TF", "GB/s", "CC", "bf16", "flash", "aliases"):
-        t.add_column(col)
-    for g in gpus:
-        t.add_row(g.name, fmt_bytes(g.memory_bytes), f"{g.bf16_tflops:g}", f"{g.bandwidth_gbs:g}", g.compute_capability,
-                  "yes" if g.bf16 else "no", "yes" if g.flash_attention else "no", ", ".join(g.aliases))
-    console.print(t)
+    rows = [[g.name, fmt_bytes(g.memory_bytes), f"{g.bf16_tflops:g}", f"{g.bandwidth_gbs:g}", g.compute_capability,
+             "yes" if g.bf16 else "no", "yes" if g.flash_attention else "no", ", ".join(g.aliases)] for g in gpus]
+    _catalogue_table("GPUs", ["name", "memory", "BF16 TF", "GB/s", "CC", "bf16", "flash", "aliases"], rows, console)
