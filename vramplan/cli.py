@@ -138,9 +138,27 @@ def cmd_dryrun(a) -> int:
     return 0
 
 
+def cmd_cards(a) -> int:
+    """``vramplan cards`` / ``fit --gpu all``: every catalogue card that fits, by time and by cost."""
+    from .plan import fit_cards
+    from .render import ProgressBar, render_cards
+
+    with ProgressBar("cards") as bar:
+        rep = fit_cards(a.model, methods=[m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None,
+                        progress=bar, seq=a.seq, precision=a.precision, attn=a.attn, rank=a.rank, targets=a.targets,
+                        batch=a.batch, optimizer=a.optimizer, grad_ckpt=a.grad_ckpt, margin=a.margin,
+                        framework=a.framework, techniques=a.techniques, global_batch=a.global_batch,
+                        tokens=a.tokens, epochs=a.epochs, gpus=a.gpus, strategy=a.strategy, offload=a.offload)
+    _print_json(rep) if a.json else render_cards(rep, _console(), verbose=getattr(a, "verbose", False))
+    return 0
+
+
 def cmd_fit(a) -> int:
     from .plan import fit
     from .render import render_fit
+
+    if str(a.gpu or "").lower() == "all":
+        return cmd_cards(a)
 
     rep = fit(a.model, a.gpu, gpu_mem=a.gpu_mem, seq=a.seq, precision=a.precision, attn=a.attn, rank=a.rank,
               targets=a.targets, batch=a.batch, optimizer=a.optimizer, grad_ckpt=a.grad_ckpt, margin=a.margin,
@@ -241,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--verbose", action="store_true", help="also the assumptions and the techniques that would "
                    "save memory on plans that already fit")
     f.set_defaults(func=cmd_fit)
+    k = sub.add_parser("cards", help="which card? every catalogue card on which a method fits, fastest first, "
+                       "and by cost (vramplan/data/prices.json); the same as fit --gpu all")
+    _add_plan_args(k, single=False)
+    _add_scale_args(k, fit=True)
+    k.add_argument("--methods", default=None, help="comma list of methods (default: every method)")
+    k.add_argument("--verbose", action="store_true", help="also the assumptions")
+    k.set_defaults(func=cmd_cards)
     for name, fn, text in (("models", cmd_models, "list the model catalogue"), ("gpus", cmd_gpus, "list the GPU catalogue")):
         s = sub.add_parser(name, help=text)
         s.add_argument("--json", action="store_true")

@@ -375,7 +375,7 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
         attn: str | None = None, rank: int | None = None, targets=None, grad_ckpt: bool | None = None,
         optimizer: str | None = None, gpus: int = 1, strategy: str | None = None, offload: str | None = None,
         global_batch: int | None = None, tokens=None, epochs: float = 1.0, margin: float | None = None,
-        top: int = 20, framework: str = "hf", techniques=None) -> FitReport:
+        top: int = 20, framework: str = "hf", techniques=None, advise: bool = True) -> FitReport:
     """Every method on one card (or ``gpus`` cards): the fastest configuration that fits with a margin.
 
     For each method :func:`vramplan.recommend.search` tries every combination of gradient
@@ -398,6 +398,8 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
         framework: training stack (hf, torchtune, unsloth, litgpt); its default precision applies
             when ``precision`` is None. techniques: memory-saving techniques every plan uses
             (``"chunked_ce,act_offload"`` or a list).
+        advise: False skips the technique advice and the other stacks/precisions (rows'
+            ``techniques`` None, ``alternatives`` empty): :func:`fit_cards` ranks cards only.
 
     Returns:
         :class:`FitReport`; each row's ``estimate`` is the chosen plan's, ``plans`` the ranking.
@@ -464,14 +466,14 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
             notes.append(fallback_note(mp) or chosen.fallback)
         settings = {"grad_ckpt": cfg.grad_ckpt, "optimizer": cfg.optimizer, "precision": cfg.precision,
                     "attn": cfg.attn, "batch": cfg.batch, "grad_accum": cfg.grad_accum, **chosen.settings}
-        advice = recommend_techniques(spec, cfg, card, parallel=par, margin=margin, base=est)
-        if mp.best is None and advice.recommended and advice.fits:
+        advice = recommend_techniques(spec, cfg, card, parallel=par, margin=margin, base=est) if advise else None
+        if advise and mp.best is None and advice.recommended and advice.fits:
             # the fastest plan of the method with the recommended techniques on (it may drop GC, say)
             with_t = search(spec, name, card, techniques=techs + advice.techniques, **search_kw)
             fitting = [p for p in with_t.plans if p.peak_bytes <= p.capacity_bytes]
             advice.plan = with_t.best or (max(fitting, key=lambda p: p.tokens_per_s) if fitting else None)
         alternatives = []
-        if mp.best is None and gpus == 1:
+        if advise and mp.best is None and gpus == 1:
             alternatives = other_setups(spec, name, card, framework=framework, precision=prec, current=chosen,
                                         techniques=techs, **{k: v for k, v in search_kw.items()
                                                              if k not in ("precision", "framework")})
@@ -493,3 +495,123 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
                      strategy=base.strategy if len(parallels) == 1 else None, offload=base.offload, margin=margin,
                      global_batch=global_batch, tokens=n_tokens, epochs=epochs, top=int(top), framework=framework,
                      techniques=techs)
+
+
+# -- which card? -------------------------------------------------------------------------------
+
+@dataclass
+class CardRow:
+    """One method on one catalogue card where it fits with the margin, with what it costs there.
+
+    ``cost_per_mtok_usd``: the cloud price per hour over the tokens it trains in an hour (x 1e6);
+    ``cost_usd``: GPU-hours x the price per hour when the dataset size (``tokens``) is known.
+    """
+
+    gpu: str
+    capacity_bytes: int
+    row: FitRow
+    price: Any
+
+    @property
+    def tokens_per_s(self) -> float:
+        return float(self.row.tokens_per_s or 0.0)
+
+    @property
+    def cost_per_mtok_usd(self) -> float | None:
+        h = self.price.cloud_usd_per_hour
+        return None if h is None or not self.tokens_per_s else h / (self.tokens_per_s * 3600.0) * 1e6
+
+    @property
+    def cost_usd(self) -> float | None:
+        h = self.price.cloud_usd_per_hour
+        return None if h is None or self.row.gpu_hours is None else h * float(self.row.gpu_hours)
+
+    def to_json(self) -> dict:
+        r = self.row
+        return {"gpu": self.gpu, "capacity_bytes": self.capacity_bytes, "method": r.label, "recipe": r.recipe,
+                "verdict": r.verdict.value, "peak_bytes": int(r.estimate.peak_bytes),
+                "tokens_per_s": round(self.tokens_per_s, 1),
+                "time_to_train_s": None if r.time_to_train_s is None else round(float(r.time_to_train_s), 1),
+                "gpu_hours": None if r.gpu_hours is None else round(float(r.gpu_hours), 3),
+                "settings": r.settings, "price": self.price.to_json(),
+                "cost_per_mtok_usd": None if self.cost_per_mtok_usd is None else round(self.cost_per_mtok_usd, 4),
+                "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 2)}
+
+
+@dataclass
+class CardsReport:
+    """Every catalogue card on which a method fits: ``rows`` fastest first, ``by_cost`` cheapest first."""
+
+    model: str
+    seq: int
+    methods: list[str]
+    tokens: float | None
+    epochs: float
+    rows: list[CardRow]
+    by_cost: list[CardRow]
+    no_fit: list[str]              # cards on which no requested method fits with the margin
+    assumptions: list[str]
+    framework: str = "hf"
+
+    def to_json(self) -> dict:
+        from .prices import sources
+
+        return {"model": self.model, "seq": self.seq, "methods": self.methods, "tokens": self.tokens,
+                "epochs": self.epochs, "framework": self.framework,
+                "rows": [r.to_json() for r in self.rows], "by_cost": [f"{r.gpu}:{r.row.requested}" for r in self.by_cost],
+                "no_fit": self.no_fit, "price_sources": sources(), "assumptions": self.assumptions}
+
+
+def fit_cards(model: str | ModelSpec, *, cards=None, methods: list[str] | None = None, progress=None,
+              **fit_kw) -> CardsReport:
+    """"Which card?": :func:`fit` on every catalogue card, the plans that fit ranked by speed and by cost.
+
+    For each card (``cards``: a list of names, default the whole catalogue) and each method, the
+    fastest plan that fits with the margin (:func:`fit`'s search, without its technique advice).
+    ``rows`` ranks them by time to train (tokens/s when no ``tokens``), ``by_cost`` by the cloud
+    cost to train (``vramplan/data/prices.json``: typical on-demand $/GPU-hour, each with its
+    source and date; per million tokens when no ``tokens``); cards without a price come last.
+
+    Args:
+        progress: ``(done, total, card)`` callback after each card (the CLI's progress bar).
+        fit_kw: :func:`fit`'s keyword arguments (seq, tokens, epochs, framework, precision, ...).
+
+    Returns:
+        :class:`CardsReport`.
+    """
+    from .gpus import catalogue
+    from .prices import price_of
+
+    if fit_kw.get("gpus", 1) != 1 or fit_kw.get("gpu_mem") is not None:
+        raise VramplanError("--gpu all ranks single catalogue cards", "drop --gpus/--gpu-mem, or name one card")
+    names = list(cards) if cards else [g.name for g in sorted(catalogue().values(), key=lambda g: (g.memory_bytes, g.name))]
+    spec = get_model(model)
+    rows: list[CardRow] = []
+    no_fit: list[str] = []
+    first = None
+    for i, name in enumerate(names, 1):
+        card = get_gpu(name)
+        try:
+            rep = fit(spec, card, methods=methods, advise=False, **fit_kw)
+        except VramplanError as exc:
+            if "has no bf16" not in str(exc) and "compute capability" not in str(exc):
+                raise
+            rep = None  # the card cannot run the stack's precision or kernels
+        first = first or rep
+        fitting = [r for r in (rep.rows if rep else []) if r.best is not None]
+        if not fitting:
+            no_fit.append(card.name)
+        for r in fitting:
+            rows.append(CardRow(gpu=card.name, capacity_bytes=card.memory_bytes, row=r, price=price_of(card.name)))
+        if progress is not None:
+            progress(i, len(names), card.name)
+    rows.sort(key=lambda c: (-c.tokens_per_s, c.gpu))
+    by_cost = sorted(rows, key=lambda c: (c.cost_per_mtok_usd is None, c.cost_per_mtok_usd or 0.0, -c.tokens_per_s))
+    assumptions = list(first.assumptions) if first else []
+    assumptions.append("cost: typical on-demand cloud price per GPU-hour x the predicted GPU-hours "
+                       "(vramplan/data/prices.json, each price with its source and date); list prices are shown, "
+                       "not used to rank")
+    return CardsReport(model=spec.name, seq=int(fit_kw.get("seq", 2048)), methods=list(methods or method_names()),
+                       tokens=first.tokens if first else None, epochs=float(fit_kw.get("epochs", 1.0)), rows=rows,
+                       by_cost=by_cost, no_fit=no_fit, assumptions=assumptions,
+                       framework=first.framework if first else fit_kw.get("framework", "hf"))

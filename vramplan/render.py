@@ -270,3 +270,108 @@ def render_gpus(gpus, console: Console) -> None:
     rows = [[g.name, fmt_bytes(g.memory_bytes), f"{g.bf16_tflops:g}", f"{g.bandwidth_gbs:g}", g.compute_capability,
              "yes" if g.bf16 else "no", "yes" if g.flash_attention else "no", ", ".join(g.aliases)] for g in gpus]
     _catalogue_table("GPUs", ["name", "memory", "BF16 TF", "GB/s", "CC", "bf16", "flash", "aliases"], rows, console)
+
+
+# -- progress of long commands ---------------------------------------------------------------
+
+class ProgressBar:
+    """A rich progress bar with elapsed time and ETA on stderr, for commands that take seconds to minutes.
+
+    Use as a context manager; call it as ``bar(done, total, item)`` (the signature of the library's
+    ``progress`` callbacks). Nothing is drawn when stderr is not a terminal, except that a command
+    still running after ``quiet_after`` seconds prints one plain line per 10% so a log shows it
+    is alive. Output goes to stderr only: stdout stays what ``--json`` or a pipe expects.
+    """
+
+    def __init__(self, label: str, total: int | None = None, quiet_after: float = 10.0):
+        self.label, self.total, self.quiet_after = label, total, quiet_after
+        self._progress = None
+        self._task = None
+        self._start = None
+        self._last_decile = -1
+
+    def __enter__(self):
+        import time
+
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self._start = time.monotonic()
+        console = Console(stderr=True)
+        self._terminal = console.is_terminal
+        if self._terminal:
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                      TextColumn("{task.fields[item]}"), console=console, transient=True)
+            self._progress.__enter__()
+            self._task = self._progress.add_task(self.label, total=self.total, item="")
+        return self
+
+    def __call__(self, done: int, total: int, item: str = "") -> None:
+        import sys
+        import time
+
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, total=total, item=str(item))
+            return
+        elapsed = time.monotonic() - self._start
+        decile = int(10 * done / max(total, 1))
+        if elapsed >= self.quiet_after and decile > self._last_decile:
+            self._last_decile = decile
+            eta = elapsed / max(done, 1) * (total - done)
+            print(f"{self.label}: {done}/{total} ({elapsed:.0f} s, about {eta:.0f} s left)", file=sys.stderr,
+                  flush=True)
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+        return False
+
+
+def render_cards(report, console: Console, verbose: bool = False, top: int = 12) -> None:
+    """``fit --gpu all``: the cards that fit, fastest first, then the cheapest, with the price sources."""
+    from .prices import sources
+
+    timed = report.tokens is not None
+    title = (f"{report.model}, seq {report.seq}: cards where {', '.join(report.methods)} fits "
+             f"with the margin, fastest first")
+    t = Table(title=title, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    wide = console.width >= 110 or not console.is_terminal
+    cols = ["card", "method", "peak GiB", "tok/s", "time" if timed else "$/Mtok", "cost" if timed else "$/h"]
+    if wide:
+        cols.append("settings")
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("card", "method", "settings") else "right", no_wrap=c != "settings")
+    for r in report.rows:
+        fr = r.row
+        h = r.price.cloud_usd_per_hour
+        money = (f"${r.cost_usd:,.2f}" if r.cost_usd is not None else "-") if timed else (f"${h:.2f}" if h else "-")
+        spd = (fmt_duration(fr.time_to_train_s) if timed else
+               (f"${r.cost_per_mtok_usd:.3f}" if r.cost_per_mtok_usd is not None else "-"))
+        cells = [r.gpu, fr.label, f"{fr.estimate.peak_gib:.1f}", f"{r.tokens_per_s:,.0f}", spd, money]
+        if wide:
+            cells.append(plan_brief(fr.chosen) if fr.chosen is not None else "-")
+        t.add_row(*cells)
+    console.print(t)
+    if not report.rows:
+        console.print("nothing fits on a single catalogue card with the margin: try `vramplan fit --gpu NAME "
+                      "--gpus N`, another --framework or --precision bf16")
+    priced = [r for r in report.by_cost if r.cost_per_mtok_usd is not None]
+    if priced:
+        what = "cost to train" if timed else "cost per million tokens"
+        console.print(f"cheapest ({what}, on-demand cloud price): " + "; ".join(
+            f"{r.gpu} {r.row.label} " + (f"${r.cost_usd:,.2f}" if timed else f"${r.cost_per_mtok_usd:.3f}/Mtok")
+            for r in priced[:3]))
+    if report.no_fit:
+        console.print(f"[dim]no plan fits with the margin on: {', '.join(report.no_fit)}[/dim]")
+    used = sorted({k for r in report.rows for k in (r.price.cloud_source, r.price.list_source) if k})
+    for k in used:
+        s = sources()[k]
+        console.print(f"[dim]· prices: {s['title']}, {s['date']} ({s['url']}): {s['what']}[/dim]")
+    if verbose:
+        for a in report.assumptions:
+            console.print(f"[dim]· {a}[/dim]")
+    else:
+        console.print("[dim]assumptions: --verbose; settings: a wider terminal or --json[/dim]"
+                      if not wide else "[dim]assumptions: --verbose; every card and plan: --json[/dim]")
