@@ -128,7 +128,10 @@ def cmd_dryrun(a) -> int:
     from .dryrun import dryrun
     from .render import render_estimate
 
-    res = dryrun(a.model, a.method, **_plan_kwargs(a), techniques=a.techniques)
+    from .render import Elapsed
+
+    with Elapsed("dryrun: building the model on the meta device and tracing one training step"):
+        res = dryrun(a.model, a.method, **_plan_kwargs(a), techniques=a.techniques)
     if a.json:
         _print_json(res)
     elif hasattr(res, "render"):
@@ -171,8 +174,12 @@ def cmd_fit(a) -> int:
 def cmd_matrix(a) -> int:
     from .matrix import feasibility_matrix, parse_formats, write_csv, write_markdown, write_reports
 
-    mx = feasibility_matrix(a.models, a.methods, a.gpus, a.seq, batch=a.batch, precision=a.precision, attn=a.attn,
-                            rank=a.rank, targets=a.targets, framework=a.framework, techniques=a.techniques)
+    from .render import ProgressBar
+
+    with ProgressBar("matrix") as bar:
+        mx = feasibility_matrix(a.models, a.methods, a.gpus, a.seq, batch=a.batch, precision=a.precision, attn=a.attn,
+                                rank=a.rank, targets=a.targets, framework=a.framework, techniques=a.techniques,
+                                progress=bar)
     if a.json:
         _print_json(mx)
     elif a.out:
@@ -183,7 +190,9 @@ def cmd_matrix(a) -> int:
                     preamble = fh.read()
             except OSError as exc:
                 raise VramplanError(f"cannot read {a.preamble}: {exc.strerror or exc}") from None
-        for path in write_reports(mx, a.out, a.format or "md,csv,html,png", a.name, preamble=preamble):
+        with ProgressBar("figures") as bar:
+            paths = write_reports(mx, a.out, a.format or "md,csv,html,png", a.name, preamble=preamble, progress=bar)
+        for path in paths:
             print(path)
     else:
         fmt = parse_formats(a.format or "md")

@@ -375,3 +375,39 @@ def render_cards(report, console: Console, verbose: bool = False, top: int = 12)
     else:
         console.print("[dim]assumptions: --verbose; settings: a wider terminal or --json[/dim]"
                       if not wide else "[dim]assumptions: --verbose; every card and plan: --json[/dim]")
+
+
+class Elapsed:
+    """A spinner with the elapsed time on stderr while one long call runs (no ETA: one step, unknown length).
+
+    In a terminal: a rich status line, gone when the call returns. Piped: one plain line on
+    stderr saying what runs, so a log is never silent for long. stdout is left alone.
+    """
+
+    def __init__(self, label: str):
+        self.label = label
+        self._status = None
+
+    def __enter__(self):
+        import sys
+        import time
+
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        self._start = time.monotonic()
+        if console.is_terminal:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self._status = Progress(SpinnerColumn(), TextColumn(self.label), TimeElapsedColumn(), console=console,
+                                    transient=True)
+            self._status.__enter__()
+            self._status.add_task(self.label, total=None)
+        else:
+            print(f"{self.label} ...", file=sys.stderr, flush=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self._status is not None:
+            self._status.__exit__(*exc)
+        return False
