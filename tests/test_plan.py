@@ -177,3 +177,16 @@ def test_models_and_gpus_listings_never_truncate_a_name(terminal):
         assert {m.name, *m.aliases} <= words, m.name
     for g in gpu_catalogue().values():
         assert {g.name, *g.aliases} <= words, g.name
+
+
+def test_moe_qlora_says_the_fused_experts_stay_16_bit_with_its_sources():
+    est = vramplan.estimate("mixtral-8x7b", "qlora", grad_ckpt=True)
+    lora = vramplan.estimate("mixtral-8x7b", "lora", grad_ckpt=True)
+    assert est.peak_bytes > lora.peak_bytes  # what the note explains
+    note = next(a for a in est.assumptions if a.startswith("MoE QLoRA"))
+    assert "transformers >= 5" in note and "#1849" in note and "fp32" in note and "Unsloth" in note
+    assert not any(a.startswith("MoE QLoRA") for a in lora.assumptions)
+    assert not any(a.startswith("MoE QLoRA") for a in vramplan.estimate("7b", "qlora").assumptions)
+    rep = vramplan.fit("mixtral-8x7b", "h200", methods=["lora", "qlora"])
+    assert not any("MoE QLoRA" in n for n in rep.rows[0].notes)
+    assert any("MoE QLoRA" in n and "#1849" in n for n in rep.rows[1].notes)

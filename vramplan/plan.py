@@ -77,6 +77,42 @@ def _techniques_text(cfg: TrainConfig) -> str | None:
     return "techniques: " + "; ".join(f"{t.label} ({t.name}, +{t.cost_for(cfg):.0%} step time)" for t in on)
 
 
+#: Where the fused-expert finding is documented (MoE QLoRA under transformers >= 5).
+MOE_QLORA_SOURCES = ("bitsandbytes issue #1849 'Failed to quant MoE models with fused expert weights in transformers v5' "
+                     "(open; root cause confirmed 2026-07-02), bitsandbytes PR #1965 Experts4bit (open, held for after "
+                     "v0.50.0), unslothai/unsloth-zoo PR #527 (merged 2026-03: Params4bit for fused MoE experts)")
+
+
+def moe_qlora_note(spec: ModelSpec, cfg: TrainConfig, short: bool = False) -> str | None:
+    """What a QLoRA user of a fused-expert MoE (Mixtral, Qwen-MoE) must know, or None.
+
+    transformers >= 5 stores the experts of these models as 3-D ``nn.Parameter`` banks, not
+    ``nn.Linear``; bitsandbytes' 4-bit conversion replaces ``nn.Linear`` only, so the banks --
+    most of the model -- stay 16-bit, and PEFT's ``prepare_model_for_kbit_training`` (the hf
+    stack: ``kbit_upcast``) casts every non-quantised 16-bit parameter to fp32. The analytic
+    model counts exactly that (:mod:`vramplan.memory`); this says it, with the sources and what
+    to do instead.
+    """
+    from .models import _layout
+
+    if cfg.adapter != "qlora" or not spec.is_moe or _layout(spec.model_type).get("moe") != "fused":
+        return None
+    banks = sum(l.params for l in spec.layer_linears() if not l.is_linear) * spec.num_layers
+    share = banks / spec.params
+    upcast = cfg.stack.kbit_upcast
+    if short:
+        return (f"MoE QLoRA: transformers >= 5 leaves the fused expert banks ({banks / 1e9:.1f}B params, {share:.0%}) "
+                "unquantised" + (" and upcast to fp32" if upcast else "") + " (bitsandbytes issue #1849); instead: "
+                "LoRA over bf16, Unsloth (unsloth-zoo >= 2026.3) or transformers < 5 (sources: vramplan estimate)")
+    return (f"MoE QLoRA: with transformers >= 5 bitsandbytes does not quantise the fused expert banks "
+            f"({banks / 1e9:.1f}B parameters, {share:.0%} of the model): they stay 16-bit"
+            + (" and prepare_model_for_kbit_training upcasts them to fp32, so QLoRA needs more memory than LoRA"
+               if upcast else "")
+            + f" ({MOE_QLORA_SOURCES}). Instead: LoRA over the bf16 base; or Unsloth with unsloth-zoo >= 2026.3, "
+            "which quantises the banks (vramplan's unsloth stack still counts them 16-bit: an upper bound); or "
+            "transformers < 5, where experts are nn.Linear and bitsandbytes quantises them")
+
+
 def _assumptions(cfg: TrainConfig, overhead_source: str) -> list[str]:
     regime = get_regime(cfg.precision)
     out = [
@@ -194,7 +230,8 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
         trainable_params=mem.state.trainable_params, components=comps, phases=phases,
         peak_phase=PHASE_ORDER[int(mem.peak_phase)], tensor_peak_bytes=tensor_peak, peak_bytes=peak,
         quantity=Quantity.DEVICE_TOTAL, uncertainty_bytes=over.uncertainty_bytes, calibrated=over.calibrated,
-        assumptions=_assumptions(cfg, over.source), model_resolved_from=resolved, overheads=over,
+        assumptions=_assumptions(cfg, over.source) + [n for n in (moe_qlora_note(spec, cfg),) if n],
+        model_resolved_from=resolved, overheads=over,
     )
     est.gpus, est.strategy, est.offload = par.gpus, par.strategy, par.offload
     if par.distributed:
@@ -464,6 +501,9 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
                 notes.append("with GC and 8-bit AdamW it would fit on " + "; ".join(x.text for x in suggestions))
         elif chosen.fallback:
             notes.append(fallback_note(mp) or chosen.fallback)
+        moe_note = moe_qlora_note(spec, cfg, short=True)
+        if moe_note:
+            notes.append(moe_note)
         settings = {"grad_ckpt": cfg.grad_ckpt, "optimizer": cfg.optimizer, "precision": cfg.precision,
                     "attn": cfg.attn, "batch": cfg.batch, "grad_accum": cfg.grad_accum, **chosen.settings}
         advice = recommend_techniques(spec, cfg, card, parallel=par, margin=margin, base=est) if advise else None
