@@ -245,8 +245,12 @@ def _catalogue_table(title: str, header: list[str], rows: list[list[str]], conso
     rows = [r[:-1] + ["\n".join(a.strip() for a in r[-1].split(",") if a.strip()) or "-"] for r in rows]
     widths = [max(len(header[i]), *(max(len(x) for x in r[i].split("\n")) for r in rows)) for i in range(len(header))]
     keep = list(range(len(header)))
-    while sum(widths[i] + 3 for i in keep) + 1 > console.width and len(keep) > 3:  # padding + rule per column
+    while sum(widths[i] + 3 for i in keep) + 1 > console.width and len(keep) > 2:  # padding + rule per column
         keep.pop(-2)
+    if sum(widths[i] + 3 for i in keep) + 1 > console.width:  # too narrow even for name + aliases: one per line
+        for r in rows:
+            console.print(f"{r[0]}: " + ", ".join(r[-1].split("\n")), overflow="fold")
+        return
     t = Table(title=title, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     for i in keep:
         t.add_column(header[i], no_wrap=True, min_width=widths[i])
