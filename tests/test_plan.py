@@ -190,3 +190,14 @@ def test_moe_qlora_says_the_fused_experts_stay_16_bit_with_its_sources():
     rep = vramplan.fit("mixtral-8x7b", "h200", methods=["lora", "qlora"])
     assert not any("MoE QLoRA" in n for n in rep.rows[0].notes)
     assert any("MoE QLoRA" in n and "#1849" in n for n in rep.rows[1].notes)
+
+
+def test_paged_adamw_32bit_keeps_two_fp32_states_in_paged_memory():
+    from vramplan.optimizers import get_optimizer
+    from vramplan.taxonomy import Component
+
+    opt = get_optimizer("paged_adamw_32bit")
+    assert opt.paged and opt.state_bytes((4096, 4096), 2) == 2 * 4096 * 4096 * 4 + 4
+    est = vramplan.estimate("1b", "full", optimizer="paged_adamw_32bit", precision="bf16")
+    assert est.components[Component.OPTIMIZER_STATES] >= 8 * est.trainable_params
+    assert est.tokens_per_s is None or est.tokens_per_s > 0

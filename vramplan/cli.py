@@ -35,7 +35,7 @@ def _add_plan_args(p: argparse.ArgumentParser, *, single: bool = True, model_req
         p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
         p.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", default=None, help="gradient checkpointing on")
         p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="gradient checkpointing off")
-        p.add_argument("--optimizer", default="adamw", help="adamw|adamw_8bit|paged_adamw_8bit|sgd|adafactor")
+        p.add_argument("--optimizer", default="adamw", help="adamw|adamw_8bit|paged_adamw_8bit|paged_adamw_32bit|sgd|adafactor")
         p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
         p.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=True,
                        help="QLoRA without double quantisation")

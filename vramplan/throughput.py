@@ -129,7 +129,8 @@ DECODE_LAUNCH_S_PER_LAYER = 0.30e-3
 DEQUANT_BYTES_PER_PARAM = 8.0   # effective bytes moved per NF4 weight per pass (module docstring)
 DORA_BYTES_PER_PARAM = 18.0
 EAGER_FWD_BYTES, EAGER_BWD_BYTES = 20.0, 40.0  # per attention score element
-OPT_BANDWIDTH_EFFICIENCY = {"adamw": 1.0, "adamw_8bit": 0.4, "paged_adamw_8bit": 0.4, "sgd": 1.0, "adafactor": 0.5}
+OPT_BANDWIDTH_EFFICIENCY = {"adamw": 1.0, "adamw_8bit": 0.4, "paged_adamw_8bit": 0.4, "sgd": 1.0, "adafactor": 0.5,
+                            "paged_adamw_32bit": 1.0}  # 32-bit bnb: one fused pass, assumed as fused AdamW
 
 
 def card_class(gpu: GPUSpec) -> str:
@@ -389,7 +390,7 @@ def _optimizer_seconds(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, par: Par
     else:
         pb = max(1, round(st.bytes.get(Component.GRADIENTS, 0) / P))
     per = {"adamw": 2 * pb + pb + 4 * pb, "adamw_8bit": 2 * pb + pb + 4, "paged_adamw_8bit": 2 * pb + pb + 4,
-           "sgd": 3 * pb, "adafactor": 3 * pb}[opt.name]
+           "sgd": 3 * pb, "adafactor": 3 * pb, "paged_adamw_32bit": 3 * pb + 16}[opt.name]
     if opt.name == "adamw" and regime.runner == "loop" and par.strategy is None:
         per *= 1.5  # foreach AdamW: extra temporaries
     shard = par.gpus if par.strategy in ("zero1", "zero2", "zero3", "fsdp") else 1
