@@ -522,6 +522,14 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
                            max_seq=longest_sequence(spec, cfg, card, par, totals=totals),
                            settings=settings, notes=notes, plans=mp.plans, best=mp.best, chosen=chosen,
                            suggestions=suggestions, techniques=advice))
+    # DoRA / IA3 have no 4-bit variant in the model (PEFT runs both over bitsandbytes Linear4bit): when one
+    # does not fit and QLoRA does, say so on its row rather than leave a bare "no"
+    qlora_row = next((r for r in rows if r.requested == "qlora" and r.best is not None), None)
+    for r in rows:
+        if r.best is None and qlora_row is not None and r.adapter in ("dora", "ia3"):
+            r.notes.append(f"4-bit: qlora fits ({qlora_row.estimate.peak_gib:.2f} GiB, "
+                           f"{qlora_row.tokens_per_s or 0:,.0f} tok/s); a 4-bit {r.adapter} base (PEFT over "
+                           "bitsandbytes Linear4bit) is not modelled yet")
     resolved = None if isinstance(model, ModelSpec) or str(model).lower() == spec.name else f"{model} -> {spec.name}"
     assumptions = rows[0].estimate.assumptions[:4] if rows else []
     tech_text = _techniques_text(rows[0].estimate.config) if rows else None
