@@ -206,9 +206,11 @@ def render_technique_advice(report, console: Console, useful: float = 0.05, verb
                 if a.plan is not None:
                     line += (f"; fastest plan with it: {plan_brief(a.plan)} · {a.plan.peak_bytes / 2**30:.2f} GiB · "
                              f"{a.plan.tokens_per_s:,.0f} tok/s")
-            else:
+            elif verbose:
                 line = (f"{name}: not enough: --techniques {flag} leaves {a.peak_with_bytes / 2**30:.2f} GiB > "
                         f"{a.capacity_bytes / 2**30:.2f} GiB ({each})")
+            else:
+                continue
             lines.append(line)
         elif a.needed:
             if verbose:
