@@ -284,9 +284,9 @@ class ProgressBar:
     """A rich progress bar with elapsed time and ETA on stderr, for commands that take seconds to minutes.
 
     Use as a context manager; call it as ``bar(done, total, item)`` (the signature of the library's
-    ``progress`` callbacks). Nothing is drawn when stderr is not a terminal, except that a command
-    still running after ``quiet_after`` seconds prints one plain line per 10% so a log shows it
-    is alive. Output goes to stderr only: stdout stays what ``--json`` or a pipe expects.
+    ``progress`` callbacks). When stderr is not a terminal nothing is drawn; instead a plain line
+    (done/total, elapsed, ETA) is printed at most every ``quiet_after / 2`` seconds, so a log shows
+    the command is alive. Output goes to stderr only: stdout stays what ``--json`` or a pipe expects.
     """
 
     def __init__(self, label: str, total: int | None = None, quiet_after: float = 10.0):
@@ -294,7 +294,6 @@ class ProgressBar:
         self._progress = None
         self._task = None
         self._start = None
-        self._last_decile = -1
 
     def __enter__(self):
         import time
@@ -303,7 +302,7 @@ class ProgressBar:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
             TimeRemainingColumn
 
-        self._start = time.monotonic()
+        self._start = self._last_line = time.monotonic()
         console = Console(stderr=True)
         self._terminal = console.is_terminal
         if self._terminal:
@@ -321,11 +320,11 @@ class ProgressBar:
         if self._progress is not None:
             self._progress.update(self._task, completed=done, total=total, item=str(item))
             return
-        elapsed = time.monotonic() - self._start
-        decile = int(10 * done / max(total, 1))
-        if elapsed >= self.quiet_after and decile > self._last_decile:
-            self._last_decile = decile
-            eta = elapsed / max(done, 1) * (total - done)
+        now = time.monotonic()
+        elapsed = now - self._start
+        if now - self._last_line >= self.quiet_after / 2 and 0 < done < total:
+            self._last_line = now
+            eta = elapsed / done * (total - done)
             print(f"{self.label}: {done}/{total} ({elapsed:.0f} s, about {eta:.0f} s left)", file=sys.stderr,
                   flush=True)
 
@@ -387,7 +386,8 @@ class Elapsed:
     """A spinner with the elapsed time on stderr while one long call runs (no ETA: one step, unknown length).
 
     In a terminal: a rich status line, gone when the call returns. Piped: one plain line on
-    stderr saying what runs, so a log is never silent for long. stdout is left alone.
+    stderr saying what runs, then one every :data:`HEARTBEAT_S` seconds, so a log is never silent
+    for long. stdout is left alone.
     """
 
     def __init__(self, label: str):
@@ -410,10 +410,27 @@ class Elapsed:
             self._status.__enter__()
             self._status.add_task(self.label, total=None)
         else:
+            import threading
+
             print(f"{self.label} ...", file=sys.stderr, flush=True)
+            self._stop = threading.Event()
+
+            def beat():  # a line every HEARTBEAT_S seconds, so a log never goes quiet for long
+                while not self._stop.wait(HEARTBEAT_S):
+                    print(f"... still running ({time.monotonic() - self._start:.0f} s)", file=sys.stderr, flush=True)
+
+            self._beat = threading.Thread(target=beat, daemon=True)
+            self._beat.start()
         return self
 
     def __exit__(self, *exc):
         if self._status is not None:
             self._status.__exit__(*exc)
+        elif getattr(self, "_stop", None) is not None:
+            self._stop.set()
+            self._beat.join()
         return False
+
+
+#: Seconds between the plain progress lines of a long call when stderr is not a terminal.
+HEARTBEAT_S = 8.0
