@@ -56,3 +56,21 @@ def test_cli_fit_gpu_all_and_cards_json(capsys):
 def test_cards_refuses_several_gpus(capsys):
     assert main(["cards", "--model", "1b", "--gpus", "2"]) == 2
     assert "--gpu all" in capsys.readouterr().err
+
+
+def test_progress_lines_when_piped(capsys, monkeypatch):
+    import time
+
+    from vramplan import render
+
+    with render.ProgressBar("work", quiet_after=0.02) as bar:  # captured stderr is not a terminal
+        for i in range(1, 4):
+            time.sleep(0.02)
+            bar(i, 4, "item")
+    err = capsys.readouterr().err
+    assert "work: 1/4" in err and "left)" in err
+    monkeypatch.setattr(render, "HEARTBEAT_S", 0.02)
+    with render.Elapsed("tracing"):
+        time.sleep(0.1)
+    err = capsys.readouterr().err
+    assert err.startswith("tracing ...") and "still running" in err
