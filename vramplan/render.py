@@ -303,6 +303,7 @@ class ProgressBar:
             TimeRemainingColumn
 
         self._start = self._last_line = time.monotonic()
+        self._said = False
         console = Console(stderr=True)
         self._terminal = console.is_terminal
         if self._terminal:
@@ -322,7 +323,10 @@ class ProgressBar:
             return
         now = time.monotonic()
         elapsed = now - self._start
-        if now - self._last_line >= self.quiet_after / 2 and 0 < done < total:
+        if done == 0 and not self._said:
+            self._said = True
+            print(f"{self.label}: {total} to do ...", file=sys.stderr, flush=True)
+        elif now - self._last_line >= self.quiet_after / 2 and 0 < done < total:
             self._last_line = now
             eta = elapsed / done * (total - done)
             print(f"{self.label}: {done}/{total} ({elapsed:.0f} s, about {eta:.0f} s left)", file=sys.stderr,
