@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import html as _html
 import io
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -676,6 +677,21 @@ def write_png(mx: FeasibilityMatrix, path: str | Path, *, dpi: int = 110, progre
     """
     require("matplotlib", "plot")
     figures = png_paths(mx, path)
+    workers = min(len(figures), os.cpu_count() or 1, 4)
+    if workers > 1:
+        # one figure per card: draw them in parallel processes (matplotlib's Agg is single-threaded)
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        try:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                futs = [pool.submit(_write_png_figure, mx, p, cards, dpi=dpi) for p, cards in figures]
+                for k, f in enumerate(as_completed(futs), 1):
+                    f.result()
+                    if progress is not None:
+                        progress(k, len(figures), "")
+            return [p for p, _ in figures]
+        except (OSError, ImportError, RuntimeError):  # no process pool here (sandbox, frozen app): draw in turn
+            pass
     out = []
     for k, (p, cards) in enumerate(figures, 1):
         _write_png_figure(mx, p, cards, dpi=dpi)
