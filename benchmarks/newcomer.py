@@ -117,6 +117,9 @@ def no_false_no_fit(rep: dict) -> str | None:
     """Every fit row's notes and verdict against its own ranked plans."""
     for row in rep["rows"]:
         plans = row["plans"]
+        for p in plans:
+            if "does not fit" in p["reason"] and p["peak_bytes"] <= p["capacity_bytes"]:
+                return f"{row['requested']}: a plan that fits the card is called 'does not fit': {p['reason']}"
         for note in row["notes"]:
             m = re.search(r"(\w+) over a 16-bit base does not fit", note)
             if m and any(p["adapter"] == m.group(1) and p["peak_bytes"] <= p["capacity_bytes"] for p in plans):

@@ -367,7 +367,10 @@ def _reason(p: Plan, best: Plan | None) -> str:
     if p is best:
         return "best: fastest that fits with the margin"
     if not p.fits:
-        return f"does not fit: {p.peak_bytes / GIB:.2f} GiB > {p.usable_bytes / GIB:.2f} GiB usable"
+        if p.peak_bytes <= p.capacity_bytes:  # fits the card, not the margin: never call that "does not fit"
+            return (f"tight: {p.peak_bytes / GIB:.2f} GiB fits the {p.capacity_bytes / GIB:.2f} GiB card but not "
+                    f"the margin ({p.usable_bytes / GIB:.2f} GiB usable)")
+        return f"does not fit: {p.peak_bytes / GIB:.2f} GiB > {p.capacity_bytes / GIB:.2f} GiB"
     if p.fallback is not None and best.fallback is None:
         return f"{p.adapter} fallback: only when {best.adapter} over a 16-bit base does not fit, and it does"
     slower = 1.0 - p.tokens_per_s / best.tokens_per_s
@@ -382,7 +385,7 @@ def _reason(p: Plan, best: Plan | None) -> str:
         diffs.append({"adamw_8bit": "8-bit AdamW updates slower", "paged_adamw_8bit": "paged 8-bit AdamW updates slower",
                       "adamw": "AdamW"}.get(c.optimizer, c.optimizer))
     if c.batch != b.batch:
-        diffs.append(f"micro-batch {c.batch} vs {b.batch}" + (" (the larger one does not fit)" if c.batch < b.batch and
+        diffs.append(f"micro-batch {c.batch} vs {b.batch}" + (" (the larger one leaves no margin)" if c.batch < b.batch and
                                                               c.grad_ckpt == b.grad_ckpt else ""))
     if c.rank != b.rank and c.adapter in ("lora", "qlora", "dora"):
         diffs.append(f"rank {c.rank}")
