@@ -63,13 +63,18 @@ def test_progress_lines_when_piped(capsys, monkeypatch):
 
     from vramplan import render
 
+    with render.ProgressBar("fast") as bar:  # done before FIRST_S: nothing said (a one-line error stays one line)
+        bar(0, 2, "")
+        bar(2, 2, "")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(render, "HEARTBEAT_S", 0.02)
+    monkeypatch.setattr(render, "FIRST_S", 0.01)
     with render.ProgressBar("work", quiet_after=0.02) as bar:  # captured stderr is not a terminal
         for i in range(1, 4):
             time.sleep(0.02)
             bar(i, 4, "item")
     err = capsys.readouterr().err
     assert "work: 1/4" in err and "left)" in err
-    monkeypatch.setattr(render, "HEARTBEAT_S", 0.02)
     with render.Elapsed("tracing"):
         time.sleep(0.1)
     err = capsys.readouterr().err

@@ -285,8 +285,9 @@ class ProgressBar:
 
     Use as a context manager; call it as ``bar(done, total, item)`` (the signature of the library's
     ``progress`` callbacks). When stderr is not a terminal nothing is drawn; instead a plain line
-    (done/total, elapsed, ETA) is printed at most every ``quiet_after / 2`` seconds, so a log shows
-    the command is alive. Output goes to stderr only: stdout stays what ``--json`` or a pipe expects.
+    (done/total, elapsed, ETA) is printed once the work has run :data:`FIRST_S` seconds and then at
+    most every ``quiet_after / 2`` seconds, so a log shows the command is alive (and a command
+    that fails at once keeps its one-line error alone). Output goes to stderr only: stdout stays what ``--json`` or a pipe expects.
     """
 
     def __init__(self, label: str, total: int | None = None, quiet_after: float = 10.0):
@@ -323,9 +324,9 @@ class ProgressBar:
             return
         now = time.monotonic()
         elapsed = now - self._start
-        if done == 0 and not self._said:
-            self._said = True
-            print(f"{self.label}: {total} to do ...", file=sys.stderr, flush=True)
+        if not self._said and elapsed >= FIRST_S and done < total:
+            self._said, self._last_line = True, now
+            print(f"{self.label}: {done}/{total} ({elapsed:.0f} s)", file=sys.stderr, flush=True)
         elif now - self._last_line >= self.quiet_after / 2 and 0 < done < total:
             self._last_line = now
             eta = elapsed / done * (total - done)
@@ -389,9 +390,10 @@ def render_cards(report, console: Console, verbose: bool = False, top: int = 12)
 class Elapsed:
     """A spinner with the elapsed time on stderr while one long call runs (no ETA: one step, unknown length).
 
-    In a terminal: a rich status line, gone when the call returns. Piped: one plain line on
-    stderr saying what runs, then one every :data:`HEARTBEAT_S` seconds, so a log is never silent
-    for long. stdout is left alone.
+    In a terminal: a rich status line, gone when the call returns. Piped: after :data:`FIRST_S`
+    seconds one plain line on stderr saying what runs, then one every :data:`HEARTBEAT_S` seconds,
+    so a log is never silent for long (a call that fails sooner keeps its one-line error alone).
+    stdout is left alone.
     """
 
     def __init__(self, label: str):
@@ -416,10 +418,12 @@ class Elapsed:
         else:
             import threading
 
-            print(f"{self.label} ...", file=sys.stderr, flush=True)
             self._stop = threading.Event()
 
-            def beat():  # a line every HEARTBEAT_S seconds, so a log never goes quiet for long
+            def beat():  # after FIRST_S what runs, then a line every HEARTBEAT_S: a log never goes quiet for long
+                if self._stop.wait(FIRST_S):
+                    return  # done (or failed: its one-line error stays one line) before anything needed saying
+                print(f"{self.label} ...", file=sys.stderr, flush=True)
                 while not self._stop.wait(HEARTBEAT_S):
                     print(f"... still running ({time.monotonic() - self._start:.0f} s)", file=sys.stderr, flush=True)
 
@@ -438,3 +442,5 @@ class Elapsed:
 
 #: Seconds between the plain progress lines of a long call when stderr is not a terminal.
 HEARTBEAT_S = 8.0
+#: Seconds before the first of them (a call that ends sooner prints nothing).
+FIRST_S = 2.0
