@@ -10,8 +10,11 @@ accumulation steps; without one, accumulation is 1. A plan fits when its per-GPU
 stays below ``capacity x (1 - margin)``; the margin (default 10%) covers the analytic
 model's uncertainty (±10% of the tensor peak by default).
 
-Feasible plans are ranked by tokens/s (ties: simpler settings first); each carries the
-reason it loses to the best. When nothing fits, :func:`what_would_fit` says what would: the
+Feasible plans are ranked by tokens/s (ties: simpler settings first), except that a fallback
+(LoRA's QLoRA) ranks after every plan of the method's own adapter that fits: it is what the
+method becomes when that adapter does not fit, not a faster variant. Each plan carries the
+reason it loses to the best; a plan that fits the card but not the margin is "tight", never
+"does not fit". When nothing fits, :func:`what_would_fit` says what would: the
 smallest catalogue card, a number of GPUs with ZeRO-3/FSDP (or CPU offload), a shorter sequence.
 """
 
