@@ -246,8 +246,14 @@ def test_search_is_compared_with_the_prediction(calibrated):
 def test_report_has_every_section_and_verdicts(calibrated):
     md = calibrated.report_path.read_text()
     for head in ("# Calibration report: synthetic-gpu", "## Acceptance on held-out points", "## Fitted profile",
-                 "## Error distribution", "## Every point", "![predicted vs measured](synthetic-gpu.png)"):
+                 "## Error distribution", "## Every point"):
         assert head in md
+    try:
+        import matplotlib  # noqa: F401  (the plot extra)
+    except ImportError:
+        assert "no plot: matplotlib is not installed" in md
+    else:
+        assert "![predicted vs measured](synthetic-gpu.png)" in md
     assert "| peak reserved (max_memory_reserved) |" in md and "PASS" in md
     assert "none is typed by hand" in md
     n_ok = sum(1 for r in read_log(calibrated.log_path) if r["kind"] == "point" and r["status"] == "ok" and not r["search"])
@@ -260,7 +266,13 @@ def test_refit_from_the_log_is_deterministic(calibrated, tmp_path):
     a.pop("created"), b.pop("created")
     assert a == b
     md, png = write_report(calibrated.log_path, calibrated.profile, tmp_path)
-    assert md.exists() and png.exists()
+    assert md.exists()
+    try:
+        import matplotlib  # noqa: F401  (the plot extra)
+    except ImportError:
+        assert png is None and "no plot: matplotlib is not installed" in md.read_text()
+    else:
+        assert png is not None and png.exists()
 
 
 def test_fit_only_entry_point(calibrated, tmp_path, capsys):

@@ -444,6 +444,12 @@ def make_optimizer(params: list, cfg: TrainConfig, regime: Regime, device: str, 
     from ..errors import require
 
     bnb = require("bitsandbytes", "calibrate")
+    if opt.name == "paged_adamw_32bit":
+        if not fake and device.startswith("cuda"):
+            return bnb.optim.PagedAdamW32bit(params, lr=LR)
+        notes.append("paged_adamw_32bit: its fp32 states are counted as device tensors; on CUDA they live in "
+                     "unified memory outside torch's allocator (visible to nvidia-smi, evictable to host)")
+        return bnb.optim.AdamW32bit(params, lr=LR)
     if opt.paged and not fake and device.startswith("cuda"):
         return bnb.optim.PagedAdamW8bit(params, lr=LR)
     if opt.paged:
