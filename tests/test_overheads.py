@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 
 import vramplan
+from vramplan import overheads as overheads_mod
+from vramplan import throughput as throughput_mod
 from vramplan import profiles as profiles_mod
+from vramplan.errors import ProfileError
 from vramplan.cli import main as cli_main
 from vramplan.config import make_config
 from vramplan.gpus import get_gpu
@@ -284,7 +287,7 @@ def test_bad_profile_is_one_line_and_exit_2(profdir, capsys, text, words):
 
 @pytest.mark.torch
 @pytest.mark.slow
-def test_profile_fitted_from_the_cpu_suite(profdir, tmp_path):
+def test_profile_fitted_from_the_cpu_suite(profdir, tmp_path, monkeypatch):
     """The CPU suite's LoRA points, run for real (tiny models) and fitted: activation factor and
     throughput calibrated, nothing of the memory overheads measurable on a CPU -> defaults."""
     pytest.importorskip("torch")
@@ -302,7 +305,14 @@ def test_profile_fitted_from_the_cpu_suite(profdir, tmp_path):
     assert prof.is_calibrated("activation:lora")
     # plan with it as if it were the card's profile
     base = est()
+    # a profile measured on the CPU, copied under a card's name, is refused for that card: one line
     (profdir / f"{CARD}.json").write_text(res.profile_path.read_text())
+    with pytest.raises(ProfileError, match="measured on 'cpu', not on 'a100-80gb'"):
+        est()
+    (profdir / f"{CARD}.json").unlink()
+    # handed to the planner as the card's profile, its activation factor applies
+    monkeypatch.setattr(overheads_mod, "card_profile", lambda gpu: prof if gpu is not None else None)
+    monkeypatch.setattr(throughput_mod, "_profile", lambda gpu: prof if gpu is not None else None)
     e = est()
     f = prof.activation_factor("lora")
     corr = int(np.rint((f - 1) * act_bytes(base)))

@@ -178,15 +178,15 @@ def test_lookup_order_and_absence(tmp_path, monkeypatch):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
-    make_profile(gpu="first").save(a / "h100-sxm.json")
-    make_profile(gpu="second").save(b / "h100-sxm.json")
-    assert load_profile("h100-sxm", search=[a, b]).gpu == "first"
-    assert load_profile("h100-sxm", search=[b, a]).gpu == "second"
+    make_profile(created="first").save(a / "h100-sxm.json")
+    make_profile(created="second").save(b / "h100-sxm.json")
+    assert load_profile("h100-sxm", search=[a, b]).created == "first"
+    assert load_profile("h100-sxm", search=[b, a]).created == "second"
     assert load_profile("rtx4090", search=[a, b]) is None
     monkeypatch.setenv("VRAMPLAN_PROFILES", str(b))
     monkeypatch.chdir(tmp_path)
     assert find_profile("h100-sxm") == (b / "h100-sxm.json").resolve()
-    assert load_profile("H100-SXM").gpu == "second"
+    assert load_profile("H100-SXM").created == "second"
 
 
 def test_default_lookup_without_profiles_is_none(tmp_path, monkeypatch):
