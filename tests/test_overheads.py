@@ -324,3 +324,24 @@ def test_profile_fitted_from_the_cpu_suite(profdir, tmp_path, monkeypatch):
     assert e.uncertainty_bytes == int(DEFAULT_UNCERTAINTY_FRACTION * t)  # no allocator residuals: default band
     assert "calibrated from profile" in overheads_line(e) and "+/-10% of the tensor peak (default)" in overheads_line(e)
     assert e.throughput.calibrated
+
+
+def test_stack_figures_apply_only_to_the_stack_that_measured_them():
+    """Card figures (context, workspace) apply to every stack; the allocator model and per-method
+    factors only to the stack the profile measured (hf), and the planner says which it used."""
+    from vramplan.overheads import runtime_overheads
+
+    prof = Profile(gpu=CARD, device={"kind": "cuda", "name": "NVIDIA A100-SXM4-80GB"}, versions={}, created="t",
+                   source="x.jsonl", source_info={}, allocated_source="torch.cuda",
+                   context=Fitted(700 * MIB, 3), workspace=Fitted(24 * MIB, 2),
+                   allocator=AllocatorModel(1.2, 0, n=5), activation_factors={"lora": Fitted(1.5, 4)})
+    card = get_gpu(CARD)
+    own = runtime_overheads(10 << 30, card, method="lora", activation_bytes=4 << 30, profile=prof, stack="hf")
+    other = runtime_overheads(10 << 30, card, method="lora", activation_bytes=4 << 30, profile=prof, stack="torchtune")
+    assert own.figures == dict.fromkeys(own.figures, "calibrated")
+    assert other.figures == {"context": "calibrated", "workspace": "calibrated", "allocator": "default",
+                             "activation_factor": "default"}
+    assert other.components[Component.CUDA_CONTEXT] == 700 * MIB and other.activation_factor == 1.0
+    assert own.activation_factor == 1.5 and own.reserved_bytes > other.reserved_bytes
+    assert "measured with the hf stack, not torchtune" in other.source
+    assert "card figures and hf stack figures" in own.source
