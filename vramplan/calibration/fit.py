@@ -127,7 +127,9 @@ def load_rows(records: list[dict], allocated_source: str | None = None) -> tuple
             alloc = (r.get("dryrun") or {}).get("tensor_peak_bytes")
         else:
             alloc = None
-        res = [x for x in (mem.get("max_reserved"), mem.get("max_reserved_load")) if x is not None]
+        # the training steps' peak only: the runner resets the peak counters after the build and the
+        # warm-up, so a QLoRA build spike or the first step's allocations never enter the fit
+        res = [x for x in (mem.get("max_reserved"),) if x is not None]
         split = "search" if r.get("search") else r.get("split", "fit")
         rows.append(Row(
             rec=r, spec=spec, cfg=cfg, method=r.get("method") or (cfg.recipe.name if cfg else "?"), split=split,
@@ -390,6 +392,15 @@ def residuals(evals: list[PointEval], split: str) -> dict[str, Residual]:
 
 # -- the fit ---------------------------------------------------------------------------------
 
+def _stack(rows: list[Row]) -> str:
+    """The training stack the measured points ran (``TrainConfig.framework``; the runtime's is ``hf``)."""
+    stacks = sorted({(r.cfg.framework if r.cfg is not None else "hf") for r in rows})
+    if len(stacks) > 1:
+        raise VramplanError(f"the log mixes training stacks ({', '.join(stacks)}); a profile holds one stack's figures",
+                            "calibrate each stack into its own log (--out)")
+    return stacks[0] if stacks else "hf"
+
+
 def fit_profile(log_path: str | Path) -> Profile:
     """Fit the profile of the card whose calibration log is ``log_path`` (``<gpu>.jsonl``).
 
@@ -436,11 +447,15 @@ def fit_profile(log_path: str | Path) -> Profile:
                      "error_points": sum(r.status == "error" for r in rows),
                      "context_init_bytes": int(_median(ctx_init)) if ctx_init else None,
                      "alloc_conf": (last.get("env") or {}).get("PYTORCH_CUDA_ALLOC_CONF")},
-        allocated_source=source, context=context, workspace=workspace, allocator=allocator,
+        allocated_source=source, context=context, workspace=workspace, allocator=allocator, stack=_stack(ok),
         activation_factors=factors, throughput=throughput, qlora_dequant=dequant,
     )
     evals = evaluate(rows, prof)
     hold = residuals(evals, "holdout")
+    by_method = {}
+    for m in sorted({e.row.method for e in evals if e.row.split == "holdout"}):
+        r = residuals([e for e in evals if e.row.method == m], "holdout")
+        by_method[m] = {k: v for k, v in r.items() if v.n}
     from dataclasses import replace
 
-    return replace(prof, holdout={k: v for k, v in hold.items() if v.n})
+    return replace(prof, holdout={k: v for k, v in hold.items() if v.n}, holdout_by_method=by_method)
