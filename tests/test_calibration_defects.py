@@ -261,3 +261,22 @@ def test_a_one_point_residual_says_1_point_not_0pct():
     one = Residual.of([100.0], [100.0])
     assert "1 point" in _residual_row("context, fit", one, fitted=True) and "0.0%" not in _residual_row("x", one, True)
     assert "+0.0%" in _residual_row("x", Residual.of([100.0, 101.0], [100.0, 101.0]), fitted=True)
+
+
+@pytest.mark.parametrize("name", ["quick", "standard", "cpu"])
+def test_every_method_of_a_shipped_suite_has_held_out_points(name):
+    from vramplan.calibration.suite import load_suite
+
+    st = load_suite(name)
+    fit = {p.method_key for p in st.points if p.split == "fit"}
+    held: dict[str, int] = {}
+    for p in st.points:
+        if p.split == "holdout":
+            held[p.method_key] = held.get(p.method_key, 0) + 1
+    missing = sorted(m for m in fit if not held.get(m))
+    if name == "cpu":  # the CPU smoke suite: at least the supervised methods
+        missing = [m for m in missing if m in ("full", "lora", "qlora")]
+    assert not missing, f"{name}: no held-out point for {missing}"
+    if name == "quick":  # held-out points are measured first (a run cut short still has them)
+        first = [p.split for p in st.points[: len(held) and sum(held.values())]]
+        assert set(first) == {"holdout"}
