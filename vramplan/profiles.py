@@ -16,9 +16,12 @@ Schema (``"schema": "vramplan.profile"``, ``"version": 1``)::
     allocated_source  "torch.cuda" (max_memory_allocated) or "dryrun" (a CPU profile)
     context        {bytes, n, residual} | null   NVML process memory minus torch reserved
     workspace      {bytes, n, residual} | null   cuBLAS workspace, probed from the allocator
-    allocator      {slope, intercept_bytes, round_bytes, by_method, n, residual} | null
+    allocator      {slope, intercept_bytes, round_bytes, by_method, margin, trimmed, loo, n, residual} | null
                    reserved = ceil((slope * allocated + intercept) / round) * round, times
-                   by_method[method] where the method has its own correction
+                   by_method[method] where the method has its own correction (a trimmed fit:
+                   vramplan.calibration.fit); margin: the safety margin, a fraction of reserved,
+                   kept apart from the fitted value (the planner's band takes it in); loo:
+                   {method: residual} of leave-one-out predictions; trimmed: outliers left out
     activation_factors  {method: {factor, n, residual}}   measured/predicted activations
     throughput     {method: {coef, features, knots, n, residual}}
                    step seconds = coef . features (see :func:`step_features`); coef is null
@@ -26,6 +29,17 @@ Schema (``"schema": "vramplan.profile"``, ``"version": 1``)::
                    knots = [[tokens per step, achieved TFLOP/s], ...] (medians)
     qlora_dequant  {s_per_gparam, n, residual} | null   seconds per 1e9 NF4 weights dequantised
     holdout        {reserved, allocated, device_total, tokens_per_s: residual}   held-out accuracy
+    holdout_by_method  {method: {quantity: residual}}   the same, per method
+    stack          the training stack the per-method figures were measured with ("hf")
+    scope          {card: [context, workspace], stack: [allocator, activation_factors, ...]}:
+                   card figures apply to any run on the card; stack figures only to runs on
+                   ``stack`` (the planner says which it used)
+
+Validation on load is in value, not only in shape: finite numbers, non-negative residuals,
+plausible bytes, TFLOP/s and margins (``MAX_*``), and the profile is bound to its device
+(:func:`check_binding`: its ``gpu`` names the card looked up, a GPU's profile was measured
+on a GPU, its recorded device name is not another catalogue card). Anything else -- UTF-16,
+deep nesting, a huge file -- is one :class:`ProfileError` line, never a traceback.
 
 A residual is ``{n, median_rel, median_abs_rel, p90_abs_rel, max_under_rel, max_over_rel}``
 with relative error ``(predicted - measured) / measured`` (negative: under-prediction).
