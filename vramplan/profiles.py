@@ -509,7 +509,7 @@ class Profile:
                 if v > top or v != int(v):
                     raise ProfileError(f"{where}: {key}.bytes = {v:g} is implausible (whole bytes up to {top:,} expected)",
                                        "re-run `vramplan calibrate`")
-            elif v > 1e3:
+            elif v > 1e6:  # seconds per 1e9 weights: even a CPU's noisy tiny-model figure stays far below
                 raise ProfileError(f"{where}: {key}.{name} = {v:g} is implausible", "re-run `vramplan calibrate`")
             return Fitted(v, _int(d.get("n", 0), f"{where}.{key}.n"), Residual.from_json(d.get("residual"), f"{where}.{key}.residual"))
 
