@@ -280,3 +280,55 @@ def test_every_method_of_a_shipped_suite_has_held_out_points(name):
     if name == "quick":  # held-out points are measured first (a run cut short still has them)
         first = [p.split for p in st.points[: len(held) and sum(held.values())]]
         assert set(first) == {"holdout"}
+
+
+def test_nvml_index_by_uuid_and_pci_bus_id(monkeypatch):
+    """vramplan.nvml.nvml_index against a stand-in pynvml: handles by UUID / PCI bus id, then their index."""
+    import sys
+
+    from vramplan import nvml
+
+    cards = {"GPU-aaaa": ("00000000:17:00.0", 0), "GPU-bbbb": ("00000000:B3:00.0", 1)}
+
+    class Handle:
+        def __init__(self, i):
+            self.i = i
+
+    class FakePynvml(SimpleNamespace):
+        pass
+
+    def by_uuid(u):
+        if u not in cards:
+            raise RuntimeError("NVML_ERROR_NOT_FOUND")
+        return Handle(cards[u][1])
+
+    def by_pci(p):
+        for bus, i in cards.values():
+            if bus == p:
+                return Handle(i)
+        raise RuntimeError("NVML_ERROR_NOT_FOUND")
+
+    fake = FakePynvml(nvmlInit=lambda: None, nvmlDeviceGetHandleByUUID=by_uuid,
+                      nvmlDeviceGetHandleByPciBusId=by_pci, nvmlDeviceGetIndex=lambda h: h.i,
+                      nvmlDeviceGetCount=lambda: 2)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert nvml.nvml_index(uuid="GPU-bbbb") == 1
+    assert nvml.nvml_index(pci_bus_id="00000000:17:00.0") == 0
+    assert nvml.nvml_index(uuid="GPU-zzzz", pci_bus_id="00000000:B3:00.0") == 1
+    assert nvml.nvml_index(uuid="GPU-zzzz") is None
+    assert nvml.device_count() == 2
+
+
+def test_torch_ids_in_nvml_spelling():
+    sim = Sim()
+    assert sim.dev._ids() == ("GPU-bbbb", "00000000:B3:00.0")
+
+
+def test_without_ids_several_gpus_are_never_guessed(monkeypatch):
+    """No UUID/PCI id from torch, two GPUs in NVML: nothing is read rather than the wrong card."""
+    sim = Sim()
+    sim.cuda.props.uuid = None
+    sim.cuda.props.pci_bus_id = None
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert sim.dev.nvml_device() is None
+    assert sim.dev.sample().process is None and sim.nvml.asked == []

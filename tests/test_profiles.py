@@ -203,3 +203,94 @@ def test_residual_of():
     assert r.max_over_rel == pytest.approx(0.10)
     assert Residual.of([], []).n == 0
     assert Residual.of([None], [1]).n == 0
+
+
+# -- hostile input: every corruption is one ProfileError line, never a traceback ------------------
+
+def _good_doc():
+    return make_profile().to_json()
+
+
+def _hostile(tmp_path, name, raw: bytes):
+    p = tmp_path / name
+    p.write_bytes(raw)
+    return p
+
+
+@pytest.mark.parametrize("mutate,words", [
+    (lambda d: d["throughput"]["lora"].__setitem__("knots", [[0, 100.0]]), "positive tokens"),
+    (lambda d: d["throughput"]["lora"]["residual"].__setitem__("max_over_rel", 1e12), "implausible"),
+    (lambda d: d["holdout"]["reserved"].__setitem__("p90_abs_rel", -0.1), "non-negative"),
+    (lambda d: d["allocator"].__setitem__("margin", -0.05), "margin"),
+    (lambda d: d["context"].__setitem__("bytes", 1e300), "implausible"),
+    (lambda d: d["device"].__setitem__("total_bytes", -1), "total_bytes"),
+    (lambda d: d.__setitem__("stack", "../../etc"), "stack"),
+    (lambda d: d["throughput"]["lora"].__setitem__("coef", [1e9, 0, 0, 0]), "implausible step time"),
+])
+def test_values_are_validated_not_only_shapes(tmp_path, mutate, words):
+    doc = _good_doc()
+    mutate(doc)
+    p = _hostile(tmp_path, "h100-sxm.json", json.dumps(doc).encode())
+    with pytest.raises(ProfileError, match=words) as e:
+        read_profile(p)
+    assert "\n" not in str(e.value)
+
+
+def test_infinite_step_time_is_refused(tmp_path):
+    text = json.dumps(_good_doc()).replace('"coef": [0.0001', '"coef": [Infinity')
+    assert "Infinity" in text
+    with pytest.raises(ProfileError, match="finite"):
+        read_profile(_hostile(tmp_path, "h100-sxm.json", text.encode()))
+
+
+@pytest.mark.parametrize("raw,words", [
+    (lambda: json.dumps(_good_doc()).encode("utf-16"), "UTF-8"),
+    (lambda: b"[" * 100_000 + b"]" * 100_000, "corrupt"),
+    (lambda: b'{"schema": "vramplan.profile", "version": 1, "gpu": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "corrupt"),
+    (lambda: b"\xff\xfe\x00garbage", "UTF-8"),
+])
+def test_corrupt_files_are_one_line(tmp_path, raw, words):
+    with pytest.raises(ProfileError, match=words) as e:
+        read_profile(_hostile(tmp_path, "h100-sxm.json", raw()))
+    assert "\n" not in str(e.value)
+
+
+def test_a_cpu_profile_renamed_for_a_card_is_refused(tmp_path):
+    cpu = make_profile(gpu="cpu", device={"kind": "cpu", "name": "x86_64"}, allocated_source="dryrun",
+                       context=None, workspace=None, allocator=None)
+    cpu.save(tmp_path / "rtx4090.json")
+    with pytest.raises(ProfileError, match="measured on 'cpu', not on 'rtx4090'"):
+        load_profile("rtx4090", search=[tmp_path])
+    # renamed inside too: still not a GPU measurement
+    doc = cpu.to_json()
+    doc["gpu"] = "rtx4090"
+    (tmp_path / "rtx4090.json").write_text(json.dumps(doc))
+    with pytest.raises(ProfileError, match="not measured on a GPU"):
+        load_profile("rtx4090", search=[tmp_path])
+
+
+def test_a_profile_of_another_catalogue_card_is_refused(tmp_path):
+    doc = make_profile().to_json()  # device: NVIDIA H100 80GB HBM3
+    doc["gpu"] = "a100-80gb"
+    (tmp_path / "a100-80gb.json").write_text(json.dumps(doc))
+    with pytest.raises(ProfileError, match="not on 'a100-80gb'"):
+        load_profile("a100-80gb", search=[tmp_path])
+
+
+def test_a_calibrated_card_outside_the_catalogue_is_usable(tmp_path, monkeypatch):
+    from vramplan.gpus import get_gpu
+
+    monkeypatch.setenv("VRAMPLAN_PROFILES", str(tmp_path))
+    with pytest.raises(VramplanError):
+        get_gpu("nvidia-rtx-pro-4500-blackwell")
+    make_profile(gpu="nvidia-rtx-pro-4500-blackwell",
+                 device={"kind": "cuda", "name": "NVIDIA RTX PRO 4500 Blackwell",
+                         "nvml_name": "NVIDIA RTX PRO 4500 Blackwell", "total_bytes": 32 * 10**9,
+                         "nvml_total_bytes": 34190917632}).save(tmp_path / "nvidia-rtx-pro-4500-blackwell.json")
+    g = get_gpu("NVIDIA RTX PRO 4500 Blackwell")
+    assert g.name == "nvidia-rtx-pro-4500-blackwell" and not g.custom
+    assert g.memory_bytes == 34190917632 and g.display_name == "NVIDIA RTX PRO 4500 Blackwell"
+    import vramplan
+
+    e = vramplan.estimate("qwen2.5-0.5b", "lora", gpu=g.name, batch=1, seq=512)
+    assert e.overheads.calibrated and e.overheads.is_calibrated("context")
