@@ -54,8 +54,14 @@ def _dense_linear_bytes(model: nn.Module) -> int:
                if type(m) is nn.Linear and not m.weight.is_meta and m.weight.dim() == 2)
 
 
-def test_qlora_build_quantises_layer_by_layer(spec, monkeypatch):
+QWEN_TIED = dict(model_type="qwen2", hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("conf", [TINY, QWEN_TIED], ids=["llama-untied", "qwen2-tied-biases"])
+def test_qlora_build_quantises_layer_by_layer(conf, monkeypatch):
     bnb = pytest.importorskip("bitsandbytes")
+    spec = from_hf_config(conf, name="tiny")
     models, peaks = [], []
     real_q, real_quant = nf4.quantize_linears, bnb.functional.quantize_4bit
 
@@ -76,10 +82,12 @@ def test_qlora_build_quantises_layer_by_layer(spec, monkeypatch):
     assert len(peaks) == n_linear
     biggest = max(b for _, b in peaks)
     # never more than the lm_head (not quantised) plus the layer in hand: the old build held all 21
-    head = TINY["vocab_size"] * TINY["hidden_size"] * 2
+    head = conf["vocab_size"] * conf["hidden_size"] * 2
     assert max(d for d, _ in peaks) <= head + biggest
     model = models[-1]
     assert not any(p.is_meta for p in model.parameters())
+    if conf.get("tie_word_embeddings"):  # the head still shares the embedding's storage
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == n_linear
     out = tr.step()
     assert math.isfinite(float(out["loss"]))

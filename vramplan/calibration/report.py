@@ -159,7 +159,7 @@ def render_markdown(log_path: Path, profile: Profile, rows: list[Row], evals: li
     L.append("|---|---|---|---|---|---|")
 
     def frow(name, value, n, r: Residual):
-        if n <= 1 or r.n <= 1:  # a value fitted to one point reproduces it: no error to show
+        if n == 1 or r.n == 1:  # a value fitted to one point reproduces it: no error to show
             L.append(f"| {name} | {value} | {n} | 1 point | 1 point | 1 point |")
             return
         L.append(f"| {name} | {value} | {n} | {_apct(r.median_abs_rel)} | {_apct(r.max_under_rel)} | {_apct(r.max_over_rel)} |")
