@@ -586,9 +586,10 @@ class Profile:
         if not isinstance(stack, str) or not re.fullmatch(r"[a-z0-9_.-]{1,40}", stack):
             raise ProfileError(f"{where}: stack must name a training stack (hf, torchtune, ...), got {stack!r}")
         dev = data["device"]
-        total = dev.get("total_bytes")
-        if total is not None and (isinstance(total, bool) or not isinstance(total, int) or not 0 < total <= MAX_BYTES):
-            raise ProfileError(f"{where}: device.total_bytes must be a positive whole number of bytes, got {total!r}")
+        for k in ("total_bytes", "nvml_total_bytes"):
+            total = dev.get(k)
+            if total is not None and (isinstance(total, bool) or not isinstance(total, int) or not 0 < total <= MAX_BYTES):
+                raise ProfileError(f"{where}: device.{k} must be a positive whole number of bytes, got {total!r}")
         if dev.get("kind") not in (None, "cuda", "cpu", "unknown"):
             raise ProfileError(f"{where}: device.kind must be cuda or cpu, got {dev.get('kind')!r}")
         for k in ("name", "nvml_name"):
