@@ -294,3 +294,10 @@ def test_a_calibrated_card_outside_the_catalogue_is_usable(tmp_path, monkeypatch
 
     e = vramplan.estimate("qwen2.5-0.5b", "lora", gpu=g.name, batch=1, seq=512)
     assert e.overheads.calibrated and e.overheads.is_calibrated("context")
+
+
+def test_an_integer_beyond_float_range_is_one_line(tmp_path):
+    text = json.dumps(_good_doc()).replace('"slope": 1.05', '"slope": 1' + "0" * 400)
+    assert "0" * 400 in text
+    with pytest.raises(ProfileError, match="finite number"):
+        read_profile(_hostile(tmp_path, "h100-sxm.json", text.encode()))

@@ -634,8 +634,12 @@ def _need_map(v: Any, where: str) -> None:
 
 
 def _num(v: Any, where: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ProfileError(f"{where} must be a finite number, got {v!r}")
+    try:
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(float(v))
+    except OverflowError:  # an integer literal beyond float range
+        ok = False
+    if not ok:
+        raise ProfileError(f"{where} must be a finite number, got {str(v)[:40]!r}")
     return float(v)
 
 
