@@ -301,3 +301,14 @@ def test_an_integer_beyond_float_range_is_one_line(tmp_path):
     assert "0" * 400 in text
     with pytest.raises(ProfileError, match="finite number"):
         read_profile(_hostile(tmp_path, "h100-sxm.json", text.encode()))
+
+
+def test_stack_figures_are_keyed_by_stack():
+    prof = make_profile()
+    feats = step_features(flops=1e12, layers=24, hidden=1024)
+    assert prof.stack == "hf" and prof.applies_to(None) and prof.applies_to("HF") and not prof.applies_to("torchtune")
+    assert prof.step_seconds("lora", feats) is not None and prof.step_seconds("lora", feats, stack="hf") is not None
+    assert prof.step_seconds("lora", feats, stack="torchtune") is None
+    assert prof.achieved_tflops("lora", 1024, stack="litgpt") is None and prof.achieved_tflops("lora", 1024) == 100.0
+    doc = prof.to_json()
+    assert doc["stack"] == "hf" and doc["scope"]["card"] == ["context", "workspace"]

@@ -355,12 +355,16 @@ class Profile:
         f = self._lookup(self.activation_factors, method)
         return 1.0 if f is None else float(f.value)
 
-    def step_seconds(self, method: str, features: Mapping[str, float], *, dequant_gparams: float = 0.0) -> float | None:
+    def step_seconds(self, method: str, features: Mapping[str, float], *, dequant_gparams: float = 0.0,
+                     stack: str | None = None) -> float | None:
         """Predicted seconds of one step from :func:`step_features`, plus QLoRA dequantisation.
 
         ``dequant_gparams`` is NF4 weights dequantised per step in 1e9 (linear params x passes);
         a QLoRA method without its own time model uses its LoRA twin's model plus this term.
+        ``stack``: the run's training stack; None (not calibrated) when the profile measured another.
         """
+        if not self.applies_to(stack):
+            return None
         key = method.lower()
         own = self._lookup(self.throughput, key, siblings="qlora" not in key)
         if own is not None and own.coef is not None:
@@ -373,13 +377,15 @@ class Profile:
         return max(twin.seconds(features), 1e-9) + self.qlora_dequant.value * float(dequant_gparams)
 
     def achieved_tflops(self, method: str, tokens: int | None = None, *, flops: float | None = None,
-                        features: Mapping[str, float] | None = None) -> float | None:
+                        features: Mapping[str, float] | None = None, stack: str | None = None) -> float | None:
         """Achieved TFLOP/s of ``method`` (FLOPs as ``step_flops`` counts them).
 
         With ``features`` (and ``flops``), from the step-time model; with ``tokens`` only, the
         measured medians interpolated in log(tokens per step) and clamped at the ends; with
         neither, the median over the method's points. None when the method was not calibrated.
         """
+        if not self.applies_to(stack):
+            return None
         if features is not None:
             t = self.step_seconds(method, features)
             f = flops if flops is not None else features.get("flops")
