@@ -27,7 +27,8 @@
 # Between calls, put the returned <gpu>.jsonl into profiles/ of the checkout that is sent
 # (and <gpu>.json there, <gpu>.md/.png into reports/calibration/), then call again.
 #
-# bitsandbytes (QLoRA, 8-bit optimisers) is not on the machine's image: carry its wheel in
+# bitsandbytes (QLoRA, 8-bit optimisers) and nvidia-ml-py (NVML: the CUDA context, the card's
+# name) may be missing from the machine's image: carry their wheels in
 # .whl/ (ignored by git). Fetch it here, once, before the first call:
 #   bash calibrate/run_on_gpu.sh --fetch-wheels
 # and name .whl in the call's carry list.
@@ -39,7 +40,7 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
     # bitsandbytes needs torch, numpy and packaging, which the image has (hence --no-deps)
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 -d .whl "bitsandbytes==${BNB_VERSION:-0.50.2}"
+        --platform manylinux2014_x86_64 -d .whl "bitsandbytes==${BNB_VERSION:-0.50.2}" nvidia-ml-py
     ls -l .whl
     exit 0
 fi

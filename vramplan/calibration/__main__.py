@@ -82,6 +82,8 @@ def run_from_args(args: argparse.Namespace) -> dict:
     out = res.to_json()
     if res.profile is not None:
         out["holdout"] = {k: r.to_json() for k, r in res.profile.holdout.items()}
+        out["holdout_by_method"] = {m: {k: r.to_json() for k, r in d.items()}
+                                    for m, d in res.profile.holdout_by_method.items()}
     if res.crashed_skipped:
         print(f"vramplan calibrate: skipped {len(res.crashed_skipped)} point(s) that crashed before "
               "(--retry-failed measures them again)", file=sys.stderr)
@@ -121,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
             if r.get("n"):
                 print(f"held out {k}: n={r['n']} median |err| {100 * (r['median_abs_rel'] or 0):.1f}%, "
                       f"worst under {100 * (r['max_under_rel'] or 0):.1f}%")
+        for m, d in (out.get("holdout_by_method") or {}).items():
+            r = d.get("reserved") or d.get("tokens_per_s") or {}
+            what = "reserved" if d.get("reserved") else "tokens/s"
+            if r.get("n") == 1:
+                print(f"  {m}: {what} 1 point, error {100 * (r.get('median_rel') or 0):+.1f}%")
+            elif r.get("n"):
+                print(f"  {m}: {what} n={r['n']} median |err| {100 * (r['median_abs_rel'] or 0):.1f}%")
     return 0
 
 
