@@ -301,11 +301,12 @@ def test_fit_of_an_empty_log_is_an_error(tmp_path):
         fit_profile(log)
 
 
-def test_safety_scaling_keeps_fit_points_from_under_prediction():
-    """Noisy reserved figures: no fit point may be under-predicted by more than 1%."""
+def test_noisy_points_get_a_safety_margin_reported_apart_from_the_fit():
+    """Noisy reserved figures: the fitted line stays central, and the margin (p90 of the
+    leave-one-out under-predictions) covers nine points in ten."""
     import random
 
-    from vramplan.calibration.fit import UNDER_MARGIN, Row, _fit_allocator
+    from vramplan.calibration.fit import Row, _fit_allocator
     from vramplan.profiles import Profile
 
     rnd = random.Random(0)
@@ -317,8 +318,12 @@ def test_safety_scaling_keeps_fit_points_from_under_prediction():
                         pred=None, shape=None, allocated=int(a), reserved=int(r), process=None, outside=None,
                         step_s=None, tokens=0, paged=False))
     model = _fit_allocator(rows)
+    assert 1.06 < model.slope < 1.10
+    assert 0.005 < model.margin < 0.05
     prof = Profile(gpu="x", device={}, versions={}, created="", source="", source_info={}, allocated_source="",
                    allocator=model)
-    worst = max((r.reserved - prof.reserved_bytes(r.allocated, r.method)) / r.reserved for r in rows)
-    assert worst <= UNDER_MARGIN + 1e-6
-    assert model.residual.max_under_rel <= UNDER_MARGIN + 1e-6
+    under = [(r.reserved - prof.reserved_bytes(r.allocated, r.method)) / r.reserved for r in rows]
+    assert sum(u > model.margin for u in under) <= 0.2 * len(rows)
+    assert set(model.loo) == {"lora", "full"} and all(model.loo[m].n == 20 for m in model.loo)
+    band = prof.memory_band()
+    assert band is not None and band[0] >= model.margin

@@ -390,7 +390,13 @@ def _build_copy(trainee: Trainee, copy: ModelCopy, attn: str) -> Copy:
     adapter = copy.adapter
     full = adapter is Adapter.FULL
     dtype = torch_dtype(regime.trainable_dtype if full else regime.frozen_dtype)
-    model = _from_config(spec, copy.head, dtype, attn, dev)
+    if copy.quantized and not trainee.fake:  # layer by layer, as bitsandbytes' loading path (runtime.nf4)
+        from .nf4 import linears_on_meta
+
+        with linears_on_meta():
+            model = _from_config(spec, copy.head, dtype, attn, dev)
+    else:
+        model = _from_config(spec, copy.head, dtype, attn, dev)
     if copy.quantized:
         from .nf4 import quantize_linears
 
