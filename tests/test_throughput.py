@@ -177,8 +177,8 @@ def test_profile_replaces_the_defaults(monkeypatch):
     class FakeProfile:
         path = "profiles/a100-80gb.json"
 
-        def step_seconds(self, method, features, dequant_gparams=0.0):
-            return 1e-12 * features["flops"] + 0.01
+        def step_seconds(self, method, features, dequant_gparams=0.0, stack=None):
+            return 1e-12 * features["flops"] + 0.01 if stack == "hf" else None
 
     monkeypatch.setattr(tp, "_profile", lambda gpu: FakeProfile())
     spec = get_model("llama-2-7b")
@@ -188,9 +188,12 @@ def test_profile_replaces_the_defaults(monkeypatch):
     # the profile times whole steps (one micro-step + the update): the update is taken out once
     expected = 1e-12 * float(step_work(spec, cfg).model_flops) + 0.01 - t.optimizer_s
     assert float(t.micro_s) == pytest.approx(expected, rel=1e-9)
+    # a profile measured with hf says nothing about torchtune's step times: the defaults apply
+    other = tp.step_time(spec, make_config(spec, "lora", batch=2, framework="torchtune"), get_gpu("a100-80gb"))
+    assert not other.calibrated and "calibration profile" not in other.source
 
     class OnlyKnots:
-        def achieved_tflops(self, method, tokens):
+        def achieved_tflops(self, method, tokens, stack=None):
             return 100.0
 
     monkeypatch.setattr(tp, "_profile", lambda gpu: OnlyKnots())

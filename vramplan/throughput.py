@@ -438,7 +438,7 @@ def step_time(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, batch=None, seq=N
     calibrated = False
     parts: dict[str, np.ndarray] = {}
     if prof is not None:
-        micro = _profile_micro(prof, key, w, opt_s)
+        micro = _profile_micro(prof, key, w, opt_s, cfg.framework)
         if micro is not None:
             calibrated = True
             source = f"calibration profile {getattr(prof, 'path', None) or gpu.name} (throughput:{key})"
@@ -480,8 +480,12 @@ def step_time(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, batch=None, seq=N
                     source=source, parts=parts)
 
 
-def _profile_micro(prof, key: str, w: StepWork, opt_s: float):
-    """Micro-step seconds from a profile: its step-time model, else its achieved TFLOP/s; None if neither."""
+def _profile_micro(prof, key: str, w: StepWork, opt_s: float, stack: str):
+    """Micro-step seconds from a profile: its step-time model, else its achieved TFLOP/s; None if neither.
+
+    ``stack``: the run's training stack; a profile measured on another stack answers None (its step
+    times belong to the stack that measured them, ``profiles.Profile.step_seconds``).
+    """
     shape = np.shape(w.model_flops)
     flops = np.ravel(w.model_flops)
     toks = np.ravel(np.broadcast_to(w.tokens, shape))
@@ -494,7 +498,7 @@ def _profile_micro(prof, key: str, w: StepWork, opt_s: float):
         for i, (f, t) in enumerate(zip(flops, toks)):
             feats = step_features(flops=float(f), layers=w.layers, hidden=w.hidden, passes=w.layer_passes,
                                   gen_tokens=w.gen_tokens)
-            v = step_seconds(key, feats, dequant_gparams=w.dequant_gparams)
+            v = step_seconds(key, feats, dequant_gparams=w.dequant_gparams, stack=stack)
             if v is None:
                 break
             out[i] = v
@@ -503,7 +507,7 @@ def _profile_micro(prof, key: str, w: StepWork, opt_s: float):
             return np.maximum(out - opt_s, 0.5 * out).reshape(shape)
     if achieved is not None:
         for i, (f, t) in enumerate(zip(flops, toks)):
-            v = achieved(key, int(t))
+            v = achieved(key, int(t), stack=stack)
             if v is None or v <= 0:
                 return None
             out[i] = f / (v * 1e12)
