@@ -63,6 +63,10 @@ def run_from_args(args: argparse.Namespace) -> dict:
     report_dir = None if args.no_report else args.report_dir
     if args.fit_only:
         log = Path(args.fit_only)
+        from ..measurements.record import require_fit_points
+        from .log import read_log
+
+        require_fit_points(read_log(log), log)  # never an empty profile over the card's real one
         prof = fit_profile(log)
         path = prof.save(log.with_suffix(".json"))
         rep = write_report(log, prof, report_dir) if report_dir else (None, None)
