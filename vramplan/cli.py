@@ -207,6 +207,10 @@ def cmd_calibrate(a) -> int:
     out = run_from_args(a)
     if getattr(a, "json", False):
         _print_json(out)
+    elif getattr(a, "import_file", None):
+        from .calibration.__main__ import print_import
+
+        print_import(out)
     return 0
 
 
