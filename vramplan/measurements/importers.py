@@ -47,6 +47,9 @@ class SourceMap:
     multi_gpu_ckpt: bool = False
     seq_unknown: int | None = None
     grad_ckpt_unknown: bool | None = None
+    devices_note: str | None = None
+    dropout: float | None = None
+    versions: dict = field(default_factory=dict)
     why: str = ""
 
 
@@ -166,6 +169,8 @@ _GPU_NAMES = [  # (pattern, catalogue name) most specific first
 def parse_gpu(text: str) -> tuple[int, str | None, int | None, str]:
     """(GPU count, catalogue name or None, capacity bytes for a generic "24GB GPUs", note)."""
     t = text.strip().lower()
+    if t.startswith("unknown"):
+        return 1, None, None, "card not stated"
     m = re.match(r"\s*(\d+)\s*(?:x|\*)", t)
     count = int(m.group(1)) if m else 1
     for pat, name in _GPU_NAMES:
@@ -240,7 +245,9 @@ def parse_optimizer(text: str) -> tuple[str | None, str]:
     if "8bit" in t or "8-bit" in t:
         return "adamw_8bit", ""
     if "paged" in t:
-        return "adamw", "32-bit paged AdamW read as AdamW (its states are paged outside the allocator)"
+        return "paged_adamw_8bit", ("32-bit paged AdamW read as paged AdamW: its states live in managed memory "
+                                    "outside the caching allocator, as paged 8-bit states do (allocator quantities "
+                                    "agree; a device total would under-state by 6 B per parameter)")
     if "adam" in t:
         return "adamw", ""
     return "adamw", "optimizer not stated: AdamW assumed"
@@ -317,12 +324,27 @@ def record_from_row(row: dict, i: int, mapping: Mapping) -> MeasurementRecord:
     if grad_ckpt is None and sm.grad_ckpt_unknown is not None:
         grad_ckpt = sm.grad_ckpt_unknown
         notes.append(f"gradient checkpointing not stated: the stack's default ({'on' if grad_ckpt else 'off'})")
-    if gpus > 1 and sm.multi_gpu_ckpt and grad_ckpt is False:
+    if sm.devices_note:
+        m = re.search(sm.devices_note, _cell(row, mapping, "notes"))
+        gpus_ran = int(m.group(1)) if m else 1
+    else:
+        gpus_ran = gpus
+    if gpus_ran > 1 and sm.multi_gpu_ckpt and grad_ckpt is False:
         grad_ckpt = True
         notes.append("the stack checkpoints activations with more than one GPU")
     opt, why = parse_optimizer(_cell(row, mapping, "optimizer"))
     if why:
         notes.append(why)
+    techs = ["opt_in_bwd"] if "optimizer_in_bwd" in _cell(row, mapping, "optimizer").lower() else []
+    if sm.devices_note:
+        m = re.search(sm.devices_note, _cell(row, mapping, "notes"))
+        ran = int(m.group(1)) if m else 1
+        if ran != gpus:
+            notes.append(f"the {gpus}-GPU machine ran the config's devices: {ran} (same figure and time as the "
+                         "single-GPU row)" if ran == 1 else f"the config ran on {ran} devices")
+            gpus = ran
+            if gpus == 1:
+                strategy = None
     if opt is None:
         method = None
     targets, why = parse_targets(_cell(row, mapping, "targets"))
@@ -357,9 +379,11 @@ def record_from_row(row: dict, i: int, mapping: Mapping) -> MeasurementRecord:
         rank=parse_int(_cell(row, mapping, "rank")) if method not in ("full", None) else None, targets=targets,
         batch=parse_int(_cell(row, mapping, "batch")), seq=seq, seq_bound=bound, packing=packing,
         grad_ckpt=grad_ckpt, precision=precision, optimizer=opt, attn=parse_attn(_cell(row, mapping, "attn")),
-        stack=stack, stack_version=sm.stack_version, double_quant=double_quant if method == "qlora" else None, gpus=gpus, strategy=strategy, offload=offload,
+        stack=stack, stack_version=sm.stack_version, techniques=tuple(techs), double_quant=double_quant if method == "qlora" else None,
+        dropout=sm.dropout if method not in ("full", None) else None, gpus=gpus, strategy=strategy, offload=offload,
     )
-    device = Device(name=gpu, display=_cell(row, mapping, "gpu") or None, memory_bytes=cap)
+    device = Device(name=gpu, display=_cell(row, mapping, "gpu") or None, memory_bytes=cap,
+                    versions={str(k): str(v) for k, v in sm.versions.items()})
     meas = Measurement(outcome=outcome, quantity=sm.quantity, bytes=nbytes, published=value_text or None, unit=unit,
                        tokens_per_s=tps_v)
     return MeasurementRecord(config=cfg, device=device, measurement=meas,

@@ -10,7 +10,7 @@ Schema ``vramplan.measurement/1`` (JSON object, one per line in a ``.jsonl`` fil
     {"schema": "vramplan.measurement/1",
      "config":  {model, model_config, model_text, params_b, method, adapter, rank, targets,
                  batch, seq, seq_bound, packing, grad_ckpt, precision, optimizer, attn,
-                 stack, stack_version, techniques, gpus, strategy, offload, double_quant},
+                 stack, stack_version, techniques, gpus, strategy, offload, double_quant, dropout},
      "device":  {name, display, memory_bytes, versions},
      "measurement": {outcome, quantity, bytes, published, unit, step_s, tokens_per_s},
      "source":  {kind, id, ref, row, machine},
@@ -135,6 +135,7 @@ class RunConfig:
     strategy: str | None = None
     offload: str | None = None
     double_quant: bool | None = None
+    dropout: float | None = None
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "config") -> "RunConfig":
@@ -158,7 +159,7 @@ class RunConfig:
             attn=_opt_str(d, "attn", where), stack=_opt_str(d, "stack", where),
             stack_version=_opt_str(d, "stack_version", where), techniques=_strs(d, "techniques", where),
             gpus=gpus, strategy=_opt_str(d, "strategy", where), offload=_opt_str(d, "offload", where),
-            double_quant=_opt_bool(d, "double_quant", where),
+            double_quant=_opt_bool(d, "double_quant", where), dropout=_opt_num(d, "dropout", where),
         )
 
 
@@ -346,7 +347,7 @@ def _run_config(rec: dict, cfg: dict, stack_versions: dict | None = None) -> Run
         model_config=rec.get("model_config") or rec.get("hf_config") or None,
         **{k: cfg.get(k) for k in _CONFIG_KEYS}, targets=tuple(cfg.get("targets") or ()),
         seq_bound="exact", packing=None if "padding" not in techs else False, stack=framework,
-        double_quant=cfg.get("double_quant"),
+        double_quant=cfg.get("double_quant"), dropout=cfg.get("dropout"),
         stack_version=None if ver is None else str(ver), techniques=tuple(techs),
         gpus=int(rec.get("gpus") or 1), strategy=rec.get("strategy"), offload=rec.get("offload"),
     )
