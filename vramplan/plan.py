@@ -215,6 +215,11 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
                                "NCCL's buffers (256 MiB)" + "".join(f"; {n}" for n in sh.notes))
         if sh.cpu_bytes:
             est.extra["cpu_offload_bytes_per_gpu"] = int(sh.cpu_bytes)
+    from .bands import band_for_config
+
+    band = band_for_config(cfg)
+    est.extra["band"] = {**band.to_json(), "lo_bytes": int(np.floor(band.lo * peak)), "hi_bytes": int(np.ceil(band.hi * peak))}
+    est.assumptions.append(f"uncertainty band: {band.describe()}")
     if card is not None:
         from .throughput import step_time, time_to_train
 
@@ -291,7 +296,10 @@ class FitRow:
     @property
     def verdict(self) -> Verdict:
         """comfortable / tight / no (:mod:`vramplan.verdict`, the same thresholds as ``vramplan matrix``)."""
-        return classify(self.estimate.peak_bytes, self.estimate.capacity_bytes)
+        from .bands import band_for_config
+
+        return classify(self.estimate.peak_bytes, self.estimate.capacity_bytes,
+                        band_for_config(self.estimate.config).hi)
 
     @property
     def tokens_per_s(self) -> float | None:

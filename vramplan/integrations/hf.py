@@ -235,7 +235,9 @@ class VramplanCallback(transformers.TrainerCallback):
             self._say(f"vramplan: {what}: predicted peak {est.peak_gib:.2f} GiB device total "
                       f"({est.tensor_peak_bytes / GIB:.2f} GiB tensors); no GPU to compare with")
         else:
-            self.verdict = classify(est.peak_bytes, est.capacity_bytes)
+            from ..bands import band_for_config
+
+            self.verdict = classify(est.peak_bytes, est.capacity_bytes, band_for_config(est.config).hi)
             text = (f"vramplan: {what}: predicted peak {est.peak_gib:.2f} GiB of {est.capacity_bytes / GIB:.2f} GiB "
                     f"on {est.gpu}: {self.verdict.value}")
             if self.verdict is Verdict.NO:

@@ -10,6 +10,9 @@ The core of ``benchmarks/published_accuracy.py`` (and its CI test). For each rec
   ``error = predicted / measured - 1`` (negative: under-predicted, the unsafe side).
 * ``oom``: whether the planner says it fits (``peak_bytes <= capacity``: a false "fits").
 * ``fit_only``: whether the planner says it does not fit (a false "does not fit").
+* ``inconsistent``: a measured figure below the stated configuration's own model state (weights,
+  gradients, optimizer states: :func:`static_floor`), which no run of that configuration can print;
+  listed, not scored.
 * anything the planner cannot express (model outside the catalogue, unknown batch or sequence,
   a method or strategy it does not model) is ``skipped`` with the reason, never dropped.
 
@@ -46,7 +49,7 @@ class Scored:
     """One record against the planner (bytes per GPU)."""
 
     record: MeasurementRecord
-    status: str                     # scored | oom | fit_only | skipped | estimated
+    status: str                     # scored | oom | fit_only | skipped | estimated | inconsistent
     reason: str = ""
     predicted: int | None = None    # the like-for-like quantity
     allocated: int | None = None
@@ -145,6 +148,24 @@ def plan(record: MeasurementRecord):
     return estimate(c.model, c.method, **kw)
 
 
+#: A measured figure below this fraction of the stated configuration's static model state cannot be a
+#: measurement of that configuration (a mislabelled card count, a different optimizer): "inconsistent".
+FLOOR_FRACTION = 0.95
+
+
+def static_floor(est, like: str) -> int:
+    """Bytes of the model state alone (weights, quantisation constants, adapters, master weights,
+    gradients, optimizer states) as the estimate holds them at its peak; paged optimizer states are
+    left out of the allocator's quantities (they live outside it)."""
+    from ..taxonomy import Component as C
+
+    keys = (C.WEIGHTS, C.QUANT_STATE, C.ADAPTERS, C.MASTER_WEIGHTS, C.GRADIENTS, C.OPTIMIZER_STATES)
+    total = sum(int(est.components.get(k, 0)) for k in keys)
+    if like != "device":
+        total -= int(getattr(est.overheads, "paged_bytes", 0) or 0)
+    return max(0, total)
+
+
 def score_one(record: MeasurementRecord) -> Scored:
     m = record.measurement
     if record.estimated:
@@ -163,6 +184,11 @@ def score_one(record: MeasurementRecord) -> Scored:
                fits=None if est.capacity_bytes is None else bool(est.peak_bytes <= est.capacity_bytes))
     if m.outcome == "measured":
         s.predicted = {"allocated": s.allocated, "reserved": s.reserved, "device": s.device}[LIKE_FOR_LIKE[m.quantity]]
+        floor = static_floor(est, LIKE_FOR_LIKE[m.quantity])
+        if s.status == "scored" and m.bytes < FLOOR_FRACTION * floor:
+            s.status = "inconsistent"
+            s.reason = (f"measured {m.bytes / 2**30:.2f} GiB is below the stated configuration's model state "
+                        f"({floor / 2**30:.2f} GiB: weights, gradients and optimizer states, no activations)")
     elif s.capacity is None:
         s.status, s.reason = "skipped", f"{m.outcome} without a stated card capacity"
     return s
@@ -224,6 +250,7 @@ class Summary:
     rows: int
     scored: int
     skipped: int
+    inconsistent: int
     estimated: int
     oom: int
     fit_only: int
@@ -249,6 +276,7 @@ def summarize(scored: list[Scored]) -> Summary:
     fo = [s for s in scored if s.status == "fit_only"]
     return Summary(
         rows=len(scored), scored=len(sc), skipped=sum(s.status == "skipped" for s in scored),
+        inconsistent=sum(s.status == "inconsistent" for s in scored),
         estimated=sum(s.status == "estimated" for s in scored), oom=len(oom), fit_only=len(fo),
         median_abs=float(np.median(np.abs(errs))) if len(sc) else None,
         p90_abs=float(np.percentile(np.abs(errs), 90)) if len(sc) else None,
