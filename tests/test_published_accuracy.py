@@ -36,8 +36,12 @@ def test_scored_rows_use_the_quantity_their_source_printed(scored):
     for x in scored:
         if x.status != "scored":
             continue
-        want = {"allocated": x.allocated, "reserved": x.reserved, "device": x.device}[LIKE_FOR_LIKE[x.quantity]]
-        assert x.predicted == want
+        if x.quantity == "unknown_peak":
+            assert x.allocated <= x.predicted <= x.reserved
+            assert x.predicted == x.measured or x.predicted in (x.allocated, x.reserved)
+        else:
+            want = {"allocated": x.allocated, "reserved": x.reserved, "device": x.device}[LIKE_FOR_LIKE[x.quantity]]
+            assert x.predicted == want
         assert x.allocated <= x.reserved <= x.device
 
 

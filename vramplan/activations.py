@@ -334,6 +334,16 @@ def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head
     up = 4.0 if d.logits != 4 else 0.0
     if cfg is not None and not cfg.stack.loss_upcast and mode == "chunked":
         up = 0.0  # cross-entropy in the logits' dtype: no fp32 copy (litgpt chunked_cross_entropy)
+    if cfg is not None and cfg.uses("compile") and mode in ("chunked", "full_fp32") \
+            and cfg.recipe.method.loss not in ("sequence_logps", "response_logps"):
+        # torch.compile'd loss (stacks.toml techniques.compile): the min-cut partitioner saves the logits
+        # and a per-row logsumexp, recomputing the softmax in backward; one chunk's fp32 working set is
+        # live at a time (the whole logits when the loss is not chunked)
+        n = chunks if mode == "chunked" else 1
+        work = (T / n) * V * 8.0
+        fwd = T * V * d.logits + work
+        bwd = T * V * (d.logits + keep) + work
+        return fwd, bwd
     fwd, bwd = _logits_by_loss(model, regime, d, T, V, h, cfg, mode, chunks, keep, up, rows)
     if model.final_logit_softcapping and mode != "fused_linear":
         # Gemma-2: logits = tanh(logits / cap) * cap; tanh's output is saved for backward

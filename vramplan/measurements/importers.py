@@ -121,6 +121,8 @@ def parse_value(text: str, unit: str) -> tuple[str, int | None, str]:
     m = re.match(r"\s*([\d.]+)\s*([a-z]*)", t, re.I)
     if not m:
         raise VramplanError(f"cannot read a memory figure from {text!r}", "use a number, OOM, or 'fits (no number)'")
+    if m.group(2) in UNITS:  # a unit printed in the cell ("44.8 GB" among GiB rows) wins over the source's
+        unit = m.group(2)
     return "measured", int(round(float(m.group(1)) * UNITS[unit])), note
 
 
@@ -191,6 +193,8 @@ def parse_method(text: str) -> tuple[str | None, str | None, str | None, str | N
     t = text.lower()
     method = adapter = None
     note = ""
+    if "plain crossentropy" in t.replace(" ", "").replace("plaincross", "plain cross"):
+        return None, None, None, None, "a plain CrossEntropyLoss, not the stack's chunked loss the planner models"
     for key, name in _METHODS:
         if key in t:
             method = name
@@ -336,6 +340,10 @@ def record_from_row(row: dict, i: int, mapping: Mapping) -> MeasurementRecord:
     if why:
         notes.append(why)
     techs = ["opt_in_bwd"] if "optimizer_in_bwd" in _cell(row, mapping, "optimizer").lower() else []
+    if "activation offloading" in _cell(row, mapping, "grad_ckpt").lower():
+        techs.append("act_offload")
+    if "compile true" in _cell(row, mapping, "attn").lower():
+        techs.append("compile")
     if sm.devices_note:
         m = re.search(sm.devices_note, _cell(row, mapping, "notes"))
         ran = int(m.group(1)) if m else 1
