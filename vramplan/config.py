@@ -95,7 +95,13 @@ class TrainConfig:
         """The precision regime as this config's stack runs it (adapter dtype, optimizer kernel)."""
         from .stacks import effective_regime
 
-        return effective_regime(self.precision, self.framework)
+        regime = effective_regime(self.precision, self.framework)
+        if self.adapter != "qlora" and self.behaves("peft_adapter_base_dtype") and regime.autocast is None:
+            # PEFT < 0.12 moved LoRA layers to the base weight's floating dtype (stacks.toml [behaviours])
+            from dataclasses import replace
+
+            regime = replace(regime, adapter_dtype=regime.frozen_dtype)
+        return regime
 
     def uses(self, technique: str) -> bool:
         """Whether a memory-saving technique is on (asked for, or the stack's default)."""

@@ -86,6 +86,15 @@ class Scored:
         return self.band[0] - 1e-12 <= self.ratio <= self.band[1] + 1e-12
 
     @property
+    def verdict(self) -> str | None:
+        """The planner's verdict with this row's (leave-one-source-out) band: comfortable | tight | no."""
+        if self.device is None or not self.capacity:
+            return None
+        from ..verdict import classify
+
+        return classify(self.device, self.capacity, self.band[1] if self.band else 0.0).value
+
+    @property
     def stack(self) -> str:
         return self.record.config.stack or "?"
 
@@ -224,7 +233,8 @@ def loso_bands(scored: list[Scored]) -> list[Scored]:
     """Set each scored row's band from the other sources' residuals (leave one source out)."""
     pool = [s for s in scored if s.status == "scored" and s.ratio is not None]
     for s in scored:
-        if s.status not in ("scored", "estimated") or s.ratio is None:
+        outcome = s.status in ("oom", "fit_only") and s.device is not None
+        if not outcome and (s.status not in ("scored", "estimated") or s.ratio is None):
             continue
         for level, key in _groups(s):
             others = [o.ratio for o in pool if o.source != s.source and _key(level, o) == key]
@@ -268,6 +278,7 @@ class Summary:
     inside_band: float | None        # share of scored rows with a band whose measured value is inside it
     oom_predicted_fit: int
     fit_only_predicted_no: int
+    oom_predicted_comfortable: int = 0   # OOM rows the verdict (with the band) calls comfortable
     skip_reasons: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -292,6 +303,7 @@ def summarize(scored: list[Scored]) -> Summary:
         inside_band=float(np.mean([s.inside for s in banded])) if banded else None,
         oom_predicted_fit=sum(bool(s.fits) for s in oom),
         fit_only_predicted_no=sum(s.fits is False for s in fo),
+        oom_predicted_comfortable=sum(s.verdict == "comfortable" for s in oom),
         skip_reasons=dict(Counter(s.reason for s in scored if s.status == "skipped")),
     )
 

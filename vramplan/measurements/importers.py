@@ -173,7 +173,7 @@ def parse_gpu(text: str) -> tuple[int, str | None, int | None, str]:
     t = text.strip().lower()
     if t.startswith("unknown"):
         return 1, None, None, "card not stated"
-    m = re.match(r"\s*(\d+)\s*(?:x|\*)", t)
+    m = re.match(r"\s*(\d+)\s*(?:x|\*|gpus?\b)", t)
     count = int(m.group(1)) if m else 1
     for pat, name in _GPU_NAMES:
         if re.search(pat, t):
