@@ -139,7 +139,9 @@ def report(scored: list[Scored]) -> str:
             ("OOM rows predicted to fit (peak <= capacity)", f"{s.oom_predicted_fit} of {s.oom}", "0"),
             ("OOM rows the verdict calls comfortable (band included)", f"{s.oom_predicted_comfortable} of {s.oom}", "0"),
             ("fit-only rows predicted not to fit", f"{s.fit_only_predicted_no} of {s.fit_only}", "0"),
-            ("measured inside the band", _pct(s.inside_band), ">= 80%")]
+            ("measured inside the band", _pct(s.inside_band), ">= 80%"),
+            ("published context capacities: median predicted/published longest sequence - 1",
+             f"{_pct(s.capacity_median)} over {s.capacity_rows} rows ({s.capacity_over} over-promised)", "")]
     out.append("| figure | value | target |\n|---|---:|---:|")
     out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     out.append(f"\nRows: {s.rows} in the corpus; {s.scored} scored with a number, {s.oom} OOM and {s.fit_only} "
@@ -182,6 +184,9 @@ def report(scored: list[Scored]) -> str:
             status += (" (predicted fits!" if x.fits else " (predicted no") + f"; verdict {x.verdict})"
         if x.status == "fit_only":
             status += (" (predicted no!" if x.fits is False else " (predicted fits") + f"; verdict {x.verdict})"
+            if x.longest_seq is not None:
+                status += (f"; longest sequence {r.config.seq:,} published, {x.longest_seq:,} predicted "
+                           f"({_pct(x.capacity_error)})")
         out.append(f"| {x.source} | {r.source.row} | {x.stack} | {x.method} | {r.config.model or r.config.model_text} | "
                    f"{x.gpu} | {x.quantity} | {meas} | {pred} | {_pct(x.error) if x.error is not None else '-'} | "
                    f"{band} | {'' if x.inside is None else ('yes' if x.inside else 'no')} | {status} |")
@@ -227,6 +232,9 @@ def main(argv=None) -> int:
               f"{s.oom_predicted_comfortable}); fit-only predicted no: "
               f"{s.fit_only_predicted_no} of {s.fit_only} (target 0); inside the LOSO band: {_pct(s.inside_band)} "
               f"(target >= 80%)")
+        if s.capacity_rows:
+            print(f"context capacities: predicted/published longest sequence - 1, median {_pct(s.capacity_median)} "
+                  f"over {s.capacity_rows} rows, {s.capacity_over} over-promised")
         for k, v in group_by(scored, "stack").items():
             print(f"  {k:10s} scored {v.scored:3d}  median {_pct(v.median_abs):>6s}  under>10% {_pct(v.under_10):>6s}  "
                   f"inside band {_pct(v.inside_band):>6s}")

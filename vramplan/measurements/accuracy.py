@@ -60,6 +60,14 @@ class Scored:
     fits: bool | None = None
     band: tuple[float, float] | None = None
     band_from: str = ""
+    longest_seq: int | None = None  # a capacity row (limit max_seq): the planner's longest sequence on the card
+
+    @property
+    def capacity_error(self) -> float | None:
+        """Predicted longest sequence / published longest - 1 (positive: the planner promises more: unsafe)."""
+        if self.longest_seq is None or not self.record.config.seq:
+            return None
+        return self.longest_seq / self.record.config.seq - 1.0
 
     @property
     def measured(self) -> int | None:
@@ -208,7 +216,22 @@ def score_one(record: MeasurementRecord) -> Scored:
                         f"({floor / 2**30:.2f} GiB: weights, gradients and optimizer states, no activations)")
     elif s.capacity is None:
         s.status, s.reason = "skipped", f"{m.outcome} without a stated card capacity"
+    elif m.limit == "max_seq":
+        s.longest_seq = _longest_seq(record, est)
     return s
+
+
+def _longest_seq(record: MeasurementRecord, est) -> int:
+    """The planner's longest sequence at the record's batch on its card (grid of ~400 steps up to 2x the published)."""
+    from ..models import get_model
+    from ..plan import _total, resolve_gpu
+
+    card = resolve_gpu(record.device.name, record.device.memory_bytes if record.device.name is None else None)
+    top = 2 * int(record.config.seq)
+    step = max(16, top // 400)
+    grid = np.arange(step, top + 1, step)
+    ok = _total(get_model(record.config.model), est.config, card, batch=est.config.batch, seq=grid) <= card.memory_bytes
+    return int(grid[ok].max()) if ok.any() else 0
 
 
 def score(records: Iterable[MeasurementRecord]) -> list[Scored]:
@@ -279,6 +302,9 @@ class Summary:
     oom_predicted_fit: int
     fit_only_predicted_no: int
     oom_predicted_comfortable: int = 0   # OOM rows the verdict (with the band) calls comfortable
+    capacity_rows: int = 0               # fit-only rows that are a published longest sequence
+    capacity_median: float | None = None  # median of predicted/published longest sequence - 1
+    capacity_over: int = 0               # capacity rows whose predicted longest sequence exceeds the published
     skip_reasons: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -293,6 +319,7 @@ def summarize(scored: list[Scored]) -> Summary:
     banded = [s for s in sc if s.inside is not None]
     oom = [s for s in scored if s.status == "oom"]
     fo = [s for s in scored if s.status == "fit_only"]
+    cap = [s for s in fo if s.capacity_error is not None]
     return Summary(
         rows=len(scored), scored=len(sc), skipped=sum(s.status == "skipped" for s in scored),
         inconsistent=sum(s.status == "inconsistent" for s in scored),
@@ -304,6 +331,9 @@ def summarize(scored: list[Scored]) -> Summary:
         oom_predicted_fit=sum(bool(s.fits) for s in oom),
         fit_only_predicted_no=sum(s.fits is False for s in fo),
         oom_predicted_comfortable=sum(s.verdict == "comfortable" for s in oom),
+        capacity_rows=len(cap),
+        capacity_median=float(np.median([s.capacity_error for s in cap])) if cap else None,
+        capacity_over=sum(s.capacity_error > 0 for s in cap),
         skip_reasons=dict(Counter(s.reason for s in scored if s.status == "skipped")),
     )
 

@@ -181,6 +181,9 @@ def parse_gpu(text: str) -> tuple[int, str | None, int | None, str]:
     g = re.search(r"(\d+)\s*gb\s*gpu", t)
     if g:
         return count, None, int(g.group(1)) * 10**9, f"a generic {g.group(1)} GB card"
+    g = re.search(r"(\d+)\s*gb\s*vram", t)
+    if g:  # a VRAM class ("24 GB"): cards of that class hold that many GiB (a 24 GB RTX 4090: 24,564 MiB)
+        return count, None, int(g.group(1)) * 2**30, f"a {g.group(1)} GB VRAM class, read as {g.group(1)} GiB"
     return count, None, None, "card not stated" if "unknown" in t or "not stated" in t else ""
 
 
@@ -392,8 +395,9 @@ def record_from_row(row: dict, i: int, mapping: Mapping) -> MeasurementRecord:
     )
     device = Device(name=gpu, display=_cell(row, mapping, "gpu") or None, memory_bytes=cap,
                     versions={str(k): str(v) for k, v in sm.versions.items()})
+    limit = "max_seq" if "largest sequence that fit" in _cell(row, mapping, "notes").lower() and outcome == "fit_only" else None
     meas = Measurement(outcome=outcome, quantity=sm.quantity, bytes=nbytes, published=value_text or None, unit=unit,
-                       tokens_per_s=tps_v)
+                       tokens_per_s=tps_v, limit=limit)
     return MeasurementRecord(config=cfg, device=device, measurement=meas,
                              source=Source(kind="published", id=sid, ref=ref or None, row=i),
                              estimated=estimated, notes="; ".join(n for n in notes if n))

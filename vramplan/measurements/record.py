@@ -12,7 +12,7 @@ Schema ``vramplan.measurement/1`` (JSON object, one per line in a ``.jsonl`` fil
                  batch, seq, seq_bound, packing, grad_ckpt, precision, optimizer, attn,
                  stack, stack_version, techniques, gpus, strategy, offload, double_quant, dropout},
      "device":  {name, display, memory_bytes, versions},
-     "measurement": {outcome, quantity, bytes, published, unit, step_s, tokens_per_s},
+     "measurement": {outcome, quantity, bytes, published, unit, step_s, tokens_per_s, limit},
      "source":  {kind, id, ref, row, machine},
      "estimated": false, "notes": ""}
 
@@ -23,6 +23,8 @@ Schema ``vramplan.measurement/1`` (JSON object, one per line in a ``.jsonl`` fil
   ``torchtune_active`` (torchtune's ``peak_memory_active``: the allocator's active bytes, equal
   to allocated at the peak), ``device_total`` (NVML / nvidia-smi: the process's device memory),
   ``unknown_peak`` (a peak whose kind the source does not state).
+* ``measurement.limit``: ``max_seq`` when a fit-only run is the longest sequence that fit (a
+  published context capacity): the benchmark compares it with the planner's longest sequence.
 * ``config.seq_bound``: ``exact`` (every sequence this long, packed or padded), ``max`` (a
   bound: dynamic padding to the longest of the batch, ``"<=512"``), ``unknown``.
 * ``estimated``: another tool's rule of thumb, not a measurement: compared, never fitted.
@@ -193,6 +195,7 @@ class Measurement:
     unit: str | None = None
     step_s: float | None = None
     tokens_per_s: float | None = None
+    limit: str | None = None   # "max_seq": the configuration's sequence is the longest that fit (a capacity)
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "measurement") -> "Measurement":
@@ -206,9 +209,14 @@ class Measurement:
         b = _opt_int(d, "bytes", where, 1)
         if outcome == "measured" and b is None:
             raise _bad(where, "a measured outcome needs bytes", "use outcome fit_only for a run without a number")
+        limit = d.get("limit")
+        if limit not in (None, "max_seq"):
+            raise _bad(where, f"limit must be null or 'max_seq', got {limit!r}")
+        if limit and outcome != "fit_only":
+            raise _bad(where, "limit 'max_seq' describes a fit-only outcome (the longest sequence that ran)")
         return cls(outcome=outcome, quantity=quantity, bytes=b, published=_opt_str(d, "published", where),
                    unit=_opt_str(d, "unit", where), step_s=_opt_num(d, "step_s", where),
-                   tokens_per_s=_opt_num(d, "tokens_per_s", where))
+                   tokens_per_s=_opt_num(d, "tokens_per_s", where), limit=limit)
 
 
 @dataclass(frozen=True)
