@@ -287,6 +287,7 @@ def package_version(package: str, versions=()) -> tuple[str | None, str]:
     return None, "latest"
 
 
+@lru_cache(maxsize=4096)
 def behaviour_on(name: str, framework: str, versions=()) -> bool:
     """Whether behaviour ``name`` applies to ``framework`` at the package version in use (given, else
     installed, else latest: off)."""
