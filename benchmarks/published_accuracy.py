@@ -146,7 +146,8 @@ def report(scored: list[Scored]) -> str:
     out.append("| figure | value | target |\n|---|---:|---:|")
     out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     out.append(f"\nRows: {s.rows} in the corpus; {s.scored} scored with a number, {s.oom} OOM and {s.fit_only} "
-               f"fit-only outcomes judged, {s.estimated} another tool's estimates (compared, never fitted), "
+               f"fit-only outcomes judged, {s.estimated} another tool's estimates (compared where the planner can express "
+               f"them, never fitted), "
                f"{s.inconsistent} inconsistent with their stated configuration, {s.skipped} not predictable:")
     for reason, n in sorted(s.skip_reasons.items(), key=lambda kv: -kv[1]):
         out.append(f"- {n} x {reason}")

@@ -29,6 +29,7 @@ def test_every_row_is_accounted_for_once(scored):
     assert s.scored + s.oom + s.fit_only + s.estimated + s.inconsistent + s.skipped == s.rows
     assert sum(s.skip_reasons.values()) == s.skipped
     assert all(x.reason for x in scored if x.status in ("skipped", "inconsistent"))
+    assert s.estimated == sum(x.record.estimated for x in scored) == 12
     assert s.scored >= 50 and s.oom >= 5 and s.fit_only >= 3
 
 
@@ -59,7 +60,7 @@ def test_bands_leave_the_row_source_out(scored):
 
 def test_estimates_are_compared_but_never_fitted(scored):
     est = [x for x in scored if x.record.estimated]
-    assert est and all(x.status in ("estimated", "skipped") for x in est)
+    assert est and all(x.status == "estimated" for x in est)
     fitted = fit_bands([x for x in scored if not x.record.estimated])
     assert fit_bands(scored) == fitted
 

@@ -197,7 +197,8 @@ def score_one(record: MeasurementRecord) -> Scored:
     try:
         est = plan(record)
     except VramplanError as exc:
-        return Scored(record, "skipped", str(exc.args[0]) if exc.args else str(exc))
+        why = str(exc.args[0]) if exc.args else str(exc)
+        return Scored(record, "estimated" if record.estimated else "skipped", why)
     o = est.overheads
     s = Scored(record, status, allocated=int(o.allocated_bytes), reserved=int(o.reserved_bytes),
                device=int(est.peak_bytes), capacity=est.capacity_bytes,
