@@ -2,7 +2,7 @@
 
 ``vramplan/data/bands.json`` is written by ``benchmarks/published_accuracy.py --write-bands``
 from the shipped corpus (``measurements/``): for each stack and method (else stack, else all
-rows), the 10th and 90th percentiles of ``measured / predicted - 1`` over the rows measured on
+rows), the 5th and 95th percentiles of ``measured / predicted - 1`` over the rows measured on
 the like-for-like quantity, widened to at least +/-5% (:mod:`vramplan.measurements.accuracy`).
 ``estimated`` rows never enter it. The benchmark scores the same rule leave-one-source-out.
 
@@ -37,7 +37,7 @@ class Band:
     def describe(self) -> str:
         if not self.rows:
             return f"{100 * self.lo:+.0f}% / {100 * self.hi:+.0f}% (default: no published row backs {self.key})"
-        return (f"{100 * self.lo:+.1f}% / {100 * self.hi:+.1f}% of the prediction (10th-90th percentile of "
+        return (f"{100 * self.lo:+.1f}% / {100 * self.hi:+.1f}% of the prediction (5th-95th percentile of "
                 f"measured/predicted over {self.rows} published rows from {self.sources} sources, {self.level} {self.key})")
 
     def to_json(self) -> dict:

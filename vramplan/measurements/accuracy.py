@@ -18,8 +18,8 @@ The core of ``benchmarks/published_accuracy.py`` (and its CI test). For each rec
   a method or strategy it does not model) is ``skipped`` with the reason, never dropped.
 
 Bands (:func:`loso_bands`): for every scored row, the ratio ``measured / predicted - 1`` of the
-*other* sources' rows of the same stack and method (else the same stack, else all), its 10th and
-90th percentiles widened to at least +/-5%; the row's measured value is inside when
+*other* sources' rows of the same stack and method (else the same stack, else all), its 5th and
+95th percentiles widened to at least +/-5%; the row's measured value is inside when
 ``predicted x (1 + lo) <= measured <= predicted x (1 + hi)``. ``estimated`` rows are scored apart
 and never enter a band. :func:`fit_bands` computes the same from all sources: the planner's
 bands (``vramplan/data/bands.toml``).
@@ -36,7 +36,7 @@ from ..errors import VramplanError
 from .record import MeasurementRecord
 
 #: Percentiles of the residual ratio that bound the band, and its minimum half-width.
-BAND_PERCENTILES = (10.0, 90.0)
+BAND_PERCENTILES = (5.0, 95.0)
 MIN_BAND = 0.05
 #: A group needs this many residuals from other sources to set its own band (else the wider group).
 MIN_BAND_ROWS = 3
