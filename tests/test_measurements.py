@@ -223,3 +223,15 @@ def test_dropout_adds_masks_per_adapted_module():
     assert b > a
     with pytest.raises(VramplanError, match="dropout"):
         vramplan.estimate("llama-3.2-1b", "lora", dropout=1.5)
+
+
+def test_config_read_back_from_json_keeps_hashable_versions():
+    """A logged config (versions as JSON lists, or empty) rebuilds a hashable TrainConfig the
+    calibration fit can plan (an unhashable list broke the cached behaviour lookup)."""
+    from vramplan.config import TrainConfig
+
+    for raw in ([], [["bitsandbytes", "0.42.0"]], {"bitsandbytes": "0.42.0"}):
+        c = TrainConfig(versions=raw)
+        hash(c)
+        assert isinstance(c.versions, tuple)
+        assert c.regime is not None

@@ -67,7 +67,7 @@ class TrainConfig:
 
     def __post_init__(self):
         # a dict or lists (a config read back from JSON) become sorted pairs, so the config stays hashable
-        if self.versions and not (isinstance(self.versions, tuple) and all(isinstance(v, tuple) for v in self.versions)):
+        if not (isinstance(self.versions, tuple) and all(isinstance(v, tuple) for v in self.versions)):
             from .stacks import parse_versions
 
             object.__setattr__(self, "versions", parse_versions(self.versions))
