@@ -164,14 +164,14 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
                 mods = 1 if (stack.lora_qkv_pad and set(adapted) <= {"q_proj", "k_proj", "v_proj"}) else len(adapted)
                 b += DROPOUT_SAVED_BYTES * width * mods
             b += target * cfg.rank * len(adapted)  # lora_A's output, saved by lora_B
-        if keeps_4bit_input and fresh and not input_saved and not (full and regime.autocast is None):
-            # bitsandbytes < 0.43.2: MatMul4Bit.forward keeps A (the input cast to the compute dtype) on ctx
-            # until backward for every 4-bit linear; linears reading one tensor keep that one tensor
-            b += c * width
             if copy.adapter is Adapter.DORA:
                 # (PEFT DoraLinearLayer: (m / ||W + BA||) scales the base result and the LoRA result; both saved)
                 # (lora_B's output is in autocast's dtype under autocast, else the adapter's)
                 b += sum((target + d.proj_out) * lin[n].out_features for n in adapted)
+        if keeps_4bit_input and fresh and not input_saved and not (full and regime.autocast is None):
+            # bitsandbytes < 0.43.2: MatMul4Bit.forward keeps A (the input cast to the compute dtype) on ctx
+            # until backward for every 4-bit linear; linears reading one tensor keep that one tensor
+            b += c * width
         return b
 
     def ia3_out(names: list[str]) -> float:
