@@ -235,3 +235,18 @@ def test_config_read_back_from_json_keeps_hashable_versions():
         hash(c)
         assert isinstance(c.versions, tuple)
         assert c.regime is not None
+
+
+def test_dora_scaling_terms_do_not_depend_on_the_bitsandbytes_behaviour():
+    """DoRA saves its magnitude-scaled base and LoRA results in every adapted module whatever the
+    bitsandbytes version (a regression: they were once nested under the 4-bit branch)."""
+    import vramplan
+    from vramplan.models import get_model
+    from vramplan.taxonomy import Component
+
+    m = get_model("llama-3.2-1b")
+    kw = dict(batch=1, seq=512, grad_ckpt=False, targets="q_proj,v_proj")
+    acts = {meth: vramplan.estimate(m, meth, **kw).components[Component.ACTIVATIONS] for meth in ("lora", "dora")}
+    q_out = next(l.out_features for l in m.layer_linears() if l.name == "q_proj")
+    v_out = next(l.out_features for l in m.layer_linears() if l.name == "v_proj")
+    assert acts["dora"] - acts["lora"] >= 512 * m.num_layers * (q_out + v_out) * 4
