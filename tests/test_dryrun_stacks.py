@@ -33,7 +33,8 @@ def _one_line_error(capsys, argv, *needles):
 # -- labels (no torch needed) -------------------------------------------------------------------------
 def test_catalogue_labels_every_stack():
     assert {n: s.dryrun for n, s in stacks().items()} == {
-        "hf": "traced", "torchtune": "traced", "litgpt": "traced", "unsloth": "documented"}
+        "hf": "traced", "torchtune": "traced", "litgpt": "traced", "unsloth": "documented",
+        "fsdp_qlora": "documented"}
     assert stack_run("hf") == "traced"
     assert stack_run("torchtune") == "traced"
     assert stack_run("hf", ("liger_ce",)) == "emulated"

@@ -303,9 +303,25 @@ def test_callback_plans_and_compares_in_a_real_trainer(tmp_path, capfd):
     from vramplan.calibration.log import LogState, read_log
 
     recs = read_log(log)
-    assert len(recs) == 1 and recs[0]["kind"] == "point" and recs[0]["split"] == "user"
-    assert recs[0]["measured"] == fake and recs[0]["config"]["seq"] == 32
+    assert len(recs) == 1 and recs[0]["kind"] == "point" and recs[0]["split"] == "fit"
+    # the runner's field names, which the calibration fit reads
+    assert recs[0]["memory"] == {"max_allocated": 2_000_000, "max_reserved": 4_194_304,
+                                 "nvml_process_bytes": 600 * 2**20}
+    assert recs[0]["config"]["seq"] == 32
     assert LogState.load(log).done(recs[0]["id"])
+    # ... and the same point as measurement records (one per quantity), valid on load
+    from vramplan.measurements.record import MeasurementRecord, from_log
+
+    kinds = {r["measurement"]["quantity"]: r["measurement"]["bytes"] for r in recs[0]["records"]}
+    assert kinds == {"max_allocated": 2_000_000, "max_reserved": 4_194_304, "device_total": 600 * 2**20}
+    again = from_log(recs)
+    assert [r.to_dict() for r in again] == recs[0]["records"]
+    assert all(MeasurementRecord.from_dict(r).config.batch == 2 for r in recs[0]["records"])
+    # the calibration fit reads the callback's point as a measured one
+    from vramplan.calibration.fit import load_rows
+
+    rows, source = load_rows(recs)
+    assert source == "torch.cuda" and rows[0].allocated == 2_000_000 and rows[0].spec is not None
 
 
 @needs_torch

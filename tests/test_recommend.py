@@ -53,10 +53,18 @@ def test_multi_gpu_recommendation_fits_per_gpu(gpus, strategy, method, global_ba
 
 
 def test_default_margin_means_comfortable():
+    """The best plan keeps the 15% margin: comfortable, or tight only because its published band
+    reaches the card (vramplan.bands)."""
+    from vramplan.bands import band_for_config
+
     rep = vramplan.fit("llama-2-7b", "rtx4090")
     for r in rep.rows:
         if r.best is not None:
-            assert r.verdict is Verdict.COMFORTABLE
+            est = r.estimate
+            assert est.peak_bytes <= 0.85 * rep.capacity_bytes
+            hi = band_for_config(est.config).hi
+            want = Verdict.TIGHT if est.peak_bytes * (1 + hi) > rep.capacity_bytes else Verdict.COMFORTABLE
+            assert r.verdict is want
 
 
 def test_ranking_is_by_tokens_per_second_among_plans_that_fit():

@@ -21,7 +21,7 @@ def peak(cfg, **kw):
 
 
 def test_catalogue_validates_and_cites():
-    assert set(stacks()) == {"hf", "torchtune", "unsloth", "litgpt"}
+    assert set(stacks()) == {"hf", "torchtune", "unsloth", "litgpt", "fsdp_qlora"}
     for st in stacks().values():
         assert st.sources, st.name
     for t in techniques().values():

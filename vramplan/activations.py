@@ -66,6 +66,12 @@ class Dtypes:
     adapter: int       # adapter parameter dtype
 
 
+#: Bytes per element that a LoRA module with ``lora_dropout > 0`` keeps beyond what it keeps without
+#: dropout: measured by the dry run (PEFT 0.21 on meta; smollm2-360m, q_proj / q_proj,k_proj / down_proj,
+#: bf16 and bf16-mixed: +2.0 B per element of the adapted module's input, each case).
+DROPOUT_SAVED_BYTES = 2
+
+
 def copy_dtypes(copy: ModelCopy, regime: Regime, kbit_upcast: bool = True) -> Dtypes:
     """The dtypes that ``copy`` computes in under ``regime``.
 
@@ -105,6 +111,9 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
     targets = set(cfg.targets) if peft else set()
     lora_like = copy.adapter in (Adapter.LORA, Adapter.QLORA, Adapter.DORA)
     lin = {l.name: l for l in model.layer_linears()}
+    dropout = lora_like and cfg.dropout > 0
+    # bitsandbytes < 0.43.2 MatMul4Bit keeps every 4-bit linear's input (stacks.toml [behaviours])
+    keeps_4bit_input = copy.adapter is Adapter.QLORA and copy.quantized and cfg.behaves("bnb_4bit_saves_input")
 
     per_tok = 0.0  # bytes per token
     per_seq2 = 0.0  # bytes per token per sequence position (eager attention's s^2 terms)
@@ -134,6 +143,7 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
                 b += d.linear_in * width * len(names)  # one autocast cast per call
             elif fresh:
                 b += (xb if regime.autocast is not None else d.linear_in) * width  # the shared input, saved once
+        input_saved = False  # the shared input tensor itself is kept by someone (for the 4-bit behaviour)
         if lora_like:
             adapted = [n for n in names if n in targets]
             # PEFT casts the input to the adapter dtype first (when the stack does); autocast then
@@ -143,12 +153,25 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
             if e != xb or target != e:
                 b += target * width * len(adapted)  # a cast copy per adapted module, saved by lora_A
             elif adapted and fresh and not full:
-                b += xb * width  # lora_A saves the shared input itself
+                if dropout:
+                    b += xb * width * len(adapted)  # each module's dropout output, saved by its lora_A
+                else:
+                    b += xb * width  # lora_A saves the shared input itself
+                    input_saved = True
+            if dropout and adapted:
+                # lora_dropout > 0: each adapted module's nn.Dropout keeps its mask for backward; the dry
+                # run (PEFT on meta) measures 2 bytes per element per adapted module (DROPOUT_SAVED_BYTES)
+                mods = 1 if (stack.lora_qkv_pad and set(adapted) <= {"q_proj", "k_proj", "v_proj"}) else len(adapted)
+                b += DROPOUT_SAVED_BYTES * width * mods
             b += target * cfg.rank * len(adapted)  # lora_A's output, saved by lora_B
             if copy.adapter is Adapter.DORA:
                 # (PEFT DoraLinearLayer: (m / ||W + BA||) scales the base result and the LoRA result; both saved)
                 # (lora_B's output is in autocast's dtype under autocast, else the adapter's)
                 b += sum((target + d.proj_out) * lin[n].out_features for n in adapted)
+        if keeps_4bit_input and fresh and not input_saved and not (full and regime.autocast is None):
+            # bitsandbytes < 0.43.2: MatMul4Bit.forward keeps A (the input cast to the compute dtype) on ctx
+            # until backward for every 4-bit linear; linears reading one tensor keep that one tensor
+            b += c * width
         return b
 
     def ia3_out(names: list[str]) -> float:
@@ -311,6 +334,16 @@ def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head
     up = 4.0 if d.logits != 4 else 0.0
     if cfg is not None and not cfg.stack.loss_upcast and mode == "chunked":
         up = 0.0  # cross-entropy in the logits' dtype: no fp32 copy (litgpt chunked_cross_entropy)
+    if cfg is not None and cfg.uses("compile") and mode in ("chunked", "full_fp32") \
+            and cfg.recipe.method.loss not in ("sequence_logps", "response_logps"):
+        # torch.compile'd loss (stacks.toml techniques.compile): the min-cut partitioner saves the logits
+        # and a per-row logsumexp, recomputing the softmax in backward; one chunk's fp32 working set is
+        # live at a time (the whole logits when the loss is not chunked)
+        n = chunks if mode == "chunked" else 1
+        work = (T / n) * V * 8.0
+        fwd = T * V * d.logits + work
+        bwd = T * V * (d.logits + keep) + work
+        return fwd, bwd
     fwd, bwd = _logits_by_loss(model, regime, d, T, V, h, cfg, mode, chunks, keep, up, rows)
     if model.final_logit_softcapping and mode != "fused_linear":
         # Gemma-2: logits = tanh(logits / cap) * cap; tanh's output is saved for backward

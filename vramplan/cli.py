@@ -119,7 +119,8 @@ def cmd_estimate(a) -> int:
     elif a.model is None:
         raise VramplanError("estimate needs --model", "or --config FILE (an Axolotl YAML or HF/TRL training arguments)")
     else:
-        est = estimate(a.model, a.method, **_plan_kwargs(a), **_scale_kwargs(a), techniques=a.techniques)
+        est = estimate(a.model, a.method, **_plan_kwargs(a), **_scale_kwargs(a), techniques=a.techniques,
+                       versions=getattr(a, "stack_version", None))
     _print_json(est) if a.json else render_estimate(est, _console())
     return 0
 
@@ -235,6 +236,10 @@ def cmd_calibrate(a) -> int:
     out = run_from_args(a)
     if getattr(a, "json", False):
         _print_json(out)
+    elif getattr(a, "import_file", None):
+        from .calibration.__main__ import print_import
+
+        print_import(out)
     return 0
 
 
@@ -253,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("estimate", help="peak memory of one configuration (analytic model)")
     _add_plan_args(e, model_required=False)
     _add_scale_args(e)
+    e.add_argument("--stack-version", default=None, metavar="PKG=VER,...",
+                   help="package versions the run uses where memory behaviour changed between versions "
+                        "(e.g. bitsandbytes=0.42.0); default: the installed version, else the latest")
     e.add_argument("--config", default=None, metavar="FILE",
                    help="an Axolotl YAML or HF/TRL training-arguments JSON/YAML; flags set to other than their "
                         "defaults win over the file")

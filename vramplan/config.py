@@ -41,6 +41,8 @@ class TrainConfig:
             opt_in_bwd, opt_offload, padding), on top of the stack's own.
         double_quant: QLoRA double quantisation of the NF4 constants (default on).
         ppo_response: PPO response tokens generated per sequence (default seq // 2).
+        versions: (package, version) pairs the run uses (``--stack-version``); a package not named
+            takes its installed version, else the latest behaviour (stacks.toml [behaviours]).
     """
 
     method: str = "lora"
@@ -60,7 +62,23 @@ class TrainConfig:
     techniques: tuple[str, ...] = ()
     double_quant: bool = True
     ppo_response: int | None = None
+    versions: tuple[tuple[str, str], ...] = ()
     extras: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        # a dict or lists (a config read back from JSON) become sorted pairs, so the config stays hashable
+        if not (isinstance(self.versions, tuple) and all(isinstance(v, tuple) for v in self.versions)):
+            from .stacks import parse_versions
+
+            object.__setattr__(self, "versions", parse_versions(self.versions))
+
+    def behaves(self, name: str) -> bool:
+        """Whether the version-dependent behaviour ``name`` (stacks.toml [behaviours]) applies to this
+        configuration: its stack runs the package, at the version given in ``versions``, else the installed
+        one, else the latest (off)."""
+        from .stacks import behaviour_on
+
+        return behaviour_on(name, self.framework, self.versions)
 
     @property
     def recipe(self) -> Recipe:
@@ -77,7 +95,13 @@ class TrainConfig:
         """The precision regime as this config's stack runs it (adapter dtype, optimizer kernel)."""
         from .stacks import effective_regime
 
-        return effective_regime(self.precision, self.framework)
+        regime = effective_regime(self.precision, self.framework)
+        if self.adapter != "qlora" and self.behaves("peft_adapter_base_dtype") and regime.autocast is None:
+            # PEFT < 0.12 moved LoRA layers to the base weight's floating dtype (stacks.toml [behaviours])
+            from dataclasses import replace
+
+            regime = replace(regime, adapter_dtype=regime.frozen_dtype)
+        return regime
 
     def uses(self, technique: str) -> bool:
         """Whether a memory-saving technique is on (asked for, or the stack's default)."""
@@ -138,7 +162,7 @@ def make_config(model: ModelSpec | str, method: str = "lora", *, adapter: str | 
                 seq: int = 2048, grad_accum: int = 1, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
                 targets=None, grad_ckpt: bool | None = None, optimizer: str = DEFAULT_OPTIMIZER,
                 precision: str | None = None, attn: str = "sdpa", framework: str = "hf", double_quant: bool = True,
-                ppo_response: int | None = None, techniques=None) -> TrainConfig:
+                ppo_response: int | None = None, techniques=None, versions=None) -> TrainConfig:
     """Validate user input into a :class:`TrainConfig` for ``model``.
 
     Defaults: gradient checkpointing off (on for QLoRA, as TRL/PEFT's
@@ -155,9 +179,11 @@ def make_config(model: ModelSpec | str, method: str = "lora", *, adapter: str | 
     for label, value in (("batch", batch), ("seq", seq), ("grad-accum", grad_accum), ("rank", rank)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise VramplanError(f"--{label} must be a positive integer, got {value!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= float(dropout) < 1.0:
+        raise VramplanError(f"--dropout must be in [0, 1), got {dropout!r}")
     if attn not in ATTENTION:
         raise unknown("attention implementation", attn, ATTENTION)
-    from .stacks import get_stack, parse_techniques
+    from .stacks import get_stack, parse_techniques, parse_versions
 
     stack = get_stack(framework)
     techs = parse_techniques(techniques)
@@ -190,4 +216,5 @@ def make_config(model: ModelSpec | str, method: str = "lora", *, adapter: str | 
         rank=rank, alpha=float(alpha if alpha is not None else rank), dropout=float(dropout), targets=tg,
         grad_ckpt=bool(grad_ckpt), optimizer=get_optimizer(optimizer).name, precision=regime.name, attn=attn,
         framework=stack.name, techniques=techs, double_quant=double_quant, ppo_response=ppo_response,
+        versions=parse_versions(versions),
     )

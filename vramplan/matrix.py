@@ -324,11 +324,21 @@ def peak_grid(models="all", methods="all", gpus="all", seqs=BENCH_SEQS, batches=
                 terms = _tensor_peaks(spec, recipe, prec, ladder, s, b, rank, targets, attn, framework, techniques)
                 for chain in over.chains(idx, recipe.name):
                     peaks[i, j][:, chain.members] = chain.total(*terms)[:, None]
-    codes = np.where(np.isnan(peaks), 2, classify_array(np.nan_to_num(peaks, nan=np.inf),
-                                                         cap[:, None, None])).astype(np.int8)
+    from .bands import band_for, method_key
+
+    his = np.array([band_for(framework, method_key(r.method.name, r.adapter.value)).hi for r in recipes])
+    codes = np.where(np.isnan(peaks), 2, classify_array(np.nan_to_num(peaks, nan=np.inf), cap[:, None, None],
+                                                         his[None, :, None, None, None, None])).astype(np.int8)
     return PeakGrid([m.name for m in specs], [r.name for r in recipes],
                     [(bool(gc) if gc is not None else None, o) for gc, o in ladder], [c.name for c in cards],
                     [int(x) for x in s], [int(x) for x in b], peaks, codes)
+
+
+def _band_hi(framework: str, recipe) -> float:
+    """Upper end of the published band of ``recipe`` on ``framework`` (:mod:`vramplan.bands`)."""
+    from .bands import band_for, method_key
+
+    return band_for(framework, method_key(recipe.method.name, recipe.adapter.value)).hi
 
 
 def _stack_args(framework: str, techniques) -> tuple[str, tuple[str, ...]]:
@@ -498,8 +508,9 @@ def feasibility_matrix(models="all", methods="all", gpus="all", seqs=2048, *, ba
                     ix = chain.members
                     total = chain.total(t1, a1, p1)                                       # (L, S)
                     # 1. pick a setting per card and seq
+                    band_hi = _band_hi(framework, recipe)
                     choice = pick(np.broadcast_to(total[:, None, :], (len(ladder), len(ix), len(s))),
-                                  cap[ix][:, None])                                       # (G, S)
+                                  cap[ix][:, None], band_hi)                              # (G, S)
                     # 2. the largest micro-batch of each chosen setting: device totals over 1..1024; a batch
                     #    counts only if every smaller one fits (monotone envelope)
                     max_b = np.zeros(choice.shape, dtype=np.int64)
@@ -512,7 +523,7 @@ def feasibility_matrix(models="all", methods="all", gpus="all", seqs=2048, *, ba
                         max_b = np.where(choice == k, counts, max_b)
                     peak = total[choice, si]                                              # (G, S)
                     tensor = chain.tensors(t1, a1)[choice, si]                            # (G, S)
-                    codes = classify_array(peak, cap[ix][:, None])
+                    codes = classify_array(peak, cap[ix][:, None], band_hi)
                     for a, g in enumerate(ix):
                         for b_, sq in enumerate(s):
                             gc, opt = ladder[int(choice[a, b_])]

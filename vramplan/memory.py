@@ -142,6 +142,11 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
                 p, q = nf4_bytes(l.in_features * l.out_features, cfg.double_quant)
                 packed += p * l.count * model.num_layers
                 qs += q * l.count * model.num_layers
+            if cfg.stack.quantizes_head and copy.head == "lm" and not model.tie_embeddings:
+                # the stack quantises every nn.Linear, the lm_head included (stacks.toml quantizes_head)
+                hp = model.vocab_size * model.hidden_size
+                p, q = nf4_bytes(hp, cfg.double_quant)
+                packed, qs, non_linear = packed + p, qs + q, non_linear - hp
             kbit = copy.trains and cfg.stack.kbit_upcast  # prepare_model_for_kbit_training upcasts the rest to fp32
             nb = 4 if kbit else DTYPE_BYTES[regime.frozen_dtype]
             st.add(Component.WEIGHTS, packed + non_linear * nb)
@@ -288,6 +293,12 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
             if cfg.stack.norm_fp32:  # and the fp32 normalised input its weight's multiply saves (torchtune)
                 a = a + T * 4 * model.hidden_size
         f, bw = act.logits_bytes(model, copy, regime, T, copy.head, cfg, rows)
+        if copy.quantized and cfg.stack.quantizes_head and copy.head == "lm" and not model.tie_embeddings:
+            # a 4-bit lm_head is dequantised whole for every chunk's matmul, in forward (beside the
+            # logits of the chunks before) and in backward: the stack's dequant_temp of V x h elements
+            per, copies_ = cfg.stack.dequant_temp
+            hq = model.vocab_size * model.hidden_size * (per + copies_ * DTYPE_BYTES[regime.compute_dtype])
+            f, bw = f + hq, bw + hq
         acts += a
         logits_fwd += f
         logits_bwd += bw

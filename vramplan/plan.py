@@ -129,6 +129,13 @@ def _assumptions(cfg: TrainConfig, overhead_source: str) -> list[str]:
     tech = _techniques_text(cfg)
     if tech:
         out.append(tech)
+    from .stacks import behaviours, package_version
+
+    for b in behaviours().values():
+        if cfg.framework in b.stacks:
+            v, how = package_version(b.package, cfg.versions)
+            state = "applies" if cfg.behaves(b.name) else "does not apply"
+            out.append(f"{b.package} {v or 'latest'} ({how}): {b.name} {state} (before {b.before}: {b.summary})")
     if cfg.adapter == "qlora":
         out.append("QLoRA: NF4 decoder linears (bitsandbytes, blocksize 64, double quant "
                    f"{'on' if cfg.double_quant else 'off'}); "
@@ -150,7 +157,7 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, adapter: str | Non
              attn: str = "sdpa", framework: str = "hf", techniques=None, double_quant: bool = True,
              ppo_response: int | None = None, gpus: int = 1, strategy: str | None = None,
              offload: str | None = None, global_batch: int | None = None, tokens=None,
-             epochs: float = 1.0) -> Estimate:
+             epochs: float = 1.0, versions=None) -> Estimate:
     """Predict the peak GPU memory of one training configuration (analytic model, numpy only), and its speed.
 
     Args mirror the CLI (``vramplan estimate``); sizes are tokens and examples, memory in bytes.
@@ -158,7 +165,10 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, adapter: str | Non
     ``gpus``/``strategy``/``offload`` plan N GPUs (``vramplan.distributed``; ``gpus > 1`` alone
     means DDP); ``batch`` is then per GPU. ``global_batch`` (examples per optimiser step over all
     GPUs) sets ``grad_accum = global_batch / (gpus x batch)``. ``tokens`` (dataset tokens, e.g.
-    ``"500M"``) and ``epochs`` give the time to train.
+    ``"500M"``) and ``epochs`` give the time to train. ``versions`` (``--stack-version``,
+    ``"bitsandbytes=0.42.0"`` or a dict) plans the package versions the run uses where a
+    behaviour changed between versions (``stacks.toml`` [behaviours]); unnamed packages take
+    their installed version, else the latest.
 
     Returns:
         :class:`vramplan.results.Estimate` with ``components`` (bytes, per GPU), ``tensor_peak_bytes``,
@@ -181,7 +191,7 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, adapter: str | Non
     cfg = make_config(spec, method, adapter=adapter, batch=batch, seq=seq, grad_accum=grad_accum, rank=rank,
                       alpha=alpha, dropout=dropout, targets=targets, grad_ckpt=grad_ckpt, optimizer=optimizer,
                       precision=precision, attn=attn, framework=framework, techniques=techniques, double_quant=double_quant,
-                      ppo_response=ppo_response)
+                      ppo_response=ppo_response, versions=versions)
     return estimate_config(spec, cfg, card, model_query=str(model) if not isinstance(model, ModelSpec) else None,
                            parallel=par, tokens=parse_count(tokens, "--tokens"), epochs=epochs)
 
@@ -243,6 +253,11 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
                                "NCCL's buffers (256 MiB)" + "".join(f"; {n}" for n in sh.notes))
         if sh.cpu_bytes:
             est.extra["cpu_offload_bytes_per_gpu"] = int(sh.cpu_bytes)
+    from .bands import band_for_config
+
+    band = band_for_config(cfg)
+    est.extra["band"] = {**band.to_json(), "lo_bytes": int(np.floor(band.lo * peak)), "hi_bytes": int(np.ceil(band.hi * peak))}
+    est.assumptions.append(f"uncertainty band: {band.describe()}")
     if card is not None:
         from .throughput import step_time, time_to_train
 
@@ -335,7 +350,10 @@ class FitRow:
     @property
     def verdict(self) -> Verdict:
         """comfortable / tight / no (:mod:`vramplan.verdict`, the same thresholds as ``vramplan matrix``)."""
-        return classify(self.estimate.peak_bytes, self.estimate.capacity_bytes)
+        from .bands import band_for_config
+
+        return classify(self.estimate.peak_bytes, self.estimate.capacity_bytes,
+                        band_for_config(self.estimate.config).hi)
 
     @property
     def tokens_per_s(self) -> float | None:

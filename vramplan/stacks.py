@@ -43,6 +43,8 @@ class Stack:
     loss_chunk_tokens: int = 0                        # tokens per loss chunk (0: loss_chunks equal chunks)
     untied_embeddings: bool = False                   # a separate lm_head even where the checkpoint ties it
     lora_qkv_pad: bool = False                        # fused-qkv LoRA zero-pads partially adapted q/k/v
+    mixed_frozen_dtype: str | None = None             # frozen base dtype under a *-mixed regime (None: the regime's)
+    quantizes_head: bool = False                      # QLoRA quantises the (untied) lm_head too
 
     def as_built(self, model):
         """``model`` as this stack builds it: untied embeddings where the stack never ties them."""
@@ -129,7 +131,7 @@ def techniques() -> dict[str, Technique]:
 def stacks() -> dict[str, Stack]:
     out = {}
     for name, s in _raw().items():
-        if name == "techniques":
+        if name in ("techniques", "behaviours"):
             continue
         try:
             st = Stack(name=name, summary=str(s["summary"]), loss=str(s["loss"]), loss_chunks=int(s["loss_chunks"]),
@@ -145,7 +147,8 @@ def stacks() -> dict[str, Stack]:
                        chunked_output=_flag(s, "chunked_output"), norm_fp32=_flag(s, "norm_fp32"),
                        loss_upcast=_flag(s, "loss_upcast", True),
                        loss_chunk_tokens=int(s.get("loss_chunk_tokens", 0)),
-                       untied_embeddings=_flag(s, "untied_embeddings"), lora_qkv_pad=_flag(s, "lora_qkv_pad"))
+                       untied_embeddings=_flag(s, "untied_embeddings"), lora_qkv_pad=_flag(s, "lora_qkv_pad"),
+                       mixed_frozen_dtype=s.get("mixed_frozen_dtype"), quantizes_head=_flag(s, "quantizes_head"))
         except (KeyError, ValueError, TypeError) as exc:
             raise VramplanError(f"stacks.toml: stack {name!r} is invalid ({exc})") from None
         if len(st.dequant_temp) != 2 or min(st.dequant_temp) < 0 or any(w < 1 for _, w in st.rope_cache):
@@ -211,4 +214,115 @@ def effective_regime(precision: str, framework: str):
     st = get_stack(framework)
     adapter = regime.compute_dtype if st.adapter_dtype == "regime" else st.adapter_dtype
     runner = regime.runner if st.runner == "regime" else st.runner
-    return replace(regime, adapter_dtype=adapter, runner=runner)
+    frozen = regime.frozen_dtype
+    if regime.autocast is not None and st.mixed_frozen_dtype:
+        frozen = st.mixed_frozen_dtype  # litgpt bf16-mixed: Fabric keeps every parameter fp32 (stacks.toml)
+    return replace(regime, adapter_dtype=adapter, runner=runner, frozen_dtype=frozen)
+
+
+# -- version-dependent behaviour (stacks.toml [behaviours]) ---------------------------------
+
+@dataclass(frozen=True)
+class Behaviour:
+    """A behaviour of one package that changed at a version: on for versions before ``before``."""
+
+    name: str
+    package: str
+    before: str
+    stacks: tuple[str, ...]
+    summary: str
+    source: str
+
+
+def _vtuple(v: str) -> tuple[int, ...]:
+    """``"0.43.2"`` -> (0, 43, 2); pre-release and local suffixes are dropped (``"2.4.0.dev2024"`` -> (2, 4, 0))."""
+    out = []
+    for part in str(v).strip().lstrip("v").split("+")[0].split("."):
+        m = __import__("re").match(r"\d+", part)
+        if not m:
+            break
+        out.append(int(m.group(0)))
+    if not out:
+        raise VramplanError(f"cannot read version {v!r}", "use numbers such as 0.42.0")
+    return tuple(out)
+
+
+@lru_cache(maxsize=None)
+def behaviours() -> dict[str, Behaviour]:
+    out = {}
+    for name, b in dict(_raw().get("behaviours", {})).items():
+        try:
+            out[name] = Behaviour(name=name, package=str(b["package"]), before=str(b["before"]),
+                                  stacks=_names(b, "stacks"), summary=str(b["summary"]), source=str(b["source"]))
+            _vtuple(out[name].before)
+        except (KeyError, TypeError) as exc:
+            raise VramplanError(f"stacks.toml: behaviour {name!r} is invalid ({exc})") from None
+    return out
+
+
+@lru_cache(maxsize=None)
+def installed_version(package: str) -> str | None:
+    """The installed version of ``package`` from its metadata (never imports it), or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+    except Exception:  # pragma: no cover - a broken distribution
+        return None
+
+
+def package_version(package: str, versions=()) -> tuple[str | None, str]:
+    """(version, how): the version given in ``versions`` (``--stack-version``), else the installed one,
+    else None (the latest behaviour)."""
+    given = dict(versions).get(package)
+    if given == "latest":
+        return None, "latest"
+    if given:
+        return str(given), "given"
+    inst = installed_version(package)
+    if inst:
+        return inst, "installed"
+    return None, "latest"
+
+
+@lru_cache(maxsize=4096)
+def behaviour_on(name: str, framework: str, versions=()) -> bool:
+    """Whether behaviour ``name`` applies to ``framework`` at the package version in use (given, else
+    installed, else latest: off)."""
+    b = behaviours()[name]
+    if framework not in b.stacks:
+        return False
+    v, _ = package_version(b.package, versions)
+    return v is not None and _vtuple(v) < _vtuple(b.before)
+
+
+def parse_versions(value) -> tuple[tuple[str, str], ...]:
+    """``--stack-version``: ``"bitsandbytes=0.42.0,transformers=4.38"``, a dict, or pairs -> sorted pairs.
+
+    Raises:
+        VramplanError: an item without ``=`` or a version that is not numeric.
+    """
+    if not value:
+        return ()
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, str):
+        items = []
+        for part in value.split(","):
+            if not part.strip():
+                continue
+            if "=" not in part:
+                raise VramplanError(f"--stack-version item {part.strip()!r} is not package=version",
+                                    "e.g. --stack-version bitsandbytes=0.42.0,transformers=4.38.2")
+            k, v = part.split("=", 1)
+            items.append((k.strip(), v.strip()))
+    else:
+        items = [tuple(x) for x in value]
+    out = []
+    for k, v in items:
+        if str(v) != "latest":
+            _vtuple(v)
+        out.append((str(k).lower(), str(v)))
+    return tuple(sorted(out))

@@ -21,6 +21,11 @@ server, browser, a second process: 0.3-1 GiB, i.e. 3-10 % of a 10 GB card). A "t
 configuration may run or may OOM after a long sequence or allocator fragmentation; a
 "comfortable" one should run as predicted. "no" coincides with ``Estimate.fits is False``.
 
+The uncertainty band: a plan is also "tight" when the upper end of its band -- the published
+residuals of its stack and method, :mod:`vramplan.bands` -- reaches the capacity
+(``peak x (1 + band_hi) > capacity``), even below 85%. "no" stays ``peak > capacity``: the
+central prediction does not fit.
+
 When several settings are tried (gradient checkpointing, 8-bit optimisers),
 :func:`pick` chooses the first setting, in the caller's order (cheapest in throughput
 first), that is comfortable; failing that, the first that fits; failing that, the one with
@@ -64,26 +69,32 @@ THRESHOLDS_TEXT = (f"comfortable: predicted peak <= {COMFORTABLE_FRACTION:.0%} o
                    "(peak = device total: tensors + CUDA context + cuBLAS workspace + allocator reserve)")
 
 
-def classify(peak_bytes: int | float, capacity_bytes: int | float) -> Verdict:
-    """The verdict for one predicted device-total peak on a card of ``capacity_bytes`` (both bytes)."""
-    return VERDICTS[int(classify_array(peak_bytes, capacity_bytes))]
+def classify(peak_bytes: int | float, capacity_bytes: int | float, band_hi: float = 0.0) -> Verdict:
+    """The verdict for one predicted device-total peak on a card of ``capacity_bytes`` (both bytes).
+
+    ``band_hi``: the upper end of the prediction's uncertainty band as a fraction
+    (:func:`vramplan.bands.band_for`); a plan whose band reaches the capacity is "tight".
+    """
+    return VERDICTS[int(classify_array(peak_bytes, capacity_bytes, band_hi))]
 
 
-def classify_array(peak_bytes, capacity_bytes) -> np.ndarray:
+def classify_array(peak_bytes, capacity_bytes, band_hi=0.0) -> np.ndarray:
     """Vectorised :func:`classify`: verdict codes (0 comfortable, 1 tight, 2 no), arrays broadcast."""
     peak = np.asarray(peak_bytes, dtype=np.float64)
     cap = np.asarray(capacity_bytes, dtype=np.float64)
-    return np.where(peak > cap, 2, np.where(peak > COMFORTABLE_FRACTION * cap, 1, 0)).astype(np.int8)
+    hi = np.maximum(np.asarray(band_hi, dtype=np.float64), 0.0)
+    tight = (peak > COMFORTABLE_FRACTION * cap) | (peak * (1.0 + hi) > cap)
+    return np.where(peak > cap, 2, np.where(tight, 1, 0)).astype(np.int8)
 
 
-def pick(peaks: Sequence[float] | np.ndarray, capacity_bytes) -> np.ndarray | int:
+def pick(peaks: Sequence[float] | np.ndarray, capacity_bytes, band_hi=0.0) -> np.ndarray | int:
     """Index of the setting to recommend among ``peaks`` (settings along axis 0, in preference order).
 
     The first comfortable one, else the first that fits, else the one with the smallest peak.
     ``capacity_bytes`` broadcasts against ``peaks[0]``, so one call picks for many cards at once.
     """
     p = np.asarray(peaks, dtype=np.float64)
-    codes = classify_array(p, capacity_bytes)
+    codes = classify_array(p, capacity_bytes, band_hi)
     comfortable = codes == 0
     fits = codes <= 1
     first_comf = np.argmax(comfortable, axis=0)

@@ -37,6 +37,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --resume, measure again the points that crashed the device or the process")
 
 
+    # importers (vramplan.measurements.importers): published tables and logs from any machine
+    p.add_argument("--import", dest="import_file", metavar="FILE", default=None,
+                   help="read measurements instead of measuring: a published .csv table (column mapping in --map) "
+                        "or a runner/VramplanCallback .jsonl log; writes validated measurement records")
+    p.add_argument("--map", dest="import_map", metavar="TOML", default=None,
+                   help="with --import of a .csv: the sources file mapping its columns and sources "
+                        "(default: measurements/sources.toml when present)")
+    p.add_argument("--import-out", metavar="PATH", default=None,
+                   help="with --import: where the records go (default <out>/imported/<file stem>.jsonl)")
+    p.add_argument("--split-by-card", action="store_true",
+                   help="with --import of a log that mixes cards: one <card>.jsonl per card under --import-out")
+
+
 def print_record(rec: dict) -> None:
     """One plain line per record on stderr (the progress of a run without a terminal)."""
     mib = 1 << 20
@@ -62,9 +75,15 @@ def run_from_args(args: argparse.Namespace) -> dict:
     from .report import write_report
     from .runner import run_calibration
 
+    if getattr(args, "import_file", None):
+        return run_import(args)
     report_dir = None if args.no_report else args.report_dir
     if args.fit_only:
         log = Path(args.fit_only)
+        from ..measurements.record import require_fit_points
+        from .log import read_log
+
+        require_fit_points(read_log(log), log)  # never an empty profile over the card's real one
         prof = fit_profile(log)
         path = prof.save(log.with_suffix(".json"))
         rep = write_report(log, prof, report_dir) if report_dir else (None, None)
@@ -100,6 +119,37 @@ def closing_line(out: dict) -> str:
     return "vramplan calibrate: wrote " + ", ".join(parts) + state
 
 
+def print_import(out: dict) -> None:
+    print(f"imported {out['records']} records ({out['usable_for_fit']} usable to calibrate, "
+          f"{out['estimated']} estimates): " + ", ".join(f"{k} {v}" for k, v in out["outcomes"].items()))
+    for p in out["written"]:
+        print(f"written: {p}")
+
+
+def run_import(args: argparse.Namespace) -> dict:
+    """``--import FILE``: records from a table or a log, validated, written as JSONL; a summary dict."""
+    from ..measurements.importers import import_file, one_card, summary, write_import
+
+    src = Path(args.import_file)
+    mapping = args.import_map
+    if mapping is None and src.suffix.lower() == ".csv" and Path("measurements/sources.toml").exists():
+        mapping = "measurements/sources.toml"
+    recs = import_file(src, mapping)
+    if not recs:
+        raise VramplanError(f"{src} holds no measurement to import", "a log needs point records with a status ok or oom")
+    is_log = src.suffix.lower() != ".csv"
+    if is_log and not args.split_by_card:
+        one_card(recs, src)  # a log from one machine is one card's; mixed cards are refused, or split
+    out = Path(args.import_out) if args.import_out else Path(args.out) / "imported" / (
+        src.stem if not args.split_by_card else src.stem)
+    if not args.split_by_card and out.suffix != ".jsonl":
+        out = out.with_suffix(".jsonl")
+    paths = write_import(recs, out, split=args.split_by_card)
+    res = summary(recs)
+    res["written"] = [str(p) for p in paths]
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vramplan.calibration",
                                 description="Run real steps of every method, fit the card's profile, write the report.")
@@ -114,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if args.json:
         print(json.dumps(out, indent=2))
+    elif "written" in out:
+        print_import(out)
     else:
         print(f"log:     {out.get('log')}")
         print(f"profile: {out.get('profile')}")

@@ -257,7 +257,9 @@ class VramplanCallback(transformers.TrainerCallback):
             self._say(f"vramplan: {what}: predicted peak {est.peak_gib:.2f} GiB device total "
                       f"({est.tensor_peak_bytes / GIB:.2f} GiB tensors); no GPU to compare with")
         else:
-            self.verdict = classify(est.peak_bytes, est.capacity_bytes)
+            from ..bands import band_for_config
+
+            self.verdict = classify(est.peak_bytes, est.capacity_bytes, band_for_config(est.config).hi)
             text = (f"vramplan: {what}: predicted peak {est.peak_gib:.2f} GiB of {est.capacity_bytes / GIB:.2f} GiB "
                     f"on {est.gpu}: {self.verdict.value}")
             if self.verdict is Verdict.NO:
@@ -354,19 +356,29 @@ class VramplanCallback(transformers.TrainerCallback):
         if card is not None:
             device = {"name": card.display_name, "catalogue": card.name, "total_bytes": card.memory_bytes}
         versions = {}
-        for mod in ("torch", "transformers", "peft"):
+        for mod in ("torch", "transformers", "peft", "bitsandbytes", "trl"):
             try:
                 versions[mod] = __import__(mod).__version__
-            except ImportError:  # pragma: no cover
+            except Exception:  # pragma: no cover - not installed, or fails to load on this machine
                 pass
+        # The runner's field names (``memory.max_allocated`` ...), so the calibration fit reads the
+        # point as it reads the runner's; ``record`` is the same point as vramplan.measurements records.
+        m = cmp.measured or {}
+        memory = {"max_allocated": m.get("max_allocated_bytes"), "max_reserved": m.get("max_reserved_bytes"),
+                  "nvml_process_bytes": m.get("process_bytes")}
         record = {
-            "kind": "point", "split": "user", "status": "ok", "source": "VramplanCallback",
+            "kind": "point", "split": "fit", "status": "ok", "source": "VramplanCallback",
             "id": point_id(spec.name, spec, est.config), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "model": spec.name, "hf_config": spec.hf_config, "method": est.config.recipe.name,
+            "model": spec.name, "model_config": spec.hf_config or None, "method": est.config.recipe.name,
             "config": est.config.to_dict(), "gpu": est.gpu, "device": device, "versions": versions,
-            "step": cmp.step, "measured": cmp.measured,
+            "gpus": int(getattr(est, "gpus", 1) or 1), "strategy": getattr(est, "strategy", None),
+            "step": cmp.step, "memory": {k: int(v) for k, v in memory.items() if v is not None},
+            "tokens_per_step": int(est.config.batch * est.config.seq),
             "predicted": {"tensor_peak_bytes": cmp.predicted_tensor_peak_bytes, "peak_bytes": cmp.predicted_peak_bytes},
         }
+        from ..measurements.record import from_callback_point
+
+        record["records"] = [r.to_dict() for r in from_callback_point(record)]
         try:
             with JsonlLog(self.calibration_log) as log:
                 log.append(record)

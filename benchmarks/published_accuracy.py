@@ -1,0 +1,256 @@
+"""Predicted vs published peak memory, like for like, leave-one-source-out -> reports/published_accuracy.md
+
+    python benchmarks/published_accuracy.py                 # print the summary, write the report
+    python benchmarks/published_accuracy.py --write-bands   # also regenerate vramplan/data/bands.json
+    python benchmarks/published_accuracy.py --json          # one JSON object
+
+The corpus is ``measurements/published.csv`` (verbatim from shared/measurements) plus
+``measurements/published_extra.csv`` (rows found since, each with its source), read with
+``measurements/sources.toml`` (vramplan.measurements.importers). Every row is predicted on the
+quantity its source printed (vramplan.measurements.accuracy); multi-GPU rows through the sharded
+planner, per GPU. The band of each row comes from the *other* sources' residuals of its stack and
+method (leave one source out); the only fitted figures are those bands. Targets (issue 12): median
+|error| <= 8%, <= 10% of rows under-predicted by more than 10%, 0 OOM rows predicted to fit, 0
+fit-only rows predicted not to fit, measured inside the band for >= 80% of rows. The benchmark
+prints where it stands; the CI test (tests/test_published_accuracy.py) checks only the accounting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vramplan.measurements.accuracy import (Scored, fit_bands, group_by, loso_bands, score,  # noqa: E402
+                                            summarize)
+from vramplan.measurements.importers import import_csv, load_mapping  # noqa: E402
+
+CORPUS = [ROOT / "measurements" / "published.csv", ROOT / "measurements" / "published_extra.csv"]
+SOURCES = ROOT / "measurements" / "sources.toml"
+REPORT = ROOT / "reports" / "published_accuracy.md"
+BANDS = ROOT / "vramplan" / "data" / "bands.json"
+GIB = 2**30
+
+TARGETS = {"median_abs": 0.08, "under_10": 0.10, "oom_predicted_fit": 0, "fit_only_predicted_no": 0,
+           "inside_band": 0.80}
+
+MECHANISMS = """\
+## Mechanisms behind the large misses
+
+Each is modelled where the source of the behaviour is known; none is a per-row factor. Version-dependent
+ones are planned for the version in use (`--stack-version`, default the installed version, else the
+latest; the benchmark gives each source the version it ran, else the latest, never this machine's).
+
+* **LoRA dropout** (`lora_dropout > 0`). Each adapted module's `nn.Dropout` makes its own output (saved
+  by `lora_A` instead of the shared input) and keeps its mask. Held to the dry run (PEFT on meta): +2.0
+  bytes per element of each adapted module's input, for q_proj, q+k and down_proj, bf16 and bf16-mixed
+  (`vramplan.activations.DROPOUT_SAVED_BYTES`); all-linear with dropout is within 2.2% of the dry run
+  (5.5% without the term). litgpt's config hub runs `lora_dropout: 0.05`: its LoRA rows moved from
+  -2..-20% to within a few percent.
+* **bitsandbytes < 0.43.2 keeps each 4-bit linear's input** (`[behaviours.bnb_4bit_saves_input]`).
+  `MatMul4Bit.forward` stored `ctx.tensors = (A, B)` although backward never reads `A`, until commit
+  9e753741 (PR #1270, "fix QLoRA mem bug: delete useless buffered activation", first in 0.43.2). A plain
+  `ctx` attribute: it lives for the step of every layer that is not checkpointed, and non-reentrant
+  checkpointing cannot free it (the fsdp_qlora README: reentrant checkpointing "can use less GPU memory
+  with BNB QLoRA"). litgpt pinned `bitsandbytes==0.42.0` from 2024-03-15 to 2024-12-28.
+* **litgpt QLoRA quantises its lm_head and dequantises twice** (`stacks.toml [litgpt] quantizes_head,
+  dequant_temp`). Lightning's `BitsandbytesPrecision.module_init_context` replaces every `torch.nn.Linear`
+  (no `ignore_modules`), and `_quantize_weight` quantises `weight.to(torch.half)`, so `MatMul4Bit`
+  dequantises to fp16 then casts to bf16: the whole V x h head twice, for each loss chunk. With the
+  bitsandbytes mechanism, litgpt QLoRA went from -20..-42% to -6..-20%.
+* **litgpt `bf16-mixed` keeps an fp32 base** (`mixed_frozen_dtype`): Fabric's mixed precision leaves
+  parameters fp32 (the dry run's litgpt build does the same).
+* **PEFT < 0.12 puts LoRA layers in the base weight's dtype** (`[behaviours.peft_adapter_base_dtype]`):
+  bf16 adapters over a bf16 base; fp32 only from 0.12's `autocast_adapter_dtype`.
+* **Answer.AI's fsdp_qlora is its own stack** (`stacks.toml [fsdp_qlora]`): pure bf16 with no
+  `prepare_model_for_kbit_training`, so the residual stream, norms, embeddings and head stay bf16 (the HF
+  stack upcasts them to fp32 for QLoRA). Its rows went from +17..+23% (over) to -15..+4% (reserved, where
+  FSDP's stream-ordered all-gathers and the default 15% reserve are the weakest link left).
+* **torch.compile** (`--techniques compile`; torchtune `compile=True`): AOTAutograd's min-cut
+  partitioner saves the logits and a per-row logsumexp and recomputes the softmax in backward, so the
+  fp32 log-probabilities eager cross-entropy keeps are gone. torchtune's Llama-3.1-8B LoRA on a 4090
+  (16.2 GiB published) was predicted at 22.2 GiB reserved (a false "does not fit" on 24 GB); now 17.6 GiB
+  allocated / 20.2 GiB reserved. The layers' own fusions are not modelled (compiled rows without
+  checkpointing stay over-predicted: the safe side).
+* **The quantity.** torchtune's docs print peak *reserved* or *active*; litgpt `max_memory_allocated()/1e9`
+  (GB); Answer.AI peak reserved in GiB; the PEFT FSDP doc an nvidia-smi reading. Each row is compared with
+  the prediction of that quantity; a peak of unknown kind with the predicted allocated..reserved range.
+* **What a table's card column means.** litgpt's "4xA10G" rows of a `devices: 1` config are the same
+  single-GPU run (same figure, same time); only rows whose yaml says `devices: 4` ran FSDP.
+* **Rows no run of the stated configuration can print** (below its own weights + gradients + optimizer
+  states: litgpt's full fine-tunes of Llama-3.2-1B/3B and Phi-3 "on 1xA10G" with AdamW) are listed as
+  inconsistent, not scored.
+
+Open (found, not modelled): the allocator reserve (default 15% of the tensors) and CUDA context (512 MiB)
+stay defaults -- no corpus row prints allocated and reserved of one run, so neither can be fitted here;
+FSDP with CPU offload is under-predicted (Answer.AI LoRA b10: -30%); torchtune 2024-04 QLoRA (8.65 GiB
+reserved vs 6.8 predicted): the same doc prints a model-init reserved peak of 9.13 GB, so that run's
+reserved peak is set while loading, not in the step; the PEFT FSDP-QLoRA row without offload (35.6 GB per
+GPU) holds about the whole unsharded NF4 model per GPU; the HF blog's 13B QLoRA at 1,024 tokens on a T4
+runs out of memory where the planner predicts 11.8 GiB ("tight" with the band); Unsloth's context-length
+tables are not in the corpus yet.
+"""
+
+
+def load_corpus(paths=None, sources=None):
+    """Records of the shipped corpus, or of ``paths`` (held-out tables) read with ``sources``."""
+    mapping = load_mapping(sources or SOURCES)
+    out = []
+    for path in (paths or CORPUS):
+        if Path(path).exists() or paths:
+            out.extend(import_csv(path, mapping))
+    return out
+
+
+def run(records=None) -> list[Scored]:
+    """Score every record and set its leave-one-source-out band (the benchmark's core)."""
+    return loso_bands(score(load_corpus() if records is None else records))
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _table(title: str, groups: dict, out: list[str]) -> None:
+    out.append(f"\n### By {title}\n")
+    out.append("| " + title + " | rows | scored | median abs err | p90 abs err | under >10% | inside band | OOM predicted fit | "
+               "fit-only predicted no | skipped |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for k, s in groups.items():
+        out.append(f"| {k} | {s.rows} | {s.scored} | {_pct(s.median_abs)} | {_pct(s.p90_abs)} | {_pct(s.under_10)} | "
+                   f"{_pct(s.inside_band)} | {s.oom_predicted_fit}/{s.oom} | {s.fit_only_predicted_no}/{s.fit_only} | "
+                   f"{s.skipped} |")
+
+
+def report(scored: list[Scored]) -> str:
+    s = summarize(scored)
+    out = ["# Published peak memory: predicted vs measured", "",
+           "Generated by `python benchmarks/published_accuracy.py` from `measurements/` (every row keeps its source; "
+           "units and quantities per `measurements/sources.toml`). Errors are `predicted / measured - 1` on the "
+           "quantity the source printed (negative: under-predicted, the unsafe side). Bands are leave-one-source-out: "
+           "each row's band comes only from other sources' rows of its stack and method (else stack, else all).", ""]
+    out.append("## Headline (leave-one-source-out)\n")
+    rows = [("median abs error", _pct(s.median_abs), "<= 8%"), ("p90 abs error", _pct(s.p90_abs), ""),
+            ("under-predicted by >10%", _pct(s.under_10), "<= 10%"),
+            ("OOM rows predicted to fit (peak <= capacity)", f"{s.oom_predicted_fit} of {s.oom}", "0"),
+            ("OOM rows the verdict calls comfortable (band included)", f"{s.oom_predicted_comfortable} of {s.oom}", "0"),
+            ("fit-only rows predicted not to fit", f"{s.fit_only_predicted_no} of {s.fit_only}", "0"),
+            ("measured inside the band", _pct(s.inside_band), ">= 80%"),
+            ("published context capacities: median predicted/published longest sequence - 1",
+             f"{_pct(s.capacity_median)} over {s.capacity_rows} rows ({s.capacity_over} over-promised)", "")]
+    out.append("| figure | value | target |\n|---|---:|---:|")
+    out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    out.append(f"\nRows: {s.rows} in the corpus; {s.scored} scored with a number, {s.oom} OOM and {s.fit_only} "
+               f"fit-only outcomes judged, {s.estimated} another tool's estimates (compared where the planner can express "
+               f"them, never fitted), "
+               f"{s.inconsistent} inconsistent with their stated configuration, {s.skipped} not predictable:")
+    for reason, n in sorted(s.skip_reasons.items(), key=lambda kv: -kv[1]):
+        out.append(f"- {n} x {reason}")
+    out.append("\n## Rows behind each stack\n")
+    out.append("| stack | scored rows | sources | OOM/fit-only rows |\n|---|---:|---:|---:|")
+    for stack in sorted({x.stack for x in scored}):
+        st = [x for x in scored if x.stack == stack]
+        out.append(f"| {stack} | {sum(x.status == 'scored' for x in st)} | "
+                   f"{len({x.source for x in st if x.status == 'scored'})} | "
+                   f"{sum(x.status in ('oom', 'fit_only') for x in st)} |")
+    for attr, title in (("source", "source"), ("stack", "stack"), ("method", "method"), ("gpu", "GPU"),
+                        ("quantity", "quantity")):
+        _table(title, group_by([x for x in scored if x.status != "estimated"], attr), out)
+    out.append("\n## Fitted corrections, scored leave-one-source-out\n")
+    out.append("The planner fits no per-row or per-method factor. The one fitted figure is the uncertainty band "
+               "(`vramplan/data/bands.json`, used by `fit`/`matrix` verdicts): the 5th-95th percentile of "
+               "measured/predicted per stack and method (a nominal 90% interval; the 10th-90th rule covered 79.2% "
+               "of rows leave-one-source-out on this corpus, this one 85.7% when it was chosen). Scored "
+               "leave-one-source-out above ('inside band'); the bands the planner ships, from all sources:\n")
+    out.append("| group | lo | hi | rows | sources |\n|---|---:|---:|---:|---:|")
+    for k, b in fit_bands(scored).items():
+        out.append(f"| {k} | {100 * b['lo']:+.1f}% | {100 * b['hi']:+.1f}% | {b['n']} | {b['sources']} |")
+    out.append("")
+    out.append(MECHANISMS)
+    out.append("## Every row\n")
+    out.append("| source | row | stack | method | model | GPU | quantity | measured GiB | predicted GiB | error | band | inside | status |")
+    out.append("|---|---:|---|---|---|---|---|---:|---:|---:|---|---|---|")
+    for x in scored:
+        r = x.record
+        meas = "-" if x.measured is None else f"{x.measured / GIB:.2f}"
+        pred = "-" if x.predicted is None else f"{x.predicted / GIB:.2f}"
+        if x.status in ("oom", "fit_only") and x.device is not None:
+            pred = f"{x.device / GIB:.2f} of {x.capacity / GIB:.1f}" if x.capacity else f"{x.device / GIB:.2f}"
+        band = "-" if x.band is None else f"{100 * x.band[0]:+.0f}/{100 * x.band[1]:+.0f}%"
+        status = x.status + (f": {x.reason}" if x.reason else "")
+        if x.status == "oom":
+            status += (" (predicted fits!" if x.fits else " (predicted no") + f"; verdict {x.verdict})"
+        if x.status == "fit_only":
+            status += (" (predicted no!" if x.fits is False else " (predicted fits") + f"; verdict {x.verdict})"
+            if x.longest_seq is not None:
+                status += (f"; longest sequence {r.config.seq:,} published, {x.longest_seq:,} predicted "
+                           f"({_pct(x.capacity_error)})")
+        out.append(f"| {x.source} | {r.source.row} | {x.stack} | {x.method} | {r.config.model or r.config.model_text} | "
+                   f"{x.gpu} | {x.quantity} | {meas} | {pred} | {_pct(x.error) if x.error is not None else '-'} | "
+                   f"{band} | {'' if x.inside is None else ('yes' if x.inside else 'no')} | {status} |")
+    return "\n".join(out) + "\n"
+
+
+def write_bands(scored: list[Scored], path: Path = BANDS) -> Path:
+    from vramplan.measurements.accuracy import BAND_PERCENTILES, MIN_BAND
+
+    data = {"generated_by": "benchmarks/published_accuracy.py --write-bands",
+            "rule": f"percentiles {BAND_PERCENTILES} of measured/predicted - 1, at least +/-{MIN_BAND:.0%}; "
+                    "estimated rows excluded",
+            "corpus": [p.name for p in CORPUS if p.exists()],
+            "bands": fit_bands(scored)}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--write-bands", action="store_true", help="regenerate vramplan/data/bands.json")
+    ap.add_argument("--no-report", action="store_true")
+    ap.add_argument("--csv", action="append", default=None, metavar="FILE",
+                    help="score these tables instead of the shipped corpus (held-out data; with --sources); "
+                         "the bands stay the shipped ones' rule, leave-one-source-out within the files given")
+    ap.add_argument("--sources", default=None, metavar="TOML", help="the sources file for --csv (default measurements/sources.toml)")
+    a = ap.parse_args(argv)
+    if a.csv and a.write_bands:
+        ap.error("--write-bands derives the shipped bands from the shipped corpus only")
+    scored = run(load_corpus(a.csv, a.sources) if a.csv else None)
+    s = summarize(scored)
+    if a.write_bands:
+        print(f"bands: {write_bands(scored)}", file=sys.stderr)
+    if not a.no_report and not a.csv:
+        REPORT.parent.mkdir(parents=True, exist_ok=True)
+        REPORT.write_text(report(scored), encoding="utf-8")
+    if a.json:
+        print(json.dumps({"summary": s.to_json(), "targets": TARGETS,
+                          "by_stack": {k: v.to_json() for k, v in group_by(scored, "stack").items()}}, indent=1))
+    else:
+        print(f"rows {s.rows}: scored {s.scored}, OOM {s.oom}, fit-only {s.fit_only}, estimated {s.estimated}, "
+              f"inconsistent {s.inconsistent}, skipped {s.skipped}")
+        print(f"median |error| {_pct(s.median_abs)} (target <= 8%); p90 {_pct(s.p90_abs)}; under-predicted >10%: "
+              f"{_pct(s.under_10)} (target <= 10%)")
+        print(f"OOM predicted to fit: {s.oom_predicted_fit} of {s.oom} (target 0; verdict 'comfortable' with the band: "
+              f"{s.oom_predicted_comfortable}); fit-only predicted no: "
+              f"{s.fit_only_predicted_no} of {s.fit_only} (target 0); inside the LOSO band: {_pct(s.inside_band)} "
+              f"(target >= 80%)")
+        if s.capacity_rows:
+            print(f"context capacities: predicted/published longest sequence - 1, median {_pct(s.capacity_median)} "
+                  f"over {s.capacity_rows} rows, {s.capacity_over} over-promised")
+        for k, v in group_by(scored, "stack").items():
+            print(f"  {k:10s} scored {v.scored:3d}  median {_pct(v.median_abs):>6s}  under>10% {_pct(v.under_10):>6s}  "
+                  f"inside band {_pct(v.inside_band):>6s}")
+        if not a.no_report and not a.csv:
+            print(f"report: {REPORT.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

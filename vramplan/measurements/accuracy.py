@@ -1,0 +1,344 @@
+"""Predicted vs measured, like for like, on measurement records; leave-one-source-out bands.
+
+The core of ``benchmarks/published_accuracy.py`` (and its CI test). For each record:
+
+* ``measured`` with a number: the planner predicts the quantity the source printed --
+  ``max_allocated`` / ``torchtune_active``: ``Overheads.allocated_bytes`` (tensors in the
+  caching allocator + cuBLAS workspaces; paged optimiser states excluded); ``max_reserved``:
+  ``Overheads.reserved_bytes``; ``device_total``: ``Estimate.peak_bytes``; ``unknown_peak``:
+  the range from the predicted allocated to the predicted reserved (the figure could be either):
+  its error is the distance to the range's nearer end, 0 inside it (reported apart, by quantity).
+  ``error = predicted / measured - 1`` (negative: under-predicted, the unsafe side).
+* ``oom``: whether the planner says it fits (``peak_bytes <= capacity``: a false "fits").
+* ``fit_only``: whether the planner says it does not fit (a false "does not fit").
+* ``inconsistent``: a measured figure below the stated configuration's own model state (weights,
+  gradients, optimizer states: :func:`static_floor`), which no run of that configuration can print;
+  listed, not scored.
+* anything the planner cannot express (model outside the catalogue, unknown batch or sequence,
+  a method or strategy it does not model) is ``skipped`` with the reason, never dropped.
+
+Bands (:func:`loso_bands`): for every scored row, the ratio ``measured / predicted - 1`` of the
+*other* sources' rows of the same stack and method (else the same stack, else all), its 5th and
+95th percentiles widened to at least +/-5%; the row's measured value is inside when
+``predicted x (1 + lo) <= measured <= predicted x (1 + hi)``. ``estimated`` rows are scored apart
+and never enter a band. :func:`fit_bands` computes the same from all sources: the planner's
+bands (``vramplan/data/bands.toml``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+from ..errors import VramplanError
+from .record import MeasurementRecord
+
+#: Percentiles of the residual ratio that bound the band, and its minimum half-width.
+BAND_PERCENTILES = (5.0, 95.0)
+MIN_BAND = 0.05
+#: A group needs this many residuals from other sources to set its own band (else the wider group).
+MIN_BAND_ROWS = 3
+#: Compare-to quantity for each measured quantity.
+LIKE_FOR_LIKE = {"max_allocated": "allocated", "torchtune_active": "allocated", "max_reserved": "reserved",
+                 "device_total": "device", "unknown_peak": "reserved"}
+
+
+@dataclass
+class Scored:
+    """One record against the planner (bytes per GPU)."""
+
+    record: MeasurementRecord
+    status: str                     # scored | oom | fit_only | skipped | estimated | inconsistent
+    reason: str = ""
+    predicted: int | None = None    # the like-for-like quantity
+    allocated: int | None = None
+    reserved: int | None = None
+    device: int | None = None
+    capacity: int | None = None
+    fits: bool | None = None
+    band: tuple[float, float] | None = None
+    band_from: str = ""
+    longest_seq: int | None = None  # a capacity row (limit max_seq): the planner's longest sequence on the card
+
+    @property
+    def capacity_error(self) -> float | None:
+        """Predicted longest sequence / published longest - 1 (positive: the planner promises more: unsafe)."""
+        if self.longest_seq is None or not self.record.config.seq:
+            return None
+        return self.longest_seq / self.record.config.seq - 1.0
+
+    @property
+    def measured(self) -> int | None:
+        return self.record.measurement.bytes
+
+    @property
+    def error(self) -> float | None:
+        """predicted / measured - 1 (None unless scored)."""
+        if self.predicted is None or not self.measured:
+            return None
+        return self.predicted / self.measured - 1.0
+
+    @property
+    def ratio(self) -> float | None:
+        """measured / predicted - 1: how far the truth lies above the prediction (the band's variable)."""
+        if self.predicted is None or not self.measured:
+            return None
+        return self.measured / self.predicted - 1.0
+
+    @property
+    def inside(self) -> bool | None:
+        if self.band is None or self.ratio is None:
+            return None
+        return self.band[0] - 1e-12 <= self.ratio <= self.band[1] + 1e-12
+
+    @property
+    def verdict(self) -> str | None:
+        """The planner's verdict with this row's (leave-one-source-out) band: comfortable | tight | no."""
+        if self.device is None or not self.capacity:
+            return None
+        from ..verdict import classify
+
+        return classify(self.device, self.capacity, self.band[1] if self.band else 0.0).value
+
+    @property
+    def stack(self) -> str:
+        return self.record.config.stack or "?"
+
+    @property
+    def method(self) -> str:
+        c = self.record.config
+        if c.method in ("dpo", "ppo"):
+            return f"{c.method}+{c.adapter}"
+        return c.method or "?"
+
+    @property
+    def source(self) -> str:
+        return self.record.source.id
+
+    @property
+    def gpu(self) -> str:
+        c = self.record.config
+        return f"{c.gpus}x{self.record.device.name or '?'}"
+
+    @property
+    def quantity(self) -> str:
+        return self.record.measurement.quantity
+
+
+def plan(record: MeasurementRecord):
+    """The planner's :class:`~vramplan.results.Estimate` for a record, or a VramplanError saying why not."""
+    from ..plan import estimate
+
+    c = record.config
+    if c.model is None:
+        raise VramplanError("model not in the catalogue")
+    if c.method is None:
+        raise VramplanError("method not modelled")
+    if c.batch is None:
+        raise VramplanError("batch not stated")
+    if c.seq is None:
+        raise VramplanError("sequence not stated")
+    if c.optimizer is None:
+        raise VramplanError("optimizer not modelled")
+    if c.grad_ckpt is None:
+        raise VramplanError("gradient checkpointing not stated")
+    gpu = record.device.name
+    gpu_mem = record.device.memory_bytes if gpu is None else None
+    kw: dict[str, Any] = dict(adapter=c.adapter if c.method in ("dpo", "ppo") else None, gpu=gpu, gpu_mem=gpu_mem,
+                              batch=c.batch, seq=c.seq, grad_ckpt=c.grad_ckpt, optimizer=c.optimizer,
+                              precision=c.precision, attn=c.attn or "sdpa", framework=c.stack or "hf",
+                              techniques=list(c.techniques) or None, gpus=c.gpus, strategy=c.strategy,
+                              offload=c.offload)
+    if c.method != "full":
+        kw["rank"] = c.rank or 8
+        kw["targets"] = list(c.targets) or None
+    if c.double_quant is not None:
+        kw["double_quant"] = c.double_quant
+    if c.dropout:
+        kw["dropout"] = c.dropout
+    # the package versions the source ran; a package it does not name is planned at its latest
+    # behaviour (never this machine's installed version: the score must not depend on the machine)
+    from ..stacks import behaviours
+
+    versions = {b.package: "latest" for b in behaviours().values()}
+    versions.update({k.lower(): v for k, v in record.device.versions.items()})
+    kw["versions"] = versions
+    return estimate(c.model, c.method, **kw)
+
+
+#: A measured figure below this fraction of the stated configuration's static model state cannot be a
+#: measurement of that configuration (a mislabelled card count, a different optimizer): "inconsistent".
+FLOOR_FRACTION = 0.95
+
+
+def static_floor(est, like: str) -> int:
+    """Bytes of the model state alone (weights, quantisation constants, adapters, master weights,
+    gradients, optimizer states) as the estimate holds them at its peak; paged optimizer states are
+    left out of the allocator's quantities (they live outside it)."""
+    from ..taxonomy import Component as C
+
+    keys = (C.WEIGHTS, C.QUANT_STATE, C.ADAPTERS, C.MASTER_WEIGHTS, C.GRADIENTS, C.OPTIMIZER_STATES)
+    total = sum(int(est.components.get(k, 0)) for k in keys)
+    if like != "device":
+        total -= int(getattr(est.overheads, "paged_bytes", 0) or 0)
+    return max(0, total)
+
+
+def score_one(record: MeasurementRecord) -> Scored:
+    m = record.measurement
+    if record.estimated:
+        status = "estimated"
+    elif m.outcome == "measured":
+        status = "scored"
+    else:
+        status = m.outcome
+    try:
+        est = plan(record)
+    except VramplanError as exc:
+        why = str(exc.args[0]) if exc.args else str(exc)
+        return Scored(record, "estimated" if record.estimated else "skipped", why)
+    o = est.overheads
+    s = Scored(record, status, allocated=int(o.allocated_bytes), reserved=int(o.reserved_bytes),
+               device=int(est.peak_bytes), capacity=est.capacity_bytes,
+               fits=None if est.capacity_bytes is None else bool(est.peak_bytes <= est.capacity_bytes))
+    if m.outcome == "measured":
+        if m.quantity == "unknown_peak":
+            # a peak of unknown kind is one of allocated / active / reserved: the prediction is that range,
+            # and its error the distance from the measured value to the range's nearer end
+            s.predicted = int(min(max(m.bytes, s.allocated), s.reserved))
+        else:
+            s.predicted = {"allocated": s.allocated, "reserved": s.reserved, "device": s.device}[LIKE_FOR_LIKE[m.quantity]]
+        floor = static_floor(est, LIKE_FOR_LIKE[m.quantity])
+        if s.status == "scored" and m.bytes < FLOOR_FRACTION * floor:
+            s.status = "inconsistent"
+            s.reason = (f"measured {m.bytes / 2**30:.2f} GiB is below the stated configuration's model state "
+                        f"({floor / 2**30:.2f} GiB: weights, gradients and optimizer states, no activations)")
+    elif s.capacity is None:
+        s.status, s.reason = "skipped", f"{m.outcome} without a stated card capacity"
+    elif m.limit == "max_seq":
+        s.longest_seq = _longest_seq(record, est)
+    return s
+
+
+def _longest_seq(record: MeasurementRecord, est) -> int:
+    """The planner's longest sequence at the record's batch on its card (grid of ~400 steps up to 2x the published)."""
+    from ..models import get_model
+    from ..plan import _total, resolve_gpu
+
+    card = resolve_gpu(record.device.name, record.device.memory_bytes if record.device.name is None else None)
+    top = 2 * int(record.config.seq)
+    step = max(16, top // 400)
+    grid = np.arange(step, top + 1, step)
+    ok = _total(get_model(record.config.model), est.config, card, batch=est.config.batch, seq=grid) <= card.memory_bytes
+    return int(grid[ok].max()) if ok.any() else 0
+
+
+def score(records: Iterable[MeasurementRecord]) -> list[Scored]:
+    return [score_one(r) for r in records]
+
+
+def _band_of(ratios: list[float]) -> tuple[float, float]:
+    lo, hi = np.percentile(np.asarray(ratios, dtype=np.float64), BAND_PERCENTILES)
+    return (float(min(lo, -MIN_BAND)), float(max(hi, MIN_BAND)))
+
+
+def _groups(s: Scored) -> list[tuple[str, Any]]:
+    """The band's groups, most specific first: stack+method, stack, all."""
+    return [("stack+method", (s.stack, s.method)), ("stack", s.stack), ("all", None)]
+
+
+def _key(level: str, s: Scored):
+    return {"stack+method": (s.stack, s.method), "stack": s.stack, "all": None}[level]
+
+
+def loso_bands(scored: list[Scored]) -> list[Scored]:
+    """Set each scored row's band from the other sources' residuals (leave one source out)."""
+    pool = [s for s in scored if s.status == "scored" and s.ratio is not None]
+    for s in scored:
+        outcome = s.status in ("oom", "fit_only") and s.device is not None
+        if not outcome and (s.status not in ("scored", "estimated") or s.ratio is None):
+            continue
+        for level, key in _groups(s):
+            others = [o.ratio for o in pool if o.source != s.source and _key(level, o) == key]
+            if len(others) >= MIN_BAND_ROWS:
+                s.band, s.band_from = _band_of(others), f"{level} ({len(others)} rows of other sources)"
+                break
+    return scored
+
+
+def fit_bands(scored: list[Scored]) -> dict[str, dict]:
+    """Bands from every source: ``{"stack+method": {...}, "stack": {...}}`` -> lo, hi, n, sources."""
+    pool = [s for s in scored if s.status == "scored" and s.ratio is not None]
+    out: dict[str, dict] = {}
+    for level in ("stack+method", "stack", "all"):
+        keys = sorted({_key(level, s) for s in pool}, key=str)
+        for key in keys:
+            rs = [s for s in pool if _key(level, s) == key]
+            if len(rs) < MIN_BAND_ROWS:
+                continue
+            lo, hi = _band_of([s.ratio for s in rs])
+            name = "all" if key is None else (key if isinstance(key, str) else f"{key[0]}/{key[1]}")
+            out[name] = {"level": level, "lo": round(lo, 4), "hi": round(hi, 4), "n": len(rs),
+                         "sources": len({s.source for s in rs})}
+    return out
+
+
+@dataclass
+class Summary:
+    """The accounting and the accuracy figures of a set of scored rows."""
+
+    rows: int
+    scored: int
+    skipped: int
+    inconsistent: int
+    estimated: int
+    oom: int
+    fit_only: int
+    median_abs: float | None
+    p90_abs: float | None
+    under_10: float | None           # share of scored rows with error < -10%
+    inside_band: float | None        # share of scored rows with a band whose measured value is inside it
+    oom_predicted_fit: int
+    fit_only_predicted_no: int
+    oom_predicted_comfortable: int = 0   # OOM rows the verdict (with the band) calls comfortable
+    capacity_rows: int = 0               # fit-only rows that are a published longest sequence
+    capacity_median: float | None = None  # median of predicted/published longest sequence - 1
+    capacity_over: int = 0               # capacity rows whose predicted longest sequence exceeds the published
+    skip_reasons: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def summarize(scored: list[Scored]) -> Summary:
+    from collections import Counter
+
+    sc = [s for s in scored if s.status == "scored" and s.error is not None]
+    errs = np.asarray([s.error for s in sc], dtype=np.float64)
+    banded = [s for s in sc if s.inside is not None]
+    oom = [s for s in scored if s.status == "oom"]
+    fo = [s for s in scored if s.status == "fit_only"]
+    cap = [s for s in fo if s.capacity_error is not None]
+    return Summary(
+        rows=len(scored), scored=len(sc), skipped=sum(s.status == "skipped" for s in scored),
+        inconsistent=sum(s.status == "inconsistent" for s in scored),
+        estimated=sum(s.status == "estimated" for s in scored), oom=len(oom), fit_only=len(fo),
+        median_abs=float(np.median(np.abs(errs))) if len(sc) else None,
+        p90_abs=float(np.percentile(np.abs(errs), 90)) if len(sc) else None,
+        under_10=float(np.mean(errs < -0.10)) if len(sc) else None,
+        inside_band=float(np.mean([s.inside for s in banded])) if banded else None,
+        oom_predicted_fit=sum(bool(s.fits) for s in oom),
+        fit_only_predicted_no=sum(s.fits is False for s in fo),
+        oom_predicted_comfortable=sum(s.verdict == "comfortable" for s in oom),
+        capacity_rows=len(cap),
+        capacity_median=float(np.median([s.capacity_error for s in cap])) if cap else None,
+        capacity_over=sum(s.capacity_error > 0 for s in cap),
+        skip_reasons=dict(Counter(s.reason for s in scored if s.status == "skipped")),
+    )
+
+
+def group_by(scored: list[Scored], attr: str) -> dict[str, Summary]:
+    keys = sorted({str(getattr(s, attr)) for s in scored})
+    return {k: summarize([s for s in scored if str(getattr(s, attr)) == k]) for k in keys}
