@@ -99,6 +99,21 @@ class Parallel:
     strategy: str | None = None
     offload: str = "none"
     gpus_per_node: int = GPUS_PER_NODE
+    #: the engine that runs the strategy: ``auto`` (DeepSpeed for zero1/2/3, PyTorch for ddp/fsdp),
+    #: ``torch`` (DDP; ZeroRedundancyOptimizer for zero1; FSDP2 for zero2/zero3/fsdp) or ``deepspeed``
+    engine: str = "auto"
+    #: FSDP2 ``fully_shard(reshard_after_forward=...)``; None: the engine's default (True; zero2: False)
+    reshard_after_forward: bool | None = None
+    #: DDP ``gradient_as_bucket_view`` (default False: the buckets are a second copy of the gradients)
+    gradient_as_bucket_view: bool = False
+    #: DDP ``bucket_cap_mb`` (default 25; the buckets hold every gradient whatever their size)
+    bucket_cap_mb: float | None = None
+    #: DeepSpeed ``reduce_bucket_size`` / ``allgather_bucket_size`` / ``stage3_prefetch_bucket_size`` /
+    #: ``stage3_max_live_parameters`` in elements; None: DeepSpeed's defaults (``DS_DEFAULTS``)
+    reduce_bucket_size: int | None = None
+    allgather_bucket_size: int | None = None
+    prefetch_bucket_size: int | None = None
+    max_live_parameters: int | None = None
 
     @property
     def distributed(self) -> bool:
@@ -113,25 +128,58 @@ class Parallel:
         return self.strategy in SHARDED_PARAMS
 
     @property
+    def engine_name(self) -> str:
+        """``torch`` or ``deepspeed``: the engine whose buffers the plan models."""
+        if self.engine != "auto":
+            return self.engine
+        return "deepspeed" if self.strategy in DEEPSPEED else "torch"
+
+    @property
+    def reshards_after_forward(self) -> bool:
+        """FSDP2: whether a unit's parameters are freed after its forward (ZeRO-3) or kept to backward."""
+        if self.reshard_after_forward is not None:
+            return bool(self.reshard_after_forward)
+        return self.strategy != "zero2"
+
+    @property
     def label(self) -> str:
         if self.strategy is None:
             return "1 GPU"
         off = ", offload cpu" if self.offload == "cpu" else ""
-        return f"{self.gpus}x {self.strategy}{off}"
+        eng = " (torch)" if self.engine == "torch" and self.strategy in DEEPSPEED else ""
+        return f"{self.gpus}x {self.strategy}{eng}{off}"
 
     def to_json(self) -> dict:
-        return {"gpus": self.gpus, "strategy": self.strategy, "offload": self.offload, "nodes": self.nodes}
+        out = {"gpus": self.gpus, "strategy": self.strategy, "offload": self.offload, "nodes": self.nodes}
+        if self.strategy is not None:
+            out["engine"] = self.engine_name
+            opts = {k: getattr(self, k) for k in ENGINE_OPTIONS if getattr(self, k) not in (None, False)}
+            if opts:
+                out["engine_options"] = opts
+        return out
 
 
 SINGLE = Parallel()
+ENGINES = ("auto", "torch", "deepspeed")
+ENGINE_OPTIONS = ("reshard_after_forward", "gradient_as_bucket_view", "bucket_cap_mb", "reduce_bucket_size",
+                  "allgather_bucket_size", "prefetch_bucket_size", "max_live_parameters")
+#: DeepSpeed's ZeRO defaults, elements (deepspeed/runtime/zero/config.py, DeepSpeedZeroConfig field defaults;
+#: the same figures in DeepSpeed's docs "ZeRO optimizations": reduce_bucket_size 5e8, allgather_bucket_size
+#: 5e8, stage3_prefetch_bucket_size 5e7, stage3_max_live_parameters 1e9, stage3_param_persistence_threshold 1e5)
+DS_DEFAULTS = {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000,
+               "prefetch_bucket_size": 50_000_000, "max_live_parameters": 1_000_000_000,
+               "param_persistence_threshold": 100_000}
 
 
 def make_parallel(gpus: int = 1, strategy: str | None = None, offload: str | None = None,
-                  gpus_per_node: int = GPUS_PER_NODE) -> Parallel:
+                  gpus_per_node: int = GPUS_PER_NODE, engine: str | None = None, **options) -> Parallel:
     """Validate ``--gpus/--strategy/--offload`` into a :class:`Parallel`.
 
     ``gpus > 1`` without a strategy means DDP. ``strategy`` on one GPU is allowed (ZeRO-3 with
-    CPU offload on a single card is a real recipe).
+    CPU offload on a single card is a real recipe). ``engine`` (``auto``, ``torch``,
+    ``deepspeed``) and ``options`` (:data:`ENGINE_OPTIONS`: FSDP2's ``reshard_after_forward``,
+    DDP's ``gradient_as_bucket_view`` / ``bucket_cap_mb``, DeepSpeed's bucket sizes in
+    elements) select the engine whose buffers the plan models.
 
     Raises:
         VramplanError: ``gpus`` not a positive integer, an unknown strategy or offload, offload
@@ -155,7 +203,27 @@ def make_parallel(gpus: int = 1, strategy: str | None = None, offload: str | Non
     if off == "cpu" and strategy in (None, "ddp"):
         raise VramplanError(f"--offload cpu needs a sharding strategy, not {strategy or 'a single process'}",
                             "add --strategy zero2, zero3 or fsdp")
-    return Parallel(gpus=int(gpus), strategy=strategy, offload=off, gpus_per_node=int(gpus_per_node))
+    eng = "auto" if engine is None else str(engine).lower()
+    if eng not in ENGINES:
+        raise unknown("engine", eng, ENGINES)
+    if eng == "deepspeed" and strategy not in DEEPSPEED:
+        raise VramplanError(f"DeepSpeed runs zero1, zero2 or zero3, not {strategy or 'a single process'}",
+                            "use --engine torch or --strategy zero1|zero2|zero3")
+    bad = sorted(set(options) - set(ENGINE_OPTIONS))
+    if bad:
+        raise VramplanError(f"unknown engine option {bad[0]!r}", f"known: {', '.join(ENGINE_OPTIONS)}")
+    opts = {}
+    for k, v in options.items():
+        if v is None:
+            continue
+        if k in ("reshard_after_forward", "gradient_as_bucket_view"):
+            opts[k] = bool(v)
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not v > 0:
+            raise VramplanError(f"{k.replace('_', '-')} must be a positive number, got {v!r}")
+        opts[k] = float(v) if k == "bucket_cap_mb" else int(v)
+    return Parallel(gpus=int(gpus), strategy=strategy, offload=off, gpus_per_node=int(gpus_per_node), engine=eng,
+                    **opts)
 
 
 # -- the published estimators (for tests and the comparison in the output) ----------------
@@ -230,6 +298,13 @@ class ShardedState:
     nccl_bytes: int = 0
     cpu_bytes: int = 0
     backward_grad_bytes: int | None = None  # gradients alive in backward/step if not all of them (optimizer in backward)
+    #: engines whose gathered units change through the step (FSDP2): the bytes gathered (and the
+    #: unsharded gradients and reduce-scatter buffers in flight) at each point of
+    #: :func:`vramplan.memory.combine_phases`; None: ``gathered_bytes`` (+ ``inflight_grad_bytes``)
+    gathered_fwd_mid: int | None = None
+    gathered_bwd_start: int | None = None
+    gathered_bwd_work: int | None = None
+    gathered_bwd_end: int | None = None
     layout: str = "single process (HF Trainer / TRL)"
     notes: list[str] = field(default_factory=list)
 
@@ -305,14 +380,25 @@ def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, st=N
     quant = base.get(Component.QUANT_STATE, 0)
     out = ShardedState(bytes=dict.fromkeys(base, 0), trainable_params=P, nccl_bytes=NCCL_BYTES)
 
-    if par.strategy == "ddp":
+    if par.strategy == "ddp" or (par.strategy == "zero1" and par.engine_name == "torch"):
         out.bytes.update(base)
         out.step_temporary = st.step_temporary
-        out.comm_buffer_bytes = base[Component.GRADIENTS]  # gradient_as_bucket_view=False
-        out.layout = "PyTorch DDP (HF Trainer): full replica per GPU + gradient buckets"
+        # the Reducer's buckets hold every gradient: a second copy with gradient_as_bucket_view=False (the
+        # default); with True the gradients are views into them, allocated once and never set to None
+        out.comm_buffer_bytes = base[Component.GRADIENTS]
+        if par.gradient_as_bucket_view:
+            out.bytes[Component.GRADIENTS] = 0
+        out.layout = "PyTorch DDP: full replica per GPU + gradient buckets" + (
+            " (gradients as bucket views)" if par.gradient_as_bucket_view else "")
+        if par.strategy == "zero1":
+            _zero_redundancy(out, model, cfg, par, st)
         return out
 
     groups = _trainable_groups(model, cfg)
+    if par.engine_name == "torch":  # zero2, zero3, fsdp: FSDP2
+        _fsdp2(out, model, cfg, par, st, base)
+        _rollout_gather(out, model, cfg, par, st)
+        return out
     if par.strategy in DEEPSPEED:
         p16 = DTYPE_BYTES[regime.compute_dtype]
         mixed = regime.compute_dtype != FP32
@@ -377,12 +463,127 @@ def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, st=N
         out.inflight_grad_bytes = inflight
         out.layout = "PyTorch FSDP FULL_SHARD (mixed precision, decoder layers as units)" + (
             ", parameters and optimiser offloaded to CPU" if offload else "")
+    _rollout_gather(out, model, cfg, par, st)
+    return out
+
+
+def _rollout_gather(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel, st) -> None:
+    regime = cfg.regime
     if cfg.recipe.method.rollout and par.shards_params:
         policy = cfg.recipe.copies[0]
         per = DTYPE_BYTES[regime.compute_dtype] if policy.adapter is Adapter.FULL else _frozen_bytes_per_param(model, cfg, st)
         out.rollout_gather_bytes = int(model.params * per)
         out.notes.append("PPO generation gathers the whole policy (TRL ds3_gather_for_generation)")
-    return out
+
+
+def _expand(groups) -> list[tuple[tuple[int, ...], int]]:
+    return [(shape, 1) for shape, count in groups for _ in range(count)]
+
+
+def _numel(shape) -> int:
+    return int(np.prod(shape)) if shape else 1
+
+
+def _zero_redundancy(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel, st) -> None:
+    """``torch.distributed.optim.ZeroRedundancyOptimizer`` over DDP: each rank keeps the optimiser states
+    of its partition of the parameters.
+
+    The partition is the optimiser's own (``ZeroRedundancyOptimizer._partition_parameters``, torch 2.x):
+    parameters sorted by ``numel`` descending, each assigned to the rank with the smallest total so far.
+    The plan is the largest rank's. The updated parameters are broadcast in place from their owner.
+    """
+    n = par.gpus
+    opt = get_optimizer(cfg.optimizer)
+    tensors = sorted(_expand(_trainable_groups(model, cfg)), key=lambda t: _numel(t[0]), reverse=True)
+    sizes = [0] * n
+    owned: list[list] = [[] for _ in range(n)]
+    for shape, c in tensors:
+        r = int(np.argmin(sizes))
+        sizes[r] += _numel(shape)
+        owned[r].append((shape, c))
+    pbytes = _trainable_bytes_per_param(cfg)
+    states = [opt.total_state_bytes([(sh, c, pbytes) for sh, c in o]) for o in owned]
+    r = int(np.argmax(states))
+    out.bytes[Component.OPTIMIZER_STATES] = int(states[r])
+    out.step_temporary = opt.step_temporary_bytes([(sh, c, pbytes) for sh, c in owned[r]], cfg.regime.runner)
+    out.layout = "PyTorch DDP + ZeroRedundancyOptimizer (ZeRO-1): full replica, gradient buckets, own states"
+
+
+def _trainable_bytes_per_param(cfg: TrainConfig) -> int:
+    regime = cfg.regime
+    return DTYPE_BYTES[regime.trainable_dtype if cfg.recipe.adapter is Adapter.FULL else regime.adapter_dtype]
+
+
+def _fsdp2(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel, st, base) -> None:
+    """PyTorch FSDP2 (``fully_shard`` on every decoder layer and on the root), per rank.
+
+    Sources: ``torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py`` (torch 2.13). Every
+    parameter is sharded on dim 0 (padded to a multiple of N); a unit's all-gather writes one flat
+    buffer (the unit's padded size) and copies out to the unsharded parameters.
+
+    * Forward (``reshard_after_forward=True``): the root's parameters stay unsharded from its
+      forward to the end of backward (the root does not reshard after forward); each layer is
+      gathered, and ``wait_for_unshard`` keeps the previous all-gather result alive until the
+      next copy-out ("implicit prefetch", ``comm_ctx.all_gather_state``): R + 2L while a layer is
+      gathered, R + L at the logits (the last result is freed by the root's post-forward).
+    * Backward: ``_backward_prefetch`` all-gathers the next unit in backward order as each unit's
+      pre-backward runs: R + L at the loss, R + 2L inside a layer, plus the layer's unsharded
+      gradients and the previous unit's reduce-scatter input, which ``post_backward`` keeps until the
+      next one (``reduce_scatter_max_input_buffers`` = 1); the head's unsharded gradients live from
+      the logits' backward to the root's ``post_backward``, which reshards the root before it copies
+      its gradients into the reduce-scatter input.
+    * ``reshard_after_forward=False`` (zero2, SHARD_GRAD_OP): every layer stays gathered from its
+      forward to its backward: R + (layers + 1) L at the logits, R + layers x L when backward starts.
+    """
+    n = par.gpus
+    regime = cfg.regime
+    full = cfg.recipe.adapter is Adapter.FULL
+    offload = par.offload == "cpu"
+    shardable = (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS,
+                 Component.GRADIENTS, Component.OPTIMIZER_STATES)
+    if offload:
+        out.cpu_bytes = sum(base.get(c, 0) for c in shardable) // n
+    else:
+        for c in shardable:
+            out.bytes[c] = -(-base.get(c, 0) // n)
+        out.step_temporary = -(-st.step_temporary // n)
+    root_p, layer_p = _unit_params(model)
+    L = model.num_layers
+    gb = _trainable_bytes_per_param(cfg)  # gradient bytes per trainable parameter
+    if full:
+        w = DTYPE_BYTES[regime.trainable_dtype]
+        R, U = root_p * w, layer_p * w
+        gU = layer_p * gb                      # one layer's unsharded gradients
+        head_g = (model.lm_head_params + model.hidden_size) * gb  # lm_head + final norm, from the logits on
+        root_g = root_p * gb
+    else:
+        pp = _frozen_bytes_per_param(model, cfg, st)
+        adapters = base.get(Component.ADAPTERS, 0)
+        R = int(np.ceil(root_p * pp))
+        U = int(np.ceil(layer_p * pp)) + adapters // max(L, 1)
+        gU = adapters // max(L, 1)
+        head_g = root_g = 0
+    rs = gU  # the reduce-scatter input: the unit's gradients, padded, in the reduce dtype (= gradient dtype)
+    if par.reshards_after_forward:
+        out.gathered_bytes = R + U
+        out.gathered_fwd_mid = R + 2 * U
+        out.gathered_bwd_start = R + U
+        # inside a layer's backward: its own and the prefetched next unit, or (the last one in backward
+        # order, whose next unit is the root, already gathered) the previous unit's retained RS input;
+        # layers in the middle of a deep model have both
+        prefetch_and_rs = U + (rs if L >= 3 else 0)
+        out.gathered_bwd_work = R + U + gU + head_g + max(prefetch_and_rs if L >= 2 else 0, rs if L >= 2 else 0)
+    else:
+        out.gathered_bytes = R + (L + 1) * U
+        out.gathered_fwd_mid = R + (L + 1) * U
+        out.gathered_bwd_start = R + L * U
+        out.gathered_bwd_work = R + L * U + gU + head_g
+    out.gathered_bwd_end = max(R + rs + root_g, 2 * root_g)
+    out.inflight_grad_bytes = 0
+    out.comm_buffer_bytes = 0
+    out.layout = ("PyTorch FSDP2 fully_shard per decoder layer + root"
+                  + (", reshard_after_forward=False" if not par.reshards_after_forward else "")
+                  + (", parameters and optimiser offloaded to CPU" if offload else ""))
 
 
 # -- per-GPU step memory -------------------------------------------------------------------
@@ -413,7 +614,11 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
         grads_tail=full.grads_tail * shard, grads_end_extra=full.grads_end_extra * shard,
         layer_grad=full.layer_grad * shard, step_temporary=sh.step_temporary,
         rollout_on=cfg.recipe.method.rollout, comm=sh.comm_buffer_bytes, gathered=sh.gathered_bytes,
-        rollout_gather=sh.rollout_gather_bytes, components=components)
+        rollout_gather=sh.rollout_gather_bytes, components=components, gathered_fwd_mid=sh.gathered_fwd_mid,
+        gathered_bwd_start=sh.gathered_bwd_start, gathered_bwd_work=sh.gathered_bwd_work,
+        gathered_bwd_end=sh.gathered_bwd_end,
+        comm_component=Component.REDUCE_BUFFERS if par.distributed else None,
+        gathered_component=Component.ALLGATHER_BUFFERS if par.distributed else None)
     ms = ModelState(bytes=dict(B), params=model.params, trainable_params=sh.trainable_params,
                     step_temporary=sh.step_temporary)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=ms)
