@@ -70,7 +70,8 @@ HEADER = (" N  strat  engine    method options                      planner    t
 
 
 def grid(model: dict = GRID_MODEL, ranks=(2, 4), strategies=STRATEGIES, methods=METHODS, engines=None,
-         batch: int = BATCH, seq: int = SEQ, extra_options: bool = True, timeout: float = 900.0) -> list[Row]:
+         batch: int = BATCH, seq: int = SEQ, extra_options: bool = True, timeout: float = 900.0,
+         cache: str | None = None) -> list[Row]:
     """Trace every row and plan it; one spawned group per rank count."""
     from vramplan.distributed import make_parallel, parallel_step_memory
     from vramplan.dryrun.distributed import Job, deepspeed_available, distributed_config, run_jobs
@@ -97,7 +98,7 @@ def grid(model: dict = GRID_MODEL, ranks=(2, 4), strategies=STRATEGIES, methods=
                     for opts in variants:
                         jobs.append(Job(spec, cfg, strategy, engine, opts))
                         meta.append((method, engine, strategy, opts, cfg))
-        results = run_jobs(jobs, n, timeout=timeout)
+        results = _traced(jobs, n, timeout, cache, meta)
         for (method, engine, strategy, opts, cfg), res in zip(meta, results):
             par = make_parallel(n, strategy)
             par = replace(par, engine=engine, **{k: v for k, v in opts.items()})
@@ -113,6 +114,29 @@ def grid(model: dict = GRID_MODEL, ranks=(2, 4), strategies=STRATEGIES, methods=
             rows.append(Row(n, strategy, engine, method, opts, int(sm.peak), top.peak_bytes,
                             [r.peak_bytes for r in res], top.peak_phase.value, planned_phase=planned_phase))
     return rows
+
+
+def _traced(jobs, n, timeout, cache, meta):
+    """run_jobs, or the traces a previous run kept in ``cache`` (a pickle; for iterating on the planner)."""
+    import pickle
+
+    from vramplan.dryrun.distributed import run_jobs
+
+    key = [(n, m[0], m[1], m[2], tuple(sorted(m[3].items()))) for m in meta]
+    store = {}
+    if cache and os.path.exists(cache):
+        with open(cache, "rb") as fh:
+            store = pickle.load(fh)
+    todo = [i for i, k in enumerate(key) if k not in store]
+    if todo:
+        res = run_jobs([jobs[i] for i in todo], n, timeout=timeout)
+        for i, r in zip(todo, res):
+            store[key[i]] = r
+        if cache:
+            with open(cache + ".tmp", "wb") as fh:
+                pickle.dump(store, fh)
+            os.replace(cache + ".tmp", cache)
+    return [store[k] for k in key]
 
 
 def report(rows: list[Row], model: dict, seconds: float) -> str:
@@ -150,12 +174,13 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--engines", default=None, help="torch,deepspeed (default: those installed)")
     ap.add_argument("--tiny", action="store_true", help="the CI grid's model")
+    ap.add_argument("--cache", default=None, help="keep/reuse the traces in this pickle (planner iterations)")
     ap.add_argument("--out", default=str(ROOT / "reports" / "dryrun_distributed.txt"), help="'-' prints only")
     a = ap.parse_args(argv)
     model = TINY_MODEL if a.tiny else GRID_MODEL
     t0 = time.perf_counter()
     rows = grid(model, tuple(int(x) for x in a.ranks.split(",")), tuple(a.strategies.split(",")),
-                tuple(a.methods.split(",")), tuple(a.engines.split(",")) if a.engines else None)
+                tuple(a.methods.split(",")), tuple(a.engines.split(",")) if a.engines else None, cache=a.cache)
     text = report(rows, model, time.perf_counter() - t0)
     print(text, end="")
     if a.out != "-":

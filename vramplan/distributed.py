@@ -62,7 +62,7 @@ from .methods import Adapter, Forward
 from .models import ModelSpec
 from .optimizers import get_optimizer
 from .precision import DTYPE_BYTES, FP32
-from .taxonomy import Component
+from .taxonomy import Component, Phase
 from .units import MIB
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
@@ -305,6 +305,8 @@ class ShardedState:
     gathered_bwd_start: int | None = None
     gathered_bwd_work: int | None = None
     gathered_bwd_end: int | None = None
+    #: FSDP2's unit schedule (:func:`_fsdp2`): the terms :func:`_fsdp2_phases` walks through
+    fsdp2: dict | None = None
     layout: str = "single process (HF Trainer / TRL)"
     notes: list[str] = field(default_factory=list)
 
@@ -476,6 +478,10 @@ def _rollout_gather(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: 
         out.notes.append("PPO generation gathers the whole policy (TRL ds3_gather_for_generation)")
 
 
+#: a branch of combine_phases that an engine's own schedule replaces (never the maximum)
+_NOT_HERE = -(2 ** 60)
+
+
 def _expand(groups) -> list[tuple[tuple[int, ...], int]]:
     return [(shape, 1) for shape, count in groups for _ in range(count)]
 
@@ -564,21 +570,14 @@ def _fsdp2(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel,
         gU = adapters // max(L, 1)
         head_g = root_g = 0
     rs = gU  # the reduce-scatter input: the unit's gradients, padded, in the reduce dtype (= gradient dtype)
-    if par.reshards_after_forward:
-        out.gathered_bytes = R + U
-        out.gathered_fwd_mid = R + 2 * U
-        out.gathered_bwd_start = R + U
-        # inside a layer's backward: its own and the prefetched next unit, or (the last one in backward
-        # order, whose next unit is the root, already gathered) the previous unit's retained RS input;
-        # layers in the middle of a deep model have both
-        prefetch_and_rs = U + (rs if L >= 3 else 0)
-        out.gathered_bwd_work = R + U + gU + head_g + max(prefetch_and_rs if L >= 2 else 0, rs if L >= 2 else 0)
-    else:
-        out.gathered_bytes = R + (L + 1) * U
-        out.gathered_fwd_mid = R + (L + 1) * U
-        out.gathered_bwd_start = R + L * U
-        out.gathered_bwd_work = R + L * U + gU + head_g
-    out.gathered_bwd_end = max(R + rs + root_g, 2 * root_g)
+    out.fsdp2 = {"R": R, "U": U, "gU": gU, "rs": rs, "head_g": head_g, "root_g": root_g, "layers": L,
+                 "sg": -(-gU // n), "reshard": par.reshards_after_forward,
+                 "gU_mlp": min(gU, int(st.layer_grad)) if full else 0}
+    # the generic phase arithmetic sees the root and the last layer's all-gather (forward end, loss)
+    out.gathered_bytes = R + (U if par.reshards_after_forward else (L + 1) * U)
+    out.gathered_bwd_start = R + (U if par.reshards_after_forward else L * U)
+    # the layer-by-layer backward and its end are walked by _fsdp2_phases, not combine_phases' generic branches
+    out.gathered_bwd_work = out.gathered_bwd_end = _NOT_HERE
     out.inflight_grad_bytes = 0
     out.comm_buffer_bytes = 0
     out.layout = ("PyTorch FSDP2 fully_shard per decoder layer + root"
@@ -619,9 +618,120 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
         gathered_bwd_end=sh.gathered_bwd_end,
         comm_component=Component.REDUCE_BUFFERS if par.distributed else None,
         gathered_component=Component.ALLGATHER_BUFFERS if par.distributed else None)
+    if sh.fsdp2 is not None:
+        phases, peak, idx, comps = _fsdp2_phases(sh, t, phases, comps, B, full, cfg, components)
     ms = ModelState(bytes=dict(B), params=model.params, trainable_params=sh.trainable_params,
                     step_temporary=sh.step_temporary)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=ms)
+
+
+def _fsdp2_phases(sh: ShardedState, t: dict, phases: dict, comps: dict, B: dict, full_state, cfg: TrainConfig,
+                  components: bool):
+    """Forward and backward of FSDP2 walked unit by unit (see :func:`_fsdp2` for the sources).
+
+    Each point is the resident state (sharded weights, states, buffers) plus what lives there:
+
+    * forward, a unit's copy-out: the previous unit's all-gather result is still referenced (the
+      ``wait_for_unshard`` local that took it from ``all_gather_state`` lives to the function's end),
+      so layer 0's copy-out holds R + flat(R) + flat(L0) + L0 = 2R + 2U, layer i's R + 3U (+ the layers
+      kept gathered without resharding) beside the activations of the layers before it;
+    * backward, for every layer i (k layers already reduced, their gradient shards ``sg`` each): the
+      copy-out (own flat buffer and parameters, the previous unit's retained reduce-scatter input),
+      the compute (own parameters, the next unit prefetched, the unsharded gradients, the layer's
+      backward buffers) and the copy-in (unsharded gradients and the reduce-scatter input, the
+      previous one popped), beside the saved activations of layers 0..i (``t["layer"]`` each; the
+      final norm's and the head's saved tensors are freed once backward is past them);
+    * the end: the root's gradients (embedding + head) and their reduce-scatter input.
+
+    The start of backward (everything saved, the logits' gradients, R + the prefetched last layer)
+    and the forward's end (logits) come from :func:`vramplan.memory.combine_phases`.
+    """
+    f = sh.fsdp2
+    R, U, gU, rs, head_g, root_g, L, sg = (f[k] for k in ("R", "U", "gU", "rs", "head_g", "root_g", "layers", "sg"))
+    gU_mlp = f["gU_mlp"]
+    reshard = f["reshard"]
+    zeros = t["zeros"]
+    static = sum(B.get(c, 0) for c in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS,
+                                       Component.MASTER_WEIGHTS)) + sh.comm_buffer_bytes
+    states = B.get(Component.OPTIMIZER_STATES, 0)
+    base = static + states + zeros
+    per = t["layer"] if not cfg.grad_ckpt else t["acts"] / max(L, 1)  # saved per layer (checkpoint inputs under GC)
+    rec = t["recompute"] if cfg.grad_ckpt else zeros
+    trans = np.maximum(t["transient"] + t["temps_fwd"], t["temps_recompute"])
+    cands: list[tuple[Phase, np.ndarray, dict]] = []
+    # forward copy-outs
+    for i in range(L):
+        kept = 0 if reshard else i * U
+        g = (2 * R + 2 * U) if i == 0 else (R + kept + 3 * U)
+        a = i * per
+        cands.append((Phase.FORWARD, base + a + g, {Component.ALLGATHER_BUFFERS: g + zeros, Component.ACTIVATIONS: a + zeros}))
+    # backward, layer by layer
+    for i in range(L - 1, -1, -1):
+        k = L - 1 - i
+        done = k * sg
+        rs_prev = rs if k >= 1 else 0
+        a_i = (i + 1) * per
+        own = (i + 1) * U if not reshard else U  # unsharded layers at this point (own included)
+        prefetch = U if (reshard and i >= 1) else 0
+        pts = []
+        if reshard:  # copy-out: own flat buffer beside own parameters
+            pts.append((R + 2 * U, rs_prev, head_g + done, a_i, zeros))
+        # inside the layer's backward, as combine_phases' layer branch: early, everything it saved (and
+        # its recomputation) without its gradients; late, its gradients but the MLP's saved tensors
+        early = a_i + rec
+        late_mlp = gU - gU_mlp + a_i  # before the MLP block's gradients: all saved, attention grads not yet
+        late_attn = gU + a_i - per + t["layer_attn"]  # the attention block's backward: every layer gradient
+        pts.append((R + own + prefetch, rs_prev, head_g + done, early, trans))
+        pts.append((R + own + prefetch, rs_prev, head_g + done, np.maximum(late_mlp, late_attn), trans))
+        pts.append((R + own - U + prefetch, rs, gU + head_g + done, a_i - per, zeros))
+        for g, r, gr, a, tmp in pts:
+            val = base + g + r + gr + a + tmp
+            cands.append((Phase.BACKWARD, val, {Component.ALLGATHER_BUFFERS: g + zeros, Component.REDUCE_BUFFERS: r + zeros,
+                                                Component.GRADIENTS: gr + zeros, Component.ACTIVATIONS: a + zeros,
+                                                Component.TEMPORARIES: tmp + zeros}))
+    end_done = L * sg
+    for g, r, gr in ((R, rs if L else 0, root_g + end_done), (0, root_g, root_g + end_done)):
+        cands.append((Phase.BACKWARD, base + g + r + gr, {Component.ALLGATHER_BUFFERS: g + zeros,
+                                                         Component.REDUCE_BUFFERS: r + zeros,
+                                                         Component.GRADIENTS: gr + zeros}))
+    phases = dict(phases)
+    best: dict[Phase, tuple[np.ndarray, dict]] = {}
+    for ph, val, parts in cands:
+        if ph not in best:
+            best[ph] = (val, parts)
+            continue
+        cur, cparts = best[ph]
+        take = val > cur
+        merged = {c: np.where(take, parts.get(c, zeros), cparts.get(c, zeros)) for c in set(parts) | set(cparts)}
+        best[ph] = (np.maximum(cur, val), merged)
+    wins = {}
+    for ph, (val, parts) in best.items():
+        wins[ph] = val > phases[ph]
+        phases[ph] = np.maximum(phases[ph], val)
+    from .memory import PHASE_ORDER
+
+    stack = np.stack([phases[p] for p in PHASE_ORDER])
+    idx = np.argmax(stack, axis=0)
+    peak = np.max(stack, axis=0)
+    if not components:
+        return phases, peak, idx, {}
+    comps = {c: np.asarray(v, dtype=np.float64) + zeros for c, v in comps.items()}
+    for ph, (val, parts) in best.items():
+        k = PHASE_ORDER.index(ph)
+        here = (idx == k) & wins[ph]
+        if not np.any(here):
+            continue
+        sched = {Component.WEIGHTS: B.get(Component.WEIGHTS, 0) + zeros, Component.QUANT_STATE: B.get(Component.QUANT_STATE, 0) + zeros,
+                 Component.ADAPTERS: B.get(Component.ADAPTERS, 0) + zeros,
+                 Component.MASTER_WEIGHTS: B.get(Component.MASTER_WEIGHTS, 0) + zeros,
+                 Component.OPTIMIZER_STATES: states + zeros}
+        for c, v in parts.items():
+            sched[c] = sched.get(c, zeros) + v
+        if sh.comm_buffer_bytes:
+            sched[Component.REDUCE_BUFFERS] = sched.get(Component.REDUCE_BUFFERS, zeros) + sh.comm_buffer_bytes
+        for c in set(comps) | set(sched):
+            comps[c] = np.where(here, sched.get(c, zeros), comps.get(c, zeros))
+    return phases, peak, idx, comps
 
 
 # -- communication -------------------------------------------------------------------------

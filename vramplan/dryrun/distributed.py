@@ -81,6 +81,8 @@ class RankTrace:
     components: dict[Component, int]
     phase_components: dict[Phase, dict[Component, int]] = field(default_factory=dict)
     loss: float = float("nan")
+    #: gloo's staging copy inside a reduce-scatter (not on NCCL), left out of the counts above
+    gloo_staging_bytes: int = 0
 
     def to_json(self) -> dict:
         return {"rank": self.rank, "peak_bytes": self.peak_bytes, "peak_phase": self.peak_phase.value,
@@ -88,7 +90,7 @@ class RankTrace:
                 "components": {c.value: v for c, v in self.components.items() if v},
                 "phase_components": {p.value: {c.value: v for c, v in d.items() if v}
                                      for p, d in self.phase_components.items()},
-                "loss": self.loss}
+                "loss": self.loss, "gloo_staging_bytes": self.gloo_staging_bytes}
 
 
 @dataclass
@@ -264,14 +266,15 @@ def _run_job(rank: int, world: int, job: dict) -> RankTrace:
             pk = tracker.phase_peaks.get(p)
             if pk is None:
                 continue
-            recs = [r for r in tracker.records if r.alive_at(pk.at) and tracker.component(r) is Component.ALLGATHER_BUFFERS]
+            recs = [r for r in tracker.records if r.alive_at(pk.at) and tracker.component(r) in (Component.REDUCE_BUFFERS, Component.GRADIENTS)]
             print("DEBUG", p.value, sorted(((r.op, r.nbytes, r.alloc) for r in recs), key=lambda x: x[2]), flush=True)
     at_peak = tracker.breakdown(tracker.peak.at)
     comps = {c: int(at_peak.get(c, 0)) for c in TENSOR_COMPONENTS}
     loss = out.get("loss") if isinstance(out, dict) else None
     return RankTrace(rank=rank, peak_bytes=int(tracker.peak.bytes), peak_phase=peak_phase, phases=phases,
                      components=comps, phase_components=phase_components,
-                     loss=float(loss) if loss is not None else float("nan"))
+                     loss=float(loss) if loss is not None else float("nan"),
+                     gloo_staging_bytes=int(tracker.staging_bytes))
 
 
 def _tracker_base():
@@ -292,6 +295,17 @@ def _make_rank_tracker():
 
     class RankTracker(Tracker):
         """The dry run's tracker plus in-place storage resizes and engine-side tensors."""
+
+        #: inside a gloo collective: storages first seen there are gloo's own staging (see _Patches)
+        staging = False
+        staging_bytes = 0
+
+        def _track(self, x, op):
+            if self.staging and isinstance(x, torch.Tensor) and x.device.type == self.device_type \
+                    and not is_traceable_wrapper_subclass(x) and x.untyped_storage()._cdata not in self.live:
+                self.staging_bytes = max(self.staging_bytes, x.untyped_storage().nbytes())
+                return None
+            return super()._track(x, op)
 
         def resized(self, storage) -> None:
             key = storage._cdata
@@ -402,6 +416,22 @@ class _Patches:
 
         self._saved.append((torch.UntypedStorage, "resize_", orig_resize))
         torch.UntypedStorage.resize_ = resize_
+        import torch.distributed as dist
+
+        # gloo has no reduce-scatter kernel: c10d emulates it with an all-reduce of a copy of the input,
+        # a buffer NCCL's native reduce-scatter does not have. Storages first seen inside the call are
+        # that staging copy; they are left out of the per-rank count (RankTrace.gloo_staging_bytes).
+        orig_rs = dist.reduce_scatter_single
+
+        def reduce_scatter_single(*args, **kwargs):
+            tr.staging = True
+            try:
+                return orig_rs(*args, **kwargs)
+            finally:
+                tr.staging = False
+
+        self._saved.append((dist, "reduce_scatter_single", orig_rs))
+        dist.reduce_scatter_single = reduce_scatter_single
         try:
             from torch.distributed.fsdp._fully_shard import _fsdp_param_group as pg
         except ImportError:  # pragma: no cover
