@@ -55,7 +55,7 @@ ENGINES = ("torch", "deepspeed")
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 PRECISIONS = ("bf16", "fp32")
 #: host memory the ranks together may take (planner's estimate), bytes
-HOST_BUDGET = 8 * 2**30
+HOST_BUDGET = 2 * 2**30
 #: steps before the measured one: the first creates the optimiser states, the second DDP's rebuilt
 #: gradient buckets (``Reducer`` re-buckets in the first forward after a backward, in gradient order)
 WARMUP_STEPS = 2
@@ -132,15 +132,20 @@ class DistributedDryRunResult:
 
         console.print(f"[green]distributed dry run: {self.engine_desc}, {self.gpus} ranks (gloo on CPU), "
                       f"{self.model} {self.method}[/green]", highlight=False)
-        phases = [p for p in (Phase.LOAD, Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER_STEP)]
-        console.print("rank  peak        phase           " + "  ".join(f"{p.value:>14}" for p in phases), highlight=False)
+        phases = (Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER_STEP)
+        console.print("rank        peak  at              " + "".join(f"{p.value:>16}" for p in phases),
+                      highlight=False, soft_wrap=True)
         for r in self.ranks:
-            console.print(f"{r.rank:>4}  {fmt_bytes(r.peak_bytes):>10}  {r.peak_phase.value:<14}  "
-                          + "  ".join(f"{fmt_bytes(r.phases.get(p, 0)):>14}" for p in phases), highlight=False)
+            console.print(f"{r.rank:>4}  {fmt_bytes(r.peak_bytes):>10}  {r.peak_phase.value:<14}"
+                          + "".join(f"{fmt_bytes(r.phases.get(p, 0)):>16}" for p in phases),
+                          highlight=False, soft_wrap=True)
         r0 = max(self.ranks, key=lambda r: r.peak_bytes)
-        console.print(f"components at rank {r0.rank}'s peak: " + ", ".join(
+        console.print(f"components at rank {r0.rank}'s peak (tensor bytes): " + ", ".join(
             f"{c.value} {fmt_bytes(v)}" for c, v in sorted(r0.components.items(), key=lambda kv: -kv[1]) if v),
             highlight=False)
+        if r0.gloo_staging_bytes:
+            console.print(f"left out: gloo's reduce-scatter staging copy ({fmt_bytes(r0.gloo_staging_bytes)}; NCCL "
+                          "reduce-scatters in place)", highlight=False)
         for n in self.notes:
             console.print(f"note: {n}", highlight=False)
 
@@ -194,6 +199,8 @@ def _worker(rank: int, world: int, port: int, jobs: list, outdir: str) -> None:
     import logging
     import warnings
 
+    if any(j.get("engine") == "deepspeed" for j in jobs):
+        os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed picks its accelerator at import
     warnings.simplefilter("ignore")
     for name in ("transformers", "torchao", "bitsandbytes", "torch.distributed", "DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -379,7 +386,10 @@ def _parameter_components(trainee):
                 for t in quant_state_tensors(qs):
                     yield t, Component.QUANT_STATE
             else:
-                yield p, (Component.ADAPTERS if peft and p.requires_grad else Component.WEIGHTS)
+                comp = Component.ADAPTERS if peft and p.requires_grad else Component.WEIGHTS
+                yield p, comp
+                if getattr(p, "ds_tensor", None) is not None:  # DeepSpeed ZeRO-3's own partition
+                    yield p.ds_tensor, comp
         for b in c.module.buffers():
             yield b, Component.WEIGHTS
 
@@ -388,7 +398,7 @@ def _optimizer_tensors(trainee):
     import torch
 
     opt = trainee.optimizer
-    inner = getattr(opt, "optim", None)  # ZeroRedundancyOptimizer's local optimiser
+    inner = getattr(opt, "optim", None) or getattr(opt, "optimizer", None)  # ZeRO wrappers' local optimiser
     for o in ([inner] if inner is not None else []) + [opt]:
         for st in getattr(o, "state", {}).values():
             for v in (st.values() if isinstance(st, dict) else ()):
