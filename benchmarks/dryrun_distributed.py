@@ -29,7 +29,7 @@ GRID_MODEL = dict(model_type="llama", hidden_size=256, intermediate_size=512, nu
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=2048, max_position_embeddings=512,
                   tie_word_embeddings=False)
 #: the CI grid's model (tests/test_dryrun_distributed.py)
-TINY_MODEL = dict(GRID_MODEL, hidden_size=64, intermediate_size=128, vocab_size=512)
+TINY_MODEL = dict(GRID_MODEL, hidden_size=128, intermediate_size=256, vocab_size=1024)
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 METHODS = ("full", "lora")
 BATCH, SEQ = 1, 64
