@@ -660,13 +660,17 @@ def _fsdp2_phases(sh: ShardedState, t: dict, phases: dict, comps: dict, B: dict,
     trans = np.maximum(t["transient"] + t["temps_fwd"], t["temps_recompute"])
     cands: list[tuple[Phase, np.ndarray, dict]] = []
     # forward copy-outs
-    for i in range(L):
+    # every point below is affine in the layer index i between the indices where a term switches
+    # (i = 0: no prefetch, the root's buffer; i = L-1: nothing reduced yet), so its maximum over the
+    # layers is at one of those indices or their neighbours: only those are walked
+    ends = sorted({i for i in (0, 1, L - 2, L - 1) if 0 <= i < L})
+    for i in ends:
         kept = 0 if reshard else i * U
         g = (2 * R + 2 * U) if i == 0 else (R + kept + 3 * U)
         a = i * per
         cands.append((Phase.FORWARD, base + a + g, {Component.ALLGATHER_BUFFERS: g + zeros, Component.ACTIVATIONS: a + zeros}))
     # backward, layer by layer
-    for i in range(L - 1, -1, -1):
+    for i in reversed(ends):
         k = L - 1 - i
         done = k * sg
         rs_prev = rs if k >= 1 else 0
