@@ -31,7 +31,7 @@ GRID_MODEL = dict(model_type="llama", hidden_size=256, intermediate_size=512, nu
 #: the CI grid's model (tests/test_dryrun_distributed.py)
 TINY_MODEL = dict(GRID_MODEL, hidden_size=128, intermediate_size=256, vocab_size=1024)
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
-METHODS = ("full", "lora")
+METHODS = ("full", "lora", "qlora")
 BATCH, SEQ = 1, 64
 TOLERANCE = 0.02
 

@@ -527,8 +527,9 @@ def _fsdp2(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel,
     parameter is sharded on dim 0 (padded to a multiple of N); a unit's all-gather writes one flat
     buffer (the unit's padded size) and copies out to the unsharded parameters.
 
-    * Forward (``reshard_after_forward=True``): the root's parameters stay unsharded from its
-      forward to the end of backward (the root does not reshard after forward); each layer is
+    * Forward (``reshard_after_forward=True``, passed to the root too, as torchtune and accelerate
+      do): the root's parameters stay unsharded through its forward and are gathered again when
+      backward starts (flat buffer and parameters: 2R), then kept to the end of backward; each layer is
       gathered, and ``wait_for_unshard`` keeps the previous all-gather result alive until the
       next copy-out ("implicit prefetch", ``comm_ctx.all_gather_state``): R + 2L while a layer is
       gathered, R + L at the logits (the last result is freed by the root's post-forward).
@@ -563,10 +564,25 @@ def _fsdp2(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel,
         head_g = (model.lm_head_params + model.hidden_size) * gb  # lm_head + final norm, from the logits on
         root_g = root_p * gb
     else:
-        pp = _frozen_bytes_per_param(model, cfg, st)
         adapters = base.get(Component.ADAPTERS, 0)
-        R = int(np.ceil(root_p * pp))
-        U = int(np.ceil(layer_p * pp)) + adapters // max(L, 1)
+        policy = cfg.recipe.copies[0]
+        nb = DTYPE_BYTES[regime.frozen_dtype]
+        if policy.quantized:
+            from .memory import _quantized_linears
+            from .quant import nf4_bytes
+
+            # NF4 codes are the layer's parameters (FSDP-QLoRA shards and gathers them); what is not
+            # quantised was upcast to fp32 by prepare_model_for_kbit_training (the stack's kbit_upcast);
+            # the quantisation constants are module attributes, not parameters: every rank keeps them all
+            lin = _quantized_linears(model, cfg)
+            packed = sum(nf4_bytes(l.in_features * l.out_features, cfg.double_quant)[0] * l.count for l in lin)
+            nb = 4 if cfg.stack.kbit_upcast else nb
+            R = root_p * nb
+            U = packed + (layer_p - sum(l.in_features * l.out_features * l.count for l in lin)) * nb
+            out.bytes[Component.QUANT_STATE] = base.get(Component.QUANT_STATE, 0)
+        else:
+            R, U = root_p * nb, layer_p * nb
+        U += adapters // max(L, 1)
         gU = adapters // max(L, 1)
         head_g = root_g = 0
     rs = gU  # the reduce-scatter input: the unit's gradients, padded, in the reduce dtype (= gradient dtype)
@@ -575,6 +591,10 @@ def _fsdp2(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel,
                  "gU_mlp": min(gU, int(st.layer_grad)) if full else 0}
     # the generic phase arithmetic sees the root and the last layer's all-gather (forward end, loss)
     out.gathered_bytes = R + (U if par.reshards_after_forward else (L + 1) * U)
+    # reshard_after_forward passed explicitly to the root too (torchtune's shard_model and accelerate's
+    # FSDP2 plugin do; left to None, torch would keep the root gathered): the root is freed after the
+    # loss and all-gathered again when backward starts, its flat buffer beside its parameters (2R)
+    # before the prefetch of the last layer (R + U)
     out.gathered_bwd_start = R + (U if par.reshards_after_forward else L * U)
     # the layer-by-layer backward and its end are walked by _fsdp2_phases, not combine_phases' generic branches
     out.gathered_bwd_work = out.gathered_bwd_end = _NOT_HERE
@@ -625,6 +645,11 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=ms)
 
 
+def backward_casts_of(state, cfg: TrainConfig) -> int:
+    """Autocast casts still saved when backward starts (:func:`vramplan.memory.backward_casts`)."""
+    return int(_mem.backward_casts(state, cfg)["cache_bwd"])
+
+
 def _fsdp2_phases(sh: ShardedState, t: dict, phases: dict, comps: dict, B: dict, full_state, cfg: TrainConfig,
                   components: bool):
     """Forward and backward of FSDP2 walked unit by unit (see :func:`_fsdp2` for the sources).
@@ -669,6 +694,17 @@ def _fsdp2_phases(sh: ShardedState, t: dict, phases: dict, comps: dict, B: dict,
         g = (2 * R + 2 * U) if i == 0 else (R + kept + 3 * U)
         a = i * per
         cands.append((Phase.FORWARD, base + a + g, {Component.ALLGATHER_BUFFERS: g + zeros, Component.ACTIVATIONS: a + zeros}))
+    # backward starts (the loss's gradient, before the logits' gradients exist) with the root gathered
+    # again when it was resharded after forward: its flat buffer beside its parameters, beside everything
+    # saved, the logits kept for the loss's backward (logits_bwd - logits_fwd: what the loss' backward adds
+    # is the logits' gradient) and the autocast casts still saved
+    if reshard:
+        cast = backward_casts_of(full_state, cfg)
+        kept = np.maximum(t["logits_bwd"] - t["logits_fwd"], 0)
+        g = 2 * R
+        cands.append((Phase.BACKWARD, base + t["acts"] + cast + kept + g,
+                      {Component.ALLGATHER_BUFFERS: g + zeros, Component.ACTIVATIONS: t["acts"] + zeros,
+                       Component.LOGITS: kept + zeros, Component.AUTOCAST_CACHE: cast + zeros}))
     # backward, layer by layer
     for i in reversed(ends):
         k = L - 1 - i

@@ -17,7 +17,8 @@ Engines (``ENGINES``):
 * ``zero1`` (torch): DDP plus ``torch.distributed.optim.ZeroRedundancyOptimizer`` (the
   optimiser states of a rank's partition only; updated parameters broadcast by their owner).
 * ``fsdp`` and ``zero3`` (torch): FSDP2, ``torch.distributed.fsdp.fully_shard`` on every
-  decoder layer and on the root (``reshard_after_forward=True`` by default: ZeRO-3).
+  decoder layer and on the root, ``reshard_after_forward`` passed to both as torchtune's
+  ``shard_model`` and accelerate's FSDP2 plugin pass it (True by default: ZeRO-3).
 * ``zero2`` (torch): FSDP2 with ``reshard_after_forward=False`` (parameters stay gathered from
   forward to backward; ``SHARD_GRAD_OP``), the torch engine closest to ZeRO-2.
 * ``deepspeed``: ``deepspeed.initialize`` with ZeRO stage 1, 2 or 3 on DeepSpeed's CPU
@@ -273,7 +274,7 @@ def _run_job(rank: int, world: int, job: dict) -> RankTrace:
             pk = tracker.phase_peaks.get(p)
             if pk is None:
                 continue
-            recs = [r for r in tracker.records if r.alive_at(pk.at) and tracker.component(r) in (Component.REDUCE_BUFFERS, Component.GRADIENTS)]
+            recs = [r for r in tracker.records if r.alive_at(pk.at) and tracker.component(r) is Component.ALLGATHER_BUFFERS]
             print("DEBUG", p.value, sorted(((r.op, r.nbytes, r.alloc) for r in recs), key=lambda x: x[2]), flush=True)
     at_peak = tracker.breakdown(tracker.peak.at)
     comps = {c: int(at_peak.get(c, 0)) for c in TENSOR_COMPONENTS}
