@@ -443,6 +443,19 @@ class _Patches:
 
         self._saved.append((dist, "reduce_scatter_single", orig_rs))
         dist.reduce_scatter_single = reduce_scatter_single
+        # the same for gloo's all-gather: FSDP2 allocates the output before the call, so a storage first
+        # seen inside it is the backend's own
+        orig_ag = dist.all_gather_single
+
+        def all_gather_single(*args, **kwargs):
+            tr.staging = True
+            try:
+                return orig_ag(*args, **kwargs)
+            finally:
+                tr.staging = False
+
+        self._saved.append((dist, "all_gather_single", orig_ag))
+        dist.all_gather_single = all_gather_single
         try:
             from torch.distributed.fsdp._fully_shard import _fsdp_param_group as pg
         except ImportError:  # pragma: no cover
