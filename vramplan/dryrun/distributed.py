@@ -636,11 +636,31 @@ def _run_group(ctx, payload: list, gpus: int, timeout: float) -> list:
     return results
 
 
+#: runs of a symmetric engine repeated when its ranks disagree (see run_jobs)
+SYMMETRIC_RETRIES = 2
+
+
+def _symmetric(job: Job) -> bool:
+    """Every rank holds the same bytes: DDP, and FSDP2 / DeepSpeed over evenly divisible shapes (not
+    ZeroRedundancyOptimizer, whose partition is by whole parameters)."""
+    return not (job.strategy == "zero1" and job.engine == "torch")
+
+
+def _ranks_agree(per: list, rel: float = 0.001) -> bool:
+    peaks = [r.peak_bytes for r in per]
+    return max(peaks) - min(peaks) <= rel * max(peaks)
+
+
 def run_jobs(jobs: list[Job], gpus: int, timeout: float = 600.0) -> list[list[RankTrace] | str]:
     """Run every job in its own group of ``gpus`` fresh ranks; per job, the rank traces or an error line.
 
     One group per job: FSDP2 and DDP keep module-level and communicator state, and a second job in
-    the same processes was seen to trace differently from the same job run first.
+    the same processes was seen to trace differently from the same job run first. A symmetric job
+    whose ranks disagree is run again (up to ``SYMMETRIC_RETRIES`` times): in about one FSDP2 run in
+    ten on this host one rank's peak came out about half a MiB higher than the other ranks' (and than
+    the same job's other runs), which we have not traced to its cause (not the cycle collector, which
+    is off during the measured step, nor the order of gloo's thread releasing its tensors); the
+    kept run is the last one, so a disagreement that persists is reported as measured.
     """
     if not jobs:
         return []
@@ -655,9 +675,12 @@ def run_jobs(jobs: list[Job], gpus: int, timeout: float = 600.0) -> list[list[Ra
         for j in jobs:
             payload = [{"spec": j.spec, "cfg": j.cfg, "strategy": j.strategy, "engine": j.engine,
                         "options": dict(j.options)}]
-            results = _run_group(ctx, payload, gpus, max(1.0, t_end - time.monotonic()))
-            per = [results[r][0] for r in range(gpus)]
-            err = next((x["error"] for x in per if isinstance(x, dict) and "error" in x), None)
+            for attempt in range(1 + SYMMETRIC_RETRIES):
+                results = _run_group(ctx, payload, gpus, max(1.0, t_end - time.monotonic()))
+                per = [results[r][0] for r in range(gpus)]
+                err = next((x["error"] for x in per if isinstance(x, dict) and "error" in x), None)
+                if err or not _symmetric(j) or _ranks_agree(per):
+                    break
             out.append(err if err else per)
     finally:
         if deepspeed:
