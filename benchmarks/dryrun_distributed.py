@@ -150,6 +150,11 @@ def report(rows: list[Row], model: dict, seconds: float) -> str:
             pass
     ok = [r for r in rows if r.rel is not None]
     worst = max((abs(r.rel) for r in ok), default=float("nan"))
+    by_engine = {}
+    for r in ok:
+        by_engine.setdefault(r.engine, []).append(abs(r.rel))
+    per_engine = "; ".join(f"{e}: {len(v)} rows, worst {100 * max(v):.2f}%, {sum(x <= TOLERANCE for x in v)} within"
+                           for e, v in sorted(by_engine.items()))
     lines = [
         f"# sharded planner vs distributed dry run (per-rank tensor peak); {', '.join(pk)}",
         f"# model: llama config hidden {model['hidden_size']}, intermediate {model['intermediate_size']}, "
@@ -157,9 +162,13 @@ def report(rows: list[Row], model: dict, seconds: float) -> str:
         "(no autocast); eager attention; no checkpointing",
         "# engines at their defaults unless 'options' says otherwise: DDP bucket_cap_mb 25, gradient_as_bucket_view "
         "False; FSDP2 reshard_after_forward True (zero2: False), backward prefetch 1 unit, 1 reduce-scatter input "
-        "buffer; ZeroRedundancyOptimizer over DDP; DeepSpeed config defaults (deepspeed/runtime/zero/config.py)",
+        "buffer; ZeroRedundancyOptimizer over DDP; DeepSpeed with the HF Trainer's 'auto' buckets (reduce_bucket_size "
+        "hidden^2, stage3_prefetch_bucket_size 0.9 hidden^2, stage3_param_persistence_threshold 10 hidden; the rest "
+        "DeepSpeed's defaults), torch AdamW on its fp32 partition (FusedAdam needs CUDA)",
+        "# the trace leaves out gloo's reduce-scatter / all-gather staging copies (NCCL has none); peaks are the "
+        "largest rank's; planner = vramplan.distributed.parallel_step_memory (the engine's layout)",
         f"# {len(ok)} rows traced, {len(rows) - len(ok)} not; worst |error| {100 * worst:.2f}% (target "
-        f"{100 * TOLERANCE:.0f}%); {seconds:.0f} s",
+        f"{100 * TOLERANCE:.0f}%); {per_engine}",
         HEADER,
         "-" * len(HEADER),
     ]
