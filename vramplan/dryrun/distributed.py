@@ -234,9 +234,6 @@ def _run_job(rank: int, world: int, job: dict) -> RankTrace:
 
     import torch
 
-    from ..methods import Role
-    from .tracker import Tracker
-
     spec, cfg = job["spec"], job["cfg"]
     tracker = _RankTracker("cpu")
     patches = _Patches(tracker)
@@ -257,7 +254,6 @@ def _run_job(rank: int, world: int, job: dict) -> RankTrace:
             tracker.stop()
         finally:
             gc.enable()
-    del Tracker, Role
     phases: dict[Phase, int] = {}
     phase_components: dict[Phase, dict[Component, int]] = {}
     best, peak_phase = -1, Phase.FORWARD
@@ -269,13 +265,6 @@ def _run_job(rank: int, world: int, job: dict) -> RankTrace:
         phase_components[p] = {c: int(v) for c, v in tracker.breakdown(pk.at).items() if v}
         if pk.bytes > best:
             best, peak_phase = pk.bytes, p
-    if os.environ.get("VRAMPLAN_DEBUG") and rank == 0:
-        for p in (Phase.FORWARD, Phase.BACKWARD):
-            pk = tracker.phase_peaks.get(p)
-            if pk is None:
-                continue
-            recs = [r for r in tracker.records if r.alive_at(pk.at) and tracker.component(r) is Component.ALLGATHER_BUFFERS]
-            print("DEBUG", p.value, sorted(((r.op, r.nbytes, r.alloc) for r in recs), key=lambda x: x[2]), flush=True)
     at_peak = tracker.breakdown(tracker.peak.at)
     comps = {c: int(at_peak.get(c, 0)) for c in TENSOR_COMPONENTS}
     loss = out.get("loss") if isinstance(out, dict) else None
@@ -289,10 +278,6 @@ def _tracker_base():
     from .tracker import Tracker
 
     return Tracker
-
-
-class _RankTrackerMeta(type):
-    pass
 
 
 def _make_rank_tracker():
