@@ -125,12 +125,46 @@ def cmd_estimate(a) -> int:
     return 0
 
 
+def _add_distributed_dryrun_args(p: argparse.ArgumentParser) -> None:
+    """``vramplan dryrun --gpus N --strategy S``: the engines traced per rank (vramplan.dryrun.distributed)."""
+    g = p.add_argument_group("multi-GPU dry run (N local CPU ranks, gloo; vramplan.dryrun.distributed)")
+    g.add_argument("--gpus", type=int, default=1, help="ranks to trace (2-8); 1 = the single-device dry run")
+    g.add_argument("--strategy", default=None, help="ddp|zero1|zero2|zero3|fsdp (default ddp with --gpus > 1)")
+    g.add_argument("--engine", default=None, help="auto|torch|deepspeed (default auto: DeepSpeed for zero1/2/3 "
+                   "when installed, else ZeroRedundancyOptimizer / FSDP2)")
+    g.add_argument("--layers", type=int, default=2, help="decoder layers built (default 2; random weights)")
+    g.add_argument("--fsdp-reshard-after-forward", dest="reshard_after_forward", action="store_true", default=None,
+                   help="FSDP2: free each unit's parameters after its forward (the default; zero2: off)")
+    g.add_argument("--no-fsdp-reshard-after-forward", dest="reshard_after_forward", action="store_false",
+                   help="FSDP2: keep them gathered until backward (SHARD_GRAD_OP)")
+    g.add_argument("--bucket-cap-mb", type=float, default=None, help="DDP bucket_cap_mb (default 25)")
+    g.add_argument("--reduce-bucket-size", type=int, default=None, help="DeepSpeed reduce_bucket_size, elements")
+    g.add_argument("--allgather-bucket-size", type=int, default=None, help="DeepSpeed allgather_bucket_size, elements")
+    g.add_argument("--prefetch-bucket-size", type=int, default=None,
+                   help="DeepSpeed stage3_prefetch_bucket_size, elements")
+    g.add_argument("--max-live-parameters", type=int, default=None,
+                   help="DeepSpeed stage3_max_live_parameters, elements")
+    g.add_argument("--offload", default=None, help="cpu|none (cpu cannot be traced on a CPU-only host: planned only)")
+
+
 def cmd_dryrun(a) -> int:
     from .dryrun import dryrun
-    from .render import render_estimate
+    from .render import Elapsed, render_estimate
 
-    from .render import Elapsed
+    if getattr(a, "gpus", 1) != 1 or getattr(a, "strategy", None):
+        from .dryrun.distributed import distributed_dryrun
 
+        with Elapsed(f"dryrun: {a.gpus} CPU ranks (gloo), one real {a.strategy or 'ddp'} step per rank"):
+            res = distributed_dryrun(a.model, a.method, gpus=a.gpus, strategy=a.strategy or "ddp", engine=a.engine,
+                                     layers=a.layers, batch=a.batch, seq=a.seq, rank=a.rank, targets=a.targets,
+                                     grad_ckpt=a.grad_ckpt, precision=a.precision or "bf16", attn=a.attn,
+                                     reshard_after_forward=a.reshard_after_forward, bucket_cap_mb=a.bucket_cap_mb,
+                                     reduce_bucket_size=a.reduce_bucket_size,
+                                     allgather_bucket_size=a.allgather_bucket_size,
+                                     prefetch_bucket_size=a.prefetch_bucket_size,
+                                     max_live_parameters=a.max_live_parameters, offload=a.offload)
+        _print_json(res.to_json()) if a.json else res.render(_console())
+        return 0
     with Elapsed("dryrun: building the model on the meta device and tracing one training step"):
         res = dryrun(a.model, a.method, **_plan_kwargs(a), techniques=a.techniques)
     if a.json:
@@ -267,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_estimate)
     d = sub.add_parser("dryrun", help="exact tensor accounting of one real training step on the meta device")
     _add_plan_args(d)
+    _add_distributed_dryrun_args(d)
     d.set_defaults(func=cmd_dryrun)
     f = sub.add_parser("fit", help="every method on one GPU (or N): the fastest settings that fit, tokens/s, "
                        "largest batch, longest sequence, what would fit otherwise")

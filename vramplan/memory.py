@@ -336,7 +336,8 @@ def backward_casts(st: ModelState, cfg: TrainConfig) -> dict[str, int]:
 def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, states, cache, cache_bwd,
                    recompute_cache, layer_cache=0, attn_cache=0, head_cache=0, grads_bwd, grads_opt, step_temporary, rollout_on: bool, grads_tail=0,
                    grads_end_extra=0, layer_grad=0, comm=0, gathered=0,
-                   rollout_gather=0, components: bool = True):
+                   rollout_gather=0, components: bool = True, gathered_fwd_mid=None, gathered_bwd_start=None,
+                   gathered_bwd_work=None, gathered_bwd_end=None, comm_component=None, gathered_component=None):
     """The phases of a step from its terms, the peak phase, and the components at the peak.
 
     One place for the phase arithmetic of :func:`step_memory` and the sharded planner
@@ -354,7 +355,14 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     ``grads_end_extra``: buffers of the last accumulation, beside every gradient;
     ``layer_grad``: the gradients of the first layer's MLP block (produced before its attention's); ``comm`` (buckets), ``gathered`` (unsharded units in forward and
     backward) and ``rollout_gather`` (the policy gathered for generation) are the sharded
-    planner's extras. Returns ``(phases, peak, peak_phase_index, components)``.
+    planner's extras. An engine that gathers differently through the step passes the bytes
+    gathered (and its in-flight buffers) at each point: ``gathered_fwd_mid`` (a layer's forward
+    before the logits: beside the activations but one layer's), ``gathered_bwd_start`` (beside
+    everything saved and the logits' gradients), ``gathered_bwd_work`` (inside a layer's
+    backward), ``gathered_bwd_end`` (beside every gradient); each defaults to ``gathered``
+    (``gathered_fwd_mid`` to no such point). ``comm_component`` / ``gathered_component`` name
+    the components ``comm`` and the gathered bytes are reported under (default gradients and
+    weights). Returns ``(phases, peak, peak_phase_index, components)``.
     """
     zeros = t["zeros"]
     acts, logits_fwd, logits_bwd = t["acts"], t["logits_fwd"], t["logits_bwd"]
@@ -379,12 +387,18 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
                             grads_before + layer_attn + attn_cache)
     layer_temps = np.maximum(transient + temps_fwd, t["temps_recompute"])
     work = np.maximum(saved_side, grads_side) + layer_temps
-    bwd_acts = saved_bwd + logits_bwd
-    bwd_grads = np.maximum(work, grads_bwd + grads_end_extra)
+    g_start = gathered if gathered_bwd_start is None else gathered_bwd_start
+    g_work = gathered if gathered_bwd_work is None else gathered_bwd_work
+    g_end = gathered if gathered_bwd_end is None else gathered_bwd_end
+    bwd_acts = saved_bwd + logits_bwd + g_start
+    work = work + g_work
+    bwd_grads = np.maximum(work, grads_bwd + grads_end_extra + g_end)
+    fwd = gathered + np.maximum(fwd_work, nograd_peak)
+    fwd_mid = zeros if gathered_fwd_mid is None else np.maximum(acts - layer_saved, 0) + gathered_fwd_mid
     phases = {Phase.LOAD: static.copy(),
               Phase.ROLLOUT: static + states + kv + t["rollout_logits"] + rollout_gather if rollout_on else zeros.copy(),
-              Phase.FORWARD: static + states + cache + gathered + np.maximum(fwd_work, nograd_peak),
-              Phase.BACKWARD: static + states + gathered + np.maximum(bwd_acts, bwd_grads),
+              Phase.FORWARD: static + states + cache + np.maximum(fwd, fwd_mid),
+              Phase.BACKWARD: static + states + np.maximum(bwd_acts, bwd_grads),
               Phase.OPTIMIZER_STEP: static + states + grads_opt + step_temporary}
     stack = np.stack([phases[p] for p in PHASE_ORDER])
     idx = np.argmax(stack, axis=0)
@@ -400,29 +414,36 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
 
     bwd_act = bwd_acts >= bwd_grads
     bwd_saved = saved_side >= grads_side  # in the layer branch: the saved end or the gradient end
-    bwd_end = grads_bwd + grads_end_extra >= work  # backward's last state: all gradients
+    bwd_end = grads_bwd + grads_end_extra + g_end >= work  # backward's last state: all gradients
     fwd_act = fwd_work >= nograd_peak
+    fwd_at_mid = fwd_mid > fwd
     fwd_temps = logits_fwd < temps_f
     comps: dict[Component, np.ndarray] = {c: base.get(c, 0) + zeros
                                           for c in (Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS)}
-    comps[Component.WEIGHTS] = base.get(Component.WEIGHTS, 0) + at_peak(
-        {Phase.FORWARD: gathered + zeros, Phase.BACKWARD: gathered + zeros, Phase.ROLLOUT: rollout_gather + zeros})
-    comps[Component.OPTIMIZER_STATES] = at_peak({p: states for p in PHASE_ORDER if p is not Phase.LOAD})
     layer = ~bwd_act & ~bwd_end  # the peak is inside a layer's backward
+    g_comp = gathered_component or Component.WEIGHTS
+    g_at = at_peak({Phase.FORWARD: np.where(fwd_at_mid, 0 if gathered_fwd_mid is None else gathered_fwd_mid, gathered)
+                    + zeros, Phase.BACKWARD: np.where(bwd_act, g_start, np.where(layer, g_work, g_end)) + zeros,
+                    Phase.ROLLOUT: rollout_gather + zeros})
+    comps[Component.WEIGHTS] = base.get(Component.WEIGHTS, 0) + zeros
+    comps[g_comp] = comps.get(g_comp, zeros) + g_at
+    comps[Component.OPTIMIZER_STATES] = at_peak({p: states for p in PHASE_ORDER if p is not Phase.LOAD})
     comps[Component.AUTOCAST_CACHE] = at_peak({
         Phase.FORWARD: cache,
         Phase.BACKWARD: np.where(bwd_act, cache_bwd, np.where(
             layer, np.where(bwd_saved, np.maximum(cache_bwd - head_cache, 0) + recompute_cache, layer_cache), 0))})
-    comps[Component.GRADIENTS] = comm + at_peak({
+    c_comp = comm_component or Component.GRADIENTS
+    comps[c_comp] = comps.get(c_comp, zeros) + comm
+    comps[Component.GRADIENTS] = comps.get(Component.GRADIENTS, zeros) + at_peak({
         Phase.BACKWARD: np.where(bwd_act, 0, np.where(layer, np.where(bwd_saved, 0, grads_before), grads_bwd)),
         Phase.OPTIMIZER_STEP: grads_opt + zeros})
     comps[Component.ACTIVATIONS] = at_peak({
-        Phase.FORWARD: np.where(fwd_act, acts, nograd_peak),
+        Phase.FORWARD: np.where(fwd_at_mid, np.maximum(acts - layer_saved, 0), np.where(fwd_act, acts, nograd_peak)),
         Phase.BACKWARD: np.where(bwd_act, acts, np.where(layer, np.where(bwd_saved, acts + recompute, layer_saved), 0))})
-    comps[Component.LOGITS] = at_peak({Phase.FORWARD: np.where(fwd_act & ~fwd_temps, logits_fwd, 0),
+    comps[Component.LOGITS] = at_peak({Phase.FORWARD: np.where(fwd_act & ~fwd_temps & ~fwd_at_mid, logits_fwd, 0),
                                        Phase.BACKWARD: np.where(bwd_act, logits_bwd, 0),
                                        Phase.ROLLOUT: t["rollout_logits"]})
-    comps[Component.TEMPORARIES] = at_peak({Phase.FORWARD: np.where(fwd_act & fwd_temps, temps_f, 0),
+    comps[Component.TEMPORARIES] = at_peak({Phase.FORWARD: np.where(fwd_act & fwd_temps & ~fwd_at_mid, temps_f, 0),
                                             Phase.BACKWARD: np.where(layer, layer_temps,
                                                                      np.where(bwd_act, 0, grads_end_extra)),
                                             Phase.OPTIMIZER_STEP: step_temporary + zeros})
