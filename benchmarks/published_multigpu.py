@@ -3,7 +3,7 @@
 Reads ``/work/shared/measurements/published.csv`` (or ``--csv``), keeps the rows run on more than
 one GPU, maps each to a plan (:func:`score_row`: model, method, strategy, offload, batch per GPU,
 sequence, LoRA settings, precision, checkpointing, the stack), asks
-:func:`vramplan.distributed.per_gpu_peak`, and compares the quantity the source measured
+:func:`vramplan.planner.estimating.per_gpu_peak`, and compares the quantity the source measured
 (allocated, reserved or the device total, in its unit) with the published figure. Rows that do not
 map (a model outside the catalogue, an unknown sequence length, model parallelism) are listed with
 the reason. Writes ``reports/published_multigpu.txt``.
@@ -78,7 +78,7 @@ def _gpus(text: str) -> tuple[int, str | None, str | None]:
 
 def score_row(i: int, r: dict) -> Scored:
     """Plan one corpus row per GPU, or say why it is not scored."""
-    from vramplan.distributed import per_gpu_peak
+    from vramplan.planner.estimating import per_gpu_peak
     from vramplan.errors import VramplanError
 
     s = Scored(i, r["source"], r["model"], r["method"], r["gpu"], r["peak_mem_gib"])
@@ -160,7 +160,7 @@ def report(scored: list[Scored], path: str) -> str:
     ok = [s for s in scored if s.error is not None]
     import statistics
 
-    lines = [f"# published multi-GPU rows ({path}) scored per GPU by vramplan.distributed.per_gpu_peak",
+    lines = [f"# published multi-GPU rows ({path}) scored per GPU by vramplan.planner.estimating.per_gpu_peak",
              "# quantity: what the source measured (reserved for Answer.AI's train.py; allocated for litgpt; "
              "the device total for nvidia-smi readings); GiB",
              f"# {len(ok)} of {len(scored)} rows scored; median |error| "

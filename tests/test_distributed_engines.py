@@ -5,9 +5,10 @@ import pytest
 
 from vramplan.config import make_config
 from vramplan.distributed import (
-    ENGINE_OPTIONS, PerGpuPeak, make_parallel, parallel_step_memory, per_gpu_peak, shard_state,
+    ENGINE_OPTIONS, make_parallel, parallel_step_memory, shard_state,
 )
 from vramplan.errors import VramplanError
+from vramplan.planner.estimating import PerGpuPeak, per_gpu_peak
 from vramplan.models import get_model
 from vramplan.taxonomy import Component
 

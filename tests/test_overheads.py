@@ -24,7 +24,7 @@ from vramplan.gpus import get_gpu
 from vramplan.models import get_model
 from vramplan.overheads import (ACTIVATION_COMPONENTS, DEFAULT_CONTEXT_BYTES, DEFAULT_RESERVE_FRACTION,
                                 DEFAULT_UNCERTAINTY_FRACTION, device_total, runtime_overheads)
-from vramplan.plan import _total, estimate_config
+from vramplan.plan import device_totals as _total, estimate_config
 from vramplan.profiles import AllocatorModel, Fitted, Profile, Residual, Throughput, read_profile
 from vramplan.taxonomy import Component
 

@@ -568,13 +568,13 @@ def _fsdp2(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel,
         policy = cfg.recipe.copies[0]
         nb = DTYPE_BYTES[regime.frozen_dtype]
         if policy.quantized:
-            from .memory import _quantized_linears
+            from .memory import quantized_linears
             from .quant import nf4_bytes
 
             # NF4 codes are the layer's parameters (FSDP-QLoRA shards and gathers them); what is not
             # quantised was upcast to fp32 by prepare_model_for_kbit_training (the stack's kbit_upcast);
             # the quantisation constants are module attributes, not parameters: every rank keeps them all
-            lin = _quantized_linears(model, cfg)
+            lin = quantized_linears(model, cfg)
             packed = sum(nf4_bytes(l.in_features * l.out_features, cfg.double_quant)[0] * l.count for l in lin)
             nb = 4 if cfg.stack.kbit_upcast else nb
             R = root_p * nb
@@ -887,70 +887,3 @@ def overlap(compute_s, comm_s, share: float = OVERLAP):
     c = np.asarray(compute_s, dtype=np.float64)
     m = np.asarray(comm_s, dtype=np.float64)
     return np.maximum(c, m) + (1.0 - share) * np.minimum(c, m)
-
-
-# -- the public per-GPU question ------------------------------------------------------------
-
-@dataclass
-class PerGpuPeak:
-    """The per-GPU memory of one multi-GPU plan (every rank holds the same share; the largest rank's).
-
-    ``tensor_peak_bytes``: live tensor storages per GPU (what ``torch.cuda.max_memory_allocated``
-    measures on the busiest rank); ``peak_bytes``: the device total per GPU (plus the caching
-    allocator's reserve, the CUDA context and NCCL's buffers: what ``nvidia-smi`` shows);
-    ``reserved_bytes``: ``tensor_peak_bytes`` plus the allocator's reserve (``max_memory_reserved``).
-    ``components`` are per GPU, in bytes. ``estimate`` is the full :class:`~vramplan.results.Estimate`.
-    """
-
-    parallel: Parallel
-    tensor_peak_bytes: int
-    reserved_bytes: int
-    peak_bytes: int
-    peak_phase: Phase
-    components: dict
-    layout: str
-    estimate: object = None
-
-    def to_json(self) -> dict:
-        return {"parallel": self.parallel.to_json(), "tensor_peak_bytes": self.tensor_peak_bytes,
-                "reserved_bytes": self.reserved_bytes, "peak_bytes": self.peak_bytes,
-                "peak_phase": self.peak_phase.value, "layout": self.layout,
-                "components": {c.value: int(v) for c, v in self.components.items() if v}}
-
-
-def per_gpu_peak(model, method: str = "lora", *, gpus: int, strategy: str | None = None, offload: str | None = None,
-                 engine: str | None = None, gpu=None, gpu_mem=None, engine_options: dict | None = None,
-                 **config) -> PerGpuPeak:
-    """Per-GPU peak memory of ``method`` on ``model`` over ``gpus`` GPUs under ``strategy``.
-
-    The one call for "what does each GPU need for this plan" (the published-accuracy scorer
-    uses it for multi-GPU rows). ``config`` takes :func:`vramplan.estimate`'s configuration
-    keywords (``batch`` per GPU, ``seq``, ``rank``, ``targets``, ``grad_ckpt``, ``optimizer``,
-    ``precision``, ``attn``, ``framework``, ``techniques``, ...). ``engine`` (``auto``, ``torch``,
-    ``deepspeed``) and ``engine_options`` (:data:`ENGINE_OPTIONS`) pick the engine whose buffers
-    are modelled: ``auto`` plans zero1/2/3 as DeepSpeed and ddp/fsdp as PyTorch (DDP, FSDP2).
-
-    Returns:
-        :class:`PerGpuPeak` (bytes are ints; quantities as its docstring says).
-
-    Raises:
-        VramplanError: bad input, as :func:`vramplan.estimate` and :func:`make_parallel`.
-    """
-    from .models import get_model
-    from .plan import _check_card, estimate_config, resolve_gpu
-    from .config import make_config
-
-    spec = get_model(model)
-    card = resolve_gpu(gpu, gpu_mem)
-    par = make_parallel(gpus, strategy, offload, engine=engine, **(engine_options or {}))
-    cfg_kw = dict(config)
-    precision = _check_card(cfg_kw.pop("precision", None), method, cfg_kw.get("adapter"), cfg_kw.get("attn", "sdpa"),
-                            card, cfg_kw.get("framework", "hf"))
-    cfg = make_config(spec, method, precision=precision, **cfg_kw)
-    est = estimate_config(spec, cfg, card, model_query=None if isinstance(model, ModelSpec) else str(model),
-                          parallel=par, with_time=False)
-    reserve = int(est.components.get(Component.ALLOCATOR_RESERVE, 0))
-    sh = shard_state(spec, cfg, par)
-    return PerGpuPeak(parallel=par, tensor_peak_bytes=int(est.tensor_peak_bytes),
-                      reserved_bytes=int(est.tensor_peak_bytes) + reserve, peak_bytes=int(est.peak_bytes),
-                      peak_phase=est.peak_phase, components=dict(est.components), layout=sh.layout, estimate=est)

@@ -7,11 +7,12 @@ plans for any capacity with a generic card.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ._data import load_data
+from .cardnames import alias_table, catalogue_name
+from .cardnames import norm_name as _norm
 from .errors import VramplanError, unknown
 from .units import GIB, MIB
 
@@ -77,22 +78,9 @@ def catalogue() -> dict[str, GPUSpec]:
     return out
 
 
-def _norm(text: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", text.lower().replace("nvidia", "").replace("geforce", ""))
-
-
-@lru_cache(maxsize=None)
 def _aliases() -> dict[str, str]:
-    table: dict[str, str] = {}
-    for spec in catalogue().values():
-        for key in (spec.name, spec.display_name, *spec.aliases, *spec.nvml_names):
-            table.setdefault(_norm(key), spec.name)
-    return table
-
-
-def catalogue_name(name: str) -> str | None:
-    """The catalogue name of ``name`` (a name, alias or NVML name), or None for a card outside the catalogue."""
-    return _aliases().get(_norm(str(name)))
+    catalogue()  # validate the entries before trusting their names
+    return alias_table()
 
 
 def profiled_gpu(name: str) -> GPUSpec | None:

@@ -48,7 +48,8 @@ from .methods import Recipe, method_names, parse_recipe_name, resolve
 from .models import ModelSpec, get_model
 from .models import catalogue as model_catalogue
 from .overheads import activation_correction, card_profile, device_total, rounded_terms, runtime_overheads
-from .plan import _check_card, _stack_text
+from .planner.checks import check_card, stack_text
+from .planner.limits import BATCH_GRID
 from .precision import DEFAULT_REGIME, DTYPE_BYTES, get_regime
 from .taxonomy import Component
 from .units import GIB, parse_size
@@ -58,8 +59,6 @@ from .verdict import COMFORTABLE_FRACTION, THRESHOLDS_TEXT, VERDICTS, Verdict, c
 #: checkpointing (it costs ~30 % throughput), AdamW before 8-bit and paged 8-bit AdamW.
 SETTINGS_LADDER: tuple[tuple[bool, str], ...] = tuple((gc, opt) for gc in (False, True)
                                                       for opt in ("adamw", "adamw_8bit", "paged_adamw_8bit"))
-#: Micro-batches searched for the largest that fits (as ``vramplan.plan.largest_batch``).
-BATCH_GRID = np.arange(1, 1025)
 #: The benchmark grid of the issue: 5 sequence lengths x 8 micro-batches.
 BENCH_SEQS = (512, 1024, 2048, 4096, 8192)
 BENCH_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -238,7 +237,7 @@ def _card_groups(cards: Sequence[GPUSpec], recipe: Recipe, precision: str | None
     errors: dict[int, str] = {}
     for i, card in enumerate(cards):
         try:
-            prec = _check_card(precision, recipe.method.name, recipe.adapter.value, attn, card, framework)
+            prec = check_card(precision, recipe.method.name, recipe.adapter.value, attn, card, framework)
         except VramplanError as exc:
             errors[i] = str(exc)
             continue
@@ -540,7 +539,7 @@ def feasibility_matrix(models="all", methods="all", gpus="all", seqs=2048, *, ba
 
     default_prec = get_stack(framework).default_precision
     assumptions = [
-        f"stack: {_stack_text(framework)}" + (f"; techniques: {', '.join(techniques)}" if techniques else ""),
+        f"stack: {stack_text(framework)}" + (f"; techniques: {', '.join(techniques)}" if techniques else ""),
         f"precision: {precision or default_prec + ' (fp16-mixed on cards without bf16)'}; attention {attn}; "
         f"LoRA/DoRA rank {rank}, targets {targets or 'PEFT defaults for the model type'}",
         f"peak: predicted device total (what nvidia-smi shows) at micro-batch {batch}, steady-state step",

@@ -103,7 +103,7 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
         n = _copy_params(model, copy)
         # what bitsandbytes quantises: nn.Linear weights of the decoder layers (not biases, embeddings,
         # lm_head, norms -- nor fused MoE expert parameters, which are not nn.Linear in transformers >= 5)
-        quantizable = _quantized_linears(model, cfg) if copy.quantized else []
+        quantizable = quantized_linears(model, cfg) if copy.quantized else []
         non_linear = n - model.num_layers * sum(l.count * l.in_features * l.out_features for l in quantizable)
         # the stack's fp32 RoPE cache buffers (torchtune; stacks.toml rope_cache)
         st.add(Component.WEIGHTS, cfg.stack.rope_cache_bytes(model, copy.adapter is not None and copy.adapter.is_peft))
@@ -193,7 +193,7 @@ class StepMemory:
 PHASE_ORDER = (Phase.LOAD, Phase.ROLLOUT, Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER_STEP)
 
 
-def _quantized_linears(model: ModelSpec, cfg: TrainConfig) -> list:
+def quantized_linears(model: ModelSpec, cfg: TrainConfig) -> list:
     """The decoder-layer linears QLoRA quantises: every ``nn.Linear`` (bitsandbytes), or only the
     adapted ones where the stack's builder says so (stacks.toml ``nf4_adapted_only``)."""
     linears = [l for l in model.layer_linears() if l.is_linear]
@@ -206,7 +206,7 @@ def _dequant_temp(model: ModelSpec, regime: Regime, cfg: TrainConfig) -> int:
     """QLoRA: the working set of dequantising one layer's largest quantised weight of n elements:
     n x (a + b x compute dtype bytes) with ``(a, b)`` the stack's ``dequant_temp`` -- (0, 1) for
     bitsandbytes MatMul4Bit (the dequantised weight), (8, 3) for torchao NF4Tensor (stacks.toml)."""
-    linears = _quantized_linears(model, cfg) if cfg.stack.quantises_only_adapted(model) else model.layer_linears()
+    linears = quantized_linears(model, cfg) if cfg.stack.quantises_only_adapted(model) else model.layer_linears()
     largest = max((l.in_features * l.out_features for l in linears), default=0)
     per, copies = cfg.stack.dequant_temp
     return largest * (per + copies * DTYPE_BYTES[regime.compute_dtype])

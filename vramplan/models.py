@@ -212,6 +212,11 @@ def _layout(model_type: str) -> dict:
     return load_data("architectures.toml").get(model_type, {})
 
 
+def layout_of(model_type: str) -> dict:
+    """The architecture's entry of ``vramplan/data/architectures.toml`` (``{}`` for an unknown type)."""
+    return _layout(model_type)
+
+
 def supported_model_types() -> list[str]:
     return list(load_data("architectures.toml"))
 

@@ -109,7 +109,7 @@ class Residual:
             return cls()
         rel.sort()
         absr = sorted(abs(r) for r in rel)
-        return cls(n=len(rel), median_rel=_median(rel), median_abs_rel=_median(absr),
+        return cls(n=len(rel), median_rel=median(rel), median_abs_rel=median(absr),
                    p90_abs_rel=_quantile(absr, 0.9), max_under_rel=max(0.0, -rel[0]), max_over_rel=max(0.0, rel[-1]))
 
     def to_json(self) -> dict:
@@ -137,7 +137,8 @@ class Residual:
         return cls(**out)
 
 
-def _median(xs: Sequence[float]) -> float:
+def median(xs: Sequence[float]) -> float:
+    """The median of ``xs`` (the mean of the middle two for an even count)."""
     s = sorted(xs)
     n = len(s)
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
@@ -394,7 +395,7 @@ class Profile:
         if tp is None or not tp.knots:
             return None
         if tokens is None:
-            return _median([k[1] for k in tp.knots])
+            return median([k[1] for k in tp.knots])
         return _interp_log(tp.knots, float(tokens))
 
     def is_calibrated(self, what: str) -> bool:
@@ -772,10 +773,7 @@ def check_binding(prof: Profile, gpu_name: str) -> None:
         raise ProfileError(f"profile {where} was not measured on a GPU (device {dev.get('kind') or 'unknown'}, "
                            f"{prof.allocated_source} memory), so it cannot describe {gpu_name!r}",
                            "calibrate the card on the card itself: vramplan calibrate --gpu auto")
-    try:
-        from .gpus import catalogue_name
-    except ImportError:  # pragma: no cover
-        return
+    from .cardnames import catalogue_name
     mine = catalogue_name(gpu_name)
     for k in ("nvml_name", "name"):
         seen = dev.get(k)

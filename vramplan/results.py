@@ -9,10 +9,15 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .taxonomy import Component, Phase, Quantity
 from .units import GIB
+
+if TYPE_CHECKING:  # annotations only: results sits below the modules that build an Estimate
+    from .config import TrainConfig
+    from .overheads import Overheads
+    from .throughput import StepTime
 
 
 def jsonable(obj: Any) -> Any:
@@ -45,7 +50,7 @@ class Estimate:
     model: str
     method: str
     adapter: str
-    config: Any  # TrainConfig
+    config: TrainConfig
     params: int
     trainable_params: int
     components: dict[Component, int]
@@ -69,13 +74,13 @@ class Estimate:
     #: Throughput with a GPU (``vramplan.throughput``): seconds per optimiser step, tokens/s of all GPUs.
     step_time_s: float | None = None
     tokens_per_s: float | None = None
-    throughput: Any = None  # vramplan.throughput.StepTime (scalar)
+    throughput: StepTime | None = None  # scalar
     #: With ``tokens``: seconds and GPU-hours to train ``tokens`` x ``epochs``.
     time_to_train_s: float | None = None
     gpu_hours: float | None = None
     #: How the runtime overheads were obtained (``vramplan.overheads.Overheads``): per figure
     #: calibrated or default, the profile file and its versions, the uncertainty band used.
-    overheads: Any = None
+    overheads: Overheads | None = None
 
     @property
     def peak_gib(self) -> float:

@@ -42,6 +42,10 @@ import numpy as np
 #: A configuration is comfortable when its predicted device-total peak is at most this
 #: fraction of the card's capacity.
 COMFORTABLE_FRACTION = 0.85
+#: The planner's one default margin: the fraction of a card's capacity a recommended plan leaves free
+#: (``fit``, ``search``, ``what_would_fit``, ``recommend_techniques``), so that what the planner
+#: recommends is what the matrix calls "comfortable". ``1 - COMFORTABLE_FRACTION`` = 0.15.
+DEFAULT_MARGIN = 1.0 - COMFORTABLE_FRACTION
 
 
 class Verdict(str, Enum):

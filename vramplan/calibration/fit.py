@@ -48,7 +48,7 @@ from ..errors import VramplanError
 from ..models import ModelSpec, from_hf_config, get_model
 from ..optimizers import get_optimizer
 from ..overheads import default_workspace_bytes
-from ..profiles import (TIME_FEATURES, AllocatorModel, Fitted, Profile, Residual, Throughput, _median,
+from ..profiles import (TIME_FEATURES, AllocatorModel, Fitted, Profile, Residual, Throughput, median,
                         profile_key)
 from .env import now_iso
 from .flops import StepShape, step_shape
@@ -94,7 +94,7 @@ def _config_from(d: dict) -> TrainConfig:
     return TrainConfig(**kw)
 
 
-def _spec_from(rec: dict) -> ModelSpec:
+def spec_from(rec: dict) -> ModelSpec:
     if rec.get("model_config"):
         return from_hf_config(dict(rec["model_config"]), name=rec["model"])
     return get_model(rec["model"])
@@ -115,7 +115,7 @@ def load_rows(records: list[dict], allocated_source: str | None = None) -> tuple
         mem = r.get("memory") or {}
         spec = cfg = pred = shape = None
         try:
-            spec = _spec_from(r)
+            spec = spec_from(r)
             cfg = _config_from(r["config"])
             shape = step_shape(spec, cfg)
             pred = analytic(spec, cfg)
@@ -162,7 +162,7 @@ def _fit_activation(rows: list[Row], workspace: int, cuda: bool) -> dict[str, Fi
         by.setdefault(r.method, []).append((f, r))
     out = {}
     for m, items in by.items():
-        f = min(max(_median([x for x, _ in items]), FACTOR_RANGE[0]), FACTOR_RANGE[1])
+        f = min(max(median([x for x, _ in items]), FACTOR_RANGE[0]), FACTOR_RANGE[1])
         preds, meas = [], []
         for _, r in items:
             paged = r.pred.paged_state_bytes if cuda else 0
@@ -297,7 +297,7 @@ def _fit_throughput(rows: list[Row]) -> tuple[dict[str, Throughput], Fitted | No
         g: dict[int, list[float]] = {}
         for r in items:
             g.setdefault(r.tokens, []).append(r.shape.flops / r.step_s / 1e12)
-        return tuple(sorted((t, round(_median(v), 4)) for t, v in g.items()))
+        return tuple(sorted((t, round(median(v), 4)) for t, v in g.items()))
 
     def fit_own(items: list[Row]) -> Throughput | None:
         X = np.array([[r.shape.features()[f] for f in TIME_FEATURES] for r in items])
@@ -341,7 +341,7 @@ def _fit_throughput(rows: list[Row]) -> tuple[dict[str, Throughput], Fitted | No
         out[m] = Throughput(None, knots(items), len(items))
     dequant = None
     if d_vals:
-        d = max(0.0, _median(d_vals))
+        d = max(0.0, median(d_vals))
         preds = [tw.seconds(r.shape.features()) + d * r.shape.dequant_gparams for r, tw in d_rows]
         dequant = Fitted(d, len(d_vals), Residual.of(preds, [r.step_s for r, _ in d_rows]))
         for m in list(out):
@@ -422,7 +422,7 @@ def fit_profile(log_path: str | Path) -> Profile:
     gpu = last.get("gpu") or profile_key(log_path.stem)
     ws_vals = [s.get("probes", {}).get("workspace_bytes") for s in sessions]
     ws_vals = [w for w in ws_vals if w is not None]
-    workspace = Fitted(float(_median(ws_vals)), len(ws_vals)) if (cuda and ws_vals) else None
+    workspace = Fitted(float(median(ws_vals)), len(ws_vals)) if (cuda and ws_vals) else None
     # without a workspace probe, the planner's default (vramplan.overheads) stands in, as it does
     # in the calibrated chain; a dry-run (CPU) profile has none
     cc = (last.get("device") or {}).get("compute_capability")
@@ -446,7 +446,7 @@ def fit_profile(log_path: str | Path) -> Profile:
                      "oom_points": sum(r.status == "oom" for r in rows),
                      "error_points": sum(r.status in ("error", "crashed") for r in rows),
                      "crashed_points": sum(r.status == "crashed" for r in rows),
-                     "context_init_bytes": int(_median(ctx_init)) if ctx_init else None,
+                     "context_init_bytes": int(median(ctx_init)) if ctx_init else None,
                      "alloc_conf": (last.get("env") or {}).get("PYTORCH_CUDA_ALLOC_CONF")},
         allocated_source=source, context=context, workspace=workspace, allocator=allocator, stack=_stack(ok),
         activation_factors=factors, throughput=throughput, qlora_dequant=dequant,

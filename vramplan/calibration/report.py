@@ -55,13 +55,13 @@ def _verdict(ok: bool | None) -> str:
 def _search_predictions(rec: dict, profile: Profile) -> tuple[int | None, int | None]:
     """Largest size predicted to fit: with the calibrated profile, and with the planner's defaults."""
     from ..config import make_config
-    from .fit import _spec_from
+    from .fit import spec_from
 
     cap = rec.get("capacity_bytes")
     cfg0 = rec.get("config")
     if not cap or not cfg0:
         return None, None
-    spec = _spec_from(rec)
+    spec = spec_from(rec)
     g = int(rec.get("granularity") or 1)
     keys = ("grad_ckpt", "optimizer", "precision", "attn", "rank", "targets", "alpha", "double_quant", "dropout")
     opts = {k: cfg0[k] for k in keys if k in cfg0}

@@ -205,12 +205,12 @@ def dryrun(model: str | ModelSpec, method: str = "lora", *, adapter: str | None 
 
     stack_run(framework, parse_techniques(techniques))  # a documented stack stops here, torch or not
     _require(framework)
-    from ..plan import _check_card, resolve_gpu
+    from ..planner.checks import check_card, resolve_gpu
 
     spec = get_model(model)
     card = resolve_gpu(gpu, gpu_mem)
     if config is None:
-        precision = _check_card(precision, method, adapter, attn, card, framework)
+        precision = check_card(precision, method, adapter, attn, card, framework)
         config = make_config(spec, method, adapter=adapter, batch=batch, seq=seq, grad_accum=grad_accum, rank=rank,
                              alpha=alpha, dropout=dropout, targets=targets, grad_ckpt=grad_ckpt, optimizer=optimizer,
                              precision=precision, attn=attn, framework=framework, double_quant=double_quant,

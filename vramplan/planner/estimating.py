@@ -1,0 +1,202 @@
+"""Estimate one configuration: the planner's first layer above the card checks (:mod:`vramplan.planner`).
+
+:func:`estimate` (the API's and ``vramplan estimate``'s entry point), :func:`estimate_config` for
+a validated :class:`~vramplan.config.TrainConfig`, and :func:`per_gpu_peak`, the per-GPU question
+of a multi-GPU plan. Numpy only; the throughput model and the sharded layouts load on use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..config import TrainConfig, make_config
+from ..gpus import GPUSpec
+from ..memory import PHASE_ORDER, step_memory
+from ..models import ModelSpec, get_model
+from ..overheads import runtime_overheads
+from ..results import Estimate
+from ..taxonomy import Component, Phase, Quantity
+from .checks import accum_for, assumptions, check_card, moe_qlora_note, resolve_gpu
+
+if TYPE_CHECKING:
+    from ..distributed import Parallel
+
+def estimate(model: str | ModelSpec, method: str = "lora", *, adapter: str | None = None,
+             gpu: str | GPUSpec | None = None, gpu_mem: str | int | None = None, batch: int = 1, seq: int = 2048,
+             grad_accum: int = 1, rank: int = 8, alpha: float | None = None, dropout: float = 0.0, targets=None,
+             grad_ckpt: bool | None = None, optimizer: str = "adamw", precision: str | None = None,
+             attn: str = "sdpa", framework: str = "hf", techniques=None, double_quant: bool = True,
+             ppo_response: int | None = None, gpus: int = 1, strategy: str | None = None,
+             offload: str | None = None, global_batch: int | None = None, tokens=None,
+             epochs: float = 1.0, versions=None) -> Estimate:
+    """Predict the peak GPU memory of one training configuration (analytic model, numpy only), and its speed.
+
+    Args mirror the CLI (``vramplan estimate``); sizes are tokens and examples, memory in bytes.
+    ``gpu`` is a catalogue name/alias or ``"auto"`` (NVML); ``gpu_mem`` a capacity such as ``"24GiB"``.
+    ``gpus``/``strategy``/``offload`` plan N GPUs (``vramplan.distributed``; ``gpus > 1`` alone
+    means DDP); ``batch`` is then per GPU. ``global_batch`` (examples per optimiser step over all
+    GPUs) sets ``grad_accum = global_batch / (gpus x batch)``. ``tokens`` (dataset tokens, e.g.
+    ``"500M"``) and ``epochs`` give the time to train. ``versions`` (``--stack-version``,
+    ``"bitsandbytes=0.42.0"`` or a dict) plans the package versions the run uses where a
+    behaviour changed between versions (``stacks.toml`` [behaviours]); unnamed packages take
+    their installed version, else the latest.
+
+    Returns:
+        :class:`vramplan.results.Estimate` with ``components`` (bytes, per GPU), ``tensor_peak_bytes``,
+        ``peak_bytes`` (device total per GPU) and, with a GPU, ``capacity_bytes``, ``fits``,
+        ``step_time_s`` and ``tokens_per_s`` (all GPUs; :mod:`vramplan.throughput`).
+
+    Raises:
+        VramplanError: bad input (unknown names, non-positive shapes, unsupported features,
+            ``gpus < 1``, an unknown strategy, a global batch that the GPUs and micro-batch do not divide).
+    """
+    from ..distributed import make_parallel
+    from ..throughput import parse_count
+
+    spec = get_model(model)
+    card = resolve_gpu(gpu, gpu_mem)
+    par = make_parallel(gpus, strategy, offload)
+    precision = check_card(precision, method, adapter, attn, card, framework)
+    if global_batch is not None:
+        grad_accum = accum_for(global_batch, par.gpus, batch)
+    cfg = make_config(spec, method, adapter=adapter, batch=batch, seq=seq, grad_accum=grad_accum, rank=rank,
+                      alpha=alpha, dropout=dropout, targets=targets, grad_ckpt=grad_ckpt, optimizer=optimizer,
+                      precision=precision, attn=attn, framework=framework, techniques=techniques, double_quant=double_quant,
+                      ppo_response=ppo_response, versions=versions)
+    return estimate_config(spec, cfg, card, model_query=str(model) if not isinstance(model, ModelSpec) else None,
+                           parallel=par, tokens=parse_count(tokens, "--tokens"), epochs=epochs)
+
+
+def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = None,
+                    model_query: str | None = None, parallel=None, tokens: float | None = None,
+                    epochs: float = 1.0, with_time: bool = True) -> Estimate:
+    """:func:`estimate` for an already validated :class:`TrainConfig` (and a :class:`~vramplan.distributed.Parallel`).
+
+    ``with_time=False`` skips the throughput model (memory only: what a search comparing peaks needs).
+    """
+    from ..distributed import SINGLE, parallel_step_memory
+
+    par = parallel or SINGLE
+    mem = parallel_step_memory(spec, cfg, par) if par.distributed else step_memory(spec, cfg)
+    from ..overheads import apply_activation_factor, peak_terms
+
+    tensor_peak = int(np.ceil(float(mem.peak)))
+    comps = {c: int(np.ceil(float(v))) for c, v in mem.components.items()}
+    act, paged = peak_terms(comps, cfg.optimizer)
+    over = runtime_overheads(tensor_peak, card, method=cfg.recipe.name, activation_bytes=act, paged_bytes=paged,
+                             stack=cfg.framework)
+    comps = apply_activation_factor(comps, over)  # a calibrated activation factor (none by default)
+    tensor_peak += over.activation_correction_bytes
+    comps.update(over.components)
+    if par.distributed:
+        from ..distributed import NCCL_BYTES
+
+        comps[Component.CUDA_CONTEXT] = comps.get(Component.CUDA_CONTEXT, 0) + NCCL_BYTES  # NCCL communicator buffers
+    peak = tensor_peak + sum(v for c, v in comps.items() if not c.is_tensor)
+    phases = {p: int(np.ceil(float(mem.phases[p]))) for p in PHASE_ORDER if float(mem.phases[p]) > 0}
+    resolved = None
+    if model_query is not None and model_query.lower() != spec.name.lower():
+        resolved = f"{model_query} -> {spec.name}"
+    est = Estimate(
+        model=spec.name, method=cfg.method, adapter=cfg.adapter, config=cfg, params=spec.params,
+        trainable_params=mem.state.trainable_params, components=comps, phases=phases,
+        peak_phase=PHASE_ORDER[int(mem.peak_phase)], tensor_peak_bytes=tensor_peak, peak_bytes=peak,
+        quantity=Quantity.DEVICE_TOTAL, uncertainty_bytes=over.uncertainty_bytes, calibrated=over.calibrated,
+        assumptions=assumptions(cfg, over.source) + [n for n in (moe_qlora_note(spec, cfg),) if n],
+        model_resolved_from=resolved, overheads=over,
+    )
+    est.gpus, est.strategy, est.offload = par.gpus, par.strategy, par.offload
+    if par.distributed:
+        from ..distributed import shard_state
+
+        sh = shard_state(spec, cfg, par)
+        est.assumptions.append(f"{par.label}: {sh.layout}; peak_bytes and components are per GPU; cuda_context includes "
+                               "NCCL's buffers (256 MiB)" + "".join(f"; {n}" for n in sh.notes))
+        if sh.cpu_bytes:
+            est.extra["cpu_offload_bytes_per_gpu"] = int(sh.cpu_bytes)
+    from ..bands import band_for_config
+
+    band = band_for_config(cfg)
+    est.extra["band"] = {**band.to_json(), "lo_bytes": int(np.floor(band.lo * peak)), "hi_bytes": int(np.ceil(band.hi * peak))}
+    est.assumptions.append(f"uncertainty band: {band.describe()}")
+    if card is not None:
+        from ..throughput import step_time, time_to_train
+
+        est.gpu = card.name
+        est.capacity_bytes = card.memory_bytes
+        est.fits = peak <= card.memory_bytes
+    if card is not None and with_time:
+        t = step_time(spec, cfg, card, parallel=par).at()
+        est.throughput, est.step_time_s, est.tokens_per_s = t, t.step_s, t.tokens_per_s
+        est.time_to_train_s, est.gpu_hours = time_to_train(tokens, epochs, t.tokens_per_s, par.gpus)
+        est.assumptions.append(f"throughput: {t.source}")
+    return est
+
+
+
+# -- the public per-GPU question (moved here from vramplan.distributed: it is an estimate) -----------
+
+@dataclass
+class PerGpuPeak:
+    """The per-GPU memory of one multi-GPU plan (every rank holds the same share; the largest rank's).
+
+    ``tensor_peak_bytes``: live tensor storages per GPU (what ``torch.cuda.max_memory_allocated``
+    measures on the busiest rank); ``peak_bytes``: the device total per GPU (plus the caching
+    allocator's reserve, the CUDA context and NCCL's buffers: what ``nvidia-smi`` shows);
+    ``reserved_bytes``: ``tensor_peak_bytes`` plus the allocator's reserve (``max_memory_reserved``).
+    ``components`` are per GPU, in bytes. ``estimate`` is the full :class:`~vramplan.results.Estimate`.
+    """
+
+    parallel: Parallel
+    tensor_peak_bytes: int
+    reserved_bytes: int
+    peak_bytes: int
+    peak_phase: Phase
+    components: dict
+    layout: str
+    estimate: Estimate | None = None
+
+    def to_json(self) -> dict:
+        return {"parallel": self.parallel.to_json(), "tensor_peak_bytes": self.tensor_peak_bytes,
+                "reserved_bytes": self.reserved_bytes, "peak_bytes": self.peak_bytes,
+                "peak_phase": self.peak_phase.value, "layout": self.layout,
+                "components": {c.value: int(v) for c, v in self.components.items() if v}}
+
+
+def per_gpu_peak(model, method: str = "lora", *, gpus: int, strategy: str | None = None, offload: str | None = None,
+                 engine: str | None = None, gpu=None, gpu_mem=None, engine_options: dict | None = None,
+                 **config) -> PerGpuPeak:
+    """Per-GPU peak memory of ``method`` on ``model`` over ``gpus`` GPUs under ``strategy``.
+
+    The one call for "what does each GPU need for this plan" (the published-accuracy scorer
+    uses it for multi-GPU rows). ``config`` takes :func:`vramplan.estimate`'s configuration
+    keywords (``batch`` per GPU, ``seq``, ``rank``, ``targets``, ``grad_ckpt``, ``optimizer``,
+    ``precision``, ``attn``, ``framework``, ``techniques``, ...). ``engine`` (``auto``, ``torch``,
+    ``deepspeed``) and ``engine_options`` (:data:`vramplan.distributed.ENGINE_OPTIONS`) pick the engine whose buffers
+    are modelled: ``auto`` plans zero1/2/3 as DeepSpeed and ddp/fsdp as PyTorch (DDP, FSDP2).
+
+    Returns:
+        :class:`PerGpuPeak` (bytes are ints; quantities as its docstring says).
+
+    Raises:
+        VramplanError: bad input, as :func:`vramplan.estimate` and :func:`make_parallel`.
+    """
+    from ..distributed import make_parallel, shard_state
+
+    spec = get_model(model)
+    card = resolve_gpu(gpu, gpu_mem)
+    par = make_parallel(gpus, strategy, offload, engine=engine, **(engine_options or {}))
+    cfg_kw = dict(config)
+    precision = check_card(cfg_kw.pop("precision", None), method, cfg_kw.get("adapter"), cfg_kw.get("attn", "sdpa"),
+                            card, cfg_kw.get("framework", "hf"))
+    cfg = make_config(spec, method, precision=precision, **cfg_kw)
+    est = estimate_config(spec, cfg, card, model_query=None if isinstance(model, ModelSpec) else str(model),
+                          parallel=par, with_time=False)
+    reserve = int(est.components.get(Component.ALLOCATOR_RESERVE, 0))
+    sh = shard_state(spec, cfg, par)
+    return PerGpuPeak(parallel=par, tensor_peak_bytes=int(est.tensor_peak_bytes),
+                      reserved_bytes=int(est.tensor_peak_bytes) + reserve, peak_bytes=int(est.peak_bytes),
+                      peak_phase=est.peak_phase, components=dict(est.components), layout=sh.layout, estimate=est)

@@ -1,0 +1,402 @@
+"""``fit``: every method on one card, and ``fit_cards``: every card (layer 5 of :mod:`vramplan.planner`).
+
+For each method :func:`fit` runs the settings search (:mod:`vramplan.planner.search`), the
+limits of the chosen plan (:mod:`vramplan.planner.limits`) and the technique advice
+(:mod:`vramplan.planner.techniques`), and returns dataclasses that ``--json`` serialises
+unchanged. Numpy only; the search and the throughput model load on the first call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..config import make_config
+from ..errors import VramplanError
+from ..gpus import GPUSpec, get_gpu
+from ..methods import method_names
+from ..models import ModelSpec, get_model
+from ..results import Estimate
+from ..verdict import DEFAULT_MARGIN, Verdict, classify
+from .checks import accum_for, check_card, moe_qlora_note, resolve_gpu, techniques_text
+from .estimating import estimate_config
+
+if TYPE_CHECKING:
+    from ..prices import Price
+    from .search import Plan, Suggestion
+    from .techniques import TechniqueAdvice
+
+@dataclass
+class FitRow:
+    """One method's verdict on a card: the best plan (fastest that fits with the margin) and its alternatives.
+
+    ``estimate`` is the chosen plan's full estimate: the best plan, else the fastest that fits
+    without the margin ("tight"), else the least-memory one (to show how far off it is).
+    ``plans`` ranks every settings combination tried (:class:`vramplan.planner.search.Plan`);
+    ``suggestions`` say what would fit when nothing does; ``techniques``
+    (:class:`vramplan.planner.techniques.TechniqueAdvice`) what each memory-saving technique saves on the
+    chosen plan and, when it is not comfortable, the cheapest set that makes it fit.
+    """
+
+    method: str                                        # the chosen plan's method (qlora for LoRA's fallback)
+    adapter: str
+    fits: bool
+    estimate: Estimate
+    max_batch: int
+    max_seq: int
+    settings: dict
+    notes: list[str] = field(default_factory=list)
+    plans: list[Plan] = field(default_factory=list)    # ranked (vramplan.planner.search.Plan)
+    best: Plan | None = None                           # the recommended Plan, or None
+    chosen: Plan | None = None                         # the Plan shown (best, tight or smallest)
+    suggestions: list[Suggestion] = field(default_factory=list)  # what would fit (search.what_would_fit)
+    techniques: TechniqueAdvice | None = None          # vramplan.planner.techniques.TechniqueAdvice
+    alternatives: list[Suggestion] = field(default_factory=list)  # other stacks/precisions that fit (search.other_setups)
+    requested: str = ""                                # the method asked for (fit's methods=); "" = method
+
+    def __post_init__(self):
+        self.requested = self.requested or self.method
+
+    @property
+    def recipe(self) -> str:
+        """The chosen plan's recipe: ``lora``, ``qlora``, ``dpo+qlora`` (a fallback says what it became)."""
+        return self.estimate.config.recipe.name
+
+    @property
+    def label(self) -> str:
+        """``lora``, or ``lora → qlora`` when the requested method fell back to another recipe."""
+        fell_back = self.chosen is not None and getattr(self.chosen, "fallback", None)
+        return f"{self.requested} → {self.recipe}" if fell_back else self.requested
+
+    @property
+    def verdict(self) -> Verdict:
+        """comfortable / tight / no (:mod:`vramplan.verdict`, the same thresholds as ``vramplan matrix``)."""
+        from ..bands import band_for_config
+
+        return classify(self.estimate.peak_bytes, self.estimate.capacity_bytes,
+                        band_for_config(self.estimate.config).hi)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.estimate.tokens_per_s
+
+    @property
+    def step_time_s(self) -> float | None:
+        return self.estimate.step_time_s
+
+    @property
+    def time_to_train_s(self) -> float | None:
+        return self.estimate.time_to_train_s
+
+    @property
+    def gpu_hours(self) -> float | None:
+        return self.estimate.gpu_hours
+
+    def to_json(self, top: int | None = None) -> dict:
+        plans = self.plans if top is None else self.plans[:top]
+        return {"method": self.method, "requested": self.requested, "recipe": self.recipe, "adapter": self.adapter,
+                "fits": self.fits, "verdict": self.verdict.value,
+                "peak_bytes": self.estimate.peak_bytes,
+                "peak_gib": round(self.estimate.peak_gib, 3), "capacity_bytes": self.estimate.capacity_bytes,
+                "max_batch": self.max_batch, "max_seq": self.max_seq, "settings": self.settings, "notes": self.notes,
+                "tokens_per_s": None if self.tokens_per_s is None else round(float(self.tokens_per_s), 1),
+                "step_time_s": None if self.step_time_s is None else round(float(self.step_time_s), 6),
+                "time_to_train_s": None if self.time_to_train_s is None else round(float(self.time_to_train_s), 1),
+                "gpu_hours": None if self.gpu_hours is None else round(float(self.gpu_hours), 3),
+                "recommended": None if self.best is None else self.best.to_json(),
+                "plans": [p.to_json() for p in plans], "plans_considered": len(self.plans),
+                "suggestions": [x.to_json() for x in self.suggestions],
+                "techniques": None if self.techniques is None else self.techniques.to_json(),
+                "alternatives": [x.to_json() for x in self.alternatives],
+                "estimate": self.estimate.to_json()}
+
+
+@dataclass
+class FitReport:
+    model: str
+    model_resolved_from: str | None
+    gpu: str
+    capacity_bytes: int
+    seq: int
+    rows: list[FitRow]
+    assumptions: list[str]
+    gpus: int = 1
+    strategy: str | None = None
+    offload: str = "none"
+    margin: float = DEFAULT_MARGIN
+    global_batch: int | None = None
+    tokens: float | None = None
+    epochs: float = 1.0
+    top: int = 20  # ranked plans per method in to_json()
+    framework: str = "hf"
+    techniques: tuple[str, ...] = ()  # requested on every plan (the stack's own are in stacks.toml)
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "model_resolved_from": self.model_resolved_from, "gpu": self.gpu,
+                "framework": self.framework, "techniques": list(self.techniques),
+                "capacity_bytes": self.capacity_bytes, "seq": self.seq, "gpus": self.gpus, "strategy": self.strategy,
+                "offload": self.offload, "margin": self.margin, "global_batch": self.global_batch,
+                "tokens": self.tokens, "epochs": self.epochs,
+                "rows": [r.to_json(self.top) for r in self.rows], "assumptions": self.assumptions}
+
+
+def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: str | int | None = None,
+        seq: int = 2048, batch: int | None = None, methods: list[str] | None = None, precision: str | None = None,
+        attn: str | None = None, rank: int | None = None, targets=None, grad_ckpt: bool | None = None,
+        optimizer: str | None = None, gpus: int = 1, strategy: str | None = None, offload: str | None = None,
+        global_batch: int | None = None, tokens=None, epochs: float = 1.0, margin: float | None = None,
+        top: int = 20, framework: str = "hf", techniques=None, advise: bool = True) -> FitReport:
+    """Every method on one card (or ``gpus`` cards): the fastest configuration that fits with a margin.
+
+    For each method :func:`vramplan.planner.search.search` tries every combination of gradient
+    checkpointing, optimiser (AdamW, 8-bit, paged 8-bit), attention implementation, LoRA rank
+    and targets, the LoRA-to-QLoRA fallback and, on several GPUs without ``strategy``, every
+    sharding strategy, each over all micro-batches (with accumulation to ``global_batch`` when
+    given), and ranks those that fit below ``capacity x (1 - margin)`` by tokens/s. A setting
+    passed here (``attn``, ``rank``, ``targets``, ``grad_ckpt``, ``optimizer``, ``batch``) is
+    fixed instead of searched. When nothing fits, the row says what would
+    (:func:`vramplan.planner.search.what_would_fit`). Each row also says what every memory-saving
+    technique (``vramplan/data/stacks.toml``) not already on would save on the chosen plan and,
+    when that plan is not comfortable, the cheapest set that makes it so, with the fastest plan
+    under that set (:func:`vramplan.planner.techniques.recommend_techniques`).
+
+    Args:
+        margin: fraction of the capacity kept free (default :data:`~vramplan.verdict.DEFAULT_MARGIN` = 0.15:
+            the recommended plan is always "comfortable", as ``vramplan matrix`` says it).
+        tokens, epochs: dataset tokens (``"500M"``) and epochs for time to train and GPU-hours.
+        top: ranked plans per method kept in ``to_json()`` (the API keeps them all).
+        framework: training stack (hf, torchtune, unsloth, litgpt); its default precision applies
+            when ``precision`` is None. techniques: memory-saving techniques every plan uses
+            (``"chunked_ce,act_offload"`` or a list).
+        advise: False skips the technique advice and the other stacks/precisions (rows'
+            ``techniques`` None, ``alternatives`` empty): :func:`fit_cards` ranks cards only.
+
+    Returns:
+        :class:`FitReport`; each row's ``estimate`` is the chosen plan's, ``plans`` the ranking.
+
+    Raises:
+        VramplanError: no GPU, bad ``gpus``/``strategy``/``offload``/``global_batch``/``margin``,
+            an unknown framework or technique.
+    """
+    from ..distributed import STRATEGIES, make_parallel
+    from ..stacks import get_stack, parse_techniques
+    from ..throughput import parse_count
+    from .limits import DeviceTotals, largest_micro_batch, longest_sequence
+    from .search import fallback_note, other_setups, search, what_would_fit
+    from .techniques import recommend_techniques
+
+    framework = get_stack(framework).name
+    techs = parse_techniques(techniques)
+    spec = get_model(model)
+    card = resolve_gpu(gpu, gpu_mem)
+    if card is None:
+        raise VramplanError("fit needs a GPU", "pass --gpu NAME, --gpu auto or --gpu-mem 24GiB")
+    base = make_parallel(gpus, strategy, offload)
+    if base.gpus > 1 and strategy is None:
+        parallels = [make_parallel(base.gpus, s) for s in STRATEGIES]  # search the strategy too
+    else:
+        parallels = [base]
+    if global_batch is not None and (isinstance(global_batch, bool) or not isinstance(global_batch, (int, np.integer))
+                                     or global_batch <= 0):
+        raise VramplanError(f"--global-batch must be a positive integer, got {global_batch!r}")
+    if not isinstance(top, (int, np.integer)) or isinstance(top, bool) or top < 1:
+        raise VramplanError(f"--top must be a positive integer, got {top!r}")
+    margin = DEFAULT_MARGIN if margin is None else float(margin)
+    n_tokens = parse_count(tokens, "--tokens")
+    if batch is not None:
+        if global_batch is not None:
+            accum_for(global_batch, base.gpus, batch)
+        make_config(spec, "lora", batch=batch, seq=seq)  # validates batch/seq
+    if techs:
+        make_config(spec, "lora", seq=seq, framework=framework, techniques=techs)  # technique rules
+    totals = DeviceTotals()
+    rows: list[FitRow] = []
+    for name in methods or method_names():
+        prec = check_card(precision, name, None, attn or "sdpa", card, framework)
+        search_kw = dict(seq=seq, precision=prec, global_batch=global_batch, parallels=parallels, grad_ckpt=grad_ckpt,
+                         optimizer=optimizer, attn=attn, rank=rank, targets=targets, margin=margin, tokens=n_tokens,
+                         epochs=epochs, totals=totals, batch=batch, framework=framework)
+        mp = search(spec, name, card, techniques=techs, **search_kw)
+        tight = [p for p in mp.plans if p.peak_bytes <= p.capacity_bytes]
+        chosen = mp.best or (max(tight, key=lambda p: (p.fallback is None, p.tokens_per_s)) if tight else mp.smallest)
+        cfg, par = chosen.config, chosen.parallel
+        est = estimate_config(spec, cfg, card, parallel=par, tokens=n_tokens, epochs=epochs)
+        notes: list[str] = []
+        suggestions = []
+        if mp.best is None:
+            suggestions = what_would_fit(spec, name, card, seq=seq, precision=prec, margin=margin, gpus=base.gpus,
+                                         rank=rank, targets=targets, totals=totals, framework=framework,
+                                         techniques=techs)
+            if not est.fits:
+                notes.append("no setting fits (tried GC, 8-bit/paged AdamW"
+                             + (", QLoRA" if any(p.fallback for p in mp.plans) else "") + ")")
+            else:
+                notes.append(f"tight: no setting leaves the {margin:.0%} margin; shown: the fastest that fits")
+            if suggestions:
+                notes.append("with GC and 8-bit AdamW it would fit on " + "; ".join(x.text for x in suggestions))
+        elif chosen.fallback:
+            notes.append(fallback_note(mp) or chosen.fallback)
+        moe_note = moe_qlora_note(spec, cfg, short=True)
+        if moe_note:
+            notes.append(moe_note)
+        settings = {"grad_ckpt": cfg.grad_ckpt, "optimizer": cfg.optimizer, "precision": cfg.precision,
+                    "attn": cfg.attn, "batch": cfg.batch, "grad_accum": cfg.grad_accum, **chosen.settings}
+        advice = recommend_techniques(spec, cfg, card, parallel=par, margin=margin, base=est) if advise else None
+        if advise and mp.best is None and advice.recommended and advice.fits:
+            # the fastest plan of the method with the recommended techniques on (it may drop GC, say)
+            with_t = search(spec, name, card, techniques=techs + advice.techniques, **search_kw)
+            fitting = [p for p in with_t.plans if p.peak_bytes <= p.capacity_bytes]
+            advice.plan = with_t.best or (max(fitting, key=lambda p: p.tokens_per_s) if fitting else None)
+        alternatives = []
+        if advise and mp.best is None and gpus == 1:
+            alternatives = other_setups(spec, name, card, framework=framework, precision=prec, current=chosen,
+                                        techniques=techs, **{k: v for k, v in search_kw.items()
+                                                             if k not in ("precision", "framework")})
+        rows.append(FitRow(method=cfg.method, requested=name, adapter=cfg.adapter, alternatives=alternatives, fits=bool(est.fits), estimate=est,
+                           max_batch=largest_micro_batch(spec, cfg, card, par, totals=totals),
+                           max_seq=longest_sequence(spec, cfg, card, par, totals=totals),
+                           settings=settings, notes=notes, plans=mp.plans, best=mp.best, chosen=chosen,
+                           suggestions=suggestions, techniques=advice))
+    # DoRA / IA3 have no 4-bit variant in the model (PEFT runs both over bitsandbytes Linear4bit): when one
+    # does not fit and QLoRA does, say so on its row rather than leave a bare "no"
+    qlora_row = next((r for r in rows if r.requested == "qlora" and r.best is not None), None)
+    for r in rows:
+        if r.best is None and qlora_row is not None and r.adapter in ("dora", "ia3"):
+            r.notes.append(f"4-bit: qlora fits ({qlora_row.estimate.peak_gib:.2f} GiB, "
+                           f"{qlora_row.tokens_per_s or 0:,.0f} tok/s); a 4-bit {r.adapter} base (PEFT over "
+                           "bitsandbytes Linear4bit) is not modelled yet")
+    resolved = None if isinstance(model, ModelSpec) or str(model).lower() == spec.name else f"{model} -> {spec.name}"
+    assumptions = rows[0].estimate.assumptions[:4] if rows else []
+    tech_text = techniques_text(rows[0].estimate.config) if rows else None
+    if tech_text:
+        assumptions.append(tech_text)
+    if rows:
+        assumptions.append(f"ranking: tokens/s of plans whose per-GPU peak stays below {1 - margin:.0%} of the "
+                           f"capacity; {next(a for a in rows[0].estimate.assumptions if a.startswith('throughput'))}")
+    return FitReport(model=spec.name, model_resolved_from=resolved, gpu=card.name, capacity_bytes=card.memory_bytes,
+                     seq=seq, rows=rows, assumptions=assumptions, gpus=base.gpus,
+                     strategy=base.strategy if len(parallels) == 1 else None, offload=base.offload, margin=margin,
+                     global_batch=global_batch, tokens=n_tokens, epochs=epochs, top=int(top), framework=framework,
+                     techniques=techs)
+
+
+# -- which card? -------------------------------------------------------------------------------
+
+@dataclass
+class CardRow:
+    """One method on one catalogue card where it fits with the margin, with what it costs there.
+
+    ``cost_per_mtok_usd``: the cloud price per hour over the tokens it trains in an hour (x 1e6);
+    ``cost_usd``: GPU-hours x the price per hour when the dataset size (``tokens``) is known.
+    """
+
+    gpu: str
+    capacity_bytes: int
+    row: FitRow
+    price: Price
+
+    @property
+    def tokens_per_s(self) -> float:
+        return float(self.row.tokens_per_s or 0.0)
+
+    @property
+    def cost_per_mtok_usd(self) -> float | None:
+        h = self.price.cloud_usd_per_hour
+        return None if h is None or not self.tokens_per_s else h / (self.tokens_per_s * 3600.0) * 1e6
+
+    @property
+    def cost_usd(self) -> float | None:
+        h = self.price.cloud_usd_per_hour
+        return None if h is None or self.row.gpu_hours is None else h * float(self.row.gpu_hours)
+
+    def to_json(self) -> dict:
+        r = self.row
+        return {"gpu": self.gpu, "capacity_bytes": self.capacity_bytes, "method": r.label, "recipe": r.recipe,
+                "verdict": r.verdict.value, "peak_bytes": int(r.estimate.peak_bytes),
+                "tokens_per_s": round(self.tokens_per_s, 1),
+                "time_to_train_s": None if r.time_to_train_s is None else round(float(r.time_to_train_s), 1),
+                "gpu_hours": None if r.gpu_hours is None else round(float(r.gpu_hours), 3),
+                "settings": r.settings, "price": self.price.to_json(),
+                "cost_per_mtok_usd": None if self.cost_per_mtok_usd is None else round(self.cost_per_mtok_usd, 4),
+                "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 2)}
+
+
+@dataclass
+class CardsReport:
+    """Every catalogue card on which a method fits: ``rows`` fastest first, ``by_cost`` cheapest first."""
+
+    model: str
+    seq: int
+    methods: list[str]
+    tokens: float | None
+    epochs: float
+    rows: list[CardRow]
+    by_cost: list[CardRow]
+    no_fit: list[str]              # cards on which no requested method fits with the margin
+    assumptions: list[str]
+    framework: str = "hf"
+
+    def to_json(self) -> dict:
+        from ..prices import sources
+
+        return {"model": self.model, "seq": self.seq, "methods": self.methods, "tokens": self.tokens,
+                "epochs": self.epochs, "framework": self.framework,
+                "rows": [r.to_json() for r in self.rows], "by_cost": [f"{r.gpu}:{r.row.requested}" for r in self.by_cost],
+                "no_fit": self.no_fit, "price_sources": sources(), "assumptions": self.assumptions}
+
+
+def fit_cards(model: str | ModelSpec, *, cards=None, methods: list[str] | None = None, progress=None,
+              **fit_kw) -> CardsReport:
+    """"Which card?": :func:`fit` on every catalogue card, the plans that fit ranked by speed and by cost.
+
+    For each card (``cards``: a list of names, default the whole catalogue) and each method, the
+    fastest plan that fits with the margin (:func:`fit`'s search, without its technique advice).
+    ``rows`` ranks them by time to train (tokens/s when no ``tokens``), ``by_cost`` by the cloud
+    cost to train (``vramplan/data/prices.json``: typical on-demand $/GPU-hour, each with its
+    source and date; per million tokens when no ``tokens``); cards without a price come last.
+
+    Args:
+        progress: ``(done, total, card)`` callback after each card (the CLI's progress bar).
+        fit_kw: :func:`fit`'s keyword arguments (seq, tokens, epochs, framework, precision, ...).
+
+    Returns:
+        :class:`CardsReport`.
+    """
+    from ..gpus import catalogue
+    from ..prices import price_of
+
+    if fit_kw.get("gpus", 1) != 1 or fit_kw.get("gpu_mem") is not None:
+        raise VramplanError("--gpu all ranks single catalogue cards", "drop --gpus/--gpu-mem, or name one card")
+    names = list(cards) if cards else [g.name for g in sorted(catalogue().values(), key=lambda g: (g.memory_bytes, g.name))]
+    spec = get_model(model)
+    rows: list[CardRow] = []
+    no_fit: list[str] = []
+    first = None
+    for i, name in enumerate(names, 1):
+        card = get_gpu(name)
+        try:
+            rep = fit(spec, card, methods=methods, advise=False, **fit_kw)
+        except VramplanError as exc:
+            if "has no bf16" not in str(exc) and "compute capability" not in str(exc):
+                raise
+            rep = None  # the card cannot run the stack's precision or kernels
+        first = first or rep
+        fitting = [r for r in (rep.rows if rep else []) if r.best is not None]
+        if not fitting:
+            no_fit.append(card.name)
+        for r in fitting:
+            rows.append(CardRow(gpu=card.name, capacity_bytes=card.memory_bytes, row=r, price=price_of(card.name)))
+        if progress is not None:
+            progress(i, len(names), card.name)
+    rows.sort(key=lambda c: (-c.tokens_per_s, c.gpu))
+    by_cost = sorted(rows, key=lambda c: (c.cost_per_mtok_usd is None, c.cost_per_mtok_usd or 0.0, -c.tokens_per_s))
+    assumptions = list(first.assumptions) if first else []
+    assumptions.append("cost: typical on-demand cloud price per GPU-hour x the predicted GPU-hours "
+                       "(vramplan/data/prices.json, each price with its source and date); list prices are shown, "
+                       "not used to rank")
+    return CardsReport(model=spec.name, seq=int(fit_kw.get("seq", 2048)), methods=list(methods or method_names()),
+                       tokens=first.tokens if first else None, epochs=float(fit_kw.get("epochs", 1.0)), rows=rows,
+                       by_cost=by_cost, no_fit=no_fit, assumptions=assumptions,
+                       framework=first.framework if first else fit_kw.get("framework", "hf"))

@@ -1,0 +1,95 @@
+"""Limits of one configuration on a card: device totals over grids, the largest micro-batch, the longest sequence.
+
+The planner's second layer (:mod:`vramplan.planner`): above the estimate's chain, below the
+search. One implementation of each limit, used by ``fit`` (``max_batch``/``max_seq``), the
+trainer callback, the published-accuracy scorer and, through :data:`BATCH_GRID`, the matrix
+(which evaluates the same grid for many cards at once; ``tests/test_matrix.py`` holds the two equal).
+
+Semantics: a limit is the largest value whose per-GPU device total (tensors + CUDA context +
+cuBLAS workspace + allocator reserve, as :func:`vramplan.planner.estimating.estimate_config`
+computes it) stays at or below ``usable`` bytes -- the card's capacity unless a margin is given.
+Bytes are float64 arrays of whole bytes; numpy only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import TrainConfig
+from ..distributed import NCCL_BYTES, SINGLE, Parallel, parallel_step_memory
+from ..gpus import GPUSpec
+from ..memory import StepMemory, step_memory
+from ..models import ModelSpec
+from ..overheads import card_profile, step_device_total
+
+#: Micro-batches searched for the largest that fits (``fit``'s ``max_batch``, the matrix's cells).
+BATCH_GRID = np.arange(1, 1025)
+#: Sequence lengths of a longest-sequence search, multiples of 128 (:func:`longest_sequence` goes to the
+#: model's context, which may be longer than this grid's 128 Ki tokens).
+SEQ_GRID = np.arange(128, 131072 + 1, 128)
+
+
+class DeviceTotals:
+    """Per-GPU device totals (tensor peak -> nvidia-smi total) of step memories, as ``estimate`` computes them.
+
+    :mod:`vramplan.overheads`' chain on arrays (:func:`~vramplan.overheads.step_device_total`:
+    the activation factor, paged optimiser states outside the allocator's reserve, the card's
+    profile), plus NCCL's buffers on several GPUs as
+    :func:`vramplan.planner.estimating.estimate_config` adds them. Each card's profile is looked
+    up once per instance (a search keeps one for all its candidates).
+    """
+
+    def __init__(self):
+        self._profiles: dict[str, object] = {}
+
+    def __call__(self, mem: StepMemory, cfg: TrainConfig, card: GPUSpec, par: Parallel) -> np.ndarray:
+        """Device totals (float64 bytes) of ``mem`` (arrays over batch/seq) for ``cfg`` on ``card`` under ``par``."""
+        if card.name not in self._profiles:
+            self._profiles[card.name] = card_profile(card)
+        total = step_device_total(mem, cfg, card, profile=self._profiles[card.name])
+        return total + (NCCL_BYTES if par.distributed else 0)
+
+
+def step_memory_for(spec: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, batch=None, seq=None) -> StepMemory:
+    """Per-GPU tensor bytes of ``cfg`` under ``par`` (arrays over batch/seq), with the components at the peak."""
+    if par.distributed:
+        return parallel_step_memory(spec, cfg, par, batch=batch, seq=seq)
+    return step_memory(spec, cfg, batch=batch, seq=seq)
+
+
+def device_totals(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None, batch=None, seq=None,
+                  par: Parallel = SINGLE, totals: DeviceTotals | None = None) -> np.ndarray:
+    """Vectorised per-GPU device-total peak (float64 bytes) of ``cfg`` over ``batch``/``seq`` arrays.
+
+    The same chain as :func:`~vramplan.planner.estimating.estimate_config`
+    (:func:`vramplan.overheads.device_total`): activation factor, paged optimiser states outside
+    the reserve, the profile's allocator; NCCL's buffers on several GPUs.
+    """
+    if card is None:
+        return step_device_total(step_memory_for(spec, cfg, par, batch, seq), cfg, card)
+    return (totals or DeviceTotals())(step_memory_for(spec, cfg, par, batch, seq), cfg, card, par)
+
+
+def largest_micro_batch(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, par: Parallel = SINGLE,
+                        usable: int | None = None, totals: DeviceTotals | None = None) -> int:
+    """Largest micro-batch (<= 1024, :data:`BATCH_GRID`) of ``cfg`` at ``cfg.seq`` below ``usable`` bytes per GPU
+    (default the capacity); 0 if none."""
+    ok = device_totals(spec, cfg, card, batch=BATCH_GRID, par=par, totals=totals) <= (usable or card.memory_bytes)
+    return int(BATCH_GRID[ok].max()) if ok.any() else 0
+
+
+def largest_batch(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec) -> int:
+    """Largest micro-batch (<= 1024) that fits ``card`` at ``cfg.seq`` on one GPU; 0 if none
+    (:func:`largest_micro_batch` without a margin)."""
+    return largest_micro_batch(spec, cfg, card)
+
+
+def longest_sequence(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, par: Parallel = SINGLE,
+                     usable: int | None = None, totals: DeviceTotals | None = None) -> int:
+    """Longest sequence (multiple of 128, <= the model's context) of ``cfg`` at micro-batch 1; 0 if none."""
+    grid = np.arange(128, max(128, spec.max_position_embeddings) + 1, 128)  # SEQ_GRID's steps, to the context
+    if cfg.method == "ppo":
+        grid = grid[grid >= 256]
+    c = cfg.with_(batch=1, ppo_response=None)
+    ok = device_totals(spec, c, card, batch=1, seq=grid, par=par, totals=totals) <= (usable or card.memory_bytes)
+    return int(grid[ok].max()) if ok.any() else 0

@@ -1,0 +1,502 @@
+"""The settings search behind ``vramplan fit`` (layer 3 of :mod:`vramplan.planner`): the fastest configuration that fits with a margin.
+
+For one method on one card (or N cards with a strategy) the search tries every combination
+of the settings a user controls -- gradient checkpointing, optimiser (AdamW, then 8-bit or
+paged 8-bit AdamW as a fallback), attention implementation, LoRA rank and targets, the
+LoRA-to-QLoRA fallback, and the sharding strategy on several GPUs -- and, for each, every
+micro-batch at once (``step_memory`` and ``step_time`` broadcast over a numpy array of
+micro-batches). With a target global batch ``G`` the micro-batch ``b`` runs ``G / (N b)``
+accumulation steps; without one, accumulation is 1. A plan fits when its per-GPU device total
+stays below ``capacity x (1 - margin)``; the margin (default :data:`vramplan.verdict.DEFAULT_MARGIN`,
+15%: a recommended plan is "comfortable") covers the analytic model's uncertainty.
+
+Feasible plans are ranked by tokens/s (ties: simpler settings first), except that a fallback
+(LoRA's QLoRA) ranks after every plan of the method's own adapter that fits: it is what the
+method becomes when that adapter does not fit, not a faster variant. Each plan carries the
+reason it loses to the best; a plan that fits the card but not the margin is "tight", never
+"does not fit". When nothing fits, :func:`what_would_fit` says what would: the
+smallest catalogue card, a number of GPUs with ZeRO-3/FSDP (or CPU offload), a shorter sequence.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..config import TrainConfig, make_config
+from ..distributed import SINGLE, STRATEGIES, Parallel, make_parallel, parallel_step_memory, shard_state
+from ..errors import VramplanError
+from ..gpus import GPUSpec, catalogue
+from ..memory import model_state, step_memory, step_terms
+from ..methods import Adapter, resolve
+from ..models import ModelSpec
+from ..overheads import card_profile
+from ..throughput import StepTime, step_time, time_to_train
+from ..units import GIB
+from ..verdict import DEFAULT_MARGIN
+from .checks import check_card
+from .limits import DeviceTotals, step_memory_for
+
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+RANKS = (8, 16, 64)
+#: Micro-batches searched without a target global batch: every one to 32, then coarser to 256
+#: (the fastest plan is the largest micro-batch that fits; the coarse steps cost < 12% of it).
+MICRO_BATCHES = np.array(list(range(1, 33)) + [40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256])
+GPU_COUNTS = (2, 4, 8, 16, 32, 64, 128, 256)
+
+
+
+@dataclass
+class Plan:
+    """One candidate configuration with its per-GPU memory, speed and rank among the others."""
+
+    method: str
+    adapter: str
+    config: TrainConfig
+    parallel: Parallel
+    peak_bytes: int          # per GPU, device total
+    capacity_bytes: int      # per GPU
+    usable_bytes: int        # capacity x (1 - margin)
+    fits: bool               # peak_bytes <= usable_bytes
+    tokens_per_s: float      # all GPUs
+    step_time_s: float       # one optimiser step
+    time_to_train_s: float | None = None
+    gpu_hours: float | None = None
+    fallback: str | None = None
+    rank: int = 0
+    reason: str = ""
+    _grid: Any = field(default=None, repr=False, compare=False)  # (StepTime over the batch grid, index)
+
+    @property
+    def recipe(self) -> str:
+        return self.config.recipe.name
+
+    @property
+    def time(self) -> StepTime | None:
+        """The step-time breakdown of this plan (:class:`vramplan.throughput.StepTime`)."""
+        if self._grid is None:
+            return None
+        t, i = self._grid
+        return t.at(i)
+
+    @property
+    def global_batch(self) -> int:
+        return self.config.batch * self.config.grad_accum * self.parallel.gpus
+
+    @property
+    def settings(self) -> dict:
+        c = self.config
+        s = {"batch": c.batch, "grad_accum": c.grad_accum, "global_batch": self.global_batch, "grad_ckpt": c.grad_ckpt,
+             "optimizer": c.optimizer, "attn": c.attn, "precision": c.precision, "adapter": c.adapter}
+        if c.adapter in ("lora", "qlora", "dora"):
+            s.update(rank=c.rank, targets=list(c.targets))
+        s.update(gpus=self.parallel.gpus, strategy=self.parallel.strategy, offload=self.parallel.offload)
+        return s
+
+    def summary(self) -> str:
+        """Short settings text for tables: ``b4 x ga2, GC off, adamw, sdpa``."""
+        c = self.config
+        parts = [f"b{c.batch}" + (f"×ga{c.grad_accum}" if c.grad_accum > 1 else ""),
+                 f"GC {'on' if c.grad_ckpt else 'off'}", c.optimizer, c.attn]
+        if c.adapter in ("lora", "qlora", "dora"):
+            parts.append(f"r{c.rank} {'all-linear' if len(c.targets) > 2 else ','.join(c.targets)}")
+        if self.fallback:
+            parts.insert(0, c.adapter)
+        if self.parallel.distributed:
+            parts.append(self.parallel.label)
+        return ", ".join(parts)
+
+    def to_json(self) -> dict:
+        out = {"rank": self.rank, "method": self.method, "adapter": self.adapter, "recipe": self.recipe,
+               "settings": self.settings, "fits": self.fits, "peak_bytes": int(self.peak_bytes),
+               "peak_gib": round(self.peak_bytes / GIB, 3), "capacity_bytes": int(self.capacity_bytes),
+               "usable_bytes": int(self.usable_bytes), "fallback": self.fallback, "reason": self.reason,
+               "tokens_per_s": round(float(self.tokens_per_s), 1), "step_time_s": round(float(self.step_time_s), 6),
+               "time_to_train_s": None if self.time_to_train_s is None else round(self.time_to_train_s, 1),
+               "gpu_hours": None if self.gpu_hours is None else round(self.gpu_hours, 3)}
+        t = self.time
+        if t is not None:
+            out["throughput"] = t.to_json()
+        return out
+
+
+@dataclass
+class Suggestion:
+    """A change that would make a method fit: ``kind`` is ``gpu``, ``gpus``, ``offload`` or ``seq``."""
+
+    kind: str
+    text: str
+    detail: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "text": self.text, **self.detail}
+
+
+@dataclass
+class MethodPlans:
+    """The ranked plans of one method: ``best`` is None when nothing fits (then ``suggestions``)."""
+
+    method: str
+    plans: list[Plan]
+    best: Plan | None
+    smallest: Plan           # the least memory of all candidates (what is shown when nothing fits)
+    suggestions: list[Suggestion] = field(default_factory=list)
+
+    def to_json(self, top: int | None = None) -> dict:
+        plans = self.plans if top is None else self.plans[:top]
+        return {"method": self.method, "best": None if self.best is None else self.best.to_json(),
+                "plans": [p.to_json() for p in plans], "considered": len(self.plans),
+                "suggestions": [s.to_json() for s in self.suggestions]}
+
+
+
+# -- the search ------------------------------------------------------------------------------
+
+def _batch_grid(global_batch: int | None, gpus: int) -> tuple[np.ndarray, np.ndarray]:
+    """(micro-batches, accumulation steps) to try."""
+    if global_batch is None:
+        return MICRO_BATCHES, np.ones_like(MICRO_BATCHES)
+    if global_batch % gpus:
+        raise VramplanError(f"--global-batch {global_batch} is not a multiple of --gpus {gpus}",
+                            f"use a multiple of {gpus}")
+    per = global_batch // gpus
+    b = np.array([d for d in range(1, min(per, 1024) + 1) if per % d == 0])
+    return b, per // b
+
+
+def adapters_for(method: str, adapter: str | None) -> list[tuple[str, str | None, str | None]]:
+    """(method, adapter, fallback note) to search: the method's adapter, then its fallback."""
+    rec = resolve(method, adapter)
+    out = [(rec.method.name, adapter, None)]
+    if adapter is not None:
+        return out
+    ad = rec.adapter.value
+    if rec.method.name == "lora":
+        out.append(("qlora", None, "QLoRA fallback"))
+    elif ad == "lora" and Adapter.QLORA in rec.method.adapters:
+        out.append((rec.method.name, "qlora", "QLoRA fallback"))
+    return out
+
+
+def fallback_note(mp: "MethodPlans") -> str | None:
+    """Why the chosen plan of ``mp`` is its fallback (QLoRA), from the plans of the method's own adapter.
+
+    Says what is true of them: none fits even without the margin (the least memory, against the
+    capacity), or the best fits only without the margin ("tight"). None when the best plan is not a
+    fallback.
+    """
+    best = mp.best
+    if best is None or best.fallback is None:
+        return None
+    own = [p for p in mp.plans if p.fallback is None]
+    if not own:
+        return best.fallback
+    what = f"{own[0].adapter} over a 16-bit base"
+    least = min(own, key=lambda p: p.peak_bytes)
+    if least.peak_bytes > least.capacity_bytes:
+        return (f"{best.fallback}: {what} does not fit (least {least.peak_bytes / GIB:.2f} GiB > "
+                f"{least.capacity_bytes / GIB:.2f} GiB)")
+    return (f"{best.fallback}: {what} fits only without the {1 - least.usable_bytes / least.capacity_bytes:.0%} "
+            f"margin (least {least.peak_bytes / GIB:.2f} GiB > {least.usable_bytes / GIB:.2f} GiB usable)")
+
+
+def _combos(spec: ModelSpec, method: str, adapter: str | None, card: GPUSpec, fixed: dict,
+            strategies: list[Parallel]):
+    """Every settings combination of one method: yields (method, adapter, fallback, settings, parallel)."""
+    attn = [fixed["attn"]] if fixed.get("attn") else (["sdpa", "flash"] if card.flash_attention else ["sdpa"])
+    gcs = [fixed["grad_ckpt"]] if fixed.get("grad_ckpt") is not None else [False, True]
+    opts = [fixed["optimizer"]] if fixed.get("optimizer") else list(OPTIMIZERS)
+    for m, ad, note in adapters_for(method, adapter):
+        rec = resolve(m, ad)
+        lora_like = rec.adapter in (Adapter.LORA, Adapter.QLORA, Adapter.DORA)
+        if lora_like:
+            ranks = [fixed["rank"]] if fixed.get("rank") else list(RANKS)
+            targets = [fixed["targets"]] if fixed.get("targets") else [None, "all-linear"]
+        else:
+            ranks, targets = [fixed.get("rank") or 8], [fixed.get("targets")]
+        for gc, opt, at, r, tg, par in itertools.product(gcs, opts, attn, ranks, targets, strategies):
+            yield m, ad, note, dict(grad_ckpt=gc, optimizer=opt, attn=at, rank=r, targets=tg), par
+
+
+def _preference(plan: Plan) -> tuple:
+    """Tie-breakers among equally fast plans: fewer moving parts first."""
+    c = plan.config
+    return (plan.fallback is not None, c.grad_ckpt, OPTIMIZERS.index(c.optimizer) if c.optimizer in OPTIMIZERS else 9,
+            c.attn != "sdpa", c.rank, len(c.targets),
+            (STRATEGIES.index(plan.parallel.strategy) if plan.parallel.strategy else -1), plan.parallel.offload != "none")
+
+
+def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adapter: str | None = None,
+           precision: str | None = None, global_batch: int | None = None, parallels: list[Parallel] | None = None,
+           grad_ckpt: bool | None = None, optimizer: str | None = None, attn: str | None = None,
+           rank: int | None = None, targets=None, margin: float = DEFAULT_MARGIN, tokens: float | None = None,
+           epochs: float = 1.0, ppo_response: int | None = None, totals: DeviceTotals | None = None,
+           batch: int | None = None, framework: str = "hf", techniques=None) -> MethodPlans:
+    """Rank every settings combination of ``method`` on ``card`` (see the module docstring).
+
+    Args:
+        spec: the model. method/adapter: the method (DPO/PPO take an adapter; None = default
+            plus its QLoRA fallback). card: the GPU (per-GPU capacity).
+        seq: tokens per sequence. global_batch: target examples per optimiser step over all
+            GPUs (None: no target, accumulation 1). parallels: GPU layouts to try.
+        grad_ckpt, optimizer, attn, rank, targets: fix a setting (None searches it).
+        batch: fix the micro-batch (None searches 1..256, or the divisors of ``global_batch / gpus``).
+        margin: fraction of the capacity kept free. tokens, epochs: dataset size for time to train.
+        framework, techniques: the training stack and memory-saving techniques every plan uses.
+
+    Returns:
+        :class:`MethodPlans` with every combination's best micro-batch, ranked.
+    """
+    if not 0.0 <= margin < 1.0:
+        raise VramplanError(f"margin must be in [0, 1), got {margin!r}", "use e.g. --margin 0.1 for 10%")
+    totals = totals or DeviceTotals()
+    parallels = parallels or [SINGLE]
+    capacity = card.memory_bytes
+    usable = int(capacity * (1.0 - margin))
+    fixed = dict(grad_ckpt=grad_ckpt, optimizer=optimizer, attn=attn, rank=rank, targets=targets)
+    plans: list[Plan] = []
+    memo: dict[tuple, tuple] = {}
+    terms: dict[tuple, dict] = {}  # activation terms: the same for every strategy
+    seen: set = set()
+    prof = card_profile(card)
+    grids = {}
+    for par in parallels:
+        b_grid, a_grid = _batch_grid(global_batch, par.gpus)
+        if batch is not None:
+            keep = b_grid == batch
+            if not keep.any():
+                raise VramplanError(f"--global-batch {global_batch} is not a multiple of --gpus x --batch "
+                                    f"({par.gpus} x {batch})", f"use a multiple of {par.gpus * batch}")
+            b_grid, a_grid = b_grid[keep], a_grid[keep]
+        grids[par] = (b_grid, a_grid)
+    for m, ad, note, settings, _ in _combos(spec, method, adapter, card, fixed, [None]):
+        try:
+            cfg = make_config(spec, m, adapter=ad, batch=1, seq=seq, precision=precision,
+                              ppo_response=ppo_response, framework=framework, techniques=techniques, **settings)
+        except VramplanError:
+            if fixed.get("rank") or fixed.get("targets"):
+                raise  # the user's own setting is invalid: say so
+            continue  # a searched rank larger than a small model's layer
+        if cfg in seen:
+            continue  # e.g. all-linear is already the model's default target set
+        seen.add(cfg)
+        # flash and sdpa save the same tensors and run the same kernels (SDPA dispatches to
+        # FlashAttention-2); paged 8-bit AdamW keeps the same states as 8-bit AdamW (on the GPU
+        # while they fit): evaluate each pair's tensors and time once. Their device totals differ
+        # (paged states live outside the allocator's reserve): one per optimiser.
+        key = cfg.with_(attn="sdpa" if cfg.attn == "flash" else cfg.attn,
+                        optimizer="adamw_8bit" if cfg.optimizer == "paged_adamw_8bit" else cfg.optimizer)
+        st = model_state(spec, cfg) if key not in memo else None
+        for p in parallels:
+            b_grid, a_grid = grids[p]
+            if (key, p) not in memo:
+                sh = shard_state(spec, cfg, p, st) if p.distributed else None
+                if p.distributed:
+                    tkey = (key, tuple(b_grid))
+                    if tkey not in terms:
+                        terms[tkey] = step_terms(spec, cfg, batch=b_grid)
+                    mem = parallel_step_memory(spec, cfg, p, batch=b_grid, state=sh, terms=terms[tkey])
+                else:
+                    mem = step_memory(spec, cfg, batch=b_grid)
+                t = step_time(spec, cfg, card, batch=b_grid, grad_accum=a_grid, parallel=p, profile=prof, state=st,
+                              sharded=sh)
+                memo[(key, p)] = (mem, t, {})
+            mem, t, by_opt = memo[(key, p)]
+            if cfg.optimizer not in by_opt:
+                by_opt[cfg.optimizer] = totals(mem, cfg, card, p)
+            total = by_opt[cfg.optimizer]
+            ok = total <= usable
+            if ok.any():
+                i = int(np.argmax(np.where(ok, t.tokens_per_s, -np.inf)))
+            else:
+                i = int(np.argmin(total))
+            cfg_i = cfg.with_(batch=int(b_grid[i]), grad_accum=int(a_grid[i]))
+            tps = float(np.asarray(t.tokens_per_s)[i])
+            ttt, gh = time_to_train(tokens, epochs, tps, p.gpus)
+            plans.append(Plan(method=cfg.method, adapter=cfg.adapter, config=cfg_i, parallel=p,
+                              peak_bytes=int(total[i]), capacity_bytes=capacity, usable_bytes=usable, fits=bool(ok[i]),
+                              tokens_per_s=tps, step_time_s=float(np.asarray(t.step_s)[i]), time_to_train_s=ttt,
+                              gpu_hours=gh, fallback=note, _grid=(t, i)))
+    # a fallback (QLoRA for LoRA) is what the method becomes when its own adapter does not fit: its plans
+    # rank after every plan of the method's own adapter that fits, however fast the throughput model
+    # rates them (a larger micro-batch over an NF4 base can come out marginally faster, inside the
+    # model's resolution, and QLoRA changes the weights the adapter trains against)
+    feasible = sorted((p for p in plans if p.fits),
+                      key=lambda p: (p.fallback is not None, -round(p.tokens_per_s, 6), _preference(p)))
+    rest = sorted((p for p in plans if not p.fits), key=lambda p: (p.peak_bytes, _preference(p)))
+    ranked = feasible + rest
+    best = feasible[0] if feasible else None
+    for k, p in enumerate(ranked, 1):
+        p.rank = k
+        p.reason = _reason(p, best)
+    smallest = min(plans, key=lambda p: p.peak_bytes)
+    return MethodPlans(method=method, plans=ranked, best=best, smallest=smallest)
+
+
+def _reason(p: Plan, best: Plan | None) -> str:
+    """Why ``p`` loses to ``best`` (or ``best``)."""
+    if p is best:
+        return "best: fastest that fits with the margin"
+    if not p.fits:
+        if p.peak_bytes <= p.capacity_bytes:  # fits the card, not the margin: never call that "does not fit"
+            return (f"tight: {p.peak_bytes / GIB:.2f} GiB fits the {p.capacity_bytes / GIB:.2f} GiB card but not "
+                    f"the margin ({p.usable_bytes / GIB:.2f} GiB usable)")
+        return f"does not fit: {p.peak_bytes / GIB:.2f} GiB > {p.capacity_bytes / GIB:.2f} GiB"
+    if p.fallback is not None and best.fallback is None:
+        return f"{p.adapter} fallback: only when {best.adapter} over a 16-bit base does not fit, and it does"
+    slower = 1.0 - p.tokens_per_s / best.tokens_per_s
+    diffs = []
+    c, b = p.config, best.config
+    if p.adapter != best.adapter:
+        diffs.append(f"{p.adapter} instead of {best.adapter}" + (" (dequantises the NF4 base every pass)"
+                                                                   if p.adapter == "qlora" else ""))
+    if c.grad_ckpt != b.grad_ckpt:
+        diffs.append("gradient checkpointing recomputes the forward" if c.grad_ckpt else "no gradient checkpointing")
+    if c.optimizer != b.optimizer:
+        diffs.append({"adamw_8bit": "8-bit AdamW updates slower", "paged_adamw_8bit": "paged 8-bit AdamW updates slower",
+                      "adamw": "AdamW"}.get(c.optimizer, c.optimizer))
+    if c.batch != b.batch:
+        diffs.append(f"micro-batch {c.batch} vs {b.batch}" + (" (the larger one leaves no margin)" if c.batch < b.batch and
+                                                              c.grad_ckpt == b.grad_ckpt else ""))
+    if c.rank != b.rank and c.adapter in ("lora", "qlora", "dora"):
+        diffs.append(f"rank {c.rank}")
+    if c.targets != b.targets and c.adapter in ("lora", "qlora", "dora"):
+        diffs.append("all-linear targets" if len(c.targets) > len(b.targets) else "fewer targets")
+    if p.parallel != best.parallel:
+        diffs.append(p.parallel.label)
+    if c.attn != b.attn:
+        diffs.append("flash: same kernels as sdpa, needs flash-attn" if c.attn == "flash" else f"{c.attn} attention")
+    if slower <= 1e-9:
+        return "ties the best" + (f": {'; '.join(diffs)}" if diffs else "")
+    pct = f"{100 * slower:.1f}%" if slower >= 0.001 else "<0.1%"
+    return f"{pct} slower" + (f": {'; '.join(diffs)}" if diffs else "")
+
+
+# -- when nothing fits -------------------------------------------------------------------------
+
+def _frugal_cfg(spec: ModelSpec, method: str, seq: int, precision: str | None, ppo_response: int | None,
+                adapter: str | None = None, rank: int | None = None, targets=None, attn: str | None = None,
+                framework: str = "hf", techniques=None):
+    """The least-memory configuration of ``method``: GC on, 8-bit AdamW, the QLoRA fallback, batch 1."""
+    choices = adapters_for(method, adapter)
+    m, ad, _ = choices[-1]
+    return make_config(spec, m, adapter=ad, batch=1, seq=seq, grad_ckpt=True, optimizer="adamw_8bit",
+                       precision=precision, attn=attn or "sdpa", rank=rank or 8, targets=targets,
+                       ppo_response=ppo_response, framework=framework, techniques=techniques)
+
+
+def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, precision: str | None = None,
+                   margin: float = DEFAULT_MARGIN, ppo_response: int | None = None, adapter: str | None = None,
+                   rank: int | None = None, targets=None, gpus: int = 1, totals: DeviceTotals | None = None,
+                   framework: str = "hf", techniques=None) -> list[Suggestion]:
+    """What would make ``method`` fit when no setting does: a bigger card, more GPUs, offload, shorter sequences.
+
+    Each suggestion uses the method's least-memory settings (gradient checkpointing, 8-bit
+    AdamW, the QLoRA fallback where there is one, micro-batch 1) and the same margin.
+    """
+    totals = totals or DeviceTotals()
+    out: list[Suggestion] = []
+    try:
+        cfg = _frugal_cfg(spec, method, seq, precision, ppo_response, adapter, rank, targets,
+                          framework=framework, techniques=techniques)
+    except VramplanError:
+        return out
+    keep = 1.0 - margin
+    # 1. the smallest card of the catalogue
+    cards = sorted(catalogue().values(), key=lambda g: (g.memory_bytes, -g.bf16_tflops))
+    mem = step_memory_for(spec, cfg, SINGLE)
+    for g in cards:
+        if g.memory_bytes <= card.memory_bytes or (cfg.precision != "fp32" and "bf16" in cfg.precision and not g.bf16):
+            continue
+        if float(totals(mem, cfg, g, SINGLE)) <= g.memory_bytes * keep:
+            out.append(Suggestion("gpu", f"1x {g.name} ({g.memory_bytes / GIB:.0f} GiB)"
+                                  + (f" as {cfg.recipe.name}" if cfg.recipe.name != method else ""),
+                                  {"gpu": g.name, "capacity_bytes": g.memory_bytes}))
+            break
+    # 2. more of this card with ZeRO-3 / FSDP
+    found: dict[int, list[str]] = {}
+    for strategy in ("zero3", "fsdp"):
+        for n in GPU_COUNTS:
+            if n <= gpus:
+                continue
+            par = make_parallel(n, strategy)
+            if float(totals(step_memory_for(spec, cfg, par), cfg, card, par)) <= card.memory_bytes * keep:
+                found.setdefault(n, []).append(strategy)
+                break
+    for n, strategies in sorted(found.items()):
+        out.append(Suggestion("gpus", f"{n}x {card.name} with {' or '.join(strategies)}",
+                              {"gpus": n, "strategies": strategies, "gpu": card.name}))
+    # 3. CPU offload on the same number of cards
+    par = make_parallel(max(1, gpus), "zero3", "cpu")
+    if float(totals(step_memory_for(spec, cfg, par), cfg, card, par)) <= card.memory_bytes * keep:
+        out.append(Suggestion("offload", f"{max(1, gpus)}x {card.name} with zero3 --offload cpu (slow)",
+                              {"gpus": max(1, gpus), "strategy": "zero3", "offload": "cpu"}))
+    # 4. a shorter sequence on this card
+    limit = min(seq - 128, spec.max_position_embeddings)
+    if limit >= 128:
+        grid = np.arange(128, limit + 1, 128)
+        if cfg.recipe.method.rollout:
+            grid = grid[grid >= 256]
+        if grid.size:
+            par = make_parallel(gpus) if gpus > 1 else SINGLE
+            c = cfg.with_(ppo_response=None)
+            ok = totals(step_memory_for(spec, c, par, batch=1, seq=grid), c, card, par) <= card.memory_bytes * keep
+            if ok.any():
+                s = int(grid[ok].max())
+                out.append(Suggestion("seq", f"seq <= {s:,} on {card.name}",
+                                      {"seq": s}))
+    return out
+
+
+# -- other stacks and precisions ---------------------------------------------------------------
+
+def other_setups(spec: ModelSpec, method: str, card: GPUSpec, *, framework: str = "hf", precision: str | None = None,
+                 current: Plan | None = None, **search_kw) -> list[Suggestion]:
+    """Stacks (``stacks.toml``) and precisions that make ``method`` fit where ``framework``/``precision`` do not.
+
+    Tries every other stack at its own default precision, and the current stack in pure bf16
+    (``--precision bf16``: no fp32 master weights or states) when the card has bf16 and it is
+    not already the precision. A setup is listed when its best plan fits with the margin
+    (``comfortable``), or fits without it while ``current`` (the plan shown) does not fit at all
+    (``tight``). ``search_kw`` are :func:`search`'s settings (seq, margin, fixed settings, ...).
+
+    Returns:
+        :class:`Suggestion` of kind ``stack`` or ``precision`` with ``framework``, ``precision``,
+        ``peak_bytes``, ``tokens_per_s`` and ``verdict``, comfortable ones first, then fastest.
+    """
+    from ..stacks import stacks
+
+    tries: list[tuple[str, str | None, str]] = []
+    for name in stacks():
+        if name != framework:
+            tries.append((name, None, "stack"))
+    if card.bf16 and precision != "bf16":
+        tries.append((framework, "bf16", "precision"))
+    found = []
+    current_fits = current is not None and current.peak_bytes <= current.capacity_bytes
+    for fw, prec, kind in tries:
+        try:
+            p = check_card(prec, method, None, search_kw.get("attn") or "sdpa", card, fw)
+            mp = search(spec, method, card, framework=fw, precision=p, **search_kw)
+        except VramplanError:
+            continue  # the stack does not run this method or card (e.g. no bf16)
+        best = mp.best
+        verdict = "comfortable"
+        if best is None:
+            tight = [q for q in mp.plans if q.peak_bytes <= q.capacity_bytes]
+            if current_fits or not tight:
+                continue
+            best, verdict = max(tight, key=lambda q: q.tokens_per_s), "tight"
+        flag = f"--framework {fw}" if kind == "stack" else "--precision bf16"
+        prec_name = best.config.precision
+        text = (f"{flag} ({prec_name}{', ' + best.adapter if best.adapter != method else ''}) fits"
+                + (" (tight)" if verdict == "tight" else "")
+                + f": {best.peak_bytes / GIB:.2f} GiB, {best.tokens_per_s:,.0f} tok/s, {best.summary()}")
+        found.append(Suggestion(kind, text, {"framework": fw, "precision": prec_name, "verdict": verdict,
+                                             "peak_bytes": int(best.peak_bytes),
+                                             "tokens_per_s": round(float(best.tokens_per_s), 1)}))
+    found.sort(key=lambda s: (s.detail["verdict"] != "comfortable", -s.detail["tokens_per_s"]))
+    return found
