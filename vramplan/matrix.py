@@ -49,7 +49,7 @@ from .models import ModelSpec, get_model
 from .models import catalogue as model_catalogue
 from .overheads import activation_correction, card_profile, device_total, rounded_terms, runtime_overheads
 from .planner.checks import check_card, stack_text
-from .planner.limits import BATCH_GRID
+from .planner.limits import BATCH_GRID, fitting_prefix
 from .precision import DEFAULT_REGIME, DTYPE_BYTES, get_regime
 from .taxonomy import Component
 from .units import GIB, parse_size
@@ -511,14 +511,13 @@ def feasibility_matrix(models="all", methods="all", gpus="all", seqs=2048, *, ba
                     choice = pick(np.broadcast_to(total[:, None, :], (len(ladder), len(ix), len(s))),
                                   cap[ix][:, None], band_hi)                              # (G, S)
                     # 2. the largest micro-batch of each chosen setting: device totals over 1..1024; a batch
-                    #    counts only if every smaller one fits (monotone envelope)
+                    #    counts only if every smaller one fits (limits.fitting_prefix, as fit's max_batch)
                     max_b = np.zeros(choice.shape, dtype=np.int64)
                     for k in np.unique(choice):
                         if k not in wide:
                             wide[k] = tuple(x[0] for x in _tensor_peaks(spec, recipe, prec, [ladder[k]], s, BATCH_GRID,
                                                                          rank, targets, attn, framework, techniques))
-                        tk = np.maximum.accumulate(chain.total(*wide[k]), axis=-1)        # (S, NB)
-                        counts = (tk[None, :, :] <= cap[ix][:, None, None]).sum(axis=-1)  # (G, S)
+                        counts = fitting_prefix(chain.total(*wide[k])[None, :, :], cap[ix][:, None])  # (G, S)
                         max_b = np.where(choice == k, counts, max_b)
                     peak = total[choice, si]                                              # (G, S)
                     tensor = chain.tensors(t1, a1)[choice, si]                            # (G, S)

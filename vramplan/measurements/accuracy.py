@@ -226,14 +226,15 @@ def _longest_seq(record: MeasurementRecord, est) -> int:
     """The planner's longest sequence at the record's batch on its card (grid of ~400 steps up to 2x the published)."""
     from ..models import get_model
     from ..planner.checks import resolve_gpu
-    from ..planner.limits import device_totals
+    from ..planner.limits import device_totals, fitting_prefix
 
     card = resolve_gpu(record.device.name, record.device.memory_bytes if record.device.name is None else None)
     top = 2 * int(record.config.seq)
     step = max(16, top // 400)
     grid = np.arange(step, top + 1, step)
-    ok = device_totals(get_model(record.config.model), est.config, card, batch=est.config.batch, seq=grid) <= card.memory_bytes
-    return int(grid[ok].max()) if ok.any() else 0
+    n = int(fitting_prefix(device_totals(get_model(record.config.model), est.config, card, batch=est.config.batch,
+                                         seq=grid), card.memory_bytes))
+    return int(grid[n - 1]) if n else 0
 
 
 def score(records: Iterable[MeasurementRecord]) -> list[Scored]:

@@ -5,9 +5,11 @@ search. One implementation of each limit, used by ``fit`` (``max_batch``/``max_s
 trainer callback, the published-accuracy scorer and, through :data:`BATCH_GRID`, the matrix
 (which evaluates the same grid for many cards at once; ``tests/test_matrix.py`` holds the two equal).
 
-Semantics: a limit is the largest value whose per-GPU device total (tensors + CUDA context +
-cuBLAS workspace + allocator reserve, as :func:`vramplan.planner.estimating.estimate_config`
-computes it) stays at or below ``usable`` bytes -- the card's capacity unless a margin is given.
+Semantics (:func:`fitting_prefix`, the one definition): a limit is the largest grid value such that
+it *and every smaller one* has a per-GPU device total (tensors + CUDA context + cuBLAS workspace +
+allocator reserve, as :func:`vramplan.planner.estimating.estimate_config` computes it) at or below
+``usable`` bytes -- the card's capacity unless a margin is given. The monotone envelope errs on the
+safe side where the model's total is not monotone in the batch or sequence (allocator rounding).
 Bytes are float64 arrays of whole bytes; numpy only.
 """
 
@@ -70,12 +72,27 @@ def device_totals(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None, batch
     return (totals or DeviceTotals())(step_memory_for(spec, cfg, par, batch, seq), cfg, card, par)
 
 
+def fitting_prefix(totals, usable) -> np.ndarray:
+    """How many leading grid points fit: the count of ``totals`` (bytes, grid on the last axis) whose
+    running maximum stays at or below ``usable`` (broadcast against ``totals`` without its last axis).
+
+    The limit of an ascending grid ``g`` is ``g[count - 1]``, or 0 when the count is 0.
+    """
+    envelope = np.maximum.accumulate(np.asarray(totals, dtype=np.float64), axis=-1)
+    return (envelope <= np.asarray(usable)[..., None]).sum(axis=-1)
+
+
+def _limit(grid: np.ndarray, totals, usable) -> int:
+    n = int(fitting_prefix(totals, usable))
+    return int(grid[n - 1]) if n else 0
+
+
 def largest_micro_batch(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, par: Parallel = SINGLE,
                         usable: int | None = None, totals: DeviceTotals | None = None) -> int:
     """Largest micro-batch (<= 1024, :data:`BATCH_GRID`) of ``cfg`` at ``cfg.seq`` below ``usable`` bytes per GPU
     (default the capacity); 0 if none."""
-    ok = device_totals(spec, cfg, card, batch=BATCH_GRID, par=par, totals=totals) <= (usable or card.memory_bytes)
-    return int(BATCH_GRID[ok].max()) if ok.any() else 0
+    return _limit(BATCH_GRID, device_totals(spec, cfg, card, batch=BATCH_GRID, par=par, totals=totals),
+                  usable or card.memory_bytes)
 
 
 def largest_batch(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec) -> int:
@@ -91,5 +108,5 @@ def longest_sequence(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, par: Para
     if cfg.method == "ppo":
         grid = grid[grid >= 256]
     c = cfg.with_(batch=1, ppo_response=None)
-    ok = device_totals(spec, c, card, batch=1, seq=grid, par=par, totals=totals) <= (usable or card.memory_bytes)
-    return int(grid[ok].max()) if ok.any() else 0
+    return _limit(grid, device_totals(spec, c, card, batch=1, seq=grid, par=par, totals=totals),
+                  usable or card.memory_bytes)
