@@ -10,6 +10,7 @@ targets).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 
 from .errors import VramplanError, unknown
 from .methods import Adapter, Recipe, resolve
@@ -80,17 +81,20 @@ class TrainConfig:
 
         return behaviour_on(name, self.framework, self.versions)
 
-    @property
+    # recipe, stack and regime are resolved once per (immutable) config and kept in its __dict__:
+    # the search reads them thousands of times; equality, hashing and asdict() see the fields only
+
+    @cached_property
     def recipe(self) -> Recipe:
         return resolve(self.method, self.adapter)
 
-    @property
+    @cached_property
     def stack(self):
         from .stacks import get_stack
 
         return get_stack(self.framework)
 
-    @property
+    @cached_property
     def regime(self):
         """The precision regime as this config's stack runs it (adapter dtype, optimizer kernel)."""
         from .stacks import effective_regime
