@@ -195,7 +195,7 @@ def full_profile() -> Profile:
 
 @pytest.mark.parametrize("method, optimizer", [("lora", "adamw"), ("full", "paged_adamw_8bit"), ("full", "adamw")])
 def test_planner_grid_and_calibration_chain_agree(profdir, method, optimizer):
-    """estimate_config, the vectorised grid (plan._total) and calibration.predict.calibrated: the same bytes."""
+    """estimate_config, the vectorised grid (planner.limits.device_totals) and calibration.predict.calibrated: the same bytes."""
     from vramplan.calibration.predict import analytic, calibrated
 
     prof = full_profile()
