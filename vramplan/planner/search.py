@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -68,7 +67,7 @@ class Plan:
     fallback: str | None = None
     rank: int = 0
     reason: str = ""
-    _grid: Any = field(default=None, repr=False, compare=False)  # (StepTime over the batch grid, index)
+    _grid: tuple[StepTime, int] | None = field(default=None, repr=False, compare=False)  # (over the batch grid, index)
 
     @property
     def recipe(self) -> str:
