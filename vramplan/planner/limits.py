@@ -15,14 +15,21 @@ Bytes are float64 arrays of whole bytes; numpy only.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from ..config import TrainConfig
-from ..distributed import NCCL_BYTES, SINGLE, Parallel, parallel_step_memory
 from ..gpus import GPUSpec
 from ..memory import StepMemory, step_memory
 from ..models import ModelSpec
 from ..overheads import card_profile, step_device_total
+
+if TYPE_CHECKING:
+    from ..distributed import Parallel
+
+# ``par=None`` is one GPU (vramplan.distributed.SINGLE); the sharded model loads only for a distributed
+# layout, so that ``import vramplan`` does not import it
 
 #: Micro-batches searched for the largest that fits (``fit``'s ``max_batch``, the matrix's cells).
 BATCH_GRID = np.arange(1, 1025)
@@ -44,23 +51,29 @@ class DeviceTotals:
     def __init__(self):
         self._profiles: dict[str, object] = {}
 
-    def __call__(self, mem: StepMemory, cfg: TrainConfig, card: GPUSpec, par: Parallel) -> np.ndarray:
+    def __call__(self, mem: StepMemory, cfg: TrainConfig, card: GPUSpec, par: Parallel | None = None) -> np.ndarray:
         """Device totals (float64 bytes) of ``mem`` (arrays over batch/seq) for ``cfg`` on ``card`` under ``par``."""
         if card.name not in self._profiles:
             self._profiles[card.name] = card_profile(card)
         total = step_device_total(mem, cfg, card, profile=self._profiles[card.name])
-        return total + (NCCL_BYTES if par.distributed else 0)
+        if par is not None and par.distributed:
+            from ..distributed import NCCL_BYTES
+
+            return total + NCCL_BYTES
+        return total + 0
 
 
-def step_memory_for(spec: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, batch=None, seq=None) -> StepMemory:
+def step_memory_for(spec: ModelSpec, cfg: TrainConfig, par: Parallel | None = None, batch=None, seq=None) -> StepMemory:
     """Per-GPU tensor bytes of ``cfg`` under ``par`` (arrays over batch/seq), with the components at the peak."""
-    if par.distributed:
+    if par is not None and par.distributed:
+        from ..distributed import parallel_step_memory
+
         return parallel_step_memory(spec, cfg, par, batch=batch, seq=seq)
     return step_memory(spec, cfg, batch=batch, seq=seq)
 
 
 def device_totals(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None, batch=None, seq=None,
-                  par: Parallel = SINGLE, totals: DeviceTotals | None = None) -> np.ndarray:
+                  par: Parallel | None = None, totals: DeviceTotals | None = None) -> np.ndarray:
     """Vectorised per-GPU device-total peak (float64 bytes) of ``cfg`` over ``batch``/``seq`` arrays.
 
     The same chain as :func:`~vramplan.planner.estimating.estimate_config`
@@ -87,7 +100,7 @@ def _limit(grid: np.ndarray, totals, usable) -> int:
     return int(grid[n - 1]) if n else 0
 
 
-def largest_micro_batch(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, par: Parallel = SINGLE,
+def largest_micro_batch(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, par: Parallel | None = None,
                         usable: int | None = None, totals: DeviceTotals | None = None) -> int:
     """Largest micro-batch (<= 1024, :data:`BATCH_GRID`) of ``cfg`` at ``cfg.seq`` below ``usable`` bytes per GPU
     (default the capacity); 0 if none."""
@@ -101,7 +114,7 @@ def largest_batch(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec) -> int:
     return largest_micro_batch(spec, cfg, card)
 
 
-def longest_sequence(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, par: Parallel = SINGLE,
+def longest_sequence(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, par: Parallel | None = None,
                      usable: int | None = None, totals: DeviceTotals | None = None) -> int:
     """Longest sequence (multiple of 128, <= the model's context) of ``cfg`` at micro-batch 1; 0 if none."""
     grid = np.arange(128, max(128, spec.max_position_embeddings) + 1, 128)  # SEQ_GRID's steps, to the context
