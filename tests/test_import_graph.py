@@ -250,6 +250,31 @@ def test_no_cycles_among_planning_modules():
     assert not found, "import cycles among the planning modules:\n" + "\n".join(_explain(c) for c in found)
 
 
+#: The planner's layers, bottom first (vramplan/planner/__init__.py says what each holds).
+PLANNER_LAYERS = ("checks", "estimating", "limits", "search", "techniques", "fitting")
+#: The public entry points above the planner: they re-export it and nothing in the planner imports them.
+ENTRY_POINTS = ("vramplan.plan", "vramplan.recommend", "vramplan.matrix")
+
+
+def test_planner_layers_import_only_downward():
+    """Each layer of vramplan/planner imports only layers below it; no planner layer imports an entry point."""
+    g = _graph()
+    assert {f"vramplan.planner.{n}" for n in PLANNER_LAYERS} == {m for m in MODULES if m.startswith("vramplan.planner.")}
+    bad = []
+    for i, name in enumerate(PLANNER_LAYERS):
+        mod = f"vramplan.planner.{name}"
+        for dst in g.get(mod, set()):
+            if dst.startswith("vramplan.planner.") and PLANNER_LAYERS.index(dst.rsplit(".", 1)[1]) >= i:
+                bad.append(f"{mod} -> {dst} (not below it)")
+            if dst in ENTRY_POINTS:
+                bad.append(f"{mod} -> {dst} (an entry point above the planner)")
+    assert not bad, "\n".join(bad)
+    # the planner and the modules below it never import the entry points, not even lazily
+    below = [imp for imp in IMPORTS if not imp.typing_only and _is_planning(imp.src) and imp.dst in ENTRY_POINTS
+             and imp.src not in ENTRY_POINTS]
+    assert not below, "\n".join(map(repr, below))
+
+
 def test_planning_modules_never_import_heavy_layers():
     bad = [imp for imp in IMPORTS if not imp.typing_only and _is_planning(imp.src) and _is_heavy(imp.dst)]
     assert not bad, ("a planning module imports an optional heavy layer (only the CLI/API edge and the heavy "
