@@ -72,9 +72,11 @@ def integer(value: Any, name: str, *, lo: int = 1, hi: int | None = None, none_o
         kind = "a positive integer" if lo == 1 else f"an integer >= {lo}"
         raise InputError(f"{label} must be {kind}, got {_show(value)}", _range_hint(lo, hi))
     v = int(value)
-    if v < lo or (hi is not None and v > hi):
-        raise InputError(f"{label} must be in {lo}..{_num(hi)}, got {_num(v)}" if hi is not None
-                         else f"{label} must be >= {lo}, got {_num(v)}")
+    if v < lo:
+        kind = "a positive integer" if lo == 1 else f"an integer >= {lo}"
+        raise InputError(f"{label} must be {kind}, got {_num(v)}", _range_hint(lo, hi))
+    if hi is not None and v > hi:
+        raise InputError(f"{label} must be at most {_num(hi)}, got {_num(v)}", "a sanity bound far above real runs")
     return v
 
 
@@ -395,9 +397,13 @@ def loads_yaml(text: str, label: str) -> Any:
         FileError: malformed YAML, too large after expansion, or nested too deeply.
         MissingDependencyError: PyYAML is not installed.
     """
-    from .errors import require
+    try:
+        import yaml
+    except ImportError:
+        from .errors import MissingDependencyError
 
-    yaml = require("yaml", "yaml")
+        raise MissingDependencyError(f"{label} is YAML but PyYAML is not installed",
+                                     "pip install pyyaml (a vramplan dependency since 0.1)") from None
     loader = yaml.SafeLoader(text)
     try:
         try:

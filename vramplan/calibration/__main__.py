@@ -63,8 +63,13 @@ def run_from_args(args: argparse.Namespace) -> dict:
     report_dir = None if args.no_report else args.report_dir
     if args.fit_only:
         log = Path(args.fit_only)
+        if not log.is_file():
+            raise VramplanError(f"no calibration log {log}", "pass the <gpu>.jsonl that `vramplan calibrate` wrote")
         prof = fit_profile(log)
-        path = prof.save(log.with_suffix(".json"))
+        target = log.with_suffix(".json")
+        if target.resolve() == log.resolve():  # never write over the input log
+            target = log.with_name(f"{log.stem}.profile.json")
+        path = prof.save(target)
         rep = write_report(log, prof, report_dir) if report_dir else (None, None)
         return {"gpu": prof.gpu, "log": str(log), "profile": str(path),
                 "report": str(rep[0]) if rep[0] else None, "plot": str(rep[1]) if rep[1] else None,
