@@ -153,8 +153,12 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, adapter: str | Non
                       alpha=alpha, dropout=dropout, targets=targets, grad_ckpt=grad_ckpt, optimizer=optimizer,
                       precision=precision, attn=attn, framework=framework, techniques=techniques, double_quant=double_quant,
                       ppo_response=ppo_response)
-    return estimate_config(spec, cfg, card, model_query=str(model) if not isinstance(model, ModelSpec) else None,
-                           parallel=par, tokens=parse_count(tokens, "--tokens"), epochs=epochs)
+    est = estimate_config(spec, cfg, card, model_query=str(model) if not isinstance(model, ModelSpec) else None,
+                          parallel=par, tokens=parse_count(tokens, "--tokens"), epochs=epochs)
+    note = v.context_note(spec, cfg.seq)
+    if note:
+        est.assumptions.insert(0, note)
+    return est
 
 
 def _accum_for(global_batch: int, gpus: int, batch: int) -> int:
@@ -485,6 +489,9 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
                            suggestions=suggestions, techniques=advice))
     resolved = None if isinstance(model, ModelSpec) or str(model).lower() == spec.name else f"{model} -> {spec.name}"
     assumptions = rows[0].estimate.assumptions[:4] if rows else []
+    note = v.context_note(spec, seq)
+    if note:
+        assumptions.insert(0, note)
     tech_text = _techniques_text(rows[0].estimate.config) if rows else None
     if tech_text:
         assumptions.append(tech_text)

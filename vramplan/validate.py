@@ -165,6 +165,23 @@ def scale(*, gpus: Any = 1, epochs: Any = 1.0, global_batch: Any = None, strateg
     name_text(offload, "--offload", none_ok=True)
 
 
+class ContextWarning(UserWarning):
+    """A sequence longer than the model's context (``max_position_embeddings``)."""
+
+
+def context_note(spec, seq: int) -> str | None:
+    """Warn (:class:`ContextWarning`) and return a note when ``seq`` exceeds the model's context length."""
+    ctx = getattr(spec, "max_position_embeddings", None)
+    if not ctx or seq <= ctx:
+        return None
+    import warnings
+
+    note = (f"--seq {seq:,} is beyond {spec.name}'s context of {ctx:,} tokens (max_position_embeddings): "
+            "the model was not trained that long; planned anyway (RoPE scaling would be needed)")
+    warnings.warn(note, ContextWarning, stacklevel=3)
+    return note
+
+
 def _is_int(v: Any) -> bool:
     if isinstance(v, int):
         return True

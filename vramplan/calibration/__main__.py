@@ -28,7 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="record the dry run's accounting of all points, the first of each model x method group, "
                         "or none (default: the suite's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+    from ..validate import arg_real
+
+    p.add_argument("--time-limit", type=arg_real("time-limit", lo=0.0, lo_open=True), default=None, metavar="SECONDS",
                    help="start no new point after this long; fit what is logged (resume later with --resume)")
     p.add_argument("--fit-only", metavar="LOG", default=None,
                    help="refit the profile and rewrite the report from an existing JSONL log; measure nothing")
