@@ -131,19 +131,26 @@ def select_gpus(items: str | Iterable | None = "all") -> list[GPUSpec]:
 
 
 def _seqs(seqs) -> list[int]:
+    """Sequence lengths (``2048``, ``"1k,4k,32k"``, a list), each in 1..16M, at most :data:`MAX_SEQS` of them."""
+    from .validate import integer, parse_int
+
+    if isinstance(seqs, bool):
+        raise VramplanError(f"--seq must be positive integers, got {seqs!r}")
     vals = _split(seqs) if isinstance(seqs, str) else [seqs] if isinstance(seqs, (int, np.integer)) else list(seqs)
+    if len(vals) > MAX_SEQS:
+        raise VramplanError(f"--seq lists {len(vals)} sequence lengths; the limit is {MAX_SEQS}",
+                            "run the matrix in several parts")
     out = []
     for v in vals:
-        try:
-            n = int(v)
-        except (TypeError, ValueError):
-            raise VramplanError(f"--seq must be positive integers, got {v!r}") from None
-        if n <= 0 or isinstance(v, bool):
-            raise VramplanError(f"--seq must be positive integers, got {v!r}")
-        out.append(n)
+        out.append(parse_int(v, "seq", suffixes=True) if isinstance(v, str) else integer(v, "seq"))
     if not out:
         raise VramplanError("no sequence length given", "pass --seq 2048 or --seq 1024,2048,4096")
     return sorted(set(out))
+
+
+#: Most sequence lengths and cells one matrix computes (a bound on work and memory, with a message).
+MAX_SEQS = 64
+MAX_CELLS = 200_000
 
 
 # -- vectorised evaluation ----------------------------------------------------------------
@@ -310,6 +317,11 @@ def peak_grid(models="all", methods="all", gpus="all", seqs=BENCH_SEQS, batches=
     framework, techniques = _stack_args(framework, techniques)
     specs, recipes, cards = select_models(models), select_methods(methods), select_gpus(gpus)
     s = np.asarray(_seqs(seqs), dtype=np.int64)
+    n_cells = len(s) * len(cards) * len(specs) * len(recipes)
+    if n_cells > MAX_CELLS:
+        raise VramplanError(f"the matrix would have {n_cells:,} cells ({len(specs)} models x {len(recipes)} methods x "
+                            f"{len(cards)} GPUs x {len(s)} sequence lengths); the limit is {MAX_CELLS:,}",
+                            "narrow --models, --methods, --gpus or --seq, or run it in parts")
     b = np.asarray(sorted({int(x) for x in batches}), dtype=np.int64)
     if b.size == 0 or b.min() <= 0:
         raise VramplanError("batches must be positive integers")
@@ -467,11 +479,21 @@ def feasibility_matrix(models="all", methods="all", gpus="all", seqs=2048, *, ba
         VramplanError: unknown names (models, cards, methods, framework, techniques), non-positive
             shapes, an impossible rank.
     """
-    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch <= 0 or batch > BATCH_GRID[-1]:
-        raise VramplanError(f"--batch must be an integer in 1..{BATCH_GRID[-1]}, got {batch!r}")
+    from .validate import integer, name_text
+
+    integer(batch, "batch", hi=int(BATCH_GRID[-1]))
+    integer(rank, "rank")
+    name_text(attn, "attention implementation")
+    name_text(precision, "precision", none_ok=True)
+    name_text(framework, "framework")
     framework, techniques = _stack_args(framework, techniques)
     specs, recipes, cards = select_models(models), select_methods(methods), select_gpus(gpus)
     s = np.asarray(_seqs(seqs), dtype=np.int64)
+    n_cells = len(s) * len(cards) * len(specs) * len(recipes)
+    if n_cells > MAX_CELLS:
+        raise VramplanError(f"the matrix would have {n_cells:,} cells ({len(specs)} models x {len(recipes)} methods x "
+                            f"{len(cards)} GPUs x {len(s)} sequence lengths); the limit is {MAX_CELLS:,}",
+                            "narrow --models, --methods, --gpus or --seq, or run it in parts")
     cap = np.array([c.memory_bytes for c in cards], dtype=np.float64)
     over = _Overheads(cards)
     cells: dict[tuple, Cell] = {}
@@ -689,7 +711,11 @@ def write_png(mx: FeasibilityMatrix, path: str | Path, *, dpi: int = 110) -> Non
              f"fits. comfortable: peak ≤ {COMFORTABLE_FRACTION:.0%} of memory; tight: ≤ 100%; no: above",
              ha="center", fontsize=8, color="#444")
     fig.tight_layout(rect=(0, foot, 1, 1))
-    fig.savefig(path, dpi=dpi)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    from .validate import atomic_write
+
+    atomic_write(path, buf.getvalue(), what="plot")  # a failed write: one line, no temp file left
     plt.close(fig)
 
 
@@ -712,7 +738,10 @@ def write_reports(mx: FeasibilityMatrix, out_dir: str | Path, formats="md,csv,ht
     ``preamble`` (markdown) is inserted into the .md file after its title (for a written
     comparison); the tables follow.
     """
+    from .validate import atomic_write, file_stem
+
     fs = parse_formats(formats)
+    name = file_stem(name, "--name")  # output names cannot leave out_dir
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -734,9 +763,6 @@ def write_reports(mx: FeasibilityMatrix, out_dir: str | Path, formats="md,csv,ht
                 write_csv(mx, buf)
             else:
                 write_html(mx, buf)
-            try:
-                p.write_text(buf.getvalue(), encoding="utf-8")
-            except OSError as exc:
-                raise VramplanError(f"cannot write {p}: {exc.strerror or exc}") from None
+            atomic_write(p, buf.getvalue(), what="report")
         paths.append(p)
     return paths

@@ -45,7 +45,7 @@ def parse_size(text: str | int | float, label: str = "size") -> int:
         raw = str(text)
         m = _SIZE.match(raw) if len(raw) <= 64 else None
         if not m:
-            raise VramplanError(f"cannot read {label} {raw[:40]!r}", "write it like 24 (GB, as cards are sold), "
+            raise VramplanError(f"cannot read size {raw[:40]!r}" + (f" for {label}" if label != "size" else ""), "write it like 24 (GB, as cards are sold), "
                                 "24GiB, 20GB or 16000MiB")
         value, unit = float(m.group(1)), m.group(2).lower()
         if unit == "":
