@@ -74,6 +74,8 @@ def _split(items: str | Iterable[str] | None) -> list[str]:
         return ["all"]
     if isinstance(items, str):
         return [s.strip() for s in items.split(",") if s.strip()]
+    if not isinstance(items, (list, tuple, set, frozenset)):
+        raise VramplanError(f"expected a comma list or a list of names, got {type(items).__name__}")
     return [str(s).strip() for s in items]
 
 

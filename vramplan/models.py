@@ -346,7 +346,10 @@ _CONFIG_MAX = {"hidden_size": 1 << 20, "num_hidden_layers": 1 << 16, "vocab_size
 
 
 def _short(v) -> str:
-    text = " ".join(repr(v).split()) if not isinstance(v, int) or abs(v) < 10**15 else f"{float(v):.3g}"
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10**15:
+        text = f"{float(v):.3g}" if abs(v) < 10**300 else f"a {len(str(abs(v)))}-digit number"
+    else:
+        text = " ".join(repr(v).split())
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -409,17 +412,27 @@ def get_model(name: str | Path | ModelSpec) -> ModelSpec:
     """
     if isinstance(name, ModelSpec):
         return name
+    if not isinstance(name, (str, Path)):
+        raise VramplanError(f"model must be a name or a config path, got {type(name).__name__}",
+                            "e.g. 'llama-2-7b', '7b' or 'path/to/config.json'")
     text = str(name)
+    if not text.strip() or "\x00" in text or len(text) > 4096:
+        raise VramplanError(f"model {text[:40]!r} is not a usable name or path", "see `vramplan models` for the list")
     key = text.lower()
     table = _aliases()
     if key in table:
         return catalogue()[table[key]]
     path = Path(text).expanduser()
-    if path.is_dir():
+    try:
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except (OSError, ValueError):  # a name too long to be a path
+        is_dir = is_file = False
+    if is_dir:
         path = path / "config.json"
+        is_file = path.is_file()
         if not path.exists():
             raise VramplanError(f"directory {text} holds no config.json")
-    if path.is_file():
+    if is_file:
         cfg = read_config_file(path)
         return from_hf_config(cfg, name=cfg.get("_name_or_path") or path.parent.name or path.stem, source=str(path))
     if text.endswith(".json") or "/" in text and not key in table:

@@ -67,7 +67,11 @@ def run_from_args(args: argparse.Namespace) -> dict:
         log = Path(args.fit_only)
         if not log.is_file():
             raise VramplanError(f"no calibration log {log}", "pass the <gpu>.jsonl that `vramplan calibrate` wrote")
-        prof = fit_profile(log)
+        try:
+            prof = fit_profile(log)
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:  # a record of the wrong shape
+            raise VramplanError(f"calibration log {log} holds a malformed record ({type(exc).__name__}: "
+                                f"{str(exc)[:80]})", "is it a log written by `vramplan calibrate`?") from None
         target = log.with_suffix(".json")
         if target.resolve() == log.resolve():  # never write over the input log
             target = log.with_name(f"{log.stem}.profile.json")
