@@ -592,7 +592,7 @@ def gen_api_call(rng: random.Random):
     return f"{fn.__name__}({x!r:.40})", lambda: fn(x)
 
 
-def check_api(rng: random.Random, tally: Tally, errs: collections.Counter) -> None:
+def check_api(rng: random.Random, tally: Tally, errs=None) -> None:
     from vramplan.errors import VramplanError
 
     label, call = gen_api_call(rng)
@@ -621,7 +621,7 @@ def check_api(rng: random.Random, tally: Tally, errs: collections.Counter) -> No
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
-    errs.update()
+
 
 
 def _api_json(res):

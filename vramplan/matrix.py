@@ -138,7 +138,12 @@ def _seqs(seqs) -> list[int]:
 
     if isinstance(seqs, bool):
         raise VramplanError(f"--seq must be positive integers, got {seqs!r}")
-    vals = _split(seqs) if isinstance(seqs, str) else [seqs] if isinstance(seqs, (int, np.integer)) else list(seqs)
+    if isinstance(seqs, str):
+        vals = _split(seqs)
+    elif isinstance(seqs, (list, tuple, np.ndarray)):
+        vals = list(seqs)
+    else:
+        vals = [seqs]  # one value: integer() says what is wrong with it
     if len(vals) > MAX_SEQS:
         raise VramplanError(f"--seq lists {len(vals)} sequence lengths; the limit is {MAX_SEQS}",
                             "run the matrix in several parts")

@@ -275,7 +275,7 @@ def from_hf_config(cfg: dict, name: str | None = None, **meta) -> ModelSpec:
 
     hidden = need("hidden_size", "n_embd", "d_model")
     heads = need("num_attention_heads", "n_head")
-    kv = opt("num_key_value_heads", heads)
+    kv = opt("num_key_value_heads", heads, zero_ok=False)
     head_dim = opt("head_dim", hidden // heads)
     if head_dim < 1:
         raise VramplanError(f"config of {label}: hidden_size {hidden} is smaller than num_attention_heads {heads}")
@@ -424,7 +424,7 @@ def get_model(name: str | Path | ModelSpec) -> ModelSpec:
         return catalogue()[table[key]]
     path = Path(text).expanduser()
     try:
-        is_dir, is_file = path.is_dir(), path.is_file()
+        is_dir, is_file = path.is_dir(), path.exists()  # a FIFO or device "exists": read_text refuses it in one line
     except (OSError, ValueError):  # a name too long to be a path
         is_dir = is_file = False
     if is_dir:

@@ -352,6 +352,8 @@ def read_text(path: str | Path, what: str = "file", *, max_bytes: int = MAX_TEXT
     finally:
         os.close(fd)
     raw = b"".join(chunks)
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise FileError(f"{what} {p} is UTF-16 text, not UTF-8", "save it as UTF-8")
     if b"\x00" in raw:
         raise FileError(f"{what} {p} is a binary file, not a text {what}")
     try:
