@@ -491,7 +491,10 @@ def feasibility_matrix(models="all", methods="all", gpus="all", seqs=2048, *, ba
     integer(batch, "batch", hi=int(BATCH_GRID[-1]))
     integer(rank, "rank")
     name_text(attn, "attention implementation")
-    name_text(precision, "precision", none_ok=True)
+    if name_text(precision, "precision", none_ok=True) is not None:
+        from .precision import get_regime
+
+        get_regime(precision)  # an unknown precision is an error, not a column of "no"
     name_text(framework, "framework")
     framework, techniques = _stack_args(framework, techniques)
     specs, recipes, cards = select_models(models), select_methods(methods), select_gpus(gpus)
