@@ -121,7 +121,7 @@ def _estimate_from_file(a):
     """``estimate --config FILE``: the file's settings, with every flag given on the command line winning."""
     from .integrations.config_files import estimate_file
 
-    defaults = vars(build_parser().parse_args(["estimate", "--config", a.config]))
+    defaults = vars(build_parser().parse_args(["estimate", f"--config={a.config}"]))
     kw = {**_plan_kwargs(a), **_scale_kwargs(a)}
     overrides = {k: v for k, v in kw.items() if k not in ("gpu", "gpu_mem") and v != defaults.get(k)}
     if a.method != defaults.get("method"):

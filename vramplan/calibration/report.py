@@ -11,7 +11,7 @@ import io
 import os
 from pathlib import Path
 
-from ..errors import VramplanError
+from ..errors import VramplanError, install_hint
 from ..profiles import Profile, Residual
 from ..units import GIB, MIB
 from .fit import PointEval, Row, evaluate, load_rows, residuals
@@ -279,7 +279,7 @@ def write_plot(path: Path, rows: list[Row], evals: list[PointEval]) -> str | Non
         matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt
     except ImportError:
-        return "no plot: matplotlib is not installed (pip install 'vramplan[plot]')"
+        return f"no plot: matplotlib is not installed ({install_hint('plot')})"
     ok = [e for e in evals if e.row.status == "ok" and e.cal is not None]
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
     colors = {"fit": "tab:blue", "holdout": "tab:red", "search": "tab:gray"}
