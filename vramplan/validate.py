@@ -550,6 +550,17 @@ def _sre_parse(pattern: str):
     return sre_parse.parse(pattern)
 
 
+def _has_branch(seq, c) -> bool:
+    for op, av in seq:
+        if op == c.BRANCH:
+            return True
+        if op == c.SUBPATTERN and _has_branch(av[-1], c):
+            return True
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT) and _has_branch(av[2], c):
+            return True
+    return False
+
+
 def _regex_check(seq, inside_repeat: bool, counts: dict, pattern: str, label: str) -> None:
     try:
         from re import _constants as c  # Python >= 3.11
@@ -562,11 +573,11 @@ def _regex_check(seq, inside_repeat: bool, counts: dict, pattern: str, label: st
         if op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
             lo, hi, sub = av
             multi = hi is c.MAXREPEAT or hi > 1
-            if multi and inside_repeat:
+            if inside_repeat and (multi or lo != hi):  # (a+)+, (a?){30}: exponentially many ways to split
                 raise too_complex
             if hi is c.MAXREPEAT:
                 counts["unbounded"] += 1
-            if multi and any(o == c.BRANCH for o, _ in sub):
+            if multi and _has_branch(sub, c):  # (a|aa)+, (a|b|ab)*: an ambiguous alternation repeated
                 raise too_complex
             _regex_check(sub, inside_repeat or multi, counts, pattern, label)
         elif op == c.SUBPATTERN:
