@@ -16,8 +16,10 @@ prints the analytic tensor peak (``tensor_peak_bytes``: live tensors, what
   on a loaded one); without it the table says so in that row.
 
 Every figure is in GiB with its difference from the hf row. The same table is written as
-markdown to ``--out`` (default ``reports/stacks_compare.md``), with the command that made it;
-nothing in it is typed by hand. Runs in about 2 s, 25 s with ``--dryrun``.
+markdown to ``--out`` (default with ``--dryrun``: ``reports/stacks_compare.md``, the committed
+report; without ``--dryrun`` and ``--out`` the table is only printed, so a run without the dry
+run's extra never replaces the committed report by one without its traced row), with the
+command that made it; nothing in it is typed by hand. Runs in about 2 s, 25 s with ``--dryrun``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ METHODS = ("lora", "qlora", "full")
 STACKS = ("hf", "torchtune", "unsloth", "litgpt")
 SHAPE = dict(batch=2, seq=2048, grad_ckpt=True)
 GIB = float(1 << 30)
+REPORT = Path(__file__).resolve().parent.parent / "reports" / "stacks_compare.md"
 
 
 def analytic(model: str, method: str, framework: str = "hf", techniques: str | None = None) -> int:
@@ -89,7 +92,9 @@ def table(model: str, rows) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dryrun", action="store_true", help="add the traced hf rows (vramplan.dryrun, ~25 s)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "reports" / "stacks_compare.md"))
+    ap.add_argument("--out", default=None,
+                    help=f"write the markdown there (default with --dryrun: {REPORT}; without it nothing is written, "
+                         "so the committed report, which has the dry-run row, is not replaced by one without it)")
     a = ap.parse_args(argv)
     if a.dryrun:
         try:
@@ -128,10 +133,17 @@ def main(argv=None) -> int:
               ""]
     text = "\n".join(lines)
     print(text)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(text, encoding="utf-8")
     total = time.perf_counter() - t0
-    print(f"wrote {a.out} in {total:.1f} s (dry run {dry_s:.1f} s)", file=sys.stderr)
+    out = a.out or (str(REPORT) if a.dryrun else None)
+    if out is None:
+        print(f"printed in {total:.1f} s; not written: {REPORT.relative_to(REPORT.parent.parent)} is the --dryrun "
+              "table (pass --dryrun to regenerate it, or --out PATH)", file=sys.stderr)
+        return 0
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(out).with_name(Path(out).name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)  # atomic
+    print(f"wrote {out} in {total:.1f} s (dry run {dry_s:.1f} s)", file=sys.stderr)
     return 0
 
 

@@ -246,8 +246,14 @@ def test_search_is_compared_with_the_prediction(calibrated):
 def test_report_has_every_section_and_verdicts(calibrated):
     md = calibrated.report_path.read_text()
     for head in ("# Calibration report: synthetic-gpu", "## Acceptance on held-out points", "## Fitted profile",
-                 "## Error distribution", "## Every point", "![predicted vs measured](synthetic-gpu.png)"):
+                 "## Error distribution", "## Every point"):
         assert head in md
+    try:
+        import matplotlib  # noqa: F401  (the plot extra)
+    except ImportError:
+        assert "no plot: matplotlib is not installed" in md
+    else:
+        assert "![predicted vs measured](synthetic-gpu.png)" in md
     assert "| peak reserved (max_memory_reserved) |" in md and "PASS" in md
     assert "none is typed by hand" in md
     n_ok = sum(1 for r in read_log(calibrated.log_path) if r["kind"] == "point" and r["status"] == "ok" and not r["search"])
@@ -260,7 +266,13 @@ def test_refit_from_the_log_is_deterministic(calibrated, tmp_path):
     a.pop("created"), b.pop("created")
     assert a == b
     md, png = write_report(calibrated.log_path, calibrated.profile, tmp_path)
-    assert md.exists() and png.exists()
+    assert md.exists()
+    try:
+        import matplotlib  # noqa: F401  (the plot extra)
+    except ImportError:
+        assert png is None and "no plot: matplotlib is not installed" in md.read_text()
+    else:
+        assert png is not None and png.exists()
 
 
 def test_fit_only_entry_point(calibrated, tmp_path, capsys):
@@ -289,11 +301,12 @@ def test_fit_of_an_empty_log_is_an_error(tmp_path):
         fit_profile(log)
 
 
-def test_safety_scaling_keeps_fit_points_from_under_prediction():
-    """Noisy reserved figures: no fit point may be under-predicted by more than 1%."""
+def test_noisy_points_get_a_safety_margin_reported_apart_from_the_fit():
+    """Noisy reserved figures: the fitted line stays central, and the margin (p90 of the
+    leave-one-out under-predictions) covers nine points in ten."""
     import random
 
-    from vramplan.calibration.fit import UNDER_MARGIN, Row, _fit_allocator
+    from vramplan.calibration.fit import Row, _fit_allocator
     from vramplan.profiles import Profile
 
     rnd = random.Random(0)
@@ -305,8 +318,12 @@ def test_safety_scaling_keeps_fit_points_from_under_prediction():
                         pred=None, shape=None, allocated=int(a), reserved=int(r), process=None, outside=None,
                         step_s=None, tokens=0, paged=False))
     model = _fit_allocator(rows)
+    assert 1.06 < model.slope < 1.10
+    assert 0.005 < model.margin < 0.05
     prof = Profile(gpu="x", device={}, versions={}, created="", source="", source_info={}, allocated_source="",
                    allocator=model)
-    worst = max((r.reserved - prof.reserved_bytes(r.allocated, r.method)) / r.reserved for r in rows)
-    assert worst <= UNDER_MARGIN + 1e-6
-    assert model.residual.max_under_rel <= UNDER_MARGIN + 1e-6
+    under = [(r.reserved - prof.reserved_bytes(r.allocated, r.method)) / r.reserved for r in rows]
+    assert sum(u > model.margin for u in under) <= 0.2 * len(rows)
+    assert set(model.loo) == {"lora", "full"} and all(model.loo[m].n == 20 for m in model.loo)
+    band = prof.memory_band()
+    assert band is not None and band[0] >= model.margin

@@ -307,7 +307,35 @@ def test_device_lost_stops_the_run(tmp_path):
     with pytest.raises(DeviceLostError, match="--resume"):
         run(tmp_path, dev, Sticky(cuda))
     pts = points(tmp_path)
-    assert [r["status"] for r in pts] == ["ok", "ok"]  # the failed point is not logged as done
+    assert [r["status"] for r in pts] == ["ok", "ok", "crashed"]  # recorded, not done
+    crashed_id = pts[-1]["id"]
+    # a resume does not try the crashed point first (or at all) ...
+    cuda.sticky = False
+    b = Builder(cuda)
+    res = run(tmp_path, dev, b, resume=True)
+    assert res.crashed_skipped == [crashed_id] and len(b.calls) == 12 - 3
+    assert crashed_id not in {r["id"] for r in points(tmp_path) if r["session"] == read_log(res.log_path)[-1]["session"]}
+    # ... until asked to
+    b = Builder(cuda)
+    res = run(tmp_path, dev, b, resume=True, retry_failed=True)
+    assert len(b.calls) == 1 and res.measured == 1 and not res.crashed_skipped
+
+
+def test_a_point_that_killed_the_process_is_skipped_on_resume(tmp_path):
+    """An attempt with no result after it: the process died mid-point (a segfault, a hard kill)."""
+    from vramplan.calibration.log import JsonlLog
+
+    dev, cuda = fake_device()
+    run(tmp_path, dev, Builder(cuda))
+    log = tmp_path / "profiles" / "fake-gpu.jsonl"
+    lines = log.read_text().splitlines()
+    # cut the log back to just after the 5th point's attempt, as if the process died there
+    attempts = [i for i, x in enumerate(lines) if '"kind": "attempt"' in x or '"kind":"attempt"' in x]
+    log.write_text("\n".join(lines[: attempts[4] + 1]) + "\n")
+    b = Builder(cuda)
+    res = run(tmp_path, dev, b, resume=True)
+    assert len(res.crashed_skipped) == 1 and len(b.calls) == 12 - 5
+    assert JsonlLog  # the log module stays the writer
 
 
 def test_resume_after_a_crash_loses_nothing(tmp_path):

@@ -62,7 +62,9 @@ def test_model_catalogue_size_and_schema():
 
 @pytest.mark.parametrize("entry", MODEL_ENTRIES, ids=MODEL_NAMES)
 def test_model_entry_parses(entry):
-    assert set(entry) == {"name", "hf_id", "source", "params", "aliases", "config"}
+    # "note": what the entry models when that is not the whole checkpoint (Gemma-3's text decoder)
+    assert {"name", "hf_id", "source", "params", "aliases", "config"} <= set(entry) <= {
+        "name", "hf_id", "source", "params", "aliases", "config", "note"}
     assert entry["name"] == entry["name"].lower()
     assert entry["source"] == f"https://huggingface.co/{entry['hf_id']}/blob/main/config.json"
     cfg = entry["config"]
@@ -275,3 +277,33 @@ def test_unknown_gpu_suggests_a_name():
         get_gpu("rtx4000adaa")
     with pytest.raises(UnknownNameError, match="did you mean"):
         get_gpu("h1000")
+
+
+@pytest.mark.parametrize("typed", ["gemma-4-27b", "llama-4-scout-17b", "qwen4-8b", "phi-5"])
+def test_unknown_model_of_another_architecture_suggests_a_config_not_a_neighbour(typed):
+    with pytest.raises(UnknownNameError) as err:
+        get_model(typed)
+    text = f"{err.value} {err.value.hint}"
+    assert "did you mean" not in text and "config.json" in text
+
+
+def test_new_models_resolve_to_their_own_architecture():
+    assert get_model("gemma-3-27b").model_type == "gemma3_text" and get_model("gemma-3-27b").num_layers == 62
+    assert get_model("google/gemma-3-4b-it").name == "gemma-3-4b"
+    assert get_model("llama-3.3-70b").hf_id == "meta-llama/Llama-3.3-70B-Instruct"
+    assert get_model("mistral-7b-v0.1").vocab_size == 32000
+
+
+@pytest.mark.parametrize("cfg,words", [
+    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 768, "n_layer": 12, "n_head": 12,
+      "vocab_size": 50257}, "GPT-2 layout"),
+    ({"model_type": "bert", "architectures": ["BertForMaskedLM"], "hidden_size": 768, "num_hidden_layers": 12,
+      "num_attention_heads": 12, "intermediate_size": 3072, "vocab_size": 30522}, "not a decoder-only causal LM"),
+])
+def test_unsupported_layouts_say_what_they_are(cfg, words):
+    from vramplan.errors import VramplanError
+    from vramplan.models import from_hf_config
+
+    with pytest.raises(VramplanError, match=words) as err:
+        from_hf_config(cfg, name="x")
+    assert "is it a decoder-only" not in str(err.value)

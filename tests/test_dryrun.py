@@ -284,3 +284,17 @@ def test_missing_dependency_is_one_clean_error(monkeypatch, spec):
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(MissingDependencyError, match="peft"):
         dryrun(spec, "lora", batch=1, seq=16)
+
+
+def test_paged_adamw_32bit_dry_run_matches_the_analytic_states():
+    pytest.importorskip("bitsandbytes")
+    kw = dict(optimizer="paged_adamw_32bit", precision="bf16", seq=128)
+    d = dryrun("smollm2-135m", "full", **kw)
+    a = vramplan_estimate("smollm2-135m", "full", **kw)
+    assert abs(d.tensor_peak_bytes - a.tensor_peak_bytes) <= 0.01 * a.tensor_peak_bytes
+
+
+def vramplan_estimate(*args, **kw):
+    import vramplan
+
+    return vramplan.estimate(*args, **kw)

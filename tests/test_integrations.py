@@ -279,7 +279,7 @@ def run_trainer(tmp_path, callback, steps=3, batch=2):
 
 @needs_torch
 @pytest.mark.torch
-def test_callback_plans_and_compares_in_a_real_trainer(tmp_path):
+def test_callback_plans_and_compares_in_a_real_trainer(tmp_path, capfd):
     fake = {"max_allocated_bytes": 2_000_000, "max_reserved_bytes": 4_194_304, "process_bytes": 600 * 2**20}
     log = tmp_path / "user-calibration.jsonl"
     cb = vramplan.VramplanCallback(gpu="rtx3080", measure=lambda: dict(fake), calibration_log=str(log))
@@ -296,6 +296,9 @@ def test_callback_plans_and_compares_in_a_real_trainer(tmp_path):
     assert c.predicted_tensor_peak_bytes == cb.measured_estimate.tensor_peak_bytes
     assert c.tensor_ratio == pytest.approx(c.predicted_tensor_peak_bytes / 2_000_000)
     assert "predicted/measured" in cb.messages[1]
+    # ... and both lines reached the user in a default run (no logging configured: stderr)
+    err = capfd.readouterr().err
+    assert cb.messages[0] in err and cb.messages[1] in err
     # the point went to the user's calibration log, readable by the calibration tools
     from vramplan.calibration.log import LogState, read_log
 

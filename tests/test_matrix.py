@@ -270,3 +270,23 @@ def test_report_tables_match_the_matrix():
     assert not missing, f"{len(missing)} cells differ, e.g. {missing[0]}; {REGENERATE}"
     for ext in ("csv", "html", "png"):
         assert REPORT.with_suffix("." + ext).exists()
+
+
+def test_png_is_split_per_card_when_large(tmp_path):
+    pytest.importorskip("matplotlib")
+    from vramplan.matrix import MAX_PANELS_PER_PNG, png_paths
+
+    mx = feasibility_matrix("1b", "lora", "rtx3080,rtx4090,l4,a100-80gb", [1024, 2048])
+    assert len(mx.gpus) * len(mx.seqs) > MAX_PANELS_PER_PNG
+    seen = []
+    paths = write_reports(mx, tmp_path, "png", "m", progress=lambda d, t, item: seen.append((d, t)))
+    assert [p.name for p in paths] == [f"m-{g}.png" for g in ("rtx3080", "rtx4090", "l4", "a100-80gb")]
+    assert [p for p, _ in png_paths(mx, tmp_path / "m.png")] == paths
+    assert seen[-1] == (4, 4) and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_matrix_reports_progress():
+    seen = []
+    feasibility_matrix("1b,7b", "lora,qlora", "rtx3080", 1024, progress=lambda d, t, item: seen.append((d, t)))
+    assert seen[0] == (0, 4) and seen[-1] == (4, 4)

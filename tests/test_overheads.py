@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 
 import vramplan
+from vramplan import overheads as overheads_mod
+from vramplan import throughput as throughput_mod
 from vramplan import profiles as profiles_mod
+from vramplan.errors import ProfileError
 from vramplan.cli import main as cli_main
 from vramplan.config import make_config
 from vramplan.gpus import get_gpu
@@ -284,7 +287,7 @@ def test_bad_profile_is_one_line_and_exit_2(profdir, capsys, text, words):
 
 @pytest.mark.torch
 @pytest.mark.slow
-def test_profile_fitted_from_the_cpu_suite(profdir, tmp_path):
+def test_profile_fitted_from_the_cpu_suite(profdir, tmp_path, monkeypatch):
     """The CPU suite's LoRA points, run for real (tiny models) and fitted: activation factor and
     throughput calibrated, nothing of the memory overheads measurable on a CPU -> defaults."""
     pytest.importorskip("torch")
@@ -302,7 +305,14 @@ def test_profile_fitted_from_the_cpu_suite(profdir, tmp_path):
     assert prof.is_calibrated("activation:lora")
     # plan with it as if it were the card's profile
     base = est()
+    # a profile measured on the CPU, copied under a card's name, is refused for that card: one line
     (profdir / f"{CARD}.json").write_text(res.profile_path.read_text())
+    with pytest.raises(ProfileError, match="measured on 'cpu', not on 'a100-80gb'"):
+        est()
+    (profdir / f"{CARD}.json").unlink()
+    # handed to the planner as the card's profile, its activation factor applies
+    monkeypatch.setattr(overheads_mod, "card_profile", lambda gpu: prof if gpu is not None else None)
+    monkeypatch.setattr(throughput_mod, "_profile", lambda gpu: prof if gpu is not None else None)
     e = est()
     f = prof.activation_factor("lora")
     corr = int(np.rint((f - 1) * act_bytes(base)))
@@ -314,3 +324,24 @@ def test_profile_fitted_from_the_cpu_suite(profdir, tmp_path):
     assert e.uncertainty_bytes == int(DEFAULT_UNCERTAINTY_FRACTION * t)  # no allocator residuals: default band
     assert "calibrated from profile" in overheads_line(e) and "+/-10% of the tensor peak (default)" in overheads_line(e)
     assert e.throughput.calibrated
+
+
+def test_stack_figures_apply_only_to_the_stack_that_measured_them():
+    """Card figures (context, workspace) apply to every stack; the allocator model and per-method
+    factors only to the stack the profile measured (hf), and the planner says which it used."""
+    from vramplan.overheads import runtime_overheads
+
+    prof = Profile(gpu=CARD, device={"kind": "cuda", "name": "NVIDIA A100-SXM4-80GB"}, versions={}, created="t",
+                   source="x.jsonl", source_info={}, allocated_source="torch.cuda",
+                   context=Fitted(700 * MIB, 3), workspace=Fitted(24 * MIB, 2),
+                   allocator=AllocatorModel(1.2, 0, n=5), activation_factors={"lora": Fitted(1.5, 4)})
+    card = get_gpu(CARD)
+    own = runtime_overheads(10 << 30, card, method="lora", activation_bytes=4 << 30, profile=prof, stack="hf")
+    other = runtime_overheads(10 << 30, card, method="lora", activation_bytes=4 << 30, profile=prof, stack="torchtune")
+    assert own.figures == dict.fromkeys(own.figures, "calibrated")
+    assert other.figures == {"context": "calibrated", "workspace": "calibrated", "allocator": "default",
+                             "activation_factor": "default"}
+    assert other.components[Component.CUDA_CONTEXT] == 700 * MIB and other.activation_factor == 1.0
+    assert own.activation_factor == 1.5 and own.reserved_bytes > other.reserved_bytes
+    assert "measured with the hf stack, not torchtune" in other.source
+    assert "card figures and hf stack figures" in own.source

@@ -120,7 +120,7 @@ def test_fits_matches_capacity():
 
 def test_fit_every_method_present():
     rep = vramplan.fit("13b", "rtx4000ada")
-    assert [r.method for r in rep.rows] == ["full", "lora", "qlora", "dora", "ia3", "dpo", "ppo"]
+    assert [r.requested for r in rep.rows] == ["full", "lora", "qlora", "dora", "ia3", "dpo", "ppo"]
     for r in rep.rows:
         if r.fits:
             assert r.estimate.peak_bytes <= rep.capacity_bytes
@@ -155,3 +155,49 @@ def test_vectorised_equals_scalar():
     for i, bb in enumerate((1, 2, 4)):
         for j, ss in enumerate((512, 2048)):
             assert grid[i, j] == float(step_memory(spec, cfg, batch=bb, seq=ss).peak)
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_models_and_gpus_listings_never_truncate_a_name(terminal):
+    import io
+
+    from rich.console import Console
+
+    from vramplan.gpus import catalogue as gpu_catalogue
+    from vramplan.models import catalogue
+    from vramplan.render import render_gpus, render_models
+
+    buf = io.StringIO()
+    c = Console(file=buf, width=80, force_terminal=terminal, color_system=None)
+    render_models(list(catalogue().values()), c)
+    render_gpus(list(gpu_catalogue().values()), c)
+    words = set(buf.getvalue().replace(",", " ").split())
+    assert "…" not in buf.getvalue()
+    for m in catalogue().values():
+        assert {m.name, *m.aliases} <= words, m.name
+    for g in gpu_catalogue().values():
+        assert {g.name, *g.aliases} <= words, g.name
+
+
+def test_moe_qlora_says_the_fused_experts_stay_16_bit_with_its_sources():
+    est = vramplan.estimate("mixtral-8x7b", "qlora", grad_ckpt=True)
+    lora = vramplan.estimate("mixtral-8x7b", "lora", grad_ckpt=True)
+    assert est.peak_bytes > lora.peak_bytes  # what the note explains
+    note = next(a for a in est.assumptions if a.startswith("MoE QLoRA"))
+    assert "transformers >= 5" in note and "#1849" in note and "fp32" in note and "Unsloth" in note
+    assert not any(a.startswith("MoE QLoRA") for a in lora.assumptions)
+    assert not any(a.startswith("MoE QLoRA") for a in vramplan.estimate("7b", "qlora").assumptions)
+    rep = vramplan.fit("mixtral-8x7b", "h200", methods=["lora", "qlora"])
+    assert not any("MoE QLoRA" in n for n in rep.rows[0].notes)
+    assert any("MoE QLoRA" in n and "#1849" in n for n in rep.rows[1].notes)
+
+
+def test_paged_adamw_32bit_keeps_two_fp32_states_in_paged_memory():
+    from vramplan.optimizers import get_optimizer
+    from vramplan.taxonomy import Component
+
+    opt = get_optimizer("paged_adamw_32bit")
+    assert opt.paged and opt.state_bytes((4096, 4096), 2) == 2 * 4096 * 4096 * 4 + 4
+    est = vramplan.estimate("1b", "full", optimizer="paged_adamw_32bit", precision="bf16")
+    assert est.components[Component.OPTIMIZER_STATES] >= 8 * est.trainable_params
+    assert est.tokens_per_s is None or est.tokens_per_s > 0

@@ -178,15 +178,15 @@ def test_lookup_order_and_absence(tmp_path, monkeypatch):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
-    make_profile(gpu="first").save(a / "h100-sxm.json")
-    make_profile(gpu="second").save(b / "h100-sxm.json")
-    assert load_profile("h100-sxm", search=[a, b]).gpu == "first"
-    assert load_profile("h100-sxm", search=[b, a]).gpu == "second"
+    make_profile(created="first").save(a / "h100-sxm.json")
+    make_profile(created="second").save(b / "h100-sxm.json")
+    assert load_profile("h100-sxm", search=[a, b]).created == "first"
+    assert load_profile("h100-sxm", search=[b, a]).created == "second"
     assert load_profile("rtx4090", search=[a, b]) is None
     monkeypatch.setenv("VRAMPLAN_PROFILES", str(b))
     monkeypatch.chdir(tmp_path)
     assert find_profile("h100-sxm") == (b / "h100-sxm.json").resolve()
-    assert load_profile("H100-SXM").gpu == "second"
+    assert load_profile("H100-SXM").created == "second"
 
 
 def test_default_lookup_without_profiles_is_none(tmp_path, monkeypatch):
@@ -203,3 +203,112 @@ def test_residual_of():
     assert r.max_over_rel == pytest.approx(0.10)
     assert Residual.of([], []).n == 0
     assert Residual.of([None], [1]).n == 0
+
+
+# -- hostile input: every corruption is one ProfileError line, never a traceback ------------------
+
+def _good_doc():
+    return make_profile().to_json()
+
+
+def _hostile(tmp_path, name, raw: bytes):
+    p = tmp_path / name
+    p.write_bytes(raw)
+    return p
+
+
+@pytest.mark.parametrize("mutate,words", [
+    (lambda d: d["throughput"]["lora"].__setitem__("knots", [[0, 100.0]]), "positive tokens"),
+    (lambda d: d["throughput"]["lora"]["residual"].__setitem__("max_over_rel", 1e12), "implausible"),
+    (lambda d: d["holdout"]["reserved"].__setitem__("p90_abs_rel", -0.1), "non-negative"),
+    (lambda d: d["allocator"].__setitem__("margin", -0.05), "margin"),
+    (lambda d: d["context"].__setitem__("bytes", 1e300), "implausible"),
+    (lambda d: d["device"].__setitem__("total_bytes", -1), "total_bytes"),
+    (lambda d: d.__setitem__("stack", "../../etc"), "stack"),
+    (lambda d: d["throughput"]["lora"].__setitem__("coef", [1e9, 0, 0, 0]), "implausible step time"),
+])
+def test_values_are_validated_not_only_shapes(tmp_path, mutate, words):
+    doc = _good_doc()
+    mutate(doc)
+    p = _hostile(tmp_path, "h100-sxm.json", json.dumps(doc).encode())
+    with pytest.raises(ProfileError, match=words) as e:
+        read_profile(p)
+    assert "\n" not in str(e.value)
+
+
+def test_infinite_step_time_is_refused(tmp_path):
+    text = json.dumps(_good_doc()).replace('"coef": [0.0001', '"coef": [Infinity')
+    assert "Infinity" in text
+    with pytest.raises(ProfileError, match="finite"):
+        read_profile(_hostile(tmp_path, "h100-sxm.json", text.encode()))
+
+
+@pytest.mark.parametrize("raw,words", [
+    (lambda: json.dumps(_good_doc()).encode("utf-16"), "UTF-8"),
+    (lambda: b"[" * 100_000 + b"]" * 100_000, "corrupt"),
+    (lambda: b'{"schema": "vramplan.profile", "version": 1, "gpu": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "corrupt"),
+    (lambda: b"\xff\xfe\x00garbage", "UTF-8"),
+])
+def test_corrupt_files_are_one_line(tmp_path, raw, words):
+    with pytest.raises(ProfileError, match=words) as e:
+        read_profile(_hostile(tmp_path, "h100-sxm.json", raw()))
+    assert "\n" not in str(e.value)
+
+
+def test_a_cpu_profile_renamed_for_a_card_is_refused(tmp_path):
+    cpu = make_profile(gpu="cpu", device={"kind": "cpu", "name": "x86_64"}, allocated_source="dryrun",
+                       context=None, workspace=None, allocator=None)
+    cpu.save(tmp_path / "rtx4090.json")
+    with pytest.raises(ProfileError, match="measured on 'cpu', not on 'rtx4090'"):
+        load_profile("rtx4090", search=[tmp_path])
+    # renamed inside too: still not a GPU measurement
+    doc = cpu.to_json()
+    doc["gpu"] = "rtx4090"
+    (tmp_path / "rtx4090.json").write_text(json.dumps(doc))
+    with pytest.raises(ProfileError, match="not measured on a GPU"):
+        load_profile("rtx4090", search=[tmp_path])
+
+
+def test_a_profile_of_another_catalogue_card_is_refused(tmp_path):
+    doc = make_profile().to_json()  # device: NVIDIA H100 80GB HBM3
+    doc["gpu"] = "a100-80gb"
+    (tmp_path / "a100-80gb.json").write_text(json.dumps(doc))
+    with pytest.raises(ProfileError, match="not on 'a100-80gb'"):
+        load_profile("a100-80gb", search=[tmp_path])
+
+
+def test_a_calibrated_card_outside_the_catalogue_is_usable(tmp_path, monkeypatch):
+    from vramplan.gpus import get_gpu
+
+    monkeypatch.setenv("VRAMPLAN_PROFILES", str(tmp_path))
+    with pytest.raises(VramplanError):
+        get_gpu("nvidia-rtx-pro-4500-blackwell")
+    make_profile(gpu="nvidia-rtx-pro-4500-blackwell",
+                 device={"kind": "cuda", "name": "NVIDIA RTX PRO 4500 Blackwell",
+                         "nvml_name": "NVIDIA RTX PRO 4500 Blackwell", "total_bytes": 32 * 10**9,
+                         "nvml_total_bytes": 34190917632}).save(tmp_path / "nvidia-rtx-pro-4500-blackwell.json")
+    g = get_gpu("NVIDIA RTX PRO 4500 Blackwell")
+    assert g.name == "nvidia-rtx-pro-4500-blackwell" and not g.custom
+    assert g.memory_bytes == 34190917632 and g.display_name == "NVIDIA RTX PRO 4500 Blackwell"
+    import vramplan
+
+    e = vramplan.estimate("qwen2.5-0.5b", "lora", gpu=g.name, batch=1, seq=512)
+    assert e.overheads.calibrated and e.overheads.is_calibrated("context")
+
+
+def test_an_integer_beyond_float_range_is_one_line(tmp_path):
+    text = json.dumps(_good_doc()).replace('"slope": 1.05', '"slope": 1' + "0" * 400)
+    assert "0" * 400 in text
+    with pytest.raises(ProfileError, match="finite number"):
+        read_profile(_hostile(tmp_path, "h100-sxm.json", text.encode()))
+
+
+def test_stack_figures_are_keyed_by_stack():
+    prof = make_profile()
+    feats = step_features(flops=1e12, layers=24, hidden=1024)
+    assert prof.stack == "hf" and prof.applies_to(None) and prof.applies_to("HF") and not prof.applies_to("torchtune")
+    assert prof.step_seconds("lora", feats) is not None and prof.step_seconds("lora", feats, stack="hf") is not None
+    assert prof.step_seconds("lora", feats, stack="torchtune") is None
+    assert prof.achieved_tflops("lora", 1024, stack="litgpt") is None and prof.achieved_tflops("lora", 1024) == 100.0
+    doc = prof.to_json()
+    assert doc["stack"] == "hf" and doc["scope"]["card"] == ["context", "workspace"]

@@ -34,6 +34,7 @@ _LAZY = {
     "recommend_techniques": ("vramplan.recommend", "recommend_techniques"),
     "TechniqueAdvice": ("vramplan.recommend", "TechniqueAdvice"),
     "TechniqueSaving": ("vramplan.recommend", "TechniqueSaving"),
+    "fit_cards": ("vramplan.plan", "fit_cards"),
 }
 
 

@@ -39,7 +39,7 @@ def _add_plan_args(p: argparse.ArgumentParser, *, single: bool = True, model_req
                        help="LoRA dropout, 0 <= p < 1 (default 0)")
         p.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", default=None, help="gradient checkpointing on")
         p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="gradient checkpointing off")
-        p.add_argument("--optimizer", default="adamw", help="adamw|adamw_8bit|paged_adamw_8bit|sgd|adafactor")
+        p.add_argument("--optimizer", default="adamw", help="adamw|adamw_8bit|paged_adamw_8bit|paged_adamw_32bit|sgd|adafactor")
         p.add_argument("--grad-accum", type=arg_int("grad-accum"), default=1, help="gradient accumulation steps")
         p.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=True,
                        help="QLoRA without double quantisation")
@@ -147,7 +147,10 @@ def cmd_dryrun(a) -> int:
     from .dryrun import dryrun
     from .render import render_estimate
 
-    res = dryrun(a.model, a.method, **_plan_kwargs(a), techniques=a.techniques)
+    from .render import Elapsed
+
+    with Elapsed("dryrun: building the model on the meta device and tracing one training step"):
+        res = dryrun(a.model, a.method, **_plan_kwargs(a), techniques=a.techniques)
     if a.json:
         _print_json(res)
     elif hasattr(res, "render"):
@@ -157,22 +160,45 @@ def cmd_dryrun(a) -> int:
     return 0
 
 
+def cmd_cards(a) -> int:
+    """``vramplan cards`` / ``fit --gpu all``: every catalogue card that fits, by time and by cost."""
+    from .plan import fit_cards
+    from .render import ProgressBar, render_cards
+
+    with ProgressBar("cards") as bar:
+        rep = fit_cards(a.model, methods=[m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None,
+                        progress=bar, seq=a.seq, precision=a.precision, attn=a.attn, rank=a.rank, targets=a.targets,
+                        batch=a.batch, optimizer=a.optimizer, grad_ckpt=a.grad_ckpt, margin=a.margin,
+                        framework=a.framework, techniques=a.techniques, global_batch=a.global_batch,
+                        tokens=a.tokens, epochs=a.epochs, gpus=a.gpus, strategy=a.strategy, offload=a.offload)
+    _print_json(rep) if a.json else render_cards(rep, _console(), verbose=getattr(a, "verbose", False))
+    return 0
+
+
 def cmd_fit(a) -> int:
     from .plan import fit
     from .render import render_fit
 
+    if str(a.gpu or "").lower() == "all":
+        return cmd_cards(a)
+
     rep = fit(a.model, a.gpu, gpu_mem=a.gpu_mem, seq=a.seq, precision=a.precision, attn=a.attn, rank=a.rank,
               targets=a.targets, batch=a.batch, optimizer=a.optimizer, grad_ckpt=a.grad_ckpt, margin=a.margin,
-              top=max(20, a.top), framework=a.framework, techniques=a.techniques, **_scale_kwargs(a))
-    _print_json(rep) if a.json else render_fit(rep, _console(), top=a.top)
+              top=max(20, a.top), framework=a.framework, techniques=a.techniques, **_scale_kwargs(a),
+              methods=[m.strip() for m in a.methods.split(",") if m.strip()] if getattr(a, "methods", None) else None)
+    _print_json(rep) if a.json else render_fit(rep, _console(), top=a.top, verbose=getattr(a, "verbose", False))
     return 0
 
 
 def cmd_matrix(a) -> int:
     from .matrix import feasibility_matrix, parse_formats, write_csv, write_markdown, write_reports
 
-    mx = feasibility_matrix(a.models, a.methods, a.gpus, a.seq, batch=a.batch, precision=a.precision, attn=a.attn,
-                            rank=a.rank, targets=a.targets, framework=a.framework, techniques=a.techniques)
+    from .render import ProgressBar
+
+    with ProgressBar("matrix") as bar:
+        mx = feasibility_matrix(a.models, a.methods, a.gpus, a.seq, batch=a.batch, precision=a.precision, attn=a.attn,
+                                rank=a.rank, targets=a.targets, framework=a.framework, techniques=a.techniques,
+                                progress=bar)
     if a.json:
         _print_json(mx)
     elif a.out:
@@ -181,7 +207,9 @@ def cmd_matrix(a) -> int:
             from .validate import read_text
 
             preamble = read_text(a.preamble, "preamble", max_bytes=1 << 20)  # a regular text file, at most 1 MiB
-        for path in write_reports(mx, a.out, a.format or "md,csv,html,png", a.name, preamble=preamble):
+        with ProgressBar("figures") as bar:
+            paths = write_reports(mx, a.out, a.format or "md,csv,html,png", a.name, preamble=preamble, progress=bar)
+        for path in paths:
             print(path)
     else:
         fmt = parse_formats(a.format or "md")
@@ -254,7 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "largest batch, longest sequence, what would fit otherwise")
     _add_plan_args(f, single=False)
     _add_scale_args(f, fit=True)
+    f.add_argument("--methods", default=None, help="comma list of methods (default: every method)")
+    f.add_argument("--verbose", action="store_true", help="also the assumptions and the techniques that would "
+                   "save memory on plans that already fit")
     f.set_defaults(func=cmd_fit)
+    k = sub.add_parser("cards", help="which card? every catalogue card on which a method fits, fastest first, "
+                       "and by cost (vramplan/data/prices.json); the same as fit --gpu all")
+    _add_plan_args(k, single=False)
+    _add_scale_args(k, fit=True)
+    k.add_argument("--methods", default=None, help="comma list of methods (default: every method)")
+    k.add_argument("--verbose", action="store_true", help="also the assumptions")
+    k.set_defaults(func=cmd_cards)
     for name, fn, text in (("models", cmd_models, "list the model catalogue"), ("gpus", cmd_gpus, "list the GPU catalogue")):
         s = sub.add_parser(name, help=text)
         s.add_argument("--json", action="store_true")

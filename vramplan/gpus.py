@@ -90,6 +90,40 @@ def _aliases() -> dict[str, str]:
     return table
 
 
+def catalogue_name(name: str) -> str | None:
+    """The catalogue name of ``name`` (a name, alias or NVML name), or None for a card outside the catalogue."""
+    return _aliases().get(_norm(str(name)))
+
+
+def profiled_gpu(name: str) -> GPUSpec | None:
+    """A card outside the catalogue that has a calibration profile: its memory and name from the profile's NVML reading.
+
+    The throughput figures are generic (:func:`custom_gpu`); the calibrated ones come from
+    the profile. None when no GPU profile of that name exists.
+    """
+    from dataclasses import replace
+
+    from .errors import ProfileError
+    from .profiles import load_profile, profile_key
+
+    try:
+        key = profile_key(name)
+        prof = load_profile(key)
+    except ProfileError:
+        return None
+    if prof is None:
+        return None
+    dev = prof.device or {}
+    total = dev.get("nvml_total_bytes") or dev.get("total_bytes")
+    if not isinstance(total, int) or total <= 0:
+        return None
+    shown = dev.get("nvml_name") or dev.get("name") or key
+    spec = custom_gpu(total)
+    return replace(spec, name=key, display_name=str(shown), custom=False,
+                   sources={"memory_bytes": f"NVML, recorded in calibration profile {prof.path}",
+                            "all": "throughput figures are generic placeholders; calibrated ones come from the profile"})
+
+
 def gpu_names() -> list[str]:
     return list(catalogue())
 
@@ -104,6 +138,9 @@ def get_gpu(name: str | GPUSpec) -> GPUSpec:
     table = _aliases()
     if key in table:
         return catalogue()[table[key]]
+    prof = profiled_gpu(str(name))  # a calibrated card outside the catalogue
+    if prof is not None:
+        return prof
     raise unknown("GPU", str(name), gpu_names(), "vramplan gpus")
 
 
@@ -137,6 +174,11 @@ def detect_gpu(index: int = 0) -> GPUSpec:
         from dataclasses import replace
 
         return replace(catalogue()[table[key]], memory_bytes=info.total_bytes)
+    prof = profiled_gpu(info.name)  # calibrated: the name calibrate gave it (profiles.profile_key)
+    if prof is not None:
+        from dataclasses import replace
+
+        return replace(prof, memory_bytes=info.total_bytes)
     spec = custom_gpu(info.total_bytes)
     from dataclasses import replace
 

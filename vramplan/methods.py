@@ -170,6 +170,25 @@ def get_method(name: str) -> MethodDef:
         raise unknown("method", name, registry(), "vramplan methods") from None
 
 
+def parse_recipe_name(text: str, adapter: str | None = None) -> tuple[str, str | None]:
+    """``"dpo+qlora"`` -> ``("dpo", "qlora")``, ``"lora"`` -> ``("lora", adapter)``: the one parser of recipe names.
+
+    ``vramplan matrix`` prints recipes as ``method+adapter``; ``estimate``, ``fit``, suites and the
+    API accept the same text. An ``adapter`` given as well must agree with the name's.
+
+    Raises:
+        VramplanError: both name an adapter and they differ.
+    """
+    m, plus, a = str(text).strip().lower().partition("+")
+    m, a = m.strip(), a.strip()
+    if not plus or not a:
+        return m, adapter
+    if adapter is not None and str(getattr(adapter, "value", adapter)).lower() != a:
+        raise VramplanError(f"method {text!r} names adapter {a!r} but --adapter is {adapter!r}",
+                            f"pass --method {m} --adapter {adapter}, or --method {text} alone")
+    return m, a
+
+
 def resolve(method: str | MethodDef | Recipe, adapter: str | Adapter | None = None) -> Recipe:
     """Resolve ``method`` (+ ``adapter`` for DPO/PPO) into the copies held in memory.
 
@@ -179,6 +198,8 @@ def resolve(method: str | MethodDef | Recipe, adapter: str | Adapter | None = No
     """
     if isinstance(method, Recipe):
         return method
+    if isinstance(method, str) and "+" in method:
+        method, adapter = parse_recipe_name(method, adapter)
     md = method if isinstance(method, MethodDef) else get_method(method)
     if adapter is None:
         ad = md.default_adapter

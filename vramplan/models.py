@@ -217,6 +217,30 @@ def supported_model_types() -> list[str]:
     return list(load_data("architectures.toml"))
 
 
+def _check_supported(cfg: dict, model_type: str, label: str) -> None:
+    """Refuse, in one line that says why, a config the Llama-style layout cannot describe.
+
+    An unknown ``model_type`` is planned with the Llama layout when it names its shapes the
+    Llama way (``hidden_size``, ``intermediate_size``, ...). A GPT-2-style config (``n_embd``,
+    ``n_layer``, fused ``c_attn`` Conv1D, learned positions, a plain 4x MLP) or an encoder /
+    encoder-decoder (``*ForMaskedLM``, ``*ForConditionalGeneration`` without a ``text_config``)
+    is another architecture, and saying "is it decoder-only?" of GPT-2 would be wrong.
+    """
+    if _layout(model_type) or model_type in supported_model_types():
+        return
+    raw = cfg.get("architectures") or []
+    archs = [str(a) for a in raw] if isinstance(raw, list) else [str(raw)]  # from_hf_config refuses a non-list
+    arch = archs[0] if archs else model_type
+    supported = ", ".join(supported_model_types())
+    if "n_embd" in cfg or "n_layer" in cfg:
+        raise VramplanError(f"config of {label}: model_type {model_type!r} ({arch}) uses the GPT-2 layout (fused "
+                            "c_attn, learned position embeddings, ungated MLP), which vramplan does not model",
+                            f"vramplan models these layouts: {supported}, and llama-style decoders of other types")
+    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+        raise VramplanError(f"config of {label}: {arch} ({model_type}) is not a decoder-only causal LM",
+                            f"vramplan plans *ForCausalLM decoders: {supported}, and llama-style decoders of other types")
+
+
 def from_hf_config(cfg: dict, name: str | None = None, **meta) -> ModelSpec:
     """Parse a Hugging Face ``config.json`` dict into a :class:`ModelSpec`.
 
@@ -243,6 +267,7 @@ def from_hf_config(cfg: dict, name: str | None = None, **meta) -> ModelSpec:
     if not isinstance(label, str):
         label = model_type
     label = label if len(label) <= 200 else label[:197] + "..."
+    _check_supported(cfg, model_type, str(label))
 
     def need(*keys: str) -> int:
         for k in keys:
@@ -438,7 +463,49 @@ def get_model(name: str | Path | ModelSpec) -> ModelSpec:
     if text.endswith(".json") or "/" in text and not key in table:
         if text.endswith(".json") or text.startswith((".", "/", "~")):
             raise VramplanError(f"no such file {text}")
-    raise unknown("model", text, list(table), "vramplan models")
+    raise _unknown_model(text, list(table))
+
+
+#: What to do about a model the catalogue does not list.
+LOCAL_CONFIG_HINT = ("pass its Hugging Face config.json instead: --model path/to/config.json (or the directory "
+                     "holding it); `vramplan models` lists the catalogue")
+
+
+def _family_version(text: str) -> tuple[str, str | None]:
+    """``gemma-3-27b`` -> ("gemma", "3"), ``qwen2.5-7b`` -> ("qwen", "2.5"), ``mistral-7b`` -> ("mistral", None).
+
+    A number followed by b/m/k is a size, not a version. An ``org/`` prefix is dropped.
+    """
+    import re
+
+    t = text.lower().rsplit("/", 1)[-1]
+    m = re.match(r"([a-z]+)[-_ ]?(?:(\d+(?:\.\d+)?)(?![\d.]*[bkm](?:$|[-_x])))?", t)
+    if not m:
+        return "", None
+    return m.group(1), m.group(2)
+
+
+def _unknown_model(text: str, names: list[str]):
+    """The unknown-model error: a did-you-mean only among the same family and version.
+
+    ``gemma-3-27b`` must not be answered with ``gemma-2-27b`` (another architecture: other
+    layers, attention pattern, vocabulary); when no close name shares the typed family and
+    version, the hint says how to plan any model from its ``config.json``.
+    """
+    import difflib
+
+    from .errors import UnknownNameError
+
+    fam, ver = _family_version(text)
+    close = difflib.get_close_matches(text.lower(), [n.lower() for n in names], n=3, cutoff=0.5)
+    families = {_family_version(n)[0] for n in names}
+    if fam in families:  # a family the catalogue has (else a typo of one: "lama-2-7b")
+        close = [c for c in close if _family_version(c)[0] == fam]
+    if ver is not None:
+        close = [c for c in close if _family_version(c)[1] == ver]
+    if close:
+        return UnknownNameError(f"unknown model {text!r}", f"did you mean {' or '.join(close)}? or {LOCAL_CONFIG_HINT}")
+    return UnknownNameError(f"unknown model {text!r}: not in the catalogue", LOCAL_CONFIG_HINT)
 
 
 def model_names() -> list[str]:

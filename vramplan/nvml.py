@@ -2,6 +2,12 @@
 
 Functions return plain dataclasses in bytes; any NVML failure becomes a
 :class:`~vramplan.errors.VramplanError` naming what to install or check.
+
+NVML numbers the GPUs of the machine in its own order (PCI bus order), while a torch device
+index counts only the devices ``CUDA_VISIBLE_DEVICES`` leaves visible, in CUDA's order
+(fastest first unless ``CUDA_DEVICE_ORDER=PCI_BUS_ID``). A torch index is therefore never
+an NVML index: :func:`nvml_index` finds the NVML index of a device by its UUID or PCI bus
+id, which both APIs report.
 """
 
 from __future__ import annotations
@@ -36,6 +42,22 @@ def _pynvml():
 
 def _text(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def nvml_index(uuid: str | None = None, pci_bus_id: str | None = None) -> int | None:
+    """The NVML index of the device with this UUID (``GPU-...``) or PCI bus id (``00000000:3B:00.0``).
+
+    None when neither is given or NVML knows no such device.
+    """
+    nv = _pynvml()
+    for key, fn in ((uuid, "nvmlDeviceGetHandleByUUID"), (pci_bus_id, "nvmlDeviceGetHandleByPciBusId")):
+        if not key or not hasattr(nv, fn):
+            continue
+        try:
+            return int(nv.nvmlDeviceGetIndex(getattr(nv, fn)(key)))
+        except Exception:
+            continue
+    return None
 
 
 def device_info(index: int = 0) -> DeviceInfo:
@@ -78,6 +100,11 @@ def process_used_bytes(index: int = 0, pid: int | None = None) -> int | None:
         except Exception:
             continue
     return None
+
+
+def device_count() -> int:
+    """GPUs NVML sees (all of the machine's, whatever ``CUDA_VISIBLE_DEVICES`` says)."""
+    return int(_pynvml().nvmlDeviceGetCount())
 
 
 def used_bytes(index: int = 0) -> int:

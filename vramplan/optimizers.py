@@ -14,6 +14,10 @@ Sources:
   of 256 elements each; smaller tensors keep two fp32 states. Paged states live in CUDA
   unified memory (``cudaMallocManaged``): outside torch's caching allocator, visible to
   nvidia-smi, and evicted to host memory under pressure.
+* bitsandbytes PagedAdamW32bit (``Optimizer2State`` with ``optim_bits=32``, HF Trainer
+  ``optim="paged_adamw_32bit"``, the QLoRA paper's optimizer): two fp32 states per element
+  whatever the parameter dtype (``init_state``: ``get_state_buffer(p, dtype=torch.float32)``
+  twice), paged in CUDA unified memory (``get_state_buffer``: tensors of >= 1e5 elements).
 * torch.optim.SGD (momentum 0, the HF Trainer default for ``sgd``): no state.
 * transformers Adafactor (beta1=None): for a tensor of >= 2 dims, a row and a column
   second-moment vector (``shape[:-1]`` and ``shape[:-2] + shape[-1:]``) in the gradient
@@ -50,6 +54,8 @@ class OptimizerDef:
                 return 2 * numel * 4 + 4
             blocks = -(-numel // BNB_BLOCK)
             return 2 * numel + 2 * blocks * 4 + 4
+        if self.name == "paged_adamw_32bit":
+            return 2 * numel * 4 + 4  # fp32 state1, state2 (bitsandbytes optim_bits=32), step
         if self.name == "sgd":
             return 0
         if self.name == "adafactor":
@@ -90,6 +96,8 @@ OPTIMIZERS: dict[str, OptimizerDef] = {
     "adamw": OptimizerDef("adamw", "torch AdamW: two states in the parameter dtype"),
     "adamw_8bit": OptimizerDef("adamw_8bit", "bitsandbytes AdamW8bit: blockwise 8-bit states"),
     "paged_adamw_8bit": OptimizerDef("paged_adamw_8bit", "bitsandbytes PagedAdamW8bit: 8-bit states in paged unified memory", paged=True),
+    "paged_adamw_32bit": OptimizerDef("paged_adamw_32bit", "bitsandbytes PagedAdamW32bit: two fp32 states in paged "
+                                      "unified memory", paged=True),
     "sgd": OptimizerDef("sgd", "torch SGD, no momentum: no state"),
     "adafactor": OptimizerDef("adafactor", "transformers Adafactor: factored second moments, no first moment"),
 }

@@ -101,7 +101,8 @@ def rounded_terms(mem, optimizer: str):
 def step_device_total(mem, cfg, gpu: GPUSpec | None, *, profile=_LOAD) -> np.ndarray:
     """:func:`device_total` of a step memory of ``cfg`` (``vramplan.memory.StepMemory``) on ``gpu``."""
     peak, act, paged = rounded_terms(mem, cfg.optimizer)
-    return device_total(peak, gpu, method=cfg.recipe.name, activation_bytes=act, paged_bytes=paged, profile=profile)
+    return device_total(peak, gpu, method=cfg.recipe.name, activation_bytes=act, paged_bytes=paged, profile=profile,
+                        stack=getattr(cfg, "framework", None))
 
 
 def activation_correction(activation_bytes, factor: float):
@@ -160,9 +161,14 @@ class _Figures:
     status: dict              # figure -> "calibrated" | "default"
 
 
-def _figures(gpu: GPUSpec | None, profile, method: str | None) -> _Figures:
+def _figures(gpu: GPUSpec | None, profile, method: str | None, stack: str | None = None) -> _Figures:
     if profile is None:
         return _Figures(DEFAULT_CONTEXT_BYTES, _workspace(gpu), 1.0, None, None, True, dict.fromkeys(FIGURES, DEFAULT))
+    if not profile.applies_to(stack):
+        # card figures only: the allocator model and per-method figures belong to the profile's stack
+        from dataclasses import replace
+
+        profile = replace(profile, allocator=None, activation_factors={}, throughput={}, qlora_dequant=None)
     status = {}
     ctx = profile.context_bytes
     status["context"] = CALIBRATED if ctx is not None else DEFAULT
@@ -247,7 +253,7 @@ class Overheads:
 
 
 def runtime_overheads(tensor_peak_bytes: int, gpu: GPUSpec | None = None, *, method: str | None = None,
-                      activation_bytes: int = 0, paged_bytes: int = 0, profile=_LOAD) -> Overheads:
+                      activation_bytes: int = 0, paged_bytes: int = 0, profile=_LOAD, stack: str | None = None) -> Overheads:
     """Runtime components for a step whose live tensors peak at ``tensor_peak_bytes``.
 
     Args:
@@ -258,6 +264,8 @@ def runtime_overheads(tensor_peak_bytes: int, gpu: GPUSpec | None = None, *, met
         activation_bytes: activations + logits + KV cache at the peak (what the factor scales).
         paged_bytes: optimiser states of a paged optimiser at the peak (kept out of the reserve).
         profile: a loaded :class:`~vramplan.profiles.Profile`, or None for the defaults only.
+        stack: the training stack of the run (``hf``, ``torchtune``, ...); a profile measured
+            with another stack contributes its card figures only (None: the profile's stack).
 
     Returns:
         :class:`Overheads`; ``device_bytes = tensor_peak + activation_correction + sum(components)``.
@@ -266,12 +274,12 @@ def runtime_overheads(tensor_peak_bytes: int, gpu: GPUSpec | None = None, *, met
         ProfileError: the card's profile is corrupt or of an unknown schema version.
     """
     prof = card_profile(gpu) if profile is _LOAD else profile
-    fig = _figures(gpu, prof, method)
+    fig = _figures(gpu, prof, method, stack)
     c = _chain(fig, int(tensor_peak_bytes), int(activation_bytes), int(paged_bytes))
     val = {k: int(v) for k, v in c.items()}
     comps = {Component.CUDA_CONTEXT: fig.context, Component.WORKSPACE: fig.workspace,
              Component.ALLOCATOR_RESERVE: val["reserve"]}
-    band = prof.memory_band() if (prof is not None and prof.allocator is not None) else None
+    band = prof.memory_band() if (prof is not None and prof.allocator is not None and fig.allocator is not None) else None
     if band is not None:
         frac, applies, label = band
         unc = int(frac * (val["device"] if applies == "device_total" else val["reserved"]))
@@ -286,10 +294,10 @@ def runtime_overheads(tensor_peak_bytes: int, gpu: GPUSpec | None = None, *, met
                      prof.describe() if prof is not None else None, getattr(prof, "path", None) if prof else None,
                      {k: v for k, v in (prof.versions if prof is not None else {}).items()
                       if k in ("driver", "cuda", "cuda_driver", "torch")})
-    return _with_source(over, gpu, method, prof)
+    return _with_source(over, gpu, method, prof, stack)
 
 
-def _with_source(o: Overheads, gpu: GPUSpec | None, method: str | None, prof) -> Overheads:
+def _with_source(o: Overheads, gpu: GPUSpec | None, method: str | None, prof, stack: str | None = None) -> Overheads:
     from dataclasses import replace
 
     def mib(n: int) -> str:
@@ -298,7 +306,7 @@ def _with_source(o: Overheads, gpu: GPUSpec | None, method: str | None, prof) ->
     st = o.figures
     ctx, ws = o.components[Component.CUDA_CONTEXT], o.components[Component.WORKSPACE]
     parts = [f"CUDA context {mib(ctx)} ({st['context']})", f"cuBLAS workspace {mib(ws)} ({st['workspace']})"]
-    if prof is not None and prof.allocator is not None:
+    if prof is not None and prof.allocator is not None and prof.applies_to(stack):
         a = prof.allocator
         k = prof.allocator_correction(method)
         parts.append(f"allocator reserve (calibrated: reserved = {a.slope:.4g} x allocated + {a.intercept_bytes / MIB:,.0f} MiB"
@@ -312,6 +320,7 @@ def _with_source(o: Overheads, gpu: GPUSpec | None, method: str | None, prof) ->
     if prof is not None:
         head = ("calibrated from profile " if o.calibrated else "defaults (profile without memory figures: ") + o.profile
         head += "" if o.calibrated else ")"
+        head += f" [{prof.scope_note(stack)}]"
     else:
         why = "no card" if gpu is None else ("custom card" if getattr(gpu, "custom", False)
                                              else f"no calibration profile for {gpu.name}")
@@ -320,12 +329,12 @@ def _with_source(o: Overheads, gpu: GPUSpec | None, method: str | None, prof) ->
 
 
 def device_total(tensor_peak, gpu: GPUSpec | None = None, *, method: str | None = None, activation_bytes=0,
-                 paged_bytes=0, profile=_LOAD) -> np.ndarray:
+                 paged_bytes=0, profile=_LOAD, stack: str | None = None) -> np.ndarray:
     """Vectorised :func:`runtime_overheads`: the device total (float64 bytes) over arrays of tensor peaks.
 
     Arguments as :func:`runtime_overheads`; ``tensor_peak``, ``activation_bytes`` and
     ``paged_bytes`` broadcast. Equal to ``runtime_overheads(...).device_bytes`` element by element.
     """
     prof = card_profile(gpu) if profile is _LOAD else profile
-    fig = _figures(gpu, prof, method)
+    fig = _figures(gpu, prof, method, stack)
     return _chain(fig, tensor_peak, activation_bytes, paged_bytes)["device"]

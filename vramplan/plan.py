@@ -77,6 +77,42 @@ def _techniques_text(cfg: TrainConfig) -> str | None:
     return "techniques: " + "; ".join(f"{t.label} ({t.name}, +{t.cost_for(cfg):.0%} step time)" for t in on)
 
 
+#: Where the fused-expert finding is documented (MoE QLoRA under transformers >= 5).
+MOE_QLORA_SOURCES = ("bitsandbytes issue #1849 'Failed to quant MoE models with fused expert weights in transformers v5' "
+                     "(open; root cause confirmed 2026-07-02), bitsandbytes PR #1965 Experts4bit (open, held for after "
+                     "v0.50.0), unslothai/unsloth-zoo PR #527 (merged 2026-03: Params4bit for fused MoE experts)")
+
+
+def moe_qlora_note(spec: ModelSpec, cfg: TrainConfig, short: bool = False) -> str | None:
+    """What a QLoRA user of a fused-expert MoE (Mixtral, Qwen-MoE) must know, or None.
+
+    transformers >= 5 stores the experts of these models as 3-D ``nn.Parameter`` banks, not
+    ``nn.Linear``; bitsandbytes' 4-bit conversion replaces ``nn.Linear`` only, so the banks --
+    most of the model -- stay 16-bit, and PEFT's ``prepare_model_for_kbit_training`` (the hf
+    stack: ``kbit_upcast``) casts every non-quantised 16-bit parameter to fp32. The analytic
+    model counts exactly that (:mod:`vramplan.memory`); this says it, with the sources and what
+    to do instead.
+    """
+    from .models import _layout
+
+    if cfg.adapter != "qlora" or not spec.is_moe or _layout(spec.model_type).get("moe") != "fused":
+        return None
+    banks = sum(l.params for l in spec.layer_linears() if not l.is_linear) * spec.num_layers
+    share = banks / spec.params
+    upcast = cfg.stack.kbit_upcast
+    if short:
+        return (f"MoE QLoRA: transformers >= 5 leaves the fused expert banks ({banks / 1e9:.1f}B params, {share:.0%}) "
+                "unquantised" + (" and upcast to fp32" if upcast else "") + " (bitsandbytes issue #1849); instead: "
+                "LoRA over bf16, Unsloth (unsloth-zoo >= 2026.3) or transformers < 5 (sources: vramplan estimate)")
+    return (f"MoE QLoRA: with transformers >= 5 bitsandbytes does not quantise the fused expert banks "
+            f"({banks / 1e9:.1f}B parameters, {share:.0%} of the model): they stay 16-bit"
+            + (" and prepare_model_for_kbit_training upcasts them to fp32, so QLoRA needs more memory than LoRA"
+               if upcast else "")
+            + f" ({MOE_QLORA_SOURCES}). Instead: LoRA over the bf16 base; or Unsloth with unsloth-zoo >= 2026.3, "
+            "which quantises the banks (vramplan's unsloth stack still counts them 16-bit: an upper bound); or "
+            "transformers < 5, where experts are nn.Linear and bitsandbytes quantises them")
+
+
 def _assumptions(cfg: TrainConfig, overhead_source: str) -> list[str]:
     regime = get_regime(cfg.precision)
     out = [
@@ -187,7 +223,8 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
     tensor_peak = int(np.ceil(float(mem.peak)))
     comps = {c: int(np.ceil(float(v))) for c, v in mem.components.items()}
     act, paged = peak_terms(comps, cfg.optimizer)
-    over = runtime_overheads(tensor_peak, card, method=cfg.recipe.name, activation_bytes=act, paged_bytes=paged)
+    over = runtime_overheads(tensor_peak, card, method=cfg.recipe.name, activation_bytes=act, paged_bytes=paged,
+                             stack=cfg.framework)
     comps = apply_activation_factor(comps, over)  # a calibrated activation factor (none by default)
     tensor_peak += over.activation_correction_bytes
     comps.update(over.components)
@@ -205,7 +242,8 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
         trainable_params=mem.state.trainable_params, components=comps, phases=phases,
         peak_phase=PHASE_ORDER[int(mem.peak_phase)], tensor_peak_bytes=tensor_peak, peak_bytes=peak,
         quantity=Quantity.DEVICE_TOTAL, uncertainty_bytes=over.uncertainty_bytes, calibrated=over.calibrated,
-        assumptions=_assumptions(cfg, over.source), model_resolved_from=resolved, overheads=over,
+        assumptions=_assumptions(cfg, over.source) + [n for n in (moe_qlora_note(spec, cfg),) if n],
+        model_resolved_from=resolved, overheads=over,
     )
     est.gpus, est.strategy, est.offload = par.gpus, par.strategy, par.offload
     if par.distributed:
@@ -275,7 +313,7 @@ class FitRow:
     chosen plan and, when it is not comfortable, the cheapest set that makes it fit.
     """
 
-    method: str
+    method: str                                        # the chosen plan's method (qlora for LoRA's fallback)
     adapter: str
     fits: bool
     estimate: Estimate
@@ -288,6 +326,22 @@ class FitRow:
     chosen: Any = None                                 # the Plan shown (best, tight or smallest)
     suggestions: list = field(default_factory=list)    # vramplan.recommend.Suggestion
     techniques: Any = None                             # vramplan.recommend.TechniqueAdvice
+    alternatives: list = field(default_factory=list)   # other stacks/precisions that fit (recommend.other_setups)
+    requested: str = ""                                # the method asked for (fit's methods=); "" = method
+
+    def __post_init__(self):
+        self.requested = self.requested or self.method
+
+    @property
+    def recipe(self) -> str:
+        """The chosen plan's recipe: ``lora``, ``qlora``, ``dpo+qlora`` (a fallback says what it became)."""
+        return self.estimate.config.recipe.name
+
+    @property
+    def label(self) -> str:
+        """``lora``, or ``lora → qlora`` when the requested method fell back to another recipe."""
+        fell_back = self.chosen is not None and getattr(self.chosen, "fallback", None)
+        return f"{self.requested} → {self.recipe}" if fell_back else self.requested
 
     @property
     def verdict(self) -> Verdict:
@@ -312,7 +366,8 @@ class FitRow:
 
     def to_json(self, top: int | None = None) -> dict:
         plans = self.plans if top is None else self.plans[:top]
-        return {"method": self.method, "adapter": self.adapter, "fits": self.fits, "verdict": self.verdict.value,
+        return {"method": self.method, "requested": self.requested, "recipe": self.recipe, "adapter": self.adapter,
+                "fits": self.fits, "verdict": self.verdict.value,
                 "peak_bytes": self.estimate.peak_bytes,
                 "peak_gib": round(self.estimate.peak_gib, 3), "capacity_bytes": self.estimate.capacity_bytes,
                 "max_batch": self.max_batch, "max_seq": self.max_seq, "settings": self.settings, "notes": self.notes,
@@ -324,6 +379,7 @@ class FitRow:
                 "plans": [p.to_json() for p in plans], "plans_considered": len(self.plans),
                 "suggestions": [x.to_json() for x in self.suggestions],
                 "techniques": None if self.techniques is None else self.techniques.to_json(),
+                "alternatives": [x.to_json() for x in self.alternatives],
                 "estimate": self.estimate.to_json()}
 
 
@@ -368,7 +424,7 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
         attn: str | None = None, rank: int | None = None, targets=None, grad_ckpt: bool | None = None,
         optimizer: str | None = None, gpus: int = 1, strategy: str | None = None, offload: str | None = None,
         global_batch: int | None = None, tokens=None, epochs: float = 1.0, margin: float | None = None,
-        top: int = 20, framework: str = "hf", techniques=None) -> FitReport:
+        top: int = 20, framework: str = "hf", techniques=None, advise: bool = True) -> FitReport:
     """Every method on one card (or ``gpus`` cards): the fastest configuration that fits with a margin.
 
     For each method :func:`vramplan.recommend.search` tries every combination of gradient
@@ -391,6 +447,8 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
         framework: training stack (hf, torchtune, unsloth, litgpt); its default precision applies
             when ``precision`` is None. techniques: memory-saving techniques every plan uses
             (``"chunked_ce,act_offload"`` or a list).
+        advise: False skips the technique advice and the other stacks/precisions (rows'
+            ``techniques`` None, ``alternatives`` empty): :func:`fit_cards` ranks cards only.
 
     Returns:
         :class:`FitReport`; each row's ``estimate`` is the chosen plan's, ``plans`` the ranking.
@@ -400,7 +458,7 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
             an unknown framework or technique.
     """
     from .distributed import STRATEGIES, make_parallel
-    from .recommend import _Totals, largest_micro_batch, longest_sequence, recommend_techniques, search, what_would_fit
+    from .recommend import _Totals, fallback_note, largest_micro_batch, other_setups, longest_sequence, recommend_techniques, search, what_would_fit
     from .stacks import get_stack, parse_techniques
     from .throughput import parse_count
 
@@ -456,7 +514,7 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
                          epochs=epochs, totals=totals, batch=batch, framework=framework)
         mp = search(spec, name, card, techniques=techs, **search_kw)
         tight = [p for p in mp.plans if p.peak_bytes <= p.capacity_bytes]
-        chosen = mp.best or (max(tight, key=lambda p: p.tokens_per_s) if tight else mp.smallest)
+        chosen = mp.best or (max(tight, key=lambda p: (p.fallback is None, p.tokens_per_s)) if tight else mp.smallest)
         cfg, par = chosen.config, chosen.parallel
         est = estimate_config(spec, cfg, card, parallel=par, tokens=n_tokens, epochs=epochs)
         notes: list[str] = []
@@ -473,20 +531,36 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
             if suggestions:
                 notes.append("with GC and 8-bit AdamW it would fit on " + "; ".join(x.text for x in suggestions))
         elif chosen.fallback:
-            notes.append(chosen.fallback)
+            notes.append(fallback_note(mp) or chosen.fallback)
+        moe_note = moe_qlora_note(spec, cfg, short=True)
+        if moe_note:
+            notes.append(moe_note)
         settings = {"grad_ckpt": cfg.grad_ckpt, "optimizer": cfg.optimizer, "precision": cfg.precision,
                     "attn": cfg.attn, "batch": cfg.batch, "grad_accum": cfg.grad_accum, **chosen.settings}
-        advice = recommend_techniques(spec, cfg, card, parallel=par, margin=margin, base=est)
-        if mp.best is None and advice.recommended and advice.fits:
+        advice = recommend_techniques(spec, cfg, card, parallel=par, margin=margin, base=est) if advise else None
+        if advise and mp.best is None and advice.recommended and advice.fits:
             # the fastest plan of the method with the recommended techniques on (it may drop GC, say)
             with_t = search(spec, name, card, techniques=techs + advice.techniques, **search_kw)
             fitting = [p for p in with_t.plans if p.peak_bytes <= p.capacity_bytes]
             advice.plan = with_t.best or (max(fitting, key=lambda p: p.tokens_per_s) if fitting else None)
-        rows.append(FitRow(method=name, adapter=cfg.adapter, fits=bool(est.fits), estimate=est,
+        alternatives = []
+        if advise and mp.best is None and gpus == 1:
+            alternatives = other_setups(spec, name, card, framework=framework, precision=prec, current=chosen,
+                                        techniques=techs, **{k: v for k, v in search_kw.items()
+                                                             if k not in ("precision", "framework")})
+        rows.append(FitRow(method=cfg.method, requested=name, adapter=cfg.adapter, alternatives=alternatives, fits=bool(est.fits), estimate=est,
                            max_batch=largest_micro_batch(spec, cfg, card, par, totals=totals),
                            max_seq=longest_sequence(spec, cfg, card, par, totals=totals),
                            settings=settings, notes=notes, plans=mp.plans, best=mp.best, chosen=chosen,
                            suggestions=suggestions, techniques=advice))
+    # DoRA / IA3 have no 4-bit variant in the model (PEFT runs both over bitsandbytes Linear4bit): when one
+    # does not fit and QLoRA does, say so on its row rather than leave a bare "no"
+    qlora_row = next((r for r in rows if r.requested == "qlora" and r.best is not None), None)
+    for r in rows:
+        if r.best is None and qlora_row is not None and r.adapter in ("dora", "ia3"):
+            r.notes.append(f"4-bit: qlora fits ({qlora_row.estimate.peak_gib:.2f} GiB, "
+                           f"{qlora_row.tokens_per_s or 0:,.0f} tok/s); a 4-bit {r.adapter} base (PEFT over "
+                           "bitsandbytes Linear4bit) is not modelled yet")
     resolved = None if isinstance(model, ModelSpec) or str(model).lower() == spec.name else f"{model} -> {spec.name}"
     assumptions = rows[0].estimate.assumptions[:4] if rows else []
     note = v.context_note(spec, seq)
@@ -503,3 +577,123 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
                      strategy=base.strategy if len(parallels) == 1 else None, offload=base.offload, margin=margin,
                      global_batch=global_batch, tokens=n_tokens, epochs=epochs, top=int(top), framework=framework,
                      techniques=techs)
+
+
+# -- which card? -------------------------------------------------------------------------------
+
+@dataclass
+class CardRow:
+    """One method on one catalogue card where it fits with the margin, with what it costs there.
+
+    ``cost_per_mtok_usd``: the cloud price per hour over the tokens it trains in an hour (x 1e6);
+    ``cost_usd``: GPU-hours x the price per hour when the dataset size (``tokens``) is known.
+    """
+
+    gpu: str
+    capacity_bytes: int
+    row: FitRow
+    price: Any
+
+    @property
+    def tokens_per_s(self) -> float:
+        return float(self.row.tokens_per_s or 0.0)
+
+    @property
+    def cost_per_mtok_usd(self) -> float | None:
+        h = self.price.cloud_usd_per_hour
+        return None if h is None or not self.tokens_per_s else h / (self.tokens_per_s * 3600.0) * 1e6
+
+    @property
+    def cost_usd(self) -> float | None:
+        h = self.price.cloud_usd_per_hour
+        return None if h is None or self.row.gpu_hours is None else h * float(self.row.gpu_hours)
+
+    def to_json(self) -> dict:
+        r = self.row
+        return {"gpu": self.gpu, "capacity_bytes": self.capacity_bytes, "method": r.label, "recipe": r.recipe,
+                "verdict": r.verdict.value, "peak_bytes": int(r.estimate.peak_bytes),
+                "tokens_per_s": round(self.tokens_per_s, 1),
+                "time_to_train_s": None if r.time_to_train_s is None else round(float(r.time_to_train_s), 1),
+                "gpu_hours": None if r.gpu_hours is None else round(float(r.gpu_hours), 3),
+                "settings": r.settings, "price": self.price.to_json(),
+                "cost_per_mtok_usd": None if self.cost_per_mtok_usd is None else round(self.cost_per_mtok_usd, 4),
+                "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 2)}
+
+
+@dataclass
+class CardsReport:
+    """Every catalogue card on which a method fits: ``rows`` fastest first, ``by_cost`` cheapest first."""
+
+    model: str
+    seq: int
+    methods: list[str]
+    tokens: float | None
+    epochs: float
+    rows: list[CardRow]
+    by_cost: list[CardRow]
+    no_fit: list[str]              # cards on which no requested method fits with the margin
+    assumptions: list[str]
+    framework: str = "hf"
+
+    def to_json(self) -> dict:
+        from .prices import sources
+
+        return {"model": self.model, "seq": self.seq, "methods": self.methods, "tokens": self.tokens,
+                "epochs": self.epochs, "framework": self.framework,
+                "rows": [r.to_json() for r in self.rows], "by_cost": [f"{r.gpu}:{r.row.requested}" for r in self.by_cost],
+                "no_fit": self.no_fit, "price_sources": sources(), "assumptions": self.assumptions}
+
+
+def fit_cards(model: str | ModelSpec, *, cards=None, methods: list[str] | None = None, progress=None,
+              **fit_kw) -> CardsReport:
+    """"Which card?": :func:`fit` on every catalogue card, the plans that fit ranked by speed and by cost.
+
+    For each card (``cards``: a list of names, default the whole catalogue) and each method, the
+    fastest plan that fits with the margin (:func:`fit`'s search, without its technique advice).
+    ``rows`` ranks them by time to train (tokens/s when no ``tokens``), ``by_cost`` by the cloud
+    cost to train (``vramplan/data/prices.json``: typical on-demand $/GPU-hour, each with its
+    source and date; per million tokens when no ``tokens``); cards without a price come last.
+
+    Args:
+        progress: ``(done, total, card)`` callback after each card (the CLI's progress bar).
+        fit_kw: :func:`fit`'s keyword arguments (seq, tokens, epochs, framework, precision, ...).
+
+    Returns:
+        :class:`CardsReport`.
+    """
+    from .gpus import catalogue
+    from .prices import price_of
+
+    if fit_kw.get("gpus", 1) != 1 or fit_kw.get("gpu_mem") is not None:
+        raise VramplanError("--gpu all ranks single catalogue cards", "drop --gpus/--gpu-mem, or name one card")
+    names = list(cards) if cards else [g.name for g in sorted(catalogue().values(), key=lambda g: (g.memory_bytes, g.name))]
+    spec = get_model(model)
+    rows: list[CardRow] = []
+    no_fit: list[str] = []
+    first = None
+    for i, name in enumerate(names, 1):
+        card = get_gpu(name)
+        try:
+            rep = fit(spec, card, methods=methods, advise=False, **fit_kw)
+        except VramplanError as exc:
+            if "has no bf16" not in str(exc) and "compute capability" not in str(exc):
+                raise
+            rep = None  # the card cannot run the stack's precision or kernels
+        first = first or rep
+        fitting = [r for r in (rep.rows if rep else []) if r.best is not None]
+        if not fitting:
+            no_fit.append(card.name)
+        for r in fitting:
+            rows.append(CardRow(gpu=card.name, capacity_bytes=card.memory_bytes, row=r, price=price_of(card.name)))
+        if progress is not None:
+            progress(i, len(names), card.name)
+    rows.sort(key=lambda c: (-c.tokens_per_s, c.gpu))
+    by_cost = sorted(rows, key=lambda c: (c.cost_per_mtok_usd is None, c.cost_per_mtok_usd or 0.0, -c.tokens_per_s))
+    assumptions = list(first.assumptions) if first else []
+    assumptions.append("cost: typical on-demand cloud price per GPU-hour x the predicted GPU-hours "
+                       "(vramplan/data/prices.json, each price with its source and date); list prices are shown, "
+                       "not used to rank")
+    return CardsReport(model=spec.name, seq=int(fit_kw.get("seq", 2048)), methods=list(methods or method_names()),
+                       tokens=first.tokens if first else None, epochs=float(fit_kw.get("epochs", 1.0)), rows=rows,
+                       by_cost=by_cost, no_fit=no_fit, assumptions=assumptions,
+                       framework=first.framework if first else fit_kw.get("framework", "hf"))

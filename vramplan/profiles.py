@@ -16,9 +16,12 @@ Schema (``"schema": "vramplan.profile"``, ``"version": 1``)::
     allocated_source  "torch.cuda" (max_memory_allocated) or "dryrun" (a CPU profile)
     context        {bytes, n, residual} | null   NVML process memory minus torch reserved
     workspace      {bytes, n, residual} | null   cuBLAS workspace, probed from the allocator
-    allocator      {slope, intercept_bytes, round_bytes, by_method, n, residual} | null
+    allocator      {slope, intercept_bytes, round_bytes, by_method, margin, trimmed, loo, n, residual} | null
                    reserved = ceil((slope * allocated + intercept) / round) * round, times
-                   by_method[method] where the method has its own correction
+                   by_method[method] where the method has its own correction (a trimmed fit:
+                   vramplan.calibration.fit); margin: the safety margin, a fraction of reserved,
+                   kept apart from the fitted value (the planner's band takes it in); loo:
+                   {method: residual} of leave-one-out predictions; trimmed: outliers left out
     activation_factors  {method: {factor, n, residual}}   measured/predicted activations
     throughput     {method: {coef, features, knots, n, residual}}
                    step seconds = coef . features (see :func:`step_features`); coef is null
@@ -26,6 +29,17 @@ Schema (``"schema": "vramplan.profile"``, ``"version": 1``)::
                    knots = [[tokens per step, achieved TFLOP/s], ...] (medians)
     qlora_dequant  {s_per_gparam, n, residual} | null   seconds per 1e9 NF4 weights dequantised
     holdout        {reserved, allocated, device_total, tokens_per_s: residual}   held-out accuracy
+    holdout_by_method  {method: {quantity: residual}}   the same, per method
+    stack          the training stack the per-method figures were measured with ("hf")
+    scope          {card: [context, workspace], stack: [allocator, activation_factors, ...]}:
+                   card figures apply to any run on the card; stack figures only to runs on
+                   ``stack`` (the planner says which it used)
+
+Validation on load is in value, not only in shape: finite numbers, non-negative residuals,
+plausible bytes, TFLOP/s and margins (``MAX_*``), and the profile is bound to its device
+(:func:`check_binding`: its ``gpu`` names the card looked up, a GPU's profile was measured
+on a GPU, its recorded device name is not another catalogue card). Anything else -- UTF-16,
+deep nesting, a huge file -- is one :class:`ProfileError` line, never a traceback.
 
 A residual is ``{n, median_rel, median_abs_rel, p90_abs_rel, max_under_rel, max_over_rel}``
 with relative error ``(predicted - measured) / measured`` (negative: under-prediction).
@@ -57,6 +71,14 @@ REPO_DIR = Path(__file__).resolve().parent.parent / "profiles"
 ALLOCATOR_ROUND = 2 << 20
 #: The features of the step-time model, in the order of ``throughput[method].coef``.
 TIME_FEATURES = ("layer_passes", "gen_passes", "flops", "flops_per_width")
+#: Plausibility bounds of a profile's values (a profile outside them is refused on load).
+MAX_REL_ERROR = 1000.0          # a residual of 100,000%: not even a noisy CPU timing is that wrong
+MAX_BYTES = 1 << 44             # 16 TiB: more than any card (and than float64 holds exactly per byte)
+MAX_CONTEXT_BYTES = 64 << 30    # CUDA context + lazily loaded kernels: hundreds of MiB on real cards
+MAX_TFLOPS = 100_000.0          # achieved TFLOP/s of one card
+MAX_MARGIN = 1.0                # an allocator safety margin of 100%
+#: The stack a profile's per-method figures were measured with when the file does not say (runtime: HF + PEFT).
+DEFAULT_STACK = "hf"
 
 
 def profile_key(gpu_name: str) -> str:
@@ -105,7 +127,13 @@ class Residual:
             if k == "n":
                 out[k] = _int(v if v is not None else 0, f"{where}.n")
             elif v is not None:
-                out[k] = _num(v, f"{where}.{k}")
+                x = _num(v, f"{where}.{k}")
+                if k != "median_rel" and x < 0:
+                    raise ProfileError(f"{where}.{k} must be non-negative, got {x}", "re-run `vramplan calibrate`")
+                if abs(x) > MAX_REL_ERROR or (k == "max_under_rel" and x > 1):  # under: at most 100%
+                    raise ProfileError(f"{where}.{k} = {x} is implausible (a relative error beyond "
+                                       f"{MAX_REL_ERROR:g})", "re-run `vramplan calibrate`")
+                out[k] = x
         return cls(**out)
 
 
@@ -145,6 +173,9 @@ class AllocatorModel:
     n: int = 0
     residual: Residual = field(default_factory=Residual)
     by_method: dict = field(default_factory=dict)  # method -> multiplicative correction of reserved
+    margin: float = 0.0    # safety margin, a fraction of reserved (p90 of the leave-one-out under-predictions)
+    loo: dict = field(default_factory=dict)  # method -> Residual of leave-one-out predictions
+    trimmed: int = 0       # points the trimmed fit left out (fragmented caches, stray readings)
 
     def __call__(self, allocated: int) -> int:
         return int(self.reserve(int(allocated)))
@@ -224,6 +255,27 @@ class Profile:
     qlora_dequant: Fitted | None = None
     holdout: dict[str, Residual] = field(default_factory=dict)
     path: str | None = None
+    stack: str = DEFAULT_STACK  # the training stack the per-method figures were measured with
+    holdout_by_method: dict = field(default_factory=dict)  # method -> {quantity: Residual} of held-out points
+
+    #: What a profile holds, by what it belongs to. ``card``: figures of this card whatever runs on
+    #: it (CUDA context, cuBLAS workspace). ``stack``: figures of one allocator and training stack,
+    #: measured per method, which transfer between cards of that allocator and stack but not to
+    #: another stack (allocator reserve model and its per-method corrections, activation factors,
+    #: step-time models).
+    CARD_FIGURES = ("context", "workspace")
+    STACK_FIGURES = ("allocator", "activation_factors", "throughput", "qlora_dequant")
+
+    def applies_to(self, stack: str | None) -> bool:
+        """Whether this profile's stack figures apply to a run on ``stack`` (None: the profile's own)."""
+        return stack is None or str(stack).lower() == self.stack
+
+    def scope_note(self, stack: str | None) -> str:
+        """One phrase saying which of the profile's figures a run on ``stack`` uses."""
+        if self.applies_to(stack):
+            return f"card figures and {self.stack} stack figures from the profile"
+        return (f"card figures only (context, workspace): the profile's per-method figures were measured "
+                f"with the {self.stack} stack, not {stack}")
 
     # -- getters the planner uses --
     @property
@@ -271,11 +323,16 @@ class Profile:
         cands = [("device_total", self.holdout.get("device_total"), "held-out device total"),
                  ("reserved", self.holdout.get("reserved"), "held-out peak reserved"),
                  ("reserved", self.allocator.residual if self.allocator else None, "allocator fit points")]
+        margin = self.allocator.margin if self.allocator is not None else 0.0
         for applies, r, label in cands:
             if r is None or not r.n:
                 continue
             frac = max(r.p90_abs_rel or 0.0, r.max_under_rel or 0.0)
+            if margin > frac:
+                return margin, applies, f"allocator safety margin (p90 of leave-one-out under-predictions), n={self.allocator.n}"
             return frac, applies, f"{label}, n={r.n}"
+        if margin > 0:
+            return margin, "reserved", f"allocator safety margin (p90 of leave-one-out under-predictions), n={self.allocator.n}"
         return None
 
     def reserved_uncertainty_bytes(self, allocated_peak: int) -> int:
@@ -298,12 +355,16 @@ class Profile:
         f = self._lookup(self.activation_factors, method)
         return 1.0 if f is None else float(f.value)
 
-    def step_seconds(self, method: str, features: Mapping[str, float], *, dequant_gparams: float = 0.0) -> float | None:
+    def step_seconds(self, method: str, features: Mapping[str, float], *, dequant_gparams: float = 0.0,
+                     stack: str | None = None) -> float | None:
         """Predicted seconds of one step from :func:`step_features`, plus QLoRA dequantisation.
 
         ``dequant_gparams`` is NF4 weights dequantised per step in 1e9 (linear params x passes);
         a QLoRA method without its own time model uses its LoRA twin's model plus this term.
+        ``stack``: the run's training stack; None (not calibrated) when the profile measured another.
         """
+        if not self.applies_to(stack):
+            return None
         key = method.lower()
         own = self._lookup(self.throughput, key, siblings="qlora" not in key)
         if own is not None and own.coef is not None:
@@ -316,13 +377,15 @@ class Profile:
         return max(twin.seconds(features), 1e-9) + self.qlora_dequant.value * float(dequant_gparams)
 
     def achieved_tflops(self, method: str, tokens: int | None = None, *, flops: float | None = None,
-                        features: Mapping[str, float] | None = None) -> float | None:
+                        features: Mapping[str, float] | None = None, stack: str | None = None) -> float | None:
         """Achieved TFLOP/s of ``method`` (FLOPs as ``step_flops`` counts them).
 
         With ``features`` (and ``flops``), from the step-time model; with ``tokens`` only, the
         measured medians interpolated in log(tokens per step) and clamped at the ends; with
         neither, the median over the method's points. None when the method was not calibrated.
         """
+        if not self.applies_to(stack):
+            return None
         if features is not None:
             t = self.step_seconds(method, features)
             f = flops if flops is not None else features.get("flops")
@@ -401,6 +464,8 @@ class Profile:
                 "slope": round(self.allocator.slope, 6), "intercept_bytes": int(self.allocator.intercept_bytes),
                 "round_bytes": int(self.allocator.round_bytes), "n": self.allocator.n,
                 "by_method": {m: round(float(k), 6) for m, k in sorted(self.allocator.by_method.items())},
+                "margin": round(float(self.allocator.margin), 6), "trimmed": int(self.allocator.trimmed),
+                "loo": {m: r.to_json() for m, r in sorted(self.allocator.loo.items())},
                 "residual": self.allocator.residual.to_json()},
             "activation_factors": {m: {"factor": round(f.value, 6), "n": f.n, "residual": f.residual.to_json()}
                                    for m, f in sorted(self.activation_factors.items())},
@@ -411,6 +476,10 @@ class Profile:
                            for m, t in sorted(self.throughput.items())},
             "qlora_dequant": fitted(self.qlora_dequant, "s_per_gparam"),
             "holdout": {k: r.to_json() for k, r in self.holdout.items()},
+            "holdout_by_method": {m: {k: r.to_json() for k, r in d.items()}
+                                  for m, d in sorted(self.holdout_by_method.items())},
+            "stack": self.stack,
+            "scope": {"card": list(self.CARD_FIGURES), "stack": list(self.STACK_FIGURES)},
         }
 
     @classmethod
@@ -441,6 +510,13 @@ class Profile:
             v = _num(d.get(name), f"{where}.{key}.{name}")
             if v < 0 or (positive and v == 0):
                 raise ProfileError(f"{where}: {key}.{name} must be {'positive' if positive else 'non-negative'}, got {v}")
+            if name == "bytes":
+                top = MAX_CONTEXT_BYTES if key == "context" else MAX_BYTES
+                if v > top or v != int(v):
+                    raise ProfileError(f"{where}: {key}.bytes = {v:g} is implausible (whole bytes up to {top:,} expected)",
+                                       "re-run `vramplan calibrate`")
+            elif v > 1e6:  # seconds per 1e9 weights: even a CPU's noisy tiny-model figure stays far below
+                raise ProfileError(f"{where}: {key}.{name} = {v:g} is implausible", "re-run `vramplan calibrate`")
             return Fitted(v, _int(d.get("n", 0), f"{where}.{key}.n"), Residual.from_json(d.get("residual"), f"{where}.{key}.residual"))
 
         alloc = None
@@ -455,10 +531,22 @@ class Profile:
             bm = {m: _num(k, f"{where}.allocator.by_method.{m}") for m, k in by_method.items()}
             if any(not 0.5 <= k <= 2 for k in bm.values()):
                 raise ProfileError(f"{where}: allocator.by_method corrections must lie in [0.5, 2]")
-            alloc = AllocatorModel(slope, _int(a.get("intercept_bytes"), f"{where}.allocator.intercept_bytes", signed=True),
-                                   _int(a.get("round_bytes", ALLOCATOR_ROUND), f"{where}.allocator.round_bytes"),
-                                   _int(a.get("n", 0), f"{where}.allocator.n"),
-                                   Residual.from_json(a.get("residual"), f"{where}.allocator.residual"), bm)
+            icpt = _int(a.get("intercept_bytes"), f"{where}.allocator.intercept_bytes", signed=True)
+            rnd = _int(a.get("round_bytes", ALLOCATOR_ROUND), f"{where}.allocator.round_bytes")
+            if abs(icpt) > MAX_BYTES or not 0 < rnd <= 1 << 30:
+                raise ProfileError(f"{where}: allocator intercept_bytes / round_bytes are implausible",
+                                   "re-run `vramplan calibrate`")
+            margin = _num(a.get("margin", 0.0), f"{where}.allocator.margin")
+            if not 0 <= margin <= MAX_MARGIN:
+                raise ProfileError(f"{where}: allocator.margin must lie in [0, {MAX_MARGIN:g}], got {margin}",
+                                   "re-run `vramplan calibrate`")
+            loo = a.get("loo", {})
+            _need_map(loo, f"{where}.allocator.loo")
+            alloc = AllocatorModel(slope, icpt, rnd, _int(a.get("n", 0), f"{where}.allocator.n"),
+                                   Residual.from_json(a.get("residual"), f"{where}.allocator.residual"), bm,
+                                   margin=margin,
+                                   loo={m: Residual.from_json(r, f"{where}.allocator.loo.{m}") for m, r in loo.items()},
+                                   trimmed=_int(a.get("trimmed", 0), f"{where}.allocator.trimmed"))
         factors = {}
         for m, d in data["activation_factors"].items():
             _need_map(d, f"{where}.activation_factors.{m}")
@@ -486,15 +574,40 @@ class Profile:
             if not isinstance(knots, list) or any(not isinstance(k, list) or len(k) != 2 for k in knots):
                 raise ProfileError(f"{w}.knots must be a list of [tokens, tflops] pairs")
             kn = tuple(sorted((_int(a, f"{w}.knots"), _num(b, f"{w}.knots")) for a, b in knots))
+            if any(a <= 0 or not 0 <= b <= MAX_TFLOPS for a, b in kn):
+                raise ProfileError(f"{w}.knots need positive tokens per step and TFLOP/s in [0, {MAX_TFLOPS:g}]",
+                                   "re-run `vramplan calibrate`")
+            if coef_t is not None and any(c > 1e3 for c in coef_t):
+                raise ProfileError(f"{w}.coef holds an implausible step time ({max(coef_t):g} s per unit)",
+                                   "re-run `vramplan calibrate`")
             thr[m] = Throughput(coef_t, kn, _int(d.get("n", 0), f"{w}.n"), Residual.from_json(d.get("residual"), f"{w}.residual"))
         holdout = {k: Residual.from_json(v, f"{where}.holdout.{k}") for k, v in data["holdout"].items()}
+        hbm = data.get("holdout_by_method", {})
+        _need_map(hbm, f"{where}.holdout_by_method")
+        holdout_by_method = {}
+        for m, d in hbm.items():
+            _need_map(d, f"{where}.holdout_by_method.{m}")
+            holdout_by_method[m] = {k: Residual.from_json(v, f"{where}.holdout_by_method.{m}.{k}") for k, v in d.items()}
+        stack = data.get("stack", DEFAULT_STACK)
+        if not isinstance(stack, str) or not re.fullmatch(r"[a-z0-9_.-]{1,40}", stack):
+            raise ProfileError(f"{where}: stack must name a training stack (hf, torchtune, ...), got {stack!r}")
+        dev = data["device"]
+        for k in ("total_bytes", "nvml_total_bytes"):
+            total = dev.get(k)
+            if total is not None and (isinstance(total, bool) or not isinstance(total, int) or not 0 < total <= MAX_BYTES):
+                raise ProfileError(f"{where}: device.{k} must be a positive whole number of bytes, got {total!r}")
+        if dev.get("kind") not in (None, "cuda", "cpu", "unknown"):
+            raise ProfileError(f"{where}: device.kind must be cuda or cpu, got {dev.get('kind')!r}")
+        for k in ("name", "nvml_name"):
+            if dev.get(k) is not None and not isinstance(dev.get(k), str):
+                raise ProfileError(f"{where}: device.{k} must be a string")
         return cls(
             gpu=data["gpu"], device=dict(data["device"]), versions=dict(data["versions"]), created=data["created"],
             source=src["log"], source_info={k: v for k, v in src.items() if k != "log"},
             allocated_source=data["allocated_source"],
             context=fitted("context", "bytes"), workspace=fitted("workspace", "bytes"), allocator=alloc,
             activation_factors=factors, throughput=thr, qlora_dequant=fitted("qlora_dequant", "s_per_gparam"),
-            holdout=holdout,
+            holdout=holdout, stack=stack, holdout_by_method=holdout_by_method,
         )
 
     def save(self, path: str | Path) -> Path:
@@ -524,8 +637,12 @@ def _need_map(v: Any, where: str) -> None:
 
 
 def _num(v: Any, where: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ProfileError(f"{where} must be a finite number, got {v!r}")
+    try:
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(float(v))
+    except OverflowError:  # an integer literal beyond float range
+        ok = False
+    if not ok:
+        raise ProfileError(f"{where} must be a finite number, got {str(v)[:40]!r}")
     return float(v)
 
 
@@ -540,6 +657,7 @@ def _int(v: Any, where: str, signed: bool = False) -> int:
 #: Profiles already read, by (path, inode, mtime, size): the planner asks for a card's profile on
 #: every estimate, and a search makes thousands; a rewritten file is read again.
 _CACHE: dict[tuple[str, int, int, int], Profile] = {}
+MAX_PROFILE_BYTES = 16 << 20  # a real profile is tens of KiB
 
 
 def read_profile(path: str | Path) -> Profile:
@@ -553,15 +671,31 @@ def read_profile(path: str | Path) -> Profile:
     if key is not None and key in _CACHE:
         return _CACHE[key]
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.stat().st_size > MAX_PROFILE_BYTES:
+            raise ProfileError(f"profile {path} is too large to be a profile (over {MAX_PROFILE_BYTES >> 20} MiB)",
+                               "delete it or re-run `vramplan calibrate`")
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ProfileError(f"cannot read profile {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ProfileError(f"profile {path} is not UTF-8 text (saved as UTF-16?)",
+                           "delete it or re-run `vramplan calibrate`") from None
     try:
         data = json.loads(text)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise ProfileError(f"profile {path} is corrupt (not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno})",
                            "delete it or re-run `vramplan calibrate`") from None
-    prof = Profile.from_json(data, where=f"profile {path}")
+    except (ValueError, RecursionError):
+        raise ProfileError(f"profile {path} is corrupt (not valid JSON, or nested too deeply)",
+                           "delete it or re-run `vramplan calibrate`") from None
+    try:
+        prof = Profile.from_json(data, where=f"profile {path}")
+    except ProfileError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, RecursionError, OverflowError) as exc:
+        # a shape the checks above did not foresee: still one line, never a traceback
+        raise ProfileError(f"profile {path} is malformed ({type(exc).__name__}: {str(exc)[:120]})",
+                           "delete it or re-run `vramplan calibrate`") from None
     from dataclasses import replace
 
     prof = replace(prof, path=str(path))
@@ -608,4 +742,41 @@ def load_profile(gpu_name: str, search: Iterable[str | Path] | None = None) -> P
         ProfileError: the profile found is corrupt or has an unknown schema version.
     """
     path = find_profile(gpu_name, search)
-    return None if path is None else read_profile(path)
+    if path is None:
+        return None
+    prof = read_profile(path)
+    check_binding(prof, gpu_name)
+    return prof
+
+
+def check_binding(prof: Profile, gpu_name: str) -> None:
+    """Refuse a profile that was measured on another device than card ``gpu_name``.
+
+    The profile's own ``gpu`` must name the card, a card's profile must come from a CUDA
+    device (not a dry-run/CPU profile renamed), and the device name it recorded (NVML's
+    or torch's) must not be a *different* catalogue card.
+
+    Raises:
+        ProfileError: one line naming both devices.
+    """
+    want = profile_key(gpu_name)
+    where = prof.path or f"{prof.gpu}.json"
+    if profile_key(prof.gpu) != want:
+        raise ProfileError(f"profile {where} was measured on {prof.gpu!r}, not on {gpu_name!r}",
+                           "calibrate this card (vramplan calibrate), or remove the copied file")
+    dev = prof.device or {}
+    if want != "cpu" and (dev.get("kind") == "cpu" or prof.allocated_source != "torch.cuda"):
+        raise ProfileError(f"profile {where} was not measured on a GPU (device {dev.get('kind') or 'unknown'}, "
+                           f"{prof.allocated_source} memory), so it cannot describe {gpu_name!r}",
+                           "calibrate the card on the card itself: vramplan calibrate --gpu auto")
+    try:
+        from .gpus import catalogue_name
+    except ImportError:  # pragma: no cover
+        return
+    mine = catalogue_name(gpu_name)
+    for k in ("nvml_name", "name"):
+        seen = dev.get(k)
+        other = catalogue_name(seen) if seen else None
+        if mine is not None and other is not None and other != mine:
+            raise ProfileError(f"profile {where} was measured on {seen} ({other}), not on {gpu_name!r}",
+                               "calibrate this card, or remove the copied file")

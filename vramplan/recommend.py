@@ -10,8 +10,11 @@ accumulation steps; without one, accumulation is 1. A plan fits when its per-GPU
 stays below ``capacity x (1 - margin)``; the margin (default 10%) covers the analytic
 model's uncertainty (±10% of the tensor peak by default).
 
-Feasible plans are ranked by tokens/s (ties: simpler settings first); each carries the
-reason it loses to the best. When nothing fits, :func:`what_would_fit` says what would: the
+Feasible plans are ranked by tokens/s (ties: simpler settings first), except that a fallback
+(LoRA's QLoRA) ranks after every plan of the method's own adapter that fits: it is what the
+method becomes when that adapter does not fit, not a faster variant. Each plan carries the
+reason it loses to the best; a plan that fits the card but not the margin is "tight", never
+"does not fit". When nothing fits, :func:`what_would_fit` says what would: the
 smallest catalogue card, a number of GPUs with ZeRO-3/FSDP (or CPU offload), a shorter sequence.
 """
 
@@ -201,10 +204,32 @@ def _adapters_for(method: str, adapter: str | None) -> list[tuple[str, str | Non
         return out
     ad = rec.adapter.value
     if rec.method.name == "lora":
-        out.append(("qlora", None, "QLoRA fallback: LoRA over a 16-bit base does not fit"))
+        out.append(("qlora", None, "QLoRA fallback"))
     elif ad == "lora" and Adapter.QLORA in rec.method.adapters:
-        out.append((rec.method.name, "qlora", "QLoRA fallback: the 16-bit base does not fit"))
+        out.append((rec.method.name, "qlora", "QLoRA fallback"))
     return out
+
+
+def fallback_note(mp: "MethodPlans") -> str | None:
+    """Why the chosen plan of ``mp`` is its fallback (QLoRA), from the plans of the method's own adapter.
+
+    Says what is true of them: none fits even without the margin (the least memory, against the
+    capacity), or the best fits only without the margin ("tight"). None when the best plan is not a
+    fallback.
+    """
+    best = mp.best
+    if best is None or best.fallback is None:
+        return None
+    own = [p for p in mp.plans if p.fallback is None]
+    if not own:
+        return best.fallback
+    what = f"{own[0].adapter} over a 16-bit base"
+    least = min(own, key=lambda p: p.peak_bytes)
+    if least.peak_bytes > least.capacity_bytes:
+        return (f"{best.fallback}: {what} does not fit (least {least.peak_bytes / GIB:.2f} GiB > "
+                f"{least.capacity_bytes / GIB:.2f} GiB)")
+    return (f"{best.fallback}: {what} fits only without the {1 - least.usable_bytes / least.capacity_bytes:.0%} "
+            f"margin (least {least.peak_bytes / GIB:.2f} GiB > {least.usable_bytes / GIB:.2f} GiB usable)")
 
 
 def _combos(spec: ModelSpec, method: str, adapter: str | None, card: GPUSpec, fixed: dict,
@@ -324,7 +349,12 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
                               peak_bytes=int(total[i]), capacity_bytes=capacity, usable_bytes=usable, fits=bool(ok[i]),
                               tokens_per_s=tps, step_time_s=float(np.asarray(t.step_s)[i]), time_to_train_s=ttt,
                               gpu_hours=gh, fallback=note, _grid=(t, i)))
-    feasible = sorted((p for p in plans if p.fits), key=lambda p: (-round(p.tokens_per_s, 6), _preference(p)))
+    # a fallback (QLoRA for LoRA) is what the method becomes when its own adapter does not fit: its plans
+    # rank after every plan of the method's own adapter that fits, however fast the throughput model
+    # rates them (a larger micro-batch over an NF4 base can come out marginally faster, inside the
+    # model's resolution, and QLoRA changes the weights the adapter trains against)
+    feasible = sorted((p for p in plans if p.fits),
+                      key=lambda p: (p.fallback is not None, -round(p.tokens_per_s, 6), _preference(p)))
     rest = sorted((p for p in plans if not p.fits), key=lambda p: (p.peak_bytes, _preference(p)))
     ranked = feasible + rest
     best = feasible[0] if feasible else None
@@ -340,7 +370,12 @@ def _reason(p: Plan, best: Plan | None) -> str:
     if p is best:
         return "best: fastest that fits with the margin"
     if not p.fits:
-        return f"does not fit: {p.peak_bytes / GIB:.2f} GiB > {p.usable_bytes / GIB:.2f} GiB usable"
+        if p.peak_bytes <= p.capacity_bytes:  # fits the card, not the margin: never call that "does not fit"
+            return (f"tight: {p.peak_bytes / GIB:.2f} GiB fits the {p.capacity_bytes / GIB:.2f} GiB card but not "
+                    f"the margin ({p.usable_bytes / GIB:.2f} GiB usable)")
+        return f"does not fit: {p.peak_bytes / GIB:.2f} GiB > {p.capacity_bytes / GIB:.2f} GiB"
+    if p.fallback is not None and best.fallback is None:
+        return f"{p.adapter} fallback: only when {best.adapter} over a 16-bit base does not fit, and it does"
     slower = 1.0 - p.tokens_per_s / best.tokens_per_s
     diffs = []
     c, b = p.config, best.config
@@ -353,7 +388,7 @@ def _reason(p: Plan, best: Plan | None) -> str:
         diffs.append({"adamw_8bit": "8-bit AdamW updates slower", "paged_adamw_8bit": "paged 8-bit AdamW updates slower",
                       "adamw": "AdamW"}.get(c.optimizer, c.optimizer))
     if c.batch != b.batch:
-        diffs.append(f"micro-batch {c.batch} vs {b.batch}" + (" (the larger one does not fit)" if c.batch < b.batch and
+        diffs.append(f"micro-batch {c.batch} vs {b.batch}" + (" (the larger one leaves no margin)" if c.batch < b.batch and
                                                               c.grad_ckpt == b.grad_ckpt else ""))
     if c.rank != b.rank and c.adapter in ("lora", "qlora", "dora"):
         diffs.append(f"rank {c.rank}")
@@ -666,3 +701,55 @@ def recommend_techniques(model, cfg: TrainConfig, gpu, *, parallel: Parallel | N
                            capacity_bytes=capacity, usable_bytes=usable, savings=singles, recommended=recommended,
                            peak_with_bytes=int(final.peak_bytes), fits=bool(final.peak_bytes <= capacity),
                            comfortable=bool(final.peak_bytes <= usable))
+
+
+# -- other stacks and precisions ---------------------------------------------------------------
+
+def other_setups(spec: ModelSpec, method: str, card: GPUSpec, *, framework: str = "hf", precision: str | None = None,
+                 current: Plan | None = None, **search_kw) -> list[Suggestion]:
+    """Stacks (``stacks.toml``) and precisions that make ``method`` fit where ``framework``/``precision`` do not.
+
+    Tries every other stack at its own default precision, and the current stack in pure bf16
+    (``--precision bf16``: no fp32 master weights or states) when the card has bf16 and it is
+    not already the precision. A setup is listed when its best plan fits with the margin
+    (``comfortable``), or fits without it while ``current`` (the plan shown) does not fit at all
+    (``tight``). ``search_kw`` are :func:`search`'s settings (seq, margin, fixed settings, ...).
+
+    Returns:
+        :class:`Suggestion` of kind ``stack`` or ``precision`` with ``framework``, ``precision``,
+        ``peak_bytes``, ``tokens_per_s`` and ``verdict``, comfortable ones first, then fastest.
+    """
+    from .plan import _check_card
+    from .stacks import stacks
+
+    tries: list[tuple[str, str | None, str]] = []
+    for name in stacks():
+        if name != framework:
+            tries.append((name, None, "stack"))
+    if card.bf16 and precision != "bf16":
+        tries.append((framework, "bf16", "precision"))
+    found = []
+    current_fits = current is not None and current.peak_bytes <= current.capacity_bytes
+    for fw, prec, kind in tries:
+        try:
+            p = _check_card(prec, method, None, search_kw.get("attn") or "sdpa", card, fw)
+            mp = search(spec, method, card, framework=fw, precision=p, **search_kw)
+        except VramplanError:
+            continue  # the stack does not run this method or card (e.g. no bf16)
+        best = mp.best
+        verdict = "comfortable"
+        if best is None:
+            tight = [q for q in mp.plans if q.peak_bytes <= q.capacity_bytes]
+            if current_fits or not tight:
+                continue
+            best, verdict = max(tight, key=lambda q: q.tokens_per_s), "tight"
+        flag = f"--framework {fw}" if kind == "stack" else "--precision bf16"
+        prec_name = best.config.precision
+        text = (f"{flag} ({prec_name}{', ' + best.adapter if best.adapter != method else ''}) fits"
+                + (" (tight)" if verdict == "tight" else "")
+                + f": {best.peak_bytes / GIB:.2f} GiB, {best.tokens_per_s:,.0f} tok/s, {best.summary()}")
+        found.append(Suggestion(kind, text, {"framework": fw, "precision": prec_name, "verdict": verdict,
+                                             "peak_bytes": int(best.peak_bytes),
+                                             "tokens_per_s": round(float(best.tokens_per_s), 1)}))
+    found.sort(key=lambda s: (s.detail["verdict"] != "comfortable", -s.detail["tokens_per_s"]))
+    return found

@@ -54,9 +54,15 @@ Default efficiencies (assumptions; sources where measured):
   decoder layer per pass (about 30 kernel launches of ~8 us each in eager mode).
 * Memory-bound work at 0.80 of the datasheet bandwidth. QLoRA dequantises every NF4 weight
   once per pass over the layers (forward, recompute, backward); effectively 8 bytes moved
-  per weight and pass -- bitsandbytes/torchao dequantise in several memory-bound passes,
-  and torchtune's published QLoRA-vs-LoRA gaps (Llama-3.1-8B on an RTX 4090: 2,413 vs 3,083
-  tokens/s; Llama-3.2-3B on an A100: 8,035 vs 8,210) imply 5-14 bytes per weight and pass.
+  per weight and pass -- bitsandbytes/torchao dequantise in several memory-bound passes.
+  ``benchmarks/qlora_overhead.py`` solves each published same-shape LoRA/QLoRA pair for
+  this figure: litgpt's config hub on an A10G (Mistral-7B, QLoRA 31% fewer tokens/s: 9.8;
+  Phi-3-mini, 13.5% fewer: 6.5), LLaMA-Factory's Llama-2-7B on an A100 (no gap: 0); median of
+  the bitsandbytes pairs 6.5, so 8 errs on the slow side (a test keeps it between the median
+  and twice it). The cost is per micro-step, not per token: at 1-2k tokens per micro-step
+  it is the 15-30% the published runs show, at fit's larger micro-batches a few percent.
+  torchtune's compiled torchao pair (Llama-3.1-8B, RTX 4090: 2,413 vs 3,083 tokens/s) implies
+  more (~30) because this model's eager compute is slower than compiled torchtune's.
   DoRA (PEFT ``DoraLinearLayer``) materialises ``W + s B A`` in fp32 per forward for its
   column norm: ~18 bytes per adapted weight. Eager attention writes and reads the fp32
   scores, the softmax and its 16-bit cast: ~20 bytes per score in forward, ~40 in backward.
@@ -123,7 +129,8 @@ DECODE_LAUNCH_S_PER_LAYER = 0.30e-3
 DEQUANT_BYTES_PER_PARAM = 8.0   # effective bytes moved per NF4 weight per pass (module docstring)
 DORA_BYTES_PER_PARAM = 18.0
 EAGER_FWD_BYTES, EAGER_BWD_BYTES = 20.0, 40.0  # per attention score element
-OPT_BANDWIDTH_EFFICIENCY = {"adamw": 1.0, "adamw_8bit": 0.4, "paged_adamw_8bit": 0.4, "sgd": 1.0, "adafactor": 0.5}
+OPT_BANDWIDTH_EFFICIENCY = {"adamw": 1.0, "adamw_8bit": 0.4, "paged_adamw_8bit": 0.4, "sgd": 1.0, "adafactor": 0.5,
+                            "paged_adamw_32bit": 1.0}  # 32-bit bnb: one fused pass, assumed as fused AdamW
 
 
 def card_class(gpu: GPUSpec) -> str:
@@ -383,7 +390,7 @@ def _optimizer_seconds(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, par: Par
     else:
         pb = max(1, round(st.bytes.get(Component.GRADIENTS, 0) / P))
     per = {"adamw": 2 * pb + pb + 4 * pb, "adamw_8bit": 2 * pb + pb + 4, "paged_adamw_8bit": 2 * pb + pb + 4,
-           "sgd": 3 * pb, "adafactor": 3 * pb}[opt.name]
+           "sgd": 3 * pb, "adafactor": 3 * pb, "paged_adamw_32bit": 3 * pb + 16}[opt.name]
     if opt.name == "adamw" and regime.runner == "loop" and par.strategy is None:
         per *= 1.5  # foreach AdamW: extra temporaries
     shard = par.gpus if par.strategy in ("zero1", "zero2", "zero3", "fsdp") else 1
@@ -431,7 +438,7 @@ def step_time(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, batch=None, seq=N
     calibrated = False
     parts: dict[str, np.ndarray] = {}
     if prof is not None:
-        micro = _profile_micro(prof, key, w, opt_s)
+        micro = _profile_micro(prof, key, w, opt_s, cfg.framework)
         if micro is not None:
             calibrated = True
             source = f"calibration profile {getattr(prof, 'path', None) or gpu.name} (throughput:{key})"
@@ -473,8 +480,12 @@ def step_time(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, batch=None, seq=N
                     source=source, parts=parts)
 
 
-def _profile_micro(prof, key: str, w: StepWork, opt_s: float):
-    """Micro-step seconds from a profile: its step-time model, else its achieved TFLOP/s; None if neither."""
+def _profile_micro(prof, key: str, w: StepWork, opt_s: float, stack: str):
+    """Micro-step seconds from a profile: its step-time model, else its achieved TFLOP/s; None if neither.
+
+    ``stack``: the run's training stack; a profile measured on another stack answers None (its step
+    times belong to the stack that measured them, ``profiles.Profile.step_seconds``).
+    """
     shape = np.shape(w.model_flops)
     flops = np.ravel(w.model_flops)
     toks = np.ravel(np.broadcast_to(w.tokens, shape))
@@ -487,7 +498,7 @@ def _profile_micro(prof, key: str, w: StepWork, opt_s: float):
         for i, (f, t) in enumerate(zip(flops, toks)):
             feats = step_features(flops=float(f), layers=w.layers, hidden=w.hidden, passes=w.layer_passes,
                                   gen_tokens=w.gen_tokens)
-            v = step_seconds(key, feats, dequant_gparams=w.dequant_gparams)
+            v = step_seconds(key, feats, dequant_gparams=w.dequant_gparams, stack=stack)
             if v is None:
                 break
             out[i] = v
@@ -496,7 +507,7 @@ def _profile_micro(prof, key: str, w: StepWork, opt_s: float):
             return np.maximum(out - opt_s, 0.5 * out).reshape(shape)
     if achieved is not None:
         for i, (f, t) in enumerate(zip(flops, toks)):
-            v = achieved(key, int(t))
+            v = achieved(key, int(t), stack=stack)
             if v is None or v <= 0:
                 return None
             out[i] = f / (v * 1e12)

@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fit-only", metavar="LOG", default=None,
                    help="refit the profile and rewrite the report from an existing JSONL log; measure nothing")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="with --resume, measure again the points that crashed the device or the process")
 
 
 def print_record(rec: dict) -> None:
@@ -77,18 +79,36 @@ def run_from_args(args: argparse.Namespace) -> dict:
             target = log.with_name(f"{log.stem}.profile.json")
         path = prof.save(target)
         rep = write_report(log, prof, report_dir) if report_dir else (None, None)
-        return {"gpu": prof.gpu, "log": str(log), "profile": str(path),
-                "report": str(rep[0]) if rep[0] else None, "plot": str(rep[1]) if rep[1] else None,
-                "holdout": {k: r.to_json() for k, r in prof.holdout.items()}}
+        out = {"gpu": prof.gpu, "log": str(log), "profile": str(path),
+               "report": str(rep[0]) if rep[0] else None, "plot": str(rep[1]) if rep[1] else None,
+               "holdout": {k: r.to_json() for k, r in prof.holdout.items()}}
+        print(closing_line(out), file=sys.stderr)
+        return out
     bar = not args.no_progress and sys.stderr.isatty()
     res = run_calibration(gpu=args.gpu, suite=args.suite, out=args.out, resume=args.resume, quick=args.quick,
                           device=args.device, report_dir=report_dir, progress=bar,
                           dryrun=args.dryrun, time_limit_s=args.time_limit,
-                          on_record=None if bar else print_record)
+                          on_record=None if bar else print_record,
+                          retry_failed=getattr(args, "retry_failed", False))
     out = res.to_json()
     if res.profile is not None:
         out["holdout"] = {k: r.to_json() for k, r in res.profile.holdout.items()}
+        out["holdout_by_method"] = {m: {k: r.to_json() for k, r in d.items()}
+                                    for m, d in res.profile.holdout_by_method.items()}
+    if res.crashed_skipped:
+        print(f"vramplan calibrate: skipped {len(res.crashed_skipped)} point(s) that crashed before "
+              "(--retry-failed measures them again)", file=sys.stderr)
+    print(closing_line(out), file=sys.stderr)
     return out
+
+
+def closing_line(out: dict) -> str:
+    """The last line of a calibration: where the profile, the raw log and the report are."""
+    parts = [f"profile {out.get('profile') or '(not written: nothing measured)'}", f"log {out.get('log')}"]
+    parts.append(f"report {out['report']}" + (f" + {out['plot']}" if out.get("plot") else "") if out.get("report")
+                 else "report (none)")
+    state = "" if out.get("complete", True) else f"; {out.get('remaining')} left: run again with --resume"
+    return "vramplan calibrate: wrote " + ", ".join(parts) + state
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
             if r.get("n"):
                 print(f"held out {k}: n={r['n']} median |err| {100 * (r['median_abs_rel'] or 0):.1f}%, "
                       f"worst under {100 * (r['max_under_rel'] or 0):.1f}%")
+        for m, d in (out.get("holdout_by_method") or {}).items():
+            r = d.get("reserved") or d.get("tokens_per_s") or {}
+            what = "reserved" if d.get("reserved") else "tokens/s"
+            if r.get("n") == 1:
+                print(f"  {m}: {what} 1 point, error {100 * (r.get('median_rel') or 0):+.1f}%")
+            elif r.get("n"):
+                print(f"  {m}: {what} n={r['n']} median |err| {100 * (r['median_abs_rel'] or 0):.1f}%")
     return 0
 
 

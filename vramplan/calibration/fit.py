@@ -11,10 +11,18 @@ What is fitted, and how (relative error = (predicted - measured) / measured thro
   activations`` per point (analytic tensors; allocated from ``max_memory_allocated``), median
   over the method's points where activations are at least 3% of the tensor peak; clamped to
   [0.25, 4]. Paged optimiser states live outside the allocator and are taken out first.
-* allocator: ``reserved = slope * allocated + intercept`` by least squares on relative
-  error over measured (allocated, reserved) pairs, slope clamped to [1, 3]; a method with
-  three or more points gets its own multiplicative correction (median ratio); finally all
-  of it is scaled up just enough that no fit point is under-predicted by more than 1%.
+* allocator: ``reserved = slope * allocated + intercept`` by a *trimmed* least squares on
+  relative error over the measured (allocated, reserved) pairs of the steps (the peak
+  counters are reset after the build and warm-up, so a QLoRA build spike never enters):
+  fit, drop the points whose residual lies beyond 3 scaled median absolute deviations
+  (at least 2%; at most a quarter of the points: a fragmented segment cache, a stray
+  reading), refit; slope clamped to [1, 3]. A method with three or more inlier points gets
+  its own multiplicative correction (median ratio). The fitted line is the *central*
+  estimate; the safety margin is separate: the 90th percentile of the leave-one-out
+  under-predictions (``AllocatorModel.margin``, a fraction of reserved), which the planner's
+  uncertainty band takes in. Leave-one-out residuals are kept per method (``loo``), and the
+  points trimmed are counted (``trimmed``). One fragmented point therefore moves neither
+  the slope nor any other point's prediction.
 * context: NVML process memory minus torch's reserve after the timed steps, maximum over
   points without a paged optimiser (lazily loaded kernels only add up as a run goes on).
 * step time per method: ``t = coef . step_features`` with non-negative coefficients, the
@@ -50,7 +58,6 @@ from .predict import Calibrated, TensorPrediction, analytic, calibrated
 MIN_ACT_FRACTION = 0.03
 FACTOR_RANGE = (0.25, 4.0)
 SLOPE_RANGE = (1.0, 3.0)
-UNDER_MARGIN = 0.01  # fit points may be under-predicted by at most this after the safety scaling
 METHOD_ALLOC_MIN_POINTS = 3
 
 
@@ -120,7 +127,9 @@ def load_rows(records: list[dict], allocated_source: str | None = None) -> tuple
             alloc = (r.get("dryrun") or {}).get("tensor_peak_bytes")
         else:
             alloc = None
-        res = [x for x in (mem.get("max_reserved"), mem.get("max_reserved_load")) if x is not None]
+        # the training steps' peak only: the runner resets the peak counters after the build and the
+        # warm-up, so a QLoRA build spike or the first step's allocations never enter the fit
+        res = [x for x in (mem.get("max_reserved"),) if x is not None]
         split = "search" if r.get("search") else r.get("split", "fit")
         rows.append(Row(
             rec=r, spec=spec, cfg=cfg, method=r.get("method") or (cfg.recipe.name if cfg else "?"), split=split,
@@ -163,6 +172,55 @@ def _fit_activation(rows: list[Row], workspace: int, cuda: bool) -> dict[str, Fi
     return out
 
 
+TRIM_MAD = 3.0         # residuals beyond this many scaled MADs are trimmed from the allocator fit ...
+TRIM_FLOOR = 0.02      # ... and beyond 2% (exact data has a MAD of zero)
+TRIM_SHARE = 0.25      # at most a quarter of the points
+MARGIN_QUANTILE = 0.9  # the safety margin: this quantile of the leave-one-out under-predictions
+
+
+def _line(A: np.ndarray, R: np.ndarray) -> tuple[float, float]:
+    """``R ~ slope * A + intercept`` by least squares on relative error, slope clamped to SLOPE_RANGE."""
+    if len(A) == 1:
+        return 1.0, float(R[0] - A[0])
+    X = np.stack([A / R, 1.0 / R], axis=1)
+    (slope, icpt), *_ = np.linalg.lstsq(X, np.ones_like(R), rcond=None)
+    slope, icpt = float(slope), float(icpt)
+    if not (math.isfinite(slope) and SLOPE_RANGE[0] <= slope <= SLOPE_RANGE[1]):
+        slope = float(min(max(slope if math.isfinite(slope) else 1.0, SLOPE_RANGE[0]), SLOPE_RANGE[1]))
+        icpt = float(np.median(R - slope * A))
+    return slope, icpt
+
+
+def _robust_allocator(A: np.ndarray, R: np.ndarray, methods: list[str]) -> tuple[float, float, dict[str, float], np.ndarray]:
+    """The trimmed fit of the module docstring: ``(slope, intercept, by_method, inlier mask)``."""
+    n = len(A)
+    keep = np.ones(n, dtype=bool)
+    slope, icpt = _line(A, R)
+    if n >= 4:
+        rel = (R - (slope * A + icpt)) / R
+        med = float(np.median(rel))
+        mad = 1.4826 * float(np.median(np.abs(rel - med)))
+        cut = max(TRIM_MAD * mad, TRIM_FLOOR)
+        order = np.argsort(-np.abs(rel - med))
+        drop = [i for i in order[: int(n * TRIM_SHARE)] if abs(rel[i] - med) > cut]
+        if drop:
+            keep[drop] = False
+            slope, icpt = _line(A[keep], R[keep])
+    base = np.maximum(A, slope * A + icpt)
+    by_method: dict[str, float] = {}
+    for m in sorted(set(methods)):
+        idx = [i for i, x in enumerate(methods) if x == m and keep[i]]
+        if len(idx) >= METHOD_ALLOC_MIN_POINTS:
+            k = float(np.median(R[idx] / base[idx]))
+            if abs(k - 1) > 0.01:
+                by_method[m] = min(max(k, 0.5), 2.0)
+    return slope, icpt, by_method, keep
+
+
+def _reserve(A, slope: float, icpt: float, k: float | None) -> float:
+    return float(AllocatorModel(slope, int(round(icpt))).reserve(int(A), k))
+
+
 def _fit_allocator(rows: list[Row]) -> AllocatorModel | None:
     pairs = [(float(r.allocated), float(r.reserved), r.method) for r in rows
              if r.allocated is not None and r.reserved is not None and r.allocated > 0 and r.reserved > 0]
@@ -170,36 +228,32 @@ def _fit_allocator(rows: list[Row]) -> AllocatorModel | None:
         return None
     A = np.array([p[0] for p in pairs])
     R = np.array([p[1] for p in pairs])
-    if len(pairs) == 1:
-        slope, icpt = 1.0, float(R[0] - A[0])
-    else:
-        X = np.stack([A / R, 1.0 / R], axis=1)
-        (slope, icpt), *_ = np.linalg.lstsq(X, np.ones_like(R), rcond=None)
-        if not SLOPE_RANGE[0] <= slope <= SLOPE_RANGE[1]:
-            slope = float(min(max(slope, SLOPE_RANGE[0]), SLOPE_RANGE[1]))
-            icpt = float(np.median(R - slope * A))
-    base = slope * A + icpt
-    by_method: dict[str, float] = {}
     methods = [p[2] for p in pairs]
-    for m in sorted(set(methods)):
-        idx = [i for i, x in enumerate(methods) if x == m]
-        if len(idx) >= METHOD_ALLOC_MIN_POINTS:
-            k = float(np.median(R[idx] / np.maximum(base[idx], A[idx])))
-            if abs(k - 1) > 0.01:
-                by_method[m] = min(max(k, 0.5), 2.0)
-    k_i = np.array([by_method.get(m, 1.0) for m in methods])
-    pred = np.maximum(A, base * k_i)
-    worst = float(np.max((R - pred) / R))
-    if worst > UNDER_MARGIN:
-        scale = (1 - UNDER_MARGIN) / (1 - worst)
-        slope, icpt = slope * scale, icpt * scale
-        pred = np.maximum(A, (slope * A + icpt) * k_i)
-    model = AllocatorModel(float(slope), int(round(icpt)), n=len(pairs), by_method=by_method)
-    probe = Profile(gpu="-", device={}, versions={}, created="", source="", source_info={}, allocated_source="",
-                    allocator=model)
-    preds = [probe.reserved_bytes(int(a), m) for a, m in zip(A, methods)]
-    return AllocatorModel(model.slope, model.intercept_bytes, n=len(pairs), by_method=by_method,
-                          residual=Residual.of(preds, list(R)))
+    slope, icpt, by_method, keep = _robust_allocator(A, R, methods)
+    preds = [_reserve(a, slope, icpt, by_method.get(m)) for a, m in zip(A, methods)]
+    # leave-one-out: every point predicted by the fit of all the others, residuals kept per method
+    loo_pred: dict[str, list[float]] = {}
+    loo_meas: dict[str, list[float]] = {}
+    under: list[float] = []
+    if len(pairs) >= 2:
+        for i in range(len(pairs)):
+            mask = np.arange(len(pairs)) != i
+            s_i, c_i, bm_i, _ = _robust_allocator(A[mask], R[mask], [m for j, m in enumerate(methods) if j != i])
+            p = _reserve(A[i], s_i, c_i, bm_i.get(methods[i]))
+            loo_pred.setdefault(methods[i], []).append(p)
+            loo_meas.setdefault(methods[i], []).append(float(R[i]))
+            under.append(max(0.0, (R[i] - p) / R[i]))
+    loo = {m: Residual.of(loo_pred[m], loo_meas[m]) for m in sorted(loo_pred)}
+    margin = 0.0
+    if under:
+        u = sorted(under)
+        pos = MARGIN_QUANTILE * (len(u) - 1)
+        lo = int(math.floor(pos))
+        hi = min(lo + 1, len(u) - 1)
+        margin = float(u[lo] + (u[hi] - u[lo]) * (pos - lo))
+    return AllocatorModel(float(slope), int(round(icpt)), n=len(pairs), by_method=by_method,
+                          residual=Residual.of(preds, list(R)), margin=round(margin, 6), loo=loo,
+                          trimmed=int((~keep).sum()))
 
 
 def _fit_context(rows: list[Row]) -> Fitted | None:
@@ -338,6 +392,15 @@ def residuals(evals: list[PointEval], split: str) -> dict[str, Residual]:
 
 # -- the fit ---------------------------------------------------------------------------------
 
+def _stack(rows: list[Row]) -> str:
+    """The training stack the measured points ran (``TrainConfig.framework``; the runtime's is ``hf``)."""
+    stacks = sorted({(r.cfg.framework if r.cfg is not None else "hf") for r in rows})
+    if len(stacks) > 1:
+        raise VramplanError(f"the log mixes training stacks ({', '.join(stacks)}); a profile holds one stack's figures",
+                            "calibrate each stack into its own log (--out)")
+    return stacks[0] if stacks else "hf"
+
+
 def fit_profile(log_path: str | Path) -> Profile:
     """Fit the profile of the card whose calibration log is ``log_path`` (``<gpu>.jsonl``).
 
@@ -381,14 +444,19 @@ def fit_profile(log_path: str | Path) -> Profile:
                      "holdout_points": sum(r.split == "holdout" for r in ok),
                      "search_probes": sum(r.split == "search" for r in rows),
                      "oom_points": sum(r.status == "oom" for r in rows),
-                     "error_points": sum(r.status == "error" for r in rows),
+                     "error_points": sum(r.status in ("error", "crashed") for r in rows),
+                     "crashed_points": sum(r.status == "crashed" for r in rows),
                      "context_init_bytes": int(_median(ctx_init)) if ctx_init else None,
                      "alloc_conf": (last.get("env") or {}).get("PYTORCH_CUDA_ALLOC_CONF")},
-        allocated_source=source, context=context, workspace=workspace, allocator=allocator,
+        allocated_source=source, context=context, workspace=workspace, allocator=allocator, stack=_stack(ok),
         activation_factors=factors, throughput=throughput, qlora_dequant=dequant,
     )
     evals = evaluate(rows, prof)
     hold = residuals(evals, "holdout")
+    by_method = {}
+    for m in sorted({e.row.method for e in evals if e.row.split == "holdout"}):
+        r = residuals([e for e in evals if e.row.method == m], "holdout")
+        by_method[m] = {k: v for k, v in r.items() if v.n}
     from dataclasses import replace
 
-    return replace(prof, holdout={k: v for k, v in hold.items() if v.n})
+    return replace(prof, holdout={k: v for k, v in hold.items() if v.n}, holdout_by_method=by_method)

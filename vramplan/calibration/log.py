@@ -13,6 +13,10 @@ Record kinds (``"kind"``):
   ``oom`` or ``error``; ``split`` is ``fit``, ``holdout`` or ``search``.
 * ``search``: the outcome of a largest-batch/seq search (probes are ``point`` records
   with ``search`` set to the search id).
+* ``attempt``: written by the runner just before a point is measured (``id``, ``search``,
+  ``size``); an attempt with no ``point`` record after it is a point that killed the process
+  (``--resume`` skips it unless ``--retry-failed``). A point whose device stopped answering
+  is recorded with ``status = "crashed"``.
 """
 
 from __future__ import annotations

@@ -10,6 +10,11 @@ What is measured, and how:
   this process: reserved segments + CUDA context + memory outside the allocator (paged
   optimiser states in ``cudaMallocManaged``). Where a container hides the process list, the
   device-wide used memory minus the baseline read before CUDA initialised stands in.
+* Which NVML device: the torch device's UUID (or PCI bus id) looked up in NVML
+  (:func:`vramplan.nvml.nvml_index`), never the torch index itself, which counts only the
+  devices ``CUDA_VISIBLE_DEVICES`` leaves visible, in CUDA's order. Without a match (no UUID
+  or PCI id from torch) the index is used only when it cannot be ambiguous: one GPU in NVML
+  and no ``CUDA_VISIBLE_DEVICES``; otherwise nothing is read from NVML.
 * The CUDA context: NVML used memory just before and just after CUDA initialises (a first
   1-element tensor), minus what the allocator reserved for that tensor.
 * The cuBLAS workspaces: allocated bytes left behind by a forward and a backward matmul once
@@ -145,6 +150,8 @@ class CudaDevice(Device):
         self.nvml = nvml
         self._baseline_used: int | None = None
         self._nvml_ok = True
+        self._nvml_idx: int | None = None
+        self._nvml_match: str | None = None  # how the NVML device was found: uuid, pci_bus_id, index, or none
 
     @property
     def torch_device(self) -> str:
@@ -173,7 +180,55 @@ class CudaDevice(Device):
         self.cuda.empty_cache()
         self.cuda.reset_peak_memory_stats(self.index)
 
-    def _nvml_call(self, fn, *args):
+    def _ids(self) -> tuple[str | None, str | None]:
+        """This device's UUID (NVML spelling, ``GPU-...``) and PCI bus id, as torch reports them."""
+        try:
+            props = self.cuda.get_device_properties(self.index)
+        except Exception:
+            return None, None
+        uuid = getattr(props, "uuid", None)
+        uuid = str(uuid) if uuid else None
+        if uuid and not uuid.startswith(("GPU-", "MIG-")):
+            uuid = "GPU-" + uuid
+        pci = None
+        bus = getattr(props, "pci_bus_id", None)
+        if isinstance(bus, int):
+            pci = f"{int(getattr(props, 'pci_domain_id', 0) or 0):08X}:{bus:02X}:{int(getattr(props, 'pci_device_id', 0) or 0):02X}.0"
+        return uuid, pci
+
+    def nvml_device(self) -> int | None:
+        """The NVML index of this torch device (see the module docstring), or None."""
+        if self._nvml_match is not None:
+            return self._nvml_idx
+        import os
+
+        uuid, pci = self._ids()
+        idx = None
+        find = getattr(self.nvml, "nvml_index", None)
+        if find is not None and (uuid or pci):
+            if uuid:
+                idx = self._nvml_call(find, uuid, None, raw=True)
+                self._nvml_match = "uuid" if idx is not None else None
+            if idx is None and pci:
+                idx = self._nvml_call(find, None, pci, raw=True)
+                self._nvml_match = "pci_bus_id" if idx is not None else None
+        if idx is None:
+            count = self._nvml_call(getattr(self.nvml, "device_count", lambda: None), raw=True)
+            if not os.environ.get("CUDA_VISIBLE_DEVICES") and count == 1 and self.index == 0:
+                idx, self._nvml_match = 0, "index"
+            elif find is None and count is None:  # an NVML stand-in without lookup (tests): the index
+                idx, self._nvml_match = self.index, "index"
+            else:
+                self._nvml_match = "none"
+        self._nvml_idx = idx
+        return idx
+
+    def _nvml_call(self, fn, *args, raw: bool = False):
+        if not raw:
+            i = self.nvml_device()
+            if i is None:
+                return None
+            args = (i,) + args[1:]
         if not self._nvml_ok:
             return None
         try:
@@ -218,6 +273,8 @@ class CudaDevice(Device):
             "sm_count": int(getattr(props, "multi_processor_count", 0) or 0),
             "driver": info.driver if info else None,
             "cuda_driver_version": info.cuda_driver_version if info else None,
+            "uuid": self._ids()[0], "pci_bus_id": self._ids()[1],
+            "nvml_index": self.nvml_device(), "nvml_match": self._nvml_match,
         }
 
     def probe_context(self) -> dict:

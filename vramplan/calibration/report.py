@@ -41,7 +41,10 @@ def _rel(p, m) -> float | None:
     return None if p is None or not m else (p - m) / m
 
 
-def _residual_row(name: str, r: Residual) -> str:
+def _residual_row(name: str, r: Residual, fitted: bool = False) -> str:
+    """A residual's table row; a fitted quantity's residual over a single point (zero by construction) says "1 point"."""
+    if fitted and r.n == 1:
+        return f"| {name} | 1 | 1 point | 1 point | 1 point | 1 point | 1 point |"
     return (f"| {name} | {r.n} | {_pct(r.median_rel)} | {_apct(r.median_abs_rel)} | {_apct(r.p90_abs_rel)} | "
             f"{_apct(r.max_under_rel)} | {_apct(r.max_over_rel)} |")
 
@@ -157,6 +160,9 @@ def render_markdown(log_path: Path, profile: Profile, rows: list[Row], evals: li
     L.append("|---|---|---|---|---|---|")
 
     def frow(name, value, n, r: Residual):
+        if n == 1 or r.n == 1:  # a value fitted to one point reproduces it: no error to show
+            L.append(f"| {name} | {value} | {n} | 1 point | 1 point | 1 point |")
+            return
         L.append(f"| {name} | {value} | {n} | {_apct(r.median_abs_rel)} | {_apct(r.max_under_rel)} | {_apct(r.max_over_rel)} |")
 
     if profile.context:
@@ -171,6 +177,10 @@ def render_markdown(log_path: Path, profile: Profile, rows: list[Row], evals: li
              f"{a.slope:.4f} × A + {a.intercept_bytes / MIB:,.0f} MiB", a.n, a.residual)
         for m, k in sorted(a.by_method.items()):
             L.append(f"| allocator correction, {m} | × {k:.4f} | – | – | – | – |")
+        L.append(f"| allocator safety margin (p90 of leave-one-out under-predictions; not in the fitted value) | "
+                 f"+{100 * a.margin:.2f}% | {a.n} | – | – | – |")
+        if a.trimmed:
+            L.append(f"| allocator points trimmed as outliers (fragmented cache, stray reading) | {a.trimmed} | – | – | – | – |")
     for m, f in sorted(profile.activation_factors.items()):
         frow(f"activation factor, {m}", f"{f.value:.3f}", f.n, f.residual)
     for m, t in sorted(profile.throughput.items()):
@@ -187,6 +197,33 @@ def render_markdown(log_path: Path, profile: Profile, rows: list[Row], evals: li
              profile.qlora_dequant.residual)
     L.append("")
 
+    # per method
+    L.append("## Held-out error by method")
+    L.append("")
+    L.append(f"Stack measured: **{profile.stack}** (its per-method figures apply to runs on that stack; the card's "
+             "context and workspace to every stack).")
+    L.append("")
+    L.append("| method | quantity | n | median | median abs | p90 abs | worst under | worst over |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    methods = sorted({r.method for r in rows if r.status == "ok"})
+    for m in methods:
+        got = profile.holdout_by_method.get(m) or {}
+        if not got:
+            L.append(f"| {m} | – | 0 | no held-out point | – | – | – | – |")
+        for k, r in sorted(got.items()):
+            L.append(_residual_row(f"{m} | {k}", r))
+    L.append("")
+    if profile.allocator and profile.allocator.loo:
+        L.append("## Allocator leave-one-out residuals by method")
+        L.append("")
+        L.append("Each point's peak reserved predicted by the allocator fitted without it (relative error).")
+        L.append("")
+        L.append("| method | n | median | median abs | p90 abs | worst under | worst over |")
+        L.append("|---|---|---|---|---|---|---|")
+        for m, r in sorted(profile.allocator.loo.items()):
+            L.append(_residual_row(m, r))
+        L.append("")
+
     # distribution
     L.append("## Error distribution")
     L.append("")
@@ -197,7 +234,7 @@ def render_markdown(log_path: Path, profile: Profile, rows: list[Row], evals: li
     for split in ("fit", "search", "holdout"):
         for k, r in residuals(evals, split).items():
             if r.n:
-                L.append(_residual_row(f"{k}, {split}", r))
+                L.append(_residual_row(f"{k}, {split}", r, fitted=split == "fit"))
     L.append("")
     if plot_name:
         L.append(f"![predicted vs measured]({plot_name})")
@@ -303,23 +340,34 @@ def write_plot(path: Path, rows: list[Row], evals: list[PointEval]) -> str | Non
     ax.set_ylabel(f"predicted {what} (GiB)")
     ax.set_title(f"{what}: predicted vs measured (±3%)")
     _legend(ax)
-    # 2: error histogram
+    # 2: error histogram -- one set of bins for every split, stacked so no split hides another, a
+    # range that keeps the bulk readable (outliers are counted in the title, not allowed to squash it)
     ax = axes[1]
-    for split, col in colors.items():
-        errs = []
+    errs_by: dict[str, list[float]] = {}
+    for split in colors:
         for e in ok:
             if e.row.split != split:
                 continue
             p, m = (e.cal.reserved_bytes, e.row.reserved) if use_reserved else (e.cal.allocated_bytes, e.row.allocated)
             if p and m:
-                errs.append(100 * (p - m) / m)
-        if errs:
-            ax.hist(errs, bins=20, alpha=0.6, color=col, label=split)
+                errs_by.setdefault(split, []).append(100 * (p - m) / m)
+    every = sorted(abs(x) for v in errs_by.values() for x in v)
+    if every:
+        span = max(4.0, min(50.0, every[int(0.95 * (len(every) - 1))] * 1.2))
+        bins = [-span + 2 * span * i / 40 for i in range(41)]
+        data = [[min(max(x, -span), span) for x in errs_by[s]] for s in errs_by]
+        ax.hist(data, bins=bins, stacked=True, color=[colors[s] for s in errs_by], label=list(errs_by),
+                edgecolor="black", linewidth=0.3)
+        outside = sum(1 for x in every if x > span)
+        ax.set_xlim(-span, span)
+        ax.set_title("error distribution" + (f" ({outside} beyond ±{span:.0f}%, in the end bins)" if outside else ""))
+    else:
+        ax.text(0.5, 0.5, "no memory readings", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title("error distribution")
     ax.axvline(-3, color="k", ls=":", lw=0.8)
     ax.axvline(3, color="k", ls=":", lw=0.8)
     ax.set_xlabel(f"{what} error (%)")
     ax.set_ylabel("points")
-    ax.set_title("error distribution")
     _legend(ax)
     # 3: tokens/s
     ax = axes[2]

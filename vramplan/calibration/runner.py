@@ -13,7 +13,11 @@ peak statistics, run ``steps`` timed steps, and record:
 An out-of-memory point is recorded as ``status = "oom"`` with the size tried; its
 traceback's frames are cleared, the cache is emptied and the run goes on. Any other error
 is recorded as ``status = "error"`` (retried by ``--resume``); if the device no longer
-answers, the run stops with :class:`~vramplan.calibration.measure.DeviceLostError`.
+answers, the point is recorded as ``status = "crashed"`` and the run stops with
+:class:`~vramplan.calibration.measure.DeviceLostError`. Before each point an ``attempt``
+record is logged, so a point that killed the process outright (a segfault, the machine cut
+off) is known too: ``--resume`` skips crashed points -- a point that took the device down
+once is not tried first on every resume -- unless ``retry_failed`` asks for them again.
 
 Each record is appended durably to ``<out>/<gpu>.jsonl`` before the next point starts
 (:mod:`vramplan.calibration.log`), so Ctrl-C or a crash loses only the point in progress.
@@ -76,6 +80,7 @@ class CalibrationResult:
     budget_s: float | None = None
     complete: bool = True  # False when time_limit_s stopped the run before the suite was done
     remaining: int = 0     # points and searches left for a --resume
+    crashed_skipped: list = field(default_factory=list)  # ids of crashed points skipped (--retry-failed retries)
 
     def to_json(self) -> dict:
         return {"gpu": self.gpu, "device": self.device, "suite": self.suite, "log": str(self.log_path),
@@ -84,7 +89,7 @@ class CalibrationResult:
                 "plot": str(self.plot_path) if self.plot_path else None, "measured": self.measured, "oom": self.oom,
                 "errors": self.errors, "skipped": self.skipped, "searches": self.searches,
                 "elapsed_s": round(self.elapsed_s, 1), "budget_s": self.budget_s, "complete": self.complete,
-                "remaining": self.remaining}
+                "remaining": self.remaining, "crashed_skipped": list(self.crashed_skipped)}
 
 
 # -- naming ----------------------------------------------------------------------------------
@@ -170,6 +175,8 @@ def measure_point(point: Point, dev: Device, builder: Builder, *, session: str =
         workload = builder(spec, cfg, dev.torch_device)
         dev.synchronize()
         rec["load_s"] = round(time.perf_counter() - t0, 4)
+        built = dev.sample()  # the build's own peak (a QLoRA base quantised layer by layer), kept apart
+        mem["max_allocated_build"], mem["max_reserved_build"] = built.max_allocated, built.max_reserved
         notes = getattr(workload, "notes", None)
         if notes:
             rec["notes"] = [str(n) for n in notes]
@@ -232,9 +239,46 @@ def measure_point(point: Point, dev: Device, builder: Builder, *, session: str =
     rec["memory"] = mem
     rec["elapsed_s"] = round(time.perf_counter() - t_all, 3)
     if rec["status"] != "ok" and not dev.healthy():
-        raise DeviceLostError(f"the device stopped answering after {point.describe()} ({rec.get('error')})",
-                              "restart the process; --resume continues after the points already logged")
+        rec["status"] = "crashed"
+        err = DeviceLostError(f"the device stopped answering after {point.describe()} ({rec.get('error')})",
+                              "restart the process; --resume continues after the points already logged and skips "
+                              "this one (--retry-failed tries it again)")
+        err.record = rec
+        raise err
     return rec
+
+
+def _attempt(point: Point, session: str, search: str | None = None, size: int | None = None) -> dict:
+    return {"kind": "attempt", "id": point.id, "session": session, "time": now_iso(), "search": search, "size": size,
+            "model": point.model, "method": point.method_key}
+
+
+def crashed_points(path: Path) -> tuple[set[str], dict[str, set[int]]]:
+    """Grid points and search probes that crashed: ``(point ids, {search id: sizes})``.
+
+    A point crashed when its last record says ``crashed`` (the device stopped answering) or
+    when an ``attempt`` was logged and no result followed (the process died mid-point).
+    """
+    from .log import iter_log
+
+    last: dict[tuple, str] = {}
+    if path.exists():
+        for r in iter_log(path):
+            if r.get("kind") == "attempt":
+                last[(r.get("id"), r.get("search"), r.get("size"))] = "interrupted" if r.get("interrupted") else "attempt"
+            elif r.get("kind") == "point":
+                last[(r.get("id"), r.get("search"), r.get("size"))] = r.get("status") or "error"
+    points: set[str] = set()
+    probes: dict[str, set[int]] = {}
+    for (pid, search, size), status in last.items():
+        if status not in ("attempt", "crashed"):
+            continue
+        if search:
+            if size is not None:
+                probes.setdefault(search, set()).add(int(size))
+        else:
+            points.add(pid)
+    return points, probes
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -284,13 +328,17 @@ _PROBES_GUESS = 7  # probes a search usually takes (for the ETA; corrected as se
 
 def run_search(spec: SearchSpec, dev: Device, builder: Builder, log: JsonlLog, prior: dict[int, dict], *,
                session: str = "", progress: _Progress | None = None, with_dryrun: bool = False,
-               deadline: float | None = None, on_record: Callable[[dict], None] | None = None) -> dict | None:
+               deadline: float | None = None, on_record: Callable[[dict], None] | None = None,
+               crashed: set[int] | None = None) -> dict | None:
     """Find the largest ``spec.vary`` that fits; every probe is logged; resumes from ``prior`` probes.
 
+    ``crashed``: sizes whose probe crashed before; they count as not fitting.
     Returns the ``search`` record, or None if ``deadline`` (a ``time.perf_counter`` value)
     passed first (the probes made so far are logged; a resumed run carries on).
     """
     results = {int(s): r.get("status") == "ok" for s, r in prior.items() if r.get("status") in ("ok", "oom")}
+    for size in crashed or ():
+        results.setdefault(int(size), False)
     error = None
     kw = dict(start=spec.start, max_size=spec.max, granularity=spec.granularity)
     while (size := next_size(results, **kw)) is not None:
@@ -303,7 +351,17 @@ def run_search(spec: SearchSpec, dev: Device, builder: Builder, log: JsonlLog, p
             break
         if progress:
             progress.describe(f"search {spec.model} {point.method_key} {spec.vary}={size}")
-        rec = measure_point(point, dev, builder, session=session, search=spec.id, size=size, with_dryrun=with_dryrun)
+        log.append(_attempt(point, session, spec.id, size))
+        try:
+            rec = measure_point(point, dev, builder, session=session, search=spec.id, size=size,
+                                with_dryrun=with_dryrun)
+        except KeyboardInterrupt:
+            log.append({**_attempt(point, session, spec.id, size), "interrupted": True})
+            raise
+        except DeviceLostError as exc:
+            if getattr(exc, "record", None):
+                log.append(exc.record)
+            raise
         log.append(rec)
         if on_record:
             on_record(rec)
@@ -368,7 +426,7 @@ def run_calibration(gpu: str = "auto", suite: str | Path | Suite | None = None, 
                     report_dir: str | Path | None = "reports/calibration", fit: bool = True, progress: bool = True,
                     builder: Builder | None = None, device_obj: Device | None = None, console: Any = None,
                     dryrun: bool | str | None = None, time_limit_s: float | None = None,
-                    on_record: Callable[[dict], None] | None = None) -> CalibrationResult:
+                    on_record: Callable[[dict], None] | None = None, retry_failed: bool = False) -> CalibrationResult:
     """Run a calibration suite on one device, then fit the card's profile and write the report.
 
     Args:
@@ -391,6 +449,8 @@ def run_calibration(gpu: str = "auto", suite: str | Path | Suite | None = None, 
             holds and returns with ``complete = False`` (for machines lent by the 10 minutes:
             call again with ``resume=True``).
         on_record: called with every record once it is safely in the log (for plain-text progress).
+        retry_failed: with ``resume``, measure again the points (and search probes) that crashed
+            the device or the process before; by default they are skipped and stay recorded.
 
     Returns:
         :class:`CalibrationResult`.
@@ -422,8 +482,12 @@ def run_calibration(gpu: str = "auto", suite: str | Path | Suite | None = None, 
     result = CalibrationResult(gpu=key, device=dev.torch_device, suite=st.name, log_path=log_path,
                                budget_s=st.time_budget_s)
     session = uuid.uuid4().hex[:12]
-    todo = [p for p in st.points if not state.done(p.id)]
+    crashed, crashed_probes = crashed_points(log_path) if resume else (set(), {})
+    if retry_failed:
+        crashed, crashed_probes = set(), {}
+    todo = [p for p in st.points if not state.done(p.id) and p.id not in crashed]
     result.skipped = len(st.points) - len(todo)
+    result.crashed_skipped = sorted(p.id for p in st.points if p.id in crashed and not state.done(p.id))
     searches = [s for s in st.searches if s.id not in state.searches]
     if builder is None and (todo or searches):
         _check_bitsandbytes(todo, searches)
@@ -451,7 +515,8 @@ def run_calibration(gpu: str = "auto", suite: str | Path | Suite | None = None, 
             if isinstance(task, SearchSpec):
                 before = len(state.probes.get(task.id, {}))
                 res = run_search(task, dev, bld, log, state.probes.get(task.id, {}), session=session, progress=bar,
-                                 with_dryrun=False, deadline=deadline, on_record=on_record)
+                                 with_dryrun=False, deadline=deadline, on_record=on_record,
+                                 crashed=crashed_probes.get(task.id))
                 if res is None:
                     result.complete = False
                     result.remaining = len(tasks) - i
@@ -462,7 +527,18 @@ def run_calibration(gpu: str = "auto", suite: str | Path | Suite | None = None, 
                 continue
             p = task
             bar.describe(p.describe())
-            rec = measure_point(p, dev, bld, session=session, with_dryrun=p.id in dry_ids)
+            log.append(_attempt(p, session))
+            try:
+                rec = measure_point(p, dev, bld, session=session, with_dryrun=p.id in dry_ids)
+            except KeyboardInterrupt:  # stopped, not crashed: a resume measures it
+                log.append({**_attempt(p, session), "interrupted": True})
+                raise
+            except DeviceLostError as exc:
+                if getattr(exc, "record", None):
+                    log.append(exc.record)
+                    if on_record:
+                        on_record(exc.record)
+                raise
             log.append(rec)
             if on_record:
                 on_record(rec)

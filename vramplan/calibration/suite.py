@@ -197,8 +197,9 @@ def _as_list(v: Any) -> list:
 
 
 def _split_method(text: str) -> tuple[str, str | None]:
-    m, _, a = str(text).partition("+")
-    return m.strip().lower(), (a.strip().lower() or None)
+    from ..methods import parse_recipe_name
+
+    return parse_recipe_name(text)
 
 
 def load_suite(suite: str | Path) -> Suite:

@@ -26,6 +26,7 @@ This module imports transformers; ``import vramplan`` does not import it.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -126,6 +127,16 @@ def _detect_card():
         return replace(custom_gpu(int(props.total_memory)), display_name=props.name)
 
 
+def _has_handler(log: logging.Logger) -> bool:
+    """A handler on ``log`` or an ancestor that propagates (``logging.lastResort`` does not count)."""
+    node: logging.Logger | None = log
+    while node is not None:
+        if node.handlers:
+            return True
+        node = node.parent if node.propagate else None
+    return False
+
+
 class VramplanCallback(transformers.TrainerCallback):
     """Plan the run at train begin; warn if it will not fit; compare with the measured peak.
 
@@ -167,8 +178,18 @@ class VramplanCallback(transformers.TrainerCallback):
 
     # -- helpers -----------------------------------------------------------------------
     def _say(self, text: str, level: int = logging.INFO) -> None:
+        """Keep ``text`` in ``messages`` and show it where a default ``Trainer`` run's user sees it.
+
+        Through the ``vramplan`` logger when it emits at ``level`` (a configured handler, or a
+        warning, which Python's last-resort handler prints); otherwise an INFO line would vanish
+        (the root logger's default level is WARNING, transformers logs through its own), so it is
+        printed on stderr, once, from the main process only (``state.is_world_process_zero``).
+        """
         self.messages.append(text)
-        logger.log(level, text)
+        if level >= logging.WARNING or (logger.isEnabledFor(level) and _has_handler(logger)):
+            logger.log(level, text)
+        elif getattr(self, "_main_process", True):
+            print(text, file=sys.stderr, flush=True)
 
     def _plan(self, **extra):
         from .from_model import SEQ_NOTE
@@ -209,6 +230,7 @@ class VramplanCallback(transformers.TrainerCallback):
 
     # -- events ------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._main_process = bool(getattr(state, "is_world_process_zero", True))
         if model is None:
             return control
         from .from_model import request_from_model

@@ -28,6 +28,7 @@ OPTIMIZERS: dict[str, str] = {
     "adamw_8bit": "adamw_8bit",
     "bnb_8bit": "adamw_8bit",
     "paged_adamw_8bit": "paged_adamw_8bit",
+    "paged_adamw_32bit": "paged_adamw_32bit",  # bitsandbytes PagedAdamW32bit (the QLoRA paper's optimizer)
     "paged_adamw": "adamw",             # 32-bit states in paged (unified) memory: same bytes as AdamW
     "paged_adamw_32bit": "adamw",
     "sgd": "sgd",

@@ -390,7 +390,13 @@ def _build_copy(trainee: Trainee, copy: ModelCopy, attn: str) -> Copy:
     adapter = copy.adapter
     full = adapter is Adapter.FULL
     dtype = torch_dtype(regime.trainable_dtype if full else regime.frozen_dtype)
-    model = _from_config(spec, copy.head, dtype, attn, dev)
+    if copy.quantized and not trainee.fake:  # layer by layer, as bitsandbytes' loading path (runtime.nf4)
+        from .nf4 import linears_on_meta
+
+        with linears_on_meta():
+            model = _from_config(spec, copy.head, dtype, attn, dev)
+    else:
+        model = _from_config(spec, copy.head, dtype, attn, dev)
     if copy.quantized:
         from .nf4 import quantize_linears
 
@@ -444,6 +450,12 @@ def make_optimizer(params: list, cfg: TrainConfig, regime: Regime, device: str, 
     from ..errors import require
 
     bnb = require("bitsandbytes", "calibrate")
+    if opt.name == "paged_adamw_32bit":
+        if not fake and device.startswith("cuda"):
+            return bnb.optim.PagedAdamW32bit(params, lr=LR)
+        notes.append("paged_adamw_32bit: its fp32 states are counted as device tensors; on CUDA they live in "
+                     "unified memory outside torch's allocator (visible to nvidia-smi, evictable to host)")
+        return bnb.optim.AdamW32bit(params, lr=LR)
     if opt.paged and not fake and device.startswith("cuda"):
         return bnb.optim.PagedAdamW8bit(params, lr=LR)
     if opt.paged:

@@ -8,7 +8,15 @@ Fused MoE experts are 3-D ``nn.Parameter`` banks, not ``nn.Linear``: they stay i
 dtype (and ``prepare_model_for_kbit_training`` then upcasts them to fp32 like every other
 non-quantised parameter).
 
-On a real device the weight is quantised by bitsandbytes itself (``Params4bit.to``). On
+On a real device the weight is quantised by bitsandbytes itself (``Params4bit.to``), one
+layer at a time: the model is built with every ``nn.Linear`` on ``meta``
+(:func:`linears_on_meta`), and :func:`quantize_linears` materialises each weight in the
+load dtype on the device, quantises it and drops it before the next. This is the shape of
+transformers' bitsandbytes loading path (``from_pretrained`` creates the model on ``meta``
+and quantises each checkpoint tensor as it is loaded), so the build never holds more than
+the quantised model plus one linear layer in 16 bits -- not the whole bf16 model, which for
+an 8B model (>= 16 GiB) would exceed the QLoRA training step itself. The weights are random
+(normal, std 0.02): calibration measures memory and time, not quality. On
 ``meta`` the packed weight and every tensor of its ``QuantState`` are allocated with the
 layout ``vramplan.quant`` documents (checked against real bitsandbytes in the tests), so
 bitsandbytes' own ``matmul_4bit``/``dequantize_4bit`` code runs on them through its
@@ -16,6 +24,9 @@ registered fake kernels.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -58,12 +69,65 @@ def quant_state_tensors(qs) -> list[torch.Tensor]:
     return out
 
 
+INIT_STD = 0.02  # the std of transformers' default initializer_range
+
+
+@contextmanager
+def linears_on_meta() -> Iterator[None]:
+    """Create every ``nn.Linear`` (and subclass) built inside on ``meta``; everything else as usual.
+
+    :func:`quantize_linears` then materialises the quantisable ones one at a time, and
+    :func:`materialize_meta` the rest (an untied ``lm_head``).
+    """
+    orig = nn.Linear.__init__
+
+    def init(self, in_features, out_features, bias=True, device=None, dtype=None):
+        orig(self, in_features, out_features, bias, device="meta", dtype=dtype)
+
+    nn.Linear.__init__ = init
+    try:
+        yield
+    finally:
+        nn.Linear.__init__ = orig
+
+
+def _dense(shape, dtype: torch.dtype, device: str, kind: str) -> torch.Tensor:
+    """A random 2-D weight (normal, std 0.02), a zero bias or a unit norm weight on ``device``."""
+    if kind == "bias":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if len(shape) < 2:
+        return torch.ones(shape, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, INIT_STD)
+
+
+def materialize_meta(model: nn.Module, device: str) -> int:
+    """Give every parameter still on ``meta`` storage on ``device`` (random, as :func:`_dense`); returns how many.
+
+    Tied parameters are the same object under several names and are materialised once.
+    """
+    done: dict[int, nn.Parameter] = {}
+    count = 0
+    for mname, mod in model.named_modules():
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            if p is None or not p.is_meta:
+                continue
+            if id(p) not in done:
+                data = _dense(tuple(p.shape), p.dtype, device, "bias" if pname == "bias" else "weight")
+                done[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
+                count += 1
+            setattr(mod, pname, done[id(p)])
+    return count
+
+
 def quantize_linears(model: nn.Module, *, compute_dtype: torch.dtype, double_quant: bool, device: str,
                      fake: bool) -> int:
     """Swap ``model``'s quantisable ``nn.Linear`` modules for NF4 ``Linear4bit`` in place; returns how many.
 
     ``fake``: build the NF4 storage on ``meta`` (no quantisation); else quantise the
-    module's own weight with bitsandbytes on ``device``.
+    module's own weight with bitsandbytes on ``device`` -- a weight still on ``meta`` (a model
+    built under :func:`linears_on_meta`) is first materialised in its dtype on ``device``,
+    quantised and dropped, one layer at a time; afterwards every parameter left on ``meta``
+    is materialised (:func:`materialize_meta`).
     """
     import bitsandbytes as bnb
     from bitsandbytes.nn import Params4bit
@@ -89,11 +153,16 @@ def quantize_linears(model: nn.Module, *, compute_dtype: torch.dtype, double_qua
             new.weight = meta_params4bit(module.out_features, module.in_features, w.dtype, double_quant, module=new,
                                          device=w.device.type)
         else:
-            p = Params4bit(w.data, requires_grad=False, blocksize=NF4_BLOCKSIZE, compress_statistics=double_quant,
+            data = _dense(tuple(w.shape), w.dtype, device, "weight") if w.is_meta else w.data
+            p = Params4bit(data, requires_grad=False, blocksize=NF4_BLOCKSIZE, compress_statistics=double_quant,
                            quant_type="nf4", quant_storage=torch.uint8, module=new)
+            del data
             new.weight = p.to(device)
+            del p
         if module.bias is not None:
-            new.bias = nn.Parameter(module.bias.data, requires_grad=False)
+            b = module.bias
+            bias = _dense(tuple(b.shape), b.dtype, device, "bias") if (b.is_meta and not fake) else b.data
+            new.bias = nn.Parameter(bias, requires_grad=False)
         new.requires_grad_(False)
         if hasattr(new, "support_avx512bf16_for_cpu"):
             # bitsandbytes' CPU inference path repacks the weight for good the first time it runs in
@@ -102,6 +171,8 @@ def quantize_linears(model: nn.Module, *, compute_dtype: torch.dtype, double_qua
         model.set_submodule(name, new)
         del module, w
         count += 1
+    if not fake:
+        materialize_meta(model, device)
     model.is_loaded_in_4bit = True
     model.is_quantized = True
     return count

@@ -33,10 +33,13 @@ Methods:
   generates with the unwrapped model): prefill of ``seq - ppo_response`` prompt tokens with
   ``logits_to_keep=1``, then decoding with a ``DynamicCache``, keeping each step's fp32
   scores (``output_scores``) and stacking them into ``[batch, response, vocab]``.
-  **Shortcut**: the cache is pre-grown to ``seq - 3`` tokens and the score list to
-  ``response - 2`` entries, and only the last two decode steps run (ending, as the real loop
-  does, with ``seq - 1`` cached tokens and ``response`` scores) -- the decode loop's memory
-  grows monotonically, so its peak is at its last step, which runs for real. As in TRL's
+  On a real device every one of the ``response - 1`` decode steps runs: calibration times
+  the whole rollout, and the step-time model counts every generated token (its
+  ``gen_passes`` term). **Dry-run shortcut** (``fake`` builds only): the cache is pre-grown
+  to ``seq - 3`` tokens and the score list to ``response - 2`` entries, and only the last
+  two decode steps run (ending, as the real loop does, with ``seq - 1`` cached tokens and
+  ``response`` scores) -- the decode loop's memory grows monotonically, so its peak is at
+  its last step, which runs for real; nothing is timed on ``meta``. As in TRL's
   ``batch_generation``, the scores are stacked while ``generate``'s output still holds the
   cache. Then log-probs of the response, the
   reference forward (adapter disabled or reference copy), the value and reward scores
@@ -299,13 +302,14 @@ def _rollout(t) -> dict:
             nxt = _sample(scores[-1])
             tokens = [nxt]
             steps = resp - 1
-            if steps > 2:  # shortcut to the last two decode steps (see the module docstring)
+            if getattr(t, "fake", False) and steps > 2:  # dry run: the last two decode steps (module docstring)
                 _pregrow(t, cache, s - 3)  # after two more steps the cache holds prompt + response - 1 tokens
                 for _ in range(steps - 2):
                     scores.append(torch.zeros(b, int(t.spec.vocab_size), dtype=torch.float32, device=queries.device))
                     t.hooks.tag(scores[-1], Component.KV_CACHE)
                 tokens.append(torch.zeros(b, steps - 2, dtype=torch.long, device=queries.device))
                 steps = 2
+            t.decode_steps = getattr(t, "decode_steps", 0) + steps  # the decode forwards run, for tests and notes
             for _ in range(steps):
                 out = policy(input_ids=nxt, past_key_values=cache, use_cache=True)
                 _tag_cache(t, cache)
