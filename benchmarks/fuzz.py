@@ -34,6 +34,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -418,6 +419,9 @@ def run_subprocess(argv: list[str], env: dict, limit: float = HANG_S) -> Outcome
     return Outcome(p.returncode, p.stdout, p.stderr, time.perf_counter() - t0, traceback=sig)
 
 
+#: Progress lines on stderr when piped (vramplan.render.ProgressBar / Elapsed): not error lines.
+_PROGRESS = re.compile(r"^[\w .+-]+: \d+/\d+ \(\d+ s|^\.\.\. still running|^[\w .+-]+ \.\.\.$")
+
 _NONNEG_KEYS = ("bytes", "_s", "seconds", "tokens_per_s", "gpu_hours", "params", "capacity")
 
 
@@ -507,7 +511,8 @@ def check_case(case: Case, root: Path, tally: Tally) -> Outcome:
         return res
     if res.rc not in (0, 2):
         tally.bad_codes.append(f"rc={res.rc}: {shown}")
-    errs = [l for l in res.err.splitlines() if l.strip() and not l.startswith("vramplan: warning:")]
+    errs = [l for l in res.err.splitlines() if l.strip() and not l.startswith("vramplan: warning:")
+            and not _PROGRESS.match(l)]
     if res.rc == 2 and len(errs) != 1:
         tally.multi_line.append(f"{len(errs)} lines: {shown} :: {res.err[:300]!r}")
     if res.rc == 0 and "--json" in case.argv and "--help" not in case.argv:

@@ -195,6 +195,8 @@ def cmd_matrix(a) -> int:
 
     from .render import ProgressBar
 
+    if a.format:
+        parse_formats(a.format)  # a bad --format is refused before the work, not after it
     with ProgressBar("matrix") as bar:
         mx = feasibility_matrix(a.models, a.methods, a.gpus, a.seq, batch=a.batch, precision=a.precision, attn=a.attn,
                                 rank=a.rank, targets=a.targets, framework=a.framework, techniques=a.techniques,
