@@ -196,7 +196,18 @@ def cmd_matrix(a) -> int:
     from .render import ProgressBar
 
     if a.format:
-        parse_formats(a.format)  # a bad --format is refused before the work, not after it
+        parse_formats(a.format)  # a bad --format, preamble or --out is refused before the work, not after it
+    preamble = None
+    if a.out and not a.json:
+        from .validate import read_text, write_error
+        from pathlib import Path
+
+        if a.preamble:
+            preamble = read_text(a.preamble, "preamble", max_bytes=1 << 20)  # a regular text file, at most 1 MiB
+        try:
+            Path(a.out).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(exc, a.out, "directory") from None
     with ProgressBar("matrix") as bar:
         mx = feasibility_matrix(a.models, a.methods, a.gpus, a.seq, batch=a.batch, precision=a.precision, attn=a.attn,
                                 rank=a.rank, targets=a.targets, framework=a.framework, techniques=a.techniques,
@@ -204,11 +215,6 @@ def cmd_matrix(a) -> int:
     if a.json:
         _print_json(mx)
     elif a.out:
-        preamble = None
-        if a.preamble:
-            from .validate import read_text
-
-            preamble = read_text(a.preamble, "preamble", max_bytes=1 << 20)  # a regular text file, at most 1 MiB
         with ProgressBar("figures") as bar:
             paths = write_reports(mx, a.out, a.format or "md,csv,html,png", a.name, preamble=preamble, progress=bar)
         for path in paths:

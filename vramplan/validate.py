@@ -423,6 +423,7 @@ def loads_yaml(text: str, label: str) -> Any:
 
         raise MissingDependencyError(f"{label} is YAML but PyYAML is not installed",
                                      "pip install pyyaml (a vramplan dependency since 0.1)") from None
+    _check_depth_text(text, label)  # deep flow nesting ([[[[...) is refused before PyYAML's parser walks it
     loader = yaml.SafeLoader(text)
     try:
         try:
