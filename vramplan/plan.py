@@ -267,7 +267,9 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
     from .bands import band_for_config
 
     band = band_for_config(cfg)
-    est.extra["band"] = {**band.to_json(), "lo_bytes": int(np.floor(band.lo * peak)), "hi_bytes": int(np.ceil(band.hi * peak))}
+    # the band as the device totals it spans (bytes): peak x (1 + lo) .. peak x (1 + hi)
+    est.extra["band"] = {**band.to_json(), "low_bytes": max(0, int(np.floor((1.0 + band.lo) * peak))),
+                         "high_bytes": int(np.ceil((1.0 + band.hi) * peak))}
     est.assumptions.append(f"uncertainty band: {band.describe()}")
     if card is not None:
         from .throughput import step_time, time_to_train
