@@ -207,11 +207,31 @@ def _dequant_temp(model: ModelSpec, regime: Regime, cfg: TrainConfig) -> int:
     return largest * (per + copies * DTYPE_BYTES[regime.compute_dtype])
 
 
+def _dora_largest(model: ModelSpec, cfg: TrainConfig):
+    """The adapted linear whose DoRA weight-norm buffers are largest (None without one)."""
+    lins = [l for l in model.layer_linears() if l.is_linear and l.name in cfg.targets]
+    return max(lins, key=lambda l: 4 * l.in_features * l.out_features + l.in_features ** 2, default=None)
+
+
 def _dora_norm_temp(model: ModelSpec, cfg: TrainConfig, regime: Regime) -> int:
     """DoRA: PEFT's weight norm ``||W + s * B @ A||`` builds four dense copies of the largest adapted
-    weight in the adapter dtype (W cast, B @ A, its scaled copy, the sum), in every forward."""
-    sizes = [l.in_features * l.out_features for l in model.layer_linears() if l.is_linear and l.name in cfg.targets]
-    return 4 * max(sizes, default=0) * DTYPE_BYTES[regime.adapter_dtype]
+    weight in the adapter dtype (W cast, B @ A, its scaled copy, the sum), in every forward, beside
+    the identity ``get_lora_weight`` pushes through the adapter (``torch.eye(in_features)``, saved
+    by lora_A while ``lora_weight``'s graph lives) (PEFT ``DoraLinearLayer``, peft/tuners/lora/dora.py)."""
+    lin = _dora_largest(model, cfg)
+    if lin is None:
+        return 0
+    return (4 * lin.in_features * lin.out_features + lin.in_features ** 2) * DTYPE_BYTES[regime.adapter_dtype]
+
+
+def _dora_prefix(model: ModelSpec, cfg: TrainConfig, copy, regime: Regime, T, s):
+    """What a checkpointed layer's recomputation has saved again when its largest DoRA module builds
+    its weight norm: the attention block's input side (the norm, the projections' inputs and outputs)
+    when that module is an input projection of attention; else the whole layer (a bound)."""
+    lin = _dora_largest(model, cfg)
+    if lin is not None and lin.name in ("q_proj", "k_proj", "v_proj", "qkv_proj"):
+        return act.layer_activation_bytes(model, cfg, copy, regime, T, s, attention_inputs_only=True)
+    return act.layer_activation_bytes(model, cfg, copy, regime, T, s)
 
 
 def _stack_activations(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime, T, s):
@@ -269,6 +289,7 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
     acts, recompute, layer, layer_attn, logits_fwd, logits_bwd = (zeros.copy() for _ in range(6))
     transient, nograd_peak, temps_fwd, kv = zeros.copy(), zeros.copy(), zeros.copy(), zeros.copy()
     temps_fwd_only, temps_recompute = zeros.copy(), zeros.copy()
+    attn_fwd, attn_bwd, rec_prefix = zeros.copy(), zeros.copy(), zeros.copy()
     for copy in recipe.copies:
         if copy.forward is Forward.NO_GRAD:
             # frozen copies run under no_grad: only one layer's working set at a time plus their logits
@@ -292,12 +313,18 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
         logits_fwd += f
         logits_bwd += bw
         transient = np.maximum(transient, act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, kbit))
+        ef, eb = act.eager_attention_work(model, cfg, copy, regime, T, s)
+        # (under checkpointing a layer's forward keeps nothing: its attention block is all working set)
+        attn_fwd = np.maximum(attn_fwd, ef + (act.layer_activation_bytes(model, cfg, copy, regime, T, s,
+                                                                         attention_only=True) if cfg.grad_ckpt else 0))
+        attn_bwd = np.maximum(attn_bwd, eb)
         if copy.quantized:
             temps_fwd = np.maximum(temps_fwd, _dequant_temp(model, regime, cfg) + zeros)
         if copy.adapter is Adapter.DORA:  # in backward too when checkpointing recomputes the forward
             temps_fwd_only = np.maximum(temps_fwd_only, _dora_norm_temp(model, cfg, regime) + zeros)
             if cfg.grad_ckpt:
                 temps_recompute = np.maximum(temps_recompute, temps_fwd_only)
+                rec_prefix = np.maximum(rec_prefix, _dora_prefix(model, cfg, copy, regime, T, s))
     rollout_logits = zeros.copy()
     if recipe.method.rollout:
         policy = recipe.copies[0]
@@ -308,7 +335,9 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
     return {"acts": acts, "recompute": recompute, "layer": layer, "layer_attn": layer_attn, "logits_fwd": logits_fwd,
             "logits_bwd": logits_bwd, "transient": transient, "nograd_peak": nograd_peak, "temps_fwd": temps_fwd,
             "temps_fwd_only": temps_fwd_only, "temps_recompute": temps_recompute, "kv": kv,
-            "rollout_logits": rollout_logits, "zeros": zeros}
+            "rollout_logits": rollout_logits, "attn_fwd": attn_fwd, "attn_bwd": attn_bwd,
+            "rec_prefix": rec_prefix if recipe.copies[0].adapter is Adapter.DORA and cfg.grad_ckpt else recompute,
+            "zeros": zeros}
 
 
 def backward_casts(st: ModelState, cfg: TrainConfig) -> dict[str, int]:
@@ -349,12 +378,13 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     acts, logits_fwd, logits_bwd = t["acts"], t["logits_fwd"], t["logits_bwd"]
     transient, nograd_peak, temps_fwd, kv = t["transient"], t["nograd_peak"], t["temps_fwd"], t["kv"]
     recompute, layer_saved, layer_attn = t["recompute"], t["layer"], t["layer_attn"]
+    attn_fwd, attn_bwd = t.get("attn_fwd", zeros), t.get("attn_bwd", zeros)
     static = sum(base.get(c, 0) for c in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS,
                                           Component.MASTER_WEIGHTS)) + zeros + comm
     states, cache, cache_bwd = states + zeros, cache + zeros, cache_bwd + zeros
     # QLoRA's dequantised weight lives inside one layer's forward/backward, never beside the loss
     temps_f = np.maximum(temps_fwd, t["temps_fwd_only"])
-    fwd_work = acts + np.maximum(logits_fwd, temps_f)
+    fwd_work = acts + np.maximum(np.maximum(logits_fwd, temps_f), attn_fwd)
     # backward starts with everything saved plus the loss's gradients; then, layer by layer, saved
     # tensors and casts are freed while gradients accumulate: a layer's backward sees the larger of
     # the two ends, plus its recomputation (checkpointing), its transient buffers and its dequantised weight
@@ -366,8 +396,20 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     # the first layer's MLP backward (all its saved tensors and casts), then its attention's
     grads_side = np.maximum(np.maximum(grads_before - layer_grad, 0) + layer_saved + layer_cache,
                             grads_before + layer_attn + attn_cache)
-    layer_temps = np.maximum(transient + temps_fwd, t["temps_recompute"])
-    work = np.maximum(saved_side, grads_side) + layer_temps
+    layer_temps = transient + temps_fwd
+    mlp_work = np.maximum(saved_side, grads_side) + layer_temps
+    # DoRA's weight-norm buffers in a checkpointed layer's recomputation: beside what the layer has
+    # saved again before its largest adapted module runs (``rec_prefix``), not the whole layer
+    rec_prefix = t.get("rec_prefix", recompute)
+    rec_saved = saved_side - recompute + rec_prefix
+    rec_grads = grads_before + rec_prefix
+    rec_work = np.maximum(rec_saved, rec_grads) + t["temps_recompute"]
+    # eager attention's backward peak (its softmax's buffers) comes after the layer's MLP is done: the
+    # layer's attention-block tensors (less what matmul's backward freed) plus those buffers
+    saved_attn = saved_side - layer_saved + layer_attn
+    grads_attn = grads_before + layer_attn + attn_cache
+    attn_work = np.maximum(saved_attn, grads_attn) + attn_bwd
+    work = np.maximum(np.maximum(mlp_work, attn_work), rec_work)
     bwd_acts = saved_bwd + logits_bwd
     bwd_grads = np.maximum(work, grads_bwd + grads_end_extra)
     phases = {Phase.LOAD: static.copy(),
@@ -388,10 +430,15 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
         return out
 
     bwd_act = bwd_acts >= bwd_grads
-    bwd_saved = saved_side >= grads_side  # in the layer branch: the saved end or the gradient end
+    in_rec = rec_work > np.maximum(mlp_work, attn_work)  # the layer's peak is DoRA's norm in its recomputation
+    in_attn = ~in_rec & (attn_work > mlp_work)  # the layer's peak is eager attention's softmax backward
+    # in the layer branch: the saved end or the gradient end
+    bwd_saved = np.where(in_rec, rec_saved >= rec_grads,
+                         np.where(in_attn, saved_attn >= grads_attn, saved_side >= grads_side))
     bwd_end = grads_bwd + grads_end_extra >= work  # backward's last state: all gradients
     fwd_act = fwd_work >= nograd_peak
     fwd_temps = logits_fwd < temps_f
+    fwd_attn = attn_fwd > np.maximum(logits_fwd, temps_f)  # eager attention's scores are the forward's peak
     comps: dict[Component, np.ndarray] = {c: base.get(c, 0) + zeros
                                           for c in (Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS)}
     comps[Component.WEIGHTS] = base.get(Component.WEIGHTS, 0) + at_peak(
@@ -401,18 +448,24 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     comps[Component.AUTOCAST_CACHE] = at_peak({
         Phase.FORWARD: cache,
         Phase.BACKWARD: np.where(bwd_act, cache_bwd, np.where(
-            layer, np.where(bwd_saved, np.maximum(cache_bwd - head_cache, 0) + recompute_cache, layer_cache), 0))})
+            layer, np.where(bwd_saved, np.maximum(cache_bwd - head_cache, 0) + recompute_cache,
+                            np.where(in_rec, 0, np.where(in_attn, attn_cache, layer_cache))), 0))})
     comps[Component.GRADIENTS] = comm + at_peak({
         Phase.BACKWARD: np.where(bwd_act, 0, np.where(layer, np.where(bwd_saved, 0, grads_before), grads_bwd)),
         Phase.OPTIMIZER_STEP: grads_opt + zeros})
     comps[Component.ACTIVATIONS] = at_peak({
         Phase.FORWARD: np.where(fwd_act, acts, nograd_peak),
-        Phase.BACKWARD: np.where(bwd_act, acts, np.where(layer, np.where(bwd_saved, acts + recompute, layer_saved), 0))})
-    comps[Component.LOGITS] = at_peak({Phase.FORWARD: np.where(fwd_act & ~fwd_temps, logits_fwd, 0),
+        Phase.BACKWARD: np.where(bwd_act, acts, np.where(layer, np.where(
+            bwd_saved, acts + np.where(in_rec, rec_prefix, np.where(in_attn, recompute - layer_saved + layer_attn,
+                                                                    recompute)),
+            np.where(in_rec, rec_prefix, np.where(in_attn, layer_attn, layer_saved))), 0))})
+    comps[Component.LOGITS] = at_peak({Phase.FORWARD: np.where(fwd_act & ~fwd_temps & ~fwd_attn, logits_fwd, 0),
                                        Phase.BACKWARD: np.where(bwd_act, logits_bwd, 0),
                                        Phase.ROLLOUT: t["rollout_logits"]})
-    comps[Component.TEMPORARIES] = at_peak({Phase.FORWARD: np.where(fwd_act & fwd_temps, temps_f, 0),
-                                            Phase.BACKWARD: np.where(layer, layer_temps,
+    comps[Component.TEMPORARIES] = at_peak({Phase.FORWARD: np.where(fwd_act & fwd_attn, attn_fwd,
+                                                                    np.where(fwd_act & fwd_temps, temps_f, 0)),
+                                            Phase.BACKWARD: np.where(layer, np.where(in_rec, t["temps_recompute"],
+                                                                                np.where(in_attn, attn_bwd, layer_temps)),
                                                                      np.where(bwd_act, 0, grads_end_extra)),
                                             Phase.OPTIMIZER_STEP: step_temporary + zeros})
     comps[Component.KV_CACHE] = at_peak({Phase.ROLLOUT: kv})
