@@ -120,7 +120,8 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
             b += (4 if fp32 else (d.norm_out if in_bytes is None else in_bytes)) * width
         return b
 
-    def linear_inputs(names: list[str], width: int, fresh: bool, in_bytes: int | None = None) -> float:
+    def linear_inputs(names: list[str], width: int, fresh: bool, in_bytes: int | None = None,
+                      dora_saved: bool = True) -> float:
         """Saved copies of the input of the linears ``names`` that all read one tensor.
 
         ``fresh``: the input is a new tensor nobody else saves (a norm's output, the MLP
@@ -147,7 +148,7 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
             elif adapted and fresh and not full:
                 b += xb * width  # lora_A saves the shared input itself
             b += target * cfg.rank * len(adapted)  # lora_A's output, saved by lora_B
-            if copy.adapter is Adapter.DORA:
+            if copy.adapter is Adapter.DORA and dora_saved:
                 # (PEFT DoraLinearLayer: (m / ||W + BA||) scales the base result and the LoRA result; both saved)
                 # (lora_B's output is in autocast's dtype under autocast, else the adapter's)
                 b += sum((target + d.proj_out) * lin[n].out_features for n in adapted)
@@ -164,10 +165,10 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
     # -- attention block ------------------------------------------------------------------
     per_tok += norm(input_requires_grad)
     attn_in = ["qkv_proj"] if model.fused_qkv else ["q_proj", "k_proj", "v_proj"]
+    if attention_inputs_only:  # the inputs and the base outputs, before DoRA's scaling saves its own
+        return T * (per_tok + linear_inputs(attn_in, h, fresh=True, dora_saved=False) + d.proj_out * (qd + 2 * kvd))
     per_tok += linear_inputs(attn_in, h, fresh=True)
     per_tok += ia3_out(attn_in)
-    if attention_inputs_only:  # (+ the projections' outputs, in their dtype)
-        return T * (per_tok + d.proj_out * (qd + 2 * kvd))
     qkv_adapted = [n for n in ("q_proj", "k_proj", "v_proj") if n in targets] if lora_like else []
     if stack.lora_qkv_pad and 0 < len(qkv_adapted) < 3:
         # a fused-qkv LoRA zero-pads the adapted outputs into the qkv width (litgpt LoRAQKVLinear.zero_pad,
@@ -179,7 +180,7 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
     a = d.attn
     if cfg.attn == "eager":
         ea = eager_attention(model, cfg, copy, regime)
-        per_tok += ea.qk + ea.v
+        per_tok = per_tok + ea.qk + ea.v_bytes(T, s)
         per_seq2 += heads * ea.saved
     else:
         per_tok += a * (qd + 2 * kvd) + a * qd + 4 * heads  # q, k, v, out, logsumexp
@@ -250,6 +251,12 @@ class EagerAttention:
 
     qk: float
     v: float
+    v_one_row: float
+
+    def v_bytes(self, tokens, seq):
+        """Bytes per token v holds for ``tokens / seq`` sequences per call."""
+        rows = np.asarray(tokens, dtype=np.float64) / np.asarray(seq, dtype=np.float64)
+        return np.where(rows <= 1.0, self.v_one_row, self.v)
     saved: float
     fwd_peak: float
     bwd_peak: float
@@ -282,10 +289,11 @@ def eager_attention(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime:
     qd, kvd = model.q_dim, model.kv_dim
     grouped = qd != kvd
     qk = a * qd + a * qd  # q, and k (repeat_kv's copy when grouped; the rotary output otherwise)
-    if grouped or not model.fused_qkv or d.attn != d.proj_out:
-        v = a * qd  # repeat_kv's copy, or v_proj's output (a view kept by matmul)
-    else:
-        v = d.proj_out * (qd + 2 * kvd)  # v is a view of the fused qkv output: all of it stays
+    # v: repeat_kv's copy, v_proj's output, or matmul's contiguous copy of a strided view (batched
+    # 4-D matmul folds batch and heads with ``reshape``, a copy unless one sequence: then a view, and
+    # a view of a fused qkv output keeps all of it: ``v_one_row``)
+    v = a * qd
+    v_one_row = d.proj_out * (qd + 2 * kvd) if (model.fused_qkv and not grouped and d.attn == d.proj_out) else v
     # the scores' dtype: the matmul's (a) promoted by the additive mask's (the hidden states' dtype)
     scores = max(a, d.residual)
     half_to_float = False  # the dry run runs on meta: bf16 and fp16 both take the conversion path
@@ -301,7 +309,7 @@ def eager_attention(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime:
     # backward: the 16-bit probabilities (or dropout's output) and v are freed by matmul's backward
     grad_in = 2.0 if half_to_float else (4.0 if (conv or scores == 4) else float(scores))
     bwd_peak = 4.0 + 4.0 + grad_in
-    return EagerAttention(qk=qk, v=v, saved=saved, fwd_peak=fwd_peak, bwd_peak=bwd_peak)
+    return EagerAttention(qk=qk, v=v, v_one_row=v_one_row, saved=saved, fwd_peak=fwd_peak, bwd_peak=bwd_peak)
 
 
 def eager_attention_work(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime, tokens, seq):
@@ -319,7 +327,7 @@ def eager_attention_work(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, re
     heads = model.num_heads
     fwd = T * s * heads * (ea.fwd_peak - ea.saved)
     grads = T * (d.attn * model.q_dim + d.attn * model.q_dim)  # d(out) and d(v)
-    bwd = T * s * heads * (ea.bwd_peak - ea.saved) - T * ea.v + grads
+    bwd = T * s * heads * (ea.bwd_peak - ea.saved) - T * ea.v_bytes(T, s) + grads
     return fwd, bwd
 
 

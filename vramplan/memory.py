@@ -322,9 +322,9 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
             temps_fwd = np.maximum(temps_fwd, _dequant_temp(model, regime, cfg) + zeros)
         if copy.adapter is Adapter.DORA:  # in backward too when checkpointing recomputes the forward
             temps_fwd_only = np.maximum(temps_fwd_only, _dora_norm_temp(model, cfg, regime) + zeros)
+            rec_prefix = np.maximum(rec_prefix, _dora_prefix(model, cfg, copy, regime, T, s))
             if cfg.grad_ckpt:
                 temps_recompute = np.maximum(temps_recompute, temps_fwd_only)
-                rec_prefix = np.maximum(rec_prefix, _dora_prefix(model, cfg, copy, regime, T, s))
     rollout_logits = zeros.copy()
     if recipe.method.rollout:
         policy = recipe.copies[0]
@@ -336,7 +336,7 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
             "logits_bwd": logits_bwd, "transient": transient, "nograd_peak": nograd_peak, "temps_fwd": temps_fwd,
             "temps_fwd_only": temps_fwd_only, "temps_recompute": temps_recompute, "kv": kv,
             "rollout_logits": rollout_logits, "attn_fwd": attn_fwd, "attn_bwd": attn_bwd,
-            "rec_prefix": rec_prefix if recipe.copies[0].adapter is Adapter.DORA and cfg.grad_ckpt else recompute,
+            "dora_prefix": rec_prefix if recipe.copies[0].adapter is Adapter.DORA else layer,
             "zeros": zeros}
 
 
@@ -383,7 +383,11 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
                                           Component.MASTER_WEIGHTS)) + zeros + comm
     states, cache, cache_bwd = states + zeros, cache + zeros, cache_bwd + zeros
     # QLoRA's dequantised weight lives inside one layer's forward/backward, never beside the loss
-    temps_f = np.maximum(temps_fwd, t["temps_fwd_only"])
+    # DoRA's norm buffers in the last layer's forward beside what that layer has saved so far
+    # (without checkpointing ``acts`` holds the whole layer; the prefix is what exists by then)
+    ckpt = recompute > 0
+    dora_side = np.where(ckpt, 0, np.maximum(layer_saved - t.get("dora_prefix", layer_saved), 0))
+    temps_f = np.maximum(temps_fwd, t["temps_fwd_only"] - dora_side)
     fwd_work = acts + np.maximum(np.maximum(logits_fwd, temps_f), attn_fwd)
     # backward starts with everything saved plus the loss's gradients; then, layer by layer, saved
     # tensors and casts are freed while gradients accumulate: a layer's backward sees the larger of
@@ -400,7 +404,7 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     mlp_work = np.maximum(saved_side, grads_side) + layer_temps
     # DoRA's weight-norm buffers in a checkpointed layer's recomputation: beside what the layer has
     # saved again before its largest adapted module runs (``rec_prefix``), not the whole layer
-    rec_prefix = t.get("rec_prefix", recompute)
+    rec_prefix = np.minimum(t.get("dora_prefix", layer_saved), recompute)
     rec_saved = saved_side - recompute + rec_prefix
     rec_grads = grads_before + rec_prefix
     rec_work = np.maximum(rec_saved, rec_grads) + t["temps_recompute"]
