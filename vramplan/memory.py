@@ -25,7 +25,7 @@ import numpy as np
 from . import activations as act
 from .adapters import adapter_tensors, full_tensors
 from .config import TrainConfig
-from .methods import Adapter, ModelCopy, Forward
+from .methods import Adapter, Forward, ModelCopy, Role
 from .models import ModelSpec
 from .optimizers import get_optimizer
 from .precision import DTYPE_BYTES, Regime
@@ -295,6 +295,7 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
             # frozen copies run under no_grad: only one layer's working set at a time plus their logits
             f, _ = act.logits_bytes(model, copy, regime, T, copy.head, cfg, rows)
             working = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
+            working = working + act.eager_attention_work(model, cfg, copy, regime, T, s)[0]  # scores at softmax
             nograd_peak = np.maximum(nograd_peak, f + working)
             continue
         a, r = _stack_activations(model, cfg, copy, regime, T, s)
@@ -326,7 +327,14 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
             if cfg.grad_ckpt:
                 temps_recompute = np.maximum(temps_recompute, temps_fwd_only)
     rollout_logits = zeros.copy()
-    if recipe.method.rollout:
+    roles = {c.role for c in recipe.copies} | set(recipe.shared_roles)
+    if cfg.attn == "eager" and Role.REFERENCE in roles and not recipe.method.rollout:
+        # TRL DPO: the reference's no-grad forward runs beside the policy's saved activations and its
+        # fp32 logits; each of its eager layers holds the scores at softmax (nothing saved under no_grad)
+        ref = next((c for c in recipe.copies if c.role is Role.REFERENCE), recipe.copies[0])
+        ef, _ = act.eager_attention_work(model, cfg, ref, regime, T, s)
+        scores = ef + act.layer_activation_bytes(model, cfg, ref, regime, T, s, attention_only=True)
+        attn_fwd = np.maximum(attn_fwd, scores + T * model.vocab_size * 4)
         policy = recipe.copies[0]
         kv = act.kv_cache_bytes(model, regime, policy, b, s, kbit) + zeros
         rollout_logits = act.rollout_logits_bytes(model, cfg, policy, b, s, kv)
