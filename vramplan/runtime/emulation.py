@@ -334,3 +334,29 @@ def install_meta_patches() -> None:
     find_packed_sequence_indices.__wrapped__ = orig
     mu.find_packed_sequence_indices = find_packed_sequence_indices
     _PATCHED = True
+
+
+def patch_meta_autocast() -> None:
+    """transformers < 5.4 (``utils.generic.maybe_autocast``) opens ``torch.autocast(device_type)``
+    for the rotary embedding's fp32 section with the inputs' device type, and ``torch.autocast``
+    rejects ``meta`` ("unknown device type for autocast"); later releases return a null context for
+    ``meta``. The modeling modules import the function by name, so every loaded ``transformers``
+    module that holds it gets the wrapper. Idempotent; call after the model classes are imported."""
+    import sys
+    from contextlib import nullcontext
+
+    gen = sys.modules.get("transformers.utils.generic")
+    orig = getattr(gen, "maybe_autocast", None)
+    if orig is None:
+        return
+    orig = getattr(orig, "__wrapped__", orig)
+
+    def maybe_autocast(device_type, *args, **kwargs):
+        if device_type == "meta":
+            return nullcontext()
+        return orig(device_type, *args, **kwargs)
+
+    maybe_autocast.__wrapped__ = orig
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("transformers") and getattr(mod, "maybe_autocast", None) is orig:
+            mod.maybe_autocast = maybe_autocast
