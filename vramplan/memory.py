@@ -327,6 +327,13 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
             if cfg.grad_ckpt:
                 temps_recompute = np.maximum(temps_recompute, temps_fwd_only)
     rollout_logits = zeros.copy()
+    logits_kept = zeros.copy()
+    if recipe.method.loss == "response_logps":
+        # TRL PPO keeps the response logits (a view of the whole sequence's) for its entropy statistic,
+        # computed after backward: they stay alive through every layer's backward (runtime/steps.py _ppo)
+        pol = act.copy_dtypes(recipe.copies[0], regime, kbit)
+        lg = 4.0 if (pol.logits == 4 or regime.runner == "trainer") else float(pol.logits)
+        logits_kept = logits_kept + T * model.vocab_size * lg
     roles = {c.role for c in recipe.copies} | set(recipe.shared_roles)
     if cfg.attn == "eager" and Role.REFERENCE in roles and not recipe.method.rollout:
         # TRL DPO: the reference's no-grad forward runs beside the policy's saved activations and its
@@ -345,7 +352,7 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
     return {"acts": acts, "recompute": recompute, "layer": layer, "layer_attn": layer_attn, "logits_fwd": logits_fwd,
             "logits_bwd": logits_bwd, "transient": transient, "nograd_peak": nograd_peak, "temps_fwd": temps_fwd,
             "temps_fwd_only": temps_fwd_only, "temps_recompute": temps_recompute, "kv": kv,
-            "rollout_logits": rollout_logits, "attn_fwd": attn_fwd, "attn_bwd": attn_bwd,
+            "rollout_logits": rollout_logits, "attn_fwd": attn_fwd, "attn_bwd": attn_bwd, "logits_kept": logits_kept,
             "dora_prefix": rec_prefix if recipe.copies[0].adapter is Adapter.DORA else layer,
             "zeros": zeros}
 
@@ -425,7 +432,8 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     attn_work = np.maximum(saved_attn, grads_attn) + attn_bwd
     work = np.maximum(np.maximum(mlp_work, attn_work), rec_work)
     bwd_acts = saved_bwd + logits_bwd
-    bwd_grads = np.maximum(work, grads_bwd + grads_end_extra)
+    kept = t.get("logits_kept", zeros)  # logits a step keeps through its whole backward
+    bwd_grads = np.maximum(work, grads_bwd + grads_end_extra) + kept
     phases = {Phase.LOAD: static.copy(),
               Phase.ROLLOUT: static + states + kv + t["rollout_logits"] + rollout_gather if rollout_on else zeros.copy(),
               Phase.FORWARD: static + states + cache + gathered + np.maximum(fwd_work, nograd_peak),
@@ -474,7 +482,7 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
                                                                     recompute)),
             np.where(in_rec, rec_prefix, np.where(in_attn, layer_attn, layer_saved))), 0))})
     comps[Component.LOGITS] = at_peak({Phase.FORWARD: np.where(fwd_act & ~fwd_temps & ~fwd_attn, logits_fwd, 0),
-                                       Phase.BACKWARD: np.where(bwd_act, logits_bwd, 0),
+                                       Phase.BACKWARD: np.where(bwd_act, logits_bwd, kept),
                                        Phase.ROLLOUT: t["rollout_logits"]})
     comps[Component.TEMPORARIES] = at_peak({Phase.FORWARD: np.where(fwd_act & fwd_attn, attn_fwd,
                                                                     np.where(fwd_act & fwd_temps, temps_f, 0)),
