@@ -46,6 +46,7 @@ class ModelState:
     layer_cast: int = 0        # autocast's casts of one decoder layer's trainable weights
     attn_cast: int = 0         # ... of its attention block's
     layer_grad: int = 0        # gradients of one decoder layer's MLP block (full training)
+    head_grad: int = 0         # gradients made before any layer's backward: the output head and final norm
     grads_tail: int = 0        # gradients produced by the first layer's attention block and the embedding
     grads_end_extra: int = 0   # temporaries of the last gradient accumulation (tied embeddings)
 
@@ -120,6 +121,8 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
             embed = 0 if (model.tie_embeddings and copy.head == "lm") else model.embedding_params
             st.grads_tail = max(st.grads_tail, (attn + embed) * wb)
             st.layer_grad = max(st.layer_grad, (model.layer_params - attn) * wb)
+            head_p = (model.lm_head_params if copy.head == "lm" else model.hidden_size) + model.hidden_size
+            st.head_grad = max(st.head_grad, head_p * wb)
             if model.tie_embeddings and copy.head == "lm":
                 # the embedding's dense gradient is accumulated into the lm_head's: two V x h
                 # buffers beside every gradient at the very end of backward (measured by the dry run)
@@ -370,7 +373,7 @@ def backward_casts(st: ModelState, cfg: TrainConfig) -> dict[str, int]:
 
 def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, states, cache, cache_bwd,
                    recompute_cache, layer_cache=0, attn_cache=0, head_cache=0, grads_bwd, grads_opt, step_temporary, rollout_on: bool, grads_tail=0,
-                   grads_end_extra=0, layer_grad=0, comm=0, gathered=0,
+                   grads_end_extra=0, layer_grad=0, head_grad=0, comm=0, gathered=0,
                    rollout_gather=0, components: bool = True):
     """The phases of a step from its terms, the peak phase, and the components at the peak.
 
@@ -427,7 +430,10 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     rec_work = np.maximum(rec_saved, rec_grads) + t["temps_recompute"]
     # eager attention's backward peak (its softmax's buffers) comes after the layer's MLP is done: the
     # layer's attention-block tensors (less what matmul's backward freed) plus those buffers
-    saved_attn = saved_side - layer_saved + layer_attn
+    # (the last layer's attention runs backward after the head's and its MLP's gradients exist)
+    # (and its MLP's weight casts are released with that block's saved tensors)
+    attn_side_cache = np.maximum(cache_bwd - head_cache, 0) + recompute_cache - (layer_cache - attn_cache)
+    saved_attn = saved_side - layer_saved + layer_attn + head_grad + layer_grad - (layer_cache - attn_cache)
     grads_attn = grads_before + layer_attn + attn_cache
     attn_work = np.maximum(saved_attn, grads_attn) + attn_bwd
     work = np.maximum(np.maximum(mlp_work, attn_work), rec_work)
@@ -470,10 +476,12 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     comps[Component.AUTOCAST_CACHE] = at_peak({
         Phase.FORWARD: cache,
         Phase.BACKWARD: np.where(bwd_act, cache_bwd, np.where(
-            layer, np.where(bwd_saved, np.maximum(cache_bwd - head_cache, 0) + recompute_cache,
+            layer, np.where(bwd_saved, np.where(in_attn, attn_side_cache, np.maximum(cache_bwd - head_cache, 0)
+                                                + recompute_cache),
                             np.where(in_rec, 0, np.where(in_attn, attn_cache, layer_cache))), 0))})
     comps[Component.GRADIENTS] = comm + at_peak({
-        Phase.BACKWARD: np.where(bwd_act, 0, np.where(layer, np.where(bwd_saved, 0, grads_before), grads_bwd)),
+        Phase.BACKWARD: np.where(bwd_act, 0, np.where(layer, np.where(
+            bwd_saved, np.where(in_attn, head_grad + layer_grad, 0), grads_before), grads_bwd)),
         Phase.OPTIMIZER_STEP: grads_opt + zeros})
     comps[Component.ACTIVATIONS] = at_peak({
         Phase.FORWARD: np.where(fwd_act, acts, nograd_peak),
@@ -510,5 +518,6 @@ def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> Ste
         grads_opt=st.largest_grad if cfg.uses("opt_in_bwd") else grads_all,
         grads_tail=0 if cfg.uses("opt_in_bwd") else st.grads_tail,
         grads_end_extra=st.grads_end_extra, layer_grad=0 if cfg.uses("opt_in_bwd") else st.layer_grad,
+        head_grad=0 if cfg.uses("opt_in_bwd") else st.head_grad,
         step_temporary=st.step_temporary, rollout_on=cfg.recipe.method.rollout)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=st)
