@@ -347,6 +347,7 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
         pol = act.copy_dtypes(recipe.copies[0], regime, kbit)
         fp32_logits = 4.0 if (pol.logits == 4 or regime.runner == "trainer") else float(pol.logits)  # (accelerate converts)
         attn_fwd = np.maximum(attn_fwd, scores + T * model.vocab_size * fp32_logits)
+    if recipe.method.rollout:
         policy = recipe.copies[0]
         kv = act.kv_cache_bytes(model, regime, policy, b, s, kbit) + zeros
         rollout_logits = act.rollout_logits_bytes(model, cfg, policy, b, s, kv)
