@@ -3,7 +3,11 @@
 Two architectures the coefficients were not read from (SmolLM2: tied embeddings; Qwen3: q/k
 norms) and Gemma-2 (eager soft-capped attention, two masks), every method, checkpointing off
 and on, at two layers: every row's analytic ``tensor_peak_bytes`` within 2% of the dry run's.
-The whole sweep (11 architectures x 3 shapes, at 4 layers and at full depth) is the benchmark;
+Every attention kernel the planner offers is held to it too: eager attention on a Phi-3-shaped
+architecture outside the catalogue (grouped kv heads, a config dict), in the default regime and in
+pure bf16, and on the catalogue's Phi-3; flash on SmolLM2.
+The whole sweep (11 architectures x 3 shapes, at 4 layers and at full depth; ``--attn`` for the
+kernels: reports/dryrun_vs_analytic_attention.txt) is the benchmark;
 its output is in reports/dryrun_vs_analytic.txt and reports/dryrun_vs_analytic_full_depth.txt.
 """
 

@@ -22,7 +22,8 @@ dry run (``benchmarks/dryrun_vs_analytic.py``; evidence in ``reports/``):
 * SDPA with FlashAttention / memory-efficient kernels saves q, k, v, the output and
   an fp32 logsumexp per head and token; GQA runs without ``repeat_kv`` when there is no
   mask (transformers' ``use_gqa_in_sdpa``). Eager attention materialises the fp32
-  softmax and its 16-bit cast (heads x seq^2 per sequence) and repeats k, v.
+  softmax and its 16-bit cast (heads x seq^2 per sequence) and repeats k, v; its backward
+  peaks in ``_softmax_backward_data`` after the layer's MLP is done (:func:`eager_attention`).
 * SwiGLU MLP: gate and up outputs, the activation's output and (when ``down_proj``
   trains) the product are saved.
 * Loss (``ForCausalLMLoss``): logits are upcast to fp32, ``log_softmax`` saves its fp32
