@@ -485,6 +485,11 @@ def attention_mask_bytes(model: ModelSpec, cfg: TrainConfig, regime: Regime, bat
         return masks * b * s * s * d.residual
     if cfg.attn == "sdpa":
         return b * s * s * np.where(sdpa_masked_fraction(model, cfg, s) > 0, 1.0, 0.0)
+    if model.sliding_window and cfg.attn == "flash":
+        # flash through transformers' SDPA interface (flash-attn not installed: the flash kernel via SDPA;
+        # the dry run) still builds the sliding-window layers' boolean mask; flash_attention_2 would not.
+        # Counted: the safe side of the two
+        return b * s * s * np.where(s > model.sliding_window, 1.0, 0.0)
     return b * s * 0.0
 
 
