@@ -297,7 +297,8 @@ def eager_attention(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime:
     v_one_row = d.proj_out * (qd + 2 * kvd) if (model.fused_qkv and not grouped and d.attn == d.proj_out) else v
     # the scores' dtype: the matmul's (a) promoted by the additive mask's (the hidden states' dtype)
     scores = max(a, d.residual)
-    half_to_float = False  # the dry run runs on meta: bf16 and fp16 both take the conversion path
+    # CUDA fp16 scores take _softmax(half_to_float=True) (the dry run emulates it); bf16 converts
+    half_to_float = scores == 2 and regime.compute_dtype == "float16"
     conv = 4.0 if (scores != 4 and not half_to_float) else 0.0
     low = a if a != 4 else 0.0  # .to(q.dtype): the 16-bit probabilities
     p_drop = float((model.hf_config or {}).get("attention_dropout") or 0.0)
