@@ -631,7 +631,7 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
         **_mem.backward_casts(full, cfg),
         grads_bwd=grads + sh.inflight_grad_bytes, grads_opt=grads,
         grads_tail=full.grads_tail * shard, grads_end_extra=full.grads_end_extra * shard,
-        layer_grad=full.layer_grad * shard, step_temporary=sh.step_temporary,
+        layer_grad=full.layer_grad * shard, head_grad=full.head_grad * shard, step_temporary=sh.step_temporary,
         rollout_on=cfg.recipe.method.rollout, comm=sh.comm_buffer_bytes, gathered=sh.gathered_bytes,
         rollout_gather=sh.rollout_gather_bytes, components=components, gathered_fwd_mid=sh.gathered_fwd_mid,
         gathered_bwd_start=sh.gathered_bwd_start, gathered_bwd_work=sh.gathered_bwd_work,

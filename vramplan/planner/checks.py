@@ -25,7 +25,7 @@ def resolve_gpu(gpu: str | GPUSpec | None = None, gpu_mem: str | int | None = No
     """``--gpu`` and/or ``--gpu-mem``: a catalogue card, its capacity overridden, or a generic card."""
     spec = get_gpu(gpu) if gpu is not None else None
     if gpu_mem is not None:
-        return custom_gpu(parse_size(gpu_mem), like=spec)
+        return custom_gpu(parse_size(gpu_mem, label="--gpu-mem"), like=spec)
     return spec
 
 

@@ -53,9 +53,16 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, adapter: str | Non
         VramplanError: bad input (unknown names, non-positive shapes, unsupported features,
             ``gpus < 1``, an unknown strategy, a global batch that the GPUs and micro-batch do not divide).
     """
+    from .. import validate as v
     from ..distributed import make_parallel
     from ..throughput import parse_count
 
+    v.scale(gpus=gpus, epochs=epochs, global_batch=global_batch, strategy=strategy, offload=offload)
+    v.integer(batch, "batch")
+    v.name_text(method, "method")
+    v.name_text(attn, "attention implementation")
+    v.name_text(framework, "framework")
+    v.name_text(precision, "precision", none_ok=True)
     spec = get_model(model)
     card = resolve_gpu(gpu, gpu_mem)
     par = make_parallel(gpus, strategy, offload)
@@ -66,8 +73,12 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, adapter: str | Non
                       alpha=alpha, dropout=dropout, targets=targets, grad_ckpt=grad_ckpt, optimizer=optimizer,
                       precision=precision, attn=attn, framework=framework, techniques=techniques, double_quant=double_quant,
                       ppo_response=ppo_response, versions=versions)
-    return estimate_config(spec, cfg, card, model_query=str(model) if not isinstance(model, ModelSpec) else None,
-                           parallel=par, tokens=parse_count(tokens, "--tokens"), epochs=epochs)
+    est = estimate_config(spec, cfg, card, model_query=str(model) if not isinstance(model, ModelSpec) else None,
+                          parallel=par, tokens=parse_count(tokens, "--tokens"), epochs=epochs)
+    note = v.context_note(spec, cfg.seq)
+    if note:
+        est.assumptions.insert(0, note)
+    return est
 
 
 def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = None,
@@ -120,7 +131,9 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
     from ..bands import band_for_config
 
     band = band_for_config(cfg)
-    est.extra["band"] = {**band.to_json(), "lo_bytes": int(np.floor(band.lo * peak)), "hi_bytes": int(np.ceil(band.hi * peak))}
+    # the band as the device totals it spans (bytes): peak x (1 + lo) .. peak x (1 + hi)
+    est.extra["band"] = {**band.to_json(), "low_bytes": max(0, int(np.floor((1.0 + band.lo) * peak))),
+                         "high_bytes": int(np.ceil((1.0 + band.hi) * peak))}
     est.assumptions.append(f"uncertainty band: {band.describe()}")
     if card is not None:
         from ..throughput import step_time, time_to_train

@@ -187,6 +187,25 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
     from .search import fallback_note, other_setups, search, what_would_fit
     from .techniques import recommend_techniques
 
+    from .. import validate as v
+    from ..config import ATTENTION
+    from ..optimizers import get_optimizer
+
+    v.scale(gpus=gpus, epochs=epochs, global_batch=global_batch, strategy=strategy, offload=offload)
+    v.integer(seq, "seq")
+    v.integer(batch, "batch", none_ok=True)
+    v.integer(rank, "rank", none_ok=True)
+    v.integer(top, "top")
+    v.flag(grad_ckpt, "grad_ckpt")
+    v.real(margin, "margin", lo=0.0, hi=1.0, hi_open=True, none_ok=True)
+    v.choice(attn, "attention implementation", ATTENTION, none_ok=True)
+    if optimizer is not None:
+        get_optimizer(v.name_text(optimizer, "optimizer"))
+    if precision is not None:
+        from ..precision import get_regime
+
+        get_regime(v.name_text(precision, "precision"))
+    v.name_text(framework, "framework")
     framework = get_stack(framework).name
     techs = parse_techniques(techniques)
     spec = get_model(model)
@@ -269,6 +288,9 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
                            "bitsandbytes Linear4bit) is not modelled yet")
     resolved = None if isinstance(model, ModelSpec) or str(model).lower() == spec.name else f"{model} -> {spec.name}"
     assumptions = rows[0].estimate.assumptions[:4] if rows else []
+    note = v.context_note(spec, seq)
+    if note:
+        assumptions.insert(0, note)
     tech_text = techniques_text(rows[0].estimate.config) if rows else None
     if tech_text:
         assumptions.append(tech_text)
