@@ -250,14 +250,3 @@ def test_dora_scaling_terms_do_not_depend_on_the_bitsandbytes_behaviour():
     q_out = next(l.out_features for l in m.layer_linears() if l.name == "q_proj")
     v_out = next(l.out_features for l in m.layer_linears() if l.name == "v_proj")
     assert acts["dora"] - acts["lora"] >= 512 * m.num_layers * (q_out + v_out) * 4
-
-
-def test_an_unstated_optimizer_is_the_stacks_documented_default():
-    """stacks.toml default_optimizer: Unsloth's README examples set adamw_8bit; the HF Trainer's AdamW."""
-    from pathlib import Path
-
-    extra = Path(CORPUS).parent / "published_extra.csv"
-    recs = [r for r in import_csv(extra, load_mapping(SOURCES)) if r.source.id == "unsloth-README-context-length"]
-    opts = {(r.config.stack, r.config.optimizer) for r in recs if r.config.stack}
-    assert ("unsloth", "adamw_8bit") in opts and ("hf", "adamw") in opts
-    assert not {o for s, o in opts if s == "unsloth"} - {"adamw_8bit"}

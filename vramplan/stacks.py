@@ -46,7 +46,6 @@ class Stack:
     mixed_frozen_dtype: str | None = None             # frozen base dtype under a *-mixed regime (None: the regime's)
     quantizes_head: bool = False                      # QLoRA quantises the (untied) lm_head too
     fused_lora_layers: bool = False                   # the stack's own decoder-layer kernels (Unsloth fast_lora)
-    default_optimizer: str = "adamw"                  # the optimizer the stack's documented recipe uses
 
     def as_built(self, model):
         """``model`` as this stack builds it: untied embeddings where the stack never ties them."""
@@ -151,14 +150,9 @@ def stacks() -> dict[str, Stack]:
                        loss_chunk_tokens=int(s.get("loss_chunk_tokens", 0)),
                        untied_embeddings=_flag(s, "untied_embeddings"), lora_qkv_pad=_flag(s, "lora_qkv_pad"),
                        mixed_frozen_dtype=s.get("mixed_frozen_dtype"), quantizes_head=_flag(s, "quantizes_head"),
-                       fused_lora_layers=_flag(s, "fused_lora_layers"),
-                       default_optimizer=str(s.get("default_optimizer", "adamw")))
+                       fused_lora_layers=_flag(s, "fused_lora_layers"))
         except (KeyError, ValueError, TypeError) as exc:
             raise VramplanError(f"stacks.toml: stack {name!r} is invalid ({exc})") from None
-        from .optimizers import OPTIMIZERS
-
-        if st.default_optimizer not in OPTIMIZERS:
-            raise VramplanError(f"stacks.toml: stack {name!r} has an unknown default_optimizer {st.default_optimizer!r}")
         if len(st.dequant_temp) != 2 or min(st.dequant_temp) < 0 or any(w < 1 for _, w in st.rope_cache):
             raise VramplanError(f"stacks.toml: stack {name!r} has a bad dequant_temp or rope_cache")
         if st.loss_chunk_tokens < 0 or ((st.loss_chunk_tokens or not st.loss_upcast) and st.loss != "chunked"):

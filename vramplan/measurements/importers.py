@@ -257,7 +257,7 @@ def parse_optimizer(text: str) -> tuple[str | None, str]:
                                     "agree; a device total would under-state by 6 B per parameter)")
     if "adam" in t:
         return "adamw", ""
-    return "adamw", "optimizer not stated: AdamW assumed (the importer plans the stack's default_optimizer instead)"
+    return "adamw", "optimizer not stated: AdamW assumed"
 
 
 def parse_attn(text: str) -> str:
@@ -340,11 +340,6 @@ def record_from_row(row: dict, i: int, mapping: Mapping) -> MeasurementRecord:
         grad_ckpt = True
         notes.append("the stack checkpoints activations with more than one GPU")
     opt, why = parse_optimizer(_cell(row, mapping, "optimizer"))
-    if why.startswith("optimizer not stated"):
-        from ..stacks import get_stack
-
-        opt = get_stack(stack).default_optimizer
-        why = f"optimizer not stated: the {stack} stack's documented default ({opt}) assumed"
     if why:
         notes.append(why)
     techs = ["opt_in_bwd"] if "optimizer_in_bwd" in _cell(row, mapping, "optimizer").lower() else []
