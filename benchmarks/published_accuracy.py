@@ -133,7 +133,11 @@ them "does not fit" by a few percent -- a verdict that treated the band two-side
 the 12 "tight": each predicted device total is 0.3-7.4% over its card, inside its band's lower end (-13% for
 unsloth, -16% for hf, leave-one-source-out); the LLaMA-Factory wiki's Unsloth QLoRA row (6.52 GB) is under-predicted by 25%
 (LLaMA-Factory drives Unsloth through its own trainer; its settings beyond batch 4 / length 1024 are not
-stated); FSDP with CPU offload is under-predicted (Answer.AI LoRA b10: -30%); torchtune 2024-04 QLoRA (8.65 GiB
+stated); litgpt QLoRA stays -14..-20% (allocated): litgpt's swap of
+`wte` for a bitsandbytes `StableEmbedding` (PR #1770, ae798aba, 2024-10-04) keeps the old embedding alive
+in `main()` and leaves the new one trainable but outside the optimizer (a V x h gradient never zeroed) --
+but it postdates the README's figures (last changed 2024-09-27), so it is not their cause and is not
+modelled; FSDP with CPU offload is under-predicted (Answer.AI LoRA b10: -30%); torchtune 2024-04 QLoRA (8.65 GiB
 reserved vs 6.8 predicted): the same doc prints a model-init reserved peak of 9.13 GB, so that run's
 reserved peak is set while loading, not in the step; the PEFT FSDP-QLoRA row without offload (35.6 GB per
 GPU) holds about the whole unsharded NF4 model per GPU; the HF blog's 13B QLoRA at 1,024 tokens on a T4
