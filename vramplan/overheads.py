@@ -341,7 +341,8 @@ def _with_source(o: Overheads, gpu: GPUSpec | None, method: str | None, prof, st
         parts.append(f"allocator reserve (calibrated: reserved = {a.slope:.4g} x allocated + {a.intercept_bytes / MIB:,.0f} MiB"
                      + (f", x {k:.4g} for {method}" if k is not None else "") + f", rounded to {a.round_bytes / MIB:g} MiB)")
     else:
-        parts.append(f"allocator reserve {DEFAULT_RESERVE_FRACTION:.0%} of the tensors in the allocator (default)")
+        parts.append(f"allocator reserve {DEFAULT_RESERVE_FRACTION:.0%} of the tensors the step allocates, the loaded "
+                     "weights, quantisation state and adapters exempt (default, fitted on published rows)")
     parts.append(f"activation factor {o.activation_factor:.3g}" + (f" for {method}" if method else "")
                  + f" ({st['activation_factor']})")
     if o.paged_bytes:
