@@ -18,6 +18,12 @@ Usage::
     python benchmarks/dryrun_vs_analytic.py                       # the whole sweep
     python benchmarks/dryrun_vs_analytic.py --arch llama-3-8b --method qlora --shape 2k
     python benchmarks/dryrun_vs_analytic.py --jobs 2 --out reports/dryrun_vs_analytic.txt
+    python benchmarks/dryrun_vs_analytic.py --attn auto eager sdpa flash   # every attention kernel
+    python benchmarks/dryrun_vs_analytic.py --arch phi3-gqa-shaped --attn eager --precision bf16 --shape 1k
+
+``--attn`` runs every row once per kernel (``auto``: the architecture's default, SDPA except for
+Gemma-2's soft-capped eager attention); ``--arch`` takes catalogue names and the config-dict
+architectures of ``EXTRA_CONFIGS`` (outside the catalogue).
 
 Exit status 1 when a row exceeds ``--max-error`` (default 0.02) or a dry run fails.
 """
@@ -39,7 +45,29 @@ HELD_OUT = ("mistral-7b-v0.3", "qwen3-8b", "gemma-3-1b", "olmo-2-7b", "qwen3-30b
 ARCHS = TUNED + HELD_OUT
 METHODS = ("full", "lora", "qlora", "dora", "ia3", "dpo", "ppo")
 # name -> (micro-batch, sequence length)
-SHAPES = {"short": (2, 128), "2k": (1, 2048), "8k": (1, 8192)}
+SHAPES = {"short": (2, 128), "2k": (1, 2048), "8k": (1, 8192), "1k": (1, 1024), "4x1k": (4, 1024)}
+DEFAULT_SHAPES = ("short", "2k", "8k")
+
+
+# attention kernels the planner offers (``--attn``); "auto" is what the architecture runs by default
+ATTN = ("auto", "eager", "sdpa", "flash")
+# an architecture outside the catalogue, built from a config dict (nothing downloaded): Phi-3's
+# layout (fused qkv and gate_up) with grouped kv heads, where the catalogue's Phi-3 has none
+EXTRA_CONFIGS = {
+    "phi3-gqa-shaped": dict(model_type="phi3", architectures=["Phi3ForCausalLM"], hidden_size=3072,
+                            num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                            intermediate_size=8192, vocab_size=32064, tie_word_embeddings=False, hidden_act="silu",
+                            max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+                            sliding_window=None, attention_bias=False, pad_token_id=32000),
+}
+
+
+def get_spec(arch: str):
+    from vramplan.models import from_hf_config, get_model
+
+    if arch in EXTRA_CONFIGS:
+        return from_hf_config(dict(EXTRA_CONFIGS[arch]), name=arch)
+    return get_model(arch)
 
 
 @dataclass
@@ -48,6 +76,8 @@ class Row:
     method: str
     gc: bool
     shape: str
+    attn: str = "auto"
+    precision: str | None = None
     estimate: int = 0
     dryrun: int = 0
     est_phase: str = ""
@@ -68,20 +98,23 @@ def _attn(spec) -> str:
     return "eager" if spec.model_type == "gemma2" else "sdpa"
 
 
-def run_row(arch: str, method: str, gc: bool, shape: str, layers: int | None = None, framework: str = "hf") -> Row:
+def run_row(arch: str, method: str, gc: bool, shape: str, layers: int | None = None, framework: str = "hf",
+            attn: str = "auto", precision: str | None = None) -> Row:
     """Estimate and dry-run one configuration; never raises (a failure is kept in the row; a
-    configuration the stack's dry run does not run is marked skipped)."""
+    configuration the stack's dry run does not run is marked skipped). ``attn``: a kernel of
+    ``--attn`` or ``auto`` (the architecture's default); ``precision``: a regime or None (default)."""
 
     import vramplan
     from vramplan.errors import VramplanError
-    from vramplan.models import get_model
 
     batch, seq = SHAPES[shape]
-    row = Row(arch, method, gc, shape)
-    spec = get_model(arch)
+    row = Row(arch, method, gc, shape, attn, precision)
+    spec = get_spec(arch)
     if layers is not None and layers < spec.num_layers:
         spec = spec.with_layers(layers)
-    kw = dict(batch=batch, seq=seq, grad_ckpt=gc, attn=_attn(spec), framework=framework)
+    kw = dict(batch=batch, seq=seq, grad_ckpt=gc, attn=_attn(spec) if attn == "auto" else attn, framework=framework)
+    if precision:
+        kw["precision"] = precision
     t0 = time.perf_counter()
     try:
         est = vramplan.estimate(spec, method, **kw)
@@ -107,10 +140,12 @@ def _run_packed(args) -> Row:
     return run_row(*args)
 
 
-def sweep(archs, methods, gcs, shapes, layers=None, jobs=1, out=sys.stdout, framework="hf"):
-    points = [(a, m, g, s, layers, framework) for a in archs for m in methods for g in gcs for s in shapes]
+def sweep(archs, methods, gcs, shapes, layers=None, jobs=1, out=sys.stdout, framework="hf", attns=("auto",),
+          precision=None):
+    points = [(a, m, g, s, layers, framework, k, precision)
+              for a in archs for k in attns for m in methods for g in gcs for s in shapes]
     rows: list[Row] = []
-    header = (f"{'arch':18s} {'method':6s} {'gc':3s} {'shape':5s} {'estimate GiB':>12s} {'dryrun GiB':>11s} "
+    header = (f"{'arch':18s} {'attn':5s} {'method':6s} {'gc':3s} {'shape':5s} {'estimate GiB':>12s} {'dryrun GiB':>11s} "
               f"{'error':>7s}  {'peak phase (est/dry)':22s} worst component at peak")
     print(header, file=out)
     print("-" * len(header), file=out)
@@ -129,7 +164,7 @@ def sweep(archs, methods, gcs, shapes, layers=None, jobs=1, out=sys.stdout, fram
 
 
 def _print_row(r: Row, out) -> None:
-    name = f"{r.arch:18s} {r.method:6s} {'on' if r.gc else 'off':3s} {r.shape:5s}"
+    name = f"{r.arch:18s} {r.attn:5s} {r.method:6s} {'on' if r.gc else 'off':3s} {r.shape:5s}"
     if r.error_text:
         print(f"{name} FAILED {r.error_text}", file=out, flush=True)
         return
@@ -153,8 +188,13 @@ def summarize(rows: list[Row], out=sys.stdout) -> dict:
         worst = max(sel, key=lambda r: abs(r.error))
         out_stats[label] = (statistics.median(errs), max(errs))
         print(f"# {label:8s}: {len(sel):4d} rows, median |error| {100 * statistics.median(errs):.2f}%, "
-              f"max {100 * max(errs):.2f}% ({worst.arch} {worst.method} gc {'on' if worst.gc else 'off'} "
+              f"max {100 * max(errs):.2f}% ({worst.arch} {worst.attn} {worst.method} gc {'on' if worst.gc else 'off'} "
               f"{worst.shape}); under-predictions below -2%: {sum(r.error < -0.02 for r in sel)}", file=out)
+    for k in sorted({r.attn for r in ok}):
+        sel = [r for r in ok if r.attn == k]
+        errs = [abs(r.error) for r in sel]
+        print(f"# attn {k:5s}: {len(sel):4d} rows, median |error| {100 * statistics.median(errs):.2f}%, "
+              f"max {100 * max(errs):.2f}%; under-predictions below -2%: {sum(r.error < -0.02 for r in sel)}", file=out)
     failed = [r for r in rows if r.error_text]
     if failed:
         print(f"# {len(failed)} rows FAILED", file=out)
@@ -166,10 +206,13 @@ def summarize(rows: list[Row], out=sys.stdout) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", nargs="*", default=list(ARCHS))
+    ap.add_argument("--arch", nargs="*", default=list(ARCHS), help="catalogue names, or " + ", ".join(EXTRA_CONFIGS))
     ap.add_argument("--method", nargs="*", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--gc", nargs="*", default=["off", "on"], choices=["off", "on"])
-    ap.add_argument("--shape", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--shape", nargs="*", default=list(DEFAULT_SHAPES), choices=list(SHAPES))
+    ap.add_argument("--attn", nargs="*", default=["auto"], choices=list(ATTN),
+                    help="attention kernels (auto: the architecture's default; eager, sdpa, flash as --attn)")
+    ap.add_argument("--precision", default=None, help="precision regime (default: the planner's)")
     ap.add_argument("--layers", type=int, default=None, help="cap the depth of every model")
     ap.add_argument("--framework", default="hf", help="training stack (hf, torchtune, litgpt: their extras installed)")
     ap.add_argument("--jobs", type=int, default=1, help="processes (each dry run is single-threaded work)")
@@ -202,7 +245,8 @@ def main(argv=None) -> int:
           f"{transformers.__version__}, peft {peft.__version__}; shapes (batch x seq): "
           + ", ".join(f"{k} {b}x{s}" for k, (b, s) in SHAPES.items() if k in a.shape)
           + (f"; depth capped at {a.layers} layers" if a.layers else "; full depth")
-          + f"; stack {a.framework}", file=out)
+          + f"; stack {a.framework}; attention {', '.join(a.attn)}"
+          + (f"; precision {a.precision}" if a.precision else ""), file=out)
     if a.framework != "hf":
         from importlib.metadata import PackageNotFoundError, version
 
@@ -214,7 +258,8 @@ def main(argv=None) -> int:
                 pass
         print(f"# stack packages: {', '.join(found) or 'none installed'}", file=out)
     print(f"# tuned on: {', '.join(TUNED)}; held out: {', '.join(h for h in HELD_OUT)}", file=out)
-    rows = sweep(a.arch, a.method, [g == "on" for g in a.gc], a.shape, a.layers, a.jobs, out, a.framework)
+    rows = sweep(a.arch, a.method, [g == "on" for g in a.gc], a.shape, a.layers, a.jobs, out, a.framework,
+                 a.attn, a.precision)
     stats = summarize(rows, out)
     print(f"# {len(rows)} rows in {time.perf_counter() - t0:.0f} s", file=out)
     if fh:

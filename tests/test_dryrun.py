@@ -12,7 +12,7 @@ pytest.importorskip("peft")
 from vramplan.config import make_config  # noqa: E402
 from vramplan.dryrun import DryRunResult, dryrun  # noqa: E402
 from vramplan.dryrun.tracker import Tracker  # noqa: E402
-from vramplan.errors import MissingDependencyError  # noqa: E402
+from vramplan.errors import MissingDependencyError, VramplanError  # noqa: E402
 from vramplan.models import from_hf_config  # noqa: E402
 from vramplan.quant import nf4_bytes  # noqa: E402
 from vramplan.results import Estimate  # noqa: E402
@@ -298,3 +298,23 @@ def vramplan_estimate(*args, **kw):
     import vramplan
 
     return vramplan.estimate(*args, **kw)
+
+
+def test_unsupported_transformers_is_one_clear_line(monkeypatch, spec, capsys):
+    """A transformers older than the extras allow is refused in one line (exit 2), not a traceback."""
+    import importlib.metadata as md
+
+    import importlib
+
+    from vramplan.cli import main
+
+    b = importlib.import_module("vramplan.runtime.build")
+
+    real = md.version
+    monkeypatch.setattr(md, "version", lambda pkg: "5.0.0" if pkg == "transformers" else real(pkg))
+    with pytest.raises(VramplanError, match=r"transformers 5\.0\.0 is not supported .*>= 5\.3"):
+        b.check_versions()
+    assert main(["dryrun", "--model", "smollm2-360m", "--method", "lora", "--seq", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "transformers 5.0.0 is not supported" in err[0] and "Traceback" not in "\n".join(err)
+    assert b._release("5.3.0.dev0+cpu") == (5, 3, 0) and b._release("0.18.1") == (0, 18, 1)

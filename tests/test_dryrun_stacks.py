@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from vramplan.errors import install_hint
+
 from vramplan.cli import main
 from vramplan.dryrun import stack_run
 from vramplan.errors import MissingDependencyError, VramplanError
@@ -55,7 +57,7 @@ def test_documented_stack_is_refused_in_one_line(capsys):
 def test_missing_stack_package_exits_2_with_the_pip_hint(capsys, monkeypatch, stack):
     monkeypatch.setitem(sys.modules, stack, None)  # importing it fails, find_spec finds nothing
     _one_line_error(capsys, ["dryrun", "--model", "llama-3-8b", "--framework", stack],
-                    f"needs the {stack} package", f"pip install 'vramplan[{stack}]'")
+                    f"needs the {stack} package", install_hint(stack))  # pip install -e "...[stack]" in a checkout
 
 
 @pytest.mark.parametrize("stack,precision", [("hf", "bf16-mixed"), ("torchtune", "bf16"), ("litgpt", "bf16")])

@@ -3,7 +3,11 @@
 Two architectures the coefficients were not read from (SmolLM2: tied embeddings; Qwen3: q/k
 norms) and Gemma-2 (eager soft-capped attention, two masks), every method, checkpointing off
 and on, at two layers: every row's analytic ``tensor_peak_bytes`` within 2% of the dry run's.
-The whole sweep (11 architectures x 3 shapes, at 4 layers and at full depth) is the benchmark;
+Every attention kernel the planner offers is held to it too: eager attention on a Phi-3-shaped
+architecture outside the catalogue (grouped kv heads, a config dict), in the default regime and in
+pure bf16, and on the catalogue's Phi-3; flash on SmolLM2.
+The whole sweep (11 architectures x 3 shapes, at 4 layers and at full depth; ``--attn`` for the
+kernels: reports/dryrun_vs_analytic_attention.txt) is the benchmark;
 its output is in reports/dryrun_vs_analytic.txt and reports/dryrun_vs_analytic_full_depth.txt.
 """
 
@@ -23,6 +27,25 @@ GRID = [(arch, method, gc, shape)
         for arch, shape in (("smollm2-360m", "2k"), ("qwen3-8b", "short"), ("gemma-2-2b", "short"))
         for method in bench.METHODS
         for gc in (False, True)]
+
+
+# every attention kernel the planner offers (eager: the fp32 softmax and its cast, their backward peak,
+# checkpointing's recomputation; flash), on an architecture outside the catalogue (Phi-3's layout with
+# grouped kv heads, a config dict) and in pure bf16 as well as the default regime
+ATTN_GRID = ([("phi3-gqa-shaped", m, gc, "1k", "eager", p) for m in ("full", "lora", "dora", "dpo")
+              for gc in (False, True) for p in (None, "bf16")]
+             + [("phi-3-mini-4k", m, gc, "1k", "eager", "bf16") for m in ("lora", "dora") for gc in (False, True)]
+             + [("smollm2-360m", m, gc, "2k", "flash", None) for m in ("full", "lora", "qlora") for gc in (False, True)])
+
+
+@pytest.mark.parametrize("arch,method,gc,shape,attn,precision", ATTN_GRID, ids=lambda v: str(v))
+def test_attention_kernels_within_two_percent_of_dryrun(arch, method, gc, shape, attn, precision):
+    row = bench.run_row(arch, method, gc, shape, layers=LAYERS, attn=attn, precision=precision)
+    assert not row.error_text and not row.skipped, row.error_text or row.skipped
+    assert -0.02 <= row.error <= 0.02, (
+        f"{arch} {attn} {precision} {method} gc={gc} {shape}: estimate {row.estimate} vs dry run {row.dryrun} B "
+        f"({100 * row.error:+.2f}%); peak phase {row.est_phase}/{row.dry_phase}; "
+        f"largest component difference {row.worst} {row.worst_bytes:+d} B")
 
 
 @pytest.mark.parametrize("arch,method,gc,shape", GRID, ids=lambda v: str(v))

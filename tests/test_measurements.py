@@ -203,6 +203,7 @@ def test_estimate_states_its_band_and_versions():
     est = vramplan.estimate("llama-3.2-1b", "qlora", framework="litgpt", versions="bitsandbytes=0.42.0")
     b = band_for("litgpt", "qlora")
     assert est.extra["band"]["hi"] == b.hi and est.extra["band"]["rows"] == b.rows
+    assert est.extra["band"]["low_bytes"] <= est.peak_bytes <= est.extra["band"]["high_bytes"]
     assert any(a.startswith("uncertainty band:") for a in est.assumptions)
     assert any("bitsandbytes 0.42.0 (given): bnb_4bit_saves_input applies" in a for a in est.assumptions)
     new = vramplan.estimate("llama-3.2-1b", "qlora", framework="litgpt", versions="bitsandbytes=0.44.0",

@@ -31,28 +31,22 @@ def load_data(name: str) -> Any:
         raise VramplanError(f"cannot read packaged catalogue {path}: {exc}", "reinstall vramplan") from None
 
 
-def read_config_file(path: Path) -> dict:
-    """Read a user JSON/TOML/YAML file into a dict, with a one-line error when it is malformed."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise VramplanError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        if path.suffix in (".toml",):
-            data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            try:
-                import yaml  # optional; only for Axolotl/TRL YAML files
-            except ImportError:
-                raise VramplanError(f"{path} is YAML but PyYAML is not installed", "pip install pyyaml") from None
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except VramplanError:
-        raise
-    except Exception as exc:  # json.JSONDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError
-        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        raise VramplanError(f"malformed {path.name}: {first}") from None
+def read_config_file(path: Path, what: str = "config") -> dict:
+    """Read a user JSON/TOML/YAML file into a dict, with a one-line error when it is malformed.
+
+    Bounded (:mod:`vramplan.validate`): only a regular file of at most 8 MiB of UTF-8 text is
+    read; JSON NaN/Infinity, nesting deeper than 100 levels and YAML alias bombs are refused.
+    """
+    from .validate import loads_json, loads_toml, loads_yaml, read_text
+
+    path = Path(path)
+    text = read_text(path, what)
+    if path.suffix in (".toml",):
+        data = loads_toml(text, path.name)
+    elif path.suffix in (".yaml", ".yml"):
+        data = loads_yaml(text, path.name)
+    else:
+        data = loads_json(text, path.name)
     if not isinstance(data, dict):
         raise VramplanError(f"malformed {path.name}: expected a mapping at the top level")
     return data

@@ -22,7 +22,8 @@ dry run (``benchmarks/dryrun_vs_analytic.py``; evidence in ``reports/``):
 * SDPA with FlashAttention / memory-efficient kernels saves q, k, v, the output and
   an fp32 logsumexp per head and token; GQA runs without ``repeat_kv`` when there is no
   mask (transformers' ``use_gqa_in_sdpa``). Eager attention materialises the fp32
-  softmax and its 16-bit cast (heads x seq^2 per sequence) and repeats k, v.
+  softmax and its 16-bit cast (heads x seq^2 per sequence) and repeats k, v; its backward
+  peaks in ``_softmax_backward_data`` after the layer's MLP is done (:func:`eager_attention`).
 * SwiGLU MLP: gate and up outputs, the activation's output and (when ``down_proj``
   trains) the product are saved.
 * Loss (``ForCausalLMLoss``): logits are upcast to fp32, ``log_softmax`` saves its fp32
@@ -95,9 +96,11 @@ def copy_dtypes(copy: ModelCopy, regime: Regime, kbit_upcast: bool = True) -> Dt
 
 
 def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime,
-                           tokens, seq, *, input_requires_grad: bool = True, attention_only: bool = False):
+                           tokens, seq, *, input_requires_grad: bool = True, attention_only: bool = False,
+                           attention_inputs_only: bool = False):
     """Bytes autograd saves in one decoder layer for ``tokens`` tokens of length-``seq`` sequences
-    (``attention_only``: just its attention block's).
+    (``attention_only``: just its attention block's; ``attention_inputs_only``: its attention block's
+    up to and including the q/k/v projections' outputs).
 
     Returns an array broadcast over ``tokens`` and ``seq``.
     """
@@ -127,7 +130,8 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
             b += (4 if fp32 else (d.norm_out if in_bytes is None else in_bytes)) * width
         return b
 
-    def linear_inputs(names: list[str], width: int, fresh: bool, in_bytes: int | None = None) -> float:
+    def linear_inputs(names: list[str], width: int, fresh: bool, in_bytes: int | None = None,
+                      dora_saved: bool = True) -> float:
         """Saved copies of the input of the linears ``names`` that all read one tensor.
 
         ``fresh``: the input is a new tensor nobody else saves (a norm's output, the MLP
@@ -164,7 +168,7 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
                 mods = 1 if (stack.lora_qkv_pad and set(adapted) <= {"q_proj", "k_proj", "v_proj"}) else len(adapted)
                 b += DROPOUT_SAVED_BYTES * width * mods
             b += target * cfg.rank * len(adapted)  # lora_A's output, saved by lora_B
-            if copy.adapter is Adapter.DORA:
+            if copy.adapter is Adapter.DORA and dora_saved:
                 # (PEFT DoraLinearLayer: (m / ||W + BA||) scales the base result and the LoRA result; both saved)
                 # (lora_B's output is in autocast's dtype under autocast, else the adapter's)
                 b += sum((target + d.proj_out) * lin[n].out_features for n in adapted)
@@ -185,6 +189,8 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
     # -- attention block ------------------------------------------------------------------
     per_tok += norm(input_requires_grad)
     attn_in = ["qkv_proj"] if model.fused_qkv else ["q_proj", "k_proj", "v_proj"]
+    if attention_inputs_only:  # the inputs and the base outputs, before DoRA's scaling saves its own
+        return T * (per_tok + linear_inputs(attn_in, h, fresh=True, dora_saved=False) + d.proj_out * (qd + 2 * kvd))
     per_tok += linear_inputs(attn_in, h, fresh=True)
     per_tok += ia3_out(attn_in)
     qkv_adapted = [n for n in ("q_proj", "k_proj", "v_proj") if n in targets] if lora_like else []
@@ -197,11 +203,9 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
         per_tok += norm(True, qd, d.proj_out) + norm(True, kvd, d.proj_out)
     a = d.attn
     if cfg.attn == "eager":
-        rep = qd  # repeat_kv expands k and v to every head
-        per_tok += a * (qd + rep + rep)
-        per_seq2 += heads * (4 + (a if a != 4 else 0))  # fp32 softmax + its cast, x seq per token
-        if model.attn_logit_softcapping:
-            per_seq2 += heads * a  # Gemma-2: tanh(scores / cap) saved for backward
+        ea = eager_attention(model, cfg, copy, regime)
+        per_tok = per_tok + ea.qk + ea.v_bytes(T, s)
+        per_seq2 += heads * ea.saved
     else:
         per_tok += a * (qd + 2 * kvd) + a * qd + 4 * heads  # q, k, v, out, logsumexp
         # with a mask (padding, or a sliding window shorter than the sequence) SDPA cannot use GQA
@@ -257,6 +261,101 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
     return T * per_tok + T * s * per_seq2
 
 
+@dataclass(frozen=True)
+class EagerAttention:
+    """What transformers' ``eager_attention_forward`` keeps, per layer.
+
+    ``qk`` and ``v``: bytes per token of the tensors the two matmuls save (q and k after rotary
+    embedding, ``repeat_kv``'s copies of k and v when heads are grouped; v is a view of the
+    projection's output when it is not copied, and a fused qkv output stays whole behind it).
+    ``saved``, ``fwd_peak``, ``bwd_peak``: bytes per score element (one per head x query x key
+    position) -- saved for backward; alive at the forward's peak inside the block; alive at its
+    backward's peak (what ``saved`` held there, the rest freed by then, plus the gradients).
+    """
+
+    qk: float
+    v: float
+    v_one_row: float
+
+    def v_bytes(self, tokens, seq):
+        """Bytes per token v holds for ``tokens / seq`` sequences per call."""
+        rows = np.asarray(tokens, dtype=np.float64) / np.asarray(seq, dtype=np.float64)
+        return np.where(rows <= 1.0, self.v_one_row, self.v)
+    saved: float
+    fwd_peak: float
+    bwd_peak: float
+
+
+def eager_attention(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime) -> EagerAttention:
+    """The eager attention block op by op (transformers ``eager_attention_forward``, >= 5)::
+
+        w = matmul(q, k.T) * scaling (+ mask)      # scores in the matmul's dtype (+ the mask's)
+        w = softmax(w, dim=-1, dtype=float32).to(q.dtype)
+        w = dropout(w, p=attention_dropout)        # training only
+        out = matmul(w, v)
+
+    * Softmax (``ATen/native/SoftMax.cpp``): a 16-bit input is converted to fp32 first, a
+      transient the size of the fp32 output (CUDA fp16 skips it: ``_softmax(half_to_float)``);
+      ``_softmax`` saves its fp32 output; ``.to`` makes the 16-bit probabilities that
+      ``matmul(w, v)`` saves. 4 + a bytes saved per score (4 when everything is fp32).
+    * Backward, in reverse: ``matmul``'s gradient of w (a bytes) frees the 16-bit probabilities
+      and v; the cast's fp32 gradient (4); ``_softmax_backward_data`` writes the input's gradient
+      (fp32; fp16 for half_to_float) beside the saved output and its gradient: 12 bytes per
+      score at the block's peak (10 with half_to_float), the 16-bit probabilities already freed.
+    * Dropout (``p > 0``, CUDA ``native_dropout``): the dropped probabilities (a) and a 1-byte
+      mask are saved instead of the cast probabilities, which ``native_dropout_backward`` does
+      not need.
+    * Gemma-2's soft-capping saves ``tanh``'s output (a per score).
+    Checked against the dry run (``benchmarks/dryrun_vs_analytic.py --attn eager``).
+    """
+    d = copy_dtypes(copy, regime, cfg.stack.kbit_upcast)
+    a = d.attn
+    qd, kvd = model.q_dim, model.kv_dim
+    grouped = qd != kvd
+    qk = a * qd + a * qd  # q, and k (repeat_kv's copy when grouped; the rotary output otherwise)
+    # v: repeat_kv's copy, v_proj's output, or matmul's contiguous copy of a strided view (batched
+    # 4-D matmul folds batch and heads with ``reshape``, a copy unless one sequence: then a view, and
+    # a view of a fused qkv output keeps all of it: ``v_one_row``)
+    v = a * qd
+    v_one_row = d.proj_out * (qd + 2 * kvd) if (model.fused_qkv and not grouped and d.attn == d.proj_out) else v
+    # the scores' dtype: the matmul's (a) promoted by the additive mask's (the hidden states' dtype)
+    scores = max(a, d.residual)
+    # CUDA fp16 scores take _softmax(half_to_float=True) (the dry run emulates it); bf16 converts
+    half_to_float = scores == 2 and regime.compute_dtype == "float16"
+    conv = 4.0 if (scores != 4 and not half_to_float) else 0.0
+    low = a if a != 4 else 0.0  # .to(q.dtype): the 16-bit probabilities
+    p_drop = float((model.hf_config or {}).get("attention_dropout") or 0.0)
+    dropped = 0.0 < p_drop < 1.0
+    saved = 4.0 + (a + 1.0 if dropped else low)
+    if model.attn_logit_softcapping:
+        saved += a  # tanh(scores / cap) saved for backward
+    # forward: the scores and the converted copy beside _softmax's output, then its cast
+    fwd_peak = max(2 * scores, scores + conv + 4.0, scores + 4.0 + low)
+    # backward: the 16-bit probabilities (or dropout's output) and v are freed by matmul's backward
+    grad_in = 2.0 if half_to_float else (4.0 if (conv or scores == 4) else float(scores))
+    bwd_peak = 4.0 + 4.0 + grad_in
+    return EagerAttention(qk=qk, v=v, v_one_row=v_one_row, saved=saved, fwd_peak=fwd_peak, bwd_peak=bwd_peak)
+
+
+def eager_attention_work(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime, tokens, seq):
+    """(forward, backward) bytes of the eager attention block's working set in one layer, above the
+    rest of that layer's attention-block tensors: the forward's peak inside the block over what it
+    will have saved, and, at the backward's peak (``_softmax_backward_data``), the scores' buffers
+    (:func:`eager_attention`) plus the output's and v's gradients, less what matmul's backward has
+    freed (the 16-bit probabilities and v). Zero unless ``cfg.attn == "eager"``."""
+    T = np.asarray(tokens, dtype=np.float64)
+    s = np.asarray(seq, dtype=np.float64)
+    if cfg.attn != "eager":
+        return 0.0 * T * s, 0.0 * T * s
+    ea = eager_attention(model, cfg, copy, regime)
+    d = copy_dtypes(copy, regime, cfg.stack.kbit_upcast)
+    heads = model.num_heads
+    fwd = T * s * heads * (ea.fwd_peak - ea.saved)
+    grads = T * (d.attn * model.q_dim + d.attn * model.q_dim)  # d(out) and d(v)
+    bwd = T * s * heads * (ea.bwd_peak - ea.saved) - T * ea.v_bytes(T, s) + grads
+    return fwd, bwd
+
+
 def sdpa_masked_fraction(model: ModelSpec, cfg: TrainConfig, seq):
     """The fraction of decoder layers whose SDPA call gets an attention mask: every layer when
     batches are padded; the sliding-window layers when the sequence is longer than the window."""
@@ -276,10 +375,8 @@ def layer_backward_transient(model: ModelSpec, copy: ModelCopy, regime: Regime, 
     T = np.asarray(tokens, dtype=np.float64)
     d = copy_dtypes(copy, regime, kbit_upcast)
     i = model.moe_intermediate_size * model.experts_per_token if model.is_moe else model.intermediate_size
-    b = T * (2 * d.proj_out * i + 2 * d.residual * model.hidden_size)
-    if attn == "eager":
-        b = b + T * np.asarray(seq, dtype=np.float64) * model.num_heads * 8
-    return b
+    # (eager attention's softmax buffers are not here: :func:`eager_attention_work`, after the MLP's)
+    return T * (2 * d.proj_out * i + 2 * d.residual * model.hidden_size)
 
 
 def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head: str = "lm",
@@ -422,6 +519,11 @@ def attention_mask_bytes(model: ModelSpec, cfg: TrainConfig, regime: Regime, bat
         return masks * b * s * s * d.residual
     if cfg.attn == "sdpa":
         return b * s * s * np.where(sdpa_masked_fraction(model, cfg, s) > 0, 1.0, 0.0)
+    if model.sliding_window and cfg.attn == "flash":
+        # flash through transformers' SDPA interface (flash-attn not installed: the flash kernel via SDPA;
+        # the dry run) still builds the sliding-window layers' boolean mask; flash_attention_2 would not.
+        # Counted: the safe side of the two
+        return b * s * s * np.where(s > model.sliding_window, 1.0, 0.0)
     return b * s * 0.0
 
 

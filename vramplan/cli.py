@@ -7,21 +7,24 @@ import json
 import sys
 
 from .errors import VramplanError
+from .validate import arg_int, arg_real, arg_size, arg_text
 
 
 def _add_plan_args(p: argparse.ArgumentParser, *, single: bool = True, model_required: bool = True) -> None:
-    p.add_argument("--model", required=model_required, help="catalogue name, size alias (13b), HF repo id, or a config.json path/dir")
+    p.add_argument("--model", required=model_required, type=arg_text("model"), help="catalogue name, size alias (13b), HF repo id, or a config.json path/dir")
     if single:
         p.add_argument("--method", default="lora", help="full|lora|qlora|dora|ia3|dpo|ppo (default lora)")
         p.add_argument("--adapter", default=None, help="for dpo/ppo: full|lora|qlora|dora|ia3")
-        p.add_argument("--batch", type=int, default=1, help="micro-batch size (default 1)")
+        p.add_argument("--batch", type=arg_int("batch"), default=1, help="micro-batch size (default 1)")
     p.add_argument("--gpu", default=None, help="catalogue GPU name, or 'auto' (NVML)")
-    p.add_argument("--gpu-mem", default=None, help="plan for any capacity, e.g. 24GiB")
-    p.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--gpu-mem", type=arg_size("gpu-mem"), default=None,
+                   help="plan for any capacity: 24 (a bare number is GB as cards are sold: 24 GiB), 24GiB, 80GB")
+    p.add_argument("--seq", type=arg_int("seq", suffixes=True), default=2048,
+                   help="tokens per sequence: 2048, 4k, 32k (k = 1024; default 2048)")
     if single:
-        p.add_argument("--rank", type=int, default=8, help="LoRA/DoRA rank (default 8)")
+        p.add_argument("--rank", type=arg_int("rank"), default=8, help="LoRA/DoRA rank (default 8)")
     else:
-        p.add_argument("--rank", type=int, default=None, help="LoRA/DoRA rank (default: search 8, 16, 64)")
+        p.add_argument("--rank", type=arg_int("rank"), default=None, help="LoRA/DoRA rank (default: search 8, 16, 64)")
     p.add_argument("--targets", default=None, help="q_proj,v_proj | all-linear (default: PEFT's for the model"
                    + ("" if single else "; fit also tries all-linear") + ")")
     p.add_argument("--precision", default=None, help="bf16|bf16-mixed|fp16-mixed|fp32 (default: the stack's; "
@@ -31,15 +34,17 @@ def _add_plan_args(p: argparse.ArgumentParser, *, single: bool = True, model_req
     else:
         p.add_argument("--attn", default=None, help="eager|sdpa|flash (default: search sdpa and flash)")
     if single:
-        p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default = rank)")
-        p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+        p.add_argument("--alpha", type=arg_real("alpha", lo=-1e6), default=None, help="LoRA alpha (default = rank)")
+        p.add_argument("--dropout", type=arg_real("dropout", lo=0.0, hi=1.0, hi_open=True), default=0.0,
+                       help="LoRA dropout, 0 <= p < 1 (default 0)")
         p.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", default=None, help="gradient checkpointing on")
         p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="gradient checkpointing off")
         p.add_argument("--optimizer", default="adamw", help="adamw|adamw_8bit|paged_adamw_8bit|paged_adamw_32bit|sgd|adafactor")
-        p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+        p.add_argument("--grad-accum", type=arg_int("grad-accum"), default=1, help="gradient accumulation steps")
         p.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=True,
                        help="QLoRA without double quantisation")
-        p.add_argument("--ppo-response", type=int, default=None, help="PPO response tokens (default seq/2)")
+        p.add_argument("--ppo-response", type=arg_int("ppo-response", suffixes=True), default=None,
+                       help="PPO response tokens (default seq/2)")
     _add_stack_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -55,22 +60,24 @@ def _add_stack_args(p: argparse.ArgumentParser) -> None:
 def _add_scale_args(p: argparse.ArgumentParser, *, fit: bool = False) -> None:
     """GPUs, sharding strategy, global batch and dataset size (estimate and fit)."""
     g = p.add_argument_group("scale and time (vramplan.distributed, vramplan.throughput)")
-    g.add_argument("--gpus", type=int, default=1, help="number of GPUs (default 1)")
+    g.add_argument("--gpus", type=arg_int("gpus"), default=1, help="number of GPUs (default 1)")
     g.add_argument("--strategy", default=None,
                    help="ddp|zero1|zero2|zero3|fsdp (default: ddp with --gpus > 1" + ("; fit searches all" if fit else "")
                    + ")")
     g.add_argument("--offload", default=None, help="cpu|none: optimiser (zero1/2) or parameters too (zero3/fsdp) in host memory")
-    g.add_argument("--global-batch", type=int, default=None, help="examples per optimiser step over all GPUs "
+    g.add_argument("--global-batch", type=arg_int("global-batch"), default=None, help="examples per optimiser step over all GPUs "
                    "(sets gradient accumulation)")
     g.add_argument("--tokens", default=None, help="dataset tokens per epoch (500M, 2B) for time to train and GPU-hours")
-    g.add_argument("--epochs", type=float, default=1.0, help="epochs over --tokens (default 1)")
+    g.add_argument("--epochs", type=arg_real("epochs", lo=0.0, lo_open=True), default=1.0,
+                   help="epochs over --tokens (default 1)")
     if fit:
-        g.add_argument("--batch", type=int, default=None, help="fix the micro-batch (default: search)")
+        g.add_argument("--batch", type=arg_int("batch"), default=None, help="fix the micro-batch (default: search)")
         g.add_argument("--optimizer", default=None, help="fix the optimiser (default: AdamW, then 8-bit/paged)")
         g.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", default=None, help="fix gradient checkpointing on")
         g.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="fix gradient checkpointing off")
-        g.add_argument("--margin", type=float, default=None, help="fraction of memory kept free (default 0.15)")
-        g.add_argument("--top", type=int, default=0, help="also print each method's N best plans and why they lose")
+        g.add_argument("--margin", type=arg_real("margin", lo=0.0, hi=1.0, hi_open=True), default=None,
+                       help="fraction of memory kept free, 0 <= m < 1 (default 0.15)")
+        g.add_argument("--top", type=arg_int("top", lo=0), default=0, help="also print each method's N best plans and why they lose")
 
 
 def _scale_kwargs(a: argparse.Namespace) -> dict:
@@ -87,9 +94,21 @@ def _plan_kwargs(a: argparse.Namespace) -> dict:
 
 
 def _print_json(obj) -> None:
+    """One JSON object on stdout; ``allow_nan=False``, so a NaN or infinity can never escape as invalid JSON."""
     from .results import jsonable
 
-    print(json.dumps(jsonable(obj), indent=2))
+    try:
+        text = json.dumps(jsonable(obj), indent=2, allow_nan=False)
+    except ValueError:
+        raise VramplanError("the result holds a non-finite number (NaN or infinity), so it is not printed as JSON",
+                            "this is a bug in vramplan; please report the command") from None
+    print(text)
+
+
+def _stem(text: str) -> str:
+    from .validate import _typed, file_stem
+
+    return _typed(lambda t: file_stem(t, "--name"), "name")(text)
 
 
 def _console():
@@ -102,7 +121,7 @@ def _estimate_from_file(a):
     """``estimate --config FILE``: the file's settings, with every flag given on the command line winning."""
     from .integrations.config_files import estimate_file
 
-    defaults = vars(build_parser().parse_args(["estimate", "--config", a.config]))
+    defaults = vars(build_parser().parse_args(["estimate", f"--config={a.config}"]))
     kw = {**_plan_kwargs(a), **_scale_kwargs(a)}
     overrides = {k: v for k, v in kw.items() if k not in ("gpu", "gpu_mem") and v != defaults.get(k)}
     if a.method != defaults.get("method"):
@@ -125,12 +144,46 @@ def cmd_estimate(a) -> int:
     return 0
 
 
+def _add_distributed_dryrun_args(p: argparse.ArgumentParser) -> None:
+    """``vramplan dryrun --gpus N --strategy S``: the engines traced per rank (vramplan.dryrun.distributed)."""
+    g = p.add_argument_group("multi-GPU dry run (N local CPU ranks, gloo; vramplan.dryrun.distributed)")
+    g.add_argument("--gpus", type=int, default=1, help="ranks to trace (2-8); 1 = the single-device dry run")
+    g.add_argument("--strategy", default=None, help="ddp|zero1|zero2|zero3|fsdp (default ddp with --gpus > 1)")
+    g.add_argument("--engine", default=None, help="auto|torch|deepspeed (default auto: DeepSpeed for zero1/2/3 "
+                   "when installed, else ZeroRedundancyOptimizer / FSDP2)")
+    g.add_argument("--layers", type=int, default=2, help="decoder layers built (default 2; random weights)")
+    g.add_argument("--fsdp-reshard-after-forward", dest="reshard_after_forward", action="store_true", default=None,
+                   help="FSDP2: free each unit's parameters after its forward (the default; zero2: off)")
+    g.add_argument("--no-fsdp-reshard-after-forward", dest="reshard_after_forward", action="store_false",
+                   help="FSDP2: keep them gathered until backward (SHARD_GRAD_OP)")
+    g.add_argument("--bucket-cap-mb", type=float, default=None, help="DDP bucket_cap_mb (default 25)")
+    g.add_argument("--reduce-bucket-size", type=int, default=None, help="DeepSpeed reduce_bucket_size, elements")
+    g.add_argument("--allgather-bucket-size", type=int, default=None, help="DeepSpeed allgather_bucket_size, elements")
+    g.add_argument("--prefetch-bucket-size", type=int, default=None,
+                   help="DeepSpeed stage3_prefetch_bucket_size, elements")
+    g.add_argument("--max-live-parameters", type=int, default=None,
+                   help="DeepSpeed stage3_max_live_parameters, elements")
+    g.add_argument("--offload", default=None, help="cpu|none (cpu cannot be traced on a CPU-only host: planned only)")
+
+
 def cmd_dryrun(a) -> int:
     from .dryrun import dryrun
-    from .render import render_estimate
+    from .render import Elapsed, render_estimate
 
-    from .render import Elapsed
+    if getattr(a, "gpus", 1) != 1 or getattr(a, "strategy", None):
+        from .dryrun.distributed import distributed_dryrun
 
+        with Elapsed(f"dryrun: {a.gpus} CPU ranks (gloo), one real {a.strategy or 'ddp'} step per rank"):
+            res = distributed_dryrun(a.model, a.method, gpus=a.gpus, strategy=a.strategy or "ddp", engine=a.engine,
+                                     layers=a.layers, batch=a.batch, seq=a.seq, rank=a.rank, targets=a.targets,
+                                     grad_ckpt=a.grad_ckpt, precision=a.precision or "bf16", attn=a.attn,
+                                     reshard_after_forward=a.reshard_after_forward, bucket_cap_mb=a.bucket_cap_mb,
+                                     reduce_bucket_size=a.reduce_bucket_size,
+                                     allgather_bucket_size=a.allgather_bucket_size,
+                                     prefetch_bucket_size=a.prefetch_bucket_size,
+                                     max_live_parameters=a.max_live_parameters, offload=a.offload)
+        _print_json(res.to_json()) if a.json else res.render(_console())
+        return 0
     with Elapsed("dryrun: building the model on the meta device and tracing one training step"):
         res = dryrun(a.model, a.method, **_plan_kwargs(a), techniques=a.techniques)
     if a.json:
@@ -177,6 +230,19 @@ def cmd_matrix(a) -> int:
 
     from .render import ProgressBar
 
+    if a.format:
+        parse_formats(a.format)  # a bad --format, preamble or --out is refused before the work, not after it
+    preamble = None
+    if a.out and not a.json:
+        from .validate import read_text, write_error
+        from pathlib import Path
+
+        if a.preamble:
+            preamble = read_text(a.preamble, "preamble", max_bytes=1 << 20)  # a regular text file, at most 1 MiB
+        try:
+            Path(a.out).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(exc, a.out, "directory") from None
     with ProgressBar("matrix") as bar:
         mx = feasibility_matrix(a.models, a.methods, a.gpus, a.seq, batch=a.batch, precision=a.precision, attn=a.attn,
                                 rank=a.rank, targets=a.targets, framework=a.framework, techniques=a.techniques,
@@ -184,13 +250,6 @@ def cmd_matrix(a) -> int:
     if a.json:
         _print_json(mx)
     elif a.out:
-        preamble = None
-        if a.preamble:
-            try:
-                with open(a.preamble, encoding="utf-8") as fh:
-                    preamble = fh.read()
-            except OSError as exc:
-                raise VramplanError(f"cannot read {a.preamble}: {exc.strerror or exc}") from None
         with ProgressBar("figures") as bar:
             paths = write_reports(mx, a.out, a.format or "md,csv,html,png", a.name, preamble=preamble, progress=bar)
         for path in paths:
@@ -252,8 +311,9 @@ def cmd_methods(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vramplan", description="Will it fit, how fast, which configuration: "
-                                "GPU memory planning for LLM fine-tuning.")
+    p = _Parser(prog="vramplan", description="Will it fit, how fast, which configuration: "
+                "GPU memory planning for LLM fine-tuning.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("estimate", help="peak memory of one configuration (analytic model)")
     _add_plan_args(e, model_required=False)
@@ -267,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_estimate)
     d = sub.add_parser("dryrun", help="exact tensor accounting of one real training step on the meta device")
     _add_plan_args(d)
+    _add_distributed_dryrun_args(d)
     d.set_defaults(func=cmd_dryrun)
     f = sub.add_parser("fit", help="every method on one GPU (or N): the fastest settings that fit, tokens/s, "
                        "largest batch, longest sequence, what would fit otherwise")
@@ -295,9 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--models", default="all", help="all | comma list of names, aliases (1b,7b), HF ids (default all)")
     x.add_argument("--methods", default="all", help="all | comma list, method+adapter for dpo/ppo (dpo+qlora)")
     x.add_argument("--gpus", default="all", help="all | comma list of GPU names or capacities (rtx3080,24GiB)")
-    x.add_argument("--seq", default="2048", help="tokens per sequence, one or a comma list (default 2048)")
-    x.add_argument("--batch", type=int, default=1, help="micro-batch of the verdict and peak (default 1)")
-    x.add_argument("--rank", type=int, default=8, help="LoRA/DoRA rank (default 8)")
+    x.add_argument("--seq", default="2048", help="tokens per sequence, one or a comma list: 2048 or 1k,4k,32k (default 2048)")
+    x.add_argument("--batch", type=arg_int("batch", hi=1024), default=1, help="micro-batch of the verdict and peak (default 1)")
+    x.add_argument("--rank", type=arg_int("rank"), default=8, help="LoRA/DoRA rank (default 8)")
     x.add_argument("--targets", default=None, help="q_proj,v_proj | all-linear (default: PEFT's for the model)")
     x.add_argument("--precision", default=None, help="bf16|bf16-mixed|fp16-mixed|fp32 (default: the stack's; "
                    "bf16-mixed for hf, bf16 for torchtune/litgpt)")
@@ -305,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stack_args(x)
     x.add_argument("--format", default=None, help="md,csv,html,png (default: md to stdout; all four with --out)")
     x.add_argument("--out", default=None, metavar="DIR", help="write <DIR>/<name>.<format> files")
-    x.add_argument("--name", default="feasibility", help="file name stem with --out (default feasibility)")
+    x.add_argument("--name", default="feasibility", type=_stem, help="file name stem with --out (default feasibility)")
     x.add_argument("--preamble", default=None, metavar="FILE", help="markdown inserted at the top of the .md file")
     x.add_argument("--json", action="store_true", help="print one JSON object (every cell)")
     x.set_defaults(func=cmd_matrix)
@@ -320,15 +381,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Parser(argparse.ArgumentParser):
-    pass
+    """argparse with one-line errors: ``vramplan estimate: error: <what>; see `vramplan estimate --help```
+    and exit 2, instead of a usage block. Subcommand parsers inherit this class."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        import re
+
+        text = " ".join(str(message).split())
+        text = re.sub(r"^argument ([-\w/]+): \1 ", r"\1 ", text)  # "argument --seq: --seq must..." said once
+        hint = f"see `{self.prog} --help`"
+        if "invalid choice" in text and "argument command" in text:
+            hint = "see `vramplan --help`"
+        self.exit(2, f"{self.prog}: error: {text}; {hint}\n")
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("vramplan")
+    except Exception:  # not installed (a source checkout on PYTHONPATH)
+        from . import __version__
+
+        return __version__
+
+
+def _warn_line(message, category, filename, lineno, file=None, line=None):
+    """Library warnings (a sequence beyond the model's context...) as one line on stderr."""
+    print(f"vramplan: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse already printed its one-line usage error
+    except SystemExit as exc:  # argparse already printed its one-line error (or --help / --version)
         return 2 if exc.code not in (0, None) else 0
+    old_show = warnings.showwarning
+    warnings.showwarning = _warn_line
     try:
         return int(args.func(args) or 0)
     except VramplanError as exc:
@@ -339,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    finally:
+        warnings.showwarning = old_show
 
 
 if __name__ == "__main__":  # pragma: no cover

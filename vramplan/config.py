@@ -174,15 +174,27 @@ def make_config(model: ModelSpec | str, method: str = "lora", *, adapter: str | 
             an unknown method/adapter/optimizer/precision/attention, a sequence longer
             than PPO's response allows.
     """
+    from . import validate as v
+
     spec = get_model(model)
+    v.name_text(method, "method")
+    v.name_text(adapter, "adapter", none_ok=True)
     recipe = resolve(method, adapter)
-    for label, value in (("batch", batch), ("seq", seq), ("grad-accum", grad_accum), ("rank", rank)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise VramplanError(f"--{label} must be a positive integer, got {value!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= float(dropout) < 1.0:
-        raise VramplanError(f"--dropout must be in [0, 1), got {dropout!r}")
-    if attn not in ATTENTION:
-        raise unknown("attention implementation", attn, ATTENTION)
+    batch, seq = v.integer(batch, "batch"), v.integer(seq, "seq")
+    grad_accum, rank = v.integer(grad_accum, "grad-accum"), v.integer(rank, "rank")
+    alpha = v.real(alpha, "alpha", lo=-v.LIMITS["alpha"], none_ok=True)
+    dropout = v.real(dropout, "dropout", lo=0.0, hi=1.0, hi_open=True)
+    grad_ckpt = v.flag(grad_ckpt, "grad_ckpt")
+    double_quant = v.flag(double_quant, "double_quant", none_ok=False)
+    ppo_response = v.integer(ppo_response, "ppo-response", none_ok=True)
+    v.name_text(framework, "framework")
+    v.name_text(optimizer, "optimizer")
+    v.name_text(precision, "precision", none_ok=True)
+    if targets is not None and not isinstance(targets, (str, list, tuple)):
+        raise VramplanError(f"targets must be a comma list or a list of module names, got {type(targets).__name__}")
+    if isinstance(targets, (list, tuple)) and not all(isinstance(t, str) for t in targets):
+        raise VramplanError("targets must be module names (strings)")
+    v.choice(attn, "attention implementation", ATTENTION)
     from .stacks import get_stack, parse_techniques, parse_versions
 
     stack = get_stack(framework)

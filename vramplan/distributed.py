@@ -62,7 +62,7 @@ from .methods import Adapter, Forward
 from .models import ModelSpec
 from .optimizers import get_optimizer
 from .precision import DTYPE_BYTES, FP32
-from .taxonomy import Component
+from .taxonomy import Component, Phase
 from .units import MIB
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
@@ -99,6 +99,21 @@ class Parallel:
     strategy: str | None = None
     offload: str = "none"
     gpus_per_node: int = GPUS_PER_NODE
+    #: the engine that runs the strategy: ``auto`` (DeepSpeed for zero1/2/3, PyTorch for ddp/fsdp),
+    #: ``torch`` (DDP; ZeroRedundancyOptimizer for zero1; FSDP2 for zero2/zero3/fsdp) or ``deepspeed``
+    engine: str = "auto"
+    #: FSDP2 ``fully_shard(reshard_after_forward=...)``; None: the engine's default (True; zero2: False)
+    reshard_after_forward: bool | None = None
+    #: DDP ``gradient_as_bucket_view`` (default False: the buckets are a second copy of the gradients)
+    gradient_as_bucket_view: bool = False
+    #: DDP ``bucket_cap_mb`` (default 25; the buckets hold every gradient whatever their size)
+    bucket_cap_mb: float | None = None
+    #: DeepSpeed ``reduce_bucket_size`` / ``allgather_bucket_size`` / ``stage3_prefetch_bucket_size`` /
+    #: ``stage3_max_live_parameters`` in elements; None: DeepSpeed's defaults (``DS_DEFAULTS``)
+    reduce_bucket_size: int | None = None
+    allgather_bucket_size: int | None = None
+    prefetch_bucket_size: int | None = None
+    max_live_parameters: int | None = None
 
     @property
     def distributed(self) -> bool:
@@ -113,25 +128,58 @@ class Parallel:
         return self.strategy in SHARDED_PARAMS
 
     @property
+    def engine_name(self) -> str:
+        """``torch`` or ``deepspeed``: the engine whose buffers the plan models."""
+        if self.engine != "auto":
+            return self.engine
+        return "deepspeed" if self.strategy in DEEPSPEED else "torch"
+
+    @property
+    def reshards_after_forward(self) -> bool:
+        """FSDP2: whether a unit's parameters are freed after its forward (ZeRO-3) or kept to backward."""
+        if self.reshard_after_forward is not None:
+            return bool(self.reshard_after_forward)
+        return self.strategy != "zero2"
+
+    @property
     def label(self) -> str:
         if self.strategy is None:
             return "1 GPU"
         off = ", offload cpu" if self.offload == "cpu" else ""
-        return f"{self.gpus}x {self.strategy}{off}"
+        eng = " (torch)" if self.engine == "torch" and self.strategy in DEEPSPEED else ""
+        return f"{self.gpus}x {self.strategy}{eng}{off}"
 
     def to_json(self) -> dict:
-        return {"gpus": self.gpus, "strategy": self.strategy, "offload": self.offload, "nodes": self.nodes}
+        out = {"gpus": self.gpus, "strategy": self.strategy, "offload": self.offload, "nodes": self.nodes}
+        if self.strategy is not None:
+            out["engine"] = self.engine_name
+            opts = {k: getattr(self, k) for k in ENGINE_OPTIONS if getattr(self, k) not in (None, False)}
+            if opts:
+                out["engine_options"] = opts
+        return out
 
 
 SINGLE = Parallel()
+ENGINES = ("auto", "torch", "deepspeed")
+ENGINE_OPTIONS = ("reshard_after_forward", "gradient_as_bucket_view", "bucket_cap_mb", "reduce_bucket_size",
+                  "allgather_bucket_size", "prefetch_bucket_size", "max_live_parameters")
+#: DeepSpeed's ZeRO defaults, elements (deepspeed/runtime/zero/config.py, DeepSpeedZeroConfig field defaults;
+#: the same figures in DeepSpeed's docs "ZeRO optimizations": reduce_bucket_size 5e8, allgather_bucket_size
+#: 5e8, stage3_prefetch_bucket_size 5e7, stage3_max_live_parameters 1e9, stage3_param_persistence_threshold 1e5)
+DS_DEFAULTS = {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000,
+               "prefetch_bucket_size": 50_000_000, "max_live_parameters": 1_000_000_000,
+               "param_persistence_threshold": 100_000}
 
 
 def make_parallel(gpus: int = 1, strategy: str | None = None, offload: str | None = None,
-                  gpus_per_node: int = GPUS_PER_NODE) -> Parallel:
+                  gpus_per_node: int = GPUS_PER_NODE, engine: str | None = None, **options) -> Parallel:
     """Validate ``--gpus/--strategy/--offload`` into a :class:`Parallel`.
 
     ``gpus > 1`` without a strategy means DDP. ``strategy`` on one GPU is allowed (ZeRO-3 with
-    CPU offload on a single card is a real recipe).
+    CPU offload on a single card is a real recipe). ``engine`` (``auto``, ``torch``,
+    ``deepspeed``) and ``options`` (:data:`ENGINE_OPTIONS`: FSDP2's ``reshard_after_forward``,
+    DDP's ``gradient_as_bucket_view`` / ``bucket_cap_mb``, DeepSpeed's bucket sizes in
+    elements) select the engine whose buffers the plan models.
 
     Raises:
         VramplanError: ``gpus`` not a positive integer, an unknown strategy or offload, offload
@@ -155,7 +203,27 @@ def make_parallel(gpus: int = 1, strategy: str | None = None, offload: str | Non
     if off == "cpu" and strategy in (None, "ddp"):
         raise VramplanError(f"--offload cpu needs a sharding strategy, not {strategy or 'a single process'}",
                             "add --strategy zero2, zero3 or fsdp")
-    return Parallel(gpus=int(gpus), strategy=strategy, offload=off, gpus_per_node=int(gpus_per_node))
+    eng = "auto" if engine is None else str(engine).lower()
+    if eng not in ENGINES:
+        raise unknown("engine", eng, ENGINES)
+    if eng == "deepspeed" and strategy not in DEEPSPEED:
+        raise VramplanError(f"DeepSpeed runs zero1, zero2 or zero3, not {strategy or 'a single process'}",
+                            "use --engine torch or --strategy zero1|zero2|zero3")
+    bad = sorted(set(options) - set(ENGINE_OPTIONS))
+    if bad:
+        raise VramplanError(f"unknown engine option {bad[0]!r}", f"known: {', '.join(ENGINE_OPTIONS)}")
+    opts = {}
+    for k, v in options.items():
+        if v is None:
+            continue
+        if k in ("reshard_after_forward", "gradient_as_bucket_view"):
+            opts[k] = bool(v)
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not v > 0:
+            raise VramplanError(f"{k.replace('_', '-')} must be a positive number, got {v!r}")
+        opts[k] = float(v) if k == "bucket_cap_mb" else int(v)
+    return Parallel(gpus=int(gpus), strategy=strategy, offload=off, gpus_per_node=int(gpus_per_node), engine=eng,
+                    **opts)
 
 
 # -- the published estimators (for tests and the comparison in the output) ----------------
@@ -230,6 +298,15 @@ class ShardedState:
     nccl_bytes: int = 0
     cpu_bytes: int = 0
     backward_grad_bytes: int | None = None  # gradients alive in backward/step if not all of them (optimizer in backward)
+    #: engines whose gathered units change through the step (FSDP2): the bytes gathered (and the
+    #: unsharded gradients and reduce-scatter buffers in flight) at each point of
+    #: :func:`vramplan.memory.combine_phases`; None: ``gathered_bytes`` (+ ``inflight_grad_bytes``)
+    gathered_fwd_mid: int | None = None
+    gathered_bwd_start: int | None = None
+    gathered_bwd_work: int | None = None
+    gathered_bwd_end: int | None = None
+    #: FSDP2's unit schedule (:func:`_fsdp2`): the terms :func:`_fsdp2_phases` walks through
+    fsdp2: dict | None = None
     layout: str = "single process (HF Trainer / TRL)"
     notes: list[str] = field(default_factory=list)
 
@@ -305,14 +382,25 @@ def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, st=N
     quant = base.get(Component.QUANT_STATE, 0)
     out = ShardedState(bytes=dict.fromkeys(base, 0), trainable_params=P, nccl_bytes=NCCL_BYTES)
 
-    if par.strategy == "ddp":
+    if par.strategy == "ddp" or (par.strategy == "zero1" and par.engine_name == "torch"):
         out.bytes.update(base)
         out.step_temporary = st.step_temporary
-        out.comm_buffer_bytes = base[Component.GRADIENTS]  # gradient_as_bucket_view=False
-        out.layout = "PyTorch DDP (HF Trainer): full replica per GPU + gradient buckets"
+        # the Reducer's buckets hold every gradient: a second copy with gradient_as_bucket_view=False (the
+        # default); with True the gradients are views into them, allocated once and never set to None
+        out.comm_buffer_bytes = base[Component.GRADIENTS]
+        if par.gradient_as_bucket_view:
+            out.bytes[Component.GRADIENTS] = 0
+        out.layout = "PyTorch DDP: full replica per GPU + gradient buckets" + (
+            " (gradients as bucket views)" if par.gradient_as_bucket_view else "")
+        if par.strategy == "zero1":
+            _zero_redundancy(out, model, cfg, par, st)
         return out
 
     groups = _trainable_groups(model, cfg)
+    if par.engine_name == "torch":  # zero2, zero3, fsdp: FSDP2
+        _fsdp2(out, model, cfg, par, st, base)
+        _rollout_gather(out, model, cfg, par, st)
+        return out
     if par.strategy in DEEPSPEED:
         p16 = DTYPE_BYTES[regime.compute_dtype]
         mixed = regime.compute_dtype != FP32
@@ -377,12 +465,144 @@ def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, st=N
         out.inflight_grad_bytes = inflight
         out.layout = "PyTorch FSDP FULL_SHARD (mixed precision, decoder layers as units)" + (
             ", parameters and optimiser offloaded to CPU" if offload else "")
+    _rollout_gather(out, model, cfg, par, st)
+    return out
+
+
+def _rollout_gather(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel, st) -> None:
+    regime = cfg.regime
     if cfg.recipe.method.rollout and par.shards_params:
         policy = cfg.recipe.copies[0]
         per = DTYPE_BYTES[regime.compute_dtype] if policy.adapter is Adapter.FULL else _frozen_bytes_per_param(model, cfg, st)
         out.rollout_gather_bytes = int(model.params * per)
         out.notes.append("PPO generation gathers the whole policy (TRL ds3_gather_for_generation)")
-    return out
+
+
+#: a branch of combine_phases that an engine's own schedule replaces (never the maximum)
+_NOT_HERE = -(2 ** 60)
+
+
+def _expand(groups) -> list[tuple[tuple[int, ...], int]]:
+    return [(shape, 1) for shape, count in groups for _ in range(count)]
+
+
+def _numel(shape) -> int:
+    return int(np.prod(shape)) if shape else 1
+
+
+def _zero_redundancy(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel, st) -> None:
+    """``torch.distributed.optim.ZeroRedundancyOptimizer`` over DDP: each rank keeps the optimiser states
+    of its partition of the parameters.
+
+    The partition is the optimiser's own (``ZeroRedundancyOptimizer._partition_parameters``, torch 2.x):
+    parameters sorted by ``numel`` descending, each assigned to the rank with the smallest total so far.
+    The plan is the largest rank's. The updated parameters are broadcast in place from their owner.
+    """
+    n = par.gpus
+    opt = get_optimizer(cfg.optimizer)
+    tensors = sorted(_expand(_trainable_groups(model, cfg)), key=lambda t: _numel(t[0]), reverse=True)
+    sizes = [0] * n
+    owned: list[list] = [[] for _ in range(n)]
+    for shape, c in tensors:
+        r = int(np.argmin(sizes))
+        sizes[r] += _numel(shape)
+        owned[r].append((shape, c))
+    pbytes = _trainable_bytes_per_param(cfg)
+    states = [opt.total_state_bytes([(sh, c, pbytes) for sh, c in o]) for o in owned]
+    r = int(np.argmax(states))
+    out.bytes[Component.OPTIMIZER_STATES] = int(states[r])
+    out.step_temporary = opt.step_temporary_bytes([(sh, c, pbytes) for sh, c in owned[r]], cfg.regime.runner)
+    out.layout = "PyTorch DDP + ZeroRedundancyOptimizer (ZeRO-1): full replica, gradient buckets, own states"
+
+
+def _trainable_bytes_per_param(cfg: TrainConfig) -> int:
+    regime = cfg.regime
+    return DTYPE_BYTES[regime.trainable_dtype if cfg.recipe.adapter is Adapter.FULL else regime.adapter_dtype]
+
+
+def _fsdp2(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel, st, base) -> None:
+    """PyTorch FSDP2 (``fully_shard`` on every decoder layer and on the root), per rank.
+
+    Sources: ``torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py`` (torch 2.13). Every
+    parameter is sharded on dim 0 (padded to a multiple of N); a unit's all-gather writes one flat
+    buffer (the unit's padded size) and copies out to the unsharded parameters.
+
+    * Forward (``reshard_after_forward=True``, passed to the root too, as torchtune and accelerate
+      do): the root's parameters stay unsharded through its forward and are gathered again when
+      backward starts (flat buffer and parameters: 2R), then kept to the end of backward; each layer is
+      gathered, and ``wait_for_unshard`` keeps the previous all-gather result alive until the
+      next copy-out ("implicit prefetch", ``comm_ctx.all_gather_state``): R + 2L while a layer is
+      gathered, R + L at the logits (the last result is freed by the root's post-forward).
+    * Backward: ``_backward_prefetch`` all-gathers the next unit in backward order as each unit's
+      pre-backward runs: R + L at the loss, R + 2L inside a layer, plus the layer's unsharded
+      gradients and the previous unit's reduce-scatter input, which ``post_backward`` keeps until the
+      next one (``reduce_scatter_max_input_buffers`` = 1); the head's unsharded gradients live from
+      the logits' backward to the root's ``post_backward``, which reshards the root before it copies
+      its gradients into the reduce-scatter input.
+    * ``reshard_after_forward=False`` (zero2, SHARD_GRAD_OP): every layer stays gathered from its
+      forward to its backward: R + (layers + 1) L at the logits, R + layers x L when backward starts.
+    """
+    n = par.gpus
+    regime = cfg.regime
+    full = cfg.recipe.adapter is Adapter.FULL
+    offload = par.offload == "cpu"
+    shardable = (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS,
+                 Component.GRADIENTS, Component.OPTIMIZER_STATES)
+    if offload:
+        out.cpu_bytes = sum(base.get(c, 0) for c in shardable) // n
+    else:
+        for c in shardable:
+            out.bytes[c] = -(-base.get(c, 0) // n)
+        out.step_temporary = -(-st.step_temporary // n)
+    root_p, layer_p = _unit_params(model)
+    L = model.num_layers
+    gb = _trainable_bytes_per_param(cfg)  # gradient bytes per trainable parameter
+    if full:
+        w = DTYPE_BYTES[regime.trainable_dtype]
+        R, U = root_p * w, layer_p * w
+        gU = layer_p * gb                      # one layer's unsharded gradients
+        head_g = (model.lm_head_params + model.hidden_size) * gb  # lm_head + final norm, from the logits on
+        root_g = root_p * gb
+    else:
+        adapters = base.get(Component.ADAPTERS, 0)
+        policy = cfg.recipe.copies[0]
+        nb = DTYPE_BYTES[regime.frozen_dtype]
+        if policy.quantized:
+            from .memory import _quantized_linears
+            from .quant import nf4_bytes
+
+            # NF4 codes are the layer's parameters (FSDP-QLoRA shards and gathers them); what is not
+            # quantised was upcast to fp32 by prepare_model_for_kbit_training (the stack's kbit_upcast);
+            # the quantisation constants are module attributes, not parameters: every rank keeps them all
+            lin = _quantized_linears(model, cfg)
+            packed = sum(nf4_bytes(l.in_features * l.out_features, cfg.double_quant)[0] * l.count for l in lin)
+            nb = 4 if cfg.stack.kbit_upcast else nb
+            R = root_p * nb
+            U = packed + (layer_p - sum(l.in_features * l.out_features * l.count for l in lin)) * nb
+            out.bytes[Component.QUANT_STATE] = base.get(Component.QUANT_STATE, 0)
+        else:
+            R, U = root_p * nb, layer_p * nb
+        U += adapters // max(L, 1)
+        gU = adapters // max(L, 1)
+        head_g = root_g = 0
+    rs = gU  # the reduce-scatter input: the unit's gradients, padded, in the reduce dtype (= gradient dtype)
+    out.fsdp2 = {"R": R, "U": U, "gU": gU, "rs": rs, "head_g": head_g, "root_g": root_g, "layers": L,
+                 "sg": -(-gU // n), "reshard": par.reshards_after_forward,
+                 "gU_mlp": min(gU, int(st.layer_grad)) if full else 0}
+    # the generic phase arithmetic sees the root and the last layer's all-gather (forward end, loss)
+    out.gathered_bytes = R + (U if par.reshards_after_forward else (L + 1) * U)
+    # reshard_after_forward passed explicitly to the root too (torchtune's shard_model and accelerate's
+    # FSDP2 plugin do; left to None, torch would keep the root gathered): the root is freed after the
+    # loss and all-gathered again when backward starts, its flat buffer beside its parameters (2R)
+    # before the prefetch of the last layer (R + U)
+    out.gathered_bwd_start = R + (U if par.reshards_after_forward else L * U)
+    # the layer-by-layer backward and its end are walked by _fsdp2_phases, not combine_phases' generic branches
+    out.gathered_bwd_work = out.gathered_bwd_end = _NOT_HERE
+    out.inflight_grad_bytes = 0
+    out.comm_buffer_bytes = 0
+    out.layout = ("PyTorch FSDP2 fully_shard per decoder layer + root"
+                  + (", reshard_after_forward=False" if not par.reshards_after_forward else "")
+                  + (", parameters and optimiser offloaded to CPU" if offload else ""))
 
 
 # -- per-GPU step memory -------------------------------------------------------------------
@@ -411,12 +631,147 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
         **_mem.backward_casts(full, cfg),
         grads_bwd=grads + sh.inflight_grad_bytes, grads_opt=grads,
         grads_tail=full.grads_tail * shard, grads_end_extra=full.grads_end_extra * shard,
-        layer_grad=full.layer_grad * shard, step_temporary=sh.step_temporary,
+        layer_grad=full.layer_grad * shard, head_grad=full.head_grad * shard, step_temporary=sh.step_temporary,
         rollout_on=cfg.recipe.method.rollout, comm=sh.comm_buffer_bytes, gathered=sh.gathered_bytes,
-        rollout_gather=sh.rollout_gather_bytes, components=components)
+        rollout_gather=sh.rollout_gather_bytes, components=components, gathered_fwd_mid=sh.gathered_fwd_mid,
+        gathered_bwd_start=sh.gathered_bwd_start, gathered_bwd_work=sh.gathered_bwd_work,
+        gathered_bwd_end=sh.gathered_bwd_end,
+        comm_component=Component.REDUCE_BUFFERS if par.distributed else None,
+        gathered_component=Component.ALLGATHER_BUFFERS if par.distributed else None)
+    if sh.fsdp2 is not None:
+        phases, peak, idx, comps = _fsdp2_phases(sh, t, phases, comps, B, full, cfg, components)
     ms = ModelState(bytes=dict(B), params=model.params, trainable_params=sh.trainable_params,
                     step_temporary=sh.step_temporary)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=ms)
+
+
+def backward_casts_of(state, cfg: TrainConfig) -> int:
+    """Autocast casts still saved when backward starts (:func:`vramplan.memory.backward_casts`)."""
+    return int(_mem.backward_casts(state, cfg)["cache_bwd"])
+
+
+def _fsdp2_phases(sh: ShardedState, t: dict, phases: dict, comps: dict, B: dict, full_state, cfg: TrainConfig,
+                  components: bool):
+    """Forward and backward of FSDP2 walked unit by unit (see :func:`_fsdp2` for the sources).
+
+    Each point is the resident state (sharded weights, states, buffers) plus what lives there:
+
+    * forward, a unit's copy-out: the previous unit's all-gather result is still referenced (the
+      ``wait_for_unshard`` local that took it from ``all_gather_state`` lives to the function's end),
+      so layer 0's copy-out holds R + flat(R) + flat(L0) + L0 = 2R + 2U, layer i's R + 3U (+ the layers
+      kept gathered without resharding) beside the activations of the layers before it;
+    * backward, for every layer i (k layers already reduced, their gradient shards ``sg`` each): the
+      copy-out (own flat buffer and parameters, the previous unit's retained reduce-scatter input),
+      the compute (own parameters, the next unit prefetched, the unsharded gradients, the layer's
+      backward buffers) and the copy-in (unsharded gradients and the reduce-scatter input, the
+      previous one popped), beside the saved activations of layers 0..i (``t["layer"]`` each; the
+      final norm's and the head's saved tensors are freed once backward is past them);
+    * the end: the root's gradients (embedding + head) and their reduce-scatter input.
+
+    The start of backward (everything saved, the logits' gradients, R + the prefetched last layer)
+    and the forward's end (logits) come from :func:`vramplan.memory.combine_phases`.
+    """
+    f = sh.fsdp2
+    R, U, gU, rs, head_g, root_g, L, sg = (f[k] for k in ("R", "U", "gU", "rs", "head_g", "root_g", "layers", "sg"))
+    gU_mlp = f["gU_mlp"]
+    reshard = f["reshard"]
+    zeros = t["zeros"]
+    static = sum(B.get(c, 0) for c in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS,
+                                       Component.MASTER_WEIGHTS)) + sh.comm_buffer_bytes
+    states = B.get(Component.OPTIMIZER_STATES, 0)
+    base = static + states + zeros
+    per = t["layer"] if not cfg.grad_ckpt else t["acts"] / max(L, 1)  # saved per layer (checkpoint inputs under GC)
+    rec = t["recompute"] if cfg.grad_ckpt else zeros
+    trans = np.maximum(t["transient"] + t["temps_fwd"], t["temps_recompute"])
+    cands: list[tuple[Phase, np.ndarray, dict]] = []
+    # forward copy-outs
+    # every point below is affine in the layer index i between the indices where a term switches
+    # (i = 0: no prefetch, the root's buffer; i = L-1: nothing reduced yet), so its maximum over the
+    # layers is at one of those indices or their neighbours: only those are walked
+    ends = sorted({i for i in (0, 1, L - 2, L - 1) if 0 <= i < L})
+    for i in ends:
+        kept = 0 if reshard else i * U
+        g = (2 * R + 2 * U) if i == 0 else (R + kept + 3 * U)
+        a = i * per
+        cands.append((Phase.FORWARD, base + a + g, {Component.ALLGATHER_BUFFERS: g + zeros, Component.ACTIVATIONS: a + zeros}))
+    # backward starts (the loss's gradient, before the logits' gradients exist) with the root gathered
+    # again when it was resharded after forward: its flat buffer beside its parameters, beside everything
+    # saved, the logits kept for the loss's backward (logits_bwd - logits_fwd: what the loss' backward adds
+    # is the logits' gradient) and the autocast casts still saved
+    if reshard:
+        cast = backward_casts_of(full_state, cfg)
+        kept = np.maximum(t["logits_bwd"] - t["logits_fwd"], 0)
+        g = 2 * R
+        cands.append((Phase.BACKWARD, base + t["acts"] + cast + kept + g,
+                      {Component.ALLGATHER_BUFFERS: g + zeros, Component.ACTIVATIONS: t["acts"] + zeros,
+                       Component.LOGITS: kept + zeros, Component.AUTOCAST_CACHE: cast + zeros}))
+    # backward, layer by layer
+    for i in reversed(ends):
+        k = L - 1 - i
+        done = k * sg
+        rs_prev = rs if k >= 1 else 0
+        a_i = (i + 1) * per
+        own = (i + 1) * U if not reshard else U  # unsharded layers at this point (own included)
+        prefetch = U if (reshard and i >= 1) else 0
+        pts = []
+        if reshard:  # copy-out: own flat buffer beside own parameters
+            pts.append((R + 2 * U, rs_prev, head_g + done, a_i, zeros))
+        # inside the layer's backward, as combine_phases' layer branch: early, everything it saved (and
+        # its recomputation) without its gradients; late, its gradients but the MLP's saved tensors
+        early = a_i + rec
+        late_mlp = gU - gU_mlp + a_i  # before the MLP block's gradients: all saved, attention grads not yet
+        late_attn = gU + a_i - per + t["layer_attn"]  # the attention block's backward: every layer gradient
+        pts.append((R + own + prefetch, rs_prev, head_g + done, early, trans))
+        pts.append((R + own + prefetch, rs_prev, head_g + done, np.maximum(late_mlp, late_attn), trans))
+        pts.append((R + own - U + prefetch, rs, gU + head_g + done, a_i - per, zeros))
+        for g, r, gr, a, tmp in pts:
+            val = base + g + r + gr + a + tmp
+            cands.append((Phase.BACKWARD, val, {Component.ALLGATHER_BUFFERS: g + zeros, Component.REDUCE_BUFFERS: r + zeros,
+                                                Component.GRADIENTS: gr + zeros, Component.ACTIVATIONS: a + zeros,
+                                                Component.TEMPORARIES: tmp + zeros}))
+    end_done = L * sg
+    for g, r, gr in ((R, rs if L else 0, root_g + end_done), (0, root_g, root_g + end_done)):
+        cands.append((Phase.BACKWARD, base + g + r + gr, {Component.ALLGATHER_BUFFERS: g + zeros,
+                                                         Component.REDUCE_BUFFERS: r + zeros,
+                                                         Component.GRADIENTS: gr + zeros}))
+    phases = dict(phases)
+    best: dict[Phase, tuple[np.ndarray, dict]] = {}
+    for ph, val, parts in cands:
+        if ph not in best:
+            best[ph] = (val, parts)
+            continue
+        cur, cparts = best[ph]
+        take = val > cur
+        merged = {c: np.where(take, parts.get(c, zeros), cparts.get(c, zeros)) for c in set(parts) | set(cparts)}
+        best[ph] = (np.maximum(cur, val), merged)
+    wins = {}
+    for ph, (val, parts) in best.items():
+        wins[ph] = val > phases[ph]
+        phases[ph] = np.maximum(phases[ph], val)
+    from .memory import PHASE_ORDER
+
+    stack = np.stack([phases[p] for p in PHASE_ORDER])
+    idx = np.argmax(stack, axis=0)
+    peak = np.max(stack, axis=0)
+    if not components:
+        return phases, peak, idx, {}
+    comps = {c: np.asarray(v, dtype=np.float64) + zeros for c, v in comps.items()}
+    for ph, (val, parts) in best.items():
+        k = PHASE_ORDER.index(ph)
+        here = (idx == k) & wins[ph]
+        if not np.any(here):
+            continue
+        sched = {Component.WEIGHTS: B.get(Component.WEIGHTS, 0) + zeros, Component.QUANT_STATE: B.get(Component.QUANT_STATE, 0) + zeros,
+                 Component.ADAPTERS: B.get(Component.ADAPTERS, 0) + zeros,
+                 Component.MASTER_WEIGHTS: B.get(Component.MASTER_WEIGHTS, 0) + zeros,
+                 Component.OPTIMIZER_STATES: states + zeros}
+        for c, v in parts.items():
+            sched[c] = sched.get(c, zeros) + v
+        if sh.comm_buffer_bytes:
+            sched[Component.REDUCE_BUFFERS] = sched.get(Component.REDUCE_BUFFERS, zeros) + sh.comm_buffer_bytes
+        for c in set(comps) | set(sched):
+            comps[c] = np.where(here, sched.get(c, zeros), comps.get(c, zeros))
+    return phases, peak, idx, comps
 
 
 # -- communication -------------------------------------------------------------------------
@@ -532,3 +887,70 @@ def overlap(compute_s, comm_s, share: float = OVERLAP):
     c = np.asarray(compute_s, dtype=np.float64)
     m = np.asarray(comm_s, dtype=np.float64)
     return np.maximum(c, m) + (1.0 - share) * np.minimum(c, m)
+
+
+# -- the public per-GPU question ------------------------------------------------------------
+
+@dataclass
+class PerGpuPeak:
+    """The per-GPU memory of one multi-GPU plan (every rank holds the same share; the largest rank's).
+
+    ``tensor_peak_bytes``: live tensor storages per GPU (what ``torch.cuda.max_memory_allocated``
+    measures on the busiest rank); ``peak_bytes``: the device total per GPU (plus the caching
+    allocator's reserve, the CUDA context and NCCL's buffers: what ``nvidia-smi`` shows);
+    ``reserved_bytes``: ``tensor_peak_bytes`` plus the allocator's reserve (``max_memory_reserved``).
+    ``components`` are per GPU, in bytes. ``estimate`` is the full :class:`~vramplan.results.Estimate`.
+    """
+
+    parallel: Parallel
+    tensor_peak_bytes: int
+    reserved_bytes: int
+    peak_bytes: int
+    peak_phase: Phase
+    components: dict
+    layout: str
+    estimate: object = None
+
+    def to_json(self) -> dict:
+        return {"parallel": self.parallel.to_json(), "tensor_peak_bytes": self.tensor_peak_bytes,
+                "reserved_bytes": self.reserved_bytes, "peak_bytes": self.peak_bytes,
+                "peak_phase": self.peak_phase.value, "layout": self.layout,
+                "components": {c.value: int(v) for c, v in self.components.items() if v}}
+
+
+def per_gpu_peak(model, method: str = "lora", *, gpus: int, strategy: str | None = None, offload: str | None = None,
+                 engine: str | None = None, gpu=None, gpu_mem=None, engine_options: dict | None = None,
+                 **config) -> PerGpuPeak:
+    """Per-GPU peak memory of ``method`` on ``model`` over ``gpus`` GPUs under ``strategy``.
+
+    The one call for "what does each GPU need for this plan" (the published-accuracy scorer
+    uses it for multi-GPU rows). ``config`` takes :func:`vramplan.estimate`'s configuration
+    keywords (``batch`` per GPU, ``seq``, ``rank``, ``targets``, ``grad_ckpt``, ``optimizer``,
+    ``precision``, ``attn``, ``framework``, ``techniques``, ...). ``engine`` (``auto``, ``torch``,
+    ``deepspeed``) and ``engine_options`` (:data:`ENGINE_OPTIONS`) pick the engine whose buffers
+    are modelled: ``auto`` plans zero1/2/3 as DeepSpeed and ddp/fsdp as PyTorch (DDP, FSDP2).
+
+    Returns:
+        :class:`PerGpuPeak` (bytes are ints; quantities as its docstring says).
+
+    Raises:
+        VramplanError: bad input, as :func:`vramplan.estimate` and :func:`make_parallel`.
+    """
+    from .models import get_model
+    from .plan import _check_card, estimate_config, resolve_gpu
+    from .config import make_config
+
+    spec = get_model(model)
+    card = resolve_gpu(gpu, gpu_mem)
+    par = make_parallel(gpus, strategy, offload, engine=engine, **(engine_options or {}))
+    cfg_kw = dict(config)
+    precision = _check_card(cfg_kw.pop("precision", None), method, cfg_kw.get("adapter"), cfg_kw.get("attn", "sdpa"),
+                            card, cfg_kw.get("framework", "hf"))
+    cfg = make_config(spec, method, precision=precision, **cfg_kw)
+    est = estimate_config(spec, cfg, card, model_query=None if isinstance(model, ModelSpec) else str(model),
+                          parallel=par, with_time=False)
+    reserve = int(est.components.get(Component.ALLOCATOR_RESERVE, 0))
+    sh = shard_state(spec, cfg, par)
+    return PerGpuPeak(parallel=par, tensor_peak_bytes=int(est.tensor_peak_bytes),
+                      reserved_bytes=int(est.tensor_peak_bytes) + reserve, peak_bytes=int(est.peak_bytes),
+                      peak_phase=est.peak_phase, components=dict(est.components), layout=sh.layout, estimate=est)

@@ -38,6 +38,22 @@ class MissingDependencyError(VramplanError, ImportError):
     """An optional extra (torch, transformers, peft, bitsandbytes, nvidia-ml-py) is missing."""
 
 
+class InputError(VramplanError):
+    """A value from the user (flag, argument, config key) that is the wrong type or out of range."""
+
+
+class FileError(VramplanError):
+    """A user file that cannot be read as what it should be (missing, binary, too large, malformed)."""
+
+
+class WriteError(VramplanError):
+    """An output that could not be written (disk full, read-only, permission); nothing half-written is left."""
+
+
+class LockError(VramplanError):
+    """Another process holds the file (one writer per calibration log)."""
+
+
 class ProfileError(VramplanError):
     """A calibration profile is corrupt or has an unknown schema version."""
 
@@ -57,10 +73,14 @@ def did_you_mean(name: str, choices: Iterable[str], n: int = 1) -> str | None:
 
 def unknown(kind: str, name: str, choices: Iterable[str], listing: str | None = None) -> UnknownNameError:
     """Build the error for an unknown catalogue name, with a did-you-mean hint."""
-    hint = did_you_mean(name, choices)
-    if hint is None and listing:
-        hint = f"see `{listing}` for the list"
-    return UnknownNameError(f"unknown {kind} {name!r}", hint)
+    choices = [str(c) for c in choices]
+    shown = name if len(name) <= 60 else name[:57] + "..."
+    hint = did_you_mean(name, choices) if len(name) <= 200 else None
+    if listing:
+        hint = hint or f"see `{listing}` for the list"
+    elif len(choices) <= 20:  # a short enum: list its valid values
+        hint = (hint + " " if hint else "") + "valid: " + ", ".join(choices)
+    return UnknownNameError(f"unknown {kind} {shown!r}", hint)
 
 
 def require(module: str, extra: str):
@@ -72,5 +92,17 @@ def require(module: str, extra: str):
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise MissingDependencyError(
             f"{module} is not installed ({exc.__class__.__name__}: {exc})",
-            f"install it with `pip install 'vramplan[{extra}]'`",
+            install_hint(extra),
         ) from None
+
+
+def install_hint(extra: str) -> str:
+    """How to install an extra *where the user is*: ``pip install -e ".[extra]"`` from a source checkout
+    (a ``pyproject.toml`` beside the package), ``pip install 'vramplan[extra]'`` otherwise."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file() and (root / "vramplan").is_dir():
+        return f'install it with `pip install -e "{root}[{extra}]"` (this source checkout)' if Path.cwd() != root \
+            else f'install it with `pip install -e ".[{extra}]"` (this source checkout)'
+    return f"install it with `pip install 'vramplan[{extra}]'`"

@@ -138,6 +138,8 @@ def get_gpu(name: str | GPUSpec) -> GPUSpec:
     table = _aliases()
     if key in table:
         return catalogue()[table[key]]
+    if not key or len(str(name)) > 200:  # no card is named so; and a profile file of that name cannot exist
+        raise unknown("GPU", str(name)[:60], gpu_names(), "vramplan gpus")
     prof = profiled_gpu(str(name))  # a calibrated card outside the catalogue
     if prof is not None:
         return prof

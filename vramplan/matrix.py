@@ -75,6 +75,8 @@ def _split(items: str | Iterable[str] | None) -> list[str]:
         return ["all"]
     if isinstance(items, str):
         return [s.strip() for s in items.split(",") if s.strip()]
+    if not isinstance(items, (list, tuple, set, frozenset)):
+        raise VramplanError(f"expected a comma list or a list of names, got {type(items).__name__}")
     return [str(s).strip() for s in items]
 
 
@@ -131,19 +133,31 @@ def select_gpus(items: str | Iterable | None = "all") -> list[GPUSpec]:
 
 
 def _seqs(seqs) -> list[int]:
-    vals = _split(seqs) if isinstance(seqs, str) else [seqs] if isinstance(seqs, (int, np.integer)) else list(seqs)
+    """Sequence lengths (``2048``, ``"1k,4k,32k"``, a list), each in 1..16M, at most :data:`MAX_SEQS` of them."""
+    from .validate import integer, parse_int
+
+    if isinstance(seqs, bool):
+        raise VramplanError(f"--seq must be positive integers, got {seqs!r}")
+    if isinstance(seqs, str):
+        vals = _split(seqs)
+    elif isinstance(seqs, (list, tuple, np.ndarray)):
+        vals = list(seqs)
+    else:
+        vals = [seqs]  # one value: integer() says what is wrong with it
+    if len(vals) > MAX_SEQS:
+        raise VramplanError(f"--seq lists {len(vals)} sequence lengths; the limit is {MAX_SEQS}",
+                            "run the matrix in several parts")
     out = []
     for v in vals:
-        try:
-            n = int(v)
-        except (TypeError, ValueError):
-            raise VramplanError(f"--seq must be positive integers, got {v!r}") from None
-        if n <= 0 or isinstance(v, bool):
-            raise VramplanError(f"--seq must be positive integers, got {v!r}")
-        out.append(n)
+        out.append(parse_int(v, "seq", suffixes=True) if isinstance(v, str) else integer(v, "seq"))
     if not out:
         raise VramplanError("no sequence length given", "pass --seq 2048 or --seq 1024,2048,4096")
     return sorted(set(out))
+
+
+#: Most sequence lengths and cells one matrix computes (a bound on work and memory, with a message).
+MAX_SEQS = 64
+MAX_CELLS = 200_000
 
 
 # -- vectorised evaluation ----------------------------------------------------------------
@@ -310,6 +324,11 @@ def peak_grid(models="all", methods="all", gpus="all", seqs=BENCH_SEQS, batches=
     framework, techniques = _stack_args(framework, techniques)
     specs, recipes, cards = select_models(models), select_methods(methods), select_gpus(gpus)
     s = np.asarray(_seqs(seqs), dtype=np.int64)
+    n_cells = len(s) * len(cards) * len(specs) * len(recipes)
+    if n_cells > MAX_CELLS:
+        raise VramplanError(f"the matrix would have {n_cells:,} cells ({len(specs)} models x {len(recipes)} methods x "
+                            f"{len(cards)} GPUs x {len(s)} sequence lengths); the limit is {MAX_CELLS:,}",
+                            "narrow --models, --methods, --gpus or --seq, or run it in parts")
     b = np.asarray(sorted({int(x) for x in batches}), dtype=np.int64)
     if b.size == 0 or b.min() <= 0:
         raise VramplanError("batches must be positive integers")
@@ -478,11 +497,24 @@ def feasibility_matrix(models="all", methods="all", gpus="all", seqs=2048, *, ba
         VramplanError: unknown names (models, cards, methods, framework, techniques), non-positive
             shapes, an impossible rank.
     """
-    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch <= 0 or batch > BATCH_GRID[-1]:
-        raise VramplanError(f"--batch must be an integer in 1..{BATCH_GRID[-1]}, got {batch!r}")
+    from .validate import integer, name_text
+
+    integer(batch, "batch", hi=int(BATCH_GRID[-1]))
+    integer(rank, "rank")
+    name_text(attn, "attention implementation")
+    if name_text(precision, "precision", none_ok=True) is not None:
+        from .precision import get_regime
+
+        get_regime(precision)  # an unknown precision is an error, not a column of "no"
+    name_text(framework, "framework")
     framework, techniques = _stack_args(framework, techniques)
     specs, recipes, cards = select_models(models), select_methods(methods), select_gpus(gpus)
     s = np.asarray(_seqs(seqs), dtype=np.int64)
+    n_cells = len(s) * len(cards) * len(specs) * len(recipes)
+    if n_cells > MAX_CELLS:
+        raise VramplanError(f"the matrix would have {n_cells:,} cells ({len(specs)} models x {len(recipes)} methods x "
+                            f"{len(cards)} GPUs x {len(s)} sequence lengths); the limit is {MAX_CELLS:,}",
+                            "narrow --models, --methods, --gpus or --seq, or run it in parts")
     cap = np.array([c.memory_bytes for c in cards], dtype=np.float64)
     over = _Overheads(cards)
     cells: dict[tuple, Cell] = {}
@@ -758,14 +790,14 @@ def _write_png_figure(mx: FeasibilityMatrix, path: Path, cards: list, *, dpi: in
     W, H = w * ncol, h * nrow + 0.8
     fig.subplots_adjust(left=2.0 / W, right=1 - 0.2 / W, top=1 - 1.0 / H, bottom=1.1 / H,
                         wspace=2.2 / max(w - 2.2, 0.1), hspace=1.4 / max(h - 1.4, 0.1))
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        tmp.replace(path)  # atomic: an interrupted run leaves no half-written figure
-    except OSError as exc:
-        raise VramplanError(f"cannot write {path}: {exc.strerror or exc}") from None
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=dpi, format="png")
     finally:
         plt.close(fig)
+    from .validate import atomic_write
+
+    atomic_write(path, buf.getvalue(), what="plot")  # atomic; a failed write: one line, no temp file left
 
 
 def parse_formats(formats: str | Iterable[str]) -> list[str]:
@@ -789,7 +821,10 @@ def write_reports(mx: FeasibilityMatrix, out_dir: str | Path, formats="md,csv,ht
     ``preamble`` (markdown) is inserted into the .md file after its title (for a written
     comparison); the tables follow.
     """
+    from .validate import atomic_write, file_stem
+
     fs = parse_formats(formats)
+    name = file_stem(name, "--name")  # output names cannot leave out_dir
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -812,9 +847,6 @@ def write_reports(mx: FeasibilityMatrix, out_dir: str | Path, formats="md,csv,ht
                 write_csv(mx, buf)
             else:
                 write_html(mx, buf)
-            try:
-                p.write_text(buf.getvalue(), encoding="utf-8")
-            except OSError as exc:
-                raise VramplanError(f"cannot write {p}: {exc.strerror or exc}") from None
+            atomic_write(p, buf.getvalue(), what="report")
         paths.append(p)
     return paths

@@ -25,7 +25,7 @@ import numpy as np
 from . import activations as act
 from .adapters import adapter_tensors, full_tensors
 from .config import TrainConfig
-from .methods import Adapter, ModelCopy, Forward
+from .methods import Adapter, Forward, ModelCopy, Role
 from .models import ModelSpec
 from .optimizers import get_optimizer
 from .precision import DTYPE_BYTES, Regime
@@ -46,6 +46,7 @@ class ModelState:
     layer_cast: int = 0        # autocast's casts of one decoder layer's trainable weights
     attn_cast: int = 0         # ... of its attention block's
     layer_grad: int = 0        # gradients of one decoder layer's MLP block (full training)
+    head_grad: int = 0         # gradients made before any layer's backward: the output head and final norm
     grads_tail: int = 0        # gradients produced by the first layer's attention block and the embedding
     grads_end_extra: int = 0   # temporaries of the last gradient accumulation (tied embeddings)
 
@@ -120,6 +121,8 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
             embed = 0 if (model.tie_embeddings and copy.head == "lm") else model.embedding_params
             st.grads_tail = max(st.grads_tail, (attn + embed) * wb)
             st.layer_grad = max(st.layer_grad, (model.layer_params - attn) * wb)
+            head_p = (model.lm_head_params if copy.head == "lm" else model.hidden_size) + model.hidden_size
+            st.head_grad = max(st.head_grad, head_p * wb)
             if model.tie_embeddings and copy.head == "lm":
                 # the embedding's dense gradient is accumulated into the lm_head's: two V x h
                 # buffers beside every gradient at the very end of backward (measured by the dry run)
@@ -212,11 +215,31 @@ def _dequant_temp(model: ModelSpec, regime: Regime, cfg: TrainConfig) -> int:
     return largest * (per + copies * DTYPE_BYTES[regime.compute_dtype])
 
 
+def _dora_largest(model: ModelSpec, cfg: TrainConfig):
+    """The adapted linear whose DoRA weight-norm buffers are largest (None without one)."""
+    lins = [l for l in model.layer_linears() if l.is_linear and l.name in cfg.targets]
+    return max(lins, key=lambda l: 4 * l.in_features * l.out_features + l.in_features ** 2, default=None)
+
+
 def _dora_norm_temp(model: ModelSpec, cfg: TrainConfig, regime: Regime) -> int:
     """DoRA: PEFT's weight norm ``||W + s * B @ A||`` builds four dense copies of the largest adapted
-    weight in the adapter dtype (W cast, B @ A, its scaled copy, the sum), in every forward."""
-    sizes = [l.in_features * l.out_features for l in model.layer_linears() if l.is_linear and l.name in cfg.targets]
-    return 4 * max(sizes, default=0) * DTYPE_BYTES[regime.adapter_dtype]
+    weight in the adapter dtype (W cast, B @ A, its scaled copy, the sum), in every forward, beside
+    the identity ``get_lora_weight`` pushes through the adapter (``torch.eye(in_features)``, saved
+    by lora_A while ``lora_weight``'s graph lives) (PEFT ``DoraLinearLayer``, peft/tuners/lora/dora.py)."""
+    lin = _dora_largest(model, cfg)
+    if lin is None:
+        return 0
+    return (4 * lin.in_features * lin.out_features + lin.in_features ** 2) * DTYPE_BYTES[regime.adapter_dtype]
+
+
+def _dora_prefix(model: ModelSpec, cfg: TrainConfig, copy, regime: Regime, T, s):
+    """What a checkpointed layer's recomputation has saved again when its largest DoRA module builds
+    its weight norm: the attention block's input side (the norm, the projections' inputs and outputs)
+    when that module is an input projection of attention; else the whole layer (a bound)."""
+    lin = _dora_largest(model, cfg)
+    if lin is not None and lin.name in ("q_proj", "k_proj", "v_proj", "qkv_proj"):
+        return act.layer_activation_bytes(model, cfg, copy, regime, T, s, attention_inputs_only=True)
+    return act.layer_activation_bytes(model, cfg, copy, regime, T, s)
 
 
 def fused_layer_applies(cfg: TrainConfig, copy: ModelCopy, model: ModelSpec | None = None) -> bool:
@@ -317,11 +340,13 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
     acts, recompute, layer, layer_attn, logits_fwd, logits_bwd = (zeros.copy() for _ in range(6))
     transient, nograd_peak, temps_fwd, kv = zeros.copy(), zeros.copy(), zeros.copy(), zeros.copy()
     temps_fwd_only, temps_recompute = zeros.copy(), zeros.copy()
+    attn_fwd, attn_bwd, rec_prefix = zeros.copy(), zeros.copy(), zeros.copy()
     for copy in recipe.copies:
         if copy.forward is Forward.NO_GRAD:
             # frozen copies run under no_grad: only one layer's working set at a time plus their logits
             f, _ = act.logits_bytes(model, copy, regime, T, copy.head, cfg, rows)
             working = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
+            working = working + act.eager_attention_work(model, cfg, copy, regime, T, s)[0]  # scores at softmax
             nograd_peak = np.maximum(nograd_peak, f + working)
             continue
         a, r = _stack_activations(model, cfg, copy, regime, T, s)
@@ -355,15 +380,41 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
         logits_bwd += bw
         if fused:
             transient = np.maximum(transient, fused_layer_transient(model, regime, T))
+            # Unsloth runs its own flash attention whatever the requested kernel: no eager working set
+            ef, eb = zeros, zeros
+            attn_layer = fused_layer_bytes(model, regime, T, attention_only=True)
         else:
             transient = np.maximum(transient, act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, kbit))
+            ef, eb = act.eager_attention_work(model, cfg, copy, regime, T, s)
+            attn_layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s, attention_only=True)
+        # (under checkpointing a layer's forward keeps nothing: its attention block is all working set)
+        attn_fwd = np.maximum(attn_fwd, ef + (attn_layer if cfg.grad_ckpt else 0))
+        attn_bwd = np.maximum(attn_bwd, eb)
         if copy.quantized:
             temps_fwd = np.maximum(temps_fwd, _dequant_temp(model, regime, cfg) + zeros)
         if copy.adapter is Adapter.DORA:  # in backward too when checkpointing recomputes the forward
             temps_fwd_only = np.maximum(temps_fwd_only, _dora_norm_temp(model, cfg, regime) + zeros)
+            rec_prefix = np.maximum(rec_prefix, _dora_prefix(model, cfg, copy, regime, T, s))
             if cfg.grad_ckpt:
                 temps_recompute = np.maximum(temps_recompute, temps_fwd_only)
     rollout_logits = zeros.copy()
+    logits_kept = zeros.copy()
+    if recipe.method.loss == "response_logps":
+        # TRL PPO keeps the response logits (a view of the whole sequence's) for its entropy statistic,
+        # computed after backward: they stay alive through every layer's backward (runtime/steps.py _ppo)
+        pol = act.copy_dtypes(recipe.copies[0], regime, kbit)
+        lg = 4.0 if (pol.logits == 4 or regime.runner == "trainer") else float(pol.logits)
+        logits_kept = logits_kept + T * model.vocab_size * lg
+    roles = {c.role for c in recipe.copies} | set(recipe.shared_roles)
+    if cfg.attn == "eager" and Role.REFERENCE in roles and not recipe.method.rollout:
+        # TRL DPO: the reference's no-grad forward runs beside the policy's saved activations and its
+        # fp32 logits; each of its eager layers holds the scores at softmax (nothing saved under no_grad)
+        ref = next((c for c in recipe.copies if c.role is Role.REFERENCE), recipe.copies[0])
+        ef, _ = act.eager_attention_work(model, cfg, ref, regime, T, s)
+        scores = ef + act.layer_activation_bytes(model, cfg, ref, regime, T, s, attention_only=True)
+        pol = act.copy_dtypes(recipe.copies[0], regime, kbit)
+        fp32_logits = 4.0 if (pol.logits == 4 or regime.runner == "trainer") else float(pol.logits)  # (accelerate converts)
+        attn_fwd = np.maximum(attn_fwd, scores + T * model.vocab_size * fp32_logits)
     if recipe.method.rollout:
         policy = recipe.copies[0]
         kv = act.kv_cache_bytes(model, regime, policy, b, s, kbit) + zeros
@@ -373,7 +424,9 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
     return {"acts": acts, "recompute": recompute, "layer": layer, "layer_attn": layer_attn, "logits_fwd": logits_fwd,
             "logits_bwd": logits_bwd, "transient": transient, "nograd_peak": nograd_peak, "temps_fwd": temps_fwd,
             "temps_fwd_only": temps_fwd_only, "temps_recompute": temps_recompute, "kv": kv,
-            "rollout_logits": rollout_logits, "zeros": zeros}
+            "rollout_logits": rollout_logits, "attn_fwd": attn_fwd, "attn_bwd": attn_bwd, "logits_kept": logits_kept,
+            "dora_prefix": rec_prefix if recipe.copies[0].adapter is Adapter.DORA else layer,
+            "zeros": zeros}
 
 
 def backward_casts(st: ModelState, cfg: TrainConfig) -> dict[str, int]:
@@ -389,8 +442,9 @@ def backward_casts(st: ModelState, cfg: TrainConfig) -> dict[str, int]:
 
 def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, states, cache, cache_bwd,
                    recompute_cache, layer_cache=0, attn_cache=0, head_cache=0, grads_bwd, grads_opt, step_temporary, rollout_on: bool, grads_tail=0,
-                   grads_end_extra=0, layer_grad=0, comm=0, gathered=0,
-                   rollout_gather=0, components: bool = True):
+                   grads_end_extra=0, layer_grad=0, head_grad=0, comm=0, gathered=0,
+                   rollout_gather=0, components: bool = True, gathered_fwd_mid=None, gathered_bwd_start=None,
+                   gathered_bwd_work=None, gathered_bwd_end=None, comm_component=None, gathered_component=None):
     """The phases of a step from its terms, the peak phase, and the components at the peak.
 
     One place for the phase arithmetic of :func:`step_memory` and the sharded planner
@@ -408,18 +462,30 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     ``grads_end_extra``: buffers of the last accumulation, beside every gradient;
     ``layer_grad``: the gradients of the first layer's MLP block (produced before its attention's); ``comm`` (buckets), ``gathered`` (unsharded units in forward and
     backward) and ``rollout_gather`` (the policy gathered for generation) are the sharded
-    planner's extras. Returns ``(phases, peak, peak_phase_index, components)``.
+    planner's extras. An engine that gathers differently through the step passes the bytes
+    gathered (and its in-flight buffers) at each point: ``gathered_fwd_mid`` (a layer's forward
+    before the logits: beside the activations but one layer's), ``gathered_bwd_start`` (beside
+    everything saved and the logits' gradients), ``gathered_bwd_work`` (inside a layer's
+    backward), ``gathered_bwd_end`` (beside every gradient); each defaults to ``gathered``
+    (``gathered_fwd_mid`` to no such point). ``comm_component`` / ``gathered_component`` name
+    the components ``comm`` and the gathered bytes are reported under (default gradients and
+    weights). Returns ``(phases, peak, peak_phase_index, components)``.
     """
     zeros = t["zeros"]
     acts, logits_fwd, logits_bwd = t["acts"], t["logits_fwd"], t["logits_bwd"]
     transient, nograd_peak, temps_fwd, kv = t["transient"], t["nograd_peak"], t["temps_fwd"], t["kv"]
     recompute, layer_saved, layer_attn = t["recompute"], t["layer"], t["layer_attn"]
+    attn_fwd, attn_bwd = t.get("attn_fwd", zeros), t.get("attn_bwd", zeros)
     static = sum(base.get(c, 0) for c in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS,
                                           Component.MASTER_WEIGHTS)) + zeros + comm
     states, cache, cache_bwd = states + zeros, cache + zeros, cache_bwd + zeros
     # QLoRA's dequantised weight lives inside one layer's forward/backward, never beside the loss
-    temps_f = np.maximum(temps_fwd, t["temps_fwd_only"])
-    fwd_work = acts + np.maximum(logits_fwd, temps_f)
+    # DoRA's norm buffers in the last layer's forward beside what that layer has saved so far
+    # (without checkpointing ``acts`` holds the whole layer; the prefix is what exists by then)
+    ckpt = recompute > 0
+    dora_side = np.where(ckpt, 0, np.maximum(layer_saved - t.get("dora_prefix", layer_saved), 0))
+    temps_f = np.maximum(temps_fwd, t["temps_fwd_only"] - dora_side)
+    fwd_work = acts + np.maximum(np.maximum(logits_fwd, temps_f), attn_fwd)
     # backward starts with everything saved plus the loss's gradients; then, layer by layer, saved
     # tensors and casts are freed while gradients accumulate: a layer's backward sees the larger of
     # the two ends, plus its recomputation (checkpointing), its transient buffers and its dequantised weight
@@ -431,14 +497,36 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     # the first layer's MLP backward (all its saved tensors and casts), then its attention's
     grads_side = np.maximum(np.maximum(grads_before - layer_grad, 0) + layer_saved + layer_cache,
                             grads_before + layer_attn + attn_cache)
-    layer_temps = np.maximum(transient + temps_fwd, t["temps_recompute"])
-    work = np.maximum(saved_side, grads_side) + layer_temps
-    bwd_acts = saved_bwd + logits_bwd
-    bwd_grads = np.maximum(work, grads_bwd + grads_end_extra)
+    layer_temps = transient + temps_fwd
+    mlp_work = np.maximum(saved_side, grads_side) + layer_temps
+    # DoRA's weight-norm buffers in a checkpointed layer's recomputation: beside what the layer has
+    # saved again before its largest adapted module runs (``rec_prefix``), not the whole layer
+    rec_prefix = np.minimum(t.get("dora_prefix", layer_saved), recompute)
+    rec_saved = saved_side - recompute + rec_prefix
+    rec_grads = grads_before + rec_prefix
+    rec_work = np.maximum(rec_saved, rec_grads) + t["temps_recompute"]
+    # eager attention's backward peak (its softmax's buffers) comes after the layer's MLP is done: the
+    # layer's attention-block tensors (less what matmul's backward freed) plus those buffers
+    # (the last layer's attention runs backward after the head's and its MLP's gradients exist)
+    # (and its MLP's weight casts are released with that block's saved tensors)
+    attn_side_cache = np.maximum(cache_bwd - head_cache, 0) + recompute_cache - (layer_cache - attn_cache)
+    saved_attn = saved_side - layer_saved + layer_attn + head_grad + layer_grad - (layer_cache - attn_cache)
+    grads_attn = grads_before + layer_attn + attn_cache
+    attn_work = np.maximum(saved_attn, grads_attn) + attn_bwd
+    work = np.maximum(np.maximum(mlp_work, attn_work), rec_work)
+    g_start = gathered if gathered_bwd_start is None else gathered_bwd_start
+    g_work = gathered if gathered_bwd_work is None else gathered_bwd_work
+    g_end = gathered if gathered_bwd_end is None else gathered_bwd_end
+    bwd_acts = saved_bwd + logits_bwd + g_start
+    work = work + g_work
+    kept = t.get("logits_kept", zeros)  # logits a step keeps through its whole backward
+    bwd_grads = np.maximum(work, grads_bwd + grads_end_extra + g_end) + kept
+    fwd = gathered + np.maximum(fwd_work, nograd_peak)
+    fwd_mid = zeros if gathered_fwd_mid is None else np.maximum(acts - layer_saved, 0) + gathered_fwd_mid
     phases = {Phase.LOAD: static.copy(),
               Phase.ROLLOUT: static + states + kv + t["rollout_logits"] + rollout_gather if rollout_on else zeros.copy(),
-              Phase.FORWARD: static + states + cache + gathered + np.maximum(fwd_work, nograd_peak),
-              Phase.BACKWARD: static + states + gathered + np.maximum(bwd_acts, bwd_grads),
+              Phase.FORWARD: static + states + cache + np.maximum(fwd, fwd_mid),
+              Phase.BACKWARD: static + states + np.maximum(bwd_acts, bwd_grads),
               Phase.OPTIMIZER_STEP: static + states + grads_opt + step_temporary}
     stack = np.stack([phases[p] for p in PHASE_ORDER])
     idx = np.argmax(stack, axis=0)
@@ -453,31 +541,51 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
         return out
 
     bwd_act = bwd_acts >= bwd_grads
-    bwd_saved = saved_side >= grads_side  # in the layer branch: the saved end or the gradient end
-    bwd_end = grads_bwd + grads_end_extra >= work  # backward's last state: all gradients
+    in_rec = rec_work > np.maximum(mlp_work, attn_work)  # the layer's peak is DoRA's norm in its recomputation
+    in_attn = ~in_rec & (attn_work > mlp_work)  # the layer's peak is eager attention's softmax backward
+    # in the layer branch: the saved end or the gradient end
+    bwd_saved = np.where(in_rec, rec_saved >= rec_grads,
+                         np.where(in_attn, saved_attn >= grads_attn, saved_side >= grads_side))
+    bwd_end = grads_bwd + grads_end_extra + g_end >= work  # backward's last state: all gradients
     fwd_act = fwd_work >= nograd_peak
+    fwd_at_mid = fwd_mid > fwd
     fwd_temps = logits_fwd < temps_f
+    fwd_attn = attn_fwd > np.maximum(logits_fwd, temps_f)  # eager attention's scores are the forward's peak
     comps: dict[Component, np.ndarray] = {c: base.get(c, 0) + zeros
                                           for c in (Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS)}
-    comps[Component.WEIGHTS] = base.get(Component.WEIGHTS, 0) + at_peak(
-        {Phase.FORWARD: gathered + zeros, Phase.BACKWARD: gathered + zeros, Phase.ROLLOUT: rollout_gather + zeros})
-    comps[Component.OPTIMIZER_STATES] = at_peak({p: states for p in PHASE_ORDER if p is not Phase.LOAD})
     layer = ~bwd_act & ~bwd_end  # the peak is inside a layer's backward
+    g_comp = gathered_component or Component.WEIGHTS
+    g_at = at_peak({Phase.FORWARD: np.where(fwd_at_mid, 0 if gathered_fwd_mid is None else gathered_fwd_mid, gathered)
+                    + zeros, Phase.BACKWARD: np.where(bwd_act, g_start, np.where(layer, g_work, g_end)) + zeros,
+                    Phase.ROLLOUT: rollout_gather + zeros})
+    comps[Component.WEIGHTS] = base.get(Component.WEIGHTS, 0) + zeros
+    comps[g_comp] = comps.get(g_comp, zeros) + g_at
+    comps[Component.OPTIMIZER_STATES] = at_peak({p: states for p in PHASE_ORDER if p is not Phase.LOAD})
     comps[Component.AUTOCAST_CACHE] = at_peak({
         Phase.FORWARD: cache,
         Phase.BACKWARD: np.where(bwd_act, cache_bwd, np.where(
-            layer, np.where(bwd_saved, np.maximum(cache_bwd - head_cache, 0) + recompute_cache, layer_cache), 0))})
-    comps[Component.GRADIENTS] = comm + at_peak({
-        Phase.BACKWARD: np.where(bwd_act, 0, np.where(layer, np.where(bwd_saved, 0, grads_before), grads_bwd)),
+            layer, np.where(bwd_saved, np.where(in_attn, attn_side_cache, np.maximum(cache_bwd - head_cache, 0)
+                                                + recompute_cache),
+                            np.where(in_rec, 0, np.where(in_attn, attn_cache, layer_cache))), 0))})
+    c_comp = comm_component or Component.GRADIENTS
+    comps[c_comp] = comps.get(c_comp, zeros) + comm
+    comps[Component.GRADIENTS] = comps.get(Component.GRADIENTS, zeros) + at_peak({
+        Phase.BACKWARD: np.where(bwd_act, 0, np.where(layer, np.where(
+            bwd_saved, np.where(in_attn, head_grad + layer_grad, 0), grads_before), grads_bwd)),
         Phase.OPTIMIZER_STEP: grads_opt + zeros})
     comps[Component.ACTIVATIONS] = at_peak({
-        Phase.FORWARD: np.where(fwd_act, acts, nograd_peak),
-        Phase.BACKWARD: np.where(bwd_act, acts, np.where(layer, np.where(bwd_saved, acts + recompute, layer_saved), 0))})
-    comps[Component.LOGITS] = at_peak({Phase.FORWARD: np.where(fwd_act & ~fwd_temps, logits_fwd, 0),
-                                       Phase.BACKWARD: np.where(bwd_act, logits_bwd, 0),
+        Phase.FORWARD: np.where(fwd_at_mid, np.maximum(acts - layer_saved, 0), np.where(fwd_act, acts, nograd_peak)),
+        Phase.BACKWARD: np.where(bwd_act, acts, np.where(layer, np.where(
+            bwd_saved, acts + np.where(in_rec, rec_prefix, np.where(in_attn, recompute - layer_saved + layer_attn,
+                                                                    recompute)),
+            np.where(in_rec, rec_prefix, np.where(in_attn, layer_attn, layer_saved))), 0))})
+    comps[Component.LOGITS] = at_peak({Phase.FORWARD: np.where(fwd_act & ~fwd_temps & ~fwd_attn & ~fwd_at_mid, logits_fwd, 0),
+                                       Phase.BACKWARD: np.where(bwd_act, logits_bwd, kept),
                                        Phase.ROLLOUT: t["rollout_logits"]})
-    comps[Component.TEMPORARIES] = at_peak({Phase.FORWARD: np.where(fwd_act & fwd_temps, temps_f, 0),
-                                            Phase.BACKWARD: np.where(layer, layer_temps,
+    comps[Component.TEMPORARIES] = at_peak({Phase.FORWARD: np.where(fwd_at_mid, 0, np.where(
+                                                fwd_act & fwd_attn, attn_fwd, np.where(fwd_act & fwd_temps, temps_f, 0))),
+                                            Phase.BACKWARD: np.where(layer, np.where(in_rec, t["temps_recompute"],
+                                                                                np.where(in_attn, attn_bwd, layer_temps)),
                                                                      np.where(bwd_act, 0, grads_end_extra)),
                                             Phase.OPTIMIZER_STEP: step_temporary + zeros})
     comps[Component.KV_CACHE] = at_peak({Phase.ROLLOUT: kv})
@@ -500,5 +608,6 @@ def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> Ste
         grads_opt=st.largest_grad if cfg.uses("opt_in_bwd") else grads_all,
         grads_tail=0 if cfg.uses("opt_in_bwd") else st.grads_tail,
         grads_end_extra=st.grads_end_extra, layer_grad=0 if cfg.uses("opt_in_bwd") else st.layer_grad,
+        head_grad=0 if cfg.uses("opt_in_bwd") else st.head_grad,
         step_temporary=st.step_temporary, rollout_on=cfg.recipe.method.rollout)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=st)

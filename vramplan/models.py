@@ -9,6 +9,7 @@ parser. Layout details per ``model_type`` come from ``data/architectures.toml``.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -227,7 +228,8 @@ def _check_supported(cfg: dict, model_type: str, label: str) -> None:
     """
     if _layout(model_type) or model_type in supported_model_types():
         return
-    archs = [str(a) for a in (cfg.get("architectures") or [])]
+    raw = cfg.get("architectures") or []
+    archs = [str(a) for a in raw] if isinstance(raw, list) else [str(raw)]  # from_hf_config refuses a non-list
     arch = archs[0] if archs else model_type
     supported = ", ".join(supported_model_types())
     if "n_embd" in cfg or "n_layer" in cfg:
@@ -249,30 +251,80 @@ def from_hf_config(cfg: dict, name: str | None = None, **meta) -> ModelSpec:
     Raises:
         VramplanError: a required field is missing or not a positive integer.
     """
+    if not isinstance(cfg, dict):
+        raise VramplanError(f"config of {name or 'the model'} must be a JSON object, got {type(cfg).__name__}")
     if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrappers: plan the language model
+        if not isinstance(cfg["text_config"], dict):
+            raise VramplanError(f"config of {name or 'the model'}: text_config must be an object, "
+                                f"got {type(cfg['text_config']).__name__}")
         cfg = {**cfg["text_config"], "architectures": cfg.get("architectures")}
-    model_type = str(cfg.get("model_type", "llama"))
+    raw_type = cfg.get("model_type", "llama")
+    if not isinstance(raw_type, str) or not raw_type.strip() or len(raw_type) > 100:
+        raise VramplanError(f"config of {name or 'the model'}: model_type must be a name, got {_short(raw_type)}")
+    model_type = raw_type
     lay = _layout(model_type)
     label = name or cfg.get("_name_or_path") or model_type
+    if not isinstance(label, str):
+        label = model_type
+    label = label if len(label) <= 200 else label[:197] + "..."
     _check_supported(cfg, model_type, str(label))
 
     def need(*keys: str) -> int:
         for k in keys:
             v = cfg.get(k)
             if v is not None:
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or int(v) != v:
-                    raise VramplanError(f"config of {label}: {k} must be a positive integer, got {v!r}")
-                return int(v)
+                return _count(v, k, label)
         raise VramplanError(f"config of {label} has no {keys[0]}", "is it a decoder-only *ForCausalLM config.json?")
+
+    def opt(key: str, default: int = 0, *, zero_ok: bool = True) -> int:
+        v = cfg.get(key)
+        if v is None or v is False or (v == 0 and zero_ok and not isinstance(v, bool)):
+            return default
+        return _count(v, key, label)
+
+    def flag(key: str, default) -> bool:
+        v = cfg.get(key, default)
+        if v is None:
+            return bool(default)
+        if not isinstance(v, (bool, int)) or isinstance(v, int) and not isinstance(v, bool) and v not in (0, 1):
+            raise VramplanError(f"config of {label}: {key} must be true or false, got {_short(v)}")
+        return bool(v)
+
+    def real_or_none(key: str):
+        v = cfg.get(key)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise VramplanError(f"config of {label}: {key} must be a positive number, got {_short(v)}")
+        return float(v)
 
     hidden = need("hidden_size", "n_embd", "d_model")
     heads = need("num_attention_heads", "n_head")
-    kv = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
-    num_experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+    kv = opt("num_key_value_heads", heads, zero_ok=False)
+    head_dim = opt("head_dim", hidden // heads)
+    if head_dim < 1:
+        raise VramplanError(f"config of {label}: hidden_size {hidden} is smaller than num_attention_heads {heads}")
+    if kv > heads or heads % kv:
+        raise VramplanError(f"config of {label}: {heads} attention heads is not a multiple of {kv} kv heads")
+    num_experts = opt("num_local_experts") or opt("num_experts")
     archs = cfg.get("architectures") or []
+    if isinstance(archs, str):
+        archs = [archs]
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise VramplanError(f"config of {label}: architectures must be a list of class names, got {_short(archs)}")
     arch = archs[0] if archs else f"{model_type.title()}ForCausalLM"
-    qkv_bias = bool(cfg.get("attention_bias", lay.get("qkv_bias", False)))
+    qkv_bias = flag("attention_bias", lay.get("qkv_bias", False))
+    hidden_act = cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu"
+    if not isinstance(hidden_act, str):
+        raise VramplanError(f"config of {label}: hidden_act must be a name, got {_short(hidden_act)}")
+    if num_experts and not cfg.get("intermediate_size"):
+        intermediate = need("moe_intermediate_size")
+    else:
+        intermediate = need("intermediate_size", "n_inner")
+    sliding = opt("sliding_window", None) if flag("use_sliding_window", True) else None
+    for k in ("layer_types",):
+        if cfg.get(k) is not None and not (isinstance(cfg[k], list) and all(isinstance(t, str) for t in cfg[k])):
+            raise VramplanError(f"config of {label}: {k} must be a list of names")
     spec = ModelSpec(
         name=str(label),
         model_type=model_type,
@@ -282,13 +334,13 @@ def from_hf_config(cfg: dict, name: str | None = None, **meta) -> ModelSpec:
         num_heads=heads,
         num_kv_heads=kv,
         head_dim=head_dim,
-        intermediate_size=need("intermediate_size", "n_inner") if not num_experts or cfg.get("intermediate_size") else int(cfg.get("moe_intermediate_size")),
+        intermediate_size=intermediate,
         vocab_size=need("vocab_size"),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", lay.get("tie_default", False))),
-        hidden_act=str(cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu"),
+        tie_embeddings=flag("tie_word_embeddings", lay.get("tie_default", False)),
+        hidden_act=hidden_act,
         qkv_bias=qkv_bias,
-        o_bias=bool(cfg.get("attention_bias", False)) and model_type not in ("qwen2", "qwen2_moe"),
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        o_bias=flag("attention_bias", False) and model_type not in ("qwen2", "qwen2_moe"),
+        mlp_bias=flag("mlp_bias", False),
         fused_qkv=bool(lay.get("fused_qkv", False)),
         fused_gate_up=bool(lay.get("fused_gate_up", False)),
         qk_norm=str(lay.get("qk_norm", "none")),
@@ -296,23 +348,47 @@ def from_hf_config(cfg: dict, name: str | None = None, **meta) -> ModelSpec:
         embed_scale=bool(lay.get("embed_scale", False)),
         norm_weight_fp32=bool(lay.get("norm_weight_fp32", False)),
         num_experts=num_experts,
-        experts_per_token=int(cfg.get("num_experts_per_tok") or 0),
-        moe_intermediate_size=int(cfg.get("moe_intermediate_size") or (cfg.get("intermediate_size") if num_experts else 0) or 0),
-        shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0) if lay.get("shared_expert") else 0,
-        max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
-        sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
-        sliding_pattern=int(cfg.get("sliding_window_pattern") or lay.get("sliding_window_pattern", 0)),
-        final_logit_softcapping=cfg.get("final_logit_softcapping"),
-        attn_logit_softcapping=cfg.get("attn_logit_softcapping"),
+        experts_per_token=min(opt("num_experts_per_tok"), num_experts) if num_experts else opt("num_experts_per_tok"),
+        moe_intermediate_size=opt("moe_intermediate_size") or (opt("intermediate_size") if num_experts else 0),
+        shared_expert_intermediate_size=opt("shared_expert_intermediate_size") if lay.get("shared_expert") else 0,
+        max_position_embeddings=opt("max_position_embeddings", 4096),
+        sliding_window=sliding,
+        sliding_pattern=opt("sliding_window_pattern") or int(lay.get("sliding_window_pattern", 0)),
+        final_logit_softcapping=real_or_none("final_logit_softcapping"),
+        attn_logit_softcapping=real_or_none("attn_logit_softcapping"),
         lora_targets=tuple(lay.get("lora_targets", ("q_proj", "v_proj"))),
         ia3_targets=tuple(lay.get("ia3_targets", ("k_proj", "v_proj", "down_proj"))),
         ia3_feedforward=tuple(lay.get("ia3_feedforward", ("down_proj",))),
         hf_config=dict(cfg),
         **meta,
     )
-    if spec.hidden_size % 1 or spec.num_heads % spec.num_kv_heads:
-        raise VramplanError(f"config of {label}: {heads} attention heads is not a multiple of {kv} kv heads")
     return spec
+
+
+#: Upper bounds on config.json sizes (far above any released model; they keep the arithmetic finite).
+_CONFIG_MAX = {"hidden_size": 1 << 20, "num_hidden_layers": 1 << 16, "vocab_size": 1 << 27,
+               "intermediate_size": 1 << 24, "max_position_embeddings": 1 << 30}
+
+
+def _short(v) -> str:
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10**15:
+        text = f"{float(v):.3g}" if abs(v) < 10**300 else f"a {len(str(abs(v)))}-digit number"
+    else:
+        text = " ".join(repr(v).split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _count(v, key: str, label: str) -> int:
+    """A positive whole number from config.json (NaN, infinities, strings, lists, floats with a fraction refused)."""
+    ok = not isinstance(v, bool) and (isinstance(v, int) or isinstance(v, float) and math.isfinite(v) and v == int(v))
+    if not ok or v <= 0:
+        raise VramplanError(f"config of {label}: {key} must be a positive integer, got {_short(v)}",
+                            "check the config.json")
+    limit = _CONFIG_MAX.get(key, 1 << 30)
+    if v > limit:
+        raise VramplanError(f"config of {label}: {key} {_short(v)} is implausibly large (the limit is {limit:,})",
+                            "check the config.json")
+    return int(v)
 
 
 # -- catalogue ------------------------------------------------------------------------
@@ -361,17 +437,27 @@ def get_model(name: str | Path | ModelSpec) -> ModelSpec:
     """
     if isinstance(name, ModelSpec):
         return name
+    if not isinstance(name, (str, Path)):
+        raise VramplanError(f"model must be a name or a config path, got {type(name).__name__}",
+                            "e.g. 'llama-2-7b', '7b' or 'path/to/config.json'")
     text = str(name)
+    if not text.strip() or "\x00" in text or len(text) > 4096:
+        raise VramplanError(f"model {text[:40]!r} is not a usable name or path", "see `vramplan models` for the list")
     key = text.lower()
     table = _aliases()
     if key in table:
         return catalogue()[table[key]]
     path = Path(text).expanduser()
-    if path.is_dir():
+    try:
+        is_dir, is_file = path.is_dir(), path.exists()  # a FIFO or device "exists": read_text refuses it in one line
+    except (OSError, ValueError):  # a name too long to be a path
+        is_dir = is_file = False
+    if is_dir:
         path = path / "config.json"
+        is_file = path.is_file()
         if not path.exists():
             raise VramplanError(f"directory {text} holds no config.json")
-    if path.is_file():
+    if is_file:
         cfg = read_config_file(path)
         return from_hf_config(cfg, name=cfg.get("_name_or_path") or path.parent.name or path.stem, source=str(path))
     if text.endswith(".json") or "/" in text and not key in table:

@@ -31,7 +31,7 @@ def resolve_gpu(gpu: str | GPUSpec | None = None, gpu_mem: str | int | None = No
     """``--gpu`` and/or ``--gpu-mem``: a catalogue card, its capacity overridden, or a generic card."""
     spec = get_gpu(gpu) if gpu is not None else None
     if gpu_mem is not None:
-        return custom_gpu(parse_size(gpu_mem), like=spec)
+        return custom_gpu(parse_size(gpu_mem, label="--gpu-mem"), like=spec)
     return spec
 
 
@@ -179,9 +179,16 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, adapter: str | Non
         VramplanError: bad input (unknown names, non-positive shapes, unsupported features,
             ``gpus < 1``, an unknown strategy, a global batch that the GPUs and micro-batch do not divide).
     """
+    from . import validate as v
     from .distributed import make_parallel
     from .throughput import parse_count
 
+    v.scale(gpus=gpus, epochs=epochs, global_batch=global_batch, strategy=strategy, offload=offload)
+    v.integer(batch, "batch")
+    v.name_text(method, "method")
+    v.name_text(attn, "attention implementation")
+    v.name_text(framework, "framework")
+    v.name_text(precision, "precision", none_ok=True)
     spec = get_model(model)
     card = resolve_gpu(gpu, gpu_mem)
     par = make_parallel(gpus, strategy, offload)
@@ -192,8 +199,12 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, adapter: str | Non
                       alpha=alpha, dropout=dropout, targets=targets, grad_ckpt=grad_ckpt, optimizer=optimizer,
                       precision=precision, attn=attn, framework=framework, techniques=techniques, double_quant=double_quant,
                       ppo_response=ppo_response, versions=versions)
-    return estimate_config(spec, cfg, card, model_query=str(model) if not isinstance(model, ModelSpec) else None,
-                           parallel=par, tokens=parse_count(tokens, "--tokens"), epochs=epochs)
+    est = estimate_config(spec, cfg, card, model_query=str(model) if not isinstance(model, ModelSpec) else None,
+                          parallel=par, tokens=parse_count(tokens, "--tokens"), epochs=epochs)
+    note = v.context_note(spec, cfg.seq)
+    if note:
+        est.assumptions.insert(0, note)
+    return est
 
 
 def _accum_for(global_batch: int, gpus: int, batch: int) -> int:
@@ -258,7 +269,9 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
     from .bands import band_for_config
 
     band = band_for_config(cfg)
-    est.extra["band"] = {**band.to_json(), "lo_bytes": int(np.floor(band.lo * peak)), "hi_bytes": int(np.ceil(band.hi * peak))}
+    # the band as the device totals it spans (bytes): peak x (1 + lo) .. peak x (1 + hi)
+    est.extra["band"] = {**band.to_json(), "low_bytes": max(0, int(np.floor((1.0 + band.lo) * peak))),
+                         "high_bytes": int(np.ceil((1.0 + band.hi) * peak))}
     est.assumptions.append(f"uncertainty band: {band.describe()}")
     if card is not None:
         from .throughput import step_time, time_to_train
@@ -471,6 +484,25 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
     from .stacks import get_stack, parse_techniques
     from .throughput import parse_count
 
+    from . import validate as v
+    from .config import ATTENTION
+    from .optimizers import get_optimizer
+
+    v.scale(gpus=gpus, epochs=epochs, global_batch=global_batch, strategy=strategy, offload=offload)
+    v.integer(seq, "seq")
+    v.integer(batch, "batch", none_ok=True)
+    v.integer(rank, "rank", none_ok=True)
+    v.integer(top, "top")
+    v.flag(grad_ckpt, "grad_ckpt")
+    v.real(margin, "margin", lo=0.0, hi=1.0, hi_open=True, none_ok=True)
+    v.choice(attn, "attention implementation", ATTENTION, none_ok=True)
+    if optimizer is not None:
+        get_optimizer(v.name_text(optimizer, "optimizer"))
+    if precision is not None:
+        from .precision import get_regime
+
+        get_regime(v.name_text(precision, "precision"))
+    v.name_text(framework, "framework")
     framework = get_stack(framework).name
     techs = parse_techniques(techniques)
     spec = get_model(model)
@@ -553,6 +585,9 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
                            "bitsandbytes Linear4bit) is not modelled yet")
     resolved = None if isinstance(model, ModelSpec) or str(model).lower() == spec.name else f"{model} -> {spec.name}"
     assumptions = rows[0].estimate.assumptions[:4] if rows else []
+    note = v.context_note(spec, seq)
+    if note:
+        assumptions.insert(0, note)
     tech_text = _techniques_text(rows[0].estimate.config) if rows else None
     if tech_text:
         assumptions.append(tech_text)

@@ -70,4 +70,7 @@ def get_regime(name: str | Regime) -> Regime:
     try:
         return REGIMES[name.lower()]
     except KeyError:
-        raise unknown("precision", name, REGIMES) from None
+        err = unknown("precision", name, REGIMES)
+        if name.lower() in ("fp16", "float16", "half", "f16"):  # pure fp16 training is not a regime anyone runs
+            err.hint = "did you mean fp16-mixed (fp16 autocast over fp32 master weights)? valid: " + ", ".join(REGIMES)
+        raise err from None

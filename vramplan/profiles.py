@@ -612,12 +612,9 @@ class Profile:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temp file + rename), so a crash never leaves half a profile."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        from .validate import atomic_write  # a failed write: one line, no temp file, the old profile intact
+
+        return atomic_write(path, json.dumps(self.to_json(), indent=2) + "\n", what="profile")
 
 
 def _interp_log(knots: Sequence[tuple[int, float]], x: float) -> float:

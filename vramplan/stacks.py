@@ -181,6 +181,9 @@ def _names(s: dict, key: str) -> tuple[str, ...]:
 
 
 def get_stack(name: str) -> Stack:
+    if not isinstance(name, str):
+        raise VramplanError(f"framework must be a name (a string), got {type(name).__name__}",
+                            "valid: " + ", ".join(stacks()))
     try:
         return stacks()[name.lower()]
     except KeyError:
@@ -189,8 +192,11 @@ def get_stack(name: str) -> Stack:
 
 def parse_techniques(value) -> tuple[str, ...]:
     """``"chunked_ce,act_offload"`` or a sequence -> validated, de-duplicated names."""
-    if not value:
+    if value is None or isinstance(value, (str, list, tuple)) and not value:
         return ()
+    if not isinstance(value, (str, list, tuple, set, frozenset)) or not isinstance(value, str) and not all(
+            isinstance(t, str) for t in value):
+        raise VramplanError(f"techniques must be a comma list or a list of names, got {type(value).__name__}")
     items = [t.strip() for t in value.split(",")] if isinstance(value, str) else [str(t) for t in value]
     out: list[str] = []
     for t in items:

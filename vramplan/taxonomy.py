@@ -54,6 +54,12 @@ class Component(str, Enum):
     TEMPORARIES = "temporaries"
     #: PPO rollout: the KV cache and the generated sequences' logits/log-probs.
     KV_CACHE = "kv_cache"
+    #: Multi-GPU: parameters gathered for the units in flight (FSDP2's unsharded parameters and
+    #: its flat all-gather buffers, DeepSpeed ZeRO-3's gathered partitions and prefetch), per rank.
+    ALLGATHER_BUFFERS = "allgather_buffers"
+    #: Multi-GPU: gradient communication buffers (DDP's gradient buckets, FSDP2's reduce-scatter
+    #: input, DeepSpeed's reduce buckets), per rank.
+    REDUCE_BUFFERS = "reduce_buffers"
     #: CUDA context: driver, runtime and lazily loaded kernels (outside the caching allocator).
     CUDA_CONTEXT = "cuda_context"
     #: cuBLAS/cuBLASLt workspaces (taken from the caching allocator, PyTorch PRs #89027, #120925).
@@ -83,6 +89,8 @@ _GROUPS = {
     Component.AUTOCAST_CACHE: Group.TEMPORARIES,
     Component.TEMPORARIES: Group.TEMPORARIES,
     Component.KV_CACHE: Group.ACTIVATIONS,
+    Component.ALLGATHER_BUFFERS: Group.PARAMETERS,
+    Component.REDUCE_BUFFERS: Group.GRADIENTS,
     Component.CUDA_CONTEXT: Group.RUNTIME,
     Component.WORKSPACE: Group.RUNTIME,
     Component.ALLOCATOR_RESERVE: Group.RUNTIME,

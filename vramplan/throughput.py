@@ -541,12 +541,14 @@ def parse_count(value, label: str = "--tokens") -> float | None:
     if isinstance(value, (int, float, np.integer, np.floating)):
         n = float(value)
     else:
-        text = str(value).strip().lower().replace(",", "").replace("_", "")
+        text = str(value).strip().lower().replace(",", "").replace("_", "")[:64]
         suffix = text[-1:] if text[-1:] in _COUNT_SUFFIX and text[-1:] != "" else ""
         try:
             n = float(text[: len(text) - len(suffix)] if suffix else text) * _COUNT_SUFFIX[suffix]
         except ValueError:
             raise VramplanError(f"cannot read {label} {value!r}", "write it like 500M, 2B or 1.5e9") from None
     if not np.isfinite(n) or n <= 0:
-        raise VramplanError(f"{label} must be a positive number of tokens, got {value!r}")
+        raise VramplanError(f"{label} must be a positive number of tokens, got {str(value)[:40]!r}")
+    if n > 1e18:
+        raise VramplanError(f"{label} {str(value)[:40]} is more than 10^18 tokens", "write it like 500M, 2B or 1.5e9")
     return n

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import VramplanError
@@ -17,25 +18,47 @@ _UNITS = {
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
 
 
-def parse_size(text: str | int | float) -> int:
-    """Parse ``"24GiB"``, ``"24 GB"``, ``"80g"`` or a number of bytes into an int.
+def parse_size(text: str | int | float, label: str = "size") -> int:
+    """Parse ``"24GiB"``, ``"24 GB"``, ``"80g"``, ``"24"`` or a number of bytes into an int.
 
     Decimal prefixes (GB = 10^9) and binary ones (GiB = 2^30) are both accepted, as
-    GPU vendors market in GB and tools report in GiB.
+    GPU vendors market in GB and tools report in GiB. A bare number in *text* (``--gpu-mem 24``)
+    is a card size in GB as cards are sold, which for GPU memory is binary: a "24 GB" card
+    holds 24 GiB, so ``"24"`` is 24 GiB. An ``int``/``float`` (the Python API) is bytes.
+    At most 1 PiB (:data:`vramplan.validate.MAX_CAPACITY`).
+
+    Raises:
+        VramplanError: unreadable text, an unknown unit, not finite, not positive, or absurdly large.
     """
-    if isinstance(text, (int, float)):
-        value, unit = float(text), ""
+    from .validate import MAX_CAPACITY
+
+    if isinstance(text, bool):
+        raise VramplanError(f"{label} must be a size such as 24GiB, got {text!r}")
+    if isinstance(text, (int, float)) or type(text).__module__ == "numpy":
+        try:
+            value, unit = float(text), "b"
+        except OverflowError:
+            value, unit = float("inf"), "b"
+        if not math.isfinite(value):
+            raise VramplanError(f"{label} must be a finite number of bytes, got {text!r}")
     else:
-        m = _SIZE.match(str(text))
+        raw = str(text)
+        m = _SIZE.match(raw) if len(raw) <= 64 else None
         if not m:
-            raise VramplanError(f"cannot read size {text!r}", "write it like 24GiB, 20GB or 16000MiB")
+            raise VramplanError(f"cannot read size {raw[:40]!r}" + (f" for {label}" if label != "size" else ""), "write it like 24 (GB, as cards are sold), "
+                                "24GiB, 20GB or 16000MiB")
         value, unit = float(m.group(1)), m.group(2).lower()
+        if unit == "":
+            unit = "gib"  # a bare number is a card size in (binary) GB
     if unit not in _UNITS:
         raise VramplanError(f"unknown size unit {unit!r} in {text!r}", "use B, MB, MiB, GB, GiB, TB or TiB")
-    size = int(round(value * _UNITS[unit]))
-    if size <= 0:
-        raise VramplanError(f"size must be positive, got {text!r}")
-    return size
+    size = value * _UNITS[unit]
+    if not size >= 1:
+        raise VramplanError(f"{label} must be positive, got {text!r}")
+    if size > MAX_CAPACITY:
+        raise VramplanError(f"{label} {str(text)[:40]} is larger than 1 PiB",
+                            "a bare number is a card size in GB (24 = 24 GiB); write 24GiB or 80GB")
+    return int(round(size))
 
 
 def gib(nbytes: int | float) -> float:

@@ -28,7 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="record the dry run's accounting of all points, the first of each model x method group, "
                         "or none (default: the suite's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+    from ..validate import arg_real
+
+    p.add_argument("--time-limit", type=arg_real("time-limit", lo=0.0, lo_open=True), default=None, metavar="SECONDS",
                    help="start no new point after this long; fit what is logged (resume later with --resume)")
     p.add_argument("--fit-only", metavar="LOG", default=None,
                    help="refit the profile and rewrite the report from an existing JSONL log; measure nothing")
@@ -80,12 +82,21 @@ def run_from_args(args: argparse.Namespace) -> dict:
     report_dir = None if args.no_report else args.report_dir
     if args.fit_only:
         log = Path(args.fit_only)
+        if not log.is_file():
+            raise VramplanError(f"no calibration log {log}", "pass the <gpu>.jsonl that `vramplan calibrate` wrote")
         from ..measurements.record import require_fit_points
         from .log import read_log
 
         require_fit_points(read_log(log), log)  # never an empty profile over the card's real one
-        prof = fit_profile(log)
-        path = prof.save(log.with_suffix(".json"))
+        try:
+            prof = fit_profile(log)
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:  # a record of the wrong shape
+            raise VramplanError(f"calibration log {log} holds a malformed record ({type(exc).__name__}: "
+                                f"{str(exc)[:80]})", "is it a log written by `vramplan calibrate`?") from None
+        target = log.with_suffix(".json")
+        if target.resolve() == log.resolve():  # never write over the input log
+            target = log.with_name(f"{log.stem}.profile.json")
+        path = prof.save(target)
         rep = write_report(log, prof, report_dir) if report_dir else (None, None)
         out = {"gpu": prof.gpu, "log": str(log), "profile": str(path),
                "report": str(rep[0]) if rep[0] else None, "plot": str(rep[1]) if rep[1] else None,

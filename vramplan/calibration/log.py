@@ -49,9 +49,28 @@ class JsonlLog:
         self._fd: int | None = None
 
     def open(self) -> "JsonlLog":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Open for appending, holding an exclusive lock: one writer per log (a second gets a LockError)."""
+        from ..validate import write_error
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise write_error(exc, self.path, "calibration log") from None
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - no flock (Windows): one writer is not enforced
+            pass
+        except OSError:
+            os.close(fd)
+            from ..errors import LockError
+
+            raise LockError(f"another calibration is writing {self.path}",
+                            "wait for it to finish, or use another --out directory") from None
+        self._fd = fd
         repair_tail(self.path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         return self
 
     def append(self, record: dict) -> None:
@@ -60,10 +79,20 @@ class JsonlLog:
             self.open()
         data = _encode({"log_format": LOG_FORMAT, **record})
         view = memoryview(data)
-        while view:  # os.write may write less than asked on some filesystems
-            n = os.write(self._fd, view)
-            view = view[n:]
-        os.fsync(self._fd)
+        try:
+            while view:  # os.write may write less than asked on some filesystems
+                n = os.write(self._fd, view)
+                view = view[n:]
+            os.fsync(self._fd)
+        except OSError as exc:
+            from ..validate import write_error
+
+            if len(view) < len(data):  # a partial line: cut it so the log stays whole
+                try:
+                    repair_tail(self.path)
+                except OSError:
+                    pass
+            raise write_error(exc, self.path, "calibration log") from None
 
     def close(self) -> None:
         if self._fd is not None:
@@ -122,6 +151,9 @@ def iter_log(path: str | Path) -> Iterator[dict]:
             continue
         try:
             rec = json.loads(line)
+        except RecursionError:
+            raise VramplanError(f"calibration log {path} is corrupt at line {i + 1} (nested too deeply)",
+                                "remove that line, or move the log away and re-run") from None
         except ValueError:
             if i == len(lines) - 1 and torn:
                 warnings.warn(f"{path}: skipping a torn last line (an interrupted write)", stacklevel=2)

@@ -31,7 +31,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import MissingDependencyError, VramplanError
+from ..errors import MissingDependencyError, VramplanError, install_hint
 
 OOM_PATTERNS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "cudaErrorMemoryAllocation")
 _TRIED = re.compile(r"Tried to allocate ([0-9.]+) ?([KMGT]i?B)")
@@ -139,7 +139,7 @@ class CudaDevice(Device):
             try:
                 import torch as _torch
             except ImportError:
-                raise MissingDependencyError("torch is not installed", "pip install 'vramplan[calibrate]'") from None
+                raise MissingDependencyError("torch is not installed", install_hint("calibrate")) from None
             torch = _torch
         self.torch = torch
         self.cuda = cuda if cuda is not None else torch.cuda

@@ -7,10 +7,11 @@ says so and is written without the figure.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
-from ..errors import VramplanError
+from ..errors import VramplanError, install_hint
 from ..profiles import Profile, Residual
 from ..units import GIB, MIB
 from .fit import PointEval, Row, evaluate, load_rows, residuals
@@ -315,7 +316,7 @@ def write_plot(path: Path, rows: list[Row], evals: list[PointEval]) -> str | Non
         matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt
     except ImportError:
-        return "no plot: matplotlib is not installed (pip install 'vramplan[plot]')"
+        return f"no plot: matplotlib is not installed ({install_hint('plot')})"
     ok = [e for e in evals if e.row.status == "ok" and e.cal is not None]
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
     colors = {"fit": "tab:blue", "holdout": "tab:red", "search": "tab:gray"}
@@ -386,19 +387,25 @@ def write_plot(path: Path, rows: list[Row], evals: list[PointEval]) -> str | Non
     ax.set_ylabel("predicted tokens/s")
     ax.set_title("throughput (±10%)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    from ..validate import atomic_write
+
+    atomic_write(path, buf.getvalue(), what="plot")
     return None
 
 
 def write_report(log_path: str | Path, profile: Profile, report_dir: str | Path = "reports/calibration") -> tuple[Path, Path | None]:
     """Write ``<report_dir>/<gpu>.md`` (and ``<gpu>.png``); return both paths (the PNG's None without matplotlib)."""
     log_path = Path(log_path)
+    from ..validate import atomic_write, write_error
+
     report_dir = Path(report_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        report_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(exc, report_dir, "report directory") from None
     records = read_log(log_path)
     rows, _ = load_rows(records, profile.allocated_source)
     evals = evaluate(rows, profile)
@@ -410,7 +417,5 @@ def write_report(log_path: str | Path, profile: Profile, report_dir: str | Path 
     note = write_plot(png, rows, evals)
     md = render_markdown(log_path, profile, rows, evals, list(latest.values()), None if note else png.name, note)
     path = report_dir / f"{profile.gpu}.md"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(md, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, md, what="report")
     return path, (None if note else png)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from ..config import TrainConfig
-from ..errors import VramplanError
+from ..errors import VramplanError, install_hint
 from ..models import ModelSpec
 from ..optimizers import get_optimizer
 from ..profiles import Profile, profile_key
@@ -402,7 +402,7 @@ def _check_bitsandbytes(points: list[Point], searches: list[SearchSpec]) -> None
         from ..errors import MissingDependencyError
 
         raise MissingDependencyError(f"bitsandbytes is not installed, and {len(need)} points of the suite need it "
-                                     "(QLoRA, 8-bit optimisers)", "pip install 'vramplan[calibrate]'; on a lent GPU "
+                                     "(QLoRA, 8-bit optimisers)", install_hint("calibrate") + "; on a lent GPU "
                                      "machine carry its wheel in .whl/ (calibrate/run_on_gpu.sh --fetch-wheels)")
 
 

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import TrainConfig, make_config
-from ..errors import MissingDependencyError, VramplanError, require
+from ..errors import install_hint, MissingDependencyError, VramplanError, require
 from ..models import ModelSpec, get_model
 from ..results import Estimate, jsonable
 from ..taxonomy import TENSOR_COMPONENTS, Component, Group, Phase, Quantity
@@ -164,7 +164,7 @@ def _require(framework: str = "hf") -> None:
     pkg = _STACK_PACKAGE.get(framework)
     if pkg is not None and importlib.util.find_spec(pkg) is None:
         raise MissingDependencyError(f"the {framework} dry run needs the {pkg} package, which is not installed",
-                                     f"install it with `pip install 'vramplan[{framework}]'`")
+                                     install_hint(framework))
     loggers = [logging.getLogger(name) for name in ("bitsandbytes", "torchao", "torch.utils._pytree")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -286,6 +286,9 @@ def dryrun_config(spec: ModelSpec, cfg: TrainConfig, card=None, *, model_query: 
         from ..runtime.frameworks import check_stack
 
         check_stack(spec, cfg)
+    # micro-batches 2..N of an accumulation step hold the same tensors (the gradients of the first stay
+    # allocated): tracing two of them gives the step's peak, so --grad-accum 2048 costs what 2 does
+    traced = cfg if cfg.grad_accum <= 2 else cfg.with_(grad_accum=2)
     t0 = time.perf_counter()
     tracker = Tracker("meta")
     # transformers' and torchao's import-time notices (torchao: C++ extensions skipped on CPU) are not results
@@ -298,7 +301,7 @@ def dryrun_config(spec: ModelSpec, cfg: TrainConfig, card=None, *, model_query: 
     try:
         with warnings.catch_warnings(), tracker.mode:
             warnings.simplefilter("ignore")
-            trainee = build(spec, cfg, "cuda", fake=True, hooks=tracker)
+            trainee = build(spec, traced, "cuda", fake=True, hooks=tracker)
             layers = decoder_layers(trainee.copies[Role.POLICY].inner)
             sample = sample_layer if sample_layer is not None else (len(layers) // 2 if layers else None)
             tracker.watch_layers(layers, sample)
@@ -387,6 +390,9 @@ def dryrun_config(spec: ModelSpec, cfg: TrainConfig, card=None, *, model_query: 
         assumptions.append("PPO as TRL (rollout without autocast, eval mode; decode loop shortcut to its last two "
                            "steps with the cache pre-grown); the value copy trains with the policy's adapter choice")
     assumptions += trainee.notes
+    if traced is not cfg:
+        assumptions.append(f"gradient accumulation: 2 of the {cfg.grad_accum} micro-batches traced (the 3rd and "
+                           "later hold the same tensors as the 2nd, so the peak is the same)")
     extra: dict[str, Any] = {
         "tensor_peak_bytes_rounded": int(tracker.peak_rounded),
         "load_transient_peak_bytes": int(load_peak.bytes) if load_peak else int(load_bytes),

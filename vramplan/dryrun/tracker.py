@@ -152,7 +152,9 @@ class Tracker(StepHooks):
         if is_traceable_wrapper_subclass(x):  # torchao's NF4Tensor: its plain inner tensors hold the bytes
             rec = None
             for name in x.__tensor_flatten__()[0]:
-                rec = self._track(getattr(x, name), op) or rec
+                inner = getattr(x, name)
+                if isinstance(inner, torch.Tensor):  # DTensor also flattens non-tensor attributes
+                    rec = self._track(inner, op) or rec
             return rec
         st = x.untyped_storage()
         key = st._cdata
@@ -260,7 +262,8 @@ class Tracker(StepHooks):
             return
         if is_traceable_wrapper_subclass(tensor):
             for name in tensor.__tensor_flatten__()[0]:
-                self.tag(getattr(tensor, name), component)
+                if isinstance(getattr(tensor, name), torch.Tensor):
+                    self.tag(getattr(tensor, name), component)
             return
         rec = self.live.get(tensor.untyped_storage()._cdata) or self.track_existing(tensor)
         if rec is not None:

@@ -51,17 +51,33 @@ def _truthy(v: Any) -> bool:
 
 
 def _int(data: dict, key: str, path: Path) -> int | None:
+    """A positive integer setting (bounded as the matching flag is), or None when absent/null."""
+    from ..validate import LIMITS, integer
+
     v = data.get(key)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise VramplanError(f"{path.name}: {key} must be a positive integer, got {v!r}")
-    return v
+    bound = {"sequence_len": "seq", "max_length": "seq", "max_seq_length": "seq", "micro_batch_size": "batch",
+             "per_device_train_batch_size": "batch", "gradient_accumulation_steps": "grad-accum",
+             "lora_r": "rank"}.get(key)
+    return integer(v, f"{path.name}: {key}", hi=LIMITS.get(bound or "", 1 << 30))
+
+
+def _real(data: dict, key: str, path: Path, default=None, **bounds) -> float | None:
+    """A finite number setting (``lora_alpha``, ``lora_dropout``), or ``default`` when absent/null."""
+    from ..validate import real
+
+    v = data.get(key, default)
+    if v is None:
+        return None
+    return real(v, f"{path.name}: {key}", **bounds)
 
 
 def _resolve_model(ref: Any, path: Path, key: str) -> ModelSpec:
     """A catalogue name / alias / HF id, or a local directory or config.json (relative to the file)."""
-    text = str(ref)
+    if not isinstance(ref, str):
+        raise VramplanError(f"{path.name}: {key} must be a model name or path, got {type(ref).__name__}")
+    text = ref
     local = Path(text).expanduser()
     if not local.is_absolute():
         rel = (path.parent / local)
@@ -103,9 +119,9 @@ def read_axolotl(data: dict, path: Path, model: Any = None) -> PlanRequest:
             notes.append("DoRA over a 4-bit base planned as QLoRA (magnitude vectors not counted)")
         opts["rank"] = _int(data, "lora_r", path) or 8
         if data.get("lora_alpha") is not None:
-            opts["alpha"] = float(data["lora_alpha"])
+            opts["alpha"] = _real(data, "lora_alpha", path, lo=-1e6, hi=1e6)
         if data.get("lora_dropout") is not None:
-            opts["dropout"] = float(data["lora_dropout"])
+            opts["dropout"] = _real(data, "lora_dropout", path, lo=0.0, hi=1.0, hi_open=True)
         if _truthy(data.get("lora_target_linear")):
             opts["targets"] = "all-linear"
         else:
@@ -166,15 +182,15 @@ def read_training_arguments(data: dict, path: Path, model: Any = None) -> PlanRe
     if _truthy(data.get("use_peft")) or four:
         if not _truthy(data.get("use_peft")):
             raise VramplanError(f"{path.name}: load_in_4bit without use_peft cannot train", "set use_peft: true")
-        vals = {k: data.get(k, d) for k, d in TRL_LORA_DEFAULTS.items()}
-        missing = [k for k in TRL_LORA_DEFAULTS if k not in data]
+        vals = {k: d if data.get(k) is None else data[k] for k, d in TRL_LORA_DEFAULTS.items()}
+        missing = [k for k in TRL_LORA_DEFAULTS if data.get(k) is None]
         if missing:
             notes.append("TRL ModelConfig defaults used for " + ", ".join(f"{k}={TRL_LORA_DEFAULTS[k]}" for k in missing))
         dora = _truthy(data.get("use_dora"))
         adapter = "qlora" if four else "dora" if dora else "lora"
-        opts["rank"] = int(vals["lora_r"])
-        opts["alpha"] = float(vals["lora_alpha"])
-        opts["dropout"] = float(vals["lora_dropout"])
+        opts["rank"] = _int(vals, "lora_r", path)
+        opts["alpha"] = _real(vals, "lora_alpha", path, lo=-1e6, hi=1e6)
+        opts["dropout"] = _real(vals, "lora_dropout", path, lo=0.0, hi=1.0, hi_open=True)
         opts["targets"] = normalise_targets(data.get("lora_target_modules"), linear, notes)
         if four:
             opts["double_quant"] = _truthy(data.get("use_bnb_nested_quant", False))
@@ -227,9 +243,7 @@ def read_training_file(path: str | Path, model: Any = None) -> PlanRequest:
             a model that is neither in the catalogue nor local, settings not modelled.
     """
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise VramplanError(f"no such file {path}")
-    data = read_config_file(p)
+    data = read_config_file(p, "training config")
     keys = set(data)
     if keys & AXOLOTL_KEYS and not (keys & {"per_device_train_batch_size", "optim"}):
         return read_axolotl(data, p, model)

@@ -84,16 +84,21 @@ def normalise_targets(targets: Any, linear_names: list[str], notes: list[str]):
     if isinstance(targets, str):
         if targets.lower() in ("all-linear", "all_linear", "all"):
             return "all-linear"
-        try:
-            pat = re.compile(targets)
-        except re.error as exc:
-            raise VramplanError(f"target_modules {targets!r} is not a valid regex ({exc})") from None
-        hits = [n for n in linear_names if pat.search(n) or pat.search(f"model.layers.0.self_attn.{n}")
-                or pat.search(f"model.layers.0.mlp.{n}")]
+        from ..validate import target_regex
+
+        # PEFT: a string target_modules is matched with re.fullmatch against each module's full name
+        pat = target_regex(targets)
+        hits = [n for n in linear_names if any(pat.fullmatch(f"{pre}{n}") for pre in
+                                               ("", "model.layers.0.self_attn.", "model.layers.0.mlp.",
+                                                "model.model.layers.0.self_attn.", "model.model.layers.0.mlp.",
+                                                "base_model.model.model.layers.0.self_attn.",
+                                                "base_model.model.model.layers.0.mlp."))]
         if not hits:
             raise VramplanError(f"target_modules regex {targets!r} matches none of {', '.join(linear_names)}")
         notes.append(f"target_modules regex {targets!r} read as {','.join(hits)}")
         return ",".join(hits)
+    if not isinstance(targets, (list, tuple, set, frozenset)):
+        raise VramplanError(f"target_modules must be a list of names, a regex or all-linear, got {type(targets).__name__}")
     names = []
     for t in targets:
         last = str(t).split(".")[-1]
@@ -103,7 +108,7 @@ def normalise_targets(targets: Any, linear_names: list[str], notes: list[str]):
         else:
             notes.append(f"target module {t!r} is not a decoder-layer linear vramplan models; ignored")
     if not names:
-        raise VramplanError(f"none of target_modules {sorted(map(str, targets))} is a decoder linear layer",
+        raise VramplanError(f"none of target_modules {sorted(map(str, targets))[:8]} is a decoder linear layer",
                             f"vramplan models {', '.join(linear_names)}")
     return ",".join(names)
 

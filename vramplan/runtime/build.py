@@ -44,7 +44,7 @@ from ..models import ModelSpec
 from ..optimizers import get_optimizer
 from ..precision import Regime, get_regime
 from ..taxonomy import Component, Phase
-from .emulation import CudaEmulation, emulated_autocast, install_meta_patches
+from .emulation import CudaEmulation, emulated_autocast, install_meta_patches, patch_meta_autocast
 from .hooks import NULL_HOOKS, StepHooks
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -488,6 +488,41 @@ class FusedAdamWOnMeta(torch.optim.AdamW):
                                    state_steps)
 
 
+#: the oldest releases the dry run and the runner were tested with (CI runs the dry-run tests on them;
+#: pyproject's extras require them). transformers 5.0-5.2 build tied embeddings untied from a config;
+#: peft < 0.18 cannot import with transformers 5 (``HybridCache`` is gone).
+MIN_VERSIONS = {"transformers": (5, 3), "peft": (0, 18)}
+
+
+def _release(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split("+")[0].split("."):
+        digits = "".join(ch for ch in part if ch.isdigit()) if part[:1].isdigit() else ""
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out)
+
+
+def check_versions() -> None:
+    """Refuse, in one line, a transformers or peft release older than :data:`MIN_VERSIONS`.
+
+    Raises:
+        VramplanError: an installed release is older than supported.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    for pkg, least in MIN_VERSIONS.items():
+        try:
+            have = version(pkg)
+        except PackageNotFoundError:
+            continue  # (a missing package is MissingDependencyError's job)
+        if _release(have) < least:
+            want = ".".join(map(str, least))
+            raise VramplanError(f"{pkg} {have} is not supported by the dry run and the runner (needs {pkg} >= {want})",
+                                f"pip install -U '{pkg}>={want}'")
+
+
 def build(spec: ModelSpec, cfg: TrainConfig, device: str = "cpu", *, fake: bool = False,
           hooks: StepHooks | None = None) -> Trainee:
     """Build every model copy, adapter and the optimiser of ``cfg`` for ``spec``.
@@ -521,6 +556,7 @@ def build(spec: ModelSpec, cfg: TrainConfig, device: str = "cpu", *, fake: bool 
         from ..errors import require
 
         require("bitsandbytes", "calibrate")
+    check_versions()
     if fake:
         install_meta_patches()
     emu = CudaEmulation(cfg.attn, on_cached_cast=lambda t: hooks.tag(t, Component.AUTOCAST_CACHE)) if fake else None
@@ -536,6 +572,8 @@ def build(spec: ModelSpec, cfg: TrainConfig, device: str = "cpu", *, fake: bool 
     attn = _attn_impl(cfg, device, fake, notes)
     for copy in recipe.copies:
         trainee.copies[copy.role] = _build_copy(trainee, copy, attn)
+    if fake:
+        patch_meta_autocast()  # (the modeling modules are imported by now)
     # the output heads open the logits sections (attribution only)
     for c in trainee.copies.values():
         head = c.inner.get_output_embeddings() if c.spec.head == "lm" else getattr(c.inner, "score", None)

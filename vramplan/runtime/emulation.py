@@ -23,6 +23,16 @@ runs on ``meta`` and this module emulates, *before autograd records anything* (a
   aten ops, whose meta kernels allocate what the CUDA kernels return (out and the fp32
   logsumexp); the dry run's tracker adds the kernels' backward workspaces.
 
+* **Softmax's fp32 upcast of fp16** (``ATen/native/SoftMax.cpp``, ``softmax``/``log_softmax``
+  with ``dtype=float32``): a CUDA fp16 input goes straight to ``_softmax(x, dim,
+  half_to_float=True)`` (fp32 out, its gradient back in fp16); any other input -- and every
+  ``meta`` one -- is first converted (a transient fp32 copy, an fp32 input gradient cast back
+  in backward). bf16 takes the conversion path on CUDA too.
+* **Dropout** (``ATen/native/Dropout.cpp``, ``is_fused_kernel_acceptable``): on CUDA, training
+  with ``0 < p < 1`` runs the fused ``native_dropout`` (the output and a one-byte mask, saved
+  for backward); on ``meta`` ``dropout`` would build a noise tensor in the input's dtype and
+  multiply (the noise saved). Eager attention dropout and PEFT's ``lora_dropout`` go through it.
+
 Known gaps (documented in the dry run's assumptions): an op that CUDA autocast would catch
 *inside* a C++ composite that is not itself listed is not seen here (torch-function modes
 see Python-level calls only); ``cross_entropy`` and ``linalg.norm``/``norm`` are mapped to
@@ -213,12 +223,42 @@ class CudaEmulation(TorchFunctionMode):
             return "efficient"
         return "math"
 
+    # -- softmax and dropout as their CUDA kernels (see the module docstring) ---------------------
+    def _softmax(self, func, name: str, args, kwargs):
+        p = dict(zip(("input", "dim", "_stacklevel", "dtype"), args))
+        p.update(kwargs)
+        x, dim, dtype = p.get("input"), p.get("dim"), p.get("dtype")
+        if (torch.is_autocast_enabled("cuda") and dtype is None and _eligible(x)
+                and x.dtype is not torch.float32):
+            dtype = torch.float32  # fp32_set_opt_dtype
+        if isinstance(x, torch.Tensor) and x.dtype is torch.float16 and dtype is torch.float32 and dim is not None:
+            return (torch._softmax if name == "softmax" else torch._log_softmax)(x, dim, True)
+        return None
+
+    @staticmethod
+    def _dropout(args, kwargs):
+        p = dict(zip(("input", "p", "training", "inplace"), args))
+        p.update(kwargs)
+        x, prob = p.get("input"), float(p.get("p", 0.5))
+        if (isinstance(x, torch.Tensor) and p.get("training", True) and not p.get("inplace", False)
+                and 0.0 < prob < 1.0 and x.numel() > 0 and x.is_floating_point()):
+            return torch.native_dropout(x, prob, True)[0]
+        return None
+
     # -- dispatch ----------------------------------------------------------------------------
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", None)
         if name == "scaled_dot_product_attention":
             return self._sdpa(func, args, kwargs)
+        if func is torch.nn.functional.softmax or func is torch.nn.functional.log_softmax:
+            out = self._softmax(func, name, args, kwargs)
+            if out is not None:
+                return out
+        if func is torch.nn.functional.dropout:
+            out = self._dropout(args, kwargs)
+            if out is not None:
+                return out
         if name in ("grouped_mm", "_grouped_mm"):
             a, b = args[0], args[1]
             if a.dtype is not torch.bfloat16 or b.dtype is not torch.bfloat16:
@@ -294,3 +334,29 @@ def install_meta_patches() -> None:
     find_packed_sequence_indices.__wrapped__ = orig
     mu.find_packed_sequence_indices = find_packed_sequence_indices
     _PATCHED = True
+
+
+def patch_meta_autocast() -> None:
+    """transformers < 5.4 (``utils.generic.maybe_autocast``) opens ``torch.autocast(device_type)``
+    for the rotary embedding's fp32 section with the inputs' device type, and ``torch.autocast``
+    rejects ``meta`` ("unknown device type for autocast"); later releases return a null context for
+    ``meta``. The modeling modules import the function by name, so every loaded ``transformers``
+    module that holds it gets the wrapper. Idempotent; call after the model classes are imported."""
+    import sys
+    from contextlib import nullcontext
+
+    gen = sys.modules.get("transformers.utils.generic")
+    orig = getattr(gen, "maybe_autocast", None)
+    if orig is None:
+        return
+    orig = getattr(orig, "__wrapped__", orig)
+
+    def maybe_autocast(device_type, *args, **kwargs):
+        if device_type == "meta":
+            return nullcontext()
+        return orig(device_type, *args, **kwargs)
+
+    maybe_autocast.__wrapped__ = orig
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("transformers") and getattr(mod, "maybe_autocast", None) is orig:
+            mod.maybe_autocast = maybe_autocast

@@ -96,7 +96,9 @@ def require_stack(framework: str):
             import (torchtune 0.6.1 with a torchao it does not know).
     """
     module, extra, needs = PACKAGES[framework]
-    hint = f"install it with `pip install 'vramplan[{extra}]'`"
+    from ..errors import install_hint
+
+    hint = install_hint(extra)
     if importlib.util.find_spec(module) is None:
         raise MissingDependencyError(f"the {framework} dry run needs the {module} package, which is not installed", hint)
     try:

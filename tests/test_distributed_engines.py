@@ -1,0 +1,97 @@
+"""The sharded planner's engine models (numpy only): options, the FSDP2 schedule, ZeRO-1's partition, per_gpu_peak."""
+
+import numpy as np
+import pytest
+
+from vramplan.config import make_config
+from vramplan.distributed import (
+    ENGINE_OPTIONS, PerGpuPeak, make_parallel, parallel_step_memory, per_gpu_peak, shard_state,
+)
+from vramplan.errors import VramplanError
+from vramplan.models import get_model
+from vramplan.taxonomy import Component
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return get_model("llama-2-7b")
+
+
+def test_engine_defaults_and_options():
+    assert make_parallel(2, "zero3").engine_name == "deepspeed"
+    assert make_parallel(2, "fsdp").engine_name == "torch"
+    assert make_parallel(2, "zero3", engine="torch").engine_name == "torch"
+    assert make_parallel(2, "zero2", engine="torch").reshards_after_forward is False
+    assert make_parallel(2, "fsdp", reshard_after_forward=False).reshards_after_forward is False
+    p = make_parallel(2, "zero3", engine="deepspeed", reduce_bucket_size=5e8)
+    assert p.reduce_bucket_size == 500_000_000 and p.to_json()["engine_options"] == {"reduce_bucket_size": 500_000_000}
+    with pytest.raises(VramplanError, match="DeepSpeed runs zero1"):
+        make_parallel(2, "fsdp", engine="deepspeed")
+    with pytest.raises(VramplanError, match="unknown engine option"):
+        make_parallel(2, "fsdp", prefetch=3)
+    with pytest.raises(VramplanError, match="positive"):
+        make_parallel(2, "ddp", bucket_cap_mb=-1)
+    with pytest.raises(VramplanError, match="engine"):
+        make_parallel(2, "ddp", engine="megatron")
+    assert set(ENGINE_OPTIONS) >= {"reshard_after_forward", "bucket_cap_mb", "reduce_bucket_size"}
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_fsdp2_schedule_shrinks_with_ranks_and_grows_without_resharding(spec, method):
+    cfg = make_config(spec, method, precision="bf16", batch=1, seq=1024, grad_ckpt=True)
+    peaks = [float(parallel_step_memory(spec, cfg, make_parallel(n, "fsdp")).peak) for n in (2, 4, 8)]
+    assert peaks[0] > peaks[1] > peaks[2]
+    keep = float(parallel_step_memory(spec, cfg, make_parallel(2, "fsdp", reshard_after_forward=False)).peak)
+    assert keep > peaks[0]
+    sm = parallel_step_memory(spec, cfg, make_parallel(2, "fsdp"))
+    from vramplan.memory import PHASE_ORDER
+    from vramplan.taxonomy import Phase
+
+    at_step = PHASE_ORDER[int(sm.peak_phase)] is Phase.OPTIMIZER_STEP
+    # the gathered units are named as such (the optimiser step runs on the shards alone)
+    assert (sm.components[Component.ALLGATHER_BUFFERS] > 0) != at_step
+    assert np.isclose(sum(float(v) for v in sm.components.values()), float(sm.peak))
+
+
+def test_fsdp2_unit_sizes_follow_the_engine(spec):
+    cfg = make_config(spec, "full", precision="bf16", batch=1, seq=1024)
+    f = shard_state(spec, cfg, make_parallel(2, "fsdp")).fsdp2
+    assert f["U"] == spec.layer_params * 2  # one decoder layer in bf16
+    assert f["R"] == (spec.embedding_params + spec.lm_head_params + spec.hidden_size) * 2
+    q = shard_state(spec, make_config(spec, "qlora", precision="bf16"), make_parallel(2, "fsdp"))
+    assert q.fsdp2["U"] < f["U"] / 3  # NF4 codes (half a byte a weight) + adapters
+    # quantisation constants are module attributes: every rank keeps them all
+    full_qs = shard_state(spec, make_config(spec, "qlora", precision="bf16"), make_parallel(1, None)).bytes
+    assert q.bytes[Component.QUANT_STATE] == full_qs[Component.QUANT_STATE]
+
+
+def test_zero_redundancy_optimizer_partition_is_greedy_by_size(spec):
+    cfg = make_config(spec, "full", precision="bf16", batch=1, seq=512)
+    one = shard_state(spec, cfg, make_parallel(2, "ddp")).bytes[Component.OPTIMIZER_STATES]
+    z1 = shard_state(spec, cfg, make_parallel(2, "zero1", engine="torch"))
+    assert one / 2 <= z1.bytes[Component.OPTIMIZER_STATES] < one / 2 * 1.05  # largest rank, near half
+    assert z1.comm_buffer_bytes == shard_state(spec, cfg, make_parallel(2, "ddp")).comm_buffer_bytes
+
+
+def test_ddp_bucket_views_trade_the_second_gradient_copy(spec):
+    cfg = make_config(spec, "full", precision="bf16", batch=1, seq=512)
+    off = shard_state(spec, cfg, make_parallel(2, "ddp"))
+    on = shard_state(spec, cfg, make_parallel(2, "ddp", gradient_as_bucket_view=True))
+    assert off.comm_buffer_bytes == on.comm_buffer_bytes == off.bytes[Component.GRADIENTS]
+    assert on.bytes[Component.GRADIENTS] == 0
+
+
+def test_per_gpu_peak_is_the_estimate_per_gpu():
+    r = per_gpu_peak("llama-2-7b", "qlora", gpus=2, strategy="fsdp", gpu="rtx3090", batch=1, seq=2048, rank=64,
+                     grad_ckpt=True, precision="bf16")
+    assert isinstance(r, PerGpuPeak)
+    assert all(isinstance(x, int) for x in (r.tensor_peak_bytes, r.reserved_bytes, r.peak_bytes))
+    assert r.tensor_peak_bytes <= r.reserved_bytes <= r.peak_bytes
+    assert r.estimate.gpus == 2 and r.estimate.strategy == "fsdp"
+    assert r.to_json()["parallel"]["engine"] == "torch"
+    ds = per_gpu_peak("llama-2-7b", "full", gpus=4, strategy="zero3", batch=1, seq=512, precision="bf16-mixed")
+    fs = per_gpu_peak("llama-2-7b", "full", gpus=4, strategy="zero3", engine="torch", batch=1, seq=512,
+                      precision="bf16-mixed")
+    assert ds.layout.startswith("DeepSpeed") and fs.layout.startswith("PyTorch FSDP2")
+    with pytest.raises(VramplanError):
+        per_gpu_peak("llama-2-7b", "lora", gpus=0, strategy="fsdp")

@@ -1,0 +1,82 @@
+"""The distributed dry run (real engines, 2 CPU ranks, gloo) and the sharded planner held to it.
+
+The reduced grid of benchmarks/dryrun_distributed.py: 2 ranks, a 2-layer llama config with hidden 128.
+One spawned group per job (each a fresh pair of processes from a preloaded forkserver).
+"""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+import torch.distributed as dist  # noqa: E402
+
+if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+from conftest import load_benchmark  # noqa: E402
+
+from vramplan.distributed import make_parallel, parallel_step_memory  # noqa: E402
+from vramplan.dryrun.distributed import Job, distributed_config, distributed_dryrun, run_jobs  # noqa: E402
+from vramplan.errors import VramplanError  # noqa: E402
+from vramplan.models import from_hf_config  # noqa: E402
+from vramplan.taxonomy import Component  # noqa: E402
+
+bench = load_benchmark("dryrun_distributed")
+ROWS = [("ddp", "full", {}), ("zero1", "full", {}), ("fsdp", "full", {}),
+        ("fsdp", "lora", {})]
+
+
+@pytest.fixture(scope="module")
+def traced():
+    spec = from_hf_config(bench.TINY_MODEL, name="tiny-grid")
+    cfgs = {m: distributed_config(spec, m, precision="bf16", batch=bench.BATCH, seq=bench.SEQ, attn="eager",
+                                  grad_ckpt=False) for m in ("full", "lora")}
+    jobs = [Job(spec, cfgs[m], s, "torch", o) for s, m, o in ROWS]
+    return spec, cfgs, run_jobs(jobs, 2, timeout=240)
+
+
+@pytest.mark.parametrize("i", range(len(ROWS)))
+def test_planner_within_two_percent_of_the_traced_engine(traced, i):
+    spec, cfgs, results = traced
+    strategy, method, opts = ROWS[i]
+    ranks = results[i]
+    assert not isinstance(ranks, str), ranks
+    assert len(ranks) == 2
+    planned = parallel_step_memory(spec, cfgs[method], make_parallel(2, strategy, engine="torch", **opts)).peak
+    traced_peak = max(r.peak_bytes for r in ranks)
+    assert abs(planned - traced_peak) / traced_peak <= bench.TOLERANCE, (strategy, method, planned, traced_peak)
+
+
+def test_communication_buffers_are_named_and_sharding_shrinks_the_state(traced):
+    spec, cfgs, results = traced
+    by = {(s, m): r for (s, m, _o), r in zip(ROWS, results)}
+    ddp, fsdp, zero1 = by[("ddp", "full")][0], by[("fsdp", "full")][0], by[("zero1", "full")][0]
+    # DDP's buckets: one gradient-sized copy (gradient_as_bucket_view=False), counted from construction
+    grads = 2 * spec.params  # bf16 gradients of every parameter
+    assert ddp.components[Component.REDUCE_BUFFERS] == pytest.approx(grads, rel=0.001)
+    # FSDP2 at its backward peak holds gathered units, named as such; its weights are the shard
+    assert fsdp.phase_components[fsdp.peak_phase].get(Component.ALLGATHER_BUFFERS, 0) > 0
+    assert fsdp.components[Component.WEIGHTS] < ddp.components[Component.WEIGHTS] * 0.55
+    # ZeRO-1: the optimiser states of one rank's partition
+    assert zero1.components[Component.OPTIMIZER_STATES] < ddp.components[Component.OPTIMIZER_STATES] * 0.6
+    # every rank trained: a finite loss
+    assert all(r.loss == r.loss for r in by[("fsdp", "lora")])
+
+
+@pytest.mark.parametrize("kw, text", [
+    (dict(gpus=1), "2 to 8 ranks"),
+    (dict(gpus=2, offload="cpu", strategy="zero3"), "cannot be traced"),
+    (dict(gpus=2, strategy="fsdp", engine="deepspeed"), "DeepSpeed runs zero1"),
+    (dict(gpus=2, strategy="bogus"), "strategy"),
+    (dict(gpus=2, strategy="fsdp", precision="bf16-mixed"), "bf16 or fp32"),
+])
+def test_bad_input_is_one_clear_error_without_spawning(kw, text):
+    spec = from_hf_config(bench.TINY_MODEL, name="tiny-grid")
+    with pytest.raises(VramplanError, match=text):
+        distributed_dryrun(spec, "lora", **kw)
+
+
+def test_a_model_too_large_for_the_host_is_refused_before_spawning():
+    with pytest.raises(VramplanError, match="host memory"):
+        distributed_dryrun("llama-2-7b", "full", gpus=2, strategy="ddp", layers=2)

@@ -1,0 +1,765 @@
+"""Distributed dry run: the real multi-GPU engines traced per rank, in N local CPU processes.
+
+``distributed_dryrun(model, method, gpus=N, strategy=...)`` spawns N processes
+(``torch.multiprocessing``, the ``gloo`` backend on 127.0.0.1), each of which builds the
+model from its config with random weights on CPU (real storages: collectives need them),
+wraps it with the engine of the strategy, runs a warm-up step and one measured steady-state
+step, and counts its own live tensor bytes with the single-device dry run's tracker
+(:mod:`vramplan.dryrun.tracker`). Every rank reports its peak, its phase peaks and the
+components at its peak, with the communication buffers named as such
+(:attr:`~vramplan.taxonomy.Component.ALLGATHER_BUFFERS`,
+:attr:`~vramplan.taxonomy.Component.REDUCE_BUFFERS`).
+
+Engines (``ENGINES``):
+
+* ``ddp``: ``torch.nn.parallel.DistributedDataParallel`` (default ``bucket_cap_mb=25``,
+  ``gradient_as_bucket_view=False``): its gradient buckets are allocated at construction.
+* ``zero1`` (torch): DDP plus ``torch.distributed.optim.ZeroRedundancyOptimizer`` (the
+  optimiser states of a rank's partition only; updated parameters broadcast by their owner).
+* ``fsdp`` and ``zero3`` (torch): FSDP2, ``torch.distributed.fsdp.fully_shard`` on every
+  decoder layer and on the root, ``reshard_after_forward`` passed to both as torchtune's
+  ``shard_model`` and accelerate's FSDP2 plugin pass it (True by default: ZeRO-3).
+* ``zero2`` (torch): FSDP2 with ``reshard_after_forward=False`` (parameters stay gathered from
+  forward to backward; ``SHARD_GRAD_OP``), the torch engine closest to ZeRO-2.
+* ``deepspeed``: ``deepspeed.initialize`` with ZeRO stage 1, 2 or 3 on DeepSpeed's CPU
+  accelerator (``DS_ACCELERATOR=cpu``, gloo), when DeepSpeed is installed (``engine="deepspeed"``).
+
+What the tracker sees: every storage a dispatched op allocates, plus the storages FSDP2
+resizes in place (``UntypedStorage.resize_``: its unsharded parameters are freed and
+re-allocated that way, ``torch/distributed/fsdp/_fully_shard/_fsdp_param.py``
+``alloc_storage``/``free_storage``), which are counted as a free and an allocation.
+CPU runs have no CUDA streams: the order of allocations and frees is the CPU order of the
+engine's code, which is what the CUDA caching allocator sees too (frees are stream-ordered
+but the allocator reuses a block only once the recording stream's work is done; FSDP2
+avoids ``record_stream`` by keeping the previous all-gather result alive until the next
+copy-out, a rule it applies on every device).
+
+Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from ..config import TrainConfig, make_config
+from ..errors import MissingDependencyError, VramplanError
+from ..models import ModelSpec, get_model
+from ..results import jsonable
+from ..taxonomy import TENSOR_COMPONENTS, Component, Phase
+
+ENGINES = ("torch", "deepspeed")
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+PRECISIONS = ("bf16", "fp32")
+#: host memory the ranks together may take (planner's estimate), bytes
+HOST_BUDGET = 2 * 2**30
+#: steps before the measured one: the first creates the optimiser states, the second DDP's rebuilt
+#: gradient buckets (``Reducer`` re-buckets in the first forward after a backward, in gradient order)
+WARMUP_STEPS = 2
+#: the methods the distributed dry run runs (supervised steps)
+METHODS = ("full", "lora", "qlora", "dora", "ia3")
+#: engine defaults (cited)
+DDP_BUCKET_CAP_MB = 25  # torch.nn.parallel.DistributedDataParallel(bucket_cap_mb=25) (DDP docs)
+DS_DEFAULTS = {  # deepspeed/runtime/zero/config.py (DeepSpeedZeroConfig field defaults)
+    "reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000,
+    "stage3_prefetch_bucket_size": 50_000_000, "stage3_max_live_parameters": 1_000_000_000,
+    "stage3_param_persistence_threshold": 100_000,
+}
+
+
+@dataclass
+class RankTrace:
+    """One rank's measured step: tensor peak, phase peaks and components at the peak (bytes)."""
+
+    rank: int
+    peak_bytes: int
+    peak_phase: Phase
+    phases: dict[Phase, int]
+    components: dict[Component, int]
+    phase_components: dict[Phase, dict[Component, int]] = field(default_factory=dict)
+    loss: float = float("nan")
+    #: gloo's staging copy inside a reduce-scatter (not on NCCL), left out of the counts above
+    gloo_staging_bytes: int = 0
+
+    def to_json(self) -> dict:
+        return {"rank": self.rank, "peak_bytes": self.peak_bytes, "peak_phase": self.peak_phase.value,
+                "phases": {p.value: v for p, v in self.phases.items()},
+                "components": {c.value: v for c, v in self.components.items() if v},
+                "phase_components": {p.value: {c.value: v for c, v in d.items() if v}
+                                     for p, d in self.phase_components.items()},
+                "loss": self.loss, "gloo_staging_bytes": self.gloo_staging_bytes}
+
+
+@dataclass
+class DistributedDryRunResult:
+    """Per-rank traces of one configuration under one strategy and engine."""
+
+    model: str
+    method: str
+    gpus: int
+    strategy: str
+    engine: str
+    engine_desc: str
+    config: TrainConfig
+    options: dict
+    ranks: list[RankTrace]
+    packages: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_bytes(self) -> int:
+        """The largest per-rank tensor peak (bytes)."""
+        return max(r.peak_bytes for r in self.ranks)
+
+    @property
+    def rank_peaks(self) -> list[int]:
+        return [r.peak_bytes for r in self.ranks]
+
+    def to_json(self) -> dict:
+        return {"source": "dryrun-distributed", "model": self.model, "method": self.method, "gpus": self.gpus,
+                "strategy": self.strategy, "engine": self.engine, "engine_desc": self.engine_desc,
+                "options": jsonable(self.options), "config": self.config.to_json() if hasattr(self.config, "to_json")
+                else None, "peak_bytes": self.peak_bytes, "ranks": [r.to_json() for r in self.ranks],
+                "packages": dict(self.packages), "seconds": round(self.seconds, 3), "notes": list(self.notes),
+                "quantity": "allocated (live tensor storages per rank)"}
+
+    def render(self, console) -> None:
+        from ..units import fmt_bytes
+
+        console.print(f"[green]distributed dry run: {self.engine_desc}, {self.gpus} ranks (gloo on CPU), "
+                      f"{self.model} {self.method}[/green]", highlight=False)
+        phases = (Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER_STEP)
+        console.print("rank        peak  at              " + "".join(f"{p.value:>16}" for p in phases),
+                      highlight=False, soft_wrap=True)
+        for r in self.ranks:
+            console.print(f"{r.rank:>4}  {fmt_bytes(r.peak_bytes):>10}  {r.peak_phase.value:<14}"
+                          + "".join(f"{fmt_bytes(r.phases.get(p, 0)):>16}" for p in phases),
+                          highlight=False, soft_wrap=True)
+        r0 = max(self.ranks, key=lambda r: r.peak_bytes)
+        console.print(f"components at rank {r0.rank}'s peak (tensor bytes): " + ", ".join(
+            f"{c.value} {fmt_bytes(v)}" for c, v in sorted(r0.components.items(), key=lambda kv: -kv[1]) if v),
+            highlight=False)
+        if r0.gloo_staging_bytes:
+            console.print(f"left out: gloo's reduce-scatter staging copy ({fmt_bytes(r0.gloo_staging_bytes)}; NCCL "
+                          "reduce-scatters in place)", highlight=False)
+        for n in self.notes:
+            console.print(f"note: {n}", highlight=False)
+
+
+def deepspeed_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def resolve_engine(strategy: str, engine: str | None) -> str:
+    """The engine that runs ``strategy``: DeepSpeed for zero1/2/3 when asked for (or ``auto`` and installed)."""
+    if engine in (None, "auto"):
+        return "deepspeed" if strategy.startswith("zero") and deepspeed_available() else "torch"
+    if engine not in ENGINES:
+        from ..errors import unknown
+
+        raise unknown("engine", engine, ENGINES)
+    if engine == "deepspeed":
+        if not strategy.startswith("zero"):
+            raise VramplanError(f"DeepSpeed runs zero1, zero2 or zero3, not {strategy}", "use --engine torch")
+        if not deepspeed_available():
+            raise MissingDependencyError("DeepSpeed is not installed: its ZeRO engine cannot be traced here",
+                                         "pip install deepspeed (its CPU accelerator runs with gloo), or use "
+                                         "--engine torch (ZeroRedundancyOptimizer / FSDP2)")
+    return engine
+
+
+def engine_description(strategy: str, engine: str, reshard_after_forward: bool | None = None) -> str:
+    if engine == "deepspeed":
+        return f"DeepSpeed ZeRO-{strategy[-1]} (CPU accelerator, gloo)"
+    return {"ddp": "PyTorch DDP",
+            "zero1": "PyTorch DDP + ZeroRedundancyOptimizer (ZeRO-1)",
+            "zero2": "PyTorch FSDP2 fully_shard, reshard_after_forward=False (ZeRO-2-like, SHARD_GRAD_OP)",
+            "zero3": "PyTorch FSDP2 fully_shard (ZeRO-3)",
+            "fsdp": "PyTorch FSDP2 fully_shard" + ("" if reshard_after_forward in (None, True)
+                                                    else ", reshard_after_forward=False")}[strategy]
+
+
+# -- the per-rank worker (runs in the spawned processes) ---------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, jobs: list, outdir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    import logging
+    import warnings
+
+    if any(j.get("engine") == "deepspeed" for j in jobs):
+        os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed picks its accelerator at import
+    warnings.simplefilter("ignore")
+    for name in ("transformers", "torchao", "bitsandbytes", "torch.distributed", "DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    out = []
+    try:
+        for job in jobs:
+            try:
+                out.append(_run_job(rank, world, job))
+            except Exception as exc:  # reported by the parent as one line
+                if os.environ.get("VRAMPLAN_DEBUG"):
+                    import traceback
+
+                    traceback.print_exc()
+                out.append({"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
+            dist.barrier()
+    finally:
+        with open(os.path.join(outdir, f"rank{rank}.pkl.tmp"), "wb") as fh:
+            pickle.dump(out, fh)
+        os.replace(os.path.join(outdir, f"rank{rank}.pkl.tmp"), os.path.join(outdir, f"rank{rank}.pkl"))
+        dist.destroy_process_group()
+
+
+def _run_job(rank: int, world: int, job: dict) -> RankTrace:
+    import gc
+
+    import torch
+
+    spec, cfg = job["spec"], job["cfg"]
+    tracker = _RankTracker("cpu")
+    patches = _Patches(tracker)
+    torch.manual_seed(1234)  # every rank builds the same weights, as after a checkpoint load
+    _ACTIVE["tracker"] = tracker
+    with patches, tracker.mode:
+        trainee = _build_wrapped(spec, cfg, job, tracker)
+        tracker.phase(None)
+        for _ in range(WARMUP_STEPS):  # optimiser states and lazily built engine buffers come to exist
+            trainee.step()
+        gc.collect()
+        # no cyclic collection inside the measured step: the cycle collector runs at allocation-count
+        # thresholds, so where it frees garbage cycles would differ from rank to rank and run to run
+        gc.disable()
+        try:
+            tracker.start_measure()
+            out = trainee.step()
+            tracker.stop()
+        finally:
+            gc.enable()
+    phases: dict[Phase, int] = {}
+    phase_components: dict[Phase, dict[Component, int]] = {}
+    best, peak_phase = -1, Phase.FORWARD
+    for p in (Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER_STEP):
+        pk = tracker.phase_peaks.get(p)
+        if pk is None or pk.bytes < 0:
+            continue
+        phases[p] = int(pk.bytes)
+        phase_components[p] = {c: int(v) for c, v in tracker.breakdown(pk.at).items() if v}
+        if pk.bytes > best:
+            best, peak_phase = pk.bytes, p
+    at_peak = tracker.breakdown(tracker.peak.at)
+    comps = {c: int(at_peak.get(c, 0)) for c in TENSOR_COMPONENTS}
+    loss = out.get("loss") if isinstance(out, dict) else None
+    return RankTrace(rank=rank, peak_bytes=int(tracker.peak.bytes), peak_phase=peak_phase, phases=phases,
+                     components=comps, phase_components=phase_components,
+                     loss=float(loss) if loss is not None else float("nan"),
+                     gloo_staging_bytes=int(tracker.staging_bytes))
+
+
+def _tracker_base():
+    from .tracker import Tracker
+
+    return Tracker
+
+
+def _make_rank_tracker():
+    import torch
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    Tracker = _tracker_base()
+
+    class RankTracker(Tracker):
+        """The dry run's tracker plus in-place storage resizes and engine-side tensors."""
+
+        #: inside a gloo collective: storages first seen there are gloo's own staging (see _Patches)
+        staging = False
+        staging_bytes = 0
+
+        def _track(self, x, op):
+            if self.staging and isinstance(x, torch.Tensor) and x.device.type == self.device_type \
+                    and not is_traceable_wrapper_subclass(x) and x.untyped_storage()._cdata not in self.live:
+                self.staging_bytes = max(self.staging_bytes, x.untyped_storage().nbytes())
+                return None
+            return super()._track(x, op)
+
+        def resized(self, storage) -> None:
+            key = storage._cdata
+            n = storage.nbytes()
+            rec = self.live.pop(key, None)
+            tag = rec.tag if rec is not None else None
+            if rec is not None:
+                if rec.wref is not None:
+                    rec.wref = None
+                self.seq += 1
+                rec.free = self.seq
+                self.live_bytes -= rec.nbytes
+                from .tracker import _round
+
+                self.live_rounded -= _round(rec.nbytes)
+            if n > 0:
+                import functools
+                import weakref
+
+                new = self._alloc(n, "resize_")
+                new.tag = tag
+                new.wref = weakref.ref(storage, functools.partial(self._on_free, key))
+                self.live[key] = new
+
+        def tag_local(self, tensor, component) -> None:
+            """Tag a DTensor's local shard (or a plain tensor)."""
+            if isinstance(tensor, torch.Tensor) and is_traceable_wrapper_subclass(tensor):
+                tensor = getattr(tensor, "_local_tensor", tensor)
+            self.tag(tensor, component)
+
+        def event(self, name: str, trainee) -> None:
+            if name == "built":
+                for t, comp in _parameter_components(trainee):
+                    self.tag_local(t, comp)
+                return
+            if name in ("after_backward", "after_optimizer_step"):
+                for p in trainee.trainable_parameters():
+                    g = p.grad
+                    if g is not None:
+                        self.tag_local(g, Component.GRADIENTS)
+                for t in trainee.extras.get("grad_tensors", lambda: [])():
+                    self.tag_local(t, Component.GRADIENTS)
+            if name == "after_optimizer_step":
+                for t in _optimizer_tensors(trainee):
+                    self.tag_local(t, Component.OPTIMIZER_STATES)
+                for t in trainee.extras.get("master_tensors", lambda: [])():
+                    self.tag_local(t, Component.MASTER_WEIGHTS)
+
+    return RankTracker
+
+
+def _RankTracker(device: str):
+    return _make_rank_tracker()(device)
+
+
+def _parameter_components(trainee):
+    from ..methods import Adapter
+
+    peft = trainee.recipe.adapter.is_peft and trainee.recipe.adapter is not Adapter.FULL
+    seen = set()
+    for c in trainee.copies.values():
+        for p in c.module.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            qs = getattr(p, "quant_state", None)
+            if qs is not None:
+                from ..runtime.nf4 import quant_state_tensors
+
+                yield p, Component.WEIGHTS
+                for t in quant_state_tensors(qs):
+                    yield t, Component.QUANT_STATE
+            else:
+                comp = Component.ADAPTERS if peft and p.requires_grad else Component.WEIGHTS
+                yield p, comp
+                if getattr(p, "ds_tensor", None) is not None:  # DeepSpeed ZeRO-3's own partition
+                    yield p.ds_tensor, comp
+        for b in c.module.buffers():
+            yield b, Component.WEIGHTS
+
+
+def _optimizer_tensors(trainee):
+    import torch
+
+    opt = trainee.optimizer
+    inner = getattr(opt, "optim", None) or getattr(opt, "optimizer", None)  # ZeRO wrappers' local optimiser
+    for o in ([inner] if inner is not None else []) + [opt]:
+        for st in getattr(o, "state", {}).values():
+            for v in (st.values() if isinstance(st, dict) else ()):
+                if isinstance(v, torch.Tensor):
+                    yield v
+
+
+class _Patches:
+    """Route FSDP2's in-place storage resizes and its collectives' buffers to the tracker."""
+
+    def __init__(self, tracker):
+        self.tracker = tracker
+        self._saved = []
+
+    def __enter__(self):
+        import torch
+
+        tr = self.tracker
+        orig_resize = torch.UntypedStorage.resize_
+
+        def resize_(storage, size):
+            out = orig_resize(storage, size)
+            tr.resized(storage)
+            return out
+
+        self._saved.append((torch.UntypedStorage, "resize_", orig_resize))
+        torch.UntypedStorage.resize_ = resize_
+        import torch.distributed as dist
+
+        # gloo has no reduce-scatter kernel: c10d emulates it with an all-reduce of a copy of the input,
+        # a buffer NCCL's native reduce-scatter does not have. Storages first seen inside the call are
+        # that staging copy; they are left out of the per-rank count (RankTrace.gloo_staging_bytes).
+        orig_rs = dist.reduce_scatter_single
+
+        def reduce_scatter_single(*args, **kwargs):
+            tr.staging = True
+            try:
+                return orig_rs(*args, **kwargs)
+            finally:
+                tr.staging = False
+
+        self._saved.append((dist, "reduce_scatter_single", orig_rs))
+        dist.reduce_scatter_single = reduce_scatter_single
+        # the same for gloo's all-gather: FSDP2 allocates the output before the call, so a storage first
+        # seen inside it is the backend's own
+        orig_ag = dist.all_gather_single
+
+        def all_gather_single(*args, **kwargs):
+            tr.staging = True
+            try:
+                return orig_ag(*args, **kwargs)
+            finally:
+                tr.staging = False
+
+        self._saved.append((dist, "all_gather_single", orig_ag))
+        dist.all_gather_single = all_gather_single
+        try:
+            from torch.distributed.fsdp._fully_shard import _fsdp_param_group as pg
+        except ImportError:  # pragma: no cover
+            return self
+        for name, comp in (("unshard", Component.ALLGATHER_BUFFERS), ("wait_for_unshard", Component.ALLGATHER_BUFFERS),
+                           ("post_backward", Component.REDUCE_BUFFERS)):
+            orig = getattr(pg.FSDPParamGroup, name)
+            self._saved.append((pg.FSDPParamGroup, name, orig))
+            setattr(pg.FSDPParamGroup, name, _sectioned(orig, tr, comp, name))
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, orig in reversed(self._saved):
+            setattr(owner, name, orig)
+        self._saved.clear()
+        return False
+
+
+def _sectioned(fn, tracker, comp, name):
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        if name == "post_backward":  # the unsharded gradients about to be reduce-scattered are gradients
+            for fp in getattr(self, "fsdp_params", ()):
+                for attr in ("unsharded_accumulated_grad", "_unsharded_param"):
+                    t = getattr(fp, attr, None)
+                    g = t.grad if attr == "_unsharded_param" and t is not None else t
+                    if g is not None:
+                        tracker.tag(g, Component.GRADIENTS)
+        tracker.enter(comp)
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            tracker.exit(comp)
+
+    return wrapper
+
+
+def _section_ddp_buckets(tracker) -> None:
+    """DDP's ``Reducer`` rebuilds its buckets in the first forward after a backward (``_pre_forward``
+    calls ``reducer._rebuild_buckets()``): storages allocated there are its gradient buckets."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if getattr(DDP._pre_forward, "_vramplan", False):
+        return
+    orig = DDP._pre_forward
+
+    def _pre_forward(self, *args, **kwargs):
+        tr = _ACTIVE.get("tracker")
+        if tr is None:
+            return orig(self, *args, **kwargs)
+        with tr.section(Component.REDUCE_BUFFERS):
+            return orig(self, *args, **kwargs)
+
+    _pre_forward._vramplan = True
+    DDP._pre_forward = _pre_forward
+
+
+_ACTIVE: dict = {}
+
+
+def _build_wrapped(spec: ModelSpec, cfg: TrainConfig, job: dict, tracker):
+    """Build the copies as :func:`vramplan.runtime.build` does, wrap them with the engine, then the optimiser."""
+    import torch
+    import torch.distributed as dist
+
+    from ..methods import Role
+    from ..precision import get_regime
+    from ..runtime.build import Trainee, _attn_impl, _build_copy, make_optimizer
+    from ..taxonomy import Phase as P
+
+    regime = get_regime(cfg.precision)
+    notes: list[str] = []
+    trainee = Trainee(spec=spec, cfg=cfg, recipe=cfg.recipe, regime=regime, device="cpu", fake=False, copies={},
+                      optimizer=None, hooks=tracker, notes=notes)
+    tracker.phase(P.LOAD)
+    attn = _attn_impl(cfg, "cpu", False, notes)
+    for copy in cfg.recipe.copies:
+        trainee.copies[copy.role] = _build_copy(trainee, copy, attn)
+    pol = trainee.copies[Role.POLICY]
+    head = pol.inner.get_output_embeddings()
+    head.register_forward_pre_hook(trainee._head_pre_hook)
+    head.register_forward_hook(trainee._head_post_hook)
+    strategy, engine = job["strategy"], job["engine"]
+    opts = job["options"]
+    if engine == "deepspeed":
+        from .deepspeed_engine import wrap_deepspeed
+
+        wrap_deepspeed(trainee, strategy, opts, tracker)
+        tracker.event("built", trainee)
+        return trainee
+    if strategy == "single":  # one process's step, no engine (the planner's single-GPU baseline)
+        tracker.event("built", trainee)
+        trainee.optimizer = make_optimizer(trainee.trainable_parameters(), cfg, regime, "cpu", False, notes)
+    elif strategy in ("ddp", "zero1"):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        _section_ddp_buckets(tracker)
+        tracker.event("built", trainee)
+        with tracker.section(Component.REDUCE_BUFFERS):  # the gradient buckets are allocated at construction
+            pol.module = DDP(pol.module, bucket_cap_mb=opts.get("bucket_cap_mb") or DDP_BUCKET_CAP_MB,
+                             gradient_as_bucket_view=bool(opts.get("gradient_as_bucket_view", False)))
+        params = trainee.trainable_parameters()
+        if strategy == "zero1":
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            kw = {"foreach": True} if regime.runner == "loop" else {"fused": False, "foreach": True}
+            trainee.optimizer = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=1e-5, **kw)
+        else:
+            trainee.optimizer = make_optimizer(params, cfg, regime, "cpu", False, notes)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        from . import decoder_layers
+
+        reshard = opts.get("reshard_after_forward")
+        if reshard is None:
+            reshard = strategy != "zero2"
+        for layer in decoder_layers(pol.inner):
+            fully_shard(layer, reshard_after_forward=reshard)
+        fully_shard(pol.module, reshard_after_forward=reshard)
+        tracker.event("built", trainee)
+        trainee.optimizer = make_optimizer(trainee.trainable_parameters(), cfg, regime, "cpu", False, notes)
+    del dist
+    return trainee
+
+
+# -- the parent ------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One configuration of a grid run (all jobs of one :func:`run_jobs` call share the world size)."""
+
+    spec: ModelSpec
+    cfg: TrainConfig
+    strategy: str
+    engine: str = "torch"
+    options: dict = field(default_factory=dict)
+
+
+def _context():
+    """A ``forkserver`` context whose server has imported torch, transformers and PEFT once: every
+    rank of every job is a fresh process (no engine state carried from one job to the next) that
+    starts in well under a second."""
+    import multiprocessing as _mp
+
+    ctx = _mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "transformers", "peft", "vramplan.runtime",
+                                "vramplan.dryrun.tracker", __name__])
+    return ctx
+
+
+def _run_group(ctx, payload: list, gpus: int, timeout: float) -> list:
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="vramplan-dist-") as outdir:
+        procs = [ctx.Process(target=_worker, args=(r, gpus, port, payload, outdir), daemon=True) for r in range(gpus)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        hung = [p for p in procs if p.is_alive()]
+        for p in hung:
+            p.kill()
+            p.join()
+        if hung:
+            raise VramplanError(f"the distributed dry run did not finish within {timeout:.0f} s",
+                                "use a smaller model (--layers) or fewer ranks")
+        results = []
+        for r in range(gpus):
+            path = os.path.join(outdir, f"rank{r}.pkl")
+            if not os.path.exists(path):
+                raise VramplanError(f"rank {r} of the distributed dry run exited with code {procs[r].exitcode} "
+                                    "before reporting", "run again with fewer ranks or a smaller model")
+            with open(path, "rb") as fh:
+                results.append(pickle.load(fh))
+    return results
+
+
+#: runs of a symmetric engine repeated when its ranks disagree (see run_jobs)
+SYMMETRIC_RETRIES = 2
+
+
+def _symmetric(job: Job) -> bool:
+    """Every rank holds the same bytes: DDP, and FSDP2 / DeepSpeed over evenly divisible shapes (not
+    ZeroRedundancyOptimizer, whose partition is by whole parameters)."""
+    return not (job.strategy == "zero1" and job.engine == "torch")
+
+
+def _ranks_agree(per: list, rel: float = 0.001) -> bool:
+    peaks = [r.peak_bytes for r in per]
+    return max(peaks) - min(peaks) <= rel * max(peaks)
+
+
+def run_jobs(jobs: list[Job], gpus: int, timeout: float = 600.0) -> list[list[RankTrace] | str]:
+    """Run every job in its own group of ``gpus`` fresh ranks; per job, the rank traces or an error line.
+
+    One group per job: FSDP2 and DDP keep module-level and communicator state, and a second job in
+    the same processes was seen to trace differently from the same job run first. A symmetric job
+    whose ranks disagree is run again (up to ``SYMMETRIC_RETRIES`` times): in about one FSDP2 run in
+    ten on this host one rank's peak came out about half a MiB higher than the other ranks' (and than
+    the same job's other runs), which we have not traced to its cause (not the cycle collector, which
+    is off during the measured step, nor the order of gloo's thread releasing its tensors); the
+    kept run is the last one, so a disagreement that persists is reported as measured.
+    """
+    if not jobs:
+        return []
+    deepspeed = any(j.engine == "deepspeed" for j in jobs)
+    saved = os.environ.get("DS_ACCELERATOR")
+    if deepspeed:
+        os.environ["DS_ACCELERATOR"] = "cpu"  # read by DeepSpeed's accelerator at import, in the ranks
+    try:
+        ctx = _context()
+        out: list[list[RankTrace] | str] = []
+        t_end = time.monotonic() + timeout
+        for j in jobs:
+            payload = [{"spec": j.spec, "cfg": j.cfg, "strategy": j.strategy, "engine": j.engine,
+                        "options": dict(j.options)}]
+            for attempt in range(1 + SYMMETRIC_RETRIES):
+                results = _run_group(ctx, payload, gpus, max(1.0, t_end - time.monotonic()))
+                per = [results[r][0] for r in range(gpus)]
+                err = next((x["error"] for x in per if isinstance(x, dict) and "error" in x), None)
+                if err or not _symmetric(j) or _ranks_agree(per):
+                    break
+            out.append(err if err else per)
+    finally:
+        if deepspeed:
+            if saved is None:
+                os.environ.pop("DS_ACCELERATOR", None)
+            else:
+                os.environ["DS_ACCELERATOR"] = saved
+    return out
+
+
+def _packages(engine: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "peft") + (("deepspeed",) if engine == "deepspeed" else ()):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def distributed_config(spec: ModelSpec, method: str, *, precision: str = "bf16", **kw) -> TrainConfig:
+    """The :class:`TrainConfig` of a distributed dry run (``bf16`` or ``fp32``: no autocast on CPU)."""
+    if method not in METHODS:
+        raise VramplanError(f"the distributed dry run runs supervised steps ({', '.join(METHODS)}), not {method}",
+                            "`vramplan estimate --gpus N --strategy S` plans DPO/PPO on paper")
+    prec = (precision or "bf16").lower()
+    if prec not in PRECISIONS:
+        raise VramplanError(f"the distributed dry run runs precision bf16 or fp32, not {precision}",
+                            "CPU autocast is not CUDA's: bf16-mixed stays with the single-device dry run (meta, "
+                            "emulated CUDA autocast)")
+    return make_config(spec, method, precision=prec, **kw)
+
+
+def distributed_dryrun(model: str | ModelSpec, method: str = "lora", *, gpus: int = 2, strategy: str = "fsdp",
+                       engine: str | None = None, layers: int | None = 2, batch: int = 1, seq: int = 256,
+                       rank: int = 8, targets=None, grad_ckpt: bool | None = False, precision: str = "bf16",
+                       attn: str = "eager", reshard_after_forward: bool | None = None,
+                       bucket_cap_mb: float | None = None, reduce_bucket_size: int | None = None,
+                       allgather_bucket_size: int | None = None, prefetch_bucket_size: int | None = None,
+                       max_live_parameters: int | None = None, offload: str | None = None,
+                       timeout: float = 600.0) -> DistributedDryRunResult:
+    """Trace one steady-state step per rank of ``strategy`` over ``gpus`` local CPU processes.
+
+    ``layers`` caps the decoder depth (the model is otherwise built from its config, random
+    weights). Engine options: ``reshard_after_forward`` (FSDP2), ``bucket_cap_mb`` (DDP),
+    DeepSpeed's ``reduce_bucket_size`` / ``allgather_bucket_size`` / ``prefetch_bucket_size`` /
+    ``max_live_parameters`` (elements; default: DeepSpeed's). ``offload="cpu"`` cannot be
+    traced on a CPU-only host (there is no device memory to offload from): it raises.
+
+    Raises:
+        VramplanError: bad input, a configuration the engine rejects, a run that does not finish.
+        MissingDependencyError: torch/transformers/peft (or DeepSpeed for ``engine="deepspeed"``) missing.
+    """
+    from ..distributed import make_parallel
+    from . import _require
+
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 2 or gpus > 8:
+        raise VramplanError(f"the distributed dry run needs 2 to 8 ranks, got --gpus {gpus!r}",
+                            "use --gpus 2 or 4 (each rank is a local CPU process)")
+    par = make_parallel(gpus, strategy, offload)
+    if par.offload == "cpu":
+        raise VramplanError("--offload cpu cannot be traced here: on a CPU-only host there is no device memory to "
+                            "offload from", "`vramplan estimate --gpus N --strategy S --offload cpu` plans it on paper")
+    strategy = par.strategy
+    eng = resolve_engine(strategy, engine)
+    _require("hf")
+    spec = get_model(model)
+    if layers is not None:
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+            raise VramplanError(f"--layers must be a positive integer, got {layers!r}")
+        spec = spec.with_layers(min(layers, spec.num_layers))
+    cfg = distributed_config(spec, method, precision=precision, batch=batch, seq=seq, rank=rank, targets=targets,
+                             grad_ckpt=bool(grad_ckpt), attn=attn)
+    from ..distributed import parallel_step_memory
+
+    plan_par = make_parallel(gpus, strategy, engine=eng, reshard_after_forward=reshard_after_forward,
+                             bucket_cap_mb=bucket_cap_mb, reduce_bucket_size=reduce_bucket_size,
+                             allgather_bucket_size=allgather_bucket_size, prefetch_bucket_size=prefetch_bucket_size,
+                             max_live_parameters=max_live_parameters)
+    planned = int(parallel_step_memory(spec, cfg, plan_par, components=False).peak)
+    if planned * gpus > HOST_BUDGET:
+        raise VramplanError(f"{spec.name} with {spec.num_layers} layers needs about {planned * gpus / 2**30:.1f} GiB "
+                            f"of host memory over {gpus} ranks", "use --layers 1, a smaller model, or fewer ranks")
+    opts = {k: v for k, v in dict(reshard_after_forward=reshard_after_forward, bucket_cap_mb=bucket_cap_mb,
+                                  reduce_bucket_size=reduce_bucket_size, allgather_bucket_size=allgather_bucket_size,
+                                  prefetch_bucket_size=prefetch_bucket_size,
+                                  max_live_parameters=max_live_parameters).items() if v is not None}
+    t0 = time.perf_counter()
+    res = run_jobs([Job(spec, cfg, strategy, eng, opts)], gpus, timeout=timeout)[0]
+    if isinstance(res, str):
+        raise VramplanError(f"the {engine_description(strategy, eng)} step failed: {res}")
+    return DistributedDryRunResult(model=spec.name, method=method, gpus=gpus, strategy=strategy, engine=eng,
+                                   engine_desc=engine_description(strategy, eng, reshard_after_forward), config=cfg,
+                                   options=opts, ranks=res, packages=_packages(eng),
+                                   seconds=time.perf_counter() - t0)
