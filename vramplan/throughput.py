@@ -3,9 +3,9 @@
 Arrays broadcast: ``batch`` and ``seq`` may be numpy arrays, as in :mod:`vramplan.memory`, so
 ``vramplan fit`` times a whole grid of micro-batches at once.
 
-**FLOPs** (matmul FLOPs, 2 per multiply-add; the convention of
-``vramplan.calibration.flops.step_shape``, so a card's calibrated step-time model applies
-unchanged; a test keeps the two in step):
+**FLOPs** (matmul FLOPs, 2 per multiply-add). :func:`step_work` is the project's one counter
+of a step's work: calibration fits a card's step-time model on it
+(``vramplan.calibration.flops.step_shape`` repackages it), so the model applies unchanged:
 
 * Training FLOPs per token ~ 6 N + 12 L H Q T (PaLM, Chowdhery et al. 2022, Appendix B; the
   MFU formula of nanoGPT and torchtitan): a forward is 2 FLOPs per weight touched (decoder
