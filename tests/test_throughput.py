@@ -7,9 +7,9 @@ from hypothesis import given, settings, strategies as st
 import vramplan
 from vramplan.config import make_config
 from vramplan.distributed import make_parallel
-from vramplan.gpus import get_gpu
+from vramplan.gpus import card_class, get_gpu
 from vramplan.models import get_model
-from vramplan.throughput import card_class, card_efficiency, flops_per_token, parse_count, step_time, step_work
+from vramplan.throughput import card_efficiency, flops_per_token, parse_count, step_time, step_work
 
 METHODS = ["full", "lora", "qlora", "dora", "ia3", "dpo", "ppo"]
 
@@ -176,10 +176,10 @@ def test_offload_is_slower():
 
 
 def test_card_classes_and_sources():
-    assert card_class(get_gpu("h100-sxm")) == "datacenter-hopper"
-    assert card_class(get_gpu("a100-80gb")) == "datacenter-ampere"
-    assert card_class(get_gpu("rtx4090")) == "gddr"
-    assert card_class(get_gpu("t4")) == "pre-ampere"
+    assert card_class(get_gpu("h100-sxm")).name == "datacenter-hopper"
+    assert card_class(get_gpu("a100-80gb")).name == "datacenter-ampere"
+    assert card_class(get_gpu("rtx4090")).name == "gddr"
+    assert card_class(get_gpu("t4")).name == "pre-ampere"
     assert card_efficiency(get_gpu("a100-80gb-pcie")).matmul == pytest.approx(252.9 / 312, abs=1e-3)
     assert card_efficiency(get_gpu("h100-sxm")).matmul == pytest.approx(794.5 / 989, abs=1e-3)
     assert "assumed" in card_efficiency(get_gpu("rtx4090")).matmul_source
@@ -255,7 +255,7 @@ def test_qlora_dequant_cost_is_at_least_what_published_bitsandbytes_pairs_imply(
     mistral = next(r for r in rows if r["pair"].startswith("Mistral"))
     p = bench.PAIRS[0]
     from vramplan.config import make_config
-    from vramplan.gpus import get_gpu
+    from vramplan.gpus import card_class, get_gpu
     from vramplan.models import get_model
     from vramplan.throughput import step_time
 

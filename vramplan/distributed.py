@@ -56,7 +56,7 @@ from . import memory as _mem
 from .adapters import adapter_tensors, full_tensors
 from .config import TrainConfig
 from .errors import VramplanError, unknown
-from .gpus import GPUSpec
+from .gpus import GPUSpec, card_class
 from .memory import ModelState, StepMemory, model_state
 from .methods import Adapter, Forward
 from .models import ModelSpec
@@ -797,15 +797,12 @@ class Comm:
         return net, host
 
 
+#: INTERNODE_GBS's key per card class (vramplan.gpus.card_class)
+_FAMILY = {"datacenter-hopper": "hopper", "datacenter-blackwell": "blackwell", "datacenter-ampere": "ampere-dc"}
+
+
 def _gpu_family(gpu: GPUSpec) -> str:
-    arch = (gpu.arch or "").lower()
-    if arch == "hopper":
-        return "hopper"
-    if arch == "blackwell" and gpu.compute_capability.startswith("10"):
-        return "blackwell"
-    if arch == "ampere" and gpu.compute_capability == "8.0":
-        return "ampere-dc"
-    return "other"
+    return _FAMILY.get(card_class(gpu).name, "other")
 
 
 def interconnect(gpu: GPUSpec, par: Parallel) -> tuple[str, float]:
