@@ -79,8 +79,8 @@ NCCL_BYTES = 256 * MIB
 LINK_EFFICIENCY = {"nvlink": 0.80, "pcie": 0.70, "infiniband": 0.80}
 #: Inter-node bandwidth per GPU, one direction, GB/s, when the catalogue has none: DGX H100 /
 #: B200 nodes have one 400 Gb/s NDR adapter per GPU, DGX A100 one 200 Gb/s HDR adapter per
-#: GPU; other cards are assumed on 100 Gb/s Ethernet. Assumptions; a catalogue field
-#: ``infiniband_gbs`` replaces them.
+#: GPU; other cards are assumed on 100 Gb/s Ethernet. Assumptions (the catalogue has no
+#: inter-node figure per card).
 INTERNODE_GBS = {"hopper": 50.0, "blackwell": 50.0, "ampere-dc": 25.0, "other": 12.5}
 #: Share of the shorter of compute and communication that overlaps with the other (DDP's
 #: bucketed all-reduce during backward, Li et al., "PyTorch Distributed", VLDB 2020; FSDP and
@@ -812,7 +812,7 @@ def interconnect(gpu: GPUSpec, par: Parallel) -> tuple[str, float]:
     if par.nodes > 1:
         # NCCL runs one ring (channel) per NIC: a rank's traffic is spread over the node's adapters,
         # so the ring sees the node's aggregate inter-node bandwidth, unless the intra-node link is slower
-        ib = getattr(gpu, "infiniband_gbs", None) or INTERNODE_GBS[_gpu_family(gpu)]
+        ib = INTERNODE_GBS[_gpu_family(gpu)]
         agg = ib * min(par.gpus_per_node, par.gpus) * LINK_EFFICIENCY["infiniband"]
         return ("infiniband", agg) if agg < intra[1] else intra
     return intra
