@@ -25,7 +25,8 @@ Defaults (public measurements, ``shared/REFERENCE.md``):
   measured in PyTorch PR #86509; 426 MiB on an RTX 6000 Ada with torch 2.10. It grows with
   the SM count, so the default takes the high end, 512 MiB.
 * cuBLAS workspace: 8 MiB per handle and stream by default, 32 MiB on Hopper (PyTorch PRs
-  #89027, #120925); forward and the autograd thread each hold a handle: two workspaces.
+  #89027, #120925) and, in current PyTorch, on Blackwell too (compute capability 9.x-12.x,
+  ``parseChosenWorkspaceSize``); forward and the autograd thread each hold a handle: two workspaces.
   None for a profile measured by the dry run (no cuBLAS on the meta device).
 * Caching allocator: requests rounded to 512 B, blocks cached and fragmented; reserved
   exceeds allocated by 10-35% for LLM training (REFERENCE.md). The reserve comes from the
@@ -59,7 +60,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .gpus import GPUSpec
+from .gpus import GPUSpec, generation, parse_compute_capability
 from .taxonomy import Component
 from .units import MIB
 
@@ -75,14 +76,20 @@ CALIBRATED, DEFAULT = "calibrated", "default"
 _LOAD = object()  # runtime_overheads(profile=...) default: look the card's profile up
 
 
-def _workspace_for(compute_capability: str | None) -> int:
-    """Two cuBLAS workspaces (forward handle + autograd thread's): 32 MiB each on Hopper, else 8 MiB."""
-    per = 32 * MIB if compute_capability is not None and str(compute_capability).startswith("9") else 8 * MIB
+def _workspace_for(compute_capability) -> int:
+    """Two cuBLAS workspaces (forward handle + autograd thread's): 32 MiB each from Hopper on, else 8 MiB.
+
+    PyTorch's default (``parseChosenWorkspaceSize``, aten/src/ATen/cuda/CublasHandlePool.cpp):
+    32 MiB for compute capability major 9-12 (Hopper and Blackwell, including the 12.x RTX 50
+    cards), else ``4096 * 1024 * 2 + 16 * 1024 * 8`` bytes (8 MiB, the 128 KiB rounded off).
+    ``compute_capability``: ``"9.0"``, a ``(major, minor)`` pair, or None (unknown: 8 MiB).
+    """
+    per = 32 * MIB if generation(parse_compute_capability(compute_capability)) in ("hopper", "blackwell") else 8 * MIB
     return 2 * per
 
 
 def _workspace(gpu: GPUSpec | None) -> int:
-    return _workspace_for(gpu.compute_capability if gpu is not None else None)
+    return _workspace_for(gpu.cc if gpu is not None else None)
 
 
 default_workspace_bytes = _workspace_for
@@ -203,7 +210,7 @@ def _figures(gpu: GPUSpec | None, profile, method: str | None, stack: str | None
     status["workspace"] = CALIBRATED if ws is not None else DEFAULT
     measured_on_device = profile.allocated_source == "torch.cuda"
     if ws is None:
-        cc = gpu.compute_capability if gpu is not None else (profile.device or {}).get("compute_capability")
+        cc = gpu.cc if gpu is not None else (profile.device or {}).get("compute_capability")
         ws = _workspace_for(cc) if measured_on_device or gpu is not None else 0
     status["allocator"] = CALIBRATED if profile.allocator is not None else DEFAULT
     factor = 1.0

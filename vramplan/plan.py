@@ -55,7 +55,7 @@ def _check_card(cfg_precision: str | None, method: str, adapter: str | None, att
                             "use --precision fp16-mixed or fp32")
     if attn == "flash" and not gpu.flash_attention:
         raise VramplanError(f"{gpu.display_name} does not run FlashAttention-2", "use --attn sdpa")
-    if resolve(method, adapter).adapter is Adapter.QLORA and not getattr(gpu, "bf16", True) and gpu.compute_capability < "7.0":
+    if resolve(method, adapter).adapter is Adapter.QLORA and not getattr(gpu, "bf16", True) and gpu.cc < (7, 0):
         raise VramplanError(f"bitsandbytes 4-bit kernels need compute capability >= 7.0; {gpu.display_name} has {gpu.compute_capability}")
     return regime_name
 
@@ -310,16 +310,6 @@ def largest_batch(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec) -> int:
     return int(BATCH_GRID[ok].max()) if ok.any() else 0
 
 
-def longest_seq(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, limit: int | None = None) -> int:
-    """Longest sequence (multiple of 128, <= the model's context) that fits at micro-batch 1; 0 if none."""
-    limit = limit or spec.max_position_embeddings
-    grid = SEQ_GRID[SEQ_GRID <= max(128, limit)]
-    if cfg.method == "ppo":
-        grid = grid[grid >= 256]
-    ok = _total(spec, cfg.with_(batch=1, ppo_response=None), card, batch=1, seq=grid) <= card.memory_bytes
-    return int(grid[ok].max()) if ok.any() else 0
-
-
 @dataclass
 class FitRow:
     """One method's verdict on a card: the best plan (fastest that fits with the margin) and its alternatives.
@@ -432,13 +422,6 @@ class FitReport:
                 "offload": self.offload, "margin": self.margin, "global_batch": self.global_batch,
                 "tokens": self.tokens, "epochs": self.epochs,
                 "rows": [r.to_json(self.top) for r in self.rows], "assumptions": self.assumptions}
-
-
-def _candidates(method: str, adapter: str | None):
-    """Settings to try, cheapest in throughput first: no GC before GC, AdamW before 8-bit/paged."""
-    for gc in (False, True):
-        for opt in ("adamw", "adamw_8bit", "paged_adamw_8bit"):
-            yield {"grad_ckpt": gc, "optimizer": opt}
 
 
 def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: str | int | None = None,

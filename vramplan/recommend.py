@@ -44,8 +44,6 @@ RANKS = (8, 16, 64)
 #: (the fastest plan is the largest micro-batch that fits; the coarse steps cost < 12% of it).
 MICRO_BATCHES = np.array(list(range(1, 33)) + [40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256])
 GPU_COUNTS = (2, 4, 8, 16, 32, 64, 128, 256)
-#: What a LoRA-family adapter falls back to when it does not fit (bitsandbytes NF4 base).
-FALLBACK = {"lora": "qlora"}
 
 
 @dataclass
