@@ -202,16 +202,15 @@ def test_gpu_catalogue_size_and_schema():
 
 @pytest.mark.parametrize("entry", GPU_ENTRIES, ids=GPU_NAMES)
 def test_gpu_entry_parses(entry):
-    known = {f.name for f in fields(GPUSpec)} - {"custom"}
+    known = {f.name for f in fields(GPUSpec)} - {"custom", "cc"}
     assert set(entry) <= known, set(entry) - known
     spec = gpu_catalogue()[entry["name"]]
     assert isinstance(spec.memory_bytes, int) and spec.memory_bytes > 4 * 1024 * MIB
     assert spec.bf16_tflops > 0 and spec.fp16_tflops >= spec.bf16_tflops and spec.fp32_tflops > 0
     assert spec.fp16_tflops > spec.fp32_tflops
     assert spec.bandwidth_gbs > 0 and spec.sm_count > 0 and spec.pcie_gbs > 0 and spec.nvlink_gbs >= 0
-    cc = float(spec.compute_capability)
-    assert spec.bf16 == (cc >= 8.0)
-    assert spec.flash_attention == (cc >= 8.0)
+    assert spec.bf16 == (spec.cc >= (8, 0))
+    assert spec.flash_attention == (spec.cc >= (8, 0))
     assert spec.arch in ("turing", "volta", "ampere", "ada", "hopper", "blackwell")
     missing = [f for f in GPU_FIGURES if not spec.sources.get(f)]
     assert not missing, f"{spec.name}: no source for {missing}"

@@ -251,3 +251,19 @@ def test_dora_scaling_terms_do_not_depend_on_the_bitsandbytes_behaviour():
     q_out = next(l.out_features for l in m.layer_linears() if l.name == "q_proj")
     v_out = next(l.out_features for l in m.layer_linears() if l.name == "v_proj")
     assert acts["dora"] - acts["lora"] >= 512 * m.num_layers * (q_out + v_out) * 4
+
+
+def test_an_unstated_optimizer_is_the_sources_documented_recipe(tmp_path):
+    """sources.toml optimizer_unknown: the Unsloth README's examples set adamw_8bit, for both columns of its
+    comparison; a source without one plans AdamW; a bad name is a one-line error."""
+    from pathlib import Path
+
+    extra = Path(CORPUS).parent / "published_extra.csv"
+    recs = [r for r in import_csv(extra, load_mapping(SOURCES)) if r.source.id == "unsloth-README-context-length"]
+    assert recs and {r.config.optimizer for r in recs} == {"adamw_8bit"}
+    lf = [r for r in import_csv(CORPUS, load_mapping(SOURCES)) if r.source.id == "LLaMA-Factory-wiki-via-unsloth-README"]
+    assert lf and {r.config.optimizer for r in lf} == {"adamw"}
+    bad = tmp_path / "s.toml"
+    bad.write_text('[source.x]\noptimizer_unknown = "lion"\n', encoding="utf-8")
+    with pytest.raises(VramplanError, match="optimizer_unknown"):
+        load_mapping(bad)

@@ -22,7 +22,7 @@ from vramplan.cli import main as cli_main
 from vramplan.config import make_config
 from vramplan.gpus import get_gpu
 from vramplan.models import get_model
-from vramplan.overheads import (ACTIVATION_COMPONENTS, DEFAULT_CONTEXT_BYTES, DEFAULT_RESERVE_FRACTION,
+from vramplan.overheads import (ACTIVATION_COMPONENTS, DEFAULT_CONTEXT_BYTES, DEFAULT_RESERVE_FRACTION, LOADED_COMPONENTS,
                                 DEFAULT_UNCERTAINTY_FRACTION, device_total, runtime_overheads)
 from vramplan.plan import device_totals as _total, estimate_config
 from vramplan.profiles import AllocatorModel, Fitted, Profile, Residual, Throughput, read_profile
@@ -64,6 +64,11 @@ def est(method="lora", optimizer="adamw", model="qwen2.5-0.5b", batch=2, seq=102
     return vramplan.estimate(model, method, gpu=gpu, batch=batch, seq=seq, optimizer=optimizer)
 
 
+def loaded(e) -> int:
+    """The loaded-once state (weights, quantisation state, adapters, master weights): no default reserve."""
+    return sum(e.components.get(c, 0) for c in LOADED_COMPONENTS)
+
+
 def act_bytes(e) -> int:
     return sum(e.components.get(c, 0) for c in ACTIVATION_COMPONENTS)
 
@@ -79,8 +84,9 @@ def test_without_a_profile_every_figure_is_a_default(profdir):
     t = e.tensor_peak_bytes
     assert e.components[Component.CUDA_CONTEXT] == DEFAULT_CONTEXT_BYTES
     assert e.components[Component.WORKSPACE] == 16 * MIB
-    assert e.components[Component.ALLOCATOR_RESERVE] == int(DEFAULT_RESERVE_FRACTION * t)
-    assert e.peak_bytes == t + DEFAULT_CONTEXT_BYTES + 16 * MIB + int(DEFAULT_RESERVE_FRACTION * t)
+    assert e.components[Component.ALLOCATOR_RESERVE] == int(DEFAULT_RESERVE_FRACTION * (t - loaded(e)))
+    assert 0 < loaded(e) < t
+    assert e.peak_bytes == t + DEFAULT_CONTEXT_BYTES + 16 * MIB + int(DEFAULT_RESERVE_FRACTION * (t - loaded(e)))
     assert e.uncertainty_bytes == int(DEFAULT_UNCERTAINTY_FRACTION * t)
     assert not e.calibrated and not e.overheads.calibrated
     assert set(e.overheads.figures.values()) == {"default"}
@@ -160,7 +166,7 @@ def test_activation_factor_scales_the_activation_components(profdir):
     assert act_bytes(e) - act_bytes(base) == corr
     assert e.tensor_peak_bytes == base.tensor_peak_bytes + corr
     t = e.tensor_peak_bytes
-    assert e.peak_bytes == t + DEFAULT_CONTEXT_BYTES + 16 * MIB + int(DEFAULT_RESERVE_FRACTION * t)
+    assert e.peak_bytes == t + DEFAULT_CONTEXT_BYTES + 16 * MIB + int(DEFAULT_RESERVE_FRACTION * (t - loaded(e)))
     assert e.overheads.figures["activation_factor"] == "calibrated"
     other = est("full")  # another method keeps factor 1, labelled default
     assert other.overheads.activation_factor == 1.0 and other.overheads.figures["activation_factor"] == "default"
@@ -175,8 +181,8 @@ def test_paged_optimizer_states_get_no_allocator_reserve(profdir):
     assert s > 0 and s == plain.components[Component.OPTIMIZER_STATES]  # same 8-bit states, other memory
     t = paged.tensor_peak_bytes
     assert t == plain.tensor_peak_bytes
-    assert plain.components[Component.ALLOCATOR_RESERVE] == int(DEFAULT_RESERVE_FRACTION * t)
-    assert paged.components[Component.ALLOCATOR_RESERVE] == int(DEFAULT_RESERVE_FRACTION * (t - s))
+    assert plain.components[Component.ALLOCATOR_RESERVE] == int(DEFAULT_RESERVE_FRACTION * (t - loaded(plain)))
+    assert paged.components[Component.ALLOCATOR_RESERVE] == int(DEFAULT_RESERVE_FRACTION * (t - s - loaded(paged)))
     assert paged.overheads.paged_bytes == s and "paged optimizer states" in overheads_line(paged)
     # with a calibrated allocator: reserved from the allocator's tensors only, the states added once
     prof = bare_profile(context=Fitted(400 * MIB, 3), workspace=Fitted(16 * MIB, 2), allocator=AllocatorModel(1.1, 64 * MIB))
@@ -320,7 +326,7 @@ def test_profile_fitted_from_the_cpu_suite(profdir, tmp_path, monkeypatch):
                                    "activation_factor": "calibrated"}
     assert e.tensor_peak_bytes == base.tensor_peak_bytes + corr
     t = e.tensor_peak_bytes
-    assert e.peak_bytes == t + DEFAULT_CONTEXT_BYTES + 16 * MIB + int(DEFAULT_RESERVE_FRACTION * t)
+    assert e.peak_bytes == t + DEFAULT_CONTEXT_BYTES + 16 * MIB + int(DEFAULT_RESERVE_FRACTION * (t - loaded(e)))
     assert e.uncertainty_bytes == int(DEFAULT_UNCERTAINTY_FRACTION * t)  # no allocator residuals: default band
     assert "calibrated from profile" in overheads_line(e) and "+/-10% of the tensor peak (default)" in overheads_line(e)
     assert e.throughput.calibrated

@@ -75,3 +75,19 @@ def test_report_names_every_stack_and_its_rows(scored):
     for stack in {x.stack for x in scored if x.status == "scored"}:
         assert f"| {stack} |" in text
     assert "Headline (leave-one-source-out)" in text and "Mechanisms" in text
+
+
+def test_allocator_reserve_is_fitted_leave_one_source_out(scored):
+    """The shipped default reserve is the fraction the corpus fits; each source was scored with the fraction
+    fitted on the others (vramplan.measurements.accuracy.score_reserve_loso)."""
+    from vramplan.measurements.accuracy import RESERVE_GRID, reserve_evidence
+    from vramplan.overheads import DEFAULT_RESERVE_FRACTION
+
+    fit = bench.RESERVE_FIT
+    assert fit["all"] == DEFAULT_RESERVE_FRACTION
+    assert set(fit["fits"]) == {s.source for s in scored}
+    assert set(fit["fits"].values()) <= set(RESERVE_GRID)
+    # the evidence: reserved / device-total rows and the published context capacities, nothing allocated
+    ev = reserve_evidence(scored)
+    n = sum(s.status == "scored" and s.quantity in ("max_reserved", "device_total") for s in scored)
+    assert len(ev) == n + sum(s.capacity_error is not None for s in scored) and n > 0

@@ -70,6 +70,26 @@ def test_unsloth_offloads_checkpoints():
     assert comp(us, C.ACTIVATIONS) < comp(hf, C.ACTIVATIONS) / 3
 
 
+def test_unsloth_fused_layer_saves_its_kernels_inputs():
+    """Unsloth @3c789bc8 (fast_lora / rms_layernorm / rope / flash attention): per token, one recomputed
+    layer saves 2 B x (norm input, QKV input, q, k, v, attention output, post-norm input, MLP input,
+    gate e, up g) plus fp32 lse per head and two fp32 1/rms -- counted here independently of the model."""
+    from vramplan.memory import step_terms
+
+    T = 8192
+    h, i, kv, q, nh = 4096, 14336, 1024, 4096, 32
+    per_token = 2 * (h + h + q + 2 * kv + q + h + h + 2 * i) + 4 * nh + 2 * 4
+    us = make_config(M, "qlora", rank=32, targets="all-linear", seq=T, grad_ckpt=True, framework="unsloth")
+    t = step_terms(M, us)
+    assert float(t["recompute"]) == pytest.approx(T * per_token)
+    hf = step_terms(M, make_config(M, "qlora", rank=32, targets="all-linear", seq=T, grad_ckpt=True))
+    assert float(t["recompute"]) < float(hf["recompute"])
+    # LoRA dropout sends PEFT's own forward (fast_lora is not patched in): the HF layer accounting
+    drop = step_terms(M, make_config(M, "qlora", rank=32, targets="all-linear", seq=T, grad_ckpt=True,
+                                     framework="unsloth", dropout=0.05))
+    assert float(drop["recompute"]) > float(t["recompute"])
+
+
 @pytest.mark.parametrize("tech", ["act_offload", "selective_ckpt"])
 def test_activation_techniques_lower_activations(tech):
     base = make_config(M, "lora", seq=4096)

@@ -9,7 +9,7 @@ targets).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 
 from .errors import VramplanError, unknown
@@ -64,7 +64,6 @@ class TrainConfig:
     double_quant: bool = True
     ppo_response: int | None = None
     versions: tuple[tuple[str, str], ...] = ()
-    extras: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
         # a dict or lists (a config read back from JSON) become sorted pairs, so the config stays hashable

@@ -56,7 +56,7 @@ from . import memory as _mem
 from .adapters import adapter_tensors, full_tensors
 from .config import TrainConfig
 from .errors import VramplanError, unknown
-from .gpus import GPUSpec
+from .gpus import GPUSpec, card_class
 from .memory import ModelState, StepMemory, model_state
 from .methods import Adapter, Forward
 from .models import ModelSpec
@@ -79,8 +79,8 @@ NCCL_BYTES = 256 * MIB
 LINK_EFFICIENCY = {"nvlink": 0.80, "pcie": 0.70, "infiniband": 0.80}
 #: Inter-node bandwidth per GPU, one direction, GB/s, when the catalogue has none: DGX H100 /
 #: B200 nodes have one 400 Gb/s NDR adapter per GPU, DGX A100 one 200 Gb/s HDR adapter per
-#: GPU; other cards are assumed on 100 Gb/s Ethernet. Assumptions; a catalogue field
-#: ``infiniband_gbs`` replaces them.
+#: GPU; other cards are assumed on 100 Gb/s Ethernet. Assumptions (the catalogue has no
+#: inter-node figure per card).
 INTERNODE_GBS = {"hopper": 50.0, "blackwell": 50.0, "ampere-dc": 25.0, "other": 12.5}
 #: Share of the shorter of compute and communication that overlaps with the other (DDP's
 #: bucketed all-reduce during backward, Li et al., "PyTorch Distributed", VLDB 2020; FSDP and
@@ -797,15 +797,12 @@ class Comm:
         return net, host
 
 
+#: INTERNODE_GBS's key per card class (vramplan.gpus.card_class)
+_FAMILY = {"datacenter-hopper": "hopper", "datacenter-blackwell": "blackwell", "datacenter-ampere": "ampere-dc"}
+
+
 def _gpu_family(gpu: GPUSpec) -> str:
-    arch = (gpu.arch or "").lower()
-    if arch == "hopper":
-        return "hopper"
-    if arch == "blackwell" and gpu.compute_capability.startswith("10"):
-        return "blackwell"
-    if arch == "ampere" and gpu.compute_capability == "8.0":
-        return "ampere-dc"
-    return "other"
+    return _FAMILY.get(card_class(gpu).name, "other")
 
 
 def interconnect(gpu: GPUSpec, par: Parallel) -> tuple[str, float]:
@@ -815,7 +812,7 @@ def interconnect(gpu: GPUSpec, par: Parallel) -> tuple[str, float]:
     if par.nodes > 1:
         # NCCL runs one ring (channel) per NIC: a rank's traffic is spread over the node's adapters,
         # so the ring sees the node's aggregate inter-node bandwidth, unless the intra-node link is slower
-        ib = getattr(gpu, "infiniband_gbs", None) or INTERNODE_GBS[_gpu_family(gpu)]
+        ib = INTERNODE_GBS[_gpu_family(gpu)]
         agg = ib * min(par.gpus_per_node, par.gpus) * LINK_EFFICIENCY["infiniband"]
         return ("infiniband", agg) if agg < intra[1] else intra
     return intra

@@ -7,6 +7,7 @@ plans for any capacity with a generic card.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -40,6 +41,12 @@ class GPUSpec:
     sources: dict = field(default_factory=dict, compare=False, hash=False)
     uncertain: tuple[str, ...] = ()
     custom: bool = False
+    #: ``compute_capability`` parsed once as numbers, (major, minor): compare this, never the string
+    #: ("12.0" < "8.0" as text). (0, 0) when the text is not ``major.minor``.
+    cc: tuple[int, int] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "cc", parse_compute_capability(self.compute_capability) or (0, 0))
 
     @property
     def memory_gib(self) -> float:
@@ -48,6 +55,81 @@ class GPUSpec:
     def tensor_tflops(self, dtype: str) -> float:
         """Peak dense tensor-core TFLOP/s for a compute dtype name."""
         return {"bfloat16": self.bf16_tflops, "float16": self.fp16_tflops}.get(dtype, self.fp32_tflops)
+
+
+def parse_compute_capability(text) -> tuple[int, int] | None:
+    """``"12.0"`` -> ``(12, 0)`` (also a ``(major, minor)`` pair); None when missing or not ``major.minor``."""
+    if isinstance(text, (tuple, list)) and len(text) == 2 and all(isinstance(x, int) for x in text):
+        return int(text[0]), int(text[1])
+    m = re.fullmatch(r"\s*(\d+)\.(\d+)\s*", str(text)) if text is not None else None
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def generation(cc: tuple[int, int] | None) -> str:
+    """The NVIDIA architecture of a compute capability: ``volta|turing|ampere|ada|hopper|blackwell``, or ``unknown``.
+
+    CUDA C++ Programming Guide, "Compute Capabilities": 7.0 Volta, 7.5 Turing, 8.0/8.6/8.7
+    Ampere, 8.9 Ada Lovelace, 9.0 Hopper, 10.x/11.x/12.x Blackwell (datacenter B200/GB200 10.0,
+    GeForce/workstation RTX 50 and RTX PRO 12.0).
+    """
+    if cc is None or cc < (7, 0):
+        return "unknown"
+    major, minor = cc
+    if major == 7:
+        return "turing" if minor >= 5 else "volta"
+    if major == 8:
+        return "ada" if minor >= 9 else "ampere"
+    if major == 9:
+        return "hopper"
+    return "blackwell" if major <= 12 else "unknown"
+
+
+#: Card classes of the default efficiencies (``vramplan.throughput``) and of the interconnect
+#: defaults (``vramplan.distributed``).
+CARD_CLASSES = ("datacenter-hopper", "datacenter-blackwell", "datacenter-ampere", "gddr", "pre-ampere", "generic")
+
+
+@dataclass(frozen=True)
+class CardClass:
+    """What the planner derives from a card's architecture, in one place (:func:`card_class`)."""
+
+    name: str        # one of CARD_CLASSES
+    generation: str  # :func:`generation` of the compute capability (``generic`` for a placeholder card)
+    cc: tuple[int, int]
+
+    @property
+    def datacenter(self) -> bool:
+        return self.name.startswith("datacenter-")
+
+    @property
+    def hopper_or_newer(self) -> bool:
+        """Compute capability 9.0-12.x: PyTorch gives cuBLAS 32 MiB workspaces (``vramplan.overheads``)."""
+        return self.generation in ("hopper", "blackwell")
+
+
+def card_class(gpu: GPUSpec) -> CardClass:
+    """The class of ``gpu``: datacenter Hopper/Blackwell/Ampere (HBM, own efficiencies), GDDR, pre-Ampere, generic.
+
+    Compute capabilities are compared as numbers (:attr:`GPUSpec.cc`). Datacenter Blackwell is
+    10.x (B200/GB200); the RTX 50 series and RTX PRO Blackwell (12.x) are GDDR cards. A
+    ``--gpu-mem`` placeholder (arch ``generic``) is ``generic``.
+    """
+    arch = (gpu.arch or "").lower()
+    cc = gpu.cc
+    gen = generation(cc) if arch != "generic" else "generic"
+    if gpu.custom and arch == "generic":
+        name = "generic"
+    elif arch == "hopper":
+        name = "datacenter-hopper"
+    elif arch == "blackwell" and cc[0] == 10:
+        name = "datacenter-blackwell"
+    elif arch == "ampere" and cc == (8, 0):
+        name = "datacenter-ampere"
+    elif arch in ("turing", "volta") or (cc != (0, 0) and cc < (8, 0)):
+        name = "pre-ampere"
+    else:
+        name = "gddr"
+    return CardClass(name, gen, cc)
 
 
 _REQUIRED = ("name", "display_name", "memory_bytes", "bf16_tflops", "fp16_tflops", "fp32_tflops", "bandwidth_gbs",
@@ -62,8 +144,16 @@ def _parse(entry: dict) -> GPUSpec:
         raise VramplanError(f"gpus.json: {entry['name']}: memory_bytes must be a positive int")
     known = set(GPUSpec.__dataclass_fields__)
     kw = {k: v for k, v in entry.items() if k in known}
+    kw.pop("cc", None)
     for k in ("aliases", "nvml_names", "uncertain"):
         kw[k] = tuple(entry.get(k, ()))
+    cc = parse_compute_capability(entry["compute_capability"])
+    if cc is None:
+        raise VramplanError(f"gpus.json: {entry['name']}: compute_capability {entry['compute_capability']!r} is not "
+                            "'major.minor'")
+    if str(entry["arch"]).lower() != generation(cc):
+        raise VramplanError(f"gpus.json: {entry['name']}: arch {entry['arch']!r} does not match compute capability "
+                            f"{entry['compute_capability']} ({generation(cc)})")
     return GPUSpec(**kw)
 
 

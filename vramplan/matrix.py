@@ -171,10 +171,10 @@ class _Chain:
     method: str            # the recipe (``lora``, ``dpo+qlora``): its activation factor and allocator correction
     factor: float          # that activation factor (1 without a calibrated one)
 
-    def total(self, tensor_peak, activation_bytes, paged_bytes) -> np.ndarray:
+    def total(self, tensor_peak, activation_bytes, paged_bytes, loaded_bytes=0) -> np.ndarray:
         """Device totals (float64 bytes) of tensor peaks and their chain terms, broadcast."""
         return device_total(tensor_peak, self.card, method=self.method, activation_bytes=activation_bytes,
-                            paged_bytes=paged_bytes, profile=self.profile)
+                            paged_bytes=paged_bytes, profile=self.profile, loaded_bytes=loaded_bytes)
 
     def tensors(self, tensor_peak, activation_bytes) -> np.ndarray:
         """The tensor peaks after the activation factor (``Estimate.tensor_peak_bytes``)."""
@@ -262,15 +262,15 @@ def _card_groups(cards: Sequence[GPUSpec], recipe: Recipe, precision: str | None
 
 def _tensor_peaks(spec: ModelSpec, recipe: Recipe, precision: str, ladder, seqs: np.ndarray, batches: np.ndarray,
                   rank: int, targets, attn: str, framework: str = "hf",
-                  techniques=()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  techniques=()) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Tensor peaks and their chain terms, one step_memory call per setting.
 
-    Returns ``(tensor_peak, activation_bytes, paged_bytes)``, each of shape (len(ladder),
+    Returns ``(tensor_peak, activation_bytes, paged_bytes, loaded_bytes)``, each of shape (len(ladder),
     len(seqs), len(batches)), in whole bytes as :func:`vramplan.plan.estimate_config` rounds
     them (each component and the peak rounded up; :func:`vramplan.overheads.rounded_terms`).
     """
     shape = (len(ladder), len(seqs), len(batches))
-    peak, act, paged = np.empty(shape), np.empty(shape), np.empty(shape)
+    peak, act, paged, loaded = np.empty(shape), np.empty(shape), np.empty(shape), np.empty(shape)
     # PPO generates seq // 2 response tokens at each sequence length (make_config's default, as estimate
     # runs it). make_config fixes the response of one length; left open (None), the analytic model takes
     # seq / 2 of each, the same for even lengths: odd ones are evaluated one at a time.
@@ -285,8 +285,8 @@ def _tensor_peaks(spec: ModelSpec, recipe: Recipe, precision: str, ladder, seqs:
             if rollout and len(sq) > 1:
                 cfg = cfg.with_(ppo_response=None)
             mem = step_memory(spec, cfg, batch=batches[None, :], seq=sq[:, None])
-            peak[k, at], act[k, at], paged[k, at] = rounded_terms(mem, cfg.optimizer)
-    return peak, act, paged
+            peak[k, at], act[k, at], paged[k, at], loaded[k, at] = rounded_terms(mem, cfg.optimizer)
+    return peak, act, paged, loaded
 
 
 @dataclass
@@ -531,13 +531,13 @@ def feasibility_matrix(models="all", methods="all", gpus="all", seqs=2048, *, ba
                         cards[gi].memory_bytes, 0, None, None, None, note=msg)
             for prec, idx in groups.items():
                 # every setting at the requested micro-batch: (L, S) each
-                t1, a1, p1 = (x[..., 0] for x in _tensor_peaks(spec, recipe, prec, ladder, s, np.array([batch]), rank,
+                t1, a1, p1, l1 = (x[..., 0] for x in _tensor_peaks(spec, recipe, prec, ladder, s, np.array([batch]), rank,
                                                                targets, attn, framework, techniques))
                 wide: dict[int, tuple] = {}  # setting -> its terms over micro-batches 1..1024, (S, NB) each
                 si = np.arange(len(s))[None, :]
                 for chain in over.chains(idx, recipe.name):
                     ix = chain.members
-                    total = chain.total(t1, a1, p1)                                       # (L, S)
+                    total = chain.total(t1, a1, p1, l1)                                     # (L, S)
                     # 1. pick a setting per card and seq
                     band_hi = _band_hi(framework, recipe)
                     choice = pick(np.broadcast_to(total[:, None, :], (len(ladder), len(ix), len(s))),

@@ -242,6 +242,47 @@ def _dora_prefix(model: ModelSpec, cfg: TrainConfig, copy, regime: Regime, T, s)
     return act.layer_activation_bytes(model, cfg, copy, regime, T, s)
 
 
+def fused_layer_applies(cfg: TrainConfig, copy: ModelCopy, model: ModelSpec | None = None) -> bool:
+    """The stack's own decoder-layer kernels run this copy (stacks.toml ``fused_lora_layers``): Unsloth
+    patches LoRA/QLoRA layers with its fast_lora autograd functions only without LoRA dropout (a dropout
+    layer sends PEFT's own forward) and not for DoRA, IA3 or full fine-tuning."""
+    return (cfg.stack.fused_lora_layers and copy.adapter in (Adapter.LORA, Adapter.QLORA)
+            and not cfg.dropout)
+
+
+def fused_layer_bytes(model: ModelSpec, regime: Regime, T, attention_only: bool = False):
+    """Saved bytes of one decoder layer run by Unsloth's kernels, for ``T`` tokens (16-bit activations).
+
+    Source: unslothai/unsloth @3c789bc8 (2025-01-14). Per token, in the compute dtype: the input
+    RMSNorm's input ``X`` (kernels/rms_layernorm.py saves X, W and a fp32 1/rms per row), LoRA_QKV's
+    normalised input (kernels/fast_lora.py saves X and the LoRA A/B weights only), flash_attn_func's
+    q, k, v (un-expanded K/V; RoPE rotated in place by Fast_RoPE_Embedding, which saves cos/sin only),
+    its output (also LoRA_W's saved input: a view of the same storage) and fp32 log-sum-exp per head;
+    the post-attention RMSNorm's input (the residual sum) and 1/rms; LoRA_MLP's normalised input X,
+    gate output e and up output g (the SwiGLU product h is recomputed in backward). No fp32 copy of
+    any row exists (the HF/PEFT layer saves fp32 norm upcasts and every intermediate of the MLP).
+    ``attention_only``: the attention block's share (the MLP's saved tensors freed).
+    """
+    d = DTYPE_BYTES[regime.compute_dtype]
+    h, q, kv, i = model.hidden_size, model.q_dim, model.kv_dim, model.intermediate_size
+    attn = d * (2 * h + q + 2 * kv + q) + 4 * model.num_heads + 4
+    if attention_only:
+        return np.asarray(T, dtype=np.float64) * attn
+    mlp = d * (2 * h + 2 * i) + 4
+    return np.asarray(T, dtype=np.float64) * (attn + mlp)
+
+
+def fused_layer_transient(model: ModelSpec, regime: Regime, T):
+    """Buffers of a fused (Unsloth) layer's backward beyond its saved tensors, for ``T`` tokens.
+
+    Unsloth_Offloaded_Gradient_Checkpointer.backward (unsloth_zoo @36ff5fc3) holds the recomputed
+    layer output and the incoming gradient dY while ``torch.autograd.backward`` runs; LoRA_MLP's
+    backward allocates DW = dY @ W_down^T (T x intermediate) and writes everything else in place
+    (the SwiGLU backward into DW/e/g, dX into X)."""
+    d = DTYPE_BYTES[regime.compute_dtype]
+    return np.asarray(T, dtype=np.float64) * d * (2 * model.hidden_size + model.intermediate_size)
+
+
 def _stack_activations(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime, T, s):
     """Saved activations of the decoder stack of a copy that trains: ``(kept, recomputed)``.
 
@@ -258,6 +299,8 @@ def _stack_activations(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regi
     kbit = cfg.stack.kbit_upcast
     L = model.num_layers
     full_layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
+    if fused_layer_applies(cfg, copy, model):
+        full_layer = fused_layer_bytes(model, regime, T)
     ckpt_in = act.checkpoint_input_bytes(model, copy, regime, T, kbit)
     offload = cfg.uses("act_offload")
     if cfg.grad_ckpt:
@@ -308,11 +351,19 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
             continue
         a, r = _stack_activations(model, cfg, copy, regime, T, s)
         recompute = np.maximum(recompute, r)
-        layer = np.maximum(layer, act.layer_activation_bytes(model, cfg, copy, regime, T, s))
-        layer_attn = np.maximum(layer_attn, act.layer_activation_bytes(model, cfg, copy, regime, T, s,
-                                                                       attention_only=True))
+        fused = fused_layer_applies(cfg, copy, model)
+        if fused:
+            layer = np.maximum(layer, fused_layer_bytes(model, regime, T))
+            layer_attn = np.maximum(layer_attn, fused_layer_bytes(model, regime, T, attention_only=True))
+        else:
+            layer = np.maximum(layer, act.layer_activation_bytes(model, cfg, copy, regime, T, s))
+            layer_attn = np.maximum(layer_attn, act.layer_activation_bytes(model, cfg, copy, regime, T, s,
+                                                                           attention_only=True))
         d = act.copy_dtypes(copy, regime, kbit)
-        a = a + T * 4 * model.hidden_size  # final norm's fp32 upcast
+        if fused:  # Unsloth's final RMSNorm kernel saves its 16-bit input and a fp32 1/rms per row
+            a = a + T * (DTYPE_BYTES[regime.compute_dtype] * model.hidden_size + 4)
+        else:
+            a = a + T * 4 * model.hidden_size  # final norm's fp32 upcast
         if copy.adapter is Adapter.FULL:
             a = a + T * d.norm_out * model.hidden_size  # final norm output saved by the trainable lm_head
             if cfg.stack.norm_fp32:  # and the fp32 normalised input its weight's multiply saves (torchtune)
@@ -327,11 +378,17 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
         acts += a
         logits_fwd += f
         logits_bwd += bw
-        transient = np.maximum(transient, act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, kbit))
-        ef, eb = act.eager_attention_work(model, cfg, copy, regime, T, s)
+        if fused:
+            transient = np.maximum(transient, fused_layer_transient(model, regime, T))
+            # Unsloth runs its own flash attention whatever the requested kernel: no eager working set
+            ef, eb = zeros, zeros
+            attn_layer = fused_layer_bytes(model, regime, T, attention_only=True)
+        else:
+            transient = np.maximum(transient, act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, kbit))
+            ef, eb = act.eager_attention_work(model, cfg, copy, regime, T, s)
+            attn_layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s, attention_only=True)
         # (under checkpointing a layer's forward keeps nothing: its attention block is all working set)
-        attn_fwd = np.maximum(attn_fwd, ef + (act.layer_activation_bytes(model, cfg, copy, regime, T, s,
-                                                                         attention_only=True) if cfg.grad_ckpt else 0))
+        attn_fwd = np.maximum(attn_fwd, ef + (attn_layer if cfg.grad_ckpt else 0))
         attn_bwd = np.maximum(attn_bwd, eb)
         if copy.quantized:
             temps_fwd = np.maximum(temps_fwd, _dequant_temp(model, regime, cfg) + zeros)

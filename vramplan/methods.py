@@ -32,11 +32,6 @@ class Adapter(str, Enum):
     def quantized_base(self) -> bool:
         return self is Adapter.QLORA
 
-    @property
-    def peft_kind(self) -> str | None:
-        """The PEFT tuner: 'lora' (LoRA/QLoRA), 'dora' (LoRA with use_dora) or 'ia3'."""
-        return {Adapter.LORA: "lora", Adapter.QLORA: "lora", Adapter.DORA: "dora", Adapter.IA3: "ia3"}.get(self)
-
 
 class Role(str, Enum):
     POLICY = "policy"

@@ -511,7 +511,3 @@ def _unknown_model(text: str, names: list[str]):
     if close:
         return UnknownNameError(f"unknown model {text!r}", f"did you mean {' or '.join(close)}? or {LOCAL_CONFIG_HINT}")
     return UnknownNameError(f"unknown model {text!r}: not in the catalogue", LOCAL_CONFIG_HINT)
-
-
-def model_names() -> list[str]:
-    return list(catalogue())

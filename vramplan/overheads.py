@@ -12,6 +12,7 @@ caching allocator, so no reserve applies to them)::
     tensors   = tensor_peak + round((f - 1) * activations)          activations: activations + logits + KV cache
     allocated = tensors - paged + workspace                         torch.cuda.max_memory_allocated
     reserved  = allocator(allocated, method)                        torch.cuda.max_memory_reserved
+                (default: allocated + r x (tensors - paged - loaded))   loaded: the model state loaded once
     device    = context + reserved + paged                          what nvidia-smi shows for the process
 
 A card's calibration profile (``profiles/<gpu>.json``, :mod:`vramplan.profiles`) supplies each
@@ -24,11 +25,23 @@ Defaults (public measurements, ``shared/REFERENCE.md``):
   measured in PyTorch PR #86509; 426 MiB on an RTX 6000 Ada with torch 2.10. It grows with
   the SM count, so the default takes the high end, 512 MiB.
 * cuBLAS workspace: 8 MiB per handle and stream by default, 32 MiB on Hopper (PyTorch PRs
-  #89027, #120925); forward and the autograd thread each hold a handle: two workspaces.
+  #89027, #120925) and, in current PyTorch, on Blackwell too (compute capability 9.x-12.x,
+  ``parseChosenWorkspaceSize``); forward and the autograd thread each hold a handle: two workspaces.
   None for a profile measured by the dry run (no cuBLAS on the meta device).
 * Caching allocator: requests rounded to 512 B, blocks cached and fragmented; reserved
-  exceeds allocated by 10-35% for LLM training (REFERENCE.md). Default: 15% of the tensors
-  in the allocator (paged optimiser states excluded), the workspaces not counted.
+  exceeds allocated by 10-35% for LLM training (REFERENCE.md). The reserve comes from the
+  blocks a step frees and allocates again; the state loaded once before the first step
+  (weights, quantisation state, adapters, master weights: :data:`LOADED_COMPONENTS`) is
+  allocated in exact-size blocks and carries almost none (torchtune PR #1348, a CodeLlama-7B
+  after model init: 13.19 GiB allocated, 13.27 GiB reserved, +0.6%; an Unsloth Llama-3.3-70B QLoRA
+  fits a 48 GB card, which a 15% reserve on its ~40 GiB of 4-bit weights and adapters would
+  forbid). Default: 30% of the tensors the step allocates (in the allocator, paged optimiser
+  states and the loaded state excluded; the workspaces not counted), fitted leave-one-source-out
+  on the published reserved, device-total and context-capacity rows
+  (``benchmarks/published_accuracy.py``; the held-out sources chose 30% or 35% of the grid
+  10-35%). Sharded, the loaded state is each GPU's resident shard (:func:`loaded_terms` reads the
+  step memory's model state; gathered units are step allocations). The dry run's own accounting
+  passes no loaded state: there the reserve applies to every tensor.
 * Activation factor: 1 (the analytic activations as they are).
 * Uncertainty: +/-10% of the tensor peak by default; with a calibrated allocator, the
   profile's own residuals (:meth:`vramplan.profiles.Profile.memory_band`).
@@ -47,12 +60,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .gpus import GPUSpec
+from .gpus import GPUSpec, generation, parse_compute_capability
 from .taxonomy import Component
 from .units import MIB
 
 DEFAULT_CONTEXT_BYTES = 512 * MIB
-DEFAULT_RESERVE_FRACTION = 0.15
+DEFAULT_RESERVE_FRACTION = 0.30
+#: allocated once at load, before the first step: no reserve (vramplan.overheads.loaded_terms)
+LOADED_COMPONENTS = (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS)
 DEFAULT_UNCERTAINTY_FRACTION = 0.10
 #: The figures of the chain that a profile may calibrate, in the order they are reported.
 FIGURES = ("context", "workspace", "allocator", "activation_factor")
@@ -61,14 +76,20 @@ CALIBRATED, DEFAULT = "calibrated", "default"
 _LOAD = object()  # runtime_overheads(profile=...) default: look the card's profile up
 
 
-def _workspace_for(compute_capability: str | None) -> int:
-    """Two cuBLAS workspaces (forward handle + autograd thread's): 32 MiB each on Hopper, else 8 MiB."""
-    per = 32 * MIB if compute_capability is not None and str(compute_capability).startswith("9") else 8 * MIB
+def _workspace_for(compute_capability) -> int:
+    """Two cuBLAS workspaces (forward handle + autograd thread's): 32 MiB each from Hopper on, else 8 MiB.
+
+    PyTorch's default (``parseChosenWorkspaceSize``, aten/src/ATen/cuda/CublasHandlePool.cpp):
+    32 MiB for compute capability major 9-12 (Hopper and Blackwell, including the 12.x RTX 50
+    cards), else ``4096 * 1024 * 2 + 16 * 1024 * 8`` bytes (8 MiB, the 128 KiB rounded off).
+    ``compute_capability``: ``"9.0"``, a ``(major, minor)`` pair, or None (unknown: 8 MiB).
+    """
+    per = 32 * MIB if generation(parse_compute_capability(compute_capability)) in ("hopper", "blackwell") else 8 * MIB
     return 2 * per
 
 
 def _workspace(gpu: GPUSpec | None) -> int:
-    return _workspace_for(gpu.compute_capability if gpu is not None else None)
+    return _workspace_for(gpu.cc if gpu is not None else None)
 
 
 default_workspace_bytes = _workspace_for
@@ -91,18 +112,31 @@ def peak_terms(components: Mapping[Component, Any], optimizer: str):
 
 
 def rounded_terms(mem, optimizer: str):
-    """``(tensor_peak, activation_bytes, paged_bytes)`` of a step memory (``vramplan.memory.StepMemory``,
-    arrays over batch/seq) in whole bytes, rounded as :func:`vramplan.plan.estimate_config` rounds
-    them (each component and the peak up): the terms the vectorised callers hand :func:`device_total`."""
+    """``(tensor_peak, activation_bytes, paged_bytes, loaded_bytes)`` of a step memory
+    (``vramplan.memory.StepMemory``, arrays over batch/seq) in whole bytes, rounded as
+    :func:`vramplan.plan.estimate_config` rounds them (each component and the peak up): the terms the
+    vectorised callers hand :func:`device_total`."""
     act, paged = peak_terms({c: np.ceil(v) for c, v in mem.components.items()}, optimizer)
-    return np.ceil(mem.peak), act, paged
+    return np.ceil(mem.peak), act, paged, loaded_terms(mem)
 
 
 def step_device_total(mem, cfg, gpu: GPUSpec | None, *, profile=_LOAD) -> np.ndarray:
     """:func:`device_total` of a step memory of ``cfg`` (``vramplan.memory.StepMemory``) on ``gpu``."""
-    peak, act, paged = rounded_terms(mem, cfg.optimizer)
+    peak, act, paged, loaded = rounded_terms(mem, cfg.optimizer)
     return device_total(peak, gpu, method=cfg.recipe.name, activation_bytes=act, paged_bytes=paged, profile=profile,
-                        stack=getattr(cfg, "framework", None))
+                        stack=getattr(cfg, "framework", None), loaded_bytes=loaded)
+
+
+def loaded_terms(mem) -> int:
+    """Bytes allocated once while loading the model (weights, quantisation state, adapters, master
+    weights of the step memory's ``ModelState``: per GPU, the resident shard when sharded), which the
+    caching allocator holds without a reserve; 0 for anything but a ``StepMemory``."""
+    from .memory import StepMemory
+
+    st = mem.state if isinstance(mem, StepMemory) else None
+    if st is None:
+        return 0
+    return int(sum(st.bytes.get(c, 0) for c in LOADED_COMPONENTS))
 
 
 def activation_correction(activation_bytes, factor: float):
@@ -176,7 +210,7 @@ def _figures(gpu: GPUSpec | None, profile, method: str | None, stack: str | None
     status["workspace"] = CALIBRATED if ws is not None else DEFAULT
     measured_on_device = profile.allocated_source == "torch.cuda"
     if ws is None:
-        cc = gpu.compute_capability if gpu is not None else (profile.device or {}).get("compute_capability")
+        cc = gpu.cc if gpu is not None else (profile.device or {}).get("compute_capability")
         ws = _workspace_for(cc) if measured_on_device or gpu is not None else 0
     status["allocator"] = CALIBRATED if profile.allocator is not None else DEFAULT
     factor = 1.0
@@ -189,7 +223,7 @@ def _figures(gpu: GPUSpec | None, profile, method: str | None, stack: str | None
                     profile.allocator_correction(method), measured_on_device or gpu is not None, status)
 
 
-def _chain(fig: _Figures, tensor_peak, activation_bytes, paged_bytes) -> dict[str, Any]:
+def _chain(fig: _Figures, tensor_peak, activation_bytes, paged_bytes, loaded_bytes=0) -> dict[str, Any]:
     """The chain of the module docstring on float64 arrays (or scalars); every term in bytes."""
     t = np.asarray(tensor_peak, dtype=np.float64)
     act = np.asarray(activation_bytes, dtype=np.float64)
@@ -201,7 +235,8 @@ def _chain(fig: _Figures, tensor_peak, activation_bytes, paged_bytes) -> dict[st
     if fig.allocator is not None:
         reserved = fig.allocator.reserve(allocated, fig.correction)
     else:
-        reserved = allocated + np.floor(DEFAULT_RESERVE_FRACTION * in_alloc)
+        step_alloc = np.maximum(0.0, in_alloc - np.asarray(loaded_bytes, dtype=np.float64))
+        reserved = allocated + np.floor(DEFAULT_RESERVE_FRACTION * step_alloc)
     reserved = np.asarray(reserved, dtype=np.float64)
     device = fig.context + reserved + (tensors - in_alloc)
     return {"correction": corr, "tensors": tensors, "paged": tensors - in_alloc, "allocated": allocated,
@@ -253,7 +288,8 @@ class Overheads:
 
 
 def runtime_overheads(tensor_peak_bytes: int, gpu: GPUSpec | None = None, *, method: str | None = None,
-                      activation_bytes: int = 0, paged_bytes: int = 0, profile=_LOAD, stack: str | None = None) -> Overheads:
+                      activation_bytes: int = 0, paged_bytes: int = 0, profile=_LOAD, stack: str | None = None,
+                      loaded_bytes: int = 0) -> Overheads:
     """Runtime components for a step whose live tensors peak at ``tensor_peak_bytes``.
 
     Args:
@@ -275,7 +311,7 @@ def runtime_overheads(tensor_peak_bytes: int, gpu: GPUSpec | None = None, *, met
     """
     prof = card_profile(gpu) if profile is _LOAD else profile
     fig = _figures(gpu, prof, method, stack)
-    c = _chain(fig, int(tensor_peak_bytes), int(activation_bytes), int(paged_bytes))
+    c = _chain(fig, int(tensor_peak_bytes), int(activation_bytes), int(paged_bytes), int(loaded_bytes))
     val = {k: int(v) for k, v in c.items()}
     comps = {Component.CUDA_CONTEXT: fig.context, Component.WORKSPACE: fig.workspace,
              Component.ALLOCATOR_RESERVE: val["reserve"]}
@@ -312,7 +348,8 @@ def _with_source(o: Overheads, gpu: GPUSpec | None, method: str | None, prof, st
         parts.append(f"allocator reserve (calibrated: reserved = {a.slope:.4g} x allocated + {a.intercept_bytes / MIB:,.0f} MiB"
                      + (f", x {k:.4g} for {method}" if k is not None else "") + f", rounded to {a.round_bytes / MIB:g} MiB)")
     else:
-        parts.append(f"allocator reserve {DEFAULT_RESERVE_FRACTION:.0%} of the tensors in the allocator (default)")
+        parts.append(f"allocator reserve {DEFAULT_RESERVE_FRACTION:.0%} of the tensors the step allocates, the loaded "
+                     "weights, quantisation state and adapters exempt (default, fitted on published rows)")
     parts.append(f"activation factor {o.activation_factor:.3g}" + (f" for {method}" if method else "")
                  + f" ({st['activation_factor']})")
     if o.paged_bytes:
@@ -329,7 +366,7 @@ def _with_source(o: Overheads, gpu: GPUSpec | None, method: str | None, prof, st
 
 
 def device_total(tensor_peak, gpu: GPUSpec | None = None, *, method: str | None = None, activation_bytes=0,
-                 paged_bytes=0, profile=_LOAD, stack: str | None = None) -> np.ndarray:
+                 paged_bytes=0, profile=_LOAD, stack: str | None = None, loaded_bytes=0) -> np.ndarray:
     """Vectorised :func:`runtime_overheads`: the device total (float64 bytes) over arrays of tensor peaks.
 
     Arguments as :func:`runtime_overheads`; ``tensor_peak``, ``activation_bytes`` and
@@ -337,4 +374,4 @@ def device_total(tensor_peak, gpu: GPUSpec | None = None, *, method: str | None 
     """
     prof = card_profile(gpu) if profile is _LOAD else profile
     fig = _figures(gpu, prof, method, stack)
-    return _chain(fig, tensor_peak, activation_bytes, paged_bytes)["device"]
+    return _chain(fig, tensor_peak, activation_bytes, paged_bytes, loaded_bytes)["device"]

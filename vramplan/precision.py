@@ -47,9 +47,6 @@ class Regime:
     def needs_bf16(self) -> bool:
         return BF16 in (self.trainable_dtype, self.frozen_dtype, self.compute_dtype)
 
-    def nbytes(self, dtype: str) -> int:
-        return DTYPE_BYTES[dtype]
-
 
 REGIMES: dict[str, Regime] = {
     "bf16": Regime("bf16", BF16, BF16, FP32, None, BF16, "loop",

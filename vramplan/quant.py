@@ -28,7 +28,6 @@ NESTED_BLOCKSIZE = 256  # quantize_blockwise of the absmax in double quantisatio
 NF4_CODE_BYTES = 16 * 4  # get_4bit_type("nf4"): 16 fp32 values
 DYNAMIC_CODE_BYTES = 256 * 4  # create_dynamic_map(): 256 fp32 values, copied per nested state
 OFFSET_BYTES = 4  # fp32 0-dim mean of the absmax
-NF4_BLOCK, DQ_BLOCK = NF4_BLOCKSIZE, NESTED_BLOCKSIZE  # earlier names, kept for importers
 
 
 def _ceil_div(a: int, b: int) -> int:

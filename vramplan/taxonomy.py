@@ -97,7 +97,6 @@ _GROUPS = {
 }
 
 TENSOR_COMPONENTS = tuple(c for c in Component if c.is_tensor)
-RUNTIME_COMPONENTS = tuple(c for c in Component if not c.is_tensor)
 
 
 class Phase(str, Enum):

@@ -3,9 +3,9 @@
 Arrays broadcast: ``batch`` and ``seq`` may be numpy arrays, as in :mod:`vramplan.memory`, so
 ``vramplan fit`` times a whole grid of micro-batches at once.
 
-**FLOPs** (matmul FLOPs, 2 per multiply-add; the convention of
-``vramplan.calibration.flops.step_shape``, so a card's calibrated step-time model applies
-unchanged; a test keeps the two in step):
+**FLOPs** (matmul FLOPs, 2 per multiply-add). :func:`step_work` is the project's one counter
+of a step's work: calibration fits a card's step-time model on it
+(``vramplan.calibration.flops.step_shape`` repackages it), so the model applies unchanged:
 
 * Training FLOPs per token ~ 6 N + 12 L H Q T (PaLM, Chowdhery et al. 2022, Appendix B; the
   MFU formula of nanoGPT and torchtitan): a forward is 2 FLOPs per weight touched (decoder
@@ -94,7 +94,7 @@ import numpy as np
 
 from .config import TrainConfig
 from .distributed import SINGLE, Comm, Parallel, comm_volume, overlap
-from .gpus import GPUSpec
+from .gpus import GPUSpec, card_class
 from .memory import model_state
 from .methods import Adapter, Forward
 from .models import ModelSpec
@@ -133,23 +133,6 @@ OPT_BANDWIDTH_EFFICIENCY = {"adamw": 1.0, "adamw_8bit": 0.4, "paged_adamw_8bit":
                             "paged_adamw_32bit": 1.0}  # 32-bit bnb: one fused pass, assumed as fused AdamW
 
 
-def card_class(gpu: GPUSpec) -> str:
-    """``datacenter-hopper|datacenter-blackwell|datacenter-ampere|gddr|pre-ampere|generic``."""
-    arch = (gpu.arch or "").lower()
-    cc = gpu.compute_capability or ""
-    if gpu.custom and arch == "generic":
-        return "generic"
-    if arch == "hopper":
-        return "datacenter-hopper"
-    if arch == "blackwell" and cc.startswith("10"):
-        return "datacenter-blackwell"
-    if arch == "ampere" and cc == "8.0":
-        return "datacenter-ampere"
-    if arch in ("turing", "volta") or (cc and cc < "8.0"):
-        return "pre-ampere"
-    return "gddr"
-
-
 @dataclass(frozen=True)
 class Efficiency:
     """Achieved fractions of a card's datasheet figures that the default time model uses."""
@@ -163,7 +146,7 @@ class Efficiency:
 
 def card_efficiency(gpu: GPUSpec) -> Efficiency:
     """The default efficiencies of ``gpu``: its own MAMF measurement, else its class's."""
-    cls = card_class(gpu)
+    cls = card_class(gpu).name
     base = gpu.name.split("@", 1)[0]  # a --gpu-mem override keeps its card's throughput
     frac, src = MAMF_BY_CARD.get(base, MAMF_BY_CLASS[cls])
     return Efficiency(cls, frac, src)

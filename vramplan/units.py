@@ -62,11 +62,6 @@ def parse_size(text: str | int | float, label: str = "size") -> int:
     return int(round(size))
 
 
-def gib(nbytes: int | float) -> float:
-    """Bytes to GiB (2^30) as a float, for rendering."""
-    return float(nbytes) / GIB
-
-
 def fmt_bytes(nbytes: int | float, digits: int = 2) -> str:
     """Human-readable binary size: ``'13.48 GiB'``, ``'512.0 MiB'``."""
     n = float(nbytes)

@@ -90,7 +90,6 @@ def _config_from(d: dict) -> TrainConfig:
     known = {f.name for f in fields(TrainConfig)}
     kw = {k: v for k, v in d.items() if k in known}
     kw["targets"] = tuple(kw.get("targets") or ())
-    kw.pop("extras", None)
     return TrainConfig(**kw)
 
 

@@ -169,7 +169,6 @@ def _hash(obj: Any) -> str:
 def point_id(model: str, spec: ModelSpec, cfg: TrainConfig) -> str:
     """A readable, content-addressed id: the same model config and TrainConfig give the same id."""
     d = cfg.to_dict()
-    d.pop("extras", None)
     h = _hash({"model": spec.hf_config or spec.name, "config": d})
     gc = "/gc" if cfg.grad_ckpt else ""
     return f"{model}/{cfg.recipe.name}/b{cfg.batch}s{cfg.seq}{gc}/{cfg.optimizer}/{cfg.precision}#{h}"

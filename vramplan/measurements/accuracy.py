@@ -27,6 +27,7 @@ bands (``vramplan/data/bands.toml``).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -239,6 +240,69 @@ def _longest_seq(record: MeasurementRecord, est) -> int:
 
 def score(records: Iterable[MeasurementRecord]) -> list[Scored]:
     return [score_one(r) for r in records]
+
+
+#: Candidate allocator reserves (fractions of the step's allocations, ``vramplan.overheads``) that
+#: :func:`score_reserve_loso` fits leave-one-source-out.
+RESERVE_GRID = (0.10, 0.15, 0.20, 0.25, 0.30, 0.35)
+#: Measured quantities that include the allocator's reserve. Their rows, and the published context
+#: capacities (a run stops fitting when the device runs out), are the reserve's evidence; allocated
+#: quantities carry none and a peak of unknown kind cannot tell.
+RESERVE_QUANTITIES = ("max_reserved", "device_total")
+
+
+def reserve_evidence(scored: list[Scored]) -> list[float]:
+    """|log(predicted / measured)| of the rows that measure the reserve: scored rows of a reserved or
+    device-total quantity, and capacity rows (predicted / published longest sequence, floored at 0.1)."""
+    out = []
+    for s in scored:
+        if s.status == "scored" and s.quantity in RESERVE_QUANTITIES and s.error is not None:
+            out.append(abs(float(np.log1p(s.error))))
+        elif s.capacity_error is not None:
+            out.append(abs(float(np.log(max(0.1, 1.0 + s.capacity_error)))))
+    return out
+
+
+@contextmanager
+def reserve_fraction(frac: float):
+    """Plan with ``frac`` as the default allocator reserve inside the block (the benchmark's fit)."""
+    from .. import overheads
+
+    old = overheads.DEFAULT_RESERVE_FRACTION
+    overheads.DEFAULT_RESERVE_FRACTION = float(frac)
+    try:
+        yield
+    finally:
+        overheads.DEFAULT_RESERVE_FRACTION = old
+
+
+def _best_fraction(by_frac: dict[float, list[Scored]], exclude: str | None) -> float:
+    """The grid's fraction with the smallest median reserve evidence over the sources but ``exclude``
+    (ties: the larger reserve, the safe side)."""
+    best, best_obj = None, None
+    for frac in sorted(by_frac, reverse=True):
+        ev = reserve_evidence([s for s in by_frac[frac] if s.source != exclude])
+        obj = float(np.median(ev)) if ev else 0.0
+        if best_obj is None or obj < best_obj - 1e-12:
+            best, best_obj = frac, obj
+    return float(best)
+
+
+def score_reserve_loso(records: Iterable[MeasurementRecord], grid=RESERVE_GRID):
+    """Score ``records`` with the default allocator reserve fitted leave-one-source-out.
+
+    Every record is scored at each fraction of ``grid``; a source's rows take the fraction that best
+    predicts the other sources' reserve evidence (:func:`reserve_evidence`). Returns ``(scored,
+    {source: fraction}, fraction fitted on every source)``: the last is what the planner ships
+    (``vramplan.overheads.DEFAULT_RESERVE_FRACTION``)."""
+    records = list(records)
+    by_frac = {}
+    for frac in grid:
+        with reserve_fraction(frac):
+            by_frac[float(frac)] = score(records)
+    fits = {src: _best_fraction(by_frac, src) for src in sorted({r.source.id for r in records})}
+    out = [by_frac[fits[r.source.id]][i] for i, r in enumerate(records)]
+    return out, fits, _best_fraction(by_frac, None)
 
 
 def _band_of(ratios: list[float]) -> tuple[float, float]:

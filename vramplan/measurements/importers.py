@@ -47,6 +47,7 @@ class SourceMap:
     multi_gpu_ckpt: bool = False
     seq_unknown: int | None = None
     grad_ckpt_unknown: bool | None = None
+    optimizer_unknown: str | None = None   # the optimizer the source's own documented recipe sets
     devices_note: str | None = None
     dropout: float | None = None
     versions: dict = field(default_factory=dict)
@@ -84,6 +85,12 @@ def load_mapping(path: str | Path | None) -> Mapping:
         bad = sorted(set(t) - known)
         if bad:
             raise VramplanError(f"{path}: source {sid!r} has unknown field {bad[0]!r}", f"fields: {', '.join(sorted(known))}")
+        if t.get("optimizer_unknown") is not None:
+            from ..optimizers import OPTIMIZERS
+
+            if t["optimizer_unknown"] not in OPTIMIZERS:
+                raise VramplanError(f"{path}: source {sid!r} optimizer_unknown {t['optimizer_unknown']!r} is not one of "
+                                    f"{', '.join(OPTIMIZERS)}")
         if t.get("unit", "GB") not in UNITS:
             raise VramplanError(f"{path}: source {sid!r} unit {t.get('unit')!r} is not one of {', '.join(UNITS)}")
         srcs[str(sid)] = SourceMap(**t)
@@ -340,6 +347,9 @@ def record_from_row(row: dict, i: int, mapping: Mapping) -> MeasurementRecord:
         grad_ckpt = True
         notes.append("the stack checkpoints activations with more than one GPU")
     opt, why = parse_optimizer(_cell(row, mapping, "optimizer"))
+    if why.startswith("optimizer not stated") and sm.optimizer_unknown:
+        opt = sm.optimizer_unknown
+        why = f"optimizer not stated: the source's documented recipe ({opt})"
     if why:
         notes.append(why)
     techs = ["opt_in_bwd"] if "optimizer_in_bwd" in _cell(row, mapping, "optimizer").lower() else []

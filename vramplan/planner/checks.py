@@ -49,7 +49,7 @@ def check_card(cfg_precision: str | None, method: str, adapter: str | None, attn
                             "use --precision fp16-mixed or fp32")
     if attn == "flash" and not gpu.flash_attention:
         raise VramplanError(f"{gpu.display_name} does not run FlashAttention-2", "use --attn sdpa")
-    if resolve(method, adapter).adapter is Adapter.QLORA and not getattr(gpu, "bf16", True) and gpu.compute_capability < "7.0":
+    if resolve(method, adapter).adapter is Adapter.QLORA and not getattr(gpu, "bf16", True) and gpu.cc < (7, 0):
         raise VramplanError(f"bitsandbytes 4-bit kernels need compute capability >= 7.0; {gpu.display_name} has {gpu.compute_capability}")
     return regime_name
 

@@ -97,8 +97,10 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
     tensor_peak = int(np.ceil(float(mem.peak)))
     comps = {c: int(np.ceil(float(v))) for c, v in mem.components.items()}
     act, paged = peak_terms(comps, cfg.optimizer)
+    from ..overheads import loaded_terms
+
     over = runtime_overheads(tensor_peak, card, method=cfg.recipe.name, activation_bytes=act, paged_bytes=paged,
-                             stack=cfg.framework)
+                             stack=cfg.framework, loaded_bytes=loaded_terms(mem))
     comps = apply_activation_factor(comps, over)  # a calibrated activation factor (none by default)
     tensor_peak += over.activation_correction_bytes
     comps.update(over.components)
