@@ -401,70 +401,48 @@ def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, st=N
         _fsdp2(out, model, cfg, par, st, base)
         _rollout_gather(out, model, cfg, par, st)
         return out
-    if par.strategy in DEEPSPEED:
-        p16 = DTYPE_BYTES[regime.compute_dtype]
-        mixed = regime.compute_dtype != FP32
-        master = 4 * P if mixed else 0
-        g32 = 4 * P if mixed else 0
-        # the optimiser keeps its states on the fp32 master partition (DeepSpeed's K = 12 for Adam)
-        states = opt.total_state_bytes([(s, c, 4) for s, c in groups])
-        trainable_w = p16 * P
-        train_key = Component.WEIGHTS if full else Component.ADAPTERS
-        ll = largest_layer_params(model)
-        stage = int(par.strategy[-1])
-        if stage in (1, 2):
-            out.bytes[Component.WEIGHTS] = frozen_w
-            out.bytes[Component.QUANT_STATE] = quant
-            out.bytes[train_key] += trainable_w
-            if offload:
-                out.cpu_bytes = (master + g32 + states) // n + p16 * P // n
-            else:
-                out.bytes[Component.MASTER_WEIGHTS] = master // n
-                out.bytes[Component.GRADIENTS] = p16 * P + g32 // n
-                out.bytes[Component.OPTIMIZER_STATES] = states // n
-                out.step_temporary = opt.step_temporary_bytes([(s, c, 4) for s, c in groups], "trainer") // n
-            # reduce and all-gather buckets: HF's "auto" DeepSpeed config sets reduce_bucket_size to hidden^2
-            out.comm_buffer_bytes = 2 * 2 * p16 * model.hidden_size ** 2
-        else:
-            if not offload:
-                out.bytes[Component.WEIGHTS] = frozen_w // n
-                out.bytes[Component.QUANT_STATE] = quant // n
-                out.bytes[train_key] += trainable_w // n
-                out.bytes[Component.MASTER_WEIGHTS] = master // n
-                out.bytes[Component.GRADIENTS] = g32 // n
-                out.bytes[Component.OPTIMIZER_STATES] = states // n
-                out.step_temporary = opt.step_temporary_bytes([(s, c, 4) for s, c in groups], "trainer") // n
-            else:
-                out.cpu_bytes = (frozen_w + quant + trainable_w + master + g32 + states) // n
-            # the largest module gathered (16-bit) and, when it trains, its 16-bit gradient: 4 L (DeepSpeed)
-            out.gathered_bytes = p16 * ll if full else int(np.ceil(_frozen_bytes_per_param(model, cfg, st) * ll))
-            out.inflight_grad_bytes = p16 * ll if full else 0
-            # prefetch bucket: HF "auto" stage3_prefetch_bucket_size = 0.9 hidden^2 elements
-            out.comm_buffer_bytes = int(0.9 * model.hidden_size ** 2) * p16
-        out.layout = (f"DeepSpeed ZeRO-{stage} ({'bf16/fp16 weights + fp32 master' if mixed else 'fp32'})"
-                      + (", optimiser" + (" and parameters" if stage == 3 else "") + " offloaded to CPU" if offload else ""))
-    else:  # fsdp
-        root, layer = _unit_params(model)
-        p16 = DTYPE_BYTES[regime.compute_dtype]
-        if full:
-            gathered = (root + 2 * layer) * p16
-            inflight = (root + layer) * p16
-        else:
-            pp = _frozen_bytes_per_param(model, cfg, st)
-            gathered = int(np.ceil((root + 2 * layer) * pp))
-            inflight = 0
-        shardable = (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS,
-                     Component.GRADIENTS, Component.OPTIMIZER_STATES)
+    # DeepSpeed ZeRO 1/2/3 (make_parallel refuses the deepspeed engine for fsdp, which _fsdp2 plans)
+    p16 = DTYPE_BYTES[regime.compute_dtype]
+    mixed = regime.compute_dtype != FP32
+    master = 4 * P if mixed else 0
+    g32 = 4 * P if mixed else 0
+    # the optimiser keeps its states on the fp32 master partition (DeepSpeed's K = 12 for Adam)
+    states = opt.total_state_bytes([(s, c, 4) for s, c in groups])
+    trainable_w = p16 * P
+    train_key = Component.WEIGHTS if full else Component.ADAPTERS
+    ll = largest_layer_params(model)
+    stage = int(par.strategy[-1])
+    if stage in (1, 2):
+        out.bytes[Component.WEIGHTS] = frozen_w
+        out.bytes[Component.QUANT_STATE] = quant
+        out.bytes[train_key] += trainable_w
         if offload:
-            out.cpu_bytes = sum(base.get(c, 0) for c in shardable) // n
+            out.cpu_bytes = (master + g32 + states) // n + p16 * P // n
         else:
-            for c in shardable:
-                out.bytes[c] = base.get(c, 0) // n
-            out.step_temporary = st.step_temporary // n
-        out.gathered_bytes = gathered
-        out.inflight_grad_bytes = inflight
-        out.layout = "PyTorch FSDP FULL_SHARD (mixed precision, decoder layers as units)" + (
-            ", parameters and optimiser offloaded to CPU" if offload else "")
+            out.bytes[Component.MASTER_WEIGHTS] = master // n
+            out.bytes[Component.GRADIENTS] = p16 * P + g32 // n
+            out.bytes[Component.OPTIMIZER_STATES] = states // n
+            out.step_temporary = opt.step_temporary_bytes([(s, c, 4) for s, c in groups], "trainer") // n
+        # reduce and all-gather buckets: HF's "auto" DeepSpeed config sets reduce_bucket_size to hidden^2
+        out.comm_buffer_bytes = 2 * 2 * p16 * model.hidden_size ** 2
+    else:
+        if not offload:
+            out.bytes[Component.WEIGHTS] = frozen_w // n
+            out.bytes[Component.QUANT_STATE] = quant // n
+            out.bytes[train_key] += trainable_w // n
+            out.bytes[Component.MASTER_WEIGHTS] = master // n
+            out.bytes[Component.GRADIENTS] = g32 // n
+            out.bytes[Component.OPTIMIZER_STATES] = states // n
+            out.step_temporary = opt.step_temporary_bytes([(s, c, 4) for s, c in groups], "trainer") // n
+        else:
+            out.cpu_bytes = (frozen_w + quant + trainable_w + master + g32 + states) // n
+        # the largest module gathered (16-bit) and, when it trains, its 16-bit gradient: 4 L (DeepSpeed)
+        out.gathered_bytes = p16 * ll if full else int(np.ceil(_frozen_bytes_per_param(model, cfg, st) * ll))
+        out.inflight_grad_bytes = p16 * ll if full else 0
+        # prefetch bucket: HF "auto" stage3_prefetch_bucket_size = 0.9 hidden^2 elements
+        out.comm_buffer_bytes = int(0.9 * model.hidden_size ** 2) * p16
+    out.layout = (f"DeepSpeed ZeRO-{stage} ({'bf16/fp16 weights + fp32 master' if mixed else 'fp32'})"
+                  + (", optimiser" + (" and parameters" if stage == 3 else "") + " offloaded to CPU" if offload else ""))
     _rollout_gather(out, model, cfg, par, st)
     return out
 
