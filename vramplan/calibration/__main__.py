@@ -87,9 +87,10 @@ def run_from_args(args: argparse.Namespace) -> dict:
         from ..measurements.record import require_fit_points
         from .log import read_log
 
-        require_fit_points(read_log(log), log)  # never an empty profile over the card's real one
+        records = read_log(log)
+        require_fit_points(records, log)  # never an empty profile over the card's real one
         try:
-            prof = fit_profile(log)
+            prof = fit_profile(log, records)
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:  # a record of the wrong shape
             raise VramplanError(f"calibration log {log} holds a malformed record ({type(exc).__name__}: "
                                 f"{str(exc)[:80]})", "is it a log written by `vramplan calibrate`?") from None

@@ -400,8 +400,10 @@ def _stack(rows: list[Row]) -> str:
     return stacks[0] if stacks else "hf"
 
 
-def fit_profile(log_path: str | Path) -> Profile:
+def fit_profile(log_path: str | Path, records: list[dict] | None = None) -> Profile:
     """Fit the profile of the card whose calibration log is ``log_path`` (``<gpu>.jsonl``).
+
+    ``records``: the log's records when the caller has read them already (:func:`read_log`).
 
     Returns:
         The :class:`~vramplan.profiles.Profile` (not written; ``Profile.save`` writes it).
@@ -410,7 +412,7 @@ def fit_profile(log_path: str | Path) -> Profile:
         VramplanError: the log is unreadable, corrupt or holds no measured point.
     """
     log_path = Path(log_path)
-    records = read_log(log_path)
+    records = read_log(log_path) if records is None else records
     sessions = [r for r in records if r.get("kind") == "session"]
     rows, source = load_rows(records)
     ok = [r for r in rows if r.status == "ok"]
