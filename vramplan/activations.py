@@ -536,9 +536,9 @@ def kv_cache_bytes(model: ModelSpec, regime: Regime, copy: ModelCopy, batch, tot
 
 
 def response_tokens(cfg: TrainConfig, seq):
-    """PPO: tokens generated per sequence of ``seq`` (``--ppo-response``, else half the sequence)."""
-    s = np.asarray(seq, dtype=np.float64)
-    return np.minimum(float(cfg.ppo_response) if cfg.ppo_response else s / 2, s - 1)
+    """Tokens generated per sequence of ``seq`` tokens (a grid), as the method's ``generation`` hook says
+    (PPO: ``--ppo-response``, else half the sequence, at most ``seq - 1``; vramplan.methods.generation)."""
+    return cfg.recipe.behaviour.generation(cfg, np.asarray(seq, dtype=np.float64)).generated_tokens
 
 
 def rollout_logits_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, batch, seq, kv):

@@ -20,7 +20,8 @@ of a step's work: calibration fits a card's step-time model on it
   (``2 r in out``) per forward to take the weight norm.
 * DPO: chosen + rejected sequences (``sequences_per_example`` = 2) through the policy and
   a no-grad forward of the reference (the policy's base with the adapter disabled under PEFT).
-* PPO: the rollout prefills the prompt (compute-bound) and generates ``ppo_response``
+* PPO (a method whose behaviour ``generates``): the rollout prefills the prompt (compute-bound) and generates
+  ``generation(cfg).generated_tokens`` (PPO's ``ppo_response``)
   tokens one at a time (memory-bandwidth-bound: every token reads the policy's weights and
   the KV cache); then no-grad forwards of the reference, reward and value models and of the
   policy (old log-probs), and the clipped updates of policy and value (one PPO epoch).
@@ -221,7 +222,7 @@ def step_work(spec: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepWo
             eager += tokens * score * (EAGER_FWD_BYTES * (1 + gc) + EAGER_BWD_BYTES)
             if c.quantized:
                 dequant += quant_linear * (2 + gc)
-            if recipe.method.rollout:  # no-grad scoring forward of a training copy
+            if recipe.behaviour.generates:  # no-grad scoring forward of a training copy
                 flops += fwd
                 passes += 1
                 eager += tokens * score * EAGER_FWD_BYTES
@@ -246,8 +247,8 @@ def step_work(spec: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepWo
     prefill_tokens = zeros.copy()
     decode_bytes = zeros.copy()
     decode_flops = zeros.copy()
-    if recipe.method.rollout:
-        gen = int(cfg.ppo_response or cfg.seq // 2)
+    if recipe.behaviour.generates:
+        gen = int(recipe.behaviour.generation(cfg).generated_tokens)
         fwd_mm = 2 * (body + spec.vocab_size * h)
         rollout = fwd_mm * b * s + zeros
         passes += 1
@@ -278,9 +279,9 @@ def step_work(spec: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepWo
         fwd_per_token = sum(2 * cfg.rank * (i + o) * n for i, o, n in shapes)
         grad_copies = [c for c in recipe.copies if c.forward is Forward.GRAD and c.adapter in
                        (Adapter.LORA, Adapter.QLORA, Adapter.DORA)]
-        forwards = 1 + gc + (1 if recipe.method.rollout else 0)
+        forwards = 1 + gc + (1 if recipe.behaviour.generates else 0)
         adapter += len(grad_copies) * tokens * (lora_per_token + gc * fwd_per_token)
-        if recipe.method.rollout:
+        if recipe.behaviour.generates:
             adapter += tokens * fwd_per_token
         if recipe.adapter is Adapter.DORA:
             dora = float(sum(i * o * n for i, o, n in shapes) * forwards)

@@ -30,6 +30,7 @@ from typing import Any
 
 from .._data import read_config_file
 from ..errors import UnknownNameError, VramplanError
+from ..methods import get_method, method_named_by, registry, takes_adapter_choice
 from ..models import ModelSpec, get_model
 from ..results import Estimate
 from .request import PlanRequest, map_attention, map_optimizer, normalise_targets
@@ -130,12 +131,14 @@ def read_axolotl(data: dict, path: Path, model: Any = None) -> PlanRequest:
         raise VramplanError(f"{path.name}: adapter {ad!r} is not modelled", "vramplan reads adapter: lora or qlora")
     rl = str(data.get("rl") or "").lower()
     method = adapter
-    if rl in ("dpo", "ipo"):
-        method = "dpo"
+    rl_method = method_named_by("axolotl_rl", rl) if rl else None
+    if rl_method is not None:
+        method = rl_method
         opts["adapter"] = adapter
-        notes.append(f"rl: {rl} planned as DPO (policy + reference over chosen and rejected)")
+        notes.append(f"rl: {rl} planned as {rl_method.upper()} ({get_method(rl_method).summary})")
     elif rl:
-        raise VramplanError(f"{path.name}: rl: {rl} is not modelled", "vramplan models rl: dpo (and ipo)")
+        known = sorted({v for md in registry().values() for v in md.behaviour.axolotl_rl})
+        raise VramplanError(f"{path.name}: rl: {rl} is not modelled", f"vramplan models rl: {', '.join(known)}")
     for key, opt in (("sequence_len", "seq"), ("micro_batch_size", "batch"), ("gradient_accumulation_steps", "grad_accum")):
         v = _int(data, key, path)
         if v is not None:
@@ -202,10 +205,11 @@ def read_training_arguments(data: dict, path: Path, model: Any = None) -> PlanRe
     if method is None and (DPO_KEYS & set(data) or ("beta" in data and "max_prompt_length" in data)):
         method = "dpo"
         notes.append("DPO recognised from its keys (" + ", ".join(sorted(DPO_KEYS & set(data)) or ["beta"]) + ")")
-    if method in ("dpo", "ppo"):
+    if takes_adapter_choice(method):
         opts["adapter"] = adapter
     elif method not in (None, "sft"):
-        raise VramplanError(f"{path.name}: method {method!r} is not modelled", "use sft, dpo or ppo")
+        others = [n for n in registry() if takes_adapter_choice(n)]
+        raise VramplanError(f"{path.name}: method {method!r} is not modelled", f"use sft, {', '.join(others)}")
     for key, opt in (("per_device_train_batch_size", "batch"), ("gradient_accumulation_steps", "grad_accum")):
         v = _int(data, key, path)
         if v is not None:
@@ -227,7 +231,7 @@ def read_training_arguments(data: dict, path: Path, model: Any = None) -> PlanRe
         opts["precision"] = "fp16-mixed"
     if data.get("attn_implementation"):
         opts["attn"] = map_attention(data["attn_implementation"], notes)
-    return PlanRequest(spec, method if method in ("dpo", "ppo") else adapter, opts, notes,
+    return PlanRequest(spec, method if takes_adapter_choice(method) else adapter, opts, notes,
                        source=f"training arguments {path.name}")
 
 
