@@ -164,16 +164,25 @@ class Recipe:
 
 @lru_cache(maxsize=None)
 def load_behaviour(name: str) -> Behaviour:
-    """The :class:`Behaviour` of module ``name`` (its ``BEHAVIOUR``): a module of this package, or a dotted path.
+    """The :class:`Behaviour` of module ``name`` (its ``BEHAVIOUR``): a module of this package, else an importable
+    module of that name (a dotted path, or a plug-in on ``sys.path``).
 
     Raises:
         VramplanError: no such module, or it defines no ``BEHAVIOUR``.
     """
-    path = name if "." in name else f"{__name__}.{name}"
-    try:
-        mod = import_module(path)
-    except ImportError as exc:
-        raise VramplanError(f"methods.toml: behaviour {name!r} cannot be imported ({exc})") from None
+    paths = [name] if "." in name else [f"{__name__}.{name}", name]  # this package's module first
+    mod, err = None, None
+    for path in paths:
+        try:
+            mod = import_module(path)
+            break
+        except ModuleNotFoundError as exc:
+            if exc.name != path:
+                raise VramplanError(f"methods.toml: behaviour {name!r} cannot be imported ({exc})") from None
+            err = exc
+    if mod is None:
+        raise VramplanError(f"methods.toml: behaviour {name!r} cannot be imported ({err})",
+                            "a module of vramplan/methods/ or an importable module path") from None
     b = getattr(mod, "BEHAVIOUR", None)
     if not isinstance(b, Behaviour):
         raise VramplanError(f"methods.toml: behaviour module {path!r} defines no BEHAVIOUR (a methods.base.Behaviour)")
