@@ -136,6 +136,14 @@ class TrainConfig:
             del d["options"]  # the JSON of a method without options of its own is unchanged
         return d
 
+    def to_json(self) -> dict:
+        """The JSON of :func:`vramplan.results.jsonable` (tuples as lists); ``options`` only when the method has some,
+        so the JSON of a method without options of its own is what it always was."""
+        from .results import jsonable
+
+        return {f.name: (dict(self.options) if f.name == "options" else jsonable(getattr(self, f.name)))
+                for f in fields(self) if f.name != "options" or self.options}
+
     def with_(self, **changes) -> "TrainConfig":
         """This configuration with ``changes``: fields, or method options (set in :attr:`options`)."""
         extra = {k: changes.pop(k) for k in list(changes) if k not in _FIELDS}
@@ -243,7 +251,7 @@ def make_config(model: ModelSpec | str, method: str = "lora", *, adapter: str | 
     get_optimizer(optimizer)
     regime = get_regime(precision or stack.default_precision)
     tg: tuple[str, ...] = ()
-    if recipe.adapter in (Adapter.LORA, Adapter.QLORA, Adapter.DORA):
+    if recipe.adapter.low_rank:
         tg = resolve_targets(spec, targets)
         shapes = {l.name: l for l in spec.layer_linears()}
         for t in tg:

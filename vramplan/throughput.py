@@ -97,7 +97,7 @@ from .config import TrainConfig
 from .distributed import SINGLE, Comm, Parallel, comm_volume, overlap
 from .gpus import GPUSpec, card_class
 from .memory import model_state
-from .methods import Adapter, Forward
+from .methods import LOW_RANK, Adapter, Forward
 from .models import ModelSpec
 from .optimizers import get_optimizer
 from .precision import DTYPE_BYTES
@@ -186,7 +186,7 @@ def _body_params(spec: ModelSpec) -> int:
 
 def _adapted_shapes(spec: ModelSpec, cfg: TrainConfig) -> list[tuple[int, int, int]]:
     """(in, out, matrices in the model) of every LoRA/DoRA-adapted linear."""
-    if cfg.recipe.adapter not in (Adapter.LORA, Adapter.QLORA, Adapter.DORA):
+    if not cfg.recipe.adapter.low_rank:
         return []
     lin = {l.name: l for l in spec.layer_linears() if l.is_linear}
     return [(lin[t].in_features, lin[t].out_features, lin[t].count * spec.num_layers) for t in cfg.targets if t in lin]
@@ -277,8 +277,7 @@ def step_work(spec: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepWo
     if shapes:
         lora_per_token = sum(6 * cfg.rank * (i + o) * n for i, o, n in shapes)
         fwd_per_token = sum(2 * cfg.rank * (i + o) * n for i, o, n in shapes)
-        grad_copies = [c for c in recipe.copies if c.forward is Forward.GRAD and c.adapter in
-                       (Adapter.LORA, Adapter.QLORA, Adapter.DORA)]
+        grad_copies = [c for c in recipe.copies if c.forward is Forward.GRAD and c.adapter in LOW_RANK]
         forwards = 1 + gc + (1 if recipe.behaviour.generates else 0)
         adapter += len(grad_copies) * tokens * (lora_per_token + gc * fwd_per_token)
         if recipe.behaviour.generates:

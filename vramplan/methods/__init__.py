@@ -64,6 +64,15 @@ class Adapter(str, Enum):
     def quantized_base(self) -> bool:
         return self is Adapter.QLORA
 
+    @property
+    def low_rank(self) -> bool:
+        """LoRA, QLoRA and DoRA: rank-``r`` A/B matrices on the target linears (IA³ and full are not)."""
+        return self in LOW_RANK
+
+
+#: the LoRA family: adapters with a rank, an alpha and target linears
+LOW_RANK = (Adapter.LORA, Adapter.QLORA, Adapter.DORA)
+
 
 class Role(str, Enum):
     POLICY = "policy"
