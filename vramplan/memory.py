@@ -416,9 +416,11 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
         fp32_logits = 4.0 if (pol.logits == 4 or regime.runner == "trainer") else float(pol.logits)  # (accelerate converts)
         attn_fwd = np.maximum(attn_fwd, scores + T * model.vocab_size * fp32_logits)
     if recipe.behaviour.generates:
+        # the KV cache of every generated sequence (prompt + generated = the sequence) and the rollout's logits
         policy = recipe.copies[0]
-        kv = act.kv_cache_bytes(model, regime, policy, b, s, kbit) + zeros
-        rollout_logits = act.rollout_logits_bytes(model, cfg, policy, b, s, kv)
+        gb = b * recipe.behaviour.generation(cfg, s).sequences_per_example  # sequences generated
+        kv = act.kv_cache_bytes(model, regime, policy, gb, s, kbit) + zeros
+        rollout_logits = act.rollout_logits_bytes(model, cfg, policy, gb, s, kv)
     if recipe.copies[0].forward is not Forward.NONE:
         acts = acts + act.attention_mask_bytes(model, cfg, regime, b, s)
     return {"acts": acts, "recompute": recompute, "layer": layer, "layer_attn": layer_attn, "logits_fwd": logits_fwd,

@@ -98,6 +98,7 @@ from .distributed import SINGLE, Comm, Parallel, comm_volume, overlap
 from .gpus import GPUSpec, card_class
 from .memory import model_state
 from .methods import LOW_RANK, Adapter, Forward
+from .methods.generation import generation_work
 from .models import ModelSpec
 from .optimizers import get_optimizer
 from .precision import DTYPE_BYTES
@@ -248,29 +249,15 @@ def step_work(spec: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepWo
     decode_bytes = zeros.copy()
     decode_flops = zeros.copy()
     if recipe.behaviour.generates:
-        gen = int(recipe.behaviour.generation(cfg).generated_tokens)
-        fwd_mm = 2 * (body + spec.vocab_size * h)
-        rollout = fwd_mm * b * s + zeros
-        passes += 1
+        gw = generation_work(spec, regime, recipe.copies[0], recipe.behaviour.generation(cfg), b, s,
+                             2 * (body + spec.vocab_size * h))
+        gen = gw.generated_tokens
+        rollout = gw.scoring_flops + zeros
+        passes += gw.passes
         if recipe.adapter.quantized_base:
-            dequant += quant_linear * (1 + gen)
-        prompt = np.maximum(s - gen, 1)
-        prefill_tokens = b * prompt + zeros
-        prefill = (fwd_mm + 4 * prompt * spec.q_dim * L) * prefill_tokens
-        # decode: every token reads the policy's weights and the KV cache so far
-        policy = recipe.copies[0]
-        if policy.adapter is Adapter.FULL:
-            wbytes = spec.params * DTYPE_BYTES[regime.trainable_dtype] + zeros
-        elif policy.quantized:
-            nf4 = spec.linear_params
-            per = np.where(b > 1, 4.5, 0.5)  # bnb dequantises per token unless decoding one sequence
-            wbytes = nf4 * per + (spec.params - nf4) * 4 + zeros
-        else:
-            wbytes = spec.params * DTYPE_BYTES[regime.frozen_dtype] + zeros
-        kv_per_token = 2 * L * spec.kv_dim * DTYPE_BYTES[regime.compute_dtype]
-        ctx = gen * prompt + gen * (gen - 1) / 2.0  # cached positions read over the whole generation
-        decode_bytes = gen * wbytes + b * ctx * kv_per_token
-        decode_flops = gen * b * fwd_mm + 4 * spec.q_dim * L * b * ctx
+            dequant += quant_linear * gw.dequant_passes
+        prefill_tokens, prefill = gw.prefill_tokens + zeros, gw.prefill_flops + zeros
+        decode_bytes, decode_flops = gw.decode_bytes + zeros, gw.decode_flops + zeros
     adapter = zeros.copy()
     dora = 0.0
     shapes = _adapted_shapes(spec, cfg)
