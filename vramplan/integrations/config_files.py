@@ -39,8 +39,6 @@ AXOLOTL_KEYS = frozenset({"base_model", "base_model_config", "micro_batch_size",
                           "lora_target_linear", "datasets", "load_in_4bit", "num_epochs"})
 HF_KEYS = frozenset({"per_device_train_batch_size", "output_dir", "optim", "max_length", "max_seq_length",
                      "model_name_or_path", "gradient_accumulation_steps", "use_peft"})
-DPO_KEYS = frozenset({"loss_type", "ref_model_init_kwargs", "precompute_ref_log_probs", "rpo_alpha",
-                      "reference_free", "max_prompt_length"})
 #: TRL ModelConfig LoRA defaults (lora_r 16, lora_alpha 32, lora_dropout 0.05).
 TRL_LORA_DEFAULTS = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
 
@@ -202,9 +200,13 @@ def read_training_arguments(data: dict, path: Path, model: Any = None) -> PlanRe
     else:
         adapter = "full"
     method = str(data.get("method") or data.get("trainer") or "").lower() or None
-    if method is None and (DPO_KEYS & set(data) or ("beta" in data and "max_prompt_length" in data)):
-        method = "dpo"
-        notes.append("DPO recognised from its keys (" + ", ".join(sorted(DPO_KEYS & set(data)) or ["beta"]) + ")")
+    if method is None:  # a method recognised from keys only its trainer config has (its behaviour's recognised_by)
+        for name, md in registry().items():
+            hit = md.behaviour.recognised_by(set(data))
+            if hit:
+                method = name
+                notes.append(f"{name.upper()} recognised from its keys ({', '.join(hit)})")
+                break
     if takes_adapter_choice(method):
         opts["adapter"] = adapter
     elif method not in (None, "sft"):

@@ -29,7 +29,8 @@ overrides only what differs; ``cfg`` is a TrainConfig):
   execute (``vramplan.runtime.steps.run_step`` imports it on use; torch is never imported here).
 * ``takes_adapter_choice`` (bool) -- recipes read ``method+adapter`` (DPO, PPO).
 * ``trainer_names`` / ``axolotl_rl`` / ``report_names`` -- TRL config/trainer class names, Axolotl
-  ``rl:`` values and words in published reports that mean the method.
+  ``rl:`` values and words in published reports that mean the method; ``config_keys`` /
+  ``recognised_by(keys) -> tuple[str, ...]`` -- the keys that mark a trainer config file as the method's.
 
 The model copies, sequences per example and loss buffers (``loss``) stay data in methods.toml.
 """

@@ -112,7 +112,8 @@ class Behaviour:
     * :attr:`step` -- the real torch step the dry run and calibration run (``"module:function"``).
     * :attr:`takes_adapter_choice` -- the recipe names ``method+adapter`` (DPO, PPO) or the adapter alone.
     * :attr:`trainer_names` / :attr:`axolotl_rl` / :attr:`report_names` -- how trainer configs,
-      Axolotl ``rl:`` values and published reports name the method.
+      Axolotl ``rl:`` values and published reports name the method; :meth:`recognised_by`
+      (:attr:`config_keys`) -- the keys that mark a config file as the method's.
     """
 
     #: the method's own knobs (see :class:`Option`)
@@ -129,6 +130,12 @@ class Behaviour:
     axolotl_rl: tuple[str, ...] = ()
     #: lower-case words that name this method in published reports (measurements/importers.py)
     report_names: tuple[str, ...] = ()
+    #: keys only this method's trainer config has: a config file holding one is read as this method
+    config_keys: frozenset[str] = frozenset()
+
+    def recognised_by(self, keys: set[str]) -> tuple[str, ...]:
+        """The keys of a trainer config (a file's top-level keys) that mark it as this method's, sorted; empty: none."""
+        return tuple(sorted(self.config_keys & set(keys)))
 
     def option(self, name: str) -> Option | None:
         return next((o for o in self.options if o.name == name), None)

@@ -17,6 +17,8 @@ class DPO(Behaviour):
     trainer_names = ("DPOConfig", "DPOTrainer")
     axolotl_rl = ("dpo", "ipo")
     report_names = ("dpo",)
+    config_keys = frozenset({"loss_type", "ref_model_init_kwargs", "precompute_ref_log_probs", "rpo_alpha",
+                             "reference_free", "max_prompt_length"})
 
     def assumptions(self, cfg: Any) -> list[str]:
         return ["DPO: chosen + rejected concatenated (2 x batch sequences); reference = "
