@@ -13,8 +13,12 @@ from .validate import arg_int, arg_real, arg_size, arg_text
 def _add_plan_args(p: argparse.ArgumentParser, *, single: bool = True, model_required: bool = True) -> None:
     p.add_argument("--model", required=model_required, type=arg_text("model"), help="catalogue name, size alias (13b), HF repo id, or a config.json path/dir")
     if single:
-        p.add_argument("--method", default="lora", help="full|lora|qlora|dora|ia3|dpo|ppo (default lora)")
-        p.add_argument("--adapter", default=None, help="for dpo/ppo: full|lora|qlora|dora|ia3")
+        from .methods import method_names, takes_adapter_choice
+
+        names = method_names()
+        p.add_argument("--method", default="lora", help=f"{'|'.join(names)} (default lora)")
+        p.add_argument("--adapter", default=None, help=f"for {'/'.join(n for n in names if takes_adapter_choice(n))}: "
+                       "full|lora|qlora|dora|ia3")
         p.add_argument("--batch", type=arg_int("batch"), default=1, help="micro-batch size (default 1)")
     p.add_argument("--gpu", default=None, help="catalogue GPU name, or 'auto' (NVML)")
     p.add_argument("--gpu-mem", type=arg_size("gpu-mem"), default=None,
