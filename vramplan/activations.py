@@ -406,6 +406,15 @@ def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head
     two 16-bit gradients.
     """
     T = np.asarray(tokens, dtype=np.float64)
+    if cfg is not None and copy.trains:  # a method whose loss has its own buffers (methods.base.Behaviour.loss_bytes)
+        own = cfg.recipe.behaviour.loss_bytes(model, copy, regime, T, rows, cfg,
+                                              copy_dtypes(copy, regime, cfg.stack.kbit_upcast).logits)
+        if own is not None:
+            fwd, bwd = own
+            if model.final_logit_softcapping and head == "lm":  # Gemma-2's saved tanh, as below
+                fwd, bwd = fwd + T * model.vocab_size * copy_dtypes(copy, regime, cfg.stack.kbit_upcast).logits, \
+                    bwd + T * model.vocab_size * copy_dtypes(copy, regime, cfg.stack.kbit_upcast).logits
+            return fwd, bwd
     if head == "scalar":
         return T * 8.0, T * 8.0
     V, h = model.vocab_size, model.hidden_size

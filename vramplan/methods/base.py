@@ -171,5 +171,13 @@ class Behaviour:
         """Lines for the dry run's assumptions."""
         return []
 
+    def loss_bytes(self, model: Any, copy: Any, regime: Any, tokens: Any, rows: Any, cfg: Any,
+                   logits_dtype_bytes: int) -> tuple[Any, Any] | None:
+        """``(forward, backward)`` peak bytes of a *training* copy's logits and loss for ``tokens`` tokens
+        of ``rows`` sequences, when the method's loss has its own buffers (numpy arrays); ``None`` keeps
+        the ``loss`` kind's accounting (vramplan.activations.logits_bytes). ``logits_dtype_bytes``: the
+        size of the model's output logits. Soft-capped logits' saved ``tanh`` is added by the caller."""
+        return None
+
 
 SFT = Behaviour()

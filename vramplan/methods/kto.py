@@ -1,0 +1,30 @@
+"""KTO (TRL ``KTOTrainer``, stable ``trl`` API): unpaired examples, a reference, the KL estimate's forwards.
+
+Copies (policy + reference sharing the base under PEFT) are data in methods.toml; the loss
+buffers are :func:`vramplan.methods.preference.kto_logits_bytes`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .preference import TRL, Preference
+from ..errors import VramplanError
+
+
+class KTO(Preference):
+    step = "vramplan.runtime.preference:kto_step"
+    loss_kind = "kto"
+    reference = True
+    trainer_names = ("KTOConfig", "KTOTrainer")
+    axolotl_rl = ("kto",)
+    report_names = ("kto",)
+    config_keys = frozenset({"desirable_weight", "undesirable_weight"})
+
+    def assumptions(self, cfg: Any) -> list[str]:
+        ref = "adapter disabled on the policy" if cfg.adapter != "full" else "a frozen copy"
+        return [f"KTO ({TRL}, loss_type='kto'): batch unpaired sequences, half desirable; the KL estimate runs "
+                f"the policy (no_grad) and the reference on batch mismatched sequences; reference = {ref}"]
+
+
+BEHAVIOUR = KTO()
