@@ -43,7 +43,8 @@ from dataclasses import dataclass
 TUNED = ("llama-3-8b", "qwen2.5-7b", "gemma-2-2b", "phi-3-mini-4k", "mixtral-8x7b")
 HELD_OUT = ("mistral-7b-v0.3", "qwen3-8b", "gemma-3-1b", "olmo-2-7b", "qwen3-30b-a3b", "smollm2-360m")
 ARCHS = TUNED + HELD_OUT
-METHODS = ("full", "lora", "qlora", "dora", "ia3", "dpo", "ppo", "orpo", "cpo", "simpo", "kto", "reward")
+METHODS = ("full", "lora", "qlora", "dora", "ia3", "dpo", "ppo", "orpo", "cpo", "simpo", "kto", "reward", "dpo-precomputed",
+           "kto-precomputed")
 # name -> (micro-batch, sequence length)
 SHAPES = {"short": (2, 128), "2k": (1, 2048), "8k": (1, 8192), "1k": (1, 1024), "4x1k": (4, 1024)}
 DEFAULT_SHAPES = ("short", "2k", "8k")

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 from .preference import TRL, Preference
-from ..errors import VramplanError
 
 
 class KTO(Preference):
@@ -24,7 +23,15 @@ class KTO(Preference):
     def assumptions(self, cfg: Any) -> list[str]:
         ref = "adapter disabled on the policy" if cfg.adapter != "full" else "a frozen copy"
         return [f"KTO ({TRL}, loss_type='kto'): batch unpaired sequences, half desirable; the KL estimate runs "
-                f"the policy (no_grad) and the reference on batch mismatched sequences; reference = {ref}"]
+                f"the policy (no_grad) and the reference on batch mismatched sequences; reference = {ref}"] \
+            + self._batch_note(cfg)
+
+    @staticmethod
+    def _batch_note(cfg: Any) -> list[str]:
+        if cfg.batch >= 2:
+            return []
+        return ["WARNING: TRL's KTOTrainer refuses per_device_train_batch_size 1 with loss_type='kto' (the KL "
+                "term needs mismatched pairs within the micro-batch): plan --batch 2 or more"]
 
 
 BEHAVIOUR = KTO()

@@ -1,0 +1,31 @@
+"""KTO with ``precompute_ref_log_probs=True`` (TRL ``KTOTrainer``): no reference in the step.
+
+The KL estimate's policy forward (no_grad) stays; the reference's KL and batch forwards move to a
+pass before training. The copies (the policy alone) are data in methods.toml; the loss buffers
+are :func:`vramplan.methods.preference.kto_logits_bytes` without the reference's output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .kto import KTO
+from .preference import TRL
+
+
+class KTOPrecomputed(KTO):
+    step = "vramplan.runtime.preference:kto_precomputed_step"
+    reference = False
+    trainer_names = ()
+    axolotl_rl = ()
+    report_names = ()
+    config_keys = frozenset()
+
+    def assumptions(self, cfg: Any) -> list[str]:
+        return [f"KTO ({TRL}, loss_type='kto') with precompute_ref_log_probs=True: batch unpaired sequences, half "
+                "desirable; the KL estimate runs the policy (no_grad) on batch mismatched sequences; no reference "
+                "model or forward in the step (the precompute pass, a no-grad forward, is not planned)"] \
+            + self._batch_note(cfg)
+
+
+BEHAVIOUR = KTOPrecomputed()
