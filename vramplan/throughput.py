@@ -211,6 +211,7 @@ def step_work(spec: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepWo
     dequant = 0.0
     quant_linear = spec.linear_params / 1e9
     score = s * spec.num_heads * L if cfg.attn == "eager" else zeros  # score elements per token
+    extra = dict(recipe.behaviour.extra_forwards)
     for c in recipe.copies:
         head = spec.vocab_size * h if c.head == "lm" else h
         fwd_mm = 2 * (body + head)
@@ -235,12 +236,20 @@ def step_work(spec: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepWo
             eager += tokens * score * EAGER_FWD_BYTES
             if c.quantized:
                 dequant += quant_linear
+        n = extra.get(c.role.value, 0)  # the method's extra no-grad forwards (KTO's KL estimate)
+        if n and c.forward is not Forward.NONE:
+            flops += n * fwd
+            passes += n
+            eager += n * tokens * score * EAGER_FWD_BYTES
+            if c.quantized:
+                dequant += n * quant_linear
     for _role in recipe.shared_roles:
-        flops += (2 * (body + spec.vocab_size * h) + attn_fwd) * tokens
-        passes += 1
-        eager += tokens * score * EAGER_FWD_BYTES
+        n = 1 + extra.get(_role.value, 0)
+        flops += n * (2 * (body + spec.vocab_size * h) + attn_fwd) * tokens
+        passes += n
+        eager += n * tokens * score * EAGER_FWD_BYTES
         if recipe.adapter.quantized_base:
-            dequant += quant_linear
+            dequant += n * quant_linear
     train_dequant = dequant
     gen = 0
     rollout = zeros.copy()

@@ -128,6 +128,9 @@ class Behaviour:
     trainer_names: tuple[str, ...] = ()
     #: Axolotl ``rl:`` values that mean this method
     axolotl_rl: tuple[str, ...] = ()
+    #: extra no-grad forwards per step over the micro-batch's tokens, by copy role (``(("policy", 1),)``):
+    #: KTO's KL estimate runs the policy and the reference once more on mismatched sequences
+    extra_forwards: tuple[tuple[str, int], ...] = ()
     #: lower-case words that name this method in published reports (measurements/importers.py)
     report_names: tuple[str, ...] = ()
     #: keys only this method's trainer config has: a config file holding one is read as this method

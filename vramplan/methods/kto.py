@@ -15,6 +15,7 @@ class KTO(Preference):
     step = "vramplan.runtime.preference:kto_step"
     loss_kind = "kto"
     reference = True
+    extra_forwards = (("policy", 1), ("reference", 1))  # the KL estimate's forwards over mismatched sequences
     trainer_names = ("KTOConfig", "KTOTrainer")
     axolotl_rl = ("kto",)
     report_names = ("kto",)

@@ -16,6 +16,7 @@ from .preference import TRL
 class KTOPrecomputed(KTO):
     step = "vramplan.runtime.preference:kto_precomputed_step"
     reference = False
+    extra_forwards = (("policy", 1),)  # the KL estimate's forwards over mismatched sequences
     trainer_names = ()
     axolotl_rl = ()
     report_names = ()
