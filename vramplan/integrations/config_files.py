@@ -30,7 +30,7 @@ from typing import Any
 
 from .._data import read_config_file
 from ..errors import UnknownNameError, VramplanError
-from ..methods import get_method, method_named_by, registry, takes_adapter_choice
+from ..methods import get_method, method_flagged, method_named_by, registry, takes_adapter_choice, trainer_variant
 from ..models import ModelSpec, get_model
 from ..results import Estimate
 from .request import PlanRequest, map_attention, map_optimizer, normalise_targets
@@ -129,11 +129,16 @@ def read_axolotl(data: dict, path: Path, model: Any = None) -> PlanRequest:
         raise VramplanError(f"{path.name}: adapter {ad!r} is not modelled", "vramplan reads adapter: lora or qlora")
     rl = str(data.get("rl") or "").lower()
     method = adapter
-    rl_method = method_named_by("axolotl_rl", rl) if rl else None
+    rl_method = method_named_by("axolotl_rl", rl) if rl else method_flagged("axolotl_flags", data)
     if rl_method is not None:
         method = rl_method
         opts["adapter"] = adapter
-        notes.append(f"rl: {rl} planned as {rl_method.upper()} ({get_method(rl_method).summary})")
+        variant = trainer_variant(rl_method, data.get)
+        if variant != rl_method:
+            notes.append(f"{rl_method.upper()} settings plan it as {variant}")
+            method = variant
+        what = f"rl: {rl}" if rl else ", ".join(f"{k}: true" for k in get_method(rl_method).behaviour.axolotl_flags)
+        notes.append(f"{what} planned as {method.upper()} ({get_method(method).summary})")
     elif rl:
         known = sorted({v for md in registry().values() for v in md.behaviour.axolotl_rl})
         raise VramplanError(f"{path.name}: rl: {rl} is not modelled", f"vramplan models rl: {', '.join(known)}")
@@ -201,12 +206,18 @@ def read_training_arguments(data: dict, path: Path, model: Any = None) -> PlanRe
         adapter = "full"
     method = str(data.get("method") or data.get("trainer") or "").lower() or None
     if method is None:  # a method recognised from keys only its trainer config has (its behaviour's recognised_by)
-        for name, md in registry().items():
+        best: tuple = ()
+        for name, md in registry().items():  # the method whose keys the file holds most of (the first on a tie)
             hit = md.behaviour.recognised_by(set(data))
-            if hit:
-                method = name
-                notes.append(f"{name.upper()} recognised from its keys ({', '.join(hit)})")
-                break
+            if len(hit) > len(best[1] if best else ()):
+                best = (name, hit)
+        if best:
+            method = best[0]
+            notes.append(f"{method.upper()} recognised from its keys ({', '.join(best[1])})")
+    variant = trainer_variant(method, data.get)
+    if variant != method:
+        notes.append(f"{str(method).upper()} settings plan it as {variant}")
+        method = variant
     if takes_adapter_choice(method):
         opts["adapter"] = adapter
     elif method not in (None, "sft"):

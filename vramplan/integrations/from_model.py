@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import VramplanError
-from ..methods import method_named_by, takes_adapter_choice
+from ..methods import method_named_by, takes_adapter_choice, trainer_variant
 from ..models import from_hf_config
 from ..results import Estimate
 from .request import PlanRequest, map_attention, map_optimizer, normalise_targets, precision_from_flags
@@ -100,6 +100,10 @@ def _method_from_args(training_args: Any, notes: list[str]) -> str | None:
             if m is None:
                 raise VramplanError(f"{cls.__name__} ({cls.__name__[:-6]}) is not modelled by vramplan",
                                     "pass method='dpo' (policy + reference) or 'lora' as an approximation")
+            variant = trainer_variant(m, lambda k: getattr(training_args, k, None))
+            if variant != m:
+                notes.append(f"{cls.__name__} settings plan it as {variant}")
+                m = variant
             if m != "sft":
                 notes.append(f"method {m} from {cls.__name__}")
             return None if m == "sft" else m

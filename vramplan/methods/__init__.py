@@ -317,6 +317,40 @@ def method_named_by(attribute: str, value: str) -> str | None:
     return None
 
 
+def trainer_variant(method: str | None, get) -> str | None:
+    """``method``, or the registered variant its trainer config selects (``Behaviour.variants``): ``get(key)``
+    reads the config (None when absent). DPO with ``precompute_ref_log_probs=True`` -> ``dpo-precomputed``."""
+    md = registry().get(str(method).lower()) if method else None
+    if md is None:
+        return method
+    for key, value, other in md.behaviour.variants:
+        got = get(key)
+        if got is None:
+            continue
+        hit = bool(got) and str(got).lower() not in ("false", "0", "no") if value is True else _same(got, value)
+        if hit and other in registry():
+            return other
+    return method
+
+
+def _same(got, value) -> bool:
+    try:
+        return float(got) == float(value)
+    except (TypeError, ValueError):
+        return str(got).lower() == str(value).lower()
+
+
+def method_flagged(attribute: str, data: dict) -> str | None:
+    """The first registered method one of whose behaviour's ``attribute`` keys (``"axolotl_flags"``) is true in
+    ``data``, or None."""
+    for name, md in registry().items():
+        for key in getattr(md.behaviour, attribute, ()):
+            v = data.get(key)
+            if v is True or str(v).lower() in ("true", "1", "yes"):
+                return name
+    return None
+
+
 def report_words() -> list[tuple[str, str]]:
     """(word, method) for every registered method's :attr:`~vramplan.methods.base.Behaviour.report_names`."""
     return [(w.lower(), name) for name, md in registry().items() for w in md.behaviour.report_names]

@@ -128,6 +128,11 @@ class Behaviour:
     trainer_names: tuple[str, ...] = ()
     #: Axolotl ``rl:`` values that mean this method
     axolotl_rl: tuple[str, ...] = ()
+    #: trainer-config settings that make the plan another registered method: ``(key, value, method)``;
+    #: ``value`` True matches any truthy setting (DPO's ``precompute_ref_log_probs`` -> ``dpo-precomputed``)
+    variants: tuple[tuple[str, Any, str], ...] = ()
+    #: Axolotl top-level keys that, when true, mean this method (``reward_model: true``)
+    axolotl_flags: tuple[str, ...] = ()
     #: extra no-grad forwards per step over the micro-batch's tokens, by copy role (``(("policy", 1),)``):
     #: KTO's KL estimate runs the policy and the reference once more on mismatched sequences
     extra_forwards: tuple[tuple[str, int], ...] = ()

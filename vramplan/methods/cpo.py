@@ -16,7 +16,8 @@ class CPO(Preference):
     nll = True
     trainer_names = ("CPOConfig", "CPOTrainer")
     report_names = ("cpo",)
-    config_keys = frozenset({"cpo_alpha", "simpo_gamma"})
+    config_keys = frozenset({"cpo_alpha", "simpo_gamma", "loss_type"})
+    variants = (("cpo_alpha", 0, "simpo"),)  # no NLL term: SimPO's buffers (loss_type='simpo' or not)
 
     def assumptions(self, cfg: Any) -> list[str]:
         return [f"CPO ({TRL}, trl.experimental.cpo defaults: loss_type='sigmoid', cpo_alpha=1.0): chosen + rejected "

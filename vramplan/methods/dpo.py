@@ -17,6 +17,7 @@ class DPO(Behaviour):
     trainer_names = ("DPOConfig", "DPOTrainer")
     axolotl_rl = ("dpo", "ipo")
     report_names = ("dpo",)
+    variants = (("precompute_ref_log_probs", True, "dpo-precomputed"),)
     config_keys = frozenset({"loss_type", "ref_model_init_kwargs", "precompute_ref_log_probs", "rpo_alpha",
                              "reference_free", "max_prompt_length"})
 

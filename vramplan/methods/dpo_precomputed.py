@@ -20,6 +20,7 @@ class DPOPrecomputed(DPO):
     axolotl_rl = ()
     report_names = ()
     config_keys = frozenset()
+    variants = ()
 
     def assumptions(self, cfg: Any) -> list[str]:
         return ["DPO with precompute_ref_log_probs=True: chosen + rejected concatenated (2 x batch sequences); "

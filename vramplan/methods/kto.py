@@ -19,7 +19,8 @@ class KTO(Preference):
     trainer_names = ("KTOConfig", "KTOTrainer")
     axolotl_rl = ("kto",)
     report_names = ("kto",)
-    config_keys = frozenset({"desirable_weight", "undesirable_weight"})
+    config_keys = frozenset({"desirable_weight", "undesirable_weight", "loss_type", "precompute_ref_log_probs"})
+    variants = (("precompute_ref_log_probs", True, "kto-precomputed"),)
 
     def assumptions(self, cfg: Any) -> list[str]:
         ref = "adapter disabled on the policy" if cfg.adapter != "full" else "a frozen copy"

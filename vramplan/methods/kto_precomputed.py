@@ -21,6 +21,7 @@ class KTOPrecomputed(KTO):
     axolotl_rl = ()
     report_names = ()
     config_keys = frozenset()
+    variants = ()
 
     def assumptions(self, cfg: Any) -> list[str]:
         return [f"KTO ({TRL}, loss_type='kto') with precompute_ref_log_probs=True: batch unpaired sequences, half "

@@ -18,6 +18,7 @@ class Reward(Preference):
     trainer_names = ("RewardConfig", "RewardTrainer")
     report_names = ("reward model", "reward modeling", "reward modelling")
     config_keys = frozenset({"center_rewards_coefficient"})
+    axolotl_flags = ("reward_model",)
 
     def assumptions(self, cfg: Any) -> list[str]:
         peft = "" if cfg.adapter == "full" else "; PEFT task SEQ_CLS: the score head trains beside the adapter"
