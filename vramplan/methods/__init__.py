@@ -119,6 +119,8 @@ class MethodDef:
     loss: str = "causal_lm"
     #: the behaviour module: a module of this package (``"dpo"``) or a dotted module path
     behaviour_name: str = "sft"
+    #: False for a variant that ``fit``'s default table leaves out (asked for by name: ``--method``)
+    listed: bool = True
 
     @property
     def behaviour(self) -> Behaviour:
@@ -216,6 +218,7 @@ def _parse(name: str, raw: dict) -> MethodDef:
             copies=copies,
             loss=str(raw.get("loss", "causal_lm")),
             behaviour_name=str(raw.get("behaviour", "sft")),
+            listed=bool(raw.get("listed", True)),
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise VramplanError(f"methods.toml: method {name!r} is invalid ({exc})") from None
@@ -289,8 +292,9 @@ def method_options(recipe: "Recipe", values: dict[str, Any] | None, seq: int) ->
     return recipe.behaviour.resolve_options({k: v for k, v in values.items() if k in own}, seq)
 
 
-def method_names() -> list[str]:
-    return list(registry())
+def method_names(listed_only: bool = False) -> list[str]:
+    """Every registered method, in catalogue order; ``listed_only``: those ``fit``'s default table shows."""
+    return [n for n, md in registry().items() if md.listed or not listed_only]
 
 
 def get_method(name: str) -> MethodDef:

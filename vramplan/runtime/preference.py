@@ -45,7 +45,12 @@ import torch.nn.functional as F
 
 from ..methods import Role
 from ..taxonomy import Phase
-from .steps import _convert, _ids, _optimizer_step, _reference_model, selective_log_softmax
+from .steps import optimizer_step as _optimizer_step
+from .steps import random_ids as _ids
+from .steps import reference_model as _reference_model
+from .steps import selective_log_softmax
+from .steps import sequence_logps as _sequence_logps
+from .steps import trainer_outputs as _convert
 
 BETA = 0.1          # ORPOConfig.beta, CPOConfig.beta, KTOConfig.beta
 SIMPO_GAMMA = 0.5   # CPOConfig.simpo_gamma
@@ -278,7 +283,6 @@ def dpo_precomputed_step(t) -> dict:
     """TRL ``DPOTrainer`` with ``precompute_ref_log_probs=True``: the policy's concatenated forward and
     the sigmoid loss against reference log-probs read from the batch; no reference forward."""
     from .steps import BETA as DPO_BETA
-    from .steps import _sequence_logps
 
     cfg = t.cfg
     ga = cfg.grad_accum

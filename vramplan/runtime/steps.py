@@ -403,3 +403,16 @@ def ppo_step(t) -> dict:
         del logits
     _optimizer_step(t)
     return {"loss": last}
+
+
+# -- public helpers for the method steps of other runtime modules (vramplan/runtime/preference.py) --------
+#: random token ids of ``(batch, seq)`` on the trainee's tensor device
+random_ids = _ids
+#: accelerate's ``convert_outputs_to_fp32`` where the Trainer's forward is wrapped by it
+trainer_outputs = _convert
+#: the update after the micro-batches (unscale, clip, step, zero_grad)
+optimizer_step = _optimizer_step
+#: the reference model as TRL runs it (the frozen copy, else the policy with its adapter disabled)
+reference_model = _reference_model
+#: DPO's per-sequence log-probs (and the mean-logits metric's copy)
+sequence_logps = _sequence_logps
