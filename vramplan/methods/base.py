@@ -167,6 +167,10 @@ class Behaviour:
         """What one step generates (None: nothing). ``seq`` overrides ``cfg.seq`` (a numpy grid)."""
         return None
 
+    def min_batch(self) -> int:
+        """The smallest micro-batch the method's trainer accepts (KTO's KL term needs two sequences)."""
+        return 1
+
     def min_seq(self) -> int:
         """The shortest sequence (tokens) the method's searches consider."""
         return 128

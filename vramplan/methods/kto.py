@@ -28,6 +28,9 @@ class KTO(Preference):
                 f"the policy (no_grad) and the reference on batch mismatched sequences; reference = {ref}"] \
             + self._batch_note(cfg)
 
+    def min_batch(self) -> int:
+        return 2  # KTOTrainer: "Actual (not effective) batch size must be > 1" with loss_type="kto"
+
     @staticmethod
     def _batch_note(cfg: Any) -> list[str]:
         if cfg.batch >= 2:

@@ -104,7 +104,8 @@ def largest_micro_batch(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, par: P
                         usable: int | None = None, totals: DeviceTotals | None = None) -> int:
     """Largest micro-batch (<= 1024, :data:`BATCH_GRID`) of ``cfg`` at ``cfg.seq`` below ``usable`` bytes per GPU
     (default the capacity); 0 if none."""
-    return _limit(BATCH_GRID, device_totals(spec, cfg, card, batch=BATCH_GRID, par=par, totals=totals),
+    grid = BATCH_GRID[BATCH_GRID >= cfg.recipe.behaviour.min_batch()]  # KTO: TRL refuses micro-batch 1
+    return _limit(grid, device_totals(spec, cfg, card, batch=grid, par=par, totals=totals),
                   usable or card.memory_bytes)
 
 
@@ -116,9 +117,11 @@ def largest_batch(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec) -> int:
 
 def longest_sequence(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, par: Parallel | None = None,
                      usable: int | None = None, totals: DeviceTotals | None = None) -> int:
-    """Longest sequence (multiple of 128, <= the model's context) of ``cfg`` at micro-batch 1; 0 if none."""
+    """Longest sequence (multiple of 128, <= the model's context) of ``cfg`` at micro-batch 1 (the method's
+    smallest, :meth:`~vramplan.methods.base.Behaviour.min_batch`); 0 if none."""
     grid = np.arange(128, max(128, spec.max_position_embeddings) + 1, 128)  # SEQ_GRID's steps, to the context
     grid = grid[grid >= cfg.recipe.behaviour.min_seq()]
-    c = cfg.with_(batch=1, **cfg.recipe.behaviour.reset_shape())
-    return _limit(grid, device_totals(spec, c, card, batch=1, seq=grid, par=par, totals=totals),
+    b = cfg.recipe.behaviour.min_batch()
+    c = cfg.with_(batch=b, **cfg.recipe.behaviour.reset_shape())
+    return _limit(grid, device_totals(spec, c, card, batch=b, seq=grid, par=par, totals=totals),
                   usable or card.memory_bytes)
