@@ -266,8 +266,9 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
     grids = {}
     for par in parallels:
         b_grid, a_grid = _batch_grid(global_batch, par.gpus)
-        low = b_grid >= resolve(method, adapter).behaviour.min_batch()  # KTO: TRL refuses micro-batch 1
-        b_grid, a_grid = b_grid[low], a_grid[low]
+        if batch is None:  # a micro-batch asked for is planned as given (the plan's assumptions warn)
+            low = b_grid >= resolve(method, adapter).behaviour.min_batch()  # KTO: TRL refuses micro-batch 1
+            b_grid, a_grid = b_grid[low], a_grid[low]
         if batch is not None:
             keep = b_grid == batch
             if not keep.any():
