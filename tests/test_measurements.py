@@ -89,7 +89,7 @@ def test_parse_cells():
     assert parse_gpu("2x 24GB GPUs")[2] == 24 * 10**9
     assert parse_method("QLoRA (FSDP + CPU offload)")[:4] == ("qlora", "qlora", "fsdp", "cpu")
     assert parse_method("LoRA (DDP (FSDP sharding_strategy ddp))")[2] == "ddp"
-    assert parse_method("ORPO + LoRA (beta 0.5)")[0] is None
+    assert parse_method("ORPO + LoRA (beta 0.5)")[:2] == ("orpo", "lora")  # modelled since issue 14
     assert parse_targets("q,v (lora_query,lora_value only)")[0] == ("q_proj", "v_proj")
     assert parse_targets("q_proj,v_proj (alpha 16)")[0] == ("q_proj", "v_proj")
     assert parse_targets("q,k,v,proj,mlp,head (litgpt)")[0] == ("all-linear",)
