@@ -14,6 +14,7 @@ def _add_plan_args(p: argparse.ArgumentParser, *, single: bool = True, model_req
     p.add_argument("--model", required=model_required, type=arg_text("model"), help="catalogue name, size alias (13b), HF repo id, or a config.json path/dir")
     if single:
         from .methods import method_names, takes_adapter_choice
+        from .optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
 
         names = method_names()
         p.add_argument("--method", default="lora", help=f"{'|'.join(names)} (default lora)")
@@ -43,7 +44,7 @@ def _add_plan_args(p: argparse.ArgumentParser, *, single: bool = True, model_req
                        help="LoRA dropout, 0 <= p < 1 (default 0)")
         p.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", default=None, help="gradient checkpointing on")
         p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="gradient checkpointing off")
-        p.add_argument("--optimizer", default="adamw", help="adamw|adamw_8bit|paged_adamw_8bit|paged_adamw_32bit|sgd|adafactor")
+        p.add_argument("--optimizer", default=DEFAULT_OPTIMIZER, help="|".join(OPTIMIZERS))
         p.add_argument("--grad-accum", type=arg_int("grad-accum"), default=1, help="gradient accumulation steps")
         p.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=True,
                        help="QLoRA without double quantisation")

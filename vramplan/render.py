@@ -6,6 +6,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from .optimizers import get_optimizer
 from .results import Estimate
 from .taxonomy import Component
 from .units import fmt_bytes, fmt_count
@@ -75,7 +76,7 @@ def plan_brief(plan) -> str:
     parts = [f"b{c.batch}" + (f"x{c.grad_accum}" if c.grad_accum > 1 else "")]
     if c.grad_ckpt:
         parts.append("GC")
-    parts.append({"adamw_8bit": "8-bit", "paged_adamw_8bit": "paged 8-bit"}.get(c.optimizer, c.optimizer))
+    parts.append(get_optimizer(c.optimizer).label)
     if c.attn != "sdpa":
         parts.append(c.attn)
     if c.adapter in ("lora", "qlora", "dora"):

@@ -247,7 +247,7 @@ class Trainee:
         try:
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
-            elif self.regime.name == "fp16-mixed" and self.fake:  # GradScaler: loss * scale (a 0-dim fp32)
+            elif self.regime.grad_scaler and self.fake:  # GradScaler: loss * scale (a 0-dim fp32)
                 (loss * torch.full((), 65536.0, device=loss.device)).backward()
             else:
                 loss.backward()
@@ -431,37 +431,41 @@ def _build_copy(trainee: Trainee, copy: ModelCopy, attn: str) -> Copy:
     return Copy(copy.role, copy, module, trains=True)
 
 
+def _import_class(path: str):
+    """``"module:Class"`` -> the class (optimizers.toml's ``class`` fields)."""
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def make_optimizer(params: list, cfg: TrainConfig, regime: Regime, device: str, fake: bool, notes: list[str]):
+    """The optimiser of ``cfg`` over ``params``, built as ``vramplan/data/optimizers.toml`` says.
+
+    ``class(params, lr=LR, **kwargs, **<runner>_kwargs)``: the runner's kernel (foreach for a plain
+    loop, fused for the HF Trainer); ``meta_trainer_class`` on ``meta`` under the Trainer (torch
+    rejects ``fused=True`` there); a paged class (``cuda_class``) only on a real CUDA device --
+    elsewhere its unpaged twin, with a note that the states are counted as device tensors.
+    """
     opt = get_optimizer(cfg.optimizer)
     if not params:
         raise VramplanError("nothing to train: the configuration leaves no trainable parameter")
-    if opt.name == "adamw":
-        if regime.runner == "loop":
-            return torch.optim.AdamW(params, lr=LR, foreach=True)
-        if fake:
-            return FusedAdamWOnMeta(params, lr=LR)
-        return torch.optim.AdamW(params, lr=LR, fused=True)
-    if opt.name == "sgd":
-        return torch.optim.SGD(params, lr=LR)
-    if opt.name == "adafactor":
-        from transformers.optimization import Adafactor
+    if opt.package:
+        from ..errors import require
 
-        return Adafactor(params, lr=LR, scale_parameter=False, relative_step=False, warmup_init=False)
-    from ..errors import require
-
-    bnb = require("bitsandbytes", "calibrate")
-    if opt.name == "paged_adamw_32bit":
+        require(opt.package, "calibrate")
+    loop = regime.runner == "loop"
+    kwargs = {**opt.kwargs, **(opt.loop_kwargs if loop else opt.trainer_kwargs)}
+    path = opt.cls
+    if fake and not loop and opt.meta_trainer_class:
+        path, kwargs = opt.meta_trainer_class, dict(opt.kwargs)
+    if opt.cuda_class:
         if not fake and device.startswith("cuda"):
-            return bnb.optim.PagedAdamW32bit(params, lr=LR)
-        notes.append("paged_adamw_32bit: its fp32 states are counted as device tensors; on CUDA they live in "
-                     "unified memory outside torch's allocator (visible to nvidia-smi, evictable to host)")
-        return bnb.optim.AdamW32bit(params, lr=LR)
-    if opt.paged and not fake and device.startswith("cuda"):
-        return bnb.optim.PagedAdamW8bit(params, lr=LR)
-    if opt.paged:
-        notes.append("paged_adamw_8bit: its 8-bit states are counted as device tensors; on CUDA they live in "
-                     "unified memory outside torch's allocator (visible to nvidia-smi, evictable to host)")
-    return bnb.optim.AdamW8bit(params, lr=LR)
+            path = opt.cuda_class
+        else:
+            notes.append(f"{opt.name}: its {opt.state_label} states are counted as device tensors; on CUDA they live "
+                         "in unified memory outside torch's allocator (visible to nvidia-smi, evictable to host)")
+    return _import_class(path)(params, lr=LR, **kwargs)
 
 
 class FusedAdamWOnMeta(torch.optim.AdamW):
@@ -581,7 +585,7 @@ def build(spec: ModelSpec, cfg: TrainConfig, device: str = "cpu", *, fake: bool 
             head.register_forward_pre_hook(trainee._head_pre_hook)
             head.register_forward_hook(trainee._head_post_hook)
     trainee.optimizer = make_optimizer(trainee.trainable_parameters(), cfg, regime, device, fake, notes)
-    if regime.name == "fp16-mixed" and not fake:
+    if regime.grad_scaler and not fake:
         trainee.scaler = torch.amp.GradScaler(device.split(":")[0])
     hooks.event("built", trainee)
     return trainee

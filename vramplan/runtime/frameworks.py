@@ -422,7 +422,7 @@ def _build_litgpt(t) -> None:
     else:
         from litgpt.model import GPT
     # fabric.init_module: bf16-true initialises in bf16; *-mixed and 32-true in fp32
-    dtype = torch.float32 if t.regime.autocast or t.regime.name == "fp32" else torch_dtype(t.regime.frozen_dtype)
+    dtype = torch.float32 if t.regime.autocast else torch_dtype(t.regime.frozen_dtype)  # (32-true: frozen fp32)
     dev = t.tensor_device
     with _default_dtype(dtype), torch.device(dev):
         model = GPT(conf)
