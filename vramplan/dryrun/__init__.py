@@ -414,13 +414,3 @@ def dryrun_config(spec: ModelSpec, cfg: TrainConfig, card=None, *, model_query: 
         res.fits = peak <= card.memory_bytes
     return res
 
-
-class _CallableModule(__import__("types").ModuleType):
-    """``vramplan.dryrun`` is both this package and the API function: importing the package
-    rebinds the attribute on ``vramplan``, so the package itself is made callable."""
-
-    def __call__(self, *args, **kwargs):
-        return dryrun(*args, **kwargs)
-
-
-__import__("sys").modules[__name__].__class__ = _CallableModule
