@@ -65,7 +65,7 @@ def test_a_card_keeps_the_stacks_default_precision(monkeypatch, stack, precision
     """With --gpu and no --precision the dry run runs the stack's default (as estimate does), not hf's."""
     import vramplan.dryrun as dr
 
-    monkeypatch.setattr(dr, "_require", lambda framework="hf": None)
+    monkeypatch.setattr(dr, "require_stack_packages", lambda framework="hf": None)
     monkeypatch.setattr(dr, "dryrun_config", lambda spec, cfg, card, **kw: cfg)
     assert dr.dryrun("llama-3.2-1b", "lora", framework=stack, gpu="rtx4090").precision == precision
 
@@ -84,9 +84,10 @@ from vramplan.runtime import liger  # noqa: E402
 
 def _importable(*mods) -> bool:
     try:
-        from vramplan.runtime.frameworks import require_stack
+        from vramplan.runtime.stacks import get_runtime
+        from vramplan.runtime.stacks.common import require_package
 
-        require_stack(mods[0])
+        require_package(get_runtime(mods[0]))
         return True
     except (MissingDependencyError, ImportError):
         return False
@@ -107,7 +108,7 @@ def hf(spec):
 
 
 def test_the_broken_import_names_torchao(monkeypatch):
-    from vramplan.runtime import frameworks
+    from vramplan.runtime.stacks import common as frameworks, get_runtime
 
     real = importlib.import_module
 
@@ -119,7 +120,7 @@ def test_the_broken_import_names_torchao(monkeypatch):
     monkeypatch.setattr(frameworks.importlib.util, "find_spec", lambda name, *a: object())
     monkeypatch.setattr(frameworks.importlib, "import_module", fake)
     with pytest.raises(MissingDependencyError, match=r"does not import .*torchao >= 0.16, < 0.18"):
-        frameworks.require_stack("torchtune")
+        frameworks.require_package(get_runtime("torchtune"))
 
 
 def test_hf_result_says_traced(hf):
