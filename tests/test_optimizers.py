@@ -102,3 +102,14 @@ def test_the_runtime_builds_each_optimizer_from_its_catalogue_entry():
         opt = make_optimizer(p, Cfg, get_regime("bf16-mixed"), "cpu", False, notes)
         assert type(opt).__name__ == "AdamW8bit"  # paged only on a real CUDA device, with a note
         assert notes[-1].startswith("paged_adamw_8bit: its 8-bit states are counted as device tensors")
+
+
+def test_trainer_optimizer_names_come_from_the_catalogue():
+    from vramplan.integrations.request import OPTIMIZERS as TRAINER_NAMES, map_optimizer
+
+    assert TRAINER_NAMES["adamw_torch_fused"] == "adamw" and TRAINER_NAMES["adamw_bnb_8bit"] == "adamw_8bit"
+    # HF optim="paged_adamw_32bit" is bitsandbytes PagedAdamW32bit: its own entry (fp32 states, paged)
+    assert map_optimizer("paged_adamw_32bit", []) == "paged_adamw_32bit"
+    assert set(TRAINER_NAMES.values()) == set(OPTIMIZERS)
+    with pytest.raises(VramplanError, match="not modelled"):
+        map_optimizer("lion_32bit", [])

@@ -78,6 +78,8 @@ class OptimizerDef:
     state_label: str = ""
     #: short label in plan summaries (the name when the catalogue gives none)
     label: str = ""
+    #: names trainer configs give it (HF ``TrainingArguments.optim``, Axolotl ``optimizer``)
+    trainer_names: tuple[str, ...] = ()
     #: state-sized temporaries per tensor in ``step()`` under a plain loop (foreach)
     loop_temp_states: int = 0
     #: fp32 copies of the largest tensor in ``step()`` (Adafactor)
@@ -136,9 +138,9 @@ class OptimizerDef:
         """
         out = 0
         if self.loop_temp_states and runner == "loop":
-            out += self.loop_temp_states * sum(
-                count * _numel(shape) * (pbytes if self.state_bytes_per_element is None else self.state_bytes_per_element)
-                for shape, count, pbytes in tensors)
+            fixed = self.state_bytes_per_element
+            out += self.loop_temp_states * sum(count * _numel(shape) * (pbytes if fixed is None else fixed)
+                                               for shape, count, pbytes in tensors)
         if self.largest_fp32_copies and tensors:
             largest = max(_numel(shape) for shape, _c, _b in tensors)
             out += largest * 4 * self.largest_fp32_copies
@@ -163,7 +165,8 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-_KEYS = {"summary", "source", "states", "state_bytes", "scalar_bytes", "factored", "quantized", "paged", "state_label", "label",
+_KEYS = {"summary", "source", "states", "state_bytes", "scalar_bytes", "factored", "quantized", "paged", "state_label",
+         "label", "trainer_names",
          "loop_temp_states", "largest_fp32_copies", "stream_param_bytes", "stream_fixed_bytes", "loop_stream_factor",
          "bandwidth_efficiency", "class", "kwargs", "loop_kwargs", "trainer_kwargs", "meta_trainer_class",
          "cuda_class", "package"}
@@ -184,7 +187,9 @@ def _parse(name: str, e: dict) -> OptimizerDef:
             name=name, summary=str(e["summary"]), paged=bool(e.get("paged", False)), source=str(e["source"]),
             states=int(e["states"]), state_bytes_per_element=None if sb == "param" else int(sb),
             scalar_bytes=int(e.get("scalar_bytes", 0)), factored=bool(e.get("factored", False)), quantized=quant,
-            state_label=str(e.get("state_label", "")), label=str(e.get("label", name)), loop_temp_states=int(e.get("loop_temp_states", 0)),
+            state_label=str(e.get("state_label", "")), label=str(e.get("label", name)),
+            trainer_names=tuple(str(x) for x in e.get("trainer_names", ())),
+            loop_temp_states=int(e.get("loop_temp_states", 0)),
             largest_fp32_copies=int(e.get("largest_fp32_copies", 0)),
             stream_param_bytes=int(e["stream_param_bytes"]), stream_fixed_bytes=int(e.get("stream_fixed_bytes", 0)),
             loop_stream_factor=float(e.get("loop_stream_factor", 1.0)),
@@ -205,7 +210,13 @@ def _parse(name: str, e: dict) -> OptimizerDef:
 @lru_cache(maxsize=None)
 def optimizers() -> dict[str, OptimizerDef]:
     """Every optimiser of ``vramplan/data/optimizers.toml``, validated (read once)."""
-    return {name: _parse(name, e) for name, e in load_data("optimizers.toml").items()}
+    out = {name: _parse(name, e) for name, e in load_data("optimizers.toml").items()}
+    seen: dict[str, str] = {}
+    for opt in out.values():
+        for tn in opt.trainer_names:
+            if seen.setdefault(tn, opt.name) != opt.name:
+                raise VramplanError(f"optimizers.toml: trainer name {tn!r} is given to {seen[tn]} and {opt.name}")
+    return out
 
 
 OPTIMIZERS: dict[str, OptimizerDef] = optimizers()

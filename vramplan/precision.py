@@ -69,7 +69,7 @@ def _parse(name: str, e: dict) -> Regime:
                    grad_scaler=bool(e.get("grad_scaler", False)), source=str(e["source"]))
     except (KeyError, TypeError) as exc:
         raise VramplanError(f"precisions.toml: regime {name!r} is invalid (missing {exc})") from None
-    dtypes = (r.trainable_dtype, r.frozen_dtype, r.adapter_dtype, r.compute_dtype) + ((r.autocast,) if r.autocast else ())
+    dtypes = (r.trainable_dtype, r.frozen_dtype, r.adapter_dtype, r.compute_dtype, r.autocast or FP32)
     if any(d not in _DTYPES for d in dtypes) or r.runner not in RUNNERS:
         raise VramplanError(f"precisions.toml: regime {name!r} has a dtype outside {', '.join(_DTYPES)} or a runner "
                             f"outside {', '.join(RUNNERS)}")
