@@ -76,10 +76,11 @@ def _method_options(a: argparse.Namespace) -> dict | None:
 
 def _add_stack_args(p: argparse.ArgumentParser) -> None:
     """``--framework`` and ``--techniques`` (estimate, dryrun, fit, matrix); the library validates both."""
-    p.add_argument("--framework", default="hf", help="training stack: hf|torchtune|unsloth|litgpt (default hf)")
+    from .stacks import stacks, techniques
+
+    p.add_argument("--framework", default="hf", help=f"training stack: {'|'.join(stacks())} (default hf)")
     p.add_argument("--techniques", default=None,
-                   help="memory-saving techniques on every plan: chunked_ce,liger_ce,act_offload,selective_ckpt,"
-                        "opt_in_bwd,opt_offload,padding")
+                   help=f"memory-saving techniques on every plan: {','.join(techniques())}")
 
 
 def _add_scale_args(p: argparse.ArgumentParser, *, fit: bool = False) -> None:
