@@ -255,3 +255,26 @@ def test_stack_analytic_within_two_percent_of_dryrun(framework, arch, method, gc
     assert abs(row.error) <= 0.02, (
         f"{arch} {method} gc={gc} {shape}: estimate {row.estimate} vs dry run {row.dryrun} B "
         f"({100 * row.error:+.2f}%); largest component difference {row.worst} {row.worst_bytes:+d} B")
+
+
+def test_every_stack_the_dry_run_runs_has_one_runtime_module():
+    """stacks.toml picks the module (vramplan/runtime/stacks/<name>.py); a documented stack has none."""
+    from vramplan.runtime.stacks import StackRuntime, get_runtime
+
+    for name, st in stacks().items():
+        if st.dryrun == "documented":
+            with pytest.raises(VramplanError, match="cannot run here"):
+                get_runtime(name)
+        else:
+            rt = get_runtime(name)
+            assert isinstance(rt, StackRuntime) and rt.name == name
+            assert type(rt).__module__ == f"vramplan.runtime.stacks.{name}"
+
+
+def test_a_stack_refuses_a_method_its_recipes_do_not_train(spec):
+    from vramplan.runtime.stacks import get_runtime
+
+    for fw in ("torchtune", "litgpt"):
+        with pytest.raises(VramplanError, match="single-device fine-tuning recipes"):
+            get_runtime(fw).check(spec, make_config(spec, "dpo", adapter="lora", batch=1, seq=16,
+                                                    precision="bf16", framework=fw))
