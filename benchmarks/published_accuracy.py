@@ -217,9 +217,12 @@ def report(scored: list[Scored]) -> str:
     out.append("## Headline (leave-one-source-out)\n")
     rows = [("median abs error", _pct(s.median_abs), "<= 8%"), ("p90 abs error", _pct(s.p90_abs), ""),
             ("under-predicted by >10%", _pct(s.under_10), "<= 10%"),
-            ("OOM rows predicted to fit (peak <= capacity)", f"{s.oom_predicted_fit} of {s.oom}", "0"),
-            ("OOM rows the verdict calls comfortable (band included)", f"{s.oom_predicted_comfortable} of {s.oom}", "0"),
-            ("fit-only rows predicted not to fit", f"{s.fit_only_predicted_no} of {s.fit_only}", "0"),
+            ("OOM rows predicted to fit (the verdict: comfortable)", f"{s.oom_predicted_fit} of {s.oom}", "0"),
+            ("  OOM rows the verdict calls tight (may fit) / central peak <= capacity",
+             f"{s.oom_tight} / {s.oom_raw_fit} of {s.oom}", ""),
+            ("fit-only rows predicted not to fit (the verdict: no)", f"{s.fit_only_predicted_no} of {s.fit_only}", "0"),
+            ("  fit-only rows the verdict calls tight / central peak > capacity",
+             f"{s.fit_only_tight} / {s.fit_only_raw_no} of {s.fit_only}", ""),
             ("measured inside the band", _pct(s.inside_band), ">= 80%"),
             ("published context capacities: median predicted/published longest sequence - 1",
              f"{_pct(s.capacity_median)} over {s.capacity_rows} rows ({s.capacity_over} over-promised)", "")]
@@ -265,9 +268,11 @@ def report(scored: list[Scored]) -> str:
         band = "-" if x.band is None else f"{100 * x.band[0]:+.0f}/{100 * x.band[1]:+.0f}%"
         status = x.status + (f": {x.reason}" if x.reason else "")
         if x.status == "oom":
-            status += (" (predicted fits!" if x.fits else " (predicted no") + f"; verdict {x.verdict})"
+            status += (f" (verdict {x.verdict}" + ("!" if x.verdict == "comfortable" else "")
+                       + f"; central peak {'fits' if x.fits else 'over'})")
         if x.status == "fit_only":
-            status += (" (predicted no!" if x.fits is False else " (predicted fits") + f"; verdict {x.verdict})"
+            status += (f" (verdict {x.verdict}" + ("!" if x.verdict == "no" else "")
+                       + f"; central peak {'over' if x.fits is False else 'fits'})")
             if x.longest_seq is not None:
                 status += (f"; longest sequence {r.config.seq:,} published, {x.longest_seq:,} predicted "
                            f"({_pct(x.capacity_error)})")
@@ -318,9 +323,10 @@ def main(argv=None) -> int:
               f"inconsistent {s.inconsistent}, skipped {s.skipped}")
         print(f"median |error| {_pct(s.median_abs)} (target <= 8%); p90 {_pct(s.p90_abs)}; under-predicted >10%: "
               f"{_pct(s.under_10)} (target <= 10%)")
-        print(f"OOM predicted to fit: {s.oom_predicted_fit} of {s.oom} (target 0; verdict 'comfortable' with the band: "
-              f"{s.oom_predicted_comfortable}); fit-only predicted no: "
-              f"{s.fit_only_predicted_no} of {s.fit_only} (target 0); inside the LOSO band: {_pct(s.inside_band)} "
+        print(f"OOM predicted to fit (verdict comfortable): {s.oom_predicted_fit} of {s.oom} (target 0; tight {s.oom_tight}; "
+              f"central peak <= card {s.oom_raw_fit}); fit-only predicted no (verdict no): "
+              f"{s.fit_only_predicted_no} of {s.fit_only} (target 0; tight {s.fit_only_tight}; central peak > card "
+              f"{s.fit_only_raw_no}); inside the LOSO band: {_pct(s.inside_band)} "
               f"(target >= 80%)")
         if RESERVE_FIT:
             from vramplan.overheads import DEFAULT_RESERVE_FRACTION
