@@ -604,7 +604,8 @@ def cell_text(c: Cell) -> str:
         if c.max_batch:
             parts.append(f"b≤{c.max_batch}")
         else:  # tight over the card: inside the band's lower end
-            parts.append(f"{100 * (c.peak_fraction - 1):.0f}% over, may fit: try it")
+            over = 100 * (c.peak_fraction - 1)
+            parts.append(("<0.1" if over < 0.05 else f"{over:.1f}") + "% over, may fit: try it")
         if c.settings_label:
             parts.append(c.settings_label)
     return " · ".join(parts)
