@@ -116,6 +116,19 @@ latest; the benchmark gives each source the version it ran, else the latest, nev
   median 8.3%, under >10% 35.5%, fit-only no 1; 20% 7.8%, 28.9%, 2; 25% 7.0%, 28.9%, 3; 30% 7.0%, 27.6%,
   9; 35% 7.2%, 26.3%, 12. The sharded planner's loaded state is each GPU's resident shard (gathered units
   are step allocations).
+* **The verdict is two-sided** (`vramplan.verdict`). A published capacity ("the longest sequence that fit")
+  sits at the card's limit, so an unbiased model predicts about half of them a few percent over it; the
+  old rule ("no" when the central prediction exceeds the card) called 9 of the 21 fit-only rows "does not
+  fit" (each predicted 0.3-5.5% over its card, 0.7-13% short of the published length). Now "no" needs even
+  the band's lower end, `peak x (1 + lo)`, over the card; "comfortable" needs the band's upper end,
+  `peak x (1 + hi)`, under it (and the 15% headroom); anything between is "tight" (may fit: `fit` shows the
+  plan as "tight, try it" with by how much and what to do, `matrix` marks it `~`, and the settings search
+  recommends only comfortable plans when one exists: `vramplan.verdict.comfortable_limit`). The figures
+  above count the verdict the user sees, with each row's leave-one-source-out band. Before (one-sided
+  verdict, same corpus and model): OOM rows called comfortable 1 of 10, OOM rows whose central peak fits
+  2 of 10; fit-only rows called "no" 9 of 21. After: OOM rows called comfortable 1 of 10 (tight 4,
+  central peak fits 2), fit-only rows called "no" 0 of 21 (tight 18, central peak over the card 9). The
+  price: 4 OOM rows are "tight" rather than "no" or "comfortable" -- the verdict says they may not fit.
 * **The quantity.** torchtune's docs print peak *reserved* or *active*; litgpt `max_memory_allocated()/1e9`
   (GB); Answer.AI peak reserved in GiB; the PEFT FSDP doc an nvidia-smi reading. Each row is compared with
   the prediction of that quantity; a peak of unknown kind with the predicted allocated..reserved range.
@@ -128,10 +141,7 @@ latest; the benchmark gives each source the version it ran, else the latest, nev
 Open (found, not modelled): the CUDA context (512 MiB) stays a default, and no corpus row prints
 allocated and reserved of one step, so the reserve is fitted on reserved / device-total / capacity rows
 rather than measured; a capacity row is "the longest that fit", so an unbiased model calls about half of
-them "does not fit" by a few percent -- a verdict that treated the band two-sidedly ("no" only when even
-`peak x (1 + lo)` exceeds the card; `vramplan.verdict`, not changed here) would call every one of
-the 9 "tight": each predicted device total is 0.3-5.5% over its card, inside its band's lower end (-18% for
-unsloth, -25% for hf, leave-one-source-out); the LLaMA-Factory wiki's Unsloth QLoRA row (6.52 GB) is under-predicted by 25%
+them "does not fit" by a few percent (the two-sided verdict above calls them "tight"); the LLaMA-Factory wiki's Unsloth QLoRA row (6.52 GB) is under-predicted by 25%
 (LLaMA-Factory drives Unsloth through its own trainer; its settings beyond batch 4 / length 1024 are not
 stated); litgpt QLoRA stays -14..-20% (allocated): litgpt's swap of
 `wte` for a bitsandbytes `StableEmbedding` (PR #1770, ae798aba, 2024-10-04) keeps the old embedding alive

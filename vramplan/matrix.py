@@ -53,6 +53,7 @@ from .planner.limits import BATCH_GRID, fitting_prefix
 from .precision import DEFAULT_REGIME, DTYPE_BYTES, get_regime
 from .taxonomy import Component
 from .units import GIB, parse_size
+from .overheads import DEFAULT_RESERVE_FRACTION
 from .verdict import COMFORTABLE_FRACTION, SYMBOLS, THRESHOLDS_TEXT, VERDICTS, Verdict, classify_array, pick
 
 #: (gradient checkpointing, optimizer) in the order tried: no checkpointing before
@@ -583,7 +584,9 @@ def feasibility_matrix(models="all", methods="all", gpus="all", seqs=2048, *, ba
         + "; ".join(f"{'GC' if gc else 'no GC'} + {opt}" for gc, opt in ladder),
         "largest micro-batch: with the chosen settings, searched up to 1024",
         "runtime overheads: the card's calibration profile if one ships, else defaults "
-        "(512 MiB CUDA context, cuBLAS workspaces, 15% allocator reserve; paged optimizer states outside it)",
+        "(CUDA context from published PyTorch OOM messages on the card where they exist, "
+        "vramplan/data/cuda_memory.json, else 512 MiB; cuBLAS workspaces; the allocator reserve "
+        f"{DEFAULT_RESERVE_FRACTION:.0%} of the step's allocations; paged optimizer states outside it)",
     ]
     return FeasibilityMatrix([m.name for m in specs], [r.name for r in recipes], list(cards), [int(x) for x in s],
                              batch, ordered, assumptions, framework=framework, techniques=techniques)
