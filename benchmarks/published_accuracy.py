@@ -129,6 +129,18 @@ latest; the benchmark gives each source the version it ran, else the latest, nev
   2 of 10; fit-only rows called "no" 9 of 21. After: OOM rows called comfortable 1 of 10 (tight 4,
   central peak fits 2), fit-only rows called "no" 0 of 21 (tight 18, central peak over the card 9). The
   price: 4 OOM rows are "tight" rather than "no" or "comfortable" -- the verdict says they may not fit.
+* **What a card gives PyTorch, and the CUDA context** (`vramplan.cudamem`, `vramplan/data/cuda_memory.json`).
+  PyTorch's out-of-memory message prints the card's "total capacity" (`cudaMemGetInfo`'s total), which is
+  below the total `nvidia-smi` prints by the driver's own reservation, and since torch 2.1 also the memory the
+  process holds and, of it, what PyTorch allocated and reserved: the rest is the CUDA context with its loaded
+  kernels. Twelve such messages pasted in public GitHub issues (each with its URL and date) give: a T4 14.75 GiB
+  (2023-24) and 14.56 GiB (2026 driver) of its 15360 MiB, a context of 128/137/141 MiB (1030 MiB in a process
+  that loaded custom quantisation kernels); an A100 40GB 39.50-39.59 GiB of 40960 MiB, a context of 501 MiB;
+  a V100 16GB 15.77 GiB. A catalogue card with messages now plans with the smallest published total and the
+  median context (T4: 14.56 GiB and 139 MiB instead of 15.00 GiB and 512 MiB); every other card keeps its
+  nvidia-smi total and the 512 MiB default (PyTorch PR #86509: 287 MB with lazy loading; 426 MiB on an RTX 6000
+  Ada). On this corpus only the T4 rows move (device totals -0.36 GiB against a card 0.44 GiB smaller): no
+  verdict changes.
 * **The quantity.** torchtune's docs print peak *reserved* or *active*; litgpt `max_memory_allocated()/1e9`
   (GB); Answer.AI peak reserved in GiB; the PEFT FSDP doc an nvidia-smi reading. Each row is compared with
   the prediction of that quantity; a peak of unknown kind with the predicted allocated..reserved range.
@@ -138,7 +150,7 @@ latest; the benchmark gives each source the version it ran, else the latest, nev
   states: litgpt's full fine-tunes of Llama-3.2-1B/3B and Phi-3 "on 1xA10G" with AdamW) are listed as
   inconsistent, not scored.
 
-Open (found, not modelled): the CUDA context (512 MiB) stays a default, and no corpus row prints
+Open (found, not modelled): the CUDA context stays the 512 MiB default on cards without published messages, and no corpus row prints
 allocated and reserved of one step, so the reserve is fitted on reserved / device-total / capacity rows
 rather than measured; a capacity row is "the longest that fit", so an unbiased model calls about half of
 them "does not fit" by a few percent (the two-sided verdict above calls them "tight"); the LLaMA-Factory wiki's Unsloth QLoRA row (6.52 GB) is under-predicted by 25%
@@ -151,7 +163,30 @@ modelled; FSDP with CPU offload is under-predicted (Answer.AI LoRA b10: -30%); t
 reserved vs 6.8 predicted): the same doc prints a model-init reserved peak of 9.13 GB, so that run's
 reserved peak is set while loading, not in the step; the PEFT FSDP-QLoRA row without offload (35.6 GB per
 GPU) holds about the whole unsharded NF4 model per GPU; the HF blog's 13B QLoRA at 1,024 tokens on a T4
-runs out of memory where the planner predicts 10.5 GiB ("comfortable" even with the band: the open OOM miss).
+runs out of memory where the planner predicts 10.2 GiB of the T4's 14.56 GiB ("comfortable" even with the band:
+the open OOM miss, below).
+
+**The HF blog's T4 OOM (open).** The blog (huggingface/blog `4bit-transformers-bitsandbytes.md` @1b4d85d9, May
+2023) runs Llama-13B NF4, fp16 compute, gradient checkpointing, batch 1 x 4 accumulation, AdamW, 1,024 tokens:
+OOM; the same with nested quantisation: no OOM. Nested quantisation saves about 0.37 bit per quantised weight
+(0.55 GiB on the 12.7B decoder-linear weights), so the real peak lies within about 0.55 GiB of what the T4
+gives PyTorch (14.75 GiB in 2023-24 OOM messages, 14.56 GiB with a 2026 driver: `vramplan/data/cuda_memory.json`),
+i.e. at 14.0-14.8 GiB; the planner predicts 10.2 (9.6 with nested quantisation), a gap of about 4 GiB.
+Checked against the code of that date, and already modelled: TRL's `SFTTrainer` (@3138ef6f, 2023-06-02) calls
+PEFT's `prepare_model_for_int8_training` for a 4-bit model given a `peft_config`; in PEFT main of May 2023
+(d6015bc1, #476; 3714aa2f, #483) that is `prepare_model_for_kbit_training`, which casts every fp16/bf16
+parameter (embeddings, norms, the head) to fp32 and turns gradient checkpointing on; bitsandbytes 0.39.0's
+`Linear4bit` casts its input to the compute dtype and its output back to the input's dtype, and `MatMul4Bit`
+keeps its input for backward (`bnb_4bit_saves_input`); fp16 autocast copies the fp32 head; the T4 runs eager
+attention with fp32 softmax. None of them is worth 4 GiB at 1,024 tokens with checkpointing. What the table
+does not state is the LoRA configuration: it lives in the benchmarking gist the blog links
+(gist.github.com/younesbelkada/f48af54c74ba6a39a7ae4fd777e72fe8), which no stored source holds, so the corpus
+plans PEFT's defaults (r=8 on q_proj/v_proj). The planner's sensitivity, same rows: r=16 (TRL's SFT docs of
+May 2023) 10.3 GiB; r=64 with dropout 0.1 on q/v 10.9 GiB; the QLoRA paper's recipe (r=64 on every linear layer)
+14.1 GiB -- "tight", and every T4 row's verdict then agrees with its outcome (13B at 512 tokens 13.2 tight and
+fits; with nested quantisation 13.6 tight and fits; 7B at 1,024 with checkpointing 8.6 comfortable). Not
+applied: a configuration guessed to fit the outcome is a fudge factor; the row stays the open miss until the
+gist's configuration can be read.
 """
 
 
