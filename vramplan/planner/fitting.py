@@ -38,6 +38,10 @@ class FitRow:
     ``suggestions`` say what would fit when nothing does; ``techniques``
     (:class:`vramplan.planner.techniques.TechniqueAdvice`) what each memory-saving technique saves on the
     chosen plan and, when it is not comfortable, the cheapest set that makes it fit.
+
+    ``fits`` is the central prediction of the chosen plan (``peak <= capacity``); ``verdict`` is what the
+    user is told, with the band (:mod:`vramplan.verdict`): a plan a few percent over the card but inside
+    the band's lower end is "tight" (shown, "tight, try it"), not "no".
     """
 
     method: str                                        # the chosen plan's method (qlora for LoRA's fallback)
