@@ -168,6 +168,14 @@ GPU) holds about the whole unsharded NF4 model per GPU; the HF blog's 13B QLoRA 
 runs out of memory where the planner predicts 10.2 GiB of the T4's 14.56 GiB ("comfortable" even with the band:
 the open OOM miss, below).
 
+**A table found and not added.** torchtune's README at 0217d44c2 (2024-05-09, PR #955) prints seven rows with
+"Batch Size = 4, Seq Length = 2048" (4096 for the 70B), against the llama2 configs of that commit (Alpaca,
+unpadded). Read literally, its 2x RTX 4090 LoRA row without activation checkpointing (16.2 GB per GPU) cannot be a
+4 x 2048-token batch (the planner: 43 GiB per GPU); read as the max_seq_len cap over Alpaca's samples (longest
+1,304 tokens), its single-GPU rows come out 20-30% above the planner while the 2-GPU row stays 99% below. No
+one reading fits the table, so its rows are not in the corpus (a scored source moves the shipped torchtune
+band); they stay a lead for whoever can rerun the recipe.
+
 **The HF blog's T4 OOM (open).** The blog (huggingface/blog `4bit-transformers-bitsandbytes.md` @1b4d85d9, May
 2023) runs Llama-13B NF4, fp16 compute, gradient checkpointing, batch 1 x 4 accumulation, AdamW, 1,024 tokens:
 OOM; the same with nested quantisation: no OOM. Nested quantisation saves about 0.37 bit per quantised weight
