@@ -62,9 +62,10 @@ def test_model_catalogue_size_and_schema():
 
 @pytest.mark.parametrize("entry", MODEL_ENTRIES, ids=MODEL_NAMES)
 def test_model_entry_parses(entry):
-    # "note": what the entry models when that is not the whole checkpoint (Gemma-3's text decoder)
+    # "note": what the entry models when that is not the whole checkpoint (Gemma-3's text decoder);
+    # "values_from": where each config value was read when config.json itself was read through a copy
     assert {"name", "hf_id", "source", "params", "aliases", "config"} <= set(entry) <= {
-        "name", "hf_id", "source", "params", "aliases", "config", "note"}
+        "name", "hf_id", "source", "params", "aliases", "config", "note", "values_from"}
     assert entry["name"] == entry["name"].lower()
     assert entry["source"] == f"https://huggingface.co/{entry['hf_id']}/blob/main/config.json"
     cfg = entry["config"]
