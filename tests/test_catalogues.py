@@ -142,6 +142,13 @@ def _hf_model(name: str):
             return transformers.AutoModelForCausalLM.from_config(config)
 
 
+def _decoder_layers(model):
+    """The decoder layers wherever the architecture keeps them (model.layers, transformer.h, gpt_neox.layers)."""
+    from vramplan.dryrun import decoder_layers
+
+    return decoder_layers(model)
+
+
 def _layer_linears_hf(layer) -> Counter:
     """(last name, in, out, bias) of every nn.Linear in one decoder layer."""
     from torch import nn
@@ -161,10 +168,11 @@ def test_hf_meta_model_param_count(name):
     model = _hf_model(name)
     assert type(model).__name__ == spec.architecture
     assert sum(p.numel() for p in model.parameters()) == spec.params
-    assert len(model.model.layers) == spec.num_layers
-    layer0 = model.model.layers[0]
+    layers = _decoder_layers(model)
+    assert len(layers) == spec.num_layers
+    layer0 = layers[0]
     assert sum(p.numel() for p in layer0.parameters()) == spec.layer_params
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert tied == spec.tie_embeddings
 
 
@@ -174,7 +182,7 @@ def test_hf_meta_model_layer_linears(name):
     """The nn.Linear modules of layer 0 are the linear entries of ``layer_linears()``: names (the module's
     last name, as PEFT matches targets), shapes and biases; fused expert banks and the router are parameters."""
     spec = model_catalogue()[name]
-    layer0 = _hf_model(name).model.layers[0]
+    layer0 = _decoder_layers(_hf_model(name))[0]
     hf = _layer_linears_hf(layer0)
     assert hf == _layer_linears_spec(spec)
     assert {n for n, *_ in hf} == {l.name for l in spec.layer_linears() if l.is_linear}

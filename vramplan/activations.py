@@ -67,6 +67,22 @@ class Dtypes:
     adapter: int       # adapter parameter dtype
 
 
+def act_saved_bytes(model: ModelSpec, cfg: TrainConfig, regime: Regime, m: int) -> int:
+    """Bytes per MLP-width element that the MLP activation saves for backward (``m``: its input's dtype size).
+
+    Every ATen activation (silu, gelu, gelu_pytorch_tanh, relu) saves one tensor: its input (relu: its
+    output). ``gelu_new`` is transformers' ``NewGELUActivation``, a Python formula
+    ``0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * pow(x, 3))))`` (transformers/activations.py):
+    pow saves x, tanh its output, and the last multiply both operands (``0.5 * x`` and ``1 + tanh``). Under
+    autocast ``pow`` is on the fp32 list, so its saved input, tanh's output and ``1 + tanh`` are fp32 and only
+    ``0.5 * x`` keeps x's dtype (dry run: Phi-2, bf16-mixed). A stack that runs its own model (stacks.toml
+    ``fused_activation``: litgpt's ``F.gelu``) saves one tensor whatever the config says.
+    """
+    if cfg.stack.fused_activation or model.hidden_act != "gelu_new":
+        return m
+    return 3 * 4 + m if regime.autocast is not None else 4 * m
+
+
 #: Bytes per element that a LoRA module with ``lora_dropout > 0`` keeps beyond what it keeps without
 #: dropout: measured by the dry run (PEFT 0.21 on meta; smollm2-360m, q_proj / q_proj,k_proj / down_proj,
 #: bf16 and bf16-mixed: +2.0 B per element of the adapted module's input, each case).
@@ -120,8 +136,23 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
 
     per_tok = 0.0  # bytes per token
     per_seq2 = 0.0  # bytes per token per sequence position (eager attention's s^2 terms)
+    nm = model.mod
+    layer_norm = model.norm_kind == "layer"
+    # torch LayerNorm is on autocast's fp32 list: under autocast it computes on an fp32 copy of its input and
+    # returns fp32, which every linear reading it casts on its own; without autocast it keeps the input's dtype
+    ln_out = (4 if regime.autocast is not None else d.norm_out) if layer_norm else None
 
-    def norm(requires_grad: bool, width: int = h, in_bytes: int | None = None) -> float:
+    def norm(requires_grad: bool, width: int = h, in_bytes: int | None = None, same_input: bool = False) -> float:
+        if layer_norm and width == h:
+            # native_layer_norm saves its input (under autocast the fp32 cast of a 16-bit input) and a fp32
+            # mean and rstd per row; its backward needs no output, so a trainable weight saves nothing more.
+            # ``same_input``: a second LayerNorm of a tensor the first already saved (GPT-NeoX's parallel
+            # residual): only its own cast (under autocast) and its mean and rstd
+            if not (requires_grad or full):
+                return 0.0
+            cast = regime.autocast is not None and d.residual != 4
+            x = 0.0 if (same_input and not cast) else (4.0 if cast else float(d.residual)) * width
+            return x + 8.0
         b = 4.0 * width if requires_grad else 0.0  # fp32 upcast saved by pow/mul
         if full:
             # normalised output, cast back to the input's dtype, saved for the weight gradient (fp32
@@ -188,12 +219,20 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
 
     # -- attention block ------------------------------------------------------------------
     per_tok += norm(input_requires_grad)
-    attn_in = ["qkv_proj"] if model.fused_qkv else ["q_proj", "k_proj", "v_proj"]
+    attn_in = [nm("qkv_proj")] if model.fused_qkv else [nm("q_proj"), nm("k_proj"), nm("v_proj")]
+    if model.mlp_kind == "plain":
+        mlp_in = [nm("up_proj")]
+    else:
+        mlp_in = [nm("gate_up_proj")] if model.fused_gate_up else [nm("gate_proj"), nm("up_proj")]
+    # a parallel block with one norm (Phi-2, Falcon-7B): attention and the MLP read the same normed tensor
+    shared = model.parallel_block and model.norms_per_layer == 1 and not model.is_moe
+    first = attn_in + (mlp_in if shared else [])
     if attention_inputs_only:  # the inputs and the base outputs, before DoRA's scaling saves its own
-        return T * (per_tok + linear_inputs(attn_in, h, fresh=True, dora_saved=False) + d.proj_out * (qd + 2 * kvd))
-    per_tok += linear_inputs(attn_in, h, fresh=True)
+        return T * (per_tok + linear_inputs(first, h, fresh=True, dora_saved=False, in_bytes=ln_out)
+                    + d.proj_out * (qd + 2 * kvd))
+    per_tok += linear_inputs(first, h, fresh=True, in_bytes=ln_out)
     per_tok += ia3_out(attn_in)
-    qkv_adapted = [n for n in ("q_proj", "k_proj", "v_proj") if n in targets] if lora_like else []
+    qkv_adapted = [n for n in (nm("q_proj"), nm("k_proj"), nm("v_proj")) if n in targets] if lora_like else []
     if stack.lora_qkv_pad and 0 < len(qkv_adapted) < 3:
         # a fused-qkv LoRA zero-pads the adapted outputs into the qkv width (litgpt LoRAQKVLinear.zero_pad,
         # index_copy_): the LoRA-B output of the adapted projections stays saved (stacks.toml lora_qkv_pad)
@@ -219,14 +258,15 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
         if model.fused_qkv and d.attn == d.proj_out:
             per_tok += a * (qd + kvd)  # v is a view of the fused qkv output: all of it stays saved
     # attention output (transposed, contiguous) feeds o_proj
-    per_tok += linear_inputs(["o_proj"], qd, fresh=False, in_bytes=d.attn)
-    per_tok += ia3_out(["o_proj"])
+    per_tok += linear_inputs([nm("o_proj")], qd, fresh=False, in_bytes=d.attn)
+    per_tok += ia3_out([nm("o_proj")])
     if attention_only:
         return T * per_tok + T * s * per_seq2
     # -- MLP block ----------------------------------------------------------------------
     if model.norms_per_layer == 4:  # Gemma-2/3 post-attention norm before the residual add
         per_tok += norm(True)
-    per_tok += norm(True)
+    if not shared:  # the post-attention norm (GPT-NeoX parallel residual: a second norm of the layer input)
+        per_tok += norm(input_requires_grad, same_input=True) if model.parallel_block else norm(True)
     m = d.proj_out
     if model.is_moe:
         k, mi = model.experts_per_token, model.moe_intermediate_size
@@ -246,10 +286,20 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
         if model.shared_expert_intermediate_size:
             si = model.shared_expert_intermediate_size
             per_tok += linear_inputs(["gate_proj", "up_proj"], h, fresh=True) + m * si * 3 + (m * si if full else 0)
+    elif model.mlp_kind == "plain":
+        # up -> act -> down (GPT-NeoX, Falcon, Phi-2): the activation saves the up output (act_saved_bytes);
+        # its output is saved by down when down trains
+        i = model.intermediate_size
+        if not shared:
+            per_tok += linear_inputs(mlp_in, h, fresh=True, in_bytes=ln_out)
+        per_tok += ia3_out(mlp_in)
+        per_tok += act_saved_bytes(model, cfg, regime, m) * i
+        down = nm("down_proj")
+        per_tok += linear_inputs([down], i, fresh=True, in_bytes=d.proj_out) if (full or down in targets) else 0.0
+        per_tok += ia3_out([down])
     else:
         i = model.intermediate_size
-        mlp_in = ["gate_up_proj"] if model.fused_gate_up else ["gate_proj", "up_proj"]
-        per_tok += linear_inputs(mlp_in, h, fresh=True)
+        per_tok += linear_inputs(mlp_in, h, fresh=True, in_bytes=ln_out)
         per_tok += ia3_out(mlp_in)
         # gate out (the activation's input), the activation's output, up out; a fused gate_up
         # projection's 2i output is chunked into gate and up views and saved whole: the same bytes

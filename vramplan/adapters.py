@@ -69,17 +69,19 @@ def full_tensors(model: ModelSpec, head: str = "lm") -> list[tuple[tuple[int, ..
         out.append(((1, h), 1))
     elif not model.tie_embeddings:
         out.append(((model.vocab_size, h), 1))
+        if model.lm_head_bias:
+            out.append(((model.vocab_size,), 1))
     L = model.num_layers
     for l in model.layer_linears():
         shape = (l.count, l.out_features, l.in_features) if not l.is_linear and l.count > 1 else (l.out_features, l.in_features)
         out.append((shape, L))
         if l.bias:
             out.append(((l.out_features,), L * l.count))
-    norm = [(h,)] * model.norms_per_layer
+    norm = [(h,)] * (model.norms_per_layer * model.norm_width_params)  # LayerNorm: a weight and a bias
     if model.qk_norm == "head":
         norm += [(model.head_dim,)] * 2
     elif model.qk_norm == "full":
         norm += [(model.q_dim,), (model.kv_dim,)]
     out += [(s, L) for s in norm]
-    out.append(((h,), 1))
+    out += [((h,), 1)] * model.norm_width_params  # the final norm
     return out

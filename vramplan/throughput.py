@@ -180,7 +180,7 @@ class StepWork:
 def _body_params(spec: ModelSpec) -> int:
     """Matmul weights touched per token in the decoder layers (routed experts only for MoE)."""
     return (spec.active_params - spec.embedding_params - spec.lm_head_params
-            - spec.num_layers * spec.layer_norm_params() - spec.hidden_size)
+            - spec.num_layers * spec.layer_norm_params() - spec.final_norm_params)
 
 
 def _adapted_shapes(spec: ModelSpec, cfg: TrainConfig) -> list[tuple[int, int, int]]:

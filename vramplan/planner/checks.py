@@ -77,6 +77,32 @@ MOE_QLORA_SOURCES = ("bitsandbytes issue #1849 'Failed to quant MoE models with 
                      "v0.50.0), unslothai/unsloth-zoo PR #527 (merged 2026-03: Params4bit for fused MoE experts)")
 
 
+def _subclass_qlora_note(spec: ModelSpec, cfg: TrainConfig, short: bool) -> str:
+    """QLoRA of an architecture whose decoder linears subclass nn.Linear (Falcon's FalconLinear): transformers
+    >= 5's bitsandbytes conversion replaces exact nn.Linear only (stacks.toml bnb_exact_linear), so nothing in
+    the decoder layers is quantised."""
+    lin = spec.linear_params / 1e9
+    upcast = " and upcast to fp32" if cfg.stack.kbit_upcast else ""
+    if short:
+        return (f"{spec.architecture} QLoRA: transformers >= 5 leaves its {spec.linear_subclass} layers ({lin:.1f}B "
+                f"params) unquantised{upcast}; instead: LoRA over bf16, litgpt, or transformers < 5")
+    return (f"{spec.architecture} QLoRA: transformers >= 5 (integrations/bitsandbytes.py replace_with_bnb_linear: "
+            f"`type(module) is nn.Linear`) does not quantise {spec.linear_subclass}, an nn.Linear subclass: the "
+            f"decoder layers ({lin:.1f}B parameters) stay 16-bit{upcast}, so QLoRA needs more memory than LoRA. "
+            "Instead: LoRA over the bf16 base; or litgpt (--framework litgpt: Lightning's bitsandbytes precision "
+            "replaces every torch.nn.Linear); or transformers < 5, whose conversion tested isinstance")
+
+
+def sdpa_math_note(spec: ModelSpec, cfg: TrainConfig) -> str | None:
+    """Why a model's SDPA is planned as eager attention (:func:`vramplan.memory.attention_as_run`), or None."""
+    if not (cfg.attn == "sdpa" and spec.sdpa_math and cfg.stack.transformers_modules):
+        return None
+    return (f"attention: {spec.architecture} calls SDPA with {spec.num_heads} query heads and {spec.num_kv_heads} "
+            "kv head (no enable_gqa, no repeat): only the math backend takes unequal head counts, so the scores "
+            "are materialised; planned as eager attention (transformers models/falcon/modeling_falcon.py "
+            "FalconAttention.forward)")
+
+
 def moe_qlora_note(spec: ModelSpec, cfg: TrainConfig, short: bool = False) -> str | None:
     """What a QLoRA user of a fused-expert MoE (Mixtral, Qwen-MoE) must know, or None.
 
@@ -89,6 +115,8 @@ def moe_qlora_note(spec: ModelSpec, cfg: TrainConfig, short: bool = False) -> st
     """
     from ..models import layout_of
 
+    if cfg.adapter == "qlora" and spec.linear_subclass and cfg.stack.bnb_exact_linear:
+        return _subclass_qlora_note(spec, cfg, short)
     if cfg.adapter != "qlora" or not spec.is_moe or layout_of(spec.model_type).get("moe") != "fused":
         return None
     banks = sum(l.params for l in spec.layer_linears() if not l.is_linear) * spec.num_layers
