@@ -136,6 +136,7 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
 
     per_tok = 0.0  # bytes per token
     per_seq2 = 0.0  # bytes per token per sequence position (eager attention's s^2 terms)
+    const = 0.0  # bytes per layer whatever the tokens (weight casts saved for backward)
     nm = model.mod
     layer_norm = model.norm_kind == "layer"
     # torch LayerNorm is on autocast's fp32 list: under autocast it computes on an fp32 copy of its input and
@@ -282,6 +283,18 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
             # the gathered input, the gate_up and down outputs, the activation's output and the
             # product, all fp32 (dry run, Qwen3-30B-A3B / Mixtral)
             expert = k * 4 * (2 * h + 4 * mi)
+        if model.dense_experts:
+            # transformers Llama4TextMoe: hidden_states.repeat(num_experts), scaled by the sigmoid router scores
+            # (the multiply saves the repeated copy, in the residual dtype), then torch.bmm over every expert --
+            # all experts run on every token -- in autocast's dtype: the gate_up output, the activation's output
+            # (and the product when down trains). Frozen fp32 banks (QLoRA: prepare_model_for_kbit_training)
+            # are cast by autocast for bmm, and the casts stay saved for the input gradient (dry run, Scout)
+            E = model.num_experts
+            eo = DTYPE_BYTES[regime.compute_dtype] if regime.autocast is not None else m
+            expert = E * (d.residual * h + eo * 2 * mi + eo * mi + (eo * mi if full else 0))
+            if regime.autocast is not None and not full and d.residual != eo:
+                banks = sum(l.params for l in model.layer_linears() if not l.is_linear)
+                const += banks * eo
         per_tok += router + expert + (m * h if full else 0)
         if model.shared_expert_intermediate_size:
             si = model.shared_expert_intermediate_size
@@ -308,7 +321,7 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
         per_tok += ia3_out(["down_proj"])
     if model.norms_per_layer == 4:
         per_tok += norm(True)
-    return T * per_tok + T * s * per_seq2
+    return T * per_tok + T * s * per_seq2 + const
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,9 @@ class ModelSpec:
     mlp_kind: str = "gated"  # gated (gate/up -> act * up -> down) | plain (up -> act -> down: GPT-NeoX, Falcon, Phi-2)
     lm_head_bias: bool = False  # the output projection carries a bias (Phi-2)
     module_names: tuple[tuple[str, str], ...] = ()  # role -> the module's name where it is not the Llama one
+    dense_experts: bool = False  # every expert runs on every token, unselected ones weighted 0 (transformers Llama-4)
+    router_name: str = ""  # the router is an nn.Linear subclass of this name (Llama-4), else a bare parameter "gate"
+    shared_expert_gate: bool = True  # the shared expert's output is gated by a 1-unit linear (Qwen2-MoE)
     sdpa_math: bool = False  # transformers hands SDPA unequal q and kv head counts: only its math backend runs it
     linear_subclass: str = ""  # the decoder linears are this nn.Linear subclass (Falcon: FalconLinear), not nn.Linear
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
@@ -130,14 +133,16 @@ class ModelSpec:
         out.append(Linear(m("o_proj"), self.q_dim, h, self.o_bias))
         if self.is_moe:
             e, mi = self.num_experts, self.moe_intermediate_size or i
-            # the router is a bare nn.Parameter in transformers >= 5 (not nn.Linear)
-            out.append(Linear("gate", h, e, False, 1, is_linear=False))
+            # the router is a bare nn.Parameter in transformers >= 5 (not nn.Linear); Llama-4's is an nn.Linear
+            out.append(Linear(self.router_name, h, e, False, 1) if self.router_name
+                       else Linear("gate", h, e, False, 1, is_linear=False))
             out.append(Linear("experts.gate_up_proj", h, 2 * mi, False, e, is_linear=False))
             out.append(Linear("experts.down_proj", mi, h, False, e, is_linear=False))
             if self.shared_expert_intermediate_size:
                 si = self.shared_expert_intermediate_size
-                out += [Linear("gate_proj", h, si), Linear("up_proj", h, si), Linear("down_proj", si, h),
-                        Linear("shared_expert_gate", h, 1)]
+                out += [Linear("gate_proj", h, si), Linear("up_proj", h, si), Linear("down_proj", si, h)]
+                if self.shared_expert_gate:
+                    out.append(Linear("shared_expert_gate", h, 1))
         elif self.mlp_kind == "plain":
             out += [Linear(m("up_proj"), h, i, self.mlp_bias), Linear(m("down_proj"), i, h, self.mlp_bias)]
         elif self.fused_gate_up:
@@ -335,6 +340,14 @@ def from_hf_config(cfg: dict, name: str | None = None, **meta) -> ModelSpec:
     kv = opt("num_key_value_heads", heads, zero_ok=False)
     norms_per_layer = int(lay.get("norms_per_layer", 2))
     sdpa_math = False
+    if lay.get("moe_layers_key"):
+        # a model whose layers alternate dense and MoE MLPs (Llama-4 Maverick: interleave_moe_layer_step 2, dense
+        # layers of intermediate_size_mlp) has two layer shapes; a ModelSpec has one
+        step = cfg.get(lay["moe_layers_key"], 1)
+        if step not in (None, 1):
+            raise VramplanError(f"config of {label}: {lay['moe_layers_key']} {_short(step)}: layers alternate dense and "
+                                "MoE MLPs, which vramplan does not model (one layer shape per model)",
+                                "Llama-4 Scout (every layer MoE) is in the catalogue; Maverick is not")
     if lay.get("falcon_layout"):
         # transformers FalconAttention: new_decoder_architecture -> num_kv_heads and num_ln_in_parallel_attn
         # norms (default 2); else multi_query -> one kv head, one input_layernorm; ALiBi is not modelled
@@ -416,7 +429,11 @@ def from_hf_config(cfg: dict, name: str | None = None, **meta) -> ModelSpec:
         num_experts=num_experts,
         experts_per_token=min(opt("num_experts_per_tok"), num_experts) if num_experts else opt("num_experts_per_tok"),
         moe_intermediate_size=opt("moe_intermediate_size") or (opt("intermediate_size") if num_experts else 0),
-        shared_expert_intermediate_size=opt("shared_expert_intermediate_size") if lay.get("shared_expert") else 0,
+        shared_expert_intermediate_size=(opt(lay.get("shared_expert_key", "shared_expert_intermediate_size"))
+                                         if lay.get("shared_expert") else 0),
+        shared_expert_gate=bool(lay.get("shared_expert_gate", True)),
+        router_name=str(lay.get("router", "")),
+        dense_experts=bool(lay.get("dense_experts", False)),
         max_position_embeddings=opt("max_position_embeddings", 4096),
         sliding_window=sliding,
         sliding_pattern=opt("sliding_window_pattern") or int(lay.get("sliding_window_pattern", 0)),
