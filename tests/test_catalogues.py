@@ -287,7 +287,8 @@ def test_unknown_gpu_suggests_a_name():
         get_gpu("h1000")
 
 
-@pytest.mark.parametrize("typed", ["gemma-4-27b", "llama-5-scout-17b", "qwen4-8b", "phi-5"])
+@pytest.mark.parametrize("typed", ["gemma-4-27b", "llama-5-scout-17b", "qwen4-8b", "phi-5", "llama-4-maverick-17b-128e",
+                                   "phi-1.5"])
 def test_unknown_model_of_another_architecture_suggests_a_config_not_a_neighbour(typed):
     with pytest.raises(UnknownNameError) as err:
         get_model(typed)
@@ -315,3 +316,50 @@ def test_unsupported_layouts_say_what_they_are(cfg, words):
     with pytest.raises(VramplanError, match=words) as err:
         from_hf_config(cfg, name="x")
     assert "is it a decoder-only" not in str(err.value)
+
+
+def test_issue15_releases_resolve_by_their_hub_names():
+    """DeepSeek-R1 distills, Qwen3 2507 and Llama-4 Scout resolve from their hub ids to their own entries."""
+    for hub, name, layers in [("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "deepseek-r1-distill-qwen-7b", 28),
+                              ("deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", "deepseek-r1-distill-qwen-14b", 48),
+                              ("deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", "deepseek-r1-distill-qwen-32b", 64),
+                              ("Qwen/Qwen3-4B-Instruct-2507", "qwen3-4b-2507", 36),
+                              ("Qwen/Qwen3-30B-A3B-Instruct-2507", "qwen3-30b-a3b-2507", 48),
+                              ("Qwen/Qwen3-235B-A22B-Instruct-2507", "qwen3-235b-a22b-2507", 94),
+                              ("meta-llama/Llama-4-Scout-17B-16E-Instruct", "llama-4-scout-17b-16e", 48)]:
+        spec = get_model(hub)
+        assert spec.name == name and spec.num_layers == layers
+    assert get_model("qwen3-4b-2507").max_position_embeddings == 262144
+    scout = get_model("llama-4-scout")
+    assert scout.is_moe and scout.dense_experts and 17.0e9 < scout.active_params < 17.3e9  # "17B" active
+
+
+def test_llama4_maverick_config_is_refused_with_the_reason():
+    from vramplan.errors import VramplanError
+    from vramplan.models import from_hf_config
+
+    cfg = dict(get_model("llama-4-scout").hf_config, interleave_moe_layer_step=2, num_local_experts=128)
+    with pytest.raises(VramplanError, match="alternate dense and MoE"):
+        from_hf_config(cfg, name="maverick")
+
+
+@pytest.mark.parametrize("name,kind,parallel,mlp,norms", [
+    ("phi-2", "layer", True, "plain", 1), ("falcon-7b", "layer", True, "plain", 1),
+    ("stablelm-base-alpha-3b", "layer", True, "plain", 2), ("llama-2-7b", "rms", False, "gated", 2)])
+def test_layouts_parse(name, kind, parallel, mlp, norms):
+    spec = get_model(name)
+    assert (spec.norm_kind, spec.parallel_block, spec.mlp_kind, spec.norms_per_layer) == (kind, parallel, mlp, norms)
+
+
+def test_falcon_flags_follow_its_config():
+    from vramplan.errors import VramplanError
+    from vramplan.models import from_hf_config
+
+    base = dict(get_model("falcon-7b").hf_config)
+    assert get_model("falcon-7b").num_kv_heads == 1 and get_model("falcon-7b").sdpa_math
+    new = from_hf_config(dict(base, new_decoder_architecture=True, num_kv_heads=71), name="f")
+    assert new.num_kv_heads == 71 and new.norms_per_layer == 2 and not new.sdpa_math
+    seq = from_hf_config(dict(base, parallel_attn=False), name="f")
+    assert not seq.parallel_block and seq.norms_per_layer == 2
+    with pytest.raises(VramplanError, match="ALiBi"):
+        from_hf_config(dict(base, alibi=True), name="f")

@@ -568,6 +568,22 @@ def _family_version(text: str) -> tuple[str, str | None]:
     return m.group(1), m.group(2)
 
 
+#: words after a version that name a release's flavour, not another model
+_FLAVOURS = {"instruct", "chat", "it", "base", "hf", "pt", "thinking"}
+
+
+def _variant(text: str) -> str | None:
+    """The model-line word right after the family and version (``llama-4-maverick`` -> "maverick",
+    ``phi-3-mini-4k`` -> "mini"), or None (a size or a flavour such as ``instruct`` follows, or nothing)."""
+    import re
+
+    t = text.lower().rsplit("/", 1)[-1]
+    m = re.match(r"[a-z]+[-_ ]?(?:\d+(?:\.\d+)?(?![\d.]*[bkm](?:$|[-_x])))?[-_ ]([a-z]+)(?:$|[-_ ])", t)
+    if not m or m.group(1) in _FLAVOURS:
+        return None
+    return m.group(1)
+
+
 def _unknown_model(text: str, names: list[str]):
     """The unknown-model error: a did-you-mean only among the same family and version.
 
@@ -586,6 +602,8 @@ def _unknown_model(text: str, names: list[str]):
         close = [c for c in close if _family_version(c)[0] == fam]
     if ver is not None:
         close = [c for c in close if _family_version(c)[1] == ver]
+    # llama-4-maverick is not llama-4-scout, stablelm-3b (StableLM-3B-4E1T) not stablelm-alpha-3b: other layouts
+    close = [c for c in close if _variant(c) == _variant(text)]
     if close:
         return UnknownNameError(f"unknown model {text!r}", f"did you mean {' or '.join(close)}? or {LOCAL_CONFIG_HINT}")
     return UnknownNameError(f"unknown model {text!r}: not in the catalogue", LOCAL_CONFIG_HINT)
