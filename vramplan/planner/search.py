@@ -233,7 +233,8 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
            grad_ckpt: bool | None = None, optimizer: str | None = None, attn: str | None = None,
            rank: int | None = None, targets=None, margin: float = DEFAULT_MARGIN, tokens: float | None = None,
            epochs: float = 1.0, ppo_response: int | None = None, totals: DeviceTotals | None = None,
-           batch: int | None = None, framework: str = "hf", techniques=None) -> MethodPlans:
+           batch: int | None = None, framework: str = "hf", techniques=None,
+           method_options: dict | None = None) -> MethodPlans:
     """Rank every settings combination of ``method`` on ``card`` (see the module docstring).
 
     Args:
@@ -245,6 +246,7 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
         batch: fix the micro-batch (None searches 1..256, or the divisors of ``global_batch / gpus``).
         margin: fraction of the capacity kept free. tokens, epochs: dataset size for time to train.
         framework, techniques: the training stack and memory-saving techniques every plan uses.
+        method_options: the method's own options (vramplan.methods.base.Option), for every plan.
 
     Returns:
         :class:`MethodPlans` with every combination's best micro-batch, ranked.
@@ -274,7 +276,8 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
     for m, ad, note, settings, _ in _combos(spec, method, adapter, card, fixed, [None]):
         try:
             cfg = make_config(spec, m, adapter=ad, batch=1, seq=seq, precision=precision,
-                              ppo_response=ppo_response, framework=framework, techniques=techniques, **settings)
+                              ppo_response=ppo_response, framework=framework, techniques=techniques,
+                              method_options=method_options, **settings)
         except VramplanError:
             if fixed.get("rank") or fixed.get("targets"):
                 raise  # the user's own setting is invalid: say so
@@ -378,19 +381,20 @@ def _reason(p: Plan, best: Plan | None) -> str:
 
 def _frugal_cfg(spec: ModelSpec, method: str, seq: int, precision: str | None, ppo_response: int | None,
                 adapter: str | None = None, rank: int | None = None, targets=None, attn: str | None = None,
-                framework: str = "hf", techniques=None):
+                framework: str = "hf", techniques=None, method_options: dict | None = None):
     """The least-memory configuration of ``method``: GC on, 8-bit AdamW, the QLoRA fallback, batch 1."""
     choices = adapters_for(method, adapter)
     m, ad, _ = choices[-1]
     return make_config(spec, m, adapter=ad, batch=1, seq=seq, grad_ckpt=True, optimizer="adamw_8bit",
                        precision=precision, attn=attn or "sdpa", rank=rank or 8, targets=targets,
-                       ppo_response=ppo_response, framework=framework, techniques=techniques)
+                       ppo_response=ppo_response, framework=framework, techniques=techniques,
+                       method_options=method_options)
 
 
 def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, precision: str | None = None,
                    margin: float = DEFAULT_MARGIN, ppo_response: int | None = None, adapter: str | None = None,
                    rank: int | None = None, targets=None, gpus: int = 1, totals: DeviceTotals | None = None,
-                   framework: str = "hf", techniques=None) -> list[Suggestion]:
+                   framework: str = "hf", techniques=None, method_options: dict | None = None) -> list[Suggestion]:
     """What would make ``method`` fit when no setting does: a bigger card, more GPUs, offload, shorter sequences.
 
     Each suggestion uses the method's least-memory settings (gradient checkpointing, 8-bit
@@ -400,7 +404,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, pre
     out: list[Suggestion] = []
     try:
         cfg = _frugal_cfg(spec, method, seq, precision, ppo_response, adapter, rank, targets,
-                          framework=framework, techniques=techniques)
+                          framework=framework, techniques=techniques, method_options=method_options)
     except VramplanError:
         return out
     keep = 1.0 - margin
@@ -437,11 +441,10 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, pre
     limit = min(seq - 128, spec.max_position_embeddings)
     if limit >= 128:
         grid = np.arange(128, limit + 1, 128)
-        if cfg.recipe.method.rollout:
-            grid = grid[grid >= 256]
+        grid = grid[grid >= cfg.recipe.behaviour.min_seq()]
         if grid.size:
             par = make_parallel(gpus) if gpus > 1 else SINGLE
-            c = cfg.with_(ppo_response=None)
+            c = cfg.with_(**cfg.recipe.behaviour.reset_shape())
             ok = totals(step_memory_for(spec, c, par, batch=1, seq=grid), c, card, par) <= card.memory_bytes * keep
             if ok.any():
                 s = int(grid[ok].max())
