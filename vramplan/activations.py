@@ -132,7 +132,8 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
     lin = {l.name: l for l in model.layer_linears()}
     dropout = lora_like and cfg.dropout > 0
     # bitsandbytes < 0.43.2 MatMul4Bit keeps every 4-bit linear's input (stacks.toml [behaviours])
-    keeps_4bit_input = copy.adapter is Adapter.QLORA and copy.quantized and cfg.behaves("bnb_4bit_saves_input")
+    keeps_4bit_input = (copy.adapter is not None and copy.adapter.quantized_base and copy.quantized
+                        and cfg.behaves("bnb_4bit_saves_input"))
 
     per_tok = 0.0  # bytes per token
     per_seq2 = 0.0  # bytes per token per sequence position (eager attention's s^2 terms)
@@ -200,7 +201,7 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
                 mods = 1 if (stack.lora_qkv_pad and set(adapted) <= {"q_proj", "k_proj", "v_proj"}) else len(adapted)
                 b += DROPOUT_SAVED_BYTES * width * mods
             b += target * cfg.rank * len(adapted)  # lora_A's output, saved by lora_B
-            if copy.adapter is Adapter.DORA and dora_saved:
+            if copy.adapter.dora and dora_saved:
                 # (PEFT DoraLinearLayer: (m / ||W + BA||) scales the base result and the LoRA result; both saved)
                 # (lora_B's output is in autocast's dtype under autocast, else the adapter's)
                 b += sum((target + d.proj_out) * lin[n].out_features for n in adapted)
@@ -211,7 +212,7 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
         return b
 
     def ia3_out(names: list[str]) -> float:
-        if copy.adapter is not Adapter.IA3:
+        if copy.adapter is None or not copy.adapter.ia3:
             return 0.0
         # IA³ scales the base output (saved, out features) or, for feed-forward modules, the input
         # after casting it to the vector's dtype (PEFT IA3 Linear: ``x.to(ia3_l.dtype) * ia3_l``)

@@ -42,13 +42,13 @@ def adapter_tensors(model: ModelSpec, adapter: Adapter, rank: int, targets: tupl
     for t in targets:
         l = by_name[t]
         n = layers * l.count
-        if adapter is Adapter.IA3:
+        if adapter.ia3:
             size = l.in_features if t in model.ia3_feedforward else l.out_features
             out.append(AdapterTensor((size,), n))
             continue
         out.append(AdapterTensor((rank, l.in_features), n))
         out.append(AdapterTensor((l.out_features, rank), n))
-        if adapter is Adapter.DORA:
+        if adapter.dora:
             out.append(AdapterTensor((l.out_features,), n))
     return out
 

@@ -174,7 +174,7 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
         st.add(Component.ADAPTERS, count * ab)
         st.add(Component.GRADIENTS, count * ab)
         opt_groups += [(s, c, ab) for s, c in tensors]
-        if regime.autocast is not None and copy.adapter is not Adapter.IA3:
+        if regime.autocast is not None and not copy.adapter.ia3:
             st.add(Component.AUTOCAST_CACHE, count * DTYPE_BYTES[regime.compute_dtype])
     offload = cfg.uses("opt_offload")
     st.add(Component.OPTIMIZER_STATES, 0 if offload else opt.total_state_bytes(opt_groups))
@@ -408,7 +408,7 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
         attn_bwd = np.maximum(attn_bwd, eb)
         if copy.quantized:
             temps_fwd = np.maximum(temps_fwd, _dequant_temp(model, regime, cfg) + zeros)
-        if copy.adapter is Adapter.DORA:  # in backward too when checkpointing recomputes the forward
+        if copy.adapter is not None and copy.adapter.dora:  # in backward too when checkpointing recomputes the forward
             temps_fwd_only = np.maximum(temps_fwd_only, _dora_norm_temp(model, cfg, regime) + zeros)
             rec_prefix = np.maximum(rec_prefix, _dora_prefix(model, cfg, copy, regime, T, s))
             if cfg.grad_ckpt:
@@ -443,7 +443,7 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
             "logits_bwd": logits_bwd, "transient": transient, "nograd_peak": nograd_peak, "temps_fwd": temps_fwd,
             "temps_fwd_only": temps_fwd_only, "temps_recompute": temps_recompute, "kv": kv,
             "rollout_logits": rollout_logits, "attn_fwd": attn_fwd, "attn_bwd": attn_bwd, "logits_kept": logits_kept,
-            "dora_prefix": rec_prefix if recipe.copies[0].adapter is Adapter.DORA else layer,
+            "dora_prefix": rec_prefix if (recipe.copies[0].adapter is not None and recipe.copies[0].adapter.dora) else layer,
             "zeros": zeros}
 
 

@@ -78,7 +78,7 @@ def plan_brief(plan) -> str:
     parts.append({"adamw_8bit": "8-bit", "paged_adamw_8bit": "paged 8-bit"}.get(c.optimizer, c.optimizer))
     if c.attn != "sdpa":
         parts.append(c.attn)
-    if c.adapter in ("lora", "qlora", "dora"):
+    if c.recipe.adapter.low_rank:
         parts.append(f"r{c.rank}" + (" all-linear" if len(c.targets) > 2 else ""))
     if plan.parallel.distributed:
         parts.append(plan.parallel.label)

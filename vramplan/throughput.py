@@ -269,7 +269,7 @@ def step_work(spec: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepWo
         adapter += len(grad_copies) * tokens * (lora_per_token + gc * fwd_per_token)
         if recipe.behaviour.generates:
             adapter += tokens * fwd_per_token
-        if recipe.adapter is Adapter.DORA:
+        if recipe.adapter.dora:
             dora = float(sum(i * o * n for i, o, n in shapes) * forwards)
             adapter += sum(2 * cfg.rank * i * o * n for i, o, n in shapes) * forwards
     return StepWork(tokens=tokens, batch=b + zeros, model_flops=flops + rollout, adapter_flops=adapter, rollout_flops=rollout,

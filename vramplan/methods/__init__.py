@@ -56,6 +56,8 @@ class Adapter(str, Enum):
     QLORA = "qlora"  # LoRA over an NF4 frozen base
     DORA = "dora"    # DoRA over a 16-bit frozen base
     IA3 = "ia3"      # IA³ vectors over a 16-bit frozen base
+    QDORA = "qdora"  # DoRA over an NF4 frozen base (PEFT use_dora over bitsandbytes Linear4bit)
+    QIA3 = "qia3"    # IA³ vectors over an NF4 frozen base (PEFT IA³ over bitsandbytes Linear4bit)
 
     @property
     def is_peft(self) -> bool:
@@ -63,16 +65,39 @@ class Adapter(str, Enum):
 
     @property
     def quantized_base(self) -> bool:
-        return self is Adapter.QLORA
+        return self in _FOUR_BIT.values()
 
     @property
     def low_rank(self) -> bool:
-        """LoRA, QLoRA and DoRA: rank-``r`` A/B matrices on the target linears (IA³ and full are not)."""
+        """LoRA, QLoRA, DoRA and QDoRA: rank-``r`` A/B matrices on the target linears (IA³ and full are not)."""
         return self in LOW_RANK
+
+    @property
+    def dora(self) -> bool:
+        """DoRA's magnitude vector and weight norm over the LoRA matrices (DoRA, QDoRA)."""
+        return self in (Adapter.DORA, Adapter.QDORA)
+
+    @property
+    def ia3(self) -> bool:
+        """IA³ scaling vectors (IA³, 4-bit IA³)."""
+        return self in (Adapter.IA3, Adapter.QIA3)
+
+    @property
+    def four_bit(self) -> "Adapter | None":
+        """The same adapter over an NF4 base (the fallback ``fit`` offers), or None."""
+        return _FOUR_BIT.get(self)
+
+    @property
+    def label(self) -> str:
+        return _LABELS[self]
 
 
 #: the LoRA family: adapters with a rank, an alpha and target linears
-LOW_RANK = (Adapter.LORA, Adapter.QLORA, Adapter.DORA)
+LOW_RANK = (Adapter.LORA, Adapter.QLORA, Adapter.DORA, Adapter.QDORA)
+#: each 16-bit-base adapter's NF4-base twin
+_FOUR_BIT = {Adapter.LORA: Adapter.QLORA, Adapter.DORA: Adapter.QDORA, Adapter.IA3: Adapter.QIA3}
+_LABELS = {Adapter.FULL: "full", Adapter.LORA: "LoRA", Adapter.QLORA: "QLoRA", Adapter.DORA: "DoRA",
+           Adapter.IA3: "IA³", Adapter.QDORA: "QDoRA", Adapter.QIA3: "4-bit IA³"}
 
 
 class Role(str, Enum):

@@ -49,7 +49,7 @@ def check_card(cfg_precision: str | None, method: str, adapter: str | None, attn
                             "use --precision fp16-mixed or fp32")
     if attn == "flash" and not gpu.flash_attention:
         raise VramplanError(f"{gpu.display_name} does not run FlashAttention-2", "use --attn sdpa")
-    if resolve(method, adapter).adapter is Adapter.QLORA and not getattr(gpu, "bf16", True) and gpu.cc < (7, 0):
+    if resolve(method, adapter).adapter.quantized_base and not getattr(gpu, "bf16", True) and gpu.cc < (7, 0):
         raise VramplanError(f"bitsandbytes 4-bit kernels need compute capability >= 7.0; {gpu.display_name} has {gpu.compute_capability}")
     return regime_name
 
@@ -115,9 +115,9 @@ def moe_qlora_note(spec: ModelSpec, cfg: TrainConfig, short: bool = False) -> st
     """
     from ..models import layout_of
 
-    if cfg.adapter == "qlora" and spec.linear_subclass and cfg.stack.bnb_exact_linear:
+    if cfg.recipe.adapter.quantized_base and spec.linear_subclass and cfg.stack.bnb_exact_linear:
         return _subclass_qlora_note(spec, cfg, short)
-    if cfg.adapter != "qlora" or not spec.is_moe or layout_of(spec.model_type).get("moe") != "fused":
+    if not cfg.recipe.adapter.quantized_base or not spec.is_moe or layout_of(spec.model_type).get("moe") != "fused":
         return None
     banks = sum(l.params for l in spec.layer_linears() if not l.is_linear) * spec.num_layers
     share = banks / spec.params
@@ -158,8 +158,8 @@ def assumptions(cfg: TrainConfig, overhead_source: str) -> list[str]:
             v, how = package_version(b.package, cfg.versions)
             state = "applies" if cfg.behaves(b.name) else "does not apply"
             out.append(f"{b.package} {v or 'latest'} ({how}): {b.name} {state} (before {b.before}: {b.summary})")
-    if cfg.adapter == "qlora":
-        out.append("QLoRA: NF4 decoder linears (bitsandbytes, blocksize 64, double quant "
+    if cfg.recipe.adapter.quantized_base:
+        out.append(f"{cfg.recipe.adapter.label}: NF4 decoder linears (bitsandbytes, blocksize 64, double quant "
                    f"{'on' if cfg.double_quant else 'off'}); "
                    + ("prepare_model_for_kbit_training upcasts the rest to fp32" if cfg.stack.kbit_upcast
                       else "the other weights stay in the model dtype"))

@@ -252,8 +252,9 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
                                          rank=rank, targets=targets, totals=totals, framework=framework,
                                          techniques=techs, method_options=method_options)
             if not est.fits:
+                fb = next((p.fallback for p in mp.plans if p.fallback), None)  # "QLoRA fallback", "QDoRA fallback"
                 notes.append("no setting fits (tried GC, 8-bit/paged AdamW"
-                             + (", QLoRA" if any(p.fallback for p in mp.plans) else "") + ")")
+                             + (f", {fb.removesuffix(' fallback')}" if fb else "") + ")")
             else:
                 notes.append(f"tight: no setting leaves the {margin:.0%} margin; shown: the fastest that fits")
             if suggestions:
@@ -281,14 +282,6 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
                            max_seq=longest_sequence(spec, cfg, card, par, totals=totals),
                            settings=settings, notes=notes, plans=mp.plans, best=mp.best, chosen=chosen,
                            suggestions=suggestions, techniques=advice))
-    # DoRA / IA3 have no 4-bit variant in the model (PEFT runs both over bitsandbytes Linear4bit): when one
-    # does not fit and QLoRA does, say so on its row rather than leave a bare "no"
-    qlora_row = next((r for r in rows if r.requested == "qlora" and r.best is not None), None)
-    for r in rows:
-        if r.best is None and qlora_row is not None and r.adapter in ("dora", "ia3"):
-            r.notes.append(f"4-bit: qlora fits ({qlora_row.estimate.peak_gib:.2f} GiB, "
-                           f"{qlora_row.tokens_per_s or 0:,.0f} tok/s); a 4-bit {r.adapter} base (PEFT over "
-                           "bitsandbytes Linear4bit) is not modelled yet")
     resolved = None if isinstance(model, ModelSpec) or str(model).lower() == spec.name else f"{model} -> {spec.name}"
     assumptions = rows[0].estimate.assumptions[:4] if rows else []
     note = v.context_note(spec, seq)
