@@ -144,6 +144,9 @@ class MethodDef:
     loss: str = "causal_lm"
     #: the behaviour module: a module of this package (``"dpo"``) or a dotted module path
     behaviour_name: str = "sft"
+    #: a default row of ``fit`` and of ``matrix --methods all`` (False: reached as another method's
+    #: 4-bit fallback -- QDoRA for DoRA, 4-bit IA³ for IA³ -- or asked for by name)
+    listed: bool = True
 
     @property
     def behaviour(self) -> Behaviour:
@@ -241,6 +244,7 @@ def _parse(name: str, raw: dict) -> MethodDef:
             copies=copies,
             loss=str(raw.get("loss", "causal_lm")),
             behaviour_name=str(raw.get("behaviour", "sft")),
+            listed=bool(raw.get("listed", True)),
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise VramplanError(f"methods.toml: method {name!r} is invalid ({exc})") from None
@@ -316,6 +320,11 @@ def method_options(recipe: "Recipe", values: dict[str, Any] | None, seq: int) ->
 
 def method_names() -> list[str]:
     return list(registry())
+
+
+def default_methods() -> list[str]:
+    """The methods ``fit`` and ``matrix --methods all`` show by default (methods.toml ``listed``)."""
+    return [n for n, md in registry().items() if md.listed]
 
 
 def get_method(name: str) -> MethodDef:

@@ -16,7 +16,7 @@ import numpy as np
 from ..config import make_config
 from ..errors import VramplanError
 from ..gpus import GPUSpec, get_gpu
-from ..methods import method_names
+from ..methods import default_methods
 from ..models import ModelSpec, get_model
 from ..results import Estimate
 from ..verdict import DEFAULT_MARGIN, Verdict, classify
@@ -235,7 +235,7 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
         make_config(spec, "lora", seq=seq, framework=framework, techniques=techs)  # technique rules
     totals = DeviceTotals()
     rows: list[FitRow] = []
-    for name in methods or method_names():
+    for name in methods or default_methods():
         prec = check_card(precision, name, None, attn or "sdpa", card, framework)
         search_kw = dict(seq=seq, precision=prec, global_batch=global_batch, parallels=parallels, grad_ckpt=grad_ckpt,
                          optimizer=optimizer, attn=attn, rank=rank, targets=targets, margin=margin, tokens=n_tokens,
@@ -414,7 +414,7 @@ def fit_cards(model: str | ModelSpec, *, cards=None, methods: list[str] | None =
     assumptions.append("cost: typical on-demand cloud price per GPU-hour x the predicted GPU-hours "
                        "(vramplan/data/prices.json, each price with its source and date); list prices are shown, "
                        "not used to rank")
-    return CardsReport(model=spec.name, seq=int(fit_kw.get("seq", 2048)), methods=list(methods or method_names()),
+    return CardsReport(model=spec.name, seq=int(fit_kw.get("seq", 2048)), methods=list(methods or default_methods()),
                        tokens=first.tokens if first else None, epochs=float(fit_kw.get("epochs", 1.0)), rows=rows,
                        by_cost=by_cost, no_fit=no_fit, assumptions=assumptions,
                        framework=first.framework if first else fit_kw.get("framework", "hf"))
