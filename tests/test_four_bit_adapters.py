@@ -84,5 +84,5 @@ def test_qdora_all_linear_is_never_under_the_dryrun():
     spec = get_model("llama-3.2-1b").with_layers(2)
     for shape in ((1, 256), (2, 1024)):
         kw = dict(batch=shape[0], seq=shape[1], targets="all-linear", rank=16, grad_ckpt=False)
-        est, dry = vramplan.estimate(spec, "qdora", **kw), vramplan.dryrun(spec, "qdora", **kw)
+        est, dry = vramplan.estimate(spec, "qdora", **kw), vramplan.dry_run(spec, "qdora", **kw)
         assert 0.98 * dry.tensor_peak_bytes <= est.tensor_peak_bytes <= 1.10 * dry.tensor_peak_bytes
