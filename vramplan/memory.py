@@ -30,7 +30,7 @@ from .models import ModelSpec
 from .optimizers import get_optimizer
 from .precision import DTYPE_BYTES, Regime
 from .quant import nf4_bytes
-from .taxonomy import Component, Phase
+from .taxonomy import RESIDENT_COMPONENTS, Component, Phase
 
 
 @dataclass
@@ -476,8 +476,7 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     transient, nograd_peak, temps_fwd, kv = t["transient"], t["nograd_peak"], t["temps_fwd"], t["kv"]
     recompute, layer_saved, layer_attn = t["recompute"], t["layer"], t["layer_attn"]
     attn_fwd, attn_bwd = t.get("attn_fwd", zeros), t.get("attn_bwd", zeros)
-    static = sum(base.get(c, 0) for c in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS,
-                                          Component.MASTER_WEIGHTS)) + zeros + comm
+    static = sum(base.get(c, 0) for c in RESIDENT_COMPONENTS) + zeros + comm
     states, cache, cache_bwd = states + zeros, cache + zeros, cache_bwd + zeros
     # QLoRA's dequantised weight lives inside one layer's forward/backward, never beside the loss
     # DoRA's norm buffers in the last layer's forward beside what that layer has saved so far
@@ -592,22 +591,41 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     return phases, peak, idx, comps
 
 
+def state_terms(st: ModelState, cfg: TrainConfig) -> dict:
+    """The batch-independent keyword arguments :func:`combine_phases` takes from a :class:`ModelState`.
+
+    With the optimiser step inside backward (``opt_in_bwd``) each gradient is consumed and freed
+    as soon as it is ready: only the largest one is alive at a time.
+    """
+    in_bwd = cfg.uses("opt_in_bwd")
+    grads = st.largest_grad if in_bwd else st.bytes[Component.GRADIENTS]
+    return dict(states=st.bytes[Component.OPTIMIZER_STATES], cache=st.bytes[Component.AUTOCAST_CACHE],
+                **backward_casts(st, cfg), grads_bwd=grads, grads_opt=grads,
+                grads_tail=0 if in_bwd else st.grads_tail, grads_end_extra=st.grads_end_extra,
+                layer_grad=0 if in_bwd else st.layer_grad, head_grad=0 if in_bwd else st.head_grad,
+                step_temporary=st.step_temporary, rollout_on=cfg.recipe.method.rollout)
+
+
+def resident_floor(model: ModelSpec, cfg: TrainConfig, st: ModelState | None = None) -> int:
+    """A lower bound (bytes) on :func:`step_memory`'s peak at every micro-batch and sequence length.
+
+    The larger of the two batch-independent phases :func:`combine_phases` builds: loading (the
+    resident weights, quantisation state, adapters and master weights) and the optimiser step
+    (those plus optimiser states, gradients and the step's temporaries). Every step's peak is
+    the largest of its phases, so it is at least this.
+    """
+    st = st or model_state(model, cfg)
+    a = state_terms(st, cfg)
+    static = sum(st.bytes.get(c, 0) for c in RESIDENT_COMPONENTS)
+    return int(static + max(0, a["states"] + a["grads_opt"] + a["step_temporary"]))
+
+
 def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepMemory:
     """Peak tensor bytes of a steady-state step of ``cfg`` on ``model``, by component and phase.
 
     ``batch`` and ``seq`` default to the config's; arrays broadcast.
     """
     st = model_state(model, cfg)
-    grads_all = st.bytes[Component.GRADIENTS]
     t = step_terms(model, cfg, batch, seq)
-    phases, peak, idx, comps = combine_phases(
-        t, st.bytes, states=st.bytes[Component.OPTIMIZER_STATES], cache=st.bytes[Component.AUTOCAST_CACHE],
-        **backward_casts(st, cfg),
-        # with the step in backward each gradient is consumed and freed as soon as it is ready
-        grads_bwd=st.largest_grad if cfg.uses("opt_in_bwd") else grads_all,
-        grads_opt=st.largest_grad if cfg.uses("opt_in_bwd") else grads_all,
-        grads_tail=0 if cfg.uses("opt_in_bwd") else st.grads_tail,
-        grads_end_extra=st.grads_end_extra, layer_grad=0 if cfg.uses("opt_in_bwd") else st.layer_grad,
-        head_grad=0 if cfg.uses("opt_in_bwd") else st.head_grad,
-        step_temporary=st.step_temporary, rollout_on=cfg.recipe.method.rollout)
+    phases, peak, idx, comps = combine_phases(t, st.bytes, **state_terms(st, cfg))
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=st)

@@ -61,13 +61,13 @@ from typing import Any, Mapping
 import numpy as np
 
 from .gpus import GPUSpec, generation, parse_compute_capability
-from .taxonomy import Component
+from .taxonomy import RESIDENT_COMPONENTS, Component
 from .units import MIB
 
 DEFAULT_CONTEXT_BYTES = 512 * MIB
 DEFAULT_RESERVE_FRACTION = 0.30
 #: allocated once at load, before the first step: no reserve (vramplan.overheads.loaded_terms)
-LOADED_COMPONENTS = (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS)
+LOADED_COMPONENTS = RESIDENT_COMPONENTS
 DEFAULT_UNCERTAINTY_FRACTION = 0.10
 #: The figures of the chain that a profile may calibrate, in the order they are reported.
 FIGURES = ("context", "workspace", "allocator", "activation_factor")

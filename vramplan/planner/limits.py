@@ -50,6 +50,7 @@ class DeviceTotals:
 
     def __init__(self):
         self._profiles: dict[str, object] = {}
+        self._factors: dict[tuple, float] = {}
 
     def __call__(self, mem: StepMemory, cfg: TrainConfig, card: GPUSpec, par: Parallel | None = None) -> np.ndarray:
         """Device totals (float64 bytes) of ``mem`` (arrays over batch/seq) for ``cfg`` on ``card`` under ``par``."""
@@ -61,6 +62,36 @@ class DeviceTotals:
 
             return total + NCCL_BYTES
         return total + 0
+
+    def floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec) -> float | None:
+        """A lower bound (bytes) on the one-GPU device total of ``cfg`` at every micro-batch and sequence.
+
+        The chain (:func:`vramplan.overheads.device_total`) of :func:`vramplan.memory.resident_floor`
+        with no activations and every optimiser state paged (for a paged optimiser): the device total
+        never decreases with the tensor peak and never increases with the paged bytes, so no
+        micro-batch or sequence length of ``cfg`` comes out below it. None where the card's
+        calibrated activation factor for the recipe is below 1 (the chain then shrinks the peak's
+        activations, and this bound would not hold).
+        """
+        from ..memory import model_state, resident_floor
+        from ..optimizers import get_optimizer
+        from ..overheads import LOADED_COMPONENTS, device_total, runtime_overheads
+        from ..taxonomy import Component
+
+        if card.name not in self._profiles:
+            self._profiles[card.name] = card_profile(card)
+        prof = self._profiles[card.name]
+        method, stack = cfg.recipe.name, cfg.framework
+        if (card.name, method, stack) not in self._factors:
+            self._factors[(card.name, method, stack)] = runtime_overheads(
+                0, card, method=method, profile=prof, stack=stack).activation_factor
+        if self._factors[(card.name, method, stack)] < 1.0:
+            return None
+        st = model_state(spec, cfg)
+        paged = st.bytes.get(Component.OPTIMIZER_STATES, 0) if get_optimizer(cfg.optimizer).paged else 0
+        loaded = sum(st.bytes.get(c, 0) for c in LOADED_COMPONENTS)
+        return float(device_total(resident_floor(spec, cfg, st), card, method=method, activation_bytes=0,
+                                  paged_bytes=paged, profile=prof, stack=stack, loaded_bytes=loaded))
 
 
 def step_memory_for(spec: ModelSpec, cfg: TrainConfig, par: Parallel | None = None, batch=None, seq=None) -> StepMemory:

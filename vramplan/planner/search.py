@@ -452,6 +452,37 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, pre
 
 # -- other stacks and precisions ---------------------------------------------------------------
 
+def least_total(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adapter: str | None = None,
+                precision: str | None = None, parallels: list[Parallel] | None = None, optimizer: str | None = None,
+                rank: int | None = None, targets=None, ppo_response: int | None = None,
+                totals: DeviceTotals | None = None, framework: str = "hf", techniques=None, **_settings) -> float | None:
+    """A lower bound (bytes) on the device total of every plan :func:`search` ranks with these arguments.
+
+    The least :meth:`DeviceTotals.floor` over the configurations the search tries, gradient
+    checkpointing and attention aside (neither changes the batch-independent phases the floor
+    is made of); the micro-batch and sequence grid are covered by the floor itself. None when
+    it cannot say: several GPUs or offload (the sharded model), a calibrated activation factor
+    below 1, or a configuration the search would build differently (an invalid setting).
+    """
+    parallels = parallels or [SINGLE]
+    if any(p.distributed for p in parallels):
+        return None
+    totals = totals or DeviceTotals()
+    fixed = dict(grad_ckpt=False, optimizer=optimizer, attn="sdpa", rank=rank, targets=targets)
+    least = None
+    try:
+        for m, ad, _note, settings, _ in _combos(spec, method, adapter, card, fixed, [None]):
+            cfg = make_config(spec, m, adapter=ad, batch=1, seq=seq, precision=precision, ppo_response=ppo_response,
+                              framework=framework, techniques=techniques, **settings)
+            floor = totals.floor(spec, cfg, card)
+            if floor is None:
+                return None
+            least = floor if least is None else min(least, floor)
+    except VramplanError:
+        return None
+    return least
+
+
 def other_setups(spec: ModelSpec, method: str, card: GPUSpec, *, framework: str = "hf", precision: str | None = None,
                  current: Plan | None = None, **search_kw) -> list[Suggestion]:
     """Stacks (``stacks.toml``) and precisions that make ``method`` fit where ``framework``/``precision`` do not.
@@ -479,6 +510,9 @@ def other_setups(spec: ModelSpec, method: str, card: GPUSpec, *, framework: str 
     for fw, prec, kind in tries:
         try:
             p = check_card(prec, method, None, search_kw.get("attn") or "sdpa", card, fw)
+            least = least_total(spec, method, card, framework=fw, precision=p, **search_kw)
+            if least is not None and least >= card.memory_bytes + 1:  # (a plan's peak_bytes is int(total))
+                continue  # no plan of this setup fits the card even without the margin: nothing to list
             mp = search(spec, method, card, framework=fw, precision=p, **search_kw)
         except VramplanError:
             continue  # the stack does not run this method or card (e.g. no bf16)
