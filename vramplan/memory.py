@@ -629,3 +629,43 @@ def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> Ste
     t = step_terms(model, cfg, batch, seq)
     phases, peak, idx, comps = combine_phases(t, st.bytes, **state_terms(st, cfg))
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=st)
+
+
+def step_memory_rows(model: ModelSpec, cfgs: list[TrainConfig], batch=None, seq=None) -> tuple[StepMemory, list]:
+    """:func:`step_memory` of several configurations at once: every array gains a leading axis, one row per config.
+
+    The configurations must share the method's rollout (a search's candidates do). The
+    activation terms (:func:`step_terms`) are evaluated once per configuration that differs in
+    more than its optimiser (the optimiser changes only the model state), and the phase
+    arithmetic (:func:`combine_phases`) once for all rows: the same element-wise operations on
+    the same values as one :func:`step_memory` call per row, so every row equals it to the byte.
+
+    Returns:
+        ``(memory, states)``: a :class:`StepMemory` whose arrays have shape ``(len(cfgs), *grid)``
+        (its ``state`` is None) and each row's :class:`ModelState`.
+    """
+    if len({c.recipe.method.rollout for c in cfgs}) > 1:
+        raise ValueError("step_memory_rows: configurations with and without a rollout")
+    states = [model_state(model, c) for c in cfgs]
+    by_terms: dict = {}
+    rows = []
+    for c in cfgs:
+        k = c.with_(optimizer="adamw")
+        if k not in by_terms:
+            t = step_terms(model, c, batch, seq)
+            shape = t["zeros"].shape
+            by_terms[k] = {name: np.broadcast_to(v, shape) for name, v in t.items()}
+        rows.append(by_terms[k])
+    t = {name: np.stack([r[name] for r in rows]) for name in rows[0]}
+    extra = (1,) * (t["zeros"].ndim - 1)
+
+    def column(values) -> np.ndarray:
+        return np.asarray(values, dtype=np.int64).reshape((len(cfgs),) + extra)
+
+    base = {comp: column([st.bytes.get(comp, 0) for st in states]) for comp in Component
+            if any(comp in st.bytes for st in states)}
+    args = [state_terms(st, c) for st, c in zip(states, cfgs)]
+    kw = {name: (args[0][name] if name == "rollout_on" else column([a[name] for a in args])) for name in args[0]}
+    phases, peak, idx, comps = combine_phases(t, base, **kw)
+    return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=None), states
+

@@ -63,6 +63,34 @@ class DeviceTotals:
             return total + NCCL_BYTES
         return total + 0
 
+    def rows(self, mem: StepMemory, states: list, cfgs: list[TrainConfig], card: GPUSpec) -> np.ndarray:
+        """One-GPU device totals (float64 bytes) of a :func:`vramplan.memory.step_memory_rows` result, row by row.
+
+        The chain of :meth:`__call__` on every row at once (rows grouped by the recipe and stack
+        whose figures apply); each row equals ``self(step_memory(spec, cfg), cfg, card)``.
+        """
+        from ..optimizers import get_optimizer
+        from ..overheads import LOADED_COMPONENTS, device_total, peak_terms
+        from ..taxonomy import Component
+
+        if card.name not in self._profiles:
+            self._profiles[card.name] = card_profile(card)
+        peak, act, _ = np.ceil(mem.peak), *peak_terms({c: np.ceil(v) for c, v in mem.components.items()}, "adamw")
+        shape = (len(cfgs),) + (1,) * (peak.ndim - 1)
+        paged_row = np.array([get_optimizer(c.optimizer).paged for c in cfgs]).reshape(shape)
+        paged = np.where(paged_row, np.ceil(mem.components.get(Component.OPTIMIZER_STATES, 0)), 0.0)
+        loaded = np.array([sum(st.bytes.get(c, 0) for c in LOADED_COMPONENTS) for st in states],
+                          dtype=np.float64).reshape(shape)
+        act, paged = np.broadcast_to(act, peak.shape), np.broadcast_to(paged, peak.shape)
+        out = np.empty(peak.shape)
+        groups: dict[tuple, list[int]] = {}
+        for i, c in enumerate(cfgs):
+            groups.setdefault((c.recipe.name, c.framework), []).append(i)
+        for (method, stack), idx in groups.items():
+            out[idx] = device_total(peak[idx], card, method=method, activation_bytes=act[idx], paged_bytes=paged[idx],
+                                    profile=self._profiles[card.name], stack=stack, loaded_bytes=loaded[idx])
+        return out
+
     def floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec) -> float | None:
         """A lower bound (bytes) on the one-GPU device total of ``cfg`` at every micro-batch and sequence.
 

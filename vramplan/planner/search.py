@@ -29,7 +29,7 @@ from ..config import TrainConfig, make_config
 from ..distributed import SINGLE, STRATEGIES, Parallel, make_parallel, parallel_step_memory, shard_state
 from ..errors import VramplanError
 from ..gpus import GPUSpec, catalogue
-from ..memory import model_state, step_memory, step_terms
+from ..memory import StepMemory, model_state, step_memory_rows, step_terms
 from ..methods import Adapter, resolve
 from ..models import ModelSpec
 from ..overheads import card_profile
@@ -220,6 +220,117 @@ def _combos(spec: ModelSpec, method: str, adapter: str | None, card: GPUSpec, fi
             yield m, ad, note, dict(grad_ckpt=gc, optimizer=opt, attn=at, rank=r, targets=tg), par
 
 
+def _grid_for(global_batch: int | None, batch: int | None, par: Parallel) -> tuple[np.ndarray, np.ndarray]:
+    """(micro-batches, accumulation steps) of ``par``: :func:`_batch_grid`, or its one ``batch``."""
+    b_grid, a_grid = _batch_grid(global_batch, par.gpus)
+    if batch is None:
+        return b_grid, a_grid
+    keep = b_grid == batch
+    if not keep.any():
+        raise VramplanError(f"--global-batch {global_batch} is not a multiple of --gpus x --batch "
+                            f"({par.gpus} x {batch})", f"use a multiple of {par.gpus * batch}")
+    return b_grid[keep], a_grid[keep]
+
+
+def _candidates(spec: ModelSpec, method: str, adapter: str | None, card: GPUSpec, fixed: dict, *, seq: int,
+                precision: str | None, ppo_response: int | None, framework: str,
+                techniques) -> list[tuple[TrainConfig, str | None]]:
+    """The distinct configurations (micro-batch 1) of :func:`_combos`, each with its fallback note.
+
+    Raises:
+        VramplanError: a rank or targets the caller fixed is invalid for the model (a searched
+            rank larger than a small model's layer is skipped instead).
+    """
+    from ..optimizers import get_optimizer
+
+    out: list[tuple[TrainConfig, str | None]] = []
+    seen: set = set()
+    built: dict[tuple, TrainConfig | None] = {}
+    for m, ad, note, settings, _ in _combos(spec, method, adapter, card, fixed, [None]):
+        # gradient checkpointing, the optimiser and the attention only enter make_config as validated
+        # values: one make_config per (recipe, rank, targets), the others are that config with them set
+        shape = (m, ad, settings["rank"], repr(settings["targets"]))
+        if shape not in built:
+            try:
+                built[shape] = make_config(spec, m, adapter=ad, batch=1, seq=seq, precision=precision,
+                                           ppo_response=ppo_response, framework=framework, techniques=techniques,
+                                           **settings)
+            except VramplanError:
+                if fixed.get("rank") or fixed.get("targets"):
+                    raise  # the user's own setting is invalid: say so
+                built[shape] = None  # a searched rank larger than a small model's layer
+        base = built[shape]
+        if base is None:
+            continue
+        cfg = base.with_(grad_ckpt=bool(settings["grad_ckpt"]), optimizer=get_optimizer(settings["optimizer"]).name,
+                         attn=settings["attn"])
+        if cfg in seen:
+            continue  # e.g. all-linear is already the model's default target set
+        seen.add(cfg)
+        out.append((cfg, note))
+    return out
+
+
+def _shared_key(cfg: TrainConfig) -> TrainConfig:
+    """The configuration whose tensors and time ``cfg`` shares.
+
+    flash and sdpa save the same tensors and run the same kernels (SDPA dispatches to
+    FlashAttention-2); paged 8-bit AdamW keeps the same states as 8-bit AdamW (on the GPU while
+    they fit): each pair's tensors and time are evaluated once. Their device totals differ (paged
+    states live outside the allocator's reserve): one per optimiser.
+    """
+    if cfg.attn != "flash" and cfg.optimizer != "paged_adamw_8bit":
+        return cfg
+    return cfg.with_(attn="sdpa" if cfg.attn == "flash" else cfg.attn,
+                     optimizer="adamw_8bit" if cfg.optimizer == "paged_adamw_8bit" else cfg.optimizer)
+
+
+def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Parallel], grids: dict, prof,
+              totals: DeviceTotals):
+    """Device totals and step times of every candidate under every layout, over its batch grid.
+
+    Yields ``(cfg, note, parallel, totals, StepTime)`` in the order of ``cands`` (then layouts).
+    On one GPU every shared configuration's memory is evaluated in one vectorised call
+    (:func:`vramplan.memory.step_memory_rows`) and the device totals of all candidates in one
+    chain (:meth:`DeviceTotals.rows`); on several, one :func:`parallel_step_memory` per shared
+    configuration (the activation terms shared across layouts).
+    """
+    if not cands:
+        return
+    keys = [_shared_key(cfg) for cfg, _ in cands]
+    reps: dict[TrainConfig, TrainConfig] = {}  # shared key -> the first candidate with it (evaluated for all)
+    for k, (cfg, _) in zip(keys, cands):
+        reps.setdefault(k, cfg)
+    row = {k: j for j, k in enumerate(reps)}
+    which = np.array([row[k] for k in keys], dtype=np.intp)
+    states = {k: model_state(spec, r) for k, r in reps.items()}
+    results: dict[Parallel, tuple] = {}
+    terms: dict[tuple, dict] = {}
+    for p in parallels:
+        b_grid, a_grid = grids[p]
+        sharded = {k: shard_state(spec, r, p, states[k]) for k, r in reps.items()} if p.distributed else {}
+        times = [step_time(spec, r, card, batch=b_grid, grad_accum=a_grid, parallel=p, profile=prof, state=states[k],
+                           sharded=sharded.get(k)) for k, r in reps.items()]
+        if not p.distributed:
+            mem, sts = step_memory_rows(spec, list(reps.values()), batch=b_grid)
+            mem = StepMemory(components={c: v[which] for c, v in mem.components.items()},
+                             phases={ph: v[which] for ph, v in mem.phases.items()}, peak=mem.peak[which],
+                             peak_phase=mem.peak_phase[which], state=None)
+            results[p] = (totals.rows(mem, [sts[j] for j in which], [cfg for cfg, _ in cands], card), times)
+            continue
+        mems = []
+        for k, r in reps.items():
+            tkey = (k, tuple(b_grid))
+            if tkey not in terms:
+                terms[tkey] = step_terms(spec, r, batch=b_grid)
+            mems.append(parallel_step_memory(spec, r, p, batch=b_grid, state=sharded[k], terms=terms[tkey]))
+        results[p] = ([totals(mems[j], cfg, card, p) for j, (cfg, _) in zip(which, cands)], times)
+    for j, (cfg, note) in enumerate(cands):
+        for p in parallels:
+            rows, times = results[p]
+            yield cfg, note, p, rows[j], times[which[j]]
+
+
 def _preference(plan: Plan) -> tuple:
     """Tie-breakers among equally fast plans: fewer moving parts first."""
     c = plan.config
@@ -256,69 +367,25 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
     capacity = card.memory_bytes
     usable = int(capacity * (1.0 - margin))
     fixed = dict(grad_ckpt=grad_ckpt, optimizer=optimizer, attn=attn, rank=rank, targets=targets)
-    plans: list[Plan] = []
-    memo: dict[tuple, tuple] = {}
-    terms: dict[tuple, dict] = {}  # activation terms: the same for every strategy
-    seen: set = set()
+    grids = {par: _grid_for(global_batch, batch, par) for par in parallels}
+    cands = _candidates(spec, method, adapter, card, fixed, seq=seq, precision=precision, ppo_response=ppo_response,
+                        framework=framework, techniques=techniques)
     prof = card_profile(card)
-    grids = {}
-    for par in parallels:
-        b_grid, a_grid = _batch_grid(global_batch, par.gpus)
-        if batch is not None:
-            keep = b_grid == batch
-            if not keep.any():
-                raise VramplanError(f"--global-batch {global_batch} is not a multiple of --gpus x --batch "
-                                    f"({par.gpus} x {batch})", f"use a multiple of {par.gpus * batch}")
-            b_grid, a_grid = b_grid[keep], a_grid[keep]
-        grids[par] = (b_grid, a_grid)
-    for m, ad, note, settings, _ in _combos(spec, method, adapter, card, fixed, [None]):
-        try:
-            cfg = make_config(spec, m, adapter=ad, batch=1, seq=seq, precision=precision,
-                              ppo_response=ppo_response, framework=framework, techniques=techniques, **settings)
-        except VramplanError:
-            if fixed.get("rank") or fixed.get("targets"):
-                raise  # the user's own setting is invalid: say so
-            continue  # a searched rank larger than a small model's layer
-        if cfg in seen:
-            continue  # e.g. all-linear is already the model's default target set
-        seen.add(cfg)
-        # flash and sdpa save the same tensors and run the same kernels (SDPA dispatches to
-        # FlashAttention-2); paged 8-bit AdamW keeps the same states as 8-bit AdamW (on the GPU
-        # while they fit): evaluate each pair's tensors and time once. Their device totals differ
-        # (paged states live outside the allocator's reserve): one per optimiser.
-        key = cfg.with_(attn="sdpa" if cfg.attn == "flash" else cfg.attn,
-                        optimizer="adamw_8bit" if cfg.optimizer == "paged_adamw_8bit" else cfg.optimizer)
-        st = model_state(spec, cfg) if key not in memo else None
-        for p in parallels:
-            b_grid, a_grid = grids[p]
-            if (key, p) not in memo:
-                sh = shard_state(spec, cfg, p, st) if p.distributed else None
-                if p.distributed:
-                    tkey = (key, tuple(b_grid))
-                    if tkey not in terms:
-                        terms[tkey] = step_terms(spec, cfg, batch=b_grid)
-                    mem = parallel_step_memory(spec, cfg, p, batch=b_grid, state=sh, terms=terms[tkey])
-                else:
-                    mem = step_memory(spec, cfg, batch=b_grid)
-                t = step_time(spec, cfg, card, batch=b_grid, grad_accum=a_grid, parallel=p, profile=prof, state=st,
-                              sharded=sh)
-                memo[(key, p)] = (mem, t, {})
-            mem, t, by_opt = memo[(key, p)]
-            if cfg.optimizer not in by_opt:
-                by_opt[cfg.optimizer] = totals(mem, cfg, card, p)
-            total = by_opt[cfg.optimizer]
-            ok = total <= usable
-            if ok.any():
-                i = int(np.argmax(np.where(ok, t.tokens_per_s, -np.inf)))
-            else:
-                i = int(np.argmin(total))
-            cfg_i = cfg.with_(batch=int(b_grid[i]), grad_accum=int(a_grid[i]))
-            tps = float(np.asarray(t.tokens_per_s)[i])
-            ttt, gh = time_to_train(tokens, epochs, tps, p.gpus)
-            plans.append(Plan(method=cfg.method, adapter=cfg.adapter, config=cfg_i, parallel=p,
-                              peak_bytes=int(total[i]), capacity_bytes=capacity, usable_bytes=usable, fits=bool(ok[i]),
-                              tokens_per_s=tps, step_time_s=float(np.asarray(t.step_s)[i]), time_to_train_s=ttt,
-                              gpu_hours=gh, fallback=note, _grid=(t, i)))
+    plans: list[Plan] = []
+    for cfg, note, p, total, t in _evaluate(spec, cands, card, parallels, grids, prof, totals):
+        b_grid, a_grid = grids[p]
+        ok = total <= usable
+        if ok.any():
+            i = int(np.argmax(np.where(ok, t.tokens_per_s, -np.inf)))
+        else:
+            i = int(np.argmin(total))
+        cfg_i = cfg.with_(batch=int(b_grid[i]), grad_accum=int(a_grid[i]))
+        tps = float(np.asarray(t.tokens_per_s)[i])
+        ttt, gh = time_to_train(tokens, epochs, tps, p.gpus)
+        plans.append(Plan(method=cfg.method, adapter=cfg.adapter, config=cfg_i, parallel=p,
+                          peak_bytes=int(total[i]), capacity_bytes=capacity, usable_bytes=usable, fits=bool(ok[i]),
+                          tokens_per_s=tps, step_time_s=float(np.asarray(t.step_s)[i]), time_to_train_s=ttt,
+                          gpu_hours=gh, fallback=note, _grid=(t, i)))
     # a fallback (QLoRA for LoRA) is what the method becomes when its own adapter does not fit: its plans
     # rank after every plan of the method's own adapter that fits, however fast the throughput model
     # rates them (a larger micro-batch over an NF4 base can come out marginally faster, inside the
