@@ -49,3 +49,67 @@ def test_fit_still_lists_the_setups_that_fit():
     # the 13B model's PPO fits on none; full fine-tuning of a 3B on a 24 GiB card fits in pure bf16
     rep = vramplan.fit("3b", "rtx3090", methods=["full"])
     assert {s.detail["framework"] for s in rep.rows[0].alternatives} >= {"torchtune", "hf"}
+
+
+@pytest.mark.parametrize("gpu", ["rtx4000ada", "a100-80gb", "t4"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "dora", "ia3", "dpo", "ppo"])
+def test_estimate_peaks_equal_estimate_config(gpu, method):
+    """The light peaks the technique advice compares are the estimate's, to the byte (one GPU and sharded)."""
+    from vramplan.config import make_config
+    from vramplan.distributed import make_parallel
+    from vramplan.planner.estimating import estimate_config, estimate_peaks
+
+    spec, card = get_model("llama-3.2-1b"), get_gpu(gpu)
+    prec = check_card(None, method, None, "sdpa", card, "hf")
+    for fw, techs, par in [("hf", (), None), ("hf", ("liger_ce", "act_offload"), None), ("torchtune", (), None),
+                           ("hf", (), make_parallel(4, "zero3"))]:
+        p = prec if fw == "hf" else check_card(None, method, None, "sdpa", card, fw)
+        cfg = make_config(spec, method, batch=4, seq=1024, precision=p, framework=fw, techniques=techs)
+        est = estimate_config(spec, cfg, card, parallel=par, with_time=False)
+        peaks = estimate_peaks(spec, cfg, card, parallel=par)
+        assert (peaks.peak_bytes, peaks.tensor_peak_bytes) == (est.peak_bytes, est.tensor_peak_bytes), (fw, techs, par)
+
+
+@pytest.fixture
+def calibrated_card(tmp_path, monkeypatch):
+    """An a100-80gb profile with an allocator model, a method correction and activation factors 0.9 (full), 1.2 (lora)."""
+    from vramplan import profiles as profiles_mod
+    from vramplan.profiles import AllocatorModel, Fitted, Profile, Throughput
+
+    d = tmp_path / "profiles"
+    d.mkdir()
+    monkeypatch.setenv("VRAMPLAN_PROFILES", str(d))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(profiles_mod, "REPO_DIR", tmp_path / "none")
+    monkeypatch.setattr(profiles_mod, "PACKAGE_DIR", tmp_path / "none")
+    mib = 1 << 20
+    prof = Profile(gpu="a100-80gb", device={"kind": "cuda", "name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"},
+                   versions={"driver": "580.159.04", "cuda": "13.0", "torch": "2.11.0+cu130"},
+                   created="2026-11-23T00:00:00Z", source="a100-80gb.jsonl", source_info={},
+                   allocated_source="torch.cuda",
+                   throughput={"lora": Throughput((1e-4, 0.0, 1 / 200e12, 0.0), ((4096, 150.0),), 4)},
+                   context=Fitted(450 * mib, 5), workspace=Fitted(16 * mib, 2),
+                   allocator=AllocatorModel(1.07, 96 * mib, by_method={"full": 1.03}),
+                   activation_factors={"full": Fitted(0.9, 3), "lora": Fitted(1.2, 3)})
+    prof.save(d / "a100-80gb.json")
+    return get_gpu("a100-80gb")
+
+
+def test_peaks_and_floor_with_a_calibrated_profile(calibrated_card):
+    from vramplan.config import make_config
+    from vramplan.overheads import card_profile
+    from vramplan.planner.estimating import estimate_config, estimate_peaks
+
+    card = calibrated_card
+    assert card_profile(card) is not None
+    spec = get_model("qwen2.5-0.5b")
+    for method, optimizer in [("lora", "adamw"), ("full", "paged_adamw_8bit"), ("full", "adamw")]:
+        cfg = make_config(spec, method, batch=2, seq=512, optimizer=optimizer)
+        est = estimate_config(spec, cfg, card, with_time=False)
+        peaks = estimate_peaks(spec, cfg, card)
+        assert (peaks.peak_bytes, peaks.tensor_peak_bytes) == (est.peak_bytes, est.tensor_peak_bytes)
+        assert est.overheads.calibrated
+    # an activation factor below 1 shrinks the activations: no bound; above 1, a bound below every plan
+    assert least_total(spec, "full", card, seq=512) is None
+    least = least_total(spec, "lora", card, seq=512)
+    assert least is not None and least <= min(p.peak_bytes for p in search(spec, "lora", card, seq=512).plans)

@@ -131,7 +131,6 @@ def _estimate_from_file(a):
 
 def cmd_estimate(a) -> int:
     from .plan import estimate
-    from .render import render_estimate
 
     if getattr(a, "config", None):
         est = _estimate_from_file(a)
@@ -140,7 +139,12 @@ def cmd_estimate(a) -> int:
     else:
         est = estimate(a.model, a.method, **_plan_kwargs(a), **_scale_kwargs(a), techniques=a.techniques,
                        versions=getattr(a, "stack_version", None))
-    _print_json(est) if a.json else render_estimate(est, _console())
+    if a.json:
+        _print_json(est)
+    else:
+        from .render import render_estimate
+
+        render_estimate(est, _console())
     return 0
 
 
@@ -212,7 +216,6 @@ def cmd_cards(a) -> int:
 
 def cmd_fit(a) -> int:
     from .plan import fit
-    from .render import render_fit
 
     if str(a.gpu or "").lower() == "all":
         return cmd_cards(a)
@@ -221,7 +224,12 @@ def cmd_fit(a) -> int:
               targets=a.targets, batch=a.batch, optimizer=a.optimizer, grad_ckpt=a.grad_ckpt, margin=a.margin,
               top=max(20, a.top), framework=a.framework, techniques=a.techniques, **_scale_kwargs(a),
               methods=[m.strip() for m in a.methods.split(",") if m.strip()] if getattr(a, "methods", None) else None)
-    _print_json(rep) if a.json else render_fit(rep, _console(), top=a.top, verbose=getattr(a, "verbose", False))
+    if a.json:  # rich and the renderers load only for a table
+        _print_json(rep)
+    else:
+        from .render import render_fit
+
+        render_fit(rep, _console(), top=a.top, verbose=getattr(a, "verbose", False))
     return 0
 
 

@@ -18,6 +18,7 @@ by ``zero_grad(set_to_none=True)``):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -168,7 +169,7 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
         tensors = [(t.shape, t.count) for t in adapter_tensors(model, copy.adapter, cfg.rank, cfg.targets)]
         if copy.head == "scalar":
             tensors.append(((1, model.hidden_size), 1))  # the value head trains beside the adapter
-        count = sum(int(np.prod(s)) * c for s, c in tensors)
+        count = sum(math.prod(s) * c for s, c in tensors)
         st.trainable_params += count
         st.add(Component.ADAPTERS, count * ab)
         st.add(Component.GRADIENTS, count * ab)
@@ -178,7 +179,7 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
     offload = cfg.uses("opt_offload")
     st.add(Component.OPTIMIZER_STATES, 0 if offload else opt.total_state_bytes(opt_groups))
     st.step_temporary = 0 if offload else opt.step_temporary_bytes(opt_groups, regime.runner)
-    st.largest_grad = max((int(np.prod(shape)) * pb for shape, _c, pb in opt_groups), default=0)
+    st.largest_grad = max((math.prod(shape) * pb for shape, _c, pb in opt_groups), default=0)
     return st
 
 

@@ -2,7 +2,7 @@
 
 :func:`recommend_techniques` says what each technique of ``vramplan/data/stacks.toml`` saves on a
 configuration and, when it is not comfortable, the cheapest set that makes it fit; it runs the
-full :func:`~vramplan.planner.estimating.estimate_config` with and without each. Numpy only.
+peaks of :func:`~vramplan.planner.estimating.estimate_config` (:func:`~vramplan.planner.estimating.estimate_peaks`) with and without each. Numpy only.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from ..results import Estimate
 from ..stacks import techniques
 from ..units import GIB
 from ..verdict import DEFAULT_MARGIN
-from .estimating import estimate_config
+from ..overheads import card_profile
+from .estimating import Peaks, estimate_peaks
 
 if TYPE_CHECKING:
     from .search import Plan
@@ -119,7 +120,7 @@ def recommend_techniques(model, cfg: TrainConfig, gpu, *, parallel: Parallel | N
     """Which memory-saving techniques make ``cfg`` fit on ``gpu``, cheapest first, and what each saves.
 
     Every technique of ``stacks.toml`` that is a memory saver and not already on is evaluated
-    alone (the full :func:`~vramplan.planner.estimating.estimate_config` with and without it; savings below
+    alone (the peaks of :func:`~vramplan.planner.estimating.estimate_config`, :func:`~vramplan.planner.estimating.estimate_peaks`, with and without it; savings below
     ``max(MIN_SAVING_BYTES, MIN_SAVING_FRACTION x capacity)`` are dropped). When ``cfg`` is above
     ``capacity x (1 - margin)``, techniques are added greedily -- each round the cheapest in step
     time whose saving on top of those already chosen is worth listing, ties to the largest --
@@ -143,13 +144,14 @@ def recommend_techniques(model, cfg: TrainConfig, gpu, *, parallel: Parallel | N
     capacity = card.memory_bytes
     usable = int(capacity * (1.0 - margin))
     floor = max(MIN_SAVING_BYTES, int(MIN_SAVING_FRACTION * capacity))
-    cache: dict[tuple, Estimate] = {}
+    cache: dict[tuple, Estimate | Peaks] = {}
+    profile = card_profile(card)
 
     def est(techs: tuple[str, ...]):
         key = tuple(sorted(techs))
         if key not in cache:
             c = cfg if techs == cfg.techniques else cfg.with_techniques(techs)
-            cache[key] = estimate_config(spec, c, card, parallel=par, with_time=False)
+            cache[key] = estimate_peaks(spec, c, card, parallel=par, profile=profile)
         return cache[key]
 
     base = base if base is not None and base.config == cfg else est(cfg.techniques)
