@@ -28,7 +28,7 @@ def test_least_total_is_at_or_below_every_plan(model, gpu, method):
         except vramplan.VramplanError:
             continue
         totals = DeviceTotals()
-        least = least_total(spec, method, card, framework=fw, precision=prec, seq=1024, totals=totals)
+        least = least_total(spec, method, card, dict(framework=fw, precision=prec, seq=1024, totals=totals))
         mp = search(spec, method, card, framework=fw, precision=prec, seq=1024, totals=totals)
         if least is None:
             continue
@@ -42,7 +42,7 @@ def test_no_bound_on_several_gpus():
     from vramplan.distributed import make_parallel
 
     spec, card = get_model("llama-2-7b"), get_gpu("l4")
-    assert least_total(spec, "full", card, parallels=[make_parallel(2, "zero3")]) is None
+    assert least_total(spec, "full", card, dict(parallels=[make_parallel(2, "zero3")])) is None
 
 
 def test_fit_still_lists_the_setups_that_fit():
@@ -110,6 +110,6 @@ def test_peaks_and_floor_with_a_calibrated_profile(calibrated_card):
         assert (peaks.peak_bytes, peaks.tensor_peak_bytes) == (est.peak_bytes, est.tensor_peak_bytes)
         assert est.overheads.calibrated
     # an activation factor below 1 shrinks the activations: no bound; above 1, a bound below every plan
-    assert least_total(spec, "full", card, seq=512) is None
-    least = least_total(spec, "lora", card, seq=512)
+    assert least_total(spec, "full", card, dict(seq=512)) is None
+    least = least_total(spec, "lora", card, dict(seq=512))
     assert least is not None and least <= min(p.peak_bytes for p in search(spec, "lora", card, seq=512).plans)

@@ -519,29 +519,30 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, pre
 
 # -- other stacks and precisions ---------------------------------------------------------------
 
-def least_total(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adapter: str | None = None,
-                precision: str | None = None, parallels: list[Parallel] | None = None, optimizer: str | None = None,
-                rank: int | None = None, targets=None, ppo_response: int | None = None,
-                totals: DeviceTotals | None = None, framework: str = "hf", techniques=None, stop_below: float | None = None,
-                **_settings) -> float | None:
-    """A lower bound (bytes) on the device total of every plan :func:`search` ranks with these arguments.
+def least_total(spec: ModelSpec, method: str, card: GPUSpec, settings: dict,
+                stop_below: float | None = None) -> float | None:
+    """A lower bound (bytes) on the device total of every plan :func:`search` ranks with ``settings``.
 
-    The least :meth:`DeviceTotals.floor` over the configurations the search tries, gradient
-    checkpointing and attention aside (neither changes the batch-independent phases the floor
-    is made of); the micro-batch and sequence grid are covered by the floor itself. None when
-    it cannot say: several GPUs or offload (the sharded model), a calibrated activation factor
-    below 1, or an invalid setting (the search says what). ``stop_below``: return the first floor
-    below it (the caller only asks whether the least is that low).
+    ``settings``: :func:`search`'s keyword arguments. The least :meth:`DeviceTotals.floor` over
+    the configurations the search tries, gradient checkpointing and attention aside (neither
+    changes the batch-independent phases the floor is made of); the micro-batch and sequence
+    grid are covered by the floor itself. None when it cannot say: several GPUs or offload (the
+    sharded model), a calibrated activation factor below 1, or an invalid setting (the search
+    says what). ``stop_below``: return the first floor below it (the caller only asks whether
+    the least is that low).
     """
-    parallels = parallels or [SINGLE]
+    kw = settings
+    parallels = kw.get("parallels") or [SINGLE]
     if any(p.distributed for p in parallels):
         return None
-    totals = totals or DeviceTotals()
-    fixed = dict(grad_ckpt=False, optimizer=optimizer, attn="sdpa", rank=rank, targets=targets)
+    totals = kw.get("totals") or DeviceTotals()
+    fixed = dict(grad_ckpt=False, optimizer=kw.get("optimizer"), attn="sdpa", rank=kw.get("rank"),
+                 targets=kw.get("targets"))
     least = None
     try:
-        cands = _candidates(spec, method, adapter, card, fixed, seq=seq, precision=precision,
-                            ppo_response=ppo_response, framework=framework, techniques=techniques)
+        cands = _candidates(spec, method, kw.get("adapter"), card, fixed, seq=kw.get("seq", 2048),
+                            precision=kw.get("precision"), ppo_response=kw.get("ppo_response"),
+                            framework=kw.get("framework", "hf"), techniques=kw.get("techniques"))
     except VramplanError:
         return None
     for cfg, _ in cands:
@@ -581,8 +582,8 @@ def other_setups(spec: ModelSpec, method: str, card: GPUSpec, *, framework: str 
     for fw, prec, kind in tries:
         try:
             p = check_card(prec, method, None, search_kw.get("attn") or "sdpa", card, fw)
-            least = least_total(spec, method, card, framework=fw, precision=p, stop_below=card.memory_bytes + 1,
-                                **search_kw)
+            least = least_total(spec, method, card, dict(search_kw, framework=fw, precision=p),
+                                stop_below=card.memory_bytes + 1)
             if least is not None and least >= card.memory_bytes + 1:  # (a plan's peak_bytes is int(total))
                 continue  # no plan of this setup fits the card even without the margin: nothing to list
             mp = search(spec, method, card, framework=fw, precision=p, **search_kw)

@@ -115,6 +115,45 @@ def technique_names() -> list[str]:
     return list(techniques())
 
 
+def _choose(on: tuple[str, ...], candidates: list[str], cost: dict[str, float], est, base, floor: int, usable: int,
+            capacity: int) -> list[str]:
+    """The techniques :func:`recommend_techniques` adds to ``on`` (in the order added), given ``est(techniques)``.
+
+    Greedy: each round adds the cheapest technique whose saving on top of the chosen ones is worth
+    listing (``>= floor`` bytes; ties: the largest saving) -- on top, because they interact: once
+    opt_in_bwd frees the gradients the peak moves to the forward, where the logits are and liger_ce
+    starts to count -- until the peak is at most ``usable``; then each one the target (``usable``,
+    else ``capacity``) does not need is dropped again, dearest (then last added) first.
+    """
+    chosen: list[str] = []
+    current = base
+    if base.peak_bytes <= usable:
+        return chosen
+    while current.peak_bytes > usable:
+        options = []
+        for name in candidates:
+            if name in chosen:
+                continue
+            try:
+                e = est(on + tuple(chosen) + (name,))
+            except VramplanError:
+                continue  # conflicts with one already chosen (chunked_ce after liger_ce)
+            gain = current.peak_bytes - e.peak_bytes
+            if gain >= floor:
+                options.append((cost[name], -gain, name, e))
+        if not options:
+            break
+        _c, _g, name, current = min(options, key=lambda o: o[:3])
+        chosen.append(name)
+    target = usable if current.peak_bytes <= usable else capacity if current.peak_bytes <= capacity else None
+    if target is not None:  # drop what the target does not need, dearest (then last added) first
+        for name in sorted(chosen, key=lambda n: (-cost[n], -chosen.index(n))):
+            rest = [n for n in chosen if n != name]
+            if est(on + tuple(rest)).peak_bytes <= target:
+                chosen = rest
+    return chosen
+
+
 def recommend_techniques(model, cfg: TrainConfig, gpu, *, parallel: Parallel | None = None,
                          margin: float = DEFAULT_MARGIN, base: Estimate | None = None) -> TechniqueAdvice:
     """Which memory-saving techniques make ``cfg`` fit on ``gpu``, cheapest first, and what each saves.
@@ -178,35 +217,8 @@ def recommend_techniques(model, cfg: TrainConfig, gpu, *, parallel: Parallel | N
             singles.append(s)
     singles.sort(key=lambda s: (s.cost, -s.saving_bytes, s.technique))
 
-    # greedy: each round adds the cheapest technique whose saving on top of the chosen ones is worth
-    # listing (ties: the largest saving) -- on top, because they interact: once opt_in_bwd frees the
-    # gradients the peak moves to the forward, where the logits are and liger_ce starts to count
-    chosen: list[str] = []
-    current = base
     cost = {n: catalogue[n].cost_for(cfg) for n in candidates}
-    if base.peak_bytes > usable:
-        while current.peak_bytes > usable:
-            options = []
-            for name in candidates:
-                if name in chosen:
-                    continue
-                try:
-                    e = est(cfg.techniques + tuple(chosen) + (name,))
-                except VramplanError:
-                    continue  # conflicts with one already chosen (chunked_ce after liger_ce)
-                gain = current.peak_bytes - e.peak_bytes
-                if gain >= floor:
-                    options.append((cost[name], -gain, name, e))
-            if not options:
-                break
-            _c, _g, name, current = min(options, key=lambda o: o[:3])
-            chosen.append(name)
-        target = usable if current.peak_bytes <= usable else capacity if current.peak_bytes <= capacity else None
-        if target is not None:  # drop what the target does not need, dearest (then last added) first
-            for name in sorted(chosen, key=lambda n: (-cost[n], -chosen.index(n))):
-                rest = [n for n in chosen if n != name]
-                if est(cfg.techniques + tuple(rest)).peak_bytes <= target:
-                    chosen = rest
+    chosen = _choose(cfg.techniques, candidates, cost, est, base, floor, usable, capacity)
     recommended: list[TechniqueSaving] = []
     before = base
     for i, name in enumerate(chosen):
