@@ -113,3 +113,24 @@ def test_peaks_and_floor_with_a_calibrated_profile(calibrated_card):
     assert least_total(spec, "full", card, dict(seq=512)) is None
     least = least_total(spec, "lora", card, dict(seq=512))
     assert least is not None and least <= min(p.peak_bytes for p in search(spec, "lora", card, seq=512).plans)
+
+
+@pytest.mark.parametrize("model,gpu", CASES)
+@pytest.mark.parametrize("method", ["full", "lora", "dora", "ppo"])
+def test_the_bound_for_every_optimiser_is_below_each_optimisers(model, gpu, method):
+    from vramplan.config import make_config
+
+    spec, card = get_model(model), get_gpu(gpu)
+    totals = DeviceTotals()
+    for opt in ("adamw", "adamw_8bit", "paged_adamw_8bit"):
+        cfg = make_config(spec, method, optimizer=opt, seq=1024)
+        any_opt = totals.floor(spec, cfg, card, any_optimizer=True)
+        if any_opt is None:
+            continue
+        assert any_opt <= totals.floor(spec, cfg, card)
+        assert any_opt == totals.floor(spec, cfg.with_(optimizer="adamw"), card, any_optimizer=True)
+    # and stop_below answers the same question as the full bound
+    full = least_total(spec, method, card, dict(seq=1024))
+    for below in (full - 1, full + 1, card.memory_bytes + 1):
+        quick = least_total(spec, method, card, dict(seq=1024), stop_below=below)
+        assert (quick >= below) == (full >= below)

@@ -91,10 +91,37 @@ def model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
     return replace(st, bytes=dict(st.bytes))
 
 
+_BASE_CACHE: dict = {}
+
+
 def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
+    """:func:`model_state` uncached: the optimiser's states and step temporaries over the rest."""
+    key = (model, cfg.method, cfg.adapter, cfg.rank, cfg.targets, cfg.precision, cfg.framework, cfg.techniques,
+           cfg.double_quant)
+    try:
+        base = _BASE_CACHE.get(key)
+    except TypeError:  # an unhashable spec (list fields): not cacheable
+        key, base = None, None
+    if base is None:
+        base = _state_without_optimizer(model, cfg)
+        if key is not None:
+            if len(_BASE_CACHE) > 4096:
+                _BASE_CACHE.clear()
+            _BASE_CACHE[key] = base
+    st, opt_groups = base
+    st = replace(st, bytes=dict(st.bytes))
+    opt = get_optimizer(cfg.optimizer)
+    offload = cfg.uses("opt_offload")
+    st.add(Component.OPTIMIZER_STATES, 0 if offload else opt.total_state_bytes(opt_groups))
+    st.step_temporary = 0 if offload else opt.step_temporary_bytes(opt_groups, cfg.regime.runner)
+    st.largest_grad = max((math.prod(shape) * pb for shape, _c, pb in opt_groups), default=0)
+    return st
+
+
+def _state_without_optimizer(model: ModelSpec, cfg: TrainConfig) -> tuple[ModelState, list]:
+    """Every batch-independent byte but the optimiser's, and the trainable tensors the optimiser steps."""
     model = cfg.stack.as_built(model)  # litgpt: a separate lm_head even when tied (stacks.toml untied_embeddings)
     regime = cfg.regime
-    opt = get_optimizer(cfg.optimizer)
     recipe = cfg.recipe
     st = ModelState(params=model.params)
     for comp in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS,
@@ -110,34 +137,7 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
         # the stack's fp32 RoPE cache buffers (torchtune; stacks.toml rope_cache)
         st.add(Component.WEIGHTS, cfg.stack.rope_cache_bytes(model, copy.adapter is not None and copy.adapter.is_peft))
         if copy.adapter is Adapter.FULL:
-            wb = DTYPE_BYTES[regime.trainable_dtype]
-            st.add(Component.WEIGHTS, n * wb)
-            st.add(Component.GRADIENTS, n * wb)
-            st.trainable_params += n
-            tensors = full_tensors(model, copy.head)
-            attn = _attention_params(model)
-            opt_groups += [(shape, cnt, wb) for shape, cnt in tensors]
-            # backward ends with the first layer's attention block (its MLP ran backward before it)
-            # and the embedding (tied: accumulated into the lm_head's existing gradient)
-            embed = 0 if (model.tie_embeddings and copy.head == "lm") else model.embedding_params
-            st.grads_tail = max(st.grads_tail, (attn + embed) * wb)
-            st.layer_grad = max(st.layer_grad, (model.layer_params - attn) * wb)
-            head_p = (model.lm_head_params if copy.head == "lm" else model.hidden_size) + model.hidden_size
-            st.head_grad = max(st.head_grad, head_p * wb)
-            if model.tie_embeddings and copy.head == "lm":
-                # the embedding's dense gradient is accumulated into the lm_head's: two V x h
-                # buffers beside every gradient at the very end of backward (measured by the dry run)
-                st.grads_end_extra = max(st.grads_end_extra, 2 * model.embedding_params * wb)
-            if regime.autocast is not None:
-                # autocast caches a 16-bit cast of every weight a matmul uses (leaf tensors requiring grad)
-                # (fused MoE expert banks are plain parameters that autocast never casts)
-                c = DTYPE_BYTES[regime.compute_dtype]
-                head = model.vocab_size * model.hidden_size if copy.head == "lm" else 0
-                layer = sum(l.params for l in model.layer_linears() if l.is_linear)
-                st.add(Component.AUTOCAST_CACHE, (model.num_layers * layer + head) * c)
-                st.head_cast += head * c
-                st.layer_cast = max(st.layer_cast, layer * c)
-                st.attn_cast = max(st.attn_cast, attn * c)
+            opt_groups += _add_full_copy(st, model, copy, regime, n)
             continue
         # a frozen base, maybe with an adapter
         if copy.quantized:
@@ -176,11 +176,41 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
         opt_groups += [(s, c, ab) for s, c in tensors]
         if regime.autocast is not None and copy.adapter is not Adapter.IA3:
             st.add(Component.AUTOCAST_CACHE, count * DTYPE_BYTES[regime.compute_dtype])
-    offload = cfg.uses("opt_offload")
-    st.add(Component.OPTIMIZER_STATES, 0 if offload else opt.total_state_bytes(opt_groups))
-    st.step_temporary = 0 if offload else opt.step_temporary_bytes(opt_groups, regime.runner)
-    st.largest_grad = max((math.prod(shape) * pb for shape, _c, pb in opt_groups), default=0)
-    return st
+    return st, opt_groups
+
+
+def _add_full_copy(st: ModelState, model: ModelSpec, copy: ModelCopy, regime: Regime, n: int) -> list:
+    """Add a fully trained copy of ``n`` parameters to ``st``; return its tensors as optimiser groups."""
+    opt_groups: list[tuple[tuple[int, ...], int, int]] = []
+    wb = DTYPE_BYTES[regime.trainable_dtype]
+    st.add(Component.WEIGHTS, n * wb)
+    st.add(Component.GRADIENTS, n * wb)
+    st.trainable_params += n
+    tensors = full_tensors(model, copy.head)
+    attn = _attention_params(model)
+    opt_groups += [(shape, cnt, wb) for shape, cnt in tensors]
+    # backward ends with the first layer's attention block (its MLP ran backward before it)
+    # and the embedding (tied: accumulated into the lm_head's existing gradient)
+    embed = 0 if (model.tie_embeddings and copy.head == "lm") else model.embedding_params
+    st.grads_tail = max(st.grads_tail, (attn + embed) * wb)
+    st.layer_grad = max(st.layer_grad, (model.layer_params - attn) * wb)
+    head_p = (model.lm_head_params if copy.head == "lm" else model.hidden_size) + model.hidden_size
+    st.head_grad = max(st.head_grad, head_p * wb)
+    if model.tie_embeddings and copy.head == "lm":
+        # the embedding's dense gradient is accumulated into the lm_head's: two V x h
+        # buffers beside every gradient at the very end of backward (measured by the dry run)
+        st.grads_end_extra = max(st.grads_end_extra, 2 * model.embedding_params * wb)
+    if regime.autocast is not None:
+        # autocast caches a 16-bit cast of every weight a matmul uses (leaf tensors requiring grad)
+        # (fused MoE expert banks are plain parameters that autocast never casts)
+        c = DTYPE_BYTES[regime.compute_dtype]
+        head = model.vocab_size * model.hidden_size if copy.head == "lm" else 0
+        layer = sum(l.params for l in model.layer_linears() if l.is_linear)
+        st.add(Component.AUTOCAST_CACHE, (model.num_layers * layer + head) * c)
+        st.head_cast += head * c
+        st.layer_cast = max(st.layer_cast, layer * c)
+        st.attn_cast = max(st.attn_cast, attn * c)
+    return opt_groups
 
 
 @dataclass
@@ -607,18 +637,21 @@ def state_terms(st: ModelState, cfg: TrainConfig) -> dict:
                 step_temporary=st.step_temporary, rollout_on=cfg.recipe.method.rollout)
 
 
-def resident_floor(model: ModelSpec, cfg: TrainConfig, st: ModelState | None = None) -> int:
+def resident_floor(model: ModelSpec, cfg: TrainConfig, st: ModelState | None = None, optimizer: bool = True) -> int:
     """A lower bound (bytes) on :func:`step_memory`'s peak at every micro-batch and sequence length.
 
     The larger of the two batch-independent phases :func:`combine_phases` builds: loading (the
     resident weights, quantisation state, adapters and master weights) and the optimiser step
     (those plus optimiser states, gradients and the step's temporaries). Every step's peak is
-    the largest of its phases, so it is at least this.
+    the largest of its phases, so it is at least this. ``optimizer=False``: without the
+    optimiser's states and temporaries (the part that depends on the optimiser), a bound for
+    every optimiser at once.
     """
     st = st or model_state(model, cfg)
     a = state_terms(st, cfg)
     static = sum(st.bytes.get(c, 0) for c in RESIDENT_COMPONENTS)
-    return int(static + max(0, a["states"] + a["grads_opt"] + a["step_temporary"]))
+    own = a["states"] + a["step_temporary"] if optimizer else 0
+    return int(static + max(0, own + a["grads_opt"]))
 
 
 def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepMemory:

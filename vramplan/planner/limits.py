@@ -91,15 +91,17 @@ class DeviceTotals:
                                     profile=self._profiles[card.name], stack=stack, loaded_bytes=loaded[idx])
         return out
 
-    def floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec) -> float | None:
+    def floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool = False) -> float | None:
         """A lower bound (bytes) on the one-GPU device total of ``cfg`` at every micro-batch and sequence.
 
         The chain (:func:`vramplan.overheads.device_total`) of :func:`vramplan.memory.resident_floor`
         with no activations and every optimiser state paged (for a paged optimiser): the device total
         never decreases with the tensor peak and never increases with the paged bytes, so no
-        micro-batch or sequence length of ``cfg`` comes out below it. None where the card's
-        calibrated activation factor for the recipe is below 1 (the chain then shrinks the peak's
-        activations, and this bound would not hold).
+        micro-batch or sequence length of ``cfg`` comes out below it. ``any_optimizer``: the floor
+        without the optimiser's states and temporaries and nothing paged -- the paged bytes never
+        exceed the states, so the bytes in the allocator stay at least this -- a bound for ``cfg``
+        under every optimiser. None where the card's calibrated activation factor for the recipe
+        is below 1 (the chain then shrinks the peak's activations, and this bound would not hold).
         """
         from ..memory import model_state, resident_floor
         from ..optimizers import get_optimizer
@@ -118,8 +120,9 @@ class DeviceTotals:
         st = model_state(spec, cfg)
         paged = st.bytes.get(Component.OPTIMIZER_STATES, 0) if get_optimizer(cfg.optimizer).paged else 0
         loaded = sum(st.bytes.get(c, 0) for c in LOADED_COMPONENTS)
-        return float(device_total(resident_floor(spec, cfg, st), card, method=method, activation_bytes=0,
-                                  paged_bytes=paged, profile=prof, stack=stack, loaded_bytes=loaded))
+        tensors = resident_floor(spec, cfg, st, optimizer=not any_optimizer)
+        return float(device_total(tensors, card, method=method, activation_bytes=0, paged_bytes=0 if any_optimizer else paged,
+                                  profile=prof, stack=stack, loaded_bytes=loaded))
 
 
 def step_memory_for(spec: ModelSpec, cfg: TrainConfig, par: Parallel | None = None, batch=None, seq=None) -> StepMemory:

@@ -538,20 +538,29 @@ def least_total(spec: ModelSpec, method: str, card: GPUSpec, settings: dict,
     totals = kw.get("totals") or DeviceTotals()
     fixed = dict(grad_ckpt=False, optimizer=kw.get("optimizer"), attn="sdpa", rank=kw.get("rank"),
                  targets=kw.get("targets"))
-    least = None
     try:
         cands = _candidates(spec, method, kw.get("adapter"), card, fixed, seq=kw.get("seq", 2048),
                             precision=kw.get("precision"), ppo_response=kw.get("ppo_response"),
                             framework=kw.get("framework", "hf"), techniques=kw.get("techniques"))
     except VramplanError:
         return None
-    for cfg, _ in cands:
-        floor = totals.floor(spec, cfg, card)
-        if floor is None:
-            return None
-        least = floor if least is None else min(least, floor)
-        if stop_below is not None and least < stop_below:
-            break
+    # with stop_below, first one floor per configuration but its optimiser (a bound for every
+    # optimiser at once); if that does not settle it, the tighter floor of each optimiser
+    shapes = list({cfg.with_(optimizer="adamw"): cfg for cfg, _ in reversed(cands)}.values())
+    stages = ((shapes, True), ([cfg for cfg, _ in cands], False)) if stop_below is not None else \
+        (([cfg for cfg, _ in cands], False),)
+    least = None
+    for group, any_opt in stages:
+        least = None
+        for cfg in group:
+            floor = totals.floor(spec, cfg, card, any_optimizer=any_opt)
+            if floor is None:
+                return None
+            least = floor if least is None else min(least, floor)
+            if stop_below is not None and least < stop_below:
+                break
+        if least is None or (stop_below is not None and least >= stop_below):
+            return least
     return least
 
 
