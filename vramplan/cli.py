@@ -321,7 +321,7 @@ def cmd_methods(a) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vramplan", description="Will it fit, how fast, which configuration: "
                 "GPU memory planning for LLM fine-tuning.")
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--version", action=_VersionAction, nargs=0, help="show program's version number and exit")
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("estimate", help="peak memory of one configuration (analytic model)")
     _add_plan_args(e, model_required=False)
@@ -401,6 +401,14 @@ class _Parser(argparse.ArgumentParser):
         if "invalid choice" in text and "argument command" in text:
             hint = "see `vramplan --help`"
         self.exit(2, f"{self.prog}: error: {text}; {hint}\n")
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the installed version, looked up only when asked (its metadata lookup costs a start-up)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        sys.stdout.write(f"{parser.prog} {_version()}\n")
+        parser.exit()
 
 
 def _version() -> str:

@@ -9,7 +9,7 @@ targets).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from functools import cached_property
 
 from .errors import VramplanError, unknown
@@ -117,7 +117,21 @@ class TrainConfig:
         return d
 
     def with_(self, **changes) -> "TrainConfig":
-        return replace(self, **changes)
+        """This configuration with ``changes`` (field values, as :func:`dataclasses.replace` takes them).
+
+        The resolved recipe, stack and regime are carried over where the fields they are read from
+        (:data:`_RESOLVED_FROM`) are unchanged: a search derives hundreds of configurations.
+        """
+        if "versions" in changes or not changes.keys() <= _FIELDS:
+            return replace(self, **changes)  # normalised by __post_init__ (or the TypeError of a bad name)
+        new = object.__new__(TrainConfig)
+        d = new.__dict__
+        d.update(self.__dict__)
+        d.update(changes)
+        for name, read in _RESOLVED_FROM.items():
+            if name in d and not changes.keys().isdisjoint(read):
+                del d[name]
+        return new
 
     def with_techniques(self, techniques) -> "TrainConfig":
         """This configuration with exactly ``techniques`` requested, validated as :func:`make_config` does.
@@ -137,6 +151,12 @@ def _check_techniques(techs: tuple[str, ...], grad_accum: int) -> None:
     if "opt_in_bwd" in techs and grad_accum > 1:
         raise VramplanError("opt_in_bwd steps the optimizer inside backward, so it cannot accumulate gradients",
                             "use --grad-accum 1 or drop opt_in_bwd")
+
+
+_FIELDS = frozenset(f.name for f in fields(TrainConfig))
+#: The fields each resolved value a config keeps (``recipe``, ``stack``, ``regime``) is read from.
+_RESOLVED_FROM = {"recipe": ("method", "adapter"), "stack": ("framework",),
+                  "regime": ("precision", "framework", "adapter", "versions")}
 
 
 def resolve_targets(model: ModelSpec, targets) -> tuple[str, ...]:
