@@ -688,7 +688,7 @@ def step_memory_rows(model: ModelSpec, cfgs: list[TrainConfig], batch=None, seq=
         if k not in by_terms:
             t = step_terms(model, c, batch, seq)
             shape = t["zeros"].shape
-            by_terms[k] = {name: np.broadcast_to(v, shape) for name, v in t.items()}
+            by_terms[k] = {name: v if np.shape(v) == shape else np.broadcast_to(v, shape) for name, v in t.items()}
         rows.append(by_terms[k])
     t = {name: np.stack([r[name] for r in rows]) for name in rows[0]}
     extra = (1,) * (t["zeros"].ndim - 1)

@@ -4,9 +4,13 @@ For one method on one card (or N cards with a strategy) the search tries every c
 of the settings a user controls -- gradient checkpointing, optimiser (AdamW, then 8-bit or
 paged 8-bit AdamW as a fallback), attention implementation, LoRA rank and targets, the
 LoRA-to-QLoRA fallback, and the sharding strategy on several GPUs -- and, for each, every
-micro-batch at once (``step_memory`` and ``step_time`` broadcast over a numpy array of
-micro-batches). With a target global batch ``G`` the micro-batch ``b`` runs ``G / (N b)``
-accumulation steps; without one, accumulation is 1. A plan fits when its per-GPU device total
+micro-batch at once, on one vectorised grid as the matrix evaluates its cells: on one GPU,
+:func:`vramplan.memory.step_memory_rows` evaluates the phases of every candidate in one call
+(rows x micro-batches; the activation terms once per configuration but its optimiser) and
+:meth:`~vramplan.planner.limits.DeviceTotals.rows` their device totals in one chain;
+``step_time`` broadcasts over the micro-batches of each configuration. With a target global
+batch ``G`` the micro-batch ``b`` runs ``G / (N b)`` accumulation steps; without one,
+accumulation is 1. A plan fits when its per-GPU device total
 stays below ``capacity x (1 - margin)``; the margin (default :data:`vramplan.verdict.DEFAULT_MARGIN`,
 15%: a recommended plan is "comfortable") covers the analytic model's uncertainty.
 
@@ -15,7 +19,10 @@ Feasible plans are ranked by tokens/s (ties: simpler settings first), except tha
 method becomes when that adapter does not fit, not a faster variant. Each plan carries the
 reason it loses to the best; a plan that fits the card but not the margin is "tight", never
 "does not fit". When nothing fits, :func:`what_would_fit` says what would: the
-smallest catalogue card, a number of GPUs with ZeRO-3/FSDP (or CPU offload), a shorter sequence.
+smallest catalogue card, a number of GPUs with ZeRO-3/FSDP (or CPU offload), a shorter sequence,
+and :func:`other_setups` which other stack or precision would; it skips a setup whose lower
+bound (:func:`least_total`: the batch-independent phases through the device chain) is already
+above the card, which no plan of it could fit.
 """
 
 from __future__ import annotations
