@@ -274,7 +274,7 @@ def _tensor_peaks(spec: ModelSpec, recipe: Recipe, precision: str, ladder, seqs:
     # PPO generates seq // 2 response tokens at each sequence length (make_config's default, as estimate
     # runs it). make_config fixes the response of one length; left open (None), the analytic model takes
     # seq / 2 of each, the same for even lengths: odd ones are evaluated one at a time.
-    rollout = recipe.method.rollout
+    rollout = recipe.behaviour.generates
     parts = ([(slice(i, i + 1), seqs[i:i + 1]) for i in range(len(seqs))]
              if rollout and bool((np.asarray(seqs) % 2).any()) else [(slice(None), seqs)])
     for k, (gc, opt) in enumerate(ladder):
@@ -283,7 +283,7 @@ def _tensor_peaks(spec: ModelSpec, recipe: Recipe, precision: str, ladder, seqs:
                               targets=targets, grad_ckpt=gc, optimizer=opt, precision=precision, attn=attn,
                               framework=framework, techniques=techniques)
             if rollout and len(sq) > 1:
-                cfg = cfg.with_(ppo_response=None)
+                cfg = cfg.with_(**recipe.behaviour.reset_shape())
             mem = step_memory(spec, cfg, batch=batches[None, :], seq=sq[:, None])
             peak[k, at], act[k, at], paged[k, at], loaded[k, at] = rounded_terms(mem, cfg.optimizer)
     return peak, act, paged, loaded

@@ -182,7 +182,7 @@ def dryrun(model: str | ModelSpec, method: str = "lora", *, adapter: str | None 
            targets=None, grad_ckpt: bool | None = None, optimizer: str = "adamw", precision: str | None = None,
            attn: str = "sdpa", double_quant: bool = True, ppo_response: int | None = None, gpu=None,
            gpu_mem=None, framework: str = "hf", techniques=None, config: TrainConfig | None = None,
-           sample_layer: int | None = None) -> DryRunResult:
+           sample_layer: int | None = None, method_options: dict | None = None) -> DryRunResult:
     """Trace one steady-state training step on ``meta`` and account for every tensor byte.
 
     Args mirror :func:`vramplan.estimate` (and ``vramplan dryrun`` the CLI's flags); ``config``
@@ -190,6 +190,7 @@ def dryrun(model: str | ModelSpec, method: str = "lora", *, adapter: str | None 
     ``sample_layer`` picks the decoder layer whose saved activations are broken down op by
     op (default: the middle one). ``framework`` picks the stack (``hf``; ``torchtune`` and
     ``litgpt`` need their extras); ``techniques`` may be ``liger_ce`` (emulated, hf stack).
+    ``method_options`` are the method's own options (vramplan.methods.base.Option).
 
     Returns:
         :class:`DryRunResult`: ``tensor_peak_bytes`` (live storages, exact), ``peak_bytes``
@@ -214,7 +215,7 @@ def dryrun(model: str | ModelSpec, method: str = "lora", *, adapter: str | None 
         config = make_config(spec, method, adapter=adapter, batch=batch, seq=seq, grad_accum=grad_accum, rank=rank,
                              alpha=alpha, dropout=dropout, targets=targets, grad_ckpt=grad_ckpt, optimizer=optimizer,
                              precision=precision, attn=attn, framework=framework, double_quant=double_quant,
-                             ppo_response=ppo_response, techniques=techniques)
+                             ppo_response=ppo_response, techniques=techniques, method_options=method_options)
     query = None if isinstance(model, ModelSpec) else str(model)
     return dryrun_config(spec, config, card, model_query=query, sample_layer=sample_layer)
 
@@ -383,12 +384,7 @@ def dryrun_config(spec: ModelSpec, cfg: TrainConfig, card=None, *, model_query: 
         f"runtime overheads: {source}",
         "inputs: full-length sequences, no padding mask; training forwards use_cache=False",
     ]
-    if cfg.method == "dpo":
-        assumptions.append("DPO as TRL: policy forward first, then reference log-probs under no_grad while the "
-                           "policy's activations are alive; the mean-logits metric copies the whole sequence's logits")
-    if cfg.method == "ppo":
-        assumptions.append("PPO as TRL (rollout without autocast, eval mode; decode loop shortcut to its last two "
-                           "steps with the cache pre-grown); the value copy trains with the policy's adapter choice")
+    assumptions += cfg.recipe.behaviour.dryrun_assumptions(cfg)
     assumptions += trainee.notes
     if traced is not cfg:
         assumptions.append(f"gradient accumulation: 2 of the {cfg.grad_accum} micro-batches traced (the 3rd and "

@@ -46,7 +46,8 @@ ATTENTION: dict[str, str] = {
 
 #: Keyword arguments of :func:`vramplan.estimate` a request may carry.
 OPTION_KEYS = ("adapter", "batch", "seq", "grad_accum", "rank", "alpha", "dropout", "targets", "grad_ckpt",
-               "optimizer", "precision", "attn", "double_quant", "ppo_response")
+               "optimizer", "precision", "attn", "double_quant", "ppo_response",
+               "method_options")
 
 
 def map_optimizer(name: Any, notes: list[str]) -> str:

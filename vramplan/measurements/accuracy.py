@@ -34,6 +34,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import VramplanError
+from ..methods import takes_adapter_choice
 from .record import MeasurementRecord
 
 #: Percentiles of the residual ratio that bound the band, and its minimum half-width.
@@ -110,7 +111,7 @@ class Scored:
     @property
     def method(self) -> str:
         c = self.record.config
-        if c.method in ("dpo", "ppo"):
+        if takes_adapter_choice(c.method):
             return f"{c.method}+{c.adapter}"
         return c.method or "?"
 
@@ -147,7 +148,7 @@ def plan(record: MeasurementRecord):
         raise VramplanError("gradient checkpointing not stated")
     gpu = record.device.name
     gpu_mem = record.device.memory_bytes if gpu is None else None
-    kw: dict[str, Any] = dict(adapter=c.adapter if c.method in ("dpo", "ppo") else None, gpu=gpu, gpu_mem=gpu_mem,
+    kw: dict[str, Any] = dict(adapter=c.adapter if takes_adapter_choice(c.method) else None, gpu=gpu, gpu_mem=gpu_mem,
                               batch=c.batch, seq=c.seq, grad_ckpt=c.grad_ckpt, optimizer=c.optimizer,
                               precision=c.precision, attn=c.attn or "sdpa", framework=c.stack or "hf",
                               techniques=list(c.techniques) or None, gpus=c.gpus, strategy=c.strategy,

@@ -147,7 +147,8 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
         attn: str | None = None, rank: int | None = None, targets=None, grad_ckpt: bool | None = None,
         optimizer: str | None = None, gpus: int = 1, strategy: str | None = None, offload: str | None = None,
         global_batch: int | None = None, tokens=None, epochs: float = 1.0, margin: float | None = None,
-        top: int = 20, framework: str = "hf", techniques=None, advise: bool = True) -> FitReport:
+        top: int = 20, framework: str = "hf", techniques=None, advise: bool = True,
+        method_options: dict | None = None) -> FitReport:
     """Every method on one card (or ``gpus`` cards): the fastest configuration that fits with a margin.
 
     For each method :func:`vramplan.planner.search.search` tries every combination of gradient
@@ -170,6 +171,8 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
         framework: training stack (hf, torchtune, unsloth, litgpt); its default precision applies
             when ``precision`` is None. techniques: memory-saving techniques every plan uses
             (``"chunked_ce,act_offload"`` or a list).
+        method_options: the methods' own options (``{"ppo_response": 512}``; vramplan.methods.base.Option),
+            each applied to the methods that declare it.
         advise: False skips the technique advice and the other stacks/precisions (rows'
             ``techniques`` None, ``alternatives`` empty): :func:`fit_cards` ranks cards only.
 
@@ -236,7 +239,7 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
         prec = check_card(precision, name, None, attn or "sdpa", card, framework)
         search_kw = dict(seq=seq, precision=prec, global_batch=global_batch, parallels=parallels, grad_ckpt=grad_ckpt,
                          optimizer=optimizer, attn=attn, rank=rank, targets=targets, margin=margin, tokens=n_tokens,
-                         epochs=epochs, totals=totals, batch=batch, framework=framework)
+                         epochs=epochs, totals=totals, batch=batch, framework=framework, method_options=method_options)
         mp = search(spec, name, card, techniques=techs, **search_kw)
         tight = [p for p in mp.plans if p.peak_bytes <= p.capacity_bytes]
         chosen = mp.best or (max(tight, key=lambda p: (p.fallback is None, p.tokens_per_s)) if tight else mp.smallest)
@@ -247,7 +250,7 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
         if mp.best is None:
             suggestions = what_would_fit(spec, name, card, seq=seq, precision=prec, margin=margin, gpus=base.gpus,
                                          rank=rank, targets=targets, totals=totals, framework=framework,
-                                         techniques=techs)
+                                         techniques=techs, method_options=method_options)
             if not est.fits:
                 notes.append("no setting fits (tried GC, 8-bit/paged AdamW"
                              + (", QLoRA" if any(p.fallback for p in mp.plans) else "") + ")")

@@ -240,8 +240,8 @@ def _grid_for(global_batch: int | None, batch: int | None, par: Parallel) -> tup
 
 
 def _candidates(spec: ModelSpec, method: str, adapter: str | None, card: GPUSpec, fixed: dict, *, seq: int,
-                precision: str | None, ppo_response: int | None, framework: str,
-                techniques) -> list[tuple[TrainConfig, str | None]]:
+                precision: str | None, ppo_response: int | None, framework: str, techniques,
+                method_options: dict | None = None) -> list[tuple[TrainConfig, str | None]]:
     """The distinct configurations (micro-batch 1) of :func:`_combos`, each with its fallback note.
 
     Raises:
@@ -261,7 +261,7 @@ def _candidates(spec: ModelSpec, method: str, adapter: str | None, card: GPUSpec
             try:
                 built[shape] = make_config(spec, m, adapter=ad, batch=1, seq=seq, precision=precision,
                                            ppo_response=ppo_response, framework=framework, techniques=techniques,
-                                           **settings)
+                                           method_options=method_options, **settings)
             except VramplanError:
                 if fixed.get("rank") or fixed.get("targets"):
                     raise  # the user's own setting is invalid: say so
@@ -351,7 +351,8 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
            grad_ckpt: bool | None = None, optimizer: str | None = None, attn: str | None = None,
            rank: int | None = None, targets=None, margin: float = DEFAULT_MARGIN, tokens: float | None = None,
            epochs: float = 1.0, ppo_response: int | None = None, totals: DeviceTotals | None = None,
-           batch: int | None = None, framework: str = "hf", techniques=None) -> MethodPlans:
+           batch: int | None = None, framework: str = "hf", techniques=None,
+           method_options: dict | None = None) -> MethodPlans:
     """Rank every settings combination of ``method`` on ``card`` (see the module docstring).
 
     Args:
@@ -363,6 +364,7 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
         batch: fix the micro-batch (None searches 1..256, or the divisors of ``global_batch / gpus``).
         margin: fraction of the capacity kept free. tokens, epochs: dataset size for time to train.
         framework, techniques: the training stack and memory-saving techniques every plan uses.
+        method_options: the method's own options (vramplan.methods.base.Option), for every plan.
 
     Returns:
         :class:`MethodPlans` with every combination's best micro-batch, ranked.
@@ -376,7 +378,7 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
     fixed = dict(grad_ckpt=grad_ckpt, optimizer=optimizer, attn=attn, rank=rank, targets=targets)
     grids = {par: _grid_for(global_batch, batch, par) for par in parallels}
     cands = _candidates(spec, method, adapter, card, fixed, seq=seq, precision=precision, ppo_response=ppo_response,
-                        framework=framework, techniques=techniques)
+                        framework=framework, techniques=techniques, method_options=method_options)
     prof = card_profile(card)
     plans: list[Plan] = []
     for cfg, note, p, total, t in _evaluate(spec, cands, card, parallels, grids, prof, totals):
@@ -452,19 +454,20 @@ def _reason(p: Plan, best: Plan | None) -> str:
 
 def _frugal_cfg(spec: ModelSpec, method: str, seq: int, precision: str | None, ppo_response: int | None,
                 adapter: str | None = None, rank: int | None = None, targets=None, attn: str | None = None,
-                framework: str = "hf", techniques=None):
+                framework: str = "hf", techniques=None, method_options: dict | None = None):
     """The least-memory configuration of ``method``: GC on, 8-bit AdamW, the QLoRA fallback, batch 1."""
     choices = adapters_for(method, adapter)
     m, ad, _ = choices[-1]
     return make_config(spec, m, adapter=ad, batch=1, seq=seq, grad_ckpt=True, optimizer="adamw_8bit",
                        precision=precision, attn=attn or "sdpa", rank=rank or 8, targets=targets,
-                       ppo_response=ppo_response, framework=framework, techniques=techniques)
+                       ppo_response=ppo_response, framework=framework, techniques=techniques,
+                       method_options=method_options)
 
 
 def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, precision: str | None = None,
                    margin: float = DEFAULT_MARGIN, ppo_response: int | None = None, adapter: str | None = None,
                    rank: int | None = None, targets=None, gpus: int = 1, totals: DeviceTotals | None = None,
-                   framework: str = "hf", techniques=None) -> list[Suggestion]:
+                   framework: str = "hf", techniques=None, method_options: dict | None = None) -> list[Suggestion]:
     """What would make ``method`` fit when no setting does: a bigger card, more GPUs, offload, shorter sequences.
 
     Each suggestion uses the method's least-memory settings (gradient checkpointing, 8-bit
@@ -474,7 +477,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, pre
     out: list[Suggestion] = []
     try:
         cfg = _frugal_cfg(spec, method, seq, precision, ppo_response, adapter, rank, targets,
-                          framework=framework, techniques=techniques)
+                          framework=framework, techniques=techniques, method_options=method_options)
     except VramplanError:
         return out
     keep = 1.0 - margin
@@ -511,11 +514,10 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, pre
     limit = min(seq - 128, spec.max_position_embeddings)
     if limit >= 128:
         grid = np.arange(128, limit + 1, 128)
-        if cfg.recipe.method.rollout:
-            grid = grid[grid >= 256]
+        grid = grid[grid >= cfg.recipe.behaviour.min_seq()]
         if grid.size:
             par = make_parallel(gpus) if gpus > 1 else SINGLE
-            c = cfg.with_(ppo_response=None)
+            c = cfg.with_(**cfg.recipe.behaviour.reset_shape())
             ok = totals(step_memory_for(spec, c, par, batch=1, seq=grid), c, card, par) <= card.memory_bytes * keep
             if ok.any():
                 s = int(grid[ok].max())
@@ -548,7 +550,8 @@ def least_total(spec: ModelSpec, method: str, card: GPUSpec, settings: dict,
     try:
         cands = _candidates(spec, method, kw.get("adapter"), card, fixed, seq=kw.get("seq", 2048),
                             precision=kw.get("precision"), ppo_response=kw.get("ppo_response"),
-                            framework=kw.get("framework", "hf"), techniques=kw.get("techniques"))
+                            framework=kw.get("framework", "hf"), techniques=kw.get("techniques"),
+                            method_options=kw.get("method_options"))
     except VramplanError:
         return None
     # with stop_below, first one floor per configuration but its optimiser (a bound for every
