@@ -470,15 +470,9 @@ def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head
     two 16-bit gradients.
     """
     T = np.asarray(tokens, dtype=np.float64)
-    if cfg is not None and copy.trains:  # a method whose loss has its own buffers (methods.base.Behaviour.loss_bytes)
-        own = cfg.recipe.behaviour.loss_bytes(model, copy, regime, T, rows, cfg,
-                                              copy_dtypes(copy, regime, cfg.stack.kbit_upcast).logits)
-        if own is not None:
-            fwd, bwd = own
-            if model.final_logit_softcapping and head == "lm":  # Gemma-2's saved tanh, as below
-                fwd, bwd = fwd + T * model.vocab_size * copy_dtypes(copy, regime, cfg.stack.kbit_upcast).logits, \
-                    bwd + T * model.vocab_size * copy_dtypes(copy, regime, cfg.stack.kbit_upcast).logits
-            return fwd, bwd
+    own = _method_loss_bytes(model, copy, regime, T, head, cfg, rows)
+    if own is not None:
+        return own
     if head == "scalar":
         return T * 8.0, T * 8.0
     V, h = model.vocab_size, model.hidden_size
@@ -519,6 +513,20 @@ def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head
         # Gemma-2: logits = tanh(logits / cap) * cap; tanh's output is saved for backward
         fwd, bwd = fwd + T * V * d.logits, bwd + T * V * d.logits
     return fwd, bwd
+
+
+def _method_loss_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, T, head: str, cfg: TrainConfig | None, rows):
+    """A training copy's logits and loss bytes when its method's loss has its own buffers
+    (:meth:`vramplan.methods.base.Behaviour.loss_bytes`), with Gemma-2's saved ``tanh`` of soft-capped
+    logits as :func:`logits_bytes` adds it; None when the method keeps its ``loss`` kind's accounting."""
+    if cfg is None or not copy.trains:
+        return None
+    d = copy_dtypes(copy, regime, cfg.stack.kbit_upcast)
+    own = cfg.recipe.behaviour.loss_bytes(model, copy, regime, T, rows, cfg, d.logits)
+    if own is None:
+        return None
+    cap = T * model.vocab_size * d.logits * bool(model.final_logit_softcapping and head == "lm")
+    return own[0] + cap, own[1] + cap
 
 
 def _logits_by_loss(model, regime, d, T, V, h, cfg, mode, chunks, keep, up, rows):

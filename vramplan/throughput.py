@@ -235,12 +235,8 @@ def step_work(spec: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepWo
             if c.quantized:
                 dequant += quant_linear
         n = extra.get(c.role.value, 0)  # the method's extra no-grad forwards (KTO's KL estimate)
-        if n and c.forward is not Forward.NONE:
-            flops += n * fwd
-            passes += n
-            eager += n * tokens * score * EAGER_FWD_BYTES
-            if c.quantized:
-                dequant += n * quant_linear
+        flops, passes = flops + n * fwd, passes + n
+        eager, dequant = eager + n * tokens * score * EAGER_FWD_BYTES, dequant + n * quant_linear * c.quantized
     for _role in recipe.shared_roles:
         n = 1 + extra.get(_role.value, 0)
         flops += n * (2 * (body + spec.vocab_size * h) + attn_fwd) * tokens
