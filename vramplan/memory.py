@@ -423,12 +423,13 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
         rollout_logits = act.rollout_logits_bytes(model, cfg, policy, gb, s, kv)
     if recipe.copies[0].forward is not Forward.NONE:
         acts = acts + act.attention_mask_bytes(model, cfg, regime, b, s)
-    return {"acts": acts, "recompute": recompute, "layer": layer, "layer_attn": layer_attn, "logits_fwd": logits_fwd,
+    terms = {"acts": acts, "recompute": recompute, "layer": layer, "layer_attn": layer_attn, "logits_fwd": logits_fwd,
             "logits_bwd": logits_bwd, "transient": transient, "nograd_peak": nograd_peak, "temps_fwd": temps_fwd,
             "temps_fwd_only": temps_fwd_only, "temps_recompute": temps_recompute, "kv": kv,
             "rollout_logits": rollout_logits, "attn_fwd": attn_fwd, "attn_bwd": attn_bwd, "logits_kept": logits_kept,
             "dora_prefix": rec_prefix if recipe.copies[0].adapter is Adapter.DORA else layer,
             "zeros": zeros}
+    return recipe.behaviour.step_terms(model, cfg, terms, b, s)
 
 
 def backward_casts(st: ModelState, cfg: TrainConfig) -> dict[str, int]:

@@ -134,6 +134,11 @@ def render_fit(report, console: Console, top: int = 0, verbose: bool = False) ->
     console.print(t)
     for f in footnotes:
         console.print(f"· {f}")
+    for r in report.rows:  # a method's own limits (GRPO: the largest G x completion), as lines
+        lim = getattr(r, "limits", None)
+        if lim is not None:
+            for line in lim.lines():
+                console.print(line, markup=False, highlight=False)
     render_technique_advice(report, console, verbose=verbose)
     render_alternatives(report, console)
     if top:

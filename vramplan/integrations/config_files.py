@@ -134,6 +134,8 @@ def read_axolotl(data: dict, path: Path, model: Any = None) -> PlanRequest:
         method = rl_method
         opts["adapter"] = adapter
         notes.append(f"rl: {rl} planned as {rl_method.upper()} ({get_method(rl_method).summary})")
+        trl = data.get("trl") if isinstance(data.get("trl"), dict) else {}  # Axolotl's TRL arguments
+        opts.update(get_method(rl_method).behaviour.request_from_config(trl, notes))
     elif rl:
         known = sorted({v for md in registry().values() for v in md.behaviour.axolotl_rl})
         raise VramplanError(f"{path.name}: rl: {rl} is not modelled", f"vramplan models rl: {', '.join(known)}")
@@ -200,18 +202,20 @@ def read_training_arguments(data: dict, path: Path, model: Any = None) -> PlanRe
     else:
         adapter = "full"
     method = str(data.get("method") or data.get("trainer") or "").lower() or None
-    if method is None:  # a method recognised from keys only its trainer config has (its behaviour's recognised_by)
-        for name, md in registry().items():
-            hit = md.behaviour.recognised_by(set(data))
-            if hit:
-                method = name
-                notes.append(f"{name.upper()} recognised from its keys ({', '.join(hit)})")
-                break
+    if method is None:  # a method recognised from keys only its trainer config has (its behaviour's recognised_by):
+        # the one matching the most keys (TRL configs share some: loss_type, beta), the first on a tie
+        hits = [(md.behaviour.recognised_by(set(data)), name) for name, md in registry().items()]
+        hit, name = max(hits, key=lambda h: len(h[0]))
+        if hit:
+            method = name
+            notes.append(f"{name.upper()} recognised from its keys ({', '.join(hit)})")
     if takes_adapter_choice(method):
         opts["adapter"] = adapter
     elif method not in (None, "sft"):
         others = [n for n in registry() if takes_adapter_choice(n)]
         raise VramplanError(f"{path.name}: method {method!r} is not modelled", f"use sft, {', '.join(others)}")
+    if method in registry():
+        opts.update(get_method(method).behaviour.request_from_config(data, notes))
     for key, opt in (("per_device_train_batch_size", "batch"), ("gradient_accumulation_steps", "grad_accum")):
         v = _int(data, key, path)
         if v is not None:
@@ -219,7 +223,7 @@ def read_training_arguments(data: dict, path: Path, model: Any = None) -> PlanRe
     seq = _int(data, "max_length", path) or _int(data, "max_seq_length", path)
     if seq:
         opts["seq"] = seq
-    else:
+    elif "seq" not in opts:
         notes.append("no max_length / max_seq_length: planned at --seq (default 2048)")
     if data.get("gradient_checkpointing") is not None:
         opts["grad_ckpt"] = _truthy(data["gradient_checkpointing"])
