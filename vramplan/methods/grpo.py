@@ -237,8 +237,9 @@ def nograd_layer_work(model, cfg, tokens, seq, autocast: bool = True, kv_layer=0
             work = np.maximum(work, T * (ctx + cast + lin.out_features * (mlp + 2 * ad)) - (0 if mlp_side else kv_layer))
     if cfg.attn == "sdpa" and model.sliding_window:
         # a sliding-window layer's mask (sequence past the window) as SDPA gets it: fp32 and in the attention dtype
-        work = np.maximum(work, np.where(s > model.sliding_window, T * 3 * h * res + rows * s * s * (4 + attn)
-                                         - kv_layer, 0.0))
+        # (beside the attention block's context, its query-sized output and the [1, 1, s, s] boolean mask)
+        work = np.maximum(work, np.where(s > model.sliding_window, T * (3 * h * res + qd * attn)
+                                         + rows * s * s * (4 + attn) + s * s - kv_layer, 0.0))
     gqa = model.kv_dim < model.q_dim
     if cfg.attn == "sdpa" and attn == 4 and gqa:
         # q, q scaled, k and v repeated to every head; the scores and their masked sum; the [1, 1, s, s] mask
