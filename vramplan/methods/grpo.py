@@ -250,6 +250,21 @@ def nograd_layer_work(model, cfg, tokens, seq, autocast: bool = True, kv_layer=0
     return work
 
 
+def _grid_steps(cfg, gs: Settings, batch) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps_per_generation, old log-probs kept as 0/1)`` for every micro-batch of ``batch`` (a grid): TRL's
+    default ``grad_accum`` raised to hold whole groups (:func:`steps_per_generation`), or the given value."""
+    b = np.maximum(np.asarray(batch, dtype=np.int64), 1)
+    ga, g = int(cfg.grad_accum), gs.num_generations
+    given = cfg.option("steps_per_generation")
+    if given is not None:
+        spg = np.full(b.shape, int(given), dtype=np.int64)
+    else:
+        need = g // np.gcd(g, b)
+        spg = -(-ga // need) * need
+    old = ((ga % (spg * gs.num_iterations)) != 0) | (not gs.generates_here)
+    return spg.astype(np.float64), old.astype(np.float64)
+
+
 def grpo_terms(model, cfg, terms: dict, batch, seq) -> dict:
     """GRPO's terms of :func:`vramplan.memory.step_terms` (arrays over ``batch``/``seq``), from SFT's for the
     same micro-batch of ``batch`` completions of ``seq`` = prompt + completion tokens:
@@ -297,14 +312,17 @@ def grpo_terms(model, cfg, terms: dict, batch, seq) -> dict:
         fwd, bwd = fwd + Tc * V * d.logits, bwd + Tc * V * d.logits
     out["logits_fwd"] = fwd + zeros
     out["logits_bwd"] = bwd + zeros
-    gb = b * gs.steps_per_generation
-    buf = gb * s * 8 + gb * C * 8 + gs.buffers * gb * C * 4 + gb * 4
+    # the generation batch of each micro-batch of the grid (TRL's steps_per_generation follows the batch)
+    spg, old = _grid_steps(cfg, gs, b)
+    gb = b * spg
+    nbuf = old + (1.0 if gs.beta > 0 else 0.0)
+    buf = gb * s * 8 + gb * C * 8 + nbuf * gb * C * 4 + gb * 4
     out["acts"] = terms["acts"] + buf
     peak = zeros.copy()
-    if gs.buffers:
+    if np.any(nbuf > 0):
         score = np.maximum(nograd_layer_work(model, cfg, b * s, s), Tc * V * (lg + (d.logits if converted else 0.0))
                            + C * V * 4.0)
-        peak = np.maximum(peak, buf + score)
+        peak = np.maximum(peak, np.where(nbuf > 0, buf + score, 0.0))
     kv = zeros.copy()
     if gs.generates_here:
         # a full model generates under accelerate's autocast wrapper (16-bit keys and values, logits converted
