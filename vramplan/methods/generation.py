@@ -38,7 +38,8 @@ class GenerationWork:
     """The work of one step's generation on one GPU (arrays over batch/seq), for throughput.py.
 
     Attributes:
-        generated_tokens: tokens decoded one at a time (per generated sequence).
+        generated_tokens: tokens decoded one at a time (per generated sequence), per micro-batch: divided by
+            ``shared_by`` when a generation serves several micro-batches (a float then).
         scoring_flops: the no-grad forward over prompt + generated tokens counted with the generation
             (FLOPs; the calibration convention's rollout term).
         prefill_tokens, prefill_flops: the prompt prefill (tokens; FLOPs, compute-bound).
@@ -89,7 +90,9 @@ def generation_work(spec, regime, policy, gen: Generation, batch, seq, fwd_mm) -
         wbytes = spec.params * DTYPE_BYTES[regime.frozen_dtype]
     kv_per_token = 2 * L * spec.kv_dim * DTYPE_BYTES[regime.compute_dtype]
     ctx = g * prompt + g * (g - 1) / 2.0  # cached positions read over the whole generation
-    return GenerationWork(generated_tokens=g, scoring_flops=scoring, prefill_tokens=prefill_tokens,
+    # decode steps per micro-batch (their kernel launches): a generation shared by micro-batches runs once for all
+    steps = g if share == 1 else g / share
+    return GenerationWork(generated_tokens=steps, scoring_flops=scoring, prefill_tokens=prefill_tokens,
                           prefill_flops=prefill, decode_bytes=g * wbytes / share + b * ctx * kv_per_token,
                           decode_flops=g * b * fwd_mm + 4 * spec.q_dim * L * b * ctx, passes=gen.scoring_forwards,
                           dequant_passes=gen.scoring_forwards + (g if share == 1 else g / share))
