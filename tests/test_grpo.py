@@ -190,12 +190,12 @@ def test_dry_run_traces_generation_and_the_update():
     pytest.importorskip("peft")
     spec = get_model("smollm2-360m").with_layers(2)
     kw = dict(batch=2, seq=256, method_options={"completion": 128, "num_generations": 4})
-    d = vramplan.dryrun(spec, "grpo", **kw)
+    d = vramplan.dry_run(spec, "grpo", **kw)
     e = vramplan.estimate(spec, "grpo", **kw)
     assert d.components.get(Component.KV_CACHE, 0) >= 0 and d.phases
     assert abs(e.tensor_peak_bytes / d.tensor_peak_bytes - 1) <= 0.02
     # beta > 0 under LoRA: the reference forward (adapter disabled) runs and its buffer is kept
-    d1 = vramplan.dryrun(spec, "grpo", batch=2, seq=256,
+    d1 = vramplan.dry_run(spec, "grpo", batch=2, seq=256,
                          method_options={"completion": 128, "num_generations": 4, "grpo_beta": 0.04})
     e1 = vramplan.estimate(spec, "grpo", batch=2, seq=256,
                            method_options={"completion": 128, "num_generations": 4, "grpo_beta": 0.04})

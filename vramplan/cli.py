@@ -14,6 +14,7 @@ def _add_plan_args(p: argparse.ArgumentParser, *, single: bool = True, model_req
     p.add_argument("--model", required=model_required, type=arg_text("model"), help="catalogue name, size alias (13b), HF repo id, or a config.json path/dir")
     if single:
         from .methods import method_names, takes_adapter_choice
+        from .optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
 
         names = method_names()
         p.add_argument("--method", default="lora", help=f"{'|'.join(names)} (default lora)")
@@ -43,7 +44,7 @@ def _add_plan_args(p: argparse.ArgumentParser, *, single: bool = True, model_req
                        help="LoRA dropout, 0 <= p < 1 (default 0)")
         p.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", default=None, help="gradient checkpointing on")
         p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="gradient checkpointing off")
-        p.add_argument("--optimizer", default="adamw", help="adamw|adamw_8bit|paged_adamw_8bit|paged_adamw_32bit|sgd|adafactor")
+        p.add_argument("--optimizer", default=DEFAULT_OPTIMIZER, help="|".join(OPTIMIZERS))
         p.add_argument("--grad-accum", type=arg_int("grad-accum"), default=1, help="gradient accumulation steps")
         p.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=True,
                        help="QLoRA without double quantisation")
@@ -75,10 +76,11 @@ def _method_options(a: argparse.Namespace) -> dict | None:
 
 def _add_stack_args(p: argparse.ArgumentParser) -> None:
     """``--framework`` and ``--techniques`` (estimate, dryrun, fit, matrix); the library validates both."""
-    p.add_argument("--framework", default="hf", help="training stack: hf|torchtune|unsloth|litgpt (default hf)")
+    from .stacks import stacks, techniques
+
+    p.add_argument("--framework", default="hf", help=f"training stack: {'|'.join(stacks())} (default hf)")
     p.add_argument("--techniques", default=None,
-                   help="memory-saving techniques on every plan: chunked_ce,liger_ce,act_offload,selective_ckpt,"
-                        "opt_in_bwd,opt_offload,padding")
+                   help=f"memory-saving techniques on every plan: {','.join(techniques())}")
 
 
 def _add_scale_args(p: argparse.ArgumentParser, *, fit: bool = False) -> None:

@@ -36,7 +36,7 @@ class TrainConfig:
         rank, alpha, dropout: LoRA/DoRA hyper-parameters (PEFT defaults 8, 8, 0.0).
         targets: target module names, or ("all-linear",); empty means the model type's default.
         grad_ckpt: gradient checkpointing (HF ``gradient_checkpointing_enable``, non-reentrant).
-        optimizer: adamw | adamw_8bit | paged_adamw_8bit | sgd | adafactor.
+        optimizer: a name of vramplan/data/optimizers.toml (adamw, adamw_8bit, paged_adamw_8bit, ...).
         precision: bf16 | bf16-mixed | fp16-mixed | fp32 (see vramplan.precision).
         attn: eager | sdpa | flash (attention implementation).
         framework: training stack (hf = transformers + PEFT; torchtune, unsloth, litgpt: see data/stacks.toml).

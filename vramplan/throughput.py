@@ -131,8 +131,6 @@ DECODE_LAUNCH_S_PER_LAYER = 0.30e-3
 DEQUANT_BYTES_PER_PARAM = 8.0   # effective bytes moved per NF4 weight per pass (module docstring)
 DORA_BYTES_PER_PARAM = 18.0
 EAGER_FWD_BYTES, EAGER_BWD_BYTES = 20.0, 40.0  # per attention score element
-OPT_BANDWIDTH_EFFICIENCY = {"adamw": 1.0, "adamw_8bit": 0.4, "paged_adamw_8bit": 0.4, "sgd": 1.0, "adafactor": 0.5,
-                            "paged_adamw_32bit": 1.0}  # 32-bit bnb: one fused pass, assumed as fused AdamW
 
 
 @dataclass(frozen=True)
@@ -359,12 +357,10 @@ def _optimizer_seconds(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, par: Par
         pb = 4  # DeepSpeed steps the fp32 master partition
     else:
         pb = max(1, round(st.bytes.get(Component.GRADIENTS, 0) / P))
-    per = {"adamw": 2 * pb + pb + 4 * pb, "adamw_8bit": 2 * pb + pb + 4, "paged_adamw_8bit": 2 * pb + pb + 4,
-           "sgd": 3 * pb, "adafactor": 3 * pb, "paged_adamw_32bit": 3 * pb + 16}[opt.name]
-    if opt.name == "adamw" and regime.runner == "loop" and par.strategy is None:
-        per *= 1.5  # foreach AdamW: extra temporaries
+    # bytes streamed per parameter and the bandwidth share: optimizers.toml (foreach AdamW: extra temporaries)
+    per = opt.update_bytes_per_param(pb, loop=regime.runner == "loop" and par.strategy is None)
     shard = par.gpus if par.strategy in ("zero1", "zero2", "zero3", "fsdp") else 1
-    bw = gpu.bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY * OPT_BANDWIDTH_EFFICIENCY[opt.name]
+    bw = gpu.bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY * opt.bandwidth_efficiency
     return P / shard * per / bw
 
 

@@ -38,6 +38,10 @@ class FitRow:
     ``suggestions`` say what would fit when nothing does; ``techniques``
     (:class:`vramplan.planner.techniques.TechniqueAdvice`) what each memory-saving technique saves on the
     chosen plan and, when it is not comfortable, the cheapest set that makes it fit.
+
+    ``fits`` is the central prediction of the chosen plan (``peak <= capacity``); ``verdict`` is what the
+    user is told, with the band (:mod:`vramplan.verdict`): a plan a few percent over the card but inside
+    the band's lower end is "tight" (shown, "tight, try it"), not "no".
     """
 
     method: str                                        # the chosen plan's method (qlora for LoRA's fallback)
@@ -76,8 +80,17 @@ class FitRow:
         """comfortable / tight / no (:mod:`vramplan.verdict`, the same thresholds as ``vramplan matrix``)."""
         from ..bands import band_for_config
 
-        return classify(self.estimate.peak_bytes, self.estimate.capacity_bytes,
-                        band_for_config(self.estimate.config).hi)
+        b = band_for_config(self.estimate.config)
+        return classify(self.estimate.peak_bytes, self.estimate.capacity_bytes, b.hi, b.lo)
+
+    @property
+    def verdict_text(self) -> str:
+        """Where the chosen plan stands against the card, with the band (:func:`vramplan.verdict.advice`)."""
+        from ..bands import band_for_config
+        from ..verdict import advice
+
+        b = band_for_config(self.estimate.config)
+        return advice(self.estimate.peak_bytes, self.estimate.capacity_bytes, b.hi, b.lo)
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -98,7 +111,7 @@ class FitRow:
     def to_json(self, top: int | None = None) -> dict:
         plans = self.plans if top is None else self.plans[:top]
         return {"method": self.method, "requested": self.requested, "recipe": self.recipe, "adapter": self.adapter,
-                "fits": self.fits, "verdict": self.verdict.value,
+                "fits": self.fits, "verdict": self.verdict.value, "verdict_text": self.verdict_text,
                 "peak_bytes": self.estimate.peak_bytes,
                 "peak_gib": round(self.estimate.peak_gib, 3), "capacity_bytes": self.estimate.capacity_bytes,
                 "max_batch": self.max_batch, "max_seq": self.max_seq, "settings": self.settings, "notes": self.notes,
@@ -206,6 +219,7 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
     from .techniques import recommend_techniques
 
     from .. import validate as v
+    from ..bands import band_for_config
     from ..config import ATTENTION
     from ..optimizers import get_optimizer
 
@@ -263,8 +277,7 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
         else:
             card_m = card
         mp = search(spec, name, card_m, techniques=techs, **search_kw)
-        tight = [p for p in mp.plans if p.peak_bytes <= p.capacity_bytes]
-        chosen = mp.best or (max(tight, key=lambda p: (p.fallback is None, p.tokens_per_s)) if tight else mp.smallest)
+        chosen = mp.best or _tight_choice(mp)
         cfg, par = chosen.config, chosen.parallel
         est = estimate_config(spec, cfg, card, parallel=par, tokens=n_tokens, epochs=epochs)
         notes: list[str] = []
@@ -273,11 +286,18 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
             suggestions = what_would_fit(spec, name, card, seq=seq, precision=prec, margin=margin, gpus=base.gpus,
                                          rank=rank, targets=targets, totals=totals, framework=framework,
                                          techniques=techs, method_options=method_options)
-            if not est.fits:
+            b = band_for_config(cfg)
+            verdict = classify(est.peak_bytes, est.capacity_bytes, b.hi, b.lo)
+            if verdict is Verdict.NO:
                 notes.append("no setting fits (tried GC, 8-bit/paged AdamW"
                              + (", QLoRA" if any(p.fallback for p in mp.plans) else "") + ")")
+            elif est.fits:
+                notes.append(f"tight, try it: no setting is comfortable (the {margin:.0%} margin and the band's upper end "
+                             f"{100 * b.hi:+.0f}% under the card); shown: the fastest whose prediction fits")
             else:
-                notes.append(f"tight: no setting leaves the {margin:.0%} margin; shown: the fastest that fits")
+                notes.append(f"tight, try it: the least-memory setting is predicted {100 * (est.peak_bytes / est.capacity_bytes - 1):.1f}% "
+                             f"over the card, inside the band's lower end ({100 * b.lo:+.0f}%): it may fit; run it with a "
+                             "safety margin (expandable segments, nothing else on the card) or a smaller batch/sequence")
             if suggestions:
                 notes.append("with GC and 8-bit AdamW it would fit on " + "; ".join(x.text for x in suggestions))
         elif chosen.fallback:
@@ -328,6 +348,15 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
                      strategy=base.strategy if len(parallels) == 1 else None, offload=base.offload, margin=margin,
                      global_batch=global_batch, tokens=n_tokens, epochs=epochs, top=int(top), framework=framework,
                      techniques=techs)
+
+
+def _tight_choice(mp) -> "Plan":
+    """The plan shown when none is comfortable: the fastest tight plan whose central prediction fits the card
+    (own adapter first), else the least-memory plan (tight when the band's lower end fits the card, else "no")."""
+    fitting = [p for p in mp.plans if p.peak_bytes <= p.capacity_bytes]
+    if fitting:
+        return max(fitting, key=lambda p: (p.fallback is None, p.tokens_per_s))
+    return mp.smallest
 
 
 # -- which card? -------------------------------------------------------------------------------

@@ -7,14 +7,16 @@ LoRA-to-QLoRA fallback, and the sharding strategy on several GPUs -- and, for ea
 micro-batch at once (``step_memory`` and ``step_time`` broadcast over a numpy array of
 micro-batches). With a target global batch ``G`` the micro-batch ``b`` runs ``G / (N b)``
 accumulation steps; without one, accumulation is 1. A plan fits when its per-GPU device total
-stays below ``capacity x (1 - margin)``; the margin (default :data:`vramplan.verdict.DEFAULT_MARGIN`,
-15%: a recommended plan is "comfortable") covers the analytic model's uncertainty.
+stays below ``min(capacity x (1 - margin), capacity / (1 + hi))`` (:func:`vramplan.verdict.comfortable_limit`;
+``hi``: the upper end of the stack and method's published band, :mod:`vramplan.bands`); the margin
+(default :data:`vramplan.verdict.DEFAULT_MARGIN`, 15%) and the band make a recommended plan
+"comfortable", as the verdict says.
 
 Feasible plans are ranked by tokens/s (ties: simpler settings first), except that a fallback
 (LoRA's QLoRA) ranks after every plan of the method's own adapter that fits: it is what the
 method becomes when that adapter does not fit, not a faster variant. Each plan carries the
-reason it loses to the best; a plan that fits the card but not the margin is "tight", never
-"does not fit". When nothing fits, :func:`what_would_fit` says what would: the
+reason it loses to the best; a plan that fits the card but not the margin, or whose prediction
+exceeds the card by less than its band's lower end, is "tight", never "does not fit". When nothing fits, :func:`what_would_fit` says what would: the
 smallest catalogue card, a number of GPUs with ZeRO-3/FSDP (or CPU offload), a shorter sequence.
 """
 
@@ -35,7 +37,7 @@ from ..models import ModelSpec
 from ..overheads import card_profile
 from ..throughput import StepTime, step_time, time_to_train
 from ..units import GIB
-from ..verdict import DEFAULT_MARGIN
+from ..verdict import DEFAULT_MARGIN, Verdict, classify, comfortable_limit
 from .checks import check_card
 from .limits import DeviceTotals, step_memory_for
 
@@ -58,8 +60,8 @@ class Plan:
     parallel: Parallel
     peak_bytes: int          # per GPU, device total
     capacity_bytes: int      # per GPU
-    usable_bytes: int        # capacity x (1 - margin)
-    fits: bool               # peak_bytes <= usable_bytes
+    usable_bytes: int        # the comfortable limit: min(capacity x (1 - margin), capacity / (1 + band hi))
+    fits: bool               # peak_bytes <= usable_bytes (comfortable)
     tokens_per_s: float      # all GPUs
     step_time_s: float       # one optimiser step
     time_to_train_s: float | None = None
@@ -67,11 +69,17 @@ class Plan:
     fallback: str | None = None
     rank: int = 0
     reason: str = ""
+    band: tuple[float, float] = (0.0, 0.0)  # (lo, hi) of the stack and method (vramplan.bands)
     _grid: tuple[StepTime, int] | None = field(default=None, repr=False, compare=False)  # (over the batch grid, index)
 
     @property
     def recipe(self) -> str:
         return self.config.recipe.name
+
+    @property
+    def verdict(self) -> Verdict:
+        """comfortable / tight / no on the card, with the band (:func:`vramplan.verdict.classify`)."""
+        return classify(self.peak_bytes, self.capacity_bytes, self.band[1], self.band[0])
 
     @property
     def time(self) -> StepTime | None:
@@ -110,7 +118,8 @@ class Plan:
 
     def to_json(self) -> dict:
         out = {"rank": self.rank, "method": self.method, "adapter": self.adapter, "recipe": self.recipe,
-               "settings": self.settings, "fits": self.fits, "peak_bytes": int(self.peak_bytes),
+               "settings": self.settings, "fits": self.fits, "verdict": self.verdict.value,
+               "peak_bytes": int(self.peak_bytes),
                "peak_gib": round(self.peak_bytes / GIB, 3), "capacity_bytes": int(self.capacity_bytes),
                "usable_bytes": int(self.usable_bytes), "fallback": self.fallback, "reason": self.reason,
                "tokens_per_s": round(float(self.tokens_per_s), 1), "step_time_s": round(float(self.step_time_s), 6),
@@ -255,8 +264,9 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
         raise VramplanError(f"margin must be in [0, 1), got {margin!r}", "use e.g. --margin 0.1 for 10%")
     totals = totals or DeviceTotals()
     parallels = parallels or [SINGLE]
+    from ..bands import band_for_config
+
     capacity = card.memory_bytes
-    usable = int(capacity * (1.0 - margin))
     fixed = dict(grad_ckpt=grad_ckpt, optimizer=optimizer, attn=attn, rank=rank, targets=targets)
     plans: list[Plan] = []
     memo: dict[tuple, tuple] = {}
@@ -310,6 +320,8 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
             if cfg.optimizer not in by_opt:
                 by_opt[cfg.optimizer] = totals(mem, cfg, card, p)
             total = by_opt[cfg.optimizer]
+            band = band_for_config(cfg)
+            usable = comfortable_limit(capacity, band.hi, margin)
             ok = total <= usable
             if ok.any():
                 i = int(np.argmax(np.where(ok, t.tokens_per_s, -np.inf)))
@@ -321,7 +333,7 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
             plans.append(Plan(method=cfg.method, adapter=cfg.adapter, config=cfg_i, parallel=p,
                               peak_bytes=int(total[i]), capacity_bytes=capacity, usable_bytes=usable, fits=bool(ok[i]),
                               tokens_per_s=tps, step_time_s=float(np.asarray(t.step_s)[i]), time_to_train_s=ttt,
-                              gpu_hours=gh, fallback=note, _grid=(t, i)))
+                              gpu_hours=gh, fallback=note, band=(band.lo, band.hi), _grid=(t, i)))
     # a fallback (QLoRA for LoRA) is what the method becomes when its own adapter does not fit: its plans
     # rank after every plan of the method's own adapter that fits, however fast the throughput model
     # rates them (a larger micro-batch over an NF4 base can come out marginally faster, inside the
@@ -345,7 +357,11 @@ def _reason(p: Plan, best: Plan | None) -> str:
     if not p.fits:
         if p.peak_bytes <= p.capacity_bytes:  # fits the card, not the margin: never call that "does not fit"
             return (f"tight: {p.peak_bytes / GIB:.2f} GiB fits the {p.capacity_bytes / GIB:.2f} GiB card but not "
-                    f"the margin ({p.usable_bytes / GIB:.2f} GiB usable)")
+                    f"the margin ({p.usable_bytes / GIB:.2f} GiB usable with the band's upper end)")
+        if p.verdict is Verdict.TIGHT:  # over the card by less than the band's lower end: it may fit
+            return (f"tight: {p.peak_bytes / GIB:.2f} GiB is {100 * (p.peak_bytes / p.capacity_bytes - 1):.1f}% over the "
+                    f"{p.capacity_bytes / GIB:.2f} GiB card, inside the band's lower end ({100 * p.band[0]:+.0f}%): "
+                    "may fit")
         return f"does not fit: {p.peak_bytes / GIB:.2f} GiB > {p.capacity_bytes / GIB:.2f} GiB"
     if p.fallback is not None and best.fallback is None:
         return f"{p.adapter} fallback: only when {best.adapter} over a 16-bit base does not fit, and it does"
@@ -407,14 +423,19 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, pre
                           framework=framework, techniques=techniques, method_options=method_options)
     except VramplanError:
         return out
-    keep = 1.0 - margin
+    from ..bands import band_for_config
+
+    hi = band_for_config(cfg).hi
+
+    def comfy(capacity: int) -> int:  # the comfortable limit on a card (margin and the band's upper end)
+        return comfortable_limit(capacity, hi, margin)
     # 1. the smallest card of the catalogue
     cards = sorted(catalogue().values(), key=lambda g: (g.memory_bytes, -g.bf16_tflops))
     mem = step_memory_for(spec, cfg, SINGLE)
     for g in cards:
         if g.memory_bytes <= card.memory_bytes or (cfg.precision != "fp32" and "bf16" in cfg.precision and not g.bf16):
             continue
-        if float(totals(mem, cfg, g, SINGLE)) <= g.memory_bytes * keep:
+        if float(totals(mem, cfg, g, SINGLE)) <= comfy(g.memory_bytes):
             out.append(Suggestion("gpu", f"1x {g.name} ({g.memory_bytes / GIB:.0f} GiB)"
                                   + (f" as {cfg.recipe.name}" if cfg.recipe.name != method else ""),
                                   {"gpu": g.name, "capacity_bytes": g.memory_bytes}))
@@ -426,7 +447,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, pre
             if n <= gpus:
                 continue
             par = make_parallel(n, strategy)
-            if float(totals(step_memory_for(spec, cfg, par), cfg, card, par)) <= card.memory_bytes * keep:
+            if float(totals(step_memory_for(spec, cfg, par), cfg, card, par)) <= comfy(card.memory_bytes):
                 found.setdefault(n, []).append(strategy)
                 break
     for n, strategies in sorted(found.items()):
@@ -434,7 +455,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, pre
                               {"gpus": n, "strategies": strategies, "gpu": card.name}))
     # 3. CPU offload on the same number of cards
     par = make_parallel(max(1, gpus), "zero3", "cpu")
-    if float(totals(step_memory_for(spec, cfg, par), cfg, card, par)) <= card.memory_bytes * keep:
+    if float(totals(step_memory_for(spec, cfg, par), cfg, card, par)) <= comfy(card.memory_bytes):
         out.append(Suggestion("offload", f"{max(1, gpus)}x {card.name} with zero3 --offload cpu (slow)",
                               {"gpus": max(1, gpus), "strategy": "zero3", "offload": "cpu"}))
     # 4. a shorter sequence on this card
@@ -445,7 +466,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, pre
         if grid.size:
             par = make_parallel(gpus) if gpus > 1 else SINGLE
             c = cfg.with_(**cfg.recipe.behaviour.reset_shape())
-            ok = totals(step_memory_for(spec, c, par, batch=1, seq=grid), c, card, par) <= card.memory_bytes * keep
+            ok = totals(step_memory_for(spec, c, par, batch=1, seq=grid), c, card, par) <= comfy(card.memory_bytes)
             if ok.any():
                 s = int(grid[ok].max())
                 out.append(Suggestion("seq", f"seq <= {s:,} on {card.name}",
