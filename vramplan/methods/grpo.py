@@ -410,16 +410,17 @@ class GenerationLimits:
         out = [f"GRPO on {self.gpu} ({self.capacity_bytes / gib:.1f} GiB), prompt {self.prompt} tokens, "
                f"G = {self.num_generations} x completion {self.completion} requested:"]
         for r in self.rows:
-            eng = (f"vLLM colocated ({r.vllm_share:.0%} of the card; {r.usable_bytes / gib:.1f} GiB left for training)"
-                   if r.generation == "vllm-colocate" else "transformers generate")
-            verdict = (f"fits ({r.peak_bytes / gib:.1f} GiB)" if r.fits else f"does not fit ({r.peak_bytes / gib:.1f} GiB)")
+            head = f"  {r.adapter:5s} "
             if r.generation == "vllm-colocate":
                 share = r.vllm_share * self.capacity_bytes
-                verdict += (f"; vLLM needs {r.vllm_bytes / gib:.1f} GiB of its {share / gib:.1f} GiB"
-                            + ("" if r.vllm_bytes <= share else " (its share is too small)"))
+                head += (f"vLLM colocated ({r.vllm_share:.0%} of the card): training step {r.peak_bytes / gib:.1f} GiB "
+                         f"of the {r.usable_bytes / gib:.1f} GiB left; vLLM needs {r.vllm_bytes / gib:.1f} GiB of its "
+                         f"{share / gib:.1f} GiB")
+            else:
+                head += f"transformers generate: {r.peak_bytes / gib:.1f} GiB of {r.usable_bytes / gib:.1f} GiB"
             front = ", ".join(f"G {g}: {c}" for g, c in r.frontier) or "nothing fits"
-            out.append(f"  {r.adapter:5s} {eng}: {verdict}; longest completion at G {self.num_generations}: "
-                       f"{r.max_completion or 'none'}; largest G at completion {self.completion}: "
+            out.append(f"{head} -> {'fits' if r.fits else 'does not fit'}; longest completion at G "
+                       f"{self.num_generations}: {r.max_completion or 'none'}; largest G at completion {self.completion}: "
                        f"{r.max_generations or 'none'}; longest completion per G: {front}")
         return out + [f"  ({a})" for a in self.assumptions]
 
