@@ -64,6 +64,19 @@ latest; the benchmark gives each source the version it ran, else the latest, nev
   (no `ignore_modules`), and `_quantize_weight` quantises `weight.to(torch.half)`, so `MatMul4Bit`
   dequantises to fp16 then casts to bf16: the whole V x h head twice, for each loss chunk. With the
   bitsandbytes mechanism, litgpt QLoRA went from -20..-42% to -6..-20%.
+* **litgpt's loop keeps the last step's graph, and bitsandbytes 0.42's ctx keeps every 4-bit input**
+  (`stacks.toml [litgpt] keeps_last_graph`; `vramplan.memory.bnb_ctx_input_bytes`). litgpt
+  finetune/lora.py @00af8b0d `fit()` binds `logits` and `loss` as loop locals, rebound only by the next
+  iteration, so the last step's autograd graph lives until the next step's loss exists. Backward releases
+  what a node saved with `save_for_backward`, not the attributes a Python `autograd.Function` set on `ctx`:
+  bitsandbytes 0.42.0's `MatMul4Bit.forward` sets `ctx.tensors = (A, B)`, so every 4-bit linear's input of
+  the last step (per layer: the attention and MLP norm outputs, the attention output, the MLP product; the
+  final norm's output for the 4-bit head) sits beside the next forward. The same attribute also keeps a
+  frozen, non-adapted 4-bit `down_proj`'s input (the MLP product) through the step, which the
+  bitsandbytes mechanism above had missed (it counted it only for an adapted `down_proj`; every stack with
+  bitsandbytes < 0.43.2). Analytic only: the litgpt dry run steps once and covers full and LoRA.
+  litgpt QLoRA rows went from -20..-6% to -3.5..+4.3% (allocated, 11 rows); headline median 7.0% -> 3.5%,
+  under-predicted >10% 27.6% -> 17.1%, inside the band 81.6% -> 81.6%, no verdict changed.
 * **litgpt `bf16-mixed` keeps an fp32 base** (`mixed_frozen_dtype`): Fabric's mixed precision leaves
   parameters fp32 (the dry run's litgpt build does the same).
 * **PEFT < 0.12 puts LoRA layers in the base weight's dtype** (`[behaviours.peft_adapter_base_dtype]`):
@@ -133,11 +146,12 @@ them "does not fit" by a few percent -- a verdict that treated the band two-side
 the 9 "tight": each predicted device total is 0.3-5.5% over its card, inside its band's lower end (-18% for
 unsloth, -25% for hf, leave-one-source-out); the LLaMA-Factory wiki's Unsloth QLoRA row (6.52 GB) is under-predicted by 25%
 (LLaMA-Factory drives Unsloth through its own trainer; its settings beyond batch 4 / length 1024 are not
-stated); litgpt QLoRA stays -14..-20% (allocated): litgpt's swap of
+stated); litgpt's swap of
 `wte` for a bitsandbytes `StableEmbedding` (PR #1770, ae798aba, 2024-10-04) keeps the old embedding alive
 in `main()` and leaves the new one trainable but outside the optimizer (a V x h gradient never zeroed) --
-but it postdates the README's figures (last changed 2024-09-27), so it is not their cause and is not
-modelled; FSDP with CPU offload is under-predicted (Answer.AI LoRA b10: -30%); torchtune 2024-04 QLoRA (8.65 GiB
+it postdates the README's figures (last changed 2024-09-27) and is not modelled; the last step's `logits`
+list that litgpt's loop also keeps into the next forward (T x V, 16-bit) is not modelled either (the dry
+run deletes it); FSDP with CPU offload is under-predicted (Answer.AI LoRA b10: -30%); torchtune 2024-04 QLoRA (8.65 GiB
 reserved vs 6.8 predicted): the same doc prints a model-init reserved peak of 9.13 GB, so that run's
 reserved peak is set while loading, not in the step; the PEFT FSDP-QLoRA row without offload (35.6 GB per
 GPU) holds about the whole unsharded NF4 model per GPU; the HF blog's 13B QLoRA at 1,024 tokens on a T4

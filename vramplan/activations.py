@@ -254,7 +254,10 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
         # gate out (the activation's input), the activation's output, up out; a fused gate_up
         # projection's 2i output is chunked into gate and up views and saved whole: the same bytes
         per_tok += m * i * 3
-        per_tok += linear_inputs(["down_proj"], i, fresh=True, in_bytes=d.proj_out) if (full or "down_proj" in targets) else 0.0
+        # (the MLP product: saved only for a trainable down_proj's weight gradient, by its adapter, or,
+        # with bitsandbytes < 0.43.2, by a 4-bit down_proj's MatMul4Bit ctx even when frozen and not adapted)
+        down_kept = full or "down_proj" in targets or keeps_4bit_input
+        per_tok += linear_inputs(["down_proj"], i, fresh=True, in_bytes=d.proj_out) if down_kept else 0.0
         per_tok += ia3_out(["down_proj"])
     if model.norms_per_layer == 4:
         per_tok += norm(True)

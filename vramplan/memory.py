@@ -215,6 +215,39 @@ def _dequant_temp(model: ModelSpec, regime: Regime, cfg: TrainConfig) -> int:
     return largest * (per + copies * DTYPE_BYTES[regime.compute_dtype])
 
 
+#: Input groups of a decoder layer's linears: linears of one group read one tensor.
+_INPUT_GROUP = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "qkv_proj": "attn_in", "o_proj": "o_proj",
+                "gate_proj": "mlp_in", "up_proj": "mlp_in", "gate_up_proj": "mlp_in", "shared_expert_gate": "mlp_in",
+                "down_proj": "down_proj"}
+
+
+def bnb_ctx_input_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime, T):
+    """Bytes bitsandbytes < 0.43.2 ``MatMul4Bit`` keeps on ``ctx`` for a whole forward of ``T`` tokens:
+    each 4-bit linear's input ``A`` (cast to the compute dtype) -- one tensor per group of linears
+    reading the same input (norm outputs, the attention output, the MLP product) in every layer, and
+    the final norm's output when the stack quantises the lm_head. Layer 0's attention input needs no
+    gradient (a frozen embedding): ``ctx.tensors = (None, None)`` there.
+
+    ``ctx.tensors`` is a plain attribute, not ``save_for_backward``: autograd's backward does not
+    release it; it dies with the graph (bitsandbytes 0.42.0 ``autograd/_functions.py``
+    ``MatMul4Bit.forward``; fixed by commit 9e753741, PR #1270, in 0.43.2). 0 when the behaviour
+    is off or the copy is not a QLoRA copy being trained.
+    """
+    if not (copy.adapter is Adapter.QLORA and copy.quantized and copy.trains and cfg.behaves("bnb_4bit_saves_input")):
+        return np.zeros_like(np.asarray(T, dtype=np.float64))
+    c = DTYPE_BYTES[regime.compute_dtype]
+    widths: dict[str, int] = {}
+    for lin in quantized_linears(model, cfg):
+        g = _INPUT_GROUP.get(lin.name)
+        if g is not None:
+            widths[g] = lin.in_features
+    per_layer = sum(widths.values())
+    per_tok = model.num_layers * per_layer - widths.get("attn_in", 0)
+    if cfg.stack.quantizes_head and copy.head == "lm" and not model.tie_embeddings:
+        per_tok += model.hidden_size  # the final norm's output, read by the 4-bit lm_head's chunks
+    return np.asarray(T, dtype=np.float64) * c * per_tok
+
+
 def _dora_largest(model: ModelSpec, cfg: TrainConfig):
     """The adapted linear whose DoRA weight-norm buffers are largest (None without one)."""
     lins = [l for l in model.layer_linears() if l.is_linear and l.name in cfg.targets]
@@ -340,6 +373,7 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
     acts, recompute, layer, layer_attn, logits_fwd, logits_bwd = (zeros.copy() for _ in range(6))
     transient, nograd_peak, temps_fwd, kv = zeros.copy(), zeros.copy(), zeros.copy(), zeros.copy()
     temps_fwd_only, temps_recompute = zeros.copy(), zeros.copy()
+    last_graph = zeros.copy()
     attn_fwd, attn_bwd, rec_prefix = zeros.copy(), zeros.copy(), zeros.copy()
     for copy in recipe.copies:
         if copy.forward is Forward.NO_GRAD:
@@ -378,6 +412,10 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
         acts += a
         logits_fwd += f
         logits_bwd += bw
+        if cfg.stack.keeps_last_graph:
+            # the loop keeps the last step's graph until this step's loss exists (stacks.toml
+            # keeps_last_graph): what its nodes still hold after backward sits beside this forward
+            last_graph = last_graph + bnb_ctx_input_bytes(model, cfg, copy, regime, T)
         if fused:
             transient = np.maximum(transient, fused_layer_transient(model, regime, T))
             # Unsloth runs its own flash attention whatever the requested kernel: no eager working set
@@ -426,7 +464,7 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
             "temps_fwd_only": temps_fwd_only, "temps_recompute": temps_recompute, "kv": kv,
             "rollout_logits": rollout_logits, "attn_fwd": attn_fwd, "attn_bwd": attn_bwd, "logits_kept": logits_kept,
             "dora_prefix": rec_prefix if recipe.copies[0].adapter is Adapter.DORA else layer,
-            "zeros": zeros}
+            "last_graph": last_graph, "zeros": zeros}
 
 
 def backward_casts(st: ModelState, cfg: TrainConfig) -> dict[str, int]:
@@ -485,7 +523,9 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     ckpt = recompute > 0
     dora_side = np.where(ckpt, 0, np.maximum(layer_saved - t.get("dora_prefix", layer_saved), 0))
     temps_f = np.maximum(temps_fwd, t["temps_fwd_only"] - dora_side)
-    fwd_work = acts + np.maximum(np.maximum(logits_fwd, temps_f), attn_fwd)
+    # the last step's graph, when the loop keeps it into this forward (stacks.toml keeps_last_graph)
+    last_graph = t.get("last_graph", zeros)
+    fwd_work = acts + last_graph + np.maximum(np.maximum(logits_fwd, temps_f), attn_fwd)
     # backward starts with everything saved plus the loss's gradients; then, layer by layer, saved
     # tensors and casts are freed while gradients accumulate: a layer's backward sees the larger of
     # the two ends, plus its recomputation (checkpointing), its transient buffers and its dequantised weight
@@ -574,7 +614,8 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
             bwd_saved, np.where(in_attn, head_grad + layer_grad, 0), grads_before), grads_bwd)),
         Phase.OPTIMIZER_STEP: grads_opt + zeros})
     comps[Component.ACTIVATIONS] = at_peak({
-        Phase.FORWARD: np.where(fwd_at_mid, np.maximum(acts - layer_saved, 0), np.where(fwd_act, acts, nograd_peak)),
+        Phase.FORWARD: np.where(fwd_at_mid, np.maximum(acts - layer_saved, 0), np.where(fwd_act, acts + last_graph,
+                                                                                         nograd_peak)),
         Phase.BACKWARD: np.where(bwd_act, acts, np.where(layer, np.where(
             bwd_saved, acts + np.where(in_rec, rec_prefix, np.where(in_attn, recompute - layer_saved + layer_attn,
                                                                     recompute)),

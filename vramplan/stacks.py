@@ -46,6 +46,7 @@ class Stack:
     mixed_frozen_dtype: str | None = None             # frozen base dtype under a *-mixed regime (None: the regime's)
     quantizes_head: bool = False                      # QLoRA quantises the (untied) lm_head too
     fused_lora_layers: bool = False                   # the stack's own decoder-layer kernels (Unsloth fast_lora)
+    keeps_last_graph: bool = False                    # the loop holds the last step's loss/logits into the next forward
 
     def as_built(self, model):
         """``model`` as this stack builds it: untied embeddings where the stack never ties them."""
@@ -150,7 +151,8 @@ def stacks() -> dict[str, Stack]:
                        loss_chunk_tokens=int(s.get("loss_chunk_tokens", 0)),
                        untied_embeddings=_flag(s, "untied_embeddings"), lora_qkv_pad=_flag(s, "lora_qkv_pad"),
                        mixed_frozen_dtype=s.get("mixed_frozen_dtype"), quantizes_head=_flag(s, "quantizes_head"),
-                       fused_lora_layers=_flag(s, "fused_lora_layers"))
+                       fused_lora_layers=_flag(s, "fused_lora_layers"),
+                       keeps_last_graph=_flag(s, "keeps_last_graph"))
         except (KeyError, ValueError, TypeError) as exc:
             raise VramplanError(f"stacks.toml: stack {name!r} is invalid ({exc})") from None
         if len(st.dequant_temp) != 2 or min(st.dequant_temp) < 0 or any(w < 1 for _, w in st.rope_cache):
