@@ -77,6 +77,15 @@ latest; the benchmark gives each source the version it ran, else the latest, nev
   bitsandbytes < 0.43.2). Analytic only: the litgpt dry run steps once and covers full and LoRA.
   litgpt QLoRA rows went from -20..-6% to -3.5..+4.3% (allocated, 11 rows); headline median 7.0% -> 3.5%,
   under-predicted >10% 27.6% -> 17.1%, inside the band 81.6% -> 81.6%, no verdict changed.
+* **Gradient accumulation keeps the gradients through the next micro-batch** (`vramplan.memory.step_memory`
+  `grad_accum`; `sources.toml global_batch`). With `grad_accum > 1` every micro-batch after the first runs
+  its forward and backward beside the gradients the earlier ones summed (`zero_grad` follows the
+  optimizer step; AccumulateGrad adds in place): full fine-tuning holds one more copy of the trainable
+  weights at the forward's end (the planner had called accumulation memory-neutral). litgpt's config hub
+  yaml files set `global_batch_size` (tiny-llama full: 32 over micro-batches of 4: 8 micro-batches).
+  Single-GPU plans only: the sharded planner still treats accumulation as memory-neutral (DDP keeps
+  the full gradients the same way; FSDP's `no_sync` accumulation keeps unsharded ones): not modelled. TinyLlama full fine-tune on an A10G: -20.8% -> -5.2% (2 rows); headline
+  median 3.5% -> 3.4%, under-predicted >10% 17.1% -> 14.5%, inside the band unchanged.
 * **litgpt `bf16-mixed` keeps an fp32 base** (`mixed_frozen_dtype`): Fabric's mixed precision leaves
   parameters fp32 (the dry run's litgpt build does the same).
 * **PEFT < 0.12 puts LoRA layers in the base weight's dtype** (`[behaviours.peft_adapter_base_dtype]`):

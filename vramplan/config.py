@@ -30,7 +30,8 @@ class TrainConfig:
         adapter: adapter choice (DPO/PPO take full|lora|qlora|dora|ia3).
         batch: micro-batch size (examples; DPO doubles it into chosen + rejected sequences).
         seq: tokens per sequence (PPO: prompt + response).
-        grad_accum: gradient accumulation steps (memory-neutral; for throughput and global batch).
+        grad_accum: gradient accumulation steps (global batch and throughput; above 1 the earlier micro-batches'
+            gradients stay alive through each later forward and backward: vramplan.memory.step_memory).
         rank, alpha, dropout: LoRA/DoRA hyper-parameters (PEFT defaults 8, 8, 0.0).
         targets: target module names, or ("all-linear",); empty means the model type's default.
         grad_ckpt: gradient checkpointing (HF ``gradient_checkpointing_enable``, non-reentrant).

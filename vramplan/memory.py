@@ -482,7 +482,8 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
                    recompute_cache, layer_cache=0, attn_cache=0, head_cache=0, grads_bwd, grads_opt, step_temporary, rollout_on: bool, grads_tail=0,
                    grads_end_extra=0, layer_grad=0, head_grad=0, comm=0, gathered=0,
                    rollout_gather=0, components: bool = True, gathered_fwd_mid=None, gathered_bwd_start=None,
-                   gathered_bwd_work=None, gathered_bwd_end=None, comm_component=None, gathered_component=None):
+                   gathered_bwd_work=None, gathered_bwd_end=None, comm_component=None, gathered_component=None,
+                   grads_held=0):
     """The phases of a step from its terms, the peak phase, and the components at the peak.
 
     One place for the phase arithmetic of :func:`step_memory` and the sharded planner
@@ -507,7 +508,10 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     backward), ``gathered_bwd_end`` (beside every gradient); each defaults to ``gathered``
     (``gathered_fwd_mid`` to no such point). ``comm_component`` / ``gathered_component`` name
     the components ``comm`` and the gathered bytes are reported under (default gradients and
-    weights). Returns ``(phases, peak, peak_phase_index, components)``.
+    weights). ``grads_held``: gradients already alive when the step's forward starts (gradient
+    accumulation: the earlier micro-batches' sums, kept through this micro-batch's forward and
+    backward; autograd's AccumulateGrad adds each new gradient into them in place).
+    Returns ``(phases, peak, peak_phase_index, components)``.
     """
     zeros = t["zeros"]
     acts, logits_fwd, logits_bwd = t["acts"], t["logits_fwd"], t["logits_bwd"]
@@ -517,6 +521,7 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     static = sum(base.get(c, 0) for c in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS,
                                           Component.MASTER_WEIGHTS)) + zeros + comm
     states, cache, cache_bwd = states + zeros, cache + zeros, cache_bwd + zeros
+    held = grads_held + zeros
     # QLoRA's dequantised weight lives inside one layer's forward/backward, never beside the loss
     # DoRA's norm buffers in the last layer's forward beside what that layer has saved so far
     # (without checkpointing ``acts`` holds the whole layer; the prefix is what exists by then)
@@ -529,11 +534,11 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     # backward starts with everything saved plus the loss's gradients; then, layer by layer, saved
     # tensors and casts are freed while gradients accumulate: a layer's backward sees the larger of
     # the two ends, plus its recomputation (checkpointing), its transient buffers and its dequantised weight
-    saved_bwd = acts + cache_bwd
+    saved_bwd = acts + cache_bwd + held
     # a layer's backward works beside either end: early, every saved tensor (plus its recomputation);
     # late, the first layer beside every gradient but its attention block's and the embedding's
     grads_before = np.maximum(grads_bwd - grads_tail, 0)
-    saved_side = acts + np.maximum(cache_bwd - head_cache, 0) + recompute + recompute_cache
+    saved_side = acts + np.maximum(cache_bwd - head_cache, 0) + recompute + recompute_cache + held
     # the first layer's MLP backward (all its saved tensors and casts), then its attention's
     grads_side = np.maximum(np.maximum(grads_before - layer_grad, 0) + layer_saved + layer_cache,
                             grads_before + layer_attn + attn_cache)
@@ -565,7 +570,7 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     fwd_mid = zeros if gathered_fwd_mid is None else np.maximum(acts - layer_saved, 0) + gathered_fwd_mid
     phases = {Phase.LOAD: static.copy(),
               Phase.ROLLOUT: static + states + kv + t["rollout_logits"] + rollout_gather if rollout_on else zeros.copy(),
-              Phase.FORWARD: static + states + cache + np.maximum(fwd, fwd_mid),
+              Phase.FORWARD: static + states + cache + held + np.maximum(fwd, fwd_mid),
               Phase.BACKWARD: static + states + np.maximum(bwd_acts, bwd_grads),
               Phase.OPTIMIZER_STEP: static + states + grads_opt + step_temporary}
     stack = np.stack([phases[p] for p in PHASE_ORDER])
@@ -610,8 +615,9 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     c_comp = comm_component or Component.GRADIENTS
     comps[c_comp] = comps.get(c_comp, zeros) + comm
     comps[Component.GRADIENTS] = comps.get(Component.GRADIENTS, zeros) + at_peak({
-        Phase.BACKWARD: np.where(bwd_act, 0, np.where(layer, np.where(
-            bwd_saved, np.where(in_attn, head_grad + layer_grad, 0), grads_before), grads_bwd)),
+        Phase.FORWARD: held,
+        Phase.BACKWARD: np.where(bwd_act, held, np.where(layer, np.where(
+            bwd_saved, np.where(in_attn, head_grad + layer_grad, 0) + held, grads_before), grads_bwd)),
         Phase.OPTIMIZER_STEP: grads_opt + zeros})
     comps[Component.ACTIVATIONS] = at_peak({
         Phase.FORWARD: np.where(fwd_at_mid, np.maximum(acts - layer_saved, 0), np.where(fwd_act, acts + last_graph,
@@ -633,13 +639,20 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     return phases, peak, idx, comps
 
 
-def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepMemory:
+def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None, grad_accum=None) -> StepMemory:
     """Peak tensor bytes of a steady-state step of ``cfg`` on ``model``, by component and phase.
 
-    ``batch`` and ``seq`` default to the config's; arrays broadcast.
+    ``batch``, ``seq`` and ``grad_accum`` default to the config's; arrays broadcast. With gradient
+    accumulation (``grad_accum > 1``) every micro-batch after the first runs its forward and backward
+    beside the gradients the earlier ones summed (``zero_grad`` runs only after the optimizer step):
+    the HF Trainer, torchtune, litgpt (finetune/full.py ``fabric.no_backward_sync`` loop) and any
+    plain loop accumulate into ``param.grad``. Full fine-tuning: one more copy of the trainable
+    weights at the forward's end; adapters: their (small) gradients.
     """
     st = model_state(model, cfg)
     grads_all = st.bytes[Component.GRADIENTS]
+    accum = np.asarray(cfg.grad_accum if grad_accum is None else grad_accum)
+    held = 0 if cfg.uses("opt_in_bwd") else np.where(accum > 1, grads_all, 0)
     t = step_terms(model, cfg, batch, seq)
     phases, peak, idx, comps = combine_phases(
         t, st.bytes, states=st.bytes[Component.OPTIMIZER_STATES], cache=st.bytes[Component.AUTOCAST_CACHE],
@@ -650,5 +663,5 @@ def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> Ste
         grads_tail=0 if cfg.uses("opt_in_bwd") else st.grads_tail,
         grads_end_extra=st.grads_end_extra, layer_grad=0 if cfg.uses("opt_in_bwd") else st.layer_grad,
         head_grad=0 if cfg.uses("opt_in_bwd") else st.head_grad,
-        step_temporary=st.step_temporary, rollout_on=cfg.recipe.method.rollout)
+        step_temporary=st.step_temporary, rollout_on=cfg.recipe.method.rollout, grads_held=held)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=st)

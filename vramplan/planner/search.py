@@ -299,7 +299,7 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
                         terms[tkey] = step_terms(spec, cfg, batch=b_grid)
                     mem = parallel_step_memory(spec, cfg, p, batch=b_grid, state=sh, terms=terms[tkey])
                 else:
-                    mem = step_memory(spec, cfg, batch=b_grid)
+                    mem = step_memory(spec, cfg, batch=b_grid, grad_accum=a_grid)
                 t = step_time(spec, cfg, card, batch=b_grid, grad_accum=a_grid, parallel=p, profile=prof, state=st,
                               sharded=sh)
                 memo[(key, p)] = (mem, t, {})
