@@ -86,6 +86,27 @@ latest; the benchmark gives each source the version it ran, else the latest, nev
   Single-GPU plans only: the sharded planner still treats accumulation as memory-neutral (DDP keeps
   the full gradients the same way; FSDP's `no_sync` accumulation keeps unsharded ones): not modelled. TinyLlama full fine-tune on an A10G: -20.8% -> -5.2% (2 rows); headline
   median 3.5% -> 3.4%, under-predicted >10% 17.1% -> 14.5%, inside the band unchanged.
+* **fsdp_qlora keeps the model's fp32 logits through backward** (`stacks.toml [fsdp_qlora] frees_logits =
+  false`; `[behaviours.hf_fp32_logits_output]`). Answer.AI's train.py @e877dda5 binds `output = model(...)`,
+  runs `loss.backward()` and only then sets `output = None`; with transformers < 4.46 (the runs: Feb-Mar
+  2024, 4.38/4.39) `LlamaForCausalLM.forward` returns the `logits.float()` it computed the loss from, so
+  T x V x 4 B stay alive beside the loss's backward buffers (4.46 moved the upcast into the loss:
+  16-bit logits). The HF Trainer drops its outputs before backward (no change there). Analytic only
+  (the stack is documented, not traced). fsdp_qlora LoRA rows: b4 -10.3% -> -2.4%, b6 -16.8% -> -7.9%, b10
+  with CPU offload -22.5% -> -8.5%; headline median 3.4% -> 3.8%, under-predicted >10% 14.5% -> 10.5%,
+  inside the band 81.6% -> 81.6%; but its QLoRA rows went to +0..+12% (over): the next mechanism.
+* **PEFT < 0.12 gives a bf16-packed 4-bit base bf16 adapters** (`stacks.toml [fsdp_qlora]
+  float_quant_storage`; `vramplan.config.TrainConfig.regime`). fsdp_qlora builds `Linear4bit(quant_storage=
+  bf16)` (for FSDP) and loads the quantised shards before `get_peft_model`; PEFT 0.10's
+  `LoraLayer.update_layer` moves the adapters to the base weight's dtype when it is floating, which a
+  bf16-stored 4-bit weight is (the HF stack packs into uint8: fp32 adapters, unchanged). Adapters,
+  their gradients and AdamW states halve and PEFT casts no input to fp32. fsdp_qlora QLoRA rows +0..+12% ->
+  -16..+10% (the 70B rows +22.3% -> +17.3%); headline median 3.8% -> 3.3%, under-predicted >10% 10.5% ->
+  11.8% (the b1 x 512 QLoRA row, -4.5% -> -15.9%: its reserved peak is the model-wrap reserve, see Open),
+  inside the band 81.6% -> 84.2%. The leave-one-source-out reserve fit moved for two held-out sources
+  (Unsloth's capacities now take 35%, the torchtune LoRA tutorial 25%; every source together still 30%):
+  fit-only rows called "does not fit" 9 -> 12 of 21, capacities -1.4% -> -5.4% median (4 of 16
+  over-promised).
 * **litgpt `bf16-mixed` keeps an fp32 base** (`mixed_frozen_dtype`): Fabric's mixed precision leaves
   parameters fp32 (the dry run's litgpt build does the same).
 * **PEFT < 0.12 puts LoRA layers in the base weight's dtype** (`[behaviours.peft_adapter_base_dtype]`):

@@ -98,3 +98,32 @@ def test_importer_reads_the_sources_global_batch(tmp_path):
     (tmp_path / "s.toml").write_text(bad)
     with pytest.raises(Exception, match="not a multiple"):
         import_csv(tmp_path / "t.csv", tmp_path / "s.toml")
+
+
+def test_fsdp_qlora_keeps_the_fp32_logits_through_backward():
+    # train.py keeps `output` until after loss.backward(); transformers < 4.46 returns the fp32 upcast
+    from vramplan.activations import logits_bytes
+
+    kw = dict(batch=4, seq=2048, grad_ckpt=True, precision="bf16", framework="fsdp_qlora", rank=64)
+    old = make_config(M, "lora", versions={"transformers": "4.38.2"}, **kw)
+    new = make_config(M, "lora", versions={"transformers": "4.46.0"}, **kw)
+    T = 4 * 2048
+    copy = old.recipe.copies[0]
+    _, bw_old = logits_bytes(M, copy, old.regime, T, copy.head, old, 4)
+    _, bw_new = logits_bytes(M, copy, new.regime, T, copy.head, new, 4)
+    assert float(bw_old) - float(bw_new) == pytest.approx(T * M.vocab_size * (4 - 2))
+    # the HF Trainer drops the outputs before backward: nothing kept whatever the version
+    hf = make_config(M, "lora", batch=4, seq=2048, grad_ckpt=True, precision="bf16", versions={"transformers": "4.38.2"})
+    _, bw_hf = logits_bytes(M, hf.recipe.copies[0], hf.regime, T, "lm", hf, 4)
+    hf_new = hf.with_(versions=(("transformers", "4.46.0"),))
+    assert float(bw_hf) == float(logits_bytes(M, hf_new.recipe.copies[0], hf_new.regime, T, "lm", hf_new, 4)[1])
+
+
+def test_float_quant_storage_gives_peft_lt_012_bf16_adapters():
+    kw = dict(batch=1, seq=512, grad_ckpt=True, precision="bf16", rank=64)
+    fq = make_config(M, "qlora", framework="fsdp_qlora", versions={"peft": "0.10.0"}, **kw)
+    fq_new = make_config(M, "qlora", framework="fsdp_qlora", versions={"peft": "0.12.0"}, **kw)
+    assert fq.regime.adapter_dtype == "bfloat16" and fq_new.regime.adapter_dtype == "float32"
+    # a uint8-packed 4-bit base (the HF stack) keeps fp32 adapters under any PEFT
+    hf = make_config(M, "qlora", versions={"peft": "0.10.0"}, **kw)
+    assert hf.regime.adapter_dtype == "float32"

@@ -426,6 +426,10 @@ def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head
             chunk = r * np.minimum(st.loss_chunk_tokens, T / r) if per_row else np.minimum(st.loss_chunk_tokens, T)
             chunks = T / np.maximum(chunk, 1.0)
         keep = 0.0 if st.frees_logits else float(d.logits)
+        if keep and mode == "full_fp32" and cfg.behaves("hf_fp32_logits_output"):
+            # transformers < 4.46 returns the fp32 upcast as output.logits: a loop that keeps the output
+            # through backward keeps fp32 logits (stacks.toml [behaviours.hf_fp32_logits_output])
+            keep = 4.0
         if cfg.uses("liger_ce"):
             mode = "fused_linear"
         elif cfg.uses("chunked_ce") and mode == "full_fp32":

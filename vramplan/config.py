@@ -100,8 +100,10 @@ class TrainConfig:
         from .stacks import effective_regime
 
         regime = effective_regime(self.precision, self.framework)
-        if self.adapter != "qlora" and self.behaves("peft_adapter_base_dtype") and regime.autocast is None:
-            # PEFT < 0.12 moved LoRA layers to the base weight's floating dtype (stacks.toml [behaviours])
+        floating_base = self.adapter != "qlora" or self.stack.float_quant_storage
+        if floating_base and self.behaves("peft_adapter_base_dtype") and regime.autocast is None:
+            # PEFT < 0.12 moved LoRA layers to the base weight's floating dtype (stacks.toml [behaviours]); a
+            # 4-bit weight packed in a floating quant_storage (fsdp_qlora: bf16) counts as floating
             from dataclasses import replace
 
             regime = replace(regime, adapter_dtype=regime.frozen_dtype)

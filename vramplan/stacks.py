@@ -47,6 +47,7 @@ class Stack:
     quantizes_head: bool = False                      # QLoRA quantises the (untied) lm_head too
     fused_lora_layers: bool = False                   # the stack's own decoder-layer kernels (Unsloth fast_lora)
     keeps_last_graph: bool = False                    # the loop holds the last step's loss/logits into the next forward
+    float_quant_storage: bool = False                 # QLoRA packs 4-bit weights in a floating dtype (quant_storage)
 
     def as_built(self, model):
         """``model`` as this stack builds it: untied embeddings where the stack never ties them."""
@@ -152,7 +153,8 @@ def stacks() -> dict[str, Stack]:
                        untied_embeddings=_flag(s, "untied_embeddings"), lora_qkv_pad=_flag(s, "lora_qkv_pad"),
                        mixed_frozen_dtype=s.get("mixed_frozen_dtype"), quantizes_head=_flag(s, "quantizes_head"),
                        fused_lora_layers=_flag(s, "fused_lora_layers"),
-                       keeps_last_graph=_flag(s, "keeps_last_graph"))
+                       keeps_last_graph=_flag(s, "keeps_last_graph"),
+                       float_quant_storage=_flag(s, "float_quant_storage"))
         except (KeyError, ValueError, TypeError) as exc:
             raise VramplanError(f"stacks.toml: stack {name!r} is invalid ({exc})") from None
         if len(st.dequant_temp) != 2 or min(st.dequant_temp) < 0 or any(w < 1 for _, w in st.rope_cache):
