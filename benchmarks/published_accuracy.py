@@ -107,6 +107,16 @@ latest; the benchmark gives each source the version it ran, else the latest, nev
   (Unsloth's capacities now take 35%, the torchtune LoRA tutorial 25%; every source together still 30%):
   fit-only rows called "does not fit" 9 -> 12 of 21, capacities -1.4% -> -5.4% median (4 of 16
   over-promised).
+* **torchtune < 0.3.0 runs one 16-bit cross-entropy and keeps the logits** (`[behaviours.torchtune_bf16_full_ce]`;
+  `sources.toml` torchtune versions and `dropout`). Its recipes (v0.1.0-v0.2.1) shift the whole logits into
+  a contiguous 16-bit copy, run `nn.CrossEntropyLoss` on it (log_softmax saves a 16-bit output) and call
+  backward with `logits` still bound: 4 B per logit in forward, 8 in backward (0.3.0 brought chunked fp32
+  cross-entropy, PR #1390, and `del logits`, PR #1235). The 2024-04 llama2 / llama3 LoRA builders default
+  to `lora_dropout=0.05`, which those sources' rows now carry. Analytic only for these versions (the dry
+  run traces torchtune 0.6.1, where the behaviour is off). torchtune 2024-04 rows: LoRA -11.3..-2.5% ->
+  -10.3..+5.6%, QLoRA -25.3% -> -21.8%; headline median 3.3% -> 3.3%, under-predicted >10% unchanged at
+  11.8% (the README's single-GPU LoRA row stays at -10.3%: the docs' peak reserved of the same recipe,
+  15.57 GB, is predicted within -3%), inside the band 84.2% -> 85.5%.
 * **litgpt `bf16-mixed` keeps an fp32 base** (`mixed_frozen_dtype`): Fabric's mixed precision leaves
   parameters fp32 (the dry run's litgpt build does the same).
 * **PEFT < 0.12 puts LoRA layers in the base weight's dtype** (`[behaviours.peft_adapter_base_dtype]`):

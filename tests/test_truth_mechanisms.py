@@ -127,3 +127,19 @@ def test_float_quant_storage_gives_peft_lt_012_bf16_adapters():
     # a uint8-packed 4-bit base (the HF stack) keeps fp32 adapters under any PEFT
     hf = make_config(M, "qlora", versions={"peft": "0.10.0"}, **kw)
     assert hf.regime.adapter_dtype == "float32"
+
+
+def test_torchtune_before_030_runs_the_whole_bf16_loss_and_keeps_the_logits():
+    from vramplan.activations import logits_bytes
+
+    kw = dict(batch=2, seq=1024, grad_ckpt=True, precision="bf16", framework="torchtune")
+    old = make_config(M, "lora", versions={"torchtune": "0.2.1"}, **kw)
+    new = make_config(M, "lora", versions={"torchtune": "0.3.0"}, **kw)
+    T, V = 2 * 1024, M.vocab_size
+    copy = old.recipe.copies[0]
+    f_old, b_old = (float(x) for x in logits_bytes(M, copy, old.regime, T, copy.head, old, 2))
+    f_new, b_new = (float(x) for x in logits_bytes(M, copy, new.regime, T, copy.head, new, 2))
+    # the shifted 16-bit logits and log_softmax's 16-bit output; backward keeps both beside two 16-bit
+    # gradients: 8 B per logit (0.3.0: fp32 chunks, logits deleted before backward)
+    assert f_old == T * V * 4 and b_old == T * V * 8
+    assert b_new < b_old
