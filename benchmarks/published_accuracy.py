@@ -117,6 +117,11 @@ latest; the benchmark gives each source the version it ran, else the latest, nev
   -10.3..+5.6%, QLoRA -25.3% -> -21.8%; headline median 3.3% -> 3.3%, under-predicted >10% unchanged at
   11.8% (the README's single-GPU LoRA row stays at -10.3%: the docs' peak reserved of the same recipe,
   15.57 GB, is predicted within -3%), inside the band 84.2% -> 85.5%.
+* **torchtune < 0.3.1 steps a foreach AdamW** (`[behaviours.torchtune_foreach_adamw]`). The configs built
+  `torch.optim.AdamW` with no `fused` until PR #1575 (cca50f02, 2024-09-14, first in v0.3.1): the foreach
+  kernel allocates an `exp_avg_sq`-sized temporary in the step (the stack's runner was the fused
+  kernel's). The 2024-04 FSDP full fine-tune on 4 RTX 4090s: -13.9% -> -8.7%; headline under-predicted
+  >10% 11.8% -> 10.5%, median 3.3%, inside the band 85.5%.
 * **litgpt `bf16-mixed` keeps an fp32 base** (`mixed_frozen_dtype`): Fabric's mixed precision leaves
   parameters fp32 (the dry run's litgpt build does the same).
 * **PEFT < 0.12 puts LoRA layers in the base weight's dtype** (`[behaviours.peft_adapter_base_dtype]`):

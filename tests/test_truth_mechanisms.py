@@ -143,3 +143,13 @@ def test_torchtune_before_030_runs_the_whole_bf16_loss_and_keeps_the_logits():
     # gradients: 8 B per logit (0.3.0: fp32 chunks, logits deleted before backward)
     assert f_old == T * V * 4 and b_old == T * V * 8
     assert b_new < b_old
+
+
+def test_torchtune_before_031_steps_foreach_adamw():
+    kw = dict(batch=2, seq=1024, grad_ckpt=True, precision="bf16", framework="torchtune")
+    old = make_config(M, "full", versions={"torchtune": "0.3.0"}, **kw)
+    new = make_config(M, "full", versions={"torchtune": "0.3.1"}, **kw)
+    assert old.regime.runner == "loop" and new.regime.runner == "trainer"
+    # the foreach step's exp_avg_sq-sized temporary: one copy of the (bf16) trainable weights
+    assert model_state(M, old).step_temporary == model_state(M, old).bytes[C.GRADIENTS]
+    assert model_state(M, new).step_temporary == 0
