@@ -76,8 +76,9 @@ def model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
     Batch-independent, so a search over batch, sequence and checkpointing reuses one result
     (cached on the fields it reads; callers get their own copy).
     """
+    # (versions: a version-gated behaviour can change the adapter dtype or the optimizer kernel)
     key = (model, cfg.method, cfg.adapter, cfg.rank, cfg.targets, cfg.optimizer, cfg.precision, cfg.framework,
-           cfg.techniques, cfg.double_quant)
+           cfg.techniques, cfg.double_quant, cfg.versions)
     try:
         hash(key)
     except TypeError:  # a spec built with list fields (from a log's JSON): not cacheable
