@@ -122,6 +122,15 @@ latest; the benchmark gives each source the version it ran, else the latest, nev
   kernel allocates an `exp_avg_sq`-sized temporary in the step (the stack's runner was the fused
   kernel's). The 2024-04 FSDP full fine-tune on 4 RTX 4090s: -13.9% -> -8.7%; headline under-predicted
   >10% 11.8% -> 10.5%, median 3.3%, inside the band 85.5%.
+* **Unsloth < 2024.4 checkpoints on the GPU** (`[behaviours.unsloth_gc_on_gpu]`; `sources.toml` the
+  LLaMA-Factory rows' unsloth version). The offloaded checkpointer (layer inputs in host memory) first
+  appears in unsloth 920f0ae6 (2024-04-06, 2024.4); before it `LlamaModel_fast_forward` ran
+  `torch.utils.checkpoint.checkpoint(..., use_reentrant=True)`, every layer's input on the GPU. The
+  LLaMA-Factory wiki figures entered Unsloth's README at 28c75505 (2023-12-28; 2023.12 before it). Its
+  Unsloth rows: LoRA -9.8% -> -1.4%, QLoRA -25.2% -> -5.9%; headline median 3.3% -> 3.0%,
+  under-predicted >10% 10.5% -> 9.2%, inside the band 85.5%. Not modelled for that version: its
+  `fast_cross_entropy_loss` over materialised 16-bit logits (the stack plans today's fused linear
+  cross-entropy; ~0.2 GiB here) and PEFT's `prepare_model_for_kbit_training` upcasts of the time.
 * **litgpt `bf16-mixed` keeps an fp32 base** (`mixed_frozen_dtype`): Fabric's mixed precision leaves
   parameters fp32 (the dry run's litgpt build does the same).
 * **PEFT < 0.12 puts LoRA layers in the base weight's dtype** (`[behaviours.peft_adapter_base_dtype]`):

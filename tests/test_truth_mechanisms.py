@@ -153,3 +153,13 @@ def test_torchtune_before_031_steps_foreach_adamw():
     # the foreach step's exp_avg_sq-sized temporary: one copy of the (bf16) trainable weights
     assert model_state(M, old).step_temporary == model_state(M, old).bytes[C.GRADIENTS]
     assert model_state(M, new).step_temporary == 0
+
+
+def test_unsloth_before_2024_4_keeps_checkpointed_inputs_on_the_gpu():
+    kw = dict(batch=4, seq=1024, grad_ckpt=True, framework="unsloth")
+    old = make_config(M, "qlora", versions={"unsloth": "2023.12"}, **kw)
+    new = make_config(M, "qlora", versions={"unsloth": "2024.4"}, **kw)
+    a_old = float(step_memory(M, old).components[C.ACTIVATIONS])
+    a_new = float(step_memory(M, new).components[C.ACTIVATIONS])
+    # every layer but the one on the GPU anyway: its 16-bit input (4096 tokens x hidden)
+    assert a_old - a_new == pytest.approx((M.num_layers - 1) * 4 * 1024 * M.hidden_size * 2, rel=0.01)

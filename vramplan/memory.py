@@ -338,7 +338,9 @@ def _stack_activations(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regi
     ckpt_in = act.checkpoint_input_bytes(model, copy, regime, T, kbit)
     offload = cfg.uses("act_offload")
     if cfg.grad_ckpt:
-        kept = ckpt_in if (cfg.stack.gc_offload or offload) else L * ckpt_in
+        # (Unsloth < 2024.4 checkpointed with torch.utils.checkpoint: inputs on the GPU; stacks.toml [behaviours])
+        gc_offload = cfg.stack.gc_offload and not cfg.behaves("unsloth_gc_on_gpu")
+        kept = ckpt_in if (gc_offload or offload) else L * ckpt_in
         return kept, full_layer
     if cfg.uses("selective_ckpt"):
         ck = L // 2
