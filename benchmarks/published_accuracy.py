@@ -197,19 +197,28 @@ allocated and reserved of one step, so the reserve is fitted on reserved / devic
 rather than measured; a capacity row is "the longest that fit", so an unbiased model calls about half of
 them "does not fit" by a few percent -- a verdict that treated the band two-sidedly ("no" only when even
 `peak x (1 + lo)` exceeds the card; `vramplan.verdict`, not changed here) would call every one of
-the 9 "tight": each predicted device total is 0.3-5.5% over its card, inside its band's lower end (-18% for
-unsloth, -25% for hf, leave-one-source-out); the LLaMA-Factory wiki's Unsloth QLoRA row (6.52 GB) is under-predicted by 25%
-(LLaMA-Factory drives Unsloth through its own trainer; its settings beyond batch 4 / length 1024 are not
-stated); litgpt's swap of
-`wte` for a bitsandbytes `StableEmbedding` (PR #1770, ae798aba, 2024-10-04) keeps the old embedding alive
-in `main()` and leaves the new one trainable but outside the optimizer (a V x h gradient never zeroed) --
-it postdates the README's figures (last changed 2024-09-27) and is not modelled; the last step's `logits`
-list that litgpt's loop also keeps into the next forward (T x V, 16-bit) is not modelled either (the dry
-run deletes it); FSDP with CPU offload is under-predicted (Answer.AI LoRA b10: -30%); torchtune 2024-04 QLoRA (8.65 GiB
-reserved vs 6.8 predicted): the same doc prints a model-init reserved peak of 9.13 GB, so that run's
-reserved peak is set while loading, not in the step; the PEFT FSDP-QLoRA row without offload (35.6 GB per
-GPU) holds about the whole unsharded NF4 model per GPU; the HF blog's 13B QLoRA at 1,024 tokens on a T4
-runs out of memory where the planner predicts 10.5 GiB ("comfortable" even with the band: the open OOM miss).
+the 12 "tight": each predicted device total is 0.3-7.4% over its card, inside its band's lower end (-25% for
+hf/qlora, leave-one-source-out). The 7 rows still under-predicted by more than 10%:
+the Answer.AI FSDP rows at batch 1 x 512 (QLoRA -15.9%, LoRA -11.4%; the LoRA row's published peak
+*allocated*, 8.28 GiB, is predicted at 8.46): their peak reserved is the model-wrap reserve plus the step
+(the benchmark doc prints 3.72 GiB reserved after wrapping the QLoRA model, which holds about 2.3 GiB:
+FSDP1's flatten-and-shard copies at init, and all-gathers on their own stream whose cached blocks the
+compute stream cannot reuse) -- a reserve the step's fraction cannot express; torchtune 2024-04 QLoRA (-21.8%,
+the README's figure is the docs' peak reserved): the doc prints 9.13 GB reserved after model init, set
+while torchao (before PR #196, 2024-05-01) quantised each weight on the GPU through a (numel x 16)
+distance matrix (68 B per weight at its peak: 2.9 GiB for a 45M MLP weight) -- modelled as an allocation
+that reaches only ~6.1 GiB, the rest is the allocator's fragmentation around the NF4 pieces; the
+torchtune README's single-GPU LoRA row (-10.3%: 17.18 GB, where the docs print 15.57 GB peak reserved for
+the same recipe and the planner is within 3% of that); torchtune's "+ 8-bit AdamW" row (-12.7%: which 8-bit
+AdamW ran is not stated; bitsandbytes' or torchao's blockwise states alone cannot make up 1.7 GiB);
+the PEFT FSDP-QLoRA row without offload (-24.3%: 35.6 GB per GPU is about the whole unsharded NF4
+model per GPU). Also found and not modelled: litgpt's swap of `wte` for a bitsandbytes `StableEmbedding`
+(PR #1770, ae798aba, 2024-10-04) keeps the old embedding alive in `main()` and leaves the new one
+trainable but outside the optimizer (a V x h gradient never zeroed) -- it postdates the README's figures
+(last changed 2024-09-27); the last step's `logits` list that litgpt's loop also keeps into the next
+forward (T x V, 16-bit; the dry run deletes it); gradient accumulation under FSDP (`no_sync` keeps
+unsharded gradients) and DDP; the HF blog's 13B QLoRA at 1,024 tokens on a T4 runs out of memory where the
+planner predicts about 10.5 GiB ("comfortable" even with the band: the open OOM miss).
 """
 
 
