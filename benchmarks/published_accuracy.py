@@ -81,7 +81,9 @@ latest; the benchmark gives each source the version it ran, else the latest, nev
   `grad_accum`; `sources.toml global_batch`). With `grad_accum > 1` every micro-batch after the first runs
   its forward and backward beside the gradients the earlier ones summed (`zero_grad` follows the
   optimizer step; AccumulateGrad adds in place): full fine-tuning holds one more copy of the trainable
-  weights at the forward's end (the planner had called accumulation memory-neutral). litgpt's config hub
+  weights at the forward's end (the planner had called accumulation memory-neutral). Held to the dry
+  run, which steps every micro-batch: TinyLlama-1.1B full, bf16, batch 2 x 2,048, 2 micro-batches: dry run
+  17.04 GiB, analytic 17.04 (it was 14.99: -12%); 1 micro-batch both 14.99. litgpt's config hub
   yaml files set `global_batch_size` (tiny-llama full: 32 over micro-batches of 4: 8 micro-batches).
   Single-GPU plans only: the sharded planner still treats accumulation as memory-neutral (DDP keeps
   the full gradients the same way; FSDP's `no_sync` accumulation keeps unsharded ones): not modelled. TinyLlama full fine-tune on an A10G: -20.8% -> -5.2% (2 rows); headline

@@ -163,3 +163,21 @@ def test_unsloth_before_2024_4_keeps_checkpointed_inputs_on_the_gpu():
     a_new = float(step_memory(M, new).components[C.ACTIVATIONS])
     # every layer but the one on the GPU anyway: its 16-bit input (4096 tokens x hidden)
     assert a_old - a_new == pytest.approx((M.num_layers - 1) * 4 * 1024 * M.hidden_size * 2, rel=0.01)
+
+
+def test_gradient_accumulation_matches_the_dry_run():
+    # the dry run steps grad_accum real micro-batches (zero_grad after the optimizer step): the analytic
+    # model's held gradients match it where activations set the peak
+    pytest.importorskip("torch")
+    from vramplan.dryrun import dryrun
+    from vramplan.models import from_hf_config
+    from vramplan.plan import estimate
+
+    tiny = from_hf_config(dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                               max_position_embeddings=4096), name="tiny-llama-accum")
+    d1, d3 = (dryrun(tiny, "full", batch=2, seq=512, grad_accum=g, precision="bf16").tensor_peak_bytes for g in (1, 3))
+    e1, e3 = (estimate(tiny, "full", batch=2, seq=512, grad_accum=g, precision="bf16").overheads.allocated_bytes
+              for g in (1, 3))
+    assert d3 > d1
+    assert e3 - e1 == pytest.approx(d3 - d1, rel=0.05)
