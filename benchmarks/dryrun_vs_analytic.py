@@ -118,7 +118,7 @@ def run_row(arch: str, method: str, gc: bool, shape: str, layers: int | None = N
     t0 = time.perf_counter()
     try:
         est = vramplan.estimate(spec, method, **kw)
-        dry = vramplan.dryrun(spec, method, **kw)
+        dry = vramplan.dry_run(spec, method, **kw)
     except VramplanError as exc:  # the stack's dry run does not cover this configuration
         row.skipped = str(exc).splitlines()[0][:160]
         return row

@@ -48,7 +48,7 @@ def traced(model: str, method: str) -> int | None:
     import vramplan
 
     try:
-        return vramplan.dryrun(model, method, **SHAPE).tensor_peak_bytes
+        return vramplan.dry_run(model, method, **SHAPE).tensor_peak_bytes
     except vramplan.VramplanError as exc:  # MissingDependencyError included
         print(f"dry run {model} {method}: {exc}", file=sys.stderr)
         return None

@@ -249,8 +249,33 @@ def test_gpu_lookup(text, name):
     ("rtx5090", 32607),
 ])
 def test_gpu_memory_is_the_nvidia_smi_total(name, mib):
-    """REFERENCE.md's nvidia-smi totals, in bytes."""
-    assert gpu_catalogue()[name].memory_bytes == mib * MIB
+    """REFERENCE.md's nvidia-smi totals, in bytes -- or, where public PyTorch OOM messages print a smaller
+    'total capacity' (what the process can use: vramplan/data/cuda_memory.json), that one."""
+    from vramplan.cudamem import usable_bytes
+
+    usable = usable_bytes(name)
+    want = mib * MIB if usable is None else min(mib * MIB, usable)
+    assert gpu_catalogue()[name].memory_bytes == want
+
+
+def test_published_usable_capacity_of_t4_and_a100_40gb():
+    """A T4's nvidia-smi shows 15360 MiB, PyTorch 14.75 GiB (14.56 GiB with a 2026 driver); an A100 40GB 39.50-39.59
+    GiB: the catalogue plans with the smallest published figure, and says where it comes from."""
+    cat = gpu_catalogue()
+    assert cat["t4"].memory_bytes == int(14.56 * 2**30) // MIB * MIB
+    assert cat["a100-40gb"].memory_bytes == int(39.50 * 2**30) // MIB * MIB
+    assert "cuda_memory.json" in cat["t4"].sources["memory_bytes"] and "15360 MiB" in cat["t4"].sources["memory_bytes"]
+
+
+def test_published_context_is_the_median_of_the_cards_messages():
+    from vramplan.cudamem import context_bytes, of
+    from vramplan.overheads import DEFAULT_CONTEXT_BYTES, default_context
+
+    t4 = sorted(o.non_pytorch_bytes for o in of("t4") if o.non_pytorch_bytes is not None)
+    assert len(t4) == 4 and t4[0] < 150 * MIB < t4[-1]          # three ~0.13 GiB, one 1 GiB (custom kernels)
+    assert context_bytes("t4") == -(-((t4[1] + t4[2]) / 2) // MIB) * MIB
+    assert default_context(gpu_catalogue()["t4"]) == (context_bytes("t4"), "published")
+    assert default_context(gpu_catalogue()["h100-sxm"]) == (DEFAULT_CONTEXT_BYTES, "default")
 
 
 def test_gpu_memory_rtx6000ada_is_the_torch_total():

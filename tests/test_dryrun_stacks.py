@@ -65,7 +65,7 @@ def test_a_card_keeps_the_stacks_default_precision(monkeypatch, stack, precision
     """With --gpu and no --precision the dry run runs the stack's default (as estimate does), not hf's."""
     import vramplan.dryrun as dr
 
-    monkeypatch.setattr(dr, "_require", lambda framework="hf": None)
+    monkeypatch.setattr(dr, "require_stack_packages", lambda framework="hf": None)
     monkeypatch.setattr(dr, "dryrun_config", lambda spec, cfg, card, **kw: cfg)
     assert dr.dryrun("llama-3.2-1b", "lora", framework=stack, gpu="rtx4090").precision == precision
 
@@ -84,9 +84,10 @@ from vramplan.runtime import liger  # noqa: E402
 
 def _importable(*mods) -> bool:
     try:
-        from vramplan.runtime.frameworks import require_stack
+        from vramplan.runtime.stacks import get_runtime
+        from vramplan.runtime.stacks.common import require_package
 
-        require_stack(mods[0])
+        require_package(get_runtime(mods[0]))
         return True
     except (MissingDependencyError, ImportError):
         return False
@@ -107,7 +108,7 @@ def hf(spec):
 
 
 def test_the_broken_import_names_torchao(monkeypatch):
-    from vramplan.runtime import frameworks
+    from vramplan.runtime.stacks import common as frameworks, get_runtime
 
     real = importlib.import_module
 
@@ -119,7 +120,7 @@ def test_the_broken_import_names_torchao(monkeypatch):
     monkeypatch.setattr(frameworks.importlib.util, "find_spec", lambda name, *a: object())
     monkeypatch.setattr(frameworks.importlib, "import_module", fake)
     with pytest.raises(MissingDependencyError, match=r"does not import .*torchao >= 0.16, < 0.18"):
-        frameworks.require_stack("torchtune")
+        frameworks.require_package(get_runtime("torchtune"))
 
 
 def test_hf_result_says_traced(hf):
@@ -254,3 +255,26 @@ def test_stack_analytic_within_two_percent_of_dryrun(framework, arch, method, gc
     assert abs(row.error) <= 0.02, (
         f"{arch} {method} gc={gc} {shape}: estimate {row.estimate} vs dry run {row.dryrun} B "
         f"({100 * row.error:+.2f}%); largest component difference {row.worst} {row.worst_bytes:+d} B")
+
+
+def test_every_stack_the_dry_run_runs_has_one_runtime_module():
+    """stacks.toml picks the module (vramplan/runtime/stacks/<name>.py); a documented stack has none."""
+    from vramplan.runtime.stacks import StackRuntime, get_runtime
+
+    for name, st in stacks().items():
+        if st.dryrun == "documented":
+            with pytest.raises(VramplanError, match="cannot run here"):
+                get_runtime(name)
+        else:
+            rt = get_runtime(name)
+            assert isinstance(rt, StackRuntime) and rt.name == name
+            assert type(rt).__module__ == f"vramplan.runtime.stacks.{name}"
+
+
+def test_a_stack_refuses_a_method_its_recipes_do_not_train(spec):
+    from vramplan.runtime.stacks import get_runtime
+
+    for fw in ("torchtune", "litgpt"):
+        with pytest.raises(VramplanError, match="single-device fine-tuning recipes"):
+            get_runtime(fw).check(spec, make_config(spec, "dpo", adapter="lora", batch=1, seq=16,
+                                                    precision="bf16", framework=fw))

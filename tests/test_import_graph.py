@@ -53,19 +53,12 @@ HEAVY = ("vramplan.dryrun", "vramplan.runtime", "vramplan.calibration", "vrampla
 
 #: Cycles inside the heavy layers, as sorted module tuples, with why each stays for now.
 KNOWN_HEAVY_CYCLES: dict[tuple[str, ...], str] = {
-    ("vramplan.runtime.build", "vramplan.runtime.frameworks"):
-        "lazy both ways (the builder asks the stack's runtime for its model class; the stacks build through "
-        "the builder); vramplan/runtime is being restructured by the dry-run-stacks work of issue #11",
 }
 
 #: Private names imported across modules in the heavy layers: (importer, module, name) -> why not fixed yet.
 KNOWN_PRIVATE_IMPORTS: dict[tuple[str, str, str], str] = {
     ("vramplan.dryrun.deepspeed_engine", "vramplan.runtime.steps", "_ids"): "runtime/dryrun under rework (#11)",
     ("vramplan.dryrun.distributed", "vramplan.dryrun.tracker", "_round"): "runtime/dryrun under rework (#11)",
-    ("vramplan.dryrun.distributed", "vramplan.runtime.build", "_attn_impl"): "runtime/dryrun under rework (#11)",
-    ("vramplan.dryrun.distributed", "vramplan.runtime.build", "_build_copy"): "runtime/dryrun under rework (#11)",
-    ("vramplan.dryrun.distributed", "vramplan.dryrun", "_require"): "runtime/dryrun under rework (#11)",
-    ("vramplan.runtime.frameworks", "vramplan.runtime.steps", "_ids"): "runtime/dryrun under rework (#11)",
 }
 
 

@@ -50,10 +50,22 @@ def test_pick_prefers_comfortable_then_fits_then_smallest():
     assert list(pick(np.array([[95, 300], [50, 200]]), cap)) == [1, 1]  # vectorised over columns
 
 
-def test_no_coincides_with_estimate_fits(small):
+def test_no_only_when_the_band_lower_end_exceeds_the_card(small):
+    """Two-sided verdict: "no" exactly when even peak x (1 + lo) exceeds the card; a cell over the card by
+    less than that is "tight" (it may fit), never "no"; "comfortable" only with the band's upper end under it."""
+    from vramplan.bands import band_for
+    from vramplan.matrix import cell_text
+
+    assert small.framework == "hf"
     for c in small.cells:
-        if c.peak_bytes is not None:
-            assert (c.verdict is Verdict.NO) == (c.peak_bytes > c.capacity_bytes)
+        if c.peak_bytes is None:
+            continue
+        b = band_for("hf", c.method)  # cells name the recipe as bands key it: lora, qlora, dpo+lora
+        assert (c.verdict is Verdict.NO) == (c.peak_bytes * (1 + b.lo) > c.capacity_bytes), c
+        if c.verdict is Verdict.COMFORTABLE:
+            assert c.peak_bytes * (1 + b.hi) <= c.capacity_bytes
+        if c.peak_bytes > c.capacity_bytes and c.verdict is Verdict.TIGHT:
+            assert c.max_batch == 0 and "may fit" in cell_text(c)
 
 
 # -- agreement with the scalar path ---------------------------------------------------------
@@ -71,7 +83,8 @@ def test_cells_match_estimate_and_largest_batch(small):
         assert est.tensor_peak_bytes == c.tensor_peak_bytes
         from vramplan.bands import band_for_config
 
-        assert classify(est.peak_bytes, est.capacity_bytes, band_for_config(est.config).hi) is c.verdict
+        b = band_for_config(est.config)
+        assert classify(est.peak_bytes, est.capacity_bytes, b.hi, b.lo) is c.verdict is est.verdict
         assert largest_batch(vramplan.get_model(c.model), est.config, get_gpu(c.gpu)) == c.max_batch, c
 
 

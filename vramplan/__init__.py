@@ -1,7 +1,8 @@
 """vramplan: will it fit on this GPU, how fast will it run, which configuration should I use?
 
 The public API. Importing vramplan never imports torch, transformers or peft: the
-planning path is numpy only; ``dryrun`` and the calibration runner import them lazily.
+planning path is numpy only; the dry run (``vramplan.dry_run``, the package
+``vramplan.dryrun``) and the calibration runner import them lazily.
 """
 
 from __future__ import annotations
@@ -18,13 +19,6 @@ from .taxonomy import Component, Group, Phase, Quantity
 __version__ = "0.1.0"
 
 
-def dryrun(model, method: str = "lora", **kwargs):
-    """Trace one real training step on the meta device (needs the ``dryrun`` extra). See ``vramplan.dryrun``."""
-    from .dryrun import dryrun as _dryrun
-
-    return _dryrun(model, method, **kwargs)
-
-
 # Lazy attributes: the trainer integrations and the matrix load on first use, so that
 # `import vramplan` imports neither transformers (VramplanCallback) nor anything unneeded.
 _LAZY = {
@@ -35,6 +29,9 @@ _LAZY = {
     "TechniqueAdvice": ("vramplan.recommend", "TechniqueAdvice"),
     "TechniqueSaving": ("vramplan.recommend", "TechniqueSaving"),
     "fit_cards": ("vramplan.plan", "fit_cards"),
+    # the dry run: the function (importing its package imports no torch; calling it does)
+    "dry_run": ("vramplan.dryrun", "dryrun"),
+    "DryRunResult": ("vramplan.dryrun", "DryRunResult"),
 }
 
 
@@ -44,6 +41,10 @@ def __getattr__(name: str):
 
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
+    if name == "dryrun":  # the package (``vramplan.dryrun.dryrun`` is its function; ``vramplan.dry_run`` too)
+        import importlib
+
+        return importlib.import_module("vramplan.dryrun")
     raise AttributeError(f"module 'vramplan' has no attribute {name!r}")
 
 
@@ -51,6 +52,6 @@ def __getattr__(name: str):
 __all__ = [
     "Adapter", "Component", "Estimate", "FitReport", "FitRow", "GPUSpec", "Group", "MissingDependencyError",
     "ModelSpec", "Phase", "ProfileError", "Quantity", "TechniqueAdvice", "TechniqueSaving", "TrainConfig",
-    "UnknownNameError", "VramplanError", "dryrun", "estimate", "feasibility_matrix", "fit", "from_model", "get_gpu",
+    "UnknownNameError", "VramplanError", "dry_run", "estimate", "feasibility_matrix", "fit", "from_model", "get_gpu",
     "get_method", "get_model", "make_config", "recommend_techniques", "resolve",
 ]

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import TrainConfig
-from .methods import Adapter, ModelCopy
+from .methods import LOW_RANK, Adapter, ModelCopy
 from .models import ModelSpec
 from .precision import DTYPE_BYTES, Regime
 
@@ -112,7 +112,7 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
     full = copy.adapter is Adapter.FULL
     peft = copy.adapter is not None and not full
     targets = set(cfg.targets) if peft else set()
-    lora_like = copy.adapter in (Adapter.LORA, Adapter.QLORA, Adapter.DORA)
+    lora_like = copy.adapter in LOW_RANK
     lin = {l.name: l for l in model.layer_linears()}
     dropout = lora_like and cfg.dropout > 0
     # bitsandbytes < 0.43.2 MatMul4Bit keeps every 4-bit linear's input (stacks.toml [behaviours])
@@ -550,9 +550,9 @@ def kv_cache_bytes(model: ModelSpec, regime: Regime, copy: ModelCopy, batch, tot
 
 
 def response_tokens(cfg: TrainConfig, seq):
-    """PPO: tokens generated per sequence of ``seq`` (``--ppo-response``, else half the sequence)."""
-    s = np.asarray(seq, dtype=np.float64)
-    return np.minimum(float(cfg.ppo_response) if cfg.ppo_response else s / 2, s - 1)
+    """Tokens generated per sequence of ``seq`` tokens (a grid), as the method's ``generation`` hook says
+    (PPO: ``--ppo-response``, else half the sequence, at most ``seq - 1``; vramplan.methods.generation)."""
+    return cfg.recipe.behaviour.generation(cfg, np.asarray(seq, dtype=np.float64)).generated_tokens
 
 
 def rollout_logits_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, batch, seq, kv):

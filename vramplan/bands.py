@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .errors import VramplanError
+from .methods import takes_adapter_choice
 
 BANDS_PATH = Path(__file__).parent / "data" / "bands.json"
 #: Used where no published row backs a stack (and for the model's own default): +/-10%.
@@ -63,7 +64,7 @@ def _table() -> dict:
 
 def method_key(method: str, adapter: str | None) -> str:
     """``lora``, ``qlora``, ``full`` ...; ``dpo+lora`` for the preference and RL methods."""
-    return f"{method}+{adapter}" if method in ("dpo", "ppo") else method
+    return f"{method}+{adapter}" if takes_adapter_choice(method) else method
 
 
 def band_for(stack: str, method: str) -> Band:

@@ -13,8 +13,13 @@ from .validate import arg_int, arg_real, arg_size, arg_text
 def _add_plan_args(p: argparse.ArgumentParser, *, single: bool = True, model_required: bool = True) -> None:
     p.add_argument("--model", required=model_required, type=arg_text("model"), help="catalogue name, size alias (13b), HF repo id, or a config.json path/dir")
     if single:
-        p.add_argument("--method", default="lora", help="full|lora|qlora|dora|ia3|dpo|ppo (default lora)")
-        p.add_argument("--adapter", default=None, help="for dpo/ppo: full|lora|qlora|dora|ia3")
+        from .methods import method_names, takes_adapter_choice
+        from .optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
+
+        names = method_names()
+        p.add_argument("--method", default="lora", help=f"{'|'.join(names)} (default lora)")
+        p.add_argument("--adapter", default=None, help=f"for {'/'.join(n for n in names if takes_adapter_choice(n))}: "
+                       "full|lora|qlora|dora|ia3")
         p.add_argument("--batch", type=arg_int("batch"), default=1, help="micro-batch size (default 1)")
     p.add_argument("--gpu", default=None, help="catalogue GPU name, or 'auto' (NVML)")
     p.add_argument("--gpu-mem", type=arg_size("gpu-mem"), default=None,
@@ -39,22 +44,43 @@ def _add_plan_args(p: argparse.ArgumentParser, *, single: bool = True, model_req
                        help="LoRA dropout, 0 <= p < 1 (default 0)")
         p.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", default=None, help="gradient checkpointing on")
         p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="gradient checkpointing off")
-        p.add_argument("--optimizer", default="adamw", help="adamw|adamw_8bit|paged_adamw_8bit|paged_adamw_32bit|sgd|adafactor")
+        p.add_argument("--optimizer", default=DEFAULT_OPTIMIZER, help="|".join(OPTIMIZERS))
         p.add_argument("--grad-accum", type=arg_int("grad-accum"), default=1, help="gradient accumulation steps")
         p.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=True,
                        help="QLoRA without double quantisation")
-        p.add_argument("--ppo-response", type=arg_int("ppo-response", suffixes=True), default=None,
-                       help="PPO response tokens (default seq/2)")
+        _add_method_option_args(p)
     _add_stack_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _add_method_option_args(p: argparse.ArgumentParser) -> None:
+    """Each registered method's own options (vramplan.methods.base.Option) as a flag: ``--ppo-response``, ..."""
+    from .methods import all_options
+
+    for o in all_options():
+        label = o.cli_flag.lstrip("-")
+        if o.kind == "bool":
+            p.add_argument(o.cli_flag, dest=o.name, action="store_true", default=None, help=o.help)
+            continue
+        kind = {"int": arg_int(label, lo=int(o.lo) if o.lo is not None else 1, suffixes=True),
+                "float": arg_real(label, **({"lo": o.lo} if o.lo is not None else {}))}.get(o.kind, str)
+        p.add_argument(o.cli_flag, dest=o.name, type=kind, default=None, help=o.help)
+
+
+def _method_options(a: argparse.Namespace) -> dict | None:
+    """The method options given on the command line, by option name (None: none given)."""
+    from .methods import all_options
+
+    return {o.name: getattr(a, o.name) for o in all_options() if getattr(a, o.name, None) is not None} or None
+
+
 def _add_stack_args(p: argparse.ArgumentParser) -> None:
     """``--framework`` and ``--techniques`` (estimate, dryrun, fit, matrix); the library validates both."""
-    p.add_argument("--framework", default="hf", help="training stack: hf|torchtune|unsloth|litgpt (default hf)")
+    from .stacks import stacks, techniques
+
+    p.add_argument("--framework", default="hf", help=f"training stack: {'|'.join(stacks())} (default hf)")
     p.add_argument("--techniques", default=None,
-                   help="memory-saving techniques on every plan: chunked_ce,liger_ce,act_offload,selective_ckpt,"
-                        "opt_in_bwd,opt_offload,padding")
+                   help=f"memory-saving techniques on every plan: {','.join(techniques())}")
 
 
 def _add_scale_args(p: argparse.ArgumentParser, *, fit: bool = False) -> None:
@@ -90,7 +116,7 @@ def _plan_kwargs(a: argparse.Namespace) -> dict:
     return dict(adapter=a.adapter, gpu=a.gpu, gpu_mem=a.gpu_mem, batch=a.batch, seq=a.seq, grad_accum=a.grad_accum,
                 rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=a.targets, grad_ckpt=a.grad_ckpt,
                 optimizer=a.optimizer, precision=a.precision, attn=a.attn, double_quant=a.double_quant,
-                ppo_response=a.ppo_response, framework=getattr(a, "framework", "hf"))
+                method_options=_method_options(a), framework=getattr(a, "framework", "hf"))
 
 
 def _print_json(obj) -> None:
@@ -220,6 +246,7 @@ def cmd_fit(a) -> int:
     rep = fit(a.model, a.gpu, gpu_mem=a.gpu_mem, seq=a.seq, precision=a.precision, attn=a.attn, rank=a.rank,
               targets=a.targets, batch=a.batch, optimizer=a.optimizer, grad_ckpt=a.grad_ckpt, margin=a.margin,
               top=max(20, a.top), framework=a.framework, techniques=a.techniques, **_scale_kwargs(a),
+              method_options=_method_options(a),
               methods=[m.strip() for m in a.methods.split(",") if m.strip()] if getattr(a, "methods", None) else None)
     _print_json(rep) if a.json else render_fit(rep, _console(), top=a.top, verbose=getattr(a, "verbose", False))
     return 0
@@ -332,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="every method on one GPU (or N): the fastest settings that fit, tokens/s, "
                        "largest batch, longest sequence, what would fit otherwise")
     _add_plan_args(f, single=False)
+    _add_method_option_args(f)
     _add_scale_args(f, fit=True)
     f.add_argument("--methods", default=None, help="comma list of methods (default: every method)")
     f.add_argument("--verbose", action="store_true", help="also the assumptions and the techniques that would "

@@ -9,11 +9,13 @@ targets).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from functools import cached_property
+from typing import Any
 
 from .errors import VramplanError, unknown
 from .methods import Adapter, Recipe, resolve
+from .methods import method_options as method_options_for
 from .models import ModelSpec, get_model
 from .optimizers import DEFAULT_OPTIMIZER, get_optimizer
 from .precision import DEFAULT_REGIME, get_regime
@@ -35,14 +37,17 @@ class TrainConfig:
         rank, alpha, dropout: LoRA/DoRA hyper-parameters (PEFT defaults 8, 8, 0.0).
         targets: target module names, or ("all-linear",); empty means the model type's default.
         grad_ckpt: gradient checkpointing (HF ``gradient_checkpointing_enable``, non-reentrant).
-        optimizer: adamw | adamw_8bit | paged_adamw_8bit | sgd | adafactor.
+        optimizer: a name of vramplan/data/optimizers.toml (adamw, adamw_8bit, paged_adamw_8bit, ...).
         precision: bf16 | bf16-mixed | fp16-mixed | fp32 (see vramplan.precision).
         attn: eager | sdpa | flash (attention implementation).
         framework: training stack (hf = transformers + PEFT; torchtune, unsloth, litgpt: see data/stacks.toml).
         techniques: memory-saving techniques (chunked_ce, liger_ce, act_offload, selective_ckpt,
             opt_in_bwd, opt_offload, padding), on top of the stack's own.
         double_quant: QLoRA double quantisation of the NF4 constants (default on).
-        ppo_response: PPO response tokens generated per sequence (default seq // 2).
+        ppo_response: PPO response tokens generated per sequence (default seq // 2): PPO's option
+            (vramplan/methods/ppo.py), kept as an attribute for the API and JSON it always had.
+        options: the method's other options (vramplan.methods.base.Option), as sorted (name, value)
+            pairs: read them with :meth:`option`.
         versions: (package, version) pairs the run uses (``--stack-version``); a package not named
             takes its installed version, else the latest behaviour (stacks.toml [behaviours]).
     """
@@ -65,13 +70,24 @@ class TrainConfig:
     double_quant: bool = True
     ppo_response: int | None = None
     versions: tuple[tuple[str, str], ...] = ()
+    options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
+        if isinstance(self.options, dict) or not all(isinstance(o, tuple) for o in self.options):
+            pairs = self.options.items() if isinstance(self.options, dict) else self.options
+            object.__setattr__(self, "options", tuple(sorted((str(k), v) for k, v in pairs)))
         # a dict or lists (a config read back from JSON) become sorted pairs, so the config stays hashable
         if not (isinstance(self.versions, tuple) and all(isinstance(v, tuple) for v in self.versions)):
             from .stacks import parse_versions
 
             object.__setattr__(self, "versions", parse_versions(self.versions))
+
+    def option(self, name: str, default: Any = None) -> Any:
+        """The value of method option ``name``: a TrainConfig attribute of that name, else :attr:`options`."""
+        if name in _FIELDS:
+            value = getattr(self, name)
+            return default if value is None else value
+        return dict(self.options).get(name, default)
 
     def behaves(self, name: str) -> bool:
         """Whether the version-dependent behaviour ``name`` (stacks.toml [behaviours]) applies to this
@@ -122,9 +138,31 @@ class TrainConfig:
         d = asdict(self)
         d["targets"] = list(self.targets)
         d["techniques"] = list(self.techniques)
+        if self.options:
+            d["options"] = dict(self.options)
+        else:
+            del d["options"]  # the JSON of a method without options of its own is unchanged
         return d
 
+    def to_json(self) -> dict:
+        """The JSON of :func:`vramplan.results.jsonable` (tuples as lists); ``options`` only when the method has some,
+        so the JSON of a method without options of its own is what it always was."""
+        from .results import jsonable
+
+        return {f.name: (dict(self.options) if f.name == "options" else jsonable(getattr(self, f.name)))
+                for f in fields(self) if f.name != "options" or self.options}
+
     def with_(self, **changes) -> "TrainConfig":
+        """This configuration with ``changes``: fields, or method options (set in :attr:`options`)."""
+        extra = {k: changes.pop(k) for k in list(changes) if k not in _FIELDS}
+        if extra:
+            opts = dict(changes.get("options", self.options))
+            for k, v in extra.items():
+                if v is None:
+                    opts.pop(k, None)
+                else:
+                    opts[k] = v
+            changes["options"] = tuple(sorted(opts.items()))
         return replace(self, **changes)
 
     def with_techniques(self, techniques) -> "TrainConfig":
@@ -138,6 +176,9 @@ class TrainConfig:
         techs = parse_techniques(techniques)
         _check_techniques(techs, self.grad_accum)
         return replace(self, techniques=techs)
+
+
+_FIELDS = frozenset(f.name for f in fields(TrainConfig))
 
 
 def _check_techniques(techs: tuple[str, ...], grad_accum: int) -> None:
@@ -173,7 +214,8 @@ def make_config(model: ModelSpec | str, method: str = "lora", *, adapter: str | 
                 seq: int = 2048, grad_accum: int = 1, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
                 targets=None, grad_ckpt: bool | None = None, optimizer: str = DEFAULT_OPTIMIZER,
                 precision: str | None = None, attn: str = "sdpa", framework: str = "hf", double_quant: bool = True,
-                ppo_response: int | None = None, techniques=None, versions=None) -> TrainConfig:
+                ppo_response: int | None = None, techniques=None, versions=None,
+                method_options: dict[str, Any] | None = None) -> TrainConfig:
     """Validate user input into a :class:`TrainConfig` for ``model``.
 
     Defaults: gradient checkpointing off (on for QLoRA, as TRL/PEFT's
@@ -183,7 +225,8 @@ def make_config(model: ModelSpec | str, method: str = "lora", *, adapter: str | 
     Raises:
         VramplanError: non-positive batch/seq/rank, a rank larger than an adapted layer,
             an unknown method/adapter/optimizer/precision/attention, a sequence longer
-            than PPO's response allows.
+            than PPO's response allows, a method option the method refuses (``method_options``: the
+            method's own knobs, vramplan.methods.base.Option; ``ppo_response`` is PPO's).
     """
     from . import validate as v
 
@@ -198,6 +241,8 @@ def make_config(model: ModelSpec | str, method: str = "lora", *, adapter: str | 
     grad_ckpt = v.flag(grad_ckpt, "grad_ckpt")
     double_quant = v.flag(double_quant, "double_quant", none_ok=False)
     ppo_response = v.integer(ppo_response, "ppo-response", none_ok=True)
+    if method_options is not None and not isinstance(method_options, dict):
+        raise VramplanError(f"method_options must be a dict of option name -> value, got {type(method_options).__name__}")
     v.name_text(framework, "framework")
     v.name_text(optimizer, "optimizer")
     v.name_text(precision, "precision", none_ok=True)
@@ -214,7 +259,7 @@ def make_config(model: ModelSpec | str, method: str = "lora", *, adapter: str | 
     get_optimizer(optimizer)
     regime = get_regime(precision or stack.default_precision)
     tg: tuple[str, ...] = ()
-    if recipe.adapter in (Adapter.LORA, Adapter.QLORA, Adapter.DORA):
+    if recipe.adapter.low_rank:
         tg = resolve_targets(spec, targets)
         shapes = {l.name: l for l in spec.layer_linears()}
         for t in tg:
@@ -227,17 +272,20 @@ def make_config(model: ModelSpec | str, method: str = "lora", *, adapter: str | 
         tg = tuple(t for t in spec.ia3_targets if t in {l.name for l in spec.layer_linears() if l.is_linear})
         if targets:
             tg = resolve_targets(spec, targets)
-    if recipe.method.rollout:
-        resp = ppo_response if ppo_response is not None else seq // 2
-        if not 0 < resp < seq:
-            raise VramplanError(f"PPO needs 0 < response tokens < --seq ({seq}), got {resp}")
-        ppo_response = resp
+    given = dict(method_options or {})
+    if ppo_response is not None:
+        given.setdefault("ppo_response", ppo_response)
+    opts = method_options_for(recipe, given, seq)
+    # an option that is a TrainConfig field is set there (as given when the method does not take it); the rest
+    # ride in TrainConfig.options
+    as_fields = {k: (opts.pop(k) if k in opts else given.get(k)) for k in {*given, *opts} if k in _FIELDS}
+    extra = tuple(sorted((k, val) for k, val in opts.items() if val is not None))
     if grad_ckpt is None:
         grad_ckpt = recipe.adapter is Adapter.QLORA
     return TrainConfig(
         method=recipe.method.name, adapter=recipe.adapter.value, batch=batch, seq=seq, grad_accum=grad_accum,
         rank=rank, alpha=float(alpha if alpha is not None else rank), dropout=float(dropout), targets=tg,
         grad_ckpt=bool(grad_ckpt), optimizer=get_optimizer(optimizer).name, precision=regime.name, attn=attn,
-        framework=stack.name, techniques=techs, double_quant=double_quant, ppo_response=ppo_response,
-        versions=parse_versions(versions),
+        framework=stack.name, techniques=techs, double_quant=double_quant,
+        versions=parse_versions(versions), options=extra, **as_fields,
     )

@@ -449,7 +449,7 @@ def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, st=N
 
 def _rollout_gather(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel, st) -> None:
     regime = cfg.regime
-    if cfg.recipe.method.rollout and par.shards_params:
+    if cfg.recipe.behaviour.generates and par.shards_params:
         policy = cfg.recipe.copies[0]
         per = DTYPE_BYTES[regime.compute_dtype] if policy.adapter is Adapter.FULL else _frozen_bytes_per_param(model, cfg, st)
         out.rollout_gather_bytes = int(model.params * per)
@@ -610,7 +610,7 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
         grads_bwd=grads + sh.inflight_grad_bytes, grads_opt=grads,
         grads_tail=full.grads_tail * shard, grads_end_extra=full.grads_end_extra * shard,
         layer_grad=full.layer_grad * shard, head_grad=full.head_grad * shard, step_temporary=sh.step_temporary,
-        rollout_on=cfg.recipe.method.rollout, comm=sh.comm_buffer_bytes, gathered=sh.gathered_bytes,
+        rollout_on=cfg.recipe.behaviour.generates, comm=sh.comm_buffer_bytes, gathered=sh.gathered_bytes,
         rollout_gather=sh.rollout_gather_bytes, components=components, gathered_fwd_mid=sh.gathered_fwd_mid,
         gathered_bwd_start=sh.gathered_bwd_start, gathered_bwd_work=sh.gathered_bwd_work,
         gathered_bwd_end=sh.gathered_bwd_end,
@@ -833,7 +833,7 @@ def comm_volume(model: ModelSpec, cfg: TrainConfig, par: Parallel, gpu: GPUSpec,
         for c in cfg.recipe.copies:
             w = _copy_params(model, c.head) * (p16 if c.adapter is Adapter.FULL else per_frozen)
             if c.forward is Forward.GRAD:
-                passes = 2 + gc + (1 if cfg.recipe.method.rollout else 0)
+                passes = 2 + gc + (1 if cfg.recipe.behaviour.generates else 0)
             else:
                 passes = 1
             gathered += w * passes

@@ -160,8 +160,20 @@ def _parse(entry: dict) -> GPUSpec:
 @lru_cache(maxsize=None)
 def catalogue() -> dict[str, GPUSpec]:
     out: dict[str, GPUSpec] = {}
+    from dataclasses import replace
+
+    from .cudamem import usable_bytes
+
     for entry in load_data("gpus.json")["gpus"]:
         spec = _parse(entry)
+        usable = usable_bytes(spec.name)
+        if usable is not None and usable < spec.memory_bytes:
+            # what the process can use: PyTorch's total capacity in published OOM messages (vramplan.cudamem),
+            # below the nvidia-smi total by the driver's own reservation
+            spec = replace(spec, memory_bytes=usable, sources={
+                **spec.sources, "memory_bytes": f"{usable / GIB:.2f} GiB usable: the smallest PyTorch 'total capacity' "
+                f"in published OOM messages (vramplan/data/cuda_memory.json); nvidia-smi total "
+                f"{spec.memory_bytes / 2**20:.0f} MiB ({spec.sources.get('memory_bytes', '')})"})
         if spec.name in out:
             raise VramplanError(f"gpus.json: duplicate GPU {spec.name!r}")
         out[spec.name] = spec

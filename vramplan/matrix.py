@@ -53,7 +53,8 @@ from .planner.limits import BATCH_GRID, fitting_prefix
 from .precision import DEFAULT_REGIME, DTYPE_BYTES, get_regime
 from .taxonomy import Component
 from .units import GIB, parse_size
-from .verdict import COMFORTABLE_FRACTION, THRESHOLDS_TEXT, VERDICTS, Verdict, classify_array, pick
+from .overheads import DEFAULT_RESERVE_FRACTION
+from .verdict import COMFORTABLE_FRACTION, SYMBOLS, THRESHOLDS_TEXT, VERDICTS, Verdict, classify_array, pick
 
 #: (gradient checkpointing, optimizer) in the order tried: no checkpointing before
 #: checkpointing (it costs ~30 % throughput), AdamW before 8-bit and paged 8-bit AdamW.
@@ -274,7 +275,7 @@ def _tensor_peaks(spec: ModelSpec, recipe: Recipe, precision: str, ladder, seqs:
     # PPO generates seq // 2 response tokens at each sequence length (make_config's default, as estimate
     # runs it). make_config fixes the response of one length; left open (None), the analytic model takes
     # seq / 2 of each, the same for even lengths: odd ones are evaluated one at a time.
-    rollout = recipe.method.rollout
+    rollout = recipe.behaviour.generates
     parts = ([(slice(i, i + 1), seqs[i:i + 1]) for i in range(len(seqs))]
              if rollout and bool((np.asarray(seqs) % 2).any()) else [(slice(None), seqs)])
     for k, (gc, opt) in enumerate(ladder):
@@ -283,7 +284,7 @@ def _tensor_peaks(spec: ModelSpec, recipe: Recipe, precision: str, ladder, seqs:
                               targets=targets, grad_ckpt=gc, optimizer=opt, precision=precision, attn=attn,
                               framework=framework, techniques=techniques)
             if rollout and len(sq) > 1:
-                cfg = cfg.with_(ppo_response=None)
+                cfg = cfg.with_(**recipe.behaviour.reset_shape())
             mem = step_memory(spec, cfg, batch=batches[None, :], seq=sq[:, None])
             peak[k, at], act[k, at], paged[k, at], loaded[k, at] = rounded_terms(mem, cfg.optimizer)
     return peak, act, paged, loaded
@@ -344,19 +345,23 @@ def peak_grid(models="all", methods="all", gpus="all", seqs=BENCH_SEQS, batches=
                     peaks[i, j][:, chain.members] = chain.total(*terms)[:, None]
     from .bands import band_for, method_key
 
-    his = np.array([band_for(framework, method_key(r.method.name, r.adapter.value)).hi for r in recipes])
+    bands = [band_for(framework, method_key(r.method.name, r.adapter.value)) for r in recipes]
+    his = np.array([b.hi for b in bands])
+    los = np.array([b.lo for b in bands])
     codes = np.where(np.isnan(peaks), 2, classify_array(np.nan_to_num(peaks, nan=np.inf), cap[:, None, None],
-                                                         his[None, :, None, None, None, None])).astype(np.int8)
+                                                         his[None, :, None, None, None, None],
+                                                         los[None, :, None, None, None, None])).astype(np.int8)
     return PeakGrid([m.name for m in specs], [r.name for r in recipes],
                     [(bool(gc) if gc is not None else None, o) for gc, o in ladder], [c.name for c in cards],
                     [int(x) for x in s], [int(x) for x in b], peaks, codes)
 
 
-def _band_hi(framework: str, recipe) -> float:
-    """Upper end of the published band of ``recipe`` on ``framework`` (:mod:`vramplan.bands`)."""
+def _band(framework: str, recipe) -> tuple[float, float]:
+    """``(lo, hi)`` of the published band of ``recipe`` on ``framework`` (:mod:`vramplan.bands`)."""
     from .bands import band_for, method_key
 
-    return band_for(framework, method_key(recipe.method.name, recipe.adapter.value)).hi
+    b = band_for(framework, method_key(recipe.method.name, recipe.adapter.value))
+    return b.lo, b.hi
 
 
 def _stack_args(framework: str, techniques) -> tuple[str, tuple[str, ...]]:
@@ -539,9 +544,9 @@ def feasibility_matrix(models="all", methods="all", gpus="all", seqs=2048, *, ba
                     ix = chain.members
                     total = chain.total(t1, a1, p1, l1)                                     # (L, S)
                     # 1. pick a setting per card and seq
-                    band_hi = _band_hi(framework, recipe)
+                    band_lo, band_hi = _band(framework, recipe)
                     choice = pick(np.broadcast_to(total[:, None, :], (len(ladder), len(ix), len(s))),
-                                  cap[ix][:, None], band_hi)                              # (G, S)
+                                  cap[ix][:, None], band_hi, band_lo)                            # (G, S)
                     # 2. the largest micro-batch of each chosen setting: device totals over 1..1024; a batch
                     #    counts only if every smaller one fits (limits.fitting_prefix, as fit's max_batch)
                     max_b = np.zeros(choice.shape, dtype=np.int64)
@@ -553,7 +558,7 @@ def feasibility_matrix(models="all", methods="all", gpus="all", seqs=2048, *, ba
                         max_b = np.where(choice == k, counts, max_b)
                     peak = total[choice, si]                                              # (G, S)
                     tensor = chain.tensors(t1, a1)[choice, si]                            # (G, S)
-                    codes = classify_array(peak, cap[ix][:, None], band_hi)
+                    codes = classify_array(peak, cap[ix][:, None], band_hi, band_lo)
                     for a, g in enumerate(ix):
                         for b_, sq in enumerate(s):
                             gc, opt = ladder[int(choice[a, b_])]
@@ -574,11 +579,14 @@ def feasibility_matrix(models="all", methods="all", gpus="all", seqs=2048, *, ba
         f"precision: {precision or default_prec + ' (fp16-mixed on cards without bf16)'}; attention {attn}; "
         f"LoRA/DoRA rank {rank}, targets {targets or 'PEFT defaults for the model type'}",
         f"peak: predicted device total (what nvidia-smi shows) at micro-batch {batch}, steady-state step",
-        "settings tried in this order, first comfortable kept, else first that fits: "
+        "settings tried in this order, first comfortable kept, else first that fits the card, else the least "
+        "memory (tight when the card's limit is inside its band: may fit): "
         + "; ".join(f"{'GC' if gc else 'no GC'} + {opt}" for gc, opt in ladder),
         "largest micro-batch: with the chosen settings, searched up to 1024",
         "runtime overheads: the card's calibration profile if one ships, else defaults "
-        "(512 MiB CUDA context, cuBLAS workspaces, 15% allocator reserve; paged optimizer states outside it)",
+        "(CUDA context from published PyTorch OOM messages on the card where they exist, "
+        "vramplan/data/cuda_memory.json, else 512 MiB; cuBLAS workspaces; the allocator reserve "
+        f"{DEFAULT_RESERVE_FRACTION:.0%} of the step's allocations; paged optimizer states outside it)",
     ]
     return FeasibilityMatrix([m.name for m in specs], [r.name for r in recipes], list(cards), [int(x) for x in s],
                              batch, ordered, assumptions, framework=framework, techniques=techniques)
@@ -591,12 +599,16 @@ def _gib(n: float | None) -> str:
 
 
 def cell_text(c: Cell) -> str:
-    """The short text of a cell in tables: ``tight · 9.4 GiB · b≤1 · GC + 8-bit Adam``."""
+    """The short text of a cell in tables: ``~ tight · 9.4 GiB · b≤1 · GC + 8-bit Adam`` (symbols: :data:`vramplan.verdict.SYMBOLS`)."""
     if c.peak_bytes is None:
-        return f"no · n/a ({c.note})"
-    parts = [c.verdict.value, _gib(c.peak_bytes)]
+        return f"{SYMBOLS[Verdict.NO]} no · n/a ({c.note})"
+    parts = [f"{SYMBOLS[c.verdict]} {c.verdict.value}", _gib(c.peak_bytes)]
     if c.verdict.fits:
-        parts.append(f"b≤{c.max_batch}")
+        if c.max_batch:
+            parts.append(f"b≤{c.max_batch}")
+        else:  # tight over the card: inside the band's lower end
+            over = 100 * (c.peak_fraction - 1)
+            parts.append(("<0.1" if over < 0.05 else f"{over:.1f}") + "% over, may fit: try it")
         if c.settings_label:
             parts.append(c.settings_label)
     return " · ".join(parts)
@@ -680,8 +692,8 @@ def write_html(mx: FeasibilityMatrix, out: TextIO, *, title: str = "vramplan fea
                     else:
                         body = f"<b>{c.verdict.value}</b><br>{_gib(c.peak_bytes)}"
                         if c.verdict.fits:
-                            body += f"<br><small>b&le;{c.max_batch}" + (
-                                f" · {e(c.settings_label)}" if c.settings_label else "") + "</small>"
+                            body += ("<br><small>" + (f"b&le;{c.max_batch}" if c.max_batch else "over, may fit") + (
+                                f" · {e(c.settings_label)}" if c.settings_label else "") + "</small>")
                     tip = (f"{c.model} {c.method} on {g.display_name}, seq {seq}: "
                            f"{'' if c.peak_fraction is None else f'{100 * c.peak_fraction:.0f}% of capacity; '}"
                            f"optimizer {c.optimizer}, GC {'on' if c.grad_ckpt else 'off'}")
@@ -765,7 +777,7 @@ def _write_png_figure(mx: FeasibilityMatrix, path: Path, cards: list, *, dpi: in
                 grid[i, j] = c.verdict.code
                 text = "n/a" if c.peak_bytes is None else f"{c.peak_bytes / GIB:.1f}"
                 if c.verdict.fits:
-                    text += f"\nb≤{c.max_batch}"
+                    text += f"\nb≤{c.max_batch}" if c.max_batch else "\nmay fit"
                 ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white")
         ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=2.5, aspect="auto")
         ax.set_xticks(range(len(mx.methods)), mx.methods, fontsize=8)

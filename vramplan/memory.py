@@ -442,12 +442,12 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
     logits_kept = zeros.copy()
     if recipe.method.loss == "response_logps":
         # TRL PPO keeps the response logits (a view of the whole sequence's) for its entropy statistic,
-        # computed after backward: they stay alive through every layer's backward (runtime/steps.py _ppo)
+        # computed after backward: they stay alive through every layer's backward (runtime/steps.py ppo_step)
         pol = act.copy_dtypes(recipe.copies[0], regime, kbit)
         lg = 4.0 if (pol.logits == 4 or regime.runner == "trainer") else float(pol.logits)
         logits_kept = logits_kept + T * model.vocab_size * lg
     roles = {c.role for c in recipe.copies} | set(recipe.shared_roles)
-    if cfg.attn == "eager" and Role.REFERENCE in roles and not recipe.method.rollout:
+    if cfg.attn == "eager" and Role.REFERENCE in roles and not recipe.behaviour.generates:
         # TRL DPO: the reference's no-grad forward runs beside the policy's saved activations and its
         # fp32 logits; each of its eager layers holds the scores at softmax (nothing saved under no_grad)
         ref = next((c for c in recipe.copies if c.role is Role.REFERENCE), recipe.copies[0])
@@ -456,10 +456,12 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
         pol = act.copy_dtypes(recipe.copies[0], regime, kbit)
         fp32_logits = 4.0 if (pol.logits == 4 or regime.runner == "trainer") else float(pol.logits)  # (accelerate converts)
         attn_fwd = np.maximum(attn_fwd, scores + T * model.vocab_size * fp32_logits)
-    if recipe.method.rollout:
+    if recipe.behaviour.generates:
+        # the KV cache of every generated sequence (prompt + generated = the sequence) and the rollout's logits
         policy = recipe.copies[0]
-        kv = act.kv_cache_bytes(model, regime, policy, b, s, kbit) + zeros
-        rollout_logits = act.rollout_logits_bytes(model, cfg, policy, b, s, kv)
+        gb = b * recipe.behaviour.generation(cfg, s).sequences_per_example  # sequences generated
+        kv = act.kv_cache_bytes(model, regime, policy, gb, s, kbit) + zeros
+        rollout_logits = act.rollout_logits_bytes(model, cfg, policy, gb, s, kv)
     if recipe.copies[0].forward is not Forward.NONE:
         acts = acts + act.attention_mask_bytes(model, cfg, regime, b, s)
     return {"acts": acts, "recompute": recompute, "layer": layer, "layer_attn": layer_attn, "logits_fwd": logits_fwd,
@@ -666,5 +668,5 @@ def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None, grad_a
         grads_tail=0 if cfg.uses("opt_in_bwd") else st.grads_tail,
         grads_end_extra=st.grads_end_extra, layer_grad=0 if cfg.uses("opt_in_bwd") else st.layer_grad,
         head_grad=0 if cfg.uses("opt_in_bwd") else st.head_grad,
-        step_temporary=st.step_temporary, rollout_on=cfg.recipe.method.rollout, grads_held=held)
+        step_temporary=st.step_temporary, rollout_on=cfg.recipe.behaviour.generates, grads_held=held)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=st)

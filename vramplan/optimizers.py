@@ -1,9 +1,16 @@
-"""Optimiser state memory (``--optimizer``).
+"""Optimiser state memory (``--optimizer``), as data.
 
-State bytes are computed per trainable tensor, since 8-bit optimisers keep small
-tensors in 32-bit and Adafactor factors only matrices.
+Each optimiser is an entry of ``vramplan/data/optimizers.toml`` (with its source): its state
+layout (states per tensor, bytes per state element, per-tensor scalars, factored or blockwise
+8-bit states, paged or not), the temporaries its ``step()`` allocates, the bytes its update
+streams (:mod:`vramplan.throughput`) and how the runtime constructs it
+(:func:`vramplan.runtime.build.make_optimizer`). :class:`OptimizerDef` answers every question
+from those fields; no layer compares an optimiser's name.
 
-Sources:
+State bytes are computed per trainable tensor, since 8-bit optimisers keep small tensors in
+32-bit and Adafactor factors only matrices.
+
+Sources (the catalogue's ``source`` fields):
 * torch.optim.AdamW: ``exp_avg`` and ``exp_avg_sq`` with ``zeros_like(param)`` -- two
   states in the parameter dtype, plus a scalar ``step`` per tensor. The foreach kernel
   (default on CUDA for a plain loop) allocates ``_foreach_sqrt(exp_avg_sqs)``, one
@@ -27,44 +34,95 @@ Sources:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Iterable, Sequence
 
-from .errors import unknown
+from ._data import load_data
+from .errors import VramplanError, unknown
 
-BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes Optimizer2State default
-BNB_BLOCK = 256  # bitsandbytes blockwise 8-bit optimiser block size
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes Optimizer2State default (optimizers.toml: quantized.min_size)
+BNB_BLOCK = 256  # bitsandbytes blockwise 8-bit optimiser block size (optimizers.toml: quantized.block)
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """Blockwise low-bit states (bitsandbytes ``Optimizer2State``): ``bits`` per element, one
+    ``absmax_bytes`` scale per ``block`` elements per state, for tensors of at least ``min_size``
+    elements (smaller ones keep fp32 states)."""
+
+    bits: int
+    block: int
+    absmax_bytes: int
+    min_size: int
 
 
 @dataclass(frozen=True)
 class OptimizerDef:
+    """One optimiser as ``vramplan/data/optimizers.toml`` declares it (field meanings: its header)."""
+
     name: str
     summary: str
     paged: bool = False
+    source: str = ""
+    #: state tensors per parameter tensor
+    states: int = 0
+    #: bytes per state element; None: the parameter's bytes per element
+    state_bytes_per_element: int | None = None
+    #: per-tensor scalar state (AdamW's fp32 ``step``), bytes
+    scalar_bytes: int = 0
+    #: Adafactor: a tensor of >= 2 dims keeps a row and a column vector
+    factored: bool = False
+    quantized: Quantized | None = None
+    #: what the states are, for the dry run's note on paged states
+    state_label: str = ""
+    #: short label in plan summaries (the name when the catalogue gives none)
+    label: str = ""
+    #: names trainer configs give it (HF ``TrainingArguments.optim``, Axolotl ``optimizer``)
+    trainer_names: tuple[str, ...] = ()
+    #: state-sized temporaries per tensor in ``step()`` under a plain loop (foreach)
+    loop_temp_states: int = 0
+    #: fp32 copies of the largest tensor in ``step()`` (Adafactor)
+    largest_fp32_copies: int = 0
+    #: update bytes streamed per trainable parameter: this x gradient bytes + ``stream_fixed_bytes``
+    stream_param_bytes: int = 0
+    stream_fixed_bytes: int = 0
+    #: factor on the streamed bytes under a plain loop on one GPU (foreach temporaries)
+    loop_stream_factor: float = 1.0
+    #: achieved fraction of the card's achievable bandwidth in the update
+    bandwidth_efficiency: float = 1.0
+    #: how the runtime builds it: ``"module:Class"`` and keyword arguments (lr is added)
+    cls: str = ""
+    kwargs: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    loop_kwargs: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    meta_trainer_class: str = ""
+    cuda_class: str = ""
+    #: the pip package the class needs (checked with a one-line hint), or ""
+    package: str = ""
 
     def state_bytes(self, shape: Sequence[int], param_bytes: int) -> int:
-        """Bytes of optimiser state for one tensor of ``shape`` whose parameter has ``param_bytes`` per element."""
-        numel = 1
-        for d in shape:
-            numel *= int(d)
-        if self.name == "adamw":
-            return 2 * numel * param_bytes + 4  # exp_avg, exp_avg_sq, step (fp32 scalar)
-        if self.name in ("adamw_8bit", "paged_adamw_8bit"):
-            if numel < BNB_MIN_8BIT_SIZE:
-                return 2 * numel * 4 + 4
-            blocks = -(-numel // BNB_BLOCK)
-            return 2 * numel + 2 * blocks * 4 + 4
-        if self.name == "paged_adamw_32bit":
-            return 2 * numel * 4 + 4  # fp32 state1, state2 (bitsandbytes optim_bits=32), step
-        if self.name == "sgd":
-            return 0
-        if self.name == "adafactor":
-            if len(shape) >= 2:
-                rows = numel // int(shape[-1])
-                cols = numel // int(shape[-2])
-                return (rows + cols) * param_bytes + 4
-            return numel * param_bytes + 4
-        raise AssertionError(self.name)
+        """Bytes of optimiser state for one tensor of ``shape`` whose parameter has ``param_bytes`` per element.
+
+        ``states x n x b + scalar_bytes`` for ``n`` elements of ``b`` bytes; blockwise 8-bit:
+        ``states x (n x bits/8 + ceil(n / block) x absmax_bytes)`` (fp32 states below ``min_size``);
+        factored (>= 2 dims): ``(n / shape[-1] + n / shape[-2]) x b``. Sources: optimizers.toml.
+        """
+        if self.states == 0:
+            return self.scalar_bytes
+        numel = _numel(shape)
+        per = param_bytes if self.state_bytes_per_element is None else self.state_bytes_per_element
+        q = self.quantized
+        if q is not None:
+            if numel < q.min_size:
+                return self.states * numel * 4 + self.scalar_bytes
+            blocks = -(-numel // q.block)
+            return self.states * numel * q.bits // 8 + self.states * blocks * q.absmax_bytes + self.scalar_bytes
+        if self.factored and len(shape) >= 2:
+            rows = numel // int(shape[-1])
+            cols = numel // int(shape[-2])
+            return (rows + cols) * per + self.scalar_bytes
+        return self.states * numel * per + self.scalar_bytes
 
     def total_state_bytes(self, tensors: Iterable[tuple[tuple[int, ...], int, int]]) -> int:
         """Sum :meth:`state_bytes` over ``(shape, count, param_bytes)`` groups."""
@@ -73,16 +131,31 @@ class OptimizerDef:
     def step_temporary_bytes(self, tensors: list[tuple[tuple[int, ...], int, int]], runner: str) -> int:
         """Transient bytes allocated inside ``optimizer.step()``.
 
-        AdamW foreach (a plain loop on CUDA): one ``exp_avg_sq``-sized temporary per dtype
-        group. Fused AdamW, bitsandbytes and SGD: none. Adafactor: an fp32 update of the
-        largest tensor plus fp32 copies of a 16-bit parameter and gradient.
+        Under a plain loop (``runner == "loop"``), ``loop_temp_states`` state-sized temporaries
+        per tensor (AdamW foreach: one ``exp_avg_sq``-sized ``sqrt`` per dtype group); plus
+        ``largest_fp32_copies`` fp32 copies of the largest tensor (Adafactor: its update and the
+        upcast parameter and gradient). Fused AdamW, bitsandbytes and SGD: none.
         """
-        if self.name == "adamw" and runner == "loop":
-            return sum(count * _numel(shape) * pbytes for shape, count, pbytes in tensors)
-        if self.name == "adafactor" and tensors:
+        out = 0
+        if self.loop_temp_states and runner == "loop":
+            fixed = self.state_bytes_per_element
+            out += self.loop_temp_states * sum(count * _numel(shape) * (pbytes if fixed is None else fixed)
+                                               for shape, count, pbytes in tensors)
+        if self.largest_fp32_copies and tensors:
             largest = max(_numel(shape) for shape, _c, _b in tensors)
-            return largest * 4 * 3
-        return 0
+            out += largest * 4 * self.largest_fp32_copies
+        return out
+
+    def update_bytes_per_param(self, grad_bytes: int, loop: bool) -> float:
+        """Bytes the update streams per trainable parameter (``grad_bytes`` per gradient element).
+
+        ``stream_param_bytes x grad_bytes + stream_fixed_bytes``, times ``loop_stream_factor``
+        when ``loop`` (a plain loop's foreach kernel on one GPU). Source: optimizers.toml.
+        """
+        per = self.stream_param_bytes * grad_bytes + self.stream_fixed_bytes
+        if loop and self.loop_stream_factor != 1.0:
+            per *= self.loop_stream_factor
+        return per
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -92,15 +165,61 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-OPTIMIZERS: dict[str, OptimizerDef] = {
-    "adamw": OptimizerDef("adamw", "torch AdamW: two states in the parameter dtype"),
-    "adamw_8bit": OptimizerDef("adamw_8bit", "bitsandbytes AdamW8bit: blockwise 8-bit states"),
-    "paged_adamw_8bit": OptimizerDef("paged_adamw_8bit", "bitsandbytes PagedAdamW8bit: 8-bit states in paged unified memory", paged=True),
-    "paged_adamw_32bit": OptimizerDef("paged_adamw_32bit", "bitsandbytes PagedAdamW32bit: two fp32 states in paged "
-                                      "unified memory", paged=True),
-    "sgd": OptimizerDef("sgd", "torch SGD, no momentum: no state"),
-    "adafactor": OptimizerDef("adafactor", "transformers Adafactor: factored second moments, no first moment"),
-}
+_KEYS = {"summary", "source", "states", "state_bytes", "scalar_bytes", "factored", "quantized", "paged", "state_label",
+         "label", "trainer_names",
+         "loop_temp_states", "largest_fp32_copies", "stream_param_bytes", "stream_fixed_bytes", "loop_stream_factor",
+         "bandwidth_efficiency", "class", "kwargs", "loop_kwargs", "trainer_kwargs", "meta_trainer_class",
+         "cuda_class", "package"}
+
+
+def _parse(name: str, e: dict) -> OptimizerDef:
+    extra = set(e) - _KEYS
+    if extra:
+        raise VramplanError(f"optimizers.toml: optimizer {name!r} has unknown field(s) {', '.join(sorted(extra))}")
+    try:
+        sb = e.get("state_bytes", "param")
+        if sb != "param" and (not isinstance(sb, int) or sb <= 0):
+            raise ValueError(f"state_bytes {sb!r} is neither 'param' nor a positive integer")
+        q = e.get("quantized")
+        quant = None if q is None else Quantized(int(q["bits"]), int(q["block"]), int(q["absmax_bytes"]),
+                                                 int(q["min_size"]))
+        opt = OptimizerDef(
+            name=name, summary=str(e["summary"]), paged=bool(e.get("paged", False)), source=str(e["source"]),
+            states=int(e["states"]), state_bytes_per_element=None if sb == "param" else int(sb),
+            scalar_bytes=int(e.get("scalar_bytes", 0)), factored=bool(e.get("factored", False)), quantized=quant,
+            state_label=str(e.get("state_label", "")), label=str(e.get("label", name)),
+            trainer_names=tuple(str(x) for x in e.get("trainer_names", ())),
+            loop_temp_states=int(e.get("loop_temp_states", 0)),
+            largest_fp32_copies=int(e.get("largest_fp32_copies", 0)),
+            stream_param_bytes=int(e["stream_param_bytes"]), stream_fixed_bytes=int(e.get("stream_fixed_bytes", 0)),
+            loop_stream_factor=float(e.get("loop_stream_factor", 1.0)),
+            bandwidth_efficiency=float(e["bandwidth_efficiency"]), cls=str(e["class"]),
+            kwargs=dict(e.get("kwargs", {})), loop_kwargs=dict(e.get("loop_kwargs", {})),
+            trainer_kwargs=dict(e.get("trainer_kwargs", {})), meta_trainer_class=str(e.get("meta_trainer_class", "")),
+            cuda_class=str(e.get("cuda_class", "")), package=str(e.get("package", "")))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise VramplanError(f"optimizers.toml: optimizer {name!r} is invalid ({exc})") from None
+    if opt.states < 0 or not 0.0 < opt.bandwidth_efficiency <= 1.0 or ":" not in opt.cls:
+        raise VramplanError(f"optimizers.toml: optimizer {name!r} has a negative state count, a bandwidth efficiency "
+                            "outside (0, 1] or a class that is not 'module:Class'")
+    if opt.paged and not opt.state_label:
+        raise VramplanError(f"optimizers.toml: paged optimizer {name!r} needs a state_label")
+    return opt
+
+
+@lru_cache(maxsize=None)
+def optimizers() -> dict[str, OptimizerDef]:
+    """Every optimiser of ``vramplan/data/optimizers.toml``, validated (read once)."""
+    out = {name: _parse(name, e) for name, e in load_data("optimizers.toml").items()}
+    seen: dict[str, str] = {}
+    for opt in out.values():
+        for tn in opt.trainer_names:
+            if seen.setdefault(tn, opt.name) != opt.name:
+                raise VramplanError(f"optimizers.toml: trainer name {tn!r} is given to {seen[tn]} and {opt.name}")
+    return out
+
+
+OPTIMIZERS: dict[str, OptimizerDef] = optimizers()
 DEFAULT_OPTIMIZER = "adamw"
 
 

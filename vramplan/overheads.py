@@ -23,7 +23,11 @@ Defaults (public measurements, ``shared/REFERENCE.md``):
 
 * CUDA context with lazy module loading (PyTorch's default since 1.13): 287,047,680 B
   measured in PyTorch PR #86509; 426 MiB on an RTX 6000 Ada with torch 2.10. It grows with
-  the SM count, so the default takes the high end, 512 MiB.
+  the SM count, so the default takes the high end, 512 MiB. A catalogue card with published
+  PyTorch OOM messages that print the process's memory outside PyTorch (torch >= 2.1) takes their
+  median instead (:mod:`vramplan.cudamem`, ``vramplan/data/cuda_memory.json``: a T4 about 139 MiB,
+  an A100 40GB 502 MiB), reported as "published"; those cards' capacity is also what PyTorch
+  can use there (its "total capacity"), not the nvidia-smi total.
 * cuBLAS workspace: 8 MiB per handle and stream by default, 32 MiB on Hopper (PyTorch PRs
   #89027, #120925) and, in current PyTorch, on Blackwell too (compute capability 9.x-12.x,
   ``parseChosenWorkspaceSize``); forward and the autograd thread each hold a handle: two workspaces.
@@ -35,11 +39,11 @@ Defaults (public measurements, ``shared/REFERENCE.md``):
   allocated in exact-size blocks and carries almost none (torchtune PR #1348, a CodeLlama-7B
   after model init: 13.19 GiB allocated, 13.27 GiB reserved, +0.6%; an Unsloth Llama-3.3-70B QLoRA
   fits a 48 GB card, which a 15% reserve on its ~40 GiB of 4-bit weights and adapters would
-  forbid). Default: 30% of the tensors the step allocates (in the allocator, paged optimiser
+  forbid). Default: 25% of the tensors the step allocates (in the allocator, paged optimiser
   states and the loaded state excluded; the workspaces not counted), fitted leave-one-source-out
   on the published reserved, device-total and context-capacity rows
-  (``benchmarks/published_accuracy.py``; the held-out sources chose 30% or 35% of the grid
-  10-35%). Sharded, the loaded state is each GPU's resident shard (:func:`loaded_terms` reads the
+  (``benchmarks/published_accuracy.py``; on every source 25% of the grid 10-35% since the stack
+  mechanisms of issue 12's truth branch (30% before); the held-out sources choose 20-30%). Sharded, the loaded state is each GPU's resident shard (:func:`loaded_terms` reads the
   step memory's model state; gathered units are step allocations). The dry run's own accounting
   passes no loaded state: there the reserve applies to every tensor.
 * Activation factor: 1 (the analytic activations as they are).
@@ -65,7 +69,7 @@ from .taxonomy import Component
 from .units import MIB
 
 DEFAULT_CONTEXT_BYTES = 512 * MIB
-DEFAULT_RESERVE_FRACTION = 0.30
+DEFAULT_RESERVE_FRACTION = 0.25
 #: allocated once at load, before the first step: no reserve (vramplan.overheads.loaded_terms)
 LOADED_COMPONENTS = (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS)
 DEFAULT_UNCERTAINTY_FRACTION = 0.10
@@ -195,9 +199,26 @@ class _Figures:
     status: dict              # figure -> "calibrated" | "default"
 
 
+PUBLISHED = "published"
+
+
+def default_context(gpu: GPUSpec | None) -> tuple[int, str]:
+    """``(bytes, status)`` of the CUDA context of ``gpu`` without a calibrated one: the median non-PyTorch
+    memory of published OOM messages on that catalogue card (:mod:`vramplan.cudamem`, status "published"),
+    else :data:`DEFAULT_CONTEXT_BYTES` ("default")."""
+    if gpu is not None and not getattr(gpu, "custom", False):
+        from .cudamem import context_bytes
+
+        ctx = context_bytes(gpu.name)
+        if ctx is not None:
+            return ctx, PUBLISHED
+    return DEFAULT_CONTEXT_BYTES, DEFAULT
+
+
 def _figures(gpu: GPUSpec | None, profile, method: str | None, stack: str | None = None) -> _Figures:
     if profile is None:
-        return _Figures(DEFAULT_CONTEXT_BYTES, _workspace(gpu), 1.0, None, None, True, dict.fromkeys(FIGURES, DEFAULT))
+        ctx, st = default_context(gpu)
+        return _Figures(ctx, _workspace(gpu), 1.0, None, None, True, {**dict.fromkeys(FIGURES, DEFAULT), "context": st})
     if not profile.applies_to(stack):
         # card figures only: the allocator model and per-method figures belong to the profile's stack
         from dataclasses import replace
@@ -205,7 +226,10 @@ def _figures(gpu: GPUSpec | None, profile, method: str | None, stack: str | None
         profile = replace(profile, allocator=None, activation_factors={}, throughput={}, qlora_dequant=None)
     status = {}
     ctx = profile.context_bytes
-    status["context"] = CALIBRATED if ctx is not None else DEFAULT
+    if ctx is None:
+        ctx, status["context"] = default_context(gpu)
+    else:
+        status["context"] = CALIBRATED
     ws = profile.workspace_bytes
     status["workspace"] = CALIBRATED if ws is not None else DEFAULT
     measured_on_device = profile.allocated_source == "torch.cuda"
@@ -219,7 +243,7 @@ def _figures(gpu: GPUSpec | None, profile, method: str | None, stack: str | None
         status["activation_factor"] = CALIBRATED
     else:
         status["activation_factor"] = DEFAULT
-    return _Figures(DEFAULT_CONTEXT_BYTES if ctx is None else int(ctx), int(ws), float(factor), profile.allocator,
+    return _Figures(int(ctx), int(ws), float(factor), profile.allocator,
                     profile.allocator_correction(method), measured_on_device or gpu is not None, status)
 
 
@@ -341,7 +365,8 @@ def _with_source(o: Overheads, gpu: GPUSpec | None, method: str | None, prof, st
 
     st = o.figures
     ctx, ws = o.components[Component.CUDA_CONTEXT], o.components[Component.WORKSPACE]
-    parts = [f"CUDA context {mib(ctx)} ({st['context']})", f"cuBLAS workspace {mib(ws)} ({st['workspace']})"]
+    ctx_src = st["context"] + (": PyTorch OOM messages, vramplan/data/cuda_memory.json" if st["context"] == PUBLISHED else "")
+    parts = [f"CUDA context {mib(ctx)} ({ctx_src})", f"cuBLAS workspace {mib(ws)} ({st['workspace']})"]
     if prof is not None and prof.allocator is not None and prof.applies_to(stack):
         a = prof.allocator
         k = prof.allocator_correction(method)

@@ -1,7 +1,8 @@
-"""Precision regimes of the CLI contract (``--precision``).
+"""Precision regimes of the CLI contract (``--precision``), as data.
 
-Each regime fixes the storage dtype of every kind of tensor and whether autocast runs.
-Dtype sizes are bytes per element.
+Each regime (``vramplan/data/precisions.toml``, with its source) fixes the storage dtype of
+every kind of tensor, whether autocast runs, the runner whose optimiser kernel applies and
+whether the loss is scaled (``grad_scaler``). Dtype sizes are bytes per element.
 
 * ``bf16``: bf16 weights trained without autocast -- a plain PyTorch loop over a model
   loaded in bf16. Gradients and torch AdamW states take the parameter dtype (bf16), so
@@ -19,15 +20,20 @@ Dtype sizes are bytes per element.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
-from .errors import unknown
+from ._data import load_data
+from .errors import VramplanError, unknown
 
 FP32, BF16, FP16 = "float32", "bfloat16", "float16"
 DTYPE_BYTES = {FP32: 4, BF16: 2, FP16: 2, "int8": 1, "uint8": 1}
+RUNNERS = ("loop", "trainer")
 
 
 @dataclass(frozen=True)
 class Regime:
+    """One precision regime as ``vramplan/data/precisions.toml`` declares it."""
+
     name: str
     #: dtype of weights that train in full training
     trainable_dtype: str
@@ -42,21 +48,41 @@ class Regime:
     #: "loop" (plain PyTorch loop: AdamW foreach) or "trainer" (HF Trainer: fused AdamW)
     runner: str
     summary: str
+    #: the loss is scaled by torch.amp.GradScaler (fp16-mixed)
+    grad_scaler: bool = False
+    source: str = ""
 
     @property
     def needs_bf16(self) -> bool:
         return BF16 in (self.trainable_dtype, self.frozen_dtype, self.compute_dtype)
 
 
-REGIMES: dict[str, Regime] = {
-    "bf16": Regime("bf16", BF16, BF16, FP32, None, BF16, "loop",
-                   "bf16 weights, no autocast (plain loop); grads and AdamW states in bf16; PEFT adapters fp32"),
-    "bf16-mixed": Regime("bf16-mixed", FP32, BF16, FP32, BF16, BF16, "trainer",
-                         "HF Trainer bf16=True: fp32 trainable weights / fp32 adapters over a bf16 base, autocast bf16"),
-    "fp16-mixed": Regime("fp16-mixed", FP32, FP16, FP32, FP16, FP16, "trainer",
-                         "HF Trainer fp16=True: fp32 trainable weights / fp32 adapters over an fp16 base, autocast fp16"),
-    "fp32": Regime("fp32", FP32, FP32, FP32, None, FP32, "trainer", "everything fp32, no autocast"),
-}
+_DTYPES = (FP32, BF16, FP16)
+
+
+def _parse(name: str, e: dict) -> Regime:
+    try:
+        autocast = str(e["autocast"])
+        r = Regime(name=name, trainable_dtype=str(e["trainable_dtype"]), frozen_dtype=str(e["frozen_dtype"]),
+                   adapter_dtype=str(e["adapter_dtype"]), autocast=None if autocast == "none" else autocast,
+                   compute_dtype=str(e["compute_dtype"]), runner=str(e["runner"]), summary=str(e["summary"]),
+                   grad_scaler=bool(e.get("grad_scaler", False)), source=str(e["source"]))
+    except (KeyError, TypeError) as exc:
+        raise VramplanError(f"precisions.toml: regime {name!r} is invalid (missing {exc})") from None
+    dtypes = (r.trainable_dtype, r.frozen_dtype, r.adapter_dtype, r.compute_dtype, r.autocast or FP32)
+    if any(d not in _DTYPES for d in dtypes) or r.runner not in RUNNERS:
+        raise VramplanError(f"precisions.toml: regime {name!r} has a dtype outside {', '.join(_DTYPES)} or a runner "
+                            f"outside {', '.join(RUNNERS)}")
+    return r
+
+
+@lru_cache(maxsize=None)
+def regimes() -> dict[str, Regime]:
+    """Every regime of ``vramplan/data/precisions.toml``, validated (read once)."""
+    return {name: _parse(name, e) for name, e in load_data("precisions.toml").items()}
+
+
+REGIMES: dict[str, Regime] = regimes()
 DEFAULT_REGIME = "bf16-mixed"
 FALLBACK_REGIME = "fp16-mixed"  # on cards without bf16, when the user did not ask for a regime
 

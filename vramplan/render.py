@@ -6,6 +6,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from .optimizers import get_optimizer
 from .results import Estimate
 from .taxonomy import Component
 from .units import fmt_bytes, fmt_count
@@ -31,11 +32,20 @@ def render_estimate(est: Estimate, console: Console) -> None:
                   f"({est.trainable_params:,}) · batch {cfg.batch} × seq {cfg.seq} · peak in {est.peak_phase.value} "
                   f"· ±{fmt_bytes(est.uncertainty_bytes)}")
     if est.gpu is not None:
-        verdict = "[green]fits[/green]" if est.fits else "[red]does not fit[/red]"
+        v = getattr(est, "verdict", None)
+        word = {"comfortable": "[green]fits (comfortable)[/green]", "tight": "[yellow]tight: may fit[/yellow]",
+                "no": "[red]does not fit[/red]"}
+        verdict = (word[v.value] if v is not None
+                   else "[green]fits[/green]" if est.fits else "[red]does not fit[/red]")
         console.print(f"{est.gpu}: {verdict} — {fmt_bytes(est.peak_bytes)} of {fmt_bytes(est.capacity_bytes)} "
                       f"(headroom {fmt_bytes(est.headroom_bytes)})"
                       + (f" per GPU, {est.gpus}x {est.strategy}" + (" + CPU offload" if est.offload == "cpu" else "")
                          if getattr(est, "strategy", None) else ""))
+        band = (getattr(est, "extra", None) or {}).get("band")
+        if v is not None and v.value == "tight" and band:
+            from .verdict import advice
+
+            console.print(f"· {advice(est.peak_bytes, est.capacity_bytes, band['hi'], band['lo'])}")
     if getattr(est, "tokens_per_s", None) is not None:
         t = est.throughput
         line = (f"speed: {est.tokens_per_s:,.0f} tokens/s, {est.step_time_s:.3f} s per optimiser step "
@@ -75,7 +85,7 @@ def plan_brief(plan) -> str:
     parts = [f"b{c.batch}" + (f"x{c.grad_accum}" if c.grad_accum > 1 else "")]
     if c.grad_ckpt:
         parts.append("GC")
-    parts.append({"adamw_8bit": "8-bit", "paged_adamw_8bit": "paged 8-bit"}.get(c.optimizer, c.optimizer))
+    parts.append(get_optimizer(c.optimizer).label)
     if c.attn != "sdpa":
         parts.append(c.attn)
     if c.adapter in ("lora", "qlora", "dora"):
@@ -117,17 +127,20 @@ def render_fit(report, console: Console, top: int = 0, verbose: bool = False) ->
         verdict = (f"[{colour[v.value]}]{v.value}[/{colour[v.value]}]" if v is not None
                    else "[green]yes[/green]" if r.fits else "[red]no[/red]")
         chosen = getattr(r, "chosen", None)
+        shown = v.fits if v is not None else r.fits  # comfortable or tight ("tight, try it"): the plan is shown
+        if v is not None and v.value == "tight" and not r.fits:
+            verdict = "[yellow]tight, try it[/yellow]"
         if chosen is not None:
-            rec = plan_brief(chosen) if r.fits else "-"
+            rec = plan_brief(chosen) if shown else "-"
         else:
             s = r.settings
-            rec = f"GC {'on' if s['grad_ckpt'] else 'off'}, {s['optimizer']}, {s['attn']}" if r.fits else "-"
+            rec = f"GC {'on' if s['grad_ckpt'] else 'off'}, {s['optimizer']}, {s['attn']}" if shown else "-"
         tps = getattr(r, "tokens_per_s", None)
         row = [name, verdict, f"{r.estimate.peak_gib:.2f}",
                f"{r.max_batch or '-'} / {r.max_seq:,}" if r.max_seq else f"{r.max_batch or '-'} / -",
-               f"{tps:,.0f}" if tps and r.fits else "-", rec]
+               f"{tps:,.0f}" if tps and shown else "-", rec]
         if timed:
-            row.insert(5, fmt_duration(r.time_to_train_s).replace(" ", "") if r.fits else "-")
+            row.insert(5, fmt_duration(r.time_to_train_s).replace(" ", "") if shown else "-")
         t.add_row(*row)
         if r.notes:
             footnotes.append(f"{name}: " + "; ".join(r.notes))

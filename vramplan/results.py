@@ -87,6 +87,14 @@ class Estimate:
         return self.peak_bytes / GIB
 
     @property
+    def verdict(self):
+        """comfortable / tight / no on the card with the estimate's band (:func:`vramplan.verdict.verdict_of`);
+        ``fits`` is the central prediction alone (``peak_bytes <= capacity_bytes``)."""
+        from .verdict import verdict_of
+
+        return verdict_of(self)
+
+    @property
     def headroom_bytes(self) -> int | None:
         return None if self.capacity_bytes is None else self.capacity_bytes - self.peak_bytes
 
@@ -114,6 +122,9 @@ class Estimate:
         if self.gpu is not None:
             out.update(gpu=self.gpu, capacity_bytes=int(self.capacity_bytes), fits=bool(self.fits),
                        headroom_bytes=int(self.headroom_bytes))
+            v = self.verdict
+            if v is not None:
+                out["verdict"] = v.value
         out.update(gpus=self.gpus, strategy=self.strategy, offload=self.offload)
         if self.tokens_per_s is not None:
             out.update(tokens_per_s=round(float(self.tokens_per_s), 1), step_time_s=round(float(self.step_time_s), 6),

@@ -48,6 +48,13 @@ class Stack:
     fused_lora_layers: bool = False                   # the stack's own decoder-layer kernels (Unsloth fast_lora)
     keeps_last_graph: bool = False                    # the loop holds the last step's loss/logits into the next forward
     float_quant_storage: bool = False                 # QLoRA packs 4-bit weights in a floating dtype (quant_storage)
+    # the dry run (stacks.toml's header): its runtime module, what it builds, its packages and techniques
+    runtime: str = ""                                 # module of vramplan.runtime.stacks or dotted path ("": name)
+    dryrun_builds: str = ""
+    dryrun_package: str = ""
+    dryrun_versions: tuple[str, ...] = ()
+    dryrun_techniques: tuple[tuple[str, str], ...] = ()
+    dryrun_refusal: str = "it cannot run on this machine"
 
     def as_built(self, model):
         """``model`` as this stack builds it: untied embeddings where the stack never ties them."""
@@ -72,7 +79,7 @@ class Stack:
 
 def torchtune_builder(model, peft: bool) -> str:
     """The torchtune component builder the torchtune stack builds ``model`` with (``lora_`` + family
-    for adapters; the dry run's :mod:`vramplan.runtime.frameworks` builds with it): Llama with tied
+    for adapters; the dry run's :mod:`vramplan.runtime.stacks.torchtune` builds with it): Llama with tied
     embeddings -> ``llama3_2``, with llama3-scaled RoPE -> ``llama3_1``, else ``llama3``."""
     family = {"llama": "llama3"}.get(model.model_type, model.model_type)
     if family == "llama3":
@@ -154,7 +161,12 @@ def stacks() -> dict[str, Stack]:
                        mixed_frozen_dtype=s.get("mixed_frozen_dtype"), quantizes_head=_flag(s, "quantizes_head"),
                        fused_lora_layers=_flag(s, "fused_lora_layers"),
                        keeps_last_graph=_flag(s, "keeps_last_graph"),
-                       float_quant_storage=_flag(s, "float_quant_storage"))
+                       float_quant_storage=_flag(s, "float_quant_storage"),
+                       runtime=str(s.get("runtime", name)), dryrun_builds=str(s.get("dryrun_builds", name)),
+                       dryrun_package=str(s.get("dryrun_package", "")), dryrun_versions=_names(s, "dryrun_versions"),
+                       dryrun_techniques=tuple((str(k), str(v))
+                                               for k, v in dict(s.get("dryrun_techniques", {})).items()),
+                       dryrun_refusal=str(s.get("dryrun_refusal", "it cannot run on this machine")))
         except (KeyError, ValueError, TypeError) as exc:
             raise VramplanError(f"stacks.toml: stack {name!r} is invalid ({exc})") from None
         if len(st.dequant_temp) != 2 or min(st.dequant_temp) < 0 or any(w < 1 for _, w in st.rope_cache):
@@ -163,7 +175,9 @@ def stacks() -> dict[str, Stack]:
             raise VramplanError(f"stacks.toml: stack {name!r}: loss_chunk_tokens and loss_upcast describe a chunked loss")
         if st.loss not in LOSSES or st.loss_chunks < 1 or st.runner not in ("trainer", "loop", "regime"):
             raise VramplanError(f"stacks.toml: stack {name!r} has a bad loss, loss_chunks or runner")
-        bad = [t for t in st.techniques if t not in techniques()]
+        if any(how not in ("traced", "emulated") for _, how in st.dryrun_techniques):
+            raise VramplanError(f"stacks.toml: stack {name!r}: a dryrun_techniques value is not traced or emulated")
+        bad = [t for t in st.techniques + tuple(t for t, _ in st.dryrun_techniques) if t not in techniques()]
         if bad:
             raise VramplanError(f"stacks.toml: stack {name!r} names unknown technique {bad[0]!r}")
         out[name] = st

@@ -20,7 +20,8 @@ of a step's work: calibration fits a card's step-time model on it
   (``2 r in out``) per forward to take the weight norm.
 * DPO: chosen + rejected sequences (``sequences_per_example`` = 2) through the policy and
   a no-grad forward of the reference (the policy's base with the adapter disabled under PEFT).
-* PPO: the rollout prefills the prompt (compute-bound) and generates ``ppo_response``
+* PPO (a method whose behaviour ``generates``): the rollout prefills the prompt (compute-bound) and generates
+  ``generation(cfg).generated_tokens`` (PPO's ``ppo_response``)
   tokens one at a time (memory-bandwidth-bound: every token reads the policy's weights and
   the KV cache); then no-grad forwards of the reference, reward and value models and of the
   policy (old log-probs), and the clipped updates of policy and value (one PPO epoch).
@@ -96,7 +97,8 @@ from .config import TrainConfig
 from .distributed import SINGLE, Comm, Parallel, comm_volume, overlap
 from .gpus import GPUSpec, card_class
 from .memory import model_state
-from .methods import Adapter, Forward
+from .methods import LOW_RANK, Adapter, Forward
+from .methods.generation import generation_work
 from .models import ModelSpec
 from .optimizers import get_optimizer
 from .precision import DTYPE_BYTES
@@ -129,8 +131,6 @@ DECODE_LAUNCH_S_PER_LAYER = 0.30e-3
 DEQUANT_BYTES_PER_PARAM = 8.0   # effective bytes moved per NF4 weight per pass (module docstring)
 DORA_BYTES_PER_PARAM = 18.0
 EAGER_FWD_BYTES, EAGER_BWD_BYTES = 20.0, 40.0  # per attention score element
-OPT_BANDWIDTH_EFFICIENCY = {"adamw": 1.0, "adamw_8bit": 0.4, "paged_adamw_8bit": 0.4, "sgd": 1.0, "adafactor": 0.5,
-                            "paged_adamw_32bit": 1.0}  # 32-bit bnb: one fused pass, assumed as fused AdamW
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,7 @@ def _body_params(spec: ModelSpec) -> int:
 
 def _adapted_shapes(spec: ModelSpec, cfg: TrainConfig) -> list[tuple[int, int, int]]:
     """(in, out, matrices in the model) of every LoRA/DoRA-adapted linear."""
-    if cfg.recipe.adapter not in (Adapter.LORA, Adapter.QLORA, Adapter.DORA):
+    if not cfg.recipe.adapter.low_rank:
         return []
     lin = {l.name: l for l in spec.layer_linears() if l.is_linear}
     return [(lin[t].in_features, lin[t].out_features, lin[t].count * spec.num_layers) for t in cfg.targets if t in lin]
@@ -221,7 +221,7 @@ def step_work(spec: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepWo
             eager += tokens * score * (EAGER_FWD_BYTES * (1 + gc) + EAGER_BWD_BYTES)
             if c.quantized:
                 dequant += quant_linear * (2 + gc)
-            if recipe.method.rollout:  # no-grad scoring forward of a training copy
+            if recipe.behaviour.generates:  # no-grad scoring forward of a training copy
                 flops += fwd
                 passes += 1
                 eager += tokens * score * EAGER_FWD_BYTES
@@ -246,41 +246,26 @@ def step_work(spec: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepWo
     prefill_tokens = zeros.copy()
     decode_bytes = zeros.copy()
     decode_flops = zeros.copy()
-    if recipe.method.rollout:
-        gen = int(cfg.ppo_response or cfg.seq // 2)
-        fwd_mm = 2 * (body + spec.vocab_size * h)
-        rollout = fwd_mm * b * s + zeros
-        passes += 1
+    if recipe.behaviour.generates:
+        gw = generation_work(spec, regime, recipe.copies[0], recipe.behaviour.generation(cfg), b, s,
+                             2 * (body + spec.vocab_size * h))
+        gen = gw.generated_tokens
+        rollout = gw.scoring_flops + zeros
+        passes += gw.passes
         if recipe.adapter.quantized_base:
-            dequant += quant_linear * (1 + gen)
-        prompt = np.maximum(s - gen, 1)
-        prefill_tokens = b * prompt + zeros
-        prefill = (fwd_mm + 4 * prompt * spec.q_dim * L) * prefill_tokens
-        # decode: every token reads the policy's weights and the KV cache so far
-        policy = recipe.copies[0]
-        if policy.adapter is Adapter.FULL:
-            wbytes = spec.params * DTYPE_BYTES[regime.trainable_dtype] + zeros
-        elif policy.quantized:
-            nf4 = spec.linear_params
-            per = np.where(b > 1, 4.5, 0.5)  # bnb dequantises per token unless decoding one sequence
-            wbytes = nf4 * per + (spec.params - nf4) * 4 + zeros
-        else:
-            wbytes = spec.params * DTYPE_BYTES[regime.frozen_dtype] + zeros
-        kv_per_token = 2 * L * spec.kv_dim * DTYPE_BYTES[regime.compute_dtype]
-        ctx = gen * prompt + gen * (gen - 1) / 2.0  # cached positions read over the whole generation
-        decode_bytes = gen * wbytes + b * ctx * kv_per_token
-        decode_flops = gen * b * fwd_mm + 4 * spec.q_dim * L * b * ctx
+            dequant += quant_linear * gw.dequant_passes
+        prefill_tokens, prefill = gw.prefill_tokens + zeros, gw.prefill_flops + zeros
+        decode_bytes, decode_flops = gw.decode_bytes + zeros, gw.decode_flops + zeros
     adapter = zeros.copy()
     dora = 0.0
     shapes = _adapted_shapes(spec, cfg)
     if shapes:
         lora_per_token = sum(6 * cfg.rank * (i + o) * n for i, o, n in shapes)
         fwd_per_token = sum(2 * cfg.rank * (i + o) * n for i, o, n in shapes)
-        grad_copies = [c for c in recipe.copies if c.forward is Forward.GRAD and c.adapter in
-                       (Adapter.LORA, Adapter.QLORA, Adapter.DORA)]
-        forwards = 1 + gc + (1 if recipe.method.rollout else 0)
+        grad_copies = [c for c in recipe.copies if c.forward is Forward.GRAD and c.adapter in LOW_RANK]
+        forwards = 1 + gc + (1 if recipe.behaviour.generates else 0)
         adapter += len(grad_copies) * tokens * (lora_per_token + gc * fwd_per_token)
-        if recipe.method.rollout:
+        if recipe.behaviour.generates:
             adapter += tokens * fwd_per_token
         if recipe.adapter is Adapter.DORA:
             dora = float(sum(i * o * n for i, o, n in shapes) * forwards)
@@ -372,12 +357,10 @@ def _optimizer_seconds(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, par: Par
         pb = 4  # DeepSpeed steps the fp32 master partition
     else:
         pb = max(1, round(st.bytes.get(Component.GRADIENTS, 0) / P))
-    per = {"adamw": 2 * pb + pb + 4 * pb, "adamw_8bit": 2 * pb + pb + 4, "paged_adamw_8bit": 2 * pb + pb + 4,
-           "sgd": 3 * pb, "adafactor": 3 * pb, "paged_adamw_32bit": 3 * pb + 16}[opt.name]
-    if opt.name == "adamw" and regime.runner == "loop" and par.strategy is None:
-        per *= 1.5  # foreach AdamW: extra temporaries
+    # bytes streamed per parameter and the bandwidth share: optimizers.toml (foreach AdamW: extra temporaries)
+    per = opt.update_bytes_per_param(pb, loop=regime.runner == "loop" and par.strategy is None)
     shard = par.gpus if par.strategy in ("zero1", "zero2", "zero3", "fsdp") else 1
-    bw = gpu.bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY * OPT_BANDWIDTH_EFFICIENCY[opt.name]
+    bw = gpu.bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY * opt.bandwidth_efficiency
     return P / shard * per / bw
 
 

@@ -1,35 +1,43 @@
 """The one definition of the feasibility verdicts: comfortable, tight, no.
 
-Every place that says whether a configuration fits -- ``vramplan matrix``, ``vramplan
-fit``, the trainer callback, the reports -- classifies a predicted device-total peak
+Every place that says whether a configuration fits -- ``vramplan estimate``, ``vramplan fit``,
+``vramplan matrix``, the trainer callback, the reports -- classifies a predicted device-total peak
 (``Estimate.peak_bytes``: tensors + CUDA context + cuBLAS workspace + allocator reserve)
-against a card's capacity with :func:`classify`, so the words mean the same everywhere:
+against a card's capacity with :func:`classify`, so the words mean the same everywhere. The
+prediction carries an uncertainty band ``(lo, hi)`` (:mod:`vramplan.bands`: the 5th-95th
+percentile of measured/predicted - 1 over published runs of its stack and method): the truth is
+expected within ``[peak x (1 + lo), peak x (1 + hi)]``. The verdict is two-sided:
 
-=============  ===============================================  ==========================
-verdict        rule (peak = predicted device total, bytes)      meaning
-=============  ===============================================  ==========================
-comfortable    peak <= 0.85 x capacity                           fits with >= 15 % headroom
-tight          0.85 x capacity < peak <= capacity                fits by the model, but the
-                                                                 margin is inside its error
-no             peak > capacity                                   does not fit (OOM)
-=============  ===============================================  ==========================
+=============  ====================================================  =========================
+verdict        rule (peak = predicted device total, bytes)           meaning
+=============  ====================================================  =========================
+comfortable    peak <= 0.85 x capacity and peak x (1 + hi) <= cap.   fits, even at the band's
+                                                                     upper end, with >= 15 %
+                                                                     headroom
+tight          neither: the capacity lies inside                     may fit or may not: the
+               [peak x (1 + lo), peak x (1 + hi)] (or the 15 %       card's limit is inside
+               headroom is not there)                                the prediction's error
+no             peak x (1 + lo) > capacity                            does not fit, even at the
+                                                                     band's lower end
+=============  ====================================================  =========================
 
-Why 15 %: the analytic model's default uncertainty is +/-10 % of the tensor peak
-(``vramplan.overheads.DEFAULT_UNCERTAINTY_FRACTION``), about +/-9 % of the device total;
-the other ~6 % is room for what the planner does not see on a desktop card (display
-server, browser, a second process: 0.3-1 GiB, i.e. 3-10 % of a 10 GB card). A "tight"
-configuration may run or may OOM after a long sequence or allocator fragmentation; a
-"comfortable" one should run as predicted. "no" coincides with ``Estimate.fits is False``.
+Why two-sided: a plan called "fits" must fit (the band's upper end is under the card), and one
+that really fits must not be called "does not fit" -- a published capacity ("the longest sequence
+that fit") sits right at the card's limit, so an unbiased model predicts about half of them a few
+percent over it: they are "tight", not "no". Without a band (``lo = hi = 0``) the rule is the old
+one: "no" exactly when the central prediction exceeds the card.
 
-The uncertainty band: a plan is also "tight" when the upper end of its band -- the published
-residuals of its stack and method, :mod:`vramplan.bands` -- reaches the capacity
-(``peak x (1 + band_hi) > capacity``), even below 85%. "no" stays ``peak > capacity``: the
-central prediction does not fit.
+Why 15 %: room for what the planner does not see on a desktop card (display server, browser, a
+second process: 0.3-1 GiB, i.e. 3-10 % of a 10 GB card) besides the model's own error. A "tight"
+configuration may run or may OOM after a long sequence or allocator fragmentation: try it with a
+safety margin (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``, a smaller micro-batch or
+sequence); :func:`advice` says by how much. ``Estimate.fits`` stays the central prediction
+(``peak <= capacity``); ``Verdict.fits`` is "not no" (may fit).
 
-When several settings are tried (gradient checkpointing, 8-bit optimisers),
-:func:`pick` chooses the first setting, in the caller's order (cheapest in throughput
-first), that is comfortable; failing that, the first that fits; failing that, the one with
-the smallest peak (to show how far off it is).
+When several settings are tried (gradient checkpointing, 8-bit optimisers), :func:`pick`
+chooses the first setting, in the caller's order (cheapest in throughput first), that is
+comfortable; failing that, the first tight one whose central prediction fits the card; failing
+that, the one with the smallest peak (a tight one when any is: "tight, try it"; else how far off).
 """
 
 from __future__ import annotations
@@ -67,40 +75,84 @@ class Verdict(str, Enum):
 
 VERDICTS: tuple[Verdict, ...] = (Verdict.COMFORTABLE, Verdict.TIGHT, Verdict.NO)
 
+#: One symbol per verdict, for dense tables (``vramplan matrix``'s cells).
+SYMBOLS = {Verdict.COMFORTABLE: "✓", Verdict.TIGHT: "~", Verdict.NO: "✗"}
+
 #: One line stating the thresholds, for report headers and ``--help``.
-THRESHOLDS_TEXT = (f"comfortable: predicted peak <= {COMFORTABLE_FRACTION:.0%} of the card's memory; "
-                   f"tight: above {COMFORTABLE_FRACTION:.0%} and up to 100%; no: above 100% "
+THRESHOLDS_TEXT = (f"comfortable: predicted peak <= {COMFORTABLE_FRACTION:.0%} of the card's memory and the upper end "
+                   "of its uncertainty band under it; no: even the band's lower end above it; tight (~): in between, "
+                   "the card's limit inside the band (may fit: try it with a safety margin) "
                    "(peak = device total: tensors + CUDA context + cuBLAS workspace + allocator reserve)")
 
 
-def classify(peak_bytes: int | float, capacity_bytes: int | float, band_hi: float = 0.0) -> Verdict:
+def classify(peak_bytes: int | float, capacity_bytes: int | float, band_hi: float = 0.0,
+             band_lo: float = 0.0) -> Verdict:
     """The verdict for one predicted device-total peak on a card of ``capacity_bytes`` (both bytes).
 
-    ``band_hi``: the upper end of the prediction's uncertainty band as a fraction
-    (:func:`vramplan.bands.band_for`); a plan whose band reaches the capacity is "tight".
+    ``band_hi`` / ``band_lo``: the ends of the prediction's uncertainty band as fractions of the
+    peak (:func:`vramplan.bands.band_for`; ``lo <= 0 <= hi``): "comfortable" needs
+    ``peak x (1 + hi) <= capacity`` (and the 15 % headroom), "no" needs ``peak x (1 + lo) > capacity``.
     """
-    return VERDICTS[int(classify_array(peak_bytes, capacity_bytes, band_hi))]
+    return VERDICTS[int(classify_array(peak_bytes, capacity_bytes, band_hi, band_lo))]
 
 
-def classify_array(peak_bytes, capacity_bytes, band_hi=0.0) -> np.ndarray:
+def classify_array(peak_bytes, capacity_bytes, band_hi=0.0, band_lo=0.0) -> np.ndarray:
     """Vectorised :func:`classify`: verdict codes (0 comfortable, 1 tight, 2 no), arrays broadcast."""
     peak = np.asarray(peak_bytes, dtype=np.float64)
     cap = np.asarray(capacity_bytes, dtype=np.float64)
     hi = np.maximum(np.asarray(band_hi, dtype=np.float64), 0.0)
-    tight = (peak > COMFORTABLE_FRACTION * cap) | (peak * (1.0 + hi) > cap)
-    return np.where(peak > cap, 2, np.where(tight, 1, 0)).astype(np.int8)
+    lo = np.clip(np.asarray(band_lo, dtype=np.float64), -0.99, 0.0)
+    comfortable = (peak <= COMFORTABLE_FRACTION * cap) & (peak * (1.0 + hi) <= cap)
+    no = peak * (1.0 + lo) > cap
+    return np.where(no, 2, np.where(comfortable, 0, 1)).astype(np.int8)
 
 
-def pick(peaks: Sequence[float] | np.ndarray, capacity_bytes, band_hi=0.0) -> np.ndarray | int:
+def comfortable_limit(capacity_bytes: int, band_hi: float = 0.0, margin: float | None = None) -> int:
+    """The largest device total (bytes) that is "comfortable" on a card of ``capacity_bytes``:
+    ``min(capacity x (1 - margin), capacity / (1 + hi))`` (``margin`` default ``1 - 0.85``).
+    The settings search ranks plans under it, so what ``fit`` recommends is what the verdict calls comfortable."""
+    m = DEFAULT_MARGIN if margin is None else float(margin)
+    hi = max(0.0, float(band_hi))
+    return int(min(int(capacity_bytes * (1.0 - m)), np.floor(capacity_bytes / (1.0 + hi))))
+
+
+def verdict_of(est) -> Verdict | None:
+    """The verdict of an :class:`~vramplan.results.Estimate` on its card with its own band (None without a card)."""
+    if est.capacity_bytes is None:
+        return None
+    b = (est.extra or {}).get("band") or {}
+    return classify(est.peak_bytes, est.capacity_bytes, b.get("hi", 0.0), b.get("lo", 0.0))
+
+
+def advice(peak_bytes: int | float, capacity_bytes: int | float, band_hi: float = 0.0, band_lo: float = 0.0) -> str:
+    """One line saying where a plan stands against the card, with the band (for "tight": by how much and what to do)."""
+    v = classify(peak_bytes, capacity_bytes, band_hi, band_lo)
+    gib = 2.0 ** 30
+    pct = 100.0 * (peak_bytes / capacity_bytes - 1.0)
+    where = (f"{peak_bytes / gib:.2f} GiB predicted, {abs(pct):.1f}% {'over' if pct > 0 else 'under'} the "
+             f"{capacity_bytes / gib:.2f} GiB card (band {100 * band_lo:+.0f}%/{100 * band_hi:+.0f}%: "
+             f"{peak_bytes * (1 + band_lo) / gib:.2f}-{peak_bytes * (1 + band_hi) / gib:.2f} GiB)")
+    if v is Verdict.COMFORTABLE:
+        return f"comfortable: {where}"
+    if v is Verdict.NO:
+        return f"does not fit: {where}; even the band's lower end exceeds the card"
+    need = peak_bytes * (1.0 + max(0.0, band_hi)) - capacity_bytes  # what the upper end needs freed
+    return (f"tight, may fit: {where}; try it with a safety margin (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, "
+            f"nothing else on the card); taking off about {max(0.0, need) / gib:.1f} GiB (a smaller micro-batch or "
+            "sequence, a memory-saving technique) makes it comfortable")
+
+
+def pick(peaks: Sequence[float] | np.ndarray, capacity_bytes, band_hi=0.0, band_lo=0.0) -> np.ndarray | int:
     """Index of the setting to recommend among ``peaks`` (settings along axis 0, in preference order).
 
-    The first comfortable one, else the first that fits, else the one with the smallest peak.
-    ``capacity_bytes`` broadcasts against ``peaks[0]``, so one call picks for many cards at once.
+    The first comfortable one, else the first tight one whose central prediction fits the card, else the
+    one with the smallest peak (tight when any setting is). ``capacity_bytes`` broadcasts against
+    ``peaks[0]``, so one call picks for many cards at once.
     """
     p = np.asarray(peaks, dtype=np.float64)
-    codes = classify_array(p, capacity_bytes, band_hi)
+    codes = classify_array(p, capacity_bytes, band_hi, band_lo)
     comfortable = codes == 0
-    fits = codes <= 1
+    fits = (codes <= 1) & (p <= np.asarray(capacity_bytes, dtype=np.float64))
     first_comf = np.argmax(comfortable, axis=0)
     first_fit = np.argmax(fits, axis=0)
     smallest = np.argmin(p, axis=0)

@@ -53,6 +53,7 @@ from typing import Any
 from .._data import read_config_file
 from ..config import TrainConfig, make_config
 from ..errors import VramplanError
+from ..methods import all_options
 from ..models import ModelSpec, from_hf_config, get_model
 
 SUITE_SCHEMA = 1
@@ -246,7 +247,8 @@ def load_suite(suite: str | Path) -> Suite:
     for gi, g in enumerate(grids):
         if not isinstance(g, dict):
             raise _err(path, f"grid {gi + 1} must be a table")
-        bad = set(g) - GRID_KEYS
+        option_names = {o.name for o in all_options()}  # each method's own options (vramplan.methods)
+        bad = set(g) - GRID_KEYS - option_names
         if bad:
             raise _err(path, f"grid {gi + 1}: unknown key {sorted(bad)[0]!r}", f"known keys: {', '.join(sorted(GRID_KEYS))}")
         split = g.get("split", "fit")
@@ -261,6 +263,9 @@ def load_suite(suite: str | Path) -> Suite:
                 raise _err(path, f"grid {gi + 1}: unknown model {m!r}", f"define [models.\"{m}\"]")
         lists = {k: _as_list(g[k]) for k in GRID_LIST_KEYS if k in g}
         scalars = {k: g[k] for k in ("targets", "alpha", "double_quant", "ppo_response", "dropout") if k in g}
+        own = {k: g[k] for k in sorted(option_names - GRID_KEYS) if k in g}
+        if own:
+            scalars["method_options"] = own
         keys = list(lists)
         for m, meth, combo in itertools.product(mnames, _as_list(g["methods"]), itertools.product(*lists.values())):
             opts = {**defaults, **scalars, **dict(zip(keys, combo))}

@@ -35,7 +35,7 @@ Every result says which stack ran and how (``DryRunResult.stack`` / ``run``; JSO
 
 * ``traced``: the stack's own code ran -- ``hf`` (transformers + PEFT), ``torchtune`` and
   ``litgpt`` (their own model builders, adapters, losses and training steps:
-  :mod:`vramplan.runtime.frameworks`; the ``torchtune`` / ``litgpt`` extras).
+  :mod:`vramplan.runtime.stacks`, one module each; the ``torchtune`` / ``litgpt`` extras).
 * ``emulated``: part of the step is vramplan's reimplementation of code that cannot run here,
   with its sources -- the ``liger_ce`` technique (Liger's fused linear cross-entropy is Triton
   only: :mod:`vramplan.runtime.liger`).
@@ -61,13 +61,9 @@ from ..taxonomy import TENSOR_COMPONENTS, Component, Group, Phase, Quantity
 
 PHASE_ORDER = (Phase.LOAD, Phase.ROLLOUT, Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER_STEP)
 RUNS = ("traced", "emulated", "documented")
-#: why a ``documented`` stack cannot run in the dry run
-_CANNOT_RUN = {"unsloth": "it needs a CUDA GPU (its Triton kernels and CUDA-only imports)"}
-#: techniques the dry run runs, and how (the others are only in the analytic model)
-_TECHNIQUES = {"liger_ce": "emulated"}
-_PACKAGES = {"hf": ("transformers", "peft"), "torchtune": ("torchtune", "torchao"), "litgpt": ("litgpt",)}
-#: the package a stack's dry run needs (the pip extra of the same name)
-_STACK_PACKAGE = {"torchtune": "torchtune", "litgpt": "litgpt"}
+# What each stack's dry run needs, builds and runs is its stacks.toml entry (``dryrun_*`` fields: the
+# refusal of a documented stack, the techniques it runs, its package, the versions reported); its own
+# code is its module of :mod:`vramplan.runtime.stacks`.
 
 __all__ = ["DryRunResult", "dryrun", "dryrun_config", "stack_run"]
 
@@ -138,12 +134,12 @@ def stack_run(framework: str, techniques=()) -> str:
         raise VramplanError(f"stacks.toml: stack {st.name!r} has dryrun {st.dryrun!r}, not one of {', '.join(RUNS)}")
     estimate_hint = f"`vramplan estimate --framework {st.name}` gives its accounting, documented with sources"
     if st.dryrun == "documented":
-        why = _CANNOT_RUN.get(st.name, "it cannot run on this machine")
-        raise VramplanError(f"the dry run cannot trace the {st.name} stack: {why}", estimate_hint)
+        raise VramplanError(f"the dry run cannot trace the {st.name} stack: {st.dryrun_refusal}", estimate_hint)
     run = st.dryrun
+    runs = dict(st.dryrun_techniques)
     for t in techniques:
-        how = _TECHNIQUES.get(t)
-        if how is None or st.name != "hf":
+        how = runs.get(t)
+        if how is None:
             raise VramplanError(f"the dry run does not run technique {t} on the {st.name} stack",
                                 f"`vramplan estimate --framework {st.name} --techniques {t}` accounts for it")
         if how == "emulated":
@@ -151,7 +147,7 @@ def stack_run(framework: str, techniques=()) -> str:
     return run
 
 
-def _require(framework: str = "hf") -> None:
+def require_stack_packages(framework: str = "hf") -> None:
     """Import the dry run's dependencies, keeping their import-time notices off stderr.
 
     (bitsandbytes, which PEFT imports, logs that it found no CPU kernel package; torchao logs
@@ -161,8 +157,10 @@ def _require(framework: str = "hf") -> None:
     import importlib.util
     import logging
 
-    pkg = _STACK_PACKAGE.get(framework)
-    if pkg is not None and importlib.util.find_spec(pkg) is None:
+    from ..stacks import get_stack
+
+    pkg = get_stack(framework).dryrun_package
+    if pkg and importlib.util.find_spec(pkg) is None:
         raise MissingDependencyError(f"the {framework} dry run needs the {pkg} package, which is not installed",
                                      install_hint(framework))
     loggers = [logging.getLogger(name) for name in ("bitsandbytes", "torchao", "torch.utils._pytree")]
@@ -182,7 +180,7 @@ def dryrun(model: str | ModelSpec, method: str = "lora", *, adapter: str | None 
            targets=None, grad_ckpt: bool | None = None, optimizer: str = "adamw", precision: str | None = None,
            attn: str = "sdpa", double_quant: bool = True, ppo_response: int | None = None, gpu=None,
            gpu_mem=None, framework: str = "hf", techniques=None, config: TrainConfig | None = None,
-           sample_layer: int | None = None) -> DryRunResult:
+           sample_layer: int | None = None, method_options: dict | None = None) -> DryRunResult:
     """Trace one steady-state training step on ``meta`` and account for every tensor byte.
 
     Args mirror :func:`vramplan.estimate` (and ``vramplan dryrun`` the CLI's flags); ``config``
@@ -190,6 +188,7 @@ def dryrun(model: str | ModelSpec, method: str = "lora", *, adapter: str | None 
     ``sample_layer`` picks the decoder layer whose saved activations are broken down op by
     op (default: the middle one). ``framework`` picks the stack (``hf``; ``torchtune`` and
     ``litgpt`` need their extras); ``techniques`` may be ``liger_ce`` (emulated, hf stack).
+    ``method_options`` are the method's own options (vramplan.methods.base.Option).
 
     Returns:
         :class:`DryRunResult`: ``tensor_peak_bytes`` (live storages, exact), ``peak_bytes``
@@ -204,7 +203,7 @@ def dryrun(model: str | ModelSpec, method: str = "lora", *, adapter: str | None 
     from ..stacks import parse_techniques
 
     stack_run(framework, parse_techniques(techniques))  # a documented stack stops here, torch or not
-    _require(framework)
+    require_stack_packages(framework)
     from ..planner.checks import check_card, resolve_gpu
 
     spec = get_model(model)
@@ -214,7 +213,7 @@ def dryrun(model: str | ModelSpec, method: str = "lora", *, adapter: str | None 
         config = make_config(spec, method, adapter=adapter, batch=batch, seq=seq, grad_accum=grad_accum, rank=rank,
                              alpha=alpha, dropout=dropout, targets=targets, grad_ckpt=grad_ckpt, optimizer=optimizer,
                              precision=precision, attn=attn, framework=framework, double_quant=double_quant,
-                             ppo_response=ppo_response, techniques=techniques)
+                             ppo_response=ppo_response, techniques=techniques, method_options=method_options)
     query = None if isinstance(model, ModelSpec) else str(model)
     return dryrun_config(spec, config, card, model_query=query, sample_layer=sample_layer)
 
@@ -222,8 +221,10 @@ def dryrun(model: str | ModelSpec, method: str = "lora", *, adapter: str | None 
 def _package_versions(framework: str) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
+    from ..stacks import get_stack
+
     out = {}
-    for name in _PACKAGES.get(framework, ()) + ("torch",):
+    for name in get_stack(framework).dryrun_versions + ("torch",):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -271,7 +272,7 @@ def _overheads(tensor_peak: int, components: dict[Component, int], cfg: TrainCon
 def dryrun_config(spec: ModelSpec, cfg: TrainConfig, card=None, *, model_query: str | None = None,
                   sample_layer: int | None = None) -> DryRunResult:
     """:func:`dryrun` for a validated :class:`TrainConfig` (and a resolved GPU or None)."""
-    _require(cfg.framework)
+    require_stack_packages(cfg.framework)
     import gc
     import logging
     import time
@@ -282,10 +283,9 @@ def dryrun_config(spec: ModelSpec, cfg: TrainConfig, card=None, *, model_query: 
     from .tracker import Tracker
 
     run = stack_run(cfg.framework, cfg.techniques)
-    if cfg.framework != "hf":  # import the stack's package and reject what it cannot run, outside the tracker
-        from ..runtime.frameworks import check_stack
+    from ..runtime.stacks import get_runtime
 
-        check_stack(spec, cfg)
+    get_runtime(cfg.framework).check(spec, cfg)  # import the stack's package and reject what it cannot run, untraced
     # micro-batches 2..N of an accumulation step hold the same tensors (the gradients of the first stay
     # allocated): tracing two of them gives the step's peak, so --grad-accum 2048 costs what 2 does
     traced = cfg if cfg.grad_accum <= 2 else cfg.with_(grad_accum=2)
@@ -369,8 +369,7 @@ def dryrun_config(spec: ModelSpec, cfg: TrainConfig, card=None, *, model_query: 
         "recomputed": tracker.layer_saved(recompute=True) if cfg.grad_ckpt else None,
     }
     emu = trainee.emulation
-    own = {"hf": "the real transformers/PEFT model", "torchtune": "torchtune's own model, adapters, loss and step",
-           "litgpt": "litgpt's own model, adapters, loss and step"}.get(cfg.framework, cfg.framework)
+    own = get_stack(cfg.framework).dryrun_builds
     assumptions = [
         f"dry run ({cfg.framework} stack, {run}): {own} on meta"
         + (f", with vramplan's emulation of {'; '.join(emulated)}" if emulated else "")
@@ -383,12 +382,7 @@ def dryrun_config(spec: ModelSpec, cfg: TrainConfig, card=None, *, model_query: 
         f"runtime overheads: {source}",
         "inputs: full-length sequences, no padding mask; training forwards use_cache=False",
     ]
-    if cfg.method == "dpo":
-        assumptions.append("DPO as TRL: policy forward first, then reference log-probs under no_grad while the "
-                           "policy's activations are alive; the mean-logits metric copies the whole sequence's logits")
-    if cfg.method == "ppo":
-        assumptions.append("PPO as TRL (rollout without autocast, eval mode; decode loop shortcut to its last two "
-                           "steps with the cache pre-grown); the value copy trains with the policy's adapter choice")
+    assumptions += cfg.recipe.behaviour.dryrun_assumptions(cfg)
     assumptions += trainee.notes
     if traced is not cfg:
         assumptions.append(f"gradient accumulation: 2 of the {cfg.grad_accum} micro-batches traced (the 3rd and "
@@ -418,13 +412,3 @@ def dryrun_config(spec: ModelSpec, cfg: TrainConfig, card=None, *, model_query: 
         res.fits = peak <= card.memory_bytes
     return res
 
-
-class _CallableModule(__import__("types").ModuleType):
-    """``vramplan.dryrun`` is both this package and the API function: importing the package
-    rebinds the attribute on ``vramplan``, so the package itself is made callable."""
-
-    def __call__(self, *args, **kwargs):
-        return dryrun(*args, **kwargs)
-
-
-__import__("sys").modules[__name__].__class__ = _CallableModule

@@ -14,6 +14,7 @@ for the stage (the HF Trainer's example configs turn both on; pass them in ``opt
 
 from __future__ import annotations
 
+from ..precision import BF16
 from ..taxonomy import Component, Phase
 
 
@@ -34,7 +35,7 @@ def ds_config(trainee, strategy: str, opts: dict) -> dict:
     cfg = {"train_micro_batch_size_per_gpu": int(trainee.cfg.batch), "gradient_accumulation_steps": 1,
            "zero_optimization": zero, "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "torch_adam": True}},
            "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
-    if trainee.regime.name == "bf16":
+    if trainee.regime.trainable_dtype == BF16 and trainee.regime.autocast is None:  # bf16 weights train: DS bf16
         cfg["bf16"] = {"enabled": True}
     if trainee.regime.runner == "trainer":
         cfg["gradient_clipping"] = 1.0

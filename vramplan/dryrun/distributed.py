@@ -510,7 +510,7 @@ def _build_wrapped(spec: ModelSpec, cfg: TrainConfig, job: dict, tracker):
 
     from ..methods import Role
     from ..precision import get_regime
-    from ..runtime.build import Trainee, _attn_impl, _build_copy, make_optimizer
+    from ..runtime.build import Trainee, attn_impl, build_copy, make_optimizer
     from ..taxonomy import Phase as P
 
     regime = get_regime(cfg.precision)
@@ -518,9 +518,9 @@ def _build_wrapped(spec: ModelSpec, cfg: TrainConfig, job: dict, tracker):
     trainee = Trainee(spec=spec, cfg=cfg, recipe=cfg.recipe, regime=regime, device="cpu", fake=False, copies={},
                       optimizer=None, hooks=tracker, notes=notes)
     tracker.phase(P.LOAD)
-    attn = _attn_impl(cfg, "cpu", False, notes)
+    attn = attn_impl(cfg, "cpu", False, notes)
     for copy in cfg.recipe.copies:
-        trainee.copies[copy.role] = _build_copy(trainee, copy, attn)
+        trainee.copies[copy.role] = build_copy(trainee, copy, attn)
     pol = trainee.copies[Role.POLICY]
     head = pol.inner.get_output_embeddings()
     head.register_forward_pre_hook(trainee._head_pre_hook)
@@ -722,7 +722,7 @@ def distributed_dryrun(model: str | ModelSpec, method: str = "lora", *, gpus: in
         MissingDependencyError: torch/transformers/peft (or DeepSpeed for ``engine="deepspeed"``) missing.
     """
     from ..distributed import make_parallel
-    from . import _require
+    from . import require_stack_packages
 
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 2 or gpus > 8:
         raise VramplanError(f"the distributed dry run needs 2 to 8 ranks, got --gpus {gpus!r}",
@@ -733,7 +733,7 @@ def distributed_dryrun(model: str | ModelSpec, method: str = "lora", *, gpus: in
                             "offload from", "`vramplan estimate --gpus N --strategy S --offload cpu` plans it on paper")
     strategy = par.strategy
     eng = resolve_engine(strategy, engine)
-    _require("hf")
+    require_stack_packages("hf")
     spec = get_model(model)
     if layers is not None:
         if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:

@@ -30,6 +30,7 @@ from typing import Any
 
 from .._data import read_config_file
 from ..errors import UnknownNameError, VramplanError
+from ..methods import get_method, method_named_by, registry, takes_adapter_choice
 from ..models import ModelSpec, get_model
 from ..results import Estimate
 from .request import PlanRequest, map_attention, map_optimizer, normalise_targets
@@ -38,8 +39,6 @@ AXOLOTL_KEYS = frozenset({"base_model", "base_model_config", "micro_batch_size",
                           "lora_target_linear", "datasets", "load_in_4bit", "num_epochs"})
 HF_KEYS = frozenset({"per_device_train_batch_size", "output_dir", "optim", "max_length", "max_seq_length",
                      "model_name_or_path", "gradient_accumulation_steps", "use_peft"})
-DPO_KEYS = frozenset({"loss_type", "ref_model_init_kwargs", "precompute_ref_log_probs", "rpo_alpha",
-                      "reference_free", "max_prompt_length"})
 #: TRL ModelConfig LoRA defaults (lora_r 16, lora_alpha 32, lora_dropout 0.05).
 TRL_LORA_DEFAULTS = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
 
@@ -130,12 +129,14 @@ def read_axolotl(data: dict, path: Path, model: Any = None) -> PlanRequest:
         raise VramplanError(f"{path.name}: adapter {ad!r} is not modelled", "vramplan reads adapter: lora or qlora")
     rl = str(data.get("rl") or "").lower()
     method = adapter
-    if rl in ("dpo", "ipo"):
-        method = "dpo"
+    rl_method = method_named_by("axolotl_rl", rl) if rl else None
+    if rl_method is not None:
+        method = rl_method
         opts["adapter"] = adapter
-        notes.append(f"rl: {rl} planned as DPO (policy + reference over chosen and rejected)")
+        notes.append(f"rl: {rl} planned as {rl_method.upper()} ({get_method(rl_method).summary})")
     elif rl:
-        raise VramplanError(f"{path.name}: rl: {rl} is not modelled", "vramplan models rl: dpo (and ipo)")
+        known = sorted({v for md in registry().values() for v in md.behaviour.axolotl_rl})
+        raise VramplanError(f"{path.name}: rl: {rl} is not modelled", f"vramplan models rl: {', '.join(known)}")
     for key, opt in (("sequence_len", "seq"), ("micro_batch_size", "batch"), ("gradient_accumulation_steps", "grad_accum")):
         v = _int(data, key, path)
         if v is not None:
@@ -199,13 +200,18 @@ def read_training_arguments(data: dict, path: Path, model: Any = None) -> PlanRe
     else:
         adapter = "full"
     method = str(data.get("method") or data.get("trainer") or "").lower() or None
-    if method is None and (DPO_KEYS & set(data) or ("beta" in data and "max_prompt_length" in data)):
-        method = "dpo"
-        notes.append("DPO recognised from its keys (" + ", ".join(sorted(DPO_KEYS & set(data)) or ["beta"]) + ")")
-    if method in ("dpo", "ppo"):
+    if method is None:  # a method recognised from keys only its trainer config has (its behaviour's recognised_by)
+        for name, md in registry().items():
+            hit = md.behaviour.recognised_by(set(data))
+            if hit:
+                method = name
+                notes.append(f"{name.upper()} recognised from its keys ({', '.join(hit)})")
+                break
+    if takes_adapter_choice(method):
         opts["adapter"] = adapter
     elif method not in (None, "sft"):
-        raise VramplanError(f"{path.name}: method {method!r} is not modelled", "use sft, dpo or ppo")
+        others = [n for n in registry() if takes_adapter_choice(n)]
+        raise VramplanError(f"{path.name}: method {method!r} is not modelled", f"use sft, {', '.join(others)}")
     for key, opt in (("per_device_train_batch_size", "batch"), ("gradient_accumulation_steps", "grad_accum")):
         v = _int(data, key, path)
         if v is not None:
@@ -227,7 +233,7 @@ def read_training_arguments(data: dict, path: Path, model: Any = None) -> PlanRe
         opts["precision"] = "fp16-mixed"
     if data.get("attn_implementation"):
         opts["attn"] = map_attention(data["attn_implementation"], notes)
-    return PlanRequest(spec, method if method in ("dpo", "ppo") else adapter, opts, notes,
+    return PlanRequest(spec, method if takes_adapter_choice(method) else adapter, opts, notes,
                        source=f"training arguments {path.name}")
 
 

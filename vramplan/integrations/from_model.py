@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import VramplanError
+from ..methods import method_named_by, takes_adapter_choice
 from ..models import from_hf_config
 from ..results import Estimate
 from .request import PlanRequest, map_attention, map_optimizer, normalise_targets, precision_from_flags
@@ -32,10 +33,10 @@ from .request import PlanRequest, map_attention, map_optimizer, normalise_target
 DEFAULT_SEQ = 2048
 SEQ_NOTE = "sequence length not in the training arguments"
 
-#: TRL config classes -> vramplan methods (None: not modelled).
+#: TRL config classes -> vramplan methods (None: not modelled). A registered method's behaviour names its own
+#: (``trainer_names``, vramplan.methods), and wins over this table.
 TRL_METHODS: dict[str, str | None] = {
     "SFTConfig": "sft", "TrainingArguments": "sft", "Seq2SeqTrainingArguments": "sft",
-    "DPOConfig": "dpo", "PPOConfig": "ppo",
     "GRPOConfig": None, "RLOOConfig": None, "KTOConfig": None, "ORPOConfig": None, "CPOConfig": None,
     "OnlineDPOConfig": None, "RewardConfig": None, "GKDConfig": None, "BCOConfig": None,
 }
@@ -93,8 +94,9 @@ def _method_from_args(training_args: Any, notes: list[str]) -> str | None:
         m = training_args.get("method") or training_args.get("trainer")
         return str(m).lower() if m else None
     for cls in type(training_args).__mro__:
-        if cls.__name__ in TRL_METHODS:
-            m = TRL_METHODS[cls.__name__]
+        registered = method_named_by("trainer_names", cls.__name__)
+        if registered is not None or cls.__name__ in TRL_METHODS:
+            m = registered or TRL_METHODS[cls.__name__]
             if m is None:
                 raise VramplanError(f"{cls.__name__} ({cls.__name__[:-6]}) is not modelled by vramplan",
                                     "pass method='dpo' (policy + reference) or 'lora' as an approximation")
@@ -156,7 +158,7 @@ def request_from_model(model: Any, peft_config: Any = None, training_args: Any =
 
     # -- method ----------------------------------------------------------------------
     m = method or _method_from_args(training_args, notes)
-    if m in ("dpo", "ppo"):
+    if takes_adapter_choice(m):
         opts["adapter"] = adapter
         method_name = m
     else:

@@ -259,10 +259,17 @@ class VramplanCallback(transformers.TrainerCallback):
         else:
             from ..bands import band_for_config
 
-            self.verdict = classify(est.peak_bytes, est.capacity_bytes, band_for_config(est.config).hi)
+            band = band_for_config(est.config)
+            self.verdict = classify(est.peak_bytes, est.capacity_bytes, band.hi, band.lo)
             text = (f"vramplan: {what}: predicted peak {est.peak_gib:.2f} GiB of {est.capacity_bytes / GIB:.2f} GiB "
                     f"on {est.gpu}: {self.verdict.value}")
-            if self.verdict is Verdict.NO:
+            if self.verdict is Verdict.TIGHT and est.peak_bytes > est.capacity_bytes:
+                # over the card by less than the band's lower end: it may fit; say so, never stop the run
+                from ..verdict import advice
+
+                text = f"vramplan: {what}: " + advice(est.peak_bytes, est.capacity_bytes, band.hi, band.lo)
+                self._say(text, logging.WARNING)
+            elif self.verdict is Verdict.NO:
                 text = (f"vramplan: this run will not fit: {what} needs about {est.peak_gib:.2f} GiB at its peak "
                         f"({est.peak_phase.value}) but {est.gpu} has {est.capacity_bytes / GIB:.2f} GiB. "
                         f"Try: {self._advice()}")

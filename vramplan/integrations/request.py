@@ -14,26 +14,13 @@ from typing import Any
 
 from ..errors import VramplanError
 from ..models import ModelSpec
+from ..optimizers import optimizers as _catalogue
 from ..results import Estimate
 
-#: HF ``TrainingArguments.optim`` / Axolotl ``optimizer`` names -> vramplan optimizers.
-#: Sources: transformers ``OptimizerNames``; Axolotl's ``optimizer`` option takes the same names.
-OPTIMIZERS: dict[str, str] = {
-    "adamw_torch": "adamw",             # torch.optim.AdamW (foreach); planned as AdamW states (see note)
-    "adamw_torch_fused": "adamw",       # the Trainer default with torch >= 2.8
-    "adamw_hf": "adamw",
-    "adamw": "adamw",
-    "adamw_apex_fused": "adamw",
-    "adamw_bnb_8bit": "adamw_8bit",     # bitsandbytes AdamW8bit
-    "adamw_8bit": "adamw_8bit",
-    "bnb_8bit": "adamw_8bit",
-    "paged_adamw_8bit": "paged_adamw_8bit",
-    "paged_adamw_32bit": "paged_adamw_32bit",  # bitsandbytes PagedAdamW32bit (the QLoRA paper's optimizer)
-    "paged_adamw": "adamw",             # 32-bit states in paged (unified) memory: same bytes as AdamW
-    "paged_adamw_32bit": "adamw",
-    "sgd": "sgd",
-    "adafactor": "adafactor",
-}
+#: HF ``TrainingArguments.optim`` / Axolotl ``optimizer`` names -> vramplan optimizers: each optimizer's
+#: ``trainer_names`` in ``vramplan/data/optimizers.toml`` (sources: transformers ``OptimizerNames``; Axolotl's
+#: ``optimizer`` option takes the same names).
+OPTIMIZERS: dict[str, str] = {tn: opt.name for opt in _catalogue().values() for tn in opt.trainer_names}
 
 #: ``attn_implementation`` / ``_attn_implementation`` -> vramplan ``--attn``.
 ATTENTION: dict[str, str] = {
@@ -46,7 +33,8 @@ ATTENTION: dict[str, str] = {
 
 #: Keyword arguments of :func:`vramplan.estimate` a request may carry.
 OPTION_KEYS = ("adapter", "batch", "seq", "grad_accum", "rank", "alpha", "dropout", "targets", "grad_ckpt",
-               "optimizer", "precision", "attn", "double_quant", "ppo_response")
+               "optimizer", "precision", "attn", "double_quant", "ppo_response",
+               "method_options")
 
 
 def map_optimizer(name: Any, notes: list[str]) -> str:
@@ -54,12 +42,10 @@ def map_optimizer(name: Any, notes: list[str]) -> str:
     text = str(getattr(name, "value", name)).lower()
     if text not in OPTIMIZERS:
         raise VramplanError(f"optimizer {text!r} is not modelled",
-                            "plan with optimizer= one of adamw, adamw_8bit, paged_adamw_8bit, sgd, adafactor")
+                            "plan with optimizer= one of " + ", ".join(_catalogue()))
     if text == "adamw_torch":
         notes.append("optim adamw_torch (foreach) planned as fused AdamW: its one state-sized step "
                      "temporary is not counted")
-    elif text.startswith("paged_adamw") and OPTIMIZERS[text] == "adamw":
-        notes.append(f"optim {text}: 32-bit AdamW states in paged memory, counted as AdamW")
     return OPTIMIZERS[text]
 
 

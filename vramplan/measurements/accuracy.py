@@ -9,8 +9,11 @@ The core of ``benchmarks/published_accuracy.py`` (and its CI test). For each rec
   the range from the predicted allocated to the predicted reserved (the figure could be either):
   its error is the distance to the range's nearer end, 0 inside it (reported apart, by quantity).
   ``error = predicted / measured - 1`` (negative: under-predicted, the unsafe side).
-* ``oom``: whether the planner says it fits (``peak_bytes <= capacity``: a false "fits").
-* ``fit_only``: whether the planner says it does not fit (a false "does not fit").
+* ``oom``: whether the verdict the user sees (:func:`vramplan.verdict.classify` with the row's
+  leave-one-source-out band) calls it "comfortable" (a false "fits"); the central prediction
+  (``peak_bytes <= capacity``) and "tight" are counted apart.
+* ``fit_only``: whether the verdict calls it "no" (a false "does not fit": even the band's lower
+  end exceeds the card); the central prediction over the card and "tight" are counted apart.
 * ``inconsistent``: a measured figure below the stated configuration's own model state (weights,
   gradients, optimizer states: :func:`static_floor`), which no run of that configuration can print;
   listed, not scored.
@@ -34,6 +37,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import VramplanError
+from ..methods import takes_adapter_choice
 from .record import MeasurementRecord
 
 #: Percentiles of the residual ratio that bound the band, and its minimum half-width.
@@ -101,7 +105,8 @@ class Scored:
             return None
         from ..verdict import classify
 
-        return classify(self.device, self.capacity, self.band[1] if self.band else 0.0).value
+        lo, hi = self.band if self.band else (0.0, 0.0)
+        return classify(self.device, self.capacity, hi, lo).value
 
     @property
     def stack(self) -> str:
@@ -110,7 +115,7 @@ class Scored:
     @property
     def method(self) -> str:
         c = self.record.config
-        if c.method in ("dpo", "ppo"):
+        if takes_adapter_choice(c.method):
             return f"{c.method}+{c.adapter}"
         return c.method or "?"
 
@@ -147,7 +152,7 @@ def plan(record: MeasurementRecord):
         raise VramplanError("gradient checkpointing not stated")
     gpu = record.device.name
     gpu_mem = record.device.memory_bytes if gpu is None else None
-    kw: dict[str, Any] = dict(adapter=c.adapter if c.method in ("dpo", "ppo") else None, gpu=gpu, gpu_mem=gpu_mem,
+    kw: dict[str, Any] = dict(adapter=c.adapter if takes_adapter_choice(c.method) else None, gpu=gpu, gpu_mem=gpu_mem,
                               batch=c.batch, seq=c.seq, grad_ckpt=c.grad_ckpt, optimizer=c.optimizer,
                               precision=c.precision, attn=c.attn or "sdpa", framework=c.stack or "hf",
                               techniques=list(c.techniques) or None, gpus=c.gpus, strategy=c.strategy,
@@ -366,9 +371,13 @@ class Summary:
     p90_abs: float | None
     under_10: float | None           # share of scored rows with error < -10%
     inside_band: float | None        # share of scored rows with a band whose measured value is inside it
-    oom_predicted_fit: int
-    fit_only_predicted_no: int
-    oom_predicted_comfortable: int = 0   # OOM rows the verdict (with the band) calls comfortable
+    oom_predicted_fit: int               # OOM rows the verdict calls comfortable (a false "fits")
+    fit_only_predicted_no: int           # fit-only rows the verdict calls "no" (a false "does not fit")
+    oom_predicted_comfortable: int = 0   # = oom_predicted_fit (the name the report used before the verdict was two-sided)
+    oom_raw_fit: int = 0                 # OOM rows whose central predicted peak is <= the card
+    oom_tight: int = 0                   # OOM rows the verdict calls tight (may fit)
+    fit_only_raw_no: int = 0             # fit-only rows whose central predicted peak exceeds the card
+    fit_only_tight: int = 0              # fit-only rows the verdict calls tight
     capacity_rows: int = 0               # fit-only rows that are a published longest sequence
     capacity_median: float | None = None  # median of predicted/published longest sequence - 1
     capacity_over: int = 0               # capacity rows whose predicted longest sequence exceeds the published
@@ -395,9 +404,11 @@ def summarize(scored: list[Scored]) -> Summary:
         p90_abs=float(np.percentile(np.abs(errs), 90)) if len(sc) else None,
         under_10=float(np.mean(errs < -0.10)) if len(sc) else None,
         inside_band=float(np.mean([s.inside for s in banded])) if banded else None,
-        oom_predicted_fit=sum(bool(s.fits) for s in oom),
-        fit_only_predicted_no=sum(s.fits is False for s in fo),
+        oom_predicted_fit=sum(s.verdict == "comfortable" for s in oom),
+        fit_only_predicted_no=sum(s.verdict == "no" for s in fo),
         oom_predicted_comfortable=sum(s.verdict == "comfortable" for s in oom),
+        oom_raw_fit=sum(bool(s.fits) for s in oom), oom_tight=sum(s.verdict == "tight" for s in oom),
+        fit_only_raw_no=sum(s.fits is False for s in fo), fit_only_tight=sum(s.verdict == "tight" for s in fo),
         capacity_rows=len(cap),
         capacity_median=float(np.median([s.capacity_error for s in cap])) if cap else None,
         capacity_over=sum(s.capacity_error > 0 for s in cap),

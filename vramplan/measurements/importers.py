@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VramplanError
+from ..methods import report_words, takes_adapter_choice
 from .record import Device, Measurement, MeasurementRecord, RunConfig, Source, from_log, SCHEMA
 
 UNITS = {"GB": 10**9, "GiB": 2**30, "MB": 10**6, "MiB": 2**20, "B": 1}
@@ -195,8 +196,17 @@ def parse_gpu(text: str) -> tuple[int, str | None, int | None, str]:
     return count, None, None, "card not stated" if "unknown" in t or "not stated" in t else ""
 
 
-_METHODS = (("dpo", "dpo"), ("orpo", None), ("simpo", None), ("ppo", "ppo"), ("galore", None), ("freeze/", None),
-            ("llm.int8", None), ("qlora", "qlora"), ("dora", "dora"), ("ia3", "ia3"), ("lora", "lora"), ("full", "full"))
+#: words of a method cell the planner does not model, then the adapters (checked after the registered methods'
+#: ``report_names``, vramplan.methods; a registered word wins over one listed here)
+_WORDS = (("orpo", None), ("simpo", None), ("galore", None), ("freeze/", None),
+          ("llm.int8", None), ("qlora", "qlora"), ("dora", "dora"), ("ia3", "ia3"), ("lora", "lora"), ("full", "full"))
+
+
+def method_words() -> list[tuple[str, str | None]]:
+    """(word, method or None) in the order a method cell is matched: registered methods first."""
+    own = report_words()
+    taken = {w for w, _ in own}
+    return [*own, *((w, m) for w, m in _WORDS if w not in taken)]
 
 
 def parse_method(text: str) -> tuple[str | None, str | None, str | None, str | None, str]:
@@ -206,13 +216,13 @@ def parse_method(text: str) -> tuple[str | None, str | None, str | None, str | N
     note = ""
     if "plain crossentropy" in t.replace(" ", "").replace("plaincross", "plain cross"):
         return None, None, None, None, "a plain CrossEntropyLoss, not the stack's chunked loss the planner models"
-    for key, name in _METHODS:
+    for key, name in method_words():
         if key in t:
             method = name
             if name is None:
                 note = f"{key.strip('/')} is not a method the planner models"
             break
-    if method in ("dpo", "ppo"):
+    if takes_adapter_choice(method):
         adapter = "qlora" if "qlora" in t else ("lora" if "lora" in t else "full")
         if "8-bit" in t or "int8" in t:
             method, note = None, "an 8-bit (LLM.int8) base is not a precision the planner models"

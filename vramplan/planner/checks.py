@@ -135,12 +135,7 @@ def assumptions(cfg: TrainConfig, overhead_source: str) -> list[str]:
                    f"{'on' if cfg.double_quant else 'off'}); "
                    + ("prepare_model_for_kbit_training upcasts the rest to fp32" if cfg.stack.kbit_upcast
                       else "the other weights stay in the model dtype"))
-    if cfg.method == "dpo":
-        out.append("DPO: chosen + rejected concatenated (2 x batch sequences); reference = "
-                   + ("adapter disabled on the policy" if cfg.adapter != "full" else "a frozen copy"))
-    if cfg.method == "ppo":
-        out.append(f"PPO: prompt {cfg.seq - cfg.ppo_response} + response {cfg.ppo_response} tokens; reward and value "
-                   "models share the policy's architecture")
+    out += cfg.recipe.behaviour.assumptions(cfg)
     return out
 
 

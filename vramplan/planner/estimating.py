@@ -31,7 +31,7 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, adapter: str | Non
              attn: str = "sdpa", framework: str = "hf", techniques=None, double_quant: bool = True,
              ppo_response: int | None = None, gpus: int = 1, strategy: str | None = None,
              offload: str | None = None, global_batch: int | None = None, tokens=None,
-             epochs: float = 1.0, versions=None) -> Estimate:
+             epochs: float = 1.0, versions=None, method_options: dict | None = None) -> Estimate:
     """Predict the peak GPU memory of one training configuration (analytic model, numpy only), and its speed.
 
     Args mirror the CLI (``vramplan estimate``); sizes are tokens and examples, memory in bytes.
@@ -42,7 +42,8 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, adapter: str | Non
     ``"500M"``) and ``epochs`` give the time to train. ``versions`` (``--stack-version``,
     ``"bitsandbytes=0.42.0"`` or a dict) plans the package versions the run uses where a
     behaviour changed between versions (``stacks.toml`` [behaviours]); unnamed packages take
-    their installed version, else the latest.
+    their installed version, else the latest. ``method_options`` are the method's own options
+    (``{"ppo_response": 512}``; vramplan.methods.base.Option), validated by the method.
 
     Returns:
         :class:`vramplan.results.Estimate` with ``components`` (bytes, per GPU), ``tensor_peak_bytes``,
@@ -72,7 +73,7 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, adapter: str | Non
     cfg = make_config(spec, method, adapter=adapter, batch=batch, seq=seq, grad_accum=grad_accum, rank=rank,
                       alpha=alpha, dropout=dropout, targets=targets, grad_ckpt=grad_ckpt, optimizer=optimizer,
                       precision=precision, attn=attn, framework=framework, techniques=techniques, double_quant=double_quant,
-                      ppo_response=ppo_response, versions=versions)
+                      ppo_response=ppo_response, versions=versions, method_options=method_options)
     est = estimate_config(spec, cfg, card, model_query=str(model) if not isinstance(model, ModelSpec) else None,
                           parallel=par, tokens=parse_count(tokens, "--tokens"), epochs=epochs)
     note = v.context_note(spec, cfg.seq)

@@ -38,6 +38,10 @@ class FitRow:
     ``suggestions`` say what would fit when nothing does; ``techniques``
     (:class:`vramplan.planner.techniques.TechniqueAdvice`) what each memory-saving technique saves on the
     chosen plan and, when it is not comfortable, the cheapest set that makes it fit.
+
+    ``fits`` is the central prediction of the chosen plan (``peak <= capacity``); ``verdict`` is what the
+    user is told, with the band (:mod:`vramplan.verdict`): a plan a few percent over the card but inside
+    the band's lower end is "tight" (shown, "tight, try it"), not "no".
     """
 
     method: str                                        # the chosen plan's method (qlora for LoRA's fallback)
@@ -75,8 +79,17 @@ class FitRow:
         """comfortable / tight / no (:mod:`vramplan.verdict`, the same thresholds as ``vramplan matrix``)."""
         from ..bands import band_for_config
 
-        return classify(self.estimate.peak_bytes, self.estimate.capacity_bytes,
-                        band_for_config(self.estimate.config).hi)
+        b = band_for_config(self.estimate.config)
+        return classify(self.estimate.peak_bytes, self.estimate.capacity_bytes, b.hi, b.lo)
+
+    @property
+    def verdict_text(self) -> str:
+        """Where the chosen plan stands against the card, with the band (:func:`vramplan.verdict.advice`)."""
+        from ..bands import band_for_config
+        from ..verdict import advice
+
+        b = band_for_config(self.estimate.config)
+        return advice(self.estimate.peak_bytes, self.estimate.capacity_bytes, b.hi, b.lo)
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -97,7 +110,7 @@ class FitRow:
     def to_json(self, top: int | None = None) -> dict:
         plans = self.plans if top is None else self.plans[:top]
         return {"method": self.method, "requested": self.requested, "recipe": self.recipe, "adapter": self.adapter,
-                "fits": self.fits, "verdict": self.verdict.value,
+                "fits": self.fits, "verdict": self.verdict.value, "verdict_text": self.verdict_text,
                 "peak_bytes": self.estimate.peak_bytes,
                 "peak_gib": round(self.estimate.peak_gib, 3), "capacity_bytes": self.estimate.capacity_bytes,
                 "max_batch": self.max_batch, "max_seq": self.max_seq, "settings": self.settings, "notes": self.notes,
@@ -147,7 +160,8 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
         attn: str | None = None, rank: int | None = None, targets=None, grad_ckpt: bool | None = None,
         optimizer: str | None = None, gpus: int = 1, strategy: str | None = None, offload: str | None = None,
         global_batch: int | None = None, tokens=None, epochs: float = 1.0, margin: float | None = None,
-        top: int = 20, framework: str = "hf", techniques=None, advise: bool = True) -> FitReport:
+        top: int = 20, framework: str = "hf", techniques=None, advise: bool = True,
+        method_options: dict | None = None) -> FitReport:
     """Every method on one card (or ``gpus`` cards): the fastest configuration that fits with a margin.
 
     For each method :func:`vramplan.planner.search.search` tries every combination of gradient
@@ -170,6 +184,8 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
         framework: training stack (hf, torchtune, unsloth, litgpt); its default precision applies
             when ``precision`` is None. techniques: memory-saving techniques every plan uses
             (``"chunked_ce,act_offload"`` or a list).
+        method_options: the methods' own options (``{"ppo_response": 512}``; vramplan.methods.base.Option),
+            each applied to the methods that declare it.
         advise: False skips the technique advice and the other stacks/precisions (rows'
             ``techniques`` None, ``alternatives`` empty): :func:`fit_cards` ranks cards only.
 
@@ -188,6 +204,7 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
     from .techniques import recommend_techniques
 
     from .. import validate as v
+    from ..bands import band_for_config
     from ..config import ATTENTION
     from ..optimizers import get_optimizer
 
@@ -236,10 +253,9 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
         prec = check_card(precision, name, None, attn or "sdpa", card, framework)
         search_kw = dict(seq=seq, precision=prec, global_batch=global_batch, parallels=parallels, grad_ckpt=grad_ckpt,
                          optimizer=optimizer, attn=attn, rank=rank, targets=targets, margin=margin, tokens=n_tokens,
-                         epochs=epochs, totals=totals, batch=batch, framework=framework)
+                         epochs=epochs, totals=totals, batch=batch, framework=framework, method_options=method_options)
         mp = search(spec, name, card, techniques=techs, **search_kw)
-        tight = [p for p in mp.plans if p.peak_bytes <= p.capacity_bytes]
-        chosen = mp.best or (max(tight, key=lambda p: (p.fallback is None, p.tokens_per_s)) if tight else mp.smallest)
+        chosen = mp.best or _tight_choice(mp)
         cfg, par = chosen.config, chosen.parallel
         est = estimate_config(spec, cfg, card, parallel=par, tokens=n_tokens, epochs=epochs)
         notes: list[str] = []
@@ -247,12 +263,19 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
         if mp.best is None:
             suggestions = what_would_fit(spec, name, card, seq=seq, precision=prec, margin=margin, gpus=base.gpus,
                                          rank=rank, targets=targets, totals=totals, framework=framework,
-                                         techniques=techs)
-            if not est.fits:
+                                         techniques=techs, method_options=method_options)
+            b = band_for_config(cfg)
+            verdict = classify(est.peak_bytes, est.capacity_bytes, b.hi, b.lo)
+            if verdict is Verdict.NO:
                 notes.append("no setting fits (tried GC, 8-bit/paged AdamW"
                              + (", QLoRA" if any(p.fallback for p in mp.plans) else "") + ")")
+            elif est.fits:
+                notes.append(f"tight, try it: no setting is comfortable (the {margin:.0%} margin and the band's upper end "
+                             f"{100 * b.hi:+.0f}% under the card); shown: the fastest whose prediction fits")
             else:
-                notes.append(f"tight: no setting leaves the {margin:.0%} margin; shown: the fastest that fits")
+                notes.append(f"tight, try it: the least-memory setting is predicted {100 * (est.peak_bytes / est.capacity_bytes - 1):.1f}% "
+                             f"over the card, inside the band's lower end ({100 * b.lo:+.0f}%): it may fit; run it with a "
+                             "safety margin (expandable segments, nothing else on the card) or a smaller batch/sequence")
             if suggestions:
                 notes.append("with GC and 8-bit AdamW it would fit on " + "; ".join(x.text for x in suggestions))
         elif chosen.fallback:
@@ -302,6 +325,15 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
                      strategy=base.strategy if len(parallels) == 1 else None, offload=base.offload, margin=margin,
                      global_batch=global_batch, tokens=n_tokens, epochs=epochs, top=int(top), framework=framework,
                      techniques=techs)
+
+
+def _tight_choice(mp) -> "Plan":
+    """The plan shown when none is comfortable: the fastest tight plan whose central prediction fits the card
+    (own adapter first), else the least-memory plan (tight when the band's lower end fits the card, else "no")."""
+    fitting = [p for p in mp.plans if p.peak_bytes <= p.capacity_bytes]
+    if fitting:
+        return max(fitting, key=lambda p: (p.fallback is None, p.tokens_per_s))
+    return mp.smallest
 
 
 # -- which card? -------------------------------------------------------------------------------

@@ -118,8 +118,7 @@ def longest_sequence(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, par: Para
                      usable: int | None = None, totals: DeviceTotals | None = None) -> int:
     """Longest sequence (multiple of 128, <= the model's context) of ``cfg`` at micro-batch 1; 0 if none."""
     grid = np.arange(128, max(128, spec.max_position_embeddings) + 1, 128)  # SEQ_GRID's steps, to the context
-    if cfg.method == "ppo":
-        grid = grid[grid >= 256]
-    c = cfg.with_(batch=1, ppo_response=None)
+    grid = grid[grid >= cfg.recipe.behaviour.min_seq()]
+    c = cfg.with_(batch=1, **cfg.recipe.behaviour.reset_shape())
     return _limit(grid, device_totals(spec, c, card, batch=1, seq=grid, par=par, totals=totals),
                   usable or card.memory_bytes)

@@ -7,14 +7,16 @@ LoRA-to-QLoRA fallback, and the sharding strategy on several GPUs -- and, for ea
 micro-batch at once (``step_memory`` and ``step_time`` broadcast over a numpy array of
 micro-batches). With a target global batch ``G`` the micro-batch ``b`` runs ``G / (N b)``
 accumulation steps; without one, accumulation is 1. A plan fits when its per-GPU device total
-stays below ``capacity x (1 - margin)``; the margin (default :data:`vramplan.verdict.DEFAULT_MARGIN`,
-15%: a recommended plan is "comfortable") covers the analytic model's uncertainty.
+stays below ``min(capacity x (1 - margin), capacity / (1 + hi))`` (:func:`vramplan.verdict.comfortable_limit`;
+``hi``: the upper end of the stack and method's published band, :mod:`vramplan.bands`); the margin
+(default :data:`vramplan.verdict.DEFAULT_MARGIN`, 15%) and the band make a recommended plan
+"comfortable", as the verdict says.
 
 Feasible plans are ranked by tokens/s (ties: simpler settings first), except that a fallback
 (LoRA's QLoRA) ranks after every plan of the method's own adapter that fits: it is what the
 method becomes when that adapter does not fit, not a faster variant. Each plan carries the
-reason it loses to the best; a plan that fits the card but not the margin is "tight", never
-"does not fit". When nothing fits, :func:`what_would_fit` says what would: the
+reason it loses to the best; a plan that fits the card but not the margin, or whose prediction
+exceeds the card by less than its band's lower end, is "tight", never "does not fit". When nothing fits, :func:`what_would_fit` says what would: the
 smallest catalogue card, a number of GPUs with ZeRO-3/FSDP (or CPU offload), a shorter sequence.
 """
 
@@ -35,7 +37,7 @@ from ..models import ModelSpec
 from ..overheads import card_profile
 from ..throughput import StepTime, step_time, time_to_train
 from ..units import GIB
-from ..verdict import DEFAULT_MARGIN
+from ..verdict import DEFAULT_MARGIN, Verdict, classify, comfortable_limit
 from .checks import check_card
 from .limits import DeviceTotals, step_memory_for
 
@@ -58,8 +60,8 @@ class Plan:
     parallel: Parallel
     peak_bytes: int          # per GPU, device total
     capacity_bytes: int      # per GPU
-    usable_bytes: int        # capacity x (1 - margin)
-    fits: bool               # peak_bytes <= usable_bytes
+    usable_bytes: int        # the comfortable limit: min(capacity x (1 - margin), capacity / (1 + band hi))
+    fits: bool               # peak_bytes <= usable_bytes (comfortable)
     tokens_per_s: float      # all GPUs
     step_time_s: float       # one optimiser step
     time_to_train_s: float | None = None
@@ -67,11 +69,17 @@ class Plan:
     fallback: str | None = None
     rank: int = 0
     reason: str = ""
+    band: tuple[float, float] = (0.0, 0.0)  # (lo, hi) of the stack and method (vramplan.bands)
     _grid: tuple[StepTime, int] | None = field(default=None, repr=False, compare=False)  # (over the batch grid, index)
 
     @property
     def recipe(self) -> str:
         return self.config.recipe.name
+
+    @property
+    def verdict(self) -> Verdict:
+        """comfortable / tight / no on the card, with the band (:func:`vramplan.verdict.classify`)."""
+        return classify(self.peak_bytes, self.capacity_bytes, self.band[1], self.band[0])
 
     @property
     def time(self) -> StepTime | None:
@@ -110,7 +118,8 @@ class Plan:
 
     def to_json(self) -> dict:
         out = {"rank": self.rank, "method": self.method, "adapter": self.adapter, "recipe": self.recipe,
-               "settings": self.settings, "fits": self.fits, "peak_bytes": int(self.peak_bytes),
+               "settings": self.settings, "fits": self.fits, "verdict": self.verdict.value,
+               "peak_bytes": int(self.peak_bytes),
                "peak_gib": round(self.peak_bytes / GIB, 3), "capacity_bytes": int(self.capacity_bytes),
                "usable_bytes": int(self.usable_bytes), "fallback": self.fallback, "reason": self.reason,
                "tokens_per_s": round(float(self.tokens_per_s), 1), "step_time_s": round(float(self.step_time_s), 6),
@@ -233,7 +242,8 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
            grad_ckpt: bool | None = None, optimizer: str | None = None, attn: str | None = None,
            rank: int | None = None, targets=None, margin: float = DEFAULT_MARGIN, tokens: float | None = None,
            epochs: float = 1.0, ppo_response: int | None = None, totals: DeviceTotals | None = None,
-           batch: int | None = None, framework: str = "hf", techniques=None) -> MethodPlans:
+           batch: int | None = None, framework: str = "hf", techniques=None,
+           method_options: dict | None = None) -> MethodPlans:
     """Rank every settings combination of ``method`` on ``card`` (see the module docstring).
 
     Args:
@@ -245,6 +255,7 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
         batch: fix the micro-batch (None searches 1..256, or the divisors of ``global_batch / gpus``).
         margin: fraction of the capacity kept free. tokens, epochs: dataset size for time to train.
         framework, techniques: the training stack and memory-saving techniques every plan uses.
+        method_options: the method's own options (vramplan.methods.base.Option), for every plan.
 
     Returns:
         :class:`MethodPlans` with every combination's best micro-batch, ranked.
@@ -253,8 +264,9 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
         raise VramplanError(f"margin must be in [0, 1), got {margin!r}", "use e.g. --margin 0.1 for 10%")
     totals = totals or DeviceTotals()
     parallels = parallels or [SINGLE]
+    from ..bands import band_for_config
+
     capacity = card.memory_bytes
-    usable = int(capacity * (1.0 - margin))
     fixed = dict(grad_ckpt=grad_ckpt, optimizer=optimizer, attn=attn, rank=rank, targets=targets)
     plans: list[Plan] = []
     memo: dict[tuple, tuple] = {}
@@ -274,7 +286,8 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
     for m, ad, note, settings, _ in _combos(spec, method, adapter, card, fixed, [None]):
         try:
             cfg = make_config(spec, m, adapter=ad, batch=1, seq=seq, precision=precision,
-                              ppo_response=ppo_response, framework=framework, techniques=techniques, **settings)
+                              ppo_response=ppo_response, framework=framework, techniques=techniques,
+                              method_options=method_options, **settings)
         except VramplanError:
             if fixed.get("rank") or fixed.get("targets"):
                 raise  # the user's own setting is invalid: say so
@@ -307,6 +320,8 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
             if cfg.optimizer not in by_opt:
                 by_opt[cfg.optimizer] = totals(mem, cfg, card, p)
             total = by_opt[cfg.optimizer]
+            band = band_for_config(cfg)
+            usable = comfortable_limit(capacity, band.hi, margin)
             ok = total <= usable
             if ok.any():
                 i = int(np.argmax(np.where(ok, t.tokens_per_s, -np.inf)))
@@ -318,7 +333,7 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
             plans.append(Plan(method=cfg.method, adapter=cfg.adapter, config=cfg_i, parallel=p,
                               peak_bytes=int(total[i]), capacity_bytes=capacity, usable_bytes=usable, fits=bool(ok[i]),
                               tokens_per_s=tps, step_time_s=float(np.asarray(t.step_s)[i]), time_to_train_s=ttt,
-                              gpu_hours=gh, fallback=note, _grid=(t, i)))
+                              gpu_hours=gh, fallback=note, band=(band.lo, band.hi), _grid=(t, i)))
     # a fallback (QLoRA for LoRA) is what the method becomes when its own adapter does not fit: its plans
     # rank after every plan of the method's own adapter that fits, however fast the throughput model
     # rates them (a larger micro-batch over an NF4 base can come out marginally faster, inside the
@@ -342,7 +357,11 @@ def _reason(p: Plan, best: Plan | None) -> str:
     if not p.fits:
         if p.peak_bytes <= p.capacity_bytes:  # fits the card, not the margin: never call that "does not fit"
             return (f"tight: {p.peak_bytes / GIB:.2f} GiB fits the {p.capacity_bytes / GIB:.2f} GiB card but not "
-                    f"the margin ({p.usable_bytes / GIB:.2f} GiB usable)")
+                    f"the margin ({p.usable_bytes / GIB:.2f} GiB usable with the band's upper end)")
+        if p.verdict is Verdict.TIGHT:  # over the card by less than the band's lower end: it may fit
+            return (f"tight: {p.peak_bytes / GIB:.2f} GiB is {100 * (p.peak_bytes / p.capacity_bytes - 1):.1f}% over the "
+                    f"{p.capacity_bytes / GIB:.2f} GiB card, inside the band's lower end ({100 * p.band[0]:+.0f}%): "
+                    "may fit")
         return f"does not fit: {p.peak_bytes / GIB:.2f} GiB > {p.capacity_bytes / GIB:.2f} GiB"
     if p.fallback is not None and best.fallback is None:
         return f"{p.adapter} fallback: only when {best.adapter} over a 16-bit base does not fit, and it does"
@@ -378,19 +397,20 @@ def _reason(p: Plan, best: Plan | None) -> str:
 
 def _frugal_cfg(spec: ModelSpec, method: str, seq: int, precision: str | None, ppo_response: int | None,
                 adapter: str | None = None, rank: int | None = None, targets=None, attn: str | None = None,
-                framework: str = "hf", techniques=None):
+                framework: str = "hf", techniques=None, method_options: dict | None = None):
     """The least-memory configuration of ``method``: GC on, 8-bit AdamW, the QLoRA fallback, batch 1."""
     choices = adapters_for(method, adapter)
     m, ad, _ = choices[-1]
     return make_config(spec, m, adapter=ad, batch=1, seq=seq, grad_ckpt=True, optimizer="adamw_8bit",
                        precision=precision, attn=attn or "sdpa", rank=rank or 8, targets=targets,
-                       ppo_response=ppo_response, framework=framework, techniques=techniques)
+                       ppo_response=ppo_response, framework=framework, techniques=techniques,
+                       method_options=method_options)
 
 
 def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, precision: str | None = None,
                    margin: float = DEFAULT_MARGIN, ppo_response: int | None = None, adapter: str | None = None,
                    rank: int | None = None, targets=None, gpus: int = 1, totals: DeviceTotals | None = None,
-                   framework: str = "hf", techniques=None) -> list[Suggestion]:
+                   framework: str = "hf", techniques=None, method_options: dict | None = None) -> list[Suggestion]:
     """What would make ``method`` fit when no setting does: a bigger card, more GPUs, offload, shorter sequences.
 
     Each suggestion uses the method's least-memory settings (gradient checkpointing, 8-bit
@@ -400,17 +420,22 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, pre
     out: list[Suggestion] = []
     try:
         cfg = _frugal_cfg(spec, method, seq, precision, ppo_response, adapter, rank, targets,
-                          framework=framework, techniques=techniques)
+                          framework=framework, techniques=techniques, method_options=method_options)
     except VramplanError:
         return out
-    keep = 1.0 - margin
+    from ..bands import band_for_config
+
+    hi = band_for_config(cfg).hi
+
+    def comfy(capacity: int) -> int:  # the comfortable limit on a card (margin and the band's upper end)
+        return comfortable_limit(capacity, hi, margin)
     # 1. the smallest card of the catalogue
     cards = sorted(catalogue().values(), key=lambda g: (g.memory_bytes, -g.bf16_tflops))
     mem = step_memory_for(spec, cfg, SINGLE)
     for g in cards:
         if g.memory_bytes <= card.memory_bytes or (cfg.precision != "fp32" and "bf16" in cfg.precision and not g.bf16):
             continue
-        if float(totals(mem, cfg, g, SINGLE)) <= g.memory_bytes * keep:
+        if float(totals(mem, cfg, g, SINGLE)) <= comfy(g.memory_bytes):
             out.append(Suggestion("gpu", f"1x {g.name} ({g.memory_bytes / GIB:.0f} GiB)"
                                   + (f" as {cfg.recipe.name}" if cfg.recipe.name != method else ""),
                                   {"gpu": g.name, "capacity_bytes": g.memory_bytes}))
@@ -422,7 +447,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, pre
             if n <= gpus:
                 continue
             par = make_parallel(n, strategy)
-            if float(totals(step_memory_for(spec, cfg, par), cfg, card, par)) <= card.memory_bytes * keep:
+            if float(totals(step_memory_for(spec, cfg, par), cfg, card, par)) <= comfy(card.memory_bytes):
                 found.setdefault(n, []).append(strategy)
                 break
     for n, strategies in sorted(found.items()):
@@ -430,19 +455,18 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, pre
                               {"gpus": n, "strategies": strategies, "gpu": card.name}))
     # 3. CPU offload on the same number of cards
     par = make_parallel(max(1, gpus), "zero3", "cpu")
-    if float(totals(step_memory_for(spec, cfg, par), cfg, card, par)) <= card.memory_bytes * keep:
+    if float(totals(step_memory_for(spec, cfg, par), cfg, card, par)) <= comfy(card.memory_bytes):
         out.append(Suggestion("offload", f"{max(1, gpus)}x {card.name} with zero3 --offload cpu (slow)",
                               {"gpus": max(1, gpus), "strategy": "zero3", "offload": "cpu"}))
     # 4. a shorter sequence on this card
     limit = min(seq - 128, spec.max_position_embeddings)
     if limit >= 128:
         grid = np.arange(128, limit + 1, 128)
-        if cfg.recipe.method.rollout:
-            grid = grid[grid >= 256]
+        grid = grid[grid >= cfg.recipe.behaviour.min_seq()]
         if grid.size:
             par = make_parallel(gpus) if gpus > 1 else SINGLE
-            c = cfg.with_(ppo_response=None)
-            ok = totals(step_memory_for(spec, c, par, batch=1, seq=grid), c, card, par) <= card.memory_bytes * keep
+            c = cfg.with_(**cfg.recipe.behaviour.reset_shape())
+            ok = totals(step_memory_for(spec, c, par, batch=1, seq=grid), c, card, par) <= comfy(card.memory_bytes)
             if ok.any():
                 s = int(grid[ok].max())
                 out.append(Suggestion("seq", f"seq <= {s:,} on {card.name}",

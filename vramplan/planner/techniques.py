@@ -121,7 +121,8 @@ def recommend_techniques(model, cfg: TrainConfig, gpu, *, parallel: Parallel | N
     Every technique of ``stacks.toml`` that is a memory saver and not already on is evaluated
     alone (the full :func:`~vramplan.planner.estimating.estimate_config` with and without it; savings below
     ``max(MIN_SAVING_BYTES, MIN_SAVING_FRACTION x capacity)`` are dropped). When ``cfg`` is above
-    ``capacity x (1 - margin)``, techniques are added greedily -- each round the cheapest in step
+    its comfortable limit (:func:`vramplan.verdict.comfortable_limit`: ``capacity x (1 - margin)`` and the band's
+    upper end under the capacity), techniques are added greedily -- each round the cheapest in step
     time whose saving on top of those already chosen is worth listing, ties to the largest --
     until the estimate is below that (or, failing that, below the capacity); then each one the
     target does not need is dropped again, dearest first, so the set is minimal (no technique can
@@ -141,7 +142,10 @@ def recommend_techniques(model, cfg: TrainConfig, gpu, *, parallel: Parallel | N
     if not 0.0 <= margin < 1.0:
         raise VramplanError(f"margin must be in [0, 1), got {margin!r}", "use e.g. --margin 0.1 for 10%")
     capacity = card.memory_bytes
-    usable = int(capacity * (1.0 - margin))
+    from ..bands import band_for_config
+    from ..verdict import comfortable_limit
+
+    usable = comfortable_limit(capacity, band_for_config(cfg).hi, margin)  # the verdict's "comfortable"
     floor = max(MIN_SAVING_BYTES, int(MIN_SAVING_FRACTION * capacity))
     cache: dict[tuple, Estimate] = {}
 

@@ -8,7 +8,7 @@ calibration runner (real tensors on ``cuda`` or ``cpu``)::
     trainee.step()                          # one optimiser step (cfg.grad_accum micro-batches)
 
 ``cfg.framework`` other than ``hf`` builds that stack's own model, loss and step instead
-(:mod:`vramplan.runtime.frameworks`: torchtune, litgpt; their extras). The ``liger_ce``
+(:mod:`vramplan.runtime.stacks`: one module per stack, torchtune and litgpt need their extras). The ``liger_ce``
 technique runs :mod:`vramplan.runtime.liger`, a plain-torch emulation of Liger's fused
 linear cross-entropy (its Triton kernels need a GPU).
 

@@ -42,9 +42,9 @@ from ..errors import VramplanError
 from ..methods import Adapter, ModelCopy, Recipe, Role
 from ..models import ModelSpec
 from ..optimizers import get_optimizer
-from ..precision import Regime, get_regime
+from ..precision import Regime
 from ..taxonomy import Component, Phase
-from .emulation import CudaEmulation, emulated_autocast, install_meta_patches, patch_meta_autocast
+from .emulation import CudaEmulation, emulated_autocast, install_meta_patches
 from .hooks import NULL_HOOKS, StepHooks
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -125,7 +125,7 @@ class Trainee:
     scaler: Any = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)
     steps_done: int = 0
-    #: the step of a stack other than HF's (``vramplan.runtime.frameworks``); None runs ``steps.run_step``
+    #: the step of a stack with its own loop (``vramplan.runtime.stacks``); None runs ``steps.run_step``
     run: Any = field(default=None, repr=False)
     #: what that stack's step needs (its loss module, the recipe's label cache)
     extras: dict = field(default_factory=dict, repr=False)
@@ -247,7 +247,7 @@ class Trainee:
         try:
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
-            elif self.regime.name == "fp16-mixed" and self.fake:  # GradScaler: loss * scale (a 0-dim fp32)
+            elif self.regime.grad_scaler and self.fake:  # GradScaler: loss * scale (a 0-dim fp32)
                 (loss * torch.full((), 65536.0, device=loss.device)).backward()
             else:
                 loss.backward()
@@ -287,7 +287,7 @@ class _null:
 
 
 # ------------------------------------------------------------------------------------------------
-def _attn_impl(cfg: TrainConfig, device: str, fake: bool, notes: list[str]) -> str:
+def attn_impl(cfg: TrainConfig, device: str, fake: bool, notes: list[str]) -> str:
     if cfg.attn == "eager":
         return "eager"
     if cfg.attn == "flash":
@@ -384,7 +384,7 @@ def _peft_config(cfg: TrainConfig, spec: ModelSpec, adapter: Adapter, head: str)
                            use_dora=adapter is Adapter.DORA, bias="none", task_type=task)
 
 
-def _build_copy(trainee: Trainee, copy: ModelCopy, attn: str) -> Copy:
+def build_copy(trainee: Trainee, copy: ModelCopy, attn: str) -> Copy:
     spec, cfg, regime = trainee.spec, trainee.cfg, trainee.regime
     dev = trainee.tensor_device
     adapter = copy.adapter
@@ -431,37 +431,41 @@ def _build_copy(trainee: Trainee, copy: ModelCopy, attn: str) -> Copy:
     return Copy(copy.role, copy, module, trains=True)
 
 
+def _import_class(path: str):
+    """``"module:Class"`` -> the class (optimizers.toml's ``class`` fields)."""
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def make_optimizer(params: list, cfg: TrainConfig, regime: Regime, device: str, fake: bool, notes: list[str]):
+    """The optimiser of ``cfg`` over ``params``, built as ``vramplan/data/optimizers.toml`` says.
+
+    ``class(params, lr=LR, **kwargs, **<runner>_kwargs)``: the runner's kernel (foreach for a plain
+    loop, fused for the HF Trainer); ``meta_trainer_class`` on ``meta`` under the Trainer (torch
+    rejects ``fused=True`` there); a paged class (``cuda_class``) only on a real CUDA device --
+    elsewhere its unpaged twin, with a note that the states are counted as device tensors.
+    """
     opt = get_optimizer(cfg.optimizer)
     if not params:
         raise VramplanError("nothing to train: the configuration leaves no trainable parameter")
-    if opt.name == "adamw":
-        if regime.runner == "loop":
-            return torch.optim.AdamW(params, lr=LR, foreach=True)
-        if fake:
-            return FusedAdamWOnMeta(params, lr=LR)
-        return torch.optim.AdamW(params, lr=LR, fused=True)
-    if opt.name == "sgd":
-        return torch.optim.SGD(params, lr=LR)
-    if opt.name == "adafactor":
-        from transformers.optimization import Adafactor
+    if opt.package:
+        from ..errors import require
 
-        return Adafactor(params, lr=LR, scale_parameter=False, relative_step=False, warmup_init=False)
-    from ..errors import require
-
-    bnb = require("bitsandbytes", "calibrate")
-    if opt.name == "paged_adamw_32bit":
+        require(opt.package, "calibrate")
+    loop = regime.runner == "loop"
+    kwargs = {**opt.kwargs, **(opt.loop_kwargs if loop else opt.trainer_kwargs)}
+    path = opt.cls
+    if fake and not loop and opt.meta_trainer_class:
+        path, kwargs = opt.meta_trainer_class, dict(opt.kwargs)
+    if opt.cuda_class:
         if not fake and device.startswith("cuda"):
-            return bnb.optim.PagedAdamW32bit(params, lr=LR)
-        notes.append("paged_adamw_32bit: its fp32 states are counted as device tensors; on CUDA they live in "
-                     "unified memory outside torch's allocator (visible to nvidia-smi, evictable to host)")
-        return bnb.optim.AdamW32bit(params, lr=LR)
-    if opt.paged and not fake and device.startswith("cuda"):
-        return bnb.optim.PagedAdamW8bit(params, lr=LR)
-    if opt.paged:
-        notes.append("paged_adamw_8bit: its 8-bit states are counted as device tensors; on CUDA they live in "
-                     "unified memory outside torch's allocator (visible to nvidia-smi, evictable to host)")
-    return bnb.optim.AdamW8bit(params, lr=LR)
+            path = opt.cuda_class
+        else:
+            notes.append(f"{opt.name}: its {opt.state_label} states are counted as device tensors; on CUDA they live "
+                         "in unified memory outside torch's allocator (visible to nvidia-smi, evictable to host)")
+    return _import_class(path)(params, lr=LR, **kwargs)
 
 
 class FusedAdamWOnMeta(torch.optim.AdamW):
@@ -542,46 +546,20 @@ def build(spec: ModelSpec, cfg: TrainConfig, device: str = "cpu", *, fake: bool 
         MissingDependencyError: bitsandbytes is needed (QLoRA, 8-bit optimisers) and missing, or
             the stack's package (torchtune, litgpt) is.
     """
+    from .stacks import get_runtime
+
     hooks = hooks or NULL_HOOKS
-    hf = cfg.framework == "hf"
-    # another stack runs the regime its own way (adapter dtype, optimizer kernel: vramplan.stacks)
-    regime = get_regime(cfg.precision) if hf else cfg.regime
-    recipe = cfg.recipe
+    stack = get_runtime(cfg.framework)  # the stack's own code: vramplan/runtime/stacks/<name>.py
+    regime = stack.regime(cfg)
     notes: list[str] = []
-    if not hf:
-        from .frameworks import check_stack
-
-        check_stack(spec, cfg)  # before anything is built: unsupported methods, models, precisions
-    if hf and recipe.adapter is Adapter.QLORA:
-        from ..errors import require
-
-        require("bitsandbytes", "calibrate")
+    stack.check(spec, cfg)  # before anything is built: unsupported methods, models, precisions, missing packages
     check_versions()
     if fake:
         install_meta_patches()
     emu = CudaEmulation(cfg.attn, on_cached_cast=lambda t: hooks.tag(t, Component.AUTOCAST_CACHE)) if fake else None
-    trainee = Trainee(spec=spec, cfg=cfg, recipe=recipe, regime=regime, device=device, fake=fake, copies={},
+    trainee = Trainee(spec=spec, cfg=cfg, recipe=cfg.recipe, regime=regime, device=device, fake=fake, copies={},
                       optimizer=None, hooks=hooks, emulation=emu, notes=notes)
     hooks.phase(Phase.LOAD)
-    if not hf:
-        from .frameworks import build_stack
-
-        build_stack(trainee)
-        hooks.event("built", trainee)
-        return trainee
-    attn = _attn_impl(cfg, device, fake, notes)
-    for copy in recipe.copies:
-        trainee.copies[copy.role] = _build_copy(trainee, copy, attn)
-    if fake:
-        patch_meta_autocast()  # (the modeling modules are imported by now)
-    # the output heads open the logits sections (attribution only)
-    for c in trainee.copies.values():
-        head = c.inner.get_output_embeddings() if c.spec.head == "lm" else getattr(c.inner, "score", None)
-        if head is not None:
-            head.register_forward_pre_hook(trainee._head_pre_hook)
-            head.register_forward_hook(trainee._head_post_hook)
-    trainee.optimizer = make_optimizer(trainee.trainable_parameters(), cfg, regime, device, fake, notes)
-    if regime.name == "fp16-mixed" and not fake:
-        trainee.scaler = torch.amp.GradScaler(device.split(":")[0])
+    stack.build(trainee)
     hooks.event("built", trainee)
     return trainee

@@ -30,7 +30,7 @@ Methods:
   alive) with the adapter disabled (PEFT) or a frozen reference copy (full); sigmoid loss
   ``-logsigmoid(beta * margin)``.
 * PPO, as TRL's ``PPOTrainer``: a rollout under ``no_grad`` without autocast (TRL
-  generates with the unwrapped model): prefill of ``seq - ppo_response`` prompt tokens with
+  generates with the unwrapped model): prefill of ``seq - response`` prompt tokens with
   ``logits_to_keep=1``, then decoding with a ``DynamicCache``, keeping each step's fp32
   scores (``output_scores``) and stacking them into ``[batch, response, vocab]``.
   On a real device every one of the ``response - 1`` decode steps runs: calibration times
@@ -67,12 +67,27 @@ VF_COEF = 0.1
 
 
 def run_step(t) -> dict:
-    name = t.recipe.method.name
-    if name == "dpo":
-        return _dpo(t)
-    if name == "ppo":
-        return _ppo(t)
-    return _sft(t)
+    """One training step of ``t``'s method: the function its behaviour names (``behaviour.step``,
+    ``"module:function"``; vramplan.methods.base.Behaviour), called with the trainee."""
+    return step_function(t.recipe.behaviour.step)(t)
+
+
+def step_function(path: str):
+    """The step function named ``"module:function"`` (a behaviour's :attr:`~vramplan.methods.base.Behaviour.step`).
+
+    Raises:
+        VramplanError: the module or function does not exist.
+    """
+    from importlib import import_module
+
+    from ..errors import VramplanError
+
+    mod, _, fn = path.partition(":")
+    try:
+        return getattr(import_module(mod), fn)
+    except (ImportError, AttributeError) as exc:
+        raise VramplanError(f"method step {path!r} cannot be loaded ({exc})",
+                            "a behaviour's step is 'package.module:function'") from None
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -142,7 +157,7 @@ def _optimizer_step(t) -> None:
 
 
 # -- SFT -------------------------------------------------------------------------------------------
-def _sft(t) -> dict:
+def sft_step(t) -> dict:
     cfg = t.cfg
     policy = t.policy
     ga = cfg.grad_accum
@@ -209,7 +224,7 @@ def _sequence_logps(t, model, ids: torch.Tensor, labels: torch.Tensor, with_metr
     return logps, metrics
 
 
-def _dpo(t) -> dict:
+def dpo_step(t) -> dict:
     cfg = t.cfg
     policy = t.policy
     ga = cfg.grad_accum
@@ -282,7 +297,7 @@ def _rollout(t) -> dict:
     cfg = t.cfg
     policy = t.policy
     b, s = cfg.batch, cfg.seq
-    resp = int(cfg.ppo_response or s // 2)
+    resp = int(t.recipe.behaviour.generation(cfg).generated_tokens)
     prompt = s - resp
     t.hooks.phase(Phase.ROLLOUT)
     was_training = {r: c.module.training for r, c in t.copies.items()}
@@ -346,7 +361,7 @@ def _rollout(t) -> dict:
                 advantages=advantages, returns=returns, prompt=prompt)
 
 
-def _ppo(t) -> dict:
+def ppo_step(t) -> dict:
     cfg = t.cfg
     policy = t.policy
     ga = cfg.grad_accum

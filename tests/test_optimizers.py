@@ -1,0 +1,115 @@
+"""Optimisers and precision regimes are data (optimizers.toml, precisions.toml) read through attributes."""
+
+import importlib.util
+
+import pytest
+
+from vramplan.errors import VramplanError
+from vramplan.optimizers import OPTIMIZERS, _parse, get_optimizer
+from vramplan.precision import REGIMES, _parse as parse_regime, get_regime
+
+
+def test_state_bytes_follow_each_optimizers_sources():
+    n, pb = 4096 * 11008, 2
+    assert get_optimizer("adamw").state_bytes((4096, 11008), pb) == 2 * n * pb + 4  # exp_avg, exp_avg_sq, step
+    assert get_optimizer("paged_adamw_32bit").state_bytes((4096, 11008), pb) == 2 * n * 4 + 4
+    blocks = -(-n // 256)
+    for name in ("adamw_8bit", "paged_adamw_8bit"):
+        opt = get_optimizer(name)
+        assert opt.state_bytes((4096, 11008), pb) == 2 * n + 2 * blocks * 4 + 4
+        assert opt.state_bytes((4095,), 4) == 2 * 4095 * 4 + 4  # below min_8bit_size: fp32 states
+    assert get_optimizer("sgd").state_bytes((4096, 11008), pb) == 0
+    ada = get_optimizer("adafactor")
+    assert ada.state_bytes((4096, 11008), pb) == (4096 + 11008) * pb + 4  # row + column vectors
+    assert ada.state_bytes((4096,), pb) == 4096 * pb + 4
+
+
+def test_step_temporaries_depend_on_the_runner_only_where_the_kernel_does():
+    groups = [((64, 32), 3, 2), ((16,), 2, 4)]
+    adamw = get_optimizer("adamw")
+    assert adamw.step_temporary_bytes(groups, "loop") == 3 * 64 * 32 * 2 + 2 * 16 * 4  # foreach sqrt
+    assert adamw.step_temporary_bytes(groups, "trainer") == 0  # fused
+    assert get_optimizer("adafactor").step_temporary_bytes(groups, "trainer") == 64 * 32 * 4 * 3
+    assert get_optimizer("adafactor").step_temporary_bytes([], "loop") == 0
+    for name in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"):
+        assert get_optimizer(name).step_temporary_bytes(groups, "loop") == 0
+
+
+def test_update_bytes_and_bandwidth_come_from_the_catalogue():
+    assert get_optimizer("adamw").update_bytes_per_param(2, loop=False) == 14
+    assert get_optimizer("adamw").update_bytes_per_param(2, loop=True) == 21  # foreach temporaries
+    assert get_optimizer("adamw_8bit").update_bytes_per_param(2, loop=True) == 10
+    assert get_optimizer("paged_adamw_32bit").update_bytes_per_param(4, loop=False) == 28
+    assert get_optimizer("adafactor").bandwidth_efficiency == 0.5
+
+
+def test_every_optimizer_names_a_constructible_class_and_a_source():
+    for opt in OPTIMIZERS.values():
+        assert opt.source and opt.summary
+        for path in filter(None, (opt.cls, opt.cuda_class)):
+            module = path.split(":")[0]
+            if opt.package and importlib.util.find_spec(opt.package) is None:
+                continue
+            if module.startswith("vramplan."):
+                continue
+            mod = importlib.import_module(module)
+            assert hasattr(mod, path.split(":")[1]), path
+        if opt.paged:
+            assert opt.cuda_class and opt.state_label
+
+
+def test_a_broken_catalogue_entry_is_one_clear_error():
+    good = {"summary": "s", "source": "x", "states": 1, "stream_param_bytes": 1, "bandwidth_efficiency": 1.0,
+            "class": "torch.optim:SGD"}
+    assert _parse("toy", good).states == 1
+    for bad in ({**good, "state_bytes": "fp8"}, {**good, "typo": 1}, {**good, "bandwidth_efficiency": 2.0},
+                {k: v for k, v in good.items() if k != "class"}, {**good, "paged": True}):
+        with pytest.raises(VramplanError, match="optimizers.toml"):
+            _parse("toy", bad)
+
+
+def test_regimes_are_data_with_their_attributes():
+    assert get_regime("fp16-mixed").grad_scaler and not get_regime("bf16-mixed").grad_scaler
+    assert get_regime("bf16").autocast is None and get_regime("bf16").runner == "loop"
+    assert all(r.source for r in REGIMES.values())
+    row = {"trainable_dtype": "float32", "frozen_dtype": "float8", "adapter_dtype": "float32", "autocast": "none",
+           "compute_dtype": "float32", "runner": "trainer", "summary": "s", "source": "x"}
+    with pytest.raises(VramplanError, match="precisions.toml"):
+        parse_regime("toy", row)
+    with pytest.raises(VramplanError, match="precisions.toml"):
+        parse_regime("toy", {k: v for k, v in row.items() if k != "runner"})
+
+
+def test_the_runtime_builds_each_optimizer_from_its_catalogue_entry():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from vramplan.runtime.build import FusedAdamWOnMeta, make_optimizer
+
+    p = [torch.nn.Parameter(torch.zeros(4, 4))]
+    notes: list[str] = []
+
+    class Cfg:
+        optimizer = "adamw"
+
+    opt = make_optimizer(p, Cfg, get_regime("bf16"), "cuda", False, notes)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["foreach"] is True
+    meta = [torch.nn.Parameter(torch.zeros(4, 4, device="meta"))]
+    assert isinstance(make_optimizer(meta, Cfg, get_regime("bf16-mixed"), "cuda", True, notes), FusedAdamWOnMeta)
+    Cfg.optimizer = "sgd"
+    assert type(make_optimizer(p, Cfg, get_regime("bf16-mixed"), "cpu", False, notes)) is torch.optim.SGD
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        Cfg.optimizer = "paged_adamw_8bit"
+        opt = make_optimizer(p, Cfg, get_regime("bf16-mixed"), "cpu", False, notes)
+        assert type(opt).__name__ == "AdamW8bit"  # paged only on a real CUDA device, with a note
+        assert notes[-1].startswith("paged_adamw_8bit: its 8-bit states are counted as device tensors")
+
+
+def test_trainer_optimizer_names_come_from_the_catalogue():
+    from vramplan.integrations.request import OPTIMIZERS as TRAINER_NAMES, map_optimizer
+
+    assert TRAINER_NAMES["adamw_torch_fused"] == "adamw" and TRAINER_NAMES["adamw_bnb_8bit"] == "adamw_8bit"
+    # HF optim="paged_adamw_32bit" is bitsandbytes PagedAdamW32bit: its own entry (fp32 states, paged)
+    assert map_optimizer("paged_adamw_32bit", []) == "paged_adamw_32bit"
+    assert set(TRAINER_NAMES.values()) == set(OPTIMIZERS)
+    with pytest.raises(VramplanError, match="not modelled"):
+        map_optimizer("lion_32bit", [])

@@ -1,0 +1,373 @@
+"""The method registry: which model copies live in memory, what trains, how the method behaves.
+
+A method is **one data entry plus one behaviour module**. Definitions are data
+(``vramplan/data/methods.toml``), validated on load; this package resolves a method plus an
+adapter choice into the concrete model copies that the analytic model, the dry run and the
+calibration runner all build from, and reaches the method's behaviour through
+``recipe.behaviour`` (the module named by the entry's ``behaviour`` field: ``sft``, ``dpo``,
+``ppo`` in this package, or a dotted module path). No layer compares a method's name.
+
+The behaviour contract (:class:`vramplan.methods.base.Behaviour`; SFT's defaults, a method
+overrides only what differs; ``cfg`` is a TrainConfig):
+
+* ``options`` -- tuple of :class:`~vramplan.methods.base.Option`: the method's own knobs as data
+  (name, kind, bounds, default, CLI flag, help, ``shape``, trainer-config keys). The CLI adds
+  each flag to estimate/fit/dryrun (:func:`all_options`); ``make_config(method_options={...})``
+  (and ``estimate``/``fit``/``dryrun``'s ``method_options=``) validate them through
+  ``resolve_options``; the config carries them (``cfg.option(name)``).
+* ``resolve_options(values, seq) -> dict`` -- each option validated, defaults filled.
+* ``reset_shape() -> dict`` -- ``cfg.with_(**changes)`` that lets a search vary ``seq`` (the
+  ``shape`` options back to None, so each length takes its default).
+* ``generates`` (bool) and ``generation(cfg, seq=None) -> Generation | None`` -- prompt tokens,
+  generated tokens (per generated sequence) and sequences generated per example; memory.py
+  (KV cache, rollout logits), throughput.py (prefill + decode) and activations.py read it.
+  :mod:`vramplan.methods.generation` holds the shared token split.
+* ``min_seq() -> int`` -- the shortest sequence (tokens) the limits and searches consider.
+* ``assumptions(cfg) -> list[str]`` / ``dryrun_assumptions(cfg) -> list[str]`` -- assumption text
+  for the plan (planner/checks.py) and the dry run.
+* ``step`` (``"module:function"``) -- the real torch step the dry run and the calibration runner
+  execute (``vramplan.runtime.steps.run_step`` imports it on use; torch is never imported here).
+* ``takes_adapter_choice`` (bool) -- recipes read ``method+adapter`` (DPO, PPO).
+* ``trainer_names`` / ``axolotl_rl`` / ``report_names`` -- TRL config/trainer class names, Axolotl
+  ``rl:`` values and words in published reports that mean the method; ``config_keys`` /
+  ``recognised_by(keys) -> tuple[str, ...]`` -- the keys that mark a trainer config file as the method's.
+
+The model copies, sequences per example and loss buffers (``loss``) stay data in methods.toml.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from functools import lru_cache
+from importlib import import_module
+from typing import Any
+
+from .._data import load_data
+from ..errors import VramplanError, unknown
+from .base import Behaviour, Generation, Option
+
+
+class Adapter(str, Enum):
+    """What trains in a copy that trains."""
+
+    FULL = "full"    # every base weight
+    LORA = "lora"    # LoRA over a 16-bit frozen base
+    QLORA = "qlora"  # LoRA over an NF4 frozen base
+    DORA = "dora"    # DoRA over a 16-bit frozen base
+    IA3 = "ia3"      # IA³ vectors over a 16-bit frozen base
+
+    @property
+    def is_peft(self) -> bool:
+        return self is not Adapter.FULL
+
+    @property
+    def quantized_base(self) -> bool:
+        return self is Adapter.QLORA
+
+    @property
+    def low_rank(self) -> bool:
+        """LoRA, QLoRA and DoRA: rank-``r`` A/B matrices on the target linears (IA³ and full are not)."""
+        return self in LOW_RANK
+
+
+#: the LoRA family: adapters with a rank, an alpha and target linears
+LOW_RANK = (Adapter.LORA, Adapter.QLORA, Adapter.DORA)
+
+
+class Role(str, Enum):
+    POLICY = "policy"
+    REFERENCE = "reference"
+    REWARD = "reward"
+    VALUE = "value"
+
+
+class Forward(str, Enum):
+    GRAD = "grad"
+    NO_GRAD = "no_grad"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class CopyDef:
+    """One model copy as the registry declares it."""
+
+    role: Role
+    trains: bool
+    shares_base: bool
+    head: str  # "lm" or "scalar"
+    forward: Forward
+
+
+LOSSES = ("causal_lm", "sequence_logps", "response_logps")
+
+
+@dataclass(frozen=True)
+class MethodDef:
+    """A method as declared in methods.toml."""
+
+    name: str
+    summary: str
+    source: str
+    adapters: tuple[Adapter, ...]
+    sequences_per_example: int
+    rollout: bool
+    copies: tuple[CopyDef, ...]
+    #: how the policy's logits become the loss: "causal_lm" (the model's cross-entropy),
+    #: "sequence_logps" (per-token log-probs of the labels, summed per sequence: TRL DPO) or
+    #: "response_logps" (log-probs of the generated response tokens only: TRL PPO)
+    loss: str = "causal_lm"
+    #: the behaviour module: a module of this package (``"dpo"``) or a dotted module path
+    behaviour_name: str = "sft"
+
+    @property
+    def behaviour(self) -> Behaviour:
+        return load_behaviour(self.behaviour_name)
+
+    @property
+    def default_adapter(self) -> Adapter:
+        return self.adapters[0]
+
+
+@dataclass(frozen=True)
+class ModelCopy:
+    """A copy that is really held in memory, with its concrete adapter.
+
+    ``adapter`` is None for a frozen copy. ``quantized`` says whether its frozen base
+    weights are NF4 (QLoRA bases, and frozen copies next to a QLoRA policy).
+    """
+
+    role: Role
+    adapter: Adapter | None
+    quantized: bool
+    head: str
+    forward: Forward
+
+    @property
+    def trains(self) -> bool:
+        return self.adapter is not None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A method resolved with its adapter choice: the input of every layer of vramplan."""
+
+    method: MethodDef
+    adapter: Adapter
+    copies: tuple[ModelCopy, ...]   # held in memory (shared bases left out)
+    shared_roles: tuple[Role, ...]  # roles served by the policy's base with the adapter disabled
+
+    @property
+    def name(self) -> str:
+        if self.adapter.value == self.method.name:
+            return self.method.name
+        return f"{self.method.name}+{self.adapter.value}"
+
+    @property
+    def sequences_per_example(self) -> int:
+        return self.method.sequences_per_example
+
+    @property
+    def behaviour(self) -> Behaviour:
+        return self.method.behaviour
+
+
+@lru_cache(maxsize=None)
+def load_behaviour(name: str) -> Behaviour:
+    """The :class:`Behaviour` of module ``name`` (its ``BEHAVIOUR``): a module of this package, else an importable
+    module of that name (a dotted path, or a plug-in on ``sys.path``).
+
+    Raises:
+        VramplanError: no such module, or it defines no ``BEHAVIOUR``.
+    """
+    paths = [name] if "." in name else [f"{__name__}.{name}", name]  # this package's module first
+    mod, err = None, None
+    for path in paths:
+        try:
+            mod = import_module(path)
+            break
+        except ModuleNotFoundError as exc:
+            if exc.name != path:
+                raise VramplanError(f"methods.toml: behaviour {name!r} cannot be imported ({exc})") from None
+            err = exc
+    if mod is None:
+        raise VramplanError(f"methods.toml: behaviour {name!r} cannot be imported ({err})",
+                            "a module of vramplan/methods/ or an importable module path") from None
+    b = getattr(mod, "BEHAVIOUR", None)
+    if not isinstance(b, Behaviour):
+        raise VramplanError(f"methods.toml: behaviour module {path!r} defines no BEHAVIOUR (a methods.base.Behaviour)")
+    return b
+
+
+def _parse(name: str, raw: dict) -> MethodDef:
+    try:
+        copies = tuple(
+            CopyDef(Role(c["role"]), bool(c["trains"]), bool(c.get("shares_base", False)),
+                    str(c.get("head", "lm")), Forward(c.get("forward", "grad")))
+            for c in raw["copies"]
+        )
+        md = MethodDef(
+            name=name,
+            summary=str(raw["summary"]),
+            source=str(raw["source"]),
+            adapters=tuple(Adapter(a) for a in raw["adapters"]),
+            sequences_per_example=int(raw["sequences_per_example"]),
+            rollout=bool(raw.get("rollout", False)),
+            copies=copies,
+            loss=str(raw.get("loss", "causal_lm")),
+            behaviour_name=str(raw.get("behaviour", "sft")),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise VramplanError(f"methods.toml: method {name!r} is invalid ({exc})") from None
+    if md.loss not in LOSSES:
+        raise VramplanError(f"methods.toml: method {name!r}: loss must be one of {', '.join(LOSSES)}, not {md.loss!r}")
+    if not md.copies or md.copies[0].role is not Role.POLICY or not md.copies[0].trains:
+        raise VramplanError(f"methods.toml: method {name!r} must list a training policy copy first")
+    if md.sequences_per_example < 1 or any(h not in ("lm", "scalar") for h in (c.head for c in copies)):
+        raise VramplanError(f"methods.toml: method {name!r} has a bad sequences_per_example or head")
+    if md.rollout != md.behaviour.generates:
+        raise VramplanError(f"methods.toml: method {name!r}: rollout = {md.rollout} but its behaviour "
+                            f"{md.behaviour_name!r} {'generates' if md.behaviour.generates else 'generates nothing'}")
+    return md
+
+
+@lru_cache(maxsize=None)
+def registry() -> dict[str, MethodDef]:
+    """All methods, in catalogue order, validated (plus any added by :func:`register`)."""
+    return {name: _parse(name, raw) for name, raw in load_data("methods.toml").items()}
+
+
+def register(name: str, raw: dict[str, Any]) -> MethodDef:
+    """Add a method from a methods.toml-shaped entry (``raw``) at run time: a plug-in or a test's toy method.
+
+    Raises:
+        VramplanError: the entry is invalid, or ``name`` is taken.
+    """
+    key = str(name).lower()
+    if key in registry():
+        raise VramplanError(f"method {key!r} is already registered")
+    md = _parse(key, raw)
+    registry()[key] = md
+    all_options.cache_clear()
+    return md
+
+
+def unregister(name: str) -> None:
+    """Remove a method added by :func:`register` (tests)."""
+    registry().pop(str(name).lower(), None)
+    all_options.cache_clear()
+
+
+@lru_cache(maxsize=None)
+def all_options() -> tuple[Option, ...]:
+    """Every registered method's own options, once each by name (the CLI adds their flags)."""
+    seen: dict[str, Option] = {}
+    for md in registry().values():
+        for o in md.behaviour.options:
+            seen.setdefault(o.name, o)
+    return tuple(seen.values())
+
+
+def method_options(recipe: "Recipe", values: dict[str, Any] | None, seq: int) -> dict[str, Any]:
+    """The options of ``recipe``'s method for one configuration, validated (:meth:`Behaviour.resolve_options`).
+
+    ``values`` may name options of other methods (a search passes the same to each; they are ignored when
+    None or when another method declares them); a name no registered method declares is an error.
+
+    Raises:
+        VramplanError: an unknown option name, or a value the method refuses.
+    """
+    values = dict(values or {})
+    known = {o.name: o for o in all_options()}
+    bad = sorted(k for k in values if k not in known)
+    if bad:
+        raise VramplanError(f"unknown method option {bad[0]!r}",
+                            f"options: {', '.join(sorted(known)) or 'none'}")
+    for k, v in values.items():
+        known[k].validate(v)
+    own = {o.name for o in recipe.behaviour.options}
+    return recipe.behaviour.resolve_options({k: v for k, v in values.items() if k in own}, seq)
+
+
+def method_names() -> list[str]:
+    return list(registry())
+
+
+def get_method(name: str) -> MethodDef:
+    try:
+        return registry()[name.lower()]
+    except KeyError:
+        raise unknown("method", name, registry(), "vramplan methods") from None
+
+
+def takes_adapter_choice(name: str | None) -> bool:
+    """Whether method ``name`` takes an adapter choice (recipes read ``method+adapter``: DPO, PPO); False for
+    an unknown name or an SFT method (whose name is its adapter)."""
+    md = registry().get(str(name or "").lower())
+    return md is not None and md.behaviour.takes_adapter_choice
+
+
+def method_named_by(attribute: str, value: str) -> str | None:
+    """The first registered method whose behaviour lists ``value`` in ``attribute`` (``"trainer_names"``,
+    ``"axolotl_rl"``, ``"report_names"``), or None: how trainer configs and reports name a method."""
+    key = str(value).lower()
+    for name, md in registry().items():
+        if any(str(v).lower() == key for v in getattr(md.behaviour, attribute, ())):
+            return name
+    return None
+
+
+def report_words() -> list[tuple[str, str]]:
+    """(word, method) for every registered method's :attr:`~vramplan.methods.base.Behaviour.report_names`."""
+    return [(w.lower(), name) for name, md in registry().items() for w in md.behaviour.report_names]
+
+
+def parse_recipe_name(text: str, adapter: str | None = None) -> tuple[str, str | None]:
+    """``"dpo+qlora"`` -> ``("dpo", "qlora")``, ``"lora"`` -> ``("lora", adapter)``: the one parser of recipe names.
+
+    ``vramplan matrix`` prints recipes as ``method+adapter``; ``estimate``, ``fit``, suites and the
+    API accept the same text. An ``adapter`` given as well must agree with the name's.
+
+    Raises:
+        VramplanError: both name an adapter and they differ.
+    """
+    m, plus, a = str(text).strip().lower().partition("+")
+    m, a = m.strip(), a.strip()
+    if not plus or not a:
+        return m, adapter
+    if adapter is not None and str(getattr(adapter, "value", adapter)).lower() != a:
+        raise VramplanError(f"method {text!r} names adapter {a!r} but --adapter is {adapter!r}",
+                            f"pass --method {m} --adapter {adapter}, or --method {text} alone")
+    return m, a
+
+
+def resolve(method: str | MethodDef | Recipe, adapter: str | Adapter | None = None) -> Recipe:
+    """Resolve ``method`` (+ ``adapter`` for DPO/PPO) into the copies held in memory.
+
+    A frozen copy next to a QLoRA policy is quantised too (the same loading recipe).
+    A copy with ``shares_base`` next to a PEFT policy is the policy's base with the
+    adapter disabled (TRL's default), so it is not held separately.
+    """
+    if isinstance(method, Recipe):
+        return method
+    if isinstance(method, str) and "+" in method:
+        method, adapter = parse_recipe_name(method, adapter)
+    md = method if isinstance(method, MethodDef) else get_method(method)
+    if adapter is None:
+        ad = md.default_adapter
+    else:
+        try:
+            ad = Adapter(adapter.lower() if isinstance(adapter, str) else adapter)
+        except ValueError:
+            raise unknown("adapter", str(adapter), [a.value for a in Adapter]) from None
+        if ad not in md.adapters:
+            choices = ", ".join(a.value for a in md.adapters)
+            raise VramplanError(f"method {md.name!r} does not take adapter {ad.value!r}", f"choose one of {choices}")
+    held, shared = [], []
+    for c in md.copies:
+        if c.shares_base and ad.is_peft:
+            shared.append(c.role)
+            continue
+        held.append(ModelCopy(role=c.role, adapter=ad if c.trains else None, quantized=ad.quantized_base,
+                              head=c.head, forward=c.forward))
+    return Recipe(method=md, adapter=ad, copies=tuple(held), shared_roles=tuple(shared))
