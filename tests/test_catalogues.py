@@ -62,9 +62,10 @@ def test_model_catalogue_size_and_schema():
 
 @pytest.mark.parametrize("entry", MODEL_ENTRIES, ids=MODEL_NAMES)
 def test_model_entry_parses(entry):
-    # "note": what the entry models when that is not the whole checkpoint (Gemma-3's text decoder)
+    # "note": what the entry models when that is not the whole checkpoint (Gemma-3's text decoder);
+    # "values_from": where each config value was read when config.json itself was read through a copy
     assert {"name", "hf_id", "source", "params", "aliases", "config"} <= set(entry) <= {
-        "name", "hf_id", "source", "params", "aliases", "config", "note"}
+        "name", "hf_id", "source", "params", "aliases", "config", "note", "values_from"}
     assert entry["name"] == entry["name"].lower()
     assert entry["source"] == f"https://huggingface.co/{entry['hf_id']}/blob/main/config.json"
     cfg = entry["config"]
@@ -141,6 +142,13 @@ def _hf_model(name: str):
             return transformers.AutoModelForCausalLM.from_config(config)
 
 
+def _decoder_layers(model):
+    """The decoder layers wherever the architecture keeps them (model.layers, transformer.h, gpt_neox.layers)."""
+    from vramplan.dryrun import decoder_layers
+
+    return decoder_layers(model)
+
+
 def _layer_linears_hf(layer) -> Counter:
     """(last name, in, out, bias) of every nn.Linear in one decoder layer."""
     from torch import nn
@@ -160,10 +168,11 @@ def test_hf_meta_model_param_count(name):
     model = _hf_model(name)
     assert type(model).__name__ == spec.architecture
     assert sum(p.numel() for p in model.parameters()) == spec.params
-    assert len(model.model.layers) == spec.num_layers
-    layer0 = model.model.layers[0]
+    layers = _decoder_layers(model)
+    assert len(layers) == spec.num_layers
+    layer0 = layers[0]
     assert sum(p.numel() for p in layer0.parameters()) == spec.layer_params
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert tied == spec.tie_embeddings
 
 
@@ -173,14 +182,14 @@ def test_hf_meta_model_layer_linears(name):
     """The nn.Linear modules of layer 0 are the linear entries of ``layer_linears()``: names (the module's
     last name, as PEFT matches targets), shapes and biases; fused expert banks and the router are parameters."""
     spec = model_catalogue()[name]
-    layer0 = _hf_model(name).model.layers[0]
+    layer0 = _decoder_layers(_hf_model(name))[0]
     hf = _layer_linears_hf(layer0)
     assert hf == _layer_linears_spec(spec)
     assert {n for n, *_ in hf} == {l.name for l in spec.layer_linears() if l.is_linear}
     for lin in spec.layer_linears():
         if lin.is_linear:
             continue
-        parent = layer0.mlp
+        parent = getattr(layer0, "mlp", None) or layer0.feed_forward  # Llama-4: feed_forward
         try:
             p = parent.get_parameter(lin.name)
         except AttributeError:
@@ -303,7 +312,8 @@ def test_unknown_gpu_suggests_a_name():
         get_gpu("h1000")
 
 
-@pytest.mark.parametrize("typed", ["gemma-4-27b", "llama-4-scout-17b", "qwen4-8b", "phi-5"])
+@pytest.mark.parametrize("typed", ["gemma-4-27b", "llama-5-scout-17b", "qwen4-8b", "phi-5", "llama-4-maverick-17b-128e",
+                                   "phi-1.5"])
 def test_unknown_model_of_another_architecture_suggests_a_config_not_a_neighbour(typed):
     with pytest.raises(UnknownNameError) as err:
         get_model(typed)
@@ -331,3 +341,50 @@ def test_unsupported_layouts_say_what_they_are(cfg, words):
     with pytest.raises(VramplanError, match=words) as err:
         from_hf_config(cfg, name="x")
     assert "is it a decoder-only" not in str(err.value)
+
+
+def test_issue15_releases_resolve_by_their_hub_names():
+    """DeepSeek-R1 distills, Qwen3 2507 and Llama-4 Scout resolve from their hub ids to their own entries."""
+    for hub, name, layers in [("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "deepseek-r1-distill-qwen-7b", 28),
+                              ("deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", "deepseek-r1-distill-qwen-14b", 48),
+                              ("deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", "deepseek-r1-distill-qwen-32b", 64),
+                              ("Qwen/Qwen3-4B-Instruct-2507", "qwen3-4b-2507", 36),
+                              ("Qwen/Qwen3-30B-A3B-Instruct-2507", "qwen3-30b-a3b-2507", 48),
+                              ("Qwen/Qwen3-235B-A22B-Instruct-2507", "qwen3-235b-a22b-2507", 94),
+                              ("meta-llama/Llama-4-Scout-17B-16E-Instruct", "llama-4-scout-17b-16e", 48)]:
+        spec = get_model(hub)
+        assert spec.name == name and spec.num_layers == layers
+    assert get_model("qwen3-4b-2507").max_position_embeddings == 262144
+    scout = get_model("llama-4-scout")
+    assert scout.is_moe and scout.dense_experts and 17.0e9 < scout.active_params < 17.3e9  # "17B" active
+
+
+def test_llama4_maverick_config_is_refused_with_the_reason():
+    from vramplan.errors import VramplanError
+    from vramplan.models import from_hf_config
+
+    cfg = dict(get_model("llama-4-scout").hf_config, interleave_moe_layer_step=2, num_local_experts=128)
+    with pytest.raises(VramplanError, match="alternate dense and MoE"):
+        from_hf_config(cfg, name="maverick")
+
+
+@pytest.mark.parametrize("name,kind,parallel,mlp,norms", [
+    ("phi-2", "layer", True, "plain", 1), ("falcon-7b", "layer", True, "plain", 1),
+    ("stablelm-base-alpha-3b", "layer", True, "plain", 2), ("llama-2-7b", "rms", False, "gated", 2)])
+def test_layouts_parse(name, kind, parallel, mlp, norms):
+    spec = get_model(name)
+    assert (spec.norm_kind, spec.parallel_block, spec.mlp_kind, spec.norms_per_layer) == (kind, parallel, mlp, norms)
+
+
+def test_falcon_flags_follow_its_config():
+    from vramplan.errors import VramplanError
+    from vramplan.models import from_hf_config
+
+    base = dict(get_model("falcon-7b").hf_config)
+    assert get_model("falcon-7b").num_kv_heads == 1 and get_model("falcon-7b").sdpa_math
+    new = from_hf_config(dict(base, new_decoder_architecture=True, num_kv_heads=71), name="f")
+    assert new.num_kv_heads == 71 and new.norms_per_layer == 2 and not new.sdpa_math
+    seq = from_hf_config(dict(base, parallel_attn=False), name="f")
+    assert not seq.parallel_block and seq.norms_per_layer == 2
+    with pytest.raises(VramplanError, match="ALiBi"):
+        from_hf_config(dict(base, alibi=True), name="f")

@@ -67,6 +67,22 @@ class Dtypes:
     adapter: int       # adapter parameter dtype
 
 
+def act_saved_bytes(model: ModelSpec, cfg: TrainConfig, regime: Regime, m: int) -> int:
+    """Bytes per MLP-width element that the MLP activation saves for backward (``m``: its input's dtype size).
+
+    Every ATen activation (silu, gelu, gelu_pytorch_tanh, relu) saves one tensor: its input (relu: its
+    output). ``gelu_new`` is transformers' ``NewGELUActivation``, a Python formula
+    ``0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * pow(x, 3))))`` (transformers/activations.py):
+    pow saves x, tanh its output, and the last multiply both operands (``0.5 * x`` and ``1 + tanh``). Under
+    autocast ``pow`` is on the fp32 list, so its saved input, tanh's output and ``1 + tanh`` are fp32 and only
+    ``0.5 * x`` keeps x's dtype (dry run: Phi-2, bf16-mixed). A stack that runs its own model (stacks.toml
+    ``fused_activation``: litgpt's ``F.gelu``) saves one tensor whatever the config says.
+    """
+    if cfg.stack.fused_activation or model.hidden_act != "gelu_new":
+        return m
+    return 3 * 4 + m if regime.autocast is not None else 4 * m
+
+
 #: Bytes per element that a LoRA module with ``lora_dropout > 0`` keeps beyond what it keeps without
 #: dropout: measured by the dry run (PEFT 0.21 on meta; smollm2-360m, q_proj / q_proj,k_proj / down_proj,
 #: bf16 and bf16-mixed: +2.0 B per element of the adapted module's input, each case).
@@ -116,12 +132,29 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
     lin = {l.name: l for l in model.layer_linears()}
     dropout = lora_like and cfg.dropout > 0
     # bitsandbytes < 0.43.2 MatMul4Bit keeps every 4-bit linear's input (stacks.toml [behaviours])
-    keeps_4bit_input = copy.adapter is Adapter.QLORA and copy.quantized and cfg.behaves("bnb_4bit_saves_input")
+    keeps_4bit_input = (copy.adapter is not None and copy.adapter.quantized_base and copy.quantized
+                        and cfg.behaves("bnb_4bit_saves_input"))
 
     per_tok = 0.0  # bytes per token
     per_seq2 = 0.0  # bytes per token per sequence position (eager attention's s^2 terms)
+    const = 0.0  # bytes per layer whatever the tokens (weight casts saved for backward)
+    nm = model.mod
+    layer_norm = model.norm_kind == "layer"
+    # torch LayerNorm is on autocast's fp32 list: under autocast it computes on an fp32 copy of its input and
+    # returns fp32, which every linear reading it casts on its own; without autocast it keeps the input's dtype
+    ln_out = (4 if regime.autocast is not None else d.norm_out) if layer_norm else None
 
-    def norm(requires_grad: bool, width: int = h, in_bytes: int | None = None) -> float:
+    def norm(requires_grad: bool, width: int = h, in_bytes: int | None = None, same_input: bool = False) -> float:
+        if layer_norm and width == h:
+            # native_layer_norm saves its input (under autocast the fp32 cast of a 16-bit input) and a fp32
+            # mean and rstd per row; its backward needs no output, so a trainable weight saves nothing more.
+            # ``same_input``: a second LayerNorm of a tensor the first already saved (GPT-NeoX's parallel
+            # residual): only its own cast (under autocast) and its mean and rstd
+            if not (requires_grad or full):
+                return 0.0
+            cast = regime.autocast is not None and d.residual != 4
+            x = 0.0 if (same_input and not cast) else (4.0 if cast else float(d.residual)) * width
+            return x + 8.0
         b = 4.0 * width if requires_grad else 0.0  # fp32 upcast saved by pow/mul
         if full:
             # normalised output, cast back to the input's dtype, saved for the weight gradient (fp32
@@ -168,7 +201,7 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
                 mods = 1 if (stack.lora_qkv_pad and set(adapted) <= {"q_proj", "k_proj", "v_proj"}) else len(adapted)
                 b += DROPOUT_SAVED_BYTES * width * mods
             b += target * cfg.rank * len(adapted)  # lora_A's output, saved by lora_B
-            if copy.adapter is Adapter.DORA and dora_saved:
+            if copy.adapter.dora and dora_saved:
                 # (PEFT DoraLinearLayer: (m / ||W + BA||) scales the base result and the LoRA result; both saved)
                 # (lora_B's output is in autocast's dtype under autocast, else the adapter's)
                 b += sum((target + d.proj_out) * lin[n].out_features for n in adapted)
@@ -179,7 +212,7 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
         return b
 
     def ia3_out(names: list[str]) -> float:
-        if copy.adapter is not Adapter.IA3:
+        if copy.adapter is None or not copy.adapter.ia3:
             return 0.0
         # IA³ scales the base output (saved, out features) or, for feed-forward modules, the input
         # after casting it to the vector's dtype (PEFT IA3 Linear: ``x.to(ia3_l.dtype) * ia3_l``)
@@ -188,12 +221,20 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
 
     # -- attention block ------------------------------------------------------------------
     per_tok += norm(input_requires_grad)
-    attn_in = ["qkv_proj"] if model.fused_qkv else ["q_proj", "k_proj", "v_proj"]
+    attn_in = [nm("qkv_proj")] if model.fused_qkv else [nm("q_proj"), nm("k_proj"), nm("v_proj")]
+    if model.mlp_kind == "plain":
+        mlp_in = [nm("up_proj")]
+    else:
+        mlp_in = [nm("gate_up_proj")] if model.fused_gate_up else [nm("gate_proj"), nm("up_proj")]
+    # a parallel block with one norm (Phi-2, Falcon-7B): attention and the MLP read the same normed tensor
+    shared = model.parallel_block and model.norms_per_layer == 1 and not model.is_moe
+    first = attn_in + (mlp_in if shared else [])
     if attention_inputs_only:  # the inputs and the base outputs, before DoRA's scaling saves its own
-        return T * (per_tok + linear_inputs(attn_in, h, fresh=True, dora_saved=False) + d.proj_out * (qd + 2 * kvd))
-    per_tok += linear_inputs(attn_in, h, fresh=True)
+        return T * (per_tok + linear_inputs(first, h, fresh=True, dora_saved=False, in_bytes=ln_out)
+                    + d.proj_out * (qd + 2 * kvd))
+    per_tok += linear_inputs(first, h, fresh=True, in_bytes=ln_out)
     per_tok += ia3_out(attn_in)
-    qkv_adapted = [n for n in ("q_proj", "k_proj", "v_proj") if n in targets] if lora_like else []
+    qkv_adapted = [n for n in (nm("q_proj"), nm("k_proj"), nm("v_proj")) if n in targets] if lora_like else []
     if stack.lora_qkv_pad and 0 < len(qkv_adapted) < 3:
         # a fused-qkv LoRA zero-pads the adapted outputs into the qkv width (litgpt LoRAQKVLinear.zero_pad,
         # index_copy_): the LoRA-B output of the adapted projections stays saved (stacks.toml lora_qkv_pad)
@@ -219,14 +260,15 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
         if model.fused_qkv and d.attn == d.proj_out:
             per_tok += a * (qd + kvd)  # v is a view of the fused qkv output: all of it stays saved
     # attention output (transposed, contiguous) feeds o_proj
-    per_tok += linear_inputs(["o_proj"], qd, fresh=False, in_bytes=d.attn)
-    per_tok += ia3_out(["o_proj"])
+    per_tok += linear_inputs([nm("o_proj")], qd, fresh=False, in_bytes=d.attn)
+    per_tok += ia3_out([nm("o_proj")])
     if attention_only:
         return T * per_tok + T * s * per_seq2
     # -- MLP block ----------------------------------------------------------------------
     if model.norms_per_layer == 4:  # Gemma-2/3 post-attention norm before the residual add
         per_tok += norm(True)
-    per_tok += norm(True)
+    if not shared:  # the post-attention norm (GPT-NeoX parallel residual: a second norm of the layer input)
+        per_tok += norm(input_requires_grad, same_input=True) if model.parallel_block else norm(True)
     m = d.proj_out
     if model.is_moe:
         k, mi = model.experts_per_token, model.moe_intermediate_size
@@ -242,14 +284,36 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
             # the gathered input, the gate_up and down outputs, the activation's output and the
             # product, all fp32 (dry run, Qwen3-30B-A3B / Mixtral)
             expert = k * 4 * (2 * h + 4 * mi)
+        if model.dense_experts:
+            # transformers Llama4TextMoe: hidden_states.repeat(num_experts), scaled by the sigmoid router scores
+            # (the multiply saves the repeated copy, in the residual dtype), then torch.bmm over every expert --
+            # all experts run on every token -- in autocast's dtype: the gate_up output, the activation's output
+            # (and the product when down trains). Frozen fp32 banks (QLoRA: prepare_model_for_kbit_training)
+            # are cast by autocast for bmm, and the casts stay saved for the input gradient (dry run, Scout)
+            E = model.num_experts
+            eo = DTYPE_BYTES[regime.compute_dtype] if regime.autocast is not None else m
+            expert = E * (d.residual * h + eo * 2 * mi + eo * mi + (eo * mi if full else 0))
+            if regime.autocast is not None and not full and d.residual != eo:
+                banks = sum(l.params for l in model.layer_linears() if not l.is_linear)
+                const += banks * eo
         per_tok += router + expert + (m * h if full else 0)
         if model.shared_expert_intermediate_size:
             si = model.shared_expert_intermediate_size
             per_tok += linear_inputs(["gate_proj", "up_proj"], h, fresh=True) + m * si * 3 + (m * si if full else 0)
+    elif model.mlp_kind == "plain":
+        # up -> act -> down (GPT-NeoX, Falcon, Phi-2): the activation saves the up output (act_saved_bytes);
+        # its output is saved by down when down trains
+        i = model.intermediate_size
+        if not shared:
+            per_tok += linear_inputs(mlp_in, h, fresh=True, in_bytes=ln_out)
+        per_tok += ia3_out(mlp_in)
+        per_tok += act_saved_bytes(model, cfg, regime, m) * i
+        down = nm("down_proj")
+        per_tok += linear_inputs([down], i, fresh=True, in_bytes=d.proj_out) if (full or down in targets) else 0.0
+        per_tok += ia3_out([down])
     else:
         i = model.intermediate_size
-        mlp_in = ["gate_up_proj"] if model.fused_gate_up else ["gate_proj", "up_proj"]
-        per_tok += linear_inputs(mlp_in, h, fresh=True)
+        per_tok += linear_inputs(mlp_in, h, fresh=True, in_bytes=ln_out)
         per_tok += ia3_out(mlp_in)
         # gate out (the activation's input), the activation's output, up out; a fused gate_up
         # projection's 2i output is chunked into gate and up views and saved whole: the same bytes
@@ -261,7 +325,7 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
         per_tok += ia3_out(["down_proj"])
     if model.norms_per_layer == 4:
         per_tok += norm(True)
-    return T * per_tok + T * s * per_seq2
+    return T * per_tok + T * s * per_seq2 + const
 
 
 @dataclass(frozen=True)

@@ -42,13 +42,13 @@ def adapter_tensors(model: ModelSpec, adapter: Adapter, rank: int, targets: tupl
     for t in targets:
         l = by_name[t]
         n = layers * l.count
-        if adapter is Adapter.IA3:
+        if adapter.ia3:
             size = l.in_features if t in model.ia3_feedforward else l.out_features
             out.append(AdapterTensor((size,), n))
             continue
         out.append(AdapterTensor((rank, l.in_features), n))
         out.append(AdapterTensor((l.out_features, rank), n))
-        if adapter is Adapter.DORA:
+        if adapter.dora:
             out.append(AdapterTensor((l.out_features,), n))
     return out
 
@@ -69,17 +69,19 @@ def full_tensors(model: ModelSpec, head: str = "lm") -> list[tuple[tuple[int, ..
         out.append(((1, h), 1))
     elif not model.tie_embeddings:
         out.append(((model.vocab_size, h), 1))
+        if model.lm_head_bias:
+            out.append(((model.vocab_size,), 1))
     L = model.num_layers
     for l in model.layer_linears():
         shape = (l.count, l.out_features, l.in_features) if not l.is_linear and l.count > 1 else (l.out_features, l.in_features)
         out.append((shape, L))
         if l.bias:
             out.append(((l.out_features,), L * l.count))
-    norm = [(h,)] * model.norms_per_layer
+    norm = [(h,)] * (model.norms_per_layer * model.norm_width_params)  # LayerNorm: a weight and a bias
     if model.qk_norm == "head":
         norm += [(model.head_dim,)] * 2
     elif model.qk_norm == "full":
         norm += [(model.q_dim,), (model.kv_dim,)]
     out += [(s, L) for s in norm]
-    out.append(((h,), 1))
+    out += [((h,), 1)] * model.norm_width_params  # the final norm
     return out

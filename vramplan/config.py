@@ -116,7 +116,7 @@ class TrainConfig:
         from .stacks import effective_regime
 
         regime = effective_regime(self.precision, self.framework)
-        floating_base = self.adapter != "qlora" or self.stack.float_quant_storage
+        floating_base = not self.recipe.adapter.quantized_base or self.stack.float_quant_storage
         if floating_base and self.behaves("peft_adapter_base_dtype") and regime.autocast is None:
             # PEFT < 0.12 moved LoRA layers to the base weight's floating dtype (stacks.toml [behaviours]); a
             # 4-bit weight packed in a floating quant_storage (fsdp_qlora: bf16) counts as floating
@@ -268,7 +268,7 @@ def make_config(model: ModelSpec | str, method: str = "lora", *, adapter: str | 
             if min(l.in_features, l.out_features) > 16 and rank > min(l.in_features, l.out_features):
                 raise VramplanError(f"rank {rank} is larger than {t} ({l.out_features}x{l.in_features}) of {spec.name}",
                                     f"use --rank <= {min(l.in_features, l.out_features)}")
-    elif recipe.adapter is Adapter.IA3:
+    elif recipe.adapter.ia3:
         tg = tuple(t for t in spec.ia3_targets if t in {l.name for l in spec.layer_linears() if l.is_linear})
         if targets:
             tg = resolve_targets(spec, targets)
@@ -281,7 +281,7 @@ def make_config(model: ModelSpec | str, method: str = "lora", *, adapter: str | 
     as_fields = {k: (opts.pop(k) if k in opts else given.get(k)) for k in {*given, *opts} if k in _FIELDS}
     extra = tuple(sorted((k, val) for k, val in opts.items() if val is not None))
     if grad_ckpt is None:
-        grad_ckpt = recipe.adapter is Adapter.QLORA
+        grad_ckpt = recipe.adapter.quantized_base
     return TrainConfig(
         method=recipe.method.name, adapter=recipe.adapter.value, batch=batch, seq=seq, grad_accum=grad_accum,
         rank=rank, alpha=float(alpha if alpha is not None else rank), dropout=float(dropout), targets=tg,

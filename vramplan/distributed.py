@@ -356,7 +356,7 @@ def _frozen_weight_bytes(model: ModelSpec, cfg: TrainConfig, st) -> int:
 
 def _unit_params(model: ModelSpec) -> tuple[int, int]:
     """FSDP wrap units: (root unit = embeddings + lm_head + final norm, one decoder layer)."""
-    return model.embedding_params + model.lm_head_params + model.hidden_size, model.layer_params
+    return model.embedding_params + model.lm_head_params + model.final_norm_params, model.layer_params
 
 
 def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, st=None) -> ShardedState:
@@ -539,7 +539,7 @@ def _fsdp2(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel,
         w = DTYPE_BYTES[regime.trainable_dtype]
         R, U = root_p * w, layer_p * w
         gU = layer_p * gb                      # one layer's unsharded gradients
-        head_g = (model.lm_head_params + model.hidden_size) * gb  # lm_head + final norm, from the logits on
+        head_g = (model.lm_head_params + model.final_norm_params) * gb  # lm_head + final norm, from the logits on
         root_g = root_p * gb
     else:
         adapters = base.get(Component.ADAPTERS, 0)

@@ -44,7 +44,7 @@ from .errors import UnknownNameError, VramplanError, require
 from .gpus import GPUSpec, custom_gpu, get_gpu
 from .gpus import catalogue as gpu_catalogue
 from .memory import step_memory
-from .methods import Recipe, method_names, parse_recipe_name, resolve
+from .methods import Recipe, default_methods, parse_recipe_name, resolve
 from .models import ModelSpec, get_model
 from .models import catalogue as model_catalogue
 from .overheads import activation_correction, card_profile, device_total, rounded_terms, runtime_overheads
@@ -104,7 +104,7 @@ def select_methods(items: str | Iterable | None = "all") -> list[Recipe]:
             continue
         text = str(it).lower()
         if text == "all":
-            out += [resolve(m) for m in method_names()]
+            out += [resolve(m) for m in default_methods()]
             continue
         out.append(resolve(*parse_recipe_name(text)))
     if not out:

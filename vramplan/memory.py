@@ -58,7 +58,8 @@ ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
 
 
 def _attention_params(model: ModelSpec) -> int:
-    return sum(l.params for l in model.layer_linears() if l.name in ATTENTION_LINEARS)
+    names = {model.mod(r) for r in ATTENTION_LINEARS}
+    return sum(l.params for l in model.layer_linears() if l.name in names)
 
 
 def _copy_params(model: ModelSpec, copy: ModelCopy) -> int:
@@ -122,7 +123,7 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
             embed = 0 if (model.tie_embeddings and copy.head == "lm") else model.embedding_params
             st.grads_tail = max(st.grads_tail, (attn + embed) * wb)
             st.layer_grad = max(st.layer_grad, (model.layer_params - attn) * wb)
-            head_p = (model.lm_head_params if copy.head == "lm" else model.hidden_size) + model.hidden_size
+            head_p = (model.lm_head_params if copy.head == "lm" else model.hidden_size) + model.final_norm_params
             st.head_grad = max(st.head_grad, head_p * wb)
             if model.tie_embeddings and copy.head == "lm":
                 # the embedding's dense gradient is accumulated into the lm_head's: two V x h
@@ -174,7 +175,7 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
         st.add(Component.ADAPTERS, count * ab)
         st.add(Component.GRADIENTS, count * ab)
         opt_groups += [(s, c, ab) for s, c in tensors]
-        if regime.autocast is not None and copy.adapter is not Adapter.IA3:
+        if regime.autocast is not None and not copy.adapter.ia3:
             st.add(Component.AUTOCAST_CACHE, count * DTYPE_BYTES[regime.compute_dtype])
     offload = cfg.uses("opt_offload")
     st.add(Component.OPTIMIZER_STATES, 0 if offload else opt.total_state_bytes(opt_groups))
@@ -201,6 +202,10 @@ def quantized_linears(model: ModelSpec, cfg: TrainConfig) -> list:
     """The decoder-layer linears QLoRA quantises: every ``nn.Linear`` (bitsandbytes), or only the
     adapted ones where the stack's builder says so (stacks.toml ``nf4_adapted_only``)."""
     linears = [l for l in model.layer_linears() if l.is_linear]
+    if model.linear_subclass and cfg.stack.bnb_exact_linear:
+        # transformers >= 5 replace_with_bnb_linear converts ``type(module) is nn.Linear`` only: Falcon's
+        # FalconLinear stays 16-bit (and prepare_model_for_kbit_training upcasts it: stacks.toml bnb_exact_linear)
+        return []
     if cfg.stack.quantises_only_adapted(model):
         linears = [l for l in linears if l.name in cfg.targets]
     return linears
@@ -219,7 +224,9 @@ def _dequant_temp(model: ModelSpec, regime: Regime, cfg: TrainConfig) -> int:
 #: Input groups of a decoder layer's linears: linears of one group read one tensor.
 _INPUT_GROUP = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "qkv_proj": "attn_in", "o_proj": "o_proj",
                 "gate_proj": "mlp_in", "up_proj": "mlp_in", "gate_up_proj": "mlp_in", "shared_expert_gate": "mlp_in",
-                "down_proj": "down_proj"}
+                "down_proj": "down_proj",
+                # GPT-NeoX / Falcon names (the catalogue's layer_linears for those architectures)
+                "query_key_value": "attn_in", "dense": "o_proj", "dense_h_to_4h": "mlp_in", "dense_4h_to_h": "down_proj"}
 
 
 def bnb_ctx_input_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime, T):
@@ -232,9 +239,10 @@ def bnb_ctx_input_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, reg
     ``ctx.tensors`` is a plain attribute, not ``save_for_backward``: autograd's backward does not
     release it; it dies with the graph (bitsandbytes 0.42.0 ``autograd/_functions.py``
     ``MatMul4Bit.forward``; fixed by commit 9e753741, PR #1270, in 0.43.2). 0 when the behaviour
-    is off or the copy is not a QLoRA copy being trained.
+    is off or the copy is not a trained adapter over a 4-bit base.
     """
-    if not (copy.adapter is Adapter.QLORA and copy.quantized and copy.trains and cfg.behaves("bnb_4bit_saves_input")):
+    if not (copy.adapter is not None and copy.adapter.quantized_base and copy.quantized and copy.trains
+            and cfg.behaves("bnb_4bit_saves_input")):
         return np.zeros_like(np.asarray(T, dtype=np.float64))
     c = DTYPE_BYTES[regime.compute_dtype]
     widths: dict[str, int] = {}
@@ -271,7 +279,7 @@ def _dora_prefix(model: ModelSpec, cfg: TrainConfig, copy, regime: Regime, T, s)
     its weight norm: the attention block's input side (the norm, the projections' inputs and outputs)
     when that module is an input projection of attention; else the whole layer (a bound)."""
     lin = _dora_largest(model, cfg)
-    if lin is not None and lin.name in ("q_proj", "k_proj", "v_proj", "qkv_proj"):
+    if lin is not None and lin.name in {model.mod(r) for r in ("q_proj", "k_proj", "v_proj", "qkv_proj")}:
         return act.layer_activation_bytes(model, cfg, copy, regime, T, s, attention_inputs_only=True)
     return act.layer_activation_bytes(model, cfg, copy, regime, T, s)
 
@@ -352,6 +360,16 @@ def _stack_activations(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regi
     return (L - 1) * full_layer + first, 0 * full_layer
 
 
+def attention_as_run(model: ModelSpec, cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the attention the stack really runs: SDPA that only the math backend can take
+    (transformers' Falcon multi-query: ``ModelSpec.sdpa_math``) materialises its scores like eager
+    attention, and is planned as eager (the dry run: within a few % of it; eager's fp32 softmax is the
+    safe side of the math backend's)."""
+    if cfg.attn == "sdpa" and model.sdpa_math and cfg.stack.transformers_modules:
+        return cfg.with_(attn="eager")
+    return cfg
+
+
 def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict[str, np.ndarray]:
     """The batch-dependent terms of a step (arrays over batch/seq), shared by :func:`step_memory`
     and the sharded planner (:func:`vramplan.distributed.parallel_step_memory`).
@@ -364,6 +382,7 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
     weight-norm buffers in forward), temps_recompute (the same in a checkpointed layer's
     recomputation, before its backward's buffers exist), kv (PPO KV cache), rollout_logits, zeros.
     """
+    cfg = attention_as_run(model, cfg)
     model = cfg.stack.as_built(model)
     regime = cfg.regime
     kbit = cfg.stack.kbit_upcast
@@ -433,7 +452,7 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
         attn_bwd = np.maximum(attn_bwd, eb)
         if copy.quantized:
             temps_fwd = np.maximum(temps_fwd, _dequant_temp(model, regime, cfg) + zeros)
-        if copy.adapter is Adapter.DORA:  # in backward too when checkpointing recomputes the forward
+        if copy.adapter is not None and copy.adapter.dora:  # in backward too when checkpointing recomputes the forward
             temps_fwd_only = np.maximum(temps_fwd_only, _dora_norm_temp(model, cfg, regime) + zeros)
             rec_prefix = np.maximum(rec_prefix, _dora_prefix(model, cfg, copy, regime, T, s))
             if cfg.grad_ckpt:
@@ -468,7 +487,7 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
             "logits_bwd": logits_bwd, "transient": transient, "nograd_peak": nograd_peak, "temps_fwd": temps_fwd,
             "temps_fwd_only": temps_fwd_only, "temps_recompute": temps_recompute, "kv": kv,
             "rollout_logits": rollout_logits, "attn_fwd": attn_fwd, "attn_bwd": attn_bwd, "logits_kept": logits_kept,
-            "dora_prefix": rec_prefix if recipe.copies[0].adapter is Adapter.DORA else layer,
+            "dora_prefix": rec_prefix if (recipe.copies[0].adapter is not None and recipe.copies[0].adapter.dora) else layer,
             "last_graph": last_graph, "zeros": zeros}
 
 

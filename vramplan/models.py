@@ -74,6 +74,16 @@ class ModelSpec:
     sliding_pattern: int = 0  # every n-th layer is full attention, the rest sliding (Gemma-2: 2, Gemma-3: 6)
     final_logit_softcapping: float | None = None
     attn_logit_softcapping: float | None = None
+    norm_kind: str = "rms"  # rms (RMSNorm, a weight) | layer (LayerNorm, a weight and a bias: GPT-NeoX, Falcon, Phi-2)
+    parallel_block: bool = False  # attention and MLP read the same layer input, added together (GPT-J style)
+    mlp_kind: str = "gated"  # gated (gate/up -> act * up -> down) | plain (up -> act -> down: GPT-NeoX, Falcon, Phi-2)
+    lm_head_bias: bool = False  # the output projection carries a bias (Phi-2)
+    module_names: tuple[tuple[str, str], ...] = ()  # role -> the module's name where it is not the Llama one
+    dense_experts: bool = False  # every expert runs on every token, unselected ones weighted 0 (transformers Llama-4)
+    router_name: str = ""  # the router is an nn.Linear subclass of this name (Llama-4), else a bare parameter "gate"
+    shared_expert_gate: bool = True  # the shared expert's output is gated by a 1-unit linear (Qwen2-MoE)
+    sdpa_math: bool = False  # transformers hands SDPA unequal q and kv head counts: only its math backend runs it
+    linear_subclass: str = ""  # the decoder linears are this nn.Linear subclass (Falcon: FalconLinear), not nn.Linear
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     ia3_targets: tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
     ia3_feedforward: tuple[str, ...] = ("down_proj",)
@@ -96,6 +106,14 @@ class ModelSpec:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    def mod(self, role: str) -> str:
+        """The module name of a layer role (``q_proj``, ``qkv_proj``, ``o_proj``, ``gate_proj``, ``up_proj``,
+        ``down_proj``) in this architecture: ``o_proj`` is ``dense`` in GPT-NeoX, Falcon and Phi-2."""
+        for r, n in self.module_names:
+            if r == role:
+                return n
+        return role
+
     def layer_linears(self) -> list[Linear]:
         """Linear weights of one decoder layer, named as in transformers."""
         try:
@@ -106,22 +124,27 @@ class ModelSpec:
     def _build_layer_linears(self) -> list[Linear]:
         h, i = self.hidden_size, self.intermediate_size
         out: list[Linear] = []
+        m = self.mod
         if self.fused_qkv:
-            out.append(Linear("qkv_proj", h, self.q_dim + 2 * self.kv_dim, self.qkv_bias))
+            out.append(Linear(m("qkv_proj"), h, self.q_dim + 2 * self.kv_dim, self.qkv_bias))
         else:
-            out += [Linear("q_proj", h, self.q_dim, self.qkv_bias), Linear("k_proj", h, self.kv_dim, self.qkv_bias),
-                    Linear("v_proj", h, self.kv_dim, self.qkv_bias)]
-        out.append(Linear("o_proj", self.q_dim, h, self.o_bias))
+            out += [Linear(m("q_proj"), h, self.q_dim, self.qkv_bias), Linear(m("k_proj"), h, self.kv_dim, self.qkv_bias),
+                    Linear(m("v_proj"), h, self.kv_dim, self.qkv_bias)]
+        out.append(Linear(m("o_proj"), self.q_dim, h, self.o_bias))
         if self.is_moe:
             e, mi = self.num_experts, self.moe_intermediate_size or i
-            # the router is a bare nn.Parameter in transformers >= 5 (not nn.Linear)
-            out.append(Linear("gate", h, e, False, 1, is_linear=False))
+            # the router is a bare nn.Parameter in transformers >= 5 (not nn.Linear); Llama-4's is an nn.Linear
+            out.append(Linear(self.router_name, h, e, False, 1) if self.router_name
+                       else Linear("gate", h, e, False, 1, is_linear=False))
             out.append(Linear("experts.gate_up_proj", h, 2 * mi, False, e, is_linear=False))
             out.append(Linear("experts.down_proj", mi, h, False, e, is_linear=False))
             if self.shared_expert_intermediate_size:
                 si = self.shared_expert_intermediate_size
-                out += [Linear("gate_proj", h, si), Linear("up_proj", h, si), Linear("down_proj", si, h),
-                        Linear("shared_expert_gate", h, 1)]
+                out += [Linear("gate_proj", h, si), Linear("up_proj", h, si), Linear("down_proj", si, h)]
+                if self.shared_expert_gate:
+                    out.append(Linear("shared_expert_gate", h, 1))
+        elif self.mlp_kind == "plain":
+            out += [Linear(m("up_proj"), h, i, self.mlp_bias), Linear(m("down_proj"), i, h, self.mlp_bias)]
         elif self.fused_gate_up:
             out += [Linear("gate_up_proj", h, 2 * i, self.mlp_bias), Linear("down_proj", i, h, self.mlp_bias)]
         else:
@@ -143,9 +166,18 @@ class ModelSpec:
             return sum(bool((i + 1) % self.sliding_pattern) for i in range(L)) / L
         return 1.0
 
+    @property
+    def norm_width_params(self) -> int:
+        """Parameters per normalised element: 1 (RMSNorm's weight) or 2 (LayerNorm's weight and bias)."""
+        return 2 if self.norm_kind == "layer" else 1
+
+    @property
+    def final_norm_params(self) -> int:
+        return self.norm_width_params * self.hidden_size
+
     def layer_norm_params(self) -> int:
-        """RMSNorm weights of one layer (norms and q/k norms)."""
-        n = self.norms_per_layer * self.hidden_size
+        """Norm parameters of one layer (norms and q/k norms)."""
+        n = self.norms_per_layer * self.hidden_size * self.norm_width_params
         if self.qk_norm == "head":
             n += 2 * self.head_dim
         elif self.qk_norm == "full":
@@ -159,7 +191,7 @@ class ModelSpec:
     @property
     def lm_head_params(self) -> int:
         """Untied output projection (0 when tied to the embeddings)."""
-        return 0 if self.tie_embeddings else self.vocab_size * self.hidden_size
+        return 0 if self.tie_embeddings else self.vocab_size * self.hidden_size + (self.vocab_size if self.lm_head_bias else 0)
 
     @property
     def layer_params(self) -> int:
@@ -174,7 +206,7 @@ class ModelSpec:
     def params(self) -> int:
         """Total parameters, as ``sum(p.numel() for p in model.parameters())`` counts them."""
         return (self.embedding_params + self.lm_head_params + self.num_layers * self.layer_params
-                + self.hidden_size)  # final norm
+                + self.final_norm_params)
 
     @property
     def active_params(self) -> int:
@@ -306,6 +338,31 @@ def from_hf_config(cfg: dict, name: str | None = None, **meta) -> ModelSpec:
     hidden = need("hidden_size", "n_embd", "d_model")
     heads = need("num_attention_heads", "n_head")
     kv = opt("num_key_value_heads", heads, zero_ok=False)
+    norms_per_layer = int(lay.get("norms_per_layer", 2))
+    sdpa_math = False
+    if lay.get("moe_layers_key"):
+        # a model whose layers alternate dense and MoE MLPs (Llama-4 Maverick: interleave_moe_layer_step 2, dense
+        # layers of intermediate_size_mlp) has two layer shapes; a ModelSpec has one
+        step = cfg.get(lay["moe_layers_key"], 1)
+        if step not in (None, 1):
+            raise VramplanError(f"config of {label}: {lay['moe_layers_key']} {_short(step)}: layers alternate dense and "
+                                "MoE MLPs, which vramplan does not model (one layer shape per model)",
+                                "Llama-4 Scout (every layer MoE) is in the catalogue; Maverick is not")
+    if lay.get("falcon_layout"):
+        # transformers FalconAttention: new_decoder_architecture -> num_kv_heads and num_ln_in_parallel_attn
+        # norms (default 2); else multi_query -> one kv head, one input_layernorm; ALiBi is not modelled
+        if flag("alibi", False):
+            raise VramplanError(f"config of {label}: Falcon with ALiBi positions is not modelled",
+                                "vramplan models rotary Falcon (falcon-7b/40b/180b)")
+        if flag("new_decoder_architecture", False):
+            kv = opt("num_kv_heads", heads, zero_ok=False)
+            norms_per_layer = opt("num_ln_in_parallel_attn", 2)
+        else:
+            kv = 1 if flag("multi_query", True) else heads
+            # FalconAttention passes q (num_heads) and the single k/v head to SDPA without enable_gqa or
+            # expanding them: the flash and memory-efficient kernels need equal head counts, so the math
+            # backend runs it (scores materialised, as eager attention)
+            sdpa_math = kv != heads
     head_dim = opt("head_dim", hidden // heads)
     if head_dim < 1:
         raise VramplanError(f"config of {label}: hidden_size {hidden} is smaller than num_attention_heads {heads}")
@@ -318,14 +375,24 @@ def from_hf_config(cfg: dict, name: str | None = None, **meta) -> ModelSpec:
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise VramplanError(f"config of {label}: architectures must be a list of class names, got {_short(archs)}")
     arch = archs[0] if archs else f"{model_type.title()}ForCausalLM"
-    qkv_bias = flag("attention_bias", lay.get("qkv_bias", False))
-    hidden_act = cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu"
+    bias_key, mlp_bias_key = lay.get("bias_key", "attention_bias"), lay.get("mlp_bias_key", "mlp_bias")
+    qkv_bias = flag(bias_key, lay.get("qkv_bias", False)) if bias_key else bool(lay.get("qkv_bias", False))
+    o_bias = (flag(bias_key, lay.get("o_bias", False)) if bias_key else bool(lay.get("o_bias", False))) \
+        and model_type not in ("qwen2", "qwen2_moe")
+    mlp_bias = flag(mlp_bias_key, lay.get("mlp_bias", False)) if mlp_bias_key else bool(lay.get("mlp_bias", False))
+    parallel = bool(lay.get("parallel_block", False))
+    if lay.get("parallel_key"):
+        parallel = flag(lay["parallel_key"], parallel)
+    if lay.get("falcon_layout") and not parallel:
+        norms_per_layer = 2  # transformers FalconDecoderLayer: post_attention_layernorm when not parallel_attn
+    hidden_act = cfg.get("hidden_act") or cfg.get("hidden_activation") or cfg.get("activation") or "silu"
     if not isinstance(hidden_act, str):
         raise VramplanError(f"config of {label}: hidden_act must be a name, got {_short(hidden_act)}")
     if num_experts and not cfg.get("intermediate_size"):
         intermediate = need("moe_intermediate_size")
     else:
-        intermediate = need("intermediate_size", "n_inner")
+        intermediate = need("intermediate_size", "n_inner") if not lay.get("ffn_key") else (
+            opt(lay["ffn_key"]) or 4 * hidden)  # Falcon: ffn_hidden_size, else 4 x hidden (FalconConfig)
     sliding = opt("sliding_window", None) if flag("use_sliding_window", True) else None
     for k in ("layer_types",):
         if cfg.get(k) is not None and not (isinstance(cfg[k], list) and all(isinstance(t, str) for t in cfg[k])):
@@ -344,18 +411,29 @@ def from_hf_config(cfg: dict, name: str | None = None, **meta) -> ModelSpec:
         tie_embeddings=flag("tie_word_embeddings", lay.get("tie_default", False)),
         hidden_act=hidden_act,
         qkv_bias=qkv_bias,
-        o_bias=flag("attention_bias", False) and model_type not in ("qwen2", "qwen2_moe"),
-        mlp_bias=flag("mlp_bias", False),
+        o_bias=o_bias,
+        mlp_bias=mlp_bias,
         fused_qkv=bool(lay.get("fused_qkv", False)),
         fused_gate_up=bool(lay.get("fused_gate_up", False)),
         qk_norm=str(lay.get("qk_norm", "none")),
-        norms_per_layer=int(lay.get("norms_per_layer", 2)),
+        norms_per_layer=norms_per_layer,
+        norm_kind=str(lay.get("norm", "rms")),
+        parallel_block=parallel,
+        mlp_kind=str(lay.get("mlp", "gated")),
+        lm_head_bias=bool(lay.get("lm_head_bias", False)),
+        linear_subclass=str(lay.get("linear_subclass", "")),
+        sdpa_math=sdpa_math,
+        module_names=tuple(sorted((str(k), str(v)) for k, v in (lay.get("names") or {}).items())),
         embed_scale=bool(lay.get("embed_scale", False)),
         norm_weight_fp32=bool(lay.get("norm_weight_fp32", False)),
         num_experts=num_experts,
         experts_per_token=min(opt("num_experts_per_tok"), num_experts) if num_experts else opt("num_experts_per_tok"),
         moe_intermediate_size=opt("moe_intermediate_size") or (opt("intermediate_size") if num_experts else 0),
-        shared_expert_intermediate_size=opt("shared_expert_intermediate_size") if lay.get("shared_expert") else 0,
+        shared_expert_intermediate_size=(opt(lay.get("shared_expert_key", "shared_expert_intermediate_size"))
+                                         if lay.get("shared_expert") else 0),
+        shared_expert_gate=bool(lay.get("shared_expert_gate", True)),
+        router_name=str(lay.get("router", "")),
+        dense_experts=bool(lay.get("dense_experts", False)),
         max_position_embeddings=opt("max_position_embeddings", 4096),
         sliding_window=sliding,
         sliding_pattern=opt("sliding_window_pattern") or int(lay.get("sliding_window_pattern", 0)),
@@ -490,6 +568,22 @@ def _family_version(text: str) -> tuple[str, str | None]:
     return m.group(1), m.group(2)
 
 
+#: words after a version that name a release's flavour, not another model
+_FLAVOURS = {"instruct", "chat", "it", "base", "hf", "pt", "thinking"}
+
+
+def _variant(text: str) -> str | None:
+    """The model-line word right after the family and version (``llama-4-maverick`` -> "maverick",
+    ``phi-3-mini-4k`` -> "mini"), or None (a size or a flavour such as ``instruct`` follows, or nothing)."""
+    import re
+
+    t = text.lower().rsplit("/", 1)[-1]
+    m = re.match(r"[a-z]+[-_ ]?(?:\d+(?:\.\d+)?(?![\d.]*[bkm](?:$|[-_x])))?[-_ ]([a-z]+)(?:$|[-_ ])", t)
+    if not m or m.group(1) in _FLAVOURS:
+        return None
+    return m.group(1)
+
+
 def _unknown_model(text: str, names: list[str]):
     """The unknown-model error: a did-you-mean only among the same family and version.
 
@@ -508,6 +602,8 @@ def _unknown_model(text: str, names: list[str]):
         close = [c for c in close if _family_version(c)[0] == fam]
     if ver is not None:
         close = [c for c in close if _family_version(c)[1] == ver]
+    # llama-4-maverick is not llama-4-scout, stablelm-3b (StableLM-3B-4E1T) not stablelm-alpha-3b: other layouts
+    close = [c for c in close if _variant(c) == _variant(text)]
     if close:
         return UnknownNameError(f"unknown model {text!r}", f"did you mean {' or '.join(close)}? or {LOCAL_CONFIG_HINT}")
     return UnknownNameError(f"unknown model {text!r}: not in the catalogue", LOCAL_CONFIG_HINT)

@@ -88,7 +88,7 @@ def plan_brief(plan) -> str:
     parts.append(get_optimizer(c.optimizer).label)
     if c.attn != "sdpa":
         parts.append(c.attn)
-    if c.adapter in ("lora", "qlora", "dora"):
+    if c.recipe.adapter.low_rank:
         parts.append(f"r{c.rank}" + (" all-linear" if len(c.targets) > 2 else ""))
     if plan.parallel.distributed:
         parts.append(plan.parallel.label)

@@ -180,7 +180,7 @@ class StepWork:
 def _body_params(spec: ModelSpec) -> int:
     """Matmul weights touched per token in the decoder layers (routed experts only for MoE)."""
     return (spec.active_params - spec.embedding_params - spec.lm_head_params
-            - spec.num_layers * spec.layer_norm_params() - spec.hidden_size)
+            - spec.num_layers * spec.layer_norm_params() - spec.final_norm_params)
 
 
 def _adapted_shapes(spec: ModelSpec, cfg: TrainConfig) -> list[tuple[int, int, int]]:
@@ -267,7 +267,7 @@ def step_work(spec: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepWo
         adapter += len(grad_copies) * tokens * (lora_per_token + gc * fwd_per_token)
         if recipe.behaviour.generates:
             adapter += tokens * fwd_per_token
-        if recipe.adapter is Adapter.DORA:
+        if recipe.adapter.dora:
             dora = float(sum(i * o * n for i, o, n in shapes) * forwards)
             adapter += sum(2 * cfg.rank * i * o * n for i, o, n in shapes) * forwards
     return StepWork(tokens=tokens, batch=b + zeros, model_flops=flops + rollout, adapter_flops=adapter, rollout_flops=rollout,

@@ -113,9 +113,7 @@ def read_axolotl(data: dict, path: Path, model: Any = None) -> PlanRequest:
     elif ad in ("lora", "qlora"):
         four = ad == "qlora" or _truthy(data.get("load_in_4bit"))
         dora = _truthy(data.get("peft_use_dora"))
-        adapter = "qlora" if four else "dora" if dora else "lora"
-        if dora and four:
-            notes.append("DoRA over a 4-bit base planned as QLoRA (magnitude vectors not counted)")
+        adapter = ("qdora" if dora else "qlora") if four else "dora" if dora else "lora"
         opts["rank"] = _int(data, "lora_r", path) or 8
         if data.get("lora_alpha") is not None:
             opts["alpha"] = _real(data, "lora_alpha", path, lo=-1e6, hi=1e6)
@@ -188,7 +186,7 @@ def read_training_arguments(data: dict, path: Path, model: Any = None) -> PlanRe
         if missing:
             notes.append("TRL ModelConfig defaults used for " + ", ".join(f"{k}={TRL_LORA_DEFAULTS[k]}" for k in missing))
         dora = _truthy(data.get("use_dora"))
-        adapter = "qlora" if four else "dora" if dora else "lora"
+        adapter = ("qdora" if dora else "qlora") if four else "dora" if dora else "lora"
         opts["rank"] = _int(vals, "lora_r", path)
         opts["alpha"] = _real(vals, "lora_alpha", path, lo=-1e6, hi=1e6)
         opts["dropout"] = _real(vals, "lora_dropout", path, lo=0.0, hi=1.0, hi_open=True)

@@ -139,9 +139,7 @@ def request_from_model(model: Any, peft_config: Any = None, training_args: Any =
         adapter = "full"
     elif ptype == "LORA":
         dora = bool(_get(peft_config, "use_dora", False))
-        adapter = "dora" if dora and not four else "qlora" if four else "lora"
-        if dora and four:
-            notes.append("DoRA over a 4-bit base planned as QLoRA (the magnitude vectors are not counted)")
+        adapter = ("qdora" if dora else "qlora") if four else "dora" if dora else "lora"
         opts["rank"] = int(_get(peft_config, "r", 8))
         opts["alpha"] = float(_get(peft_config, "lora_alpha", opts["rank"]))
         opts["dropout"] = float(_get(peft_config, "lora_dropout", 0.0) or 0.0)
@@ -149,9 +147,7 @@ def request_from_model(model: Any, peft_config: Any = None, training_args: Any =
         if four:
             opts["double_quant"] = double_quant
     elif ptype == "IA3":
-        if four:
-            raise VramplanError("IA3 over a 4-bit base is not modelled")
-        adapter = "ia3"
+        adapter = "qia3" if four else "ia3"
         opts["targets"] = normalise_targets(_get(peft_config, "target_modules"), linear, notes)
     else:
         raise VramplanError(f"PEFT type {ptype} is not modelled", "vramplan models LoRA, QLoRA, DoRA and IA3")

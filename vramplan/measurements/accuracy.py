@@ -159,7 +159,7 @@ def plan(record: MeasurementRecord):
                               offload=c.offload, grad_accum=c.grad_accum)
     if c.method != "full":
         kw["rank"] = c.rank or 8
-        kw["targets"] = list(c.targets) or None
+        kw["targets"] = _fused_targets(c.model, list(c.targets)) or None
     if c.double_quant is not None:
         kw["double_quant"] = c.double_quant
     if c.dropout:
@@ -172,6 +172,21 @@ def plan(record: MeasurementRecord):
     versions.update({k.lower(): v for k, v in record.device.versions.items()})
     kw["versions"] = versions
     return estimate(c.model, c.method, **kw)
+
+
+def _fused_targets(model: str, targets: list[str]) -> list[str]:
+    """A source's q/k/v targets on an architecture with one fused qkv linear (Falcon, GPT-NeoX: litgpt adapts
+    the q and v slices of its fused ``attn`` linear): the fused module, which is what PEFT can target -- its
+    LoRA-B is q+2kv wide where litgpt's covers the adapted slices (a few rank-wide vectors more per token)."""
+    from ..models import get_model
+
+    spec = get_model(model)
+    if not spec.fused_qkv or not targets:
+        return targets
+    qkv = {spec.mod(r) for r in ("q_proj", "k_proj", "v_proj")} | {"q_proj", "k_proj", "v_proj"}
+    fused = spec.mod("qkv_proj")
+    out = [fused if t in qkv else t for t in targets]
+    return list(dict.fromkeys(out))
 
 
 #: A measured figure below this fraction of the stated configuration's static model state cannot be a

@@ -199,7 +199,8 @@ def parse_gpu(text: str) -> tuple[int, str | None, int | None, str]:
 #: words of a method cell the planner does not model, then the adapters (checked after the registered methods'
 #: ``report_names``, vramplan.methods; a registered word wins over one listed here)
 _WORDS = (("orpo", None), ("simpo", None), ("galore", None), ("freeze/", None),
-          ("llm.int8", None), ("qlora", "qlora"), ("dora", "dora"), ("ia3", "ia3"), ("lora", "lora"), ("full", "full"))
+          ("llm.int8", None), ("qdora", "qdora"), ("qlora", "qlora"), ("dora", "dora"), ("ia3", "ia3"), ("lora", "lora"),
+          ("full", "full"))
 
 
 def method_words() -> list[tuple[str, str | None]]:

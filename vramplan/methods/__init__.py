@@ -56,6 +56,8 @@ class Adapter(str, Enum):
     QLORA = "qlora"  # LoRA over an NF4 frozen base
     DORA = "dora"    # DoRA over a 16-bit frozen base
     IA3 = "ia3"      # IA³ vectors over a 16-bit frozen base
+    QDORA = "qdora"  # DoRA over an NF4 frozen base (PEFT use_dora over bitsandbytes Linear4bit)
+    QIA3 = "qia3"    # IA³ vectors over an NF4 frozen base (PEFT IA³ over bitsandbytes Linear4bit)
 
     @property
     def is_peft(self) -> bool:
@@ -63,16 +65,39 @@ class Adapter(str, Enum):
 
     @property
     def quantized_base(self) -> bool:
-        return self is Adapter.QLORA
+        return self in _FOUR_BIT.values()
 
     @property
     def low_rank(self) -> bool:
-        """LoRA, QLoRA and DoRA: rank-``r`` A/B matrices on the target linears (IA³ and full are not)."""
+        """LoRA, QLoRA, DoRA and QDoRA: rank-``r`` A/B matrices on the target linears (IA³ and full are not)."""
         return self in LOW_RANK
+
+    @property
+    def dora(self) -> bool:
+        """DoRA's magnitude vector and weight norm over the LoRA matrices (DoRA, QDoRA)."""
+        return self in (Adapter.DORA, Adapter.QDORA)
+
+    @property
+    def ia3(self) -> bool:
+        """IA³ scaling vectors (IA³, 4-bit IA³)."""
+        return self in (Adapter.IA3, Adapter.QIA3)
+
+    @property
+    def four_bit(self) -> "Adapter | None":
+        """The same adapter over an NF4 base (the fallback ``fit`` offers), or None."""
+        return _FOUR_BIT.get(self)
+
+    @property
+    def label(self) -> str:
+        return _LABELS[self]
 
 
 #: the LoRA family: adapters with a rank, an alpha and target linears
-LOW_RANK = (Adapter.LORA, Adapter.QLORA, Adapter.DORA)
+LOW_RANK = (Adapter.LORA, Adapter.QLORA, Adapter.DORA, Adapter.QDORA)
+#: each 16-bit-base adapter's NF4-base twin
+_FOUR_BIT = {Adapter.LORA: Adapter.QLORA, Adapter.DORA: Adapter.QDORA, Adapter.IA3: Adapter.QIA3}
+_LABELS = {Adapter.FULL: "full", Adapter.LORA: "LoRA", Adapter.QLORA: "QLoRA", Adapter.DORA: "DoRA",
+           Adapter.IA3: "IA³", Adapter.QDORA: "QDoRA", Adapter.QIA3: "4-bit IA³"}
 
 
 class Role(str, Enum):
@@ -119,6 +144,9 @@ class MethodDef:
     loss: str = "causal_lm"
     #: the behaviour module: a module of this package (``"dpo"``) or a dotted module path
     behaviour_name: str = "sft"
+    #: a default row of ``fit`` and of ``matrix --methods all`` (False: reached as another method's
+    #: 4-bit fallback -- QDoRA for DoRA, 4-bit IA³ for IA³ -- or asked for by name)
+    listed: bool = True
 
     @property
     def behaviour(self) -> Behaviour:
@@ -216,6 +244,7 @@ def _parse(name: str, raw: dict) -> MethodDef:
             copies=copies,
             loss=str(raw.get("loss", "causal_lm")),
             behaviour_name=str(raw.get("behaviour", "sft")),
+            listed=bool(raw.get("listed", True)),
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise VramplanError(f"methods.toml: method {name!r} is invalid ({exc})") from None
@@ -291,6 +320,11 @@ def method_options(recipe: "Recipe", values: dict[str, Any] | None, seq: int) ->
 
 def method_names() -> list[str]:
     return list(registry())
+
+
+def default_methods() -> list[str]:
+    """The methods ``fit`` and ``matrix --methods all`` show by default (methods.toml ``listed``)."""
+    return [n for n, md in registry().items() if md.listed]
 
 
 def get_method(name: str) -> MethodDef:

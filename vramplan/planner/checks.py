@@ -49,7 +49,7 @@ def check_card(cfg_precision: str | None, method: str, adapter: str | None, attn
                             "use --precision fp16-mixed or fp32")
     if attn == "flash" and not gpu.flash_attention:
         raise VramplanError(f"{gpu.display_name} does not run FlashAttention-2", "use --attn sdpa")
-    if resolve(method, adapter).adapter is Adapter.QLORA and not getattr(gpu, "bf16", True) and gpu.cc < (7, 0):
+    if resolve(method, adapter).adapter.quantized_base and not getattr(gpu, "bf16", True) and gpu.cc < (7, 0):
         raise VramplanError(f"bitsandbytes 4-bit kernels need compute capability >= 7.0; {gpu.display_name} has {gpu.compute_capability}")
     return regime_name
 
@@ -77,6 +77,32 @@ MOE_QLORA_SOURCES = ("bitsandbytes issue #1849 'Failed to quant MoE models with 
                      "v0.50.0), unslothai/unsloth-zoo PR #527 (merged 2026-03: Params4bit for fused MoE experts)")
 
 
+def _subclass_qlora_note(spec: ModelSpec, cfg: TrainConfig, short: bool) -> str:
+    """QLoRA of an architecture whose decoder linears subclass nn.Linear (Falcon's FalconLinear): transformers
+    >= 5's bitsandbytes conversion replaces exact nn.Linear only (stacks.toml bnb_exact_linear), so nothing in
+    the decoder layers is quantised."""
+    lin = spec.linear_params / 1e9
+    upcast = " and upcast to fp32" if cfg.stack.kbit_upcast else ""
+    if short:
+        return (f"{spec.architecture} QLoRA: transformers >= 5 leaves its {spec.linear_subclass} layers ({lin:.1f}B "
+                f"params) unquantised{upcast}; instead: LoRA over bf16, litgpt, or transformers < 5")
+    return (f"{spec.architecture} QLoRA: transformers >= 5 (integrations/bitsandbytes.py replace_with_bnb_linear: "
+            f"`type(module) is nn.Linear`) does not quantise {spec.linear_subclass}, an nn.Linear subclass: the "
+            f"decoder layers ({lin:.1f}B parameters) stay 16-bit{upcast}, so QLoRA needs more memory than LoRA. "
+            "Instead: LoRA over the bf16 base; or litgpt (--framework litgpt: Lightning's bitsandbytes precision "
+            "replaces every torch.nn.Linear); or transformers < 5, whose conversion tested isinstance")
+
+
+def sdpa_math_note(spec: ModelSpec, cfg: TrainConfig) -> str | None:
+    """Why a model's SDPA is planned as eager attention (:func:`vramplan.memory.attention_as_run`), or None."""
+    if not (cfg.attn == "sdpa" and spec.sdpa_math and cfg.stack.transformers_modules):
+        return None
+    return (f"attention: {spec.architecture} calls SDPA with {spec.num_heads} query heads and {spec.num_kv_heads} "
+            "kv head (no enable_gqa, no repeat): only the math backend takes unequal head counts, so the scores "
+            "are materialised; planned as eager attention (transformers models/falcon/modeling_falcon.py "
+            "FalconAttention.forward)")
+
+
 def moe_qlora_note(spec: ModelSpec, cfg: TrainConfig, short: bool = False) -> str | None:
     """What a QLoRA user of a fused-expert MoE (Mixtral, Qwen-MoE) must know, or None.
 
@@ -89,7 +115,9 @@ def moe_qlora_note(spec: ModelSpec, cfg: TrainConfig, short: bool = False) -> st
     """
     from ..models import layout_of
 
-    if cfg.adapter != "qlora" or not spec.is_moe or layout_of(spec.model_type).get("moe") != "fused":
+    if cfg.recipe.adapter.quantized_base and spec.linear_subclass and cfg.stack.bnb_exact_linear:
+        return _subclass_qlora_note(spec, cfg, short)
+    if not cfg.recipe.adapter.quantized_base or not spec.is_moe or layout_of(spec.model_type).get("moe") != "fused":
         return None
     banks = sum(l.params for l in spec.layer_linears() if not l.is_linear) * spec.num_layers
     share = banks / spec.params
@@ -130,8 +158,8 @@ def assumptions(cfg: TrainConfig, overhead_source: str) -> list[str]:
             v, how = package_version(b.package, cfg.versions)
             state = "applies" if cfg.behaves(b.name) else "does not apply"
             out.append(f"{b.package} {v or 'latest'} ({how}): {b.name} {state} (before {b.before}: {b.summary})")
-    if cfg.adapter == "qlora":
-        out.append("QLoRA: NF4 decoder linears (bitsandbytes, blocksize 64, double quant "
+    if cfg.recipe.adapter.quantized_base:
+        out.append(f"{cfg.recipe.adapter.label}: NF4 decoder linears (bitsandbytes, blocksize 64, double quant "
                    f"{'on' if cfg.double_quant else 'off'}); "
                    + ("prepare_model_for_kbit_training upcasts the rest to fp32" if cfg.stack.kbit_upcast
                       else "the other weights stay in the model dtype"))

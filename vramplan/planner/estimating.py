@@ -19,7 +19,7 @@ from ..models import ModelSpec, get_model
 from ..overheads import runtime_overheads
 from ..results import Estimate
 from ..taxonomy import Component, Phase, Quantity
-from .checks import accum_for, assumptions, check_card, moe_qlora_note, resolve_gpu
+from .checks import accum_for, assumptions, check_card, moe_qlora_note, resolve_gpu, sdpa_math_note
 
 if TYPE_CHECKING:
     from ..distributed import Parallel
@@ -119,7 +119,8 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
         trainable_params=mem.state.trainable_params, components=comps, phases=phases,
         peak_phase=PHASE_ORDER[int(mem.peak_phase)], tensor_peak_bytes=tensor_peak, peak_bytes=peak,
         quantity=Quantity.DEVICE_TOTAL, uncertainty_bytes=over.uncertainty_bytes, calibrated=over.calibrated,
-        assumptions=assumptions(cfg, over.source) + [n for n in (moe_qlora_note(spec, cfg),) if n],
+        assumptions=assumptions(cfg, over.source) + [n for n in (moe_qlora_note(spec, cfg), sdpa_math_note(spec, cfg))
+                                                     if n],
         model_resolved_from=resolved, overheads=over,
     )
     est.gpus, est.strategy, est.offload = par.gpus, par.strategy, par.offload

@@ -16,7 +16,7 @@ import numpy as np
 from ..config import make_config
 from ..errors import VramplanError
 from ..gpus import GPUSpec, get_gpu
-from ..methods import method_names
+from ..methods import default_methods
 from ..models import ModelSpec, get_model
 from ..results import Estimate
 from ..verdict import DEFAULT_MARGIN, Verdict, classify
@@ -249,7 +249,7 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
         make_config(spec, "lora", seq=seq, framework=framework, techniques=techs)  # technique rules
     totals = DeviceTotals()
     rows: list[FitRow] = []
-    for name in methods or method_names():
+    for name in methods or default_methods():
         prec = check_card(precision, name, None, attn or "sdpa", card, framework)
         search_kw = dict(seq=seq, precision=prec, global_batch=global_batch, parallels=parallels, grad_ckpt=grad_ckpt,
                          optimizer=optimizer, attn=attn, rank=rank, targets=targets, margin=margin, tokens=n_tokens,
@@ -267,8 +267,9 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
             b = band_for_config(cfg)
             verdict = classify(est.peak_bytes, est.capacity_bytes, b.hi, b.lo)
             if verdict is Verdict.NO:
+                fb = next((p.fallback for p in mp.plans if p.fallback), None)  # "QLoRA fallback", "QDoRA fallback"
                 notes.append("no setting fits (tried GC, 8-bit/paged AdamW"
-                             + (", QLoRA" if any(p.fallback for p in mp.plans) else "") + ")")
+                             + (f", {fb.removesuffix(' fallback')}" if fb else "") + ")")
             elif est.fits:
                 notes.append(f"tight, try it: no setting is comfortable (the {margin:.0%} margin and the band's upper end "
                              f"{100 * b.hi:+.0f}% under the card); shown: the fastest whose prediction fits")
@@ -301,14 +302,6 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
                            max_seq=longest_sequence(spec, cfg, card, par, totals=totals),
                            settings=settings, notes=notes, plans=mp.plans, best=mp.best, chosen=chosen,
                            suggestions=suggestions, techniques=advice))
-    # DoRA / IA3 have no 4-bit variant in the model (PEFT runs both over bitsandbytes Linear4bit): when one
-    # does not fit and QLoRA does, say so on its row rather than leave a bare "no"
-    qlora_row = next((r for r in rows if r.requested == "qlora" and r.best is not None), None)
-    for r in rows:
-        if r.best is None and qlora_row is not None and r.adapter in ("dora", "ia3"):
-            r.notes.append(f"4-bit: qlora fits ({qlora_row.estimate.peak_gib:.2f} GiB, "
-                           f"{qlora_row.tokens_per_s or 0:,.0f} tok/s); a 4-bit {r.adapter} base (PEFT over "
-                           "bitsandbytes Linear4bit) is not modelled yet")
     resolved = None if isinstance(model, ModelSpec) or str(model).lower() == spec.name else f"{model} -> {spec.name}"
     assumptions = rows[0].estimate.assumptions[:4] if rows else []
     note = v.context_note(spec, seq)
@@ -450,7 +443,7 @@ def fit_cards(model: str | ModelSpec, *, cards=None, methods: list[str] | None =
     assumptions.append("cost: typical on-demand cloud price per GPU-hour x the predicted GPU-hours "
                        "(vramplan/data/prices.json, each price with its source and date); list prices are shown, "
                        "not used to rank")
-    return CardsReport(model=spec.name, seq=int(fit_kw.get("seq", 2048)), methods=list(methods or method_names()),
+    return CardsReport(model=spec.name, seq=int(fit_kw.get("seq", 2048)), methods=list(methods or default_methods()),
                        tokens=first.tokens if first else None, epochs=float(fit_kw.get("epochs", 1.0)), rows=rows,
                        by_cost=by_cost, no_fit=no_fit, assumptions=assumptions,
                        framework=first.framework if first else fit_kw.get("framework", "hf"))

@@ -98,7 +98,7 @@ class Plan:
         c = self.config
         s = {"batch": c.batch, "grad_accum": c.grad_accum, "global_batch": self.global_batch, "grad_ckpt": c.grad_ckpt,
              "optimizer": c.optimizer, "attn": c.attn, "precision": c.precision, "adapter": c.adapter}
-        if c.adapter in ("lora", "qlora", "dora"):
+        if c.recipe.adapter.low_rank:
             s.update(rank=c.rank, targets=list(c.targets))
         s.update(gpus=self.parallel.gpus, strategy=self.parallel.strategy, offload=self.parallel.offload)
         return s
@@ -108,7 +108,7 @@ class Plan:
         c = self.config
         parts = [f"b{c.batch}" + (f"×ga{c.grad_accum}" if c.grad_accum > 1 else ""),
                  f"GC {'on' if c.grad_ckpt else 'off'}", c.optimizer, c.attn]
-        if c.adapter in ("lora", "qlora", "dora"):
+        if c.recipe.adapter.low_rank:
             parts.append(f"r{c.rank} {'all-linear' if len(c.targets) > 2 else ','.join(c.targets)}")
         if self.fallback:
             parts.insert(0, c.adapter)
@@ -181,11 +181,13 @@ def adapters_for(method: str, adapter: str | None) -> list[tuple[str, str | None
     out = [(rec.method.name, adapter, None)]
     if adapter is not None:
         return out
-    ad = rec.adapter.value
-    if rec.method.name == "lora":
-        out.append(("qlora", None, "QLoRA fallback"))
-    elif ad == "lora" and Adapter.QLORA in rec.method.adapters:
-        out.append((rec.method.name, "qlora", "QLoRA fallback"))
+    four = rec.adapter.four_bit  # the same adapter over an NF4 base (LoRA -> QLoRA, DoRA -> QDoRA, IA³ -> 4-bit IA³)
+    if four is None:
+        return out
+    if rec.method.name == rec.adapter.value:  # an adapter's own method (lora, dora, ia3): its 4-bit method
+        out.append((four.value, None, f"{four.label} fallback"))
+    elif four in rec.method.adapters:  # a method taking an adapter choice (dpo+lora -> dpo+qlora)
+        out.append((rec.method.name, four.value, f"{four.label} fallback"))
     return out
 
 
@@ -219,7 +221,7 @@ def _combos(spec: ModelSpec, method: str, adapter: str | None, card: GPUSpec, fi
     opts = [fixed["optimizer"]] if fixed.get("optimizer") else list(OPTIMIZERS)
     for m, ad, note in adapters_for(method, adapter):
         rec = resolve(m, ad)
-        lora_like = rec.adapter in (Adapter.LORA, Adapter.QLORA, Adapter.DORA)
+        lora_like = rec.adapter.low_rank
         if lora_like:
             ranks = [fixed["rank"]] if fixed.get("rank") else list(RANKS)
             targets = [fixed["targets"]] if fixed.get("targets") else [None, "all-linear"]
@@ -370,7 +372,7 @@ def _reason(p: Plan, best: Plan | None) -> str:
     c, b = p.config, best.config
     if p.adapter != best.adapter:
         diffs.append(f"{p.adapter} instead of {best.adapter}" + (" (dequantises the NF4 base every pass)"
-                                                                   if p.adapter == "qlora" else ""))
+                                                                   if p.config.recipe.adapter.quantized_base else ""))
     if c.grad_ckpt != b.grad_ckpt:
         diffs.append("gradient checkpointing recomputes the forward" if c.grad_ckpt else "no gradient checkpointing")
     if c.optimizer != b.optimizer:
@@ -379,9 +381,9 @@ def _reason(p: Plan, best: Plan | None) -> str:
     if c.batch != b.batch:
         diffs.append(f"micro-batch {c.batch} vs {b.batch}" + (" (the larger one leaves no margin)" if c.batch < b.batch and
                                                               c.grad_ckpt == b.grad_ckpt else ""))
-    if c.rank != b.rank and c.adapter in ("lora", "qlora", "dora"):
+    if c.rank != b.rank and c.recipe.adapter.low_rank:
         diffs.append(f"rank {c.rank}")
-    if c.targets != b.targets and c.adapter in ("lora", "qlora", "dora"):
+    if c.targets != b.targets and c.recipe.adapter.low_rank:
         diffs.append("all-linear targets" if len(c.targets) > len(b.targets) else "fewer targets")
     if p.parallel != best.parallel:
         diffs.append(p.parallel.label)

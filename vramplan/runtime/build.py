@@ -377,11 +377,11 @@ def _peft_config(cfg: TrainConfig, spec: ModelSpec, adapter: Adapter, head: str)
     import peft
 
     task = peft.TaskType.SEQ_CLS if head == "scalar" else peft.TaskType.CAUSAL_LM
-    if adapter is Adapter.IA3:
+    if adapter.ia3:
         ff = [t for t in cfg.targets if t in spec.ia3_feedforward]
         return peft.IA3Config(target_modules=list(cfg.targets), feedforward_modules=ff, task_type=task)
     return peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets),
-                           use_dora=adapter is Adapter.DORA, bias="none", task_type=task)
+                           use_dora=adapter.dora, bias="none", task_type=task)
 
 
 def build_copy(trainee: Trainee, copy: ModelCopy, attn: str) -> Copy:

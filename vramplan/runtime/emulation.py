@@ -333,7 +333,33 @@ def install_meta_patches() -> None:
 
     find_packed_sequence_indices.__wrapped__ = orig
     mu.find_packed_sequence_indices = find_packed_sequence_indices
+    _patch_meta_params4bit_deepcopy()
     _PATCHED = True
+
+
+def _patch_meta_params4bit_deepcopy() -> None:
+    """bitsandbytes ``Params4bit.__deepcopy__`` makes the copy with ``Params4bit.__new__`` (a CPU tensor) and
+    then assigns the data, which a ``meta`` tensor refuses. PEFT's DoRA deep-copies the 4-bit base layer once
+    at init (``DoraLinearLayer.update_layer``, to dequantise it for the initial weight norm): for a meta
+    weight the copy is built from meta data directly. Real tensors take bitsandbytes' path."""
+    try:
+        from bitsandbytes.nn import Params4bit
+    except ImportError:  # pragma: no cover - QLoRA needs it; nothing to patch without it
+        return
+    import copy
+
+    orig = Params4bit.__deepcopy__
+
+    def __deepcopy__(self, memo):
+        if self.data.device.type != "meta":
+            return orig(self, memo)
+        return Params4bit(torch.empty_like(self.data), requires_grad=self.requires_grad,
+                          quant_state=copy.deepcopy(self.quant_state, memo), blocksize=self.blocksize,
+                          compress_statistics=self.compress_statistics, quant_type=self.quant_type,
+                          quant_storage=self.quant_storage, module=self.module, bnb_quantized=self.bnb_quantized)
+
+    __deepcopy__.__wrapped__ = orig
+    Params4bit.__deepcopy__ = __deepcopy__
 
 
 def patch_meta_autocast() -> None:

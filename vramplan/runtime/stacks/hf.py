@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from ...methods import Adapter
 from ...precision import get_regime
 from ..build import attn_impl, build_copy, make_optimizer
 from ..emulation import patch_meta_autocast
@@ -28,7 +27,7 @@ class HfRuntime(StackRuntime):
         return get_regime(cfg.precision)
 
     def check(self, spec, cfg) -> None:
-        if cfg.recipe.adapter is Adapter.QLORA:
+        if cfg.recipe.adapter.quantized_base:
             from ...errors import require
 
             require("bitsandbytes", "calibrate")
