@@ -157,7 +157,6 @@ def _estimate_from_file(a):
 
 def cmd_estimate(a) -> int:
     from .plan import estimate
-    from .render import render_estimate
 
     if getattr(a, "config", None):
         est = _estimate_from_file(a)
@@ -166,7 +165,12 @@ def cmd_estimate(a) -> int:
     else:
         est = estimate(a.model, a.method, **_plan_kwargs(a), **_scale_kwargs(a), techniques=a.techniques,
                        versions=getattr(a, "stack_version", None))
-    _print_json(est) if a.json else render_estimate(est, _console())
+    if a.json:
+        _print_json(est)
+    else:
+        from .render import render_estimate
+
+        render_estimate(est, _console())
     return 0
 
 
@@ -238,7 +242,6 @@ def cmd_cards(a) -> int:
 
 def cmd_fit(a) -> int:
     from .plan import fit
-    from .render import render_fit
 
     if str(a.gpu or "").lower() == "all":
         return cmd_cards(a)
@@ -248,7 +251,12 @@ def cmd_fit(a) -> int:
               top=max(20, a.top), framework=a.framework, techniques=a.techniques, **_scale_kwargs(a),
               method_options=_method_options(a),
               methods=[m.strip() for m in a.methods.split(",") if m.strip()] if getattr(a, "methods", None) else None)
-    _print_json(rep) if a.json else render_fit(rep, _console(), top=a.top, verbose=getattr(a, "verbose", False))
+    if a.json:  # rich and the renderers load only for a table
+        _print_json(rep)
+    else:
+        from .render import render_fit
+
+        render_fit(rep, _console(), top=a.top, verbose=getattr(a, "verbose", False))
     return 0
 
 
@@ -340,7 +348,7 @@ def cmd_methods(a) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vramplan", description="Will it fit, how fast, which configuration: "
                 "GPU memory planning for LLM fine-tuning.")
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--version", action=_VersionAction, nargs=0, help="show program's version number and exit")
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("estimate", help="peak memory of one configuration (analytic model)")
     _add_plan_args(e, model_required=False)
@@ -421,6 +429,14 @@ class _Parser(argparse.ArgumentParser):
         if "invalid choice" in text and "argument command" in text:
             hint = "see `vramplan --help`"
         self.exit(2, f"{self.prog}: error: {text}; {hint}\n")
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the installed version, looked up only when asked (its metadata lookup costs a start-up)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        sys.stdout.write(f"{parser.prog} {_version()}\n")
+        parser.exit()
 
 
 def _version() -> str:

@@ -153,7 +153,11 @@ class TrainConfig:
                 for f in fields(self) if f.name != "options" or self.options}
 
     def with_(self, **changes) -> "TrainConfig":
-        """This configuration with ``changes``: fields, or method options (set in :attr:`options`)."""
+        """This configuration with ``changes``: fields, or method options (set in :attr:`options`).
+
+        The resolved recipe, stack and regime are carried over where the fields they are read from
+        (:data:`_RESOLVED_FROM`) are unchanged: a search derives hundreds of configurations.
+        """
         extra = {k: changes.pop(k) for k in list(changes) if k not in _FIELDS}
         if extra:
             opts = dict(changes.get("options", self.options))
@@ -163,7 +167,16 @@ class TrainConfig:
                 else:
                     opts[k] = v
             changes["options"] = tuple(sorted(opts.items()))
-        return replace(self, **changes)
+        if "versions" in changes or "options" in changes:
+            return replace(self, **changes)  # normalised by __post_init__
+        new = object.__new__(TrainConfig)
+        d = new.__dict__
+        d.update(self.__dict__)
+        d.update(changes)
+        for name, read in _RESOLVED_FROM.items():
+            if name in d and not changes.keys().isdisjoint(read):
+                del d[name]
+        return new
 
     def with_techniques(self, techniques) -> "TrainConfig":
         """This configuration with exactly ``techniques`` requested, validated as :func:`make_config` does.
@@ -186,6 +199,11 @@ def _check_techniques(techs: tuple[str, ...], grad_accum: int) -> None:
     if "opt_in_bwd" in techs and grad_accum > 1:
         raise VramplanError("opt_in_bwd steps the optimizer inside backward, so it cannot accumulate gradients",
                             "use --grad-accum 1 or drop opt_in_bwd")
+
+
+#: The fields each resolved value a config keeps (``recipe``, ``stack``, ``regime``) is read from.
+_RESOLVED_FROM = {"recipe": ("method", "adapter"), "stack": ("framework",),
+                  "regime": ("precision", "framework", "adapter", "versions")}
 
 
 def resolve_targets(model: ModelSpec, targets) -> tuple[str, ...]:

@@ -476,6 +476,28 @@ class FeasibilityMatrix:
                 "cells": [c.to_json() for c in self.cells]}
 
 
+def _assumptions(framework: str, techniques, precision: str | None, attn: str, rank: int, targets, batch: int,
+                 ladder) -> list[str]:
+    """What every cell of a feasibility matrix assumes, one line each."""
+    from .stacks import get_stack
+
+    default_prec = get_stack(framework).default_precision
+    return [
+        f"stack: {stack_text(framework)}" + (f"; techniques: {', '.join(techniques)}" if techniques else ""),
+        f"precision: {precision or default_prec + ' (fp16-mixed on cards without bf16)'}; attention {attn}; "
+        f"LoRA/DoRA rank {rank}, targets {targets or 'PEFT defaults for the model type'}",
+        f"peak: predicted device total (what nvidia-smi shows) at micro-batch {batch}, steady-state step",
+        "settings tried in this order, first comfortable kept, else first that fits the card, else the least "
+        "memory (tight when the card's limit is inside its band: may fit): "
+        + "; ".join(f"{'GC' if gc else 'no GC'} + {opt}" for gc, opt in ladder),
+        "largest micro-batch: with the chosen settings, searched up to 1024",
+        "runtime overheads: the card's calibration profile if one ships, else defaults "
+        "(CUDA context from published PyTorch OOM messages on the card where they exist, "
+        "vramplan/data/cuda_memory.json, else 512 MiB; cuBLAS workspaces; the allocator reserve "
+        f"{DEFAULT_RESERVE_FRACTION:.0%} of the step's allocations; paged optimizer states outside it)",
+    ]
+
+
 def feasibility_matrix(models="all", methods="all", gpus="all", seqs=2048, *, batch: int = 1,
                        precision: str | None = None, attn: str = "sdpa", rank: int = 8, targets=None,
                        ladder: Sequence[tuple[bool, str]] = SETTINGS_LADDER, framework: str = "hf",
@@ -571,23 +593,7 @@ def feasibility_matrix(models="all", methods="all", gpus="all", seqs=2048, *, ba
     mpos = {m.name: i for i, m in enumerate(specs)}
     rpos = {r.name: i for i, r in enumerate(recipes)}
     ordered = [cells[k] for k in sorted(cells, key=lambda k: (k[0], k[1], mpos[k[2]], rpos[k[3]]))]
-    from .stacks import get_stack
-
-    default_prec = get_stack(framework).default_precision
-    assumptions = [
-        f"stack: {stack_text(framework)}" + (f"; techniques: {', '.join(techniques)}" if techniques else ""),
-        f"precision: {precision or default_prec + ' (fp16-mixed on cards without bf16)'}; attention {attn}; "
-        f"LoRA/DoRA rank {rank}, targets {targets or 'PEFT defaults for the model type'}",
-        f"peak: predicted device total (what nvidia-smi shows) at micro-batch {batch}, steady-state step",
-        "settings tried in this order, first comfortable kept, else first that fits the card, else the least "
-        "memory (tight when the card's limit is inside its band: may fit): "
-        + "; ".join(f"{'GC' if gc else 'no GC'} + {opt}" for gc, opt in ladder),
-        "largest micro-batch: with the chosen settings, searched up to 1024",
-        "runtime overheads: the card's calibration profile if one ships, else defaults "
-        "(CUDA context from published PyTorch OOM messages on the card where they exist, "
-        "vramplan/data/cuda_memory.json, else 512 MiB; cuBLAS workspaces; the allocator reserve "
-        f"{DEFAULT_RESERVE_FRACTION:.0%} of the step's allocations; paged optimizer states outside it)",
-    ]
+    assumptions = _assumptions(framework, techniques, precision, attn, rank, targets, batch, ladder)
     return FeasibilityMatrix([m.name for m in specs], [r.name for r in recipes], list(cards), [int(x) for x in s],
                              batch, ordered, assumptions, framework=framework, techniques=techniques)
 

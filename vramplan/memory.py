@@ -18,6 +18,7 @@ by ``zero_grad(set_to_none=True)``):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -30,7 +31,7 @@ from .models import ModelSpec
 from .optimizers import get_optimizer
 from .precision import DTYPE_BYTES, Regime
 from .quant import nf4_bytes
-from .taxonomy import Component, Phase
+from .taxonomy import RESIDENT_COMPONENTS, Component, Phase
 
 
 @dataclass
@@ -79,7 +80,7 @@ def model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
     """
     # (versions: a version-gated behaviour can change the adapter dtype or the optimizer kernel)
     key = (model, cfg.method, cfg.adapter, cfg.rank, cfg.targets, cfg.optimizer, cfg.precision, cfg.framework,
-           cfg.techniques, cfg.double_quant, cfg.versions)
+           cfg.techniques, cfg.double_quant, cfg.versions, cfg.options)
     try:
         hash(key)
     except TypeError:  # a spec built with list fields (from a log's JSON): not cacheable
@@ -92,10 +93,37 @@ def model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
     return replace(st, bytes=dict(st.bytes))
 
 
+_BASE_CACHE: dict = {}
+
+
 def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
+    """:func:`model_state` uncached: the optimiser's states and step temporaries over the rest."""
+    key = (model, cfg.method, cfg.adapter, cfg.rank, cfg.targets, cfg.precision, cfg.framework, cfg.techniques,
+           cfg.double_quant, cfg.versions, cfg.options)
+    try:
+        base = _BASE_CACHE.get(key)
+    except TypeError:  # an unhashable spec (list fields): not cacheable
+        key, base = None, None
+    if base is None:
+        base = _state_without_optimizer(model, cfg)
+        if key is not None:
+            if len(_BASE_CACHE) > 4096:
+                _BASE_CACHE.clear()
+            _BASE_CACHE[key] = base
+    st, opt_groups = base
+    st = replace(st, bytes=dict(st.bytes))
+    opt = get_optimizer(cfg.optimizer)
+    offload = cfg.uses("opt_offload")
+    st.add(Component.OPTIMIZER_STATES, 0 if offload else opt.total_state_bytes(opt_groups))
+    st.step_temporary = 0 if offload else opt.step_temporary_bytes(opt_groups, cfg.regime.runner)
+    st.largest_grad = max((math.prod(shape) * pb for shape, _c, pb in opt_groups), default=0)
+    return st
+
+
+def _state_without_optimizer(model: ModelSpec, cfg: TrainConfig) -> tuple[ModelState, list]:
+    """Every batch-independent byte but the optimiser's, and the trainable tensors the optimiser steps."""
     model = cfg.stack.as_built(model)  # litgpt: a separate lm_head even when tied (stacks.toml untied_embeddings)
     regime = cfg.regime
-    opt = get_optimizer(cfg.optimizer)
     recipe = cfg.recipe
     st = ModelState(params=model.params)
     for comp in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS,
@@ -111,34 +139,7 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
         # the stack's fp32 RoPE cache buffers (torchtune; stacks.toml rope_cache)
         st.add(Component.WEIGHTS, cfg.stack.rope_cache_bytes(model, copy.adapter is not None and copy.adapter.is_peft))
         if copy.adapter is Adapter.FULL:
-            wb = DTYPE_BYTES[regime.trainable_dtype]
-            st.add(Component.WEIGHTS, n * wb)
-            st.add(Component.GRADIENTS, n * wb)
-            st.trainable_params += n
-            tensors = full_tensors(model, copy.head)
-            attn = _attention_params(model)
-            opt_groups += [(shape, cnt, wb) for shape, cnt in tensors]
-            # backward ends with the first layer's attention block (its MLP ran backward before it)
-            # and the embedding (tied: accumulated into the lm_head's existing gradient)
-            embed = 0 if (model.tie_embeddings and copy.head == "lm") else model.embedding_params
-            st.grads_tail = max(st.grads_tail, (attn + embed) * wb)
-            st.layer_grad = max(st.layer_grad, (model.layer_params - attn) * wb)
-            head_p = (model.lm_head_params if copy.head == "lm" else model.hidden_size) + model.final_norm_params
-            st.head_grad = max(st.head_grad, head_p * wb)
-            if model.tie_embeddings and copy.head == "lm":
-                # the embedding's dense gradient is accumulated into the lm_head's: two V x h
-                # buffers beside every gradient at the very end of backward (measured by the dry run)
-                st.grads_end_extra = max(st.grads_end_extra, 2 * model.embedding_params * wb)
-            if regime.autocast is not None:
-                # autocast caches a 16-bit cast of every weight a matmul uses (leaf tensors requiring grad)
-                # (fused MoE expert banks are plain parameters that autocast never casts)
-                c = DTYPE_BYTES[regime.compute_dtype]
-                head = model.vocab_size * model.hidden_size if copy.head == "lm" else 0
-                layer = sum(l.params for l in model.layer_linears() if l.is_linear)
-                st.add(Component.AUTOCAST_CACHE, (model.num_layers * layer + head) * c)
-                st.head_cast += head * c
-                st.layer_cast = max(st.layer_cast, layer * c)
-                st.attn_cast = max(st.attn_cast, attn * c)
+            opt_groups += _add_full_copy(st, model, copy, regime, n)
             continue
         # a frozen base, maybe with an adapter
         if copy.quantized:
@@ -170,18 +171,48 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
         tensors = [(t.shape, t.count) for t in adapter_tensors(model, copy.adapter, cfg.rank, cfg.targets)]
         if copy.head == "scalar":
             tensors.append(((1, model.hidden_size), 1))  # the value head trains beside the adapter
-        count = sum(int(np.prod(s)) * c for s, c in tensors)
+        count = sum(math.prod(s) * c for s, c in tensors)
         st.trainable_params += count
         st.add(Component.ADAPTERS, count * ab)
         st.add(Component.GRADIENTS, count * ab)
         opt_groups += [(s, c, ab) for s, c in tensors]
         if regime.autocast is not None and not copy.adapter.ia3:
             st.add(Component.AUTOCAST_CACHE, count * DTYPE_BYTES[regime.compute_dtype])
-    offload = cfg.uses("opt_offload")
-    st.add(Component.OPTIMIZER_STATES, 0 if offload else opt.total_state_bytes(opt_groups))
-    st.step_temporary = 0 if offload else opt.step_temporary_bytes(opt_groups, regime.runner)
-    st.largest_grad = max((int(np.prod(shape)) * pb for shape, _c, pb in opt_groups), default=0)
-    return st
+    return st, opt_groups
+
+
+def _add_full_copy(st: ModelState, model: ModelSpec, copy: ModelCopy, regime: Regime, n: int) -> list:
+    """Add a fully trained copy of ``n`` parameters to ``st``; return its tensors as optimiser groups."""
+    opt_groups: list[tuple[tuple[int, ...], int, int]] = []
+    wb = DTYPE_BYTES[regime.trainable_dtype]
+    st.add(Component.WEIGHTS, n * wb)
+    st.add(Component.GRADIENTS, n * wb)
+    st.trainable_params += n
+    tensors = full_tensors(model, copy.head)
+    attn = _attention_params(model)
+    opt_groups += [(shape, cnt, wb) for shape, cnt in tensors]
+    # backward ends with the first layer's attention block (its MLP ran backward before it)
+    # and the embedding (tied: accumulated into the lm_head's existing gradient)
+    embed = 0 if (model.tie_embeddings and copy.head == "lm") else model.embedding_params
+    st.grads_tail = max(st.grads_tail, (attn + embed) * wb)
+    st.layer_grad = max(st.layer_grad, (model.layer_params - attn) * wb)
+    head_p = (model.lm_head_params if copy.head == "lm" else model.hidden_size) + model.final_norm_params
+    st.head_grad = max(st.head_grad, head_p * wb)
+    if model.tie_embeddings and copy.head == "lm":
+        # the embedding's dense gradient is accumulated into the lm_head's: two V x h
+        # buffers beside every gradient at the very end of backward (measured by the dry run)
+        st.grads_end_extra = max(st.grads_end_extra, 2 * model.embedding_params * wb)
+    if regime.autocast is not None:
+        # autocast caches a 16-bit cast of every weight a matmul uses (leaf tensors requiring grad)
+        # (fused MoE expert banks are plain parameters that autocast never casts)
+        c = DTYPE_BYTES[regime.compute_dtype]
+        head = model.vocab_size * model.hidden_size if copy.head == "lm" else 0
+        layer = sum(l.params for l in model.layer_linears() if l.is_linear)
+        st.add(Component.AUTOCAST_CACHE, (model.num_layers * layer + head) * c)
+        st.head_cast += head * c
+        st.layer_cast = max(st.layer_cast, layer * c)
+        st.attn_cast = max(st.attn_cast, attn * c)
+    return opt_groups
 
 
 @dataclass
@@ -542,8 +573,7 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     transient, nograd_peak, temps_fwd, kv = t["transient"], t["nograd_peak"], t["temps_fwd"], t["kv"]
     recompute, layer_saved, layer_attn = t["recompute"], t["layer"], t["layer_attn"]
     attn_fwd, attn_bwd = t.get("attn_fwd", zeros), t.get("attn_bwd", zeros)
-    static = sum(base.get(c, 0) for c in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS,
-                                          Component.MASTER_WEIGHTS)) + zeros + comm
+    static = sum(base.get(c, 0) for c in RESIDENT_COMPONENTS) + zeros + comm
     states, cache, cache_bwd = states + zeros, cache + zeros, cache_bwd + zeros
     held = grads_held + zeros
     # QLoRA's dequantised weight lives inside one layer's forward/backward, never beside the loss
@@ -663,6 +693,38 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     return phases, peak, idx, comps
 
 
+def state_terms(st: ModelState, cfg: TrainConfig) -> dict:
+    """The batch-independent keyword arguments :func:`combine_phases` takes from a :class:`ModelState`.
+
+    With the optimiser step inside backward (``opt_in_bwd``) each gradient is consumed and freed
+    as soon as it is ready: only the largest one is alive at a time.
+    """
+    in_bwd = cfg.uses("opt_in_bwd")
+    grads = st.largest_grad if in_bwd else st.bytes[Component.GRADIENTS]
+    return dict(states=st.bytes[Component.OPTIMIZER_STATES], cache=st.bytes[Component.AUTOCAST_CACHE],
+                **backward_casts(st, cfg), grads_bwd=grads, grads_opt=grads,
+                grads_tail=0 if in_bwd else st.grads_tail, grads_end_extra=st.grads_end_extra,
+                layer_grad=0 if in_bwd else st.layer_grad, head_grad=0 if in_bwd else st.head_grad,
+                step_temporary=st.step_temporary, rollout_on=cfg.recipe.behaviour.generates)
+
+
+def resident_floor(model: ModelSpec, cfg: TrainConfig, st: ModelState | None = None, optimizer: bool = True) -> int:
+    """A lower bound (bytes) on :func:`step_memory`'s peak at every micro-batch and sequence length.
+
+    The larger of the two batch-independent phases :func:`combine_phases` builds: loading (the
+    resident weights, quantisation state, adapters and master weights) and the optimiser step
+    (those plus optimiser states, gradients and the step's temporaries). Every step's peak is
+    the largest of its phases, so it is at least this. ``optimizer=False``: without the
+    optimiser's states and temporaries (the part that depends on the optimiser), a bound for
+    every optimiser at once.
+    """
+    st = st or model_state(model, cfg)
+    a = state_terms(st, cfg)
+    static = sum(st.bytes.get(c, 0) for c in RESIDENT_COMPONENTS)
+    own = a["states"] + a["step_temporary"] if optimizer else 0
+    return int(static + max(0, own + a["grads_opt"]))
+
+
 def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None, grad_accum=None) -> StepMemory:
     """Peak tensor bytes of a steady-state step of ``cfg`` on ``model``, by component and phase.
 
@@ -674,18 +736,61 @@ def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None, grad_a
     weights at the forward's end; adapters: their (small) gradients.
     """
     st = model_state(model, cfg)
-    grads_all = st.bytes[Component.GRADIENTS]
-    accum = np.asarray(cfg.grad_accum if grad_accum is None else grad_accum)
-    held = 0 if cfg.uses("opt_in_bwd") else np.where(accum > 1, grads_all, 0)
     t = step_terms(model, cfg, batch, seq)
-    phases, peak, idx, comps = combine_phases(
-        t, st.bytes, states=st.bytes[Component.OPTIMIZER_STATES], cache=st.bytes[Component.AUTOCAST_CACHE],
-        **backward_casts(st, cfg),
-        # with the step in backward each gradient is consumed and freed as soon as it is ready
-        grads_bwd=st.largest_grad if cfg.uses("opt_in_bwd") else grads_all,
-        grads_opt=st.largest_grad if cfg.uses("opt_in_bwd") else grads_all,
-        grads_tail=0 if cfg.uses("opt_in_bwd") else st.grads_tail,
-        grads_end_extra=st.grads_end_extra, layer_grad=0 if cfg.uses("opt_in_bwd") else st.layer_grad,
-        head_grad=0 if cfg.uses("opt_in_bwd") else st.head_grad,
-        step_temporary=st.step_temporary, rollout_on=cfg.recipe.behaviour.generates, grads_held=held)
+    phases, peak, idx, comps = combine_phases(t, st.bytes, **state_terms(st, cfg),
+                                              grads_held=held_gradients(st, cfg, grad_accum))
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=st)
+
+
+def held_gradients(st: ModelState, cfg: TrainConfig, grad_accum=None):
+    """Gradient bytes alive through a micro-batch's forward and backward (:func:`combine_phases`'
+    ``grads_held``): every gradient when the step accumulates (``grad_accum > 1``, the config's unless
+    given; arrays broadcast), none with the optimiser step inside backward (which refuses accumulation)."""
+    if cfg.uses("opt_in_bwd"):
+        return 0
+    accum = np.asarray(cfg.grad_accum if grad_accum is None else grad_accum)
+    return np.where(accum > 1, st.bytes[Component.GRADIENTS], 0)
+
+
+def step_memory_rows(model: ModelSpec, cfgs: list[TrainConfig], batch=None, seq=None,
+                     grad_accum=None) -> tuple[StepMemory, list]:
+    """:func:`step_memory` of several configurations at once: every array gains a leading axis, one row per config.
+
+    The configurations must share the method's rollout (a search's candidates do). The
+    activation terms (:func:`step_terms`) are evaluated once per configuration that differs in
+    more than its optimiser (the optimiser changes only the model state), and the phase
+    arithmetic (:func:`combine_phases`) once for all rows: the same element-wise operations on
+    the same values as one :func:`step_memory` call per row, so every row equals it to the byte.
+
+    Returns:
+        ``(memory, states)``: a :class:`StepMemory` whose arrays have shape ``(len(cfgs), *grid)``
+        (its ``state`` is None) and each row's :class:`ModelState`.
+    """
+    if len({c.recipe.behaviour.generates for c in cfgs}) > 1:
+        raise ValueError("step_memory_rows: configurations that generate and that do not")
+    states = [model_state(model, c) for c in cfgs]
+    by_terms: dict = {}
+    rows = []
+    for c in cfgs:
+        k = c.with_(optimizer="adamw")
+        if k not in by_terms:
+            t = step_terms(model, c, batch, seq)
+            shape = t["zeros"].shape
+            by_terms[k] = {name: v if np.shape(v) == shape else np.broadcast_to(v, shape) for name, v in t.items()}
+        rows.append(by_terms[k])
+    t = {name: np.stack([r[name] for r in rows]) for name in rows[0]}
+    extra = (1,) * (t["zeros"].ndim - 1)
+
+    def column(values) -> np.ndarray:
+        return np.asarray(values, dtype=np.int64).reshape((len(cfgs),) + extra)
+
+    base = {comp: column([st.bytes.get(comp, 0) for st in states]) for comp in Component
+            if any(comp in st.bytes for st in states)}
+    args = [state_terms(st, c) for st, c in zip(states, cfgs)]
+    kw = {name: (args[0][name] if name == "rollout_on" else column([a[name] for a in args])) for name in args[0]}
+    # gradients held through accumulated micro-batches: (rows, 1...) x the accumulation grid
+    kw["grads_held"] = np.stack([np.broadcast_to(held_gradients(st, c, grad_accum), t["zeros"].shape[1:])
+                                 for st, c in zip(states, cfgs)])
+    phases, peak, idx, comps = combine_phases(t, base, **kw)
+    return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=None), states
+

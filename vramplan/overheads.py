@@ -65,13 +65,13 @@ from typing import Any, Mapping
 import numpy as np
 
 from .gpus import GPUSpec, generation, parse_compute_capability
-from .taxonomy import Component
+from .taxonomy import RESIDENT_COMPONENTS, Component
 from .units import MIB
 
 DEFAULT_CONTEXT_BYTES = 512 * MIB
 DEFAULT_RESERVE_FRACTION = 0.25
 #: allocated once at load, before the first step: no reserve (vramplan.overheads.loaded_terms)
-LOADED_COMPONENTS = (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS)
+LOADED_COMPONENTS = RESIDENT_COMPONENTS
 DEFAULT_UNCERTAINTY_FRACTION = 0.10
 #: The figures of the chain that a profile may calibrate, in the order they are reported.
 FIGURES = ("context", "workspace", "allocator", "activation_factor")
@@ -397,6 +397,18 @@ def device_total(tensor_peak, gpu: GPUSpec | None = None, *, method: str | None 
     Arguments as :func:`runtime_overheads`; ``tensor_peak``, ``activation_bytes`` and
     ``paged_bytes`` broadcast. Equal to ``runtime_overheads(...).device_bytes`` element by element.
     """
+    return device_terms(tensor_peak, gpu, method=method, activation_bytes=activation_bytes, paged_bytes=paged_bytes,
+                        profile=profile, stack=stack, loaded_bytes=loaded_bytes)["device"]
+
+
+def device_terms(tensor_peak, gpu: GPUSpec | None = None, *, method: str | None = None, activation_bytes=0,
+                 paged_bytes=0, profile=_LOAD, stack: str | None = None, loaded_bytes=0) -> dict[str, np.ndarray]:
+    """Every term of the chain (float64 bytes, broadcast), arguments as :func:`device_total`.
+
+    Keys: ``correction`` (the activation factor's), ``tensors`` (the tensor peak after it:
+    ``Estimate.tensor_peak_bytes``), ``paged``, ``allocated``, ``reserved``, ``reserve``, ``device``
+    (``Estimate.peak_bytes`` on one GPU); each equals its :func:`runtime_overheads` figure.
+    """
     prof = card_profile(gpu) if profile is _LOAD else profile
     fig = _figures(gpu, prof, method, stack)
-    return _chain(fig, tensor_peak, activation_bytes, paged_bytes, loaded_bytes)["device"]
+    return _chain(fig, tensor_peak, activation_bytes, paged_bytes, loaded_bytes)

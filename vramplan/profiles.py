@@ -708,9 +708,25 @@ def read_profile(path: str | Path) -> Profile:
 
 
 def default_search() -> tuple[Path, ...]:
-    """Profile directories in lookup order (see the module docstring)."""
-    dirs = [Path(p) for p in os.environ.get("VRAMPLAN_PROFILES", "").split(os.pathsep) if p]
-    dirs += [Path.cwd() / "profiles", REPO_DIR, PACKAGE_DIR]
+    """Profile directories in lookup order (see the module docstring).
+
+    Resolved once per (``VRAMPLAN_PROFILES``, working directory, package directories): a search
+    looks a card's profile up for every candidate.
+    """
+    key = (os.environ.get("VRAMPLAN_PROFILES", ""), os.getcwd(), REPO_DIR, PACKAGE_DIR)
+    if key not in _SEARCH_DIRS:
+        if len(_SEARCH_DIRS) > 64:
+            _SEARCH_DIRS.clear()
+        _SEARCH_DIRS[key] = _resolve_search(*key)
+    return _SEARCH_DIRS[key]
+
+
+_SEARCH_DIRS: dict[tuple, tuple[Path, ...]] = {}
+
+
+def _resolve_search(env: str, cwd: str, repo_dir: Path, package_dir: Path) -> tuple[Path, ...]:
+    dirs = [Path(p) for p in env.split(os.pathsep) if p]
+    dirs += [Path(cwd) / "profiles", repo_dir, package_dir]
     out: list[Path] = []
     for d in dirs:
         try:

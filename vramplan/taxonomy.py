@@ -97,6 +97,9 @@ _GROUPS = {
 }
 
 TENSOR_COMPONENTS = tuple(c for c in Component if c.is_tensor)
+#: Components allocated once while loading the model and resident through every phase of a step
+#: (the load phase of ``vramplan.memory.combine_phases``; exempt from the default allocator reserve).
+RESIDENT_COMPONENTS = (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS)
 
 
 class Phase(str, Enum):

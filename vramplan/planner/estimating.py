@@ -154,6 +154,34 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
 
 
 
+@dataclass(frozen=True)
+class Peaks:
+    """The two peaks of an estimate (bytes): ``peak_bytes`` (device total per GPU) and ``tensor_peak_bytes``."""
+
+    peak_bytes: int
+    tensor_peak_bytes: int
+
+
+def estimate_peaks(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None, parallel=None, profile=None) -> Peaks:
+    """:func:`estimate_config`'s ``peak_bytes`` and ``tensor_peak_bytes`` alone, equal to them to the byte.
+
+    The same step memory and device chain (:func:`vramplan.overheads.device_terms`, NCCL's buffers
+    on several GPUs) without the components, assumption text or throughput: what a search that
+    compares peaks needs. ``profile``: the card's calibration profile when the caller has loaded it
+    (None: look it up).
+    """
+    from ..distributed import NCCL_BYTES, SINGLE, parallel_step_memory
+    from ..overheads import card_profile, device_terms, rounded_terms
+
+    par = parallel or SINGLE
+    mem = parallel_step_memory(spec, cfg, par) if par.distributed else step_memory(spec, cfg)
+    peak, act, paged, loaded = rounded_terms(mem, cfg.optimizer)
+    terms = device_terms(peak, card, method=cfg.recipe.name, activation_bytes=act, paged_bytes=paged,
+                         profile=card_profile(card) if profile is None else profile, stack=cfg.framework,
+                         loaded_bytes=loaded)
+    return Peaks(int(terms["device"]) + (NCCL_BYTES if par.distributed else 0), int(terms["tensors"]))
+
+
 # -- the public per-GPU question (moved here from vramplan.distributed: it is an estimate) -----------
 
 @dataclass

@@ -50,6 +50,7 @@ class DeviceTotals:
 
     def __init__(self):
         self._profiles: dict[str, object] = {}
+        self._factors: dict[tuple, float] = {}
 
     def __call__(self, mem: StepMemory, cfg: TrainConfig, card: GPUSpec, par: Parallel | None = None) -> np.ndarray:
         """Device totals (float64 bytes) of ``mem`` (arrays over batch/seq) for ``cfg`` on ``card`` under ``par``."""
@@ -61,6 +62,67 @@ class DeviceTotals:
 
             return total + NCCL_BYTES
         return total + 0
+
+    def rows(self, mem: StepMemory, states: list, cfgs: list[TrainConfig], card: GPUSpec) -> np.ndarray:
+        """One-GPU device totals (float64 bytes) of a :func:`vramplan.memory.step_memory_rows` result, row by row.
+
+        The chain of :meth:`__call__` on every row at once (rows grouped by the recipe and stack
+        whose figures apply); each row equals ``self(step_memory(spec, cfg), cfg, card)``.
+        """
+        from ..optimizers import get_optimizer
+        from ..overheads import LOADED_COMPONENTS, device_total, peak_terms
+        from ..taxonomy import Component
+
+        if card.name not in self._profiles:
+            self._profiles[card.name] = card_profile(card)
+        peak, act, _ = np.ceil(mem.peak), *peak_terms({c: np.ceil(v) for c, v in mem.components.items()}, "adamw")
+        shape = (len(cfgs),) + (1,) * (peak.ndim - 1)
+        paged_row = np.array([get_optimizer(c.optimizer).paged for c in cfgs]).reshape(shape)
+        paged = np.where(paged_row, np.ceil(mem.components.get(Component.OPTIMIZER_STATES, 0)), 0.0)
+        loaded = np.array([sum(st.bytes.get(c, 0) for c in LOADED_COMPONENTS) for st in states],
+                          dtype=np.float64).reshape(shape)
+        act, paged = np.broadcast_to(act, peak.shape), np.broadcast_to(paged, peak.shape)
+        out = np.empty(peak.shape)
+        groups: dict[tuple, list[int]] = {}
+        for i, c in enumerate(cfgs):
+            groups.setdefault((c.recipe.name, c.framework), []).append(i)
+        for (method, stack), idx in groups.items():
+            out[idx] = device_total(peak[idx], card, method=method, activation_bytes=act[idx], paged_bytes=paged[idx],
+                                    profile=self._profiles[card.name], stack=stack, loaded_bytes=loaded[idx])
+        return out
+
+    def floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool = False) -> float | None:
+        """A lower bound (bytes) on the one-GPU device total of ``cfg`` at every micro-batch and sequence.
+
+        The chain (:func:`vramplan.overheads.device_total`) of :func:`vramplan.memory.resident_floor`
+        with no activations and every optimiser state paged (for a paged optimiser): the device total
+        never decreases with the tensor peak and never increases with the paged bytes, so no
+        micro-batch or sequence length of ``cfg`` comes out below it. ``any_optimizer``: the floor
+        without the optimiser's states and temporaries and nothing paged -- the paged bytes never
+        exceed the states, so the bytes in the allocator stay at least this -- a bound for ``cfg``
+        under every optimiser. None where the card's calibrated activation factor for the recipe
+        is below 1 (the chain then shrinks the peak's activations, and this bound would not hold).
+        """
+        from ..memory import model_state, resident_floor
+        from ..optimizers import get_optimizer
+        from ..overheads import LOADED_COMPONENTS, device_total, runtime_overheads
+        from ..taxonomy import Component
+
+        if card.name not in self._profiles:
+            self._profiles[card.name] = card_profile(card)
+        prof = self._profiles[card.name]
+        method, stack = cfg.recipe.name, cfg.framework
+        if (card.name, method, stack) not in self._factors:
+            self._factors[(card.name, method, stack)] = runtime_overheads(
+                0, card, method=method, profile=prof, stack=stack).activation_factor
+        if self._factors[(card.name, method, stack)] < 1.0:
+            return None
+        st = model_state(spec, cfg)
+        paged = st.bytes.get(Component.OPTIMIZER_STATES, 0) if get_optimizer(cfg.optimizer).paged else 0
+        loaded = sum(st.bytes.get(c, 0) for c in LOADED_COMPONENTS)
+        tensors = resident_floor(spec, cfg, st, optimizer=not any_optimizer)
+        return float(device_total(tensors, card, method=method, activation_bytes=0, paged_bytes=0 if any_optimizer else paged,
+                                  profile=prof, stack=stack, loaded_bytes=loaded))
 
 
 def step_memory_for(spec: ModelSpec, cfg: TrainConfig, par: Parallel | None = None, batch=None, seq=None) -> StepMemory:

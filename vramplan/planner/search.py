@@ -4,10 +4,14 @@ For one method on one card (or N cards with a strategy) the search tries every c
 of the settings a user controls -- gradient checkpointing, optimiser (AdamW, then 8-bit or
 paged 8-bit AdamW as a fallback), attention implementation, LoRA rank and targets, the
 LoRA-to-QLoRA fallback, and the sharding strategy on several GPUs -- and, for each, every
-micro-batch at once (``step_memory`` and ``step_time`` broadcast over a numpy array of
-micro-batches). With a target global batch ``G`` the micro-batch ``b`` runs ``G / (N b)``
-accumulation steps; without one, accumulation is 1. A plan fits when its per-GPU device total
-stays below ``min(capacity x (1 - margin), capacity / (1 + hi))`` (:func:`vramplan.verdict.comfortable_limit`;
+micro-batch at once, on one vectorised grid as the matrix evaluates its cells: on one GPU,
+:func:`vramplan.memory.step_memory_rows` evaluates the phases of every candidate in one call
+(rows x micro-batches; the activation terms once per configuration but its optimiser) and
+:meth:`~vramplan.planner.limits.DeviceTotals.rows` their device totals in one chain;
+``step_time`` broadcasts over the micro-batches of each configuration. With a target global
+batch ``G`` the micro-batch ``b`` runs ``G / (N b)`` accumulation steps; without one,
+accumulation is 1. A plan fits when its per-GPU device total stays below
+``min(capacity x (1 - margin), capacity / (1 + hi))`` (:func:`vramplan.verdict.comfortable_limit`;
 ``hi``: the upper end of the stack and method's published band, :mod:`vramplan.bands`); the margin
 (default :data:`vramplan.verdict.DEFAULT_MARGIN`, 15%) and the band make a recommended plan
 "comfortable", as the verdict says.
@@ -16,8 +20,12 @@ Feasible plans are ranked by tokens/s (ties: simpler settings first), except tha
 (LoRA's QLoRA) ranks after every plan of the method's own adapter that fits: it is what the
 method becomes when that adapter does not fit, not a faster variant. Each plan carries the
 reason it loses to the best; a plan that fits the card but not the margin, or whose prediction
-exceeds the card by less than its band's lower end, is "tight", never "does not fit". When nothing fits, :func:`what_would_fit` says what would: the
-smallest catalogue card, a number of GPUs with ZeRO-3/FSDP (or CPU offload), a shorter sequence.
+exceeds the card by less than its band's lower end, is "tight", never "does not fit". When
+nothing fits, :func:`what_would_fit` says what would: the smallest catalogue card, a number of
+GPUs with ZeRO-3/FSDP (or CPU offload), a shorter sequence, and :func:`other_setups` which other
+stack or precision would; it skips a setup whose lower bound (:func:`least_total`: the
+batch-independent phases through the device chain) is already above the card, which no plan of
+it could fit.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from ..config import TrainConfig, make_config
 from ..distributed import SINGLE, STRATEGIES, Parallel, make_parallel, parallel_step_memory, shard_state
 from ..errors import VramplanError
 from ..gpus import GPUSpec, catalogue
-from ..memory import model_state, step_memory, step_terms
+from ..memory import StepMemory, model_state, step_memory_rows, step_terms
 from ..methods import Adapter, resolve
 from ..models import ModelSpec
 from ..overheads import card_profile
@@ -231,6 +239,117 @@ def _combos(spec: ModelSpec, method: str, adapter: str | None, card: GPUSpec, fi
             yield m, ad, note, dict(grad_ckpt=gc, optimizer=opt, attn=at, rank=r, targets=tg), par
 
 
+def _grid_for(global_batch: int | None, batch: int | None, par: Parallel) -> tuple[np.ndarray, np.ndarray]:
+    """(micro-batches, accumulation steps) of ``par``: :func:`_batch_grid`, or its one ``batch``."""
+    b_grid, a_grid = _batch_grid(global_batch, par.gpus)
+    if batch is None:
+        return b_grid, a_grid
+    keep = b_grid == batch
+    if not keep.any():
+        raise VramplanError(f"--global-batch {global_batch} is not a multiple of --gpus x --batch "
+                            f"({par.gpus} x {batch})", f"use a multiple of {par.gpus * batch}")
+    return b_grid[keep], a_grid[keep]
+
+
+def _candidates(spec: ModelSpec, method: str, adapter: str | None, card: GPUSpec, fixed: dict, *, seq: int,
+                precision: str | None, ppo_response: int | None, framework: str, techniques,
+                method_options: dict | None = None) -> list[tuple[TrainConfig, str | None]]:
+    """The distinct configurations (micro-batch 1) of :func:`_combos`, each with its fallback note.
+
+    Raises:
+        VramplanError: a rank or targets the caller fixed is invalid for the model (a searched
+            rank larger than a small model's layer is skipped instead).
+    """
+    from ..optimizers import get_optimizer
+
+    out: list[tuple[TrainConfig, str | None]] = []
+    seen: set = set()
+    built: dict[tuple, TrainConfig | None] = {}
+    for m, ad, note, settings, _ in _combos(spec, method, adapter, card, fixed, [None]):
+        # gradient checkpointing, the optimiser and the attention only enter make_config as validated
+        # values: one make_config per (recipe, rank, targets), the others are that config with them set
+        shape = (m, ad, settings["rank"], repr(settings["targets"]))
+        if shape not in built:
+            try:
+                built[shape] = make_config(spec, m, adapter=ad, batch=1, seq=seq, precision=precision,
+                                           ppo_response=ppo_response, framework=framework, techniques=techniques,
+                                           method_options=method_options, **settings)
+            except VramplanError:
+                if fixed.get("rank") or fixed.get("targets"):
+                    raise  # the user's own setting is invalid: say so
+                built[shape] = None  # a searched rank larger than a small model's layer
+        base = built[shape]
+        if base is None:
+            continue
+        cfg = base.with_(grad_ckpt=bool(settings["grad_ckpt"]), optimizer=get_optimizer(settings["optimizer"]).name,
+                         attn=settings["attn"])
+        if cfg in seen:
+            continue  # e.g. all-linear is already the model's default target set
+        seen.add(cfg)
+        out.append((cfg, note))
+    return out
+
+
+def _shared_key(cfg: TrainConfig) -> TrainConfig:
+    """The configuration whose tensors and time ``cfg`` shares.
+
+    flash and sdpa save the same tensors and run the same kernels (SDPA dispatches to
+    FlashAttention-2); paged 8-bit AdamW keeps the same states as 8-bit AdamW (on the GPU while
+    they fit): each pair's tensors and time are evaluated once. Their device totals differ (paged
+    states live outside the allocator's reserve): one per optimiser.
+    """
+    if cfg.attn != "flash" and cfg.optimizer != "paged_adamw_8bit":
+        return cfg
+    return cfg.with_(attn="sdpa" if cfg.attn == "flash" else cfg.attn,
+                     optimizer="adamw_8bit" if cfg.optimizer == "paged_adamw_8bit" else cfg.optimizer)
+
+
+def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Parallel], grids: dict, prof,
+              totals: DeviceTotals):
+    """Device totals and step times of every candidate under every layout, over its batch grid.
+
+    Yields ``(cfg, note, parallel, totals, StepTime)`` in the order of ``cands`` (then layouts).
+    On one GPU every shared configuration's memory is evaluated in one vectorised call
+    (:func:`vramplan.memory.step_memory_rows`) and the device totals of all candidates in one
+    chain (:meth:`DeviceTotals.rows`); on several, one :func:`parallel_step_memory` per shared
+    configuration (the activation terms shared across layouts).
+    """
+    if not cands:
+        return
+    keys = [_shared_key(cfg) for cfg, _ in cands]
+    reps: dict[TrainConfig, TrainConfig] = {}  # shared key -> the first candidate with it (evaluated for all)
+    for k, (cfg, _) in zip(keys, cands):
+        reps.setdefault(k, cfg)
+    row = {k: j for j, k in enumerate(reps)}
+    which = np.array([row[k] for k in keys], dtype=np.intp)
+    states = {k: model_state(spec, r) for k, r in reps.items()}
+    results: dict[Parallel, tuple] = {}
+    terms: dict[tuple, dict] = {}
+    for p in parallels:
+        b_grid, a_grid = grids[p]
+        sharded = {k: shard_state(spec, r, p, states[k]) for k, r in reps.items()} if p.distributed else {}
+        times = [step_time(spec, r, card, batch=b_grid, grad_accum=a_grid, parallel=p, profile=prof, state=states[k],
+                           sharded=sharded.get(k)) for k, r in reps.items()]
+        if not p.distributed:
+            mem, sts = step_memory_rows(spec, list(reps.values()), batch=b_grid, grad_accum=a_grid)
+            mem = StepMemory(components={c: v[which] for c, v in mem.components.items()},
+                             phases={ph: v[which] for ph, v in mem.phases.items()}, peak=mem.peak[which],
+                             peak_phase=mem.peak_phase[which], state=None)
+            results[p] = (totals.rows(mem, [sts[j] for j in which], [cfg for cfg, _ in cands], card), times)
+            continue
+        mems = []
+        for k, r in reps.items():
+            tkey = (k, tuple(b_grid))
+            if tkey not in terms:
+                terms[tkey] = step_terms(spec, r, batch=b_grid)
+            mems.append(parallel_step_memory(spec, r, p, batch=b_grid, state=sharded[k], terms=terms[tkey]))
+        results[p] = ([totals(mems[j], cfg, card, p) for j, (cfg, _) in zip(which, cands)], times)
+    for j, (cfg, note) in enumerate(cands):
+        for p in parallels:
+            rows, times = results[p]
+            yield cfg, note, p, rows[j], times[which[j]]
+
+
 def _preference(plan: Plan) -> tuple:
     """Tie-breakers among equally fast plans: fewer moving parts first."""
     c = plan.config
@@ -270,72 +389,27 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
 
     capacity = card.memory_bytes
     fixed = dict(grad_ckpt=grad_ckpt, optimizer=optimizer, attn=attn, rank=rank, targets=targets)
-    plans: list[Plan] = []
-    memo: dict[tuple, tuple] = {}
-    terms: dict[tuple, dict] = {}  # activation terms: the same for every strategy
-    seen: set = set()
+    grids = {par: _grid_for(global_batch, batch, par) for par in parallels}
+    cands = _candidates(spec, method, adapter, card, fixed, seq=seq, precision=precision, ppo_response=ppo_response,
+                        framework=framework, techniques=techniques, method_options=method_options)
     prof = card_profile(card)
-    grids = {}
-    for par in parallels:
-        b_grid, a_grid = _batch_grid(global_batch, par.gpus)
-        if batch is not None:
-            keep = b_grid == batch
-            if not keep.any():
-                raise VramplanError(f"--global-batch {global_batch} is not a multiple of --gpus x --batch "
-                                    f"({par.gpus} x {batch})", f"use a multiple of {par.gpus * batch}")
-            b_grid, a_grid = b_grid[keep], a_grid[keep]
-        grids[par] = (b_grid, a_grid)
-    for m, ad, note, settings, _ in _combos(spec, method, adapter, card, fixed, [None]):
-        try:
-            cfg = make_config(spec, m, adapter=ad, batch=1, seq=seq, precision=precision,
-                              ppo_response=ppo_response, framework=framework, techniques=techniques,
-                              method_options=method_options, **settings)
-        except VramplanError:
-            if fixed.get("rank") or fixed.get("targets"):
-                raise  # the user's own setting is invalid: say so
-            continue  # a searched rank larger than a small model's layer
-        if cfg in seen:
-            continue  # e.g. all-linear is already the model's default target set
-        seen.add(cfg)
-        # flash and sdpa save the same tensors and run the same kernels (SDPA dispatches to
-        # FlashAttention-2); paged 8-bit AdamW keeps the same states as 8-bit AdamW (on the GPU
-        # while they fit): evaluate each pair's tensors and time once. Their device totals differ
-        # (paged states live outside the allocator's reserve): one per optimiser.
-        key = cfg.with_(attn="sdpa" if cfg.attn == "flash" else cfg.attn,
-                        optimizer="adamw_8bit" if cfg.optimizer == "paged_adamw_8bit" else cfg.optimizer)
-        st = model_state(spec, cfg) if key not in memo else None
-        for p in parallels:
-            b_grid, a_grid = grids[p]
-            if (key, p) not in memo:
-                sh = shard_state(spec, cfg, p, st) if p.distributed else None
-                if p.distributed:
-                    tkey = (key, tuple(b_grid))
-                    if tkey not in terms:
-                        terms[tkey] = step_terms(spec, cfg, batch=b_grid)
-                    mem = parallel_step_memory(spec, cfg, p, batch=b_grid, state=sh, terms=terms[tkey])
-                else:
-                    mem = step_memory(spec, cfg, batch=b_grid, grad_accum=a_grid)
-                t = step_time(spec, cfg, card, batch=b_grid, grad_accum=a_grid, parallel=p, profile=prof, state=st,
-                              sharded=sh)
-                memo[(key, p)] = (mem, t, {})
-            mem, t, by_opt = memo[(key, p)]
-            if cfg.optimizer not in by_opt:
-                by_opt[cfg.optimizer] = totals(mem, cfg, card, p)
-            total = by_opt[cfg.optimizer]
-            band = band_for_config(cfg)
-            usable = comfortable_limit(capacity, band.hi, margin)
-            ok = total <= usable
-            if ok.any():
-                i = int(np.argmax(np.where(ok, t.tokens_per_s, -np.inf)))
-            else:
-                i = int(np.argmin(total))
-            cfg_i = cfg.with_(batch=int(b_grid[i]), grad_accum=int(a_grid[i]))
-            tps = float(np.asarray(t.tokens_per_s)[i])
-            ttt, gh = time_to_train(tokens, epochs, tps, p.gpus)
-            plans.append(Plan(method=cfg.method, adapter=cfg.adapter, config=cfg_i, parallel=p,
-                              peak_bytes=int(total[i]), capacity_bytes=capacity, usable_bytes=usable, fits=bool(ok[i]),
-                              tokens_per_s=tps, step_time_s=float(np.asarray(t.step_s)[i]), time_to_train_s=ttt,
-                              gpu_hours=gh, fallback=note, band=(band.lo, band.hi), _grid=(t, i)))
+    plans: list[Plan] = []
+    for cfg, note, p, total, t in _evaluate(spec, cands, card, parallels, grids, prof, totals):
+        b_grid, a_grid = grids[p]
+        band = band_for_config(cfg)
+        usable = comfortable_limit(capacity, band.hi, margin)
+        ok = total <= usable
+        if ok.any():
+            i = int(np.argmax(np.where(ok, t.tokens_per_s, -np.inf)))
+        else:
+            i = int(np.argmin(total))
+        cfg_i = cfg.with_(batch=int(b_grid[i]), grad_accum=int(a_grid[i]))
+        tps = float(np.asarray(t.tokens_per_s)[i])
+        ttt, gh = time_to_train(tokens, epochs, tps, p.gpus)
+        plans.append(Plan(method=cfg.method, adapter=cfg.adapter, config=cfg_i, parallel=p,
+                          peak_bytes=int(total[i]), capacity_bytes=capacity, usable_bytes=usable, fits=bool(ok[i]),
+                          tokens_per_s=tps, step_time_s=float(np.asarray(t.step_s)[i]), time_to_train_s=ttt,
+                          gpu_hours=gh, fallback=note, band=(band.lo, band.hi), _grid=(t, i)))
     # a fallback (QLoRA for LoRA) is what the method becomes when its own adapter does not fit: its plans
     # rank after every plan of the method's own adapter that fits, however fast the throughput model
     # rates them (a larger micro-batch over an NF4 base can come out marginally faster, inside the
@@ -478,6 +552,52 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, pre
 
 # -- other stacks and precisions ---------------------------------------------------------------
 
+def least_total(spec: ModelSpec, method: str, card: GPUSpec, settings: dict,
+                stop_below: float | None = None) -> float | None:
+    """A lower bound (bytes) on the device total of every plan :func:`search` ranks with ``settings``.
+
+    ``settings``: :func:`search`'s keyword arguments. The least :meth:`DeviceTotals.floor` over
+    the configurations the search tries, gradient checkpointing and attention aside (neither
+    changes the batch-independent phases the floor is made of); the micro-batch and sequence
+    grid are covered by the floor itself. None when it cannot say: several GPUs or offload (the
+    sharded model), a calibrated activation factor below 1, or an invalid setting (the search
+    says what). ``stop_below``: return the first floor below it (the caller only asks whether
+    the least is that low).
+    """
+    kw = settings
+    parallels = kw.get("parallels") or [SINGLE]
+    if any(p.distributed for p in parallels):
+        return None
+    totals = kw.get("totals") or DeviceTotals()
+    fixed = dict(grad_ckpt=False, optimizer=kw.get("optimizer"), attn="sdpa", rank=kw.get("rank"),
+                 targets=kw.get("targets"))
+    try:
+        cands = _candidates(spec, method, kw.get("adapter"), card, fixed, seq=kw.get("seq", 2048),
+                            precision=kw.get("precision"), ppo_response=kw.get("ppo_response"),
+                            framework=kw.get("framework", "hf"), techniques=kw.get("techniques"),
+                            method_options=kw.get("method_options"))
+    except VramplanError:
+        return None
+    # with stop_below, first one floor per configuration but its optimiser (a bound for every
+    # optimiser at once); if that does not settle it, the tighter floor of each optimiser
+    shapes = list({cfg.with_(optimizer="adamw"): cfg for cfg, _ in reversed(cands)}.values())
+    stages = ((shapes, True), ([cfg for cfg, _ in cands], False)) if stop_below is not None else \
+        (([cfg for cfg, _ in cands], False),)
+    least = None
+    for group, any_opt in stages:
+        least = None
+        for cfg in group:
+            floor = totals.floor(spec, cfg, card, any_optimizer=any_opt)
+            if floor is None:
+                return None
+            least = floor if least is None else min(least, floor)
+            if stop_below is not None and least < stop_below:
+                break
+        if least is None or (stop_below is not None and least >= stop_below):
+            return least
+    return least
+
+
 def other_setups(spec: ModelSpec, method: str, card: GPUSpec, *, framework: str = "hf", precision: str | None = None,
                  current: Plan | None = None, **search_kw) -> list[Suggestion]:
     """Stacks (``stacks.toml``) and precisions that make ``method`` fit where ``framework``/``precision`` do not.
@@ -505,6 +625,10 @@ def other_setups(spec: ModelSpec, method: str, card: GPUSpec, *, framework: str 
     for fw, prec, kind in tries:
         try:
             p = check_card(prec, method, None, search_kw.get("attn") or "sdpa", card, fw)
+            least = least_total(spec, method, card, dict(search_kw, framework=fw, precision=p),
+                                stop_below=card.memory_bytes + 1)
+            if least is not None and least >= card.memory_bytes + 1:  # (a plan's peak_bytes is int(total))
+                continue  # no plan of this setup fits the card even without the margin: nothing to list
             mp = search(spec, method, card, framework=fw, precision=p, **search_kw)
         except VramplanError:
             continue  # the stack does not run this method or card (e.g. no bf16)

@@ -2,7 +2,7 @@
 
 :func:`recommend_techniques` says what each technique of ``vramplan/data/stacks.toml`` saves on a
 configuration and, when it is not comfortable, the cheapest set that makes it fit; it runs the
-full :func:`~vramplan.planner.estimating.estimate_config` with and without each. Numpy only.
+peaks of :func:`~vramplan.planner.estimating.estimate_config` (:func:`~vramplan.planner.estimating.estimate_peaks`) with and without each. Numpy only.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from ..results import Estimate
 from ..stacks import techniques
 from ..units import GIB
 from ..verdict import DEFAULT_MARGIN
-from .estimating import estimate_config
+from ..overheads import card_profile
+from .estimating import Peaks, estimate_peaks
 
 if TYPE_CHECKING:
     from .search import Plan
@@ -114,12 +115,51 @@ def technique_names() -> list[str]:
     return list(techniques())
 
 
+def _choose(on: tuple[str, ...], candidates: list[str], cost: dict[str, float], est, base, floor: int, usable: int,
+            capacity: int) -> list[str]:
+    """The techniques :func:`recommend_techniques` adds to ``on`` (in the order added), given ``est(techniques)``.
+
+    Greedy: each round adds the cheapest technique whose saving on top of the chosen ones is worth
+    listing (``>= floor`` bytes; ties: the largest saving) -- on top, because they interact: once
+    opt_in_bwd frees the gradients the peak moves to the forward, where the logits are and liger_ce
+    starts to count -- until the peak is at most ``usable``; then each one the target (``usable``,
+    else ``capacity``) does not need is dropped again, dearest (then last added) first.
+    """
+    chosen: list[str] = []
+    current = base
+    if base.peak_bytes <= usable:
+        return chosen
+    while current.peak_bytes > usable:
+        options = []
+        for name in candidates:
+            if name in chosen:
+                continue
+            try:
+                e = est(on + tuple(chosen) + (name,))
+            except VramplanError:
+                continue  # conflicts with one already chosen (chunked_ce after liger_ce)
+            gain = current.peak_bytes - e.peak_bytes
+            if gain >= floor:
+                options.append((cost[name], -gain, name, e))
+        if not options:
+            break
+        _c, _g, name, current = min(options, key=lambda o: o[:3])
+        chosen.append(name)
+    target = usable if current.peak_bytes <= usable else capacity if current.peak_bytes <= capacity else None
+    if target is not None:  # drop what the target does not need, dearest (then last added) first
+        for name in sorted(chosen, key=lambda n: (-cost[n], -chosen.index(n))):
+            rest = [n for n in chosen if n != name]
+            if est(on + tuple(rest)).peak_bytes <= target:
+                chosen = rest
+    return chosen
+
+
 def recommend_techniques(model, cfg: TrainConfig, gpu, *, parallel: Parallel | None = None,
                          margin: float = DEFAULT_MARGIN, base: Estimate | None = None) -> TechniqueAdvice:
     """Which memory-saving techniques make ``cfg`` fit on ``gpu``, cheapest first, and what each saves.
 
     Every technique of ``stacks.toml`` that is a memory saver and not already on is evaluated
-    alone (the full :func:`~vramplan.planner.estimating.estimate_config` with and without it; savings below
+    alone (the peaks of :func:`~vramplan.planner.estimating.estimate_config`, :func:`~vramplan.planner.estimating.estimate_peaks`, with and without it; savings below
     ``max(MIN_SAVING_BYTES, MIN_SAVING_FRACTION x capacity)`` are dropped). When ``cfg`` is above
     its comfortable limit (:func:`vramplan.verdict.comfortable_limit`: ``capacity x (1 - margin)`` and the band's
     upper end under the capacity), techniques are added greedily -- each round the cheapest in step
@@ -147,13 +187,14 @@ def recommend_techniques(model, cfg: TrainConfig, gpu, *, parallel: Parallel | N
 
     usable = comfortable_limit(capacity, band_for_config(cfg).hi, margin)  # the verdict's "comfortable"
     floor = max(MIN_SAVING_BYTES, int(MIN_SAVING_FRACTION * capacity))
-    cache: dict[tuple, Estimate] = {}
+    cache: dict[tuple, Estimate | Peaks] = {}
+    profile = card_profile(card)
 
     def est(techs: tuple[str, ...]):
         key = tuple(sorted(techs))
         if key not in cache:
             c = cfg if techs == cfg.techniques else cfg.with_techniques(techs)
-            cache[key] = estimate_config(spec, c, card, parallel=par, with_time=False)
+            cache[key] = estimate_peaks(spec, c, card, parallel=par, profile=profile)
         return cache[key]
 
     base = base if base is not None and base.config == cfg else est(cfg.techniques)
@@ -180,35 +221,8 @@ def recommend_techniques(model, cfg: TrainConfig, gpu, *, parallel: Parallel | N
             singles.append(s)
     singles.sort(key=lambda s: (s.cost, -s.saving_bytes, s.technique))
 
-    # greedy: each round adds the cheapest technique whose saving on top of the chosen ones is worth
-    # listing (ties: the largest saving) -- on top, because they interact: once opt_in_bwd frees the
-    # gradients the peak moves to the forward, where the logits are and liger_ce starts to count
-    chosen: list[str] = []
-    current = base
     cost = {n: catalogue[n].cost_for(cfg) for n in candidates}
-    if base.peak_bytes > usable:
-        while current.peak_bytes > usable:
-            options = []
-            for name in candidates:
-                if name in chosen:
-                    continue
-                try:
-                    e = est(cfg.techniques + tuple(chosen) + (name,))
-                except VramplanError:
-                    continue  # conflicts with one already chosen (chunked_ce after liger_ce)
-                gain = current.peak_bytes - e.peak_bytes
-                if gain >= floor:
-                    options.append((cost[name], -gain, name, e))
-            if not options:
-                break
-            _c, _g, name, current = min(options, key=lambda o: o[:3])
-            chosen.append(name)
-        target = usable if current.peak_bytes <= usable else capacity if current.peak_bytes <= capacity else None
-        if target is not None:  # drop what the target does not need, dearest (then last added) first
-            for name in sorted(chosen, key=lambda n: (-cost[n], -chosen.index(n))):
-                rest = [n for n in chosen if n != name]
-                if est(cfg.techniques + tuple(rest)).peak_bytes <= target:
-                    chosen = rest
+    chosen = _choose(cfg.techniques, candidates, cost, est, base, floor, usable, capacity)
     recommended: list[TechniqueSaving] = []
     before = base
     for i, name in enumerate(chosen):
