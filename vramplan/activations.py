@@ -446,6 +446,40 @@ def layer_backward_transient(model: ModelSpec, copy: ModelCopy, regime: Regime, 
     return T * (2 * d.proj_out * i + 2 * d.residual * model.hidden_size)
 
 
+def _loss_settings(cfg, copy: ModelCopy, d, T, rows):
+    """``(mode, chunks, keep, upcast)`` of the loss the stack (and its version, and the techniques) runs:
+    the loss mode, its chunk count, the bytes per logit kept through backward, and whether each chunk is
+    upcast to fp32 (:func:`logits_bytes`)."""
+    mode, chunks, keep, upcast = "full_fp32", 1, 0.0, True
+    if cfg is None:
+        return mode, chunks, keep, upcast
+    st = cfg.stack
+    mode, chunks, upcast = st.loss, st.loss_chunks, st.loss_upcast
+    old_tt = cfg.behaves("torchtune_bf16_full_ce")
+    if old_tt:
+        # torchtune < 0.3.0: nn.CrossEntropyLoss on the whole shifted 16-bit logits, which the recipe
+        # keeps through backward (stacks.toml [behaviours.torchtune_bf16_full_ce])
+        mode, chunks, upcast = "chunked", 1, False
+    elif st.loss_chunk_tokens and mode == "chunked":
+        # chunks of loss_chunk_tokens tokens: of every sequence when the head runs chunked (litgpt LoRA:
+        # lm_head_chunk_size), else of the flattened logits (stacks.toml loss_chunk_tokens)
+        r = np.maximum(np.asarray(rows, dtype=np.float64), 1.0)
+        per_row = copy.adapter is not None and copy.adapter.is_peft
+        chunk = r * np.minimum(st.loss_chunk_tokens, T / r) if per_row else np.minimum(st.loss_chunk_tokens, T)
+        chunks = T / np.maximum(chunk, 1.0)
+    keep = 0.0 if (st.frees_logits and not old_tt) else float(d.logits)
+    if keep and mode == "full_fp32" and cfg.behaves("hf_fp32_logits_output"):
+        # transformers < 4.46 returns the fp32 upcast as output.logits: a loop that keeps the output
+        # through backward keeps fp32 logits (stacks.toml [behaviours.hf_fp32_logits_output])
+        keep = 4.0
+    if cfg.uses("liger_ce"):
+        mode = "fused_linear"
+    elif cfg.uses("chunked_ce") and mode == "full_fp32":
+        # (a stack that already chunks its loss keeps its own chunks; a fused loss has no logits)
+        mode, chunks = "chunked", 8
+    return mode, chunks, keep, upcast
+
+
 def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head: str = "lm",
                  cfg: TrainConfig | None = None, rows=1):
     """(forward peak, backward peak) bytes of the logits and the loss for ``tokens`` tokens.
@@ -478,33 +512,7 @@ def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head
     V, h = model.vocab_size, model.hidden_size
     kbit = cfg.stack.kbit_upcast if cfg is not None else True
     d = copy_dtypes(copy, regime, kbit)
-    mode, chunks, keep = "full_fp32", 1, 0.0
-    upcast = cfg.stack.loss_upcast if cfg is not None else True
-    if cfg is not None:
-        st = cfg.stack
-        mode, chunks = st.loss, st.loss_chunks
-        old_tt = cfg.behaves("torchtune_bf16_full_ce")
-        if old_tt:
-            # torchtune < 0.3.0: nn.CrossEntropyLoss on the whole shifted 16-bit logits, which the recipe
-            # keeps through backward (stacks.toml [behaviours.torchtune_bf16_full_ce])
-            mode, chunks, upcast = "chunked", 1, False
-        if st.loss_chunk_tokens and mode == "chunked" and not old_tt:
-            # chunks of loss_chunk_tokens tokens: of every sequence when the head runs chunked (litgpt LoRA:
-            # lm_head_chunk_size), else of the flattened logits (stacks.toml loss_chunk_tokens)
-            r = np.maximum(np.asarray(rows, dtype=np.float64), 1.0)
-            per_row = copy.adapter is not None and copy.adapter.is_peft
-            chunk = r * np.minimum(st.loss_chunk_tokens, T / r) if per_row else np.minimum(st.loss_chunk_tokens, T)
-            chunks = T / np.maximum(chunk, 1.0)
-        keep = 0.0 if (st.frees_logits and not old_tt) else float(d.logits)
-        if keep and mode == "full_fp32" and cfg.behaves("hf_fp32_logits_output"):
-            # transformers < 4.46 returns the fp32 upcast as output.logits: a loop that keeps the output
-            # through backward keeps fp32 logits (stacks.toml [behaviours.hf_fp32_logits_output])
-            keep = 4.0
-        if cfg.uses("liger_ce"):
-            mode = "fused_linear"
-        elif cfg.uses("chunked_ce") and mode == "full_fp32":
-            # (a stack that already chunks its loss keeps its own chunks; a fused loss has no logits)
-            mode, chunks = "chunked", 8
+    mode, chunks, keep, upcast = _loss_settings(cfg, copy, d, T, rows)
     up = 4.0 if d.logits != 4 else 0.0
     if not upcast and mode == "chunked":
         up = 0.0  # cross-entropy in the logits' dtype: no fp32 copy (litgpt chunked_cross_entropy)
