@@ -17,6 +17,7 @@ Usage::
 
     python benchmarks/dryrun_vs_analytic.py                       # the whole sweep
     python benchmarks/dryrun_vs_analytic.py --arch llama-3-8b --method qlora --shape 2k
+    python benchmarks/dryrun_vs_analytic.py --method grpo grpo+qlora grpo+full --layers 2   # GRPO, 3 adapters
     python benchmarks/dryrun_vs_analytic.py --jobs 2 --out reports/dryrun_vs_analytic.txt
     python benchmarks/dryrun_vs_analytic.py --attn auto eager sdpa flash   # every attention kernel
     python benchmarks/dryrun_vs_analytic.py --arch phi3-gqa-shaped --attn eager --precision bf16 --shape 1k
@@ -43,8 +44,10 @@ from dataclasses import dataclass
 TUNED = ("llama-3-8b", "qwen2.5-7b", "gemma-2-2b", "phi-3-mini-4k", "mixtral-8x7b")
 HELD_OUT = ("mistral-7b-v0.3", "qwen3-8b", "gemma-3-1b", "olmo-2-7b", "qwen3-30b-a3b", "smollm2-360m")
 ARCHS = TUNED + HELD_OUT
-METHODS = ("full", "lora", "qlora", "dora", "ia3", "dpo", "ppo", "orpo", "cpo", "simpo", "kto", "reward", "dpo-precomputed",
-           "kto-precomputed")
+METHODS = ("full", "lora", "qlora", "dora", "ia3", "dpo", "ppo", "grpo", "orpo", "cpo", "simpo", "kto", "reward",
+           "dpo-precomputed", "kto-precomputed")
+# GRPO's other adapters (``grpo`` is GRPO + LoRA): ``--method grpo+qlora grpo+full``, not in the default sweep
+GRPO_ADAPTERS = ("grpo+qlora", "grpo+full")
 # name -> (micro-batch, sequence length)
 SHAPES = {"short": (2, 128), "2k": (1, 2048), "8k": (1, 8192), "1k": (1, 1024), "4x1k": (4, 1024)}
 DEFAULT_SHAPES = ("short", "2k", "8k")
@@ -208,7 +211,7 @@ def summarize(rows: list[Row], out=sys.stdout) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", nargs="*", default=list(ARCHS), help="catalogue names, or " + ", ".join(EXTRA_CONFIGS))
-    ap.add_argument("--method", nargs="*", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--method", nargs="*", default=list(METHODS), choices=list(METHODS) + list(GRPO_ADAPTERS))
     ap.add_argument("--gc", nargs="*", default=["off", "on"], choices=["off", "on"])
     ap.add_argument("--shape", nargs="*", default=list(DEFAULT_SHAPES), choices=list(SHAPES))
     ap.add_argument("--attn", nargs="*", default=["auto"], choices=list(ATTN),

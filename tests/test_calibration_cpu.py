@@ -31,7 +31,7 @@ def test_every_method_steps_on_the_cpu(cpu_run):
     assert len(pts) == len(suite.points) == res.measured
     bad = [(r["id"], r.get("error")) for r in pts if r["status"] != "ok"]
     assert not bad
-    assert {r["config"]["method"] for r in pts} == {"full", "lora", "qlora", "dora", "ia3", "dpo", "ppo"}
+    assert {r["config"]["method"] for r in pts} == {"full", "lora", "qlora", "dora", "ia3", "dpo", "ppo", "grpo"}
     for r in pts:
         assert r["step_s_median"] > 0 and r["tokens_per_s"] > 0 and r["load_s"] >= 0
         assert r["prediction"]["tensor_peak_bytes"] > 0

@@ -38,6 +38,24 @@ ATTN_GRID = ([("phi3-gqa-shaped", m, gc, "1k", "eager", p) for m in ("full", "lo
              + [("smollm2-360m", m, gc, "2k", "flash", None) for m in ("full", "lora", "qlora") for gc in (False, True)])
 
 
+# GRPO's other adapters on Qwen2-, Mistral- (its 2k rows peak in the generation's prefill) and Gemma-2-shaped
+# models (``grpo`` itself, LoRA, is in GRID with every method)
+GRPO_GRID = [(arch, method, gc, shape) for arch, shape, gc in (("qwen2.5-7b", "short", False),
+                                                              ("mistral-7b-v0.3", "2k", True),
+                                                              ("gemma-2-2b", "short", True))
+             for method in bench.GRPO_ADAPTERS]
+
+
+@pytest.mark.parametrize("arch,method,gc,shape", GRPO_GRID, ids=lambda v: str(v))
+def test_grpo_adapters_within_two_percent_of_dryrun(arch, method, gc, shape):
+    row = bench.run_row(arch, method, gc, shape, layers=LAYERS)
+    assert not row.error_text and not row.skipped, row.error_text or row.skipped
+    assert row.dryrun > 0 and abs(row.error) <= 0.02, (
+        f"{arch} {method} gc={gc} {shape}: estimate {row.estimate} vs dry run {row.dryrun} B "
+        f"({100 * row.error:+.2f}%); peak phase {row.est_phase}/{row.dry_phase}; "
+        f"largest component difference {row.worst} {row.worst_bytes:+d} B")
+
+
 @pytest.mark.parametrize("arch,method,gc,shape,attn,precision", ATTN_GRID, ids=lambda v: str(v))
 def test_attention_kernels_within_two_percent_of_dryrun(arch, method, gc, shape, attn, precision):
     row = bench.run_row(arch, method, gc, shape, layers=LAYERS, attn=attn, precision=precision)

@@ -233,9 +233,13 @@ def test_trl_config_class_names_select_the_method():
     class GRPOConfig:
         per_device_train_batch_size = 1
 
+    class RLOOConfig:
+        per_device_train_batch_size = 1
+
     assert vramplan.from_model(model, training_args=DPOConfig()).method == "dpo"
+    assert vramplan.from_model(model, training_args=GRPOConfig(), seq=256).method == "grpo"
     with pytest.raises(VramplanError, match="not modelled"):
-        vramplan.from_model(model, training_args=GRPOConfig())
+        vramplan.from_model(model, training_args=RLOOConfig())
 
 
 @needs_torch

@@ -318,7 +318,10 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
         # gate out (the activation's input), the activation's output, up out; a fused gate_up
         # projection's 2i output is chunked into gate and up views and saved whole: the same bytes
         per_tok += m * i * 3
-        per_tok += linear_inputs(["down_proj"], i, fresh=True, in_bytes=d.proj_out) if (full or "down_proj" in targets) else 0.0
+        # (the MLP product: saved only for a trainable down_proj's weight gradient, by its adapter, or,
+        # with bitsandbytes < 0.43.2, by a 4-bit down_proj's MatMul4Bit ctx even when frozen and not adapted)
+        down_kept = full or "down_proj" in targets or keeps_4bit_input
+        per_tok += linear_inputs(["down_proj"], i, fresh=True, in_bytes=d.proj_out) if down_kept else 0.0
         per_tok += ia3_out(["down_proj"])
     if model.norms_per_layer == 4:
         per_tok += norm(True)
@@ -443,6 +446,40 @@ def layer_backward_transient(model: ModelSpec, copy: ModelCopy, regime: Regime, 
     return T * (2 * d.proj_out * i + 2 * d.residual * model.hidden_size)
 
 
+def _loss_settings(cfg, copy: ModelCopy, d, T, rows):
+    """``(mode, chunks, keep, upcast)`` of the loss the stack (and its version, and the techniques) runs:
+    the loss mode, its chunk count, the bytes per logit kept through backward, and whether each chunk is
+    upcast to fp32 (:func:`logits_bytes`)."""
+    mode, chunks, keep, upcast = "full_fp32", 1, 0.0, True
+    if cfg is None:
+        return mode, chunks, keep, upcast
+    st = cfg.stack
+    mode, chunks, upcast = st.loss, st.loss_chunks, st.loss_upcast
+    old_tt = cfg.behaves("torchtune_bf16_full_ce")
+    if old_tt:
+        # torchtune < 0.3.0: nn.CrossEntropyLoss on the whole shifted 16-bit logits, which the recipe
+        # keeps through backward (stacks.toml [behaviours.torchtune_bf16_full_ce])
+        mode, chunks, upcast = "chunked", 1, False
+    elif st.loss_chunk_tokens and mode == "chunked":
+        # chunks of loss_chunk_tokens tokens: of every sequence when the head runs chunked (litgpt LoRA:
+        # lm_head_chunk_size), else of the flattened logits (stacks.toml loss_chunk_tokens)
+        r = np.maximum(np.asarray(rows, dtype=np.float64), 1.0)
+        per_row = copy.adapter is not None and copy.adapter.is_peft
+        chunk = r * np.minimum(st.loss_chunk_tokens, T / r) if per_row else np.minimum(st.loss_chunk_tokens, T)
+        chunks = T / np.maximum(chunk, 1.0)
+    keep = 0.0 if (st.frees_logits and not old_tt) else float(d.logits)
+    if keep and mode == "full_fp32" and cfg.behaves("hf_fp32_logits_output"):
+        # transformers < 4.46 returns the fp32 upcast as output.logits: a loop that keeps the output
+        # through backward keeps fp32 logits (stacks.toml [behaviours.hf_fp32_logits_output])
+        keep = 4.0
+    if cfg.uses("liger_ce"):
+        mode = "fused_linear"
+    elif cfg.uses("chunked_ce") and mode == "full_fp32":
+        # (a stack that already chunks its loss keeps its own chunks; a fused loss has no logits)
+        mode, chunks = "chunked", 8
+    return mode, chunks, keep, upcast
+
+
 def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head: str = "lm",
                  cfg: TrainConfig | None = None, rows=1):
     """(forward peak, backward peak) bytes of the logits and the loss for ``tokens`` tokens.
@@ -478,25 +515,9 @@ def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head
     V, h = model.vocab_size, model.hidden_size
     kbit = cfg.stack.kbit_upcast if cfg is not None else True
     d = copy_dtypes(copy, regime, kbit)
-    mode, chunks, keep = "full_fp32", 1, 0.0
-    if cfg is not None:
-        st = cfg.stack
-        mode, chunks = st.loss, st.loss_chunks
-        if st.loss_chunk_tokens and mode == "chunked":
-            # chunks of loss_chunk_tokens tokens: of every sequence when the head runs chunked (litgpt LoRA:
-            # lm_head_chunk_size), else of the flattened logits (stacks.toml loss_chunk_tokens)
-            r = np.maximum(np.asarray(rows, dtype=np.float64), 1.0)
-            per_row = copy.adapter is not None and copy.adapter.is_peft
-            chunk = r * np.minimum(st.loss_chunk_tokens, T / r) if per_row else np.minimum(st.loss_chunk_tokens, T)
-            chunks = T / np.maximum(chunk, 1.0)
-        keep = 0.0 if st.frees_logits else float(d.logits)
-        if cfg.uses("liger_ce"):
-            mode = "fused_linear"
-        elif cfg.uses("chunked_ce") and mode == "full_fp32":
-            # (a stack that already chunks its loss keeps its own chunks; a fused loss has no logits)
-            mode, chunks = "chunked", 8
+    mode, chunks, keep, upcast = _loss_settings(cfg, copy, d, T, rows)
     up = 4.0 if d.logits != 4 else 0.0
-    if cfg is not None and not cfg.stack.loss_upcast and mode == "chunked":
+    if not upcast and mode == "chunked":
         up = 0.0  # cross-entropy in the logits' dtype: no fp32 copy (litgpt chunked_cross_entropy)
     if cfg is not None and cfg.uses("compile") and mode in ("chunked", "full_fp32") \
             and cfg.recipe.method.loss not in ("sequence_logps", "response_logps"):
@@ -508,7 +529,7 @@ def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head
         fwd = T * V * d.logits + work
         bwd = T * V * (d.logits + keep) + work
         return fwd, bwd
-    fwd, bwd = _logits_by_loss(model, regime, d, T, V, h, cfg, mode, chunks, keep, up, rows)
+    fwd, bwd = _logits_by_loss(model, regime, d, T, V, h, cfg, mode, chunks, keep, up, rows, upcast)
     if model.final_logit_softcapping and mode != "fused_linear":
         # Gemma-2: logits = tanh(logits / cap) * cap; tanh's output is saved for backward
         fwd, bwd = fwd + T * V * d.logits, bwd + T * V * d.logits
@@ -529,7 +550,7 @@ def _method_loss_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, T, hea
     return own[0] + cap, own[1] + cap
 
 
-def _logits_by_loss(model, regime, d, T, V, h, cfg, mode, chunks, keep, up, rows):
+def _logits_by_loss(model, regime, d, T, V, h, cfg, mode, chunks, keep, up, rows, upcast=True):
     if cfg is not None and cfg.recipe.method.loss == "sequence_logps":
         if d.logits == 4 or regime.runner == "trainer":
             return T * V * (8.0 + (d.logits if d.logits != 4 else 0.0)), T * V * 16.0
@@ -559,9 +580,10 @@ def _logits_by_loss(model, regime, d, T, V, h, cfg, mode, chunks, keep, up, rows
         work = chunk * V * (d.logits + up + 4.0)
         grad_in = T * h * d.residual
         return work + grad_in, grad_in + T * h * d.residual
-    if mode == "chunked" and cfg is not None and not cfg.stack.loss_upcast:
-        # no upcast (litgpt chunked_cross_entropy): log_softmax saves each chunk's output in the logits'
-        # dtype beside the logits; backward holds them and two chunk gradients (dry run)
+    if mode == "chunked" and cfg is not None and not upcast:
+        # no upcast (litgpt chunked_cross_entropy; torchtune < 0.3.0's CrossEntropyLoss, one chunk): log_softmax
+        # saves each chunk's output in the logits' dtype beside the logits; backward holds them and two chunk
+        # gradients (dry run)
         lg = float(d.logits)
         return T * V * (lg + lg), T * V * (lg + keep) + 2.0 * (T / chunks) * V * lg
     if mode == "chunked":

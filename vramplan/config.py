@@ -32,7 +32,8 @@ class TrainConfig:
         adapter: adapter choice (DPO/PPO take full|lora|qlora|dora|ia3).
         batch: micro-batch size (examples; DPO doubles it into chosen + rejected sequences).
         seq: tokens per sequence (PPO: prompt + response).
-        grad_accum: gradient accumulation steps (memory-neutral; for throughput and global batch).
+        grad_accum: gradient accumulation steps (global batch and throughput; above 1 the earlier micro-batches'
+            gradients stay alive through each later forward and backward: vramplan.memory.step_memory).
         rank, alpha, dropout: LoRA/DoRA hyper-parameters (PEFT defaults 8, 8, 0.0).
         targets: target module names, or ("all-linear",); empty means the model type's default.
         grad_ckpt: gradient checkpointing (HF ``gradient_checkpointing_enable``, non-reentrant).
@@ -115,11 +116,18 @@ class TrainConfig:
         from .stacks import effective_regime
 
         regime = effective_regime(self.precision, self.framework)
-        if not self.recipe.adapter.quantized_base and self.behaves("peft_adapter_base_dtype") and regime.autocast is None:
-            # PEFT < 0.12 moved LoRA layers to the base weight's floating dtype (stacks.toml [behaviours])
+        floating_base = not self.recipe.adapter.quantized_base or self.stack.float_quant_storage
+        if floating_base and self.behaves("peft_adapter_base_dtype") and regime.autocast is None:
+            # PEFT < 0.12 moved LoRA layers to the base weight's floating dtype (stacks.toml [behaviours]); a
+            # 4-bit weight packed in a floating quant_storage (fsdp_qlora: bf16) counts as floating
             from dataclasses import replace
 
             regime = replace(regime, adapter_dtype=regime.frozen_dtype)
+        if regime.runner != "loop" and self.behaves("torchtune_foreach_adamw"):
+            # torchtune < 0.3.1 configs build AdamW without fused=True: the foreach kernel (stacks.toml [behaviours])
+            from dataclasses import replace
+
+            regime = replace(regime, runner="loop")
         return regime
 
     def uses(self, technique: str) -> bool:

@@ -78,6 +78,7 @@ def model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
     Batch-independent, so a search over batch, sequence and checkpointing reuses one result
     (cached on the fields it reads; callers get their own copy).
     """
+    # (versions: a version-gated behaviour can change the adapter dtype or the optimizer kernel)
     key = (model, cfg.method, cfg.adapter, cfg.rank, cfg.targets, cfg.optimizer, cfg.precision, cfg.framework,
            cfg.techniques, cfg.double_quant, cfg.versions, cfg.options)
     try:
@@ -251,6 +252,42 @@ def _dequant_temp(model: ModelSpec, regime: Regime, cfg: TrainConfig) -> int:
     return largest * (per + copies * DTYPE_BYTES[regime.compute_dtype])
 
 
+#: Input groups of a decoder layer's linears: linears of one group read one tensor.
+_INPUT_GROUP = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "qkv_proj": "attn_in", "o_proj": "o_proj",
+                "gate_proj": "mlp_in", "up_proj": "mlp_in", "gate_up_proj": "mlp_in", "shared_expert_gate": "mlp_in",
+                "down_proj": "down_proj",
+                # GPT-NeoX / Falcon names (the catalogue's layer_linears for those architectures)
+                "query_key_value": "attn_in", "dense": "o_proj", "dense_h_to_4h": "mlp_in", "dense_4h_to_h": "down_proj"}
+
+
+def bnb_ctx_input_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime, T):
+    """Bytes bitsandbytes < 0.43.2 ``MatMul4Bit`` keeps on ``ctx`` for a whole forward of ``T`` tokens:
+    each 4-bit linear's input ``A`` (cast to the compute dtype) -- one tensor per group of linears
+    reading the same input (norm outputs, the attention output, the MLP product) in every layer, and
+    the final norm's output when the stack quantises the lm_head. Layer 0's attention input needs no
+    gradient (a frozen embedding): ``ctx.tensors = (None, None)`` there.
+
+    ``ctx.tensors`` is a plain attribute, not ``save_for_backward``: autograd's backward does not
+    release it; it dies with the graph (bitsandbytes 0.42.0 ``autograd/_functions.py``
+    ``MatMul4Bit.forward``; fixed by commit 9e753741, PR #1270, in 0.43.2). 0 when the behaviour
+    is off or the copy is not a trained adapter over a 4-bit base.
+    """
+    if not (copy.adapter is not None and copy.adapter.quantized_base and copy.quantized and copy.trains
+            and cfg.behaves("bnb_4bit_saves_input")):
+        return np.zeros_like(np.asarray(T, dtype=np.float64))
+    c = DTYPE_BYTES[regime.compute_dtype]
+    widths: dict[str, int] = {}
+    for lin in quantized_linears(model, cfg):
+        g = _INPUT_GROUP.get(lin.name)
+        if g is not None:
+            widths[g] = lin.in_features
+    per_layer = sum(widths.values())
+    per_tok = model.num_layers * per_layer - widths.get("attn_in", 0)
+    if cfg.stack.quantizes_head and copy.head == "lm" and not model.tie_embeddings:
+        per_tok += model.hidden_size  # the final norm's output, read by the 4-bit lm_head's chunks
+    return np.asarray(T, dtype=np.float64) * c * per_tok
+
+
 def _dora_largest(model: ModelSpec, cfg: TrainConfig):
     """The adapted linear whose DoRA weight-norm buffers are largest (None without one)."""
     lins = [l for l in model.layer_linears() if l.is_linear and l.name in cfg.targets]
@@ -340,7 +377,9 @@ def _stack_activations(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regi
     ckpt_in = act.checkpoint_input_bytes(model, copy, regime, T, kbit)
     offload = cfg.uses("act_offload")
     if cfg.grad_ckpt:
-        kept = ckpt_in if (cfg.stack.gc_offload or offload) else L * ckpt_in
+        # (Unsloth < 2024.4 checkpointed with torch.utils.checkpoint: inputs on the GPU; stacks.toml [behaviours])
+        gc_offload = cfg.stack.gc_offload and not cfg.behaves("unsloth_gc_on_gpu")
+        kept = ckpt_in if (gc_offload or offload) else L * ckpt_in
         return kept, full_layer
     if cfg.uses("selective_ckpt"):
         ck = L // 2
@@ -387,6 +426,7 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
     acts, recompute, layer, layer_attn, logits_fwd, logits_bwd = (zeros.copy() for _ in range(6))
     transient, nograd_peak, temps_fwd, kv = zeros.copy(), zeros.copy(), zeros.copy(), zeros.copy()
     temps_fwd_only, temps_recompute = zeros.copy(), zeros.copy()
+    last_graph = zeros.copy()
     attn_fwd, attn_bwd, rec_prefix = zeros.copy(), zeros.copy(), zeros.copy()
     for copy in recipe.copies:
         if copy.forward is Forward.NO_GRAD:
@@ -425,6 +465,10 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
         acts += a
         logits_fwd += f
         logits_bwd += bw
+        if cfg.stack.keeps_last_graph:
+            # the loop keeps the last step's graph until this step's loss exists (stacks.toml
+            # keeps_last_graph): what its nodes still hold after backward sits beside this forward
+            last_graph = last_graph + bnb_ctx_input_bytes(model, cfg, copy, regime, T)
         if fused:
             transient = np.maximum(transient, fused_layer_transient(model, regime, T))
             # Unsloth runs its own flash attention whatever the requested kernel: no eager working set
@@ -470,12 +514,13 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
         rollout_logits = act.rollout_logits_bytes(model, cfg, policy, gb, s, kv)
     if recipe.copies[0].forward is not Forward.NONE:
         acts = acts + act.attention_mask_bytes(model, cfg, regime, b, s)
-    return {"acts": acts, "recompute": recompute, "layer": layer, "layer_attn": layer_attn, "logits_fwd": logits_fwd,
+    terms = {"acts": acts, "recompute": recompute, "layer": layer, "layer_attn": layer_attn, "logits_fwd": logits_fwd,
             "logits_bwd": logits_bwd, "transient": transient, "nograd_peak": nograd_peak, "temps_fwd": temps_fwd,
             "temps_fwd_only": temps_fwd_only, "temps_recompute": temps_recompute, "kv": kv,
             "rollout_logits": rollout_logits, "attn_fwd": attn_fwd, "attn_bwd": attn_bwd, "logits_kept": logits_kept,
             "dora_prefix": rec_prefix if (recipe.copies[0].adapter is not None and recipe.copies[0].adapter.dora) else layer,
-            "zeros": zeros}
+            "last_graph": last_graph, "zeros": zeros}
+    return recipe.behaviour.step_terms(model, cfg, terms, b, s)
 
 
 def backward_casts(st: ModelState, cfg: TrainConfig) -> dict[str, int]:
@@ -493,7 +538,8 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
                    recompute_cache, layer_cache=0, attn_cache=0, head_cache=0, grads_bwd, grads_opt, step_temporary, rollout_on: bool, grads_tail=0,
                    grads_end_extra=0, layer_grad=0, head_grad=0, comm=0, gathered=0,
                    rollout_gather=0, components: bool = True, gathered_fwd_mid=None, gathered_bwd_start=None,
-                   gathered_bwd_work=None, gathered_bwd_end=None, comm_component=None, gathered_component=None):
+                   gathered_bwd_work=None, gathered_bwd_end=None, comm_component=None, gathered_component=None,
+                   grads_held=0):
     """The phases of a step from its terms, the peak phase, and the components at the peak.
 
     One place for the phase arithmetic of :func:`step_memory` and the sharded planner
@@ -518,7 +564,10 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     backward), ``gathered_bwd_end`` (beside every gradient); each defaults to ``gathered``
     (``gathered_fwd_mid`` to no such point). ``comm_component`` / ``gathered_component`` name
     the components ``comm`` and the gathered bytes are reported under (default gradients and
-    weights). Returns ``(phases, peak, peak_phase_index, components)``.
+    weights). ``grads_held``: gradients already alive when the step's forward starts (gradient
+    accumulation: the earlier micro-batches' sums, kept through this micro-batch's forward and
+    backward; autograd's AccumulateGrad adds each new gradient into them in place).
+    Returns ``(phases, peak, peak_phase_index, components)``.
     """
     zeros = t["zeros"]
     acts, logits_fwd, logits_bwd = t["acts"], t["logits_fwd"], t["logits_bwd"]
@@ -527,21 +576,24 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     attn_fwd, attn_bwd = t.get("attn_fwd", zeros), t.get("attn_bwd", zeros)
     static = sum(base.get(c, 0) for c in RESIDENT_COMPONENTS) + zeros + comm
     states, cache, cache_bwd = states + zeros, cache + zeros, cache_bwd + zeros
+    held = grads_held + zeros
     # QLoRA's dequantised weight lives inside one layer's forward/backward, never beside the loss
     # DoRA's norm buffers in the last layer's forward beside what that layer has saved so far
     # (without checkpointing ``acts`` holds the whole layer; the prefix is what exists by then)
     ckpt = recompute > 0
     dora_side = np.where(ckpt, 0, np.maximum(layer_saved - t.get("dora_prefix", layer_saved), 0))
     temps_f = np.maximum(temps_fwd, t["temps_fwd_only"] - dora_side)
-    fwd_work = acts + np.maximum(np.maximum(logits_fwd, temps_f), attn_fwd)
+    # the last step's graph, when the loop keeps it into this forward (stacks.toml keeps_last_graph)
+    last_graph = t.get("last_graph", zeros)
+    fwd_work = acts + last_graph + np.maximum(np.maximum(logits_fwd, temps_f), attn_fwd)
     # backward starts with everything saved plus the loss's gradients; then, layer by layer, saved
     # tensors and casts are freed while gradients accumulate: a layer's backward sees the larger of
     # the two ends, plus its recomputation (checkpointing), its transient buffers and its dequantised weight
-    saved_bwd = acts + cache_bwd
+    saved_bwd = acts + cache_bwd + held
     # a layer's backward works beside either end: early, every saved tensor (plus its recomputation);
     # late, the first layer beside every gradient but its attention block's and the embedding's
     grads_before = np.maximum(grads_bwd - grads_tail, 0)
-    saved_side = acts + np.maximum(cache_bwd - head_cache, 0) + recompute + recompute_cache
+    saved_side = acts + np.maximum(cache_bwd - head_cache, 0) + recompute + recompute_cache + held
     # the first layer's MLP backward (all its saved tensors and casts), then its attention's
     grads_side = np.maximum(np.maximum(grads_before - layer_grad, 0) + layer_saved + layer_cache,
                             grads_before + layer_attn + attn_cache)
@@ -573,7 +625,7 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     fwd_mid = zeros if gathered_fwd_mid is None else np.maximum(acts - layer_saved, 0) + gathered_fwd_mid
     phases = {Phase.LOAD: static.copy(),
               Phase.ROLLOUT: static + states + kv + t["rollout_logits"] + rollout_gather if rollout_on else zeros.copy(),
-              Phase.FORWARD: static + states + cache + np.maximum(fwd, fwd_mid),
+              Phase.FORWARD: static + states + cache + held + np.maximum(fwd, fwd_mid),
               Phase.BACKWARD: static + states + np.maximum(bwd_acts, bwd_grads),
               Phase.OPTIMIZER_STEP: static + states + grads_opt + step_temporary}
     stack = np.stack([phases[p] for p in PHASE_ORDER])
@@ -618,11 +670,13 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     c_comp = comm_component or Component.GRADIENTS
     comps[c_comp] = comps.get(c_comp, zeros) + comm
     comps[Component.GRADIENTS] = comps.get(Component.GRADIENTS, zeros) + at_peak({
-        Phase.BACKWARD: np.where(bwd_act, 0, np.where(layer, np.where(
-            bwd_saved, np.where(in_attn, head_grad + layer_grad, 0), grads_before), grads_bwd)),
+        Phase.FORWARD: held,
+        Phase.BACKWARD: np.where(bwd_act, held, np.where(layer, np.where(
+            bwd_saved, np.where(in_attn, head_grad + layer_grad, 0) + held, grads_before), grads_bwd)),
         Phase.OPTIMIZER_STEP: grads_opt + zeros})
     comps[Component.ACTIVATIONS] = at_peak({
-        Phase.FORWARD: np.where(fwd_at_mid, np.maximum(acts - layer_saved, 0), np.where(fwd_act, acts, nograd_peak)),
+        Phase.FORWARD: np.where(fwd_at_mid, np.maximum(acts - layer_saved, 0), np.where(fwd_act, acts + last_graph,
+                                                                                         nograd_peak)),
         Phase.BACKWARD: np.where(bwd_act, acts, np.where(layer, np.where(
             bwd_saved, acts + np.where(in_rec, rec_prefix, np.where(in_attn, recompute - layer_saved + layer_attn,
                                                                     recompute)),
@@ -672,18 +726,35 @@ def resident_floor(model: ModelSpec, cfg: TrainConfig, st: ModelState | None = N
     return int(static + max(0, own + a["grads_opt"]))
 
 
-def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepMemory:
+def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None, grad_accum=None) -> StepMemory:
     """Peak tensor bytes of a steady-state step of ``cfg`` on ``model``, by component and phase.
 
-    ``batch`` and ``seq`` default to the config's; arrays broadcast.
+    ``batch``, ``seq`` and ``grad_accum`` default to the config's; arrays broadcast. With gradient
+    accumulation (``grad_accum > 1``) every micro-batch after the first runs its forward and backward
+    beside the gradients the earlier ones summed (``zero_grad`` runs only after the optimizer step):
+    the HF Trainer, torchtune, litgpt (finetune/full.py ``fabric.no_backward_sync`` loop) and any
+    plain loop accumulate into ``param.grad``. Full fine-tuning: one more copy of the trainable
+    weights at the forward's end; adapters: their (small) gradients.
     """
     st = model_state(model, cfg)
     t = step_terms(model, cfg, batch, seq)
-    phases, peak, idx, comps = combine_phases(t, st.bytes, **state_terms(st, cfg))
+    phases, peak, idx, comps = combine_phases(t, st.bytes, **state_terms(st, cfg),
+                                              grads_held=held_gradients(st, cfg, grad_accum))
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=st)
 
 
-def step_memory_rows(model: ModelSpec, cfgs: list[TrainConfig], batch=None, seq=None) -> tuple[StepMemory, list]:
+def held_gradients(st: ModelState, cfg: TrainConfig, grad_accum=None):
+    """Gradient bytes alive through a micro-batch's forward and backward (:func:`combine_phases`'
+    ``grads_held``): every gradient when the step accumulates (``grad_accum > 1``, the config's unless
+    given; arrays broadcast), none with the optimiser step inside backward (which refuses accumulation)."""
+    if cfg.uses("opt_in_bwd"):
+        return 0
+    accum = np.asarray(cfg.grad_accum if grad_accum is None else grad_accum)
+    return np.where(accum > 1, st.bytes[Component.GRADIENTS], 0)
+
+
+def step_memory_rows(model: ModelSpec, cfgs: list[TrainConfig], batch=None, seq=None,
+                     grad_accum=None) -> tuple[StepMemory, list]:
     """:func:`step_memory` of several configurations at once: every array gains a leading axis, one row per config.
 
     The configurations must share the method's rollout (a search's candidates do). The
@@ -718,6 +789,9 @@ def step_memory_rows(model: ModelSpec, cfgs: list[TrainConfig], batch=None, seq=
             if any(comp in st.bytes for st in states)}
     args = [state_terms(st, c) for st, c in zip(states, cfgs)]
     kw = {name: (args[0][name] if name == "rollout_on" else column([a[name] for a in args])) for name in args[0]}
+    # gradients held through accumulated micro-batches: (rows, 1...) x the accumulation grid
+    kw["grads_held"] = np.stack([np.broadcast_to(held_gradients(st, c, grad_accum), t["zeros"].shape[1:])
+                                 for st, c in zip(states, cfgs)])
     phases, peak, idx, comps = combine_phases(t, base, **kw)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=None), states
 

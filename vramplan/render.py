@@ -95,6 +95,15 @@ def plan_brief(plan) -> str:
     return ", ".join(parts)
 
 
+def render_method_limits(report, console: Console) -> None:
+    """A method's own limits on the card (``FitRow.limits``: GRPO's largest G x completion), as its lines."""
+    for r in report.rows:
+        lim = getattr(r, "limits", None)
+        if lim is not None:
+            for line in lim.lines():
+                console.print(line, markup=False, highlight=False)
+
+
 def render_fit(report, console: Console, top: int = 0, verbose: bool = False) -> None:
     """One row per method (its best plan); with ``top``, each method's ``top`` ranked plans and why they lose.
 
@@ -147,6 +156,7 @@ def render_fit(report, console: Console, top: int = 0, verbose: bool = False) ->
     console.print(t)
     for f in footnotes:
         console.print(f"· {f}")
+    render_method_limits(report, console)
     render_technique_advice(report, console, verbose=verbose)
     render_alternatives(report, console)
     if top:

@@ -46,6 +46,8 @@ class Stack:
     mixed_frozen_dtype: str | None = None             # frozen base dtype under a *-mixed regime (None: the regime's)
     quantizes_head: bool = False                      # QLoRA quantises the (untied) lm_head too
     fused_lora_layers: bool = False                   # the stack's own decoder-layer kernels (Unsloth fast_lora)
+    keeps_last_graph: bool = False                    # the loop holds the last step's loss/logits into the next forward
+    float_quant_storage: bool = False                 # QLoRA packs 4-bit weights in a floating dtype (quant_storage)
     fused_activation: bool = False                    # its own model runs the MLP activation as one op (litgpt F.gelu)
     transformers_modules: bool = False                # it trains transformers' own modeling code (its attention calls)
     bnb_exact_linear: bool = False                    # its 4-bit conversion replaces exact nn.Linear only (transformers >= 5)
@@ -160,6 +162,8 @@ def stacks() -> dict[str, Stack]:
                        loss_chunk_tokens=int(s.get("loss_chunk_tokens", 0)),
                        untied_embeddings=_flag(s, "untied_embeddings"), lora_qkv_pad=_flag(s, "lora_qkv_pad"),
                        mixed_frozen_dtype=s.get("mixed_frozen_dtype"), quantizes_head=_flag(s, "quantizes_head"),
+                       keeps_last_graph=_flag(s, "keeps_last_graph"),
+                       float_quant_storage=_flag(s, "float_quant_storage"),
                        fused_lora_layers=_flag(s, "fused_lora_layers"), fused_activation=_flag(s, "fused_activation"),
                        bnb_exact_linear=_flag(s, "bnb_exact_linear"),
                        transformers_modules=_flag(s, "transformers_modules"),

@@ -137,6 +137,8 @@ def read_axolotl(data: dict, path: Path, model: Any = None) -> PlanRequest:
             method = variant
         what = f"rl: {rl}" if rl else ", ".join(f"{k}: true" for k in get_method(rl_method).behaviour.axolotl_flags)
         notes.append(f"{what} planned as {method.upper()} ({get_method(method).summary})")
+        trl = data.get("trl") if isinstance(data.get("trl"), dict) else {}  # Axolotl's TRL arguments
+        opts.update(get_method(rl_method).behaviour.request_from_config(trl, notes))
     elif rl:
         known = sorted({v for md in registry().values() for v in md.behaviour.axolotl_rl})
         raise VramplanError(f"{path.name}: rl: {rl} is not modelled", f"vramplan models rl: {', '.join(known)}")
@@ -203,15 +205,13 @@ def read_training_arguments(data: dict, path: Path, model: Any = None) -> PlanRe
     else:
         adapter = "full"
     method = str(data.get("method") or data.get("trainer") or "").lower() or None
-    if method is None:  # a method recognised from keys only its trainer config has (its behaviour's recognised_by)
-        best: tuple = ()
-        for name, md in registry().items():  # the method whose keys the file holds most of (the first on a tie)
-            hit = md.behaviour.recognised_by(set(data))
-            if len(hit) > len(best[1] if best else ()):
-                best = (name, hit)
-        if best:
-            method = best[0]
-            notes.append(f"{method.upper()} recognised from its keys ({', '.join(best[1])})")
+    if method is None:  # a method recognised from keys only its trainer config has (its behaviour's recognised_by):
+        # the one matching the most keys (TRL configs share some: loss_type, beta), the first on a tie
+        hits = [(md.behaviour.recognised_by(set(data)), name) for name, md in registry().items()]
+        hit, name = max(hits, key=lambda h: len(h[0]))
+        if hit:
+            method = name
+            notes.append(f"{name.upper()} recognised from its keys ({', '.join(hit)})")
     variant = trainer_variant(method, data.get)
     if variant != method:
         notes.append(f"{str(method).upper()} settings plan it as {variant}")
@@ -221,6 +221,8 @@ def read_training_arguments(data: dict, path: Path, model: Any = None) -> PlanRe
     elif method not in (None, "sft"):
         others = [n for n in registry() if takes_adapter_choice(n)]
         raise VramplanError(f"{path.name}: method {method!r} is not modelled", f"use sft, {', '.join(others)}")
+    if method in registry():
+        opts.update(get_method(method).behaviour.request_from_config(data, notes))
     for key, opt in (("per_device_train_batch_size", "batch"), ("gradient_accumulation_steps", "grad_accum")):
         v = _int(data, key, path)
         if v is not None:
@@ -228,7 +230,7 @@ def read_training_arguments(data: dict, path: Path, model: Any = None) -> PlanRe
     seq = _int(data, "max_length", path) or _int(data, "max_seq_length", path)
     if seq:
         opts["seq"] = seq
-    else:
+    elif "seq" not in opts:
         notes.append("no max_length / max_seq_length: planned at --seq (default 2048)")
     if data.get("gradient_checkpointing") is not None:
         opts["grad_ckpt"] = _truthy(data["gradient_checkpointing"])

@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import VramplanError
-from ..methods import method_named_by, takes_adapter_choice, trainer_variant
+from ..methods import get_method, method_named_by, takes_adapter_choice, trainer_variant
 from ..models import from_hf_config
 from ..results import Estimate
 from .request import PlanRequest, map_attention, map_optimizer, normalise_targets, precision_from_flags
@@ -161,6 +161,8 @@ def request_from_model(model: Any, peft_config: Any = None, training_args: Any =
     if takes_adapter_choice(m):
         opts["adapter"] = adapter
         method_name = m
+        if training_args is not None:
+            opts.update(get_method(m).behaviour.request_from_config(training_args, notes))
     else:
         if m not in (None, "sft", adapter):
             method_name = m
@@ -183,7 +185,7 @@ def request_from_model(model: Any, peft_config: Any = None, training_args: Any =
                                     model_dtype=_dtype_name(base))
         if prec is not None:
             opts["precision"] = prec
-        seq = _get(training_args, "max_length") or _get(training_args, "max_seq_length")
+        seq = _get(training_args, "max_length") or _get(training_args, "max_seq_length") or opts.get("seq")
         if seq:
             opts["seq"] = int(seq)
     elif live_gc is not None:

@@ -156,7 +156,7 @@ def plan(record: MeasurementRecord):
                               batch=c.batch, seq=c.seq, grad_ckpt=c.grad_ckpt, optimizer=c.optimizer,
                               precision=c.precision, attn=c.attn or "sdpa", framework=c.stack or "hf",
                               techniques=list(c.techniques) or None, gpus=c.gpus, strategy=c.strategy,
-                              offload=c.offload)
+                              offload=c.offload, grad_accum=c.grad_accum)
     if c.method != "full":
         kw["rank"] = c.rank or 8
         kw["targets"] = _fused_targets(c.model, list(c.targets)) or None

@@ -52,6 +52,7 @@ class SourceMap:
     devices_note: str | None = None
     dropout: float | None = None
     versions: dict = field(default_factory=dict)
+    global_batch: dict = field(default_factory=dict)  # "catalogue model/method" -> the config's global batch
     why: str = ""
 
 
@@ -414,6 +415,17 @@ def record_from_row(row: dict, i: int, mapping: Mapping) -> MeasurementRecord:
         stack=stack, stack_version=sm.stack_version, techniques=tuple(techs), double_quant=double_quant if method == "qlora" else None,
         dropout=sm.dropout if method not in ("full", None) else None, gpus=gpus, strategy=strategy, offload=offload,
     )
+    gb = sm.global_batch.get(f"{model}/{method}") if (model and method) else None
+    batch = cfg.batch
+    if gb and batch:
+        if int(gb) % (gpus * batch):
+            raise VramplanError(f"source {sid!r}: global_batch {gb} of {model}/{method} is not a multiple of "
+                                f"{gpus} GPU(s) x batch {batch}")
+        from dataclasses import replace as _replace
+
+        cfg = _replace(cfg, grad_accum=int(gb) // (gpus * batch))
+        if cfg.grad_accum > 1:
+            notes.append(f"global batch {gb}: {cfg.grad_accum} micro-batches accumulate per step")
     device = Device(name=gpu, display=_cell(row, mapping, "gpu") or None, memory_bytes=cap,
                     versions={str(k): str(v) for k, v in sm.versions.items()})
     limit = "max_seq" if "largest sequence that fit" in _cell(row, mapping, "notes").lower() and outcome == "fit_only" else None

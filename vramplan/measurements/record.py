@@ -138,6 +138,7 @@ class RunConfig:
     offload: str | None = None
     double_quant: bool | None = None
     dropout: float | None = None
+    grad_accum: int = 1
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "config") -> "RunConfig":
@@ -162,6 +163,7 @@ class RunConfig:
             stack_version=_opt_str(d, "stack_version", where), techniques=_strs(d, "techniques", where),
             gpus=gpus, strategy=_opt_str(d, "strategy", where), offload=_opt_str(d, "offload", where),
             double_quant=_opt_bool(d, "double_quant", where), dropout=_opt_num(d, "dropout", where),
+            grad_accum=_opt_int(d, "grad_accum", where, 1) or 1,
         )
 
 

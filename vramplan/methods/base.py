@@ -91,11 +91,17 @@ class Generation:
         generated_tokens: tokens decoded per generated sequence (the KV cache grows to
             ``prompt_tokens + generated_tokens``).
         sequences_per_example: sequences generated per example of the micro-batch.
+        shared_by: micro-batches one generation serves (GRPO's ``steps_per_generation``: the whole
+            generation batch decodes together, so each decode step's weight reads are shared by them).
+        scoring_forwards: no-grad forwards over prompt + generated tokens counted with the generation
+            (PPO's one; GRPO's old-policy and reference log-probs, when kept).
     """
 
     prompt_tokens: Any
     generated_tokens: Any
     sequences_per_example: int = 1
+    shared_by: int = 1
+    scoring_forwards: int = 1
 
 
 class Behaviour:
@@ -108,6 +114,10 @@ class Behaviour:
     * :meth:`reset_shape` -- the config changes that let a search vary the sequence length.
     * :attr:`generates` / :meth:`generation` -- whether and what a step generates.
     * :meth:`min_seq` -- the shortest sequence length the method plans (tokens).
+    * :meth:`step_terms` -- the method's own terms of the analytic step (memory.step_terms' dict).
+    * :meth:`card_share` -- the share of the card another engine holds (colocated vLLM).
+    * :meth:`limits` -- the method's own limits on a card (GRPO: the largest G x completion), for ``fit``.
+    * :meth:`request_from_config` -- the method's options read from its trainer config (TRL, Axolotl's ``trl:``).
     * :meth:`assumptions` / :meth:`dryrun_assumptions` -- assumption text for the plan and the dry run.
     * :attr:`step` -- the real torch step the dry run and calibration run (``"module:function"``).
     * :attr:`takes_adapter_choice` -- the recipe names ``method+adapter`` (DPO, PPO) or the adapter alone.
@@ -174,6 +184,33 @@ class Behaviour:
     def min_seq(self) -> int:
         """The shortest sequence (tokens) the method's searches consider."""
         return 128
+
+    def step_terms(self, model: Any, cfg: Any, terms: dict, batch: Any, seq: Any) -> dict:
+        """The terms of one step (:func:`vramplan.memory.step_terms`' dict of byte arrays over ``batch``/``seq``)
+        as this method changes them; SFT's, DPO's and PPO's are computed there from the copies and the loss kind."""
+        return terms
+
+    def card_share(self, cfg: Any) -> float:
+        """The share of the card (0..1) another engine in the training process holds outside the step's tensors
+        (GRPO's colocated vLLM); the step is planned in the rest."""
+        return 0.0
+
+    def request_from_config(self, data: Any, notes: list[str]) -> dict[str, Any]:
+        """Plan options read from a trainer config of this method (a dict, or a config object's attributes):
+        ``{"method_options": {...}}`` from each :class:`Option`'s ``trainer_keys`` (the first key present),
+        or nothing. A method may add request options (``seq``) or rename values; ``notes`` takes what it says."""
+        get = data.get if isinstance(data, dict) else (lambda k, d=None: getattr(data, k, d))
+        found = {}
+        for o in self.options:
+            for key in o.trainer_keys:
+                if get(key, None) is not None:
+                    found[o.name] = get(key)
+                    break
+        return {"method_options": found} if found else {}
+
+    def limits(self, spec: Any, cfg: Any, card: Any) -> Any:
+        """The method's own limits on ``card`` for ``fit`` (an object with ``to_json()`` and ``lines()``), or None."""
+        return None
 
     def assumptions(self, cfg: Any) -> list[str]:
         """Lines for the plan's assumptions (planner/checks.py)."""

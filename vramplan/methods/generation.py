@@ -38,7 +38,8 @@ class GenerationWork:
     """The work of one step's generation on one GPU (arrays over batch/seq), for throughput.py.
 
     Attributes:
-        generated_tokens: tokens decoded one at a time (per generated sequence).
+        generated_tokens: tokens decoded one at a time (per generated sequence), per micro-batch: divided by
+            ``shared_by`` when a generation serves several micro-batches (a float then).
         scoring_flops: the no-grad forward over prompt + generated tokens counted with the generation
             (FLOPs; the calibration convention's rollout term).
         prefill_tokens, prefill_flops: the prompt prefill (tokens; FLOPs, compute-bound).
@@ -65,13 +66,17 @@ def generation_work(spec, regime, policy, gen: Generation, batch, seq, fwd_mm) -
     tokens (at least 1), then decodes ``generated`` tokens, each reading the policy's weights
     (full: trainable dtype; QLoRA: NF4 + the rest in fp32, bitsandbytes dequantising per token
     unless one sequence decodes; else the frozen dtype) and the KV cache so far (compute dtype).
+    A generation serving ``gen.shared_by`` micro-batches (GRPO's generation batch) decodes them together:
+    each decode step's weight reads (and QLoRA's dequantisation) are shared, so a micro-batch carries
+    ``1 / shared_by`` of them; ``gen.scoring_forwards`` no-grad forwards over the sequence are counted with it.
     Source: the roofline of HF ``generate`` as PPO's rollout runs it (vramplan.throughput).
     """
     L = spec.num_layers
     b = np.asarray(batch, dtype=np.float64) * gen.sequences_per_example
     s = np.asarray(seq, dtype=np.float64)
     g = int(gen.generated_tokens)
-    scoring = fwd_mm * b * s
+    scoring = fwd_mm * b * s * gen.scoring_forwards
+    share = max(int(gen.shared_by), 1)
     prompt = np.maximum(s - g, 1)
     prefill_tokens = b * prompt
     prefill = (fwd_mm + 4 * prompt * spec.q_dim * L) * prefill_tokens
@@ -79,12 +84,15 @@ def generation_work(spec, regime, policy, gen: Generation, batch, seq, fwd_mm) -
         wbytes = spec.params * DTYPE_BYTES[regime.trainable_dtype]
     elif policy.quantized:
         nf4 = spec.linear_params
-        per = np.where(b > 1, 4.5, 0.5)  # bnb dequantises per token unless decoding one sequence
+        per = np.where(b * share > 1, 4.5, 0.5)  # bnb dequantises per token unless decoding one sequence
         wbytes = nf4 * per + (spec.params - nf4) * 4
     else:
         wbytes = spec.params * DTYPE_BYTES[regime.frozen_dtype]
     kv_per_token = 2 * L * spec.kv_dim * DTYPE_BYTES[regime.compute_dtype]
     ctx = g * prompt + g * (g - 1) / 2.0  # cached positions read over the whole generation
-    return GenerationWork(generated_tokens=g, scoring_flops=scoring, prefill_tokens=prefill_tokens,
-                          prefill_flops=prefill, decode_bytes=g * wbytes + b * ctx * kv_per_token,
-                          decode_flops=g * b * fwd_mm + 4 * spec.q_dim * L * b * ctx, passes=1, dequant_passes=1 + g)
+    # decode steps per micro-batch (their kernel launches): a generation shared by micro-batches runs once for all
+    steps = g if share == 1 else g / share
+    return GenerationWork(generated_tokens=steps, scoring_flops=scoring, prefill_tokens=prefill_tokens,
+                          prefill_flops=prefill, decode_bytes=g * wbytes / share + b * ctx * kv_per_token,
+                          decode_flops=g * b * fwd_mm + 4 * spec.q_dim * L * b * ctx, passes=gen.scoring_forwards,
+                          dequant_passes=gen.scoring_forwards + (g if share == 1 else g / share))

@@ -143,8 +143,10 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
         from ..throughput import step_time, time_to_train
 
         est.gpu = card.name
-        est.capacity_bytes = card.memory_bytes
-        est.fits = peak <= card.memory_bytes
+        # another engine colocated in the process (GRPO's vLLM) holds a share of the card: the step fits in the rest
+        share = cfg.recipe.behaviour.card_share(cfg)
+        est.capacity_bytes = int(card.memory_bytes * (1.0 - share)) if share else card.memory_bytes
+        est.fits = peak <= est.capacity_bytes
     if card is not None and with_time:
         t = step_time(spec, cfg, card, parallel=par).at()
         est.throughput, est.step_time_s, est.tokens_per_s = t, t.step_s, t.tokens_per_s

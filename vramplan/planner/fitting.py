@@ -9,7 +9,7 @@ unchanged. Numpy only; the search and the throughput model load on the first cal
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -59,6 +59,7 @@ class FitRow:
     techniques: TechniqueAdvice | None = None          # vramplan.planner.techniques.TechniqueAdvice
     alternatives: list[Suggestion] = field(default_factory=list)  # other stacks/precisions that fit (search.other_setups)
     requested: str = ""                                # the method asked for (fit's methods=); "" = method
+    limits: Any = None                                 # the method's own limits (Behaviour.limits: GRPO's G x completion)
 
     def __post_init__(self):
         self.requested = self.requested or self.method
@@ -120,6 +121,7 @@ class FitRow:
                 "gpu_hours": None if self.gpu_hours is None else round(float(self.gpu_hours), 3),
                 "recommended": None if self.best is None else self.best.to_json(),
                 "plans": [p.to_json() for p in plans], "plans_considered": len(self.plans),
+                **({"method_limits": self.limits.to_json()} if self.limits is not None else {}),
                 "suggestions": [x.to_json() for x in self.suggestions],
                 "techniques": None if self.techniques is None else self.techniques.to_json(),
                 "alternatives": [x.to_json() for x in self.alternatives],
@@ -153,6 +155,19 @@ class FitReport:
                 "offload": self.offload, "margin": self.margin, "global_batch": self.global_batch,
                 "tokens": self.tokens, "epochs": self.epochs,
                 "rows": [r.to_json(self.top) for r in self.rows], "assumptions": self.assumptions}
+
+
+def _card_share(spec: ModelSpec, method: str, seq: int, method_options: dict | None) -> float:
+    """The share of the card a colocated engine takes for ``method`` with ``method_options`` (0: none)."""
+    from ..methods import resolve
+
+    behaviour = resolve(method).behaviour
+    if not behaviour.options:
+        return 0.0
+    try:
+        return behaviour.card_share(make_config(spec, method, seq=seq, method_options=method_options))
+    except VramplanError:
+        return 0.0
 
 
 def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: str | int | None = None,
@@ -254,7 +269,14 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
         search_kw = dict(seq=seq, precision=prec, global_batch=global_batch, parallels=parallels, grad_ckpt=grad_ckpt,
                          optimizer=optimizer, attn=attn, rank=rank, targets=targets, margin=margin, tokens=n_tokens,
                          epochs=epochs, totals=totals, batch=batch, framework=framework, method_options=method_options)
-        mp = search(spec, name, card, techniques=techs, **search_kw)
+        share = _card_share(spec, name, seq, method_options)
+        if share:  # a colocated engine (GRPO's vLLM) holds a share of the card: search the rest
+            from dataclasses import replace
+
+            card_m = replace(card, memory_bytes=int(card.memory_bytes * (1.0 - share)))
+        else:
+            card_m = card
+        mp = search(spec, name, card_m, techniques=techs, **search_kw)
         chosen = mp.best or _tight_choice(mp)
         cfg, par = chosen.config, chosen.parallel
         est = estimate_config(spec, cfg, card, parallel=par, tokens=n_tokens, epochs=epochs)
@@ -298,8 +320,9 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
                                         techniques=techs, **{k: v for k, v in search_kw.items()
                                                              if k not in ("precision", "framework")})
         rows.append(FitRow(method=cfg.method, requested=name, adapter=cfg.adapter, alternatives=alternatives, fits=bool(est.fits), estimate=est,
-                           max_batch=largest_micro_batch(spec, cfg, card, par, totals=totals),
-                           max_seq=longest_sequence(spec, cfg, card, par, totals=totals),
+                           max_batch=largest_micro_batch(spec, cfg, card_m, par, totals=totals),
+                           max_seq=longest_sequence(spec, cfg, card_m, par, totals=totals),
+                           limits=cfg.recipe.behaviour.limits(spec, cfg, card) if advise and methods else None,
                            settings=settings, notes=notes, plans=mp.plans, best=mp.best, chosen=chosen,
                            suggestions=suggestions, techniques=advice))
     resolved = None if isinstance(model, ModelSpec) or str(model).lower() == spec.name else f"{model} -> {spec.name}"

@@ -335,7 +335,7 @@ def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Paral
         times = [step_time(spec, r, card, batch=b_grid, grad_accum=a_grid, parallel=p, profile=prof, state=states[k],
                            sharded=sharded.get(k)) for k, r in reps.items()]
         if not p.distributed:
-            mem, sts = step_memory_rows(spec, list(reps.values()), batch=b_grid)
+            mem, sts = step_memory_rows(spec, list(reps.values()), batch=b_grid, grad_accum=a_grid)
             mem = StepMemory(components={c: v[which] for c, v in mem.components.items()},
                              phases={ph: v[which] for ph, v in mem.phases.items()}, peak=mem.peak[which],
                              peak_phase=mem.peak_phase[which], state=None)

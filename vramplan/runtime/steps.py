@@ -416,3 +416,153 @@ optimizer_step = _optimizer_step
 reference_model = _reference_model
 #: DPO's per-sequence log-probs (and the mean-logits metric's copy)
 sequence_logps = _sequence_logps
+# -- GRPO ------------------------------------------------------------------------------------------
+GRPO_TEMPERATURE = 1.0  # TRL GRPOConfig.temperature
+GRPO_EPSILON = 0.2  # TRL GRPOConfig.epsilon (epsilon_high defaults to it)
+ENTROPY_CHUNK = 128  # trl.trainer.utils.entropy_from_logits(chunk_size=128)
+
+
+def _completion_logps(t, model, ids: torch.Tensor, completion: int, *, entropy: bool):
+    """TRL ``_get_per_token_logps_and_entropies`` for one chunk: the completion's per-token log-probs from a
+    forward with ``logits_to_keep = completion + 1`` (autocast, outputs converted to fp32), the last position
+    dropped, divided in place by the temperature; the entropy (``entropy_from_logits``) under no_grad."""
+    with t.amp():
+        out = model(input_ids=ids, logits_to_keep=completion + 1, use_cache=False)
+    out = _convert(t, out)
+    logits = out.logits
+    del out
+    logits = logits[:, :-1, :]
+    logits = logits[:, -completion:, :]
+    logits.div_(GRPO_TEMPERATURE)
+    logps = selective_log_softmax(logits, ids[:, -completion:])
+    ent = None
+    if entropy:
+        with torch.no_grad():
+            flat = logits.reshape(-1, logits.shape[-1])  # a copy when the slice is not contiguous (batch > 1)
+            parts = []
+            for chunk in flat.split(ENTROPY_CHUNK, dim=0):
+                lp = F.log_softmax(chunk, dim=-1)
+                parts.append(-(torch.exp(lp) * lp).sum(-1))
+                del lp
+            ent = torch.cat(parts, dim=0).reshape(logits.shape[:-1])
+            del parts, flat
+    del logits
+    t.logits_done()
+    return logps, ent
+
+
+def _generate_completions(t, n: int, prompt: int, completion: int) -> torch.Tensor:
+    """transformers ``generate`` (``_sample``, TRL's sampling defaults: no logits processor) over ``n`` prompts of
+    ``prompt`` tokens: the prompt ids followed by ``completion`` sampled tokens. Dry run: the last two decode
+    steps only, the cache pre-grown (module docstring)."""
+    from transformers import DynamicCache
+
+    policy = t.policy
+    # accelerate's unwrap_model keeps the autocast wrapper (autocast, outputs converted to fp32) on the prepared
+    # model's forward: generate() on a full model calls it once per forward; a PEFT model's generate() calls the
+    # base model's forward, without it
+    wrapped = not t.recipe.adapter.is_peft
+
+    def forward(**kw):
+        if not wrapped:
+            return policy(**kw)
+        with t.amp():
+            out = policy(**kw)
+        return _convert(t, out)
+
+    with torch.no_grad():
+        ids = _ids(t, n, prompt)
+        cache = DynamicCache(config=t.copies[Role.POLICY].inner.config)
+        out = forward(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        _tag_cache(t, cache)
+        scores = out.logits[:, -1].to(copy=True, dtype=torch.float32)
+        probs = F.softmax(scores, dim=-1)
+        tokens = [torch.multinomial(probs, num_samples=1)]
+        del out, scores, probs
+        t.logits_done()
+        steps = completion - 1
+        if getattr(t, "fake", False) and steps > 2:
+            _pregrow(t, cache, prompt + completion - 3)  # after two more steps: prompt + completion - 1 cached
+            tokens.append(torch.zeros(n, steps - 2, dtype=torch.long, device=ids.device))
+            steps = 2
+        seq = torch.cat([ids] + tokens, dim=1)
+        del tokens, ids
+        t.decode_steps = getattr(t, "decode_steps", 0) + steps
+        for _ in range(steps):
+            out = forward(input_ids=seq[:, -1:], past_key_values=cache, use_cache=True)
+            _tag_cache(t, cache)
+            scores = out.logits[:, -1].to(copy=True, dtype=torch.float32)  # generate(): next_token_logits
+            t.hooks.tag(scores, Component.KV_CACHE)
+            probs = F.softmax(scores, dim=-1)
+            t.hooks.tag(probs, Component.KV_CACHE)
+            seq = torch.cat([seq, torch.multinomial(probs, num_samples=1)], dim=1)
+            del out, scores, probs
+            t.logits_done()
+        del cache
+    return seq
+
+
+def grpo_step(t) -> dict:
+    """GRPO as TRL's ``GRPOTrainer`` (module docstring): generation of the generation batch, scoring, then
+    ``grad_accum`` clipped updates of ``batch`` completions each."""
+    from ..methods.grpo import settings
+
+    gs = settings(t.cfg)
+    cfg, policy = t.cfg, t.policy
+    b, completion, g = cfg.batch, gs.completion, gs.num_generations
+    t.hooks.phase(Phase.ROLLOUT)
+    with torch.no_grad():
+        if gs.generates_here:
+            seq = _generate_completions(t, gs.generation_batch, gs.prompt, completion)
+        else:  # vLLM returns the completions' token ids (and its own log-probs)
+            seq = _ids(t, gs.generation_batch, gs.prompt + completion)
+        n = seq.shape[0]
+        old = ref = None
+        if gs.old_logps:
+            old = torch.cat([_completion_logps(t, policy, seq[i:i + b], completion, entropy=False)[0]
+                             for i in range(0, n, b)])
+        if gs.beta > 0:
+            with _reference_model(t) as reference:
+                ref = torch.cat([_completion_logps(t, reference, seq[i:i + b], completion, entropy=False)[0]
+                                 for i in range(0, n, b)])
+        rewards = torch.zeros(n, dtype=torch.float32, device=seq.device)  # the reward functions' scores
+        grouped = rewards.view(-1, g)
+        advantages = ((rewards - grouped.mean(1).repeat_interleave(g))
+                      / (grouped.std(1).repeat_interleave(g) + 1e-4))
+        mask = torch.ones(n, completion, dtype=torch.int64, device=seq.device)
+        del rewards, grouped
+    last = None
+    for k in range(cfg.grad_accum):
+        t.hooks.phase(Phase.FORWARD)
+        lo = (k * b) % n
+        ids, m = seq[lo:lo + b], mask[lo:lo + b]
+        logps, _entropy = _completion_logps(t, policy, ids, completion, entropy=True)
+        old_k = logps.detach() if old is None else old[lo:lo + b]
+        coef_1 = torch.exp(logps - old_k)
+        coef_2 = torch.clamp(coef_1, 1 - GRPO_EPSILON, 1 + GRPO_EPSILON)
+        adv = advantages[lo:lo + b].unsqueeze(1)
+        per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+        if ref is not None:
+            r = ref[lo:lo + b]
+            per_token = per_token + gs.beta * (torch.exp(r - logps) - (r - logps) - 1)
+        loss = _grpo_reduce(gs, per_token, m, cfg.grad_accum)
+        del logps, old_k, coef_1, coef_2, adv, per_token, _entropy
+        t.hooks.phase(Phase.BACKWARD)
+        t.backward(loss)
+        last = loss.detach()
+        del loss
+        t.hooks.event("after_backward", t)
+    _optimizer_step(t)
+    return {"loss": last}
+
+
+def _grpo_reduce(gs, per_token: torch.Tensor, mask: torch.Tensor, ga: int) -> torch.Tensor:
+    """TRL ``_compute_loss``'s reduction by ``loss_type`` (each over ``[batch, completion]``)."""
+    masked = per_token * mask
+    if gs.loss_type == "grpo":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / ga
+    if gs.loss_type == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1.0) / ga
+    if gs.loss_type == "dr_grpo":
+        return masked.sum() / (per_token.size(0) * gs.completion) / ga
+    return masked.sum() / float(mask.numel() * ga)  # dapo: the active tokens of the accumulated batch
