@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from ..methods import Role
 from ..taxonomy import Phase
+from .steps import dpo_step
 from .steps import optimizer_step as _optimizer_step
 from .steps import random_ids as _ids
 from .steps import reference_model as _reference_model
@@ -280,27 +281,6 @@ def reward_step(t) -> dict:
 
 # -- DPO with precomputed reference log-probs -------------------------------------------------------
 def dpo_precomputed_step(t) -> dict:
-    """TRL ``DPOTrainer`` with ``precompute_ref_log_probs=True``: the policy's concatenated forward and
-    the sigmoid loss against reference log-probs read from the batch; no reference forward."""
-    from .steps import BETA as DPO_BETA
-
-    cfg = t.cfg
-    ga = cfg.grad_accum
-    n = cfg.batch
-    last = None
-    for _ in range(ga):
-        t.hooks.phase(Phase.FORWARD)
-        ids = _ids(t, 2 * n, cfg.seq)
-        labels = torch.roll(ids, shifts=-1, dims=1)
-        logps, _metrics = _sequence_logps(t, t.policy, ids, labels, with_metrics=True)
-        ref_logps = torch.zeros_like(logps)
-        margin = (logps[:n] - ref_logps[:n]) - (logps[n:] - ref_logps[n:])
-        loss = -F.logsigmoid(DPO_BETA * margin).mean() / ga
-        del logps, ref_logps, margin, ids, labels
-        t.hooks.phase(Phase.BACKWARD)
-        t.backward(loss)
-        last = loss.detach()
-        del loss
-        t.hooks.event("after_backward", t)
-    _optimizer_step(t)
-    return {"loss": last}
+    """TRL ``DPOTrainer`` with ``precompute_ref_log_probs=True``: DPO's step with the reference
+    log-probs read from the batch (no reference forward)."""
+    return dpo_step(t, reference=False)

@@ -224,7 +224,9 @@ def _sequence_logps(t, model, ids: torch.Tensor, labels: torch.Tensor, with_metr
     return logps, metrics
 
 
-def dpo_step(t) -> dict:
+def dpo_step(t, reference: bool = True) -> dict:
+    """TRL DPO: chosen + rejected through the policy, then the reference's log-probs under no_grad
+    (``reference=False``: ``precompute_ref_log_probs``, read from the batch; no reference forward)."""
     cfg = t.cfg
     policy = t.policy
     ga = cfg.grad_accum
@@ -234,8 +236,11 @@ def dpo_step(t) -> dict:
         ids = _ids(t, 2 * cfg.batch, cfg.seq)  # chosen then rejected, concatenated
         labels = torch.roll(ids, shifts=-1, dims=1)
         logps, _metrics = _sequence_logps(t, policy, ids, labels, with_metrics=True)
-        with torch.no_grad(), _reference_model(t) as ref:
-            ref_logps, _ = _sequence_logps(t, ref, ids, labels, False)
+        if reference:
+            with torch.no_grad(), _reference_model(t) as ref:
+                ref_logps, _ = _sequence_logps(t, ref, ids, labels, False)
+        else:
+            ref_logps = torch.zeros_like(logps)
         n = cfg.batch
         margin = (logps[:n] - ref_logps[:n]) - (logps[n:] - ref_logps[n:])
         loss = -F.logsigmoid(BETA * margin).mean() / ga
