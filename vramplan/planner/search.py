@@ -445,7 +445,7 @@ def _reason(p: Plan, best: Plan | None) -> str:
                     "may fit")
         return f"does not fit: {p.peak_bytes / GIB:.2f} GiB > {p.capacity_bytes / GIB:.2f} GiB"
     if p.fallback is not None and best.fallback is None:
-        return f"{p.adapter} fallback: only when {best.adapter} over a 16-bit base does not fit, and it does"
+        return f"{p.adapter} fallback: used only when {best.adapter} over a 16-bit base cannot fit, and here it fits"
     slower = 1.0 - p.tokens_per_s / best.tokens_per_s
     diffs = []
     c, b = p.config, best.config
