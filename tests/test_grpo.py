@@ -200,3 +200,29 @@ def test_dry_run_traces_generation_and_the_update():
     e1 = vramplan.estimate(spec, "grpo", batch=2, seq=256,
                            method_options={"completion": 128, "num_generations": 4, "grpo_beta": 0.04})
     assert abs(e1.tensor_peak_bytes / d1.tensor_peak_bytes - 1) <= 0.02
+
+
+def test_estimate_checks_what_colocated_vllm_needs_in_its_share(spec8b):
+    """`estimate` holds vLLM to its share as fit's limits do: 16-bit weights of an 8B model (~15 GiB) cannot
+    load into 30% of a 24 GB card, so the plan is "no" whatever the training step's own peak; a 4-bit policy's
+    weights load, and a generation batch whose cache overflows the share is at most "tight"."""
+    from vramplan.methods.grpo import vllm_bytes
+    from vramplan.verdict import Verdict
+
+    opts = {"generation": "vllm-colocate", "vllm_gpu_memory_utilization": 0.3}
+    card = get_gpu("rtx4090")
+    lora = vramplan.estimate(spec8b, "grpo", adapter="lora", gpu="rtx4090", grad_ckpt=True, method_options=opts)
+    engine = lora.extra["colocated_engine"]
+    assert engine["share_bytes"] == int(card.memory_bytes * 0.3)
+    assert engine["fixed_bytes"] == vllm_bytes(spec8b, "lora", 0, 0) > engine["share_bytes"]
+    assert engine["wanted_bytes"] > engine["fixed_bytes"]
+    assert not lora.fits and lora.verdict is Verdict.NO
+    assert any("its weights do not fit its share" in a for a in lora.assumptions)
+    qlora = vramplan.estimate(spec8b, "grpo", adapter="qlora", gpu="rtx4090", grad_ckpt=True, method_options=opts)
+    q = qlora.extra["colocated_engine"]
+    assert q["fixed_bytes"] <= q["share_bytes"]
+    assert qlora.verdict is not Verdict.NO
+    if q["wanted_bytes"] > q["share_bytes"]:
+        assert not qlora.fits and qlora.verdict is Verdict.TIGHT
+    plain = vramplan.estimate(spec8b, "grpo", adapter="lora", gpu="rtx4090", grad_ckpt=True)
+    assert "colocated_engine" not in plain.extra

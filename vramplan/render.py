@@ -45,7 +45,8 @@ def render_estimate(est: Estimate, console: Console) -> None:
         if v is not None and v.value == "tight" and band:
             from .verdict import advice
 
-            console.print(f"· {advice(est.peak_bytes, est.capacity_bytes, band['hi'], band['lo'])}")
+            alone = "the training step alone: " if est.extra.get("colocated_engine") else ""  # GRPO's vLLM share
+            console.print(f"· {alone}{advice(est.peak_bytes, est.capacity_bytes, band['hi'], band['lo'])}")
     if getattr(est, "tokens_per_s", None) is not None:
         t = est.throughput
         line = (f"speed: {est.tokens_per_s:,.0f} tokens/s, {est.step_time_s:.3f} s per optimiser step "

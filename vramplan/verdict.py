@@ -120,8 +120,15 @@ def verdict_of(est) -> Verdict | None:
     """The verdict of an :class:`~vramplan.results.Estimate` on its card with its own band (None without a card)."""
     if est.capacity_bytes is None:
         return None
-    b = (est.extra or {}).get("band") or {}
-    return classify(est.peak_bytes, est.capacity_bytes, b.get("hi", 0.0), b.get("lo", 0.0))
+    extra = est.extra or {}
+    b = extra.get("band") or {}
+    v = classify(est.peak_bytes, est.capacity_bytes, b.get("hi", 0.0), b.get("lo", 0.0))
+    engine = extra.get("colocated_engine")  # GRPO's colocated vLLM: its share must hold it
+    if engine and engine["fixed_bytes"] > engine["share_bytes"]:
+        return Verdict.NO  # it cannot load its weights: the run stops before the first step
+    if engine and engine["wanted_bytes"] > engine["share_bytes"] and v is Verdict.COMFORTABLE:
+        return Verdict.TIGHT  # the generation batch's cache does not fit: vLLM may run it in smaller batches
+    return v
 
 
 def advice(peak_bytes: int | float, capacity_bytes: int | float, band_hi: float = 0.0, band_lo: float = 0.0) -> str:

@@ -195,6 +195,12 @@ class Behaviour:
         (GRPO's colocated vLLM); the step is planned in the rest."""
         return 0.0
 
+    def card_share_need(self, spec: Any, cfg: Any) -> tuple[int, int]:
+        """What the colocated engine of :meth:`card_share` needs inside its share, in bytes: ``(fixed, wanted)``:
+        what it cannot start without (its weights) and what this plan's generation batch wants (weights and
+        cache). ``(0, 0)``: no colocated engine."""
+        return 0, 0
+
     def request_from_config(self, data: Any, notes: list[str]) -> dict[str, Any]:
         """Plan options read from a trainer config of this method (a dict, or a config object's attributes):
         ``{"method_options": {...}}`` from each :class:`Option`'s ``trainer_keys`` (the first key present),

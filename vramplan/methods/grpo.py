@@ -625,5 +625,13 @@ class GRPO(Behaviour):
         gs = settings(cfg)
         return gs.vllm_share if gs.generation == "vllm-colocate" else 0.0
 
+    def card_share_need(self, spec: Any, cfg: Any) -> tuple[int, int]:
+        """Colocated vLLM (:func:`vllm_bytes`, bytes): its weights alone, and with the generation batch's KV cache."""
+        gs = settings(cfg)
+        if gs.generation != "vllm-colocate":
+            return 0, 0
+        return (vllm_bytes(spec, cfg.adapter, 0, 0),
+                vllm_bytes(spec, cfg.adapter, gs.generation_batch, gs.prompt + gs.completion))
+
 
 BEHAVIOUR = GRPO()

@@ -147,6 +147,18 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
         share = cfg.recipe.behaviour.card_share(cfg)
         est.capacity_bytes = int(card.memory_bytes * (1.0 - share)) if share else card.memory_bytes
         est.fits = peak <= est.capacity_bytes
+        if share:
+            fixed, wanted = cfg.recipe.behaviour.card_share_need(spec, cfg)
+            room = int(card.memory_bytes * share)
+            est.extra["colocated_engine"] = {"share": share, "share_bytes": room, "fixed_bytes": int(fixed),
+                                             "wanted_bytes": int(wanted)}
+            est.assumptions.append(
+                f"colocated engine: {share:.0%} of the card ({room / 2**30:.2f} GiB) held outside the step; it needs "
+                f"{fixed / 2**30:.2f} GiB to start and {wanted / 2**30:.2f} GiB for this generation batch"
+                + (": its weights do not fit its share" if fixed > room else
+                   ": the batch's cache does not fit its share (it would generate in smaller batches)" if wanted > room
+                   else ""))
+            est.fits = est.fits and wanted <= room
     if card is not None and with_time:
         t = step_time(spec, cfg, card, parallel=par).at()
         est.throughput, est.step_time_s, est.tokens_per_s = t, t.step_s, t.tokens_per_s
