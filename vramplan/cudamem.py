@@ -26,9 +26,7 @@ from functools import lru_cache
 
 from ._data import load_data
 from .errors import VramplanError
-
-GIB = 2**30
-MIB = 2**20
+from .units import GIB, MIB
 
 
 @dataclass(frozen=True)

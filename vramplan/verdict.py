@@ -47,6 +47,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .units import GIB
+
 #: A configuration is comfortable when its predicted device-total peak is at most this
 #: fraction of the card's capacity.
 COMFORTABLE_FRACTION = 0.85
@@ -134,18 +136,17 @@ def verdict_of(est) -> Verdict | None:
 def advice(peak_bytes: int | float, capacity_bytes: int | float, band_hi: float = 0.0, band_lo: float = 0.0) -> str:
     """One line saying where a plan stands against the card, with the band (for "tight": by how much and what to do)."""
     v = classify(peak_bytes, capacity_bytes, band_hi, band_lo)
-    gib = 2.0 ** 30
     pct = 100.0 * (peak_bytes / capacity_bytes - 1.0)
-    where = (f"{peak_bytes / gib:.2f} GiB predicted, {abs(pct):.1f}% {'over' if pct > 0 else 'under'} the "
-             f"{capacity_bytes / gib:.2f} GiB card (band {100 * band_lo:+.0f}%/{100 * band_hi:+.0f}%: "
-             f"{peak_bytes * (1 + band_lo) / gib:.2f}-{peak_bytes * (1 + band_hi) / gib:.2f} GiB)")
+    where = (f"{peak_bytes / GIB:.2f} GiB predicted, {abs(pct):.1f}% {'over' if pct > 0 else 'under'} the "
+             f"{capacity_bytes / GIB:.2f} GiB card (band {100 * band_lo:+.0f}%/{100 * band_hi:+.0f}%: "
+             f"{peak_bytes * (1 + band_lo) / GIB:.2f}-{peak_bytes * (1 + band_hi) / GIB:.2f} GiB)")
     if v is Verdict.COMFORTABLE:
         return f"comfortable: {where}"
     if v is Verdict.NO:
         return f"does not fit: {where}; even the band's lower end exceeds the card"
     need = peak_bytes * (1.0 + max(0.0, band_hi)) - capacity_bytes  # what the upper end needs freed
     return (f"tight, may fit: {where}; try it with a safety margin (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, "
-            f"nothing else on the card); taking off about {max(0.0, need) / gib:.1f} GiB (a smaller micro-batch or "
+            f"nothing else on the card); taking off about {max(0.0, need) / GIB:.1f} GiB (a smaller micro-batch or "
             "sequence, a memory-saving technique) makes it comfortable")
 
 

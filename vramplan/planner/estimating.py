@@ -19,6 +19,7 @@ from ..models import ModelSpec, get_model
 from ..overheads import runtime_overheads
 from ..results import Estimate
 from ..taxonomy import Component, Phase, Quantity
+from ..units import GIB
 from .checks import accum_for, assumptions, check_card, moe_qlora_note, resolve_gpu, sdpa_math_note
 
 if TYPE_CHECKING:
@@ -153,8 +154,8 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
             est.extra["colocated_engine"] = {"share": share, "share_bytes": room, "fixed_bytes": int(fixed),
                                              "wanted_bytes": int(wanted)}
             est.assumptions.append(
-                f"colocated engine: {share:.0%} of the card ({room / 2**30:.2f} GiB) held outside the step; it needs "
-                f"{fixed / 2**30:.2f} GiB to start and {wanted / 2**30:.2f} GiB for this generation batch"
+                f"colocated engine: {share:.0%} of the card ({room / GIB:.2f} GiB) held outside the step; it needs "
+                f"{fixed / GIB:.2f} GiB to start and {wanted / GIB:.2f} GiB for this generation batch"
                 + (": its weights do not fit its share" if fixed > room else
                    ": the batch's cache does not fit its share (it would generate in smaller batches)" if wanted > room
                    else ""))
