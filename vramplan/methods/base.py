@@ -236,3 +236,15 @@ class Behaviour:
 
 
 SFT = Behaviour()
+
+
+class Variant:
+    """Mixin, listed before the parent behaviour, for a method reached only through its parent's ``variants``
+    (``precompute_ref_log_probs=True`` plans ``dpo-precomputed``): it answers to no trainer, Axolotl, report or
+    config-key name of its own, and has no variants itself."""
+
+    trainer_names = Behaviour.trainer_names
+    axolotl_rl = Behaviour.axolotl_rl
+    report_names = Behaviour.report_names
+    config_keys = Behaviour.config_keys
+    variants = Behaviour.variants

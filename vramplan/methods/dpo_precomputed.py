@@ -11,16 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from .base import Variant
 from .dpo import DPO
 
 
-class DPOPrecomputed(DPO):
+class DPOPrecomputed(Variant, DPO):
     step = "vramplan.runtime.preference:dpo_precomputed_step"
-    trainer_names = ()
-    axolotl_rl = ()
-    report_names = ()
-    config_keys = frozenset()
-    variants = ()
 
     def assumptions(self, cfg: Any) -> list[str]:
         return ["DPO with precompute_ref_log_probs=True: chosen + rejected concatenated (2 x batch sequences); "

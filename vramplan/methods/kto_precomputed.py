@@ -9,19 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from .base import Variant
 from .kto import KTO
 from .preference import TRL
 
 
-class KTOPrecomputed(KTO):
+class KTOPrecomputed(Variant, KTO):
     step = "vramplan.runtime.preference:kto_precomputed_step"
     reference = False
     extra_forwards = (("policy", 1),)  # the KL estimate's forwards over mismatched sequences
-    trainer_names = ()
-    axolotl_rl = ()
-    report_names = ()
-    config_keys = frozenset()
-    variants = ()
 
     def assumptions(self, cfg: Any) -> list[str]:
         return [f"KTO ({TRL}, loss_type='kto') with precompute_ref_log_probs=True: batch unpaired sequences, half "
