@@ -439,6 +439,16 @@ def vllm_bytes(spec, adapter: str, sequences: int, tokens: int) -> int:
     return int(weights + kv)
 
 
+def colocated_need(spec, cfg) -> tuple[int, int]:
+    """Colocated vLLM (:func:`vllm_bytes`, bytes): its weights alone, and with the KV cache of ``cfg``'s generation
+    batch (``(0, 0)`` when vLLM is not colocated)."""
+    gs = settings(cfg)
+    if gs.generation != "vllm-colocate":
+        return 0, 0
+    return (vllm_bytes(spec, cfg.adapter, 0, 0),
+            vllm_bytes(spec, cfg.adapter, gs.generation_batch, gs.prompt + gs.completion))
+
+
 def _device_total(spec, cfg, card, totals) -> int:
     from ..planner.limits import device_totals
 
@@ -490,11 +500,13 @@ def generation_limits(spec, cfg, card, adapters: tuple[str, ...] = ("lora", "qlo
             room = card.memory_bytes * share if engine == "vllm-colocate" else None
 
             def fits(g: int, c: int) -> bool:
-                if room is not None and vllm_bytes(spec, adapter, g, prompt + c) > room:
+                gc = conf(g, c)
+                if room is not None and colocated_need(spec, gc)[1] > room:
                     return False
-                return _device_total(spec, conf(g, c), card, totals) <= usable
+                return _device_total(spec, gc, card, totals) <= usable
 
-            peak = _device_total(spec, conf(g0, c0), card, totals)
+            asked = conf(g0, c0)
+            peak = _device_total(spec, asked, card, totals)
             max_c = _longest(lambda c: fits(g0, c), COMPLETION_STEP, ctx - prompt, COMPLETION_STEP)
             gs_ok = [g for g in G_GRID if fits(g, c0)]
             frontier = []
@@ -503,7 +515,7 @@ def generation_limits(spec, cfg, card, adapters: tuple[str, ...] = ("lora", "qlo
                 if not c:
                     break
                 frontier.append((g, c))
-            need = vllm_bytes(spec, adapter, g0, prompt + c0) if room is not None else 0
+            need = colocated_need(spec, asked)[1] if room is not None else 0
             rows.append(LimitRow(adapter=adapter, generation=engine, vllm_share=share if engine == "vllm-colocate" else 0.0,
                                  usable_bytes=usable, fits=peak <= usable and (room is None or need <= room),
                                  peak_bytes=peak, max_completion=max_c, max_generations=max(gs_ok) if gs_ok else 0,
@@ -626,12 +638,8 @@ class GRPO(Behaviour):
         return gs.vllm_share if gs.generation == "vllm-colocate" else 0.0
 
     def card_share_need(self, spec: Any, cfg: Any) -> tuple[int, int]:
-        """Colocated vLLM (:func:`vllm_bytes`, bytes): its weights alone, and with the generation batch's KV cache."""
-        gs = settings(cfg)
-        if gs.generation != "vllm-colocate":
-            return 0, 0
-        return (vllm_bytes(spec, cfg.adapter, 0, 0),
-                vllm_bytes(spec, cfg.adapter, gs.generation_batch, gs.prompt + gs.completion))
+        """:func:`colocated_need`: what fit's limits hold vLLM to, held by ``estimate`` too."""
+        return colocated_need(spec, cfg)
 
 
 BEHAVIOUR = GRPO()
