@@ -743,6 +743,14 @@ def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None, grad_a
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=st)
 
 
+def _grid_key(values) -> tuple | None:
+    """A hashable key of a batch or sequence grid (None: the config's own)."""
+    if values is None:
+        return None
+    a = np.asarray(values)
+    return (a.dtype.str, a.shape, a.tobytes())
+
+
 def held_gradients(st: ModelState, cfg: TrainConfig, grad_accum=None):
     """Gradient bytes alive through a micro-batch's forward and backward (:func:`combine_phases`'
     ``grads_held``): every gradient when the step accumulates (``grad_accum > 1``, the config's unless
@@ -767,17 +775,34 @@ def step_memory_rows(model: ModelSpec, cfgs: list[TrainConfig], batch=None, seq=
         ``(memory, states)``: a :class:`StepMemory` whose arrays have shape ``(len(cfgs), *grid)``
         (its ``state`` is None) and each row's :class:`ModelState`.
     """
+    return step_memory_rows_shared(model, cfgs, batch, seq, grad_accum)
+
+
+def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=None, seq=None, grad_accum=None,
+                      terms: dict | None = None) -> tuple[StepMemory, list]:
+    """:func:`step_memory_rows`; ``terms``: a dict the caller keeps to reuse each configuration's activation
+    terms between calls over the same ``batch`` and ``seq`` grids (one planning call: a fit's searches share
+    their fallbacks' configurations). Its arrays are read-only views; equal keys, equal values."""
     if len({c.recipe.behaviour.generates for c in cfgs}) > 1:
         raise ValueError("step_memory_rows: configurations that generate and that do not")
     states = [model_state(model, c) for c in cfgs]
-    by_terms: dict = {}
+    by_terms: dict = {} if terms is None else terms
+    try:
+        hash(model)
+    except TypeError:  # a spec built with list fields (from a log's JSON): nothing kept between calls
+        by_terms = {}
+    grid = (_grid_key(batch), _grid_key(seq))
     rows = []
     for c in cfgs:
-        k = c.with_(optimizer="adamw")
+        k = (model, c.with_(optimizer="adamw"), grid)
         if k not in by_terms:
             t = step_terms(model, c, batch, seq)
             shape = t["zeros"].shape
-            by_terms[k] = {name: v if np.shape(v) == shape else np.broadcast_to(v, shape) for name, v in t.items()}
+            row = {name: v if np.shape(v) == shape else np.broadcast_to(v, shape) for name, v in t.items()}
+            for v in row.values():
+                if isinstance(v, np.ndarray):
+                    v.flags.writeable = False  # shared between calls: nobody writes into them
+            by_terms[k] = row
         rows.append(by_terms[k])
     t = {name: np.stack([r[name] for r in rows]) for name in rows[0]}
     extra = (1,) * (t["zeros"].ndim - 1)

@@ -51,6 +51,9 @@ class DeviceTotals:
     def __init__(self):
         self._profiles: dict[str, object] = {}
         self._factors: dict[tuple, float] = {}
+        #: activation terms of the configurations evaluated so far (vramplan.memory's step_memory_rows
+        #: cache): one instance serves one planning call, so nothing outlives it
+        self.terms: dict = {}
 
     def __call__(self, mem: StepMemory, cfg: TrainConfig, card: GPUSpec, par: Parallel | None = None) -> np.ndarray:
         """Device totals (float64 bytes) of ``mem`` (arrays over batch/seq) for ``cfg`` on ``card`` under ``par``."""

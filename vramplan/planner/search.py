@@ -39,7 +39,7 @@ from ..config import TrainConfig, make_config
 from ..distributed import SINGLE, STRATEGIES, Parallel, make_parallel, parallel_step_memory, shard_state
 from ..errors import VramplanError
 from ..gpus import GPUSpec, catalogue
-from ..memory import StepMemory, model_state, step_memory_rows, step_terms
+from ..memory import StepMemory, model_state, step_memory_rows_shared, step_terms
 from ..methods import Adapter, resolve
 from ..models import ModelSpec
 from ..overheads import card_profile
@@ -320,12 +320,7 @@ def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Paral
     """
     if not cands:
         return
-    keys = [_shared_key(cfg) for cfg, _ in cands]
-    reps: dict[TrainConfig, TrainConfig] = {}  # shared key -> the first candidate with it (evaluated for all)
-    for k, (cfg, _) in zip(keys, cands):
-        reps.setdefault(k, cfg)
-    row = {k: j for j, k in enumerate(reps)}
-    which = np.array([row[k] for k in keys], dtype=np.intp)
+    reps, which = _shared_rows(cands)  # shared key -> the first candidate with it (evaluated for all)
     states = {k: model_state(spec, r) for k, r in reps.items()}
     results: dict[Parallel, tuple] = {}
     terms: dict[tuple, dict] = {}
@@ -335,11 +330,7 @@ def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Paral
         times = [step_time(spec, r, card, batch=b_grid, grad_accum=a_grid, parallel=p, profile=prof, state=states[k],
                            sharded=sharded.get(k)) for k, r in reps.items()]
         if not p.distributed:
-            mem, sts = step_memory_rows(spec, list(reps.values()), batch=b_grid, grad_accum=a_grid)
-            mem = StepMemory(components={c: v[which] for c, v in mem.components.items()},
-                             phases={ph: v[which] for ph, v in mem.phases.items()}, peak=mem.peak[which],
-                             peak_phase=mem.peak_phase[which], state=None)
-            results[p] = (totals.rows(mem, [sts[j] for j in which], [cfg for cfg, _ in cands], card), times)
+            results[p] = (_single_totals(spec, cands, card, reps, which, b_grid, a_grid, totals), times)
             continue
         mems = []
         for k, r in reps.items():
@@ -352,6 +343,67 @@ def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Paral
         for p in parallels:
             rows, times = results[p]
             yield cfg, note, p, rows[j], times[which[j]]
+
+
+def _shared_rows(cands: list) -> tuple[dict, np.ndarray]:
+    """(shared key -> the first candidate with it, each candidate's row among them): :func:`_shared_key`."""
+    keys = [_shared_key(cfg) for cfg, _ in cands]
+    reps: dict[TrainConfig, TrainConfig] = {}
+    for k, (cfg, _) in zip(keys, cands):
+        reps.setdefault(k, cfg)
+    row = {k: j for j, k in enumerate(reps)}
+    return reps, np.array([row[k] for k in keys], dtype=np.intp)
+
+
+def _single_totals(spec: ModelSpec, cands: list, card: GPUSpec, reps: dict, which: np.ndarray, b_grid: np.ndarray,
+                   a_grid: np.ndarray, totals: DeviceTotals) -> np.ndarray:
+    """One-GPU device totals (bytes, candidates x micro-batches): one :func:`step_memory_rows` call over the
+    shared configurations ``reps``, one :meth:`DeviceTotals.rows` chain over the candidates."""
+    mem, sts = step_memory_rows_shared(spec, list(reps.values()), batch=b_grid, grad_accum=a_grid, terms=totals.terms)
+    mem = StepMemory(components={c: v[which] for c, v in mem.components.items()},
+                     phases={ph: v[which] for ph, v in mem.phases.items()}, peak=mem.peak[which],
+                     peak_phase=mem.peak_phase[which], state=None)
+    return totals.rows(mem, [sts[j] for j in which], [cfg for cfg, _ in cands], card)
+
+
+def _may_list(spec: ModelSpec, method: str, card: GPUSpec, current_fits: bool, *, seq: int = 2048,
+              adapter: str | None = None, precision: str | None = None, global_batch: int | None = None,
+              parallels: list[Parallel] | None = None, grad_ckpt: bool | None = None, optimizer: str | None = None,
+              attn: str | None = None, rank: int | None = None, targets=None, margin: float = DEFAULT_MARGIN,
+              ppo_response: int | None = None, totals: DeviceTotals | None = None, batch: int | None = None,
+              framework: str = "hf", techniques=None, method_options: dict | None = None, **_) -> bool:
+    """Whether :func:`other_setups` could list the setup :func:`search` would rank with these settings.
+
+    Exact, from the device totals alone (no step times, no plans): the search has a best plan when
+    some candidate fits its comfortable limit at some micro-batch, and a tight one (listed only when
+    ``current_fits`` is False) when, with none comfortable, some candidate's least total is within the
+    card (a plan's ``peak_bytes`` is then ``int`` of that least total). True when it cannot tell
+    (several GPUs or offload): the caller runs the search.
+
+    Raises:
+        VramplanError: as :func:`search` (an invalid setting).
+    """
+    from ..bands import band_for_config
+
+    parallels = parallels or [SINGLE]
+    if len(parallels) != 1 or parallels[0].distributed:
+        return True
+    totals = totals or DeviceTotals()
+    fixed = dict(grad_ckpt=grad_ckpt, optimizer=optimizer, attn=attn, rank=rank, targets=targets)
+    b_grid, a_grid = _grid_for(global_batch, batch, parallels[0], resolve(method, adapter).behaviour.min_batch())
+    cands = _candidates(spec, method, adapter, card, fixed, seq=seq, precision=precision, ppo_response=ppo_response,
+                        framework=framework, techniques=techniques, method_options=method_options)
+    if not cands:
+        return True  # the search says what (nothing to rank)
+    reps, which = _shared_rows(cands)
+    rows = _single_totals(spec, cands, card, reps, which, b_grid, a_grid, totals)
+    capacity = card.memory_bytes
+    for (cfg, _), total in zip(cands, rows):
+        if (total <= comfortable_limit(capacity, band_for_config(cfg).hi, margin)).any():
+            return True
+        if not current_fits and int(total[int(np.argmin(total))]) <= capacity:
+            return True
+    return False
 
 
 def _preference(plan: Plan) -> tuple:
@@ -634,6 +686,8 @@ def other_setups(spec: ModelSpec, method: str, card: GPUSpec, *, framework: str 
                                 stop_below=card.memory_bytes + 1)
             if least is not None and least >= card.memory_bytes + 1:  # (a plan's peak_bytes is int(total))
                 continue  # no plan of this setup fits the card even without the margin: nothing to list
+            if not _may_list(spec, method, card, current_fits, **dict(search_kw, framework=fw, precision=p)):
+                continue  # its device totals already say: nothing to list (the step times are not needed)
             mp = search(spec, method, card, framework=fw, precision=p, **search_kw)
         except VramplanError:
             continue  # the stack does not run this method or card (e.g. no bf16)
