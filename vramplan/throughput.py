@@ -100,7 +100,7 @@ from .memory import model_state
 from .methods import LOW_RANK, Adapter, Forward
 from .methods.generation import generation_work
 from .models import ModelSpec
-from .optimizers import get_optimizer
+from .optimizers import DEFAULT_OPTIMIZER, get_optimizer
 from .precision import DTYPE_BYTES
 from .taxonomy import Component
 
@@ -387,9 +387,37 @@ def step_time(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, batch=None, seq=N
     Returns:
         :class:`StepTime`; ``source`` names the profile or the default efficiencies used.
     """
+    return _step_time(spec, cfg, gpu, batch, seq, grad_accum=grad_accum, parallel=parallel, use_profile=use_profile,
+                      profile=profile, state=state, sharded=sharded)
+
+
+def step_time_rows(spec: ModelSpec, cfgs: list[TrainConfig], gpu: GPUSpec, batch=None, *, grad_accum=None,
+                   parallel: Parallel = SINGLE, profile=_LOAD, states=None, sharded=None) -> list[StepTime]:
+    """:func:`step_time` of each of ``cfgs`` over the same ``batch``/``grad_accum`` grid, equal to it.
+
+    The work of a step (:func:`step_work`) does not depend on the optimiser: it is counted once
+    per configuration that differs in more than its optimiser. ``states``/``sharded``: each
+    config's ``model_state``/``shard_state`` (or None), as :func:`step_time`'s ``state``/``sharded``.
+    """
+    works: dict = {}
+    out = []
+    for i, cfg in enumerate(cfgs):
+        k = cfg.with_(optimizer=DEFAULT_OPTIMIZER)
+        if k not in works:
+            works[k] = step_work(spec, cfg, batch)
+        out.append(_step_time(spec, cfg, gpu, batch, grad_accum=grad_accum, parallel=parallel, profile=profile,
+                              state=None if states is None else states[i],
+                              sharded=None if sharded is None else sharded[i], work=works[k]))
+    return out
+
+
+def _step_time(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, batch=None, seq=None, *, grad_accum=None,
+               parallel: Parallel = SINGLE, use_profile: bool = True, profile=_LOAD, state=None, sharded=None,
+               work: StepWork | None = None) -> StepTime:
+    """:func:`step_time`; ``work``: ``step_work(spec, cfg, batch, seq)`` when the caller has it."""
     a = np.asarray(cfg.grad_accum if grad_accum is None else grad_accum, dtype=np.float64)
     regime = cfg.regime
-    w = step_work(spec, cfg, batch, seq)
+    w = step_work(spec, cfg, batch, seq) if work is None else work
     eff = card_efficiency(gpu)
     peak = gpu.tensor_tflops(regime.compute_dtype) * 1e12
     bw = gpu.bandwidth_gbs * 1e9 * eff.bandwidth

@@ -43,7 +43,7 @@ from ..memory import StepMemory, model_state, step_memory_rows_shared, step_term
 from ..methods import Adapter, resolve
 from ..models import ModelSpec
 from ..overheads import card_profile
-from ..throughput import StepTime, step_time, time_to_train
+from ..throughput import StepTime, step_time_rows, time_to_train
 from ..units import GIB
 from ..verdict import DEFAULT_MARGIN, Verdict, classify, comfortable_limit
 from .checks import check_card
@@ -327,8 +327,9 @@ def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Paral
     for p in parallels:
         b_grid, a_grid = grids[p]
         sharded = {k: shard_state(spec, r, p, states[k]) for k, r in reps.items()} if p.distributed else {}
-        times = [step_time(spec, r, card, batch=b_grid, grad_accum=a_grid, parallel=p, profile=prof, state=states[k],
-                           sharded=sharded.get(k)) for k, r in reps.items()]
+        times = step_time_rows(spec, list(reps.values()), card, batch=b_grid, grad_accum=a_grid, parallel=p,
+                               profile=prof, states=list(states.values()),
+                               sharded=[sharded[k] for k in reps] if p.distributed else None)
         if not p.distributed:
             results[p] = (_single_totals(spec, cands, card, reps, which, b_grid, a_grid, totals), times)
             continue
@@ -573,14 +574,20 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, pre
                                   + (f" as {cfg.recipe.name}" if cfg.recipe.name != method else ""),
                                   {"gpu": g.name, "capacity_bytes": g.memory_bytes}))
             break
-    # 2. more of this card with ZeRO-3 / FSDP
+    # 2. more of this card with ZeRO-3 / FSDP (the activation terms of one GPU's micro-batch, for every layout)
+    terms: list[dict] = []
+
+    def sharded(par: Parallel) -> StepMemory:  # step_memory_for(spec, cfg, par) of a distributed layout
+        if not terms:
+            terms.append(step_terms(spec, cfg))
+        return parallel_step_memory(spec, cfg, par, terms=terms[0])
     found: dict[int, list[str]] = {}
     for strategy in ("zero3", "fsdp"):
         for n in GPU_COUNTS:
             if n <= gpus:
                 continue
             par = make_parallel(n, strategy)
-            if float(totals(step_memory_for(spec, cfg, par), cfg, card, par)) <= comfy(card.memory_bytes):
+            if float(totals(sharded(par), cfg, card, par)) <= comfy(card.memory_bytes):
                 found.setdefault(n, []).append(strategy)
                 break
     for n, strategies in sorted(found.items()):
@@ -588,7 +595,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, pre
                               {"gpus": n, "strategies": strategies, "gpu": card.name}))
     # 3. CPU offload on the same number of cards
     par = make_parallel(max(1, gpus), "zero3", "cpu")
-    if float(totals(step_memory_for(spec, cfg, par), cfg, card, par)) <= comfy(card.memory_bytes):
+    if float(totals(sharded(par), cfg, card, par)) <= comfy(card.memory_bytes):
         out.append(Suggestion("offload", f"{max(1, gpus)}x {card.name} with zero3 --offload cpu (slow)",
                               {"gpus": max(1, gpus), "strategy": "zero3", "offload": "cpu"}))
     # 4. a shorter sequence on this card
