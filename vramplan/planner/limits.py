@@ -73,12 +73,13 @@ class DeviceTotals:
         whose figures apply); each row equals ``self(step_memory(spec, cfg), cfg, card)``.
         """
         from ..optimizers import get_optimizer
-        from ..overheads import LOADED_COMPONENTS, device_total, peak_terms
+        from ..overheads import ACTIVATION_COMPONENTS, LOADED_COMPONENTS, device_total, peak_terms
         from ..taxonomy import Component
 
         if card.name not in self._profiles:
             self._profiles[card.name] = card_profile(card)
-        peak, act, _ = np.ceil(mem.peak), *peak_terms({c: np.ceil(v) for c, v in mem.components.items()}, "adamw")
+        peak, act, _ = np.ceil(mem.peak), *peak_terms({c: np.ceil(v) for c, v in mem.components.items()
+                                                         if c in ACTIVATION_COMPONENTS}, "adamw")
         shape = (len(cfgs),) + (1,) * (peak.ndim - 1)
         paged_row = np.array([get_optimizer(c.optimizer).paged for c in cfgs]).reshape(shape)
         paged = np.where(paged_row, np.ceil(mem.components.get(Component.OPTIMIZER_STATES, 0)), 0.0)

@@ -360,10 +360,14 @@ def _single_totals(spec: ModelSpec, cands: list, card: GPUSpec, reps: dict, whic
                    a_grid: np.ndarray, totals: DeviceTotals) -> np.ndarray:
     """One-GPU device totals (bytes, candidates x micro-batches): one :func:`step_memory_rows` call over the
     shared configurations ``reps``, one :meth:`DeviceTotals.rows` chain over the candidates."""
+    from ..overheads import ACTIVATION_COMPONENTS
+    from ..taxonomy import Component
+
     mem, sts = step_memory_rows_shared(spec, list(reps.values()), batch=b_grid, grad_accum=a_grid, terms=totals.terms)
-    mem = StepMemory(components={c: v[which] for c, v in mem.components.items()},
-                     phases={ph: v[which] for ph, v in mem.phases.items()}, peak=mem.peak[which],
-                     peak_phase=mem.peak_phase[which], state=None)
+    # the candidates' rows of what the device chain reads (the peak, the activation group, the optimiser states)
+    read = set(ACTIVATION_COMPONENTS) | {Component.OPTIMIZER_STATES}
+    mem = StepMemory(components={c: v[which] for c, v in mem.components.items() if c in read}, phases={},
+                     peak=mem.peak[which], peak_phase=mem.peak_phase[which], state=None)
     return totals.rows(mem, [sts[j] for j in which], [cfg for cfg, _ in cands], card)
 
 
