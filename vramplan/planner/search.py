@@ -346,6 +346,29 @@ def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Paral
             yield cfg, note, p, rows[j], times[which[j]]
 
 
+def _choices(cands: list, parallels: list[Parallel], evaluated, usable: list[int]) -> dict:
+    """Each candidate's chosen micro-batch under each layout, for every candidate at once.
+
+    ``evaluated``: :func:`_evaluate`'s tuples; ``usable``: each candidate's comfortable limit. The
+    fastest micro-batch under the limit, else the least memory (the first such index, as
+    ``np.argmax``/``np.argmin`` of each row). Returns ``{parallel: (index, peak, fits, tokens/s,
+    step s)}``, each a list over ``cands`` (Python numbers, equal to the arrays' elements).
+    """
+    out = {}
+    n = len(parallels)
+    for k, p in enumerate(parallels):
+        mine = evaluated[k::n]
+        shape = np.shape(mine[0][3])
+        total = np.stack([np.broadcast_to(e[3], shape) for e in mine])
+        tps = np.stack([np.broadcast_to(np.asarray(e[4].tokens_per_s), shape) for e in mine])
+        step = np.stack([np.broadcast_to(np.asarray(e[4].step_s), shape) for e in mine])
+        ok = total <= np.asarray(usable, dtype=np.int64).reshape((-1,) + (1,) * (total.ndim - 1))
+        best = np.where(ok.any(axis=-1), np.argmax(np.where(ok, tps, -np.inf), axis=-1), np.argmin(total, axis=-1))
+        at = (np.arange(len(mine)), best)
+        out[p] = (best.tolist(), total[at].tolist(), ok[at].tolist(), tps[at].tolist(), step[at].tolist())
+    return out
+
+
 def _shared_rows(cands: list) -> tuple[dict, np.ndarray]:
     """(shared key -> the first candidate with it, each candidate's row among them): :func:`_shared_key`."""
     keys = [_shared_key(cfg) for cfg, _ in cands]
@@ -456,22 +479,26 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
                         framework=framework, techniques=techniques, method_options=method_options)
     prof = card_profile(card)
     plans: list[Plan] = []
-    for cfg, note, p, total, t in _evaluate(spec, cands, card, parallels, grids, prof, totals):
+    bands: dict[tuple, tuple] = {}  # (stack, method, adapter) -> (band, comfortable limit)
+    for cfg, _ in cands:
+        key = (cfg.framework, cfg.method, cfg.adapter)
+        if key not in bands:
+            band = band_for_config(cfg)
+            bands[key] = (band, comfortable_limit(capacity, band.hi, margin))
+    limits = [bands[(cfg.framework, cfg.method, cfg.adapter)] for cfg, _ in cands]
+    evaluated = list(_evaluate(spec, cands, card, parallels, grids, prof, totals))
+    chosen = _choices(cands, parallels, evaluated, [u for _, u in limits]) if evaluated else {}
+    for e, (cfg, note, p, _total, t) in enumerate(evaluated):
+        j = e // len(parallels)
+        band, usable = limits[j]
+        index, peak, fits, tps, step = (v[j] for v in chosen[p])
         b_grid, a_grid = grids[p]
-        band = band_for_config(cfg)
-        usable = comfortable_limit(capacity, band.hi, margin)
-        ok = total <= usable
-        if ok.any():
-            i = int(np.argmax(np.where(ok, t.tokens_per_s, -np.inf)))
-        else:
-            i = int(np.argmin(total))
-        cfg_i = cfg.with_(batch=int(b_grid[i]), grad_accum=int(a_grid[i]))
-        tps = float(np.asarray(t.tokens_per_s)[i])
+        cfg_i = cfg.with_(batch=int(b_grid[index]), grad_accum=int(a_grid[index]))
         ttt, gh = time_to_train(tokens, epochs, tps, p.gpus)
         plans.append(Plan(method=cfg.method, adapter=cfg.adapter, config=cfg_i, parallel=p,
-                          peak_bytes=int(total[i]), capacity_bytes=capacity, usable_bytes=usable, fits=bool(ok[i]),
-                          tokens_per_s=tps, step_time_s=float(np.asarray(t.step_s)[i]), time_to_train_s=ttt,
-                          gpu_hours=gh, fallback=note, band=(band.lo, band.hi), _grid=(t, i)))
+                          peak_bytes=int(peak), capacity_bytes=capacity, usable_bytes=usable, fits=fits,
+                          tokens_per_s=tps, step_time_s=step, time_to_train_s=ttt,
+                          gpu_hours=gh, fallback=note, band=(band.lo, band.hi), _grid=(t, index)))
     # a fallback (QLoRA for LoRA) is what the method becomes when its own adapter does not fit: its plans
     # rank after every plan of the method's own adapter that fits, however fast the throughput model
     # rates them (a larger micro-batch over an NF4 base can come out marginally faster, inside the
