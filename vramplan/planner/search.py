@@ -309,17 +309,16 @@ def _shared_key(cfg: TrainConfig) -> TrainConfig:
 
 
 def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Parallel], grids: dict, prof,
-              totals: DeviceTotals):
+              totals: DeviceTotals) -> tuple[np.ndarray, dict]:
     """Device totals and step times of every candidate under every layout, over its batch grid.
 
-    Yields ``(cfg, note, parallel, totals, StepTime)`` in the order of ``cands`` (then layouts).
+    Returns ``(which, {parallel: (totals, times)})``: ``totals`` an array (candidates x micro-batches),
+    ``times`` one :class:`StepTime` per shared configuration, candidate ``j``'s being ``times[which[j]]``.
     On one GPU every shared configuration's memory is evaluated in one vectorised call
     (:func:`vramplan.memory.step_memory_rows`) and the device totals of all candidates in one
     chain (:meth:`DeviceTotals.rows`); on several, one :func:`parallel_step_memory` per shared
     configuration (the activation terms shared across layouts).
     """
-    if not cands:
-        return
     reps, which = _shared_rows(cands)  # shared key -> the first candidate with it (evaluated for all)
     states = {k: model_state(spec, r) for k, r in reps.items()}
     results: dict[Parallel, tuple] = {}
@@ -339,34 +338,29 @@ def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Paral
             if tkey not in terms:
                 terms[tkey] = step_terms(spec, r, batch=b_grid)
             mems.append(parallel_step_memory(spec, r, p, batch=b_grid, state=sharded[k], terms=terms[tkey]))
-        results[p] = ([totals(mems[j], cfg, card, p) for j, (cfg, _) in zip(which, cands)], times)
-    for j, (cfg, note) in enumerate(cands):
-        for p in parallels:
-            rows, times = results[p]
-            yield cfg, note, p, rows[j], times[which[j]]
+        rows = [totals(mems[j], cfg, card, p) for j, (cfg, _) in zip(which, cands)]
+        results[p] = (np.stack([np.broadcast_to(r, np.shape(b_grid)) for r in rows]), times)
+    return which, results
 
 
-def _choices(cands: list, parallels: list[Parallel], evaluated, usable: list[int]) -> dict:
-    """Each candidate's chosen micro-batch under each layout, for every candidate at once.
+def _choices(total: np.ndarray, times: list[StepTime], which: np.ndarray, usable: list[int]) -> tuple:
+    """Each candidate's chosen micro-batch under one layout, for every candidate at once.
 
-    ``evaluated``: :func:`_evaluate`'s tuples; ``usable``: each candidate's comfortable limit. The
-    fastest micro-batch under the limit, else the least memory (the first such index, as
-    ``np.argmax``/``np.argmin`` of each row). Returns ``{parallel: (index, peak, fits, tokens/s,
-    step s)}``, each a list over ``cands`` (Python numbers, equal to the arrays' elements).
+    ``total``: device totals (candidates x micro-batches); ``times``: the shared configurations'
+    step times (candidate ``j``'s is ``times[which[j]]``); ``usable``: each candidate's comfortable
+    limit. The fastest micro-batch under the limit, else the least memory (the first such index,
+    as ``np.argmax``/``np.argmin`` of each row). Returns ``(index, peak, fits, tokens/s, step s)``,
+    each a list over the candidates (Python numbers, equal to the arrays' elements).
     """
-    out = {}
-    n = len(parallels)
-    for k, p in enumerate(parallels):
-        mine = evaluated[k::n]
-        shape = np.shape(mine[0][3])
-        total = np.stack([np.broadcast_to(e[3], shape) for e in mine])
-        tps = np.stack([np.broadcast_to(np.asarray(e[4].tokens_per_s), shape) for e in mine])
-        step = np.stack([np.broadcast_to(np.asarray(e[4].step_s), shape) for e in mine])
-        ok = total <= np.asarray(usable, dtype=np.int64).reshape((-1,) + (1,) * (total.ndim - 1))
-        best = np.where(ok.any(axis=-1), np.argmax(np.where(ok, tps, -np.inf), axis=-1), np.argmin(total, axis=-1))
-        at = (np.arange(len(mine)), best)
-        out[p] = (best.tolist(), total[at].tolist(), ok[at].tolist(), tps[at].tolist(), step[at].tolist())
-    return out
+    shape = total.shape[1:]
+
+    def grid(values) -> np.ndarray:  # (shared configurations x micro-batches) -> (candidates x micro-batches)
+        return np.stack([np.broadcast_to(np.asarray(v), shape) for v in values])[which]
+    tps, step = grid([t.tokens_per_s for t in times]), grid([t.step_s for t in times])
+    ok = total <= np.asarray(usable, dtype=np.int64).reshape((-1,) + (1,) * len(shape))
+    best = np.where(ok.any(axis=-1), np.argmax(np.where(ok, tps, -np.inf), axis=-1), np.argmin(total, axis=-1))
+    at = (np.arange(total.shape[0]), best)
+    return best.tolist(), total[at].tolist(), ok[at].tolist(), tps[at].tolist(), step[at].tolist()
 
 
 def _shared_rows(cands: list) -> tuple[dict, np.ndarray]:
@@ -486,19 +480,22 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
             band = band_for_config(cfg)
             bands[key] = (band, comfortable_limit(capacity, band.hi, margin))
     limits = [bands[(cfg.framework, cfg.method, cfg.adapter)] for cfg, _ in cands]
-    evaluated = list(_evaluate(spec, cands, card, parallels, grids, prof, totals))
-    chosen = _choices(cands, parallels, evaluated, [u for _, u in limits]) if evaluated else {}
-    for e, (cfg, note, p, _total, t) in enumerate(evaluated):
-        j = e // len(parallels)
+    chosen = {}
+    if cands:
+        which, results = _evaluate(spec, cands, card, parallels, grids, prof, totals)
+        chosen = {p: (_choices(total, times, which, [u for _, u in limits]), times) for p, (total, times) in results.items()}
+    for j, (cfg, note) in enumerate(cands):
         band, usable = limits[j]
-        index, peak, fits, tps, step = (v[j] for v in chosen[p])
-        b_grid, a_grid = grids[p]
-        cfg_i = cfg.with_(batch=int(b_grid[index]), grad_accum=int(a_grid[index]))
-        ttt, gh = time_to_train(tokens, epochs, tps, p.gpus)
-        plans.append(Plan(method=cfg.method, adapter=cfg.adapter, config=cfg_i, parallel=p,
-                          peak_bytes=int(peak), capacity_bytes=capacity, usable_bytes=usable, fits=fits,
-                          tokens_per_s=tps, step_time_s=step, time_to_train_s=ttt,
-                          gpu_hours=gh, fallback=note, band=(band.lo, band.hi), _grid=(t, index)))
+        for p in parallels:
+            (index, peak, fits, tps, step), times = chosen[p]
+            index, peak, fits, tps, step = index[j], peak[j], fits[j], tps[j], step[j]
+            b_grid, a_grid = grids[p]
+            cfg_i = cfg.with_(batch=int(b_grid[index]), grad_accum=int(a_grid[index]))
+            ttt, gh = time_to_train(tokens, epochs, tps, p.gpus)
+            plans.append(Plan(method=cfg.method, adapter=cfg.adapter, config=cfg_i, parallel=p,
+                              peak_bytes=int(peak), capacity_bytes=capacity, usable_bytes=usable, fits=fits,
+                              tokens_per_s=tps, step_time_s=step, time_to_train_s=ttt,
+                              gpu_hours=gh, fallback=note, band=(band.lo, band.hi), _grid=(times[which[j]], index)))
     # a fallback (QLoRA for LoRA) is what the method becomes when its own adapter does not fit: its plans
     # rank after every plan of the method's own adapter that fits, however fast the throughput model
     # rates them (a larger micro-batch over an NF4 base can come out marginally faster, inside the
