@@ -285,6 +285,7 @@ def _candidates(spec: ModelSpec, method: str, adapter: str | None, card: GPUSpec
         base = built[shape]
         if base is None:
             continue
+        _resolve_once(base)
         cfg = base.with_(grad_ckpt=bool(settings["grad_ckpt"]), optimizer=get_optimizer(settings["optimizer"]).name,
                          attn=settings["attn"])
         if cfg in seen:
@@ -292,6 +293,16 @@ def _candidates(spec: ModelSpec, method: str, adapter: str | None, card: GPUSpec
         seen.add(cfg)
         out.append((cfg, note))
     return out
+
+
+def _resolve_once(cfg: TrainConfig) -> None:
+    """Resolve ``cfg``'s recipe, stack and regime now, so that the configurations derived from it with
+    :meth:`TrainConfig.with_` (checkpointing, optimiser, attention, micro-batch) carry them instead of each
+    resolving its own (a regime that cannot be resolved is left to raise where it is read, as before)."""
+    try:
+        cfg.recipe, cfg.stack, cfg.regime  # noqa: B018 - cached on the (immutable) config
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _shared_key(cfg: TrainConfig) -> TrainConfig:
