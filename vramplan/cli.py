@@ -121,10 +121,10 @@ def _plan_kwargs(a: argparse.Namespace) -> dict:
 
 def _print_json(obj) -> None:
     """One JSON object on stdout; ``allow_nan=False``, so a NaN or infinity can never escape as invalid JSON."""
-    from .results import jsonable
+    from .results import json_text, jsonable
 
     try:
-        text = json.dumps(jsonable(obj), indent=2, allow_nan=False)
+        text = json_text(jsonable(obj))
     except ValueError:
         raise VramplanError("the result holds a non-finite number (NaN or infinity), so it is not printed as JSON",
                             "this is a bug in vramplan; please report the command") from None

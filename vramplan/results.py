@@ -37,6 +37,109 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
+def json_text(obj: Any) -> str:
+    """``json.dumps(obj, indent=2, allow_nan=False)``, to the byte, in about a third of its time.
+
+    The standard encoder has no C path once ``indent`` is set, and walks the tree through nested
+    generators; this walks it with one call per container, writing leaves as ``json`` does (its
+    own string escaping, ``int.__repr__``/``float.__repr__``; NaN and infinities refused). A type
+    ``json`` would refuse, or a tree it cannot walk, is left to ``json.dumps`` to raise its own error.
+
+    Raises:
+        ValueError: a NaN or infinity (as ``json.dumps(..., allow_nan=False)``). TypeError: a value
+            that is not JSON.
+    """
+    import json
+    from json.encoder import encode_basestring_ascii as text
+
+    out: list[str] = []
+    put = out.append
+    finite = float.__repr__
+    inf = float("inf")
+
+    class _Refused(Exception):
+        pass
+
+    def number(v: float) -> str:
+        if v != v or v == inf or v == -inf:
+            raise _Refused
+        return finite(v)
+
+    def leaf(v) -> str | None:  # a scalar's text, None for a container
+        if isinstance(v, str):
+            return text(v)
+        if v is None:
+            return "null"
+        if v is True:
+            return "true"
+        if v is False:
+            return "false"
+        if isinstance(v, int):
+            return int.__repr__(v)
+        if isinstance(v, float):
+            return number(v)
+        if isinstance(v, (list, tuple, dict)):
+            return None
+        raise _Refused
+
+    def key_text(k) -> str:
+        if isinstance(k, str):
+            return text(k)
+        if isinstance(k, float):
+            return text(number(k))
+        if k is True or k is False or k is None:
+            return text({True: "true", False: "false", None: "null"}[k])
+        if isinstance(k, int):
+            return text(int.__repr__(k))
+        raise _Refused
+
+    def walk(o, pad: str) -> None:
+        inner = pad + "  "
+        sep = ",\n" + inner
+        if isinstance(o, dict):
+            if not o:
+                put("{}")
+                return
+            put("{\n" + inner)
+            first = True
+            for k, v in o.items():
+                if not first:
+                    put(sep)
+                first = False
+                put(key_text(k) + ": ")
+                t = leaf(v)
+                if t is None:
+                    walk(v, inner)
+                else:
+                    put(t)
+            put("\n" + pad + "}")
+            return
+        if not o:
+            put("[]")
+            return
+        put("[\n" + inner)
+        first = True
+        for v in o:
+            if not first:
+                put(sep)
+            first = False
+            t = leaf(v)
+            if t is None:
+                walk(v, inner)
+            else:
+                put(t)
+        put("\n" + pad + "]")
+
+    try:
+        t = leaf(obj)
+        if t is not None:
+            return t
+        walk(obj, "")
+    except (_Refused, RecursionError):
+        return json.dumps(obj, indent=2, allow_nan=False)  # raises what json raises (or agrees)
+    return "".join(out)
+
+
 @dataclass
 class Estimate:
     """A prediction of one configuration's peak memory (per GPU) and, with a GPU, its speed.

@@ -319,7 +319,9 @@ class StepTime:
 
         def pick(v) -> float:
             a = np.asarray(v, dtype=np.float64)
-            return float(a if a.ndim == 0 else np.broadcast_to(a, shape)[index])
+            if a.ndim == 0:
+                return float(a)
+            return float((a if a.shape == shape else np.broadcast_to(a, shape))[index])
 
         scalars = {k: pick(getattr(self, k)) for k in ("step_s", "micro_s", "optimizer_s", "comm_s", "host_s",
                                                           "tokens_per_step", "tokens_per_s", "achieved_tflops", "mfu")}
