@@ -278,6 +278,7 @@ def _candidates(spec: ModelSpec, method: str, adapter: str | None, card: GPUSpec
                 built[shape] = make_config(spec, m, adapter=ad, batch=1, seq=seq, precision=precision,
                                            ppo_response=ppo_response, framework=framework, techniques=techniques,
                                            method_options=method_options, **settings)
+                _resolve_once(built[shape])
             except VramplanError:
                 if fixed.get("rank") or fixed.get("targets"):
                     raise  # the user's own setting is invalid: say so
@@ -285,7 +286,6 @@ def _candidates(spec: ModelSpec, method: str, adapter: str | None, card: GPUSpec
         base = built[shape]
         if base is None:
             continue
-        _resolve_once(base)
         cfg = base.with_(grad_ckpt=bool(settings["grad_ckpt"]), optimizer=get_optimizer(settings["optimizer"]).name,
                          attn=settings["attn"])
         if cfg in seen:
