@@ -19,7 +19,7 @@ by ``zero_grad(set_to_none=True)``):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -90,7 +90,16 @@ def model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
         if len(_STATE_CACHE) > 4096:
             _STATE_CACHE.clear()
         st = _STATE_CACHE[key] = _model_state(model, cfg)
-    return replace(st, bytes=dict(st.bytes))
+    return _own_copy(st)
+
+
+def _own_copy(st: ModelState) -> ModelState:
+    """``replace(st, bytes=dict(st.bytes))`` without running ``__init__``: the caller's own copy of a cached
+    state (a search asks for thousands)."""
+    new = object.__new__(ModelState)
+    new.__dict__.update(st.__dict__)
+    new.bytes = dict(st.bytes)
+    return new
 
 
 _BASE_CACHE: dict = {}
@@ -111,7 +120,7 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
                 _BASE_CACHE.clear()
             _BASE_CACHE[key] = base
     st, opt_groups = base
-    st = replace(st, bytes=dict(st.bytes))
+    st = _own_copy(st)
     opt = get_optimizer(cfg.optimizer)
     offload = cfg.uses("opt_offload")
     st.add(Component.OPTIMIZER_STATES, 0 if offload else opt.total_state_bytes(opt_groups))
