@@ -394,12 +394,13 @@ def step_time(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, batch=None, seq=N
 
 
 def step_time_rows(spec: ModelSpec, cfgs: list[TrainConfig], gpu: GPUSpec, batch=None, *, grad_accum=None,
-                   parallel: Parallel = SINGLE, profile=_LOAD, states=None, sharded=None) -> list[StepTime]:
+                   parallel: Parallel = SINGLE, profile=_LOAD, states=None) -> list[StepTime]:
     """:func:`step_time` of each of ``cfgs`` over the same ``batch``/``grad_accum`` grid, equal to it.
 
     The work of a step (:func:`step_work`) does not depend on the optimiser: it is counted once
-    per configuration that differs in more than its optimiser. ``states``/``sharded``: each
-    config's ``model_state``/``shard_state`` (or None), as :func:`step_time`'s ``state``/``sharded``.
+    per configuration that differs in more than its optimiser. ``states``: each config's
+    ``(model_state, shard_state or None)`` when the caller has them (:func:`step_time`'s ``state``
+    and ``sharded``).
     """
     works: dict = {}
     out = []
@@ -407,9 +408,9 @@ def step_time_rows(spec: ModelSpec, cfgs: list[TrainConfig], gpu: GPUSpec, batch
         k = cfg.with_(optimizer=DEFAULT_OPTIMIZER)
         if k not in works:
             works[k] = step_work(spec, cfg, batch)
+        state, sharded = (None, None) if states is None else states[i]
         out.append(_step_time(spec, cfg, gpu, batch, grad_accum=grad_accum, parallel=parallel, profile=profile,
-                              state=None if states is None else states[i],
-                              sharded=None if sharded is None else sharded[i], work=works[k]))
+                              state=state, sharded=sharded, work=works[k]))
     return out
 
 

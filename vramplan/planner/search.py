@@ -338,8 +338,7 @@ def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Paral
         b_grid, a_grid = grids[p]
         sharded = {k: shard_state(spec, r, p, states[k]) for k, r in reps.items()} if p.distributed else {}
         times = step_time_rows(spec, list(reps.values()), card, batch=b_grid, grad_accum=a_grid, parallel=p,
-                               profile=prof, states=list(states.values()),
-                               sharded=[sharded[k] for k in reps] if p.distributed else None)
+                               profile=prof, states=[(states[k], sharded.get(k)) for k in reps])
         if not p.distributed:
             results[p] = (_single_totals(spec, cands, card, reps, which, b_grid, a_grid, totals), times)
             continue
