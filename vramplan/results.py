@@ -59,6 +59,9 @@ def json_text(obj: Any) -> str:
         return json.dumps(obj, indent=2, allow_nan=False)  # raises what json raises (or agrees)
 
 
+_INF = float("inf")
+
+
 class _JsonRefused(Exception):
     """A value :func:`json_text` leaves to ``json.dumps`` (which raises)."""
 
@@ -81,12 +84,17 @@ class _JsonWriter:
 
     @staticmethod
     def number(v: float) -> str:
-        if v != v or v in (float("inf"), float("-inf")):
+        if v != v or v == _INF or v == -_INF:
             raise _JsonRefused
         return float.__repr__(v)
 
     def leaf(self, v) -> str | None:
         """A scalar's text (json's order of checks), None for a container."""
+        cls = type(v)
+        if cls is float:
+            return self.number(v)
+        if cls is int:
+            return int.__repr__(v)
         if isinstance(v, str):
             return self.quote(v)
         if v is None:
@@ -115,25 +123,47 @@ class _JsonWriter:
         raise _JsonRefused
 
     def walk(self, o, pad: str) -> None:
-        put, inner = self.out.append, pad + "  "
         if not o:
-            put("{}" if isinstance(o, dict) else "[]")
-            return
-        is_dict = isinstance(o, dict)
-        put(("{" if is_dict else "[") + "\n" + inner)
+            self.out.append("{}" if isinstance(o, dict) else "[]")
+        elif isinstance(o, dict):
+            self.walk_dict(o, pad)
+        else:
+            self.walk_list(o, pad)
+
+    def walk_dict(self, o: dict, pad: str) -> None:
+        put, leaf, key, inner = self.out.append, self.leaf, self.key, pad + "  "
         sep = ",\n" + inner
-        for n, item in enumerate(o.items() if is_dict else o):
-            if n:
+        put("{\n" + inner)
+        first = True
+        for k, v in o.items():
+            if first:
+                first = False
+            else:
                 put(sep)
-            if is_dict:
-                put(self.key(item[0]) + ": ")
-                item = item[1]
-            t = self.leaf(item)
+            put(key(k) + ": ")
+            t = leaf(v)
             if t is None:
-                self.walk(item, inner)
+                self.walk(v, inner)
             else:
                 put(t)
-        put("\n" + pad + ("}" if is_dict else "]"))
+        put("\n" + pad + "}")
+
+    def walk_list(self, o, pad: str) -> None:
+        put, leaf, inner = self.out.append, self.leaf, pad + "  "
+        sep = ",\n" + inner
+        put("[\n" + inner)
+        first = True
+        for v in o:
+            if first:
+                first = False
+            else:
+                put(sep)
+            t = leaf(v)
+            if t is None:
+                self.walk(v, inner)
+            else:
+                put(t)
+        put("\n" + pad + "]")
 
 
 @dataclass
