@@ -427,11 +427,23 @@ def _may_list(spec: ModelSpec, method: str, card: GPUSpec, current_fits: bool, *
                         framework=framework, techniques=techniques, method_options=method_options)
     if not cands:
         return True  # the search says what (nothing to rank)
-    reps, which = _shared_rows(cands)
-    rows = _single_totals(spec, cands, card, reps, which, b_grid, a_grid, totals)
     capacity = card.memory_bytes
-    for (cfg, _), total in zip(cands, rows):
-        if (total <= comfortable_limit(capacity, band_for_config(cfg).hi, margin)).any():
+    limits, open_ = [], []
+    for cfg, note in cands:
+        limit = comfortable_limit(capacity, band_for_config(cfg).hi, margin)
+        # a candidate whose lower bound (DeviceTotals.floor: every micro-batch's total is at least it) is over
+        # its limit, and at least a byte over the card when a tight plan would count, cannot be listed
+        floor = totals.floor(spec, cfg, card)
+        if floor is not None and floor > limit and (current_fits or floor >= capacity + 1):
+            continue
+        open_.append((cfg, note))
+        limits.append(limit)
+    if not open_:
+        return False
+    reps, which = _shared_rows(open_)
+    rows = _single_totals(spec, open_, card, reps, which, b_grid, a_grid, totals)
+    for limit, total in zip(limits, rows):
+        if (total <= limit).any():
             return True
         if not current_fits and int(total[int(np.argmin(total))]) <= capacity:
             return True
