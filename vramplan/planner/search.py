@@ -429,11 +429,17 @@ def _may_list(spec: ModelSpec, method: str, card: GPUSpec, current_fits: bool, *
         return True  # the search says what (nothing to rank)
     capacity = card.memory_bytes
     limits, open_ = [], []
+    floors: dict[TrainConfig, float | None] = {}
     for cfg, note in cands:
         limit = comfortable_limit(capacity, band_for_config(cfg).hi, margin)
         # a candidate whose lower bound (DeviceTotals.floor: every micro-batch's total is at least it) is over
-        # its limit, and at least a byte over the card when a tight plan would count, cannot be listed
-        floor = totals.floor(spec, cfg, card)
+        # its limit, and at least a byte over the card when a tight plan would count, cannot be listed; the
+        # floor is made of batch-independent phases, which checkpointing and attention leave alone
+        # (least_total's bound, tests/test_search_floor.py): one per configuration but those two
+        key = cfg.with_(grad_ckpt=False, attn="sdpa")
+        if key not in floors:
+            floors[key] = totals.floor(spec, key, card)
+        floor = floors[key]
         if floor is not None and floor > limit and (current_fits or floor >= capacity + 1):
             continue
         open_.append((cfg, note))
