@@ -788,7 +788,7 @@ def step_memory_rows(model: ModelSpec, cfgs: list[TrainConfig], batch=None, seq=
 
 
 def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=None, seq=None, grad_accum=None,
-                      terms: dict | None = None) -> tuple[StepMemory, list]:
+                            terms: dict | None = None) -> tuple[StepMemory, list]:
     """:func:`step_memory_rows`; ``terms``: a dict the caller keeps to reuse each configuration's activation
     terms between calls over the same ``batch`` and ``seq`` grids (one planning call: a fit's searches share
     their fallbacks' configurations). Its arrays are read-only views; equal keys, equal values."""
@@ -808,9 +808,10 @@ def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=Non
             t = step_terms(model, c, batch, seq)
             shape = t["zeros"].shape
             row = {name: v if np.shape(v) == shape else np.broadcast_to(v, shape) for name, v in t.items()}
-            for v in row.values():
-                if isinstance(v, np.ndarray):
-                    v.flags.writeable = False  # shared between calls: nobody writes into them
+            if terms is not None:
+                for v in row.values():
+                    if isinstance(v, np.ndarray):
+                        v.flags.writeable = False  # kept between calls: nobody writes into them
             by_terms[k] = row
         rows.append(by_terms[k])
     t = {name: np.stack([r[name] for r in rows]) for name in rows[0]}
