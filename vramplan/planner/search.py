@@ -446,6 +446,16 @@ def _reason(p: Plan, best: Plan | None) -> str:
     if p.fallback is not None and best.fallback is None:
         return f"{p.adapter} fallback: used only when {best.adapter} over a 16-bit base cannot fit, and here it fits"
     slower = 1.0 - p.tokens_per_s / best.tokens_per_s
+    diffs = _differences(p, best)
+    if slower <= 1e-9:
+        return "ties the best" + (f": {'; '.join(diffs)}" if diffs else "")
+    pct = f"{100 * slower:.1f}%" if slower >= 0.001 else "<0.1%"
+    return f"{pct} slower" + (f": {'; '.join(diffs)}" if diffs else "")
+
+
+def _differences(p: Plan, best: Plan) -> list[str]:
+    """What sets ``p`` apart from ``best``, each as a short reason (adapter, GC, optimiser, batch, rank,
+    targets, layout, attention)."""
     diffs = []
     c, b = p.config, best.config
     if p.adapter != best.adapter:
@@ -467,10 +477,7 @@ def _reason(p: Plan, best: Plan | None) -> str:
         diffs.append(p.parallel.label)
     if c.attn != b.attn:
         diffs.append("flash: same kernels as sdpa, needs flash-attn" if c.attn == "flash" else f"{c.attn} attention")
-    if slower <= 1e-9:
-        return "ties the best" + (f": {'; '.join(diffs)}" if diffs else "")
-    pct = f"{100 * slower:.1f}%" if slower >= 0.001 else "<0.1%"
-    return f"{pct} slower" + (f": {'; '.join(diffs)}" if diffs else "")
+    return diffs
 
 
 # -- when nothing fits -------------------------------------------------------------------------
