@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from ..config import make_config
 from ..errors import VramplanError
 from ..gpus import GPUSpec, get_gpu
