@@ -32,6 +32,7 @@ from vramplan.planner import search as search_mod
 from vramplan.planner.checks import check_card
 from vramplan.planner.limits import DeviceTotals
 from vramplan.planner.search import MICRO_BATCHES, search
+from vramplan.request import SearchRequest
 from vramplan.results import json_text
 from vramplan.stacks import installed_version, stacks
 from vramplan.throughput import step_time, step_time_rows
@@ -61,8 +62,8 @@ def test_may_list_agrees_with_the_search(model, gpu, method):
         except vramplan.VramplanError:
             continue
         for current_fits in (False, True):
-            assert search_mod._may_list(spec, method, card, current_fits, **kw) == _would_list(mp, current_fits), \
-                (fw, current_fits)
+            assert search_mod._may_list(spec, method, card, current_fits, SearchRequest.build(**kw)) == \
+                _would_list(mp, current_fits), (fw, current_fits)
         checked += 1
     assert checked
 
