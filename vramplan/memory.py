@@ -307,7 +307,7 @@ def _dora_prefix(model: ModelSpec, cfg: TrainConfig, copy, regime: Regime, T, s)
     when that module is an input projection of attention; else the whole layer (a bound)."""
     lin = _dora_largest(model, cfg)
     if lin is not None and lin.name in {model.mod(r) for r in ("q_proj", "k_proj", "v_proj", "qkv_proj")}:
-        return act.layer_activation_bytes(model, cfg, copy, regime, T, s, attention_inputs_only=True)
+        return act.layer_activation_bytes(model, cfg, copy, regime, T, s, part="attention_inputs")
     return act.layer_activation_bytes(model, cfg, copy, regime, T, s)
 
 
@@ -484,7 +484,7 @@ def _layer_terms(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, T, s, zero
         return dict(layer=fused_layer_bytes(model, regime, T), layer_attn=attn_layer,
                     transient=fused_layer_transient(model, regime, T),
                     attn_fwd=zeros + (attn_layer if cfg.grad_ckpt else 0), attn_bwd=zeros)
-    attn_layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s, attention_only=True)
+    attn_layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s, part="attention")
     ef, eb = act.eager_attention_work(model, cfg, copy, regime, T, s)
     return dict(layer=act.layer_activation_bytes(model, cfg, copy, regime, T, s), layer_attn=attn_layer,
                 transient=act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, cfg.stack.kbit_upcast),
@@ -557,7 +557,7 @@ def _reference_scores(model: ModelSpec, cfg: TrainConfig, T, s):
     regime = cfg.regime
     ref = next((c for c in recipe.copies if c.role is Role.REFERENCE), recipe.copies[0])
     ef, _ = act.eager_attention_work(model, cfg, ref, regime, T, s)
-    scores = ef + act.layer_activation_bytes(model, cfg, ref, regime, T, s, attention_only=True)
+    scores = ef + act.layer_activation_bytes(model, cfg, ref, regime, T, s, part="attention")
     return scores + T * model.vocab_size * _fp32_logit_bytes(cfg, regime)
 
 
