@@ -43,7 +43,7 @@ from ..memory import StepMemory, model_state, step_memory_rows, step_terms
 from ..methods import Adapter, resolve
 from ..models import ModelSpec
 from ..overheads import card_profile
-from ..throughput import StepTime, step_time, time_to_train
+from ..throughput import StepTime, StepTimeInputs, step_time, time_to_train
 from ..units import GIB
 from ..verdict import DEFAULT_MARGIN, Verdict, classify, comfortable_limit
 from .checks import check_card
@@ -332,8 +332,9 @@ def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Paral
     for p in parallels:
         b_grid, a_grid = grids[p]
         sharded = {k: shard_state(spec, r, p, states[k]) for k, r in reps.items()} if p.distributed else {}
-        times = [step_time(spec, r, card, batch=b_grid, grad_accum=a_grid, parallel=p, profile=prof, state=states[k],
-                           sharded=sharded.get(k)) for k, r in reps.items()]
+        times = [step_time(spec, r, card, batch=b_grid, grad_accum=a_grid, parallel=p,
+                           inputs=StepTimeInputs(profile=prof, state=states[k], sharded=sharded.get(k)))
+                 for k, r in reps.items()]
         if not p.distributed:
             mem, sts = step_memory_rows(spec, list(reps.values()), batch=b_grid, grad_accum=a_grid)
             mem = StepMemory(components={c: v[which] for c, v in mem.components.items()},
