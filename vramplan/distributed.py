@@ -605,7 +605,7 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
     B = sh.bytes
     grads = (B.get(Component.GRADIENTS, 0) if sh.backward_grad_bytes is None else sh.backward_grad_bytes)
     shard = grads / full.bytes[Component.GRADIENTS] if full.bytes[Component.GRADIENTS] else 0.0
-    state = StateTerms(
+    state_terms = StateTerms(
         states=B.get(Component.OPTIMIZER_STATES, 0), cache=B.get(Component.AUTOCAST_CACHE, 0),
         casts=_mem.backward_casts(full, cfg), grads_bwd=grads + sh.inflight_grad_bytes, grads_opt=grads,
         grads_tail=full.grads_tail * shard, grads_end_extra=full.grads_end_extra * shard,
@@ -616,7 +616,7 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
         fwd_mid=sh.gathered_fwd_mid, bwd_start=sh.gathered_bwd_start, bwd_work=sh.gathered_bwd_work,
         bwd_end=sh.gathered_bwd_end, comm_component=Component.REDUCE_BUFFERS if par.distributed else None,
         gathered_component=Component.ALLGATHER_BUFFERS if par.distributed else None)
-    phases, peak, idx, comps = combine_phases(t, B, state, gathering, components)
+    phases, peak, idx, comps = combine_phases(t, B, state_terms, gathering, components)
     if sh.fsdp2 is not None:
         phases, peak, idx, comps = _fsdp2_phases(sh, t, phases, comps, B, full, cfg, components)
     ms = ModelState(bytes=dict(B), params=model.params, trainable_params=sh.trainable_params,
