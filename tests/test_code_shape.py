@@ -41,7 +41,6 @@ ALLOWED: dict[str, set[str]] = {
     "vramplan.matrix:peak_grid": {'params'},  # lines 36, branches 9, params 12
     "vramplan.memory:combine_phases": {'lines', 'params'},  # lines 123, branches 11, params 27
     "vramplan.memory:step_terms": {'branches', 'lines'},  # lines 102, branches 29, params 4
-    "vramplan.models:from_hf_config": {'branches', 'lines'},  # lines 113, branches 56, params 2
     "vramplan.planner.estimating:estimate": {'params'},  # lines 34, branches 3, params 28
     "vramplan.planner.estimating:per_gpu_peak": {'params'},  # lines 19, branches 2, params 9
     "vramplan.planner.fitting:fit": {'branches', 'lines', 'params'},  # lines 136, branches 56, params 24
