@@ -382,7 +382,8 @@ def record_from_row(row: dict, i: int, mapping: Mapping) -> MeasurementRecord:
     seq, bound, packing = parse_seq(_cell(row, mapping, "seq"))
     if seq is None and sm.seq_unknown:
         seq, bound = sm.seq_unknown, "max"
-        notes.append(f"sequence not stated: the dataset's longest sample, {sm.seq_unknown} tokens, as the bound")
+        notes.append(f"sequence not stated: {sm.seq_unknown} tokens as the bound (the source's reading: the dataset's "
+                     "longest sample or the stack's default limit)")
     grad_ckpt = parse_bool(_cell(row, mapping, "grad_ckpt"))
     if grad_ckpt is None and sm.grad_ckpt_unknown is not None:
         grad_ckpt = sm.grad_ckpt_unknown
