@@ -84,6 +84,8 @@ class ModelSpec:
     shared_expert_gate: bool = True  # the shared expert's output is gated by a 1-unit linear (Qwen2-MoE)
     sdpa_math: bool = False  # transformers hands SDPA unequal q and kv head counts: only its math backend runs it
     linear_subclass: str = ""  # the decoder linears are this nn.Linear subclass (Falcon: FalconLinear), not nn.Linear
+    embed_norm: bool = False  # a norm between the embedding and the first layer (BLOOM's word_embeddings_layernorm)
+    eager_only: bool = False  # the model's own attention materialises its scores whatever attn_implementation says
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     ia3_targets: tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
     ia3_feedforward: tuple[str, ...] = ("down_proj",)
@@ -173,7 +175,8 @@ class ModelSpec:
 
     @property
     def final_norm_params(self) -> int:
-        return self.norm_width_params * self.hidden_size
+        """Norm parameters outside the layers: the final norm, and the embedding's norm where there is one."""
+        return self.norm_width_params * self.hidden_size * (2 if self.embed_norm else 1)
 
     def layer_norm_params(self) -> int:
         """Norm parameters of one layer (norms and q/k norms)."""
@@ -446,7 +449,8 @@ def _layout_fields(lay: dict) -> dict:
         fused_qkv=bool(lay.get("fused_qkv", False)), fused_gate_up=bool(lay.get("fused_gate_up", False)),
         qk_norm=str(lay.get("qk_norm", "none")), norm_kind=str(lay.get("norm", "rms")),
         mlp_kind=str(lay.get("mlp", "gated")), lm_head_bias=bool(lay.get("lm_head_bias", False)),
-        linear_subclass=str(lay.get("linear_subclass", "")),
+        linear_subclass=str(lay.get("linear_subclass", "")), embed_norm=bool(lay.get("embed_norm", False)),
+        eager_only=bool(lay.get("eager_only", False)),
         module_names=tuple(sorted((str(k), str(v)) for k, v in (lay.get("names") or {}).items())),
         embed_scale=bool(lay.get("embed_scale", False)), norm_weight_fp32=bool(lay.get("norm_weight_fp32", False)),
         lora_targets=tuple(lay.get("lora_targets", ("q_proj", "v_proj"))),
@@ -477,7 +481,7 @@ def from_hf_config(cfg: dict, name: str | None = None, **meta) -> ModelSpec:
     heads = _heads(f, lay, hidden, parallel)
     moe_experts = f.opt("num_local_experts") or f.opt("num_experts")
     arch, biases = _architecture(f, model_type), _biases(f, lay, model_type)
-    act = f.name("hidden_act", "hidden_activation", "activation", default="silu")
+    act = f.name("hidden_act", "hidden_activation", "activation", default=str(lay.get("act", "silu")))
     width, positions = _mlp_width(f, lay, hidden, moe_experts), _positions(f, lay)
     layers, vocab = f.need("num_hidden_layers", "n_layer"), f.need("vocab_size")
     return ModelSpec(
