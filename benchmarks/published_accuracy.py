@@ -229,6 +229,24 @@ latest; the benchmark gives each source the version it ran, else the latest, nev
   the band 81.6% / 82.7%, published capacities -1.4% (7 of 16 over-promised) / -5.4% (4 of 16); the
   shipped HF band goes from -22%/+23% (8 rows, 2 sources) to -24%/+16% (13 rows, 3 sources), HF LoRA's
   lower end from -5% to -21%.
+* **Rows made scorable by facts their sources state** (issue 12, session 5). ms-swift's RLHF docs give
+  no `--max_length`: its default is `SftArguments.max_length = 2048` (with `truncation_strategy 'delete'`) in
+  `swift/llm/utils/argument.py` at every commit from the ORPO doc (eb940b1a1, 2024-05-07) and the RLHF doc
+  (c0e91a1b3, 2024-06-17, version 2.2.0.dev0) to the one the corpus cites (d2b45ec8), and `lora_dropout_p`
+  0.05: the DPO and ORPO LoRA rows of Llama-3-8B on one A100 ("40G") are now planned at the 2048-token bound
+  (the safe side) and come out 29% and 26% *under* the published figure -- an unknown-kind, rounded doc comment
+  whose run no mechanism found explains (swift 2.2 loads no separate reference model for LoRA: `ref_model_type`
+  None; TRL >= 0.9.3). BLOOM entered the catalogue (bloomz-7b1: the embedding's LayerNorm, its own ALiBi
+  attention planned as eager, biases on every linear; held to the dry run within 1% at two layers), so PEFT's
+  README rows of bloomz-7b1 (fp32, batch 8, <= 64 tokens, TorchTracemalloc's total peak) are scored: LoRA -5%,
+  full fine-tuning an OOM on the A100 80GB judged correctly, and "LoRA + DeepSpeed ZeRO-3 CPU offload" -56% --
+  the planner reads it as parameters and optimizer offloaded to the CPU, but the example's
+  `accelerate_ds_zero3_cpu_offload_config.yaml` (@24004ccb) sets `offload_optimizer_device` and
+  `offload_param_device` to none (18.1 lies between the two readings); which one ran is not stated. Two more MetaMathQA rows (rsLoRA r64 on q/v, LoRA r10 on
+  gate/up/down; `measurements/scripts/peft_metamathqa_rows.py` reads them from the results JSON) land with the
+  other five, +23..+29% at the 768-token bound. Not added: the MetaMathQA IA³ run on every linear layer
+  (its feedforward modules are up/gate/down, where the planner takes the model's IA³ default, down_proj only)
+  and the IA³ lr 0.001 run (the default's configuration and figure again).
 * **What a card gives PyTorch, and the CUDA context** (`vramplan.cudamem`, `vramplan/data/cuda_memory.json`).
   PyTorch's out-of-memory message prints the card's "total capacity" (`cudaMemGetInfo`'s total), which is
   below the total `nvidia-smi` prints by the driver's own reservation, and since torch 2.1 also the memory the
