@@ -239,10 +239,12 @@ latest; the benchmark gives each source the version it ran, else the latest, nev
   None; TRL >= 0.9.3). BLOOM entered the catalogue (bloomz-7b1: the embedding's LayerNorm, its own ALiBi
   attention planned as eager, biases on every linear; held to the dry run within 1% at two layers), so PEFT's
   README rows of bloomz-7b1 (fp32, batch 8, <= 64 tokens, TorchTracemalloc's total peak) are scored: LoRA -5%,
-  full fine-tuning an OOM on the A100 80GB judged correctly, and "LoRA + DeepSpeed ZeRO-3 CPU offload" -56% --
-  the planner reads it as parameters and optimizer offloaded to the CPU, but the example's
-  `accelerate_ds_zero3_cpu_offload_config.yaml` (@24004ccb) sets `offload_optimizer_device` and
-  `offload_param_device` to none (18.1 lies between the two readings); which one ran is not stated. Two more MetaMathQA rows (rsLoRA r64 on q/v, LoRA r10 on
+  full fine-tuning an OOM on the A100 80GB judged correctly, and "LoRA + DeepSpeed ZeRO-3 CPU offload" -56%
+  (18.1 GiB published, 7.9 planned). The offload is stated: the README of the table's commit (5de17518) prints
+  the DeepSpeed config it ran, `offload_optimizer_device: cpu`, `offload_param_device: cpu` (the example yaml
+  that later sets both to none dates from ed0c962f, 2023-02-08). The mechanism is not found; leads, not checked:
+  what DeepSpeed's ZeRO-3 of the time kept on the GPU with frozen weights (the same README says it then needed
+  DeepSpeed PR #2653, "ZeRO3 handling frozen weights"), and the 1.03B-parameter tied embedding gathered whole. Two more MetaMathQA rows (rsLoRA r64 on q/v, LoRA r10 on
   gate/up/down; `measurements/scripts/peft_metamathqa_rows.py` reads them from the results JSON) land with the
   other five, +23..+29% at the 768-token bound. Not added: the MetaMathQA IA³ run on every linear layer
   (its feedforward modules are up/gate/down, where the planner takes the model's IA³ default, down_proj only)
