@@ -303,6 +303,8 @@ def parse_optimizer(text: str) -> tuple[str | None, str]:
     t = text.lower()
     if "galore" in t:
         return None, "GaLore is not an optimizer the planner models"
+    if "rmsprop" in t:
+        return None, "RMSprop is not an optimizer the planner models"
     if "paged" in t and "8" in t:
         return "paged_adamw_8bit", ""
     if "8bit" in t or "8-bit" in t:
