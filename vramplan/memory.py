@@ -394,6 +394,8 @@ def attention_as_run(model: ModelSpec, cfg: TrainConfig) -> TrainConfig:
     safe side of the math backend's)."""
     if cfg.attn == "sdpa" and model.sdpa_math and cfg.stack.transformers_modules:
         return cfg.with_(attn="eager")
+    if model.eager_only and cfg.attn != "eager" and cfg.stack.transformers_modules:
+        return cfg.with_(attn="eager")  # BLOOM: its own ALiBi attention (baddbmm scores, fp32 softmax), no SDPA path
     return cfg
 
 
