@@ -354,6 +354,20 @@ def loso_bands(scored: list[Scored]) -> list[Scored]:
     return scored
 
 
+def shipped_bands(scored: list[Scored]) -> list[Scored]:
+    """Set each row's band to the one the planner ships (``vramplan/data/bands.json``, fitted on the shipped
+    corpus; :func:`vramplan.bands.band_for`): how held-out tables are scored, as a user would be told."""
+    from ..bands import band_for
+
+    for s in scored:
+        outcome = s.status in ("oom", "fit_only") and s.device is not None
+        if not outcome and (s.status not in ("scored", "estimated") or s.ratio is None):
+            continue
+        b = band_for(s.stack, s.method or "?")
+        s.band, s.band_from = (b.lo, b.hi), f"shipped {b.level} {b.key} ({b.rows} rows)"
+    return scored
+
+
 def fit_bands(scored: list[Scored]) -> dict[str, dict]:
     """Bands from every source: ``{"stack+method": {...}, "stack": {...}}`` -> lo, hi, n, sources."""
     pool = [s for s in scored if s.status == "scored" and s.ratio is not None]

@@ -45,7 +45,7 @@ from ..methods import Adapter, resolve
 from ..models import ModelSpec
 from ..overheads import card_profile
 from ..request import SearchRequest
-from ..throughput import StepTime, step_time_rows, time_to_train
+from ..throughput import StepTime, StepTimeInputs, step_time_rows, time_to_train
 from ..units import GIB
 from ..verdict import DEFAULT_MARGIN, Verdict, classify, comfortable_limit
 from .checks import check_card
@@ -341,7 +341,8 @@ def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Paral
         b_grid, a_grid = grids[p]
         sharded = {k: shard_state(spec, r, p, states[k]) for k, r in reps.items()} if p.distributed else {}
         times = step_time_rows(spec, list(reps.values()), card, batch=b_grid, grad_accum=a_grid, parallel=p,
-                               profile=prof, states=[(states[k], sharded.get(k)) for k in reps])
+                               inputs=[StepTimeInputs(profile=prof, state=states[k], sharded=sharded.get(k))
+                                       for k in reps])
         if not p.distributed:
             results[p] = (_single_totals(spec, cands, card, reps, which, b_grid, a_grid, totals), times)
             continue
