@@ -169,7 +169,25 @@ class _Layer:
     shared: bool               #: a parallel block with one norm: attention and the MLP read one normed tensor
 
 
+#: The last :func:`_layer_setup`: ``(model, cfg, copy, regime, layer)``. A step's terms ask for one copy's
+#: layer several times in a row (its saved tensors, its first layer, its attention block) with the same
+#: (immutable) objects; the same objects give the same layer.
+_LAST_SETUP: tuple | None = None
+
+
 def _layer_setup(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime) -> _Layer:
+    """Resolve the dtypes and the adapter's reach for one copy (:func:`_new_layer`), reusing the last
+    call's when it was given these very objects."""
+    global _LAST_SETUP
+    last = _LAST_SETUP
+    if last is not None and last[0] is model and last[1] is cfg and last[2] is copy and last[3] is regime:
+        return last[4]
+    ly = _new_layer(model, cfg, copy, regime)
+    _LAST_SETUP = (model, cfg, copy, regime, ly)
+    return ly
+
+
+def _new_layer(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime) -> _Layer:
     """Resolve the dtypes and the adapter's reach for one copy. torch LayerNorm is on autocast's fp32
     list: under autocast it computes on an fp32 copy of its input and returns fp32, which every linear
     reading it casts on its own; without autocast it keeps the input's dtype (``ln_out``)."""

@@ -173,9 +173,8 @@ class TrainConfig:
         d = new.__dict__
         d.update(self.__dict__)
         d.update(changes)
-        for name, read in _RESOLVED_FROM.items():
-            if name in d and not changes.keys().isdisjoint(read):
-                del d[name]
+        for name in _stale_after(frozenset(changes)):
+            d.pop(name, None)
         return new
 
     def with_techniques(self, techniques) -> "TrainConfig":
@@ -204,6 +203,16 @@ def _check_techniques(techs: tuple[str, ...], grad_accum: int) -> None:
 #: The fields each resolved value a config keeps (``recipe``, ``stack``, ``regime``) is read from.
 _RESOLVED_FROM = {"recipe": ("method", "adapter"), "stack": ("framework",),
                   "regime": ("precision", "framework", "adapter", "versions")}
+_STALE: dict[frozenset, tuple[str, ...]] = {}
+
+
+def _stale_after(changed: frozenset) -> tuple[str, ...]:
+    """The resolved values (:data:`_RESOLVED_FROM`) that changing the fields ``changed`` makes stale, worked
+    out once per set of field names (a search changes the same few fields thousands of times)."""
+    stale = _STALE.get(changed)
+    if stale is None:
+        stale = _STALE[changed] = tuple(name for name, read in _RESOLVED_FROM.items() if not changed.isdisjoint(read))
+    return stale
 
 
 def resolve_targets(model: ModelSpec, targets) -> tuple[str, ...]:

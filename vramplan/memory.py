@@ -361,11 +361,13 @@ def fused_layer_transient(model: ModelSpec, regime: Regime, T):
     return np.asarray(T, dtype=np.float64) * d * (2 * model.hidden_size + model.intermediate_size)
 
 
-def _stack_activations(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime, T, s):
+def _stack_activations(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime, T, s, layer=None):
     """Saved activations of the decoder stack of a copy that trains: ``(kept, recomputed)``.
 
     ``kept`` is what is alive when the loss's backward starts; ``recomputed`` what a
-    checkpointed layer's recomputation adds while that layer runs backward.
+    checkpointed layer's recomputation adds while that layer runs backward. ``layer``: one layer's
+    saved tensors (:func:`vramplan.activations.layer_activation_bytes` of these arguments) when the
+    caller has them.
 
     * no checkpointing: every layer's saved tensors (layer 0's input needs no gradient unless
       the copy trains fully or checkpointing made the inputs require grad);
@@ -376,7 +378,7 @@ def _stack_activations(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regi
     """
     kbit = cfg.stack.kbit_upcast
     L = model.num_layers
-    full_layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
+    full_layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s) if layer is None else layer
     if fused_layer_applies(cfg, copy, model):
         full_layer = fused_layer_bytes(model, regime, T)
     ckpt_in = act.checkpoint_input_bytes(model, copy, regime, T, kbit)
@@ -450,8 +452,10 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> Step
         if copy.forward is Forward.NO_GRAD:
             acc.peak(nograd_peak=_nograd_copy_peak(model, cfg, copy, T, s, rows))
             continue
-        kept, recompute = _stack_activations(model, cfg, copy, cfg.regime, T, s)
-        acc.peak(recompute=recompute, **_layer_terms(model, cfg, copy, T, s, zeros))
+        # one layer's saved tensors, read by the stack and by the layer running backward (computed once)
+        layer = act.layer_activation_bytes(model, cfg, copy, cfg.regime, T, s)
+        kept, recompute = _stack_activations(model, cfg, copy, cfg.regime, T, s, layer)
+        acc.peak(recompute=recompute, **_layer_terms(model, cfg, copy, T, s, zeros, layer))
         saved, logits_fwd, logits_bwd = _head_terms(model, cfg, copy, T, rows, kept)
         acc.add(acts=saved, logits_fwd=logits_fwd, logits_bwd=logits_bwd)
         if cfg.stack.keeps_last_graph:
@@ -483,12 +487,13 @@ def _nograd_copy_peak(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, T, s,
     return f + working
 
 
-def _layer_terms(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, T, s, zeros) -> dict:
+def _layer_terms(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, T, s, zeros, layer=None) -> dict:
     """The decoder layer running backward, for a training copy: its saved tensors (``layer``, and its
     attention block's: ``layer_attn``), its backward buffers (``transient``) and eager attention's
     working sets (``attn_fwd``, ``attn_bwd``). Unsloth's fused kernels (:func:`fused_layer_bytes`) run
     their own flash attention whatever the requested kernel: no eager working set. Under checkpointing
-    a layer's forward keeps nothing: its attention block is all working set."""
+    a layer's forward keeps nothing: its attention block is all working set. ``layer``: as
+    :func:`_stack_activations`'s."""
     regime = cfg.regime
     if fused_layer_applies(cfg, copy, model):
         attn_layer = fused_layer_bytes(model, regime, T, attention_only=True)
@@ -497,7 +502,9 @@ def _layer_terms(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, T, s, zero
                     attn_fwd=zeros + (attn_layer if cfg.grad_ckpt else 0), attn_bwd=zeros)
     attn_layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s, part="attention")
     ef, eb = act.eager_attention_work(model, cfg, copy, regime, T, s)
-    return dict(layer=act.layer_activation_bytes(model, cfg, copy, regime, T, s), layer_attn=attn_layer,
+    if layer is None:
+        layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
+    return dict(layer=layer, layer_attn=attn_layer,
                 transient=act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, cfg.stack.kbit_upcast),
                 attn_fwd=ef + (attn_layer if cfg.grad_ckpt else 0), attn_bwd=eb)
 
