@@ -181,3 +181,43 @@ def test_gradient_accumulation_matches_the_dry_run():
               for g in (1, 3))
     assert d3 > d1
     assert e3 - e1 == pytest.approx(d3 - d1, rel=0.05)
+
+
+def test_caching_allocator_replay_best_fit_split_and_merge():
+    """vramplan.allocsim follows CUDACachingAllocator's rules: sizes rounded to 512 B, a 20 MiB segment for a
+    large request under 10 MiB, best fit, a split remainder kept cached, free neighbours merged."""
+    from vramplan.allocsim import MIB, CachingAllocator
+
+    a = CachingAllocator()
+    x = a.malloc(3 * MIB)
+    assert a.reserved == 20 * MIB and a.allocated == 3 * MIB
+    y = a.malloc(100)
+    assert a.reserved == 22 * MIB  # small pool: its own 2 MiB segment
+    z = a.malloc(12 * MIB)  # fits the 17 MiB remainder of the first segment: no new segment
+    assert a.reserved == 22 * MIB
+    big = a.malloc(30 * MIB)
+    assert a.reserved == 52 * MIB
+    a.free(x), a.free(z)
+    w = a.malloc(18 * MIB)  # x and z merged with the remainder: 20 MiB free in one block
+    assert a.reserved == 52 * MIB and a.peak_allocated >= 45 * MIB
+    a.free(w), a.free(big), a.free(y)
+    assert a.allocated == 0 and a.reserved == 52 * MIB  # nothing goes back to the driver
+
+
+def test_torchtune_before_020_qlora_load_leaves_its_quantisation_reserved():
+    """torchtune 0.1 builds and quantises on the GPU with torchao 0.1's unchunked to_nf4: the replay gives the
+    QLoRA tutorial's 'peak memory reserved, model init' (9.13 GB, Llama-2-7B, 7B_qlora_single_device), and
+    the reserved peak is at least that; torchtune 0.2.0 (torchao 0.3.1, chunked) leaves no such floor."""
+    from vramplan.gpus import get_gpu
+    from vramplan.planner.estimating import estimate_config
+
+    kw = dict(batch=2, seq=1024, grad_ckpt=True, precision="bf16", framework="torchtune",
+              targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", dropout=0.05)
+    old = make_config(M, "qlora", versions={"torchtune": "0.1.0"}, **kw)
+    new = make_config(M, "qlora", versions={"torchtune": "0.2.0"}, **kw)
+    floor = model_state(M, old).load_reserved
+    assert abs(floor / 9.13e9 - 1) < 0.01
+    assert model_state(M, new).load_reserved == 0
+    card = get_gpu("rtx4090")
+    e_old, e_new = estimate_config(M, old, card), estimate_config(M, new, card)
+    assert e_old.overheads.reserved_bytes >= floor > e_new.overheads.reserved_bytes

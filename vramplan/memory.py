@@ -50,6 +50,8 @@ class ModelState:
     head_grad: int = 0         # gradients made before any layer's backward: the output head and final norm
     grads_tail: int = 0        # gradients produced by the first layer's attention block and the embedding
     grads_end_extra: int = 0   # temporaries of the last gradient accumulation (tied embeddings)
+    load_reserved: int = 0     # bytes the caching allocator holds reserved after the model load (one GPU; 0:
+    #                            nothing beyond the loaded tensors: vramplan.loadreserve)
 
     def add(self, comp: Component, n: int) -> None:
         self.bytes[comp] = self.bytes.get(comp, 0) + int(n)
@@ -117,6 +119,11 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
     st.add(Component.OPTIMIZER_STATES, 0 if offload else opt.total_state_bytes(opt_groups))
     st.step_temporary = 0 if offload else opt.step_temporary_bytes(opt_groups, cfg.regime.runner)
     st.largest_grad = max((math.prod(shape) * pb for shape, _c, pb in opt_groups), default=0)
+    if cfg.recipe.adapter.quantized_base and cfg.behaves("torchao_nf4_unchunked_load"):
+        # torchtune < 0.2.0 quantises on the GPU with torchao 0.1's unchunked to_nf4 (stacks.toml [behaviours])
+        from .loadreserve import nf4_unchunked_load_reserved
+
+        st.load_reserved = nf4_unchunked_load_reserved(cfg.stack.as_built(model), cfg)
     return st
 
 

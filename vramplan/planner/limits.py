@@ -81,6 +81,7 @@ class DeviceTotals:
         paged = np.where(paged_row, np.ceil(mem.components.get(Component.OPTIMIZER_STATES, 0)), 0.0)
         loaded = np.array([sum(st.bytes.get(c, 0) for c in LOADED_COMPONENTS) for st in states],
                           dtype=np.float64).reshape(shape)
+        load_reserved = np.array([st.load_reserved for st in states], dtype=np.float64).reshape(shape)
         act, paged = np.broadcast_to(act, peak.shape), np.broadcast_to(paged, peak.shape)
         out = np.empty(peak.shape)
         groups: dict[tuple, list[int]] = {}
@@ -88,7 +89,8 @@ class DeviceTotals:
             groups.setdefault((c.recipe.name, c.framework), []).append(i)
         for (method, stack), idx in groups.items():
             out[idx] = device_total(peak[idx], card, method=method, activation_bytes=act[idx], paged_bytes=paged[idx],
-                                    profile=self._profiles[card.name], stack=stack, loaded_bytes=loaded[idx])
+                                    profile=self._profiles[card.name], stack=stack, loaded_bytes=loaded[idx],
+                                    load_reserved=load_reserved[idx])
         return out
 
     def floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool = False) -> float | None:
