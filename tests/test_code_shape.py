@@ -48,7 +48,6 @@ ALLOWED: dict[str, set[str]] = {
     "vramplan.planner.search:_reason": {'branches'},  # lines 40, branches 26
     "vramplan.planner.search:search": {'params'},  # lines 50, branches 9, params 22
     "vramplan.planner.search:what_would_fit": {'params'},  # lines 60, branches 19, params 15
-    "vramplan.profiles:Profile.from_json": {'branches', 'lines'},  # lines 125, branches 52, params 2
     "vramplan.render:render_fit": {'branches'},  # lines 77, branches 42, params 4
     "vramplan.throughput:step_time": {'params'},  # lines 65, branches 16, params 11
     "vramplan.throughput:step_work": {'lines'},  # lines 82, branches 23, params 4

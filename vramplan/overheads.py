@@ -124,6 +124,17 @@ def rounded_terms(mem, optimizer: str):
     return np.ceil(mem.peak), act, paged, loaded_terms(mem)
 
 
+def split_loaded(loaded_bytes):
+    """``loaded_bytes`` as the chain's callers pass it -> ``(bytes loaded once, what the load left reserved)``.
+
+    A number (or array): the bytes allocated once at load, which carry no reserve; a pair adds what the
+    model's load left reserved in the caching allocator (``ModelState.load_reserved``,
+    :mod:`vramplan.loadreserve`), a floor under the reserved total."""
+    if isinstance(loaded_bytes, tuple):
+        return loaded_bytes[0], loaded_bytes[1]
+    return loaded_bytes, 0
+
+
 def load_reserved_terms(mem) -> int:
     """What the model's load left reserved (``ModelState.load_reserved``; 0 for anything but a ``StepMemory``)."""
     from .memory import StepMemory
@@ -135,7 +146,7 @@ def step_device_total(mem, cfg, gpu: GPUSpec | None, *, profile=_LOAD) -> np.nda
     """:func:`device_total` of a step memory of ``cfg`` (``vramplan.memory.StepMemory``) on ``gpu``."""
     peak, act, paged, loaded = rounded_terms(mem, cfg.optimizer)
     return device_total(peak, gpu, method=cfg.recipe.name, activation_bytes=act, paged_bytes=paged, profile=profile,
-                        stack=getattr(cfg, "framework", None), loaded_bytes=loaded, load_reserved=load_reserved_terms(mem))
+                        stack=getattr(cfg, "framework", None), loaded_bytes=(loaded, load_reserved_terms(mem)))
 
 
 def loaded_terms(mem) -> int:
@@ -321,7 +332,7 @@ class Overheads:
 
 def runtime_overheads(tensor_peak_bytes: int, gpu: GPUSpec | None = None, *, method: str | None = None,
                       activation_bytes: int = 0, paged_bytes: int = 0, profile=_LOAD, stack: str | None = None,
-                      loaded_bytes: int = 0, load_reserved: int = 0) -> Overheads:
+                      loaded_bytes=0) -> Overheads:
     """Runtime components for a step whose live tensors peak at ``tensor_peak_bytes``.
 
     Args:
@@ -343,8 +354,8 @@ def runtime_overheads(tensor_peak_bytes: int, gpu: GPUSpec | None = None, *, met
     """
     prof = card_profile(gpu) if profile is _LOAD else profile
     fig = _figures(gpu, prof, method, stack)
-    c = _chain(fig, int(tensor_peak_bytes), int(activation_bytes), int(paged_bytes), int(loaded_bytes),
-               int(load_reserved))
+    loaded, floor = split_loaded(loaded_bytes)
+    c = _chain(fig, int(tensor_peak_bytes), int(activation_bytes), int(paged_bytes), int(loaded), int(floor))
     val = {k: int(v) for k, v in c.items()}
     comps = {Component.CUDA_CONTEXT: fig.context, Component.WORKSPACE: fig.workspace,
              Component.ALLOCATOR_RESERVE: val["reserve"]}
@@ -400,19 +411,18 @@ def _with_source(o: Overheads, gpu: GPUSpec | None, method: str | None, prof, st
 
 
 def device_total(tensor_peak, gpu: GPUSpec | None = None, *, method: str | None = None, activation_bytes=0,
-                 paged_bytes=0, profile=_LOAD, stack: str | None = None, loaded_bytes=0, load_reserved=0) -> np.ndarray:
+                 paged_bytes=0, profile=_LOAD, stack: str | None = None, loaded_bytes=0) -> np.ndarray:
     """Vectorised :func:`runtime_overheads`: the device total (float64 bytes) over arrays of tensor peaks.
 
     Arguments as :func:`runtime_overheads`; ``tensor_peak``, ``activation_bytes`` and
     ``paged_bytes`` broadcast. Equal to ``runtime_overheads(...).device_bytes`` element by element.
     """
     return device_terms(tensor_peak, gpu, method=method, activation_bytes=activation_bytes, paged_bytes=paged_bytes,
-                        profile=profile, stack=stack, loaded_bytes=loaded_bytes, load_reserved=load_reserved)["device"]
+                        profile=profile, stack=stack, loaded_bytes=loaded_bytes)["device"]
 
 
 def device_terms(tensor_peak, gpu: GPUSpec | None = None, *, method: str | None = None, activation_bytes=0,
-                 paged_bytes=0, profile=_LOAD, stack: str | None = None, loaded_bytes=0,
-                 load_reserved=0) -> dict[str, np.ndarray]:
+                 paged_bytes=0, profile=_LOAD, stack: str | None = None, loaded_bytes=0) -> dict[str, np.ndarray]:
     """Every term of the chain (float64 bytes, broadcast), arguments as :func:`device_total`.
 
     Keys: ``correction`` (the activation factor's), ``tensors`` (the tensor peak after it:
@@ -421,4 +431,4 @@ def device_terms(tensor_peak, gpu: GPUSpec | None = None, *, method: str | None 
     """
     prof = card_profile(gpu) if profile is _LOAD else profile
     fig = _figures(gpu, prof, method, stack)
-    return _chain(fig, tensor_peak, activation_bytes, paged_bytes, loaded_bytes, load_reserved)
+    return _chain(fig, tensor_peak, activation_bytes, paged_bytes, *split_loaded(loaded_bytes))

@@ -102,8 +102,8 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
     from ..overheads import load_reserved_terms, loaded_terms
 
     over = runtime_overheads(tensor_peak, card, method=cfg.recipe.name, activation_bytes=act, paged_bytes=paged,
-                             stack=cfg.framework, loaded_bytes=loaded_terms(mem),
-                             load_reserved=0 if par.distributed else load_reserved_terms(mem))
+                             stack=cfg.framework,
+                             loaded_bytes=(loaded_terms(mem), 0 if par.distributed else load_reserved_terms(mem)))
     comps = apply_activation_factor(comps, over)  # a calibrated activation factor (none by default)
     tensor_peak += over.activation_correction_bytes
     comps.update(over.components)
@@ -194,7 +194,7 @@ def estimate_peaks(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None, para
     peak, act, paged, loaded = rounded_terms(mem, cfg.optimizer)
     terms = device_terms(peak, card, method=cfg.recipe.name, activation_bytes=act, paged_bytes=paged,
                          profile=card_profile(card) if profile is None else profile, stack=cfg.framework,
-                         loaded_bytes=loaded, load_reserved=0 if par.distributed else load_reserved_terms(mem))
+                         loaded_bytes=(loaded, 0 if par.distributed else load_reserved_terms(mem)))
     return Peaks(int(terms["device"]) + (NCCL_BYTES if par.distributed else 0), int(terms["tensors"]))
 
 

@@ -89,8 +89,8 @@ class DeviceTotals:
             groups.setdefault((c.recipe.name, c.framework), []).append(i)
         for (method, stack), idx in groups.items():
             out[idx] = device_total(peak[idx], card, method=method, activation_bytes=act[idx], paged_bytes=paged[idx],
-                                    profile=self._profiles[card.name], stack=stack, loaded_bytes=loaded[idx],
-                                    load_reserved=load_reserved[idx])
+                                    profile=self._profiles[card.name], stack=stack,
+                                    loaded_bytes=(loaded[idx], load_reserved[idx]))
         return out
 
     def floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool = False) -> float | None:
