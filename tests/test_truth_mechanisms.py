@@ -221,3 +221,28 @@ def test_torchtune_before_020_qlora_load_leaves_its_quantisation_reserved():
     card = get_gpu("rtx4090")
     e_old, e_new = estimate_config(M, old, card), estimate_config(M, new, card)
     assert e_old.overheads.reserved_bytes >= floor > e_new.overheads.reserved_bytes
+
+
+def test_autocast_casts_of_a_wide_frozen_base_are_saved():
+    """litgpt bf16-mixed keeps the frozen base fp32; autocast caches no cast of a frozen weight, so every
+    linear's bf16 copy is saved by its matmul (all layers without checkpointing) and the head is cast for
+    each 128-token chunk; litgpt bf16-true and the HF stack (a bf16 base) have none."""
+    from vramplan.memory import frozen_head_chunk_casts
+
+    spec = get_model("stablelm-base-alpha-3b")
+    kw = dict(batch=1, seq=1034, grad_ckpt=False, rank=8, targets="query_key_value", framework="litgpt")
+    mixed = make_config(spec, "lora", precision="bf16-mixed", **kw)
+    true = make_config(spec, "lora", precision="bf16", **kw)
+    layer = sum(l.params for l in spec.layer_linears() if l.is_linear)
+    head = spec.vocab_size * spec.hidden_size
+    adapters = 2 * model_state(spec, mixed).trainable_params  # the adapters' cached bf16 casts
+    assert model_state(spec, mixed).bytes[C.AUTOCAST_CACHE] == 2 * (spec.num_layers * layer + head) + adapters
+    assert model_state(spec, true).bytes.get(C.AUTOCAST_CACHE, 0) == 0
+    copy = mixed.recipe.copies[0]
+    assert int(frozen_head_chunk_casts(spec, mixed, copy, mixed.regime, 1034, 1)) == 8 * 2 * head  # 9 chunks
+    assert int(frozen_head_chunk_casts(spec, mixed, copy, mixed.regime, 128, 1)) == 0
+    # checkpointing: only the recomputed layer's casts are alive in backward
+    gc = make_config(spec, "lora", precision="bf16-mixed", **{**kw, "grad_ckpt": True})
+    assert step_memory(spec, gc).peak < step_memory(spec, mixed).peak - (spec.num_layers - 2) * 2 * layer
+    hf = make_config(M, "lora", batch=1, seq=1024, precision="bf16-mixed", framework="hf")
+    assert model_state(M, hf).bytes.get(C.AUTOCAST_CACHE, 0) == 2 * model_state(M, hf).trainable_params
