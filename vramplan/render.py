@@ -155,6 +155,12 @@ def render_fit(report, console: Console, top: int = 0, verbose: bool = False) ->
         if r.notes:
             footnotes.append(f"{name}: " + "; ".join(r.notes))
     console.print(t)
+    tight = [f"{_row_label(r)} {getattr(r, 'max_batch_tight', 0) or '-'} / {getattr(r, 'max_seq_tight', 0):,}"
+             for r in report.rows if (getattr(r, "max_batch_tight", 0), getattr(r, "max_seq_tight", 0))
+             > (r.max_batch, r.max_seq)]
+    if tight:
+        console.print("· max b/seq: comfortable (the margin and the band's upper end under the card); tight (may fit) "
+                      "up to " + "; ".join(tight))
     for f in footnotes:
         console.print(f"· {f}")
     render_method_limits(report, console)
