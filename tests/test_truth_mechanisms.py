@@ -246,3 +246,23 @@ def test_autocast_casts_of_a_wide_frozen_base_are_saved():
     assert step_memory(spec, gc).peak < step_memory(spec, mixed).peak - (spec.num_layers - 2) * 2 * layer
     hf = make_config(M, "lora", batch=1, seq=1024, precision="bf16-mixed", framework="hf")
     assert model_state(M, hf).bytes.get(C.AUTOCAST_CACHE, 0) == 2 * model_state(M, hf).trainable_params
+
+
+def test_detected_card_plans_in_the_usable_capacity(monkeypatch):
+    """A detected catalogue card keeps the catalogue's (usable) capacity, not NVML's larger total; less memory
+    than the catalogue (ECC, MIG) is taken from NVML; an unknown card says it plans with NVML's total."""
+    from vramplan import gpus, nvml
+
+    def fake(name, total):
+        return lambda index=0: nvml.DeviceInfo(index, name, total, 0, "550.00", 12040)
+
+    t4 = gpus.get_gpu("t4")
+    monkeypatch.setattr(nvml, "device_info", fake("Tesla T4", 15360 * 2**20))
+    got = gpus.detect_gpu()
+    assert got.memory_bytes == t4.memory_bytes < 15360 * 2**20
+    assert "catalogue capacity (detected" in got.sources["memory_bytes"] and "usable" in gpus.capacity_note(got)
+    monkeypatch.setattr(nvml, "device_info", fake("Tesla T4", 10 * 2**30))
+    assert gpus.detect_gpu().memory_bytes == 10 * 2**30 and "below the catalogue" in gpus.detect_gpu().sources["memory_bytes"]
+    monkeypatch.setattr(nvml, "device_info", fake("Some Future GPU", 48 * 2**30))
+    odd = gpus.detect_gpu()
+    assert odd.memory_bytes == 48 * 2**30 and "NVML total" in gpus.capacity_note(odd)

@@ -142,6 +142,9 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
                          "high_bytes": int(np.ceil((1.0 + band.hi) * peak))}
     est.assumptions.append(f"uncertainty band: {band.describe()}")
     if card is not None:
+        from ..gpus import capacity_note
+
+        est.assumptions.append(capacity_note(card))
         from ..throughput import step_time, time_to_train
 
         est.gpu = card.name
