@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..config import TrainConfig, make_config
-from ..gpus import GPUSpec
+from ..gpus import GPUSpec, capacity_note
 from ..memory import PHASE_ORDER, step_memory
 from ..models import ModelSpec, get_model
 from ..overheads import runtime_overheads
@@ -94,13 +94,11 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
 
     par = parallel or SINGLE
     mem = parallel_step_memory(spec, cfg, par) if par.distributed else step_memory(spec, cfg)
-    from ..overheads import apply_activation_factor, peak_terms
+    from ..overheads import apply_activation_factor, load_reserved_terms, loaded_terms, peak_terms
 
     tensor_peak = int(np.ceil(float(mem.peak)))
     comps = {c: int(np.ceil(float(v))) for c, v in mem.components.items()}
     act, paged = peak_terms(comps, cfg.optimizer)
-    from ..overheads import load_reserved_terms, loaded_terms
-
     over = runtime_overheads(tensor_peak, card, method=cfg.recipe.name, activation_bytes=act, paged_bytes=paged,
                              stack=cfg.framework,
                              loaded_bytes=(loaded_terms(mem), 0 if par.distributed else load_reserved_terms(mem)))
@@ -142,8 +140,6 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
                          "high_bytes": int(np.ceil((1.0 + band.hi) * peak))}
     est.assumptions.append(f"uncertainty band: {band.describe()}")
     if card is not None:
-        from ..gpus import capacity_note
-
         est.assumptions.append(capacity_note(card))
         from ..throughput import step_time, time_to_train
 
