@@ -480,6 +480,15 @@ def _loss_settings(cfg, copy: ModelCopy, d, T, rows):
     return mode, chunks, keep, upcast
 
 
+def loss_mode_chunks(cfg, copy: ModelCopy, regime: Regime, tokens, rows=1):
+    """``(mode, chunks)`` of the loss ``cfg``'s stack runs over ``tokens`` tokens in ``rows`` sequences
+    (:func:`_loss_settings`): ``chunked`` and the chunk count (an array over tokens) for litgpt's per-row
+    128-token lm_head chunks, torchtune's 8 chunks; ``full_fp32`` / ``fused_linear`` otherwise."""
+    T = np.asarray(tokens, dtype=np.float64)
+    mode, chunks, _keep, _upcast = _loss_settings(cfg, copy, copy_dtypes(copy, regime, cfg.stack.kbit_upcast), T, rows)
+    return mode, chunks
+
+
 def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head: str = "lm",
                  cfg: TrainConfig | None = None, rows=1):
     """(forward peak, backward peak) bytes of the logits and the loss for ``tokens`` tokens.

@@ -224,8 +224,7 @@ def frozen_head_chunk_casts(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy,
     if not (copy.trains and copy.head == "lm" and copy.adapter is not None and copy.adapter.is_peft
             and not copy.quantized and casts_frozen_base(regime)):
         return 0
-    mode, chunks, _keep, _up = act._loss_settings(cfg, copy, act.copy_dtypes(copy, regime, cfg.stack.kbit_upcast),
-                                                  T, rows)
+    mode, chunks = act.loss_mode_chunks(cfg, copy, regime, T, rows)
     if mode != "chunked" or not cfg.stack.loss_chunk_tokens:
         return 0
     return (np.ceil(np.asarray(chunks, dtype=np.float64) - 1e-9) - 1) * model.vocab_size * model.hidden_size \
