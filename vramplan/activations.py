@@ -665,6 +665,15 @@ def _stack_loss(cfg: TrainConfig, copy: ModelCopy, d: Dtypes, T, rows):
     return mode, chunks, keep, upcast
 
 
+def loss_mode_chunks(cfg, copy: ModelCopy, regime: Regime, tokens, rows=1):
+    """``(mode, chunks)`` of the loss ``cfg``'s stack runs over ``tokens`` tokens in ``rows`` sequences
+    (:func:`loss_run`): ``chunked`` and the chunk count (an array over tokens) for litgpt's per-row
+    128-token lm_head chunks, torchtune's 8 chunks; ``full_fp32`` / ``fused_linear`` otherwise."""
+    T = np.asarray(tokens, dtype=np.float64)
+    run = loss_run(cfg, copy, copy_dtypes(copy, regime, cfg.stack.kbit_upcast), T, rows)
+    return run.mode, run.chunks
+
+
 def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head: str = "lm",
                  cfg: TrainConfig | None = None, rows=1):
     """(forward peak, backward peak) bytes of the logits and the loss for ``tokens`` tokens.

@@ -48,6 +48,10 @@ class ModelState:
     head_grad: int = 0         # gradients made before any layer's backward: the output head and final norm
     grads_tail: int = 0        # gradients produced by the first layer's attention block and the embedding
     grads_end_extra: int = 0   # temporaries of the last gradient accumulation (tied embeddings)
+    frozen_layer_casts: int = 0  # the decoder layers' part of AUTOCAST_CACHE made per use (frozen weights: not
+    #                              cached, so freed in a checkpointed forward)
+    load_reserved: int = 0     # bytes the caching allocator holds reserved after the model load (one GPU; 0:
+    #                            nothing beyond the loaded tensors: vramplan.loadreserve)
 
     def add(self, comp: Component, n: int) -> None:
         self.bytes[comp] = self.bytes.get(comp, 0) + int(n)
@@ -124,6 +128,11 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
     st.add(Component.OPTIMIZER_STATES, 0 if offload else opt.total_state_bytes(opt_groups))
     st.step_temporary = 0 if offload else opt.step_temporary_bytes(opt_groups, cfg.regime.runner)
     st.largest_grad = max((math.prod(shape) * pb for shape, _c, pb in opt_groups), default=0)
+    if cfg.recipe.adapter.quantized_base and cfg.behaves("torchao_nf4_unchunked_load"):
+        # torchtune < 0.2.0 quantises on the GPU with torchao 0.1's unchunked to_nf4 (stacks.toml [behaviours])
+        from .loadreserve import nf4_unchunked_load_reserved
+
+        st.load_reserved = nf4_unchunked_load_reserved(cfg.stack.as_built(model), cfg)
     return st
 
 
@@ -172,6 +181,8 @@ def _state_without_optimizer(model: ModelSpec, cfg: TrainConfig) -> tuple[ModelS
                 st.head_cast += head
         else:
             st.add(Component.WEIGHTS, n * DTYPE_BYTES[regime.frozen_dtype])
+            if copy.trains and copy.adapter is not None and casts_frozen_base(regime):
+                _add_frozen_casts(st, model, copy, regime)
         if copy.adapter is None:
             continue
         ab = DTYPE_BYTES[regime.adapter_dtype]
@@ -186,6 +197,45 @@ def _state_without_optimizer(model: ModelSpec, cfg: TrainConfig) -> tuple[ModelS
         if regime.autocast is not None and not copy.adapter.ia3:
             st.add(Component.AUTOCAST_CACHE, count * DTYPE_BYTES[regime.compute_dtype])
     return st, opt_groups
+
+
+def casts_frozen_base(regime: Regime) -> bool:
+    """Whether autocast casts a 16-bit, non-quantised frozen base for every matmul: the frozen weights are
+    wider than the compute dtype (litgpt bf16-mixed: Fabric keeps them fp32, stacks.toml mixed_frozen_dtype)."""
+    return regime.autocast is not None and DTYPE_BYTES[regime.frozen_dtype] > DTYPE_BYTES[regime.compute_dtype]
+
+
+def _add_frozen_casts(st: ModelState, model: ModelSpec, copy: ModelCopy, regime: Regime) -> None:
+    """Autocast's casts of a wide frozen base, saved by their matmuls for the input gradient.
+
+    PyTorch's autocast caches a cast only for a leaf that requires grad (``cached_cast``'s
+    ``can_try_cache``: ``arg.requires_grad() && arg.is_leaf()``), so a frozen fp32 weight is cast anew at
+    every use and each 16-bit copy is what its ``mm`` saves (``mm_mat1_backward`` needs ``mat2``): one
+    copy of every decoder-layer linear (the adapted ones' base weights included) and of the lm_head per
+    use (its chunks: :func:`frozen_head_chunk_casts`). Under checkpointing only the recomputed layer's
+    are alive in backward (:func:`backward_casts`)."""
+    c = DTYPE_BYTES[regime.compute_dtype]
+    layer = sum(l.params for l in model.layer_linears() if l.is_linear)
+    head = model.vocab_size * model.hidden_size if copy.head == "lm" else 0
+    st.add(Component.AUTOCAST_CACHE, (model.num_layers * layer + head) * c)
+    st.frozen_layer_casts += model.num_layers * layer * c
+    st.head_cast += head * c
+    st.layer_cast = max(st.layer_cast, layer * c)
+    st.attn_cast = max(st.attn_cast, _attention_params(model) * c)
+
+
+def frozen_head_chunk_casts(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime, T, rows):
+    """Bytes of the frozen lm_head's casts beyond the first (:func:`_add_frozen_casts`) when the stack runs
+    the head over chunks of each sequence (litgpt ``lm_head_chunk_size=128``): every chunk's matmul casts
+    the fp32 weight again and saves its copy (0 for an unchunked head, a trainable or a 16-bit one)."""
+    if not (copy.trains and copy.head == "lm" and copy.adapter is not None and copy.adapter.is_peft
+            and not copy.quantized and casts_frozen_base(regime)):
+        return 0
+    mode, chunks = act.loss_mode_chunks(cfg, copy, regime, T, rows)
+    if mode != "chunked" or not cfg.stack.loss_chunk_tokens:
+        return 0
+    return (np.ceil(np.asarray(chunks, dtype=np.float64) - 1e-9) - 1) * model.vocab_size * model.hidden_size \
+        * DTYPE_BYTES[regime.compute_dtype]
 
 
 def _add_full_copy(st: ModelState, model: ModelSpec, copy: ModelCopy, regime: Regime, n: int) -> list:
@@ -532,7 +582,8 @@ def _head_terms(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, T, rows, st
         per, copies_ = cfg.stack.dequant_temp
         hq = model.vocab_size * h * (per + copies_ * DTYPE_BYTES[regime.compute_dtype])
         f, bw = f + hq, bw + hq
-    return saved, f, bw
+    hc = frozen_head_chunk_casts(model, cfg, copy, regime, T, rows)  # litgpt's chunked head over a wide frozen base
+    return saved, f + hc, bw + hc
 
 
 def _temporary_terms(acc: _TermsSum, model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, T, s, zeros) -> None:
@@ -609,7 +660,9 @@ def state_terms(st: ModelState, cfg: TrainConfig, grads_held=0) -> StateTerms:
     """
     in_bwd = cfg.uses("opt_in_bwd")
     grads = st.largest_grad if in_bwd else st.bytes[Component.GRADIENTS]
-    return StateTerms(states=st.bytes[Component.OPTIMIZER_STATES], cache=st.bytes[Component.AUTOCAST_CACHE],
+    # a frozen weight's per-use casts are saved by its layer's matmuls: a checkpointed forward frees them
+    cache = st.bytes[Component.AUTOCAST_CACHE] - (st.frozen_layer_casts if cfg.grad_ckpt else 0)
+    return StateTerms(states=st.bytes[Component.OPTIMIZER_STATES], cache=cache,
                       casts=backward_casts(st, cfg), grads_bwd=grads, grads_opt=grads,
                       grads_tail=0 if in_bwd else st.grads_tail, grads_end_extra=st.grads_end_extra,
                       layer_grad=0 if in_bwd else st.layer_grad, head_grad=0 if in_bwd else st.head_grad,
