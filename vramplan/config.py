@@ -173,9 +173,25 @@ class TrainConfig:
         d = new.__dict__
         d.update(self.__dict__)
         d.update(changes)
+        d.pop("_hash", None)
         for name in _stale_after(frozenset(changes)):
             d.pop(name, None)
         return new
+
+    def __hash__(self) -> int:
+        """The hash of the fields (as the dataclass's), worked out once per (immutable) config and kept in its
+        ``__dict__``: a search keys its dicts and sets on configurations tens of thousands of times."""
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(tuple([getattr(self, name) for name in _FIELD_ORDER]))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __getstate__(self) -> dict:
+        """Pickled without the kept hash (a string's hash differs from process to process)."""
+        state = dict(self.__dict__)
+        state.pop("_hash", None)
+        return state
 
     def with_techniques(self, techniques) -> "TrainConfig":
         """This configuration with exactly ``techniques`` requested, validated as :func:`make_config` does.
@@ -191,6 +207,7 @@ class TrainConfig:
 
 
 _FIELDS = frozenset(f.name for f in fields(TrainConfig))
+_FIELD_ORDER = tuple(f.name for f in fields(TrainConfig))
 
 
 def _check_techniques(techs: tuple[str, ...], grad_accum: int) -> None:
