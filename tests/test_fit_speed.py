@@ -10,6 +10,10 @@ pin what the shortcuts must preserve and count what they must skip:
 * ``results.json_text`` is ``json.dumps(indent=2, allow_nan=False)`` to the byte;
 * ``verdict.classify`` on plain numbers equals ``classify_array``;
 * ``stacks.installed_version`` equals ``importlib.metadata.version``;
+* ``TrainConfig``'s kept hash equals the hash of a fresh equal config (and of the fields), is not carried
+  by ``with_`` or a pickle, and ``with_`` drops exactly the resolved values the changed fields feed;
+* ``activations._layer_setup``'s reuse of its last layer equals a fresh one for interleaved configurations,
+  and ``memory.step_terms`` (one layer computed once per copy) equals the terms built the long way;
 * the ``fit --json`` path imports neither torch, rich nor ``importlib.metadata``.
 """
 
@@ -168,3 +172,85 @@ def test_fit_json_path_stays_light():
             " if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["0", "[]"]
+
+
+def _fresh(cfg):
+    """An equal configuration built from its fields (nothing resolved or kept)."""
+    import dataclasses
+
+    return type(cfg)(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+
+
+def test_kept_hash_equals_a_fresh_configs_and_is_not_carried():
+    import dataclasses
+    import pickle
+
+    from vramplan.config import _RESOLVED_FROM, make_config
+
+    spec = get_model("llama-2-7b")
+    cfg = make_config(spec, "qlora", rank=16)
+    fields = tuple(getattr(cfg, f.name) for f in dataclasses.fields(cfg))
+    assert hash(cfg) == hash(_fresh(cfg)) == hash(fields) == hash(cfg)
+    cfg.recipe, cfg.stack, cfg.regime  # noqa: B018 - resolve and keep them
+    for changes in ({"rank": 32}, {"grad_ckpt": True, "attn": "eager"}, {"framework": "torchtune"},
+                    {"method": "lora", "adapter": "lora"}, {"precision": "fp32"}, {"optimizer": "adamw_8bit"}):
+        new = cfg.with_(**changes)
+        assert "_hash" not in new.__dict__
+        assert hash(new) == hash(_fresh(new)) and new == _fresh(new)
+        for name, read in _RESOLVED_FROM.items():  # a resolved value survives only when its fields are unchanged
+            assert (name in new.__dict__) == set(changes).isdisjoint(read)
+            assert getattr(new, name) == getattr(_fresh(new), name)
+    back = pickle.loads(pickle.dumps(cfg))
+    assert "_hash" not in back.__dict__ and back == cfg and hash(back) == hash(cfg)
+    assert {cfg, _fresh(cfg), back, cfg.with_(rank=16)} == {cfg}
+
+
+def test_layer_setup_reuse_and_step_terms_equal_the_long_way():
+    import dataclasses
+
+    from vramplan import activations as act
+    from vramplan import memory
+    from vramplan.config import make_config
+    from vramplan.methods import Forward
+
+    spec = get_model("llama-2-7b")
+    # variants of one config share its resolved recipe (copies) and regime objects: only the config differs
+    bases = [make_config(spec, m) for m in ("lora", "qlora", "dora", "full", "dpo", "ppo")]
+    for base in bases:
+        base.recipe, base.stack, base.regime  # noqa: B018 - resolved once, carried by with_
+    cfgs = [base.with_(grad_ckpt=gc, attn=attn, dropout=dropout) for base in bases
+            for gc in (False, True) for attn in ("sdpa", "eager") for dropout in (0.0, 0.1)]
+    assert cfgs[0].regime is cfgs[1].regime and cfgs[0].recipe is cfgs[1].recipe
+    T, s = np.array([2048.0, 8192.0]), np.array([2048.0, 2048.0])
+    for cfg in cfgs:
+        for copy in cfg.recipe.copies:
+            assert act._layer_setup(spec, cfg, copy, cfg.regime) == act._new_layer(spec, cfg, copy, cfg.regime)
+    for cfg in cfgs + cfgs[::-1]:
+        for copy in cfg.recipe.copies:
+            long = act._new_layer(spec, cfg, copy, cfg.regime)
+            assert act._layer_setup(spec, cfg, copy, cfg.regime) == long
+            for part in act.LAYER_PARTS:
+                got = act.layer_activation_bytes(spec, cfg, copy, cfg.regime, T, s, part=part)
+                act._LAST_SETUP = None
+                assert np.array_equal(got, act.layer_activation_bytes(spec, cfg, copy, cfg.regime, T, s, part=part))
+        batch = np.array([1.0, 2.0, 8.0])
+        t = memory.step_terms(spec, cfg, batch=batch)
+        # the long way: each copy's stack and layer terms compute their layer on their own
+        run = memory.attention_as_run(spec, cfg)
+        built = run.stack.as_built(spec)
+        for copy in run.recipe.copies:
+            if copy.forward is Forward.NO_GRAD:
+                continue
+            rows = batch * run.recipe.sequences_per_example
+            Tb, sb = rows * run.seq, np.asarray(float(run.seq))
+            zeros = np.zeros(np.broadcast(batch, sb).shape)
+            assert all(np.array_equal(a, b) for a, b in zip(
+                memory._stack_activations(built, run, copy, run.regime, Tb, sb),
+                memory._stack_activations(built, run, copy, run.regime, Tb, sb,
+                                          act.layer_activation_bytes(built, run, copy, run.regime, Tb, sb))))
+            one = memory._layer_terms(built, run, copy, Tb, sb, zeros)
+            two = memory._layer_terms(built, run, copy, Tb, sb, zeros,
+                                      act.layer_activation_bytes(built, run, copy, run.regime, Tb, sb))
+            assert one.keys() == two.keys() and all(np.array_equal(one[k], two[k]) for k in one)
+        again = memory.step_terms(spec, _fresh(cfg), batch=batch)
+        assert all(np.array_equal(getattr(t, f.name), getattr(again, f.name)) for f in dataclasses.fields(t))
