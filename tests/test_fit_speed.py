@@ -254,3 +254,40 @@ def test_layer_setup_reuse_and_step_terms_equal_the_long_way():
             assert one.keys() == two.keys() and all(np.array_equal(one[k], two[k]) for k in one)
         again = memory.step_terms(spec, _fresh(cfg), batch=batch)
         assert all(np.array_equal(getattr(t, f.name), getattr(again, f.name)) for f in dataclasses.fields(t))
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full", "dpo", "ppo", "grpo"])
+def test_estimate_peaks_rows_equal_estimate_peaks(method):
+    from vramplan.config import make_config
+    from vramplan.errors import VramplanError
+    from vramplan.planner.estimating import estimate_peaks, estimate_peaks_rows
+    from vramplan.planner.techniques import technique_names
+
+    spec, card = get_model("llama-2-7b"), get_gpu("rtx4090")
+    base = make_config(spec, method, batch=2, seq=1024)
+    cfgs = [base]
+    for name in technique_names():
+        try:
+            cfgs.append(base.with_techniques((name,)))
+        except VramplanError:
+            continue
+    cfgs += [c.with_(optimizer="paged_adamw_8bit") for c in cfgs[:2]]
+    assert len(cfgs) > 3
+    assert estimate_peaks_rows(spec, cfgs, card) == [estimate_peaks(spec, c, card) for c in cfgs]
+    with pytest.raises(ValueError):
+        estimate_peaks_rows(spec, [base, base.with_(batch=4)], card)
+
+
+@pytest.mark.parametrize("model,gpu,method", [("13b", "rtx4000ada", "lora"), ("13b", "rtx4000ada", "full"),
+                                              ("7b", "rtx4090", "dpo"), ("7b", "rtx3080", "ppo")])
+def test_recommend_techniques_answers_as_one_estimate_at_a_time(monkeypatch, model, gpu, method):
+    from vramplan.config import make_config
+    from vramplan.planner import techniques as tech
+
+    spec = get_model(model)
+    cfg = make_config(spec, method)
+    fast = tech.recommend_techniques(spec, cfg, gpu).to_json()
+    calls = []
+    monkeypatch.setattr(tech, "_estimate_singles", lambda *a: calls.append(a))
+    assert tech.recommend_techniques(spec, cfg, gpu).to_json() == fast
+    assert calls  # the shortcut was the one left out

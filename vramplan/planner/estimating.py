@@ -192,15 +192,41 @@ def estimate_peaks(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None, para
     (None: look it up).
     """
     from ..distributed import NCCL_BYTES, SINGLE, parallel_step_memory
-    from ..overheads import card_profile, device_terms, load_reserved_terms, rounded_terms
 
     par = parallel or SINGLE
-    mem = parallel_step_memory(spec, cfg, par) if par.distributed else step_memory(spec, cfg)
+    if par.distributed:
+        return _peaks(parallel_step_memory(spec, cfg, par), cfg, card, profile, NCCL_BYTES, False)
+    return _peaks(step_memory(spec, cfg), cfg, card, profile, 0, True)
+
+
+def _peaks(mem, cfg: TrainConfig, card: GPUSpec | None, profile, extra: int, load_reserve: bool) -> Peaks:
+    """:class:`Peaks` of one step memory: the device chain of :func:`estimate_peaks` (``extra``: NCCL's buffers;
+    ``load_reserve``: what the model's load left reserved counts, one GPU)."""
+    from ..overheads import card_profile, device_terms, load_reserved_terms, rounded_terms
+
     peak, act, paged, loaded = rounded_terms(mem, cfg.optimizer)
     terms = device_terms(peak, card, method=cfg.recipe.name, activation_bytes=act, paged_bytes=paged,
                          profile=card_profile(card) if profile is None else profile, stack=cfg.framework,
-                         loaded_bytes=(loaded, 0 if par.distributed else load_reserved_terms(mem)))
-    return Peaks(int(terms["device"]) + (NCCL_BYTES if par.distributed else 0), int(terms["tensors"]))
+                         loaded_bytes=(loaded, load_reserved_terms(mem) if load_reserve else 0))
+    return Peaks(int(terms["device"]) + extra, int(terms["tensors"]))
+
+
+def estimate_peaks_rows(spec: ModelSpec, cfgs: list[TrainConfig], card: GPUSpec | None, profile=None) -> list[Peaks]:
+    """:func:`estimate_peaks` of several one-GPU configurations at their own batch and sequence, equal to it
+    config by config: one :func:`vramplan.memory.step_memory_rows` call (the phase arithmetic once for all;
+    the configurations must agree on batch, sequence and accumulation, and on whether they generate), then
+    each row's device chain. ``profile``: as :func:`estimate_peaks`'."""
+    from ..memory import StepMemory, step_memory_rows
+
+    if len({(c.batch, c.seq, c.grad_accum) for c in cfgs}) > 1:
+        raise ValueError("estimate_peaks_rows: configurations of different shapes")
+    mem, states = step_memory_rows(spec, cfgs)
+    out = []
+    for i, (cfg, st) in enumerate(zip(cfgs, states)):
+        row = StepMemory(components={c: v[i] for c, v in mem.components.items()}, phases={},
+                         peak=mem.peak[i], peak_phase=mem.peak_phase[i], state=st)
+        out.append(_peaks(row, cfg, card, profile, 0, True))
+    return out
 
 
 # -- the public per-GPU question (moved here from vramplan.distributed: it is an estimate) -----------

@@ -20,7 +20,7 @@ from ..stacks import techniques
 from ..units import GIB
 from ..verdict import DEFAULT_MARGIN
 from ..overheads import card_profile
-from .estimating import Peaks, estimate_peaks
+from .estimating import Peaks, estimate_peaks, estimate_peaks_rows
 
 if TYPE_CHECKING:
     from .search import Plan
@@ -154,6 +154,31 @@ def _choose(on: tuple[str, ...], candidates: list[str], cost: dict[str, float], 
     return chosen
 
 
+def _estimate_singles(spec, cfg: TrainConfig, card, profile, names: list[str], cache: dict) -> None:
+    """Fill ``cache`` (sorted techniques -> :class:`Peaks`) with the one-GPU peaks of ``cfg`` plus each of
+    ``names`` alone, in one :func:`~vramplan.planner.estimating.estimate_peaks_rows` call. A technique that
+    ``cfg`` refuses (a conflict, accumulation) is left out; if the rows cannot be evaluated together,
+    nothing is filled (each is then estimated on its own, raising what it raises)."""
+    cfgs, keys = [], []
+    for name in names:
+        techs = cfg.techniques + (name,)
+        key = tuple(sorted(techs))
+        if key in cache:
+            continue
+        try:
+            cfgs.append(cfg.with_techniques(techs))
+        except VramplanError:
+            continue
+        keys.append(key)
+    if len(cfgs) < 2:
+        return
+    try:
+        peaks = estimate_peaks_rows(spec, cfgs, card, profile)
+    except VramplanError:
+        return
+    cache.update(zip(keys, peaks))
+
+
 def recommend_techniques(model, cfg: TrainConfig, gpu, *, parallel: Parallel | None = None,
                          margin: float = DEFAULT_MARGIN, base: Estimate | None = None) -> TechniqueAdvice:
     """Which memory-saving techniques make ``cfg`` fit on ``gpu``, cheapest first, and what each saves.
@@ -200,6 +225,9 @@ def recommend_techniques(model, cfg: TrainConfig, gpu, *, parallel: Parallel | N
     base = base if base is not None and base.config == cfg else est(cfg.techniques)
     cache[tuple(sorted(cfg.techniques))] = base
     catalogue = techniques()
+    if not par.distributed:  # every technique alone, in one vectorised call (est's answers, to the byte)
+        _estimate_singles(spec, cfg, card, profile, [name for name, t in catalogue.items()
+                                                     if t.saver and not cfg.uses(name)], cache)
 
     def saving(name: str, before, after) -> TechniqueSaving:
         t = catalogue[name]
