@@ -260,6 +260,7 @@ def test_layer_setup_reuse_and_step_terms_equal_the_long_way():
 def test_estimate_peaks_rows_equal_estimate_peaks(method):
     from vramplan.config import make_config
     from vramplan.errors import VramplanError
+    from vramplan.overheads import card_profile
     from vramplan.planner.estimating import estimate_peaks, estimate_peaks_rows
     from vramplan.planner.techniques import technique_names
 
@@ -273,7 +274,12 @@ def test_estimate_peaks_rows_equal_estimate_peaks(method):
             continue
     cfgs += [c.with_(optimizer="paged_adamw_8bit") for c in cfgs[:2]]
     assert len(cfgs) > 3
-    assert estimate_peaks_rows(spec, cfgs, card) == [estimate_peaks(spec, c, card) for c in cfgs]
+    one_by_one = [estimate_peaks(spec, c, card) for c in cfgs]
+    assert estimate_peaks_rows(spec, cfgs, card) == one_by_one
+    # the card's profile looked up once by the caller (None: it has none) gives what each call looks up
+    prof = card_profile(card)
+    assert estimate_peaks_rows(spec, cfgs, card, prof) == one_by_one
+    assert [estimate_peaks(spec, c, card, profile=prof) for c in cfgs] == one_by_one
     with pytest.raises(ValueError):
         estimate_peaks_rows(spec, [base, base.with_(batch=4)], card)
 

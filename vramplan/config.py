@@ -9,6 +9,7 @@ targets).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass, fields, replace
 from functools import cached_property
 from typing import Any
@@ -183,7 +184,7 @@ class TrainConfig:
         ``__dict__``: a search keys its dicts and sets on configurations tens of thousands of times."""
         h = self.__dict__.get("_hash")
         if h is None:
-            h = hash(tuple([getattr(self, name) for name in _FIELD_ORDER]))
+            h = hash(_field_values(self.__dict__))
             object.__setattr__(self, "_hash", h)
         return h
 
@@ -208,6 +209,8 @@ class TrainConfig:
 
 _FIELDS = frozenset(f.name for f in fields(TrainConfig))
 _FIELD_ORDER = tuple(f.name for f in fields(TrainConfig))
+#: a config's ``__dict__`` -> the tuple of its field values, in field order (what the dataclass hashes)
+_field_values = operator.itemgetter(*_FIELD_ORDER)
 
 
 def _check_techniques(techs: tuple[str, ...], grad_accum: int) -> None:

@@ -183,13 +183,18 @@ class Peaks:
     tensor_peak_bytes: int
 
 
-def estimate_peaks(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None, parallel=None, profile=None) -> Peaks:
+#: ``profile`` of :func:`estimate_peaks` when the caller has not looked the card's profile up
+LOOK_UP = object()
+
+
+def estimate_peaks(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None, parallel=None,
+                   profile: Any = LOOK_UP) -> Peaks:
     """:func:`estimate_config`'s ``peak_bytes`` and ``tensor_peak_bytes`` alone, equal to them to the byte.
 
     The same step memory and device chain (:func:`vramplan.overheads.device_terms`, NCCL's buffers
     on several GPUs) without the components, assumption text or throughput: what a search that
-    compares peaks needs. ``profile``: the card's calibration profile when the caller has loaded it
-    (None: look it up).
+    compares peaks needs. ``profile``: the card's calibration profile when the caller has looked it up
+    (:func:`vramplan.overheads.card_profile`; None: the card has none); by default it is looked up here.
     """
     from ..distributed import NCCL_BYTES, SINGLE, parallel_step_memory
 
@@ -206,12 +211,13 @@ def _peaks(mem, cfg: TrainConfig, card: GPUSpec | None, profile, extra: int, loa
 
     peak, act, paged, loaded = rounded_terms(mem, cfg.optimizer)
     terms = device_terms(peak, card, method=cfg.recipe.name, activation_bytes=act, paged_bytes=paged,
-                         profile=card_profile(card) if profile is None else profile, stack=cfg.framework,
+                         profile=card_profile(card) if profile is LOOK_UP else profile, stack=cfg.framework,
                          loaded_bytes=(loaded, load_reserved_terms(mem) if load_reserve else 0))
     return Peaks(int(terms["device"]) + extra, int(terms["tensors"]))
 
 
-def estimate_peaks_rows(spec: ModelSpec, cfgs: list[TrainConfig], card: GPUSpec | None, profile=None) -> list[Peaks]:
+def estimate_peaks_rows(spec: ModelSpec, cfgs: list[TrainConfig], card: GPUSpec | None,
+                        profile: Any = LOOK_UP) -> list[Peaks]:
     """:func:`estimate_peaks` of several one-GPU configurations at their own batch and sequence, equal to it
     config by config: one :func:`vramplan.memory.step_memory_rows` call (the phase arithmetic once for all;
     the configurations must agree on batch, sequence and accumulation, and on whether they generate), then
