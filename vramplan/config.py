@@ -159,7 +159,7 @@ class TrainConfig:
         The resolved recipe, stack and regime are carried over where the fields they are read from
         (:data:`_RESOLVED_FROM`) are unchanged: a search derives hundreds of configurations.
         """
-        extra = {k: changes.pop(k) for k in list(changes) if k not in _FIELDS}
+        extra = {} if _FIELDS.issuperset(changes) else {k: changes.pop(k) for k in list(changes) if k not in _FIELDS}
         if extra:
             opts = dict(changes.get("options", self.options))
             for k, v in extra.items():
