@@ -209,6 +209,12 @@ def make_parallel(gpus: int = 1, strategy: str | None = None, offload: str | Non
     if eng == "deepspeed" and strategy not in DEEPSPEED:
         raise VramplanError(f"DeepSpeed runs zero1, zero2 or zero3, not {strategy or 'a single process'}",
                             "use --engine torch or --strategy zero1|zero2|zero3")
+    return Parallel(gpus=int(gpus), strategy=strategy, offload=off, gpus_per_node=int(gpus_per_node), engine=eng,
+                    **_engine_options(options))
+
+
+def _engine_options(options: dict) -> dict:
+    """:data:`ENGINE_OPTIONS` validated: switches as bools, sizes as positive numbers (None: the engine's default)."""
     bad = sorted(set(options) - set(ENGINE_OPTIONS))
     if bad:
         raise VramplanError(f"unknown engine option {bad[0]!r}", f"known: {', '.join(ENGINE_OPTIONS)}")
@@ -222,8 +228,7 @@ def make_parallel(gpus: int = 1, strategy: str | None = None, offload: str | Non
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not v > 0:
             raise VramplanError(f"{k.replace('_', '-')} must be a positive number, got {v!r}")
         opts[k] = float(v) if k == "bucket_cap_mb" else int(v)
-    return Parallel(gpus=int(gpus), strategy=strategy, offload=off, gpus_per_node=int(gpus_per_node), engine=eng,
-                    **opts)
+    return opts
 
 
 # -- the published estimators (for tests and the comparison in the output) ----------------
@@ -372,16 +377,7 @@ def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, st=N
         if cfg.uses("opt_in_bwd"):  # each gradient is consumed and freed as soon as it is ready
             out.backward_grad_bytes = st.largest_grad
         return out
-    n = par.gpus
-    regime = cfg.regime
-    opt = get_optimizer(cfg.optimizer)
-    P = st.trainable_params
-    full = cfg.recipe.adapter is Adapter.FULL
-    offload = par.offload == "cpu"
-    frozen_w = _frozen_weight_bytes(model, cfg, st) if full else base[Component.WEIGHTS]
-    quant = base.get(Component.QUANT_STATE, 0)
-    out = ShardedState(bytes=dict.fromkeys(base, 0), trainable_params=P, nccl_bytes=NCCL_BYTES)
-
+    out = ShardedState(bytes=dict.fromkeys(base, 0), trainable_params=st.trainable_params, nccl_bytes=NCCL_BYTES)
     if par.strategy == "ddp" or (par.strategy == "zero1" and par.engine_name == "torch"):
         out.bytes.update(base)
         out.step_temporary = st.step_temporary
@@ -395,13 +391,25 @@ def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, st=N
         if par.strategy == "zero1":
             _zero_redundancy(out, model, cfg, par, st)
         return out
-
-    groups = _trainable_groups(model, cfg)
     if par.engine_name == "torch":  # zero2, zero3, fsdp: FSDP2
         _fsdp2(out, model, cfg, par, st, base)
-        _rollout_gather(out, model, cfg, par, st)
-        return out
-    # DeepSpeed ZeRO 1/2/3 (make_parallel refuses the deepspeed engine for fsdp, which _fsdp2 plans)
+    else:  # DeepSpeed ZeRO 1/2/3 (make_parallel refuses the deepspeed engine for fsdp, which _fsdp2 plans)
+        _deepspeed(out, model, cfg, par, st, base)
+    _rollout_gather(out, model, cfg, par, st)
+    return out
+
+
+def _deepspeed(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel, st, base) -> None:
+    """DeepSpeed ZeRO stage 1, 2 or 3 per rank (the module docstring's layouts and estimators)."""
+    n = par.gpus
+    regime = cfg.regime
+    opt = get_optimizer(cfg.optimizer)
+    P = st.trainable_params
+    full = cfg.recipe.adapter is Adapter.FULL
+    offload = par.offload == "cpu"
+    frozen_w = _frozen_weight_bytes(model, cfg, st) if full else base[Component.WEIGHTS]
+    quant = base.get(Component.QUANT_STATE, 0)
+    groups = _trainable_groups(model, cfg)
     p16 = DTYPE_BYTES[regime.compute_dtype]
     mixed = regime.compute_dtype != FP32
     master = 4 * P if mixed else 0
@@ -443,8 +451,6 @@ def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, st=N
         out.comm_buffer_bytes = int(0.9 * model.hidden_size ** 2) * p16
     out.layout = (f"DeepSpeed ZeRO-{stage} ({'bf16/fp16 weights + fp32 master' if mixed else 'fp32'})"
                   + (", optimiser" + (" and parameters" if stage == 3 else "") + " offloaded to CPU" if offload else ""))
-    _rollout_gather(out, model, cfg, par, st)
-    return out
 
 
 def _rollout_gather(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel, st) -> None:
@@ -649,6 +655,12 @@ def _fsdp2_phases(sh: ShardedState, t: dict, phases: dict, comps: dict, B: dict,
     The start of backward (everything saved, the logits' gradients, R + the prefetched last layer)
     and the forward's end (logits) come from :func:`vramplan.memory.combine_phases`.
     """
+    cands, states = _fsdp2_candidates(sh, t, B, full_state, cfg)
+    return _merge_candidates(cands, phases, comps, B, sh, states, t["zeros"], components)
+
+
+def _fsdp2_candidates(sh: ShardedState, t: dict, B: dict, full_state, cfg: TrainConfig):
+    """The points :func:`_fsdp2_phases` walks: ``([(phase, bytes, {component: bytes}), ...], optimiser states)``."""
     f = sh.fsdp2
     R, U, gU, rs, head_g, root_g, L, sg = (f[k] for k in ("R", "U", "gU", "rs", "head_g", "root_g", "layers", "sg"))
     gU_mlp = f["gU_mlp"]
@@ -712,6 +724,12 @@ def _fsdp2_phases(sh: ShardedState, t: dict, phases: dict, comps: dict, B: dict,
         cands.append((Phase.BACKWARD, base + g + r + gr, {Component.ALLGATHER_BUFFERS: g + zeros,
                                                          Component.REDUCE_BUFFERS: r + zeros,
                                                          Component.GRADIENTS: gr + zeros}))
+    return cands, states
+
+
+def _merge_candidates(cands: list, phases: dict, comps: dict, B: dict, sh: ShardedState, states, zeros,
+                      components: bool):
+    """Each phase's peak raised to its largest candidate; the components where a candidate sets the step's peak."""
     phases = dict(phases)
     best: dict[Phase, tuple[np.ndarray, dict]] = {}
     for ph, val, parts in cands:
