@@ -114,6 +114,16 @@ class Parallel:
     allgather_bucket_size: int | None = None
     prefetch_bucket_size: int | None = None
     max_live_parameters: int | None = None
+    #: gradient accumulation skips the gradient sync on every micro-batch but the last (DDP ``no_sync()``,
+    #: FSDP1 ``no_sync()``, FSDP2 ``set_requires_gradient_sync(False)``); None: the stack's loop
+    #: (``stacks.toml accumulation_no_sync``)
+    no_sync: bool | None = None
+
+    def skips_sync(self, cfg: TrainConfig) -> bool:
+        """Whether ``cfg``'s accumulation micro-batches run without gradient sync under this plan."""
+        if self.no_sync is not None:
+            return bool(self.no_sync)
+        return bool(getattr(cfg.stack, "accumulation_no_sync", False))
 
     @property
     def distributed(self) -> bool:
@@ -162,7 +172,9 @@ class Parallel:
 SINGLE = Parallel()
 ENGINES = ("auto", "torch", "deepspeed")
 ENGINE_OPTIONS = ("reshard_after_forward", "gradient_as_bucket_view", "bucket_cap_mb", "reduce_bucket_size",
-                  "allgather_bucket_size", "prefetch_bucket_size", "max_live_parameters")
+                  "allgather_bucket_size", "prefetch_bucket_size", "max_live_parameters", "no_sync")
+#: the engine options that are switches (the rest are sizes)
+_SWITCHES = ("reshard_after_forward", "gradient_as_bucket_view", "no_sync")
 #: DeepSpeed's ZeRO defaults, elements (deepspeed/runtime/zero/config.py, DeepSpeedZeroConfig field defaults;
 #: the same figures in DeepSpeed's docs "ZeRO optimizations": reduce_bucket_size 5e8, allgather_bucket_size
 #: 5e8, stage3_prefetch_bucket_size 5e7, stage3_max_live_parameters 1e9, stage3_param_persistence_threshold 1e5)
@@ -222,7 +234,7 @@ def _engine_options(options: dict) -> dict:
     for k, v in options.items():
         if v is None:
             continue
-        if k in ("reshard_after_forward", "gradient_as_bucket_view"):
+        if k in _SWITCHES:
             opts[k] = bool(v)
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not v > 0:
@@ -572,7 +584,8 @@ def _fsdp2(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel,
     rs = gU  # the reduce-scatter input: the unit's gradients, padded, in the reduce dtype (= gradient dtype)
     out.fsdp2 = {"R": R, "U": U, "gU": gU, "rs": rs, "head_g": head_g, "root_g": root_g, "layers": L,
                  "sg": -(-gU // n), "reshard": par.reshards_after_forward,
-                 "gU_mlp": min(gU, int(st.layer_grad)) if full else 0}
+                 "gU_mlp": min(gU, int(st.layer_grad)) if full else 0,
+                 "no_sync": par.skips_sync(cfg), "sharded_grads": out.bytes.get(Component.GRADIENTS, 0)}
     # the generic phase arithmetic sees the root and the last layer's all-gather (forward end, loss)
     out.gathered_bytes = R + (U if par.reshards_after_forward else (L + 1) * U)
     # reshard_after_forward passed explicitly to the root too (torchtune's shard_model and accelerate's
@@ -593,7 +606,7 @@ def _fsdp2(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel,
 
 def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, batch=None, seq=None,
                          state: ShardedState | None = None, terms: dict | None = None,
-                         components: bool = True) -> StepMemory:
+                         components: bool = True, grad_accum=None) -> StepMemory:
     """Per-GPU tensor bytes of one steady-state step under ``par`` (arrays broadcast over batch/seq).
 
     The phases of :func:`vramplan.memory.step_memory` with the model-state terms of
@@ -621,12 +634,30 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
         gathered_bwd_start=sh.gathered_bwd_start, gathered_bwd_work=sh.gathered_bwd_work,
         gathered_bwd_end=sh.gathered_bwd_end,
         comm_component=Component.REDUCE_BUFFERS if par.distributed else None,
-        gathered_component=Component.ALLGATHER_BUFFERS if par.distributed else None)
+        gathered_component=Component.ALLGATHER_BUFFERS if par.distributed else None,
+        grads_held=_held_gradients(sh, full, cfg, par, grad_accum))
     if sh.fsdp2 is not None:
-        phases, peak, idx, comps = _fsdp2_phases(sh, t, phases, comps, B, full, cfg, components)
+        phases, peak, idx, comps = _fsdp2_phases(sh, t, phases, comps, B, full, cfg, components, grad_accum)
     ms = ModelState(bytes=dict(B), params=model.params, trainable_params=sh.trainable_params,
                     step_temporary=sh.step_temporary)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=ms)
+
+
+def _held_gradients(sh: ShardedState, full, cfg: TrainConfig, par: Parallel, grad_accum=None):
+    """Gradient bytes a micro-batch after the first runs beside (:func:`vramplan.memory.held_gradients`), per GPU.
+
+    One process and DDP (``no_sync`` or not): every gradient, summed in ``param.grad`` (with
+    ``gradient_as_bucket_view`` they are the buckets, counted as such); FSDP2: its sharded sums, or every
+    unsharded gradient when the sync is skipped (:func:`_fsdp2_held`). DeepSpeed accumulates into its own
+    fp32 partition (counted in its layout).
+    """
+    if sh.fsdp2 is not None:
+        held_sh, held_u = _fsdp2_held(sh.fsdp2, cfg, grad_accum)
+        return held_sh + held_u * full.bytes.get(Component.GRADIENTS, 0)
+    if par.distributed and par.engine_name == "deepspeed":
+        return 0
+    return _mem.held_gradients(ModelState(bytes=sh.bytes, params=0, trainable_params=sh.trainable_params), cfg,
+                               grad_accum)
 
 
 def backward_casts_of(state, cfg: TrainConfig) -> int:
@@ -635,7 +666,7 @@ def backward_casts_of(state, cfg: TrainConfig) -> int:
 
 
 def _fsdp2_phases(sh: ShardedState, t: dict, phases: dict, comps: dict, B: dict, full_state, cfg: TrainConfig,
-                  components: bool):
+                  components: bool, accum=None):
     """Forward and backward of FSDP2 walked unit by unit (see :func:`_fsdp2` for the sources).
 
     Each point is the resident state (sharded weights, states, buffers) plus what lives there:
@@ -655,11 +686,11 @@ def _fsdp2_phases(sh: ShardedState, t: dict, phases: dict, comps: dict, B: dict,
     The start of backward (everything saved, the logits' gradients, R + the prefetched last layer)
     and the forward's end (logits) come from :func:`vramplan.memory.combine_phases`.
     """
-    cands, states = _fsdp2_candidates(sh, t, B, full_state, cfg)
+    cands, states = _fsdp2_candidates(sh, t, B, full_state, cfg, accum)
     return _merge_candidates(cands, phases, comps, B, sh, states, t["zeros"], components)
 
 
-def _fsdp2_candidates(sh: ShardedState, t: dict, B: dict, full_state, cfg: TrainConfig):
+def _fsdp2_candidates(sh: ShardedState, t: dict, B: dict, full_state, cfg: TrainConfig, accum=None):
     """The points :func:`_fsdp2_phases` walks: ``([(phase, bytes, {component: bytes}), ...], optimiser states)``."""
     f = sh.fsdp2
     R, U, gU, rs, head_g, root_g, L, sg = (f[k] for k in ("R", "U", "gU", "rs", "head_g", "root_g", "layers", "sg"))
@@ -673,6 +704,9 @@ def _fsdp2_candidates(sh: ShardedState, t: dict, B: dict, full_state, cfg: Train
     per = t["layer"] if not cfg.grad_ckpt else t["acts"] / max(L, 1)  # saved per layer (checkpoint inputs under GC)
     rec = t["recompute"] if cfg.grad_ckpt else zeros
     trans = np.maximum(t["transient"] + t["temps_fwd"], t["temps_recompute"])
+    # gradient accumulation (a micro-batch after the first): the sharded sums of the earlier micro-batches
+    # (every micro-batch reduce-scattered) or every unsharded gradient (gradient sync skipped: no_sync)
+    held_sh, held_u = _fsdp2_held(f, cfg, accum)
     cands: list[tuple[Phase, np.ndarray, dict]] = []
     # forward copy-outs
     # every point below is affine in the layer index i between the indices where a term switches
@@ -683,7 +717,10 @@ def _fsdp2_candidates(sh: ShardedState, t: dict, B: dict, full_state, cfg: Train
         kept = 0 if reshard else i * U
         g = (2 * R + 2 * U) if i == 0 else (R + kept + 3 * U)
         a = i * per
-        cands.append((Phase.FORWARD, base + a + g, {Component.ALLGATHER_BUFFERS: g + zeros, Component.ACTIVATIONS: a + zeros}))
+        held = held_sh + held_u * (L * gU + root_g)
+        cands.append((Phase.FORWARD, base + a + g + held, {Component.ALLGATHER_BUFFERS: g + zeros,
+                                                          Component.ACTIVATIONS: a + zeros,
+                                                          Component.GRADIENTS: held + zeros}))
     # backward starts (the loss's gradient, before the logits' gradients exist) with the root gathered
     # again when it was resharded after forward: its flat buffer beside its parameters, beside everything
     # saved, the logits kept for the loss's backward (logits_bwd - logits_fwd: what the loss' backward adds
@@ -692,39 +729,61 @@ def _fsdp2_candidates(sh: ShardedState, t: dict, B: dict, full_state, cfg: Train
         cast = backward_casts_of(full_state, cfg)
         kept = np.maximum(t["logits_bwd"] - t["logits_fwd"], 0)
         g = 2 * R
-        cands.append((Phase.BACKWARD, base + t["acts"] + cast + kept + g,
+        held = held_sh + held_u * (L * gU + root_g)
+        cands.append((Phase.BACKWARD, base + t["acts"] + cast + kept + g + held,
                       {Component.ALLGATHER_BUFFERS: g + zeros, Component.ACTIVATIONS: t["acts"] + zeros,
-                       Component.LOGITS: kept + zeros, Component.AUTOCAST_CACHE: cast + zeros}))
+                       Component.LOGITS: kept + zeros, Component.AUTOCAST_CACHE: cast + zeros,
+                       Component.GRADIENTS: held + zeros}))
     # backward, layer by layer
     for i in reversed(ends):
         k = L - 1 - i
-        done = k * sg
+        # reduced so far (or every sharded sum, accumulating); unsharded sums of the layers below and the embedding
+        done = np.where(held_sh > 0, held_sh, k * sg)
+        below = held_u * (i * gU + root_g - head_g)
+        own_held = held_u * gU  # its own sums, before its backward adds to them
         rs_prev = rs if k >= 1 else 0
         a_i = (i + 1) * per
         own = (i + 1) * U if not reshard else U  # unsharded layers at this point (own included)
         prefetch = U if (reshard and i >= 1) else 0
         pts = []
         if reshard:  # copy-out: own flat buffer beside own parameters
-            pts.append((R + 2 * U, rs_prev, head_g + done, a_i, zeros))
+            pts.append((R + 2 * U, rs_prev, head_g + done + below + own_held, a_i, zeros))
         # inside the layer's backward, as combine_phases' layer branch: early, everything it saved (and
         # its recomputation) without its gradients; late, its gradients but the MLP's saved tensors
         early = a_i + rec
         late_mlp = gU - gU_mlp + a_i  # before the MLP block's gradients: all saved, attention grads not yet
         late_attn = gU + a_i - per + t["layer_attn"]  # the attention block's backward: every layer gradient
-        pts.append((R + own + prefetch, rs_prev, head_g + done, early, trans))
-        pts.append((R + own + prefetch, rs_prev, head_g + done, np.maximum(late_mlp, late_attn), trans))
-        pts.append((R + own - U + prefetch, rs, gU + head_g + done, a_i - per, zeros))
+        pts.append((R + own + prefetch, rs_prev, head_g + done + below + own_held, early, trans))
+        pts.append((R + own + prefetch, rs_prev, head_g + done + below, np.maximum(late_mlp, late_attn), trans))
+        pts.append((R + own - U + prefetch, rs, gU + head_g + done + below, a_i - per, zeros))
         for g, r, gr, a, tmp in pts:
             val = base + g + r + gr + a + tmp
             cands.append((Phase.BACKWARD, val, {Component.ALLGATHER_BUFFERS: g + zeros, Component.REDUCE_BUFFERS: r + zeros,
                                                 Component.GRADIENTS: gr + zeros, Component.ACTIVATIONS: a + zeros,
                                                 Component.TEMPORARIES: tmp + zeros}))
-    end_done = L * sg
+    end_done = np.where(held_sh > 0, held_sh, L * sg)
     for g, r, gr in ((R, rs if L else 0, root_g + end_done), (0, root_g, root_g + end_done)):
         cands.append((Phase.BACKWARD, base + g + r + gr, {Component.ALLGATHER_BUFFERS: g + zeros,
                                                          Component.REDUCE_BUFFERS: r + zeros,
                                                          Component.GRADIENTS: gr + zeros}))
     return cands, states
+
+
+def _fsdp2_held(f: dict, cfg: TrainConfig, accum=None):
+    """(sharded gradient bytes held from earlier micro-batches, 1 where every unsharded gradient is held, else 0),
+    over ``accum`` (micro-batches per step; the config's when None; arrays broadcast).
+
+    FSDP2's two accumulation flavours (pytorch/pytorch PR #126166's description): reduce-scatter every
+    micro-batch and accumulate the sharded gradients (``sharded_param.grad`` += the new shard), or skip the
+    sync (``set_requires_gradient_sync(False)``, FSDP1's ``no_sync()``) and keep the unsharded gradients
+    (``unsharded_param.grad``) until the last micro-batch reduce-scatters them unit by unit.
+    """
+    on = np.asarray(cfg.grad_accum if accum is None else accum) > 1
+    if cfg.uses("opt_in_bwd"):
+        on = np.zeros_like(on)
+    if f["no_sync"]:
+        return np.zeros(on.shape, dtype=np.int64), on.astype(np.int64)
+    return np.where(on, f["sharded_grads"], 0), np.zeros(on.shape, dtype=np.int64)
 
 
 def _merge_candidates(cands: list, phases: dict, comps: dict, B: dict, sh: ShardedState, states, zeros,

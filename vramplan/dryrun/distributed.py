@@ -329,7 +329,12 @@ def _make_rank_tracker():
                 tensor = getattr(tensor, "_local_tensor", tensor)
             self.tag(tensor, component)
 
+        #: called with (event name, trainee) on every event (the accumulation's gradient-sync switch)
+        listeners: tuple = ()
+
         def event(self, name: str, trainee) -> None:
+            for fn in self.listeners:
+                fn(name, trainee)
             if name == "built":
                 for t, comp in _parameter_components(trainee):
                     self.tag_local(t, comp)
@@ -566,7 +571,44 @@ def _build_wrapped(spec: ModelSpec, cfg: TrainConfig, job: dict, tracker):
         tracker.event("built", trainee)
         trainee.optimizer = make_optimizer(trainee.trainable_parameters(), cfg, regime, "cpu", False, notes)
     del dist
+    _skip_sync_while_accumulating(trainee, strategy, opts, tracker)
     return trainee
+
+
+def _skip_sync_while_accumulating(trainee, strategy: str, opts: dict, tracker) -> None:
+    """With ``cfg.grad_accum > 1`` and the ``no_sync`` option, every micro-batch but the last runs without
+    gradient synchronisation, as accumulation loops do: DDP's ``no_sync()`` (which clears
+    ``require_backward_grad_sync`` for the micro-batch; Lightning Fabric's ``no_backward_sync``, accelerate's
+    ``accumulate``), FSDP2's ``set_requires_gradient_sync(False)`` (its no-sync flavour, which keeps the
+    unsharded gradients: pytorch/pytorch PR #126166). Without it every micro-batch synchronises (FSDP2
+    reduce-scatters and accumulates the sharded gradients)."""
+    ga = trainee.cfg.grad_accum
+    no_sync = opts.get("no_sync")
+    if no_sync is None:  # the stack's loop (stacks.toml accumulation_no_sync), as the planner assumes
+        no_sync = trainee.cfg.stack.accumulation_no_sync
+    if ga <= 1 or not no_sync or strategy not in ("ddp", "zero1", "zero2", "zero3", "fsdp"):
+        return
+    module = trainee.copies[next(iter(trainee.copies))].module
+
+    def sync(flag: bool) -> None:
+        if hasattr(module, "set_requires_gradient_sync"):
+            module.set_requires_gradient_sync(flag)
+        else:
+            module.require_backward_grad_sync = flag
+
+    state = {"micro": 0}
+
+    def listener(name: str, _trainee) -> None:
+        if name == "after_backward":
+            state["micro"] += 1
+            if state["micro"] == ga - 1:
+                sync(True)
+        elif name == "after_optimizer_step":
+            state["micro"] = 0
+            sync(False)
+
+    sync(False)
+    tracker.listeners = tracker.listeners + (listener,)
 
 
 # -- the parent ------------------------------------------------------------------------------------
