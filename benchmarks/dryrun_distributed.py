@@ -34,6 +34,9 @@ STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 METHODS = ("full", "lora", "qlora")
 BATCH, SEQ = 1, 64
 TOLERANCE = 0.02
+#: gradient-accumulation rows (torch engines): 2 micro-batches per step, the sync skipped on the first
+#: (DDP no_sync / FSDP2 set_requires_gradient_sync(False): HF Trainer, litgpt) or run on both (torchtune)
+ACCUM_VARIANTS = ({"grad_accum": 2, "no_sync": True}, {"grad_accum": 2, "no_sync": False})
 
 
 @dataclass
@@ -95,13 +98,19 @@ def grid(model: dict = GRID_MODEL, ranks=(2, 4), strategies=STRATEGIES, methods=
                         variants.append({"reshard_after_forward": False})
                     if extra_options and engine == "torch" and strategy == "ddp":
                         variants.append({"gradient_as_bucket_view": True})
+                    if extra_options and engine == "torch" and strategy in ("ddp", "fsdp") and method != "qlora":
+                        variants += [dict(v) for v in ACCUM_VARIANTS]
                     for opts in variants:
-                        jobs.append(Job(spec, cfg, strategy, engine, opts))
-                        meta.append((method, engine, strategy, opts, cfg))
+                        job_cfg = cfg if "grad_accum" not in opts else distributed_config(
+                            spec, method, precision="bf16", batch=batch, seq=seq, attn="eager", grad_ckpt=False,
+                            grad_accum=opts["grad_accum"])
+                        engine_opts = {k: v for k, v in opts.items() if k != "grad_accum"}
+                        jobs.append(Job(spec, job_cfg, strategy, engine, engine_opts))
+                        meta.append((method, engine, strategy, opts, job_cfg))
         results = _traced(jobs, n, timeout, cache, meta)
         for (method, engine, strategy, opts, cfg), res in zip(meta, results):
             par = make_parallel(n, strategy)
-            par = replace(par, engine=engine, **{k: v for k, v in opts.items()})
+            par = replace(par, engine=engine, **{k: v for k, v in opts.items() if k != "grad_accum"})
             sm = parallel_step_memory(spec, cfg, par)
             from vramplan.memory import PHASE_ORDER
 

@@ -606,7 +606,7 @@ def _fsdp2(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel,
 
 def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, batch=None, seq=None,
                          state: ShardedState | None = None, terms: dict | None = None,
-                         components: bool = True, grad_accum=None) -> StepMemory:
+                         components: bool = True) -> StepMemory:
     """Per-GPU tensor bytes of one steady-state step under ``par`` (arrays broadcast over batch/seq).
 
     The phases of :func:`vramplan.memory.step_memory` with the model-state terms of
@@ -635,15 +635,15 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
         gathered_bwd_end=sh.gathered_bwd_end,
         comm_component=Component.REDUCE_BUFFERS if par.distributed else None,
         gathered_component=Component.ALLGATHER_BUFFERS if par.distributed else None,
-        grads_held=_held_gradients(sh, full, cfg, par, grad_accum))
+        grads_held=_held_gradients(sh, full, cfg, par))
     if sh.fsdp2 is not None:
-        phases, peak, idx, comps = _fsdp2_phases(sh, t, phases, comps, B, full, cfg, components, grad_accum)
+        phases, peak, idx, comps = _fsdp2_phases(sh, t, phases, comps, B, full, cfg, components)
     ms = ModelState(bytes=dict(B), params=model.params, trainable_params=sh.trainable_params,
                     step_temporary=sh.step_temporary)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=ms)
 
 
-def _held_gradients(sh: ShardedState, full, cfg: TrainConfig, par: Parallel, grad_accum=None):
+def _held_gradients(sh: ShardedState, full, cfg: TrainConfig, par: Parallel) -> int:
     """Gradient bytes a micro-batch after the first runs beside (:func:`vramplan.memory.held_gradients`), per GPU.
 
     One process and DDP (``no_sync`` or not): every gradient, summed in ``param.grad`` (with
@@ -652,12 +652,34 @@ def _held_gradients(sh: ShardedState, full, cfg: TrainConfig, par: Parallel, gra
     fp32 partition (counted in its layout).
     """
     if sh.fsdp2 is not None:
-        held_sh, held_u = _fsdp2_held(sh.fsdp2, cfg, grad_accum)
+        held_sh, held_u = _fsdp2_held(sh.fsdp2, cfg)
         return held_sh + held_u * full.bytes.get(Component.GRADIENTS, 0)
     if par.distributed and par.engine_name == "deepspeed":
         return 0
-    return _mem.held_gradients(ModelState(bytes=sh.bytes, params=0, trainable_params=sh.trainable_params), cfg,
-                               grad_accum)
+    return int(_mem.held_gradients(ModelState(bytes=sh.bytes, params=0, trainable_params=sh.trainable_params), cfg))
+
+
+def accumulation_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel, batch, grad_accum,
+                             state: ShardedState | None = None, terms: dict | None = None) -> StepMemory:
+    """:func:`parallel_step_memory` over paired ``batch`` / ``grad_accum`` arrays (a search's grid).
+
+    Accumulation changes the memory only between one micro-batch and several (the earlier ones' gradients
+    held: :func:`_held_gradients`), so the step is evaluated once each way and picked per grid point.
+    """
+    accum = np.asarray(grad_accum)
+    one = parallel_step_memory(model, cfg.with_(grad_accum=1), par, batch=batch, state=state, terms=terms)
+    if not np.any(accum > 1):
+        return one
+    many = parallel_step_memory(model, cfg.with_(grad_accum=2), par, batch=batch, state=state, terms=terms)
+    on = np.broadcast_to(accum > 1, np.shape(one.peak))
+
+    def pick(a, b):
+        return np.where(on, b, a)
+
+    return StepMemory(components={c: pick(one.components.get(c, 0), many.components.get(c, 0))
+                                  for c in set(one.components) | set(many.components)},
+                      phases={p: pick(one.phases[p], many.phases[p]) for p in one.phases},
+                      peak=pick(one.peak, many.peak), peak_phase=pick(one.peak_phase, many.peak_phase), state=one.state)
 
 
 def backward_casts_of(state, cfg: TrainConfig) -> int:
@@ -666,7 +688,7 @@ def backward_casts_of(state, cfg: TrainConfig) -> int:
 
 
 def _fsdp2_phases(sh: ShardedState, t: dict, phases: dict, comps: dict, B: dict, full_state, cfg: TrainConfig,
-                  components: bool, accum=None):
+                  components: bool):
     """Forward and backward of FSDP2 walked unit by unit (see :func:`_fsdp2` for the sources).
 
     Each point is the resident state (sharded weights, states, buffers) plus what lives there:
@@ -686,11 +708,11 @@ def _fsdp2_phases(sh: ShardedState, t: dict, phases: dict, comps: dict, B: dict,
     The start of backward (everything saved, the logits' gradients, R + the prefetched last layer)
     and the forward's end (logits) come from :func:`vramplan.memory.combine_phases`.
     """
-    cands, states = _fsdp2_candidates(sh, t, B, full_state, cfg, accum)
+    cands, states = _fsdp2_candidates(sh, t, B, full_state, cfg)
     return _merge_candidates(cands, phases, comps, B, sh, states, t["zeros"], components)
 
 
-def _fsdp2_candidates(sh: ShardedState, t: dict, B: dict, full_state, cfg: TrainConfig, accum=None):
+def _fsdp2_candidates(sh: ShardedState, t: dict, B: dict, full_state, cfg: TrainConfig):
     """The points :func:`_fsdp2_phases` walks: ``([(phase, bytes, {component: bytes}), ...], optimiser states)``."""
     f = sh.fsdp2
     R, U, gU, rs, head_g, root_g, L, sg = (f[k] for k in ("R", "U", "gU", "rs", "head_g", "root_g", "layers", "sg"))
@@ -706,7 +728,7 @@ def _fsdp2_candidates(sh: ShardedState, t: dict, B: dict, full_state, cfg: Train
     trans = np.maximum(t["transient"] + t["temps_fwd"], t["temps_recompute"])
     # gradient accumulation (a micro-batch after the first): the sharded sums of the earlier micro-batches
     # (every micro-batch reduce-scattered) or every unsharded gradient (gradient sync skipped: no_sync)
-    held_sh, held_u = _fsdp2_held(f, cfg, accum)
+    held_sh, held_u = _fsdp2_held(f, cfg)
     cands: list[tuple[Phase, np.ndarray, dict]] = []
     # forward copy-outs
     # every point below is affine in the layer index i between the indices where a term switches
@@ -738,7 +760,7 @@ def _fsdp2_candidates(sh: ShardedState, t: dict, B: dict, full_state, cfg: Train
     for i in reversed(ends):
         k = L - 1 - i
         # reduced so far (or every sharded sum, accumulating); unsharded sums of the layers below and the embedding
-        done = np.where(held_sh > 0, held_sh, k * sg)
+        done = held_sh if held_sh else k * sg
         below = held_u * (i * gU + root_g - head_g)
         own_held = held_u * gU  # its own sums, before its backward adds to them
         rs_prev = rs if k >= 1 else 0
@@ -761,7 +783,7 @@ def _fsdp2_candidates(sh: ShardedState, t: dict, B: dict, full_state, cfg: Train
             cands.append((Phase.BACKWARD, val, {Component.ALLGATHER_BUFFERS: g + zeros, Component.REDUCE_BUFFERS: r + zeros,
                                                 Component.GRADIENTS: gr + zeros, Component.ACTIVATIONS: a + zeros,
                                                 Component.TEMPORARIES: tmp + zeros}))
-    end_done = np.where(held_sh > 0, held_sh, L * sg)
+    end_done = held_sh if held_sh else L * sg
     for g, r, gr in ((R, rs if L else 0, root_g + end_done), (0, root_g, root_g + end_done)):
         cands.append((Phase.BACKWARD, base + g + r + gr, {Component.ALLGATHER_BUFFERS: g + zeros,
                                                          Component.REDUCE_BUFFERS: r + zeros,
@@ -769,21 +791,19 @@ def _fsdp2_candidates(sh: ShardedState, t: dict, B: dict, full_state, cfg: Train
     return cands, states
 
 
-def _fsdp2_held(f: dict, cfg: TrainConfig, accum=None):
-    """(sharded gradient bytes held from earlier micro-batches, 1 where every unsharded gradient is held, else 0),
-    over ``accum`` (micro-batches per step; the config's when None; arrays broadcast).
+def _fsdp2_held(f: dict, cfg: TrainConfig) -> tuple[int, int]:
+    """(sharded gradient bytes held from earlier micro-batches, 1 when every unsharded gradient is held, else 0).
 
     FSDP2's two accumulation flavours (pytorch/pytorch PR #126166's description): reduce-scatter every
     micro-batch and accumulate the sharded gradients (``sharded_param.grad`` += the new shard), or skip the
     sync (``set_requires_gradient_sync(False)``, FSDP1's ``no_sync()``) and keep the unsharded gradients
     (``unsharded_param.grad``) until the last micro-batch reduce-scatters them unit by unit.
     """
-    on = np.asarray(cfg.grad_accum if accum is None else accum) > 1
-    if cfg.uses("opt_in_bwd"):
-        on = np.zeros_like(on)
+    if cfg.grad_accum <= 1 or cfg.uses("opt_in_bwd"):
+        return 0, 0
     if f["no_sync"]:
-        return np.zeros(on.shape, dtype=np.int64), on.astype(np.int64)
-    return np.where(on, f["sharded_grads"], 0), np.zeros(on.shape, dtype=np.int64)
+        return 0, 1
+    return f["sharded_grads"], 0
 
 
 def _merge_candidates(cands: list, phases: dict, comps: dict, B: dict, sh: ShardedState, states, zeros,
