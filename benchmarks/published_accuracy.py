@@ -87,9 +87,19 @@ latest; the benchmark gives each source the version it ran, else the latest, nev
   run, which steps every micro-batch: TinyLlama-1.1B full, bf16, batch 2 x 2,048, 2 micro-batches: dry run
   17.04 GiB, analytic 17.04 (it was 14.99: -12%); 1 micro-batch both 14.99. litgpt's config hub
   yaml files set `global_batch_size` (tiny-llama full: 32 over micro-batches of 4: 8 micro-batches).
-  Single-GPU plans only: the sharded planner still treats accumulation as memory-neutral (DDP keeps
-  the full gradients the same way; FSDP's `no_sync` accumulation keeps unsharded ones): not modelled. TinyLlama full fine-tune on an A10G: -20.8% -> -5.2% (2 rows); headline
+  TinyLlama full fine-tune on an A10G: -20.8% -> -5.2% (2 rows); headline
   median 3.5% -> 3.4%, under-predicted >10% 17.1% -> 14.5%, inside the band unchanged.
+* **Accumulation under DDP and FSDP** (`vramplan.distributed`: `_held_gradients`, `_fsdp2_held`; `stacks.toml
+  accumulation_no_sync`; `sources.toml global_batch` for gemma-2b / stablelm-base-alpha-3b / phi-2 full). DDP
+  keeps every gradient through the next micro-batch as one process does; FSDP keeps its sharded sums when
+  every micro-batch reduce-scatters (torchtune, Answer.AI's train.py), every *unsharded* gradient when the
+  loop skips the sync on accumulating micro-batches (litgpt's `fabric.no_backward_sync` enters FSDP1's
+  `no_sync()`; the HF Trainer's `accelerator.accumulate` too, pytorch PR #126166 names the two flavours).
+  Held to the distributed dry run (FSDP2 with and without `set_requires_gradient_sync(False)`, DDP;
+  `reports/dryrun_distributed.txt`, within 1.1%). litgpt's FSDP full fine-tunes accumulate 4 micro-batches
+  (yaml global_batch_size 16 over 4 devices, 8 over 2): Gemma-2B on 4 A10Gs -42.8% -> -12.5%, StableLM-3B on 2
+  -14.3% -> -2.6%; litgpt's 4xA10G full OOM rows (Llama-2-7B, Llama-3-8B) go from "tight" to "no"; headline
+  median 3.9% -> 3.5%, under-predicted >10% 11.0% -> 10.0%, inside the band 85.0% unchanged.
 * **fsdp_qlora keeps the model's fp32 logits through backward** (`stacks.toml [fsdp_qlora] frees_logits =
   false`; `[behaviours.hf_fp32_logits_output]`). Answer.AI's train.py @e877dda5 binds `output = model(...)`,
   runs `loss.backward()` and only then sets `output = None`; with transformers < 4.46 (the runs: Feb-Mar
@@ -252,10 +262,10 @@ latest; the benchmark gives each source the version it ran, else the latest, nev
 Open (found, not modelled): the CUDA context stays the 512 MiB default on cards without published messages, and no corpus row prints
 allocated and reserved of one step, so the reserve is fitted on reserved / device-total / capacity rows
 rather than measured; a capacity row is "the longest that fit", so an unbiased model calls about half of
-them "does not fit" by a few percent (the two-sided verdict above calls them "tight"). The 11 rows still under-predicted by more than 10% (of 100; three are litgpt rows the grown catalogue
-made scorable: Gemma-2B full fine-tuning with FSDP on 4 A10Gs, -42.8%, and StableLM-3B's on 2, -14.3% --
-litgpt's FSDP path, whose accumulation under `no_backward_sync` keeps unsharded gradients, see below --
-and the LoRA tutorial's StableLM-3B bf16-mixed row, -37.9%; the rest, as found):
+them "does not fit" by a few percent (the two-sided verdict above calls them "tight"). The 10 rows still under-predicted by more than 10% (of 100; two are litgpt rows the grown catalogue
+made scorable: Gemma-2B full fine-tuning with FSDP1 on 4 A10Gs, -12.5% with its unsharded accumulated
+gradients (the rest not found: FSDP1's flat parameters, not traced here), and the LoRA tutorial's StableLM-3B
+bf16-mixed row, -37.9%; the rest, as found):
 the Answer.AI FSDP rows at batch 1 x 512 (QLoRA -15.9%, LoRA -11.4%; the LoRA row's published peak
 *allocated*, 8.28 GiB, is predicted at 8.46): their peak reserved is the model-wrap reserve plus the step
 (the benchmark doc prints 3.72 GiB reserved after wrapping the QLoRA model, which holds about 2.3 GiB:
@@ -268,14 +278,13 @@ that reaches only ~6.1 GiB, the rest is the allocator's fragmentation around the
 torchtune README's single-GPU LoRA row (-10.8%: 17.18 GB, where the docs print 15.57 GB peak reserved for
 the same recipe and the planner is within 3% of that); torchtune's "+ 8-bit AdamW" row (-12.7%: which 8-bit
 AdamW ran is not stated; bitsandbytes' or torchao's blockwise states alone cannot make up 1.7 GiB);
-the PEFT FSDP-QLoRA row without offload (-27.0%: 35.6 GB per GPU is about the whole unsharded NF4
+the PEFT FSDP-QLoRA row without offload (-24.3%: 35.6 GB per GPU is about the whole unsharded NF4
 model per GPU); torchtune's 2024-04 FSDP full fine-tune on 4 RTX 4090s (-11.6% with the held-out
 reserve of 25%; -8.7% at 30%). Also found and not modelled: litgpt's swap of `wte` for a bitsandbytes `StableEmbedding`
 (PR #1770, ae798aba, 2024-10-04) keeps the old embedding alive in `main()` and leaves the new one
 trainable but outside the optimizer (a V x h gradient never zeroed) -- it postdates the README's figures
 (last changed 2024-09-27); the last step's `logits` list that litgpt's loop also keeps into the next
-forward (T x V, 16-bit; the dry run deletes it); gradient accumulation under FSDP (`no_sync` keeps
-unsharded gradients) and DDP; the HF blog's 13B QLoRA at 1,024 tokens on a T4 runs out of memory where the
+forward (T x V, 16-bit; the dry run deletes it); the HF blog's 13B QLoRA at 1,024 tokens on a T4 runs out of memory where the
 planner predicts 10.2 GiB of the T4's 14.56 GiB ("comfortable" even with the band: the open OOM miss, below).
 
 **A table found and not added.** torchtune's README at 0217d44c2 (2024-05-09, PR #955) prints seven rows with
