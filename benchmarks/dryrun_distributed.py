@@ -110,7 +110,9 @@ def grid(model: dict = GRID_MODEL, ranks=(2, 4), strategies=STRATEGIES, methods=
         results = _traced(jobs, n, timeout, cache, meta)
         for (method, engine, strategy, opts, cfg), res in zip(meta, results):
             par = make_parallel(n, strategy)
-            par = replace(par, engine=engine, **{k: v for k, v in opts.items() if k != "grad_accum"})
+            # DeepSpeed on its CPU accelerator runs torch's AdamW (FusedAdam needs CUDA): planned with torch_adam
+            par = replace(par, engine=engine, torch_adam=engine == "deepspeed",
+                          **{k: v for k, v in opts.items() if k != "grad_accum"})
             sm = parallel_step_memory(spec, cfg, par)
             from vramplan.memory import PHASE_ORDER
 
@@ -173,7 +175,7 @@ def report(rows: list[Row], model: dict, seconds: float) -> str:
         "False; FSDP2 reshard_after_forward True (zero2: False), backward prefetch 1 unit, 1 reduce-scatter input "
         "buffer; ZeroRedundancyOptimizer over DDP; DeepSpeed with the HF Trainer's 'auto' buckets (reduce_bucket_size "
         "hidden^2, stage3_prefetch_bucket_size 0.9 hidden^2, stage3_param_persistence_threshold 10 hidden; the rest "
-        "DeepSpeed's defaults), torch AdamW on its fp32 partition (FusedAdam needs CUDA)",
+        "DeepSpeed's defaults), torch AdamW on its fp32 partition (FusedAdam needs CUDA; planned with torch_adam)",
         "# the trace leaves out gloo's reduce-scatter / all-gather staging copies (NCCL has none); peaks are the "
         "largest rank's; planner = vramplan.distributed.parallel_step_memory (the engine's layout)",
         f"# {len(ok)} rows traced, {len(rows) - len(ok)} not; worst |error| {100 * worst:.2f}% (target "

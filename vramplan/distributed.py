@@ -118,6 +118,10 @@ class Parallel:
     #: FSDP1 ``no_sync()``, FSDP2 ``set_requires_gradient_sync(False)``); None: the stack's loop
     #: (``stacks.toml accumulation_no_sync``)
     no_sync: bool | None = None
+    #: DeepSpeed's ``optimizer.params.torch_adam``: torch.optim.AdamW on the fp32 partition instead of
+    #: FusedAdam (DeepSpeed's CPU accelerator has only this one; on CPU tensors torch runs its single-tensor
+    #: path, whose ``(exp_avg_sq.sqrt() / bias_correction2_sqrt)`` makes two partition-sized temporaries)
+    torch_adam: bool = False
 
     def skips_sync(self, cfg: TrainConfig) -> bool:
         """Whether ``cfg``'s accumulation micro-batches run without gradient sync under this plan."""
@@ -172,15 +176,15 @@ class Parallel:
 SINGLE = Parallel()
 ENGINES = ("auto", "torch", "deepspeed")
 ENGINE_OPTIONS = ("reshard_after_forward", "gradient_as_bucket_view", "bucket_cap_mb", "reduce_bucket_size",
-                  "allgather_bucket_size", "prefetch_bucket_size", "max_live_parameters", "no_sync")
+                  "allgather_bucket_size", "prefetch_bucket_size", "max_live_parameters", "no_sync", "torch_adam")
 #: the engine options that are switches (the rest are sizes)
-_SWITCHES = ("reshard_after_forward", "gradient_as_bucket_view", "no_sync")
+_SWITCHES = ("reshard_after_forward", "gradient_as_bucket_view", "no_sync", "torch_adam")
 #: DeepSpeed's ZeRO defaults, elements (deepspeed/runtime/zero/config.py, DeepSpeedZeroConfig field defaults;
 #: the same figures in DeepSpeed's docs "ZeRO optimizations": reduce_bucket_size 5e8, allgather_bucket_size
 #: 5e8, stage3_prefetch_bucket_size 5e7, stage3_max_live_parameters 1e9, stage3_param_persistence_threshold 1e5)
 DS_DEFAULTS = {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000,
                "prefetch_bucket_size": 50_000_000, "max_live_parameters": 1_000_000_000,
-               "param_persistence_threshold": 100_000}
+               "param_persistence_threshold": 100_000, "max_reuse_distance": 1_000_000_000}
 
 
 def make_parallel(gpus: int = 1, strategy: str | None = None, offload: str | None = None,
@@ -315,6 +319,11 @@ class ShardedState:
     nccl_bytes: int = 0
     cpu_bytes: int = 0
     backward_grad_bytes: int | None = None  # gradients alive in backward/step if not all of them (optimizer in backward)
+    #: gradients alive through the optimiser step when they differ from backward's (DeepSpeed: the fp32
+    #: partition made from the 16-bit gradients, which are freed first); None: as in backward
+    step_grad_bytes: int | None = None
+    #: of those, DeepSpeed's fp32 gradient partition (built by ``step()``; its estimators count it)
+    fp32_grad_bytes: int = 0
     #: engines whose gathered units change through the step (FSDP2): the bytes gathered (and the
     #: unsharded gradients and reduce-scatter buffers in flight) at each point of
     #: :func:`vramplan.memory.combine_phases`; None: ``gathered_bytes`` (+ ``inflight_grad_bytes``)
@@ -332,7 +341,8 @@ class ShardedState:
         """Weights + master + gradients + optimiser states + gathered units: what DeepSpeed's estimators count."""
         keys = (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS,
                 Component.GRADIENTS, Component.OPTIMIZER_STATES)
-        return sum(self.bytes.get(k, 0) for k in keys) + self.gathered_bytes + self.inflight_grad_bytes
+        return (sum(self.bytes.get(k, 0) for k in keys) + self.gathered_bytes + self.inflight_grad_bytes
+                + self.fp32_grad_bytes)
 
 
 def _trainable_groups(model: ModelSpec, cfg: TrainConfig) -> list[tuple[tuple[int, ...], int]]:
@@ -382,6 +392,9 @@ def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, st=N
     ``st`` is ``model_state(model, cfg)`` when the caller has it already.
     """
     model = cfg.stack.as_built(model)  # litgpt: a separate lm_head even when the checkpoint ties it
+    cast = deepspeed_cast(cfg, par)
+    if cast is not cfg:
+        cfg, st = cast, None
     st = st or model_state(model, cfg)
     base = {c: int(v) for c, v in st.bytes.items()}
     if par.strategy is None:
@@ -412,7 +425,18 @@ def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, st=N
 
 
 def _deepspeed(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel, st, base) -> None:
-    """DeepSpeed ZeRO stage 1, 2 or 3 per rank (the module docstring's layouts and estimators)."""
+    """DeepSpeed ZeRO stage 1, 2 or 3 per rank (``deepspeed/runtime/zero/stage_1_and_2.py``, ``stage3.py``).
+
+    Every trainable parameter has a 16-bit working copy, an fp32 master partition (4 P / N) and its
+    optimiser states (on the master partition). Stages 1-2 keep the 16-bit weights whole and the 16-bit
+    gradients whole through backward; ``step()`` frees them once it has built the fp32 gradient partition
+    from them (``single_grad_partition = flat_grad_partition.to(fp32)``; ``free_grad_in_param_list``),
+    which lives through the update. Stage 3 keeps 16-bit partitions of the weights and gradients; its
+    step adds the fp32 gradient partition beside them, and the parameters it gathers stay gathered while
+    they will be used again within ``stage3_max_reuse_distance`` elements (:func:`_zero3_kept`). The
+    reduce / all-gather buckets live only inside a collective (none across the step). FusedAdam leaves no
+    temporaries; ``torch_adam`` (:attr:`Parallel.torch_adam`) two fp32 partitions.
+    """
     n = par.gpus
     regime = cfg.regime
     opt = get_optimizer(cfg.optimizer)
@@ -426,11 +450,13 @@ def _deepspeed(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Paral
     mixed = regime.compute_dtype != FP32
     master = 4 * P if mixed else 0
     g32 = 4 * P if mixed else 0
+    part = -(-P // n)  # elements of this rank's flat partition
     # the optimiser keeps its states on the fp32 master partition (DeepSpeed's K = 12 for Adam)
     states = opt.total_state_bytes([(s, c, 4) for s, c in groups])
+    temps = opt.step_temporary_bytes([(s, c, 4) for s, c in groups], "trainer") // n + (
+        2 * 4 * part if par.torch_adam else 0)
     trainable_w = p16 * P
     train_key = Component.WEIGHTS if full else Component.ADAPTERS
-    ll = largest_layer_params(model)
     stage = int(par.strategy[-1])
     if stage in (1, 2):
         out.bytes[Component.WEIGHTS] = frozen_w
@@ -440,29 +466,75 @@ def _deepspeed(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Paral
             out.cpu_bytes = (master + g32 + states) // n + p16 * P // n
         else:
             out.bytes[Component.MASTER_WEIGHTS] = master // n
-            out.bytes[Component.GRADIENTS] = p16 * P + g32 // n
+            out.bytes[Component.GRADIENTS] = p16 * P
+            out.fp32_grad_bytes = (g32 if mixed else 4 * P) // n
+            out.step_grad_bytes = out.fp32_grad_bytes
             out.bytes[Component.OPTIMIZER_STATES] = states // n
-            out.step_temporary = opt.step_temporary_bytes([(s, c, 4) for s, c in groups], "trainer") // n
-        # reduce and all-gather buckets: HF's "auto" DeepSpeed config sets reduce_bucket_size to hidden^2
-        out.comm_buffer_bytes = 2 * 2 * p16 * model.hidden_size ** 2
+            out.step_temporary = temps
     else:
         if not offload:
             out.bytes[Component.WEIGHTS] = frozen_w // n
             out.bytes[Component.QUANT_STATE] = quant // n
             out.bytes[train_key] += trainable_w // n
             out.bytes[Component.MASTER_WEIGHTS] = master // n
-            out.bytes[Component.GRADIENTS] = g32 // n
+            out.bytes[Component.GRADIENTS] = p16 * part
+            out.fp32_grad_bytes = g32 // n
+            out.step_grad_bytes = p16 * part + g32 // n
             out.bytes[Component.OPTIMIZER_STATES] = states // n
-            out.step_temporary = opt.step_temporary_bytes([(s, c, 4) for s, c in groups], "trainer") // n
+            out.step_temporary = temps
         else:
             out.cpu_bytes = (frozen_w + quant + trainable_w + master + g32 + states) // n
-        # the largest module gathered (16-bit) and, when it trains, its 16-bit gradient: 4 L (DeepSpeed)
-        out.gathered_bytes = p16 * ll if full else int(np.ceil(_frozen_bytes_per_param(model, cfg, st) * ll))
-        out.inflight_grad_bytes = p16 * ll if full else 0
-        # prefetch bucket: HF "auto" stage3_prefetch_bucket_size = 0.9 hidden^2 elements
-        out.comm_buffer_bytes = int(0.9 * model.hidden_size ** 2) * p16
+        out.gathered_bytes = _zero3_kept(model, cfg, par, st)
+    out.comm_buffer_bytes = 0
     out.layout = (f"DeepSpeed ZeRO-{stage} ({'bf16/fp16 weights + fp32 master' if mixed else 'fp32'})"
                   + (", optimiser" + (" and parameters" if stage == 3 else "") + " offloaded to CPU" if offload else ""))
+
+
+def _zero3_kept(model: ModelSpec, cfg: TrainConfig, par: Parallel, st) -> int:
+    """Bytes ZeRO-3 holds gathered from a module's forward to its backward (16-bit or stored frozen bytes).
+
+    ``PartitionedParameterCoordinator.release_sub_module`` keeps a parameter whose next use is within
+    ``stage3_max_reuse_distance`` (default 1e9) elements of parameter traffic (``stage3.py``,
+    ``partitioned_param_coordinator.py``): in forward-then-backward order a module's next use is its
+    backward, after twice the parameters that follow it, so the trailing ``max_reuse_distance / 2``
+    parameters of the modules that run a backward stay gathered (with a PEFT method the input embedding
+    runs none: nothing flows back into it), plus the module at work (the largest).
+    """
+    full = cfg.recipe.adapter is Adapter.FULL
+    p16 = DTYPE_BYTES[cfg.regime.compute_dtype]
+    per = p16 if full else _frozen_bytes_per_param(model, cfg, st)
+    reused = model.params - (0 if full else model.embedding_params)
+    adapters = 0 if full else st.bytes.get(Component.ADAPTERS, 0) * p16 // max(DTYPE_BYTES[cfg.regime.adapter_dtype], 1)
+    cap = DS_DEFAULTS["max_reuse_distance"] // 2 + largest_layer_params(model)
+    return int(np.ceil(per * min(reused, cap))) + int(adapters)
+
+
+#: the option a configuration carries while planned as DeepSpeed's 16-bit engine runs it (keeps its cached
+#: model state apart from the configuration's own)
+_DS_CAST = "_deepspeed_16bit_module"
+
+
+def deepspeed_cast(cfg: TrainConfig, par: Parallel) -> TrainConfig:
+    """``cfg`` as DeepSpeed's bf16/fp16 engine runs it: every parameter cast to the 16-bit dtype.
+
+    ``DeepSpeedEngine._configure_distributed_model`` casts the module's parameters to the engine's
+    16-bit dtype ("replaces blanket module.half()/bfloat16()"; fp32 buffers kept): PEFT's fp32 adapters
+    and ``prepare_model_for_kbit_training``'s fp32 upcasts become 16-bit (the 4-bit codes stay). Applies
+    to a pure 16-bit regime (no autocast) under the DeepSpeed engine; otherwise ``cfg`` itself.
+    """
+    if not (par.distributed and par.engine_name == "deepspeed"):
+        return cfg
+    regime = cfg.regime
+    upcast = cfg.stack.kbit_upcast and cfg.recipe.adapter.quantized_base
+    if regime.autocast is not None or regime.compute_dtype == FP32 or (
+            regime.adapter_dtype == regime.compute_dtype and not upcast):
+        return cfg
+    from dataclasses import replace
+
+    view = replace(cfg, options=tuple(sorted(dict(cfg.options, **{_DS_CAST: True}).items())))
+    view.__dict__["stack"] = replace(cfg.stack, kbit_upcast=False)
+    view.__dict__["regime"] = replace(regime, adapter_dtype=regime.compute_dtype)
+    return view
 
 
 def _rollout_gather(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel, st) -> None:
@@ -617,6 +689,9 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
     only needs the peak).
     """
     model = cfg.stack.as_built(model)
+    cast = deepspeed_cast(cfg, par)
+    if cast is not cfg:  # what was computed for the configuration itself does not hold
+        cfg, state, terms = cast, None, None
     full = _mem.model_state(model, cfg)  # unsharded: the casts and the gradient tail scale with the shard
     sh = state or shard_state(model, cfg, par, st=full)
     t = terms or _mem.step_terms(model, cfg, batch, seq)
@@ -626,7 +701,7 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
     phases, peak, idx, comps = _mem.combine_phases(
         t, B, states=B.get(Component.OPTIMIZER_STATES, 0), cache=B.get(Component.AUTOCAST_CACHE, 0),
         **_mem.backward_casts(full, cfg),
-        grads_bwd=grads + sh.inflight_grad_bytes, grads_opt=grads,
+        grads_bwd=grads + sh.inflight_grad_bytes, grads_opt=grads if sh.step_grad_bytes is None else sh.step_grad_bytes,
         grads_tail=full.grads_tail * shard, grads_end_extra=full.grads_end_extra * shard,
         layer_grad=full.layer_grad * shard, head_grad=full.head_grad * shard, step_temporary=sh.step_temporary,
         rollout_on=cfg.recipe.behaviour.generates, comm=sh.comm_buffer_bytes, gathered=sh.gathered_bytes,
