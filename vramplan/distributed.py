@@ -474,7 +474,7 @@ def _deepspeed(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Paral
     else:
         if not offload:
             out.bytes[Component.WEIGHTS] = frozen_w // n
-            out.bytes[Component.QUANT_STATE] = quant // n
+            out.bytes[Component.QUANT_STATE] = quant  # module attributes, not parameters: every rank keeps them
             out.bytes[train_key] += trainable_w // n
             out.bytes[Component.MASTER_WEIGHTS] = master // n
             out.bytes[Component.GRADIENTS] = p16 * part
@@ -485,7 +485,15 @@ def _deepspeed(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Paral
         else:
             out.cpu_bytes = (frozen_w + quant + trainable_w + master + g32 + states) // n
         out.gathered_bytes = _zero3_kept(model, cfg, par, st)
-    out.comm_buffer_bytes = 0
+        # contiguous_gradients (default on): one reduce bucket per gradient dtype, allocated at init (stage3.py
+        # ``bucket.buffer = torch.empty(self.reduce_bucket_size, ...)``); the HF Trainer's "auto" sets hidden^2
+        out.comm_buffer_bytes = p16 * int(par.reduce_bucket_size or model.hidden_size ** 2)
+        return _deepspeed_layout(out, stage, mixed, offload)
+    out.comm_buffer_bytes = 0  # stages 1-2 allocate their gradient buckets inside backward only
+    _deepspeed_layout(out, stage, mixed, offload)
+
+
+def _deepspeed_layout(out: ShardedState, stage: int, mixed: bool, offload: bool) -> None:
     out.layout = (f"DeepSpeed ZeRO-{stage} ({'bf16/fp16 weights + fp32 master' if mixed else 'fp32'})"
                   + (", optimiser" + (" and parameters" if stage == 3 else "") + " offloaded to CPU" if offload else ""))
 
@@ -502,11 +510,14 @@ def _zero3_kept(model: ModelSpec, cfg: TrainConfig, par: Parallel, st) -> int:
     """
     full = cfg.recipe.adapter is Adapter.FULL
     p16 = DTYPE_BYTES[cfg.regime.compute_dtype]
-    per = p16 if full else _frozen_bytes_per_param(model, cfg, st)
     reused = model.params - (0 if full else model.embedding_params)
-    adapters = 0 if full else st.bytes.get(Component.ADAPTERS, 0) * p16 // max(DTYPE_BYTES[cfg.regime.adapter_dtype], 1)
+    if full:
+        stored = p16 * reused
+    else:  # the stored frozen weights (4-bit codes, 16-bit rest) but the embedding's, and the adapters
+        stored = (_frozen_weight_bytes(model, cfg, st) - DTYPE_BYTES[cfg.regime.frozen_dtype] * model.embedding_params
+                  + st.bytes.get(Component.ADAPTERS, 0))
     cap = DS_DEFAULTS["max_reuse_distance"] // 2 + largest_layer_params(model)
-    return int(np.ceil(per * min(reused, cap))) + int(adapters)
+    return int(np.ceil(stored * min(1.0, cap / max(reused, 1))))
 
 
 #: the option a configuration carries while planned as DeepSpeed's 16-bit engine runs it (keeps its cached
@@ -730,7 +741,8 @@ def _held_gradients(sh: ShardedState, full, cfg: TrainConfig, par: Parallel) -> 
         held_sh, held_u = _fsdp2_held(sh.fsdp2, cfg)
         return held_sh + held_u * full.bytes.get(Component.GRADIENTS, 0)
     if par.distributed and par.engine_name == "deepspeed":
-        return 0
+        # ZeRO-3's 16-bit gradient partition stays allocated across steps (stages 1-2 free theirs in step())
+        return sh.bytes.get(Component.GRADIENTS, 0) if par.strategy == "zero3" and par.offload != "cpu" else 0
     return int(_mem.held_gradients(ModelState(bytes=sh.bytes, params=0, trainable_params=sh.trainable_params), cfg))
 
 
