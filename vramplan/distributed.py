@@ -15,18 +15,25 @@ Layouts per GPU (P = trainable parameters, N = GPUs, Adam in mixed precision):
 * **zero1 / zero2 / zero3** (DeepSpeed, bf16/fp16 mode; Rajbhandari et al., "ZeRO", SC 2020):
   16-bit working weights (2 B) and gradients (2 B), an fp32 master copy (4 B), the optimiser
   states (8 B for AdamW) and an fp32 gradient partition (4 B) -- the K = 16 of DeepSpeed's
-  estimators. The model-state bytes follow DeepSpeed's own estimators exactly
-  (``deepspeed/runtime/zero/stage_1_and_2.py: estimate_zero2_model_states_mem_needs``:
-  ``4 P + 16 P / N`` on the GPU, ``2 P`` with the optimiser offloaded; ``stage3.py:
-  estimate_zero3_model_states_mem_needs``: ``18 P / N + 4 L`` with L the largest layer's
-  parameters, ``4 L`` with parameters and optimiser offloaded). DeepSpeed's estimator gives
-  stages 1 and 2 the same figure; stage 2 differs in its communication (reduce-scatter every
-  micro-step). No autocast: DeepSpeed runs the module in 16 bit.
+  estimators (``stage_1_and_2.py: estimate_zero2_model_states_mem_needs``: ``4 P + 16 P / N``;
+  ``stage3.py: estimate_zero3_model_states_mem_needs``: ``18 P / N + 4 L``), laid out in time as
+  the traced engine holds them (:func:`_deepspeed`): stages 1-2 free the 16-bit gradients before
+  the fp32 gradient partition's step; stage 3 also keeps a 16-bit gradient partition and its
+  contiguous-gradients bucket, and keeps gathered the parameters it will reuse within
+  ``stage3_max_reuse_distance`` (all of a model under 5e8 parameters, where the estimator has 4 L).
+  DeepSpeed's bf16/fp16 engine casts every parameter to 16 bit (:func:`deepspeed_cast`: PEFT's
+  fp32 adapters and kbit upcasts included). Stage 2 differs from stage 1 in its communication
+  (reduce-scatter every micro-step). Held to DeepSpeed 0.19.8 traced per rank
+  (``reports/dryrun_distributed.txt``).
 * **fsdp** (PyTorch FSDP ``FULL_SHARD`` via accelerate, ``MixedPrecision(param_dtype=bf16,
   reduce_dtype=bf16)``, decoder layers as wrap units): the single-GPU fp32 state sharded N
   ways, plus the unsharded 16-bit parameters of the root unit (embeddings, lm_head, final
   norm: kept gathered from forward to backward) and of two decoder layers (the one running
   and the prefetched one), and the unsharded gradients of the root and one layer in backward.
+* **gradient accumulation**: a micro-batch after the first runs beside the earlier ones' summed
+  gradients -- DDP's (every gradient), FSDP's sharded sums, or, when the loop skips the gradient sync
+  on accumulating micro-batches (``no_sync``: litgpt, the HF Trainer; ``stacks.toml
+  accumulation_no_sync``, :attr:`Parallel.no_sync`), every unsharded gradient (:func:`_held_gradients`).
 * **--offload cpu**: DeepSpeed ZeRO-Offload / ZeRO-Infinity (stages 1-2: optimiser states,
   master weights and gradients on the host; stage 3: parameters too) or FSDP
   ``CPUOffload(offload_params=True)``; the optimiser then runs on the CPU.

@@ -771,13 +771,16 @@ def distributed_dryrun(model: str | ModelSpec, method: str = "lora", *, gpus: in
                        bucket_cap_mb: float | None = None, reduce_bucket_size: int | None = None,
                        allgather_bucket_size: int | None = None, prefetch_bucket_size: int | None = None,
                        max_live_parameters: int | None = None, offload: str | None = None,
+                       grad_accum: int = 1, no_sync: bool | None = None,
                        timeout: float = 600.0) -> DistributedDryRunResult:
     """Trace one steady-state step per rank of ``strategy`` over ``gpus`` local CPU processes.
 
     ``layers`` caps the decoder depth (the model is otherwise built from its config, random
     weights). Engine options: ``reshard_after_forward`` (FSDP2), ``bucket_cap_mb`` (DDP),
     DeepSpeed's ``reduce_bucket_size`` / ``allgather_bucket_size`` / ``prefetch_bucket_size`` /
-    ``max_live_parameters`` (elements; default: DeepSpeed's). ``offload="cpu"`` cannot be
+    ``max_live_parameters`` (elements; default: DeepSpeed's). ``grad_accum`` micro-batches per step, the
+    sync skipped on all but the last with ``no_sync`` (None: the stack's loop, ``stacks.toml
+    accumulation_no_sync``). ``offload="cpu"`` cannot be
     traced on a CPU-only host (there is no device memory to offload from): it raises.
 
     Raises:
@@ -803,13 +806,13 @@ def distributed_dryrun(model: str | ModelSpec, method: str = "lora", *, gpus: in
             raise VramplanError(f"--layers must be a positive integer, got {layers!r}")
         spec = spec.with_layers(min(layers, spec.num_layers))
     cfg = distributed_config(spec, method, precision=precision, batch=batch, seq=seq, rank=rank, targets=targets,
-                             grad_ckpt=bool(grad_ckpt), attn=attn)
+                             grad_ckpt=bool(grad_ckpt), attn=attn, grad_accum=grad_accum)
     from ..distributed import parallel_step_memory
 
     plan_par = make_parallel(gpus, strategy, engine=eng, reshard_after_forward=reshard_after_forward,
                              bucket_cap_mb=bucket_cap_mb, reduce_bucket_size=reduce_bucket_size,
                              allgather_bucket_size=allgather_bucket_size, prefetch_bucket_size=prefetch_bucket_size,
-                             max_live_parameters=max_live_parameters)
+                             max_live_parameters=max_live_parameters, no_sync=no_sync, torch_adam=eng == "deepspeed")
     planned = int(parallel_step_memory(spec, cfg, plan_par, components=False).peak)
     if planned * gpus > HOST_BUDGET:
         raise VramplanError(f"{spec.name} with {spec.num_layers} layers needs about {planned * gpus / 2**30:.1f} GiB "
@@ -817,7 +820,7 @@ def distributed_dryrun(model: str | ModelSpec, method: str = "lora", *, gpus: in
     opts = {k: v for k, v in dict(reshard_after_forward=reshard_after_forward, bucket_cap_mb=bucket_cap_mb,
                                   reduce_bucket_size=reduce_bucket_size, allgather_bucket_size=allgather_bucket_size,
                                   prefetch_bucket_size=prefetch_bucket_size,
-                                  max_live_parameters=max_live_parameters).items() if v is not None}
+                                  max_live_parameters=max_live_parameters, no_sync=no_sync).items() if v is not None}
     t0 = time.perf_counter()
     res = run_jobs([Job(spec, cfg, strategy, eng, opts)], gpus, timeout=timeout)[0]
     if isinstance(res, str):
