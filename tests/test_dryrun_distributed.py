@@ -25,10 +25,9 @@ from vramplan.taxonomy import Component  # noqa: E402
 bench = load_benchmark("dryrun_distributed")
 ROWS = [("ddp", "full", {}), ("zero1", "full", {}), ("fsdp", "full", {}),
         ("fsdp", "lora", {}),
-        # gradient accumulation, 2 micro-batches: FSDP2 keeps its unsharded gradients when the first skips the
-        # sync (no_sync), its sharded sums when both reduce-scatter; DDP every gradient
-        ("fsdp", "full", {"grad_accum": 2, "no_sync": True}), ("fsdp", "full", {"grad_accum": 2, "no_sync": False}),
-        ("ddp", "full", {"grad_accum": 2, "no_sync": True})]
+        # gradient accumulation, 2 micro-batches, the first without the sync (no_sync): FSDP2 keeps its unsharded
+        # gradients (the benchmark's grid also traces the synchronised flavour and DDP)
+        ("fsdp", "full", {"grad_accum": 2, "no_sync": True})]
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +79,10 @@ def test_accumulation_without_sync_keeps_fsdps_unsharded_gradients(traced):
     by = {(s, m, tuple(sorted(o.items()))): r for (s, m, o), r in zip(ROWS, results)}
     one = by[("fsdp", "full", ())][0]
     skip = by[("fsdp", "full", (("grad_accum", 2), ("no_sync", True)))][0]
-    sync = by[("fsdp", "full", (("grad_accum", 2), ("no_sync", False)))][0]
     grads = 2 * spec.params  # every bf16 gradient, unsharded
-    # the second micro-batch runs beside the first's sums: every unsharded gradient without the sync,
-    # only this rank's shard of them with it
-    assert skip.peak_bytes - one.peak_bytes > 0.8 * grads
-    assert 0.3 * grads < sync.peak_bytes - one.peak_bytes < 0.7 * grads
+    # the second micro-batch runs beside the first's sums: every unsharded gradient without the sync
+    # (with it, only this rank's shard: half of them here)
+    assert 0.8 * grads < skip.peak_bytes - one.peak_bytes < 1.2 * grads
 
 
 @pytest.mark.parametrize("kw, text", [
