@@ -68,6 +68,7 @@ from .memory import ModelState, StepMemory, model_state
 from .methods import Adapter, Forward
 from .models import ModelSpec
 from .optimizers import get_optimizer
+from .phases import Gathering, StateTerms, StepTerms, combine_phases
 from .precision import DTYPE_BYTES, FP32
 from .taxonomy import Component, Phase
 from .units import MIB
@@ -333,7 +334,7 @@ class ShardedState:
     fp32_grad_bytes: int = 0
     #: engines whose gathered units change through the step (FSDP2): the bytes gathered (and the
     #: unsharded gradients and reduce-scatter buffers in flight) at each point of
-    #: :func:`vramplan.memory.combine_phases`; None: ``gathered_bytes`` (+ ``inflight_grad_bytes``)
+    #: :func:`vramplan.phases.combine_phases`; None: ``gathered_bytes`` (+ ``inflight_grad_bytes``)
     gathered_fwd_mid: int | None = None
     gathered_bwd_start: int | None = None
     gathered_bwd_work: int | None = None
@@ -695,7 +696,7 @@ def _fsdp2(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel,
 # -- per-GPU step memory -------------------------------------------------------------------
 
 def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, batch=None, seq=None,
-                         state: ShardedState | None = None, terms: dict | None = None,
+                         state: ShardedState | None = None, terms: StepTerms | None = None,
                          components: bool = True) -> StepMemory:
     """Per-GPU tensor bytes of one steady-state step under ``par`` (arrays broadcast over batch/seq).
 
@@ -716,19 +717,19 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
     B = sh.bytes
     grads = (B.get(Component.GRADIENTS, 0) if sh.backward_grad_bytes is None else sh.backward_grad_bytes)
     shard = grads / full.bytes[Component.GRADIENTS] if full.bytes[Component.GRADIENTS] else 0.0
-    phases, peak, idx, comps = _mem.combine_phases(
-        t, B, states=B.get(Component.OPTIMIZER_STATES, 0), cache=B.get(Component.AUTOCAST_CACHE, 0),
-        **_mem.backward_casts(full, cfg),
-        grads_bwd=grads + sh.inflight_grad_bytes, grads_opt=grads if sh.step_grad_bytes is None else sh.step_grad_bytes,
+    state_terms = StateTerms(
+        states=B.get(Component.OPTIMIZER_STATES, 0), cache=B.get(Component.AUTOCAST_CACHE, 0),
+        casts=_mem.backward_casts(full, cfg), grads_bwd=grads + sh.inflight_grad_bytes,
+        grads_opt=grads if sh.step_grad_bytes is None else sh.step_grad_bytes,
         grads_tail=full.grads_tail * shard, grads_end_extra=full.grads_end_extra * shard,
         layer_grad=full.layer_grad * shard, head_grad=full.head_grad * shard, step_temporary=sh.step_temporary,
-        rollout_on=cfg.recipe.behaviour.generates, comm=sh.comm_buffer_bytes, gathered=sh.gathered_bytes,
-        rollout_gather=sh.rollout_gather_bytes, components=components, gathered_fwd_mid=sh.gathered_fwd_mid,
-        gathered_bwd_start=sh.gathered_bwd_start, gathered_bwd_work=sh.gathered_bwd_work,
-        gathered_bwd_end=sh.gathered_bwd_end,
-        comm_component=Component.REDUCE_BUFFERS if par.distributed else None,
-        gathered_component=Component.ALLGATHER_BUFFERS if par.distributed else None,
-        grads_held=_held_gradients(sh, full, cfg, par))
+        rollout_on=cfg.recipe.behaviour.generates, grads_held=_held_gradients(sh, full, cfg, par))
+    gathering = Gathering(
+        comm=sh.comm_buffer_bytes, gathered=sh.gathered_bytes, rollout_gather=sh.rollout_gather_bytes,
+        fwd_mid=sh.gathered_fwd_mid, bwd_start=sh.gathered_bwd_start, bwd_work=sh.gathered_bwd_work,
+        bwd_end=sh.gathered_bwd_end, comm_component=Component.REDUCE_BUFFERS if par.distributed else None,
+        gathered_component=Component.ALLGATHER_BUFFERS if par.distributed else None)
+    phases, peak, idx, comps = combine_phases(t, B, state_terms, gathering, components)
     if sh.fsdp2 is not None:
         phases, peak, idx, comps = _fsdp2_phases(sh, t, phases, comps, B, full, cfg, components)
     ms = ModelState(bytes=dict(B), params=model.params, trainable_params=sh.trainable_params,
@@ -778,10 +779,10 @@ def accumulation_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel, 
 
 def backward_casts_of(state, cfg: TrainConfig) -> int:
     """Autocast casts still saved when backward starts (:func:`vramplan.memory.backward_casts`)."""
-    return int(_mem.backward_casts(state, cfg)["cache_bwd"])
+    return int(_mem.backward_casts(state, cfg).cache_bwd)
 
 
-def _fsdp2_phases(sh: ShardedState, t: dict, phases: dict, comps: dict, B: dict, full_state, cfg: TrainConfig,
+def _fsdp2_phases(sh: ShardedState, t: StepTerms, phases: dict, comps: dict, B: dict, full_state, cfg: TrainConfig,
                   components: bool):
     """Forward and backward of FSDP2 walked unit by unit (see :func:`_fsdp2` for the sources).
 
@@ -795,15 +796,15 @@ def _fsdp2_phases(sh: ShardedState, t: dict, phases: dict, comps: dict, B: dict,
       copy-out (own flat buffer and parameters, the previous unit's retained reduce-scatter input),
       the compute (own parameters, the next unit prefetched, the unsharded gradients, the layer's
       backward buffers) and the copy-in (unsharded gradients and the reduce-scatter input, the
-      previous one popped), beside the saved activations of layers 0..i (``t["layer"]`` each; the
+      previous one popped), beside the saved activations of layers 0..i (``t.layer`` each; the
       final norm's and the head's saved tensors are freed once backward is past them);
     * the end: the root's gradients (embedding + head) and their reduce-scatter input.
 
     The start of backward (everything saved, the logits' gradients, R + the prefetched last layer)
-    and the forward's end (logits) come from :func:`vramplan.memory.combine_phases`.
+    and the forward's end (logits) come from :func:`vramplan.phases.combine_phases`.
     """
     cands, states = _fsdp2_candidates(sh, t, B, full_state, cfg)
-    return _merge_candidates(cands, phases, comps, B, sh, states, t["zeros"], components)
+    return _merge_candidates(cands, phases, comps, B, sh, states, t.zeros, components)
 
 
 def _fsdp2_candidates(sh: ShardedState, t: dict, B: dict, full_state, cfg: TrainConfig):
@@ -812,14 +813,14 @@ def _fsdp2_candidates(sh: ShardedState, t: dict, B: dict, full_state, cfg: Train
     R, U, gU, rs, head_g, root_g, L, sg = (f[k] for k in ("R", "U", "gU", "rs", "head_g", "root_g", "layers", "sg"))
     gU_mlp = f["gU_mlp"]
     reshard = f["reshard"]
-    zeros = t["zeros"]
+    zeros = t.zeros
     static = sum(B.get(c, 0) for c in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS,
                                        Component.MASTER_WEIGHTS)) + sh.comm_buffer_bytes
     states = B.get(Component.OPTIMIZER_STATES, 0)
     base = static + states + zeros
-    per = t["layer"] if not cfg.grad_ckpt else t["acts"] / max(L, 1)  # saved per layer (checkpoint inputs under GC)
-    rec = t["recompute"] if cfg.grad_ckpt else zeros
-    trans = np.maximum(t["transient"] + t["temps_fwd"], t["temps_recompute"])
+    per = t.layer if not cfg.grad_ckpt else t.acts / max(L, 1)  # saved per layer (checkpoint inputs under GC)
+    rec = t.recompute if cfg.grad_ckpt else zeros
+    trans = np.maximum(t.transient + t.temps_fwd, t.temps_recompute)
     # gradient accumulation (a micro-batch after the first): the sharded sums of the earlier micro-batches
     # (every micro-batch reduce-scattered) or every unsharded gradient (gradient sync skipped: no_sync)
     held_sh, held_u = _fsdp2_held(f, cfg)
@@ -843,11 +844,11 @@ def _fsdp2_candidates(sh: ShardedState, t: dict, B: dict, full_state, cfg: Train
     # is the logits' gradient) and the autocast casts still saved
     if reshard:
         cast = backward_casts_of(full_state, cfg)
-        kept = np.maximum(t["logits_bwd"] - t["logits_fwd"], 0)
+        kept = np.maximum(t.logits_bwd - t.logits_fwd, 0)
         g = 2 * R
         held = held_sh + held_u * (L * gU + root_g)
-        cands.append((Phase.BACKWARD, base + t["acts"] + cast + kept + g + held,
-                      {Component.ALLGATHER_BUFFERS: g + zeros, Component.ACTIVATIONS: t["acts"] + zeros,
+        cands.append((Phase.BACKWARD, base + t.acts + cast + kept + g + held,
+                      {Component.ALLGATHER_BUFFERS: g + zeros, Component.ACTIVATIONS: t.acts + zeros,
                        Component.LOGITS: kept + zeros, Component.AUTOCAST_CACHE: cast + zeros,
                        Component.GRADIENTS: held + zeros}))
     # backward, layer by layer
@@ -868,7 +869,7 @@ def _fsdp2_candidates(sh: ShardedState, t: dict, B: dict, full_state, cfg: Train
         # its recomputation) without its gradients; late, its gradients but the MLP's saved tensors
         early = a_i + rec
         late_mlp = gU - gU_mlp + a_i  # before the MLP block's gradients: all saved, attention grads not yet
-        late_attn = gU + a_i - per + t["layer_attn"]  # the attention block's backward: every layer gradient
+        late_attn = gU + a_i - per + t.layer_attn  # the attention block's backward: every layer gradient
         pts.append((R + own + prefetch, rs_prev, head_g + done + below + own_held, early, trans))
         pts.append((R + own + prefetch, rs_prev, head_g + done + below, np.maximum(late_mlp, late_attn), trans))
         pts.append((R + own - U + prefetch, rs, gU + head_g + done + below, a_i - per, zeros))
