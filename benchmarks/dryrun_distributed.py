@@ -34,6 +34,9 @@ STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 METHODS = ("full", "lora", "qlora")
 BATCH, SEQ = 1, 64
 TOLERANCE = 0.02
+#: gradient-accumulation rows (torch engines): 2 micro-batches per step, the sync skipped on the first
+#: (DDP no_sync / FSDP2 set_requires_gradient_sync(False): HF Trainer, litgpt) or run on both (torchtune)
+ACCUM_VARIANTS = ({"grad_accum": 2, "no_sync": True}, {"grad_accum": 2, "no_sync": False})
 
 
 @dataclass
@@ -95,13 +98,21 @@ def grid(model: dict = GRID_MODEL, ranks=(2, 4), strategies=STRATEGIES, methods=
                         variants.append({"reshard_after_forward": False})
                     if extra_options and engine == "torch" and strategy == "ddp":
                         variants.append({"gradient_as_bucket_view": True})
+                    if extra_options and engine == "torch" and strategy in ("ddp", "fsdp") and method != "qlora":
+                        variants += [dict(v) for v in ACCUM_VARIANTS]
                     for opts in variants:
-                        jobs.append(Job(spec, cfg, strategy, engine, opts))
-                        meta.append((method, engine, strategy, opts, cfg))
+                        job_cfg = cfg if "grad_accum" not in opts else distributed_config(
+                            spec, method, precision="bf16", batch=batch, seq=seq, attn="eager", grad_ckpt=False,
+                            grad_accum=opts["grad_accum"])
+                        engine_opts = {k: v for k, v in opts.items() if k != "grad_accum"}
+                        jobs.append(Job(spec, job_cfg, strategy, engine, engine_opts))
+                        meta.append((method, engine, strategy, opts, job_cfg))
         results = _traced(jobs, n, timeout, cache, meta)
         for (method, engine, strategy, opts, cfg), res in zip(meta, results):
             par = make_parallel(n, strategy)
-            par = replace(par, engine=engine, **{k: v for k, v in opts.items()})
+            # DeepSpeed on its CPU accelerator runs torch's AdamW (FusedAdam needs CUDA): planned with torch_adam
+            par = replace(par, engine=engine, torch_adam=engine == "deepspeed",
+                          **{k: v for k, v in opts.items() if k != "grad_accum"})
             sm = parallel_step_memory(spec, cfg, par)
             from vramplan.memory import PHASE_ORDER
 
@@ -164,7 +175,7 @@ def report(rows: list[Row], model: dict, seconds: float) -> str:
         "False; FSDP2 reshard_after_forward True (zero2: False), backward prefetch 1 unit, 1 reduce-scatter input "
         "buffer; ZeroRedundancyOptimizer over DDP; DeepSpeed with the HF Trainer's 'auto' buckets (reduce_bucket_size "
         "hidden^2, stage3_prefetch_bucket_size 0.9 hidden^2, stage3_param_persistence_threshold 10 hidden; the rest "
-        "DeepSpeed's defaults), torch AdamW on its fp32 partition (FusedAdam needs CUDA)",
+        "DeepSpeed's defaults), torch AdamW on its fp32 partition (FusedAdam needs CUDA; planned with torch_adam)",
         "# the trace leaves out gloo's reduce-scatter / all-gather staging copies (NCCL has none); peaks are the "
         "largest rank's; planner = vramplan.distributed.parallel_step_memory (the engine's layout)",
         f"# {len(ok)} rows traced, {len(rows) - len(ok)} not; worst |error| {100 * worst:.2f}% (target "

@@ -88,9 +88,27 @@ latest; the benchmark gives each source the version it ran, else the latest, nev
   run, which steps every micro-batch: TinyLlama-1.1B full, bf16, batch 2 x 2,048, 2 micro-batches: dry run
   17.04 GiB, analytic 17.04 (it was 14.99: -12%); 1 micro-batch both 14.99. litgpt's config hub
   yaml files set `global_batch_size` (tiny-llama full: 32 over micro-batches of 4: 8 micro-batches).
-  Single-GPU plans only: the sharded planner still treats accumulation as memory-neutral (DDP keeps
-  the full gradients the same way; FSDP's `no_sync` accumulation keeps unsharded ones): not modelled. TinyLlama full fine-tune on an A10G: -20.8% -> -5.2% (2 rows); headline
+  TinyLlama full fine-tune on an A10G: -20.8% -> -5.2% (2 rows); headline
   median 3.5% -> 3.4%, under-predicted >10% 17.1% -> 14.5%, inside the band unchanged.
+* **Accumulation under DDP and FSDP** (`vramplan.distributed`: `_held_gradients`, `_fsdp2_held`; `stacks.toml
+  accumulation_no_sync`; `sources.toml global_batch` for gemma-2b / stablelm-base-alpha-3b / phi-2 full). DDP
+  keeps every gradient through the next micro-batch as one process does; FSDP keeps its sharded sums when
+  every micro-batch reduce-scatters (torchtune, Answer.AI's train.py), every *unsharded* gradient when the
+  loop skips the sync on accumulating micro-batches (litgpt's `fabric.no_backward_sync` enters FSDP1's
+  `no_sync()`; the HF Trainer's `accelerator.accumulate` too, pytorch PR #126166 names the two flavours).
+  Held to the distributed dry run (FSDP2 with and without `set_requires_gradient_sync(False)`, DDP;
+  `reports/dryrun_distributed.txt`, within 1.1%). litgpt's FSDP full fine-tunes accumulate 4 micro-batches
+  (yaml global_batch_size 16 over 4 devices, 8 over 2): Gemma-2B on 4 A10Gs -42.8% -> -12.5%, StableLM-3B on 2
+  -14.3% -> -2.6%; litgpt's 4xA10G full OOM rows (Llama-2-7B, Llama-3-8B) go from "tight" to "no"; headline
+  median 3.9% -> 3.5%, under-predicted >10% 11.0% -> 10.0%, inside the band 85.0% unchanged.
+* **DeepSpeed ZeRO as the traced engine holds it** (`vramplan.distributed._deepspeed`, `deepspeed_cast`;
+  `reports/dryrun_distributed.txt`: 18 of 18 DeepSpeed rows within 2%). The bf16 engine casts every
+  parameter to 16 bit (PEFT's fp32 adapters and `prepare_model_for_kbit_training`'s upcasts included);
+  stage 3 keeps a 16-bit gradient partition, its contiguous-gradients bucket and the parameters it reuses
+  within `stage3_max_reuse_distance` gathered. PEFT docs' Llama-2-70B on ZeRO-3: LoRA on 8 H100s +4.3% ->
+  +0.6%, QLoRA on 2 GPUs +14.5% -> -10.4% (the fp32 upcasts the planner counted are not there under
+  DeepSpeed; what fills the rest of that nvidia-smi reading is not found); headline median 3.5% -> 3.3%,
+  under-predicted >10% 10.0% -> 11.0%, inside the band 85.0% -> 82.0% (the hf band moved with those rows).
 * **fsdp_qlora keeps the model's fp32 logits through backward** (`stacks.toml [fsdp_qlora] frees_logits =
   false`; `[behaviours.hf_fp32_logits_output]`). Answer.AI's train.py @e877dda5 binds `output = model(...)`,
   runs `loss.backward()` and only then sets `output = None`; with transformers < 4.46 (the runs: Feb-Mar
@@ -311,7 +329,7 @@ allocated and reserved of one step, so the reserve is fitted on reserved / devic
 rather than measured; a capacity row is "the longest that fit", so an unbiased model calls about half of
 them "does not fit" by a few percent (the two-sided verdict above calls them "tight"). The 7 rows still
 under-predicted by more than 10% (of 100): five multi-GPU rows -- litgpt's FSDP full fine-tunes of Gemma-2B on 4
-A10Gs (-42.8%) and StableLM-3B on 2 (-14.3%; `no_backward_sync` accumulation keeps unsharded gradients), the
+A10Gs and StableLM-3B on 2 (-42.8% and -14.3% before their `no_backward_sync` accumulation was modelled, above), the
 Answer.AI FSDP rows at batch 1 x 512 (QLoRA -15.9%, LoRA -11.4%; the LoRA row's published peak *allocated*,
 8.28 GiB, is predicted at 8.46: their peak reserved is the model-wrap reserve plus the step -- the benchmark doc
 prints 3.72 GiB reserved after wrapping the QLoRA model, which holds about 2.3 GiB: FSDP1's flatten-and-shard
@@ -330,8 +348,7 @@ but that is not verified). Also found and not modelled: litgpt's swap of `wte` f
 (PR #1770, ae798aba, 2024-10-04) keeps the old embedding alive in `main()` and leaves the new one
 trainable but outside the optimizer (a V x h gradient never zeroed) -- it postdates the README's figures
 (last changed 2024-09-27); the last step's `logits` list that litgpt's loop also keeps into the next
-forward (T x V, 16-bit; the dry run deletes it); gradient accumulation under FSDP (`no_sync` keeps
-unsharded gradients) and DDP; torchtune 0.2-0.3's QLoRA load (chunked quantisation, but the template clones
+forward (T x V, 16-bit; the dry run deletes it); torchtune 0.2-0.3's QLoRA load (chunked quantisation, but the template clones
 still dequantise whole weights: a smaller fragmentation reserve, not replayed); the HF blog's 13B QLoRA at 1,024
 tokens on a T4 runs out of memory where the planner predicts 10.2 GiB of the T4's 14.56 GiB ("comfortable" even
 with the band: the open OOM miss, below).

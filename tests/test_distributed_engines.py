@@ -96,3 +96,62 @@ def test_per_gpu_peak_is_the_estimate_per_gpu():
     assert ds.layout.startswith("DeepSpeed") and fs.layout.startswith("PyTorch FSDP2")
     with pytest.raises(VramplanError):
         per_gpu_peak("llama-2-7b", "lora", gpus=0, strategy="fsdp")
+
+
+def test_accumulation_holds_the_gradients_each_engine_keeps(spec):
+    """A micro-batch after the first runs beside the earlier ones' sums: DDP every gradient, FSDP2 its
+    sharded sums, or every unsharded gradient when the sync is skipped (no_sync)."""
+    from vramplan.distributed import _held_gradients
+
+    one = make_config(spec, "full", precision="bf16", batch=1, seq=512)
+    acc = make_config(spec, "full", precision="bf16", batch=1, seq=512, grad_accum=4)
+    grads = 2 * spec.params  # bf16 gradients, unsharded
+    for par, held in ((make_parallel(4, "ddp"), grads), (make_parallel(4, "fsdp", no_sync=True), grads),
+                      (make_parallel(4, "fsdp", no_sync=False), -(-grads // 4))):
+        sh = shard_state(spec, acc, par)
+        full = __import__("vramplan.memory", fromlist=["model_state"]).model_state(spec, acc)
+        assert _held_gradients(sh, full, acc, par) == pytest.approx(held, rel=0.01), par
+        assert _held_gradients(shard_state(spec, one, par), full, one, par) == 0
+        # the forward runs beside what is held
+        from vramplan.taxonomy import Phase
+
+        grow = (parallel_step_memory(spec, acc, par).phases[Phase.FORWARD]
+                - parallel_step_memory(spec, one, par).phases[Phase.FORWARD])
+        assert grow == pytest.approx(held, rel=0.01)
+    # the stacks' loops: litgpt and the HF Trainer skip the sync while accumulating, torchtune does not
+    assert make_parallel(2, "fsdp").skips_sync(make_config(spec, "full", framework="litgpt"))
+    assert make_parallel(2, "fsdp").skips_sync(make_config(spec, "full", framework="hf"))
+    assert not make_parallel(2, "fsdp").skips_sync(make_config(spec, "full", framework="torchtune"))
+
+
+def test_accumulation_step_memory_picks_per_grid_point(spec):
+    from vramplan.distributed import accumulation_step_memory
+
+    cfg = make_config(spec, "full", precision="bf16", batch=1, seq=512)
+    par = make_parallel(4, "fsdp", no_sync=True)
+    b = np.array([1, 2, 1, 2])
+    m = accumulation_step_memory(spec, cfg, par, b, np.array([1, 1, 4, 4]))
+    one = parallel_step_memory(spec, cfg, par, batch=b).peak
+    many = parallel_step_memory(spec, cfg.with_(grad_accum=4), par, batch=b).peak
+    assert np.array_equal(m.peak, np.where([False, False, True, True], many, one))
+
+
+def test_deepspeed_layout_in_time(spec):
+    """Stages 1-2: 16-bit gradients in backward, the fp32 partition in step(); torch_adam two more partitions;
+    the bf16 engine casts PEFT's fp32 adapters to 16 bit."""
+    from vramplan.distributed import deepspeed_cast
+
+    cfg = make_config(spec, "full", precision="bf16", batch=1, seq=512)
+    P = spec.params
+    sh = shard_state(spec, cfg, make_parallel(4, "zero2"))
+    assert sh.bytes[Component.GRADIENTS] == 2 * P and sh.step_grad_bytes == 4 * P // 4 and sh.step_temporary == 0
+    torch_adam = shard_state(spec, cfg, make_parallel(4, "zero2", torch_adam=True))
+    assert torch_adam.step_temporary == 2 * 4 * (-(-P // 4))
+    z3 = shard_state(spec, cfg, make_parallel(4, "zero3"))
+    assert z3.bytes[Component.GRADIENTS] == 2 * (-(-P // 4)) and z3.comm_buffer_bytes == 2 * spec.hidden_size ** 2
+    lora = make_config(spec, "lora", precision="bf16")
+    assert lora.regime.adapter_dtype == "float32"
+    cast = deepspeed_cast(lora, make_parallel(2, "zero2"))
+    assert cast.regime.adapter_dtype == "bfloat16" and cast.options != lora.options
+    assert deepspeed_cast(lora, make_parallel(2, "fsdp")) is lora
+    assert deepspeed_cast(make_config(spec, "lora", precision="bf16-mixed"), make_parallel(2, "zero2")).regime.autocast

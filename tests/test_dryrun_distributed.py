@@ -24,16 +24,25 @@ from vramplan.taxonomy import Component  # noqa: E402
 
 bench = load_benchmark("dryrun_distributed")
 ROWS = [("ddp", "full", {}), ("zero1", "full", {}), ("fsdp", "full", {}),
-        ("fsdp", "lora", {})]
+        ("fsdp", "lora", {}),
+        # gradient accumulation, 2 micro-batches, the first without the sync (no_sync): FSDP2 keeps its unsharded
+        # gradients (the benchmark's grid also traces the synchronised flavour and DDP)
+        ("fsdp", "full", {"grad_accum": 2, "no_sync": True})]
 
 
 @pytest.fixture(scope="module")
 def traced():
     spec = from_hf_config(bench.TINY_MODEL, name="tiny-grid")
-    cfgs = {m: distributed_config(spec, m, precision="bf16", batch=bench.BATCH, seq=bench.SEQ, attn="eager",
-                                  grad_ckpt=False) for m in ("full", "lora")}
-    jobs = [Job(spec, cfgs[m], s, "torch", o) for s, m, o in ROWS]
+    cfgs = {(m, o.get("grad_accum", 1)): distributed_config(spec, m, precision="bf16", batch=bench.BATCH,
+                                                           seq=bench.SEQ, attn="eager", grad_ckpt=False,
+                                                           grad_accum=o.get("grad_accum", 1))
+            for _s, m, o in ROWS}
+    jobs = [Job(spec, cfgs[(m, o.get("grad_accum", 1))], s, "torch", _engine(o)) for s, m, o in ROWS]
     return spec, cfgs, run_jobs(jobs, 2, timeout=240)
+
+
+def _engine(opts: dict) -> dict:
+    return {k: v for k, v in opts.items() if k != "grad_accum"}
 
 
 @pytest.mark.parametrize("i", range(len(ROWS)))
@@ -43,14 +52,15 @@ def test_planner_within_two_percent_of_the_traced_engine(traced, i):
     ranks = results[i]
     assert not isinstance(ranks, str), ranks
     assert len(ranks) == 2
-    planned = parallel_step_memory(spec, cfgs[method], make_parallel(2, strategy, engine="torch", **opts)).peak
+    cfg = cfgs[(method, opts.get("grad_accum", 1))]
+    planned = parallel_step_memory(spec, cfg, make_parallel(2, strategy, engine="torch", **_engine(opts))).peak
     traced_peak = max(r.peak_bytes for r in ranks)
     assert abs(planned - traced_peak) / traced_peak <= bench.TOLERANCE, (strategy, method, planned, traced_peak)
 
 
 def test_communication_buffers_are_named_and_sharding_shrinks_the_state(traced):
     spec, cfgs, results = traced
-    by = {(s, m): r for (s, m, _o), r in zip(ROWS, results)}
+    by = {(s, m): r for (s, m, o), r in zip(ROWS, results) if not o}
     ddp, fsdp, zero1 = by[("ddp", "full")][0], by[("fsdp", "full")][0], by[("zero1", "full")][0]
     # DDP's buckets: one gradient-sized copy (gradient_as_bucket_view=False), counted from construction
     grads = 2 * spec.params  # bf16 gradients of every parameter
@@ -62,6 +72,17 @@ def test_communication_buffers_are_named_and_sharding_shrinks_the_state(traced):
     assert zero1.components[Component.OPTIMIZER_STATES] < ddp.components[Component.OPTIMIZER_STATES] * 0.6
     # every rank trained: a finite loss
     assert all(r.loss == r.loss for r in by[("fsdp", "lora")])
+
+
+def test_accumulation_without_sync_keeps_fsdps_unsharded_gradients(traced):
+    spec, cfgs, results = traced
+    by = {(s, m, tuple(sorted(o.items()))): r for (s, m, o), r in zip(ROWS, results)}
+    one = by[("fsdp", "full", ())][0]
+    skip = by[("fsdp", "full", (("grad_accum", 2), ("no_sync", True)))][0]
+    grads = 2 * spec.params  # every bf16 gradient, unsharded
+    # the second micro-batch runs beside the first's sums: every unsharded gradient without the sync
+    # (with it, only this rank's shard: half of them here)
+    assert 0.8 * grads < skip.peak_bytes - one.peak_bytes < 1.2 * grads
 
 
 @pytest.mark.parametrize("kw, text", [

@@ -222,6 +222,11 @@ def _add_distributed_dryrun_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-live-parameters", type=int, default=None,
                    help="DeepSpeed stage3_max_live_parameters, elements")
     g.add_argument("--offload", default=None, help="cpu|none (cpu cannot be traced on a CPU-only host: planned only)")
+    g.add_argument("--no-sync", dest="no_sync", action="store_true", default=None,
+                   help="with --grad-accum > 1: skip the gradient sync on all but the last micro-batch (DDP/FSDP "
+                        "no_sync; default: the stack's loop)")
+    g.add_argument("--sync-each-micro-batch", dest="no_sync", action="store_false",
+                   help="with --grad-accum > 1: synchronise every micro-batch (FSDP reduce-scatters each)")
 
 
 def cmd_dryrun(a) -> int:
@@ -239,7 +244,8 @@ def cmd_dryrun(a) -> int:
                                      reduce_bucket_size=a.reduce_bucket_size,
                                      allgather_bucket_size=a.allgather_bucket_size,
                                      prefetch_bucket_size=a.prefetch_bucket_size,
-                                     max_live_parameters=a.max_live_parameters, offload=a.offload)
+                                     max_live_parameters=a.max_live_parameters, offload=a.offload,
+                                     grad_accum=getattr(a, "grad_accum", 1) or 1, no_sync=a.no_sync)
         _print_json(res.to_json()) if a.json else res.render(_console())
         return 0
     with Elapsed("dryrun: building the model on the meta device and tracing one training step"):

@@ -15,18 +15,25 @@ Layouts per GPU (P = trainable parameters, N = GPUs, Adam in mixed precision):
 * **zero1 / zero2 / zero3** (DeepSpeed, bf16/fp16 mode; Rajbhandari et al., "ZeRO", SC 2020):
   16-bit working weights (2 B) and gradients (2 B), an fp32 master copy (4 B), the optimiser
   states (8 B for AdamW) and an fp32 gradient partition (4 B) -- the K = 16 of DeepSpeed's
-  estimators. The model-state bytes follow DeepSpeed's own estimators exactly
-  (``deepspeed/runtime/zero/stage_1_and_2.py: estimate_zero2_model_states_mem_needs``:
-  ``4 P + 16 P / N`` on the GPU, ``2 P`` with the optimiser offloaded; ``stage3.py:
-  estimate_zero3_model_states_mem_needs``: ``18 P / N + 4 L`` with L the largest layer's
-  parameters, ``4 L`` with parameters and optimiser offloaded). DeepSpeed's estimator gives
-  stages 1 and 2 the same figure; stage 2 differs in its communication (reduce-scatter every
-  micro-step). No autocast: DeepSpeed runs the module in 16 bit.
+  estimators (``stage_1_and_2.py: estimate_zero2_model_states_mem_needs``: ``4 P + 16 P / N``;
+  ``stage3.py: estimate_zero3_model_states_mem_needs``: ``18 P / N + 4 L``), laid out in time as
+  the traced engine holds them (:func:`_deepspeed`): stages 1-2 free the 16-bit gradients before
+  the fp32 gradient partition's step; stage 3 also keeps a 16-bit gradient partition and its
+  contiguous-gradients bucket, and keeps gathered the parameters it will reuse within
+  ``stage3_max_reuse_distance`` (all of a model under 5e8 parameters, where the estimator has 4 L).
+  DeepSpeed's bf16/fp16 engine casts every parameter to 16 bit (:func:`deepspeed_cast`: PEFT's
+  fp32 adapters and kbit upcasts included). Stage 2 differs from stage 1 in its communication
+  (reduce-scatter every micro-step). Held to DeepSpeed 0.19.8 traced per rank
+  (``reports/dryrun_distributed.txt``).
 * **fsdp** (PyTorch FSDP ``FULL_SHARD`` via accelerate, ``MixedPrecision(param_dtype=bf16,
   reduce_dtype=bf16)``, decoder layers as wrap units): the single-GPU fp32 state sharded N
   ways, plus the unsharded 16-bit parameters of the root unit (embeddings, lm_head, final
   norm: kept gathered from forward to backward) and of two decoder layers (the one running
   and the prefetched one), and the unsharded gradients of the root and one layer in backward.
+* **gradient accumulation**: a micro-batch after the first runs beside the earlier ones' summed
+  gradients -- DDP's (every gradient), FSDP's sharded sums, or, when the loop skips the gradient sync
+  on accumulating micro-batches (``no_sync``: litgpt, the HF Trainer; ``stacks.toml
+  accumulation_no_sync``, :attr:`Parallel.no_sync`), every unsharded gradient (:func:`_held_gradients`).
 * **--offload cpu**: DeepSpeed ZeRO-Offload / ZeRO-Infinity (stages 1-2: optimiser states,
   master weights and gradients on the host; stage 3: parameters too) or FSDP
   ``CPUOffload(offload_params=True)``; the optimiser then runs on the CPU.
@@ -115,6 +122,20 @@ class Parallel:
     allgather_bucket_size: int | None = None
     prefetch_bucket_size: int | None = None
     max_live_parameters: int | None = None
+    #: gradient accumulation skips the gradient sync on every micro-batch but the last (DDP ``no_sync()``,
+    #: FSDP1 ``no_sync()``, FSDP2 ``set_requires_gradient_sync(False)``); None: the stack's loop
+    #: (``stacks.toml accumulation_no_sync``)
+    no_sync: bool | None = None
+    #: DeepSpeed's ``optimizer.params.torch_adam``: torch.optim.AdamW on the fp32 partition instead of
+    #: FusedAdam (DeepSpeed's CPU accelerator has only this one; on CPU tensors torch runs its single-tensor
+    #: path, whose ``(exp_avg_sq.sqrt() / bias_correction2_sqrt)`` makes two partition-sized temporaries)
+    torch_adam: bool = False
+
+    def skips_sync(self, cfg: TrainConfig) -> bool:
+        """Whether ``cfg``'s accumulation micro-batches run without gradient sync under this plan."""
+        if self.no_sync is not None:
+            return bool(self.no_sync)
+        return bool(getattr(cfg.stack, "accumulation_no_sync", False))
 
     @property
     def distributed(self) -> bool:
@@ -163,13 +184,15 @@ class Parallel:
 SINGLE = Parallel()
 ENGINES = ("auto", "torch", "deepspeed")
 ENGINE_OPTIONS = ("reshard_after_forward", "gradient_as_bucket_view", "bucket_cap_mb", "reduce_bucket_size",
-                  "allgather_bucket_size", "prefetch_bucket_size", "max_live_parameters")
+                  "allgather_bucket_size", "prefetch_bucket_size", "max_live_parameters", "no_sync", "torch_adam")
+#: the engine options that are switches (the rest are sizes)
+_SWITCHES = ("reshard_after_forward", "gradient_as_bucket_view", "no_sync", "torch_adam")
 #: DeepSpeed's ZeRO defaults, elements (deepspeed/runtime/zero/config.py, DeepSpeedZeroConfig field defaults;
 #: the same figures in DeepSpeed's docs "ZeRO optimizations": reduce_bucket_size 5e8, allgather_bucket_size
 #: 5e8, stage3_prefetch_bucket_size 5e7, stage3_max_live_parameters 1e9, stage3_param_persistence_threshold 1e5)
 DS_DEFAULTS = {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000,
                "prefetch_bucket_size": 50_000_000, "max_live_parameters": 1_000_000_000,
-               "param_persistence_threshold": 100_000}
+               "param_persistence_threshold": 100_000, "max_reuse_distance": 1_000_000_000}
 
 
 def make_parallel(gpus: int = 1, strategy: str | None = None, offload: str | None = None,
@@ -210,6 +233,12 @@ def make_parallel(gpus: int = 1, strategy: str | None = None, offload: str | Non
     if eng == "deepspeed" and strategy not in DEEPSPEED:
         raise VramplanError(f"DeepSpeed runs zero1, zero2 or zero3, not {strategy or 'a single process'}",
                             "use --engine torch or --strategy zero1|zero2|zero3")
+    return Parallel(gpus=int(gpus), strategy=strategy, offload=off, gpus_per_node=int(gpus_per_node), engine=eng,
+                    **_engine_options(options))
+
+
+def _engine_options(options: dict) -> dict:
+    """:data:`ENGINE_OPTIONS` validated: switches as bools, sizes as positive numbers (None: the engine's default)."""
     bad = sorted(set(options) - set(ENGINE_OPTIONS))
     if bad:
         raise VramplanError(f"unknown engine option {bad[0]!r}", f"known: {', '.join(ENGINE_OPTIONS)}")
@@ -217,14 +246,13 @@ def make_parallel(gpus: int = 1, strategy: str | None = None, offload: str | Non
     for k, v in options.items():
         if v is None:
             continue
-        if k in ("reshard_after_forward", "gradient_as_bucket_view"):
+        if k in _SWITCHES:
             opts[k] = bool(v)
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not v > 0:
             raise VramplanError(f"{k.replace('_', '-')} must be a positive number, got {v!r}")
         opts[k] = float(v) if k == "bucket_cap_mb" else int(v)
-    return Parallel(gpus=int(gpus), strategy=strategy, offload=off, gpus_per_node=int(gpus_per_node), engine=eng,
-                    **opts)
+    return opts
 
 
 # -- the published estimators (for tests and the comparison in the output) ----------------
@@ -299,6 +327,11 @@ class ShardedState:
     nccl_bytes: int = 0
     cpu_bytes: int = 0
     backward_grad_bytes: int | None = None  # gradients alive in backward/step if not all of them (optimizer in backward)
+    #: gradients alive through the optimiser step when they differ from backward's (DeepSpeed: the fp32
+    #: partition made from the 16-bit gradients, which are freed first); None: as in backward
+    step_grad_bytes: int | None = None
+    #: of those, DeepSpeed's fp32 gradient partition (built by ``step()``; its estimators count it)
+    fp32_grad_bytes: int = 0
     #: engines whose gathered units change through the step (FSDP2): the bytes gathered (and the
     #: unsharded gradients and reduce-scatter buffers in flight) at each point of
     #: :func:`vramplan.phases.combine_phases`; None: ``gathered_bytes`` (+ ``inflight_grad_bytes``)
@@ -316,7 +349,8 @@ class ShardedState:
         """Weights + master + gradients + optimiser states + gathered units: what DeepSpeed's estimators count."""
         keys = (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS,
                 Component.GRADIENTS, Component.OPTIMIZER_STATES)
-        return sum(self.bytes.get(k, 0) for k in keys) + self.gathered_bytes + self.inflight_grad_bytes
+        return (sum(self.bytes.get(k, 0) for k in keys) + self.gathered_bytes + self.inflight_grad_bytes
+                + self.fp32_grad_bytes)
 
 
 def _trainable_groups(model: ModelSpec, cfg: TrainConfig) -> list[tuple[tuple[int, ...], int]]:
@@ -366,6 +400,9 @@ def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, st=N
     ``st`` is ``model_state(model, cfg)`` when the caller has it already.
     """
     model = cfg.stack.as_built(model)  # litgpt: a separate lm_head even when the checkpoint ties it
+    cast = deepspeed_cast(cfg, par)
+    if cast is not cfg:
+        cfg, st = cast, None
     st = st or model_state(model, cfg)
     base = {c: int(v) for c, v in st.bytes.items()}
     if par.strategy is None:
@@ -373,16 +410,7 @@ def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, st=N
         if cfg.uses("opt_in_bwd"):  # each gradient is consumed and freed as soon as it is ready
             out.backward_grad_bytes = st.largest_grad
         return out
-    n = par.gpus
-    regime = cfg.regime
-    opt = get_optimizer(cfg.optimizer)
-    P = st.trainable_params
-    full = cfg.recipe.adapter is Adapter.FULL
-    offload = par.offload == "cpu"
-    frozen_w = _frozen_weight_bytes(model, cfg, st) if full else base[Component.WEIGHTS]
-    quant = base.get(Component.QUANT_STATE, 0)
-    out = ShardedState(bytes=dict.fromkeys(base, 0), trainable_params=P, nccl_bytes=NCCL_BYTES)
-
+    out = ShardedState(bytes=dict.fromkeys(base, 0), trainable_params=st.trainable_params, nccl_bytes=NCCL_BYTES)
     if par.strategy == "ddp" or (par.strategy == "zero1" and par.engine_name == "torch"):
         out.bytes.update(base)
         out.step_temporary = st.step_temporary
@@ -396,22 +424,47 @@ def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, st=N
         if par.strategy == "zero1":
             _zero_redundancy(out, model, cfg, par, st)
         return out
-
-    groups = _trainable_groups(model, cfg)
     if par.engine_name == "torch":  # zero2, zero3, fsdp: FSDP2
         _fsdp2(out, model, cfg, par, st, base)
-        _rollout_gather(out, model, cfg, par, st)
-        return out
-    # DeepSpeed ZeRO 1/2/3 (make_parallel refuses the deepspeed engine for fsdp, which _fsdp2 plans)
+    else:  # DeepSpeed ZeRO 1/2/3 (make_parallel refuses the deepspeed engine for fsdp, which _fsdp2 plans)
+        _deepspeed(out, model, cfg, par, st, base)
+    _rollout_gather(out, model, cfg, par, st)
+    return out
+
+
+def _deepspeed(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel, st, base) -> None:
+    """DeepSpeed ZeRO stage 1, 2 or 3 per rank (``deepspeed/runtime/zero/stage_1_and_2.py``, ``stage3.py``).
+
+    Every trainable parameter has a 16-bit working copy, an fp32 master partition (4 P / N) and its
+    optimiser states (on the master partition). Stages 1-2 keep the 16-bit weights whole and the 16-bit
+    gradients whole through backward; ``step()`` frees them once it has built the fp32 gradient partition
+    from them (``single_grad_partition = flat_grad_partition.to(fp32)``; ``free_grad_in_param_list``),
+    which lives through the update. Stage 3 keeps 16-bit partitions of the weights and gradients; its
+    step adds the fp32 gradient partition beside them, and the parameters it gathers stay gathered while
+    they will be used again within ``stage3_max_reuse_distance`` elements (:func:`_zero3_kept`). The
+    reduce / all-gather buckets live only inside a collective (none across the step). FusedAdam leaves no
+    temporaries; ``torch_adam`` (:attr:`Parallel.torch_adam`) two fp32 partitions.
+    """
+    n = par.gpus
+    regime = cfg.regime
+    opt = get_optimizer(cfg.optimizer)
+    P = st.trainable_params
+    full = cfg.recipe.adapter is Adapter.FULL
+    offload = par.offload == "cpu"
+    frozen_w = _frozen_weight_bytes(model, cfg, st) if full else base[Component.WEIGHTS]
+    quant = base.get(Component.QUANT_STATE, 0)
+    groups = _trainable_groups(model, cfg)
     p16 = DTYPE_BYTES[regime.compute_dtype]
     mixed = regime.compute_dtype != FP32
     master = 4 * P if mixed else 0
     g32 = 4 * P if mixed else 0
+    part = -(-P // n)  # elements of this rank's flat partition
     # the optimiser keeps its states on the fp32 master partition (DeepSpeed's K = 12 for Adam)
     states = opt.total_state_bytes([(s, c, 4) for s, c in groups])
+    temps = opt.step_temporary_bytes([(s, c, 4) for s, c in groups], "trainer") // n + (
+        2 * 4 * part if par.torch_adam else 0)
     trainable_w = p16 * P
     train_key = Component.WEIGHTS if full else Component.ADAPTERS
-    ll = largest_layer_params(model)
     stage = int(par.strategy[-1])
     if stage in (1, 2):
         out.bytes[Component.WEIGHTS] = frozen_w
@@ -421,31 +474,86 @@ def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, st=N
             out.cpu_bytes = (master + g32 + states) // n + p16 * P // n
         else:
             out.bytes[Component.MASTER_WEIGHTS] = master // n
-            out.bytes[Component.GRADIENTS] = p16 * P + g32 // n
+            out.bytes[Component.GRADIENTS] = p16 * P
+            out.fp32_grad_bytes = (g32 if mixed else 4 * P) // n
+            out.step_grad_bytes = out.fp32_grad_bytes
             out.bytes[Component.OPTIMIZER_STATES] = states // n
-            out.step_temporary = opt.step_temporary_bytes([(s, c, 4) for s, c in groups], "trainer") // n
-        # reduce and all-gather buckets: HF's "auto" DeepSpeed config sets reduce_bucket_size to hidden^2
-        out.comm_buffer_bytes = 2 * 2 * p16 * model.hidden_size ** 2
+            out.step_temporary = temps
     else:
         if not offload:
             out.bytes[Component.WEIGHTS] = frozen_w // n
-            out.bytes[Component.QUANT_STATE] = quant // n
+            out.bytes[Component.QUANT_STATE] = quant  # module attributes, not parameters: every rank keeps them
             out.bytes[train_key] += trainable_w // n
             out.bytes[Component.MASTER_WEIGHTS] = master // n
-            out.bytes[Component.GRADIENTS] = g32 // n
+            out.bytes[Component.GRADIENTS] = p16 * part
+            out.fp32_grad_bytes = g32 // n
+            out.step_grad_bytes = p16 * part + g32 // n
             out.bytes[Component.OPTIMIZER_STATES] = states // n
-            out.step_temporary = opt.step_temporary_bytes([(s, c, 4) for s, c in groups], "trainer") // n
+            out.step_temporary = temps
         else:
             out.cpu_bytes = (frozen_w + quant + trainable_w + master + g32 + states) // n
-        # the largest module gathered (16-bit) and, when it trains, its 16-bit gradient: 4 L (DeepSpeed)
-        out.gathered_bytes = p16 * ll if full else int(np.ceil(_frozen_bytes_per_param(model, cfg, st) * ll))
-        out.inflight_grad_bytes = p16 * ll if full else 0
-        # prefetch bucket: HF "auto" stage3_prefetch_bucket_size = 0.9 hidden^2 elements
-        out.comm_buffer_bytes = int(0.9 * model.hidden_size ** 2) * p16
+        out.gathered_bytes = _zero3_kept(model, cfg, par, st)
+        # contiguous_gradients (default on): one reduce bucket per gradient dtype, allocated at init (stage3.py
+        # ``bucket.buffer = torch.empty(self.reduce_bucket_size, ...)``); the HF Trainer's "auto" sets hidden^2
+        out.comm_buffer_bytes = p16 * int(par.reduce_bucket_size or model.hidden_size ** 2)
+        return _deepspeed_layout(out, stage, mixed, offload)
+    out.comm_buffer_bytes = 0  # stages 1-2 allocate their gradient buckets inside backward only
+    _deepspeed_layout(out, stage, mixed, offload)
+
+
+def _deepspeed_layout(out: ShardedState, stage: int, mixed: bool, offload: bool) -> None:
     out.layout = (f"DeepSpeed ZeRO-{stage} ({'bf16/fp16 weights + fp32 master' if mixed else 'fp32'})"
                   + (", optimiser" + (" and parameters" if stage == 3 else "") + " offloaded to CPU" if offload else ""))
-    _rollout_gather(out, model, cfg, par, st)
-    return out
+
+
+def _zero3_kept(model: ModelSpec, cfg: TrainConfig, par: Parallel, st) -> int:
+    """Bytes ZeRO-3 holds gathered from a module's forward to its backward (16-bit or stored frozen bytes).
+
+    ``PartitionedParameterCoordinator.release_sub_module`` keeps a parameter whose next use is within
+    ``stage3_max_reuse_distance`` (default 1e9) elements of parameter traffic (``stage3.py``,
+    ``partitioned_param_coordinator.py``): in forward-then-backward order a module's next use is its
+    backward, after twice the parameters that follow it, so the trailing ``max_reuse_distance / 2``
+    parameters of the modules that run a backward stay gathered (with a PEFT method the input embedding
+    runs none: nothing flows back into it), plus the module at work (the largest).
+    """
+    full = cfg.recipe.adapter is Adapter.FULL
+    p16 = DTYPE_BYTES[cfg.regime.compute_dtype]
+    reused = model.params - (0 if full else model.embedding_params)
+    if full:
+        stored = p16 * reused
+    else:  # the stored frozen weights (4-bit codes, 16-bit rest) but the embedding's, and the adapters
+        stored = (_frozen_weight_bytes(model, cfg, st) - DTYPE_BYTES[cfg.regime.frozen_dtype] * model.embedding_params
+                  + st.bytes.get(Component.ADAPTERS, 0))
+    cap = DS_DEFAULTS["max_reuse_distance"] // 2 + largest_layer_params(model)
+    return int(np.ceil(stored * min(1.0, cap / max(reused, 1))))
+
+
+#: the option a configuration carries while planned as DeepSpeed's 16-bit engine runs it (keeps its cached
+#: model state apart from the configuration's own)
+_DS_CAST = "_deepspeed_16bit_module"
+
+
+def deepspeed_cast(cfg: TrainConfig, par: Parallel) -> TrainConfig:
+    """``cfg`` as DeepSpeed's bf16/fp16 engine runs it: every parameter cast to the 16-bit dtype.
+
+    ``DeepSpeedEngine._configure_distributed_model`` casts the module's parameters to the engine's
+    16-bit dtype ("replaces blanket module.half()/bfloat16()"; fp32 buffers kept): PEFT's fp32 adapters
+    and ``prepare_model_for_kbit_training``'s fp32 upcasts become 16-bit (the 4-bit codes stay). Applies
+    to a pure 16-bit regime (no autocast) under the DeepSpeed engine; otherwise ``cfg`` itself.
+    """
+    if not (par.distributed and par.engine_name == "deepspeed"):
+        return cfg
+    regime = cfg.regime
+    upcast = cfg.stack.kbit_upcast and cfg.recipe.adapter.quantized_base
+    if regime.autocast is not None or regime.compute_dtype == FP32 or (
+            regime.adapter_dtype == regime.compute_dtype and not upcast):
+        return cfg
+    from dataclasses import replace
+
+    view = replace(cfg, options=tuple(sorted(dict(cfg.options, **{_DS_CAST: True}).items())))
+    view.__dict__["stack"] = replace(cfg.stack, kbit_upcast=False)
+    view.__dict__["regime"] = replace(regime, adapter_dtype=regime.compute_dtype)
+    return view
 
 
 def _rollout_gather(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel, st) -> None:
@@ -567,7 +675,8 @@ def _fsdp2(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel,
     rs = gU  # the reduce-scatter input: the unit's gradients, padded, in the reduce dtype (= gradient dtype)
     out.fsdp2 = {"R": R, "U": U, "gU": gU, "rs": rs, "head_g": head_g, "root_g": root_g, "layers": L,
                  "sg": -(-gU // n), "reshard": par.reshards_after_forward,
-                 "gU_mlp": min(gU, int(st.layer_grad)) if full else 0}
+                 "gU_mlp": min(gU, int(st.layer_grad)) if full else 0,
+                 "no_sync": par.skips_sync(cfg), "sharded_grads": out.bytes.get(Component.GRADIENTS, 0)}
     # the generic phase arithmetic sees the root and the last layer's all-gather (forward end, loss)
     out.gathered_bytes = R + (U if par.reshards_after_forward else (L + 1) * U)
     # reshard_after_forward passed explicitly to the root too (torchtune's shard_model and accelerate's
@@ -599,6 +708,9 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
     only needs the peak).
     """
     model = cfg.stack.as_built(model)
+    cast = deepspeed_cast(cfg, par)
+    if cast is not cfg:  # what was computed for the configuration itself does not hold
+        cfg, state, terms = cast, None, None
     full = _mem.model_state(model, cfg)  # unsharded: the casts and the gradient tail scale with the shard
     sh = state or shard_state(model, cfg, par, st=full)
     t = terms or _mem.step_terms(model, cfg, batch, seq)
@@ -607,10 +719,11 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
     shard = grads / full.bytes[Component.GRADIENTS] if full.bytes[Component.GRADIENTS] else 0.0
     state_terms = StateTerms(
         states=B.get(Component.OPTIMIZER_STATES, 0), cache=B.get(Component.AUTOCAST_CACHE, 0),
-        casts=_mem.backward_casts(full, cfg), grads_bwd=grads + sh.inflight_grad_bytes, grads_opt=grads,
+        casts=_mem.backward_casts(full, cfg), grads_bwd=grads + sh.inflight_grad_bytes,
+        grads_opt=grads if sh.step_grad_bytes is None else sh.step_grad_bytes,
         grads_tail=full.grads_tail * shard, grads_end_extra=full.grads_end_extra * shard,
         layer_grad=full.layer_grad * shard, head_grad=full.head_grad * shard, step_temporary=sh.step_temporary,
-        rollout_on=cfg.recipe.behaviour.generates)
+        rollout_on=cfg.recipe.behaviour.generates, grads_held=_held_gradients(sh, full, cfg, par))
     gathering = Gathering(
         comm=sh.comm_buffer_bytes, gathered=sh.gathered_bytes, rollout_gather=sh.rollout_gather_bytes,
         fwd_mid=sh.gathered_fwd_mid, bwd_start=sh.gathered_bwd_start, bwd_work=sh.gathered_bwd_work,
@@ -622,6 +735,46 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
     ms = ModelState(bytes=dict(B), params=model.params, trainable_params=sh.trainable_params,
                     step_temporary=sh.step_temporary)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=ms)
+
+
+def _held_gradients(sh: ShardedState, full, cfg: TrainConfig, par: Parallel) -> int:
+    """Gradient bytes a micro-batch after the first runs beside (:func:`vramplan.memory.held_gradients`), per GPU.
+
+    One process and DDP (``no_sync`` or not): every gradient, summed in ``param.grad`` (with
+    ``gradient_as_bucket_view`` they are the buckets, counted as such); FSDP2: its sharded sums, or every
+    unsharded gradient when the sync is skipped (:func:`_fsdp2_held`). DeepSpeed accumulates into its own
+    fp32 partition (counted in its layout).
+    """
+    if sh.fsdp2 is not None:
+        held_sh, held_u = _fsdp2_held(sh.fsdp2, cfg)
+        return held_sh + held_u * full.bytes.get(Component.GRADIENTS, 0)
+    if par.distributed and par.engine_name == "deepspeed":
+        # ZeRO-3's 16-bit gradient partition stays allocated across steps (stages 1-2 free theirs in step())
+        return sh.bytes.get(Component.GRADIENTS, 0) if par.strategy == "zero3" and par.offload != "cpu" else 0
+    return int(_mem.held_gradients(ModelState(bytes=sh.bytes, params=0, trainable_params=sh.trainable_params), cfg))
+
+
+def accumulation_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel, batch, grad_accum,
+                             state: ShardedState | None = None, terms: dict | None = None) -> StepMemory:
+    """:func:`parallel_step_memory` over paired ``batch`` / ``grad_accum`` arrays (a search's grid).
+
+    Accumulation changes the memory only between one micro-batch and several (the earlier ones' gradients
+    held: :func:`_held_gradients`), so the step is evaluated once each way and picked per grid point.
+    """
+    accum = np.asarray(grad_accum)
+    one = parallel_step_memory(model, cfg.with_(grad_accum=1), par, batch=batch, state=state, terms=terms)
+    if not np.any(accum > 1):
+        return one
+    many = parallel_step_memory(model, cfg.with_(grad_accum=2), par, batch=batch, state=state, terms=terms)
+    on = np.broadcast_to(accum > 1, np.shape(one.peak))
+
+    def pick(a, b):
+        return np.where(on, b, a)
+
+    return StepMemory(components={c: pick(one.components.get(c, 0), many.components.get(c, 0))
+                                  for c in set(one.components) | set(many.components)},
+                      phases={p: pick(one.phases[p], many.phases[p]) for p in one.phases},
+                      peak=pick(one.peak, many.peak), peak_phase=pick(one.peak_phase, many.peak_phase), state=one.state)
 
 
 def backward_casts_of(state, cfg: TrainConfig) -> int:
@@ -650,6 +803,12 @@ def _fsdp2_phases(sh: ShardedState, t: StepTerms, phases: dict, comps: dict, B: 
     The start of backward (everything saved, the logits' gradients, R + the prefetched last layer)
     and the forward's end (logits) come from :func:`vramplan.phases.combine_phases`.
     """
+    cands, states = _fsdp2_candidates(sh, t, B, full_state, cfg)
+    return _merge_candidates(cands, phases, comps, B, sh, states, t.zeros, components)
+
+
+def _fsdp2_candidates(sh: ShardedState, t: dict, B: dict, full_state, cfg: TrainConfig):
+    """The points :func:`_fsdp2_phases` walks: ``([(phase, bytes, {component: bytes}), ...], optimiser states)``."""
     f = sh.fsdp2
     R, U, gU, rs, head_g, root_g, L, sg = (f[k] for k in ("R", "U", "gU", "rs", "head_g", "root_g", "layers", "sg"))
     gU_mlp = f["gU_mlp"]
@@ -662,6 +821,9 @@ def _fsdp2_phases(sh: ShardedState, t: StepTerms, phases: dict, comps: dict, B: 
     per = t.layer if not cfg.grad_ckpt else t.acts / max(L, 1)  # saved per layer (checkpoint inputs under GC)
     rec = t.recompute if cfg.grad_ckpt else zeros
     trans = np.maximum(t.transient + t.temps_fwd, t.temps_recompute)
+    # gradient accumulation (a micro-batch after the first): the sharded sums of the earlier micro-batches
+    # (every micro-batch reduce-scattered) or every unsharded gradient (gradient sync skipped: no_sync)
+    held_sh, held_u = _fsdp2_held(f, cfg)
     cands: list[tuple[Phase, np.ndarray, dict]] = []
     # forward copy-outs
     # every point below is affine in the layer index i between the indices where a term switches
@@ -672,7 +834,10 @@ def _fsdp2_phases(sh: ShardedState, t: StepTerms, phases: dict, comps: dict, B: 
         kept = 0 if reshard else i * U
         g = (2 * R + 2 * U) if i == 0 else (R + kept + 3 * U)
         a = i * per
-        cands.append((Phase.FORWARD, base + a + g, {Component.ALLGATHER_BUFFERS: g + zeros, Component.ACTIVATIONS: a + zeros}))
+        held = held_sh + held_u * (L * gU + root_g)
+        cands.append((Phase.FORWARD, base + a + g + held, {Component.ALLGATHER_BUFFERS: g + zeros,
+                                                          Component.ACTIVATIONS: a + zeros,
+                                                          Component.GRADIENTS: held + zeros}))
     # backward starts (the loss's gradient, before the logits' gradients exist) with the root gathered
     # again when it was resharded after forward: its flat buffer beside its parameters, beside everything
     # saved, the logits kept for the loss's backward (logits_bwd - logits_fwd: what the loss' backward adds
@@ -681,38 +846,64 @@ def _fsdp2_phases(sh: ShardedState, t: StepTerms, phases: dict, comps: dict, B: 
         cast = backward_casts_of(full_state, cfg)
         kept = np.maximum(t.logits_bwd - t.logits_fwd, 0)
         g = 2 * R
-        cands.append((Phase.BACKWARD, base + t.acts + cast + kept + g,
+        held = held_sh + held_u * (L * gU + root_g)
+        cands.append((Phase.BACKWARD, base + t.acts + cast + kept + g + held,
                       {Component.ALLGATHER_BUFFERS: g + zeros, Component.ACTIVATIONS: t.acts + zeros,
-                       Component.LOGITS: kept + zeros, Component.AUTOCAST_CACHE: cast + zeros}))
+                       Component.LOGITS: kept + zeros, Component.AUTOCAST_CACHE: cast + zeros,
+                       Component.GRADIENTS: held + zeros}))
     # backward, layer by layer
     for i in reversed(ends):
         k = L - 1 - i
-        done = k * sg
+        # reduced so far (or every sharded sum, accumulating); unsharded sums of the layers below and the embedding
+        done = held_sh if held_sh else k * sg
+        below = held_u * (i * gU + root_g - head_g)
+        own_held = held_u * gU  # its own sums, before its backward adds to them
         rs_prev = rs if k >= 1 else 0
         a_i = (i + 1) * per
         own = (i + 1) * U if not reshard else U  # unsharded layers at this point (own included)
         prefetch = U if (reshard and i >= 1) else 0
         pts = []
         if reshard:  # copy-out: own flat buffer beside own parameters
-            pts.append((R + 2 * U, rs_prev, head_g + done, a_i, zeros))
+            pts.append((R + 2 * U, rs_prev, head_g + done + below + own_held, a_i, zeros))
         # inside the layer's backward, as combine_phases' layer branch: early, everything it saved (and
         # its recomputation) without its gradients; late, its gradients but the MLP's saved tensors
         early = a_i + rec
         late_mlp = gU - gU_mlp + a_i  # before the MLP block's gradients: all saved, attention grads not yet
         late_attn = gU + a_i - per + t.layer_attn  # the attention block's backward: every layer gradient
-        pts.append((R + own + prefetch, rs_prev, head_g + done, early, trans))
-        pts.append((R + own + prefetch, rs_prev, head_g + done, np.maximum(late_mlp, late_attn), trans))
-        pts.append((R + own - U + prefetch, rs, gU + head_g + done, a_i - per, zeros))
+        pts.append((R + own + prefetch, rs_prev, head_g + done + below + own_held, early, trans))
+        pts.append((R + own + prefetch, rs_prev, head_g + done + below, np.maximum(late_mlp, late_attn), trans))
+        pts.append((R + own - U + prefetch, rs, gU + head_g + done + below, a_i - per, zeros))
         for g, r, gr, a, tmp in pts:
             val = base + g + r + gr + a + tmp
             cands.append((Phase.BACKWARD, val, {Component.ALLGATHER_BUFFERS: g + zeros, Component.REDUCE_BUFFERS: r + zeros,
                                                 Component.GRADIENTS: gr + zeros, Component.ACTIVATIONS: a + zeros,
                                                 Component.TEMPORARIES: tmp + zeros}))
-    end_done = L * sg
+    end_done = held_sh if held_sh else L * sg
     for g, r, gr in ((R, rs if L else 0, root_g + end_done), (0, root_g, root_g + end_done)):
         cands.append((Phase.BACKWARD, base + g + r + gr, {Component.ALLGATHER_BUFFERS: g + zeros,
                                                          Component.REDUCE_BUFFERS: r + zeros,
                                                          Component.GRADIENTS: gr + zeros}))
+    return cands, states
+
+
+def _fsdp2_held(f: dict, cfg: TrainConfig) -> tuple[int, int]:
+    """(sharded gradient bytes held from earlier micro-batches, 1 when every unsharded gradient is held, else 0).
+
+    FSDP2's two accumulation flavours (pytorch/pytorch PR #126166's description): reduce-scatter every
+    micro-batch and accumulate the sharded gradients (``sharded_param.grad`` += the new shard), or skip the
+    sync (``set_requires_gradient_sync(False)``, FSDP1's ``no_sync()``) and keep the unsharded gradients
+    (``unsharded_param.grad``) until the last micro-batch reduce-scatters them unit by unit.
+    """
+    if cfg.grad_accum <= 1 or cfg.uses("opt_in_bwd"):
+        return 0, 0
+    if f["no_sync"]:
+        return 0, 1
+    return f["sharded_grads"], 0
+
+
+def _merge_candidates(cands: list, phases: dict, comps: dict, B: dict, sh: ShardedState, states, zeros,
+                      components: bool):
+    """Each phase's peak raised to its largest candidate; the components where a candidate sets the step's peak."""
     phases = dict(phases)
     best: dict[Phase, tuple[np.ndarray, dict]] = {}
     for ph, val, parts in cands:

@@ -51,6 +51,7 @@ class Stack:
     fused_activation: bool = False                    # its own model runs the MLP activation as one op (litgpt F.gelu)
     transformers_modules: bool = False                # it trains transformers' own modeling code (its attention calls)
     bnb_exact_linear: bool = False                    # its 4-bit conversion replaces exact nn.Linear only (transformers >= 5)
+    accumulation_no_sync: bool = False                # accumulation micro-batches skip the gradient sync (DDP/FSDP no_sync)
     # the dry run (stacks.toml's header): its runtime module, what it builds, its packages and techniques
     runtime: str = ""                                 # module of vramplan.runtime.stacks or dotted path ("": name)
     dryrun_builds: str = ""
@@ -166,6 +167,7 @@ def stacks() -> dict[str, Stack]:
                        float_quant_storage=_flag(s, "float_quant_storage"),
                        fused_lora_layers=_flag(s, "fused_lora_layers"), fused_activation=_flag(s, "fused_activation"),
                        bnb_exact_linear=_flag(s, "bnb_exact_linear"),
+                       accumulation_no_sync=_flag(s, "accumulation_no_sync"),
                        transformers_modules=_flag(s, "transformers_modules"),
                        runtime=str(s.get("runtime", name)), dryrun_builds=str(s.get("dryrun_builds", name)),
                        dryrun_package=str(s.get("dryrun_package", "")), dryrun_versions=_names(s, "dryrun_versions"),

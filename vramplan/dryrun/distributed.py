@@ -329,7 +329,12 @@ def _make_rank_tracker():
                 tensor = getattr(tensor, "_local_tensor", tensor)
             self.tag(tensor, component)
 
+        #: called with (event name, trainee) on every event (the accumulation's gradient-sync switch)
+        listeners: tuple = ()
+
         def event(self, name: str, trainee) -> None:
+            for fn in self.listeners:
+                fn(name, trainee)
             if name == "built":
                 for t, comp in _parameter_components(trainee):
                     self.tag_local(t, comp)
@@ -417,14 +422,16 @@ class _Patches:
         # gloo has no reduce-scatter kernel: c10d emulates it with an all-reduce of a copy of the input,
         # a buffer NCCL's native reduce-scatter does not have. Storages first seen inside the call are
         # that staging copy; they are left out of the per-rank count (RankTrace.gloo_staging_bytes).
+        # Both run synchronously and return only once gloo's worker thread has let go of their tensors; an
+        # asynchronous caller (FSDP2) gets a completed Work that holds none. gloo's Work keeps the collective's
+        # input and output until its worker thread drops it, and on a busy host that thread sometimes did so
+        # after FSDP2 had dropped the buffer: a unit's all-gather output (0.3-0.5 MiB here) was then freed on
+        # that thread at a random later point of the step (one rank's peak that much higher in about one run
+        # in ten). NCCL's buffers are freed where FSDP2 drops them, which is what this leaves.
         orig_rs = dist.reduce_scatter_single
 
-        def reduce_scatter_single(*args, **kwargs):
-            tr.staging = True
-            try:
-                return orig_rs(*args, **kwargs)
-            finally:
-                tr.staging = False
+        def reduce_scatter_single(*args, async_op=False, **kwargs):
+            return _collective(orig_rs, tr, args, kwargs, async_op)
 
         self._saved.append((dist, "reduce_scatter_single", orig_rs))
         dist.reduce_scatter_single = reduce_scatter_single
@@ -432,12 +439,8 @@ class _Patches:
         # seen inside it is the backend's own
         orig_ag = dist.all_gather_single
 
-        def all_gather_single(*args, **kwargs):
-            tr.staging = True
-            try:
-                return orig_ag(*args, **kwargs)
-            finally:
-                tr.staging = False
+        def all_gather_single(*args, async_op=False, **kwargs):
+            return _collective(orig_ag, tr, args, kwargs, async_op)
 
         self._saved.append((dist, "all_gather_single", orig_ag))
         dist.all_gather_single = all_gather_single
@@ -457,6 +460,50 @@ class _Patches:
             setattr(owner, name, orig)
         self._saved.clear()
         return False
+
+
+#: how long a collective waits for gloo's worker thread to drop its tensors (seconds)
+RELEASE_WAIT = 10.0
+
+
+def _collective(fn, tracker, args, kwargs, async_op: bool):
+    """Run the gloo collective ``fn`` synchronously (its own storages are gloo's staging, left out), wait until
+    gloo's worker no longer references its tensors (``Tensor._use_count`` back to the caller's), and return
+    a completed Work (or None) as ``async_op`` asks."""
+    import torch
+
+    tensors = [x for x in list(args) + list(kwargs.values()) if isinstance(x, torch.Tensor)]
+    before = [t._use_count() for t in tensors]
+    tracker.staging = True
+    try:
+        fn(*args, async_op=False, **kwargs)
+    finally:
+        tracker.staging = False
+    deadline = time.monotonic() + RELEASE_WAIT
+    while any(t._use_count() > b for t, b in zip(tensors, before)) and time.monotonic() < deadline:
+        time.sleep(0.0002)
+    return _done_work() if async_op else None
+
+
+def _done_work():
+    """A completed ``torch.distributed.Work`` holding no tensors (what a synchronous collective hands back to
+    a caller that asked for an asynchronous one)."""
+    import torch.distributed as dist
+
+    global _DoneWork
+    if _DoneWork is None:
+        class _Done(dist.distributed_c10d.Work):
+            def wait(self, timeout=None):
+                return True
+
+            def is_completed(self):
+                return True
+
+        _DoneWork = _Done
+    return _DoneWork()
+
+
+_DoneWork = None
 
 
 def _sectioned(fn, tracker, comp, name):
@@ -566,7 +613,44 @@ def _build_wrapped(spec: ModelSpec, cfg: TrainConfig, job: dict, tracker):
         tracker.event("built", trainee)
         trainee.optimizer = make_optimizer(trainee.trainable_parameters(), cfg, regime, "cpu", False, notes)
     del dist
+    _skip_sync_while_accumulating(trainee, strategy, opts, tracker)
     return trainee
+
+
+def _skip_sync_while_accumulating(trainee, strategy: str, opts: dict, tracker) -> None:
+    """With ``cfg.grad_accum > 1`` and the ``no_sync`` option, every micro-batch but the last runs without
+    gradient synchronisation, as accumulation loops do: DDP's ``no_sync()`` (which clears
+    ``require_backward_grad_sync`` for the micro-batch; Lightning Fabric's ``no_backward_sync``, accelerate's
+    ``accumulate``), FSDP2's ``set_requires_gradient_sync(False)`` (its no-sync flavour, which keeps the
+    unsharded gradients: pytorch/pytorch PR #126166). Without it every micro-batch synchronises (FSDP2
+    reduce-scatters and accumulates the sharded gradients)."""
+    ga = trainee.cfg.grad_accum
+    no_sync = opts.get("no_sync")
+    if no_sync is None:  # the stack's loop (stacks.toml accumulation_no_sync), as the planner assumes
+        no_sync = trainee.cfg.stack.accumulation_no_sync
+    if ga <= 1 or not no_sync or strategy not in ("ddp", "zero1", "zero2", "zero3", "fsdp"):
+        return
+    module = trainee.copies[next(iter(trainee.copies))].module
+
+    def sync(flag: bool) -> None:
+        if hasattr(module, "set_requires_gradient_sync"):
+            module.set_requires_gradient_sync(flag)
+        else:
+            module.require_backward_grad_sync = flag
+
+    state = {"micro": 0}
+
+    def listener(name: str, _trainee) -> None:
+        if name == "after_backward":
+            state["micro"] += 1
+            if state["micro"] == ga - 1:
+                sync(True)
+        elif name == "after_optimizer_step":
+            state["micro"] = 0
+            sync(False)
+
+    sync(False)
+    tracker.listeners = tracker.listeners + (listener,)
 
 
 # -- the parent ------------------------------------------------------------------------------------
@@ -621,31 +705,13 @@ def _run_group(ctx, payload: list, gpus: int, timeout: float) -> list:
     return results
 
 
-#: runs of a symmetric engine repeated when its ranks disagree (see run_jobs)
-SYMMETRIC_RETRIES = 2
-
-
-def _symmetric(job: Job) -> bool:
-    """Every rank holds the same bytes: DDP, and FSDP2 / DeepSpeed over evenly divisible shapes (not
-    ZeroRedundancyOptimizer, whose partition is by whole parameters)."""
-    return not (job.strategy == "zero1" and job.engine == "torch")
-
-
-def _ranks_agree(per: list, rel: float = 0.001) -> bool:
-    peaks = [r.peak_bytes for r in per]
-    return max(peaks) - min(peaks) <= rel * max(peaks)
-
-
 def run_jobs(jobs: list[Job], gpus: int, timeout: float = 600.0) -> list[list[RankTrace] | str]:
     """Run every job in its own group of ``gpus`` fresh ranks; per job, the rank traces or an error line.
 
     One group per job: FSDP2 and DDP keep module-level and communicator state, and a second job in
-    the same processes was seen to trace differently from the same job run first. A symmetric job
-    whose ranks disagree is run again (up to ``SYMMETRIC_RETRIES`` times): in about one FSDP2 run in
-    ten on this host one rank's peak came out about half a MiB higher than the other ranks' (and than
-    the same job's other runs), which we have not traced to its cause (not the cycle collector, which
-    is off during the measured step, nor the order of gloo's thread releasing its tensors); the
-    kept run is the last one, so a disagreement that persists is reported as measured.
+    the same processes was seen to trace differently from the same job run first. Each job runs once:
+    the trace is deterministic (no cycle collection inside the measured step; gloo's collectives return
+    only once its worker thread has let go of their tensors, see :class:`_Patches`).
     """
     if not jobs:
         return []
@@ -660,12 +726,9 @@ def run_jobs(jobs: list[Job], gpus: int, timeout: float = 600.0) -> list[list[Ra
         for j in jobs:
             payload = [{"spec": j.spec, "cfg": j.cfg, "strategy": j.strategy, "engine": j.engine,
                         "options": dict(j.options)}]
-            for attempt in range(1 + SYMMETRIC_RETRIES):
-                results = _run_group(ctx, payload, gpus, max(1.0, t_end - time.monotonic()))
-                per = [results[r][0] for r in range(gpus)]
-                err = next((x["error"] for x in per if isinstance(x, dict) and "error" in x), None)
-                if err or not _symmetric(j) or _ranks_agree(per):
-                    break
+            results = _run_group(ctx, payload, gpus, max(1.0, t_end - time.monotonic()))
+            per = [results[r][0] for r in range(gpus)]
+            err = next((x["error"] for x in per if isinstance(x, dict) and "error" in x), None)
             out.append(err if err else per)
     finally:
         if deepspeed:
@@ -708,13 +771,16 @@ def distributed_dryrun(model: str | ModelSpec, method: str = "lora", *, gpus: in
                        bucket_cap_mb: float | None = None, reduce_bucket_size: int | None = None,
                        allgather_bucket_size: int | None = None, prefetch_bucket_size: int | None = None,
                        max_live_parameters: int | None = None, offload: str | None = None,
+                       grad_accum: int = 1, no_sync: bool | None = None,
                        timeout: float = 600.0) -> DistributedDryRunResult:
     """Trace one steady-state step per rank of ``strategy`` over ``gpus`` local CPU processes.
 
     ``layers`` caps the decoder depth (the model is otherwise built from its config, random
     weights). Engine options: ``reshard_after_forward`` (FSDP2), ``bucket_cap_mb`` (DDP),
     DeepSpeed's ``reduce_bucket_size`` / ``allgather_bucket_size`` / ``prefetch_bucket_size`` /
-    ``max_live_parameters`` (elements; default: DeepSpeed's). ``offload="cpu"`` cannot be
+    ``max_live_parameters`` (elements; default: DeepSpeed's). ``grad_accum`` micro-batches per step, the
+    sync skipped on all but the last with ``no_sync`` (None: the stack's loop, ``stacks.toml
+    accumulation_no_sync``). ``offload="cpu"`` cannot be
     traced on a CPU-only host (there is no device memory to offload from): it raises.
 
     Raises:
@@ -740,13 +806,13 @@ def distributed_dryrun(model: str | ModelSpec, method: str = "lora", *, gpus: in
             raise VramplanError(f"--layers must be a positive integer, got {layers!r}")
         spec = spec.with_layers(min(layers, spec.num_layers))
     cfg = distributed_config(spec, method, precision=precision, batch=batch, seq=seq, rank=rank, targets=targets,
-                             grad_ckpt=bool(grad_ckpt), attn=attn)
+                             grad_ckpt=bool(grad_ckpt), attn=attn, grad_accum=grad_accum)
     from ..distributed import parallel_step_memory
 
     plan_par = make_parallel(gpus, strategy, engine=eng, reshard_after_forward=reshard_after_forward,
                              bucket_cap_mb=bucket_cap_mb, reduce_bucket_size=reduce_bucket_size,
                              allgather_bucket_size=allgather_bucket_size, prefetch_bucket_size=prefetch_bucket_size,
-                             max_live_parameters=max_live_parameters)
+                             max_live_parameters=max_live_parameters, no_sync=no_sync, torch_adam=eng == "deepspeed")
     planned = int(parallel_step_memory(spec, cfg, plan_par, components=False).peak)
     if planned * gpus > HOST_BUDGET:
         raise VramplanError(f"{spec.name} with {spec.num_layers} layers needs about {planned * gpus / 2**30:.1f} GiB "
@@ -754,7 +820,7 @@ def distributed_dryrun(model: str | ModelSpec, method: str = "lora", *, gpus: in
     opts = {k: v for k, v in dict(reshard_after_forward=reshard_after_forward, bucket_cap_mb=bucket_cap_mb,
                                   reduce_bucket_size=reduce_bucket_size, allgather_bucket_size=allgather_bucket_size,
                                   prefetch_bucket_size=prefetch_bucket_size,
-                                  max_live_parameters=max_live_parameters).items() if v is not None}
+                                  max_live_parameters=max_live_parameters, no_sync=no_sync).items() if v is not None}
     t0 = time.perf_counter()
     res = run_jobs([Job(spec, cfg, strategy, eng, opts)], gpus, timeout=timeout)[0]
     if isinstance(res, str):

@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 
 from ..config import TrainConfig, make_config
-from ..distributed import SINGLE, STRATEGIES, Parallel, make_parallel, parallel_step_memory, shard_state
+from ..distributed import (SINGLE, STRATEGIES, Parallel, accumulation_step_memory, make_parallel,
+                           parallel_step_memory, shard_state)
 from ..errors import VramplanError
 from ..gpus import GPUSpec, catalogue
 from ..memory import StepMemory, model_state, step_memory_rows_shared, step_terms
@@ -351,7 +352,7 @@ def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Paral
             tkey = (k, tuple(b_grid))
             if tkey not in terms:
                 terms[tkey] = step_terms(spec, r, batch=b_grid)
-            mems.append(parallel_step_memory(spec, r, p, batch=b_grid, state=sharded[k], terms=terms[tkey]))
+            mems.append(accumulation_step_memory(spec, r, p, b_grid, a_grid, state=sharded[k], terms=terms[tkey]))
         rows = [totals(mems[j], cfg, card, p) for j, (cfg, _) in zip(which, cands)]
         results[p] = (np.stack([np.broadcast_to(r, np.shape(b_grid)) for r in rows]), times)
     return which, results
