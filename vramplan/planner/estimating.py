@@ -140,7 +140,7 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
             est.extra["cpu_offload_bytes_per_gpu"] = int(sh.cpu_bytes)
     from ..bands import band_for_config
 
-    band = band_for_config(cfg)
+    band = band_for_config(cfg, multi=par.distributed)
     # the band as the device totals it spans (bytes): peak x (1 + lo) .. peak x (1 + hi)
     est.extra["band"] = {**band.to_json(), "low_bytes": max(0, int(np.floor((1.0 + band.lo) * peak))),
                          "high_bytes": int(np.ceil((1.0 + band.hi) * peak))}

@@ -79,18 +79,18 @@ class FitRow:
     @property
     def verdict(self) -> Verdict:
         """comfortable / tight / no (:mod:`vramplan.verdict`, the same thresholds as ``vramplan matrix``)."""
-        from ..bands import band_for_config
+        from ..bands import band_for_estimate
 
-        b = band_for_config(self.estimate.config)
+        b = band_for_estimate(self.estimate)
         return classify(self.estimate.peak_bytes, self.estimate.capacity_bytes, b.hi, b.lo)
 
     @property
     def verdict_text(self) -> str:
         """Where the chosen plan stands against the card, with the band (:func:`vramplan.verdict.advice`)."""
-        from ..bands import band_for_config
+        from ..bands import band_for_estimate
         from ..verdict import advice
 
-        b = band_for_config(self.estimate.config)
+        b = band_for_estimate(self.estimate)
         return advice(self.estimate.peak_bytes, self.estimate.capacity_bytes, b.hi, b.lo)
 
     @property
@@ -321,8 +321,8 @@ def _notes(ctx: _FitContext, name: str, sreq: SearchRequest, mp, chosen, est: Es
         notes.append(_no_comfortable_note(mp, est, ctx.margin))
         if suggestions:
             notes.append("with GC and 8-bit AdamW it would fit on " + "; ".join(x.text for x in suggestions))
-    elif chosen.fallback:
-        notes.append(fallback_note(mp) or chosen.fallback)
+    if chosen.fallback and not (mp.best is None and notes[0].startswith("no setting fits")):
+        notes.append(fallback_note(mp, chosen) or chosen.fallback)  # the plan shown (comfortable or tight) fell back
     moe_note = moe_qlora_note(ctx.spec, chosen.config, short=True)
     if moe_note:
         notes.append(moe_note)
@@ -332,9 +332,9 @@ def _notes(ctx: _FitContext, name: str, sreq: SearchRequest, mp, chosen, est: Es
 def _no_comfortable_note(mp, est: Estimate, margin: float) -> str:
     """What a row without a comfortable plan says: nothing fits, or tight (fits without the margin, or over
     the card inside the band's lower end)."""
-    from ..bands import band_for_config
+    from ..bands import band_for_estimate
 
-    b = band_for_config(est.config)
+    b = band_for_estimate(est)
     verdict = classify(est.peak_bytes, est.capacity_bytes, b.hi, b.lo)
     if verdict is Verdict.NO:
         fb = next((p.fallback for p in mp.plans if p.fallback), None)  # "QLoRA fallback", "QDoRA fallback"
