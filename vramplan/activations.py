@@ -438,12 +438,33 @@ def sdpa_masked_fraction(model: ModelSpec, cfg: TrainConfig, seq):
 
 def layer_backward_transient(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, seq, attn: str,
                              kbit_upcast: bool = True):
-    """Gradient buffers alive while one layer runs backward (above its saved tensors)."""
+    """Gradient buffers alive while one layer runs backward (above its saved tensors), bytes.
+
+    A dense MLP's backward (the dry run, op by op: ``benchmarks/dryrun_vs_analytic.py``) holds, at
+    its peak, the incoming gradient of the layer's output (``tokens x hidden``, residual dtype) and
+    ``tokens x intermediate`` buffers: the gradient of the down projection's input and, in a gated
+    MLP, the two products of the ``act(gate) * up`` backward (``grad * up`` and ``grad * act``)
+    before the first is consumed: three; a plain MLP's activation backward: two. A mixture of
+    experts runs each expert over its own tokens: two buffers of every routed token's
+    intermediate width and two of the hidden width bound it.
+    """
     T = np.asarray(tokens, dtype=np.float64)
     d = copy_dtypes(copy, regime, kbit_upcast)
-    i = model.moe_intermediate_size * model.experts_per_token if model.is_moe else model.intermediate_size
     # (eager attention's softmax buffers are not here: :func:`eager_attention_work`, after the MLP's)
-    return T * (2 * d.proj_out * i + 2 * d.residual * model.hidden_size)
+    if model.is_moe:
+        i = model.moe_intermediate_size * model.experts_per_token
+        return T * (2 * d.proj_out * i + 2 * d.residual * model.hidden_size)
+    n = 3 if model.mlp_kind == "gated" else 2
+    h = model.hidden_size
+    mlp = T * (n * d.proj_out * model.intermediate_size + d.residual * h)
+    if not model.closing_norm:
+        return mlp
+    # a closing norm (Gemma-2/3, OLMo-2) runs backward first, in fp32: five tokens x hidden fp32 buffers
+    # beside the incoming gradient (as the final norm's: ``methods.preference.NORM_BACKWARD_BUFFERS``);
+    # by the MLP's backward its saved tensors (the fp32 upcast; a trained weight's fp32 normalised input)
+    # are freed
+    freed = 4.0 * h * (2 if copy.adapter is Adapter.FULL else 1)
+    return np.maximum(mlp - T * freed, T * (5 * 4.0 * h + d.residual * h))
 
 
 def _loss_settings(cfg, copy: ModelCopy, d, T, rows):

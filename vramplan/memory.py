@@ -411,7 +411,8 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
     transient (one layer's backward buffers), nograd_peak (frozen copies' forward working set),
     temps_fwd (QLoRA's dequantised weight, in forward and backward), temps_fwd_only (DoRA's
     weight-norm buffers in forward), temps_recompute (the same in a checkpointed layer's
-    recomputation, before its backward's buffers exist), kv (PPO KV cache), rollout_logits, zeros.
+    recomputation, before its backward's buffers exist), kv (PPO KV cache), rollout_logits, head_acts (the
+    final norm's and the head's saved tensors, in acts, freed before any layer runs backward), zeros.
     """
     cfg = attention_as_run(model, cfg)
     model = cfg.stack.as_built(model)
@@ -426,7 +427,7 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
     acts, recompute, layer, layer_attn, logits_fwd, logits_bwd = (zeros.copy() for _ in range(6))
     transient, nograd_peak, temps_fwd, kv = zeros.copy(), zeros.copy(), zeros.copy(), zeros.copy()
     temps_fwd_only, temps_recompute = zeros.copy(), zeros.copy()
-    last_graph = zeros.copy()
+    last_graph, head_acts = zeros.copy(), zeros.copy()
     attn_fwd, attn_bwd, rec_prefix = zeros.copy(), zeros.copy(), zeros.copy()
     for copy in recipe.copies:
         if copy.forward is Forward.NO_GRAD:
@@ -447,6 +448,7 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
             layer_attn = np.maximum(layer_attn, act.layer_activation_bytes(model, cfg, copy, regime, T, s,
                                                                            attention_only=True))
         d = act.copy_dtypes(copy, regime, kbit)
+        a_layers = a
         if fused:  # Unsloth's final RMSNorm kernel saves its 16-bit input and a fp32 1/rms per row
             a = a + T * (DTYPE_BYTES[regime.compute_dtype] * model.hidden_size + 4)
         else:
@@ -455,6 +457,8 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
             a = a + T * d.norm_out * model.hidden_size  # final norm output saved by the trainable lm_head
             if cfg.stack.norm_fp32:  # and the fp32 normalised input its weight's multiply saves (torchtune)
                 a = a + T * 4 * model.hidden_size
+        # what the final norm and the head saved: freed by their backward, before any layer's
+        head_acts = head_acts + (a - a_layers)
         f, bw = act.logits_bytes(model, copy, regime, T, copy.head, cfg, rows)
         if copy.quantized and cfg.stack.quantizes_head and copy.head == "lm" and not model.tie_embeddings:
             # a 4-bit lm_head is dequantised whole for every chunk's matmul, in forward (beside the
@@ -519,7 +523,7 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
             "temps_fwd_only": temps_fwd_only, "temps_recompute": temps_recompute, "kv": kv,
             "rollout_logits": rollout_logits, "attn_fwd": attn_fwd, "attn_bwd": attn_bwd, "logits_kept": logits_kept,
             "dora_prefix": rec_prefix if (recipe.copies[0].adapter is not None and recipe.copies[0].adapter.dora) else layer,
-            "last_graph": last_graph, "zeros": zeros}
+            "last_graph": last_graph, "head_acts": head_acts, "zeros": zeros}
     return recipe.behaviour.step_terms(model, cfg, terms, b, s)
 
 
@@ -593,7 +597,9 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     # a layer's backward works beside either end: early, every saved tensor (plus its recomputation);
     # late, the first layer beside every gradient but its attention block's and the embedding's
     grads_before = np.maximum(grads_bwd - grads_tail, 0)
-    saved_side = acts + np.maximum(cache_bwd - head_cache, 0) + recompute + recompute_cache + held
+    # (the final norm's and the head's saved tensors were freed by their backward, before any layer's)
+    saved_side = (acts - t.get("head_acts", zeros) + np.maximum(cache_bwd - head_cache, 0) + recompute
+                  + recompute_cache + held)
     # the first layer's MLP backward (all its saved tensors and casts), then its attention's
     grads_side = np.maximum(np.maximum(grads_before - layer_grad, 0) + layer_saved + layer_cache,
                             grads_before + layer_attn + attn_cache)

@@ -63,6 +63,9 @@ class ModelSpec:
     fused_gate_up: bool = False
     qk_norm: str = "none"
     norms_per_layer: int = 2
+    # the layer's output passes a norm before the residual add (Gemma-2/3 post_feedforward_layernorm, OLMo-2's
+    # post-norms): that norm's fp32 backward runs first in the layer's backward, before the MLP's
+    closing_norm: bool = False
     embed_scale: bool = False
     norm_weight_fp32: bool = False
     num_experts: int = 0
@@ -417,6 +420,7 @@ def from_hf_config(cfg: dict, name: str | None = None, **meta) -> ModelSpec:
         fused_gate_up=bool(lay.get("fused_gate_up", False)),
         qk_norm=str(lay.get("qk_norm", "none")),
         norms_per_layer=norms_per_layer,
+        closing_norm=bool(lay.get("closing_norm", norms_per_layer == 4)),
         norm_kind=str(lay.get("norm", "rms")),
         parallel_block=parallel,
         mlp_kind=str(lay.get("mlp", "gated")),
