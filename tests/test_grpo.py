@@ -225,4 +225,30 @@ def test_estimate_checks_what_colocated_vllm_needs_in_its_share(spec8b):
     if q["wanted_bytes"] > q["share_bytes"]:
         assert not qlora.fits and qlora.verdict is Verdict.TIGHT
     plain = vramplan.estimate(spec8b, "grpo", adapter="lora", gpu="rtx4090", grad_ckpt=True)
-    assert "colocated_engine" not in plain.extra
+    assert "colocated_engine" not in plain.extra and not plain.constraints
+    # the same needs as the general constraints the verdict reads (hard: the weights; soft: the batch)
+    hard, soft = lora.constraints
+    assert (hard.hard, hard.needed_bytes, hard.available_bytes) == (True, engine["fixed_bytes"], engine["share_bytes"])
+    assert (soft.hard, soft.needed_bytes) == (False, engine["wanted_bytes"])
+    assert [c["name"] for c in lora.to_json()["constraints"]] == [hard.name, soft.name]
+
+
+def test_fit_table_row_holds_colocated_vllm_to_its_share(spec8b):
+    """fit's method row with vLLM colocated reads grpo.colocated_need as estimate does: QLoRA's 4-bit weights
+    load in 30% of a 24 GB card but G = 8 completions of 512 tokens overflow it, so the row is at most "tight"
+    and says why; the same row with transformers' generate has no such requirement."""
+    from vramplan.methods.grpo import colocated_need
+    from vramplan.verdict import Verdict
+
+    opts = {"generation": "vllm-colocate", "vllm_gpu_memory_utilization": 0.3}
+    rep = vramplan.fit(spec8b, "rtx4090", methods=["grpo"], method_options=opts)
+    row = rep.rows[0]
+    fixed, wanted = colocated_need(spec8b, row.estimate.config)
+    room = int(get_gpu("rtx4090").memory_bytes * 0.3)
+    assert [c.needed_bytes for c in row.estimate.constraints] == [fixed, wanted]
+    assert wanted > room >= fixed  # the case this checks: the batch, not the weights, overflows
+    assert row.verdict is not Verdict.COMFORTABLE and not row.fits
+    assert any("for this generation batch" in n for n in row.notes)
+    assert "for this generation batch" in row.verdict_text
+    plain = vramplan.fit(spec8b, "rtx4090", methods=["grpo"]).rows[0]
+    assert not plain.estimate.constraints

@@ -159,7 +159,15 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
                 + (": its weights do not fit its share" if fixed > room else
                    ": the batch's cache does not fit its share (it would generate in smaller batches)" if wanted > room
                    else ""))
-            est.fits = est.fits and wanted <= room
+            from ..results import Constraint
+
+            est.constraints = (
+                Constraint("colocated engine weights", int(fixed), room, True,
+                           f"the colocated engine needs {fixed / GIB:.2f} GiB to start, its share is {room / GIB:.2f} GiB"),
+                Constraint("colocated engine generation batch", int(wanted), room, False,
+                           f"the colocated engine needs {wanted / GIB:.2f} GiB for this generation batch, its share is "
+                           f"{room / GIB:.2f} GiB"))
+            est.fits = est.fits and all(c.met for c in est.constraints)
     if card is not None and with_time:
         t = step_time(spec, cfg, card, parallel=par).at()
         est.throughput, est.step_time_s, est.tokens_per_s = t, t.step_s, t.tokens_per_s

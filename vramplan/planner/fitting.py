@@ -80,8 +80,11 @@ class FitRow:
         """comfortable / tight / no (:mod:`vramplan.verdict`, the same thresholds as ``vramplan matrix``)."""
         from ..bands import band_for_config
 
+        from ..verdict import constrained
+
         b = band_for_config(self.estimate.config)
-        return classify(self.estimate.peak_bytes, self.estimate.capacity_bytes, b.hi, b.lo)
+        v = classify(self.estimate.peak_bytes, self.estimate.capacity_bytes, b.hi, b.lo)
+        return constrained(v, self.estimate.constraints)
 
     @property
     def verdict_text(self) -> str:
@@ -89,8 +92,12 @@ class FitRow:
         from ..bands import band_for_config
         from ..verdict import advice
 
+        from ..verdict import unmet_text
+
         b = band_for_config(self.estimate.config)
-        return advice(self.estimate.peak_bytes, self.estimate.capacity_bytes, b.hi, b.lo)
+        text = advice(self.estimate.peak_bytes, self.estimate.capacity_bytes, b.hi, b.lo)
+        unmet = unmet_text(self.estimate.constraints)
+        return f"{self.verdict.value}: the training step alone: {text}; but {unmet}" if unmet else text
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -303,6 +310,9 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
                 notes.append("with GC and 8-bit AdamW it would fit on " + "; ".join(x.text for x in suggestions))
         elif chosen.fallback:
             notes.append(fallback_note(mp) or chosen.fallback)
+        unmet = [c.text for c in est.constraints if not c.met]  # beside the step (GRPO's colocated vLLM share)
+        if unmet:
+            notes.append("; ".join(unmet))
         moe_note = moe_qlora_note(spec, cfg, short=True)
         if moe_note:
             notes.append(moe_note)
