@@ -51,8 +51,31 @@ def test_bad_options_are_one_clear_error(spec8b):
         make_config(spec8b, "grpo", seq=512, method_options={"num_generations": 1})
     with pytest.raises(VramplanError, match="generation"):
         make_config(spec8b, "grpo", seq=512, method_options={"generation": "sglang"})
-    with pytest.raises(VramplanError, match="reference"):
-        vramplan.estimate(spec8b, "grpo", adapter="full", seq=512, method_options={"grpo_beta": 0.04})
+
+
+def test_full_training_with_beta_holds_a_second_frozen_model_and_the_dry_run_traces_it():
+    """TRL's GRPOTrainer loads the reference as a second model when beta > 0 and the policy is not a PEFT
+    model: the plan holds a frozen copy (its weights in the frozen dtype) and the dry run builds and runs it
+    for the reference log-probs; analytic within 2% of the dry run on two architectures. beta 0 holds none."""
+    from vramplan.methods import Role
+    from vramplan.precision import DTYPE_BYTES
+
+    for name in ("llama-3-8b", "smollm2-360m"):
+        spec = get_model(name).with_layers(2)
+        kw = dict(adapter="full", batch=2, seq=256, method_options={"completion": 128, "num_generations": 4})
+        e0 = vramplan.estimate(spec, "grpo", **kw)
+        kw["method_options"] = {**kw["method_options"], "grpo_beta": 0.04}
+        e1 = vramplan.estimate(spec, "grpo", **kw)
+        assert [c.role for c in e0.config.recipe.copies] == [Role.POLICY]
+        assert [c.role for c in e1.config.recipe.copies] == [Role.POLICY, Role.REFERENCE]
+        frozen = DTYPE_BYTES[e1.config.regime.frozen_dtype]
+        assert (e1.components[Component.WEIGHTS] - e0.components[Component.WEIGHTS]
+                >= spec.params * frozen - spec.vocab_size * spec.hidden_size * frozen)
+        assert any("second, frozen model" in a for a in e1.assumptions)
+        d1 = vramplan.dry_run(spec, "grpo", **kw)
+        assert abs(e1.tensor_peak_bytes / d1.tensor_peak_bytes - 1) <= 0.02
+        assert d1.tensor_peak_bytes > vramplan.dry_run(spec, "grpo", **{**kw, "method_options": {
+            "completion": 128, "num_generations": 4}}).tensor_peak_bytes
 
 
 def test_more_generations_or_longer_completions_need_more_memory(spec8b):

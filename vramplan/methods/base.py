@@ -185,6 +185,11 @@ class Behaviour:
         """The shortest sequence (tokens) the method's searches consider."""
         return 128
 
+    def recipe_for(self, recipe: Any, cfg: Any) -> Any:
+        """The recipe (:class:`vramplan.methods.Recipe`) as ``cfg``'s method options make it: a copy an option
+        adds (GRPO's reference model with ``beta > 0`` and full training). Default: unchanged."""
+        return recipe
+
     def step_terms(self, model: Any, cfg: Any, terms: dict, batch: Any, seq: Any) -> dict:
         """The terms of one step (:func:`vramplan.memory.step_terms`' dict of byte arrays over ``batch``/``seq``)
         as this method changes them; SFT's, DPO's and PPO's are computed there from the copies and the loss kind."""
