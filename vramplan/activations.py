@@ -437,14 +437,17 @@ def sdpa_masked_fraction(model: ModelSpec, cfg: TrainConfig, seq):
 
 
 def layer_backward_transient(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, seq, attn: str,
-                             kbit_upcast: bool = True):
+                             kbit_upcast: bool = True, targets: tuple[str, ...] = ()):
     """Gradient buffers alive while one layer runs backward (above its saved tensors), bytes.
 
     A dense MLP's backward (the dry run, op by op: ``benchmarks/dryrun_vs_analytic.py``) holds, at
     its peak, the incoming gradient of the layer's output (``tokens x hidden``, residual dtype) and
     ``tokens x intermediate`` buffers: the gradient of the down projection's input and, in a gated
     MLP, the two products of the ``act(gate) * up`` backward (``grad * up`` and ``grad * act``)
-    before the first is consumed: three; a plain MLP's activation backward: two. A mixture of
+    before the first is consumed: three; a plain MLP's activation backward: two. IA³ on the down projection
+    (``targets``; PEFT scales a feed-forward module's input after casting it to the vector's dtype) moves
+    those three into the vector's dtype: the incoming gradient cast up, ``grad * scaling`` and
+    ``grad * x`` before its reduction to the vector's gradient (the dry run). A mixture of
     experts runs each expert over its own tokens: two buffers of every routed token's
     intermediate width and two of the hidden width bound it.
     """
@@ -456,7 +459,11 @@ def layer_backward_transient(model: ModelSpec, copy: ModelCopy, regime: Regime, 
         return T * (2 * d.proj_out * i + 2 * d.residual * model.hidden_size)
     n = 3 if model.mlp_kind == "gated" else 2
     h = model.hidden_size
+    down = model.mod("down_proj")
+    ia3_down = copy.adapter is not None and copy.adapter.ia3 and down in targets and down in model.ia3_feedforward
     mlp = T * (n * d.proj_out * model.intermediate_size + d.residual * h)
+    if ia3_down:
+        mlp = np.maximum(mlp, T * (3 * max(d.adapter, d.proj_out) * model.intermediate_size + d.residual * h))
     if not model.closing_norm:
         return mlp
     # a closing norm (Gemma-2/3, OLMo-2) runs backward first, in fp32: five tokens x hidden fp32 buffers

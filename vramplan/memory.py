@@ -479,7 +479,8 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict
             ef, eb = zeros, zeros
             attn_layer = fused_layer_bytes(model, regime, T, attention_only=True)
         else:
-            transient = np.maximum(transient, act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, kbit))
+            transient = np.maximum(transient, act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, kbit,
+                                                                                tuple(cfg.targets)))
             ef, eb = act.eager_attention_work(model, cfg, copy, regime, T, s)
             attn_layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s, attention_only=True)
         # (under checkpointing a layer's forward keeps nothing: its attention block is all working set)
