@@ -168,6 +168,23 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
                            f"the colocated engine needs {wanted / GIB:.2f} GiB for this generation batch, its share is "
                            f"{room / GIB:.2f} GiB"))
             est.fits = est.fits and all(c.met for c in est.constraints)
+    pre = cfg.recipe.behaviour.precompute_pass(spec, cfg)
+    if pre is not None:  # a pass before the first step (TRL's precompute_ref_log_probs): its own peak
+        from ..results import Constraint
+        from ..taxonomy import Phase
+
+        pre_tensors = int(est.phases.get(Phase.LOAD, 0) + np.ceil(pre))
+        pre_peak = pre_tensors + (est.peak_bytes - est.tensor_peak_bytes)  # the step's runtime allowance
+        est.extra["precompute_pass"] = {"tensor_bytes": pre_tensors, "peak_bytes": pre_peak, "batch": cfg.batch}
+        est.assumptions.append(
+            f"precompute pass before training (reference log-probs, no grad, batch {cfg.batch}): {pre_peak / GIB:.2f} "
+            f"GiB device total, {'above' if pre_peak > est.peak_bytes else 'below'} the step's {est.peak_bytes / GIB:.2f}"
+            " GiB; the verdict holds both")
+        if est.capacity_bytes is not None:
+            est.constraints = est.constraints + (Constraint(
+                "precompute pass", pre_peak, est.capacity_bytes, True,
+                f"the precompute pass needs {pre_peak / GIB:.2f} GiB of the {est.capacity_bytes / GIB:.2f} GiB card"),)
+            est.fits = est.fits and pre_peak <= est.capacity_bytes
     if card is not None and with_time:
         t = step_time(spec, cfg, card, parallel=par).at()
         est.throughput, est.step_time_s, est.tokens_per_s = t, t.step_s, t.tokens_per_s
