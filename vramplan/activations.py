@@ -255,7 +255,8 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
         masked = sdpa_masked_fraction(model, cfg, s)
         # a stack that expands k and v for GQA itself (torchtune MultiHeadAttention: expand + flatten,
         # a copy) hands SDPA, which saves them, two full-width copies in every layer (stacks.toml)
-        expanded = 1.0 if stack.gqa_expand_kv else masked
+        # (one kv head: repeat_kv's expand + reshape merges a size-1 dim, a view; nothing more is saved)
+        expanded = 1.0 if stack.gqa_expand_kv else masked * (model.num_kv_heads > 1)
         per_tok = per_tok + expanded * 2 * a * (qd - kvd) + masked * a * s
         if model.fused_qkv and d.attn == d.proj_out:
             per_tok += a * (qd + kvd)  # v is a view of the fused qkv output: all of it stays saved
