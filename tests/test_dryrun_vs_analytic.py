@@ -46,7 +46,11 @@ GRPO_GRID = [(arch, method, gc, shape) for arch, shape, gc in (("qwen2.5-7b", "s
              for method in bench.GRPO_ADAPTERS]
 
 
-@pytest.mark.parametrize("arch,method,gc,shape", GRPO_GRID, ids=lambda v: str(v))
+# a reward model with IA³: its fp32 feed-forward backward buffers under a scalar head (the layer's peak is exposed)
+REWARD_IA3_GRID = [("smollm2-360m", "reward+ia3", True, "2k"), ("qwen2.5-7b", "reward+ia3", False, "2k")]
+
+
+@pytest.mark.parametrize("arch,method,gc,shape", GRPO_GRID + REWARD_IA3_GRID, ids=lambda v: str(v))
 def test_grpo_adapters_within_two_percent_of_dryrun(arch, method, gc, shape):
     row = bench.run_row(arch, method, gc, shape, layers=LAYERS)
     assert not row.error_text and not row.skipped, row.error_text or row.skipped

@@ -44,8 +44,11 @@ def test_copies_follow_trl():
     # reward model: the policy is a sequence classifier (one score), chosen + rejected
     r = resolve("reward", "lora")
     assert r.copies[0].head == "scalar" and r.sequences_per_example == 2
+    # IA³ is planned (its fp32 feed-forward backward buffers: activations.layer_backward_transient); 4-bit bases
+    # with DoRA/IA³ are not reward adapters
+    assert resolve("reward", "ia3").copies[0].adapter.value == "ia3"
     with pytest.raises(VramplanError):
-        resolve("reward", "ia3")
+        resolve("reward", "qia3")
 
 
 def test_loss_buffers():
