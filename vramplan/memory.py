@@ -590,7 +590,10 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     temps_f = np.maximum(temps_fwd, t["temps_fwd_only"] - dora_side)
     # the last step's graph, when the loop keeps it into this forward (stacks.toml keeps_last_graph)
     last_graph = t.get("last_graph", zeros)
-    fwd_work = acts + last_graph + np.maximum(np.maximum(logits_fwd, temps_f), attn_fwd)
+    # a layer's forward buffers (QLoRA's dequantised weight, eager attention's scores) come before the heads'
+    # autocast casts exist (made by the head's matmul, after every layer): beside the cache less those
+    head_f = np.minimum(head_cache, cache)
+    fwd_work = acts + last_graph + np.maximum(logits_fwd, np.maximum(temps_f, attn_fwd) - head_f)
     # backward starts with everything saved plus the loss's gradients; then, layer by layer, saved
     # tensors and casts are freed while gradients accumulate: a layer's backward sees the larger of
     # the two ends, plus its recomputation (checkpointing), its transient buffers and its dequantised weight
@@ -656,8 +659,9 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     bwd_end = grads_bwd + grads_end_extra + g_end >= work  # backward's last state: all gradients
     fwd_act = fwd_work >= nograd_peak
     fwd_at_mid = fwd_mid > fwd
-    fwd_temps = logits_fwd < temps_f
-    fwd_attn = attn_fwd > np.maximum(logits_fwd, temps_f)  # eager attention's scores are the forward's peak
+    fwd_temps = logits_fwd < temps_f - head_f
+    fwd_attn = attn_fwd - head_f > np.maximum(logits_fwd, temps_f - head_f)  # eager attention's scores are the forward's peak
+    fwd_layer = fwd_act & ~fwd_at_mid & (fwd_temps | fwd_attn)  # the forward's peak is inside a layer
     comps: dict[Component, np.ndarray] = {c: base.get(c, 0) + zeros
                                           for c in (Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS)}
     layer = ~bwd_act & ~bwd_end  # the peak is inside a layer's backward
@@ -669,7 +673,7 @@ def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, stat
     comps[g_comp] = comps.get(g_comp, zeros) + g_at
     comps[Component.OPTIMIZER_STATES] = at_peak({p: states for p in PHASE_ORDER if p is not Phase.LOAD})
     comps[Component.AUTOCAST_CACHE] = at_peak({
-        Phase.FORWARD: cache,
+        Phase.FORWARD: np.where(fwd_layer, cache - head_f, cache),
         Phase.BACKWARD: np.where(bwd_act, cache_bwd, np.where(
             layer, np.where(bwd_saved, np.where(in_attn, attn_side_cache, np.maximum(cache_bwd - head_cache, 0)
                                                 + recompute_cache),
