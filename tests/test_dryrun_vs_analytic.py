@@ -46,8 +46,12 @@ GRPO_GRID = [(arch, method, gc, shape) for arch, shape, gc in (("qwen2.5-7b", "s
              for method in bench.GRPO_ADAPTERS]
 
 
-# a reward model with IA³: its fp32 feed-forward backward buffers under a scalar head (the layer's peak is exposed)
-REWARD_IA3_GRID = [("smollm2-360m", "reward+ia3", True, "2k"), ("qwen2.5-7b", "reward+ia3", False, "2k")]
+# a scalar head exposes the layer's backward peak (an LM head's logits hide it): a gated MLP's three
+# tokens x intermediate buffers (Qwen2.5), a closing norm's fp32 backward (OLMo-2), IA³'s fp32 feed-forward
+# buffers, and the forward's dequantised weight before the head's cast exists (GRPO QLoRA on Mistral)
+REWARD_IA3_GRID = [("smollm2-360m", "reward+ia3", True, "2k"), ("qwen2.5-7b", "reward+ia3", False, "2k"),
+                   ("qwen2.5-7b", "reward", True, "2k"), ("olmo-2-7b", "reward", True, "2k"),
+                   ("mistral-7b-v0.3", "grpo+qlora", True, "short")]
 
 
 @pytest.mark.parametrize("arch,method,gc,shape", GRPO_GRID + REWARD_IA3_GRID, ids=lambda v: str(v))
