@@ -13,6 +13,7 @@ from .gpus import GPUSpec, get_gpu
 from .methods import Adapter, get_method, resolve
 from .models import ModelSpec, get_model
 from .plan import FitReport, FitRow, estimate, fit
+from .request import ConfigRequest, EstimateRequest, FitRequest, GridRequest, MatrixRequest
 from .results import Estimate
 from .taxonomy import Component, Group, Phase, Quantity
 
@@ -50,8 +51,9 @@ def __getattr__(name: str):
 
 # VramplanCallback is public but left out of __all__: a star import must not need transformers.
 __all__ = [
-    "Adapter", "Component", "Estimate", "FitReport", "FitRow", "GPUSpec", "Group", "MissingDependencyError",
-    "ModelSpec", "Phase", "ProfileError", "Quantity", "TechniqueAdvice", "TechniqueSaving", "TrainConfig",
-    "UnknownNameError", "VramplanError", "dry_run", "estimate", "feasibility_matrix", "fit", "from_model", "get_gpu",
-    "get_method", "get_model", "make_config", "recommend_techniques", "resolve",
+    "Adapter", "Component", "ConfigRequest", "Estimate", "EstimateRequest", "FitReport", "FitRequest", "FitRow",
+    "GPUSpec", "GridRequest", "Group", "MatrixRequest", "MissingDependencyError", "ModelSpec", "Phase", "ProfileError",
+    "Quantity", "TechniqueAdvice", "TechniqueSaving", "TrainConfig", "UnknownNameError", "VramplanError", "dry_run",
+    "estimate", "feasibility_matrix", "fit", "from_model", "get_gpu", "get_method", "get_model",
+    "make_config", "recommend_techniques", "resolve",
 ]

@@ -119,6 +119,35 @@ def _plan_kwargs(a: argparse.Namespace) -> dict:
                 method_options=_method_options(a), framework=getattr(a, "framework", "hf"))
 
 
+def _methods_list(a: argparse.Namespace) -> list[str] | None:
+    text = getattr(a, "methods", None)
+    return [m.strip() for m in text.split(",") if m.strip()] if text else None
+
+
+def request_from_args(a: argparse.Namespace):
+    """The typed request of a parsed command line (vramplan.request): the one place CLI flags become library
+    input, the same objects the Python API builds from keywords.
+
+    ``estimate``/``dryrun`` -> :class:`~vramplan.request.EstimateRequest`; ``fit``/``cards`` ->
+    :class:`~vramplan.request.FitRequest`; ``matrix`` -> :class:`~vramplan.request.MatrixRequest`.
+    """
+    from .request import EstimateRequest, FitRequest, MatrixRequest
+
+    if a.command in ("fit", "cards"):
+        return FitRequest.build(
+            model=a.model, gpu=a.gpu, gpu_mem=a.gpu_mem, seq=a.seq, precision=a.precision, attn=a.attn, rank=a.rank,
+            targets=a.targets, batch=a.batch, optimizer=a.optimizer, grad_ckpt=a.grad_ckpt, margin=a.margin,
+            top=max(20, a.top), framework=a.framework, techniques=a.techniques, method_options=_method_options(a),
+            methods=_methods_list(a), **_scale_kwargs(a))
+    if a.command == "matrix":
+        return MatrixRequest.build(models=a.models, methods=a.methods, gpus=a.gpus, seqs=a.seq, batch=a.batch,
+                                   precision=a.precision, attn=a.attn, rank=a.rank, targets=a.targets,
+                                   framework=a.framework, techniques=a.techniques, method_options=_method_options(a))
+    scale = _scale_kwargs(a) if a.command == "estimate" else {}
+    return EstimateRequest.build(model=a.model, method=a.method, **_plan_kwargs(a), **scale, techniques=a.techniques,
+                                 versions=getattr(a, "stack_version", None))
+
+
 def _print_json(obj) -> None:
     """One JSON object on stdout; ``allow_nan=False``, so a NaN or infinity can never escape as invalid JSON."""
     from .results import jsonable
@@ -163,8 +192,7 @@ def cmd_estimate(a) -> int:
     elif a.model is None:
         raise VramplanError("estimate needs --model", "or --config FILE (an Axolotl YAML or HF/TRL training arguments)")
     else:
-        est = estimate(a.model, a.method, **_plan_kwargs(a), **_scale_kwargs(a), techniques=a.techniques,
-                       versions=getattr(a, "stack_version", None))
+        est = estimate(request_from_args(a))
     if a.json:
         _print_json(est)
     else:
@@ -215,7 +243,7 @@ def cmd_dryrun(a) -> int:
         _print_json(res.to_json()) if a.json else res.render(_console())
         return 0
     with Elapsed("dryrun: building the model on the meta device and tracing one training step"):
-        res = dryrun(a.model, a.method, **_plan_kwargs(a), techniques=a.techniques)
+        res = dryrun(request_from_args(a))
     if a.json:
         _print_json(res)
     elif hasattr(res, "render"):
@@ -231,11 +259,7 @@ def cmd_cards(a) -> int:
     from .render import ProgressBar, render_cards
 
     with ProgressBar("cards") as bar:
-        rep = fit_cards(a.model, methods=[m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None,
-                        progress=bar, seq=a.seq, precision=a.precision, attn=a.attn, rank=a.rank, targets=a.targets,
-                        batch=a.batch, optimizer=a.optimizer, grad_ckpt=a.grad_ckpt, margin=a.margin,
-                        framework=a.framework, techniques=a.techniques, global_batch=a.global_batch,
-                        tokens=a.tokens, epochs=a.epochs, gpus=a.gpus, strategy=a.strategy, offload=a.offload)
+        rep = fit_cards(request_from_args(a), progress=bar)
     _print_json(rep) if a.json else render_cards(rep, _console(), verbose=getattr(a, "verbose", False))
     return 0
 
@@ -246,11 +270,7 @@ def cmd_fit(a) -> int:
     if str(a.gpu or "").lower() == "all":
         return cmd_cards(a)
 
-    rep = fit(a.model, a.gpu, gpu_mem=a.gpu_mem, seq=a.seq, precision=a.precision, attn=a.attn, rank=a.rank,
-              targets=a.targets, batch=a.batch, optimizer=a.optimizer, grad_ckpt=a.grad_ckpt, margin=a.margin,
-              top=max(20, a.top), framework=a.framework, techniques=a.techniques, **_scale_kwargs(a),
-              method_options=_method_options(a),
-              methods=[m.strip() for m in a.methods.split(",") if m.strip()] if getattr(a, "methods", None) else None)
+    rep = fit(request_from_args(a))
     if a.json:  # rich and the renderers load only for a table
         _print_json(rep)
     else:
@@ -279,9 +299,7 @@ def cmd_matrix(a) -> int:
         except OSError as exc:
             raise write_error(exc, a.out, "directory") from None
     with ProgressBar("matrix") as bar:
-        mx = feasibility_matrix(a.models, a.methods, a.gpus, a.seq, batch=a.batch, precision=a.precision, attn=a.attn,
-                                rank=a.rank, targets=a.targets, framework=a.framework, techniques=a.techniques,
-                                progress=bar)
+        mx = feasibility_matrix(request_from_args(a), progress=bar)
     if a.json:
         _print_json(mx)
     elif a.out:
@@ -376,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("cards", help="which card? every catalogue card on which a method fits, fastest first, "
                        "and by cost (vramplan/data/prices.json); the same as fit --gpu all")
     _add_plan_args(k, single=False)
+    _add_method_option_args(k)
     _add_scale_args(k, fit=True)
     k.add_argument("--methods", default=None, help="comma list of methods (default: every method)")
     k.add_argument("--verbose", action="store_true", help="also the assumptions")
@@ -400,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "bf16-mixed for hf, bf16 for torchtune/litgpt)")
     x.add_argument("--attn", default="sdpa", help="eager|sdpa|flash (default sdpa)")
     _add_stack_args(x)
+    _add_method_option_args(x)
     x.add_argument("--format", default=None, help="md,csv,html,png (default: md to stdout; all four with --out)")
     x.add_argument("--out", default=None, metavar="DIR", help="write <DIR>/<name>.<format> files")
     x.add_argument("--name", default="feasibility", type=_stem, help="file name stem with --out (default feasibility)")

@@ -19,8 +19,8 @@ from .methods import method_options as method_options_for
 from .models import ModelSpec, get_model
 from .optimizers import DEFAULT_OPTIMIZER, get_optimizer
 from .precision import DEFAULT_REGIME, get_regime
+from .request import ATTENTION, ConfigRequest
 
-ATTENTION = ("eager", "sdpa", "flash")
 
 
 @dataclass(frozen=True)
@@ -229,82 +229,67 @@ def resolve_targets(model: ModelSpec, targets) -> tuple[str, ...]:
     return targets
 
 
-def make_config(model: ModelSpec | str, method: str = "lora", *, adapter: str | None = None, batch: int = 1,
-                seq: int = 2048, grad_accum: int = 1, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                targets=None, grad_ckpt: bool | None = None, optimizer: str = DEFAULT_OPTIMIZER,
-                precision: str | None = None, attn: str = "sdpa", framework: str = "hf", double_quant: bool = True,
-                ppo_response: int | None = None, techniques=None, versions=None,
-                method_options: dict[str, Any] | None = None) -> TrainConfig:
+def make_config(model: ModelSpec | str, method: "str | ConfigRequest" = "lora", **settings: Any) -> TrainConfig:
     """Validate user input into a :class:`TrainConfig` for ``model``.
 
-    Defaults: gradient checkpointing off (on for QLoRA, as TRL/PEFT's
+    ``method`` is a method name, or a :class:`~vramplan.request.ConfigRequest` (any request
+    with its fields: :class:`~vramplan.request.EstimateRequest` too); ``settings`` are
+    ConfigRequest's fields (``batch``, ``seq``, ``rank``, ``targets``, ``method_options``, ...),
+    set over the request's. Defaults: gradient checkpointing off (on for QLoRA, as TRL/PEFT's
     ``prepare_model_for_kbit_training`` enables it), alpha = rank (PEFT's default
-    ``lora_alpha=8`` with ``r=8``), precision bf16-mixed.
+    ``lora_alpha=8`` with ``r=8``), precision the stack's (bf16-mixed for hf).
 
     Raises:
-        VramplanError: non-positive batch/seq/rank, a rank larger than an adapted layer,
-            an unknown method/adapter/optimizer/precision/attention, a sequence longer
-            than PPO's response allows, a method option the method refuses (``method_options``: the
-            method's own knobs, vramplan.methods.base.Option; ``ppo_response`` is PPO's).
+        VramplanError: a keyword that is not a ConfigRequest field, non-positive batch/seq/rank, a rank
+            larger than an adapted layer, an unknown method/adapter/optimizer/precision/attention, a
+            sequence longer than PPO's response allows, a method option the method refuses
+            (``method_options``: the method's own knobs, vramplan.methods.base.Option).
     """
-    from . import validate as v
-
     spec = get_model(model)
-    v.name_text(method, "method")
-    v.name_text(adapter, "adapter", none_ok=True)
-    recipe = resolve(method, adapter)
-    batch, seq = v.integer(batch, "batch"), v.integer(seq, "seq")
-    grad_accum, rank = v.integer(grad_accum, "grad-accum"), v.integer(rank, "rank")
-    alpha = v.real(alpha, "alpha", lo=-v.LIMITS["alpha"], none_ok=True)
-    dropout = v.real(dropout, "dropout", lo=0.0, hi=1.0, hi_open=True)
-    grad_ckpt = v.flag(grad_ckpt, "grad_ckpt")
-    double_quant = v.flag(double_quant, "double_quant", none_ok=False)
-    ppo_response = v.integer(ppo_response, "ppo-response", none_ok=True)
-    if method_options is not None and not isinstance(method_options, dict):
-        raise VramplanError(f"method_options must be a dict of option name -> value, got {type(method_options).__name__}")
-    v.name_text(framework, "framework")
-    v.name_text(optimizer, "optimizer")
-    v.name_text(precision, "precision", none_ok=True)
-    if targets is not None and not isinstance(targets, (str, list, tuple)):
-        raise VramplanError(f"targets must be a comma list or a list of module names, got {type(targets).__name__}")
-    if isinstance(targets, (list, tuple)) and not all(isinstance(t, str) for t in targets):
-        raise VramplanError("targets must be module names (strings)")
-    v.choice(attn, "attention implementation", ATTENTION)
+    if isinstance(method, ConfigRequest):
+        req = ConfigRequest.build(method, **settings)
+    else:
+        req = ConfigRequest.build(method=method, **settings)
+    return _config_for(spec, req)
+
+
+def _config_for(spec: ModelSpec, req: ConfigRequest) -> TrainConfig:
+    """:func:`make_config` for a model and a validated request: resolve the names against the catalogues."""
+    recipe = resolve(req.method, req.adapter)
     from .stacks import get_stack, parse_techniques, parse_versions
 
-    stack = get_stack(framework)
-    techs = parse_techniques(techniques)
-    _check_techniques(techs, grad_accum)
-    get_optimizer(optimizer)
-    regime = get_regime(precision or stack.default_precision)
+    stack = get_stack(req.framework)
+    techs = parse_techniques(req.techniques)
+    _check_techniques(techs, req.grad_accum)
+    get_optimizer(req.optimizer)
+    regime = get_regime(req.precision or stack.default_precision)
     tg: tuple[str, ...] = ()
     if recipe.adapter.low_rank:
-        tg = resolve_targets(spec, targets)
+        tg = resolve_targets(spec, req.targets)
         shapes = {l.name: l for l in spec.layer_linears()}
         for t in tg:
             l = shapes[t]
             # 1-unit gates (Qwen-MoE's shared_expert_gate) take any rank in PEFT; judge the projections
-            if min(l.in_features, l.out_features) > 16 and rank > min(l.in_features, l.out_features):
-                raise VramplanError(f"rank {rank} is larger than {t} ({l.out_features}x{l.in_features}) of {spec.name}",
+            if min(l.in_features, l.out_features) > 16 and req.rank > min(l.in_features, l.out_features):
+                raise VramplanError(f"rank {req.rank} is larger than {t} ({l.out_features}x{l.in_features}) of {spec.name}",
                                     f"use --rank <= {min(l.in_features, l.out_features)}")
     elif recipe.adapter.ia3:
         tg = tuple(t for t in spec.ia3_targets if t in {l.name for l in spec.layer_linears() if l.is_linear})
-        if targets:
-            tg = resolve_targets(spec, targets)
-    given = dict(method_options or {})
-    if ppo_response is not None:
-        given.setdefault("ppo_response", ppo_response)
-    opts = method_options_for(recipe, given, seq)
+        if req.targets:
+            tg = resolve_targets(spec, req.targets)
+    given = dict(req.method_options or {})
+    if req.ppo_response is not None:
+        given.setdefault("ppo_response", req.ppo_response)
+    opts = method_options_for(recipe, given, req.seq)
     # an option that is a TrainConfig field is set there (as given when the method does not take it); the rest
     # ride in TrainConfig.options
     as_fields = {k: (opts.pop(k) if k in opts else given.get(k)) for k in {*given, *opts} if k in _FIELDS}
     extra = tuple(sorted((k, val) for k, val in opts.items() if val is not None))
-    if grad_ckpt is None:
-        grad_ckpt = recipe.adapter.quantized_base
+    grad_ckpt = recipe.adapter.quantized_base if req.grad_ckpt is None else req.grad_ckpt
     return TrainConfig(
-        method=recipe.method.name, adapter=recipe.adapter.value, batch=batch, seq=seq, grad_accum=grad_accum,
-        rank=rank, alpha=float(alpha if alpha is not None else rank), dropout=float(dropout), targets=tg,
-        grad_ckpt=bool(grad_ckpt), optimizer=get_optimizer(optimizer).name, precision=regime.name, attn=attn,
-        framework=stack.name, techniques=techs, double_quant=double_quant,
-        versions=parse_versions(versions), options=extra, **as_fields,
+        method=recipe.method.name, adapter=recipe.adapter.value, batch=req.batch, seq=req.seq, grad_accum=req.grad_accum,
+        rank=req.rank, alpha=float(req.alpha if req.alpha is not None else req.rank), dropout=float(req.dropout),
+        targets=tg, grad_ckpt=bool(grad_ckpt), optimizer=get_optimizer(req.optimizer).name, precision=regime.name,
+        attn=req.attn, framework=stack.name, techniques=techs, double_quant=req.double_quant,
+        versions=parse_versions(req.versions), options=extra, **as_fields,
     )

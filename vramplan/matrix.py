@@ -35,7 +35,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence, TextIO
+from typing import Any, Iterable, Sequence, TextIO
 
 import numpy as np
 
@@ -51,6 +51,7 @@ from .overheads import activation_correction, card_profile, device_total, rounde
 from .planner.checks import check_card, stack_text
 from .planner.limits import BATCH_GRID, fitting_prefix
 from .precision import DEFAULT_REGIME, DTYPE_BYTES, get_regime
+from .request import BENCH_BATCHES, BENCH_SEQS, GridRequest, MatrixRequest, call_request
 from .taxonomy import Component
 from .units import GIB, parse_size
 from .overheads import DEFAULT_RESERVE_FRACTION
@@ -60,9 +61,8 @@ from .verdict import COMFORTABLE_FRACTION, SYMBOLS, THRESHOLDS_TEXT, VERDICTS, V
 #: checkpointing (it costs ~30 % throughput), AdamW before 8-bit and paged 8-bit AdamW.
 SETTINGS_LADDER: tuple[tuple[bool, str], ...] = tuple((gc, opt) for gc in (False, True)
                                                       for opt in ("adamw", "adamw_8bit", "paged_adamw_8bit"))
-#: The benchmark grid of the issue: 5 sequence lengths x 8 micro-batches.
-BENCH_SEQS = (512, 1024, 2048, 4096, 8192)
-BENCH_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
+#: The benchmark grid of the issue (5 sequence lengths x 8 micro-batches): BENCH_SEQS, BENCH_BATCHES,
+#: defined beside the request that defaults to them (vramplan.request.GridRequest).
 FORMATS = ("md", "csv", "html", "png")
 
 _SIZE_LIKE = re.compile(r"^\s*[0-9]*\.?[0-9]+\s*(g|gb|gib|m|mb|mib|t|tb|tib)\s*$", re.I)
@@ -262,9 +262,11 @@ def _card_groups(cards: Sequence[GPUSpec], recipe: Recipe, precision: str | None
 
 
 def _tensor_peaks(spec: ModelSpec, recipe: Recipe, precision: str, ladder, seqs: np.ndarray, batches: np.ndarray,
-                  rank: int, targets, attn: str, framework: str = "hf",
-                  techniques=()) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                  req: "MatrixRequest | GridRequest") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Tensor peaks and their chain terms, one step_memory call per setting.
+
+    ``req``: the rank, targets, attention, stack, techniques and method options of every cell
+    (``framework`` and ``techniques`` already validated).
 
     Returns ``(tensor_peak, activation_bytes, paged_bytes, loaded_bytes)``, each of shape (len(ladder),
     len(seqs), len(batches)), in whole bytes as :func:`vramplan.plan.estimate_config` rounds
@@ -280,9 +282,9 @@ def _tensor_peaks(spec: ModelSpec, recipe: Recipe, precision: str, ladder, seqs:
              if rollout and bool((np.asarray(seqs) % 2).any()) else [(slice(None), seqs)])
     for k, (gc, opt) in enumerate(ladder):
         for at, sq in parts:
-            cfg = make_config(spec, recipe.method.name, adapter=recipe.adapter.value, seq=int(sq[0]), rank=rank,
-                              targets=targets, grad_ckpt=gc, optimizer=opt, precision=precision, attn=attn,
-                              framework=framework, techniques=techniques)
+            cfg = make_config(spec, recipe.method.name, adapter=recipe.adapter.value, seq=int(sq[0]), grad_ckpt=gc,
+                              optimizer=opt, precision=precision,
+                              **req.pick("rank", "targets", "attn", "framework", "techniques", "method_options"))
             if rollout and len(sq) > 1:
                 cfg = cfg.with_(**recipe.behaviour.reset_shape())
             mem = step_memory(spec, cfg, batch=batches[None, :], seq=sq[:, None])
@@ -312,35 +314,39 @@ class PeakGrid:
         return int(self.peaks.size)
 
 
-def peak_grid(models="all", methods="all", gpus="all", seqs=BENCH_SEQS, batches=BENCH_BATCHES, *,
-              settings: Sequence[tuple[bool, str]] | None = None, precision: str | None = None, attn: str = "sdpa",
-              rank: int = 8, targets=None, framework: str = "hf", techniques=None) -> PeakGrid:
+def peak_grid(models: Any = "all", methods: Any = None, gpus: Any = None, seqs: Any = None, batches: Any = None,
+              **settings: Any) -> PeakGrid:
     """Every configuration of a grid at once: models x methods x settings x cards x seqs x batches.
 
-    ``settings`` defaults to each method's own default (one setting: no gradient
-    checkpointing except QLoRA, AdamW); pass :data:`SETTINGS_LADDER` for all six.
-    ``framework`` and ``techniques`` (training stack, memory-saving techniques) apply to every cell.
+    Takes a :class:`~vramplan.request.GridRequest` (or its fields: ``models``, ``methods``,
+    ``gpus``, ``seqs``, ``batches`` positionally, the rest as keywords). ``settings`` defaults to
+    each method's own default (one setting: no gradient checkpointing except QLoRA, AdamW); pass
+    :data:`SETTINGS_LADDER` for all six. ``framework``, ``techniques`` (training stack,
+    memory-saving techniques) and ``method_options`` apply to every cell.
     """
-    framework, techniques = _stack_args(framework, techniques)
-    specs, recipes, cards = select_models(models), select_methods(methods), select_gpus(gpus)
-    s = np.asarray(_seqs(seqs), dtype=np.int64)
+    req = call_request(GridRequest, models, "models",
+                       _given(methods=methods, gpus=gpus, seqs=seqs, batches=batches) | settings)
+    framework, techniques = _stack_args(req.framework, req.techniques)
+    req = req.with_(framework=framework, techniques=techniques)
+    specs, recipes, cards = select_models(req.models), select_methods(req.methods), select_gpus(req.gpus)
+    s = np.asarray(_seqs(req.seqs), dtype=np.int64)
     n_cells = len(s) * len(cards) * len(specs) * len(recipes)
     if n_cells > MAX_CELLS:
         raise VramplanError(f"the matrix would have {n_cells:,} cells ({len(specs)} models x {len(recipes)} methods x "
                             f"{len(cards)} GPUs x {len(s)} sequence lengths); the limit is {MAX_CELLS:,}",
                             "narrow --models, --methods, --gpus or --seq, or run it in parts")
-    b = np.asarray(sorted({int(x) for x in batches}), dtype=np.int64)
+    b = np.asarray(sorted({int(x) for x in req.batches}), dtype=np.int64)
     if b.size == 0 or b.min() <= 0:
         raise VramplanError("batches must be positive integers")
     cap = np.array([c.memory_bytes for c in cards], dtype=np.float64)
     over = _Overheads(cards)
-    ladder = list(settings) if settings else [(None, "adamw")]
+    ladder = list(req.settings) if req.settings else [(None, "adamw")]
     peaks = np.full((len(specs), len(recipes), len(ladder), len(cards), len(s), len(b)), np.nan)
     for i, spec in enumerate(specs):
         for j, recipe in enumerate(recipes):
-            groups, _precs, _errors = _card_groups(cards, recipe, precision, attn, framework)
+            groups, _precs, _errors = _card_groups(cards, recipe, req.precision, req.attn, framework)
             for prec, idx in groups.items():
-                terms = _tensor_peaks(spec, recipe, prec, ladder, s, b, rank, targets, attn, framework, techniques)
+                terms = _tensor_peaks(spec, recipe, prec, ladder, s, b, req)
                 for chain in over.chains(idx, recipe.name):
                     peaks[i, j][:, chain.members] = chain.total(*terms)[:, None]
     from .bands import band_for, method_key
@@ -362,6 +368,11 @@ def _band(framework: str, recipe) -> tuple[float, float]:
 
     b = band_for(framework, method_key(recipe.method.name, recipe.adapter.value))
     return b.lo, b.hi
+
+
+def _given(**positional: Any) -> dict[str, Any]:
+    """The positional arguments a caller gave (None: left to the request's default)."""
+    return {k: v for k, v in positional.items() if v is not None}
 
 
 def _stack_args(framework: str, techniques) -> tuple[str, tuple[str, ...]]:
@@ -476,10 +487,12 @@ class FeasibilityMatrix:
                 "cells": [c.to_json() for c in self.cells]}
 
 
-def _assumptions(framework: str, techniques, precision: str | None, attn: str, rank: int, targets, batch: int,
-                 ladder) -> list[str]:
+def _assumptions(req: MatrixRequest, ladder) -> list[str]:
     """What every cell of a feasibility matrix assumes, one line each."""
     from .stacks import get_stack
+
+    framework, techniques, precision, attn, rank, targets, batch = (
+        req.framework, req.techniques, req.precision, req.attn, req.rank, req.targets, req.batch)
 
     default_prec = get_stack(framework).default_precision
     return [
@@ -498,44 +511,41 @@ def _assumptions(framework: str, techniques, precision: str | None, attn: str, r
     ]
 
 
-def feasibility_matrix(models="all", methods="all", gpus="all", seqs=2048, *, batch: int = 1,
-                       precision: str | None = None, attn: str = "sdpa", rank: int = 8, targets=None,
-                       ladder: Sequence[tuple[bool, str]] = SETTINGS_LADDER, framework: str = "hf",
-                       techniques=None, progress=None) -> FeasibilityMatrix:
+def feasibility_matrix(models: Any = "all", methods: Any = None, gpus: Any = None, seqs: Any = None, *,
+                       progress=None, **settings: Any) -> FeasibilityMatrix:
     """Verdict, peak and largest micro-batch of every model x method x card x sequence length.
 
-    Args:
-        models: ``"all"`` or a comma list / list of names, aliases (``7b``), HF ids, config paths.
-        methods: ``"all"`` or names, ``method+adapter`` for DPO/PPO (``dpo+qlora``).
-        gpus: ``"all"`` or card names/aliases, or capacities such as ``24GiB``.
-        seqs: tokens per sequence, one or several.
-        batch: micro-batch at which the verdict and the peak are given (examples).
-        ladder: the settings tried, in preference order (see :data:`SETTINGS_LADDER`).
-        framework: training stack of every cell (hf, torchtune, unsloth, litgpt); its default
-            precision applies when ``precision`` is None. techniques: memory-saving techniques
-            every cell uses (``"chunked_ce,act_offload"`` or a list).
-        progress: ``(done, total, item)`` called after each model x method (the CLI's progress bar).
+    Takes a :class:`~vramplan.request.MatrixRequest` (``feasibility_matrix(MatrixRequest(gpus="t4"))``)
+    or its fields (``models``, ``methods``, ``gpus``, ``seqs`` positionally, the rest as keywords):
+
+    * models: ``"all"`` or a comma list / list of names, aliases (``7b``), HF ids, config paths.
+    * methods: ``"all"`` or names, ``method+adapter`` for DPO/PPO (``dpo+qlora``).
+    * gpus: ``"all"`` or card names/aliases, or capacities such as ``24GiB``.
+    * seqs: tokens per sequence, one or several (default 2048).
+    * batch: micro-batch at which the verdict and the peak are given (examples).
+    * ladder: the settings tried, in preference order (default :data:`SETTINGS_LADDER`).
+    * framework: training stack of every cell (hf, torchtune, unsloth, litgpt); its default
+      precision applies when ``precision`` is None. techniques: memory-saving techniques
+      every cell uses (``"chunked_ce,act_offload"`` or a list).
+    * method_options: the methods' own options (``{"num_generations": 4}``), each applied to the
+      methods that declare it.
+
+    ``progress``: ``(done, total, item)`` called after each model x method (the CLI's progress bar).
 
     Returns:
         :class:`FeasibilityMatrix`; cells are in (seq, card, model, method) order.
 
     Raises:
-        VramplanError: unknown names (models, cards, methods, framework, techniques), non-positive
-            shapes, an impossible rank.
+        VramplanError: a keyword that is not a MatrixRequest field, unknown names (models, cards, methods,
+            framework, techniques), non-positive shapes, an impossible rank.
     """
-    from .validate import integer, name_text
-
-    integer(batch, "batch", hi=int(BATCH_GRID[-1]))
-    integer(rank, "rank")
-    name_text(attn, "attention implementation")
-    if name_text(precision, "precision", none_ok=True) is not None:
-        from .precision import get_regime
-
-        get_regime(precision)  # an unknown precision is an error, not a column of "no"
-    name_text(framework, "framework")
-    framework, techniques = _stack_args(framework, techniques)
-    specs, recipes, cards = select_models(models), select_methods(methods), select_gpus(gpus)
-    s = np.asarray(_seqs(seqs), dtype=np.int64)
+    req = call_request(MatrixRequest, models, "models", _given(methods=methods, gpus=gpus, seqs=seqs) | settings)
+    framework, techniques = _stack_args(req.framework, req.techniques)
+    req = req.with_(framework=framework, techniques=techniques)
+    ladder = tuple(req.ladder) if req.ladder is not None else SETTINGS_LADDER
+    batch, precision, attn = req.batch, req.precision, req.attn
+    specs, recipes, cards = select_models(req.models), select_methods(req.methods), select_gpus(req.gpus)
+    s = np.asarray(_seqs(req.seqs), dtype=np.int64)
     n_cells = len(s) * len(cards) * len(specs) * len(recipes)
     if n_cells > MAX_CELLS:
         raise VramplanError(f"the matrix would have {n_cells:,} cells ({len(specs)} models x {len(recipes)} methods x "
@@ -558,8 +568,8 @@ def feasibility_matrix(models="all", methods="all", gpus="all", seqs=2048, *, ba
                         cards[gi].memory_bytes, 0, None, None, None, note=msg)
             for prec, idx in groups.items():
                 # every setting at the requested micro-batch: (L, S) each
-                t1, a1, p1, l1 = (x[..., 0] for x in _tensor_peaks(spec, recipe, prec, ladder, s, np.array([batch]), rank,
-                                                               targets, attn, framework, techniques))
+                t1, a1, p1, l1 = (x[..., 0] for x in _tensor_peaks(spec, recipe, prec, ladder, s, np.array([batch]),
+                                                                   req))
                 wide: dict[int, tuple] = {}  # setting -> its terms over micro-batches 1..1024, (S, NB) each
                 si = np.arange(len(s))[None, :]
                 for chain in over.chains(idx, recipe.name):
@@ -575,7 +585,7 @@ def feasibility_matrix(models="all", methods="all", gpus="all", seqs=2048, *, ba
                     for k in np.unique(choice):
                         if k not in wide:
                             wide[k] = tuple(x[0] for x in _tensor_peaks(spec, recipe, prec, [ladder[k]], s, BATCH_GRID,
-                                                                         rank, targets, attn, framework, techniques))
+                                                                         req))
                         counts = fitting_prefix(chain.total(*wide[k])[None, :, :], cap[ix][:, None])  # (G, S)
                         max_b = np.where(choice == k, counts, max_b)
                     peak = total[choice, si]                                              # (G, S)
@@ -593,7 +603,7 @@ def feasibility_matrix(models="all", methods="all", gpus="all", seqs=2048, *, ba
     mpos = {m.name: i for i, m in enumerate(specs)}
     rpos = {r.name: i for i, r in enumerate(recipes)}
     ordered = [cells[k] for k in sorted(cells, key=lambda k: (k[0], k[1], mpos[k[2]], rpos[k[3]]))]
-    assumptions = _assumptions(framework, techniques, precision, attn, rank, targets, batch, ladder)
+    assumptions = _assumptions(req, ladder)
     return FeasibilityMatrix([m.name for m in specs], [r.name for r in recipes], list(cards), [int(x) for x in s],
                              batch, ordered, assumptions, framework=framework, techniques=techniques)
 

@@ -319,7 +319,7 @@ def fused_layer_applies(cfg: TrainConfig, copy: ModelCopy, model: ModelSpec | No
     """The stack's own decoder-layer kernels run this copy (stacks.toml ``fused_lora_layers``): Unsloth
     patches LoRA/QLoRA layers with its fast_lora autograd functions only without LoRA dropout (a dropout
     layer sends PEFT's own forward) and not for DoRA, IA3 or full fine-tuning."""
-    return (cfg.stack.fused_lora_layers and copy.adapter in (Adapter.LORA, Adapter.QLORA)
+    return (cfg.stack.fused_lora_layers and copy.adapter.low_rank and not copy.adapter.dora
             and not cfg.dropout)
 
 

@@ -117,46 +117,7 @@ def render_fit(report, console: Console, top: int = 0, verbose: bool = False) ->
     """
     if report.model_resolved_from:
         console.print(f"[dim]model {report.model_resolved_from}[/dim]")
-    gpus = getattr(report, "gpus", 1)
-    where = report.gpu if gpus == 1 else f"{gpus}x {report.gpu}" + (f" {report.strategy}" if report.strategy else "")
-    each = " each" if gpus > 1 else ""
-    stack = getattr(report, "framework", "hf")
-    techs = tuple(getattr(report, "techniques", ()) or ())
-    extra = (f", {stack}" if stack != "hf" else "") + (f", {'+'.join(techs)}" if techs else "")
-    t = Table(title=f"{report.model} on {where} ({fmt_bytes(report.capacity_bytes)}{each}), seq {report.seq}{extra}",
-              header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
-    timed = getattr(report, "tokens", None) is not None
-    cols = [("method", "left"), ("fits", "left"), ("peak GiB", "right"), ("max b/seq", "right"),
-            ("tok/s", "right"), ("best settings", "left")]
-    if timed:
-        cols.insert(5, ("time", "right"))
-    for col, just in cols:
-        t.add_column(col, justify=just, no_wrap=col not in ("method", "best settings"))
-    colour = {"comfortable": "green", "tight": "yellow", "no": "red"}
-    footnotes = []
-    for r in report.rows:
-        name = _row_label(r)
-        v = getattr(r, "verdict", None)
-        verdict = (f"[{colour[v.value]}]{v.value}[/{colour[v.value]}]" if v is not None
-                   else "[green]yes[/green]" if r.fits else "[red]no[/red]")
-        chosen = getattr(r, "chosen", None)
-        shown = v.fits if v is not None else r.fits  # comfortable or tight ("tight, try it"): the plan is shown
-        if v is not None and v.value == "tight" and not r.fits:
-            verdict = "[yellow]tight, try it[/yellow]"
-        if chosen is not None:
-            rec = plan_brief(chosen) if shown else "-"
-        else:
-            s = r.settings
-            rec = f"GC {'on' if s['grad_ckpt'] else 'off'}, {s['optimizer']}, {s['attn']}" if shown else "-"
-        tps = getattr(r, "tokens_per_s", None)
-        row = [name, verdict, f"{r.estimate.peak_gib:.2f}",
-               f"{r.max_batch or '-'} / {r.max_seq:,}" if r.max_seq else f"{r.max_batch or '-'} / -",
-               f"{tps:,.0f}" if tps and shown else "-", rec]
-        if timed:
-            row.insert(5, fmt_duration(r.time_to_train_s).replace(" ", "") if shown else "-")
-        t.add_row(*row)
-        if r.notes:
-            footnotes.append(f"{name}: " + "; ".join(r.notes))
+    t, footnotes = _fit_table(report)
     console.print(t)
     for f in footnotes:
         console.print(f"· {f}")
@@ -164,34 +125,95 @@ def render_fit(report, console: Console, top: int = 0, verbose: bool = False) ->
     render_technique_advice(report, console, verbose=verbose)
     render_alternatives(report, console)
     if top:
-        for r in report.rows:
-            # flash ties sdpa and paged 8-bit AdamW ties 8-bit AdamW exactly: list the simpler one only
-            listed = [p for p in getattr(r, "plans", []) if p.config.attn != "flash"
-                      and p.config.optimizer != "paged_adamw_8bit"]
-            plans = listed[:top]
-            # an adapter with no plan among those (LoRA behind its QLoRA fallback): show its first, to say why
-            for ad in dict.fromkeys(p.adapter for p in listed):
-                if all(p.adapter != ad for p in plans):
-                    plans.append(next(p for p in listed if p.adapter == ad))
-            if not plans:
-                continue
-            pt = Table(title=f"{getattr(r, 'requested', r.method)}: {len(plans)} of {len(r.plans)} plans, "
-                       "fastest that fits first",
-                       header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
-            for col, just in (("#", "right"), ("settings", "left"), ("peak GiB", "right"), ("tok/s", "right"),
-                              ("why not first", "left")):
-                pt.add_column(col, justify=just)
-            for p in plans:
-                label = (p.adapter + ", " if p.adapter != getattr(r, "requested", r.method) else "") + plan_brief(p)
-                pt.add_row(str(p.rank), label, f"{p.peak_bytes / 2**30:.2f}", f"{p.tokens_per_s:,.0f}", p.reason)
-            console.print(pt)
-        console.print("[dim]· not listed: flash attention and paged 8-bit AdamW, which tie sdpa and 8-bit AdamW "
-                      "(in --json)[/dim]")
+        _render_ranked_plans(report, console, top)
     if verbose:
         for a in report.assumptions:
             console.print(f"[dim]· {a}[/dim]")
     else:
         console.print("[dim]assumptions (stack, precision, overheads, ranking): --verbose[/dim]")
+
+
+def _fit_title(report) -> str:
+    """``llama-2-7b on rtx4090 (23.99 GiB), seq 2048``, with the GPUs, stack and techniques when not the default."""
+    gpus = getattr(report, "gpus", 1)
+    where = report.gpu if gpus == 1 else f"{gpus}x {report.gpu}" + (f" {report.strategy}" if report.strategy else "")
+    each = " each" if gpus > 1 else ""
+    stack = getattr(report, "framework", "hf")
+    techs = tuple(getattr(report, "techniques", ()) or ())
+    extra = (f", {stack}" if stack != "hf" else "") + (f", {'+'.join(techs)}" if techs else "")
+    return f"{report.model} on {where} ({fmt_bytes(report.capacity_bytes)}{each}), seq {report.seq}{extra}"
+
+
+def _fit_table(report) -> tuple[Table, list[str]]:
+    """The fit table (one row per method) and the footnotes of the rows with notes."""
+    t = Table(title=_fit_title(report), header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    timed = getattr(report, "tokens", None) is not None
+    cols = [("method", "left"), ("fits", "left"), ("peak GiB", "right"), ("max b/seq", "right"),
+            ("tok/s", "right"), ("best settings", "left")]
+    if timed:
+        cols.insert(5, ("time", "right"))
+    for col, just in cols:
+        t.add_column(col, justify=just, no_wrap=col not in ("method", "best settings"))
+    footnotes = []
+    for r in report.rows:
+        t.add_row(*_fit_row(r, timed))
+        if r.notes:
+            footnotes.append(f"{_row_label(r)}: " + "; ".join(r.notes))
+    return t, footnotes
+
+
+_VERDICT_COLOUR = {"comfortable": "green", "tight": "yellow", "no": "red"}
+
+
+def _fit_row(r, timed: bool) -> list[str]:
+    """One method's cells: label, verdict, peak, max batch / seq, tok/s, (time,) settings of the plan shown."""
+    v = getattr(r, "verdict", None)
+    colour = _VERDICT_COLOUR[v.value] if v is not None else None
+    verdict = (f"[{colour}]{v.value}[/{colour}]" if v is not None
+               else "[green]yes[/green]" if r.fits else "[red]no[/red]")
+    chosen = getattr(r, "chosen", None)
+    shown = v.fits if v is not None else r.fits  # comfortable or tight ("tight, try it"): the plan is shown
+    if v is not None and v.value == "tight" and not r.fits:
+        verdict = "[yellow]tight, try it[/yellow]"
+    if chosen is not None:
+        rec = plan_brief(chosen) if shown else "-"
+    else:
+        s = r.settings
+        rec = f"GC {'on' if s['grad_ckpt'] else 'off'}, {s['optimizer']}, {s['attn']}" if shown else "-"
+    tps = getattr(r, "tokens_per_s", None)
+    row = [_row_label(r), verdict, f"{r.estimate.peak_gib:.2f}",
+           f"{r.max_batch or '-'} / {r.max_seq:,}" if r.max_seq else f"{r.max_batch or '-'} / -",
+           f"{tps:,.0f}" if tps and shown else "-", rec]
+    if timed:
+        row.insert(5, fmt_duration(r.time_to_train_s).replace(" ", "") if shown else "-")
+    return row
+
+
+def _render_ranked_plans(report, console: Console, top: int) -> None:
+    """Each method's ``top`` ranked plans and why each loses to the first (``fit --top N``)."""
+    for r in report.rows:
+        # flash ties sdpa and paged 8-bit AdamW ties 8-bit AdamW exactly: list the simpler one only
+        listed = [p for p in getattr(r, "plans", []) if p.config.attn != "flash"
+                  and p.config.optimizer != "paged_adamw_8bit"]
+        plans = listed[:top]
+        # an adapter with no plan among those (LoRA behind its QLoRA fallback): show its first, to say why
+        for ad in dict.fromkeys(p.adapter for p in listed):
+            if all(p.adapter != ad for p in plans):
+                plans.append(next(p for p in listed if p.adapter == ad))
+        if not plans:
+            continue
+        pt = Table(title=f"{getattr(r, 'requested', r.method)}: {len(plans)} of {len(r.plans)} plans, "
+                   "fastest that fits first",
+                   header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+        for col, just in (("#", "right"), ("settings", "left"), ("peak GiB", "right"), ("tok/s", "right"),
+                          ("why not first", "left")):
+            pt.add_column(col, justify=just)
+        for p in plans:
+            label = (p.adapter + ", " if p.adapter != getattr(r, "requested", r.method) else "") + plan_brief(p)
+            pt.add_row(str(p.rank), label, f"{p.peak_bytes / 2**30:.2f}", f"{p.tokens_per_s:,.0f}", p.reason)
+        console.print(pt)
+    console.print("[dim]· not listed: flash attention and paged 8-bit AdamW, which tie sdpa and 8-bit AdamW "
+                  "(in --json)[/dim]")
 
 
 def render_alternatives(report, console: Console) -> None:

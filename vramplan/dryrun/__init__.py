@@ -56,6 +56,7 @@ from typing import Any
 from ..config import TrainConfig, make_config
 from ..errors import install_hint, MissingDependencyError, VramplanError, require
 from ..models import ModelSpec, get_model
+from ..request import EstimateRequest, call_request
 from ..results import Estimate, jsonable
 from ..taxonomy import TENSOR_COMPONENTS, Component, Group, Phase, Quantity
 
@@ -175,20 +176,19 @@ def require_stack_packages(framework: str = "hf") -> None:
             lg.setLevel(level)
 
 
-def dryrun(model: str | ModelSpec, method: str = "lora", *, adapter: str | None = None, batch: int = 1,
-           seq: int = 2048, grad_accum: int = 1, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
-           targets=None, grad_ckpt: bool | None = None, optimizer: str = "adamw", precision: str | None = None,
-           attn: str = "sdpa", double_quant: bool = True, ppo_response: int | None = None, gpu=None,
-           gpu_mem=None, framework: str = "hf", techniques=None, config: TrainConfig | None = None,
-           sample_layer: int | None = None, method_options: dict | None = None) -> DryRunResult:
+def dryrun(model: "str | ModelSpec | EstimateRequest | None" = None, method: str | None = None, *,
+           config: TrainConfig | None = None, sample_layer: int | None = None, **settings: Any) -> DryRunResult:
     """Trace one steady-state training step on ``meta`` and account for every tensor byte.
 
-    Args mirror :func:`vramplan.estimate` (and ``vramplan dryrun`` the CLI's flags); ``config``
-    passes an already validated :class:`~vramplan.config.TrainConfig` instead.
-    ``sample_layer`` picks the decoder layer whose saved activations are broken down op by
-    op (default: the middle one). ``framework`` picks the stack (``hf``; ``torchtune`` and
-    ``litgpt`` need their extras); ``techniques`` may be ``liger_ce`` (emulated, hf stack).
-    ``method_options`` are the method's own options (vramplan.methods.base.Option).
+    Takes an :class:`~vramplan.request.EstimateRequest` or its fields as keywords, as
+    :func:`vramplan.estimate` (and ``vramplan dryrun`` the CLI's flags): the configuration's
+    fields and ``gpu``/``gpu_mem`` (the scale fields are the multi-GPU dry run's,
+    ``vramplan.dryrun.distributed``). ``config`` passes an already validated
+    :class:`~vramplan.config.TrainConfig` instead. ``sample_layer`` picks the decoder layer whose
+    saved activations are broken down op by op (default: the middle one). ``framework`` picks the
+    stack (``hf``; ``torchtune`` and ``litgpt`` need their extras); ``techniques`` may be
+    ``liger_ce`` (emulated, hf stack). ``method_options`` are the method's own options
+    (vramplan.methods.base.Option).
 
     Returns:
         :class:`DryRunResult`: ``tensor_peak_bytes`` (live storages, exact), ``peak_bytes``
@@ -197,23 +197,22 @@ def dryrun(model: str | ModelSpec, method: str = "lora", *, adapter: str | None 
     Raises:
         MissingDependencyError: torch, transformers or peft (or bitsandbytes for QLoRA and
             8-bit optimisers, or the stack's package) is not installed.
-        VramplanError: bad input; transformers (or the stack) cannot build the model; a
-            ``documented`` stack (Unsloth), which cannot run here.
+        VramplanError: a keyword that is not an EstimateRequest field; bad input; transformers (or the
+            stack) cannot build the model; a ``documented`` stack (Unsloth), which cannot run here.
     """
     from ..stacks import parse_techniques
 
-    stack_run(framework, parse_techniques(techniques))  # a documented stack stops here, torch or not
-    require_stack_packages(framework)
+    req = call_request(EstimateRequest, model, "model", settings if method is None else {"method": method, **settings})
+    stack_run(req.framework, parse_techniques(req.techniques))  # a documented stack stops here, torch or not
+    require_stack_packages(req.framework)
     from ..planner.checks import check_card, resolve_gpu
 
+    model = req.model
     spec = get_model(model)
-    card = resolve_gpu(gpu, gpu_mem)
+    card = resolve_gpu(req.gpu, req.gpu_mem)
     if config is None:
-        precision = check_card(precision, method, adapter, attn, card, framework)
-        config = make_config(spec, method, adapter=adapter, batch=batch, seq=seq, grad_accum=grad_accum, rank=rank,
-                             alpha=alpha, dropout=dropout, targets=targets, grad_ckpt=grad_ckpt, optimizer=optimizer,
-                             precision=precision, attn=attn, framework=framework, double_quant=double_quant,
-                             ppo_response=ppo_response, techniques=techniques, method_options=method_options)
+        precision = check_card(req.precision, req.method, req.adapter, req.attn, card, req.framework)
+        config = make_config(spec, req.config_request(precision=precision))
     query = None if isinstance(model, ModelSpec) else str(model)
     return dryrun_config(spec, config, card, model_query=query, sample_layer=sample_layer)
 

@@ -8,7 +8,7 @@ of a multi-GPU plan. Numpy only; the throughput model and the sharded layouts lo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from ..gpus import GPUSpec
 from ..memory import PHASE_ORDER, step_memory
 from ..models import ModelSpec, get_model
 from ..overheads import runtime_overheads
+from ..request import EstimateRequest, call_request
 from ..results import Estimate
 from ..taxonomy import Component, Phase, Quantity
 from ..units import GIB
@@ -25,18 +26,15 @@ from .checks import accum_for, assumptions, check_card, moe_qlora_note, resolve_
 if TYPE_CHECKING:
     from ..distributed import Parallel
 
-def estimate(model: str | ModelSpec, method: str = "lora", *, adapter: str | None = None,
-             gpu: str | GPUSpec | None = None, gpu_mem: str | int | None = None, batch: int = 1, seq: int = 2048,
-             grad_accum: int = 1, rank: int = 8, alpha: float | None = None, dropout: float = 0.0, targets=None,
-             grad_ckpt: bool | None = None, optimizer: str = "adamw", precision: str | None = None,
-             attn: str = "sdpa", framework: str = "hf", techniques=None, double_quant: bool = True,
-             ppo_response: int | None = None, gpus: int = 1, strategy: str | None = None,
-             offload: str | None = None, global_batch: int | None = None, tokens=None,
-             epochs: float = 1.0, versions=None, method_options: dict | None = None) -> Estimate:
+def estimate(model: "str | ModelSpec | EstimateRequest | None" = None, method: str | None = None,
+             **settings: Any) -> Estimate:
     """Predict the peak GPU memory of one training configuration (analytic model, numpy only), and its speed.
 
-    Args mirror the CLI (``vramplan estimate``); sizes are tokens and examples, memory in bytes.
-    ``gpu`` is a catalogue name/alias or ``"auto"`` (NVML); ``gpu_mem`` a capacity such as ``"24GiB"``.
+    Takes an :class:`~vramplan.request.EstimateRequest` (``estimate(EstimateRequest(model="7b",
+    gpu="rtx4090"))``), or its fields as keywords (``estimate("7b", "qlora", gpu="rtx4090")``),
+    or a request with some fields changed (``estimate(req, batch=4)``). The fields mirror the
+    CLI (``vramplan estimate``); sizes are tokens and examples, memory in bytes. ``gpu`` is a
+    catalogue name/alias or ``"auto"`` (NVML); ``gpu_mem`` a capacity such as ``"24GiB"``.
     ``gpus``/``strategy``/``offload`` plan N GPUs (``vramplan.distributed``; ``gpus > 1`` alone
     means DDP); ``batch`` is then per GPU. ``global_batch`` (examples per optimiser step over all
     GPUs) sets ``grad_accum = global_batch / (gpus x batch)``. ``tokens`` (dataset tokens, e.g.
@@ -52,35 +50,43 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, adapter: str | Non
         ``step_time_s`` and ``tokens_per_s`` (all GPUs; :mod:`vramplan.throughput`).
 
     Raises:
-        VramplanError: bad input (unknown names, non-positive shapes, unsupported features,
-            ``gpus < 1``, an unknown strategy, a global batch that the GPUs and micro-batch do not divide).
+        VramplanError: bad input (a keyword that is not an EstimateRequest field, unknown names, non-positive
+            shapes, unsupported features, ``gpus < 1``, an unknown strategy, a global batch that the GPUs and
+            micro-batch do not divide).
     """
     from .. import validate as v
     from ..distributed import make_parallel
     from ..throughput import parse_count
 
-    v.scale(gpus=gpus, epochs=epochs, global_batch=global_batch, strategy=strategy, offload=offload)
-    v.integer(batch, "batch")
-    v.name_text(method, "method")
-    v.name_text(attn, "attention implementation")
-    v.name_text(framework, "framework")
-    v.name_text(precision, "precision", none_ok=True)
-    spec = get_model(model)
-    card = resolve_gpu(gpu, gpu_mem)
-    par = make_parallel(gpus, strategy, offload)
-    precision = check_card(precision, method, adapter, attn, card, framework)
-    if global_batch is not None:
-        grad_accum = accum_for(global_batch, par.gpus, batch)
-    cfg = make_config(spec, method, adapter=adapter, batch=batch, seq=seq, grad_accum=grad_accum, rank=rank,
-                      alpha=alpha, dropout=dropout, targets=targets, grad_ckpt=grad_ckpt, optimizer=optimizer,
-                      precision=precision, attn=attn, framework=framework, techniques=techniques, double_quant=double_quant,
-                      ppo_response=ppo_response, versions=versions, method_options=method_options)
-    est = estimate_config(spec, cfg, card, model_query=str(model) if not isinstance(model, ModelSpec) else None,
-                          parallel=par, tokens=parse_count(tokens, "--tokens"), epochs=epochs)
+    req = call_request(EstimateRequest, model, "model", _with_method(method, settings))
+    spec = get_model(req.model)
+    card = resolve_gpu(req.gpu, req.gpu_mem)
+    par = make_parallel(req.gpus, req.strategy, req.offload)
+    cfg = _request_config(spec, req, card, par)
+    est = estimate_config(spec, cfg, card, model_query=_query(req.model), parallel=par,
+                          tokens=parse_count(req.tokens, "--tokens"), epochs=req.epochs)
     note = v.context_note(spec, cfg.seq)
     if note:
         est.assumptions.insert(0, note)
     return est
+
+
+def _with_method(method: str | None, settings: dict) -> dict:
+    """``settings`` with ``method`` when the caller named one (None leaves a request's own, else lora)."""
+    return settings if method is None else {"method": method, **settings}
+
+
+def _query(model) -> str | None:
+    """The name the caller asked for (to say ``13b -> llama-2-13b``), None for a ModelSpec."""
+    return None if isinstance(model, ModelSpec) else str(model)
+
+
+def _request_config(spec: ModelSpec, req: EstimateRequest, card: GPUSpec | None, par) -> TrainConfig:
+    """The validated configuration of ``req`` on ``card``: the card's precision check, accumulation from
+    ``global_batch``, then :func:`~vramplan.config.make_config`."""
+    precision = check_card(req.precision, req.method, req.adapter, req.attn, card, req.framework)
+    grad_accum = req.grad_accum if req.global_batch is None else accum_for(req.global_batch, par.gpus, req.batch)
+    return make_config(spec, req.config_request(precision=precision, grad_accum=grad_accum))
 
 
 def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = None,
@@ -251,17 +257,18 @@ class PerGpuPeak:
                 "components": {c.value: int(v) for c, v in self.components.items() if v}}
 
 
-def per_gpu_peak(model, method: str = "lora", *, gpus: int, strategy: str | None = None, offload: str | None = None,
-                 engine: str | None = None, gpu=None, gpu_mem=None, engine_options: dict | None = None,
-                 **config) -> PerGpuPeak:
-    """Per-GPU peak memory of ``method`` on ``model`` over ``gpus`` GPUs under ``strategy``.
+def per_gpu_peak(model: "str | ModelSpec | EstimateRequest", method: str | None = None, *, gpus: int,
+                 engine: str | None = None, engine_options: dict | None = None, **settings: Any) -> PerGpuPeak:
+    """Per-GPU peak memory of ``method`` on ``model`` over ``gpus`` GPUs.
 
     The one call for "what does each GPU need for this plan" (the published-accuracy scorer
-    uses it for multi-GPU rows). ``config`` takes :func:`vramplan.estimate`'s configuration
-    keywords (``batch`` per GPU, ``seq``, ``rank``, ``targets``, ``grad_ckpt``, ``optimizer``,
-    ``precision``, ``attn``, ``framework``, ``techniques``, ...). ``engine`` (``auto``, ``torch``,
-    ``deepspeed``) and ``engine_options`` (:data:`vramplan.distributed.ENGINE_OPTIONS`) pick the engine whose buffers
-    are modelled: ``auto`` plans zero1/2/3 as DeepSpeed and ddp/fsdp as PyTorch (DDP, FSDP2).
+    uses it for multi-GPU rows). ``model`` is a model or an
+    :class:`~vramplan.request.EstimateRequest`; ``settings`` are EstimateRequest's fields
+    (``strategy``, ``offload``, ``gpu``, ``gpu_mem``, ``batch`` per GPU, ``seq``, ``rank``, ``targets``,
+    ``grad_ckpt``, ``optimizer``, ``precision``, ``attn``, ``framework``, ``techniques``, ...).
+    ``engine`` (``auto``, ``torch``, ``deepspeed``) and ``engine_options``
+    (:data:`vramplan.distributed.ENGINE_OPTIONS`) pick the engine whose buffers are modelled:
+    ``auto`` plans zero1/2/3 as DeepSpeed and ddp/fsdp as PyTorch (DDP, FSDP2).
 
     Returns:
         :class:`PerGpuPeak` (bytes are ints; quantities as its docstring says).
@@ -271,15 +278,12 @@ def per_gpu_peak(model, method: str = "lora", *, gpus: int, strategy: str | None
     """
     from ..distributed import make_parallel, shard_state
 
-    spec = get_model(model)
-    card = resolve_gpu(gpu, gpu_mem)
-    par = make_parallel(gpus, strategy, offload, engine=engine, **(engine_options or {}))
-    cfg_kw = dict(config)
-    precision = check_card(cfg_kw.pop("precision", None), method, cfg_kw.get("adapter"), cfg_kw.get("attn", "sdpa"),
-                            card, cfg_kw.get("framework", "hf"))
-    cfg = make_config(spec, method, precision=precision, **cfg_kw)
-    est = estimate_config(spec, cfg, card, model_query=None if isinstance(model, ModelSpec) else str(model),
-                          parallel=par, with_time=False)
+    req = call_request(EstimateRequest, model, "model", _with_method(method, {"gpus": gpus, **settings}))
+    spec = get_model(req.model)
+    card = resolve_gpu(req.gpu, req.gpu_mem)
+    par = make_parallel(req.gpus, req.strategy, req.offload, engine=engine, **(engine_options or {}))
+    cfg = _request_config(spec, req, card, par)
+    est = estimate_config(spec, cfg, card, model_query=_query(req.model), parallel=par, with_time=False)
     reserve = int(est.components.get(Component.ALLOCATOR_RESERVE, 0))
     sh = shard_state(spec, cfg, par)
     return PerGpuPeak(parallel=par, tensor_peak_bytes=int(est.tensor_peak_bytes),

@@ -11,13 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from ..config import make_config
 from ..errors import VramplanError
 from ..gpus import GPUSpec, get_gpu
 from ..methods import default_methods
 from ..models import ModelSpec, get_model
+from ..request import FitRequest, SearchRequest, call_request
 from ..results import Estimate
 from ..verdict import DEFAULT_MARGIN, Verdict, classify
 from .checks import accum_for, check_card, moe_qlora_note, resolve_gpu, techniques_text
@@ -177,28 +176,25 @@ def _card_share(spec: ModelSpec, method: str, seq: int, method_options: dict | N
         return 0.0
 
 
-def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: str | int | None = None,
-        seq: int = 2048, batch: int | None = None, methods: list[str] | None = None, precision: str | None = None,
-        attn: str | None = None, rank: int | None = None, targets=None, grad_ckpt: bool | None = None,
-        optimizer: str | None = None, gpus: int = 1, strategy: str | None = None, offload: str | None = None,
-        global_batch: int | None = None, tokens=None, epochs: float = 1.0, margin: float | None = None,
-        top: int = 20, framework: str = "hf", techniques=None, advise: bool = True,
-        method_options: dict | None = None) -> FitReport:
+def fit(model: "str | ModelSpec | FitRequest | None" = None, gpu: str | GPUSpec | None = None,
+        **settings: Any) -> FitReport:
     """Every method on one card (or ``gpus`` cards): the fastest configuration that fits with a margin.
 
+    Takes a :class:`~vramplan.request.FitRequest` (``fit(FitRequest(model="7b", gpu="rtx4090"))``),
+    or its fields as keywords (``fit("7b", "rtx4090", seq=4096)``), or a request with fields changed.
     For each method :func:`vramplan.planner.search.search` tries every combination of gradient
     checkpointing, optimiser (AdamW, 8-bit, paged 8-bit), attention implementation, LoRA rank
     and targets, the LoRA-to-QLoRA fallback and, on several GPUs without ``strategy``, every
     sharding strategy, each over all micro-batches (with accumulation to ``global_batch`` when
     given), and ranks those that fit below ``capacity x (1 - margin)`` by tokens/s. A setting
-    passed here (``attn``, ``rank``, ``targets``, ``grad_ckpt``, ``optimizer``, ``batch``) is
+    given (``attn``, ``rank``, ``targets``, ``grad_ckpt``, ``optimizer``, ``batch``) is
     fixed instead of searched. When nothing fits, the row says what would
     (:func:`vramplan.planner.search.what_would_fit`). Each row also says what every memory-saving
     technique (``vramplan/data/stacks.toml``) not already on would save on the chosen plan and,
     when that plan is not comfortable, the cheapest set that makes it so, with the fastest plan
     under that set (:func:`vramplan.planner.techniques.recommend_techniques`).
 
-    Args:
+    Fields (:class:`~vramplan.request.FitRequest`):
         margin: fraction of the capacity kept free (default :data:`~vramplan.verdict.DEFAULT_MARGIN` = 0.15:
             the recommended plan is always "comfortable", as ``vramplan matrix`` says it).
         tokens, epochs: dataset tokens (``"500M"``) and epochs for time to train and GPU-hours.
@@ -215,142 +211,188 @@ def fit(model: str | ModelSpec, gpu: str | GPUSpec | None = None, *, gpu_mem: st
         :class:`FitReport`; each row's ``estimate`` is the chosen plan's, ``plans`` the ranking.
 
     Raises:
-        VramplanError: no GPU, bad ``gpus``/``strategy``/``offload``/``global_batch``/``margin``,
-            an unknown framework or technique.
+        VramplanError: a keyword that is not a FitRequest field, no GPU, bad ``gpus``/``strategy``/``offload``/
+            ``global_batch``/``margin``, an unknown framework or technique.
     """
-    from ..distributed import STRATEGIES, make_parallel
-    from ..stacks import get_stack, parse_techniques
-    from ..throughput import parse_count
-    from .limits import DeviceTotals, largest_micro_batch, longest_sequence
-    from .search import fallback_note, other_setups, search, what_would_fit
+    req = call_request(FitRequest, model, "model", settings if gpu is None else {"gpu": gpu, **settings})
+    ctx = _FitContext.prepare(req)
+    rows = [_fit_method(ctx, name) for name in req.methods or default_methods()]
+    return _report(ctx, rows)
+
+
+@dataclass
+class _FitContext:
+    """What every method's row of one :func:`fit` shares: the request resolved once."""
+
+    req: FitRequest
+    spec: ModelSpec
+    card: GPUSpec
+    base: Any                      # the Parallel asked for
+    parallels: list                # the layouts searched (every strategy on several GPUs without one)
+    margin: float
+    tokens: float | None
+    framework: str
+    techniques: tuple[str, ...]
+    totals: Any                    # a DeviceTotals shared by every search
+
+    @classmethod
+    def prepare(cls, req: FitRequest) -> "_FitContext":
+        """Resolve ``req`` against the catalogues; the checks that need the model, the card or the stack.
+
+        Raises:
+            VramplanError: no GPU, an unknown framework or technique, a batch the global batch does not
+                divide, a batch/seq the model refuses, techniques that exclude each other.
+        """
+        from ..distributed import STRATEGIES, make_parallel
+        from ..stacks import get_stack, parse_techniques
+        from ..throughput import parse_count
+        from .limits import DeviceTotals
+
+        framework = get_stack(req.framework).name
+        techs = parse_techniques(req.techniques)
+        spec = get_model(req.model)
+        card = resolve_gpu(req.gpu, req.gpu_mem)
+        if card is None:
+            raise VramplanError("fit needs a GPU", "pass --gpu NAME, --gpu auto or --gpu-mem 24GiB")
+        base = make_parallel(req.gpus, req.strategy, req.offload)
+        # several GPUs without a strategy: search the strategy too
+        parallels = [make_parallel(base.gpus, s) for s in STRATEGIES] if base.gpus > 1 and req.strategy is None \
+            else [base]
+        margin = DEFAULT_MARGIN if req.margin is None else float(req.margin)
+        n_tokens = parse_count(req.tokens, "--tokens")
+        if req.batch is not None:
+            if req.global_batch is not None:
+                accum_for(req.global_batch, base.gpus, req.batch)
+            make_config(spec, "lora", batch=req.batch, seq=req.seq)  # validates batch/seq
+        if techs:
+            make_config(spec, "lora", seq=req.seq, framework=framework, techniques=techs)  # technique rules
+        return cls(req, spec, card, base, parallels, margin, n_tokens, framework, techs, DeviceTotals())
+
+    def search_request(self, precision: str | None) -> SearchRequest:
+        """The settings search of every method: the request's fixed settings, at ``precision``."""
+        r = self.req
+        return SearchRequest(seq=r.seq, precision=precision, global_batch=r.global_batch, parallels=self.parallels,
+                             grad_ckpt=r.grad_ckpt, optimizer=r.optimizer, attn=r.attn, rank=r.rank, targets=r.targets,
+                             margin=self.margin, tokens=self.tokens, epochs=r.epochs, totals=self.totals, batch=r.batch,
+                             framework=self.framework, techniques=self.techniques, method_options=r.method_options)
+
+    def method_card(self, method: str) -> GPUSpec:
+        """The card a method's step has: the rest when a colocated engine (GRPO's vLLM) holds a share of it."""
+        share = _card_share(self.spec, method, self.req.seq, self.req.method_options)
+        if not share:
+            return self.card
+        from dataclasses import replace
+
+        return replace(self.card, memory_bytes=int(self.card.memory_bytes * (1.0 - share)))
+
+
+def _fit_method(ctx: _FitContext, name: str) -> FitRow:
+    """One method's row: its search, the plan shown, notes, technique advice and other setups."""
+    from .limits import largest_micro_batch, longest_sequence
+    from .search import other_setups, search
+
+    req, spec, card = ctx.req, ctx.spec, ctx.card
+    sreq = ctx.search_request(check_card(req.precision, name, None, req.attn or "sdpa", card, ctx.framework))
+    card_m = ctx.method_card(name)
+    mp = search(spec, name, card_m, sreq)
+    chosen = mp.best or _tight_choice(mp)
+    cfg, par = chosen.config, chosen.parallel
+    est = estimate_config(spec, cfg, card, parallel=par, tokens=ctx.tokens, epochs=req.epochs)
+    notes, suggestions = _notes(ctx, name, sreq, mp, chosen, est)
+    settings = {"grad_ckpt": cfg.grad_ckpt, "optimizer": cfg.optimizer, "precision": cfg.precision,
+                "attn": cfg.attn, "batch": cfg.batch, "grad_accum": cfg.grad_accum, **chosen.settings}
+    advice = _advice(ctx, name, sreq, mp, chosen, est) if req.advise else None
+    alternatives = []
+    if req.advise and mp.best is None and req.gpus == 1:
+        alternatives = other_setups(spec, name, card, sreq, current=chosen)
+    return FitRow(method=cfg.method, requested=name, adapter=cfg.adapter, alternatives=alternatives,
+                  fits=bool(est.fits), estimate=est,
+                  max_batch=largest_micro_batch(spec, cfg, card_m, par, totals=ctx.totals),
+                  max_seq=longest_sequence(spec, cfg, card_m, par, totals=ctx.totals),
+                  limits=cfg.recipe.behaviour.limits(spec, cfg, card) if req.advise and req.methods else None,
+                  settings=settings, notes=notes, plans=mp.plans, best=mp.best, chosen=chosen,
+                  suggestions=suggestions, techniques=advice)
+
+
+def _notes(ctx: _FitContext, name: str, sreq: SearchRequest, mp, chosen, est: Estimate) -> tuple[list[str], list]:
+    """A row's notes (why nothing fits, or why the fallback; the MoE QLoRA note) and, when nothing is
+    comfortable, what would fit (:func:`~vramplan.planner.search.what_would_fit`)."""
+    from .search import fallback_note, what_would_fit
+
+    notes: list[str] = []
+    suggestions = []
+    if mp.best is None:
+        suggestions = what_would_fit(ctx.spec, name, ctx.card, sreq, gpus=ctx.base.gpus)
+        notes.append(_no_comfortable_note(mp, est, ctx.margin))
+        if suggestions:
+            notes.append("with GC and 8-bit AdamW it would fit on " + "; ".join(x.text for x in suggestions))
+    elif chosen.fallback:
+        notes.append(fallback_note(mp) or chosen.fallback)
+    unmet = [c.text for c in est.constraints if not c.met]  # beside the step (GRPO's colocated vLLM share)
+    if unmet:
+        notes.append("; ".join(unmet))
+    moe_note = moe_qlora_note(ctx.spec, chosen.config, short=True)
+    if moe_note:
+        notes.append(moe_note)
+    return notes, suggestions
+
+
+def _no_comfortable_note(mp, est: Estimate, margin: float) -> str:
+    """What a row without a comfortable plan says: nothing fits, or tight (fits without the margin, or over
+    the card inside the band's lower end)."""
+    from ..bands import band_for_config
+
+    b = band_for_config(est.config)
+    verdict = classify(est.peak_bytes, est.capacity_bytes, b.hi, b.lo)
+    if verdict is Verdict.NO:
+        fb = next((p.fallback for p in mp.plans if p.fallback), None)  # "QLoRA fallback", "QDoRA fallback"
+        return ("no setting fits (tried GC, 8-bit/paged AdamW"
+                + (f", {fb.removesuffix(' fallback')}" if fb else "") + ")")
+    if est.fits:
+        return (f"tight, try it: no setting is comfortable (the {margin:.0%} margin and the band's upper end "
+                f"{100 * b.hi:+.0f}% under the card); shown: the fastest whose prediction fits")
+    return (f"tight, try it: the least-memory setting is predicted {100 * (est.peak_bytes / est.capacity_bytes - 1):.1f}% "
+            f"over the card, inside the band's lower end ({100 * b.lo:+.0f}%): it may fit; run it with a "
+            "safety margin (expandable segments, nothing else on the card) or a smaller batch/sequence")
+
+
+def _advice(ctx: _FitContext, name: str, sreq: SearchRequest, mp, chosen, est: Estimate):
+    """What each technique saves on the chosen plan; when nothing is comfortable and a set of techniques
+    makes it so, the method's fastest plan with them on (it may drop GC, say)."""
+    from .search import search
     from .techniques import recommend_techniques
 
+    advice = recommend_techniques(ctx.spec, chosen.config, ctx.card, parallel=chosen.parallel, margin=ctx.margin,
+                                  base=est)
+    if mp.best is None and advice.recommended and advice.fits:
+        with_t = search(ctx.spec, name, ctx.card, sreq.with_(techniques=ctx.techniques + advice.techniques))
+        fitting = [p for p in with_t.plans if p.peak_bytes <= p.capacity_bytes]
+        advice.plan = with_t.best or (max(fitting, key=lambda p: p.tokens_per_s) if fitting else None)
+    return advice
+
+
+def _report(ctx: _FitContext, rows: list[FitRow]) -> FitReport:
+    """The :class:`FitReport` of ``rows``: the assumptions of the first row, the context note, the ranking rule."""
     from .. import validate as v
-    from ..bands import band_for_config
-    from ..config import ATTENTION
-    from ..optimizers import get_optimizer
 
-    v.scale(gpus=gpus, epochs=epochs, global_batch=global_batch, strategy=strategy, offload=offload)
-    v.integer(seq, "seq")
-    v.integer(batch, "batch", none_ok=True)
-    v.integer(rank, "rank", none_ok=True)
-    v.integer(top, "top")
-    v.flag(grad_ckpt, "grad_ckpt")
-    v.real(margin, "margin", lo=0.0, hi=1.0, hi_open=True, none_ok=True)
-    v.choice(attn, "attention implementation", ATTENTION, none_ok=True)
-    if optimizer is not None:
-        get_optimizer(v.name_text(optimizer, "optimizer"))
-    if precision is not None:
-        from ..precision import get_regime
-
-        get_regime(v.name_text(precision, "precision"))
-    v.name_text(framework, "framework")
-    framework = get_stack(framework).name
-    techs = parse_techniques(techniques)
-    spec = get_model(model)
-    card = resolve_gpu(gpu, gpu_mem)
-    if card is None:
-        raise VramplanError("fit needs a GPU", "pass --gpu NAME, --gpu auto or --gpu-mem 24GiB")
-    base = make_parallel(gpus, strategy, offload)
-    if base.gpus > 1 and strategy is None:
-        parallels = [make_parallel(base.gpus, s) for s in STRATEGIES]  # search the strategy too
-    else:
-        parallels = [base]
-    if global_batch is not None and (isinstance(global_batch, bool) or not isinstance(global_batch, (int, np.integer))
-                                     or global_batch <= 0):
-        raise VramplanError(f"--global-batch must be a positive integer, got {global_batch!r}")
-    if not isinstance(top, (int, np.integer)) or isinstance(top, bool) or top < 1:
-        raise VramplanError(f"--top must be a positive integer, got {top!r}")
-    margin = DEFAULT_MARGIN if margin is None else float(margin)
-    n_tokens = parse_count(tokens, "--tokens")
-    if batch is not None:
-        if global_batch is not None:
-            accum_for(global_batch, base.gpus, batch)
-        make_config(spec, "lora", batch=batch, seq=seq)  # validates batch/seq
-    if techs:
-        make_config(spec, "lora", seq=seq, framework=framework, techniques=techs)  # technique rules
-    totals = DeviceTotals()
-    rows: list[FitRow] = []
-    for name in methods or default_methods():
-        prec = check_card(precision, name, None, attn or "sdpa", card, framework)
-        search_kw = dict(seq=seq, precision=prec, global_batch=global_batch, parallels=parallels, grad_ckpt=grad_ckpt,
-                         optimizer=optimizer, attn=attn, rank=rank, targets=targets, margin=margin, tokens=n_tokens,
-                         epochs=epochs, totals=totals, batch=batch, framework=framework, method_options=method_options)
-        share = _card_share(spec, name, seq, method_options)
-        if share:  # a colocated engine (GRPO's vLLM) holds a share of the card: search the rest
-            from dataclasses import replace
-
-            card_m = replace(card, memory_bytes=int(card.memory_bytes * (1.0 - share)))
-        else:
-            card_m = card
-        mp = search(spec, name, card_m, techniques=techs, **search_kw)
-        chosen = mp.best or _tight_choice(mp)
-        cfg, par = chosen.config, chosen.parallel
-        est = estimate_config(spec, cfg, card, parallel=par, tokens=n_tokens, epochs=epochs)
-        notes: list[str] = []
-        suggestions = []
-        if mp.best is None:
-            suggestions = what_would_fit(spec, name, card, seq=seq, precision=prec, margin=margin, gpus=base.gpus,
-                                         rank=rank, targets=targets, totals=totals, framework=framework,
-                                         techniques=techs, method_options=method_options)
-            b = band_for_config(cfg)
-            verdict = classify(est.peak_bytes, est.capacity_bytes, b.hi, b.lo)
-            if verdict is Verdict.NO:
-                fb = next((p.fallback for p in mp.plans if p.fallback), None)  # "QLoRA fallback", "QDoRA fallback"
-                notes.append("no setting fits (tried GC, 8-bit/paged AdamW"
-                             + (f", {fb.removesuffix(' fallback')}" if fb else "") + ")")
-            elif est.fits:
-                notes.append(f"tight, try it: no setting is comfortable (the {margin:.0%} margin and the band's upper end "
-                             f"{100 * b.hi:+.0f}% under the card); shown: the fastest whose prediction fits")
-            else:
-                notes.append(f"tight, try it: the least-memory setting is predicted {100 * (est.peak_bytes / est.capacity_bytes - 1):.1f}% "
-                             f"over the card, inside the band's lower end ({100 * b.lo:+.0f}%): it may fit; run it with a "
-                             "safety margin (expandable segments, nothing else on the card) or a smaller batch/sequence")
-            if suggestions:
-                notes.append("with GC and 8-bit AdamW it would fit on " + "; ".join(x.text for x in suggestions))
-        elif chosen.fallback:
-            notes.append(fallback_note(mp) or chosen.fallback)
-        unmet = [c.text for c in est.constraints if not c.met]  # beside the step (GRPO's colocated vLLM share)
-        if unmet:
-            notes.append("; ".join(unmet))
-        moe_note = moe_qlora_note(spec, cfg, short=True)
-        if moe_note:
-            notes.append(moe_note)
-        settings = {"grad_ckpt": cfg.grad_ckpt, "optimizer": cfg.optimizer, "precision": cfg.precision,
-                    "attn": cfg.attn, "batch": cfg.batch, "grad_accum": cfg.grad_accum, **chosen.settings}
-        advice = recommend_techniques(spec, cfg, card, parallel=par, margin=margin, base=est) if advise else None
-        if advise and mp.best is None and advice.recommended and advice.fits:
-            # the fastest plan of the method with the recommended techniques on (it may drop GC, say)
-            with_t = search(spec, name, card, techniques=techs + advice.techniques, **search_kw)
-            fitting = [p for p in with_t.plans if p.peak_bytes <= p.capacity_bytes]
-            advice.plan = with_t.best or (max(fitting, key=lambda p: p.tokens_per_s) if fitting else None)
-        alternatives = []
-        if advise and mp.best is None and gpus == 1:
-            alternatives = other_setups(spec, name, card, framework=framework, precision=prec, current=chosen,
-                                        techniques=techs, **{k: v for k, v in search_kw.items()
-                                                             if k not in ("precision", "framework")})
-        rows.append(FitRow(method=cfg.method, requested=name, adapter=cfg.adapter, alternatives=alternatives, fits=bool(est.fits), estimate=est,
-                           max_batch=largest_micro_batch(spec, cfg, card_m, par, totals=totals),
-                           max_seq=longest_sequence(spec, cfg, card_m, par, totals=totals),
-                           limits=cfg.recipe.behaviour.limits(spec, cfg, card) if advise and methods else None,
-                           settings=settings, notes=notes, plans=mp.plans, best=mp.best, chosen=chosen,
-                           suggestions=suggestions, techniques=advice))
+    req, spec = ctx.req, ctx.spec
+    model = req.model
     resolved = None if isinstance(model, ModelSpec) or str(model).lower() == spec.name else f"{model} -> {spec.name}"
     assumptions = rows[0].estimate.assumptions[:4] if rows else []
-    note = v.context_note(spec, seq)
+    note = v.context_note(spec, req.seq)
     if note:
         assumptions.insert(0, note)
     tech_text = techniques_text(rows[0].estimate.config) if rows else None
     if tech_text:
         assumptions.append(tech_text)
     if rows:
-        assumptions.append(f"ranking: tokens/s of plans whose per-GPU peak stays below {1 - margin:.0%} of the "
+        assumptions.append(f"ranking: tokens/s of plans whose per-GPU peak stays below {1 - ctx.margin:.0%} of the "
                            f"capacity; {next(a for a in rows[0].estimate.assumptions if a.startswith('throughput'))}")
-    return FitReport(model=spec.name, model_resolved_from=resolved, gpu=card.name, capacity_bytes=card.memory_bytes,
-                     seq=seq, rows=rows, assumptions=assumptions, gpus=base.gpus,
-                     strategy=base.strategy if len(parallels) == 1 else None, offload=base.offload, margin=margin,
-                     global_batch=global_batch, tokens=n_tokens, epochs=epochs, top=int(top), framework=framework,
-                     techniques=techs)
+    return FitReport(model=spec.name, model_resolved_from=resolved, gpu=ctx.card.name,
+                     capacity_bytes=ctx.card.memory_bytes, seq=req.seq, rows=rows, assumptions=assumptions,
+                     gpus=ctx.base.gpus, strategy=ctx.base.strategy if len(ctx.parallels) == 1 else None,
+                     offload=ctx.base.offload, margin=ctx.margin, global_batch=req.global_batch, tokens=ctx.tokens,
+                     epochs=req.epochs, top=int(req.top), framework=ctx.framework, techniques=ctx.techniques)
 
 
 def _tight_choice(mp) -> "Plan":
@@ -427,8 +469,8 @@ class CardsReport:
                 "no_fit": self.no_fit, "price_sources": sources(), "assumptions": self.assumptions}
 
 
-def fit_cards(model: str | ModelSpec, *, cards=None, methods: list[str] | None = None, progress=None,
-              **fit_kw) -> CardsReport:
+def fit_cards(model: "str | ModelSpec | FitRequest | None" = None, *, cards=None, progress=None,
+              **settings: Any) -> CardsReport:
     """"Which card?": :func:`fit` on every catalogue card, the plans that fit ranked by speed and by cost.
 
     For each card (``cards``: a list of names, default the whole catalogue) and each method, the
@@ -438,8 +480,10 @@ def fit_cards(model: str | ModelSpec, *, cards=None, methods: list[str] | None =
     source and date; per million tokens when no ``tokens``); cards without a price come last.
 
     Args:
+        model: a model, or a :class:`~vramplan.request.FitRequest` (its ``gpu`` is ignored).
         progress: ``(done, total, card)`` callback after each card (the CLI's progress bar).
-        fit_kw: :func:`fit`'s keyword arguments (seq, tokens, epochs, framework, precision, ...).
+        settings: :class:`~vramplan.request.FitRequest`'s fields (seq, methods, tokens, epochs, framework,
+            precision, method_options, ...).
 
     Returns:
         :class:`CardsReport`.
@@ -447,17 +491,19 @@ def fit_cards(model: str | ModelSpec, *, cards=None, methods: list[str] | None =
     from ..gpus import catalogue
     from ..prices import price_of
 
-    if fit_kw.get("gpus", 1) != 1 or fit_kw.get("gpu_mem") is not None:
+    req = call_request(FitRequest, model, "model", settings)
+    if req.gpus != 1 or req.gpu_mem is not None:
         raise VramplanError("--gpu all ranks single catalogue cards", "drop --gpus/--gpu-mem, or name one card")
     names = list(cards) if cards else [g.name for g in sorted(catalogue().values(), key=lambda g: (g.memory_bytes, g.name))]
-    spec = get_model(model)
+    spec = get_model(req.model)
+    req = req.with_(model=spec, advise=False)
     rows: list[CardRow] = []
     no_fit: list[str] = []
     first = None
     for i, name in enumerate(names, 1):
         card = get_gpu(name)
         try:
-            rep = fit(spec, card, methods=methods, advise=False, **fit_kw)
+            rep = fit(req, card)
         except VramplanError as exc:
             if "has no bf16" not in str(exc) and "compute capability" not in str(exc):
                 raise
@@ -476,7 +522,7 @@ def fit_cards(model: str | ModelSpec, *, cards=None, methods: list[str] | None =
     assumptions.append("cost: typical on-demand cloud price per GPU-hour x the predicted GPU-hours "
                        "(vramplan/data/prices.json, each price with its source and date); list prices are shown, "
                        "not used to rank")
-    return CardsReport(model=spec.name, seq=int(fit_kw.get("seq", 2048)), methods=list(methods or default_methods()),
-                       tokens=first.tokens if first else None, epochs=float(fit_kw.get("epochs", 1.0)), rows=rows,
+    return CardsReport(model=spec.name, seq=int(req.seq), methods=list(req.methods or default_methods()),
+                       tokens=first.tokens if first else None, epochs=float(req.epochs), rows=rows,
                        by_cost=by_cost, no_fit=no_fit, assumptions=assumptions,
-                       framework=first.framework if first else fit_kw.get("framework", "hf"))
+                       framework=first.framework if first else req.framework)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,7 @@ from ..memory import StepMemory, model_state, step_memory_rows, step_terms
 from ..methods import Adapter, resolve
 from ..models import ModelSpec
 from ..overheads import card_profile
+from ..request import SearchRequest
 from ..throughput import StepTime, step_time, time_to_train
 from ..units import GIB
 from ..verdict import DEFAULT_MARGIN, Verdict, classify, comfortable_limit
@@ -255,10 +257,11 @@ def _grid_for(global_batch: int | None, batch: int | None, par: Parallel,
     return b_grid[keep], a_grid[keep]
 
 
-def _candidates(spec: ModelSpec, method: str, adapter: str | None, card: GPUSpec, fixed: dict, *, seq: int,
-                precision: str | None, ppo_response: int | None, framework: str, techniques,
-                method_options: dict | None = None) -> list[tuple[TrainConfig, str | None]]:
+def _candidates(spec: ModelSpec, method: str, card: GPUSpec, req: SearchRequest,
+                fixed: dict | None = None) -> list[tuple[TrainConfig, str | None]]:
     """The distinct configurations (micro-batch 1) of :func:`_combos`, each with its fallback note.
+
+    ``fixed``: the settings held fixed (default: those ``req`` fixes).
 
     Raises:
         VramplanError: a rank or targets the caller fixed is invalid for the model (a searched
@@ -269,15 +272,15 @@ def _candidates(spec: ModelSpec, method: str, adapter: str | None, card: GPUSpec
     out: list[tuple[TrainConfig, str | None]] = []
     seen: set = set()
     built: dict[tuple, TrainConfig | None] = {}
-    for m, ad, note, settings, _ in _combos(spec, method, adapter, card, fixed, [None]):
+    fixed = req.fixed if fixed is None else fixed
+    common = req.pick("seq", "precision", "ppo_response", "framework", "techniques", "method_options")
+    for m, ad, note, settings, _ in _combos(spec, method, req.adapter, card, fixed, [None]):
         # gradient checkpointing, the optimiser and the attention only enter make_config as validated
         # values: one make_config per (recipe, rank, targets), the others are that config with them set
         shape = (m, ad, settings["rank"], repr(settings["targets"]))
         if shape not in built:
             try:
-                built[shape] = make_config(spec, m, adapter=ad, batch=1, seq=seq, precision=precision,
-                                           ppo_response=ppo_response, framework=framework, techniques=techniques,
-                                           method_options=method_options, **settings)
+                built[shape] = make_config(spec, m, adapter=ad, batch=1, **common, **settings)
             except VramplanError:
                 if fixed.get("rank") or fixed.get("targets"):
                     raise  # the user's own setting is invalid: say so
@@ -362,47 +365,43 @@ def _preference(plan: Plan) -> tuple:
             (STRATEGIES.index(plan.parallel.strategy) if plan.parallel.strategy else -1), plan.parallel.offload != "none")
 
 
-def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adapter: str | None = None,
-           precision: str | None = None, global_batch: int | None = None, parallels: list[Parallel] | None = None,
-           grad_ckpt: bool | None = None, optimizer: str | None = None, attn: str | None = None,
-           rank: int | None = None, targets=None, margin: float = DEFAULT_MARGIN, tokens: float | None = None,
-           epochs: float = 1.0, ppo_response: int | None = None, totals: DeviceTotals | None = None,
-           batch: int | None = None, framework: str = "hf", techniques=None,
-           method_options: dict | None = None) -> MethodPlans:
+def search(spec: ModelSpec, method: str, card: GPUSpec, request: SearchRequest | None = None,
+           **settings: Any) -> MethodPlans:
     """Rank every settings combination of ``method`` on ``card`` (see the module docstring).
 
     Args:
-        spec: the model. method/adapter: the method (DPO/PPO take an adapter; None = default
-            plus its QLoRA fallback). card: the GPU (per-GPU capacity).
-        seq: tokens per sequence. global_batch: target examples per optimiser step over all
-            GPUs (None: no target, accumulation 1). parallels: GPU layouts to try.
-        grad_ckpt, optimizer, attn, rank, targets: fix a setting (None searches it).
-        batch: fix the micro-batch (None searches 1..256, or the divisors of ``global_batch / gpus``).
-        margin: fraction of the capacity kept free. tokens, epochs: dataset size for time to train.
-        framework, techniques: the training stack and memory-saving techniques every plan uses.
-        method_options: the method's own options (vramplan.methods.base.Option), for every plan.
+        spec: the model. method: the method (DPO/PPO take an adapter: ``request.adapter``; None =
+            default plus its QLoRA fallback). card: the GPU (per-GPU capacity).
+        request: a :class:`~vramplan.request.SearchRequest`; ``settings`` are its fields, set over it:
+            ``seq``, ``global_batch`` (target examples per optimiser step over all GPUs; None:
+            accumulation 1), ``parallels`` (GPU layouts to try), ``grad_ckpt``/``optimizer``/``attn``/
+            ``rank``/``targets`` (fix a setting; None searches it), ``batch`` (fix the micro-batch; None
+            searches 1..256, or the divisors of ``global_batch / gpus``), ``margin`` (fraction of the
+            capacity kept free), ``tokens``/``epochs`` (dataset size for time to train), ``framework``/
+            ``techniques`` (stack and memory-saving techniques of every plan), ``method_options``.
 
     Returns:
         :class:`MethodPlans` with every combination's best micro-batch, ranked.
+
+    Raises:
+        VramplanError: a keyword that is not a SearchRequest field, a margin outside [0, 1), an invalid
+            fixed setting.
     """
-    if not 0.0 <= margin < 1.0:
-        raise VramplanError(f"margin must be in [0, 1), got {margin!r}", "use e.g. --margin 0.1 for 10%")
-    totals = totals or DeviceTotals()
-    parallels = parallels or [SINGLE]
+    req = SearchRequest.build(request, **settings)
+    totals = req.totals or DeviceTotals()
+    parallels = req.parallels or [SINGLE]
     from ..bands import band_for_config
 
     capacity = card.memory_bytes
-    fixed = dict(grad_ckpt=grad_ckpt, optimizer=optimizer, attn=attn, rank=rank, targets=targets)
-    least = resolve(method, adapter).behaviour.min_batch()
-    grids = {par: _grid_for(global_batch, batch, par, least) for par in parallels}
-    cands = _candidates(spec, method, adapter, card, fixed, seq=seq, precision=precision, ppo_response=ppo_response,
-                        framework=framework, techniques=techniques, method_options=method_options)
+    least = resolve(method, req.adapter).behaviour.min_batch()
+    grids = {par: _grid_for(req.global_batch, req.batch, par, least) for par in parallels}
+    cands = _candidates(spec, method, card, req)
     prof = card_profile(card)
     plans: list[Plan] = []
     for cfg, note, p, total, t in _evaluate(spec, cands, card, parallels, grids, prof, totals):
         b_grid, a_grid = grids[p]
         band = band_for_config(cfg)
-        usable = comfortable_limit(capacity, band.hi, margin)
+        usable = comfortable_limit(capacity, band.hi, req.margin)
         ok = total <= usable
         if ok.any():
             i = int(np.argmax(np.where(ok, t.tokens_per_s, -np.inf)))
@@ -410,7 +409,7 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int = 2048, adap
             i = int(np.argmin(total))
         cfg_i = cfg.with_(batch=int(b_grid[i]), grad_accum=int(a_grid[i]))
         tps = float(np.asarray(t.tokens_per_s)[i])
-        ttt, gh = time_to_train(tokens, epochs, tps, p.gpus)
+        ttt, gh = time_to_train(req.tokens, req.epochs, tps, p.gpus)
         plans.append(Plan(method=cfg.method, adapter=cfg.adapter, config=cfg_i, parallel=p,
                           peak_bytes=int(total[i]), capacity_bytes=capacity, usable_bytes=usable, fits=bool(ok[i]),
                           tokens_per_s=tps, step_time_s=float(np.asarray(t.step_s)[i]), time_to_train_s=ttt,
@@ -447,6 +446,16 @@ def _reason(p: Plan, best: Plan | None) -> str:
     if p.fallback is not None and best.fallback is None:
         return f"{p.adapter} fallback: used only when {best.adapter} over a 16-bit base cannot fit, and here it fits"
     slower = 1.0 - p.tokens_per_s / best.tokens_per_s
+    diffs = _differences(p, best)
+    if slower <= 1e-9:
+        return "ties the best" + (f": {'; '.join(diffs)}" if diffs else "")
+    pct = f"{100 * slower:.1f}%" if slower >= 0.001 else "<0.1%"
+    return f"{pct} slower" + (f": {'; '.join(diffs)}" if diffs else "")
+
+
+def _differences(p: Plan, best: Plan) -> list[str]:
+    """What sets ``p`` apart from ``best``, each as a short reason (adapter, GC, optimiser, batch, rank,
+    targets, layout, attention)."""
     diffs = []
     c, b = p.config, best.config
     if p.adapter != best.adapter:
@@ -468,40 +477,36 @@ def _reason(p: Plan, best: Plan | None) -> str:
         diffs.append(p.parallel.label)
     if c.attn != b.attn:
         diffs.append("flash: same kernels as sdpa, needs flash-attn" if c.attn == "flash" else f"{c.attn} attention")
-    if slower <= 1e-9:
-        return "ties the best" + (f": {'; '.join(diffs)}" if diffs else "")
-    pct = f"{100 * slower:.1f}%" if slower >= 0.001 else "<0.1%"
-    return f"{pct} slower" + (f": {'; '.join(diffs)}" if diffs else "")
+    return diffs
 
 
 # -- when nothing fits -------------------------------------------------------------------------
 
-def _frugal_cfg(spec: ModelSpec, method: str, seq: int, precision: str | None, ppo_response: int | None,
-                adapter: str | None = None, rank: int | None = None, targets=None, attn: str | None = None,
-                framework: str = "hf", techniques=None, method_options: dict | None = None):
-    """The least-memory configuration of ``method``: GC on, 8-bit AdamW, the QLoRA fallback, batch 1."""
-    choices = adapters_for(method, adapter)
+def _frugal_cfg(spec: ModelSpec, method: str, req: SearchRequest):
+    """The least-memory configuration of ``method``: GC on, 8-bit AdamW, the QLoRA fallback, batch 1, sdpa."""
+    choices = adapters_for(method, req.adapter)
     m, ad, _ = choices[-1]
-    return make_config(spec, m, adapter=ad, batch=1, seq=seq, grad_ckpt=True, optimizer="adamw_8bit",
-                       precision=precision, attn=attn or "sdpa", rank=rank or 8, targets=targets,
-                       ppo_response=ppo_response, framework=framework, techniques=techniques,
-                       method_options=method_options)
+    return make_config(spec, m, adapter=ad, batch=1, grad_ckpt=True, optimizer="adamw_8bit", attn="sdpa",
+                       rank=req.rank or 8, targets=req.targets,
+                       **req.pick("seq", "precision", "ppo_response", "framework", "techniques", "method_options"))
 
 
-def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, precision: str | None = None,
-                   margin: float = DEFAULT_MARGIN, ppo_response: int | None = None, adapter: str | None = None,
-                   rank: int | None = None, targets=None, gpus: int = 1, totals: DeviceTotals | None = None,
-                   framework: str = "hf", techniques=None, method_options: dict | None = None) -> list[Suggestion]:
+def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchRequest | None = None,
+                   gpus: int = 1, **settings: Any) -> list[Suggestion]:
     """What would make ``method`` fit when no setting does: a bigger card, more GPUs, offload, shorter sequences.
 
     Each suggestion uses the method's least-memory settings (gradient checkpointing, 8-bit
-    AdamW, the QLoRA fallback where there is one, micro-batch 1) and the same margin.
+    AdamW, the QLoRA fallback where there is one, micro-batch 1, sdpa) and the same margin.
+    ``request``/``settings``: a :class:`~vramplan.request.SearchRequest` and its fields (``seq``,
+    ``precision``, ``margin``, ``adapter``, ``rank``, ``targets``, ``framework``, ``techniques``,
+    ``method_options``, ``totals``); ``gpus``: the GPUs already planned.
     """
-    totals = totals or DeviceTotals()
+    req = SearchRequest.build(request, **settings)
+    totals = req.totals or DeviceTotals()
+    seq, margin = req.seq, req.margin
     out: list[Suggestion] = []
     try:
-        cfg = _frugal_cfg(spec, method, seq, precision, ppo_response, adapter, rank, targets,
-                          framework=framework, techniques=techniques, method_options=method_options)
+        cfg = _frugal_cfg(spec, method, req)
     except VramplanError:
         return out
     from ..bands import band_for_config
@@ -557,11 +562,11 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, *, seq: int, pre
 
 # -- other stacks and precisions ---------------------------------------------------------------
 
-def least_total(spec: ModelSpec, method: str, card: GPUSpec, settings: dict,
+def least_total(spec: ModelSpec, method: str, card: GPUSpec, settings: "SearchRequest | dict",
                 stop_below: float | None = None) -> float | None:
     """A lower bound (bytes) on the device total of every plan :func:`search` ranks with ``settings``.
 
-    ``settings``: :func:`search`'s keyword arguments. The least :meth:`DeviceTotals.floor` over
+    ``settings``: :func:`search`'s request (or its fields as a dict). The least :meth:`DeviceTotals.floor` over
     the configurations the search tries, gradient checkpointing and attention aside (neither
     changes the batch-independent phases the floor is made of); the micro-batch and sequence
     grid are covered by the floor itself. None when it cannot say: several GPUs or offload (the
@@ -569,18 +574,17 @@ def least_total(spec: ModelSpec, method: str, card: GPUSpec, settings: dict,
     says what). ``stop_below``: return the first floor below it (the caller only asks whether
     the least is that low).
     """
-    kw = settings
-    parallels = kw.get("parallels") or [SINGLE]
+    try:
+        req = settings if isinstance(settings, SearchRequest) else SearchRequest.build(**settings)
+    except VramplanError:
+        return None
+    parallels = req.parallels or [SINGLE]
     if any(p.distributed for p in parallels):
         return None
-    totals = kw.get("totals") or DeviceTotals()
-    fixed = dict(grad_ckpt=False, optimizer=kw.get("optimizer"), attn="sdpa", rank=kw.get("rank"),
-                 targets=kw.get("targets"))
+    totals = req.totals or DeviceTotals()
+    fixed = dict(req.fixed, grad_ckpt=False, attn="sdpa")
     try:
-        cands = _candidates(spec, method, kw.get("adapter"), card, fixed, seq=kw.get("seq", 2048),
-                            precision=kw.get("precision"), ppo_response=kw.get("ppo_response"),
-                            framework=kw.get("framework", "hf"), techniques=kw.get("techniques"),
-                            method_options=kw.get("method_options"))
+        cands = _candidates(spec, method, card, req, fixed)
     except VramplanError:
         return None
     # with stop_below, first one floor per configuration but its optimiser (a bound for every
@@ -603,20 +607,23 @@ def least_total(spec: ModelSpec, method: str, card: GPUSpec, settings: dict,
     return least
 
 
-def other_setups(spec: ModelSpec, method: str, card: GPUSpec, *, framework: str = "hf", precision: str | None = None,
-                 current: Plan | None = None, **search_kw) -> list[Suggestion]:
-    """Stacks (``stacks.toml``) and precisions that make ``method`` fit where ``framework``/``precision`` do not.
+def other_setups(spec: ModelSpec, method: str, card: GPUSpec, request: SearchRequest | None = None,
+                 current: Plan | None = None, **settings: Any) -> list[Suggestion]:
+    """Stacks (``stacks.toml``) and precisions that make ``method`` fit where the request's framework/precision do not.
 
     Tries every other stack at its own default precision, and the current stack in pure bf16
     (``--precision bf16``: no fp32 master weights or states) when the card has bf16 and it is
     not already the precision. A setup is listed when its best plan fits with the margin
     (``comfortable``), or fits without it while ``current`` (the plan shown) does not fit at all
-    (``tight``). ``search_kw`` are :func:`search`'s settings (seq, margin, fixed settings, ...).
+    (``tight``). ``request``/``settings``: :func:`search`'s request and fields (seq, margin, fixed
+    settings, framework, precision, ...).
 
     Returns:
         :class:`Suggestion` of kind ``stack`` or ``precision`` with ``framework``, ``precision``,
         ``peak_bytes``, ``tokens_per_s`` and ``verdict``, comfortable ones first, then fastest.
     """
+    req = SearchRequest.build(request, **settings)
+    framework, precision = req.framework, req.precision
     from ..stacks import stacks
 
     tries: list[tuple[str, str | None, str]] = []
@@ -629,12 +636,12 @@ def other_setups(spec: ModelSpec, method: str, card: GPUSpec, *, framework: str 
     current_fits = current is not None and current.peak_bytes <= current.capacity_bytes
     for fw, prec, kind in tries:
         try:
-            p = check_card(prec, method, None, search_kw.get("attn") or "sdpa", card, fw)
-            least = least_total(spec, method, card, dict(search_kw, framework=fw, precision=p),
-                                stop_below=card.memory_bytes + 1)
+            p = check_card(prec, method, None, req.attn or "sdpa", card, fw)
+            setup = req.with_(framework=fw, precision=p)
+            least = least_total(spec, method, card, setup, stop_below=card.memory_bytes + 1)
             if least is not None and least >= card.memory_bytes + 1:  # (a plan's peak_bytes is int(total))
                 continue  # no plan of this setup fits the card even without the margin: nothing to list
-            mp = search(spec, method, card, framework=fw, precision=p, **search_kw)
+            mp = search(spec, method, card, setup)
         except VramplanError:
             continue  # the stack does not run this method or card (e.g. no bf16)
         best = mp.best

@@ -95,8 +95,8 @@ def _torchtune_builder(spec, cfg):
         return getattr(mod, family), kw, family
     attn, mlp = split_targets(cfg, _TT_ATTN, "torchtune")
     kw.update(lora_attn_modules=attn, apply_lora_to_mlp=mlp, lora_rank=int(cfg.rank), lora_alpha=float(cfg.alpha),
-              lora_dropout=float(cfg.dropout), use_dora=adapter is Adapter.DORA,
-              quantize_base=adapter is Adapter.QLORA)
+              lora_dropout=float(cfg.dropout), use_dora=adapter.dora,
+              quantize_base=adapter.quantized_base)
     return getattr(mod, "lora_" + family), kw, "lora_" + family
 
 
