@@ -1,6 +1,6 @@
 """Time the planning path in fresh processes: `vramplan fit` should finish in <= 0.3 s and import no torch.
 
-Usage: python benchmarks/cli_speed.py [--runs 5] [--bytecode] [--profile]
+Usage: python benchmarks/cli_speed.py [--runs 5] [--bytecode] [--profile] [--instructions]
 
 Prints the wall time and the CPU time (user + system, of the child) of each run of
 `vramplan fit --model 13b --gpu rtx4000ada --json` (a fresh interpreter each time, imports
@@ -14,6 +14,10 @@ writing bytecode (``PYTHONDONTWRITEBYTECODE``), and the figure includes that com
 
 ``--profile``: also print where one in-process run spends its time: imports (``import
 vramplan.cli``) and the command itself (fit, search, rendering), once cold and once warm.
+
+``--instructions``: also count the instructions of one run (imports included) under valgrind's
+callgrind (``I refs``): a figure that does not move with the machine's load, for comparing two
+versions on a shared machine (it takes a minute or more; needs ``valgrind`` on the PATH).
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--bytecode", action="store_true", help="use compiled bytecode, as an installed package does")
     ap.add_argument("--profile", action="store_true", help="split one in-process run into imports and the command")
+    ap.add_argument("--instructions", action="store_true",
+                    help="also count one run's instructions under valgrind (load-independent)")
     args = ap.parse_args()
     if args.profile:
         _profile()
@@ -91,9 +97,25 @@ def main() -> int:
     print(f"median {med:.3f} s wall, {statistics.median(cpus):.3f} s CPU (target <= {TARGET_S} s): "
           f"{'OK' if med <= TARGET_S else 'SLOW'}")
     print(f"heavy modules imported: {heavy or 'none'}")
+    if args.instructions:
+        print(f"instructions of one run: {_instructions(cmd, env)}")
     if tmp is not None:
         tmp.cleanup()
     return 0 if med <= TARGET_S and not heavy else 1
+
+
+def _instructions(cmd: list[str], env: dict) -> str:
+    """``I refs`` of one run of ``cmd`` under ``valgrind --tool=callgrind`` (as printed), or why not."""
+    import re
+    import shutil
+
+    if shutil.which("valgrind") is None:
+        return "valgrind not found"
+    with tempfile.TemporaryDirectory(prefix="vramplan-cg-") as d:
+        out = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={d}/cg.out", *cmd],
+                             capture_output=True, text=True, env=env)
+    m = re.search(r"I\s+refs:\s+([\d,]+)", out.stderr)
+    return m.group(1) if m else "not reported (valgrind: " + (out.stderr.strip().splitlines() or ["no output"])[-1] + ")"
 
 
 if __name__ == "__main__":

@@ -81,14 +81,14 @@ def implied(p: Pair) -> dict:
     from vramplan.config import make_config
     from vramplan.gpus import get_gpu
     from vramplan.models import get_model
-    from vramplan.throughput import card_efficiency, step_time, step_work
+    from vramplan.throughput import NO_PROFILE, card_efficiency, step_time, step_work
 
     spec, gpu = get_model(p.model), get_gpu(p.gpu)
     kw = dict(batch=p.batch, seq=p.seq, rank=p.rank, targets=p.targets, precision=p.precision,
               grad_ckpt=p.grad_ckpt, framework=p.framework)
     lora = make_config(spec, "lora", **kw)
     qlora = make_config(spec, "qlora", **kw)
-    t_lora = float(step_time(spec, lora, gpu, use_profile=False).micro_s)
+    t_lora = float(step_time(spec, lora, gpu, inputs=NO_PROFILE).micro_s)
     gparams = step_work(spec, qlora).train_dequant_gparams
     bw = gpu.bandwidth_gbs * 1e9 * card_efficiency(gpu).bandwidth
     extra_s = (1.0 / p.slowdown - 1.0) * t_lora

@@ -36,7 +36,7 @@ from vramplan.config import make_config
 from vramplan.distributed import SINGLE, make_parallel
 from vramplan.gpus import get_gpu
 from vramplan.models import get_model
-from vramplan.throughput import step_time, step_work
+from vramplan.throughput import NO_PROFILE, step_time, step_work
 
 TORCHTUNE = "torchtune README (pytorch/torchtune), Memory and training speed"
 TORCHTUNE_FLAGS = "torchtune README (pytorch/torchtune), Optimization flags (Llama 3.2 3B, 1x A100)"
@@ -107,7 +107,7 @@ def evaluate(p: Point) -> dict:
     gpu = get_gpu(p.gpu)
     cfg = make_config(spec, p.method, batch=p.batch, seq=p.seq, **p.settings)
     par = make_parallel(p.gpus, p.strategy) if p.strategy else SINGLE
-    t = step_time(spec, cfg, gpu, parallel=par, use_profile=False)
+    t = step_time(spec, cfg, gpu, parallel=par, inputs=NO_PROFILE)
     predicted = float(t.tokens_per_s) / p.gpus
     w = step_work(spec, cfg)
     fpt = float((w.model_flops + w.adapter_flops) / w.tokens)
@@ -157,7 +157,7 @@ def profile_points() -> list[dict]:
                         cfg = make_config(spec, m, adapter=adapter or None, batch=batch, seq=seq)
                     except Exception:
                         continue
-                    t = step_time(spec, cfg, gpu, use_profile=False)
+                    t = step_time(spec, cfg, gpu, inputs=NO_PROFILE)
                     rows.append({"profile": str(path), "gpu": gpu.name, "model": spec.name, "method": method,
                                  "tokens_per_step": int(tokens), "calibrated_tflops": round(float(achieved), 2),
                                  "default_tflops": round(float(t.achieved_tflops), 2),

@@ -74,7 +74,8 @@ def test_model_entry_parses(entry):
     spec = model_catalogue()[entry["name"]]
     assert spec.hf_id == entry["hf_id"] and spec.source == entry["source"]
     assert spec.num_heads % spec.num_kv_heads == 0
-    assert spec.hidden_size == cfg["hidden_size"] and spec.num_layers == cfg["num_hidden_layers"]
+    # BLOOM's config.json names its depth n_layer (BloomConfig.attribute_map: num_hidden_layers -> n_layer)
+    assert spec.hidden_size == cfg["hidden_size"] and spec.num_layers == cfg.get("num_hidden_layers", cfg.get("n_layer"))
     assert get_model(entry["name"]) is spec
     assert get_model(entry["hf_id"]) is spec
     for alias in entry["aliases"]:

@@ -5,7 +5,9 @@ saved tensors are fp32 under autocast, lm_head bias), StableLM-alpha (GPT-NeoX: 
 the same input, fused query_key_value) and Falcon-7B (multi-query fused qkv, one norm, FalconLinear
 left unquantised by transformers >= 5 bitsandbytes, SDPA with unequal head counts run by the math
 backend, which the planner plans as eager attention) and Llama-4 Scout (transformers runs all 16
-experts on every token; QLoRA's fp32 banks are cast for bmm and the casts saved). Two layers at their real widths, like
+experts on every token; QLoRA's fp32 banks are cast for bmm and the casts saved) and BLOOMZ-7B1 (a LayerNorm
+after the embedding, fused query_key_value with biases, its own ALiBi attention that materialises the scores
+whatever attn_implementation says: planned as eager). Two layers at their real widths, like
 tests/test_dryrun_vs_analytic.py.
 """
 
@@ -26,7 +28,9 @@ EXACT = ([("phi-2", m, gc, "1k") for m in ("full", "lora", "qlora", "dora", "ia3
          + [("falcon-7b", m, gc, "1k") for m in ("full", "qlora") for gc in (False, True)]
          + [("falcon-7b", "lora", True, "1k")]
          + [("llama-4-scout-17b-16e", m, gc, "1k") for m, gc in (("lora", False), ("lora", True), ("qlora", False),
-                                                                 ("full", False))])
+                                                                 ("full", False))]
+         + [("bloomz-7b1", m, gc, "1k") for m, gc in (("lora", False), ("lora", True), ("qlora", False), ("ia3", True))]
+         + [("bloomz-7b1", "full", False, "4x1k")])
 
 
 @pytest.mark.parametrize("arch,method,gc,shape", EXACT, ids=lambda v: str(v))
@@ -66,3 +70,17 @@ def test_falcon_qlora_leaves_falconlinear_unquantised_and_says_so():
     assert any("math backend" in a for a in lora.assumptions)
     assert not any("math backend" in a for a in vramplan.estimate("falcon-7b", "lora", seq=512,
                                                                   framework="litgpt").assumptions)
+
+
+def test_bloom_runs_its_own_attention_planned_as_eager_and_says_so():
+    import vramplan
+    from vramplan.models import get_model
+
+    spec = get_model("bigscience/bloomz-7b1")
+    assert spec.params == spec.published_params  # the embedding LayerNorm counted (transformers on meta)
+    sdpa = vramplan.estimate(spec, "lora", seq=512, attn="sdpa")
+    eager = vramplan.estimate(spec, "lora", seq=512, attn="eager")
+    assert sdpa.tensor_peak_bytes == eager.tensor_peak_bytes
+    assert any("ALiBi" in a for a in sdpa.assumptions) and not any("ALiBi" in a for a in eager.assumptions)
+    row = bench.run_row("bloomz-7b1", "lora", False, "1k", layers=LAYERS, attn="sdpa")  # the dry run builds eager
+    assert not row.error_text and -0.02 <= row.error <= 0.025, row.error_text or row.error

@@ -5,7 +5,6 @@ import io
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -149,14 +148,12 @@ def test_unsupported_feature_on_a_card_is_a_no_with_a_note():
 
 # -- speed ----------------------------------------------------------------------------------
 
-def test_whole_catalogue_grid_is_vectorised_and_fast():
-    t0 = time.perf_counter()
+def test_whole_catalogue_grid_is_vectorised():
+    # its speed (target 2 s on a 2-core CPU) is benchmarks/matrix_speed.py's figure: no wall clock in a test
     g = peak_grid()  # every model x method x card x 5 seqs x 8 batches
-    dt = time.perf_counter() - t0
     assert g.peaks.shape == (len(model_catalogue()), len(default_methods()), 1, len(gpu_catalogue()), 5, 8)
     assert g.configurations == len(model_catalogue()) * len(default_methods()) * len(gpu_catalogue()) * 40
     assert np.isfinite(g.peaks).all()
-    assert dt < 2.0 * 3  # the target is 2 s on a 2-core CPU; slack for a loaded CI machine
     # batch-monotone, and the grid agrees with the matrix at batch 1
     assert (np.diff(g.peaks, axis=-1) >= 0).all()
 

@@ -74,6 +74,12 @@ def test_bad_records_file_is_a_one_line_error(tmp_path):
     ("OOM", "GB", ("oom", None)),
     ("OOM (40000)", "MB", ("oom", None)),
     ("fits (no number)", "GB", ("fit_only", None)),
+    # third-party spellings: a unit in any case, thousands separators, approximate figures, upper bounds
+    ("44.8 gb", "GiB", ("measured", 44_800_000_000)),
+    ("18,432 MiB", "GB", ("measured", 18_432 * 2**20)),
+    ("~9.5", "GiB", ("measured", int(round(9.5 * 2**30)))),
+    ("<= 24 GB", "GB", ("fit_only", None)),
+    ("CUDA out of memory", "GB", ("oom", None)),
 ])
 def test_parse_value_units_and_outcomes(text, unit, expected):
     assert parse_value(text, unit)[:2] == expected
@@ -93,6 +99,21 @@ def test_parse_cells():
     assert parse_targets("q,v (lora_query,lora_value only)")[0] == ("q_proj", "v_proj")
     assert parse_targets("q_proj,v_proj (alpha 16)")[0] == ("q_proj", "v_proj")
     assert parse_targets("q,k,v,proj,mlp,head (litgpt)")[0] == ("all-linear",)
+    from vramplan.measurements.importers import parse_optimizer, parse_quantity
+
+    assert parse_optimizer("RMSprop (optim: rmsprop)")[0] is None  # not AdamW by default: not modelled
+    assert parse_quantity("torch.cuda.max_memory_reserved()", "unknown_peak") == ("max_reserved", "")
+    assert parse_quantity("", "max_allocated") == ("max_allocated", "")
+    assert parse_quantity("a peak", "max_allocated")[0] == "unknown_peak"
+
+
+def test_ms_swift_rows_take_the_stacks_default_max_length():
+    """ms-swift's RLHF scripts set no --max_length: SftArguments.max_length = 2048 bounds each sample
+    (sources.toml seq_unknown), so the DPO/ORPO LoRA rows are planned at that bound."""
+    recs = [r for r in import_csv(CORPUS, load_mapping(SOURCES)) if r.source.id == "ms-swift-RLHF-docs"]
+    dpo = [r for r in recs if r.config.method == "dpo"]
+    assert dpo and all((r.config.seq, r.config.seq_bound, r.config.dropout) == (2048, "max", 0.05) for r in dpo)
+    assert "2048 tokens as the bound" in dpo[0].notes
 
 
 def test_published_corpus_imports_every_row_with_its_source():

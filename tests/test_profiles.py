@@ -289,7 +289,9 @@ def test_a_calibrated_card_outside_the_catalogue_is_usable(tmp_path, monkeypatch
                          "nvml_total_bytes": 34190917632}).save(tmp_path / "nvidia-rtx-pro-4500-blackwell.json")
     g = get_gpu("NVIDIA RTX PRO 4500 Blackwell")
     assert g.name == "nvidia-rtx-pro-4500-blackwell" and not g.custom
-    assert g.memory_bytes == 34190917632 and g.display_name == "NVIDIA RTX PRO 4500 Blackwell"
+    # planned in what PyTorch can use (torch total_memory), not NVML's larger total (issue 12: usable capacity)
+    assert g.memory_bytes == 32 * 10**9 < 34190917632 and g.display_name == "NVIDIA RTX PRO 4500 Blackwell"
+    assert "usable" in g.sources["memory_bytes"]
     import vramplan
 
     e = vramplan.estimate("qwen2.5-0.5b", "lora", gpu=g.name, batch=1, seq=512)

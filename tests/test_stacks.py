@@ -81,13 +81,13 @@ def test_unsloth_fused_layer_saves_its_kernels_inputs():
     per_token = 2 * (h + h + q + 2 * kv + q + h + h + 2 * i) + 4 * nh + 2 * 4
     us = make_config(M, "qlora", rank=32, targets="all-linear", seq=T, grad_ckpt=True, framework="unsloth")
     t = step_terms(M, us)
-    assert float(t["recompute"]) == pytest.approx(T * per_token)
+    assert float(t.recompute) == pytest.approx(T * per_token)
     hf = step_terms(M, make_config(M, "qlora", rank=32, targets="all-linear", seq=T, grad_ckpt=True))
-    assert float(t["recompute"]) < float(hf["recompute"])
+    assert float(t.recompute) < float(hf.recompute)
     # LoRA dropout sends PEFT's own forward (fast_lora is not patched in): the HF layer accounting
     drop = step_terms(M, make_config(M, "qlora", rank=32, targets="all-linear", seq=T, grad_ckpt=True,
                                      framework="unsloth", dropout=0.05))
-    assert float(drop["recompute"]) > float(t["recompute"])
+    assert float(drop.recompute) > float(t.recompute)
 
 
 @pytest.mark.parametrize("tech", ["act_offload", "selective_ckpt"])

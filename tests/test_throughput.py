@@ -257,10 +257,10 @@ def test_qlora_dequant_cost_is_at_least_what_published_bitsandbytes_pairs_imply(
     from vramplan.config import make_config
     from vramplan.gpus import card_class, get_gpu
     from vramplan.models import get_model
-    from vramplan.throughput import step_time
+    from vramplan.throughput import NO_PROFILE, step_time
 
     spec, gpu = get_model(p.model), get_gpu(p.gpu)
     kw = dict(batch=p.batch, seq=p.seq, rank=p.rank, targets=p.targets, precision=p.precision, grad_ckpt=p.grad_ckpt)
-    tl = float(step_time(spec, make_config(spec, "lora", **kw), gpu, use_profile=False).tokens_per_s)
-    tq = float(step_time(spec, make_config(spec, "qlora", **kw), gpu, use_profile=False).tokens_per_s)
+    tl = float(step_time(spec, make_config(spec, "lora", **kw), gpu, inputs=NO_PROFILE).tokens_per_s)
+    tq = float(step_time(spec, make_config(spec, "qlora", **kw), gpu, inputs=NO_PROFILE).tokens_per_s)
     assert abs(tq / tl - mistral["published_qlora_over_lora"]) < 0.10

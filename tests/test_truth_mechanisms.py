@@ -181,3 +181,88 @@ def test_gradient_accumulation_matches_the_dry_run():
               for g in (1, 3))
     assert d3 > d1
     assert e3 - e1 == pytest.approx(d3 - d1, rel=0.05)
+
+
+def test_caching_allocator_replay_best_fit_split_and_merge():
+    """vramplan.allocsim follows CUDACachingAllocator's rules: sizes rounded to 512 B, a 20 MiB segment for a
+    large request under 10 MiB, best fit, a split remainder kept cached, free neighbours merged."""
+    from vramplan.allocsim import MIB, CachingAllocator
+
+    a = CachingAllocator()
+    x = a.malloc(3 * MIB)
+    assert a.reserved == 20 * MIB and a.allocated == 3 * MIB
+    y = a.malloc(100)
+    assert a.reserved == 22 * MIB  # small pool: its own 2 MiB segment
+    z = a.malloc(12 * MIB)  # fits the 17 MiB remainder of the first segment: no new segment
+    assert a.reserved == 22 * MIB
+    big = a.malloc(30 * MIB)
+    assert a.reserved == 52 * MIB
+    a.free(x), a.free(z)
+    w = a.malloc(18 * MIB)  # x and z merged with the remainder: 20 MiB free in one block
+    assert a.reserved == 52 * MIB and a.peak_allocated >= 45 * MIB
+    a.free(w), a.free(big), a.free(y)
+    assert a.allocated == 0 and a.reserved == 52 * MIB  # nothing goes back to the driver
+
+
+def test_torchtune_before_020_qlora_load_leaves_its_quantisation_reserved():
+    """torchtune 0.1 builds and quantises on the GPU with torchao 0.1's unchunked to_nf4: the replay gives the
+    QLoRA tutorial's 'peak memory reserved, model init' (9.13 GB, Llama-2-7B, 7B_qlora_single_device), and
+    the reserved peak is at least that; torchtune 0.2.0 (torchao 0.3.1, chunked) leaves no such floor."""
+    from vramplan.gpus import get_gpu
+    from vramplan.planner.estimating import estimate_config
+
+    kw = dict(batch=2, seq=1024, grad_ckpt=True, precision="bf16", framework="torchtune",
+              targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", dropout=0.05)
+    old = make_config(M, "qlora", versions={"torchtune": "0.1.0"}, **kw)
+    new = make_config(M, "qlora", versions={"torchtune": "0.2.0"}, **kw)
+    floor = model_state(M, old).load_reserved
+    assert abs(floor / 9.13e9 - 1) < 0.01
+    assert model_state(M, new).load_reserved == 0
+    card = get_gpu("rtx4090")
+    e_old, e_new = estimate_config(M, old, card), estimate_config(M, new, card)
+    assert e_old.overheads.reserved_bytes >= floor > e_new.overheads.reserved_bytes
+
+
+def test_autocast_casts_of_a_wide_frozen_base_are_saved():
+    """litgpt bf16-mixed keeps the frozen base fp32; autocast caches no cast of a frozen weight, so every
+    linear's bf16 copy is saved by its matmul (all layers without checkpointing) and the head is cast for
+    each 128-token chunk; litgpt bf16-true and the HF stack (a bf16 base) have none."""
+    from vramplan.memory import frozen_head_chunk_casts
+
+    spec = get_model("stablelm-base-alpha-3b")
+    kw = dict(batch=1, seq=1034, grad_ckpt=False, rank=8, targets="query_key_value", framework="litgpt")
+    mixed = make_config(spec, "lora", precision="bf16-mixed", **kw)
+    true = make_config(spec, "lora", precision="bf16", **kw)
+    layer = sum(l.params for l in spec.layer_linears() if l.is_linear)
+    head = spec.vocab_size * spec.hidden_size
+    adapters = 2 * model_state(spec, mixed).trainable_params  # the adapters' cached bf16 casts
+    assert model_state(spec, mixed).bytes[C.AUTOCAST_CACHE] == 2 * (spec.num_layers * layer + head) + adapters
+    assert model_state(spec, true).bytes.get(C.AUTOCAST_CACHE, 0) == 0
+    copy = mixed.recipe.copies[0]
+    assert int(frozen_head_chunk_casts(spec, mixed, copy, mixed.regime, 1034, 1)) == 8 * 2 * head  # 9 chunks
+    assert int(frozen_head_chunk_casts(spec, mixed, copy, mixed.regime, 128, 1)) == 0
+    # checkpointing: only the recomputed layer's casts are alive in backward
+    gc = make_config(spec, "lora", precision="bf16-mixed", **{**kw, "grad_ckpt": True})
+    assert step_memory(spec, gc).peak < step_memory(spec, mixed).peak - (spec.num_layers - 2) * 2 * layer
+    hf = make_config(M, "lora", batch=1, seq=1024, precision="bf16-mixed", framework="hf")
+    assert model_state(M, hf).bytes.get(C.AUTOCAST_CACHE, 0) == 2 * model_state(M, hf).trainable_params
+
+
+def test_detected_card_plans_in_the_usable_capacity(monkeypatch):
+    """A detected catalogue card keeps the catalogue's (usable) capacity, not NVML's larger total; less memory
+    than the catalogue (ECC, MIG) is taken from NVML; an unknown card says it plans with NVML's total."""
+    from vramplan import gpus, nvml
+
+    def fake(name, total):
+        return lambda index=0: nvml.DeviceInfo(index, name, total, 0, "550.00", 12040)
+
+    t4 = gpus.get_gpu("t4")
+    monkeypatch.setattr(nvml, "device_info", fake("Tesla T4", 15360 * 2**20))
+    got = gpus.detect_gpu()
+    assert got.memory_bytes == t4.memory_bytes < 15360 * 2**20
+    assert "catalogue capacity (detected" in got.sources["memory_bytes"] and "usable" in gpus.capacity_note(got)
+    monkeypatch.setattr(nvml, "device_info", fake("Tesla T4", 10 * 2**30))
+    assert gpus.detect_gpu().memory_bytes == 10 * 2**30 and "below the catalogue" in gpus.detect_gpu().sources["memory_bytes"]
+    monkeypatch.setattr(nvml, "device_info", fake("Some Future GPU", 48 * 2**30))
+    odd = gpus.detect_gpu()
+    assert odd.memory_bytes == 48 * 2**30 and "NVML total" in gpus.capacity_note(odd)

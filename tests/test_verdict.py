@@ -117,6 +117,48 @@ def test_fit_recommends_only_comfortable_plans():
                 assert p.verdict is not Verdict.COMFORTABLE
 
 
+def test_fit_limits_are_the_verdicts_comfortable_and_tight_limits():
+    """fit's max_batch / max_seq are the largest the verdict calls comfortable; *_tight the largest it does not call
+    "no"; one grid step beyond each is not (vramplan.planner.limits.band_limits)."""
+    from vramplan.config import make_config
+    from vramplan.gpus import get_gpu
+    from vramplan.models import get_model
+    from vramplan.planner.limits import band_limits, device_totals
+
+    rep = vramplan.fit("llama-3.1-8b", "rtx4090", seq=2048, methods=["lora", "qlora"], advise=False)
+    spec, card = get_model("llama-3.1-8b"), get_gpu("rtx4090")
+    for row in rep.rows:
+        cfg = row.estimate.config
+        lim = band_limits(spec, cfg, card)
+        assert (lim.max_batch, lim.max_seq, lim.max_batch_tight, lim.max_seq_tight) == (
+            row.max_batch, row.max_seq, row.max_batch_tight, row.max_seq_tight)
+        assert 0 < row.max_seq <= row.max_seq_tight and row.max_batch <= row.max_batch_tight
+        b = band_for_config(cfg)
+        one = make_config(spec, cfg.method, **{**{k: getattr(cfg, k) for k in ("precision", "grad_ckpt", "optimizer",
+                                                                                "attn", "rank", "targets")}, "batch": 1})
+        seqs = np.array([row.max_seq, row.max_seq + 128, row.max_seq_tight, row.max_seq_tight + 128])
+        codes = classify_array(device_totals(spec, one, card, batch=1, seq=seqs), card.memory_bytes, b.hi, b.lo)
+        assert list(codes[:2]) == [0, 1] and codes[2] <= 1 and codes[3] == 2
+        # a comfortable plan at the asked sequence has a comfortable batch
+        if row.verdict is Verdict.COMFORTABLE:
+            assert row.max_batch >= cfg.batch and row.max_seq >= 2048
+    j = rep.to_json()["rows"][0]
+    assert {"max_batch", "max_seq", "max_batch_tight", "max_seq_tight"} <= set(j)
+
+
+def test_benchmark_capacities_compare_the_comfortable_limit():
+    from conftest import load_benchmark
+
+    from vramplan.measurements.accuracy import summarize
+
+    scored = load_benchmark("published_accuracy").run()
+    cap = [x for x in scored if x.capacity_error is not None]
+    assert cap and all(x.comfortable_seq <= x.longest_seq for x in cap)
+    s = summarize(scored)
+    assert s.capacity_over == sum(x.comfortable_seq > x.record.config.seq for x in cap)
+    assert s.capacity_raw_over == sum(x.longest_seq > x.record.config.seq for x in cap)
+
+
 def test_matrix_cell_over_the_card_is_tight_with_a_symbol():
     from vramplan.matrix import cell_text, feasibility_matrix
 

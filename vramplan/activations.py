@@ -44,6 +44,7 @@ dry run (``benchmarks/dryrun_vs_analytic.py``; evidence in ``reports/``):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -111,222 +112,368 @@ def copy_dtypes(copy: ModelCopy, regime: Regime, kbit_upcast: bool = True) -> Dt
                   autocast_casts=ac and wb != c, logits=c if ac else wb, adapter=DTYPE_BYTES[regime.adapter_dtype])
 
 
-def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime,
-                           tokens, seq, *, input_requires_grad: bool = True, attention_only: bool = False,
-                           attention_inputs_only: bool = False):
-    """Bytes autograd saves in one decoder layer for ``tokens`` tokens of length-``seq`` sequences
-    (``attention_only``: just its attention block's; ``attention_inputs_only``: its attention block's
-    up to and including the q/k/v projections' outputs).
+#: The parts of a decoder layer :func:`layer_activation_bytes` counts.
+LAYER_PARTS = ("layer", "attention", "attention_inputs")
 
+
+def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime,
+                           tokens, seq, *, input_requires_grad: bool = True, part: str = "layer"):
+    """Bytes autograd saves in one decoder layer for ``tokens`` tokens of length-``seq`` sequences.
+
+    ``part``: ``"layer"`` (the whole layer), ``"attention"`` (its attention block only) or
+    ``"attention_inputs"`` (its attention block up to and including the q/k/v projections'
+    outputs, before DoRA's scaling saves its own). ``input_requires_grad``: the layer's input
+    needs a gradient (False for layer 0 of an adapter copy without checkpointing: a frozen embedding).
+
+    Formula: ``tokens x per_token + tokens x seq x per_score + per_layer``, each summed op by op
+    from the pieces below (the module docstring lists the sources): the norms (:func:`_norm_saved`),
+    the linears' inputs (:func:`_linear_inputs`: full training, LoRA/DoRA, bitsandbytes 4-bit),
+    IA³'s scaled tensors (:func:`_ia3_saved`), the attention kernel (:func:`_sdpa_saved` or
+    :func:`_eager_saved`), and the MLP (:func:`_gated_mlp`, :func:`_plain_mlp`, :func:`_moe_mlp`).
     Returns an array broadcast over ``tokens`` and ``seq``.
     """
+    if part not in LAYER_PARTS:
+        raise ValueError(f"layer_activation_bytes: part {part!r} not in {LAYER_PARTS}")
     T = np.asarray(tokens, dtype=np.float64)
     s = np.asarray(seq, dtype=np.float64)
-    stack = cfg.stack
-    d = copy_dtypes(copy, regime, stack.kbit_upcast)
-    h, qd, kvd, heads = model.hidden_size, model.q_dim, model.kv_dim, model.num_heads
+    ly = _layer_setup(model, cfg, copy, regime)
+    acc = _Saved()
+    if part == "attention_inputs":
+        return T * _attention_inputs(ly, acc, input_requires_grad)
+    _attention_block(ly, acc, T, s, input_requires_grad)
+    if part == "attention":
+        return T * acc.per_token + T * s * acc.per_score
+    _mlp_block(ly, acc, input_requires_grad)
+    return T * acc.per_token + T * s * acc.per_score + acc.per_layer
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """What one copy's decoder layer is made of, resolved once for the pieces of :func:`layer_activation_bytes`."""
+
+    model: ModelSpec
+    cfg: TrainConfig
+    copy: ModelCopy
+    regime: Regime
+    d: Dtypes
+    full: bool                 #: every weight trains (the linears save their inputs)
+    targets: frozenset         #: the adapted modules (PEFT adapters; empty otherwise)
+    lora_like: bool            #: a low-rank adapter (LoRA, QLoRA, DoRA)
+    lin: dict                  #: the layer's linears by name
+    dropout: bool              #: LoRA dropout > 0
+    keeps_4bit_input: bool     #: bitsandbytes < 0.43.2 MatMul4Bit keeps every 4-bit linear's input
+    layer_norm: bool           #: LayerNorm (else RMSNorm)
+    ln_out: int | None         #: a LayerNorm's output bytes per element (None for RMSNorm)
+    attn_in: tuple[str, ...]   #: the linears reading the attention block's normed input
+    mlp_in: tuple[str, ...]    #: the linears reading the MLP block's normed input
+    shared: bool               #: a parallel block with one norm: attention and the MLP read one normed tensor
+
+
+def _layer_setup(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime) -> _Layer:
+    """Resolve the dtypes and the adapter's reach for one copy. torch LayerNorm is on autocast's fp32
+    list: under autocast it computes on an fp32 copy of its input and returns fp32, which every linear
+    reading it casts on its own; without autocast it keeps the input's dtype (``ln_out``)."""
+    d = copy_dtypes(copy, regime, cfg.stack.kbit_upcast)
     full = copy.adapter is Adapter.FULL
     peft = copy.adapter is not None and not full
-    targets = set(cfg.targets) if peft else set()
     lora_like = copy.adapter in LOW_RANK
-    lin = {l.name: l for l in model.layer_linears()}
-    dropout = lora_like and cfg.dropout > 0
-    # bitsandbytes < 0.43.2 MatMul4Bit keeps every 4-bit linear's input (stacks.toml [behaviours])
-    keeps_4bit_input = (copy.adapter is not None and copy.adapter.quantized_base and copy.quantized
-                        and cfg.behaves("bnb_4bit_saves_input"))
-
-    per_tok = 0.0  # bytes per token
-    per_seq2 = 0.0  # bytes per token per sequence position (eager attention's s^2 terms)
-    const = 0.0  # bytes per layer whatever the tokens (weight casts saved for backward)
-    nm = model.mod
     layer_norm = model.norm_kind == "layer"
-    # torch LayerNorm is on autocast's fp32 list: under autocast it computes on an fp32 copy of its input and
-    # returns fp32, which every linear reading it casts on its own; without autocast it keeps the input's dtype
-    ln_out = (4 if regime.autocast is not None else d.norm_out) if layer_norm else None
-
-    def norm(requires_grad: bool, width: int = h, in_bytes: int | None = None, same_input: bool = False) -> float:
-        if layer_norm and width == h:
-            # native_layer_norm saves its input (under autocast the fp32 cast of a 16-bit input) and a fp32
-            # mean and rstd per row; its backward needs no output, so a trainable weight saves nothing more.
-            # ``same_input``: a second LayerNorm of a tensor the first already saved (GPT-NeoX's parallel
-            # residual): only its own cast (under autocast) and its mean and rstd
-            if not (requires_grad or full):
-                return 0.0
-            cast = regime.autocast is not None and d.residual != 4
-            x = 0.0 if (same_input and not cast) else (4.0 if cast else float(d.residual)) * width
-            return x + 8.0
-        b = 4.0 * width if requires_grad else 0.0  # fp32 upcast saved by pow/mul
-        if full:
-            # normalised output, cast back to the input's dtype, saved for the weight gradient (fp32
-            # when the stack's norm applies its weight in fp32: torchtune RMSNorm, stacks.toml norm_fp32)
-            fp32 = stack.norm_fp32 or model.norm_weight_fp32  # Gemma / OLMo-2 apply the weight in fp32
-            b += (4 if fp32 else (d.norm_out if in_bytes is None else in_bytes)) * width
-        return b
-
-    def linear_inputs(names: list[str], width: int, fresh: bool, in_bytes: int | None = None,
-                      dora_saved: bool = True) -> float:
-        """Saved copies of the input of the linears ``names`` that all read one tensor.
-
-        ``fresh``: the input is a new tensor nobody else saves (a norm's output, the MLP
-        product); False when it is already counted (SDPA's output feeds o_proj in place:
-        flash kernels write it in the layout ``transpose(1, 2).contiguous()`` keeps).
-        ``in_bytes``: the input's dtype size (default: the norm output's).
-        """
-        xb = d.norm_out if in_bytes is None else in_bytes
-        c = DTYPE_BYTES[regime.compute_dtype]
-        b = 0.0
-        if full:
-            if d.autocast_casts and xb != c:
-                b += d.linear_in * width * len(names)  # one autocast cast per call
-            elif fresh:
-                b += (xb if regime.autocast is not None else d.linear_in) * width  # the shared input, saved once
-        input_saved = False  # the shared input tensor itself is kept by someone (for the 4-bit behaviour)
-        if lora_like:
-            adapted = [n for n in names if n in targets]
-            # PEFT casts the input to the adapter dtype first (when the stack does); autocast then
-            # casts whatever reaches lora_A to the compute dtype, one copy per call
-            e = d.adapter if (stack.peft_input_cast and xb != d.adapter) else xb
-            target = c if regime.autocast is not None else e
-            if e != xb or target != e:
-                b += target * width * len(adapted)  # a cast copy per adapted module, saved by lora_A
-            elif adapted and fresh and not full:
-                if dropout:
-                    b += xb * width * len(adapted)  # each module's dropout output, saved by its lora_A
-                else:
-                    b += xb * width  # lora_A saves the shared input itself
-                    input_saved = True
-            if dropout and adapted:
-                # lora_dropout > 0: each adapted module's nn.Dropout keeps its mask for backward; the dry
-                # run (PEFT on meta) measures 2 bytes per element per adapted module (DROPOUT_SAVED_BYTES)
-                mods = 1 if (stack.lora_qkv_pad and set(adapted) <= {"q_proj", "k_proj", "v_proj"}) else len(adapted)
-                b += DROPOUT_SAVED_BYTES * width * mods
-            b += target * cfg.rank * len(adapted)  # lora_A's output, saved by lora_B
-            if copy.adapter.dora and dora_saved:
-                # (PEFT DoraLinearLayer: (m / ||W + BA||) scales the base result and the LoRA result; both saved)
-                # (lora_B's output is in autocast's dtype under autocast, else the adapter's)
-                b += sum((target + d.proj_out) * lin[n].out_features for n in adapted)
-        if keeps_4bit_input and fresh and not input_saved and not (full and regime.autocast is None):
-            # bitsandbytes < 0.43.2: MatMul4Bit.forward keeps A (the input cast to the compute dtype) on ctx
-            # until backward for every 4-bit linear; linears reading one tensor keep that one tensor
-            b += c * width
-        return b
-
-    def ia3_out(names: list[str]) -> float:
-        if copy.adapter is None or not copy.adapter.ia3:
-            return 0.0
-        # IA³ scales the base output (saved, out features) or, for feed-forward modules, the input
-        # after casting it to the vector's dtype (PEFT IA3 Linear: ``x.to(ia3_l.dtype) * ia3_l``)
-        return sum(d.adapter * lin[n].in_features if n in model.ia3_feedforward else d.proj_out * lin[n].out_features
-                   for n in names if n in targets or n in cfg.targets)
-
-    # -- attention block ------------------------------------------------------------------
-    per_tok += norm(input_requires_grad)
-    attn_in = [nm("qkv_proj")] if model.fused_qkv else [nm("q_proj"), nm("k_proj"), nm("v_proj")]
+    nm = model.mod
+    attn_in = (nm("qkv_proj"),) if model.fused_qkv else (nm("q_proj"), nm("k_proj"), nm("v_proj"))
     if model.mlp_kind == "plain":
-        mlp_in = [nm("up_proj")]
+        mlp_in = (nm("up_proj"),)
     else:
-        mlp_in = [nm("gate_up_proj")] if model.fused_gate_up else [nm("gate_proj"), nm("up_proj")]
-    # a parallel block with one norm (Phi-2, Falcon-7B): attention and the MLP read the same normed tensor
-    shared = model.parallel_block and model.norms_per_layer == 1 and not model.is_moe
-    first = attn_in + (mlp_in if shared else [])
-    if attention_inputs_only:  # the inputs and the base outputs, before DoRA's scaling saves its own
-        return T * (per_tok + linear_inputs(first, h, fresh=True, dora_saved=False, in_bytes=ln_out)
-                    + d.proj_out * (qd + 2 * kvd))
-    per_tok += linear_inputs(first, h, fresh=True, in_bytes=ln_out)
-    per_tok += ia3_out(attn_in)
-    qkv_adapted = [n for n in (nm("q_proj"), nm("k_proj"), nm("v_proj")) if n in targets] if lora_like else []
-    if stack.lora_qkv_pad and 0 < len(qkv_adapted) < 3:
+        mlp_in = (nm("gate_up_proj"),) if model.fused_gate_up else (nm("gate_proj"), nm("up_proj"))
+    keeps = (copy.adapter is not None and copy.adapter.quantized_base and copy.quantized
+             and cfg.behaves("bnb_4bit_saves_input"))
+    return _Layer(model=model, cfg=cfg, copy=copy, regime=regime, d=d, full=full,
+                  targets=frozenset(cfg.targets) if peft else frozenset(), lora_like=lora_like,
+                  lin={l.name: l for l in model.layer_linears()}, dropout=lora_like and cfg.dropout > 0,
+                  keeps_4bit_input=keeps, layer_norm=layer_norm,
+                  ln_out=(4 if regime.autocast is not None else d.norm_out) if layer_norm else None,
+                  attn_in=attn_in, mlp_in=mlp_in,
+                  shared=model.parallel_block and model.norms_per_layer == 1 and not model.is_moe)
+
+
+class _Saved:
+    """Running sums of one layer's saved bytes: per token, per score element (token x sequence position,
+    eager attention's ``s^2`` terms) and per layer whatever the tokens (weight casts saved for backward)."""
+
+    def __init__(self) -> None:
+        self.per_token = 0.0
+        self.per_score = 0.0
+        self.per_layer = 0.0
+
+
+def _norm_saved(ly: _Layer, requires_grad: bool, width: int | None = None, in_bytes: int | None = None,
+                same_input: bool = False) -> float:
+    """Bytes per token one norm saves over ``width`` features (default the hidden size).
+
+    * LayerNorm (``native_layer_norm``): its input (under autocast the fp32 cast of a 16-bit input)
+      and a fp32 mean and rstd per row; its backward needs no output, so a trainable weight saves
+      nothing more. ``same_input``: a second LayerNorm of a tensor the first already saved (GPT-NeoX's
+      parallel residual): only its own cast (under autocast) and its mean and rstd.
+    * RMSNorm (``LlamaRMSNorm``): the fp32 upcast saved by ``pow``/``mul`` when the input requires
+      grad (4 B/elem); with a trainable weight also the normalised output, cast back to the input's
+      dtype (``in_bytes``), saved for the weight gradient -- fp32 when the weight is applied in fp32
+      (torchtune RMSNorm, stacks.toml ``norm_fp32``; Gemma / OLMo-2).
+    """
+    model, d = ly.model, ly.d
+    width = model.hidden_size if width is None else width
+    if ly.layer_norm and width == model.hidden_size:
+        if not (requires_grad or ly.full):
+            return 0.0
+        cast = ly.regime.autocast is not None and d.residual != 4
+        x = 0.0 if (same_input and not cast) else (4.0 if cast else float(d.residual)) * width
+        return x + 8.0
+    b = 4.0 * width if requires_grad else 0.0  # fp32 upcast saved by pow/mul
+    if ly.full:
+        fp32 = ly.cfg.stack.norm_fp32 or model.norm_weight_fp32
+        b += (4 if fp32 else (d.norm_out if in_bytes is None else in_bytes)) * width
+    return b
+
+
+def _linear_inputs(ly: _Layer, names, width: int, fresh: bool, in_bytes: int | None = None,
+                   dora_saved: bool = True) -> float:
+    """Bytes per token saved for the linears ``names`` that all read one tensor of ``width`` features.
+
+    ``fresh``: the input is a new tensor nobody else saves (a norm's output, the MLP product);
+    False when it is already counted (SDPA's output feeds o_proj in place: flash kernels write it in
+    the layout ``transpose(1, 2).contiguous()`` keeps). ``in_bytes``: the input's dtype size (default:
+    the norm output's). The sum of :func:`_full_linear_inputs`, :func:`_lora_inputs` and
+    :func:`_bnb_4bit_input`.
+    """
+    xb = ly.d.norm_out if in_bytes is None else in_bytes
+    b = 0.0
+    if ly.full:
+        b += _full_linear_inputs(ly, names, width, fresh, xb)
+    input_saved = False  # the shared input tensor itself is kept by someone (for the 4-bit behaviour)
+    if ly.lora_like:
+        lora, input_saved = _lora_inputs(ly, names, width, fresh, xb, dora_saved)
+        b += lora
+    b += _bnb_4bit_input(ly, width, fresh, input_saved)
+    return b
+
+
+def _full_linear_inputs(ly: _Layer, names, width: int, fresh: bool, xb: int) -> float:
+    """Full training: a trainable weight's matmul saves its input (autograd saves ``self`` for ``mm`` when
+    ``mat2`` needs a gradient); under autocast each call casts its own copy of an fp32 input (the casts are
+    not shared), else the shared input is saved once."""
+    d, c = ly.d, DTYPE_BYTES[ly.regime.compute_dtype]
+    if d.autocast_casts and xb != c:
+        return d.linear_in * width * len(names)  # one autocast cast per call
+    if fresh:
+        return (xb if ly.regime.autocast is not None else d.linear_in) * width  # the shared input, saved once
+    return 0.0
+
+
+def _lora_inputs(ly: _Layer, names, width: int, fresh: bool, xb: int, dora_saved: bool) -> tuple[float, bool]:
+    """LoRA/DoRA on the adapted ones of ``names``: ``(bytes per token, whether the shared input itself is saved)``.
+
+    PEFT casts the input to the adapter dtype first (when the stack does, stacks.toml
+    ``peft_input_cast``); autocast then casts whatever reaches ``lora_A`` to the compute dtype, one
+    copy per call, saved by ``lora_A``; with the dtypes equal ``lora_A`` saves the shared input itself
+    (or, with dropout, each module's dropout output). Dropout keeps :data:`DROPOUT_SAVED_BYTES` per
+    element per module (litgpt's fused qkv: one module). ``lora_A``'s output (rank wide) is saved by
+    ``lora_B``. DoRA (PEFT ``DoraLinearLayer``): ``m / ||W + BA||`` scales the base result and the LoRA
+    result; both saved (``lora_B``'s output in autocast's dtype under autocast, else the adapter's).
+    """
+    d, cfg, regime = ly.d, ly.cfg, ly.regime
+    adapted = [n for n in names if n in ly.targets]
+    c = DTYPE_BYTES[regime.compute_dtype]
+    e = d.adapter if (cfg.stack.peft_input_cast and xb != d.adapter) else xb
+    target = c if regime.autocast is not None else e
+    b, input_saved = 0.0, False
+    if e != xb or target != e:
+        b += target * width * len(adapted)  # a cast copy per adapted module, saved by lora_A
+    elif adapted and fresh and not ly.full:
+        if ly.dropout:
+            b += xb * width * len(adapted)  # each module's dropout output, saved by its lora_A
+        else:
+            b += xb * width  # lora_A saves the shared input itself
+            input_saved = True
+    if ly.dropout and adapted:
+        qkv_only = cfg.stack.lora_qkv_pad and set(adapted) <= {"q_proj", "k_proj", "v_proj"}
+        b += DROPOUT_SAVED_BYTES * width * (1 if qkv_only else len(adapted))
+    b += target * cfg.rank * len(adapted)  # lora_A's output, saved by lora_B
+    if ly.copy.adapter.dora and dora_saved:
+        b += sum((target + d.proj_out) * ly.lin[n].out_features for n in adapted)
+    return b, input_saved
+
+
+def _bnb_4bit_input(ly: _Layer, width: int, fresh: bool, input_saved: bool) -> float:
+    """bitsandbytes < 0.43.2: ``MatMul4Bit.forward`` keeps A (the input cast to the compute dtype) on
+    ``ctx`` until backward for every 4-bit linear; linears reading one tensor keep that one tensor
+    (0 when someone already saves that input, or the behaviour is off)."""
+    if ly.keeps_4bit_input and fresh and not input_saved and not (ly.full and ly.regime.autocast is None):
+        return DTYPE_BYTES[ly.regime.compute_dtype] * width
+    return 0.0
+
+
+def _ia3_saved(ly: _Layer, names) -> float:
+    """IA³ (PEFT ``IA3 Linear``): the scaled base output is saved (out features), or, for feed-forward
+    modules, the input after casting it to the vector's dtype (``x.to(ia3_l.dtype) * ia3_l``)."""
+    if ly.copy.adapter is None or not ly.copy.adapter.ia3:
+        return 0.0
+    model, d = ly.model, ly.d
+    return sum(d.adapter * ly.lin[n].in_features if n in model.ia3_feedforward else d.proj_out * ly.lin[n].out_features
+               for n in names if n in ly.targets or n in ly.cfg.targets)
+
+
+def _attention_inputs(ly: _Layer, acc: _Saved, input_requires_grad: bool) -> float:
+    """Per token, the attention block up to the q/k/v projections' outputs: its norm, the projections'
+    saved inputs (the MLP's too in a parallel block with one norm) without DoRA's scaling, and the base
+    outputs (q, k, v in the projections' dtype)."""
+    m, h = ly.model, ly.model.hidden_size
+    acc.per_token += _norm_saved(ly, input_requires_grad)
+    first = ly.attn_in + (ly.mlp_in if ly.shared else ())
+    return (acc.per_token + _linear_inputs(ly, first, h, fresh=True, dora_saved=False, in_bytes=ly.ln_out)
+            + ly.d.proj_out * (m.q_dim + 2 * m.kv_dim))
+
+
+def _attention_block(ly: _Layer, acc: _Saved, T, s, input_requires_grad: bool) -> None:
+    """Add the attention block: its norm, the projections' inputs (and IA³'s), litgpt's zero-padded
+    LoRA qkv, the q/k norms, the attention kernel (:func:`_eager_saved` or :func:`_sdpa_saved`) and
+    o_proj's input (the attention output, transposed and contiguous)."""
+    model, nm, h = ly.model, ly.model.mod, ly.model.hidden_size
+    acc.per_token += _norm_saved(ly, input_requires_grad)
+    first = ly.attn_in + (ly.mlp_in if ly.shared else ())
+    acc.per_token += _linear_inputs(ly, first, h, fresh=True, in_bytes=ly.ln_out)
+    acc.per_token += _ia3_saved(ly, ly.attn_in)
+    qkv_adapted = [n for n in (nm("q_proj"), nm("k_proj"), nm("v_proj")) if n in ly.targets] if ly.lora_like else []
+    if ly.cfg.stack.lora_qkv_pad and 0 < len(qkv_adapted) < 3:
         # a fused-qkv LoRA zero-pads the adapted outputs into the qkv width (litgpt LoRAQKVLinear.zero_pad,
         # index_copy_): the LoRA-B output of the adapted projections stays saved (stacks.toml lora_qkv_pad)
-        per_tok += d.adapter * sum(lin[n].out_features for n in qkv_adapted)
+        acc.per_token += ly.d.adapter * sum(ly.lin[n].out_features for n in qkv_adapted)
     if model.qk_norm == "head" or model.qk_norm == "full":
         # q/k norms see the projections' outputs (autocast's dtype under autocast)
-        per_tok += norm(True, qd, d.proj_out) + norm(True, kvd, d.proj_out)
-    a = d.attn
-    if cfg.attn == "eager":
-        ea = eager_attention(model, cfg, copy, regime)
-        per_tok = per_tok + ea.qk + ea.v_bytes(T, s)
-        per_seq2 += heads * ea.saved
+        acc.per_token += (_norm_saved(ly, True, model.q_dim, ly.d.proj_out)
+                          + _norm_saved(ly, True, model.kv_dim, ly.d.proj_out))
+    if ly.cfg.attn == "eager":
+        _eager_saved(ly, acc, T, s)
     else:
-        per_tok += a * (qd + 2 * kvd) + a * qd + 4 * heads  # q, k, v, out, logsumexp
-        # with a mask (padding, or a sliding window shorter than the sequence) SDPA cannot use GQA
-        # (repeat_kv copies k and v to every head) and the memory-efficient kernel saves the mask
-        # converted to an additive bias of the query dtype, per layer
-        masked = sdpa_masked_fraction(model, cfg, s)
-        # a stack that expands k and v for GQA itself (torchtune MultiHeadAttention: expand + flatten,
-        # a copy) hands SDPA, which saves them, two full-width copies in every layer (stacks.toml)
-        # (one kv head: repeat_kv's expand + reshape merges a size-1 dim, a view; nothing more is saved)
-        expanded = 1.0 if stack.gqa_expand_kv else masked * (model.num_kv_heads > 1)
-        per_tok = per_tok + expanded * 2 * a * (qd - kvd) + masked * a * s
-        if model.fused_qkv and d.attn == d.proj_out:
-            per_tok += a * (qd + kvd)  # v is a view of the fused qkv output: all of it stays saved
-    # attention output (transposed, contiguous) feeds o_proj
-    per_tok += linear_inputs([nm("o_proj")], qd, fresh=False, in_bytes=d.attn)
-    per_tok += ia3_out([nm("o_proj")])
-    if attention_only:
-        return T * per_tok + T * s * per_seq2
-    # -- MLP block ----------------------------------------------------------------------
-    if model.norms_per_layer == 4:  # Gemma-2/3 post-attention norm before the residual add
-        per_tok += norm(True)
-    if not shared:  # the post-attention norm (GPT-NeoX parallel residual: a second norm of the layer input)
-        per_tok += norm(input_requires_grad, same_input=True) if model.parallel_block else norm(True)
-    m = d.proj_out
-    if model.is_moe:
-        k, mi = model.experts_per_token, model.moe_intermediate_size
-        router = 4 * model.num_experts * 2  # router logits fp32 + softmax
-        # per routed token (transformers >= 5 grouped_mm experts): the gate_up output (its gate half
-        # feeds the activation), the activation's output, the down output (saved by the routing
-        # weight's multiply); full training also saves the product for down's weight gradient
-        expert = k * (m * h + m * 2 * mi + m * mi + (m * mi if full else 0))
-        if d.residual == 4 and (copy.quantized or full):
-            # fp32 expert banks -- QLoRA: fused experts are not nn.Linear, so bitsandbytes leaves
-            # them and prepare_model_for_kbit_training upcasts them; full training in a mixed
-            # regime: fp32 master weights autocast does not cast -- run without grouped_mm, saving
-            # the gathered input, the gate_up and down outputs, the activation's output and the
-            # product, all fp32 (dry run, Qwen3-30B-A3B / Mixtral)
-            expert = k * 4 * (2 * h + 4 * mi)
-        if model.dense_experts:
-            # transformers Llama4TextMoe: hidden_states.repeat(num_experts), scaled by the sigmoid router scores
-            # (the multiply saves the repeated copy, in the residual dtype), then torch.bmm over every expert --
-            # all experts run on every token -- in autocast's dtype: the gate_up output, the activation's output
-            # (and the product when down trains). Frozen fp32 banks (QLoRA: prepare_model_for_kbit_training)
-            # are cast by autocast for bmm, and the casts stay saved for the input gradient (dry run, Scout)
-            E = model.num_experts
-            eo = DTYPE_BYTES[regime.compute_dtype] if regime.autocast is not None else m
-            expert = E * (d.residual * h + eo * 2 * mi + eo * mi + (eo * mi if full else 0))
-            if regime.autocast is not None and not full and d.residual != eo:
-                banks = sum(l.params for l in model.layer_linears() if not l.is_linear)
-                const += banks * eo
-        per_tok += router + expert + (m * h if full else 0)
-        if model.shared_expert_intermediate_size:
-            si = model.shared_expert_intermediate_size
-            per_tok += linear_inputs(["gate_proj", "up_proj"], h, fresh=True) + m * si * 3 + (m * si if full else 0)
-    elif model.mlp_kind == "plain":
-        # up -> act -> down (GPT-NeoX, Falcon, Phi-2): the activation saves the up output (act_saved_bytes);
-        # its output is saved by down when down trains
-        i = model.intermediate_size
-        if not shared:
-            per_tok += linear_inputs(mlp_in, h, fresh=True, in_bytes=ln_out)
-        per_tok += ia3_out(mlp_in)
-        per_tok += act_saved_bytes(model, cfg, regime, m) * i
-        down = nm("down_proj")
-        per_tok += linear_inputs([down], i, fresh=True, in_bytes=d.proj_out) if (full or down in targets) else 0.0
-        per_tok += ia3_out([down])
-    else:
-        i = model.intermediate_size
-        per_tok += linear_inputs(mlp_in, h, fresh=True, in_bytes=ln_out)
-        per_tok += ia3_out(mlp_in)
-        # gate out (the activation's input), the activation's output, up out; a fused gate_up
-        # projection's 2i output is chunked into gate and up views and saved whole: the same bytes
-        per_tok += m * i * 3
-        # (the MLP product: saved only for a trainable down_proj's weight gradient, by its adapter, or,
-        # with bitsandbytes < 0.43.2, by a 4-bit down_proj's MatMul4Bit ctx even when frozen and not adapted)
-        down_kept = full or "down_proj" in targets or keeps_4bit_input
-        per_tok += linear_inputs(["down_proj"], i, fresh=True, in_bytes=d.proj_out) if down_kept else 0.0
-        per_tok += ia3_out(["down_proj"])
+        _sdpa_saved(ly, acc, s)
+    acc.per_token += _linear_inputs(ly, [nm("o_proj")], model.q_dim, fresh=False, in_bytes=ly.d.attn)
+    acc.per_token += _ia3_saved(ly, [nm("o_proj")])
+
+
+def _eager_saved(ly: _Layer, acc: _Saved, T, s) -> None:
+    """Eager attention (:func:`eager_attention`): the tensors its two matmuls save per token, and the
+    fp32 softmax output and its 16-bit cast per score element (heads x query x key position)."""
+    ea = eager_attention(ly.model, ly.cfg, ly.copy, ly.regime)
+    acc.per_token = acc.per_token + ea.qk + ea.v_bytes(T, s)
+    acc.per_score += ly.model.num_heads * ea.saved
+
+
+def _sdpa_saved(ly: _Layer, acc: _Saved, s) -> None:
+    """SDPA with FlashAttention / memory-efficient kernels: q, k, v, the output and an fp32 logsumexp per
+    head. With a mask (padding, or a sliding window shorter than the sequence) SDPA cannot use GQA
+    (``repeat_kv`` copies k and v to every head) and the memory-efficient kernel saves the mask converted
+    to an additive bias of the query dtype, per layer; a stack that expands k and v for GQA itself
+    (torchtune ``MultiHeadAttention``: expand + flatten, a copy) hands SDPA two full-width copies in every
+    layer (stacks.toml ``gqa_expand_kv``); v as a view of a fused qkv output keeps all of it saved."""
+    model, d = ly.model, ly.d
+    a, qd, kvd = d.attn, model.q_dim, model.kv_dim
+    acc.per_token += a * (qd + 2 * kvd) + a * qd + 4 * model.num_heads  # q, k, v, out, logsumexp
+    masked = sdpa_masked_fraction(model, ly.cfg, s)
+    # (one kv head: repeat_kv's expand + reshape merges a size-1 dim, a view; nothing more is saved)
+    expanded = 1.0 if ly.cfg.stack.gqa_expand_kv else masked * (ly.model.num_kv_heads > 1)
+    acc.per_token = acc.per_token + expanded * 2 * a * (qd - kvd) + masked * a * s
+    if model.fused_qkv and d.attn == d.proj_out:
+        acc.per_token += a * (qd + kvd)  # v is a view of the fused qkv output: all of it stays saved
+
+
+def _mlp_block(ly: _Layer, acc: _Saved, input_requires_grad: bool) -> None:
+    """Add the MLP block: Gemma-2/3's post-attention norm before the residual add, the post-attention
+    norm (GPT-NeoX's parallel residual: a second norm of the layer input; none in a parallel block with
+    one norm), the MLP by kind, and Gemma-2/3's post-MLP norm."""
+    model = ly.model
     if model.norms_per_layer == 4:
-        per_tok += norm(True)
-    return T * per_tok + T * s * per_seq2 + const
+        acc.per_token += _norm_saved(ly, True)
+    if not ly.shared:
+        acc.per_token += (_norm_saved(ly, input_requires_grad, same_input=True) if model.parallel_block
+                          else _norm_saved(ly, True))
+    if model.is_moe:
+        _moe_mlp(ly, acc)
+    elif model.mlp_kind == "plain":
+        _plain_mlp(ly, acc)
+    else:
+        _gated_mlp(ly, acc)
+    if model.norms_per_layer == 4:
+        acc.per_token += _norm_saved(ly, True)
+
+
+def _gated_mlp(ly: _Layer, acc: _Saved) -> None:
+    """SwiGLU (``down(act(gate(x)) * up(x))``): gate's output (the activation's input), the activation's
+    output and up's output (a fused gate_up's 2i output is chunked into views and saved whole: the same
+    bytes); the product only for a trainable down_proj's weight gradient, its adapter, or, with
+    bitsandbytes < 0.43.2, a 4-bit down_proj's ``MatMul4Bit`` ctx even when frozen and not adapted."""
+    m, i, h = ly.d.proj_out, ly.model.intermediate_size, ly.model.hidden_size
+    acc.per_token += _linear_inputs(ly, ly.mlp_in, h, fresh=True, in_bytes=ly.ln_out)
+    acc.per_token += _ia3_saved(ly, ly.mlp_in)
+    acc.per_token += m * i * 3
+    down_kept = ly.full or "down_proj" in ly.targets or ly.keeps_4bit_input
+    acc.per_token += _linear_inputs(ly, ["down_proj"], i, fresh=True, in_bytes=m) if down_kept else 0.0
+    acc.per_token += _ia3_saved(ly, ["down_proj"])
+
+
+def _plain_mlp(ly: _Layer, acc: _Saved) -> None:
+    """up -> act -> down (GPT-NeoX, Falcon, Phi-2): the activation saves the up output
+    (:func:`act_saved_bytes`); its output is saved by down when down trains."""
+    model, m, h = ly.model, ly.d.proj_out, ly.model.hidden_size
+    i = model.intermediate_size
+    if not ly.shared:
+        acc.per_token += _linear_inputs(ly, ly.mlp_in, h, fresh=True, in_bytes=ly.ln_out)
+    acc.per_token += _ia3_saved(ly, ly.mlp_in)
+    acc.per_token += act_saved_bytes(model, ly.cfg, ly.regime, m) * i
+    down = model.mod("down_proj")
+    acc.per_token += _linear_inputs(ly, [down], i, fresh=True, in_bytes=m) if (ly.full or down in ly.targets) else 0.0
+    acc.per_token += _ia3_saved(ly, [down])
+
+
+def _moe_mlp(ly: _Layer, acc: _Saved) -> None:
+    """A mixture of experts (transformers >= 5): the router's fp32 logits and softmax, the routed
+    experts (:func:`_routed_expert_saved`, or every expert: :func:`_dense_expert_saved`), and a shared
+    expert (a SwiGLU of its own width). Full training also saves the experts' output for the routing
+    weights' gradient."""
+    model, m, h = ly.model, ly.d.proj_out, ly.model.hidden_size
+    router = 4 * model.num_experts * 2  # router logits fp32 + softmax
+    expert = _dense_expert_saved(ly, acc) if model.dense_experts else _routed_expert_saved(ly)
+    acc.per_token += router + expert + (m * h if ly.full else 0)
+    if model.shared_expert_intermediate_size:
+        si = model.shared_expert_intermediate_size
+        acc.per_token += (_linear_inputs(ly, ["gate_proj", "up_proj"], h, fresh=True) + m * si * 3
+                          + (m * si if ly.full else 0))
+
+
+def _routed_expert_saved(ly: _Layer) -> float:
+    """Per token, the ``k`` routed experts (grouped_mm): the gate_up output (its gate half feeds the
+    activation), the activation's output, the down output (saved by the routing weight's multiply);
+    full training also the product for down's weight gradient. fp32 expert banks -- QLoRA: fused
+    experts are not nn.Linear, so bitsandbytes leaves them and ``prepare_model_for_kbit_training``
+    upcasts them; full training in a mixed regime: fp32 master weights autocast does not cast -- run
+    without grouped_mm, saving the gathered input, the gate_up and down outputs, the activation's output
+    and the product, all fp32 (dry run, Qwen3-30B-A3B / Mixtral)."""
+    model, d, m, h = ly.model, ly.d, ly.d.proj_out, ly.model.hidden_size
+    k, mi = model.experts_per_token, model.moe_intermediate_size
+    if d.residual == 4 and (ly.copy.quantized or ly.full):
+        return k * 4 * (2 * h + 4 * mi)
+    return k * (m * h + m * 2 * mi + m * mi + (m * mi if ly.full else 0))
+
+
+def _dense_expert_saved(ly: _Layer, acc: _Saved) -> float:
+    """Per token, every expert (transformers ``Llama4TextMoe``): ``hidden_states.repeat(num_experts)``
+    scaled by the sigmoid router scores (the multiply saves the repeated copy, in the residual dtype),
+    then ``torch.bmm`` over every expert in autocast's dtype: the gate_up output, the activation's output
+    (and the product when down trains). Frozen fp32 banks (QLoRA: ``prepare_model_for_kbit_training``)
+    are cast by autocast for bmm, and the casts stay saved for the input gradient (dry run, Scout):
+    added to ``acc.per_layer``."""
+    model, d, regime, h = ly.model, ly.d, ly.regime, ly.model.hidden_size
+    E, mi = model.num_experts, model.moe_intermediate_size
+    eo = DTYPE_BYTES[regime.compute_dtype] if regime.autocast is not None else d.proj_out
+    if regime.autocast is not None and not ly.full and d.residual != eo:
+        acc.per_layer += sum(l.params for l in model.layer_linears() if not l.is_linear) * eo
+    return E * (d.residual * h + eo * 2 * mi + eo * mi + (eo * mi if ly.full else 0))
 
 
 @dataclass(frozen=True)
@@ -475,13 +622,33 @@ def layer_backward_transient(model: ModelSpec, copy: ModelCopy, regime: Regime, 
     return np.maximum(mlp - T * freed, T * (5 * 4.0 * h + d.residual * h))
 
 
-def _loss_settings(cfg, copy: ModelCopy, d, T, rows):
-    """``(mode, chunks, keep, upcast)`` of the loss the stack (and its version, and the techniques) runs:
-    the loss mode, its chunk count, the bytes per logit kept through backward, and whether each chunk is
-    upcast to fp32 (:func:`logits_bytes`)."""
+@dataclass(frozen=True)
+class LossRun:
+    """How the stack (its version, and the techniques) runs the loss over the logits (:func:`loss_run`)."""
+
+    mode: str            #: ``full_fp32`` (HF ForCausalLMLoss), ``chunked`` or ``fused_linear`` (Liger / Unsloth)
+    chunks: Any          #: chunk count (an array over tokens when chunks hold a fixed number of tokens)
+    keep: float          #: bytes per logit of the logits output kept through backward (0: the loop frees it)
+    upcast: bool         #: each chunk is upcast to fp32 before the log-softmax
+    upcast_bytes: float  #: bytes per logit of that fp32 copy (0 when the logits are fp32 or no upcast is made)
+
+
+def loss_run(cfg: TrainConfig | None, copy: ModelCopy, d: Dtypes, tokens, rows) -> LossRun:
+    """The loss the stack runs for ``tokens`` tokens in ``rows`` sequences (stacks.toml ``loss``,
+    ``loss_chunks``, ``loss_upcast``, ``loss_chunk_tokens``, ``frees_logits``; version behaviours;
+    the ``liger_ce`` / ``chunked_ce`` techniques). Without a config: HF's full fp32 loss."""
+    T = np.asarray(tokens, dtype=np.float64)
     mode, chunks, keep, upcast = "full_fp32", 1, 0.0, True
-    if cfg is None:
-        return mode, chunks, keep, upcast
+    if cfg is not None:
+        mode, chunks, keep, upcast = _stack_loss(cfg, copy, d, T, rows)
+    up = 4.0 if d.logits != 4 else 0.0
+    if not upcast and mode == "chunked":
+        up = 0.0  # cross-entropy in the logits' dtype: no fp32 copy (litgpt chunked_cross_entropy)
+    return LossRun(mode=mode, chunks=chunks, keep=keep, upcast=upcast, upcast_bytes=up)
+
+
+def _stack_loss(cfg: TrainConfig, copy: ModelCopy, d: Dtypes, T, rows):
+    """``(mode, chunks, keep, upcast)`` of :class:`LossRun` for a configuration."""
     st = cfg.stack
     mode, chunks, upcast = st.loss, st.loss_chunks, st.loss_upcast
     old_tt = cfg.behaves("torchtune_bf16_full_ce")
@@ -509,31 +676,30 @@ def _loss_settings(cfg, copy: ModelCopy, d, T, rows):
     return mode, chunks, keep, upcast
 
 
+def loss_mode_chunks(cfg, copy: ModelCopy, regime: Regime, tokens, rows=1):
+    """``(mode, chunks)`` of the loss ``cfg``'s stack runs over ``tokens`` tokens in ``rows`` sequences
+    (:func:`loss_run`): ``chunked`` and the chunk count (an array over tokens) for litgpt's per-row
+    128-token lm_head chunks, torchtune's 8 chunks; ``full_fp32`` / ``fused_linear`` otherwise."""
+    T = np.asarray(tokens, dtype=np.float64)
+    run = loss_run(cfg, copy, copy_dtypes(copy, regime, cfg.stack.kbit_upcast), T, rows)
+    return run.mode, run.chunks
+
+
 def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head: str = "lm",
                  cfg: TrainConfig | None = None, rows=1):
     """(forward peak, backward peak) bytes of the logits and the loss for ``tokens`` tokens.
 
-    * ``full_fp32`` (HF ``ForCausalLMLoss``): the logits in their dtype, the whole fp32 upcast
-      (transient) and log_softmax's saved fp32 output; backward holds the saved output plus
-      the incoming and outgoing fp32 gradients (12 bytes per logit).
+    * ``full_fp32`` (HF ``ForCausalLMLoss``): :func:`full_fp32_ce_bytes`.
     * ``chunked`` (torchtune ``CEWithChunkedOutputLoss``, litgpt ``chunked_cross_entropy``):
-      each chunk is upcast and reduced on its own, so only one chunk's fp32 copy and
-      gradients are alive at a time; the saved fp32 log-probabilities of every chunk stay.
-    * ``fused_linear`` (Liger ``FusedLinearCrossEntropy``, Unsloth): the lm_head and the loss
-      run over token chunks of ``2**ceil(log2(T / ceil(V / h)))`` tokens; no logits tensor;
-      the input gradient (T x h) is computed in forward and kept for backward.
-    A scalar head (reward/value) has one output per token.
-
-    Methods whose loss is ``sequence_logps`` (TRL DPO: ``selective_log_softmax`` over the
-    ``rows`` sequences of the batch) follow the dry run's measurements instead
-    (``benchmarks/dryrun_vs_analytic.py``): with fp32 logits (HF Trainer's accelerate converts
-    the 16-bit output to fp32; or an fp32 model) the fp32 logits are saved by the gather and
-    the per-row logsumexp, and backward holds them with the gather's scattered gradient, the
-    rows' stacked gradient and their sum: 16 B per logit; forward holds the 16-bit output
-    while converting, the fp32 logits and a masked copy for the logits metric (8 B + the
-    16-bit output). With 16-bit logits (a plain bf16 loop) each row's log_softmax output is
-    saved (2 B) beside the logits, one row's fp32 temporaries at a time, and backward holds
-    two 16-bit gradients.
+      :func:`chunked_ce_bytes`, or :func:`chunked_ce_no_upcast_bytes` without the fp32 upcast.
+    * ``fused_linear`` (Liger ``FusedLinearCrossEntropy``, Unsloth): :func:`fused_linear_ce_bytes`.
+    * ``torch.compile``'d loss: :func:`compiled_ce_bytes`.
+    * A scalar head (reward/value) has one output per token: 8 bytes per token each way.
+    * Methods whose loss has its own buffers (``Behaviour.loss_bytes``: the preference family) use
+      them; TRL DPO's ``sequence_logps`` :func:`sequence_logps_bytes`; TRL PPO's ``response_logps``
+      :func:`response_logps_bytes`.
+    Gemma-2's soft-capped logits add ``tanh``'s saved output (one logit each way), except under a
+    fused loss (no logits tensor).
     """
     T = np.asarray(tokens, dtype=np.float64)
     own = _method_loss_bytes(model, copy, regime, T, head, cfg, rows)
@@ -541,27 +707,17 @@ def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head
         return own
     if head == "scalar":
         return T * 8.0, T * 8.0
-    V, h = model.vocab_size, model.hidden_size
     kbit = cfg.stack.kbit_upcast if cfg is not None else True
     d = copy_dtypes(copy, regime, kbit)
-    mode, chunks, keep, upcast = _loss_settings(cfg, copy, d, T, rows)
-    up = 4.0 if d.logits != 4 else 0.0
-    if not upcast and mode == "chunked":
-        up = 0.0  # cross-entropy in the logits' dtype: no fp32 copy (litgpt chunked_cross_entropy)
-    if cfg is not None and cfg.uses("compile") and mode in ("chunked", "full_fp32") \
-            and cfg.recipe.method.loss not in ("sequence_logps", "response_logps"):
-        # torch.compile'd loss (stacks.toml techniques.compile): the min-cut partitioner saves the logits
-        # and a per-row logsumexp, recomputing the softmax in backward; one chunk's fp32 working set is
-        # live at a time (the whole logits when the loss is not chunked)
-        n = chunks if mode == "chunked" else 1
-        work = (T / n) * V * 8.0
-        fwd = T * V * d.logits + work
-        bwd = T * V * (d.logits + keep) + work
-        return fwd, bwd
-    fwd, bwd = _logits_by_loss(model, regime, d, T, V, h, cfg, mode, chunks, keep, up, rows, upcast)
-    if model.final_logit_softcapping and mode != "fused_linear":
+    loss = loss_run(cfg, copy, d, T, rows)
+    method_loss = cfg.recipe.method.loss if cfg is not None else None
+    if cfg is not None and cfg.uses("compile") and loss.mode in ("chunked", "full_fp32") \
+            and method_loss not in ("sequence_logps", "response_logps"):
+        return compiled_ce_bytes(T, model.vocab_size, d.logits, loss)
+    fwd, bwd = _logits_by_loss(model, cfg, d, T, rows, loss, regime.runner)
+    if model.final_logit_softcapping and loss.mode != "fused_linear":
         # Gemma-2: logits = tanh(logits / cap) * cap; tanh's output is saved for backward
-        fwd, bwd = fwd + T * V * d.logits, bwd + T * V * d.logits
+        fwd, bwd = fwd + T * model.vocab_size * d.logits, bwd + T * model.vocab_size * d.logits
     return fwd, bwd
 
 
@@ -579,56 +735,115 @@ def _method_loss_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, T, hea
     return own[0] + cap, own[1] + cap
 
 
-def _logits_by_loss(model, regime, d, T, V, h, cfg, mode, chunks, keep, up, rows, upcast=True):
-    if cfg is not None and cfg.recipe.method.loss == "sequence_logps":
-        if d.logits == 4 or regime.runner == "trainer":
-            return T * V * (8.0 + (d.logits if d.logits != 4 else 0.0)), T * V * 16.0
-        r = np.maximum(np.asarray(rows, dtype=np.float64), 1.0)
-        return T * V * (2.0 * d.logits + 4.0 / r), T * V * 2.0 * d.logits
-    if cfg is not None and cfg.recipe.method.loss == "response_logps":
-        r = np.maximum(np.asarray(rows, dtype=np.float64), 1.0)
-        RV = r * response_tokens(cfg, T / r) * V
-        # the whole sequence's logits stay alive (the response logits are a view into them) with
-        # their gradient twice over (the slice's zero-filled gradient and the accumulated one), plus
-        # the temperature-scaled response logits and their clone; measured by the dry run
-        lg = 4.0 if (d.logits == 4 or regime.runner == "trainer") else float(d.logits)
-        converted = d.logits != 4 and regime.runner == "trainer"
-        fwd = T * V * (lg + (d.logits if converted else 0.0)) + (0.0 if lg == 4 else RV * lg)
-        # TRL asks the policy for output_hidden_states: without checkpointing nothing else keeps the
-        # layers' outputs (their norms save fp32 copies), so the tuple holds them until the logits
-        # are taken; accelerate converts every one of them to fp32 too
-        hs = (model.num_layers + 1) * T * h
-        if not cfg.grad_ckpt:
-            fwd = fwd + hs * d.residual
-        if converted:
-            fwd = fwd + hs * 4.0
-        return fwd, T * V * 3 * lg + RV * 2 * lg
-    if mode == "fused_linear":
-        chunk = np.exp2(np.ceil(np.log2(np.maximum(1.0, np.ceil(T / np.ceil(V / h))))))
-        chunk = np.minimum(chunk, T)
-        work = chunk * V * (d.logits + up + 4.0)
-        grad_in = T * h * d.residual
-        return work + grad_in, grad_in + T * h * d.residual
-    if mode == "chunked" and cfg is not None and not upcast:
-        # no upcast (litgpt chunked_cross_entropy; torchtune < 0.3.0's CrossEntropyLoss, one chunk): log_softmax
-        # saves each chunk's output in the logits' dtype beside the logits; backward holds them and two chunk
-        # gradients (dry run)
-        lg = float(d.logits)
-        return T * V * (lg + lg), T * V * (lg + keep) + 2.0 * (T / chunks) * V * lg
-    if mode == "chunked":
-        fwd = T * V * (d.logits + 4.0 + up / chunks)
-        bwd = T * V * (4.0 + 8.0 / chunks + d.logits / chunks + keep)
-        if cfg is not None and cfg.stack.chunked_output and chunks > 1 and cfg.recipe.copies[0].adapter is Adapter.FULL:
-            # the head runs per chunk (torchtune chunked_output): once every chunk's loss backward is done
-            # (their fp32 buffers freed) the head's backward accumulates its weight gradient chunk by chunk,
-            # two chunk gradients and their sum alive (out of place) beside the chunks' logit gradients
-            # not yet consumed (all but two) -- measured by the dry run
-            head = 3.0 * V * h * d.norm_out + T * V * d.logits * (chunks - 2) / chunks
-            bwd = np.maximum(bwd, head)
-        return fwd, bwd
-    fwd = T * V * (d.logits + up + 4.0)
-    bwd = T * V * (12.0 + keep)
+def _logits_by_loss(model: ModelSpec, cfg: TrainConfig | None, d: Dtypes, T, rows, loss: LossRun, runner: str):
+    """The (forward, backward) bytes of the method's loss kind, else of the stack's loss mode
+    (``runner``: the regime's training loop, ``trainer`` or ``loop``)."""
+    V, h = model.vocab_size, model.hidden_size
+    method_loss = cfg.recipe.method.loss if cfg is not None else None
+    if method_loss == "sequence_logps":
+        return sequence_logps_bytes(T, V, d.logits, runner, rows)
+    if method_loss == "response_logps":
+        return response_logps_bytes(model, cfg, d, T, rows, runner)
+    if loss.mode == "fused_linear":
+        return fused_linear_ce_bytes(T, V, h, d, loss)
+    if loss.mode == "chunked" and cfg is not None and not loss.upcast:
+        return chunked_ce_no_upcast_bytes(T, V, d.logits, loss)
+    if loss.mode == "chunked":
+        return chunked_ce_bytes(model, cfg, d, T, loss)
+    return full_fp32_ce_bytes(T, V, d.logits, loss)
+
+
+def full_fp32_ce_bytes(tokens, vocab: int, logit_bytes: float, loss: LossRun):
+    """HF ``ForCausalLMLoss``: forward holds the logits in their dtype, the whole fp32 upcast
+    (transient) and log_softmax's saved fp32 output, ``T V (b + up + 4)``; backward holds the saved
+    output plus the incoming and outgoing fp32 gradients and the kept logits, ``T V (12 + keep)``."""
+    T = tokens
+    return T * vocab * (logit_bytes + loss.upcast_bytes + 4.0), T * vocab * (12.0 + loss.keep)
+
+
+def chunked_ce_bytes(model: ModelSpec, cfg: TrainConfig | None, d: Dtypes, tokens, loss: LossRun):
+    """torchtune ``CEWithChunkedOutputLoss`` / litgpt ``chunked_cross_entropy`` with an fp32 upcast
+    per chunk (``n`` chunks): forward ``T V (b + 4 + up / n)`` (every chunk's saved fp32 log-probs, one
+    chunk's upcast); backward ``T V (4 + 8 / n + b / n + keep)`` (one chunk's gradients at a time).
+    When the head runs per chunk (torchtune ``chunked_output``, full training), once every chunk's loss
+    backward is done the head's backward accumulates its weight gradient chunk by chunk: two chunk
+    gradients and their sum (``3 V h`` in the norm's dtype) beside the chunks' logit gradients not yet
+    consumed (all but two) -- measured by the dry run."""
+    T, V, n = tokens, model.vocab_size, loss.chunks
+    fwd = T * V * (d.logits + 4.0 + loss.upcast_bytes / n)
+    bwd = T * V * (4.0 + 8.0 / n + d.logits / n + loss.keep)
+    if cfg is not None and cfg.stack.chunked_output and n > 1 and cfg.recipe.copies[0].adapter is Adapter.FULL:
+        head = 3.0 * V * model.hidden_size * d.norm_out + T * V * d.logits * (n - 2) / n
+        bwd = np.maximum(bwd, head)
     return fwd, bwd
+
+
+def chunked_ce_no_upcast_bytes(tokens, vocab: int, logit_bytes: float, loss: LossRun):
+    """Cross-entropy in the logits' dtype (litgpt ``chunked_cross_entropy``; torchtune < 0.3.0's
+    ``CrossEntropyLoss``, one chunk): log_softmax saves each chunk's output beside the logits,
+    ``T V 2b``; backward holds them and two chunk gradients, ``T V (b + keep) + 2 (T / n) V b`` (dry run)."""
+    T, lg = tokens, float(logit_bytes)
+    return T * vocab * (lg + lg), T * vocab * (lg + loss.keep) + 2.0 * (T / loss.chunks) * vocab * lg
+
+
+def fused_linear_ce_bytes(tokens, vocab: int, hidden: int, d: Dtypes, loss: LossRun):
+    """Liger ``FusedLinearCrossEntropy`` / Unsloth: the lm_head and the loss run over token chunks of
+    ``2**ceil(log2(T / ceil(V / h)))`` tokens (at most T); no logits tensor. Forward: one chunk's logits,
+    their upcast and fp32 work, ``chunk V (b + up + 4)``, beside the input gradient (``T h`` in the
+    residual dtype) computed in forward and kept for backward; backward: that gradient twice."""
+    T = tokens
+    chunk = np.exp2(np.ceil(np.log2(np.maximum(1.0, np.ceil(T / np.ceil(vocab / hidden))))))
+    chunk = np.minimum(chunk, T)
+    work = chunk * vocab * (d.logits + loss.upcast_bytes + 4.0)
+    grad_in = T * hidden * d.residual
+    return work + grad_in, grad_in + T * hidden * d.residual
+
+
+def compiled_ce_bytes(tokens, vocab: int, logit_bytes: float, loss: LossRun):
+    """A ``torch.compile``'d loss (stacks.toml techniques.compile): the min-cut partitioner saves the
+    logits and a per-row logsumexp, recomputing the softmax in backward; one chunk's fp32 working set
+    (``(T / n) V 8``) is live at a time (the whole logits when the loss is not chunked)."""
+    T = tokens
+    n = loss.chunks if loss.mode == "chunked" else 1
+    work = (T / n) * vocab * 8.0
+    return T * vocab * logit_bytes + work, T * vocab * (logit_bytes + loss.keep) + work
+
+
+def sequence_logps_bytes(tokens, vocab: int, logit_bytes: float, runner: str, rows):
+    """TRL DPO's ``sequence_logps`` (``selective_log_softmax`` over the ``rows`` sequences of the batch),
+    as the dry run measures it (``benchmarks/dryrun_vs_analytic.py``). With fp32 logits (the HF
+    Trainer's accelerate converts the 16-bit output to fp32; or an fp32 model) the fp32 logits are
+    saved by the gather and the per-row logsumexp: forward holds the 16-bit output while converting,
+    the fp32 logits and a masked copy for the logits metric (``T V (8 + b)``); backward holds them
+    with the gather's scattered gradient, the rows' stacked gradient and their sum (``T V 16``). With
+    16-bit logits (a plain bf16 loop) each row's log_softmax output is saved beside the logits, one
+    row's fp32 temporaries at a time (``T V (2b + 4 / rows)``), and backward holds two 16-bit gradients."""
+    T = tokens
+    if logit_bytes == 4 or runner == "trainer":
+        return T * vocab * (8.0 + (logit_bytes if logit_bytes != 4 else 0.0)), T * vocab * 16.0
+    r = np.maximum(np.asarray(rows, dtype=np.float64), 1.0)
+    return T * vocab * (2.0 * logit_bytes + 4.0 / r), T * vocab * 2.0 * logit_bytes
+
+
+def response_logps_bytes(model: ModelSpec, cfg: TrainConfig, d: Dtypes, tokens, rows, runner: str):
+    """TRL PPO's ``response_logps``: the whole sequence's logits stay alive (the response logits are a
+    view into them) with their gradient twice over (the slice's zero-filled gradient and the accumulated
+    one), plus the temperature-scaled response logits and their clone; measured by the dry run. TRL asks
+    the policy for ``output_hidden_states``: without checkpointing nothing else keeps the layers'
+    outputs (their norms save fp32 copies), so the tuple holds them until the logits are taken;
+    accelerate converts every one of them to fp32 too."""
+    T, V = tokens, model.vocab_size
+    r = np.maximum(np.asarray(rows, dtype=np.float64), 1.0)
+    RV = r * response_tokens(cfg, T / r) * V
+    lg = 4.0 if (d.logits == 4 or runner == "trainer") else float(d.logits)
+    converted = d.logits != 4 and runner == "trainer"
+    fwd = T * V * (lg + (d.logits if converted else 0.0)) + (0.0 if lg == 4 else RV * lg)
+    hs = (model.num_layers + 1) * T * model.hidden_size
+    if not cfg.grad_ckpt:
+        fwd = fwd + hs * d.residual
+    if converted:
+        fwd = fwd + hs * 4.0
+    return fwd, T * V * 3 * lg + RV * 2 * lg
 
 
 def checkpoint_input_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, kbit_upcast: bool = True):

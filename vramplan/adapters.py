@@ -83,5 +83,5 @@ def full_tensors(model: ModelSpec, head: str = "lm") -> list[tuple[tuple[int, ..
     elif model.qk_norm == "full":
         norm += [(model.q_dim,), (model.kv_dim,)]
     out += [(s, L) for s in norm]
-    out += [((h,), 1)] * model.norm_width_params  # the final norm
+    out += [((h,), 1)] * model.norm_width_params * (2 if model.embed_norm else 1)  # the final (and embedding) norm
     return out

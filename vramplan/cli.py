@@ -150,10 +150,10 @@ def request_from_args(a: argparse.Namespace):
 
 def _print_json(obj) -> None:
     """One JSON object on stdout; ``allow_nan=False``, so a NaN or infinity can never escape as invalid JSON."""
-    from .results import jsonable
+    from .results import json_text, jsonable
 
     try:
-        text = json.dumps(jsonable(obj), indent=2, allow_nan=False)
+        text = json_text(jsonable(obj))
     except ValueError:
         raise VramplanError("the result holds a non-finite number (NaN or infinity), so it is not printed as JSON",
                             "this is a bug in vramplan; please report the command") from None
@@ -364,11 +364,71 @@ def cmd_methods(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line (every subcommand with its arguments)."""
+    return _parser_for(None)
+
+
+#: The subcommands, in --help's order.
+COMMANDS = ("estimate", "dryrun", "fit", "cards", "models", "gpus", "matrix", "calibrate", "methods")
+
+
+def _command_of(argv: list[str] | None) -> str | None:
+    """The subcommand ``argv`` names (its first word not starting with ``-``), if it is one of :data:`COMMANDS`."""
+    words = [w for w in (sys.argv[1:] if argv is None else argv) if not str(w).startswith("-")]
+    return words[0] if words and words[0] in COMMANDS else None
+
+
+def _parser_for(only: str | None) -> argparse.ArgumentParser:
+    """The command line with every subcommand listed and only ``only``'s arguments added (None: all of them):
+    what one invocation parses, without building (and importing for) the other subcommands' arguments."""
+    def want(name: str) -> bool:
+        return only is None or only == name
+
     p = _Parser(prog="vramplan", description="Will it fit, how fast, which configuration: "
                 "GPU memory planning for LLM fine-tuning.")
     p.add_argument("--version", action=_VersionAction, nargs=0, help="show program's version number and exit")
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("estimate", help="peak memory of one configuration (analytic model)")
+    if want("estimate"):
+        _estimate_args(e)
+    d = sub.add_parser("dryrun", help="exact tensor accounting of one real training step on the meta device")
+    if want("dryrun"):
+        _add_plan_args(d)
+        _add_distributed_dryrun_args(d)
+        d.set_defaults(func=cmd_dryrun)
+    f = sub.add_parser("fit", help="every method on one GPU (or N): the fastest settings that fit, tokens/s, "
+                       "largest batch, longest sequence, what would fit otherwise")
+    if want("fit"):
+        _fit_args(f)
+    k = sub.add_parser("cards", help="which card? every catalogue card on which a method fits, fastest first, "
+                       "and by cost (vramplan/data/prices.json); the same as fit --gpu all")
+    if want("cards"):
+        _add_plan_args(k, single=False)
+        _add_method_option_args(k)
+        _add_scale_args(k, fit=True)
+        k.add_argument("--methods", default=None, help="comma list of methods (default: every method)")
+        k.add_argument("--verbose", action="store_true", help="also the assumptions")
+        k.set_defaults(func=cmd_cards)
+    for name, fn, text in (("models", cmd_models, "list the model catalogue"), ("gpus", cmd_gpus, "list the GPU catalogue")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("--json", action="store_true")
+        s.set_defaults(func=fn)
+    if want("matrix"):
+        _matrix_parser(sub)
+    else:
+        sub.add_parser("matrix", help=_MATRIX_HELP)
+    c = sub.add_parser("calibrate", help="run real steps on a GPU and fit profiles/<gpu>.json (needs the calibrate extra)")
+    if want("calibrate"):
+        from .calibration.__main__ import add_arguments as _cal_args
+
+        _cal_args(c)
+        c.set_defaults(func=cmd_calibrate)
+    m = sub.add_parser("methods", help="list the training methods")
+    m.set_defaults(func=cmd_methods)
+    return p
+
+
+def _estimate_args(e: argparse.ArgumentParser) -> None:
     _add_plan_args(e, model_required=False)
     _add_scale_args(e)
     e.add_argument("--stack-version", default=None, metavar="PKG=VER,...",
@@ -378,12 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an Axolotl YAML or HF/TRL training-arguments JSON/YAML; flags set to other than their "
                         "defaults win over the file")
     e.set_defaults(func=cmd_estimate)
-    d = sub.add_parser("dryrun", help="exact tensor accounting of one real training step on the meta device")
-    _add_plan_args(d)
-    _add_distributed_dryrun_args(d)
-    d.set_defaults(func=cmd_dryrun)
-    f = sub.add_parser("fit", help="every method on one GPU (or N): the fastest settings that fit, tokens/s, "
-                       "largest batch, longest sequence, what would fit otherwise")
+
+
+def _fit_args(f: argparse.ArgumentParser) -> None:
     _add_plan_args(f, single=False)
     _add_method_option_args(f)
     _add_scale_args(f, fit=True)
@@ -391,21 +448,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--verbose", action="store_true", help="also the assumptions and the techniques that would "
                    "save memory on plans that already fit")
     f.set_defaults(func=cmd_fit)
-    k = sub.add_parser("cards", help="which card? every catalogue card on which a method fits, fastest first, "
-                       "and by cost (vramplan/data/prices.json); the same as fit --gpu all")
-    _add_plan_args(k, single=False)
-    _add_method_option_args(k)
-    _add_scale_args(k, fit=True)
-    k.add_argument("--methods", default=None, help="comma list of methods (default: every method)")
-    k.add_argument("--verbose", action="store_true", help="also the assumptions")
-    k.set_defaults(func=cmd_cards)
-    for name, fn, text in (("models", cmd_models, "list the model catalogue"), ("gpus", cmd_gpus, "list the GPU catalogue")):
-        s = sub.add_parser(name, help=text)
-        s.add_argument("--json", action="store_true")
-        s.set_defaults(func=fn)
+
+
+_MATRIX_HELP = "feasibility of models x methods x GPUs: verdict, peak, largest micro-batch"
+
+
+def _matrix_parser(sub) -> None:
     from .verdict import THRESHOLDS_TEXT
 
-    x = sub.add_parser("matrix", help="feasibility of models x methods x GPUs: verdict, peak, largest micro-batch",
+    x = sub.add_parser("matrix", help=_MATRIX_HELP,
                        description="One cell per model x method x GPU (x sequence length). Verdicts: "
                        + THRESHOLDS_TEXT + ".")
     x.add_argument("--models", default="all", help="all | comma list of names, aliases (1b,7b), HF ids (default all)")
@@ -426,14 +477,6 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--preamble", default=None, metavar="FILE", help="markdown inserted at the top of the .md file")
     x.add_argument("--json", action="store_true", help="print one JSON object (every cell)")
     x.set_defaults(func=cmd_matrix)
-    c = sub.add_parser("calibrate", help="run real steps on a GPU and fit profiles/<gpu>.json (needs the calibrate extra)")
-    from .calibration.__main__ import add_arguments as _cal_args
-
-    _cal_args(c)
-    c.set_defaults(func=cmd_calibrate)
-    m = sub.add_parser("methods", help="list the training methods")
-    m.set_defaults(func=cmd_methods)
-    return p
 
 
 class _Parser(argparse.ArgumentParser):
@@ -478,7 +521,7 @@ def _warn_line(message, category, filename, lineno, file=None, line=None):
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
-    parser = build_parser()
+    parser = _parser_for(_command_of(argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed its one-line error (or --help / --version)

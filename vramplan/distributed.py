@@ -61,6 +61,7 @@ from .memory import ModelState, StepMemory, model_state
 from .methods import Adapter, Forward
 from .models import ModelSpec
 from .optimizers import get_optimizer
+from .phases import Gathering, StateTerms, StepTerms, combine_phases
 from .precision import DTYPE_BYTES, FP32
 from .taxonomy import Component, Phase
 from .units import MIB
@@ -300,7 +301,7 @@ class ShardedState:
     backward_grad_bytes: int | None = None  # gradients alive in backward/step if not all of them (optimizer in backward)
     #: engines whose gathered units change through the step (FSDP2): the bytes gathered (and the
     #: unsharded gradients and reduce-scatter buffers in flight) at each point of
-    #: :func:`vramplan.memory.combine_phases`; None: ``gathered_bytes`` (+ ``inflight_grad_bytes``)
+    #: :func:`vramplan.phases.combine_phases`; None: ``gathered_bytes`` (+ ``inflight_grad_bytes``)
     gathered_fwd_mid: int | None = None
     gathered_bwd_start: int | None = None
     gathered_bwd_work: int | None = None
@@ -586,7 +587,7 @@ def _fsdp2(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel,
 # -- per-GPU step memory -------------------------------------------------------------------
 
 def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, batch=None, seq=None,
-                         state: ShardedState | None = None, terms: dict | None = None,
+                         state: ShardedState | None = None, terms: StepTerms | None = None,
                          components: bool = True) -> StepMemory:
     """Per-GPU tensor bytes of one steady-state step under ``par`` (arrays broadcast over batch/seq).
 
@@ -604,18 +605,18 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
     B = sh.bytes
     grads = (B.get(Component.GRADIENTS, 0) if sh.backward_grad_bytes is None else sh.backward_grad_bytes)
     shard = grads / full.bytes[Component.GRADIENTS] if full.bytes[Component.GRADIENTS] else 0.0
-    phases, peak, idx, comps = _mem.combine_phases(
-        t, B, states=B.get(Component.OPTIMIZER_STATES, 0), cache=B.get(Component.AUTOCAST_CACHE, 0),
-        **_mem.backward_casts(full, cfg),
-        grads_bwd=grads + sh.inflight_grad_bytes, grads_opt=grads,
+    state_terms = StateTerms(
+        states=B.get(Component.OPTIMIZER_STATES, 0), cache=B.get(Component.AUTOCAST_CACHE, 0),
+        casts=_mem.backward_casts(full, cfg), grads_bwd=grads + sh.inflight_grad_bytes, grads_opt=grads,
         grads_tail=full.grads_tail * shard, grads_end_extra=full.grads_end_extra * shard,
         layer_grad=full.layer_grad * shard, head_grad=full.head_grad * shard, step_temporary=sh.step_temporary,
-        rollout_on=cfg.recipe.behaviour.generates, comm=sh.comm_buffer_bytes, gathered=sh.gathered_bytes,
-        rollout_gather=sh.rollout_gather_bytes, components=components, gathered_fwd_mid=sh.gathered_fwd_mid,
-        gathered_bwd_start=sh.gathered_bwd_start, gathered_bwd_work=sh.gathered_bwd_work,
-        gathered_bwd_end=sh.gathered_bwd_end,
-        comm_component=Component.REDUCE_BUFFERS if par.distributed else None,
+        rollout_on=cfg.recipe.behaviour.generates)
+    gathering = Gathering(
+        comm=sh.comm_buffer_bytes, gathered=sh.gathered_bytes, rollout_gather=sh.rollout_gather_bytes,
+        fwd_mid=sh.gathered_fwd_mid, bwd_start=sh.gathered_bwd_start, bwd_work=sh.gathered_bwd_work,
+        bwd_end=sh.gathered_bwd_end, comm_component=Component.REDUCE_BUFFERS if par.distributed else None,
         gathered_component=Component.ALLGATHER_BUFFERS if par.distributed else None)
+    phases, peak, idx, comps = combine_phases(t, B, state_terms, gathering, components)
     if sh.fsdp2 is not None:
         phases, peak, idx, comps = _fsdp2_phases(sh, t, phases, comps, B, full, cfg, components)
     ms = ModelState(bytes=dict(B), params=model.params, trainable_params=sh.trainable_params,
@@ -625,10 +626,10 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
 
 def backward_casts_of(state, cfg: TrainConfig) -> int:
     """Autocast casts still saved when backward starts (:func:`vramplan.memory.backward_casts`)."""
-    return int(_mem.backward_casts(state, cfg)["cache_bwd"])
+    return int(_mem.backward_casts(state, cfg).cache_bwd)
 
 
-def _fsdp2_phases(sh: ShardedState, t: dict, phases: dict, comps: dict, B: dict, full_state, cfg: TrainConfig,
+def _fsdp2_phases(sh: ShardedState, t: StepTerms, phases: dict, comps: dict, B: dict, full_state, cfg: TrainConfig,
                   components: bool):
     """Forward and backward of FSDP2 walked unit by unit (see :func:`_fsdp2` for the sources).
 
@@ -642,25 +643,25 @@ def _fsdp2_phases(sh: ShardedState, t: dict, phases: dict, comps: dict, B: dict,
       copy-out (own flat buffer and parameters, the previous unit's retained reduce-scatter input),
       the compute (own parameters, the next unit prefetched, the unsharded gradients, the layer's
       backward buffers) and the copy-in (unsharded gradients and the reduce-scatter input, the
-      previous one popped), beside the saved activations of layers 0..i (``t["layer"]`` each; the
+      previous one popped), beside the saved activations of layers 0..i (``t.layer`` each; the
       final norm's and the head's saved tensors are freed once backward is past them);
     * the end: the root's gradients (embedding + head) and their reduce-scatter input.
 
     The start of backward (everything saved, the logits' gradients, R + the prefetched last layer)
-    and the forward's end (logits) come from :func:`vramplan.memory.combine_phases`.
+    and the forward's end (logits) come from :func:`vramplan.phases.combine_phases`.
     """
     f = sh.fsdp2
     R, U, gU, rs, head_g, root_g, L, sg = (f[k] for k in ("R", "U", "gU", "rs", "head_g", "root_g", "layers", "sg"))
     gU_mlp = f["gU_mlp"]
     reshard = f["reshard"]
-    zeros = t["zeros"]
+    zeros = t.zeros
     static = sum(B.get(c, 0) for c in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS,
                                        Component.MASTER_WEIGHTS)) + sh.comm_buffer_bytes
     states = B.get(Component.OPTIMIZER_STATES, 0)
     base = static + states + zeros
-    per = t["layer"] if not cfg.grad_ckpt else t["acts"] / max(L, 1)  # saved per layer (checkpoint inputs under GC)
-    rec = t["recompute"] if cfg.grad_ckpt else zeros
-    trans = np.maximum(t["transient"] + t["temps_fwd"], t["temps_recompute"])
+    per = t.layer if not cfg.grad_ckpt else t.acts / max(L, 1)  # saved per layer (checkpoint inputs under GC)
+    rec = t.recompute if cfg.grad_ckpt else zeros
+    trans = np.maximum(t.transient + t.temps_fwd, t.temps_recompute)
     cands: list[tuple[Phase, np.ndarray, dict]] = []
     # forward copy-outs
     # every point below is affine in the layer index i between the indices where a term switches
@@ -678,10 +679,10 @@ def _fsdp2_phases(sh: ShardedState, t: dict, phases: dict, comps: dict, B: dict,
     # is the logits' gradient) and the autocast casts still saved
     if reshard:
         cast = backward_casts_of(full_state, cfg)
-        kept = np.maximum(t["logits_bwd"] - t["logits_fwd"], 0)
+        kept = np.maximum(t.logits_bwd - t.logits_fwd, 0)
         g = 2 * R
-        cands.append((Phase.BACKWARD, base + t["acts"] + cast + kept + g,
-                      {Component.ALLGATHER_BUFFERS: g + zeros, Component.ACTIVATIONS: t["acts"] + zeros,
+        cands.append((Phase.BACKWARD, base + t.acts + cast + kept + g,
+                      {Component.ALLGATHER_BUFFERS: g + zeros, Component.ACTIVATIONS: t.acts + zeros,
                        Component.LOGITS: kept + zeros, Component.AUTOCAST_CACHE: cast + zeros}))
     # backward, layer by layer
     for i in reversed(ends):
@@ -698,7 +699,7 @@ def _fsdp2_phases(sh: ShardedState, t: dict, phases: dict, comps: dict, B: dict,
         # its recomputation) without its gradients; late, its gradients but the MLP's saved tensors
         early = a_i + rec
         late_mlp = gU - gU_mlp + a_i  # before the MLP block's gradients: all saved, attention grads not yet
-        late_attn = gU + a_i - per + t["layer_attn"]  # the attention block's backward: every layer gradient
+        late_attn = gU + a_i - per + t.layer_attn  # the attention block's backward: every layer gradient
         pts.append((R + own + prefetch, rs_prev, head_g + done, early, trans))
         pts.append((R + own + prefetch, rs_prev, head_g + done, np.maximum(late_mlp, late_attn), trans))
         pts.append((R + own - U + prefetch, rs, gU + head_g + done, a_i - per, zeros))

@@ -204,13 +204,18 @@ def profiled_gpu(name: str) -> GPUSpec | None:
     if prof is None:
         return None
     dev = prof.device or {}
-    total = dev.get("nvml_total_bytes") or dev.get("total_bytes")
+    # what PyTorch can use (torch.cuda.get_device_properties().total_memory: cudaMemGetInfo's total, below
+    # NVML's by the driver's reservation), else the NVML total (vramplan.cudamem)
+    usable, nvml_total = dev.get("total_bytes"), dev.get("nvml_total_bytes")
+    total = usable if isinstance(usable, int) and usable > 0 else nvml_total
     if not isinstance(total, int) or total <= 0:
         return None
+    what = ("usable (torch total_memory)" if total == usable else "the NVML total (nvidia-smi; the usable "
+            "capacity is smaller by the driver's reservation, not recorded)")
     shown = dev.get("nvml_name") or dev.get("name") or key
     spec = custom_gpu(total)
     return replace(spec, name=key, display_name=str(shown), custom=False,
-                   sources={"memory_bytes": f"NVML, recorded in calibration profile {prof.path}",
+                   sources={"memory_bytes": f"{what}, recorded in calibration profile {prof.path}",
                             "all": "throughput figures are generic placeholders; calibrated ones come from the profile"})
 
 
@@ -254,27 +259,46 @@ def custom_gpu(memory_bytes: int, like: GPUSpec | None = None) -> GPUSpec:
 def detect_gpu(index: int = 0) -> GPUSpec:
     """Read the local card through NVML and match it to the catalogue.
 
-    The catalogue entry's figures are kept, but memory is the card's real total. An
-    unknown card becomes a generic one with that memory.
+    Plans use the capacity a process can use, the same figure whether the card is named or detected: a
+    catalogue card keeps its ``memory_bytes`` (the usable capacity of :mod:`vramplan.cudamem` where PyTorch
+    OOM messages publish it, else the nvidia-smi total) unless NVML reports less (ECC on, a MIG slice, a
+    smaller variant); a calibrated card its profile's usable total (:func:`profiled_gpu`). Only an unknown
+    card plans with NVML's total, which is above the usable capacity by the driver's reservation (T4: 5%).
+    ``sources["memory_bytes"]`` says which was used.
     """
+    from dataclasses import replace
+
     from . import nvml
 
     info = nvml.device_info(index)
     key = _norm(info.name)
     table = _aliases()
+    nv = f"NVML total {info.total_bytes / 2**20:.0f} MiB"
     if key in table:
-        from dataclasses import replace
-
-        return replace(catalogue()[table[key]], memory_bytes=info.total_bytes)
+        spec = catalogue()[table[key]]
+        if info.total_bytes < spec.memory_bytes:
+            return replace(spec, memory_bytes=info.total_bytes, sources={
+                **spec.sources, "memory_bytes": f"{nv} (detected; below the catalogue's "
+                f"{spec.memory_bytes / GIB:.2f} GiB: ECC, a MIG slice or a smaller variant)"})
+        return replace(spec, sources={**spec.sources, "memory_bytes": f"catalogue capacity (detected, {nv}): "
+                                      + spec.sources.get("memory_bytes", "")})
     prof = profiled_gpu(info.name)  # calibrated: the name calibrate gave it (profiles.profile_key)
     if prof is not None:
-        from dataclasses import replace
-
-        return replace(prof, memory_bytes=info.total_bytes)
+        if info.total_bytes < prof.memory_bytes:
+            return replace(prof, memory_bytes=info.total_bytes,
+                           sources={**prof.sources, "memory_bytes": f"{nv} (detected; below the profile's)"})
+        return prof
     spec = custom_gpu(info.total_bytes)
-    from dataclasses import replace
+    return replace(spec, name=_norm(info.name) or spec.name, display_name=info.name,
+                   sources={**spec.sources, "memory_bytes": f"{nv} (detected card outside the catalogue: the usable "
+                            "capacity is smaller by the driver's reservation, not known for it)"})
 
-    return replace(spec, name=_norm(info.name) or spec.name, display_name=info.name)
+
+def capacity_note(card: GPUSpec) -> str:
+    """One line for the assumptions: the capacity the plan is judged against and where it comes from (the usable
+    capacity of published OOM messages, the catalogue's nvidia-smi total, a profile, NVML or ``--gpu-mem``)."""
+    src = card.sources.get("memory_bytes") or card.sources.get("all") or "catalogue"
+    return f"card capacity {card.memory_bytes / GIB:.2f} GiB: {src}"
 
 
 def mib(n: float) -> int:

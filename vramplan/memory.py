@@ -6,20 +6,17 @@ casts) for every model copy the method's recipe holds; ``step_memory`` adds the
 activations, logits and KV cache of a micro-batch and finds the peak phase. Batch and
 sequence may be numpy arrays (vectorised over a grid); numpy only, no torch.
 
-Phases of a steady-state step (step >= 2: optimiser states exist, gradients were freed
-by ``zero_grad(set_to_none=True)``):
-
-* forward: static + states + saved activations + forward logits/loss buffers
-* backward: static + states + max(saved activations + loss backward buffers,
-  all gradients + one layer's backward transients)
-* optimizer_step: static + states + gradients + the optimiser's temporaries
-* rollout (PPO): static + states + KV cache of the generated sequences
+The two sides meet as typed values: :func:`step_terms` returns the batch-dependent
+:class:`~vramplan.phases.StepTerms`, :func:`state_terms` the batch-independent
+:class:`~vramplan.phases.StateTerms`, and :func:`vramplan.phases.combine_phases` (re-exported
+here) turns them into the phases of a step (load, rollout, forward, backward, optimizer step)
+and the peak.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -29,6 +26,7 @@ from .config import TrainConfig
 from .methods import Adapter, Forward, ModelCopy, Role
 from .models import ModelSpec
 from .optimizers import get_optimizer
+from .phases import PHASE_ORDER, BackwardCasts, StateTerms, StepTerms, combine_phases  # noqa: F401 (re-exported)
 from .precision import DTYPE_BYTES, Regime
 from .quant import nf4_bytes
 from .taxonomy import RESIDENT_COMPONENTS, Component, Phase
@@ -50,6 +48,10 @@ class ModelState:
     head_grad: int = 0         # gradients made before any layer's backward: the output head and final norm
     grads_tail: int = 0        # gradients produced by the first layer's attention block and the embedding
     grads_end_extra: int = 0   # temporaries of the last gradient accumulation (tied embeddings)
+    frozen_layer_casts: int = 0  # the decoder layers' part of AUTOCAST_CACHE made per use (frozen weights: not
+    #                              cached, so freed in a checkpointed forward)
+    load_reserved: int = 0     # bytes the caching allocator holds reserved after the model load (one GPU; 0:
+    #                            nothing beyond the loaded tensors: vramplan.loadreserve)
 
     def add(self, comp: Component, n: int) -> None:
         self.bytes[comp] = self.bytes.get(comp, 0) + int(n)
@@ -90,7 +92,16 @@ def model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
         if len(_STATE_CACHE) > 4096:
             _STATE_CACHE.clear()
         st = _STATE_CACHE[key] = _model_state(model, cfg)
-    return replace(st, bytes=dict(st.bytes))
+    return _own_copy(st)
+
+
+def _own_copy(st: ModelState) -> ModelState:
+    """``replace(st, bytes=dict(st.bytes))`` without running ``__init__``: the caller's own copy of a cached
+    state (a search asks for thousands)."""
+    new = object.__new__(ModelState)
+    new.__dict__.update(st.__dict__)
+    new.bytes = dict(st.bytes)
+    return new
 
 
 _BASE_CACHE: dict = {}
@@ -111,12 +122,17 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
                 _BASE_CACHE.clear()
             _BASE_CACHE[key] = base
     st, opt_groups = base
-    st = replace(st, bytes=dict(st.bytes))
+    st = _own_copy(st)
     opt = get_optimizer(cfg.optimizer)
     offload = cfg.uses("opt_offload")
     st.add(Component.OPTIMIZER_STATES, 0 if offload else opt.total_state_bytes(opt_groups))
     st.step_temporary = 0 if offload else opt.step_temporary_bytes(opt_groups, cfg.regime.runner)
     st.largest_grad = max((math.prod(shape) * pb for shape, _c, pb in opt_groups), default=0)
+    if cfg.recipe.adapter.quantized_base and cfg.behaves("torchao_nf4_unchunked_load"):
+        # torchtune < 0.2.0 quantises on the GPU with torchao 0.1's unchunked to_nf4 (stacks.toml [behaviours])
+        from .loadreserve import nf4_unchunked_load_reserved
+
+        st.load_reserved = nf4_unchunked_load_reserved(cfg.stack.as_built(model), cfg)
     return st
 
 
@@ -165,6 +181,8 @@ def _state_without_optimizer(model: ModelSpec, cfg: TrainConfig) -> tuple[ModelS
                 st.head_cast += head
         else:
             st.add(Component.WEIGHTS, n * DTYPE_BYTES[regime.frozen_dtype])
+            if copy.trains and copy.adapter is not None and casts_frozen_base(regime):
+                _add_frozen_casts(st, model, copy, regime)
         if copy.adapter is None:
             continue
         ab = DTYPE_BYTES[regime.adapter_dtype]
@@ -179,6 +197,45 @@ def _state_without_optimizer(model: ModelSpec, cfg: TrainConfig) -> tuple[ModelS
         if regime.autocast is not None and not copy.adapter.ia3:
             st.add(Component.AUTOCAST_CACHE, count * DTYPE_BYTES[regime.compute_dtype])
     return st, opt_groups
+
+
+def casts_frozen_base(regime: Regime) -> bool:
+    """Whether autocast casts a 16-bit, non-quantised frozen base for every matmul: the frozen weights are
+    wider than the compute dtype (litgpt bf16-mixed: Fabric keeps them fp32, stacks.toml mixed_frozen_dtype)."""
+    return regime.autocast is not None and DTYPE_BYTES[regime.frozen_dtype] > DTYPE_BYTES[regime.compute_dtype]
+
+
+def _add_frozen_casts(st: ModelState, model: ModelSpec, copy: ModelCopy, regime: Regime) -> None:
+    """Autocast's casts of a wide frozen base, saved by their matmuls for the input gradient.
+
+    PyTorch's autocast caches a cast only for a leaf that requires grad (``cached_cast``'s
+    ``can_try_cache``: ``arg.requires_grad() && arg.is_leaf()``), so a frozen fp32 weight is cast anew at
+    every use and each 16-bit copy is what its ``mm`` saves (``mm_mat1_backward`` needs ``mat2``): one
+    copy of every decoder-layer linear (the adapted ones' base weights included) and of the lm_head per
+    use (its chunks: :func:`frozen_head_chunk_casts`). Under checkpointing only the recomputed layer's
+    are alive in backward (:func:`backward_casts`)."""
+    c = DTYPE_BYTES[regime.compute_dtype]
+    layer = sum(l.params for l in model.layer_linears() if l.is_linear)
+    head = model.vocab_size * model.hidden_size if copy.head == "lm" else 0
+    st.add(Component.AUTOCAST_CACHE, (model.num_layers * layer + head) * c)
+    st.frozen_layer_casts += model.num_layers * layer * c
+    st.head_cast += head * c
+    st.layer_cast = max(st.layer_cast, layer * c)
+    st.attn_cast = max(st.attn_cast, _attention_params(model) * c)
+
+
+def frozen_head_chunk_casts(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime, T, rows):
+    """Bytes of the frozen lm_head's casts beyond the first (:func:`_add_frozen_casts`) when the stack runs
+    the head over chunks of each sequence (litgpt ``lm_head_chunk_size=128``): every chunk's matmul casts
+    the fp32 weight again and saves its copy (0 for an unchunked head, a trainable or a 16-bit one)."""
+    if not (copy.trains and copy.head == "lm" and copy.adapter is not None and copy.adapter.is_peft
+            and not copy.quantized and casts_frozen_base(regime)):
+        return 0
+    mode, chunks = act.loss_mode_chunks(cfg, copy, regime, T, rows)
+    if mode != "chunked" or not cfg.stack.loss_chunk_tokens:
+        return 0
+    return (np.ceil(np.asarray(chunks, dtype=np.float64) - 1e-9) - 1) * model.vocab_size * model.hidden_size \
+        * DTYPE_BYTES[regime.compute_dtype]
 
 
 def _add_full_copy(st: ModelState, model: ModelSpec, copy: ModelCopy, regime: Regime, n: int) -> list:
@@ -225,8 +282,6 @@ class StepMemory:
     peak_phase: np.ndarray  # index into PHASE_ORDER
     state: ModelState
 
-
-PHASE_ORDER = (Phase.LOAD, Phase.ROLLOUT, Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER_STEP)
 
 
 def quantized_linears(model: ModelSpec, cfg: TrainConfig) -> list:
@@ -311,7 +366,7 @@ def _dora_prefix(model: ModelSpec, cfg: TrainConfig, copy, regime: Regime, T, s)
     when that module is an input projection of attention; else the whole layer (a bound)."""
     lin = _dora_largest(model, cfg)
     if lin is not None and lin.name in {model.mod(r) for r in ("q_proj", "k_proj", "v_proj", "qkv_proj")}:
-        return act.layer_activation_bytes(model, cfg, copy, regime, T, s, attention_inputs_only=True)
+        return act.layer_activation_bytes(model, cfg, copy, regime, T, s, part="attention_inputs")
     return act.layer_activation_bytes(model, cfg, copy, regime, T, s)
 
 
@@ -398,326 +453,216 @@ def attention_as_run(model: ModelSpec, cfg: TrainConfig) -> TrainConfig:
     safe side of the math backend's)."""
     if cfg.attn == "sdpa" and model.sdpa_math and cfg.stack.transformers_modules:
         return cfg.with_(attn="eager")
+    if model.eager_only and cfg.attn != "eager" and cfg.stack.transformers_modules:
+        return cfg.with_(attn="eager")  # BLOOM: its own ALiBi attention (baddbmm scores, fp32 softmax), no SDPA path
     return cfg
 
 
-def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> dict[str, np.ndarray]:
-    """The batch-dependent terms of a step (arrays over batch/seq), shared by :func:`step_memory`
-    and the sharded planner (:func:`vramplan.distributed.parallel_step_memory`).
+class _TermsSum:
+    """:class:`StepTerms` under construction: each copy of the recipe adds to some terms (saved
+    activations, logits) and raises the running maximum of others (one layer's buffers)."""
 
-    Keys: acts (saved activations alive when backward starts, incl. the shared attention mask),
-    recompute (a checkpointed layer's recomputed activations), layer (the saved tensors of the
-    layer running backward; layer_attn: its attention block's), logits_fwd, logits_bwd,
-    transient (one layer's backward buffers), nograd_peak (frozen copies' forward working set),
-    temps_fwd (QLoRA's dequantised weight, in forward and backward), temps_fwd_only (DoRA's
-    weight-norm buffers in forward), temps_recompute (the same in a checkpointed layer's
-    recomputation, before its backward's buffers exist), kv (PPO KV cache), rollout_logits, head_acts (the
-    final norm's and the head's saved tensors, in acts, freed before any layer runs backward), zeros.
+    def __init__(self, zeros: np.ndarray):
+        self.terms = {f.name: zeros for f in fields(StepTerms)}
+
+    def add(self, **terms) -> None:
+        for name, v in terms.items():
+            self.terms[name] = self.terms[name] + v
+
+    def peak(self, **terms) -> None:
+        for name, v in terms.items():
+            self.terms[name] = np.maximum(self.terms[name], v)
+
+    def build(self, **final) -> StepTerms:
+        return StepTerms(**{**self.terms, **final})
+
+
+def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepTerms:
+    """The batch-dependent terms of a step (:class:`vramplan.phases.StepTerms`, bytes over batch/seq),
+    shared by :func:`step_memory` and the sharded planner (:func:`vramplan.distributed.parallel_step_memory`).
+
+    Each copy of the recipe adds its terms: a frozen copy its no-grad forward (:func:`_nograd_copy_peak`),
+    a training copy its saved decoder stack (:func:`_stack_activations`), the layer running backward
+    (:func:`_layer_terms`), its head and loss (:func:`_head_terms`) and its temporaries
+    (:func:`_temporary_terms`); then the loss's kept logits, a reference's eager scores, the rollout and
+    the shared attention mask; last the method's own hook (``Behaviour.step_terms``).
     """
     cfg = attention_as_run(model, cfg)
     model = cfg.stack.as_built(model)
-    regime = cfg.regime
-    kbit = cfg.stack.kbit_upcast
     recipe = cfg.recipe
     b = np.asarray(cfg.batch if batch is None else batch, dtype=np.float64)
     s = np.asarray(cfg.seq if seq is None else seq, dtype=np.float64)
     rows = b * recipe.sequences_per_example  # sequences through a training forward
     T = rows * s  # tokens
     zeros = np.zeros(np.broadcast(b, s).shape)
-    acts, recompute, layer, layer_attn, logits_fwd, logits_bwd = (zeros.copy() for _ in range(6))
-    transient, nograd_peak, temps_fwd, kv = zeros.copy(), zeros.copy(), zeros.copy(), zeros.copy()
-    temps_fwd_only, temps_recompute = zeros.copy(), zeros.copy()
-    last_graph, head_acts = zeros.copy(), zeros.copy()
-    attn_fwd, attn_bwd, rec_prefix = zeros.copy(), zeros.copy(), zeros.copy()
+    acc = _TermsSum(zeros)
     for copy in recipe.copies:
         if copy.forward is Forward.NO_GRAD:
-            # frozen copies run under no_grad: only one layer's working set at a time plus their logits
-            f, _ = act.logits_bytes(model, copy, regime, T, copy.head, cfg, rows)
-            working = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
-            working = working + act.eager_attention_work(model, cfg, copy, regime, T, s)[0]  # scores at softmax
-            nograd_peak = np.maximum(nograd_peak, f + working)
+            acc.peak(nograd_peak=_nograd_copy_peak(model, cfg, copy, T, s, rows))
             continue
-        a, r = _stack_activations(model, cfg, copy, regime, T, s)
-        recompute = np.maximum(recompute, r)
-        fused = fused_layer_applies(cfg, copy, model)
-        if fused:
-            layer = np.maximum(layer, fused_layer_bytes(model, regime, T))
-            layer_attn = np.maximum(layer_attn, fused_layer_bytes(model, regime, T, attention_only=True))
-        else:
-            layer = np.maximum(layer, act.layer_activation_bytes(model, cfg, copy, regime, T, s))
-            layer_attn = np.maximum(layer_attn, act.layer_activation_bytes(model, cfg, copy, regime, T, s,
-                                                                           attention_only=True))
-        d = act.copy_dtypes(copy, regime, kbit)
-        a_layers = a
-        if fused:  # Unsloth's final RMSNorm kernel saves its 16-bit input and a fp32 1/rms per row
-            a = a + T * (DTYPE_BYTES[regime.compute_dtype] * model.hidden_size + 4)
-        else:
-            a = a + T * 4 * model.hidden_size  # final norm's fp32 upcast
-        if copy.adapter is Adapter.FULL:
-            a = a + T * d.norm_out * model.hidden_size  # final norm output saved by the trainable lm_head
-            if cfg.stack.norm_fp32:  # and the fp32 normalised input its weight's multiply saves (torchtune)
-                a = a + T * 4 * model.hidden_size
+        kept, recompute = _stack_activations(model, cfg, copy, cfg.regime, T, s)
+        acc.peak(recompute=recompute, **_layer_terms(model, cfg, copy, T, s, zeros))
+        saved, logits_fwd, logits_bwd = _head_terms(model, cfg, copy, T, rows, kept)
         # what the final norm and the head saved: freed by their backward, before any layer's
-        head_acts = head_acts + (a - a_layers)
-        f, bw = act.logits_bytes(model, copy, regime, T, copy.head, cfg, rows)
-        if copy.quantized and cfg.stack.quantizes_head and copy.head == "lm" and not model.tie_embeddings:
-            # a 4-bit lm_head is dequantised whole for every chunk's matmul, in forward (beside the
-            # logits of the chunks before) and in backward: the stack's dequant_temp of V x h elements
-            per, copies_ = cfg.stack.dequant_temp
-            hq = model.vocab_size * model.hidden_size * (per + copies_ * DTYPE_BYTES[regime.compute_dtype])
-            f, bw = f + hq, bw + hq
-        acts += a
-        logits_fwd += f
-        logits_bwd += bw
+        acc.add(acts=saved, logits_fwd=logits_fwd, logits_bwd=logits_bwd, head_acts=saved - kept)
         if cfg.stack.keeps_last_graph:
             # the loop keeps the last step's graph until this step's loss exists (stacks.toml
             # keeps_last_graph): what its nodes still hold after backward sits beside this forward
-            last_graph = last_graph + bnb_ctx_input_bytes(model, cfg, copy, regime, T)
-        if fused:
-            transient = np.maximum(transient, fused_layer_transient(model, regime, T))
-            # Unsloth runs its own flash attention whatever the requested kernel: no eager working set
-            ef, eb = zeros, zeros
-            attn_layer = fused_layer_bytes(model, regime, T, attention_only=True)
-        else:
-            transient = np.maximum(transient, act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, kbit,
-                                                                                tuple(cfg.targets)))
-            ef, eb = act.eager_attention_work(model, cfg, copy, regime, T, s)
-            attn_layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s, attention_only=True)
-        # (under checkpointing a layer's forward keeps nothing: its attention block is all working set)
-        attn_fwd = np.maximum(attn_fwd, ef + (attn_layer if cfg.grad_ckpt else 0))
-        attn_bwd = np.maximum(attn_bwd, eb)
-        if copy.quantized:
-            temps_fwd = np.maximum(temps_fwd, _dequant_temp(model, regime, cfg) + zeros)
-        if copy.adapter is not None and copy.adapter.dora:  # in backward too when checkpointing recomputes the forward
-            temps_fwd_only = np.maximum(temps_fwd_only, _dora_norm_temp(model, cfg, regime) + zeros)
-            rec_prefix = np.maximum(rec_prefix, _dora_prefix(model, cfg, copy, regime, T, s))
-            if cfg.grad_ckpt:
-                temps_recompute = np.maximum(temps_recompute, temps_fwd_only)
-    rollout_logits = zeros.copy()
-    logits_kept = zeros.copy()
-    if recipe.method.loss == "response_logps":
-        # TRL PPO keeps the response logits (a view of the whole sequence's) for its entropy statistic,
-        # computed after backward: they stay alive through every layer's backward (runtime/steps.py ppo_step)
-        pol = act.copy_dtypes(recipe.copies[0], regime, kbit)
-        lg = 4.0 if (pol.logits == 4 or regime.runner == "trainer") else float(pol.logits)
-        logits_kept = logits_kept + T * model.vocab_size * lg
-    roles = {c.role for c in recipe.copies} | set(recipe.shared_roles)
-    if cfg.attn == "eager" and Role.REFERENCE in roles and not recipe.behaviour.generates:
-        # TRL DPO: the reference's no-grad forward runs beside the policy's saved activations and its
-        # fp32 logits; each of its eager layers holds the scores at softmax (nothing saved under no_grad)
-        ref = next((c for c in recipe.copies if c.role is Role.REFERENCE), recipe.copies[0])
-        ef, _ = act.eager_attention_work(model, cfg, ref, regime, T, s)
-        scores = ef + act.layer_activation_bytes(model, cfg, ref, regime, T, s, attention_only=True)
-        pol = act.copy_dtypes(recipe.copies[0], regime, kbit)
-        fp32_logits = 4.0 if (pol.logits == 4 or regime.runner == "trainer") else float(pol.logits)  # (accelerate converts)
-        attn_fwd = np.maximum(attn_fwd, scores + T * model.vocab_size * fp32_logits)
+            acc.add(last_graph=bnb_ctx_input_bytes(model, cfg, copy, cfg.regime, T))
+        _temporary_terms(acc, model, cfg, copy, T, s, zeros)
+    acc.add(logits_kept=_kept_logits(model, cfg, T))
+    scores = _reference_scores(model, cfg, T, s)
+    if scores is not None:
+        acc.peak(attn_fwd=scores)
     if recipe.behaviour.generates:
-        # the KV cache of every generated sequence (prompt + generated = the sequence) and the rollout's logits
-        policy = recipe.copies[0]
-        gb = b * recipe.behaviour.generation(cfg, s).sequences_per_example  # sequences generated
-        kv = act.kv_cache_bytes(model, regime, policy, gb, s, kbit) + zeros
-        rollout_logits = act.rollout_logits_bytes(model, cfg, policy, gb, s, kv)
+        acc.terms.update(_rollout_terms(model, cfg, b, s, zeros))
     if recipe.copies[0].forward is not Forward.NONE:
-        acts = acts + act.attention_mask_bytes(model, cfg, regime, b, s)
-    terms = {"acts": acts, "recompute": recompute, "layer": layer, "layer_attn": layer_attn, "logits_fwd": logits_fwd,
-            "logits_bwd": logits_bwd, "transient": transient, "nograd_peak": nograd_peak, "temps_fwd": temps_fwd,
-            "temps_fwd_only": temps_fwd_only, "temps_recompute": temps_recompute, "kv": kv,
-            "rollout_logits": rollout_logits, "attn_fwd": attn_fwd, "attn_bwd": attn_bwd, "logits_kept": logits_kept,
-            "dora_prefix": rec_prefix if (recipe.copies[0].adapter is not None and recipe.copies[0].adapter.dora) else layer,
-            "last_graph": last_graph, "head_acts": head_acts, "zeros": zeros}
+        acc.add(acts=act.attention_mask_bytes(model, cfg, cfg.regime, b, s))
+    policy = recipe.copies[0]
+    dora = acc.terms["dora_prefix"] if (policy.adapter is not None and policy.adapter.dora) else acc.terms["layer"]
+    terms = acc.build(dora_prefix=dora)
     return recipe.behaviour.step_terms(model, cfg, terms, b, s)
 
 
-def backward_casts(st: ModelState, cfg: TrainConfig) -> dict[str, int]:
-    """Autocast's weight casts seen by backward (:func:`combine_phases`' ``cache_bwd`` and
-    ``recompute_cache``). Under checkpointing the layers saved nothing in forward, so only the
-    heads' casts are still saved when backward starts, and each recomputed layer casts its
-    weights again; without it every cast made in forward is saved by its matmul."""
+def _nograd_copy_peak(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, T, s, rows):
+    """A frozen copy's no-grad forward (a reference model): one layer's working set at a time (its
+    saved-if-trained tensors, and eager attention's scores at the softmax) plus its logits."""
+    regime = cfg.regime
+    f, _ = act.logits_bytes(model, copy, regime, T, copy.head, cfg, rows)
+    working = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
+    working = working + act.eager_attention_work(model, cfg, copy, regime, T, s)[0]  # scores at softmax
+    return f + working
+
+
+def _layer_terms(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, T, s, zeros) -> dict:
+    """The decoder layer running backward, for a training copy: its saved tensors (``layer``, and its
+    attention block's: ``layer_attn``), its backward buffers (``transient``) and eager attention's
+    working sets (``attn_fwd``, ``attn_bwd``). Unsloth's fused kernels (:func:`fused_layer_bytes`) run
+    their own flash attention whatever the requested kernel: no eager working set. Under checkpointing
+    a layer's forward keeps nothing: its attention block is all working set."""
+    regime = cfg.regime
+    if fused_layer_applies(cfg, copy, model):
+        attn_layer = fused_layer_bytes(model, regime, T, attention_only=True)
+        return dict(layer=fused_layer_bytes(model, regime, T), layer_attn=attn_layer,
+                    transient=fused_layer_transient(model, regime, T),
+                    attn_fwd=zeros + (attn_layer if cfg.grad_ckpt else 0), attn_bwd=zeros)
+    attn_layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s, part="attention")
+    ef, eb = act.eager_attention_work(model, cfg, copy, regime, T, s)
+    return dict(layer=act.layer_activation_bytes(model, cfg, copy, regime, T, s), layer_attn=attn_layer,
+                transient=act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, cfg.stack.kbit_upcast,
+                                                       tuple(cfg.targets)),
+                attn_fwd=ef + (attn_layer if cfg.grad_ckpt else 0), attn_bwd=eb)
+
+
+def _head_terms(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, T, rows, stack_saved):
+    """A training copy's head: ``(saved, logits_fwd, logits_bwd)`` bytes.
+
+    ``saved``: the decoder stack's saved activations (``stack_saved``) plus the final norm's saved tensors -- its fp32 upcast (HF RMSNorm), or Unsloth's kernel's
+    16-bit input and a fp32 1/rms per row; with a trainable lm_head also the norm's output it saves
+    (and torchtune's fp32 normalised input, stacks.toml ``norm_fp32``). The logits and loss:
+    :func:`vramplan.activations.logits_bytes`, plus a 4-bit lm_head dequantised whole for every
+    chunk's matmul, in forward and backward (the stack's ``dequant_temp`` of V x h elements)."""
+    regime, h = cfg.regime, model.hidden_size
+    if fused_layer_applies(cfg, copy, model):  # Unsloth's final RMSNorm kernel
+        saved = stack_saved + T * (DTYPE_BYTES[regime.compute_dtype] * h + 4)
+    else:
+        saved = stack_saved + T * 4 * h  # final norm's fp32 upcast
+    if copy.adapter is Adapter.FULL:
+        d = act.copy_dtypes(copy, regime, cfg.stack.kbit_upcast)
+        saved = saved + T * d.norm_out * h  # final norm output saved by the trainable lm_head
+        if cfg.stack.norm_fp32:  # and the fp32 normalised input its weight's multiply saves (torchtune)
+            saved = saved + T * 4 * h
+    f, bw = act.logits_bytes(model, copy, regime, T, copy.head, cfg, rows)
+    if copy.quantized and cfg.stack.quantizes_head and copy.head == "lm" and not model.tie_embeddings:
+        per, copies_ = cfg.stack.dequant_temp
+        hq = model.vocab_size * h * (per + copies_ * DTYPE_BYTES[regime.compute_dtype])
+        f, bw = f + hq, bw + hq
+    hc = frozen_head_chunk_casts(model, cfg, copy, regime, T, rows)  # litgpt's chunked head over a wide frozen base
+    return saved, f + hc, bw + hc
+
+
+def _temporary_terms(acc: _TermsSum, model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, T, s, zeros) -> None:
+    """A training copy's temporaries: QLoRA's dequantised weight (:func:`_dequant_temp`, forward and
+    backward), DoRA's weight-norm buffers (:func:`_dora_norm_temp`; in backward too when checkpointing
+    recomputes the forward) and what a recomputed layer has saved when they are built (:func:`_dora_prefix`)."""
+    if copy.quantized:
+        acc.peak(temps_fwd=_dequant_temp(model, cfg.regime, cfg) + zeros)
+    if copy.adapter is not None and copy.adapter.dora:
+        acc.peak(temps_fwd_only=_dora_norm_temp(model, cfg, cfg.regime) + zeros,
+                 dora_prefix=_dora_prefix(model, cfg, copy, cfg.regime, T, s))
+        if cfg.grad_ckpt:
+            acc.peak(temps_recompute=acc.terms["temps_fwd_only"])
+
+
+def _fp32_logit_bytes(cfg: TrainConfig, regime: Regime) -> float:
+    """Bytes per logit of the policy's logits as TRL's losses see them: fp32 when the model computes
+    in fp32 or when the HF Trainer's accelerate converts its output, else the model's dtype."""
+    pol = act.copy_dtypes(cfg.recipe.copies[0], regime, cfg.stack.kbit_upcast)
+    return 4.0 if (pol.logits == 4 or regime.runner == "trainer") else float(pol.logits)
+
+
+def _kept_logits(model: ModelSpec, cfg: TrainConfig, T):
+    """Logits a step keeps through its whole backward: TRL PPO keeps the response logits (a view of
+    the whole sequence's) for its entropy statistic, computed after backward (runtime/steps.py
+    ppo_step); 0 for other losses."""
+    if cfg.recipe.method.loss != "response_logps":
+        return 0.0 * T
+    return T * model.vocab_size * _fp32_logit_bytes(cfg, cfg.regime)
+
+
+def _reference_scores(model: ModelSpec, cfg: TrainConfig, T, s):
+    """TRL DPO with eager attention: the reference's no-grad forward runs beside the policy's saved
+    activations and its fp32 logits (accelerate converts); each of its eager layers holds the scores
+    at softmax (nothing saved under no_grad). None when there is no such forward."""
+    recipe = cfg.recipe
+    roles = {c.role for c in recipe.copies} | set(recipe.shared_roles)
+    if cfg.attn != "eager" or Role.REFERENCE not in roles or recipe.behaviour.generates:
+        return None
+    regime = cfg.regime
+    ref = next((c for c in recipe.copies if c.role is Role.REFERENCE), recipe.copies[0])
+    ef, _ = act.eager_attention_work(model, cfg, ref, regime, T, s)
+    scores = ef + act.layer_activation_bytes(model, cfg, ref, regime, T, s, part="attention")
+    return scores + T * model.vocab_size * _fp32_logit_bytes(cfg, regime)
+
+
+def _rollout_terms(model: ModelSpec, cfg: TrainConfig, b, s, zeros) -> dict:
+    """The rollout of a method that generates: the KV cache of every generated sequence (prompt +
+    generated = the sequence) and what the rollout holds beside it (``kv``, ``rollout_logits``)."""
+    recipe, regime = cfg.recipe, cfg.regime
+    policy = recipe.copies[0]
+    gb = b * recipe.behaviour.generation(cfg, s).sequences_per_example  # sequences generated
+    kv = act.kv_cache_bytes(model, regime, policy, gb, s, cfg.stack.kbit_upcast) + zeros
+    return dict(kv=kv, rollout_logits=act.rollout_logits_bytes(model, cfg, policy, gb, s, kv))
+
+
+def backward_casts(st: ModelState, cfg: TrainConfig) -> BackwardCasts:
+    """Autocast's weight casts seen by backward. Under checkpointing the layers saved nothing in
+    forward, so only the heads' casts are still saved when backward starts, and each recomputed
+    layer casts its weights again; without it every cast made in forward is saved by its matmul."""
     cache = st.bytes.get(Component.AUTOCAST_CACHE, 0)
     head = min(cache, st.head_cast)
-    return {"cache_bwd": head if cfg.grad_ckpt else cache, "recompute_cache": st.layer_cast if cfg.grad_ckpt else 0,
-            "layer_cache": st.layer_cast, "attn_cache": st.attn_cast, "head_cache": head}
+    return BackwardCasts(cache_bwd=head if cfg.grad_ckpt else cache,
+                         recompute_cache=st.layer_cast if cfg.grad_ckpt else 0,
+                         layer_cache=st.layer_cast, attn_cache=st.attn_cast, head_cache=head)
 
 
-def combine_phases(t: dict[str, np.ndarray], base: dict[Component, int], *, states, cache, cache_bwd,
-                   recompute_cache, layer_cache=0, attn_cache=0, head_cache=0, grads_bwd, grads_opt, step_temporary, rollout_on: bool, grads_tail=0,
-                   grads_end_extra=0, layer_grad=0, head_grad=0, comm=0, gathered=0,
-                   rollout_gather=0, components: bool = True, gathered_fwd_mid=None, gathered_bwd_start=None,
-                   gathered_bwd_work=None, gathered_bwd_end=None, comm_component=None, gathered_component=None,
-                   grads_held=0):
-    """The phases of a step from its terms, the peak phase, and the components at the peak.
-
-    One place for the phase arithmetic of :func:`step_memory` and the sharded planner
-    (:func:`vramplan.distributed.parallel_step_memory`). ``t``: :func:`step_terms`; ``base``:
-    the always-resident bytes by component (weights, quantisation state, adapters, master
-    weights); ``cache``: autocast's weight casts during forward (the cache lives until the
-    autocast context exits); ``cache_bwd``: the casts still saved for backward when it starts
-    (all of them without checkpointing; only the heads' with it); ``recompute_cache``: the
-    casts a recomputed layer makes again; ``layer_cache``: the casts of the layer running
-    backward (alive until it is done, checkpointed or not) and ``attn_cache`` its attention
-    block's; ``head_cache``: the heads' casts, freed once the loss's backward is through the
-    heads (before any layer's); ``grads_bwd`` / ``grads_opt``: gradient bytes alive at
-    the end of backward and during the optimiser step; ``grads_tail``: the part of ``grads_bwd``
-    produced by the first layer and the embedding, after the last layer's backward work;
-    ``grads_end_extra``: buffers of the last accumulation, beside every gradient;
-    ``layer_grad``: the gradients of the first layer's MLP block (produced before its attention's); ``comm`` (buckets), ``gathered`` (unsharded units in forward and
-    backward) and ``rollout_gather`` (the policy gathered for generation) are the sharded
-    planner's extras. An engine that gathers differently through the step passes the bytes
-    gathered (and its in-flight buffers) at each point: ``gathered_fwd_mid`` (a layer's forward
-    before the logits: beside the activations but one layer's), ``gathered_bwd_start`` (beside
-    everything saved and the logits' gradients), ``gathered_bwd_work`` (inside a layer's
-    backward), ``gathered_bwd_end`` (beside every gradient); each defaults to ``gathered``
-    (``gathered_fwd_mid`` to no such point). ``comm_component`` / ``gathered_component`` name
-    the components ``comm`` and the gathered bytes are reported under (default gradients and
-    weights). ``grads_held``: gradients already alive when the step's forward starts (gradient
-    accumulation: the earlier micro-batches' sums, kept through this micro-batch's forward and
-    backward; autograd's AccumulateGrad adds each new gradient into them in place).
-    Returns ``(phases, peak, peak_phase_index, components)``.
-    """
-    zeros = t["zeros"]
-    acts, logits_fwd, logits_bwd = t["acts"], t["logits_fwd"], t["logits_bwd"]
-    transient, nograd_peak, temps_fwd, kv = t["transient"], t["nograd_peak"], t["temps_fwd"], t["kv"]
-    recompute, layer_saved, layer_attn = t["recompute"], t["layer"], t["layer_attn"]
-    attn_fwd, attn_bwd = t.get("attn_fwd", zeros), t.get("attn_bwd", zeros)
-    static = sum(base.get(c, 0) for c in RESIDENT_COMPONENTS) + zeros + comm
-    states, cache, cache_bwd = states + zeros, cache + zeros, cache_bwd + zeros
-    held = grads_held + zeros
-    # QLoRA's dequantised weight lives inside one layer's forward/backward, never beside the loss
-    # DoRA's norm buffers in the last layer's forward beside what that layer has saved so far
-    # (without checkpointing ``acts`` holds the whole layer; the prefix is what exists by then)
-    ckpt = recompute > 0
-    dora_side = np.where(ckpt, 0, np.maximum(layer_saved - t.get("dora_prefix", layer_saved), 0))
-    temps_f = np.maximum(temps_fwd, t["temps_fwd_only"] - dora_side)
-    # the last step's graph, when the loop keeps it into this forward (stacks.toml keeps_last_graph)
-    last_graph = t.get("last_graph", zeros)
-    # a layer's forward buffers (QLoRA's dequantised weight, eager attention's scores) come before the heads'
-    # autocast casts exist (made by the head's matmul, after every layer): beside the cache less those
-    head_f = np.minimum(head_cache, cache)
-    fwd_work = acts + last_graph + np.maximum(logits_fwd, np.maximum(temps_f, attn_fwd) - head_f)
-    # backward starts with everything saved plus the loss's gradients; then, layer by layer, saved
-    # tensors and casts are freed while gradients accumulate: a layer's backward sees the larger of
-    # the two ends, plus its recomputation (checkpointing), its transient buffers and its dequantised weight
-    saved_bwd = acts + cache_bwd + held
-    # a layer's backward works beside either end: early, every saved tensor (plus its recomputation);
-    # late, the first layer beside every gradient but its attention block's and the embedding's
-    grads_before = np.maximum(grads_bwd - grads_tail, 0)
-    # (the final norm's and the head's saved tensors were freed by their backward, before any layer's)
-    saved_side = (acts - t.get("head_acts", zeros) + np.maximum(cache_bwd - head_cache, 0) + recompute
-                  + recompute_cache + held)
-    # the first layer's MLP backward (all its saved tensors and casts), then its attention's
-    grads_side = np.maximum(np.maximum(grads_before - layer_grad, 0) + layer_saved + layer_cache,
-                            grads_before + layer_attn + attn_cache)
-    layer_temps = transient + temps_fwd
-    mlp_work = np.maximum(saved_side, grads_side) + layer_temps
-    # DoRA's weight-norm buffers in a checkpointed layer's recomputation: beside what the layer has
-    # saved again before its largest adapted module runs (``rec_prefix``), not the whole layer
-    rec_prefix = np.minimum(t.get("dora_prefix", layer_saved), recompute)
-    rec_saved = saved_side - recompute + rec_prefix
-    rec_grads = grads_before + rec_prefix
-    rec_work = np.maximum(rec_saved, rec_grads) + t["temps_recompute"]
-    # eager attention's backward peak (its softmax's buffers) comes after the layer's MLP is done: the
-    # layer's attention-block tensors (less what matmul's backward freed) plus those buffers
-    # (the last layer's attention runs backward after the head's and its MLP's gradients exist)
-    # (and its MLP's weight casts are released with that block's saved tensors)
-    attn_side_cache = np.maximum(cache_bwd - head_cache, 0) + recompute_cache - (layer_cache - attn_cache)
-    saved_attn = saved_side - layer_saved + layer_attn + head_grad + layer_grad - (layer_cache - attn_cache)
-    grads_attn = grads_before + layer_attn + attn_cache
-    attn_work = np.maximum(saved_attn, grads_attn) + attn_bwd
-    work = np.maximum(np.maximum(mlp_work, attn_work), rec_work)
-    g_start = gathered if gathered_bwd_start is None else gathered_bwd_start
-    g_work = gathered if gathered_bwd_work is None else gathered_bwd_work
-    g_end = gathered if gathered_bwd_end is None else gathered_bwd_end
-    bwd_acts = saved_bwd + logits_bwd + g_start
-    work = work + g_work
-    kept = t.get("logits_kept", zeros)  # logits a step keeps through its whole backward
-    bwd_grads = np.maximum(work, grads_bwd + grads_end_extra + g_end) + kept
-    fwd = gathered + np.maximum(fwd_work, nograd_peak)
-    fwd_mid = zeros if gathered_fwd_mid is None else np.maximum(acts - layer_saved, 0) + gathered_fwd_mid
-    phases = {Phase.LOAD: static.copy(),
-              Phase.ROLLOUT: static + states + kv + t["rollout_logits"] + rollout_gather if rollout_on else zeros.copy(),
-              Phase.FORWARD: static + states + cache + held + np.maximum(fwd, fwd_mid),
-              Phase.BACKWARD: static + states + np.maximum(bwd_acts, bwd_grads),
-              Phase.OPTIMIZER_STEP: static + states + grads_opt + step_temporary}
-    stack = np.stack([phases[p] for p in PHASE_ORDER])
-    idx = np.argmax(stack, axis=0)
-    peak = np.max(stack, axis=0)
-    if not components:
-        return phases, peak, idx, {}
-
-    def at_peak(by_phase: dict[Phase, np.ndarray]) -> np.ndarray:
-        out = zeros.copy()
-        for k, p in enumerate(PHASE_ORDER):
-            out = np.where(idx == k, by_phase.get(p, zeros), out)
-        return out
-
-    bwd_act = bwd_acts >= bwd_grads
-    in_rec = rec_work > np.maximum(mlp_work, attn_work)  # the layer's peak is DoRA's norm in its recomputation
-    in_attn = ~in_rec & (attn_work > mlp_work)  # the layer's peak is eager attention's softmax backward
-    # in the layer branch: the saved end or the gradient end
-    bwd_saved = np.where(in_rec, rec_saved >= rec_grads,
-                         np.where(in_attn, saved_attn >= grads_attn, saved_side >= grads_side))
-    bwd_end = grads_bwd + grads_end_extra + g_end >= work  # backward's last state: all gradients
-    fwd_act = fwd_work >= nograd_peak
-    fwd_at_mid = fwd_mid > fwd
-    fwd_temps = logits_fwd < temps_f - head_f
-    fwd_attn = attn_fwd - head_f > np.maximum(logits_fwd, temps_f - head_f)  # eager attention's scores are the forward's peak
-    fwd_layer = fwd_act & ~fwd_at_mid & (fwd_temps | fwd_attn)  # the forward's peak is inside a layer
-    comps: dict[Component, np.ndarray] = {c: base.get(c, 0) + zeros
-                                          for c in (Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS)}
-    layer = ~bwd_act & ~bwd_end  # the peak is inside a layer's backward
-    g_comp = gathered_component or Component.WEIGHTS
-    g_at = at_peak({Phase.FORWARD: np.where(fwd_at_mid, 0 if gathered_fwd_mid is None else gathered_fwd_mid, gathered)
-                    + zeros, Phase.BACKWARD: np.where(bwd_act, g_start, np.where(layer, g_work, g_end)) + zeros,
-                    Phase.ROLLOUT: rollout_gather + zeros})
-    comps[Component.WEIGHTS] = base.get(Component.WEIGHTS, 0) + zeros
-    comps[g_comp] = comps.get(g_comp, zeros) + g_at
-    comps[Component.OPTIMIZER_STATES] = at_peak({p: states for p in PHASE_ORDER if p is not Phase.LOAD})
-    comps[Component.AUTOCAST_CACHE] = at_peak({
-        Phase.FORWARD: np.where(fwd_layer, cache - head_f, cache),
-        Phase.BACKWARD: np.where(bwd_act, cache_bwd, np.where(
-            layer, np.where(bwd_saved, np.where(in_attn, attn_side_cache, np.maximum(cache_bwd - head_cache, 0)
-                                                + recompute_cache),
-                            np.where(in_rec, 0, np.where(in_attn, attn_cache, layer_cache))), 0))})
-    c_comp = comm_component or Component.GRADIENTS
-    comps[c_comp] = comps.get(c_comp, zeros) + comm
-    comps[Component.GRADIENTS] = comps.get(Component.GRADIENTS, zeros) + at_peak({
-        Phase.FORWARD: held,
-        Phase.BACKWARD: np.where(bwd_act, held, np.where(layer, np.where(
-            bwd_saved, np.where(in_attn, head_grad + layer_grad, 0) + held, grads_before), grads_bwd)),
-        Phase.OPTIMIZER_STEP: grads_opt + zeros})
-    comps[Component.ACTIVATIONS] = at_peak({
-        Phase.FORWARD: np.where(fwd_at_mid, np.maximum(acts - layer_saved, 0), np.where(fwd_act, acts + last_graph,
-                                                                                         nograd_peak)),
-        Phase.BACKWARD: np.where(bwd_act, acts, np.where(layer, np.where(
-            bwd_saved, acts + np.where(in_rec, rec_prefix, np.where(in_attn, recompute - layer_saved + layer_attn,
-                                                                    recompute)),
-            np.where(in_rec, rec_prefix, np.where(in_attn, layer_attn, layer_saved))), 0))})
-    comps[Component.LOGITS] = at_peak({Phase.FORWARD: np.where(fwd_act & ~fwd_temps & ~fwd_attn & ~fwd_at_mid, logits_fwd, 0),
-                                       Phase.BACKWARD: np.where(bwd_act, logits_bwd, kept),
-                                       Phase.ROLLOUT: t["rollout_logits"]})
-    comps[Component.TEMPORARIES] = at_peak({Phase.FORWARD: np.where(fwd_at_mid, 0, np.where(
-                                                fwd_act & fwd_attn, attn_fwd, np.where(fwd_act & fwd_temps, temps_f, 0))),
-                                            Phase.BACKWARD: np.where(layer, np.where(in_rec, t["temps_recompute"],
-                                                                                np.where(in_attn, attn_bwd, layer_temps)),
-                                                                     np.where(bwd_act, 0, grads_end_extra)),
-                                            Phase.OPTIMIZER_STEP: step_temporary + zeros})
-    comps[Component.KV_CACHE] = at_peak({Phase.ROLLOUT: kv})
-    return phases, peak, idx, comps
-
-
-def state_terms(st: ModelState, cfg: TrainConfig) -> dict:
-    """The batch-independent keyword arguments :func:`combine_phases` takes from a :class:`ModelState`.
+def state_terms(st: ModelState, cfg: TrainConfig, grads_held=0) -> StateTerms:
+    """The batch-independent terms :func:`combine_phases` takes from a :class:`ModelState` (bytes).
 
     With the optimiser step inside backward (``opt_in_bwd``) each gradient is consumed and freed
-    as soon as it is ready: only the largest one is alive at a time.
+    as soon as it is ready: only the largest one is alive at a time. ``grads_held``: gradients
+    alive through a micro-batch (:func:`held_gradients`).
     """
     in_bwd = cfg.uses("opt_in_bwd")
     grads = st.largest_grad if in_bwd else st.bytes[Component.GRADIENTS]
-    return dict(states=st.bytes[Component.OPTIMIZER_STATES], cache=st.bytes[Component.AUTOCAST_CACHE],
-                **backward_casts(st, cfg), grads_bwd=grads, grads_opt=grads,
-                grads_tail=0 if in_bwd else st.grads_tail, grads_end_extra=st.grads_end_extra,
-                layer_grad=0 if in_bwd else st.layer_grad, head_grad=0 if in_bwd else st.head_grad,
-                step_temporary=st.step_temporary, rollout_on=cfg.recipe.behaviour.generates)
+    # a frozen weight's per-use casts are saved by its layer's matmuls: a checkpointed forward frees them
+    cache = st.bytes[Component.AUTOCAST_CACHE] - (st.frozen_layer_casts if cfg.grad_ckpt else 0)
+    return StateTerms(states=st.bytes[Component.OPTIMIZER_STATES], cache=cache,
+                      casts=backward_casts(st, cfg), grads_bwd=grads, grads_opt=grads,
+                      grads_tail=0 if in_bwd else st.grads_tail, grads_end_extra=st.grads_end_extra,
+                      layer_grad=0 if in_bwd else st.layer_grad, head_grad=0 if in_bwd else st.head_grad,
+                      step_temporary=st.step_temporary, rollout_on=cfg.recipe.behaviour.generates,
+                      grads_held=grads_held)
 
 
 def resident_floor(model: ModelSpec, cfg: TrainConfig, st: ModelState | None = None, optimizer: bool = True) -> int:
@@ -733,8 +678,8 @@ def resident_floor(model: ModelSpec, cfg: TrainConfig, st: ModelState | None = N
     st = st or model_state(model, cfg)
     a = state_terms(st, cfg)
     static = sum(st.bytes.get(c, 0) for c in RESIDENT_COMPONENTS)
-    own = a["states"] + a["step_temporary"] if optimizer else 0
-    return int(static + max(0, own + a["grads_opt"]))
+    own = a.states + a.step_temporary if optimizer else 0
+    return int(static + max(0, own + a.grads_opt))
 
 
 def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None, grad_accum=None) -> StepMemory:
@@ -749,13 +694,20 @@ def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None, grad_a
     """
     st = model_state(model, cfg)
     t = step_terms(model, cfg, batch, seq)
-    phases, peak, idx, comps = combine_phases(t, st.bytes, **state_terms(st, cfg),
-                                              grads_held=held_gradients(st, cfg, grad_accum))
+    phases, peak, idx, comps = combine_phases(t, st.bytes, state_terms(st, cfg, held_gradients(st, cfg, grad_accum)))
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=st)
 
 
+def _grid_key(values) -> tuple | None:
+    """A hashable key of a batch or sequence grid (None: the config's own)."""
+    if values is None:
+        return None
+    a = np.asarray(values)
+    return (a.dtype.str, a.shape, a.tobytes())
+
+
 def held_gradients(st: ModelState, cfg: TrainConfig, grad_accum=None):
-    """Gradient bytes alive through a micro-batch's forward and backward (:func:`combine_phases`'
+    """Gradient bytes alive through a micro-batch's forward and backward (:class:`StateTerms`'
     ``grads_held``): every gradient when the step accumulates (``grad_accum > 1``, the config's unless
     given; arrays broadcast), none with the optimiser step inside backward (which refuses accumulation)."""
     if cfg.uses("opt_in_bwd"):
@@ -778,31 +730,50 @@ def step_memory_rows(model: ModelSpec, cfgs: list[TrainConfig], batch=None, seq=
         ``(memory, states)``: a :class:`StepMemory` whose arrays have shape ``(len(cfgs), *grid)``
         (its ``state`` is None) and each row's :class:`ModelState`.
     """
+    return step_memory_rows_shared(model, cfgs, batch, seq, grad_accum)
+
+
+def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=None, seq=None, grad_accum=None,
+                            terms: dict | None = None) -> tuple[StepMemory, list]:
+    """:func:`step_memory_rows`; ``terms``: a dict the caller keeps to reuse each configuration's activation
+    terms between calls over the same ``batch`` and ``seq`` grids (one planning call: a fit's searches share
+    their fallbacks' configurations); equal keys, equal values, and nothing writes into them."""
     if len({c.recipe.behaviour.generates for c in cfgs}) > 1:
         raise ValueError("step_memory_rows: configurations that generate and that do not")
     states = [model_state(model, c) for c in cfgs]
-    by_terms: dict = {}
+    by_terms: dict = {} if terms is None else terms
+    try:
+        hash(model)
+    except TypeError:  # a spec built with list fields (from a log's JSON): nothing kept between calls
+        by_terms = {}
+    grid = (_grid_key(batch), _grid_key(seq))
     rows = []
     for c in cfgs:
-        k = c.with_(optimizer="adamw")
+        k = (model, c.with_(optimizer="adamw"), grid)
         if k not in by_terms:
             t = step_terms(model, c, batch, seq)
-            shape = t["zeros"].shape
-            by_terms[k] = {name: v if np.shape(v) == shape else np.broadcast_to(v, shape) for name, v in t.items()}
+            by_terms[k] = t.broadcast(t.zeros.shape)
         rows.append(by_terms[k])
-    t = {name: np.stack([r[name] for r in rows]) for name in rows[0]}
-    extra = (1,) * (t["zeros"].ndim - 1)
+    t = StepTerms.stack(rows)
+    extra = (1,) * (t.zeros.ndim - 1)
 
     def column(values) -> np.ndarray:
         return np.asarray(values, dtype=np.int64).reshape((len(cfgs),) + extra)
 
     base = {comp: column([st.bytes.get(comp, 0) for st in states]) for comp in Component
             if any(comp in st.bytes for st in states)}
-    args = [state_terms(st, c) for st, c in zip(states, cfgs)]
-    kw = {name: (args[0][name] if name == "rollout_on" else column([a[name] for a in args])) for name in args[0]}
     # gradients held through accumulated micro-batches: (rows, 1...) x the accumulation grid
-    kw["grads_held"] = np.stack([np.broadcast_to(held_gradients(st, c, grad_accum), t["zeros"].shape[1:])
-                                 for st, c in zip(states, cfgs)])
-    phases, peak, idx, comps = combine_phases(t, base, **kw)
+    held = np.stack([np.broadcast_to(held_gradients(st, c, grad_accum), t.zeros.shape[1:])
+                     for st, c in zip(states, cfgs)])
+    s = _stack_state_terms([state_terms(st, c) for st, c in zip(states, cfgs)], column, held)
+    phases, peak, idx, comps = combine_phases(t, base, s)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=None), states
 
+
+def _stack_state_terms(rows: list[StateTerms], column, grads_held) -> StateTerms:
+    """One :class:`StateTerms` of column arrays (``column``: values -> a ``(rows, 1...)`` array) from one per
+    configuration; the rollout flag is shared (the rows agree on it) and ``grads_held`` given whole."""
+    casts = BackwardCasts(**{f.name: column([getattr(r.casts, f.name) for r in rows]) for f in fields(BackwardCasts)})
+    cols = {f.name: column([getattr(r, f.name) for r in rows]) for f in fields(StateTerms)
+            if f.name not in ("casts", "rollout_on", "grads_held")}
+    return StateTerms(**cols, casts=casts, rollout_on=rows[0].rollout_on, grads_held=grads_held)

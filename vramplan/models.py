@@ -87,6 +87,8 @@ class ModelSpec:
     shared_expert_gate: bool = True  # the shared expert's output is gated by a 1-unit linear (Qwen2-MoE)
     sdpa_math: bool = False  # transformers hands SDPA unequal q and kv head counts: only its math backend runs it
     linear_subclass: str = ""  # the decoder linears are this nn.Linear subclass (Falcon: FalconLinear), not nn.Linear
+    embed_norm: bool = False  # a norm between the embedding and the first layer (BLOOM's word_embeddings_layernorm)
+    eager_only: bool = False  # the model's own attention materialises its scores whatever attn_implementation says
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     ia3_targets: tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
     ia3_feedforward: tuple[str, ...] = ("down_proj",)
@@ -176,7 +178,8 @@ class ModelSpec:
 
     @property
     def final_norm_params(self) -> int:
-        return self.norm_width_params * self.hidden_size
+        """Norm parameters outside the layers: the final norm, and the embedding's norm where there is one."""
+        return self.norm_width_params * self.hidden_size * (2 if self.embed_norm else 1)
 
     def layer_norm_params(self) -> int:
         """Norm parameters of one layer (norms and q/k norms)."""
@@ -281,175 +284,217 @@ def _check_supported(cfg: dict, model_type: str, label: str) -> None:
                             f"vramplan plans *ForCausalLM decoders: {supported}, and llama-style decoders of other types")
 
 
+class _Fields:
+    """Typed reads of one config.json dict; every refusal names the model (``label``) and the key."""
+
+    def __init__(self, cfg: dict, label: str):
+        self.cfg, self.label = cfg, label
+
+    def need(self, *keys: str) -> int:
+        for k in keys:
+            v = self.cfg.get(k)
+            if v is not None:
+                return _count(v, k, self.label)
+        raise VramplanError(f"config of {self.label} has no {keys[0]}", "is it a decoder-only *ForCausalLM config.json?")
+
+    def opt(self, key: str, default: int | None = 0, *, zero_ok: bool = True) -> int | None:
+        v = self.cfg.get(key)
+        if v is None or v is False or (v == 0 and zero_ok and not isinstance(v, bool)):
+            return default
+        return _count(v, key, self.label)
+
+    def flag(self, key: str, default) -> bool:
+        v = self.cfg.get(key, default)
+        if v is None:
+            return bool(default)
+        if not isinstance(v, (bool, int)) or isinstance(v, int) and not isinstance(v, bool) and v not in (0, 1):
+            raise VramplanError(f"config of {self.label}: {key} must be true or false, got {_short(v)}")
+        return bool(v)
+
+    def flag_or(self, key: str | None, default) -> bool:
+        """``flag(key, default)`` when the layout names a config key, else the layout's default."""
+        return self.flag(key, default) if key else bool(default)
+
+    def real_or_none(self, key: str) -> float | None:
+        v = self.cfg.get(key)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise VramplanError(f"config of {self.label}: {key} must be a positive number, got {_short(v)}")
+        return float(v)
+
+    def name(self, *keys: str, default: str) -> str:
+        """The first of ``keys`` the config sets (a name), else ``default``."""
+        v = next((self.cfg.get(k) for k in keys if self.cfg.get(k)), None) or default
+        if not isinstance(v, str):
+            raise VramplanError(f"config of {self.label}: {keys[0]} must be a name, got {_short(v)}")
+        return v
+
+
+def _unwrap(cfg: dict, name: str | None) -> dict:
+    """The language model's config: a multimodal wrapper's ``text_config`` (with the wrapper's architectures)."""
+    if not isinstance(cfg, dict):
+        raise VramplanError(f"config of {name or 'the model'} must be a JSON object, got {type(cfg).__name__}")
+    if "text_config" in cfg and "hidden_size" not in cfg:
+        if not isinstance(cfg["text_config"], dict):
+            raise VramplanError(f"config of {name or 'the model'}: text_config must be an object, "
+                                f"got {type(cfg['text_config']).__name__}")
+        cfg = {**cfg["text_config"], "architectures": cfg.get("architectures")}
+    return cfg
+
+
+def _type_and_label(cfg: dict, name: str | None) -> tuple[str, str]:
+    """``model_type`` (default llama) and the name errors and the spec carry (at most 200 characters)."""
+    model_type = cfg.get("model_type", "llama")
+    if not isinstance(model_type, str) or not model_type.strip() or len(model_type) > 100:
+        raise VramplanError(f"config of {name or 'the model'}: model_type must be a name, got {_short(model_type)}")
+    label = name or cfg.get("_name_or_path") or model_type
+    if not isinstance(label, str):
+        label = model_type
+    return model_type, (label if len(label) <= 200 else label[:197] + "...")
+
+
+def _architecture(f: _Fields, model_type: str) -> str:
+    archs = f.cfg.get("architectures") or []
+    if isinstance(archs, str):
+        archs = [archs]
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise VramplanError(f"config of {f.label}: architectures must be a list of class names, got {_short(archs)}")
+    return archs[0] if archs else f"{model_type.title()}ForCausalLM"
+
+
+def _refuse_interleaved_moe(f: _Fields, lay: dict) -> None:
+    """A model whose layers alternate dense and MoE MLPs (Llama-4 Maverick: interleave_moe_layer_step 2, dense
+    layers of intermediate_size_mlp) has two layer shapes; a ModelSpec has one."""
+    step = f.cfg.get(lay["moe_layers_key"], 1) if lay.get("moe_layers_key") else 1
+    if step not in (None, 1):
+        raise VramplanError(f"config of {f.label}: {lay['moe_layers_key']} {_short(step)}: layers alternate dense and "
+                            "MoE MLPs, which vramplan does not model (one layer shape per model)",
+                            "Llama-4 Scout (every layer MoE) is in the catalogue; Maverick is not")
+
+
+def _falcon_heads(f: _Fields, heads: int, norms: int, parallel: bool) -> tuple[int, int, bool]:
+    """(kv heads, norms per layer, SDPA math only) by transformers' Falcon rules.
+
+    ``new_decoder_architecture`` -> ``num_kv_heads`` and ``num_ln_in_parallel_attn`` norms (default 2); else
+    ``multi_query`` -> one kv head, which FalconAttention hands SDPA without enable_gqa or expanding it: the
+    flash and memory-efficient kernels need equal head counts, so the math backend runs it (scores
+    materialised, as eager attention). FalconDecoderLayer has a post_attention_layernorm when not
+    parallel_attn. ALiBi Falcon is refused.
+    """
+    if f.flag("alibi", False):
+        raise VramplanError(f"config of {f.label}: Falcon with ALiBi positions is not modelled",
+                            "vramplan models rotary Falcon (falcon-7b/40b/180b)")
+    if f.flag("new_decoder_architecture", False):
+        kv, norms, math_only = f.opt("num_kv_heads", heads, zero_ok=False), f.opt("num_ln_in_parallel_attn", 2), False
+    else:
+        kv = 1 if f.flag("multi_query", True) else heads
+        math_only = kv != heads
+    return kv, (norms if parallel else 2), math_only
+
+
+def _heads(f: _Fields, lay: dict, hidden: int, parallel: bool) -> dict:
+    """Attention heads, kv heads, head_dim, norms per layer and the SDPA-math flag, checked."""
+    heads = f.need("num_attention_heads", "n_head")
+    kv, norms, sdpa_math = f.opt("num_key_value_heads", heads, zero_ok=False), int(lay.get("norms_per_layer", 2)), False
+    if lay.get("falcon_layout"):
+        kv, norms, sdpa_math = _falcon_heads(f, heads, norms, parallel)
+    head_dim = f.opt("head_dim", hidden // heads)
+    if head_dim < 1:
+        raise VramplanError(f"config of {f.label}: hidden_size {hidden} is smaller than num_attention_heads {heads}")
+    if kv > heads or heads % kv:
+        raise VramplanError(f"config of {f.label}: {heads} attention heads is not a multiple of {kv} kv heads")
+    return dict(num_heads=heads, num_kv_heads=kv, head_dim=head_dim, norms_per_layer=norms, sdpa_math=sdpa_math,
+                closing_norm=bool(lay.get("closing_norm", norms == 4)))
+
+
+def _biases(f: _Fields, lay: dict, model_type: str) -> dict:
+    """q/k/v, o and MLP biases: the layout's defaults, overridden by its config keys (Qwen2's o_proj has none)."""
+    bias_key, mlp_bias_key = lay.get("bias_key", "attention_bias"), lay.get("mlp_bias_key", "mlp_bias")
+    o_bias = f.flag_or(bias_key, lay.get("o_bias", False)) and model_type not in ("qwen2", "qwen2_moe")
+    return dict(qkv_bias=f.flag_or(bias_key, lay.get("qkv_bias", False)), o_bias=o_bias,
+                mlp_bias=f.flag_or(mlp_bias_key, lay.get("mlp_bias", False)))
+
+
+def _mlp_width(f: _Fields, lay: dict, hidden: int, num_experts: int) -> int:
+    if num_experts and not f.cfg.get("intermediate_size"):
+        return f.need("moe_intermediate_size")
+    if lay.get("ffn_key"):
+        return f.opt(lay["ffn_key"]) or 4 * hidden  # Falcon: ffn_hidden_size, else 4 x hidden (FalconConfig)
+    return f.need("intermediate_size", "n_inner")
+
+
+def _moe(f: _Fields, lay: dict) -> dict:
+    """Experts, routing and the shared expert (all zero for a dense model)."""
+    e = f.opt("num_local_experts") or f.opt("num_experts")
+    per_token = f.opt("num_experts_per_tok")
+    shared = f.opt(lay.get("shared_expert_key", "shared_expert_intermediate_size")) if lay.get("shared_expert") else 0
+    return dict(num_experts=e, experts_per_token=min(per_token, e) if e else per_token,
+                moe_intermediate_size=f.opt("moe_intermediate_size") or (f.opt("intermediate_size") if e else 0),
+                shared_expert_intermediate_size=shared, shared_expert_gate=bool(lay.get("shared_expert_gate", True)),
+                router_name=str(lay.get("router", "")), dense_experts=bool(lay.get("dense_experts", False)))
+
+
+def _positions(f: _Fields, lay: dict) -> dict:
+    """Context, sliding-window attention and logit soft-capping."""
+    sliding = f.opt("sliding_window", None) if f.flag("use_sliding_window", True) else None
+    types = f.cfg.get("layer_types")
+    if types is not None and not (isinstance(types, list) and all(isinstance(t, str) for t in types)):
+        raise VramplanError(f"config of {f.label}: layer_types must be a list of names")
+    return dict(max_position_embeddings=f.opt("max_position_embeddings", 4096), sliding_window=sliding,
+                sliding_pattern=f.opt("sliding_window_pattern") or int(lay.get("sliding_window_pattern", 0)),
+                final_logit_softcapping=f.real_or_none("final_logit_softcapping"),
+                attn_logit_softcapping=f.real_or_none("attn_logit_softcapping"))
+
+
+def _layout_fields(lay: dict) -> dict:
+    """What ``architectures.toml`` alone decides: fusions, norms, block and MLP kind, names, PEFT defaults."""
+    return dict(
+        fused_qkv=bool(lay.get("fused_qkv", False)), fused_gate_up=bool(lay.get("fused_gate_up", False)),
+        qk_norm=str(lay.get("qk_norm", "none")), norm_kind=str(lay.get("norm", "rms")),
+        mlp_kind=str(lay.get("mlp", "gated")), lm_head_bias=bool(lay.get("lm_head_bias", False)),
+        linear_subclass=str(lay.get("linear_subclass", "")), embed_norm=bool(lay.get("embed_norm", False)),
+        eager_only=bool(lay.get("eager_only", False)),
+        module_names=tuple(sorted((str(k), str(v)) for k, v in (lay.get("names") or {}).items())),
+        embed_scale=bool(lay.get("embed_scale", False)), norm_weight_fp32=bool(lay.get("norm_weight_fp32", False)),
+        lora_targets=tuple(lay.get("lora_targets", ("q_proj", "v_proj"))),
+        ia3_targets=tuple(lay.get("ia3_targets", ("k_proj", "v_proj", "down_proj"))),
+        ia3_feedforward=tuple(lay.get("ia3_feedforward", ("down_proj",))),
+    )
+
+
 def from_hf_config(cfg: dict, name: str | None = None, **meta) -> ModelSpec:
     """Parse a Hugging Face ``config.json`` dict into a :class:`ModelSpec`.
 
     Any ``*ForCausalLM`` decoder with the usual fields works: an unknown ``model_type``
     gets the Llama layout (separate q/k/v/o and gated MLP), honouring ``attention_bias``
-    and ``mlp_bias``.
+    and ``mlp_bias``. A multimodal wrapper plans its ``text_config``.
 
     Raises:
         VramplanError: a required field is missing or not a positive integer.
     """
-    if not isinstance(cfg, dict):
-        raise VramplanError(f"config of {name or 'the model'} must be a JSON object, got {type(cfg).__name__}")
-    if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrappers: plan the language model
-        if not isinstance(cfg["text_config"], dict):
-            raise VramplanError(f"config of {name or 'the model'}: text_config must be an object, "
-                                f"got {type(cfg['text_config']).__name__}")
-        cfg = {**cfg["text_config"], "architectures": cfg.get("architectures")}
-    raw_type = cfg.get("model_type", "llama")
-    if not isinstance(raw_type, str) or not raw_type.strip() or len(raw_type) > 100:
-        raise VramplanError(f"config of {name or 'the model'}: model_type must be a name, got {_short(raw_type)}")
-    model_type = raw_type
+    cfg = _unwrap(cfg, name)
+    model_type, label = _type_and_label(cfg, name)
     lay = _layout(model_type)
-    label = name or cfg.get("_name_or_path") or model_type
-    if not isinstance(label, str):
-        label = model_type
-    label = label if len(label) <= 200 else label[:197] + "..."
     _check_supported(cfg, model_type, str(label))
-
-    def need(*keys: str) -> int:
-        for k in keys:
-            v = cfg.get(k)
-            if v is not None:
-                return _count(v, k, label)
-        raise VramplanError(f"config of {label} has no {keys[0]}", "is it a decoder-only *ForCausalLM config.json?")
-
-    def opt(key: str, default: int = 0, *, zero_ok: bool = True) -> int:
-        v = cfg.get(key)
-        if v is None or v is False or (v == 0 and zero_ok and not isinstance(v, bool)):
-            return default
-        return _count(v, key, label)
-
-    def flag(key: str, default) -> bool:
-        v = cfg.get(key, default)
-        if v is None:
-            return bool(default)
-        if not isinstance(v, (bool, int)) or isinstance(v, int) and not isinstance(v, bool) and v not in (0, 1):
-            raise VramplanError(f"config of {label}: {key} must be true or false, got {_short(v)}")
-        return bool(v)
-
-    def real_or_none(key: str):
-        v = cfg.get(key)
-        if v is None:
-            return None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise VramplanError(f"config of {label}: {key} must be a positive number, got {_short(v)}")
-        return float(v)
-
-    hidden = need("hidden_size", "n_embd", "d_model")
-    heads = need("num_attention_heads", "n_head")
-    kv = opt("num_key_value_heads", heads, zero_ok=False)
-    norms_per_layer = int(lay.get("norms_per_layer", 2))
-    sdpa_math = False
-    if lay.get("moe_layers_key"):
-        # a model whose layers alternate dense and MoE MLPs (Llama-4 Maverick: interleave_moe_layer_step 2, dense
-        # layers of intermediate_size_mlp) has two layer shapes; a ModelSpec has one
-        step = cfg.get(lay["moe_layers_key"], 1)
-        if step not in (None, 1):
-            raise VramplanError(f"config of {label}: {lay['moe_layers_key']} {_short(step)}: layers alternate dense and "
-                                "MoE MLPs, which vramplan does not model (one layer shape per model)",
-                                "Llama-4 Scout (every layer MoE) is in the catalogue; Maverick is not")
-    if lay.get("falcon_layout"):
-        # transformers FalconAttention: new_decoder_architecture -> num_kv_heads and num_ln_in_parallel_attn
-        # norms (default 2); else multi_query -> one kv head, one input_layernorm; ALiBi is not modelled
-        if flag("alibi", False):
-            raise VramplanError(f"config of {label}: Falcon with ALiBi positions is not modelled",
-                                "vramplan models rotary Falcon (falcon-7b/40b/180b)")
-        if flag("new_decoder_architecture", False):
-            kv = opt("num_kv_heads", heads, zero_ok=False)
-            norms_per_layer = opt("num_ln_in_parallel_attn", 2)
-        else:
-            kv = 1 if flag("multi_query", True) else heads
-            # FalconAttention passes q (num_heads) and the single k/v head to SDPA without enable_gqa or
-            # expanding them: the flash and memory-efficient kernels need equal head counts, so the math
-            # backend runs it (scores materialised, as eager attention)
-            sdpa_math = kv != heads
-    head_dim = opt("head_dim", hidden // heads)
-    if head_dim < 1:
-        raise VramplanError(f"config of {label}: hidden_size {hidden} is smaller than num_attention_heads {heads}")
-    if kv > heads or heads % kv:
-        raise VramplanError(f"config of {label}: {heads} attention heads is not a multiple of {kv} kv heads")
-    num_experts = opt("num_local_experts") or opt("num_experts")
-    archs = cfg.get("architectures") or []
-    if isinstance(archs, str):
-        archs = [archs]
-    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
-        raise VramplanError(f"config of {label}: architectures must be a list of class names, got {_short(archs)}")
-    arch = archs[0] if archs else f"{model_type.title()}ForCausalLM"
-    bias_key, mlp_bias_key = lay.get("bias_key", "attention_bias"), lay.get("mlp_bias_key", "mlp_bias")
-    qkv_bias = flag(bias_key, lay.get("qkv_bias", False)) if bias_key else bool(lay.get("qkv_bias", False))
-    o_bias = (flag(bias_key, lay.get("o_bias", False)) if bias_key else bool(lay.get("o_bias", False))) \
-        and model_type not in ("qwen2", "qwen2_moe")
-    mlp_bias = flag(mlp_bias_key, lay.get("mlp_bias", False)) if mlp_bias_key else bool(lay.get("mlp_bias", False))
-    parallel = bool(lay.get("parallel_block", False))
-    if lay.get("parallel_key"):
-        parallel = flag(lay["parallel_key"], parallel)
-    if lay.get("falcon_layout") and not parallel:
-        norms_per_layer = 2  # transformers FalconDecoderLayer: post_attention_layernorm when not parallel_attn
-    hidden_act = cfg.get("hidden_act") or cfg.get("hidden_activation") or cfg.get("activation") or "silu"
-    if not isinstance(hidden_act, str):
-        raise VramplanError(f"config of {label}: hidden_act must be a name, got {_short(hidden_act)}")
-    if num_experts and not cfg.get("intermediate_size"):
-        intermediate = need("moe_intermediate_size")
-    else:
-        intermediate = need("intermediate_size", "n_inner") if not lay.get("ffn_key") else (
-            opt(lay["ffn_key"]) or 4 * hidden)  # Falcon: ffn_hidden_size, else 4 x hidden (FalconConfig)
-    sliding = opt("sliding_window", None) if flag("use_sliding_window", True) else None
-    for k in ("layer_types",):
-        if cfg.get(k) is not None and not (isinstance(cfg[k], list) and all(isinstance(t, str) for t in cfg[k])):
-            raise VramplanError(f"config of {label}: {k} must be a list of names")
-    spec = ModelSpec(
-        name=str(label),
-        model_type=model_type,
-        architecture=str(arch),
-        hidden_size=hidden,
-        num_layers=need("num_hidden_layers", "n_layer"),
-        num_heads=heads,
-        num_kv_heads=kv,
-        head_dim=head_dim,
-        intermediate_size=intermediate,
-        vocab_size=need("vocab_size"),
-        tie_embeddings=flag("tie_word_embeddings", lay.get("tie_default", False)),
-        hidden_act=hidden_act,
-        qkv_bias=qkv_bias,
-        o_bias=o_bias,
-        mlp_bias=mlp_bias,
-        fused_qkv=bool(lay.get("fused_qkv", False)),
-        fused_gate_up=bool(lay.get("fused_gate_up", False)),
-        qk_norm=str(lay.get("qk_norm", "none")),
-        norms_per_layer=norms_per_layer,
-        closing_norm=bool(lay.get("closing_norm", norms_per_layer == 4)),
-        norm_kind=str(lay.get("norm", "rms")),
-        parallel_block=parallel,
-        mlp_kind=str(lay.get("mlp", "gated")),
-        lm_head_bias=bool(lay.get("lm_head_bias", False)),
-        linear_subclass=str(lay.get("linear_subclass", "")),
-        sdpa_math=sdpa_math,
-        module_names=tuple(sorted((str(k), str(v)) for k, v in (lay.get("names") or {}).items())),
-        embed_scale=bool(lay.get("embed_scale", False)),
-        norm_weight_fp32=bool(lay.get("norm_weight_fp32", False)),
-        num_experts=num_experts,
-        experts_per_token=min(opt("num_experts_per_tok"), num_experts) if num_experts else opt("num_experts_per_tok"),
-        moe_intermediate_size=opt("moe_intermediate_size") or (opt("intermediate_size") if num_experts else 0),
-        shared_expert_intermediate_size=(opt(lay.get("shared_expert_key", "shared_expert_intermediate_size"))
-                                         if lay.get("shared_expert") else 0),
-        shared_expert_gate=bool(lay.get("shared_expert_gate", True)),
-        router_name=str(lay.get("router", "")),
-        dense_experts=bool(lay.get("dense_experts", False)),
-        max_position_embeddings=opt("max_position_embeddings", 4096),
-        sliding_window=sliding,
-        sliding_pattern=opt("sliding_window_pattern") or int(lay.get("sliding_window_pattern", 0)),
-        final_logit_softcapping=real_or_none("final_logit_softcapping"),
-        attn_logit_softcapping=real_or_none("attn_logit_softcapping"),
-        lora_targets=tuple(lay.get("lora_targets", ("q_proj", "v_proj"))),
-        ia3_targets=tuple(lay.get("ia3_targets", ("k_proj", "v_proj", "down_proj"))),
-        ia3_feedforward=tuple(lay.get("ia3_feedforward", ("down_proj",))),
-        hf_config=dict(cfg),
-        **meta,
+    f = _Fields(cfg, label)
+    hidden = f.need("hidden_size", "n_embd", "d_model")
+    parallel = f.flag(lay["parallel_key"], bool(lay.get("parallel_block", False))) if lay.get("parallel_key") \
+        else bool(lay.get("parallel_block", False))
+    _refuse_interleaved_moe(f, lay)
+    heads = _heads(f, lay, hidden, parallel)
+    moe_experts = f.opt("num_local_experts") or f.opt("num_experts")
+    arch, biases = _architecture(f, model_type), _biases(f, lay, model_type)
+    act = f.name("hidden_act", "hidden_activation", "activation", default=str(lay.get("act", "silu")))
+    width, positions = _mlp_width(f, lay, hidden, moe_experts), _positions(f, lay)
+    layers, vocab = f.need("num_hidden_layers", "n_layer"), f.need("vocab_size")
+    return ModelSpec(
+        name=str(label), model_type=model_type, architecture=str(arch), hidden_size=hidden, num_layers=layers,
+        **heads, intermediate_size=width, vocab_size=vocab,
+        tie_embeddings=f.flag("tie_word_embeddings", lay.get("tie_default", False)), hidden_act=act, **biases,
+        parallel_block=parallel, **_layout_fields(lay), **_moe(f, lay), **positions,
+        hf_config=dict(cfg), **meta,
     )
-    return spec
 
 
 #: Upper bounds on config.json sizes (far above any released model; they keep the arithmetic finite).

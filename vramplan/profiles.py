@@ -486,128 +486,26 @@ class Profile:
     @classmethod
     def from_json(cls, data: Any, where: str = "profile") -> "Profile":
         """Validate a parsed profile document; raise :class:`ProfileError` naming the first problem."""
-        _need_map(data, where)
-        if data.get("schema") != SCHEMA:
-            raise ProfileError(f"{where} is not a vramplan profile (schema {data.get('schema')!r})",
-                               "re-run `vramplan calibrate` to make one")
-        ver = data.get("version")
-        if ver != SCHEMA_VERSION:
-            raise ProfileError(f"{where} has profile schema version {ver!r}; this vramplan reads version {SCHEMA_VERSION}",
-                               "upgrade vramplan or re-run `vramplan calibrate`")
-        for k in ("gpu", "created", "allocated_source"):
-            if not isinstance(data.get(k), str) or not data.get(k):
-                raise ProfileError(f"{where}: field {k!r} must be a non-empty string")
-        for k in ("device", "versions", "source", "activation_factors", "throughput", "holdout"):
-            _need_map(data.get(k), f"{where}.{k}")
+        _check_header(data, where)
         src = data["source"]
-        if not isinstance(src.get("log"), str):
-            raise ProfileError(f"{where}: source.log must name the JSONL log")
-
-        def fitted(key: str, name: str, *, positive: bool = False) -> Fitted | None:
-            d = data.get(key)
-            if d is None:
-                return None
-            _need_map(d, f"{where}.{key}")
-            v = _num(d.get(name), f"{where}.{key}.{name}")
-            if v < 0 or (positive and v == 0):
-                raise ProfileError(f"{where}: {key}.{name} must be {'positive' if positive else 'non-negative'}, got {v}")
-            if name == "bytes":
-                top = MAX_CONTEXT_BYTES if key == "context" else MAX_BYTES
-                if v > top or v != int(v):
-                    raise ProfileError(f"{where}: {key}.bytes = {v:g} is implausible (whole bytes up to {top:,} expected)",
-                                       "re-run `vramplan calibrate`")
-            elif v > 1e6:  # seconds per 1e9 weights: even a CPU's noisy tiny-model figure stays far below
-                raise ProfileError(f"{where}: {key}.{name} = {v:g} is implausible", "re-run `vramplan calibrate`")
-            return Fitted(v, _int(d.get("n", 0), f"{where}.{key}.n"), Residual.from_json(d.get("residual"), f"{where}.{key}.residual"))
-
-        alloc = None
-        if data.get("allocator") is not None:
-            a = data["allocator"]
-            _need_map(a, f"{where}.allocator")
-            slope = _num(a.get("slope"), f"{where}.allocator.slope")
-            if not 0.5 <= slope <= 10:
-                raise ProfileError(f"{where}: allocator.slope {slope} is implausible (expected 0.5 to 10)")
-            by_method = a.get("by_method", {})
-            _need_map(by_method, f"{where}.allocator.by_method")
-            bm = {m: _num(k, f"{where}.allocator.by_method.{m}") for m, k in by_method.items()}
-            if any(not 0.5 <= k <= 2 for k in bm.values()):
-                raise ProfileError(f"{where}: allocator.by_method corrections must lie in [0.5, 2]")
-            icpt = _int(a.get("intercept_bytes"), f"{where}.allocator.intercept_bytes", signed=True)
-            rnd = _int(a.get("round_bytes", ALLOCATOR_ROUND), f"{where}.allocator.round_bytes")
-            if abs(icpt) > MAX_BYTES or not 0 < rnd <= 1 << 30:
-                raise ProfileError(f"{where}: allocator intercept_bytes / round_bytes are implausible",
-                                   "re-run `vramplan calibrate`")
-            margin = _num(a.get("margin", 0.0), f"{where}.allocator.margin")
-            if not 0 <= margin <= MAX_MARGIN:
-                raise ProfileError(f"{where}: allocator.margin must lie in [0, {MAX_MARGIN:g}], got {margin}",
-                                   "re-run `vramplan calibrate`")
-            loo = a.get("loo", {})
-            _need_map(loo, f"{where}.allocator.loo")
-            alloc = AllocatorModel(slope, icpt, rnd, _int(a.get("n", 0), f"{where}.allocator.n"),
-                                   Residual.from_json(a.get("residual"), f"{where}.allocator.residual"), bm,
-                                   margin=margin,
-                                   loo={m: Residual.from_json(r, f"{where}.allocator.loo.{m}") for m, r in loo.items()},
-                                   trimmed=_int(a.get("trimmed", 0), f"{where}.allocator.trimmed"))
-        factors = {}
-        for m, d in data["activation_factors"].items():
-            _need_map(d, f"{where}.activation_factors.{m}")
-            f = _num(d.get("factor"), f"{where}.activation_factors.{m}.factor")
-            if not 0 < f < 100:
-                raise ProfileError(f"{where}: activation factor of {m} must be in (0, 100), got {f}")
-            factors[m] = Fitted(f, _int(d.get("n", 0), f"{where}.activation_factors.{m}.n"),
-                                Residual.from_json(d.get("residual"), f"{where}.activation_factors.{m}.residual"))
-        thr = {}
-        for m, d in data["throughput"].items():
-            w = f"{where}.throughput.{m}"
-            _need_map(d, w)
-            feats = d.get("features", list(TIME_FEATURES))
-            if list(feats) != list(TIME_FEATURES):
-                raise ProfileError(f"{w}: unknown time-model features {feats}", "re-run `vramplan calibrate`")
-            coef = d.get("coef")
-            coef_t = None
-            if coef is not None:
-                if not isinstance(coef, list) or len(coef) != len(TIME_FEATURES):
-                    raise ProfileError(f"{w}.coef must be null or a list of {len(TIME_FEATURES)} numbers")
-                coef_t = tuple(_num(c, f"{w}.coef") for c in coef)
-                if any(c < 0 for c in coef_t) or not any(c > 0 for c in coef_t):
-                    raise ProfileError(f"{w}.coef must be non-negative and not all zero")
-            knots = d.get("knots", [])
-            if not isinstance(knots, list) or any(not isinstance(k, list) or len(k) != 2 for k in knots):
-                raise ProfileError(f"{w}.knots must be a list of [tokens, tflops] pairs")
-            kn = tuple(sorted((_int(a, f"{w}.knots"), _num(b, f"{w}.knots")) for a, b in knots))
-            if any(a <= 0 or not 0 <= b <= MAX_TFLOPS for a, b in kn):
-                raise ProfileError(f"{w}.knots need positive tokens per step and TFLOP/s in [0, {MAX_TFLOPS:g}]",
-                                   "re-run `vramplan calibrate`")
-            if coef_t is not None and any(c > 1e3 for c in coef_t):
-                raise ProfileError(f"{w}.coef holds an implausible step time ({max(coef_t):g} s per unit)",
-                                   "re-run `vramplan calibrate`")
-            thr[m] = Throughput(coef_t, kn, _int(d.get("n", 0), f"{w}.n"), Residual.from_json(d.get("residual"), f"{w}.residual"))
+        alloc = None if data.get("allocator") is None else _allocator_from_json(data["allocator"], where)
+        factors = {m: _factor_from_json(d, f"{where}.activation_factors.{m}", where, m)
+                   for m, d in data["activation_factors"].items()}
+        thr = {m: _throughput_from_json(d, f"{where}.throughput.{m}") for m, d in data["throughput"].items()}
         holdout = {k: Residual.from_json(v, f"{where}.holdout.{k}") for k, v in data["holdout"].items()}
-        hbm = data.get("holdout_by_method", {})
-        _need_map(hbm, f"{where}.holdout_by_method")
-        holdout_by_method = {}
-        for m, d in hbm.items():
-            _need_map(d, f"{where}.holdout_by_method.{m}")
-            holdout_by_method[m] = {k: Residual.from_json(v, f"{where}.holdout_by_method.{m}.{k}") for k, v in d.items()}
+        holdout_by_method = _holdout_by_method(data.get("holdout_by_method", {}), f"{where}.holdout_by_method")
         stack = data.get("stack", DEFAULT_STACK)
         if not isinstance(stack, str) or not re.fullmatch(r"[a-z0-9_.-]{1,40}", stack):
             raise ProfileError(f"{where}: stack must name a training stack (hf, torchtune, ...), got {stack!r}")
-        dev = data["device"]
-        for k in ("total_bytes", "nvml_total_bytes"):
-            total = dev.get(k)
-            if total is not None and (isinstance(total, bool) or not isinstance(total, int) or not 0 < total <= MAX_BYTES):
-                raise ProfileError(f"{where}: device.{k} must be a positive whole number of bytes, got {total!r}")
-        if dev.get("kind") not in (None, "cuda", "cpu", "unknown"):
-            raise ProfileError(f"{where}: device.kind must be cuda or cpu, got {dev.get('kind')!r}")
-        for k in ("name", "nvml_name"):
-            if dev.get(k) is not None and not isinstance(dev.get(k), str):
-                raise ProfileError(f"{where}: device.{k} must be a string")
+        _check_device(data["device"], where)
         return cls(
             gpu=data["gpu"], device=dict(data["device"]), versions=dict(data["versions"]), created=data["created"],
             source=src["log"], source_info={k: v for k, v in src.items() if k != "log"},
             allocated_source=data["allocated_source"],
-            context=fitted("context", "bytes"), workspace=fitted("workspace", "bytes"), allocator=alloc,
-            activation_factors=factors, throughput=thr, qlora_dequant=fitted("qlora_dequant", "s_per_gparam"),
+            context=_fitted_from_json(data, "context", "bytes", where),
+            workspace=_fitted_from_json(data, "workspace", "bytes", where), allocator=alloc,
+            activation_factors=factors, throughput=thr,
+            qlora_dequant=_fitted_from_json(data, "qlora_dequant", "s_per_gparam", where),
             holdout=holdout, stack=stack, holdout_by_method=holdout_by_method,
         )
 
@@ -794,3 +692,134 @@ def check_binding(prof: Profile, gpu_name: str) -> None:
         if mine is not None and other is not None and other != mine:
             raise ProfileError(f"profile {where} was measured on {seen} ({other}), not on {gpu_name!r}",
                                "calibrate this card, or remove the copied file")
+
+
+# -- reading a profile document (Profile.from_json's parts; each raises ProfileError naming the field) ----
+
+def _check_header(data: Any, where: str) -> None:
+    """The schema, its version, the required strings and maps, and the source's log name."""
+    _need_map(data, where)
+    if data.get("schema") != SCHEMA:
+        raise ProfileError(f"{where} is not a vramplan profile (schema {data.get('schema')!r})",
+                           "re-run `vramplan calibrate` to make one")
+    ver = data.get("version")
+    if ver != SCHEMA_VERSION:
+        raise ProfileError(f"{where} has profile schema version {ver!r}; this vramplan reads version {SCHEMA_VERSION}",
+                           "upgrade vramplan or re-run `vramplan calibrate`")
+    for k in ("gpu", "created", "allocated_source"):
+        if not isinstance(data.get(k), str) or not data.get(k):
+            raise ProfileError(f"{where}: field {k!r} must be a non-empty string")
+    for k in ("device", "versions", "source", "activation_factors", "throughput", "holdout"):
+        _need_map(data.get(k), f"{where}.{k}")
+    if not isinstance(data["source"].get("log"), str):
+        raise ProfileError(f"{where}: source.log must name the JSONL log")
+
+
+def _fitted_from_json(data: Mapping, key: str, name: str, where: str) -> Fitted | None:
+    """The fitted figure ``data[key][name]`` (bytes: whole and plausible; seconds per Gparam: below 1e6)."""
+    d = data.get(key)
+    if d is None:
+        return None
+    _need_map(d, f"{where}.{key}")
+    v = _num(d.get(name), f"{where}.{key}.{name}")
+    if v < 0:
+        raise ProfileError(f"{where}: {key}.{name} must be non-negative, got {v}")
+    if name == "bytes":
+        top = MAX_CONTEXT_BYTES if key == "context" else MAX_BYTES
+        if v > top or v != int(v):
+            raise ProfileError(f"{where}: {key}.bytes = {v:g} is implausible (whole bytes up to {top:,} expected)",
+                               "re-run `vramplan calibrate`")
+    elif v > 1e6:  # seconds per 1e9 weights: even a CPU's noisy tiny-model figure stays far below
+        raise ProfileError(f"{where}: {key}.{name} = {v:g} is implausible", "re-run `vramplan calibrate`")
+    return Fitted(v, _int(d.get("n", 0), f"{where}.{key}.n"), Residual.from_json(d.get("residual"), f"{where}.{key}.residual"))
+
+
+def _allocator_from_json(a: Any, where: str) -> AllocatorModel:
+    """``allocator``: slope in [0.5, 10], per-method corrections in [0.5, 2], plausible intercept, rounding, margin."""
+    w = f"{where}.allocator"
+    _need_map(a, w)
+    slope = _num(a.get("slope"), f"{w}.slope")
+    if not 0.5 <= slope <= 10:
+        raise ProfileError(f"{where}: allocator.slope {slope} is implausible (expected 0.5 to 10)")
+    by_method = a.get("by_method", {})
+    _need_map(by_method, f"{w}.by_method")
+    bm = {m: _num(k, f"{w}.by_method.{m}") for m, k in by_method.items()}
+    if any(not 0.5 <= k <= 2 for k in bm.values()):
+        raise ProfileError(f"{where}: allocator.by_method corrections must lie in [0.5, 2]")
+    icpt = _int(a.get("intercept_bytes"), f"{w}.intercept_bytes", signed=True)
+    rnd = _int(a.get("round_bytes", ALLOCATOR_ROUND), f"{w}.round_bytes")
+    if abs(icpt) > MAX_BYTES or not 0 < rnd <= 1 << 30:
+        raise ProfileError(f"{where}: allocator intercept_bytes / round_bytes are implausible",
+                           "re-run `vramplan calibrate`")
+    margin = _num(a.get("margin", 0.0), f"{w}.margin")
+    if not 0 <= margin <= MAX_MARGIN:
+        raise ProfileError(f"{where}: allocator.margin must lie in [0, {MAX_MARGIN:g}], got {margin}",
+                           "re-run `vramplan calibrate`")
+    loo = a.get("loo", {})
+    _need_map(loo, f"{w}.loo")
+    return AllocatorModel(slope, icpt, rnd, _int(a.get("n", 0), f"{w}.n"),
+                          Residual.from_json(a.get("residual"), f"{w}.residual"), bm, margin=margin,
+                          loo={m: Residual.from_json(r, f"{w}.loo.{m}") for m, r in loo.items()},
+                          trimmed=_int(a.get("trimmed", 0), f"{w}.trimmed"))
+
+
+def _factor_from_json(d: Any, w: str, where: str, method: str) -> Fitted:
+    """One method's activation factor, in (0, 100)."""
+    _need_map(d, w)
+    f = _num(d.get("factor"), f"{w}.factor")
+    if not 0 < f < 100:
+        raise ProfileError(f"{where}: activation factor of {method} must be in (0, 100), got {f}")
+    return Fitted(f, _int(d.get("n", 0), f"{w}.n"), Residual.from_json(d.get("residual"), f"{w}.residual"))
+
+
+def _throughput_from_json(d: Any, w: str) -> Throughput:
+    """One method's step-time model: the known features, non-negative coefficients, sorted plausible knots."""
+    _need_map(d, w)
+    feats = d.get("features", list(TIME_FEATURES))
+    if list(feats) != list(TIME_FEATURES):
+        raise ProfileError(f"{w}: unknown time-model features {feats}", "re-run `vramplan calibrate`")
+    coef_t = _coefficients(d.get("coef"), w)
+    knots = d.get("knots", [])
+    if not isinstance(knots, list) or any(not isinstance(k, list) or len(k) != 2 for k in knots):
+        raise ProfileError(f"{w}.knots must be a list of [tokens, tflops] pairs")
+    kn = tuple(sorted((_int(a, f"{w}.knots"), _num(b, f"{w}.knots")) for a, b in knots))
+    if any(a <= 0 or not 0 <= b <= MAX_TFLOPS for a, b in kn):
+        raise ProfileError(f"{w}.knots need positive tokens per step and TFLOP/s in [0, {MAX_TFLOPS:g}]",
+                           "re-run `vramplan calibrate`")
+    if coef_t is not None and any(c > 1e3 for c in coef_t):
+        raise ProfileError(f"{w}.coef holds an implausible step time ({max(coef_t):g} s per unit)",
+                           "re-run `vramplan calibrate`")
+    return Throughput(coef_t, kn, _int(d.get("n", 0), f"{w}.n"), Residual.from_json(d.get("residual"), f"{w}.residual"))
+
+
+def _coefficients(coef: Any, w: str) -> tuple[float, ...] | None:
+    if coef is None:
+        return None
+    if not isinstance(coef, list) or len(coef) != len(TIME_FEATURES):
+        raise ProfileError(f"{w}.coef must be null or a list of {len(TIME_FEATURES)} numbers")
+    coef_t = tuple(_num(c, f"{w}.coef") for c in coef)
+    if any(c < 0 for c in coef_t) or not any(c > 0 for c in coef_t):
+        raise ProfileError(f"{w}.coef must be non-negative and not all zero")
+    return coef_t
+
+
+def _holdout_by_method(hbm: Any, w: str) -> dict:
+    _need_map(hbm, w)
+    out = {}
+    for m, d in hbm.items():
+        _need_map(d, f"{w}.{m}")
+        out[m] = {k: Residual.from_json(v, f"{w}.{m}.{k}") for k, v in d.items()}
+    return out
+
+
+def _check_device(dev: Mapping, where: str) -> None:
+    """``device``: totals whole positive bytes, a known kind, string names."""
+    for k in ("total_bytes", "nvml_total_bytes"):
+        total = dev.get(k)
+        if total is not None and (isinstance(total, bool) or not isinstance(total, int) or not 0 < total <= MAX_BYTES):
+            raise ProfileError(f"{where}: device.{k} must be a positive whole number of bytes, got {total!r}")
+    if dev.get("kind") not in (None, "cuda", "cpu", "unknown"):
+        raise ProfileError(f"{where}: device.kind must be cuda or cpu, got {dev.get('kind')!r}")
+    for k in ("name", "nvml_name"):
+        if dev.get(k) is not None and not isinstance(dev.get(k), str):
+            raise ProfileError(f"{where}: device.{k} must be a string")

@@ -108,6 +108,17 @@ def render_method_limits(report, console: Console) -> None:
                 console.print(line, markup=False, highlight=False)
 
 
+def _tight_limits_note(report) -> str | None:
+    """The footnote of ``max b/seq``: the column is the comfortable limit; where more may fit (tight), up to what."""
+    tight = [f"{_row_label(r)} {getattr(r, 'max_batch_tight', 0) or '-'} / {getattr(r, 'max_seq_tight', 0):,}"
+             for r in report.rows if (getattr(r, "max_batch_tight", 0), getattr(r, "max_seq_tight", 0))
+             > (r.max_batch, r.max_seq)]
+    if not tight:
+        return None
+    return ("max b/seq: comfortable (the margin and the band's upper end under the card); tight (may fit) up to "
+            + "; ".join(tight))
+
+
 def render_fit(report, console: Console, top: int = 0, verbose: bool = False) -> None:
     """One row per method (its best plan); with ``top``, each method's ``top`` ranked plans and why they lose.
 
@@ -119,7 +130,7 @@ def render_fit(report, console: Console, top: int = 0, verbose: bool = False) ->
         console.print(f"[dim]model {report.model_resolved_from}[/dim]")
     t, footnotes = _fit_table(report)
     console.print(t)
-    for f in footnotes:
+    for f in ([_tight_limits_note(report)] if _tight_limits_note(report) else []) + footnotes:
         console.print(f"· {f}")
     render_method_limits(report, console)
     render_technique_advice(report, console, verbose=verbose)

@@ -59,6 +59,135 @@ class Constraint:
                 "hard": self.hard, "met": self.met, "text": self.text}
 
 
+def json_text(obj: Any) -> str:
+    """``json.dumps(obj, indent=2, allow_nan=False)``, to the byte, in about half its time.
+
+    The standard encoder has no C path once ``indent`` is set, and walks the tree through nested
+    generators; :class:`_JsonWriter` walks it with one call per container, writing leaves as
+    ``json`` does (its own string escaping, ``int.__repr__``/``float.__repr__``; NaN and infinities
+    refused). A value ``json`` would refuse, or a tree too deep to walk, is left to ``json.dumps``
+    to raise its own error.
+
+    Raises:
+        ValueError: a NaN or infinity (as ``json.dumps(..., allow_nan=False)``). TypeError: a value
+            that is not JSON.
+    """
+    import json
+
+    writer = _JsonWriter()
+    try:
+        return writer.text(obj)
+    except (_JsonRefused, RecursionError):
+        return json.dumps(obj, indent=2, allow_nan=False)  # raises what json raises (or agrees)
+
+
+_INF = float("inf")
+
+
+class _JsonRefused(Exception):
+    """A value :func:`json_text` leaves to ``json.dumps`` (which raises)."""
+
+
+class _JsonWriter:
+    """The text of ``json.dumps(obj, indent=2, allow_nan=False)`` (:func:`json_text`)."""
+
+    def __init__(self):
+        from json.encoder import encode_basestring_ascii
+
+        self.quote = encode_basestring_ascii
+        self.out: list[str] = []
+
+    def text(self, obj: Any) -> str:
+        t = self.leaf(obj)
+        if t is not None:
+            return t
+        self.walk(obj, "")
+        return "".join(self.out)
+
+    @staticmethod
+    def number(v: float) -> str:
+        if v != v or v == _INF or v == -_INF:
+            raise _JsonRefused
+        return float.__repr__(v)
+
+    def leaf(self, v) -> str | None:
+        """A scalar's text (json's order of checks), None for a container."""
+        cls = type(v)
+        if cls is float:
+            return self.number(v)
+        if cls is int:
+            return int.__repr__(v)
+        if isinstance(v, str):
+            return self.quote(v)
+        if v is None:
+            return "null"
+        if v is True:
+            return "true"
+        if v is False:
+            return "false"
+        if isinstance(v, int):
+            return int.__repr__(v)
+        if isinstance(v, float):
+            return self.number(v)
+        if isinstance(v, (list, tuple, dict)):
+            return None
+        raise _JsonRefused
+
+    def key(self, k) -> str:
+        if isinstance(k, str):
+            return self.quote(k)
+        if isinstance(k, float):
+            return self.quote(self.number(k))
+        if k is True or k is False or k is None:
+            return self.quote({True: "true", False: "false", None: "null"}[k])
+        if isinstance(k, int):
+            return self.quote(int.__repr__(k))
+        raise _JsonRefused
+
+    def walk(self, o, pad: str) -> None:
+        if not o:
+            self.out.append("{}" if isinstance(o, dict) else "[]")
+        elif isinstance(o, dict):
+            self.walk_dict(o, pad)
+        else:
+            self.walk_list(o, pad)
+
+    def walk_dict(self, o: dict, pad: str) -> None:
+        put, leaf, key, inner = self.out.append, self.leaf, self.key, pad + "  "
+        sep = ",\n" + inner
+        put("{\n" + inner)
+        first = True
+        for k, v in o.items():
+            if first:
+                first = False
+            else:
+                put(sep)
+            put(key(k) + ": ")
+            t = leaf(v)
+            if t is None:
+                self.walk(v, inner)
+            else:
+                put(t)
+        put("\n" + pad + "}")
+
+    def walk_list(self, o, pad: str) -> None:
+        put, leaf, inner = self.out.append, self.leaf, pad + "  "
+        sep = ",\n" + inner
+        put("[\n" + inner)
+        first = True
+        for v in o:
+            if first:
+                first = False
+            else:
+                put(sep)
+            t = leaf(v)
+            if t is None:
+                self.walk(v, inner)
+            else:
+                put(t)
+        put("\n" + pad + "]")
+
+
 @dataclass
 class Estimate:
     """A prediction of one configuration's peak memory (per GPU) and, with a GPU, its speed.

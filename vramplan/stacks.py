@@ -293,7 +293,15 @@ def behaviours() -> dict[str, Behaviour]:
 
 @lru_cache(maxsize=None)
 def installed_version(package: str) -> str | None:
-    """The installed version of ``package`` from its metadata (never imports it), or None."""
+    """The installed version of ``package`` from its metadata (never imports it), or None.
+
+    The answer of ``importlib.metadata.version``; the common layout (``.dist-info`` folders on
+    ``sys.path``) is read directly (:func:`_dist_info_version`), since importing
+    ``importlib.metadata`` costs the planning path a third of its start-up; anything else asks it.
+    """
+    found, version = _dist_info_version(package)
+    if found:
+        return version
     from importlib import metadata
 
     try:
@@ -302,6 +310,59 @@ def installed_version(package: str) -> str | None:
         return None
     except Exception:  # pragma: no cover - a broken distribution
         return None
+
+
+def _normal_name(name: str) -> str:
+    """A distribution name as ``importlib.metadata`` compares it (PEP 503, ``-`` as ``_``)."""
+    import re
+
+    return re.sub(r"[-_.]+", "-", name).lower().replace("-", "_")
+
+
+def _dist_info_version(package: str) -> tuple[bool, str | None]:
+    """(settled, version): ``importlib.metadata.version(package)`` where the answer is plain to see.
+
+    It searches ``sys.path`` in order for the first ``<name>-<version>.dist-info`` folder whose
+    normalised name is ``package``'s and reads the ``Version`` header of its ``METADATA``, as
+    ``importlib.metadata``'s path finder does. Settled False (ask ``importlib.metadata``) when
+    anything else could answer first: another distribution finder on ``sys.meta_path``, a zip or
+    ``.egg`` on ``sys.path``, an ``.egg-info`` of that name, or an unreadable ``METADATA``.
+    """
+    import os
+    import sys
+
+    for finder in sys.meta_path:
+        if getattr(finder, "find_distributions", None) is not None and getattr(finder, "__name__", "") != "PathFinder":
+            return False, None
+    want = _normal_name(package)
+    for entry in sys.path:
+        root = entry or "."
+        if not isinstance(entry, str) or entry.lower().endswith(".egg") or os.path.isfile(root):
+            return False, None
+        try:
+            children = os.listdir(root)
+        except OSError:
+            continue  # not a folder (a path hook's name): importlib.metadata finds nothing there either
+        for child in children:
+            low = child.lower()
+            if not low.endswith((".dist-info", ".egg-info")):
+                continue
+            if _normal_name(low.rpartition(".")[0].partition("-")[0]) != want:
+                continue
+            if low.endswith(".egg-info"):
+                return False, None
+            try:
+                with open(os.path.join(root, child, "METADATA"), encoding="utf-8") as fh:
+                    for line in fh:
+                        if not line.strip():
+                            break
+                        key, sep, value = line.partition(":")
+                        if sep and key.strip().lower() == "version":
+                            return True, value.strip()
+            except OSError:
+                pass
+            return False, None
+    return True, None
 
 
 def package_version(package: str, versions=()) -> tuple[str | None, str]:

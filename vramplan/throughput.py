@@ -90,6 +90,7 @@ PPO runs one epoch of updates per rollout (TRL's ``num_ppo_epochs`` multiplies t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -100,7 +101,7 @@ from .memory import model_state
 from .methods import LOW_RANK, Adapter, Forward
 from .methods.generation import generation_work
 from .models import ModelSpec
-from .optimizers import get_optimizer
+from .optimizers import DEFAULT_OPTIMIZER, get_optimizer
 from .precision import DTYPE_BYTES
 from .taxonomy import Component
 
@@ -192,93 +193,127 @@ def _adapted_shapes(spec: ModelSpec, cfg: TrainConfig) -> list[tuple[int, int, i
 
 
 def step_work(spec: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepWork:
-    """What one micro-step of ``cfg`` does on ``spec`` (arrays broadcast over ``batch`` and ``seq``)."""
+    """What one micro-step of ``cfg`` does on ``spec`` (arrays broadcast over ``batch`` and ``seq``):
+    the passes of the model copies (:func:`_pass_work`), the rollout of a method that generates
+    (:func:`_rollout_work`) and the adapters' own matmuls (:func:`_adapter_work`)."""
     recipe = cfg.recipe
-    regime = cfg.regime
     b = np.asarray(cfg.batch if batch is None else batch, dtype=np.float64)
     s = np.asarray(cfg.seq if seq is None else seq, dtype=np.float64)
     zeros = np.zeros(np.broadcast(b, s).shape)
     tokens = b * s * recipe.sequences_per_example + zeros
-    body = _body_params(spec)
-    L, h = spec.num_layers, spec.hidden_size
+    p = _pass_work(spec, cfg, tokens, s, zeros)
+    train_dequant = p.dequant
+    r = _rollout_work(spec, cfg, b, s, zeros) if recipe.behaviour.generates else None
+    if r is not None:
+        p.passes += r.passes
+        if recipe.adapter.quantized_base:
+            p.dequant += spec.linear_params / 1e9 * r.dequant_passes
+    adapter, dora = _adapter_work(spec, cfg, tokens, zeros)
+    rollout = zeros.copy() if r is None else r.scoring_flops + zeros
+    return StepWork(tokens=tokens, batch=b + zeros, model_flops=p.flops + rollout, adapter_flops=adapter,
+                    rollout_flops=rollout,
+                    prefill_flops=zeros.copy() if r is None else r.prefill_flops + zeros,
+                    prefill_tokens=zeros.copy() if r is None else r.prefill_tokens + zeros,
+                    decode_bytes=zeros.copy() if r is None else r.decode_bytes + zeros,
+                    decode_flops=zeros.copy() if r is None else r.decode_flops + zeros,
+                    eager_bytes=p.eager, layer_passes=p.passes, gen_tokens=0 if r is None else r.generated_tokens,
+                    layers=spec.num_layers, hidden=spec.hidden_size, dequant_gparams=p.dequant,
+                    train_dequant_gparams=train_dequant, dora_params=dora)
+
+
+@dataclass
+class _Passes:
+    """The passes of a step's model copies over its tokens: matmul FLOPs, eager attention's score bytes,
+    sequential passes over the layers and NF4 weights dequantised (1e9)."""
+
+    flops: np.ndarray
+    eager: np.ndarray
+    passes: int = 0
+    dequant: float = 0.0
+
+    def forward(self, n, fwd, tokens, score, quant_linear: float) -> None:
+        """``n`` no-grad forwards of ``fwd`` FLOPs (a frozen copy, a scoring or an extra forward)."""
+        self.flops = self.flops + n * fwd
+        self.passes += n
+        self.eager = self.eager + n * tokens * score * EAGER_FWD_BYTES
+        self.dequant += n * quant_linear
+
+
+def _pass_work(spec: ModelSpec, cfg: TrainConfig, tokens, s, zeros) -> _Passes:
+    """Every forward and backward of the recipe's copies (and the roles sharing the policy's weights).
+
+    A copy's forward is ``2 (body + head)`` FLOPs per token plus ``4 seq q_dim`` per layer for
+    attention; a trained copy's backward is twice the forward's matmuls when it trains fully (else
+    once: the input gradient only) and twice its attention, and gradient checkpointing recomputes the
+    forward. A method that generates scores with a no-grad forward of its training copies; the
+    method's extra no-grad forwards (KTO's KL estimate) come from ``Behaviour.extra_forwards``.
+    """
+    recipe = cfg.recipe
+    body, h, L = _body_params(spec), spec.hidden_size, spec.num_layers
     attn_fwd = 4 * s * spec.q_dim * L  # per token
     gc = 1 if cfg.grad_ckpt else 0
-    flops = zeros.copy()
-    eager = zeros.copy()
-    passes = 0
-    dequant = 0.0
     quant_linear = spec.linear_params / 1e9
     score = s * spec.num_heads * L if cfg.attn == "eager" else zeros  # score elements per token
     extra = dict(recipe.behaviour.extra_forwards)
+    w = _Passes(flops=zeros.copy(), eager=zeros.copy())
     for c in recipe.copies:
         head = spec.vocab_size * h if c.head == "lm" else h
         fwd_mm = 2 * (body + head)
         fwd = (fwd_mm + attn_fwd) * tokens
+        q = quant_linear if c.quantized else 0.0
         if c.forward is Forward.GRAD:
-            full = c.adapter is Adapter.FULL
-            bwd = ((2 * fwd_mm if full else fwd_mm) + 2 * attn_fwd) * tokens
-            flops += fwd * (1 + gc) + bwd
-            passes += 2 + gc
-            eager += tokens * score * (EAGER_FWD_BYTES * (1 + gc) + EAGER_BWD_BYTES)
-            if c.quantized:
-                dequant += quant_linear * (2 + gc)
+            bwd = ((2 * fwd_mm if c.adapter is Adapter.FULL else fwd_mm) + 2 * attn_fwd) * tokens
+            w.flops = w.flops + (fwd * (1 + gc) + bwd)
+            w.passes += 2 + gc
+            w.eager = w.eager + tokens * score * (EAGER_FWD_BYTES * (1 + gc) + EAGER_BWD_BYTES)
+            w.dequant += q * (2 + gc)
             if recipe.behaviour.generates:  # no-grad scoring forward of a training copy
-                flops += fwd
-                passes += 1
-                eager += tokens * score * EAGER_FWD_BYTES
-                if c.quantized:
-                    dequant += quant_linear
+                w.forward(1, fwd, tokens, score, q)
         elif c.forward is Forward.NO_GRAD:
-            flops += fwd
-            passes += 1
-            eager += tokens * score * EAGER_FWD_BYTES
-            if c.quantized:
-                dequant += quant_linear
-        n = extra.get(c.role.value, 0)  # the method's extra no-grad forwards (KTO's KL estimate)
-        flops, passes = flops + n * fwd, passes + n
-        eager, dequant = eager + n * tokens * score * EAGER_FWD_BYTES, dequant + n * quant_linear * c.quantized
-    for _role in recipe.shared_roles:
-        n = 1 + extra.get(_role.value, 0)
-        flops += n * (2 * (body + spec.vocab_size * h) + attn_fwd) * tokens
-        passes += n
-        eager += n * tokens * score * EAGER_FWD_BYTES
-        if recipe.adapter.quantized_base:
-            dequant += n * quant_linear
-    train_dequant = dequant
-    gen = 0
-    rollout = zeros.copy()
-    prefill = zeros.copy()
-    prefill_tokens = zeros.copy()
-    decode_bytes = zeros.copy()
-    decode_flops = zeros.copy()
-    if recipe.behaviour.generates:
-        gw = generation_work(spec, regime, recipe.copies[0], recipe.behaviour.generation(cfg), b, s,
-                             2 * (body + spec.vocab_size * h))
-        gen = gw.generated_tokens
-        rollout = gw.scoring_flops + zeros
-        passes += gw.passes
-        if recipe.adapter.quantized_base:
-            dequant += quant_linear * gw.dequant_passes
-        prefill_tokens, prefill = gw.prefill_tokens + zeros, gw.prefill_flops + zeros
-        decode_bytes, decode_flops = gw.decode_bytes + zeros, gw.decode_flops + zeros
+            w.forward(1, fwd, tokens, score, q)
+        w.forward(extra.get(c.role.value, 0), fwd, tokens, score, quant_linear * c.quantized)
+    shared_q = quant_linear if recipe.adapter.quantized_base else 0.0
+    for role in recipe.shared_roles:  # the policy's weights in another role (PEFT's adapter-disabled reference)
+        n = 1 + extra.get(role.value, 0)
+        w.flops = w.flops + n * (2 * (body + spec.vocab_size * h) + attn_fwd) * tokens
+        w.passes += n
+        w.eager = w.eager + n * tokens * score * EAGER_FWD_BYTES
+        w.dequant += n * shared_q
+    return w
+
+
+def _rollout_work(spec: ModelSpec, cfg: TrainConfig, b, s, zeros):
+    """The rollout's work (:func:`vramplan.methods.generation.generation_work`): the prompt's prefill,
+    the decoding of every generated token and the scoring forwards, as the method's generation says."""
+    recipe = cfg.recipe
+    fwd_mm = 2 * (_body_params(spec) + spec.vocab_size * spec.hidden_size)
+    return generation_work(spec, cfg.regime, recipe.copies[0], recipe.behaviour.generation(cfg), b, s, fwd_mm)
+
+
+def _adapter_work(spec: ModelSpec, cfg: TrainConfig, tokens, zeros):
+    """``(adapter FLOPs, DoRA's weight-norm parameters)`` of one micro-step: LoRA's own matmuls,
+    ``6 r (in + out)`` per adapted linear and token for each trained low-rank copy (forward, input and
+    weight gradients; ``2 r (in + out)`` more per recomputed forward), ``2 r (in + out)`` for a
+    generating method's scoring forward; DoRA multiplies ``B A`` (``2 r in out``) per forward to take
+    the weight norm and reads every adapted weight for it."""
+    recipe = cfg.recipe
     adapter = zeros.copy()
-    dora = 0.0
     shapes = _adapted_shapes(spec, cfg)
-    if shapes:
-        lora_per_token = sum(6 * cfg.rank * (i + o) * n for i, o, n in shapes)
-        fwd_per_token = sum(2 * cfg.rank * (i + o) * n for i, o, n in shapes)
-        grad_copies = [c for c in recipe.copies if c.forward is Forward.GRAD and c.adapter in LOW_RANK]
-        forwards = 1 + gc + (1 if recipe.behaviour.generates else 0)
-        adapter += len(grad_copies) * tokens * (lora_per_token + gc * fwd_per_token)
-        if recipe.behaviour.generates:
-            adapter += tokens * fwd_per_token
-        if recipe.adapter.dora:
-            dora = float(sum(i * o * n for i, o, n in shapes) * forwards)
-            adapter += sum(2 * cfg.rank * i * o * n for i, o, n in shapes) * forwards
-    return StepWork(tokens=tokens, batch=b + zeros, model_flops=flops + rollout, adapter_flops=adapter, rollout_flops=rollout,
-                    prefill_flops=prefill, prefill_tokens=prefill_tokens, decode_bytes=decode_bytes,
-                    decode_flops=decode_flops, eager_bytes=eager, layer_passes=passes, gen_tokens=gen, layers=L,
-                    hidden=h, dequant_gparams=dequant, train_dequant_gparams=train_dequant, dora_params=dora)
+    if not shapes:
+        return adapter, 0.0
+    gc = 1 if cfg.grad_ckpt else 0
+    lora_per_token = sum(6 * cfg.rank * (i + o) * n for i, o, n in shapes)
+    fwd_per_token = sum(2 * cfg.rank * (i + o) * n for i, o, n in shapes)
+    grad_copies = [c for c in recipe.copies if c.forward is Forward.GRAD and c.adapter in LOW_RANK]
+    forwards = 1 + gc + (1 if recipe.behaviour.generates else 0)
+    adapter += len(grad_copies) * tokens * (lora_per_token + gc * fwd_per_token)
+    if recipe.behaviour.generates:
+        adapter += tokens * fwd_per_token
+    dora = 0.0
+    if recipe.adapter.dora:
+        dora = float(sum(i * o * n for i, o, n in shapes) * forwards)
+        adapter += sum(2 * cfg.rank * i * o * n for i, o, n in shapes) * forwards
+    return adapter, dora
 
 
 def flops_per_token(spec: ModelSpec, cfg: TrainConfig, seq=None) -> np.ndarray:
@@ -319,7 +354,9 @@ class StepTime:
 
         def pick(v) -> float:
             a = np.asarray(v, dtype=np.float64)
-            return float(a if a.ndim == 0 else np.broadcast_to(a, shape)[index])
+            if a.ndim == 0:
+                return float(a)
+            return float((a if a.shape == shape else np.broadcast_to(a, shape))[index])
 
         scalars = {k: pick(getattr(self, k)) for k in ("step_s", "micro_s", "optimizer_s", "comm_s", "host_s",
                                                           "tokens_per_step", "tokens_per_s", "achieved_tflops", "mfu")}
@@ -335,7 +372,7 @@ class StepTime:
                 "source": self.source, "parts_s": {k: f(v) for k, v in self.parts.items()}}
 
 
-_LOAD = object()  # step_time(profile=...) default: look the card's profile up
+_LOAD = object()  # StepTimeInputs(profile=...) default: look the card's profile up
 
 
 def _profile(gpu: GPUSpec):
@@ -369,27 +406,69 @@ def _optimizer_seconds(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, par: Par
     return P / shard * per / bw
 
 
+@dataclass(frozen=True)
+class StepTimeInputs:
+    """:func:`step_time`'s optional inputs: whether the card's calibration profile is used, and what
+    a caller already has (a search passes them once for many candidates)."""
+
+    use_profile: bool = True  #: False ignores the card's calibration profile (the defaults only)
+    profile: Any = _LOAD      #: an already loaded profile (or None) to skip the lookup
+    state: Any = None         #: ``model_state(spec, cfg)`` (a :class:`vramplan.memory.ModelState`)
+    sharded: Any = None       #: ``shard_state(...)`` (a :class:`vramplan.distributed.ShardedState`)
+
+
+#: the defaults: look the card's profile up, compute the model state
+DEFAULT_INPUTS = StepTimeInputs()
+#: the default efficiencies only (benchmarks comparing against them)
+NO_PROFILE = StepTimeInputs(use_profile=False)
+
+
 def step_time(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, batch=None, seq=None, *, grad_accum: int | None = None,
-              parallel: Parallel = SINGLE, use_profile: bool = True, profile=_LOAD, state=None,
-              sharded=None) -> StepTime:
+              parallel: Parallel = SINGLE, inputs: StepTimeInputs = DEFAULT_INPUTS) -> StepTime:
     """Seconds per optimiser step and tokens/s of ``cfg`` on ``gpu`` (arrays over ``batch``/``seq``).
 
     Args:
         spec, cfg: the model and the validated configuration (shapes per micro-batch and GPU).
-        gpu: the card; its calibration profile is used when one ships (``use_profile``).
+        gpu: the card; its calibration profile is used when one ships (``inputs.use_profile``).
         batch, seq: override the config's micro-batch / sequence (numpy arrays broadcast).
         grad_accum: micro-steps per optimiser step (default ``cfg.grad_accum``; may be an array).
         parallel: GPUs and sharding strategy (communication and the sharded optimiser).
-        use_profile: False ignores the card's calibration profile (the defaults only).
-        profile: an already loaded profile (or None) to skip the lookup; a search passes it once.
-        state, sharded: ``model_state(spec, cfg)`` and ``shard_state(...)`` when the caller has them.
+        inputs: :class:`StepTimeInputs` -- :data:`NO_PROFILE` for the defaults only; a loaded profile,
+            the model state and the sharded state when the caller has them.
 
     Returns:
         :class:`StepTime`; ``source`` names the profile or the default efficiencies used.
     """
+    return _step_time(spec, cfg, gpu, batch, seq, grad_accum=grad_accum, parallel=parallel, inputs=inputs)
+
+
+def step_time_rows(spec: ModelSpec, cfgs: list[TrainConfig], gpu: GPUSpec, batch=None, *, grad_accum=None,
+                   parallel: Parallel = SINGLE, inputs: list[StepTimeInputs] | None = None) -> list[StepTime]:
+    """:func:`step_time` of each of ``cfgs`` over the same ``batch``/``grad_accum`` grid, equal to it.
+
+    The work of a step (:func:`step_work`) does not depend on the optimiser: it is counted once
+    per configuration that differs in more than its optimiser. ``inputs``: each config's
+    :class:`StepTimeInputs` (None: the defaults for all).
+    """
+    works: dict = {}
+    out = []
+    for i, cfg in enumerate(cfgs):
+        k = cfg.with_(optimizer=DEFAULT_OPTIMIZER)
+        if k not in works:
+            works[k] = step_work(spec, cfg, batch)
+        out.append(_step_time(spec, cfg, gpu, batch, grad_accum=grad_accum, parallel=parallel,
+                              inputs=DEFAULT_INPUTS if inputs is None else inputs[i], work=works[k]))
+    return out
+
+
+def _step_time(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, batch=None, seq=None, *, grad_accum=None,
+               parallel: Parallel = SINGLE, inputs: StepTimeInputs = DEFAULT_INPUTS,
+               work: StepWork | None = None) -> StepTime:
+    """:func:`step_time`; ``work``: ``step_work(spec, cfg, batch, seq)`` when the caller has it."""
+    use_profile, profile, state, sharded = inputs.use_profile, inputs.profile, inputs.state, inputs.sharded
     a = np.asarray(cfg.grad_accum if grad_accum is None else grad_accum, dtype=np.float64)
     regime = cfg.regime
-    w = step_work(spec, cfg, batch, seq)
+    w = step_work(spec, cfg, batch, seq) if work is None else work
     eff = card_efficiency(gpu)
     peak = gpu.tensor_tflops(regime.compute_dtype) * 1e12
     bw = gpu.bandwidth_gbs * 1e9 * eff.bandwidth

@@ -95,6 +95,16 @@ def classify(peak_bytes: int | float, capacity_bytes: int | float, band_hi: floa
     peak (:func:`vramplan.bands.band_for`; ``lo <= 0 <= hi``): "comfortable" needs
     ``peak x (1 + hi) <= capacity`` (and the 15 % headroom), "no" needs ``peak x (1 + lo) > capacity``.
     """
+    args = (peak_bytes, capacity_bytes, band_hi, band_lo)
+    if all(type(x) in (int, float) for x in args) and band_lo == band_lo and band_hi == band_hi:
+        # plain numbers (a search classifies thousands of plans): :func:`classify_array`'s arithmetic in
+        # Python floats -- the same IEEE double operations, the same answer, without numpy's per-call cost
+        peak, cap = float(peak_bytes), float(capacity_bytes)
+        hi, lo = max(float(band_hi), 0.0), min(max(float(band_lo), -0.99), 0.0)
+        if peak * (1.0 + lo) > cap:
+            return Verdict.NO
+        return Verdict.COMFORTABLE if peak <= COMFORTABLE_FRACTION * cap and peak * (1.0 + hi) <= cap \
+            else Verdict.TIGHT
     return VERDICTS[int(classify_array(peak_bytes, capacity_bytes, band_hi, band_lo))]
 
 

@@ -518,7 +518,7 @@ def _build_wrapped(spec: ModelSpec, cfg: TrainConfig, job: dict, tracker):
     trainee = Trainee(spec=spec, cfg=cfg, recipe=cfg.recipe, regime=regime, device="cpu", fake=False, copies={},
                       optimizer=None, hooks=tracker, notes=notes)
     tracker.phase(P.LOAD)
-    attn = attn_impl(cfg, "cpu", False, notes)
+    attn = attn_impl(cfg, "cpu", False, notes, spec)
     for copy in cfg.recipe.copies:
         trainee.copies[copy.role] = build_copy(trainee, copy, attn)
     pol = trainee.copies[Role.POLICY]

@@ -66,13 +66,32 @@ class Scored:
     band: tuple[float, float] | None = None
     band_from: str = ""
     longest_seq: int | None = None  # a capacity row (limit max_seq): the planner's longest sequence on the card
+    seq_curve: tuple | None = None  # (sequence grid, device totals) of a capacity row
 
     @property
     def capacity_error(self) -> float | None:
-        """Predicted longest sequence / published longest - 1 (positive: the planner promises more: unsafe)."""
+        """Raw longest sequence (central prediction at the card) / published longest - 1: the reserve's evidence."""
         if self.longest_seq is None or not self.record.config.seq:
             return None
         return self.longest_seq / self.record.config.seq - 1.0
+
+    @property
+    def comfortable_seq(self) -> int | None:
+        """The longest sequence the planner calls comfortable with this row's band (what ``fit`` says as max_seq)."""
+        if self.seq_curve is None or not self.capacity:
+            return None
+        from ..planner.limits import verdict_limits
+
+        lo, hi = self.band if self.band else (0.0, 0.0)
+        return verdict_limits(*self.seq_curve, self.capacity, hi, lo)[0]
+
+    @property
+    def comfortable_capacity_error(self) -> float | None:
+        """Comfortable longest sequence / published longest - 1 (positive: the planner promises more: unsafe)."""
+        c = self.comfortable_seq
+        if c is None or not self.record.config.seq:
+            return None
+        return c / self.record.config.seq - 1.0
 
     @property
     def measured(self) -> int | None:
@@ -239,23 +258,26 @@ def score_one(record: MeasurementRecord) -> Scored:
     elif s.capacity is None:
         s.status, s.reason = "skipped", f"{m.outcome} without a stated card capacity"
     elif m.limit == "max_seq":
-        s.longest_seq = _longest_seq(record, est)
+        from ..planner.limits import fitting_prefix
+
+        s.seq_curve = _seq_curve(record, est)
+        n = int(fitting_prefix(s.seq_curve[1], s.capacity))
+        s.longest_seq = int(s.seq_curve[0][n - 1]) if n else 0
     return s
 
 
-def _longest_seq(record: MeasurementRecord, est) -> int:
-    """The planner's longest sequence at the record's batch on its card (grid of ~400 steps up to 2x the published)."""
+def _seq_curve(record: MeasurementRecord, est) -> tuple:
+    """(grid, device totals) of the record's configuration at its batch on its card (~400 steps up to 2x the
+    published sequence)."""
     from ..models import get_model
     from ..planner.checks import resolve_gpu
-    from ..planner.limits import device_totals, fitting_prefix
+    from ..planner.limits import device_totals
 
     card = resolve_gpu(record.device.name, record.device.memory_bytes if record.device.name is None else None)
     top = 2 * int(record.config.seq)
     step = max(16, top // 400)
     grid = np.arange(step, top + 1, step)
-    n = int(fitting_prefix(device_totals(get_model(record.config.model), est.config, card, batch=est.config.batch,
-                                         seq=grid), card.memory_bytes))
-    return int(grid[n - 1]) if n else 0
+    return grid, device_totals(get_model(record.config.model), est.config, card, batch=est.config.batch, seq=grid)
 
 
 def score(records: Iterable[MeasurementRecord]) -> list[Scored]:
@@ -354,6 +376,20 @@ def loso_bands(scored: list[Scored]) -> list[Scored]:
     return scored
 
 
+def shipped_bands(scored: list[Scored]) -> list[Scored]:
+    """Set each row's band to the one the planner ships (``vramplan/data/bands.json``, fitted on the shipped
+    corpus; :func:`vramplan.bands.band_for`): how held-out tables are scored, as a user would be told."""
+    from ..bands import band_for
+
+    for s in scored:
+        outcome = s.status in ("oom", "fit_only") and s.device is not None
+        if not outcome and (s.status not in ("scored", "estimated") or s.ratio is None):
+            continue
+        b = band_for(s.stack, s.method or "?")
+        s.band, s.band_from = (b.lo, b.hi), f"shipped {b.level} {b.key} ({b.rows} rows)"
+    return scored
+
+
 def fit_bands(scored: list[Scored]) -> dict[str, dict]:
     """Bands from every source: ``{"stack+method": {...}, "stack": {...}}`` -> lo, hi, n, sources."""
     pool = [s for s in scored if s.status == "scored" and s.ratio is not None]
@@ -394,8 +430,10 @@ class Summary:
     fit_only_raw_no: int = 0             # fit-only rows whose central predicted peak exceeds the card
     fit_only_tight: int = 0              # fit-only rows the verdict calls tight
     capacity_rows: int = 0               # fit-only rows that are a published longest sequence
-    capacity_median: float | None = None  # median of predicted/published longest sequence - 1
-    capacity_over: int = 0               # capacity rows whose predicted longest sequence exceeds the published
+    capacity_median: float | None = None  # median of comfortable longest sequence / published - 1 (what fit says)
+    capacity_over: int = 0               # capacity rows whose comfortable longest sequence exceeds the published
+    capacity_raw_median: float | None = None  # the same with the raw limit (central prediction at the card)
+    capacity_raw_over: int = 0
     skip_reasons: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -425,8 +463,10 @@ def summarize(scored: list[Scored]) -> Summary:
         oom_raw_fit=sum(bool(s.fits) for s in oom), oom_tight=sum(s.verdict == "tight" for s in oom),
         fit_only_raw_no=sum(s.fits is False for s in fo), fit_only_tight=sum(s.verdict == "tight" for s in fo),
         capacity_rows=len(cap),
-        capacity_median=float(np.median([s.capacity_error for s in cap])) if cap else None,
-        capacity_over=sum(s.capacity_error > 0 for s in cap),
+        capacity_median=float(np.median([s.comfortable_capacity_error for s in cap])) if cap else None,
+        capacity_over=sum(s.comfortable_capacity_error > 0 for s in cap),
+        capacity_raw_median=float(np.median([s.capacity_error for s in cap])) if cap else None,
+        capacity_raw_over=sum(s.capacity_error > 0 for s in cap),
         skip_reasons=dict(Counter(s.reason for s in scored if s.status == "skipped")),
     )
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from ..errors import VramplanError
 from ..methods import report_words, takes_adapter_choice
-from .record import Device, Measurement, MeasurementRecord, RunConfig, Source, from_log, SCHEMA
+from .record import QUANTITIES, Device, Measurement, MeasurementRecord, RunConfig, Source, from_log, SCHEMA
 
 UNITS = {"GB": 10**9, "GiB": 2**30, "MB": 10**6, "MiB": 2**20, "B": 1}
 
@@ -68,6 +68,8 @@ DEFAULT_COLUMNS = {
     "rank": "lora_r", "targets": "lora_targets", "precision": "base_precision", "optimizer": "optimizer",
     "batch": "micro_batch", "seq": "seq_len", "grad_ckpt": "grad_ckpt", "attn": "attn_impl", "gpu": "gpu",
     "value": "peak_mem_gib", "tokens_per_s": "tokens_per_s", "kind": "measured_or_estimated", "notes": "notes",
+    # optional per-row columns (a third-party table may state them per row; else the source's reading)
+    "unit": "unit", "quantity": "quantity",
 }
 
 
@@ -108,31 +110,66 @@ def _unknown(text: str) -> bool:
     return text.strip().lower().split(" (")[0].strip() in _UNKNOWN
 
 
+_UNIT_WORDS = {u.lower(): u for u in UNITS}
+
+
+def _unit_of(word: str, default: str) -> str:
+    """A unit printed in a cell (any case: ``gb``, ``GiB``, ``MiB``), else ``default`` (a bare ``G`` is the source's)."""
+    return _UNIT_WORDS.get(word.strip().lower(), default)
+
+
 def parse_value(text: str, unit: str) -> tuple[str, int | None, str]:
     """(outcome, bytes per GPU or None, note) from a published memory cell in ``unit``.
 
     ``"OOM"``/``"OOM (40000)"`` -> oom; ``"fits (no number)"`` -> fit_only; ``"72-80"`` -> 72 (low end);
-    ``"2*24G"`` -> 24 per GPU; a unit suffix in the cell (``22.8G``, ``40G``) is read as ``unit``.
+    ``"2*24G"`` -> 24 per GPU; a unit suffix in the cell (``22.8G``, ``40G``, ``44.8 gb``) is read as printed
+    (``gb``/``GiB`` in any case; a bare ``G`` is the source's unit); ``"~9.5"`` / ``"about 9.5"`` -> 9.5;
+    thousands separators (``"18,432 MiB"``) are dropped; an upper bound (``"<=24 GB"``, ``"< 24"``) says the run
+    fitted under it and no more: fit_only.
     """
     t = text.strip()
     low = t.lower()
-    if low.startswith("oom"):
+    if low.startswith("oom") or "out of memory" in low:
         return "oom", None, ""
     if low.startswith("fit") or "no number" in low:
         return "fit_only", None, ""
-    note = ""
+    if low.startswith(("<", "\u2264", "under ", "below ")):
+        return "fit_only", None, f"an upper bound ({t}): the run fitted under it"
+    t = re.sub(r"(?i)^\s*(~|\u2248|approx\.?|approximately|about|ca\.?)\s*", "", t)
+    t = re.sub(r"(?<=\d),(?=\d{3}\b)", "", t)
+    note = "approximate as published" if t != text.strip() and not re.search(r"\d,\d{3}", text) else ""
     m = re.fullmatch(r"\s*(\d+)\s*\*\s*([\d.]+)\s*[a-z]*\s*", t, re.I)
     if m:
         t, note = m.group(2), f"{m.group(1)} GPUs x {m.group(2)} (per GPU)"
-    m = re.fullmatch(r"\s*([\d.]+)\s*-\s*([\d.]+)\s*", t)
+    m = re.fullmatch(r"\s*([\d.]+)\s*-\s*([\d.]+)\s*([a-z]*)\s*", t, re.I)
     if m:
-        t, note = m.group(1), f"range {m.group(0).strip()}: read at its low end"
-    m = re.match(r"\s*([\d.]+)\s*([a-z]*)", t, re.I)
-    if not m:
-        raise VramplanError(f"cannot read a memory figure from {text!r}", "use a number, OOM, or 'fits (no number)'")
-    if m.group(2) in UNITS:  # a unit printed in the cell ("44.8 GB" among GiB rows) wins over the source's
-        unit = m.group(2)
+        t, note = m.group(1) + m.group(3), f"range {m.group(0).strip()}: read at its low end"
+    m = re.match(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*([a-z]*)", t, re.I)
+    if not m or float(m.group(1)) <= 0:
+        raise VramplanError(f"cannot read a memory figure from {text!r}",
+                            "use a positive number (with GB/GiB/MB/MiB if not the source's unit), OOM, or 'fits (no number)'")
+    unit = _unit_of(m.group(2), unit)  # a unit printed in the cell ("44.8 GB" among GiB rows) wins over the source's
     return "measured", int(round(float(m.group(1)) * UNITS[unit])), note
+
+
+#: how third-party tables name the quantity they printed -> the record's quantity
+_QUANTITY_WORDS = (("active", "torchtune_active"), ("reserved", "max_reserved"), ("allocated", "max_allocated"),
+                   ("nvidia-smi", "device_total"), ("nvml", "device_total"), ("device", "device_total"),
+                   ("total", "device_total"), ("smi", "device_total"))
+
+
+def parse_quantity(text: str, default: str) -> tuple[str, str]:
+    """(quantity, note) from a per-row quantity cell (``max_memory_allocated``, ``reserved``, ``nvidia-smi``,
+    ``torchtune active``, a record name); empty: the source's ``default``; unrecognised: ``unknown_peak``."""
+    t = text.strip().lower()
+    if _unknown(t):
+        return default, ""
+    if t in QUANTITIES:
+        return t, ""
+    for word, q in _QUANTITY_WORDS:
+        if word in t:
+            return q, ""
+    return "unknown_peak", f"quantity {text.strip()!r} not recognised: read as a peak of unknown kind"
 
 
 def parse_seq(text: str) -> tuple[int | None, str, bool | None]:
@@ -266,6 +303,8 @@ def parse_optimizer(text: str) -> tuple[str | None, str]:
     t = text.lower()
     if "galore" in t:
         return None, "GaLore is not an optimizer the planner models"
+    if "rmsprop" in t:
+        return None, "RMSprop is not an optimizer the planner models"
     if "paged" in t and "8" in t:
         return "paged_adamw_8bit", ""
     if "8bit" in t or "8-bit" in t:
@@ -345,7 +384,8 @@ def record_from_row(row: dict, i: int, mapping: Mapping) -> MeasurementRecord:
     seq, bound, packing = parse_seq(_cell(row, mapping, "seq"))
     if seq is None and sm.seq_unknown:
         seq, bound = sm.seq_unknown, "max"
-        notes.append(f"sequence not stated: the dataset's longest sample, {sm.seq_unknown} tokens, as the bound")
+        notes.append(f"sequence not stated: {sm.seq_unknown} tokens as the bound (the source's reading: the dataset's "
+                     "longest sample or the stack's default limit)")
     grad_ckpt = parse_bool(_cell(row, mapping, "grad_ckpt"))
     if grad_ckpt is None and sm.grad_ckpt_unknown is not None:
         grad_ckpt = sm.grad_ckpt_unknown
@@ -392,7 +432,10 @@ def record_from_row(row: dict, i: int, mapping: Mapping) -> MeasurementRecord:
     double_quant = "double" in prec_text or "nq" in prec_text
     if "fp4" in prec_text:
         notes.append("FP4 read as NF4 (the same 4-bit storage)")
-    unit = sm.unit
+    unit = _unit_of(_cell(row, mapping, "unit"), sm.unit)
+    quantity, why = parse_quantity(_cell(row, mapping, "quantity"), sm.quantity)
+    if why:
+        notes.append(why)
     value_text = _cell(row, mapping, "value")
     outcome, nbytes, why = parse_value(value_text, unit)
     if why:
@@ -429,7 +472,7 @@ def record_from_row(row: dict, i: int, mapping: Mapping) -> MeasurementRecord:
     device = Device(name=gpu, display=_cell(row, mapping, "gpu") or None, memory_bytes=cap,
                     versions={str(k): str(v) for k, v in sm.versions.items()})
     limit = "max_seq" if "largest sequence that fit" in _cell(row, mapping, "notes").lower() and outcome == "fit_only" else None
-    meas = Measurement(outcome=outcome, quantity=sm.quantity, bytes=nbytes, published=value_text or None, unit=unit,
+    meas = Measurement(outcome=outcome, quantity=quantity, bytes=nbytes, published=value_text or None, unit=unit,
                        tokens_per_s=tps_v, limit=limit)
     return MeasurementRecord(config=cfg, device=device, measurement=meas,
                              source=Source(kind="published", id=sid, ref=ref or None, row=i),
@@ -448,11 +491,16 @@ def import_csv(path: str | Path, mapping: Mapping | str | Path | None = None) ->
             rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise VramplanError(f"cannot read table {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    need = [mapping.columns[k] for k in ("source", "model", "method", "value") if mapping.columns.get(k)]
+    need = [mapping.columns[k] for k in ("model", "method", "value") if mapping.columns.get(k)]
     missing = [c for c in need if c not in header]
     if missing:
         raise VramplanError(f"{path}: no column {missing[0]!r}",
                             "map the table's columns in a sources file ([columns] record_field = \"column\")")
+    src_col = mapping.columns.get("source")
+    if src_col not in header:  # a table without a source column is one source: the file
+        rows = [{**r, src_col or "source": path.stem} for r in rows]
+        if not src_col:
+            mapping = Mapping({**mapping.columns, "source": "source"}, mapping.sources, mapping.models)
     out = []
     for i, row in enumerate(rows):
         try:

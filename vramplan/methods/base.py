@@ -114,7 +114,7 @@ class Behaviour:
     * :meth:`reset_shape` -- the config changes that let a search vary the sequence length.
     * :attr:`generates` / :meth:`generation` -- whether and what a step generates.
     * :meth:`min_seq` -- the shortest sequence length the method plans (tokens).
-    * :meth:`step_terms` -- the method's own terms of the analytic step (memory.step_terms' dict).
+    * :meth:`step_terms` -- the method's own terms of the analytic step (a ``vramplan.phases.StepTerms``).
     * :meth:`card_share` -- the share of the card another engine holds (colocated vLLM).
     * :meth:`limits` -- the method's own limits on a card (GRPO: the largest G x completion), for ``fit``.
     * :meth:`request_from_config` -- the method's options read from its trainer config (TRL, Axolotl's ``trl:``).
@@ -195,9 +195,10 @@ class Behaviour:
         adds (GRPO's reference model with ``beta > 0`` and full training). Default: unchanged."""
         return recipe
 
-    def step_terms(self, model: Any, cfg: Any, terms: dict, batch: Any, seq: Any) -> dict:
-        """The terms of one step (:func:`vramplan.memory.step_terms`' dict of byte arrays over ``batch``/``seq``)
-        as this method changes them; SFT's, DPO's and PPO's are computed there from the copies and the loss kind."""
+    def step_terms(self, model: Any, cfg: Any, terms: Any, batch: Any, seq: Any) -> Any:
+        """The terms of one step (a :class:`vramplan.phases.StepTerms` of byte arrays over ``batch``/``seq``)
+        as this method changes them (a changed copy: ``terms.with_(...)``); SFT's, DPO's and PPO's are
+        computed in :func:`vramplan.memory.step_terms` from the copies and the loss kind."""
         return terms
 
     def card_share(self, cfg: Any) -> float:

@@ -261,8 +261,8 @@ def _grid_steps(cfg, gs: Settings, batch) -> tuple[np.ndarray, np.ndarray]:
     return spg.astype(np.float64), old.astype(np.float64)
 
 
-def grpo_terms(model, cfg, terms: dict, batch, seq) -> dict:
-    """GRPO's terms of :func:`vramplan.memory.step_terms` (arrays over ``batch``/``seq``), from SFT's for the
+def grpo_terms(model, cfg, terms: Any, batch, seq) -> Any:
+    """GRPO's :class:`vramplan.phases.StepTerms` (bytes over ``batch``/``seq``), from SFT's for the
     same micro-batch of ``batch`` completions of ``seq`` = prompt + completion tokens:
 
     * logits: the policy's forward keeps only ``completion + 1`` positions (``logits_to_keep``): fp32
@@ -298,22 +298,20 @@ def grpo_terms(model, cfg, terms: dict, batch, seq) -> dict:
         gs = settings(cfg.with_(seq=max(int(np.max(s)), 2)))
     C = np.asarray(comp, dtype=np.float64)
     P = s - C
-    zeros = terms["zeros"]
-    out = dict(terms)
+    zeros = terms.zeros
     Tc = b * (C + 1)
     ent = np.where(b > 1, b * C * V * 4.0, 0.0) + 3.0 * np.minimum(float(ENTROPY_CHUNK), b * C) * V * 4.0
     fwd = np.maximum(Tc * V * (lg + (d.logits if converted else 0.0)), Tc * V * lg + ent)
     bwd = Tc * V * 4.0 * lg
     if model.final_logit_softcapping:
         fwd, bwd = fwd + Tc * V * d.logits, bwd + Tc * V * d.logits
-    out["logits_fwd"] = fwd + zeros
-    out["logits_bwd"] = bwd + zeros
+    logits_fwd, logits_bwd = fwd + zeros, bwd + zeros
     # the generation batch of each micro-batch of the grid (TRL's steps_per_generation follows the batch)
     spg, old = _grid_steps(cfg, gs, b)
     gb = b * spg
     nbuf = old + (1.0 if gs.beta > 0 else 0.0)
     buf = gb * s * 8 + gb * C * 8 + nbuf * gb * C * 4 + gb * 4
-    out["acts"] = terms["acts"] + buf
+    acts = terms.acts + buf
     peak = zeros.copy()
     if np.any(nbuf > 0):
         score = np.maximum(nograd_layer_work(model, cfg, b * s, s), Tc * V * (lg + (d.logits if converted else 0.0))
@@ -336,11 +334,10 @@ def grpo_terms(model, cfg, terms: dict, batch, seq) -> dict:
         prefill = model.num_layers * kv_layer + nograd_layer_work(model, cfg, gb * P, P, autocast=gen_ac,
                                                                   kv_layer=kv_layer) + casts
         peak = np.maximum(peak, np.maximum(end, prefill))
-    out["kv"] = kv
-    out["rollout_logits"] = np.maximum(peak - kv, 0.0)
-    # a held reference (full training, beta > 0) scores with the policy, counted above: no forward of its own
-    out["nograd_peak"] = zeros.copy()
-    return out
+    return terms.with_(logits_fwd=logits_fwd, logits_bwd=logits_bwd, acts=acts, kv=kv,
+                       rollout_logits=np.maximum(peak - kv, 0.0),
+                       # a held reference (full training, beta > 0) scores with the policy, counted above
+                       nograd_peak=terms.zeros * 0)
 
 
 # -- the limits: the largest G x completion on a card (fit) ----------------------------------------------
@@ -569,7 +566,7 @@ class GRPO(Behaviour):
     def min_seq(self) -> int:
         return 256  # a prompt and a completion of at least 128 tokens each
 
-    def step_terms(self, model: Any, cfg: Any, terms: dict, batch: Any, seq: Any) -> dict:
+    def step_terms(self, model: Any, cfg: Any, terms: Any, batch: Any, seq: Any) -> Any:
         return grpo_terms(model, cfg, terms, batch, seq)
 
     def recipe_for(self, recipe: Any, cfg: Any) -> Any:

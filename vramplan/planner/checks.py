@@ -95,6 +95,10 @@ def _subclass_qlora_note(spec: ModelSpec, cfg: TrainConfig, short: bool) -> str:
 
 def sdpa_math_note(spec: ModelSpec, cfg: TrainConfig) -> str | None:
     """Why a model's SDPA is planned as eager attention (:func:`vramplan.memory.attention_as_run`), or None."""
+    if spec.eager_only and cfg.attn != "eager" and cfg.stack.transformers_modules:
+        return (f"attention: {spec.architecture} runs its own attention (ALiBi scores by baddbmm, fp32 softmax, bmm), "
+                f"whatever attn_implementation asks ({cfg.attn}): the scores are materialised; planned as eager "
+                "attention (transformers models/bloom/modeling_bloom.py BloomAttention.forward)")
     if not (cfg.attn == "sdpa" and spec.sdpa_math and cfg.stack.transformers_modules):
         return None
     return (f"attention: {spec.architecture} calls SDPA with {spec.num_heads} query heads and {spec.num_kv_heads} "

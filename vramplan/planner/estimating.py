@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..config import TrainConfig, make_config
-from ..gpus import GPUSpec
+from ..gpus import GPUSpec, capacity_note
 from ..memory import PHASE_ORDER, step_memory
 from ..models import ModelSpec, get_model
 from ..overheads import runtime_overheads
@@ -100,15 +100,14 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
 
     par = parallel or SINGLE
     mem = parallel_step_memory(spec, cfg, par) if par.distributed else step_memory(spec, cfg)
-    from ..overheads import apply_activation_factor, peak_terms
+    from ..overheads import apply_activation_factor, load_reserved_terms, loaded_terms, peak_terms
 
     tensor_peak = int(np.ceil(float(mem.peak)))
     comps = {c: int(np.ceil(float(v))) for c, v in mem.components.items()}
     act, paged = peak_terms(comps, cfg.optimizer)
-    from ..overheads import loaded_terms
-
     over = runtime_overheads(tensor_peak, card, method=cfg.recipe.name, activation_bytes=act, paged_bytes=paged,
-                             stack=cfg.framework, loaded_bytes=loaded_terms(mem))
+                             stack=cfg.framework,
+                             loaded_bytes=(loaded_terms(mem), 0 if par.distributed else load_reserved_terms(mem)))
     comps = apply_activation_factor(comps, over)  # a calibrated activation factor (none by default)
     tensor_peak += over.activation_correction_bytes
     comps.update(over.components)
@@ -147,6 +146,7 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
                          "high_bytes": int(np.ceil((1.0 + band.hi) * peak))}
     est.assumptions.append(f"uncertainty band: {band.describe()}")
     if card is not None:
+        est.assumptions.append(capacity_note(card))
         from ..throughput import step_time, time_to_train
 
         est.gpu = card.name
@@ -233,14 +233,14 @@ def estimate_peaks(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None, para
     (None: look it up).
     """
     from ..distributed import NCCL_BYTES, SINGLE, parallel_step_memory
-    from ..overheads import card_profile, device_terms, rounded_terms
+    from ..overheads import card_profile, device_terms, load_reserved_terms, rounded_terms
 
     par = parallel or SINGLE
     mem = parallel_step_memory(spec, cfg, par) if par.distributed else step_memory(spec, cfg)
     peak, act, paged, loaded = rounded_terms(mem, cfg.optimizer)
     terms = device_terms(peak, card, method=cfg.recipe.name, activation_bytes=act, paged_bytes=paged,
                          profile=card_profile(card) if profile is None else profile, stack=cfg.framework,
-                         loaded_bytes=loaded)
+                         loaded_bytes=(loaded, 0 if par.distributed else load_reserved_terms(mem)))
     return Peaks(int(terms["device"]) + (NCCL_BYTES if par.distributed else 0), int(terms["tensors"]))
 
 

@@ -47,8 +47,8 @@ class FitRow:
     adapter: str
     fits: bool
     estimate: Estimate
-    max_batch: int
-    max_seq: int
+    max_batch: int                                     # comfortable (vramplan.planner.limits.band_limits)
+    max_seq: int                                       # comfortable, at micro-batch 1
     settings: dict
     notes: list[str] = field(default_factory=list)
     plans: list[Plan] = field(default_factory=list)    # ranked (vramplan.planner.search.Plan)
@@ -59,6 +59,8 @@ class FitRow:
     alternatives: list[Suggestion] = field(default_factory=list)  # other stacks/precisions that fit (search.other_setups)
     requested: str = ""                                # the method asked for (fit's methods=); "" = method
     limits: Any = None                                 # the method's own limits (Behaviour.limits: GRPO's G x completion)
+    max_batch_tight: int = 0                           # the largest that may fit (tight: the card inside the band)
+    max_seq_tight: int = 0
 
     def __post_init__(self):
         self.requested = self.requested or self.method
@@ -120,7 +122,8 @@ class FitRow:
                 "fits": self.fits, "verdict": self.verdict.value, "verdict_text": self.verdict_text,
                 "peak_bytes": self.estimate.peak_bytes,
                 "peak_gib": round(self.estimate.peak_gib, 3), "capacity_bytes": self.estimate.capacity_bytes,
-                "max_batch": self.max_batch, "max_seq": self.max_seq, "settings": self.settings, "notes": self.notes,
+                "max_batch": self.max_batch, "max_seq": self.max_seq, "max_batch_tight": self.max_batch_tight,
+                "max_seq_tight": self.max_seq_tight, "settings": self.settings, "notes": self.notes,
                 "tokens_per_s": None if self.tokens_per_s is None else round(float(self.tokens_per_s), 1),
                 "step_time_s": None if self.step_time_s is None else round(float(self.step_time_s), 6),
                 "time_to_train_s": None if self.time_to_train_s is None else round(float(self.time_to_train_s), 1),
@@ -288,7 +291,7 @@ class _FitContext:
 
 def _fit_method(ctx: _FitContext, name: str) -> FitRow:
     """One method's row: its search, the plan shown, notes, technique advice and other setups."""
-    from .limits import largest_micro_batch, longest_sequence
+    from .limits import band_limits
     from .search import other_setups, search
 
     req, spec, card = ctx.req, ctx.spec, ctx.card
@@ -307,8 +310,7 @@ def _fit_method(ctx: _FitContext, name: str) -> FitRow:
         alternatives = other_setups(spec, name, card, sreq, current=chosen)
     return FitRow(method=cfg.method, requested=name, adapter=cfg.adapter, alternatives=alternatives,
                   fits=bool(est.fits), estimate=est,
-                  max_batch=largest_micro_batch(spec, cfg, card_m, par, totals=ctx.totals),
-                  max_seq=longest_sequence(spec, cfg, card_m, par, totals=ctx.totals),
+                  **vars(band_limits(spec, cfg, card_m, par, totals=ctx.totals, margin=ctx.margin)),
                   limits=cfg.recipe.behaviour.limits(spec, cfg, card) if req.advise and req.methods else None,
                   settings=settings, notes=notes, plans=mp.plans, best=mp.best, chosen=chosen,
                   suggestions=suggestions, techniques=advice)

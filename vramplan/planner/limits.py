@@ -8,13 +8,16 @@ trainer callback, the published-accuracy scorer and, through :data:`BATCH_GRID`,
 Semantics (:func:`fitting_prefix`, the one definition): a limit is the largest grid value such that
 it *and every smaller one* has a per-GPU device total (tensors + CUDA context + cuBLAS workspace +
 allocator reserve, as :func:`vramplan.planner.estimating.estimate_config` computes it) at or below
-``usable`` bytes -- the card's capacity unless a margin is given. The monotone envelope errs on the
+``usable`` bytes -- the card's capacity unless a margin is given. What ``fit`` tells the user is band-aware
+(:func:`band_limits`): the comfortable limit (the verdict's margin and band's upper end) and the tight one
+(the band's lower end under the card: may fit). The monotone envelope errs on the
 safe side where the model's total is not monotone in the batch or sequence (allocator rounding).
 Bytes are float64 arrays of whole bytes; numpy only.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -51,6 +54,9 @@ class DeviceTotals:
     def __init__(self):
         self._profiles: dict[str, object] = {}
         self._factors: dict[tuple, float] = {}
+        #: activation terms of the configurations evaluated so far (vramplan.memory's step_memory_rows
+        #: cache): one instance serves one planning call, so nothing outlives it
+        self.terms: dict = {}
 
     def __call__(self, mem: StepMemory, cfg: TrainConfig, card: GPUSpec, par: Parallel | None = None) -> np.ndarray:
         """Device totals (float64 bytes) of ``mem`` (arrays over batch/seq) for ``cfg`` on ``card`` under ``par``."""
@@ -70,17 +76,19 @@ class DeviceTotals:
         whose figures apply); each row equals ``self(step_memory(spec, cfg), cfg, card)``.
         """
         from ..optimizers import get_optimizer
-        from ..overheads import LOADED_COMPONENTS, device_total, peak_terms
+        from ..overheads import ACTIVATION_COMPONENTS, LOADED_COMPONENTS, device_total, peak_terms
         from ..taxonomy import Component
 
         if card.name not in self._profiles:
             self._profiles[card.name] = card_profile(card)
-        peak, act, _ = np.ceil(mem.peak), *peak_terms({c: np.ceil(v) for c, v in mem.components.items()}, "adamw")
+        peak, act, _ = np.ceil(mem.peak), *peak_terms({c: np.ceil(v) for c, v in mem.components.items()
+                                                         if c in ACTIVATION_COMPONENTS}, "adamw")
         shape = (len(cfgs),) + (1,) * (peak.ndim - 1)
         paged_row = np.array([get_optimizer(c.optimizer).paged for c in cfgs]).reshape(shape)
         paged = np.where(paged_row, np.ceil(mem.components.get(Component.OPTIMIZER_STATES, 0)), 0.0)
         loaded = np.array([sum(st.bytes.get(c, 0) for c in LOADED_COMPONENTS) for st in states],
                           dtype=np.float64).reshape(shape)
+        load_reserved = np.array([st.load_reserved for st in states], dtype=np.float64).reshape(shape)
         act, paged = np.broadcast_to(act, peak.shape), np.broadcast_to(paged, peak.shape)
         out = np.empty(peak.shape)
         groups: dict[tuple, list[int]] = {}
@@ -88,7 +96,8 @@ class DeviceTotals:
             groups.setdefault((c.recipe.name, c.framework), []).append(i)
         for (method, stack), idx in groups.items():
             out[idx] = device_total(peak[idx], card, method=method, activation_bytes=act[idx], paged_bytes=paged[idx],
-                                    profile=self._profiles[card.name], stack=stack, loaded_bytes=loaded[idx])
+                                    profile=self._profiles[card.name], stack=stack,
+                                    loaded_bytes=(loaded[idx], load_reserved[idx]))
         return out
 
     def floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool = False) -> float | None:
@@ -162,13 +171,25 @@ def _limit(grid: np.ndarray, totals, usable) -> int:
     return int(grid[n - 1]) if n else 0
 
 
+def _batch_curve(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, par: Parallel | None, totals) -> tuple:
+    grid = BATCH_GRID[BATCH_GRID >= cfg.recipe.behaviour.min_batch()]  # KTO: TRL refuses micro-batch 1
+    return grid, device_totals(spec, cfg, card, batch=grid, par=par, totals=totals)
+
+
+def _seq_curve(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, par: Parallel | None, totals) -> tuple:
+    grid = np.arange(128, max(128, spec.max_position_embeddings) + 1, 128)  # SEQ_GRID's steps, to the context
+    grid = grid[grid >= cfg.recipe.behaviour.min_seq()]
+    b = cfg.recipe.behaviour.min_batch()
+    c = cfg.with_(batch=b, **cfg.recipe.behaviour.reset_shape())
+    return grid, device_totals(spec, c, card, batch=b, seq=grid, par=par, totals=totals)
+
+
 def largest_micro_batch(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, par: Parallel | None = None,
                         usable: int | None = None, totals: DeviceTotals | None = None) -> int:
     """Largest micro-batch (<= 1024, :data:`BATCH_GRID`) of ``cfg`` at ``cfg.seq`` below ``usable`` bytes per GPU
     (default the capacity); 0 if none."""
-    grid = BATCH_GRID[BATCH_GRID >= cfg.recipe.behaviour.min_batch()]  # KTO: TRL refuses micro-batch 1
-    return _limit(grid, device_totals(spec, cfg, card, batch=grid, par=par, totals=totals),
-                  usable or card.memory_bytes)
+    grid, tot = _batch_curve(spec, cfg, card, par, totals)
+    return _limit(grid, tot, usable or card.memory_bytes)
 
 
 def largest_batch(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec) -> int:
@@ -181,9 +202,42 @@ def longest_sequence(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, par: Para
                      usable: int | None = None, totals: DeviceTotals | None = None) -> int:
     """Longest sequence (multiple of 128, <= the model's context) of ``cfg`` at micro-batch 1 (the method's
     smallest, :meth:`~vramplan.methods.base.Behaviour.min_batch`); 0 if none."""
-    grid = np.arange(128, max(128, spec.max_position_embeddings) + 1, 128)  # SEQ_GRID's steps, to the context
-    grid = grid[grid >= cfg.recipe.behaviour.min_seq()]
-    b = cfg.recipe.behaviour.min_batch()
-    c = cfg.with_(batch=b, **cfg.recipe.behaviour.reset_shape())
-    return _limit(grid, device_totals(spec, c, card, batch=b, seq=grid, par=par, totals=totals),
-                  usable or card.memory_bytes)
+    grid, tot = _seq_curve(spec, cfg, card, par, totals)
+    return _limit(grid, tot, usable or card.memory_bytes)
+
+
+def verdict_limits(grid, totals, capacity: int, band_hi: float = 0.0, band_lo: float = 0.0,
+                   margin: float | None = None) -> tuple[int, int]:
+    """``(comfortable, tight)``: the largest values of an ascending ``grid`` whose device ``totals`` (bytes, and
+    every smaller one's) the verdict (:mod:`vramplan.verdict`) calls comfortable -- under
+    :func:`~vramplan.verdict.comfortable_limit` (the margin and the band's upper end) -- and not "no" (the band's
+    lower end under the card: may fit); 0 where none is."""
+    from ..verdict import comfortable_limit
+
+    lo = min(0.0, float(band_lo))
+    return (_limit(grid, totals, comfortable_limit(capacity, band_hi, margin)),
+            _limit(grid, totals, capacity / (1.0 + max(lo, -0.99))))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A configuration's largest micro-batch (at its sequence) and longest sequence (at micro-batch 1) on a card,
+    as the verdict words them: ``max_batch`` / ``max_seq`` comfortable, ``*_tight`` the largest that may fit
+    (tight: the card inside the prediction's band). 0: none."""
+
+    max_batch: int
+    max_seq: int
+    max_batch_tight: int
+    max_seq_tight: int
+
+
+def band_limits(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, par: Parallel | None = None,
+                totals: DeviceTotals | None = None, margin: float | None = None) -> Limits:
+    """:class:`Limits` of ``cfg`` on ``card`` with its stack and method's band (:func:`vramplan.bands.band_for_config`)
+    and ``margin`` (default the verdict's 15%): ``fit``'s ``max_batch`` / ``max_seq``."""
+    from ..bands import band_for_config
+
+    b = band_for_config(cfg)
+    cb, tb = verdict_limits(*_batch_curve(spec, cfg, card, par, totals), card.memory_bytes, b.hi, b.lo, margin)
+    cs, ts = verdict_limits(*_seq_curve(spec, cfg, card, par, totals), card.memory_bytes, b.hi, b.lo, margin)
+    return Limits(cb, cs, tb, ts)

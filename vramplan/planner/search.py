@@ -40,12 +40,12 @@ from ..config import TrainConfig, make_config
 from ..distributed import SINGLE, STRATEGIES, Parallel, make_parallel, parallel_step_memory, shard_state
 from ..errors import VramplanError
 from ..gpus import GPUSpec, catalogue
-from ..memory import StepMemory, model_state, step_memory_rows, step_terms
+from ..memory import StepMemory, model_state, step_memory_rows_shared, step_terms
 from ..methods import Adapter, resolve
 from ..models import ModelSpec
 from ..overheads import card_profile
 from ..request import SearchRequest
-from ..throughput import StepTime, step_time, time_to_train
+from ..throughput import StepTime, StepTimeInputs, step_time_rows, time_to_train
 from ..units import GIB
 from ..verdict import DEFAULT_MARGIN, Verdict, classify, comfortable_limit
 from .checks import check_card
@@ -281,6 +281,7 @@ def _candidates(spec: ModelSpec, method: str, card: GPUSpec, req: SearchRequest,
         if shape not in built:
             try:
                 built[shape] = make_config(spec, m, adapter=ad, batch=1, **common, **settings)
+                _resolve_once(built[shape])
             except VramplanError:
                 if fixed.get("rank") or fixed.get("targets"):
                     raise  # the user's own setting is invalid: say so
@@ -295,6 +296,16 @@ def _candidates(spec: ModelSpec, method: str, card: GPUSpec, req: SearchRequest,
         seen.add(cfg)
         out.append((cfg, note))
     return out
+
+
+def _resolve_once(cfg: TrainConfig) -> None:
+    """Resolve ``cfg``'s recipe, stack and regime now, so that the configurations derived from it with
+    :meth:`TrainConfig.with_` (checkpointing, optimiser, attention, micro-batch) carry them instead of each
+    resolving its own (a regime that cannot be resolved is left to raise where it is read, as before)."""
+    try:
+        cfg.recipe, cfg.stack, cfg.regime  # noqa: B018 - cached on the (immutable) config
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _shared_key(cfg: TrainConfig) -> TrainConfig:
@@ -312,37 +323,28 @@ def _shared_key(cfg: TrainConfig) -> TrainConfig:
 
 
 def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Parallel], grids: dict, prof,
-              totals: DeviceTotals):
+              totals: DeviceTotals) -> tuple[np.ndarray, dict]:
     """Device totals and step times of every candidate under every layout, over its batch grid.
 
-    Yields ``(cfg, note, parallel, totals, StepTime)`` in the order of ``cands`` (then layouts).
+    Returns ``(which, {parallel: (totals, times)})``: ``totals`` an array (candidates x micro-batches),
+    ``times`` one :class:`StepTime` per shared configuration, candidate ``j``'s being ``times[which[j]]``.
     On one GPU every shared configuration's memory is evaluated in one vectorised call
     (:func:`vramplan.memory.step_memory_rows`) and the device totals of all candidates in one
     chain (:meth:`DeviceTotals.rows`); on several, one :func:`parallel_step_memory` per shared
     configuration (the activation terms shared across layouts).
     """
-    if not cands:
-        return
-    keys = [_shared_key(cfg) for cfg, _ in cands]
-    reps: dict[TrainConfig, TrainConfig] = {}  # shared key -> the first candidate with it (evaluated for all)
-    for k, (cfg, _) in zip(keys, cands):
-        reps.setdefault(k, cfg)
-    row = {k: j for j, k in enumerate(reps)}
-    which = np.array([row[k] for k in keys], dtype=np.intp)
+    reps, which = _shared_rows(cands)  # shared key -> the first candidate with it (evaluated for all)
     states = {k: model_state(spec, r) for k, r in reps.items()}
     results: dict[Parallel, tuple] = {}
     terms: dict[tuple, dict] = {}
     for p in parallels:
         b_grid, a_grid = grids[p]
         sharded = {k: shard_state(spec, r, p, states[k]) for k, r in reps.items()} if p.distributed else {}
-        times = [step_time(spec, r, card, batch=b_grid, grad_accum=a_grid, parallel=p, profile=prof, state=states[k],
-                           sharded=sharded.get(k)) for k, r in reps.items()]
+        times = step_time_rows(spec, list(reps.values()), card, batch=b_grid, grad_accum=a_grid, parallel=p,
+                               inputs=[StepTimeInputs(profile=prof, state=states[k], sharded=sharded.get(k))
+                                       for k in reps])
         if not p.distributed:
-            mem, sts = step_memory_rows(spec, list(reps.values()), batch=b_grid, grad_accum=a_grid)
-            mem = StepMemory(components={c: v[which] for c, v in mem.components.items()},
-                             phases={ph: v[which] for ph, v in mem.phases.items()}, peak=mem.peak[which],
-                             peak_phase=mem.peak_phase[which], state=None)
-            results[p] = (totals.rows(mem, [sts[j] for j in which], [cfg for cfg, _ in cands], card), times)
+            results[p] = (_single_totals(spec, cands, card, reps, which, b_grid, a_grid, totals), times)
             continue
         mems = []
         for k, r in reps.items():
@@ -350,11 +352,107 @@ def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Paral
             if tkey not in terms:
                 terms[tkey] = step_terms(spec, r, batch=b_grid)
             mems.append(parallel_step_memory(spec, r, p, batch=b_grid, state=sharded[k], terms=terms[tkey]))
-        results[p] = ([totals(mems[j], cfg, card, p) for j, (cfg, _) in zip(which, cands)], times)
-    for j, (cfg, note) in enumerate(cands):
-        for p in parallels:
-            rows, times = results[p]
-            yield cfg, note, p, rows[j], times[which[j]]
+        rows = [totals(mems[j], cfg, card, p) for j, (cfg, _) in zip(which, cands)]
+        results[p] = (np.stack([np.broadcast_to(r, np.shape(b_grid)) for r in rows]), times)
+    return which, results
+
+
+def _choices(total: np.ndarray, times: list[StepTime], which: np.ndarray, usable: list[int]) -> tuple:
+    """Each candidate's chosen micro-batch under one layout, for every candidate at once.
+
+    ``total``: device totals (candidates x micro-batches); ``times``: the shared configurations'
+    step times (candidate ``j``'s is ``times[which[j]]``); ``usable``: each candidate's comfortable
+    limit. The fastest micro-batch under the limit, else the least memory (the first such index,
+    as ``np.argmax``/``np.argmin`` of each row). Returns ``(index, peak, fits, tokens/s, step s)``,
+    each a list over the candidates (Python numbers, equal to the arrays' elements).
+    """
+    shape = total.shape[1:]
+
+    def grid(values) -> np.ndarray:  # (shared configurations x micro-batches) -> (candidates x micro-batches)
+        return np.stack([np.broadcast_to(np.asarray(v), shape) for v in values])[which]
+    tps, step = grid([t.tokens_per_s for t in times]), grid([t.step_s for t in times])
+    ok = total <= np.asarray(usable, dtype=np.int64).reshape((-1,) + (1,) * len(shape))
+    best = np.where(ok.any(axis=-1), np.argmax(np.where(ok, tps, -np.inf), axis=-1), np.argmin(total, axis=-1))
+    at = (np.arange(total.shape[0]), best)
+    return best.tolist(), total[at].tolist(), ok[at].tolist(), tps[at].tolist(), step[at].tolist()
+
+
+def _shared_rows(cands: list) -> tuple[dict, np.ndarray]:
+    """(shared key -> the first candidate with it, each candidate's row among them): :func:`_shared_key`."""
+    keys = [_shared_key(cfg) for cfg, _ in cands]
+    reps: dict[TrainConfig, TrainConfig] = {}
+    for k, (cfg, _) in zip(keys, cands):
+        reps.setdefault(k, cfg)
+    row = {k: j for j, k in enumerate(reps)}
+    return reps, np.array([row[k] for k in keys], dtype=np.intp)
+
+
+def _single_totals(spec: ModelSpec, cands: list, card: GPUSpec, reps: dict, which: np.ndarray, b_grid: np.ndarray,
+                   a_grid: np.ndarray, totals: DeviceTotals) -> np.ndarray:
+    """One-GPU device totals (bytes, candidates x micro-batches): one :func:`step_memory_rows` call over the
+    shared configurations ``reps``, one :meth:`DeviceTotals.rows` chain over the candidates."""
+    from ..overheads import ACTIVATION_COMPONENTS
+    from ..taxonomy import Component
+
+    mem, sts = step_memory_rows_shared(spec, list(reps.values()), batch=b_grid, grad_accum=a_grid, terms=totals.terms)
+    # the candidates' rows of what the device chain reads (the peak, the activation group, the optimiser states)
+    read = set(ACTIVATION_COMPONENTS) | {Component.OPTIMIZER_STATES}
+    mem = StepMemory(components={c: v[which] for c, v in mem.components.items() if c in read}, phases={},
+                     peak=mem.peak[which], peak_phase=mem.peak_phase[which], state=None)
+    return totals.rows(mem, [sts[j] for j in which], [cfg for cfg, _ in cands], card)
+
+
+def _may_list(spec: ModelSpec, method: str, card: GPUSpec, current_fits: bool, req: SearchRequest) -> bool:
+    """Whether :func:`other_setups` could list the setup :func:`search` would rank with ``req``.
+
+    Exact, from the device totals alone (no step times, no plans): the search has a best plan when
+    some candidate fits its comfortable limit at some micro-batch, and a tight one (listed only when
+    ``current_fits`` is False) when, with none comfortable, some candidate's least total is within the
+    card (a plan's ``peak_bytes`` is then ``int`` of that least total). True when it cannot tell
+    (several GPUs or offload): the caller runs the search.
+
+    Raises:
+        VramplanError: as :func:`search` (an invalid setting).
+    """
+    from ..bands import band_for_config
+
+    parallels = req.parallels or [SINGLE]
+    if len(parallels) != 1 or parallels[0].distributed:
+        return True
+    totals = req.totals or DeviceTotals()
+    b_grid, a_grid = _grid_for(req.global_batch, req.batch, parallels[0],
+                               resolve(method, req.adapter).behaviour.min_batch())
+    cands = _candidates(spec, method, card, req)
+    margin = req.margin
+    if not cands:
+        return True  # the search says what (nothing to rank)
+    capacity = card.memory_bytes
+    limits, open_ = [], []
+    floors: dict[TrainConfig, float | None] = {}
+    for cfg, note in cands:
+        limit = comfortable_limit(capacity, band_for_config(cfg).hi, margin)
+        # a candidate whose lower bound (DeviceTotals.floor: every micro-batch's total is at least it) is over
+        # its limit, and at least a byte over the card when a tight plan would count, cannot be listed; the
+        # floor is made of batch-independent phases, which checkpointing and attention leave alone
+        # (least_total's bound, tests/test_search_floor.py): one per configuration but those two
+        key = cfg.with_(grad_ckpt=False, attn="sdpa")
+        if key not in floors:
+            floors[key] = totals.floor(spec, key, card)
+        floor = floors[key]
+        if floor is not None and floor > limit and (current_fits or floor >= capacity + 1):
+            continue
+        open_.append((cfg, note))
+        limits.append(limit)
+    if not open_:
+        return False
+    reps, which = _shared_rows(open_)
+    rows = _single_totals(spec, open_, card, reps, which, b_grid, a_grid, totals)
+    for limit, total in zip(limits, rows):
+        if (total <= limit).any():
+            return True
+        if not current_fits and int(total[int(np.argmin(total))]) <= capacity:
+            return True
+    return False
 
 
 def _preference(plan: Plan) -> tuple:
@@ -398,22 +496,29 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, request: SearchRequest |
     cands = _candidates(spec, method, card, req)
     prof = card_profile(card)
     plans: list[Plan] = []
-    for cfg, note, p, total, t in _evaluate(spec, cands, card, parallels, grids, prof, totals):
-        b_grid, a_grid = grids[p]
-        band = band_for_config(cfg)
-        usable = comfortable_limit(capacity, band.hi, req.margin)
-        ok = total <= usable
-        if ok.any():
-            i = int(np.argmax(np.where(ok, t.tokens_per_s, -np.inf)))
-        else:
-            i = int(np.argmin(total))
-        cfg_i = cfg.with_(batch=int(b_grid[i]), grad_accum=int(a_grid[i]))
-        tps = float(np.asarray(t.tokens_per_s)[i])
-        ttt, gh = time_to_train(req.tokens, req.epochs, tps, p.gpus)
-        plans.append(Plan(method=cfg.method, adapter=cfg.adapter, config=cfg_i, parallel=p,
-                          peak_bytes=int(total[i]), capacity_bytes=capacity, usable_bytes=usable, fits=bool(ok[i]),
-                          tokens_per_s=tps, step_time_s=float(np.asarray(t.step_s)[i]), time_to_train_s=ttt,
-                          gpu_hours=gh, fallback=note, band=(band.lo, band.hi), _grid=(t, i)))
+    bands: dict[tuple, tuple] = {}  # (stack, method, adapter) -> (band, comfortable limit)
+    for cfg, _ in cands:
+        key = (cfg.framework, cfg.method, cfg.adapter)
+        if key not in bands:
+            band = band_for_config(cfg)
+            bands[key] = (band, comfortable_limit(capacity, band.hi, req.margin))
+    limits = [bands[(cfg.framework, cfg.method, cfg.adapter)] for cfg, _ in cands]
+    chosen = {}
+    if cands:
+        which, results = _evaluate(spec, cands, card, parallels, grids, prof, totals)
+        chosen = {p: (_choices(total, times, which, [u for _, u in limits]), times) for p, (total, times) in results.items()}
+    for j, (cfg, note) in enumerate(cands):
+        band, usable = limits[j]
+        for p in parallels:
+            (index, peak, fits, tps, step), times = chosen[p]
+            index, peak, fits, tps, step = index[j], peak[j], fits[j], tps[j], step[j]
+            b_grid, a_grid = grids[p]
+            cfg_i = cfg.with_(batch=int(b_grid[index]), grad_accum=int(a_grid[index]))
+            ttt, gh = time_to_train(req.tokens, req.epochs, tps, p.gpus)
+            plans.append(Plan(method=cfg.method, adapter=cfg.adapter, config=cfg_i, parallel=p,
+                              peak_bytes=int(peak), capacity_bytes=capacity, usable_bytes=usable, fits=fits,
+                              tokens_per_s=tps, step_time_s=step, time_to_train_s=ttt,
+                              gpu_hours=gh, fallback=note, band=(band.lo, band.hi), _grid=(times[which[j]], index)))
     # a fallback (QLoRA for LoRA) is what the method becomes when its own adapter does not fit: its plans
     # rank after every plan of the method's own adapter that fits, however fast the throughput model
     # rates them (a larger micro-batch over an NF4 base can come out marginally faster, inside the
@@ -526,14 +631,20 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
                                   + (f" as {cfg.recipe.name}" if cfg.recipe.name != method else ""),
                                   {"gpu": g.name, "capacity_bytes": g.memory_bytes}))
             break
-    # 2. more of this card with ZeRO-3 / FSDP
+    # 2. more of this card with ZeRO-3 / FSDP (the activation terms of one GPU's micro-batch, for every layout)
+    terms: list[dict] = []
+
+    def sharded(par: Parallel) -> StepMemory:  # step_memory_for(spec, cfg, par) of a distributed layout
+        if not terms:
+            terms.append(step_terms(spec, cfg))
+        return parallel_step_memory(spec, cfg, par, terms=terms[0])
     found: dict[int, list[str]] = {}
     for strategy in ("zero3", "fsdp"):
         for n in GPU_COUNTS:
             if n <= gpus:
                 continue
             par = make_parallel(n, strategy)
-            if float(totals(step_memory_for(spec, cfg, par), cfg, card, par)) <= comfy(card.memory_bytes):
+            if float(totals(sharded(par), cfg, card, par)) <= comfy(card.memory_bytes):
                 found.setdefault(n, []).append(strategy)
                 break
     for n, strategies in sorted(found.items()):
@@ -541,7 +652,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
                               {"gpus": n, "strategies": strategies, "gpu": card.name}))
     # 3. CPU offload on the same number of cards
     par = make_parallel(max(1, gpus), "zero3", "cpu")
-    if float(totals(step_memory_for(spec, cfg, par), cfg, card, par)) <= comfy(card.memory_bytes):
+    if float(totals(sharded(par), cfg, card, par)) <= comfy(card.memory_bytes):
         out.append(Suggestion("offload", f"{max(1, gpus)}x {card.name} with zero3 --offload cpu (slow)",
                               {"gpus": max(1, gpus), "strategy": "zero3", "offload": "cpu"}))
     # 4. a shorter sequence on this card
@@ -641,6 +752,8 @@ def other_setups(spec: ModelSpec, method: str, card: GPUSpec, request: SearchReq
             least = least_total(spec, method, card, setup, stop_below=card.memory_bytes + 1)
             if least is not None and least >= card.memory_bytes + 1:  # (a plan's peak_bytes is int(total))
                 continue  # no plan of this setup fits the card even without the margin: nothing to list
+            if not _may_list(spec, method, card, current_fits, setup):
+                continue  # its device totals already say: nothing to list (the step times are not needed)
             mp = search(spec, method, card, setup)
         except VramplanError:
             continue  # the stack does not run this method or card (e.g. no bf16)

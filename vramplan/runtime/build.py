@@ -287,8 +287,11 @@ class _null:
 
 
 # ------------------------------------------------------------------------------------------------
-def attn_impl(cfg: TrainConfig, device: str, fake: bool, notes: list[str]) -> str:
+def attn_impl(cfg: TrainConfig, device: str, fake: bool, notes: list[str], spec: ModelSpec | None = None) -> str:
     if cfg.attn == "eager":
+        return "eager"
+    if spec is not None and spec.eager_only:  # BLOOM: its own attention, no SDPA or flash path in transformers
+        notes.append(f"{spec.architecture} runs its own attention (scores materialised): built with eager")
         return "eager"
     if cfg.attn == "flash":
         if fake:

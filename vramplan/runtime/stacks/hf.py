@@ -33,7 +33,7 @@ class HfRuntime(StackRuntime):
             require("bitsandbytes", "calibrate")
 
     def build(self, t) -> None:
-        attn = attn_impl(t.cfg, t.device, t.fake, t.notes)
+        attn = attn_impl(t.cfg, t.device, t.fake, t.notes, t.spec)
         for copy in t.recipe.copies:
             t.copies[copy.role] = build_copy(t, copy, attn)
         if t.fake:
