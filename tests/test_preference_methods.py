@@ -212,7 +212,7 @@ def test_precompute_pass_is_planned_beside_the_step():
     spec = get_model("llama-3-8b").with_layers(2)
     for batch, seq in ((1, 512), (2, 1024)):
         pre = precompute_pass_bytes(spec, make_config(spec, "dpo-precomputed", adapter="full", batch=batch, seq=seq))
-        ref = step_terms(spec, make_config(spec, "dpo", adapter="full", batch=batch, seq=seq))["nograd_peak"]
+        ref = step_terms(spec, make_config(spec, "dpo", adapter="full", batch=batch, seq=seq)).nograd_peak
         assert pre == float(np.max(ref)) > 0
     for method in ("dpo-precomputed", "kto-precomputed"):
         est = vramplan.estimate("llama-3-8b", method, gpu="a100-80gb", batch=1, seq=1024)
