@@ -189,3 +189,35 @@ def test_benchmark_counts_the_verdict_the_user_sees():
     for x in fo:
         if x.verdict == "no":
             assert x.device * (1 + x.band[0]) > x.capacity
+
+
+def test_constraints_beside_the_peak_decide_with_it():
+    """A hard requirement beside the step (a second engine's weights in its share) unmet makes any verdict
+    "no"; a soft one (its batch) unmet makes "comfortable" "tight" and leaves "no" and "tight" as they are;
+    met ones change nothing. The estimate's verdict, --json and the render read the same field."""
+    import dataclasses
+
+    from vramplan.results import Constraint
+    from vramplan.verdict import constrained, unmet_text
+
+    hard_off = Constraint("engine weights", 10, 5, True, "engine needs 10 of 5")
+    soft_off = Constraint("engine batch", 10, 5, False, "batch needs 10 of 5")
+    met = Constraint("engine weights", 4, 5, True, "fine")
+    assert [constrained(v, (hard_off,)) for v in Verdict] == [Verdict.NO] * 3
+    assert [constrained(v, (soft_off,)) for v in Verdict] == [Verdict.TIGHT, Verdict.TIGHT, Verdict.NO]
+    assert [constrained(v, (met,)) for v in Verdict] == list(Verdict)
+    assert unmet_text((met, soft_off, hard_off)) == "batch needs 10 of 5; engine needs 10 of 5"
+    est = vramplan.estimate("llama-2-7b", "lora", gpu="a100-80gb")
+    assert est.verdict is Verdict.COMFORTABLE and "constraints" not in est.to_json()
+    soft = dataclasses.replace(est, constraints=(soft_off,))
+    assert soft.verdict is Verdict.TIGHT and soft.to_json()["verdict"] == "tight"
+    assert soft.to_json()["constraints"][0] == {"name": "engine batch", "needed_bytes": 10, "available_bytes": 5,
+                                               "hard": False, "met": False, "text": "batch needs 10 of 5"}
+    hard = dataclasses.replace(est, constraints=(hard_off, met))
+    assert hard.verdict is Verdict.NO
+    from vramplan.render import render_estimate
+
+    buf = io.StringIO()
+    render_estimate(hard, Console(file=buf, width=200))
+    out = buf.getvalue()
+    assert "does not fit" in out and "engine needs 10 of 5" in out and "fine" not in out

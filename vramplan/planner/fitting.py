@@ -81,8 +81,11 @@ class FitRow:
         """comfortable / tight / no (:mod:`vramplan.verdict`, the same thresholds as ``vramplan matrix``)."""
         from ..bands import band_for_estimate
 
+        from ..verdict import constrained
+
         b = band_for_estimate(self.estimate)
-        return classify(self.estimate.peak_bytes, self.estimate.capacity_bytes, b.hi, b.lo)
+        v = classify(self.estimate.peak_bytes, self.estimate.capacity_bytes, b.hi, b.lo)
+        return constrained(v, self.estimate.constraints)
 
     @property
     def verdict_text(self) -> str:
@@ -90,8 +93,12 @@ class FitRow:
         from ..bands import band_for_estimate
         from ..verdict import advice
 
+        from ..verdict import unmet_text
+
         b = band_for_estimate(self.estimate)
-        return advice(self.estimate.peak_bytes, self.estimate.capacity_bytes, b.hi, b.lo)
+        text = advice(self.estimate.peak_bytes, self.estimate.capacity_bytes, b.hi, b.lo)
+        unmet = unmet_text(self.estimate.constraints)
+        return f"{self.verdict.value}: the training step alone: {text}; but {unmet}" if unmet else text
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -323,6 +330,9 @@ def _notes(ctx: _FitContext, name: str, sreq: SearchRequest, mp, chosen, est: Es
             notes.append("with GC and 8-bit AdamW it would fit on " + "; ".join(x.text for x in suggestions))
     if chosen.fallback and not (mp.best is None and notes[0].startswith("no setting fits")):
         notes.append(fallback_note(mp, chosen) or chosen.fallback)  # the plan shown (comfortable or tight) fell back
+    unmet = [c.text for c in est.constraints if not c.met]  # beside the step (GRPO's colocated vLLM share)
+    if unmet:
+        notes.append("; ".join(unmet))
     moe_note = moe_qlora_note(ctx.spec, chosen.config, short=True)
     if moe_note:
         notes.append(moe_note)
