@@ -73,7 +73,7 @@ def test_advice_says_by_how_much_and_what_to_do():
 # -- what the user sees ----------------------------------------------------------------------
 
 def test_estimate_json_states_the_verdict_with_its_band():
-    est = vramplan.estimate("llama-3.1-8b", "qlora", gpu_mem="16GiB", seq=3000, batch=1, grad_ckpt=True,
+    est = vramplan.estimate("llama-3.1-8b", "qlora", gpu_mem="16GiB", seq=3200, batch=1, grad_ckpt=True,
                             optimizer="adamw_8bit", attn="flash")
     b = band_for_config(est.config)
     assert est.peak_bytes > est.capacity_bytes and est.peak_bytes * (1 + b.lo) <= est.capacity_bytes
@@ -85,8 +85,8 @@ def test_estimate_json_states_the_verdict_with_its_band():
 
 @pytest.fixture(scope="module")
 def over_card():
-    """Llama-3.1-8B QLoRA at 3,000 tokens on a 16 GiB card: every setting a few percent over, inside the band."""
-    return vramplan.fit("llama-3.1-8b", gpu_mem="16GiB", seq=3000, methods=["qlora"], batch=1, grad_ckpt=True,
+    """Llama-3.1-8B QLoRA at 3,200 tokens on a 16 GiB card: every setting a few percent over, inside the band."""
+    return vramplan.fit("llama-3.1-8b", gpu_mem="16GiB", seq=3200, methods=["qlora"], batch=1, grad_ckpt=True,
                         optimizer="adamw_8bit", attn="flash", advise=False)
 
 
