@@ -51,8 +51,31 @@ def test_bad_options_are_one_clear_error(spec8b):
         make_config(spec8b, "grpo", seq=512, method_options={"num_generations": 1})
     with pytest.raises(VramplanError, match="generation"):
         make_config(spec8b, "grpo", seq=512, method_options={"generation": "sglang"})
-    with pytest.raises(VramplanError, match="reference"):
-        vramplan.estimate(spec8b, "grpo", adapter="full", seq=512, method_options={"grpo_beta": 0.04})
+
+
+def test_full_training_with_beta_holds_a_second_frozen_model_and_the_dry_run_traces_it():
+    """TRL's GRPOTrainer loads the reference as a second model when beta > 0 and the policy is not a PEFT
+    model: the plan holds a frozen copy (its weights in the frozen dtype) and the dry run builds and runs it
+    for the reference log-probs; analytic within 2% of the dry run on two architectures. beta 0 holds none."""
+    from vramplan.methods import Role
+    from vramplan.precision import DTYPE_BYTES
+
+    for name in ("llama-3-8b", "smollm2-360m"):
+        spec = get_model(name).with_layers(2)
+        kw = dict(adapter="full", batch=2, seq=256, method_options={"completion": 128, "num_generations": 4})
+        e0 = vramplan.estimate(spec, "grpo", **kw)
+        kw["method_options"] = {**kw["method_options"], "grpo_beta": 0.04}
+        e1 = vramplan.estimate(spec, "grpo", **kw)
+        assert [c.role for c in e0.config.recipe.copies] == [Role.POLICY]
+        assert [c.role for c in e1.config.recipe.copies] == [Role.POLICY, Role.REFERENCE]
+        frozen = DTYPE_BYTES[e1.config.regime.frozen_dtype]
+        assert (e1.components[Component.WEIGHTS] - e0.components[Component.WEIGHTS]
+                >= spec.params * frozen - spec.vocab_size * spec.hidden_size * frozen)
+        assert any("second, frozen model" in a for a in e1.assumptions)
+        d1 = vramplan.dry_run(spec, "grpo", **kw)
+        assert abs(e1.tensor_peak_bytes / d1.tensor_peak_bytes - 1) <= 0.02
+        assert d1.tensor_peak_bytes > vramplan.dry_run(spec, "grpo", **{**kw, "method_options": {
+            "completion": 128, "num_generations": 4}}).tensor_peak_bytes
 
 
 def test_more_generations_or_longer_completions_need_more_memory(spec8b):
@@ -225,4 +248,30 @@ def test_estimate_checks_what_colocated_vllm_needs_in_its_share(spec8b):
     if q["wanted_bytes"] > q["share_bytes"]:
         assert not qlora.fits and qlora.verdict is Verdict.TIGHT
     plain = vramplan.estimate(spec8b, "grpo", adapter="lora", gpu="rtx4090", grad_ckpt=True)
-    assert "colocated_engine" not in plain.extra
+    assert "colocated_engine" not in plain.extra and not plain.constraints
+    # the same needs as the general constraints the verdict reads (hard: the weights; soft: the batch)
+    hard, soft = lora.constraints
+    assert (hard.hard, hard.needed_bytes, hard.available_bytes) == (True, engine["fixed_bytes"], engine["share_bytes"])
+    assert (soft.hard, soft.needed_bytes) == (False, engine["wanted_bytes"])
+    assert [c["name"] for c in lora.to_json()["constraints"]] == [hard.name, soft.name]
+
+
+def test_fit_table_row_holds_colocated_vllm_to_its_share(spec8b):
+    """fit's method row with vLLM colocated reads grpo.colocated_need as estimate does: QLoRA's 4-bit weights
+    load in 30% of a 24 GB card but G = 8 completions of 512 tokens overflow it, so the row is at most "tight"
+    and says why; the same row with transformers' generate has no such requirement."""
+    from vramplan.methods.grpo import colocated_need
+    from vramplan.verdict import Verdict
+
+    opts = {"generation": "vllm-colocate", "vllm_gpu_memory_utilization": 0.3}
+    rep = vramplan.fit(spec8b, "rtx4090", methods=["grpo"], method_options=opts)
+    row = rep.rows[0]
+    fixed, wanted = colocated_need(spec8b, row.estimate.config)
+    room = int(get_gpu("rtx4090").memory_bytes * 0.3)
+    assert [c.needed_bytes for c in row.estimate.constraints] == [fixed, wanted]
+    assert wanted > room >= fixed  # the case this checks: the batch, not the weights, overflows
+    assert row.verdict is not Verdict.COMFORTABLE and not row.fits
+    assert any("for this generation batch" in n for n in row.notes)
+    assert "for this generation batch" in row.verdict_text
+    plain = vramplan.fit(spec8b, "rtx4090", methods=["grpo"]).rows[0]
+    assert not plain.estimate.constraints

@@ -127,6 +127,8 @@ def test_fit_every_method_present():
     for r in rep.rows:
         if r.fits:
             assert r.estimate.peak_bytes <= rep.capacity_bytes
+            assert r.max_batch_tight >= 1 and r.max_seq_tight >= 128
+        if r.verdict.value == "comfortable":  # fit's max b/seq are the comfortable limits
             assert r.max_batch >= 1 and r.max_seq >= 128
 
 

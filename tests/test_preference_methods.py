@@ -44,8 +44,11 @@ def test_copies_follow_trl():
     # reward model: the policy is a sequence classifier (one score), chosen + rejected
     r = resolve("reward", "lora")
     assert r.copies[0].head == "scalar" and r.sequences_per_example == 2
+    # IA³ is planned (its fp32 feed-forward backward buffers: activations.layer_backward_transient); 4-bit bases
+    # with DoRA/IA³ are not reward adapters
+    assert resolve("reward", "ia3").copies[0].adapter.value == "ia3"
     with pytest.raises(VramplanError):
-        resolve("reward", "ia3")
+        resolve("reward", "qia3")
 
 
 def test_loss_buffers():
@@ -190,3 +193,35 @@ def test_kto_searches_start_at_micro_batch_two():
     assert largest_micro_batch(spec, cfg, card) >= 2
     # the longest sequence is planned at micro-batch 2, so it is shorter than SimPO's at one example of 2 rows
     assert longest_sequence(spec, cfg, card) > 0
+
+
+def test_precompute_pass_is_planned_beside_the_step():
+    """precompute_ref_log_probs: TRL runs the reference's no-grad forward over the dataset before the first
+    step, at the training batch. Its tensors are the loaded model plus the same no-grad forward DPO's step
+    runs for its held reference (full training), its device total is in --json and the assumptions, and the
+    verdict holds it: a card it does not fit on is "no"."""
+    import numpy as np
+
+    from vramplan.config import make_config
+    from vramplan.memory import step_terms
+    from vramplan.methods.preference import precompute_pass_bytes
+    from vramplan.models import get_model
+    from vramplan.taxonomy import Phase
+    from vramplan.verdict import Verdict
+
+    spec = get_model("llama-3-8b").with_layers(2)
+    for batch, seq in ((1, 512), (2, 1024)):
+        pre = precompute_pass_bytes(spec, make_config(spec, "dpo-precomputed", adapter="full", batch=batch, seq=seq))
+        ref = step_terms(spec, make_config(spec, "dpo", adapter="full", batch=batch, seq=seq)).nograd_peak
+        assert pre == float(np.max(ref)) > 0
+    for method in ("dpo-precomputed", "kto-precomputed"):
+        est = vramplan.estimate("llama-3-8b", method, gpu="a100-80gb", batch=1, seq=1024)
+        p = est.extra["precompute_pass"]
+        assert est.phases[Phase.LOAD] < p["tensor_bytes"] < est.tensor_peak_bytes and p["batch"] == 1
+        assert any(a.startswith("precompute pass before training") for a in est.assumptions)
+        (c,) = est.constraints
+        assert c.hard and c.met and c.needed_bytes == p["peak_bytes"]
+        assert est.to_json()["precompute_pass"] == p
+        small = vramplan.estimate("llama-3-8b", method, gpu_mem=int(p["peak_bytes"] * 0.9), batch=1, seq=1024)
+        assert small.verdict is Verdict.NO and not small.fits
+    assert "precompute_pass" not in vramplan.estimate("llama-3-8b", "dpo", gpu="a100-80gb").extra

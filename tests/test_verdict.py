@@ -73,7 +73,7 @@ def test_advice_says_by_how_much_and_what_to_do():
 # -- what the user sees ----------------------------------------------------------------------
 
 def test_estimate_json_states_the_verdict_with_its_band():
-    est = vramplan.estimate("llama-3.1-8b", "qlora", gpu_mem="16GiB", seq=3000, batch=1, grad_ckpt=True,
+    est = vramplan.estimate("llama-3.1-8b", "qlora", gpu_mem="16GiB", seq=3200, batch=1, grad_ckpt=True,
                             optimizer="adamw_8bit", attn="flash")
     b = band_for_config(est.config)
     assert est.peak_bytes > est.capacity_bytes and est.peak_bytes * (1 + b.lo) <= est.capacity_bytes
@@ -85,8 +85,8 @@ def test_estimate_json_states_the_verdict_with_its_band():
 
 @pytest.fixture(scope="module")
 def over_card():
-    """Llama-3.1-8B QLoRA at 3,000 tokens on a 16 GiB card: every setting a few percent over, inside the band."""
-    return vramplan.fit("llama-3.1-8b", gpu_mem="16GiB", seq=3000, methods=["qlora"], batch=1, grad_ckpt=True,
+    """Llama-3.1-8B QLoRA at 3,200 tokens on a 16 GiB card: every setting a few percent over, inside the band."""
+    return vramplan.fit("llama-3.1-8b", gpu_mem="16GiB", seq=3200, methods=["qlora"], batch=1, grad_ckpt=True,
                         optimizer="adamw_8bit", attn="flash", advise=False)
 
 
@@ -189,3 +189,35 @@ def test_benchmark_counts_the_verdict_the_user_sees():
     for x in fo:
         if x.verdict == "no":
             assert x.device * (1 + x.band[0]) > x.capacity
+
+
+def test_constraints_beside_the_peak_decide_with_it():
+    """A hard requirement beside the step (a second engine's weights in its share) unmet makes any verdict
+    "no"; a soft one (its batch) unmet makes "comfortable" "tight" and leaves "no" and "tight" as they are;
+    met ones change nothing. The estimate's verdict, --json and the render read the same field."""
+    import dataclasses
+
+    from vramplan.results import Constraint
+    from vramplan.verdict import constrained, unmet_text
+
+    hard_off = Constraint("engine weights", 10, 5, True, "engine needs 10 of 5")
+    soft_off = Constraint("engine batch", 10, 5, False, "batch needs 10 of 5")
+    met = Constraint("engine weights", 4, 5, True, "fine")
+    assert [constrained(v, (hard_off,)) for v in Verdict] == [Verdict.NO] * 3
+    assert [constrained(v, (soft_off,)) for v in Verdict] == [Verdict.TIGHT, Verdict.TIGHT, Verdict.NO]
+    assert [constrained(v, (met,)) for v in Verdict] == list(Verdict)
+    assert unmet_text((met, soft_off, hard_off)) == "batch needs 10 of 5; engine needs 10 of 5"
+    est = vramplan.estimate("llama-2-7b", "lora", gpu="a100-80gb")
+    assert est.verdict is Verdict.COMFORTABLE and "constraints" not in est.to_json()
+    soft = dataclasses.replace(est, constraints=(soft_off,))
+    assert soft.verdict is Verdict.TIGHT and soft.to_json()["verdict"] == "tight"
+    assert soft.to_json()["constraints"][0] == {"name": "engine batch", "needed_bytes": 10, "available_bytes": 5,
+                                               "hard": False, "met": False, "text": "batch needs 10 of 5"}
+    hard = dataclasses.replace(est, constraints=(hard_off, met))
+    assert hard.verdict is Verdict.NO
+    from vramplan.render import render_estimate
+
+    buf = io.StringIO()
+    render_estimate(hard, Console(file=buf, width=200))
+    out = buf.getvalue()
+    assert "does not fit" in out and "engine needs 10 of 5" in out and "fine" not in out

@@ -394,7 +394,8 @@ def _sdpa_saved(ly: _Layer, acc: _Saved, s) -> None:
     a, qd, kvd = d.attn, model.q_dim, model.kv_dim
     acc.per_token += a * (qd + 2 * kvd) + a * qd + 4 * model.num_heads  # q, k, v, out, logsumexp
     masked = sdpa_masked_fraction(model, ly.cfg, s)
-    expanded = 1.0 if ly.cfg.stack.gqa_expand_kv else masked
+    # (one kv head: repeat_kv's expand + reshape merges a size-1 dim, a view; nothing more is saved)
+    expanded = 1.0 if ly.cfg.stack.gqa_expand_kv else masked * (ly.model.num_kv_heads > 1)
     acc.per_token = acc.per_token + expanded * 2 * a * (qd - kvd) + masked * a * s
     if model.fused_qkv and d.attn == d.proj_out:
         acc.per_token += a * (qd + kvd)  # v is a view of the fused qkv output: all of it stays saved
@@ -602,13 +603,41 @@ def sdpa_masked_fraction(model: ModelSpec, cfg: TrainConfig, seq):
 
 
 def layer_backward_transient(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, seq, attn: str,
-                             kbit_upcast: bool = True):
-    """Gradient buffers alive while one layer runs backward (above its saved tensors)."""
+                             kbit_upcast: bool = True, targets: tuple[str, ...] = ()):
+    """Gradient buffers alive while one layer runs backward (above its saved tensors), bytes.
+
+    A dense MLP's backward (the dry run, op by op: ``benchmarks/dryrun_vs_analytic.py``) holds, at
+    its peak, the incoming gradient of the layer's output (``tokens x hidden``, residual dtype) and
+    ``tokens x intermediate`` buffers: the gradient of the down projection's input and, in a gated
+    MLP, the two products of the ``act(gate) * up`` backward (``grad * up`` and ``grad * act``)
+    before the first is consumed: three; a plain MLP's activation backward: two. IA³ on the down projection
+    (``targets``; PEFT scales a feed-forward module's input after casting it to the vector's dtype) moves
+    those three into the vector's dtype: the incoming gradient cast up, ``grad * scaling`` and
+    ``grad * x`` before its reduction to the vector's gradient (the dry run). A mixture of
+    experts runs each expert over its own tokens: two buffers of every routed token's
+    intermediate width and two of the hidden width bound it.
+    """
     T = np.asarray(tokens, dtype=np.float64)
     d = copy_dtypes(copy, regime, kbit_upcast)
-    i = model.moe_intermediate_size * model.experts_per_token if model.is_moe else model.intermediate_size
     # (eager attention's softmax buffers are not here: :func:`eager_attention_work`, after the MLP's)
-    return T * (2 * d.proj_out * i + 2 * d.residual * model.hidden_size)
+    if model.is_moe:
+        i = model.moe_intermediate_size * model.experts_per_token
+        return T * (2 * d.proj_out * i + 2 * d.residual * model.hidden_size)
+    n = 3 if model.mlp_kind == "gated" else 2
+    h = model.hidden_size
+    down = model.mod("down_proj")
+    ia3_down = copy.adapter is not None and copy.adapter.ia3 and down in targets and down in model.ia3_feedforward
+    mlp = T * (n * d.proj_out * model.intermediate_size + d.residual * h)
+    if ia3_down:
+        mlp = np.maximum(mlp, T * (3 * max(d.adapter, d.proj_out) * model.intermediate_size + d.residual * h))
+    if not model.closing_norm:
+        return mlp
+    # a closing norm (Gemma-2/3, OLMo-2) runs backward first, in fp32: five tokens x hidden fp32 buffers
+    # beside the incoming gradient (as the final norm's: ``methods.preference.NORM_BACKWARD_BUFFERS``);
+    # by the MLP's backward its saved tensors (the fp32 upcast; a trained weight's fp32 normalised input)
+    # are freed
+    freed = 4.0 * h * (2 if copy.adapter is Adapter.FULL else 1)
+    return np.maximum(mlp - T * freed, T * (5 * 4.0 * h + d.residual * h))
 
 
 @dataclass(frozen=True)

@@ -67,15 +67,27 @@ def method_key(method: str, adapter: str | None) -> str:
     return f"{method}+{adapter}" if takes_adapter_choice(method) else method
 
 
-def band_for(stack: str, method: str) -> Band:
-    """The band of ``stack`` and ``method`` (``method_key``): its own, else its stack's, else all rows', else the default."""
+def band_for(stack: str, method: str, multi: bool = False) -> Band:
+    """The band of ``stack`` and ``method`` (``method_key``): its own, else its stack's, else all rows', else the
+    default. A sharded or offloaded plan (``multi``) first reads the bands of the published sharded/offloaded
+    runs (``multi:<stack>/<method>``, ``multi:<stack>``, ``multi``), whose errors come from the engines'
+    mechanisms, then the single-device chain; a single-device plan reads only single-device runs' bands."""
     t = _table()
-    for level, key in (("stack+method", f"{stack}/{method}"), ("stack", stack), ("all", "all")):
+    chain = [("stack+method", f"{stack}/{method}"), ("stack", stack), ("all", "all")]
+    if multi:
+        chain = [(level, f"multi:{key}" if key != "all" else "multi") for level, key in chain] + chain
+    for level, key in chain:
         b = t.get(key)
         if b:
             return Band(float(b["lo"]), float(b["hi"]), int(b.get("n", 0)), int(b.get("sources", 0)), level, key)
     return Band(DEFAULT_BAND[0], DEFAULT_BAND[1], 0, 0, "default", f"{stack}/{method}")
 
 
-def band_for_config(cfg) -> Band:
-    return band_for(cfg.framework, method_key(cfg.method, cfg.adapter))
+def band_for_config(cfg, multi: bool = False) -> Band:
+    """:func:`band_for` of a config; ``multi``: the plan is sharded or offloaded (``Parallel.distributed``)."""
+    return band_for(cfg.framework, method_key(cfg.method, cfg.adapter), multi)
+
+
+def band_for_estimate(est) -> Band:
+    """:func:`band_for` of an :class:`~vramplan.results.Estimate` (sharded when it names a strategy)."""
+    return band_for_config(est.config, multi=getattr(est, "strategy", None) is not None)

@@ -103,7 +103,8 @@ class TrainConfig:
 
     @cached_property
     def recipe(self) -> Recipe:
-        return resolve(self.method, self.adapter)
+        r = resolve(self.method, self.adapter)
+        return r.behaviour.recipe_for(r, self) if self.options else r
 
     @cached_property
     def stack(self):

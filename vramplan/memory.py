@@ -507,7 +507,8 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> Step
         kept, recompute = _stack_activations(model, cfg, copy, cfg.regime, T, s, layer)
         acc.peak(recompute=recompute, **_layer_terms(model, cfg, copy, T, s, zeros, layer))
         saved, logits_fwd, logits_bwd = _head_terms(model, cfg, copy, T, rows, kept)
-        acc.add(acts=saved, logits_fwd=logits_fwd, logits_bwd=logits_bwd)
+        # what the final norm and the head saved: freed by their backward, before any layer's
+        acc.add(acts=saved, logits_fwd=logits_fwd, logits_bwd=logits_bwd, head_acts=saved - kept)
         if cfg.stack.keeps_last_graph:
             # the loop keeps the last step's graph until this step's loss exists (stacks.toml
             # keeps_last_graph): what its nodes still hold after backward sits beside this forward
@@ -555,7 +556,8 @@ def _layer_terms(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, T, s, zero
     if layer is None:
         layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
     return dict(layer=layer, layer_attn=attn_layer,
-                transient=act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, cfg.stack.kbit_upcast),
+                transient=act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, cfg.stack.kbit_upcast,
+                                                       tuple(cfg.targets)),
                 attn_fwd=ef + (attn_layer if cfg.grad_ckpt else 0), attn_bwd=eb)
 
 

@@ -63,6 +63,9 @@ class ModelSpec:
     fused_gate_up: bool = False
     qk_norm: str = "none"
     norms_per_layer: int = 2
+    # the layer's output passes a norm before the residual add (Gemma-2/3 post_feedforward_layernorm, OLMo-2's
+    # post-norms): that norm's fp32 backward runs first in the layer's backward, before the MLP's
+    closing_norm: bool = False
     embed_scale: bool = False
     norm_weight_fp32: bool = False
     num_experts: int = 0
@@ -401,7 +404,8 @@ def _heads(f: _Fields, lay: dict, hidden: int, parallel: bool) -> dict:
         raise VramplanError(f"config of {f.label}: hidden_size {hidden} is smaller than num_attention_heads {heads}")
     if kv > heads or heads % kv:
         raise VramplanError(f"config of {f.label}: {heads} attention heads is not a multiple of {kv} kv heads")
-    return dict(num_heads=heads, num_kv_heads=kv, head_dim=head_dim, norms_per_layer=norms, sdpa_math=sdpa_math)
+    return dict(num_heads=heads, num_kv_heads=kv, head_dim=head_dim, norms_per_layer=norms, sdpa_math=sdpa_math,
+                closing_norm=bool(lay.get("closing_norm", norms == 4)))
 
 
 def _biases(f: _Fields, lay: dict, model_type: str) -> dict:

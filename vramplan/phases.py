@@ -71,6 +71,8 @@ class StepTerms:
     dora_prefix: Bytes      #: what a recomputed layer has saved when DoRA builds its weight norm
     last_graph: Bytes       #: the previous step's graph kept into this forward (stacks.toml keeps_last_graph)
     zeros: Bytes            #: zeros of the grid's shape (broadcasting helper)
+    #: the final norm's and the head's saved tensors (in ``acts``), freed by their backward before any layer's
+    head_acts: Bytes = 0.0
 
     @classmethod
     def empty(cls, zeros: np.ndarray) -> "StepTerms":
@@ -180,9 +182,10 @@ class _Forward:
     work: np.ndarray    #: saved activations + the largest working set at the forward's end
     peak: np.ndarray    #: the larger of ``work`` and a frozen copy's forward, with the gathered units
     mid: np.ndarray     #: a layer's forward before the logits (engines that name that point; else 0)
+    head_f: Bytes = 0.0  #: the heads' autocast casts, made by the head's matmul after every layer's forward
 
 
-def _forward_walk(t: StepTerms, g: Gathering) -> _Forward:
+def _forward_walk(t: StepTerms, g: Gathering, head_f: Bytes = 0.0) -> _Forward:
     """The forward's peak: everything saved plus the largest of the logits and loss buffers, QLoRA's
     dequantised weight or DoRA's norm buffers, and eager attention's scores; or a frozen copy's
     no-grad forward. DoRA's norm buffers come in the last layer's forward beside what that layer has
@@ -191,10 +194,12 @@ def _forward_walk(t: StepTerms, g: Gathering) -> _Forward:
     ckpt = t.recompute > 0
     dora_side = np.where(ckpt, 0, np.maximum(t.layer - t.dora_prefix, 0))
     temps = np.maximum(t.temps_fwd, t.temps_fwd_only - dora_side)
-    work = t.acts + t.last_graph + np.maximum(np.maximum(t.logits_fwd, temps), t.attn_fwd)
+    # a layer's buffers (the dequantised weight, eager attention's scores) come before the heads' autocast casts
+    # exist (``head_f``, made by the head's matmul after every layer): beside the cache less those
+    work = t.acts + t.last_graph + np.maximum(t.logits_fwd, np.maximum(temps, t.attn_fwd) - head_f)
     peak = g.gathered + np.maximum(work, t.nograd_peak)
     mid = t.zeros if g.fwd_mid is None else np.maximum(t.acts - t.layer, 0) + g.fwd_mid
-    return _Forward(temps=temps, work=work, peak=peak, mid=mid)
+    return _Forward(temps=temps, work=work, peak=peak, mid=mid, head_f=head_f)
 
 
 @dataclass(frozen=True)
@@ -227,7 +232,9 @@ def _backward_walk(t: StepTerms, s: StateTerms, g: Gathering, r: _Resident) -> _
     grads_before = np.maximum(s.grads_bwd - s.grads_tail, 0)
     # a layer's backward works beside either end: early, every saved tensor (plus its recomputation);
     # late, the first layer beside every gradient but its attention block's and the embedding's
-    saved_side = t.acts + np.maximum(r.cache_bwd - c.head_cache, 0) + t.recompute + c.recompute_cache + r.held
+    # (the final norm's and the head's saved tensors were freed by their backward, before any layer's)
+    saved_side = (t.acts - t.head_acts + np.maximum(r.cache_bwd - c.head_cache, 0) + t.recompute
+                  + c.recompute_cache + r.held)
     # the first layer's MLP backward (all its saved tensors and casts), then its attention's
     grads_side = np.maximum(np.maximum(grads_before - s.layer_grad, 0) + t.layer + c.layer_cache,
                             grads_before + t.layer_attn + c.attn_cache)
@@ -274,7 +281,7 @@ def combine_phases(t: StepTerms, base: dict[Component, int], s: StateTerms, g: G
     maximum, its index into :data:`PHASE_ORDER`, and bytes per :class:`Component` at the peak.
     """
     r = _resident(t, base, s, g)
-    fw = _forward_walk(t, g)
+    fw = _forward_walk(t, g, np.minimum(s.casts.head_cache, r.cache))
     bw = _backward_walk(t, s, g, r)
     phases = {Phase.LOAD: r.static.copy(),
               Phase.ROLLOUT: (r.static + r.states + t.kv + t.rollout_logits + g.rollout_gather
@@ -321,8 +328,8 @@ def _where(t: StepTerms, s: StateTerms, g: Gathering, fw: _Forward, bw: _Backwar
                          np.where(in_attn, bw.saved_attn >= bw.grads_attn, bw.saved_side >= bw.grads_side))
     bwd_end = s.grads_bwd + s.grads_end_extra + g.at(g.bwd_end) >= bw.work  # backward's last state: all gradients
     return _Where(bwd_act=bwd_act, layer=~bwd_act & ~bwd_end, in_rec=in_rec, in_attn=in_attn, bwd_saved=bwd_saved,
-                  fwd_act=fw.work >= t.nograd_peak, fwd_at_mid=fw.mid > fw.peak, fwd_temps=t.logits_fwd < fw.temps,
-                  fwd_attn=t.attn_fwd > np.maximum(t.logits_fwd, fw.temps))
+                  fwd_act=fw.work >= t.nograd_peak, fwd_at_mid=fw.mid > fw.peak, fwd_temps=t.logits_fwd < fw.temps - fw.head_f,
+                  fwd_attn=t.attn_fwd - fw.head_f > np.maximum(t.logits_fwd, fw.temps - fw.head_f))
 
 
 def _components_at_peak(t: StepTerms, base: dict[Component, int], s: StateTerms, g: Gathering, r: _Resident,
@@ -345,7 +352,7 @@ def _components_at_peak(t: StepTerms, base: dict[Component, int], s: StateTerms,
     comps[Component.OPTIMIZER_STATES] = at({p: r.states for p in PHASE_ORDER if p is not Phase.LOAD})
     head_saved = np.maximum(r.cache_bwd - c.head_cache, 0)
     comps[Component.AUTOCAST_CACHE] = at({
-        Phase.FORWARD: r.cache,
+        Phase.FORWARD: np.where(w.fwd_act & ~w.fwd_at_mid & (w.fwd_temps | w.fwd_attn), r.cache - fw.head_f, r.cache),
         Phase.BACKWARD: np.where(w.bwd_act, r.cache_bwd, np.where(
             w.layer, np.where(w.bwd_saved, np.where(w.in_attn, bw.attn_side_cache, head_saved + c.recompute_cache),
                               np.where(w.in_rec, 0, np.where(w.in_attn, c.attn_cache, c.layer_cache))), 0))})

@@ -45,8 +45,11 @@ def render_estimate(est: Estimate, console: Console) -> None:
         if v is not None and v.value == "tight" and band:
             from .verdict import advice
 
-            alone = "the training step alone: " if est.extra.get("colocated_engine") else ""  # GRPO's vLLM share
+            alone = "the training step alone: " if est.constraints else ""  # e.g. GRPO's vLLM share
             console.print(f"· {alone}{advice(est.peak_bytes, est.capacity_bytes, band['hi'], band['lo'])}")
+        for c in est.constraints:
+            if not c.met:
+                console.print(f"· {'[red]' if c.hard else '[yellow]'}{c.text}{'[/red]' if c.hard else '[/yellow]'}")
     if getattr(est, "tokens_per_s", None) is not None:
         t = est.throughput
         line = (f"speed: {est.tokens_per_s:,.0f} tokens/s, {est.step_time_s:.3f} s per optimiser step "

@@ -37,6 +37,28 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """A requirement of a configuration beside its step's peak (bytes): something else on the card that
+    must fit in its own room (GRPO's colocated vLLM in its share). ``hard``: unmet, the run cannot start
+    (the verdict is "no"); else, unmet, it runs degraded (the verdict is at most "tight"). ``text``: one
+    line saying what is needed where."""
+
+    name: str
+    needed_bytes: int
+    available_bytes: int
+    hard: bool
+    text: str
+
+    @property
+    def met(self) -> bool:
+        return self.needed_bytes <= self.available_bytes
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "needed_bytes": int(self.needed_bytes), "available_bytes": int(self.available_bytes),
+                "hard": self.hard, "met": self.met, "text": self.text}
+
+
 def json_text(obj: Any) -> str:
     """``json.dumps(obj, indent=2, allow_nan=False)``, to the byte, in about half its time.
 
@@ -210,6 +232,8 @@ class Estimate:
     #: How the runtime overheads were obtained (``vramplan.overheads.Overheads``): per figure
     #: calibrated or default, the profile file and its versions, the uncertainty band used.
     overheads: Overheads | None = None
+    #: Requirements beside the step's peak (:class:`Constraint`), which the verdict reads with the peak.
+    constraints: tuple[Constraint, ...] = ()
 
     @property
     def peak_gib(self) -> float:
@@ -254,6 +278,8 @@ class Estimate:
             v = self.verdict
             if v is not None:
                 out["verdict"] = v.value
+        if self.constraints:
+            out["constraints"] = [c.to_json() for c in self.constraints]
         out.update(gpus=self.gpus, strategy=self.strategy, offload=self.offload)
         if self.tokens_per_s is not None:
             out.update(tokens_per_s=round(float(self.tokens_per_s), 1), step_time_s=round(float(self.step_time_s), 6),

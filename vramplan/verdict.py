@@ -135,12 +135,26 @@ def verdict_of(est) -> Verdict | None:
     extra = est.extra or {}
     b = extra.get("band") or {}
     v = classify(est.peak_bytes, est.capacity_bytes, b.get("hi", 0.0), b.get("lo", 0.0))
-    engine = extra.get("colocated_engine")  # GRPO's colocated vLLM: its share must hold it
-    if engine and engine["fixed_bytes"] > engine["share_bytes"]:
-        return Verdict.NO  # it cannot load its weights: the run stops before the first step
-    if engine and engine["wanted_bytes"] > engine["share_bytes"] and v is Verdict.COMFORTABLE:
-        return Verdict.TIGHT  # the generation batch's cache does not fit: vLLM may run it in smaller batches
+    return constrained(v, getattr(est, "constraints", ()))
+
+
+def constrained(v: Verdict, constraints) -> Verdict:
+    """The verdict ``v`` of a step's peak, with the requirements beside it
+    (:class:`~vramplan.results.Constraint`): an unmet hard one makes it "no" (the run cannot start), an
+    unmet soft one makes "comfortable" "tight" (it runs degraded)."""
+    for c in constraints:
+        if c.met:
+            continue
+        if c.hard:
+            return Verdict.NO
+        if v is Verdict.COMFORTABLE:
+            v = Verdict.TIGHT
     return v
+
+
+def unmet_text(constraints) -> str:
+    """The texts of the unmet requirements, ``"; "``-joined (empty when all are met)."""
+    return "; ".join(c.text for c in constraints if not c.met)
 
 
 def advice(peak_bytes: int | float, capacity_bytes: int | float, band_hi: float = 0.0, band_lo: float = 0.0) -> str:

@@ -257,9 +257,9 @@ class VramplanCallback(transformers.TrainerCallback):
             self._say(f"vramplan: {what}: predicted peak {est.peak_gib:.2f} GiB device total "
                       f"({est.tensor_peak_bytes / GIB:.2f} GiB tensors); no GPU to compare with")
         else:
-            from ..bands import band_for_config
+            from ..bands import band_for_estimate
 
-            band = band_for_config(est.config)
+            band = band_for_estimate(est)
             self.verdict = classify(est.peak_bytes, est.capacity_bytes, band.hi, band.lo)
             text = (f"vramplan: {what}: predicted peak {est.peak_gib:.2f} GiB of {est.capacity_bytes / GIB:.2f} GiB "
                     f"on {est.gpu}: {self.verdict.value}")

@@ -143,6 +143,14 @@ class Scored:
         return self.record.source.id
 
     @property
+    def multi(self) -> bool:
+        """Whether the run was sharded or offloaded (several GPUs, a ZeRO/FSDP strategy or offload): its
+        error belongs to the multi-GPU engines' mechanisms, so it backs the multi-GPU bands, not the
+        single-device ones (:func:`vramplan.bands.band_for`)."""
+        c = self.record.config
+        return (c.gpus or 1) > 1 or bool(c.strategy) or bool(c.offload)
+
+    @property
     def gpu(self) -> str:
         c = self.record.config
         return f"{c.gpus}x{self.record.device.name or '?'}"
@@ -352,13 +360,32 @@ def _band_of(ratios: list[float]) -> tuple[float, float]:
     return (float(min(lo, -MIN_BAND)), float(max(hi, MIN_BAND)))
 
 
-def _groups(s: Scored) -> list[tuple[str, Any]]:
-    """The band's groups, most specific first: stack+method, stack, all."""
-    return [("stack+method", (s.stack, s.method)), ("stack", s.stack), ("all", None)]
+LEVELS = ("stack+method", "stack", "all")
 
 
-def _key(level: str, s: Scored):
-    return {"stack+method": (s.stack, s.method), "stack": s.stack, "all": None}[level]
+def _key(level: str, s: Scored, layout: str | None = None) -> tuple:
+    """``s``'s group at ``level``, within its layout (``single`` | ``multi``, :attr:`Scored.multi`) unless given."""
+    lay = layout or ("multi" if s.multi else "single")
+    return {"stack+method": (lay, s.stack, s.method), "stack": (lay, s.stack), "all": (lay,)}[level]
+
+
+def _groups(s: Scored) -> list[tuple[str, tuple]]:
+    """The band's groups, most specific first: stack+method, stack, all -- of the row's layout; a sharded or
+    offloaded row then falls back to the single-device groups (:func:`vramplan.bands.band_for`'s chain)."""
+    out = [(level, _key(level, s)) for level in LEVELS]
+    if s.multi:
+        out += [(level, _key(level, s, "single")) for level in LEVELS]
+    return out
+
+
+def band_name(key: tuple) -> str:
+    """The name of a group in ``bands.json``: ``hf/lora``, ``hf``, ``all`` (single device); ``multi:hf/lora``,
+    ``multi:hf``, ``multi`` (sharded or offloaded runs)."""
+    lay, rest = key[0], key[1:]
+    name = "/".join(rest) if rest else ("all" if lay == "single" else "")
+    if lay == "single":
+        return name
+    return f"multi:{name}" if name else "multi"
 
 
 def loso_bands(scored: list[Scored]) -> list[Scored]:
@@ -385,25 +412,23 @@ def shipped_bands(scored: list[Scored]) -> list[Scored]:
         outcome = s.status in ("oom", "fit_only") and s.device is not None
         if not outcome and (s.status not in ("scored", "estimated") or s.ratio is None):
             continue
-        b = band_for(s.stack, s.method or "?")
+        b = band_for(s.stack, s.method or "?", multi=s.multi)
         s.band, s.band_from = (b.lo, b.hi), f"shipped {b.level} {b.key} ({b.rows} rows)"
     return scored
 
 
 def fit_bands(scored: list[Scored]) -> dict[str, dict]:
-    """Bands from every source: ``{"stack+method": {...}, "stack": {...}}`` -> lo, hi, n, sources."""
+    """Bands from every source, per layout (:func:`band_name`): name -> level, lo, hi, n, sources."""
     pool = [s for s in scored if s.status == "scored" and s.ratio is not None]
     out: dict[str, dict] = {}
-    for level in ("stack+method", "stack", "all"):
-        keys = sorted({_key(level, s) for s in pool}, key=str)
-        for key in keys:
+    for level in LEVELS:
+        for key in sorted({_key(level, s) for s in pool}, key=str):
             rs = [s for s in pool if _key(level, s) == key]
             if len(rs) < MIN_BAND_ROWS:
                 continue
             lo, hi = _band_of([s.ratio for s in rs])
-            name = "all" if key is None else (key if isinstance(key, str) else f"{key[0]}/{key[1]}")
-            out[name] = {"level": level, "lo": round(lo, 4), "hi": round(hi, 4), "n": len(rs),
-                         "sources": len({s.source for s in rs})}
+            out[band_name(key)] = {"level": level, "lo": round(lo, 4), "hi": round(hi, 4), "n": len(rs),
+                                   "sources": len({s.source for s in rs})}
     return out
 
 

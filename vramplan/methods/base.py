@@ -185,6 +185,16 @@ class Behaviour:
         """The shortest sequence (tokens) the method's searches consider."""
         return 128
 
+    def precompute_pass(self, model: Any, cfg: Any) -> float | None:
+        """Tensor bytes, above the loaded model, of a pass the trainer runs before the first step (TRL's
+        ``precompute_ref_log_probs``: a no-grad reference forward over the dataset), or None (no such pass)."""
+        return None
+
+    def recipe_for(self, recipe: Any, cfg: Any) -> Any:
+        """The recipe (:class:`vramplan.methods.Recipe`) as ``cfg``'s method options make it: a copy an option
+        adds (GRPO's reference model with ``beta > 0`` and full training). Default: unchanged."""
+        return recipe
+
     def step_terms(self, model: Any, cfg: Any, terms: Any, batch: Any, seq: Any) -> Any:
         """The terms of one step (a :class:`vramplan.phases.StepTerms` of byte arrays over ``batch``/``seq``)
         as this method changes them (a changed copy: ``terms.with_(...)``); SFT's, DPO's and PPO's are

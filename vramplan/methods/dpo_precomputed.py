@@ -13,15 +13,19 @@ from typing import Any
 
 from .base import Variant
 from .dpo import DPO
+from .preference import precompute_pass_bytes
 
 
 class DPOPrecomputed(Variant, DPO):
     step = "vramplan.runtime.preference:dpo_precomputed_step"
 
+    def precompute_pass(self, model: Any, cfg: Any) -> float:
+        return precompute_pass_bytes(model, cfg)
+
     def assumptions(self, cfg: Any) -> list[str]:
         return ["DPO with precompute_ref_log_probs=True: chosen + rejected concatenated (2 x batch sequences); "
                 "reference log-probs computed before training and read from the batch: no reference model or "
-                "forward in the step (the precompute pass, a no-grad forward, is not planned)"]
+                "forward in the step; the precompute pass before training is planned on its own (its peak beside the step's)"]
 
     def dryrun_assumptions(self, cfg: Any) -> list[str]:
         return ["DPO as TRL with precomputed reference log-probs: the policy's forward and the mean-logits "

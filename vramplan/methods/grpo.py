@@ -149,8 +149,7 @@ def settings(cfg: Any, seq: Any = None) -> Settings:
     token split (an int).
 
     Raises:
-        VramplanError: the generation batch cannot hold whole groups, or ``beta > 0`` with full training
-            (TRL then loads a second, frozen copy: not planned yet).
+        VramplanError: the generation batch cannot hold whole groups.
     """
     s = int(cfg.seq if seq is None else seq)
     g = int(cfg.option("num_generations", NUM_GENERATIONS.default))
@@ -162,9 +161,6 @@ def settings(cfg: Any, seq: Any = None) -> Settings:
     ni = int(cfg.option("num_iterations", NUM_ITERATIONS.default))
     beta = float(cfg.option("grpo_beta", BETA.default))
     old = (int(cfg.grad_accum) % (spg * ni) != 0) or gen != "transformers"
-    if beta > 0 and not cfg.recipe.adapter.is_peft:
-        raise VramplanError("GRPO with --grpo-beta > 0 and full training loads a second, frozen reference model: "
-                            "not planned yet", "use --adapter lora/qlora (reference = adapter disabled) or beta 0")
     return Settings(num_generations=g, completion=comp, prompt=s - comp, beta=beta,
                     loss_type=str(cfg.option("grpo_loss_type", LOSS_TYPE.default)), steps_per_generation=spg,
                     num_iterations=ni, generation=gen, vllm_share=float(cfg.option("vllm_gpu_memory_utilization",
@@ -339,7 +335,9 @@ def grpo_terms(model, cfg, terms: Any, batch, seq) -> Any:
                                                                   kv_layer=kv_layer) + casts
         peak = np.maximum(peak, np.maximum(end, prefill))
     return terms.with_(logits_fwd=logits_fwd, logits_bwd=logits_bwd, acts=acts, kv=kv,
-                       rollout_logits=np.maximum(peak - kv, 0.0))
+                       rollout_logits=np.maximum(peak - kv, 0.0),
+                       # a held reference (full training, beta > 0) scores with the policy, counted above
+                       nograd_peak=terms.zeros * 0)
 
 
 # -- the limits: the largest G x completion on a card (fit) ----------------------------------------------
@@ -571,13 +569,30 @@ class GRPO(Behaviour):
     def step_terms(self, model: Any, cfg: Any, terms: Any, batch: Any, seq: Any) -> Any:
         return grpo_terms(model, cfg, terms, batch, seq)
 
+    def recipe_for(self, recipe: Any, cfg: Any) -> Any:
+        """With ``beta > 0`` and full training TRL's GRPOTrainer loads the reference as a second model
+        (``create_model_from_path(model_id, **model_init_kwargs)``: the policy's loading arguments, prepared by
+        accelerate in evaluation mode on the same device, TRL v1.9.0 ``GRPOTrainer.__init__``): a frozen copy
+        held beside the policy. With PEFT the reference is the policy with its adapter disabled (no copy)."""
+        from dataclasses import replace
+
+        from . import Forward, ModelCopy, Role
+
+        beta = float(cfg.option("grpo_beta", BETA.default) or 0.0)
+        if beta <= 0 or recipe.adapter.is_peft or any(c.role is Role.REFERENCE for c in recipe.copies):
+            return recipe
+        ref = ModelCopy(role=Role.REFERENCE, adapter=None, quantized=False, head="lm", forward=Forward.NO_GRAD)
+        return replace(recipe, copies=recipe.copies + (ref,))
+
     def assumptions(self, cfg: Any) -> list[str]:
         gs = settings(cfg)
         out = [f"GRPO as TRL v1.9.0 GRPOTrainer: prompt {gs.prompt} + completion {gs.completion} tokens; "
                f"G = {gs.num_generations}; micro-batch {cfg.batch} completions; generation batch "
                f"{gs.generation_batch} completions ({gs.steps_per_generation} steps per generation); "
                f"beta {gs.beta:g} (TRL's default 0.0 since v0.19: "
-               + ("no reference" if not gs.beta else "reference = the policy with its adapter disabled")
+               + ("no reference" if not gs.beta else "reference = the policy with its adapter disabled"
+                  if cfg.recipe.adapter.is_peft else "reference = a second, frozen model loaded with the policy's "
+                  "model_init_kwargs on the same device, in the frozen weights' dtype")
                + f"); loss_type {gs.loss_type} (every loss type reduces batch x completion tensors: the same memory)"
                + ("; old-policy log-probs kept" if gs.old_logps else "")]
         if gs.raised_from:

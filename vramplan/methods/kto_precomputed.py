@@ -11,7 +11,7 @@ from typing import Any
 
 from .base import Variant
 from .kto import KTO
-from .preference import TRL
+from .preference import TRL, precompute_pass_bytes
 
 
 class KTOPrecomputed(Variant, KTO):
@@ -19,10 +19,13 @@ class KTOPrecomputed(Variant, KTO):
     reference = False
     extra_forwards = (("policy", 1),)  # the KL estimate's forwards over mismatched sequences
 
+    def precompute_pass(self, model: Any, cfg: Any) -> float:
+        return precompute_pass_bytes(model, cfg)
+
     def assumptions(self, cfg: Any) -> list[str]:
         return [f"KTO ({TRL}, loss_type='kto') with precompute_ref_log_probs=True: batch unpaired sequences, half "
                 "desirable; the KL estimate runs the policy (no_grad) on batch mismatched sequences; no reference "
-                "model or forward in the step (the precompute pass, a no-grad forward, is not planned)"] \
+                "model or forward in the step; the precompute pass before training is planned on its own (its peak beside the step's)"] \
             + self._batch_note(cfg)
 
 

@@ -114,6 +114,29 @@ def scalar_head_backward_bytes(T, hidden: int):
     return np.asarray(T, dtype=np.float64) * hidden * 4.0 * NORM_BACKWARD_BUFFERS
 
 
+def precompute_pass_bytes(model: Any, cfg: Any) -> float:
+    """TRL's ``precompute_ref_log_probs`` pass (DPO and KTO ``train()`` -> ``_precompute_ref_logps``: a
+    DataLoader over the training set at ``per_device_train_batch_size``, TRL f2cd577), in tensor bytes above
+    the loaded model: before the first step no gradient or optimiser state exists yet; the reference
+    (the policy's base with its adapter disabled under PEFT, else the model itself: ``ref_model`` is None)
+    runs a no-grad forward of one batch's sequences -- one layer's working set and the logits with the
+    loss's forward buffers, as the reference's forward in the step of the method without precomputing."""
+    from .. import activations as act
+    from ..memory import attention_as_run
+    from . import Forward, ModelCopy, Role
+
+    cfg = attention_as_run(model, cfg)
+    model = cfg.stack.as_built(model)
+    pol = cfg.recipe.copies[0]
+    ref = ModelCopy(role=Role.REFERENCE, adapter=None, quantized=pol.quantized, head=pol.head, forward=Forward.NO_GRAD)
+    rows = cfg.batch * cfg.recipe.sequences_per_example
+    T, s = rows * cfg.seq, cfg.seq
+    f, _ = act.logits_bytes(model, ref, cfg.regime, T, ref.head, cfg, rows)
+    work = act.layer_activation_bytes(model, cfg, ref, cfg.regime, T, s) + act.eager_attention_work(
+        model, cfg, ref, cfg.regime, T, s)[0]
+    return float(np.max(f + work))
+
+
 class Preference(Behaviour):
     """A preference method as TRL runs it; subclasses set :attr:`loss_kind` and their names.
 

@@ -140,7 +140,7 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
             est.extra["cpu_offload_bytes_per_gpu"] = int(sh.cpu_bytes)
     from ..bands import band_for_config
 
-    band = band_for_config(cfg)
+    band = band_for_config(cfg, multi=par.distributed)
     # the band as the device totals it spans (bytes): peak x (1 + lo) .. peak x (1 + hi)
     est.extra["band"] = {**band.to_json(), "low_bytes": max(0, int(np.floor((1.0 + band.lo) * peak))),
                          "high_bytes": int(np.ceil((1.0 + band.hi) * peak))}
@@ -155,17 +155,8 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
         est.capacity_bytes = int(card.memory_bytes * (1.0 - share)) if share else card.memory_bytes
         est.fits = peak <= est.capacity_bytes
         if share:
-            fixed, wanted = cfg.recipe.behaviour.card_share_need(spec, cfg)
-            room = int(card.memory_bytes * share)
-            est.extra["colocated_engine"] = {"share": share, "share_bytes": room, "fixed_bytes": int(fixed),
-                                             "wanted_bytes": int(wanted)}
-            est.assumptions.append(
-                f"colocated engine: {share:.0%} of the card ({room / GIB:.2f} GiB) held outside the step; it needs "
-                f"{fixed / GIB:.2f} GiB to start and {wanted / GIB:.2f} GiB for this generation batch"
-                + (": its weights do not fit its share" if fixed > room else
-                   ": the batch's cache does not fit its share (it would generate in smaller batches)" if wanted > room
-                   else ""))
-            est.fits = est.fits and wanted <= room
+            _colocated_engine(est, spec, cfg, card, share)
+    _precompute_pass(est, spec, cfg)
     if card is not None and with_time:
         t = step_time(spec, cfg, card, parallel=par).at()
         est.throughput, est.step_time_s, est.tokens_per_s = t, t.step_s, t.tokens_per_s
@@ -173,6 +164,56 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
         est.assumptions.append(f"throughput: {t.source}")
     return est
 
+
+
+def _colocated_engine(est: Estimate, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, share: float) -> None:
+    """Another engine colocated in the process (GRPO's vLLM) in its ``share`` of the card: its needs
+    (:meth:`~vramplan.methods.base.Behaviour.card_share_need`) as ``extra["colocated_engine"]``, an assumption
+    and two constraints the verdict reads: its weights (hard) and the generation batch's cache (soft)."""
+    from ..results import Constraint
+
+    fixed, wanted = cfg.recipe.behaviour.card_share_need(spec, cfg)
+    room = int(card.memory_bytes * share)
+    est.extra["colocated_engine"] = {"share": share, "share_bytes": room, "fixed_bytes": int(fixed),
+                                     "wanted_bytes": int(wanted)}
+    est.assumptions.append(
+        f"colocated engine: {share:.0%} of the card ({room / GIB:.2f} GiB) held outside the step; it needs "
+        f"{fixed / GIB:.2f} GiB to start and {wanted / GIB:.2f} GiB for this generation batch"
+        + (": its weights do not fit its share" if fixed > room else
+           ": the batch's cache does not fit its share (it would generate in smaller batches)" if wanted > room
+           else ""))
+    est.constraints = (
+        Constraint("colocated engine weights", int(fixed), room, True,
+                   f"the colocated engine needs {fixed / GIB:.2f} GiB to start, its share is {room / GIB:.2f} GiB"),
+        Constraint("colocated engine generation batch", int(wanted), room, False,
+                   f"the colocated engine needs {wanted / GIB:.2f} GiB for this generation batch, its share is "
+                   f"{room / GIB:.2f} GiB"))
+    est.fits = est.fits and all(c.met for c in est.constraints)
+
+
+def _precompute_pass(est: Estimate, spec: ModelSpec, cfg: TrainConfig) -> None:
+    """A pass before the first step (TRL's ``precompute_ref_log_probs``,
+    :meth:`~vramplan.methods.base.Behaviour.precompute_pass`): its device total as ``extra["precompute_pass"]``
+    (the loaded model plus the pass's tensors, with the step's runtime allowance), an assumption, and with a
+    card a hard constraint the verdict reads."""
+    pre = cfg.recipe.behaviour.precompute_pass(spec, cfg)
+    if pre is None:
+        return
+    from ..results import Constraint
+    from ..taxonomy import Phase
+
+    pre_tensors = int(est.phases.get(Phase.LOAD, 0) + np.ceil(pre))
+    pre_peak = pre_tensors + (est.peak_bytes - est.tensor_peak_bytes)  # the step's runtime allowance
+    est.extra["precompute_pass"] = {"tensor_bytes": pre_tensors, "peak_bytes": pre_peak, "batch": cfg.batch}
+    est.assumptions.append(
+        f"precompute pass before training (reference log-probs, no grad, batch {cfg.batch}): {pre_peak / GIB:.2f} "
+        f"GiB device total, {'above' if pre_peak > est.peak_bytes else 'below'} the step's {est.peak_bytes / GIB:.2f}"
+        " GiB; the verdict holds both")
+    if est.capacity_bytes is not None:
+        est.constraints = est.constraints + (Constraint(
+            "precompute pass", pre_peak, est.capacity_bytes, True,
+            f"the precompute pass needs {pre_peak / GIB:.2f} GiB of the {est.capacity_bytes / GIB:.2f} GiB card"),)
+        est.fits = est.fits and pre_peak <= est.capacity_bytes
 
 
 @dataclass(frozen=True)

@@ -79,19 +79,26 @@ class FitRow:
     @property
     def verdict(self) -> Verdict:
         """comfortable / tight / no (:mod:`vramplan.verdict`, the same thresholds as ``vramplan matrix``)."""
-        from ..bands import band_for_config
+        from ..bands import band_for_estimate
 
-        b = band_for_config(self.estimate.config)
-        return classify(self.estimate.peak_bytes, self.estimate.capacity_bytes, b.hi, b.lo)
+        from ..verdict import constrained
+
+        b = band_for_estimate(self.estimate)
+        v = classify(self.estimate.peak_bytes, self.estimate.capacity_bytes, b.hi, b.lo)
+        return constrained(v, self.estimate.constraints)
 
     @property
     def verdict_text(self) -> str:
         """Where the chosen plan stands against the card, with the band (:func:`vramplan.verdict.advice`)."""
-        from ..bands import band_for_config
+        from ..bands import band_for_estimate
         from ..verdict import advice
 
-        b = band_for_config(self.estimate.config)
-        return advice(self.estimate.peak_bytes, self.estimate.capacity_bytes, b.hi, b.lo)
+        from ..verdict import unmet_text
+
+        b = band_for_estimate(self.estimate)
+        text = advice(self.estimate.peak_bytes, self.estimate.capacity_bytes, b.hi, b.lo)
+        unmet = unmet_text(self.estimate.constraints)
+        return f"{self.verdict.value}: the training step alone: {text}; but {unmet}" if unmet else text
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -321,8 +328,11 @@ def _notes(ctx: _FitContext, name: str, sreq: SearchRequest, mp, chosen, est: Es
         notes.append(_no_comfortable_note(mp, est, ctx.margin))
         if suggestions:
             notes.append("with GC and 8-bit AdamW it would fit on " + "; ".join(x.text for x in suggestions))
-    elif chosen.fallback:
-        notes.append(fallback_note(mp) or chosen.fallback)
+    if chosen.fallback and not (mp.best is None and notes[0].startswith("no setting fits")):
+        notes.append(fallback_note(mp, chosen) or chosen.fallback)  # the plan shown (comfortable or tight) fell back
+    unmet = [c.text for c in est.constraints if not c.met]  # beside the step (GRPO's colocated vLLM share)
+    if unmet:
+        notes.append("; ".join(unmet))
     moe_note = moe_qlora_note(ctx.spec, chosen.config, short=True)
     if moe_note:
         notes.append(moe_note)
@@ -332,9 +342,9 @@ def _notes(ctx: _FitContext, name: str, sreq: SearchRequest, mp, chosen, est: Es
 def _no_comfortable_note(mp, est: Estimate, margin: float) -> str:
     """What a row without a comfortable plan says: nothing fits, or tight (fits without the margin, or over
     the card inside the band's lower end)."""
-    from ..bands import band_for_config
+    from ..bands import band_for_estimate
 
-    b = band_for_config(est.config)
+    b = band_for_estimate(est)
     verdict = classify(est.peak_bytes, est.capacity_bytes, b.hi, b.lo)
     if verdict is Verdict.NO:
         fb = next((p.fallback for p in mp.plans if p.fallback), None)  # "QLoRA fallback", "QDoRA fallback"

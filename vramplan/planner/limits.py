@@ -237,7 +237,7 @@ def band_limits(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, par: Parallel 
     and ``margin`` (default the verdict's 15%): ``fit``'s ``max_batch`` / ``max_seq``."""
     from ..bands import band_for_config
 
-    b = band_for_config(cfg)
+    b = band_for_config(cfg, multi=par is not None and par.distributed)
     cb, tb = verdict_limits(*_batch_curve(spec, cfg, card, par, totals), card.memory_bytes, b.hi, b.lo, margin)
     cs, ts = verdict_limits(*_seq_curve(spec, cfg, card, par, totals), card.memory_bytes, b.hi, b.lo, margin)
     return Limits(cb, cs, tb, ts)

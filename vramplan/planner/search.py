@@ -202,14 +202,15 @@ def adapters_for(method: str, adapter: str | None) -> list[tuple[str, str | None
     return out
 
 
-def fallback_note(mp: "MethodPlans") -> str | None:
-    """Why the chosen plan of ``mp`` is its fallback (QLoRA), from the plans of the method's own adapter.
+def fallback_note(mp: "MethodPlans", shown: "Plan | None" = None) -> str | None:
+    """Why the plan shown of ``mp`` (its best, or ``shown``: a tight one) is its fallback (QLoRA), from the
+    plans of the method's own adapter.
 
     Says what is true of them: none fits even without the margin (the least memory, against the
-    capacity), or the best fits only without the margin ("tight"). None when the best plan is not a
+    capacity), or the best fits only without the margin ("tight"). None when the plan is not a
     fallback.
     """
-    best = mp.best
+    best = mp.best or shown
     if best is None or best.fallback is None:
         return None
     own = [p for p in mp.plans if p.fallback is None]
@@ -498,10 +499,11 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, request: SearchRequest |
     prof = card_profile(card)
     plans: list[Plan] = []
     bands: dict[tuple, tuple] = {}  # (stack, method, adapter) -> (band, comfortable limit)
+    multi = any(p.distributed for p in parallels)  # the multi-GPU bands for a sharded search (bands.band_for)
     for cfg, _ in cands:
         key = (cfg.framework, cfg.method, cfg.adapter)
         if key not in bands:
-            band = band_for_config(cfg)
+            band = band_for_config(cfg, multi=multi)
             bands[key] = (band, comfortable_limit(capacity, band.hi, req.margin))
     limits = [bands[(cfg.framework, cfg.method, cfg.adapter)] for cfg, _ in cands]
     chosen = {}

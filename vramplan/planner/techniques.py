@@ -210,7 +210,7 @@ def recommend_techniques(model, cfg: TrainConfig, gpu, *, parallel: Parallel | N
     from ..bands import band_for_config
     from ..verdict import comfortable_limit
 
-    usable = comfortable_limit(capacity, band_for_config(cfg).hi, margin)  # the verdict's "comfortable"
+    usable = comfortable_limit(capacity, band_for_config(cfg, multi=par.distributed).hi, margin)  # the verdict's "comfortable"
     floor = max(MIN_SAVING_BYTES, int(MIN_SAVING_FRACTION * capacity))
     cache: dict[tuple, Estimate | Peaks] = {}
     profile = card_profile(card)

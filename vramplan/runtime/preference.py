@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from ..methods import Role
 from ..taxonomy import Phase
+from .steps import backward_owned as _backward
 from .steps import dpo_step
 from .steps import optimizer_step as _optimizer_step
 from .steps import random_ids as _ids
@@ -120,15 +121,11 @@ def _paired(t, *, nll: bool, average: bool, loss: str, metric_drops_last: bool) 
         stop = -1 if metric_drops_last else None
         _m = (all_logits[:n, :stop].detach().mean(), all_logits[n:, :stop].detach().mean())
         del _m, all_logps, chosen, rejected, pref, nll_loss, ids, labels
-        loss_ = total / ga
+        loss_ = [total / ga]  # owned by _backward, which empties it
         del total
         t.logits_done()
         del all_logits
-        t.hooks.phase(Phase.BACKWARD)
-        t.backward(loss_)
-        last = loss_.detach()
-        del loss_
-        t.hooks.event("after_backward", t)
+        last = _backward(t, loss_)
     _optimizer_step(t)
     return {"loss": last}
 
@@ -227,14 +224,10 @@ def _kto(t, *, reference: bool) -> dict:
         _c = _masked_rows(c_logits).mean(-1).sum()
         _r = _masked_rows(r_logits).mean(-1).sum()
         del _c, _r, c_logits, r_logits, ref_out
-        loss = losses.nanmean() / ga
+        loss = [losses.nanmean() / ga]  # owned by _backward, which empties it
         del losses, kl, kl_logps, ref_kl, logps, chosen, rejected, ref_chosen, ref_rejected, shift, logits, ids, kl_ids
         t.logits_done()
-        t.hooks.phase(Phase.BACKWARD)
-        t.backward(loss)
-        last = loss.detach()
-        del loss
-        t.hooks.event("after_backward", t)
+        last = _backward(t, loss)
     _optimizer_step(t)
     return {"loss": last}
 
@@ -267,14 +260,10 @@ def reward_step(t) -> dict:
         out = _convert(t, out)
         rewards_chosen, rewards_rejected = torch.chunk(out.logits.squeeze(-1), chunks=2)
         del out
-        loss = -F.logsigmoid(rewards_chosen - rewards_rejected).mean() / ga
+        loss = [-F.logsigmoid(rewards_chosen - rewards_rejected).mean() / ga]  # owned by _backward, which empties it
         del rewards_chosen, rewards_rejected, ids
         t.logits_done()
-        t.hooks.phase(Phase.BACKWARD)
-        t.backward(loss)
-        last = loss.detach()
-        del loss
-        t.hooks.event("after_backward", t)
+        last = _backward(t, loss)
     _optimizer_step(t)
     return {"loss": last}
 

@@ -139,6 +139,20 @@ def _response_logprobs(logits: torch.Tensor, prompt: int, responses: torch.Tenso
     return logits, selective_log_softmax(logits, responses)
 
 
+def _backward(t, owned: list) -> torch.Tensor:
+    """One micro-batch's backward, taking ownership of its loss: ``owned`` is a one-element list the
+    caller builds around the 0-dim loss (``loss = [expr]``) and hands over, so no caller name keeps the
+    loss alive; it is emptied here. Opens the backward phase, runs ``t.backward``, keeps the detached
+    loss (returned, for the step's result), frees the loss and signals ``after_backward``."""
+    t.hooks.phase(Phase.BACKWARD)
+    loss = owned.pop()
+    t.backward(loss)
+    last = loss.detach()
+    del loss
+    t.hooks.event("after_backward", t)
+    return last
+
+
 def _optimizer_step(t) -> None:
     t.hooks.phase(Phase.OPTIMIZER_STEP)
     opt = t.optimizer
@@ -172,14 +186,10 @@ def sft_step(t) -> dict:
             else:
                 out = policy(input_ids=ids, labels=labels, use_cache=False)
         out = _convert(t, out)
-        loss = out.loss / ga
+        loss = [out.loss / ga]  # owned by _backward, which empties it
         del out, ids, labels
         t.logits_done()
-        t.hooks.phase(Phase.BACKWARD)
-        t.backward(loss)
-        last = loss.detach()
-        del loss
-        t.hooks.event("after_backward", t)
+        last = _backward(t, loss)
     _optimizer_step(t)
     return {"loss": last}
 
@@ -243,13 +253,9 @@ def dpo_step(t, reference: bool = True) -> dict:
             ref_logps = torch.zeros_like(logps)
         n = cfg.batch
         margin = (logps[:n] - ref_logps[:n]) - (logps[n:] - ref_logps[n:])
-        loss = -F.logsigmoid(BETA * margin).mean() / ga
+        loss = [-F.logsigmoid(BETA * margin).mean() / ga]  # owned by _backward, which empties it
         del logps, ref_logps, margin, ids, labels
-        t.hooks.phase(Phase.BACKWARD)
-        t.backward(loss)
-        last = loss.detach()
-        del loss
-        t.hooks.event("after_backward", t)
+        last = _backward(t, loss)
     _optimizer_step(t)
     return {"loss": last}
 
@@ -394,13 +400,9 @@ def ppo_step(t) -> dict:
         ratio = torch.exp(new_logprobs - roll["logprobs"])
         pg = torch.max(-roll["advantages"] * ratio,
                        -roll["advantages"] * torch.clamp(ratio, 1.0 - CLIP_RANGE, 1.0 + CLIP_RANGE)).mean()
-        loss = (pg + VF_COEF * vf_loss) / ga
+        loss = [(pg + VF_COEF * vf_loss) / ga]  # owned by _backward, which empties it
         del vpred, vclipped, vf_loss, ratio, pg, new_logprobs
-        t.hooks.phase(Phase.BACKWARD)
-        t.backward(loss)
-        last = loss.detach()
-        del loss
-        t.hooks.event("after_backward", t)
+        last = _backward(t, loss)
         with torch.no_grad():  # TRL's entropy statistic, while the response logits are alive
             prob_dist = F.softmax(logits, dim=-1)
             entropy = torch.logsumexp(logits, dim=-1) - torch.sum(prob_dist * logits, dim=-1)
@@ -417,6 +419,8 @@ random_ids = _ids
 trainer_outputs = _convert
 #: the update after the micro-batches (unscale, clip, step, zero_grad)
 optimizer_step = _optimizer_step
+#: one micro-batch's backward, owning its loss (a one-element list): the detached loss
+backward_owned = _backward
 #: the reference model as TRL runs it (the frozen copy, else the policy with its adapter disabled)
 reference_model = _reference_model
 #: DPO's per-sequence log-probs (and the mean-logits metric's copy)
@@ -550,13 +554,9 @@ def grpo_step(t) -> dict:
         if ref is not None:
             r = ref[lo:lo + b]
             per_token = per_token + gs.beta * (torch.exp(r - logps) - (r - logps) - 1)
-        loss = _grpo_reduce(gs, per_token, m, cfg.grad_accum)
+        loss = [_grpo_reduce(gs, per_token, m, cfg.grad_accum)]  # owned by _backward, which empties it
         del logps, old_k, coef_1, coef_2, adv, per_token, _entropy
-        t.hooks.phase(Phase.BACKWARD)
-        t.backward(loss)
-        last = loss.detach()
-        del loss
-        t.hooks.event("after_backward", t)
+        last = _backward(t, loss)
     _optimizer_step(t)
     return {"loss": last}
 
