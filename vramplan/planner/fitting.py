@@ -323,12 +323,15 @@ def _notes(ctx: _FitContext, name: str, sreq: SearchRequest, mp, chosen, est: Es
 
     notes: list[str] = []
     suggestions = []
+    nothing_fits = False  # the "no" note already names the fallback it tried
     if mp.best is None:
         suggestions = what_would_fit(ctx.spec, name, ctx.card, sreq, gpus=ctx.base.gpus)
-        notes.append(_no_comfortable_note(mp, est, ctx.margin))
+        note, verdict = _no_comfortable_note(mp, est, ctx.margin)
+        notes.append(note)
+        nothing_fits = verdict is Verdict.NO
         if suggestions:
             notes.append("with GC and 8-bit AdamW it would fit on " + "; ".join(x.text for x in suggestions))
-    if chosen.fallback and not (mp.best is None and notes[0].startswith("no setting fits")):
+    if chosen.fallback and not nothing_fits:
         notes.append(fallback_note(mp, chosen) or chosen.fallback)  # the plan shown (comfortable or tight) fell back
     unmet = [c.text for c in est.constraints if not c.met]  # beside the step (GRPO's colocated vLLM share)
     if unmet:
@@ -339,9 +342,9 @@ def _notes(ctx: _FitContext, name: str, sreq: SearchRequest, mp, chosen, est: Es
     return notes, suggestions
 
 
-def _no_comfortable_note(mp, est: Estimate, margin: float) -> str:
-    """What a row without a comfortable plan says: nothing fits, or tight (fits without the margin, or over
-    the card inside the band's lower end)."""
+def _no_comfortable_note(mp, est: Estimate, margin: float) -> tuple[str, Verdict]:
+    """What a row without a comfortable plan says, and its verdict: nothing fits (no), or tight (fits
+    without the margin, or over the card inside the band's lower end)."""
     from ..bands import band_for_estimate
 
     b = band_for_estimate(est)
@@ -349,13 +352,13 @@ def _no_comfortable_note(mp, est: Estimate, margin: float) -> str:
     if verdict is Verdict.NO:
         fb = next((p.fallback for p in mp.plans if p.fallback), None)  # "QLoRA fallback", "QDoRA fallback"
         return ("no setting fits (tried GC, 8-bit/paged AdamW"
-                + (f", {fb.removesuffix(' fallback')}" if fb else "") + ")")
+                + (f", {fb.removesuffix(' fallback')}" if fb else "") + ")"), verdict
     if est.fits:
         return (f"tight, try it: no setting is comfortable (the {margin:.0%} margin and the band's upper end "
-                f"{100 * b.hi:+.0f}% under the card); shown: the fastest whose prediction fits")
+                f"{100 * b.hi:+.0f}% under the card); shown: the fastest whose prediction fits"), verdict
     return (f"tight, try it: the least-memory setting is predicted {100 * (est.peak_bytes / est.capacity_bytes - 1):.1f}% "
             f"over the card, inside the band's lower end ({100 * b.lo:+.0f}%): it may fit; run it with a "
-            "safety margin (expandable segments, nothing else on the card) or a smaller batch/sequence")
+            "safety margin (expandable segments, nothing else on the card) or a smaller batch/sequence"), verdict
 
 
 def _advice(ctx: _FitContext, name: str, sreq: SearchRequest, mp, chosen, est: Estimate):
