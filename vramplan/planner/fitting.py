@@ -79,21 +79,15 @@ class FitRow:
     @property
     def verdict(self) -> Verdict:
         """comfortable / tight / no (:mod:`vramplan.verdict`, the same thresholds as ``vramplan matrix``)."""
-        from ..bands import band_for_estimate
+        from ..verdict import verdict_of
 
-        from ..verdict import constrained
-
-        b = band_for_estimate(self.estimate)
-        v = classify(self.estimate.peak_bytes, self.estimate.capacity_bytes, b.hi, b.lo)
-        return constrained(v, self.estimate.constraints)
+        return verdict_of(self.estimate)  # the estimate's own band (extra["band"]) and constraints
 
     @property
     def verdict_text(self) -> str:
         """Where the chosen plan stands against the card, with the band (:func:`vramplan.verdict.advice`)."""
         from ..bands import band_for_estimate
-        from ..verdict import advice
-
-        from ..verdict import unmet_text
+        from ..verdict import advice, unmet_text
 
         b = band_for_estimate(self.estimate)
         text = advice(self.estimate.peak_bytes, self.estimate.capacity_bytes, b.hi, b.lo)
