@@ -57,6 +57,10 @@ class DeviceTotals:
         #: activation terms of the configurations evaluated so far (vramplan.memory's step_memory_rows
         #: cache): one instance serves one planning call, so nothing outlives it
         self.terms: dict = {}
+        #: floors computed so far (:meth:`floor`: equal arguments, equal floor), for the same planning call
+        self._floors: dict[tuple, float | None] = {}
+        #: configurations the search built so far (vramplan.planner.search's candidates), for the same call
+        self.configs: dict = {}
 
     def __call__(self, mem: StepMemory, cfg: TrainConfig, card: GPUSpec, par: Parallel | None = None) -> np.ndarray:
         """Device totals (float64 bytes) of ``mem`` (arrays over batch/seq) for ``cfg`` on ``card`` under ``par``."""
@@ -111,7 +115,20 @@ class DeviceTotals:
         exceed the states, so the bytes in the allocator stay at least this -- a bound for ``cfg``
         under every optimiser. None where the card's calibrated activation factor for the recipe
         is below 1 (the chain then shrinks the peak's activations, and this bound would not hold).
+        Kept per instance: a fit asks for the same floors from several places (other_setups' bound, its
+        setups' candidates).
         """
+        try:
+            key = (spec, cfg, card, any_optimizer)
+            hash(key)
+        except TypeError:  # a spec built with list fields (from a log's JSON): computed every time
+            return self._floor(spec, cfg, card, any_optimizer)
+        if key not in self._floors:
+            self._floors[key] = self._floor(spec, cfg, card, any_optimizer)
+        return self._floors[key]
+
+    def _floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool) -> float | None:
+        """:meth:`floor`, computed."""
         from ..memory import model_state, resident_floor
         from ..optimizers import get_optimizer
         from ..overheads import LOADED_COMPONENTS, device_total, runtime_overheads

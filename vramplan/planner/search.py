@@ -282,8 +282,7 @@ def _candidates(spec: ModelSpec, method: str, card: GPUSpec, req: SearchRequest,
         shape = (m, ad, settings["rank"], repr(settings["targets"]))
         if shape not in built:
             try:
-                built[shape] = make_config(spec, m, adapter=ad, batch=1, **common, **settings)
-                _resolve_once(built[shape])
+                built[shape] = _make_once(req.totals, spec, (m, ad), common, settings)
             except VramplanError:
                 if fixed.get("rank") or fixed.get("targets"):
                     raise  # the user's own setting is invalid: say so
@@ -298,6 +297,40 @@ def _candidates(spec: ModelSpec, method: str, card: GPUSpec, req: SearchRequest,
         seen.add(cfg)
         out.append((cfg, note))
     return out
+
+
+def _make_once(totals: DeviceTotals | None, spec: ModelSpec, recipe: tuple, common: dict, settings: dict) -> TrainConfig:
+    """``make_config(spec, method, adapter=adapter, batch=1, **common, **settings)`` resolved (:func:`_resolve_once`),
+    kept in ``totals.configs`` (one planning call: other_setups' bound and its search build the same ones).
+
+    ``recipe``: (method, adapter). Equal arguments give the same (immutable) configuration or the same error;
+    nothing is kept without ``totals`` or when an argument cannot be hashed.
+
+    Raises:
+        VramplanError: as :func:`vramplan.config.make_config` (again for every call with those arguments).
+    """
+    key = None
+    if totals is not None:
+        key = (spec, recipe, repr(sorted(common.items())), repr(sorted(settings.items())))
+        try:
+            hash(key)
+        except TypeError:  # a spec built with list fields (from a log's JSON)
+            key = None
+    if key is not None and key in totals.configs:
+        kept = totals.configs[key]
+        if isinstance(kept, VramplanError):
+            raise kept
+        return kept
+    try:
+        cfg = make_config(spec, recipe[0], adapter=recipe[1], batch=1, **common, **settings)
+        _resolve_once(cfg)
+    except VramplanError as e:
+        if key is not None:
+            totals.configs[key] = e
+        raise
+    if key is not None:
+        totals.configs[key] = cfg
+    return cfg
 
 
 def _resolve_once(cfg: TrainConfig) -> None:
