@@ -443,11 +443,12 @@ def _setup_best(spec: ModelSpec, method: str, card: GPUSpec, current_fits: bool,
 
     The search's best plan (``comfortable``) or, when none fits with the margin and ``current_fits`` is
     False, its fastest plan within the card (``tight``); None when it lists nothing. On one GPU this
-    is :func:`_best_of` of the search, found on its arrays: the device totals of every candidate
-    (first only those whose floor (:meth:`DeviceTotals.floor`) leaves them a chance: when none of
-    them can be listed the step times are never computed), the step times, the chosen micro-batches
-    (:func:`_choices`), the winner by the search's own order, and one :class:`Plan` built -- the
-    winner's. Several GPUs or offload: the search itself.
+    is :func:`_best_of` of the search, found on its arrays, for the candidates that can be listed
+    (:func:`_open_rows`: whose floor, :meth:`DeviceTotals.floor`, leaves them a chance; the others can
+    neither fit the margin nor, when a tight plan counts, the card, so they are never the search's best or
+    its fastest plan within the card): their device totals; when none of them can be listed, nothing more;
+    else their step times, chosen micro-batches (:func:`_choices`), the winner by the search's own order
+    (:func:`_winner`), and one :class:`Plan` built -- the winner's. Several GPUs or offload: the search itself.
 
     Raises:
         VramplanError: as :func:`search` (an invalid setting).
@@ -467,13 +468,10 @@ def _setup_best(spec: ModelSpec, method: str, card: GPUSpec, current_fits: bool,
     open_ = _open_rows(spec, cands, card, usable, current_fits, totals)
     if not open_:
         return None
-    total = np.empty((len(cands), len(grid[0])))
-    total[open_] = _rows_totals(spec, [cands[j] for j in open_], card, grid, totals)
-    if not _listable(total[open_], [usable[j] for j in open_], capacity, current_fits):
+    cands, limits, usable = [cands[j] for j in open_], [limits[j] for j in open_], [usable[j] for j in open_]
+    total = _rows_totals(spec, cands, card, grid, totals)
+    if not _listable(total, usable, capacity, current_fits):
         return None
-    shut = [j for j in range(len(cands)) if j not in set(open_)]
-    if shut:
-        total[shut] = _rows_totals(spec, [cands[j] for j in shut], card, grid, totals)
     reps, which = _shared_rows(cands)
     prof = card_profile(card)
     times = step_time_rows(spec, list(reps.values()), card, batch=grid[0], grad_accum=grid[1], parallel=par,
