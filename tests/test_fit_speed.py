@@ -344,3 +344,28 @@ def test_kept_floors_and_configs_equal_fresh_ones():
         with pytest.raises(VramplanError) as want:
             make_config(spec, "lora", batch=1, **common, **bad)
         assert str(e.value) == str(want.value)
+
+
+@pytest.mark.parametrize("model,gpu,method", [("13b", "rtx4000ada", "dpo"), ("13b", "rtx4000ada", "full"),
+                                              ("13b", "rtx4000ada", "ppo"), ("llama-3.2-1b", "t4", "grpo"),
+                                              ("7b", "rtx3080", "lora")])
+def test_fastest_plan_is_the_searchs(model, gpu, method):
+    """``search.fastest_plan`` (one plan built from the arrays when one is comfortable) is the plan the search's
+    ranking gives: its best, else its fastest within the card, with the same rank and reason."""
+    spec, card = get_model(model), get_gpu(gpu)
+    seen = set()
+    for techniques in ((), ("chunked_ce",), ("chunked_ce", "act_offload")):
+        for seq in (512, 2048, 8192):
+            kw = dict(seq=seq, techniques=techniques, totals=DeviceTotals())
+            try:
+                mp = search(spec, method, card, **kw)
+            except vramplan.VramplanError:
+                continue
+            fitting = [p for p in mp.plans if p.peak_bytes <= p.capacity_bytes]
+            want = mp.best or (max(fitting, key=lambda p: p.tokens_per_s) if fitting else None)
+            got = search_mod.fastest_plan(spec, method, card, SearchRequest.build(**kw))
+            assert (got is None) == (want is None)
+            if want is not None:
+                assert got.to_json() == want.to_json() and got.summary() == want.summary()
+            seen.add("none" if want is None else want.verdict.value)
+    assert seen  # every case ran

@@ -483,6 +483,28 @@ def _setup_best(spec: ModelSpec, method: str, card: GPUSpec, current_fits: bool,
     return _plan_at(req, cands[j][0], cands[j][1], par, grid, [v[j] for v in picks], limits[j], capacity), verdict
 
 
+def fastest_plan(spec: ModelSpec, method: str, card: GPUSpec, request: SearchRequest | None = None,
+                 **settings: Any) -> Plan | None:
+    """The plan :func:`search` ranks first when one fits with the margin, else its fastest plan within the card
+    (tight), else None: what a caller needing one plan, not the ranking, takes from a search.
+
+    A comfortable plan is found on the arrays (:func:`_setup_best`, one :class:`Plan` built, ranked 1 with
+    the search's reason); otherwise the search itself runs (a tight plan's rank is its place among all).
+    ``request``/``settings``: as :func:`search`.
+
+    Raises:
+        VramplanError: as :func:`search`.
+    """
+    req = SearchRequest.build(request, **settings)
+    listed = _setup_best(spec, method, card, True, req)  # True: only a comfortable plan is listed
+    if listed is not None:
+        plan = listed[0]
+        plan.rank, plan.reason = 1, _reason(plan, plan)
+        return plan
+    listed = _best_of(search(spec, method, card, req), False)
+    return None if listed is None else listed[0]
+
+
 def _winner(cands: list, par: Parallel, picks: tuple, capacity: int, current_fits: bool) -> tuple[int | None, str]:
     """The candidate :func:`_best_of` picks from :func:`search`'s plans, found on the picks' lists.
 
