@@ -369,3 +369,28 @@ def test_fastest_plan_is_the_searchs(model, gpu, method):
                 assert got.to_json() == want.to_json() and got.summary() == want.summary()
             seen.add("none" if want is None else want.verdict.value)
     assert seen  # every case ran
+
+
+@pytest.mark.parametrize("model,gpu", [("llama-2-13b", "rtx4000ada"), ("llama-3.2-1b", "t4")])
+def test_open_rows_first_bound_is_below_each_optimisers_floor(model, gpu):
+    """``search._open_rows`` skips a candidate on the every-optimiser floor before its own: that floor is at or
+    below the floor of each optimiser (else it would skip a candidate its own floor keeps)."""
+    from vramplan.config import make_config
+
+    spec, card = get_model(model), get_gpu(gpu)
+    totals = DeviceTotals()
+    checked = 0
+    for fw in stacks():
+        for method in ("lora", "qlora", "full", "dpo", "ppo", "grpo"):
+            try:
+                base = make_config(spec, method, framework=fw, precision=check_card(None, method, None, "sdpa", card, fw))
+            except vramplan.VramplanError:
+                continue
+            loose = totals.floor(spec, base.with_(optimizer="adamw"), card, any_optimizer=True)
+            for opt in search_mod.OPTIMIZERS:
+                own = totals.floor(spec, base.with_(optimizer=opt), card)
+                assert (loose is None) == (own is None)
+                if own is not None:
+                    assert loose <= own, (fw, method, opt)
+                    checked += 1
+    assert checked

@@ -23,9 +23,10 @@ reason it loses to the best; a plan that fits the card but not the margin, or wh
 exceeds the card by less than its band's lower end, is "tight", never "does not fit". When
 nothing fits, :func:`what_would_fit` says what would: the smallest catalogue card, a number of
 GPUs with ZeRO-3/FSDP (or CPU offload), a shorter sequence, and :func:`other_setups` which other
-stack or precision would; it skips a setup whose lower bound (:func:`least_total`: the
-batch-independent phases through the device chain) is already above the card, which no plan of
-it could fit.
+stack or precision would. It needs one plan of each setup, not the ranking: it evaluates (on the
+arrays, :func:`_setup_best`) only the candidates whose lower bound (:meth:`DeviceTotals.floor`: the
+batch-independent phases through the device chain; :func:`least_total` is the least of them) leaves
+them a chance, and builds one plan, the one the search would rank first.
 """
 
 from __future__ import annotations
@@ -543,17 +544,19 @@ def _open_rows(spec: ModelSpec, cands: list, card: GPUSpec, usable: list[int], c
     ``usable``, and at least a byte over the card when a tight plan would count (``current_fits``
     False), cannot be listed. The floor is made of batch-independent phases, which checkpointing and
     attention leave alone (least_total's bound, tests/test_search_floor.py): one per configuration
-    but those two.
+    but those two. First the floor of every optimiser at once (``any_optimizer``: at or below each
+    optimiser's own, as :func:`least_total` uses it); only when that leaves a chance, the optimiser's own.
     """
     capacity = card.memory_bytes
-    floors: dict[TrainConfig, float | None] = {}
+
+    def shut(floor: float | None, limit: int) -> bool:
+        return floor is not None and floor > limit and (current_fits or floor >= capacity + 1)
     out = []
     for j, (cfg, _) in enumerate(cands):
         key = cfg.with_(grad_ckpt=False, attn="sdpa")
-        if key not in floors:
-            floors[key] = totals.floor(spec, key, card)
-        floor = floors[key]
-        if floor is not None and floor > usable[j] and (current_fits or floor >= capacity + 1):
+        if shut(totals.floor(spec, key.with_(optimizer="adamw"), card, any_optimizer=True), usable[j]):
+            continue
+        if shut(totals.floor(spec, key, card), usable[j]):
             continue
         out.append(j)
     return out
@@ -889,11 +892,9 @@ def other_setups(spec: ModelSpec, method: str, card: GPUSpec, request: SearchReq
     for fw, prec, kind in tries:
         try:
             p = check_card(prec, method, None, req.attn or "sdpa", card, fw)
-            setup = req.with_(framework=fw, precision=p)
-            least = least_total(spec, method, card, setup, stop_below=card.memory_bytes + 1)
-            if least is not None and least >= card.memory_bytes + 1:  # (a plan's peak_bytes is int(total))
-                continue  # no plan of this setup fits the card even without the margin: nothing to list
-            listed = _setup_best(spec, method, card, current_fits, setup)
+            # the setup's best plan, or None: its candidates' floors (_open_rows) skip those that cannot be
+            # listed before any device total or step time, a setup that fits the card nowhere entirely
+            listed = _setup_best(spec, method, card, current_fits, req.with_(framework=fw, precision=p))
         except VramplanError:
             continue  # the stack does not run this method or card (e.g. no bf16)
         if listed is None:
