@@ -316,34 +316,24 @@ def test_recommend_techniques_answers_as_one_estimate_at_a_time(monkeypatch, mod
     assert calls  # the shortcut was the one left out
 
 
-def test_kept_floors_and_configs_equal_fresh_ones():
-    """``DeviceTotals.floor`` kept per instance equals a fresh instance's; ``search._make_once`` gives the
-    configuration (or the error) ``make_config`` gives, the same object for equal arguments."""
+def test_kept_floors_equal_fresh_ones():
+    """``DeviceTotals.floor`` kept per instance (keyed on the spec's and card's identity) equals a fresh
+    instance's, for the same and for equal-but-distinct specs and cards (a card with less memory too)."""
+    import dataclasses
+
     from vramplan.config import make_config
-    from vramplan.errors import VramplanError
 
     spec, card = get_model("llama-2-13b"), get_gpu("rtx4000ada")
     kept = DeviceTotals()
     cfgs = [make_config(spec, m, framework=fw, optimizer=o) for m in ("lora", "qlora", "full", "dpo")
             for fw in ("hf", "torchtune") for o in ("adamw", "paged_adamw_8bit")]
-    for _ in range(2):  # the second round reads the kept floors
-        for cfg in cfgs:
+    small = dataclasses.replace(card, memory_bytes=card.memory_bytes // 2)
+    for sp, cd in ((spec, card), (spec, card), (dataclasses.replace(spec), card), (spec, small), (spec, small)):
+        for cfg in cfgs:  # the second round of each pair reads the kept floors
             for any_opt in (False, True):
-                assert kept.floor(spec, cfg, card, any_optimizer=any_opt) == \
-                    DeviceTotals().floor(spec, cfg, card, any_optimizer=any_opt)
-    assert len(kept._floors) == 2 * len(cfgs)
-    common = {"seq": 1024, "precision": None, "framework": "hf", "techniques": (), "method_options": {"ppo_response": 64}}
-    settings = {"grad_ckpt": False, "optimizer": "adamw", "attn": "sdpa", "rank": 16, "targets": None}
-    one = search_mod._make_once(kept, spec, ("dpo", "qlora"), common, settings)
-    assert one == make_config(spec, "dpo", adapter="qlora", batch=1, **common, **settings)
-    assert search_mod._make_once(kept, spec, ("dpo", "qlora"), dict(common), dict(settings)) is one
-    bad = dict(settings, rank=10 ** 6)
-    for totals in (kept, kept, None):  # kept: the same error again; None: nothing kept
-        with pytest.raises(VramplanError) as e:
-            search_mod._make_once(totals, spec, ("lora", None), common, bad)
-        with pytest.raises(VramplanError) as want:
-            make_config(spec, "lora", batch=1, **common, **bad)
-        assert str(e.value) == str(want.value)
+                assert kept.floor(sp, cfg, cd, any_optimizer=any_opt) == \
+                    DeviceTotals().floor(sp, cfg, cd, any_optimizer=any_opt)
+    assert len(kept._floors) == 2 * len(cfgs) * 3  # one per (spec, card) object pair kept alive beside it
 
 
 @pytest.mark.parametrize("model,gpu,method", [("13b", "rtx4000ada", "dpo"), ("13b", "rtx4000ada", "full"),

@@ -58,9 +58,7 @@ class DeviceTotals:
         #: cache): one instance serves one planning call, so nothing outlives it
         self.terms: dict = {}
         #: floors computed so far (:meth:`floor`: equal arguments, equal floor), for the same planning call
-        self._floors: dict[tuple, float | None] = {}
-        #: configurations the search built so far (vramplan.planner.search's candidates), for the same call
-        self.configs: dict = {}
+        self._floors: dict[tuple, tuple] = {}
 
     def __call__(self, mem: StepMemory, cfg: TrainConfig, card: GPUSpec, par: Parallel | None = None) -> np.ndarray:
         """Device totals (float64 bytes) of ``mem`` (arrays over batch/seq) for ``cfg`` on ``card`` under ``par``."""
@@ -118,14 +116,14 @@ class DeviceTotals:
         Kept per instance: a fit asks for the same floors from several places (other_setups' bound, its
         setups' candidates).
         """
-        try:
-            key = (spec, cfg, card, any_optimizer)
-            hash(key)
-        except TypeError:  # a spec built with list fields (from a log's JSON): computed every time
-            return self._floor(spec, cfg, card, any_optimizer)
-        if key not in self._floors:
-            self._floors[key] = self._floor(spec, cfg, card, any_optimizer)
-        return self._floors[key]
+        # keyed on the identity of the spec and the card (their field-by-field hashes cost more than the look-up
+        # saves), each kept beside its floor: a kept object's identity is not reused while it is kept
+        key = (id(spec), id(card), cfg, any_optimizer)
+        kept = self._floors.get(key)
+        if kept is None or kept[0] is not spec or kept[1] is not card:
+            kept = (spec, card, self._floor(spec, cfg, card, any_optimizer))
+            self._floors[key] = kept
+        return kept[2]
 
     def _floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool) -> float | None:
         """:meth:`floor`, computed."""

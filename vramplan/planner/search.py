@@ -283,7 +283,8 @@ def _candidates(spec: ModelSpec, method: str, card: GPUSpec, req: SearchRequest,
         shape = (m, ad, settings["rank"], repr(settings["targets"]))
         if shape not in built:
             try:
-                built[shape] = _make_once(req.totals, spec, (m, ad), common, settings)
+                built[shape] = make_config(spec, m, adapter=ad, batch=1, **common, **settings)
+                _resolve_once(built[shape])
             except VramplanError:
                 if fixed.get("rank") or fixed.get("targets"):
                     raise  # the user's own setting is invalid: say so
@@ -298,40 +299,6 @@ def _candidates(spec: ModelSpec, method: str, card: GPUSpec, req: SearchRequest,
         seen.add(cfg)
         out.append((cfg, note))
     return out
-
-
-def _make_once(totals: DeviceTotals | None, spec: ModelSpec, recipe: tuple, common: dict, settings: dict) -> TrainConfig:
-    """``make_config(spec, method, adapter=adapter, batch=1, **common, **settings)`` resolved (:func:`_resolve_once`),
-    kept in ``totals.configs`` (one planning call: other_setups' bound and its search build the same ones).
-
-    ``recipe``: (method, adapter). Equal arguments give the same (immutable) configuration or the same error;
-    nothing is kept without ``totals`` or when an argument cannot be hashed.
-
-    Raises:
-        VramplanError: as :func:`vramplan.config.make_config` (again for every call with those arguments).
-    """
-    key = None
-    if totals is not None:
-        key = (spec, recipe, repr(sorted(common.items())), repr(sorted(settings.items())))
-        try:
-            hash(key)
-        except TypeError:  # a spec built with list fields (from a log's JSON)
-            key = None
-    if key is not None and key in totals.configs:
-        kept = totals.configs[key]
-        if isinstance(kept, VramplanError):
-            raise kept
-        return kept
-    try:
-        cfg = make_config(spec, recipe[0], adapter=recipe[1], batch=1, **common, **settings)
-        _resolve_once(cfg)
-    except VramplanError as e:
-        if key is not None:
-            totals.configs[key] = e
-        raise
-    if key is not None:
-        totals.configs[key] = cfg
-    return cfg
 
 
 def _resolve_once(cfg: TrainConfig) -> None:
@@ -551,14 +518,18 @@ def _open_rows(spec: ModelSpec, cands: list, card: GPUSpec, usable: list[int], c
 
     def shut(floor: float | None, limit: int) -> bool:
         return floor is not None and floor > limit and (current_fits or floor >= capacity + 1)
+
+    def can_list(key: TrainConfig, limit: int) -> bool:
+        return not (shut(totals.floor(spec, key.with_(optimizer="adamw"), card, any_optimizer=True), limit)
+                    or shut(totals.floor(spec, key, card), limit))
+    seen: dict[tuple, bool] = {}  # (configuration but GC and attention, limit) -> whether it can be listed
     out = []
     for j, (cfg, _) in enumerate(cands):
-        key = cfg.with_(grad_ckpt=False, attn="sdpa")
-        if shut(totals.floor(spec, key.with_(optimizer="adamw"), card, any_optimizer=True), usable[j]):
-            continue
-        if shut(totals.floor(spec, key, card), usable[j]):
-            continue
-        out.append(j)
+        key = cfg if not cfg.grad_ckpt and cfg.attn == "sdpa" else cfg.with_(grad_ckpt=False, attn="sdpa")
+        if (key, usable[j]) not in seen:
+            seen[(key, usable[j])] = can_list(key, usable[j])
+        if seen[(key, usable[j])]:
+            out.append(j)
     return out
 
 
