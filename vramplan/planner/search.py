@@ -275,6 +275,7 @@ def _candidates(spec: ModelSpec, method: str, card: GPUSpec, req: SearchRequest,
     out: list[tuple[TrainConfig, str | None]] = []
     seen: set = set()
     built: dict[tuple, TrainConfig | None] = {}
+    names: dict[str, str] = {}  # optimiser as given -> its catalogue name
     fixed = req.fixed if fixed is None else fixed
     common = req.pick("seq", "precision", "ppo_response", "framework", "techniques", "method_options")
     for m, ad, note, settings, _ in _combos(spec, method, req.adapter, card, fixed, [None]):
@@ -292,8 +293,10 @@ def _candidates(spec: ModelSpec, method: str, card: GPUSpec, req: SearchRequest,
         base = built[shape]
         if base is None:
             continue
-        cfg = base.with_(grad_ckpt=bool(settings["grad_ckpt"]), optimizer=get_optimizer(settings["optimizer"]).name,
-                         attn=settings["attn"])
+        opt = settings["optimizer"]
+        if opt not in names:
+            names[opt] = get_optimizer(opt).name
+        cfg = base.with_(grad_ckpt=bool(settings["grad_ckpt"]), optimizer=names[opt], attn=settings["attn"])
         if cfg in seen:
             continue  # e.g. all-linear is already the model's default target set
         seen.add(cfg)
