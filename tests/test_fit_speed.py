@@ -384,3 +384,23 @@ def test_open_rows_first_bound_is_below_each_optimisers_floor(model, gpu):
                     assert loose <= own, (fw, method, opt)
                     checked += 1
     assert checked
+
+
+def test_model_spec_kept_hash_is_the_dataclass_hash():
+    """``ModelSpec``'s kept hash equals the hash of its hashed fields (the frozen dataclass's), is not carried by
+    ``dataclasses.replace``, a copy or a pickle, and a spec with list fields stays unhashable."""
+    import copy
+    import dataclasses
+    import pickle
+
+    for name in ("llama-2-13b", "llama-3.2-1b", "7b"):
+        spec = get_model(name)
+        fields = tuple(getattr(spec, f.name) for f in dataclasses.fields(spec) if f.hash is None and f.compare or f.hash)
+        assert hash(spec) == hash(fields) == hash(spec)
+        assert "_hash" in spec.__dict__
+        for other in (dataclasses.replace(spec), copy.copy(spec), pickle.loads(pickle.dumps(spec))):
+            assert "_hash" not in other.__dict__ and other == spec and hash(other) == hash(spec)
+    listy = dataclasses.replace(get_model("7b"), lora_targets=["q_proj", "v_proj"])
+    for _ in range(2):
+        with pytest.raises(TypeError):
+            hash(listy)
