@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 import numpy as np
@@ -525,15 +526,20 @@ def _open_rows(spec: ModelSpec, cands: list, card: GPUSpec, usable: list[int], c
     def can_list(key: TrainConfig, limit: int) -> bool:
         return not (shut(totals.floor(spec, key.with_(optimizer="adamw"), card, any_optimizer=True), limit)
                     or shut(totals.floor(spec, key, card), limit))
-    seen: dict[tuple, bool] = {}  # (configuration but GC and attention, limit) -> whether it can be listed
+    seen: dict[tuple, bool] = {}  # (the fields but GC and attention, limit) -> whether it can be listed
     out = []
     for j, (cfg, _) in enumerate(cands):
-        key = cfg if not cfg.grad_ckpt and cfg.attn == "sdpa" else cfg.with_(grad_ckpt=False, attn="sdpa")
-        if (key, usable[j]) not in seen:
-            seen[(key, usable[j])] = can_list(key, usable[j])
-        if seen[(key, usable[j])]:
+        fields = (tuple(getattr(cfg, name) for name in _SANS_GC_ATTN), usable[j])
+        if fields not in seen:
+            seen[fields] = can_list(cfg.with_(grad_ckpt=False, attn="sdpa"), usable[j])
+        if seen[fields]:
             out.append(j)
     return out
+
+
+#: a configuration's fields but gradient checkpointing and attention (:func:`_open_rows`' key: equal values,
+#: the same configuration once those two are set)
+_SANS_GC_ATTN = tuple(f.name for f in dataclass_fields(TrainConfig) if f.name not in ("grad_ckpt", "attn"))
 
 
 def _rows_totals(spec: ModelSpec, cands: list, card: GPUSpec, grid: tuple, totals: DeviceTotals) -> np.ndarray:
