@@ -43,10 +43,11 @@ def map_optimizer(name: Any, notes: list[str]) -> str:
     if text not in OPTIMIZERS:
         raise VramplanError(f"optimizer {text!r} is not modelled",
                             "plan with optimizer= one of " + ", ".join(_catalogue()))
-    if text == "adamw_torch":
-        notes.append("optim adamw_torch (foreach) planned as fused AdamW: its one state-sized step "
-                     "temporary is not counted")
-    return OPTIMIZERS[text]
+    name = OPTIMIZERS[text]
+    note = _catalogue()[name].trainer_notes.get(text)
+    if note:
+        notes.append(note)
+    return name
 
 
 def map_attention(name: Any, notes: list[str]) -> str:
