@@ -62,6 +62,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from .errors import ProfileError
+from .stacks import DEFAULT_STACK
 
 SCHEMA = "vramplan.profile"
 SCHEMA_VERSION = 1
@@ -77,8 +78,8 @@ MAX_BYTES = 1 << 44             # 16 TiB: more than any card (and than float64 h
 MAX_CONTEXT_BYTES = 64 << 30    # CUDA context + lazily loaded kernels: hundreds of MiB on real cards
 MAX_TFLOPS = 100_000.0          # achieved TFLOP/s of one card
 MAX_MARGIN = 1.0                # an allocator safety margin of 100%
-#: The stack a profile's per-method figures were measured with when the file does not say (runtime: HF + PEFT).
-DEFAULT_STACK = "hf"
+# DEFAULT_STACK (vramplan.stacks): the stack a profile's per-method figures were measured with when the file
+# does not say (runtime: HF + PEFT).
 
 
 def profile_key(gpu_name: str) -> str:

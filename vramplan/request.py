@@ -32,6 +32,7 @@ from typing import Any, ClassVar, Sequence
 from . import validate as v
 from .errors import VramplanError, did_you_mean
 from .optimizers import DEFAULT_OPTIMIZER
+from .stacks import DEFAULT_STACK
 from .verdict import DEFAULT_MARGIN
 
 #: Attention implementations a configuration may name.
@@ -116,7 +117,7 @@ class StackFields:
     (the memory techniques it applies) and ``method_options`` (the methods' own options,
     ``{"num_generations": 8}``; vramplan.methods.base.Option)."""
 
-    framework: str = "hf"
+    framework: str = DEFAULT_STACK
     techniques: Any = None
     method_options: dict | None = None
 

@@ -13,6 +13,8 @@ from ._data import load_data
 from .errors import VramplanError, unknown
 
 LOSSES = ("full_fp32", "chunked", "fused_linear")
+#: the stack planned when none is named (``--framework``): HF transformers + PEFT + TRL
+DEFAULT_STACK = "hf"
 
 
 @dataclass(frozen=True)
