@@ -41,9 +41,6 @@ from typing import Any, Iterable, Sequence
 from ._data import load_data
 from .errors import VramplanError, unknown
 
-BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes Optimizer2State default (optimizers.toml: quantized.min_size)
-BNB_BLOCK = 256  # bitsandbytes blockwise 8-bit optimiser block size (optimizers.toml: quantized.block)
-
 
 @dataclass(frozen=True)
 class Quantized:

@@ -124,7 +124,6 @@ class Trainee:
     emulation: CudaEmulation | None = field(default=None, repr=False)
     scaler: Any = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)
-    steps_done: int = 0
     #: the step of a stack with its own loop (``vramplan.runtime.stacks``); None runs ``steps.run_step``
     run: Any = field(default=None, repr=False)
     #: what that stack's step needs (its loss module, the recipe's label cache)
@@ -264,9 +263,7 @@ class Trainee:
 
         ctx = self.emulation if self.fake else _null()
         with ctx:
-            out = (self.run or steps.run_step)(self)
-        self.steps_done += 1
-        return out
+            return (self.run or steps.run_step)(self)
 
 
 def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:
