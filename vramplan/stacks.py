@@ -269,17 +269,27 @@ class Behaviour:
     source: str
 
 
-def _vtuple(v: str) -> tuple[int, ...]:
-    """``"0.43.2"`` -> (0, 43, 2); pre-release and local suffixes are dropped (``"2.4.0.dev2024"`` -> (2, 4, 0))."""
+def release(v: str) -> tuple[int, ...]:
+    """The release numbers of version ``v``: ``"0.43.2"`` -> (0, 43, 2); a leading ``v``, pre-release and local
+    suffixes are dropped (``"2.4.0.dev2024"``, ``"5.3.0rc1+cpu"`` -> (2, 4, 0), (5, 3, 0)); ``()`` when none can
+    be read. The one parser of versions (stacks' behaviours, the runtime's minimum versions)."""
+    import re
+
     out = []
     for part in str(v).strip().lstrip("v").split("+")[0].split("."):
-        m = __import__("re").match(r"\d+", part)
+        m = re.match(r"\d+", part)
         if not m:
             break
         out.append(int(m.group(0)))
+    return tuple(out)
+
+
+def _vtuple(v: str) -> tuple[int, ...]:
+    """:func:`release`, refusing a version with no release numbers."""
+    out = release(v)
     if not out:
         raise VramplanError(f"cannot read version {v!r}", "use numbers such as 0.42.0")
-    return tuple(out)
+    return out
 
 
 @lru_cache(maxsize=None)

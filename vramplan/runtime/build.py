@@ -43,6 +43,7 @@ from ..methods import Adapter, ModelCopy, Recipe, Role
 from ..models import ModelSpec
 from ..optimizers import get_optimizer
 from ..precision import Regime
+from ..stacks import release
 from ..taxonomy import Component, Phase
 from .emulation import CudaEmulation, emulated_autocast, install_meta_patches
 from .hooks import NULL_HOOKS, StepHooks
@@ -498,16 +499,6 @@ class FusedAdamWOnMeta(torch.optim.AdamW):
 MIN_VERSIONS = {"transformers": (5, 3), "peft": (0, 18)}
 
 
-def _release(v: str) -> tuple[int, ...]:
-    out = []
-    for part in v.split("+")[0].split("."):
-        digits = "".join(ch for ch in part if ch.isdigit()) if part[:1].isdigit() else ""
-        if not digits:
-            break
-        out.append(int(digits))
-    return tuple(out)
-
-
 def check_versions() -> None:
     """Refuse, in one line, a transformers or peft release older than :data:`MIN_VERSIONS`.
 
@@ -521,7 +512,7 @@ def check_versions() -> None:
             have = version(pkg)
         except PackageNotFoundError:
             continue  # (a missing package is MissingDependencyError's job)
-        if _release(have) < least:
+        if release(have) < least:
             want = ".".join(map(str, least))
             raise VramplanError(f"{pkg} {have} is not supported by the dry run and the runner (needs {pkg} >= {want})",
                                 f"pip install -U '{pkg}>={want}'")
