@@ -102,3 +102,23 @@ def test_loss_kinds_are_attribute_bearing():
     assert not LOSS_KINDS["causal_lm"].per_token_logps
     assert LOSS_KINDS["sequence_logps"].per_token_logps and not LOSS_KINDS["sequence_logps"].response_only
     assert LOSS_KINDS["response_logps"].per_token_logps and LOSS_KINDS["response_logps"].response_only
+
+
+def test_a_config_file_takes_every_estimate_setting_as_an_override(tmp_path):
+    """``estimate --config FILE --gpus 2 --strategy ddp`` / ``--framework`` were refused ("unknown planning
+    option"): the overrides a file's plan takes are EstimateRequest's fields, not a second list of them."""
+    import vramplan
+    from vramplan.cli import main
+    from vramplan.integrations.config_files import estimate_file, read_training_file
+
+    path = tmp_path / "axolotl.yaml"
+    path.write_text("base_model: meta-llama/Llama-3.2-1B\nadapter: qlora\nload_in_4bit: true\nlora_r: 16\n"
+                    "lora_target_linear: true\nsequence_len: 1024\nmicro_batch_size: 2\n")
+    req = read_training_file(path)
+    est = estimate_file(path, gpu="rtx4090", gpus=2, strategy="zero3", framework="unsloth")
+    direct = vramplan.estimate(req.model, req.method, gpu="rtx4090", gpus=2, strategy="zero3", framework="unsloth",
+                               **req.options)
+    assert est.peak_bytes == direct.peak_bytes and est.config.framework == "unsloth"
+    assert main(["estimate", "--config", str(path), "--gpu", "rtx4090", "--gpus", "2", "--strategy", "ddp"]) == 0
+    with pytest.raises(VramplanError, match="unknown planning option 'gpu_count'"):
+        estimate_file(path, gpu_count=2)
