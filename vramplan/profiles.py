@@ -426,20 +426,20 @@ class Profile:
         key = method.lower()
         if key in table:
             return table[key]
-        base = key.split("+", 1)[0]
-        try:
-            from .methods import resolve
+        from .methods import parse_recipe_name, resolve
 
+        base, adapter = parse_recipe_name(key)
+        try:
             default = resolve(base).name
         except Exception:  # an unknown method name: no fallback
             default = None
-        if "+" not in key and default in table:
+        if adapter is None and default in table:
             return table[default]
         if siblings:
             if default in table:
                 return table[default]
             for k in sorted(table):
-                if k.split("+", 1)[0] == base:
+                if parse_recipe_name(k)[0] == base:
                     return table[k]
         return None
 
