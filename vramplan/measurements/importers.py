@@ -53,6 +53,7 @@ class SourceMap:
     dropout: float | None = None
     versions: dict = field(default_factory=dict)
     global_batch: dict = field(default_factory=dict)  # "catalogue model/method" -> the config's global batch
+    engine_options: dict = field(default_factory=dict)  # the sharding engine's settings the source's runs used
     why: str = ""
 
 
@@ -457,6 +458,7 @@ def record_from_row(row: dict, i: int, mapping: Mapping) -> MeasurementRecord:
         grad_ckpt=grad_ckpt, precision=precision, optimizer=opt, attn=parse_attn(_cell(row, mapping, "attn")),
         stack=stack, stack_version=sm.stack_version, techniques=tuple(techs), double_quant=double_quant if method == "qlora" else None,
         dropout=sm.dropout if method not in ("full", None) else None, gpus=gpus, strategy=strategy, offload=offload,
+        engine_options=dict(sm.engine_options) if strategy else {},
     )
     gb = sm.global_batch.get(f"{model}/{method}") if (model and method) else None
     batch = cfg.batch
