@@ -3,7 +3,8 @@
     python measurements/scripts/ms_swift_script_rows.py MS_SWIFT_GIT_DIR \
         examples/pytorch/llm/scripts/llama3_8b_instruct/lora/sft.sh@334ddc4d5:"Meta-Llama-3-8B-Instruct"
 
-Each argument is ``path@commit:model cell``; the commit is the one whose version of the script carries the
+Each argument is ``path@commit:model cell[:targets cell]`` (the targets cell for a script that says
+``--lora_target_modules DEFAULT``: the model registry's list at the commit, with its source); the commit is the one whose version of the script carries the
 ``# NNGB GPU memory`` comment with the settings read (``git log -S"GPU memory" -- path``). The row takes the
 figure and the card list from the comment lines, the settings from the ``--key value`` arguments of the
 command; a setting the script leaves out is the stack's default (``sources.toml [source.ms-swift-examples-v2]``
@@ -25,7 +26,7 @@ def script_args(text: str) -> dict[str, str]:
 
 
 def row(repo: str, spec: str) -> list[str]:
-    path_commit, model = spec.split(":", 1)
+    path_commit, model, *rest = spec.split(":", 2)
     path, commit = path_commit.split("@", 1)
     text = subprocess.run(["git", "-C", repo, "show", f"{commit}:{path}"], capture_output=True, text=True,
                           check=True).stdout
@@ -42,7 +43,7 @@ def row(repo: str, spec: str) -> list[str]:
     gc = a.get("gradient_checkpointing")
     gc_cell = {"true": "on (--gradient_checkpointing true)", "false": "off (--gradient_checkpointing false)"}.get(
         gc, "unknown (not in the script)")
-    attn = {"true": "flash_attn (--use_flash_attn true)", "false": "eager or sdpa (--use_flash_attn false)"}.get(
+    attn = {"true": "flash_attn (--use_flash_attn true)", "false": "eager (FA2 off in the script: the transformers release's own attention, eager for Llama before 4.36)"}.get(
         a.get("use_flash_attn", ""), "sdpa (no FA2 flag in the script: ms-swift's default)")
     cards = env.group(1).strip() if env else "not stated"
     notes = (f"script comment '# {mem.group(1)}GB GPU memory' (rounded; which statistic is not stated), 'Experimental "
@@ -52,10 +53,21 @@ def row(repo: str, spec: str) -> list[str]:
              f"--dtype {a.get('dtype', 'AUTO (default)')}, --tuner_backend {a.get('tuner_backend', 'default')}, --lora_rank "
              f"{a.get('lora_rank', '8 (default)')}, --lora_alpha {a.get('lora_alpha', '32 (default)')}, --lora_dropout_p "
              f"{a.get('lora_dropout_p', '0.05 (default)')}, --lora_target_modules {targets}")
+    if rest:  # DEFAULT targets: the model registry's list at the commit, given by the caller with its source
+        target_cell = rest[0]
+    elif targets == "ALL":
+        target_cell = "all-linear (--lora_target_modules ALL)"
+    else:
+        target_cell = f"{targets} (swift's)"
+    precision = ("bf16 (--dtype AUTO: the checkpoint's bf16 under the HF Trainer's autocast)" if a.get("dtype", "AUTO")
+                 == "AUTO" else a["dtype"])
+    if quant:
+        dq = a.get("bnb_4bit_use_double_quant", "true") == "true"
+        precision = (f"{a.get('bnb_4bit_quant_type', 'nf4').upper()} 4-bit (--quantization_bit 4; "
+                     + ("double quant: bnb_4bit_use_double_quant default True" if dq else "NQ off")
+                     + f") + bf16 compute (--bnb_4bit_comp_dtype {a.get('bnb_4bit_comp_dtype', 'AUTO')})")
     return ["ms-swift-examples-v2", f"modelscope/ms-swift:{path} @{commit}", model, "",
-            method, rank, "all-linear (--lora_target_modules ALL)" if targets == "ALL" else f"{targets} (swift's)",
-            "bf16 (--dtype AUTO: the checkpoint's bf16 under the HF Trainer's autocast)" if a.get("dtype", "AUTO") == "AUTO"
-            else a["dtype"], "AdamW (HF Trainer default)", a.get("batch_size", "1"),
+            method, rank, target_cell, precision, "AdamW (HF Trainer default)", a.get("batch_size", "1"),
             f"<={a.get('max_length', '2048')} (--max_length)", gc_cell, attn, f"1x GPU (one of: {cards})",
             mem.group(1), "unknown", "measured", notes]
 
