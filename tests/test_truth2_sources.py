@@ -54,3 +54,33 @@ def test_peft_readme_zero3_offload_rows_plan_deepspeeds_default_reduce_bucket():
     assert all(r.config.engine_options == {} for r in plain)
     est = plan(off[0])
     assert est.components[Component.REDUCE_BUFFERS] == 4 * 500_000_000
+
+
+def test_ms_swift_example_rows_carry_their_scripts_settings():
+    """The ms-swift example rows: settings as their scripts state them, the stack's documented defaults otherwise."""
+    recs = {(r.source.id, r.config.model, r.config.method): r for r in import_csv(ROOT / "measurements" /
+            "published_extra.csv", load_mapping(SOURCES)) if r.source.id.startswith("ms-swift-examples")}
+    dpo = recs[("ms-swift-examples-v3", "qwen2.5-7b", "dpo")].config
+    assert (dpo.adapter, dpo.rank, dpo.targets, dpo.batch, dpo.seq, dpo.seq_bound, dpo.grad_ckpt, dpo.dropout,
+            dpo.precision) == ("lora", 8, ("all-linear",), 1, 2048, "max", True, 0.05, "bf16-mixed")
+    full = recs[("ms-swift-examples-v3", "qwen2.5-3b", "full")].config
+    assert (full.precision, full.seq, full.packing, full.attn, full.techniques) == ("bf16", 8192, True, "flash",
+                                                                                    ("liger_ce",))
+    mistral = recs[("ms-swift-examples-v2", "mistral-7b-v0.2", "lora")].config
+    assert mistral.targets == ("q_proj", "k_proj", "v_proj") and mistral.attn == "flash"
+    yi_q = recs[("ms-swift-examples-v2", "yi-34b", "qlora")]
+    assert yi_q.config.double_quant is True and yi_q.config.attn == "eager"
+    assert yi_q.device.versions["bitsandbytes"] < "0.43.2"
+    assert recs[("ms-swift-examples-v2", "llama-3-8b", "lora")].config.attn == "sdpa"
+
+
+def test_ms_swift_script_reader_takes_the_command_arguments():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("msr", ROOT / "measurements" / "scripts" / "ms_swift_script_rows.py")
+    msr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(msr)
+    text = "# 20GB GPU memory\nCUDA_VISIBLE_DEVICES=0 \\\nswift sft \\\n    --lora_target_modules ALL \\\n" \
+           "    --max_length 2048 \\\n    --system 'You are a helper.' \\\n    --batch_size 1\n"
+    a = msr.script_args(text)
+    assert a == {"lora_target_modules": "ALL", "max_length": "2048", "system": "'You are a helper.'", "batch_size": "1"}
