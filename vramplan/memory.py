@@ -627,7 +627,7 @@ def _reference_scores(model: ModelSpec, cfg: TrainConfig, T, s):
         return None
     regime = cfg.regime
     ref = next((c for c in recipe.copies if c.role is Role.REFERENCE), recipe.copies[0])
-    ef, _ = act.eager_attention_work(model, cfg, ref, regime, T, s)
+    ef, _ = act.eager_attention_work(model, cfg, ref, regime, T, s, grad=False)
     scores = ef + act.layer_activation_bytes(model, cfg, ref, regime, T, s, part="attention")
     return scores + T * model.vocab_size * _fp32_logit_bytes(cfg, regime)
 

@@ -242,7 +242,17 @@ def nograd_layer_work(model, cfg, tokens, seq, autocast: bool = True, kv_layer=0
         scores = T * (3 * h * res + 4 * qd * attn) + 2.0 * rows * model.num_heads * s * s * attn + s * s * attn
         work = np.maximum(work, scores)
     if cfg.attn == "eager":
-        work = work + rows * model.num_heads * s * s * attn + act.attention_mask_bytes(model, cfg, cfg.regime, rows, s)
+        # the layer keeps its probabilities (the decoder layer binds ``attn_weights``) through its MLP; inside
+        # the attention block the softmax peaks (act.eager_softmax_peak: the scores, their fp32 conversion and
+        # softmax's fp32 output, 10 bytes per score in bf16) beside its context: the embedding output, the
+        # layer input, the normed input, q, and k and v repeated to every head when grouped (their caller's
+        # copies: the rotary k and the projections' v, unless the KV cache took them, ``kv_layer`` > 0)
+        scores = rows * model.num_heads * s * s
+        peak = act.eager_softmax_peak(attn, res, cfg.regime.compute_dtype)
+        kv_own = np.where(np.asarray(kv_layer) > 0, 0.0, 2 * model.kv_dim * attn)
+        ctx = T * (3 * h * res + qd * attn + (2 * qd * attn if gqa else 0.0) + kv_own)
+        work = (np.maximum(work + scores * attn, ctx + scores * peak)
+                + act.attention_mask_bytes(model, cfg, cfg.regime, rows, s))
     return work
 
 
