@@ -592,10 +592,15 @@ def eager_softmax_peak(attn: float, residual: float, compute_dtype: str) -> floa
     forward peak when the forward saves nothing (no grad, a checkpointed forward): the scaled and
     masked scores beside each other, or the scores, softmax's fp32 conversion and its fp32 output
     (``softmax(w, dim=-1, dtype=float32)``), or the scores, that output and its cast back to the
-    query's dtype (the chained ``.to(q.dtype)``: the scores stay bound until the assignment). 10 bytes
-    in bf16 (the dry run: Llama-, Qwen2- and Gemma-2-shaped prefills). Dtypes: :func:`eager_score_dtypes`."""
+    query's dtype (the chained ``.to(q.dtype)``: the scores stay bound until the assignment), or,
+    once the scores are freed, that output and autocast's cast of it for ``matmul(w, v)``. The
+    rotary embedding's cos/sin come in the hidden states' dtype, so q has the scores' dtype: fp32
+    scores (an fp32 residual stream: full training under autocast, QLoRA) make ``.to`` a no-op.
+    10 bytes in bf16, 8 with fp32 scores (the dry run: Llama-, Qwen2-, Mistral- and Gemma-2-shaped
+    prefills). Dtypes: :func:`eager_score_dtypes`."""
     scores, conv, low = eager_score_dtypes(attn, residual, compute_dtype)
-    return max(2 * scores, scores + conv + 4.0, scores + 4.0 + low)
+    cast_at_to = low if scores != 4 else 0.0
+    return max(2 * scores, scores + conv + 4.0, scores + 4.0 + cast_at_to, 4.0 + low)
 
 
 def eager_attention_work(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime, tokens, seq,
