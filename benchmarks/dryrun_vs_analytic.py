@@ -49,7 +49,8 @@ METHODS = ("full", "lora", "qlora", "dora", "ia3", "dpo", "ppo", "grpo", "orpo",
 # GRPO's other adapters (``grpo`` is GRPO + LoRA): ``--method grpo+qlora grpo+full``, not in the default sweep
 GRPO_ADAPTERS = ("grpo+qlora", "grpo+full")
 # name -> (micro-batch, sequence length)
-SHAPES = {"short": (2, 128), "2k": (1, 2048), "8k": (1, 8192), "1k": (1, 1024), "4x1k": (4, 1024)}
+SHAPES = {"short": (2, 128), "2k": (1, 2048), "8k": (1, 8192), "1k": (1, 1024), "4x1k": (4, 1024),
+          "512": (1, 512), "16k": (1, 16384), "2x8k": (2, 8192)}
 DEFAULT_SHAPES = ("short", "2k", "8k")
 
 
@@ -91,6 +92,7 @@ class Row:
     seconds: float = 0.0
     error_text: str = ""
     skipped: str = ""
+    options: str = ""      # the method's options, ``key=value`` joined by commas (``--option``)
 
     @property
     def error(self) -> float:
@@ -103,25 +105,33 @@ def _attn(spec) -> str:
 
 
 def run_row(arch: str, method: str, gc: bool, shape: str, layers: int | None = None, framework: str = "hf",
-            attn: str = "auto", precision: str | None = None) -> Row:
+            attn: str = "auto", precision: str | None = None, options: dict | None = None) -> Row:
     """Estimate and dry-run one configuration; never raises (a failure is kept in the row; a
     configuration the stack's dry run does not run is marked skipped). ``attn``: a kernel of
-    ``--attn`` or ``auto`` (the architecture's default); ``precision``: a regime or None (default)."""
+    ``--attn`` or ``auto`` (the architecture's default); ``precision``: a regime or None (default);
+    ``options``: the method's options (e.g. GRPO's ``completion``), or None."""
+    import warnings
 
     import vramplan
     from vramplan.errors import VramplanError
+    from vramplan.validate import ContextWarning
 
     batch, seq = SHAPES[shape]
-    row = Row(arch, method, gc, shape, attn, precision)
+    row = Row(arch, method, gc, shape, attn, precision,
+              options=",".join(f"{k}={v}" for k, v in sorted((options or {}).items())))
     spec = get_spec(arch)
     if layers is not None and layers < spec.num_layers:
         spec = spec.with_layers(layers)
     kw = dict(batch=batch, seq=seq, grad_ckpt=gc, attn=_attn(spec) if attn == "auto" else attn, framework=framework)
     if precision:
         kw["precision"] = precision
+    if options:
+        kw["method_options"] = dict(options)
     t0 = time.perf_counter()
     try:
-        est = vramplan.estimate(spec, method, **kw)
+        with warnings.catch_warnings():  # a sequence past the model's context is planned (and traced) anyway
+            warnings.simplefilter("ignore", category=ContextWarning)
+            est = vramplan.estimate(spec, method, **kw)
         dry = vramplan.dry_run(spec, method, **kw)
     except VramplanError as exc:  # the stack's dry run does not cover this configuration
         row.skipped = str(exc).splitlines()[0][:160]
@@ -168,7 +178,7 @@ def sweep(archs, methods, gcs, shapes, layers=None, jobs=1, out=sys.stdout, fram
 
 
 def _print_row(r: Row, out) -> None:
-    name = f"{r.arch:18s} {r.attn:5s} {r.method:6s} {'on' if r.gc else 'off':3s} {r.shape:5s}"
+    name = f"{r.arch:18s} {r.attn:5s} {r.method:6s} {'on' if r.gc else 'off':3s} {r.shape:5s}" + (f" [{r.options}]" if r.options else "")
     if r.error_text:
         print(f"{name} FAILED {r.error_text}", file=out, flush=True)
         return
