@@ -234,11 +234,16 @@ def nograd_layer_work(model, cfg, tokens, seq, autocast: bool = True, kv_layer=0
             cast = lin.in_features * ad if res != ad else 0.0
             # an attention projection runs before its layer's keys and values are cached
             work = np.maximum(work, T * (ctx + cast + lin.out_features * (mlp + 2 * ad)) - (0 if mlp_side else kv_layer))
+    # q and k leave the rotary embedding in the hidden states' dtype when it is wider (cos/sin are cast to it);
+    # under autocast SDPA then gets 16-bit casts of them (and of v when its projection ran outside autocast)
+    qk = max(attn, res)
+    sdpa_casts = attn * (qd + model.kv_dim) if (autocast and qk != attn) else 0.0
     if cfg.attn == "sdpa" and model.sliding_window:
         # a sliding-window layer's mask (sequence past the window) as SDPA gets it: fp32 and in the attention dtype
-        # (beside the attention block's context, its query-sized output and the [1, 1, s, s] boolean mask)
-        work = np.maximum(work, np.where(s > model.sliding_window, T * (3 * h * res + qd * attn)
-                                         + rows * s * s * (4 + attn) + s * s - kv_layer, 0.0))
+        # (beside the attention block's context -- the embedding output, the layer input, the normed input, q and
+        # SDPA's casts -- and the [1, 1, s, s] boolean mask); at the attention the MLP's casts are not made yet
+        work = np.maximum(work, np.where(s > model.sliding_window, T * (3 * h * res + qd * qk + sdpa_casts)
+                                         + rows * s * s * (4 + attn) + s * s - kv_layer - uncast, 0.0))
     gqa = model.kv_dim < model.q_dim
     if cfg.attn == "sdpa" and attn == 4 and gqa:
         # q, q scaled, k and v repeated to every head; the scores and their masked sum; the [1, 1, s, s] mask
@@ -253,7 +258,6 @@ def nograd_layer_work(model, cfg, tokens, seq, autocast: bool = True, kv_layer=0
         # leave the rotary embedding in the hidden states' dtype when it is wider (cos/sin are cast to it)
         scores = rows * model.num_heads * s * s
         peak = act.eager_softmax_peak(attn, res, cfg.regime.compute_dtype)
-        qk = max(attn, res)
         kv_own = np.where(np.asarray(kv_layer) > 0, 0.0, model.kv_dim * (qk + attn))
         ctx = T * (3 * h * res + qd * qk + (qd * (qk + attn) if gqa else 0.0) + kv_own)
         work = (np.maximum(work + scores * attn, ctx + scores * peak - uncast)
