@@ -21,6 +21,7 @@ Usage::
     python benchmarks/dryrun_vs_analytic.py --jobs 2 --out reports/dryrun_vs_analytic.txt
     python benchmarks/dryrun_vs_analytic.py --attn auto eager sdpa flash   # every attention kernel
     python benchmarks/dryrun_vs_analytic.py --arch phi3-gqa-shaped --attn eager --precision bf16 --shape 1k
+    python benchmarks/dryrun_vs_analytic.py --grid longseq --layers 2 --out reports/dryrun_vs_analytic_longseq.txt
 
 ``--attn`` runs every row once per kernel (``auto``: the architecture's default, SDPA except for
 Gemma-2's soft-capped eager attention); ``--arch`` takes catalogue names and the config-dict
@@ -49,12 +50,36 @@ METHODS = ("full", "lora", "qlora", "dora", "ia3", "dpo", "ppo", "grpo", "orpo",
 # GRPO's other adapters (``grpo`` is GRPO + LoRA): ``--method grpo+qlora grpo+full``, not in the default sweep
 GRPO_ADAPTERS = ("grpo+qlora", "grpo+full")
 # name -> (micro-batch, sequence length)
-SHAPES = {"short": (2, 128), "2k": (1, 2048), "8k": (1, 8192), "1k": (1, 1024), "4x1k": (4, 1024)}
+SHAPES = {"short": (2, 128), "2k": (1, 2048), "8k": (1, 8192), "1k": (1, 1024), "4x1k": (4, 1024),
+          "512": (1, 512), "16k": (1, 16384), "2x8k": (2, 8192)}
 DEFAULT_SHAPES = ("short", "2k", "8k")
 
 
 # attention kernels the planner offers (``--attn``); "auto" is what the architecture runs by default
 ATTN = ("auto", "eager", "sdpa", "flash")
+
+# ``--grid longseq``: where the analytic model left the dry run as sequences grow (512 to 16k tokens), every
+# attention kernel, checkpointing off/on, full/LoRA/QLoRA, reward, DPO and GRPO (its three adapters and its
+# completion length) on Llama-, Gemma-2- (soft-capping, sliding window, eager only), Qwen2- and Mistral-shaped
+# models; 16k on the two with a 32k context; reports/dryrun_vs_analytic_longseq.txt (at --layers 2)
+LONGSEQ_ARCHS = ("llama-3-8b", "gemma-2-2b", "qwen2.5-7b", "mistral-7b-v0.3")
+LONGSEQ_METHODS = ("full", "lora", "qlora", "reward", "dpo", "grpo", "grpo+qlora", "grpo+full")
+LONGSEQ_ATTN = ("sdpa", "eager", "flash")
+LONGSEQ_SHAPES = ("512", "2k", "8k")
+
+
+def longseq_points() -> list[tuple]:
+    """The ``--grid longseq`` rows as ``(arch, method, gc, shape, attn, options)``: the grid above, then 16k
+    (LoRA, reward, GRPO; eager and SDPA) on the 32k-context models, then GRPO's completion at 8k (2048 and
+    7168 of the 8192 tokens; its three adapters, eager and SDPA) on Llama and Qwen2."""
+    gcs = (False, True)
+    pts = [(a, m, g, sh, k, None) for a in LONGSEQ_ARCHS for k in LONGSEQ_ATTN for m in LONGSEQ_METHODS
+           for g in gcs for sh in LONGSEQ_SHAPES]
+    pts += [(a, m, g, "16k", k, None) for a in ("qwen2.5-7b", "mistral-7b-v0.3") for k in ("sdpa", "eager")
+            for m in ("lora", "reward", "grpo") for g in gcs]
+    pts += [(a, m, g, "8k", k, {"completion": c}) for a in ("llama-3-8b", "qwen2.5-7b") for k in ("sdpa", "eager")
+            for m in ("grpo", "grpo+qlora", "grpo+full") for c in (2048, 7168) for g in gcs]
+    return pts
 # an architecture outside the catalogue, built from a config dict (nothing downloaded): Phi-3's
 # layout (fused qkv and gate_up) with grouped kv heads, where the catalogue's Phi-3 has none
 EXTRA_CONFIGS = {
@@ -91,6 +116,7 @@ class Row:
     seconds: float = 0.0
     error_text: str = ""
     skipped: str = ""
+    options: str = ""      # the method's options, ``key=value`` joined by commas (``--option``)
 
     @property
     def error(self) -> float:
@@ -103,25 +129,33 @@ def _attn(spec) -> str:
 
 
 def run_row(arch: str, method: str, gc: bool, shape: str, layers: int | None = None, framework: str = "hf",
-            attn: str = "auto", precision: str | None = None) -> Row:
+            attn: str = "auto", precision: str | None = None, options: dict | None = None) -> Row:
     """Estimate and dry-run one configuration; never raises (a failure is kept in the row; a
     configuration the stack's dry run does not run is marked skipped). ``attn``: a kernel of
-    ``--attn`` or ``auto`` (the architecture's default); ``precision``: a regime or None (default)."""
+    ``--attn`` or ``auto`` (the architecture's default); ``precision``: a regime or None (default);
+    ``options``: the method's options (e.g. GRPO's ``completion``), or None."""
+    import warnings
 
     import vramplan
     from vramplan.errors import VramplanError
+    from vramplan.validate import ContextWarning
 
     batch, seq = SHAPES[shape]
-    row = Row(arch, method, gc, shape, attn, precision)
+    row = Row(arch, method, gc, shape, attn, precision,
+              options=",".join(f"{k}={v}" for k, v in sorted((options or {}).items())))
     spec = get_spec(arch)
     if layers is not None and layers < spec.num_layers:
         spec = spec.with_layers(layers)
     kw = dict(batch=batch, seq=seq, grad_ckpt=gc, attn=_attn(spec) if attn == "auto" else attn, framework=framework)
     if precision:
         kw["precision"] = precision
+    if options:
+        kw["method_options"] = dict(options)
     t0 = time.perf_counter()
     try:
-        est = vramplan.estimate(spec, method, **kw)
+        with warnings.catch_warnings():  # a sequence past the model's context is planned (and traced) anyway
+            warnings.simplefilter("ignore", category=ContextWarning)
+            est = vramplan.estimate(spec, method, **kw)
         dry = vramplan.dry_run(spec, method, **kw)
     except VramplanError as exc:  # the stack's dry run does not cover this configuration
         row.skipped = str(exc).splitlines()[0][:160]
@@ -145,9 +179,14 @@ def _run_packed(args) -> Row:
 
 
 def sweep(archs, methods, gcs, shapes, layers=None, jobs=1, out=sys.stdout, framework="hf", attns=("auto",),
-          precision=None):
-    points = [(a, m, g, s, layers, framework, k, precision)
-              for a in archs for k in attns for m in methods for g in gcs for s in shapes]
+          precision=None, points=None):
+    """Run the grid ``archs x attns x methods x gcs x shapes``, or ``points`` (``(arch, method, gc, shape,
+    attn, options)`` tuples, e.g. :func:`longseq_points`) when given; print each row as it comes."""
+    if points is not None:
+        points = [(a, m, g, s, layers, framework, k, precision, o) for a, m, g, s, k, o in points]
+    else:
+        points = [(a, m, g, s, layers, framework, k, precision)
+                  for a in archs for k in attns for m in methods for g in gcs for s in shapes]
     rows: list[Row] = []
     header = (f"{'arch':18s} {'attn':5s} {'method':6s} {'gc':3s} {'shape':5s} {'estimate GiB':>12s} {'dryrun GiB':>11s} "
               f"{'error':>7s}  {'peak phase (est/dry)':22s} worst component at peak")
@@ -168,7 +207,7 @@ def sweep(archs, methods, gcs, shapes, layers=None, jobs=1, out=sys.stdout, fram
 
 
 def _print_row(r: Row, out) -> None:
-    name = f"{r.arch:18s} {r.attn:5s} {r.method:6s} {'on' if r.gc else 'off':3s} {r.shape:5s}"
+    name = f"{r.arch:18s} {r.attn:5s} {r.method:6s} {'on' if r.gc else 'off':3s} {r.shape:5s}" + (f" [{r.options}]" if r.options else "")
     if r.error_text:
         print(f"{name} FAILED {r.error_text}", file=out, flush=True)
         return
@@ -218,6 +257,8 @@ def main(argv=None) -> int:
                     help="attention kernels (auto: the architecture's default; eager, sdpa, flash as --attn)")
     ap.add_argument("--precision", default=None, help="precision regime (default: the planner's)")
     ap.add_argument("--layers", type=int, default=None, help="cap the depth of every model")
+    ap.add_argument("--grid", choices=["longseq"], default=None,
+                    help="a preset grid instead of --arch/--method/--gc/--shape/--attn (longseq: longseq_points)")
     ap.add_argument("--framework", default="hf", help="training stack (hf, torchtune, litgpt: their extras installed)")
     ap.add_argument("--jobs", type=int, default=1, help="processes (each dry run is single-threaded work)")
     ap.add_argument("--max-error", type=float, default=0.02)
@@ -245,12 +286,17 @@ def main(argv=None) -> int:
 
     out = Tee()
     t0 = time.perf_counter()
+    points = longseq_points() if a.grid == "longseq" else None
+    shown = {p[3] for p in points} if points else set(a.shape)
+    attns = sorted({p[4] for p in points}) if points else a.attn
     print(f"# analytic model vs dry run, tensor_peak_bytes; torch {torch.__version__}, transformers "
           f"{transformers.__version__}, peft {peft.__version__}; shapes (batch x seq): "
-          + ", ".join(f"{k} {b}x{s}" for k, (b, s) in SHAPES.items() if k in a.shape)
+          + ", ".join(f"{k} {b}x{s}" for k, (b, s) in SHAPES.items() if k in shown)
           + (f"; depth capped at {a.layers} layers" if a.layers else "; full depth")
-          + f"; stack {a.framework}; attention {', '.join(a.attn)}"
-          + (f"; precision {a.precision}" if a.precision else ""), file=out)
+          + f"; stack {a.framework}; attention {', '.join(attns)}"
+          + (f"; precision {a.precision}" if a.precision else "")
+          + ("; grid longseq (longseq_points: LONGSEQ_* x checkpointing, 16k, GRPO completions)"
+             if a.grid == "longseq" else ""), file=out)
     if a.framework != "hf":
         from importlib.metadata import PackageNotFoundError, version
 
@@ -263,7 +309,7 @@ def main(argv=None) -> int:
         print(f"# stack packages: {', '.join(found) or 'none installed'}", file=out)
     print(f"# tuned on: {', '.join(TUNED)}; held out: {', '.join(h for h in HELD_OUT)}", file=out)
     rows = sweep(a.arch, a.method, [g == "on" for g in a.gc], a.shape, a.layers, a.jobs, out, a.framework,
-                 a.attn, a.precision)
+                 a.attn, a.precision, points=points)
     stats = summarize(rows, out)
     print(f"# {len(rows)} rows in {time.perf_counter() - t0:.0f} s", file=out)
     if fh:

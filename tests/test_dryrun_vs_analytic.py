@@ -6,6 +6,8 @@ and on, at two layers: every row's analytic ``tensor_peak_bytes`` within 2% of t
 Every attention kernel the planner offers is held to it too: eager attention on a Phi-3-shaped
 architecture outside the catalogue (grouped kv heads, a config dict), in the default regime and in
 pure bf16, and on the catalogue's Phi-3; flash on SmolLM2.
+Long sequences (8k) and every kernel on the points where the model had departed (``LONGSEQ_GRID``;
+the benchmark's ``--grid longseq``: reports/dryrun_vs_analytic_longseq.txt).
 The whole sweep (11 architectures x 3 shapes, at 4 layers and at full depth; ``--attn`` for the
 kernels: reports/dryrun_vs_analytic_attention.txt) is the benchmark;
 its output is in reports/dryrun_vs_analytic.txt and reports/dryrun_vs_analytic_full_depth.txt.
@@ -52,6 +54,38 @@ GRPO_GRID = [(arch, method, gc, shape) for arch, shape, gc in (("qwen2.5-7b", "s
 REWARD_IA3_GRID = [("smollm2-360m", "reward+ia3", True, "2k"), ("qwen2.5-7b", "reward+ia3", False, "2k"),
                    ("qwen2.5-7b", "reward", True, "2k"), ("olmo-2-7b", "reward", True, "2k"),
                    ("mistral-7b-v0.3", "grpo+qlora", True, "short")]
+
+
+# long sequences and every attention kernel (benchmarks/dryrun_vs_analytic.py --grid longseq): points where the
+# analytic model had left the dry run -- Gemma-2's soft-capping tanh still saved at the softmax backward (8k, was
+# -12%), the shared mask gone before backward without checkpointing and the last layer's MLP not made yet at its
+# softmax (was +2% / +3%), GRPO's eager prefill at the softmax (was -41%), a full model's fp32 scores and keys in
+# generate (was +9%), flash attention's fp32 -> 16-bit cast in QLoRA's generate (was -31%), a long completion
+LONGSEQ_GRID = [("gemma-2-2b", "reward", True, "8k", "eager", None),
+                ("gemma-2-2b", "reward", False, "8k", "eager", None),
+                ("gemma-2-2b", "reward", False, "2k", "eager", None),
+                ("llama-3-8b", "grpo", True, "2k", "eager", None),
+                ("mistral-7b-v0.3", "grpo+full", True, "2k", "eager", None),
+                ("llama-3-8b", "grpo+qlora", True, "2k", "flash", None),
+                ("qwen2.5-7b", "grpo", False, "2k", "eager", {"completion": 1536})]
+
+
+@pytest.mark.parametrize("arch,method,gc,shape,attn,options", LONGSEQ_GRID, ids=lambda v: str(v))
+def test_long_sequences_within_two_percent_of_dryrun(arch, method, gc, shape, attn, options):
+    row = bench.run_row(arch, method, gc, shape, layers=LAYERS, attn=attn, options=options)
+    assert not row.error_text and not row.skipped, row.error_text or row.skipped
+    assert -0.02 <= row.error <= 0.02, (
+        f"{arch} {attn} {method} {options} gc={gc} {shape}: estimate {row.estimate} vs dry run {row.dryrun} B "
+        f"({100 * row.error:+.2f}%); peak phase {row.est_phase}/{row.dry_phase}; "
+        f"largest component difference {row.worst} {row.worst_bytes:+d} B")
+
+
+def test_longseq_grid_covers_kernels_and_lengths():
+    pts = bench.longseq_points()
+    assert {p[4] for p in pts} == {"sdpa", "eager", "flash"}
+    assert {"512", "2k", "8k", "16k"} <= {p[3] for p in pts}
+    assert {p[0] for p in pts} == set(bench.LONGSEQ_ARCHS)
+    assert any(p[5] and "completion" in p[5] for p in pts)
 
 
 @pytest.mark.parametrize("arch,method,gc,shape", GRPO_GRID + REWARD_IA3_GRID, ids=lambda v: str(v))

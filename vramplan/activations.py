@@ -502,8 +502,11 @@ class EagerAttention:
     embedding, ``repeat_kv``'s copies of k and v when heads are grouped; v is a view of the
     projection's output when it is not copied, and a fused qkv output stays whole behind it).
     ``saved``, ``fwd_peak``, ``bwd_peak``: bytes per score element (one per head x query x key
-    position) -- saved for backward; alive at the forward's peak inside the block; alive at its
-    backward's peak (what ``saved`` held there, the rest freed by then, plus the gradients).
+    position) -- saved for backward; alive at the forward's peak inside the block when the forward
+    saves nothing (no grad, or a checkpointed forward); alive at its backward's peak (what ``saved``
+    held there, the rest freed by then, plus the gradients). ``capped``: bytes per score of Gemma-2's
+    soft-capping ``tanh`` output (0 without soft-capping), part of ``saved``: a forward that saves it
+    holds it at the softmax too, and its backward (after the softmax's) keeps it through ``bwd_peak``.
     """
 
     qk: float
@@ -517,6 +520,7 @@ class EagerAttention:
     saved: float
     fwd_peak: float
     bwd_peak: float
+    capped: float = 0.0
 
 
 def eager_attention(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime) -> EagerAttention:
@@ -538,7 +542,10 @@ def eager_attention(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime:
     * Dropout (``p > 0``, CUDA ``native_dropout``): the dropped probabilities (a) and a 1-byte
       mask are saved instead of the cast probabilities, which ``native_dropout_backward`` does
       not need.
-    * Gemma-2's soft-capping saves ``tanh``'s output (a per score).
+    * Gemma-2's soft-capping (``w = tanh(w / cap) * cap`` before the mask) saves ``tanh``'s output
+      (a per score), alive at the softmax when the forward saves it, and still saved at
+      ``_softmax_backward_data`` (tanh's backward runs after the softmax's): 14 bytes per score at
+      the block's backward peak in bf16 (the dry run, Gemma-2 at 8k tokens).
     Checked against the dry run (``benchmarks/dryrun_vs_analytic.py --attn eager``).
     """
     d = copy_dtypes(copy, regime, cfg.stack.kbit_upcast)
@@ -551,31 +558,62 @@ def eager_attention(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime:
     # a view of a fused qkv output keeps all of it: ``v_one_row``)
     v = a * qd
     v_one_row = d.proj_out * (qd + 2 * kvd) if (model.fused_qkv and not grouped and d.attn == d.proj_out) else v
-    # the scores' dtype: the matmul's (a) promoted by the additive mask's (the hidden states' dtype)
-    scores = max(a, d.residual)
-    # CUDA fp16 scores take _softmax(half_to_float=True) (the dry run emulates it); bf16 converts
-    half_to_float = scores == 2 and regime.compute_dtype == "float16"
-    conv = 4.0 if (scores != 4 and not half_to_float) else 0.0
-    low = a if a != 4 else 0.0  # .to(q.dtype): the 16-bit probabilities
+    scores, conv, low = eager_score_dtypes(a, d.residual, regime.compute_dtype)
+    half_to_float = scores == 2 and not conv
     p_drop = float((model.hf_config or {}).get("attention_dropout") or 0.0)
     dropped = 0.0 < p_drop < 1.0
     saved = 4.0 + (a + 1.0 if dropped else low)
-    if model.attn_logit_softcapping:
-        saved += a  # tanh(scores / cap) saved for backward
-    # forward: the scores and the converted copy beside _softmax's output, then its cast
-    fwd_peak = max(2 * scores, scores + conv + 4.0, scores + 4.0 + low)
+    capped = float(a) if model.attn_logit_softcapping else 0.0  # tanh(scores / cap) saved for backward
+    saved += capped
+    fwd_peak = eager_softmax_peak(a, d.residual, regime.compute_dtype)
     # backward: the 16-bit probabilities (or dropout's output) and v are freed by matmul's backward
     grad_in = 2.0 if half_to_float else (4.0 if (conv or scores == 4) else float(scores))
-    bwd_peak = 4.0 + 4.0 + grad_in
-    return EagerAttention(qk=qk, v=v, v_one_row=v_one_row, saved=saved, fwd_peak=fwd_peak, bwd_peak=bwd_peak)
+    # (soft-capping's tanh output is still saved there: its backward comes after the softmax's)
+    bwd_peak = 4.0 + 4.0 + grad_in + capped
+    return EagerAttention(qk=qk, v=v, v_one_row=v_one_row, saved=saved, fwd_peak=fwd_peak, bwd_peak=bwd_peak,
+                          capped=capped)
 
 
-def eager_attention_work(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime, tokens, seq):
+def eager_score_dtypes(attn: float, residual: float, compute_dtype: str) -> tuple[float, float, float]:
+    """``(scores, conv, low)``: bytes per score element of eager attention's scores (the matmul's dtype
+    ``attn`` promoted by the additive mask's, the hidden states' ``residual``), of the fp32 copy softmax
+    converts a 16-bit input to (0 for fp32 scores, and for CUDA fp16, which takes
+    ``_softmax(half_to_float=True)``: the dry run emulates it), and of the probabilities cast back
+    to the query's dtype (``.to(q.dtype)``; 0 when that is fp32: no copy)."""
+    scores = float(max(attn, residual))
+    half_to_float = scores == 2 and compute_dtype == "float16"
+    conv = 4.0 if (scores != 4 and not half_to_float) else 0.0
+    low = float(attn) if attn != 4 else 0.0
+    return scores, conv, low
+
+
+def eager_softmax_peak(attn: float, residual: float, compute_dtype: str) -> float:
+    """Bytes per score element (one per head x query x key position) alive at eager attention's
+    forward peak when the forward saves nothing (no grad, a checkpointed forward): the scaled and
+    masked scores beside each other, or the scores, softmax's fp32 conversion and its fp32 output
+    (``softmax(w, dim=-1, dtype=float32)``), or the scores, that output and its cast back to the
+    query's dtype (the chained ``.to(q.dtype)``: the scores stay bound until the assignment), or,
+    once the scores are freed, that output and autocast's cast of it for ``matmul(w, v)``. The
+    rotary embedding's cos/sin come in the hidden states' dtype, so q has the scores' dtype: fp32
+    scores (an fp32 residual stream: full training under autocast, QLoRA) make ``.to`` a no-op.
+    10 bytes in bf16, 8 with fp32 scores (the dry run: Llama-, Qwen2-, Mistral- and Gemma-2-shaped
+    prefills). Dtypes: :func:`eager_score_dtypes`."""
+    scores, conv, low = eager_score_dtypes(attn, residual, compute_dtype)
+    cast_at_to = low if scores != 4 else 0.0
+    return max(2 * scores, scores + conv + 4.0, scores + 4.0 + cast_at_to, 4.0 + low)
+
+
+def eager_attention_work(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime, tokens, seq,
+                         grad: bool | None = None):
     """(forward, backward) bytes of the eager attention block's working set in one layer, above the
     rest of that layer's attention-block tensors: the forward's peak inside the block over what it
     will have saved, and, at the backward's peak (``_softmax_backward_data``), the scores' buffers
     (:func:`eager_attention`) plus the output's and v's gradients, less what matmul's backward has
-    freed (the 16-bit probabilities and v). Zero unless ``cfg.attn == "eager"``."""
+    freed (the 16-bit probabilities and v). Zero unless ``cfg.attn == "eager"``.
+
+    ``grad``: the forward saves tensors for backward (default: ``copy`` trains and the layer is not
+    checkpointed); then soft-capping's saved ``tanh`` output sits beside the softmax's buffers. A
+    no-grad forward (a reference, a checkpointed forward) frees it once the cap's multiply has run."""
     T = np.asarray(tokens, dtype=np.float64)
     s = np.asarray(seq, dtype=np.float64)
     if cfg.attn != "eager":
@@ -583,7 +621,9 @@ def eager_attention_work(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, re
     ea = eager_attention(model, cfg, copy, regime)
     d = copy_dtypes(copy, regime, cfg.stack.kbit_upcast)
     heads = model.num_heads
-    fwd = T * s * heads * (ea.fwd_peak - ea.saved)
+    if grad is None:
+        grad = copy.trains and not cfg.grad_ckpt
+    fwd = T * s * heads * (ea.fwd_peak + (ea.capped if grad else 0.0) - ea.saved)
     grads = T * (d.attn * model.q_dim + d.attn * model.q_dim)  # d(out) and d(v)
     bwd = T * s * heads * (ea.bwd_peak - ea.saved) - T * ea.v_bytes(T, s) + grads
     return fwd, bwd

@@ -521,7 +521,11 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> Step
     if recipe.behaviour.generates:
         acc.terms.update(_rollout_terms(model, cfg, b, s, zeros))
     if recipe.copies[0].forward is not Forward.NONE:
-        acc.add(acts=act.attention_mask_bytes(model, cfg, cfg.regime, b, s))
+        # without checkpointing nothing keeps the mask for backward (eager's ``+ mask`` saves nothing; SDPA saves
+        # its own converted bias): it is gone before any layer's backward (the dry run); checkpointing keeps it as
+        # every layer's input
+        mask = act.attention_mask_bytes(model, cfg, cfg.regime, b, s)
+        acc.add(acts=mask, head_acts=0.0 if cfg.grad_ckpt else mask)
     policy = recipe.copies[0]
     dora = acc.terms["dora_prefix"] if (policy.adapter is not None and policy.adapter.dora) else acc.terms["layer"]
     terms = acc.build(dora_prefix=dora)
@@ -555,10 +559,12 @@ def _layer_terms(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, T, s, zero
     ef, eb = act.eager_attention_work(model, cfg, copy, regime, T, s)
     if layer is None:
         layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
+    # without checkpointing ``acts`` holds the whole last layer, whose MLP block is not made yet at its softmax
+    ahead = 0 if (cfg.grad_ckpt or cfg.attn != "eager") else layer - attn_layer
     return dict(layer=layer, layer_attn=attn_layer,
                 transient=act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, cfg.stack.kbit_upcast,
                                                        tuple(cfg.targets)),
-                attn_fwd=ef + (attn_layer if cfg.grad_ckpt else 0), attn_bwd=eb)
+                attn_fwd=ef + (attn_layer if cfg.grad_ckpt else 0) - ahead, attn_bwd=eb)
 
 
 def _head_terms(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, T, rows, stack_saved):
@@ -627,7 +633,7 @@ def _reference_scores(model: ModelSpec, cfg: TrainConfig, T, s):
         return None
     regime = cfg.regime
     ref = next((c for c in recipe.copies if c.role is Role.REFERENCE), recipe.copies[0])
-    ef, _ = act.eager_attention_work(model, cfg, ref, regime, T, s)
+    ef, _ = act.eager_attention_work(model, cfg, ref, regime, T, s, grad=False)
     scores = ef + act.layer_activation_bytes(model, cfg, ref, regime, T, s, part="attention")
     return scores + T * model.vocab_size * _fp32_logit_bytes(cfg, regime)
 

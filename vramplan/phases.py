@@ -72,6 +72,7 @@ class StepTerms:
     last_graph: Bytes       #: the previous step's graph kept into this forward (stacks.toml keeps_last_graph)
     zeros: Bytes            #: zeros of the grid's shape (broadcasting helper)
     #: the final norm's and the head's saved tensors (in ``acts``), freed by their backward before any layer's
+    #: (and, without checkpointing, the shared attention mask: nothing saves it for backward)
     head_acts: Bytes = 0.0
 
     @classmethod

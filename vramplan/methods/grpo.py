@@ -180,11 +180,14 @@ def _dtypes(model, cfg):
     return pol, d, lg, converted
 
 
-def nograd_layer_work(model, cfg, tokens, seq, autocast: bool = True, kv_layer=0.0) -> np.ndarray:
+def nograd_layer_work(model, cfg, tokens, seq, autocast: bool = True, kv_layer=0.0, uncast=0.0) -> np.ndarray:
     """Bytes one decoder layer's no-grad forward holds at its peak (the generation's prefill, the scoring
     forwards), for ``tokens`` tokens of length-``seq`` sequences; ``autocast``: under the regime's autocast
     (the scoring forwards; a full model's ``generate``) or not (a PEFT model's ``generate``: accelerate's
-    autocast wrapper sits on the PeftModel's forward, which ``generate`` does not call).
+    autocast wrapper sits on the PeftModel's forward, which ``generate`` does not call). ``kv_layer``: one
+    layer's KV cache, made by its projections (0: no cache); ``uncast``: autocast's weight casts the caller
+    counts for the whole layer that do not exist yet at its attention (its MLP's), taken off an attention-time
+    peak (eager attention's softmax).
 
     Measured by the dry run (runtime.steps:grpo_step on meta) on Llama-, Qwen2/3-, Mistral- and Gemma-2-shaped
     models: the MLP's ``act(gate) * up`` -- three ``tokens x intermediate`` tensors (act, up, product) in the
@@ -231,18 +234,34 @@ def nograd_layer_work(model, cfg, tokens, seq, autocast: bool = True, kv_layer=0
             cast = lin.in_features * ad if res != ad else 0.0
             # an attention projection runs before its layer's keys and values are cached
             work = np.maximum(work, T * (ctx + cast + lin.out_features * (mlp + 2 * ad)) - (0 if mlp_side else kv_layer))
+    # q and k leave the rotary embedding in the hidden states' dtype when it is wider (cos/sin are cast to it);
+    # under autocast SDPA then gets 16-bit casts of them (and of v when its projection ran outside autocast)
+    qk = max(attn, res)
+    sdpa_casts = attn * (qd + model.kv_dim) if (autocast and qk != attn) else 0.0
     if cfg.attn == "sdpa" and model.sliding_window:
         # a sliding-window layer's mask (sequence past the window) as SDPA gets it: fp32 and in the attention dtype
-        # (beside the attention block's context, its query-sized output and the [1, 1, s, s] boolean mask)
-        work = np.maximum(work, np.where(s > model.sliding_window, T * (3 * h * res + qd * attn)
-                                         + rows * s * s * (4 + attn) + s * s - kv_layer, 0.0))
+        # (beside the attention block's context -- the embedding output, the layer input, the normed input, q and
+        # SDPA's casts -- and the [1, 1, s, s] boolean mask); at the attention the MLP's casts are not made yet
+        work = np.maximum(work, np.where(s > model.sliding_window, T * (3 * h * res + qd * qk + sdpa_casts)
+                                         + rows * s * s * (4 + attn) + s * s - kv_layer - uncast, 0.0))
     gqa = model.kv_dim < model.q_dim
     if cfg.attn == "sdpa" and attn == 4 and gqa:
         # q, q scaled, k and v repeated to every head; the scores and their masked sum; the [1, 1, s, s] mask
         scores = T * (3 * h * res + 4 * qd * attn) + 2.0 * rows * model.num_heads * s * s * attn + s * s * attn
         work = np.maximum(work, scores)
     if cfg.attn == "eager":
-        work = work + rows * model.num_heads * s * s * attn + act.attention_mask_bytes(model, cfg, cfg.regime, rows, s)
+        # the layer keeps its probabilities (the decoder layer binds ``attn_weights``) through its MLP; inside
+        # the attention block the softmax peaks (act.eager_softmax_peak: the scores, their fp32 conversion and
+        # softmax's fp32 output, 10 bytes per score in bf16) beside its context: the embedding output, the
+        # layer input, the normed input, q, and k and v repeated to every head when grouped (their caller's
+        # copies: the rotary k and the projections' v, unless the KV cache took them, ``kv_layer`` > 0). q and k
+        # leave the rotary embedding in the hidden states' dtype when it is wider (cos/sin are cast to it)
+        scores = rows * model.num_heads * s * s
+        peak = act.eager_softmax_peak(attn, res, cfg.regime.compute_dtype)
+        kv_own = np.where(np.asarray(kv_layer) > 0, 0.0, model.kv_dim * (qk + attn))
+        ctx = T * (3 * h * res + qd * qk + (qd * (qk + attn) if gqa else 0.0) + kv_own)
+        work = (np.maximum(work + scores * attn, ctx + scores * peak - uncast)
+                + act.attention_mask_bytes(model, cfg, cfg.regime, rows, s))
     return work
 
 
@@ -323,16 +342,22 @@ def grpo_terms(model, cfg, terms: Any, batch, seq) -> Any:
         # to fp32); a PEFT model's generate() bypasses it (the residual dtype throughout)
         gen_ac = not pol.adapter.is_peft
         kvd = float(d.proj_out) if gen_ac else float(dl)
-        kv = gb * s * 2 * model.num_layers * model.kv_dim * kvd + zeros
-        kv_one = gb * s * model.kv_dim * kvd
+        # the keys are cached after the rotary embedding, whose cos/sin come in the hidden states' dtype: an fp32
+        # residual stream under autocast (a full model) caches fp32 keys beside 16-bit values (the dry run)
+        kd = max(kvd, float(dl))
+        kv = gb * s * model.num_layers * model.kv_dim * (kd + kvd) + zeros
+        kv_one = gb * s * model.kv_dim * kd
         last = lg if gen_ac else float(dl)
         # autocast's casts of the fp32 trainable weights, cached while one forward runs (a full model's generate):
         # every layer's by the last layer's end (the keys re-concatenated), gone once the forward has returned
-        casts = model.num_layers * model_state(model, cfg).layer_cast if gen_ac else 0
+        st = model_state(model, cfg)
+        casts = model.num_layers * st.layer_cast if gen_ac else 0
+        # (at a layer's attention its MLP's weights are not cast yet)
+        mlp_casts = st.layer_cast - st.attn_cast if gen_ac else 0
         end = kv + np.maximum(gb * V * (last + 8.0), kv_one + casts)
-        kv_layer = gb * P * 2 * model.kv_dim * kvd
+        kv_layer = gb * P * model.kv_dim * (kd + kvd)
         prefill = model.num_layers * kv_layer + nograd_layer_work(model, cfg, gb * P, P, autocast=gen_ac,
-                                                                  kv_layer=kv_layer) + casts
+                                                                  kv_layer=kv_layer, uncast=mlp_casts) + casts
         peak = np.maximum(peak, np.maximum(end, prefill))
     return terms.with_(logits_fwd=logits_fwd, logits_bwd=logits_bwd, acts=acts, kv=kv,
                        rollout_logits=np.maximum(peak - kv, 0.0),

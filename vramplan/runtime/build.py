@@ -547,7 +547,9 @@ def build(spec: ModelSpec, cfg: TrainConfig, device: str = "cpu", *, fake: bool 
     check_versions()
     if fake:
         install_meta_patches()
-    emu = CudaEmulation(cfg.attn, on_cached_cast=lambda t: hooks.tag(t, Component.AUTOCAST_CACHE)) if fake else None
+    flash_dtype = getattr(torch, regime.compute_dtype, None) if cfg.attn == "flash" else None
+    emu = (CudaEmulation(cfg.attn, on_cached_cast=lambda t: hooks.tag(t, Component.AUTOCAST_CACHE),
+                         flash_dtype=flash_dtype) if fake else None)
     trainee = Trainee(spec=spec, cfg=cfg, recipe=cfg.recipe, regime=regime, device=device, fake=fake, copies={},
                       optimizer=None, hooks=hooks, emulation=emu, notes=notes)
     hooks.phase(Phase.LOAD)

@@ -116,11 +116,18 @@ class CudaEmulation(TorchFunctionMode):
             dtype allows, as HF's ``flash_attention_2`` would), or ``eager``.
         on_cached_cast: called with each autocast cast of a weight (``nn.Parameter``): the cached
             casts of trainable fp32 leaves, and the per-use casts of frozen fp32 weights.
+        flash_dtype: what HF's ``flash_attention_2`` casts fp32 q, k, v to outside autocast
+            (transformers ``integrations/flash_attention.py`` ``get_target_dtype``: a quantized
+            model's ``config.dtype``, else its linears' weight dtype; the regime's 16-bit compute
+            dtype here), so that an fp32 residual stream (QLoRA's generate, which bypasses
+            accelerate's autocast) still runs the flash kernel. None: no cast.
     """
 
-    def __init__(self, attn: str = "sdpa", on_cached_cast: Callable[[torch.Tensor], None] | None = None):
+    def __init__(self, attn: str = "sdpa", on_cached_cast: Callable[[torch.Tensor], None] | None = None,
+                 flash_dtype: torch.dtype | None = None):
         super().__init__()
         self.attn = attn
+        self.flash_dtype = flash_dtype
         self.on_cached_cast = on_cached_cast
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.nesting = 0
@@ -193,6 +200,8 @@ class CudaEmulation(TorchFunctionMode):
             q, k, v = (self._cast(t, lower) for t in (q, k, v))
             if mask is not None:
                 mask = self._cast(mask, lower)
+        elif self.attn == "flash" and q.dtype is torch.float32 and self.flash_dtype in _FLOAT16:
+            q, k, v = (t.to(self.flash_dtype) for t in (q, k, v))  # _flash_attention_forward's fp32 -> target cast
         backend = self.choose_backend(q, k, v, mask, is_causal, enable_gqa)
         self.sdpa_calls[backend] = self.sdpa_calls.get(backend, 0) + 1
         if backend == "flash":
