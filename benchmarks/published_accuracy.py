@@ -261,7 +261,7 @@ latest; the benchmark gives each source the version it ran, else the latest, nev
   fit" (each predicted 0.3-5.5% over its card, 0.7-13% short of the published length). Now "no" needs even
   the band's lower end, `peak x (1 + lo)`, over the card; "comfortable" needs the band's upper end,
   `peak x (1 + hi)`, under it (and the 15% headroom); anything between is "tight" (may fit: `fit` shows the
-  plan as "tight, try it" with by how much and what to do, `matrix` marks it `~`, and the settings search
+  plan as "tight", or "likely over" when the central prediction is over the card, with by how much and what would fit, `matrix` marks it `~`, and the settings search
   recommends only comfortable plans when one exists: `vramplan.verdict.comfortable_limit`). The figures
   above count the verdict the user sees, with each row's leave-one-source-out band. Before (one-sided
   verdict, same corpus and model): OOM rows called comfortable 1 of 10, OOM rows whose central peak fits

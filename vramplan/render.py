@@ -10,6 +10,7 @@ from .optimizers import get_optimizer
 from .results import Estimate
 from .taxonomy import Component
 from .units import fmt_bytes, fmt_count
+from .verdict import LIKELY_OVER
 
 
 def render_estimate(est: Estimate, console: Console) -> None:
@@ -184,8 +185,8 @@ def _fit_row(r, timed: bool) -> list[str]:
                else "[green]yes[/green]" if r.fits else "[red]no[/red]")
     chosen = getattr(r, "chosen", None)
     shown = v.fits if v is not None else r.fits  # comfortable or tight ("tight, try it"): the plan is shown
-    if v is not None and v.value == "tight" and not r.fits:
-        verdict = "[yellow]tight, try it[/yellow]"
+    if v is not None and v.value == "tight" and not r.fits:  # the central prediction over the card
+        verdict = f"[yellow]{LIKELY_OVER}[/yellow]"
     if chosen is not None:
         rec = plan_brief(chosen) if shown else "-"
     else:
