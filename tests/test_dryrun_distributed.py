@@ -134,3 +134,18 @@ def test_planner_within_two_percent_of_deepspeed(deepspeed_traced, i):
     planned = parallel_step_memory(spec, cfgs[method], par).peak
     traced_peak = max(r.peak_bytes for r in ranks)
     assert abs(planned - traced_peak) / traced_peak <= bench.TOLERANCE, (strategy, method, planned, traced_peak)
+
+
+def test_the_request_carries_the_engine_options_and_methods_come_from_attributes():
+    from vramplan.dryrun.distributed import DistributedDryRunRequest, EngineOptions, supervised_methods
+
+    req = DistributedDryRunRequest.build("tiny", "lora", gpus=4, strategy="zero3", reduce_bucket_size=1000,
+                                         no_sync=True)
+    assert req.gpus == 4 and req.options == EngineOptions(reduce_bucket_size=1000, no_sync=True)
+    assert req.options.given() == {"reduce_bucket_size": 1000, "no_sync": True}
+    with pytest.raises(VramplanError, match="unknown setting"):
+        DistributedDryRunRequest.build("tiny", "lora", bucket_size=3)
+    # supervised steps: one policy copy, its own causal-LM loss, no rollout (DPO, PPO, GRPO, reward are not)
+    assert supervised_methods() == ("full", "lora", "qlora", "dora", "ia3")
+    with pytest.raises(VramplanError, match="supervised steps"):
+        distributed_config(from_hf_config(bench.TINY_MODEL, name="tiny-grid"), "dpo")
