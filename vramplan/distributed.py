@@ -773,15 +773,22 @@ def _held_gradients(sh: ShardedState, full, cfg: TrainConfig, par: Parallel) -> 
 
     One process and DDP (``no_sync`` or not): every gradient, summed in ``param.grad`` (with
     ``gradient_as_bucket_view`` they are the buckets, counted as such); FSDP2: its sharded sums, or every
-    unsharded gradient when the sync is skipped (:func:`_fsdp2_held`). DeepSpeed accumulates into its own
-    fp32 partition (counted in its layout).
+    unsharded gradient when the sync is skipped (:func:`_fsdp2_held`). DeepSpeed: ZeRO-3 its 16-bit gradient
+    partition, stage 2 its 16-bit partition, stage 1 every 16-bit gradient (``param.grad`` until the boundary).
     """
     if sh.fsdp2 is not None:
         held_sh, held_u = _fsdp2_held(sh.fsdp2, cfg)
         return held_sh + held_u * full.bytes.get(Component.GRADIENTS, 0)
     if par.distributed and par.engine_name == "deepspeed":
-        # ZeRO-3's 16-bit gradient partition stays allocated across steps (stages 1-2 free theirs in step())
-        return sh.bytes.get(Component.GRADIENTS, 0) if par.strategy == "zero3" and par.offload != "cpu" else 0
+        if par.offload == "cpu":
+            return 0
+        if par.strategy == "zero3":  # its 16-bit gradient partition stays allocated across steps
+            return sh.bytes.get(Component.GRADIENTS, 0)
+        # stages 1-2 between micro-batches (stage_1_and_2.py): stage 1 leaves the 16-bit gradients in
+        # ``param.grad`` until the boundary's reduction (every gradient); stage 2 reduces each micro-batch into
+        # its partition (``averaged_gradients``: the 16-bit partition). Traced: DeepSpeed 0.19.8, 2 ranks.
+        p16 = DTYPE_BYTES[cfg.regime.compute_dtype]
+        return p16 * sh.trainable_params // (1 if par.strategy == "zero1" else par.gpus)
     return int(_mem.held_gradients(ModelState(bytes=sh.bytes, params=0, trainable_params=sh.trainable_params), cfg))
 
 
