@@ -10,7 +10,7 @@ from .optimizers import get_optimizer
 from .results import Estimate
 from .taxonomy import Component
 from .units import fmt_bytes, fmt_count
-from .verdict import LIKELY_OVER
+from .verdict import LIKELY_OVER, label
 
 
 def render_estimate(est: Estimate, console: Console) -> None:
@@ -36,6 +36,8 @@ def render_estimate(est: Estimate, console: Console) -> None:
         v = getattr(est, "verdict", None)
         word = {"comfortable": "[green]fits (comfortable)[/green]", "tight": "[yellow]tight: may fit[/yellow]",
                 "no": "[red]does not fit[/red]"}
+        if v is not None and label(v, est.peak_bytes, est.capacity_bytes) == LIKELY_OVER:
+            word["tight"] = f"[yellow]{LIKELY_OVER} (tight)[/yellow]"  # central prediction over the card
         verdict = (word[v.value] if v is not None
                    else "[green]fits[/green]" if est.fits else "[red]does not fit[/red]")
         console.print(f"{est.gpu}: {verdict} — {fmt_bytes(est.peak_bytes)} of {fmt_bytes(est.capacity_bytes)} "
