@@ -388,6 +388,25 @@ May 2023) 10.3 GiB; r=64 with dropout 0.1 on q/v 10.9 GiB; the QLoRA paper's rec
 fits; with nested quantisation 13.6 tight and fits; 7B at 1,024 with checkpointing 8.6 comfortable). Not
 applied: a configuration guessed to fit the outcome is a fudge factor; the row stays the open miss until the
 gist's configuration can be read.
+
+**DeepSpeed ZeRO-3 places a model built outside `zero.Init` whole on every GPU** (issue 17;
+`vramplan.distributed._zero3_whole_module_bytes`). `DeepSpeedEngine._configure_distributed_model` (deepspeed
+0.14-0.19) runs `self.module.to(self.device)` unless the parameters came from `zero.Init` (or
+`dont_change_device`), after its 16-bit cast; stage 3 partitions afterwards and nothing empties the cache, so
+the allocator keeps the whole module's blocks reserved: a floor under every later reserved total, offload or
+not. transformers builds a quantised model outside `zero.Init` (PR #29587, 2024-03: "Disable zero.init when
+using DeepSpeed with QLoRA"; `get_init_context` at 5.x: zero.Init only `if not is_quantized`), so every
+quantised-base plan under ZeRO-3 pays it; PEFT's DeepSpeed guide says so ("DeepSpeed Stage 3 and qlora when
+used with CPU offloading leads to more GPU memory usage when compared to disabling CPU offloading"). PEFT's
+70B QLoRA + ZeRO-3 row on 2 GPUs (36.6 GB per GPU, about the whole NF4 model): -11.6% -> +2.1%. `fit --gpus 2`
+for 70B QLoRA on 24 GB cards no longer offers ZeRO-3 + CPU offload (it cannot start there) but FSDP + CPU
+offload, what Answer.AI and PEFT ran. **A method cell "no CPU offload" is not offload** (importer fix): PEFT's
+FSDP-QLoRA row without offload had been planned with it, -25.8%; planned as run it is +27.3% (over: the
+HF stack's FSDP1 path is planned with FSDP2's terms; open). Headline after both: median 4.1% -> 3.5%,
+under-predicted >10% 10.4% -> 8.5%, inside the band 81.1% -> 82.1%; OOM "comfortable" 1 -> 1, fit-only "no"
+0 -> 0. The reserve's leave-one-source-out fit on every source moves from a near tie (objective 0.0687 at
+20%, 0.0694 at 25%) to 25% (0.0642 / 0.0581); `DEFAULT_RESERVE_FRACTION` still ships 20% (no score moves
+with it: each source is scored with the fraction fitted on the others).
 """
 
 
