@@ -317,4 +317,4 @@ def test_unsupported_transformers_is_one_clear_line(monkeypatch, spec, capsys):
     assert main(["dryrun", "--model", "smollm2-360m", "--method", "lora", "--seq", "64"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err and "transformers 5.0.0 is not supported" in err[0] and "Traceback" not in "\n".join(err)
-    assert b._release("5.3.0.dev0+cpu") == (5, 3, 0) and b._release("0.18.1") == (0, 18, 1)
+    assert b.release("5.3.0.dev0+cpu") == (5, 3, 0) and b.release("0.18.1") == (0, 18, 1)

@@ -166,3 +166,22 @@ def test_what_would_fit_takes_a_search_request():
 def test_requests_are_exported():
     for name in ("ConfigRequest", "EstimateRequest", "FitRequest", "MatrixRequest", "GridRequest"):
         assert issubclass(getattr(vramplan, name), Request)
+
+
+def test_each_shared_setting_has_one_home():
+    """The stack, target, run and layout settings are declared once, in their field group, and every request that
+    takes them inherits that group (same name, default and check)."""
+    from vramplan import request as r
+
+    groups = (r.StackFields, r.TargetFields, r.RunFields, r.LayoutFields)
+    takes = {EstimateRequest: groups, FitRequest: groups, SearchRequest: (r.StackFields, r.RunFields),
+             MatrixRequest: (r.StackFields,), GridRequest: (r.StackFields,), ConfigRequest: (r.StackFields,)}
+    for cls, its_groups in takes.items():
+        for group in its_groups:
+            assert issubclass(cls, group), (cls, group)
+            for name in vars(group)["__annotations__"]:
+                homes = [c.__name__ for c in cls.__mro__ if name in vars(c).get("__annotations__", {})]
+                assert homes == [group.__name__], (cls.__name__, name, homes)
+    # a search request and a fit request fix or search the same settings, declared once
+    assert issubclass(FitRequest, r.SearchedFields) and issubclass(SearchRequest, r.SearchedFields)
+    assert FitRequest(model=ONE_B, rank=16).fixed == SearchRequest(rank=16).fixed

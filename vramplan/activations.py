@@ -728,9 +728,8 @@ def logits_bytes(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, head
     kbit = cfg.stack.kbit_upcast if cfg is not None else True
     d = copy_dtypes(copy, regime, kbit)
     loss = loss_run(cfg, copy, d, T, rows)
-    method_loss = cfg.recipe.method.loss if cfg is not None else None
-    if cfg is not None and cfg.uses("compile") and loss.mode in ("chunked", "full_fp32") \
-            and method_loss not in ("sequence_logps", "response_logps"):
+    own_logps = cfg is not None and cfg.recipe.method.loss_kind.per_token_logps
+    if cfg is not None and cfg.uses("compile") and loss.mode in ("chunked", "full_fp32") and not own_logps:
         return compiled_ce_bytes(T, model.vocab_size, d.logits, loss)
     fwd, bwd = _logits_by_loss(model, cfg, d, T, rows, loss, regime.runner)
     if model.final_logit_softcapping and loss.mode != "fused_linear":
@@ -757,11 +756,11 @@ def _logits_by_loss(model: ModelSpec, cfg: TrainConfig | None, d: Dtypes, T, row
     """The (forward, backward) bytes of the method's loss kind, else of the stack's loss mode
     (``runner``: the regime's training loop, ``trainer`` or ``loop``)."""
     V, h = model.vocab_size, model.hidden_size
-    method_loss = cfg.recipe.method.loss if cfg is not None else None
-    if method_loss == "sequence_logps":
-        return sequence_logps_bytes(T, V, d.logits, runner, rows)
-    if method_loss == "response_logps":
+    kind = cfg.recipe.method.loss_kind if cfg is not None else None
+    if kind is not None and kind.response_only:
         return response_logps_bytes(model, cfg, d, T, rows, runner)
+    if kind is not None and kind.per_token_logps:
+        return sequence_logps_bytes(T, V, d.logits, runner, rows)
     if loss.mode == "fused_linear":
         return fused_linear_ce_bytes(T, V, h, d, loss)
     if loss.mode == "chunked" and cfg is not None and not loss.upcast:

@@ -76,9 +76,10 @@ def _method_options(a: argparse.Namespace) -> dict | None:
 
 def _add_stack_args(p: argparse.ArgumentParser) -> None:
     """``--framework`` and ``--techniques`` (estimate, dryrun, fit, matrix); the library validates both."""
-    from .stacks import stacks, techniques
+    from .stacks import DEFAULT_STACK, stacks, techniques
 
-    p.add_argument("--framework", default="hf", help=f"training stack: {'|'.join(stacks())} (default hf)")
+    p.add_argument("--framework", default=DEFAULT_STACK,
+                   help=f"training stack: {'|'.join(stacks())} (default {DEFAULT_STACK})")
     p.add_argument("--techniques", default=None,
                    help=f"memory-saving techniques on every plan: {','.join(techniques())}")
 
@@ -111,12 +112,18 @@ def _scale_kwargs(a: argparse.Namespace) -> dict:
                 epochs=a.epochs)
 
 
+def _default_stack() -> str:
+    from .stacks import DEFAULT_STACK
+
+    return DEFAULT_STACK
+
+
 def _plan_kwargs(a: argparse.Namespace) -> dict:
     """The library keyword arguments of estimate/dryrun (no Namespace reaches library code)."""
     return dict(adapter=a.adapter, gpu=a.gpu, gpu_mem=a.gpu_mem, batch=a.batch, seq=a.seq, grad_accum=a.grad_accum,
                 rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=a.targets, grad_ckpt=a.grad_ckpt,
                 optimizer=a.optimizer, precision=a.precision, attn=a.attn, double_quant=a.double_quant,
-                method_options=_method_options(a), framework=getattr(a, "framework", "hf"))
+                method_options=_method_options(a), framework=getattr(a, "framework", None) or _default_stack())
 
 
 def _methods_list(a: argparse.Namespace) -> list[str] | None:

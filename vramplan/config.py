@@ -21,6 +21,7 @@ from .models import ModelSpec, get_model
 from .optimizers import DEFAULT_OPTIMIZER, get_optimizer
 from .precision import DEFAULT_REGIME, get_regime
 from .request import ATTENTION, ConfigRequest
+from .stacks import DEFAULT_STACK
 
 
 
@@ -66,7 +67,7 @@ class TrainConfig:
     optimizer: str = DEFAULT_OPTIMIZER
     precision: str = DEFAULT_REGIME
     attn: str = "sdpa"
-    framework: str = "hf"
+    framework: str = DEFAULT_STACK
     techniques: tuple[str, ...] = ()
     double_quant: bool = True
     ppo_response: int | None = None

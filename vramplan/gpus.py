@@ -48,10 +48,6 @@ class GPUSpec:
     def __post_init__(self):
         object.__setattr__(self, "cc", parse_compute_capability(self.compute_capability) or (0, 0))
 
-    @property
-    def memory_gib(self) -> float:
-        return self.memory_bytes / GIB
-
     def tensor_tflops(self, dtype: str) -> float:
         """Peak dense tensor-core TFLOP/s for a compute dtype name."""
         return {"bfloat16": self.bf16_tflops, "float16": self.fp16_tflops}.get(dtype, self.fp32_tflops)

@@ -41,9 +41,6 @@ from typing import Any, Iterable, Sequence
 from ._data import load_data
 from .errors import VramplanError, unknown
 
-BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes Optimizer2State default (optimizers.toml: quantized.min_size)
-BNB_BLOCK = 256  # bitsandbytes blockwise 8-bit optimiser block size (optimizers.toml: quantized.block)
-
 
 @dataclass(frozen=True)
 class Quantized:
@@ -80,6 +77,8 @@ class OptimizerDef:
     label: str = ""
     #: names trainer configs give it (HF ``TrainingArguments.optim``, Axolotl ``optimizer``)
     trainer_names: tuple[str, ...] = ()
+    #: what planning a trainer name as this optimizer leaves out: trainer name -> note (the plan's assumptions)
+    trainer_notes: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
     #: state-sized temporaries per tensor in ``step()`` under a plain loop (foreach)
     loop_temp_states: int = 0
     #: fp32 copies of the largest tensor in ``step()`` (Adafactor)
@@ -166,7 +165,7 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 _KEYS = {"summary", "source", "states", "state_bytes", "scalar_bytes", "factored", "quantized", "paged", "state_label",
-         "label", "trainer_names",
+         "label", "trainer_names", "trainer_notes",
          "loop_temp_states", "largest_fp32_copies", "stream_param_bytes", "stream_fixed_bytes", "loop_stream_factor",
          "bandwidth_efficiency", "class", "kwargs", "loop_kwargs", "trainer_kwargs", "meta_trainer_class",
          "cuda_class", "package"}
@@ -189,6 +188,7 @@ def _parse(name: str, e: dict) -> OptimizerDef:
             scalar_bytes=int(e.get("scalar_bytes", 0)), factored=bool(e.get("factored", False)), quantized=quant,
             state_label=str(e.get("state_label", "")), label=str(e.get("label", name)),
             trainer_names=tuple(str(x) for x in e.get("trainer_names", ())),
+            trainer_notes={str(k): str(v) for k, v in dict(e.get("trainer_notes", {})).items()},
             loop_temp_states=int(e.get("loop_temp_states", 0)),
             largest_fp32_copies=int(e.get("largest_fp32_copies", 0)),
             stream_param_bytes=int(e["stream_param_bytes"]), stream_fixed_bytes=int(e.get("stream_fixed_bytes", 0)),
@@ -202,6 +202,8 @@ def _parse(name: str, e: dict) -> OptimizerDef:
     if opt.states < 0 or not 0.0 < opt.bandwidth_efficiency <= 1.0 or ":" not in opt.cls:
         raise VramplanError(f"optimizers.toml: optimizer {name!r} has a negative state count, a bandwidth efficiency "
                             "outside (0, 1] or a class that is not 'module:Class'")
+    if set(opt.trainer_notes) - set(opt.trainer_names):
+        raise VramplanError(f"optimizers.toml: optimizer {name!r} has trainer_notes for names not in its trainer_names")
     if opt.paged and not opt.state_label:
         raise VramplanError(f"optimizers.toml: paged optimizer {name!r} needs a state_label")
     return opt

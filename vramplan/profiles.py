@@ -62,6 +62,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from .errors import ProfileError
+from .stacks import DEFAULT_STACK
 
 SCHEMA = "vramplan.profile"
 SCHEMA_VERSION = 1
@@ -77,8 +78,8 @@ MAX_BYTES = 1 << 44             # 16 TiB: more than any card (and than float64 h
 MAX_CONTEXT_BYTES = 64 << 30    # CUDA context + lazily loaded kernels: hundreds of MiB on real cards
 MAX_TFLOPS = 100_000.0          # achieved TFLOP/s of one card
 MAX_MARGIN = 1.0                # an allocator safety margin of 100%
-#: The stack a profile's per-method figures were measured with when the file does not say (runtime: HF + PEFT).
-DEFAULT_STACK = "hf"
+# DEFAULT_STACK (vramplan.stacks): the stack a profile's per-method figures were measured with when the file
+# does not say (runtime: HF + PEFT).
 
 
 def profile_key(gpu_name: str) -> str:
@@ -425,20 +426,20 @@ class Profile:
         key = method.lower()
         if key in table:
             return table[key]
-        base = key.split("+", 1)[0]
-        try:
-            from .methods import resolve
+        from .methods import parse_recipe_name, resolve
 
+        base, adapter = parse_recipe_name(key)
+        try:
             default = resolve(base).name
         except Exception:  # an unknown method name: no fallback
             default = None
-        if "+" not in key and default in table:
+        if adapter is None and default in table:
             return table[default]
         if siblings:
             if default in table:
                 return table[default]
             for k in sorted(table):
-                if k.split("+", 1)[0] == base:
+                if parse_recipe_name(k)[0] == base:
                     return table[k]
         return None
 

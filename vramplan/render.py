@@ -7,11 +7,19 @@ from rich.console import Console
 from rich.table import Table
 
 from .optimizers import get_optimizer
+from .stacks import DEFAULT_STACK
 from .results import Estimate
 from .taxonomy import Component
 from .units import fmt_bytes, fmt_count
 from .verdict import LIKELY_OVER, label
 
+
+
+def _paged_8bit(optimizer: str) -> bool:
+    """A paged 8-bit optimizer: it ties its unpaged twin exactly on the card (paging moves states only under
+    memory pressure), so ``fit --top`` lists the simpler one."""
+    opt = get_optimizer(optimizer)
+    return opt.paged and opt.quantized is not None
 
 def render_estimate(est: Estimate, console: Console) -> None:
     cfg = est.config
@@ -152,9 +160,9 @@ def _fit_title(report) -> str:
     gpus = getattr(report, "gpus", 1)
     where = report.gpu if gpus == 1 else f"{gpus}x {report.gpu}" + (f" {report.strategy}" if report.strategy else "")
     each = " each" if gpus > 1 else ""
-    stack = getattr(report, "framework", "hf")
+    stack = getattr(report, "framework", DEFAULT_STACK)
     techs = tuple(getattr(report, "techniques", ()) or ())
-    extra = (f", {stack}" if stack != "hf" else "") + (f", {'+'.join(techs)}" if techs else "")
+    extra = (f", {stack}" if stack != DEFAULT_STACK else "") + (f", {'+'.join(techs)}" if techs else "")
     return f"{report.model} on {where} ({fmt_bytes(report.capacity_bytes)}{each}), seq {report.seq}{extra}"
 
 
@@ -208,7 +216,7 @@ def _render_ranked_plans(report, console: Console, top: int) -> None:
     for r in report.rows:
         # flash ties sdpa and paged 8-bit AdamW ties 8-bit AdamW exactly: list the simpler one only
         listed = [p for p in getattr(r, "plans", []) if p.config.attn != "flash"
-                  and p.config.optimizer != "paged_adamw_8bit"]
+                  and not _paged_8bit(p.config.optimizer)]
         plans = listed[:top]
         # an adapter with no plan among those (LoRA behind its QLoRA fallback): show its first, to say why
         for ad in dict.fromkeys(p.adapter for p in listed):

@@ -11,6 +11,12 @@ Every public entry point takes one of these instead of a long keyword list:
   :func:`~vramplan.planner.search.what_would_fit`);
 * :class:`MatrixRequest` and :class:`GridRequest` -- the feasibility matrix and the raw peak grid.
 
+A setting several requests take is declared once, in a field group (:class:`StackFields`,
+:class:`TargetFields`, :class:`RunFields`, :class:`LayoutFields`, :class:`SearchedFields`,
+:class:`GridFields`) that the requests inherit, so its name, default and checks have one home.
+:class:`ConfigRequest` is the home of a configuration's own settings (fixed values), and
+:class:`SearchedFields` of the same settings left to a search (None: searched).
+
 Each validates its fields' types and bounds in ``__post_init__`` (:mod:`vramplan.validate`;
 catalogue names are resolved where they are used), so a request that exists is well formed.
 The CLI builds them (``vramplan.cli.request_from_args``) and the Python API builds the same
@@ -26,6 +32,7 @@ from typing import Any, ClassVar, Sequence
 from . import validate as v
 from .errors import VramplanError, did_you_mean
 from .optimizers import DEFAULT_OPTIMIZER
+from .stacks import DEFAULT_STACK
 from .verdict import DEFAULT_MARGIN
 
 #: Attention implementations a configuration may name.
@@ -100,15 +107,111 @@ def _known_precision(precision: Any) -> None:
         get_regime(precision)  # an unknown precision is an error before any work
 
 
+# -- field groups: each setting that several requests take is declared once, in one group ---------------
+# A request composes the groups it takes (dataclass inheritance: a group's fields become the request's own,
+# so keyword callers and ``Request.build`` see one flat set of names); each group checks its own fields.
+
 @dataclass(frozen=True)
-class ConfigRequest(Request):
+class StackFields:
+    """How the run executes: ``framework`` (the training stack, vramplan/data/stacks.toml), ``techniques``
+    (the memory techniques it applies) and ``method_options`` (the methods' own options,
+    ``{"num_generations": 8}``; vramplan.methods.base.Option)."""
+
+    framework: str = DEFAULT_STACK
+    techniques: Any = None
+    method_options: dict | None = None
+
+    def _check_stack(self) -> None:
+        v.name_text(self.framework, "framework")
+        _method_options(self.method_options)
+
+
+@dataclass(frozen=True)
+class TargetFields:
+    """What is planned on what: ``model`` (a catalogue name, alias, HF id, config path or
+    :class:`~vramplan.models.ModelSpec`), ``gpu`` (a catalogue card or ``"auto"``), ``gpu_mem`` (a capacity,
+    ``"24GiB"``)."""
+
+    model: Any = None
+    gpu: Any = None
+    gpu_mem: Any = None
+
+    def _check_model(self, what: str) -> None:
+        if self.model is None:
+            raise VramplanError(f"{what} needs a model", "pass model='7b' (a catalogue name, HF id or config path)")
+
+
+@dataclass(frozen=True)
+class RunFields:
+    """The run's size: ``global_batch`` (examples per optimiser step over all GPUs; sets ``grad_accum``),
+    ``tokens``/``epochs`` (the dataset, for the time to train)."""
+
+    global_batch: int | None = None
+    tokens: Any = None
+    epochs: float = 1.0
+
+
+@dataclass(frozen=True)
+class LayoutFields(RunFields):
+    """The GPU layout (``vramplan.distributed``): ``gpus``, ``strategy``, ``offload`` (``batch`` is per GPU);
+    with the run's size (:class:`RunFields`), checked together (:func:`vramplan.validate.scale`)."""
+
+    gpus: int = 1
+    strategy: str | None = None
+    offload: str | None = None
+
+    def _check_scale(self) -> None:
+        v.scale(gpus=self.gpus, epochs=self.epochs, global_batch=self.global_batch, strategy=self.strategy,
+                offload=self.offload)
+
+
+@dataclass(frozen=True)
+class SearchedFields:
+    """The settings a search varies: each left None is searched, a value fixes it (``batch``, ``precision``
+    None: the stack's default, ``attn``, ``rank``, ``targets``, ``grad_ckpt``, ``optimizer``); ``seq`` is fixed."""
+
+    seq: int = 2048
+    batch: int | None = None
+    precision: str | None = None
+    attn: str | None = None
+    rank: int | None = None
+    targets: Any = None
+    grad_ckpt: bool | None = None
+    optimizer: str | None = None
+
+    @property
+    def fixed(self) -> dict[str, Any]:
+        """The settings the caller fixed (None: searched)."""
+        return {n: getattr(self, n) for n in ("grad_ckpt", "optimizer", "attn", "rank", "targets")}
+
+
+@dataclass(frozen=True)
+class GridFields(StackFields):
+    """The axes of the matrix and the peak grid: ``models``/``methods``/``gpus`` (``"all"`` or comma lists /
+    lists of names; methods: ``method+adapter``; gpus: capacities too), ``seqs``, and the adapter and
+    attention every cell uses."""
+
+    models: Any = "all"
+    methods: Any = "all"
+    gpus: Any = "all"
+    seqs: Any = 2048
+    precision: str | None = None
+    attn: str = "sdpa"
+    rank: int = 8
+    targets: Any = None
+
+
+# -- the requests -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ConfigRequest(StackFields, Request):
     """One training configuration as a user gives it (:func:`vramplan.config.make_config` resolves it).
 
     Shapes are per micro-batch on one GPU: ``batch`` examples of ``seq`` tokens, ``grad_accum``
     steps. ``rank``/``alpha``/``dropout``/``targets``: the adapter's (PEFT defaults 8, = rank, 0.0,
     the model type's). ``grad_ckpt`` None: on for a 4-bit base only. ``precision`` None: the
-    stack's default. ``method_options``: the method's own options (``{"num_generations": 8}``;
-    vramplan.methods.base.Option); ``ppo_response`` is PPO's, kept as a field for the API it had.
+    stack's default. ``method_options`` (:class:`StackFields`): the method's own options;
+    ``ppo_response`` is PPO's, kept as a field for the API it had.
     ``versions``: package versions the run uses (``"bitsandbytes=0.42.0"`` or a dict).
     """
 
@@ -127,12 +230,9 @@ class ConfigRequest(Request):
     optimizer: str = DEFAULT_OPTIMIZER
     precision: str | None = None
     attn: str = "sdpa"
-    framework: str = "hf"
     double_quant: bool = True
     ppo_response: int | None = None
-    techniques: Any = None
     versions: Any = None
-    method_options: dict | None = None
 
     def __post_init__(self):
         self._check_config()
@@ -163,80 +263,39 @@ class ConfigRequest(Request):
 
 
 @dataclass(frozen=True)
-class EstimateRequest(ConfigRequest):
-    """A configuration (:class:`ConfigRequest`'s fields) on a card, over GPUs, for a dataset.
-
-    ``model``: a catalogue name, alias, HF id, config path or :class:`~vramplan.models.ModelSpec`.
-    ``gpu``: a catalogue card or ``"auto"``; ``gpu_mem``: a capacity (``"24GiB"``).
-    ``gpus``/``strategy``/``offload``: the layout (``vramplan.distributed``); ``batch`` is per GPU.
-    ``global_batch``: examples per optimiser step over all GPUs (sets ``grad_accum``).
-    ``tokens``/``epochs``: the dataset, for the time to train.
-    """
+class EstimateRequest(ConfigRequest, TargetFields, LayoutFields):
+    """A configuration (:class:`ConfigRequest`'s fields) on a card (:class:`TargetFields`), over GPUs, for a
+    dataset (:class:`LayoutFields`)."""
 
     _what: ClassVar[str] = "an estimate request"
 
-    model: Any = None
-    gpu: Any = None
-    gpu_mem: Any = None
-    gpus: int = 1
-    strategy: str | None = None
-    offload: str | None = None
-    global_batch: int | None = None
-    tokens: Any = None
-    epochs: float = 1.0
-
     def __post_init__(self):
-        if self.model is None:
-            raise VramplanError("an estimate needs a model", "pass model='7b' (a catalogue name, HF id or config path)")
-        v.scale(gpus=self.gpus, epochs=self.epochs, global_batch=self.global_batch, strategy=self.strategy,
-                offload=self.offload)
+        self._check_model("an estimate")
+        self._check_scale()
         self._check_config()
 
 
 @dataclass(frozen=True)
-class FitRequest(Request):
-    """Every method (``methods``, default the catalogue's) on a card: a setting left None is searched.
+class FitRequest(SearchedFields, TargetFields, LayoutFields, StackFields, Request):
+    """Every method (``methods``, default the catalogue's) on a card: a setting left None is searched
+    (:class:`SearchedFields`).
 
-    ``batch``, ``rank``, ``targets``, ``grad_ckpt``, ``optimizer``, ``attn``: fix a setting
-    (None: search it). ``margin``: the fraction of the card kept free (None:
-    :data:`vramplan.verdict.DEFAULT_MARGIN`). ``top``: ranked plans per method in ``to_json()``.
-    ``advise``: False skips the technique advice and other setups. ``method_options``: the
-    methods' own options, each applied to the methods that declare it. The rest as
-    :class:`EstimateRequest`.
+    ``margin``: the fraction of the card kept free (None: :data:`vramplan.verdict.DEFAULT_MARGIN`).
+    ``top``: ranked plans per method in ``to_json()``. ``advise``: False skips the technique advice and
+    other setups. ``method_options``: the methods' own options, each applied to the methods that declare
+    it. The rest as :class:`EstimateRequest`.
     """
 
     _what: ClassVar[str] = "a fit request"
 
-    model: Any = None
-    gpu: Any = None
-    gpu_mem: Any = None
-    seq: int = 2048
-    batch: int | None = None
     methods: Sequence[str] | None = None
-    precision: str | None = None
-    attn: str | None = None
-    rank: int | None = None
-    targets: Any = None
-    grad_ckpt: bool | None = None
-    optimizer: str | None = None
-    gpus: int = 1
-    strategy: str | None = None
-    offload: str | None = None
-    global_batch: int | None = None
-    tokens: Any = None
-    epochs: float = 1.0
     margin: float | None = None
     top: int = 20
-    framework: str = "hf"
-    techniques: Any = None
     advise: bool = True
-    method_options: dict | None = None
 
     def __post_init__(self):
-        if self.model is None:
-            raise VramplanError("fit needs a model", "pass model='7b' (a catalogue name, HF id or config path)")
-        v.scale(gpus=self.gpus, epochs=self.epochs, global_batch=self.global_batch, strategy=self.strategy,
-                offload=self.offload)
+        self._check_model("fit")
+        self._check_scale()
         v.integer(self.seq, "seq")
         v.integer(self.batch, "batch", none_ok=True)
         v.integer(self.rank, "rank", none_ok=True)
@@ -249,14 +308,13 @@ class FitRequest(Request):
 
             get_optimizer(v.name_text(self.optimizer, "optimizer"))
         _known_precision(self.precision)
-        v.name_text(self.framework, "framework")
-        _method_options(self.method_options)
+        self._check_stack()
         if isinstance(self.methods, str):
             self._set("methods", [m.strip() for m in self.methods.split(",") if m.strip()] or None)
 
 
 @dataclass(frozen=True)
-class SearchRequest(Request):
+class SearchRequest(SearchedFields, RunFields, StackFields, Request):
     """The settings search of one method on one card (:func:`vramplan.planner.search.search`).
 
     ``parallels``: the GPU layouts tried (None: one GPU). ``totals``: a shared
@@ -267,74 +325,42 @@ class SearchRequest(Request):
 
     _what: ClassVar[str] = "a search request"
 
-    seq: int = 2048
     adapter: str | None = None
-    precision: str | None = None
-    global_batch: int | None = None
     parallels: Any = None
-    grad_ckpt: bool | None = None
-    optimizer: str | None = None
-    attn: str | None = None
-    rank: int | None = None
-    targets: Any = None
     margin: float = DEFAULT_MARGIN
-    tokens: float | None = None
-    epochs: float = 1.0
     ppo_response: int | None = None
     totals: Any = None
-    batch: int | None = None
-    framework: str = "hf"
-    techniques: Any = None
-    method_options: dict | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.margin < 1.0:
             raise VramplanError(f"margin must be in [0, 1), got {self.margin!r}", "use e.g. --margin 0.1 for 10%")
 
-    @property
-    def fixed(self) -> dict[str, Any]:
-        """The settings the caller fixed (None: searched)."""
-        return self.pick("grad_ckpt", "optimizer", "attn", "rank", "targets")
-
 
 @dataclass(frozen=True)
-class MatrixRequest(Request):
+class MatrixRequest(GridFields, Request):
     """Every model x method x card x sequence length (:func:`vramplan.matrix.feasibility_matrix`).
 
-    ``models``/``methods``/``gpus``: ``"all"`` or comma lists / lists of names (methods:
-    ``method+adapter``; gpus: capacities too). ``seqs``: one length or several. ``batch``: the
-    micro-batch of the verdict. ``ladder``: (gradient checkpointing, optimizer) settings tried in
-    order (None: :data:`vramplan.matrix.SETTINGS_LADDER`). ``method_options``: the methods' own
-    options, each applied to the methods that declare it.
+    The axes as :class:`GridFields`; ``seqs``: one length or several. ``batch``: the micro-batch of the
+    verdict. ``ladder``: (gradient checkpointing, optimizer) settings tried in order (None:
+    :data:`vramplan.matrix.SETTINGS_LADDER`). ``method_options``: the methods' own options, each applied to
+    the methods that declare it.
     """
 
     _what: ClassVar[str] = "a matrix request"
 
-    models: Any = "all"
-    methods: Any = "all"
-    gpus: Any = "all"
-    seqs: Any = 2048
     batch: int = 1
-    precision: str | None = None
-    attn: str = "sdpa"
-    rank: int = 8
-    targets: Any = None
     ladder: Any = None
-    framework: str = "hf"
-    techniques: Any = None
-    method_options: dict | None = None
 
     def __post_init__(self):
         v.integer(self.batch, "batch", hi=MATRIX_MAX_BATCH)
         v.integer(self.rank, "rank")
         v.name_text(self.attn, "attention implementation")
         _known_precision(self.precision)
-        v.name_text(self.framework, "framework")
-        _method_options(self.method_options)
+        self._check_stack()
 
 
 @dataclass(frozen=True)
-class GridRequest(Request):
+class GridRequest(GridFields, Request):
     """The raw peak grid (:func:`vramplan.matrix.peak_grid`): models x methods x settings x cards x seqs x batches.
 
     ``settings``: (gradient checkpointing, optimizer) pairs (None: each method's default). The
@@ -343,19 +369,9 @@ class GridRequest(Request):
 
     _what: ClassVar[str] = "a peak-grid request"
 
-    models: Any = "all"
-    methods: Any = "all"
-    gpus: Any = "all"
     seqs: Any = BENCH_SEQS
     batches: Any = BENCH_BATCHES
     settings: Any = None
-    precision: str | None = None
-    attn: str = "sdpa"
-    rank: int = 8
-    targets: Any = None
-    framework: str = "hf"
-    techniques: Any = None
-    method_options: dict | None = None
 
 
 def call_request(cls, first: Any, first_field: str, given: dict[str, Any]):

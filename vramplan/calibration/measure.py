@@ -89,7 +89,6 @@ class Device:
     """The CPU: times steps, measures no memory."""
 
     kind = "cpu"
-    has_memory_stats = False
 
     def __init__(self, index: int = 0):
         self.index = index
@@ -131,7 +130,6 @@ class CudaDevice(Device):
     """A CUDA GPU through ``torch.cuda`` and :mod:`vramplan.nvml` (both injectable for tests)."""
 
     kind = "cuda"
-    has_memory_stats = True
 
     def __init__(self, index: int = 0, cuda: Any = None, nvml: Any = None, torch: Any = None):
         super().__init__(index)

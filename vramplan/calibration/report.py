@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from ..errors import VramplanError, install_hint
+from ..optimizers import DEFAULT_OPTIMIZER
 from ..profiles import Profile, Residual
 from ..units import GIB, MIB
 from .fit import PointEval, Row, evaluate, load_rows, residuals
@@ -299,7 +300,7 @@ def render_markdown(log_path: Path, profile: Profile, rows: list[Row], evals: li
 def _label(r: Row) -> str:
     c = r.rec.get("config") or {}
     gc = " gc" if c.get("grad_ckpt") else ""
-    opt = "" if c.get("optimizer") == "adamw" else f" {c.get('optimizer')}"
+    opt = "" if c.get("optimizer") == DEFAULT_OPTIMIZER else f" {c.get('optimizer')}"
     return f"{r.rec.get('model')} {r.method} b{c.get('batch')} s{c.get('seq')}{gc}{opt}"
 
 

@@ -390,7 +390,7 @@ def run_search(spec: SearchSpec, dev: Device, builder: Builder, log: JsonlLog, p
 
 
 def _needs_bnb(cfg: TrainConfig) -> bool:
-    return cfg.adapter == "qlora" or get_optimizer(cfg.optimizer).package == "bitsandbytes"
+    return cfg.recipe.adapter.quantized_base or get_optimizer(cfg.optimizer).package == "bitsandbytes"
 
 
 def _check_bitsandbytes(points: list[Point], searches: list[SearchSpec]) -> None:

@@ -30,7 +30,8 @@ from typing import Any
 
 from .._data import read_config_file
 from ..errors import UnknownNameError, VramplanError
-from ..methods import get_method, method_flagged, method_named_by, registry, takes_adapter_choice, trainer_variant
+from ..methods import (Adapter, get_method, method_flagged, method_named_by, registry, supervised_word,
+                       takes_adapter_choice, trainer_variant)
 from ..models import ModelSpec, get_model
 from ..results import Estimate
 from .request import PlanRequest, map_attention, map_optimizer, normalise_targets
@@ -39,6 +40,9 @@ AXOLOTL_KEYS = frozenset({"base_model", "base_model_config", "micro_batch_size",
                           "lora_target_linear", "datasets", "load_in_4bit", "num_epochs"})
 HF_KEYS = frozenset({"per_device_train_batch_size", "output_dir", "optim", "max_length", "max_seq_length",
                      "model_name_or_path", "gradient_accumulation_steps", "use_peft"})
+#: Axolotl ``adapter:`` values -> the adapter they load before ``load_in_4bit`` / ``peft_use_dora`` refine it
+#: (Axolotl config reference: ``adapter: lora | qlora``, absent or ``none`` for full fine-tuning).
+AXOLOTL_ADAPTERS = {"": Adapter.FULL, "none": Adapter.FULL, "lora": Adapter.LORA, "qlora": Adapter.QLORA}
 #: TRL ModelConfig LoRA defaults (lora_r 16, lora_alpha 32, lora_dropout 0.05).
 TRL_LORA_DEFAULTS = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
 
@@ -108,12 +112,12 @@ def read_axolotl(data: dict, path: Path, model: Any = None) -> PlanRequest:
                             "use adapter: qlora with load_in_4bit, or a 16-bit lora base")
     ad = str(data.get("adapter") or "").lower()
     opts: dict[str, Any] = {}
-    if ad in ("", "none"):
+    named = AXOLOTL_ADAPTERS.get(ad)
+    if named is Adapter.FULL:
         adapter = "full"
-    elif ad in ("lora", "qlora"):
-        four = ad == "qlora" or _truthy(data.get("load_in_4bit"))
-        dora = _truthy(data.get("peft_use_dora"))
-        adapter = ("qdora" if dora else "qlora") if four else "dora" if dora else "lora"
+    elif named is not None:
+        four = named.quantized_base or _truthy(data.get("load_in_4bit"))
+        adapter = Adapter.of(named.peft_type, dora=_truthy(data.get("peft_use_dora")), four_bit=four).value
         opts["rank"] = _int(data, "lora_r", path) or 8
         if data.get("lora_alpha") is not None:
             opts["alpha"] = _real(data, "lora_alpha", path, lo=-1e6, hi=1e6)
@@ -192,8 +196,8 @@ def read_training_arguments(data: dict, path: Path, model: Any = None) -> PlanRe
         missing = [k for k in TRL_LORA_DEFAULTS if data.get(k) is None]
         if missing:
             notes.append("TRL ModelConfig defaults used for " + ", ".join(f"{k}={TRL_LORA_DEFAULTS[k]}" for k in missing))
-        dora = _truthy(data.get("use_dora"))
-        adapter = ("qdora" if dora else "qlora") if four else "dora" if dora else "lora"
+        # TRL ModelConfig's use_peft builds a LoraConfig (use_dora: DoRA)
+        adapter = Adapter.of(Adapter.LORA.peft_type, dora=_truthy(data.get("use_dora")), four_bit=four).value
         opts["rank"] = _int(vals, "lora_r", path)
         opts["alpha"] = _real(vals, "lora_alpha", path, lo=-1e6, hi=1e6)
         opts["dropout"] = _real(vals, "lora_dropout", path, lo=0.0, hi=1.0, hi_open=True)
@@ -218,7 +222,7 @@ def read_training_arguments(data: dict, path: Path, model: Any = None) -> PlanRe
         method = variant
     if takes_adapter_choice(method):
         opts["adapter"] = adapter
-    elif method not in (None, "sft"):
+    elif method is not None and not supervised_word(method):
         others = [n for n in registry() if takes_adapter_choice(n)]
         raise VramplanError(f"{path.name}: method {method!r} is not modelled", f"use sft, {', '.join(others)}")
     if method in registry():

@@ -17,7 +17,7 @@ What is read:
 * training arguments: ``per_device_train_batch_size``, ``gradient_accumulation_steps``,
   ``bf16`` / ``fp16``, ``gradient_checkpointing`` / ``activation_checkpointing``, ``optim`` (see
   :data:`vramplan.integrations.request.OPTIMIZERS`), ``max_length`` / ``max_seq_length``
-  (TRL configs); the class name ``DPOConfig`` / ``PPOConfig`` selects the method.
+  (TRL configs); the class name (``DPOConfig``, ``PPOConfig``...: a method's ``trainer_names``) selects the method.
 """
 
 from __future__ import annotations
@@ -25,21 +25,20 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import VramplanError
-from ..methods import get_method, method_named_by, takes_adapter_choice, trainer_variant
+from ..methods import (Adapter, get_method, method_named_by, names_its_adapter, supervised_word, takes_adapter_choice,
+                       trainer_variant)
 from ..models import from_hf_config
+from ..precision import FP32, get_regime
 from ..results import Estimate
 from .request import PlanRequest, map_attention, map_optimizer, normalise_targets, precision_from_flags
 
 DEFAULT_SEQ = 2048
 SEQ_NOTE = "sequence length not in the training arguments"
 
-#: TRL config classes -> vramplan methods (None: not modelled). A registered method's behaviour names its own
-#: (``trainer_names``, vramplan.methods), and wins over this table.
-TRL_METHODS: dict[str, str | None] = {
-    "SFTConfig": "sft", "TrainingArguments": "sft", "Seq2SeqTrainingArguments": "sft",
-    "GRPOConfig": None, "RLOOConfig": None, "KTOConfig": None, "ORPOConfig": None, "CPOConfig": None,
-    "OnlineDPOConfig": None, "RewardConfig": None, "GKDConfig": None, "BCOConfig": None,
-}
+#: TRL config classes of methods vramplan does not model (sources: TRL's ``trl/trainer/*_config.py``). A modelled
+#: method's behaviour names its own config classes (``trainer_names``, vramplan.methods: SFTConfig and HF's
+#: TrainingArguments are SFT's), so this table holds no method names.
+UNMODELLED_TRAINER_CONFIGS = frozenset({"RLOOConfig", "OnlineDPOConfig", "GKDConfig", "BCOConfig"})
 
 
 def _get(obj: Any, key: str, default: Any = None) -> Any:
@@ -94,20 +93,29 @@ def _method_from_args(training_args: Any, notes: list[str]) -> str | None:
         m = training_args.get("method") or training_args.get("trainer")
         return str(m).lower() if m else None
     for cls in type(training_args).__mro__:
-        registered = method_named_by("trainer_names", cls.__name__)
-        if registered is not None or cls.__name__ in TRL_METHODS:
-            m = registered or TRL_METHODS[cls.__name__]
-            if m is None:
-                raise VramplanError(f"{cls.__name__} ({cls.__name__[:-6]}) is not modelled by vramplan",
-                                    "pass method='dpo' (policy + reference) or 'lora' as an approximation")
-            variant = trainer_variant(m, lambda k: getattr(training_args, k, None))
-            if variant != m:
-                notes.append(f"{cls.__name__} settings plan it as {variant}")
-                m = variant
-            if m != "sft":
-                notes.append(f"method {m} from {cls.__name__}")
-            return None if m == "sft" else m
+        m = method_named_by("trainer_names", cls.__name__)
+        if m is None and cls.__name__ in UNMODELLED_TRAINER_CONFIGS:
+            raise VramplanError(f"{cls.__name__} ({cls.__name__[:-6]}) is not modelled by vramplan",
+                                "pass method='dpo' (policy + reference) or 'lora' as an approximation")
+        if m is None:
+            continue
+        variant = trainer_variant(m, lambda k: getattr(training_args, k, None))
+        if variant != m:
+            notes.append(f"{cls.__name__} settings plan it as {variant}")
+            m = variant
+        if names_its_adapter(m):  # supervised (SFTConfig, TrainingArguments): the PEFT config's adapter decides
+            return None
+        notes.append(f"method {m} from {cls.__name__}")
+        return m
     return None
+
+
+def _mixed_16bit_base(precision: str | None) -> bool:
+    """Whether regime ``precision`` autocasts over a frozen base it holds in 16 bits (bf16-mixed, fp16-mixed)."""
+    if precision is None:
+        return False
+    regime = get_regime(precision)
+    return regime.autocast is not None and regime.frozen_dtype != FP32
 
 
 def request_from_model(model: Any, peft_config: Any = None, training_args: Any = None, *,
@@ -136,25 +144,21 @@ def request_from_model(model: Any, peft_config: Any = None, training_args: Any =
     # -- adapter ---------------------------------------------------------------------
     ptype = _get(peft_config, "peft_type")
     ptype = str(getattr(ptype, "value", ptype) or "").upper() if peft_config is not None else ""
-    if not ptype:
-        if four:
-            raise VramplanError("a 4-bit base without a PEFT adapter cannot be fully fine-tuned",
-                                "pass the LoRA config (peft_config=...)")
-        adapter = "full"
-    elif ptype == "LORA":
-        dora = bool(_get(peft_config, "use_dora", False))
-        adapter = ("qdora" if dora else "qlora") if four else "dora" if dora else "lora"
+    kind = Adapter.of(ptype, dora=bool(_get(peft_config, "use_dora", False)), four_bit=four)
+    if kind is None and not ptype:
+        raise VramplanError("a 4-bit base without a PEFT adapter cannot be fully fine-tuned",
+                            "pass the LoRA config (peft_config=...)")
+    if kind is None:
+        raise VramplanError(f"PEFT type {ptype} is not modelled", "vramplan models LoRA, QLoRA, DoRA and IA3")
+    adapter = kind.value
+    if kind.low_rank:
         opts["rank"] = int(_get(peft_config, "r", 8))
         opts["alpha"] = float(_get(peft_config, "lora_alpha", opts["rank"]))
         opts["dropout"] = float(_get(peft_config, "lora_dropout", 0.0) or 0.0)
+    if kind.is_peft:
         opts["targets"] = normalise_targets(_get(peft_config, "target_modules"), linear, notes)
-        if four:
-            opts["double_quant"] = double_quant
-    elif ptype == "IA3":
-        adapter = "qia3" if four else "ia3"
-        opts["targets"] = normalise_targets(_get(peft_config, "target_modules"), linear, notes)
-    else:
-        raise VramplanError(f"PEFT type {ptype} is not modelled", "vramplan models LoRA, QLoRA, DoRA and IA3")
+    if kind.low_rank and four:
+        opts["double_quant"] = double_quant
 
     # -- method ----------------------------------------------------------------------
     m = method or _method_from_args(training_args, notes)
@@ -163,11 +167,10 @@ def request_from_model(model: Any, peft_config: Any = None, training_args: Any =
         method_name = m
         if training_args is not None:
             opts.update(get_method(m).behaviour.request_from_config(training_args, notes))
+    elif m is None or m == adapter or supervised_word(m):  # "sft": whatever adapter the PEFT config loads
+        method_name = adapter
     else:
-        if m not in (None, "sft", adapter):
-            method_name = m
-        else:
-            method_name = adapter
+        method_name = m
 
     # -- training arguments ------------------------------------------------------------
     live_gc = _live_checkpointing(base)
@@ -194,7 +197,7 @@ def request_from_model(model: Any, peft_config: Any = None, training_args: Any =
         opts["seq"] = DEFAULT_SEQ
         notes.append(f"{SEQ_NOTE}: planned at {DEFAULT_SEQ} tokens (pass seq=...)")
     dt = _dtype_name(base)
-    if adapter in ("lora", "dora", "ia3") and dt == "float32" and opts.get("precision") in ("bf16-mixed", "fp16-mixed"):
+    if kind.is_peft and not kind.quantized_base and dt == "float32" and _mixed_16bit_base(opts.get("precision")):
         notes.append("the frozen base is fp32 but a mixed regime plans it in 16 bits: weights are under-counted")
     attn = getattr(cfg, "_attn_implementation", None)
     if attn is not None:

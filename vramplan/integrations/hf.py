@@ -33,6 +33,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from ..errors import VramplanError, require
+from ..methods import Adapter
+from ..optimizers import get_optimizer, optimizers
 from ..units import GIB
 from ..verdict import Verdict, classify
 from .request import PlanRequest
@@ -137,6 +139,13 @@ def _has_handler(log: logging.Logger) -> bool:
     return False
 
 
+
+def _full_size_states(optimizer: str) -> bool:
+    """Whether ``optimizer`` keeps full-size states resident on the card (AdamW: two, neither 8-bit, paged nor
+    factored), so an 8-bit optimizer is the advice."""
+    opt = get_optimizer(optimizer)
+    return opt.states >= 2 and opt.quantized is None and not opt.paged and not opt.factored
+
 class VramplanCallback(transformers.TrainerCallback):
     """Plan the run at train begin; warn if it will not fit; compare with the measured peak.
 
@@ -213,10 +222,14 @@ class VramplanCallback(transformers.TrainerCallback):
                 tips.append(f"per_device_train_batch_size={nb} (gradient_accumulation_steps to keep the global batch)")
         if not cfg.grad_ckpt:
             tips.append("gradient_checkpointing=True")
-        if cfg.optimizer == "adamw":
-            tips.append('optim="adamw_bnb_8bit" or "paged_adamw_8bit"')
-        if est.adapter in ("full", "lora", "dora"):
-            tips.append("a 4-bit base (QLoRA)" if est.adapter != "full" else "LoRA or QLoRA instead of full training")
+        if _full_size_states(cfg.optimizer):
+            eight = [o.trainer_names[0] for o in optimizers().values() if o.quantized is not None and o.trainer_names]
+            tips.append("optim=" + " or ".join(f'"{n}"' for n in eight))
+        adapter = Adapter(est.adapter)
+        if adapter is Adapter.FULL:
+            tips.append("LoRA or QLoRA instead of full training")
+        elif adapter.low_rank and not adapter.quantized_base:
+            tips.append("a 4-bit base (QLoRA)")
         tips.append(f"`vramplan fit --model <config.json> --gpu {card.name if card else 'NAME'}` for every option")
         return "; ".join(tips)
 

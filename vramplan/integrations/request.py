@@ -31,22 +31,17 @@ ATTENTION: dict[str, str] = {
     "flash": "flash",
 }
 
-#: Keyword arguments of :func:`vramplan.estimate` a request may carry.
-OPTION_KEYS = ("adapter", "batch", "seq", "grad_accum", "rank", "alpha", "dropout", "targets", "grad_ckpt",
-               "optimizer", "precision", "attn", "double_quant", "ppo_response",
-               "method_options")
-
-
 def map_optimizer(name: Any, notes: list[str]) -> str:
     """A trainer's optimizer name (string or ``OptimizerNames`` enum) as a vramplan optimizer."""
     text = str(getattr(name, "value", name)).lower()
     if text not in OPTIMIZERS:
         raise VramplanError(f"optimizer {text!r} is not modelled",
                             "plan with optimizer= one of " + ", ".join(_catalogue()))
-    if text == "adamw_torch":
-        notes.append("optim adamw_torch (foreach) planned as fused AdamW: its one state-sized step "
-                     "temporary is not counted")
-    return OPTIMIZERS[text]
+    name = OPTIMIZERS[text]
+    note = _catalogue()[name].trainer_notes.get(text)
+    if note:
+        notes.append(note)
+    return name
 
 
 def map_attention(name: Any, notes: list[str]) -> str:
@@ -121,14 +116,11 @@ def precision_from_flags(bf16: Any, fp16: Any, notes: list[str], *, model_dtype:
 
 
 def _estimate_options() -> tuple[str, ...]:
-    """Keyword options of :func:`vramplan.estimate` a request may carry (read from its signature)."""
-    import inspect
+    """The :class:`~vramplan.request.EstimateRequest` fields a request may carry as options (the model, method and
+    card are its own fields): the configuration, the GPU layout and run size, the stack and its techniques."""
+    from ..request import EstimateRequest
 
-    from ..plan import estimate
-
-    skip = {"model", "method", "gpu", "gpu_mem"}
-    params = inspect.signature(estimate).parameters.values()
-    return tuple(p.name for p in params if p.name not in skip and p.kind is p.KEYWORD_ONLY) or OPTION_KEYS
+    return tuple(n for n in EstimateRequest.field_names() if n not in ("model", "method", "gpu", "gpu_mem"))
 
 
 @dataclass

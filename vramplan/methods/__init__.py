@@ -28,8 +28,8 @@ overrides only what differs; ``cfg`` is a TrainConfig):
 * ``step`` (``"module:function"``) -- the real torch step the dry run and the calibration runner
   execute (``vramplan.runtime.steps.run_step`` imports it on use; torch is never imported here).
 * ``takes_adapter_choice`` (bool) -- recipes read ``method+adapter`` (DPO, PPO).
-* ``trainer_names`` / ``axolotl_rl`` / ``report_names`` -- TRL config/trainer class names, Axolotl
-  ``rl:`` values and words in published reports that mean the method; ``config_keys`` /
+* ``trainer_names`` / ``axolotl_rl`` / ``report_names`` / ``config_names`` -- TRL config/trainer class names,
+  Axolotl ``rl:`` values, words in published reports and values of a config's ``method`` key that mean the method; ``config_keys`` /
   ``recognised_by(keys) -> tuple[str, ...]`` -- the keys that mark a trainer config file as the method's.
 
 The model copies, sequences per example and loss buffers (``loss``) stay data in methods.toml.
@@ -91,6 +91,23 @@ class Adapter(str, Enum):
     def label(self) -> str:
         return _LABELS[self]
 
+    @property
+    def peft_type(self) -> str | None:
+        """PEFT's ``PeftType`` of the adapter (``"LORA"``: LoRA, QLoRA, DoRA, QDoRA -- DoRA is LoRA with
+        ``use_dora=True``; ``"IA3"``: IA³, 4-bit IA³), None for full training (peft ``utils/peft_types.py``)."""
+        return "LORA" if self.low_rank else "IA3" if self.ia3 else None
+
+    @classmethod
+    def of(cls, peft_type: str | None, *, dora: bool = False, four_bit: bool = False) -> "Adapter | None":
+        """The adapter a trainer's settings describe: PEFT type ``peft_type`` (``"LORA"``, ``"IA3"``; None or
+        ``""``: full training), ``use_dora`` (LoRA only) and a 4-bit (NF4) base; None when none is modelled
+        (another PEFT type, or full training over a 4-bit base)."""
+        kind = str(peft_type or "").upper() or None
+        for ad in cls:
+            if ad.peft_type == kind and ad.quantized_base == bool(four_bit) and (ad.dora == bool(dora) or not ad.low_rank):
+                return ad
+        return None
+
 
 #: the LoRA family: adapters with a rank, an alpha and target linears
 LOW_RANK = (Adapter.LORA, Adapter.QLORA, Adapter.DORA, Adapter.QDORA)
@@ -124,7 +141,31 @@ class CopyDef:
     forward: Forward
 
 
-LOSSES = ("causal_lm", "sequence_logps", "response_logps")
+@dataclass(frozen=True)
+class LossKind:
+    """How a method's training copy turns its logits into the loss (methods.toml ``loss``), by attributes.
+
+    ``per_token_logps``: the method gathers the label tokens' log-probs itself (``log_softmax`` then
+    ``gather``, TRL DPO's ``concatenated_forward`` / PPO's ``selective_log_softmax``) instead of the model's
+    cross-entropy, so the stack's fused, chunked or compiled cross-entropy does not apply.
+    ``response_only``: only the generated response's tokens (TRL PPO), not the whole sequence.
+    """
+
+    name: str
+    summary: str
+    per_token_logps: bool = False
+    response_only: bool = False
+
+
+#: the loss kinds a method may declare, by name (methods.toml ``loss``)
+LOSS_KINDS: dict[str, LossKind] = {k.name: k for k in (
+    LossKind("causal_lm", "the model's causal-LM cross-entropy (the stack's loss mode)"),
+    LossKind("sequence_logps", "per-token log-probs of the labels, summed per sequence (TRL DPO)",
+             per_token_logps=True),
+    LossKind("response_logps", "log-probs of the generated response tokens only (TRL PPO)",
+             per_token_logps=True, response_only=True),
+)}
+LOSSES = tuple(LOSS_KINDS)
 
 
 @dataclass(frozen=True)
@@ -152,6 +193,11 @@ class MethodDef:
     @property
     def behaviour(self) -> Behaviour:
         return load_behaviour(self.behaviour_name)
+
+    @property
+    def loss_kind(self) -> LossKind:
+        """The :class:`LossKind` of :attr:`loss` (validated on load)."""
+        return LOSS_KINDS[self.loss]
 
     @property
     def default_adapter(self) -> Adapter:
@@ -340,6 +386,20 @@ def takes_adapter_choice(name: str | None) -> bool:
     an unknown name or an SFT method (whose name is its adapter)."""
     md = registry().get(str(name or "").lower())
     return md is not None and md.behaviour.takes_adapter_choice
+
+
+def names_its_adapter(name: str | None) -> bool:
+    """Whether ``name`` is a registered method whose name is its adapter (the supervised family: full, lora,
+    qlora...): the run's adapter, not the name, decides what trains. False for a method taking an adapter
+    choice (DPO, PPO) or an unknown name."""
+    md = registry().get(str(name or "").lower())
+    return md is not None and not md.behaviour.takes_adapter_choice
+
+
+def supervised_word(word: str | None) -> bool:
+    """Whether a trainer config's ``method`` / ``trainer`` value ``word`` means supervised fine-tuning of the
+    adapter the run loads (a behaviour's :attr:`~vramplan.methods.base.Behaviour.config_names`: ``"sft"``)."""
+    return word is not None and names_its_adapter(method_named_by("config_names", word))
 
 
 def method_named_by(attribute: str, value: str) -> str | None:

@@ -121,8 +121,8 @@ class Behaviour:
     * :meth:`assumptions` / :meth:`dryrun_assumptions` -- assumption text for the plan and the dry run.
     * :attr:`step` -- the real torch step the dry run and calibration run (``"module:function"``).
     * :attr:`takes_adapter_choice` -- the recipe names ``method+adapter`` (DPO, PPO) or the adapter alone.
-    * :attr:`trainer_names` / :attr:`axolotl_rl` / :attr:`report_names` -- how trainer configs,
-      Axolotl ``rl:`` values and published reports name the method; :meth:`recognised_by`
+    * :attr:`trainer_names` / :attr:`axolotl_rl` / :attr:`report_names` / :attr:`config_names` -- how trainer
+      configs, Axolotl ``rl:`` values, published reports and a config's ``method`` key name the method; :meth:`recognised_by`
       (:attr:`config_keys`) -- the keys that mark a config file as the method's.
     """
 
@@ -138,6 +138,9 @@ class Behaviour:
     trainer_names: tuple[str, ...] = ()
     #: Axolotl ``rl:`` values that mean this method
     axolotl_rl: tuple[str, ...] = ()
+    #: values of a trainer config's ``method`` / ``trainer`` key that mean this method besides its registry name
+    #: (SFT: ``"sft"``, whatever adapter the run loads)
+    config_names: tuple[str, ...] = ()
     #: trainer-config settings that make the plan another registered method: ``(key, value, method)``;
     #: ``value`` True matches any truthy setting (DPO's ``precompute_ref_log_probs`` -> ``dpo-precomputed``)
     variants: tuple[tuple[str, Any, str], ...] = ()
@@ -256,6 +259,7 @@ class Variant:
 
     trainer_names = Behaviour.trainer_names
     axolotl_rl = Behaviour.axolotl_rl
+    config_names = Behaviour.config_names
     report_names = Behaviour.report_names
     config_keys = Behaviour.config_keys
     variants = Behaviour.variants

@@ -23,7 +23,7 @@ class DPO(Behaviour):
 
     def assumptions(self, cfg: Any) -> list[str]:
         return ["DPO: chosen + rejected concatenated (2 x batch sequences); reference = "
-                + ("adapter disabled on the policy" if cfg.adapter != "full" else "a frozen copy")]
+                + ("adapter disabled on the policy" if cfg.recipe.adapter.is_peft else "a frozen copy")]
 
     def dryrun_assumptions(self, cfg: Any) -> list[str]:
         return ["DPO as TRL: policy forward first, then reference log-probs under no_grad while the "

@@ -426,7 +426,9 @@ def vllm_bytes(spec, adapter: str, sequences: int, tokens: int) -> int:
     plus fp32 absmax per 64 weights, the rest 16-bit; else 16-bit) and the KV cache of ``sequences`` sequences of
     ``tokens`` tokens generated together (16-bit). vLLM's CUDA graphs and sampler buffers are not counted.
     Source: trl/generation/vllm_generation.py (TRL v1.9.0)."""
-    if adapter == "qlora":
+    from . import Adapter  # the package (loaded before any behaviour module)
+
+    if Adapter(adapter).quantized_base:
         weights = spec.linear_params * (0.5 + 4 / 64) + (spec.params - spec.linear_params) * 2
     else:
         weights = spec.params * 2

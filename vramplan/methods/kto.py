@@ -23,7 +23,7 @@ class KTO(Preference):
     variants = (("precompute_ref_log_probs", True, "kto-precomputed"),)
 
     def assumptions(self, cfg: Any) -> list[str]:
-        ref = "adapter disabled on the policy" if cfg.adapter != "full" else "a frozen copy"
+        ref = "adapter disabled on the policy" if cfg.recipe.adapter.is_peft else "a frozen copy"
         return [f"KTO ({TRL}, loss_type='kto'): batch unpaired sequences, half desirable; the KL estimate runs "
                 f"the policy (no_grad) and the reference on batch mismatched sequences; reference = {ref}"] \
             + self._batch_note(cfg)

@@ -21,7 +21,7 @@ class Reward(Preference):
     axolotl_flags = ("reward_model",)
 
     def assumptions(self, cfg: Any) -> list[str]:
-        peft = "" if cfg.adapter == "full" else "; PEFT task SEQ_CLS: the score head trains beside the adapter"
+        peft = "" if not cfg.recipe.adapter.is_peft else "; PEFT task SEQ_CLS: the score head trains beside the adapter"
         return [f"reward model ({TRL} RewardTrainer): AutoModelForSequenceClassification (num_labels=1, no LM "
                 f"head), chosen + rejected concatenated (2 x batch sequences){peft}"]
 

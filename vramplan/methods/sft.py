@@ -12,7 +12,9 @@ from .base import Behaviour
 class SFT(Behaviour):
     """One causal-LM forward and backward of the policy per micro-batch; nothing generated."""
 
-    trainer_names = ("SFTConfig", "SFTTrainer")
+    #: TRL's SFT config/trainer, and HF's plain training arguments (transformers ``Trainer``: supervised)
+    trainer_names = ("SFTConfig", "SFTTrainer", "TrainingArguments", "Seq2SeqTrainingArguments")
+    config_names = ("sft",)
     axolotl_rl = ()
 
 

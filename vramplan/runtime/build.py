@@ -43,6 +43,7 @@ from ..methods import Adapter, ModelCopy, Recipe, Role
 from ..models import ModelSpec
 from ..optimizers import get_optimizer
 from ..precision import Regime
+from ..stacks import release
 from ..taxonomy import Component, Phase
 from .emulation import CudaEmulation, emulated_autocast, install_meta_patches
 from .hooks import NULL_HOOKS, StepHooks
@@ -124,7 +125,6 @@ class Trainee:
     emulation: CudaEmulation | None = field(default=None, repr=False)
     scaler: Any = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)
-    steps_done: int = 0
     #: the step of a stack with its own loop (``vramplan.runtime.stacks``); None runs ``steps.run_step``
     run: Any = field(default=None, repr=False)
     #: what that stack's step needs (its loss module, the recipe's label cache)
@@ -264,9 +264,7 @@ class Trainee:
 
         ctx = self.emulation if self.fake else _null()
         with ctx:
-            out = (self.run or steps.run_step)(self)
-        self.steps_done += 1
-        return out
+            return (self.run or steps.run_step)(self)
 
 
 def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:
@@ -501,16 +499,6 @@ class FusedAdamWOnMeta(torch.optim.AdamW):
 MIN_VERSIONS = {"transformers": (5, 3), "peft": (0, 18)}
 
 
-def _release(v: str) -> tuple[int, ...]:
-    out = []
-    for part in v.split("+")[0].split("."):
-        digits = "".join(ch for ch in part if ch.isdigit()) if part[:1].isdigit() else ""
-        if not digits:
-            break
-        out.append(int(digits))
-    return tuple(out)
-
-
 def check_versions() -> None:
     """Refuse, in one line, a transformers or peft release older than :data:`MIN_VERSIONS`.
 
@@ -524,7 +512,7 @@ def check_versions() -> None:
             have = version(pkg)
         except PackageNotFoundError:
             continue  # (a missing package is MissingDependencyError's job)
-        if _release(have) < least:
+        if release(have) < least:
             want = ".".join(map(str, least))
             raise VramplanError(f"{pkg} {have} is not supported by the dry run and the runner (needs {pkg} >= {want})",
                                 f"pip install -U '{pkg}>={want}'")

@@ -144,7 +144,7 @@ class OwnLoopStack(StackRuntime):
         hint = f"`vramplan estimate --framework {fw}` gives its documented accounting"
         recipe = cfg.recipe
         method = recipe.method
-        sft = (len(recipe.copies) == 1 and recipe.copies[0].head == "lm" and method.loss == "causal_lm"
+        sft = (len(recipe.copies) == 1 and recipe.copies[0].head == "lm" and not method.loss_kind.per_token_logps
                and not method.rollout and method.sequences_per_example == 1)
         if not sft or recipe.adapter not in self.adapters:
             runs = ", ".join(a.value for a in self.adapters)

@@ -58,7 +58,7 @@ class TorchtuneRuntime(OwnLoopStack):
         if spec.model_type not in ("llama", "mistral", "qwen2"):
             raise VramplanError(f"the torchtune dry run builds llama, mistral and qwen2 models, not {spec.model_type}",
                                 hint)
-        if cfg.precision not in ("bf16", "fp32"):
+        if cfg.regime.autocast is not None:  # bf16 or fp32 throughout, not a mixed regime
             raise VramplanError(f"torchtune recipes train in one dtype (dtype: bf16 or fp32), not {cfg.precision}",
                                 "use --precision bf16")
         if cfg.recipe.adapter.is_peft:
