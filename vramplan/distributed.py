@@ -787,6 +787,8 @@ def _held_gradients(sh: ShardedState, full, cfg: TrainConfig, par: Parallel) -> 
         # stages 1-2 between micro-batches (stage_1_and_2.py): stage 1 leaves the 16-bit gradients in
         # ``param.grad`` until the boundary's reduction (every gradient); stage 2 reduces each micro-batch into
         # its partition (``averaged_gradients``: the 16-bit partition). Traced: DeepSpeed 0.19.8, 2 ranks.
+        if cfg.grad_accum <= 1:
+            return 0
         p16 = DTYPE_BYTES[cfg.regime.compute_dtype]
         return p16 * sh.trainable_params // (1 if par.strategy == "zero1" else par.gpus)
     return int(_mem.held_gradients(ModelState(bytes=sh.bytes, params=0, trainable_params=sh.trainable_params), cfg))
