@@ -327,17 +327,17 @@ latest; the benchmark gives each source the version it ran, else the latest, nev
 Open (found, not modelled): the CUDA context stays the 512 MiB default on cards without published messages, and no corpus row prints
 allocated and reserved of one step, so the reserve is fitted on reserved / device-total / capacity rows
 rather than measured; a capacity row is "the longest that fit", so an unbiased model calls about half of
-them "does not fit" by a few percent (the two-sided verdict above calls them "tight"). The 11 rows still
+them "does not fit" by a few percent (the two-sided verdict above calls them "tight"). The 9 rows still
 under-predicted by more than 10% (of 106, scored leave-one-source-out):
-six multi-GPU rows -- litgpt's FSDP full fine-tune of Gemma-2B on 4 A10Gs (-12.5%, was -42.8% before its
-`no_backward_sync` accumulation was modelled; FSDP1's flat parameters are not traced), the Answer.AI FSDP rows at
+four multi-GPU rows, all FSDP1 runs that the sharded planner plans with FSDP2's schedule (flat parameters,
+`limit_all_gathers`, the root unit and FSDP1's init not traced) -- litgpt's FSDP full fine-tune of Gemma-2B on 4
+A10Gs (-12.5%, was -42.8% before its `no_backward_sync` accumulation was modelled), the Answer.AI FSDP rows at
 batch 1 x 512 (QLoRA -14.5%, LoRA -10.4%; the LoRA row's published peak *allocated* is predicted within 3%: their
 peak reserved is the model-wrap reserve plus the step -- the benchmark doc prints 3.72 GiB reserved after wrapping
 the QLoRA model, which holds about 2.3 GiB: FSDP1's flatten-and-shard copies at init, and all-gathers on their own
-stream whose cached blocks the compute stream cannot reuse), PEFT's docs' 70B QLoRA rows on 2 GPUs (-25.8% without
-offload: 35.6 GB per GPU is about the whole unsharded NF4 model per GPU; -11.6% with DeepSpeed ZeRO-3, whose
-16-bit module cast removes the fp32 upcasts the planner used to count), torchtune's 2024-04 FSDP full fine-tune
-on 4 RTX 4090s (-14.6%); three rows session 5 made scorable -- ms-swift's DPO and ORPO LoRA rows (-30.5%, -27.3%:
+stream whose cached blocks the compute stream cannot reuse), torchtune's 2024-04 FSDP full fine-tune on 4 RTX
+4090s (-11.6%); PEFT's docs' 70B QLoRA rows on 2 GPUs are no longer under (ZeRO-3 +2.1%: the whole-module
+placement below; FSDP without offload +27.3% once planned without offload); three rows session 5 made scorable -- ms-swift's DPO and ORPO LoRA rows (-30.5%, -27.3%:
 rounded '# Memory usage: 40G' doc comments at ms-swift's default max_length 2048, no reference copy for LoRA
 (`prepare_model_template_train` loads one only for full/PPO or a named ref model); the cause is not found) and
 PEFT's bloomz-7b1 "LoRA + DeepSpeed ZeRO-3 CPU offload" row (-45.9%, one GPU; the README at the table's commit
