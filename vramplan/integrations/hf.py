@@ -210,16 +210,21 @@ class VramplanCallback(transformers.TrainerCallback):
         return req.with_overrides(**over).estimate(gpu=self._card, gpu_mem=self.gpu_mem)
 
     def _advice(self) -> str:
-        """What would make it fit, from the planner (largest batch, memory savers)."""
-        from ..plan import largest_batch
+        """What would make it fit, from the planner (largest batch, memory savers). The batch is ``fit``'s:
+        the largest the verdict calls comfortable (:func:`vramplan.planner.limits.band_limits`, the stack and
+        method's band and the margin), else the largest that may fit, said so."""
+        from ..planner.limits import band_limits
 
         est, cfg = self.estimate, self.estimate.config
         tips = []
         card = self._card_spec()
         if card is not None:
-            nb = largest_batch(self.request.model, cfg, card)
+            lim = band_limits(self.request.model, cfg, card)
+            nb = lim.max_batch or lim.max_batch_tight
             if 0 < nb < cfg.batch:
-                tips.append(f"per_device_train_batch_size={nb} (gradient_accumulation_steps to keep the global batch)")
+                tight = "" if lim.max_batch else ", tight: may fit"
+                tips.append(f"per_device_train_batch_size={nb} (gradient_accumulation_steps to keep the global "
+                            f"batch{tight})")
         if not cfg.grad_ckpt:
             tips.append("gradient_checkpointing=True")
         if _full_size_states(cfg.optimizer):

@@ -198,6 +198,11 @@ def plan(record: MeasurementRecord):
     versions = {b.package: "latest" for b in behaviours().values()}
     versions.update({k.lower(): v for k, v in record.device.versions.items()})
     kw["versions"] = versions
+    if c.engine_options:
+        # the engine's settings the run used (sources.toml engine_options): the per-GPU planner takes them
+        from ..planner.estimating import per_gpu_peak
+
+        return per_gpu_peak(c.model, c.method, engine_options=dict(c.engine_options), **kw).estimate
     return estimate(c.model, c.method, **kw)
 
 

@@ -53,6 +53,7 @@ class SourceMap:
     dropout: float | None = None
     versions: dict = field(default_factory=dict)
     global_batch: dict = field(default_factory=dict)  # "catalogue model/method" -> the config's global batch
+    engine_options: dict = field(default_factory=dict)  # the sharding engine's settings the source's runs used
     why: str = ""
 
 
@@ -409,6 +410,8 @@ def record_from_row(row: dict, i: int, mapping: Mapping) -> MeasurementRecord:
         techs.append("act_offload")
     if "compile true" in _cell(row, mapping, "attn").lower():
         techs.append("compile")
+    if "liger" in _cell(row, mapping, "attn").lower():
+        techs.append("liger_ce")  # Liger's fused linear cross-entropy (its other kernels are not modelled: safe side)
     if sm.devices_note:
         m = re.search(sm.devices_note, _cell(row, mapping, "notes"))
         ran = int(m.group(1)) if m else 1
@@ -427,6 +430,8 @@ def record_from_row(row: dict, i: int, mapping: Mapping) -> MeasurementRecord:
     precision = sm.precision
     if "fp32" in prec_text and "fp32 weights" not in prec_text:
         precision = "fp32"
+    elif "pure bf16" in prec_text:
+        precision = "bf16"  # bf16 weights trained in place (no fp32 master copy): states and gradients bf16
     elif "fp16 compute" in prec_text or (gpu in ("t4", "v100-16gb", "v100-32gb")):
         precision = "fp16-mixed"
     double_quant = "double" in prec_text or "nq" in prec_text
@@ -457,6 +462,7 @@ def record_from_row(row: dict, i: int, mapping: Mapping) -> MeasurementRecord:
         grad_ckpt=grad_ckpt, precision=precision, optimizer=opt, attn=parse_attn(_cell(row, mapping, "attn")),
         stack=stack, stack_version=sm.stack_version, techniques=tuple(techs), double_quant=double_quant if method == "qlora" else None,
         dropout=sm.dropout if method not in ("full", None) else None, gpus=gpus, strategy=strategy, offload=offload,
+        engine_options=dict(sm.engine_options) if strategy else {},
     )
     gb = sm.global_batch.get(f"{model}/{method}") if (model and method) else None
     batch = cfg.batch

@@ -10,7 +10,8 @@ Schema ``vramplan.measurement/1`` (JSON object, one per line in a ``.jsonl`` fil
     {"schema": "vramplan.measurement/1",
      "config":  {model, model_config, model_text, params_b, method, adapter, rank, targets,
                  batch, seq, seq_bound, packing, grad_ckpt, precision, optimizer, attn,
-                 stack, stack_version, techniques, gpus, strategy, offload, double_quant, dropout},
+                 stack, stack_version, techniques, gpus, strategy, offload, double_quant, dropout,
+                 engine_options},
      "device":  {name, display, memory_bytes, versions},
      "measurement": {outcome, quantity, bytes, published, unit, step_s, tokens_per_s, limit},
      "source":  {kind, id, ref, row, machine},
@@ -139,6 +140,9 @@ class RunConfig:
     double_quant: bool | None = None
     dropout: float | None = None
     grad_accum: int = 1
+    #: the sharding engine's settings the run used where they differ from the stack's usual ones
+    #: (:data:`vramplan.distributed.ENGINE_OPTIONS`, e.g. DeepSpeed's ``reduce_bucket_size`` in elements)
+    engine_options: dict = field(default_factory=dict, hash=False)
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "config") -> "RunConfig":
@@ -163,8 +167,17 @@ class RunConfig:
             stack_version=_opt_str(d, "stack_version", where), techniques=_strs(d, "techniques", where),
             gpus=gpus, strategy=_opt_str(d, "strategy", where), offload=_opt_str(d, "offload", where),
             double_quant=_opt_bool(d, "double_quant", where), dropout=_opt_num(d, "dropout", where),
-            grad_accum=_opt_int(d, "grad_accum", where, 1) or 1,
+            grad_accum=_opt_int(d, "grad_accum", where, 1) or 1, engine_options=_engine_options(d, where),
         )
+
+
+def _engine_options(d: dict, where: str) -> dict:
+    """``engine_options``: an object of option name -> positive number or bool (names checked when planned)."""
+    eo = d.get("engine_options") or {}
+    if not isinstance(eo, dict) or not all(isinstance(k, str) and isinstance(v, (int, float, bool)) and not (
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0) for k, v in eo.items()):
+        raise _bad(where, "engine_options must be an object of option name -> positive number or true/false")
+    return dict(eo)
 
 
 @dataclass(frozen=True)

@@ -194,7 +194,8 @@ def largest_micro_batch(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, par: P
 
 def largest_batch(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec) -> int:
     """Largest micro-batch (<= 1024) that fits ``card`` at ``cfg.seq`` on one GPU; 0 if none
-    (:func:`largest_micro_batch` without a margin)."""
+    (:func:`largest_micro_batch` without a margin: the raw limit, the central peak at the card). What ``fit`` and
+    the callback's advice suggest is :func:`band_limits`' ``max_batch`` (the verdict's comfortable limit)."""
     return largest_micro_batch(spec, cfg, card)
 
 
