@@ -3,8 +3,8 @@
 Speed itself is measured by ``benchmarks/cli_speed.py`` (no wall-clock assertion here); these tests
 pin what the shortcuts must preserve and count what they must skip:
 
-* ``search._may_list`` (other stacks/precisions judged from their device totals) says "nothing to
-  list" exactly when the full search would list nothing;
+* ``search._setup_best`` (other stacks/precisions judged on the search's arrays, one plan built) lists
+  what the full search would list (``search._best_of`` of it), and nothing exactly when it would list nothing;
 * ``memory.step_memory_rows_shared`` with a kept terms cache, and ``throughput.step_time_rows``,
   equal the per-configuration functions;
 * ``results.json_text`` is ``json.dumps(indent=2, allow_nan=False)`` to the byte;
@@ -43,56 +43,73 @@ from vramplan.throughput import step_time, step_time_rows
 from vramplan.verdict import VERDICTS, classify, classify_array
 
 
-def _would_list(mp, current_fits: bool) -> bool:
-    """other_setups' own test on a finished search: a best plan, or a tight one when the shown plan does not fit."""
-    if mp.best is not None:
-        return True
-    return not current_fits and any(q.peak_bytes <= q.capacity_bytes for q in mp.plans)
+def _listed_json(listed):
+    """A listed (plan, verdict) as comparable data: the plan's JSON but its rank and reason (set by the
+    search's ranking, never read by other_setups)."""
+    if listed is None:
+        return None
+    plan, verdict = listed
+    out = plan.to_json()
+    out.pop("rank"), out.pop("reason")
+    return out, plan.summary(), verdict
 
 
 @pytest.mark.parametrize("model,gpu", [("llama-2-13b", "rtx4000ada"), ("llama-3.2-1b", "t4")])
-@pytest.mark.parametrize("method", ["lora", "ppo", "grpo", "kto"])
-def test_may_list_agrees_with_the_search(model, gpu, method):
+@pytest.mark.parametrize("method", ["lora", "ppo", "grpo", "kto", "full"])
+def test_setup_best_equals_the_search(model, gpu, method):
     spec, card = get_model(model), get_gpu(gpu)
-    checked = 0
+    checked, listed = 0, 0
     for fw in stacks():
-        try:
-            prec = check_card(None, method, None, "sdpa", card, fw)
-        except vramplan.VramplanError:
-            continue
-        kw = dict(framework=fw, precision=prec, seq=2048, totals=DeviceTotals())
-        try:
-            mp = search(spec, method, card, **kw)
-        except vramplan.VramplanError:
-            continue
-        for current_fits in (False, True):
-            assert search_mod._may_list(spec, method, card, current_fits, SearchRequest.build(**kw)) == \
-                _would_list(mp, current_fits), (fw, current_fits)
-        checked += 1
+        for precision in (None, "bf16"):
+            try:
+                prec = check_card(precision, method, None, "sdpa", card, fw)
+            except vramplan.VramplanError:
+                continue
+            for kw in (dict(seq=2048), dict(seq=512, global_batch=16), dict(seq=1024, grad_ckpt=True, rank=16)):
+                kw = dict(kw, framework=fw, precision=prec, totals=DeviceTotals())
+                try:
+                    mp = search(spec, method, card, **kw)
+                except vramplan.VramplanError:
+                    continue
+                for current_fits in (False, True):
+                    want = _listed_json(search_mod._best_of(mp, current_fits))
+                    got = _listed_json(search_mod._setup_best(spec, method, card, current_fits, SearchRequest.build(**kw)))
+                    assert got == want, (fw, precision, kw, current_fits)
+                    listed += want is not None
+                checked += 1
     assert checked
+    if method in ("lora", "kto"):  # these fit somewhere: the winner's plan itself is compared
+        assert listed
 
 
-def test_other_setups_answers_as_without_the_shortcut_and_searches_less(monkeypatch):
-    """The same suggestions as searching every setup; on the benchmark case (13b on an RTX 4000 Ada, whose
-    PPO and GRPO fit on no other stack or precision) the device totals settle every setup without a search."""
+def test_other_setups_answers_as_the_search_and_searches_less(monkeypatch):
+    """The same suggestions as searching every setup; on the benchmark case (13b on an RTX 4000 Ada) no setup
+    needs a search (the arrays settle it), where the long way runs one per setup that can be listed."""
     spec, card = get_model("13b"), get_gpu("rtx4000ada")
     calls: list = []
     real = search_mod.search
-    monkeypatch.setattr(search_mod, "search", lambda *a, **k: calls.append(k.get("framework")) or real(*a, **k))
+    monkeypatch.setattr(search_mod, "search", lambda *a, **k: calls.append(a) or real(*a, **k))
 
     def run() -> tuple[list, int]:
         calls.clear()
         out = []
-        for method in ("ppo", "grpo"):
+        for method in ("ppo", "grpo", "dpo", "kto", "full"):
             prec = check_card(None, method, None, "sdpa", card, "hf")
-            out.append([x.to_json() for x in search_mod.other_setups(
-                spec, method, card, framework="hf", precision=prec, current=None, seq=2048, totals=DeviceTotals())])
+            for current in (None, "fits"):
+                mp = real(spec, method, card, framework="hf", precision=prec, seq=2048)
+                shown = mp.best or mp.smallest if current else None
+                out.append([x.to_json() for x in search_mod.other_setups(
+                    spec, method, card, framework="hf", precision=prec, current=shown, seq=2048,
+                    totals=DeviceTotals())])
         return out, len(calls)
 
     fast, fast_calls = run()
-    monkeypatch.setattr(search_mod, "_may_list", lambda *a, **k: True)
+    monkeypatch.setattr(search_mod, "_setup_best",
+                        lambda spec, method, card, current_fits, req: search_mod._best_of(
+                            search_mod.search(spec, method, card, req), current_fits))
     slow, slow_calls = run()
     assert fast == slow
+    assert any(fast)
     assert fast_calls == 0 < slow_calls
 
 
@@ -297,3 +314,93 @@ def test_recommend_techniques_answers_as_one_estimate_at_a_time(monkeypatch, mod
     monkeypatch.setattr(tech, "_estimate_singles", lambda *a: calls.append(a))
     assert tech.recommend_techniques(spec, cfg, gpu).to_json() == fast
     assert calls  # the shortcut was the one left out
+
+
+def test_kept_floors_equal_fresh_ones():
+    """``DeviceTotals.floor`` kept per instance (keyed on the spec's and card's identity) equals a fresh
+    instance's, for the same and for equal-but-distinct specs and cards (a card with less memory too)."""
+    import dataclasses
+
+    from vramplan.config import make_config
+
+    spec, card = get_model("llama-2-13b"), get_gpu("rtx4000ada")
+    kept = DeviceTotals()
+    cfgs = [make_config(spec, m, framework=fw, optimizer=o) for m in ("lora", "qlora", "full", "dpo")
+            for fw in ("hf", "torchtune") for o in ("adamw", "paged_adamw_8bit")]
+    small = dataclasses.replace(card, memory_bytes=card.memory_bytes // 2)
+    for sp, cd in ((spec, card), (spec, card), (dataclasses.replace(spec), card), (spec, small), (spec, small)):
+        for cfg in cfgs:  # the second round of each pair reads the kept floors
+            for any_opt in (False, True):
+                assert kept.floor(sp, cfg, cd, any_optimizer=any_opt) == \
+                    DeviceTotals().floor(sp, cfg, cd, any_optimizer=any_opt)
+    assert len(kept._floors) == 2 * len(cfgs) * 3  # one per (spec, card) object pair kept alive beside it
+
+
+@pytest.mark.parametrize("model,gpu,method", [("13b", "rtx4000ada", "dpo"), ("13b", "rtx4000ada", "full"),
+                                              ("13b", "rtx4000ada", "ppo"), ("llama-3.2-1b", "t4", "grpo"),
+                                              ("7b", "rtx3080", "lora")])
+def test_fastest_plan_is_the_searchs(model, gpu, method):
+    """``search.fastest_plan`` (one plan built from the arrays when one is comfortable) is the plan the search's
+    ranking gives: its best, else its fastest within the card, with the same rank and reason."""
+    spec, card = get_model(model), get_gpu(gpu)
+    seen = set()
+    for techniques in ((), ("chunked_ce",), ("chunked_ce", "act_offload")):
+        for seq in (512, 2048, 8192):
+            kw = dict(seq=seq, techniques=techniques, totals=DeviceTotals())
+            try:
+                mp = search(spec, method, card, **kw)
+            except vramplan.VramplanError:
+                continue
+            fitting = [p for p in mp.plans if p.peak_bytes <= p.capacity_bytes]
+            want = mp.best or (max(fitting, key=lambda p: p.tokens_per_s) if fitting else None)
+            got = search_mod.fastest_plan(spec, method, card, SearchRequest.build(**kw))
+            assert (got is None) == (want is None)
+            if want is not None:
+                assert got.to_json() == want.to_json() and got.summary() == want.summary()
+            seen.add("none" if want is None else want.verdict.value)
+    assert seen  # every case ran
+
+
+@pytest.mark.parametrize("model,gpu", [("llama-2-13b", "rtx4000ada"), ("llama-3.2-1b", "t4")])
+def test_open_rows_first_bound_is_below_each_optimisers_floor(model, gpu):
+    """``search._open_rows`` skips a candidate on the every-optimiser floor before its own: that floor is at or
+    below the floor of each optimiser (else it would skip a candidate its own floor keeps)."""
+    from vramplan.config import make_config
+
+    spec, card = get_model(model), get_gpu(gpu)
+    totals = DeviceTotals()
+    checked = 0
+    for fw in stacks():
+        for method in ("lora", "qlora", "full", "dpo", "ppo", "grpo"):
+            try:
+                base = make_config(spec, method, framework=fw, precision=check_card(None, method, None, "sdpa", card, fw))
+            except vramplan.VramplanError:
+                continue
+            loose = totals.floor(spec, base.with_(optimizer="adamw"), card, any_optimizer=True)
+            for opt in search_mod.OPTIMIZERS:
+                own = totals.floor(spec, base.with_(optimizer=opt), card)
+                assert (loose is None) == (own is None)
+                if own is not None:
+                    assert loose <= own, (fw, method, opt)
+                    checked += 1
+    assert checked
+
+
+def test_model_spec_kept_hash_is_the_dataclass_hash():
+    """``ModelSpec``'s kept hash equals the hash of its hashed fields (the frozen dataclass's), is not carried by
+    ``dataclasses.replace``, a copy or a pickle, and a spec with list fields stays unhashable."""
+    import copy
+    import dataclasses
+    import pickle
+
+    for name in ("llama-2-13b", "llama-3.2-1b", "7b"):
+        spec = get_model(name)
+        fields = tuple(getattr(spec, f.name) for f in dataclasses.fields(spec) if f.hash is None and f.compare or f.hash)
+        assert hash(spec) == hash(fields) == hash(spec)
+        assert "_hash" in spec.__dict__
+        for other in (dataclasses.replace(spec), copy.copy(spec), pickle.loads(pickle.dumps(spec))):
+            assert "_hash" not in other.__dict__ and other == spec and hash(other) == hash(spec)
+    listy = dataclasses.replace(get_model("7b"), lora_targets=["q_proj", "v_proj"])
+    for _ in range(2):
+        with pytest.raises(TypeError):
+            hash(listy)

@@ -242,6 +242,31 @@ class ModelSpec:
                 f"{self.num_heads}/{self.num_kv_heads} heads, vocab {self.vocab_size}{moe})")
 
 
+_FIELD_HASH = ModelSpec.__hash__  # the frozen dataclass's hash of the fields
+
+
+def _kept_hash(self: ModelSpec) -> int:
+    """The dataclass's hash of the fields, worked out once per (frozen) spec and kept in its ``__dict__``: the
+    planner keys its caches on the spec thousands of times per ``fit``. A spec with list fields (from a log's
+    JSON) raises TypeError each time, as the dataclass's hash does."""
+    h = self.__dict__.get("_hash")
+    if h is None:
+        h = _FIELD_HASH(self)
+        object.__setattr__(self, "_hash", h)
+    return h
+
+
+def _state_without_hash(self: ModelSpec) -> dict:
+    """Pickled (and copied) without the kept hash: a string's hash differs from process to process."""
+    state = dict(self.__dict__)
+    state.pop("_hash", None)
+    return state
+
+
+ModelSpec.__hash__ = _kept_hash
+ModelSpec.__getstate__ = _state_without_hash
+
+
 @lru_cache(maxsize=1024)
 def _layer_linears(spec: ModelSpec) -> tuple[Linear, ...]:
     return tuple(spec._build_layer_linears())

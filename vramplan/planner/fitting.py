@@ -359,15 +359,14 @@ def _no_comfortable_note(mp, est: Estimate, margin: float) -> tuple[str, Verdict
 def _advice(ctx: _FitContext, name: str, sreq: SearchRequest, mp, chosen, est: Estimate):
     """What each technique saves on the chosen plan; when nothing is comfortable and a set of techniques
     makes it so, the method's fastest plan with them on (it may drop GC, say)."""
-    from .search import search
+    from .search import fastest_plan
     from .techniques import recommend_techniques
 
     advice = recommend_techniques(ctx.spec, chosen.config, ctx.card, parallel=chosen.parallel, margin=ctx.margin,
                                   base=est)
     if mp.best is None and advice.recommended and advice.fits:
-        with_t = search(ctx.spec, name, ctx.card, sreq.with_(techniques=ctx.techniques + advice.techniques))
-        fitting = [p for p in with_t.plans if p.peak_bytes <= p.capacity_bytes]
-        advice.plan = with_t.best or (max(fitting, key=lambda p: p.tokens_per_s) if fitting else None)
+        # the search's best with the techniques on, else its fastest plan within the card
+        advice.plan = fastest_plan(ctx.spec, name, ctx.card, sreq.with_(techniques=ctx.techniques + advice.techniques))
     return advice
 
 

@@ -57,6 +57,8 @@ class DeviceTotals:
         #: activation terms of the configurations evaluated so far (vramplan.memory's step_memory_rows
         #: cache): one instance serves one planning call, so nothing outlives it
         self.terms: dict = {}
+        #: floors computed so far (:meth:`floor`: equal arguments, equal floor), for the same planning call
+        self._floors: dict[tuple, tuple] = {}
 
     def __call__(self, mem: StepMemory, cfg: TrainConfig, card: GPUSpec, par: Parallel | None = None) -> np.ndarray:
         """Device totals (float64 bytes) of ``mem`` (arrays over batch/seq) for ``cfg`` on ``card`` under ``par``."""
@@ -111,7 +113,20 @@ class DeviceTotals:
         exceed the states, so the bytes in the allocator stay at least this -- a bound for ``cfg``
         under every optimiser. None where the card's calibrated activation factor for the recipe
         is below 1 (the chain then shrinks the peak's activations, and this bound would not hold).
+        Kept per instance: a fit asks for the same floors from several places (other_setups' bound, its
+        setups' candidates).
         """
+        # keyed on the identity of the spec and the card (their field-by-field hashes cost more than the look-up
+        # saves), each kept beside its floor: a kept object's identity is not reused while it is kept
+        key = (id(spec), id(card), cfg, any_optimizer)
+        kept = self._floors.get(key)
+        if kept is None or kept[0] is not spec or kept[1] is not card:
+            kept = (spec, card, self._floor(spec, cfg, card, any_optimizer))
+            self._floors[key] = kept
+        return kept[2]
+
+    def _floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool) -> float | None:
+        """:meth:`floor`, computed."""
         from ..memory import model_state, resident_floor
         from ..optimizers import get_optimizer
         from ..overheads import LOADED_COMPONENTS, device_total, runtime_overheads

@@ -23,15 +23,17 @@ reason it loses to the best; a plan that fits the card but not the margin, or wh
 exceeds the card by less than its band's lower end, is "tight", never "does not fit". When
 nothing fits, :func:`what_would_fit` says what would: the smallest catalogue card, a number of
 GPUs with ZeRO-3/FSDP (or CPU offload), a shorter sequence, and :func:`other_setups` which other
-stack or precision would; it skips a setup whose lower bound (:func:`least_total`: the
-batch-independent phases through the device chain) is already above the card, which no plan of
-it could fit.
+stack or precision would. It needs one plan of each setup, not the ranking: it evaluates (on the
+arrays, :func:`_setup_best`) only the candidates whose lower bound (:meth:`DeviceTotals.floor`: the
+batch-independent phases through the device chain; :func:`least_total` is the least of them) leaves
+them a chance, and builds one plan, the one the search would rank first.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 import numpy as np
@@ -274,6 +276,7 @@ def _candidates(spec: ModelSpec, method: str, card: GPUSpec, req: SearchRequest,
     out: list[tuple[TrainConfig, str | None]] = []
     seen: set = set()
     built: dict[tuple, TrainConfig | None] = {}
+    names: dict[str, str] = {}  # optimiser as given -> its catalogue name
     fixed = req.fixed if fixed is None else fixed
     common = req.pick("seq", "precision", "ppo_response", "framework", "techniques", "method_options")
     for m, ad, note, settings, _ in _combos(spec, method, req.adapter, card, fixed, [None]):
@@ -291,8 +294,10 @@ def _candidates(spec: ModelSpec, method: str, card: GPUSpec, req: SearchRequest,
         base = built[shape]
         if base is None:
             continue
-        cfg = base.with_(grad_ckpt=bool(settings["grad_ckpt"]), optimizer=get_optimizer(settings["optimizer"]).name,
-                         attn=settings["attn"])
+        opt = settings["optimizer"]
+        if opt not in names:
+            names[opt] = get_optimizer(opt).name
+        cfg = base.with_(grad_ckpt=bool(settings["grad_ckpt"]), optimizer=names[opt], attn=settings["attn"])
         if cfg in seen:
             continue  # e.g. all-linear is already the model's default target set
         seen.add(cfg)
@@ -404,65 +409,167 @@ def _single_totals(spec: ModelSpec, cands: list, card: GPUSpec, reps: dict, whic
     return totals.rows(mem, [sts[j] for j in which], [cfg for cfg, _ in cands], card)
 
 
-def _may_list(spec: ModelSpec, method: str, card: GPUSpec, current_fits: bool, req: SearchRequest) -> bool:
-    """Whether :func:`other_setups` could list the setup :func:`search` would rank with ``req``.
+def _setup_best(spec: ModelSpec, method: str, card: GPUSpec, current_fits: bool,
+                req: SearchRequest) -> tuple[Plan, str] | None:
+    """The plan :func:`other_setups` lists for the setup :func:`search` would rank with ``req``, and its verdict.
 
-    Exact, from the device totals alone (no step times, no plans): the search has a best plan when
-    some candidate fits its comfortable limit at some micro-batch, and a tight one (listed only when
-    ``current_fits`` is False) when, with none comfortable, some candidate's least total is within the
-    card (a plan's ``peak_bytes`` is then ``int`` of that least total). True when it cannot tell
-    (several GPUs or offload): the caller runs the search.
+    The search's best plan (``comfortable``) or, when none fits with the margin and ``current_fits`` is
+    False, its fastest plan within the card (``tight``); None when it lists nothing. On one GPU this
+    is :func:`_best_of` of the search, found on its arrays, for the candidates that can be listed
+    (:func:`_open_rows`: whose floor, :meth:`DeviceTotals.floor`, leaves them a chance; the others can
+    neither fit the margin nor, when a tight plan counts, the card, so they are never the search's best or
+    its fastest plan within the card): their device totals; when none of them can be listed, nothing more;
+    else their step times, chosen micro-batches (:func:`_choices`), the winner by the search's own order
+    (:func:`_winner`), and one :class:`Plan` built -- the winner's. Several GPUs or offload: the search itself.
 
     Raises:
         VramplanError: as :func:`search` (an invalid setting).
     """
-    from ..bands import band_for_config
-
     parallels = req.parallels or [SINGLE]
-    if len(parallels) != 1 or parallels[0].distributed:
-        return True
+    par = parallels[0]
+    if len(parallels) != 1 or par.distributed:
+        return _best_of(search(spec, method, card, req), current_fits)
     totals = req.totals or DeviceTotals()
-    b_grid, a_grid = _grid_for(req.global_batch, req.batch, parallels[0],
-                               resolve(method, req.adapter).behaviour.min_batch())
+    grid = _grid_for(req.global_batch, req.batch, par, resolve(method, req.adapter).behaviour.min_batch())
     cands = _candidates(spec, method, card, req)
-    margin = req.margin
     if not cands:
-        return True  # the search says what (nothing to rank)
+        return _best_of(search(spec, method, card, req), current_fits)
     capacity = card.memory_bytes
-    limits, open_ = [], []
-    floors: dict[TrainConfig, float | None] = {}
-    for cfg, note in cands:
-        limit = comfortable_limit(capacity, band_for_config(cfg).hi, margin)
-        # a candidate whose lower bound (DeviceTotals.floor: every micro-batch's total is at least it) is over
-        # its limit, and at least a byte over the card when a tight plan would count, cannot be listed; the
-        # floor is made of batch-independent phases, which checkpointing and attention leave alone
-        # (least_total's bound, tests/test_search_floor.py): one per configuration but those two
-        key = cfg.with_(grad_ckpt=False, attn="sdpa")
-        if key not in floors:
-            floors[key] = totals.floor(spec, key, card)
-        floor = floors[key]
-        if floor is not None and floor > limit and (current_fits or floor >= capacity + 1):
-            continue
-        open_.append((cfg, note))
-        limits.append(limit)
+    limits = _limits(cands, capacity, req.margin, False)
+    usable = [u for _, u in limits]
+    open_ = _open_rows(spec, cands, card, usable, current_fits, totals)
     if not open_:
-        return False
-    reps, which = _shared_rows(open_)
-    rows = _single_totals(spec, open_, card, reps, which, b_grid, a_grid, totals)
-    for limit, total in zip(limits, rows):
-        if (total <= limit).any():
+        return None
+    cands, limits, usable = [cands[j] for j in open_], [limits[j] for j in open_], [usable[j] for j in open_]
+    total = _rows_totals(spec, cands, card, grid, totals)
+    if not _listable(total, usable, capacity, current_fits):
+        return None
+    reps, which = _shared_rows(cands)
+    prof = card_profile(card)
+    times = step_time_rows(spec, list(reps.values()), card, batch=grid[0], grad_accum=grid[1], parallel=par,
+                           inputs=[StepTimeInputs(profile=prof, state=model_state(spec, r)) for r in reps.values()])
+    picks = _choices(total, times, which, usable) + ([times[k] for k in which],)
+    j, verdict = _winner(cands, par, picks, capacity, current_fits)
+    if j is None:
+        return None
+    return _plan_at(req, cands[j][0], cands[j][1], par, grid, [v[j] for v in picks], limits[j], capacity), verdict
+
+
+def fastest_plan(spec: ModelSpec, method: str, card: GPUSpec, request: SearchRequest | None = None,
+                 **settings: Any) -> Plan | None:
+    """The plan :func:`search` ranks first when one fits with the margin, else its fastest plan within the card
+    (tight), else None: what a caller needing one plan, not the ranking, takes from a search.
+
+    A comfortable plan is found on the arrays (:func:`_setup_best`, one :class:`Plan` built, ranked 1 with
+    the search's reason); otherwise the search itself runs (a tight plan's rank is its place among all).
+    ``request``/``settings``: as :func:`search`.
+
+    Raises:
+        VramplanError: as :func:`search`.
+    """
+    req = SearchRequest.build(request, **settings)
+    listed = _setup_best(spec, method, card, True, req)  # True: only a comfortable plan is listed
+    if listed is not None:
+        plan = listed[0]
+        plan.rank, plan.reason = 1, _reason(plan, plan)
+        return plan
+    listed = _best_of(search(spec, method, card, req), False)
+    return None if listed is None else listed[0]
+
+
+def _winner(cands: list, par: Parallel, picks: tuple, capacity: int, current_fits: bool) -> tuple[int | None, str]:
+    """The candidate :func:`_best_of` picks from :func:`search`'s plans, found on the picks' lists.
+
+    ``picks``: :func:`_choices`' lists (index, peak, fits, tokens/s, ...). A comfortable winner is the
+    first of the search's ranking (fallback last, then tokens/s rounded to 1e-6, then
+    :func:`_preference_of`; ties: candidate order, as the stable sort); a tight one the fastest plan
+    within the card, ties going to the first of the search's order of unfit plans (peak, preference).
+    """
+    _, peak, fits, tps = picks[:4]
+    pref = [_preference_of(cfg, note, par) for cfg, note in cands]
+    ok = [j for j in range(len(cands)) if fits[j]]
+    if ok:
+        return min(ok, key=lambda j: (cands[j][1] is not None, -round(tps[j], 6), pref[j])), "comfortable"
+    tight = [j for j in range(len(cands)) if int(peak[j]) <= capacity]
+    if current_fits or not tight:
+        return None, ""
+    return min(tight, key=lambda j: (-tps[j], int(peak[j]), pref[j])), "tight"
+
+
+def _best_of(mp: MethodPlans, current_fits: bool) -> tuple[Plan, str] | None:
+    """What :func:`other_setups` lists of a finished search: its best plan (comfortable) or, when it has none and
+    the plan shown (``current_fits``) does not fit, its fastest plan within the card (tight); else None."""
+    if mp.best is not None:
+        return mp.best, "comfortable"
+    tight = [q for q in mp.plans if q.peak_bytes <= q.capacity_bytes]
+    if current_fits or not tight:
+        return None
+    return max(tight, key=lambda q: q.tokens_per_s), "tight"
+
+
+def _open_rows(spec: ModelSpec, cands: list, card: GPUSpec, usable: list[int], current_fits: bool,
+               totals: DeviceTotals) -> list[int]:
+    """The candidates that :func:`other_setups` could list by their lower bound (:meth:`DeviceTotals.floor`).
+
+    A candidate whose floor (every micro-batch's total is at least it) is over its comfortable limit
+    ``usable``, and at least a byte over the card when a tight plan would count (``current_fits``
+    False), cannot be listed. The floor is made of batch-independent phases, which checkpointing and
+    attention leave alone (least_total's bound, tests/test_search_floor.py): one per configuration
+    but those two. First the floor of every optimiser at once (``any_optimizer``: at or below each
+    optimiser's own, as :func:`least_total` uses it); only when that leaves a chance, the optimiser's own.
+    """
+    capacity = card.memory_bytes
+
+    def shut(floor: float | None, limit: int) -> bool:
+        return floor is not None and floor > limit and (current_fits or floor >= capacity + 1)
+
+    def can_list(key: TrainConfig, limit: int) -> bool:
+        return not (shut(totals.floor(spec, key.with_(optimizer="adamw"), card, any_optimizer=True), limit)
+                    or shut(totals.floor(spec, key, card), limit))
+    seen: dict[tuple, bool] = {}  # (the fields but GC and attention, limit) -> whether it can be listed
+    out = []
+    for j, (cfg, _) in enumerate(cands):
+        fields = (tuple(getattr(cfg, name) for name in _SANS_GC_ATTN), usable[j])
+        if fields not in seen:
+            seen[fields] = can_list(cfg.with_(grad_ckpt=False, attn="sdpa"), usable[j])
+        if seen[fields]:
+            out.append(j)
+    return out
+
+
+#: a configuration's fields but gradient checkpointing and attention (:func:`_open_rows`' key: equal values,
+#: the same configuration once those two are set)
+_SANS_GC_ATTN = tuple(f.name for f in dataclass_fields(TrainConfig) if f.name not in ("grad_ckpt", "attn"))
+
+
+def _rows_totals(spec: ModelSpec, cands: list, card: GPUSpec, grid: tuple, totals: DeviceTotals) -> np.ndarray:
+    """One-GPU device totals (bytes, candidates x micro-batches) of ``cands`` over ``grid`` (:func:`_single_totals`)."""
+    reps, which = _shared_rows(cands)
+    return _single_totals(spec, cands, card, reps, which, grid[0], grid[1], totals)
+
+
+def _listable(total: np.ndarray, usable: list[int], capacity: int, current_fits: bool) -> bool:
+    """Whether some row of device totals ``total`` (candidates x micro-batches) fits its comfortable limit
+    at some micro-batch, or (``current_fits`` False) has its least total within the card (a plan's
+    ``peak_bytes`` is ``int`` of the least total when nothing fits the margin)."""
+    for limit, row in zip(usable, total):
+        if (row <= limit).any():
             return True
-        if not current_fits and int(total[int(np.argmin(total))]) <= capacity:
+        if not current_fits and int(row[int(np.argmin(row))]) <= capacity:
             return True
     return False
 
 
 def _preference(plan: Plan) -> tuple:
-    """Tie-breakers among equally fast plans: fewer moving parts first."""
-    c = plan.config
-    return (plan.fallback is not None, c.grad_ckpt, OPTIMIZERS.index(c.optimizer) if c.optimizer in OPTIMIZERS else 9,
+    """Tie-breakers among equally fast plans: fewer moving parts first (:func:`_preference_of`)."""
+    return _preference_of(plan.config, plan.fallback, plan.parallel)
+
+
+def _preference_of(c: TrainConfig, fallback: str | None, parallel: Parallel) -> tuple:
+    """:func:`_preference` of a plan with settings ``c`` (its micro-batch aside), ``fallback`` and ``parallel``."""
+    return (fallback is not None, c.grad_ckpt, OPTIMIZERS.index(c.optimizer) if c.optimizer in OPTIMIZERS else 9,
             c.attn != "sdpa", c.rank, len(c.targets),
-            (STRATEGIES.index(plan.parallel.strategy) if plan.parallel.strategy else -1), plan.parallel.offload != "none")
+            (STRATEGIES.index(parallel.strategy) if parallel.strategy else -1), parallel.offload != "none")
 
 
 def search(spec: ModelSpec, method: str, card: GPUSpec, request: SearchRequest | None = None,
@@ -490,38 +597,21 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, request: SearchRequest |
     req = SearchRequest.build(request, **settings)
     totals = req.totals or DeviceTotals()
     parallels = req.parallels or [SINGLE]
-    from ..bands import band_for_config
-
     capacity = card.memory_bytes
     least = resolve(method, req.adapter).behaviour.min_batch()
     grids = {par: _grid_for(req.global_batch, req.batch, par, least) for par in parallels}
     cands = _candidates(spec, method, card, req)
     prof = card_profile(card)
     plans: list[Plan] = []
-    bands: dict[tuple, tuple] = {}  # (stack, method, adapter) -> (band, comfortable limit)
-    multi = any(p.distributed for p in parallels)  # the multi-GPU bands for a sharded search (bands.band_for)
-    for cfg, _ in cands:
-        key = (cfg.framework, cfg.method, cfg.adapter)
-        if key not in bands:
-            band = band_for_config(cfg, multi=multi)
-            bands[key] = (band, comfortable_limit(capacity, band.hi, req.margin))
-    limits = [bands[(cfg.framework, cfg.method, cfg.adapter)] for cfg, _ in cands]
+    limits = _limits(cands, capacity, req.margin, any(p.distributed for p in parallels))
     chosen = {}
     if cands:
         which, results = _evaluate(spec, cands, card, parallels, grids, prof, totals)
-        chosen = {p: (_choices(total, times, which, [u for _, u in limits]), times) for p, (total, times) in results.items()}
+        chosen = {p: _choices(total, times, which, [u for _, u in limits]) + ([times[k] for k in which],)
+                  for p, (total, times) in results.items()}
     for j, (cfg, note) in enumerate(cands):
-        band, usable = limits[j]
         for p in parallels:
-            (index, peak, fits, tps, step), times = chosen[p]
-            index, peak, fits, tps, step = index[j], peak[j], fits[j], tps[j], step[j]
-            b_grid, a_grid = grids[p]
-            cfg_i = cfg.with_(batch=int(b_grid[index]), grad_accum=int(a_grid[index]))
-            ttt, gh = time_to_train(req.tokens, req.epochs, tps, p.gpus)
-            plans.append(Plan(method=cfg.method, adapter=cfg.adapter, config=cfg_i, parallel=p,
-                              peak_bytes=int(peak), capacity_bytes=capacity, usable_bytes=usable, fits=fits,
-                              tokens_per_s=tps, step_time_s=step, time_to_train_s=ttt,
-                              gpu_hours=gh, fallback=note, band=(band.lo, band.hi), _grid=(times[which[j]], index)))
+            plans.append(_plan_at(req, cfg, note, p, grids[p], [v[j] for v in chosen[p]], limits[j], capacity))
     # a fallback (QLoRA for LoRA) is what the method becomes when its own adapter does not fit: its plans
     # rank after every plan of the method's own adapter that fits, however fast the throughput model
     # rates them (a larger micro-batch over an NF4 base can come out marginally faster, inside the
@@ -536,6 +626,37 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, request: SearchRequest |
         p.reason = _reason(p, best)
     smallest = min(plans, key=lambda p: p.peak_bytes)
     return MethodPlans(method=method, plans=ranked, best=best, smallest=smallest)
+
+
+def _limits(cands: list, capacity: int, margin: float, multi: bool) -> list[tuple]:
+    """Each candidate's (band, comfortable limit in bytes): :func:`vramplan.bands.band_for_config` once per
+    (stack, method, adapter); ``multi``: the multi-GPU bands of a sharded search (bands.band_for)."""
+    from ..bands import band_for_config
+
+    bands: dict[tuple, tuple] = {}
+    for cfg, _ in cands:
+        key = (cfg.framework, cfg.method, cfg.adapter)
+        if key not in bands:
+            band = band_for_config(cfg, multi=multi)
+            bands[key] = (band, comfortable_limit(capacity, band.hi, margin))
+    return [bands[(cfg.framework, cfg.method, cfg.adapter)] for cfg, _ in cands]
+
+
+def _plan_at(req: SearchRequest, cfg: TrainConfig, note: str | None, p: Parallel, grid: tuple, pick: list,
+             limit: tuple, capacity: int) -> Plan:
+    """The :class:`Plan` of candidate ``cfg`` under ``p`` at its chosen micro-batch.
+
+    ``grid``: (micro-batches, accumulation steps); ``pick``: ``(index, peak, fits, tokens/s, step s,
+    step times over the grid)`` as :func:`_choices` gives them; ``limit``: (band, comfortable limit)."""
+    index, peak, fits, tps, step, times = pick
+    band, usable = limit
+    b_grid, a_grid = grid
+    cfg_i = cfg.with_(batch=int(b_grid[index]), grad_accum=int(a_grid[index]))
+    ttt, gh = time_to_train(req.tokens, req.epochs, tps, p.gpus)
+    return Plan(method=cfg.method, adapter=cfg.adapter, config=cfg_i, parallel=p,
+                peak_bytes=int(peak), capacity_bytes=capacity, usable_bytes=usable, fits=fits,
+                tokens_per_s=tps, step_time_s=step, time_to_train_s=ttt,
+                gpu_hours=gh, fallback=note, band=(band.lo, band.hi), _grid=(times, index))
 
 
 def _reason(p: Plan, best: Plan | None) -> str:
@@ -754,22 +875,14 @@ def other_setups(spec: ModelSpec, method: str, card: GPUSpec, request: SearchReq
     for fw, prec, kind in tries:
         try:
             p = check_card(prec, method, None, req.attn or "sdpa", card, fw)
-            setup = req.with_(framework=fw, precision=p)
-            least = least_total(spec, method, card, setup, stop_below=card.memory_bytes + 1)
-            if least is not None and least >= card.memory_bytes + 1:  # (a plan's peak_bytes is int(total))
-                continue  # no plan of this setup fits the card even without the margin: nothing to list
-            if not _may_list(spec, method, card, current_fits, setup):
-                continue  # its device totals already say: nothing to list (the step times are not needed)
-            mp = search(spec, method, card, setup)
+            # the setup's best plan, or None: its candidates' floors (_open_rows) skip those that cannot be
+            # listed before any device total or step time, a setup that fits the card nowhere entirely
+            listed = _setup_best(spec, method, card, current_fits, req.with_(framework=fw, precision=p))
         except VramplanError:
             continue  # the stack does not run this method or card (e.g. no bf16)
-        best = mp.best
-        verdict = "comfortable"
-        if best is None:
-            tight = [q for q in mp.plans if q.peak_bytes <= q.capacity_bytes]
-            if current_fits or not tight:
-                continue
-            best, verdict = max(tight, key=lambda q: q.tokens_per_s), "tight"
+        if listed is None:
+            continue
+        best, verdict = listed
         flag = f"--framework {fw}" if kind == "stack" else "--precision bf16"
         prec_name = best.config.precision
         text = (f"{flag} ({prec_name}{', ' + best.adapter if best.adapter != method else ''}) fits"
