@@ -100,6 +100,8 @@ def grid(model: dict = GRID_MODEL, ranks=(2, 4), strategies=STRATEGIES, methods=
                         variants.append({"gradient_as_bucket_view": True})
                     if extra_options and engine == "torch" and strategy in ("ddp", "fsdp") and method != "qlora":
                         variants += [dict(v) for v in ACCUM_VARIANTS]
+                    if extra_options and engine == "deepspeed" and method != "qlora":
+                        variants.append({"grad_accum": 2})  # DeepSpeed's own accumulation to its boundary
                     for opts in variants:
                         job_cfg = cfg if "grad_accum" not in opts else distributed_config(
                             spec, method, precision="bf16", batch=batch, seq=seq, attn="eager", grad_ckpt=False,

@@ -155,3 +155,41 @@ def test_deepspeed_layout_in_time(spec):
     assert cast.regime.adapter_dtype == "bfloat16" and cast.options != lora.options
     assert deepspeed_cast(lora, make_parallel(2, "fsdp")) is lora
     assert deepspeed_cast(make_config(spec, "lora", precision="bf16-mixed"), make_parallel(2, "zero2")).regime.autocast
+
+
+@pytest.mark.parametrize("strategy, divisor", [("zero1", 1), ("zero2", 4)])
+def test_deepspeed_stages_1_2_hold_16bit_gradients_only_under_accumulation(spec, strategy, divisor):
+    """Between micro-batches stage 1 keeps every 16-bit gradient in param.grad, stage 2 its 16-bit partition
+    (traced: benchmarks/dryrun_distributed.py, DeepSpeed rows with grad_accum=2); one micro-batch holds none."""
+    from vramplan.distributed import _held_gradients, shard_state
+    from vramplan.memory import model_state
+
+    par = make_parallel(4, strategy, engine="deepspeed")
+    one = make_config(spec, "lora", batch=1, seq=512, grad_ckpt=True)
+    two = one.with_(grad_accum=2)
+    for cfg, want in ((one, 0), (two, 2 * shard_state(spec, two, par).trainable_params // divisor)):
+        sh = shard_state(spec, cfg, par)
+        assert _held_gradients(sh, model_state(spec, cfg), cfg, par) == want
+    assert parallel_step_memory(spec, two, par).peak > parallel_step_memory(spec, one, par).peak
+
+
+def test_zero3_places_a_quantised_model_whole_on_each_gpu_first(spec):
+    """transformers builds a quantised model outside zero.Init, so DeepSpeed's engine moves the whole module to
+    each GPU before ZeRO-3 partitions it: a reserved floor of the whole (NF4 + 16-bit rest + adapters), offload
+    or not; a 16-bit base is built under zero.Init (no floor), and FSDP has none."""
+    import vramplan
+
+    cfg = make_config(spec, "qlora", batch=1, seq=512, grad_ckpt=True)
+    whole = None
+    for strategy, offload in (("zero3", None), ("zero3", "cpu")):
+        par = make_parallel(2, strategy, offload)
+        mem = parallel_step_memory(spec, cfg, par)
+        whole = whole or mem.state.load_reserved
+        assert mem.state.load_reserved == whole > 3 * 2**30  # 7B in NF4: about 3.9 GB
+        est = vramplan.estimate(spec, "qlora", gpus=2, strategy=strategy, offload=offload, gpu="rtx4090",
+                                batch=1, seq=512, grad_ckpt=True)
+        assert est.overheads.reserved_bytes >= whole
+    for method, strategy in (("lora", "zero3"), ("qlora", "fsdp"), ("qlora", "zero2")):
+        mem = parallel_step_memory(spec, make_config(spec, method, batch=1, seq=512, grad_ckpt=True),
+                                   make_parallel(2, strategy))
+        assert mem.state.load_reserved == 0

@@ -134,7 +134,7 @@ def test_fallback_row_is_named_for_what_it_runs():
 def test_lora_falls_back_to_qlora_and_says_why():
     rep = vramplan.fit("13b", "rtx4000ada", methods=["lora", "dpo"])
     for r in rep.rows:
-        # the plan shown: recommended (comfortable) or "tight, try it" (DPO, whose HF band is wide)
+        # the plan shown: recommended (comfortable) or tight (DPO, whose HF band is wide)
         assert r.chosen is not None and r.chosen.adapter == "qlora" and r.fits
         assert (r.best is r.chosen) == (r.verdict.value == "comfortable")
         assert any("QLoRA fallback" in n for n in r.notes)

@@ -15,8 +15,8 @@ from rich.console import Console
 
 import vramplan
 from vramplan.bands import band_for_config
-from vramplan.verdict import (COMFORTABLE_FRACTION, SYMBOLS, Verdict, advice, classify, classify_array,
-                              comfortable_limit, pick, verdict_of)
+from vramplan.verdict import (COMFORTABLE_FRACTION, LIKELY_OVER, SYMBOLS, Verdict, advice, classify, classify_array,
+                              comfortable_limit, pick, verdict_of, label)
 
 GIB = 2**30
 
@@ -58,13 +58,15 @@ def test_pick_prefers_comfortable_then_a_central_fit_then_the_least_memory():
     cap, hi, lo = 100.0, 0.27, -0.25
     assert pick([120, 90, 70, 60], cap, hi, lo) == 2        # the first comfortable
     assert pick([120, 95, 98], cap, hi, lo) == 1            # none comfortable: the first whose peak fits the card
-    assert pick([130, 110, 104], cap, hi, lo) == 2          # all over the card: the least memory (tight: try it)
+    assert pick([130, 110, 104], cap, hi, lo) == 2          # all over the card: the least memory (tight, likely over)
     assert classify(104, cap, hi, lo) is Verdict.TIGHT
 
 
 def test_advice_says_by_how_much_and_what_to_do():
-    text = advice(105 * GIB, 100 * GIB, 0.27, -0.25)
-    assert text.startswith("tight, may fit") and "5.0% over" in text and "expandable_segments" in text
+    text = advice(95 * GIB, 100 * GIB, 0.27, -0.25)
+    assert text.startswith("tight, may fit") and "5.0% under" in text and "expandable_segments" in text
+    over = advice(105 * GIB, 100 * GIB, 0.27, -0.25)  # the central prediction over the card, the band's lower end under
+    assert over.startswith("likely over (tight)") and "5.0% over" in over and "probably does not fit" in over
     assert advice(50 * GIB, 100 * GIB, 0.27, -0.25).startswith("comfortable")
     assert advice(200 * GIB, 100 * GIB, 0.27, -0.25).startswith("does not fit")
     assert set(SYMBOLS) == set(Verdict)
@@ -90,18 +92,29 @@ def over_card():
                         optimizer="adamw_8bit", attn="flash", advise=False)
 
 
-def test_fit_shows_a_tight_plan_over_the_card_as_try_it(over_card):
+def test_fit_shows_a_tight_plan_over_the_card_as_likely_over(over_card):
+    """Central prediction over the card, the band's lower end under it: the verdict stays "tight" (may fit, never
+    "no"), but the words say it probably does not fit as planned (not "try it")."""
     from vramplan.render import render_fit
 
     row = over_card.rows[0]
     assert row.best is None and row.verdict is Verdict.TIGHT and not row.fits
-    assert any(n.startswith("tight, try it") for n in row.notes)
+    assert any(n.startswith("likely over") and "probably does not fit" in n for n in row.notes)
+    assert label(row.verdict, row.estimate.peak_bytes, row.estimate.capacity_bytes) == LIKELY_OVER
     j = row.to_json()
-    assert j["verdict"] == "tight" and j["verdict_text"].startswith("tight, may fit")
+    assert j["verdict"] == "tight" and j["verdict_text"].startswith("likely over (tight)")
     buf = io.StringIO()
     render_fit(over_card, Console(file=buf, width=200, color_system=None))
     line = next(ln for ln in buf.getvalue().splitlines() if ln.strip().startswith("qlora"))
-    assert "tight, try it" in line and "b1" in line and "does not fit" not in line
+    assert LIKELY_OVER in line and "b1" in line and "try it" not in line and "does not fit" not in line
+
+
+def test_label_splits_tight_by_the_central_prediction():
+    cap, hi, lo = 100.0, 0.27, -0.25
+    assert label(classify(95, cap, hi, lo), 95, cap) == "tight"          # central fits: may fit
+    assert label(classify(104, cap, hi, lo), 104, cap) == LIKELY_OVER    # central over, lower end under
+    assert label(classify(60, cap, hi, lo), 60, cap) == "comfortable"
+    assert label(classify(200, cap, hi, lo), 200, cap) == "no"
 
 
 def test_fit_recommends_only_comfortable_plans():
@@ -165,7 +178,7 @@ def test_matrix_cell_over_the_card_is_tight_with_a_symbol():
     c = feasibility_matrix("13b", "qlora", "rtx3080", 2048).cells[0]
     assert c.peak_bytes > c.capacity_bytes and c.verdict is Verdict.TIGHT and c.max_batch == 0
     text = cell_text(c)
-    assert text.startswith(f"{SYMBOLS[Verdict.TIGHT]} tight") and "over, may fit" in text
+    assert text.startswith(f"{SYMBOLS[Verdict.TIGHT]} {LIKELY_OVER}") and "over, the band's lower end under" in text
     ok = feasibility_matrix("1b", "qlora", "rtx4000ada", 512).cells[0]
     assert cell_text(ok).startswith(SYMBOLS[ok.verdict])
 

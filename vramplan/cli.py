@@ -241,18 +241,16 @@ def cmd_dryrun(a) -> int:
     from .render import Elapsed, render_estimate
 
     if getattr(a, "gpus", 1) != 1 or getattr(a, "strategy", None):
-        from .dryrun.distributed import distributed_dryrun
+        from .dryrun.distributed import (ENGINE_OPTION_NAMES, DistributedDryRunRequest, EngineOptions,
+                                         distributed_dryrun)
 
         with Elapsed(f"dryrun: {a.gpus} CPU ranks (gloo), one real {a.strategy or 'ddp'} step per rank"):
-            res = distributed_dryrun(a.model, a.method, gpus=a.gpus, strategy=a.strategy or "ddp", engine=a.engine,
-                                     layers=a.layers, batch=a.batch, seq=a.seq, rank=a.rank, targets=a.targets,
-                                     grad_ckpt=a.grad_ckpt, precision=a.precision or "bf16", attn=a.attn,
-                                     reshard_after_forward=a.reshard_after_forward, bucket_cap_mb=a.bucket_cap_mb,
-                                     reduce_bucket_size=a.reduce_bucket_size,
-                                     allgather_bucket_size=a.allgather_bucket_size,
-                                     prefetch_bucket_size=a.prefetch_bucket_size,
-                                     max_live_parameters=a.max_live_parameters, offload=a.offload,
-                                     grad_accum=getattr(a, "grad_accum", 1) or 1, no_sync=a.no_sync)
+            res = distributed_dryrun(DistributedDryRunRequest(
+                a.model, a.method, gpus=a.gpus, strategy=a.strategy or "ddp", engine=a.engine, layers=a.layers,
+                batch=a.batch, seq=a.seq, rank=a.rank, targets=a.targets, grad_ckpt=a.grad_ckpt,
+                precision=a.precision or "bf16", attn=a.attn, offload=a.offload,
+                grad_accum=getattr(a, "grad_accum", 1) or 1,
+                options=EngineOptions(**{k: getattr(a, k) for k in ENGINE_OPTION_NAMES})))
         _print_json(res.to_json()) if a.json else res.render(_console())
         return 0
     with Elapsed("dryrun: building the model on the meta device and tracing one training step"):

@@ -341,6 +341,10 @@ class ShardedState:
     gathered_bwd_end: int | None = None
     #: FSDP2's unit schedule (:func:`_fsdp2`): the terms :func:`_fsdp2_phases` walks through
     fsdp2: dict | None = None
+    #: bytes the engine's initialisation leaves reserved in the caching allocator, a floor under every later
+    #: reserved total (``ModelState.load_reserved``): DeepSpeed ZeRO-3 moving a module not built under
+    #: ``zero.Init`` whole onto each GPU before partitioning it (:func:`_zero3_whole_module_bytes`); 0: none
+    load_reserved_bytes: int = 0
     layout: str = "single process (HF Trainer / TRL)"
     notes: list[str] = field(default_factory=list)
 
@@ -493,12 +497,39 @@ def _deepspeed(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Paral
         else:
             out.cpu_bytes = (frozen_w + quant + trainable_w + master + g32 + states) // n
         out.gathered_bytes = _zero3_kept(model, cfg, par, st)
+        out.load_reserved_bytes = _zero3_whole_module_bytes(cfg, base, trainable_w)
+        if out.load_reserved_bytes:
+            out.notes.append("ZeRO-3 without zero.Init (transformers builds a quantised model outside it): "
+                             "DeepSpeed moves the whole module onto each GPU before partitioning it; the "
+                             "allocator keeps those blocks reserved (a floor under the device total, offload or not)")
         # contiguous_gradients (default on): one reduce bucket per gradient dtype, allocated at init (stage3.py
         # ``bucket.buffer = torch.empty(self.reduce_bucket_size, ...)``); the HF Trainer's "auto" sets hidden^2
         out.comm_buffer_bytes = p16 * int(par.reduce_bucket_size or model.hidden_size ** 2)
         return _deepspeed_layout(out, stage, mixed, offload)
     out.comm_buffer_bytes = 0  # stages 1-2 allocate their gradient buckets inside backward only
     _deepspeed_layout(out, stage, mixed, offload)
+
+
+def _zero3_whole_module_bytes(cfg: TrainConfig, base: dict, trainable_w: int) -> int:
+    """Bytes of the whole module DeepSpeed ZeRO-3 places on each GPU at ``deepspeed.initialize`` when the
+    model was not built under ``deepspeed.zero.Init`` (0 when it was).
+
+    ``DeepSpeedEngine._configure_distributed_model`` (deepspeed/runtime/engine.py, 0.14-0.19): ``if not
+    (self.dont_change_device or is_zero_init_model): self.module.to(self.device)`` after the 16-bit cast;
+    stage 3 partitions the parameters afterwards (``DeepSpeedZeRoOffload._convert_to_zero_parameters``), and
+    nothing calls ``empty_cache`` at init, so the caching allocator keeps the whole module's blocks reserved
+    (the step reuses them). transformers builds a quantised model outside ``zero.Init`` (PR #29587,
+    2024-03, "Disable zero.init when using DeepSpeed with QLoRA"; ``modeling_utils.get_init_context``: ``if
+    not is_quantized ...: deepspeed.zero.Init``; a quantised model is built on meta and loaded whole), so
+    every quantised-base plan under ZeRO-3 pays it, with parameter offload too (PEFT's DeepSpeed guide,
+    caveat 3: "DeepSpeed Stage 3 and qlora when used with CPU offloading leads to more GPU memory usage
+    when compared to disabling CPU offloading"; its 70B QLoRA run on 2 GPUs: 36.6 GB per GPU, about the
+    whole NF4 model). Full and 16-bit-base models are built under ``zero.Init`` by the same stacks.
+    """
+    if not cfg.recipe.adapter.quantized_base:
+        return 0
+    # the frozen base as stored (4-bit codes, 16-bit rest), its quantisation constants, the 16-bit adapters
+    return int(base.get(Component.WEIGHTS, 0) + base.get(Component.QUANT_STATE, 0) + trainable_w)
 
 
 def _deepspeed_layout(out: ShardedState, stage: int, mixed: bool, offload: bool) -> None:
@@ -733,7 +764,7 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
     if sh.fsdp2 is not None:
         phases, peak, idx, comps = _fsdp2_phases(sh, t, phases, comps, B, full, cfg, components)
     ms = ModelState(bytes=dict(B), params=model.params, trainable_params=sh.trainable_params,
-                    step_temporary=sh.step_temporary)
+                    step_temporary=sh.step_temporary, load_reserved=sh.load_reserved_bytes)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=ms)
 
 
@@ -742,15 +773,24 @@ def _held_gradients(sh: ShardedState, full, cfg: TrainConfig, par: Parallel) -> 
 
     One process and DDP (``no_sync`` or not): every gradient, summed in ``param.grad`` (with
     ``gradient_as_bucket_view`` they are the buckets, counted as such); FSDP2: its sharded sums, or every
-    unsharded gradient when the sync is skipped (:func:`_fsdp2_held`). DeepSpeed accumulates into its own
-    fp32 partition (counted in its layout).
+    unsharded gradient when the sync is skipped (:func:`_fsdp2_held`). DeepSpeed: ZeRO-3 its 16-bit gradient
+    partition, stage 2 its 16-bit partition, stage 1 every 16-bit gradient (``param.grad`` until the boundary).
     """
     if sh.fsdp2 is not None:
         held_sh, held_u = _fsdp2_held(sh.fsdp2, cfg)
         return held_sh + held_u * full.bytes.get(Component.GRADIENTS, 0)
     if par.distributed and par.engine_name == "deepspeed":
-        # ZeRO-3's 16-bit gradient partition stays allocated across steps (stages 1-2 free theirs in step())
-        return sh.bytes.get(Component.GRADIENTS, 0) if par.strategy == "zero3" and par.offload != "cpu" else 0
+        if par.offload == "cpu":
+            return 0
+        if par.strategy == "zero3":  # its 16-bit gradient partition stays allocated across steps
+            return sh.bytes.get(Component.GRADIENTS, 0)
+        # stages 1-2 between micro-batches (stage_1_and_2.py): stage 1 leaves the 16-bit gradients in
+        # ``param.grad`` until the boundary's reduction (every gradient); stage 2 reduces each micro-batch into
+        # its partition (``averaged_gradients``: the 16-bit partition). Traced: DeepSpeed 0.19.8, 2 ranks.
+        if cfg.grad_accum <= 1:
+            return 0
+        p16 = DTYPE_BYTES[cfg.regime.compute_dtype]
+        return p16 * sh.trainable_params // (1 if par.strategy == "zero1" else par.gpus)
     return int(_mem.held_gradients(ModelState(bytes=sh.bytes, params=0, trainable_params=sh.trainable_params), cfg))
 
 

@@ -55,7 +55,7 @@ from .request import BENCH_BATCHES, BENCH_SEQS, GridRequest, MatrixRequest, call
 from .taxonomy import Component
 from .units import GIB, parse_size
 from .overheads import DEFAULT_RESERVE_FRACTION
-from .verdict import COMFORTABLE_FRACTION, SYMBOLS, THRESHOLDS_TEXT, VERDICTS, Verdict, classify_array, pick
+from .verdict import COMFORTABLE_FRACTION, SYMBOLS, THRESHOLDS_TEXT, VERDICTS, Verdict, classify_array, label, pick
 
 #: (gradient checkpointing, optimizer) in the order tried: no checkpointing before
 #: checkpointing (it costs ~30 % throughput), AdamW before 8-bit and paged 8-bit AdamW.
@@ -618,13 +618,13 @@ def cell_text(c: Cell) -> str:
     """The short text of a cell in tables: ``~ tight · 9.4 GiB · b≤1 · GC + 8-bit Adam`` (symbols: :data:`vramplan.verdict.SYMBOLS`)."""
     if c.peak_bytes is None:
         return f"{SYMBOLS[Verdict.NO]} no · n/a ({c.note})"
-    parts = [f"{SYMBOLS[c.verdict]} {c.verdict.value}", _gib(c.peak_bytes)]
+    parts = [f"{SYMBOLS[c.verdict]} {label(c.verdict, c.peak_bytes, c.capacity_bytes)}", _gib(c.peak_bytes)]
     if c.verdict.fits:
         if c.max_batch:
             parts.append(f"b≤{c.max_batch}")
         else:  # tight over the card: inside the band's lower end
             over = 100 * (c.peak_fraction - 1)
-            parts.append(("<0.1" if over < 0.05 else f"{over:.1f}") + "% over, may fit: try it")
+            parts.append(("<0.1" if over < 0.05 else f"{over:.1f}") + "% over, the band's lower end under the card")
         if c.settings_label:
             parts.append(c.settings_label)
     return " · ".join(parts)

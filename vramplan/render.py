@@ -11,6 +11,7 @@ from .stacks import DEFAULT_STACK
 from .results import Estimate
 from .taxonomy import Component
 from .units import fmt_bytes, fmt_count
+from .verdict import LIKELY_OVER, label
 
 
 
@@ -43,6 +44,8 @@ def render_estimate(est: Estimate, console: Console) -> None:
         v = getattr(est, "verdict", None)
         word = {"comfortable": "[green]fits (comfortable)[/green]", "tight": "[yellow]tight: may fit[/yellow]",
                 "no": "[red]does not fit[/red]"}
+        if v is not None and label(v, est.peak_bytes, est.capacity_bytes) == LIKELY_OVER:
+            word["tight"] = f"[yellow]{LIKELY_OVER} (tight)[/yellow]"  # central prediction over the card
         verdict = (word[v.value] if v is not None
                    else "[green]fits[/green]" if est.fits else "[red]does not fit[/red]")
         console.print(f"{est.gpu}: {verdict} — {fmt_bytes(est.peak_bytes)} of {fmt_bytes(est.capacity_bytes)} "
@@ -192,8 +195,8 @@ def _fit_row(r, timed: bool) -> list[str]:
                else "[green]yes[/green]" if r.fits else "[red]no[/red]")
     chosen = getattr(r, "chosen", None)
     shown = v.fits if v is not None else r.fits  # comfortable or tight ("tight, try it"): the plan is shown
-    if v is not None and v.value == "tight" and not r.fits:
-        verdict = "[yellow]tight, try it[/yellow]"
+    if v is not None and v.value == "tight" and not r.fits:  # the central prediction over the card
+        verdict = f"[yellow]{LIKELY_OVER}[/yellow]"
     if chosen is not None:
         rec = plan_brief(chosen) if shown else "-"
     else:

@@ -34,6 +34,13 @@ safety margin (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``, a smaller m
 sequence); :func:`advice` says by how much. ``Estimate.fits`` stays the central prediction
 (``peak <= capacity``); ``Verdict.fits`` is "not no" (may fit).
 
+A "tight" plan is said in one of two ways (:func:`label`): "tight" while its central prediction fits the
+card, "likely over" when the central prediction exceeds the card and only the band's lower end reaches
+under it -- it probably does not fit as planned (run it only to find out; the advice names what would
+fit). Both are the verdict "tight" (``fits``: may fit), so a plan that really fits is never called "no":
+on the published corpus (reports/published_accuracy.md, issue 17) 3 of 23 fit-only rows (published
+capacities at the card's limit) read "likely over" (16 "tight", none "no"), and 2 of 13 OOM rows (10 "no").
+
 When several settings are tried (gradient checkpointing, 8-bit optimisers), :func:`pick`
 chooses the first setting, in the caller's order (cheapest in throughput first), that is
 comfortable; failing that, the first tight one whose central prediction fits the card; failing
@@ -76,6 +83,22 @@ class Verdict(str, Enum):
 
 
 VERDICTS: tuple[Verdict, ...] = (Verdict.COMFORTABLE, Verdict.TIGHT, Verdict.NO)
+
+#: How a "tight" plan whose central prediction exceeds the card reads (the band's lower end under the card)
+LIKELY_OVER = "likely over"
+
+
+def over_card(peak_bytes, capacity_bytes) -> bool:
+    """Whether the central prediction exceeds the card (bytes, both)."""
+    return float(peak_bytes) > float(capacity_bytes)
+
+
+def label(v: Verdict, peak_bytes, capacity_bytes) -> str:
+    """The words for verdict ``v`` of a plan of ``peak_bytes`` on a card of ``capacity_bytes``: the verdict's
+    value, but :data:`LIKELY_OVER` for a tight plan whose central prediction exceeds the card."""
+    if v is Verdict.TIGHT and over_card(peak_bytes, capacity_bytes):
+        return LIKELY_OVER
+    return v.value
 
 #: One symbol per verdict, for dense tables (``vramplan matrix``'s cells).
 SYMBOLS = {Verdict.COMFORTABLE: "✓", Verdict.TIGHT: "~", Verdict.NO: "✗"}
@@ -169,6 +192,10 @@ def advice(peak_bytes: int | float, capacity_bytes: int | float, band_hi: float 
     if v is Verdict.NO:
         return f"does not fit: {where}; even the band's lower end exceeds the card"
     need = peak_bytes * (1.0 + max(0.0, band_hi)) - capacity_bytes  # what the upper end needs freed
+    if over_card(peak_bytes, capacity_bytes):
+        return (f"{LIKELY_OVER} (tight): {where}; only the band's lower end is under the card: it probably does not "
+                f"fit as planned; taking off about {max(0.0, need) / GIB:.1f} GiB (a smaller micro-batch or sequence, "
+                "a memory-saving technique, more GPUs or offload) makes it comfortable")
     return (f"tight, may fit: {where}; try it with a safety margin (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, "
             f"nothing else on the card); taking off about {max(0.0, need) / GIB:.1f} GiB (a smaller micro-batch or "
             "sequence, a memory-saving technique) makes it comfortable")

@@ -32,7 +32,8 @@ def ds_config(trainee, strategy: str, opts: dict) -> dict:
     for k in ("overlap_comm", "contiguous_gradients"):
         if k in opts:
             zero[k] = bool(opts[k])
-    cfg = {"train_micro_batch_size_per_gpu": int(trainee.cfg.batch), "gradient_accumulation_steps": 1,
+    cfg = {"train_micro_batch_size_per_gpu": int(trainee.cfg.batch),
+           "gradient_accumulation_steps": int(trainee.cfg.grad_accum),
            "zero_optimization": zero, "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "torch_adam": True}},
            "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
     if trainee.regime.trainable_dtype == BF16 and trainee.regime.autocast is None:  # bf16 weights train: DS bf16
@@ -78,34 +79,38 @@ def _grad_tensors(opt):
 
 
 def _ds_step(t) -> dict:
-    """One micro-batch and the update through the DeepSpeed engine (the HF Trainer's DeepSpeed path)."""
+    """One optimiser step through the DeepSpeed engine (the HF Trainer's DeepSpeed path): ``cfg.grad_accum``
+    micro-batches, each ``engine(...)``, ``engine.backward``, ``engine.step()`` (DeepSpeed updates only at its
+    gradient-accumulation boundary, ``gradient_accumulation_steps`` = ``cfg.grad_accum``)."""
     from ..runtime.steps import _ids
 
     engine = t.extras["engine"]
     cfg = t.cfg
-    t.hooks.phase(Phase.FORWARD)
-    ids = _ids(t, cfg.batch, cfg.seq)
-    labels = ids.clone()
-    out = engine(input_ids=ids, labels=labels, use_cache=False)
-    loss = out.loss
-    del out, ids, labels
-    t.logits_done()
-    t.hooks.phase(Phase.BACKWARD)
-    if t._head_grads_pending > 0:
-        t._in_backward_logits = True
-        t.hooks.enter(Component.LOGITS)
-    try:
-        engine.backward(loss)
-    finally:
-        if t._in_backward_logits:
-            t._in_backward_logits = False
-            t.hooks.exit(Component.LOGITS)
-        t._head_grads_pending = 0
-    last = loss.detach()
-    del loss
-    t.hooks.event("after_backward", t)
-    t.hooks.phase(Phase.OPTIMIZER_STEP)
-    engine.step()
+    last = None
+    for _micro in range(max(1, int(cfg.grad_accum))):
+        t.hooks.phase(Phase.FORWARD)
+        ids = _ids(t, cfg.batch, cfg.seq)
+        labels = ids.clone()
+        out = engine(input_ids=ids, labels=labels, use_cache=False)
+        loss = out.loss
+        del out, ids, labels
+        t.logits_done()
+        t.hooks.phase(Phase.BACKWARD)
+        if t._head_grads_pending > 0:
+            t._in_backward_logits = True
+            t.hooks.enter(Component.LOGITS)
+        try:
+            engine.backward(loss)
+        finally:
+            if t._in_backward_logits:
+                t._in_backward_logits = False
+                t.hooks.exit(Component.LOGITS)
+            t._head_grads_pending = 0
+        last = loss.detach()
+        del loss
+        t.hooks.event("after_backward", t)
+        t.hooks.phase(Phase.OPTIMIZER_STEP)
+        engine.step()
     t.hooks.event("after_optimizer_step", t)
     t.hooks.event("step_end", t)
     return {"loss": last}

@@ -60,8 +60,17 @@ HOST_BUDGET = 2 * 2**30
 #: steps before the measured one: the first creates the optimiser states, the second DDP's rebuilt
 #: gradient buckets (``Reducer`` re-buckets in the first forward after a backward, in gradient order)
 WARMUP_STEPS = 2
-#: the methods the distributed dry run runs (supervised steps)
-METHODS = ("full", "lora", "qlora", "dora", "ia3")
+
+
+def supervised_methods() -> tuple[str, ...]:
+    """The methods the distributed dry run runs: supervised steps, from the methods' attributes
+    (methods.toml): one policy copy and its one adapter, the model's own causal-LM loss, one sequence per
+    example, no rollout; the listed ones (not the 4-bit fallbacks reached through another method)."""
+    from ..methods import registry
+
+    return tuple(n for n, md in registry().items()
+                 if md.loss == "causal_lm" and not md.rollout and md.sequences_per_example == 1
+                 and len(md.copies) == 1 and len(md.adapters) == 1 and md.listed)
 #: engine defaults (cited)
 DDP_BUCKET_CAP_MB = 25  # torch.nn.parallel.DistributedDataParallel(bucket_cap_mb=25) (DDP docs)
 DS_DEFAULTS = {  # deepspeed/runtime/zero/config.py (DeepSpeedZeroConfig field defaults)
@@ -753,8 +762,9 @@ def _packages(engine: str) -> dict[str, str]:
 
 def distributed_config(spec: ModelSpec, method: str, *, precision: str = "bf16", **kw) -> TrainConfig:
     """The :class:`TrainConfig` of a distributed dry run (``bf16`` or ``fp32``: no autocast on CPU)."""
-    if method not in METHODS:
-        raise VramplanError(f"the distributed dry run runs supervised steps ({', '.join(METHODS)}), not {method}",
+    methods = supervised_methods()
+    if method not in methods:
+        raise VramplanError(f"the distributed dry run runs supervised steps ({', '.join(methods)}), not {method}",
                             "`vramplan estimate --gpus N --strategy S` plans DPO/PPO on paper")
     prec = (precision or "bf16").lower()
     if prec not in PRECISIONS:
@@ -764,68 +774,125 @@ def distributed_config(spec: ModelSpec, method: str, *, precision: str = "bf16",
     return make_config(spec, method, precision=prec, **kw)
 
 
-def distributed_dryrun(model: str | ModelSpec, method: str = "lora", *, gpus: int = 2, strategy: str = "fsdp",
-                       engine: str | None = None, layers: int | None = 2, batch: int = 1, seq: int = 256,
-                       rank: int = 8, targets=None, grad_ckpt: bool | None = False, precision: str = "bf16",
-                       attn: str = "eager", reshard_after_forward: bool | None = None,
-                       bucket_cap_mb: float | None = None, reduce_bucket_size: int | None = None,
-                       allgather_bucket_size: int | None = None, prefetch_bucket_size: int | None = None,
-                       max_live_parameters: int | None = None, offload: str | None = None,
-                       grad_accum: int = 1, no_sync: bool | None = None,
-                       timeout: float = 600.0) -> DistributedDryRunResult:
-    """Trace one steady-state step per rank of ``strategy`` over ``gpus`` local CPU processes.
+@dataclass(frozen=True)
+class EngineOptions:
+    """The engines' settings a distributed dry run passes (None: the engine's default, :data:`DS_DEFAULTS`,
+    :data:`DDP_BUCKET_CAP_MB`; the CLI's ``--fsdp-reshard-after-forward``, ``--bucket-cap-mb``, ...)."""
 
-    ``layers`` caps the decoder depth (the model is otherwise built from its config, random
-    weights). Engine options: ``reshard_after_forward`` (FSDP2), ``bucket_cap_mb`` (DDP),
-    DeepSpeed's ``reduce_bucket_size`` / ``allgather_bucket_size`` / ``prefetch_bucket_size`` /
-    ``max_live_parameters`` (elements; default: DeepSpeed's). ``grad_accum`` micro-batches per step, the
-    sync skipped on all but the last with ``no_sync`` (None: the stack's loop, ``stacks.toml
-    accumulation_no_sync``). ``offload="cpu"`` cannot be
-    traced on a CPU-only host (there is no device memory to offload from): it raises.
+    #: FSDP2 ``fully_shard(reshard_after_forward=...)``
+    reshard_after_forward: bool | None = None
+    #: DDP ``bucket_cap_mb``
+    bucket_cap_mb: float | None = None
+    #: DeepSpeed ``reduce_bucket_size`` / ``allgather_bucket_size`` / ``stage3_prefetch_bucket_size`` /
+    #: ``stage3_max_live_parameters``, elements
+    reduce_bucket_size: int | None = None
+    allgather_bucket_size: int | None = None
+    prefetch_bucket_size: int | None = None
+    max_live_parameters: int | None = None
+    #: skip the gradient sync on all micro-batches but the last (None: the stack's loop, ``stacks.toml
+    #: accumulation_no_sync``)
+    no_sync: bool | None = None
+
+    def given(self) -> dict:
+        """The options set (not None), by name: what the ranks apply and the result records."""
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+#: the engine option names (:class:`EngineOptions`' fields)
+ENGINE_OPTION_NAMES = tuple(EngineOptions.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class DistributedDryRunRequest:
+    """One distributed dry run: the configuration, the ranks and strategy, the engine and its options.
+
+    ``layers`` caps the decoder depth (the model is otherwise built from its config, random weights);
+    ``grad_accum`` micro-batches per step (the sync skipped as ``options.no_sync`` says); ``offload="cpu"``
+    cannot be traced on a CPU-only host (there is no device memory to offload from): it is refused.
+    """
+
+    model: str | ModelSpec
+    method: str = "lora"
+    gpus: int = 2
+    strategy: str = "fsdp"
+    engine: str | None = None
+    layers: int | None = 2
+    batch: int = 1
+    seq: int = 256
+    rank: int = 8
+    targets: tuple | list | str | None = None
+    grad_ckpt: bool | None = False
+    precision: str = "bf16"
+    attn: str = "eager"
+    offload: str | None = None
+    grad_accum: int = 1
+    options: EngineOptions = EngineOptions()
+    #: seconds the ranks may take
+    timeout: float = 600.0
+
+    @classmethod
+    def build(cls, model: str | ModelSpec, method: str = "lora", **kw) -> "DistributedDryRunRequest":
+        """A request from keyword arguments, the engine options (:data:`ENGINE_OPTION_NAMES`) among them."""
+        opts = {k: kw.pop(k) for k in ENGINE_OPTION_NAMES if k in kw}
+        unknown_keys = set(kw) - set(cls.__dataclass_fields__)
+        if unknown_keys:
+            raise VramplanError(f"distributed dry run: unknown setting(s) {', '.join(sorted(unknown_keys))}")
+        return cls(model=model, method=method, options=EngineOptions(**opts), **kw)
+
+
+def distributed_dryrun(request: DistributedDryRunRequest | str | ModelSpec, method: str | None = None,
+                       **settings) -> DistributedDryRunResult:
+    """Trace one steady-state step per rank of ``request.strategy`` over ``request.gpus`` local CPU processes.
+
+    ``request``: a :class:`DistributedDryRunRequest`, or a model name / :class:`ModelSpec` with ``method`` and
+    the request's fields (engine options among them) as keywords (:meth:`DistributedDryRunRequest.build`).
 
     Raises:
         VramplanError: bad input, a configuration the engine rejects, a run that does not finish.
         MissingDependencyError: torch/transformers/peft (or DeepSpeed for ``engine="deepspeed"``) missing.
     """
-    from ..distributed import make_parallel
+    if not isinstance(request, DistributedDryRunRequest):
+        request = DistributedDryRunRequest.build(request, method or "lora", **settings)
+    elif method is not None or settings:
+        raise VramplanError("distributed_dryrun takes a request or keyword settings, not both")
+    return _run_request(request)
+
+
+def _run_request(req: DistributedDryRunRequest) -> DistributedDryRunResult:
+    from ..distributed import make_parallel, parallel_step_memory
     from . import require_stack_packages
 
+    gpus = req.gpus
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 2 or gpus > 8:
         raise VramplanError(f"the distributed dry run needs 2 to 8 ranks, got --gpus {gpus!r}",
                             "use --gpus 2 or 4 (each rank is a local CPU process)")
-    par = make_parallel(gpus, strategy, offload)
+    par = make_parallel(gpus, req.strategy, req.offload)
     if par.offload == "cpu":
         raise VramplanError("--offload cpu cannot be traced here: on a CPU-only host there is no device memory to "
                             "offload from", "`vramplan estimate --gpus N --strategy S --offload cpu` plans it on paper")
     strategy = par.strategy
-    eng = resolve_engine(strategy, engine)
+    eng = resolve_engine(strategy, req.engine)
     require_stack_packages("hf")
-    spec = get_model(model)
+    spec = get_model(req.model)
+    layers = req.layers
     if layers is not None:
         if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
             raise VramplanError(f"--layers must be a positive integer, got {layers!r}")
         spec = spec.with_layers(min(layers, spec.num_layers))
-    cfg = distributed_config(spec, method, precision=precision, batch=batch, seq=seq, rank=rank, targets=targets,
-                             grad_ckpt=bool(grad_ckpt), attn=attn, grad_accum=grad_accum)
-    from ..distributed import parallel_step_memory
-
-    plan_par = make_parallel(gpus, strategy, engine=eng, reshard_after_forward=reshard_after_forward,
-                             bucket_cap_mb=bucket_cap_mb, reduce_bucket_size=reduce_bucket_size,
-                             allgather_bucket_size=allgather_bucket_size, prefetch_bucket_size=prefetch_bucket_size,
-                             max_live_parameters=max_live_parameters, no_sync=no_sync, torch_adam=eng == "deepspeed")
+    cfg = distributed_config(spec, req.method, precision=req.precision, batch=req.batch, seq=req.seq, rank=req.rank,
+                             targets=req.targets, grad_ckpt=bool(req.grad_ckpt), attn=req.attn,
+                             grad_accum=req.grad_accum)
+    opts = req.options.given()
+    plan_par = make_parallel(gpus, strategy, engine=eng, torch_adam=eng == "deepspeed", **opts)
     planned = int(parallel_step_memory(spec, cfg, plan_par, components=False).peak)
     if planned * gpus > HOST_BUDGET:
         raise VramplanError(f"{spec.name} with {spec.num_layers} layers needs about {planned * gpus / 2**30:.1f} GiB "
                             f"of host memory over {gpus} ranks", "use --layers 1, a smaller model, or fewer ranks")
-    opts = {k: v for k, v in dict(reshard_after_forward=reshard_after_forward, bucket_cap_mb=bucket_cap_mb,
-                                  reduce_bucket_size=reduce_bucket_size, allgather_bucket_size=allgather_bucket_size,
-                                  prefetch_bucket_size=prefetch_bucket_size,
-                                  max_live_parameters=max_live_parameters, no_sync=no_sync).items() if v is not None}
     t0 = time.perf_counter()
-    res = run_jobs([Job(spec, cfg, strategy, eng, opts)], gpus, timeout=timeout)[0]
+    res = run_jobs([Job(spec, cfg, strategy, eng, opts)], gpus, timeout=req.timeout)[0]
     if isinstance(res, str):
         raise VramplanError(f"the {engine_description(strategy, eng)} step failed: {res}")
-    return DistributedDryRunResult(model=spec.name, method=method, gpus=gpus, strategy=strategy, engine=eng,
-                                   engine_desc=engine_description(strategy, eng, reshard_after_forward), config=cfg,
-                                   options=opts, ranks=res, packages=_packages(eng),
+    return DistributedDryRunResult(model=spec.name, method=req.method, gpus=gpus, strategy=strategy, engine=eng,
+                                   engine_desc=engine_description(strategy, eng, req.options.reshard_after_forward),
+                                   config=cfg, options=opts, ranks=res, packages=_packages(eng),
                                    seconds=time.perf_counter() - t0)

@@ -276,7 +276,7 @@ def parse_method(text: str) -> tuple[str | None, str | None, str | None, str | N
         strategy = "fsdp"
     elif "ddp" in t:
         strategy = "ddp"
-    if "cpu offload" in t or "cpu param offload" in t:
+    if ("cpu offload" in t or "cpu param offload" in t) and "no cpu offload" not in t:
         offload = "cpu"
     return method, adapter, strategy, offload, note
 

@@ -107,7 +107,7 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
     act, paged = peak_terms(comps, cfg.optimizer)
     over = runtime_overheads(tensor_peak, card, method=cfg.recipe.name, activation_bytes=act, paged_bytes=paged,
                              stack=cfg.framework,
-                             loaded_bytes=(loaded_terms(mem), 0 if par.distributed else load_reserved_terms(mem)))
+                             loaded_bytes=(loaded_terms(mem), load_reserved_terms(mem)))
     comps = apply_activation_factor(comps, over)  # a calibrated activation factor (none by default)
     tensor_peak += over.activation_correction_bytes
     comps.update(over.components)
@@ -241,7 +241,7 @@ def estimate_peaks(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None, para
 
     par = parallel or SINGLE
     if par.distributed:
-        return _peaks(parallel_step_memory(spec, cfg, par), cfg, card, profile, NCCL_BYTES, False)
+        return _peaks(parallel_step_memory(spec, cfg, par), cfg, card, profile, NCCL_BYTES, True)
     return _peaks(step_memory(spec, cfg), cfg, card, profile, 0, True)
 
 

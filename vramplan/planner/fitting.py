@@ -18,7 +18,7 @@ from ..methods import default_methods
 from ..models import ModelSpec, get_model
 from ..request import FitRequest, SearchRequest, call_request
 from ..results import Estimate
-from ..verdict import DEFAULT_MARGIN, Verdict, classify
+from ..verdict import DEFAULT_MARGIN, LIKELY_OVER, Verdict, classify
 from .checks import accum_for, check_card, moe_qlora_note, resolve_gpu, techniques_text
 from .estimating import estimate_config
 
@@ -40,7 +40,7 @@ class FitRow:
 
     ``fits`` is the central prediction of the chosen plan (``peak <= capacity``); ``verdict`` is what the
     user is told, with the band (:mod:`vramplan.verdict`): a plan a few percent over the card but inside
-    the band's lower end is "tight" (shown, "tight, try it"), not "no".
+    the band's lower end is "tight" (shown as "likely over": :func:`vramplan.verdict.label`), not "no".
     """
 
     method: str                                        # the chosen plan's method (qlora for LoRA's fallback)
@@ -350,9 +350,10 @@ def _no_comfortable_note(mp, est: Estimate, margin: float) -> tuple[str, Verdict
     if est.fits:
         return (f"tight, try it: no setting is comfortable (the {margin:.0%} margin and the band's upper end "
                 f"{100 * b.hi:+.0f}% under the card); shown: the fastest whose prediction fits"), verdict
-    return (f"tight, try it: the least-memory setting is predicted {100 * (est.peak_bytes / est.capacity_bytes - 1):.1f}% "
-            f"over the card, inside the band's lower end ({100 * b.lo:+.0f}%): it may fit; run it with a "
-            "safety margin (expandable segments, nothing else on the card) or a smaller batch/sequence"), verdict
+    return (f"{LIKELY_OVER}: the least-memory setting is predicted {100 * (est.peak_bytes / est.capacity_bytes - 1):.1f}% "
+            f"over the card; only the band's lower end ({100 * b.lo:+.0f}%) is under it: it probably does not fit as "
+            "planned (run it only to find out, with expandable segments and nothing else on the card); what fits "
+            "follows"), verdict
 
 
 def _advice(ctx: _FitContext, name: str, sreq: SearchRequest, mp, chosen, est: Estimate):

@@ -774,11 +774,14 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
     for n, strategies in sorted(found.items()):
         out.append(Suggestion("gpus", f"{n}x {card.name} with {' or '.join(strategies)}",
                               {"gpus": n, "strategies": strategies, "gpu": card.name}))
-    # 3. CPU offload on the same number of cards
-    par = make_parallel(max(1, gpus), "zero3", "cpu")
-    if float(totals(sharded(par), cfg, card, par)) <= comfy(card.memory_bytes):
-        out.append(Suggestion("offload", f"{max(1, gpus)}x {card.name} with zero3 --offload cpu (slow)",
-                              {"gpus": max(1, gpus), "strategy": "zero3", "offload": "cpu"}))
+    # 3. CPU offload on the same number of cards: ZeRO-3, else FSDP (DeepSpeed places a model built outside
+    # zero.Init whole on each GPU first, offload or not: vramplan.distributed._zero3_whole_module_bytes)
+    for strategy in ("zero3", "fsdp"):
+        par = make_parallel(max(1, gpus), strategy, "cpu")
+        if float(totals(sharded(par), cfg, card, par)) <= comfy(card.memory_bytes):
+            out.append(Suggestion("offload", f"{max(1, gpus)}x {card.name} with {strategy} --offload cpu (slow)",
+                                  {"gpus": max(1, gpus), "strategy": strategy, "offload": "cpu"}))
+            break
     # 4. a shorter sequence on this card
     limit = min(seq - 128, spec.max_position_embeddings)
     if limit >= 128:
