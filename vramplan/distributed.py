@@ -345,6 +345,8 @@ class ShardedState:
     #: reserved total (``ModelState.load_reserved``): DeepSpeed ZeRO-3 moving a module not built under
     #: ``zero.Init`` whole onto each GPU before partitioning it (:func:`_zero3_whole_module_bytes`); 0: none
     load_reserved_bytes: int = 0
+    #: FSDP1's floor terms (:func:`_fsdp1_floor`): ``wrap_reserved`` and ``unshard_pool`` bytes; None: not FSDP1
+    fsdp1: dict | None = None
     layout: str = "single process (HF Trainer / TRL)"
     notes: list[str] = field(default_factory=list)
 
@@ -430,6 +432,8 @@ def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, st=N
         return out
     if par.engine_name == "torch":  # zero2, zero3, fsdp: FSDP2
         _fsdp2(out, model, cfg, par, st, base)
+        if uses_fsdp1(cfg, par):
+            _fsdp1_floor(out, model, cfg, par, st, base)
     else:  # DeepSpeed ZeRO 1/2/3 (make_parallel refuses the deepspeed engine for fsdp, which _fsdp2 plans)
         _deepspeed(out, model, cfg, par, st, base)
     _rollout_gather(out, model, cfg, par, st)
@@ -722,6 +726,102 @@ def _fsdp2(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel,
     out.layout = ("PyTorch FSDP2 fully_shard per decoder layer + root"
                   + (", reshard_after_forward=False" if not par.reshards_after_forward else "")
                   + (", parameters and optimiser offloaded to CPU" if offload else ""))
+
+
+def uses_fsdp1(cfg: TrainConfig, par: Parallel) -> bool:
+    """Whether ``--strategy fsdp`` runs FSDP1 (``FullyShardedDataParallel``, FULL_SHARD) on ``cfg``'s stack
+    (stacks.toml ``fsdp_engine``); its unit schedule is planned as FSDP2's, its reserve floor by :func:`_fsdp1_floor`."""
+    return par.strategy == "fsdp" and par.engine_name == "torch" and getattr(cfg.stack, "fsdp_engine", "fsdp2") == "fsdp1"
+
+
+def _fsdp1_units(model: ModelSpec, cfg: TrainConfig, st, base, f: dict) -> tuple[tuple, tuple, int, int]:
+    """(tensors on the GPU before the wrap, FSDP units' parameter bytes in wrap order, root bytes, layer unit bytes).
+
+    The units of Answer.AI's llama-recipes policy (``lambda_auto_wrap_policy`` on leaf modules whose weight
+    requires grad, ``transformer_auto_wrap_policy`` on the decoder layer): per layer, each LoRA A and B linear
+    its own unit, then the layer (its frozen linears, NF4 codes in their 16-bit ``quant_storage`` under
+    QLoRA, and its norms); the root (embeddings, final norm, lm_head) last. Full fine-tuning: the layers and
+    the root. Sizes from the same terms as :func:`_fsdp2` (``R``, ``U``)."""
+    from .quant import nf4_bytes
+
+    L = max(model.num_layers, 1)
+    R, U = f["R"], f["U"]
+    full = cfg.recipe.adapter is Adapter.FULL
+    adapters = 0 if full else base.get(Component.ADAPTERS, 0)
+    per_layer_adapters = adapters // L
+    frozen_u = U - per_layer_adapters
+    quantized = set()
+    if not full and cfg.recipe.copies[0].quantized:
+        quantized = {l.name for l in _mem.quantized_linears(model, cfg)}
+    w = DTYPE_BYTES[cfg.regime.trainable_dtype if full else cfg.regime.frozen_dtype]
+    layer, lora, qs_parts = [], [], []
+    ab = 0.0
+    if not full and st.trainable_params:
+        ab = adapters / st.trainable_params  # adapter bytes per trainable parameter
+    for l in model.layer_linears():
+        if not l.is_linear:
+            continue
+        n = l.in_features * l.out_features
+        for _ in range(l.count):
+            if l.name in quantized:
+                packed, _qs = nf4_bytes(n, cfg.double_quant)
+                layer.append(packed)
+                qs_parts.append(n)
+            else:
+                layer.append(n * w)
+            if not full and l.name in cfg.targets:
+                lora += [int(cfg.rank * l.in_features * ab), int(cfg.rank * l.out_features * ab)]
+    rest = max(0, frozen_u - sum(layer))  # norms (and biases): two tensors
+    layer += [rest // 2, rest - rest // 2]
+    root_p = model.embedding_params + model.lm_head_params + model.final_norm_params
+    per = R / root_p if root_p else 0.0
+    root = tuple(int(p * per) for p in (model.embedding_params, model.final_norm_params, model.lm_head_params) if p)
+    units = []
+    for _ in range(L):
+        units += [(b,) for b in lora]
+        units.append(tuple(layer))
+    units.append(root)
+    qs = base.get(Component.QUANT_STATE, 0)
+    before = ()
+    if qs and qs_parts:  # bitsandbytes' quantisation constants stay on the GPU (not parameters: not sharded)
+        total = sum(qs_parts) * L
+        before = tuple(int(qs * n / total) for n in qs_parts) * L
+    return before, tuple(units), R, U
+
+
+def _fsdp1_floor(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel, st, base) -> None:
+    """FSDP1's reserve floor per rank: the wrap's cached blocks plus the unshard stream's own pool.
+
+    Sources: torch 2.2 ``torch/distributed/fsdp/_init_utils.py`` (``_init_param_handle_from_module``:
+    materialise, ``_sync_module_params_and_buffers``, ``_init_param_handle_from_params``),
+    ``_flat_param.py`` (``flatten_tensors``: ``torch.cat``; ``_get_shard``: ``chunk.clone()`` padded;
+    ``_alloc_padded_unsharded_flat_param`` under ``_unshard_stream``), ``_runtime_utils.py`` (the root is not
+    resharded after forward; ``BackwardPrefetch.BACKWARD_PRE`` gathers the next unit while one runs;
+    ``_FreeEventQueue._max_num_inflight_all_gathers = 2``). The wrap's freed flatten copies and materialised
+    parameters stay reserved on the compute stream (:func:`vramplan.loadreserve.fsdp1_wrap_reserved`); the
+    all-gather outputs (the root, the running unit and the prefetched one, padded to a multiple of N) live in
+    the unshard stream's pool, which the compute stream's cached blocks cannot serve
+    (:func:`vramplan.loadreserve.fsdp1_unshard_pool`). Their sum is a floor under the step's reserved total;
+    the step's own reserve above it is planned as FSDP2's. Not modelled: CPU offload (the flat parameters on
+    the host), the post-backward stream's reduce-scatter pool (a gradient shard per unit).
+    """
+    if par.offload == "cpu" or out.fsdp2 is None:
+        return
+    from .loadreserve import fsdp1_unshard_pool, fsdp1_wrap_reserved
+
+    n = par.gpus
+    before, units, R, U = _fsdp1_units(model, cfg, st, base, out.fsdp2)
+    wrap = fsdp1_wrap_reserved(before, units, n, bool(getattr(cfg.stack, "fsdp1_sync_module_states", False)))
+
+    def padded(b: int) -> int:
+        return -(-int(b) // n) * n
+
+    pool = fsdp1_unshard_pool((padded(R), padded(U), padded(U)))
+    out.load_reserved_bytes = max(out.load_reserved_bytes, int(wrap + pool))
+    out.fsdp1 = {"wrap_reserved": int(wrap), "unshard_pool": int(pool)}
+    out.layout += " (FSDP1 FullyShardedDataParallel: wrap reserve and unshard-stream pool as a reserved floor)"
+    out.notes.append(f"FSDP1: the wrap leaves {wrap / 2**30:.2f} GiB reserved per GPU and the unshard stream's pool "
+                     f"holds {pool / 2**30:.2f} GiB (root + 2 units); their sum is a floor under the reserved total")
 
 
 # -- per-GPU step memory -------------------------------------------------------------------

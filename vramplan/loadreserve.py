@@ -162,3 +162,72 @@ def _replay(linears: tuple, layers: int, hidden: int, embed: int, head: int, ran
             layer[i] = pieces + layer[i][5:]
             r.drop(src)
     return r.a.reserved
+
+
+# -- FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel) ------------------------------------------------
+
+#: ``torch/distributed/fsdp/_init_utils.py`` ``PARAM_BROADCAST_BUCKET_SIZE = int(250 * 1024 * 1024)``: the bucket
+#: ``_sync_module_params_and_buffers`` hands to ``dist._broadcast_coalesced`` (torch 2.0 - 2.5)
+FSDP1_BROADCAST_BUCKET = 250 * 1024 * 1024
+
+
+def _buckets(sizes: tuple[int, ...], limit: int) -> list[int]:
+    """``compute_bucket_assignment_by_size`` for one dtype: consecutive tensors, a bucket closes once it holds
+    ``limit`` bytes or more (a tensor larger than the limit is a bucket of its own)."""
+    out, cur = [], 0
+    for s in sizes:
+        cur += s
+        if cur >= limit:
+            out.append(cur)
+            cur = 0
+    if cur:
+        out.append(cur)
+    return out
+
+
+@lru_cache(maxsize=256)
+def fsdp1_wrap_reserved(before: tuple[int, ...], units: tuple[tuple[int, ...], ...], ranks: int,
+                        sync_module_states: bool) -> int:
+    """Bytes reserved on one rank once FSDP1 has wrapped a model, replayed through the caching allocator.
+
+    ``before``: tensors already on the GPU when ``FullyShardedDataParallel(...)`` is called (bitsandbytes'
+    quantisation constants, which are not parameters); ``units``: each FSDP unit's parameter sizes in bytes,
+    in wrap order (``_recursive_wrap`` is post-order: nested units first, the root last). Per unit (torch 2.2
+    ``_init_utils._init_param_handle_from_module``): the unit's parameters are materialised on the GPU
+    (``param_init_fn`` / ``_move_module_to_device``); with ``sync_module_states`` ``_broadcast_coalesced``
+    flattens them into :data:`FSDP1_BROADCAST_BUCKET` buckets one at a time; ``FlatParamHandle`` then
+    ``torch.cat``s them into one flat parameter (``flatten_tensors``) and ``shard()`` clones this rank's chunk
+    (``_get_shard``: padded to a multiple of ``ranks``) while the caller's ``managed_params`` still reference
+    the originals; the flat tensor and the originals are freed when the call returns. Nothing empties the
+    cache afterwards, so the freed blocks stay reserved. Returns the allocator's reserved bytes at the end.
+    """
+    a = CachingAllocator()
+    for b in before:
+        a.malloc(b)
+    for unit in units:
+        params = [a.malloc(p) for p in unit if p > 0]
+        if sync_module_states:
+            for b in _buckets(tuple(p for p in unit if p > 0), FSDP1_BROADCAST_BUCKET):
+                a.free(a.malloc(b))
+        total = sum(unit)
+        flat = a.malloc(total)
+        a.malloc(-(-total // ranks))  # this rank's shard, kept
+        a.free(flat)
+        for h in params:
+            a.free(h)
+    return a.reserved
+
+
+@lru_cache(maxsize=256)
+def fsdp1_unshard_pool(blocks: tuple[int, ...]) -> int:
+    """Bytes the unshard stream's own pool reserves for the padded unsharded flat parameters alive at once.
+
+    FSDP1 (``_runtime_utils._unshard``) all-gathers under ``state._unshard_stream``, so
+    ``FlatParamHandle._alloc_padded_unsharded_flat_param`` allocates on that stream; the caching allocator
+    keeps a freed block in the pool of the stream that allocated it, so these blocks never serve the compute
+    stream's tensors and the compute stream's cached blocks (the wrap's) never serve them."""
+    a = CachingAllocator()
+    for b in blocks:
+        if b > 0:
+            a.malloc(b)
+    return a.reserved

@@ -54,6 +54,8 @@ class Stack:
     transformers_modules: bool = False                # it trains transformers' own modeling code (its attention calls)
     bnb_exact_linear: bool = False                    # its 4-bit conversion replaces exact nn.Linear only (transformers >= 5)
     accumulation_no_sync: bool = False                # accumulation micro-batches skip the gradient sync (DDP/FSDP no_sync)
+    fsdp_engine: str = "fsdp2"                        # --strategy fsdp runs FSDP2 (fully_shard) or FSDP1 (FullyShardedDataParallel)
+    fsdp1_sync_module_states: bool = False            # FSDP1 wraps a rank-0-loaded model with sync_module_states=True
     # the dry run (stacks.toml's header): its runtime module, what it builds, its packages and techniques
     runtime: str = ""                                 # module of vramplan.runtime.stacks or dotted path ("": name)
     dryrun_builds: str = ""
@@ -170,6 +172,8 @@ def stacks() -> dict[str, Stack]:
                        fused_lora_layers=_flag(s, "fused_lora_layers"), fused_activation=_flag(s, "fused_activation"),
                        bnb_exact_linear=_flag(s, "bnb_exact_linear"),
                        accumulation_no_sync=_flag(s, "accumulation_no_sync"),
+                       fsdp_engine=str(s.get("fsdp_engine", "fsdp2")),
+                       fsdp1_sync_module_states=_flag(s, "fsdp1_sync_module_states"),
                        transformers_modules=_flag(s, "transformers_modules"),
                        runtime=str(s.get("runtime", name)), dryrun_builds=str(s.get("dryrun_builds", name)),
                        dryrun_package=str(s.get("dryrun_package", "")), dryrun_versions=_names(s, "dryrun_versions"),
@@ -184,6 +188,8 @@ def stacks() -> dict[str, Stack]:
             raise VramplanError(f"stacks.toml: stack {name!r}: loss_chunk_tokens and loss_upcast describe a chunked loss")
         if st.loss not in LOSSES or st.loss_chunks < 1 or st.runner not in ("trainer", "loop", "regime"):
             raise VramplanError(f"stacks.toml: stack {name!r} has a bad loss, loss_chunks or runner")
+        if st.fsdp_engine not in ("fsdp1", "fsdp2"):
+            raise VramplanError(f"stacks.toml: stack {name!r}: fsdp_engine must be fsdp1 or fsdp2")
         if any(how not in ("traced", "emulated") for _, how in st.dryrun_techniques):
             raise VramplanError(f"stacks.toml: stack {name!r}: a dryrun_techniques value is not traced or emulated")
         bad = [t for t in st.techniques + tuple(t for t, _ in st.dryrun_techniques) if t not in techniques()]
