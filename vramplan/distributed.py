@@ -819,7 +819,8 @@ def _fsdp1_floor(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Par
     pool = fsdp1_unshard_pool((padded(R), padded(U), padded(U)))
     out.load_reserved_bytes = max(out.load_reserved_bytes, int(wrap + pool))
     out.fsdp1 = {"wrap_reserved": int(wrap), "unshard_pool": int(pool)}
-    out.layout += " (FSDP1 FullyShardedDataParallel: wrap reserve and unshard-stream pool as a reserved floor)"
+    out.layout = out.layout.replace("PyTorch FSDP2 fully_shard", "PyTorch FSDP1 FullyShardedDataParallel", 1) + (
+        " (unit schedule planned as FSDP2's; the wrap's reserve and the unshard stream's pool as a reserved floor)")
     out.notes.append(f"FSDP1: the wrap leaves {wrap / 2**30:.2f} GiB reserved per GPU and the unshard stream's pool "
                      f"holds {pool / 2**30:.2f} GiB (root + 2 units); their sum is a floor under the reserved total")
 
