@@ -30,6 +30,9 @@ Layouts per GPU (P = trainable parameters, N = GPUs, Adam in mixed precision):
   ways, plus the unsharded 16-bit parameters of the root unit (embeddings, lm_head, final
   norm: kept gathered from forward to backward) and of two decoder layers (the one running
   and the prefetched one), and the unsharded gradients of the root and one layer in backward.
+  Stacks that run FSDP1 (``FullyShardedDataParallel``; stacks.toml ``fsdp_engine = "fsdp1"``) keep that
+  schedule and add a floor under the reserved total: the wrap's cached flatten copies plus the unshard
+  stream's own pool of all-gather outputs (:func:`_fsdp1_floor`).
 * **gradient accumulation**: a micro-batch after the first runs beside the earlier ones' summed
   gradients -- DDP's (every gradient), FSDP's sharded sums, or, when the loop skips the gradient sync
   on accumulating micro-batches (``no_sync``: litgpt, the HF Trainer; ``stacks.toml
