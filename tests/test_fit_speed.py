@@ -404,3 +404,50 @@ def test_model_spec_kept_hash_is_the_dataclass_hash():
     for _ in range(2):
         with pytest.raises(TypeError):
             hash(listy)
+
+
+@pytest.mark.parametrize("method,strategy", [("lora", None), ("full", None), ("ppo", None), ("qlora", "zero3"),
+                                             ("full", "fsdp")])
+def test_combine_phases_subset_equals_the_whole_breakdown(monkeypatch, method, strategy):
+    """``combine_phases(components=<set>)`` (the search's device totals read only the activation group and the
+    optimiser states) gives each asked-for component exactly as the whole breakdown has it, in its order, with
+    the same phases and peak: one device and sharded layouts (gathered and reduce buffers), every single
+    component, the device chain's set and random subsets."""
+    import vramplan.distributed as dist
+    import vramplan.memory as mem_mod
+    from vramplan.overheads import ACTIVATION_COMPONENTS
+    from vramplan.phases import combine_phases
+    from vramplan.taxonomy import Component
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return combine_phases(*args, **kwargs)
+    monkeypatch.setattr(dist, "combine_phases", spy)
+    monkeypatch.setattr(mem_mod, "combine_phases", spy)
+    spec = get_model("7b")
+    cfg = vramplan.make_config(spec, method, seq=1024, grad_ckpt=method == "full", attn="eager")
+    b = MICRO_BATCHES[:6]
+    if strategy is None:
+        mem_mod.step_memory(spec, cfg, batch=b, grad_accum=np.where(b > 2, 2, 1))
+    else:
+        dist.parallel_step_memory(spec, cfg, dist.make_parallel(4, strategy), batch=b)
+    assert calls
+    rng = random.Random(11)
+    comps = list(Component)
+    subsets = [frozenset([c]) for c in comps] + [frozenset(ACTIVATION_COMPONENTS) | {Component.OPTIMIZER_STATES}]
+    subsets += [frozenset(rng.sample(comps, rng.randint(0, len(comps)))) for _ in range(6)]
+    for args, kwargs in calls:
+        kwargs = dict(kwargs)
+        kwargs.pop("components", None)
+        args = args[:4]  # the components flag (positional in the sharded call) is set below
+        phases, peak, idx, whole = combine_phases(*args, **kwargs)
+        assert combine_phases(*args, **kwargs, components=False)[3] == {}
+        for want in subsets:
+            p2, peak2, idx2, part = combine_phases(*args, **kwargs, components=want)
+            assert list(part) == [c for c in whole if c in want]
+            for c, v in part.items():
+                assert np.array_equal(v, whole[c]), c
+            assert np.array_equal(peak2, peak) and np.array_equal(idx2, idx)
+            assert all(np.array_equal(p2[p], phases[p]) for p in phases)

@@ -747,10 +747,11 @@ def step_memory_rows(model: ModelSpec, cfgs: list[TrainConfig], batch=None, seq=
 
 
 def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=None, seq=None, grad_accum=None,
-                            terms: dict | None = None) -> tuple[StepMemory, list]:
+                            terms: dict | None = None, components: "bool | frozenset" = True) -> tuple[StepMemory, list]:
     """:func:`step_memory_rows`; ``terms``: a dict the caller keeps to reuse each configuration's activation
     terms between calls over the same ``batch`` and ``seq`` grids (one planning call: a fit's searches share
-    their fallbacks' configurations); equal keys, equal values, and nothing writes into them."""
+    their fallbacks' configurations); equal keys, equal values, and nothing writes into them. ``components``:
+    as :func:`vramplan.phases.combine_phases` (a set: only the components the caller reads)."""
     if len({c.recipe.behaviour.generates for c in cfgs}) > 1:
         raise ValueError("step_memory_rows: configurations that generate and that do not")
     states = [model_state(model, c) for c in cfgs]
@@ -779,7 +780,7 @@ def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=Non
     held = np.stack([np.broadcast_to(held_gradients(st, c, grad_accum), t.zeros.shape[1:])
                      for st, c in zip(states, cfgs)])
     s = _stack_state_terms([state_terms(st, c) for st, c in zip(states, cfgs)], column, held)
-    phases, peak, idx, comps = combine_phases(t, base, s)
+    phases, peak, idx, comps = combine_phases(t, base, s, components=components)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=None), states
 
 

@@ -401,9 +401,10 @@ def _single_totals(spec: ModelSpec, cands: list, card: GPUSpec, reps: dict, whic
     from ..overheads import ACTIVATION_COMPONENTS
     from ..taxonomy import Component
 
-    mem, sts = step_memory_rows_shared(spec, list(reps.values()), batch=b_grid, grad_accum=a_grid, terms=totals.terms)
-    # the candidates' rows of what the device chain reads (the peak, the activation group, the optimiser states)
-    read = set(ACTIVATION_COMPONENTS) | {Component.OPTIMIZER_STATES}
+    # only what the device chain reads (the peak, the activation group, the optimiser states) is worked out
+    read = frozenset(ACTIVATION_COMPONENTS) | {Component.OPTIMIZER_STATES}
+    mem, sts = step_memory_rows_shared(spec, list(reps.values()), batch=b_grid, grad_accum=a_grid, terms=totals.terms,
+                                       components=read)
     mem = StepMemory(components={c: v[which] for c, v in mem.components.items() if c in read}, phases={},
                      peak=mem.peak[which], peak_phase=mem.peak_phase[which], state=None)
     return totals.rows(mem, [sts[j] for j in which], [cfg for cfg, _ in cands], card)
