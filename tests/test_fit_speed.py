@@ -451,3 +451,29 @@ def test_combine_phases_subset_equals_the_whole_breakdown(monkeypatch, method, s
                 assert np.array_equal(v, whole[c]), c
             assert np.array_equal(peak2, peak) and np.array_equal(idx2, idx)
             assert all(np.array_equal(p2[p], phases[p]) for p in phases)
+
+
+@pytest.mark.parametrize("model,gpu,method", [("llama-2-13b", "rtx4000ada", "lora"), ("7b", "rtx4090", "ppo"),
+                                              ("7b", "a100-40gb", "full"), ("llama-3.2-1b", "t4", "grpo")])
+def test_device_totals_of_the_read_components_equal_the_whole_step_memorys(model, gpu, method):
+    """The band curves and what_would_fit work out only :data:`limits.DEVICE_CHAIN_READS` at the peak: the device
+    chain (``DeviceTotals``, ``step_device_total``) gives the same totals as from the whole step memory, over a
+    batch grid and a sequence grid, for a paged and a plain optimiser; the subset is the whole's components."""
+    from vramplan.memory import step_memory
+    from vramplan.overheads import step_device_total
+    from vramplan.planner.limits import DEVICE_CHAIN_READS, device_totals
+
+    spec, card = get_model(model), get_gpu(gpu)
+    totals = DeviceTotals()
+    grids = [dict(batch=np.arange(1, 65)), dict(batch=1, seq=np.arange(128, 4097, 128))]
+    for opt in ("adamw", "paged_adamw_8bit"):
+        cfg = vramplan.make_config(spec, method, seq=512, optimizer=opt)
+        for grid in grids:
+            whole = step_memory(spec, cfg, **grid)
+            part = step_memory(spec, cfg, **grid, components=DEVICE_CHAIN_READS)
+            assert set(part.components) == DEVICE_CHAIN_READS & set(whole.components)
+            for c, v in part.components.items():
+                assert np.array_equal(v, whole.components[c])
+            assert np.array_equal(totals(part, cfg, card), totals(whole, cfg, card))
+            assert np.array_equal(step_device_total(part, cfg, card), step_device_total(whole, cfg, card))
+            assert np.array_equal(device_totals(spec, cfg, card, totals=totals, **grid), totals(whole, cfg, card))

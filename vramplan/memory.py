@@ -695,7 +695,8 @@ def resident_floor(model: ModelSpec, cfg: TrainConfig, st: ModelState | None = N
     return int(static + max(0, own + a.grads_opt))
 
 
-def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None, grad_accum=None) -> StepMemory:
+def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None, grad_accum=None,
+                components: "bool | frozenset" = True) -> StepMemory:
     """Peak tensor bytes of a steady-state step of ``cfg`` on ``model``, by component and phase.
 
     ``batch``, ``seq`` and ``grad_accum`` default to the config's; arrays broadcast. With gradient
@@ -703,11 +704,14 @@ def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None, grad_a
     beside the gradients the earlier ones summed (``zero_grad`` runs only after the optimizer step):
     the HF Trainer, torchtune, litgpt (finetune/full.py ``fabric.no_backward_sync`` loop) and any
     plain loop accumulate into ``param.grad``. Full fine-tuning: one more copy of the trainable
-    weights at the forward's end; adapters: their (small) gradients.
+    weights at the forward's end; adapters: their (small) gradients. ``components``: as
+    :func:`vramplan.phases.combine_phases` (a set: only those components at the peak, for a caller that reads
+    no other).
     """
     st = model_state(model, cfg)
     t = step_terms(model, cfg, batch, seq)
-    phases, peak, idx, comps = combine_phases(t, st.bytes, state_terms(st, cfg, held_gradients(st, cfg, grad_accum)))
+    phases, peak, idx, comps = combine_phases(t, st.bytes, state_terms(st, cfg, held_gradients(st, cfg, grad_accum)),
+                                              components=components)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=st)
 
 

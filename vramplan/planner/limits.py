@@ -26,7 +26,8 @@ from ..config import TrainConfig
 from ..gpus import GPUSpec
 from ..memory import StepMemory, step_memory
 from ..models import ModelSpec
-from ..overheads import card_profile, step_device_total
+from ..overheads import ACTIVATION_COMPONENTS, card_profile, step_device_total
+from ..taxonomy import Component
 
 if TYPE_CHECKING:
     from ..distributed import Parallel
@@ -36,6 +37,12 @@ if TYPE_CHECKING:
 
 #: Micro-batches searched for the largest that fits (``fit``'s ``max_batch``, the matrix's cells).
 BATCH_GRID = np.arange(1, 1025)
+
+#: The components at the peak that the device chain reads (:func:`vramplan.overheads.step_device_total` and
+#: :meth:`DeviceTotals.rows`: the activation group the activation factor scales, and the optimiser states a
+#: paged optimiser keeps outside the reserve); a step memory worked out only for its device total needs no other
+#: (``vramplan.phases.combine_phases``' ``components``)
+DEVICE_CHAIN_READS = frozenset(ACTIVATION_COMPONENTS) | {Component.OPTIMIZER_STATES}
 #: Sequence lengths of a longest-sequence search, multiples of 128 (:func:`longest_sequence` goes to the
 #: model's context, which may be longer than this grid's 128 Ki tokens).
 SEQ_GRID = np.arange(128, 131072 + 1, 128)
@@ -149,13 +156,17 @@ class DeviceTotals:
                                   profile=prof, stack=stack, loaded_bytes=loaded))
 
 
-def step_memory_for(spec: ModelSpec, cfg: TrainConfig, par: Parallel | None = None, batch=None, seq=None) -> StepMemory:
-    """Per-GPU tensor bytes of ``cfg`` under ``par`` (arrays over batch/seq), with the components at the peak."""
+def step_memory_for(spec: ModelSpec, cfg: TrainConfig, par: Parallel | None = None, batch=None, seq=None,
+                    components: "bool | frozenset" = True) -> StepMemory:
+    """Per-GPU tensor bytes of ``cfg`` under ``par`` (arrays over batch/seq), with the components at the peak.
+
+    ``components``: a set works out only those components on one GPU (:data:`DEVICE_CHAIN_READS` for a device
+    total); a sharded layout works out all of them."""
     if par is not None and par.distributed:
         from ..distributed import parallel_step_memory
 
         return parallel_step_memory(spec, cfg, par, batch=batch, seq=seq)
-    return step_memory(spec, cfg, batch=batch, seq=seq)
+    return step_memory(spec, cfg, batch=batch, seq=seq, components=components)
 
 
 def device_totals(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None, batch=None, seq=None,
@@ -166,9 +177,10 @@ def device_totals(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None, batch
     (:func:`vramplan.overheads.device_total`): activation factor, paged optimiser states outside
     the reserve, the profile's allocator; NCCL's buffers on several GPUs.
     """
+    mem = step_memory_for(spec, cfg, par, batch, seq, components=DEVICE_CHAIN_READS)
     if card is None:
-        return step_device_total(step_memory_for(spec, cfg, par, batch, seq), cfg, card)
-    return (totals or DeviceTotals())(step_memory_for(spec, cfg, par, batch, seq), cfg, card, par)
+        return step_device_total(mem, cfg, card)
+    return (totals or DeviceTotals())(mem, cfg, card, par)
 
 
 def fitting_prefix(totals, usable) -> np.ndarray:

@@ -52,7 +52,7 @@ from ..throughput import StepTime, StepTimeInputs, step_time_rows, time_to_train
 from ..units import GIB
 from ..verdict import DEFAULT_MARGIN, Verdict, classify, comfortable_limit
 from .checks import check_card
-from .limits import DeviceTotals, step_memory_for
+from .limits import DEVICE_CHAIN_READS, DeviceTotals, step_memory_for
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 RANKS = (8, 16, 64)
@@ -398,11 +398,8 @@ def _single_totals(spec: ModelSpec, cands: list, card: GPUSpec, reps: dict, whic
                    a_grid: np.ndarray, totals: DeviceTotals) -> np.ndarray:
     """One-GPU device totals (bytes, candidates x micro-batches): one :func:`step_memory_rows` call over the
     shared configurations ``reps``, one :meth:`DeviceTotals.rows` chain over the candidates."""
-    from ..overheads import ACTIVATION_COMPONENTS
-    from ..taxonomy import Component
-
     # only what the device chain reads (the peak, the activation group, the optimiser states) is worked out
-    read = frozenset(ACTIVATION_COMPONENTS) | {Component.OPTIMIZER_STATES}
+    read = DEVICE_CHAIN_READS
     mem, sts = step_memory_rows_shared(spec, list(reps.values()), batch=b_grid, grad_accum=a_grid, terms=totals.terms,
                                        components=read)
     mem = StepMemory(components={c: v[which] for c, v in mem.components.items() if c in read}, phases={},
@@ -747,7 +744,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
         return comfortable_limit(capacity, hi, margin)
     # 1. the smallest card of the catalogue
     cards = sorted(catalogue().values(), key=lambda g: (g.memory_bytes, -g.bf16_tflops))
-    mem = step_memory_for(spec, cfg, SINGLE)
+    mem = step_memory_for(spec, cfg, SINGLE, components=DEVICE_CHAIN_READS)  # read by the device chain only
     for g in cards:
         if g.memory_bytes <= card.memory_bytes or (cfg.precision != "fp32" and "bf16" in cfg.precision and not g.bf16):
             continue
@@ -791,7 +788,8 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
         if grid.size:
             par = make_parallel(gpus) if gpus > 1 else SINGLE
             c = cfg.with_(**cfg.recipe.behaviour.reset_shape())
-            ok = totals(step_memory_for(spec, c, par, batch=1, seq=grid), c, card, par) <= comfy(card.memory_bytes)
+            ok = totals(step_memory_for(spec, c, par, batch=1, seq=grid, components=DEVICE_CHAIN_READS), c, card,
+                        par) <= comfy(card.memory_bytes)
             if ok.any():
                 s = int(grid[ok].max())
                 out.append(Suggestion("seq", f"seq <= {s:,} on {card.name}",
