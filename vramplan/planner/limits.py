@@ -26,8 +26,8 @@ from ..config import TrainConfig
 from ..gpus import GPUSpec
 from ..memory import StepMemory, step_memory
 from ..models import ModelSpec
-from ..overheads import ACTIVATION_COMPONENTS, card_profile, step_device_total
-from ..taxonomy import Component
+from ..overheads import card_profile, step_device_total
+from .estimating import DEVICE_CHAIN_READS
 
 if TYPE_CHECKING:
     from ..distributed import Parallel
@@ -37,12 +37,6 @@ if TYPE_CHECKING:
 
 #: Micro-batches searched for the largest that fits (``fit``'s ``max_batch``, the matrix's cells).
 BATCH_GRID = np.arange(1, 1025)
-
-#: The components at the peak that the device chain reads (:func:`vramplan.overheads.step_device_total` and
-#: :meth:`DeviceTotals.rows`: the activation group the activation factor scales, and the optimiser states a
-#: paged optimiser keeps outside the reserve); a step memory worked out only for its device total needs no other
-#: (``vramplan.phases.combine_phases``' ``components``)
-DEVICE_CHAIN_READS = frozenset(ACTIVATION_COMPONENTS) | {Component.OPTIMIZER_STATES}
 #: Sequence lengths of a longest-sequence search, multiples of 128 (:func:`longest_sequence` goes to the
 #: model's context, which may be longer than this grid's 128 Ki tokens).
 SEQ_GRID = np.arange(128, 131072 + 1, 128)
