@@ -477,3 +477,26 @@ def test_device_totals_of_the_read_components_equal_the_whole_step_memorys(model
             assert np.array_equal(totals(part, cfg, card), totals(whole, cfg, card))
             assert np.array_equal(step_device_total(part, cfg, card), step_device_total(whole, cfg, card))
             assert np.array_equal(device_totals(spec, cfg, card, totals=totals, **grid), totals(whole, cfg, card))
+
+
+def test_at_peak_skipping_phases_not_given_equals_the_long_way():
+    """``phases._at_peak`` skips the phases a component has no value for: equal (values and dtype) to one
+    ``np.where`` per phase with zeros for those not given, for scalars, ints, floats and columns."""
+    from vramplan.phases import PHASE_ORDER, _at_peak
+
+    rng = np.random.default_rng(5)
+    for trial in range(40):
+        shape = [(7,), (3, 7), (1,)][trial % 3]
+        zeros = np.zeros(shape)
+        idx = rng.integers(0, len(PHASE_ORDER), size=shape)
+        given = [p for p in PHASE_ORDER if rng.random() < 0.5]
+        by_phase = {}
+        for p in given:
+            kind = rng.integers(0, 3)
+            by_phase[p] = (int(rng.integers(0, 10 ** 12)) if kind == 0 else
+                           rng.integers(0, 10 ** 12, size=shape) if kind == 1 else rng.random(shape) * 1e9)
+        long = zeros.copy()
+        for k, p in enumerate(PHASE_ORDER):
+            long = np.where(idx == k, by_phase.get(p, zeros), long)
+        got = _at_peak(idx, zeros, by_phase)
+        assert got.dtype == long.dtype and np.array_equal(got, long)

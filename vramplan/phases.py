@@ -301,10 +301,13 @@ def combine_phases(t: StepTerms, base: dict[Component, int], s: StateTerms, g: G
 
 
 def _at_peak(idx: np.ndarray, zeros: np.ndarray, by_phase: dict[Phase, Bytes]) -> np.ndarray:
-    """Where the peak is phase p, ``by_phase[p]`` (0 for a phase not given)."""
+    """Where the peak is phase p, ``by_phase[p]`` (0 for a phase not given: the zeros it starts from, which no
+    other phase's ``np.where`` touches there, so a phase not given is skipped)."""
     out = zeros.copy()
     for k, p in enumerate(PHASE_ORDER):
-        out = np.where(idx == k, by_phase.get(p, zeros), out)
+        v = by_phase.get(p)
+        if v is not None:
+            out = np.where(idx == k, v, out)
     return out
 
 
