@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from dataclasses import fields as dataclass_fields
 from typing import Any
 
 import numpy as np
@@ -524,20 +523,17 @@ def _open_rows(spec: ModelSpec, cands: list, card: GPUSpec, usable: list[int], c
     def can_list(key: TrainConfig, limit: int) -> bool:
         return not (shut(totals.floor(spec, key.with_(optimizer="adamw"), card, any_optimizer=True), limit)
                     or shut(totals.floor(spec, key, card), limit))
-    seen: dict[tuple, bool] = {}  # (the fields but GC and attention, limit) -> whether it can be listed
+    # (the configuration with GC off and sdpa, limit) -> whether it can be listed: two such configurations are
+    # equal exactly when every field but GC and attention is (a config's equality and hash are its fields')
+    seen: dict[tuple, bool] = {}
     out = []
     for j, (cfg, _) in enumerate(cands):
-        fields = (tuple(getattr(cfg, name) for name in _SANS_GC_ATTN), usable[j])
-        if fields not in seen:
-            seen[fields] = can_list(cfg.with_(grad_ckpt=False, attn="sdpa"), usable[j])
-        if seen[fields]:
+        key = (cfg.with_(grad_ckpt=False, attn="sdpa"), usable[j])
+        if key not in seen:
+            seen[key] = can_list(key[0], usable[j])
+        if seen[key]:
             out.append(j)
     return out
-
-
-#: a configuration's fields but gradient checkpointing and attention (:func:`_open_rows`' key: equal values,
-#: the same configuration once those two are set)
-_SANS_GC_ATTN = tuple(f.name for f in dataclass_fields(TrainConfig) if f.name not in ("grad_ckpt", "attn"))
 
 
 def _rows_totals(spec: ModelSpec, cands: list, card: GPUSpec, grid: tuple, totals: DeviceTotals) -> np.ndarray:
