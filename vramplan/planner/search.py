@@ -438,10 +438,10 @@ def _setup_best(spec: ModelSpec, method: str, card: GPUSpec, current_fits: bool,
     if not open_:
         return None
     cands, limits, usable = [cands[j] for j in open_], [limits[j] for j in open_], [usable[j] for j in open_]
-    total = _rows_totals(spec, cands, card, grid, totals)
+    reps, which = _shared_rows(cands)
+    total = _single_totals(spec, cands, card, reps, which, grid[0], grid[1], totals)
     if not _listable(total, usable, capacity, current_fits):
         return None
-    reps, which = _shared_rows(cands)
     prof = card_profile(card)
     times = step_time_rows(spec, list(reps.values()), card, batch=grid[0], grad_accum=grid[1], parallel=par,
                            inputs=[StepTimeInputs(profile=prof, state=model_state(spec, r)) for r in reps.values()])
@@ -534,12 +534,6 @@ def _open_rows(spec: ModelSpec, cands: list, card: GPUSpec, usable: list[int], c
         if seen[key]:
             out.append(j)
     return out
-
-
-def _rows_totals(spec: ModelSpec, cands: list, card: GPUSpec, grid: tuple, totals: DeviceTotals) -> np.ndarray:
-    """One-GPU device totals (bytes, candidates x micro-batches) of ``cands`` over ``grid`` (:func:`_single_totals`)."""
-    reps, which = _shared_rows(cands)
-    return _single_totals(spec, cands, card, reps, which, grid[0], grid[1], totals)
 
 
 def _listable(total: np.ndarray, usable: list[int], capacity: int, current_fits: bool) -> bool:
