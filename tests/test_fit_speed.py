@@ -14,7 +14,10 @@ pin what the shortcuts must preserve and count what they must skip:
   by ``with_`` or a pickle, and ``with_`` drops exactly the resolved values the changed fields feed;
 * ``activations._layer_setup``'s reuse of its last layer equals a fresh one for interleaved configurations,
   and ``memory.step_terms`` (one layer computed once per copy) equals the terms built the long way;
-* the ``fit --json`` path imports neither torch, rich nor ``importlib.metadata``.
+* the ``fit --json`` path imports neither torch, rich nor ``importlib.metadata``;
+* ``phases.combine_phases`` asked for a set of components (what the device chain reads:
+  ``planner.estimating.DEVICE_CHAIN_READS``) gives each as the whole breakdown has it, and the device totals
+  of such a step memory equal the whole one's; ``phases._at_peak`` skipping phases not given equals the long way.
 """
 
 from __future__ import annotations
