@@ -14,7 +14,10 @@ pin what the shortcuts must preserve and count what they must skip:
   by ``with_`` or a pickle, and ``with_`` drops exactly the resolved values the changed fields feed;
 * ``activations._layer_setup``'s reuse of its last layer equals a fresh one for interleaved configurations,
   and ``memory.step_terms`` (one layer computed once per copy) equals the terms built the long way;
-* the ``fit --json`` path imports neither torch, rich nor ``importlib.metadata``.
+* the ``fit --json`` path imports neither torch, rich nor ``importlib.metadata``;
+* ``phases.combine_phases`` asked for a set of components (what the device chain reads:
+  ``planner.estimating.DEVICE_CHAIN_READS``) gives each as the whole breakdown has it, and the device totals
+  of such a step memory equal the whole one's; ``phases._at_peak`` skipping phases not given equals the long way.
 """
 
 from __future__ import annotations
@@ -404,3 +407,99 @@ def test_model_spec_kept_hash_is_the_dataclass_hash():
     for _ in range(2):
         with pytest.raises(TypeError):
             hash(listy)
+
+
+@pytest.mark.parametrize("method,strategy", [("lora", None), ("full", None), ("ppo", None), ("qlora", "zero3"),
+                                             ("full", "fsdp")])
+def test_combine_phases_subset_equals_the_whole_breakdown(monkeypatch, method, strategy):
+    """``combine_phases(components=<set>)`` (the search's device totals read only the activation group and the
+    optimiser states) gives each asked-for component exactly as the whole breakdown has it, in its order, with
+    the same phases and peak: one device and sharded layouts (gathered and reduce buffers), every single
+    component, the device chain's set and random subsets."""
+    import vramplan.distributed as dist
+    import vramplan.memory as mem_mod
+    from vramplan.overheads import ACTIVATION_COMPONENTS
+    from vramplan.phases import combine_phases
+    from vramplan.taxonomy import Component
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return combine_phases(*args, **kwargs)
+    monkeypatch.setattr(dist, "combine_phases", spy)
+    monkeypatch.setattr(mem_mod, "combine_phases", spy)
+    spec = get_model("7b")
+    cfg = vramplan.make_config(spec, method, seq=1024, grad_ckpt=method == "full", attn="eager")
+    b = MICRO_BATCHES[:6]
+    if strategy is None:
+        mem_mod.step_memory(spec, cfg, batch=b, grad_accum=np.where(b > 2, 2, 1))
+    else:
+        dist.parallel_step_memory(spec, cfg, dist.make_parallel(4, strategy), batch=b)
+    assert calls
+    rng = random.Random(11)
+    comps = list(Component)
+    subsets = [frozenset([c]) for c in comps] + [frozenset(ACTIVATION_COMPONENTS) | {Component.OPTIMIZER_STATES}]
+    subsets += [frozenset(rng.sample(comps, rng.randint(0, len(comps)))) for _ in range(6)]
+    for args, kwargs in calls:
+        kwargs = dict(kwargs)
+        kwargs.pop("components", None)
+        args = args[:4]  # the components flag (positional in the sharded call) is set below
+        phases, peak, idx, whole = combine_phases(*args, **kwargs)
+        assert combine_phases(*args, **kwargs, components=False)[3] == {}
+        for want in subsets:
+            p2, peak2, idx2, part = combine_phases(*args, **kwargs, components=want)
+            assert list(part) == [c for c in whole if c in want]
+            for c, v in part.items():
+                assert np.array_equal(v, whole[c]), c
+            assert np.array_equal(peak2, peak) and np.array_equal(idx2, idx)
+            assert all(np.array_equal(p2[p], phases[p]) for p in phases)
+
+
+@pytest.mark.parametrize("model,gpu,method", [("llama-2-13b", "rtx4000ada", "lora"), ("7b", "rtx4090", "ppo"),
+                                              ("7b", "a100-40gb", "full"), ("llama-3.2-1b", "t4", "grpo")])
+def test_device_totals_of_the_read_components_equal_the_whole_step_memorys(model, gpu, method):
+    """The band curves and what_would_fit work out only :data:`limits.DEVICE_CHAIN_READS` at the peak: the device
+    chain (``DeviceTotals``, ``step_device_total``) gives the same totals as from the whole step memory, over a
+    batch grid and a sequence grid, for a paged and a plain optimiser; the subset is the whole's components."""
+    from vramplan.memory import step_memory
+    from vramplan.overheads import step_device_total
+    from vramplan.planner.limits import DEVICE_CHAIN_READS, device_totals
+
+    spec, card = get_model(model), get_gpu(gpu)
+    totals = DeviceTotals()
+    grids = [dict(batch=np.arange(1, 65)), dict(batch=1, seq=np.arange(128, 4097, 128))]
+    for opt in ("adamw", "paged_adamw_8bit"):
+        cfg = vramplan.make_config(spec, method, seq=512, optimizer=opt)
+        for grid in grids:
+            whole = step_memory(spec, cfg, **grid)
+            part = step_memory(spec, cfg, **grid, components=DEVICE_CHAIN_READS)
+            assert set(part.components) == DEVICE_CHAIN_READS & set(whole.components)
+            for c, v in part.components.items():
+                assert np.array_equal(v, whole.components[c])
+            assert np.array_equal(totals(part, cfg, card), totals(whole, cfg, card))
+            assert np.array_equal(step_device_total(part, cfg, card), step_device_total(whole, cfg, card))
+            assert np.array_equal(device_totals(spec, cfg, card, totals=totals, **grid), totals(whole, cfg, card))
+
+
+def test_at_peak_skipping_phases_not_given_equals_the_long_way():
+    """``phases._at_peak`` skips the phases a component has no value for: equal (values and dtype) to one
+    ``np.where`` per phase with zeros for those not given, for scalars, ints, floats and columns."""
+    from vramplan.phases import PHASE_ORDER, _at_peak
+
+    rng = np.random.default_rng(5)
+    for trial in range(40):
+        shape = [(7,), (3, 7), (1,)][trial % 3]
+        zeros = np.zeros(shape)
+        idx = rng.integers(0, len(PHASE_ORDER), size=shape)
+        given = [p for p in PHASE_ORDER if rng.random() < 0.5]
+        by_phase = {}
+        for p in given:
+            kind = rng.integers(0, 3)
+            by_phase[p] = (int(rng.integers(0, 10 ** 12)) if kind == 0 else
+                           rng.integers(0, 10 ** 12, size=shape) if kind == 1 else rng.random(shape) * 1e9)
+        long = zeros.copy()
+        for k, p in enumerate(PHASE_ORDER):
+            long = np.where(idx == k, by_phase.get(p, zeros), long)
+        got = _at_peak(idx, zeros, by_phase)
+        assert got.dtype == long.dtype and np.array_equal(got, long)

@@ -695,7 +695,8 @@ def resident_floor(model: ModelSpec, cfg: TrainConfig, st: ModelState | None = N
     return int(static + max(0, own + a.grads_opt))
 
 
-def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None, grad_accum=None) -> StepMemory:
+def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None, grad_accum=None,
+                components: "bool | frozenset" = True) -> StepMemory:
     """Peak tensor bytes of a steady-state step of ``cfg`` on ``model``, by component and phase.
 
     ``batch``, ``seq`` and ``grad_accum`` default to the config's; arrays broadcast. With gradient
@@ -703,11 +704,14 @@ def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None, grad_a
     beside the gradients the earlier ones summed (``zero_grad`` runs only after the optimizer step):
     the HF Trainer, torchtune, litgpt (finetune/full.py ``fabric.no_backward_sync`` loop) and any
     plain loop accumulate into ``param.grad``. Full fine-tuning: one more copy of the trainable
-    weights at the forward's end; adapters: their (small) gradients.
+    weights at the forward's end; adapters: their (small) gradients. ``components``: as
+    :func:`vramplan.phases.combine_phases` (a set: only those components at the peak, for a caller that reads
+    no other).
     """
     st = model_state(model, cfg)
     t = step_terms(model, cfg, batch, seq)
-    phases, peak, idx, comps = combine_phases(t, st.bytes, state_terms(st, cfg, held_gradients(st, cfg, grad_accum)))
+    phases, peak, idx, comps = combine_phases(t, st.bytes, state_terms(st, cfg, held_gradients(st, cfg, grad_accum)),
+                                              components=components)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=st)
 
 
@@ -747,10 +751,11 @@ def step_memory_rows(model: ModelSpec, cfgs: list[TrainConfig], batch=None, seq=
 
 
 def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=None, seq=None, grad_accum=None,
-                            terms: dict | None = None) -> tuple[StepMemory, list]:
+                            terms: dict | None = None, components: "bool | frozenset" = True) -> tuple[StepMemory, list]:
     """:func:`step_memory_rows`; ``terms``: a dict the caller keeps to reuse each configuration's activation
     terms between calls over the same ``batch`` and ``seq`` grids (one planning call: a fit's searches share
-    their fallbacks' configurations); equal keys, equal values, and nothing writes into them."""
+    their fallbacks' configurations); equal keys, equal values, and nothing writes into them. ``components``:
+    as :func:`vramplan.phases.combine_phases` (a set: only the components the caller reads)."""
     if len({c.recipe.behaviour.generates for c in cfgs}) > 1:
         raise ValueError("step_memory_rows: configurations that generate and that do not")
     states = [model_state(model, c) for c in cfgs]
@@ -779,7 +784,7 @@ def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=Non
     held = np.stack([np.broadcast_to(held_gradients(st, c, grad_accum), t.zeros.shape[1:])
                      for st, c in zip(states, cfgs)])
     s = _stack_state_terms([state_terms(st, c) for st, c in zip(states, cfgs)], column, held)
-    phases, peak, idx, comps = combine_phases(t, base, s)
+    phases, peak, idx, comps = combine_phases(t, base, s, components=components)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=None), states
 
 

@@ -267,14 +267,15 @@ def _backward_walk(t: StepTerms, s: StateTerms, g: Gathering, r: _Resident) -> _
 
 
 def combine_phases(t: StepTerms, base: dict[Component, int], s: StateTerms, g: Gathering = ONE_DEVICE,
-                   components: bool = True):
+                   components: "bool | frozenset[Component]" = True):
     """The phases of a step from its terms, the peak phase, and the components at the peak.
 
     ``t``: the batch-dependent terms (:func:`vramplan.memory.step_terms`); ``base``: the
     always-resident bytes by component (weights, quantisation state, adapters, master weights);
     ``s``: the batch-independent terms (:func:`vramplan.memory.state_terms`); ``g``: the sharded
     planner's extras (default: one device); ``components=False`` skips the per-component
-    breakdown (a search only needs the peak). With gradient accumulation ``s.grads_held`` are the
+    breakdown (a search only needs the peak), a set of components works out only those (each equal to
+    its value in the whole breakdown, in the same order: what a caller reads, e.g. the device chain's). With gradient accumulation ``s.grads_held`` are the
     earlier micro-batches' sums, kept through this micro-batch's forward and backward (autograd's
     AccumulateGrad adds each new gradient into them in place).
 
@@ -293,16 +294,20 @@ def combine_phases(t: StepTerms, base: dict[Component, int], s: StateTerms, g: G
     stack = np.stack([phases[p] for p in PHASE_ORDER])
     idx = np.argmax(stack, axis=0)
     peak = np.max(stack, axis=0)
-    if not components:
+    if components is False:
         return phases, peak, idx, {}
-    return phases, peak, idx, _components_at_peak(t, base, s, g, r, fw, bw, idx)
+    want = None if components is True else frozenset(components)
+    return phases, peak, idx, _components_at_peak(t, base, s, g, r, fw, bw, idx, want)
 
 
 def _at_peak(idx: np.ndarray, zeros: np.ndarray, by_phase: dict[Phase, Bytes]) -> np.ndarray:
-    """Where the peak is phase p, ``by_phase[p]`` (0 for a phase not given)."""
+    """Where the peak is phase p, ``by_phase[p]`` (0 for a phase not given: the zeros it starts from, which no
+    other phase's ``np.where`` touches there, so a phase not given is skipped)."""
     out = zeros.copy()
     for k, p in enumerate(PHASE_ORDER):
-        out = np.where(idx == k, by_phase.get(p, zeros), out)
+        v = by_phase.get(p)
+        if v is not None:
+            out = np.where(idx == k, v, out)
     return out
 
 
@@ -334,50 +339,85 @@ def _where(t: StepTerms, s: StateTerms, g: Gathering, fw: _Forward, bw: _Backwar
 
 
 def _components_at_peak(t: StepTerms, base: dict[Component, int], s: StateTerms, g: Gathering, r: _Resident,
-                        fw: _Forward, bw: _Backward, idx: np.ndarray) -> dict[Component, np.ndarray]:
-    """Bytes per component at each grid point's peak phase, following the branch that holds the peak."""
+                        fw: _Forward, bw: _Backward, idx: np.ndarray,
+                        want: frozenset | None = None) -> dict[Component, np.ndarray]:
+    """Bytes per component at each grid point's peak phase, following the branch that holds the peak.
+
+    ``want``: only these components (None: all); each is what the whole breakdown has for it, in its order."""
     zeros, c, w = t.zeros, s.casts, _where(t, s, g, fw, bw)
 
     def at(by_phase: dict[Phase, Bytes]) -> np.ndarray:
         return _at_peak(idx, zeros, by_phase)
 
+    def need(k: Component) -> bool:
+        return want is None or k in want
+
     comps: dict[Component, np.ndarray] = {k: base.get(k, 0) + zeros
                                           for k in (Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS)}
     g_comp = g.gathered_component or Component.WEIGHTS
-    g_at = at({Phase.FORWARD: np.where(w.fwd_at_mid, 0 if g.fwd_mid is None else g.fwd_mid, g.gathered) + zeros,
+    comps[Component.WEIGHTS] = base.get(Component.WEIGHTS, 0) + zeros
+    if need(g_comp):
+        comps[g_comp] = comps.get(g_comp, zeros) + _gathered_at_peak(g, w, zeros, at)
+    comps[Component.OPTIMIZER_STATES] = at({p: r.states for p in PHASE_ORDER if p is not Phase.LOAD})
+    if need(Component.AUTOCAST_CACHE):
+        comps[Component.AUTOCAST_CACHE] = _autocast_at_peak(c, r, fw, bw, w, at)
+    c_comp = g.comm_component or Component.GRADIENTS
+    if need(c_comp) or need(Component.GRADIENTS):
+        comps[c_comp] = comps.get(c_comp, zeros) + g.comm
+    if need(Component.GRADIENTS):
+        comps[Component.GRADIENTS] = comps.get(Component.GRADIENTS, zeros) + _gradients_by_phase(s, r, bw, w, zeros, at)
+    if need(Component.ACTIVATIONS):
+        comps[Component.ACTIVATIONS] = at(_activations_by_phase(t, fw, bw, w))
+    if need(Component.LOGITS):
+        comps[Component.LOGITS] = at({Phase.FORWARD: np.where(w.fwd_act & ~w.fwd_temps & ~w.fwd_attn & ~w.fwd_at_mid,
+                                                              t.logits_fwd, 0),
+                                      Phase.BACKWARD: np.where(w.bwd_act, t.logits_bwd, t.logits_kept),
+                                      Phase.ROLLOUT: t.rollout_logits})
+    if need(Component.TEMPORARIES):
+        comps[Component.TEMPORARIES] = _temporaries_at_peak(t, s, fw, bw, w, zeros, at)
+    comps[Component.KV_CACHE] = at({Phase.ROLLOUT: t.kv})
+    return comps if want is None else {k: v for k, v in comps.items() if k in want}
+
+
+def _gathered_at_peak(g: Gathering, w: "_Where", zeros: np.ndarray, at) -> np.ndarray:
+    """The sharded planner's gathered parameters at the peak (zero on one device)."""
+    return at({Phase.FORWARD: np.where(w.fwd_at_mid, 0 if g.fwd_mid is None else g.fwd_mid, g.gathered) + zeros,
                Phase.BACKWARD: np.where(w.bwd_act, g.at(g.bwd_start),
                                         np.where(w.layer, g.at(g.bwd_work), g.at(g.bwd_end))) + zeros,
                Phase.ROLLOUT: g.rollout_gather + zeros})
-    comps[Component.WEIGHTS] = base.get(Component.WEIGHTS, 0) + zeros
-    comps[g_comp] = comps.get(g_comp, zeros) + g_at
-    comps[Component.OPTIMIZER_STATES] = at({p: r.states for p in PHASE_ORDER if p is not Phase.LOAD})
+
+
+def _autocast_at_peak(c: BackwardCasts, r: "_Resident", fw: "_Forward", bw: "_Backward", w: "_Where",
+                      at) -> np.ndarray:
+    """Autocast's weight casts alive at the peak, by the branch that holds it."""
     head_saved = np.maximum(r.cache_bwd - c.head_cache, 0)
-    comps[Component.AUTOCAST_CACHE] = at({
+    return at({
         Phase.FORWARD: np.where(w.fwd_act & ~w.fwd_at_mid & (w.fwd_temps | w.fwd_attn), r.cache - fw.head_f, r.cache),
         Phase.BACKWARD: np.where(w.bwd_act, r.cache_bwd, np.where(
             w.layer, np.where(w.bwd_saved, np.where(w.in_attn, bw.attn_side_cache, head_saved + c.recompute_cache),
                               np.where(w.in_rec, 0, np.where(w.in_attn, c.attn_cache, c.layer_cache))), 0))})
-    c_comp = g.comm_component or Component.GRADIENTS
-    comps[c_comp] = comps.get(c_comp, zeros) + g.comm
-    comps[Component.GRADIENTS] = comps.get(Component.GRADIENTS, zeros) + at({
+
+
+def _gradients_by_phase(s: StateTerms, r: "_Resident", bw: "_Backward", w: "_Where", zeros: np.ndarray,
+                        at) -> np.ndarray:
+    """Gradients alive at the peak (held sums, the layer's, all at backward's end), by the branch that holds it."""
+    return at({
         Phase.FORWARD: r.held,
         Phase.BACKWARD: np.where(w.bwd_act, r.held, np.where(w.layer, np.where(
             w.bwd_saved, np.where(w.in_attn, s.head_grad + s.layer_grad, 0) + r.held, bw.grads_before), s.grads_bwd)),
         Phase.OPTIMIZER_STEP: s.grads_opt + zeros})
-    comps[Component.ACTIVATIONS] = at(_activations_by_phase(t, fw, bw, w))
-    comps[Component.LOGITS] = at({Phase.FORWARD: np.where(w.fwd_act & ~w.fwd_temps & ~w.fwd_attn & ~w.fwd_at_mid,
-                                                          t.logits_fwd, 0),
-                                  Phase.BACKWARD: np.where(w.bwd_act, t.logits_bwd, t.logits_kept),
-                                  Phase.ROLLOUT: t.rollout_logits})
-    comps[Component.TEMPORARIES] = at({
+
+
+def _temporaries_at_peak(t: StepTerms, s: StateTerms, fw: "_Forward", bw: "_Backward", w: "_Where",
+                         zeros: np.ndarray, at) -> np.ndarray:
+    """Temporaries at the peak (QLoRA/DoRA buffers, eager attention's working sets, the optimiser's)."""
+    return at({
         Phase.FORWARD: np.where(w.fwd_at_mid, 0, np.where(w.fwd_act & w.fwd_attn, t.attn_fwd,
                                                           np.where(w.fwd_act & w.fwd_temps, fw.temps, 0))),
         Phase.BACKWARD: np.where(w.layer, np.where(w.in_rec, t.temps_recompute,
                                                    np.where(w.in_attn, t.attn_bwd, bw.layer_temps)),
                                  np.where(w.bwd_act, 0, s.grads_end_extra)),
         Phase.OPTIMIZER_STEP: s.step_temporary + zeros})
-    comps[Component.KV_CACHE] = at({Phase.ROLLOUT: t.kv})
-    return comps
 
 
 def _activations_by_phase(t: StepTerms, fw: _Forward, bw: _Backward, w: _Where) -> dict[Phase, np.ndarray]:

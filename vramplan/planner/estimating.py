@@ -16,7 +16,7 @@ from ..config import TrainConfig, make_config
 from ..gpus import GPUSpec, capacity_note
 from ..memory import PHASE_ORDER, step_memory
 from ..models import ModelSpec, get_model
-from ..overheads import runtime_overheads
+from ..overheads import ACTIVATION_COMPONENTS, runtime_overheads
 from ..request import EstimateRequest, call_request
 from ..results import Estimate
 from ..taxonomy import Component, Phase, Quantity
@@ -227,6 +227,13 @@ class Peaks:
 #: ``profile`` of :func:`estimate_peaks` when the caller has not looked the card's profile up
 LOOK_UP = object()
 
+#: The components at the peak that the device chain reads (:func:`vramplan.overheads.rounded_terms` under
+#: :func:`~vramplan.overheads.step_device_total`, :func:`estimate_peaks` and ``limits.DeviceTotals.rows``: the
+#: activation group the activation factor scales, and the optimiser states a paged optimiser keeps outside the
+#: reserve); a step memory worked out only for its device total needs no other
+#: (:func:`vramplan.phases.combine_phases`' ``components``)
+DEVICE_CHAIN_READS = frozenset(ACTIVATION_COMPONENTS) | {Component.OPTIMIZER_STATES}
+
 
 def estimate_peaks(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None, parallel=None,
                    profile: Any = LOOK_UP) -> Peaks:
@@ -242,7 +249,7 @@ def estimate_peaks(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None, para
     par = parallel or SINGLE
     if par.distributed:
         return _peaks(parallel_step_memory(spec, cfg, par), cfg, card, profile, NCCL_BYTES, True)
-    return _peaks(step_memory(spec, cfg), cfg, card, profile, 0, True)
+    return _peaks(step_memory(spec, cfg, components=DEVICE_CHAIN_READS), cfg, card, profile, 0, True)
 
 
 def _peaks(mem, cfg: TrainConfig, card: GPUSpec | None, profile, extra: int, load_reserve: bool) -> Peaks:
@@ -263,11 +270,12 @@ def estimate_peaks_rows(spec: ModelSpec, cfgs: list[TrainConfig], card: GPUSpec 
     config by config: one :func:`vramplan.memory.step_memory_rows` call (the phase arithmetic once for all;
     the configurations must agree on batch, sequence and accumulation, and on whether they generate), then
     each row's device chain. ``profile``: as :func:`estimate_peaks`'."""
-    from ..memory import StepMemory, step_memory_rows
+    from ..memory import StepMemory, step_memory_rows_shared
 
     if len({(c.batch, c.seq, c.grad_accum) for c in cfgs}) > 1:
         raise ValueError("estimate_peaks_rows: configurations of different shapes")
-    mem, states = step_memory_rows(spec, cfgs)
+    # step_memory_rows, with only the components the device chain reads
+    mem, states = step_memory_rows_shared(spec, cfgs, components=DEVICE_CHAIN_READS)
     out = []
     for i, (cfg, st) in enumerate(zip(cfgs, states)):
         row = StepMemory(components={c: v[i] for c, v in mem.components.items()}, phases={},

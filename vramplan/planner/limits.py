@@ -27,6 +27,7 @@ from ..gpus import GPUSpec
 from ..memory import StepMemory, step_memory
 from ..models import ModelSpec
 from ..overheads import card_profile, step_device_total
+from .estimating import DEVICE_CHAIN_READS
 
 if TYPE_CHECKING:
     from ..distributed import Parallel
@@ -149,13 +150,17 @@ class DeviceTotals:
                                   profile=prof, stack=stack, loaded_bytes=loaded))
 
 
-def step_memory_for(spec: ModelSpec, cfg: TrainConfig, par: Parallel | None = None, batch=None, seq=None) -> StepMemory:
-    """Per-GPU tensor bytes of ``cfg`` under ``par`` (arrays over batch/seq), with the components at the peak."""
+def step_memory_for(spec: ModelSpec, cfg: TrainConfig, par: Parallel | None = None, batch=None, seq=None,
+                    components: "bool | frozenset" = True) -> StepMemory:
+    """Per-GPU tensor bytes of ``cfg`` under ``par`` (arrays over batch/seq), with the components at the peak.
+
+    ``components``: a set works out only those components on one GPU (:data:`DEVICE_CHAIN_READS` for a device
+    total); a sharded layout works out all of them."""
     if par is not None and par.distributed:
         from ..distributed import parallel_step_memory
 
         return parallel_step_memory(spec, cfg, par, batch=batch, seq=seq)
-    return step_memory(spec, cfg, batch=batch, seq=seq)
+    return step_memory(spec, cfg, batch=batch, seq=seq, components=components)
 
 
 def device_totals(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None, batch=None, seq=None,
@@ -166,9 +171,10 @@ def device_totals(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None, batch
     (:func:`vramplan.overheads.device_total`): activation factor, paged optimiser states outside
     the reserve, the profile's allocator; NCCL's buffers on several GPUs.
     """
+    mem = step_memory_for(spec, cfg, par, batch, seq, components=DEVICE_CHAIN_READS)
     if card is None:
-        return step_device_total(step_memory_for(spec, cfg, par, batch, seq), cfg, card)
-    return (totals or DeviceTotals())(step_memory_for(spec, cfg, par, batch, seq), cfg, card, par)
+        return step_device_total(mem, cfg, card)
+    return (totals or DeviceTotals())(mem, cfg, card, par)
 
 
 def fitting_prefix(totals, usable) -> np.ndarray:

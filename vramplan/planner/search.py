@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from dataclasses import fields as dataclass_fields
 from typing import Any
 
 import numpy as np
@@ -52,7 +51,7 @@ from ..throughput import StepTime, StepTimeInputs, step_time_rows, time_to_train
 from ..units import GIB
 from ..verdict import DEFAULT_MARGIN, Verdict, classify, comfortable_limit
 from .checks import check_card
-from .limits import DeviceTotals, step_memory_for
+from .limits import DEVICE_CHAIN_READS, DeviceTotals, step_memory_for
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 RANKS = (8, 16, 64)
@@ -398,12 +397,10 @@ def _single_totals(spec: ModelSpec, cands: list, card: GPUSpec, reps: dict, whic
                    a_grid: np.ndarray, totals: DeviceTotals) -> np.ndarray:
     """One-GPU device totals (bytes, candidates x micro-batches): one :func:`step_memory_rows` call over the
     shared configurations ``reps``, one :meth:`DeviceTotals.rows` chain over the candidates."""
-    from ..overheads import ACTIVATION_COMPONENTS
-    from ..taxonomy import Component
-
-    mem, sts = step_memory_rows_shared(spec, list(reps.values()), batch=b_grid, grad_accum=a_grid, terms=totals.terms)
-    # the candidates' rows of what the device chain reads (the peak, the activation group, the optimiser states)
-    read = set(ACTIVATION_COMPONENTS) | {Component.OPTIMIZER_STATES}
+    # only what the device chain reads (the peak, the activation group, the optimiser states) is worked out
+    read = DEVICE_CHAIN_READS
+    mem, sts = step_memory_rows_shared(spec, list(reps.values()), batch=b_grid, grad_accum=a_grid, terms=totals.terms,
+                                       components=read)
     mem = StepMemory(components={c: v[which] for c, v in mem.components.items() if c in read}, phases={},
                      peak=mem.peak[which], peak_phase=mem.peak_phase[which], state=None)
     return totals.rows(mem, [sts[j] for j in which], [cfg for cfg, _ in cands], card)
@@ -441,10 +438,10 @@ def _setup_best(spec: ModelSpec, method: str, card: GPUSpec, current_fits: bool,
     if not open_:
         return None
     cands, limits, usable = [cands[j] for j in open_], [limits[j] for j in open_], [usable[j] for j in open_]
-    total = _rows_totals(spec, cands, card, grid, totals)
+    reps, which = _shared_rows(cands)
+    total = _single_totals(spec, cands, card, reps, which, grid[0], grid[1], totals)
     if not _listable(total, usable, capacity, current_fits):
         return None
-    reps, which = _shared_rows(cands)
     prof = card_profile(card)
     times = step_time_rows(spec, list(reps.values()), card, batch=grid[0], grad_accum=grid[1], parallel=par,
                            inputs=[StepTimeInputs(profile=prof, state=model_state(spec, r)) for r in reps.values()])
@@ -526,26 +523,17 @@ def _open_rows(spec: ModelSpec, cands: list, card: GPUSpec, usable: list[int], c
     def can_list(key: TrainConfig, limit: int) -> bool:
         return not (shut(totals.floor(spec, key.with_(optimizer="adamw"), card, any_optimizer=True), limit)
                     or shut(totals.floor(spec, key, card), limit))
-    seen: dict[tuple, bool] = {}  # (the fields but GC and attention, limit) -> whether it can be listed
+    # (the configuration with GC off and sdpa, limit) -> whether it can be listed: two such configurations are
+    # equal exactly when every field but GC and attention is (a config's equality and hash are its fields')
+    seen: dict[tuple, bool] = {}
     out = []
     for j, (cfg, _) in enumerate(cands):
-        fields = (tuple(getattr(cfg, name) for name in _SANS_GC_ATTN), usable[j])
-        if fields not in seen:
-            seen[fields] = can_list(cfg.with_(grad_ckpt=False, attn="sdpa"), usable[j])
-        if seen[fields]:
+        key = (cfg.with_(grad_ckpt=False, attn="sdpa"), usable[j])
+        if key not in seen:
+            seen[key] = can_list(key[0], usable[j])
+        if seen[key]:
             out.append(j)
     return out
-
-
-#: a configuration's fields but gradient checkpointing and attention (:func:`_open_rows`' key: equal values,
-#: the same configuration once those two are set)
-_SANS_GC_ATTN = tuple(f.name for f in dataclass_fields(TrainConfig) if f.name not in ("grad_ckpt", "attn"))
-
-
-def _rows_totals(spec: ModelSpec, cands: list, card: GPUSpec, grid: tuple, totals: DeviceTotals) -> np.ndarray:
-    """One-GPU device totals (bytes, candidates x micro-batches) of ``cands`` over ``grid`` (:func:`_single_totals`)."""
-    reps, which = _shared_rows(cands)
-    return _single_totals(spec, cands, card, reps, which, grid[0], grid[1], totals)
 
 
 def _listable(total: np.ndarray, usable: list[int], capacity: int, current_fits: bool) -> bool:
@@ -746,7 +734,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
         return comfortable_limit(capacity, hi, margin)
     # 1. the smallest card of the catalogue
     cards = sorted(catalogue().values(), key=lambda g: (g.memory_bytes, -g.bf16_tflops))
-    mem = step_memory_for(spec, cfg, SINGLE)
+    mem = step_memory_for(spec, cfg, SINGLE, components=DEVICE_CHAIN_READS)  # read by the device chain only
     for g in cards:
         if g.memory_bytes <= card.memory_bytes or (cfg.precision != "fp32" and "bf16" in cfg.precision and not g.bf16):
             continue
@@ -790,7 +778,8 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
         if grid.size:
             par = make_parallel(gpus) if gpus > 1 else SINGLE
             c = cfg.with_(**cfg.recipe.behaviour.reset_shape())
-            ok = totals(step_memory_for(spec, c, par, batch=1, seq=grid), c, card, par) <= comfy(card.memory_bytes)
+            ok = totals(step_memory_for(spec, c, par, batch=1, seq=grid, components=DEVICE_CHAIN_READS), c, card,
+                        par) <= comfy(card.memory_bytes)
             if ok.any():
                 s = int(grid[ok].max())
                 out.append(Suggestion("seq", f"seq <= {s:,} on {card.name}",
