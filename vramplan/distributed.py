@@ -916,7 +916,7 @@ def accumulation_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel, 
         return np.where(on, b, a)
 
     return StepMemory(components={c: pick(one.components.get(c, 0), many.components.get(c, 0))
-                                  for c in set(one.components) | set(many.components)},
+                                  for c in dict.fromkeys([*one.components, *many.components])},
                       phases={p: pick(one.phases[p], many.phases[p]) for p in one.phases},
                       peak=pick(one.peak, many.peak), peak_phase=pick(one.peak_phase, many.peak_phase), state=one.state)
 
@@ -1056,7 +1056,8 @@ def _merge_candidates(cands: list, phases: dict, comps: dict, B: dict, sh: Shard
             continue
         cur, cparts = best[ph]
         take = val > cur
-        merged = {c: np.where(take, parts.get(c, zeros), cparts.get(c, zeros)) for c in set(parts) | set(cparts)}
+        # keys in first-seen order (a set of str-valued enum members would order them by the per-process string hash)
+        merged = {c: np.where(take, parts.get(c, zeros), cparts.get(c, zeros)) for c in dict.fromkeys([*cparts, *parts])}
         best[ph] = (np.maximum(cur, val), merged)
     wins = {}
     for ph, (val, parts) in best.items():
@@ -1083,7 +1084,7 @@ def _merge_candidates(cands: list, phases: dict, comps: dict, B: dict, sh: Shard
             sched[c] = sched.get(c, zeros) + v
         if sh.comm_buffer_bytes:
             sched[Component.REDUCE_BUFFERS] = sched.get(Component.REDUCE_BUFFERS, zeros) + sh.comm_buffer_bytes
-        for c in set(comps) | set(sched):
+        for c in dict.fromkeys([*comps, *sched]):
             comps[c] = np.where(here, sched.get(c, zeros), comps.get(c, zeros))
     return phases, peak, idx, comps
 
