@@ -452,12 +452,23 @@ def attention_as_run(model: ModelSpec, cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with the attention the stack really runs: SDPA that only the math backend can take
     (transformers' Falcon multi-query: ``ModelSpec.sdpa_math``) materialises its scores like eager
     attention, and is planned as eager (the dry run: within a few % of it; eager's fp32 softmax is the
-    safe side of the math backend's)."""
+    safe side of the math backend's); a model that runs its own attention (BLOOM: ``eager_only``) and
+    SDPA that transformers refuses (:func:`sdpa_refused`: Gemma-2 from 5.21) are planned as eager too."""
     if cfg.attn == "sdpa" and model.sdpa_math and cfg.stack.transformers_modules:
         return cfg.with_(attn="eager")
     if model.eager_only and cfg.attn != "eager" and cfg.stack.transformers_modules:
         return cfg.with_(attn="eager")  # BLOOM: its own ALiBi attention (baddbmm scores, fp32 softmax), no SDPA path
+    if sdpa_refused(model, cfg):
+        return cfg.with_(attn="eager")  # Gemma-2, transformers >= 5.21: no SDPA; the default falls back to eager
     return cfg
+
+
+def sdpa_refused(model: ModelSpec, cfg: TrainConfig) -> bool:
+    """Whether the stack's transformers refuses the SDPA that ``cfg`` asks for (``ModelSpec.sdpa_unsupported``:
+    ``_supports_sdpa = False``, Gemma-2 from transformers 5.21.0) and so runs eager attention; before 5.21
+    (stacks.toml [behaviours.sdpa_drops_softcap]) SDPA ran with the softcap dropped."""
+    return (cfg.attn == "sdpa" and model.sdpa_unsupported and cfg.stack.transformers_modules
+            and not cfg.behaves("sdpa_drops_softcap"))
 
 
 class _TermsSum:
