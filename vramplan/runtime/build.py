@@ -322,8 +322,13 @@ def _from_config(spec: ModelSpec, head: str, dtype: torch.dtype, attn: str, devi
                     # flash emulated through SDPA (CudaEmulation) on a model transformers builds without SDPA
                     # (Gemma-2 >= 5.21: flash-attn >= 2.6 applies its softcap in-kernel): built eager, then its
                     # attention dispatched to SDPA, the flash kernels' stand-in (the module tree is the same)
+                    # (transformers' sdpa_attention_forward refuses a softcap: the stand-in drops it, as the
+                    # in-kernel softcap of flash-attn holds no memory of its own)
                     model = cls.from_config(conf, dtype=dtype, attn_implementation="eager")
                     model.config._attn_implementation = "sdpa"
+                    for m in model.modules():
+                        if getattr(m, "attn_logit_softcapping", None) is not None:
+                            m.attn_logit_softcapping = None
                     return model
                 return cls.from_config(conf, dtype=dtype, attn_implementation=attn)
         except (ValueError, KeyError, NotImplementedError) as exc:
