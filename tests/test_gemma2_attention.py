@@ -3,8 +3,9 @@
 transformers >= 5.21 refuses SDPA for Gemma-2 (``Gemma2PreTrainedModel._supports_sdpa = False``: SDPA cannot
 apply the attention softcap): an explicit request raises, the default falls back to eager. The planner plans an
 SDPA request as eager there (architectures.toml ``sdpa_unsupported``), and as SDPA before 5.21 (stacks.toml
-[behaviours.sdpa_drops_softcap]); flash (flash-attn >= 2.6 takes the softcap) and the stacks with their own
-Gemma-2 attention (torchtune, litgpt, Unsloth) are unaffected. The dry run builds what transformers builds.
+[behaviours.sdpa_drops_softcap]); flash (flash-attn >= 2.6 takes the softcap) is unaffected. torchtune and litgpt
+run their own Gemma-2 attention, which computes the soft-capped scores by hand whatever kernel is asked
+(stacks.toml softcap_by_hand): planned as eager there. The dry run builds what transformers builds.
 """
 
 from __future__ import annotations
@@ -39,10 +40,17 @@ def test_before_5_21_sdpa_runs_with_the_softcap_dropped():
 
 
 @pytest.mark.parametrize("framework", ["torchtune", "litgpt"])
-def test_stacks_with_their_own_attention_are_unaffected(framework):
-    sdpa = _peak("sdpa", NEW, framework=framework)
-    assert sdpa.tensor_peak_bytes < _peak("eager", NEW, framework=framework).tensor_peak_bytes
-    assert not any("refuses SDPA for Gemma2" in a for a in sdpa.assumptions)
+def test_stacks_with_their_own_attention_compute_softcapped_scores_by_hand(framework):
+    """torchtune's Gemma2Attention and litgpt's softcapping branch materialise the scores whatever is asked;
+    a model without an attention softcap keeps the kernel asked for."""
+    eager = _peak("eager", NEW, framework=framework)
+    for attn in ("sdpa", "flash"):
+        est = _peak(attn, NEW, framework=framework)
+        assert est.tensor_peak_bytes == eager.tensor_peak_bytes
+        assert any("by hand" in a for a in est.assumptions) and not any("refuses SDPA" in a for a in est.assumptions)
+    assert not any("by hand" in a for a in eager.assumptions)
+    llama = [vramplan.estimate("llama-3-8b", "lora", seq=2048, attn=a, framework=framework) for a in ("sdpa", "eager")]
+    assert llama[0].tensor_peak_bytes < llama[1].tensor_peak_bytes
 
 
 def test_only_gemma2_is_marked():

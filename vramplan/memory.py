@@ -452,12 +452,16 @@ def attention_as_run(model: ModelSpec, cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with the attention the stack really runs: SDPA that only the math backend can take
     (transformers' Falcon multi-query: ``ModelSpec.sdpa_math``) materialises its scores like eager
     attention, and is planned as eager (the dry run: within a few % of it; eager's fp32 softmax is the
-    safe side of the math backend's); a model that runs its own attention (BLOOM: ``eager_only``) and
-    SDPA that transformers refuses (:func:`sdpa_refused`: Gemma-2 from 5.21) are planned as eager too."""
+    safe side of the math backend's); a model that runs its own attention (BLOOM: ``eager_only``), a
+    soft-capped model on a stack whose own attention computes those scores by hand (torchtune, litgpt:
+    ``Stack.softcap_by_hand``) and SDPA that transformers refuses (:func:`sdpa_refused`: Gemma-2 from
+    5.21) are planned as eager too."""
     if cfg.attn == "sdpa" and model.sdpa_math and cfg.stack.transformers_modules:
         return cfg.with_(attn="eager")
     if model.eager_only and cfg.attn != "eager" and cfg.stack.transformers_modules:
         return cfg.with_(attn="eager")  # BLOOM: its own ALiBi attention (baddbmm scores, fp32 softmax), no SDPA path
+    if model.attn_logit_softcapping and cfg.stack.softcap_by_hand and cfg.attn != "eager":
+        return cfg.with_(attn="eager")  # torchtune's / litgpt's own Gemma-2 attention: scores by hand
     if sdpa_refused(model, cfg):
         return cfg.with_(attn="eager")  # Gemma-2, transformers >= 5.21: no SDPA; the default falls back to eager
     return cfg

@@ -101,6 +101,10 @@ def sdpa_math_note(spec: ModelSpec, cfg: TrainConfig) -> str | None:
                 "attention (transformers models/bloom/modeling_bloom.py BloomAttention.forward)")
     from ..memory import sdpa_refused
 
+    if spec.attn_logit_softcapping and cfg.stack.softcap_by_hand and cfg.attn != "eager":
+        return (f"attention: {cfg.stack.name}'s own attention computes {spec.architecture}'s soft-capped scores by "
+                f"hand (matmul, tanh, fp32 softmax), whatever kernel is asked ({cfg.attn}): planned as eager "
+                "attention (stacks.toml softcap_by_hand)")
     if sdpa_refused(spec, cfg):
         return (f"attention: transformers >= 5.21 refuses SDPA for {spec.architecture} (_supports_sdpa = False: SDPA "
                 "cannot apply the attention softcap); an explicit attn_implementation='sdpa' raises and the default "
