@@ -567,8 +567,9 @@ def _layer_terms(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, T, s, zero
     regime = cfg.regime
     if fused_layer_applies(cfg, copy, model):
         attn_layer = fused_layer_bytes(model, regime, T, attention_only=True)
+        fused_transient = fused_layer_transient(model, regime, T)
         return dict(layer=fused_layer_bytes(model, regime, T), layer_attn=attn_layer,
-                    transient=fused_layer_transient(model, regime, T),
+                    transient=fused_transient, transient_linear=fused_transient,
                     attn_fwd=zeros + (attn_layer if cfg.grad_ckpt else 0), attn_bwd=zeros)
     attn_layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s, part="attention")
     ef, eb = act.eager_attention_work(model, cfg, copy, regime, T, s)
@@ -576,9 +577,11 @@ def _layer_terms(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, T, s, zero
         layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
     # without checkpointing ``acts`` holds the whole last layer, whose MLP block is not made yet at its softmax
     ahead = 0 if (cfg.grad_ckpt or cfg.attn != "eager") else layer - attn_layer
-    return dict(layer=layer, layer_attn=attn_layer,
-                transient=act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, cfg.stack.kbit_upcast,
-                                                       tuple(cfg.targets)),
+    transient = act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, cfg.stack.kbit_upcast,
+                                             tuple(cfg.targets))
+    return dict(layer=layer, layer_attn=attn_layer, transient=transient,
+                transient_linear=act.linear_backward_transient(model, copy, regime, T, transient,
+                                                               cfg.stack.kbit_upcast, tuple(cfg.targets)),
                 attn_fwd=ef + (attn_layer if cfg.grad_ckpt else 0) - ahead, attn_bwd=eb)
 
 

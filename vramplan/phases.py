@@ -74,6 +74,8 @@ class StepTerms:
     #: the final norm's and the head's saved tensors (in ``acts``), freed by their backward before any layer's
     #: (and, without checkpointing, the shared attention mask: nothing saves it for backward)
     head_acts: Bytes = 0.0
+    #: the part of ``transient`` beside a dequantised 4-bit weight (:func:`vramplan.activations.linear_backward_transient`)
+    transient_linear: Bytes = 0.0
 
     @classmethod
     def empty(cls, zeros: np.ndarray) -> "StepTerms":
@@ -239,7 +241,8 @@ def _backward_walk(t: StepTerms, s: StateTerms, g: Gathering, r: _Resident) -> _
     # the first layer's MLP backward (all its saved tensors and casts), then its attention's
     grads_side = np.maximum(np.maximum(grads_before - s.layer_grad, 0) + t.layer + c.layer_cache,
                             grads_before + t.layer_attn + c.attn_cache)
-    layer_temps = t.transient + t.temps_fwd
+    # (a dequantised weight is beside only part of the layer's buffers: activations.linear_backward_transient)
+    layer_temps = np.maximum(t.transient, t.temps_fwd + t.transient_linear)
     mlp_work = np.maximum(saved_side, grads_side) + layer_temps
     # DoRA's weight-norm buffers in a checkpointed layer's recomputation: beside what the layer has
     # saved again before its largest adapted module runs (``rec_prefix``), not the whole layer
