@@ -78,3 +78,4 @@ def test_dry_run_builds_what_transformers_builds():
         eager = bench.run_row("gemma-2-2b", "lora", False, "1k", layers=2, attn="eager")
         sdpa = bench.run_row("gemma-2-2b", "lora", False, "1k", layers=2, attn="sdpa")
         assert sdpa.dryrun == eager.dryrun  # built eager, as transformers' default falls back to
+
