@@ -46,6 +46,7 @@ class ModelState:
     attn_cast: int = 0         # ... of its attention block's
     layer_grad: int = 0        # gradients of one decoder layer's MLP block (full training)
     head_grad: int = 0         # gradients made before any layer's backward: the output head and final norm
+    head_grad_cast: int = 0    # the 16-bit gradient of the head weight's autocast cast (beside its fp32 cast)
     grads_tail: int = 0        # gradients produced by the first layer's attention block and the embedding
     grads_end_extra: int = 0   # temporaries of the last gradient accumulation (tied embeddings)
     frozen_layer_casts: int = 0  # the decoder layers' part of AUTOCAST_CACHE made per use (frozen weights: not
@@ -267,6 +268,8 @@ def _add_full_copy(st: ModelState, model: ModelSpec, copy: ModelCopy, regime: Re
         layer = sum(l.params for l in model.layer_linears() if l.is_linear)
         st.add(Component.AUTOCAST_CACHE, (model.num_layers * layer + head) * c)
         st.head_cast += head * c
+        if c != wb:  # the head's matmul backward makes the cast's 16-bit gradient; its ToCopy backward casts it up
+            st.head_grad_cast = max(st.head_grad_cast, head * c)
         st.layer_cast = max(st.layer_cast, layer * c)
         st.attn_cast = max(st.attn_cast, attn * c)
     return opt_groups
@@ -692,6 +695,7 @@ def state_terms(st: ModelState, cfg: TrainConfig, grads_held=0) -> StateTerms:
                       casts=backward_casts(st, cfg), grads_bwd=grads, grads_opt=grads,
                       grads_tail=0 if in_bwd else st.grads_tail, grads_end_extra=st.grads_end_extra,
                       layer_grad=0 if in_bwd else st.layer_grad, head_grad=0 if in_bwd else st.head_grad,
+                      head_grad_cast=0 if in_bwd else st.head_grad_cast,
                       step_temporary=st.step_temporary, rollout_on=cfg.recipe.behaviour.generates,
                       grads_held=grads_held)
 
