@@ -18,7 +18,7 @@ def _callback(model: str, method: str, batch: int, seq: int, gpu: str) -> Vrampl
 
 
 def test_advice_batch_is_fits_comfortable_limit_not_the_raw_one():
-    cb = _callback("llama-3.1-8b", "lora", 16, 2048, "rtx4090")
+    cb = _callback("llama-3.1-8b", "lora", 16, 512, "rtx4090")
     assert cb.estimate.verdict is Verdict.NO
     cfg, card = cb.estimate.config, get_gpu("rtx4090")
     lim = band_limits(cb.request.model, cfg, card)

@@ -37,9 +37,8 @@ sequence); :func:`advice` says by how much. ``Estimate.fits`` stays the central 
 A "tight" plan is said in one of two ways (:func:`label`): "tight" while its central prediction fits the
 card, "likely over" when the central prediction exceeds the card and only the band's lower end reaches
 under it -- it probably does not fit as planned (run it only to find out; the advice names what would
-fit). Both are the verdict "tight" (``fits``: may fit), so a plan that really fits is never called "no":
-on the published corpus (reports/published_accuracy.md, issue 17) 3 of 23 fit-only rows (published
-capacities at the card's limit) read "likely over" (16 "tight", none "no"), and 2 of 13 OOM rows (10 "no").
+fit). Both are the verdict "tight" (``fits``: may fit), so a plan that really fits is never called "no";
+reports/published_accuracy.md counts how the corpus's fit-only and OOM rows read (``benchmarks/published_accuracy.py``).
 
 When several settings are tried (gradient checkpointing, 8-bit optimisers), :func:`pick`
 chooses the first setting, in the caller's order (cheapest in throughput first), that is
