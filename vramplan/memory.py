@@ -46,6 +46,7 @@ class ModelState:
     attn_cast: int = 0         # ... of its attention block's
     layer_grad: int = 0        # gradients of one decoder layer's MLP block (full training)
     head_grad: int = 0         # gradients made before any layer's backward: the output head and final norm
+    head_grad_cast: int = 0    # the 16-bit gradient of the head weight's autocast cast (beside its fp32 cast)
     grads_tail: int = 0        # gradients produced by the first layer's attention block and the embedding
     grads_end_extra: int = 0   # temporaries of the last gradient accumulation (tied embeddings)
     frozen_layer_casts: int = 0  # the decoder layers' part of AUTOCAST_CACHE made per use (frozen weights: not
@@ -267,6 +268,8 @@ def _add_full_copy(st: ModelState, model: ModelSpec, copy: ModelCopy, regime: Re
         layer = sum(l.params for l in model.layer_linears() if l.is_linear)
         st.add(Component.AUTOCAST_CACHE, (model.num_layers * layer + head) * c)
         st.head_cast += head * c
+        if c != wb:  # the head's matmul backward makes the cast's 16-bit gradient; its ToCopy backward casts it up
+            st.head_grad_cast = max(st.head_grad_cast, head * c)
         st.layer_cast = max(st.layer_cast, layer * c)
         st.attn_cast = max(st.attn_cast, attn * c)
     return opt_groups
@@ -452,12 +455,27 @@ def attention_as_run(model: ModelSpec, cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with the attention the stack really runs: SDPA that only the math backend can take
     (transformers' Falcon multi-query: ``ModelSpec.sdpa_math``) materialises its scores like eager
     attention, and is planned as eager (the dry run: within a few % of it; eager's fp32 softmax is the
-    safe side of the math backend's)."""
+    safe side of the math backend's); a model that runs its own attention (BLOOM: ``eager_only``), a
+    soft-capped model on a stack whose own attention computes those scores by hand (torchtune, litgpt:
+    ``Stack.softcap_by_hand``) and SDPA that transformers refuses (:func:`sdpa_refused`: Gemma-2 from
+    5.21) are planned as eager too."""
     if cfg.attn == "sdpa" and model.sdpa_math and cfg.stack.transformers_modules:
         return cfg.with_(attn="eager")
     if model.eager_only and cfg.attn != "eager" and cfg.stack.transformers_modules:
         return cfg.with_(attn="eager")  # BLOOM: its own ALiBi attention (baddbmm scores, fp32 softmax), no SDPA path
+    if model.attn_logit_softcapping and cfg.stack.softcap_by_hand and cfg.attn != "eager":
+        return cfg.with_(attn="eager")  # torchtune's / litgpt's own Gemma-2 attention: scores by hand
+    if sdpa_refused(model, cfg):
+        return cfg.with_(attn="eager")  # Gemma-2, transformers >= 5.21: no SDPA; the default falls back to eager
     return cfg
+
+
+def sdpa_refused(model: ModelSpec, cfg: TrainConfig) -> bool:
+    """Whether the stack's transformers refuses the SDPA that ``cfg`` asks for (``ModelSpec.sdpa_unsupported``:
+    ``_supports_sdpa = False``, Gemma-2 from transformers 5.21.0) and so runs eager attention; before 5.21
+    (stacks.toml [behaviours.sdpa_drops_softcap]) SDPA ran with the softcap dropped."""
+    return (cfg.attn == "sdpa" and model.sdpa_unsupported and cfg.stack.transformers_modules
+            and not cfg.behaves("sdpa_drops_softcap"))
 
 
 class _TermsSum:
@@ -552,8 +570,9 @@ def _layer_terms(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, T, s, zero
     regime = cfg.regime
     if fused_layer_applies(cfg, copy, model):
         attn_layer = fused_layer_bytes(model, regime, T, attention_only=True)
+        fused_transient = fused_layer_transient(model, regime, T)
         return dict(layer=fused_layer_bytes(model, regime, T), layer_attn=attn_layer,
-                    transient=fused_layer_transient(model, regime, T),
+                    transient=fused_transient, transient_linear=fused_transient,
                     attn_fwd=zeros + (attn_layer if cfg.grad_ckpt else 0), attn_bwd=zeros)
     attn_layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s, part="attention")
     ef, eb = act.eager_attention_work(model, cfg, copy, regime, T, s)
@@ -561,9 +580,11 @@ def _layer_terms(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, T, s, zero
         layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
     # without checkpointing ``acts`` holds the whole last layer, whose MLP block is not made yet at its softmax
     ahead = 0 if (cfg.grad_ckpt or cfg.attn != "eager") else layer - attn_layer
-    return dict(layer=layer, layer_attn=attn_layer,
-                transient=act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, cfg.stack.kbit_upcast,
-                                                       tuple(cfg.targets)),
+    transient = act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, cfg.stack.kbit_upcast,
+                                             tuple(cfg.targets))
+    return dict(layer=layer, layer_attn=attn_layer, transient=transient,
+                transient_linear=act.linear_backward_transient(model, copy, regime, T, transient,
+                                                               cfg.stack.kbit_upcast, tuple(cfg.targets)),
                 attn_fwd=ef + (attn_layer if cfg.grad_ckpt else 0) - ahead, attn_bwd=eb)
 
 
@@ -674,6 +695,7 @@ def state_terms(st: ModelState, cfg: TrainConfig, grads_held=0) -> StateTerms:
                       casts=backward_casts(st, cfg), grads_bwd=grads, grads_opt=grads,
                       grads_tail=0 if in_bwd else st.grads_tail, grads_end_extra=st.grads_end_extra,
                       layer_grad=0 if in_bwd else st.layer_grad, head_grad=0 if in_bwd else st.head_grad,
+                      head_grad_cast=0 if in_bwd else st.head_grad_cast,
                       step_temporary=st.step_temporary, rollout_on=cfg.recipe.behaviour.generates,
                       grads_held=grads_held)
 

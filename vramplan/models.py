@@ -89,6 +89,7 @@ class ModelSpec:
     linear_subclass: str = ""  # the decoder linears are this nn.Linear subclass (Falcon: FalconLinear), not nn.Linear
     embed_norm: bool = False  # a norm between the embedding and the first layer (BLOOM's word_embeddings_layernorm)
     eager_only: bool = False  # the model's own attention materialises its scores whatever attn_implementation says
+    sdpa_unsupported: bool = False  # transformers refuses SDPA for it (Gemma-2's softcap, >= 5.21): eager instead
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     ia3_targets: tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
     ia3_feedforward: tuple[str, ...] = ("down_proj",)
@@ -479,7 +480,7 @@ def _layout_fields(lay: dict) -> dict:
         qk_norm=str(lay.get("qk_norm", "none")), norm_kind=str(lay.get("norm", "rms")),
         mlp_kind=str(lay.get("mlp", "gated")), lm_head_bias=bool(lay.get("lm_head_bias", False)),
         linear_subclass=str(lay.get("linear_subclass", "")), embed_norm=bool(lay.get("embed_norm", False)),
-        eager_only=bool(lay.get("eager_only", False)),
+        eager_only=bool(lay.get("eager_only", False)), sdpa_unsupported=bool(lay.get("sdpa_unsupported", False)),
         module_names=tuple(sorted((str(k), str(v)) for k, v in (lay.get("names") or {}).items())),
         embed_scale=bool(lay.get("embed_scale", False)), norm_weight_fp32=bool(lay.get("norm_weight_fp32", False)),
         lora_targets=tuple(lay.get("lora_targets", ("q_proj", "v_proj"))),

@@ -74,6 +74,8 @@ class StepTerms:
     #: the final norm's and the head's saved tensors (in ``acts``), freed by their backward before any layer's
     #: (and, without checkpointing, the shared attention mask: nothing saves it for backward)
     head_acts: Bytes = 0.0
+    #: the part of ``transient`` beside a dequantised 4-bit weight (:func:`vramplan.activations.linear_backward_transient`)
+    transient_linear: Bytes = 0.0
 
     @classmethod
     def empty(cls, zeros: np.ndarray) -> "StepTerms":
@@ -125,6 +127,8 @@ class StateTerms:
     grads_end_extra: Bytes = 0  #: buffers of the last gradient accumulation, beside every gradient (tied embeddings)
     layer_grad: Bytes = 0   #: the gradients of the first layer's MLP block (made before its attention's)
     head_grad: Bytes = 0    #: gradients made before any layer's backward (the output head and final norm)
+    #: the 16-bit gradient of the trained head weight's autocast cast, alive beside its fp32 cast (``head_grad``)
+    head_grad_cast: Bytes = 0
     grads_held: Bytes = 0   #: gradients alive when the forward starts (gradient accumulation's running sums)
 
 
@@ -221,7 +225,9 @@ class _Backward:
     grads_attn: np.ndarray
     attn_work: np.ndarray     #: eager attention's softmax backward, after the layer's MLP
     work: np.ndarray          #: the layer branch's peak (with the units gathered inside a layer)
-    acts_end: np.ndarray      #: backward's start: everything saved plus the loss's gradients
+    acts_end: np.ndarray      #: backward's start: the larger of ``logits_end`` and ``head_end``
+    logits_end: np.ndarray    #: everything saved plus the loss's gradients
+    head_end: np.ndarray      #: everything saved plus the head weight's gradient and its fp32 cast (0: no cast)
     grads_end: np.ndarray     #: the larger of ``work`` and backward's end (every gradient), + logits kept
 
 
@@ -239,7 +245,8 @@ def _backward_walk(t: StepTerms, s: StateTerms, g: Gathering, r: _Resident) -> _
     # the first layer's MLP backward (all its saved tensors and casts), then its attention's
     grads_side = np.maximum(np.maximum(grads_before - s.layer_grad, 0) + t.layer + c.layer_cache,
                             grads_before + t.layer_attn + c.attn_cache)
-    layer_temps = t.transient + t.temps_fwd
+    # (a dequantised weight is beside only part of the layer's buffers: activations.linear_backward_transient)
+    layer_temps = np.maximum(t.transient, t.temps_fwd + t.transient_linear)
     mlp_work = np.maximum(saved_side, grads_side) + layer_temps
     # DoRA's weight-norm buffers in a checkpointed layer's recomputation: beside what the layer has
     # saved again before its largest adapted module runs (``rec_prefix``), not the whole layer
@@ -257,13 +264,22 @@ def _backward_walk(t: StepTerms, s: StateTerms, g: Gathering, r: _Resident) -> _
     grads_attn = grads_before + t.layer_attn + c.attn_cache
     attn_work = np.maximum(saved_attn, grads_attn) + t.attn_bwd
     work = np.maximum(np.maximum(mlp_work, attn_work), rec_work)
-    acts_end = t.acts + r.cache_bwd + r.held + t.logits_bwd + g.at(g.bwd_start)
+    logits_end = t.acts + r.cache_bwd + r.held + t.logits_bwd + g.at(g.bwd_start)
+    # the trained head's matmul backward (before any layer's, every activation still saved; the logits'
+    # gradient freed once it ran): the 16-bit gradient of its weight's autocast cast beside the fp32 cast
+    # autograd makes of it (the dry run: qwen2.5-7b GRPO full, eager, 2k, peaks there)
+    # (the head's own cast, saved by that matmul, freed with it)
+    head_end = np.where(s.head_grad_cast > 0, t.acts + np.maximum(r.cache_bwd - c.head_cache, 0) + r.held
+                        + s.head_grad + s.head_grad_cast
+                        + t.logits_kept + g.at(g.bwd_start), 0)
+    acts_end = np.maximum(logits_end, head_end)
     work = work + g.at(g.bwd_work)
     grads_end = np.maximum(work, s.grads_bwd + s.grads_end_extra + g.at(g.bwd_end)) + t.logits_kept
     return _Backward(grads_before=grads_before, saved_side=saved_side, grads_side=grads_side, layer_temps=layer_temps,
                      mlp_work=mlp_work, rec_prefix=rec_prefix, rec_saved=rec_saved, rec_grads=rec_grads,
                      rec_work=rec_work, attn_side_cache=attn_side_cache, saved_attn=saved_attn, grads_attn=grads_attn,
-                     attn_work=attn_work, work=work, acts_end=acts_end, grads_end=grads_end)
+                     attn_work=attn_work, work=work, acts_end=acts_end, logits_end=logits_end, head_end=head_end,
+                     grads_end=grads_end)
 
 
 def combine_phases(t: StepTerms, base: dict[Component, int], s: StateTerms, g: Gathering = ONE_DEVICE,
@@ -316,6 +332,7 @@ class _Where:
     """Which branch of each phase holds the peak (boolean arrays over the grid)."""
 
     bwd_act: np.ndarray    #: backward peaks at its start (everything saved + the loss's gradients)
+    bwd_head: np.ndarray   #: ... at the head's weight gradient and its fp32 cast (else the loss's gradients)
     layer: np.ndarray      #: ... inside a layer's backward
     in_rec: np.ndarray     #: the layer's peak is DoRA's norm in its recomputation
     in_attn: np.ndarray    #: the layer's peak is eager attention's softmax backward
@@ -333,7 +350,7 @@ def _where(t: StepTerms, s: StateTerms, g: Gathering, fw: _Forward, bw: _Backwar
     bwd_saved = np.where(in_rec, bw.rec_saved >= bw.rec_grads,
                          np.where(in_attn, bw.saved_attn >= bw.grads_attn, bw.saved_side >= bw.grads_side))
     bwd_end = s.grads_bwd + s.grads_end_extra + g.at(g.bwd_end) >= bw.work  # backward's last state: all gradients
-    return _Where(bwd_act=bwd_act, layer=~bwd_act & ~bwd_end, in_rec=in_rec, in_attn=in_attn, bwd_saved=bwd_saved,
+    return _Where(bwd_act=bwd_act, bwd_head=bw.head_end > bw.logits_end, layer=~bwd_act & ~bwd_end, in_rec=in_rec, in_attn=in_attn, bwd_saved=bwd_saved,
                   fwd_act=fw.work >= t.nograd_peak, fwd_at_mid=fw.mid > fw.peak, fwd_temps=t.logits_fwd < fw.temps - fw.head_f,
                   fwd_attn=t.attn_fwd - fw.head_f > np.maximum(t.logits_fwd, fw.temps - fw.head_f))
 
@@ -371,7 +388,9 @@ def _components_at_peak(t: StepTerms, base: dict[Component, int], s: StateTerms,
     if need(Component.LOGITS):
         comps[Component.LOGITS] = at({Phase.FORWARD: np.where(w.fwd_act & ~w.fwd_temps & ~w.fwd_attn & ~w.fwd_at_mid,
                                                               t.logits_fwd, 0),
-                                      Phase.BACKWARD: np.where(w.bwd_act, t.logits_bwd, t.logits_kept),
+                                      # (the head weight's 16-bit gradient: made in the head's section, as the dry run tags it)
+                                      Phase.BACKWARD: np.where(w.bwd_act, np.where(w.bwd_head, s.head_grad_cast + t.logits_kept,
+                                                                                   t.logits_bwd), t.logits_kept),
                                       Phase.ROLLOUT: t.rollout_logits})
     if need(Component.TEMPORARIES):
         comps[Component.TEMPORARIES] = _temporaries_at_peak(t, s, fw, bw, w, zeros, at)
@@ -393,7 +412,7 @@ def _autocast_at_peak(c: BackwardCasts, r: "_Resident", fw: "_Forward", bw: "_Ba
     head_saved = np.maximum(r.cache_bwd - c.head_cache, 0)
     return at({
         Phase.FORWARD: np.where(w.fwd_act & ~w.fwd_at_mid & (w.fwd_temps | w.fwd_attn), r.cache - fw.head_f, r.cache),
-        Phase.BACKWARD: np.where(w.bwd_act, r.cache_bwd, np.where(
+        Phase.BACKWARD: np.where(w.bwd_act, np.where(w.bwd_head, head_saved, r.cache_bwd), np.where(
             w.layer, np.where(w.bwd_saved, np.where(w.in_attn, bw.attn_side_cache, head_saved + c.recompute_cache),
                               np.where(w.in_rec, 0, np.where(w.in_attn, c.attn_cache, c.layer_cache))), 0))})
 
@@ -403,7 +422,7 @@ def _gradients_by_phase(s: StateTerms, r: "_Resident", bw: "_Backward", w: "_Whe
     """Gradients alive at the peak (held sums, the layer's, all at backward's end), by the branch that holds it."""
     return at({
         Phase.FORWARD: r.held,
-        Phase.BACKWARD: np.where(w.bwd_act, r.held, np.where(w.layer, np.where(
+        Phase.BACKWARD: np.where(w.bwd_act, r.held + np.where(w.bwd_head, s.head_grad, 0), np.where(w.layer, np.where(
             w.bwd_saved, np.where(w.in_attn, s.head_grad + s.layer_grad, 0) + r.held, bw.grads_before), s.grads_bwd)),
         Phase.OPTIMIZER_STEP: s.grads_opt + zeros})
 

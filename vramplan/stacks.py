@@ -52,6 +52,7 @@ class Stack:
     float_quant_storage: bool = False                 # QLoRA packs 4-bit weights in a floating dtype (quant_storage)
     fused_activation: bool = False                    # its own model runs the MLP activation as one op (litgpt F.gelu)
     transformers_modules: bool = False                # it trains transformers' own modeling code (its attention calls)
+    softcap_by_hand: bool = False                     # its own attention computes soft-capped scores by hand (eager)
     bnb_exact_linear: bool = False                    # its 4-bit conversion replaces exact nn.Linear only (transformers >= 5)
     accumulation_no_sync: bool = False                # accumulation micro-batches skip the gradient sync (DDP/FSDP no_sync)
     fsdp_engine: str = "fsdp2"                        # --strategy fsdp runs FSDP2 (fully_shard) or FSDP1 (FullyShardedDataParallel)
@@ -175,6 +176,7 @@ def stacks() -> dict[str, Stack]:
                        fsdp_engine=str(s.get("fsdp_engine", "fsdp2")),
                        fsdp1_sync_module_states=_flag(s, "fsdp1_sync_module_states"),
                        transformers_modules=_flag(s, "transformers_modules"),
+                       softcap_by_hand=_flag(s, "softcap_by_hand"),
                        runtime=str(s.get("runtime", name)), dryrun_builds=str(s.get("dryrun_builds", name)),
                        dryrun_package=str(s.get("dryrun_package", "")), dryrun_versions=_names(s, "dryrun_versions"),
                        dryrun_techniques=tuple((str(k), str(v))

@@ -99,6 +99,18 @@ def sdpa_math_note(spec: ModelSpec, cfg: TrainConfig) -> str | None:
         return (f"attention: {spec.architecture} runs its own attention (ALiBi scores by baddbmm, fp32 softmax, bmm), "
                 f"whatever attn_implementation asks ({cfg.attn}): the scores are materialised; planned as eager "
                 "attention (transformers models/bloom/modeling_bloom.py BloomAttention.forward)")
+    from ..memory import sdpa_refused
+
+    if spec.attn_logit_softcapping and cfg.stack.softcap_by_hand and cfg.attn != "eager":
+        return (f"attention: {cfg.stack.name}'s own attention computes {spec.architecture}'s soft-capped scores by "
+                f"hand (matmul, tanh, fp32 softmax), whatever kernel is asked ({cfg.attn}): planned as eager "
+                "attention (stacks.toml softcap_by_hand)")
+    if sdpa_refused(spec, cfg):
+        return (f"attention: transformers >= 5.21 refuses SDPA for {spec.architecture} (_supports_sdpa = False: SDPA "
+                "cannot apply the attention softcap); an explicit attn_implementation='sdpa' raises and the default "
+                "falls back to eager, so it is planned as eager attention (scores materialised). Flash attention "
+                "(flash-attn >= 2.6 applies the softcap) avoids the scores; transformers < 5.21 ran SDPA with the "
+                "softcap dropped (transformers models/gemma2/modeling_gemma2.py Gemma2PreTrainedModel)")
     if not (cfg.attn == "sdpa" and spec.sdpa_math and cfg.stack.transformers_modules):
         return None
     return (f"attention: {spec.architecture} calls SDPA with {spec.num_heads} query heads and {spec.num_kv_heads} "

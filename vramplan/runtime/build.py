@@ -291,6 +291,13 @@ def attn_impl(cfg: TrainConfig, device: str, fake: bool, notes: list[str], spec:
     if spec is not None and spec.eager_only:  # BLOOM: its own attention, no SDPA or flash path in transformers
         notes.append(f"{spec.architecture} runs its own attention (scores materialised): built with eager")
         return "eager"
+    if spec is not None:
+        from ..memory import sdpa_refused
+
+        if sdpa_refused(spec, cfg):  # Gemma-2, transformers >= 5.21: `_supports_sdpa = False`, the default is eager
+            notes.append(f"transformers refuses SDPA for {spec.architecture} (softcapped attention): built with eager, "
+                         "as transformers' default does")
+            return "eager"
     if cfg.attn == "flash":
         if fake:
             return "sdpa"  # routed to the flash kernels by CudaEmulation
@@ -310,6 +317,19 @@ def _from_config(spec: ModelSpec, head: str, dtype: torch.dtype, attn: str, devi
         warnings.simplefilter("ignore")
         try:
             with torch.device(device):
+                if attn == "sdpa" and spec.sdpa_unsupported and not getattr(cls._model_mapping[type(conf)],
+                                                                            "_supports_sdpa", True):
+                    # flash emulated through SDPA (CudaEmulation) on a model transformers builds without SDPA
+                    # (Gemma-2 >= 5.21: flash-attn >= 2.6 applies its softcap in-kernel): built eager, then its
+                    # attention dispatched to SDPA, the flash kernels' stand-in (the module tree is the same)
+                    # (transformers' sdpa_attention_forward refuses a softcap: the stand-in drops it, as the
+                    # in-kernel softcap of flash-attn holds no memory of its own)
+                    model = cls.from_config(conf, dtype=dtype, attn_implementation="eager")
+                    model.config._attn_implementation = "sdpa"
+                    for m in model.modules():
+                        if getattr(m, "attn_logit_softcapping", None) is not None:
+                            m.attn_logit_softcapping = None
+                    return model
                 return cls.from_config(conf, dtype=dtype, attn_implementation=attn)
         except (ValueError, KeyError, NotImplementedError) as exc:
             what = "sequence classifier" if head == "scalar" else "causal LM"
