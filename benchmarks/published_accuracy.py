@@ -386,12 +386,12 @@ three multi-GPU rows, all FSDP1 runs whose step the sharded planner plans with F
 A10Gs (-12.5% of peak allocated, was -42.8% before its `no_backward_sync` accumulation was modelled), the Answer.AI
 FSDP QLoRA row at batch 1 x 512 (-10.4%, was -14.5% before FSDP1's wrap reserve and unshard-stream pool, below;
 its LoRA twin is now -6.5%), torchtune's 2024-04 FSDP full fine-tune on 4 RTX 4090s (-11.6%); PEFT's docs' 70B QLoRA rows on 2 GPUs are no longer under (ZeRO-3 +2.1%: the whole-module
-placement below; FSDP without offload +27.3% once planned without offload); three rows session 5 made scorable -- ms-swift's DPO and ORPO LoRA rows (-30.5%, -27.3%:
+placement below; FSDP without offload +27.3% once planned without offload); three rows session 5 made scorable -- ms-swift's DPO and ORPO LoRA rows (-29.2%, -26.0%:
 rounded '# Memory usage: 40G' doc comments at ms-swift's default max_length 2048, no reference copy for LoRA
 (`prepare_model_template_train` loads one only for full/PPO or a named ref model); the cause is not found) and
 PEFT's bloomz-7b1 "LoRA + DeepSpeed ZeRO-3 CPU offload" row (-36.0%, one GPU, was -45.9% before DeepSpeed's
 default reduce bucket above; the README at the table's commit prints the offload config) -- and two single-GPU
-torchtune rows. The README's single-GPU LoRA row (-11.2%, 17.18 GB): that figure entered the
+torchtune rows. The README's single-GPU LoRA row (-10.8%, 17.18 GB): that figure entered the
 README at a95c6b93 (2024-03-21, "estimated on A100s", `max_memory_allocated`), before torchtune's Alpaca builder
 truncated samples to `max_seq_len=512` (73647e26, PR #620, 2024-03-30); the docs' LoRA and QLoRA tutorials
 (2024-04, v0.1.0) ran after it. The corpus plans every 2024-04 torchtune row at Alpaca's longest sample (1,304
