@@ -1,4 +1,4 @@
-"""Corpus readings added by issue 12's truth2 work: each from the source's own code at its commit."""
+"""Corpus readings (issue 12): each from the source's own code at its commit."""
 
 from __future__ import annotations
 
