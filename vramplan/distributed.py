@@ -103,20 +103,13 @@ CPU_ADAM_PARAMS_PER_S = 1.0e9
 
 
 @dataclass(frozen=True)
-class Parallel:
-    """How a run is spread over GPUs. ``strategy=None`` is one process without torch.distributed."""
+class EngineOptions:
+    """The engines' own settings (None: the engine's default): what ``--fsdp-reshard-after-forward``,
+    ``--bucket-cap-mb``, ... set, for the planner (:class:`Parallel` has them) and the distributed dry run
+    (``vramplan.dryrun.distributed``, which passes them to the engines it runs)."""
 
-    gpus: int = 1
-    strategy: str | None = None
-    offload: str = "none"
-    gpus_per_node: int = GPUS_PER_NODE
-    #: the engine that runs the strategy: ``auto`` (DeepSpeed for zero1/2/3, PyTorch for ddp/fsdp),
-    #: ``torch`` (DDP; ZeroRedundancyOptimizer for zero1; FSDP2 for zero2/zero3/fsdp) or ``deepspeed``
-    engine: str = "auto"
     #: FSDP2 ``fully_shard(reshard_after_forward=...)``; None: the engine's default (True; zero2: False)
     reshard_after_forward: bool | None = None
-    #: DDP ``gradient_as_bucket_view`` (default False: the buckets are a second copy of the gradients)
-    gradient_as_bucket_view: bool = False
     #: DDP ``bucket_cap_mb`` (default 25; the buckets hold every gradient whatever their size)
     bucket_cap_mb: float | None = None
     #: DeepSpeed ``reduce_bucket_size`` / ``allgather_bucket_size`` / ``stage3_prefetch_bucket_size`` /
@@ -129,6 +122,26 @@ class Parallel:
     #: FSDP1 ``no_sync()``, FSDP2 ``set_requires_gradient_sync(False)``); None: the stack's loop
     #: (``stacks.toml accumulation_no_sync``)
     no_sync: bool | None = None
+
+    def given(self) -> dict:
+        """The options set (not None), by name: what the ranks apply and the result records."""
+        return {k: getattr(self, k) for k in EngineOptions.__dataclass_fields__ if getattr(self, k) is not None}
+
+
+@dataclass(frozen=True)
+class Parallel(EngineOptions):
+    """How a run is spread over GPUs. ``strategy=None`` is one process without torch.distributed; the engine's
+    settings are :class:`EngineOptions`' (inherited) and the switches below."""
+
+    gpus: int = 1
+    strategy: str | None = None
+    offload: str = "none"
+    gpus_per_node: int = GPUS_PER_NODE
+    #: the engine that runs the strategy: ``auto`` (DeepSpeed for zero1/2/3, PyTorch for ddp/fsdp),
+    #: ``torch`` (DDP; ZeroRedundancyOptimizer for zero1; FSDP2 for zero2/zero3/fsdp) or ``deepspeed``
+    engine: str = "auto"
+    #: DDP ``gradient_as_bucket_view`` (default False: the buckets are a second copy of the gradients)
+    gradient_as_bucket_view: bool = False
     #: DeepSpeed's ``optimizer.params.torch_adam``: torch.optim.AdamW on the fp32 partition instead of
     #: FusedAdam (DeepSpeed's CPU accelerator has only this one; on CPU tensors torch runs its single-tensor
     #: path, whose ``(exp_avg_sq.sqrt() / bias_correction2_sqrt)`` makes two partition-sized temporaries)

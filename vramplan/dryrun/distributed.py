@@ -47,6 +47,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..config import TrainConfig, make_config
+from ..distributed import EngineOptions
 from ..errors import MissingDependencyError, VramplanError
 from ..models import ModelSpec, get_model
 from ..results import jsonable
@@ -772,30 +773,6 @@ def distributed_config(spec: ModelSpec, method: str, *, precision: str = "bf16",
                             "CPU autocast is not CUDA's: bf16-mixed stays with the single-device dry run (meta, "
                             "emulated CUDA autocast)")
     return make_config(spec, method, precision=prec, **kw)
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """The engines' settings a distributed dry run passes (None: the engine's default, :data:`DS_DEFAULTS`,
-    :data:`DDP_BUCKET_CAP_MB`; the CLI's ``--fsdp-reshard-after-forward``, ``--bucket-cap-mb``, ...)."""
-
-    #: FSDP2 ``fully_shard(reshard_after_forward=...)``
-    reshard_after_forward: bool | None = None
-    #: DDP ``bucket_cap_mb``
-    bucket_cap_mb: float | None = None
-    #: DeepSpeed ``reduce_bucket_size`` / ``allgather_bucket_size`` / ``stage3_prefetch_bucket_size`` /
-    #: ``stage3_max_live_parameters``, elements
-    reduce_bucket_size: int | None = None
-    allgather_bucket_size: int | None = None
-    prefetch_bucket_size: int | None = None
-    max_live_parameters: int | None = None
-    #: skip the gradient sync on all micro-batches but the last (None: the stack's loop, ``stacks.toml
-    #: accumulation_no_sync``)
-    no_sync: bool | None = None
-
-    def given(self) -> dict:
-        """The options set (not None), by name: what the ranks apply and the result records."""
-        return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
 #: the engine option names (:class:`EngineOptions`' fields)
