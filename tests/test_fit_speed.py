@@ -503,3 +503,50 @@ def test_at_peak_skipping_phases_not_given_equals_the_long_way():
             long = np.where(idx == k, by_phase.get(p, zeros), long)
         got = _at_peak(idx, zeros, by_phase)
         assert got.dtype == long.dtype and np.array_equal(got, long)
+
+
+def _long_config_of(spec, m, ad, common, settings, built):
+    cfg = search_mod.make_config(spec, m, adapter=ad, batch=1, **common, **settings)
+    search_mod._resolve_once(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("model", ["llama-2-13b", "llama-3.2-1b", "qwen1.5-moe-a2.7b"])
+def test_candidates_at_another_rank_equal_make_configs(monkeypatch, model):
+    """``search._config_of`` (a (recipe, targets) already built at another rank: that config with its rank and alpha
+    set, the rank checked) gives the candidates make_config gives, field for field and in order, for every method
+    and stack; a rank the user fixes too large for a layer is refused either way."""
+    from vramplan.planner.fitting import default_methods
+
+    spec, card = get_model(model), get_gpu("a100-80gb")
+    compared, saved, made = 0, 0, []
+    real = search_mod.make_config
+    monkeypatch.setattr(search_mod, "make_config", lambda *a, **k: made.append(1) or real(*a, **k))
+    for method in default_methods():
+        for fw in stacks():
+            for fixed in ({}, {"targets": "all-linear"}, {"rank": 16, "grad_ckpt": True}):
+                made.clear()
+                try:
+                    req = SearchRequest.build(seq=1024, framework=fw, precision=check_card(None, method, None, "sdpa",
+                                                                                             card, fw), **fixed)
+                    got = search_mod._candidates(spec, method, card, req)
+                except vramplan.VramplanError:
+                    got = None
+                fast = len(made)
+                with monkeypatch.context() as mp:
+                    mp.setattr(search_mod, "_config_of", _long_config_of)
+                    try:
+                        want = search_mod._candidates(spec, method, card, req)
+                    except vramplan.VramplanError:
+                        want = None
+                if want is None or got is None:
+                    assert want is got, (method, fw, fixed)
+                    continue
+                assert [(c.to_dict(), n) for c, n in got] == [(c.to_dict(), n) for c, n in want], (method, fw, fixed)
+                assert [c for c, _ in got] == [c for c, _ in want]
+                assert fast <= len(made) - fast  # the long way's calls
+                saved += len(made) - 2 * fast
+                compared += len(got)
+    assert compared > 1000 and saved > 100
+    with pytest.raises(vramplan.VramplanError, match="rank 65536 is larger"):
+        search_mod._candidates(spec, "lora", card, SearchRequest.build(seq=1024, rank=65536))

@@ -259,6 +259,21 @@ def resolve_targets(model: ModelSpec, targets) -> tuple[str, ...]:
     return targets
 
 
+def check_rank(spec: ModelSpec, targets: tuple[str, ...], rank: int) -> None:
+    """Refuse a low-rank adapter's ``rank`` larger than one of the linears it adapts (``targets``, resolved).
+
+    Raises:
+        VramplanError: ``rank`` exceeds the smaller side of an adapted linear (1-unit gates aside).
+    """
+    shapes = {l.name: l for l in spec.layer_linears()}
+    for t in targets:
+        l = shapes[t]
+        # 1-unit gates (Qwen-MoE's shared_expert_gate) take any rank in PEFT; judge the projections
+        if min(l.in_features, l.out_features) > 16 and rank > min(l.in_features, l.out_features):
+            raise VramplanError(f"rank {rank} is larger than {t} ({l.out_features}x{l.in_features}) of {spec.name}",
+                                f"use --rank <= {min(l.in_features, l.out_features)}")
+
+
 def make_config(model: ModelSpec | str, method: "str | ConfigRequest" = "lora", **settings: Any) -> TrainConfig:
     """Validate user input into a :class:`TrainConfig` for ``model``.
 
@@ -296,13 +311,7 @@ def _config_for(spec: ModelSpec, req: ConfigRequest) -> TrainConfig:
     tg: tuple[str, ...] = ()
     if recipe.adapter.low_rank:
         tg = resolve_targets(spec, req.targets)
-        shapes = {l.name: l for l in spec.layer_linears()}
-        for t in tg:
-            l = shapes[t]
-            # 1-unit gates (Qwen-MoE's shared_expert_gate) take any rank in PEFT; judge the projections
-            if min(l.in_features, l.out_features) > 16 and req.rank > min(l.in_features, l.out_features):
-                raise VramplanError(f"rank {req.rank} is larger than {t} ({l.out_features}x{l.in_features}) of {spec.name}",
-                                    f"use --rank <= {min(l.in_features, l.out_features)}")
+        check_rank(spec, tg, req.rank)
     elif recipe.adapter.ia3:
         tg = tuple(t for t in spec.ia3_targets if t in {l.name for l in spec.layer_linears() if l.is_linear})
         if req.targets:

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import TrainConfig, make_config
+from ..config import TrainConfig, check_rank, make_config
 from ..distributed import (SINGLE, STRATEGIES, Parallel, accumulation_step_memory, make_parallel,
                            parallel_step_memory, shard_state)
 from ..errors import VramplanError
@@ -284,8 +284,7 @@ def _candidates(spec: ModelSpec, method: str, card: GPUSpec, req: SearchRequest,
         shape = (m, ad, settings["rank"], repr(settings["targets"]))
         if shape not in built:
             try:
-                built[shape] = make_config(spec, m, adapter=ad, batch=1, **common, **settings)
-                _resolve_once(built[shape])
+                built[shape] = _config_of(spec, m, ad, common, settings, built)
             except VramplanError:
                 if fixed.get("rank") or fixed.get("targets"):
                     raise  # the user's own setting is invalid: say so
@@ -302,6 +301,27 @@ def _candidates(spec: ModelSpec, method: str, card: GPUSpec, req: SearchRequest,
         seen.add(cfg)
         out.append((cfg, note))
     return out
+
+
+def _config_of(spec: ModelSpec, m: str, ad: str | None, common: dict, settings: dict, built: dict) -> TrainConfig:
+    """``make_config`` of one (recipe, rank, targets) of :func:`_candidates`, its recipe, stack and regime resolved.
+
+    The rank enters make_config in two places: the rank and alpha (= rank, the search gives no alpha) fields, and
+    :func:`~vramplan.config.check_rank` against the adapted linears. So a shape whose (recipe, targets) was already
+    built at another rank (``built``) is that configuration with its rank and alpha set, once the rank is checked:
+    the same fields as make_config's (tests/test_fit_speed.py), without resolving the names again.
+
+    Raises:
+        VramplanError: as make_config (a rank larger than an adapted linear, an invalid setting).
+    """
+    same = next((c for (m2, ad2, _, tg), c in built.items()
+                 if c is not None and m2 == m and ad2 == ad and tg == repr(settings["targets"])), None)
+    if same is not None and same.recipe.adapter.low_rank:
+        check_rank(spec, same.targets, settings["rank"])
+        return same.with_(rank=settings["rank"], alpha=float(settings["rank"]))
+    cfg = make_config(spec, m, adapter=ad, batch=1, **common, **settings)
+    _resolve_once(cfg)
+    return cfg
 
 
 def _resolve_once(cfg: TrainConfig) -> None:
