@@ -550,3 +550,21 @@ def test_candidates_at_another_rank_equal_make_configs(monkeypatch, model):
     assert compared > 1000 and saved > 100
     with pytest.raises(vramplan.VramplanError, match="rank 65536 is larger"):
         search_mod._candidates(spec, "lora", card, SearchRequest.build(seq=1024, rank=65536))
+
+
+def test_other_setups_judge_grpo_on_the_card_its_search_has(monkeypatch):
+    """GRPO with vLLM colocated: fit's search plans the step on the card less vLLM's share, and the other stacks and
+    precisions it lists are judged on that same card (the whole card would list setups whose step leaves vLLM no
+    room: 16.8 GiB of a 20 GiB card whose step has 14 GiB)."""
+    opts = {"generation": "vllm-colocate", "vllm_gpu_memory_utilization": 0.3}
+    whole = get_gpu("rtx4000ada")
+    step_card = int(whole.memory_bytes * 0.7)
+    seen = []
+    real = search_mod.other_setups
+    monkeypatch.setattr(search_mod, "other_setups",
+                        lambda spec, m, card, *a, **k: seen.append((m, card.memory_bytes)) or real(spec, m, card, *a, **k))
+    row = vramplan.fit("13b", "rtx4000ada", methods=["grpo"], method_options=opts).rows[0]
+    assert row.best is None and seen == [("grpo", step_card)]
+    assert row.alternatives and all(a.detail["peak_bytes"] <= step_card for a in row.alternatives)
+    on_whole = real(get_model("13b"), "grpo", whole, current=row.chosen, method_options=opts)
+    assert any(a.detail["peak_bytes"] > step_card for a in on_whole)  # what the whole card would have listed

@@ -301,7 +301,8 @@ def _fit_method(ctx: _FitContext, name: str) -> FitRow:
     advice = _advice(ctx, name, sreq, mp, chosen, est) if req.advise else None
     alternatives = []
     if req.advise and mp.best is None and req.gpus == 1:
-        alternatives = other_setups(spec, name, card, sreq, current=chosen)
+        # judged on the card the method's step has, as its search was (GRPO's colocated vLLM holds the rest)
+        alternatives = other_setups(spec, name, card_m, sreq, current=chosen)
     return FitRow(method=cfg.method, requested=name, adapter=cfg.adapter, alternatives=alternatives,
                   fits=bool(est.fits), estimate=est,
                   **vars(band_limits(spec, cfg, card_m, par, totals=ctx.totals, margin=ctx.margin)),
