@@ -568,3 +568,77 @@ def test_other_setups_judge_grpo_on_the_card_its_search_has(monkeypatch):
     assert row.alternatives and all(a.detail["peak_bytes"] <= step_card for a in row.alternatives)
     on_whole = real(get_model("13b"), "grpo", whole, current=row.chosen, method_options=opts)
     assert any(a.detail["peak_bytes"] > step_card for a in on_whole)  # what the whole card would have listed
+
+
+
+
+#: One field of a configuration changed at a time (the layer sums must tell every such pair apart, or share them).
+_VARIANTS = {"rank": [8, 16, 64], "targets": [None, "all-linear", "q_proj,v_proj"], "dropout": [0.0, 0.1],
+             "grad_ckpt": [False, True], "attn": ["sdpa", "flash", "eager"], "seq": [512, 2048, 5000, 8192],
+             "framework": ["hf", "torchtune", "unsloth", "litgpt", "fsdp_qlora"], "precision": [None, "bf16", "fp32"],
+             "techniques": [(), ("padding",), ("chunked_ce",), ("selective_ckpt",)],
+             "versions": [None, "bitsandbytes=0.42.0", "peft=0.11.0", "transformers=5.20.0"],
+             "method": ["lora", "qlora", "dora", "dpo", "orpo", "grpo", "ppo", "kto"]}
+
+
+def _sums_configs(rng: random.Random, n: int):
+    """(model, configuration) pairs: ``n`` drawn at random, each with every variant of :data:`_VARIANTS` (one field
+    changed) that make_config takes."""
+    models = ["llama-2-13b", "gemma-2-2b", "mistral-7b-v0.1", "phi-2", "falcon-7b", "gpt-neox-20b", "qwen3-30b-a3b",
+              "olmo-2-7b", "bloomz-7b1", "gemma-3-1b"]
+    out = []
+    fixed = [("llama-2-13b", dict(method="qlora")), ("mistral-7b-v0.1", dict(method="dpo", attn="sdpa", seq=8192))]
+    while len(out) < n:
+        spec = get_model(fixed[0][0] if fixed else rng.choice(models))
+        kw = dict({k: rng.choice(v) for k, v in _VARIANTS.items()}, framework="hf", versions=None,
+                  **fixed.pop(0)[1]) if fixed else {k: rng.choice(v) for k, v in _VARIANTS.items()}
+        try:
+            vramplan.make_config(spec, **kw)
+        except vramplan.VramplanError:
+            continue
+        for k, values in _VARIANTS.items():
+            for v in values:
+                try:
+                    out.append((spec, vramplan.make_config(spec, **dict(kw, **{k: v}))))
+                except vramplan.VramplanError:
+                    pass
+    return out
+
+
+def test_kept_layer_sums_equal_fresh_ones():
+    """``activations._layer_sums`` kept by what they read: with the sums of hundreds of other configurations kept (the
+    same method's at other checkpointing, other methods' over the same policy, other stacks, versions, techniques),
+    every part of every copy's layer and every term of ``step_terms`` equals the one computed with nothing kept, to
+    the byte and dtype."""
+    from vramplan import activations as act
+    from vramplan import memory
+
+    pairs = _sums_configs(random.Random(11), 600)
+    grid = MICRO_BATCHES[:9]
+
+    def everything(spec, cfg):
+        built = cfg.stack.as_built(spec)
+        out = []
+        for copy in cfg.recipe.copies:
+            for part in act.LAYER_PARTS:
+                for irg in (True, False):
+                    out.append(act.layer_activation_bytes(built, cfg, copy, cfg.regime, 3.0 * grid, cfg.seq,
+                                                          input_requires_grad=irg, part=part))
+        for batch in (grid, None):
+            t = memory.step_terms(spec, cfg, batch)
+            out += [getattr(t, f.name) for f in memory.fields(memory.StepTerms)]
+        return out
+
+    fresh = []
+    for spec, cfg in pairs:
+        act._SUMS.clear()
+        fresh.append(everything(spec, cfg))
+    act._SUMS.clear()
+    for spec, cfg in random.Random(12).sample(pairs, len(pairs)):
+        everything(spec, cfg)  # keep every configuration's sums
+    assert len(act._SUMS) > 300
+    for (spec, cfg), want in zip(reversed(pairs), reversed(fresh)):
+        got = everything(spec, cfg)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert np.asarray(g).dtype == np.asarray(w).dtype and np.array_equal(g, w), (spec.name, cfg)

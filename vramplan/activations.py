@@ -136,15 +136,48 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
         raise ValueError(f"layer_activation_bytes: part {part!r} not in {LAYER_PARTS}")
     T = np.asarray(tokens, dtype=np.float64)
     s = np.asarray(seq, dtype=np.float64)
+    per = _layer_sums(model, cfg, copy, regime, T, s, input_requires_grad, part)
+    if part == "attention_inputs":
+        return T * per
+    per_token, per_score, per_layer = per
+    if part == "attention":
+        return T * per_token + T * s * per_score
+    return T * per_token + T * s * per_score + per_layer
+
+
+#: :func:`_layer_sums` kept by what they are computed from (cleared when it grows past 8192 entries).
+_SUMS: dict = {}
+
+
+def _layer_sums(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime, T, s, input_requires_grad: bool,
+                part: str):
+    """:func:`layer_activation_bytes`' sums (``attention_inputs``: bytes per token; else ``(per_token, per_score,
+    per_layer)``), kept per what they read when the sequence is one number and the attention is not eager (eager's
+    per-token sum reads the tokens): the model, the copy, the regime, and of the config its stack, versions,
+    techniques, attention, dropout, targets and rank -- not its method, micro-batch, checkpointing or optimiser, so
+    the searches of a fit (LoRA and every method training the same LoRA policy, with and without checkpointing)
+    compute each once. Equal inputs, equal sums (tests/test_fit_speed.py)."""
+    key = None
+    if s.ndim == 0 and cfg.attn != "eager":
+        key = (model, copy, regime, cfg.framework, cfg.versions, cfg.techniques, cfg.attn, cfg.dropout, cfg.targets,
+               cfg.rank, float(s), input_requires_grad, part)
+        kept = _SUMS.get(key)
+        if kept is not None:
+            return kept
     ly = _layer_setup(model, cfg, copy, regime)
     acc = _Saved()
     if part == "attention_inputs":
-        return T * _attention_inputs(ly, acc, input_requires_grad)
-    _attention_block(ly, acc, T, s, input_requires_grad)
-    if part == "attention":
-        return T * acc.per_token + T * s * acc.per_score
-    _mlp_block(ly, acc, input_requires_grad)
-    return T * acc.per_token + T * s * acc.per_score + acc.per_layer
+        out = _attention_inputs(ly, acc, input_requires_grad)
+    else:
+        _attention_block(ly, acc, T, s, input_requires_grad)
+        if part == "layer":
+            _mlp_block(ly, acc, input_requires_grad)
+        out = (acc.per_token, acc.per_score, acc.per_layer)
+    if key is not None:
+        if len(_SUMS) > 8192:
+            _SUMS.clear()
+        _SUMS[key] = out
+    return out
 
 
 @dataclass(frozen=True)
