@@ -161,7 +161,10 @@ def _layer_sums(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Reg
     if s.ndim == 0 and cfg.attn != "eager":
         key = (model, copy, regime, cfg.framework, cfg.versions, cfg.techniques, cfg.attn, cfg.dropout, cfg.targets,
                cfg.rank, float(s), input_requires_grad, part)
-        kept = _SUMS.get(key)
+        try:
+            kept = _SUMS.get(key)
+        except TypeError:  # a spec built with list fields (from a log's JSON): nothing kept
+            key = kept = None
         if kept is not None:
             return kept
     ly = _layer_setup(model, cfg, copy, regime)
