@@ -21,7 +21,7 @@ from .models import ModelSpec, get_model
 from .optimizers import DEFAULT_OPTIMIZER, get_optimizer
 from .precision import DEFAULT_REGIME, get_regime
 from .request import ATTENTION, ConfigRequest
-from .stacks import DEFAULT_STACK
+from .stacks import DEFAULT_STACK, behaviour_on, effective_regime, get_stack, parse_techniques, parse_versions
 
 
 
@@ -80,8 +80,6 @@ class TrainConfig:
             object.__setattr__(self, "options", tuple(sorted((str(k), v) for k, v in pairs)))
         # a dict or lists (a config read back from JSON) become sorted pairs, so the config stays hashable
         if not (isinstance(self.versions, tuple) and all(isinstance(v, tuple) for v in self.versions)):
-            from .stacks import parse_versions
-
             object.__setattr__(self, "versions", parse_versions(self.versions))
 
     def option(self, name: str, default: Any = None) -> Any:
@@ -95,8 +93,6 @@ class TrainConfig:
         """Whether the version-dependent behaviour ``name`` (stacks.toml [behaviours]) applies to this
         configuration: its stack runs the package, at the version given in ``versions``, else the installed
         one, else the latest (off)."""
-        from .stacks import behaviour_on
-
         return behaviour_on(name, self.framework, self.versions)
 
     # recipe, stack and regime are resolved once per (immutable) config and kept in its __dict__:
@@ -109,15 +105,11 @@ class TrainConfig:
 
     @cached_property
     def stack(self):
-        from .stacks import get_stack
-
         return get_stack(self.framework)
 
     @cached_property
     def regime(self):
         """The precision regime as this config's stack runs it (adapter dtype, optimizer kernel)."""
-        from .stacks import effective_regime
-
         regime = effective_regime(self.precision, self.framework)
         floating_base = not self.recipe.adapter.quantized_base or self.stack.float_quant_storage
         if floating_base and self.behaves("peft_adapter_base_dtype") and regime.autocast is None:
@@ -202,8 +194,6 @@ class TrainConfig:
         Raises:
             VramplanError: an unknown technique, chunked_ce with liger_ce, opt_in_bwd with accumulation.
         """
-        from .stacks import parse_techniques
-
         techs = parse_techniques(techniques)
         _check_techniques(techs, self.grad_accum)
         return replace(self, techniques=techs)
@@ -301,8 +291,6 @@ def make_config(model: ModelSpec | str, method: "str | ConfigRequest" = "lora", 
 def _config_for(spec: ModelSpec, req: ConfigRequest) -> TrainConfig:
     """:func:`make_config` for a model and a validated request: resolve the names against the catalogues."""
     recipe = resolve(req.method, req.adapter)
-    from .stacks import get_stack, parse_techniques, parse_versions
-
     stack = get_stack(req.framework)
     techs = parse_techniques(req.techniques)
     _check_techniques(techs, req.grad_accum)

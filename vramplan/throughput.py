@@ -103,6 +103,7 @@ from .methods.generation import generation_work
 from .models import ModelSpec
 from .optimizers import DEFAULT_OPTIMIZER, get_optimizer
 from .precision import DTYPE_BYTES
+from .stacks import techniques
 from .taxonomy import Component
 
 # -- default efficiencies (see the module docstring for sources) ---------------------------
@@ -511,8 +512,6 @@ def _step_time(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, batch=None, seq=
         parts.update(compute_s=compute, dequant_s=dequant, dora_s=dora, eager_attention_s=eager,
                      rollout_s=prefill + decode)
     # memory-saving techniques (stacks.toml) add their assumed fraction of step time
-    from .stacks import techniques
-
     cost = sum(t.cost_for(cfg) for name, t in techniques().items() if cfg.uses(name))
     if cost:
         parts["techniques_s"] = micro * cost

@@ -24,9 +24,12 @@ import numpy as np
 
 from ..config import TrainConfig
 from ..gpus import GPUSpec
-from ..memory import StepMemory, step_memory
+from ..memory import StepMemory, model_state, resident_floor, step_memory
 from ..models import ModelSpec
-from ..overheads import card_profile, step_device_total
+from ..optimizers import get_optimizer
+from ..overheads import (ACTIVATION_COMPONENTS, LOADED_COMPONENTS, card_profile, device_total, peak_terms,
+                         runtime_overheads, step_device_total)
+from ..taxonomy import Component
 from .estimating import DEVICE_CHAIN_READS
 
 if TYPE_CHECKING:
@@ -78,10 +81,6 @@ class DeviceTotals:
         The chain of :meth:`__call__` on every row at once (rows grouped by the recipe and stack
         whose figures apply); each row equals ``self(step_memory(spec, cfg), cfg, card)``.
         """
-        from ..optimizers import get_optimizer
-        from ..overheads import ACTIVATION_COMPONENTS, LOADED_COMPONENTS, device_total, peak_terms
-        from ..taxonomy import Component
-
         if card.name not in self._profiles:
             self._profiles[card.name] = card_profile(card)
         peak, act, _ = np.ceil(mem.peak), *peak_terms({c: np.ceil(v) for c, v in mem.components.items()
@@ -128,11 +127,6 @@ class DeviceTotals:
 
     def _floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool) -> float | None:
         """:meth:`floor`, computed."""
-        from ..memory import model_state, resident_floor
-        from ..optimizers import get_optimizer
-        from ..overheads import LOADED_COMPONENTS, device_total, runtime_overheads
-        from ..taxonomy import Component
-
         if card.name not in self._profiles:
             self._profiles[card.name] = card_profile(card)
         prof = self._profiles[card.name]
