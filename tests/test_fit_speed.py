@@ -642,3 +642,26 @@ def test_kept_layer_sums_equal_fresh_ones():
         assert len(got) == len(want)
         for g, w in zip(got, want):
             assert np.asarray(g).dtype == np.asarray(w).dtype and np.array_equal(g, w), (spec.name, cfg)
+
+
+@pytest.mark.parametrize("gpu", ["rtx4000ada", "rtx4090", "a100-80gb"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora", "grpo", "full"])
+def test_step_time_rows_sharing_the_micro_step_equal_step_time(method, gpu):
+    """``step_time_rows`` computes the micro-step's seconds once per configuration but its optimiser when the card
+    has no calibration profile (``throughput._default_micro``): every row equals ``step_time`` of its config --
+    its arrays, its parts and its JSON -- for every optimiser, checkpointing and technique."""
+    from vramplan.throughput import _profile
+
+    spec, card = get_model("llama-2-13b"), get_gpu(gpu)
+    base = vramplan.make_config(spec, method, seq=1024)
+    cfgs = [base.with_(grad_ckpt=g, optimizer=o, techniques=t) for g in (False, True)
+            for o in ("adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor") for t in ((), ("chunked_ce",))]
+    b = MICRO_BATCHES[:10]
+    a = np.where(b > 4, 1, 2)
+    for cfg, t in zip(cfgs, step_time_rows(spec, cfgs, card, batch=b, grad_accum=a)):
+        one = step_time(spec, cfg, card, batch=b, grad_accum=a)
+        for name in ("step_s", "micro_s", "tokens_per_s", "achieved_tflops", "mfu"):
+            assert np.array_equal(getattr(t, name), getattr(one, name)), (cfg, name)
+        assert t.parts.keys() == one.parts.keys() and all(np.array_equal(t.parts[k], one.parts[k]) for k in t.parts)
+        assert t.at(2).to_json() == one.at(2).to_json() and t.source == one.source
+    assert _profile(card) is None or gpu != "rtx4000ada"

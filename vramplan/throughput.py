@@ -452,33 +452,30 @@ def step_time_rows(spec: ModelSpec, cfgs: list[TrainConfig], gpu: GPUSpec, batch
     :class:`StepTimeInputs` (None: the defaults for all).
     """
     works: dict = {}
+    micros: dict = {}  # the micro-step's seconds by the same key, without a profile (_step_time)
     out = []
     for i, cfg in enumerate(cfgs):
         k = cfg.with_(optimizer=DEFAULT_OPTIMIZER)
         if k not in works:
             works[k] = step_work(spec, cfg, batch)
         out.append(_step_time(spec, cfg, gpu, batch, grad_accum=grad_accum, parallel=parallel,
-                              inputs=DEFAULT_INPUTS if inputs is None else inputs[i], work=works[k]))
+                              inputs=DEFAULT_INPUTS if inputs is None else inputs[i], work=works[k],
+                              kept=(micros, k)))
     return out
 
 
 def _step_time(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, batch=None, seq=None, *, grad_accum=None,
                parallel: Parallel = SINGLE, inputs: StepTimeInputs = DEFAULT_INPUTS,
-               work: StepWork | None = None) -> StepTime:
-    """:func:`step_time`; ``work``: ``step_work(spec, cfg, batch, seq)`` when the caller has it."""
+               work: StepWork | None = None, kept: tuple[dict, Any] | None = None) -> StepTime:
+    """:func:`step_time`; ``work``: ``step_work(spec, cfg, batch, seq)`` when the caller has it; ``kept``: a dict
+    and ``cfg``'s key in it (the config but its optimiser, whose work ``work`` is): without a calibration profile
+    the micro-step's seconds (:func:`_default_micro`) read the work, the card and the regime, not the optimiser,
+    so the configurations of one key share them (:func:`step_time_rows`)."""
     use_profile, profile, state, sharded = inputs.use_profile, inputs.profile, inputs.state, inputs.sharded
     a = np.asarray(cfg.grad_accum if grad_accum is None else grad_accum, dtype=np.float64)
-    regime = cfg.regime
     w = step_work(spec, cfg, batch, seq) if work is None else work
     eff = card_efficiency(gpu)
-    peak = gpu.tensor_tflops(regime.compute_dtype) * 1e12
-    bw = gpu.bandwidth_gbs * 1e9 * eff.bandwidth
-    width = spec.hidden_size / (spec.hidden_size + WIDTH_HALF)
-
-    def rate(tokens):
-        t = np.asarray(tokens, dtype=np.float64)
-        return peak * eff.matmul * eff.stack * width * t / (t + TOKENS_HALF)
-
+    peak = gpu.tensor_tflops(cfg.regime.compute_dtype) * 1e12
     st = state or model_state(spec, cfg)
     opt_s = _optimizer_seconds(spec, cfg, gpu, parallel, st)
     prof = None if not use_profile else (_profile(gpu) if profile is _LOAD else profile)
@@ -494,23 +491,13 @@ def _step_time(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, batch=None, seq=
             calibrated = True
             source = f"calibration profile {getattr(prof, 'path', None) or gpu.name} (throughput:{key})"
             parts["profile_s"] = micro
-    if micro is None:
-        train_flops = w.model_flops - w.rollout_flops + w.adapter_flops
-        train_passes = w.layer_passes - (1 if w.gen_tokens else 0)  # the rollout's pass is timed as decoding
-        compute = np.maximum(train_flops / rate(w.tokens), train_passes * w.layers * LAUNCH_S_PER_LAYER_PASS)
-        dequant = w.train_dequant_gparams * 1e9 * DEQUANT_BYTES_PER_PARAM / bw + 0 * compute
-        if prof is not None and getattr(prof, "qlora_dequant_s_per_gparam", None):
-            dequant = w.train_dequant_gparams * float(prof.qlora_dequant_s_per_gparam) + 0 * compute
-        dora = w.dora_params * DORA_BYTES_PER_PARAM / bw + 0 * compute
-        eager = w.eager_bytes / bw
-        prefill = np.where(w.prefill_tokens > 0, w.prefill_flops / rate(np.maximum(w.prefill_tokens, 1)), 0.0)
-        decode = 0 * compute
-        if w.gen_tokens:
-            decode = (np.maximum(w.decode_bytes / bw, w.decode_flops / (peak * eff.matmul * eff.stack * width))
-                      + w.gen_tokens * w.layers * DECODE_LAUNCH_S_PER_LAYER)
-        micro = compute + dequant + dora + eager + prefill + decode
-        parts.update(compute_s=compute, dequant_s=dequant, dora_s=dora, eager_attention_s=eager,
-                     rollout_s=prefill + decode)
+    if micro is None and (kept is None or prof is not None):
+        micro, parts = _default_micro(spec, gpu, w, prof, eff, peak)
+    elif micro is None:
+        if kept[1] not in kept[0]:
+            kept[0][kept[1]] = _default_micro(spec, gpu, w, prof, eff, peak)
+        micro, parts = kept[0][kept[1]]
+        parts = dict(parts)
     # memory-saving techniques (stacks.toml) add their assumed fraction of step time
     cost = sum(t.cost_for(cfg) for name, t in techniques().items() if cfg.uses(name))
     if cost:
@@ -527,6 +514,35 @@ def _step_time(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, batch=None, seq=
     return StepTime(step_s=step, micro_s=micro, optimizer_s=opt_s, comm_s=net_s, host_s=host_s, tokens_per_step=tokens_step,
                     tokens_per_s=tps, achieved_tflops=ach, mfu=ach * 1e12 / peak, grad_accum=a, calibrated=calibrated,
                     source=source, parts=parts)
+
+
+def _default_micro(spec: ModelSpec, gpu: GPUSpec, w: StepWork, prof, eff: Efficiency, peak: float) -> tuple:
+    """``(seconds, parts)`` of one micro-step from the default efficiencies (no profile's step-time model):
+    compute (the matmul rate over the tokens, or the kernel launches), QLoRA's dequantisation (at ``prof``'s
+    measured rate where it has one), DoRA's weight norms, eager attention's score traffic, the rollout's prefill
+    and decoding. ``peak``: the card's tensor FLOP/s in the regime's compute dtype."""
+    bw = gpu.bandwidth_gbs * 1e9 * eff.bandwidth
+    width = spec.hidden_size / (spec.hidden_size + WIDTH_HALF)
+
+    def rate(tokens):
+        t = np.asarray(tokens, dtype=np.float64)
+        return peak * eff.matmul * eff.stack * width * t / (t + TOKENS_HALF)
+
+    train_flops = w.model_flops - w.rollout_flops + w.adapter_flops
+    train_passes = w.layer_passes - (1 if w.gen_tokens else 0)  # the rollout's pass is timed as decoding
+    compute = np.maximum(train_flops / rate(w.tokens), train_passes * w.layers * LAUNCH_S_PER_LAYER_PASS)
+    dequant = w.train_dequant_gparams * 1e9 * DEQUANT_BYTES_PER_PARAM / bw + 0 * compute
+    if prof is not None and getattr(prof, "qlora_dequant_s_per_gparam", None):
+        dequant = w.train_dequant_gparams * float(prof.qlora_dequant_s_per_gparam) + 0 * compute
+    dora = w.dora_params * DORA_BYTES_PER_PARAM / bw + 0 * compute
+    eager = w.eager_bytes / bw
+    prefill = np.where(w.prefill_tokens > 0, w.prefill_flops / rate(np.maximum(w.prefill_tokens, 1)), 0.0)
+    decode = 0 * compute
+    if w.gen_tokens:
+        decode = (np.maximum(w.decode_bytes / bw, w.decode_flops / (peak * eff.matmul * eff.stack * width))
+                  + w.gen_tokens * w.layers * DECODE_LAUNCH_S_PER_LAYER)
+    parts = dict(compute_s=compute, dequant_s=dequant, dora_s=dora, eager_attention_s=eager, rollout_s=prefill + decode)
+    return compute + dequant + dora + eager + prefill + decode, parts
 
 
 def _profile_micro(prof, key: str, w: StepWork, opt_s: float, stack: str):
