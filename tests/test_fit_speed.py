@@ -665,3 +665,21 @@ def test_step_time_rows_sharing_the_micro_step_equal_step_time(method, gpu):
         assert t.parts.keys() == one.parts.keys() and all(np.array_equal(t.parts[k], one.parts[k]) for k in t.parts)
         assert t.at(2).to_json() == one.at(2).to_json() and t.source == one.source
     assert _profile(card) is None or gpu != "rtx4000ada"
+
+
+def test_step_terms_stack_equals_np_stack():
+    """``StepTerms.stack`` (``np.array`` of rows of one shape) equals ``np.stack`` of each term, values and dtype,
+    for rows of several methods over a micro-batch grid and at one shape."""
+    from vramplan import memory
+
+    spec = get_model("llama-2-13b")
+    for batch in (MICRO_BATCHES[:7], None):
+        rows = []
+        for method in ("lora", "qlora", "dpo", "grpo", "full", "ppo"):
+            t = memory.step_terms(spec, vramplan.make_config(spec, method, seq=1024), batch)
+            rows.append(t.broadcast(t.zeros.shape))
+        got = memory.StepTerms.stack(rows)
+        for f in memory.fields(memory.StepTerms):
+            want = np.stack([getattr(r, f.name) for r in rows])
+            have = getattr(got, f.name)
+            assert have.dtype == want.dtype and have.shape == want.shape and np.array_equal(have, want), f.name
