@@ -803,7 +803,7 @@ def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=Non
     base = {comp: column([st.bytes.get(comp, 0) for st in states]) for comp in Component
             if any(comp in st.bytes for st in states)}
     # gradients held through accumulated micro-batches: (rows, 1...) x the accumulation grid
-    held = np.stack([np.broadcast_to(held_gradients(st, c, grad_accum), t.zeros.shape[1:])
+    held = np.array([np.broadcast_to(held_gradients(st, c, grad_accum), t.zeros.shape[1:])
                      for st, c in zip(states, cfgs)])
     s = _stack_state_terms([state_terms(st, c) for st, c in zip(states, cfgs)], column, held)
     phases, peak, idx, comps = combine_phases(t, base, s, components=components)

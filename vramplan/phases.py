@@ -314,7 +314,7 @@ def combine_phases(t: StepTerms, base: dict[Component, int], s: StateTerms, g: G
               Phase.FORWARD: r.static + r.states + r.cache + r.held + np.maximum(fw.peak, fw.mid),
               Phase.BACKWARD: r.static + r.states + np.maximum(bw.acts_end, bw.grads_end),
               Phase.OPTIMIZER_STEP: r.static + r.states + s.grads_opt + s.step_temporary}
-    stack = np.stack([phases[p] for p in PHASE_ORDER])
+    stack = np.array([phases[p] for p in PHASE_ORDER])  # one shape each: np.stack's result, faster
     idx = np.argmax(stack, axis=0)
     peak = np.max(stack, axis=0)
     if components is False:
