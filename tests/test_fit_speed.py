@@ -683,3 +683,18 @@ def test_step_terms_stack_equals_np_stack():
             want = np.stack([getattr(r, f.name) for r in rows])
             have = getattr(got, f.name)
             assert have.dtype == want.dtype and have.shape == want.shape and np.array_equal(have, want), f.name
+
+
+def test_filled_is_broadcast_to_as_a_new_array():
+    """``phases.filled`` gives ``np.broadcast_to``'s values, dtype and shape (a new array), and refuses what it refuses."""
+    from vramplan.phases import filled
+
+    for v in (0, 3, 2.5, np.float64(1.5), np.int64(7), np.arange(4.0), np.arange(4), np.ones((1, 4)), True):
+        for shape in ((4,), (3, 4), (2, 3, 4)):
+            want, got = np.broadcast_to(v, shape), filled(v, shape)
+            assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+    for v, shape in ((np.arange(3.0), (4,)), (np.ones((3, 4)), (4,))):
+        with pytest.raises(ValueError):
+            np.broadcast_to(v, shape)
+        with pytest.raises(ValueError):
+            filled(v, shape)

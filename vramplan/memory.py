@@ -26,7 +26,7 @@ from .config import TrainConfig
 from .methods import Adapter, Forward, ModelCopy, Role
 from .models import ModelSpec
 from .optimizers import get_optimizer
-from .phases import PHASE_ORDER, BackwardCasts, StateTerms, StepTerms, combine_phases  # noqa: F401 (re-exported)
+from .phases import PHASE_ORDER, BackwardCasts, StateTerms, StepTerms, combine_phases, filled  # noqa: F401 (re-exported)
 from .precision import DTYPE_BYTES, Regime
 from .quant import nf4_bytes
 from .taxonomy import RESIDENT_COMPONENTS, Component, Phase
@@ -803,7 +803,7 @@ def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=Non
     base = {comp: column([st.bytes.get(comp, 0) for st in states]) for comp in Component
             if any(comp in st.bytes for st in states)}
     # gradients held through accumulated micro-batches: (rows, 1...) x the accumulation grid
-    held = np.array([np.broadcast_to(held_gradients(st, c, grad_accum), t.zeros.shape[1:])
+    held = np.array([filled(held_gradients(st, c, grad_accum), t.zeros.shape[1:])
                      for st, c in zip(states, cfgs)])
     s = _stack_state_terms([state_terms(st, c) for st, c in zip(states, cfgs)], column, held)
     phases, peak, idx, comps = combine_phases(t, base, s, components=components)

@@ -43,6 +43,7 @@ from ..distributed import (SINGLE, STRATEGIES, Parallel, accumulation_step_memor
 from ..errors import VramplanError
 from ..gpus import GPUSpec, catalogue
 from ..memory import StepMemory, model_state, step_memory_rows_shared, step_terms
+from ..phases import filled
 from ..methods import Adapter, resolve
 from ..models import ModelSpec
 from ..overheads import card_profile
@@ -379,7 +380,7 @@ def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Paral
                 terms[tkey] = step_terms(spec, r, batch=b_grid)
             mems.append(accumulation_step_memory(spec, r, p, b_grid, a_grid, state=sharded[k], terms=terms[tkey]))
         rows = [totals(mems[j], cfg, card, p) for j, (cfg, _) in zip(which, cands)]
-        results[p] = (np.array([np.broadcast_to(r, np.shape(b_grid)) for r in rows]), times)
+        results[p] = (np.array([filled(r, np.shape(b_grid)) for r in rows]), times)
     return which, results
 
 
@@ -395,7 +396,7 @@ def _choices(total: np.ndarray, times: list[StepTime], which: np.ndarray, usable
     shape = total.shape[1:]
 
     def grid(values) -> np.ndarray:  # (shared configurations x micro-batches) -> (candidates x micro-batches)
-        return np.array([np.broadcast_to(np.asarray(v), shape) for v in values])[which]  # np.stack's, faster
+        return np.array([filled(v, shape) for v in values])[which]  # np.stack of np.broadcast_to's, faster
     tps, step = grid([t.tokens_per_s for t in times]), grid([t.step_s for t in times])
     ok = total <= np.asarray(usable, dtype=np.int64).reshape((-1,) + (1,) * len(shape))
     best = np.where(ok.any(axis=-1), np.argmax(np.where(ok, tps, -np.inf), axis=-1), np.argmin(total, axis=-1))
