@@ -704,3 +704,17 @@ def test_filled_is_broadcast_to_as_a_new_array():
             np.broadcast_to(v, shape)
         with pytest.raises(ValueError):
             filled(v, shape)
+
+
+def test_kept_copy_dtypes_equal_fresh_ones():
+    """``activations.copy_dtypes`` kept by its arguments equals the dtypes computed anew, for every copy of every
+    method under every stack's regimes, with and without the k-bit upcast."""
+    from vramplan import activations as act
+
+    seen = 0
+    for spec, cfg in _sums_configs(random.Random(5), 200):
+        for copy in cfg.recipe.copies:
+            for kbit in (True, False):
+                assert act.copy_dtypes(copy, cfg.regime, kbit) == act._new_dtypes(copy, cfg.regime, kbit)
+                seen += 1
+    assert seen > 200 and len(act._DTYPES) > 10

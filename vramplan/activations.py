@@ -96,6 +96,19 @@ def copy_dtypes(copy: ModelCopy, regime: Regime, kbit_upcast: bool = True) -> Dt
     ``kbit_upcast``: QLoRA's non-quantised weights were upcast to fp32 (HF stack's
     ``prepare_model_for_kbit_training``), so the residual stream runs in fp32.
     """
+    key = (copy, regime, kbit_upcast)
+    d = _DTYPES.get(key)
+    if d is None:
+        d = _DTYPES[key] = _new_dtypes(copy, regime, kbit_upcast)
+    return d
+
+
+#: :func:`copy_dtypes` by its (immutable) arguments: a handful of copies and regimes, asked thousands of times.
+_DTYPES: dict = {}
+
+
+def _new_dtypes(copy: ModelCopy, regime: Regime, kbit_upcast: bool) -> Dtypes:
+    """:func:`copy_dtypes`, computed."""
     c = DTYPE_BYTES[regime.compute_dtype]
     ac = regime.autocast is not None
     if copy.adapter is Adapter.FULL:
