@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import TrainConfig, check_rank, make_config
+from ..config import TrainConfig, check_rank, fields_but_ckpt_attn, make_config
 from ..distributed import (SINGLE, STRATEGIES, Parallel, accumulation_step_memory, make_parallel,
                            parallel_step_memory, shard_state)
 from ..errors import VramplanError
@@ -544,14 +544,13 @@ def _open_rows(spec: ModelSpec, cands: list, card: GPUSpec, usable: list[int], c
     def can_list(key: TrainConfig, limit: int) -> bool:
         return not (shut(totals.floor(spec, key.with_(optimizer="adamw"), card, any_optimizer=True), limit)
                     or shut(totals.floor(spec, key, card), limit))
-    # (the configuration with GC off and sdpa, limit) -> whether it can be listed: two such configurations are
-    # equal exactly when every field but GC and attention is (a config's equality and hash are its fields')
+    # (every field but GC and attention, limit) -> whether the configuration with GC off and sdpa can be listed
     seen: dict[tuple, bool] = {}
     out = []
     for j, (cfg, _) in enumerate(cands):
-        key = (cfg.with_(grad_ckpt=False, attn="sdpa"), usable[j])
+        key = (fields_but_ckpt_attn(cfg), usable[j])
         if key not in seen:
-            seen[key] = can_list(key[0], usable[j])
+            seen[key] = can_list(cfg.with_(grad_ckpt=False, attn="sdpa"), usable[j])
         if seen[key]:
             out.append(j)
     return out
