@@ -720,20 +720,26 @@ def test_kept_copy_dtypes_equal_fresh_ones():
     assert seen > 200 and len(act._DTYPES) > 10
 
 
-def test_fields_but_ckpt_attn_equal_exactly_when_the_sdpa_gc_off_configs_are():
-    """``config.fields_but_ckpt_attn`` (the key of ``search._open_rows``' floors) is equal for two configurations
-    exactly when their GC-off, sdpa versions are, over a search's candidates and configurations varied field by field."""
-    from vramplan.config import fields_but_ckpt_attn
+@pytest.mark.parametrize("names", [("grad_ckpt", "attn"), ("optimizer",), ("optimizer", "attn")])
+def test_fields_but_equal_exactly_when_the_configs_set_alike_are(names):
+    """``config.fields_but`` (the keys of ``search._open_rows``' floors, the activation terms and step work, and
+    ``search._shared_key``) is equal for two configurations exactly when they are equal once ``names`` are set
+    alike, over a search's candidates and configurations varied field by field."""
+    from vramplan.config import fields_but
+
+    alike = {"grad_ckpt": False, "attn": "sdpa", "optimizer": "adamw"}
+    changed = {"grad_ckpt": lambda c: not c.grad_ckpt, "attn": lambda c: "eager", "optimizer": lambda c: "adafactor"}
 
     cfgs = [c for _, c in _sums_configs(random.Random(3), 150)]
     spec, card = get_model("llama-2-13b"), get_gpu("rtx4000ada")
     cfgs += [c for c, _ in search_mod._candidates(spec, "dpo", card, SearchRequest.build(seq=1024))]
     rng = random.Random(4)
-    pairs = [(a, b) for a in cfgs for b in rng.sample(cfgs, 20)] + [(a, a.with_(grad_ckpt=not a.grad_ckpt, attn="eager"))
+    pairs = [(a, b) for a in cfgs for b in rng.sample(cfgs, 20)] + [(a, a.with_(**{n: changed[n](a) for n in names}))
                                                                      for a in cfgs]
     same = 0
+    set_alike = {n: alike[n] for n in names}
     for a, b in pairs:
-        want = a.with_(grad_ckpt=False, attn="sdpa") == b.with_(grad_ckpt=False, attn="sdpa")
-        assert (fields_but_ckpt_attn(a) == fields_but_ckpt_attn(b)) == want
+        want = a.with_(**set_alike) == b.with_(**set_alike)
+        assert (fields_but(a, *names) == fields_but(b, *names)) == want
         same += want
     assert same >= len(cfgs)

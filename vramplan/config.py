@@ -203,14 +203,18 @@ _FIELDS = frozenset(f.name for f in fields(TrainConfig))
 _FIELD_ORDER = tuple(f.name for f in fields(TrainConfig))
 #: a config's ``__dict__`` -> the tuple of its field values, in field order (what the dataclass hashes)
 _field_values = operator.itemgetter(*_FIELD_ORDER)
-_BUT_CKPT_ATTN = operator.itemgetter(*(n for n in _FIELD_ORDER if n not in ("grad_ckpt", "attn")))
+_BUT: dict[tuple[str, ...], Any] = {}  # field names left out -> the getter of the others (fields_but)
 
 
-def fields_but_ckpt_attn(cfg: TrainConfig) -> tuple:
-    """``cfg``'s field values but its gradient checkpointing and attention, in field order: equal exactly when two
-    configurations are equal but in those two (``cfg.with_(grad_ckpt=False, attn="sdpa")`` equal), without building
-    that configuration (a search keys its batch-independent floors on it, which read neither)."""
-    return _BUT_CKPT_ATTN(cfg.__dict__)
+def fields_but(cfg: TrainConfig, *names: str) -> tuple:
+    """``cfg``'s field values but ``names``, in field order: equal for two configurations exactly when they are
+    equal but in those fields (``cfg.with_(**{n: v ...})`` equal for any fixed ``v``), without building that
+    configuration and hashing it anew (a search keys what does not read those fields on it: the floors without
+    checkpointing and attention, the activation terms and step work without the optimiser)."""
+    get = _BUT.get(names)
+    if get is None:
+        get = _BUT[names] = operator.itemgetter(*(n for n in _FIELD_ORDER if n not in names))
+    return get(cfg.__dict__)
 
 
 def _check_techniques(techs: tuple[str, ...], grad_accum: int) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import activations as act
 from .adapters import adapter_tensors, full_tensors
-from .config import TrainConfig
+from .config import TrainConfig, fields_but
 from .methods import Adapter, Forward, ModelCopy, Role
 from .models import ModelSpec
 from .optimizers import get_optimizer
@@ -789,7 +789,7 @@ def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=Non
     grid = (_grid_key(batch), _grid_key(seq))
     rows = []
     for c in cfgs:
-        k = (model, c.with_(optimizer="adamw"), grid)
+        k = (model, fields_but(c, "optimizer"), grid)  # the activation terms do not read the optimiser
         if k not in by_terms:
             t = step_terms(model, c, batch, seq)
             by_terms[k] = t.broadcast(t.zeros.shape)

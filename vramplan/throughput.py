@@ -94,14 +94,14 @@ from typing import Any
 
 import numpy as np
 
-from .config import TrainConfig
+from .config import TrainConfig, fields_but
 from .distributed import SINGLE, Comm, Parallel, comm_volume, overlap
 from .gpus import GPUSpec, card_class
 from .memory import model_state
 from .methods import LOW_RANK, Adapter, Forward
 from .methods.generation import generation_work
 from .models import ModelSpec
-from .optimizers import DEFAULT_OPTIMIZER, get_optimizer
+from .optimizers import get_optimizer
 from .precision import DTYPE_BYTES
 from .stacks import techniques
 from .taxonomy import Component
@@ -455,7 +455,7 @@ def step_time_rows(spec: ModelSpec, cfgs: list[TrainConfig], gpu: GPUSpec, batch
     micros: dict = {}  # the micro-step's seconds by the same key, without a profile (_step_time)
     out = []
     for i, cfg in enumerate(cfgs):
-        k = cfg.with_(optimizer=DEFAULT_OPTIMIZER)
+        k = fields_but(cfg, "optimizer")
         if k not in works:
             works[k] = step_work(spec, cfg, batch)
         out.append(_step_time(spec, cfg, gpu, batch, grad_accum=grad_accum, parallel=parallel,

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import TrainConfig, check_rank, fields_but_ckpt_attn, make_config
+from ..config import TrainConfig, check_rank, fields_but, make_config
 from ..distributed import (SINGLE, STRATEGIES, Parallel, accumulation_step_memory, make_parallel,
                            parallel_step_memory, shard_state)
 from ..errors import VramplanError
@@ -335,18 +335,18 @@ def _resolve_once(cfg: TrainConfig) -> None:
         pass
 
 
-def _shared_key(cfg: TrainConfig) -> TrainConfig:
-    """The configuration whose tensors and time ``cfg`` shares.
+def _shared_key(cfg: TrainConfig) -> tuple:
+    """The key of the configuration whose tensors and time ``cfg`` shares: its fields, with flash as sdpa and paged
+    8-bit AdamW as 8-bit AdamW (:func:`~vramplan.config.fields_but` and the two: equal exactly when those
+    configurations are).
 
     flash and sdpa save the same tensors and run the same kernels (SDPA dispatches to
     FlashAttention-2); paged 8-bit AdamW keeps the same states as 8-bit AdamW (on the GPU while
     they fit): each pair's tensors and time are evaluated once. Their device totals differ (paged
     states live outside the allocator's reserve): one per optimiser.
     """
-    if cfg.attn != "flash" and cfg.optimizer != "paged_adamw_8bit":
-        return cfg
-    return cfg.with_(attn="sdpa" if cfg.attn == "flash" else cfg.attn,
-                     optimizer="adamw_8bit" if cfg.optimizer == "paged_adamw_8bit" else cfg.optimizer)
+    return (fields_but(cfg, "optimizer", "attn"), "sdpa" if cfg.attn == "flash" else cfg.attn,
+            "adamw_8bit" if cfg.optimizer == "paged_adamw_8bit" else cfg.optimizer)
 
 
 def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Parallel], grids: dict, prof,
@@ -407,7 +407,7 @@ def _choices(total: np.ndarray, times: list[StepTime], which: np.ndarray, usable
 def _shared_rows(cands: list) -> tuple[dict, np.ndarray]:
     """(shared key -> the first candidate with it, each candidate's row among them): :func:`_shared_key`."""
     keys = [_shared_key(cfg) for cfg, _ in cands]
-    reps: dict[TrainConfig, TrainConfig] = {}
+    reps: dict[tuple, TrainConfig] = {}
     for k, (cfg, _) in zip(keys, cands):
         reps.setdefault(k, cfg)
     row = {k: j for j, k in enumerate(reps)}
@@ -548,7 +548,7 @@ def _open_rows(spec: ModelSpec, cands: list, card: GPUSpec, usable: list[int], c
     seen: dict[tuple, bool] = {}
     out = []
     for j, (cfg, _) in enumerate(cands):
-        key = (fields_but_ckpt_attn(cfg), usable[j])
+        key = (fields_but(cfg, "grad_ckpt", "attn"), usable[j])
         if key not in seen:
             seen[key] = can_list(cfg.with_(grad_ckpt=False, attn="sdpa"), usable[j])
         if seen[key]:
