@@ -515,7 +515,8 @@ def _long_config_of(spec, m, ad, common, settings, built):
 def test_candidates_at_another_rank_equal_make_configs(monkeypatch, model):
     """``search._config_of`` (a (recipe, targets) already built at another rank: that config with its rank and alpha
     set, the rank checked) gives the candidates make_config gives, field for field and in order, for every method
-    and stack; a rank the user fixes too large for a layer is refused either way."""
+    and stack, each once (``_candidates`` drops a repeat by its base's fields and the three settings, not by hashing
+    each candidate); a rank the user fixes too large for a layer is refused either way."""
     from vramplan.planner.fitting import default_methods
 
     spec, card = get_model(model), get_gpu("a100-80gb")
@@ -544,6 +545,7 @@ def test_candidates_at_another_rank_equal_make_configs(monkeypatch, model):
                     continue
                 assert [(c.to_dict(), n) for c, n in got] == [(c.to_dict(), n) for c, n in want], (method, fw, fixed)
                 assert [c for c, _ in got] == [c for c, _ in want]
+                assert len(set(c for c, _ in got)) == len(got)  # distinct (equal ones dropped: all-linear = default)
                 assert fast <= len(made) - fast  # the long way's calls
                 saved += len(made) - 2 * fast
                 compared += len(got)

@@ -276,6 +276,9 @@ def _candidates(spec: ModelSpec, method: str, card: GPUSpec, req: SearchRequest,
     out: list[tuple[TrainConfig, str | None]] = []
     seen: set = set()
     built: dict[tuple, TrainConfig | None] = {}
+    # a base's fields but the three each candidate sets -> one number: two candidates are equal exactly when
+    # their bases' numbers and those three settings are (without hashing every candidate)
+    bases: dict[tuple, int] = {}
     names: dict[str, str] = {}  # optimiser as given -> its catalogue name
     fixed = req.fixed if fixed is None else fixed
     common = req.pick("seq", "precision", "ppo_response", "framework", "techniques", "method_options")
@@ -296,11 +299,12 @@ def _candidates(spec: ModelSpec, method: str, card: GPUSpec, req: SearchRequest,
         opt = settings["optimizer"]
         if opt not in names:
             names[opt] = get_optimizer(opt).name
-        cfg = base.with_(grad_ckpt=bool(settings["grad_ckpt"]), optimizer=names[opt], attn=settings["attn"])
-        if cfg in seen:
+        gc, attn = bool(settings["grad_ckpt"]), settings["attn"]
+        key = (bases.setdefault(fields_but(base, "grad_ckpt", "optimizer", "attn"), len(bases)), gc, names[opt], attn)
+        if key in seen:
             continue  # e.g. all-linear is already the model's default target set
-        seen.add(cfg)
-        out.append((cfg, note))
+        seen.add(key)
+        out.append((base.with_(grad_ckpt=gc, optimizer=names[opt], attn=attn), note))
     return out
 
 
