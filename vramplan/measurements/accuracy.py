@@ -37,7 +37,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import VramplanError
-from ..methods import takes_adapter_choice
+from ..methods import Adapter, resolve, takes_adapter_choice
 from .plausible import AdapterConfig, central_config, envelope_verdict, plausible_configs
 from .record import MeasurementRecord
 
@@ -213,8 +213,10 @@ def plan(record: MeasurementRecord, adapter_config: AdapterConfig | None = None)
                               precision=c.precision, attn=c.attn or "sdpa", framework=c.stack or "hf",
                               techniques=list(c.techniques) or None, gpus=c.gpus, strategy=c.strategy,
                               offload=c.offload, grad_accum=c.grad_accum)
-    if c.method != "full":
-        kw["rank"] = c.rank or central_config().rank
+    ad = _adapter(c)
+    if ad is not None and ad.is_peft:  # adapters have target modules; the LoRA family a rank
+        if ad.low_rank:
+            kw["rank"] = c.rank or central_config().rank
         kw["targets"] = _fused_targets(c.model, list(c.targets)) or None
     if c.unstated:
         fill = (adapter_config or central_config()).settings(c.unstated, dropout_stated=c.dropout is not None)
@@ -238,6 +240,15 @@ def plan(record: MeasurementRecord, adapter_config: AdapterConfig | None = None)
 
         return per_gpu_peak(c.model, c.method, engine_options=dict(c.engine_options), **kw).estimate
     return estimate(c.model, c.method, **kw)
+
+
+def _adapter(c) -> Adapter | None:
+    """The :class:`~vramplan.methods.Adapter` a record's configuration trains (its method's, or the adapter it chose
+    for a method that takes one), or None when the planner cannot resolve it."""
+    try:
+        return resolve(c.method, c.adapter if takes_adapter_choice(c.method) else None).adapter
+    except VramplanError:
+        return None
 
 
 def _fused_targets(model: str, targets: list[str]) -> list[str]:

@@ -477,13 +477,16 @@ def record_from_row(row: dict, i: int, mapping: Mapping) -> MeasurementRecord:
         params_b = float(_cell(row, mapping, "params_b"))
     except ValueError:
         params_b = None
+    # what the adapter has, by its attributes: a rank and a dropout (the LoRA family), a 4-bit base's double quantisation
+    ad = adapter_of(adapter) if method is not None else None
+    low_rank = ad is not None and ad.low_rank
     cfg = RunConfig(
         model=model, model_text=_cell(row, mapping, "model"), params_b=params_b, method=method, adapter=adapter,
-        rank=parse_int(_cell(row, mapping, "rank")) if method not in ("full", None) else None, targets=targets,
+        rank=parse_int(_cell(row, mapping, "rank")) if low_rank else None, targets=targets,
         batch=parse_int(_cell(row, mapping, "batch")), seq=seq, seq_bound=bound, packing=packing,
         grad_ckpt=grad_ckpt, precision=precision, optimizer=opt, attn=parse_attn(_cell(row, mapping, "attn")),
-        stack=stack, stack_version=sm.stack_version, techniques=tuple(techs), double_quant=double_quant if method == "qlora" else None,
-        dropout=sm.dropout if method not in ("full", None) else None, gpus=gpus, strategy=strategy, offload=offload,
+        stack=stack, stack_version=sm.stack_version, techniques=tuple(techs), double_quant=double_quant if ad is not None and ad.quantized_base else None,
+        dropout=sm.dropout if low_rank else None, gpus=gpus, strategy=strategy, offload=offload,
         engine_options=dict(sm.engine_options) if strategy else {}, unstated=unstated,
     )
     gb = sm.global_batch.get(f"{model}/{method}") if (model and method) else None
