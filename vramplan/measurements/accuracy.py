@@ -17,6 +17,11 @@ The core of ``benchmarks/published_accuracy.py`` (and its CI test). For each rec
 * ``inconsistent``: a measured figure below the stated configuration's own model state (weights,
   gradients, optimizer states: :func:`static_floor`), which no run of that configuration can print;
   listed, not scored.
+* a row whose source leaves the LoRA rank or targets unknown (``config.unstated``) is planned once per
+  plausible configuration (:mod:`vramplan.measurements.plausible`, ``vramplan/data/adapter_configs.toml``):
+  its OOM / fit-only verdict is the envelope's (comfortable only if every configuration is, "no" only if
+  every one is, else tight); a scored row keeps the central configuration's prediction and error, and
+  :func:`widen_by_envelope` widens its band by the configurations' spread.
 * anything the planner cannot express (model outside the catalogue, unknown batch or sequence,
   a method or strategy it does not model) is ``skipped`` with the reason, never dropped.
 
