@@ -26,7 +26,8 @@ from .config import TrainConfig, fields_but
 from .methods import Adapter, Forward, ModelCopy, Role
 from .models import ModelSpec
 from .optimizers import get_optimizer
-from .phases import PHASE_ORDER, BackwardCasts, StateTerms, StepTerms, combine_phases, filled  # noqa: F401 (re-exported)
+from .phases import (PHASE_ORDER, TERM_NAMES, BackwardCasts, StateTerms, StepTerms,  # noqa: F401 (re-exported)
+                     combine_phases, filled)
 from .precision import DTYPE_BYTES, Regime
 from .quant import nf4_bytes
 from .taxonomy import RESIDENT_COMPONENTS, Component, Phase
@@ -85,10 +86,9 @@ def model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
     key = (model, cfg.method, cfg.adapter, cfg.rank, cfg.targets, cfg.optimizer, cfg.precision, cfg.framework,
            cfg.techniques, cfg.double_quant, cfg.versions, cfg.options)
     try:
-        hash(key)
+        st = _STATE_CACHE.get(key)  # (one hash of the key)
     except TypeError:  # a spec built with list fields (from a log's JSON): not cacheable
         return _model_state(model, cfg)
-    st = _STATE_CACHE.get(key)
     if st is None:
         if len(_STATE_CACHE) > 4096:
             _STATE_CACHE.clear()
@@ -483,7 +483,7 @@ class _TermsSum:
     activations, logits) and raises the running maximum of others (one layer's buffers)."""
 
     def __init__(self, zeros: np.ndarray):
-        self.terms = {f.name: zeros for f in fields(StepTerms)}
+        self.terms = dict.fromkeys(TERM_NAMES, zeros)
 
     def add(self, **terms) -> None:
         for name, v in terms.items():

@@ -85,7 +85,7 @@ class StepTerms:
     def broadcast(self, shape: tuple[int, ...]) -> "StepTerms":
         """Every term broadcast to ``shape`` (read-only views where a term was smaller)."""
         return StepTerms(**{name: (v if np.shape(v) == shape else filled(v, shape))
-                            for name in _TERM_NAMES for v in (getattr(self, name),)})
+                            for name in TERM_NAMES for v in (getattr(self, name),)})
 
     @staticmethod
     def stack(rows: list["StepTerms"]) -> "StepTerms":
@@ -93,7 +93,7 @@ class StepTerms:
 
         Each row's terms have one shape (:meth:`broadcast`): ``np.array`` of them is ``np.stack`` of them, in a
         third of its time."""
-        return StepTerms(**{name: np.array([getattr(r, name) for r in rows]) for name in _TERM_NAMES})
+        return StepTerms(**{name: np.array([getattr(r, name) for r in rows]) for name in TERM_NAMES})
 
     def with_(self, **changes: Bytes) -> "StepTerms":
         """A copy with ``changes`` (a method's hook adjusting some terms)."""
@@ -112,7 +112,7 @@ def filled(value: Bytes, shape: tuple[int, ...]) -> np.ndarray:
 
 
 #: :class:`StepTerms`' field names, in order.
-_TERM_NAMES = tuple(f.name for f in fields(StepTerms))
+TERM_NAMES = tuple(f.name for f in fields(StepTerms))
 
 
 @dataclass(frozen=True)
