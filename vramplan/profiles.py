@@ -217,7 +217,7 @@ def step_features(*, flops: float, layers: int, hidden: int, passes: int = 3, ge
     """The regressors of the step-time model.
 
     Args:
-        flops: FLOPs of one optimiser step (``vramplan.calibration.flops.step_flops``).
+        flops: FLOPs of one optimiser step (``vramplan.throughput.step_work``'s ``model_flops``).
         layers: decoder layers of the model.
         hidden: hidden width (small widths run matmuls below peak: the ``flops / width`` term).
         passes: sequential passes over the layers per step (forward + backward = 2 plus a
@@ -380,7 +380,7 @@ class Profile:
 
     def achieved_tflops(self, method: str, tokens: int | None = None, *, flops: float | None = None,
                         features: Mapping[str, float] | None = None, stack: str | None = None) -> float | None:
-        """Achieved TFLOP/s of ``method`` (FLOPs as ``step_flops`` counts them).
+        """Achieved TFLOP/s of ``method`` (FLOPs as ``vramplan.throughput.step_work`` counts them).
 
         With ``features`` (and ``flops``), from the step-time model; with ``tokens`` only, the
         measured medians interpolated in log(tokens per step) and clamped at the ends; with

@@ -30,7 +30,7 @@ What is fitted, and how (relative error = (predicted - measured) / measured thro
   refitted once without outliers (off by > 25% and > 4 median errors; at most a fifth).
   QLoRA recipes are timed as their LoRA twin plus ``s_per_gparam`` x NF4 weights
   dequantised per step (median over the QLoRA points).
-* knots: achieved TFLOP/s (``step_flops`` / step time) per method and tokens per step.
+* knots: achieved TFLOP/s (``step_work``'s FLOPs / step time) per method and tokens per step.
 """
 
 from __future__ import annotations
