@@ -159,3 +159,13 @@ def test_methods_package_imports_no_torch():
            "print(any(k in sys.modules for k in ('torch', 'transformers', 'peft')))"
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_sixteen_bit_twin_is_the_four_bit_fallback_inverted():
+    from vramplan.methods import Adapter, sixteen_bit_twin
+
+    for ad in Adapter:
+        assert ad.four_bit is None or ad.four_bit.sixteen_bit is ad
+        assert (ad.sixteen_bit is not None) == ad.quantized_base
+    assert [sixteen_bit_twin(n) for n in ("qlora", "dpo+qlora", "dpo+qdora", "qia3", "lora", "dpo", "full", "nope")] == [
+        "lora", "dpo+lora", "dpo+dora", "ia3", None, None, None, None]

@@ -367,13 +367,16 @@ class Profile:
         """
         if not self.applies_to(stack):
             return None
+        from .methods import sixteen_bit_twin
+
         key = method.lower()
-        own = self._lookup(self.throughput, key, siblings="qlora" not in key)
+        twin_key = sixteen_bit_twin(key)
+        own = self._lookup(self.throughput, key, siblings=twin_key is None)
         if own is not None and own.coef is not None:
             return max(own.seconds(features), 1e-9)
-        if "qlora" not in key or self.qlora_dequant is None:
+        if twin_key is None or self.qlora_dequant is None:
             return None
-        twin = self._lookup(self.throughput, key.replace("qlora", "lora"), siblings=True)
+        twin = self._lookup(self.throughput, twin_key, siblings=True)
         if twin is None or twin.coef is None:
             return None
         return max(twin.seconds(features), 1e-9) + self.qlora_dequant.value * float(dequant_gparams)
