@@ -9,14 +9,14 @@ import textwrap
 import pytest
 
 import vramplan
+from conftest import TINY_LLAMA
 from vramplan import methods
 from vramplan.config import make_config
 from vramplan.errors import VramplanError
 from vramplan.methods import Behaviour, Option, all_options, resolve
 from vramplan.models import from_hf_config
 
-TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=512, max_position_embeddings=512)
+TINY = dict(TINY_LLAMA)
 
 TOY_MODULE = '''
 from vramplan.methods.base import Behaviour, Option
