@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from vramplan.measurements.accuracy import (RESERVE_GRID, score_reserve_loso,  # noqa: E402
                                             Scored, fit_bands, group_by, loso_bands, score,
-                                            shipped_bands, summarize)
+                                            shipped_bands, summarize, widen_by_envelope)
 from vramplan.errors import VramplanError  # noqa: E402
 from vramplan.measurements.importers import import_csv, load_mapping  # noqa: E402
 
@@ -406,8 +406,8 @@ trainable but outside the optimizer (a V x h gradient never zeroed) -- it postda
 (last changed 2024-09-27); the last step's `logits` list that litgpt's loop also keeps into the next
 forward (T x V, 16-bit; the dry run deletes it); torchtune 0.2-0.3's QLoRA load (chunked quantisation, but the template clones
 still dequantise whole weights: a smaller fragmentation reserve, not replayed); the HF blog's 13B QLoRA at 1,024
-tokens on a T4 runs out of memory where the planner predicts 10.2 GiB of the T4's 14.56 GiB ("comfortable" even
-with the band: the open OOM miss, below).
+tokens on a T4 runs out of memory about 4 GiB above the plan at PEFT's default LoRA configuration, which the blog
+does not state (planned over the plausible configurations: below).
 
 **A table found and not added.** torchtune's README at 0217d44c2 (2024-05-09, PR #955) prints seven rows with
 "Batch Size = 4, Seq Length = 2048" (4096 for the 70B), against the llama2 configs of that commit (Alpaca,
@@ -417,35 +417,40 @@ unpadded). Read literally, its 2x RTX 4090 LoRA row without activation checkpoin
 one reading fits the table, so its rows are not in the corpus (a scored source moves the shipped torchtune
 band); they stay a lead for whoever can rerun the recipe.
 
-**The HF blog's T4 OOM (open).** The blog (huggingface/blog `4bit-transformers-bitsandbytes.md` @1b4d85d9, May
-2023) runs Llama-13B NF4, fp16 compute, gradient checkpointing, batch 1 x 4 accumulation, AdamW, 1,024 tokens:
-OOM; the same with nested quantisation: no OOM. Nested quantisation saves about 0.37 bit per quantised weight
-(0.55 GiB on the 12.7B decoder-linear weights), so the real peak lies within about 0.55 GiB of what the T4
-gives PyTorch (14.75 GiB in 2023-24 OOM messages, 14.56 GiB with a 2026 driver: `vramplan/data/cuda_memory.json`),
-i.e. at 14.0-14.8 GiB; the planner predicts 10.2 (9.6 with nested quantisation), a gap of about 4 GiB.
-Checked against the code of that date, and already modelled: TRL's `SFTTrainer` (@3138ef6f, 2023-06-02) calls
-PEFT's `prepare_model_for_int8_training` for a 4-bit model given a `peft_config`; in PEFT main of May 2023
-(d6015bc1, #476; 3714aa2f, #483) that is `prepare_model_for_kbit_training`, which casts every fp16/bf16
+**The HF blog's T4 OOM: the adapter configuration is unknown, and is planned as unknown.** The blog
+(huggingface/blog `4bit-transformers-bitsandbytes.md` @1b4d85d9, May 2023) runs Llama-13B NF4, fp16 compute,
+gradient checkpointing, batch 1 x 4 accumulation, AdamW, 1,024 tokens: OOM; the same with nested quantisation: no
+OOM. Nested quantisation saves about 0.37 bit per quantised weight (0.55 GiB on the 12.7B decoder-linear weights),
+so the real peak lies within about 0.55 GiB of what the T4 gives PyTorch (14.75 GiB in 2023-24 OOM messages, 14.56
+GiB with a 2026 driver: `vramplan/data/cuda_memory.json`), i.e. at 14.0-14.8 GiB, about 4 GiB above the plan at
+PEFT's defaults. Checked against the code of that date, and already modelled: TRL's `SFTTrainer` (@3138ef6f,
+2023-06-02) calls PEFT's `prepare_model_for_int8_training` for a 4-bit model given a `peft_config`; in PEFT main of
+May 2023 (d6015bc1, #476; 3714aa2f, #483) that is `prepare_model_for_kbit_training`, which casts every fp16/bf16
 parameter (embeddings, norms, the head) to fp32 and turns gradient checkpointing on; bitsandbytes 0.39.0's
 `Linear4bit` casts its input to the compute dtype and its output back to the input's dtype, and `MatMul4Bit`
 keeps its input for backward (`bnb_4bit_saves_input`); fp16 autocast copies the fp32 head; the T4 runs eager
-attention with fp32 softmax. None of them is worth 4 GiB at 1,024 tokens with checkpointing. What the table
-does not state is the LoRA configuration: it lives in the benchmarking gist the blog links
-(gist.github.com/younesbelkada/f48af54c74ba6a39a7ae4fd777e72fe8), which no stored source holds, so the corpus
-plans PEFT's defaults (r=8 on q_proj/v_proj). The planner's sensitivity, same rows: r=16 (TRL's SFT docs of
-May 2023) 10.3 GiB; r=64 with dropout 0.1 on q/v 10.9 GiB; the QLoRA paper's recipe (r=64 on every linear layer)
-14.1 GiB -- "tight", and every T4 row's verdict then agrees with its outcome (13B at 512 tokens 13.2 tight and
-fits; with nested quantisation 13.6 tight and fits; 7B at 1,024 with checkpointing 8.6 comfortable). Not
-applied: a configuration guessed to fit the outcome is a fudge factor; the row stays the open miss until the
-gist's configuration can be read. Checked in issue 12's last session: no stored copy of the gist's settings (the
-gist's id occurs in the blog's translations, an article whose own code links it and notebooks listing it as
-reading, none quoting its LoRA configuration); the 4-bit load of that date is not it either -- transformers
-4.30's loader moves each fp16 checkpoint weight to the GPU and bitsandbytes 0.39's `Params4bit.cuda` quantises
-it there, and that sequence (fp16 weight, fp32 absmax, packed codes, free; then `prepare_model_for_kbit_training`'s
-fp32 embedding and head) replayed through `vramplan.allocsim` ends at 8.7 GiB reserved for 7.9 GiB allocated, a
-floor far under 14 GiB. The blog's pair (512 tokens fits, 1,024 does not, nested quantisation fits) puts the
-missing memory in a term that hardly grows with the sequence (the planner adds 0.9 GiB from 512 to 1,024), i.e.
-in the model or optimizer state of the unknown configuration.
+attention with fp32 softmax. None of them is worth 4 GiB at 1,024 tokens with checkpointing. The 4-bit load of
+that date is not it either: transformers 4.30's loader moves each fp16 checkpoint weight to the GPU and
+bitsandbytes 0.39's `Params4bit.cuda` quantises it there, and that sequence (fp16 weight, fp32 absmax, packed
+codes, free; then `prepare_model_for_kbit_training`'s fp32 embedding and head) replayed through `vramplan.allocsim`
+ended at 8.7 GiB reserved for 7.9 GiB allocated (issue 12's previous session), a floor far under 14 GiB. The
+blog's pair (512 tokens fits, 1,024 does not, nested quantisation fits) puts the missing memory in a term that
+hardly grows with the sequence, i.e. in the model or optimizer state of the LoRA configuration, and that is what
+the table does not state: it lives in the benchmarking gist the blog links
+(gist.github.com/younesbelkada/f48af54c74ba6a39a7ae4fd777e72fe8), which no stored source holds (its id occurs in
+the blog's translations, an article whose own code links it and notebooks listing it as reading, none quoting its
+LoRA configuration). The corpus used to plan the row at PEFT's defaults (r=8 on q_proj/v_proj) alone, and the
+verdict on that one point called the OOM "comfortable"; picking the configuration that matches the outcome would
+be a fudge factor. What generalises is to plan an unknown configuration as unknown: a row whose rank or targets
+the source leaves unknown (`RunConfig.unstated`, read from the table's "unknown" cells) is planned once per
+configuration of `vramplan/data/adapter_configs.toml` (each written out by a library default or a published
+recipe, with its source: PEFT's `LoraConfig` defaults, TRL's SFT docs of 2023, the QLoRA paper's Guanaco recipe),
+and the verdict on its outcome is the envelope's -- "comfortable" only if every configuration is comfortable,
+"no" only if every one is "no", else "tight". A row with a number keeps the central prediction (PEFT's defaults,
+what the planner assumes when nothing is stated) and its error; its band is widened by the configurations'
+spread. The section "Rows planned over the plausible adapter configurations" above gives every such row's
+figures. The T4 OOM is now "tight" (may fit), which is what the source supports; which configuration ran, and so
+whether the planner's mechanisms account for the whole 4 GiB, stays open until the gist's settings can be read.
 
 **DeepSpeed ZeRO-3 places a model built outside `zero.Init` whole on every GPU** (issue 17;
 `vramplan.distributed._zero3_whole_module_bytes`). `DeepSpeedEngine._configure_distributed_model` (deepspeed
@@ -514,14 +519,14 @@ def run(records=None) -> list[Scored]:
     scored, fits, fitted = score_reserve_loso(load_corpus() if records is None else records)
     RESERVE_FIT.clear()
     RESERVE_FIT.update(fits=fits, all=fitted)
-    return loso_bands(scored)
+    return widen_by_envelope(loso_bands(scored))
 
 
 def run_held_out(records) -> list[Scored]:
     """Score tables kept aside from the corpus as the shipped planner would: the shipped allocator reserve
     (``DEFAULT_RESERVE_FRACTION``) and the shipped bands (``bands.json``); nothing is fitted on them."""
     RESERVE_FIT.clear()
-    return shipped_bands(score(records))
+    return widen_by_envelope(shipped_bands(score(records)))
 
 
 def reserve_section() -> list[str]:
@@ -545,6 +550,40 @@ def reserve_section() -> list[str]:
            f"**{RESERVE_FIT['all']:.0%}** (shipped: {DEFAULT_RESERVE_FRACTION:.0%}). Leave-one-source-out fits: "
            + ", ".join(f"{f:.0%} for {n} source{'s' if n > 1 else ''}" for f, n in sorted(counts.items()))
            + ".", ""]
+    return out
+
+
+def envelope_section(scored: list[Scored]) -> list[str]:
+    """The rows whose adapter settings are unstated, planned over the plausible configurations (figures generated)."""
+    from vramplan.measurements.plausible import plausible_configs
+
+    rows = [x for x in scored if x.envelope and x.status != "estimated"]
+    if not rows:
+        return []
+    cfgs = plausible_configs()
+    out = ["\n## Rows planned over the plausible adapter configurations\n",
+           "A row whose source leaves the LoRA rank or target modules unknown is not one configuration. It is planned "
+           "once per configuration of `vramplan/data/adapter_configs.toml` (each fills only what the row leaves "
+           "unstated; the dropout too when the source states none). The verdict on an OOM or fit-only outcome is the "
+           "envelope's: comfortable only if every configuration is comfortable (with the row's leave-one-source-out "
+           "band), no only if every one is no, else tight. A row with a number keeps the central prediction and "
+           "error, and its band is widened by the configurations' spread. The configurations:\n",
+           "| configuration | rank | targets | dropout | central | source |", "|---|---:|---|---:|---|---|"]
+    for c in cfgs:
+        t = "the model's default" if c.targets is None else ", ".join(c.targets)
+        out.append(f"| {c.name} | {c.rank} | {t} | {c.dropout:g} | {'yes' if c.central else ''} | {c.source} |")
+    out += ["", "| source | row | model | seq | unstated | outcome | card GiB | "
+            + " | ".join(f"{c.name} GiB" for c in cfgs) + " | verdict at the central one | envelope verdict |",
+            "|---|---:|---|---:|---|---|---:|" + "---:|" * len(cfgs) + "---|---|"]
+    for x in rows:
+        dev = {n: d for n, _, d in x.envelope}
+        outcome = x.status if x.status != "scored" else f"measured {x.measured / GIB:.2f} GiB"
+        cells = " | ".join("-" if c.name not in dev else f"{dev[c.name] / GIB:.2f}" for c in cfgs)
+        card = "-" if not x.capacity else f"{x.capacity / GIB:.2f}"
+        out.append(f"| {x.source} | {x.record.source.row} | {x.record.config.model} | {x.record.config.seq} | "
+                   f"{', '.join(x.record.config.unstated)} | {outcome} | {card} | {cells} | "
+                   f"{x.central_verdict or '-'} | {x.verdict or '-'} |")
+    out.append("\n(device totals per GPU; a row with a number is judged on its quantity, not by a verdict.)")
     return out
 
 
@@ -612,6 +651,7 @@ def report(scored: list[Scored]) -> str:
     for k, b in fit_bands(scored).items():
         out.append(f"| {k} | {100 * b['lo']:+.1f}% | {100 * b['hi']:+.1f}% | {b['n']} | {b['sources']} |")
     out += reserve_section()
+    out += envelope_section(scored)
     out.append("")
     out.append(MECHANISMS)
     out.append("## Every row\n")
@@ -628,6 +668,9 @@ def report(scored: list[Scored]) -> str:
         if x.status == "oom":
             status += (f" (verdict {x.verdict}" + ("!" if x.verdict == "comfortable" else "")
                        + f"; central peak {'fits' if x.fits else 'over'})")
+        if x.envelope and x.status in ("oom", "fit_only", "scored"):
+            status += ("; over the plausible adapter configurations: "
+                       + ", ".join(f"{n} {d / GIB:.2f}" for n, _, d in x.envelope) + " GiB")
         if x.status == "fit_only":
             status += (f" (verdict {x.verdict}" + ("!" if x.verdict == "no" else "")
                        + f"; central peak {'over' if x.fits is False else 'fits'})")

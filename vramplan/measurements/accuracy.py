@@ -17,6 +17,11 @@ The core of ``benchmarks/published_accuracy.py`` (and its CI test). For each rec
 * ``inconsistent``: a measured figure below the stated configuration's own model state (weights,
   gradients, optimizer states: :func:`static_floor`), which no run of that configuration can print;
   listed, not scored.
+* a row whose source leaves the LoRA rank or targets unknown (``config.unstated``) is planned once per
+  plausible configuration (:mod:`vramplan.measurements.plausible`, ``vramplan/data/adapter_configs.toml``):
+  its OOM / fit-only verdict is the envelope's (comfortable only if every configuration is, "no" only if
+  every one is, else tight); a scored row keeps the central configuration's prediction and error, and
+  :func:`widen_by_envelope` widens its band by the configurations' spread.
 * anything the planner cannot express (model outside the catalogue, unknown batch or sequence,
   a method or strategy it does not model) is ``skipped`` with the reason, never dropped.
 
@@ -37,7 +42,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import VramplanError
-from ..methods import takes_adapter_choice
+from ..methods import Adapter, resolve, takes_adapter_choice
+from .plausible import AdapterConfig, central_config, envelope_verdict, plausible_configs
 from .record import MeasurementRecord
 
 #: Percentiles of the residual ratio that bound the band, and its minimum half-width.
@@ -67,6 +73,9 @@ class Scored:
     band_from: str = ""
     longest_seq: int | None = None  # a capacity row (limit max_seq): the planner's longest sequence on the card
     seq_curve: tuple | None = None  # (sequence grid, device totals) of a capacity row
+    #: a row whose adapter settings are unstated: (configuration name, like-for-like predicted bytes or None,
+    #: device total bytes) for each plausible configuration (vramplan.measurements.plausible), central first
+    envelope: tuple = ()
 
     @property
     def capacity_error(self) -> float | None:
@@ -118,14 +127,36 @@ class Scored:
         return self.band[0] - 1e-12 <= self.ratio <= self.band[1] + 1e-12
 
     @property
-    def verdict(self) -> str | None:
-        """The planner's verdict with this row's (leave-one-source-out) band: comfortable | tight | no."""
+    def central_verdict(self) -> str | None:
+        """The verdict on the central prediction alone with this row's (leave-one-source-out) band."""
         if self.device is None or not self.capacity:
             return None
         from ..verdict import classify
 
         lo, hi = self.band if self.band else (0.0, 0.0)
         return classify(self.device, self.capacity, hi, lo).value
+
+    @property
+    def verdict(self) -> str | None:
+        """The planner's verdict with this row's (leave-one-source-out) band: comfortable | tight | no. A row whose
+        adapter settings are unstated takes the envelope's verdict over its plausible configurations
+        (:func:`~vramplan.measurements.plausible.envelope_verdict`: comfortable only if every one is)."""
+        if not self.envelope:
+            return self.central_verdict
+        if not self.capacity:
+            return None
+        from ..verdict import classify
+
+        lo, hi = self.band if self.band else (0.0, 0.0)
+        return envelope_verdict(classify(d, self.capacity, hi, lo).value for _, _, d in self.envelope)
+
+    @property
+    def envelope_spread(self) -> tuple[float, float] | None:
+        """(smallest, largest) like-for-like prediction of the plausible configurations / the central - 1."""
+        ps = [p for _, p, _ in self.envelope if p]
+        if not ps or not self.predicted:
+            return None
+        return min(ps) / self.predicted - 1.0, max(ps) / self.predicted - 1.0
 
     @property
     def stack(self) -> str:
@@ -160,8 +191,11 @@ class Scored:
         return self.record.measurement.quantity
 
 
-def plan(record: MeasurementRecord):
-    """The planner's :class:`~vramplan.results.Estimate` for a record, or a VramplanError saying why not."""
+def plan(record: MeasurementRecord, adapter_config: AdapterConfig | None = None):
+    """The planner's :class:`~vramplan.results.Estimate` for a record, or a VramplanError saying why not.
+
+    A record whose adapter settings are unstated (``config.unstated``) is planned with ``adapter_config`` (one of
+    :func:`~vramplan.measurements.plausible.plausible_configs`) filling them, by default the central one."""
     from ..plan import estimate
 
     c = record.config
@@ -184,9 +218,16 @@ def plan(record: MeasurementRecord):
                               precision=c.precision, attn=c.attn or "sdpa", framework=c.stack or "hf",
                               techniques=list(c.techniques) or None, gpus=c.gpus, strategy=c.strategy,
                               offload=c.offload, grad_accum=c.grad_accum)
-    if c.method != "full":
-        kw["rank"] = c.rank or 8
+    ad = _adapter(c)
+    if ad is not None and ad.is_peft:  # adapters have target modules; the LoRA family a rank
+        if ad.low_rank:
+            kw["rank"] = c.rank or central_config().rank
         kw["targets"] = _fused_targets(c.model, list(c.targets)) or None
+    if c.unstated:
+        fill = (adapter_config or central_config()).settings(c.unstated, dropout_stated=c.dropout is not None)
+        if "targets" in fill:
+            fill["targets"] = _fused_targets(c.model, fill["targets"]) or None
+        kw.update(fill)
     if c.double_quant is not None:
         kw["double_quant"] = c.double_quant
     if c.dropout:
@@ -204,6 +245,15 @@ def plan(record: MeasurementRecord):
 
         return per_gpu_peak(c.model, c.method, engine_options=dict(c.engine_options), **kw).estimate
     return estimate(c.model, c.method, **kw)
+
+
+def _adapter(c) -> Adapter | None:
+    """The :class:`~vramplan.methods.Adapter` a record's configuration trains (its method's, or the adapter it chose
+    for a method that takes one), or None when the planner cannot resolve it."""
+    try:
+        return resolve(c.method, c.adapter if takes_adapter_choice(c.method) else None).adapter
+    except VramplanError:
+        return None
 
 
 def _fused_targets(model: str, targets: list[str]) -> list[str]:
@@ -257,12 +307,7 @@ def score_one(record: MeasurementRecord) -> Scored:
                device=int(est.peak_bytes), capacity=est.capacity_bytes,
                fits=None if est.capacity_bytes is None else bool(est.peak_bytes <= est.capacity_bytes))
     if m.outcome == "measured":
-        if m.quantity == "unknown_peak":
-            # a peak of unknown kind is one of allocated / active / reserved: the prediction is that range,
-            # and its error the distance from the measured value to the range's nearer end
-            s.predicted = int(min(max(m.bytes, s.allocated), s.reserved))
-        else:
-            s.predicted = {"allocated": s.allocated, "reserved": s.reserved, "device": s.device}[LIKE_FOR_LIKE[m.quantity]]
+        s.predicted = _like_for_like(m, est)
         floor = static_floor(est, LIKE_FOR_LIKE[m.quantity])
         if s.status == "scored" and m.bytes < FLOOR_FRACTION * floor:
             s.status = "inconsistent"
@@ -276,7 +321,34 @@ def score_one(record: MeasurementRecord) -> Scored:
         s.seq_curve = _seq_curve(record, est)
         n = int(fitting_prefix(s.seq_curve[1], s.capacity))
         s.longest_seq = int(s.seq_curve[0][n - 1]) if n else 0
+    if record.config.unstated and s.status in ("scored", "oom", "fit_only", "estimated"):
+        s.envelope = _envelope(record, est)
     return s
+
+
+def _like_for_like(m, est) -> int:
+    """The prediction of quantity ``m.quantity`` from an estimate (bytes per GPU)."""
+    o = est.overheads
+    alloc, res = int(o.allocated_bytes), int(o.reserved_bytes)
+    if m.quantity == "unknown_peak":
+        # a peak of unknown kind is one of allocated / active / reserved: the prediction is that range,
+        # and its error the distance from the measured value to the range's nearer end
+        return int(min(max(m.bytes, alloc), res))
+    return {"allocated": alloc, "reserved": res, "device": int(est.peak_bytes)}[LIKE_FOR_LIKE[m.quantity]]
+
+
+def _envelope(record: MeasurementRecord, central_est) -> tuple:
+    """(name, like-for-like predicted or None, device total) of each plausible configuration, central first."""
+    m = record.measurement
+    out = []
+    for cfg in plausible_configs():
+        try:
+            est = central_est if cfg.central else plan(record, cfg)
+        except VramplanError:  # a configuration the planner refuses for this model (a rank wider than a layer)
+            continue
+        like = _like_for_like(m, est) if m.outcome == "measured" and m.bytes else None
+        out.append((cfg.name, like, int(est.peak_bytes)))
+    return tuple(out)
 
 
 def _seq_curve(record: MeasurementRecord, est) -> tuple:
@@ -405,6 +477,20 @@ def loso_bands(scored: list[Scored]) -> list[Scored]:
             if len(others) >= MIN_BAND_ROWS:
                 s.band, s.band_from = _band_of(others), f"{level} ({len(others)} rows of other sources)"
                 break
+    return scored
+
+
+def widen_by_envelope(scored: list[Scored]) -> list[Scored]:
+    """Widen the band of each scored row whose adapter settings are unstated by its plausible configurations'
+    spread: ``lo' = p_min / p x (1 + lo) - 1``, ``hi' = p_max / p x (1 + hi) - 1`` (``p``: the central prediction),
+    so the band covers the truth of whichever configuration ran. The central prediction and its error stay."""
+    for s in scored:
+        sp = s.envelope_spread
+        if s.status != "scored" or s.band is None or sp is None or sp == (0.0, 0.0):
+            continue
+        lo, hi = s.band
+        s.band = ((1.0 + sp[0]) * (1.0 + lo) - 1.0, (1.0 + sp[1]) * (1.0 + hi) - 1.0)
+        s.band_from += "; widened by the plausible adapter configurations' spread"
     return scored
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VramplanError
-from ..methods import report_words, takes_adapter_choice
+from ..methods import Adapter, report_words, takes_adapter_choice
 from .record import QUANTITIES, Device, Measurement, MeasurementRecord, RunConfig, Source, from_log, SCHEMA
 
 UNITS = {"GB": 10**9, "GiB": 2**30, "MB": 10**6, "MiB": 2**20, "B": 1}
@@ -300,6 +300,24 @@ def parse_targets(text: str) -> tuple[tuple[str, ...], str]:
     return (), f"targets {text!r} not read (the model's default is used)"
 
 
+def adapter_of(name: str | None) -> Adapter | None:
+    """The :class:`~vramplan.methods.Adapter` a record's ``adapter`` names, or None (none, or not modelled)."""
+    try:
+        return Adapter(name) if name else None
+    except ValueError:
+        return None
+
+
+def unstated_settings(adapter: str | None, rank_text: str, targets_text: str) -> tuple[str, ...]:
+    """The adapter settings a row leaves unknown (``rank``, ``targets``: the cell is empty or "unknown"), for an
+    adapter that has them (the LoRA family: :attr:`Adapter.low_rank`); the row is then planned over the plausible
+    configurations (:mod:`vramplan.measurements.plausible`)."""
+    ad = adapter_of(adapter)
+    if ad is None or not ad.low_rank:
+        return ()
+    return tuple(f for f, text in (("rank", rank_text), ("targets", targets_text)) if _unknown(text))
+
+
 def parse_optimizer(text: str) -> tuple[str | None, str]:
     t = text.lower()
     if "galore" in t:
@@ -426,6 +444,10 @@ def record_from_row(row: dict, i: int, mapping: Mapping) -> MeasurementRecord:
     targets, why = parse_targets(_cell(row, mapping, "targets"))
     if why:
         notes.append(why)
+    unstated = unstated_settings(adapter, _cell(row, mapping, "rank"), _cell(row, mapping, "targets"))
+    if unstated:
+        notes.append(f"{' and '.join(unstated)} not stated: planned over the plausible adapter configurations "
+                     "(vramplan/data/adapter_configs.toml)")
     prec_text = _cell(row, mapping, "precision").lower()
     precision = sm.precision
     if "fp32" in prec_text and "fp32 weights" not in prec_text:
@@ -455,14 +477,17 @@ def record_from_row(row: dict, i: int, mapping: Mapping) -> MeasurementRecord:
         params_b = float(_cell(row, mapping, "params_b"))
     except ValueError:
         params_b = None
+    # what the adapter has, by its attributes: a rank and a dropout (the LoRA family), a 4-bit base's double quantisation
+    ad = adapter_of(adapter) if method is not None else None
+    low_rank = ad is not None and ad.low_rank
     cfg = RunConfig(
         model=model, model_text=_cell(row, mapping, "model"), params_b=params_b, method=method, adapter=adapter,
-        rank=parse_int(_cell(row, mapping, "rank")) if method not in ("full", None) else None, targets=targets,
+        rank=parse_int(_cell(row, mapping, "rank")) if low_rank else None, targets=targets,
         batch=parse_int(_cell(row, mapping, "batch")), seq=seq, seq_bound=bound, packing=packing,
         grad_ckpt=grad_ckpt, precision=precision, optimizer=opt, attn=parse_attn(_cell(row, mapping, "attn")),
-        stack=stack, stack_version=sm.stack_version, techniques=tuple(techs), double_quant=double_quant if method == "qlora" else None,
-        dropout=sm.dropout if method not in ("full", None) else None, gpus=gpus, strategy=strategy, offload=offload,
-        engine_options=dict(sm.engine_options) if strategy else {},
+        stack=stack, stack_version=sm.stack_version, techniques=tuple(techs), double_quant=double_quant if ad is not None and ad.quantized_base else None,
+        dropout=sm.dropout if low_rank else None, gpus=gpus, strategy=strategy, offload=offload,
+        engine_options=dict(sm.engine_options) if strategy else {}, unstated=unstated,
     )
     gb = sm.global_batch.get(f"{model}/{method}") if (model and method) else None
     batch = cfg.batch

@@ -11,7 +11,7 @@ Schema ``vramplan.measurement/1`` (JSON object, one per line in a ``.jsonl`` fil
      "config":  {model, model_config, model_text, params_b, method, adapter, rank, targets,
                  batch, seq, seq_bound, packing, grad_ckpt, precision, optimizer, attn,
                  stack, stack_version, techniques, gpus, strategy, offload, double_quant, dropout,
-                 engine_options},
+                 engine_options, unstated},
      "device":  {name, display, memory_bytes, versions},
      "measurement": {outcome, quantity, bytes, published, unit, step_s, tokens_per_s, limit},
      "source":  {kind, id, ref, row, machine},
@@ -28,6 +28,9 @@ Schema ``vramplan.measurement/1`` (JSON object, one per line in a ``.jsonl`` fil
   published context capacity): the benchmark compares it with the planner's longest sequence.
 * ``config.seq_bound``: ``exact`` (every sequence this long, packed or padded), ``max`` (a
   bound: dynamic padding to the longest of the batch, ``"<=512"``), ``unknown``.
+* ``config.unstated``: the adapter settings the source leaves unknown (``rank``, ``targets``;
+  optional, default none): the run is planned over the plausible configurations
+  (:mod:`vramplan.measurements.plausible`), not at one guess.
 * ``estimated``: another tool's rule of thumb, not a measurement: compared, never fitted.
 
 Bytes are ints. :func:`MeasurementRecord.from_dict` validates and raises a one-line
@@ -98,6 +101,16 @@ def _strs(d: dict, key: str, where: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in v)
 
 
+def _unstated(d: dict, where: str) -> tuple[str, ...]:
+    from .plausible import UNSTATED_FIELDS
+
+    v = _strs(d, "unstated", where)
+    bad = [x for x in v if x not in UNSTATED_FIELDS]
+    if bad:
+        raise _bad(where, f"unstated may name {', '.join(UNSTATED_FIELDS)}, not {bad[0]!r}")
+    return tuple(dict.fromkeys(v))
+
+
 def _only(d: Any, allowed: Iterable[str], where: str) -> dict:
     if not isinstance(d, dict):
         raise _bad(where, f"expected an object, got {type(d).__name__}")
@@ -143,6 +156,9 @@ class RunConfig:
     #: the sharding engine's settings the run used where they differ from the stack's usual ones
     #: (:data:`vramplan.distributed.ENGINE_OPTIONS`, e.g. DeepSpeed's ``reduce_bucket_size`` in elements)
     engine_options: dict = field(default_factory=dict, hash=False)
+    #: adapter settings the source does not state (``rank``, ``targets``: :data:`plausible.UNSTATED_FIELDS`):
+    #: the run is planned over the plausible configurations (``vramplan/data/adapter_configs.toml``)
+    unstated: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "config") -> "RunConfig":
@@ -168,6 +184,7 @@ class RunConfig:
             gpus=gpus, strategy=_opt_str(d, "strategy", where), offload=_opt_str(d, "offload", where),
             double_quant=_opt_bool(d, "double_quant", where), dropout=_opt_num(d, "dropout", where),
             grad_accum=_opt_int(d, "grad_accum", where, 1) or 1, engine_options=_engine_options(d, where),
+            unstated=_unstated(d, where),
         )
 
 
@@ -288,6 +305,7 @@ class MeasurementRecord:
         d = asdict(self)
         d["config"]["targets"] = list(self.config.targets)
         d["config"]["techniques"] = list(self.config.techniques)
+        d["config"]["unstated"] = list(self.config.unstated)
         return {"schema": self.schema, "config": d["config"], "device": d["device"],
                 "measurement": d["measurement"], "source": d["source"], "estimated": self.estimated,
                 "notes": self.notes}
