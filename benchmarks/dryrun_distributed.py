@@ -98,9 +98,10 @@ def grid(model: dict = GRID_MODEL, ranks=(2, 4), strategies=STRATEGIES, methods=
                         variants.append({"reshard_after_forward": False})
                     if extra_options and engine == "torch" and strategy == "ddp":
                         variants.append({"gradient_as_bucket_view": True})
-                    if extra_options and engine == "torch" and strategy in ("ddp", "fsdp") and method != "qlora":
+                    nf4 = cfg.recipe.adapter.quantized_base
+                    if extra_options and engine == "torch" and strategy in ("ddp", "fsdp") and not nf4:
                         variants += [dict(v) for v in ACCUM_VARIANTS]
-                    if extra_options and engine == "deepspeed" and method != "qlora":
+                    if extra_options and engine == "deepspeed" and not nf4:
                         variants.append({"grad_accum": 2})  # DeepSpeed's own accumulation to its boundary
                     for opts in variants:
                         job_cfg = cfg if "grad_accum" not in opts else distributed_config(

@@ -651,24 +651,13 @@ def report(name: str, t: Tally, seconds: float) -> None:
     print(f"tracebacks: {sum(t.tracebacks.values())} ({len(t.tracebacks)} distinct signatures)")
     for sig, n in t.tracebacks.most_common(40):
         print(f"  {n:5d}  {sig}   e.g. {t.examples[sig]}")
-    print(f"hangs over {HANG_S:.0f} s: {len(t.hangs)}")
-    for h in t.hangs[:10]:
-        print(f"  {h}")
-    print(f"invalid JSON outputs: {len(t.invalid_json)}")
-    for h in t.invalid_json[:5]:
-        print(f"  {h}")
-    print(f"NaN/inf/negative figures: {len(t.bad_numbers)}")
-    for h in t.bad_numbers[:5]:
-        print(f"  {h}")
-    print(f"errors not on one line: {len(t.multi_line)}")
-    for h in t.multi_line[:5]:
-        print(f"  {h}")
-    print(f"exit codes other than 0/2: {len(t.bad_codes)}")
-    for h in t.bad_codes[:5]:
-        print(f"  {h}")
-    print(f"inputs changed: {len(t.changed_inputs)}")
-    for h in t.changed_inputs[:5]:
-        print(f"  {h}")
+    for title, found, shown in ((f"hangs over {HANG_S:.0f} s", t.hangs, 10), ("invalid JSON outputs", t.invalid_json, 5),
+                                ("NaN/inf/negative figures", t.bad_numbers, 5),
+                                ("errors not on one line", t.multi_line, 5),
+                                ("exit codes other than 0/2", t.bad_codes, 5), ("inputs changed", t.changed_inputs, 5)):
+        print(f"{title}: {len(found)}")
+        for h in found[:shown]:
+            print(f"  {h}")
     if t.slowest[1]:
         print(f"slowest call: {t.slowest[0]:.1f} s: {' '.join(t.slowest[1])[:200]}")
 

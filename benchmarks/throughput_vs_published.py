@@ -149,12 +149,11 @@ def profile_points() -> list[dict]:
             model = (prof.source_info or {}).get("model") or "qwen2.5-0.5b"
             spec = get_model(model)
             for method, tp in prof.throughput.items():
-                m, _, adapter = method.partition("+")
                 for tokens, achieved in tp.knots:
                     seq = 2048 if tokens >= 2048 else int(tokens)
                     batch = max(1, int(tokens) // seq)
                     try:
-                        cfg = make_config(spec, m, adapter=adapter or None, batch=batch, seq=seq)
+                        cfg = make_config(spec, method, batch=batch, seq=seq)  # a recipe name: dpo+qlora
                     except Exception:
                         continue
                     t = step_time(spec, cfg, gpu, inputs=NO_PROFILE)

@@ -3,6 +3,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+#: a two-layer Llama-shaped config small enough to build and step on CPU; tests vary it with ``dict(TINY_LLAMA, ...)``
+TINY_LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=512)
+
 
 def load_benchmark(name: str):
     """Import ``benchmarks/<name>.py`` (not a package) so tests can run a reduced form of it."""

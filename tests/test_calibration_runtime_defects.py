@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from conftest import TINY_LLAMA  # noqa: E402
 from torch import nn  # noqa: E402
 
 from vramplan.config import make_config  # noqa: E402
@@ -17,8 +18,7 @@ from vramplan.models import from_hf_config  # noqa: E402
 from vramplan.runtime import build  # noqa: E402
 from vramplan.runtime import nf4  # noqa: E402
 
-TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False)
+TINY = dict(TINY_LLAMA, num_hidden_layers=3, max_position_embeddings=256, tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="module")

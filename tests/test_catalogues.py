@@ -389,3 +389,18 @@ def test_falcon_flags_follow_its_config():
     assert not seq.parallel_block and seq.norms_per_layer == 2
     with pytest.raises(VramplanError, match="ALiBi"):
         from_hf_config(dict(base, alibi=True), name="f")
+
+
+def test_every_architecture_layout_key_is_read_and_documented():
+    """No dead data: each key an ``architectures.toml`` entry sets is read somewhere in the package (the loader,
+    ``vramplan/models.py``, or a reader of ``models.layout_of``) and described in the file's header."""
+    import re
+
+    from vramplan._data import DATA_DIR
+
+    source = "\n".join(p.read_text(encoding="utf-8") for p in (DATA_DIR.parent).rglob("*.py"))
+    header = (DATA_DIR / "architectures.toml").read_text(encoding="utf-8").split("\n[", 1)[0]
+    keys = {k for entry in load_data("architectures.toml").values() for k in entry}
+    assert keys
+    assert not {k for k in keys if f'"{k}"' not in source}, "keys no loader reads"
+    assert not {k for k in keys if not re.search(rf"^#.*\b{k}\b", header, re.M)}, "keys the header does not describe"

@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from conftest import TINY_LLAMA  # noqa: E402
 from vramplan.config import make_config  # noqa: E402
 from vramplan.dryrun import DryRunResult, dryrun  # noqa: E402
 from vramplan.dryrun.tracker import Tracker  # noqa: E402
@@ -19,8 +20,7 @@ from vramplan.results import Estimate  # noqa: E402
 from vramplan.runtime import build  # noqa: E402
 from vramplan.taxonomy import TENSOR_COMPONENTS, Component, Group, Phase  # noqa: E402
 
-TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=512, max_position_embeddings=512)
+TINY = dict(TINY_LLAMA)
 B, S = 2, 64
 
 

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from conftest import TINY_LLAMA
 from vramplan.errors import install_hint
 
 from vramplan.cli import main
@@ -19,8 +20,7 @@ from vramplan.stacks import stacks
 from vramplan.taxonomy import Component as C
 
 # a big vocabulary next to a small model: the logits dominate, so the loss implementation shows
-TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=32000, max_position_embeddings=512)
+TINY = dict(TINY_LLAMA, vocab_size=32000)
 B, S = 2, 64
 
 

@@ -9,14 +9,14 @@ import textwrap
 import pytest
 
 import vramplan
+from conftest import TINY_LLAMA
 from vramplan import methods
 from vramplan.config import make_config
 from vramplan.errors import VramplanError
 from vramplan.methods import Behaviour, Option, all_options, resolve
 from vramplan.models import from_hf_config
 
-TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=512, max_position_embeddings=512)
+TINY = dict(TINY_LLAMA)
 
 TOY_MODULE = '''
 from vramplan.methods.base import Behaviour, Option
@@ -159,3 +159,13 @@ def test_methods_package_imports_no_torch():
            "print(any(k in sys.modules for k in ('torch', 'transformers', 'peft')))"
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_sixteen_bit_twin_is_the_four_bit_fallback_inverted():
+    from vramplan.methods import Adapter, sixteen_bit_twin
+
+    for ad in Adapter:
+        assert ad.four_bit is None or ad.four_bit.sixteen_bit is ad
+        assert (ad.sixteen_bit is not None) == ad.quantized_base
+    assert [sixteen_bit_twin(n) for n in ("qlora", "dpo+qlora", "dpo+qdora", "qia3", "lora", "dpo", "full", "nope")] == [
+        "lora", "dpo+lora", "dpo+dora", "ia3", None, None, None, None]

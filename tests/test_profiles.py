@@ -107,6 +107,18 @@ def test_step_time_and_achieved_tflops():
     assert nodq.step_seconds("qlora", f, dequant_gparams=1.0) is None
 
 
+def test_every_nf4_recipe_is_timed_as_its_16bit_twin_plus_dequantisation():
+    prof = make_profile()
+    f = step_features(flops=4e14, layers=24, hidden=896, passes=2)
+    # DPO over QLoRA: DPO's LoRA model plus the dequantisation (not DPO's LoRA model alone, a sibling)
+    assert prof.step_seconds("dpo+qlora", f, dequant_gparams=2.0) == pytest.approx(
+        prof.step_seconds("dpo+lora", f) + 0.004)
+    # QDoRA: DoRA's model (here its sibling, LoRA) plus the dequantisation, by the adapter's 16-bit twin
+    assert prof.step_seconds("qdora", f, dequant_gparams=1.0) is None  # no DoRA model and no LoRA sibling of it
+    dora = make_profile(throughput={**prof.throughput, "dora": prof.throughput["lora"]})
+    assert dora.step_seconds("qdora", f, dequant_gparams=1.0) == pytest.approx(dora.step_seconds("dora", f) + 0.002)
+
+
 def test_profile_key():
     assert profile_key("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert profile_key("h100-sxm") == "h100-sxm"

@@ -8,13 +8,13 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from conftest import TINY_LLAMA  # noqa: E402
 from vramplan.config import make_config  # noqa: E402
 from vramplan.methods import Role  # noqa: E402
 from vramplan.models import from_hf_config  # noqa: E402
 from vramplan.runtime import build  # noqa: E402
 
-TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
+TINY = dict(TINY_LLAMA, max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")

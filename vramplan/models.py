@@ -66,7 +66,6 @@ class ModelSpec:
     # the layer's output passes a norm before the residual add (Gemma-2/3 post_feedforward_layernorm, OLMo-2's
     # post-norms): that norm's fp32 backward runs first in the layer's backward, before the MLP's
     closing_norm: bool = False
-    embed_scale: bool = False
     norm_weight_fp32: bool = False
     num_experts: int = 0
     experts_per_token: int = 0
@@ -482,7 +481,7 @@ def _layout_fields(lay: dict) -> dict:
         linear_subclass=str(lay.get("linear_subclass", "")), embed_norm=bool(lay.get("embed_norm", False)),
         eager_only=bool(lay.get("eager_only", False)), sdpa_unsupported=bool(lay.get("sdpa_unsupported", False)),
         module_names=tuple(sorted((str(k), str(v)) for k, v in (lay.get("names") or {}).items())),
-        embed_scale=bool(lay.get("embed_scale", False)), norm_weight_fp32=bool(lay.get("norm_weight_fp32", False)),
+        norm_weight_fp32=bool(lay.get("norm_weight_fp32", False)),
         lora_targets=tuple(lay.get("lora_targets", ("q_proj", "v_proj"))),
         ia3_targets=tuple(lay.get("ia3_targets", ("k_proj", "v_proj", "down_proj"))),
         ia3_feedforward=tuple(lay.get("ia3_feedforward", ("down_proj",))),

@@ -217,7 +217,7 @@ def step_features(*, flops: float, layers: int, hidden: int, passes: int = 3, ge
     """The regressors of the step-time model.
 
     Args:
-        flops: FLOPs of one optimiser step (``vramplan.calibration.flops.step_flops``).
+        flops: FLOPs of one optimiser step (``vramplan.throughput.step_work``'s ``model_flops``).
         layers: decoder layers of the model.
         hidden: hidden width (small widths run matmuls below peak: the ``flops / width`` term).
         passes: sequential passes over the layers per step (forward + backward = 2 plus a
@@ -367,20 +367,23 @@ class Profile:
         """
         if not self.applies_to(stack):
             return None
+        from .methods import sixteen_bit_twin
+
         key = method.lower()
-        own = self._lookup(self.throughput, key, siblings="qlora" not in key)
+        twin_key = sixteen_bit_twin(key)
+        own = self._lookup(self.throughput, key, siblings=twin_key is None)
         if own is not None and own.coef is not None:
             return max(own.seconds(features), 1e-9)
-        if "qlora" not in key or self.qlora_dequant is None:
+        if twin_key is None or self.qlora_dequant is None:
             return None
-        twin = self._lookup(self.throughput, key.replace("qlora", "lora"), siblings=True)
+        twin = self._lookup(self.throughput, twin_key, siblings=True)
         if twin is None or twin.coef is None:
             return None
         return max(twin.seconds(features), 1e-9) + self.qlora_dequant.value * float(dequant_gparams)
 
     def achieved_tflops(self, method: str, tokens: int | None = None, *, flops: float | None = None,
                         features: Mapping[str, float] | None = None, stack: str | None = None) -> float | None:
-        """Achieved TFLOP/s of ``method`` (FLOPs as ``step_flops`` counts them).
+        """Achieved TFLOP/s of ``method`` (FLOPs as ``vramplan.throughput.step_work`` counts them).
 
         With ``features`` (and ``flops``), from the step-time model; with ``tokens`` only, the
         measured medians interpolated in log(tokens per step) and clamped at the ends; with

@@ -6,6 +6,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from .attention import attention_kernel
 from .optimizers import get_optimizer
 from .stacks import DEFAULT_STACK
 from .results import Estimate
@@ -101,7 +102,7 @@ def plan_brief(plan) -> str:
     if c.grad_ckpt:
         parts.append("GC")
     parts.append(get_optimizer(c.optimizer).label)
-    if c.attn != "sdpa":
+    if not attention_kernel(c.attn).default:
         parts.append(c.attn)
     if c.recipe.adapter.low_rank:
         parts.append(f"r{c.rank}" + (" all-linear" if len(c.targets) > 2 else ""))
@@ -215,7 +216,7 @@ def _render_ranked_plans(report, console: Console, top: int) -> None:
     """Each method's ``top`` ranked plans and why each loses to the first (``fit --top N``)."""
     for r in report.rows:
         # flash ties sdpa and paged 8-bit AdamW ties 8-bit AdamW exactly: list the simpler one only
-        listed = [p for p in getattr(r, "plans", []) if p.config.attn != "flash"
+        listed = [p for p in getattr(r, "plans", []) if attention_kernel(p.config.attn).same_as is None
                   and not _paged_8bit(p.config.optimizer)]
         plans = listed[:top]
         # an adapter with no plan among those (LoRA behind its QLoRA fallback): show its first, to say why

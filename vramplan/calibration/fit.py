@@ -30,7 +30,7 @@ What is fitted, and how (relative error = (predicted - measured) / measured thro
   refitted once without outliers (off by > 25% and > 4 median errors; at most a fifth).
   QLoRA recipes are timed as their LoRA twin plus ``s_per_gparam`` x NF4 weights
   dequantised per step (median over the QLoRA points).
-* knots: achieved TFLOP/s (``step_flops`` / step time) per method and tokens per step.
+* knots: achieved TFLOP/s (``step_work``'s FLOPs / step time) per method and tokens per step.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import numpy as np
 
 from ..config import TrainConfig
 from ..errors import VramplanError
+from ..methods import sixteen_bit_twin
 from ..models import ModelSpec, from_hf_config, get_model
 from ..optimizers import get_optimizer
 from ..overheads import default_workspace_bytes
@@ -317,17 +318,18 @@ def _fit_throughput(rows: list[Row]) -> tuple[dict[str, Throughput], Fitted | No
         th = Throughput(tuple(float(c) for c in coef), knots(items), len(items))
         return Throughput(th.coef, th.knots, th.n, Residual.of([th.seconds(r.shape.features()) for r in items], list(y)))
 
+    twins = {m: sixteen_bit_twin(m) for m in by}
     for m, items in by.items():
-        if "qlora" not in m:
+        if twins[m] is None:
             t = fit_own(items)
             if t is not None:
                 out[m] = t
-    # QLoRA: LoRA twin + dequantisation
+    # an NF4-base recipe (QLoRA): its 16-bit twin (LoRA) + dequantisation
     d_vals, d_rows = [], []
     for m, items in by.items():
-        if "qlora" not in m:
+        if twins[m] is None:
             continue
-        twin = out.get(m.replace("qlora", "lora"))
+        twin = out.get(twins[m])
         if twin is None:
             own = fit_own(items)
             if own is not None:
@@ -344,9 +346,9 @@ def _fit_throughput(rows: list[Row]) -> tuple[dict[str, Throughput], Fitted | No
         preds = [tw.seconds(r.shape.features()) + d * r.shape.dequant_gparams for r, tw in d_rows]
         dequant = Fitted(d, len(d_vals), Residual.of(preds, [r.step_s for r, _ in d_rows]))
         for m in list(out):
-            if "qlora" in m and out[m].coef is None:
+            if twins.get(m) is not None and out[m].coef is None:
                 items = by[m]
-                ps = [out[m.replace("qlora", "lora")].seconds(r.shape.features()) + d * r.shape.dequant_gparams for r in items]
+                ps = [out[twins[m]].seconds(r.shape.features()) + d * r.shape.dequant_gparams for r in items]
                 out[m] = Throughput(None, out[m].knots, out[m].n, Residual.of(ps, [r.step_s for r in items]))
     return out, dequant
 

@@ -44,7 +44,3 @@ def step_shape(spec: ModelSpec, cfg: TrainConfig) -> StepShape:
                      gen_tokens=int(w.gen_tokens), layers=int(w.layers), hidden=int(w.hidden),
                      dequant_gparams=float(w.dequant_gparams))
 
-
-def step_flops(spec: ModelSpec, cfg: TrainConfig) -> float:
-    """FLOPs of one optimiser step (model matmuls and attention, as :func:`step_work` counts them)."""
-    return step_shape(spec, cfg).flops

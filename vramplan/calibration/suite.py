@@ -53,7 +53,7 @@ from typing import Any
 from .._data import read_config_file
 from ..config import TrainConfig, make_config
 from ..errors import VramplanError
-from ..methods import all_options
+from ..methods import all_options, parse_recipe_name
 from ..models import ModelSpec, from_hf_config, get_model
 
 SUITE_SCHEMA = 1
@@ -196,12 +196,6 @@ def _as_list(v: Any) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
-def _split_method(text: str) -> tuple[str, str | None]:
-    from ..methods import parse_recipe_name
-
-    return parse_recipe_name(text)
-
-
 def load_suite(suite: str | Path) -> Suite:
     """Load and validate a suite; every point is checked with ``make_config`` up front.
 
@@ -269,7 +263,7 @@ def load_suite(suite: str | Path) -> Suite:
         keys = list(lists)
         for m, meth, combo in itertools.product(mnames, _as_list(g["methods"]), itertools.product(*lists.values())):
             opts = {**defaults, **scalars, **dict(zip(keys, combo))}
-            method, adapter = _split_method(meth)
+            method, adapter = parse_recipe_name(meth)
             try:
                 cfg = make_config(models[m], method, adapter=adapter, **opts)
             except VramplanError as exc:
@@ -305,7 +299,7 @@ def load_suite(suite: str | Path) -> Suite:
                 raise _err(path, f"search {si + 1}: {k} must be a positive integer, got {v!r}")
         if vals["start"] > vals["max"]:
             raise _err(path, f"search {si + 1}: start {vals['start']} exceeds max {vals['max']}")
-        method, adapter = _split_method(s.get("method", "lora"))
+        method, adapter = parse_recipe_name(s.get("method", "lora"))
         opts = {**defaults, **{k: s[k] for k in ("grad_ckpt", "optimizer", "precision", "attn", "rank", "targets") if k in s}}
         spec = SearchSpec(id="", model=s["model"], spec=models[s["model"]], method=method, adapter=adapter, vary=vary,
                           fixed=vals[other], start=vals["start"], max=vals["max"], granularity=vals["granularity"],

@@ -88,6 +88,11 @@ class Adapter(str, Enum):
         return _FOUR_BIT.get(self)
 
     @property
+    def sixteen_bit(self) -> "Adapter | None":
+        """The same adapter over a 16-bit base (QLoRA -> LoRA), or None when the base is not NF4."""
+        return next((a for a, q in _FOUR_BIT.items() if q is self), None)
+
+    @property
     def label(self) -> str:
         return _LABELS[self]
 
@@ -468,6 +473,21 @@ def parse_recipe_name(text: str, adapter: str | None = None) -> tuple[str, str |
         raise VramplanError(f"method {text!r} names adapter {a!r} but --adapter is {adapter!r}",
                             f"pass --method {m} --adapter {adapter}, or --method {text} alone")
     return m, a
+
+
+def sixteen_bit_twin(name: str) -> str | None:
+    """The recipe ``name`` over a 16-bit base instead of its NF4 one (``dpo+qlora`` -> ``dpo+lora``,
+    ``qlora`` -> ``lora``): a 4-bit recipe's step is its twin's plus the dequantisation (the calibrated
+    step-time model). None when ``name``'s base is not NF4 or ``name`` is no recipe."""
+    try:
+        recipe = resolve(name)
+    except VramplanError:
+        return None
+    twin = recipe.adapter.sixteen_bit
+    if twin is None:
+        return None
+    named_by_adapter = recipe.name == recipe.adapter.value  # an SFT method named after its adapter (qlora)
+    return resolve(twin.value).name if named_by_adapter else resolve(recipe.method, twin).name
 
 
 def resolve(method: str | MethodDef | Recipe, adapter: str | Adapter | None = None) -> Recipe:

@@ -1,0 +1,32 @@
+"""The attention definitions (``vramplan.attention``): what renderings and listings read instead of names."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from vramplan.attention import KERNELS, attention_kernel
+from vramplan.config import make_config
+from vramplan.errors import UnknownNameError
+from vramplan.models import get_model
+from vramplan.render import plan_brief
+from vramplan.request import ATTENTION, ConfigRequest
+
+
+def test_every_offered_kernel_has_a_definition_and_the_default_is_the_requests():
+    assert set(KERNELS) == set(ATTENTION)
+    assert [k.name for k in KERNELS.values() if k.default] == [ConfigRequest.attn]
+    for k in KERNELS.values():
+        if k.same_as is not None:  # ties a kernel that is itself listed
+            assert attention_kernel(k.same_as).same_as is None and k.same_as != k.name
+
+
+def test_unknown_kernel_is_a_named_error():
+    with pytest.raises(UnknownNameError, match="unknown attention implementation 'flsh'"):
+        attention_kernel("flsh")
+
+
+@pytest.mark.parametrize("attn", sorted(KERNELS))
+def test_plan_brief_names_every_kernel_but_the_default(attn):
+    cfg = make_config(get_model("llama-3.2-1b"), "lora", batch=2, attn=attn)
+    brief = plan_brief(SimpleNamespace(config=cfg, parallel=SimpleNamespace(distributed=False)))
+    assert (attn in brief.split(", ")) == (not attention_kernel(attn).default), brief
