@@ -6,14 +6,18 @@ import pytest
 
 from vramplan.attention import KERNELS, attention_kernel
 from vramplan.config import make_config
-from vramplan.errors import UnknownNameError
+from vramplan.errors import UnknownNameError, VramplanError
 from vramplan.models import get_model
 from vramplan.render import plan_brief
 from vramplan.request import ATTENTION, ConfigRequest
 
 
-def test_every_offered_kernel_has_a_definition_and_the_default_is_the_requests():
-    assert set(KERNELS) == set(ATTENTION)
+def test_a_request_accepts_exactly_the_defined_kernels_and_defaults_to_the_default_one():
+    for name in KERNELS:
+        assert ConfigRequest(attn=name).attn == name
+    with pytest.raises(VramplanError):
+        ConfigRequest(attn="xformers")
+    assert ATTENTION == tuple(KERNELS)  # the CLI's and the API's choices, in the definitions' order
     assert [k.name for k in KERNELS.values() if k.default] == [ConfigRequest.attn]
     for k in KERNELS.values():
         if k.same_as is not None:  # ties a kernel that is itself listed

@@ -30,13 +30,14 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, Sequence
 
 from . import validate as v
+from .attention import KERNELS as ATTENTION_KERNELS
 from .errors import VramplanError, did_you_mean
 from .optimizers import DEFAULT_OPTIMIZER
 from .stacks import DEFAULT_STACK
 from .verdict import DEFAULT_MARGIN
 
-#: Attention implementations a configuration may name.
-ATTENTION = ("eager", "sdpa", "flash")
+#: Attention implementations a configuration may name (their definitions: :mod:`vramplan.attention`).
+ATTENTION = tuple(ATTENTION_KERNELS)
 #: The matrix's default benchmark grid: 5 sequence lengths x 8 micro-batches (:func:`vramplan.matrix.peak_grid`).
 BENCH_SEQS = (512, 1024, 2048, 4096, 8192)
 BENCH_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
