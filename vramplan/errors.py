@@ -8,7 +8,6 @@ clause (``did you mean rtx4000ada?``) that the CLI appends after ``;``.
 
 from __future__ import annotations
 
-import difflib
 from typing import Iterable
 
 
@@ -61,6 +60,8 @@ class ProfileError(VramplanError):
 def did_you_mean(name: str, choices: Iterable[str], n: int = 1) -> str | None:
     """Return ``"did you mean X?"`` for the closest of ``choices``, or None."""
     choices = list(choices)
+    import difflib  # only on the error path: not imported by `import vramplan`
+
     match = difflib.get_close_matches(name.lower(), [c.lower() for c in choices], n=n, cutoff=0.5)
     if not match:
         # substring match catches "4000" -> "rtx4000ada"
