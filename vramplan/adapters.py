@@ -32,8 +32,29 @@ class AdapterTensor:
         return n * self.count
 
 
+_TENSORS_CACHE: dict = {}
+
+
 def adapter_tensors(model: ModelSpec, adapter: Adapter, rank: int, targets: tuple[str, ...]) -> list[AdapterTensor]:
-    """Every trainable adapter tensor for ``adapter`` on ``model`` (empty for full training)."""
+    """Every trainable adapter tensor for ``adapter`` on ``model`` (empty for full training).
+
+    Kept per ``(model, adapter, rank, targets)`` (what it reads; a search asks for the same few hundreds of
+    times); each caller gets its own list. Unhashable arguments (a spec with list fields) are worked out each time.
+    """
+    key = (model, adapter, rank, targets)
+    try:
+        kept = _TENSORS_CACHE.get(key)
+    except TypeError:
+        return _adapter_tensors(model, adapter, rank, targets)
+    if kept is None:
+        if len(_TENSORS_CACHE) > 1024:
+            _TENSORS_CACHE.clear()
+        kept = _TENSORS_CACHE[key] = tuple(_adapter_tensors(model, adapter, rank, targets))
+    return list(kept)
+
+
+def _adapter_tensors(model: ModelSpec, adapter: Adapter, rank: int, targets: tuple[str, ...]) -> list[AdapterTensor]:
+    """:func:`adapter_tensors` worked out."""
     if adapter is Adapter.FULL:
         return []
     layers = model.num_layers

@@ -201,6 +201,13 @@ class ModelSpec:
 
     @property
     def layer_params(self) -> int:
+        """Parameters of one decoder layer: its linears and its norms."""
+        try:
+            return _counts(self)[0]
+        except TypeError:  # unhashable (list-valued fields): count it each time
+            return self._layer_params()
+
+    def _layer_params(self) -> int:
         return sum(l.params for l in self.layer_linears()) + self.layer_norm_params()
 
     @property
@@ -211,7 +218,13 @@ class ModelSpec:
     @property
     def params(self) -> int:
         """Total parameters, as ``sum(p.numel() for p in model.parameters())`` counts them."""
-        return (self.embedding_params + self.lm_head_params + self.num_layers * self.layer_params
+        try:
+            return _counts(self)[1]
+        except TypeError:  # unhashable (list-valued fields): count it each time
+            return self._params()
+
+    def _params(self) -> int:
+        return (self.embedding_params + self.lm_head_params + self.num_layers * self._layer_params()
                 + self.final_norm_params)
 
     @property
@@ -270,6 +283,13 @@ ModelSpec.__getstate__ = _state_without_hash
 @lru_cache(maxsize=1024)
 def _layer_linears(spec: ModelSpec) -> tuple[Linear, ...]:
     return tuple(spec._build_layer_linears())
+
+
+@lru_cache(maxsize=1024)
+def _counts(spec: ModelSpec) -> tuple[int, int]:
+    """``(layer_params, params)`` of a (hashable) spec, counted once: the planner asks thousands of times per
+    ``fit``. Neither reads ``hf_config`` (outside the hash), so equal specs share the counts."""
+    return spec._layer_params(), spec._params()
 
 
 def _layout(model_type: str) -> dict:

@@ -124,7 +124,26 @@ class OptimizerDef:
         return self.states * numel * per + self.scalar_bytes
 
     def total_state_bytes(self, tensors: Iterable[tuple[tuple[int, ...], int, int]]) -> int:
-        """Sum :meth:`state_bytes` over ``(shape, count, param_bytes)`` groups."""
+        """Sum :meth:`state_bytes` over ``(shape, count, param_bytes)`` groups.
+
+        Kept per optimiser (this very definition) and groups: a search asks for the same few dozen sums
+        hundreds of times. Unhashable groups (list shapes) are summed each time.
+        """
+        tensors = tuple(tensors)
+        key = (self.name, tensors)
+        try:
+            kept = _TOTALS_CACHE.get(key)
+        except TypeError:
+            return self._total_state_bytes(tensors)
+        if kept is not None and kept[0] is self:
+            return kept[1]
+        total = self._total_state_bytes(tensors)
+        if len(_TOTALS_CACHE) > 1024:
+            _TOTALS_CACHE.clear()
+        _TOTALS_CACHE[key] = (self, total)
+        return total
+
+    def _total_state_bytes(self, tensors: tuple[tuple[tuple[int, ...], int, int], ...]) -> int:
         return sum(count * self.state_bytes(shape, pbytes) for shape, count, pbytes in tensors)
 
     def step_temporary_bytes(self, tensors: list[tuple[tuple[int, ...], int, int]], runner: str) -> int:
@@ -155,6 +174,9 @@ class OptimizerDef:
         if loop and self.loop_stream_factor != 1.0:
             per *= self.loop_stream_factor
         return per
+
+
+_TOTALS_CACHE: dict = {}  # (name, groups) -> (the definition, its total): OptimizerDef.total_state_bytes
 
 
 def _numel(shape: Sequence[int]) -> int:

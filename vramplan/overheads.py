@@ -65,7 +65,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .cudamem import context_bytes
 from .gpus import GPUSpec, generation, parse_compute_capability
+from .memory import StepMemory
+from .optimizers import get_optimizer
 from .taxonomy import RESIDENT_COMPONENTS, Component
 from .units import MIB
 
@@ -109,8 +112,6 @@ def peak_terms(components: Mapping[Component, Any], optimizer: str):
     Activations are the activation group (activations, logits, KV cache); paged bytes are
     the optimiser states when ``optimizer`` is a paged one (``OptimizerDef.paged``), else 0.
     """
-    from .optimizers import get_optimizer
-
     act = sum(components.get(c, 0) for c in ACTIVATION_COMPONENTS)
     paged = components.get(Component.OPTIMIZER_STATES, 0) if get_optimizer(optimizer).paged else 0
     return act, paged
@@ -138,8 +139,6 @@ def split_loaded(loaded_bytes):
 
 def load_reserved_terms(mem) -> int:
     """What the model's load left reserved (``ModelState.load_reserved``; 0 for anything but a ``StepMemory``)."""
-    from .memory import StepMemory
-
     return int(mem.state.load_reserved) if isinstance(mem, StepMemory) and mem.state is not None else 0
 
 
@@ -154,8 +153,6 @@ def loaded_terms(mem) -> int:
     """Bytes allocated once while loading the model (weights, quantisation state, adapters, master
     weights of the step memory's ``ModelState``: per GPU, the resident shard when sharded), which the
     caching allocator holds without a reserve; 0 for anything but a ``StepMemory``."""
-    from .memory import StepMemory
-
     st = mem.state if isinstance(mem, StepMemory) else None
     if st is None:
         return 0
@@ -226,8 +223,6 @@ def default_context(gpu: GPUSpec | None) -> tuple[int, str]:
     memory of published OOM messages on that catalogue card (:mod:`vramplan.cudamem`, status "published"),
     else :data:`DEFAULT_CONTEXT_BYTES` ("default")."""
     if gpu is not None and not getattr(gpu, "custom", False):
-        from .cudamem import context_bytes
-
         ctx = context_bytes(gpu.name)
         if ctx is not None:
             return ctx, PUBLISHED
@@ -264,6 +259,27 @@ def _figures(gpu: GPUSpec | None, profile, method: str | None, stack: str | None
         status["activation_factor"] = DEFAULT
     return _Figures(int(ctx), int(ws), float(factor), profile.allocator,
                     profile.allocator_correction(method), measured_on_device or gpu is not None, status)
+
+
+_FIGURES_CACHE: dict = {}
+
+
+def _kept_figures(gpu: GPUSpec | None, prof, method: str | None, stack: str | None) -> _Figures:
+    """:func:`_figures`, kept per (card, profile, method, stack): what it reads. The card and the profile (frozen
+    dataclasses) are keyed by identity and held in the entry, so a kept entry is for these very objects; a
+    search asks for the same few figures hundreds of times. Its ``status`` is shared: read it, never change it."""
+    key = (id(gpu), id(prof), method, stack)
+    try:
+        kept = _FIGURES_CACHE.get(key)
+    except TypeError:  # an unhashable method or stack: worked out each time
+        return _figures(gpu, prof, method, stack)
+    if kept is not None and kept[0] is gpu and kept[1] is prof:
+        return kept[2]
+    fig = _figures(gpu, prof, method, stack)
+    if len(_FIGURES_CACHE) > 256:
+        _FIGURES_CACHE.clear()
+    _FIGURES_CACHE[key] = (gpu, prof, fig)
+    return fig
 
 
 def _chain(fig: _Figures, tensor_peak, activation_bytes, paged_bytes, loaded_bytes=0, load_reserved=0) -> dict[str, Any]:
@@ -354,7 +370,7 @@ def runtime_overheads(tensor_peak_bytes: int, gpu: GPUSpec | None = None, *, met
         ProfileError: the card's profile is corrupt or of an unknown schema version.
     """
     prof = card_profile(gpu) if profile is _LOAD else profile
-    fig = _figures(gpu, prof, method, stack)
+    fig = _kept_figures(gpu, prof, method, stack)
     loaded, floor = split_loaded(loaded_bytes)
     c = _chain(fig, int(tensor_peak_bytes), int(activation_bytes), int(paged_bytes), int(loaded), int(floor))
     val = {k: int(v) for k, v in c.items()}
@@ -431,5 +447,5 @@ def device_terms(tensor_peak, gpu: GPUSpec | None = None, *, method: str | None 
     (``Estimate.peak_bytes`` on one GPU); each equals its :func:`runtime_overheads` figure.
     """
     prof = card_profile(gpu) if profile is _LOAD else profile
-    fig = _figures(gpu, prof, method, stack)
+    fig = _kept_figures(gpu, prof, method, stack)
     return _chain(fig, tensor_peak, activation_bytes, paged_bytes, *split_loaded(loaded_bytes))

@@ -40,8 +40,11 @@ from typing import Any
 
 import numpy as np
 
+from .. import activations as act
 from ..errors import VramplanError
+from ..memory import model_state
 from ..precision import DTYPE_BYTES
+from . import Adapter, Forward, ModelCopy, Role  # the package (loaded before any behaviour module)
 from .base import Behaviour, Generation, Option
 
 #: TRL's ``max_completion_length`` default (tokens)
@@ -170,8 +173,6 @@ def settings(cfg: Any, seq: Any = None) -> Settings:
 
 # -- the analytic terms ------------------------------------------------------------------------------
 def _dtypes(model, cfg):
-    from .. import activations as act
-
     pol = cfg.recipe.copies[0]
     d = act.copy_dtypes(pol, cfg.regime, cfg.stack.kbit_upcast)
     # the logits the trainer's loss sees: accelerate converts the 16-bit logits to fp32 (HF Trainer)
@@ -199,8 +200,6 @@ def nograd_layer_work(model, cfg, tokens, seq, autocast: bool = True, kv_layer=0
     keeps its probabilities (the ``attn_weights`` the decoder layer binds) and the model its additive masks.
     Dense MLPs only (a MoE layer's experts are smaller; this errs on the safe side).
     """
-    from .. import activations as act
-
     pol, d, _, _ = _dtypes(model, cfg)
     res = float(d.residual)
     mlp = float(d.proj_out) if autocast else res
@@ -301,9 +300,6 @@ def grpo_terms(model, cfg, terms: Any, batch, seq) -> Any:
 
     Source: TRL v1.9.0 ``GRPOTrainer`` (module docstring), matched op by op to the dry run.
     """
-    from .. import activations as act
-    from ..memory import model_state
-
     regime, kbit = cfg.regime, cfg.stack.kbit_upcast
     pol, d, lg, converted = _dtypes(model, cfg)
     dl = d.residual
@@ -451,8 +447,6 @@ def vllm_bytes(spec, adapter: str, sequences: int, tokens: int) -> int:
     plus fp32 absmax per 64 weights, the rest 16-bit; else 16-bit) and the KV cache of ``sequences`` sequences of
     ``tokens`` tokens generated together (16-bit). vLLM's CUDA graphs and sampler buffers are not counted.
     Source: trl/generation/vllm_generation.py (TRL v1.9.0)."""
-    from . import Adapter  # the package (loaded before any behaviour module)
-
     if Adapter(adapter).quantized_base:
         weights = spec.linear_params * (0.5 + 4 / 64) + (spec.params - spec.linear_params) * 2
     else:
@@ -602,8 +596,6 @@ class GRPO(Behaviour):
         accelerate in evaluation mode on the same device, TRL v1.9.0 ``GRPOTrainer.__init__``): a frozen copy
         held beside the policy. With PEFT the reference is the policy with its adapter disabled (no copy)."""
         from dataclasses import replace
-
-        from . import Forward, ModelCopy, Role
 
         beta = float(cfg.option("grpo_beta", BETA.default) or 0.0)
         if beta <= 0 or recipe.adapter.is_peft or any(c.role is Role.REFERENCE for c in recipe.copies):
