@@ -745,3 +745,117 @@ def test_fields_but_equal_exactly_when_the_configs_set_alike_are(names):
         assert (fields_but(a, *names) == fields_but(b, *names)) == want
         same += want
     assert same >= len(cfgs)
+
+
+def _catalogue_specs():
+    from vramplan.models import catalogue
+
+    return list(catalogue().values())
+
+
+def test_kept_parameter_counts_equal_fresh_ones():
+    """``ModelSpec.params`` / ``layer_params`` (kept per spec) equal the counts worked out anew, for every catalogue
+    model and cut-down depths of it; a spec with list fields (unhashable, as built from a log's JSON) is counted
+    each time and gets the same figures."""
+    import dataclasses
+
+    specs = _catalogue_specs()
+    specs += [s.with_layers(n) for s in specs[:20] for n in (1, 3)]
+    for spec in specs:
+        assert spec.params == spec._params() and spec.layer_params == spec._layer_params(), spec.name
+        want = (spec.embedding_params + spec.lm_head_params + spec.final_norm_params
+                + spec.num_layers * (sum(l.params for l in spec._build_layer_linears()) + spec.layer_norm_params()))
+        assert spec.params == want, spec.name
+    spec = get_model("llama-2-13b")
+    listed = dataclasses.replace(spec, aliases=list(spec.aliases) or ["x"])
+    with pytest.raises(TypeError):
+        hash(listed)
+    assert listed.params == spec.params and listed.layer_params == spec.layer_params
+    wider = dataclasses.replace(spec, hidden_size=spec.hidden_size + 128)
+    assert wider.params == wider._params() != spec.params
+
+
+def test_kept_adapter_tensors_equal_fresh_ones():
+    """``adapters.adapter_tensors`` (kept per model, adapter, rank and targets) equals the tensors worked out anew
+    for every adapter, several ranks and each model's target sets; each caller gets its own list."""
+    from vramplan import adapters
+    from vramplan.methods import Adapter
+
+    seen = 0
+    for spec in [get_model(m) for m in ("llama-2-13b", "gemma-2-2b", "phi-2", "qwen3-30b-a3b", "falcon-7b")]:
+        names = tuple(l.name for l in spec.layer_linears() if l.is_linear)
+        for adapter in Adapter:
+            for rank in (1, 8, 64):
+                for targets in (spec.lora_targets, spec.ia3_targets, names):
+                    if adapter.ia3 and not set(targets) <= set(names):
+                        continue
+                    for _ in range(2):  # computed, then kept
+                        got = adapters.adapter_tensors(spec, adapter, rank, targets)
+                        assert got == adapters._adapter_tensors(spec, adapter, rank, targets)
+                        got.append(None)  # the caller's own list
+                    seen += 1
+    assert seen > 100
+    spec = get_model("llama-2-13b")
+    assert adapters.adapter_tensors(spec, Adapter.LORA, 8, list(spec.lora_targets)) == \
+        adapters._adapter_tensors(spec, Adapter.LORA, 8, spec.lora_targets)  # unhashable targets: worked out
+
+
+def test_kept_optimizer_totals_equal_fresh_ones():
+    """``OptimizerDef.total_state_bytes`` (kept per definition and groups) equals the sum worked out anew for every
+    optimiser over the groups of many configurations; another definition of the same name gets its own total."""
+    import dataclasses
+
+    from vramplan.memory import _state_without_optimizer
+    from vramplan.optimizers import OPTIMIZERS
+
+    groups = []
+    for spec, cfg in _sums_configs(random.Random(6), 60):
+        groups.append(_state_without_optimizer(spec, cfg)[1])
+    for opt in OPTIMIZERS.values():
+        for g in groups:
+            for _ in range(2):
+                assert opt.total_state_bytes(g) == opt._total_state_bytes(tuple(g)) == \
+                    sum(c * opt.state_bytes(s, b) for s, c, b in g)
+            assert opt.total_state_bytes(iter(g)) == opt._total_state_bytes(tuple(g))
+    adamw = OPTIMIZERS["adamw"]
+    g = groups[0]
+    other = dataclasses.replace(adamw, states=adamw.states + 1)
+    assert adamw.total_state_bytes(g) != other.total_state_bytes(g) == other._total_state_bytes(tuple(g))
+    listed = [(list(s), c, b) for s, c, b in g]  # unhashable shapes: summed each time
+    assert adamw.total_state_bytes(listed) == adamw.total_state_bytes(g)
+
+
+def test_kept_overhead_figures_equal_fresh_ones():
+    """``overheads._kept_figures`` (kept per card, profile, method and stack) equals ``_figures`` worked out anew, for
+    catalogue cards without a profile and with a calibrated one, recipes and stacks; another card or profile
+    object gets its own figures."""
+    import dataclasses
+
+    from vramplan import overheads
+    from vramplan.gpus import catalogue
+    from vramplan.methods import method_names
+    from vramplan.profiles import AllocatorModel, Fitted, Profile
+
+    card = get_gpu("a100-80gb")
+    prof = Profile(gpu="a100-80gb", device={"kind": "cuda", "name": "NVIDIA A100-SXM4-80GB"}, versions={},
+                   created="t", source="x.jsonl", source_info={}, allocated_source="torch.cuda",
+                   context=Fitted(700 << 20, 3), workspace=Fitted(24 << 20, 2),
+                   allocator=AllocatorModel(1.2, 0, n=5), activation_factors={"lora": Fitted(1.5, 4)})
+    cases = [(c, None) for c in list(catalogue().values())[:12]] + [(None, None), (card, prof), (None, prof)]
+    names = method_names()[:10] + ["dpo+qlora", None]
+    seen = 0
+    for gpu, p in cases:
+        for method in names:
+            for stack in (None, "hf", "torchtune"):
+                for _ in range(2):  # worked out, then kept
+                    assert overheads._kept_figures(gpu, p, method, stack) == overheads._figures(gpu, p, method, stack)
+                seen += 1
+    assert seen > 300
+    kept = overheads._kept_figures(card, prof, "lora", "hf")
+    assert kept.factor == 1.5 and overheads._kept_figures(card, prof, "lora", "hf") is kept
+    other = dataclasses.replace(prof, activation_factors={"lora": Fitted(2.0, 4)})
+    assert overheads._kept_figures(card, other, "lora", "hf") == overheads._figures(card, other, "lora", "hf")
+    assert overheads._kept_figures(card, other, "lora", "hf").factor == 2.0
+    wider = dataclasses.replace(card, compute_capability="9.0")
+    assert overheads._kept_figures(wider, None, "lora", "hf").workspace == overheads._figures(wider, None, "lora", "hf").workspace \
+        != overheads._kept_figures(card, None, "lora", "hf").workspace
