@@ -17,7 +17,9 @@ pin what the shortcuts must preserve and count what they must skip:
 * the ``fit --json`` path imports neither torch, rich nor ``importlib.metadata``;
 * ``phases.combine_phases`` asked for a set of components (what the device chain reads:
   ``planner.estimating.DEVICE_CHAIN_READS``) gives each as the whole breakdown has it, and the device totals
-  of such a step memory equal the whole one's; ``phases._at_peak`` skipping phases not given equals the long way.
+  of such a step memory equal the whole one's; ``phases._at_peak`` skipping phases not given equals the long way;
+* ``ModelSpec.params``/``layer_params``, ``adapters.adapter_tensors``, ``OptimizerDef.total_state_bytes`` and
+  ``overheads._kept_figures``, kept by what they read, equal the values worked out anew.
 """
 
 from __future__ import annotations
