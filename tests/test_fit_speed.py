@@ -861,3 +861,30 @@ def test_kept_overhead_figures_equal_fresh_ones():
     wider = dataclasses.replace(card, compute_capability="9.0")
     assert overheads._kept_figures(wider, None, "lora", "hf").workspace == overheads._figures(wider, None, "lora", "hf").workspace \
         != overheads._kept_figures(card, None, "lora", "hf").workspace
+
+
+def test_kept_grpo_settings_equal_fresh_ones():
+    """``methods.grpo.settings`` (kept per configuration and ``seq``) equals the settings worked out anew over GRPO
+    configurations varied in batch, accumulation, sequence and options, and still refuses what it refuses."""
+    from vramplan.methods import grpo
+
+    spec = get_model("llama-2-13b")
+    seen = 0
+    for seq in (512, 1024, 4096):
+        for batch in (1, 2, 3, 8):
+            for accum in (1, 4, 6):
+                for opts in ({}, dict(num_generations=4), dict(generation="vllm-colocate"), dict(completion=100)):
+                    try:
+                        cfg = vramplan.make_config(spec, "grpo", seq=seq, batch=batch, grad_accum=accum, **opts)
+                    except vramplan.VramplanError:
+                        continue
+                    for s in (None, 300, seq):
+                        try:
+                            want = grpo._settings(cfg, s)
+                        except vramplan.VramplanError:
+                            with pytest.raises(vramplan.VramplanError):
+                                grpo.settings(cfg, s)
+                            continue
+                        assert grpo.settings(cfg, s) == want == grpo.settings(cfg, s)
+                        seen += 1
+    assert seen > 100

@@ -117,8 +117,9 @@ def classify(peak_bytes: int | float, capacity_bytes: int | float, band_hi: floa
     peak (:func:`vramplan.bands.band_for`; ``lo <= 0 <= hi``): "comfortable" needs
     ``peak x (1 + hi) <= capacity`` (and the 15 % headroom), "no" needs ``peak x (1 + lo) > capacity``.
     """
-    args = (peak_bytes, capacity_bytes, band_hi, band_lo)
-    if all(type(x) in (int, float) for x in args) and band_lo == band_lo and band_hi == band_hi:
+    tp, tc, th, tl = type(peak_bytes), type(capacity_bytes), type(band_hi), type(band_lo)
+    if ((tp is int or tp is float) and (tc is int or tc is float) and (th is int or th is float)
+            and (tl is int or tl is float) and band_lo == band_lo and band_hi == band_hi):
         # plain numbers (a search classifies thousands of plans): :func:`classify_array`'s arithmetic in
         # Python floats -- the same IEEE double operations, the same answer, without numpy's per-call cost
         peak, cap = float(peak_bytes), float(capacity_bytes)

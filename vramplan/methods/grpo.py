@@ -147,13 +147,33 @@ def steps_per_generation(batch: int, grad_accum: int, num_generations: int, give
     return spg, (grad_accum if spg != grad_accum else 0)
 
 
+_SETTINGS_CACHE: dict = {}
+
+
 def settings(cfg: Any, seq: Any = None) -> Settings:
     """The GRPO settings of ``cfg`` (a TrainConfig of method grpo). ``seq`` overrides ``cfg.seq`` for the
     token split (an int).
 
+    Kept per ``(cfg, seq)`` (all it reads; a search asks hundreds of times); an unhashable one is worked out.
+
     Raises:
         VramplanError: the generation batch cannot hold whole groups.
     """
+    key = (cfg, seq)
+    try:
+        kept = _SETTINGS_CACHE.get(key)
+    except TypeError:
+        return _settings(cfg, seq)
+    if kept is None:
+        kept = _settings(cfg, seq)
+        if len(_SETTINGS_CACHE) > 1024:
+            _SETTINGS_CACHE.clear()
+        _SETTINGS_CACHE[key] = kept
+    return kept
+
+
+def _settings(cfg: Any, seq: Any = None) -> Settings:
+    """:func:`settings` worked out."""
     s = int(cfg.seq if seq is None else seq)
     g = int(cfg.option("num_generations", NUM_GENERATIONS.default))
     comp = cfg.option("completion")
