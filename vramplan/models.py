@@ -262,11 +262,12 @@ def _kept_hash(self: ModelSpec) -> int:
     """The dataclass's hash of the fields, worked out once per (frozen) spec and kept in its ``__dict__``: the
     planner keys its caches on the spec thousands of times per ``fit``. A spec with list fields (from a log's
     JSON) raises TypeError each time, as the dataclass's hash does."""
-    h = self.__dict__.get("_hash")
-    if h is None:
+    try:
+        return self.__dict__["_hash"]
+    except KeyError:
         h = _FIELD_HASH(self)
         object.__setattr__(self, "_hash", h)
-    return h
+        return h
 
 
 def _state_without_hash(self: ModelSpec) -> dict:

@@ -69,6 +69,7 @@ from .cudamem import context_bytes
 from .gpus import GPUSpec, generation, parse_compute_capability
 from .memory import StepMemory
 from .optimizers import get_optimizer
+from .profiles import load_profile
 from .taxonomy import RESIDENT_COMPONENTS, Component
 from .units import MIB
 
@@ -197,8 +198,6 @@ def card_profile(gpu: GPUSpec | None):
     """
     if gpu is None or getattr(gpu, "custom", False):
         return None
-    from .profiles import load_profile
-
     return load_profile(gpu.name)
 
 
