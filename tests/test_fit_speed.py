@@ -18,8 +18,9 @@ pin what the shortcuts must preserve and count what they must skip:
 * ``phases.combine_phases`` asked for a set of components (what the device chain reads:
   ``planner.estimating.DEVICE_CHAIN_READS``) gives each as the whole breakdown has it, and the device totals
   of such a step memory equal the whole one's; ``phases._at_peak`` skipping phases not given equals the long way;
-* ``ModelSpec.params``/``layer_params``, ``adapters.adapter_tensors``, ``OptimizerDef.total_state_bytes`` and
-  ``overheads._kept_figures``, kept by what they read, equal the values worked out anew.
+* ``ModelSpec.params``/``layer_params``/``linear_params``, ``adapters.adapter_tensors``,
+  ``OptimizerDef.total_state_bytes``, ``overheads._kept_figures`` and ``methods.grpo.settings``, kept by what
+  they read, equal the values worked out anew; ``optimizers.get_optimizer`` finds names as written as re-spelled.
 """
 
 from __future__ import annotations
@@ -765,6 +766,8 @@ def test_kept_parameter_counts_equal_fresh_ones():
     specs += [s.with_layers(n) for s in specs[:20] for n in (1, 3)]
     for spec in specs:
         assert spec.params == spec._params() and spec.layer_params == spec._layer_params(), spec.name
+        assert spec.linear_params == spec._linear_params() == \
+            spec.num_layers * sum(l.params for l in spec._build_layer_linears()), spec.name
         want = (spec.embedding_params + spec.lm_head_params + spec.final_norm_params
                 + spec.num_layers * (sum(l.params for l in spec._build_layer_linears()) + spec.layer_norm_params()))
         assert spec.params == want, spec.name
@@ -773,6 +776,7 @@ def test_kept_parameter_counts_equal_fresh_ones():
     with pytest.raises(TypeError):
         hash(listed)
     assert listed.params == spec.params and listed.layer_params == spec.layer_params
+    assert listed.linear_params == spec.linear_params
     wider = dataclasses.replace(spec, hidden_size=spec.hidden_size + 128)
     assert wider.params == wider._params() != spec.params
 
@@ -888,3 +892,17 @@ def test_kept_grpo_settings_equal_fresh_ones():
                         assert grpo.settings(cfg, s) == want == grpo.settings(cfg, s)
                         seen += 1
     assert seen > 100
+
+
+def test_optimizer_names_as_written_resolve_as_respelled():
+    """``get_optimizer`` finds a catalogue name as written without re-spelling it: every spelling (as written,
+    upper case, dashes) resolves to what ``OPTIMIZERS[name.lower().replace("-", "_")]`` holds, a definition
+    to itself, and an unknown name is refused."""
+    from vramplan.optimizers import OPTIMIZERS, get_optimizer
+
+    for name, opt in OPTIMIZERS.items():
+        for spelled in (name, name.upper(), name.replace("_", "-"), name.title()):
+            assert get_optimizer(spelled) is OPTIMIZERS[spelled.lower().replace("-", "_")] is opt
+        assert get_optimizer(opt) is opt
+    with pytest.raises(vramplan.VramplanError):
+        get_optimizer("adamw9")

@@ -213,6 +213,12 @@ class ModelSpec:
     @property
     def linear_params(self) -> int:
         """Parameters of all decoder-layer matrices (what NF4 quantises)."""
+        try:
+            return _counts(self)[2]
+        except TypeError:  # unhashable (list-valued fields): count it each time
+            return self._linear_params()
+
+    def _linear_params(self) -> int:
         return self.num_layers * sum(l.params for l in self.layer_linears())
 
     @property
@@ -287,10 +293,10 @@ def _layer_linears(spec: ModelSpec) -> tuple[Linear, ...]:
 
 
 @lru_cache(maxsize=1024)
-def _counts(spec: ModelSpec) -> tuple[int, int]:
-    """``(layer_params, params)`` of a (hashable) spec, counted once: the planner asks thousands of times per
-    ``fit``. Neither reads ``hf_config`` (outside the hash), so equal specs share the counts."""
-    return spec._layer_params(), spec._params()
+def _counts(spec: ModelSpec) -> tuple[int, int, int]:
+    """``(layer_params, params, linear_params)`` of a (hashable) spec, counted once: the planner asks thousands of
+    times per ``fit``. None reads ``hf_config`` (outside the hash), so equal specs share the counts."""
+    return spec._layer_params(), spec._params(), spec._linear_params()
 
 
 def _layout(model_type: str) -> dict:

@@ -245,10 +245,17 @@ def optimizers() -> dict[str, OptimizerDef]:
 
 OPTIMIZERS: dict[str, OptimizerDef] = optimizers()
 DEFAULT_OPTIMIZER = "adamw"
+#: the catalogue's names as written (already lower case with underscores): found without re-spelling them
+_AS_WRITTEN: dict[str, OptimizerDef] = {k: v for k, v in OPTIMIZERS.items() if k == k.lower().replace("-", "_")}
 
 
 def get_optimizer(name: str | OptimizerDef) -> OptimizerDef:
-    if isinstance(name, OptimizerDef):
+    """The catalogue's optimiser of ``name`` (case and ``-``/``_`` spelling free), or ``name`` itself if a definition."""
+    if type(name) is str:
+        opt = _AS_WRITTEN.get(name)
+        if opt is not None:
+            return opt
+    elif isinstance(name, OptimizerDef):
         return name
     try:
         return OPTIMIZERS[name.lower().replace("-", "_")]
