@@ -143,3 +143,24 @@ def test_unknown_framework_or_technique_is_one_line_exit_2(argv, needle, capsys)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_technique_advice_for_grpo_with_colocated_vllm_judges_the_steps_share_of_the_card():
+    """GRPO with vLLM colocated: the step has the card less vLLM's share (``estimate_config``'s capacity), so the
+    technique advice judges its savings and its "fits" against that share, not the whole card, and the plan fit
+    shows with the techniques on stays within it."""
+    opts = {"generation": "vllm-colocate", "vllm_gpu_memory_utilization": 0.3}
+    spec, card = get_model("1b"), get_gpu("rtx4090")
+    cfg = make_config(spec, "grpo", seq=1024, method_options=opts)
+    est = estimate_config(spec, cfg, card)
+    assert est.capacity_bytes == int(card.memory_bytes * 0.7) < card.memory_bytes
+    advice = recommend_techniques(spec, cfg, card, base=est)
+    assert advice.capacity_bytes == est.capacity_bytes
+    assert advice.fits == (advice.peak_with_bytes <= est.capacity_bytes)
+    plain = recommend_techniques(spec, make_config(spec, "grpo", seq=1024), card)
+    assert plain.capacity_bytes == card.memory_bytes  # no colocated engine: the whole card
+    for row in vramplan.fit("13b", "rtx4000ada", methods=["grpo"], method_options=opts).rows:
+        adv = row.techniques
+        assert adv is not None and adv.capacity_bytes == row.estimate.capacity_bytes < get_gpu("rtx4000ada").memory_bytes
+        if adv.plan is not None:
+            assert adv.plan.capacity_bytes == adv.capacity_bytes and adv.plan.peak_bytes <= adv.plan.capacity_bytes

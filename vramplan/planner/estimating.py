@@ -150,9 +150,8 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
         from ..throughput import step_time, time_to_train
 
         est.gpu = card.name
-        # another engine colocated in the process (GRPO's vLLM) holds a share of the card: the step fits in the rest
         share = cfg.recipe.behaviour.card_share(cfg)
-        est.capacity_bytes = int(card.memory_bytes * (1.0 - share)) if share else card.memory_bytes
+        est.capacity_bytes = step_capacity(card, cfg)
         est.fits = peak <= est.capacity_bytes
         if share:
             _colocated_engine(est, spec, cfg, card, share)
@@ -164,6 +163,13 @@ def estimate_config(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec | None = No
         est.assumptions.append(f"throughput: {t.source}")
     return est
 
+
+
+def step_capacity(card: GPUSpec, cfg: TrainConfig) -> int:
+    """The bytes of ``card`` that a training step of ``cfg`` has: all of it, or the rest when another engine
+    colocated in the process (GRPO's vLLM, :meth:`~vramplan.methods.base.Behaviour.card_share`) holds a share."""
+    share = cfg.recipe.behaviour.card_share(cfg)
+    return int(card.memory_bytes * (1.0 - share)) if share else card.memory_bytes
 
 
 def _colocated_engine(est: Estimate, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, share: float) -> None:

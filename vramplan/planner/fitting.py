@@ -366,8 +366,8 @@ def _advice(ctx: _FitContext, name: str, sreq: SearchRequest, mp, chosen, est: E
     advice = recommend_techniques(ctx.spec, chosen.config, ctx.card, parallel=chosen.parallel, margin=ctx.margin,
                                   base=est)
     if mp.best is None and advice.recommended and advice.fits:
-        # the search's best with the techniques on, else its fastest plan within the card
-        advice.plan = fastest_plan(ctx.spec, name, ctx.card, sreq.with_(techniques=ctx.techniques + advice.techniques))
+        # the search's best with the techniques on, else its fastest plan within the card its step has
+        advice.plan = fastest_plan(ctx.spec, name, ctx.method_card(name), sreq.with_(techniques=ctx.techniques + advice.techniques))
     return advice
 
 

@@ -20,7 +20,7 @@ from ..stacks import techniques
 from ..units import GIB
 from ..verdict import DEFAULT_MARGIN
 from ..overheads import card_profile
-from .estimating import Peaks, estimate_peaks, estimate_peaks_rows
+from .estimating import Peaks, estimate_peaks, estimate_peaks_rows, step_capacity
 
 if TYPE_CHECKING:
     from .search import Plan
@@ -206,7 +206,7 @@ def recommend_techniques(model, cfg: TrainConfig, gpu, *, parallel: Parallel | N
     par = parallel or SINGLE
     if not 0.0 <= margin < 1.0:
         raise VramplanError(f"margin must be in [0, 1), got {margin!r}", "use e.g. --margin 0.1 for 10%")
-    capacity = card.memory_bytes
+    capacity = step_capacity(card, cfg)  # a colocated engine's share (GRPO's vLLM) is not the step's
     from ..bands import band_for_config
     from ..verdict import comfortable_limit
 
