@@ -49,11 +49,15 @@ def _engine(opts: dict) -> dict:
 def test_planner_within_two_percent_of_the_traced_engine(traced, i):
     spec, cfgs, results = traced
     strategy, method, opts = ROWS[i]
-    ranks = results[i]
-    assert not isinstance(ranks, str), ranks
-    assert len(ranks) == 2
     cfg = cfgs[(method, opts.get("grad_accum", 1))]
     planned = parallel_step_memory(spec, cfg, make_parallel(2, strategy, engine="torch", **_engine(opts))).peak
+    _assert_within_tolerance(planned, results[i], strategy, method)
+
+
+def _assert_within_tolerance(planned: int, ranks, strategy: str, method: str) -> None:
+    """Both ranks were traced and the planned per-GPU peak is within the benchmark's tolerance of the higher one."""
+    assert not isinstance(ranks, str), ranks  # run_jobs gives the error text of a job that failed
+    assert len(ranks) == 2
     traced_peak = max(r.peak_bytes for r in ranks)
     assert abs(planned - traced_peak) / traced_peak <= bench.TOLERANCE, (strategy, method, planned, traced_peak)
 
@@ -131,12 +135,9 @@ def test_planner_within_two_percent_of_deepspeed(deepspeed_traced, i):
     """DeepSpeed ZeRO-1/2/3 traced on its CPU accelerator (gloo, torch AdamW: planned with ``torch_adam``)."""
     spec, cfgs, results = deepspeed_traced
     strategy, method, ga = DS_ROWS[i]
-    ranks = results[i]
-    assert not isinstance(ranks, str), ranks
     par = make_parallel(2, strategy, engine="deepspeed", torch_adam=True)
     planned = parallel_step_memory(spec, cfgs[(method, ga)], par).peak
-    traced_peak = max(r.peak_bytes for r in ranks)
-    assert abs(planned - traced_peak) / traced_peak <= bench.TOLERANCE, (strategy, method, planned, traced_peak)
+    _assert_within_tolerance(planned, results[i], strategy, method)
 
 
 def test_the_request_carries_the_engine_options_and_methods_come_from_attributes():
