@@ -20,7 +20,7 @@ from ..request import FitRequest, SearchRequest, call_request
 from ..results import Estimate
 from ..verdict import DEFAULT_MARGIN, LIKELY_OVER, Verdict, classify
 from .checks import accum_for, check_card, moe_qlora_note, resolve_gpu, techniques_text
-from .estimating import estimate_config
+from .estimating import estimate_config, step_capacity
 
 if TYPE_CHECKING:
     from ..prices import Price
@@ -160,17 +160,20 @@ class FitReport:
                 "rows": [r.to_json(self.top) for r in self.rows], "assumptions": self.assumptions}
 
 
-def _card_share(spec: ModelSpec, method: str, seq: int, method_options: dict | None) -> float:
-    """The share of the card a colocated engine takes for ``method`` with ``method_options`` (0: none)."""
+def _step_card(spec: ModelSpec, card: GPUSpec, method: str, seq: int, method_options: dict | None) -> GPUSpec:
+    """``card`` as a step of ``method`` with ``method_options`` has it: its :func:`step_capacity` (less a colocated
+    engine's share, GRPO's vLLM), or ``card`` itself when no engine shares it."""
+    from dataclasses import replace
+
     from ..methods import resolve
 
-    behaviour = resolve(method).behaviour
-    if not behaviour.options:
-        return 0.0
+    if not resolve(method).behaviour.options:
+        return card
     try:
-        return behaviour.card_share(make_config(spec, method, seq=seq, method_options=method_options))
+        capacity = step_capacity(card, make_config(spec, method, seq=seq, method_options=method_options))
     except VramplanError:
-        return 0.0
+        return card
+    return card if capacity == card.memory_bytes else replace(card, memory_bytes=capacity)
 
 
 def fit(model: "str | ModelSpec | FitRequest | None" = None, gpu: str | GPUSpec | None = None,
@@ -275,12 +278,7 @@ class _FitContext:
 
     def method_card(self, method: str) -> GPUSpec:
         """The card a method's step has: the rest when a colocated engine (GRPO's vLLM) holds a share of it."""
-        share = _card_share(self.spec, method, self.req.seq, self.req.method_options)
-        if not share:
-            return self.card
-        from dataclasses import replace
-
-        return replace(self.card, memory_bytes=int(self.card.memory_bytes * (1.0 - share)))
+        return _step_card(self.spec, self.card, method, self.req.seq, self.req.method_options)
 
 
 def _fit_method(ctx: _FitContext, name: str) -> FitRow:
@@ -298,7 +296,7 @@ def _fit_method(ctx: _FitContext, name: str) -> FitRow:
     notes, suggestions = _notes(ctx, name, sreq, mp, chosen, est)
     settings = {"grad_ckpt": cfg.grad_ckpt, "optimizer": cfg.optimizer, "precision": cfg.precision,
                 "attn": cfg.attn, "batch": cfg.batch, "grad_accum": cfg.grad_accum, **chosen.settings}
-    advice = _advice(ctx, name, sreq, mp, chosen, est) if req.advise else None
+    advice = _advice(ctx, name, card_m, sreq, mp, chosen, est) if req.advise else None
     alternatives = []
     if req.advise and mp.best is None and req.gpus == 1:
         # judged on the card the method's step has, as its search was (GRPO's colocated vLLM holds the rest)
@@ -357,9 +355,10 @@ def _no_comfortable_note(mp, est: Estimate, margin: float) -> tuple[str, Verdict
             "follows"), verdict
 
 
-def _advice(ctx: _FitContext, name: str, sreq: SearchRequest, mp, chosen, est: Estimate):
+def _advice(ctx: _FitContext, name: str, card_m: GPUSpec, sreq: SearchRequest, mp, chosen, est: Estimate):
     """What each technique saves on the chosen plan; when nothing is comfortable and a set of techniques
-    makes it so, the method's fastest plan with them on (it may drop GC, say)."""
+    makes it so, the method's fastest plan with them on (it may drop GC, say) on ``card_m``, the card its step has
+    (:meth:`_FitContext.method_card`)."""
     from .search import fastest_plan
     from .techniques import recommend_techniques
 
@@ -367,7 +366,7 @@ def _advice(ctx: _FitContext, name: str, sreq: SearchRequest, mp, chosen, est: E
                                   base=est)
     if mp.best is None and advice.recommended and advice.fits:
         # the search's best with the techniques on, else its fastest plan within the card its step has
-        advice.plan = fastest_plan(ctx.spec, name, ctx.method_card(name), sreq.with_(techniques=ctx.techniques + advice.techniques))
+        advice.plan = fastest_plan(ctx.spec, name, card_m, sreq.with_(techniques=ctx.techniques + advice.techniques))
     return advice
 
 
