@@ -906,3 +906,88 @@ def test_optimizer_names_as_written_resolve_as_respelled():
         assert get_optimizer(opt) is opt
     with pytest.raises(vramplan.VramplanError):
         get_optimizer("adamw9")
+
+
+def _long_candidates(spec, method, card, req, fixed=None):
+    """``search._candidates`` the long way: make_config of every combination of ``search._combos``, equal ones dropped."""
+    from vramplan.optimizers import get_optimizer
+
+    fixed = req.fixed if fixed is None else fixed
+    common = req.pick("seq", "precision", "ppo_response", "framework", "techniques", "method_options")
+    out, seen = [], set()
+    for m, ad, note, settings, _ in search_mod._combos(spec, method, req.adapter, card, fixed, [None]):
+        try:
+            cfg = search_mod.make_config(spec, m, adapter=ad, batch=1, **common, **settings)
+        except vramplan.VramplanError:
+            if fixed.get("rank") or fixed.get("targets"):
+                raise
+            continue
+        cfg = cfg.with_(grad_ckpt=bool(cfg.grad_ckpt), optimizer=get_optimizer(cfg.optimizer).name)
+        if cfg not in seen:
+            seen.add(cfg)
+            out.append((cfg, note))
+    return out
+
+
+@pytest.mark.parametrize("model", ["llama-2-13b", "llama-3.2-1b", "qwen1.5-moe-a2.7b"])
+def test_candidates_equal_every_combination_made_anew(model):
+    """``search._candidates`` (one make_config per (recipe, rank, targets), the other settings set on it, repeats
+    dropped by number) lists the configurations of every ``_combos`` combination made by make_config, equal ones
+    dropped, field for field and in order -- every method and stack, fixed settings or not, an optimiser the catalogue
+    spells otherwise; a setting make_config refuses is refused (or skipped) alike."""
+    from vramplan.planner.fitting import default_methods
+
+    spec = get_model(model)
+    compared = 0
+    for card in (get_gpu("a100-80gb"), get_gpu("v100-32gb")):  # flash attention or not
+        for method in default_methods():
+            for fw in stacks():
+                for fixed in ({}, {"targets": "all-linear"}, {"rank": 16, "grad_ckpt": True}, {"optimizer": "AdamW_8bit"},
+                              {"attn": "eager", "grad_ckpt": False}, {"optimizer": "no-such-optimizer"}, {"rank": 10 ** 6}):
+                    try:
+                        req = SearchRequest.build(seq=1024, framework=fw, **fixed,
+                                                  precision=check_card(None, method, None, "sdpa", card, fw))
+                    except vramplan.VramplanError:
+                        continue
+                    outcome = []
+                    for way in (search_mod._candidates, _long_candidates):
+                        try:
+                            outcome.append(way(spec, method, card, req))
+                        except vramplan.VramplanError as e:
+                            outcome.append(str(e))
+                    got, want = outcome
+                    if isinstance(want, str) or isinstance(got, str):
+                        assert got == want, (method, fw, fixed)
+                        continue
+                    assert [(c.to_dict(), n) for c, n in got] == [(c.to_dict(), n) for c, n in want], (method, fw, fixed)
+                    assert [c for c, _ in got] == [c for c, _ in want]
+                    compared += len(got)
+    assert compared > 5000
+
+
+def test_with_equals_replace_in_any_order_of_its_changes():
+    """``TrainConfig.with_`` (what to drop kept per tuple of change names) equals a config built anew with those
+    fields (``dataclasses.replace``) whatever the order of the changes, drops the kept hash and exactly the resolved
+    values the changed fields feed; method options, ``versions`` and ``options`` go through ``replace``."""
+    import dataclasses
+    import itertools
+
+    from vramplan.config import _RESOLVED_FROM, make_config
+
+    spec = get_model("llama-2-7b")
+    for base in (make_config(spec, "qlora", rank=16), make_config(spec, "grpo", seq=1024, method_options={"num_generations": 4})):
+        hash(base), base.recipe, base.stack, base.regime  # noqa: B018 - kept and resolved, to be dropped or carried
+        for changes in ({"rank": 32, "grad_ckpt": True, "attn": "eager"}, {"optimizer": "adamw_8bit", "batch": 4},
+                        {"framework": "torchtune", "grad_ckpt": True}, {"precision": "fp32", "rank": 8},
+                        {"method": "lora", "adapter": "lora", "batch": 2}):
+            for order in itertools.permutations(changes):
+                new = base.with_(**{k: changes[k] for k in order})
+                want = dataclasses.replace(base, **changes)
+                assert new == want and new.to_dict() == want.to_dict() and hash(new) == hash(_fresh(want))
+                for name, read in _RESOLVED_FROM.items():
+                    assert (name in new.__dict__) == set(changes).isdisjoint(read)
+                    assert getattr(new, name) == getattr(want, name)
+    opt = base.with_(num_generations=6, batch=2)  # the grpo config: a method option
+    assert dict(opt.options)["num_generations"] == 6 and opt.batch == 2 and "recipe" not in opt.__dict__
+    assert opt.with_(num_generations=None) == dataclasses.replace(opt, options=tuple(
+        (k, v) for k, v in opt.options if k != "num_generations"))

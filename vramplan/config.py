@@ -153,7 +153,23 @@ class TrainConfig:
         The resolved recipe, stack and regime are carried over where the fields they are read from
         (:data:`_RESOLVED_FROM`) are unchanged: a search derives hundreds of configurations.
         """
-        extra = {} if _FIELDS.issuperset(changes) else {k: changes.pop(k) for k in list(changes) if k not in _FIELDS}
+        drop = _DROP.get(tuple(changes))
+        if drop is None:
+            drop = _drop_after(tuple(changes))
+        if drop is _REPLACE:
+            return self._with_options(changes)
+        new = object.__new__(TrainConfig)
+        d = new.__dict__
+        d.update(self.__dict__)
+        d.update(changes)
+        for name in drop:
+            d.pop(name, None)
+        return new
+
+    def _with_options(self, changes: dict) -> "TrainConfig":
+        """:meth:`with_` of changes naming method options, ``versions`` or ``options``: a new config normalised by
+        ``__post_init__`` (nothing resolved carried)."""
+        extra = {k: changes.pop(k) for k in list(changes) if k not in _FIELDS}
         if extra:
             opts = dict(changes.get("options", self.options))
             for k, v in extra.items():
@@ -162,16 +178,7 @@ class TrainConfig:
                 else:
                     opts[k] = v
             changes["options"] = tuple(sorted(opts.items()))
-        if "versions" in changes or "options" in changes:
-            return replace(self, **changes)  # normalised by __post_init__
-        new = object.__new__(TrainConfig)
-        d = new.__dict__
-        d.update(self.__dict__)
-        d.update(changes)
-        d.pop("_hash", None)
-        for name in _stale_after(frozenset(changes)):
-            d.pop(name, None)
-        return new
+        return replace(self, **changes)
 
     def __hash__(self) -> int:
         """The hash of the fields (as the dataclass's), worked out once per (immutable) config and kept in its
@@ -228,6 +235,10 @@ def _check_techniques(techs: tuple[str, ...], grad_accum: int) -> None:
 _RESOLVED_FROM = {"recipe": ("method", "adapter"), "stack": ("framework",),
                   "regime": ("precision", "framework", "adapter", "versions")}
 _STALE: dict[frozenset, tuple[str, ...]] = {}
+_REPLACE = ("<replace>",)  # _DROP's mark: the changes go through dataclasses.replace (TrainConfig._with_options)
+#: the names of :meth:`TrainConfig.with_`'s changes, in the order given -> what the new config drops from the
+#: ``__dict__`` it copies (the kept hash and the resolved values they make stale), or :data:`_REPLACE`
+_DROP: dict[tuple[str, ...], tuple[str, ...]] = {}
 
 
 def _stale_after(changed: frozenset) -> tuple[str, ...]:
@@ -237,6 +248,20 @@ def _stale_after(changed: frozenset) -> tuple[str, ...]:
     if stale is None:
         stale = _STALE[changed] = tuple(name for name, read in _RESOLVED_FROM.items() if not changed.isdisjoint(read))
     return stale
+
+
+def _drop_after(names: tuple[str, ...]) -> tuple[str, ...]:
+    """:data:`_DROP` of the change names ``names``, worked out and kept: :data:`_REPLACE` when one is not a
+    field (a method option) or is ``versions``/``options`` (normalised by ``__post_init__``), else the kept hash
+    and :func:`_stale_after` of them."""
+    changed = frozenset(names)
+    if not _FIELDS.issuperset(changed) or "versions" in changed or "options" in changed:
+        drop = _REPLACE
+    else:
+        drop = ("_hash",) + _stale_after(changed)
+    if len(_DROP) < 4096:
+        _DROP[names] = drop
+    return drop
 
 
 def resolve_targets(model: ModelSpec, targets) -> tuple[str, ...]:

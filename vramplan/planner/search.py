@@ -230,18 +230,10 @@ def fallback_note(mp: "MethodPlans", shown: "Plan | None" = None) -> str | None:
 def _combos(spec: ModelSpec, method: str, adapter: str | None, card: GPUSpec, fixed: dict,
             strategies: list[Parallel]):
     """Every settings combination of one method: yields (method, adapter, fallback, settings, parallel)."""
-    attn = [fixed["attn"]] if fixed.get("attn") else (["sdpa", "flash"] if card.flash_attention else ["sdpa"])
-    gcs = [fixed["grad_ckpt"]] if fixed.get("grad_ckpt") is not None else [False, True]
-    opts = [fixed["optimizer"]] if fixed.get("optimizer") else list(OPTIMIZERS)
+    gcs, opts, attn = _searched(card, fixed)
     for m, ad, note in adapters_for(method, adapter):
-        rec = resolve(m, ad)
-        lora_like = rec.adapter.low_rank
-        if lora_like:
-            ranks = [fixed["rank"]] if fixed.get("rank") else list(RANKS)
-            targets = [fixed["targets"]] if fixed.get("targets") else [None, "all-linear"]
-        else:
-            ranks, targets = [fixed.get("rank") or 8], [fixed.get("targets")]
-        for gc, opt, at, r, tg, par in itertools.product(gcs, opts, attn, ranks, targets, strategies):
+        shapes = _shapes(m, ad, fixed)
+        for gc, opt, at, (r, tg), par in itertools.product(gcs, opts, attn, shapes, strategies):
             yield m, ad, note, dict(grad_ckpt=gc, optimizer=opt, attn=at, rank=r, targets=tg), par
 
 
@@ -282,30 +274,59 @@ def _candidates(spec: ModelSpec, method: str, card: GPUSpec, req: SearchRequest,
     names: dict[str, str] = {}  # optimiser as given -> its catalogue name
     fixed = req.fixed if fixed is None else fixed
     common = req.pick("seq", "precision", "ppo_response", "framework", "techniques", "method_options")
-    for m, ad, note, settings, _ in _combos(spec, method, req.adapter, card, fixed, [None]):
+    gcs, opts, attns = _searched(card, fixed)
+    for m, ad, note in adapters_for(method, req.adapter):
         # gradient checkpointing, the optimiser and the attention only enter make_config as validated
-        # values: one make_config per (recipe, rank, targets), the others are that config with them set
-        shape = (m, ad, settings["rank"], repr(settings["targets"]))
-        if shape not in built:
-            try:
-                built[shape] = _config_of(spec, m, ad, common, settings, built)
-            except VramplanError:
-                if fixed.get("rank") or fixed.get("targets"):
-                    raise  # the user's own setting is invalid: say so
-                built[shape] = None  # a searched rank larger than a small model's layer
-        base = built[shape]
-        if base is None:
-            continue
-        opt = settings["optimizer"]
-        if opt not in names:
-            names[opt] = get_optimizer(opt).name
-        gc, attn = bool(settings["grad_ckpt"]), settings["attn"]
-        key = (bases.setdefault(fields_but(base, "grad_ckpt", "optimizer", "attn"), len(bases)), gc, names[opt], attn)
-        if key in seen:
-            continue  # e.g. all-linear is already the model's default target set
-        seen.add(key)
-        out.append((base.with_(grad_ckpt=gc, optimizer=names[opt], attn=attn), note))
+        # values: one make_config per (recipe, rank, targets), in _combos' order (rank, then targets, innermost),
+        # the candidates that configuration with them set
+        shapes = []  # (base, its number) of each (rank, targets), in _combos' order; None: skipped
+        for rank, targets in _shapes(m, ad, fixed):
+            settings = dict(grad_ckpt=gcs[0], optimizer=opts[0], attn=attns[0], rank=rank, targets=targets)
+            shape = (m, ad, rank, repr(targets))
+            if shape not in built:
+                try:
+                    built[shape] = _config_of(spec, m, ad, common, settings, built)
+                except VramplanError:
+                    if fixed.get("rank") or fixed.get("targets"):
+                        raise  # the user's own setting is invalid: say so
+                    built[shape] = None  # a searched rank larger than a small model's layer
+            base = built[shape]
+            if base is not None:
+                shapes.append((base, bases.setdefault(fields_but(base, "grad_ckpt", "optimizer", "attn"), len(bases))))
+        if not shapes:
+            continue  # nothing built: the optimisers are not looked up (make_config refused them, or the ranks)
+        for gc in gcs:
+            gc = bool(gc)
+            for opt in opts:
+                if opt not in names:
+                    names[opt] = get_optimizer(opt).name
+                opt = names[opt]
+                for attn in attns:
+                    for base, number in shapes:
+                        key = (number, gc, opt, attn)
+                        if key in seen:
+                            continue  # e.g. all-linear is already the model's default target set
+                        seen.add(key)
+                        out.append((base.with_(grad_ckpt=gc, optimizer=opt, attn=attn), note))
     return out
+
+
+def _searched(card: GPUSpec, fixed: dict) -> tuple[list, list, list]:
+    """(checkpointing, optimisers, attentions) a search tries (:func:`_combos`'): a fixed setting, else every choice."""
+    attn = [fixed["attn"]] if fixed.get("attn") else (["sdpa", "flash"] if card.flash_attention else ["sdpa"])
+    gcs = [fixed["grad_ckpt"]] if fixed.get("grad_ckpt") is not None else [False, True]
+    opts = [fixed["optimizer"]] if fixed.get("optimizer") else list(OPTIMIZERS)
+    return gcs, opts, attn
+
+
+def _shapes(m: str, ad: str | None, fixed: dict) -> list[tuple]:
+    """(rank, targets) a search tries for recipe ``(m, ad)`` (:func:`_combos`'), in its order."""
+    if resolve(m, ad).adapter.low_rank:
+        ranks = [fixed["rank"]] if fixed.get("rank") else list(RANKS)
+        targets = [fixed["targets"]] if fixed.get("targets") else [None, "all-linear"]
+    else:
+        ranks, targets = [fixed.get("rank") or 8], [fixed.get("targets")]
+    return list(itertools.product(ranks, targets))
 
 
 def _config_of(spec: ModelSpec, m: str, ad: str | None, common: dict, settings: dict, built: dict) -> TrainConfig:
