@@ -991,3 +991,77 @@ def test_with_equals_replace_in_any_order_of_its_changes():
     assert dict(opt.options)["num_generations"] == 6 and opt.batch == 2 and "recipe" not in opt.__dict__
     assert opt.with_(num_generations=None) == dataclasses.replace(opt, options=tuple(
         (k, v) for k, v in opt.options if k != "num_generations"))
+
+
+def _long_at(t, index=()):
+    """``StepTime.at`` the long way: every field as a float64 array broadcast to the grid, then indexed."""
+    import dataclasses
+
+    shape = np.shape(t.step_s)
+
+    def pick(v):
+        a = np.asarray(v, dtype=np.float64)
+        return float(a) if a.ndim == 0 else float(np.broadcast_to(a, shape)[index])
+
+    floats = {f.name: pick(getattr(t, f.name)) for f in dataclasses.fields(t)
+              if f.name not in ("grad_accum", "calibrated", "source", "parts")}
+    return type(t)(**floats, grad_accum=int(round(pick(t.grad_accum))), calibrated=t.calibrated, source=t.source,
+                   parts={k: pick(v) for k, v in t.parts.items()})
+
+
+def test_step_time_at_equals_broadcast_and_index():
+    """``StepTime.at`` (a float64 array of the grid's shape indexed directly, a float taken as it is) equals every field
+    broadcast to the grid as float64 and indexed, value and type, for grids over batch and accumulation, a 2-D grid,
+    and a scalar step time; several GPUs (a scalar communication time) too."""
+    import dataclasses
+
+    from vramplan.distributed import make_parallel
+
+    spec, card = get_model("7b"), get_gpu("rtx4090")
+    checked = 0
+    for method in ("lora", "qlora", "full", "grpo"):
+        cfg = vramplan.make_config(spec, method, seq=1024)
+        b = MICRO_BATCHES[:12]
+        cases = [(step_time(spec, cfg, card, batch=b, grad_accum=np.maximum(1, 32 // b)), list(range(len(b)))),
+                 (step_time(spec, cfg, card, batch=b[:, None], seq=np.array([512, 1024])), [(i, j) for i in (0, 5)
+                                                                                           for j in (0, 1)]),
+                 (step_time(spec, cfg, card), [()]),
+                 (step_time(spec, cfg, card, batch=b, parallel=make_parallel(2, "ddp")), [0, 7])]
+        for t, indices in cases:
+            for i in indices:
+                got, want = t.at(i), _long_at(t, i)
+                for f in dataclasses.fields(got):
+                    g, w = getattr(got, f.name), getattr(want, f.name)
+                    assert type(g) is type(w) and g == w, (method, f.name, i)
+                checked += 1
+    assert checked > 50
+
+
+def test_find_profile_equals_the_path_way(tmp_path):
+    """``profiles.find_profile`` (os.path, a Path built for the file found only) finds what ``Path(d) / name`` and
+    ``is_file`` find, in order, for str and Path directories, a directory named like the file, a missing one, and a
+    profile written after an earlier look-up found none."""
+    from pathlib import Path
+
+    from vramplan.profiles import find_profile, profile_key
+
+    def long_way(gpu, dirs):
+        for d in dirs:
+            p = Path(d) / f"{profile_key(gpu)}.json"
+            if p.is_file():
+                return p
+        return None
+
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for d in (a, b):
+        d.mkdir()
+    (a / f"{profile_key('h100-sxm')}.json").mkdir()  # a directory, not a profile
+    (b / f"{profile_key('h100-sxm')}.json").write_text("{}")
+    (a / f"{profile_key('rtx4090')}.json").write_text("{}")
+    for dirs in ([a, b], [str(a), str(b) + "/"], [c, b, a], [str(c)], [], [Path(".."), b]):
+        for gpu in ("h100-sxm", "rtx4090", "a100-80gb"):
+            got, want = find_profile(gpu, dirs), long_way(gpu, dirs)
+            assert got == want and type(got) is type(want), (dirs, gpu)
+    assert find_profile("a100-80gb", [a, b]) is None
+    (b / f"{profile_key('a100-80gb')}.json").write_text("{}")  # written mid-process: found at once
+    assert find_profile("a100-80gb", [a, b]) == b / f"{profile_key('a100-80gb')}.json"

@@ -642,11 +642,11 @@ def _resolve_search(env: str, cwd: str, repo_dir: Path, package_dir: Path) -> tu
 
 def find_profile(gpu_name: str, search: Iterable[str | Path] | None = None) -> Path | None:
     """Path of the first ``<key>.json`` for ``gpu_name`` in the search directories, or None."""
-    key = profile_key(gpu_name)
+    name = f"{profile_key(gpu_name)}.json"
     for d in (default_search() if search is None else search):
-        p = Path(d) / f"{key}.json"
-        if p.is_file():
-            return p
+        p = os.path.join(d, name)  # Path(d) / name, without building Paths for the directories a card has none in
+        if os.path.isfile(p):
+            return Path(p)
     return None
 
 

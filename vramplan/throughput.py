@@ -354,6 +354,10 @@ class StepTime:
         shape = np.shape(self.step_s)
 
         def pick(v) -> float:
+            if type(v) is float:
+                return v
+            if type(v) is np.ndarray and v.dtype == np.float64 and v.shape == shape:
+                return float(v[index])  # np.asarray and np.broadcast_to would give this array itself
             a = np.asarray(v, dtype=np.float64)
             if a.ndim == 0:
                 return float(a)
