@@ -1065,3 +1065,26 @@ def test_find_profile_equals_the_path_way(tmp_path):
     assert find_profile("a100-80gb", [a, b]) is None
     (b / f"{profile_key('a100-80gb')}.json").write_text("{}")  # written mid-process: found at once
     assert find_profile("a100-80gb", [a, b]) == b / f"{profile_key('a100-80gb')}.json"
+
+
+def test_overlap_without_communication_equals_the_formula():
+    """``distributed.overlap`` with no communication (a float 0.0, one GPU: the compute itself when every entry is
+    positive) equals ``max(c, m) + (1 - share) * min(c, m)`` bit for bit -- zeros, negative zeros, NaN and
+    negative entries, 0-d and 2-d arrays, and other shares included."""
+    from vramplan.distributed import OVERLAP, overlap
+
+    rng = np.random.default_rng(7)
+    cases = [rng.random(44) * 10, rng.random((5, 3)) + 1e-300, np.array([1.0, 0.0, 2.0]), np.array([1.0, -0.0]),
+             np.array([np.nan, 1.0]), np.array([-1.0, 3.0]), np.array(2.5), np.arange(1, 45, dtype=np.int64),
+             np.array([np.inf, 1.0])]
+    for c in cases:
+        for m in (0.0, 0, np.float64(0.0), 1e-3):
+            for share in (OVERLAP, 0.0, 1.0, 1.5):
+                cc = np.asarray(c, dtype=np.float64)
+                mm = np.asarray(m, dtype=np.float64)
+                want = np.maximum(cc, mm) + (1.0 - share) * np.minimum(cc, mm)
+                got = overlap(c, m, share)
+                assert type(got) is type(want) and np.shape(got) == np.shape(want)
+                assert np.array_equal(got, want, equal_nan=True)
+                assert np.array_equal(np.signbit(got), np.signbit(want))
+                assert got is not c

@@ -1210,5 +1210,8 @@ def comm_volume(model: ModelSpec, cfg: TrainConfig, par: Parallel, gpu: GPUSpec,
 def overlap(compute_s, comm_s, share: float = OVERLAP):
     """Step seconds when ``share`` of the shorter of compute and communication hides behind the other."""
     c = np.asarray(compute_s, dtype=np.float64)
+    if type(comm_s) is float and comm_s == 0.0 and type(c) is np.ndarray and c.ndim and (c > 0.0).all():
+        # no communication (one GPU): max(c, 0) is c and min(c, 0) is +0.0 where every c > 0, so the sum is c + 0.0
+        return c + 0.0
     m = np.asarray(comm_s, dtype=np.float64)
     return np.maximum(c, m) + (1.0 - share) * np.minimum(c, m)

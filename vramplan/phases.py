@@ -84,7 +84,8 @@ class StepTerms:
 
     def broadcast(self, shape: tuple[int, ...]) -> "StepTerms":
         """Every term broadcast to ``shape`` (read-only views where a term was smaller)."""
-        return StepTerms(**{name: (v if np.shape(v) == shape else filled(v, shape))
+        return StepTerms(**{name: (v if (v.shape if type(v) is np.ndarray else np.shape(v)) == shape
+                                   else filled(v, shape))
                             for name in TERM_NAMES for v in (getattr(self, name),)})
 
     @staticmethod

@@ -457,6 +457,7 @@ def step_time_rows(spec: ModelSpec, cfgs: list[TrainConfig], gpu: GPUSpec, batch
     """
     works: dict = {}
     micros: dict = {}  # the micro-step's seconds by the same key, without a profile (_step_time)
+    eff = card_efficiency(gpu)  # the card's, for every configuration
     out = []
     for i, cfg in enumerate(cfgs):
         k = fields_but(cfg, "optimizer")
@@ -464,21 +465,23 @@ def step_time_rows(spec: ModelSpec, cfgs: list[TrainConfig], gpu: GPUSpec, batch
             works[k] = step_work(spec, cfg, batch)
         out.append(_step_time(spec, cfg, gpu, batch, grad_accum=grad_accum, parallel=parallel,
                               inputs=DEFAULT_INPUTS if inputs is None else inputs[i], work=works[k],
-                              kept=(micros, k)))
+                              kept=(micros, k), eff=eff))
     return out
 
 
 def _step_time(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, batch=None, seq=None, *, grad_accum=None,
                parallel: Parallel = SINGLE, inputs: StepTimeInputs = DEFAULT_INPUTS,
-               work: StepWork | None = None, kept: tuple[dict, Any] | None = None) -> StepTime:
+               work: StepWork | None = None, kept: tuple[dict, Any] | None = None,
+               eff: Efficiency | None = None) -> StepTime:
     """:func:`step_time`; ``work``: ``step_work(spec, cfg, batch, seq)`` when the caller has it; ``kept``: a dict
     and ``cfg``'s key in it (the config but its optimiser, whose work ``work`` is): without a calibration profile
     the micro-step's seconds (:func:`_default_micro`) read the work, the card and the regime, not the optimiser,
-    so the configurations of one key share them (:func:`step_time_rows`)."""
+    so the configurations of one key share them (:func:`step_time_rows`); ``eff``: ``card_efficiency(gpu)`` when the
+    caller has it."""
     use_profile, profile, state, sharded = inputs.use_profile, inputs.profile, inputs.state, inputs.sharded
     a = np.asarray(cfg.grad_accum if grad_accum is None else grad_accum, dtype=np.float64)
     w = step_work(spec, cfg, batch, seq) if work is None else work
-    eff = card_efficiency(gpu)
+    eff = card_efficiency(gpu) if eff is None else eff
     peak = gpu.tensor_tflops(cfg.regime.compute_dtype) * 1e12
     st = state or model_state(spec, cfg)
     opt_s = _optimizer_seconds(spec, cfg, gpu, parallel, st)
@@ -514,7 +517,8 @@ def _step_time(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, batch=None, seq=
     tokens_step = w.tokens * a * n
     tps = tokens_step / step
     ach = a * w.model_flops / step / 1e12
-    parts.update(optimizer_s=opt_s + 0 * step, comm_s=net_s + 0 * step, host_s=host_s + 0 * step)
+    zeros = 0 * step
+    parts.update(optimizer_s=opt_s + zeros, comm_s=net_s + zeros, host_s=host_s + zeros)
     return StepTime(step_s=step, micro_s=micro, optimizer_s=opt_s, comm_s=net_s, host_s=host_s, tokens_per_step=tokens_step,
                     tokens_per_s=tps, achieved_tflops=ach, mfu=ach * 1e12 / peak, grad_accum=a, calibrated=calibrated,
                     source=source, parts=parts)
