@@ -95,14 +95,13 @@ class _JsonWriter:
         from json.encoder import encode_basestring_ascii
 
         self.quote = encode_basestring_ascii
-        self.out: list[str] = []
+        self.keys: dict[str, str] = {}  # a str key -> its text with the separator
 
     def text(self, obj: Any) -> str:
         t = self.leaf(obj)
         if t is not None:
             return t
-        self.walk(obj, "")
-        return "".join(self.out)
+        return self.container(obj, "")
 
     @staticmethod
     def number(v: float) -> str:
@@ -144,48 +143,52 @@ class _JsonWriter:
             return self.quote(int.__repr__(k))
         raise _JsonRefused
 
-    def walk(self, o, pad: str) -> None:
+    def container(self, o, pad: str) -> str:
+        """The text of a list, tuple or dict ``o`` whose opening bracket sits after ``pad``."""
         if not o:
-            self.out.append("{}" if isinstance(o, dict) else "[]")
-        elif isinstance(o, dict):
-            self.walk_dict(o, pad)
-        else:
-            self.walk_list(o, pad)
+            return "{}" if isinstance(o, dict) else "[]"
+        if isinstance(o, dict):
+            return self.walk_dict(o, pad)
+        return self.walk_list(o, pad)
 
-    def walk_dict(self, o: dict, pad: str) -> None:
-        put, leaf, key, inner = self.out.append, self.leaf, self.key, pad + "  "
-        sep = ",\n" + inner
-        put("{\n" + inner)
-        first = True
+    def walk_dict(self, o: dict, pad: str) -> str:
+        inner = pad + "  "
+        keys, quote, items = self.keys, self.quote, []
+        put = items.append
         for k, v in o.items():
-            if first:
-                first = False
+            kt = keys.get(k) if type(k) is str else None
+            if kt is None:  # a key's text ('"k": ') is kept: a report repeats the same few keys thousands of times
+                kt = self.key(k) + ": "
+                if type(k) is str:
+                    keys[k] = kt
+            cls = type(v)
+            if cls is str:
+                put(kt + quote(v))
+            elif cls is int:
+                put(kt + int.__repr__(v))
+            elif cls is float:
+                put(kt + self.number(v))
             else:
-                put(sep)
-            put(key(k) + ": ")
-            t = leaf(v)
-            if t is None:
-                self.walk(v, inner)
-            else:
-                put(t)
-        put("\n" + pad + "}")
+                t = self.leaf(v)
+                put(kt + (self.container(v, inner) if t is None else t))
+        return "{\n" + inner + (",\n" + inner).join(items) + "\n" + pad + "}"
 
-    def walk_list(self, o, pad: str) -> None:
-        put, leaf, inner = self.out.append, self.leaf, pad + "  "
-        sep = ",\n" + inner
-        put("[\n" + inner)
-        first = True
+    def walk_list(self, o, pad: str) -> str:
+        inner = pad + "  "
+        quote, items = self.quote, []
+        put = items.append
         for v in o:
-            if first:
-                first = False
+            cls = type(v)
+            if cls is str:
+                put(quote(v))
+            elif cls is int:
+                put(int.__repr__(v))
+            elif cls is float:
+                put(self.number(v))
             else:
-                put(sep)
-            t = leaf(v)
-            if t is None:
-                self.walk(v, inner)
-            else:
-                put(t)
-        put("\n" + pad + "]")
+                t = self.leaf(v)
+                put(self.container(v, inner) if t is None else t)
+        return "[\n" + inner + (",\n" + inner).join(items) + "\n" + pad + "]"
 
 
 @dataclass
