@@ -1088,3 +1088,37 @@ def test_overlap_without_communication_equals_the_formula():
                 assert np.array_equal(got, want, equal_nan=True)
                 assert np.array_equal(np.signbit(got), np.signbit(want))
                 assert got is not c
+
+
+@pytest.mark.parametrize("gpu", ["rtx4090", "a100-80gb"])
+def test_device_totals_rows_equal_each_rows_chain(gpu):
+    """``DeviceTotals.rows`` (optimisers' paging, states' loaded bytes and recipes' names worked out once per distinct
+    one) equals the chain of each row alone (``DeviceTotals.__call__`` of its ``step_memory``), to the byte, for rows
+    that repeat states and mix methods, adapters, optimisers and stacks."""
+    from vramplan.memory import step_memory
+    from vramplan.profiles import Fitted, Profile
+
+    spec, card = get_model("7b"), get_gpu(gpu)
+    cfgs = []
+    for method, fw in (("lora", "hf"), ("qlora", "hf"), ("dpo", "hf"), ("lora", "torchtune"), ("full", "unsloth")):
+        base = vramplan.make_config(spec, method, seq=1024, framework=fw)
+        cfgs += [base.with_(optimizer=o, grad_ckpt=g) for o in ("adamw", "paged_adamw_8bit", "adamw_8bit")
+                 for g in (False, True)]
+    cfgs += cfgs[:4]  # repeated rows: the same configurations (and states) again
+    b = MICRO_BATCHES[:10]
+    a = np.where(b < 4, 2, 1)
+    mem, states = step_memory_rows(spec, cfgs, batch=b, grad_accum=a)
+    states = states[:-4] + states[:4]  # the repeated rows hold the very same state objects
+    # no profile, and a profile whose activation factors differ by recipe (each recipe's chain its own)
+    for prof in (None, Profile(gpu=gpu, device={"kind": "cuda", "name": gpu}, versions={}, created="t", source="t",
+                               source_info={}, allocated_source="torch.cuda",
+                               activation_factors={"lora": Fitted(1.25, 4), "qlora": Fitted(1.1, 4),
+                                                   "dpo": Fitted(1.4, 4), "full": Fitted(1.05, 4)})):
+        totals, alone = DeviceTotals(), DeviceTotals()
+        if prof is not None:
+            totals._profiles[card.name] = alone._profiles[card.name] = prof
+        got = totals.rows(mem, states, cfgs, card)
+        for j, cfg in enumerate(cfgs):
+            want = alone(step_memory(spec, cfg, batch=b, grad_accum=a), cfg, card)
+            assert np.array_equal(got[j], want), (j, cfg.method, cfg.optimizer, cfg.framework)
+        assert prof is None or not np.array_equal(got[0], got[6])  # lora's and qlora's chains differ

@@ -86,16 +86,25 @@ class DeviceTotals:
         peak, act, _ = np.ceil(mem.peak), *peak_terms({c: np.ceil(v) for c, v in mem.components.items()
                                                          if c in ACTIVATION_COMPONENTS}, "adamw")
         shape = (len(cfgs),) + (1,) * (peak.ndim - 1)
-        paged_row = np.array([get_optimizer(c.optimizer).paged for c in cfgs]).reshape(shape)
+        # a search's rows repeat a few optimisers, states and recipes: each worked out once (by identity: every
+        # object is held by ``cfgs``/``states`` while this runs)
+        pages: dict[str, bool] = {}
+        paged_row = np.array([pages[c.optimizer] if c.optimizer in pages else
+                              pages.setdefault(c.optimizer, get_optimizer(c.optimizer).paged) for c in cfgs]).reshape(shape)
         paged = np.where(paged_row, np.ceil(mem.components.get(Component.OPTIMIZER_STATES, 0)), 0.0)
-        loaded = np.array([sum(st.bytes.get(c, 0) for c in LOADED_COMPONENTS) for st in states],
+        sums: dict[int, int] = {}
+        loaded = np.array([sums[id(st)] if id(st) in sums else
+                           sums.setdefault(id(st), sum(st.bytes.get(c, 0) for c in LOADED_COMPONENTS)) for st in states],
                           dtype=np.float64).reshape(shape)
         load_reserved = np.array([st.load_reserved for st in states], dtype=np.float64).reshape(shape)
         act, paged = np.broadcast_to(act, peak.shape), np.broadcast_to(paged, peak.shape)
         out = np.empty(peak.shape)
         groups: dict[tuple, list[int]] = {}
+        names: dict[int, str] = {}
         for i, c in enumerate(cfgs):
-            groups.setdefault((c.recipe.name, c.framework), []).append(i)
+            r = c.recipe
+            name = names[id(r)] if id(r) in names else names.setdefault(id(r), r.name)
+            groups.setdefault((name, c.framework), []).append(i)
         for (method, stack), idx in groups.items():
             out[idx] = device_total(peak[idx], card, method=method, activation_bytes=act[idx], paged_bytes=paged[idx],
                                     profile=self._profiles[card.name], stack=stack,
