@@ -1012,7 +1012,8 @@ def _long_at(t, index=()):
 def test_step_time_at_equals_broadcast_and_index():
     """``StepTime.at`` (a float64 array of the grid's shape indexed directly, a float taken as it is) equals every field
     broadcast to the grid as float64 and indexed, value and type, for grids over batch and accumulation, a 2-D grid,
-    and a scalar step time; several GPUs (a scalar communication time) too."""
+    and a scalar step time; several GPUs (a scalar communication time) too. ``StepTime.json_at`` is the JSON of
+    ``at``, and a plan's JSON holds its time's."""
     import dataclasses
 
     from vramplan.distributed import make_parallel
@@ -1033,8 +1034,13 @@ def test_step_time_at_equals_broadcast_and_index():
                 for f in dataclasses.fields(got):
                     g, w = getattr(got, f.name), getattr(want, f.name)
                     assert type(g) is type(w) and g == w, (method, f.name, i)
+                assert json.dumps(t.json_at(i)) == json.dumps(got.to_json())  # the JSON at i, without the StepTime
                 checked += 1
     assert checked > 50
+    spec, card = get_model("7b"), get_gpu("rtx4000ada")
+    plans = search(spec, "grpo", card, seq=1024, global_batch=16).plans + search(spec, "lora", card, seq=1024).plans
+    for p in plans:  # a plan's JSON holds its time's
+        assert json.dumps(p.to_json()["throughput"]) == json.dumps(p.time.to_json())
 
 
 def test_find_profile_equals_the_path_way(tmp_path):

@@ -349,8 +349,8 @@ class StepTime:
     source: str
     parts: dict = field(default_factory=dict)
 
-    def at(self, index=()) -> "StepTime":
-        """The scalar StepTime at ``index`` of the grid (``()`` for an already scalar one)."""
+    def _picker(self, index):
+        """``v -> float(v at index)``: a field (or part) broadcast to the grid of ``step_s`` as float64, at ``index``."""
         shape = np.shape(self.step_s)
 
         def pick(v) -> float:
@@ -362,11 +362,27 @@ class StepTime:
             if a.ndim == 0:
                 return float(a)
             return float((a if a.shape == shape else np.broadcast_to(a, shape))[index])
+        return pick
 
+    def at(self, index=()) -> "StepTime":
+        """The scalar StepTime at ``index`` of the grid (``()`` for an already scalar one)."""
+        pick = self._picker(index)
         scalars = {k: pick(getattr(self, k)) for k in ("step_s", "micro_s", "optimizer_s", "comm_s", "host_s",
                                                           "tokens_per_step", "tokens_per_s", "achieved_tflops", "mfu")}
         return StepTime(**scalars, grad_accum=int(round(pick(self.grad_accum))), calibrated=self.calibrated,
                         source=self.source, parts={k: pick(v) for k, v in self.parts.items()})
+
+    def json_at(self, index=()) -> dict:
+        """``self.at(index).to_json()``, without building the scalar StepTime (a fit's JSON writes one per plan
+        listed): the same values, rounded alike."""
+        pick = self._picker(index)
+        return {"step_time_s": round(pick(self.step_s), 6), "micro_step_s": round(pick(self.micro_s), 6),
+                "optimizer_s": round(pick(self.optimizer_s), 6), "comm_s": round(pick(self.comm_s), 6),
+                "host_s": round(pick(self.host_s), 6), "tokens_per_step": int(round(pick(self.tokens_per_step))),
+                "tokens_per_s": round(pick(self.tokens_per_s), 1), "achieved_tflops": round(pick(self.achieved_tflops), 2),
+                "mfu": round(pick(self.mfu), 4), "grad_accum": int(round(pick(self.grad_accum))),
+                "calibrated": self.calibrated, "source": self.source,
+                "parts_s": {k: round(pick(v), 6) for k, v in self.parts.items()}}
 
     def to_json(self) -> dict:
         f = lambda v: round(float(v), 6)  # noqa: E731

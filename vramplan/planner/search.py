@@ -138,9 +138,9 @@ class Plan:
                "tokens_per_s": round(float(self.tokens_per_s), 1), "step_time_s": round(float(self.step_time_s), 6),
                "time_to_train_s": None if self.time_to_train_s is None else round(self.time_to_train_s, 1),
                "gpu_hours": None if self.gpu_hours is None else round(self.gpu_hours, 3)}
-        t = self.time
-        if t is not None:
-            out["throughput"] = t.to_json()
+        if self._grid is not None:
+            t, i = self._grid
+            out["throughput"] = t.json_at(i)  # self.time.to_json()
         return out
 
 
