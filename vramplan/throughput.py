@@ -519,8 +519,24 @@ def _step_time(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, batch=None, seq=
     elif micro is None:
         if kept[1] not in kept[0]:
             kept[0][kept[1]] = _default_micro(spec, gpu, w, prof, eff, peak)
+        if not parallel.distributed:
+            # one GPU: everything but the optimiser's seconds reads the key's work and micro-step (and the
+            # request's accumulation grid), so the configurations of one key share it too
+            shared = ("optimizer-free", kept[1])
+            if shared not in kept[0]:
+                kept[0][shared] = _optimizer_free(cfg, *kept[0][kept[1]], a, w, parallel, sharded, st, spec, gpu)
+            return _with_optimizer(*kept[0][shared], a, opt_s, peak, calibrated, source)
         micro, parts = kept[0][kept[1]]
-        parts = dict(parts)
+    return _with_optimizer(*_optimizer_free(cfg, micro, parts, a, w, parallel, sharded, st, spec, gpu), a, opt_s, peak,
+                           calibrated, source)
+
+
+def _optimizer_free(cfg: TrainConfig, micro, parts: dict, a, w: StepWork, parallel: Parallel, sharded, st,
+                    spec: ModelSpec, gpu: GPUSpec) -> tuple:
+    """The part of :func:`_step_time` its optimiser's seconds do not enter: ``(micro-step seconds with the
+    techniques' cost, parts, interconnect s, host s, overlapped compute and communication, tokens per step,
+    accumulation x model FLOPs)``."""
+    parts = dict(parts)
     # memory-saving techniques (stacks.toml) add their assumed fraction of step time
     cost = sum(t.cost_for(cfg) for name, t in techniques().items() if cfg.uses(name))
     if cost:
@@ -528,12 +544,17 @@ def _step_time(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, batch=None, seq=
         micro = micro * (1.0 + cost)
     comm = comm_volume(spec, cfg, parallel, gpu, state=sharded, st=st) if parallel.distributed else Comm()
     net_s, host_s = comm.seconds(a)
-    step = overlap(a * micro, net_s) + opt_s + host_s
-    n = parallel.gpus
-    tokens_step = w.tokens * a * n
+    return micro, parts, net_s, host_s, overlap(a * micro, net_s), w.tokens * a * parallel.gpus, a * w.model_flops
+
+
+def _with_optimizer(micro, parts: dict, net_s, host_s, overlapped, tokens_step, flops, a, opt_s: float, peak: float,
+                    calibrated: bool, source: str) -> StepTime:
+    """The :class:`StepTime` of :func:`_optimizer_free`'s part and the optimiser's seconds ``opt_s``."""
+    step = overlapped + opt_s + host_s
     tps = tokens_step / step
-    ach = a * w.model_flops / step / 1e12
+    ach = flops / step / 1e12
     zeros = 0 * step
+    parts = dict(parts)
     parts.update(optimizer_s=opt_s + zeros, comm_s=net_s + zeros, host_s=host_s + zeros)
     return StepTime(step_s=step, micro_s=micro, optimizer_s=opt_s, comm_s=net_s, host_s=host_s, tokens_per_step=tokens_step,
                     tokens_per_s=tps, achieved_tflops=ach, mfu=ach * 1e12 / peak, grad_accum=a, calibrated=calibrated,
