@@ -310,6 +310,12 @@ def test_estimate_peaks_rows_equal_estimate_peaks(method):
 @pytest.mark.parametrize("model,gpu,method", [("13b", "rtx4000ada", "lora"), ("13b", "rtx4000ada", "full"),
                                               ("7b", "rtx4090", "dpo"), ("7b", "rtx3080", "ppo")])
 def test_recommend_techniques_answers_as_one_estimate_at_a_time(monkeypatch, model, gpu, method):
+    _one_estimate_at_a_time(monkeypatch, model, gpu, method)
+
+
+def _one_estimate_at_a_time(monkeypatch, model, gpu, method) -> int:
+    """recommend_techniques' advice equals the advice with every estimate made alone; the calls of the batched
+    estimates (``techniques._estimate_many``) left out."""
     from vramplan.config import make_config
     from vramplan.planner import techniques as tech
 
@@ -317,9 +323,17 @@ def test_recommend_techniques_answers_as_one_estimate_at_a_time(monkeypatch, mod
     cfg = make_config(spec, method)
     fast = tech.recommend_techniques(spec, cfg, gpu).to_json()
     calls = []
-    monkeypatch.setattr(tech, "_estimate_singles", lambda *a: calls.append(a))
-    assert tech.recommend_techniques(spec, cfg, gpu).to_json() == fast
+    with monkeypatch.context() as mp:
+        mp.setattr(tech, "_estimate_many", lambda *a: calls.append(a))  # singles and each greedy round
+        assert tech.recommend_techniques(spec, cfg, gpu).to_json() == fast
     assert calls  # the shortcut was the one left out
+    return len(calls)
+
+
+def test_recommend_techniques_rounds_answer_as_one_estimate_at_a_time(monkeypatch):
+    """A greedy choice of several rounds (full fine-tuning of a 13B model on a 20 GiB card: each round's sets worked
+    out at once, ``techniques._estimate_many``) recommends what one estimate at a time does."""
+    assert _one_estimate_at_a_time(monkeypatch, "13b", "rtx4000ada", "full") >= 2  # the singles and a greedy round
 
 
 def test_kept_floors_equal_fresh_ones():

@@ -116,14 +116,15 @@ def technique_names() -> list[str]:
 
 
 def _choose(on: tuple[str, ...], candidates: list[str], cost: dict[str, float], est, base, floor: int, usable: int,
-            capacity: int) -> list[str]:
+            capacity: int, many=None) -> list[str]:
     """The techniques :func:`recommend_techniques` adds to ``on`` (in the order added), given ``est(techniques)``.
 
     Greedy: each round adds the cheapest technique whose saving on top of the chosen ones is worth
     listing (``>= floor`` bytes; ties: the largest saving) -- on top, because they interact: once
     opt_in_bwd frees the gradients the peak moves to the forward, where the logits are and liger_ce
     starts to count -- until the peak is at most ``usable``; then each one the target (``usable``,
-    else ``capacity``) does not need is dropped again, dearest (then last added) first.
+    else ``capacity``) does not need is dropped again, dearest (then last added) first. ``many``: given a
+    round's sets of techniques, works their estimates out at once for ``est`` to find (None: one at a time).
     """
     chosen: list[str] = []
     current = base
@@ -131,6 +132,8 @@ def _choose(on: tuple[str, ...], candidates: list[str], cost: dict[str, float], 
         return chosen
     while current.peak_bytes > usable:
         options = []
+        if many is not None:
+            many([on + tuple(chosen) + (name,) for name in candidates if name not in chosen])
         for name in candidates:
             if name in chosen:
                 continue
@@ -156,14 +159,19 @@ def _choose(on: tuple[str, ...], candidates: list[str], cost: dict[str, float], 
 
 def _estimate_singles(spec, cfg: TrainConfig, card, profile, names: list[str], cache: dict) -> None:
     """Fill ``cache`` (sorted techniques -> :class:`Peaks`) with the one-GPU peaks of ``cfg`` plus each of
-    ``names`` alone, in one :func:`~vramplan.planner.estimating.estimate_peaks_rows` call. A technique that
-    ``cfg`` refuses (a conflict, accumulation) is left out; if the rows cannot be evaluated together,
+    ``names`` alone, in one :func:`~vramplan.planner.estimating.estimate_peaks_rows` call (:func:`_estimate_many`)."""
+    _estimate_many(spec, cfg, card, profile, [cfg.techniques + (name,) for name in names], cache)
+
+
+def _estimate_many(spec, cfg: TrainConfig, card, profile, combos: list[tuple[str, ...]], cache: dict) -> None:
+    """Fill ``cache`` (sorted techniques -> :class:`Peaks`) with the one-GPU peaks of ``cfg`` with each set of
+    techniques of ``combos`` requested, in one :func:`~vramplan.planner.estimating.estimate_peaks_rows` call. A
+    set that ``cfg`` refuses (a conflict, accumulation) is left out; if the rows cannot be evaluated together,
     nothing is filled (each is then estimated on its own, raising what it raises)."""
     cfgs, keys = [], []
-    for name in names:
-        techs = cfg.techniques + (name,)
+    for techs in combos:
         key = tuple(sorted(techs))
-        if key in cache:
+        if key in cache or key in keys:
             continue
         try:
             cfgs.append(cfg.with_techniques(techs))
@@ -250,7 +258,8 @@ def recommend_techniques(model, cfg: TrainConfig, gpu, *, parallel: Parallel | N
     singles.sort(key=lambda s: (s.cost, -s.saving_bytes, s.technique))
 
     cost = {n: catalogue[n].cost_for(cfg) for n in candidates}
-    chosen = _choose(cfg.techniques, candidates, cost, est, base, floor, usable, capacity)
+    many = None if par.distributed else (lambda combos: _estimate_many(spec, cfg, card, profile, combos, cache))
+    chosen = _choose(cfg.techniques, candidates, cost, est, base, floor, usable, capacity, many)
     recommended: list[TechniqueSaving] = []
     before = base
     for i, name in enumerate(chosen):
