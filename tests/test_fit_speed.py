@@ -382,8 +382,8 @@ def test_fastest_plan_is_the_searchs(model, gpu, method):
 
 
 @pytest.mark.parametrize("model,gpu", [("llama-2-13b", "rtx4000ada"), ("llama-3.2-1b", "t4")])
-def test_open_rows_first_bound_is_below_each_optimisers_floor(model, gpu):
-    """``search._open_rows`` skips a candidate on the every-optimiser floor before its own: that floor is at or
+def test_listing_filter_first_bound_is_below_each_optimisers_floor(model, gpu):
+    """``search._listing_filter`` skips a candidate on the every-optimiser floor before its own: that floor is at or
     below the floor of each optimiser (else it would skip a candidate its own floor keeps)."""
     from vramplan.config import make_config
 
@@ -748,7 +748,7 @@ def test_kept_copy_dtypes_equal_fresh_ones():
 
 @pytest.mark.parametrize("names", [("grad_ckpt", "attn"), ("optimizer",), ("optimizer", "attn")])
 def test_fields_but_equal_exactly_when_the_configs_set_alike_are(names):
-    """``config.fields_but`` (the keys of ``search._open_rows``' floors, the activation terms and step work, and
+    """``config.fields_but`` (the keys of ``search._candidates``' repeats, the activation terms and step work, and
     ``search._shared_key``) is equal for two configurations exactly when they are equal once ``names`` are set
     alike, over a search's candidates and configurations varied field by field."""
     from vramplan.config import fields_but

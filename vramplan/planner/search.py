@@ -254,10 +254,12 @@ def _grid_for(global_batch: int | None, batch: int | None, par: Parallel,
 
 
 def _candidates(spec: ModelSpec, method: str, card: GPUSpec, req: SearchRequest,
-                fixed: dict | None = None) -> list[tuple[TrainConfig, str | None]]:
+                fixed: dict | None = None, keep=None) -> list[tuple[TrainConfig, str | None]]:
     """The distinct configurations (micro-batch 1) of :func:`_combos`, each with its fallback note.
 
-    ``fixed``: the settings held fixed (default: those ``req`` fixes).
+    ``fixed``: the settings held fixed (default: those ``req`` fixes). ``keep``: ``(base, optimiser) -> bool``,
+    whether to list the candidates of a (recipe, rank, targets) configuration ``base`` with that optimiser (asked
+    once per distinct pair; the others are left out without being built).
 
     Raises:
         VramplanError: a rank or targets the caller fixed is invalid for the model (a searched
@@ -275,6 +277,7 @@ def _candidates(spec: ModelSpec, method: str, card: GPUSpec, req: SearchRequest,
     fixed = req.fixed if fixed is None else fixed
     common = req.pick("seq", "precision", "ppo_response", "framework", "techniques", "method_options")
     gcs, opts, attns = _searched(card, fixed)
+    kept: dict[tuple[int, str], bool] = {}  # (base number, optimiser) -> keep's answer
     for m, ad, note in adapters_for(method, req.adapter):
         # gradient checkpointing, the optimiser and the attention only enter make_config as validated
         # values: one make_config per (recipe, rank, targets), in _combos' order (rank, then targets, innermost),
@@ -303,6 +306,11 @@ def _candidates(spec: ModelSpec, method: str, card: GPUSpec, req: SearchRequest,
                 opt = names[opt]
                 for attn in attns:
                     for base, number in shapes:
+                        if keep is not None:
+                            if (number, opt) not in kept:
+                                kept[number, opt] = bool(keep(base, opt))
+                            if not kept[number, opt]:
+                                continue
                         key = (number, gc, opt, attn)
                         if key in seen:
                             continue  # e.g. all-linear is already the model's default target set
@@ -459,9 +467,9 @@ def _setup_best(spec: ModelSpec, method: str, card: GPUSpec, current_fits: bool,
     The search's best plan (``comfortable``) or, when none fits with the margin and ``current_fits`` is
     False, its fastest plan within the card (``tight``); None when it lists nothing. On one GPU this
     is :func:`_best_of` of the search, found on its arrays, for the candidates that can be listed
-    (:func:`_open_rows`: whose floor, :meth:`DeviceTotals.floor`, leaves them a chance; the others can
+    (:func:`_listing_filter`: whose floor, :meth:`DeviceTotals.floor`, leaves them a chance; the others can
     neither fit the margin nor, when a tight plan counts, the card, so they are never the search's best or
-    its fastest plan within the card): their device totals; when none of them can be listed, nothing more;
+    its fastest plan within the card; they are not even built): their device totals; when none of them can be listed, nothing more;
     else their step times, chosen micro-batches (:func:`_choices`), the winner by the search's own order
     (:func:`_winner`), and one :class:`Plan` built -- the winner's. Several GPUs or offload: the search itself.
 
@@ -474,16 +482,16 @@ def _setup_best(spec: ModelSpec, method: str, card: GPUSpec, current_fits: bool,
         return _best_of(search(spec, method, card, req), current_fits)
     totals = req.totals or DeviceTotals()
     grid = _grid_for(req.global_batch, req.batch, par, resolve(method, req.adapter).behaviour.min_batch())
-    cands = _candidates(spec, method, card, req)
-    if not cands:
-        return _best_of(search(spec, method, card, req), current_fits)
     capacity = card.memory_bytes
+    asked: list = []  # whether _candidates had a configuration to ask about
+    can_list = _listing_filter(spec, card, req.margin, current_fits, totals)
+    cands = _candidates(spec, method, card, req, keep=lambda base, opt: asked.append(1) or can_list(base, opt))
+    if not asked:  # no candidate at all
+        return _best_of(search(spec, method, card, req), current_fits)
+    if not cands:  # none can be listed
+        return None
     limits = _limits(cands, capacity, req.margin, False)
     usable = [u for _, u in limits]
-    open_ = _open_rows(spec, cands, card, usable, current_fits, totals)
-    if not open_:
-        return None
-    cands, limits, usable = [cands[j] for j in open_], [limits[j] for j in open_], [usable[j] for j in open_]
     reps, which = _shared_rows(cands)
     total = _single_totals(spec, cands, card, reps, which, grid[0], grid[1], totals)
     if not _listable(total, usable, capacity, current_fits):
@@ -550,35 +558,33 @@ def _best_of(mp: MethodPlans, current_fits: bool) -> tuple[Plan, str] | None:
     return max(tight, key=lambda q: q.tokens_per_s), "tight"
 
 
-def _open_rows(spec: ModelSpec, cands: list, card: GPUSpec, usable: list[int], current_fits: bool,
-               totals: DeviceTotals) -> list[int]:
-    """The candidates that :func:`other_setups` could list by their lower bound (:meth:`DeviceTotals.floor`).
+def _listing_filter(spec: ModelSpec, card: GPUSpec, margin: float, current_fits: bool, totals: DeviceTotals):
+    """``(base, optimiser) -> bool``: whether :func:`other_setups` could list a candidate of ``base`` (a configuration of
+    :func:`_candidates`) with that optimiser, by its lower bound (:meth:`DeviceTotals.floor`).
 
     A candidate whose floor (every micro-batch's total is at least it) is over its comfortable limit
-    ``usable``, and at least a byte over the card when a tight plan would count (``current_fits``
+    (:func:`_limits`), and at least a byte over the card when a tight plan would count (``current_fits``
     False), cannot be listed. The floor is made of batch-independent phases, which checkpointing and
     attention leave alone (least_total's bound, tests/test_search_floor.py): one per configuration
-    but those two. First the floor of every optimiser at once (``any_optimizer``: at or below each
-    optimiser's own, as :func:`least_total` uses it); only when that leaves a chance, the optimiser's own.
+    but those two (the base with the optimiser, checkpointing off and sdpa). First the floor of every optimiser at
+    once (``any_optimizer``: at or below each optimiser's own, as :func:`least_total` uses it); only when that
+    leaves a chance, the optimiser's own.
     """
     capacity = card.memory_bytes
+    limits: dict[tuple, int] = {}  # (stack, method, adapter) -> the comfortable limit (_limits')
 
     def shut(floor: float | None, limit: int) -> bool:
         return floor is not None and floor > limit and (current_fits or floor >= capacity + 1)
 
-    def can_list(key: TrainConfig, limit: int) -> bool:
+    def can_list(base: TrainConfig, optimizer: str) -> bool:
+        key = base.with_(grad_ckpt=False, optimizer=optimizer, attn="sdpa")
+        band = (key.framework, key.method, key.adapter)
+        if band not in limits:
+            limits[band] = _limits([(key, None)], capacity, margin, False)[0][1]
+        limit = limits[band]
         return not (shut(totals.floor(spec, key.with_(optimizer="adamw"), card, any_optimizer=True), limit)
                     or shut(totals.floor(spec, key, card), limit))
-    # (every field but GC and attention, limit) -> whether the configuration with GC off and sdpa can be listed
-    seen: dict[tuple, bool] = {}
-    out = []
-    for j, (cfg, _) in enumerate(cands):
-        key = (fields_but(cfg, "grad_ckpt", "attn"), usable[j])
-        if key not in seen:
-            seen[key] = can_list(cfg.with_(grad_ckpt=False, attn="sdpa"), usable[j])
-        if seen[key]:
-            out.append(j)
-    return out
+    return can_list
 
 
 def _listable(total: np.ndarray, usable: list[int], capacity: int, current_fits: bool) -> bool:
@@ -909,7 +915,7 @@ def other_setups(spec: ModelSpec, method: str, card: GPUSpec, request: SearchReq
     for fw, prec, kind in tries:
         try:
             p = check_card(prec, method, None, req.attn or "sdpa", card, fw)
-            # the setup's best plan, or None: its candidates' floors (_open_rows) skip those that cannot be
+            # the setup's best plan, or None: its candidates' floors (_listing_filter) skip those that cannot be
             # listed before any device total or step time, a setup that fits the card nowhere entirely
             listed = _setup_best(spec, method, card, current_fits, req.with_(framework=fw, precision=p))
         except VramplanError:
