@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from functools import cached_property
 from typing import Any
 
+from .attention import AttentionKernel, attention_kernel
 from .errors import VramplanError, unknown
 from .methods import Adapter, Recipe, resolve
 from .methods import method_options as method_options_for
@@ -95,7 +96,7 @@ class TrainConfig:
         one, else the latest (off)."""
         return behaviour_on(name, self.framework, self.versions)
 
-    # recipe, stack and regime are resolved once per (immutable) config and kept in its __dict__:
+    # recipe, stack, regime and attention are resolved once per (immutable) config and kept in its __dict__:
     # the search reads them thousands of times; equality, hashing and asdict() see the fields only
 
     @cached_property
@@ -124,6 +125,11 @@ class TrainConfig:
 
             regime = replace(regime, runner="loop")
         return regime
+
+    @cached_property
+    def attention(self) -> AttentionKernel:
+        """The definition of :attr:`attn` (vramplan.attention): what the planning path reads of the kernel."""
+        return attention_kernel(self.attn)
 
     def uses(self, technique: str) -> bool:
         """Whether a memory-saving technique is on (asked for, or the stack's default)."""
@@ -224,9 +230,9 @@ def _check_techniques(techs: tuple[str, ...], grad_accum: int) -> None:
                             "use --grad-accum 1 or drop opt_in_bwd")
 
 
-#: The fields each resolved value a config keeps (``recipe``, ``stack``, ``regime``) is read from.
+#: The fields each resolved value a config keeps (``recipe``, ``stack``, ``regime``, ``attention``) is read from.
 _RESOLVED_FROM = {"recipe": ("method", "adapter"), "stack": ("framework",),
-                  "regime": ("precision", "framework", "adapter", "versions")}
+                  "regime": ("precision", "framework", "adapter", "versions"), "attention": ("attn",)}
 _STALE: dict[frozenset, tuple[str, ...]] = {}
 
 
