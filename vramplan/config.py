@@ -25,6 +25,19 @@ from .request import ATTENTION, ConfigRequest
 from .stacks import DEFAULT_STACK, behaviour_on, effective_regime, get_stack, parse_techniques, parse_versions
 
 
+class _AttentionOf:
+    """``TrainConfig.attention``: the definition of its ``attn`` (:func:`vramplan.attention.attention_kernel`, what
+    the planning path reads of the kernel), looked up on first read and kept in the config's ``__dict__`` -- a
+    non-data descriptor, so later reads find the kept value; ``with_`` drops it when ``attn`` changes
+    (:data:`_RESOLVED_FROM`). Not ``functools.cached_property``, which takes a lock on every first read before
+    Python 3.12: a fit resolves a few thousand configurations' attention."""
+
+    def __get__(self, cfg, owner=None) -> AttentionKernel:
+        if cfg is None:
+            return self
+        kernel = cfg.__dict__["attention"] = attention_kernel(cfg.attn)
+        return kernel
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -104,6 +117,8 @@ class TrainConfig:
         r = resolve(self.method, self.adapter)
         return r.behaviour.recipe_for(r, self) if self.options else r
 
+    attention = _AttentionOf()  # not a field (no annotation): the definition of ``attn``, kept once read
+
     @cached_property
     def stack(self):
         return get_stack(self.framework)
@@ -125,11 +140,6 @@ class TrainConfig:
 
             regime = replace(regime, runner="loop")
         return regime
-
-    @cached_property
-    def attention(self) -> AttentionKernel:
-        """The definition of :attr:`attn` (vramplan.attention): what the planning path reads of the kernel."""
-        return attention_kernel(self.attn)
 
     def uses(self, technique: str) -> bool:
         """Whether a memory-saving technique is on (asked for, or the stack's default)."""
