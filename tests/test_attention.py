@@ -207,8 +207,8 @@ def test_a_stack_that_always_runs_sdpa_refuses_a_kernel_that_materialises_scores
                 refused = None
             except VramplanError as e:
                 refused = str(e)
-            assert (refused is not None and "always runs SDPA" in refused) == attention_kernel(name).materialises_scores, \
-                (attn, refused)
+            said = refused is not None and "always runs SDPA" in refused
+            assert said == attention_kernel(name).materialises_scores, (attn, refused)
 
 
 def test_a_fake_build_emulates_the_kernel_it_is_given(twins):

@@ -166,10 +166,10 @@ def _layer_sums(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Reg
                 part: str):
     """:func:`layer_activation_bytes`' sums (``attention_inputs``: bytes per token; else ``(per_token, per_score,
     per_layer)``), kept per what they read when the sequence is one number and the attention does not materialise
-    its scores (eager's per-token sum reads the tokens): the model, the copy, the regime, and of the config its stack, versions,
-    techniques, attention, dropout, targets and rank -- not its method, micro-batch, checkpointing or optimiser, so
-    the searches of a fit (LoRA and every method training the same LoRA policy, with and without checkpointing)
-    compute each once. Equal inputs, equal sums (tests/test_fit_speed.py)."""
+    its scores (eager's per-token sum reads the tokens): the model, the copy, the regime, and of the config its
+    stack, versions, techniques, attention, dropout, targets and rank -- not its method, micro-batch,
+    checkpointing or optimiser, so the searches of a fit (LoRA and every method training the same LoRA policy,
+    with and without checkpointing) compute each once. Equal inputs, equal sums (tests/test_fit_speed.py)."""
     key = None
     if s.ndim == 0 and not cfg.attention.materialises_scores:
         key = (model, copy, regime, cfg.framework, cfg.versions, cfg.techniques, cfg.attn, cfg.dropout, cfg.targets,

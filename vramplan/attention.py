@@ -28,7 +28,8 @@ class AttentionKernel:
     Attributes:
         name: the planner's name (``--attn``).
         hf_name: transformers' ``attn_implementation`` string that builds it (``eager``, ``sdpa``,
-            ``flash_attention_2``: transformers ``modeling_utils.PreTrainedModel._check_and_adjust_attn_implementation``).
+            ``flash_attention_2``: transformers ``modeling_utils``
+            ``PreTrainedModel._check_and_adjust_attn_implementation``).
         default: what a plan runs when none is asked for (renderings leave it unsaid).
         same_as: ties this implementation exactly (memory and speed): listings show that one.
         materialises_scores: the layer computes ``q k^T`` as a tensor and softmaxes it in fp32

@@ -646,9 +646,9 @@ def _kept_logits(model: ModelSpec, cfg: TrainConfig, T):
 
 
 def _reference_scores(model: ModelSpec, cfg: TrainConfig, T, s):
-    """TRL DPO with eager attention (``AttentionKernel.materialises_scores``): the reference's no-grad forward runs beside the policy's saved
-    activations and its fp32 logits (accelerate converts); each of its eager layers holds the scores
-    at softmax (nothing saved under no_grad). None when there is no such forward."""
+    """TRL DPO with eager attention (``AttentionKernel.materialises_scores``): the reference's no-grad forward
+    runs beside the policy's saved activations and its fp32 logits (accelerate converts); each of its eager
+    layers holds the scores at softmax (nothing saved under no_grad). None when there is no such forward."""
     recipe = cfg.recipe
     roles = {c.role for c in recipe.copies} | set(recipe.shared_roles)
     if not cfg.attention.materialises_scores or Role.REFERENCE not in roles or recipe.behaviour.generates:

@@ -340,8 +340,8 @@ def _resolve_once(cfg: TrainConfig) -> None:
 
 
 def _shared_key(cfg: TrainConfig) -> tuple:
-    """The key of the configuration whose tensors and time ``cfg`` shares: its fields, with flash as sdpa (an attention
-    implementation as the one it is ``same_as``: vramplan.attention) and paged 8-bit AdamW as 8-bit AdamW (:func:`~vramplan.config.fields_but` and the two: equal exactly when those
+    """The key of the configuration whose tensors and time ``cfg`` shares: its fields, with flash as sdpa and paged
+    8-bit AdamW as 8-bit AdamW (:func:`~vramplan.config.fields_but` and the two: equal exactly when those
     configurations are).
 
     flash and sdpa save the same tensors and run the same kernels (SDPA dispatches to

@@ -50,7 +50,6 @@ from torch.overrides import TorchFunctionMode
 
 from ..attention import attention_kernel
 
-
 # ---- CUDA autocast policy (ATen/autocast_mode.h, AT_FORALL_* lists; names as Python sees them)
 _LOWER = {
     "linear", "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "addmv", "addr", "baddbmm", "addbmm",
