@@ -997,7 +997,8 @@ def test_with_equals_replace_in_any_order_of_its_changes():
 
     spec = get_model("llama-2-7b")
     for base in (make_config(spec, "qlora", rank=16), make_config(spec, "grpo", seq=1024, method_options={"num_generations": 4})):
-        hash(base), base.recipe, base.stack, base.regime  # noqa: B018 - kept and resolved, to be dropped or carried
+        hash(base)  # kept, to be dropped
+        [getattr(base, name) for name in _RESOLVED_FROM]  # resolved (recipe, stack, regime, attention): dropped or carried
         for changes in ({"rank": 32, "grad_ckpt": True, "attn": "eager"}, {"optimizer": "adamw_8bit", "batch": 4},
                         {"framework": "torchtune", "grad_ckpt": True}, {"precision": "fp32", "rank": 8},
                         {"method": "lora", "adapter": "lora", "batch": 2}):
