@@ -17,7 +17,9 @@ vramplan.cli``) and the command itself (fit, search, rendering), once cold and o
 
 ``--instructions``: also count the instructions of one run (imports included) under valgrind's
 callgrind (``I refs``): a figure that does not move with the machine's load, for comparing two
-versions on a shared machine (it takes a minute or more; needs ``valgrind`` on the PATH).
+versions on a shared machine (it takes a minute or more; needs ``valgrind`` on the PATH). The run hashes
+strings with ``PYTHONHASHSEED=0`` unless the environment sets a seed: a random seed moves the count by a few
+tenths of a percent from run to run (dict and set orders).
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ def _instructions(cmd: list[str], env: dict) -> str:
 
     if shutil.which("valgrind") is None:
         return "valgrind not found"
+    env = {"PYTHONHASHSEED": "0", **env}  # the same string hashes each run, unless a seed is set
     with tempfile.TemporaryDirectory(prefix="vramplan-cg-") as d:
         out = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={d}/cg.out", *cmd],
                              capture_output=True, text=True, env=env)

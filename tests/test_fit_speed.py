@@ -20,7 +20,16 @@ pin what the shortcuts must preserve and count what they must skip:
   of such a step memory equal the whole one's; ``phases._at_peak`` skipping phases not given equals the long way;
 * ``ModelSpec.params``/``layer_params``/``linear_params``, ``adapters.adapter_tensors``,
   ``OptimizerDef.total_state_bytes``, ``overheads._kept_figures`` and ``methods.grpo.settings``, kept by what
-  they read, equal the values worked out anew; ``optimizers.get_optimizer`` finds names as written as re-spelled.
+  they read, equal the values worked out anew; ``optimizers.get_optimizer`` finds names as written as re-spelled;
+* ``search._candidates`` (one make_config per (recipe, rank, targets), the other settings set on it) lists what
+  make_config of every ``_combos`` combination lists, and ``_setup_best``'s ``_listing_filter`` (shut candidates
+  never built) lists what the search lists; ``TrainConfig.with_`` (what to drop kept per tuple of change names)
+  equals ``dataclasses.replace``;
+* ``StepTime.at``/``json_at`` equal broadcasting and indexing every field; ``step_time_rows`` sharing what the
+  optimiser's seconds do not enter equals ``step_time`` field by field; ``distributed.overlap`` without
+  communication equals its formula bit for bit; ``DeviceTotals.rows`` equals each row's chain alone;
+  ``profiles.find_profile`` finds what the Path way finds; ``recommend_techniques`` batching each greedy round
+  advises what one estimate at a time does.
 """
 
 from __future__ import annotations
