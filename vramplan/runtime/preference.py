@@ -44,10 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ..methods import Role
-from ..taxonomy import Phase
-from .steps import backward_owned as _backward
-from .steps import dpo_step
-from .steps import optimizer_step as _optimizer_step
+from .steps import Accumulation, dpo_step
 from .steps import random_ids as _ids
 from .steps import reference_model as _reference_model
 from .steps import selective_log_softmax
@@ -100,9 +97,8 @@ def _paired(t, *, nll: bool, average: bool, loss: str, metric_drops_last: bool) 
     cfg = t.cfg
     ga = cfg.grad_accum
     n = cfg.batch
-    last = None
-    for _ in range(ga):
-        t.hooks.phase(Phase.FORWARD)
+    acc = Accumulation(t)
+    for _ in acc:
         ids = _ids(t, 2 * n, cfg.seq)  # chosen then rejected, concatenated
         labels = ids.clone()
         all_logits = _logits(t, t.policy, ids)
@@ -125,9 +121,8 @@ def _paired(t, *, nll: bool, average: bool, loss: str, metric_drops_last: bool) 
         del total
         t.logits_done()
         del all_logits
-        last = _backward(t, loss_)
-    _optimizer_step(t)
-    return {"loss": last}
+        acc.backward(loss_)
+    return acc.update()
 
 
 def orpo_step(t) -> dict:
@@ -188,9 +183,8 @@ def _kto(t, *, reference: bool) -> dict:
     ga = cfg.grad_accum
     b, s = cfg.batch, cfg.seq
     nd = (b + 1) // 2  # desirable examples of the micro-batch (label True first)
-    last = None
-    for _ in range(ga):
-        t.hooks.phase(Phase.FORWARD)
+    acc = Accumulation(t)
+    for _ in acc:
         ids = _ids(t, b, s)
         kl_ids = torch.roll(ids, shifts=1, dims=0)  # completions cycled by one within the batch
         kl_logps = _kl_logps(t, t.policy, kl_ids)
@@ -227,9 +221,8 @@ def _kto(t, *, reference: bool) -> dict:
         loss = [losses.nanmean() / ga]  # owned by _backward, which empties it
         del losses, kl, kl_logps, ref_kl, logps, chosen, rejected, ref_chosen, ref_rejected, shift, logits, ids, kl_ids
         t.logits_done()
-        last = _backward(t, loss)
-    _optimizer_step(t)
-    return {"loss": last}
+        acc.backward(loss)
+    return acc.update()
 
 
 def kto_step(t) -> dict:
@@ -251,9 +244,8 @@ def reward_step(t) -> dict:
     inner = t.copies[Role.POLICY].inner
     if getattr(inner.config, "pad_token_id", None) is None:  # TRL sets it from the tokenizer
         inner.config.pad_token_id = 0
-    last = None
-    for _ in range(ga):
-        t.hooks.phase(Phase.FORWARD)
+    acc = Accumulation(t)
+    for _ in acc:
         ids = _ids(t, 2 * n, cfg.seq)
         with t.amp():
             out = t.policy(input_ids=ids, use_cache=False)
@@ -263,9 +255,8 @@ def reward_step(t) -> dict:
         loss = [-F.logsigmoid(rewards_chosen - rewards_rejected).mean() / ga]  # owned by _backward, which empties it
         del rewards_chosen, rewards_rejected, ids
         t.logits_done()
-        last = _backward(t, loss)
-    _optimizer_step(t)
-    return {"loss": last}
+        acc.backward(loss)
+    return acc.update()
 
 
 # -- DPO with precomputed reference log-probs -------------------------------------------------------
