@@ -44,26 +44,18 @@ import torch
 import torch.nn.functional as F
 
 from ..methods import Role
-from .steps import Accumulation, dpo_step
+from .steps import Accumulation, dpo_step, entropy_from_logits, trainer_logits
 from .steps import random_ids as _ids
 from .steps import reference_model as _reference_model
 from .steps import selective_log_softmax
-from .steps import sequence_logps as _sequence_logps
-from .steps import trainer_outputs as _convert
 
 BETA = 0.1          # ORPOConfig.beta, CPOConfig.beta, KTOConfig.beta
 SIMPO_GAMMA = 0.5   # CPOConfig.simpo_gamma
-ENTROPY_CHUNK = 128  # trl.trainer.utils.entropy_from_logits chunk_size
 
 
 def _logits(t, model, ids: torch.Tensor) -> torch.Tensor:
-    """The model's logits as the Trainer returns them (autocast forward, accelerate's fp32 conversion)."""
-    with t.amp():
-        out = model(input_ids=ids, use_cache=False)
-    out = _convert(t, out)
-    logits = out.logits
-    del out
-    return logits
+    """The model's logits as the Trainer returns them (:func:`~vramplan.runtime.steps.trainer_logits`)."""
+    return trainer_logits(t, model, input_ids=ids)
 
 
 def _batch_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool) -> torch.Tensor:
@@ -160,18 +152,6 @@ def _kl_logps(t, model, kl_ids: torch.Tensor) -> torch.Tensor:
     return logps
 
 
-def _entropy_from_logits(logits: torch.Tensor, chunk: int = ENTROPY_CHUNK) -> torch.Tensor:
-    """TRL ``entropy_from_logits``: flatten (``reshape``: a copy of a non-contiguous view), 128-row chunks."""
-    flat = logits.reshape(-1, logits.shape[-1])
-    out = []
-    for c in flat.split(chunk, dim=0):
-        logps = F.log_softmax(c, dim=-1)
-        out.append(-(torch.exp(logps) * logps).sum(-1))
-        del logps
-    del flat
-    return torch.cat(out, dim=0)
-
-
 def _masked_rows(x: torch.Tensor) -> torch.Tensor:
     """``x[mask]`` for an all-true ``[rows, seq]`` mask: a fresh ``[rows * seq, vocab]`` tensor."""
     flat = x.reshape(-1, x.shape[-1])
@@ -209,7 +189,7 @@ def _kto(t, *, reference: bool) -> dict:
         losses = torch.cat((1 - torch.sigmoid(BETA * ((chosen - ref_chosen) - kl)),
                             1 - torch.sigmoid(BETA * (kl - (rejected - ref_rejected)))), 0)
         # metrics while the reference's output is still alive
-        entropy = _entropy_from_logits(shift.detach())
+        entropy = entropy_from_logits(shift.detach())
         del entropy
         c_logits = shift.detach().index_select(0, chosen_idx)
         r_logits = shift.detach().index_select(0, rejected_idx)
@@ -247,11 +227,9 @@ def reward_step(t) -> dict:
     acc = Accumulation(t)
     for _ in acc:
         ids = _ids(t, 2 * n, cfg.seq)
-        with t.amp():
-            out = t.policy(input_ids=ids, use_cache=False)
-        out = _convert(t, out)
-        rewards_chosen, rewards_rejected = torch.chunk(out.logits.squeeze(-1), chunks=2)
-        del out
+        logits = trainer_logits(t, t.policy, input_ids=ids)  # [2 x batch, 1]: one score a sequence
+        rewards_chosen, rewards_rejected = torch.chunk(logits.squeeze(-1), chunks=2)
+        del logits
         loss = [-F.logsigmoid(rewards_chosen - rewards_rejected).mean() / ga]  # owned by _backward, which empties it
         del rewards_chosen, rewards_rejected, ids
         t.logits_done()

@@ -64,6 +64,7 @@ BETA = 0.1  # TRL DPOConfig.beta
 TEMPERATURE = 0.7  # TRL PPOConfig.temperature
 CLIP_RANGE = 0.2  # TRL PPOConfig.cliprange / cliprange_value
 VF_COEF = 0.1
+ENTROPY_CHUNK = 128  # trl.trainer.utils.entropy_from_logits(chunk_size=128)
 
 
 def run_step(t) -> dict:
@@ -118,6 +119,34 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
         row = F.log_softmax(row_logits, dim=-1)
         rows.append(row.gather(dim=-1, index=row_labels.unsqueeze(-1)).squeeze(-1))
     return torch.stack(rows)
+
+
+def trainer_logits(t, model, **inputs) -> torch.Tensor:
+    """The model's logits as the HF Trainer hands them to a loss: the regime's autocast around the forward
+    (``use_cache=False`` and ``inputs``), accelerate's fp32 conversion of its outputs (:func:`_convert`); the
+    output object is freed here, the logits returned."""
+    with t.amp():
+        out = model(use_cache=False, **inputs)
+    out = _convert(t, out)
+    logits = out.logits
+    del out
+    return logits
+
+
+def entropy_from_logits(logits: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """TRL's ``entropy_from_logits`` (trl/trainer/utils.py): flatten (``reshape``: a copy of a non-contiguous view,
+    e.g. shifted logits of more than one row), then the entropy of ``chunk`` rows at a time (default
+    :data:`ENTROPY_CHUNK`, TRL's ``chunk_size=128``), in ``logits``' shape less the vocabulary. The flattened copy
+    lives until the entropies are joined, as in TRL."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    parts = []
+    for c in flat.split(chunk or ENTROPY_CHUNK, dim=0):
+        lp = F.log_softmax(c, dim=-1)
+        parts.append(-(torch.exp(lp) * lp).sum(-1))
+        del lp
+    ent = torch.cat(parts, dim=0).reshape(logits.shape[:-1])
+    del parts, flat
+    return ent
 
 
 @contextmanager
@@ -242,11 +271,7 @@ def _liger_forward(t, ids: torch.Tensor, labels: torch.Tensor):
 
 # -- DPO -------------------------------------------------------------------------------------------
 def _sequence_logps(t, model, ids: torch.Tensor, labels: torch.Tensor, with_metrics: bool):
-    with t.amp():
-        out = model(input_ids=ids, use_cache=False)
-    out = _convert(t, out)
-    logits = out.logits
-    del out
+    logits = trainer_logits(t, model, input_ids=ids)
     per_token = selective_log_softmax(logits, labels)
     per_token = torch.roll(per_token, shifts=1, dims=1)
     logps = per_token[:, 1:].sum(-1)
@@ -440,27 +465,18 @@ def ppo_step(t) -> dict:
 # -- public helpers for the method steps of other runtime modules (vramplan/runtime/preference.py) --------
 #: random token ids of ``(batch, seq)`` on the trainee's tensor device
 random_ids = _ids
-#: accelerate's ``convert_outputs_to_fp32`` where the Trainer's forward is wrapped by it
-trainer_outputs = _convert
 #: the reference model as TRL runs it (the frozen copy, else the policy with its adapter disabled)
 reference_model = _reference_model
-#: DPO's per-sequence log-probs (and the mean-logits metric's copy)
-sequence_logps = _sequence_logps
 # -- GRPO ------------------------------------------------------------------------------------------
 GRPO_TEMPERATURE = 1.0  # TRL GRPOConfig.temperature
 GRPO_EPSILON = 0.2  # TRL GRPOConfig.epsilon (epsilon_high defaults to it)
-ENTROPY_CHUNK = 128  # trl.trainer.utils.entropy_from_logits(chunk_size=128)
 
 
 def _completion_logps(t, model, ids: torch.Tensor, completion: int, *, entropy: bool):
     """TRL ``_get_per_token_logps_and_entropies`` for one chunk: the completion's per-token log-probs from a
     forward with ``logits_to_keep = completion + 1`` (autocast, outputs converted to fp32), the last position
     dropped, divided in place by the temperature; the entropy (``entropy_from_logits``) under no_grad."""
-    with t.amp():
-        out = model(input_ids=ids, logits_to_keep=completion + 1, use_cache=False)
-    out = _convert(t, out)
-    logits = out.logits
-    del out
+    logits = trainer_logits(t, model, input_ids=ids, logits_to_keep=completion + 1)
     logits = logits[:, :-1, :]
     logits = logits[:, -completion:, :]
     logits.div_(GRPO_TEMPERATURE)
@@ -468,14 +484,7 @@ def _completion_logps(t, model, ids: torch.Tensor, completion: int, *, entropy: 
     ent = None
     if entropy:
         with torch.no_grad():
-            flat = logits.reshape(-1, logits.shape[-1])  # a copy when the slice is not contiguous (batch > 1)
-            parts = []
-            for chunk in flat.split(ENTROPY_CHUNK, dim=0):
-                lp = F.log_softmax(chunk, dim=-1)
-                parts.append(-(torch.exp(lp) * lp).sum(-1))
-                del lp
-            ent = torch.cat(parts, dim=0).reshape(logits.shape[:-1])
-            del parts, flat
+            ent = entropy_from_logits(logits)  # flattening copies the slice when it is not contiguous (batch > 1)
     del logits
     t.logits_done()
     return logps, ent
