@@ -214,7 +214,7 @@ def test_kept_hash_equals_a_fresh_configs_and_is_not_carried():
     cfg = make_config(spec, "qlora", rank=16)
     fields = tuple(getattr(cfg, f.name) for f in dataclasses.fields(cfg))
     assert hash(cfg) == hash(_fresh(cfg)) == hash(fields) == hash(cfg)
-    cfg.recipe, cfg.stack, cfg.regime  # noqa: B018 - resolve and keep them
+    [getattr(cfg, name) for name in _RESOLVED_FROM]  # resolve and keep them (recipe, stack, regime, attention)
     for changes in ({"rank": 32}, {"grad_ckpt": True, "attn": "eager"}, {"framework": "torchtune"},
                     {"method": "lora", "adapter": "lora"}, {"precision": "fp32"}, {"optimizer": "adamw_8bit"}):
         new = cfg.with_(**changes)

@@ -165,13 +165,13 @@ _SUMS: dict = {}
 def _layer_sums(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime, T, s, input_requires_grad: bool,
                 part: str):
     """:func:`layer_activation_bytes`' sums (``attention_inputs``: bytes per token; else ``(per_token, per_score,
-    per_layer)``), kept per what they read when the sequence is one number and the attention is not eager (eager's
-    per-token sum reads the tokens): the model, the copy, the regime, and of the config its stack, versions,
-    techniques, attention, dropout, targets and rank -- not its method, micro-batch, checkpointing or optimiser, so
-    the searches of a fit (LoRA and every method training the same LoRA policy, with and without checkpointing)
-    compute each once. Equal inputs, equal sums (tests/test_fit_speed.py)."""
+    per_layer)``), kept per what they read when the sequence is one number and the attention does not materialise
+    its scores (eager's per-token sum reads the tokens): the model, the copy, the regime, and of the config its
+    stack, versions, techniques, attention, dropout, targets and rank -- not its method, micro-batch,
+    checkpointing or optimiser, so the searches of a fit (LoRA and every method training the same LoRA policy,
+    with and without checkpointing) compute each once. Equal inputs, equal sums (tests/test_fit_speed.py)."""
     key = None
-    if s.ndim == 0 and cfg.attn != "eager":
+    if s.ndim == 0 and not cfg.attention.materialises_scores:
         key = (model, copy, regime, cfg.framework, cfg.versions, cfg.techniques, cfg.attn, cfg.dropout, cfg.targets,
                cfg.rank, float(s), input_requires_grad, part)
         try:
@@ -416,7 +416,7 @@ def _attention_block(ly: _Layer, acc: _Saved, T, s, input_requires_grad: bool) -
         # q/k norms see the projections' outputs (autocast's dtype under autocast)
         acc.per_token += (_norm_saved(ly, True, model.q_dim, ly.d.proj_out)
                           + _norm_saved(ly, True, model.kv_dim, ly.d.proj_out))
-    if ly.cfg.attn == "eager":
+    if ly.cfg.attention.materialises_scores:
         _eager_saved(ly, acc, T, s)
     else:
         _sdpa_saved(ly, acc, s)
@@ -658,14 +658,15 @@ def eager_attention_work(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, re
     rest of that layer's attention-block tensors: the forward's peak inside the block over what it
     will have saved, and, at the backward's peak (``_softmax_backward_data``), the scores' buffers
     (:func:`eager_attention`) plus the output's and v's gradients, less what matmul's backward has
-    freed (the 16-bit probabilities and v). Zero unless ``cfg.attn == "eager"``.
+    freed (the 16-bit probabilities and v). Zero unless the attention materialises its scores
+    (``AttentionKernel.materialises_scores``: eager).
 
     ``grad``: the forward saves tensors for backward (default: ``copy`` trains and the layer is not
     checkpointed); then soft-capping's saved ``tanh`` output sits beside the softmax's buffers. A
     no-grad forward (a reference, a checkpointed forward) frees it once the cap's multiply has run."""
     T = np.asarray(tokens, dtype=np.float64)
     s = np.asarray(seq, dtype=np.float64)
-    if cfg.attn != "eager":
+    if not cfg.attention.materialises_scores:
         return 0.0 * T * s, 0.0 * T * s
     ea = eager_attention(model, cfg, copy, regime)
     d = copy_dtypes(copy, regime, cfg.stack.kbit_upcast)
@@ -680,9 +681,10 @@ def eager_attention_work(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, re
 
 def sdpa_masked_fraction(model: ModelSpec, cfg: TrainConfig, seq):
     """The fraction of decoder layers whose SDPA call gets an attention mask: every layer when
-    batches are padded; the sliding-window layers when the sequence is longer than the window."""
+    batches are padded; the sliding-window layers when the sequence is longer than the window.
+    Zero unless the attention goes through torch's SDPA dispatch (``AttentionKernel.torch_sdpa``)."""
     s = np.asarray(seq, dtype=np.float64)
-    if cfg.attn != "sdpa":
+    if not cfg.attention.torch_sdpa:
         return 0.0 * s
     if cfg.uses("padding"):
         return 1.0 + 0.0 * s
@@ -988,19 +990,20 @@ def attention_mask_bytes(model: ModelSpec, cfg: TrainConfig, regime: Regime, bat
     (with packing / equal lengths and no window SDPA runs ``is_causal``)."""
     b = np.asarray(batch, dtype=np.float64) * cfg.recipe.sequences_per_example
     s = np.asarray(seq, dtype=np.float64)
-    if cfg.attn == "eager":
+    kernel = cfg.attention
+    if kernel.materialises_scores:
         # an additive mask in the hidden states' dtype; a model mixing sliding-window and full
         # layers (Gemma-2/3) builds one of each once the window is shorter than the sequence
         d = copy_dtypes(cfg.recipe.copies[0], regime, cfg.stack.kbit_upcast)
         frac = model.sliding_fraction
         masks = np.where((frac > 0) & (frac < 1) & (s > (model.sliding_window or np.inf)), 2.0, 1.0)
         return masks * b * s * s * d.residual
-    if cfg.attn == "sdpa":
+    if kernel.torch_sdpa:
         return b * s * s * np.where(sdpa_masked_fraction(model, cfg, s) > 0, 1.0, 0.0)
-    if model.sliding_window and cfg.attn == "flash":
-        # flash through transformers' SDPA interface (flash-attn not installed: the flash kernel via SDPA;
-        # the dry run) still builds the sliding-window layers' boolean mask; flash_attention_2 would not.
-        # Counted: the safe side of the two
+    if model.sliding_window and kernel.handles_masks_itself:
+        # a kernel taking the window as an argument (flash_attention_2) builds no mask; run through transformers'
+        # SDPA interface instead (flash-attn not installed: the flash kernel via SDPA; the dry run) the
+        # sliding-window layers' boolean mask is still built. Counted: the safe side of the two
         return b * s * s * np.where(s > model.sliding_window, 1.0, 0.0)
     return b * s * 0.0
 

@@ -7,8 +7,11 @@
   such a card it runs the same fused kernels as SDPA's flash backend, so it ties ``sdpa`` in memory
   and speed: listings show ``sdpa`` only (``fit --top``; ``--json`` keeps both).
 
-A caller asks a definition (:func:`attention_kernel`) rather than comparing names, so a listing or a
-rendering learns of a new implementation from here. Numpy-free.
+A caller asks a definition (:func:`attention_kernel`, or a config's ``cfg.attention``) what it does --
+whether it materialises its scores, goes through torch's SDPA dispatch, handles masks itself, needs a
+card feature or a package -- rather than comparing names, so the activation model, the step work, the
+card checks, the search, the renderings and the dry run's runtime learn of a new implementation from
+here. Numpy-free.
 """
 
 from __future__ import annotations
@@ -20,18 +23,70 @@ from .errors import unknown
 
 @dataclass(frozen=True)
 class AttentionKernel:
-    """One attention implementation."""
+    """One attention implementation: what the planning path and the runtime read of it.
+
+    Attributes:
+        name: the planner's name (``--attn``).
+        hf_name: transformers' ``attn_implementation`` string that builds it (``eager``, ``sdpa``,
+            ``flash_attention_2``: transformers ``modeling_utils``
+            ``PreTrainedModel._check_and_adjust_attn_implementation``).
+        default: what a plan runs when none is asked for (renderings leave it unsaid).
+        same_as: ties this implementation exactly (memory and speed): listings show that one.
+        materialises_scores: the layer computes ``q k^T`` as a tensor and softmaxes it in fp32
+            (transformers ``eager_attention_forward``: ``matmul``, ``softmax(..., dtype=torch.float32)``,
+            ``.to(query.dtype)``, ``matmul`` with v): the scores' buffers (bytes per head x query x key
+            position) are saved and held per layer, their per-token part reads the tokens (v's bytes), the
+            mask is an additive float tensor in the hidden states' dtype, and the step moves those scores
+            (``throughput.EAGER_FWD_BYTES``). Else a fused kernel keeps only q, k, v, the output and a
+            logsumexp.
+        torch_sdpa: the layer calls ``torch.nn.functional.scaled_dot_product_attention``, which picks its
+            backend from its inputs (PyTorch ``sdp_utils``: the flash backend takes no explicit mask, 16-bit
+            inputs only, equal head counts unless ``enable_gqa``; else the memory-efficient backend, with the
+            mask as an additive bias of the query dtype, and without GQA: transformers ``repeat_kv`` copies k
+            and v to every head; else the math backend, which materialises the scores). transformers refuses it
+            for a model whose class says ``_supports_sdpa = False``.
+        handles_masks_itself: the kernel takes no mask tensor: padded batches are unpadded into variable-length
+            sequences, the sliding window and causality are kernel arguments, and grouped k/v heads are read in
+            place (flash-attn ``flash_attn_varlen_func``, ``window_size``; transformers
+            ``integrations/flash_attention.py`` / ``modeling_flash_attention_utils._flash_attention_forward``).
+        casts_fp32_inputs: fp32 q, k, v are cast to a 16-bit target dtype before the kernel outside autocast
+            (transformers ``integrations/flash_attention.py`` ``get_target_dtype``: a quantised model's
+            ``config.dtype``, else its linears' weight dtype), so an fp32 residual stream still runs it.
+        needs_card_support: runs only on a card whose ``GPUSpec.flash_attention`` is true (flash-attn 2 supports
+            Ampere, Ada and Hopper: compute capability >= 8.0; flash-attn README "Installation and features").
+        title: how an error message names it (``FlashAttention-2``).
+        package: the distribution that must be installed to run it (``flash-attn``), or None.
+        module: that distribution's import name (``flash_attn``), or None.
+    """
 
     name: str
-    default: bool = False       # what a plan runs when none is asked for (renderings leave it unsaid)
-    same_as: str | None = None  # ties this implementation exactly (memory and speed): listings show that one
+    hf_name: str
+    default: bool = False
+    same_as: str | None = None
+    materialises_scores: bool = False
+    torch_sdpa: bool = False
+    handles_masks_itself: bool = False
+    casts_fp32_inputs: bool = False
+    needs_card_support: bool = False
+    title: str = ""
+    package: str | None = None
+    module: str | None = None
+
+    @property
+    def note(self) -> str:
+        """How a plan running this implementation is told from one running another (fit's alternatives):
+        ``flash: same kernels as sdpa, needs flash-attn``, else ``eager attention``."""
+        if self.same_as is not None:
+            return f"{self.name}: same kernels as {self.same_as}" + (f", needs {self.package}" if self.package else "")
+        return f"{self.name} attention"
 
 
 #: every attention implementation the planner offers, by name
 KERNELS: dict[str, AttentionKernel] = {k.name: k for k in (
-    AttentionKernel("eager"),
-    AttentionKernel("sdpa", default=True),
-    AttentionKernel("flash", same_as="sdpa"),
+    AttentionKernel("eager", "eager", materialises_scores=True),
+    AttentionKernel("sdpa", "sdpa", default=True, torch_sdpa=True),
+    AttentionKernel("flash", "flash_attention_2", same_as="sdpa", handles_masks_itself=True, casts_fp32_inputs=True,
+                    needs_card_support=True, title="FlashAttention-2", package="flash-attn", module="flash_attn"),
 )}
 
 
@@ -45,3 +100,14 @@ def attention_kernel(name: str) -> AttentionKernel:
         return KERNELS[name]
     except KeyError:
         raise unknown("attention implementation", str(name), list(KERNELS)) from None
+
+
+def default_kernel() -> AttentionKernel:
+    """The implementation a plan runs when none is asked for (``sdpa``)."""
+    return next(k for k in KERNELS.values() if k.default)
+
+
+def scores_kernel() -> AttentionKernel:
+    """The implementation that materialises its scores (``eager``): what a model or stack computing its scores by
+    hand is planned and built as, and what transformers falls back to when it refuses SDPA."""
+    return next(k for k in KERNELS.values() if k.materialises_scores)

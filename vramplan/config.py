@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from functools import cached_property
 from typing import Any
 
+from .attention import AttentionKernel, attention_kernel
 from .errors import VramplanError, unknown
 from .methods import Adapter, Recipe, resolve
 from .methods import method_options as method_options_for
@@ -23,6 +24,19 @@ from .precision import DEFAULT_REGIME, get_regime
 from .request import ATTENTION, ConfigRequest
 from .stacks import DEFAULT_STACK, behaviour_on, effective_regime, get_stack, parse_techniques, parse_versions
 
+
+class _AttentionOf:
+    """``TrainConfig.attention``: the definition of its ``attn`` (:func:`vramplan.attention.attention_kernel`, what
+    the planning path reads of the kernel), looked up on first read and kept in the config's ``__dict__`` -- a
+    non-data descriptor, so later reads find the kept value; ``with_`` drops it when ``attn`` changes
+    (:data:`_RESOLVED_FROM`). Not ``functools.cached_property``, which takes a lock on every first read before
+    Python 3.12: a fit resolves a few thousand configurations' attention."""
+
+    def __get__(self, cfg, owner=None) -> AttentionKernel:
+        if cfg is None:
+            return self
+        kernel = cfg.__dict__["attention"] = attention_kernel(cfg.attn)
+        return kernel
 
 
 @dataclass(frozen=True)
@@ -95,13 +109,15 @@ class TrainConfig:
         one, else the latest (off)."""
         return behaviour_on(name, self.framework, self.versions)
 
-    # recipe, stack and regime are resolved once per (immutable) config and kept in its __dict__:
+    # recipe, stack, regime and attention are resolved once per (immutable) config and kept in its __dict__:
     # the search reads them thousands of times; equality, hashing and asdict() see the fields only
 
     @cached_property
     def recipe(self) -> Recipe:
         r = resolve(self.method, self.adapter)
         return r.behaviour.recipe_for(r, self) if self.options else r
+
+    attention = _AttentionOf()  # not a field (no annotation): the definition of ``attn``, kept once read
 
     @cached_property
     def stack(self):
@@ -224,9 +240,9 @@ def _check_techniques(techs: tuple[str, ...], grad_accum: int) -> None:
                             "use --grad-accum 1 or drop opt_in_bwd")
 
 
-#: The fields each resolved value a config keeps (``recipe``, ``stack``, ``regime``) is read from.
+#: The fields each resolved value a config keeps (``recipe``, ``stack``, ``regime``, ``attention``) is read from.
 _RESOLVED_FROM = {"recipe": ("method", "adapter"), "stack": ("framework",),
-                  "regime": ("precision", "framework", "adapter", "versions")}
+                  "regime": ("precision", "framework", "adapter", "versions"), "attention": ("attn",)}
 _STALE: dict[frozenset, tuple[str, ...]] = {}
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from . import activations as act
 from .adapters import adapter_tensors, full_tensors
+from .attention import scores_kernel
 from .config import TrainConfig, fields_but
 from .methods import Adapter, Forward, ModelCopy, Role
 from .models import ModelSpec
@@ -459,22 +460,22 @@ def attention_as_run(model: ModelSpec, cfg: TrainConfig) -> TrainConfig:
     soft-capped model on a stack whose own attention computes those scores by hand (torchtune, litgpt:
     ``Stack.softcap_by_hand``) and SDPA that transformers refuses (:func:`sdpa_refused`: Gemma-2 from
     5.21) are planned as eager too."""
-    if cfg.attn == "sdpa" and model.sdpa_math and cfg.stack.transformers_modules:
-        return cfg.with_(attn="eager")
-    if model.eager_only and cfg.attn != "eager" and cfg.stack.transformers_modules:
-        return cfg.with_(attn="eager")  # BLOOM: its own ALiBi attention (baddbmm scores, fp32 softmax), no SDPA path
-    if model.attn_logit_softcapping and cfg.stack.softcap_by_hand and cfg.attn != "eager":
-        return cfg.with_(attn="eager")  # torchtune's / litgpt's own Gemma-2 attention: scores by hand
-    if sdpa_refused(model, cfg):
-        return cfg.with_(attn="eager")  # Gemma-2, transformers >= 5.21: no SDPA; the default falls back to eager
-    return cfg
+    kernel = cfg.attention
+    if kernel.materialises_scores:
+        return cfg
+    hf = cfg.stack.transformers_modules
+    scores = ((kernel.torch_sdpa and model.sdpa_math and hf)  # Falcon multi-query: SDPA's math backend only
+              or (model.eager_only and hf)  # BLOOM: its own ALiBi attention (baddbmm scores, fp32 softmax)
+              or (model.attn_logit_softcapping and cfg.stack.softcap_by_hand)  # torchtune, litgpt: Gemma-2 by hand
+              or sdpa_refused(model, cfg))  # Gemma-2, transformers >= 5.21: no SDPA; the default falls back to eager
+    return cfg.with_(attn=scores_kernel().name) if scores else cfg
 
 
 def sdpa_refused(model: ModelSpec, cfg: TrainConfig) -> bool:
     """Whether the stack's transformers refuses the SDPA that ``cfg`` asks for (``ModelSpec.sdpa_unsupported``:
     ``_supports_sdpa = False``, Gemma-2 from transformers 5.21.0) and so runs eager attention; before 5.21
     (stacks.toml [behaviours.sdpa_drops_softcap]) SDPA ran with the softcap dropped."""
-    return (cfg.attn == "sdpa" and model.sdpa_unsupported and cfg.stack.transformers_modules
+    return (cfg.attention.torch_sdpa and model.sdpa_unsupported and cfg.stack.transformers_modules
             and not cfg.behaves("sdpa_drops_softcap"))
 
 
@@ -579,7 +580,7 @@ def _layer_terms(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, T, s, zero
     if layer is None:
         layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
     # without checkpointing ``acts`` holds the whole last layer, whose MLP block is not made yet at its softmax
-    ahead = 0 if (cfg.grad_ckpt or cfg.attn != "eager") else layer - attn_layer
+    ahead = 0 if (cfg.grad_ckpt or not cfg.attention.materialises_scores) else layer - attn_layer
     transient = act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, cfg.stack.kbit_upcast,
                                              tuple(cfg.targets))
     return dict(layer=layer, layer_attn=attn_layer, transient=transient,
@@ -645,12 +646,12 @@ def _kept_logits(model: ModelSpec, cfg: TrainConfig, T):
 
 
 def _reference_scores(model: ModelSpec, cfg: TrainConfig, T, s):
-    """TRL DPO with eager attention: the reference's no-grad forward runs beside the policy's saved
-    activations and its fp32 logits (accelerate converts); each of its eager layers holds the scores
-    at softmax (nothing saved under no_grad). None when there is no such forward."""
+    """TRL DPO with eager attention (``AttentionKernel.materialises_scores``): the reference's no-grad forward
+    runs beside the policy's saved activations and its fp32 logits (accelerate converts); each of its eager
+    layers holds the scores at softmax (nothing saved under no_grad). None when there is no such forward."""
     recipe = cfg.recipe
     roles = {c.role for c in recipe.copies} | set(recipe.shared_roles)
-    if cfg.attn != "eager" or Role.REFERENCE not in roles or recipe.behaviour.generates:
+    if not cfg.attention.materialises_scores or Role.REFERENCE not in roles or recipe.behaviour.generates:
         return None
     regime = cfg.regime
     ref = next((c for c in recipe.copies if c.role is Role.REFERENCE), recipe.copies[0])

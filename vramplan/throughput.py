@@ -254,7 +254,7 @@ def _pass_work(spec: ModelSpec, cfg: TrainConfig, tokens, s, zeros) -> _Passes:
     attn_fwd = 4 * s * spec.q_dim * L  # per token
     gc = 1 if cfg.grad_ckpt else 0
     quant_linear = spec.linear_params / 1e9
-    score = s * spec.num_heads * L if cfg.attn == "eager" else zeros  # score elements per token
+    score = s * spec.num_heads * L if cfg.attention.materialises_scores else zeros  # score elements per token
     extra = dict(recipe.behaviour.extra_forwards)
     w = _Passes(flops=zeros.copy(), eager=zeros.copy())
     for c in recipe.copies:

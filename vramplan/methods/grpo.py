@@ -257,18 +257,19 @@ def nograd_layer_work(model, cfg, tokens, seq, autocast: bool = True, kv_layer=0
     # under autocast SDPA then gets 16-bit casts of them (and of v when its projection ran outside autocast)
     qk = max(attn, res)
     sdpa_casts = attn * (qd + model.kv_dim) if (autocast and qk != attn) else 0.0
-    if cfg.attn == "sdpa" and model.sliding_window:
+    kernel = cfg.attention
+    if kernel.torch_sdpa and model.sliding_window:
         # a sliding-window layer's mask (sequence past the window) as SDPA gets it: fp32 and in the attention dtype
         # (beside the attention block's context -- the embedding output, the layer input, the normed input, q and
         # SDPA's casts -- and the [1, 1, s, s] boolean mask); at the attention the MLP's casts are not made yet
         work = np.maximum(work, np.where(s > model.sliding_window, T * (3 * h * res + qd * qk + sdpa_casts)
                                          + rows * s * s * (4 + attn) + s * s - kv_layer - uncast, 0.0))
     gqa = model.kv_dim < model.q_dim
-    if cfg.attn == "sdpa" and attn == 4 and gqa:
+    if kernel.torch_sdpa and attn == 4 and gqa:
         # q, q scaled, k and v repeated to every head; the scores and their masked sum; the [1, 1, s, s] mask
         scores = T * (3 * h * res + 4 * qd * attn) + 2.0 * rows * model.num_heads * s * s * attn + s * s * attn
         work = np.maximum(work, scores)
-    if cfg.attn == "eager":
+    if kernel.materialises_scores:
         # the layer keeps its probabilities (the decoder layer binds ``attn_weights``) through its MLP; inside
         # the attention block the softmax peaks (act.eager_softmax_peak: the scores, their fp32 conversion and
         # softmax's fp32 output, 10 bytes per score in bf16) beside its context: the embedding output, the

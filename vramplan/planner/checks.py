@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..attention import attention_kernel, default_kernel
 from ..config import TrainConfig
 from ..errors import VramplanError
 from ..gpus import GPUSpec, custom_gpu, get_gpu
@@ -47,8 +48,10 @@ def check_card(cfg_precision: str | None, method: str, adapter: str | None, attn
     if get_regime(regime_name).needs_bf16 and not gpu.bf16:
         raise VramplanError(f"{gpu.display_name} (compute capability {gpu.compute_capability}) has no bf16",
                             "use --precision fp16-mixed or fp32")
-    if attn == "flash" and not gpu.flash_attention:
-        raise VramplanError(f"{gpu.display_name} does not run FlashAttention-2", "use --attn sdpa")
+    kernel = attention_kernel(attn)
+    if kernel.needs_card_support and not gpu.flash_attention:
+        raise VramplanError(f"{gpu.display_name} does not run {kernel.title}",
+                            f"use --attn {kernel.same_as or default_kernel().name}")
     if resolve(method, adapter).adapter.quantized_base and not getattr(gpu, "bf16", True) and gpu.cc < (7, 0):
         raise VramplanError(f"bitsandbytes 4-bit kernels need compute capability >= 7.0; {gpu.display_name} has {gpu.compute_capability}")
     return regime_name
@@ -95,13 +98,16 @@ def _subclass_qlora_note(spec: ModelSpec, cfg: TrainConfig, short: bool) -> str:
 
 def sdpa_math_note(spec: ModelSpec, cfg: TrainConfig) -> str | None:
     """Why a model's SDPA is planned as eager attention (:func:`vramplan.memory.attention_as_run`), or None."""
-    if spec.eager_only and cfg.attn != "eager" and cfg.stack.transformers_modules:
+    kernel = cfg.attention
+    if kernel.materialises_scores:
+        return None
+    if spec.eager_only and cfg.stack.transformers_modules:
         return (f"attention: {spec.architecture} runs its own attention (ALiBi scores by baddbmm, fp32 softmax, bmm), "
                 f"whatever attn_implementation asks ({cfg.attn}): the scores are materialised; planned as eager "
                 "attention (transformers models/bloom/modeling_bloom.py BloomAttention.forward)")
     from ..memory import sdpa_refused
 
-    if spec.attn_logit_softcapping and cfg.stack.softcap_by_hand and cfg.attn != "eager":
+    if spec.attn_logit_softcapping and cfg.stack.softcap_by_hand:
         return (f"attention: {cfg.stack.name}'s own attention computes {spec.architecture}'s soft-capped scores by "
                 f"hand (matmul, tanh, fp32 softmax), whatever kernel is asked ({cfg.attn}): planned as eager "
                 "attention (stacks.toml softcap_by_hand)")
@@ -111,7 +117,7 @@ def sdpa_math_note(spec: ModelSpec, cfg: TrainConfig) -> str | None:
                 "falls back to eager, so it is planned as eager attention (scores materialised). Flash attention "
                 "(flash-attn >= 2.6 applies the softcap) avoids the scores; transformers < 5.21 ran SDPA with the "
                 "softcap dropped (transformers models/gemma2/modeling_gemma2.py Gemma2PreTrainedModel)")
-    if not (cfg.attn == "sdpa" and spec.sdpa_math and cfg.stack.transformers_modules):
+    if not (kernel.torch_sdpa and spec.sdpa_math and cfg.stack.transformers_modules):
         return None
     return (f"attention: {spec.architecture} calls SDPA with {spec.num_heads} query heads and {spec.num_kv_heads} "
             "kv head (no enable_gqa, no repeat): only the math backend takes unequal head counts, so the scores "

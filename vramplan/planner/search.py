@@ -350,7 +350,7 @@ def _shared_key(cfg: TrainConfig) -> tuple:
     they fit): each pair's tensors and time are evaluated once. Their device totals differ (paged
     states live outside the allocator's reserve): one per optimiser.
     """
-    return (fields_but(cfg, "optimizer", "attn"), "sdpa" if cfg.attn == "flash" else cfg.attn,
+    return (fields_but(cfg, "optimizer", "attn"), cfg.attention.same_as or cfg.attn,
             "adamw_8bit" if cfg.optimizer == "paged_adamw_8bit" else cfg.optimizer)
 
 
@@ -581,7 +581,7 @@ def _preference(plan: Plan) -> tuple:
 def _preference_of(c: TrainConfig, fallback: str | None, parallel: Parallel) -> tuple:
     """:func:`_preference` of a plan with settings ``c`` (its micro-batch aside), ``fallback`` and ``parallel``."""
     return (fallback is not None, c.grad_ckpt, OPTIMIZERS.index(c.optimizer) if c.optimizer in OPTIMIZERS else 9,
-            c.attn != "sdpa", c.rank, len(c.targets),
+            not c.attention.default, c.rank, len(c.targets),
             (STRATEGIES.index(parallel.strategy) if parallel.strategy else -1), parallel.offload != "none")
 
 
@@ -718,7 +718,7 @@ def _differences(p: Plan, best: Plan) -> list[str]:
     if p.parallel != best.parallel:
         diffs.append(p.parallel.label)
     if c.attn != b.attn:
-        diffs.append("flash: same kernels as sdpa, needs flash-attn" if c.attn == "flash" else f"{c.attn} attention")
+        diffs.append(c.attention.note)
     return diffs
 
 

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from ..attention import attention_kernel, default_kernel, scores_kernel
 from ..config import TrainConfig
 from ..errors import VramplanError
 from ..methods import Adapter, ModelCopy, Recipe, Role
@@ -285,26 +286,29 @@ class _null:
 
 # ------------------------------------------------------------------------------------------------
 def attn_impl(cfg: TrainConfig, device: str, fake: bool, notes: list[str], spec: ModelSpec | None = None) -> str:
-    if cfg.attn == "eager":
-        return "eager"
+    kernel = cfg.attention
+    if kernel.materialises_scores:
+        return kernel.hf_name
+    eager = scores_kernel().hf_name
     if spec is not None and spec.eager_only:  # BLOOM: its own attention, no SDPA or flash path in transformers
         notes.append(f"{spec.architecture} runs its own attention (scores materialised): built with eager")
-        return "eager"
+        return eager
     if spec is not None:
         from ..memory import sdpa_refused
 
         if sdpa_refused(spec, cfg):  # Gemma-2, transformers >= 5.21: `_supports_sdpa = False`, the default is eager
             notes.append(f"transformers refuses SDPA for {spec.architecture} (softcapped attention): built with eager, "
                          "as transformers' default does")
-            return "eager"
-    if cfg.attn == "flash":
+            return eager
+    if kernel.module is not None:  # a kernel of its own package (flash-attn), standing in for the one it ties
+        stand_in = attention_kernel(kernel.same_as).hf_name if kernel.same_as else default_kernel().hf_name
         if fake:
-            return "sdpa"  # routed to the flash kernels by CudaEmulation
-        if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
-            return "flash_attention_2"
-        notes.append("flash-attn is not installed: attention runs through SDPA (its flash kernel on CUDA)")
-        return "sdpa"
-    return "sdpa"
+            return stand_in  # routed to the flash kernels by CudaEmulation
+        if device.startswith("cuda") and importlib.util.find_spec(kernel.module) is not None:
+            return kernel.hf_name
+        notes.append(f"{kernel.package} is not installed: attention runs through SDPA (its flash kernel on CUDA)")
+        return stand_in
+    return kernel.hf_name
 
 
 def _from_config(spec: ModelSpec, head: str, dtype: torch.dtype, attn: str, device: str) -> nn.Module:
@@ -566,7 +570,7 @@ def build(spec: ModelSpec, cfg: TrainConfig, device: str = "cpu", *, fake: bool 
     check_versions()
     if fake:
         install_meta_patches()
-    flash_dtype = getattr(torch, regime.compute_dtype, None) if cfg.attn == "flash" else None
+    flash_dtype = getattr(torch, regime.compute_dtype, None) if cfg.attention.casts_fp32_inputs else None
     emu = (CudaEmulation(cfg.attn, on_cached_cast=lambda t: hooks.tag(t, Component.AUTOCAST_CACHE),
                          flash_dtype=flash_dtype) if fake else None)
     trainee = Trainee(spec=spec, cfg=cfg, recipe=cfg.recipe, regime=regime, device=device, fake=fake, copies={},

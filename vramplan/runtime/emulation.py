@@ -48,6 +48,7 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
+from ..attention import attention_kernel
 
 # ---- CUDA autocast policy (ATen/autocast_mode.h, AT_FORALL_* lists; names as Python sees them)
 _LOWER = {
@@ -127,6 +128,7 @@ class CudaEmulation(TorchFunctionMode):
                  flash_dtype: torch.dtype | None = None):
         super().__init__()
         self.attn = attn
+        self.kernel = attention_kernel(attn)  # what its SDPA calls stand in for (vramplan.attention)
         self.flash_dtype = flash_dtype
         self.on_cached_cast = on_cached_cast
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -200,7 +202,7 @@ class CudaEmulation(TorchFunctionMode):
             q, k, v = (self._cast(t, lower) for t in (q, k, v))
             if mask is not None:
                 mask = self._cast(mask, lower)
-        elif self.attn == "flash" and q.dtype is torch.float32 and self.flash_dtype in _FLOAT16:
+        elif self.kernel.casts_fp32_inputs and q.dtype is torch.float32 and self.flash_dtype in _FLOAT16:
             q, k, v = (t.to(self.flash_dtype) for t in (q, k, v))  # _flash_attention_forward's fp32 -> target cast
         backend = self.choose_backend(q, k, v, mask, is_causal, enable_gqa)
         self.sdpa_calls[backend] = self.sdpa_calls.get(backend, 0) + 1
@@ -223,7 +225,7 @@ class CudaEmulation(TorchFunctionMode):
         gqa = q.dim() == 4 and k.dim() == 4 and q.shape[-3] != k.shape[-3]
         square = q.shape[-2] == k.shape[-2]
         flash_ok = q.dtype in _FLOAT16 and same_dims and head_dim <= 256 and (square or not is_causal)
-        if self.attn != "flash":  # HF's flash_attention_2 handles masks (unpadding) and GQA itself
+        if not self.kernel.handles_masks_itself:  # HF's flash_attention_2 handles masks (unpadding) and GQA itself
             flash_ok = flash_ok and mask is None and (not gqa or enable_gqa)
         if flash_ok:
             return "flash"

@@ -18,6 +18,7 @@ import warnings
 
 import torch
 
+from ...attention import KERNELS
 from ...errors import MissingDependencyError, VramplanError
 from . import StackRuntime
 
@@ -151,8 +152,9 @@ class OwnLoopStack(StackRuntime):
             raise VramplanError(f"the {fw} dry run traces its single-device fine-tuning recipes ({runs}), "
                                 f"not {recipe.name}", hint)
         self.check_stack(spec, cfg, hint)
-        if cfg.attn == "eager":
-            raise VramplanError(f"{fw} always runs SDPA attention", "use --attn sdpa or flash")
+        if cfg.attention.materialises_scores:
+            fused = " or ".join(k.name for k in KERNELS.values() if not k.materialises_scores)
+            raise VramplanError(f"{fw} always runs SDPA attention", f"use --attn {fused}")
         require_package(self)
 
     def check_stack(self, spec, cfg, hint: str) -> None:
