@@ -225,3 +225,79 @@ def test_a_fake_build_emulates_the_kernel_it_is_given(twins):
         ours, theirs = (build(spec, c, "cuda", fake=True).emulation for c in (cfg.with_(attn=twin), cfg))
         assert (ours.flash_dtype, ours.kernel.name) == (theirs.flash_dtype, twin)
         assert (theirs.flash_dtype is not None) == attention_kernel(name).casts_fp32_inputs
+
+
+# -- when flash-attn ties SDPA (memory.ties_stand_in) ---------------------------------------------
+
+from vramplan.memory import ties_stand_in  # noqa: E402
+from vramplan.models import catalogue  # noqa: E402
+
+_TIE_SETTINGS = [
+    ("lora", dict()), ("qlora", dict()), ("full", dict(grad_ckpt=True)), ("dpo", dict()),
+    ("grpo", dict()), ("grpo", dict(adapter="qlora")), ("lora", dict(precision="fp32")),
+    ("lora", dict(techniques="padding")), ("lora", dict(framework="torchtune")),
+]
+
+
+def _tie_cases():
+    for name in sorted(catalogue()):
+        for method, extra in _TIE_SETTINGS:
+            for seq in (512, 6144):
+                yield name, method, extra, seq
+
+
+def test_flash_ties_sdpa_only_where_every_term_and_the_work_are_equal():
+    """Wherever ``ties_stand_in`` says flash-attn is planned as SDPA (the search then evaluates them once), every
+    step term, the step's work and GRPO's no-grad layer work are equal to the byte, over every catalogue model,
+    methods, precisions, techniques, stacks and sequences past the sliding windows; and it says so for most of
+    them (else the shortcut would be no shortcut: 887 of 1,224 when written)."""
+    ties = apart = 0
+    for name, method, extra, seq in _tie_cases():
+        spec = get_model(name)
+        try:
+            cfg = make_config(spec, method, attn="flash", batch=2, seq=seq, **extra)
+        except VramplanError:
+            continue
+        twin = cfg.with_(attn="sdpa")
+        if not ties_stand_in(spec, cfg):
+            apart += 1
+            continue
+        ties += 1
+        for fn in (step_terms, step_work):
+            ours, theirs = fn(spec, cfg), fn(spec, twin)
+            for f in dataclasses.fields(theirs):
+                assert np.array_equal(getattr(ours, f.name), getattr(theirs, f.name)), (name, method, extra, seq,
+                                                                                        fn.__name__, f.name)
+        if cfg.recipe.behaviour.generates:
+            T, s = np.array([512.0, 4096.0 * 2]), np.array([256.0, float(seq)])
+            assert np.array_equal(nograd_layer_work(spec, cfg, T, s), nograd_layer_work(spec, twin, T, s)), name
+    assert ties > 2 * apart > 0, (ties, apart)  # apart: padding, windows past 6144 tokens, fp32 GRPO, Falcon
+
+
+@pytest.mark.parametrize("model,settings", [
+    ("llama-2-7b", dict(techniques="padding")),               # SDPA gets the padding mask; flash-attn unpads
+    ("mistral-7b-v0.1", dict(seq=8192)),                       # a sliding window shorter than the sequence
+    ("gemma-2-2b", dict(seq=8192)),
+    ("falcon-7b", dict()),                                     # SDPA's math backend only (planned as eager)
+    ("llama-3.2-1b", dict(method="grpo", precision="fp32")),   # fp32 SDPA over grouped kv heads: the composite
+])
+def test_flash_and_sdpa_are_kept_apart_where_sdpa_builds_more(model, settings):
+    """Where SDPA gets a mask or a composite that flash-attn does not, they are not keyed as one, and their step
+    terms do differ (so keying them apart is not just caution)."""
+    spec = get_model(model)
+    settings = {"method": "lora", "seq": 2048, **settings}
+    cfg = make_config(spec, settings.pop("method"), attn="flash", batch=2, **settings)
+    assert not ties_stand_in(spec, cfg)
+    ours, theirs = step_terms(spec, cfg), step_terms(spec, cfg.with_(attn="sdpa"))
+    differs = any(not np.array_equal(getattr(ours, f.name), getattr(theirs, f.name)) for f in dataclasses.fields(ours))
+    if cfg.recipe.behaviour.generates:
+        T, s = np.array([4096.0]), np.array([2048.0])
+        differs = differs or not np.array_equal(nograd_layer_work(spec, cfg, T, s),
+                                                nograd_layer_work(spec, cfg.with_(attn="sdpa"), T, s))
+    assert differs
+
+
+def test_sdpa_and_eager_never_tie_anything():
+    spec = get_model("llama-2-7b")
+    for attn in ("sdpa", "eager"):
+        assert not ties_stand_in(spec, make_config(spec, "lora", attn=attn))

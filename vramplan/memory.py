@@ -471,6 +471,35 @@ def attention_as_run(model: ModelSpec, cfg: TrainConfig) -> TrainConfig:
     return cfg.with_(attn=scores_kernel().name) if scores else cfg
 
 
+def ties_stand_in(model: ModelSpec, cfg: TrainConfig) -> bool:
+    """Whether ``cfg``'s attention, one that stands in for another (``AttentionKernel.same_as``: flash-attn for
+    SDPA, which dispatches to the same FlashAttention-2 kernels), is planned to the byte as that other here:
+    both run as the same kernel (:func:`attention_as_run`: neither, or both, planned as eager), and SDPA gets no
+    mask and no composite flash-attn would not (no padded batch, no sliding window shorter than the sequence:
+    :func:`vramplan.activations.sdpa_masked_fraction` zero; for a method that generates, no fp32 attention over
+    grouped kv heads, which SDPA runs as its math composite: ``methods.grpo``'s no-grad layer work).
+
+    False when it cannot tell: the search then evaluates the two apart (exact, only slower).
+    tests/test_attention.py holds every True against the two configurations' step terms and work.
+    """
+    same = cfg.attention.same_as
+    if same is None:
+        return False
+    twin = cfg.with_(attn=same)
+    run, twin_run = attention_as_run(model, cfg), attention_as_run(model, twin)
+    if (run is cfg) != (twin_run is twin):  # one of them is planned as eager, the other not
+        return False
+    if run is not cfg:  # both planned as eager: the same configuration from here
+        return run.attn == twin_run.attn
+    if np.any(act.sdpa_masked_fraction(model, twin, cfg.seq) > 0):
+        return False
+    if cfg.recipe.behaviour.generates and model.kv_dim < model.q_dim:
+        d = act.copy_dtypes(cfg.recipe.copies[0], cfg.regime, cfg.stack.kbit_upcast)
+        if d.attn == 4 or d.residual == 4:
+            return False
+    return True
+
+
 def sdpa_refused(model: ModelSpec, cfg: TrainConfig) -> bool:
     """Whether the stack's transformers refuses the SDPA that ``cfg`` asks for (``ModelSpec.sdpa_unsupported``:
     ``_supports_sdpa = False``, Gemma-2 from transformers 5.21.0) and so runs eager attention; before 5.21

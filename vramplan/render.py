@@ -212,12 +212,26 @@ def _fit_row(r, timed: bool) -> list[str]:
     return row
 
 
+def _ties_a_listed_twin(plan, plans: list) -> bool:
+    """Whether ``plan`` runs an attention that only stands in for another (``AttentionKernel.same_as``: flash for
+    sdpa) and the plan with that other attention and every other setting equal is among ``plans`` with the same
+    figures (peak bytes and tokens/s): then the listing shows that one only. Where they differ (a padded
+    batch or a sliding window gives SDPA a mask that flash-attn does not build) both are listed."""
+    twin_name = attention_kernel(plan.config.attn).same_as
+    if twin_name is None:
+        return False
+    twin = plan.config.with_(attn=twin_name)
+    return any(q.config == twin and q.peak_bytes == plan.peak_bytes and q.tokens_per_s == plan.tokens_per_s
+               and q.parallel == plan.parallel for q in plans)
+
+
 def _render_ranked_plans(report, console: Console, top: int) -> None:
     """Each method's ``top`` ranked plans and why each loses to the first (``fit --top N``)."""
     for r in report.rows:
-        # flash ties sdpa and paged 8-bit AdamW ties 8-bit AdamW exactly: list the simpler one only
-        listed = [p for p in getattr(r, "plans", []) if attention_kernel(p.config.attn).same_as is None
-                  and not _paged_8bit(p.config.optimizer)]
+        # paged 8-bit AdamW ties 8-bit AdamW, and flash ties sdpa where neither builds a mask the other does not
+        # (vramplan.attention): list the simpler one only
+        all_plans = [p for p in getattr(r, "plans", []) if not _paged_8bit(p.config.optimizer)]
+        listed = [p for p in all_plans if not _ties_a_listed_twin(p, all_plans)]
         plans = listed[:top]
         # an adapter with no plan among those (LoRA behind its QLoRA fallback): show its first, to say why
         for ad in dict.fromkeys(p.adapter for p in listed):
@@ -235,8 +249,8 @@ def _render_ranked_plans(report, console: Console, top: int) -> None:
             label = (p.adapter + ", " if p.adapter != getattr(r, "requested", r.method) else "") + plan_brief(p)
             pt.add_row(str(p.rank), label, f"{p.peak_bytes / 2**30:.2f}", f"{p.tokens_per_s:,.0f}", p.reason)
         console.print(pt)
-    console.print("[dim]· not listed: flash attention and paged 8-bit AdamW, which tie sdpa and 8-bit AdamW "
-                  "(in --json)[/dim]")
+    console.print("[dim]· not listed: paged 8-bit AdamW, which ties 8-bit AdamW, and flash attention where it ties "
+                  "sdpa (in --json)[/dim]")
 
 
 def render_alternatives(report, console: Console) -> None:
