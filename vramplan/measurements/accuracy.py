@@ -191,6 +191,12 @@ class Scored:
         return self.record.measurement.quantity
 
 
+#: the fields of a record's config the planner needs, each with why it cannot plan the record without it
+_REQUIRED = (("model", "model not in the catalogue"), ("method", "method not modelled"), ("batch", "batch not stated"),
+             ("seq", "sequence not stated"), ("optimizer", "optimizer not modelled"),
+             ("grad_ckpt", "gradient checkpointing not stated"))
+
+
 def plan(record: MeasurementRecord, adapter_config: AdapterConfig | None = None):
     """The planner's :class:`~vramplan.results.Estimate` for a record, or a VramplanError saying why not.
 
@@ -199,18 +205,9 @@ def plan(record: MeasurementRecord, adapter_config: AdapterConfig | None = None)
     from ..plan import estimate
 
     c = record.config
-    if c.model is None:
-        raise VramplanError("model not in the catalogue")
-    if c.method is None:
-        raise VramplanError("method not modelled")
-    if c.batch is None:
-        raise VramplanError("batch not stated")
-    if c.seq is None:
-        raise VramplanError("sequence not stated")
-    if c.optimizer is None:
-        raise VramplanError("optimizer not modelled")
-    if c.grad_ckpt is None:
-        raise VramplanError("gradient checkpointing not stated")
+    for name, why in _REQUIRED:
+        if getattr(c, name) is None:
+            raise VramplanError(why)
     gpu = record.device.name
     gpu_mem = record.device.memory_bytes if gpu is None else None
     kw: dict[str, Any] = dict(adapter=c.adapter if takes_adapter_choice(c.method) else None, gpu=gpu, gpu_mem=gpu_mem,

@@ -473,7 +473,8 @@ def fit_cards(model: "str | ModelSpec | FitRequest | None" = None, *, cards=None
     """"Which card?": :func:`fit` on every catalogue card, the plans that fit ranked by speed and by cost.
 
     For each card (``cards``: a list of names, default the whole catalogue) and each method, the
-    fastest plan that fits with the margin (:func:`fit`'s search, without its technique advice).
+    fastest plan that fits with the margin (:func:`fit`'s search, without its technique advice) in what the step
+    has of that card, with any constraint beside the step met (a colocated engine's weights in its share).
     ``rows`` ranks them by time to train (tokens/s when no ``tokens``), ``by_cost`` by the cloud
     cost to train (``vramplan/data/prices.json``: typical on-demand $/GPU-hour, each with its
     source and date; per million tokens when no ``tokens``); cards without a price come last.
@@ -508,7 +509,8 @@ def fit_cards(model: "str | ModelSpec | FitRequest | None" = None, *, cards=None
                 raise
             rep = None  # the card cannot run the stack's precision or kernels
         first = first or rep
-        fitting = [r for r in (rep.rows if rep else []) if r.best is not None]
+        # a comfortable plan whose needs beside the step are met too (GRPO's colocated vLLM loads in its share)
+        fitting = [r for r in (rep.rows if rep else []) if r.best is not None and r.fits]
         if not fitting:
             no_fit.append(card.name)
         for r in fitting:

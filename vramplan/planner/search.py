@@ -52,6 +52,7 @@ from ..throughput import StepTime, StepTimeInputs, step_time_rows, time_to_train
 from ..units import GIB
 from ..verdict import DEFAULT_MARGIN, Verdict, classify, comfortable_limit
 from .checks import check_card
+from .estimating import step_capacity
 from .limits import DEVICE_CHAIN_READS, DeviceTotals, step_memory_for
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
@@ -764,7 +765,11 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
     """What would make ``method`` fit when no setting does: a bigger card, more GPUs, offload, shorter sequences.
 
     Each suggestion uses the method's least-memory settings (gradient checkpointing, 8-bit
-    AdamW, the QLoRA fallback where there is one, micro-batch 1, sdpa) and the same margin.
+    AdamW, the QLoRA fallback where there is one, micro-batch 1, sdpa) and the same margin, on the
+    bytes each card gives the step (:func:`~vramplan.planner.estimating.step_capacity`: the card less
+    a colocated engine's share of it, GRPO's vLLM, which is a fraction of whichever card). A card
+    on which that engine's weights do not load into its share is never suggested, nor is anything
+    on ``card`` when they do not load there (the hard constraint ``estimate`` holds it to).
     ``request``/``settings``: a :class:`~vramplan.request.SearchRequest` and its fields (``seq``,
     ``precision``, ``margin``, ``adapter``, ``rank``, ``targets``, ``framework``, ``techniques``,
     ``method_options``, ``totals``); ``gpus``: the GPUs already planned.
@@ -781,19 +786,29 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
 
     hi = band_for_config(cfg).hi
 
-    def comfy(capacity: int) -> int:  # the comfortable limit on a card (margin and the band's upper end)
-        return comfortable_limit(capacity, hi, margin)
+    engine_fixed = cfg.recipe.behaviour.card_share_need(spec, cfg)[0]  # a colocated engine's weights (0: none)
+
+    def comfy(g: GPUSpec) -> int:  # the comfortable limit of the step on card g (margin and the band's upper end)
+        return comfortable_limit(step_capacity(g, cfg), hi, margin)
+
+    def engine_starts(g: GPUSpec) -> bool:  # the colocated engine's weights load in the rest of card g
+        return engine_fixed <= g.memory_bytes - step_capacity(g, cfg)
     # 1. the smallest card of the catalogue
     cards = sorted(catalogue().values(), key=lambda g: (g.memory_bytes, -g.bf16_tflops))
     mem = step_memory_for(spec, cfg, SINGLE, components=DEVICE_CHAIN_READS)  # read by the device chain only
     for g in cards:
         if g.memory_bytes <= card.memory_bytes or (cfg.precision != "fp32" and "bf16" in cfg.precision and not g.bf16):
             continue
-        if float(totals(mem, cfg, g, SINGLE)) <= comfy(g.memory_bytes):
-            out.append(Suggestion("gpu", f"1x {g.name} ({g.memory_bytes / GIB:.0f} GiB)"
+        if engine_starts(g) and float(totals(mem, cfg, g, SINGLE)) <= comfy(g):
+            step = step_capacity(g, cfg)
+            out.append(Suggestion("gpu", f"1x {g.name} ({g.memory_bytes / GIB:.0f} GiB"
+                                  + (f", {step / GIB:.1f} GiB of it the step's" if step != g.memory_bytes else "") + ")"
                                   + (f" as {cfg.recipe.name}" if cfg.recipe.name != method else ""),
-                                  {"gpu": g.name, "capacity_bytes": g.memory_bytes}))
+                                  {"gpu": g.name, "capacity_bytes": g.memory_bytes}
+                                  | ({"step_capacity_bytes": step} if step != g.memory_bytes else {})))
             break
+    if not engine_starts(card):
+        return out  # more of this card, offload or a shorter sequence leave the engine's share as small
     # 2. more of this card with ZeRO-3 / FSDP (the activation terms of one GPU's micro-batch, for every layout)
     terms: list[dict] = []
 
@@ -807,7 +822,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
             if n <= gpus:
                 continue
             par = make_parallel(n, strategy)
-            if float(totals(sharded(par), cfg, card, par)) <= comfy(card.memory_bytes):
+            if float(totals(sharded(par), cfg, card, par)) <= comfy(card):
                 found.setdefault(n, []).append(strategy)
                 break
     for n, strategies in sorted(found.items()):
@@ -817,7 +832,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
     # zero.Init whole on each GPU first, offload or not: vramplan.distributed._zero3_whole_module_bytes)
     for strategy in ("zero3", "fsdp"):
         par = make_parallel(max(1, gpus), strategy, "cpu")
-        if float(totals(sharded(par), cfg, card, par)) <= comfy(card.memory_bytes):
+        if float(totals(sharded(par), cfg, card, par)) <= comfy(card):
             out.append(Suggestion("offload", f"{max(1, gpus)}x {card.name} with {strategy} --offload cpu (slow)",
                                   {"gpus": max(1, gpus), "strategy": strategy, "offload": "cpu"}))
             break
@@ -830,7 +845,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
             par = make_parallel(gpus) if gpus > 1 else SINGLE
             c = cfg.with_(**cfg.recipe.behaviour.reset_shape())
             ok = totals(step_memory_for(spec, c, par, batch=1, seq=grid, components=DEVICE_CHAIN_READS), c, card,
-                        par) <= comfy(card.memory_bytes)
+                        par) <= comfy(card)  # c: cfg's share of the card (the shape is reset, not the options)
             if ok.any():
                 s = int(grid[ok].max())
                 out.append(Suggestion("seq", f"seq <= {s:,} on {card.name}",

@@ -143,16 +143,20 @@ class Trainee:
     def policy(self) -> nn.Module:
         return self.copies[Role.POLICY].module
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        seen, out = set(), []
+    def _distinct_parameters(self, training: bool = False):
+        """Each parameter of the copies held once (a copy may share another's: the policy's base under PEFT),
+        in the copies' order; ``training``: of the copies that train only."""
+        seen = set()
         for c in self.copies.values():
-            if not c.trains:
+            if training and not c.trains:
                 continue
             for p in c.module.parameters():
-                if p.requires_grad and id(p) not in seen:
+                if id(p) not in seen:
                     seen.add(id(p))
-                    out.append(p)
-        return out
+                    yield p
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self._distinct_parameters(training=True) if p.requires_grad]
 
     def parameter_components(self):
         """Yield ``(tensor, Component)`` for every parameter, buffer and quantisation constant held."""
@@ -181,14 +185,9 @@ class Trainee:
     def counts(self) -> tuple[int, int]:
         """``(params, trainable_params)`` over the copies held (an NF4 weight counts its real elements)."""
         total = 0
-        seen = set()
-        for c in self.copies.values():
-            for p in c.module.parameters():
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
-                qs = getattr(p, "quant_state", None)
-                total += int(qs.shape.numel()) if qs is not None else p.numel()
+        for p in self._distinct_parameters():
+            qs = getattr(p, "quant_state", None)
+            total += int(qs.shape.numel()) if qs is not None else p.numel()
         return total, sum(p.numel() for p in self.trainable_parameters())
 
     # -- precision -----------------------------------------------------------------------------

@@ -44,29 +44,18 @@ import torch
 import torch.nn.functional as F
 
 from ..methods import Role
-from ..taxonomy import Phase
-from .steps import backward_owned as _backward
-from .steps import dpo_step
-from .steps import optimizer_step as _optimizer_step
+from .steps import Accumulation, dpo_step, entropy_from_logits, trainer_logits
 from .steps import random_ids as _ids
 from .steps import reference_model as _reference_model
 from .steps import selective_log_softmax
-from .steps import sequence_logps as _sequence_logps
-from .steps import trainer_outputs as _convert
 
 BETA = 0.1          # ORPOConfig.beta, CPOConfig.beta, KTOConfig.beta
 SIMPO_GAMMA = 0.5   # CPOConfig.simpo_gamma
-ENTROPY_CHUNK = 128  # trl.trainer.utils.entropy_from_logits chunk_size
 
 
 def _logits(t, model, ids: torch.Tensor) -> torch.Tensor:
-    """The model's logits as the Trainer returns them (autocast forward, accelerate's fp32 conversion)."""
-    with t.amp():
-        out = model(input_ids=ids, use_cache=False)
-    out = _convert(t, out)
-    logits = out.logits
-    del out
-    return logits
+    """The model's logits as the Trainer returns them (:func:`~vramplan.runtime.steps.trainer_logits`)."""
+    return trainer_logits(t, model, input_ids=ids)
 
 
 def _batch_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool) -> torch.Tensor:
@@ -100,9 +89,8 @@ def _paired(t, *, nll: bool, average: bool, loss: str, metric_drops_last: bool) 
     cfg = t.cfg
     ga = cfg.grad_accum
     n = cfg.batch
-    last = None
-    for _ in range(ga):
-        t.hooks.phase(Phase.FORWARD)
+    acc = Accumulation(t)
+    for _ in acc:
         ids = _ids(t, 2 * n, cfg.seq)  # chosen then rejected, concatenated
         labels = ids.clone()
         all_logits = _logits(t, t.policy, ids)
@@ -125,9 +113,8 @@ def _paired(t, *, nll: bool, average: bool, loss: str, metric_drops_last: bool) 
         del total
         t.logits_done()
         del all_logits
-        last = _backward(t, loss_)
-    _optimizer_step(t)
-    return {"loss": last}
+        acc.backward(loss_)
+    return acc.update()
 
 
 def orpo_step(t) -> dict:
@@ -165,18 +152,6 @@ def _kl_logps(t, model, kl_ids: torch.Tensor) -> torch.Tensor:
     return logps
 
 
-def _entropy_from_logits(logits: torch.Tensor, chunk: int = ENTROPY_CHUNK) -> torch.Tensor:
-    """TRL ``entropy_from_logits``: flatten (``reshape``: a copy of a non-contiguous view), 128-row chunks."""
-    flat = logits.reshape(-1, logits.shape[-1])
-    out = []
-    for c in flat.split(chunk, dim=0):
-        logps = F.log_softmax(c, dim=-1)
-        out.append(-(torch.exp(logps) * logps).sum(-1))
-        del logps
-    del flat
-    return torch.cat(out, dim=0)
-
-
 def _masked_rows(x: torch.Tensor) -> torch.Tensor:
     """``x[mask]`` for an all-true ``[rows, seq]`` mask: a fresh ``[rows * seq, vocab]`` tensor."""
     flat = x.reshape(-1, x.shape[-1])
@@ -188,9 +163,8 @@ def _kto(t, *, reference: bool) -> dict:
     ga = cfg.grad_accum
     b, s = cfg.batch, cfg.seq
     nd = (b + 1) // 2  # desirable examples of the micro-batch (label True first)
-    last = None
-    for _ in range(ga):
-        t.hooks.phase(Phase.FORWARD)
+    acc = Accumulation(t)
+    for _ in acc:
         ids = _ids(t, b, s)
         kl_ids = torch.roll(ids, shifts=1, dims=0)  # completions cycled by one within the batch
         kl_logps = _kl_logps(t, t.policy, kl_ids)
@@ -215,7 +189,7 @@ def _kto(t, *, reference: bool) -> dict:
         losses = torch.cat((1 - torch.sigmoid(BETA * ((chosen - ref_chosen) - kl)),
                             1 - torch.sigmoid(BETA * (kl - (rejected - ref_rejected)))), 0)
         # metrics while the reference's output is still alive
-        entropy = _entropy_from_logits(shift.detach())
+        entropy = entropy_from_logits(shift.detach())
         del entropy
         c_logits = shift.detach().index_select(0, chosen_idx)
         r_logits = shift.detach().index_select(0, rejected_idx)
@@ -227,9 +201,8 @@ def _kto(t, *, reference: bool) -> dict:
         loss = [losses.nanmean() / ga]  # owned by _backward, which empties it
         del losses, kl, kl_logps, ref_kl, logps, chosen, rejected, ref_chosen, ref_rejected, shift, logits, ids, kl_ids
         t.logits_done()
-        last = _backward(t, loss)
-    _optimizer_step(t)
-    return {"loss": last}
+        acc.backward(loss)
+    return acc.update()
 
 
 def kto_step(t) -> dict:
@@ -251,21 +224,17 @@ def reward_step(t) -> dict:
     inner = t.copies[Role.POLICY].inner
     if getattr(inner.config, "pad_token_id", None) is None:  # TRL sets it from the tokenizer
         inner.config.pad_token_id = 0
-    last = None
-    for _ in range(ga):
-        t.hooks.phase(Phase.FORWARD)
+    acc = Accumulation(t)
+    for _ in acc:
         ids = _ids(t, 2 * n, cfg.seq)
-        with t.amp():
-            out = t.policy(input_ids=ids, use_cache=False)
-        out = _convert(t, out)
-        rewards_chosen, rewards_rejected = torch.chunk(out.logits.squeeze(-1), chunks=2)
-        del out
+        logits = trainer_logits(t, t.policy, input_ids=ids)  # [2 x batch, 1]: one score a sequence
+        rewards_chosen, rewards_rejected = torch.chunk(logits.squeeze(-1), chunks=2)
+        del logits
         loss = [-F.logsigmoid(rewards_chosen - rewards_rejected).mean() / ga]  # owned by _backward, which empties it
         del rewards_chosen, rewards_rejected, ids
         t.logits_done()
-        last = _backward(t, loss)
-    _optimizer_step(t)
-    return {"loss": last}
+        acc.backward(loss)
+    return acc.update()
 
 
 # -- DPO with precomputed reference log-probs -------------------------------------------------------

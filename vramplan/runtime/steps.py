@@ -64,6 +64,7 @@ BETA = 0.1  # TRL DPOConfig.beta
 TEMPERATURE = 0.7  # TRL PPOConfig.temperature
 CLIP_RANGE = 0.2  # TRL PPOConfig.cliprange / cliprange_value
 VF_COEF = 0.1
+ENTROPY_CHUNK = 128  # trl.trainer.utils.entropy_from_logits(chunk_size=128)
 
 
 def run_step(t) -> dict:
@@ -120,6 +121,34 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     return torch.stack(rows)
 
 
+def trainer_logits(t, model, **inputs) -> torch.Tensor:
+    """The model's logits as the HF Trainer hands them to a loss: the regime's autocast around the forward
+    (``use_cache=False`` and ``inputs``), accelerate's fp32 conversion of its outputs (:func:`_convert`); the
+    output object is freed here, the logits returned."""
+    with t.amp():
+        out = model(use_cache=False, **inputs)
+    out = _convert(t, out)
+    logits = out.logits
+    del out
+    return logits
+
+
+def entropy_from_logits(logits: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """TRL's ``entropy_from_logits`` (trl/trainer/utils.py): flatten (``reshape``: a copy of a non-contiguous view,
+    e.g. shifted logits of more than one row), then the entropy of ``chunk`` rows at a time (default
+    :data:`ENTROPY_CHUNK`, TRL's ``chunk_size=128``), in ``logits``' shape less the vocabulary. The flattened copy
+    lives until the entropies are joined, as in TRL."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    parts = []
+    for c in flat.split(chunk or ENTROPY_CHUNK, dim=0):
+        lp = F.log_softmax(c, dim=-1)
+        parts.append(-(torch.exp(lp) * lp).sum(-1))
+        del lp
+    ent = torch.cat(parts, dim=0).reshape(logits.shape[:-1])
+    del parts, flat
+    return ent
+
+
 @contextmanager
 def _reference_model(t) -> Iterator[torch.nn.Module]:
     """The reference model as TRL runs it (DPO and PPO): the frozen reference copy when the
@@ -170,14 +199,44 @@ def _optimizer_step(t) -> None:
     t.hooks.event("step_end", t)
 
 
+class Accumulation:
+    """Gradient accumulation as the HF Trainer runs it, the loop of every method's step: ``cfg.grad_accum``
+    micro-batches, each opening the forward phase and ending in a backward that owns its loss (:func:`_backward`),
+    then one optimiser update (:func:`_optimizer_step`); the step's result is the last micro-batch's detached loss.
+
+    The micro-batch's body stays in the step's own frame (``for k in acc: ...; acc.backward(loss)``, then
+    ``return acc.update()``), so every tensor it binds lives exactly as long as in a plain loop: through its
+    backward, until rebound by the next micro-batch, and, for the last, through the optimiser update. A helper
+    that ran the body in a frame of its own would free them on return, before the backward, and move the peaks
+    the dry run traces."""
+
+    def __init__(self, t) -> None:
+        self.t = t
+        self.last = None
+
+    def __iter__(self):
+        """The micro-batches' indices ``0 .. grad_accum - 1``, each after opening the forward phase."""
+        for k in range(self.t.cfg.grad_accum):
+            self.t.hooks.phase(Phase.FORWARD)
+            yield k
+
+    def backward(self, owned: list) -> None:
+        """:func:`_backward` of the micro-batch's loss (a one-element list it empties); keeps the detached loss."""
+        self.last = _backward(self.t, owned)
+
+    def update(self) -> dict:
+        """The optimiser update after the micro-batches (:func:`_optimizer_step`); the step's result."""
+        _optimizer_step(self.t)
+        return {"loss": self.last}
+
+
 # -- SFT -------------------------------------------------------------------------------------------
 def sft_step(t) -> dict:
     cfg = t.cfg
     policy = t.policy
     ga = cfg.grad_accum
-    last = None
-    for _ in range(ga):
-        t.hooks.phase(Phase.FORWARD)
+    acc = Accumulation(t)
+    for _ in acc:
         ids = _ids(t, cfg.batch, cfg.seq)
         labels = ids.clone()
         with t.amp():
@@ -189,9 +248,8 @@ def sft_step(t) -> dict:
         loss = [out.loss / ga]  # owned by _backward, which empties it
         del out, ids, labels
         t.logits_done()
-        last = _backward(t, loss)
-    _optimizer_step(t)
-    return {"loss": last}
+        acc.backward(loss)
+    return acc.update()
 
 
 def _liger_forward(t, ids: torch.Tensor, labels: torch.Tensor):
@@ -213,11 +271,7 @@ def _liger_forward(t, ids: torch.Tensor, labels: torch.Tensor):
 
 # -- DPO -------------------------------------------------------------------------------------------
 def _sequence_logps(t, model, ids: torch.Tensor, labels: torch.Tensor, with_metrics: bool):
-    with t.amp():
-        out = model(input_ids=ids, use_cache=False)
-    out = _convert(t, out)
-    logits = out.logits
-    del out
+    logits = trainer_logits(t, model, input_ids=ids)
     per_token = selective_log_softmax(logits, labels)
     per_token = torch.roll(per_token, shifts=1, dims=1)
     logps = per_token[:, 1:].sum(-1)
@@ -240,9 +294,8 @@ def dpo_step(t, reference: bool = True) -> dict:
     cfg = t.cfg
     policy = t.policy
     ga = cfg.grad_accum
-    last = None
-    for _ in range(ga):
-        t.hooks.phase(Phase.FORWARD)
+    acc = Accumulation(t)
+    for _ in acc:
         ids = _ids(t, 2 * cfg.batch, cfg.seq)  # chosen then rejected, concatenated
         labels = torch.roll(ids, shifts=-1, dims=1)
         logps, _metrics = _sequence_logps(t, policy, ids, labels, with_metrics=True)
@@ -255,9 +308,8 @@ def dpo_step(t, reference: bool = True) -> dict:
         margin = (logps[:n] - ref_logps[:n]) - (logps[n:] - ref_logps[n:])
         loss = [-F.logsigmoid(BETA * margin).mean() / ga]  # owned by _backward, which empties it
         del logps, ref_logps, margin, ids, labels
-        last = _backward(t, loss)
-    _optimizer_step(t)
-    return {"loss": last}
+        acc.backward(loss)
+    return acc.update()
 
 
 # -- PPO -------------------------------------------------------------------------------------------
@@ -378,9 +430,8 @@ def ppo_step(t) -> dict:
     ga = cfg.grad_accum
     roll = _rollout(t)
     qr, responses, prompt = roll["query_responses"], roll["responses"], roll["prompt"]
-    last = None
-    for _ in range(ga):
-        t.hooks.phase(Phase.FORWARD)
+    acc = Accumulation(t)
+    for _ in acc:
         with t.amp():  # PolicyAndValueWrapper.forward: critic backbone + score, then the policy
             backbone, head = _backbone_and_head(t.copies[Role.VALUE])
             vout = backbone(input_ids=qr, output_hidden_states=True, use_cache=False)
@@ -402,44 +453,30 @@ def ppo_step(t) -> dict:
                        -roll["advantages"] * torch.clamp(ratio, 1.0 - CLIP_RANGE, 1.0 + CLIP_RANGE)).mean()
         loss = [(pg + VF_COEF * vf_loss) / ga]  # owned by _backward, which empties it
         del vpred, vclipped, vf_loss, ratio, pg, new_logprobs
-        last = _backward(t, loss)
+        acc.backward(loss)
         with torch.no_grad():  # TRL's entropy statistic, while the response logits are alive
             prob_dist = F.softmax(logits, dim=-1)
             entropy = torch.logsumexp(logits, dim=-1) - torch.sum(prob_dist * logits, dim=-1)
             del prob_dist, entropy
         del logits
-    _optimizer_step(t)
-    return {"loss": last}
+    return acc.update()
 
 
 # -- public helpers for the method steps of other runtime modules (vramplan/runtime/preference.py) --------
 #: random token ids of ``(batch, seq)`` on the trainee's tensor device
 random_ids = _ids
-#: accelerate's ``convert_outputs_to_fp32`` where the Trainer's forward is wrapped by it
-trainer_outputs = _convert
-#: the update after the micro-batches (unscale, clip, step, zero_grad)
-optimizer_step = _optimizer_step
-#: one micro-batch's backward, owning its loss (a one-element list): the detached loss
-backward_owned = _backward
 #: the reference model as TRL runs it (the frozen copy, else the policy with its adapter disabled)
 reference_model = _reference_model
-#: DPO's per-sequence log-probs (and the mean-logits metric's copy)
-sequence_logps = _sequence_logps
 # -- GRPO ------------------------------------------------------------------------------------------
 GRPO_TEMPERATURE = 1.0  # TRL GRPOConfig.temperature
 GRPO_EPSILON = 0.2  # TRL GRPOConfig.epsilon (epsilon_high defaults to it)
-ENTROPY_CHUNK = 128  # trl.trainer.utils.entropy_from_logits(chunk_size=128)
 
 
 def _completion_logps(t, model, ids: torch.Tensor, completion: int, *, entropy: bool):
     """TRL ``_get_per_token_logps_and_entropies`` for one chunk: the completion's per-token log-probs from a
     forward with ``logits_to_keep = completion + 1`` (autocast, outputs converted to fp32), the last position
     dropped, divided in place by the temperature; the entropy (``entropy_from_logits``) under no_grad."""
-    with t.amp():
-        out = model(input_ids=ids, logits_to_keep=completion + 1, use_cache=False)
-    out = _convert(t, out)
-    logits = out.logits
-    del out
+    logits = trainer_logits(t, model, input_ids=ids, logits_to_keep=completion + 1)
     logits = logits[:, :-1, :]
     logits = logits[:, -completion:, :]
     logits.div_(GRPO_TEMPERATURE)
@@ -447,14 +484,7 @@ def _completion_logps(t, model, ids: torch.Tensor, completion: int, *, entropy: 
     ent = None
     if entropy:
         with torch.no_grad():
-            flat = logits.reshape(-1, logits.shape[-1])  # a copy when the slice is not contiguous (batch > 1)
-            parts = []
-            for chunk in flat.split(ENTROPY_CHUNK, dim=0):
-                lp = F.log_softmax(chunk, dim=-1)
-                parts.append(-(torch.exp(lp) * lp).sum(-1))
-                del lp
-            ent = torch.cat(parts, dim=0).reshape(logits.shape[:-1])
-            del parts, flat
+            ent = entropy_from_logits(logits)  # flattening copies the slice when it is not contiguous (batch > 1)
     del logits
     t.logits_done()
     return logps, ent
@@ -540,9 +570,8 @@ def grpo_step(t) -> dict:
                       / (grouped.std(1).repeat_interleave(g) + 1e-4))
         mask = torch.ones(n, completion, dtype=torch.int64, device=seq.device)
         del rewards, grouped
-    last = None
-    for k in range(cfg.grad_accum):
-        t.hooks.phase(Phase.FORWARD)
+    acc = Accumulation(t)
+    for k in acc:
         lo = (k * b) % n
         ids, m = seq[lo:lo + b], mask[lo:lo + b]
         logps, _entropy = _completion_logps(t, policy, ids, completion, entropy=True)
@@ -556,9 +585,8 @@ def grpo_step(t) -> dict:
             per_token = per_token + gs.beta * (torch.exp(r - logps) - (r - logps) - 1)
         loss = [_grpo_reduce(gs, per_token, m, cfg.grad_accum)]  # owned by _backward, which empties it
         del logps, old_k, coef_1, coef_2, adv, per_token, _entropy
-        last = _backward(t, loss)
-    _optimizer_step(t)
-    return {"loss": last}
+        acc.backward(loss)
+    return acc.update()
 
 
 def _grpo_reduce(gs, per_token: torch.Tensor, mask: torch.Tensor, ga: int) -> torch.Tensor:
