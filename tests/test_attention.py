@@ -159,7 +159,8 @@ def test_the_search_keys_ranks_and_tells_apart_by_attributes(twins):
     cfg = make_config(get_model("llama-3.2-1b"), "lora", batch=2)
     for twin, name in twins.items():
         k = attention_kernel(name)
-        assert _shared_key(cfg.with_(attn=twin))[1] == (k.same_as or twin)
+        assert _shared_key(cfg.with_(attn=twin), True)[1] == (k.same_as or twin)
+        assert _shared_key(cfg.with_(attn=twin), False)[1] == twin  # where it does not tie: its own
         assert _preference_of(cfg.with_(attn=twin), None, SINGLE)[3] is True  # a twin is never the default
         assert _preference_of(cfg.with_(attn=name), None, SINGLE)[3] is (not k.default)
         assert cfg.with_(attn=twin).attention.note.replace(twin, name) == k.note
@@ -301,3 +302,24 @@ def test_sdpa_and_eager_never_tie_anything():
     spec = get_model("llama-2-7b")
     for attn in ("sdpa", "eager"):
         assert not ties_stand_in(spec, make_config(spec, "lora", attn=attn))
+
+
+def test_the_search_plans_flash_apart_where_it_does_not_tie_sdpa():
+    """A padded batch gives SDPA a mask flash-attn does not build: the search's flash plans carry flash's own
+    figures (estimate_config's), less than SDPA's, and its micro-batch is at least as large; with packed batches
+    the two tie. (Before ties_stand_in the search gave flash SDPA's figures whatever the batch.)"""
+    from vramplan.planner.search import search
+
+    spec, card = get_model("llama-3.2-1b"), get_gpu("h100-sxm")
+    for techniques, apart in (("padding", True), ((), False)):
+        mp = search(spec, "lora", card, seq=4096, techniques=techniques, rank=8, targets="q_proj,v_proj",
+                    optimizer="adamw", grad_ckpt=False)
+        by_attn = {p.config.attn: p for p in mp.plans if p.fallback is None}
+        for attn, p in by_attn.items():
+            assert p.peak_bytes == estimate_config(spec, p.config, card).peak_bytes, attn
+        flash, sdpa = by_attn["flash"], by_attn["sdpa"]
+        flash_at_sdpa_batch = estimate_config(spec, flash.config.with_(batch=sdpa.config.batch), card).peak_bytes
+        if apart:
+            assert flash_at_sdpa_batch < sdpa.peak_bytes and flash.config.batch >= sdpa.config.batch
+        else:
+            assert (flash.peak_bytes, flash.config.batch) == (sdpa.peak_bytes, sdpa.config.batch)

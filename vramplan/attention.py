@@ -5,7 +5,9 @@
 * ``sdpa``: PyTorch ``scaled_dot_product_attention``, the default of transformers and of the planner.
 * ``flash``: flash-attn 2 (``attn_implementation="flash_attention_2"``), on cards that run it. On
   such a card it runs the same fused kernels as SDPA's flash backend, so it ties ``sdpa`` in memory
-  and speed: listings show ``sdpa`` only (``fit --top``; ``--json`` keeps both).
+  and speed unless SDPA gets a mask or a composite it does not (a padded batch, a sliding window shorter
+  than the sequence, ...: :func:`vramplan.memory.ties_stand_in`); where they tie listings show ``sdpa``
+  only (``fit --top``; ``--json`` keeps both).
 
 A caller asks a definition (:func:`attention_kernel`, or a config's ``cfg.attention``) what it does --
 whether it materialises its scores, goes through torch's SDPA dispatch, handles masks itself, needs a
@@ -31,7 +33,9 @@ class AttentionKernel:
             ``flash_attention_2``: transformers ``modeling_utils``
             ``PreTrainedModel._check_and_adjust_attn_implementation``).
         default: what a plan runs when none is asked for (renderings leave it unsaid).
-        same_as: ties this implementation exactly (memory and speed): listings show that one.
+        same_as: ties this implementation (memory and speed) wherever that one builds nothing more
+            (:func:`vramplan.memory.ties_stand_in`): there the search evaluates the two once and listings
+            show that one.
         materialises_scores: the layer computes ``q k^T`` as a tensor and softmaxes it in fp32
             (transformers ``eager_attention_forward``: ``matmul``, ``softmax(..., dtype=torch.float32)``,
             ``.to(query.dtype)``, ``matmul`` with v): the scores' buffers (bytes per head x query x key

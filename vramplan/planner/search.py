@@ -42,7 +42,7 @@ from ..distributed import (SINGLE, STRATEGIES, Parallel, accumulation_step_memor
                            parallel_step_memory, shard_state)
 from ..errors import VramplanError
 from ..gpus import GPUSpec, catalogue
-from ..memory import StepMemory, model_state, step_memory_rows_shared, step_terms
+from ..memory import StepMemory, model_state, step_memory_rows_shared, step_terms, ties_stand_in
 from ..phases import filled
 from ..methods import Adapter, resolve
 from ..models import ModelSpec
@@ -369,17 +369,18 @@ def _resolve_once(cfg: TrainConfig) -> None:
         pass
 
 
-def _shared_key(cfg: TrainConfig) -> tuple:
-    """The key of the configuration whose tensors and time ``cfg`` shares: its fields, with flash as sdpa and paged
-    8-bit AdamW as 8-bit AdamW (:func:`~vramplan.config.fields_but` and the two: equal exactly when those
-    configurations are).
+def _shared_key(cfg: TrainConfig, tie: bool) -> tuple:
+    """The key of the configuration whose tensors and time ``cfg`` shares: its fields, with flash as sdpa where
+    they tie (``tie``: :func:`vramplan.memory.ties_stand_in`) and paged 8-bit AdamW as 8-bit AdamW
+    (:func:`~vramplan.config.fields_but` and the two: equal exactly when those configurations are).
 
-    flash and sdpa save the same tensors and run the same kernels (SDPA dispatches to
-    FlashAttention-2); paged 8-bit AdamW keeps the same states as 8-bit AdamW (on the GPU while
-    they fit): each pair's tensors and time are evaluated once. Their device totals differ (paged
-    states live outside the allocator's reserve): one per optimiser.
+    flash and sdpa run the same kernels (SDPA dispatches to FlashAttention-2) and save the same tensors unless
+    SDPA gets a mask or a composite flash-attn does not (a padded batch, a sliding window shorter than the
+    sequence, ...: then ``tie`` is False and each is evaluated); paged 8-bit AdamW keeps the same states as
+    8-bit AdamW (on the GPU while they fit): each pair's tensors and time are evaluated once. Their device
+    totals differ (paged states live outside the allocator's reserve): one per optimiser.
     """
-    return (fields_but(cfg, "optimizer", "attn"), cfg.attention.same_as or cfg.attn,
+    return (fields_but(cfg, "optimizer", "attn"), (cfg.attention.same_as if tie else None) or cfg.attn,
             "adamw_8bit" if cfg.optimizer == "paged_adamw_8bit" else cfg.optimizer)
 
 
@@ -394,7 +395,7 @@ def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Paral
     chain (:meth:`DeviceTotals.rows`); on several, one :func:`parallel_step_memory` per shared
     configuration (the activation terms shared across layouts).
     """
-    reps, which = _shared_rows(cands)  # shared key -> the first candidate with it (evaluated for all)
+    reps, which = _shared_rows(spec, cands)  # shared key -> the first candidate with it (evaluated for all)
     states = {k: model_state(spec, r) for k, r in reps.items()}
     results: dict[Parallel, tuple] = {}
     terms: dict[tuple, dict] = {}
@@ -438,9 +439,19 @@ def _choices(total: np.ndarray, times: list[StepTime], which: np.ndarray, usable
     return best.tolist(), total[at].tolist(), ok[at].tolist(), tps[at].tolist(), step[at].tolist()
 
 
-def _shared_rows(cands: list) -> tuple[dict, np.ndarray]:
-    """(shared key -> the first candidate with it, each candidate's row among them): :func:`_shared_key`."""
-    keys = [_shared_key(cfg) for cfg, _ in cands]
+def _shared_rows(spec: ModelSpec, cands: list) -> tuple[dict, np.ndarray]:
+    """(shared key -> the first candidate with it, each candidate's row among them): :func:`_shared_key`, whether
+    flash ties sdpa asked once per configuration but its optimiser and attention."""
+    ties: dict[tuple, bool] = {}
+    keys = []
+    for cfg, _ in cands:
+        if cfg.attention.same_as is None:
+            keys.append(_shared_key(cfg, False))
+            continue
+        base = fields_but(cfg, "optimizer", "attn")
+        if base not in ties:
+            ties[base] = ties_stand_in(spec, cfg)
+        keys.append(_shared_key(cfg, ties[base]))
     reps: dict[tuple, TrainConfig] = {}
     for k, (cfg, _) in zip(keys, cands):
         reps.setdefault(k, cfg)
@@ -493,7 +504,7 @@ def _setup_best(spec: ModelSpec, method: str, card: GPUSpec, current_fits: bool,
         return None
     limits = _limits(cands, capacity, req.margin, False)
     usable = [u for _, u in limits]
-    reps, which = _shared_rows(cands)
+    reps, which = _shared_rows(spec, cands)
     total = _single_totals(spec, cands, card, reps, which, grid[0], grid[1], totals)
     if not _listable(total, usable, capacity, current_fits):
         return None
