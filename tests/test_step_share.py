@@ -84,3 +84,25 @@ def test_cards_lists_only_cards_where_the_step_and_vllm_both_fit():
     full = vramplan.fit("8b", "a100-40gb", methods=["grpo"], method_options=OPTS, seq=1024).rows[0]
     if not all(c.met for c in full.estimate.constraints if c.hard):
         assert "a100-40gb" not in listed
+
+
+def test_the_search_leaves_out_a_recipe_whose_engine_cannot_start_and_falls_back():
+    """8B GRPO with vLLM colocated on a 40 GB card: vLLM's 16-bit weights (16 GB) do not load in its 30% (11.9 GB),
+    its 4-bit ones do. The search lists only grpo+qlora plans and the row fits comfortably as grpo+qlora, saying why
+    (before: the 16-bit plan was chosen and the row said "no")."""
+    report = vramplan.fit("8b", "a100-40gb", methods=["grpo"], method_options=OPTS)
+    row = report.rows[0]
+    assert {p.config.adapter for p in row.plans} == {"qlora"}
+    assert row.fits and row.best is not None and row.estimate.config.adapter == "qlora"
+    assert all(c.met for c in row.estimate.constraints if c.hard)
+    assert any("16-bit weights" in n and "do not load" in n for n in row.notes), row.notes
+
+
+def test_nothing_is_advised_to_fit_where_the_engine_cannot_start():
+    """8B GRPO with vLLM colocated on a T4: vLLM's 4-bit weights (5.6 GiB) do not load in its 30% (4.4 GiB) either.
+    No technique, stack or precision can change that: none is offered as making it fit."""
+    report = vramplan.fit("8b", "t4", seq=4096, methods=["grpo"], method_options=OPTS)
+    row = report.rows[0]
+    assert not row.fits
+    assert row.alternatives == []
+    assert row.techniques is not None and not row.techniques.fits and not row.techniques.comfortable

@@ -319,9 +319,11 @@ class SearchRequest(SearchedFields, RunFields, StackFields, Request):
     """The settings search of one method on one card (:func:`vramplan.planner.search.search`).
 
     ``parallels``: the GPU layouts tried (None: one GPU). ``totals``: a shared
-    :class:`~vramplan.planner.limits.DeviceTotals` cache (None: a fresh one). The other fields
-    as :class:`FitRequest` (None searches a setting); ``adapter`` None searches the method's
-    default adapter and its 4-bit fallback.
+    :class:`~vramplan.planner.limits.DeviceTotals` cache (None: a fresh one). ``whole_card_bytes``: the
+    whole card's bytes when the card searched is the part a step has (GRPO's colocated vLLM holds the rest,
+    a fraction of the whole card: whether its weights load there is judged on it); None: the card searched is
+    whole. The other fields as :class:`FitRequest` (None searches a setting); ``adapter`` None searches the
+    method's default adapter and its 4-bit fallback.
     """
 
     _what: ClassVar[str] = "a search request"
@@ -331,6 +333,7 @@ class SearchRequest(SearchedFields, RunFields, StackFields, Request):
     margin: float = DEFAULT_MARGIN
     ppo_response: int | None = None
     totals: Any = None
+    whole_card_bytes: int | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.margin < 1.0:

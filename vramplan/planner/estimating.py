@@ -172,6 +172,23 @@ def step_capacity(card: GPUSpec, cfg: TrainConfig) -> int:
     return int(card.memory_bytes * (1.0 - share)) if share else card.memory_bytes
 
 
+def engine_share(card: GPUSpec, cfg: TrainConfig) -> int:
+    """The bytes of ``card`` a colocated engine (GRPO's vLLM, :meth:`~vramplan.methods.base.Behaviour.card_share`)
+    holds beside the step: ``int(capacity x share)``; 0 when none is colocated."""
+    share = cfg.recipe.behaviour.card_share(cfg)
+    return int(card.memory_bytes * share) if share else 0
+
+
+def engine_starts(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec) -> bool:
+    """Whether a colocated engine's weights (:meth:`~vramplan.methods.base.Behaviour.card_share_need`'s fixed part:
+    vLLM's copy of the model, 4-bit for QLoRA) load into its share of ``card`` -- the hard constraint
+    ``estimate`` holds; True when no engine is colocated. Batch-independent: a configuration failing it does not
+    fit at any micro-batch."""
+    if not cfg.recipe.behaviour.card_share(cfg):
+        return True
+    return cfg.recipe.behaviour.card_share_need(spec, cfg)[0] <= engine_share(card, cfg)
+
+
 def _colocated_engine(est: Estimate, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, share: float) -> None:
     """Another engine colocated in the process (GRPO's vLLM) in its ``share`` of the card: its needs
     (:meth:`~vramplan.methods.base.Behaviour.card_share_need`) as ``extra["colocated_engine"]``, an assumption
@@ -179,7 +196,7 @@ def _colocated_engine(est: Estimate, spec: ModelSpec, cfg: TrainConfig, card: GP
     from ..results import Constraint
 
     fixed, wanted = cfg.recipe.behaviour.card_share_need(spec, cfg)
-    room = int(card.memory_bytes * share)
+    room = engine_share(card, cfg)
     est.extra["colocated_engine"] = {"share": share, "share_bytes": room, "fixed_bytes": int(fixed),
                                      "wanted_bytes": int(wanted)}
     est.assumptions.append(

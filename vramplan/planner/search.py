@@ -32,7 +32,7 @@ them a chance, and builds one plan, the one the search would rank first.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -52,7 +52,7 @@ from ..throughput import StepTime, StepTimeInputs, step_time_rows, time_to_train
 from ..units import GIB
 from ..verdict import DEFAULT_MARGIN, Verdict, classify, comfortable_limit
 from .checks import check_card
-from .estimating import step_capacity
+from .estimating import engine_starts, step_capacity
 from .limits import DEVICE_CHAIN_READS, DeviceTotals, step_memory_for
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
@@ -166,6 +166,7 @@ class MethodPlans:
     best: Plan | None
     smallest: Plan           # the least memory of all candidates (what is shown when nothing fits)
     suggestions: list[Suggestion] = field(default_factory=list)
+    left_out: tuple[str, ...] = ()  # recipes whose colocated engine cannot start on the card (search._engines_start)
 
     def to_json(self, top: int | None = None) -> dict:
         plans = self.plans if top is None else self.plans[:top]
@@ -217,6 +218,9 @@ def fallback_note(mp: "MethodPlans", shown: "Plan | None" = None) -> str | None:
     if best is None or best.fallback is None:
         return None
     own = [p for p in mp.plans if p.fallback is None]
+    if not own and mp.left_out:
+        return (f"{best.fallback}: the colocated engine's 16-bit weights ({', '.join(mp.left_out)}) do not load in "
+                "its share of the card")
     if not own:
         return best.fallback
     what = f"{own[0].adapter} over a 16-bit base"
@@ -318,6 +322,23 @@ def _candidates(spec: ModelSpec, method: str, card: GPUSpec, req: SearchRequest,
                         seen.add(key)
                         out.append((base.with_(grad_ckpt=gc, optimizer=opt, attn=attn), note))
     return out
+
+
+def _engines_start(spec: ModelSpec, card: GPUSpec, req: SearchRequest, cands: list,
+                   strict: bool = False) -> tuple[list, tuple[str, ...]]:
+    """``cands`` less those whose colocated engine cannot start (GRPO's vLLM: its weights do not load in its share
+    of the whole card, ``req.whole_card_bytes`` or ``card``: :func:`~vramplan.planner.estimating.engine_starts`;
+    they fit at no micro-batch, and the QLoRA fallback's 4-bit weights may), asked once per recipe, and the
+    recipes left out; all of them when none can start (the row then says why: the estimate's unmet constraint),
+    unless ``strict`` (what other setups list must fit: none of them)."""
+    whole = card if req.whole_card_bytes is None else replace(card, memory_bytes=req.whole_card_bytes)
+    starts: dict[str, bool] = {}
+    for cfg, _ in cands:
+        if cfg.recipe.name not in starts:
+            starts[cfg.recipe.name] = engine_starts(spec, cfg, whole)
+    if all(starts.values()) or (not strict and not any(starts.values())):
+        return cands, ()
+    return [(cfg, note) for cfg, note in cands if starts[cfg.recipe.name]], tuple(r for r, ok in starts.items() if not ok)
 
 
 def _searched(card: GPUSpec, fixed: dict) -> tuple[list, list, list]:
@@ -500,6 +521,7 @@ def _setup_best(spec: ModelSpec, method: str, card: GPUSpec, current_fits: bool,
     cands = _candidates(spec, method, card, req, keep=lambda base, opt: asked.append(1) or can_list(base, opt))
     if not asked:  # no candidate at all
         return _best_of(search(spec, method, card, req), current_fits)
+    cands, _ = _engines_start(spec, card, req, cands, strict=True)
     if not cands:  # none can be listed
         return None
     limits = _limits(cands, capacity, req.margin, False)
@@ -651,7 +673,7 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, request: SearchRequest |
     capacity = card.memory_bytes
     least = resolve(method, req.adapter).behaviour.min_batch()
     grids = {par: _grid_for(req.global_batch, req.batch, par, least) for par in parallels}
-    cands = _candidates(spec, method, card, req)
+    cands, left_out = _engines_start(spec, card, req, _candidates(spec, method, card, req))
     prof = card_profile(card)
     plans: list[Plan] = []
     limits = _limits(cands, capacity, req.margin, any(p.distributed for p in parallels))
@@ -676,7 +698,7 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, request: SearchRequest |
         p.rank = k
         p.reason = _reason(p, best)
     smallest = min(plans, key=lambda p: p.peak_bytes)
-    return MethodPlans(method=method, plans=ranked, best=best, smallest=smallest)
+    return MethodPlans(method=method, plans=ranked, best=best, smallest=smallest, left_out=left_out)
 
 
 def _limits(cands: list, capacity: int, margin: float, multi: bool) -> list[tuple]:
@@ -797,20 +819,18 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
 
     hi = band_for_config(cfg).hi
 
-    engine_fixed = cfg.recipe.behaviour.card_share_need(spec, cfg)[0]  # a colocated engine's weights (0: none)
-
     def comfy(g: GPUSpec) -> int:  # the comfortable limit of the step on card g (margin and the band's upper end)
         return comfortable_limit(step_capacity(g, cfg), hi, margin)
 
-    def engine_starts(g: GPUSpec) -> bool:  # the colocated engine's weights load in the rest of card g
-        return engine_fixed <= g.memory_bytes - step_capacity(g, cfg)
+    def starts(g: GPUSpec) -> bool:  # a colocated engine's weights load in its share of card g
+        return engine_starts(spec, cfg, g)
     # 1. the smallest card of the catalogue
     cards = sorted(catalogue().values(), key=lambda g: (g.memory_bytes, -g.bf16_tflops))
     mem = step_memory_for(spec, cfg, SINGLE, components=DEVICE_CHAIN_READS)  # read by the device chain only
     for g in cards:
         if g.memory_bytes <= card.memory_bytes or (cfg.precision != "fp32" and "bf16" in cfg.precision and not g.bf16):
             continue
-        if engine_starts(g) and float(totals(mem, cfg, g, SINGLE)) <= comfy(g):
+        if starts(g) and float(totals(mem, cfg, g, SINGLE)) <= comfy(g):
             step = step_capacity(g, cfg)
             out.append(Suggestion("gpu", f"1x {g.name} ({g.memory_bytes / GIB:.0f} GiB"
                                   + (f", {step / GIB:.1f} GiB of it the step's" if step != g.memory_bytes else "") + ")"
@@ -818,7 +838,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
                                   {"gpu": g.name, "capacity_bytes": g.memory_bytes}
                                   | ({"step_capacity_bytes": step} if step != g.memory_bytes else {})))
             break
-    if not engine_starts(card):
+    if not starts(card):
         return out  # more of this card, offload or a shorter sequence leave the engine's share as small
     # 2. more of this card with ZeRO-3 / FSDP (the activation terms of one GPU's micro-batch, for every layout)
     terms: list[dict] = []
