@@ -63,6 +63,8 @@ class DeviceTotals:
         self.terms: dict = {}
         #: floors computed so far (:meth:`floor`: equal arguments, equal floor), for the same planning call
         self._floors: dict[tuple, tuple] = {}
+        #: whether flash ties sdpa (memory.ties_stand_in) per (model, configuration but optimiser and attention)
+        self.ties: dict[tuple, bool] = {}
 
     def __call__(self, mem: StepMemory, cfg: TrainConfig, card: GPUSpec, par: Parallel | None = None) -> np.ndarray:
         """Device totals (float64 bytes) of ``mem`` (arrays over batch/seq) for ``cfg`` on ``card`` under ``par``."""

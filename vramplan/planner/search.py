@@ -331,6 +331,8 @@ def _engines_start(spec: ModelSpec, card: GPUSpec, req: SearchRequest, cands: li
     they fit at no micro-batch, and the QLoRA fallback's 4-bit weights may), asked once per recipe, and the
     recipes left out; all of them when none can start (the row then says why: the estimate's unmet constraint),
     unless ``strict`` (what other setups list must fit: none of them)."""
+    if not cands or not cands[0][0].recipe.behaviour.card_share(cands[0][0]):
+        return cands, ()  # no engine beside the step (the candidates of one search share the method's options)
     whole = card if req.whole_card_bytes is None else replace(card, memory_bytes=req.whole_card_bytes)
     starts: dict[str, bool] = {}
     for cfg, _ in cands:
@@ -416,7 +418,7 @@ def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Paral
     chain (:meth:`DeviceTotals.rows`); on several, one :func:`parallel_step_memory` per shared
     configuration (the activation terms shared across layouts).
     """
-    reps, which = _shared_rows(spec, cands)  # shared key -> the first candidate with it (evaluated for all)
+    reps, which = _shared_rows(spec, cands, totals.ties)  # shared key -> the first candidate with it (evaluated for all)
     states = {k: model_state(spec, r) for k, r in reps.items()}
     results: dict[Parallel, tuple] = {}
     terms: dict[tuple, dict] = {}
@@ -460,16 +462,20 @@ def _choices(total: np.ndarray, times: list[StepTime], which: np.ndarray, usable
     return best.tolist(), total[at].tolist(), ok[at].tolist(), tps[at].tolist(), step[at].tolist()
 
 
-def _shared_rows(spec: ModelSpec, cands: list) -> tuple[dict, np.ndarray]:
+def _shared_rows(spec: ModelSpec, cands: list, ties: dict) -> tuple[dict, np.ndarray]:
     """(shared key -> the first candidate with it, each candidate's row among them): :func:`_shared_key`, whether
-    flash ties sdpa asked once per configuration but its optimiser and attention."""
-    ties: dict[tuple, bool] = {}
+    flash ties sdpa asked once per configuration but its optimiser and attention (kept in ``ties``, a planning
+    call's :attr:`DeviceTotals.ties`)."""
+    try:
+        hash(spec)
+    except TypeError:  # a spec built with list fields (from a log's JSON): nothing kept between calls
+        ties = {}
     keys = []
     for cfg, _ in cands:
         if cfg.attention.same_as is None:
             keys.append(_shared_key(cfg, False))
             continue
-        base = fields_but(cfg, "optimizer", "attn")
+        base = (spec, fields_but(cfg, "optimizer", "attn"))
         if base not in ties:
             ties[base] = ties_stand_in(spec, cfg)
         keys.append(_shared_key(cfg, ties[base]))
@@ -526,7 +532,7 @@ def _setup_best(spec: ModelSpec, method: str, card: GPUSpec, current_fits: bool,
         return None
     limits = _limits(cands, capacity, req.margin, False)
     usable = [u for _, u in limits]
-    reps, which = _shared_rows(spec, cands)
+    reps, which = _shared_rows(spec, cands, totals.ties)
     total = _single_totals(spec, cands, card, reps, which, grid[0], grid[1], totals)
     if not _listable(total, usable, capacity, current_fits):
         return None
