@@ -59,7 +59,9 @@ def test_every_attribute_of_a_kernel_is_read_by_the_package():
     """Each attribute names a mechanism some site asks about: a field nothing reads is dead (and a site comparing
     names instead would leave one unread)."""
     sources = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py") if p.name != "attention.py")
-    names = [f.name for f in dataclasses.fields(AttentionKernel)] + ["note"]
+    # and what the definition's own methods read of it (``self.x``; its docstrings name attributes too)
+    sources += "\n".join(line for line in (PACKAGE / "attention.py").read_text().splitlines() if "self." in line)
+    names = [f.name for f in dataclasses.fields(AttentionKernel)] + ["note", "runs_on"]
     unread = [n for n in names if not re.search(rf"\.{n}\b", sources)]
     assert not unread, unread
 
@@ -323,3 +325,15 @@ def test_the_search_plans_flash_apart_where_it_does_not_tie_sdpa():
             assert flash_at_sdpa_batch < sdpa.peak_bytes and flash.config.batch >= sdpa.config.batch
         else:
             assert (flash.peak_bytes, flash.config.batch) == (sdpa.peak_bytes, sdpa.config.batch)
+
+
+def test_the_search_tries_what_the_card_runs_from_the_definitions(twins):
+    """The kernels a search tries come from the definitions: never one that materialises its scores, one that needs
+    card support only on a card that has it -- a twin defined only in attention.py is tried as its original."""
+    from vramplan.attention import searched_kernels
+
+    assert searched_kernels(get_gpu("a100-80gb"))[:2] == ["sdpa", "flash"]
+    assert searched_kernels(get_gpu("t4"))[:1] == ["sdpa"] and "flash" not in searched_kernels(get_gpu("t4"))
+    for twin, name in twins.items():
+        for card in ("a100-80gb", "t4"):
+            assert (twin in searched_kernels(get_gpu(card))) == (name in searched_kernels(get_gpu(card)))

@@ -76,6 +76,11 @@ class AttentionKernel:
     package: str | None = None
     module: str | None = None
 
+    def runs_on(self, gpu) -> bool:
+        """Whether ``gpu`` (a :class:`~vramplan.gpus.GPUSpec`) runs this implementation: one that needs card
+        support (flash-attn: Ampere or newer) only where the card has it (``GPUSpec.flash_attention``)."""
+        return not self.needs_card_support or bool(gpu.flash_attention)
+
     @property
     def note(self) -> str:
         """How a plan running this implementation is told from one running another (fit's alternatives):
@@ -104,6 +109,13 @@ def attention_kernel(name: str) -> AttentionKernel:
         return KERNELS[name]
     except KeyError:
         raise unknown("attention implementation", str(name), list(KERNELS)) from None
+
+
+def searched_kernels(gpu) -> list[str]:
+    """The implementations a settings search tries on ``gpu`` when none is asked for, in catalogue order: those
+    that do not materialise their scores (eager is planned only when asked for: it never saves memory or time)
+    and that the card runs (:meth:`AttentionKernel.runs_on`)."""
+    return [k.name for k in KERNELS.values() if not k.materialises_scores and k.runs_on(gpu)]
 
 
 def default_kernel() -> AttentionKernel:

@@ -34,10 +34,13 @@ def _add_plan_args(p: argparse.ArgumentParser, *, single: bool = True, model_req
                    + ("" if single else "; fit also tries all-linear") + ")")
     p.add_argument("--precision", default=None, help="bf16|bf16-mixed|fp16-mixed|fp32 (default: the stack's; "
                    "bf16-mixed for hf, bf16 for torchtune/litgpt)")
+    from .request import ATTENTION, DEFAULT_ATTENTION
+
     if single:
-        p.add_argument("--attn", default="sdpa", help="eager|sdpa|flash (default sdpa)")
+        p.add_argument("--attn", default=DEFAULT_ATTENTION, help=f"{'|'.join(ATTENTION)} (default {DEFAULT_ATTENTION})")
     else:
-        p.add_argument("--attn", default=None, help="eager|sdpa|flash (default: search sdpa and flash)")
+        p.add_argument("--attn", default=None, help=f"{'|'.join(ATTENTION)} (default: search those the card runs, "
+                       "eager only when asked for)")
     if single:
         p.add_argument("--alpha", type=arg_real("alpha", lo=-1e6), default=None, help="LoRA alpha (default = rank)")
         p.add_argument("--dropout", type=arg_real("dropout", lo=0.0, hi=1.0, hi_open=True), default=0.0,
@@ -479,7 +482,9 @@ def _matrix_parser(sub) -> None:
     x.add_argument("--targets", default=None, help="q_proj,v_proj | all-linear (default: PEFT's for the model)")
     x.add_argument("--precision", default=None, help="bf16|bf16-mixed|fp16-mixed|fp32 (default: the stack's; "
                    "bf16-mixed for hf, bf16 for torchtune/litgpt)")
-    x.add_argument("--attn", default="sdpa", help="eager|sdpa|flash (default sdpa)")
+    from .request import ATTENTION, DEFAULT_ATTENTION
+
+    x.add_argument("--attn", default=DEFAULT_ATTENTION, help=f"{'|'.join(ATTENTION)} (default {DEFAULT_ATTENTION})")
     _add_stack_args(x)
     _add_method_option_args(x)
     x.add_argument("--format", default=None, help="md,csv,html,png (default: md to stdout; all four with --out)")

@@ -21,7 +21,7 @@ from .methods import method_options as method_options_for
 from .models import ModelSpec, get_model
 from .optimizers import DEFAULT_OPTIMIZER, get_optimizer
 from .precision import DEFAULT_REGIME, get_regime
-from .request import ATTENTION, ConfigRequest
+from .request import ATTENTION, DEFAULT_ATTENTION, ConfigRequest
 from .stacks import DEFAULT_STACK, behaviour_on, effective_regime, get_stack, parse_techniques, parse_versions
 
 
@@ -80,7 +80,7 @@ class TrainConfig:
     grad_ckpt: bool = False
     optimizer: str = DEFAULT_OPTIMIZER
     precision: str = DEFAULT_REGIME
-    attn: str = "sdpa"
+    attn: str = DEFAULT_ATTENTION
     framework: str = DEFAULT_STACK
     techniques: tuple[str, ...] = ()
     double_quant: bool = True

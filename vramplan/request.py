@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Sequence
 
 from . import validate as v
 from .attention import KERNELS as ATTENTION_KERNELS
+from .attention import default_kernel
 from .errors import VramplanError, did_you_mean
 from .optimizers import DEFAULT_OPTIMIZER
 from .stacks import DEFAULT_STACK
@@ -38,6 +39,8 @@ from .verdict import DEFAULT_MARGIN
 
 #: Attention implementations a configuration may name (their definitions: :mod:`vramplan.attention`).
 ATTENTION = tuple(ATTENTION_KERNELS)
+#: The attention implementation a configuration runs when none is asked for (``sdpa``).
+DEFAULT_ATTENTION = default_kernel().name
 #: The matrix's default benchmark grid: 5 sequence lengths x 8 micro-batches (:func:`vramplan.matrix.peak_grid`).
 BENCH_SEQS = (512, 1024, 2048, 4096, 8192)
 BENCH_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -197,7 +200,7 @@ class GridFields(StackFields):
     gpus: Any = "all"
     seqs: Any = 2048
     precision: str | None = None
-    attn: str = "sdpa"
+    attn: str = DEFAULT_ATTENTION
     rank: int = 8
     targets: Any = None
 
@@ -230,7 +233,7 @@ class ConfigRequest(StackFields, Request):
     grad_ckpt: bool | None = None
     optimizer: str = DEFAULT_OPTIMIZER
     precision: str | None = None
-    attn: str = "sdpa"
+    attn: str = DEFAULT_ATTENTION
     double_quant: bool = True
     ppo_response: int | None = None
     versions: Any = None

@@ -49,7 +49,7 @@ def check_card(cfg_precision: str | None, method: str, adapter: str | None, attn
         raise VramplanError(f"{gpu.display_name} (compute capability {gpu.compute_capability}) has no bf16",
                             "use --precision fp16-mixed or fp32")
     kernel = attention_kernel(attn)
-    if kernel.needs_card_support and not gpu.flash_attention:
+    if not kernel.runs_on(gpu):
         raise VramplanError(f"{gpu.display_name} does not run {kernel.title}",
                             f"use --attn {kernel.same_as or default_kernel().name}")
     if resolve(method, adapter).adapter.quantized_base and not getattr(gpu, "bf16", True) and gpu.cc < (7, 0):

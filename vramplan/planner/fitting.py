@@ -16,7 +16,7 @@ from ..errors import VramplanError
 from ..gpus import GPUSpec, get_gpu
 from ..methods import default_methods
 from ..models import ModelSpec, get_model
-from ..request import FitRequest, SearchRequest, call_request
+from ..request import DEFAULT_ATTENTION, FitRequest, SearchRequest, call_request
 from ..results import Estimate
 from ..verdict import DEFAULT_MARGIN, LIKELY_OVER, Verdict, classify
 from .checks import accum_for, check_card, moe_qlora_note, resolve_gpu, techniques_text
@@ -287,7 +287,7 @@ def _fit_method(ctx: _FitContext, name: str) -> FitRow:
     from .search import other_setups, search
 
     req, spec, card = ctx.req, ctx.spec, ctx.card
-    sreq = ctx.search_request(check_card(req.precision, name, None, req.attn or "sdpa", card, ctx.framework))
+    sreq = ctx.search_request(check_card(req.precision, name, None, req.attn or DEFAULT_ATTENTION, card, ctx.framework))
     card_m = ctx.method_card(name)
     if card_m is not card:  # the step has part of the card: a colocated engine's share is judged on the whole
         sreq = sreq.with_(whole_card_bytes=card.memory_bytes)

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from ..attention import searched_kernels
 from ..config import TrainConfig, check_rank, fields_but, make_config
 from ..distributed import (SINGLE, STRATEGIES, Parallel, accumulation_step_memory, make_parallel,
                            parallel_step_memory, shard_state)
@@ -47,7 +48,7 @@ from ..phases import filled
 from ..methods import Adapter, resolve
 from ..models import ModelSpec
 from ..overheads import card_profile
-from ..request import SearchRequest
+from ..request import DEFAULT_ATTENTION, SearchRequest
 from ..throughput import StepTime, StepTimeInputs, step_time_rows, time_to_train
 from ..units import GIB
 from ..verdict import DEFAULT_MARGIN, Verdict, classify, comfortable_limit
@@ -345,7 +346,7 @@ def _engines_start(spec: ModelSpec, card: GPUSpec, req: SearchRequest, cands: li
 
 def _searched(card: GPUSpec, fixed: dict) -> tuple[list, list, list]:
     """(checkpointing, optimisers, attentions) a search tries (:func:`_combos`'): a fixed setting, else every choice."""
-    attn = [fixed["attn"]] if fixed.get("attn") else (["sdpa", "flash"] if card.flash_attention else ["sdpa"])
+    attn = [fixed["attn"]] if fixed.get("attn") else searched_kernels(card)
     gcs = [fixed["grad_ckpt"]] if fixed.get("grad_ckpt") is not None else [False, True]
     opts = [fixed["optimizer"]] if fixed.get("optimizer") else list(OPTIMIZERS)
     return gcs, opts, attn
@@ -617,7 +618,7 @@ def _listing_filter(spec: ModelSpec, card: GPUSpec, margin: float, current_fits:
         return floor is not None and floor > limit and (current_fits or floor >= capacity + 1)
 
     def can_list(base: TrainConfig, optimizer: str) -> bool:
-        key = base.with_(grad_ckpt=False, optimizer=optimizer, attn="sdpa")
+        key = base.with_(grad_ckpt=False, optimizer=optimizer, attn=DEFAULT_ATTENTION)
         band = (key.framework, key.method, key.adapter)
         if band not in limits:
             limits[band] = _limits([(key, None)], capacity, margin, False)[0][1]
@@ -794,7 +795,7 @@ def _frugal_cfg(spec: ModelSpec, method: str, req: SearchRequest):
     """The least-memory configuration of ``method``: GC on, 8-bit AdamW, the QLoRA fallback, batch 1, sdpa."""
     choices = adapters_for(method, req.adapter)
     m, ad, _ = choices[-1]
-    return make_config(spec, m, adapter=ad, batch=1, grad_ckpt=True, optimizer="adamw_8bit", attn="sdpa",
+    return make_config(spec, m, adapter=ad, batch=1, grad_ckpt=True, optimizer="adamw_8bit", attn=DEFAULT_ATTENTION,
                        rank=req.rank or 8, targets=req.targets,
                        **req.pick("seq", "precision", "ppo_response", "framework", "techniques", "method_options"))
 
@@ -912,7 +913,7 @@ def least_total(spec: ModelSpec, method: str, card: GPUSpec, settings: "SearchRe
     if any(p.distributed for p in parallels):
         return None
     totals = req.totals or DeviceTotals()
-    fixed = dict(req.fixed, grad_ckpt=False, attn="sdpa")
+    fixed = dict(req.fixed, grad_ckpt=False, attn=DEFAULT_ATTENTION)
     try:
         cands = _candidates(spec, method, card, req, fixed)
     except VramplanError:
@@ -966,7 +967,7 @@ def other_setups(spec: ModelSpec, method: str, card: GPUSpec, request: SearchReq
     current_fits = current is not None and current.peak_bytes <= current.capacity_bytes
     for fw, prec, kind in tries:
         try:
-            p = check_card(prec, method, None, req.attn or "sdpa", card, fw)
+            p = check_card(prec, method, None, req.attn or DEFAULT_ATTENTION, card, fw)
             # the setup's best plan, or None: its candidates' floors (_listing_filter) skip those that cannot be
             # listed before any device total or step time, a setup that fits the card nowhere entirely
             listed = _setup_best(spec, method, card, current_fits, req.with_(framework=fw, precision=p))
