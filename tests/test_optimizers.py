@@ -113,3 +113,35 @@ def test_trainer_optimizer_names_come_from_the_catalogue():
     assert set(TRAINER_NAMES.values()) == set(OPTIMIZERS)
     with pytest.raises(VramplanError, match="not modelled"):
         map_optimizer("lion_32bit", [])
+
+
+def test_an_optimizer_keeping_anothers_states_is_evaluated_and_listed_as_that_one(monkeypatch):
+    """``same_states_as`` (optimizers.toml): paged 8-bit AdamW keeps 8-bit AdamW's states; the search keys the two
+    as one from the data (another optimiser given it is keyed so too), and the catalogue refuses a twin whose states
+    differ."""
+    import vramplan.optimizers as opts_mod
+    from dataclasses import replace
+
+    from vramplan.config import make_config
+    from vramplan.models import get_model
+    from vramplan.planner.search import _shared_key
+
+    assert get_optimizer("paged_adamw_8bit").same_states_as == "adamw_8bit"
+    cfg = make_config(get_model("llama-3.2-1b"), "lora")
+    key = _shared_key(cfg.with_(optimizer="adamw_8bit"), True)
+    assert _shared_key(cfg.with_(optimizer="paged_adamw_8bit"), True) == key
+    assert _shared_key(cfg.with_(optimizer="paged_adamw_32bit"), True) != _shared_key(cfg.with_(optimizer="adamw"), True)
+    twin = replace(OPTIMIZERS["paged_adamw_32bit"], same_states_as="adamw")
+    monkeypatch.setitem(opts_mod._AS_WRITTEN, "paged_adamw_32bit", twin)
+    assert _shared_key(cfg.with_(optimizer="paged_adamw_32bit"), True) == _shared_key(cfg.with_(optimizer="adamw"), True)
+
+    data = {name: dict(e) for name, e in opts_mod.load_data("optimizers.toml").items()}
+    data["paged_adamw_32bit"]["same_states_as"] = "adamw_8bit"  # two fp32 states vs two 8-bit ones
+    monkeypatch.setattr(opts_mod, "load_data", lambda _name: data)
+    opts_mod.optimizers.cache_clear()
+    try:
+        with pytest.raises(VramplanError, match="same_states_as"):
+            opts_mod.optimizers()
+    finally:
+        monkeypatch.undo()
+        opts_mod.optimizers.cache_clear()

@@ -61,6 +61,9 @@ class OptimizerDef:
     name: str
     summary: str
     paged: bool = False
+    #: the optimiser whose states, temporaries and update this one keeps exactly (its paged twin's: on the GPU
+    #: while they fit), or None
+    same_states_as: str | None = None
     source: str = ""
     #: state tensors per parameter tensor
     states: int = 0
@@ -186,7 +189,8 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-_KEYS = {"summary", "source", "states", "state_bytes", "scalar_bytes", "factored", "quantized", "paged", "state_label",
+_KEYS = {"summary", "source", "states", "state_bytes", "scalar_bytes", "factored", "quantized", "paged", "same_states_as",
+         "state_label",
          "label", "trainer_names", "trainer_notes",
          "loop_temp_states", "largest_fp32_copies", "stream_param_bytes", "stream_fixed_bytes", "loop_stream_factor",
          "bandwidth_efficiency", "class", "kwargs", "loop_kwargs", "trainer_kwargs", "meta_trainer_class",
@@ -206,6 +210,7 @@ def _parse(name: str, e: dict) -> OptimizerDef:
                                                  int(q["min_size"]))
         opt = OptimizerDef(
             name=name, summary=str(e["summary"]), paged=bool(e.get("paged", False)), source=str(e["source"]),
+            same_states_as=None if e.get("same_states_as") is None else str(e["same_states_as"]),
             states=int(e["states"]), state_bytes_per_element=None if sb == "param" else int(sb),
             scalar_bytes=int(e.get("scalar_bytes", 0)), factored=bool(e.get("factored", False)), quantized=quant,
             state_label=str(e.get("state_label", "")), label=str(e.get("label", name)),
@@ -237,6 +242,12 @@ def optimizers() -> dict[str, OptimizerDef]:
     out = {name: _parse(name, e) for name, e in load_data("optimizers.toml").items()}
     seen: dict[str, str] = {}
     for opt in out.values():
+        twin = out.get(opt.same_states_as) if opt.same_states_as else opt
+        if twin is None or twin.same_states_as is not None or (opt.same_states_as and (
+                (twin.states, twin.state_bytes_per_element, twin.scalar_bytes, twin.quantized, twin.factored)
+                != (opt.states, opt.state_bytes_per_element, opt.scalar_bytes, opt.quantized, opt.factored))):
+            raise VramplanError(f"optimizers.toml: {opt.name}'s same_states_as {opt.same_states_as!r} is not an "
+                                "optimiser with the same states (and none of its own same_states_as)")
         for tn in opt.trainer_names:
             if seen.setdefault(tn, opt.name) != opt.name:
                 raise VramplanError(f"optimizers.toml: trainer name {tn!r} is given to {seen[tn]} and {opt.name}")

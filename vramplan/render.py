@@ -17,10 +17,9 @@ from .verdict import LIKELY_OVER, label
 
 
 def _paged_8bit(optimizer: str) -> bool:
-    """A paged 8-bit optimizer: it ties its unpaged twin exactly on the card (paging moves states only under
-    memory pressure), so ``fit --top`` lists the simpler one."""
-    opt = get_optimizer(optimizer)
-    return opt.paged and opt.quantized is not None
+    """An optimizer that keeps another's states exactly (``OptimizerDef.same_states_as``: paged 8-bit AdamW, whose
+    states are paged only under memory pressure): ``fit --top`` lists the simpler one."""
+    return get_optimizer(optimizer).same_states_as is not None
 
 def render_estimate(est: Estimate, console: Console) -> None:
     cfg = est.config

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..attention import searched_kernels
+from ..optimizers import get_optimizer
 from ..config import TrainConfig, check_rank, fields_but, make_config
 from ..distributed import (SINGLE, STRATEGIES, Parallel, accumulation_step_memory, make_parallel,
                            parallel_step_memory, shard_state)
@@ -271,7 +272,6 @@ def _candidates(spec: ModelSpec, method: str, card: GPUSpec, req: SearchRequest,
         VramplanError: a rank or targets the caller fixed is invalid for the model (a searched
             rank larger than a small model's layer is skipped instead).
     """
-    from ..optimizers import get_optimizer
 
     out: list[tuple[TrainConfig, str | None]] = []
     seen: set = set()
@@ -395,7 +395,8 @@ def _resolve_once(cfg: TrainConfig) -> None:
 
 def _shared_key(cfg: TrainConfig, tie: bool) -> tuple:
     """The key of the configuration whose tensors and time ``cfg`` shares: its fields, with flash as sdpa where
-    they tie (``tie``: :func:`vramplan.memory.ties_stand_in`) and paged 8-bit AdamW as 8-bit AdamW
+    they tie (``tie``: :func:`vramplan.memory.ties_stand_in`) and an optimiser as the one whose states it keeps
+    (``OptimizerDef.same_states_as``: paged 8-bit AdamW as 8-bit AdamW)
     (:func:`~vramplan.config.fields_but` and the two: equal exactly when those configurations are).
 
     flash and sdpa run the same kernels (SDPA dispatches to FlashAttention-2) and save the same tensors unless
@@ -405,7 +406,7 @@ def _shared_key(cfg: TrainConfig, tie: bool) -> tuple:
     totals differ (paged states live outside the allocator's reserve): one per optimiser.
     """
     return (fields_but(cfg, "optimizer", "attn"), (cfg.attention.same_as if tie else None) or cfg.attn,
-            "adamw_8bit" if cfg.optimizer == "paged_adamw_8bit" else cfg.optimizer)
+            get_optimizer(cfg.optimizer).same_states_as or cfg.optimizer)
 
 
 def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Parallel], grids: dict, prof,
