@@ -12,9 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..attention import KERNELS
 from ..errors import VramplanError
 from ..models import ModelSpec
 from ..optimizers import optimizers as _catalogue
+from ..request import DEFAULT_ATTENTION
 from ..results import Estimate
 
 #: HF ``TrainingArguments.optim`` / Axolotl ``optimizer`` names -> vramplan optimizers: each optimizer's
@@ -22,14 +24,10 @@ from ..results import Estimate
 #: ``optimizer`` option takes the same names).
 OPTIMIZERS: dict[str, str] = {tn: opt.name for opt in _catalogue().values() for tn in opt.trainer_names}
 
-#: ``attn_implementation`` / ``_attn_implementation`` -> vramplan ``--attn``.
-ATTENTION: dict[str, str] = {
-    "eager": "eager",
-    "sdpa": "sdpa",
-    "flash_attention_2": "flash",
-    "flash_attention_3": "flash",
-    "flash": "flash",
-}
+#: ``attn_implementation`` / ``_attn_implementation`` -> vramplan ``--attn``: each kernel's transformers name
+#: (``AttentionKernel.hf_name``) and its own; FlashAttention-3 (Hopper) is planned as flash-attn 2's kernels.
+ATTENTION: dict[str, str] = {**{k.name: k.name for k in KERNELS.values()}, **{k.hf_name: k.name for k in KERNELS.values()},
+                             "flash_attention_3": "flash"}
 
 def map_optimizer(name: Any, notes: list[str]) -> str:
     """A trainer's optimizer name (string or ``OptimizerNames`` enum) as a vramplan optimizer."""
@@ -45,10 +43,11 @@ def map_optimizer(name: Any, notes: list[str]) -> str:
 
 
 def map_attention(name: Any, notes: list[str]) -> str:
-    text = str(name or "sdpa").lower()
+    """A trainer's ``attn_implementation`` as a vramplan attention (unset or not modelled: the default, noted)."""
+    text = str(name or DEFAULT_ATTENTION).lower()
     if text not in ATTENTION:
-        notes.append(f"attention {text!r} is not modelled; planned as sdpa")
-        return "sdpa"
+        notes.append(f"attention {text!r} is not modelled; planned as {DEFAULT_ATTENTION}")
+        return DEFAULT_ATTENTION
     return ATTENTION[text]
 
 
