@@ -693,7 +693,7 @@ def sdpa_masked_fraction(model: ModelSpec, cfg: TrainConfig, seq):
     return np.where(s > model.sliding_window, model.sliding_fraction, 0.0)
 
 
-def layer_backward_transient(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens, seq, attn: str,
+def layer_backward_transient(model: ModelSpec, copy: ModelCopy, regime: Regime, tokens,
                              kbit_upcast: bool = True, targets: tuple[str, ...] = ()):
     """Gradient buffers alive while one layer runs backward (above its saved tensors), bytes.
 

@@ -610,8 +610,7 @@ def _layer_terms(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, T, s, zero
         layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s)
     # without checkpointing ``acts`` holds the whole last layer, whose MLP block is not made yet at its softmax
     ahead = 0 if (cfg.grad_ckpt or not cfg.attention.materialises_scores) else layer - attn_layer
-    transient = act.layer_backward_transient(model, copy, regime, T, s, cfg.attn, cfg.stack.kbit_upcast,
-                                             tuple(cfg.targets))
+    transient = act.layer_backward_transient(model, copy, regime, T, cfg.stack.kbit_upcast, tuple(cfg.targets))
     return dict(layer=layer, layer_attn=attn_layer, transient=transient,
                 transient_linear=act.linear_backward_transient(model, copy, regime, T, transient,
                                                                cfg.stack.kbit_upcast, tuple(cfg.targets)),
