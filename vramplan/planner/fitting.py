@@ -20,7 +20,7 @@ from ..request import DEFAULT_ATTENTION, FitRequest, SearchRequest, call_request
 from ..results import Estimate
 from ..verdict import DEFAULT_MARGIN, LIKELY_OVER, Verdict, classify
 from .checks import accum_for, check_card, moe_qlora_note, resolve_gpu, techniques_text
-from .estimating import engine_starts, estimate_config, step_capacity
+from .estimating import estimate_config, step_capacity
 
 if TYPE_CHECKING:
     from ..prices import Price
@@ -366,9 +366,6 @@ def _advice(ctx: _FitContext, name: str, card_m: GPUSpec, sreq: SearchRequest, m
 
     advice = recommend_techniques(ctx.spec, chosen.config, ctx.card, parallel=chosen.parallel, margin=ctx.margin,
                                   base=est)
-    if not engine_starts(ctx.spec, chosen.config, ctx.card):
-        # the step's techniques leave a colocated engine whose weights do not load in its share as it is
-        advice.fits = advice.comfortable = False
     if mp.best is None and advice.recommended and advice.fits:
         # the search's best with the techniques on, else its fastest plan within the card its step has
         advice.plan = fastest_plan(ctx.spec, name, card_m, sreq.with_(techniques=ctx.techniques + advice.techniques))

@@ -20,7 +20,7 @@ from ..stacks import techniques
 from ..units import GIB
 from ..verdict import DEFAULT_MARGIN
 from ..overheads import card_profile
-from .estimating import Peaks, estimate_peaks, estimate_peaks_rows, step_capacity
+from .estimating import Peaks, engine_starts, estimate_peaks, estimate_peaks_rows, step_capacity
 
 if TYPE_CHECKING:
     from .search import Plan
@@ -76,8 +76,8 @@ class TechniqueAdvice:
     savings: list[TechniqueSaving]
     recommended: list[TechniqueSaving]
     peak_with_bytes: int
-    fits: bool          # with the recommended set: peak <= capacity
-    comfortable: bool   # with the recommended set: peak <= usable
+    fits: bool          # with the recommended set: peak <= capacity (and a colocated engine loads in its share)
+    comfortable: bool   # with the recommended set: peak <= usable (likewise)
     plan: Plan | None = None
 
     @property
@@ -267,7 +267,9 @@ def recommend_techniques(model, cfg: TrainConfig, gpu, *, parallel: Parallel | N
         recommended.append(saving(name, before, after))
         before = after
     final = before
+    # no technique of the step makes room for a colocated engine whose weights do not load in its share
+    starts = engine_starts(spec, cfg, card)
     return TechniqueAdvice(config=cfg, peak_bytes=int(base.peak_bytes), tensor_peak_bytes=int(base.tensor_peak_bytes),
                            capacity_bytes=capacity, usable_bytes=usable, savings=singles, recommended=recommended,
-                           peak_with_bytes=int(final.peak_bytes), fits=bool(final.peak_bytes <= capacity),
-                           comfortable=bool(final.peak_bytes <= usable))
+                           peak_with_bytes=int(final.peak_bytes), fits=bool(starts and final.peak_bytes <= capacity),
+                           comfortable=bool(starts and final.peak_bytes <= usable))
