@@ -16,7 +16,7 @@ from .verdict import LIKELY_OVER, label
 
 
 
-def _paged_8bit(optimizer: str) -> bool:
+def _keeps_anothers_states(optimizer: str) -> bool:
     """An optimizer that keeps another's states exactly (``OptimizerDef.same_states_as``: paged 8-bit AdamW, whose
     states are paged only under memory pressure): ``fit --top`` lists the simpler one."""
     return get_optimizer(optimizer).same_states_as is not None
@@ -229,7 +229,7 @@ def _render_ranked_plans(report, console: Console, top: int) -> None:
     for r in report.rows:
         # paged 8-bit AdamW ties 8-bit AdamW, and flash ties sdpa where neither builds a mask the other does not
         # (vramplan.attention): list the simpler one only
-        all_plans = [p for p in getattr(r, "plans", []) if not _paged_8bit(p.config.optimizer)]
+        all_plans = [p for p in getattr(r, "plans", []) if not _keeps_anothers_states(p.config.optimizer)]
         listed = [p for p in all_plans if not _ties_a_listed_twin(p, all_plans)]
         plans = listed[:top]
         # an adapter with no plan among those (LoRA behind its QLoRA fallback): show its first, to say why

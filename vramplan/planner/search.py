@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 
 from ..attention import searched_kernels
-from ..optimizers import get_optimizer
 from ..config import TrainConfig, check_rank, fields_but, make_config
 from ..distributed import (SINGLE, STRATEGIES, Parallel, accumulation_step_memory, make_parallel,
                            parallel_step_memory, shard_state)
@@ -48,6 +47,7 @@ from ..memory import StepMemory, model_state, step_memory_rows_shared, step_term
 from ..phases import filled
 from ..methods import Adapter, resolve
 from ..models import ModelSpec
+from ..optimizers import get_optimizer
 from ..overheads import card_profile
 from ..request import DEFAULT_ATTENTION, SearchRequest
 from ..throughput import StepTime, StepTimeInputs, step_time_rows, time_to_train
@@ -272,7 +272,6 @@ def _candidates(spec: ModelSpec, method: str, card: GPUSpec, req: SearchRequest,
         VramplanError: a rank or targets the caller fixed is invalid for the model (a searched
             rank larger than a small model's layer is skipped instead).
     """
-
     out: list[tuple[TrainConfig, str | None]] = []
     seen: set = set()
     built: dict[tuple, TrainConfig | None] = {}
@@ -829,16 +828,13 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
 
     def comfy(g: GPUSpec) -> int:  # the comfortable limit of the step on card g (margin and the band's upper end)
         return comfortable_limit(step_capacity(g, cfg), hi, margin)
-
-    def starts(g: GPUSpec) -> bool:  # a colocated engine's weights load in its share of card g
-        return engine_starts(spec, cfg, g)
     # 1. the smallest card of the catalogue
     cards = sorted(catalogue().values(), key=lambda g: (g.memory_bytes, -g.bf16_tflops))
     mem = step_memory_for(spec, cfg, SINGLE, components=DEVICE_CHAIN_READS)  # read by the device chain only
     for g in cards:
         if g.memory_bytes <= card.memory_bytes or (cfg.precision != "fp32" and "bf16" in cfg.precision and not g.bf16):
             continue
-        if starts(g) and float(totals(mem, cfg, g, SINGLE)) <= comfy(g):
+        if engine_starts(spec, cfg, g) and float(totals(mem, cfg, g, SINGLE)) <= comfy(g):
             step = step_capacity(g, cfg)
             out.append(Suggestion("gpu", f"1x {g.name} ({g.memory_bytes / GIB:.0f} GiB"
                                   + (f", {step / GIB:.1f} GiB of it the step's" if step != g.memory_bytes else "") + ")"
@@ -846,7 +842,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
                                   {"gpu": g.name, "capacity_bytes": g.memory_bytes}
                                   | ({"step_capacity_bytes": step} if step != g.memory_bytes else {})))
             break
-    if not starts(card):
+    if not engine_starts(spec, cfg, card):
         return out  # more of this card, offload or a shorter sequence leave the engine's share as small
     # 2. more of this card with ZeRO-3 / FSDP (the activation terms of one GPU's micro-batch, for every layout)
     terms: list[dict] = []
