@@ -236,18 +236,22 @@ def _parse(name: str, e: dict) -> OptimizerDef:
     return opt
 
 
+def _state_layout(opt: OptimizerDef) -> tuple:
+    """What an optimiser's states are (count, bytes per element, per-tensor scalars, quantisation, factoring)."""
+    return opt.states, opt.state_bytes_per_element, opt.scalar_bytes, opt.quantized, opt.factored
+
+
 @lru_cache(maxsize=None)
 def optimizers() -> dict[str, OptimizerDef]:
     """Every optimiser of ``vramplan/data/optimizers.toml``, validated (read once)."""
     out = {name: _parse(name, e) for name, e in load_data("optimizers.toml").items()}
     seen: dict[str, str] = {}
     for opt in out.values():
-        twin = out.get(opt.same_states_as) if opt.same_states_as else opt
-        if twin is None or twin.same_states_as is not None or (opt.same_states_as and (
-                (twin.states, twin.state_bytes_per_element, twin.scalar_bytes, twin.quantized, twin.factored)
-                != (opt.states, opt.state_bytes_per_element, opt.scalar_bytes, opt.quantized, opt.factored))):
-            raise VramplanError(f"optimizers.toml: {opt.name}'s same_states_as {opt.same_states_as!r} is not an "
-                                "optimiser with the same states (and none of its own same_states_as)")
+        if opt.same_states_as is not None:
+            twin = out.get(opt.same_states_as)
+            if twin is None or twin.same_states_as is not None or _state_layout(twin) != _state_layout(opt):
+                raise VramplanError(f"optimizers.toml: {opt.name}'s same_states_as {opt.same_states_as!r} is not an "
+                                    "optimiser with the same states (and none of its own same_states_as)")
         for tn in opt.trainer_names:
             if seen.setdefault(tn, opt.name) != opt.name:
                 raise VramplanError(f"optimizers.toml: trainer name {tn!r} is given to {seen[tn]} and {opt.name}")
