@@ -373,8 +373,8 @@ class StepTime:
                         source=self.source, parts={k: pick(v) for k, v in self.parts.items()})
 
     def json_at(self, index=()) -> dict:
-        """``self.at(index).to_json()``, without building the scalar StepTime (a fit's JSON writes one per plan
-        listed): the same values, rounded alike."""
+        """The JSON of the scalar StepTime at ``index`` (``self.at(index).to_json()``), without building it (a fit's
+        JSON writes one per plan listed): every value rounded for JSON; ``to_json`` is this at ``()``."""
         pick = self._picker(index)
         return {"step_time_s": round(pick(self.step_s), 6), "micro_step_s": round(pick(self.micro_s), 6),
                 "optimizer_s": round(pick(self.optimizer_s), 6), "comm_s": round(pick(self.comm_s), 6),
@@ -385,12 +385,8 @@ class StepTime:
                 "parts_s": {k: round(pick(v), 6) for k, v in self.parts.items()}}
 
     def to_json(self) -> dict:
-        f = lambda v: round(float(v), 6)  # noqa: E731
-        return {"step_time_s": f(self.step_s), "micro_step_s": f(self.micro_s), "optimizer_s": f(self.optimizer_s),
-                "comm_s": f(self.comm_s), "host_s": f(self.host_s), "tokens_per_step": int(round(float(self.tokens_per_step))),
-                "tokens_per_s": round(float(self.tokens_per_s), 1), "achieved_tflops": round(float(self.achieved_tflops), 2),
-                "mfu": round(float(self.mfu), 4), "grad_accum": int(self.grad_accum), "calibrated": self.calibrated,
-                "source": self.source, "parts_s": {k: f(v) for k, v in self.parts.items()}}
+        """A scalar StepTime's JSON (:meth:`json_at`, the one layout)."""
+        return self.json_at()
 
 
 _LOAD = object()  # StepTimeInputs(profile=...) default: look the card's profile up
