@@ -4,7 +4,7 @@ Usage: python benchmarks/cli_speed.py [--runs 5] [--bytecode] [--profile] [--ins
 
 Prints the wall time and the CPU time (user + system, of the child) of each run of
 `vramplan fit --model 13b --gpu rtx4000ada --json` (a fresh interpreter each time, imports
-included), the medians, and whether torch was imported. On a shared machine the wall time
+included, through the script's entry point ``vramplan.__main__.main``), the medians, and whether torch was imported. On a shared machine the wall time
 includes waiting for a core; the CPU time is what the command itself costs.
 
 ``--bytecode``: run with compiled bytecode, as an installed package has it (pip compiles it on
@@ -47,6 +47,9 @@ def _child_cpu() -> float:
 def _profile() -> None:
     t0 = time.perf_counter()
     c0 = time.process_time()
+    from vramplan.__main__ import import_numpy_single_threaded
+
+    import_numpy_single_threaded()  # as the entry point does
     from vramplan.cli import main  # noqa: E402 - timed on purpose
 
     t1, c1 = time.perf_counter(), time.process_time()
@@ -70,7 +73,8 @@ def main() -> int:
     if args.profile:
         _profile()
         return 0
-    cmd = [sys.executable, "-c", "import sys; from vramplan.cli import main; rc = main(" + repr(ARGV) + "); "
+    # the installed `vramplan` script's call (pyproject [project.scripts]; `python -m vramplan` runs the same main)
+    cmd = [sys.executable, "-c", "import sys; from vramplan.__main__ import main; rc = main(" + repr(ARGV) + "); "
            "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; "
            "sys.stderr.write('HEAVY=' + ','.join(heavy) + '\\n'); sys.exit(rc)"]
     env = dict(os.environ)

@@ -1,0 +1,97 @@
+"""The command line's entry point (vramplan.__main__) and the lazy package (vramplan/__init__.py).
+
+``import vramplan`` loads nothing until a name is used, so the entry point can start numpy with a
+one-thread BLAS pool (the planner does no large linear algebra), unless the user chose a count.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")}
+ENV["PYTHONPATH"] = str(ROOT)
+
+
+def _py(code: str, **env: str) -> str:
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**ENV, **env})
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout.strip()
+
+
+def test_import_vramplan_loads_nothing_until_a_name_is_used():
+    out = _py("import sys, vramplan\n"
+              "print('numpy' in sys.modules, sorted(m for m in sys.modules if m.startswith('vramplan')))\n"
+              "f = vramplan.fit\n"
+              "print('numpy' in sys.modules)")
+    assert out.splitlines() == ["False ['vramplan']", "True"]
+
+
+def test_every_public_name_is_its_modules_object_and_submodules_are_attributes():
+    import importlib
+
+    import vramplan
+
+    for name, (module, attr) in vramplan._LAZY.items():
+        if name == "VramplanCallback":  # needs transformers; resolved in test_integrations
+            continue
+        assert getattr(vramplan, name) is getattr(importlib.import_module(module), attr), name
+        assert name in dir(vramplan)
+    assert vramplan.config is importlib.import_module("vramplan.config")
+    assert vramplan.dryrun is importlib.import_module("vramplan.dryrun")  # the package, not the function
+    assert vramplan.dry_run is vramplan.dryrun.dryrun
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        vramplan.no_such_name  # noqa: B018
+    namespace: dict = {}
+    exec("from vramplan import *", namespace)
+    assert set(vramplan.__all__) <= set(namespace)
+
+
+_THREADS = ("import re, sys\n"
+            "from vramplan.__main__ import import_numpy_single_threaded\n"
+            "capped = import_numpy_single_threaded()\n"
+            "import numpy\n"
+            "t = re.search(r'Threads:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+            "import os; print(capped, t, os.environ.get('OPENBLAS_NUM_THREADS'))")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="counts threads through /proc")
+def test_the_entry_point_starts_numpy_with_one_blas_thread_and_restores_the_environment():
+    capped, threads, left = _py(_THREADS).split()
+    assert (capped, threads, left) == ("True", "1", "None")  # only the main thread; the variable removed again
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="counts threads through /proc")
+def test_a_users_blas_thread_setting_wins():
+    capped, threads, left = _py(_THREADS, OPENBLAS_NUM_THREADS="2").split()
+    assert (capped, threads, left) == ("False", "2", "2")  # OpenBLAS's own pool as asked, variable untouched
+    capped, _, left = _py(_THREADS, OMP_NUM_THREADS="2").split()
+    assert (capped, left) == ("False", "None")
+
+
+def test_a_library_import_leaves_numpys_blas_alone():
+    """``import vramplan`` (a trainer using the planner) never sets the cap: only the command line does."""
+    out = _py("import os, vramplan\nvramplan.fit\nprint(os.environ.get('OPENBLAS_NUM_THREADS'))\n"
+              "from vramplan.__main__ import import_numpy_single_threaded\nprint(import_numpy_single_threaded())")
+    assert out.splitlines() == ["None", "False"]  # numpy already loaded: the entry point leaves it as it is
+
+
+@pytest.mark.parametrize("argv", [["models", "--json"], ["estimate", "--model", "1b", "--gpu", "rtx3080"],
+                                  ["fit", "--model", "1b", "--gpu", "nosuchcard"], ["--version"]])
+def test_python_dash_m_and_the_installed_script_run_the_same_main(argv):
+    """``python -m vramplan`` and the console script (pyproject's ``vramplan.__main__:main``) agree to the byte."""
+    script = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["vramplan"]
+    module, func = script.split(":")
+    as_m = subprocess.run([sys.executable, "-m", "vramplan", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=ENV)
+    as_script = subprocess.run([sys.executable, "-c", f"import sys; from {module} import {func}; sys.exit({func}())",
+                                *argv], cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert (as_m.returncode, as_m.stdout, as_m.stderr) == (as_script.returncode, as_script.stdout, as_script.stderr)
+    assert module == "vramplan.__main__" and as_m.stdout + as_m.stderr
