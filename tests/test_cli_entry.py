@@ -95,3 +95,32 @@ def test_python_dash_m_and_the_installed_script_run_the_same_main(argv):
                                 *argv], cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert (as_m.returncode, as_m.stdout, as_m.stderr) == (as_script.returncode, as_script.stdout, as_script.stderr)
     assert module == "vramplan.__main__" and as_m.stdout + as_m.stderr
+
+
+def test_tables_print_the_same_bytes_without_highlighting_where_no_colour_is_emitted(monkeypatch):
+    """cli._console turns rich's highlighting off when it emits no colour: the same bytes, less work."""
+    import io
+
+    from rich.console import Console
+
+    from vramplan import cli, estimate, fit
+    from vramplan.render import render_estimate, render_fit
+
+    rep = fit("1b", "rtx3080", methods=["lora", "qlora", "dpo"])
+    est = estimate("7b", "qlora", gpu="rtx4090", seq=4096)
+    for render, arg in ((render_fit, rep), (render_estimate, est)):
+        texts = []
+        for highlight in (True, False):
+            buf = io.StringIO()
+            render(arg, Console(file=buf, highlight=highlight, width=100))
+            texts.append(buf.getvalue())
+        assert texts[0] == texts[1] and len(texts[0]) > 500
+
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
+    plain = cli._console()  # pytest captures stdout: not a terminal, no colour
+    assert plain.color_system is None and not plain.render_str("peak 12.5 GiB").spans
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("TERM", "xterm-256color")
+    coloured = cli._console()
+    assert coloured.color_system is not None and coloured.render_str("peak 12.5 GiB").spans  # still highlighted
