@@ -74,7 +74,8 @@ def main() -> int:
         _profile()
         return 0
     # the installed `vramplan` script's call (pyproject [project.scripts]; `python -m vramplan` runs the same main)
-    cmd = [sys.executable, "-c", "import sys; from vramplan.__main__ import main; rc = main(" + repr(ARGV) + "); "
+    cmd = [sys.executable, "-c", "import sys; sys.argv = ['vramplan', *" + repr(ARGV) + "]; "
+           "from vramplan.__main__ import main; rc = main(); "
            "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; "
            "sys.stderr.write('HEAVY=' + ','.join(heavy) + '\\n'); sys.exit(rc)"]
     env = dict(os.environ)

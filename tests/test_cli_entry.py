@@ -124,3 +124,38 @@ def test_tables_print_the_same_bytes_without_highlighting_where_no_colour_is_emi
     monkeypatch.setenv("TERM", "xterm-256color")
     coloured = cli._console()
     assert coloured.color_system is not None and coloured.render_str("peak 12.5 GiB").spans  # still highlighted
+
+
+def test_only_the_programs_own_run_skips_the_exits_final_collections():
+    """``main()`` (the script, ``python -m``) registers gc.freeze at exit; ``main(argv)`` in a caller's process does not."""
+    out = _py("import atexit, gc, io, sys\n"
+              "calls = []\n"
+              "atexit.register = lambda f, *a, **k: calls.append(f)\n"
+              "from contextlib import redirect_stdout\n"
+              "from vramplan.__main__ import main\n"
+              "with redirect_stdout(io.StringIO()):\n"
+              "    main(['methods'])\n"
+              "print(calls == [])\n"
+              "sys.argv = ['vramplan', 'methods']\n"
+              "with redirect_stdout(io.StringIO()):\n"
+              "    main()\n"
+              "print(calls == [gc.freeze])")
+    assert out.splitlines() == ["True", "True"]
+
+
+def test_a_large_json_report_reaches_a_pipe_whole_with_the_exit_unchanged(tmp_path):
+    """The program's exit (frozen collector) still flushes everything: the piped JSON parses and equals main(argv)'s."""
+    import io
+    import json
+    from contextlib import redirect_stdout
+
+    from vramplan.cli import main
+
+    argv = ["fit", "--model", "7b", "--gpu", "rtx4090", "--json"]
+    res = subprocess.run([sys.executable, "-m", "vramplan", *argv], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=ENV)
+    assert res.returncode == 0, res.stderr[-2000:]
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main(argv) == 0
+    assert res.stdout == buf.getvalue() and json.loads(res.stdout)["rows"]

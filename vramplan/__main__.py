@@ -9,10 +9,21 @@ setting wins), numpy is imported with ``OPENBLAS_NUM_THREADS=1`` and the variabl
 once it has loaded, so that anything the command starts later (the dry run's torch, a calibration
 subprocess) sees the environment the user gave. Only the command line does this: ``import
 vramplan`` as a library (a trainer importing the planner) leaves its process's BLAS alone.
+
+Run as the program (no ``argv`` given), it also spares the interpreter's exit the garbage
+collector's final passes over everything still alive (the catalogues, numpy, the result: ~30k
+objects, ~1.5% of a ``fit``'s instructions): an ``atexit`` hook, registered first so that it runs
+after every other exit hook, freezes the objects still tracked (``gc.freeze``), and the collections
+of the interpreter's shutdown skip them. Nothing is lost by it: they are freed with the process;
+objects without reference cycles are still released one by one as the modules are torn down;
+vramplan writes its files through ``with`` blocks, atomic replaces and fsync'd raw descriptors,
+never through a finaliser; and standard output is flushed by the shutdown itself.
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import sys
 
@@ -38,7 +49,14 @@ def import_numpy_single_threaded() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line (:func:`vramplan.cli.main`) with numpy's BLAS pool sized first; the exit status."""
+    """Run the command line (:func:`vramplan.cli.main`) with numpy's BLAS pool sized first; the exit status.
+
+    ``argv`` None: the program's own command line (``sys.argv``), and the process ends after it, so
+    the exit's final collections are skipped (module docstring); with an ``argv`` (a caller running
+    a command in its own process) nothing about its exit is changed.
+    """
+    if argv is None:
+        atexit.register(gc.freeze)
     import_numpy_single_threaded()
     from .cli import main as cli_main
 
