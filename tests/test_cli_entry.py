@@ -159,3 +159,24 @@ def test_a_large_json_report_reaches_a_pipe_whole_with_the_exit_unchanged(tmp_pa
     with redirect_stdout(buf):
         assert main(argv) == 0
     assert res.stdout == buf.getvalue() and json.loads(res.stdout)["rows"]
+
+
+@pytest.mark.parametrize("command, argv, collects", [
+    ("cmd_methods", ["methods"], False), ("cmd_fit", ["fit", "--model", "1b", "--gpu", "rtx3080"], False),
+    ("cmd_dryrun", ["dryrun", "--model", "1b"], True)])
+def test_planning_commands_pause_the_collector_and_restore_it(monkeypatch, command, argv, collects):
+    import gc
+
+    from vramplan import cli
+
+    seen = []
+    monkeypatch.setattr(cli, command, lambda a: seen.append(gc.isenabled()) or 0)
+    assert gc.isenabled()
+    assert cli.main(argv) == 0
+    assert seen == [collects] and gc.isenabled()  # dryrun/calibrate build real models: collector kept
+    gc.disable()
+    try:
+        cli.main(argv)
+        assert not gc.isenabled()  # a caller's own setting is left as it was
+    finally:
+        gc.enable()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 
@@ -392,6 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
 #: The subcommands, in --help's order.
 COMMANDS = ("estimate", "dryrun", "fit", "cards", "models", "gpus", "matrix", "calibrate", "methods")
 
+#: The subcommands that only plan (numpy, the catalogues; never torch). They run with the cyclic
+#: garbage collector paused (restored afterwards): its passes over the planner's modules and
+#: objects cost ~1.7% of a ``fit``'s instructions, and the few reference cycles a plan leaves are
+#: freed with the process (peak RSS of ``fit`` and of ``cards`` over every card measured the same
+#: with and without it). ``dryrun`` and ``calibrate`` build real models and keep the collector.
+PLANNING_COMMANDS = frozenset({"estimate", "fit", "cards", "models", "gpus", "matrix", "methods"})
+
 
 def _command_of(argv: list[str] | None) -> str | None:
     """The subcommand ``argv`` names (its first word not starting with ``-``), if it is one of :data:`COMMANDS`."""
@@ -551,6 +559,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if exc.code not in (0, None) else 0
     old_show = warnings.showwarning
     warnings.showwarning = _warn_line
+    collecting = gc.isenabled()
+    if args.command in PLANNING_COMMANDS:
+        gc.disable()
     try:
         return int(args.func(args) or 0)
     except VramplanError as exc:
@@ -563,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         warnings.showwarning = old_show
+        if collecting:
+            gc.enable()
 
 
 if __name__ == "__main__":  # pragma: no cover
