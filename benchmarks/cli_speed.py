@@ -1,11 +1,14 @@
 """Time the planning path in fresh processes: `vramplan fit` should finish in <= 0.3 s and import no torch.
 
-Usage: python benchmarks/cli_speed.py [--runs 5] [--bytecode] [--profile] [--instructions]
+Usage: python benchmarks/cli_speed.py [--runs 5] [--bytecode] [--profile] [--instructions] [--table]
 
 Prints the wall time and the CPU time (user + system, of the child) of each run of
 `vramplan fit --model 13b --gpu rtx4000ada --json` (a fresh interpreter each time, imports
 included, through the script's entry point ``vramplan.__main__.main``), the medians, and whether torch was imported. On a shared machine the wall time
 includes waiting for a core; the CPU time is what the command itself costs.
+
+``--table``: time the command as the issue writes it, ``vramplan fit --model 13b --gpu rtx4000ada``,
+printing the table (rich) instead of ``--json``.
 
 ``--bytecode``: run with compiled bytecode, as an installed package has it (pip compiles it on
 install): one untimed run writes the bytecode of every module it imports into a temporary
@@ -69,7 +72,11 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="split one in-process run into imports and the command")
     ap.add_argument("--instructions", action="store_true",
                     help="also count one run's instructions under valgrind (load-independent)")
+    ap.add_argument("--table", action="store_true", help="print the table (no --json), as the issue's command does")
     args = ap.parse_args()
+    if args.table:
+        ARGV.remove("--json")
+    print("command: vramplan " + " ".join(ARGV))
     if args.profile:
         _profile()
         return 0

@@ -166,7 +166,7 @@ def test_json_text_is_json_dumps_to_the_byte():
         assert json_text(t) == json.dumps(t, indent=2, allow_nan=False)
     for t in ({}, [], {"a": {}}, [[]], (1, 2), {1: 2, 2.5: 3, True: 4, None: 5}, "x"):
         assert json_text(t) == json.dumps(t, indent=2, allow_nan=False)
-    for bad in (float("nan"), [float("inf")], {"a": float("-inf")}):
+    for bad in (float("nan"), [float("inf")], {"a": float("-inf")}, [1, float("nan")], {"a": {"b": float("nan")}}):
         with pytest.raises(ValueError, match="Out of range"):
             json_text(bad)
     with pytest.raises(TypeError):

@@ -167,7 +167,16 @@ class _JsonWriter:
             elif cls is int:
                 put(kt + int.__repr__(v))
             elif cls is float:
-                put(kt + self.number(v))
+                if v - v != 0.0:  # NaN or an infinity (x - x is 0.0 for every finite float)
+                    raise _JsonRefused
+                put(kt + float.__repr__(v))
+            elif v is None:
+                put(kt + "null")
+            elif cls is bool:
+                put(kt + ("true" if v else "false"))
+            elif cls is dict or cls is list:
+                put(kt + (self.walk_dict(v, inner) if cls is dict else self.walk_list(v, inner)) if v
+                    else kt + ("{}" if cls is dict else "[]"))
             else:
                 t = self.leaf(v)
                 put(kt + (self.container(v, inner) if t is None else t))
@@ -184,7 +193,11 @@ class _JsonWriter:
             elif cls is int:
                 put(int.__repr__(v))
             elif cls is float:
-                put(self.number(v))
+                if v - v != 0.0:
+                    raise _JsonRefused
+                put(float.__repr__(v))
+            elif cls is dict:
+                put(self.walk_dict(v, inner) if v else "{}")
             else:
                 t = self.leaf(v)
                 put(self.container(v, inner) if t is None else t)
