@@ -180,3 +180,33 @@ def test_planning_commands_pause_the_collector_and_restore_it(monkeypatch, comma
         assert not gc.isenabled()  # a caller's own setting is left as it was
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("columns", [None, "120", "57", "0", "-3", "wide", ""])
+def test_help_is_argparses_at_the_same_width_without_shutil(monkeypatch, columns):
+    """cli.terminal_columns is shutil.get_terminal_size().columns, so every help text is argparse's own."""
+    import argparse
+    import shutil
+
+    from vramplan import cli
+
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    monkeypatch.setenv("LINES", "x")  # shutil then asks the terminal for the lines, keeping COLUMNS
+    assert cli.terminal_columns() == shutil.get_terminal_size().columns
+    parser = cli._parser_for(None)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for p in (parser, *sub.choices.values()):
+        ours = p.format_help()
+        assert p.formatter_class is cli._Formatter
+        p.formatter_class = argparse.HelpFormatter
+        assert ours == p.format_help() and ours.count("\n") > 2, p.prog
+
+
+def test_the_fit_imports_no_shutil():
+    out = _py("import sys\nsys.argv = ['vramplan', 'fit', '--model', '1b', '--gpu', 'rtx3080', '--json']\n"
+              "import io\nfrom contextlib import redirect_stdout\nfrom vramplan.__main__ import main\n"
+              "with redirect_stdout(io.StringIO()):\n    main()\nprint('shutil' in sys.modules)")
+    assert out == "False"
