@@ -40,7 +40,7 @@ from typing import Any, Iterable, Sequence, TextIO
 import numpy as np
 
 from .config import make_config
-from .errors import UnknownNameError, VramplanError, require
+from .errors import CardUnsupportedError, UnknownNameError, VramplanError, require
 from .gpus import GPUSpec, custom_gpu, get_gpu
 from .gpus import catalogue as gpu_catalogue
 from .memory import step_memory
@@ -255,7 +255,7 @@ def _card_groups(cards: Sequence[GPUSpec], recipe: Recipe, precision: str | None
     for i, card in enumerate(cards):
         try:
             prec = check_card(precision, recipe.method.name, recipe.adapter.value, attn, card, framework)
-        except VramplanError as exc:
+        except CardUnsupportedError as exc:  # the card cannot run it: the cells say why (a bad name raises)
             errors[i] = str(exc)
             continue
         precs[i] = get_regime(prec or DEFAULT_REGIME).name
