@@ -2,8 +2,9 @@
 
 Both run :func:`main`, which sizes numpy's BLAS thread pool before numpy loads and then runs
 :func:`vramplan.cli.main`. Planning does no large linear algebra, yet OpenBLAS starts one thread per
-core when numpy is imported (``blas_thread_init``): about 0.05 s of wall time and more of CPU on a
-machine with many cores, for threads the command never uses. So, unless the user has chosen a
+core when numpy is imported (``blas_thread_init``): ~0.04 s of CPU time of ``import numpy`` on a
+2-core machine (0.13-0.17 s -> 0.08-0.13 s), more where there are more cores, for threads the
+command never uses. So, unless the user has chosen a
 thread count (``OPENBLAS_NUM_THREADS``, ``GOTO_NUM_THREADS`` or ``OMP_NUM_THREADS`` set: that
 setting wins), numpy is imported with ``OPENBLAS_NUM_THREADS=1`` and the variable is removed again
 once it has loaded, so that anything the command starts later (the dry run's torch, a calibration
@@ -12,7 +13,7 @@ vramplan`` as a library (a trainer importing the planner) leaves its process's B
 
 Run as the program (no ``argv`` given), it also spares the interpreter's exit the garbage
 collector's final passes over everything still alive (the catalogues, numpy, the result: ~30k
-objects, ~1.5% of a ``fit``'s instructions): an ``atexit`` hook, registered first so that it runs
+objects, ~1.4% of a ``fit``'s instructions): an ``atexit`` hook, registered first so that it runs
 after every other exit hook, freezes the objects still tracked (``gc.freeze``), and the collections
 of the interpreter's shutdown skip them. Nothing is lost by it: they are freed with the process;
 objects without reference cycles are still released one by one as the modules are torn down;
