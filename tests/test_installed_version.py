@@ -39,3 +39,20 @@ def test_installed_version_equals_importlib_metadata_for_every_installed_distrib
 def test_a_package_not_installed_has_no_version(name):
     installed_version.cache_clear()
     assert installed_version(name) is None and _expected(name) is None
+
+
+def test_a_distribution_installed_after_a_lookup_is_seen(tmp_path, monkeypatch):
+    """The folder listings are kept per (device, inode, mtime): installing into a folder already listed shows."""
+    import sys
+
+    monkeypatch.setattr(sys, "path", [str(tmp_path)])
+    installed_version.cache_clear()
+    try:
+        assert installed_version("vramplan-toy-dist") is None
+        info = tmp_path / "vramplan_toy_dist-1.2.3.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vramplan-toy-dist\nVersion: 1.2.3\n\n")
+        installed_version.cache_clear()
+        assert installed_version("vramplan-toy-dist") == "1.2.3" == installed_version("Vramplan.Toy_Dist")
+    finally:
+        installed_version.cache_clear()

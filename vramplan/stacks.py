@@ -368,16 +368,13 @@ def _dist_info_version(package: str) -> tuple[bool, str | None]:
         if not isinstance(entry, str) or entry.lower().endswith(".egg") or os.path.isfile(root):
             return False, None
         try:
-            children = os.listdir(root)
+            st = os.stat(root)
+            index = _metadata_folders(root, (st.st_dev, st.st_ino, st.st_mtime_ns))
         except OSError:
             continue  # not a folder (a path hook's name): importlib.metadata finds nothing there either
-        for child in children:
-            low = child.lower()
-            if not low.endswith((".dist-info", ".egg-info")):
-                continue
-            if _normal_name(low.rpartition(".")[0].partition("-")[0]) != want:
-                continue
-            if low.endswith(".egg-info"):
+        child = index.get(want)
+        if child is not None:
+            if child.lower().endswith(".egg-info"):
                 return False, None
             try:
                 with open(os.path.join(root, child, "METADATA"), encoding="utf-8") as fh:
@@ -391,6 +388,23 @@ def _dist_info_version(package: str) -> tuple[bool, str | None]:
                 pass
             return False, None
     return True, None
+
+
+@lru_cache(maxsize=64)
+def _metadata_folders(root: str, stamp: tuple[int, int, int]) -> dict[str, str]:
+    """Normalised distribution name -> the first ``.dist-info``/``.egg-info`` folder of that name in
+    ``root`` (``os.listdir`` order), for :func:`_dist_info_version`: one listing per folder, keyed by
+    its (device, inode, modification time) ``stamp`` (a package installed meanwhile changes the
+    folder's mtime, another working directory behind ``"."`` its inode, so either is listed afresh).
+    Raises OSError where ``root`` cannot be listed."""
+    import os
+
+    out: dict[str, str] = {}
+    for child in os.listdir(root):
+        low = child.lower()
+        if low.endswith((".dist-info", ".egg-info")):
+            out.setdefault(_normal_name(low.rpartition(".")[0].partition("-")[0]), child)
+    return out
 
 
 def package_version(package: str, versions=()) -> tuple[str | None, str]:
