@@ -135,12 +135,17 @@ def test_only_the_programs_own_run_skips_the_exits_final_collections():
               "from vramplan.__main__ import main\n"
               "with redirect_stdout(io.StringIO()):\n"
               "    main(['methods'])\n"
-              "print(calls == [])\n"
+              "print(calls == [], gc.isenabled())\n"
+              "sys.argv = ['vramplan', '--version']\n"
+              "with redirect_stdout(io.StringIO()):\n"
+              "    main()\n"
+              "print(calls == [gc.freeze], gc.isenabled())\n"
               "sys.argv = ['vramplan', 'methods']\n"
               "with redirect_stdout(io.StringIO()):\n"
               "    main()\n"
-              "print(calls == [gc.freeze])")
-    assert out.splitlines() == ["True", "True"]
+              "print(calls == [gc.freeze] * 2, gc.isenabled())")
+    # a caller's main(argv) leaves the collector on; the program's own planning command pauses it for good
+    assert out.splitlines() == ["True True", "True True", "True False"]
 
 
 def test_a_large_json_report_reaches_a_pipe_whole_with_the_exit_unchanged(tmp_path):

@@ -59,8 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         atexit.register(gc.freeze)
     import_numpy_single_threaded()
+    from .cli import PLANNING_COMMANDS, command_of
     from .cli import main as cli_main
 
+    if argv is None and command_of(argv) in PLANNING_COMMANDS:
+        # the process ends with the command: pause the collector for good, instead of cli.main's
+        # pause-and-restore, whose restore makes one young collection of everything the command built
+        gc.disable()
     return cli_main(argv)
 
 

@@ -401,7 +401,7 @@ COMMANDS = ("estimate", "dryrun", "fit", "cards", "models", "gpus", "matrix", "c
 PLANNING_COMMANDS = frozenset({"estimate", "fit", "cards", "models", "gpus", "matrix", "methods"})
 
 
-def _command_of(argv: list[str] | None) -> str | None:
+def command_of(argv: list[str] | None) -> str | None:
     """The subcommand ``argv`` names (its first word not starting with ``-``), if it is one of :data:`COMMANDS`."""
     words = [w for w in (sys.argv[1:] if argv is None else argv) if not str(w).startswith("-")]
     return words[0] if words and words[0] in COMMANDS else None
@@ -587,7 +587,7 @@ def _warn_line(message, category, filename, lineno, file=None, line=None):
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
-    parser = _parser_for(_command_of(argv))
+    parser = _parser_for(command_of(argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed its one-line error (or --help / --version)
