@@ -39,7 +39,7 @@ import numpy as np
 
 from ..attention import searched_kernels
 from ..config import TrainConfig, check_rank, fields_but, make_config
-from ..distributed import (SINGLE, STRATEGIES, Parallel, accumulation_step_memory, make_parallel,
+from ..distributed import (SHARDED_PARAMS, SINGLE, STRATEGIES, Parallel, accumulation_step_memory, make_parallel,
                            parallel_step_memory, shard_state)
 from ..errors import VramplanError
 from ..gpus import GPUSpec, catalogue
@@ -853,7 +853,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
             terms.append(step_terms(spec, cfg))
         return parallel_step_memory(spec, cfg, par, terms=terms[0])
     found: dict[int, list[str]] = {}
-    for strategy in ("zero3", "fsdp"):
+    for strategy in SHARDED_PARAMS:  # ZeRO-3, then FSDP
         for n in GPU_COUNTS:
             if n <= gpus:
                 continue
@@ -866,7 +866,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
                               {"gpus": n, "strategies": strategies, "gpu": card.name}))
     # 3. CPU offload on the same number of cards: ZeRO-3, else FSDP (DeepSpeed places a model built outside
     # zero.Init whole on each GPU first, offload or not: vramplan.distributed._zero3_whole_module_bytes)
-    for strategy in ("zero3", "fsdp"):
+    for strategy in SHARDED_PARAMS:  # ZeRO-3, then FSDP
         par = make_parallel(max(1, gpus), strategy, "cpu")
         if float(totals(sharded(par), cfg, card, par)) <= comfy(card):
             out.append(Suggestion("offload", f"{max(1, gpus)}x {card.name} with {strategy} --offload cpu (slow)",
