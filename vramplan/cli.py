@@ -397,7 +397,8 @@ COMMANDS = ("estimate", "dryrun", "fit", "cards", "models", "gpus", "matrix", "c
 #: garbage collector paused (restored afterwards): its passes over the planner's modules and
 #: objects cost ~1.7% of a ``fit``'s instructions, and the few reference cycles a plan leaves are
 #: freed with the process (peak RSS of ``fit`` and of ``cards`` over every card measured the same
-#: with and without it). ``dryrun`` and ``calibrate`` build real models and keep the collector.
+#: with and without it). ``dryrun`` and ``calibrate`` build real models and keep the collector. (The
+#: program itself, vramplan.__main__, pauses it for the rest of the process: nothing follows the command.)
 PLANNING_COMMANDS = frozenset({"estimate", "fit", "cards", "models", "gpus", "matrix", "methods"})
 
 
