@@ -193,6 +193,32 @@ def _adapted_shapes(spec: ModelSpec, cfg: TrainConfig) -> list[tuple[int, int, i
     return [(lin[t].in_features, lin[t].out_features, lin[t].count * spec.num_layers) for t in cfg.targets if t in lin]
 
 
+#: :func:`_adapted_sums` by (spec, targets) (cleared when it grows past 4096 entries)
+_SUMS: dict = {}
+
+
+def _adapted_sums(spec: ModelSpec, cfg: TrainConfig) -> tuple[int, int] | None:
+    """``(sum of (in + out) x matrices, sum of in x out x matrices)`` over :func:`_adapted_shapes` (integers), None
+    when nothing is adapted: what :func:`_adapter_work` multiplies by the rank. Kept per (spec, targets), all they
+    read once the adapter is low-rank: a search asks for every candidate's (tests/test_core8_speed.py)."""
+    if not cfg.recipe.adapter.low_rank:
+        return None
+    key = (spec, cfg.targets)
+    try:
+        got = _SUMS.get(key, False)
+    except TypeError:  # a spec built with list fields (from a log's JSON): nothing kept
+        return _sums_of(_adapted_shapes(spec, cfg))
+    if got is False:
+        if len(_SUMS) > 4096:
+            _SUMS.clear()
+        got = _SUMS[key] = _sums_of(_adapted_shapes(spec, cfg))
+    return got
+
+
+def _sums_of(shapes: list[tuple[int, int, int]]) -> tuple[int, int] | None:
+    return (sum((i + o) * n for i, o, n in shapes), sum(i * o * n for i, o, n in shapes)) if shapes else None
+
+
 def step_work(spec: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepWork:
     """What one micro-step of ``cfg`` does on ``spec`` (arrays broadcast over ``batch`` and ``seq``):
     the passes of the model copies (:func:`_pass_work`), the rollout of a method that generates
@@ -299,12 +325,13 @@ def _adapter_work(spec: ModelSpec, cfg: TrainConfig, tokens, zeros):
     the weight norm and reads every adapted weight for it."""
     recipe = cfg.recipe
     adapter = zeros.copy()
-    shapes = _adapted_shapes(spec, cfg)
-    if not shapes:
+    sums = _adapted_sums(spec, cfg)
+    if sums is None:
         return adapter, 0.0
+    edges, areas = sums  # (integers: each sum over the shapes times the rank is the rank times the sum, exactly)
     gc = 1 if cfg.grad_ckpt else 0
-    lora_per_token = sum(6 * cfg.rank * (i + o) * n for i, o, n in shapes)
-    fwd_per_token = sum(2 * cfg.rank * (i + o) * n for i, o, n in shapes)
+    lora_per_token = 6 * cfg.rank * edges
+    fwd_per_token = 2 * cfg.rank * edges
     grad_copies = [c for c in recipe.copies if c.forward is Forward.GRAD and c.adapter in LOW_RANK]
     forwards = 1 + gc + (1 if recipe.behaviour.generates else 0)
     adapter += len(grad_copies) * tokens * (lora_per_token + gc * fwd_per_token)
@@ -312,8 +339,8 @@ def _adapter_work(spec: ModelSpec, cfg: TrainConfig, tokens, zeros):
         adapter += tokens * fwd_per_token
     dora = 0.0
     if recipe.adapter.dora:
-        dora = float(sum(i * o * n for i, o, n in shapes) * forwards)
-        adapter += sum(2 * cfg.rank * i * o * n for i, o, n in shapes) * forwards
+        dora = float(areas * forwards)
+        adapter += 2 * cfg.rank * areas * forwards
     return adapter, dora
 
 
