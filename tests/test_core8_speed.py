@@ -4,7 +4,13 @@ Speed is measured by ``benchmarks/cli_speed.py``; these tests pin what each shor
 
 * ``throughput._adapter_work`` reading the adapted linears' sums kept per (spec, targets)
   (``throughput._adapted_sums``) equals the per-shape sums worked out anew, for every catalogue model, low-rank
-  method, target set, rank and checkpointing; a spec with list fields (unhashable) is summed each time alike.
+  method, target set, rank and checkpointing; a spec with list fields (unhashable) is summed each time alike;
+* ``throughput._pass_work`` skipping eager score bytes without eager attention, and forwards a role does not run,
+  equals adding them all;
+* ``activations.attention_mask_bytes`` of SDPA without a mask (no padding, no window) equals the long way's zeros;
+* ``phases.StepTerms.broadcast`` (itself when every term has the shape) equals broadcasting every term;
+* ``activations.copy_dtypes`` (and ``_layer_sums``) kept by the copy's and the regime's field values tell apart a copy
+  or regime differing in any one field.
 """
 
 from __future__ import annotations
@@ -77,3 +83,149 @@ def test_kept_adapted_sums_equal_the_long_way():
     with pytest.raises(TypeError):
         hash(listed)
     _same(throughput._adapter_work(listed, cfg, tokens, zeros), _long_adapter_work(spec, cfg, tokens, zeros))
+
+
+def _long_pass_work(spec, cfg, tokens, s, zeros):
+    """``throughput._pass_work`` as it was: eager attention's score bytes added (zeros without eager attention)
+    and every extra forward added, none of them skipped."""
+    from vramplan.throughput import EAGER_BWD_BYTES, EAGER_FWD_BYTES, _body_params
+
+    recipe = cfg.recipe
+    body, h, L = _body_params(spec), spec.hidden_size, spec.num_layers
+    attn_fwd = 4 * s * spec.q_dim * L
+    gc = 1 if cfg.grad_ckpt else 0
+    quant_linear = spec.linear_params / 1e9
+    score = s * spec.num_heads * L if cfg.attention.materialises_scores else zeros
+    extra = dict(recipe.behaviour.extra_forwards)
+    flops, eager, passes, dequant = zeros.copy(), zeros.copy(), 0, 0.0
+
+    def forward(n, fwd, q):
+        nonlocal flops, eager, passes, dequant
+        flops = flops + n * fwd
+        passes += n
+        eager = eager + n * tokens * score * EAGER_FWD_BYTES
+        dequant += n * q
+
+    for c in recipe.copies:
+        head = spec.vocab_size * h if c.head == "lm" else h
+        fwd_mm = 2 * (body + head)
+        fwd = (fwd_mm + attn_fwd) * tokens
+        q = quant_linear if c.quantized else 0.0
+        if c.forward is Forward.GRAD:
+            bwd = ((2 * fwd_mm if c.adapter is throughput.Adapter.FULL else fwd_mm) + 2 * attn_fwd) * tokens
+            flops = flops + (fwd * (1 + gc) + bwd)
+            passes += 2 + gc
+            eager = eager + tokens * score * (EAGER_FWD_BYTES * (1 + gc) + EAGER_BWD_BYTES)
+            dequant += q * (2 + gc)
+            if recipe.behaviour.generates:
+                forward(1, fwd, q)
+        elif c.forward is Forward.NO_GRAD:
+            forward(1, fwd, q)
+        forward(extra.get(c.role.value, 0), fwd, quant_linear * c.quantized)
+    shared_q = quant_linear if recipe.adapter.quantized_base else 0.0
+    for role in recipe.shared_roles:
+        n = 1 + extra.get(role.value, 0)
+        flops = flops + n * (2 * (body + spec.vocab_size * h) + attn_fwd) * tokens
+        passes += n
+        eager = eager + n * tokens * score * EAGER_FWD_BYTES
+        dequant += n * shared_q
+    return flops, eager, passes, dequant
+
+
+@pytest.mark.parametrize("model", ["llama-2-13b", "gemma-2-2b", "qwen3-30b-a3b"])
+def test_pass_work_skipping_what_adds_nothing_equals_the_long_way(model):
+    """``throughput._pass_work`` (no eager score bytes added without eager attention, no extra forward added when a
+    role has none) equals adding them all: every method, attention, checkpointing, micro-batch grid and sequence."""
+    from vramplan.planner.fitting import default_methods
+
+    spec = get_model(model)
+    compared = 0
+    for method in default_methods():
+        for attn in ("sdpa", "eager", "flash"):
+            for gc in (False, True):
+                try:
+                    cfg = make_config(spec, method, attn=attn, grad_ckpt=gc)
+                except Exception:  # noqa: BLE001 - a kernel this model refuses
+                    continue
+                for b, seq in ((np.arange(1, 9.0), 1024.0), (np.array(3.0), np.array([512.0, 4096.0]))):
+                    zeros = np.zeros(np.broadcast(b, seq).shape)
+                    tokens = b * seq * cfg.recipe.sequences_per_example + zeros
+                    got = throughput._pass_work(spec, cfg, tokens, np.asarray(seq), zeros)
+                    flops, eager, passes, dequant = _long_pass_work(spec, cfg, tokens, np.asarray(seq), zeros)
+                    assert got.passes == passes and got.dequant == dequant, (method, attn, gc)
+                    for g, w in ((got.flops, flops), (got.eager, eager)):
+                        assert g.dtype == w.dtype and g.shape == w.shape and np.array_equal(g, w), (method, attn, gc)
+                    compared += 1
+    assert compared > 100
+
+
+def test_sdpa_mask_without_a_mask_equals_the_long_way():
+    """``activations.attention_mask_bytes`` of SDPA with nothing that makes a mask (no padding, no sliding window)
+    is zeros of the grid, as the long way (``b s^2`` times whether ``sdpa_masked_fraction`` is positive) has it;
+    with padding or a window shorter than the sequence the mask is counted."""
+    from vramplan import activations as act
+
+    grids = [(np.arange(1, 9.0), 1024.0), (np.array(2.0), np.array([512.0, 4096.0, 8192.0])), (3.0, 2048.0)]
+    seen = set()
+    for model in ("llama-2-13b", "mistral-7b-v0.1", "gemma-2-2b", "gemma-3-1b"):
+        spec = get_model(model)
+        for method in ("lora", "dpo", "kto"):
+            for techniques in ((), ("padding",)):
+                cfg = make_config(spec, method, attn="sdpa", techniques=techniques)
+                for b, s in grids:
+                    got = act.attention_mask_bytes(spec, cfg, cfg.regime, b, s)
+                    bb = np.asarray(b, dtype=np.float64) * cfg.recipe.sequences_per_example
+                    ss = np.asarray(s, dtype=np.float64)
+                    want = bb * ss * ss * np.where(act.sdpa_masked_fraction(spec, cfg, ss) > 0, 1.0, 0.0)
+                    assert type(got) is type(want) and np.shape(got) == np.shape(want)
+                    assert np.asarray(got).dtype == np.asarray(want).dtype and np.array_equal(got, want)
+                    seen.add(bool(np.any(want > 0)))
+    assert seen == {True, False}
+
+
+def test_broadcast_terms_equal_the_long_way():
+    """``StepTerms.broadcast`` (the terms themselves when every one already has the shape) equals broadcasting every
+    term anew, value, dtype and shape; a term of another shape is filled."""
+    from vramplan.memory import step_terms
+    from vramplan.phases import TERM_NAMES, StepTerms, filled
+
+    spec = get_model("llama-2-13b")
+    for method in ("lora", "grpo", "dpo", "full"):
+        t = step_terms(spec, make_config(spec, method), np.arange(1, 12))
+        for terms in (t, StepTerms(**{**t.__dict__, "head_acts": 0.0}), StepTerms(**{**t.__dict__, "kv": np.float64(3)})):
+            shape = terms.zeros.shape
+            got = terms.broadcast(shape)
+            for name in TERM_NAMES:
+                v = getattr(terms, name)
+                want = v if np.shape(v) == shape else filled(v, shape)
+                g = getattr(got, name)
+                assert g.shape == shape and g.dtype == np.asarray(want).dtype and np.array_equal(g, want), name
+            assert (got is terms) == all(np.shape(getattr(terms, n)) == shape for n in TERM_NAMES)
+        assert t.broadcast(t.zeros.shape) is t
+
+
+def test_kept_copy_dtypes_tell_apart_copies_and_regimes_differing_in_one_field():
+    """``activations.copy_dtypes`` kept by the copy's and the regime's field values: a copy or regime changed in any
+    one field gets its own dtypes (``_new_dtypes`` of it), an equal one built anew the kept ones."""
+    from dataclasses import fields, replace
+
+    from vramplan import activations as act
+    from vramplan.methods import Adapter, resolve
+    from vramplan.precision import DTYPE_BYTES, get_regime
+
+    dtypes = list(DTYPE_BYTES)
+    for name in ("bf16-mixed", "bf16", "fp32", "fp16-mixed"):
+        regime = get_regime(name)
+        variants = [replace(regime)]
+        for f in fields(regime):
+            if f.name.endswith("dtype"):
+                variants += [replace(regime, **{f.name: d}) for d in dtypes if d != getattr(regime, f.name)]
+        variants.append(replace(regime, autocast=None if regime.autocast else "bfloat16"))
+        for method, adapter in (("lora", None), ("qlora", None), ("full", None), ("dpo", "qlora"), ("ppo", "lora")):
+            for copy in resolve(method, adapter).copies:
+                copies = [copy, replace(copy), replace(copy, quantized=not copy.quantized),
+                          replace(copy, adapter=None if copy.adapter else Adapter.LORA)]
+                for c in copies:
+                    for r in variants:
+                        for kbit in (True, False):
+                            assert act.copy_dtypes(c, r, kbit) == act._new_dtypes(c, r, kbit), (c, r, kbit)

@@ -259,10 +259,15 @@ class _Passes:
     dequant: float = 0.0
 
     def forward(self, n, fwd, tokens, score, quant_linear: float) -> None:
-        """``n`` no-grad forwards of ``fwd`` FLOPs (a frozen copy, a scoring or an extra forward)."""
+        """``n`` no-grad forwards of ``fwd`` FLOPs (a frozen copy, a scoring or an extra forward); ``score``: score
+        elements per token, None without eager attention (no score traffic: adding its zeros changes nothing, nor
+        does adding no forward at all)."""
+        if not n:
+            return
         self.flops = self.flops + n * fwd
         self.passes += n
-        self.eager = self.eager + n * tokens * score * EAGER_FWD_BYTES
+        if score is not None:
+            self.eager = self.eager + n * tokens * score * EAGER_FWD_BYTES
         self.dequant += n * quant_linear
 
 
@@ -280,7 +285,8 @@ def _pass_work(spec: ModelSpec, cfg: TrainConfig, tokens, s, zeros) -> _Passes:
     attn_fwd = 4 * s * spec.q_dim * L  # per token
     gc = 1 if cfg.grad_ckpt else 0
     quant_linear = spec.linear_params / 1e9
-    score = s * spec.num_heads * L if cfg.attention.materialises_scores else zeros  # score elements per token
+    # score elements per token (eager attention's traffic; None: no such traffic, the eager bytes stay zeros)
+    score = s * spec.num_heads * L if cfg.attention.materialises_scores else None
     extra = dict(recipe.behaviour.extra_forwards)
     w = _Passes(flops=zeros.copy(), eager=zeros.copy())
     for c in recipe.copies:
@@ -292,7 +298,8 @@ def _pass_work(spec: ModelSpec, cfg: TrainConfig, tokens, s, zeros) -> _Passes:
             bwd = ((2 * fwd_mm if c.adapter is Adapter.FULL else fwd_mm) + 2 * attn_fwd) * tokens
             w.flops = w.flops + (fwd * (1 + gc) + bwd)
             w.passes += 2 + gc
-            w.eager = w.eager + tokens * score * (EAGER_FWD_BYTES * (1 + gc) + EAGER_BWD_BYTES)
+            if score is not None:
+                w.eager = w.eager + tokens * score * (EAGER_FWD_BYTES * (1 + gc) + EAGER_BWD_BYTES)
             w.dequant += q * (2 + gc)
             if recipe.behaviour.generates:  # no-grad scoring forward of a training copy
                 w.forward(1, fwd, tokens, score, q)
@@ -304,7 +311,8 @@ def _pass_work(spec: ModelSpec, cfg: TrainConfig, tokens, s, zeros) -> _Passes:
         n = 1 + extra.get(role.value, 0)
         w.flops = w.flops + n * (2 * (body + spec.vocab_size * h) + attn_fwd) * tokens
         w.passes += n
-        w.eager = w.eager + n * tokens * score * EAGER_FWD_BYTES
+        if score is not None:
+            w.eager = w.eager + n * tokens * score * EAGER_FWD_BYTES
         w.dequant += n * shared_q
     return w
 
