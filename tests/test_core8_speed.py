@@ -10,7 +10,10 @@ Speed is measured by ``benchmarks/cli_speed.py``; these tests pin what each shor
 * ``activations.attention_mask_bytes`` of SDPA without a mask (no padding, no window) equals the long way's zeros;
 * ``phases.StepTerms.broadcast`` (itself when every term has the shape) equals broadcasting every term;
 * ``activations.copy_dtypes`` (and ``_layer_sums``) kept by the copy's and the regime's field values tell apart a copy
-  or regime differing in any one field.
+  or regime differing in any one field;
+* ``memory.step_memory_rows`` (components gathered once, held gradients in one ``np.where``) equals ``step_memory``
+  of each row; ``throughput._default_micro`` without a prefill equals the long way; ``search._shared_rows`` (one
+  look-up per candidate) equals looking every key up again.
 """
 
 from __future__ import annotations
@@ -229,3 +232,114 @@ def test_kept_copy_dtypes_tell_apart_copies_and_regimes_differing_in_one_field()
                     for r in variants:
                         for kbit in (True, False):
                             assert act.copy_dtypes(c, r, kbit) == act._new_dtypes(c, r, kbit), (c, r, kbit)
+
+
+def test_step_memory_rows_equal_step_memory_of_each_row():
+    """``memory.step_memory_rows`` (the components some row has gathered once; the held gradients of every row in one
+    ``np.where`` over an accumulation grid) equals ``step_memory`` of each configuration: peak, phase and every
+    component, value and dtype -- accumulation grids with and without steps above 1, the configurations' own
+    accumulation, the optimiser step inside backward (no gradients held), paged and full states."""
+    from vramplan.memory import step_memory, step_memory_rows
+
+    spec = get_model("llama-3.2-1b")
+    cfgs = [make_config(spec, m, seq=1024, optimizer=o) for m in ("lora", "qlora", "full")
+            for o in ("adamw", "paged_adamw_8bit")]
+    cfgs += [make_config(spec, "full", seq=1024, techniques=("opt_in_bwd",)), make_config(spec, "lora", grad_accum=4)]
+    b = np.arange(1, 9)
+    for a in (np.ones_like(b), np.array([1, 2, 1, 4, 8, 1, 2, 3]), None):
+        mem, _ = step_memory_rows(spec, cfgs, batch=b, grad_accum=a)
+        seen = set()
+        for i, cfg in enumerate(cfgs):
+            one = step_memory(spec, cfg, batch=b, grad_accum=a)
+            assert np.array_equal(mem.peak[i], one.peak) and np.array_equal(mem.peak_phase[i], one.peak_phase)
+            assert set(mem.components) >= set(one.components)
+            for c, v in mem.components.items():
+                want = one.components.get(c, np.zeros(b.shape))
+                assert np.array_equal(v[i], np.broadcast_to(want, b.shape)), (cfg.method, c)
+            for p, v in one.phases.items():
+                assert np.array_equal(mem.phases[p][i], np.broadcast_to(v, b.shape)), (cfg.method, p)
+            seen.add(bool(np.any(one.components.get(vramplan_component("GRADIENTS"), 0))))
+        assert True in seen
+
+
+def vramplan_component(name):
+    from vramplan.taxonomy import Component
+
+    return Component[name]
+
+
+def _long_default_micro(spec, gpu, w, prof, eff, peak):
+    """``throughput._default_micro`` as it was: the prefill's ``np.where`` always worked out."""
+    from vramplan.throughput import (DECODE_LAUNCH_S_PER_LAYER, DEQUANT_BYTES_PER_PARAM, DORA_BYTES_PER_PARAM,
+                                     LAUNCH_S_PER_LAYER_PASS, TOKENS_HALF, WIDTH_HALF)
+
+    bw = gpu.bandwidth_gbs * 1e9 * eff.bandwidth
+    width = spec.hidden_size / (spec.hidden_size + WIDTH_HALF)
+
+    def rate(tokens):
+        t = np.asarray(tokens, dtype=np.float64)
+        return peak * eff.matmul * eff.stack * width * t / (t + TOKENS_HALF)
+
+    train_flops = w.model_flops - w.rollout_flops + w.adapter_flops
+    train_passes = w.layer_passes - (1 if w.gen_tokens else 0)
+    compute = np.maximum(train_flops / rate(w.tokens), train_passes * w.layers * LAUNCH_S_PER_LAYER_PASS)
+    dequant = w.train_dequant_gparams * 1e9 * DEQUANT_BYTES_PER_PARAM / bw + 0 * compute
+    dora = w.dora_params * DORA_BYTES_PER_PARAM / bw + 0 * compute
+    eager = w.eager_bytes / bw
+    prefill = np.where(w.prefill_tokens > 0, w.prefill_flops / rate(np.maximum(w.prefill_tokens, 1)), 0.0)
+    decode = 0 * compute
+    if w.gen_tokens:
+        decode = (np.maximum(w.decode_bytes / bw, w.decode_flops / (peak * eff.matmul * eff.stack * width))
+                  + w.gen_tokens * w.layers * DECODE_LAUNCH_S_PER_LAYER)
+    parts = dict(compute_s=compute, dequant_s=dequant, dora_s=dora, eager_attention_s=eager, rollout_s=prefill + decode)
+    return compute + dequant + dora + eager + prefill + decode, parts
+
+
+@pytest.mark.parametrize("method", ["lora", "ppo", "grpo", "dpo", "full", "qdora"])
+def test_default_micro_without_a_prefill_equals_the_long_way(method):
+    """``throughput._default_micro`` (the prefill's rate not worked out when no prompt is prefilled) gives the
+    seconds and every part of the long way, value, dtype and shape, on grids of micro-batches and sequences, for
+    methods that generate (a prefill) and that do not."""
+    from vramplan.gpus import get_gpu
+
+    spec, card = get_model("llama-3.2-1b"), get_gpu("a100-80gb")
+    cfg = make_config(spec, method, seq=1024)
+    eff = throughput.card_efficiency(card)
+    peak = card.tensor_tflops(cfg.regime.compute_dtype) * 1e12
+    for b, s in ((np.arange(1, 9), None), (np.array(2), np.array([512, 2048])), (3, None)):
+        w = throughput.step_work(spec, cfg, b, s)
+        got, want = (way(spec, card, w, None, eff, peak) for way in (throughput._default_micro, _long_default_micro))
+        assert list(got[1]) == list(want[1])
+        for g, v in [(got[0], want[0])] + [(got[1][k], want[1][k]) for k in want[1]]:
+            assert type(g) is type(v) and np.shape(g) == np.shape(v) and np.asarray(g).dtype == np.asarray(v).dtype
+            assert np.array_equal(g, v), method
+
+
+def test_shared_rows_equal_the_long_way():
+    """``search._shared_rows`` (one look-up per candidate) gives the representatives, in order, and each candidate's
+    row of the long way (every key looked up again): the candidates of searches over methods, cards and stacks."""
+    from vramplan.gpus import get_gpu
+    from vramplan.planner import search as search_mod
+    from vramplan.planner.limits import DeviceTotals
+    from vramplan.request import SearchRequest
+
+    spec = get_model("llama-3.2-1b")
+    compared = 0
+    for card in (get_gpu("a100-80gb"), get_gpu("v100-32gb")):
+        for method in ("lora", "qlora", "dpo", "full", "grpo"):
+            cands = search_mod._candidates(spec, method, card, SearchRequest.build(seq=1024))
+            cands = cands + cands[::3]  # repeats of earlier candidates
+            reps, which = search_mod._shared_rows(spec, cands, DeviceTotals().ties)
+            keys = []
+            for cfg, _ in cands:
+                tie = cfg.attention.same_as is not None and search_mod.ties_stand_in(spec, cfg)
+                keys.append(search_mod._shared_key(cfg, tie))
+            want: dict = {}
+            for k, (cfg, _) in zip(keys, cands):
+                want.setdefault(k, cfg)
+            row = {k: j for j, k in enumerate(want)}
+            assert list(reps) == list(want) and all(reps[k] is want[k] for k in want)
+            assert which.dtype == np.intp and which.tolist() == [row[k] for k in keys]
+            assert len(reps) < len(cands)
+            compared += len(cands)
+    assert compared > 300

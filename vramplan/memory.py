@@ -829,14 +829,23 @@ def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=Non
     def column(values) -> np.ndarray:
         return np.asarray(values, dtype=np.int64).reshape((len(cfgs),) + extra)
 
-    base = {comp: column([st.bytes.get(comp, 0) for st in states]) for comp in Component
-            if any(comp in st.bytes for st in states)}
+    present = set().union(*[st.bytes for st in states])  # the components some row has, in Component's order:
+    base = {comp: column([st.bytes.get(comp, 0) for st in states]) for comp in Component if comp in present}
     # gradients held through accumulated micro-batches: (rows, 1...) x the accumulation grid
-    held = np.array([filled(held_gradients(st, c, grad_accum), t.zeros.shape[1:])
-                     for st, c in zip(states, cfgs)])
+    held = _held_rows(states, cfgs, grad_accum, t.zeros.shape[1:], column)
     s = _stack_state_terms([state_terms(st, c) for st, c in zip(states, cfgs)], column, held)
     phases, peak, idx, comps = combine_phases(t, base, s, components=components)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=None), states
+
+
+def _held_rows(states: list, cfgs: list[TrainConfig], grad_accum, grid: tuple, column) -> np.ndarray:
+    """:func:`held_gradients` of every row, filled to ``grid`` and stacked (rows x grid). With an accumulation grid
+    given, one ``np.where`` over a column of each row's gradients (0 with the step inside backward): the same
+    element-wise choice, int64 as each row's; without one (each configuration's own accumulation), row by row."""
+    if grad_accum is None or np.ndim(grad_accum) > len(grid):
+        return np.array([filled(held_gradients(st, c, grad_accum), grid) for st, c in zip(states, cfgs)])
+    grads = column([0 if c.uses("opt_in_bwd") else st.bytes[Component.GRADIENTS] for st, c in zip(states, cfgs)])
+    return filled(np.where(np.asarray(grad_accum) > 1, grads, 0), (len(cfgs),) + grid)
 
 
 def _stack_state_terms(rows: list[StateTerms], column, grads_held) -> StateTerms:

@@ -612,7 +612,10 @@ def _default_micro(spec: ModelSpec, gpu: GPUSpec, w: StepWork, prof, eff: Effici
         dequant = w.train_dequant_gparams * float(prof.qlora_dequant_s_per_gparam) + 0 * compute
     dora = w.dora_params * DORA_BYTES_PER_PARAM / bw + 0 * compute
     eager = w.eager_bytes / bw
-    prefill = np.where(w.prefill_tokens > 0, w.prefill_flops / rate(np.maximum(w.prefill_tokens, 1)), 0.0)
+    if w.prefill_tokens.any():
+        prefill = np.where(w.prefill_tokens > 0, w.prefill_flops / rate(np.maximum(w.prefill_tokens, 1)), 0.0)
+    else:  # no prompt prefilled (a method that does not generate): np.where's zeros, without its other branch
+        prefill = np.zeros(w.prefill_tokens.shape)
     decode = 0 * compute
     if w.gen_tokens:
         decode = (np.maximum(w.decode_bytes / bw, w.decode_flops / (peak * eff.matmul * eff.stack * width))

@@ -493,10 +493,14 @@ def _shared_rows(spec: ModelSpec, cands: list, ties: dict) -> tuple[dict, np.nda
             ties[base] = ties_stand_in(spec, cfg)
         keys.append(_shared_key(cfg, ties[base]))
     reps: dict[tuple, TrainConfig] = {}
+    row: dict[tuple, int] = {}  # shared key -> its row (the order of first appearance, as reps')
+    which = []
     for k, (cfg, _) in zip(keys, cands):
-        reps.setdefault(k, cfg)
-    row = {k: j for j, k in enumerate(reps)}
-    return reps, np.array([row[k] for k in keys], dtype=np.intp)
+        j = row.setdefault(k, len(row))
+        if j == len(reps):
+            reps[k] = cfg
+        which.append(j)
+    return reps, np.array(which, dtype=np.intp)
 
 
 def _single_totals(spec: ModelSpec, cands: list, card: GPUSpec, reps: dict, which: np.ndarray, b_grid: np.ndarray,
