@@ -343,3 +343,23 @@ def test_shared_rows_equal_the_long_way():
             assert len(reps) < len(cands)
             compared += len(cands)
     assert compared > 300
+
+
+def test_take_of_a_stack_equals_the_stack_of_those_rows():
+    """``StepTerms.take`` of a :meth:`stack` equals stacking the rows it picks (repeats and any order): what
+    ``memory.step_memory_rows`` does with the terms of configurations differing in their optimiser only."""
+    from vramplan.memory import step_terms
+    from vramplan.phases import TERM_NAMES, StepTerms
+
+    spec = get_model("llama-3.2-1b")
+    grid = np.arange(1, 12)
+    rows = []
+    for method in ("lora", "qlora", "grpo", "full"):
+        t = step_terms(spec, make_config(spec, method), grid)
+        rows.append(t.broadcast(t.zeros.shape))
+    pick = [2, 0, 0, 3, 1, 2, 2]
+    got = StepTerms.stack(rows).take(np.array(pick, dtype=np.intp))
+    want = StepTerms.stack([rows[j] for j in pick])
+    for name in TERM_NAMES:
+        g, w = getattr(got, name), getattr(want, name)
+        assert g.dtype == w.dtype and g.shape == w.shape == (len(pick),) + grid.shape and np.array_equal(g, w), name

@@ -816,14 +816,23 @@ def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=Non
     except TypeError:  # a spec built with list fields (from a log's JSON): nothing kept between calls
         by_terms = {}
     grid = (_grid_key(batch), _grid_key(seq))
+    distinct: list[StepTerms] = []  # each configuration's terms once (those of several optimisers are one object)
+    at: dict[int, int] = {}  # id of one of them -> its place in ``distinct``
     rows = []
     for c in cfgs:
         k = (model, fields_but(c, "optimizer"), grid)  # the activation terms do not read the optimiser
         if k not in by_terms:
             t = step_terms(model, c, batch, seq)
             by_terms[k] = t.broadcast(t.zeros.shape)
-        rows.append(by_terms[k])
-    t = StepTerms.stack(rows)
+        terms = by_terms[k]
+        j = at.setdefault(id(terms), len(at))
+        if j == len(distinct):
+            distinct.append(terms)
+        rows.append(j)
+    # one row per configuration: the distinct terms stacked, then each configuration's row taken
+    t = StepTerms.stack(distinct)
+    if len(distinct) < len(rows):
+        t = t.take(np.array(rows, dtype=np.intp))
     extra = (1,) * (t.zeros.ndim - 1)
 
     def column(values) -> np.ndarray:

@@ -103,6 +103,10 @@ class StepTerms:
         third of its time."""
         return StepTerms(**{name: np.array([getattr(r, name) for r in rows]) for name in TERM_NAMES})
 
+    def take(self, rows: np.ndarray) -> "StepTerms":
+        """The terms of a :meth:`stack` at ``rows`` (an index array along its leading axis: the stack of those rows)."""
+        return StepTerms(**{name: getattr(self, name)[rows] for name in TERM_NAMES})
+
     def with_(self, **changes: Bytes) -> "StepTerms":
         """A copy with ``changes`` (a method's hook adjusting some terms)."""
         return replace(self, **changes)
