@@ -13,7 +13,9 @@ Speed is measured by ``benchmarks/cli_speed.py``; these tests pin what each shor
   or regime differing in any one field;
 * ``memory.step_memory_rows`` (components gathered once, held gradients in one ``np.where``) equals ``step_memory``
   of each row; ``throughput._default_micro`` without a prefill equals the long way; ``search._shared_rows`` (one
-  look-up per candidate) equals looking every key up again.
+  look-up per candidate) equals looking every key up again; ``StepTerms.take`` of a stack equals stacking those rows;
+* ``memory.step_terms`` adding no zeros (kept logits of a loss that keeps none, a chunked head's casts where there
+  are none) equals adding them; ``_head_terms`` and ``_stack_activations`` equal the long way.
 """
 
 from __future__ import annotations
@@ -363,3 +365,117 @@ def test_take_of_a_stack_equals_the_stack_of_those_rows():
     for name in TERM_NAMES:
         g, w = getattr(got, name), getattr(want, name)
         assert g.dtype == w.dtype and g.shape == w.shape == (len(pick),) + grid.shape and np.array_equal(g, w), name
+
+
+def test_step_terms_adding_no_zeros_equal_adding_them(monkeypatch):
+    """``memory.step_terms`` adds no kept logits for a loss that keeps none and no chunked-head casts where there are
+    none (and reads a layer's checkpointed input only where it is kept): every term equals the long way's, which
+    adds those zeros -- across methods (PPO keeps its logits), stacks (litgpt's chunked head), checkpointing,
+    selective checkpointing and attention kernels, value, dtype and shape."""
+    from vramplan import memory
+    from vramplan.phases import TERM_NAMES
+
+    real_kept, real_hc = memory._kept_logits, memory.frozen_head_chunk_casts
+
+    def long_kept(model, cfg, T):
+        got = real_kept(model, cfg, T)
+        return 0.0 * T if got is None else got
+
+    casts = []
+
+    def long_hc(*a):
+        got = real_hc(*a)
+        casts.append(bool(np.any(got)))
+        return np.float64(0.0) if type(got) is int and got == 0 else got
+
+    spec = get_model("llama-3.2-1b")
+    cfgs = []
+    for method in ("lora", "qlora", "ppo", "dpo", "full", "grpo", "kto"):
+        for fw in ("hf", "litgpt", "torchtune"):
+            for kw in ({}, {"grad_ckpt": True}, {"techniques": ("selective_ckpt",)}, {"attn": "eager"},
+                       {"precision": "bf16-mixed"}):
+                try:
+                    cfgs.append(make_config(spec, method, framework=fw, seq=1024, **kw))
+                except Exception:  # noqa: BLE001 - a combination the stack refuses
+                    pass
+    assert len(cfgs) > 40
+    grid = np.arange(1, 7)
+    kept_some = 0
+    for cfg in cfgs:
+        got = memory.step_terms(spec, cfg, grid)
+        with monkeypatch.context() as mp:
+            mp.setattr(memory, "_kept_logits", long_kept)
+            mp.setattr(memory, "frozen_head_chunk_casts", long_hc)
+            want = memory.step_terms(spec, cfg, grid)
+        for name in TERM_NAMES:
+            g, w = getattr(got, name), getattr(want, name)
+            assert np.shape(g) == np.shape(w) and np.asarray(g).dtype == np.asarray(w).dtype, (cfg.method, name)
+            assert np.array_equal(g, w), (cfg.method, cfg.framework, name)
+        kept_some += bool(np.any(got.logits_kept))
+    assert kept_some and any(casts) and not all(casts)
+
+
+def _long_stack_activations(model, cfg, copy, regime, T, s, layer=None):
+    """``memory._stack_activations`` as it was: the checkpointed input worked out in every branch."""
+    from vramplan import activations as act
+    from vramplan.memory import fused_layer_applies, fused_layer_bytes
+    from vramplan.methods import Adapter
+
+    L = model.num_layers
+    full_layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s) if layer is None else layer
+    if fused_layer_applies(cfg, copy, model):
+        full_layer = fused_layer_bytes(model, regime, T)
+    ckpt_in = act.checkpoint_input_bytes(model, copy, regime, T, cfg.stack.kbit_upcast)
+    offload = cfg.uses("act_offload")
+    if cfg.grad_ckpt:
+        gc_offload = cfg.stack.gc_offload and not cfg.behaves("unsloth_gc_on_gpu")
+        return (ckpt_in if (gc_offload or offload) else L * ckpt_in), full_layer
+    if cfg.uses("selective_ckpt"):
+        ck = L // 2
+        return (L - ck) * full_layer + ck * ckpt_in, full_layer
+    first = act.layer_activation_bytes(model, cfg, copy, regime, T, s, input_requires_grad=copy.adapter is Adapter.FULL)
+    if offload:
+        return 2 * full_layer, 0 * full_layer
+    return (L - 1) * full_layer + first, 0 * full_layer
+
+
+def test_head_and_stack_terms_equal_the_long_way():
+    """``memory._head_terms`` adding a chunked head's casts only where there are some equals adding them always
+    (litgpt bf16-mixed has some, the rest none); ``memory._stack_activations`` reading a layer's checkpointed input
+    only where it is kept equals the long way, under checkpointing, selective checkpointing, offload and neither."""
+    from vramplan import memory
+    from vramplan.methods import Forward
+
+    spec = get_model("llama-3.2-1b")
+    T, rows = np.arange(1, 7) * 1024.0, np.arange(1, 7) * 1.0
+    stack_saved = T * 1000.0
+    with_casts = 0
+    for method in ("lora", "dpo", "full", "dora", "qlora"):
+        for fw in ("hf", "litgpt", "unsloth", "torchtune"):
+            for kw in ({}, {"grad_ckpt": True}, {"techniques": ("selective_ckpt",)}, {"techniques": ("act_offload",)},
+                       {"precision": "bf16-mixed"}):
+                try:
+                    cfg = make_config(spec, method, framework=fw, seq=1024, **kw)
+                except Exception:  # noqa: BLE001 - a combination the stack refuses
+                    continue
+                for copy in cfg.recipe.copies:
+                    if copy.forward is not Forward.GRAD:
+                        continue
+                    s = np.asarray(1024.0)
+                    got = memory._stack_activations(spec, cfg, copy, cfg.regime, T, s)
+                    want = _long_stack_activations(spec, cfg, copy, cfg.regime, T, s)
+                    for g, w in zip(got, want):
+                        assert np.shape(g) == np.shape(w) and np.array_equal(g, w), (method, fw, kw)
+                    hc = memory.frozen_head_chunk_casts(spec, cfg, copy, cfg.regime, T, rows)
+                    saved, f, bw = memory._head_terms(spec, cfg, copy, T, rows, stack_saved)
+                    real = memory.frozen_head_chunk_casts
+                    memory.frozen_head_chunk_casts = lambda *a: 0
+                    try:
+                        saved0, f0, bw0 = memory._head_terms(spec, cfg, copy, T, rows, stack_saved)
+                    finally:
+                        memory.frozen_head_chunk_casts = real
+                    assert np.array_equal(saved, saved0)
+                    for g, w in ((f, f0 + hc), (bw, bw0 + hc)):
+                        assert np.asarray(g).dtype == np.asarray(w).dtype and np.array_equal(g, w), (method, fw, kw)
+                    with_casts += bool(np.any(hc))
+    assert with_casts

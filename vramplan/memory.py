@@ -435,16 +435,16 @@ def _stack_activations(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regi
     full_layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s) if layer is None else layer
     if fused_layer_applies(cfg, copy, model):
         full_layer = fused_layer_bytes(model, regime, T)
-    ckpt_in = act.checkpoint_input_bytes(model, copy, regime, T, kbit)
     offload = cfg.uses("act_offload")
     if cfg.grad_ckpt:
         # (Unsloth < 2024.4 checkpointed with torch.utils.checkpoint: inputs on the GPU; stacks.toml [behaviours])
         gc_offload = cfg.stack.gc_offload and not cfg.behaves("unsloth_gc_on_gpu")
+        ckpt_in = act.checkpoint_input_bytes(model, copy, regime, T, kbit)
         kept = ckpt_in if (gc_offload or offload) else L * ckpt_in
         return kept, full_layer
     if cfg.uses("selective_ckpt"):
         ck = L // 2
-        return (L - ck) * full_layer + ck * ckpt_in, full_layer
+        return (L - ck) * full_layer + ck * act.checkpoint_input_bytes(model, copy, regime, T, kbit), full_layer
     first_grad = copy.adapter is Adapter.FULL
     first = act.layer_activation_bytes(model, cfg, copy, regime, T, s, input_requires_grad=first_grad)
     if offload:
@@ -516,12 +516,14 @@ class _TermsSum:
         self.terms = dict.fromkeys(TERM_NAMES, zeros)
 
     def add(self, **terms) -> None:
+        t = self.terms
         for name, v in terms.items():
-            self.terms[name] = self.terms[name] + v
+            t[name] = t[name] + v
 
     def peak(self, **terms) -> None:
+        t = self.terms
         for name, v in terms.items():
-            self.terms[name] = np.maximum(self.terms[name], v)
+            t[name] = np.maximum(t[name], v)
 
     def build(self, **final) -> StepTerms:
         return StepTerms(**{**self.terms, **final})
@@ -562,7 +564,9 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> Step
             # keeps_last_graph): what its nodes still hold after backward sits beside this forward
             acc.add(last_graph=bnb_ctx_input_bytes(model, cfg, copy, cfg.regime, T))
         _temporary_terms(acc, model, cfg, copy, T, s, zeros)
-    acc.add(logits_kept=_kept_logits(model, cfg, T))
+    kept_logits = _kept_logits(model, cfg, T)
+    if kept_logits is not None:  # (None: no logits kept, the term stays zero)
+        acc.add(logits_kept=kept_logits)
     scores = _reference_scores(model, cfg, T, s)
     if scores is not None:
         acc.peak(attn_fwd=scores)
@@ -641,6 +645,8 @@ def _head_terms(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, T, rows, st
         hq = model.vocab_size * h * (per + copies_ * DTYPE_BYTES[regime.compute_dtype])
         f, bw = f + hq, bw + hq
     hc = frozen_head_chunk_casts(model, cfg, copy, regime, T, rows)  # litgpt's chunked head over a wide frozen base
+    if type(hc) is int and hc == 0:  # none (adding an integer zero changes no byte count)
+        return saved, f, bw
     return saved, f + hc, bw + hc
 
 
@@ -667,9 +673,9 @@ def _fp32_logit_bytes(cfg: TrainConfig, regime: Regime) -> float:
 def _kept_logits(model: ModelSpec, cfg: TrainConfig, T):
     """Logits a step keeps through its whole backward: TRL PPO keeps the response logits (a view of
     the whole sequence's) for its entropy statistic, computed after backward (runtime/steps.py
-    ppo_step); 0 for other losses."""
+    ppo_step); None for other losses (none kept)."""
     if cfg.recipe.method.loss != "response_logps":
-        return 0.0 * T
+        return None
     return T * model.vocab_size * _fp32_logit_bytes(cfg, cfg.regime)
 
 
