@@ -479,3 +479,25 @@ def test_head_and_stack_terms_equal_the_long_way():
                         assert np.asarray(g).dtype == np.asarray(w).dtype and np.array_equal(g, w), (method, fw, kw)
                     with_casts += bool(np.any(hc))
     assert with_casts
+
+
+def test_step_time_counts_the_techniques_on_and_none_otherwise():
+    """``throughput._optimizer_free`` looks the techniques' costs up only when some is on (the config's or its
+    stack's): with one on, the micro-step gains its cost (``techniques_s``, the long way's sum); with none, no part."""
+    from vramplan.gpus import get_gpu
+    from vramplan.stacks import techniques
+
+    spec, card = get_model("llama-3.2-1b"), get_gpu("a100-80gb")
+    grid = np.arange(1, 5)
+    for method in ("lora", "full"):
+        for techs in ((), ("act_offload",), ("chunked_ce", "selective_ckpt"), ("padding",)):
+            for gc in (False, True):
+                cfg = make_config(spec, method, techniques=techs, grad_ckpt=gc)
+                t = throughput.step_time(spec, cfg, card, batch=grid)
+                cost = sum(x.cost_for(cfg) for name, x in techniques().items() if cfg.uses(name))
+                base = throughput.step_time(spec, make_config(spec, method, grad_ckpt=gc), card, batch=grid)
+                if cost:
+                    assert np.array_equal(t.parts["techniques_s"], base.micro_s * cost)
+                    assert np.array_equal(t.micro_s, base.micro_s * (1.0 + cost))
+                else:
+                    assert "techniques_s" not in t.parts and np.array_equal(t.micro_s, base.micro_s)

@@ -504,6 +504,8 @@ def step_time_rows(spec: ModelSpec, cfgs: list[TrainConfig], gpu: GPUSpec, batch
     """
     works: dict = {}
     micros: dict = {}  # the micro-step's seconds by the same key, without a profile (_step_time)
+    if grad_accum is not None:  # float64 once (what _step_time makes of it), not once per configuration
+        grad_accum = np.asarray(grad_accum, dtype=np.float64)
     eff = card_efficiency(gpu)  # the card's, for every configuration
     out = []
     for i, cfg in enumerate(cfgs):
@@ -569,7 +571,8 @@ def _optimizer_free(cfg: TrainConfig, micro, parts: dict, a, w: StepWork, parall
     accumulation x model FLOPs)``."""
     parts = dict(parts)
     # memory-saving techniques (stacks.toml) add their assumed fraction of step time
-    cost = sum(t.cost_for(cfg) for name, t in techniques().items() if cfg.uses(name))
+    cost = (sum(t.cost_for(cfg) for name, t in techniques().items() if cfg.uses(name))
+            if cfg.techniques or cfg.stack.techniques else 0)  # (none on: nothing to look up)
     if cost:
         parts["techniques_s"] = micro * cost
         micro = micro * (1.0 + cost)
