@@ -705,9 +705,11 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, request: SearchRequest |
         which, results = _evaluate(spec, cands, card, parallels, grids, prof, totals)
         chosen = {p: _choices(total, times, which, [u for _, u in limits]) + ([times[k] for k in which],)
                   for p, (total, times) in results.items()}
+    # (each layout's grid and picks looked up once, not per plan: a Parallel hashes field by field)
+    layouts = [(p, grids[p], chosen[p]) for p in parallels] if cands else []
     for j, (cfg, note) in enumerate(cands):
-        for p in parallels:
-            plans.append(_plan_at(req, cfg, note, p, grids[p], [v[j] for v in chosen[p]], limits[j], capacity))
+        for p, grid, picks in layouts:
+            plans.append(_plan_at(req, cfg, note, p, grid, [v[j] for v in picks], limits[j], capacity))
     # a fallback (QLoRA for LoRA) is what the method becomes when its own adapter does not fit: its plans
     # rank after every plan of the method's own adapter that fits, however fast the throughput model
     # rates them (a larger micro-batch over an NF4 base can come out marginally faster, inside the
