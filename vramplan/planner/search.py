@@ -39,7 +39,7 @@ import numpy as np
 
 from ..attention import searched_kernels
 from ..config import TrainConfig, check_rank, fields_but, make_config, resolve_targets
-from ..distributed import (SINGLE, STRATEGIES, Parallel, accumulation_step_memory, make_parallel,
+from ..distributed import (SHARDED_PARAMS, SINGLE, STRATEGIES, Parallel, accumulation_step_memory, make_parallel,
                            parallel_step_memory, shard_state)
 from ..errors import VramplanError
 from ..gpus import GPUSpec, catalogue
@@ -47,7 +47,7 @@ from ..memory import StepMemory, model_state, step_memory_rows_shared, step_term
 from ..phases import filled
 from ..methods import Adapter, resolve
 from ..models import ModelSpec
-from ..optimizers import get_optimizer
+from ..optimizers import get_optimizer, searched_optimizers, update_cost
 from ..overheads import card_profile
 from ..request import DEFAULT_ATTENTION, SearchRequest
 from ..throughput import StepTime, StepTimeInputs, step_time_rows, time_to_train
@@ -57,7 +57,7 @@ from .checks import check_card
 from .estimating import engine_starts, step_capacity
 from .limits import DEVICE_CHAIN_READS, DeviceTotals, step_memory_for
 
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+OPTIMIZERS = searched_optimizers()  # optimizers.toml `searched`, in its order
 RANKS = (8, 16, 64)
 #: Micro-batches searched without a target global batch: every one to 32, then coarser to 256
 #: (the fastest plan is the largest micro-batch that fits; the coarse steps cost < 12% of it).
@@ -791,8 +791,9 @@ def _differences(p: Plan, best: Plan) -> list[str]:
     if c.grad_ckpt != b.grad_ckpt:
         diffs.append("gradient checkpointing recomputes the forward" if c.grad_ckpt else "no gradient checkpointing")
     if c.optimizer != b.optimizer:
-        diffs.append({"adamw_8bit": "8-bit AdamW updates slower", "paged_adamw_8bit": "paged 8-bit AdamW updates slower",
-                      "adamw": "AdamW"}.get(c.optimizer, c.optimizer))
+        title = get_optimizer(c.optimizer).title
+        # at fp32 gradients (what mixed precision steps): the per-parameter factor of the optimiser's seconds
+        diffs.append(title + (" updates slower" if update_cost(c.optimizer, 4) > update_cost(b.optimizer, 4) else ""))
     if c.batch != b.batch:
         diffs.append(f"micro-batch {c.batch} vs {b.batch}" + (" (the larger one leaves no margin)" if c.batch < b.batch and
                                                               c.grad_ckpt == b.grad_ckpt else ""))
@@ -870,7 +871,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
             terms.append(step_terms(spec, cfg))
         return parallel_step_memory(spec, cfg, par, terms=terms[0])
     found: dict[int, list[str]] = {}
-    for strategy in ("zero3", "fsdp"):
+    for strategy in SHARDED_PARAMS:  # ZeRO-3, then FSDP
         for n in GPU_COUNTS:
             if n <= gpus:
                 continue
@@ -883,7 +884,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
                               {"gpus": n, "strategies": strategies, "gpu": card.name}))
     # 3. CPU offload on the same number of cards: ZeRO-3, else FSDP (DeepSpeed places a model built outside
     # zero.Init whole on each GPU first, offload or not: vramplan.distributed._zero3_whole_module_bytes)
-    for strategy in ("zero3", "fsdp"):
+    for strategy in SHARDED_PARAMS:  # ZeRO-3, then FSDP
         par = make_parallel(max(1, gpus), strategy, "cpu")
         if float(totals(sharded(par), cfg, card, par)) <= comfy(card):
             out.append(Suggestion("offload", f"{max(1, gpus)}x {card.name} with {strategy} --offload cpu (slow)",
