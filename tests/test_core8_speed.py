@@ -15,7 +15,9 @@ Speed is measured by ``benchmarks/cli_speed.py``; these tests pin what each shor
   of each row; ``throughput._default_micro`` without a prefill equals the long way; ``search._shared_rows`` (one
   look-up per candidate) equals looking every key up again; ``StepTerms.take`` of a stack equals stacking those rows;
 * ``memory.step_terms`` adding no zeros (kept logits of a loss that keeps none, a chunked head's casts where there
-  are none) equals adding them; ``_head_terms`` and ``_stack_activations`` equal the long way.
+  are none) equals adding them; ``_head_terms`` and ``_stack_activations`` equal the long way;
+* ``throughput._optimizer_free`` counts the techniques on (and none otherwise); ``DeviceTotals.rows`` of one recipe
+  (the whole arrays, no rows picked) equals each row's chain.
 """
 
 from __future__ import annotations
@@ -501,3 +503,36 @@ def test_step_time_counts_the_techniques_on_and_none_otherwise():
                     assert np.array_equal(t.micro_s, base.micro_s * (1.0 + cost))
                 else:
                     assert "techniques_s" not in t.parts and np.array_equal(t.micro_s, base.micro_s)
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "dpo"])
+def test_device_totals_rows_of_one_recipe_equal_each_rows_chain(method):
+    """``DeviceTotals.rows`` of rows that are all one recipe and stack (one chain over the whole arrays, no rows
+    picked) equals each row's chain alone (``DeviceTotals.__call__`` of its ``step_memory``), to the byte, dtype
+    float64; rows of two recipes (each group picked) alike."""
+    from vramplan.gpus import get_gpu
+    from vramplan.memory import step_memory, step_memory_rows
+    from vramplan.planner.limits import DeviceTotals
+    from vramplan.profiles import Fitted, Profile
+
+    spec, card = get_model("llama-3.2-1b"), get_gpu("rtx4090")
+    base = make_config(spec, method, seq=1024)
+    for other in (None, "qlora"):
+        cfgs = [base.with_(optimizer=o, grad_ckpt=g) for o in ("adamw", "paged_adamw_8bit") for g in (False, True)]
+        if other is not None:
+            cfgs.insert(1, make_config(spec, other, seq=1024))
+        b = np.arange(1, 9)
+        a = np.where(b < 3, 2, 1)
+        mem, states = step_memory_rows(spec, cfgs, batch=b, grad_accum=a)
+        # a profile whose activation factors differ by recipe: each recipe's chain its own
+        prof = Profile(gpu=card.name, device={"kind": "cuda", "name": card.name}, versions={}, created="t", source="t",
+                       source_info={}, allocated_source="torch.cuda",
+                       activation_factors={"lora": Fitted(1.25, 4), "qlora": Fitted(1.1, 4), "dpo": Fitted(1.4, 4),
+                                           "full": Fitted(1.05, 4)})
+        totals, alone = DeviceTotals(), DeviceTotals()
+        totals._profiles[card.name] = alone._profiles[card.name] = prof
+        got = totals.rows(mem, states, cfgs, card)
+        assert got.dtype == np.float64 and got.shape == (len(cfgs), len(b))
+        for j, cfg in enumerate(cfgs):
+            want = alone(step_memory(spec, cfg, batch=b, grad_accum=a), cfg, card)
+            assert np.array_equal(got[j], want), (j, cfg.method, cfg.optimizer)

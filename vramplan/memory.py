@@ -683,9 +683,11 @@ def _reference_scores(model: ModelSpec, cfg: TrainConfig, T, s):
     """TRL DPO with eager attention (``AttentionKernel.materialises_scores``): the reference's no-grad forward
     runs beside the policy's saved activations and its fp32 logits (accelerate converts); each of its eager
     layers holds the scores at softmax (nothing saved under no_grad). None when there is no such forward."""
+    if not cfg.attention.materialises_scores:
+        return None
     recipe = cfg.recipe
     roles = {c.role for c in recipe.copies} | set(recipe.shared_roles)
-    if not cfg.attention.materialises_scores or Role.REFERENCE not in roles or recipe.behaviour.generates:
+    if Role.REFERENCE not in roles or recipe.behaviour.generates:
         return None
     regime = cfg.regime
     ref = next((c for c in recipe.copies if c.role is Role.REFERENCE), recipe.copies[0])
