@@ -24,12 +24,13 @@ import numpy as np
 
 from ..config import TrainConfig
 from ..gpus import GPUSpec
-from ..memory import StepMemory, model_state, resident_floor, step_memory
+from ..config import fields_but
+from ..memory import StepMemory, model_state, resident_floor, step_memory, step_terms
 from ..models import ModelSpec
 from ..optimizers import get_optimizer
 from ..overheads import (ACTIVATION_COMPONENTS, LOADED_COMPONENTS, card_profile, device_total, peak_terms,
                          runtime_overheads, step_device_total)
-from ..taxonomy import Component
+from ..taxonomy import RESIDENT_COMPONENTS, Component
 from .estimating import DEVICE_CHAIN_READS
 
 if TYPE_CHECKING:
@@ -65,6 +66,8 @@ class DeviceTotals:
         self._floors: dict[tuple, tuple] = {}
         #: whether flash ties sdpa (memory.ties_stand_in) per (model, configuration but optimiser and attention)
         self.ties: dict[tuple, bool] = {}
+        #: the least rollout KV cache over a micro-batch grid (:meth:`_least_kv`), for the same planning call
+        self._kvs: dict[tuple, tuple] = {}
 
     def __call__(self, mem: StepMemory, cfg: TrainConfig, card: GPUSpec, par: Parallel | None = None) -> np.ndarray:
         """Device totals (float64 bytes) of ``mem`` (arrays over batch/seq) for ``cfg`` on ``card`` under ``par``."""
@@ -113,7 +116,8 @@ class DeviceTotals:
                                     loaded_bytes=(loaded[idx], load_reserved[idx]))
         return out
 
-    def floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool = False) -> float | None:
+    def floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool = False,
+              batch: np.ndarray | None = None) -> float | None:
         """A lower bound (bytes) on the one-GPU device total of ``cfg`` at every micro-batch and sequence.
 
         The chain (:func:`vramplan.overheads.device_total`) of :func:`vramplan.memory.resident_floor`
@@ -126,17 +130,38 @@ class DeviceTotals:
         is below 1 (the chain then shrinks the peak's activations, and this bound would not hold).
         Kept per instance: a fit asks for the same floors from several places (other_setups' bound, its
         setups' candidates).
+
+        ``batch``: a bound only over these micro-batches (an int array) at ``cfg.seq``, which for a recipe that
+        generates (``Behaviour.generates``) also holds the rollout phase -- the resident bytes, the optimiser's
+        states (not with ``any_optimizer``) and the KV cache, whose least over the grid is :meth:`_least_kv`
+        (the rollout's other bytes, ``StepTerms.rollout_logits``, are never negative): a step's peak is its
+        largest phase (:func:`vramplan.phases.combine_phases`), so no micro-batch of the grid comes out below it.
         """
         # keyed on the identity of the spec and the card (their field-by-field hashes cost more than the look-up
         # saves), each kept beside its floor: a kept object's identity is not reused while it is kept
-        key = (id(spec), id(card), cfg, any_optimizer)
+        grid = None if batch is None else _grid_of(batch)
+        key = (id(spec), id(card), cfg, any_optimizer, grid)
         kept = self._floors.get(key)
         if kept is None or kept[0] is not spec or kept[1] is not card:
-            kept = (spec, card, self._floor(spec, cfg, card, any_optimizer))
+            kept = (spec, card, self._floor(spec, cfg, card, any_optimizer, batch))
             self._floors[key] = kept
         return kept[2]
 
-    def _floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool) -> float | None:
+    def _least_kv(self, spec: ModelSpec, cfg: TrainConfig, batch: np.ndarray) -> float:
+        """The least rollout KV cache (bytes, :class:`~vramplan.phases.StepTerms`' ``kv``) of ``cfg`` over the
+        micro-batches ``batch`` at ``cfg.seq``: :func:`vramplan.memory.step_terms`' own, worked out once per
+        configuration but its checkpointing, optimiser, attention, rank and targets, none of which the KV cache
+        reads (the generated sequences' keys and values: tests/test_setups_speed.py holds it equal over them)."""
+        key = (id(spec), fields_but(cfg, "grad_ckpt", "optimizer", "attn", "rank", "alpha", "targets"),
+               _grid_of(batch))
+        kept = self._kvs.get(key)
+        if kept is None or kept[0] is not spec:
+            kept = (spec, float(np.min(step_terms(spec, cfg, batch=batch).kv)))
+            self._kvs[key] = kept
+        return kept[1]
+
+    def _floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool,
+               batch: np.ndarray | None = None) -> float | None:
         """:meth:`floor`, computed."""
         if card.name not in self._profiles:
             self._profiles[card.name] = card_profile(card)
@@ -151,8 +176,18 @@ class DeviceTotals:
         paged = st.bytes.get(Component.OPTIMIZER_STATES, 0) if get_optimizer(cfg.optimizer).paged else 0
         loaded = sum(st.bytes.get(c, 0) for c in LOADED_COMPONENTS)
         tensors = resident_floor(spec, cfg, st, optimizer=not any_optimizer)
+        if batch is not None and cfg.recipe.behaviour.generates:  # the rollout phase (floor's docstring)
+            static = sum(st.bytes.get(c, 0) for c in RESIDENT_COMPONENTS)
+            states = 0 if any_optimizer else st.bytes.get(Component.OPTIMIZER_STATES, 0)
+            tensors = max(tensors, int(static + states + self._least_kv(spec, cfg, batch)))
         return float(device_total(tensors, card, method=method, activation_bytes=0, paged_bytes=0 if any_optimizer else paged,
                                   profile=prof, stack=stack, loaded_bytes=loaded))
+
+
+def _grid_of(batch) -> tuple:
+    """A hashable key of a micro-batch grid (equal grids, equal keys)."""
+    a = np.asarray(batch)
+    return (a.dtype.str, a.shape, a.tobytes())
 
 
 def step_memory_for(spec: ModelSpec, cfg: TrainConfig, par: Parallel | None = None, batch=None, seq=None,

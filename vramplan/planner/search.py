@@ -524,7 +524,7 @@ def _setup_best(spec: ModelSpec, method: str, card: GPUSpec, current_fits: bool,
     grid = _grid_for(req.global_batch, req.batch, par, resolve(method, req.adapter).behaviour.min_batch())
     capacity = card.memory_bytes
     asked: list = []  # whether _candidates had a configuration to ask about
-    can_list = _listing_filter(spec, card, req.margin, current_fits, totals)
+    can_list = _listing_filter(spec, card, req.margin, current_fits, totals, grid[0])
     cands = _candidates(spec, method, card, req, keep=lambda base, opt: asked.append(1) or can_list(base, opt))
     if not asked:  # no candidate at all
         return _best_of(search(spec, method, card, req), current_fits)
@@ -599,7 +599,8 @@ def _best_of(mp: MethodPlans, current_fits: bool) -> tuple[Plan, str] | None:
     return max(tight, key=lambda q: q.tokens_per_s), "tight"
 
 
-def _listing_filter(spec: ModelSpec, card: GPUSpec, margin: float, current_fits: bool, totals: DeviceTotals):
+def _listing_filter(spec: ModelSpec, card: GPUSpec, margin: float, current_fits: bool, totals: DeviceTotals,
+                    batch: np.ndarray | None = None):
     """``(base, optimiser) -> bool``: whether :func:`other_setups` could list a candidate of ``base`` (a configuration of
     :func:`_candidates`) with that optimiser, by its lower bound (:meth:`DeviceTotals.floor`).
 
@@ -609,7 +610,9 @@ def _listing_filter(spec: ModelSpec, card: GPUSpec, margin: float, current_fits:
     attention leave alone (least_total's bound, tests/test_search_floor.py): one per configuration
     but those two (the base with the optimiser, checkpointing off and sdpa). First the floor of every optimiser at
     once (``any_optimizer``: at or below each optimiser's own, as :func:`least_total` uses it); only when that
-    leaves a chance, the optimiser's own.
+    leaves a chance, the optimiser's own. ``batch``: the micro-batches searched; a recipe that generates then takes
+    both floors over them (``floor(..., batch=batch)``: at or above the floor over every micro-batch, with its
+    rollout's KV cache, which neither checkpointing nor attention changes either).
     """
     capacity = card.memory_bytes
     limits: dict[tuple, int] = {}  # (stack, method, adapter) -> the comfortable limit (_limits')
@@ -623,8 +626,9 @@ def _listing_filter(spec: ModelSpec, card: GPUSpec, margin: float, current_fits:
         if band not in limits:
             limits[band] = _limits([(key, None)], capacity, margin, False)[0][1]
         limit = limits[band]
-        return not (shut(totals.floor(spec, key.with_(optimizer="adamw"), card, any_optimizer=True), limit)
-                    or shut(totals.floor(spec, key, card), limit))
+        grid = batch if batch is not None and key.recipe.behaviour.generates else None
+        return not (shut(totals.floor(spec, key.with_(optimizer="adamw"), card, any_optimizer=True, batch=grid), limit)
+                    or shut(totals.floor(spec, key, card, batch=grid), limit))
     return can_list
 
 
