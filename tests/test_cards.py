@@ -79,3 +79,23 @@ def test_progress_lines_when_piped(capsys, monkeypatch):
         time.sleep(0.1)
     err = capsys.readouterr().err
     assert err.startswith("tracing ...") and "still running" in err
+
+
+def test_cards_that_cannot_run_the_request_are_skipped_and_bad_names_still_refused():
+    """A card that cannot run what is asked (FlashAttention-2 before Ampere, bf16 on a T4) is left out of
+    ``fit --gpu all`` as a card on which nothing fits (vramplan.errors.CardUnsupportedError, raised by
+    check_card); until session 9 the T4 stopped the whole ranking with its error. A bad name is still an error."""
+    from vramplan.errors import CardUnsupportedError, VramplanError
+    from vramplan.gpus import get_gpu
+    from vramplan.planner.checks import check_card
+
+    with pytest.raises(CardUnsupportedError):
+        check_card(None, "lora", None, "flash", get_gpu("t4"))
+    with pytest.raises(CardUnsupportedError):
+        check_card("bf16-mixed", "lora", None, "sdpa", get_gpu("t4"))
+    rep = fit_cards("llama-3.2-1b", cards=["t4", "rtx4090"], attn="flash", methods=["lora"])
+    assert [r.gpu for r in rep.rows] == ["rtx4090"] and rep.no_fit == ["t4"]
+    assert rep.rows[0].row.settings["attn"] == "flash"
+    with pytest.raises(VramplanError, match="unknown attention") as bad:
+        fit_cards("llama-3.2-1b", cards=["t4"], attn="flsh", methods=["lora"])
+    assert not isinstance(bad.value, CardUnsupportedError)

@@ -145,3 +145,62 @@ def test_an_optimizer_keeping_anothers_states_is_evaluated_and_listed_as_that_on
     finally:
         monkeypatch.undo()
         opts_mod.optimizers.cache_clear()
+
+
+def test_the_searched_optimizers_and_their_sentences_are_catalogue_data(monkeypatch):
+    """``searched`` and ``title`` (optimizers.toml): the search, its preference order and the matrix's ladder read the
+    searched optimisers in the catalogue's order; a plan's reason and a matrix cell name an optimiser by its title,
+    "updates slower" only where its update costs more than the best plan's (paged 8-bit AdamW ties 8-bit AdamW's);
+    a catalogue that searches no optimiser is refused."""
+    import vramplan.optimizers as opts_mod
+    from vramplan.matrix import SETTINGS_LADDER, Cell
+    from vramplan.planner import search as search_mod
+    from vramplan.verdict import Verdict
+
+    searched = tuple(n for n, o in OPTIMIZERS.items() if o.searched)
+    assert opts_mod.searched_optimizers() == searched == search_mod.OPTIMIZERS == ("adamw", "adamw_8bit",
+                                                                                   "paged_adamw_8bit")
+    assert [opt for gc, opt in SETTINGS_LADDER if not gc] == list(searched)
+    gcs, opts, _ = search_mod._searched(__import__("vramplan.gpus", fromlist=["x"]).get_gpu("rtx4090"), {})
+    assert opts == list(searched)
+
+    class P:  # the two fields _differences reads of a plan besides its config
+        adapter, parallel = "lora", None
+
+        def __init__(self, cfg):
+            self.config = cfg
+    from vramplan.config import make_config
+    from vramplan.models import get_model
+
+    cfg = make_config(get_model("llama-3.2-1b"), "lora")
+
+    def diff(opt, best_opt):
+        return search_mod._differences(P(cfg.with_(optimizer=opt)), P(cfg.with_(optimizer=best_opt)))
+    assert diff("adamw_8bit", "adamw") == ["8-bit AdamW updates slower"]
+    assert diff("paged_adamw_8bit", "adamw") == ["paged 8-bit AdamW updates slower"]
+    assert diff("adamw", "adamw_8bit") == ["AdamW"]
+    assert diff("paged_adamw_8bit", "adamw_8bit") == ["paged 8-bit AdamW"]  # the same update: not slower
+    assert diff("adafactor", "adamw") == ["Adafactor"]  # 12 B at half the bandwidth share < AdamW's 28 B
+    assert diff("adamw", "adafactor") == ["AdamW updates slower"]
+
+    cell = Cell(model="m", method="full", gpu="g", seq=1, batch=1, verdict=Verdict.TIGHT, peak_bytes=1,
+                tensor_peak_bytes=1, capacity_bytes=2, max_batch=1, grad_ckpt=True, optimizer="paged_adamw_8bit",
+                precision=None)
+    assert cell.settings_label == "GC + paged 8-bit AdamW"
+    assert Cell(**{**vars(cell), "optimizer": "adamw", "grad_ckpt": False}).settings_label == ""
+
+    data = {name: {k: v for k, v in e.items() if k != "searched"}
+            for name, e in opts_mod.load_data("optimizers.toml").items()}
+    data["sgd"]["searched"] = True
+    monkeypatch.setattr(opts_mod, "load_data", lambda _name: data)
+    opts_mod.optimizers.cache_clear()
+    try:
+        assert opts_mod.searched_optimizers() == ("sgd",)
+        for e in data.values():
+            e.pop("searched", None)
+        opts_mod.optimizers.cache_clear()
+        with pytest.raises(VramplanError, match="no optimiser is searched"):
+            opts_mod.optimizers()
+    finally:
+        monkeypatch.undo()
+        opts_mod.optimizers.cache_clear()

@@ -41,6 +41,11 @@ class InputError(VramplanError):
     """A value from the user (flag, argument, config key) that is the wrong type or out of range."""
 
 
+class CardUnsupportedError(InputError):
+    """The card cannot run what was asked of it (a precision without bf16, an attention kernel, 4-bit kernels):
+    a search over cards (``fit --gpu all``) skips it."""
+
+
 class FileError(VramplanError):
     """A user file that cannot be read as what it should be (missing, binary, too large, malformed)."""
 

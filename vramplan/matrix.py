@@ -40,27 +40,29 @@ from typing import Any, Iterable, Sequence, TextIO
 import numpy as np
 
 from .config import make_config
-from .errors import UnknownNameError, VramplanError, require
+from .errors import CardUnsupportedError, UnknownNameError, VramplanError, require
 from .gpus import GPUSpec, custom_gpu, get_gpu
 from .gpus import catalogue as gpu_catalogue
 from .memory import step_memory
 from .methods import Recipe, default_methods, parse_recipe_name, resolve
 from .models import ModelSpec, get_model
 from .models import catalogue as model_catalogue
-from .overheads import activation_correction, card_profile, device_total, rounded_terms, runtime_overheads
+from .optimizers import DEFAULT_OPTIMIZER, get_optimizer, searched_optimizers
+from .overheads import (DEFAULT_RESERVE_FRACTION, activation_correction, card_profile, device_total, rounded_terms,
+                        runtime_overheads)
 from .planner.checks import check_card, stack_text
 from .planner.limits import BATCH_GRID, fitting_prefix
 from .precision import DEFAULT_REGIME, DTYPE_BYTES, get_regime
 from .request import BENCH_BATCHES, BENCH_SEQS, GridRequest, MatrixRequest, call_request
 from .taxonomy import Component
 from .units import GIB, parse_size
-from .overheads import DEFAULT_RESERVE_FRACTION
 from .verdict import COMFORTABLE_FRACTION, SYMBOLS, THRESHOLDS_TEXT, VERDICTS, Verdict, classify_array, label, pick
 
 #: (gradient checkpointing, optimizer) in the order tried: no checkpointing before
-#: checkpointing (it costs ~30 % throughput), AdamW before 8-bit and paged 8-bit AdamW.
+#: checkpointing (it costs ~30 % throughput), then the searched optimisers in optimizers.toml's order
+#: (AdamW before 8-bit and paged 8-bit AdamW).
 SETTINGS_LADDER: tuple[tuple[bool, str], ...] = tuple((gc, opt) for gc in (False, True)
-                                                      for opt in ("adamw", "adamw_8bit", "paged_adamw_8bit"))
+                                                      for opt in searched_optimizers())
 #: The benchmark grid of the issue (5 sequence lengths x 8 micro-batches): BENCH_SEQS, BENCH_BATCHES,
 #: defined beside the request that defaults to them (vramplan.request.GridRequest).
 FORMATS = ("md", "csv", "html", "png")
@@ -253,7 +255,7 @@ def _card_groups(cards: Sequence[GPUSpec], recipe: Recipe, precision: str | None
     for i, card in enumerate(cards):
         try:
             prec = check_card(precision, recipe.method.name, recipe.adapter.value, attn, card, framework)
-        except VramplanError as exc:
+        except CardUnsupportedError as exc:  # the card cannot run it: the cells say why (a bad name raises)
             errors[i] = str(exc)
             continue
         precs[i] = get_regime(prec or DEFAULT_REGIME).name
@@ -418,14 +420,13 @@ class Cell:
 
     @property
     def settings_label(self) -> str:
-        """Short form of the memory savers the cell needs: ``GC``, ``8-bit``, ``paged 8-bit``."""
+        """Short form of the memory savers the cell needs: ``GC`` and an optimiser other than the default
+        (its optimizers.toml ``title``: ``8-bit AdamW``, ``paged 8-bit AdamW``)."""
         parts = []
         if self.grad_ckpt:
             parts.append("GC")
-        if self.optimizer == "adamw_8bit":
-            parts.append("8-bit Adam")
-        elif self.optimizer == "paged_adamw_8bit":
-            parts.append("paged 8-bit Adam")
+        if self.optimizer is not None and get_optimizer(self.optimizer).name != DEFAULT_OPTIMIZER:
+            parts.append(get_optimizer(self.optimizer).title)
         return " + ".join(parts)
 
     def to_json(self) -> dict:
@@ -615,7 +616,7 @@ def _gib(n: float | None) -> str:
 
 
 def cell_text(c: Cell) -> str:
-    """The short text of a cell in tables: ``~ tight · 9.4 GiB · b≤1 · GC + 8-bit Adam`` (symbols: :data:`vramplan.verdict.SYMBOLS`)."""
+    """The short text of a cell in tables: ``~ tight · 9.4 GiB · b≤1 · GC + 8-bit AdamW`` (symbols: :data:`vramplan.verdict.SYMBOLS`)."""
     if c.peak_bytes is None:
         return f"{SYMBOLS[Verdict.NO]} no · n/a ({c.note})"
     parts = [f"{SYMBOLS[c.verdict]} {label(c.verdict, c.peak_bytes, c.capacity_bytes)}", _gib(c.peak_bytes)]

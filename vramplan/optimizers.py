@@ -78,6 +78,10 @@ class OptimizerDef:
     state_label: str = ""
     #: short label in plan summaries (the name when the catalogue gives none)
     label: str = ""
+    #: its name in sentences ("8-bit AdamW"; the name when the catalogue gives none)
+    title: str = ""
+    #: a search tries it when no optimiser is fixed (:func:`searched_optimizers`: in the catalogue's order)
+    searched: bool = False
     #: names trainer configs give it (HF ``TrainingArguments.optim``, Axolotl ``optimizer``)
     trainer_names: tuple[str, ...] = ()
     #: what planning a trainer name as this optimizer leaves out: trainer name -> note (the plan's assumptions)
@@ -191,7 +195,7 @@ def _numel(shape: Sequence[int]) -> int:
 
 _KEYS = {"summary", "source", "states", "state_bytes", "scalar_bytes", "factored", "quantized", "paged", "same_states_as",
          "state_label",
-         "label", "trainer_names", "trainer_notes",
+         "label", "title", "searched", "trainer_names", "trainer_notes",
          "loop_temp_states", "largest_fp32_copies", "stream_param_bytes", "stream_fixed_bytes", "loop_stream_factor",
          "bandwidth_efficiency", "class", "kwargs", "loop_kwargs", "trainer_kwargs", "meta_trainer_class",
          "cuda_class", "package"}
@@ -214,6 +218,7 @@ def _parse(name: str, e: dict) -> OptimizerDef:
             states=int(e["states"]), state_bytes_per_element=None if sb == "param" else int(sb),
             scalar_bytes=int(e.get("scalar_bytes", 0)), factored=bool(e.get("factored", False)), quantized=quant,
             state_label=str(e.get("state_label", "")), label=str(e.get("label", name)),
+            title=str(e.get("title", name)), searched=bool(e.get("searched", False)),
             trainer_names=tuple(str(x) for x in e.get("trainer_names", ())),
             trainer_notes={str(k): str(v) for k, v in dict(e.get("trainer_notes", {})).items()},
             loop_temp_states=int(e.get("loop_temp_states", 0)),
@@ -255,7 +260,23 @@ def optimizers() -> dict[str, OptimizerDef]:
         for tn in opt.trainer_names:
             if seen.setdefault(tn, opt.name) != opt.name:
                 raise VramplanError(f"optimizers.toml: trainer name {tn!r} is given to {seen[tn]} and {opt.name}")
+    if not any(opt.searched for opt in out.values()):
+        raise VramplanError("optimizers.toml: no optimiser is searched (give one `searched = true`)")
     return out
+
+
+def searched_optimizers() -> tuple[str, ...]:
+    """The optimisers a search tries when none is fixed (``searched`` in optimizers.toml), in the catalogue's
+    order: the preference among equally fast plans and the matrix's settings ladder."""
+    return tuple(name for name, opt in optimizers().items() if opt.searched)
+
+
+def update_cost(name: str, grad_bytes: int) -> float:
+    """Seconds-per-byte-of-bandwidth cost of the update of one trainable parameter with ``grad_bytes``-byte
+    gradients under a fused step: :meth:`OptimizerDef.update_bytes_per_param` over ``bandwidth_efficiency``
+    (the per-parameter factor of :func:`vramplan.throughput`'s optimiser seconds); compares two optimisers' updates."""
+    opt = get_optimizer(name)
+    return opt.update_bytes_per_param(grad_bytes, loop=False) / opt.bandwidth_efficiency
 
 
 OPTIMIZERS: dict[str, OptimizerDef] = optimizers()

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..attention import attention_kernel, default_kernel
 from ..config import TrainConfig
-from ..errors import VramplanError
+from ..errors import CardUnsupportedError, VramplanError
 from ..gpus import GPUSpec, custom_gpu, get_gpu
 from ..methods import Adapter, resolve
 from ..models import ModelSpec
@@ -46,14 +46,14 @@ def check_card(cfg_precision: str | None, method: str, adapter: str | None, attn
         default = get_stack(framework).default_precision if framework else DEFAULT_REGIME
         regime_name = default if (gpu.bf16 or not get_regime(default).needs_bf16) else FALLBACK_REGIME
     if get_regime(regime_name).needs_bf16 and not gpu.bf16:
-        raise VramplanError(f"{gpu.display_name} (compute capability {gpu.compute_capability}) has no bf16",
+        raise CardUnsupportedError(f"{gpu.display_name} (compute capability {gpu.compute_capability}) has no bf16",
                             "use --precision fp16-mixed or fp32")
     kernel = attention_kernel(attn)
     if not kernel.runs_on(gpu):
-        raise VramplanError(f"{gpu.display_name} does not run {kernel.title}",
+        raise CardUnsupportedError(f"{gpu.display_name} does not run {kernel.title}",
                             f"use --attn {kernel.same_as or default_kernel().name}")
     if resolve(method, adapter).adapter.quantized_base and not getattr(gpu, "bf16", True) and gpu.cc < (7, 0):
-        raise VramplanError(f"bitsandbytes 4-bit kernels need compute capability >= 7.0; {gpu.display_name} has {gpu.compute_capability}")
+        raise CardUnsupportedError(f"bitsandbytes 4-bit kernels need compute capability >= 7.0; {gpu.display_name} has {gpu.compute_capability}")
     return regime_name
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..config import make_config
-from ..errors import VramplanError
+from ..errors import CardUnsupportedError, VramplanError
 from ..gpus import GPUSpec, get_gpu
 from ..methods import default_methods
 from ..models import ModelSpec, get_model
@@ -506,9 +506,7 @@ def fit_cards(model: "str | ModelSpec | FitRequest | None" = None, *, cards=None
         card = get_gpu(name)
         try:
             rep = fit(req, card)
-        except VramplanError as exc:
-            if "has no bf16" not in str(exc) and "compute capability" not in str(exc):
-                raise
+        except CardUnsupportedError:
             rep = None  # the card cannot run the stack's precision or kernels
         first = first or rep
         # a comfortable plan whose needs beside the step are met too (GRPO's colocated vLLM loads in its share)

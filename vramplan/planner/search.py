@@ -47,7 +47,7 @@ from ..memory import StepMemory, model_state, step_memory_rows_shared, step_term
 from ..phases import filled
 from ..methods import Adapter, resolve
 from ..models import ModelSpec
-from ..optimizers import get_optimizer
+from ..optimizers import get_optimizer, searched_optimizers, update_cost
 from ..overheads import card_profile
 from ..request import DEFAULT_ATTENTION, SearchRequest
 from ..throughput import StepTime, StepTimeInputs, step_time_rows, time_to_train
@@ -57,7 +57,7 @@ from .checks import check_card
 from .estimating import engine_starts, step_capacity
 from .limits import DEVICE_CHAIN_READS, DeviceTotals, step_memory_for
 
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+OPTIMIZERS = searched_optimizers()  # optimizers.toml `searched`, in its order
 RANKS = (8, 16, 64)
 #: Micro-batches searched without a target global batch: every one to 32, then coarser to 256
 #: (the fastest plan is the largest micro-batch that fits; the coarse steps cost < 12% of it).
@@ -777,8 +777,9 @@ def _differences(p: Plan, best: Plan) -> list[str]:
     if c.grad_ckpt != b.grad_ckpt:
         diffs.append("gradient checkpointing recomputes the forward" if c.grad_ckpt else "no gradient checkpointing")
     if c.optimizer != b.optimizer:
-        diffs.append({"adamw_8bit": "8-bit AdamW updates slower", "paged_adamw_8bit": "paged 8-bit AdamW updates slower",
-                      "adamw": "AdamW"}.get(c.optimizer, c.optimizer))
+        title = get_optimizer(c.optimizer).title
+        # at fp32 gradients (what mixed precision steps): the per-parameter factor of the optimiser's seconds
+        diffs.append(title + (" updates slower" if update_cost(c.optimizer, 4) > update_cost(b.optimizer, 4) else ""))
     if c.batch != b.batch:
         diffs.append(f"micro-batch {c.batch} vs {b.batch}" + (" (the larger one leaves no margin)" if c.batch < b.batch and
                                                               c.grad_ckpt == b.grad_ckpt else ""))
