@@ -8,7 +8,11 @@ answers of the long way, with less work.
 * ``DeviceTotals._least_kv`` (one KV cache per configuration but its checkpointing, optimiser, attention, rank and
   targets) equals the configuration's own ``step_terms`` KV cache, for every such variant;
 * ``search._setup_best`` with that bound lists what the full search lists (``search._best_of`` of it), and on the
-  benchmark case (13b on an RTX 4000 Ada) settles GRPO's setups without one device total.
+  benchmark case (13b on an RTX 4000 Ada) settles GRPO's setups without one device total;
+* ``DeviceTotals.at_least`` (context + workspace + the tensors) is at or below the device total of every layout
+  (one GPU, ZeRO-3, FSDP, CPU offload), default figures or a profile's allocator model, and the rollout's KV cache
+  at or below every layout's per-GPU peak: ``what_would_fit`` skipping a strategy on it suggests what working out
+  every layout suggests, and on the benchmark case works out no layout for GRPO.
 """
 
 from __future__ import annotations
@@ -154,3 +158,128 @@ def test_grpo_setups_on_the_benchmark_case_need_no_device_total(monkeypatch):
     for fw, p in _setups(spec, "grpo", card):
         mp = search_mod.search(spec, "grpo", card, framework=fw, precision=p, seq=2048)
         assert search_mod._best_of(mp, False) is None
+
+
+@pytest.fixture
+def profiled_card(tmp_path, monkeypatch):
+    """An a100-80gb profile with an allocator model (a method correction for GRPO) and activation factors 1.1
+    (GRPO), 0.9 (PPO with LoRA: the bound does not apply)."""
+    from vramplan import profiles as profiles_mod
+    from vramplan.profiles import AllocatorModel, Fitted, Profile, Throughput
+
+    d = tmp_path / "profiles"
+    d.mkdir()
+    monkeypatch.setenv("VRAMPLAN_PROFILES", str(d))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(profiles_mod, "REPO_DIR", tmp_path / "none")
+    monkeypatch.setattr(profiles_mod, "PACKAGE_DIR", tmp_path / "none")
+    mib = 1 << 20
+    prof = Profile(gpu="a100-80gb", device={"kind": "cuda", "name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"},
+                   versions={"driver": "580.159.04", "cuda": "13.0", "torch": "2.11.0+cu130"},
+                   created="2026-11-23T00:00:00Z", source="a100-80gb.jsonl", source_info={},
+                   allocated_source="torch.cuda",
+                   throughput={"lora": Throughput((1e-4, 0.0, 1 / 200e12, 0.0), ((4096, 150.0),), 4)},
+                   context=Fitted(450 * mib, 5), workspace=Fitted(16 * mib, 2),
+                   allocator=AllocatorModel(1.05, 64 * mib, by_method={"grpo+lora": 1.02}),
+                   activation_factors={"grpo+lora": Fitted(1.1, 3), "grpo+qlora": Fitted(1.1, 3),
+                                       "ppo+lora": Fitted(0.9, 3)})
+    prof.save(d / "a100-80gb.json")
+    return get_gpu("a100-80gb")
+
+
+def _layouts():
+    from vramplan.distributed import SINGLE, make_parallel
+
+    return [SINGLE, make_parallel(2, "zero3"), make_parallel(8, "zero3"), make_parallel(2, "fsdp"),
+            make_parallel(16, "fsdp"), make_parallel(1, "zero3", "cpu"), make_parallel(1, "fsdp", "cpu")]
+
+
+def _check_at_least(spec, card, configs) -> int:
+    """``DeviceTotals.at_least`` of a step's tensor peak, and of its rollout's KV cache, is at or below its device
+    total on every layout (the KV cache at or below the per-GPU peak where the engine runs the config as is)."""
+    from vramplan.distributed import deepspeed_cast
+    from vramplan.planner.limits import step_memory_for
+
+    checked = 0
+    for cfg in configs:
+        kv = float(np.min(step_terms(spec, cfg).kv))
+        for par in _layouts():
+            totals = DeviceTotals()
+            try:
+                mem = step_memory_for(spec, cfg, par)
+            except vramplan.VramplanError:
+                continue
+            device = float(np.min(totals(mem, cfg, card, par)))
+            least = totals.at_least(cfg, card, float(np.min(mem.peak)))
+            if least is None:
+                continue
+            assert least <= device, (cfg, par)
+            if deepspeed_cast(cfg, par) is cfg:
+                assert kv <= float(np.min(mem.peak)), (cfg, par)
+                assert totals.at_least(cfg, card, kv) <= device
+            checked += 1
+    return checked
+
+
+def _generating_configs(spec, card):
+    for method in GENERATING:
+        for fw, prec in _setups(spec, method, card):
+            for ad in (None, "qlora", "full"):
+                for gc, opt in ((True, "adamw_8bit"), (False, "adamw")):
+                    try:
+                        yield make_config(spec, method, adapter=None if ad == "full" else ad, framework=fw,
+                                          precision=prec, grad_ckpt=gc, optimizer=opt, seq=1024)
+                    except vramplan.VramplanError:
+                        continue
+
+
+@pytest.mark.parametrize("model,gpu", [("llama-3.2-1b", "rtx4000ada"), ("llama-2-7b", "t4")])
+def test_at_least_is_at_or_below_every_layouts_device_total(model, gpu):
+    spec, card = get_model(model), get_gpu(gpu)
+    assert _check_at_least(spec, card, _generating_configs(spec, card))
+
+
+def test_at_least_with_a_calibrated_allocator_and_factors(profiled_card):
+    """With a profile's allocator model the bound still holds; an activation factor below 1 gives none."""
+    spec = get_model("llama-3.2-1b")
+    assert _check_at_least(spec, profiled_card, _generating_configs(spec, profiled_card))
+    ppo = make_config(spec, "ppo", seq=1024)
+    assert DeviceTotals().at_least(ppo, profiled_card, 1e9) is None
+    grpo = make_config(spec, "grpo", seq=1024)
+    assert DeviceTotals()._factor(grpo, profiled_card) == 1.1  # the profile applies
+    assert DeviceTotals().at_least(grpo, profiled_card, 1e9) is not None
+
+
+@pytest.mark.parametrize("model,gpu", [("13b", "rtx4000ada"), ("llama-2-7b", "t4"), ("llama-3.2-1b", "rtx3080"),
+                                       ("qwen2.5-7b", "rtx4090")])
+def test_what_would_fit_equals_the_long_way(monkeypatch, model, gpu):
+    """The suggestions with strategies skipped on the rollout's KV cache are those of working out every layout;
+    on the benchmark case (13b GRPO on an RTX 4000 Ada) no layout is worked out at all."""
+    from vramplan.distributed import parallel_step_memory
+
+    spec, card = get_model(model), get_gpu(gpu)
+    calls: list = []
+    monkeypatch.setattr(search_mod, "parallel_step_memory",
+                        lambda *a, **k: calls.append(a[2]) or parallel_step_memory(*a, **k))
+
+    def run() -> tuple[list, int]:
+        calls.clear()
+        out = []
+        for method in GENERATING + ["full", "lora"]:
+            for kw in (dict(seq=2048), dict(seq=1024, gpus=2)):
+                out.append([x.to_json() for x in search_mod.what_would_fit(spec, method, card, **kw)])
+        return out, len(calls)
+
+    fast, fast_calls = run()
+    grpo_calls = 0
+    if model == "13b":
+        calls.clear()
+        search_mod.what_would_fit(spec, "grpo", card, seq=2048)
+        grpo_calls = len(calls)
+    monkeypatch.setattr(DeviceTotals, "at_least", lambda self, cfg, card, tensors: None)  # never skip
+    slow, slow_calls = run()
+    assert fast == slow
+    assert any(fast)
+    assert fast_calls <= slow_calls
+    if model == "13b":
+        assert grpo_calls == 0 < fast_calls < slow_calls

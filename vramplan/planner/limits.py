@@ -28,8 +28,8 @@ from ..config import fields_but
 from ..memory import StepMemory, model_state, resident_floor, step_memory, step_terms
 from ..models import ModelSpec
 from ..optimizers import get_optimizer
-from ..overheads import (ACTIVATION_COMPONENTS, LOADED_COMPONENTS, card_profile, device_total, peak_terms,
-                         runtime_overheads, step_device_total)
+from ..overheads import (ACTIVATION_COMPONENTS, LOADED_COMPONENTS, card_profile, device_terms, device_total,
+                         peak_terms, runtime_overheads, step_device_total)
 from ..taxonomy import RESIDENT_COMPONENTS, Component
 from .estimating import DEVICE_CHAIN_READS
 
@@ -160,18 +160,38 @@ class DeviceTotals:
             self._kvs[key] = kept
         return kept[1]
 
-    def _floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool,
-               batch: np.ndarray | None = None) -> float | None:
-        """:meth:`floor`, computed."""
+    def _factor(self, cfg: TrainConfig, card: GPUSpec) -> float:
+        """The card's activation factor for ``cfg``'s recipe and stack (:func:`vramplan.overheads.runtime_overheads`),
+        its profile looked up once."""
         if card.name not in self._profiles:
             self._profiles[card.name] = card_profile(card)
-        prof = self._profiles[card.name]
         method, stack = cfg.recipe.name, cfg.framework
         if (card.name, method, stack) not in self._factors:
             self._factors[(card.name, method, stack)] = runtime_overheads(
-                0, card, method=method, profile=prof, stack=stack).activation_factor
-        if self._factors[(card.name, method, stack)] < 1.0:
+                0, card, method=method, profile=self._profiles[card.name], stack=stack).activation_factor
+        return self._factors[(card.name, method, stack)]
+
+    def at_least(self, cfg: TrainConfig, card: GPUSpec, tensors: float) -> float | None:
+        """A lower bound (bytes) on the device total, on one GPU or per GPU of any layout, of a step of ``cfg`` on
+        ``card`` whose tensor peak is at least ``tensors`` bytes: the CUDA context, the cuBLAS workspace and those
+        tensors. The chain (:func:`vramplan.overheads.device_total`) reserves at least what is allocated (the
+        default reserve adds to it, a profile's allocator model takes the larger of it and its fit), counts paged
+        bytes beside the reserve, and an activation factor of at least 1 only adds to the tensors; NCCL's buffers
+        of a layout come on top. None where the factor is below 1 (the chain then shrinks the activation group).
+        """
+        if self._factor(cfg, card) < 1.0:
             return None
+        d = device_terms(0, card, method=cfg.recipe.name, profile=self._profiles[card.name], stack=cfg.framework)
+        # with no tensors: allocated = the workspace, device = the context + reserved
+        return float(d["device"] - d["reserved"] + d["allocated"]) + float(tensors)
+
+    def _floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool,
+               batch: np.ndarray | None = None) -> float | None:
+        """:meth:`floor`, computed."""
+        if self._factor(cfg, card) < 1.0:
+            return None
+        prof = self._profiles[card.name]
+        method, stack = cfg.recipe.name, cfg.framework
         st = model_state(spec, cfg)
         paged = st.bytes.get(Component.OPTIMIZER_STATES, 0) if get_optimizer(cfg.optimizer).paged else 0
         loaded = sum(st.bytes.get(c, 0) for c in LOADED_COMPONENTS)

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..attention import searched_kernels
 from ..config import TrainConfig, check_rank, fields_but, make_config
-from ..distributed import (SINGLE, STRATEGIES, Parallel, accumulation_step_memory, make_parallel,
+from ..distributed import (SINGLE, STRATEGIES, Parallel, accumulation_step_memory, deepspeed_cast, make_parallel,
                            parallel_step_memory, shard_state)
 from ..errors import VramplanError
 from ..gpus import GPUSpec, catalogue
@@ -849,33 +849,8 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
             break
     if not engine_starts(spec, cfg, card):
         return out  # more of this card, offload or a shorter sequence leave the engine's share as small
-    # 2. more of this card with ZeRO-3 / FSDP (the activation terms of one GPU's micro-batch, for every layout)
-    terms: list[dict] = []
-
-    def sharded(par: Parallel) -> StepMemory:  # step_memory_for(spec, cfg, par) of a distributed layout
-        if not terms:
-            terms.append(step_terms(spec, cfg))
-        return parallel_step_memory(spec, cfg, par, terms=terms[0])
-    found: dict[int, list[str]] = {}
-    for strategy in ("zero3", "fsdp"):
-        for n in GPU_COUNTS:
-            if n <= gpus:
-                continue
-            par = make_parallel(n, strategy)
-            if float(totals(sharded(par), cfg, card, par)) <= comfy(card):
-                found.setdefault(n, []).append(strategy)
-                break
-    for n, strategies in sorted(found.items()):
-        out.append(Suggestion("gpus", f"{n}x {card.name} with {' or '.join(strategies)}",
-                              {"gpus": n, "strategies": strategies, "gpu": card.name}))
-    # 3. CPU offload on the same number of cards: ZeRO-3, else FSDP (DeepSpeed places a model built outside
-    # zero.Init whole on each GPU first, offload or not: vramplan.distributed._zero3_whole_module_bytes)
-    for strategy in ("zero3", "fsdp"):
-        par = make_parallel(max(1, gpus), strategy, "cpu")
-        if float(totals(sharded(par), cfg, card, par)) <= comfy(card):
-            out.append(Suggestion("offload", f"{max(1, gpus)}x {card.name} with {strategy} --offload cpu (slow)",
-                                  {"gpus": max(1, gpus), "strategy": strategy, "offload": "cpu"}))
-            break
+    # 2.-3. more of this card with ZeRO-3 / FSDP, CPU offload
+    out += _sharded_suggestions(spec, cfg, card, gpus, totals, comfy(card))
     # 4. a shorter sequence on this card
     limit = min(seq - 128, spec.max_position_embeddings)
     if limit >= 128:
@@ -890,6 +865,58 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
                 s = int(grid[ok].max())
                 out.append(Suggestion("seq", f"seq <= {s:,} on {card.name}",
                                       {"seq": s}))
+    return out
+
+
+def _sharded_suggestions(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, gpus: int, totals: DeviceTotals,
+                         limit: int) -> list[Suggestion]:
+    """:func:`what_would_fit`'s suggestions of more of ``card`` with ZeRO-3 / FSDP (the fewest GPUs over ``gpus``
+    of :data:`GPU_COUNTS` on which each fits ``limit``, the step's comfortable bytes) and of CPU offload on the
+    same number of cards (ZeRO-3, else FSDP), for the least-memory configuration ``cfg``.
+
+    Every layout's per-GPU peak holds its rollout's KV cache (a phase of its step,
+    :func:`vramplan.phases.combine_phases`), which sharding leaves whole -- each GPU generates its own
+    micro-batch's sequences: a strategy whose engine runs ``cfg`` as it is (:func:`deepspeed_cast`) fits at no
+    GPU count, offload or not, where that cache alone puts the device total over ``limit``
+    (:meth:`DeviceTotals.at_least`), and none of its layouts is worked out.
+    """
+    terms: list = []  # the activation terms of one GPU's micro-batch, for every layout
+
+    def sharded(par: Parallel) -> StepMemory:  # step_memory_for(spec, cfg, par) of a distributed layout
+        if not terms:
+            terms.append(step_terms(spec, cfg))
+        return parallel_step_memory(spec, cfg, par, terms=terms[0])
+
+    def hopeless(par: Parallel) -> bool:  # the rollout's KV cache alone is over the limit on every layout of par's
+        if not cfg.recipe.behaviour.generates or deepspeed_cast(cfg, par) is not cfg:
+            return False
+        if not terms:
+            terms.append(step_terms(spec, cfg))
+        least = totals.at_least(cfg, card, float(np.min(terms[0].kv)))
+        return least is not None and least > limit
+    out: list[Suggestion] = []
+    found: dict[int, list[str]] = {}
+    for strategy in ("zero3", "fsdp"):
+        if hopeless(make_parallel(2, strategy)):
+            continue
+        for n in GPU_COUNTS:
+            if n <= gpus:
+                continue
+            par = make_parallel(n, strategy)
+            if float(totals(sharded(par), cfg, card, par)) <= limit:
+                found.setdefault(n, []).append(strategy)
+                break
+    for n, strategies in sorted(found.items()):
+        out.append(Suggestion("gpus", f"{n}x {card.name} with {' or '.join(strategies)}",
+                              {"gpus": n, "strategies": strategies, "gpu": card.name}))
+    # CPU offload (DeepSpeed places a model built outside zero.Init whole on each GPU first, offload or not:
+    # vramplan.distributed._zero3_whole_module_bytes)
+    for strategy in ("zero3", "fsdp"):
+        par = make_parallel(max(1, gpus), strategy, "cpu")
+        if not hopeless(par) and float(totals(sharded(par), cfg, card, par)) <= limit:
+            out.append(Suggestion("offload", f"{max(1, gpus)}x {card.name} with {strategy} --offload cpu (slow)",
+                                  {"gpus": max(1, gpus), "strategy": strategy, "offload": "cpu"}))
+            break
     return out
 
 
