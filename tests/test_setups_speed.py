@@ -283,3 +283,30 @@ def test_what_would_fit_equals_the_long_way(monkeypatch, model, gpu):
     assert fast_calls <= slow_calls
     if model == "13b":
         assert grpo_calls == 0 < fast_calls < slow_calls
+
+
+def test_setup_best_times_only_the_contenders(monkeypatch):
+    """ORPO on the benchmark case: its setups list their best plans (the long way's), and each works out the step
+    times of the shared configurations of the candidates that fit at some micro-batch only, not of all of them."""
+    spec, card = get_model("13b"), get_gpu("rtx4000ada")
+    timed, built = [], []
+    real_rows, real_shared = search_mod.step_time_rows, search_mod._shared_rows
+    monkeypatch.setattr(search_mod, "step_time_rows", lambda s, cfgs, *a, **k: timed.append(len(cfgs)) or
+                        real_rows(s, cfgs, *a, **k))
+    monkeypatch.setattr(search_mod, "_shared_rows", lambda *a: (lambda out: built.append(len(out[0])) or out)(
+        real_shared(*a)))
+    checked = 0
+    for fw, prec in _setups(spec, "orpo", card):
+        kw = dict(framework=fw, precision=prec, seq=2048)
+        timed.clear(), built.clear()
+        got = search_mod._setup_best(spec, "orpo", card, False, SearchRequest.build(**kw, totals=DeviceTotals()))
+        if got is None:
+            continue
+        assert len(timed) == len(built) == 1 and timed[0] < built[0], (fw, prec, timed, built)
+        monkeypatch.setattr(search_mod, "step_time_rows", real_rows)
+        want = search_mod._best_of(search_mod.search(spec, "orpo", card, **kw), False)
+        monkeypatch.setattr(search_mod, "step_time_rows", lambda s, cfgs, *a, **k: timed.append(len(cfgs)) or
+                            real_rows(s, cfgs, *a, **k))
+        assert _listed_json(got) == _listed_json(want)
+        checked += 1
+    assert checked >= 4

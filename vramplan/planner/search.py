@@ -510,7 +510,8 @@ def _setup_best(spec: ModelSpec, method: str, card: GPUSpec, current_fits: bool,
     (:func:`_listing_filter`: whose floor, :meth:`DeviceTotals.floor`, leaves them a chance; the others can
     neither fit the margin nor, when a tight plan counts, the card, so they are never the search's best or
     its fastest plan within the card; they are not even built): their device totals; when none of them can be listed, nothing more;
-    else their step times, chosen micro-batches (:func:`_choices`), the winner by the search's own order
+    else the step times of those that can win (:func:`_contenders`), their chosen micro-batches (:func:`_choices`),
+    the winner by the search's own order
     (:func:`_winner`), and one :class:`Plan` built -- the winner's. Several GPUs or offload: the search itself.
 
     Raises:
@@ -535,8 +536,13 @@ def _setup_best(spec: ModelSpec, method: str, card: GPUSpec, current_fits: bool,
     usable = [u for _, u in limits]
     reps, which = _shared_rows(spec, cands, totals.ties)
     total = _single_totals(spec, cands, card, reps, which, grid[0], grid[1], totals)
-    if not _listable(total, usable, capacity, current_fits):
+    rows = _contenders(total, usable, capacity, current_fits)
+    if not rows:
         return None
+    if len(rows) < len(cands):  # the others are never the winner: no step time of theirs is worked out
+        cands, limits, usable, total = [cands[j] for j in rows], [limits[j] for j in rows], \
+            [usable[j] for j in rows], total[rows]
+        reps, which = _rows_of(reps, which, rows)
     prof = card_profile(card)
     times = step_time_rows(spec, list(reps.values()), card, batch=grid[0], grad_accum=grid[1], parallel=par,
                            inputs=[StepTimeInputs(profile=prof, state=model_state(spec, r)) for r in reps.values()])
@@ -632,16 +638,28 @@ def _listing_filter(spec: ModelSpec, card: GPUSpec, margin: float, current_fits:
     return can_list
 
 
-def _listable(total: np.ndarray, usable: list[int], capacity: int, current_fits: bool) -> bool:
-    """Whether some row of device totals ``total`` (candidates x micro-batches) fits its comfortable limit
-    at some micro-batch, or (``current_fits`` False) has its least total within the card (a plan's
-    ``peak_bytes`` is ``int`` of the least total when nothing fits the margin)."""
-    for limit, row in zip(usable, total):
-        if (row <= limit).any():
-            return True
-        if not current_fits and int(row[int(np.argmin(row))]) <= capacity:
-            return True
-    return False
+def _contenders(total: np.ndarray, usable: list[int], capacity: int, current_fits: bool) -> list[int]:
+    """The rows of device totals ``total`` (candidates x micro-batches) that :func:`_winner` can pick, in order.
+
+    Those that fit their comfortable limit at some micro-batch (:func:`_choices` then marks them as fitting, at
+    their fastest such micro-batch), when any does: the winner is the first of them by the search's ranking.
+    Else, when a tight plan counts (``current_fits`` False), those whose least total is within the card (a
+    plan's ``peak_bytes`` is ``int`` of the least total when nothing fits the margin): the winner is the fastest
+    of them. Else none: nothing is listed.
+    """
+    ok = [j for j, (limit, row) in enumerate(zip(usable, total)) if (row <= limit).any()]
+    if ok or current_fits:
+        return ok
+    return [j for j, row in enumerate(total) if int(row[int(np.argmin(row))]) <= capacity]
+
+
+def _rows_of(reps: dict, which: np.ndarray, rows: list[int]) -> tuple[dict, np.ndarray]:
+    """:func:`_shared_rows`' ``(reps, which)`` for the candidates ``rows`` only: the shared configurations they use
+    (in their order among ``reps``) and each candidate's row among them."""
+    keys = list(reps)
+    used = sorted({int(which[j]) for j in rows})
+    row = {old: k for k, old in enumerate(used)}
+    return {keys[o]: reps[keys[o]] for o in used}, np.array([row[int(which[j])] for j in rows], dtype=np.intp)
 
 
 def _preference(plan: Plan) -> tuple:
