@@ -617,8 +617,9 @@ def _listing_filter(spec: ModelSpec, card: GPUSpec, margin: float, current_fits:
     but those two (the base with the optimiser, checkpointing off and sdpa). First the floor of every optimiser at
     once (``any_optimizer``: at or below each optimiser's own, as :func:`least_total` uses it); only when that
     leaves a chance, the optimiser's own. ``batch``: the micro-batches searched; a recipe that generates then takes
-    both floors over them (``floor(..., batch=batch)``: at or above the floor over every micro-batch, with its
-    rollout's KV cache, which neither checkpointing nor attention changes either).
+    the floors over them after the first (``floor(..., batch=batch)``: at or above the floor over every
+    micro-batch, with its rollout's KV cache, which neither checkpointing nor attention changes either): every
+    optimiser's, then its own.
     """
     capacity = card.memory_bytes
     limits: dict[tuple, int] = {}  # (stack, method, adapter) -> the comfortable limit (_limits')
@@ -632,8 +633,11 @@ def _listing_filter(spec: ModelSpec, card: GPUSpec, margin: float, current_fits:
         if band not in limits:
             limits[band] = _limits([(key, None)], capacity, margin, False)[0][1]
         limit = limits[band]
+        any_key = key.with_(optimizer="adamw")
+        if shut(totals.floor(spec, any_key, card, any_optimizer=True), limit):
+            return False
         grid = batch if batch is not None and key.recipe.behaviour.generates else None
-        return not (shut(totals.floor(spec, key.with_(optimizer="adamw"), card, any_optimizer=True, batch=grid), limit)
+        return not ((grid is not None and shut(totals.floor(spec, any_key, card, any_optimizer=True, batch=grid), limit))
                     or shut(totals.floor(spec, key, card, batch=grid), limit))
     return can_list
 
