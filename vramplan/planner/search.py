@@ -651,10 +651,11 @@ def _contenders(total: np.ndarray, usable: list[int], capacity: int, current_fit
     plan's ``peak_bytes`` is ``int`` of the least total when nothing fits the margin): the winner is the fastest
     of them. Else none: nothing is listed.
     """
-    ok = [j for j, (limit, row) in enumerate(zip(usable, total)) if (row <= limit).any()]
+    fit = (total <= np.asarray(usable, dtype=np.int64).reshape((-1,) + (1,) * (total.ndim - 1))).any(axis=-1)
+    ok = np.flatnonzero(fit).tolist()
     if ok or current_fits:
         return ok
-    return [j for j, row in enumerate(total) if int(row[int(np.argmin(row))]) <= capacity]
+    return np.flatnonzero(np.floor(total.min(axis=-1)) <= capacity).tolist()  # int() of whole-byte totals
 
 
 def _rows_of(reps: dict, which: np.ndarray, rows: list[int]) -> tuple[dict, np.ndarray]:
