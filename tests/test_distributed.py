@@ -202,3 +202,37 @@ def test_cli_bad_input_is_one_line_exit_2(argv, msg, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_strategy_is_planned_from_its_definition_not_its_name(strategy, monkeypatch):
+    """A twin of each strategy under another name (vramplan.distributed.STRATEGY_DEFS: what it shards, its DeepSpeed
+    stage, FSDP2's default resharding, the stack's FSDP) is planned to the byte as the original: sharded state,
+    per-GPU step memory, communication, step time, label -- under each engine that runs it, with and without CPU
+    offload and accumulation. It fails wherever a layer still compares the strategy's name."""
+    from dataclasses import replace
+
+    import vramplan.distributed as dist
+    from vramplan.throughput import step_time
+
+    twin = strategy + "_twin"
+    monkeypatch.setitem(dist.STRATEGY_DEFS, twin, replace(dist.STRATEGY_DEFS[strategy], name=twin))
+    spec, gpu = get_model("llama-3.2-1b"), get_gpu("a100-80gb")
+    engines = ["auto", "torch"] + (["deepspeed"] if dist.STRATEGY_DEFS[strategy].deepspeed_stage else [])
+    offloads = ["none"] + (["cpu"] if dist.STRATEGY_DEFS[strategy].shards_states else [])
+    cfgs = [make_config(spec, m, batch=2, seq=256, grad_accum=a, grad_ckpt=gc)
+            for m, a, gc in (("full", 1, False), ("lora", 4, True), ("qlora", 2, False), ("ppo", 1, True))]
+    fsdp1 = make_config(spec, "lora", batch=2, seq=256, framework="torchtune") if strategy == "fsdp" else None
+    for engine in engines:
+        for off in offloads:
+            a, b = (make_parallel(4, s, off, engine=engine, gpus_per_node=2) for s in (strategy, twin))
+            assert a.label.replace(strategy, twin) == b.label and a.engine_name == b.engine_name
+            for cfg in cfgs + ([fsdp1] if fsdp1 is not None and engine != "deepspeed" else []):
+                sa, sb = shard_state(spec, cfg, a), shard_state(spec, cfg, b)
+                assert sa == sb, (engine, off, cfg.method)
+                ma, mb = parallel_step_memory(spec, cfg, a), parallel_step_memory(spec, cfg, b)
+                assert ma.peak == mb.peak and ma.components == mb.components
+                assert comm_volume(spec, cfg, a, gpu) == comm_volume(spec, cfg, b, gpu)
+                assert step_time(spec, cfg, gpu, parallel=a).step_s == step_time(spec, cfg, gpu, parallel=b).step_s
+    with pytest.raises(vramplan.VramplanError):
+        make_parallel(4, "zero9")

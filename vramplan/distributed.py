@@ -76,10 +76,51 @@ from .precision import DTYPE_BYTES, FP32
 from .taxonomy import Component, Phase
 from .units import MIB
 
-STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+
+@dataclass(frozen=True)
+class Strategy:
+    """What a ``--strategy`` shards and how its engines run it: every layer (the planner's state, communication
+    and time, the distributed dry run) reads these attributes, never the strategy's name.
+
+    Sources: the module docstring (ZeRO paper stages; DeepSpeed's ``stage_1_and_2.py``/``stage3.py``;
+    PyTorch DDP, ZeroRedundancyOptimizer, FSDP2 ``fully_shard``).
+    """
+
+    name: str
+    #: the DeepSpeed ZeRO stage that runs it (``--engine auto`` picks DeepSpeed then), or None: PyTorch only
+    deepspeed_stage: int | None
+    #: each GPU keeps 1/N of the optimiser states (ZeRO-1 and up, FSDP)
+    shards_states: bool
+    #: each GPU reduces into 1/N of the gradients every micro-batch (ZeRO-2 and up, FSDP: reduce-scatter)
+    shards_gradients: bool
+    #: each GPU keeps 1/N of the parameters, gathered per unit for each pass (ZeRO-3, FSDP)
+    shards_params: bool
+    #: FSDP2's default ``reshard_after_forward`` when PyTorch runs it (False: ZeRO-2-like, SHARD_GRAD_OP)
+    reshard_after_forward: bool = True
+    #: runs the stack's own FSDP wrapper (stacks.toml ``fsdp_engine``: FSDP1 or FSDP2); the other strategies
+    #: PyTorch runs with FSDP2 ``fully_shard`` (or DDP, below ZeRO-2)
+    stack_fsdp: bool = False
+    #: what PyTorch runs it with (the distributed dry run's engine description)
+    torch_title: str = ""
+
+    @property
+    def torch_replica(self) -> bool:
+        """Under PyTorch, a full replica per GPU under DDP (ZeroRedundancyOptimizer shards the states on top)."""
+        return not self.shards_gradients
+
+
+#: Every strategy, in the order a search tries them (fewest moving parts first).
+STRATEGY_DEFS: dict[str, Strategy] = {s.name: s for s in (
+    Strategy("ddp", None, False, False, False, torch_title="PyTorch DDP"),
+    Strategy("zero1", 1, True, False, False, torch_title="PyTorch DDP + ZeroRedundancyOptimizer (ZeRO-1)"),
+    Strategy("zero2", 2, True, True, False, reshard_after_forward=False,
+             torch_title="PyTorch FSDP2 fully_shard, reshard_after_forward=False (ZeRO-2-like, SHARD_GRAD_OP)"),
+    Strategy("zero3", 3, True, True, True, torch_title="PyTorch FSDP2 fully_shard (ZeRO-3)"),
+    Strategy("fsdp", None, True, True, True, stack_fsdp=True, torch_title="PyTorch FSDP2 fully_shard"),
+)}
+STRATEGIES = tuple(STRATEGY_DEFS)
 OFFLOADS = ("none", "cpu")
-SHARDED_PARAMS = ("zero3", "fsdp")
-DEEPSPEED = ("zero1", "zero2", "zero3")
+SHARDED_PARAMS = tuple(n for n, s in STRATEGY_DEFS.items() if s.shards_params)
 GPUS_PER_NODE = 8  # DGX/HGX nodes; PCIe boxes often hold 4-8 cards
 
 #: NCCL communicator buffers per process (runtime, outside the caching allocator): ~4 MiB per
@@ -162,29 +203,39 @@ class Parallel(EngineOptions):
         return -(-self.gpus // self.gpus_per_node)
 
     @property
+    def sharding(self) -> Strategy | None:
+        """The :class:`Strategy` definition (None: one process)."""
+        return None if self.strategy is None else STRATEGY_DEFS[self.strategy]
+
+    @property
     def shards_params(self) -> bool:
-        return self.strategy in SHARDED_PARAMS
+        return self.strategy is not None and STRATEGY_DEFS[self.strategy].shards_params
+
+    @property
+    def shards_states(self) -> bool:
+        """Each GPU keeps 1/N of the optimiser states (and steps only that part)."""
+        return self.strategy is not None and STRATEGY_DEFS[self.strategy].shards_states
 
     @property
     def engine_name(self) -> str:
         """``torch`` or ``deepspeed``: the engine whose buffers the plan models."""
         if self.engine != "auto":
             return self.engine
-        return "deepspeed" if self.strategy in DEEPSPEED else "torch"
+        return "deepspeed" if self.strategy is not None and STRATEGY_DEFS[self.strategy].deepspeed_stage else "torch"
 
     @property
     def reshards_after_forward(self) -> bool:
         """FSDP2: whether a unit's parameters are freed after its forward (ZeRO-3) or kept to backward."""
         if self.reshard_after_forward is not None:
             return bool(self.reshard_after_forward)
-        return self.strategy != "zero2"
+        return self.strategy is None or STRATEGY_DEFS[self.strategy].reshard_after_forward
 
     @property
     def label(self) -> str:
         if self.strategy is None:
             return "1 GPU"
         off = ", offload cpu" if self.offload == "cpu" else ""
-        eng = " (torch)" if self.engine == "torch" and self.strategy in DEEPSPEED else ""
+        eng = " (torch)" if self.engine == "torch" and self.sharding.deepspeed_stage else ""
         return f"{self.gpus}x {self.strategy}{eng}{off}"
 
     def to_json(self) -> dict:
@@ -233,20 +284,20 @@ def make_parallel(gpus: int = 1, strategy: str | None = None, offload: str | Non
         strategy = str(strategy).lower()
         if strategy in ("none", "single"):
             strategy = None
-        elif strategy not in STRATEGIES:
-            raise unknown("strategy", strategy, STRATEGIES)
+        elif strategy not in STRATEGY_DEFS:
+            raise unknown("strategy", strategy, STRATEGY_DEFS)
     off = "none" if offload is None else str(offload).lower()
     if off not in OFFLOADS:
         raise unknown("offload", off, OFFLOADS)
     if strategy is None and int(gpus) > 1:
         strategy = "ddp"
-    if off == "cpu" and strategy in (None, "ddp"):
+    if off == "cpu" and (strategy is None or not STRATEGY_DEFS[strategy].shards_states):
         raise VramplanError(f"--offload cpu needs a sharding strategy, not {strategy or 'a single process'}",
                             "add --strategy zero2, zero3 or fsdp")
     eng = "auto" if engine is None else str(engine).lower()
     if eng not in ENGINES:
         raise unknown("engine", eng, ENGINES)
-    if eng == "deepspeed" and strategy not in DEEPSPEED:
+    if eng == "deepspeed" and (strategy is None or not STRATEGY_DEFS[strategy].deepspeed_stage):
         raise VramplanError(f"DeepSpeed runs zero1, zero2 or zero3, not {strategy or 'a single process'}",
                             "use --engine torch or --strategy zero1|zero2|zero3")
     return Parallel(gpus=int(gpus), strategy=strategy, offload=off, gpus_per_node=int(gpus_per_node), engine=eng,
@@ -433,7 +484,7 @@ def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, st=N
             out.backward_grad_bytes = st.largest_grad
         return out
     out = ShardedState(bytes=dict.fromkeys(base, 0), trainable_params=st.trainable_params, nccl_bytes=NCCL_BYTES)
-    if par.strategy == "ddp" or (par.strategy == "zero1" and par.engine_name == "torch"):
+    if par.engine_name == "torch" and par.sharding.torch_replica:  # DDP (ZeRO-1: + ZeroRedundancyOptimizer)
         out.bytes.update(base)
         out.step_temporary = st.step_temporary
         # the Reducer's buckets hold every gradient: a second copy with gradient_as_bucket_view=False (the
@@ -443,7 +494,7 @@ def shard_state(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, st=N
             out.bytes[Component.GRADIENTS] = 0
         out.layout = "PyTorch DDP: full replica per GPU + gradient buckets" + (
             " (gradients as bucket views)" if par.gradient_as_bucket_view else "")
-        if par.strategy == "zero1":
+        if par.shards_states:
             _zero_redundancy(out, model, cfg, par, st)
         return out
     if par.engine_name == "torch":  # zero2, zero3, fsdp: FSDP2
@@ -489,7 +540,7 @@ def _deepspeed(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Paral
         2 * 4 * part if par.torch_adam else 0)
     trainable_w = p16 * P
     train_key = Component.WEIGHTS if full else Component.ADAPTERS
-    stage = int(par.strategy[-1])
+    stage = par.sharding.deepspeed_stage
     if stage in (1, 2):
         out.bytes[Component.WEIGHTS] = frozen_w
         out.bytes[Component.QUANT_STATE] = quant
@@ -747,7 +798,8 @@ def _fsdp2(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Parallel,
 def uses_fsdp1(cfg: TrainConfig, par: Parallel) -> bool:
     """Whether ``--strategy fsdp`` runs FSDP1 (``FullyShardedDataParallel``, FULL_SHARD) on ``cfg``'s stack
     (stacks.toml ``fsdp_engine``); its unit schedule is planned as FSDP2's, its reserve floor by :func:`_fsdp1_floor`."""
-    return par.strategy == "fsdp" and par.engine_name == "torch" and getattr(cfg.stack, "fsdp_engine", "fsdp2") == "fsdp1"
+    return (par.strategy is not None and par.sharding.stack_fsdp and par.engine_name == "torch"
+            and getattr(cfg.stack, "fsdp_engine", "fsdp2") == "fsdp1")
 
 
 def _fsdp1_units(model: ModelSpec, cfg: TrainConfig, st, base, f: dict) -> tuple[tuple, tuple, int, int]:
@@ -899,7 +951,7 @@ def _held_gradients(sh: ShardedState, full, cfg: TrainConfig, par: Parallel) -> 
     if par.distributed and par.engine_name == "deepspeed":
         if par.offload == "cpu":
             return 0
-        if par.strategy == "zero3":  # its 16-bit gradient partition stays allocated across steps
+        if par.shards_params:  # ZeRO-3: its 16-bit gradient partition stays allocated across steps
             return sh.bytes.get(Component.GRADIENTS, 0)
         # stages 1-2 between micro-batches (stage_1_and_2.py): stage 1 leaves the 16-bit gradients in
         # ``param.grad`` until the boundary's reduction (every gradient); stage 2 reduces each micro-batch into
@@ -907,7 +959,7 @@ def _held_gradients(sh: ShardedState, full, cfg: TrainConfig, par: Parallel) -> 
         if cfg.grad_accum <= 1:
             return 0
         p16 = DTYPE_BYTES[cfg.regime.compute_dtype]
-        return p16 * sh.trainable_params // (1 if par.strategy == "zero1" else par.gpus)
+        return p16 * sh.trainable_params // (par.gpus if par.sharding.shards_gradients else 1)
     return int(_mem.held_gradients(ModelState(bytes=sh.bytes, params=0, trainable_params=sh.trainable_params), cfg))
 
 
@@ -1167,15 +1219,16 @@ def comm_volume(model: ModelSpec, cfg: TrainConfig, par: Parallel, gpu: GPUSpec,
     gc = 1 if cfg.grad_ckpt else 0
     micro = step = pm = ps = 0.0
     cpu_params = 0
-    if par.strategy == "ddp":
+    s = par.sharding
+    if not s.shards_states:  # DDP
         gbytes = st.bytes.get(Component.GRADIENTS, 0)  # reduced in the gradient dtype
         step = 2 * f * gbytes
-    elif par.strategy == "zero1":
+    elif not s.shards_gradients:  # ZeRO-1
         step = 2 * f * p16 * P + f * p16 * P  # all-reduce gradients, all-gather updated weights
-    elif par.strategy == "zero2":
+    elif not s.shards_params:  # ZeRO-2
         micro = f * p16 * P  # reduce-scatter every micro-step
         step = f * p16 * P   # all-gather updated weights
-    else:
+    else:  # ZeRO-3, FSDP
         # parameters gathered for every pass over the layers of every sharded copy
         sh = state or shard_state(model, cfg, par, st)
         per_frozen = _frozen_bytes_per_param(model, cfg, st)
@@ -1194,7 +1247,7 @@ def comm_volume(model: ModelSpec, cfg: TrainConfig, par: Parallel, gpu: GPUSpec,
             micro += f * sh.rollout_gather_bytes
     if par.offload == "cpu":
         cpu_params = -(-P // n)
-        if par.strategy in ("zero1", "zero2"):
+        if not s.shards_params:  # ZeRO-Offload (stages 1-2)
             pm = p16 * P / n   # gradient partition down every micro-step
             ps = p16 * P / n   # updated 16-bit weights up
         else:

@@ -412,13 +412,13 @@ def _optimizer_seconds(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, par: Par
         return 0.0
     opt = get_optimizer(cfg.optimizer)
     regime = cfg.regime
-    if par.strategy in ("zero1", "zero2", "zero3"):
+    if par.strategy is not None and par.sharding.deepspeed_stage:
         pb = 4  # DeepSpeed steps the fp32 master partition
     else:
         pb = max(1, round(st.bytes.get(Component.GRADIENTS, 0) / P))
     # bytes streamed per parameter and the bandwidth share: optimizers.toml (foreach AdamW: extra temporaries)
     per = opt.update_bytes_per_param(pb, loop=regime.runner == "loop" and par.strategy is None)
-    shard = par.gpus if par.strategy in ("zero1", "zero2", "zero3", "fsdp") else 1
+    shard = par.gpus if par.shards_states else 1
     bw = gpu.bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY * opt.bandwidth_efficiency
     return P / shard * per / bw
 

@@ -14,13 +14,14 @@ for the stage (the HF Trainer's example configs turn both on; pass them in ``opt
 
 from __future__ import annotations
 
+from ..distributed import STRATEGY_DEFS
 from ..precision import BF16
 from ..taxonomy import Component, Phase
 
 
 def ds_config(trainee, strategy: str, opts: dict) -> dict:
     h = int(trainee.spec.hidden_size)
-    stage = int(strategy[-1])
+    stage = STRATEGY_DEFS[strategy].deepspeed_stage
     zero = {"stage": stage, "reduce_bucket_size": int(opts.get("reduce_bucket_size") or h * h)}
     if opts.get("allgather_bucket_size"):
         zero["allgather_bucket_size"] = int(opts["allgather_bucket_size"])
@@ -61,7 +62,8 @@ def wrap_deepspeed(trainee, strategy: str, opts: dict, tracker) -> None:
     trainee.run = _ds_step
     trainee.extras["master_tensors"] = lambda: _master_tensors(optimizer)
     trainee.extras["grad_tensors"] = lambda: _grad_tensors(optimizer)
-    trainee.notes.append(f"DeepSpeed ZeRO-{strategy[-1]} {deepspeed.__version__} on its CPU accelerator")
+    trainee.notes.append(f"DeepSpeed ZeRO-{STRATEGY_DEFS[strategy].deepspeed_stage} {deepspeed.__version__} on its "
+                         "CPU accelerator")
 
 
 def _master_tensors(opt):

@@ -47,14 +47,14 @@ import time
 from dataclasses import dataclass, field
 
 from ..config import TrainConfig, make_config
-from ..distributed import EngineOptions
+from ..distributed import STRATEGY_DEFS, EngineOptions
 from ..errors import MissingDependencyError, VramplanError
 from ..models import ModelSpec, get_model
 from ..results import jsonable
 from ..taxonomy import TENSOR_COMPONENTS, Component, Phase
 
 ENGINES = ("torch", "deepspeed")
-STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+STRATEGIES = tuple(STRATEGY_DEFS)  # vramplan.distributed's, in its order
 PRECISIONS = ("bf16", "fp32")
 #: host memory the ranks together may take (planner's estimate), bytes
 HOST_BUDGET = 2 * 2**30
@@ -167,16 +167,22 @@ def deepspeed_available() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
 
+def _deepspeed_stage(strategy: str) -> int | None:
+    """The DeepSpeed ZeRO stage that runs ``strategy`` (vramplan.distributed.Strategy), None: none ("single" too)."""
+    s = STRATEGY_DEFS.get(strategy)
+    return None if s is None else s.deepspeed_stage
+
+
 def resolve_engine(strategy: str, engine: str | None) -> str:
     """The engine that runs ``strategy``: DeepSpeed for zero1/2/3 when asked for (or ``auto`` and installed)."""
     if engine in (None, "auto"):
-        return "deepspeed" if strategy.startswith("zero") and deepspeed_available() else "torch"
+        return "deepspeed" if _deepspeed_stage(strategy) and deepspeed_available() else "torch"
     if engine not in ENGINES:
         from ..errors import unknown
 
         raise unknown("engine", engine, ENGINES)
     if engine == "deepspeed":
-        if not strategy.startswith("zero"):
+        if _deepspeed_stage(strategy) is None:
             raise VramplanError(f"DeepSpeed runs zero1, zero2 or zero3, not {strategy}", "use --engine torch")
         if not deepspeed_available():
             raise MissingDependencyError("DeepSpeed is not installed: its ZeRO engine cannot be traced here",
@@ -187,13 +193,10 @@ def resolve_engine(strategy: str, engine: str | None) -> str:
 
 def engine_description(strategy: str, engine: str, reshard_after_forward: bool | None = None) -> str:
     if engine == "deepspeed":
-        return f"DeepSpeed ZeRO-{strategy[-1]} (CPU accelerator, gloo)"
-    return {"ddp": "PyTorch DDP",
-            "zero1": "PyTorch DDP + ZeroRedundancyOptimizer (ZeRO-1)",
-            "zero2": "PyTorch FSDP2 fully_shard, reshard_after_forward=False (ZeRO-2-like, SHARD_GRAD_OP)",
-            "zero3": "PyTorch FSDP2 fully_shard (ZeRO-3)",
-            "fsdp": "PyTorch FSDP2 fully_shard" + ("" if reshard_after_forward in (None, True)
-                                                    else ", reshard_after_forward=False")}[strategy]
+        return f"DeepSpeed ZeRO-{_deepspeed_stage(strategy)} (CPU accelerator, gloo)"
+    s = STRATEGY_DEFS[strategy]
+    return s.torch_title + ("" if not s.stack_fsdp or reshard_after_forward in (None, True)
+                            else ", reshard_after_forward=False")
 
 
 # -- the per-rank worker (runs in the spawned processes) ---------------------------------------
@@ -593,7 +596,7 @@ def _build_wrapped(spec: ModelSpec, cfg: TrainConfig, job: dict, tracker):
     if strategy == "single":  # one process's step, no engine (the planner's single-GPU baseline)
         tracker.event("built", trainee)
         trainee.optimizer = make_optimizer(trainee.trainable_parameters(), cfg, regime, "cpu", False, notes)
-    elif strategy in ("ddp", "zero1"):
+    elif STRATEGY_DEFS[strategy].torch_replica:  # DDP (ZeRO-1: + ZeroRedundancyOptimizer)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         _section_ddp_buckets(tracker)
@@ -602,7 +605,7 @@ def _build_wrapped(spec: ModelSpec, cfg: TrainConfig, job: dict, tracker):
             pol.module = DDP(pol.module, bucket_cap_mb=opts.get("bucket_cap_mb") or DDP_BUCKET_CAP_MB,
                              gradient_as_bucket_view=bool(opts.get("gradient_as_bucket_view", False)))
         params = trainee.trainable_parameters()
-        if strategy == "zero1":
+        if STRATEGY_DEFS[strategy].shards_states:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
             kw = {"foreach": True} if regime.runner == "loop" else {"fused": False, "foreach": True}
@@ -616,7 +619,7 @@ def _build_wrapped(spec: ModelSpec, cfg: TrainConfig, job: dict, tracker):
 
         reshard = opts.get("reshard_after_forward")
         if reshard is None:
-            reshard = strategy != "zero2"
+            reshard = STRATEGY_DEFS[strategy].reshard_after_forward
         for layer in decoder_layers(pol.inner):
             fully_shard(layer, reshard_after_forward=reshard)
         fully_shard(pol.module, reshard_after_forward=reshard)
@@ -638,7 +641,7 @@ def _skip_sync_while_accumulating(trainee, strategy: str, opts: dict, tracker) -
     no_sync = opts.get("no_sync")
     if no_sync is None:  # the stack's loop (stacks.toml accumulation_no_sync), as the planner assumes
         no_sync = trainee.cfg.stack.accumulation_no_sync
-    if ga <= 1 or not no_sync or strategy not in ("ddp", "zero1", "zero2", "zero3", "fsdp"):
+    if ga <= 1 or not no_sync or strategy not in STRATEGY_DEFS:
         return
     module = trainee.copies[next(iter(trainee.copies))].module
 

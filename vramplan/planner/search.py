@@ -39,8 +39,8 @@ import numpy as np
 
 from ..attention import searched_kernels
 from ..config import TrainConfig, check_rank, fields_but, make_config
-from ..distributed import (SINGLE, STRATEGIES, Parallel, accumulation_step_memory, deepspeed_cast, make_parallel,
-                           parallel_step_memory, shard_state)
+from ..distributed import (SHARDED_PARAMS, SINGLE, STRATEGIES, Parallel, accumulation_step_memory, deepspeed_cast,
+                           make_parallel, parallel_step_memory, shard_state)
 from ..errors import VramplanError
 from ..gpus import GPUSpec, catalogue
 from ..memory import StepMemory, model_state, step_memory_rows_shared, step_terms, ties_stand_in
@@ -919,7 +919,7 @@ def _sharded_suggestions(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, gpus:
         return least is not None and least > limit
     out: list[Suggestion] = []
     found: dict[int, list[str]] = {}
-    for strategy in ("zero3", "fsdp"):
+    for strategy in SHARDED_PARAMS:  # ZeRO-3, then FSDP
         if hopeless(make_parallel(2, strategy)):
             continue
         for n in GPU_COUNTS:
@@ -934,7 +934,7 @@ def _sharded_suggestions(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, gpus:
                               {"gpus": n, "strategies": strategies, "gpu": card.name}))
     # CPU offload (DeepSpeed places a model built outside zero.Init whole on each GPU first, offload or not:
     # vramplan.distributed._zero3_whole_module_bytes)
-    for strategy in ("zero3", "fsdp"):
+    for strategy in SHARDED_PARAMS:  # ZeRO-3, then FSDP
         par = make_parallel(max(1, gpus), strategy, "cpu")
         if not hopeless(par) and float(totals(sharded(par), cfg, card, par)) <= limit:
             out.append(Suggestion("offload", f"{max(1, gpus)}x {card.name} with {strategy} --offload cpu (slow)",
