@@ -41,7 +41,7 @@ from ..attention import searched_kernels
 from ..config import TrainConfig, check_rank, fields_but, make_config
 from ..distributed import (SHARDED_PARAMS, SINGLE, STRATEGIES, Parallel, accumulation_step_memory, deepspeed_cast,
                            make_parallel, parallel_step_memory, shard_state)
-from ..errors import VramplanError
+from ..errors import CardUnsupportedError, VramplanError
 from ..gpus import GPUSpec, catalogue
 from ..memory import StepMemory, model_state, step_memory_rows_shared, step_terms, ties_stand_in
 from ..phases import filled
@@ -828,6 +828,16 @@ def _frugal_cfg(spec: ModelSpec, method: str, req: SearchRequest):
                        **req.pick("seq", "precision", "ppo_response", "framework", "techniques", "method_options"))
 
 
+def _runs_on(cfg: TrainConfig, g: GPUSpec) -> bool:
+    """Whether card ``g`` can run ``cfg`` at all (:func:`~vramplan.planner.checks.check_card`: its precision's
+    bf16, its attention kernel, 4-bit kernels): a card that cannot is never suggested."""
+    try:
+        check_card(cfg.precision, cfg.recipe.method.name, cfg.recipe.adapter.value, cfg.attn, g, cfg.framework)
+    except CardUnsupportedError:
+        return False
+    return True
+
+
 def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchRequest | None = None,
                    gpus: int = 1, **settings: Any) -> list[Suggestion]:
     """What would make ``method`` fit when no setting does: a bigger card, more GPUs, offload, shorter sequences.
@@ -860,7 +870,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
     cards = sorted(catalogue().values(), key=lambda g: (g.memory_bytes, -g.bf16_tflops))
     mem = step_memory_for(spec, cfg, SINGLE, components=DEVICE_CHAIN_READS)  # read by the device chain only
     for g in cards:
-        if g.memory_bytes <= card.memory_bytes or (cfg.precision != "fp32" and "bf16" in cfg.precision and not g.bf16):
+        if g.memory_bytes <= card.memory_bytes or not _runs_on(cfg, g):
             continue
         if engine_starts(spec, cfg, g) and float(totals(mem, cfg, g, SINGLE)) <= comfy(g):
             step = step_capacity(g, cfg)
