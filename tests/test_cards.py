@@ -99,3 +99,26 @@ def test_cards_that_cannot_run_the_request_are_skipped_and_bad_names_still_refus
     with pytest.raises(VramplanError, match="unknown attention") as bad:
         fit_cards("llama-3.2-1b", cards=["t4"], attn="flsh", methods=["lora"])
     assert not isinstance(bad.value, CardUnsupportedError)
+
+
+def test_what_would_fit_suggests_only_cards_that_run_the_plan(monkeypatch):
+    """The smallest larger card what_would_fit suggests passes check_card (bf16, the attention kernel, 4-bit
+    kernels: vramplan.planner.search._runs_on), not only the bf16 test it used to spell out: a Pascal card
+    (compute capability 6.1, no bf16) with room to spare is passed over for a QLoRA plan in fp16."""
+    from dataclasses import replace
+
+    from vramplan.gpus import get_gpu
+    from vramplan.models import get_model
+    from vramplan.planner import search as search_mod
+
+    spec, t4 = get_model("llama-2-13b"), get_gpu("t4")
+    base = search_mod.what_would_fit(spec, "qlora", t4, precision="fp16-mixed", seq=4096)
+    assert base and base[0].kind == "gpu"
+    first = get_gpu(base[0].detail["gpu"])
+    pascal = replace(first, name="pascal-test", compute_capability="6.1", bf16=False, flash_attention=False,
+                     memory_bytes=first.memory_bytes - 1)  # sorts first among the larger cards
+    cards = {**search_mod.catalogue(), "pascal-test": pascal}
+    monkeypatch.setattr(search_mod, "catalogue", lambda: cards)
+    assert not search_mod._runs_on(search_mod._frugal_cfg(spec, "qlora", search_mod.SearchRequest.build(
+        precision="fp16-mixed", seq=4096)), pascal)
+    assert search_mod.what_would_fit(spec, "qlora", t4, precision="fp16-mixed", seq=4096)[0].detail["gpu"] == first.name

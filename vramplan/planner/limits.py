@@ -24,12 +24,13 @@ import numpy as np
 
 from ..config import TrainConfig
 from ..gpus import GPUSpec
-from ..memory import StepMemory, model_state, resident_floor, step_memory
+from ..config import fields_but
+from ..memory import StepMemory, model_state, resident_floor, step_memory, step_terms
 from ..models import ModelSpec
 from ..optimizers import get_optimizer
-from ..overheads import (ACTIVATION_COMPONENTS, LOADED_COMPONENTS, card_profile, device_total, peak_terms,
-                         runtime_overheads, step_device_total)
-from ..taxonomy import Component
+from ..overheads import (ACTIVATION_COMPONENTS, LOADED_COMPONENTS, card_profile, device_terms, device_total,
+                         peak_terms, runtime_overheads, step_device_total)
+from ..taxonomy import RESIDENT_COMPONENTS, Component
 from .estimating import DEVICE_CHAIN_READS
 
 if TYPE_CHECKING:
@@ -65,6 +66,8 @@ class DeviceTotals:
         self._floors: dict[tuple, tuple] = {}
         #: whether flash ties sdpa (memory.ties_stand_in) per (model, configuration but optimiser and attention)
         self.ties: dict[tuple, bool] = {}
+        #: the least rollout KV cache over a micro-batch grid (:meth:`_least_kv`), for the same planning call
+        self._kvs: dict[tuple, tuple] = {}
 
     def __call__(self, mem: StepMemory, cfg: TrainConfig, card: GPUSpec, par: Parallel | None = None) -> np.ndarray:
         """Device totals (float64 bytes) of ``mem`` (arrays over batch/seq) for ``cfg`` on ``card`` under ``par``."""
@@ -108,12 +111,15 @@ class DeviceTotals:
             name = names[id(r)] if id(r) in names else names.setdefault(id(r), r.name)
             groups.setdefault((name, c.framework), []).append(i)
         for (method, stack), idx in groups.items():
-            out[idx] = device_total(peak[idx], card, method=method, activation_bytes=act[idx], paged_bytes=paged[idx],
-                                    profile=self._profiles[card.name], stack=stack,
-                                    loaded_bytes=(loaded[idx], load_reserved[idx]))
+            # (one group, every row in order: the whole arrays, as the rows picked would be)
+            ix = slice(None) if len(idx) == len(cfgs) else np.array(idx, dtype=np.intp)
+            out[ix] = device_total(peak[ix], card, method=method, activation_bytes=act[ix], paged_bytes=paged[ix],
+                                   profile=self._profiles[card.name], stack=stack,
+                                   loaded_bytes=(loaded[ix], load_reserved[ix]))
         return out
 
-    def floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool = False) -> float | None:
+    def floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool = False,
+              batch: np.ndarray | None = None) -> float | None:
         """A lower bound (bytes) on the one-GPU device total of ``cfg`` at every micro-batch and sequence.
 
         The chain (:func:`vramplan.overheads.device_total`) of :func:`vramplan.memory.resident_floor`
@@ -126,33 +132,84 @@ class DeviceTotals:
         is below 1 (the chain then shrinks the peak's activations, and this bound would not hold).
         Kept per instance: a fit asks for the same floors from several places (other_setups' bound, its
         setups' candidates).
+
+        ``batch``: a bound only over these micro-batches (an int array) at ``cfg.seq``, which for a recipe that
+        generates (``Behaviour.generates``) also holds the rollout phase -- the resident bytes, the optimiser's
+        states (not with ``any_optimizer``) and the KV cache, whose least over the grid is :meth:`_least_kv`
+        (the rollout's other bytes, ``StepTerms.rollout_logits``, are never negative): a step's peak is its
+        largest phase (:func:`vramplan.phases.combine_phases`), so no micro-batch of the grid comes out below it.
         """
         # keyed on the identity of the spec and the card (their field-by-field hashes cost more than the look-up
         # saves), each kept beside its floor: a kept object's identity is not reused while it is kept
-        key = (id(spec), id(card), cfg, any_optimizer)
+        grid = None if batch is None else _grid_of(batch)
+        key = (id(spec), id(card), cfg, any_optimizer, grid)
         kept = self._floors.get(key)
         if kept is None or kept[0] is not spec or kept[1] is not card:
-            kept = (spec, card, self._floor(spec, cfg, card, any_optimizer))
+            kept = (spec, card, self._floor(spec, cfg, card, any_optimizer, batch))
             self._floors[key] = kept
         return kept[2]
 
-    def _floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool) -> float | None:
-        """:meth:`floor`, computed."""
+    def _least_kv(self, spec: ModelSpec, cfg: TrainConfig, batch: np.ndarray) -> float:
+        """The least rollout KV cache (bytes, :class:`~vramplan.phases.StepTerms`' ``kv``) of ``cfg`` over the
+        micro-batches ``batch`` at ``cfg.seq``: :func:`vramplan.memory.step_terms`' own, worked out once per
+        configuration but its checkpointing, optimiser, attention, rank and targets, none of which the KV cache
+        reads (the generated sequences' keys and values: tests/test_setups_speed.py holds it equal over them)."""
+        key = (id(spec), fields_but(cfg, "grad_ckpt", "optimizer", "attn", "rank", "alpha", "targets"),
+               _grid_of(batch))
+        kept = self._kvs.get(key)
+        if kept is None or kept[0] is not spec:
+            kept = (spec, float(np.min(step_terms(spec, cfg, batch=batch).kv)))
+            self._kvs[key] = kept
+        return kept[1]
+
+    def _factor(self, cfg: TrainConfig, card: GPUSpec) -> float:
+        """The card's activation factor for ``cfg``'s recipe and stack (:func:`vramplan.overheads.runtime_overheads`),
+        its profile looked up once."""
         if card.name not in self._profiles:
             self._profiles[card.name] = card_profile(card)
-        prof = self._profiles[card.name]
         method, stack = cfg.recipe.name, cfg.framework
         if (card.name, method, stack) not in self._factors:
             self._factors[(card.name, method, stack)] = runtime_overheads(
-                0, card, method=method, profile=prof, stack=stack).activation_factor
-        if self._factors[(card.name, method, stack)] < 1.0:
+                0, card, method=method, profile=self._profiles[card.name], stack=stack).activation_factor
+        return self._factors[(card.name, method, stack)]
+
+    def at_least(self, cfg: TrainConfig, card: GPUSpec, tensors: float) -> float | None:
+        """A lower bound (bytes) on the device total, on one GPU or per GPU of any layout, of a step of ``cfg`` on
+        ``card`` whose tensor peak is at least ``tensors`` bytes: the CUDA context, the cuBLAS workspace and those
+        tensors. The chain (:func:`vramplan.overheads.device_total`) reserves at least what is allocated (the
+        default reserve adds to it, a profile's allocator model takes the larger of it and its fit), counts paged
+        bytes beside the reserve, and an activation factor of at least 1 only adds to the tensors; NCCL's buffers
+        of a layout come on top. None where the factor is below 1 (the chain then shrinks the activation group).
+        """
+        if self._factor(cfg, card) < 1.0:
             return None
+        d = device_terms(0, card, method=cfg.recipe.name, profile=self._profiles[card.name], stack=cfg.framework)
+        # with no tensors: allocated = the workspace, device = the context + reserved
+        return float(d["device"] - d["reserved"] + d["allocated"]) + float(tensors)
+
+    def _floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool,
+               batch: np.ndarray | None = None) -> float | None:
+        """:meth:`floor`, computed."""
+        if self._factor(cfg, card) < 1.0:
+            return None
+        prof = self._profiles[card.name]
+        method, stack = cfg.recipe.name, cfg.framework
         st = model_state(spec, cfg)
         paged = st.bytes.get(Component.OPTIMIZER_STATES, 0) if get_optimizer(cfg.optimizer).paged else 0
         loaded = sum(st.bytes.get(c, 0) for c in LOADED_COMPONENTS)
         tensors = resident_floor(spec, cfg, st, optimizer=not any_optimizer)
+        if batch is not None and cfg.recipe.behaviour.generates:  # the rollout phase (floor's docstring)
+            static = sum(st.bytes.get(c, 0) for c in RESIDENT_COMPONENTS)
+            states = 0 if any_optimizer else st.bytes.get(Component.OPTIMIZER_STATES, 0)
+            tensors = max(tensors, int(static + states + self._least_kv(spec, cfg, batch)))
         return float(device_total(tensors, card, method=method, activation_bytes=0, paged_bytes=0 if any_optimizer else paged,
                                   profile=prof, stack=stack, loaded_bytes=loaded))
+
+
+def _grid_of(batch) -> tuple:
+    """A hashable key of a micro-batch grid (equal grids, equal keys)."""
+    a = np.asarray(batch)
+    return (a.dtype.str, a.shape, a.tobytes())
 
 
 def step_memory_for(spec: ModelSpec, cfg: TrainConfig, par: Parallel | None = None, batch=None, seq=None,

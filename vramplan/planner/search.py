@@ -38,10 +38,10 @@ from typing import Any
 import numpy as np
 
 from ..attention import searched_kernels
-from ..config import TrainConfig, check_rank, fields_but, make_config
-from ..distributed import (SHARDED_PARAMS, SINGLE, STRATEGIES, Parallel, accumulation_step_memory, make_parallel,
-                           parallel_step_memory, shard_state)
-from ..errors import VramplanError
+from ..config import TrainConfig, check_rank, fields_but, make_config, resolve_targets
+from ..distributed import (SHARDED_PARAMS, SINGLE, STRATEGIES, Parallel, accumulation_step_memory, deepspeed_cast,
+                           make_parallel, parallel_step_memory, shard_state)
+from ..errors import CardUnsupportedError, VramplanError
 from ..gpus import GPUSpec, catalogue
 from ..memory import StepMemory, model_state, step_memory_rows_shared, step_terms, ties_stand_in
 from ..phases import filled
@@ -364,19 +364,31 @@ def _shapes(m: str, ad: str | None, fixed: dict) -> list[tuple]:
 def _config_of(spec: ModelSpec, m: str, ad: str | None, common: dict, settings: dict, built: dict) -> TrainConfig:
     """``make_config`` of one (recipe, rank, targets) of :func:`_candidates`, its recipe, stack and regime resolved.
 
-    The rank enters make_config in two places: the rank and alpha (= rank, the search gives no alpha) fields, and
-    :func:`~vramplan.config.check_rank` against the adapted linears. So a shape whose (recipe, targets) was already
-    built at another rank (``built``) is that configuration with its rank and alpha set, once the rank is checked:
-    the same fields as make_config's (tests/test_fit_speed.py), without resolving the names again.
+    The rank and the targets of a low-rank adapter enter make_config in three places: the rank and alpha (= rank,
+    the search gives no alpha) fields, the targets resolved (:func:`~vramplan.config.resolve_targets`) and
+    :func:`~vramplan.config.check_rank` of the rank against the adapted linears; no other field reads them. So a
+    shape whose recipe was already built (``built``: at another rank, or other targets) is that configuration with
+    its rank, alpha and targets set, once they are resolved and checked: the same fields as make_config's
+    (tests/test_fit_speed.py), without resolving the names again.
 
     Raises:
         VramplanError: as make_config (a rank larger than an adapted linear, an invalid setting).
     """
-    same = next((c for (m2, ad2, _, tg), c in built.items()
-                 if c is not None and m2 == m and ad2 == ad and tg == repr(settings["targets"])), None)
+    tg = repr(settings["targets"])
+    same = other = None
+    for (m2, ad2, _, tg2), c in built.items():
+        if c is not None and m2 == m and ad2 == ad:
+            if tg2 == tg:
+                same = c
+                break
+            other = other or c
     if same is not None and same.recipe.adapter.low_rank:
         check_rank(spec, same.targets, settings["rank"])
         return same.with_(rank=settings["rank"], alpha=float(settings["rank"]))
+    if same is None and other is not None and other.recipe.adapter.low_rank:
+        targets = resolve_targets(spec, settings["targets"])
+        check_rank(spec, targets, settings["rank"])
+        return other.with_(rank=settings["rank"], alpha=float(settings["rank"]), targets=targets)
     cfg = make_config(spec, m, adapter=ad, batch=1, **common, **settings)
     _resolve_once(cfg)
     return cfg
@@ -481,10 +493,14 @@ def _shared_rows(spec: ModelSpec, cands: list, ties: dict) -> tuple[dict, np.nda
             ties[base] = ties_stand_in(spec, cfg)
         keys.append(_shared_key(cfg, ties[base]))
     reps: dict[tuple, TrainConfig] = {}
+    row: dict[tuple, int] = {}  # shared key -> its row (the order of first appearance, as reps')
+    which = []
     for k, (cfg, _) in zip(keys, cands):
-        reps.setdefault(k, cfg)
-    row = {k: j for j, k in enumerate(reps)}
-    return reps, np.array([row[k] for k in keys], dtype=np.intp)
+        j = row.setdefault(k, len(row))
+        if j == len(reps):
+            reps[k] = cfg
+        which.append(j)
+    return reps, np.array(which, dtype=np.intp)
 
 
 def _single_totals(spec: ModelSpec, cands: list, card: GPUSpec, reps: dict, which: np.ndarray, b_grid: np.ndarray,
@@ -510,7 +526,8 @@ def _setup_best(spec: ModelSpec, method: str, card: GPUSpec, current_fits: bool,
     (:func:`_listing_filter`: whose floor, :meth:`DeviceTotals.floor`, leaves them a chance; the others can
     neither fit the margin nor, when a tight plan counts, the card, so they are never the search's best or
     its fastest plan within the card; they are not even built): their device totals; when none of them can be listed, nothing more;
-    else their step times, chosen micro-batches (:func:`_choices`), the winner by the search's own order
+    else the step times of those that can win (:func:`_contenders`), their chosen micro-batches (:func:`_choices`),
+    the winner by the search's own order
     (:func:`_winner`), and one :class:`Plan` built -- the winner's. Several GPUs or offload: the search itself.
 
     Raises:
@@ -524,7 +541,7 @@ def _setup_best(spec: ModelSpec, method: str, card: GPUSpec, current_fits: bool,
     grid = _grid_for(req.global_batch, req.batch, par, resolve(method, req.adapter).behaviour.min_batch())
     capacity = card.memory_bytes
     asked: list = []  # whether _candidates had a configuration to ask about
-    can_list = _listing_filter(spec, card, req.margin, current_fits, totals)
+    can_list = _listing_filter(spec, card, req.margin, current_fits, totals, grid[0])
     cands = _candidates(spec, method, card, req, keep=lambda base, opt: asked.append(1) or can_list(base, opt))
     if not asked:  # no candidate at all
         return _best_of(search(spec, method, card, req), current_fits)
@@ -535,8 +552,13 @@ def _setup_best(spec: ModelSpec, method: str, card: GPUSpec, current_fits: bool,
     usable = [u for _, u in limits]
     reps, which = _shared_rows(spec, cands, totals.ties)
     total = _single_totals(spec, cands, card, reps, which, grid[0], grid[1], totals)
-    if not _listable(total, usable, capacity, current_fits):
+    rows = _contenders(total, usable, capacity, current_fits)
+    if not rows:
         return None
+    if len(rows) < len(cands):  # the others are never the winner: no step time of theirs is worked out
+        cands, limits, usable, total = [cands[j] for j in rows], [limits[j] for j in rows], \
+            [usable[j] for j in rows], total[rows]
+        reps, which = _rows_of(reps, which, rows)
     prof = card_profile(card)
     times = step_time_rows(spec, list(reps.values()), card, batch=grid[0], grad_accum=grid[1], parallel=par,
                            inputs=[StepTimeInputs(profile=prof, state=model_state(spec, r)) for r in reps.values()])
@@ -599,7 +621,8 @@ def _best_of(mp: MethodPlans, current_fits: bool) -> tuple[Plan, str] | None:
     return max(tight, key=lambda q: q.tokens_per_s), "tight"
 
 
-def _listing_filter(spec: ModelSpec, card: GPUSpec, margin: float, current_fits: bool, totals: DeviceTotals):
+def _listing_filter(spec: ModelSpec, card: GPUSpec, margin: float, current_fits: bool, totals: DeviceTotals,
+                    batch: np.ndarray | None = None):
     """``(base, optimiser) -> bool``: whether :func:`other_setups` could list a candidate of ``base`` (a configuration of
     :func:`_candidates`) with that optimiser, by its lower bound (:meth:`DeviceTotals.floor`).
 
@@ -609,7 +632,10 @@ def _listing_filter(spec: ModelSpec, card: GPUSpec, margin: float, current_fits:
     attention leave alone (least_total's bound, tests/test_search_floor.py): one per configuration
     but those two (the base with the optimiser, checkpointing off and sdpa). First the floor of every optimiser at
     once (``any_optimizer``: at or below each optimiser's own, as :func:`least_total` uses it); only when that
-    leaves a chance, the optimiser's own.
+    leaves a chance, the optimiser's own. ``batch``: the micro-batches searched; a recipe that generates then takes
+    the floors over them after the first (``floor(..., batch=batch)``: at or above the floor over every
+    micro-batch, with its rollout's KV cache, which neither checkpointing nor attention changes either): every
+    optimiser's, then its own.
     """
     capacity = card.memory_bytes
     limits: dict[tuple, int] = {}  # (stack, method, adapter) -> the comfortable limit (_limits')
@@ -623,21 +649,38 @@ def _listing_filter(spec: ModelSpec, card: GPUSpec, margin: float, current_fits:
         if band not in limits:
             limits[band] = _limits([(key, None)], capacity, margin, False)[0][1]
         limit = limits[band]
-        return not (shut(totals.floor(spec, key.with_(optimizer="adamw"), card, any_optimizer=True), limit)
-                    or shut(totals.floor(spec, key, card), limit))
+        any_key = key.with_(optimizer="adamw")
+        if shut(totals.floor(spec, any_key, card, any_optimizer=True), limit):
+            return False
+        grid = batch if batch is not None and key.recipe.behaviour.generates else None
+        return not ((grid is not None and shut(totals.floor(spec, any_key, card, any_optimizer=True, batch=grid), limit))
+                    or shut(totals.floor(spec, key, card, batch=grid), limit))
     return can_list
 
 
-def _listable(total: np.ndarray, usable: list[int], capacity: int, current_fits: bool) -> bool:
-    """Whether some row of device totals ``total`` (candidates x micro-batches) fits its comfortable limit
-    at some micro-batch, or (``current_fits`` False) has its least total within the card (a plan's
-    ``peak_bytes`` is ``int`` of the least total when nothing fits the margin)."""
-    for limit, row in zip(usable, total):
-        if (row <= limit).any():
-            return True
-        if not current_fits and int(row[int(np.argmin(row))]) <= capacity:
-            return True
-    return False
+def _contenders(total: np.ndarray, usable: list[int], capacity: int, current_fits: bool) -> list[int]:
+    """The rows of device totals ``total`` (candidates x micro-batches) that :func:`_winner` can pick, in order.
+
+    Those that fit their comfortable limit at some micro-batch (:func:`_choices` then marks them as fitting, at
+    their fastest such micro-batch), when any does: the winner is the first of them by the search's ranking.
+    Else, when a tight plan counts (``current_fits`` False), those whose least total is within the card (a
+    plan's ``peak_bytes`` is ``int`` of the least total when nothing fits the margin): the winner is the fastest
+    of them. Else none: nothing is listed.
+    """
+    fit = (total <= np.asarray(usable, dtype=np.int64).reshape((-1,) + (1,) * (total.ndim - 1))).any(axis=-1)
+    ok = np.flatnonzero(fit).tolist()
+    if ok or current_fits:
+        return ok
+    return np.flatnonzero(np.floor(total.min(axis=-1)) <= capacity).tolist()  # int() of whole-byte totals
+
+
+def _rows_of(reps: dict, which: np.ndarray, rows: list[int]) -> tuple[dict, np.ndarray]:
+    """:func:`_shared_rows`' ``(reps, which)`` for the candidates ``rows`` only: the shared configurations they use
+    (in their order among ``reps``) and each candidate's row among them."""
+    keys = list(reps)
+    used = sorted({int(which[j]) for j in rows})
+    row = {old: k for k, old in enumerate(used)}
+    return {keys[o]: reps[keys[o]] for o in used}, np.array([row[int(which[j])] for j in rows], dtype=np.intp)
 
 
 def _preference(plan: Plan) -> tuple:
@@ -689,9 +732,11 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, request: SearchRequest |
         which, results = _evaluate(spec, cands, card, parallels, grids, prof, totals)
         chosen = {p: _choices(total, times, which, [u for _, u in limits]) + ([times[k] for k in which],)
                   for p, (total, times) in results.items()}
+    # (each layout's grid and picks looked up once, not per plan: a Parallel hashes field by field)
+    layouts = [(p, grids[p], chosen[p]) for p in parallels] if cands else []
     for j, (cfg, note) in enumerate(cands):
-        for p in parallels:
-            plans.append(_plan_at(req, cfg, note, p, grids[p], [v[j] for v in chosen[p]], limits[j], capacity))
+        for p, grid, picks in layouts:
+            plans.append(_plan_at(req, cfg, note, p, grid, [v[j] for v in picks], limits[j], capacity))
     # a fallback (QLoRA for LoRA) is what the method becomes when its own adapter does not fit: its plans
     # rank after every plan of the method's own adapter that fits, however fast the throughput model
     # rates them (a larger micro-batch over an NF4 base can come out marginally faster, inside the
@@ -801,6 +846,16 @@ def _frugal_cfg(spec: ModelSpec, method: str, req: SearchRequest):
                        **req.pick("seq", "precision", "ppo_response", "framework", "techniques", "method_options"))
 
 
+def _runs_on(cfg: TrainConfig, g: GPUSpec) -> bool:
+    """Whether card ``g`` can run ``cfg`` at all (:func:`~vramplan.planner.checks.check_card`: its precision's
+    bf16, its attention kernel, 4-bit kernels): a card that cannot is never suggested."""
+    try:
+        check_card(cfg.precision, cfg.recipe.method.name, cfg.recipe.adapter.value, cfg.attn, g, cfg.framework)
+    except CardUnsupportedError:
+        return False
+    return True
+
+
 def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchRequest | None = None,
                    gpus: int = 1, **settings: Any) -> list[Suggestion]:
     """What would make ``method`` fit when no setting does: a bigger card, more GPUs, offload, shorter sequences.
@@ -833,7 +888,7 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
     cards = sorted(catalogue().values(), key=lambda g: (g.memory_bytes, -g.bf16_tflops))
     mem = step_memory_for(spec, cfg, SINGLE, components=DEVICE_CHAIN_READS)  # read by the device chain only
     for g in cards:
-        if g.memory_bytes <= card.memory_bytes or (cfg.precision != "fp32" and "bf16" in cfg.precision and not g.bf16):
+        if g.memory_bytes <= card.memory_bytes or not _runs_on(cfg, g):
             continue
         if engine_starts(spec, cfg, g) and float(totals(mem, cfg, g, SINGLE)) <= comfy(g):
             step = step_capacity(g, cfg)
@@ -845,33 +900,8 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
             break
     if not engine_starts(spec, cfg, card):
         return out  # more of this card, offload or a shorter sequence leave the engine's share as small
-    # 2. more of this card with ZeRO-3 / FSDP (the activation terms of one GPU's micro-batch, for every layout)
-    terms: list[dict] = []
-
-    def sharded(par: Parallel) -> StepMemory:  # step_memory_for(spec, cfg, par) of a distributed layout
-        if not terms:
-            terms.append(step_terms(spec, cfg))
-        return parallel_step_memory(spec, cfg, par, terms=terms[0])
-    found: dict[int, list[str]] = {}
-    for strategy in SHARDED_PARAMS:  # ZeRO-3, then FSDP
-        for n in GPU_COUNTS:
-            if n <= gpus:
-                continue
-            par = make_parallel(n, strategy)
-            if float(totals(sharded(par), cfg, card, par)) <= comfy(card):
-                found.setdefault(n, []).append(strategy)
-                break
-    for n, strategies in sorted(found.items()):
-        out.append(Suggestion("gpus", f"{n}x {card.name} with {' or '.join(strategies)}",
-                              {"gpus": n, "strategies": strategies, "gpu": card.name}))
-    # 3. CPU offload on the same number of cards: ZeRO-3, else FSDP (DeepSpeed places a model built outside
-    # zero.Init whole on each GPU first, offload or not: vramplan.distributed._zero3_whole_module_bytes)
-    for strategy in SHARDED_PARAMS:  # ZeRO-3, then FSDP
-        par = make_parallel(max(1, gpus), strategy, "cpu")
-        if float(totals(sharded(par), cfg, card, par)) <= comfy(card):
-            out.append(Suggestion("offload", f"{max(1, gpus)}x {card.name} with {strategy} --offload cpu (slow)",
-                                  {"gpus": max(1, gpus), "strategy": strategy, "offload": "cpu"}))
-            break
+    # 2.-3. more of this card with ZeRO-3 / FSDP, CPU offload
+    out += _sharded_suggestions(spec, cfg, card, gpus, totals, comfy(card))
     # 4. a shorter sequence on this card
     limit = min(seq - 128, spec.max_position_embeddings)
     if limit >= 128:
@@ -886,6 +916,58 @@ def what_would_fit(spec: ModelSpec, method: str, card: GPUSpec, request: SearchR
                 s = int(grid[ok].max())
                 out.append(Suggestion("seq", f"seq <= {s:,} on {card.name}",
                                       {"seq": s}))
+    return out
+
+
+def _sharded_suggestions(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, gpus: int, totals: DeviceTotals,
+                         limit: int) -> list[Suggestion]:
+    """:func:`what_would_fit`'s suggestions of more of ``card`` with ZeRO-3 / FSDP (the fewest GPUs over ``gpus``
+    of :data:`GPU_COUNTS` on which each fits ``limit``, the step's comfortable bytes) and of CPU offload on the
+    same number of cards (ZeRO-3, else FSDP), for the least-memory configuration ``cfg``.
+
+    Every layout's per-GPU peak holds its rollout's KV cache (a phase of its step,
+    :func:`vramplan.phases.combine_phases`), which sharding leaves whole -- each GPU generates its own
+    micro-batch's sequences: a strategy whose engine runs ``cfg`` as it is (:func:`deepspeed_cast`) fits at no
+    GPU count, offload or not, where that cache alone puts the device total over ``limit``
+    (:meth:`DeviceTotals.at_least`), and none of its layouts is worked out.
+    """
+    terms: list = []  # the activation terms of one GPU's micro-batch, for every layout
+
+    def sharded(par: Parallel) -> StepMemory:  # step_memory_for(spec, cfg, par) of a distributed layout
+        if not terms:
+            terms.append(step_terms(spec, cfg))
+        return parallel_step_memory(spec, cfg, par, terms=terms[0])
+
+    def hopeless(par: Parallel) -> bool:  # the rollout's KV cache alone is over the limit on every layout of par's
+        if not cfg.recipe.behaviour.generates or deepspeed_cast(cfg, par) is not cfg:
+            return False
+        if not terms:
+            terms.append(step_terms(spec, cfg))
+        least = totals.at_least(cfg, card, float(np.min(terms[0].kv)))
+        return least is not None and least > limit
+    out: list[Suggestion] = []
+    found: dict[int, list[str]] = {}
+    for strategy in SHARDED_PARAMS:  # ZeRO-3, then FSDP
+        if hopeless(make_parallel(2, strategy)):
+            continue
+        for n in GPU_COUNTS:
+            if n <= gpus:
+                continue
+            par = make_parallel(n, strategy)
+            if float(totals(sharded(par), cfg, card, par)) <= limit:
+                found.setdefault(n, []).append(strategy)
+                break
+    for n, strategies in sorted(found.items()):
+        out.append(Suggestion("gpus", f"{n}x {card.name} with {' or '.join(strategies)}",
+                              {"gpus": n, "strategies": strategies, "gpu": card.name}))
+    # CPU offload (DeepSpeed places a model built outside zero.Init whole on each GPU first, offload or not:
+    # vramplan.distributed._zero3_whole_module_bytes)
+    for strategy in SHARDED_PARAMS:  # ZeRO-3, then FSDP
+        par = make_parallel(max(1, gpus), strategy, "cpu")
+        if not hopeless(par) and float(totals(sharded(par), cfg, card, par)) <= limit:
+            out.append(Suggestion("offload", f"{max(1, gpus)}x {card.name} with {strategy} --offload cpu (slow)",
+                                  {"gpus": max(1, gpus), "strategy": strategy, "offload": "cpu"}))
+            break
     return out
 
 
