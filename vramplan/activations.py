@@ -43,7 +43,8 @@ dry run (``benchmarks/dryrun_vs_analytic.py``; evidence in ``reports/``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import operator
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -96,15 +97,21 @@ def copy_dtypes(copy: ModelCopy, regime: Regime, kbit_upcast: bool = True) -> Dt
     ``kbit_upcast``: QLoRA's non-quantised weights were upcast to fp32 (HF stack's
     ``prepare_model_for_kbit_training``), so the residual stream runs in fp32.
     """
-    key = (copy, regime, kbit_upcast)
+    key = (_copy_fields(copy), _regime_fields(regime), kbit_upcast)
     d = _DTYPES.get(key)
     if d is None:
         d = _DTYPES[key] = _new_dtypes(copy, regime, kbit_upcast)
     return d
 
 
-#: :func:`copy_dtypes` by its (immutable) arguments: a handful of copies and regimes, asked thousands of times.
+#: :func:`copy_dtypes` by its (immutable) arguments' field values: a handful of copies and regimes, asked thousands
+#: of times.
 _DTYPES: dict = {}
+#: a :class:`ModelCopy`'s / :class:`Regime`'s field values, in field order (what the dataclass compares and hashes):
+#: the key of a kept value read from one, without the dataclass's ``__hash__`` and ``__eq__`` -- a search's
+#: configurations resolve equal copies and regimes as new objects, each compared field by field on every look-up
+_copy_fields = operator.attrgetter(*(f.name for f in fields(ModelCopy)))
+_regime_fields = operator.attrgetter(*(f.name for f in fields(Regime)))
 
 
 def _new_dtypes(copy: ModelCopy, regime: Regime, kbit_upcast: bool) -> Dtypes:
@@ -172,8 +179,8 @@ def _layer_sums(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Reg
     with and without checkpointing) compute each once. Equal inputs, equal sums (tests/test_fit_speed.py)."""
     key = None
     if s.ndim == 0 and not cfg.attention.materialises_scores:
-        key = (model, copy, regime, cfg.framework, cfg.versions, cfg.techniques, cfg.attn, cfg.dropout, cfg.targets,
-               cfg.rank, float(s), input_requires_grad, part)
+        key = (model, _copy_fields(copy), _regime_fields(regime), cfg.framework, cfg.versions, cfg.techniques,
+               cfg.attn, cfg.dropout, cfg.targets, cfg.rank, float(s), input_requires_grad, part)
         try:
             kept = _SUMS.get(key)
         except TypeError:  # a spec built with list fields (from a log's JSON): nothing kept
@@ -1000,6 +1007,8 @@ def attention_mask_bytes(model: ModelSpec, cfg: TrainConfig, regime: Regime, bat
         masks = np.where((frac > 0) & (frac < 1) & (s > (model.sliding_window or np.inf)), 2.0, 1.0)
         return masks * b * s * s * d.residual
     if kernel.torch_sdpa:
+        if not (model.sliding_window or cfg.uses("padding")):  # no mask (sdpa_masked_fraction 0): is_causal
+            return b * s * 0.0
         return b * s * s * np.where(sdpa_masked_fraction(model, cfg, s) > 0, 1.0, 0.0)
     if model.sliding_window and kernel.handles_masks_itself:
         # a kernel taking the window as an argument (flash_attention_2) builds no mask; run through transformers'

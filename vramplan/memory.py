@@ -435,16 +435,16 @@ def _stack_activations(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regi
     full_layer = act.layer_activation_bytes(model, cfg, copy, regime, T, s) if layer is None else layer
     if fused_layer_applies(cfg, copy, model):
         full_layer = fused_layer_bytes(model, regime, T)
-    ckpt_in = act.checkpoint_input_bytes(model, copy, regime, T, kbit)
     offload = cfg.uses("act_offload")
     if cfg.grad_ckpt:
         # (Unsloth < 2024.4 checkpointed with torch.utils.checkpoint: inputs on the GPU; stacks.toml [behaviours])
         gc_offload = cfg.stack.gc_offload and not cfg.behaves("unsloth_gc_on_gpu")
+        ckpt_in = act.checkpoint_input_bytes(model, copy, regime, T, kbit)
         kept = ckpt_in if (gc_offload or offload) else L * ckpt_in
         return kept, full_layer
     if cfg.uses("selective_ckpt"):
         ck = L // 2
-        return (L - ck) * full_layer + ck * ckpt_in, full_layer
+        return (L - ck) * full_layer + ck * act.checkpoint_input_bytes(model, copy, regime, T, kbit), full_layer
     first_grad = copy.adapter is Adapter.FULL
     first = act.layer_activation_bytes(model, cfg, copy, regime, T, s, input_requires_grad=first_grad)
     if offload:
@@ -516,12 +516,14 @@ class _TermsSum:
         self.terms = dict.fromkeys(TERM_NAMES, zeros)
 
     def add(self, **terms) -> None:
+        t = self.terms
         for name, v in terms.items():
-            self.terms[name] = self.terms[name] + v
+            t[name] = t[name] + v
 
     def peak(self, **terms) -> None:
+        t = self.terms
         for name, v in terms.items():
-            self.terms[name] = np.maximum(self.terms[name], v)
+            t[name] = np.maximum(t[name], v)
 
     def build(self, **final) -> StepTerms:
         return StepTerms(**{**self.terms, **final})
@@ -562,7 +564,9 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> Step
             # keeps_last_graph): what its nodes still hold after backward sits beside this forward
             acc.add(last_graph=bnb_ctx_input_bytes(model, cfg, copy, cfg.regime, T))
         _temporary_terms(acc, model, cfg, copy, T, s, zeros)
-    acc.add(logits_kept=_kept_logits(model, cfg, T))
+    kept_logits = _kept_logits(model, cfg, T)
+    if kept_logits is not None:  # (None: no logits kept, the term stays zero)
+        acc.add(logits_kept=kept_logits)
     scores = _reference_scores(model, cfg, T, s)
     if scores is not None:
         acc.peak(attn_fwd=scores)
@@ -641,6 +645,8 @@ def _head_terms(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, T, rows, st
         hq = model.vocab_size * h * (per + copies_ * DTYPE_BYTES[regime.compute_dtype])
         f, bw = f + hq, bw + hq
     hc = frozen_head_chunk_casts(model, cfg, copy, regime, T, rows)  # litgpt's chunked head over a wide frozen base
+    if type(hc) is int and hc == 0:  # none (adding an integer zero changes no byte count)
+        return saved, f, bw
     return saved, f + hc, bw + hc
 
 
@@ -667,9 +673,9 @@ def _fp32_logit_bytes(cfg: TrainConfig, regime: Regime) -> float:
 def _kept_logits(model: ModelSpec, cfg: TrainConfig, T):
     """Logits a step keeps through its whole backward: TRL PPO keeps the response logits (a view of
     the whole sequence's) for its entropy statistic, computed after backward (runtime/steps.py
-    ppo_step); 0 for other losses."""
+    ppo_step); None for other losses (none kept)."""
     if cfg.recipe.method.loss != "response_logps":
-        return 0.0 * T
+        return None
     return T * model.vocab_size * _fp32_logit_bytes(cfg, cfg.regime)
 
 
@@ -677,9 +683,11 @@ def _reference_scores(model: ModelSpec, cfg: TrainConfig, T, s):
     """TRL DPO with eager attention (``AttentionKernel.materialises_scores``): the reference's no-grad forward
     runs beside the policy's saved activations and its fp32 logits (accelerate converts); each of its eager
     layers holds the scores at softmax (nothing saved under no_grad). None when there is no such forward."""
+    if not cfg.attention.materialises_scores:
+        return None
     recipe = cfg.recipe
     roles = {c.role for c in recipe.copies} | set(recipe.shared_roles)
-    if not cfg.attention.materialises_scores or Role.REFERENCE not in roles or recipe.behaviour.generates:
+    if Role.REFERENCE not in roles or recipe.behaviour.generates:
         return None
     regime = cfg.regime
     ref = next((c for c in recipe.copies if c.role is Role.REFERENCE), recipe.copies[0])
@@ -816,27 +824,45 @@ def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=Non
     except TypeError:  # a spec built with list fields (from a log's JSON): nothing kept between calls
         by_terms = {}
     grid = (_grid_key(batch), _grid_key(seq))
+    distinct: list[StepTerms] = []  # each configuration's terms once (those of several optimisers are one object)
+    at: dict[int, int] = {}  # id of one of them -> its place in ``distinct``
     rows = []
     for c in cfgs:
         k = (model, fields_but(c, "optimizer"), grid)  # the activation terms do not read the optimiser
         if k not in by_terms:
             t = step_terms(model, c, batch, seq)
             by_terms[k] = t.broadcast(t.zeros.shape)
-        rows.append(by_terms[k])
-    t = StepTerms.stack(rows)
+        terms = by_terms[k]
+        j = at.setdefault(id(terms), len(at))
+        if j == len(distinct):
+            distinct.append(terms)
+        rows.append(j)
+    # one row per configuration: the distinct terms stacked, then each configuration's row taken
+    t = StepTerms.stack(distinct)
+    if len(distinct) < len(rows):
+        t = t.take(np.array(rows, dtype=np.intp))
     extra = (1,) * (t.zeros.ndim - 1)
 
     def column(values) -> np.ndarray:
         return np.asarray(values, dtype=np.int64).reshape((len(cfgs),) + extra)
 
-    base = {comp: column([st.bytes.get(comp, 0) for st in states]) for comp in Component
-            if any(comp in st.bytes for st in states)}
+    present = set().union(*[st.bytes for st in states])  # the components some row has, in Component's order:
+    base = {comp: column([st.bytes.get(comp, 0) for st in states]) for comp in Component if comp in present}
     # gradients held through accumulated micro-batches: (rows, 1...) x the accumulation grid
-    held = np.array([filled(held_gradients(st, c, grad_accum), t.zeros.shape[1:])
-                     for st, c in zip(states, cfgs)])
+    held = _held_rows(states, cfgs, grad_accum, t.zeros.shape[1:], column)
     s = _stack_state_terms([state_terms(st, c) for st, c in zip(states, cfgs)], column, held)
     phases, peak, idx, comps = combine_phases(t, base, s, components=components)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=None), states
+
+
+def _held_rows(states: list, cfgs: list[TrainConfig], grad_accum, grid: tuple, column) -> np.ndarray:
+    """:func:`held_gradients` of every row, filled to ``grid`` and stacked (rows x grid). With an accumulation grid
+    given, one ``np.where`` over a column of each row's gradients (0 with the step inside backward): the same
+    element-wise choice, int64 as each row's; without one (each configuration's own accumulation), row by row."""
+    if grad_accum is None or np.ndim(grad_accum) > len(grid):
+        return np.array([filled(held_gradients(st, c, grad_accum), grid) for st, c in zip(states, cfgs)])
+    grads = column([0 if c.uses("opt_in_bwd") else st.bytes[Component.GRADIENTS] for st, c in zip(states, cfgs)])
+    return filled(np.where(np.asarray(grad_accum) > 1, grads, 0), (len(cfgs),) + grid)
 
 
 def _stack_state_terms(rows: list[StateTerms], column, grads_held) -> StateTerms:

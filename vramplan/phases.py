@@ -83,10 +83,17 @@ class StepTerms:
         return cls(**{f.name: zeros for f in fields(cls)})
 
     def broadcast(self, shape: tuple[int, ...]) -> "StepTerms":
-        """Every term broadcast to ``shape`` (read-only views where a term was smaller)."""
-        return StepTerms(**{name: (v if (v.shape if type(v) is np.ndarray else np.shape(v)) == shape
-                                   else filled(v, shape))
-                            for name in TERM_NAMES for v in (getattr(self, name),)})
+        """Every term broadcast to ``shape`` (new arrays where a term was smaller; the terms already of that shape
+        as they are, and these terms themselves when every one is: they are immutable)."""
+        terms = self.__dict__
+        out = None
+        for name in TERM_NAMES:
+            v = terms[name]
+            if (v.shape if type(v) is np.ndarray else np.shape(v)) != shape:
+                if out is None:
+                    out = dict(terms)
+                out[name] = filled(v, shape)
+        return self if out is None else StepTerms(**out)
 
     @staticmethod
     def stack(rows: list["StepTerms"]) -> "StepTerms":
@@ -95,6 +102,10 @@ class StepTerms:
         Each row's terms have one shape (:meth:`broadcast`): ``np.array`` of them is ``np.stack`` of them, in a
         third of its time."""
         return StepTerms(**{name: np.array([getattr(r, name) for r in rows]) for name in TERM_NAMES})
+
+    def take(self, rows: np.ndarray) -> "StepTerms":
+        """The terms of a :meth:`stack` at ``rows`` (an index array along its leading axis: the stack of those rows)."""
+        return StepTerms(**{name: getattr(self, name)[rows] for name in TERM_NAMES})
 
     def with_(self, **changes: Bytes) -> "StepTerms":
         """A copy with ``changes`` (a method's hook adjusting some terms)."""

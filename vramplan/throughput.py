@@ -193,6 +193,32 @@ def _adapted_shapes(spec: ModelSpec, cfg: TrainConfig) -> list[tuple[int, int, i
     return [(lin[t].in_features, lin[t].out_features, lin[t].count * spec.num_layers) for t in cfg.targets if t in lin]
 
 
+#: :func:`_adapted_sums` by (spec, targets) (cleared when it grows past 4096 entries)
+_SUMS: dict = {}
+
+
+def _adapted_sums(spec: ModelSpec, cfg: TrainConfig) -> tuple[int, int] | None:
+    """``(sum of (in + out) x matrices, sum of in x out x matrices)`` over :func:`_adapted_shapes` (integers), None
+    when nothing is adapted: what :func:`_adapter_work` multiplies by the rank. Kept per (spec, targets), all they
+    read once the adapter is low-rank: a search asks for every candidate's (tests/test_core8_speed.py)."""
+    if not cfg.recipe.adapter.low_rank:
+        return None
+    key = (spec, cfg.targets)
+    try:
+        got = _SUMS.get(key, False)
+    except TypeError:  # a spec built with list fields (from a log's JSON): nothing kept
+        return _sums_of(_adapted_shapes(spec, cfg))
+    if got is False:
+        if len(_SUMS) > 4096:
+            _SUMS.clear()
+        got = _SUMS[key] = _sums_of(_adapted_shapes(spec, cfg))
+    return got
+
+
+def _sums_of(shapes: list[tuple[int, int, int]]) -> tuple[int, int] | None:
+    return (sum((i + o) * n for i, o, n in shapes), sum(i * o * n for i, o, n in shapes)) if shapes else None
+
+
 def step_work(spec: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepWork:
     """What one micro-step of ``cfg`` does on ``spec`` (arrays broadcast over ``batch`` and ``seq``):
     the passes of the model copies (:func:`_pass_work`), the rollout of a method that generates
@@ -233,10 +259,15 @@ class _Passes:
     dequant: float = 0.0
 
     def forward(self, n, fwd, tokens, score, quant_linear: float) -> None:
-        """``n`` no-grad forwards of ``fwd`` FLOPs (a frozen copy, a scoring or an extra forward)."""
+        """``n`` no-grad forwards of ``fwd`` FLOPs (a frozen copy, a scoring or an extra forward); ``score``: score
+        elements per token, None without eager attention (no score traffic: adding its zeros changes nothing, nor
+        does adding no forward at all)."""
+        if not n:
+            return
         self.flops = self.flops + n * fwd
         self.passes += n
-        self.eager = self.eager + n * tokens * score * EAGER_FWD_BYTES
+        if score is not None:
+            self.eager = self.eager + n * tokens * score * EAGER_FWD_BYTES
         self.dequant += n * quant_linear
 
 
@@ -254,7 +285,8 @@ def _pass_work(spec: ModelSpec, cfg: TrainConfig, tokens, s, zeros) -> _Passes:
     attn_fwd = 4 * s * spec.q_dim * L  # per token
     gc = 1 if cfg.grad_ckpt else 0
     quant_linear = spec.linear_params / 1e9
-    score = s * spec.num_heads * L if cfg.attention.materialises_scores else zeros  # score elements per token
+    # score elements per token (eager attention's traffic; None: no such traffic, the eager bytes stay zeros)
+    score = s * spec.num_heads * L if cfg.attention.materialises_scores else None
     extra = dict(recipe.behaviour.extra_forwards)
     w = _Passes(flops=zeros.copy(), eager=zeros.copy())
     for c in recipe.copies:
@@ -266,7 +298,8 @@ def _pass_work(spec: ModelSpec, cfg: TrainConfig, tokens, s, zeros) -> _Passes:
             bwd = ((2 * fwd_mm if c.adapter is Adapter.FULL else fwd_mm) + 2 * attn_fwd) * tokens
             w.flops = w.flops + (fwd * (1 + gc) + bwd)
             w.passes += 2 + gc
-            w.eager = w.eager + tokens * score * (EAGER_FWD_BYTES * (1 + gc) + EAGER_BWD_BYTES)
+            if score is not None:
+                w.eager = w.eager + tokens * score * (EAGER_FWD_BYTES * (1 + gc) + EAGER_BWD_BYTES)
             w.dequant += q * (2 + gc)
             if recipe.behaviour.generates:  # no-grad scoring forward of a training copy
                 w.forward(1, fwd, tokens, score, q)
@@ -278,7 +311,8 @@ def _pass_work(spec: ModelSpec, cfg: TrainConfig, tokens, s, zeros) -> _Passes:
         n = 1 + extra.get(role.value, 0)
         w.flops = w.flops + n * (2 * (body + spec.vocab_size * h) + attn_fwd) * tokens
         w.passes += n
-        w.eager = w.eager + n * tokens * score * EAGER_FWD_BYTES
+        if score is not None:
+            w.eager = w.eager + n * tokens * score * EAGER_FWD_BYTES
         w.dequant += n * shared_q
     return w
 
@@ -299,12 +333,13 @@ def _adapter_work(spec: ModelSpec, cfg: TrainConfig, tokens, zeros):
     the weight norm and reads every adapted weight for it."""
     recipe = cfg.recipe
     adapter = zeros.copy()
-    shapes = _adapted_shapes(spec, cfg)
-    if not shapes:
+    sums = _adapted_sums(spec, cfg)
+    if sums is None:
         return adapter, 0.0
+    edges, areas = sums  # (integers: each sum over the shapes times the rank is the rank times the sum, exactly)
     gc = 1 if cfg.grad_ckpt else 0
-    lora_per_token = sum(6 * cfg.rank * (i + o) * n for i, o, n in shapes)
-    fwd_per_token = sum(2 * cfg.rank * (i + o) * n for i, o, n in shapes)
+    lora_per_token = 6 * cfg.rank * edges
+    fwd_per_token = 2 * cfg.rank * edges
     grad_copies = [c for c in recipe.copies if c.forward is Forward.GRAD and c.adapter in LOW_RANK]
     forwards = 1 + gc + (1 if recipe.behaviour.generates else 0)
     adapter += len(grad_copies) * tokens * (lora_per_token + gc * fwd_per_token)
@@ -312,8 +347,8 @@ def _adapter_work(spec: ModelSpec, cfg: TrainConfig, tokens, zeros):
         adapter += tokens * fwd_per_token
     dora = 0.0
     if recipe.adapter.dora:
-        dora = float(sum(i * o * n for i, o, n in shapes) * forwards)
-        adapter += sum(2 * cfg.rank * i * o * n for i, o, n in shapes) * forwards
+        dora = float(areas * forwards)
+        adapter += 2 * cfg.rank * areas * forwards
     return adapter, dora
 
 
@@ -469,6 +504,8 @@ def step_time_rows(spec: ModelSpec, cfgs: list[TrainConfig], gpu: GPUSpec, batch
     """
     works: dict = {}
     micros: dict = {}  # the micro-step's seconds by the same key, without a profile (_step_time)
+    if grad_accum is not None:  # float64 once (what _step_time makes of it), not once per configuration
+        grad_accum = np.asarray(grad_accum, dtype=np.float64)
     eff = card_efficiency(gpu)  # the card's, for every configuration
     out = []
     for i, cfg in enumerate(cfgs):
@@ -534,7 +571,8 @@ def _optimizer_free(cfg: TrainConfig, micro, parts: dict, a, w: StepWork, parall
     accumulation x model FLOPs)``."""
     parts = dict(parts)
     # memory-saving techniques (stacks.toml) add their assumed fraction of step time
-    cost = sum(t.cost_for(cfg) for name, t in techniques().items() if cfg.uses(name))
+    cost = (sum(t.cost_for(cfg) for name, t in techniques().items() if cfg.uses(name))
+            if cfg.techniques or cfg.stack.techniques else 0)  # (none on: nothing to look up)
     if cost:
         parts["techniques_s"] = micro * cost
         micro = micro * (1.0 + cost)
@@ -577,7 +615,10 @@ def _default_micro(spec: ModelSpec, gpu: GPUSpec, w: StepWork, prof, eff: Effici
         dequant = w.train_dequant_gparams * float(prof.qlora_dequant_s_per_gparam) + 0 * compute
     dora = w.dora_params * DORA_BYTES_PER_PARAM / bw + 0 * compute
     eager = w.eager_bytes / bw
-    prefill = np.where(w.prefill_tokens > 0, w.prefill_flops / rate(np.maximum(w.prefill_tokens, 1)), 0.0)
+    if w.prefill_tokens.any():
+        prefill = np.where(w.prefill_tokens > 0, w.prefill_flops / rate(np.maximum(w.prefill_tokens, 1)), 0.0)
+    else:  # no prompt prefilled (a method that does not generate): np.where's zeros, without its other branch
+        prefill = np.zeros(w.prefill_tokens.shape)
     decode = 0 * compute
     if w.gen_tokens:
         decode = (np.maximum(w.decode_bytes / bw, w.decode_flops / (peak * eff.matmul * eff.stack * width))

@@ -111,9 +111,11 @@ class DeviceTotals:
             name = names[id(r)] if id(r) in names else names.setdefault(id(r), r.name)
             groups.setdefault((name, c.framework), []).append(i)
         for (method, stack), idx in groups.items():
-            out[idx] = device_total(peak[idx], card, method=method, activation_bytes=act[idx], paged_bytes=paged[idx],
-                                    profile=self._profiles[card.name], stack=stack,
-                                    loaded_bytes=(loaded[idx], load_reserved[idx]))
+            # (one group, every row in order: the whole arrays, as the rows picked would be)
+            ix = slice(None) if len(idx) == len(cfgs) else np.array(idx, dtype=np.intp)
+            out[ix] = device_total(peak[ix], card, method=method, activation_bytes=act[ix], paged_bytes=paged[ix],
+                                   profile=self._profiles[card.name], stack=stack,
+                                   loaded_bytes=(loaded[ix], load_reserved[ix]))
         return out
 
     def floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool = False,

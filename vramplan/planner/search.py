@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..attention import searched_kernels
-from ..config import TrainConfig, check_rank, fields_but, make_config
+from ..config import TrainConfig, check_rank, fields_but, make_config, resolve_targets
 from ..distributed import (SHARDED_PARAMS, SINGLE, STRATEGIES, Parallel, accumulation_step_memory, deepspeed_cast,
                            make_parallel, parallel_step_memory, shard_state)
 from ..errors import CardUnsupportedError, VramplanError
@@ -364,19 +364,31 @@ def _shapes(m: str, ad: str | None, fixed: dict) -> list[tuple]:
 def _config_of(spec: ModelSpec, m: str, ad: str | None, common: dict, settings: dict, built: dict) -> TrainConfig:
     """``make_config`` of one (recipe, rank, targets) of :func:`_candidates`, its recipe, stack and regime resolved.
 
-    The rank enters make_config in two places: the rank and alpha (= rank, the search gives no alpha) fields, and
-    :func:`~vramplan.config.check_rank` against the adapted linears. So a shape whose (recipe, targets) was already
-    built at another rank (``built``) is that configuration with its rank and alpha set, once the rank is checked:
-    the same fields as make_config's (tests/test_fit_speed.py), without resolving the names again.
+    The rank and the targets of a low-rank adapter enter make_config in three places: the rank and alpha (= rank,
+    the search gives no alpha) fields, the targets resolved (:func:`~vramplan.config.resolve_targets`) and
+    :func:`~vramplan.config.check_rank` of the rank against the adapted linears; no other field reads them. So a
+    shape whose recipe was already built (``built``: at another rank, or other targets) is that configuration with
+    its rank, alpha and targets set, once they are resolved and checked: the same fields as make_config's
+    (tests/test_fit_speed.py), without resolving the names again.
 
     Raises:
         VramplanError: as make_config (a rank larger than an adapted linear, an invalid setting).
     """
-    same = next((c for (m2, ad2, _, tg), c in built.items()
-                 if c is not None and m2 == m and ad2 == ad and tg == repr(settings["targets"])), None)
+    tg = repr(settings["targets"])
+    same = other = None
+    for (m2, ad2, _, tg2), c in built.items():
+        if c is not None and m2 == m and ad2 == ad:
+            if tg2 == tg:
+                same = c
+                break
+            other = other or c
     if same is not None and same.recipe.adapter.low_rank:
         check_rank(spec, same.targets, settings["rank"])
         return same.with_(rank=settings["rank"], alpha=float(settings["rank"]))
+    if same is None and other is not None and other.recipe.adapter.low_rank:
+        targets = resolve_targets(spec, settings["targets"])
+        check_rank(spec, targets, settings["rank"])
+        return other.with_(rank=settings["rank"], alpha=float(settings["rank"]), targets=targets)
     cfg = make_config(spec, m, adapter=ad, batch=1, **common, **settings)
     _resolve_once(cfg)
     return cfg
@@ -481,10 +493,14 @@ def _shared_rows(spec: ModelSpec, cands: list, ties: dict) -> tuple[dict, np.nda
             ties[base] = ties_stand_in(spec, cfg)
         keys.append(_shared_key(cfg, ties[base]))
     reps: dict[tuple, TrainConfig] = {}
+    row: dict[tuple, int] = {}  # shared key -> its row (the order of first appearance, as reps')
+    which = []
     for k, (cfg, _) in zip(keys, cands):
-        reps.setdefault(k, cfg)
-    row = {k: j for j, k in enumerate(reps)}
-    return reps, np.array([row[k] for k in keys], dtype=np.intp)
+        j = row.setdefault(k, len(row))
+        if j == len(reps):
+            reps[k] = cfg
+        which.append(j)
+    return reps, np.array(which, dtype=np.intp)
 
 
 def _single_totals(spec: ModelSpec, cands: list, card: GPUSpec, reps: dict, which: np.ndarray, b_grid: np.ndarray,
@@ -716,9 +732,11 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, request: SearchRequest |
         which, results = _evaluate(spec, cands, card, parallels, grids, prof, totals)
         chosen = {p: _choices(total, times, which, [u for _, u in limits]) + ([times[k] for k in which],)
                   for p, (total, times) in results.items()}
+    # (each layout's grid and picks looked up once, not per plan: a Parallel hashes field by field)
+    layouts = [(p, grids[p], chosen[p]) for p in parallels] if cands else []
     for j, (cfg, note) in enumerate(cands):
-        for p in parallels:
-            plans.append(_plan_at(req, cfg, note, p, grids[p], [v[j] for v in chosen[p]], limits[j], capacity))
+        for p, grid, picks in layouts:
+            plans.append(_plan_at(req, cfg, note, p, grid, [v[j] for v in picks], limits[j], capacity))
     # a fallback (QLoRA for LoRA) is what the method becomes when its own adapter does not fit: its plans
     # rank after every plan of the method's own adapter that fits, however fast the throughput model
     # rates them (a larger micro-batch over an NF4 base can come out marginally faster, inside the
