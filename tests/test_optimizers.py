@@ -204,3 +204,43 @@ def test_the_searched_optimizers_and_their_sentences_are_catalogue_data(monkeypa
     finally:
         monkeypatch.undo()
         opts_mod.optimizers.cache_clear()
+
+
+@pytest.mark.parametrize("runner", ["loop", "trainer"])
+def test_a_runner_is_read_by_what_it_does_not_its_name(runner, monkeypatch):
+    """vramplan.precision.RUNNERS: a twin of each runner under another name, given to the regimes that name it,
+    plans every method to the byte as the original (fp32 outputs: the logits the losses keep; the fused or foreach
+    optimiser kernel: step temporaries and update time). Fails wherever a layer still compares "loop"/"trainer"."""
+    from dataclasses import replace
+
+    import vramplan.precision as prec
+    from vramplan.config import make_config
+    from vramplan.gpus import get_gpu
+    from vramplan.memory import step_memory
+    from vramplan.models import get_model
+    from vramplan.throughput import step_time
+
+    spec, gpu = get_model("llama-3.2-1b"), get_gpu("a100-80gb")
+    names = [n for n, r in REGIMES.items() if r.runner == runner]
+    cases = [(m, p, a) for m in ("full", "lora", "dpo", "ppo", "grpo", "kto", "orpo") for p in names
+             for a in ("sdpa", "eager")]
+
+    def figures():
+        import vramplan.memory as memory
+
+        memory._STATE_CACHE.clear()  # model states are kept by the configuration's fields (the regime's name)
+        memory._BASE_CACHE.clear()
+        out = []
+        for m, p, a in cases:
+            cfg = make_config(spec, m, precision=p, batch=2, seq=256, attn=a)
+            mem = step_memory(spec, cfg)
+            out.append((int(mem.peak), {c: int(v) for c, v in mem.components.items()},
+                        {ph: int(v) for ph, v in mem.phases.items()}, float(step_time(spec, cfg, gpu).step_s)))
+        return out
+    before = figures()
+    twin = runner + "_twin"
+    monkeypatch.setitem(prec.RUNNERS, twin, replace(prec.RUNNERS[runner], name=twin))
+    for n in names:
+        monkeypatch.setitem(prec.REGIMES, n, replace(REGIMES[n], runner=twin))
+    assert get_regime(names[0]).training_loop.name == twin
+    assert figures() == before

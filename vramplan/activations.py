@@ -52,7 +52,7 @@ import numpy as np
 from .config import TrainConfig
 from .methods import LOW_RANK, Adapter, ModelCopy
 from .models import ModelSpec
-from .precision import DTYPE_BYTES, Regime
+from .precision import DTYPE_BYTES, Regime, get_runner
 
 
 @dataclass(frozen=True)
@@ -959,7 +959,7 @@ def sequence_logps_bytes(tokens, vocab: int, logit_bytes: float, runner: str, ro
     16-bit logits (a plain bf16 loop) each row's log_softmax output is saved beside the logits, one
     row's fp32 temporaries at a time (``T V (2b + 4 / rows)``), and backward holds two 16-bit gradients."""
     T = tokens
-    if logit_bytes == 4 or runner == "trainer":
+    if logit_bytes == 4 or get_runner(runner).fp32_outputs:
         return T * vocab * (8.0 + (logit_bytes if logit_bytes != 4 else 0.0)), T * vocab * 16.0
     r = np.maximum(np.asarray(rows, dtype=np.float64), 1.0)
     return T * vocab * (2.0 * logit_bytes + 4.0 / r), T * vocab * 2.0 * logit_bytes
@@ -975,8 +975,9 @@ def response_logps_bytes(model: ModelSpec, cfg: TrainConfig, d: Dtypes, tokens, 
     T, V = tokens, model.vocab_size
     r = np.maximum(np.asarray(rows, dtype=np.float64), 1.0)
     RV = r * response_tokens(cfg, T / r) * V
-    lg = 4.0 if (d.logits == 4 or runner == "trainer") else float(d.logits)
-    converted = d.logits != 4 and runner == "trainer"
+    fp32_outputs = get_runner(runner).fp32_outputs
+    lg = 4.0 if (d.logits == 4 or fp32_outputs) else float(d.logits)
+    converted = d.logits != 4 and fp32_outputs
     fwd = T * V * (lg + (d.logits if converted else 0.0)) + (0.0 if lg == 4 else RV * lg)
     hs = (model.num_layers + 1) * T * model.hidden_size
     if not cfg.grad_ckpt:

@@ -134,7 +134,7 @@ class TrainConfig:
             from dataclasses import replace
 
             regime = replace(regime, adapter_dtype=regime.frozen_dtype)
-        if regime.runner != "loop" and self.behaves("torchtune_foreach_adamw"):
+        if regime.training_loop.fused_optimizer and self.behaves("torchtune_foreach_adamw"):
             # torchtune < 0.3.1 configs build AdamW without fused=True: the foreach kernel (stacks.toml [behaviours])
             from dataclasses import replace
 

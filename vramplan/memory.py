@@ -667,7 +667,7 @@ def _fp32_logit_bytes(cfg: TrainConfig, regime: Regime) -> float:
     """Bytes per logit of the policy's logits as TRL's losses see them: fp32 when the model computes
     in fp32 or when the HF Trainer's accelerate converts its output, else the model's dtype."""
     pol = act.copy_dtypes(cfg.recipe.copies[0], regime, cfg.stack.kbit_upcast)
-    return 4.0 if (pol.logits == 4 or regime.runner == "trainer") else float(pol.logits)
+    return 4.0 if (pol.logits == 4 or regime.training_loop.fp32_outputs) else float(pol.logits)
 
 
 def _kept_logits(model: ModelSpec, cfg: TrainConfig, T):

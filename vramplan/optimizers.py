@@ -40,6 +40,7 @@ from typing import Any, Iterable, Sequence
 
 from ._data import load_data
 from .errors import VramplanError, unknown
+from .precision import get_runner
 
 
 @dataclass(frozen=True)
@@ -156,13 +157,14 @@ class OptimizerDef:
     def step_temporary_bytes(self, tensors: list[tuple[tuple[int, ...], int, int]], runner: str) -> int:
         """Transient bytes allocated inside ``optimizer.step()``.
 
-        Under a plain loop (``runner == "loop"``), ``loop_temp_states`` state-sized temporaries
+        Under a runner without the fused kernel (``Runner.fused_optimizer`` False: a plain loop's foreach kernel),
+        ``loop_temp_states`` state-sized temporaries
         per tensor (AdamW foreach: one ``exp_avg_sq``-sized ``sqrt`` per dtype group); plus
         ``largest_fp32_copies`` fp32 copies of the largest tensor (Adafactor: its update and the
         upcast parameter and gradient). Fused AdamW, bitsandbytes and SGD: none.
         """
         out = 0
-        if self.loop_temp_states and runner == "loop":
+        if self.loop_temp_states and not get_runner(runner).fused_optimizer:
             fixed = self.state_bytes_per_element
             out += self.loop_temp_states * sum(count * _numel(shape) * (pbytes if fixed is None else fixed)
                                                for shape, count, pbytes in tensors)

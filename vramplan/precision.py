@@ -27,7 +27,40 @@ from .errors import VramplanError, unknown
 
 FP32, BF16, FP16 = "float32", "bfloat16", "float16"
 DTYPE_BYTES = {FP32: 4, BF16: 2, FP16: 2, "int8": 1, "uint8": 1}
-RUNNERS = ("loop", "trainer")
+
+
+@dataclass(frozen=True)
+class Runner:
+    """The training loop a regime (or a stack, stacks.toml ``runner``) runs under, by what it does; every layer reads
+    these attributes (the optimiser's kernel, the outputs' dtype, clipping), never the runner's name."""
+
+    name: str
+    summary: str
+    #: the optimiser's fused kernel (HF Trainer >= torch 2.8: ``adamw_torch_fused``); else the foreach kernel a
+    #: plain loop's ``torch.optim.AdamW`` defaults to (its state-sized temporaries: optimizers.toml loop_*)
+    fused_optimizer: bool
+    #: the model's outputs (logits, hidden states) converted to fp32 after the forward (accelerate's
+    #: ``convert_outputs_to_fp32``, which the Trainer's prepared model applies under mixed precision)
+    fp32_outputs: bool
+    #: ``clip_grad_norm_(max_norm=1.0)`` before the step (TrainingArguments ``max_grad_norm=1.0``)
+    clips_gradients: bool
+
+
+#: The runners a regime names (precisions.toml ``runner``).
+RUNNERS: dict[str, Runner] = {r.name: r for r in (
+    Runner("loop", "a plain PyTorch loop: torch.optim.AdamW's foreach kernel, outputs in the compute dtype",
+           fused_optimizer=False, fp32_outputs=False, clips_gradients=False),
+    Runner("trainer", "the HF Trainer: fused AdamW, outputs converted to fp32, gradients clipped at 1.0",
+           fused_optimizer=True, fp32_outputs=True, clips_gradients=True),
+)}
+
+
+def get_runner(name: str) -> Runner:
+    """The :class:`Runner` named ``name`` (a regime's or a stack's ``runner``)."""
+    try:
+        return RUNNERS[name]
+    except KeyError:
+        raise unknown("runner", name, RUNNERS) from None
 
 
 @dataclass(frozen=True)
@@ -51,6 +84,11 @@ class Regime:
     #: the loss is scaled by torch.amp.GradScaler (fp16-mixed)
     grad_scaler: bool = False
     source: str = ""
+
+    @property
+    def training_loop(self) -> Runner:
+        """The :class:`Runner` of ``runner``."""
+        return RUNNERS[self.runner]
 
     @property
     def needs_bf16(self) -> bool:

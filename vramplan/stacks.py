@@ -11,6 +11,7 @@ from functools import lru_cache
 
 from ._data import load_data
 from .errors import VramplanError, unknown
+from .precision import RUNNERS
 
 LOSSES = ("full_fp32", "chunked", "fused_linear")
 #: the stack planned when none is named (``--framework``): HF transformers + PEFT + TRL
@@ -188,7 +189,7 @@ def stacks() -> dict[str, Stack]:
             raise VramplanError(f"stacks.toml: stack {name!r} has a bad dequant_temp or rope_cache")
         if st.loss_chunk_tokens < 0 or ((st.loss_chunk_tokens or not st.loss_upcast) and st.loss != "chunked"):
             raise VramplanError(f"stacks.toml: stack {name!r}: loss_chunk_tokens and loss_upcast describe a chunked loss")
-        if st.loss not in LOSSES or st.loss_chunks < 1 or st.runner not in ("trainer", "loop", "regime"):
+        if st.loss not in LOSSES or st.loss_chunks < 1 or (st.runner not in RUNNERS and st.runner != "regime"):
             raise VramplanError(f"stacks.toml: stack {name!r} has a bad loss, loss_chunks or runner")
         if st.fsdp_engine not in ("fsdp1", "fsdp2"):
             raise VramplanError(f"stacks.toml: stack {name!r}: fsdp_engine must be fsdp1 or fsdp2")

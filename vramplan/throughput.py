@@ -452,7 +452,7 @@ def _optimizer_seconds(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, par: Par
     else:
         pb = max(1, round(st.bytes.get(Component.GRADIENTS, 0) / P))
     # bytes streamed per parameter and the bandwidth share: optimizers.toml (foreach AdamW: extra temporaries)
-    per = opt.update_bytes_per_param(pb, loop=regime.runner == "loop" and par.strategy is None)
+    per = opt.update_bytes_per_param(pb, loop=not regime.training_loop.fused_optimizer and par.strategy is None)
     shard = par.gpus if par.shards_states else 1
     bw = gpu.bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY * opt.bandwidth_efficiency
     return P / shard * per / bw

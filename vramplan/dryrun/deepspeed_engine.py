@@ -39,7 +39,7 @@ def ds_config(trainee, strategy: str, opts: dict) -> dict:
            "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
     if trainee.regime.trainable_dtype == BF16 and trainee.regime.autocast is None:  # bf16 weights train: DS bf16
         cfg["bf16"] = {"enabled": True}
-    if trainee.regime.runner == "trainer":
+    if trainee.regime.training_loop.clips_gradients:
         cfg["gradient_clipping"] = 1.0
     return cfg
 

@@ -608,7 +608,7 @@ def _build_wrapped(spec: ModelSpec, cfg: TrainConfig, job: dict, tracker):
         if STRATEGY_DEFS[strategy].shards_states:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
-            kw = {"foreach": True} if regime.runner == "loop" else {"fused": False, "foreach": True}
+            kw = {"foreach": True} if not regime.training_loop.fused_optimizer else {"fused": False, "foreach": True}
             trainee.optimizer = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=1e-5, **kw)
         else:
             trainee.optimizer = make_optimizer(params, cfg, regime, "cpu", False, notes)

@@ -196,8 +196,9 @@ def _dtypes(model, cfg):
     pol = cfg.recipe.copies[0]
     d = act.copy_dtypes(pol, cfg.regime, cfg.stack.kbit_upcast)
     # the logits the trainer's loss sees: accelerate converts the 16-bit logits to fp32 (HF Trainer)
-    lg = 4.0 if (d.logits == 4 or cfg.regime.runner == "trainer") else float(d.logits)
-    converted = d.logits != 4 and cfg.regime.runner == "trainer"
+    fp32_outputs = cfg.regime.training_loop.fp32_outputs
+    lg = 4.0 if (d.logits == 4 or fp32_outputs) else float(d.logits)
+    converted = d.logits != 4 and fp32_outputs
     return pol, d, lg, converted
 
 

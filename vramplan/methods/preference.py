@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from ..precision import get_runner
 from .base import Behaviour
 
 #: the TRL release the preference trainers follow (github.com/huggingface/trl)
@@ -60,7 +61,7 @@ NORM_BACKWARD_BUFFERS = 5
 
 
 def _fp32_logits(logits_bytes: int, runner: str) -> bool:
-    return logits_bytes == 4 or runner == "trainer"
+    return logits_bytes == 4 or get_runner(runner).fp32_outputs
 
 
 def paired_logits_bytes(T, V: int, logits_bytes: int, runner: str, rows, nll: bool):

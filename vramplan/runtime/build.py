@@ -478,7 +478,7 @@ def make_optimizer(params: list, cfg: TrainConfig, regime: Regime, device: str, 
         from ..errors import require
 
         require(opt.package, "calibrate")
-    loop = regime.runner == "loop"
+    loop = not regime.training_loop.fused_optimizer
     kwargs = {**opt.kwargs, **(opt.loop_kwargs if loop else opt.trainer_kwargs)}
     path = opt.cls
     if fake and not loop and opt.meta_trainer_class:

@@ -99,7 +99,7 @@ def _ids(t, batch: int, seq: int) -> torch.Tensor:
 
 def _convert(t, out):
     """accelerate's ``convert_outputs_to_fp32`` where the Trainer's forward is wrapped by it."""
-    if t.regime.runner != "trainer" or t.regime.autocast is None:
+    if not t.regime.training_loop.fp32_outputs or t.regime.autocast is None:
         return out
     try:
         from accelerate.utils import convert_to_fp32
@@ -187,7 +187,7 @@ def _optimizer_step(t) -> None:
     opt = t.optimizer
     if t.scaler is not None:
         t.scaler.unscale_(opt)
-    if t.regime.runner == "trainer":
+    if t.regime.training_loop.clips_gradients:
         torch.nn.utils.clip_grad_norm_(t.trainable_parameters(), 1.0)
     if t.scaler is not None:
         t.scaler.step(opt)
