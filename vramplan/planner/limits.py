@@ -22,9 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..config import TrainConfig
+from ..config import TrainConfig, fields_but
 from ..gpus import GPUSpec
-from ..config import fields_but
 from ..memory import StepMemory, model_state, resident_floor, step_memory, step_terms
 from ..models import ModelSpec
 from ..optimizers import get_optimizer
