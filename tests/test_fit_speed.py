@@ -43,6 +43,8 @@ from importlib import metadata
 import numpy as np
 import pytest
 
+from conftest import check_setup_best_as_search
+
 import vramplan
 from vramplan.gpus import get_gpu
 from vramplan.memory import step_memory_rows, step_memory_rows_shared
@@ -58,40 +60,12 @@ from vramplan.throughput import step_time, step_time_rows
 from vramplan.verdict import VERDICTS, classify, classify_array
 
 
-def _listed_json(listed):
-    """A listed (plan, verdict) as comparable data: the plan's JSON but its rank and reason (set by the
-    search's ranking, never read by other_setups)."""
-    if listed is None:
-        return None
-    plan, verdict = listed
-    out = plan.to_json()
-    out.pop("rank"), out.pop("reason")
-    return out, plan.summary(), verdict
-
-
 @pytest.mark.parametrize("model,gpu", [("llama-2-13b", "rtx4000ada"), ("llama-3.2-1b", "t4")])
 @pytest.mark.parametrize("method", ["lora", "ppo", "grpo", "kto", "full"])
 def test_setup_best_equals_the_search(model, gpu, method):
     spec, card = get_model(model), get_gpu(gpu)
-    checked, listed = 0, 0
-    for fw in stacks():
-        for precision in (None, "bf16"):
-            try:
-                prec = check_card(precision, method, None, "sdpa", card, fw)
-            except vramplan.VramplanError:
-                continue
-            for kw in (dict(seq=2048), dict(seq=512, global_batch=16), dict(seq=1024, grad_ckpt=True, rank=16)):
-                kw = dict(kw, framework=fw, precision=prec, totals=DeviceTotals())
-                try:
-                    mp = search(spec, method, card, **kw)
-                except vramplan.VramplanError:
-                    continue
-                for current_fits in (False, True):
-                    want = _listed_json(search_mod._best_of(mp, current_fits))
-                    got = _listed_json(search_mod._setup_best(spec, method, card, current_fits, SearchRequest.build(**kw)))
-                    assert got == want, (fw, precision, kw, current_fits)
-                    listed += want is not None
-                checked += 1
+    checked, listed = check_setup_best_as_search(spec, method, card, (
+        dict(seq=2048), dict(seq=512, global_batch=16), dict(seq=1024, grad_ckpt=True, rank=16)))
     assert checked
     if method in ("lora", "kto"):  # these fit somewhere: the winner's plan itself is compared
         assert listed

@@ -5,6 +5,7 @@ below the device total of every plan the search would rank, on every card, stack
 """
 
 import pytest
+from conftest import save_calibrated_a100
 
 import vramplan
 from vramplan.gpus import get_gpu
@@ -73,26 +74,10 @@ def test_estimate_peaks_equal_estimate_config(gpu, method):
 @pytest.fixture
 def calibrated_card(tmp_path, monkeypatch):
     """An a100-80gb profile with an allocator model, a method correction and activation factors 0.9 (full), 1.2 (lora)."""
-    from vramplan import profiles as profiles_mod
-    from vramplan.profiles import AllocatorModel, Fitted, Profile, Throughput
+    from vramplan.profiles import AllocatorModel, Fitted
 
-    d = tmp_path / "profiles"
-    d.mkdir()
-    monkeypatch.setenv("VRAMPLAN_PROFILES", str(d))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(profiles_mod, "REPO_DIR", tmp_path / "none")
-    monkeypatch.setattr(profiles_mod, "PACKAGE_DIR", tmp_path / "none")
-    mib = 1 << 20
-    prof = Profile(gpu="a100-80gb", device={"kind": "cuda", "name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"},
-                   versions={"driver": "580.159.04", "cuda": "13.0", "torch": "2.11.0+cu130"},
-                   created="2026-11-23T00:00:00Z", source="a100-80gb.jsonl", source_info={},
-                   allocated_source="torch.cuda",
-                   throughput={"lora": Throughput((1e-4, 0.0, 1 / 200e12, 0.0), ((4096, 150.0),), 4)},
-                   context=Fitted(450 * mib, 5), workspace=Fitted(16 * mib, 2),
-                   allocator=AllocatorModel(1.07, 96 * mib, by_method={"full": 1.03}),
-                   activation_factors={"full": Fitted(0.9, 3), "lora": Fitted(1.2, 3)})
-    prof.save(d / "a100-80gb.json")
-    return get_gpu("a100-80gb")
+    return save_calibrated_a100(tmp_path, monkeypatch, AllocatorModel(1.07, 96 << 20, by_method={"full": 1.03}),
+                                {"full": Fitted(0.9, 3), "lora": Fitted(1.2, 3)})
 
 
 def test_peaks_and_floor_with_a_calibrated_profile(calibrated_card):

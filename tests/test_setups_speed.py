@@ -22,6 +22,8 @@ import itertools
 import numpy as np
 import pytest
 
+from conftest import check_setup_best_as_search, listed_json, save_calibrated_a100, setups_of
+
 import vramplan
 from vramplan.config import make_config
 from vramplan.gpus import get_gpu
@@ -41,16 +43,6 @@ def test_some_method_generates():
     assert {"grpo", "ppo"} <= set(GENERATING)
 
 
-def _setups(spec, method, card):
-    """(stack, precision) of every setup other_setups could try for ``method`` on ``card``."""
-    for fw in stacks():
-        for precision in (None, "bf16"):
-            try:
-                yield fw, check_card(precision, method, None, "sdpa", card, fw)
-            except vramplan.VramplanError:
-                continue
-
-
 @pytest.mark.parametrize("model,gpu", [("llama-2-13b", "rtx4000ada"), ("7b", "rtx4090"), ("3b", "rtx3080"),
                                        ("llama-3.2-1b", "t4")])
 @pytest.mark.parametrize("method", GENERATING)
@@ -60,7 +52,7 @@ def test_grid_floor_is_at_or_below_every_candidate_on_the_grid(model, gpu, metho
     it is the tighter bound the listing filter needs: above the plain floor, and close to the least total."""
     spec, card = get_model(model), get_gpu(gpu)
     checked, raised, closest = 0, 0, 0.0
-    for fw, prec in _setups(spec, method, card):
+    for fw, prec in setups_of(spec, method, card):
         for kw in (dict(seq=2048), dict(seq=1024, global_batch=16)):
             req = SearchRequest.build(framework=fw, precision=prec, **kw)
             try:
@@ -113,35 +105,13 @@ def test_kept_least_kv_equals_each_configurations_own(model, method):
     assert checked
 
 
-def _listed_json(listed):
-    if listed is None:
-        return None
-    plan, verdict = listed
-    out = plan.to_json()
-    out.pop("rank"), out.pop("reason")
-    return out, plan.summary(), verdict
-
-
 @pytest.mark.parametrize("model,gpu", [("7b", "rtx4090"), ("llama-2-13b", "l40s"), ("3b", "rtx3080")])
 @pytest.mark.parametrize("method", GENERATING)
 def test_setup_best_with_the_grid_floor_equals_the_search(model, gpu, method):
     """Where a generating method's setups are listed (comfortable or tight) or not, ``_setup_best`` lists what the
     whole search would."""
     spec, card = get_model(model), get_gpu(gpu)
-    checked, listed = 0, 0
-    for fw, prec in _setups(spec, method, card):
-        for kw in (dict(seq=2048), dict(seq=1024, global_batch=16)):
-            kw = dict(kw, framework=fw, precision=prec, totals=DeviceTotals())
-            try:
-                mp = search_mod.search(spec, method, card, **kw)
-            except vramplan.VramplanError:
-                continue
-            for current_fits in (False, True):
-                want = _listed_json(search_mod._best_of(mp, current_fits))
-                got = _listed_json(search_mod._setup_best(spec, method, card, current_fits, SearchRequest.build(**kw)))
-                assert got == want, (fw, prec, kw, current_fits)
-                listed += want is not None
-            checked += 1
+    checked, listed = check_setup_best_as_search(spec, method, card, (dict(seq=2048), dict(seq=1024, global_batch=16)))
     assert checked and listed
 
 
@@ -155,7 +125,7 @@ def test_grpo_setups_on_the_benchmark_case_need_no_device_total(monkeypatch):
     prec = check_card(None, "grpo", None, "sdpa", card, "hf")
     out = search_mod.other_setups(spec, "grpo", card, framework="hf", precision=prec, seq=2048, totals=DeviceTotals())
     assert out == [] and not calls
-    for fw, p in _setups(spec, "grpo", card):
+    for fw, p in setups_of(spec, "grpo", card):
         mp = search_mod.search(spec, "grpo", card, framework=fw, precision=p, seq=2048)
         assert search_mod._best_of(mp, False) is None
 
@@ -164,27 +134,10 @@ def test_grpo_setups_on_the_benchmark_case_need_no_device_total(monkeypatch):
 def profiled_card(tmp_path, monkeypatch):
     """An a100-80gb profile with an allocator model (a method correction for GRPO) and activation factors 1.1
     (GRPO), 0.9 (PPO with LoRA: the bound does not apply)."""
-    from vramplan import profiles as profiles_mod
-    from vramplan.profiles import AllocatorModel, Fitted, Profile, Throughput
+    from vramplan.profiles import AllocatorModel, Fitted
 
-    d = tmp_path / "profiles"
-    d.mkdir()
-    monkeypatch.setenv("VRAMPLAN_PROFILES", str(d))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(profiles_mod, "REPO_DIR", tmp_path / "none")
-    monkeypatch.setattr(profiles_mod, "PACKAGE_DIR", tmp_path / "none")
-    mib = 1 << 20
-    prof = Profile(gpu="a100-80gb", device={"kind": "cuda", "name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"},
-                   versions={"driver": "580.159.04", "cuda": "13.0", "torch": "2.11.0+cu130"},
-                   created="2026-11-23T00:00:00Z", source="a100-80gb.jsonl", source_info={},
-                   allocated_source="torch.cuda",
-                   throughput={"lora": Throughput((1e-4, 0.0, 1 / 200e12, 0.0), ((4096, 150.0),), 4)},
-                   context=Fitted(450 * mib, 5), workspace=Fitted(16 * mib, 2),
-                   allocator=AllocatorModel(1.05, 64 * mib, by_method={"grpo+lora": 1.02}),
-                   activation_factors={"grpo+lora": Fitted(1.1, 3), "grpo+qlora": Fitted(1.1, 3),
-                                       "ppo+lora": Fitted(0.9, 3)})
-    prof.save(d / "a100-80gb.json")
-    return get_gpu("a100-80gb")
+    return save_calibrated_a100(tmp_path, monkeypatch, AllocatorModel(1.05, 64 << 20, by_method={"grpo+lora": 1.02}),
+                                {"grpo+lora": Fitted(1.1, 3), "grpo+qlora": Fitted(1.1, 3), "ppo+lora": Fitted(0.9, 3)})
 
 
 def _layouts():
@@ -223,7 +176,7 @@ def _check_at_least(spec, card, configs) -> int:
 
 def _generating_configs(spec, card):
     for method in GENERATING:
-        for fw, prec in _setups(spec, method, card):
+        for fw, prec in setups_of(spec, method, card):
             for ad in (None, "qlora", "full"):
                 for gc, opt in ((True, "adamw_8bit"), (False, "adamw")):
                     try:
@@ -296,7 +249,7 @@ def test_setup_best_times_only_the_contenders(monkeypatch):
     monkeypatch.setattr(search_mod, "_shared_rows", lambda *a: (lambda out: built.append(len(out[0])) or out)(
         real_shared(*a)))
     checked = 0
-    for fw, prec in _setups(spec, "orpo", card):
+    for fw, prec in setups_of(spec, "orpo", card):
         kw = dict(framework=fw, precision=prec, seq=2048)
         timed.clear(), built.clear()
         got = search_mod._setup_best(spec, "orpo", card, False, SearchRequest.build(**kw, totals=DeviceTotals()))
@@ -307,6 +260,6 @@ def test_setup_best_times_only_the_contenders(monkeypatch):
         want = search_mod._best_of(search_mod.search(spec, "orpo", card, **kw), False)
         monkeypatch.setattr(search_mod, "step_time_rows", lambda s, cfgs, *a, **k: timed.append(len(cfgs)) or
                             real_rows(s, cfgs, *a, **k))
-        assert _listed_json(got) == _listed_json(want)
+        assert listed_json(got) == listed_json(want)
         checked += 1
     assert checked >= 4
