@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vramplan.distributed import STRATEGY_DEFS  # noqa: E402 - after the path (numpy only, no torch)
+from vramplan.distributed import STRATEGIES  # noqa: E402 - after the path (numpy only, no torch); every strategy
 
 #: the grid's model: a llama-architecture config small enough for 4 CPU ranks on 2 cores, with
 #: the model state a large share of the peak (hidden 256, vocab 2048, 2 decoder layers)
@@ -32,7 +32,6 @@ GRID_MODEL = dict(model_type="llama", hidden_size=256, intermediate_size=512, nu
                   tie_word_embeddings=False)
 #: the CI grid's model (tests/test_dryrun_distributed.py)
 TINY_MODEL = dict(GRID_MODEL, hidden_size=128, intermediate_size=256, vocab_size=1024)
-STRATEGIES = tuple(STRATEGY_DEFS)  # every strategy the planner knows (vramplan.distributed)
 METHODS = ("full", "lora", "qlora")
 BATCH, SEQ = 1, 64
 TOLERANCE = 0.02

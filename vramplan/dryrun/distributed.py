@@ -54,7 +54,6 @@ from ..results import jsonable
 from ..taxonomy import TENSOR_COMPONENTS, Component, Phase
 
 ENGINES = ("torch", "deepspeed")
-STRATEGIES = tuple(STRATEGY_DEFS)  # vramplan.distributed's, in its order
 PRECISIONS = ("bf16", "fp32")
 #: host memory the ranks together may take (planner's estimate), bytes
 HOST_BUDGET = 2 * 2**30
