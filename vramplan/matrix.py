@@ -425,8 +425,9 @@ class Cell:
         parts = []
         if self.grad_ckpt:
             parts.append("GC")
-        if self.optimizer is not None and get_optimizer(self.optimizer).name != DEFAULT_OPTIMIZER:
-            parts.append(get_optimizer(self.optimizer).title)
+        opt = None if self.optimizer is None else get_optimizer(self.optimizer)
+        if opt is not None and opt.name != DEFAULT_OPTIMIZER:
+            parts.append(opt.title)
         return " + ".join(parts)
 
     def to_json(self) -> dict:
