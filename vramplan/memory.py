@@ -110,9 +110,13 @@ _BASE_CACHE: dict = {}
 
 
 def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
-    """:func:`model_state` uncached: the optimiser's states and step temporaries over the rest."""
-    key = (model, cfg.method, cfg.adapter, cfg.rank, cfg.targets, cfg.precision, cfg.framework, cfg.techniques,
-           cfg.double_quant, cfg.versions, cfg.options)
+    """:func:`model_state` uncached: the optimiser's states and step temporaries over the rest.
+
+    The rest (:func:`_state_without_optimizer`) is kept on the fields it reads: not ``optimizer``, nor
+    ``techniques`` (a technique acts on the step, not on what is held; the optimiser's offload is read here).
+    """
+    key = (model, cfg.method, cfg.adapter, cfg.rank, cfg.targets, cfg.precision, cfg.framework, cfg.double_quant,
+           cfg.versions, cfg.options)
     try:
         base = _BASE_CACHE.get(key)
     except TypeError:  # an unhashable spec (list fields): not cacheable
@@ -138,67 +142,145 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
     return st
 
 
+#: The components every model state lists, in this order (zero where no copy holds any).
+_STATE_COMPONENTS = (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS,
+                    Component.GRADIENTS, Component.OPTIMIZER_STATES, Component.AUTOCAST_CACHE)
+#: :class:`ModelState` fields to which each copy adds its own bytes, and those that keep the largest copy's value.
+_ADDED_FIELDS = ("trainable_params", "head_cast", "frozen_layer_casts")
+_LARGEST_FIELDS = ("layer_cast", "attn_cast", "grads_tail", "layer_grad", "head_grad", "head_grad_cast",
+                  "grads_end_extra")
+
+
 def _state_without_optimizer(model: ModelSpec, cfg: TrainConfig) -> tuple[ModelState, list]:
-    """Every batch-independent byte but the optimiser's, and the trainable tensors the optimiser steps."""
+    """Every batch-independent byte but the optimiser's, and the trainable tensors the optimiser steps: the
+    sum of every held copy's share (:func:`_copy_share`), bytes and added fields summed, the others the
+    largest copy's."""
     model = cfg.stack.as_built(model)  # litgpt: a separate lm_head even when tied (stacks.toml untied_embeddings)
     regime = cfg.regime
-    recipe = cfg.recipe
     st = ModelState(params=model.params)
-    for comp in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS,
-                 Component.GRADIENTS, Component.OPTIMIZER_STATES, Component.AUTOCAST_CACHE):
-        st.bytes[comp] = 0
+    b = st.bytes
+    for comp in _STATE_COMPONENTS:
+        b[comp] = 0
     opt_groups: list[tuple[tuple[int, ...], int, int]] = []
-    for copy in recipe.copies:
-        n = _copy_params(model, copy)
-        # what bitsandbytes quantises: nn.Linear weights of the decoder layers (not biases, embeddings,
-        # lm_head, norms -- nor fused MoE expert parameters, which are not nn.Linear in transformers >= 5)
-        quantizable = quantized_linears(model, cfg) if copy.quantized else []
-        non_linear = n - model.num_layers * sum(l.count * l.in_features * l.out_features for l in quantizable)
-        # the stack's fp32 RoPE cache buffers (torchtune; stacks.toml rope_cache)
-        st.add(Component.WEIGHTS, cfg.stack.rope_cache_bytes(model, copy.adapter is not None and copy.adapter.is_peft))
-        if copy.adapter is Adapter.FULL:
-            opt_groups += _add_full_copy(st, model, copy, regime, n)
-            continue
-        # a frozen base, maybe with an adapter
-        if copy.quantized:
-            packed, qs = 0, 0
-            for l in quantizable:
-                p, q = nf4_bytes(l.in_features * l.out_features, cfg.double_quant)
-                packed += p * l.count * model.num_layers
-                qs += q * l.count * model.num_layers
-            if cfg.stack.quantizes_head and copy.head == "lm" and not model.tie_embeddings:
-                # the stack quantises every nn.Linear, the lm_head included (stacks.toml quantizes_head)
-                hp = model.vocab_size * model.hidden_size
-                p, q = nf4_bytes(hp, cfg.double_quant)
-                packed, qs, non_linear = packed + p, qs + q, non_linear - hp
-            kbit = copy.trains and cfg.stack.kbit_upcast  # prepare_model_for_kbit_training upcasts the rest to fp32
-            nb = 4 if kbit else DTYPE_BYTES[regime.frozen_dtype]
-            st.add(Component.WEIGHTS, packed + non_linear * nb)
-            st.add(Component.QUANT_STATE, qs)
-            if kbit and regime.autocast is not None and copy.head == "lm":
-                # autocast casts the fp32 lm_head (or tied embedding) for its matmul; the frozen weight's
-                # cast is saved for the input gradient, alive from the loss forward to its backward
-                head = model.vocab_size * model.hidden_size * DTYPE_BYTES[regime.compute_dtype]
-                st.add(Component.AUTOCAST_CACHE, head)
-                st.head_cast += head
-        else:
-            st.add(Component.WEIGHTS, n * DTYPE_BYTES[regime.frozen_dtype])
-            if copy.trains and copy.adapter is not None and casts_frozen_base(regime):
-                _add_frozen_casts(st, model, copy, regime)
-        if copy.adapter is None:
-            continue
-        ab = DTYPE_BYTES[regime.adapter_dtype]
-        tensors = [(t.shape, t.count) for t in adapter_tensors(model, copy.adapter, cfg.rank, cfg.targets)]
-        if copy.head == "scalar":
-            tensors.append(((1, model.hidden_size), 1))  # the value head trains beside the adapter
-        count = sum(math.prod(s) * c for s, c in tensors)
-        st.trainable_params += count
-        st.add(Component.ADAPTERS, count * ab)
-        st.add(Component.GRADIENTS, count * ab)
-        opt_groups += [(s, c, ab) for s, c in tensors]
-        if regime.autocast is not None and not copy.adapter.ia3:
-            st.add(Component.AUTOCAST_CACHE, count * DTYPE_BYTES[regime.compute_dtype])
+    for copy in cfg.recipe.copies:
+        share = _copy_share(model, copy, cfg, regime)
+        for comp, n in share.bytes:
+            b[comp] = b.get(comp, 0) + n
+        for name, n in share.added:
+            setattr(st, name, getattr(st, name) + n)
+        for name, n in share.largest:
+            if n > getattr(st, name):
+                setattr(st, name, n)
+        opt_groups += share.groups
     return st, opt_groups
+
+
+@dataclass(frozen=True, eq=False)
+class _Share:
+    """One held copy's part of a :class:`ModelState` (:func:`_copy_share`): its bytes by component in the order
+    it adds them, its non-zero :data:`_ADDED_FIELDS` and :data:`_LARGEST_FIELDS`, and its optimiser groups."""
+
+    bytes: tuple[tuple[Component, int], ...]
+    added: tuple[tuple[str, int], ...]
+    largest: tuple[tuple[str, int], ...]
+    groups: tuple[tuple[tuple[int, ...], int, int], ...]
+
+
+#: :func:`_copy_share` by the fields it reads: ``(stack, share)`` (the stack kept beside its ``id`` in the key)
+_SHARE_CACHE: dict = {}
+
+
+def _copy_share(model: ModelSpec, copy: ModelCopy, cfg: TrainConfig, regime: Regime) -> _Share:
+    """:func:`_add_copy`'s share of one copy, kept on what it reads: the (as-built) spec; the copy's adapter,
+    quantisation and head; the stack; the regime's dtypes; double quantisation (a 4-bit base), the rank (an
+    adapter) and the targets (an adapter, or a 4-bit base a stack quantises only where adapted). A search
+    asks for the same few dozen shares hundreds of times, for configurations differing elsewhere."""
+    stack, adapter, quantized = cfg.stack, copy.adapter, copy.quantized
+    peft = adapter is not None and adapter is not Adapter.FULL
+    key = (model, adapter, quantized, copy.head, id(stack), regime.trainable_dtype, regime.frozen_dtype,
+           regime.adapter_dtype, regime.autocast, regime.compute_dtype, quantized and cfg.double_quant,
+           cfg.rank if peft else None, cfg.targets if peft or quantized else None)
+    try:
+        kept = _SHARE_CACHE.get(key)
+    except TypeError:  # an unhashable spec (list fields): worked out each time
+        return _new_share(model, copy, cfg, regime)
+    if kept is not None and kept[0] is stack:
+        return kept[1]
+    share = _new_share(model, copy, cfg, regime)
+    if len(_SHARE_CACHE) > 4096:
+        _SHARE_CACHE.clear()
+    _SHARE_CACHE[key] = (stack, share)
+    return share
+
+
+def _new_share(model: ModelSpec, copy: ModelCopy, cfg: TrainConfig, regime: Regime) -> _Share:
+    """:func:`_copy_share` worked out: :func:`_add_copy` into an empty state."""
+    st = ModelState()
+    groups = _add_copy(st, model, copy, cfg, regime)
+    return _Share(bytes=tuple(st.bytes.items()),
+                  added=tuple((n, getattr(st, n)) for n in _ADDED_FIELDS if getattr(st, n)),
+                  largest=tuple((n, getattr(st, n)) for n in _LARGEST_FIELDS if getattr(st, n)),
+                  groups=tuple(groups))
+
+
+def _add_copy(st: ModelState, model: ModelSpec, copy: ModelCopy, cfg: TrainConfig, regime: Regime) -> list:
+    """Add one held copy's bytes to ``st``; return its trainable tensors as optimiser groups."""
+    n = _copy_params(model, copy)
+    # what bitsandbytes quantises: nn.Linear weights of the decoder layers (not biases, embeddings,
+    # lm_head, norms -- nor fused MoE expert parameters, which are not nn.Linear in transformers >= 5)
+    quantizable = quantized_linears(model, cfg) if copy.quantized else []
+    non_linear = n - model.num_layers * sum(l.count * l.in_features * l.out_features for l in quantizable)
+    # the stack's fp32 RoPE cache buffers (torchtune; stacks.toml rope_cache)
+    st.add(Component.WEIGHTS, cfg.stack.rope_cache_bytes(model, copy.adapter is not None and copy.adapter.is_peft))
+    if copy.adapter is Adapter.FULL:
+        return _add_full_copy(st, model, copy, regime, n)
+    # a frozen base, maybe with an adapter
+    if copy.quantized:
+        _add_quantized_base(st, model, copy, cfg, regime, (quantizable, non_linear))
+    else:
+        st.add(Component.WEIGHTS, n * DTYPE_BYTES[regime.frozen_dtype])
+        if copy.trains and copy.adapter is not None and casts_frozen_base(regime):
+            _add_frozen_casts(st, model, copy, regime)
+    if copy.adapter is None:
+        return []
+    ab = DTYPE_BYTES[regime.adapter_dtype]
+    tensors = [(t.shape, t.count) for t in adapter_tensors(model, copy.adapter, cfg.rank, cfg.targets)]
+    if copy.head == "scalar":
+        tensors.append(((1, model.hidden_size), 1))  # the value head trains beside the adapter
+    count = sum(math.prod(s) * c for s, c in tensors)
+    st.trainable_params += count
+    st.add(Component.ADAPTERS, count * ab)
+    st.add(Component.GRADIENTS, count * ab)
+    if regime.autocast is not None and not copy.adapter.ia3:
+        st.add(Component.AUTOCAST_CACHE, count * DTYPE_BYTES[regime.compute_dtype])
+    return [(s, c, ab) for s, c in tensors]
+
+
+def _add_quantized_base(st: ModelState, model: ModelSpec, copy: ModelCopy, cfg: TrainConfig, regime: Regime,
+                        linears: tuple[list, int]) -> None:
+    """A 4-bit frozen base: the packed NF4 linears (``linears``: those quantised, and the parameters left
+    16-bit), their quantisation state, and the head's autocast cast when the rest is upcast to fp32."""
+    quantizable, non_linear = linears
+    packed, qs = 0, 0
+    for l in quantizable:
+        p, q = nf4_bytes(l.in_features * l.out_features, cfg.double_quant)
+        packed += p * l.count * model.num_layers
+        qs += q * l.count * model.num_layers
+    if cfg.stack.quantizes_head and copy.head == "lm" and not model.tie_embeddings:
+        # the stack quantises every nn.Linear, the lm_head included (stacks.toml quantizes_head)
+        hp = model.vocab_size * model.hidden_size
+        p, q = nf4_bytes(hp, cfg.double_quant)
+        packed, qs, non_linear = packed + p, qs + q, non_linear - hp
+    kbit = copy.trains and cfg.stack.kbit_upcast  # prepare_model_for_kbit_training upcasts the rest to fp32
+    nb = 4 if kbit else DTYPE_BYTES[regime.frozen_dtype]
+    st.add(Component.WEIGHTS, packed + non_linear * nb)
+    st.add(Component.QUANT_STATE, qs)
+    if kbit and regime.autocast is not None and copy.head == "lm":
+        # autocast casts the fp32 lm_head (or tied embedding) for its matmul; the frozen weight's
+        # cast is saved for the input gradient, alive from the loss forward to its backward
+        head = model.vocab_size * model.hidden_size * DTYPE_BYTES[regime.compute_dtype]
+        st.add(Component.AUTOCAST_CACHE, head)
+        st.head_cast += head
 
 
 def casts_frozen_base(regime: Regime) -> bool:

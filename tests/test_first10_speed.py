@@ -1,0 +1,261 @@
+"""Shortcuts of session 10's first-call costs of a ``fit`` (helper first10) give the answers of the long way.
+
+Speed is measured by ``benchmarks/cli_speed.py``; these tests pin what each shortcut must preserve:
+
+* ``memory._state_without_optimizer`` summing each held copy's share (``memory._copy_share``, kept on the fields the
+  share reads: the spec, the copy's adapter, quantisation and head, the stack, the regime's dtypes, and double
+  quantisation, rank and targets where they are read) equals adding every copy into one state the long way --
+  every field of the state, the order of its components and the optimiser groups -- for configurations differing
+  in one field at a time, asked in a row so that a key missing a field it reads returns another's share;
+* ``memory._model_state`` keeping that state without ``techniques`` in its key (no technique changes what is held;
+  the optimiser offload is read on top) equals the long way for configurations differing only in techniques;
+* ``models.get_model`` resolves a name, alias or Hugging Face id from ``models.json``'s entries and builds the one
+  spec asked for; ``catalogue()`` hands out those very specs, each equal to ``from_hf_config`` of its entry, and
+  the alias table equals the one read from every built spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from vramplan import memory, models
+from vramplan.config import make_config
+from vramplan.errors import VramplanError
+from vramplan.memory import ModelState
+from vramplan.models import get_model
+from vramplan.optimizers import get_optimizer
+from vramplan.taxonomy import Component
+
+
+def _long_state_without_optimizer(model, cfg):
+    """Every copy added into one state, nothing kept (the long way of ``_state_without_optimizer``)."""
+    model = cfg.stack.as_built(model)
+    st = ModelState(params=model.params)
+    for comp in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS,
+                 Component.GRADIENTS, Component.OPTIMIZER_STATES, Component.AUTOCAST_CACHE):
+        st.bytes[comp] = 0
+    groups: list = []
+    for copy in cfg.recipe.copies:
+        groups += memory._add_copy(st, model, copy, cfg, cfg.regime)
+    return st, groups
+
+
+def _long_model_state(model, cfg):
+    """``_model_state``'s optimiser part over the long way's state."""
+    st, groups = _long_state_without_optimizer(model, cfg)
+    opt = get_optimizer(cfg.optimizer)
+    offload = cfg.uses("opt_offload")
+    st.add(Component.OPTIMIZER_STATES, 0 if offload else opt._total_state_bytes(tuple(groups)))
+    st.step_temporary = 0 if offload else opt.step_temporary_bytes(groups, cfg.regime.runner)
+    st.largest_grad = max((math.prod(shape) * pb for shape, _c, pb in groups), default=0)
+    if cfg.recipe.adapter.quantized_base and cfg.behaves("torchao_nf4_unchunked_load"):
+        from vramplan.loadreserve import nf4_unchunked_load_reserved
+
+        st.load_reserved = nf4_unchunked_load_reserved(cfg.stack.as_built(model), cfg)
+    return st
+
+
+def _fields(st: ModelState) -> dict:
+    out = {f.name: getattr(st, f.name) for f in dataclasses.fields(st)}
+    out["bytes"] = list(st.bytes.items())  # the components' order too
+    return out
+
+
+def _same_state(got, want) -> None:
+    (st, groups), (wst, wgroups) = got, want
+    assert _fields(st) == _fields(wst)
+    assert all(type(v) is int for v in st.bytes.values())
+    assert list(groups) == list(wgroups)
+
+
+#: Specs of every kind the shares read differently: untied and tied heads, MoE expert banks, a Falcon
+#: FalconLinear (left 16-bit by a 4-bit conversion of exact nn.Linear), a head with a bias, LayerNorm.
+SPECS = ("llama-2-7b", "llama-3.2-1b", "qwen3-30b-a3b", "falcon-7b", "phi-2", "gemma-2-2b", "qwen2.5-0.5b")
+#: (method, adapter, framework): one-copy and several-copy recipes over every stack that builds them.
+RECIPES = [("full", None, "hf"), ("lora", None, "hf"), ("qlora", None, "hf"), ("dora", None, "hf"),
+           ("ia3", None, "hf"), ("qdora", None, "hf"), ("qia3", None, "hf"), ("dpo", "qlora", "hf"),
+           ("dpo", "full", "hf"), ("ppo", "lora", "hf"), ("ppo", "full", "hf"), ("ppo", "qlora", "hf"),
+           ("reward", "lora", "hf"), ("grpo", "full", "hf"), ("lora", None, "torchtune"), ("qlora", None, "torchtune"),
+           ("full", None, "torchtune"), ("ppo", "qlora", "torchtune"), ("lora", None, "litgpt"), ("qlora", None, "litgpt"), ("full", None, "litgpt"),
+           ("lora", None, "unsloth"), ("qlora", None, "unsloth"), ("qlora", None, "fsdp_qlora")]
+
+
+def _configs(spec_name: str) -> list:
+    """Configurations of ``spec_name`` differing from their neighbours in one field at a time (every field a
+    share reads: method and adapter, framework, precision, rank, targets, double quantisation, versions, method
+    options; and techniques and the optimiser, which it does not)."""
+    out = []
+    for method, adapter, framework in RECIPES:
+        for precision in (None, "bf16", "fp32", "fp16-mixed"):
+            try:
+                cfg = make_config(spec_name, method, adapter=adapter, framework=framework, precision=precision)
+            except VramplanError:  # a stack that does not run this method or precision
+                continue
+            out.append(cfg)
+            out += [cfg.with_(rank=16), cfg.with_(rank=64), cfg.with_(double_quant=False),
+                    cfg.with_(techniques=("opt_offload",)), cfg.with_(optimizer="adamw_8bit"),
+                    cfg.with_(techniques=("chunked_ce", "act_offload"))]
+            for targets in ("all-linear", "k_proj,v_proj,down_proj"):
+                try:
+                    out.append(make_config(spec_name, method, adapter=adapter, framework=framework,
+                                           precision=precision, targets=targets, rank=16))
+                except VramplanError:  # targets the model does not have
+                    pass
+    old = {"hf": "peft=0.11.0", "torchtune": "torchtune=0.1.1"}
+    for method, adapter, framework in (("lora", None, "hf"), ("qlora", None, "hf"), ("qlora", None, "torchtune")):
+        for precision in (None, "bf16"):  # PEFT < 0.12 gives the adapters a 16-bit base's dtype (no autocast)
+            out.append(make_config(spec_name, method, adapter=adapter, framework=framework, precision=precision,
+                                   versions=old[framework]))
+    out.append(make_config(spec_name, "grpo", adapter="full", method_options={"grpo_beta": 0.04}))
+    return out
+
+
+@pytest.mark.parametrize("spec_name", SPECS)
+def test_copy_shares_equal_adding_every_copy_the_long_way(spec_name):
+    spec = get_model(spec_name)
+    memory._STATE_CACHE.clear()
+    memory._BASE_CACHE.clear()
+    memory._SHARE_CACHE.clear()
+    configs = _configs(spec_name)
+    assert len(configs) > 150
+    several = 0
+    for cfg in configs:
+        _same_state(memory._state_without_optimizer(spec, cfg), _long_state_without_optimizer(spec, cfg))
+        assert _fields(memory.model_state(spec, cfg)) == _fields(_long_model_state(spec, cfg)), cfg
+        several += len(cfg.recipe.copies) > 1
+    assert several > 20
+    assert 0 < len(memory._SHARE_CACHE) < len(configs)  # shares were kept and reused
+
+
+def test_a_stack_differing_in_one_field_gets_its_own_share():
+    """A share keeps the stack it was worked out for: a stack changed in any one field a share reads (a config
+    holding it in place of its framework's) gets its own, equal to the long way's."""
+    from vramplan.stacks import get_stack, torchtune_builder
+
+    hf = get_stack("hf")
+    changed = 0
+    for spec_name in ("llama-2-7b", "falcon-7b"):
+        spec = get_model(spec_name)
+        variants = [dataclasses.replace(hf, kbit_upcast=not hf.kbit_upcast),
+                    dataclasses.replace(hf, quantizes_head=not hf.quantizes_head),
+                    dataclasses.replace(hf, bnb_exact_linear=not hf.bnb_exact_linear),
+                    dataclasses.replace(hf, nf4_adapted_only=(torchtune_builder(spec, True),)),
+                    dataclasses.replace(hf, rope_cache=((spec.model_type, 1),))]
+        for method, adapter in (("qlora", None), ("ppo", "qlora"), ("lora", None), ("full", None)):
+            for targets in (None, "all-linear"):
+                cfg = make_config(spec, method, adapter=adapter, targets=targets)
+                want = _long_state_without_optimizer(spec, cfg)
+                _same_state(memory._state_without_optimizer(spec, cfg), want)
+                for stack in variants:
+                    other = cfg.with_(rank=cfg.rank)
+                    other.__dict__["stack"] = stack  # what cfg.stack resolves to, kept in the config
+                    long = _long_state_without_optimizer(spec, other)
+                    _same_state(memory._state_without_optimizer(spec, other), long)
+                    changed += _fields(long[0]) != _fields(want[0])
+    assert changed > 20
+
+
+def test_a_regime_differing_in_one_field_gets_its_own_share():
+    """A share is kept by the regime's dtypes and autocast: a regime changed in any one of them (a config holding
+    it in place of its precision's) gets its own share, equal to the long way's."""
+    from vramplan.precision import DTYPE_BYTES
+
+    spec = get_model("llama-2-7b")
+    changed = 0
+    for method, adapter in (("qlora", None), ("ppo", "qlora"), ("lora", None), ("full", None), ("dpo", "full")):
+        for precision in ("bf16-mixed", "bf16"):
+            cfg = make_config(spec, method, adapter=adapter, precision=precision)
+            regime = cfg.regime
+            want = _long_state_without_optimizer(spec, cfg)
+            _same_state(memory._state_without_optimizer(spec, cfg), want)
+            variants = [dataclasses.replace(regime, autocast=None if regime.autocast else "bfloat16")]
+            for f in ("trainable_dtype", "frozen_dtype", "adapter_dtype", "compute_dtype"):
+                variants += [dataclasses.replace(regime, **{f: d}) for d in ("float32", "bfloat16", "float16")
+                             if DTYPE_BYTES[d] != DTYPE_BYTES[getattr(regime, f)]]
+            for r in variants:
+                other = cfg.with_(rank=cfg.rank)
+                other.__dict__["regime"] = r  # what cfg.regime resolves to, kept in the config
+                long = _long_state_without_optimizer(spec, other)
+                _same_state(memory._state_without_optimizer(spec, other), long)
+                changed += _fields(long[0]) != _fields(want[0])
+    assert changed > 30
+
+
+def test_a_spec_with_list_fields_is_worked_out_each_time():
+    """An unhashable spec (a log's JSON gives lists) keeps nothing and gives the hashable spec's state."""
+    spec = get_model("llama-3.2-1b")
+    listed = dataclasses.replace(spec, lora_targets=list(spec.lora_targets))
+    with pytest.raises(TypeError):
+        hash(listed)
+    for method in ("lora", "qlora", "full", "ppo"):
+        cfg = make_config(spec, method)
+        kept = len(memory._SHARE_CACHE)
+        _same_state(memory._state_without_optimizer(listed, cfg), _long_state_without_optimizer(spec, cfg))
+        assert len(memory._SHARE_CACHE) == kept
+
+
+def test_the_state_without_the_optimiser_does_not_read_techniques():
+    """What ``_BASE_CACHE`` leaves out of its key: configurations differing only in techniques hold the same."""
+    from vramplan.stacks import techniques
+
+    spec = get_model("llama-2-7b")
+    for method, adapter in (("lora", None), ("qlora", None), ("full", None), ("ppo", "lora"), ("dpo", "qlora")):
+        cfg = make_config(spec, method, adapter=adapter)
+        want = _long_state_without_optimizer(spec, cfg)
+        for name in techniques():
+            try:
+                other = cfg.with_techniques((name,))
+            except VramplanError:
+                continue
+            _same_state(_long_state_without_optimizer(spec, other), want)
+
+
+def test_a_name_builds_only_its_own_spec():
+    models._catalogue_spec.cache_clear()
+    models.catalogue.cache_clear()
+    spec = get_model("13b")
+    assert models._catalogue_spec.cache_info().currsize == 1
+    assert get_model("LLaMA-2-13B") is spec and get_model(spec.hf_id) is spec
+    assert models.catalogue()["llama-2-13b"] is spec
+
+
+def test_the_catalogue_and_its_aliases_equal_the_long_way():
+    """Each spec equals ``from_hf_config`` of its entry; the alias table equals the one read from the built specs."""
+    raw = models.load_data("models.json")["models"]
+    cat = models.catalogue()
+    assert list(cat) == [e["name"] for e in raw]
+    for entry in raw:
+        want = models.from_hf_config(entry["config"], name=entry["name"], hf_id=entry.get("hf_id"),
+                                     source=entry["source"], published_params=entry.get("params"),
+                                     aliases=tuple(entry.get("aliases", ())))
+        assert cat[entry["name"]] == want and cat[entry["name"]].hf_config == want.hf_config
+        assert get_model(entry["name"]) is cat[entry["name"]]
+    table: dict[str, str] = {}
+    for spec in cat.values():
+        for key in [spec.name, *spec.aliases, *([spec.hf_id] if spec.hf_id else [])]:
+            table[key.lower()] = spec.name
+    assert models._aliases() == table
+
+
+def test_a_broken_entry_is_refused_in_one_line(monkeypatch):
+    raw = models.load_data("models.json")
+    first = raw["models"][0]
+    cases = [({"models": [{k: v for k, v in first.items() if k != "source"}]}, "lacks 'source'"),
+             ({"models": [first, dict(first)]}, "duplicate model"),
+             ({"models": [first, {**first, "name": "other", "aliases": [first["name"]]}]}, "names both")]
+    try:
+        for data, message in cases:
+            monkeypatch.setattr(models, "load_data", lambda name, d=data: d)
+            models._entries.cache_clear()
+            models._aliases.cache_clear()
+            with pytest.raises(VramplanError, match=message):
+                models._aliases()
+    finally:
+        monkeypatch.undo()
+        models._entries.cache_clear()
+        models._aliases.cache_clear()
+        models._catalogue_spec.cache_clear()
+        models.catalogue.cache_clear()
