@@ -9,6 +9,9 @@ Speed is measured by ``benchmarks/cli_speed.py``; these tests pin what each shor
   in one field at a time, asked in a row so that a key missing a field it reads returns another's share;
 * ``memory._model_state`` keeping that state without ``techniques`` in its key (no technique changes what is held;
   the optimiser offload is read on top) equals the long way for configurations differing only in techniques;
+* ``activations._layer_sums`` kept by the techniques of ``activations.LAYER_TECHNIQUES`` alone: every other technique
+  leaves every part of every copy's layer as it is without it (worked out with nothing kept), and padding does not;
+  kept sums asked in a row for configurations differing in techniques equal fresh ones;
 * ``models.get_model`` resolves a name, alias or Hugging Face id from ``models.json``'s entries and builds the one
   spec asked for; ``catalogue()`` hands out those very specs, each equal to ``from_hf_config`` of its entry, and
   the alias table equals the one read from every built spec.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 
 from vramplan import memory, models
@@ -211,6 +215,70 @@ def test_the_state_without_the_optimiser_does_not_read_techniques():
             except VramplanError:
                 continue
             _same_state(_long_state_without_optimizer(spec, other), want)
+
+
+def _layer_parts(spec, cfg, seq=2048.0):
+    from vramplan import activations as act
+
+    built = cfg.stack.as_built(spec)
+    return [act.layer_activation_bytes(built, cfg, copy, cfg.regime, np.array([512.0, 4096.0]), seq,
+                                       input_requires_grad=irg, part=part)
+            for copy in cfg.recipe.copies for part in act.LAYER_PARTS for irg in (True, False)]
+
+
+def _same_parts(got, want) -> bool:
+    return len(got) == len(want) and all(np.asarray(g).dtype == np.asarray(w).dtype and np.array_equal(g, w)
+                                         for g, w in zip(got, want))
+
+
+def test_only_the_layer_techniques_change_a_layers_saved_tensors():
+    """What ``_layer_sums`` leaves out of its key: a technique outside ``LAYER_TECHNIQUES`` changes no part of any
+    copy's layer (nothing kept); padding, in it, does (an SDPA mask)."""
+    from vramplan import activations as act
+    from vramplan.stacks import techniques
+
+    differs = set()
+    cases = [("llama-2-7b", "lora", None, "hf"), ("llama-2-7b", "qlora", None, "hf"), ("gemma-2-2b", "full", None, "hf"),
+             ("llama-2-7b", "dpo", "qlora", "hf"), ("qwen2.5-0.5b", "ppo", "lora", "hf"),
+             ("llama-2-7b", "lora", None, "torchtune"), ("falcon-7b", "dora", None, "hf"), ("phi-2", "ia3", None, "hf")]
+    for spec_name, method, adapter, framework in cases:
+        spec = get_model(spec_name)
+        cfg = make_config(spec, method, adapter=adapter, framework=framework, seq=2048)
+        act._SUMS.clear()
+        want = _layer_parts(spec, cfg)
+        for name in techniques():
+            try:
+                other = cfg.with_techniques((name,))
+            except VramplanError:
+                continue
+            act._SUMS.clear()
+            if not _same_parts(_layer_parts(spec, other), want):
+                differs.add(name)
+    act._SUMS.clear()
+    assert differs == set(act.LAYER_TECHNIQUES)
+
+
+def test_kept_layer_sums_of_other_technique_sets_equal_fresh_ones():
+    from vramplan import activations as act
+    from vramplan.stacks import techniques
+
+    spec = get_model("gemma-2-2b")
+    configs = []
+    for method, adapter in (("lora", None), ("qlora", None), ("full", None), ("dpo", "lora")):
+        cfg = make_config(spec, method, adapter=adapter, seq=8192)
+        for name in [None, *techniques()]:
+            try:
+                configs.append(cfg if name is None else cfg.with_techniques((name,)))
+            except VramplanError:
+                pass
+    fresh = []
+    for cfg in configs:
+        act._SUMS.clear()
+        fresh.append(_layer_parts(spec, cfg, 8192.0))
+    act._SUMS.clear()
+    for cfg, want in zip(configs, fresh):
+        assert _same_parts(_layer_parts(spec, cfg, 8192.0), want), cfg
+    assert 0 < len(act._SUMS) < len(configs) * 6
 
 
 def test_a_name_builds_only_its_own_spec():
