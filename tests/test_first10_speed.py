@@ -9,6 +9,10 @@ Speed is measured by ``benchmarks/cli_speed.py``; these tests pin what each shor
   in one field at a time, asked in a row so that a key missing a field it reads returns another's share;
 * ``memory._model_state`` keeping that state without ``techniques`` in its key (no technique changes what is held;
   the optimiser offload is read on top) equals the long way for configurations differing only in techniques;
+* ``memory.model_state`` kept by the techniques of ``memory.STATE_TECHNIQUES`` alone: no other technique changes
+  a configuration's model state (worked out the long way), the optimiser's offload does;
+* ``overheads._kept_figures`` without a profile kept by the card alone: every method and stack gets the card's
+  figures;
 * ``activations._layer_sums`` kept by the techniques of ``activations.LAYER_TECHNIQUES`` alone: every other technique
   leaves every part of every copy's layer as it is without it (worked out with nothing kept), and padding does not;
   kept sums asked in a row for configurations differing in techniques equal fresh ones;
@@ -215,6 +219,46 @@ def test_the_state_without_the_optimiser_does_not_read_techniques():
             except VramplanError:
                 continue
             _same_state(_long_state_without_optimizer(spec, other), want)
+
+
+def test_only_the_state_techniques_change_a_model_state():
+    from vramplan.stacks import techniques
+
+    differs = set()
+    for spec_name, method, adapter, framework in (("llama-2-7b", "lora", None, "hf"), ("llama-2-7b", "qlora", None, "hf"),
+                                                  ("llama-3.2-1b", "full", None, "hf"), ("llama-2-7b", "ppo", "lora", "hf"),
+                                                  ("llama-2-7b", "full", None, "torchtune")):
+        spec = get_model(spec_name)
+        cfg = make_config(spec, method, adapter=adapter, framework=framework)
+        want = _fields(_long_model_state(spec, cfg))
+        for name in techniques():
+            try:
+                other = cfg.with_techniques((name,))
+            except VramplanError:
+                continue
+            if _fields(_long_model_state(spec, other)) != want:
+                differs.add(name)
+    assert differs == set(memory.STATE_TECHNIQUES)
+
+
+def test_figures_without_a_profile_are_the_cards_for_every_method_and_stack():
+    from vramplan import overheads
+    from vramplan.gpus import catalogue as gpus
+    from vramplan.methods import registry
+    from vramplan.stacks import stacks
+
+    def same(a, b):
+        return {f.name: getattr(a, f.name) for f in dataclasses.fields(a)} == \
+            {f.name: getattr(b, f.name) for f in dataclasses.fields(b)}
+
+    overheads._FIGURES_CACHE.clear()
+    for gpu in list(gpus().values()) + [None]:
+        want = overheads._figures(gpu, None, None, None)
+        for method in [None, *registry()]:
+            for stack in [None, *stacks()]:
+                assert same(overheads._figures(gpu, None, method, stack), want)
+                assert same(overheads._kept_figures(gpu, None, method, stack), want)
+    assert len(overheads._FIGURES_CACHE) == len(gpus()) + 1
 
 
 def _layer_parts(spec, cfg, seq=2048.0):

@@ -75,17 +75,21 @@ def _copy_params(model: ModelSpec, copy: ModelCopy) -> int:
 
 
 _STATE_CACHE: dict = {}
+#: The techniques a model state reads (the optimiser's states offloaded to the CPU): :func:`model_state` is kept
+#: by these alone of a configuration's techniques.
+STATE_TECHNIQUES = frozenset({"opt_offload"})
 
 
 def model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
     """Weights, quantisation state, adapters, gradients and optimiser state of every held copy.
 
     Batch-independent, so a search over batch, sequence and checkpointing reuses one result
-    (cached on the fields it reads; callers get their own copy).
+    (cached on the fields it reads -- of the techniques, those of :data:`STATE_TECHNIQUES`; callers get their
+    own copy).
     """
     # (versions: a version-gated behaviour can change the adapter dtype or the optimizer kernel)
     key = (model, cfg.method, cfg.adapter, cfg.rank, cfg.targets, cfg.optimizer, cfg.precision, cfg.framework,
-           cfg.techniques, cfg.double_quant, cfg.versions, cfg.options)
+           tuple(t for t in cfg.techniques if t in STATE_TECHNIQUES), cfg.double_quant, cfg.versions, cfg.options)
     try:
         st = _STATE_CACHE.get(key)  # (one hash of the key)
     except TypeError:  # a spec built with list fields (from a log's JSON): not cacheable
