@@ -48,6 +48,7 @@ def _long_state_without_optimizer(model, cfg):
     groups: list = []
     for copy in cfg.recipe.copies:
         groups += memory._add_copy(st, model, copy, cfg, cfg.regime)
+    st.largest_grad = max((math.prod(shape) * pb for shape, _c, pb in groups), default=0)
     return st, groups
 
 
@@ -58,7 +59,6 @@ def _long_model_state(model, cfg):
     offload = cfg.uses("opt_offload")
     st.add(Component.OPTIMIZER_STATES, 0 if offload else opt._total_state_bytes(tuple(groups)))
     st.step_temporary = 0 if offload else opt.step_temporary_bytes(groups, cfg.regime.runner)
-    st.largest_grad = max((math.prod(shape) * pb for shape, _c, pb in groups), default=0)
     if cfg.recipe.adapter.quantized_base and cfg.behaves("torchao_nf4_unchunked_load"):
         from vramplan.loadreserve import nf4_unchunked_load_reserved
 

@@ -185,7 +185,7 @@ def _layer_sums(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Reg
     key = None
     if s.ndim == 0 and not cfg.attention.materialises_scores:
         key = (model, _copy_fields(copy), _regime_fields(regime), cfg.framework, cfg.versions,
-               tuple(t for t in cfg.techniques if t in LAYER_TECHNIQUES), cfg.attn, cfg.dropout, cfg.targets,
+               LAYER_TECHNIQUES.intersection(cfg.techniques), cfg.attn, cfg.dropout, cfg.targets,
                cfg.rank, float(s), input_requires_grad, part)
         try:
             kept = _SUMS.get(key)

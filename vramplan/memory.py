@@ -89,7 +89,7 @@ def model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
     """
     # (versions: a version-gated behaviour can change the adapter dtype or the optimizer kernel)
     key = (model, cfg.method, cfg.adapter, cfg.rank, cfg.targets, cfg.optimizer, cfg.precision, cfg.framework,
-           tuple(t for t in cfg.techniques if t in STATE_TECHNIQUES), cfg.double_quant, cfg.versions, cfg.options)
+           STATE_TECHNIQUES.intersection(cfg.techniques), cfg.double_quant, cfg.versions, cfg.options)
     try:
         st = _STATE_CACHE.get(key)  # (one hash of the key)
     except TypeError:  # a spec built with list fields (from a log's JSON): not cacheable
@@ -137,7 +137,7 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
     offload = cfg.uses("opt_offload")
     st.add(Component.OPTIMIZER_STATES, 0 if offload else opt.total_state_bytes(opt_groups))
     st.step_temporary = 0 if offload else opt.step_temporary_bytes(opt_groups, cfg.regime.runner)
-    st.largest_grad = max((math.prod(shape) * pb for shape, _c, pb in opt_groups), default=0)
+    # (st.largest_grad: the largest of opt_groups' tensors, from the copies' shares)
     if cfg.recipe.adapter.quantized_base and cfg.behaves("torchao_nf4_unchunked_load"):
         # torchtune < 0.2.0 quantises on the GPU with torchao 0.1's unchunked to_nf4 (stacks.toml [behaviours])
         from .loadreserve import nf4_unchunked_load_reserved
@@ -152,13 +152,13 @@ _STATE_COMPONENTS = (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTER
 #: :class:`ModelState` fields to which each copy adds its own bytes, and those that keep the largest copy's value.
 _ADDED_FIELDS = ("trainable_params", "head_cast", "frozen_layer_casts")
 _LARGEST_FIELDS = ("layer_cast", "attn_cast", "grads_tail", "layer_grad", "head_grad", "head_grad_cast",
-                  "grads_end_extra")
+                  "grads_end_extra", "largest_grad")
 
 
 def _state_without_optimizer(model: ModelSpec, cfg: TrainConfig) -> tuple[ModelState, list]:
-    """Every batch-independent byte but the optimiser's, and the trainable tensors the optimiser steps: the
-    sum of every held copy's share (:func:`_copy_share`), bytes and added fields summed, the others the
-    largest copy's."""
+    """Every batch-independent byte but the optimiser's, and the trainable tensors the optimiser steps (and the
+    largest one's gradient bytes, ``largest_grad``): the sum of every held copy's share (:func:`_copy_share`), bytes
+    and added fields summed, the others the largest copy's."""
     model = cfg.stack.as_built(model)  # litgpt: a separate lm_head even when tied (stacks.toml untied_embeddings)
     regime = cfg.regime
     st = ModelState(params=model.params)
@@ -221,6 +221,7 @@ def _new_share(model: ModelSpec, copy: ModelCopy, cfg: TrainConfig, regime: Regi
     """:func:`_copy_share` worked out: :func:`_add_copy` into an empty state."""
     st = ModelState()
     groups = _add_copy(st, model, copy, cfg, regime)
+    st.largest_grad = max((math.prod(shape) * pb for shape, _c, pb in groups), default=0)
     return _Share(bytes=tuple(st.bytes.items()),
                   added=tuple((n, getattr(st, n)) for n in _ADDED_FIELDS if getattr(st, n)),
                   largest=tuple((n, getattr(st, n)) for n in _LARGEST_FIELDS if getattr(st, n)),
