@@ -9,6 +9,8 @@ Speed is measured by ``benchmarks/cli_speed.py``; these tests pin what each shor
   in one field at a time, asked in a row so that a key missing a field it reads returns another's share;
 * ``memory._model_state`` keeping that state without ``techniques`` in its key (no technique changes what is held;
   the optimiser offload is read on top) equals the long way for configurations differing only in techniques;
+* ``memory._optimizer_bytes`` kept by optimiser, runner and groups equals the optimiser's own figures for every
+  optimiser and runner over the same groups;
 * ``memory.model_state`` kept by the techniques of ``memory.STATE_TECHNIQUES`` alone: no other technique changes
   a configuration's model state (worked out the long way), the optimiser's offload does;
 * ``overheads._kept_figures`` without a profile kept by the card alone: every method and stack gets the card's
@@ -219,6 +221,26 @@ def test_the_state_without_the_optimiser_does_not_read_techniques():
             except VramplanError:
                 continue
             _same_state(_long_state_without_optimizer(spec, other), want)
+
+
+def test_kept_optimizer_bytes_are_the_optimizers_for_each_optimizer_and_runner():
+    from vramplan.optimizers import OPTIMIZERS
+    from vramplan.precision import RUNNERS
+
+    spec = get_model("llama-2-7b")
+    memory._OPTIMIZER_CACHE.clear()
+    differ = set()
+    for method, adapter in (("lora", None), ("full", None), ("ppo", "lora")):
+        cfg = make_config(spec, method, adapter=adapter)
+        groups = tuple(_long_state_without_optimizer(spec, cfg)[1])
+        for name, opt in OPTIMIZERS.items():
+            for runner in RUNNERS:
+                other = cfg.with_(optimizer=name)
+                other.__dict__["regime"] = dataclasses.replace(cfg.regime, runner=runner)
+                want = (opt.total_state_bytes(groups), opt.step_temporary_bytes(list(groups), runner))
+                assert memory._optimizer_bytes(other, groups) == want, (method, name, runner)
+                differ.add((method, want))
+    assert len(differ) > 12
 
 
 def test_only_the_state_techniques_change_a_model_state():

@@ -126,17 +126,17 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
     except TypeError:  # an unhashable spec (list fields): not cacheable
         key, base = None, None
     if base is None:
-        base = _state_without_optimizer(model, cfg)
+        st, groups = _state_without_optimizer(model, cfg)
+        base = st, tuple(groups)
         if key is not None:
             if len(_BASE_CACHE) > 4096:
                 _BASE_CACHE.clear()
             _BASE_CACHE[key] = base
     st, opt_groups = base
     st = _own_copy(st)
-    opt = get_optimizer(cfg.optimizer)
-    offload = cfg.uses("opt_offload")
-    st.add(Component.OPTIMIZER_STATES, 0 if offload else opt.total_state_bytes(opt_groups))
-    st.step_temporary = 0 if offload else opt.step_temporary_bytes(opt_groups, cfg.regime.runner)
+    states, temporary = (0, 0) if cfg.uses("opt_offload") else _optimizer_bytes(cfg, opt_groups)
+    st.add(Component.OPTIMIZER_STATES, states)
+    st.step_temporary = temporary
     # (st.largest_grad: the largest of opt_groups' tensors, from the copies' shares)
     if cfg.recipe.adapter.quantized_base and cfg.behaves("torchao_nf4_unchunked_load"):
         # torchtune < 0.2.0 quantises on the GPU with torchao 0.1's unchunked to_nf4 (stacks.toml [behaviours])
@@ -144,6 +144,31 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
 
         st.load_reserved = nf4_unchunked_load_reserved(cfg.stack.as_built(model), cfg)
     return st
+
+
+#: :func:`_optimizer_bytes` by (optimiser name, runner name, groups): ``(optimiser, runner, (states, temporaries))``
+_OPTIMIZER_CACHE: dict = {}
+
+
+def _optimizer_bytes(cfg: TrainConfig, groups: tuple) -> tuple[int, int]:
+    """``(states, step temporaries)`` in bytes of ``cfg``'s optimiser over the trainable tensors ``groups``
+    (``OptimizerDef.total_state_bytes`` and ``step_temporary_bytes`` under the regime's runner), kept on what they
+    read: the optimiser and the runner (these very definitions, held in the entry) and the groups -- a fit's
+    hundreds of model states hold a few dozen sets of groups."""
+    opt, regime = get_optimizer(cfg.optimizer), cfg.regime
+    runner = regime.training_loop
+    key = (opt.name, regime.runner, groups)
+    try:
+        kept = _OPTIMIZER_CACHE.get(key)
+    except TypeError:  # unhashable groups (list shapes): worked out each time
+        return opt.total_state_bytes(groups), opt.step_temporary_bytes(groups, regime.runner)
+    if kept is not None and kept[0] is opt and kept[1] is runner:
+        return kept[2]
+    out = (opt.total_state_bytes(groups), opt.step_temporary_bytes(groups, regime.runner))
+    if len(_OPTIMIZER_CACHE) > 1024:
+        _OPTIMIZER_CACHE.clear()
+    _OPTIMIZER_CACHE[key] = (opt, runner, out)
+    return out
 
 
 #: The components every model state lists, in this order (zero where no copy holds any).
@@ -158,16 +183,16 @@ _LARGEST_FIELDS = ("layer_cast", "attn_cast", "grads_tail", "layer_grad", "head_
 def _state_without_optimizer(model: ModelSpec, cfg: TrainConfig) -> tuple[ModelState, list]:
     """Every batch-independent byte but the optimiser's, and the trainable tensors the optimiser steps (and the
     largest one's gradient bytes, ``largest_grad``): the sum of every held copy's share (:func:`_copy_share`), bytes
-    and added fields summed, the others the largest copy's."""
+    and added fields summed, the others the largest copy's -- one copy's share is its state."""
     model = cfg.stack.as_built(model)  # litgpt: a separate lm_head even when tied (stacks.toml untied_embeddings)
     regime = cfg.regime
-    st = ModelState(params=model.params)
+    shares = [_copy_share(model, copy, cfg, regime) for copy in cfg.recipe.copies]
+    if not shares:
+        return _empty_state(model), []
+    st = _own_copy(shares[0].state)
+    opt_groups: list[tuple[tuple[int, ...], int, int]] = list(shares[0].groups)
     b = st.bytes
-    for comp in _STATE_COMPONENTS:
-        b[comp] = 0
-    opt_groups: list[tuple[tuple[int, ...], int, int]] = []
-    for copy in cfg.recipe.copies:
-        share = _copy_share(model, copy, cfg, regime)
+    for share in shares[1:]:
         for comp, n in share.bytes:
             b[comp] = b.get(comp, 0) + n
         for name, n in share.added:
@@ -179,11 +204,21 @@ def _state_without_optimizer(model: ModelSpec, cfg: TrainConfig) -> tuple[ModelS
     return st, opt_groups
 
 
+def _empty_state(model: ModelSpec) -> ModelState:
+    """The state of no copy: the spec's parameters, every component of :data:`_STATE_COMPONENTS` at zero."""
+    st = ModelState(params=model.params)
+    for comp in _STATE_COMPONENTS:
+        st.bytes[comp] = 0
+    return st
+
+
 @dataclass(frozen=True, eq=False)
 class _Share:
-    """One held copy's part of a :class:`ModelState` (:func:`_copy_share`): its bytes by component in the order
-    it adds them, its non-zero :data:`_ADDED_FIELDS` and :data:`_LARGEST_FIELDS`, and its optimiser groups."""
+    """One held copy's part of a :class:`ModelState` (:func:`_copy_share`): the state of this copy alone, and to add
+    it to another's its bytes by component (in the order it adds them), its non-zero :data:`_ADDED_FIELDS` and
+    :data:`_LARGEST_FIELDS`; and its optimiser groups."""
 
+    state: ModelState
     bytes: tuple[tuple[Component, int], ...]
     added: tuple[tuple[str, int], ...]
     largest: tuple[tuple[str, int], ...]
@@ -219,10 +254,10 @@ def _copy_share(model: ModelSpec, copy: ModelCopy, cfg: TrainConfig, regime: Reg
 
 def _new_share(model: ModelSpec, copy: ModelCopy, cfg: TrainConfig, regime: Regime) -> _Share:
     """:func:`_copy_share` worked out: :func:`_add_copy` into an empty state."""
-    st = ModelState()
+    st = _empty_state(model)
     groups = _add_copy(st, model, copy, cfg, regime)
     st.largest_grad = max((math.prod(shape) * pb for shape, _c, pb in groups), default=0)
-    return _Share(bytes=tuple(st.bytes.items()),
+    return _Share(state=st, bytes=tuple(st.bytes.items()),
                   added=tuple((n, getattr(st, n)) for n in _ADDED_FIELDS if getattr(st, n)),
                   largest=tuple((n, getattr(st, n)) for n in _LARGEST_FIELDS if getattr(st, n)),
                   groups=tuple(groups))
