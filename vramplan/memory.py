@@ -206,10 +206,10 @@ def _state_without_optimizer(model: ModelSpec, cfg: TrainConfig) -> tuple[ModelS
 
 def _empty_state(model: ModelSpec) -> ModelState:
     """The state of no copy: the spec's parameters, every component of :data:`_STATE_COMPONENTS` at zero."""
-    st = ModelState(params=model.params)
-    for comp in _STATE_COMPONENTS:
-        st.bytes[comp] = 0
-    return st
+    return ModelState(bytes=_ZERO_BYTES.copy(), params=model.params)
+
+
+_ZERO_BYTES = dict.fromkeys(_STATE_COMPONENTS, 0)  # (copied: no component hashed again)
 
 
 @dataclass(frozen=True, eq=False)
