@@ -18,6 +18,7 @@ Speed is measured by ``benchmarks/cli_speed.py``; these tests pin what each shor
 * ``activations._layer_sums`` kept by the techniques of ``activations.LAYER_TECHNIQUES`` alone: every other technique
   leaves every part of every copy's layer as it is without it (worked out with nothing kept), and padding does not;
   kept sums asked in a row for configurations differing in techniques equal fresh ones;
+* ``quant.nf4_bytes`` kept per matrix equals the layout worked out anew, and refuses bad input every time;
 * ``models.get_model`` resolves a name, alias or Hugging Face id from ``models.json``'s entries and builds the one
   spec asked for; ``catalogue()`` hands out those very specs, each equal to ``from_hf_config`` of its entry, and
   the alias table equals the one read from every built spec.
@@ -345,6 +346,21 @@ def test_kept_layer_sums_of_other_technique_sets_equal_fresh_ones():
     for cfg, want in zip(configs, fresh):
         assert _same_parts(_layer_parts(spec, cfg, 8192.0), want), cfg
     assert 0 < len(act._SUMS) < len(configs) * 6
+
+
+def test_kept_nf4_bytes_equal_the_layout_worked_out():
+    from vramplan.quant import nf4_bytes
+
+    fresh = nf4_bytes.__wrapped__
+    for numel in (0, 1, 63, 64, 65, 4095, 4096 * 4096, 5120 * 13824, 32000 * 5120, 2**40 + 3):
+        for dq in (True, False):
+            for block in (32, 64, 4096):
+                assert nf4_bytes(numel, dq, block) == fresh(numel, dq, block)
+                assert nf4_bytes(numel, dq, block) == fresh(numel, dq, block)  # kept
+    for bad in ((-1, True, 64), (64, True, 100)):
+        for _ in range(2):
+            with pytest.raises(ValueError):
+                nf4_bytes(*bad)
 
 
 def test_a_name_builds_only_its_own_spec():
