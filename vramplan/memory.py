@@ -191,15 +191,8 @@ def _state_without_optimizer(model: ModelSpec, cfg: TrainConfig) -> tuple[ModelS
         return _empty_state(model), []
     st = _own_copy(shares[0].state)
     opt_groups: list[tuple[tuple[int, ...], int, int]] = list(shares[0].groups)
-    b = st.bytes
     for share in shares[1:]:
-        for comp, n in share.bytes:
-            b[comp] = b.get(comp, 0) + n
-        for name, n in share.added:
-            setattr(st, name, getattr(st, name) + n)
-        for name, n in share.largest:
-            if n > getattr(st, name):
-                setattr(st, name, n)
+        share.add_to(st)
         opt_groups += share.groups
     return st, opt_groups
 
@@ -212,17 +205,33 @@ def _empty_state(model: ModelSpec) -> ModelState:
 _ZERO_BYTES = dict.fromkeys(_STATE_COMPONENTS, 0)  # (copied: no component hashed again)
 
 
-@dataclass(frozen=True, eq=False)
 class _Share:
-    """One held copy's part of a :class:`ModelState` (:func:`_copy_share`): the state of this copy alone, and to add
-    it to another's its bytes by component (in the order it adds them), its non-zero :data:`_ADDED_FIELDS` and
-    :data:`_LARGEST_FIELDS`; and its optimiser groups."""
+    """One held copy's part of a :class:`ModelState` (:func:`_copy_share`): the state of this copy alone and its
+    optimiser groups; to add it to another copy's state (:meth:`add_to`), its bytes by component in the order it
+    adds them, its non-zero :data:`_ADDED_FIELDS` and :data:`_LARGEST_FIELDS` (worked out on first use: most
+    recipes hold one copy)."""
 
-    state: ModelState
-    bytes: tuple[tuple[Component, int], ...]
-    added: tuple[tuple[str, int], ...]
-    largest: tuple[tuple[str, int], ...]
-    groups: tuple[tuple[tuple[int, ...], int, int], ...]
+    __slots__ = ("state", "groups", "_part")
+
+    def __init__(self, state: ModelState, groups: tuple):
+        self.state, self.groups, self._part = state, groups, None
+
+    def add_to(self, st: ModelState) -> None:
+        """Add this copy's bytes and added fields to ``st``; keep the larger of each of its largest fields."""
+        part = self._part
+        if part is None:
+            own = self.state
+            part = self._part = (tuple(own.bytes.items()),
+                                 tuple((n, getattr(own, n)) for n in _ADDED_FIELDS if getattr(own, n)),
+                                 tuple((n, getattr(own, n)) for n in _LARGEST_FIELDS if getattr(own, n)))
+        b = st.bytes
+        for comp, n in part[0]:
+            b[comp] = b.get(comp, 0) + n
+        for name, n in part[1]:
+            setattr(st, name, getattr(st, name) + n)
+        for name, n in part[2]:
+            if n > getattr(st, name):
+                setattr(st, name, n)
 
 
 #: :func:`_copy_share` by the fields it reads: ``(stack, share)`` (the stack kept beside its ``id`` in the key)
@@ -257,10 +266,7 @@ def _new_share(model: ModelSpec, copy: ModelCopy, cfg: TrainConfig, regime: Regi
     st = _empty_state(model)
     groups = _add_copy(st, model, copy, cfg, regime)
     st.largest_grad = max((math.prod(shape) * pb for shape, _c, pb in groups), default=0)
-    return _Share(state=st, bytes=tuple(st.bytes.items()),
-                  added=tuple((n, getattr(st, n)) for n in _ADDED_FIELDS if getattr(st, n)),
-                  largest=tuple((n, getattr(st, n)) for n in _LARGEST_FIELDS if getattr(st, n)),
-                  groups=tuple(groups))
+    return _Share(st, tuple(groups))
 
 
 def _add_copy(st: ModelState, model: ModelSpec, copy: ModelCopy, cfg: TrainConfig, regime: Regime) -> list:
