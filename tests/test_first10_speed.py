@@ -7,6 +7,8 @@ Speed is measured by ``benchmarks/cli_speed.py``; these tests pin what each shor
   quantisation, rank and targets where they are read) equals adding every copy into one state the long way --
   every field of the state, the order of its components and the optimiser groups -- for configurations differing
   in one field at a time, asked in a row so that a key missing a field it reads returns another's share;
+* ``memory._adapter_groups`` (an adapter's optimiser groups and parameters kept by spec, adapter, rank, targets, head
+  and bytes) equals them worked out anew, in the same comparisons;
 * ``memory._model_state`` keeping that state without ``techniques`` in its key (no technique changes what is held;
   the optimiser offload is read on top) equals the long way for configurations differing only in techniques;
 * ``memory._optimizer_bytes`` kept by optimiser, runner and groups equals the optimiser's own figures for every
@@ -42,17 +44,22 @@ from vramplan.taxonomy import Component
 
 
 def _long_state_without_optimizer(model, cfg):
-    """Every copy added into one state, nothing kept (the long way of ``_state_without_optimizer``)."""
-    model = cfg.stack.as_built(model)
-    st = ModelState(params=model.params)
-    for comp in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS,
-                 Component.GRADIENTS, Component.OPTIMIZER_STATES, Component.AUTOCAST_CACHE):
-        st.bytes[comp] = 0
-    groups: list = []
-    for copy in cfg.recipe.copies:
-        groups += memory._add_copy(st, model, copy, cfg, cfg.regime)
-    st.largest_grad = max((math.prod(shape) * pb for shape, _c, pb in groups), default=0)
-    return st, groups
+    """Every copy added into one state, nothing kept (the long way of ``_state_without_optimizer``; an adapter's
+    groups worked out anew, not ``_adapter_groups``' kept ones)."""
+    kept, memory._adapter_groups = memory._adapter_groups, memory._new_adapter_groups
+    try:
+        model = cfg.stack.as_built(model)
+        st = ModelState(params=model.params)
+        for comp in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS,
+                     Component.GRADIENTS, Component.OPTIMIZER_STATES, Component.AUTOCAST_CACHE):
+            st.bytes[comp] = 0
+        groups: list = []
+        for copy in cfg.recipe.copies:
+            groups += memory._add_copy(st, model, copy, cfg, cfg.regime)
+        st.largest_grad = max((math.prod(shape) * pb for shape, _c, pb in groups), default=0)
+        return st, groups
+    finally:
+        memory._adapter_groups = kept
 
 
 def _long_model_state(model, cfg):

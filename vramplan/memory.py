@@ -290,16 +290,44 @@ def _add_copy(st: ModelState, model: ModelSpec, copy: ModelCopy, cfg: TrainConfi
     if copy.adapter is None:
         return []
     ab = DTYPE_BYTES[regime.adapter_dtype]
-    tensors = [(t.shape, t.count) for t in adapter_tensors(model, copy.adapter, cfg.rank, cfg.targets)]
-    if copy.head == "scalar":
-        tensors.append(((1, model.hidden_size), 1))  # the value head trains beside the adapter
-    count = sum(math.prod(s) * c for s, c in tensors)
+    groups, count = _adapter_groups(model, copy.adapter, cfg.rank, cfg.targets, copy.head, ab)
     st.trainable_params += count
     st.add(Component.ADAPTERS, count * ab)
     st.add(Component.GRADIENTS, count * ab)
     if regime.autocast is not None and not copy.adapter.ia3:
         st.add(Component.AUTOCAST_CACHE, count * DTYPE_BYTES[regime.compute_dtype])
-    return [(s, c, ab) for s, c in tensors]
+    return list(groups)
+
+
+#: :func:`_adapter_groups` by its arguments
+_ADAPTER_GROUPS: dict = {}
+
+
+def _adapter_groups(model: ModelSpec, adapter: Adapter, rank: int, targets: tuple, head: str,
+                    nbytes: int) -> tuple[tuple, int]:
+    """The optimiser groups ``(shape, count, nbytes)`` of ``adapter``'s tensors on ``model`` (and a scalar head's
+    ``1 x hidden`` value head beside them), and their parameters; kept by the arguments (a search asks for a few
+    dozen hundreds of times)."""
+    key = (model, adapter, rank, targets, head, nbytes)
+    try:
+        kept = _ADAPTER_GROUPS.get(key)
+    except TypeError:  # an unhashable spec (list fields): worked out each time
+        return _new_adapter_groups(model, adapter, rank, targets, head, nbytes)
+    if kept is None:
+        if len(_ADAPTER_GROUPS) > 1024:
+            _ADAPTER_GROUPS.clear()
+        kept = _ADAPTER_GROUPS[key] = _new_adapter_groups(model, adapter, rank, targets, head, nbytes)
+    return kept
+
+
+def _new_adapter_groups(model: ModelSpec, adapter: Adapter, rank: int, targets: tuple, head: str,
+                        nbytes: int) -> tuple[tuple, int]:
+    """:func:`_adapter_groups` worked out."""
+    tensors = [(t.shape, t.count) for t in adapter_tensors(model, adapter, rank, targets)]
+    if head == "scalar":
+        tensors.append(((1, model.hidden_size), 1))  # the value head trains beside the adapter
+    count = sum(math.prod(s) * c for s, c in tensors)
+    return tuple((s, c, nbytes) for s, c in tensors), count
 
 
 def _add_quantized_base(st: ModelState, model: ModelSpec, copy: ModelCopy, cfg: TrainConfig, regime: Regime,
