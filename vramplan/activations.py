@@ -171,6 +171,7 @@ _SUMS: dict = {}
 #: keyed on these alone of a configuration's techniques, so its other technique sets (offloading, chunked or fused
 #: losses, the optimiser inside backward) share them.
 LAYER_TECHNIQUES = frozenset({"padding"})
+_NO_TECHNIQUES: frozenset = frozenset()
 
 
 def _layer_sums(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime, T, s, input_requires_grad: bool,
@@ -185,7 +186,8 @@ def _layer_sums(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Reg
     key = None
     if s.ndim == 0 and not cfg.attention.materialises_scores:
         key = (model, _copy_fields(copy), _regime_fields(regime), cfg.framework, cfg.versions,
-               LAYER_TECHNIQUES.intersection(cfg.techniques), cfg.attn, cfg.dropout, cfg.targets,
+               LAYER_TECHNIQUES.intersection(cfg.techniques) if cfg.techniques else _NO_TECHNIQUES, cfg.attn,
+               cfg.dropout, cfg.targets,
                cfg.rank, float(s), input_requires_grad, part)
         try:
             kept = _SUMS.get(key)

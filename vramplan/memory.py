@@ -78,6 +78,7 @@ _STATE_CACHE: dict = {}
 #: The techniques a model state reads (the optimiser's states offloaded to the CPU): :func:`model_state` is kept
 #: by these alone of a configuration's techniques.
 STATE_TECHNIQUES = frozenset({"opt_offload"})
+_NO_TECHNIQUES: frozenset = frozenset()
 
 
 def model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
@@ -89,7 +90,8 @@ def model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
     """
     # (versions: a version-gated behaviour can change the adapter dtype or the optimizer kernel)
     key = (model, cfg.method, cfg.adapter, cfg.rank, cfg.targets, cfg.optimizer, cfg.precision, cfg.framework,
-           STATE_TECHNIQUES.intersection(cfg.techniques), cfg.double_quant, cfg.versions, cfg.options)
+           STATE_TECHNIQUES.intersection(cfg.techniques) if cfg.techniques else _NO_TECHNIQUES, cfg.double_quant,
+           cfg.versions, cfg.options)
     try:
         st = _STATE_CACHE.get(key)  # (one hash of the key)
     except TypeError:  # a spec built with list fields (from a log's JSON): not cacheable
