@@ -6,10 +6,18 @@ Speed is measured by ``benchmarks/cli_speed.py``; these tests pin what each shor
   array chain (``_array_chain``, numpy on 0-d arrays) term by term, bit for bit and type for type: factors of 1
   and not, paged states in or outside the allocator, a load's reserve above and below, ties at zero, non-finite
   inputs.
+* ``methods.resolve`` keeps a recipe named by text per (method, adapter) text while the registry holds the method
+  it came from: asked in a row, every method with every adapter (names, ``method+adapter`` names, any case) gets
+  the recipe worked out anew; a method registered again under a name gets its own; refusals are raised each time;
+* ``Recipe.name``, ``Recipe.behaviour`` and ``MethodDef.behaviour``, kept in the (frozen) object once read, equal
+  the name spelt out and the behaviour loaded, for every recipe and for a recipe replaced by another adapter;
+* ``stacks.effective_regime`` kept per (precision, framework) names equals the regime worked out anew for every
+  pair, asked in a row, and is worked out anew when the name comes to mean another regime or stack.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -17,7 +25,8 @@ import random
 import numpy as np
 import pytest
 
-from vramplan import overheads
+from vramplan import methods, overheads
+from vramplan.errors import VramplanError
 
 
 def _figures(factor=1.0, paged_outside=True, workspace=8 << 20, context=500 << 20):
@@ -79,3 +88,86 @@ def test_arrays_and_allocator_models_take_the_array_chain(monkeypatch):
     overheads._chain(_figures(), 3, 0, 0)
     assert len(calls) == 1
 
+
+def _asked_names():
+    out = []
+    for name, md in methods.registry().items():
+        out += [(name, None), (name.upper(), None)]
+        for ad in md.adapters:
+            out += [(name, ad.value), (f"{name}+{ad.value}", None), (name, ad.value.upper())]
+    return out
+
+
+def test_kept_recipes_equal_recipes_worked_out_anew():
+    asked = _asked_names()
+    assert len(asked) > 40
+    for _ in range(2):  # the second round reads kept recipes
+        for method, adapter in asked:
+            kept, fresh = methods.resolve(method, adapter), methods._resolve(method, adapter)
+            assert kept == fresh and kept.name == fresh.name, (method, adapter)
+            assert kept.method is methods.get_method(kept.method.name)
+
+
+def test_a_method_registered_again_is_resolved_anew():
+    entry = {"summary": "a toy method", "source": "tests/test_small10_speed.py", "behaviour": "sft",
+             "adapters": ["lora", "full"], "sequences_per_example": 1, "rollout": False,
+             "copies": [{"role": "policy", "trains": True, "head": "lm", "forward": "grad"}]}
+    try:
+        methods.register("small10-toy", entry)
+        first = methods.resolve("small10-toy", "lora")
+        assert first.adapter.value == "lora" and methods.resolve("small10-toy", "lora") is first
+        methods.unregister("small10-toy")
+        with pytest.raises(VramplanError):
+            methods.resolve("small10-toy", "lora")
+        methods.register("small10-toy", {**entry, "adapters": ["full", "lora"], "sequences_per_example": 2})
+        again = methods.resolve("small10-toy", "lora")
+        assert again.method is methods.get_method("small10-toy") and again.sequences_per_example == 2
+        assert methods.resolve("small10-toy").adapter.value == "full"
+    finally:
+        methods.unregister("small10-toy")
+
+
+def test_refusals_are_raised_every_time():
+    for _ in range(2):
+        with pytest.raises(VramplanError):
+            methods.resolve("lora", "nosuch")
+        with pytest.raises(VramplanError):
+            methods.resolve("nosuch")
+        with pytest.raises(VramplanError):
+            methods.resolve("dpo+qlora", "lora")
+        with pytest.raises(VramplanError):
+            methods.resolve("full", "qlora")
+
+
+def test_kept_names_and_behaviours_are_the_recipes():
+    import dataclasses
+
+    for method, adapter in _asked_names():
+        r = methods._resolve(method, adapter)
+        for _ in range(2):
+            want = r.method.name if r.adapter.value == r.method.name else f"{r.method.name}+{r.adapter.value}"
+            assert r.name == want
+            assert r.behaviour is methods.load_behaviour(r.method.behaviour_name) is r.method.behaviour
+        for other in r.method.adapters:
+            swapped = dataclasses.replace(r, adapter=other)
+            assert swapped.name == methods._resolve(r.method, other).name
+        assert r == methods._resolve(method, adapter) and hash(r) == hash(methods._resolve(method, adapter))
+
+
+def test_kept_effective_regimes_equal_regimes_worked_out_anew(monkeypatch):
+    from vramplan import precision, stacks
+
+    pairs = [(p, f) for p in precision.REGIMES for f in stacks.stacks()]
+    for _ in range(2):
+        for p, f in pairs:
+            assert stacks.effective_regime(p, f) == stacks._effective_regime(precision.get_regime(p),
+                                                                             stacks.get_stack(f)), (p, f)
+    p, f = "bf16-mixed", "hf"
+    before = stacks.effective_regime(p, f)
+    other = dict(stacks.stacks())
+    other[f] = dataclasses.replace(other[f], adapter_dtype="float32", runner="loop")
+    monkeypatch.setattr(stacks, "stacks", lambda: other)
+    after = stacks.effective_regime(p, f)
+    assert after == stacks._effective_regime(precision.get_regime(p), other[f]) and after != before
+    monkeypatch.setitem(precision.REGIMES, p, dataclasses.replace(precision.REGIMES[p], compute_dtype="float16"))
+    assert stacks.effective_regime(p, f) == stacks._effective_regime(precision.REGIMES[p], other[f])

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from importlib import import_module
 from typing import Any
 
@@ -195,8 +195,10 @@ class MethodDef:
     #: precomputed reference log-probs --, or asked for by name)
     listed: bool = True
 
-    @property
+    @cached_property
     def behaviour(self) -> Behaviour:
+        """:func:`load_behaviour` of :attr:`behaviour_name`, kept in this (frozen) method's ``__dict__`` once read:
+        a ``fit`` reads it some ten thousand times; equality, hashing and ``asdict()`` see the fields only."""
         return load_behaviour(self.behaviour_name)
 
     @property
@@ -237,7 +239,10 @@ class Recipe:
     copies: tuple[ModelCopy, ...]   # held in memory (shared bases left out)
     shared_roles: tuple[Role, ...]  # roles served by the policy's base with the adapter disabled
 
-    @property
+    # name and behaviour are kept in this (frozen) recipe's __dict__ once read: a ``fit`` reads them thousands of
+    # times; equality, hashing and asdict() see the fields only
+
+    @cached_property
     def name(self) -> str:
         if self.adapter.value == self.method.name:
             return self.method.name
@@ -247,7 +252,7 @@ class Recipe:
     def sequences_per_example(self) -> int:
         return self.method.sequences_per_example
 
-    @property
+    @cached_property
     def behaviour(self) -> Behaviour:
         return self.method.behaviour
 
@@ -490,15 +495,37 @@ def sixteen_bit_twin(name: str) -> str | None:
     return resolve(twin.value).name if named_by_adapter else resolve(recipe.method, twin).name
 
 
+_RESOLVED: dict = {}
+
+
 def resolve(method: str | MethodDef | Recipe, adapter: str | Adapter | None = None) -> Recipe:
     """Resolve ``method`` (+ ``adapter`` for DPO/PPO) into the copies held in memory.
 
     A frozen copy next to a QLoRA policy is quantised too (the same loading recipe).
     A copy with ``shares_base`` next to a PEFT policy is the policy's base with the
     adapter disabled (TRL's default), so it is not held separately.
+
+    A recipe named by text (method and adapter strings) is kept per process, for as long as the registry holds
+    the very method it was resolved from (``register``/``unregister`` or a reloaded registry resolve anew): a
+    ``fit`` resolves the same few hundreds of times. Recipes are frozen; the kept one is equal to a new one.
     """
     if isinstance(method, Recipe):
         return method
+    if type(method) is str and (adapter is None or type(adapter) is str):
+        key = (method, adapter)
+        kept = _RESOLVED.get(key)
+        if kept is not None and registry().get(kept[0]) is kept[1]:
+            return kept[2]
+        recipe = _resolve(method, adapter)
+        if len(_RESOLVED) > 512:
+            _RESOLVED.clear()
+        _RESOLVED[key] = (recipe.method.name, recipe.method, recipe)
+        return recipe
+    return _resolve(method, adapter)
+
+
+def _resolve(method: str | MethodDef, adapter: str | Adapter | None) -> Recipe:
+    """:func:`resolve`, worked out anew."""
     if isinstance(method, str) and "+" in method:
         method, adapter = parse_recipe_name(method, adapter)
     md = method if isinstance(method, MethodDef) else get_method(method)
