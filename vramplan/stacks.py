@@ -251,14 +251,35 @@ def parse_techniques(value) -> tuple[str, ...]:
     return tuple(out)
 
 
-def effective_regime(precision: str, framework: str):
-    """The precision regime as ``framework`` runs it: adapter dtype and optimizer kernel per the stack."""
-    from dataclasses import replace
+_EFFECTIVE: dict = {}
 
+
+def effective_regime(precision: str, framework: str):
+    """The precision regime as ``framework`` runs it: adapter dtype and optimizer kernel per the stack.
+
+    Kept per (precision, framework) names for as long as they name the very regime and stack it was worked out
+    from (a ``fit`` asks for the same few pairs over a hundred times); a regime is frozen, the kept one equal to a
+    new one."""
     from .precision import get_regime
 
     regime = get_regime(precision)
     st = get_stack(framework)
+    key = (precision, framework) if type(precision) is str else None
+    kept = _EFFECTIVE.get(key) if key is not None else None
+    if kept is not None and kept[0] is regime and kept[1] is st:
+        return kept[2]
+    out = _effective_regime(regime, st)
+    if key is not None:
+        if len(_EFFECTIVE) > 64:
+            _EFFECTIVE.clear()
+        _EFFECTIVE[key] = (regime, st, out)
+    return out
+
+
+def _effective_regime(regime, st):
+    """:func:`effective_regime` of a regime and a stack, worked out anew."""
+    from dataclasses import replace
+
     adapter = regime.compute_dtype if st.adapter_dtype == "regime" else st.adapter_dtype
     runner = regime.runner if st.runner == "regime" else st.runner
     frozen = regime.frozen_dtype
