@@ -12,7 +12,11 @@ Speed is measured by ``benchmarks/cli_speed.py``; these tests pin what each shor
 * ``Recipe.name``, ``Recipe.behaviour`` and ``MethodDef.behaviour``, kept in the (frozen) object once read, equal
   the name spelt out and the behaviour loaded, for every recipe and for a recipe replaced by another adapter;
 * ``stacks.effective_regime`` kept per (precision, framework) names equals the regime worked out anew for every
-  pair, asked in a row, and is worked out anew when the name comes to mean another regime or stack.
+  pair, asked in a row, and is worked out anew when the name comes to mean another regime or stack;
+* ``profiles.find_profile``'s kept candidate paths (per card name and search directories) and ``default_search``'s
+  last directories: a profile written after a lookup found none is found, one removed is not, another
+  ``VRAMPLAN_PROFILES``, working directory or package directory is searched, the paths equal the long way's, and
+  a card name no profile can be named after is refused every time.
 """
 
 from __future__ import annotations
@@ -171,3 +175,60 @@ def test_kept_effective_regimes_equal_regimes_worked_out_anew(monkeypatch):
     assert after == stacks._effective_regime(precision.get_regime(p), other[f]) and after != before
     monkeypatch.setitem(precision.REGIMES, p, dataclasses.replace(precision.REGIMES[p], compute_dtype="float16"))
     assert stacks.effective_regime(p, f) == stacks._effective_regime(precision.REGIMES[p], other[f])
+
+
+def _long_find(gpu_name):
+    import os
+
+    from vramplan import profiles
+
+    env = os.environ.get("VRAMPLAN_PROFILES", "")
+    dirs = profiles._resolve_search(env, os.getcwd(), profiles.REPO_DIR, profiles.PACKAGE_DIR)
+    for d in dirs:
+        p = os.path.join(d, f"{profiles.profile_key(gpu_name)}.json")
+        if os.path.isfile(p):
+            return profiles.Path(p)
+    return None
+
+
+def test_profile_lookups_see_files_and_directories_as_they_are(tmp_path, monkeypatch):
+    from vramplan import profiles
+    from vramplan.errors import ProfileError
+
+    a, b, cwd, pkg = (tmp_path / n for n in ("a", "b", "cwd", "pkg"))
+    for d in (a, b, cwd / "profiles", pkg):
+        d.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("VRAMPLAN_PROFILES", str(a))
+    cards = ["rtx4000ada", "H100 SXM", "t4"]
+
+    def check():
+        for card in cards:
+            for _ in range(2):
+                assert profiles.find_profile(card) == _long_find(card), card
+
+    check()
+    assert profiles.find_profile("t4") is None
+    (b / "t4.json").write_text("{}")
+    check()
+    monkeypatch.setenv("VRAMPLAN_PROFILES", str(b))
+    check()
+    assert profiles.find_profile("t4") == profiles.Path(b.resolve() / "t4.json")
+    (cwd / "profiles" / "h100-sxm.json").write_text("{}")
+    check()
+    assert profiles.find_profile("H100 SXM") == profiles.Path(cwd.resolve() / "profiles" / "h100-sxm.json")
+    (b / "h100-sxm.json").write_text("{}")
+    check()
+    assert profiles.find_profile("H100 SXM").parent == b.resolve()
+    (b / "h100-sxm.json").unlink()
+    (pkg / "rtx4000ada.json").write_text("{}")
+    check()
+    monkeypatch.setattr(profiles, "PACKAGE_DIR", pkg)
+    check()
+    assert profiles.find_profile("rtx4000ada") == profiles.Path(pkg.resolve() / "rtx4000ada.json")
+    monkeypatch.chdir(tmp_path)
+    check()
+    assert profiles.find_profile("H100 SXM") is None
+    for _ in range(2):
+        with pytest.raises(ProfileError):
+            profiles.find_profile("///")

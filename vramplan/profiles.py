@@ -615,15 +615,22 @@ def default_search() -> tuple[Path, ...]:
     Resolved once per (``VRAMPLAN_PROFILES``, working directory, package directories): a search
     looks a card's profile up for every candidate.
     """
-    key = (os.environ.get("VRAMPLAN_PROFILES", ""), os.getcwd(), REPO_DIR, PACKAGE_DIR)
+    env, cwd = os.environ.get("VRAMPLAN_PROFILES", ""), os.getcwd()
+    last = _LAST_SEARCH
+    if last and last[0] == env and last[1] == cwd and last[2] is REPO_DIR and last[3] is PACKAGE_DIR:
+        return last[4]  # the key of the last call again (compared without hashing its paths)
+    key = (env, cwd, REPO_DIR, PACKAGE_DIR)
     if key not in _SEARCH_DIRS:
         if len(_SEARCH_DIRS) > 64:
             _SEARCH_DIRS.clear()
+            _LAST_SEARCH.clear()
         _SEARCH_DIRS[key] = _resolve_search(*key)
+    _LAST_SEARCH[:] = [*key, _SEARCH_DIRS[key]]
     return _SEARCH_DIRS[key]
 
 
 _SEARCH_DIRS: dict[tuple, tuple[Path, ...]] = {}
+_LAST_SEARCH: list = []  # env, cwd, REPO_DIR, PACKAGE_DIR and the directories of default_search's last call
 
 
 def _resolve_search(env: str, cwd: str, repo_dir: Path, package_dir: Path) -> tuple[Path, ...]:
@@ -641,13 +648,36 @@ def _resolve_search(env: str, cwd: str, repo_dir: Path, package_dir: Path) -> tu
 
 
 def find_profile(gpu_name: str, search: Iterable[str | Path] | None = None) -> Path | None:
-    """Path of the first ``<key>.json`` for ``gpu_name`` in the search directories, or None."""
-    name = f"{profile_key(gpu_name)}.json"
-    for d in (default_search() if search is None else search):
-        p = os.path.join(d, name)  # Path(d) / name, without building Paths for the directories a card has none in
+    """Path of the first ``<key>.json`` for ``gpu_name`` in the search directories, or None.
+
+    Every lookup looks at the files anew (a profile written meanwhile is found); the candidate paths of the
+    default search are kept per (card name, directories): a search looks a card's profile up for every
+    candidate."""
+    if search is None and type(gpu_name) is str:
+        dirs = default_search()
+        kept = _CANDIDATES.get(gpu_name)
+        if kept is None or kept[0] is not dirs:
+            kept = (dirs, _candidates(gpu_name, dirs))
+            if len(_CANDIDATES) > 64:
+                _CANDIDATES.clear()
+            _CANDIDATES[gpu_name] = kept
+        paths = kept[1]
+    else:
+        paths = _candidates(gpu_name, default_search() if search is None else search)
+    for p in paths:
         if os.path.isfile(p):
             return Path(p)
     return None
+
+
+_CANDIDATES: dict[str, tuple] = {}  # card name -> (the search directories, the paths of its file in them)
+
+
+def _candidates(gpu_name: str, dirs: Iterable[str | Path]) -> tuple[str, ...]:
+    """The paths of ``gpu_name``'s profile file in ``dirs``, in order (``Path(d) / name``, without building Paths
+    for the directories a card has none in)."""
+    name = f"{profile_key(gpu_name)}.json"
+    return tuple(os.path.join(d, name) for d in dirs)
 
 
 def load_profile(gpu_name: str, search: Iterable[str | Path] | None = None) -> Profile | None:
