@@ -16,7 +16,10 @@ Speed is measured by ``benchmarks/cli_speed.py``; these tests pin what each shor
 * ``profiles.find_profile``'s kept candidate paths (per card name and search directories) and ``default_search``'s
   last directories: a profile written after a lookup found none is found, one removed is not, another
   ``VRAMPLAN_PROFILES``, working directory or package directory is searched, the paths equal the long way's, and
-  a card name no profile can be named after is refused every time.
+  a card name no profile can be named after is refused every time;
+* ``cli._parser_for`` looking argparse's messages up once each while it builds gives every parser the messages
+  argparse's own lookup gives (a translating lookup shows in every subcommand's help), and puts argparse's lookup
+  back afterwards, also when the build fails.
 """
 
 from __future__ import annotations
@@ -232,3 +235,50 @@ def test_profile_lookups_see_files_and_directories_as_they_are(tmp_path, monkeyp
     for _ in range(2):
         with pytest.raises(ProfileError):
             profiles.find_profile("///")
+
+
+def _helps(parser) -> list[str]:
+    import argparse
+
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return [parser.format_help()] + [p.format_help() for p in subs.choices.values()]
+
+
+@pytest.mark.parametrize("only", [None, "fit"])
+def test_parsers_built_with_messages_looked_up_once_are_argparses(monkeypatch, only):
+    import argparse
+
+    from vramplan import cli
+
+    calls = []
+
+    def translating(message):
+        calls.append(message)
+        return f"<{message.upper()}>"
+
+    monkeypatch.setattr(argparse, "_", translating)
+    parser = cli._parser_for(only)
+    assert argparse._ is translating
+    assert len(calls) == len(set(calls)) == 3  # once each
+    kept = _helps(parser)
+    assert len(kept) == 10 and all("<OPTIONS>" in h for h in kept) and "<POSITIONAL ARGUMENTS>" in kept[0]
+    calls.clear()
+    parser = cli._build_parser(only)
+    assert len(calls) == 30  # the long way: each parser's own
+    assert kept == _helps(parser)
+
+
+def test_argparses_lookup_is_put_back_when_the_build_fails(monkeypatch):
+    import argparse
+
+    from vramplan import cli
+
+    real = argparse._
+
+    def broken(only):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "_build_parser", broken)
+    with pytest.raises(RuntimeError):
+        cli._parser_for("fit")
+    assert argparse._ is real

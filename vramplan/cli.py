@@ -410,7 +410,30 @@ def command_of(argv: list[str] | None) -> str | None:
 
 def _parser_for(only: str | None) -> argparse.ArgumentParser:
     """The command line with every subcommand listed and only ``only``'s arguments added (None: all of them):
-    what one invocation parses, without building (and importing for) the other subcommands' arguments."""
+    what one invocation parses, without building (and importing for) the other subcommands' arguments.
+
+    While it is built, argparse's messages (gettext's lookup in the ``argparse`` domain: the same three for each
+    of the ten parsers) are looked up once each: gettext looks for translation files anew on every call, and
+    nothing changes the locale in between. Messages of parsing, usage and help are looked up as argparse does."""
+    real = argparse._
+    kept: dict[str, str] = {}
+
+    def once(message: str) -> str:
+        try:
+            return kept[message]
+        except KeyError:
+            kept[message] = out = real(message)
+            return out
+
+    argparse._ = once
+    try:
+        return _build_parser(only)
+    finally:
+        argparse._ = real
+
+
+def _build_parser(only: str | None) -> argparse.ArgumentParser:
+    """:func:`_parser_for`'s parser."""
     def want(name: str) -> bool:
         return only is None or only == name
 
