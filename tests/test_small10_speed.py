@@ -19,7 +19,9 @@ Speed is measured by ``benchmarks/cli_speed.py``; these tests pin what each shor
   a card name no profile can be named after is refused every time;
 * ``cli._parser_for`` looking argparse's messages up once each while it builds gives every parser the messages
   argparse's own lookup gives (a translating lookup shows in every subcommand's help), and puts argparse's lookup
-  back afterwards, also when the build fails.
+  back afterwards, also when the build fails;
+* ``methods.Adapter``'s flags (plain attributes of each member, set once) are what each adapter is: PEFT but full
+  training, an NF4 base for the q- adapters, low rank for the LoRA family, DoRA, IA³.
 """
 
 from __future__ import annotations
@@ -282,3 +284,17 @@ def test_argparses_lookup_is_put_back_when_the_build_fails(monkeypatch):
     with pytest.raises(RuntimeError):
         cli._parser_for("fit")
     assert argparse._ is real
+
+
+def test_adapter_flags_are_each_adapters():
+    from vramplan.methods import Adapter
+
+    assert {a.value for a in Adapter} == {"full", "lora", "qlora", "dora", "qdora", "ia3", "qia3"}
+    for a in Adapter:
+        v = a.value
+        assert a.is_peft is (v != "full")
+        assert a.quantized_base is (v in ("qlora", "qdora", "qia3"))
+        assert a.low_rank is (v in ("lora", "qlora", "dora", "qdora"))
+        assert a.dora is (v in ("dora", "qdora"))
+        assert a.ia3 is (v in ("ia3", "qia3"))
+        assert a.peft_type == {"full": None, "ia3": "IA3", "qia3": "IA3"}.get(v, "LORA")

@@ -59,28 +59,13 @@ class Adapter(str, Enum):
     QDORA = "qdora"  # DoRA over an NF4 frozen base (PEFT use_dora over bitsandbytes Linear4bit)
     QIA3 = "qia3"    # IA³ vectors over an NF4 frozen base (PEFT IA³ over bitsandbytes Linear4bit)
 
-    @property
-    def is_peft(self) -> bool:
-        return self is not Adapter.FULL
-
-    @property
-    def quantized_base(self) -> bool:
-        return self in _FOUR_BIT.values()
-
-    @property
-    def low_rank(self) -> bool:
-        """LoRA, QLoRA, DoRA and QDoRA: rank-``r`` A/B matrices on the target linears (IA³ and full are not)."""
-        return self in LOW_RANK
-
-    @property
-    def dora(self) -> bool:
-        """DoRA's magnitude vector and weight norm over the LoRA matrices (DoRA, QDoRA)."""
-        return self in (Adapter.DORA, Adapter.QDORA)
-
-    @property
-    def ia3(self) -> bool:
-        """IA³ scaling vectors (IA³, 4-bit IA³)."""
-        return self in (Adapter.IA3, Adapter.QIA3)
+    # Each member's flags: plain attributes set once below the class (the planner reads them thousands of times
+    # per ``fit``), worked out by _flags():
+    is_peft: bool         # anything but full training
+    quantized_base: bool  # an NF4 frozen base (QLoRA, QDoRA, 4-bit IA³)
+    low_rank: bool        # LoRA, QLoRA, DoRA and QDoRA: rank-``r`` A/B matrices on the target linears
+    dora: bool            # DoRA's magnitude vector and weight norm over the LoRA matrices (DoRA, QDoRA)
+    ia3: bool             # IA³ scaling vectors (IA³, 4-bit IA³)
 
     @property
     def four_bit(self) -> "Adapter | None":
@@ -118,6 +103,17 @@ class Adapter(str, Enum):
 LOW_RANK = (Adapter.LORA, Adapter.QLORA, Adapter.DORA, Adapter.QDORA)
 #: each 16-bit-base adapter's NF4-base twin
 _FOUR_BIT = {Adapter.LORA: Adapter.QLORA, Adapter.DORA: Adapter.QDORA, Adapter.IA3: Adapter.QIA3}
+
+
+def _flags(ad: Adapter) -> dict[str, bool]:
+    """The flags of adapter ``ad`` (see :class:`Adapter`)."""
+    return {"is_peft": ad is not Adapter.FULL, "quantized_base": ad in _FOUR_BIT.values(), "low_rank": ad in LOW_RANK,
+            "dora": ad in (Adapter.DORA, Adapter.QDORA), "ia3": ad in (Adapter.IA3, Adapter.QIA3)}
+
+
+for _ad in Adapter:
+    _ad.__dict__.update(_flags(_ad))
+del _ad
 _LABELS = {Adapter.FULL: "full", Adapter.LORA: "LoRA", Adapter.QLORA: "QLoRA", Adapter.DORA: "DoRA",
            Adapter.IA3: "IA³", Adapter.QDORA: "QDoRA", Adapter.QIA3: "4-bit IA³"}
 
