@@ -748,10 +748,11 @@ def resident_floor(model: ModelSpec, cfg: TrainConfig, st: ModelState | None = N
     every optimiser at once.
     """
     st = st or model_state(model, cfg)
-    a = state_terms(st, cfg)
+    # state_terms' states, step temporary and grads_opt, read without building the rest of its StateTerms
+    grads = st.largest_grad if cfg.uses("opt_in_bwd") else st.bytes[Component.GRADIENTS]
     static = sum(st.bytes.get(c, 0) for c in RESIDENT_COMPONENTS)
-    own = a.states + a.step_temporary if optimizer else 0
-    return int(static + max(0, own + a.grads_opt))
+    own = st.bytes[Component.OPTIMIZER_STATES] + st.step_temporary if optimizer else 0
+    return int(static + max(0, own + grads))
 
 
 def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None, grad_accum=None,

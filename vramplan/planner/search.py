@@ -639,22 +639,33 @@ def _listing_filter(spec: ModelSpec, card: GPUSpec, margin: float, current_fits:
     """
     capacity = card.memory_bytes
     limits: dict[tuple, int] = {}  # (stack, method, adapter) -> the comfortable limit (_limits')
+    # base -> (whether the every-optimiser floors shut it, its limit, its floors' grid, the base with AdamW, checkpointing
+    # off and sdpa): what does not read the optimiser, worked out once per base, not once per (base, optimiser)
+    shared: dict[TrainConfig, tuple] = {}
 
     def shut(floor: float | None, limit: int) -> bool:
         return floor is not None and floor > limit and (current_fits or floor >= capacity + 1)
 
-    def can_list(base: TrainConfig, optimizer: str) -> bool:
-        key = base.with_(grad_ckpt=False, optimizer=optimizer, attn=DEFAULT_ATTENTION)
-        band = (key.framework, key.method, key.adapter)
+    def base_bound(base: TrainConfig) -> tuple:
+        any_key = base.with_(grad_ckpt=False, optimizer="adamw", attn=DEFAULT_ATTENTION)
+        band = (any_key.framework, any_key.method, any_key.adapter)
         if band not in limits:
-            limits[band] = _limits([(key, None)], capacity, margin, False)[0][1]
+            limits[band] = _limits([(any_key, None)], capacity, margin, False)[0][1]
         limit = limits[band]
-        any_key = key.with_(optimizer="adamw")
-        if shut(totals.floor(spec, any_key, card, any_optimizer=True), limit):
+        grid = batch if batch is not None and any_key.recipe.behaviour.generates else None
+        closed = shut(totals.floor(spec, any_key, card, any_optimizer=True), limit) or (
+            grid is not None and shut(totals.floor(spec, any_key, card, any_optimizer=True, batch=grid), limit))
+        return closed, limit, grid, any_key
+
+    def can_list(base: TrainConfig, optimizer: str) -> bool:
+        got = shared.get(base)
+        if got is None:
+            got = shared[base] = base_bound(base)
+        closed, limit, grid, any_key = got
+        if closed:
             return False
-        grid = batch if batch is not None and key.recipe.behaviour.generates else None
-        return not ((grid is not None and shut(totals.floor(spec, any_key, card, any_optimizer=True, batch=grid), limit))
-                    or shut(totals.floor(spec, key, card, batch=grid), limit))
+        key = any_key if optimizer == "adamw" else any_key.with_(optimizer=optimizer)
+        return not shut(totals.floor(spec, key, card, batch=grid), limit)
     return can_list
 
 

@@ -1,0 +1,90 @@
+"""Shortcuts of a fit's repeated and per-configuration work (session 10, reuse10) give the answers of the long way.
+
+Speed is measured by ``benchmarks/cli_speed.py``; these tests pin what each shortcut must preserve:
+
+* ``search._listing_filter`` asks its every-optimiser floors (plain, and over the micro-batch grid for a recipe that
+  generates) once per base configuration, not once per (base, optimiser): it answers what asking them per
+  optimiser answers (the filter as it was, written out below), for every base and optimiser of every setup;
+* ``memory.resident_floor`` reads the optimiser states, the step's temporary and the gradients of the optimiser
+  step from the model state directly: the floor that ``memory.state_terms``' values give.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import setups_of
+
+import vramplan
+from vramplan.config import make_config
+from vramplan.gpus import get_gpu
+from vramplan.memory import RESIDENT_COMPONENTS, model_state, resident_floor, state_terms
+from vramplan.methods import registry
+from vramplan.models import get_model
+from vramplan.planner import search as search_mod
+from vramplan.planner.limits import DeviceTotals
+from vramplan.request import DEFAULT_ATTENTION, SearchRequest
+
+
+def _long_listing_filter(spec, card, margin, current_fits, totals, batch=None):
+    """``search._listing_filter`` the long way: every floor looked up again for each (base, optimiser)."""
+    capacity = card.memory_bytes
+
+    def shut(floor, limit):
+        return floor is not None and floor > limit and (current_fits or floor >= capacity + 1)
+
+    def can_list(base, optimizer):
+        key = base.with_(grad_ckpt=False, optimizer=optimizer, attn=DEFAULT_ATTENTION)
+        limit = search_mod._limits([(key, None)], capacity, margin, False)[0][1]
+        any_key = key.with_(optimizer="adamw")
+        if shut(totals.floor(spec, any_key, card, any_optimizer=True), limit):
+            return False
+        grid = batch if batch is not None and key.recipe.behaviour.generates else None
+        return not ((grid is not None and shut(totals.floor(spec, any_key, card, any_optimizer=True, batch=grid), limit))
+                    or shut(totals.floor(spec, key, card, batch=grid), limit))
+    return can_list
+
+
+@pytest.mark.parametrize("model,gpu", [("llama-2-13b", "rtx4000ada"), ("llama-3.2-1b", "t4"), ("7b", "rtx4090")])
+def test_listing_filter_answers_as_asking_per_optimiser(model, gpu):
+    spec, card = get_model(model), get_gpu(gpu)
+    answers = {True: 0, False: 0}
+    for method in registry():
+        for fw, prec in setups_of(spec, method, card):
+            req = SearchRequest.build(framework=fw, precision=prec, seq=2048)
+            try:
+                cands = search_mod._candidates(spec, method, card, req)
+            except vramplan.VramplanError:
+                continue
+            grid = search_mod._grid_for(None, None, search_mod.SINGLE, 1)[0]
+            bases = list(dict.fromkeys(c.with_(grad_ckpt=False, optimizer="adamw", attn="sdpa") for c, _ in cands))
+            for margin in (0.15, 0.6):
+                for current_fits in (False, True):
+                    fast = search_mod._listing_filter(spec, card, margin, current_fits, DeviceTotals(), grid)
+                    slow = _long_listing_filter(spec, card, margin, current_fits, DeviceTotals(), grid)
+                    for base in bases:
+                        for opt in search_mod.OPTIMIZERS:
+                            got = fast(base, opt)
+                            assert got == slow(base, opt), (method, fw, prec, margin, current_fits, base, opt)
+                            answers[got] += 1
+    assert answers[True] and answers[False]  # both answers were checked
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full", "dpo", "ppo", "grpo"])
+def test_resident_floor_equals_the_state_terms_floor(method):
+    spec = get_model("llama-2-7b")
+    checked = 0
+    for fw in ("hf", "torchtune", "unsloth", "litgpt"):
+        for opt in search_mod.OPTIMIZERS:
+            for techniques in ((), ("opt_in_bwd",), ("opt_offload",)):
+                try:
+                    cfg = make_config(spec, method, framework=fw, optimizer=opt, techniques=techniques)
+                except vramplan.VramplanError:
+                    continue
+                st = model_state(spec, cfg)
+                a = state_terms(st, cfg)
+                static = sum(st.bytes.get(c, 0) for c in RESIDENT_COMPONENTS)
+                assert resident_floor(spec, cfg, st) == int(static + max(0, a.states + a.step_temporary + a.grads_opt))
+                assert resident_floor(spec, cfg, st, optimizer=False) == int(static + max(0, a.grads_opt))
+                checked += 1
+    assert checked > 8
