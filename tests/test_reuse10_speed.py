@@ -88,3 +88,39 @@ def test_resident_floor_equals_the_state_terms_floor(method):
                 assert resident_floor(spec, cfg, st, optimizer=False) == int(static + max(0, a.grads_opt))
                 checked += 1
     assert checked > 8
+
+
+@pytest.mark.parametrize("model,gpu,kw", [("13b", "rtx4000ada", {}), ("llama-3.2-1b", "t4", {}),
+                                          ("7b", "rtx4090", dict(global_batch=16)), ("3b", "rtx3080", {}),
+                                          ("70b", "h100-sxm", dict(seq=1024)), ("7b", "a100-80gb", dict(seq=512))])
+def test_band_limits_from_the_searched_row_equal_the_whole_grid(monkeypatch, model, gpu, kw):
+    """``band_limits(..., searched=plan._totals)`` (the search's device totals of the plan's configuration, their
+    prefix shared with the batch grid when it settles both limits) equals ``band_limits`` working the grid out, for
+    every plan of every method's search; the prefix settles it somewhere (the shortcut is taken)."""
+    from vramplan.planner import limits as limits_mod
+    from vramplan.planner.checks import check_card
+
+    spec, card = get_model(model), get_gpu(gpu)
+    taken = checked = 0
+    for method in registry():
+        try:
+            prec = check_card(None, method, None, "sdpa", card, "hf")
+            mp = search_mod.search(spec, method, card, totals=DeviceTotals(), **kw)
+        except vramplan.VramplanError:
+            continue
+        totals = DeviceTotals()
+        for plan in mp.plans[:: max(1, len(mp.plans) // 12)] + [mp.best or mp.smallest]:
+            assert plan._totals is not None
+            want = limits_mod.band_limits(spec, plan.config, card, plan.parallel, totals=totals, margin=0.15)
+            curves = []
+            with monkeypatch.context() as m:
+                real = limits_mod._batch_curve
+                m.setattr(limits_mod, "_batch_curve", lambda *a: curves.append(1) or real(*a))
+                got = limits_mod.band_limits(spec, plan.config, card, plan.parallel, totals=totals, margin=0.15,
+                                             searched=plan._totals)
+            assert got == want, (method, prec, plan.summary())
+            taken += not curves
+            checked += 1
+    assert checked
+    if "global_batch" not in kw:
+        assert taken  # the search's row settled the limits somewhere

@@ -315,12 +315,44 @@ class Limits:
 
 
 def band_limits(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, par: Parallel | None = None,
-                totals: DeviceTotals | None = None, margin: float | None = None) -> Limits:
+                totals: DeviceTotals | None = None, margin: float | None = None, searched: tuple | None = None) -> Limits:
     """:class:`Limits` of ``cfg`` on ``card`` with its stack and method's band (:func:`vramplan.bands.band_for_config`)
-    and ``margin`` (default the verdict's 15%): ``fit``'s ``max_batch`` / ``max_seq``."""
+    and ``margin`` (default the verdict's 15%): ``fit``'s ``max_batch`` / ``max_seq``.
+
+    ``searched``: ``(micro-batches, accumulation steps, device totals)`` the search already worked out for ``cfg``
+    on ``card`` at other micro-batches (a plan's row, ``Plan._totals``): when their prefix shared with the batch
+    grid settles both batch limits (:func:`_settled_prefix`) the grid is not worked out again."""
     from ..bands import band_for_config
+    from ..verdict import comfortable_limit
 
     b = band_for_config(cfg, multi=par is not None and par.distributed)
-    cb, tb = verdict_limits(*_batch_curve(spec, cfg, card, par, totals), card.memory_bytes, b.hi, b.lo, margin)
-    cs, ts = verdict_limits(*_seq_curve(spec, cfg, card, par, totals), card.memory_bytes, b.hi, b.lo, margin)
+    capacity = card.memory_bytes
+    top = max(comfortable_limit(capacity, b.hi, margin), capacity / (1.0 + max(min(0.0, float(b.lo)), -0.99)))
+    curve = _settled_prefix(cfg, par, searched, top) or _batch_curve(spec, cfg, card, par, totals)
+    cb, tb = verdict_limits(*curve, capacity, b.hi, b.lo, margin)
+    cs, ts = verdict_limits(*_seq_curve(spec, cfg, card, par, totals), capacity, b.hi, b.lo, margin)
     return Limits(cb, cs, tb, ts)
+
+
+def _settled_prefix(cfg: TrainConfig, par: Parallel | None, searched: tuple | None, top: float) -> tuple | None:
+    """``(grid, totals)``: the leading micro-batches of :func:`_batch_curve`'s grid whose device totals a search
+    already has (``searched``: its micro-batches, accumulation steps and totals for ``cfg`` at another micro-batch,
+    on one GPU), when their running maximum already exceeds ``top`` (the larger of :func:`verdict_limits`' two
+    limits): every later grid point is over both limits too, so :func:`fitting_prefix` counts the same on the prefix
+    as on the whole grid. None (work the grid out) on several GPUs, at another accumulation than ``cfg``'s (the
+    search's grid to a global batch), or when the prefix does not settle it.
+
+    The search's totals of a micro-batch are the batch curve's (one GPU: :meth:`DeviceTotals.rows` equals the chain
+    row by row, and the activation terms are the grid's element by element; tests/test_reuse10_speed.py)."""
+    if searched is None or (par is not None and par.distributed):
+        return None
+    b_grid, a_grid, row = searched
+    if np.any(np.asarray(a_grid) != cfg.grad_accum):
+        return None
+    grid = BATCH_GRID[BATCH_GRID >= cfg.recipe.behaviour.min_batch()]
+    n = min(len(grid), len(b_grid))
+    same = np.asarray(b_grid[:n]) == grid[:n]
+    k = n if same.all() else int(np.argmin(same))  # the shared prefix
+    if k == 0 or not float(np.max(row[:k])) > top:
+        return None
+    return grid[:k], np.asarray(row[:k], dtype=np.float64)

@@ -87,6 +87,9 @@ class Plan:
     reason: str = ""
     band: tuple[float, float] = (0.0, 0.0)  # (lo, hi) of the stack and method (vramplan.bands)
     _grid: tuple[StepTime, int] | None = field(default=None, repr=False, compare=False)  # (over the batch grid, index)
+    #: (micro-batches, accumulation steps, device totals over them): the search's row this plan was picked from
+    #: (:func:`vramplan.planner.limits.band_limits` reads its prefix instead of working it out again)
+    _totals: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def recipe(self) -> str:
@@ -741,7 +744,7 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, request: SearchRequest |
     chosen = {}
     if cands:
         which, results = _evaluate(spec, cands, card, parallels, grids, prof, totals)
-        chosen = {p: _choices(total, times, which, [u for _, u in limits]) + ([times[k] for k in which],)
+        chosen = {p: _choices(total, times, which, [u for _, u in limits]) + ([times[k] for k in which], list(total))
                   for p, (total, times) in results.items()}
     # (each layout's grid and picks looked up once, not per plan: a Parallel hashes field by field)
     layouts = [(p, grids[p], chosen[p]) for p in parallels] if cands else []
@@ -783,8 +786,9 @@ def _plan_at(req: SearchRequest, cfg: TrainConfig, note: str | None, p: Parallel
     """The :class:`Plan` of candidate ``cfg`` under ``p`` at its chosen micro-batch.
 
     ``grid``: (micro-batches, accumulation steps); ``pick``: ``(index, peak, fits, tokens/s, step s,
-    step times over the grid)`` as :func:`_choices` gives them; ``limit``: (band, comfortable limit)."""
-    index, peak, fits, tps, step, times = pick
+    step times over the grid[, device totals over the grid])`` as :func:`_choices` gives them and the search keeps
+    them; ``limit``: (band, comfortable limit)."""
+    index, peak, fits, tps, step, times = pick[:6]
     band, usable = limit
     b_grid, a_grid = grid
     cfg_i = cfg.with_(batch=int(b_grid[index]), grad_accum=int(a_grid[index]))
@@ -792,7 +796,8 @@ def _plan_at(req: SearchRequest, cfg: TrainConfig, note: str | None, p: Parallel
     return Plan(method=cfg.method, adapter=cfg.adapter, config=cfg_i, parallel=p,
                 peak_bytes=int(peak), capacity_bytes=capacity, usable_bytes=usable, fits=fits,
                 tokens_per_s=tps, step_time_s=step, time_to_train_s=ttt,
-                gpu_hours=gh, fallback=note, band=(band.lo, band.hi), _grid=(times, index))
+                gpu_hours=gh, fallback=note, band=(band.lo, band.hi), _grid=(times, index),
+                _totals=(b_grid, a_grid, pick[6]) if len(pick) > 6 else None)
 
 
 def _reason(p: Plan, best: Plan | None) -> str:
