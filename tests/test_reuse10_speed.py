@@ -124,3 +124,40 @@ def test_band_limits_from_the_searched_row_equal_the_whole_grid(monkeypatch, mod
     assert checked
     if "global_batch" not in kw:
         assert taken  # the search's row settled the limits somewhere
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full", "dpo", "ppo", "grpo"])
+def test_sharded_step_memory_of_some_components_equals_the_whole(method):
+    """``parallel_step_memory`` / ``accumulation_step_memory`` asked for a set of components (what the device chain
+    reads) give the phases, peak and each of those components as the whole breakdown has them, and the same device
+    totals, for every strategy, offload and GPU count (FSDP2's unit walk, DeepSpeed's ZeRO stages, DDP)."""
+    import numpy as np
+
+    from vramplan.distributed import STRATEGIES, accumulation_step_memory, make_parallel, parallel_step_memory
+    from vramplan.planner.estimating import DEVICE_CHAIN_READS
+
+    spec, card = get_model("llama-2-7b"), get_gpu("a100-80gb")
+    totals = DeviceTotals()
+    b, a = np.array([1, 2, 4, 8]), np.array([1, 1, 2, 4])
+    checked = 0
+    for strategy in STRATEGIES:
+        for n, offload in ((2, "none"), (8, "none"), (4, "cpu")):
+            try:
+                par = make_parallel(n, strategy, offload)
+                cfg = make_config(spec, method, seq=1024)
+                whole = parallel_step_memory(spec, cfg, par, batch=b)
+                part = parallel_step_memory(spec, cfg, par, batch=b, components=DEVICE_CHAIN_READS)
+            except vramplan.VramplanError:
+                continue
+            for got, want in ((part, whole), (accumulation_step_memory(spec, cfg, par, b, a, components=DEVICE_CHAIN_READS),
+                                              accumulation_step_memory(spec, cfg, par, b, a))):
+                assert np.array_equal(got.peak, want.peak) and np.array_equal(got.peak_phase, want.peak_phase)
+                assert all(np.array_equal(got.phases[p], want.phases[p]) for p in want.phases)
+                assert set(got.components) <= DEVICE_CHAIN_READS
+                for c in DEVICE_CHAIN_READS:
+                    assert (c in got.components) == (c in want.components)
+                    if c in want.components:
+                        assert np.array_equal(got.components[c], want.components[c]), (strategy, n, offload, c)
+                assert np.array_equal(totals(got, cfg, card, par), totals(want, cfg, card, par))
+                checked += 1
+    assert checked >= 6

@@ -215,12 +215,11 @@ def step_memory_for(spec: ModelSpec, cfg: TrainConfig, par: Parallel | None = No
                     components: "bool | frozenset" = True) -> StepMemory:
     """Per-GPU tensor bytes of ``cfg`` under ``par`` (arrays over batch/seq), with the components at the peak.
 
-    ``components``: a set works out only those components on one GPU (:data:`DEVICE_CHAIN_READS` for a device
-    total); a sharded layout works out all of them."""
+    ``components``: a set works out only those components (:data:`DEVICE_CHAIN_READS` for a device total)."""
     if par is not None and par.distributed:
         from ..distributed import parallel_step_memory
 
-        return parallel_step_memory(spec, cfg, par, batch=batch, seq=seq)
+        return parallel_step_memory(spec, cfg, par, batch=batch, seq=seq, components=components)
     return step_memory(spec, cfg, batch=batch, seq=seq, components=components)
 
 

@@ -452,7 +452,8 @@ def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Paral
             tkey = (k, tuple(b_grid))
             if tkey not in terms:
                 terms[tkey] = step_terms(spec, r, batch=b_grid)
-            mems.append(accumulation_step_memory(spec, r, p, b_grid, a_grid, state=sharded[k], terms=terms[tkey]))
+            mems.append(accumulation_step_memory(spec, r, p, b_grid, a_grid, state=sharded[k], terms=terms[tkey],
+                                                 components=DEVICE_CHAIN_READS))  # what the device totals read
         rows = [totals(mems[j], cfg, card, p) for j, (cfg, _) in zip(which, cands)]
         results[p] = (np.array([filled(r, np.shape(b_grid)) for r in rows]), times)
     return which, results
@@ -952,7 +953,7 @@ def _sharded_suggestions(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, gpus:
     def sharded(par: Parallel) -> StepMemory:  # step_memory_for(spec, cfg, par) of a distributed layout
         if not terms:
             terms.append(step_terms(spec, cfg))
-        return parallel_step_memory(spec, cfg, par, terms=terms[0])
+        return parallel_step_memory(spec, cfg, par, terms=terms[0], components=DEVICE_CHAIN_READS)  # what totals read
 
     def hopeless(par: Parallel) -> bool:  # the rollout's KV cache alone is over the limit on every layout of par's
         if not cfg.recipe.behaviour.generates or deepspeed_cast(cfg, par) is not cfg:
