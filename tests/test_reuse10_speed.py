@@ -161,3 +161,35 @@ def test_sharded_step_memory_of_some_components_equals_the_whole(method):
                 assert np.array_equal(totals(got, cfg, card, par), totals(want, cfg, card, par))
                 checked += 1
     assert checked >= 6
+
+
+@pytest.mark.parametrize("model,gpu", [("13b", "rtx4000ada"), ("llama-3.2-1b", "t4"), ("7b", "a100-80gb")])
+def test_step_work_sharing_passes_equals_its_own(model, gpu):
+    """``throughput._step_work`` reading the passes of the model copies (``_pass_work``) kept for another rank, targets
+    or optimiser equals the configuration's own ``step_work`` field by field, for every candidate of every method's
+    search (both adapters, checkpointing, attention, methods that generate); ``step_time_rows`` equals ``step_time``."""
+    import dataclasses
+
+    import numpy as np
+
+    from vramplan import throughput
+
+    spec, card = get_model(model), get_gpu(gpu)
+    b = search_mod.MICRO_BATCHES[:12]
+    shared = 0
+    for method in registry():
+        for fw in ("hf", "torchtune"):
+            try:
+                cands = [c for c, _ in search_mod._candidates(spec, method, card, SearchRequest.build(seq=1024, framework=fw))]
+            except vramplan.VramplanError:
+                continue
+            kept: dict = {}
+            for cfg in cands:
+                got, want = throughput._step_work(spec, cfg, b, passes=kept), throughput.step_work(spec, cfg, b)
+                for f in dataclasses.fields(want):
+                    assert np.array_equal(getattr(got, f.name), getattr(want, f.name)), (method, fw, cfg, f.name)
+            shared += len(cands) - len(kept)
+            rows = throughput.step_time_rows(spec, cands[::7], card, batch=b)
+            for cfg, t in zip(cands[::7], rows):
+                assert t.json_at(3) == throughput.step_time(spec, cfg, card, batch=b).json_at(3)
+    assert shared > 0
