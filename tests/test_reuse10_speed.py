@@ -193,3 +193,35 @@ def test_step_work_sharing_passes_equals_its_own(model, gpu):
             for cfg, t in zip(cands[::7], rows):
                 assert t.json_at(3) == throughput.step_time(spec, cfg, card, batch=b).json_at(3)
     assert shared > 0
+
+
+def test_with_techniques_carries_what_a_fresh_config_resolves():
+    """``TrainConfig.with_techniques`` (``with_``: the resolved recipe, stack, regime and attention carried) equals
+    ``dataclasses.replace`` of the techniques, hashes as it, and what it carries is what the fresh one resolves,
+    for every method, stack and memory-saving technique."""
+    import dataclasses
+
+    from vramplan.config import _RESOLVED_FROM
+    from vramplan.planner.techniques import technique_names
+
+    spec = get_model("llama-2-7b")
+    checked = 0
+    for method in registry():
+        for fw in ("hf", "torchtune", "unsloth", "litgpt"):
+            try:
+                cfg = make_config(spec, method, framework=fw)
+            except vramplan.VramplanError:
+                continue
+            [getattr(cfg, name) for name in _RESOLVED_FROM]  # resolved and kept on cfg
+            for name in technique_names():
+                try:
+                    got = cfg.with_techniques(cfg.techniques + (name,))
+                except vramplan.VramplanError:
+                    continue
+                fresh = dataclasses.replace(cfg, techniques=got.techniques)
+                assert got == fresh and hash(got) == hash(fresh)
+                for kept in _RESOLVED_FROM:
+                    assert kept in got.__dict__  # carried, not resolved again
+                    assert getattr(got, kept) == getattr(fresh, kept), (method, fw, name, kept)
+                checked += 1
+    assert checked > 50
