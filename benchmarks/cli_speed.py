@@ -12,7 +12,8 @@ printing the table (rich) instead of ``--json``.
 
 ``--bytecode``: run with compiled bytecode, as an installed package has it (pip compiles it on
 install): one untimed run writes the bytecode of every module it imports into a temporary
-``PYTHONPYCACHEPREFIX`` first. Without it, imports compile the sources whenever the environment forbids
+``PYTHONPYCACHEPREFIX`` first, and with it what vramplan keeps beside its bytecode after a first
+run (the catalogues' parses, ``vramplan._data``; the command's dataclass methods, ``vramplan._dataclass_code``). Without it, imports compile the sources whenever the environment forbids
 writing bytecode (``PYTHONDONTWRITEBYTECODE``), and the figure includes that compilation.
 
 ``--profile``: also print where one in-process run spends its time: imports (``import

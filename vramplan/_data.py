@@ -38,13 +38,23 @@ def toml_cache_path(path: Path) -> Path | None:
     ``<dir>/__pycache__/<name>.<cache tag>.marshal``, or under ``sys.pycache_prefix``
     (``PYTHONPYCACHEPREFIX``) when one is set; None where the interpreter has no cache tag.
     """
+    return beside_bytecode(path.parent, f"{path.name}.{{tag}}.marshal")
+
+
+def beside_bytecode(directory: Path, name: str) -> Path | None:
+    """The path of a cache file ``name`` for the sources in ``directory``, where Python keeps their bytecode.
+
+    ``<directory>/__pycache__/<name>``, or under ``sys.pycache_prefix`` (``PYTHONPYCACHEPREFIX``) when one
+    is set; ``{tag}`` in ``name`` becomes the interpreter's cache tag (``cpython-311``: a cache of another
+    interpreter is another file). None where the interpreter has no cache tag.
+    """
     tag = sys.implementation.cache_tag
     if tag is None:
         return None
-    name = f"{path.name}.{tag}.marshal"
+    name = name.replace("{tag}", tag)
     if sys.pycache_prefix:
-        return Path(sys.pycache_prefix, *path.resolve().parent.parts[1:], name)
-    return path.parent / "__pycache__" / name
+        return Path(sys.pycache_prefix, *directory.resolve().parts[1:], name)
+    return directory / "__pycache__" / name
 
 
 def parsed_toml(path: Path, text: str) -> Any:
@@ -73,11 +83,13 @@ def parsed_toml(path: Path, text: str) -> Any:
         import tomli as tomllib
     data = tomllib.loads(text)
     if cache is not None and not sys.dont_write_bytecode:
-        _write_atomically(cache, (text, data))
+        write_marshal_atomically(cache, (text, data))
     return data
 
 
-def _write_atomically(cache: Path, value: Any) -> None:
+def write_marshal_atomically(cache: Path, value: Any) -> None:
+    """Write ``marshal.dumps(value)`` to ``cache``: a temporary file, then ``os.replace``. Nothing is written,
+    and nothing raised, where the value cannot be marshalled or the directory cannot be written."""
     tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
     try:
         blob = marshal.dumps(value)  # ValueError: a value marshal cannot hold (a TOML date): not kept

@@ -28,6 +28,9 @@ DEFAULT_BAND = (-0.10, 0.10)
 
 @dataclass(frozen=True)
 class Band:
+    """The published spread of measured/predicted device totals behind a stack and method (:func:`band_for_config`):
+    ``lo``/``hi`` as fractions of the prediction, from ``rows`` rows of ``sources`` sources, at ``level``."""
+
     lo: float
     hi: float
     rows: int          # published rows behind it (0: the default)

@@ -20,6 +20,9 @@ DEFAULT_STACK = "hf"
 
 @dataclass(frozen=True)
 class Stack:
+    """One training stack of stacks.toml (HF+PEFT+TRL, torchtune, litgpt, Unsloth...): how it builds, casts and
+    trains a model, the figures the planner reads from it, and how its dry run runs (:func:`get_stack`)."""
+
     name: str
     summary: str
     loss: str

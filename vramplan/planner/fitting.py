@@ -133,6 +133,9 @@ class FitRow:
 
 @dataclass
 class FitReport:
+    """What :func:`fit` returns: one :class:`FitRow` per method on the card (or cards), the request it answers
+    and the assumptions behind it; ``to_json()`` is ``vramplan fit --json``."""
+
     model: str
     model_resolved_from: str | None
     gpu: str
