@@ -225,3 +225,67 @@ def test_with_techniques_carries_what_a_fresh_config_resolves():
                     assert getattr(got, kept) == getattr(fresh, kept), (method, fw, name, kept)
                 checked += 1
     assert checked > 50
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full", "dpo", "ppo", "grpo", "kto"])
+def test_phase_floor_is_at_or_below_every_layouts_peak(method):
+    """``search._phase_floor`` (the forward's and the rollout's phases from the sharded state and the terms) never
+    exceeds the per-GPU tensor peak of ``parallel_step_memory``, for every strategy, GPU count and offload, with and
+    without checkpointing, over micro-batches and accumulation."""
+    import numpy as np
+
+    from vramplan.distributed import STRATEGIES, deepspeed_cast, make_parallel, parallel_step_memory, shard_state
+    from vramplan.memory import step_terms
+
+    spec = get_model("llama-2-7b")
+    b = np.array([1, 2, 4, 16])
+    checked = raised = 0
+    for gc in (False, True):
+        for accum in (1, 4):
+            cfg = make_config(spec, method, seq=1024, grad_ckpt=gc, grad_accum=accum, optimizer="adamw_8bit")
+            t = step_terms(spec, cfg, batch=b)
+            for strategy in STRATEGIES:
+                for n, offload in ((2, "none"), (8, "none"), (64, "none"), (2, "cpu")):
+                    try:
+                        par = make_parallel(n, strategy, offload)
+                        if deepspeed_cast(cfg, par) is not cfg:
+                            continue
+                        mem = parallel_step_memory(spec, cfg, par, batch=b)
+                    except vramplan.VramplanError:
+                        continue
+                    floor = search_mod._phase_floor(shard_state(spec, cfg, par), t, cfg.recipe.behaviour.generates)
+                    assert floor <= float(np.min(mem.peak)), (strategy, n, offload, gc, accum)
+                    raised += floor > 0.5 * float(np.min(mem.peak))
+                    checked += 1
+    assert checked > 20 and raised
+
+
+@pytest.mark.parametrize("model,gpu", [("13b", "rtx4000ada"), ("70b", "a100-80gb"), ("7b", "t4"), ("3b", "rtx3080")])
+def test_what_would_fit_with_the_phase_floor_suggests_what_every_layout_does(monkeypatch, model, gpu):
+    """``what_would_fit`` skipping a sharded layout whose phase floor is over the limit suggests what working out every
+    layout suggests, and skips some."""
+    from vramplan.planner.checks import check_card
+
+    spec, card = get_model(model), get_gpu(gpu)
+    calls: list = []
+    real = search_mod.parallel_step_memory
+    monkeypatch.setattr(search_mod, "parallel_step_memory", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def suggest(method, gpus):
+        prec = check_card(None, method, None, "sdpa", card, "hf")
+        return [x.to_json() for x in search_mod.what_would_fit(spec, method, card, gpus=gpus, seq=2048, precision=prec,
+                                                              totals=DeviceTotals())]
+    fast, slow = {}, {}
+    for method in registry():
+        for gpus in (1, 4):
+            try:
+                fast[method, gpus] = suggest(method, gpus)
+            except vramplan.VramplanError:
+                continue
+    n_fast = len(calls)
+    monkeypatch.setattr(search_mod, "_phase_floor", lambda *a: 0.0)
+    for key in fast:
+        slow[key] = suggest(*key)
+    assert fast == slow
+    assert any(any(s["kind"] in ("gpus", "offload") for s in v) for v in fast.values())
+    assert n_fast < len(calls) - n_fast  # layouts were skipped

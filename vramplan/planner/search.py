@@ -51,6 +51,7 @@ from ..optimizers import get_optimizer, searched_optimizers, update_cost
 from ..overheads import card_profile
 from ..request import DEFAULT_ATTENTION, SearchRequest
 from ..throughput import StepTime, StepTimeInputs, step_time_rows, time_to_train
+from ..taxonomy import RESIDENT_COMPONENTS, Component
 from ..units import GIB
 from ..verdict import DEFAULT_MARGIN, Verdict, classify, comfortable_limit
 from .checks import check_card
@@ -950,10 +951,22 @@ def _sharded_suggestions(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, gpus:
     """
     terms: list = []  # the activation terms of one GPU's micro-batch, for every layout
 
-    def sharded(par: Parallel) -> StepMemory:  # step_memory_for(spec, cfg, par) of a distributed layout
+    def sharded(par: Parallel, state=None) -> StepMemory:  # step_memory_for(spec, cfg, par) of a distributed layout
         if not terms:
             terms.append(step_terms(spec, cfg))
-        return parallel_step_memory(spec, cfg, par, terms=terms[0], components=DEVICE_CHAIN_READS)  # what totals read
+        return parallel_step_memory(spec, cfg, par, state=state, terms=terms[0],
+                                    components=DEVICE_CHAIN_READS)  # what the device totals read
+
+    def fits(par: Parallel) -> bool:  # float(totals(sharded(par), ...)) <= limit, settled by a bound where it can be
+        state = None
+        if deepspeed_cast(cfg, par) is cfg:  # a lower bound of the layout's peak: its forward and rollout phases
+            if not terms:
+                terms.append(step_terms(spec, cfg))
+            state = shard_state(spec, cfg, par)
+            least = totals.at_least(cfg, card, _phase_floor(state, terms[0], cfg.recipe.behaviour.generates))
+            if least is not None and least > limit:
+                return False
+        return float(totals(sharded(par, state), cfg, card, par)) <= limit
 
     def hopeless(par: Parallel) -> bool:  # the rollout's KV cache alone is over the limit on every layout of par's
         if not cfg.recipe.behaviour.generates or deepspeed_cast(cfg, par) is not cfg:
@@ -970,8 +983,7 @@ def _sharded_suggestions(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, gpus:
         for n in GPU_COUNTS:
             if n <= gpus:
                 continue
-            par = make_parallel(n, strategy)
-            if float(totals(sharded(par), cfg, card, par)) <= limit:
+            if fits(make_parallel(n, strategy)):
                 found.setdefault(n, []).append(strategy)
                 break
     for n, strategies in sorted(found.items()):
@@ -981,11 +993,27 @@ def _sharded_suggestions(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, gpus:
     # vramplan.distributed._zero3_whole_module_bytes)
     for strategy in SHARDED_PARAMS:  # ZeRO-3, then FSDP
         par = make_parallel(max(1, gpus), strategy, "cpu")
-        if not hopeless(par) and float(totals(sharded(par), cfg, card, par)) <= limit:
+        if not hopeless(par) and fits(par):
             out.append(Suggestion("offload", f"{max(1, gpus)}x {card.name} with {strategy} --offload cpu (slow)",
                                   {"gpus": max(1, gpus), "strategy": strategy, "offload": "cpu"}))
             break
     return out
+
+
+def _phase_floor(state, t, generates: bool) -> float:
+    """A lower bound (bytes) on the per-GPU tensor peak of :func:`~vramplan.distributed.parallel_step_memory` with the
+    sharded state ``state`` (:func:`~vramplan.distributed.shard_state`) and the activation terms ``t`` of one GPU's
+    micro-batch, its least over the grid. The peak is the largest phase (:func:`vramplan.phases.combine_phases`;
+    FSDP2's unit walk only raises a phase): the forward holds the resident shard, the communication buffers and the
+    optimiser states beside at least the saved activations, the last step's graph and the logits (the casts, held
+    gradients, gathered units and larger working sets only add to them); a method that generates (``generates``) has
+    its rollout, those states beside the KV cache, the rollout's logits and the gathered policy."""
+    b = state.bytes
+    held = sum(b.get(c, 0) for c in RESIDENT_COMPONENTS) + state.comm_buffer_bytes + b.get(Component.OPTIMIZER_STATES, 0)
+    floor = np.min(t.acts + t.last_graph + t.logits_fwd)
+    if generates:
+        floor = max(floor, np.min(t.kv + t.rollout_logits) + state.rollout_gather_bytes)
+    return float(held + floor)
 
 
 # -- other stacks and precisions ---------------------------------------------------------------
