@@ -289,3 +289,28 @@ def test_what_would_fit_with_the_phase_floor_suggests_what_every_layout_does(mon
     assert fast == slow
     assert any(any(s["kind"] in ("gpus", "offload") for s in v) for v in fast.values())
     assert n_fast < len(calls) - n_fast  # layouts were skipped
+
+
+@pytest.mark.parametrize("model,gpu", [("13b", "rtx4000ada"), ("llama-3.2-1b", "t4"), ("gemma-2-2b", "a100-80gb")])
+def test_shared_rows_key_candidates_as_shared_key(model, gpu):
+    """``search._shared_rows`` (each candidate's fields taken once, the optimisers' and attentions' look-ups once per
+    name) groups the candidates as ``search._shared_key`` of each does, in the same order."""
+    import numpy as np
+
+    from vramplan.memory import ties_stand_in
+
+    spec, card = get_model(model), get_gpu(gpu)
+    grouped = 0
+    for method in registry():
+        try:
+            cands = search_mod._candidates(spec, method, card, SearchRequest.build(seq=1024))
+        except vramplan.VramplanError:
+            continue
+        reps, which = search_mod._shared_rows(spec, cands, {})
+        keys = [search_mod._shared_key(c, c.attention.same_as is not None and ties_stand_in(spec, c)) for c, _ in cands]
+        first: dict = {}
+        want = [first.setdefault(k, len(first)) for k in keys]
+        assert np.array_equal(which, want) and list(reps) == list(first)
+        assert [reps[k] for k in first] == [cands[keys.index(k)][0] for k in first]
+        grouped += len(cands) - len(reps)
+    assert grouped

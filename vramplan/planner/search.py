@@ -489,14 +489,24 @@ def _shared_rows(spec: ModelSpec, cands: list, ties: dict) -> tuple[dict, np.nda
     except TypeError:  # a spec built with list fields (from a log's JSON): nothing kept between calls
         ties = {}
     keys = []
+    # _shared_key of each candidate, its fields but optimiser and attention taken once and the optimisers' and the
+    # attentions' own look-ups once per name (the same keys: tests/test_reuse10_speed.py)
+    states_as: dict[str, str] = {}  # optimiser -> the one whose states it keeps (or itself)
     for cfg, _ in cands:
-        if cfg.attention.same_as is None:
-            keys.append(_shared_key(cfg, False))
+        rest = fields_but(cfg, "optimizer", "attn")
+        opt = cfg.optimizer
+        same_states = states_as.get(opt)
+        if same_states is None:
+            same_states = states_as[opt] = get_optimizer(opt).same_states_as or opt
+        stand_in = cfg.attention.same_as
+        if stand_in is None:
+            keys.append((rest, cfg.attn, same_states))
             continue
-        base = (spec, fields_but(cfg, "optimizer", "attn"))
-        if base not in ties:
-            ties[base] = ties_stand_in(spec, cfg)
-        keys.append(_shared_key(cfg, ties[base]))
+        base = (spec, rest)
+        tie = ties.get(base)
+        if tie is None:
+            tie = ties[base] = ties_stand_in(spec, cfg)
+        keys.append((rest, (stand_in if tie else None) or cfg.attn, same_states))
     reps: dict[tuple, TrainConfig] = {}
     row: dict[tuple, int] = {}  # shared key -> its row (the order of first appearance, as reps')
     which = []
