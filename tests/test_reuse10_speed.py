@@ -314,3 +314,29 @@ def test_shared_rows_key_candidates_as_shared_key(model, gpu):
         assert [reps[k] for k in first] == [cands[keys.index(k)][0] for k in first]
         grouped += len(cands) - len(reps)
     assert grouped
+
+
+@pytest.mark.parametrize("kw", [dict(seq=2048), dict(seq=1024, global_batch=16)])
+def test_plan_configs_are_the_candidates_at_their_micro_batch(kw):
+    """``search._plan_at`` (the candidate itself where its chosen micro-batch and accumulation are its own) gives every
+    plan the configuration of its candidate at the chosen grid point: that micro-batch and accumulation, every other
+    field the candidate's; some plans reuse their candidate, others are built."""
+    import dataclasses
+
+    spec, card = get_model("13b"), get_gpu("rtx4000ada")
+    reused = built = 0
+    for method in ("lora", "full", "dpo", "kto", "grpo"):
+        req = SearchRequest.build(**kw)
+        cands = {dataclasses.replace(c, batch=1, grad_accum=1): c for c, _ in search_mod._candidates(spec, method, card, req)}
+        mp = search_mod.search(spec, method, card, req)
+        for plan in mp.plans:
+            _, i = plan._grid
+            b, a, _ = plan._totals
+            c = plan.config
+            assert (c.batch, c.grad_accum) == (int(b[i]), int(a[i]))
+            cand = cands[dataclasses.replace(c, batch=1, grad_accum=1)]
+            assert c == dataclasses.replace(cand, batch=int(b[i]), grad_accum=int(a[i]))
+            own = (c.batch, c.grad_accum) == (cand.batch, cand.grad_accum)  # the candidate itself (no with_)
+            reused += own
+            built += not own
+    assert built and ("global_batch" in kw or reused)

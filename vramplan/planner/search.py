@@ -803,7 +803,9 @@ def _plan_at(req: SearchRequest, cfg: TrainConfig, note: str | None, p: Parallel
     index, peak, fits, tps, step, times = pick[:6]
     band, usable = limit
     b_grid, a_grid = grid
-    cfg_i = cfg.with_(batch=int(b_grid[index]), grad_accum=int(a_grid[index]))
+    batch, accum = int(b_grid[index]), int(a_grid[index])
+    # (the candidate itself at its own micro-batch and accumulation: an equal configuration, not built again)
+    cfg_i = cfg if batch == cfg.batch and accum == cfg.grad_accum else cfg.with_(batch=batch, grad_accum=accum)
     ttt, gh = time_to_train(req.tokens, req.epochs, tps, p.gpus)
     return Plan(method=cfg.method, adapter=cfg.adapter, config=cfg_i, parallel=p,
                 peak_bytes=int(peak), capacity_bytes=capacity, usable_bytes=usable, fits=fits,
