@@ -340,3 +340,38 @@ def test_plan_configs_are_the_candidates_at_their_micro_batch(kw):
             reused += own
             built += not own
     assert built and ("global_batch" in kw or reused)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_floor_tensors_are_at_or_below_the_floor(tmp_path, monkeypatch, calibrated):
+    """``DeviceTotals.floor_tensors`` (what the listing filter settles a floor with before its chain) is None exactly
+    where the floor is, and at or below it everywhere: default figures and a profile's allocator model and activation
+    factors, paged and unpaged optimisers, every optimiser's floor and the floor over a micro-batch grid."""
+    from conftest import save_calibrated_a100
+
+    from vramplan.profiles import AllocatorModel, Fitted
+
+    card = save_calibrated_a100(tmp_path, monkeypatch, AllocatorModel(1.07, 96 << 20, by_method={"full": 1.03}),
+                                {"full": Fitted(0.9, 3), "lora": Fitted(1.2, 3)}) if calibrated else get_gpu("a100-80gb")
+    spec = get_model("llama-2-13b")
+    totals = DeviceTotals()
+    grid = search_mod.MICRO_BATCHES
+    checked = nones = 0
+    for method in ("lora", "qlora", "full", "dpo", "ppo", "grpo"):
+        for fw in ("hf", "torchtune"):
+            for opt in search_mod.OPTIMIZERS:
+                try:
+                    cfg = make_config(spec, method, framework=fw, optimizer=opt)
+                except vramplan.VramplanError:
+                    continue
+                for any_opt in (False, True):
+                    for batch in (None, grid):
+                        floor = totals.floor(spec, cfg, card, any_optimizer=any_opt, batch=batch)
+                        tensors = totals.floor_tensors(spec, cfg, card, any_optimizer=any_opt, batch=batch)
+                        assert (tensors is None) == (floor is None)
+                        if floor is None:
+                            nones += 1
+                            continue
+                        assert tensors <= floor, (method, fw, opt, any_opt, batch is None)
+                        checked += 1
+    assert checked > 50 and (nones or not calibrated)

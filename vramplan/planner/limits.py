@@ -63,6 +63,8 @@ class DeviceTotals:
         self.terms: dict = {}
         #: floors computed so far (:meth:`floor`: equal arguments, equal floor), for the same planning call
         self._floors: dict[tuple, tuple] = {}
+        #: what their chains read (:meth:`_floor_parts`), likewise
+        self._parts: dict[tuple, tuple] = {}
         #: whether flash ties sdpa (memory.ties_stand_in) per (model, configuration but optimiser and attention)
         self.ties: dict[tuple, bool] = {}
         #: the least rollout KV cache over a micro-batch grid (:meth:`_least_kv`), for the same planning call
@@ -186,13 +188,33 @@ class DeviceTotals:
         # with no tensors: allocated = the workspace, device = the context + reserved
         return float(d["device"] - d["reserved"] + d["allocated"]) + float(tensors)
 
-    def _floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool,
-               batch: np.ndarray | None = None) -> float | None:
-        """:meth:`floor`, computed."""
+    def floor_tensors(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool = False,
+                      batch: np.ndarray | None = None) -> int | None:
+        """The tensor bytes :meth:`floor` puts through the device chain (None where it is None): a lower bound of the
+        floor itself -- the chain adds the context, the workspace and the reserve to them and takes nothing away
+        (no activations for the factor to scale; paged bytes stay beside the reserve: :meth:`at_least`'s reasoning)
+        -- for a caller that only asks whether the floor is over a limit (settled without the chain when these are).
+        Kept per instance, with what the floor's chain reads, as :meth:`floor` keeps the floors."""
+        parts = self._floor_parts(spec, cfg, card, any_optimizer, batch)
+        return None if parts is None else parts[0]
+
+    def _floor_parts(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool,
+                     batch: np.ndarray | None = None) -> tuple | None:
+        """``(tensors, paged, loaded)`` of :meth:`floor`'s chain (None where the floor is None), kept as :meth:`floor`
+        keeps the floors (keyed on the spec's and card's identity, each kept beside its value)."""
+        grid = None if batch is None else _grid_of(batch)
+        key = (id(spec), id(card), cfg, any_optimizer, grid)
+        kept = self._parts.get(key)
+        if kept is None or kept[0] is not spec or kept[1] is not card:
+            kept = (spec, card, self._new_parts(spec, cfg, card, any_optimizer, batch))
+            self._parts[key] = kept
+        return kept[2]
+
+    def _new_parts(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool,
+                   batch: np.ndarray | None = None) -> tuple | None:
+        """:meth:`_floor_parts`, computed."""
         if self._factor(cfg, card) < 1.0:
             return None
-        prof = self._profiles[card.name]
-        method, stack = cfg.recipe.name, cfg.framework
         st = model_state(spec, cfg)
         paged = st.bytes.get(Component.OPTIMIZER_STATES, 0) if get_optimizer(cfg.optimizer).paged else 0
         loaded = sum(st.bytes.get(c, 0) for c in LOADED_COMPONENTS)
@@ -201,8 +223,18 @@ class DeviceTotals:
             static = sum(st.bytes.get(c, 0) for c in RESIDENT_COMPONENTS)
             states = 0 if any_optimizer else st.bytes.get(Component.OPTIMIZER_STATES, 0)
             tensors = max(tensors, int(static + states + self._least_kv(spec, cfg, batch)))
-        return float(device_total(tensors, card, method=method, activation_bytes=0, paged_bytes=0 if any_optimizer else paged,
-                                  profile=prof, stack=stack, loaded_bytes=loaded))
+        return tensors, paged, loaded
+
+    def _floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool,
+               batch: np.ndarray | None = None) -> float | None:
+        """:meth:`floor`, computed: the device chain of :meth:`_floor_parts`."""
+        parts = self._floor_parts(spec, cfg, card, any_optimizer, batch)
+        if parts is None:
+            return None
+        tensors, paged, loaded = parts
+        return float(device_total(tensors, card, method=cfg.recipe.name, activation_bytes=0,
+                                  paged_bytes=0 if any_optimizer else paged, profile=self._profiles[card.name],
+                                  stack=cfg.framework, loaded_bytes=loaded))
 
 
 def _grid_of(batch) -> tuple:

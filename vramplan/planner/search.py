@@ -661,6 +661,12 @@ def _listing_filter(spec: ModelSpec, card: GPUSpec, margin: float, current_fits:
     def shut(floor: float | None, limit: int) -> bool:
         return floor is not None and floor > limit and (current_fits or floor >= capacity + 1)
 
+    def shut_floor(cfg: TrainConfig, limit: int, any_optimizer: bool = False, grid=None) -> bool:
+        # shut(totals.floor(...)): settled by the floor's tensors (a lower bound of it) where they are shut already
+        tensors = totals.floor_tensors(spec, cfg, card, any_optimizer=any_optimizer, batch=grid)
+        return tensors is not None and (shut(tensors, limit) or shut(
+            totals.floor(spec, cfg, card, any_optimizer=any_optimizer, batch=grid), limit))
+
     def base_bound(base: TrainConfig) -> tuple:
         any_key = base.with_(grad_ckpt=False, optimizer="adamw", attn=DEFAULT_ATTENTION)
         band = (any_key.framework, any_key.method, any_key.adapter)
@@ -668,8 +674,7 @@ def _listing_filter(spec: ModelSpec, card: GPUSpec, margin: float, current_fits:
             limits[band] = _limits([(any_key, None)], capacity, margin, False)[0][1]
         limit = limits[band]
         grid = batch if batch is not None and any_key.recipe.behaviour.generates else None
-        closed = shut(totals.floor(spec, any_key, card, any_optimizer=True), limit) or (
-            grid is not None and shut(totals.floor(spec, any_key, card, any_optimizer=True, batch=grid), limit))
+        closed = shut_floor(any_key, limit, True) or (grid is not None and shut_floor(any_key, limit, True, grid))
         return closed, limit, grid, any_key
 
     def can_list(base: TrainConfig, optimizer: str) -> bool:
@@ -680,7 +685,7 @@ def _listing_filter(spec: ModelSpec, card: GPUSpec, margin: float, current_fits:
         if closed:
             return False
         key = any_key if optimizer == "adamw" else any_key.with_(optimizer=optimizer)
-        return not shut(totals.floor(spec, key, card, batch=grid), limit)
+        return not shut_floor(key, limit, grid=grid)
     return can_list
 
 
