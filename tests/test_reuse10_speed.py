@@ -375,3 +375,24 @@ def test_floor_tensors_are_at_or_below_the_floor(tmp_path, monkeypatch, calibrat
                         assert tensors <= floor, (method, fw, opt, any_opt, batch is None)
                         checked += 1
     assert checked > 50 and (nones or not calibrated)
+
+
+def test_step_memory_rows_given_the_states_equal_its_own():
+    """``memory.step_memory_rows_shared(..., states=...)`` (the search hands over the model states it already has)
+    equals working them out; states that are not the configurations' change the answer (they are the ones used)."""
+    import numpy as np
+
+    from vramplan.memory import step_memory_rows_shared
+
+    spec, card = get_model("13b"), get_gpu("rtx4000ada")
+    cands = search_mod._candidates(spec, "lora", card, SearchRequest.build(seq=1024))
+    reps, _ = search_mod._shared_rows(spec, cands, {})
+    cfgs = list(reps.values())
+    b = search_mod.MICRO_BATCHES[:8]
+    want, want_st = step_memory_rows_shared(spec, cfgs, batch=b, grad_accum=np.ones_like(b))
+    states = [model_state(spec, c) for c in cfgs]
+    got, got_st = step_memory_rows_shared(spec, cfgs, batch=b, grad_accum=np.ones_like(b), states=states)
+    assert np.array_equal(got.peak, want.peak) and got_st == want_st
+    assert all(np.array_equal(got.components[c], v) for c, v in want.components.items())
+    wrong, _ = step_memory_rows_shared(spec, cfgs, batch=b, grad_accum=np.ones_like(b), states=states[::-1])
+    assert not np.array_equal(wrong.peak, want.peak)

@@ -446,7 +446,8 @@ def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Paral
                                inputs=[StepTimeInputs(profile=prof, state=states[k], sharded=sharded.get(k))
                                        for k in reps])
         if not p.distributed:
-            results[p] = (_single_totals(spec, cands, card, reps, which, b_grid, a_grid, totals), times)
+            results[p] = (_single_totals(spec, cands, card, reps, which, b_grid, a_grid, totals,
+                                         [states[k] for k in reps]), times)
             continue
         mems = []
         for k, r in reps.items():
@@ -519,13 +520,14 @@ def _shared_rows(spec: ModelSpec, cands: list, ties: dict) -> tuple[dict, np.nda
 
 
 def _single_totals(spec: ModelSpec, cands: list, card: GPUSpec, reps: dict, which: np.ndarray, b_grid: np.ndarray,
-                   a_grid: np.ndarray, totals: DeviceTotals) -> np.ndarray:
+                   a_grid: np.ndarray, totals: DeviceTotals, states: list | None = None) -> np.ndarray:
     """One-GPU device totals (bytes, candidates x micro-batches): one :func:`step_memory_rows` call over the
-    shared configurations ``reps``, one :meth:`DeviceTotals.rows` chain over the candidates."""
+    shared configurations ``reps``, one :meth:`DeviceTotals.rows` chain over the candidates. ``states``: the model
+    state of each of ``reps``, when the caller has them."""
     # only what the device chain reads (the peak, the activation group, the optimiser states) is worked out
     read = DEVICE_CHAIN_READS
     mem, sts = step_memory_rows_shared(spec, list(reps.values()), batch=b_grid, grad_accum=a_grid, terms=totals.terms,
-                                       components=read)
+                                       components=read, states=states)
     mem = StepMemory(components={c: v[which] for c, v in mem.components.items() if c in read}, phases={},
                      peak=mem.peak[which], peak_phase=mem.peak_phase[which], state=None)
     return totals.rows(mem, [sts[j] for j in which], [cfg for cfg, _ in cands], card)
