@@ -167,6 +167,11 @@ def layer_activation_bytes(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, 
 
 #: :func:`_layer_sums` kept by what they are computed from (cleared when it grows past 8192 entries).
 _SUMS: dict = {}
+#: The techniques a layer's saved tensors read (:func:`sdpa_masked_fraction`: padding masks SDPA): the kept sums are
+#: keyed on these alone of a configuration's techniques, so its other technique sets (offloading, chunked or fused
+#: losses, the optimiser inside backward) share them.
+LAYER_TECHNIQUES = frozenset({"padding"})
+_NO_TECHNIQUES: frozenset = frozenset()
 
 
 def _layer_sums(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regime, T, s, input_requires_grad: bool,
@@ -174,13 +179,16 @@ def _layer_sums(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Reg
     """:func:`layer_activation_bytes`' sums (``attention_inputs``: bytes per token; else ``(per_token, per_score,
     per_layer)``), kept per what they read when the sequence is one number and the attention does not materialise
     its scores (eager's per-token sum reads the tokens): the model, the copy, the regime, and of the config its
-    stack, versions, techniques, attention, dropout, targets and rank -- not its method, micro-batch,
-    checkpointing or optimiser, so the searches of a fit (LoRA and every method training the same LoRA policy,
-    with and without checkpointing) compute each once. Equal inputs, equal sums (tests/test_fit_speed.py)."""
+    stack, versions, techniques of :data:`LAYER_TECHNIQUES`, attention, dropout, targets and rank -- not its method,
+    micro-batch, checkpointing, optimiser or other techniques, so the searches of a fit (LoRA and every method
+    training the same LoRA policy, with and without checkpointing, with each technique set) compute each once.
+    Equal inputs, equal sums (tests/test_fit_speed.py, tests/test_first10_speed.py)."""
     key = None
     if s.ndim == 0 and not cfg.attention.materialises_scores:
-        key = (model, _copy_fields(copy), _regime_fields(regime), cfg.framework, cfg.versions, cfg.techniques,
-               cfg.attn, cfg.dropout, cfg.targets, cfg.rank, float(s), input_requires_grad, part)
+        key = (model, _copy_fields(copy), _regime_fields(regime), cfg.framework, cfg.versions,
+               LAYER_TECHNIQUES.intersection(cfg.techniques) if cfg.techniques else _NO_TECHNIQUES, cfg.attn,
+               cfg.dropout, cfg.targets,
+               cfg.rank, float(s), input_requires_grad, part)
         try:
             kept = _SUMS.get(key)
         except TypeError:  # a spec built with list fields (from a log's JSON): nothing kept

@@ -75,17 +75,23 @@ def _copy_params(model: ModelSpec, copy: ModelCopy) -> int:
 
 
 _STATE_CACHE: dict = {}
+#: The techniques a model state reads (the optimiser's states offloaded to the CPU): :func:`model_state` is kept
+#: by these alone of a configuration's techniques.
+STATE_TECHNIQUES = frozenset({"opt_offload"})
+_NO_TECHNIQUES: frozenset = frozenset()
 
 
 def model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
     """Weights, quantisation state, adapters, gradients and optimiser state of every held copy.
 
     Batch-independent, so a search over batch, sequence and checkpointing reuses one result
-    (cached on the fields it reads; callers get their own copy).
+    (cached on the fields it reads -- of the techniques, those of :data:`STATE_TECHNIQUES`; callers get their
+    own copy).
     """
     # (versions: a version-gated behaviour can change the adapter dtype or the optimizer kernel)
     key = (model, cfg.method, cfg.adapter, cfg.rank, cfg.targets, cfg.optimizer, cfg.precision, cfg.framework,
-           cfg.techniques, cfg.double_quant, cfg.versions, cfg.options)
+           STATE_TECHNIQUES.intersection(cfg.techniques) if cfg.techniques else _NO_TECHNIQUES, cfg.double_quant,
+           cfg.versions, cfg.options)
     try:
         st = _STATE_CACHE.get(key)  # (one hash of the key)
     except TypeError:  # a spec built with list fields (from a log's JSON): not cacheable
@@ -110,26 +116,30 @@ _BASE_CACHE: dict = {}
 
 
 def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
-    """:func:`model_state` uncached: the optimiser's states and step temporaries over the rest."""
-    key = (model, cfg.method, cfg.adapter, cfg.rank, cfg.targets, cfg.precision, cfg.framework, cfg.techniques,
-           cfg.double_quant, cfg.versions, cfg.options)
+    """:func:`model_state` uncached: the optimiser's states and step temporaries over the rest.
+
+    The rest (:func:`_state_without_optimizer`) is kept on the fields it reads: not ``optimizer``, nor
+    ``techniques`` (a technique acts on the step, not on what is held; the optimiser's offload is read here).
+    """
+    key = (model, cfg.method, cfg.adapter, cfg.rank, cfg.targets, cfg.precision, cfg.framework, cfg.double_quant,
+           cfg.versions, cfg.options)
     try:
         base = _BASE_CACHE.get(key)
     except TypeError:  # an unhashable spec (list fields): not cacheable
         key, base = None, None
     if base is None:
-        base = _state_without_optimizer(model, cfg)
+        st, groups = _state_without_optimizer(model, cfg)
+        base = st, tuple(groups)
         if key is not None:
             if len(_BASE_CACHE) > 4096:
                 _BASE_CACHE.clear()
             _BASE_CACHE[key] = base
     st, opt_groups = base
     st = _own_copy(st)
-    opt = get_optimizer(cfg.optimizer)
-    offload = cfg.uses("opt_offload")
-    st.add(Component.OPTIMIZER_STATES, 0 if offload else opt.total_state_bytes(opt_groups))
-    st.step_temporary = 0 if offload else opt.step_temporary_bytes(opt_groups, cfg.regime.runner)
-    st.largest_grad = max((math.prod(shape) * pb for shape, _c, pb in opt_groups), default=0)
+    states, temporary = (0, 0) if cfg.uses("opt_offload") else _optimizer_bytes(cfg, opt_groups)
+    st.add(Component.OPTIMIZER_STATES, states)
+    st.step_temporary = temporary
+    # (st.largest_grad: the largest of opt_groups' tensors, from the copies' shares)
     if cfg.recipe.adapter.quantized_base and cfg.behaves("torchao_nf4_unchunked_load"):
         # torchtune < 0.2.0 quantises on the GPU with torchao 0.1's unchunked to_nf4 (stacks.toml [behaviours])
         from .loadreserve import nf4_unchunked_load_reserved
@@ -138,67 +148,215 @@ def _model_state(model: ModelSpec, cfg: TrainConfig) -> ModelState:
     return st
 
 
+#: :func:`_optimizer_bytes` by (optimiser name, runner name, groups): ``(optimiser, runner, (states, temporaries))``
+_OPTIMIZER_CACHE: dict = {}
+
+
+def _optimizer_bytes(cfg: TrainConfig, groups: tuple) -> tuple[int, int]:
+    """``(states, step temporaries)`` in bytes of ``cfg``'s optimiser over the trainable tensors ``groups``
+    (``OptimizerDef.total_state_bytes`` and ``step_temporary_bytes`` under the regime's runner), kept on what they
+    read: the optimiser and the runner (these very definitions, held in the entry) and the groups -- a fit's
+    hundreds of model states hold a few dozen sets of groups."""
+    opt, regime = get_optimizer(cfg.optimizer), cfg.regime
+    runner = regime.training_loop
+    key = (opt.name, regime.runner, groups)
+    try:
+        kept = _OPTIMIZER_CACHE.get(key)
+    except TypeError:  # unhashable groups (list shapes): worked out each time
+        return opt.total_state_bytes(groups), opt.step_temporary_bytes(groups, regime.runner)
+    if kept is not None and kept[0] is opt and kept[1] is runner:
+        return kept[2]
+    out = (opt.total_state_bytes(groups), opt.step_temporary_bytes(groups, regime.runner))
+    if len(_OPTIMIZER_CACHE) > 1024:
+        _OPTIMIZER_CACHE.clear()
+    _OPTIMIZER_CACHE[key] = (opt, runner, out)
+    return out
+
+
+#: The components every model state lists, in this order (zero where no copy holds any).
+_STATE_COMPONENTS = (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS,
+                    Component.GRADIENTS, Component.OPTIMIZER_STATES, Component.AUTOCAST_CACHE)
+#: :class:`ModelState` fields to which each copy adds its own bytes, and those that keep the largest copy's value.
+_ADDED_FIELDS = ("trainable_params", "head_cast", "frozen_layer_casts")
+_LARGEST_FIELDS = ("layer_cast", "attn_cast", "grads_tail", "layer_grad", "head_grad", "head_grad_cast",
+                  "grads_end_extra", "largest_grad")
+
+
 def _state_without_optimizer(model: ModelSpec, cfg: TrainConfig) -> tuple[ModelState, list]:
-    """Every batch-independent byte but the optimiser's, and the trainable tensors the optimiser steps."""
+    """Every batch-independent byte but the optimiser's, and the trainable tensors the optimiser steps (and the
+    largest one's gradient bytes, ``largest_grad``): the sum of every held copy's share (:func:`_copy_share`), bytes
+    and added fields summed, the others the largest copy's -- one copy's share is its state."""
     model = cfg.stack.as_built(model)  # litgpt: a separate lm_head even when tied (stacks.toml untied_embeddings)
     regime = cfg.regime
-    recipe = cfg.recipe
-    st = ModelState(params=model.params)
-    for comp in (Component.WEIGHTS, Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS,
-                 Component.GRADIENTS, Component.OPTIMIZER_STATES, Component.AUTOCAST_CACHE):
-        st.bytes[comp] = 0
-    opt_groups: list[tuple[tuple[int, ...], int, int]] = []
-    for copy in recipe.copies:
-        n = _copy_params(model, copy)
-        # what bitsandbytes quantises: nn.Linear weights of the decoder layers (not biases, embeddings,
-        # lm_head, norms -- nor fused MoE expert parameters, which are not nn.Linear in transformers >= 5)
-        quantizable = quantized_linears(model, cfg) if copy.quantized else []
-        non_linear = n - model.num_layers * sum(l.count * l.in_features * l.out_features for l in quantizable)
-        # the stack's fp32 RoPE cache buffers (torchtune; stacks.toml rope_cache)
-        st.add(Component.WEIGHTS, cfg.stack.rope_cache_bytes(model, copy.adapter is not None and copy.adapter.is_peft))
-        if copy.adapter is Adapter.FULL:
-            opt_groups += _add_full_copy(st, model, copy, regime, n)
-            continue
-        # a frozen base, maybe with an adapter
-        if copy.quantized:
-            packed, qs = 0, 0
-            for l in quantizable:
-                p, q = nf4_bytes(l.in_features * l.out_features, cfg.double_quant)
-                packed += p * l.count * model.num_layers
-                qs += q * l.count * model.num_layers
-            if cfg.stack.quantizes_head and copy.head == "lm" and not model.tie_embeddings:
-                # the stack quantises every nn.Linear, the lm_head included (stacks.toml quantizes_head)
-                hp = model.vocab_size * model.hidden_size
-                p, q = nf4_bytes(hp, cfg.double_quant)
-                packed, qs, non_linear = packed + p, qs + q, non_linear - hp
-            kbit = copy.trains and cfg.stack.kbit_upcast  # prepare_model_for_kbit_training upcasts the rest to fp32
-            nb = 4 if kbit else DTYPE_BYTES[regime.frozen_dtype]
-            st.add(Component.WEIGHTS, packed + non_linear * nb)
-            st.add(Component.QUANT_STATE, qs)
-            if kbit and regime.autocast is not None and copy.head == "lm":
-                # autocast casts the fp32 lm_head (or tied embedding) for its matmul; the frozen weight's
-                # cast is saved for the input gradient, alive from the loss forward to its backward
-                head = model.vocab_size * model.hidden_size * DTYPE_BYTES[regime.compute_dtype]
-                st.add(Component.AUTOCAST_CACHE, head)
-                st.head_cast += head
-        else:
-            st.add(Component.WEIGHTS, n * DTYPE_BYTES[regime.frozen_dtype])
-            if copy.trains and copy.adapter is not None and casts_frozen_base(regime):
-                _add_frozen_casts(st, model, copy, regime)
-        if copy.adapter is None:
-            continue
-        ab = DTYPE_BYTES[regime.adapter_dtype]
-        tensors = [(t.shape, t.count) for t in adapter_tensors(model, copy.adapter, cfg.rank, cfg.targets)]
-        if copy.head == "scalar":
-            tensors.append(((1, model.hidden_size), 1))  # the value head trains beside the adapter
-        count = sum(math.prod(s) * c for s, c in tensors)
-        st.trainable_params += count
-        st.add(Component.ADAPTERS, count * ab)
-        st.add(Component.GRADIENTS, count * ab)
-        opt_groups += [(s, c, ab) for s, c in tensors]
-        if regime.autocast is not None and not copy.adapter.ia3:
-            st.add(Component.AUTOCAST_CACHE, count * DTYPE_BYTES[regime.compute_dtype])
+    shares = [_copy_share(model, copy, cfg, regime) for copy in cfg.recipe.copies]
+    if not shares:
+        return _empty_state(model), []
+    st = _own_copy(shares[0].state)
+    opt_groups: list[tuple[tuple[int, ...], int, int]] = list(shares[0].groups)
+    for share in shares[1:]:
+        share.add_to(st)
+        opt_groups += share.groups
     return st, opt_groups
+
+
+def _empty_state(model: ModelSpec) -> ModelState:
+    """The state of no copy: the spec's parameters, every component of :data:`_STATE_COMPONENTS` at zero."""
+    return ModelState(bytes=_ZERO_BYTES.copy(), params=model.params)
+
+
+_ZERO_BYTES = dict.fromkeys(_STATE_COMPONENTS, 0)  # (copied: no component hashed again)
+
+
+class _Share:
+    """One held copy's part of a :class:`ModelState` (:func:`_copy_share`): the state of this copy alone and its
+    optimiser groups; to add it to another copy's state (:meth:`add_to`), its bytes by component in the order it
+    adds them, its non-zero :data:`_ADDED_FIELDS` and :data:`_LARGEST_FIELDS` (worked out on first use: most
+    recipes hold one copy)."""
+
+    __slots__ = ("state", "groups", "_part")
+
+    def __init__(self, state: ModelState, groups: tuple):
+        self.state, self.groups, self._part = state, groups, None
+
+    def add_to(self, st: ModelState) -> None:
+        """Add this copy's bytes and added fields to ``st``; keep the larger of each of its largest fields."""
+        part = self._part
+        if part is None:
+            own = self.state
+            part = self._part = (tuple(own.bytes.items()),
+                                 tuple((n, getattr(own, n)) for n in _ADDED_FIELDS if getattr(own, n)),
+                                 tuple((n, getattr(own, n)) for n in _LARGEST_FIELDS if getattr(own, n)))
+        b = st.bytes
+        for comp, n in part[0]:
+            b[comp] = b.get(comp, 0) + n
+        for name, n in part[1]:
+            setattr(st, name, getattr(st, name) + n)
+        for name, n in part[2]:
+            if n > getattr(st, name):
+                setattr(st, name, n)
+
+
+#: :func:`_copy_share` by the fields it reads: ``(stack, share)`` (the stack kept beside its ``id`` in the key)
+_SHARE_CACHE: dict = {}
+
+
+def _copy_share(model: ModelSpec, copy: ModelCopy, cfg: TrainConfig, regime: Regime) -> _Share:
+    """:func:`_add_copy`'s share of one copy, kept on what it reads: the (as-built) spec; the copy's adapter,
+    quantisation and head; the stack; the regime's dtypes; double quantisation (a 4-bit base), the rank (an
+    adapter) and the targets (an adapter, or a 4-bit base a stack quantises only where adapted). A search
+    asks for the same few dozen shares hundreds of times, for configurations differing elsewhere."""
+    stack, adapter, quantized = cfg.stack, copy.adapter, copy.quantized
+    peft = adapter is not None and adapter is not Adapter.FULL
+    key = (model, adapter, quantized, copy.head, id(stack), regime.trainable_dtype, regime.frozen_dtype,
+           regime.adapter_dtype, regime.autocast, regime.compute_dtype, quantized and cfg.double_quant,
+           cfg.rank if peft else None, cfg.targets if peft or quantized else None)
+    try:
+        kept = _SHARE_CACHE.get(key)
+    except TypeError:  # an unhashable spec (list fields): worked out each time
+        return _new_share(model, copy, cfg, regime)
+    if kept is not None and kept[0] is stack:
+        return kept[1]
+    share = _new_share(model, copy, cfg, regime)
+    if len(_SHARE_CACHE) > 4096:
+        _SHARE_CACHE.clear()
+    _SHARE_CACHE[key] = (stack, share)
+    return share
+
+
+def _new_share(model: ModelSpec, copy: ModelCopy, cfg: TrainConfig, regime: Regime) -> _Share:
+    """:func:`_copy_share` worked out: :func:`_add_copy` into an empty state."""
+    st = _empty_state(model)
+    groups = _add_copy(st, model, copy, cfg, regime)
+    st.largest_grad = max((math.prod(shape) * pb for shape, _c, pb in groups), default=0)
+    return _Share(st, tuple(groups))
+
+
+def _add_copy(st: ModelState, model: ModelSpec, copy: ModelCopy, cfg: TrainConfig, regime: Regime) -> list:
+    """Add one held copy's bytes to ``st``; return its trainable tensors as optimiser groups."""
+    n = _copy_params(model, copy)
+    # what bitsandbytes quantises: nn.Linear weights of the decoder layers (not biases, embeddings,
+    # lm_head, norms -- nor fused MoE expert parameters, which are not nn.Linear in transformers >= 5)
+    quantizable = quantized_linears(model, cfg) if copy.quantized else []
+    non_linear = n - model.num_layers * sum(l.count * l.in_features * l.out_features for l in quantizable)
+    # the stack's fp32 RoPE cache buffers (torchtune; stacks.toml rope_cache)
+    st.add(Component.WEIGHTS, cfg.stack.rope_cache_bytes(model, copy.adapter is not None and copy.adapter.is_peft))
+    if copy.adapter is Adapter.FULL:
+        return _add_full_copy(st, model, copy, regime, n)
+    # a frozen base, maybe with an adapter
+    if copy.quantized:
+        _add_quantized_base(st, model, copy, cfg, regime, (quantizable, non_linear))
+    else:
+        st.add(Component.WEIGHTS, n * DTYPE_BYTES[regime.frozen_dtype])
+        if copy.trains and copy.adapter is not None and casts_frozen_base(regime):
+            _add_frozen_casts(st, model, copy, regime)
+    if copy.adapter is None:
+        return []
+    ab = DTYPE_BYTES[regime.adapter_dtype]
+    groups, count = _adapter_groups(model, copy.adapter, cfg.rank, cfg.targets, copy.head, ab)
+    st.trainable_params += count
+    st.add(Component.ADAPTERS, count * ab)
+    st.add(Component.GRADIENTS, count * ab)
+    if regime.autocast is not None and not copy.adapter.ia3:
+        st.add(Component.AUTOCAST_CACHE, count * DTYPE_BYTES[regime.compute_dtype])
+    return list(groups)
+
+
+#: :func:`_adapter_groups` by its arguments
+_ADAPTER_GROUPS: dict = {}
+
+
+def _adapter_groups(model: ModelSpec, adapter: Adapter, rank: int, targets: tuple, head: str,
+                    nbytes: int) -> tuple[tuple, int]:
+    """The optimiser groups ``(shape, count, nbytes)`` of ``adapter``'s tensors on ``model`` (and a scalar head's
+    ``1 x hidden`` value head beside them), and their parameters; kept by the arguments (a search asks for a few
+    dozen hundreds of times)."""
+    key = (model, adapter, rank, targets, head, nbytes)
+    try:
+        kept = _ADAPTER_GROUPS.get(key)
+    except TypeError:  # an unhashable spec (list fields): worked out each time
+        return _new_adapter_groups(model, adapter, rank, targets, head, nbytes)
+    if kept is None:
+        if len(_ADAPTER_GROUPS) > 1024:
+            _ADAPTER_GROUPS.clear()
+        kept = _ADAPTER_GROUPS[key] = _new_adapter_groups(model, adapter, rank, targets, head, nbytes)
+    return kept
+
+
+def _new_adapter_groups(model: ModelSpec, adapter: Adapter, rank: int, targets: tuple, head: str,
+                        nbytes: int) -> tuple[tuple, int]:
+    """:func:`_adapter_groups` worked out."""
+    tensors = [(t.shape, t.count) for t in adapter_tensors(model, adapter, rank, targets)]
+    if head == "scalar":
+        tensors.append(((1, model.hidden_size), 1))  # the value head trains beside the adapter
+    count = sum(math.prod(s) * c for s, c in tensors)
+    return tuple((s, c, nbytes) for s, c in tensors), count
+
+
+def _add_quantized_base(st: ModelState, model: ModelSpec, copy: ModelCopy, cfg: TrainConfig, regime: Regime,
+                        linears: tuple[list, int]) -> None:
+    """A 4-bit frozen base: the packed NF4 linears (``linears``: those quantised, and the parameters left
+    16-bit), their quantisation state, and the head's autocast cast when the rest is upcast to fp32."""
+    quantizable, non_linear = linears
+    packed, qs = 0, 0
+    for l in quantizable:
+        p, q = nf4_bytes(l.in_features * l.out_features, cfg.double_quant)
+        packed += p * l.count * model.num_layers
+        qs += q * l.count * model.num_layers
+    if cfg.stack.quantizes_head and copy.head == "lm" and not model.tie_embeddings:
+        # the stack quantises every nn.Linear, the lm_head included (stacks.toml quantizes_head)
+        hp = model.vocab_size * model.hidden_size
+        p, q = nf4_bytes(hp, cfg.double_quant)
+        packed, qs, non_linear = packed + p, qs + q, non_linear - hp
+    kbit = copy.trains and cfg.stack.kbit_upcast  # prepare_model_for_kbit_training upcasts the rest to fp32
+    nb = 4 if kbit else DTYPE_BYTES[regime.frozen_dtype]
+    st.add(Component.WEIGHTS, packed + non_linear * nb)
+    st.add(Component.QUANT_STATE, qs)
+    if kbit and regime.autocast is not None and copy.head == "lm":
+        # autocast casts the fp32 lm_head (or tied embedding) for its matmul; the frozen weight's
+        # cast is saved for the input gradient, alive from the loss forward to its backward
+        head = model.vocab_size * model.hidden_size * DTYPE_BYTES[regime.compute_dtype]
+        st.add(Component.AUTOCAST_CACHE, head)
+        st.head_cast += head
 
 
 def casts_frozen_base(regime: Regime) -> bool:

@@ -580,32 +580,49 @@ def _count(v, key: str, label: str) -> int:
 @lru_cache(maxsize=None)
 def catalogue() -> dict[str, ModelSpec]:
     """All catalogue models by name, validated on load."""
-    raw = load_data("models.json")
-    out: dict[str, ModelSpec] = {}
-    for entry in raw["models"]:
+    return {name: _catalogue_spec(name) for name in _entries()}
+
+
+@lru_cache(maxsize=None)
+def _entries() -> dict[str, dict]:
+    """``models.json``'s entries by name, each with the fields a spec needs (``name``, ``config``, ``source``)."""
+    out: dict[str, dict] = {}
+    for entry in load_data("models.json")["models"]:
         try:
-            spec = from_hf_config(
-                entry["config"], name=entry["name"], hf_id=entry.get("hf_id"), source=entry["source"],
-                published_params=entry.get("params"), aliases=tuple(entry.get("aliases", ())),
-            )
+            name, _config, _source = entry["name"], entry["config"], entry["source"]
         except KeyError as exc:
             raise VramplanError(f"models.json: entry {entry.get('name')!r} lacks {exc}") from None
-        if spec.name in out:
-            raise VramplanError(f"models.json: duplicate model {spec.name!r}")
-        out[spec.name] = spec
+        if name in out:
+            raise VramplanError(f"models.json: duplicate model {name!r}")
+        out[name] = entry
     return out
 
 
 @lru_cache(maxsize=None)
+def _catalogue_spec(name: str) -> ModelSpec:
+    """The catalogue's spec of model ``name`` (an entry of :func:`_entries`), built on first use and kept: resolving
+    one model builds its spec alone, and :func:`catalogue` hands out the same objects."""
+    entry = _entries()[name]
+    spec = from_hf_config(entry["config"], name=name, hf_id=entry.get("hf_id"), source=entry["source"],
+                          published_params=entry.get("params"), aliases=tuple(entry.get("aliases", ())))
+    if spec.name != name:  # a name the parser would not keep (empty, not a string, over 200 characters)
+        raise VramplanError(f"models.json: entry {name!r} is named {spec.name!r} by its spec")
+    return spec
+
+
+@lru_cache(maxsize=None)
 def _aliases() -> dict[str, str]:
+    """Every name, alias and Hugging Face id of the catalogue (lower case) -> the model's name, read from the
+    entries (no spec built)."""
     table: dict[str, str] = {}
-    for spec in catalogue().values():
-        keys = [spec.name] + list(spec.aliases) + ([spec.hf_id] if spec.hf_id else [])
+    for name, entry in _entries().items():
+        hf_id = entry.get("hf_id")
+        keys = [name] + list(entry.get("aliases", ())) + ([hf_id] if hf_id else [])
         for key in keys:
             k = key.lower()
-            if k in table and table[k] != spec.name:
-                raise VramplanError(f"models.json: alias {key!r} names both {table[k]} and {spec.name}")
-            table[k] = spec.name
+            if k in table and table[k] != name:
+                raise VramplanError(f"models.json: alias {key!r} names both {table[k]} and {name}")
+            table[k] = name
     return table
 
 
@@ -630,7 +647,7 @@ def get_model(name: str | Path | ModelSpec) -> ModelSpec:
     key = text.lower()
     table = _aliases()
     if key in table:
-        return catalogue()[table[key]]
+        return _catalogue_spec(table[key])
     path = Path(text).expanduser()
     try:
         is_dir, is_file = path.is_dir(), path.exists()  # a FIFO or device "exists": read_text refuses it in one line

@@ -264,10 +264,11 @@ _FIGURES_CACHE: dict = {}
 
 
 def _kept_figures(gpu: GPUSpec | None, prof, method: str | None, stack: str | None) -> _Figures:
-    """:func:`_figures`, kept per (card, profile, method, stack): what it reads. The card and the profile (frozen
-    dataclasses) are keyed by identity and held in the entry, so a kept entry is for these very objects; a
-    search asks for the same few figures hundreds of times. Its ``status`` is shared: read it, never change it."""
-    key = (id(gpu), id(prof), method, stack)
+    """:func:`_figures`, kept per (card, profile, method, stack): what it reads (without a profile, the card alone:
+    every method and stack gets the card's defaults). The card and the profile (frozen dataclasses) are keyed by
+    identity and held in the entry, so a kept entry is for these very objects; a search asks for the same few
+    figures hundreds of times. Its ``status`` is shared: read it, never change it."""
+    key = (id(gpu), id(prof), method, stack) if prof is not None else (id(gpu), None, None, None)
     try:
         kept = _FIGURES_CACHE.get(key)
     except TypeError:  # an unhashable method or stack: worked out each time

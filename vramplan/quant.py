@@ -23,6 +23,8 @@ quantisation; 4 + 8/64 + 32/(64*256) ~ 4.127 with it (the paper's 0.127 bits).
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 NF4_BLOCKSIZE = 64  # bitsandbytes quantize_4bit default (transformers BitsAndBytesConfig too)
 NESTED_BLOCKSIZE = 256  # quantize_blockwise of the absmax in double quantisation
 NF4_CODE_BYTES = 16 * 4  # get_4bit_type("nf4"): 16 fp32 values
@@ -34,6 +36,7 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@lru_cache(maxsize=4096)  # a planning search asks for the same few dozen matrices thousands of times
 def nf4_bytes(numel: int, double_quant: bool = True, blocksize: int = NF4_BLOCKSIZE) -> tuple[int, int]:
     """Bytes of one NF4-quantised matrix of ``numel`` elements: ``(weight_bytes, quant_state_bytes)``.
 
