@@ -219,7 +219,8 @@ class TrainConfig:
         """
         techs = parse_techniques(techniques)
         _check_techniques(techs, self.grad_accum)
-        return replace(self, techniques=techs)
+        # (with_: the resolved recipe, stack, regime and attention carried, none of which reads the techniques)
+        return self.with_(techniques=techs)
 
 
 _FIELDS = frozenset(f.name for f in fields(TrainConfig))

@@ -897,7 +897,7 @@ def _fsdp1_floor(out: ShardedState, model: ModelSpec, cfg: TrainConfig, par: Par
 
 def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SINGLE, batch=None, seq=None,
                          state: ShardedState | None = None, terms: StepTerms | None = None,
-                         components: bool = True) -> StepMemory:
+                         components: "bool | frozenset" = True) -> StepMemory:
     """Per-GPU tensor bytes of one steady-state step under ``par`` (arrays broadcast over batch/seq).
 
     The phases of :func:`vramplan.memory.step_memory` with the model-state terms of
@@ -905,7 +905,8 @@ def parallel_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel = SIN
     backward, communication buckets every phase, the gathered policy the PPO rollout.
     ``state`` and ``terms`` (:func:`vramplan.memory.step_terms` for the same batch/seq) may be passed in
     when already computed; ``components=False`` skips the per-component breakdown (a search
-    only needs the peak).
+    only needs the peak), a set of components works out only those (each equal to its value in the whole
+    breakdown: what a caller reads, e.g. the device chain's, ``planner.estimating.DEVICE_CHAIN_READS``).
     """
     model = cfg.stack.as_built(model)
     cast = deepspeed_cast(cfg, par)
@@ -964,17 +965,21 @@ def _held_gradients(sh: ShardedState, full, cfg: TrainConfig, par: Parallel) -> 
 
 
 def accumulation_step_memory(model: ModelSpec, cfg: TrainConfig, par: Parallel, batch, grad_accum,
-                             state: ShardedState | None = None, terms: dict | None = None) -> StepMemory:
+                             state: ShardedState | None = None, terms: dict | None = None,
+                             components: "bool | frozenset" = True) -> StepMemory:
     """:func:`parallel_step_memory` over paired ``batch`` / ``grad_accum`` arrays (a search's grid).
 
     Accumulation changes the memory only between one micro-batch and several (the earlier ones' gradients
     held: :func:`_held_gradients`), so the step is evaluated once each way and picked per grid point.
+    ``components``: as :func:`parallel_step_memory`'s.
     """
     accum = np.asarray(grad_accum)
-    one = parallel_step_memory(model, cfg.with_(grad_accum=1), par, batch=batch, state=state, terms=terms)
+    one = parallel_step_memory(model, cfg.with_(grad_accum=1), par, batch=batch, state=state, terms=terms,
+                               components=components)
     if not np.any(accum > 1):
         return one
-    many = parallel_step_memory(model, cfg.with_(grad_accum=2), par, batch=batch, state=state, terms=terms)
+    many = parallel_step_memory(model, cfg.with_(grad_accum=2), par, batch=batch, state=state, terms=terms,
+                                components=components)
     on = np.broadcast_to(accum > 1, np.shape(one.peak))
 
     def pick(a, b):
@@ -992,7 +997,7 @@ def backward_casts_of(state, cfg: TrainConfig) -> int:
 
 
 def _fsdp2_phases(sh: ShardedState, t: StepTerms, phases: dict, comps: dict, B: dict, full_state, cfg: TrainConfig,
-                  components: bool):
+                  components: "bool | frozenset"):
     """Forward and backward of FSDP2 walked unit by unit (see :func:`_fsdp2` for the sources).
 
     Each point is the resident state (sharded weights, states, buffers) plus what lives there:
@@ -1111,10 +1116,12 @@ def _fsdp2_held(f: dict, cfg: TrainConfig) -> tuple[int, int]:
 
 
 def _merge_candidates(cands: list, phases: dict, comps: dict, B: dict, sh: ShardedState, states, zeros,
-                      components: bool):
-    """Each phase's peak raised to its largest candidate; the components where a candidate sets the step's peak."""
+                      components: "bool | frozenset"):
+    """Each phase's peak raised to its largest candidate; the components where a candidate sets the step's peak
+    (``components``: as :func:`parallel_step_memory`'s; a set keeps only those, each as the whole breakdown has it)."""
     phases = dict(phases)
     best: dict[Phase, tuple[np.ndarray, dict]] = {}
+    want = None if components is True else frozenset(components or ())  # the components worked out (None: all)
     for ph, val, parts in cands:
         if ph not in best:
             best[ph] = (val, parts)
@@ -1122,7 +1129,8 @@ def _merge_candidates(cands: list, phases: dict, comps: dict, B: dict, sh: Shard
         cur, cparts = best[ph]
         take = val > cur
         # keys in first-seen order (a set of str-valued enum members would order them by the per-process string hash)
-        merged = {c: np.where(take, parts.get(c, zeros), cparts.get(c, zeros)) for c in dict.fromkeys([*cparts, *parts])}
+        merged = {c: np.where(take, parts.get(c, zeros), cparts.get(c, zeros)) for c in dict.fromkeys([*cparts, *parts])
+                  if want is None or c in want}
         best[ph] = (np.maximum(cur, val), merged)
     wins = {}
     for ph, (val, parts) in best.items():
@@ -1150,7 +1158,8 @@ def _merge_candidates(cands: list, phases: dict, comps: dict, B: dict, sh: Shard
         if sh.comm_buffer_bytes:
             sched[Component.REDUCE_BUFFERS] = sched.get(Component.REDUCE_BUFFERS, zeros) + sh.comm_buffer_bytes
         for c in dict.fromkeys([*comps, *sched]):
-            comps[c] = np.where(here, sched.get(c, zeros), comps.get(c, zeros))
+            if want is None or c in want:
+                comps[c] = np.where(here, sched.get(c, zeros), comps.get(c, zeros))
     return phases, peak, idx, comps
 
 

@@ -906,10 +906,11 @@ def resident_floor(model: ModelSpec, cfg: TrainConfig, st: ModelState | None = N
     every optimiser at once.
     """
     st = st or model_state(model, cfg)
-    a = state_terms(st, cfg)
+    # state_terms' states, step temporary and grads_opt, read without building the rest of its StateTerms
+    grads = st.largest_grad if cfg.uses("opt_in_bwd") else st.bytes[Component.GRADIENTS]
     static = sum(st.bytes.get(c, 0) for c in RESIDENT_COMPONENTS)
-    own = a.states + a.step_temporary if optimizer else 0
-    return int(static + max(0, own + a.grads_opt))
+    own = st.bytes[Component.OPTIMIZER_STATES] + st.step_temporary if optimizer else 0
+    return int(static + max(0, own + grads))
 
 
 def step_memory(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None, grad_accum=None,
@@ -968,14 +969,16 @@ def step_memory_rows(model: ModelSpec, cfgs: list[TrainConfig], batch=None, seq=
 
 
 def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=None, seq=None, grad_accum=None,
-                            terms: dict | None = None, components: "bool | frozenset" = True) -> tuple[StepMemory, list]:
+                            terms: dict | None = None, components: "bool | frozenset" = True,
+                            states: list | None = None) -> tuple[StepMemory, list]:
     """:func:`step_memory_rows`; ``terms``: a dict the caller keeps to reuse each configuration's activation
     terms between calls over the same ``batch`` and ``seq`` grids (one planning call: a fit's searches share
     their fallbacks' configurations); equal keys, equal values, and nothing writes into them. ``components``:
-    as :func:`vramplan.phases.combine_phases` (a set: only the components the caller reads)."""
+    as :func:`vramplan.phases.combine_phases` (a set: only the components the caller reads). ``states``: each
+    configuration's :func:`model_state`, when the caller has them."""
     if len({c.recipe.behaviour.generates for c in cfgs}) > 1:
         raise ValueError("step_memory_rows: configurations that generate and that do not")
-    states = [model_state(model, c) for c in cfgs]
+    states = [model_state(model, c) for c in cfgs] if states is None else list(states)
     by_terms: dict = {} if terms is None else terms
     try:
         hash(model)

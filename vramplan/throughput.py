@@ -223,12 +223,31 @@ def step_work(spec: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepWo
     """What one micro-step of ``cfg`` does on ``spec`` (arrays broadcast over ``batch`` and ``seq``):
     the passes of the model copies (:func:`_pass_work`), the rollout of a method that generates
     (:func:`_rollout_work`) and the adapters' own matmuls (:func:`_adapter_work`)."""
+    return _step_work(spec, cfg, batch, seq)
+
+
+#: the fields :func:`_pass_work` does not read: a low-rank adapter's shape (rank, alpha, targets), its dropout and the
+#: optimiser (it reads the recipe, checkpointing, the attention, the sequence and the tokens)
+_NOT_IN_PASSES = ("optimizer", "rank", "alpha", "targets", "dropout")
+
+
+def _step_work(spec: ModelSpec, cfg: TrainConfig, batch=None, seq=None, passes: dict | None = None) -> StepWork:
+    """:func:`step_work`; ``passes``: a dict the caller keeps over one ``batch``/``seq`` grid, of each configuration's
+    :func:`_pass_work` by its fields but :data:`_NOT_IN_PASSES` (the candidates of a search at every rank and
+    targets share them; each step work gets its own copy, which the rollout adds to)."""
     recipe = cfg.recipe
     b = np.asarray(cfg.batch if batch is None else batch, dtype=np.float64)
     s = np.asarray(cfg.seq if seq is None else seq, dtype=np.float64)
     zeros = np.zeros(np.broadcast(b, s).shape)
     tokens = b * s * recipe.sequences_per_example + zeros
-    p = _pass_work(spec, cfg, tokens, s, zeros)
+    if passes is None:
+        p = _pass_work(spec, cfg, tokens, s, zeros)
+    else:
+        key = fields_but(cfg, *_NOT_IN_PASSES)
+        kept = passes.get(key)
+        if kept is None:
+            kept = passes[key] = _pass_work(spec, cfg, tokens, s, zeros)
+        p = _Passes(flops=kept.flops, eager=kept.eager, passes=kept.passes, dequant=kept.dequant)
     train_dequant = p.dequant
     r = _rollout_work(spec, cfg, b, s, zeros) if recipe.behaviour.generates else None
     if r is not None:
@@ -503,6 +522,7 @@ def step_time_rows(spec: ModelSpec, cfgs: list[TrainConfig], gpu: GPUSpec, batch
     :class:`StepTimeInputs` (None: the defaults for all).
     """
     works: dict = {}
+    passes: dict = {}  # the model copies' passes (_pass_work), shared by the configurations of every rank and targets
     micros: dict = {}  # the micro-step's seconds by the same key, without a profile (_step_time)
     if grad_accum is not None:  # float64 once (what _step_time makes of it), not once per configuration
         grad_accum = np.asarray(grad_accum, dtype=np.float64)
@@ -511,7 +531,7 @@ def step_time_rows(spec: ModelSpec, cfgs: list[TrainConfig], gpu: GPUSpec, batch
     for i, cfg in enumerate(cfgs):
         k = fields_but(cfg, "optimizer")
         if k not in works:
-            works[k] = step_work(spec, cfg, batch)
+            works[k] = _step_work(spec, cfg, batch, passes=passes)
         out.append(_step_time(spec, cfg, gpu, batch, grad_accum=grad_accum, parallel=parallel,
                               inputs=DEFAULT_INPUTS if inputs is None else inputs[i], work=works[k],
                               kept=(micros, k), eff=eff))

@@ -308,7 +308,8 @@ def _fit_method(ctx: _FitContext, name: str) -> FitRow:
         alternatives = other_setups(spec, name, card_m, sreq, current=chosen)
     return FitRow(method=cfg.method, requested=name, adapter=cfg.adapter, alternatives=alternatives,
                   fits=bool(est.fits), estimate=est,
-                  **vars(band_limits(spec, cfg, card_m, par, totals=ctx.totals, margin=ctx.margin)),
+                  **vars(band_limits(spec, cfg, card_m, par, totals=ctx.totals, margin=ctx.margin,
+                                     searched=chosen._totals)),
                   limits=cfg.recipe.behaviour.limits(spec, cfg, card) if req.advise and req.methods else None,
                   settings=settings, notes=notes, plans=mp.plans, best=mp.best, chosen=chosen,
                   suggestions=suggestions, techniques=advice)

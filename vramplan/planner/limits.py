@@ -63,6 +63,8 @@ class DeviceTotals:
         self.terms: dict = {}
         #: floors computed so far (:meth:`floor`: equal arguments, equal floor), for the same planning call
         self._floors: dict[tuple, tuple] = {}
+        #: what their chains read (:meth:`_floor_parts`), likewise
+        self._parts: dict[tuple, tuple] = {}
         #: whether flash ties sdpa (memory.ties_stand_in) per (model, configuration but optimiser and attention)
         self.ties: dict[tuple, bool] = {}
         #: the least rollout KV cache over a micro-batch grid (:meth:`_least_kv`), for the same planning call
@@ -186,13 +188,33 @@ class DeviceTotals:
         # with no tensors: allocated = the workspace, device = the context + reserved
         return float(d["device"] - d["reserved"] + d["allocated"]) + float(tensors)
 
-    def _floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool,
-               batch: np.ndarray | None = None) -> float | None:
-        """:meth:`floor`, computed."""
+    def floor_tensors(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool = False,
+                      batch: np.ndarray | None = None) -> int | None:
+        """The tensor bytes :meth:`floor` puts through the device chain (None where it is None): a lower bound of the
+        floor itself -- the chain adds the context, the workspace and the reserve to them and takes nothing away
+        (no activations for the factor to scale; paged bytes stay beside the reserve: :meth:`at_least`'s reasoning)
+        -- for a caller that only asks whether the floor is over a limit (settled without the chain when these are).
+        Kept per instance, with what the floor's chain reads, as :meth:`floor` keeps the floors."""
+        parts = self._floor_parts(spec, cfg, card, any_optimizer, batch)
+        return None if parts is None else parts[0]
+
+    def _floor_parts(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool,
+                     batch: np.ndarray | None = None) -> tuple | None:
+        """``(tensors, paged, loaded)`` of :meth:`floor`'s chain (None where the floor is None), kept as :meth:`floor`
+        keeps the floors (keyed on the spec's and card's identity, each kept beside its value)."""
+        grid = None if batch is None else _grid_of(batch)
+        key = (id(spec), id(card), cfg, any_optimizer, grid)
+        kept = self._parts.get(key)
+        if kept is None or kept[0] is not spec or kept[1] is not card:
+            kept = (spec, card, self._new_parts(spec, cfg, card, any_optimizer, batch))
+            self._parts[key] = kept
+        return kept[2]
+
+    def _new_parts(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool,
+                   batch: np.ndarray | None = None) -> tuple | None:
+        """:meth:`_floor_parts`, computed."""
         if self._factor(cfg, card) < 1.0:
             return None
-        prof = self._profiles[card.name]
-        method, stack = cfg.recipe.name, cfg.framework
         st = model_state(spec, cfg)
         paged = st.bytes.get(Component.OPTIMIZER_STATES, 0) if get_optimizer(cfg.optimizer).paged else 0
         loaded = sum(st.bytes.get(c, 0) for c in LOADED_COMPONENTS)
@@ -201,8 +223,18 @@ class DeviceTotals:
             static = sum(st.bytes.get(c, 0) for c in RESIDENT_COMPONENTS)
             states = 0 if any_optimizer else st.bytes.get(Component.OPTIMIZER_STATES, 0)
             tensors = max(tensors, int(static + states + self._least_kv(spec, cfg, batch)))
-        return float(device_total(tensors, card, method=method, activation_bytes=0, paged_bytes=0 if any_optimizer else paged,
-                                  profile=prof, stack=stack, loaded_bytes=loaded))
+        return tensors, paged, loaded
+
+    def _floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool,
+               batch: np.ndarray | None = None) -> float | None:
+        """:meth:`floor`, computed: the device chain of :meth:`_floor_parts`."""
+        parts = self._floor_parts(spec, cfg, card, any_optimizer, batch)
+        if parts is None:
+            return None
+        tensors, paged, loaded = parts
+        return float(device_total(tensors, card, method=cfg.recipe.name, activation_bytes=0,
+                                  paged_bytes=0 if any_optimizer else paged, profile=self._profiles[card.name],
+                                  stack=cfg.framework, loaded_bytes=loaded))
 
 
 def _grid_of(batch) -> tuple:
@@ -215,12 +247,11 @@ def step_memory_for(spec: ModelSpec, cfg: TrainConfig, par: Parallel | None = No
                     components: "bool | frozenset" = True) -> StepMemory:
     """Per-GPU tensor bytes of ``cfg`` under ``par`` (arrays over batch/seq), with the components at the peak.
 
-    ``components``: a set works out only those components on one GPU (:data:`DEVICE_CHAIN_READS` for a device
-    total); a sharded layout works out all of them."""
+    ``components``: a set works out only those components (:data:`DEVICE_CHAIN_READS` for a device total)."""
     if par is not None and par.distributed:
         from ..distributed import parallel_step_memory
 
-        return parallel_step_memory(spec, cfg, par, batch=batch, seq=seq)
+        return parallel_step_memory(spec, cfg, par, batch=batch, seq=seq, components=components)
     return step_memory(spec, cfg, batch=batch, seq=seq, components=components)
 
 
@@ -315,12 +346,44 @@ class Limits:
 
 
 def band_limits(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, par: Parallel | None = None,
-                totals: DeviceTotals | None = None, margin: float | None = None) -> Limits:
+                totals: DeviceTotals | None = None, margin: float | None = None, searched: tuple | None = None) -> Limits:
     """:class:`Limits` of ``cfg`` on ``card`` with its stack and method's band (:func:`vramplan.bands.band_for_config`)
-    and ``margin`` (default the verdict's 15%): ``fit``'s ``max_batch`` / ``max_seq``."""
+    and ``margin`` (default the verdict's 15%): ``fit``'s ``max_batch`` / ``max_seq``.
+
+    ``searched``: ``(micro-batches, accumulation steps, device totals)`` the search already worked out for ``cfg``
+    on ``card`` at other micro-batches (a plan's row, ``Plan._totals``): when their prefix shared with the batch
+    grid settles both batch limits (:func:`_settled_prefix`) the grid is not worked out again."""
     from ..bands import band_for_config
+    from ..verdict import comfortable_limit
 
     b = band_for_config(cfg, multi=par is not None and par.distributed)
-    cb, tb = verdict_limits(*_batch_curve(spec, cfg, card, par, totals), card.memory_bytes, b.hi, b.lo, margin)
-    cs, ts = verdict_limits(*_seq_curve(spec, cfg, card, par, totals), card.memory_bytes, b.hi, b.lo, margin)
+    capacity = card.memory_bytes
+    top = max(comfortable_limit(capacity, b.hi, margin), capacity / (1.0 + max(min(0.0, float(b.lo)), -0.99)))
+    curve = _settled_prefix(cfg, par, searched, top) or _batch_curve(spec, cfg, card, par, totals)
+    cb, tb = verdict_limits(*curve, capacity, b.hi, b.lo, margin)
+    cs, ts = verdict_limits(*_seq_curve(spec, cfg, card, par, totals), capacity, b.hi, b.lo, margin)
     return Limits(cb, cs, tb, ts)
+
+
+def _settled_prefix(cfg: TrainConfig, par: Parallel | None, searched: tuple | None, top: float) -> tuple | None:
+    """``(grid, totals)``: the leading micro-batches of :func:`_batch_curve`'s grid whose device totals a search
+    already has (``searched``: its micro-batches, accumulation steps and totals for ``cfg`` at another micro-batch,
+    on one GPU), when their running maximum already exceeds ``top`` (the larger of :func:`verdict_limits`' two
+    limits): every later grid point is over both limits too, so :func:`fitting_prefix` counts the same on the prefix
+    as on the whole grid. None (work the grid out) on several GPUs, at another accumulation than ``cfg``'s (the
+    search's grid to a global batch), or when the prefix does not settle it.
+
+    The search's totals of a micro-batch are the batch curve's (one GPU: :meth:`DeviceTotals.rows` equals the chain
+    row by row, and the activation terms are the grid's element by element; tests/test_reuse10_speed.py)."""
+    if searched is None or (par is not None and par.distributed):
+        return None
+    b_grid, a_grid, row = searched
+    if np.any(np.asarray(a_grid) != cfg.grad_accum):
+        return None
+    grid = BATCH_GRID[BATCH_GRID >= cfg.recipe.behaviour.min_batch()]
+    n = min(len(grid), len(b_grid))
+    same = np.asarray(b_grid[:n]) == grid[:n]
+    k = n if same.all() else int(np.argmin(same))  # the shared prefix
+    if k == 0 or not float(np.max(row[:k])) > top:
+        return None
+    return grid[:k], np.asarray(row[:k], dtype=np.float64)

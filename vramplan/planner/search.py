@@ -51,6 +51,7 @@ from ..optimizers import get_optimizer, searched_optimizers, update_cost
 from ..overheads import card_profile
 from ..request import DEFAULT_ATTENTION, SearchRequest
 from ..throughput import StepTime, StepTimeInputs, step_time_rows, time_to_train
+from ..taxonomy import RESIDENT_COMPONENTS, Component
 from ..units import GIB
 from ..verdict import DEFAULT_MARGIN, Verdict, classify, comfortable_limit
 from .checks import check_card
@@ -87,6 +88,9 @@ class Plan:
     reason: str = ""
     band: tuple[float, float] = (0.0, 0.0)  # (lo, hi) of the stack and method (vramplan.bands)
     _grid: tuple[StepTime, int] | None = field(default=None, repr=False, compare=False)  # (over the batch grid, index)
+    #: (micro-batches, accumulation steps, device totals over them): the search's row this plan was picked from
+    #: (:func:`vramplan.planner.limits.band_limits` reads its prefix instead of working it out again)
+    _totals: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def recipe(self) -> str:
@@ -442,14 +446,16 @@ def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Paral
                                inputs=[StepTimeInputs(profile=prof, state=states[k], sharded=sharded.get(k))
                                        for k in reps])
         if not p.distributed:
-            results[p] = (_single_totals(spec, cands, card, reps, which, b_grid, a_grid, totals), times)
+            results[p] = (_single_totals(spec, cands, card, reps, which, b_grid, a_grid, totals,
+                                         [states[k] for k in reps]), times)
             continue
         mems = []
         for k, r in reps.items():
             tkey = (k, tuple(b_grid))
             if tkey not in terms:
                 terms[tkey] = step_terms(spec, r, batch=b_grid)
-            mems.append(accumulation_step_memory(spec, r, p, b_grid, a_grid, state=sharded[k], terms=terms[tkey]))
+            mems.append(accumulation_step_memory(spec, r, p, b_grid, a_grid, state=sharded[k], terms=terms[tkey],
+                                                 components=DEVICE_CHAIN_READS))  # what the device totals read
         rows = [totals(mems[j], cfg, card, p) for j, (cfg, _) in zip(which, cands)]
         results[p] = (np.array([filled(r, np.shape(b_grid)) for r in rows]), times)
     return which, results
@@ -484,14 +490,24 @@ def _shared_rows(spec: ModelSpec, cands: list, ties: dict) -> tuple[dict, np.nda
     except TypeError:  # a spec built with list fields (from a log's JSON): nothing kept between calls
         ties = {}
     keys = []
+    # _shared_key of each candidate, its fields but optimiser and attention taken once and the optimisers' and the
+    # attentions' own look-ups once per name (the same keys: tests/test_reuse10_speed.py)
+    states_as: dict[str, str] = {}  # optimiser -> the one whose states it keeps (or itself)
     for cfg, _ in cands:
-        if cfg.attention.same_as is None:
-            keys.append(_shared_key(cfg, False))
+        rest = fields_but(cfg, "optimizer", "attn")
+        opt = cfg.optimizer
+        same_states = states_as.get(opt)
+        if same_states is None:
+            same_states = states_as[opt] = get_optimizer(opt).same_states_as or opt
+        stand_in = cfg.attention.same_as
+        if stand_in is None:
+            keys.append((rest, cfg.attn, same_states))
             continue
-        base = (spec, fields_but(cfg, "optimizer", "attn"))
-        if base not in ties:
-            ties[base] = ties_stand_in(spec, cfg)
-        keys.append(_shared_key(cfg, ties[base]))
+        base = (spec, rest)
+        tie = ties.get(base)
+        if tie is None:
+            tie = ties[base] = ties_stand_in(spec, cfg)
+        keys.append((rest, (stand_in if tie else None) or cfg.attn, same_states))
     reps: dict[tuple, TrainConfig] = {}
     row: dict[tuple, int] = {}  # shared key -> its row (the order of first appearance, as reps')
     which = []
@@ -504,13 +520,14 @@ def _shared_rows(spec: ModelSpec, cands: list, ties: dict) -> tuple[dict, np.nda
 
 
 def _single_totals(spec: ModelSpec, cands: list, card: GPUSpec, reps: dict, which: np.ndarray, b_grid: np.ndarray,
-                   a_grid: np.ndarray, totals: DeviceTotals) -> np.ndarray:
+                   a_grid: np.ndarray, totals: DeviceTotals, states: list | None = None) -> np.ndarray:
     """One-GPU device totals (bytes, candidates x micro-batches): one :func:`step_memory_rows` call over the
-    shared configurations ``reps``, one :meth:`DeviceTotals.rows` chain over the candidates."""
+    shared configurations ``reps``, one :meth:`DeviceTotals.rows` chain over the candidates. ``states``: the model
+    state of each of ``reps``, when the caller has them."""
     # only what the device chain reads (the peak, the activation group, the optimiser states) is worked out
     read = DEVICE_CHAIN_READS
     mem, sts = step_memory_rows_shared(spec, list(reps.values()), batch=b_grid, grad_accum=a_grid, terms=totals.terms,
-                                       components=read)
+                                       components=read, states=states)
     mem = StepMemory(components={c: v[which] for c, v in mem.components.items() if c in read}, phases={},
                      peak=mem.peak[which], peak_phase=mem.peak_phase[which], state=None)
     return totals.rows(mem, [sts[j] for j in which], [cfg for cfg, _ in cands], card)
@@ -639,22 +656,38 @@ def _listing_filter(spec: ModelSpec, card: GPUSpec, margin: float, current_fits:
     """
     capacity = card.memory_bytes
     limits: dict[tuple, int] = {}  # (stack, method, adapter) -> the comfortable limit (_limits')
+    # base -> (whether the every-optimiser floors shut it, its limit, its floors' grid, the base with AdamW, checkpointing
+    # off and sdpa): what does not read the optimiser, worked out once per base, not once per (base, optimiser)
+    shared: dict[TrainConfig, tuple] = {}
 
     def shut(floor: float | None, limit: int) -> bool:
         return floor is not None and floor > limit and (current_fits or floor >= capacity + 1)
 
-    def can_list(base: TrainConfig, optimizer: str) -> bool:
-        key = base.with_(grad_ckpt=False, optimizer=optimizer, attn=DEFAULT_ATTENTION)
-        band = (key.framework, key.method, key.adapter)
+    def shut_floor(cfg: TrainConfig, limit: int, any_optimizer: bool = False, grid=None) -> bool:
+        # shut(totals.floor(...)): settled by the floor's tensors (a lower bound of it) where they are shut already
+        tensors = totals.floor_tensors(spec, cfg, card, any_optimizer=any_optimizer, batch=grid)
+        return tensors is not None and (shut(tensors, limit) or shut(
+            totals.floor(spec, cfg, card, any_optimizer=any_optimizer, batch=grid), limit))
+
+    def base_bound(base: TrainConfig) -> tuple:
+        any_key = base.with_(grad_ckpt=False, optimizer="adamw", attn=DEFAULT_ATTENTION)
+        band = (any_key.framework, any_key.method, any_key.adapter)
         if band not in limits:
-            limits[band] = _limits([(key, None)], capacity, margin, False)[0][1]
+            limits[band] = _limits([(any_key, None)], capacity, margin, False)[0][1]
         limit = limits[band]
-        any_key = key.with_(optimizer="adamw")
-        if shut(totals.floor(spec, any_key, card, any_optimizer=True), limit):
+        grid = batch if batch is not None and any_key.recipe.behaviour.generates else None
+        closed = shut_floor(any_key, limit, True) or (grid is not None and shut_floor(any_key, limit, True, grid))
+        return closed, limit, grid, any_key
+
+    def can_list(base: TrainConfig, optimizer: str) -> bool:
+        got = shared.get(base)
+        if got is None:
+            got = shared[base] = base_bound(base)
+        closed, limit, grid, any_key = got
+        if closed:
             return False
-        grid = batch if batch is not None and key.recipe.behaviour.generates else None
-        return not ((grid is not None and shut(totals.floor(spec, any_key, card, any_optimizer=True, batch=grid), limit))
-                    or shut(totals.floor(spec, key, card, batch=grid), limit))
+        key = any_key if optimizer == "adamw" else any_key.with_(optimizer=optimizer)
+        return not shut_floor(key, limit, grid=grid)
     return can_list
 
 
@@ -730,7 +763,7 @@ def search(spec: ModelSpec, method: str, card: GPUSpec, request: SearchRequest |
     chosen = {}
     if cands:
         which, results = _evaluate(spec, cands, card, parallels, grids, prof, totals)
-        chosen = {p: _choices(total, times, which, [u for _, u in limits]) + ([times[k] for k in which],)
+        chosen = {p: _choices(total, times, which, [u for _, u in limits]) + ([times[k] for k in which], list(total))
                   for p, (total, times) in results.items()}
     # (each layout's grid and picks looked up once, not per plan: a Parallel hashes field by field)
     layouts = [(p, grids[p], chosen[p]) for p in parallels] if cands else []
@@ -772,16 +805,20 @@ def _plan_at(req: SearchRequest, cfg: TrainConfig, note: str | None, p: Parallel
     """The :class:`Plan` of candidate ``cfg`` under ``p`` at its chosen micro-batch.
 
     ``grid``: (micro-batches, accumulation steps); ``pick``: ``(index, peak, fits, tokens/s, step s,
-    step times over the grid)`` as :func:`_choices` gives them; ``limit``: (band, comfortable limit)."""
-    index, peak, fits, tps, step, times = pick
+    step times over the grid[, device totals over the grid])`` as :func:`_choices` gives them and the search keeps
+    them; ``limit``: (band, comfortable limit)."""
+    index, peak, fits, tps, step, times = pick[:6]
     band, usable = limit
     b_grid, a_grid = grid
-    cfg_i = cfg.with_(batch=int(b_grid[index]), grad_accum=int(a_grid[index]))
+    batch, accum = int(b_grid[index]), int(a_grid[index])
+    # (the candidate itself at its own micro-batch and accumulation: an equal configuration, not built again)
+    cfg_i = cfg if batch == cfg.batch and accum == cfg.grad_accum else cfg.with_(batch=batch, grad_accum=accum)
     ttt, gh = time_to_train(req.tokens, req.epochs, tps, p.gpus)
     return Plan(method=cfg.method, adapter=cfg.adapter, config=cfg_i, parallel=p,
                 peak_bytes=int(peak), capacity_bytes=capacity, usable_bytes=usable, fits=fits,
                 tokens_per_s=tps, step_time_s=step, time_to_train_s=ttt,
-                gpu_hours=gh, fallback=note, band=(band.lo, band.hi), _grid=(times, index))
+                gpu_hours=gh, fallback=note, band=(band.lo, band.hi), _grid=(times, index),
+                _totals=(b_grid, a_grid, pick[6]) if len(pick) > 6 else None)
 
 
 def _reason(p: Plan, best: Plan | None) -> str:
@@ -933,10 +970,22 @@ def _sharded_suggestions(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, gpus:
     """
     terms: list = []  # the activation terms of one GPU's micro-batch, for every layout
 
-    def sharded(par: Parallel) -> StepMemory:  # step_memory_for(spec, cfg, par) of a distributed layout
+    def sharded(par: Parallel, state=None) -> StepMemory:  # step_memory_for(spec, cfg, par) of a distributed layout
         if not terms:
             terms.append(step_terms(spec, cfg))
-        return parallel_step_memory(spec, cfg, par, terms=terms[0])
+        return parallel_step_memory(spec, cfg, par, state=state, terms=terms[0],
+                                    components=DEVICE_CHAIN_READS)  # what the device totals read
+
+    def fits(par: Parallel) -> bool:  # float(totals(sharded(par), ...)) <= limit, settled by a bound where it can be
+        state = None
+        if deepspeed_cast(cfg, par) is cfg:  # a lower bound of the layout's peak: its forward and rollout phases
+            if not terms:
+                terms.append(step_terms(spec, cfg))
+            state = shard_state(spec, cfg, par)
+            least = totals.at_least(cfg, card, _phase_floor(state, terms[0], cfg.recipe.behaviour.generates))
+            if least is not None and least > limit:
+                return False
+        return float(totals(sharded(par, state), cfg, card, par)) <= limit
 
     def hopeless(par: Parallel) -> bool:  # the rollout's KV cache alone is over the limit on every layout of par's
         if not cfg.recipe.behaviour.generates or deepspeed_cast(cfg, par) is not cfg:
@@ -953,8 +1002,7 @@ def _sharded_suggestions(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, gpus:
         for n in GPU_COUNTS:
             if n <= gpus:
                 continue
-            par = make_parallel(n, strategy)
-            if float(totals(sharded(par), cfg, card, par)) <= limit:
+            if fits(make_parallel(n, strategy)):
                 found.setdefault(n, []).append(strategy)
                 break
     for n, strategies in sorted(found.items()):
@@ -964,11 +1012,27 @@ def _sharded_suggestions(spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, gpus:
     # vramplan.distributed._zero3_whole_module_bytes)
     for strategy in SHARDED_PARAMS:  # ZeRO-3, then FSDP
         par = make_parallel(max(1, gpus), strategy, "cpu")
-        if not hopeless(par) and float(totals(sharded(par), cfg, card, par)) <= limit:
+        if not hopeless(par) and fits(par):
             out.append(Suggestion("offload", f"{max(1, gpus)}x {card.name} with {strategy} --offload cpu (slow)",
                                   {"gpus": max(1, gpus), "strategy": strategy, "offload": "cpu"}))
             break
     return out
+
+
+def _phase_floor(state, t, generates: bool) -> float:
+    """A lower bound (bytes) on the per-GPU tensor peak of :func:`~vramplan.distributed.parallel_step_memory` with the
+    sharded state ``state`` (:func:`~vramplan.distributed.shard_state`) and the activation terms ``t`` of one GPU's
+    micro-batch, its least over the grid. The peak is the largest phase (:func:`vramplan.phases.combine_phases`;
+    FSDP2's unit walk only raises a phase): the forward holds the resident shard, the communication buffers and the
+    optimiser states beside at least the saved activations, the last step's graph and the logits (the casts, held
+    gradients, gathered units and larger working sets only add to them); a method that generates (``generates``) has
+    its rollout, those states beside the KV cache, the rollout's logits and the gathered policy."""
+    b = state.bytes
+    held = sum(b.get(c, 0) for c in RESIDENT_COMPONENTS) + state.comm_buffer_bytes + b.get(Component.OPTIMIZER_STATES, 0)
+    floor = np.min(t.acts + t.last_graph + t.logits_fwd)
+    if generates:
+        floor = max(floor, np.min(t.kv + t.rollout_logits) + state.rollout_gather_bytes)
+    return float(held + floor)
 
 
 # -- other stacks and precisions ---------------------------------------------------------------
