@@ -282,56 +282,9 @@ def _kept_figures(gpu: GPUSpec | None, prof, method: str | None, stack: str | No
     return fig
 
 
-#: The inputs :func:`_chain` works out with Python floats (exactly numpy's float64 arithmetic on 0-d arrays).
-_SCALARS = frozenset((int, float, np.float64))
-
-
 def _chain(fig: _Figures, tensor_peak, activation_bytes, paged_bytes, loaded_bytes=0, load_reserved=0) -> dict[str, Any]:
     """The chain of the module docstring on float64 arrays (or scalars); every term in bytes. ``load_reserved``:
-    what the model's load left reserved (``ModelState.load_reserved``), a floor under the reserved total.
-    Plain numbers without an allocator model (most of a search's calls) take :func:`_scalar_chain`."""
-    if (fig.allocator is None and type(tensor_peak) in _SCALARS and type(activation_bytes) in _SCALARS
-            and type(paged_bytes) in _SCALARS and type(loaded_bytes) in _SCALARS and type(load_reserved) in _SCALARS):
-        return _scalar_chain(fig, tensor_peak, activation_bytes, paged_bytes, loaded_bytes, load_reserved)
-    return _array_chain(fig, tensor_peak, activation_bytes, paged_bytes, loaded_bytes, load_reserved)
-
-
-def _scalar_chain(fig: _Figures, tensor_peak, activation_bytes, paged_bytes, loaded_bytes, load_reserved) -> dict[str, Any]:
-    """:func:`_array_chain` of plain numbers with the default reserve (no allocator model), in Python floats: the
-    same IEEE double operations in the same order (``maximum`` as numpy's scalar loop: its first argument on a tie
-    or when it is NaN; ``floor`` of a finite number), handed out as the numpy scalars (and, for a factor of 1, the 0-d zero
-    correction) the array chain gives. A number without a floor (inf, NaN) takes the array chain."""
-    import math
-
-    t = float(tensor_peak)
-    act = float(activation_bytes)
-    paged = float(paged_bytes) if fig.paged_outside else 0.0
-    if fig.factor != 1.0:
-        corr_out = np.rint((fig.factor - 1.0) * act)
-        corr = float(corr_out)
-    else:
-        corr, corr_out = 0.0, np.zeros(())
-    tensors = t + corr
-    in_alloc = tensors - paged
-    in_alloc = 0.0 if 0.0 >= in_alloc else in_alloc
-    allocated = in_alloc + fig.workspace
-    step_alloc = in_alloc - float(loaded_bytes)
-    step_alloc = 0.0 if 0.0 >= step_alloc else step_alloc
-    try:
-        reserved = allocated + float(math.floor(DEFAULT_RESERVE_FRACTION * step_alloc))
-    except (OverflowError, ValueError):
-        return _array_chain(fig, tensor_peak, activation_bytes, paged_bytes, loaded_bytes, load_reserved)
-    floor = float(load_reserved)
-    reserved = reserved if reserved >= floor else floor  # finite here: numpy's maximum
-    f64 = np.float64
-    return {"correction": corr_out, "tensors": f64(tensors), "paged": f64(tensors - in_alloc),
-            "allocated": f64(allocated), "reserved": f64(reserved), "reserve": f64(reserved - allocated),
-            "device": f64(fig.context + reserved + (tensors - in_alloc))}
-
-
-def _array_chain(fig: _Figures, tensor_peak, activation_bytes, paged_bytes, loaded_bytes=0,
-                 load_reserved=0) -> dict[str, Any]:
-    """The chain on float64 arrays (the long way, for every input)."""
+    what the model's load left reserved (``ModelState.load_reserved``), a floor under the reserved total."""
     t = np.asarray(tensor_peak, dtype=np.float64)
     act = np.asarray(activation_bytes, dtype=np.float64)
     paged = np.asarray(paged_bytes, dtype=np.float64) if fig.paged_outside else np.zeros_like(t)
