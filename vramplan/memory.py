@@ -875,6 +875,12 @@ def backward_casts(st: ModelState, cfg: TrainConfig) -> BackwardCasts:
                          layer_cache=st.layer_cast, attn_cache=st.attn_cast, head_cache=head)
 
 
+def step_gradients(st: ModelState, cfg: TrainConfig) -> int:
+    """Gradient bytes alive at once through backward and the optimiser step: every gradient, or with the step inside
+    backward (``opt_in_bwd``) only the largest (each is consumed and freed as soon as it is ready)."""
+    return st.largest_grad if cfg.uses("opt_in_bwd") else st.bytes[Component.GRADIENTS]
+
+
 def state_terms(st: ModelState, cfg: TrainConfig, grads_held=0) -> StateTerms:
     """The batch-independent terms :func:`combine_phases` takes from a :class:`ModelState` (bytes).
 
@@ -883,7 +889,7 @@ def state_terms(st: ModelState, cfg: TrainConfig, grads_held=0) -> StateTerms:
     alive through a micro-batch (:func:`held_gradients`).
     """
     in_bwd = cfg.uses("opt_in_bwd")
-    grads = st.largest_grad if in_bwd else st.bytes[Component.GRADIENTS]
+    grads = step_gradients(st, cfg)
     # a frozen weight's per-use casts are saved by its layer's matmuls: a checkpointed forward frees them
     cache = st.bytes[Component.AUTOCAST_CACHE] - (st.frozen_layer_casts if cfg.grad_ckpt else 0)
     return StateTerms(states=st.bytes[Component.OPTIMIZER_STATES], cache=cache,
@@ -907,7 +913,7 @@ def resident_floor(model: ModelSpec, cfg: TrainConfig, st: ModelState | None = N
     """
     st = st or model_state(model, cfg)
     # state_terms' states, step temporary and grads_opt, read without building the rest of its StateTerms
-    grads = st.largest_grad if cfg.uses("opt_in_bwd") else st.bytes[Component.GRADIENTS]
+    grads = step_gradients(st, cfg)
     static = sum(st.bytes.get(c, 0) for c in RESIDENT_COMPONENTS)
     own = st.bytes[Component.OPTIMIZER_STATES] + st.step_temporary if optimizer else 0
     return int(static + max(0, own + grads))
