@@ -408,7 +408,7 @@ def _resolve_once(cfg: TrainConfig) -> None:
         pass
 
 
-def _shared_key(cfg: TrainConfig, tie: bool) -> tuple:
+def _shared_key(cfg: TrainConfig, tie: bool, rest: tuple | None = None) -> tuple:
     """The key of the configuration whose tensors and time ``cfg`` shares: its fields, with flash as sdpa where
     they tie (``tie``: :func:`vramplan.memory.ties_stand_in`) and an optimiser as the one whose states it keeps
     (``OptimizerDef.same_states_as``: paged 8-bit AdamW as 8-bit AdamW)
@@ -419,8 +419,10 @@ def _shared_key(cfg: TrainConfig, tie: bool) -> tuple:
     sequence, ...: then ``tie`` is False and each is evaluated); paged 8-bit AdamW keeps the same states as
     8-bit AdamW (on the GPU while they fit): each pair's tensors and time are evaluated once. Their device
     totals differ (paged states live outside the allocator's reserve): one per optimiser.
+    (``rest``: ``fields_but(cfg, "optimizer", "attn")`` when the caller has it.)
     """
-    return (fields_but(cfg, "optimizer", "attn"), (cfg.attention.same_as if tie else None) or cfg.attn,
+    return (fields_but(cfg, "optimizer", "attn") if rest is None else rest,
+            (cfg.attention.same_as if tie else None) or cfg.attn,
             get_optimizer(cfg.optimizer).same_states_as or cfg.optimizer)
 
 
@@ -490,24 +492,16 @@ def _shared_rows(spec: ModelSpec, cands: list, ties: dict) -> tuple[dict, np.nda
     except TypeError:  # a spec built with list fields (from a log's JSON): nothing kept between calls
         ties = {}
     keys = []
-    # _shared_key of each candidate, its fields but optimiser and attention taken once and the optimisers' and the
-    # attentions' own look-ups once per name (the same keys: tests/test_reuse10_speed.py)
-    states_as: dict[str, str] = {}  # optimiser -> the one whose states it keeps (or itself)
     for cfg, _ in cands:
-        rest = fields_but(cfg, "optimizer", "attn")
-        opt = cfg.optimizer
-        same_states = states_as.get(opt)
-        if same_states is None:
-            same_states = states_as[opt] = get_optimizer(opt).same_states_as or opt
-        stand_in = cfg.attention.same_as
-        if stand_in is None:
-            keys.append((rest, cfg.attn, same_states))
+        rest = fields_but(cfg, "optimizer", "attn")  # taken once: the ties' key and the shared key's first part
+        if cfg.attention.same_as is None:
+            keys.append(_shared_key(cfg, False, rest))
             continue
         base = (spec, rest)
         tie = ties.get(base)
         if tie is None:
             tie = ties[base] = ties_stand_in(spec, cfg)
-        keys.append((rest, (stand_in if tie else None) or cfg.attn, same_states))
+        keys.append(_shared_key(cfg, tie, rest))
     reps: dict[tuple, TrainConfig] = {}
     row: dict[tuple, int] = {}  # shared key -> its row (the order of first appearance, as reps')
     which = []
