@@ -140,15 +140,7 @@ class DeviceTotals:
         (the rollout's other bytes, ``StepTerms.rollout_logits``, are never negative): a step's peak is its
         largest phase (:func:`vramplan.phases.combine_phases`), so no micro-batch of the grid comes out below it.
         """
-        # keyed on the identity of the spec and the card (their field-by-field hashes cost more than the look-up
-        # saves), each kept beside its floor: a kept object's identity is not reused while it is kept
-        grid = None if batch is None else _grid_of(batch)
-        key = (id(spec), id(card), cfg, any_optimizer, grid)
-        kept = self._floors.get(key)
-        if kept is None or kept[0] is not spec or kept[1] is not card:
-            kept = (spec, card, self._floor(spec, cfg, card, any_optimizer, batch))
-            self._floors[key] = kept
-        return kept[2]
+        return _kept_per_identity(self._floors, self._floor, spec, cfg, card, any_optimizer, batch)
 
     def _least_kv(self, spec: ModelSpec, cfg: TrainConfig, batch: np.ndarray) -> float:
         """The least rollout KV cache (bytes, :class:`~vramplan.phases.StepTerms`' ``kv``) of ``cfg`` over the
@@ -202,13 +194,7 @@ class DeviceTotals:
                      batch: np.ndarray | None = None) -> tuple | None:
         """``(tensors, paged, loaded)`` of :meth:`floor`'s chain (None where the floor is None), kept as :meth:`floor`
         keeps the floors (keyed on the spec's and card's identity, each kept beside its value)."""
-        grid = None if batch is None else _grid_of(batch)
-        key = (id(spec), id(card), cfg, any_optimizer, grid)
-        kept = self._parts.get(key)
-        if kept is None or kept[0] is not spec or kept[1] is not card:
-            kept = (spec, card, self._new_parts(spec, cfg, card, any_optimizer, batch))
-            self._parts[key] = kept
-        return kept[2]
+        return _kept_per_identity(self._parts, self._new_parts, spec, cfg, card, any_optimizer, batch)
 
     def _new_parts(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool,
                    batch: np.ndarray | None = None) -> tuple | None:
@@ -235,6 +221,18 @@ class DeviceTotals:
         return float(device_total(tensors, card, method=cfg.recipe.name, activation_bytes=0,
                                   paged_bytes=0 if any_optimizer else paged, profile=self._profiles[card.name],
                                   stack=cfg.framework, loaded_bytes=loaded))
+
+
+def _kept_per_identity(store: dict, compute, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool,
+                       batch: np.ndarray | None):
+    """``compute(spec, cfg, card, any_optimizer, batch)`` kept in ``store`` (:meth:`DeviceTotals.floor` and its parts):
+    keyed on the identity of the spec and the card (their field-by-field hashes cost more than the look-up saves),
+    each kept beside its value, so a kept object's identity is not reused while it is kept."""
+    key = (id(spec), id(card), cfg, any_optimizer, None if batch is None else _grid_of(batch))
+    kept = store.get(key)
+    if kept is None or kept[0] is not spec or kept[1] is not card:
+        kept = store[key] = (spec, card, compute(spec, cfg, card, any_optimizer, batch))
+    return kept[2]
 
 
 def _grid_of(batch) -> tuple:
