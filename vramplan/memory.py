@@ -1005,21 +1005,31 @@ def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=Non
             distinct.append(terms)
         rows.append(j)
     # one row per configuration: the distinct terms stacked, then each configuration's row taken
-    t = StepTerms.stack(distinct)
-    if len(distinct) < len(rows):
-        t = t.take(np.array(rows, dtype=np.intp))
+    t = StepTerms.stack(distinct, np.array(rows, dtype=np.intp) if len(distinct) < len(rows) else None)
     extra = (1,) * (t.zeros.ndim - 1)
 
     def column(values) -> np.ndarray:
         return np.asarray(values, dtype=np.int64).reshape((len(cfgs),) + extra)
 
     present = set().union(*[st.bytes for st in states])  # the components some row has, in Component's order:
-    base = {comp: column([st.bytes.get(comp, 0) for st in states]) for comp in Component if comp in present}
+    have = [comp for comp in Component if comp in present]
+    base = dict(zip(have, _columns([[st.bytes.get(comp, 0) for comp in have] for st in states], extra)))
     # gradients held through accumulated micro-batches: (rows, 1...) x the accumulation grid
     held = _held_rows(states, cfgs, grad_accum, t.zeros.shape[1:], column)
-    s = _stack_state_terms([state_terms(st, c) for st, c in zip(states, cfgs)], column, held)
+    s = _stack_state_terms([state_terms(st, c) for st, c in zip(states, cfgs)], extra, held)
     phases, peak, idx, comps = combine_phases(t, base, s, components=components)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=None), states
+
+
+def _columns(table: list, extra: tuple) -> list[np.ndarray]:
+    """The columns of ``table`` (a list of rows, each a list of the same fields' values) as int64 ``(rows, 1...)``
+    arrays (``extra``: the trailing 1s), one per field in order.
+
+    One ``np.array`` of the whole table, each column a view of it: every value converted to int64 as
+    ``np.asarray(column, dtype=np.int64)`` converts it, in one call instead of one per field
+    (tests/test_rows11_speed.py)."""
+    a = np.array(table, dtype=np.int64)
+    return list(a.T.reshape(a.shape[::-1] + extra))
 
 
 def _held_rows(states: list, cfgs: list[TrainConfig], grad_accum, grid: tuple, column) -> np.ndarray:
@@ -1032,10 +1042,17 @@ def _held_rows(states: list, cfgs: list[TrainConfig], grad_accum, grid: tuple, c
     return filled(np.where(np.asarray(grad_accum) > 1, grads, 0), (len(cfgs),) + grid)
 
 
-def _stack_state_terms(rows: list[StateTerms], column, grads_held) -> StateTerms:
-    """One :class:`StateTerms` of column arrays (``column``: values -> a ``(rows, 1...)`` array) from one per
-    configuration; the rollout flag is shared (the rows agree on it) and ``grads_held`` given whole."""
-    casts = BackwardCasts(**{f.name: column([getattr(r.casts, f.name) for r in rows]) for f in fields(BackwardCasts)})
-    cols = {f.name: column([getattr(r, f.name) for r in rows]) for f in fields(StateTerms)
-            if f.name not in ("casts", "rollout_on", "grads_held")}
-    return StateTerms(**cols, casts=casts, rollout_on=rows[0].rollout_on, grads_held=grads_held)
+#: :class:`StateTerms`' fields stacked as int64 columns (:func:`_stack_state_terms`), and :class:`BackwardCasts`'.
+_STATE_COLUMNS = tuple(f.name for f in fields(StateTerms) if f.name not in ("casts", "rollout_on", "grads_held"))
+_CAST_COLUMNS = tuple(f.name for f in fields(BackwardCasts))
+
+
+def _stack_state_terms(rows: list[StateTerms], extra: tuple, grads_held) -> StateTerms:
+    """One :class:`StateTerms` of int64 ``(rows, 1...)`` columns (``extra``: the trailing 1s) from one per
+    configuration, every field's and every cast's column from one table (:func:`_columns`); the rollout flag is
+    shared (the rows agree on it) and ``grads_held`` given whole."""
+    n = len(_STATE_COLUMNS)
+    cols = _columns([[r.__dict__[k] for k in _STATE_COLUMNS] + [r.casts.__dict__[k] for k in _CAST_COLUMNS]
+                     for r in rows], extra)
+    return StateTerms(**dict(zip(_STATE_COLUMNS, cols[:n])), casts=BackwardCasts(*cols[n:]),
+                      rollout_on=rows[0].rollout_on, grads_held=grads_held)

@@ -96,12 +96,21 @@ class StepTerms:
         return self if out is None else StepTerms(**out)
 
     @staticmethod
-    def stack(rows: list["StepTerms"]) -> "StepTerms":
-        """One :class:`StepTerms` whose arrays gain a leading axis, one row per element of ``rows``.
+    def stack(rows: list["StepTerms"], order: np.ndarray | None = None) -> "StepTerms":
+        """One :class:`StepTerms` whose arrays gain a leading axis, one row per element of ``rows`` (then
+        :meth:`take` at ``order``, an index array, when given).
 
         Each row's terms have one shape (:meth:`broadcast`): ``np.array`` of them is ``np.stack`` of them, in a
-        third of its time."""
-        return StepTerms(**{name: np.array([getattr(r, name) for r in rows]) for name in TERM_NAMES})
+        third of its time. With an ``order``, when every term of every row has one dtype (float64 bytes), one
+        ``np.array`` of all of them (rows x terms x grid) and one index of it instead of one per term: each term
+        is a view of it, with the long way's values, shape and dtype (nothing converts; tests/test_rows11_speed.py).
+        (Without one, one ``np.array`` per term costs fewer instructions than the table's: its leaves cost alike.)"""
+        if order is not None:
+            values = [[r.__dict__[name] for name in TERM_NAMES] for r in rows]
+            if len({v.dtype for vs in values for v in vs}) == 1:
+                return StepTerms(*np.array(values)[order].swapaxes(0, 1))
+        t = StepTerms(**{name: np.array([r.__dict__[name] for r in rows]) for name in TERM_NAMES})
+        return t if order is None else t.take(order)
 
     def take(self, rows: np.ndarray) -> "StepTerms":
         """The terms of a :meth:`stack` at ``rows`` (an index array along its leading axis: the stack of those rows)."""
@@ -218,6 +227,7 @@ class _Forward:
     peak: np.ndarray    #: the larger of ``work`` and a frozen copy's forward, with the gathered units
     mid: np.ndarray     #: a layer's forward before the logits (engines that name that point; else 0)
     head_f: Bytes = 0.0  #: the heads' autocast casts, made by the head's matmul after every layer's forward
+    saved: Bytes = 0.0   #: saved activations and the previous step's graph (``acts + last_graph``)
 
 
 def _forward_walk(t: StepTerms, g: Gathering, head_f: Bytes = 0.0) -> _Forward:
@@ -231,10 +241,11 @@ def _forward_walk(t: StepTerms, g: Gathering, head_f: Bytes = 0.0) -> _Forward:
     temps = np.maximum(t.temps_fwd, t.temps_fwd_only - dora_side)
     # a layer's buffers (the dequantised weight, eager attention's scores) come before the heads' autocast casts
     # exist (``head_f``, made by the head's matmul after every layer): beside the cache less those
-    work = t.acts + t.last_graph + np.maximum(t.logits_fwd, np.maximum(temps, t.attn_fwd) - head_f)
+    saved = t.acts + t.last_graph
+    work = saved + np.maximum(t.logits_fwd, np.maximum(temps, t.attn_fwd) - head_f)
     peak = g.gathered + np.maximum(work, t.nograd_peak)
     mid = t.zeros if g.fwd_mid is None else np.maximum(t.acts - t.layer, 0) + g.fwd_mid
-    return _Forward(temps=temps, work=work, peak=peak, mid=mid, head_f=head_f)
+    return _Forward(temps=temps, work=work, peak=peak, mid=mid, head_f=head_f, saved=saved)
 
 
 @dataclass(frozen=True)
@@ -259,6 +270,9 @@ class _Backward:
     logits_end: np.ndarray    #: everything saved plus the loss's gradients
     head_end: np.ndarray      #: everything saved plus the head weight's gradient and its fp32 cast (0: no cast)
     grads_end: np.ndarray     #: the larger of ``work`` and backward's end (every gradient), + logits kept
+    head_saved: Bytes = 0     #: the casts saved for backward but the heads' (freed by their backward first)
+    layer_branch: Bytes = 0   #: the larger of ``mlp_work`` and ``attn_work``
+    all_grads: Bytes = 0      #: backward's end: every gradient, the last accumulation's buffers, the units gathered
 
 
 def _backward_walk(t: StepTerms, s: StateTerms, g: Gathering, r: _Resident) -> _Backward:
@@ -267,14 +281,16 @@ def _backward_walk(t: StepTerms, s: StateTerms, g: Gathering, r: _Resident) -> _
     two ends, plus its recomputation (checkpointing), its transient buffers and its dequantised weight."""
     c = s.casts
     grads_before = np.maximum(s.grads_bwd - s.grads_tail, 0)
+    # (each sub-expression used more than once is worked out once: the same operations in the same order)
+    head_saved = np.maximum(r.cache_bwd - c.head_cache, 0)
     # a layer's backward works beside either end: early, every saved tensor (plus its recomputation);
     # late, the first layer beside every gradient but its attention block's and the embedding's
     # (the final norm's and the head's saved tensors were freed by their backward, before any layer's)
-    saved_side = (t.acts - t.head_acts + np.maximum(r.cache_bwd - c.head_cache, 0) + t.recompute
+    saved_side = (t.acts - t.head_acts + head_saved + t.recompute
                   + c.recompute_cache + r.held)
     # the first layer's MLP backward (all its saved tensors and casts), then its attention's
-    grads_side = np.maximum(np.maximum(grads_before - s.layer_grad, 0) + t.layer + c.layer_cache,
-                            grads_before + t.layer_attn + c.attn_cache)
+    grads_attn = grads_before + t.layer_attn + c.attn_cache
+    grads_side = np.maximum(np.maximum(grads_before - s.layer_grad, 0) + t.layer + c.layer_cache, grads_attn)
     # (a dequantised weight is beside only part of the layer's buffers: activations.linear_backward_transient)
     layer_temps = np.maximum(t.transient, t.temps_fwd + t.transient_linear)
     mlp_work = np.maximum(saved_side, grads_side) + layer_temps
@@ -288,28 +304,30 @@ def _backward_walk(t: StepTerms, s: StateTerms, g: Gathering, r: _Resident) -> _
     # layer's attention-block tensors (less what matmul's backward freed) plus those buffers
     # (the last layer's attention runs backward after the head's and its MLP's gradients exist)
     # (and its MLP's weight casts are released with that block's saved tensors)
-    attn_side_cache = np.maximum(r.cache_bwd - c.head_cache, 0) + c.recompute_cache - (c.layer_cache - c.attn_cache)
+    mlp_casts = c.layer_cache - c.attn_cache
+    attn_side_cache = head_saved + c.recompute_cache - mlp_casts
     saved_attn = (saved_side - t.layer + t.layer_attn + s.head_grad + s.layer_grad
-                  - (c.layer_cache - c.attn_cache))
-    grads_attn = grads_before + t.layer_attn + c.attn_cache
+                  - mlp_casts)
     attn_work = np.maximum(saved_attn, grads_attn) + t.attn_bwd
-    work = np.maximum(np.maximum(mlp_work, attn_work), rec_work)
+    layer_branch = np.maximum(mlp_work, attn_work)
+    work = np.maximum(layer_branch, rec_work)
     logits_end = t.acts + r.cache_bwd + r.held + t.logits_bwd + g.at(g.bwd_start)
     # the trained head's matmul backward (before any layer's, every activation still saved; the logits'
     # gradient freed once it ran): the 16-bit gradient of its weight's autocast cast beside the fp32 cast
     # autograd makes of it (the dry run: qwen2.5-7b GRPO full, eager, 2k, peaks there)
     # (the head's own cast, saved by that matmul, freed with it)
-    head_end = np.where(s.head_grad_cast > 0, t.acts + np.maximum(r.cache_bwd - c.head_cache, 0) + r.held
+    head_end = np.where(s.head_grad_cast > 0, t.acts + head_saved + r.held
                         + s.head_grad + s.head_grad_cast
                         + t.logits_kept + g.at(g.bwd_start), 0)
     acts_end = np.maximum(logits_end, head_end)
     work = work + g.at(g.bwd_work)
-    grads_end = np.maximum(work, s.grads_bwd + s.grads_end_extra + g.at(g.bwd_end)) + t.logits_kept
+    all_grads = s.grads_bwd + s.grads_end_extra + g.at(g.bwd_end)
+    grads_end = np.maximum(work, all_grads) + t.logits_kept
     return _Backward(grads_before=grads_before, saved_side=saved_side, grads_side=grads_side, layer_temps=layer_temps,
                      mlp_work=mlp_work, rec_prefix=rec_prefix, rec_saved=rec_saved, rec_grads=rec_grads,
                      rec_work=rec_work, attn_side_cache=attn_side_cache, saved_attn=saved_attn, grads_attn=grads_attn,
                      attn_work=attn_work, work=work, acts_end=acts_end, logits_end=logits_end, head_end=head_end,
-                     grads_end=grads_end)
+                     grads_end=grads_end, head_saved=head_saved, layer_branch=layer_branch, all_grads=all_grads)
 
 
 def combine_phases(t: StepTerms, base: dict[Component, int], s: StateTerms, g: Gathering = ONE_DEVICE,
@@ -331,12 +349,13 @@ def combine_phases(t: StepTerms, base: dict[Component, int], s: StateTerms, g: G
     r = _resident(t, base, s, g)
     fw = _forward_walk(t, g, np.minimum(s.casts.head_cache, r.cache))
     bw = _backward_walk(t, s, g, r)
+    with_states = r.static + r.states  # the first sum of every phase but loading's, worked out once
     phases = {Phase.LOAD: r.static.copy(),
-              Phase.ROLLOUT: (r.static + r.states + t.kv + t.rollout_logits + g.rollout_gather
+              Phase.ROLLOUT: (with_states + t.kv + t.rollout_logits + g.rollout_gather
                               if s.rollout_on else t.zeros.copy()),
-              Phase.FORWARD: r.static + r.states + r.cache + r.held + np.maximum(fw.peak, fw.mid),
-              Phase.BACKWARD: r.static + r.states + np.maximum(bw.acts_end, bw.grads_end),
-              Phase.OPTIMIZER_STEP: r.static + r.states + s.grads_opt + s.step_temporary}
+              Phase.FORWARD: with_states + r.cache + r.held + np.maximum(fw.peak, fw.mid),
+              Phase.BACKWARD: with_states + np.maximum(bw.acts_end, bw.grads_end),
+              Phase.OPTIMIZER_STEP: with_states + s.grads_opt + s.step_temporary}
     stack = np.array([phases[p] for p in PHASE_ORDER])  # one shape each: np.stack's result, faster
     idx = np.argmax(stack, axis=0)
     peak = np.max(stack, axis=0)
@@ -346,15 +365,23 @@ def combine_phases(t: StepTerms, base: dict[Component, int], s: StateTerms, g: G
     return phases, peak, idx, _components_at_peak(t, base, s, g, r, fw, bw, idx, want)
 
 
-def _at_peak(idx: np.ndarray, zeros: np.ndarray, by_phase: dict[Phase, Bytes]) -> np.ndarray:
+def _at_peak(idx: np.ndarray, zeros: np.ndarray, by_phase: dict[Phase, Bytes], masks: dict | None = None) -> np.ndarray:
     """Where the peak is phase p, ``by_phase[p]`` (0 for a phase not given: the zeros it starts from, which no
-    other phase's ``np.where`` touches there, so a phase not given is skipped)."""
-    out = zeros.copy()
+    other phase's ``np.where`` touches there, so a phase not given is skipped), a new array.
+
+    ``masks``: ``idx == k`` per phase index ``k``, kept between the components of one peak (each worked out the
+    first time a component needs it). The first ``np.where`` starts from ``zeros`` itself (it makes a new array:
+    the copy the chain started from is needed only when no phase is given)."""
+    masks = {} if masks is None else masks
+    out = zeros
     for k, p in enumerate(PHASE_ORDER):
         v = by_phase.get(p)
         if v is not None:
-            out = np.where(idx == k, v, out)
-    return out
+            m = masks.get(k)
+            if m is None:
+                m = masks[k] = idx == k
+            out = np.where(m, v, out)
+    return zeros.copy() if out is zeros else out
 
 
 @dataclass(frozen=True)
@@ -375,14 +402,15 @@ class _Where:
 
 def _where(t: StepTerms, s: StateTerms, g: Gathering, fw: _Forward, bw: _Backward) -> _Where:
     bwd_act = bw.acts_end >= bw.grads_end
-    in_rec = bw.rec_work > np.maximum(bw.mlp_work, bw.attn_work)
+    in_rec = bw.rec_work > bw.layer_branch
     in_attn = ~in_rec & (bw.attn_work > bw.mlp_work)
     bwd_saved = np.where(in_rec, bw.rec_saved >= bw.rec_grads,
                          np.where(in_attn, bw.saved_attn >= bw.grads_attn, bw.saved_side >= bw.grads_side))
-    bwd_end = s.grads_bwd + s.grads_end_extra + g.at(g.bwd_end) >= bw.work  # backward's last state: all gradients
+    bwd_end = bw.all_grads >= bw.work  # backward's last state: all gradients
+    temps_f = fw.temps - fw.head_f
     return _Where(bwd_act=bwd_act, bwd_head=bw.head_end > bw.logits_end, layer=~bwd_act & ~bwd_end, in_rec=in_rec, in_attn=in_attn, bwd_saved=bwd_saved,
-                  fwd_act=fw.work >= t.nograd_peak, fwd_at_mid=fw.mid > fw.peak, fwd_temps=t.logits_fwd < fw.temps - fw.head_f,
-                  fwd_attn=t.attn_fwd - fw.head_f > np.maximum(t.logits_fwd, fw.temps - fw.head_f))
+                  fwd_act=fw.work >= t.nograd_peak, fwd_at_mid=fw.mid > fw.peak, fwd_temps=t.logits_fwd < temps_f,
+                  fwd_attn=t.attn_fwd - fw.head_f > np.maximum(t.logits_fwd, temps_f))
 
 
 def _components_at_peak(t: StepTerms, base: dict[Component, int], s: StateTerms, g: Gathering, r: _Resident,
@@ -392,20 +420,22 @@ def _components_at_peak(t: StepTerms, base: dict[Component, int], s: StateTerms,
 
     ``want``: only these components (None: all); each is what the whole breakdown has for it, in its order."""
     zeros, c, w = t.zeros, s.casts, _where(t, s, g, fw, bw)
+    masks: dict = {}
 
     def at(by_phase: dict[Phase, Bytes]) -> np.ndarray:
-        return _at_peak(idx, zeros, by_phase)
+        return _at_peak(idx, zeros, by_phase, masks)
 
     def need(k: Component) -> bool:
         return want is None or k in want
 
-    comps: dict[Component, np.ndarray] = {k: base.get(k, 0) + zeros
-                                          for k in (Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS)}
+    # (a component the caller does not read is not worked out: the others keep their order and values)
+    comps: dict[Component, np.ndarray] = {k: base.get(k, 0) + zeros for k in (
+        Component.QUANT_STATE, Component.ADAPTERS, Component.MASTER_WEIGHTS, Component.WEIGHTS) if need(k)}
     g_comp = g.gathered_component or Component.WEIGHTS
-    comps[Component.WEIGHTS] = base.get(Component.WEIGHTS, 0) + zeros
     if need(g_comp):
         comps[g_comp] = comps.get(g_comp, zeros) + _gathered_at_peak(g, w, zeros, at)
-    comps[Component.OPTIMIZER_STATES] = at({p: r.states for p in PHASE_ORDER if p is not Phase.LOAD})
+    if need(Component.OPTIMIZER_STATES):
+        comps[Component.OPTIMIZER_STATES] = at({p: r.states for p in PHASE_ORDER if p is not Phase.LOAD})
     if need(Component.AUTOCAST_CACHE):
         comps[Component.AUTOCAST_CACHE] = _autocast_at_peak(c, r, fw, bw, w, at)
     c_comp = g.comm_component or Component.GRADIENTS
@@ -424,7 +454,8 @@ def _components_at_peak(t: StepTerms, base: dict[Component, int], s: StateTerms,
                                       Phase.ROLLOUT: t.rollout_logits})
     if need(Component.TEMPORARIES):
         comps[Component.TEMPORARIES] = _temporaries_at_peak(t, s, fw, bw, w, zeros, at)
-    comps[Component.KV_CACHE] = at({Phase.ROLLOUT: t.kv})
+    if need(Component.KV_CACHE):
+        comps[Component.KV_CACHE] = at({Phase.ROLLOUT: t.kv})
     return comps if want is None else {k: v for k, v in comps.items() if k in want}
 
 
@@ -439,7 +470,7 @@ def _gathered_at_peak(g: Gathering, w: "_Where", zeros: np.ndarray, at) -> np.nd
 def _autocast_at_peak(c: BackwardCasts, r: "_Resident", fw: "_Forward", bw: "_Backward", w: "_Where",
                       at) -> np.ndarray:
     """Autocast's weight casts alive at the peak, by the branch that holds it."""
-    head_saved = np.maximum(r.cache_bwd - c.head_cache, 0)
+    head_saved = bw.head_saved
     return at({
         Phase.FORWARD: np.where(w.fwd_act & ~w.fwd_at_mid & (w.fwd_temps | w.fwd_attn), r.cache - fw.head_f, r.cache),
         Phase.BACKWARD: np.where(w.bwd_act, np.where(w.bwd_head, head_saved, r.cache_bwd), np.where(
@@ -472,7 +503,7 @@ def _temporaries_at_peak(t: StepTerms, s: StateTerms, fw: "_Forward", bw: "_Back
 def _activations_by_phase(t: StepTerms, fw: _Forward, bw: _Backward, w: _Where) -> dict[Phase, np.ndarray]:
     """Saved activations at the forward's and the backward's peak, by the branch that holds it."""
     forward = np.where(w.fwd_at_mid, np.maximum(t.acts - t.layer, 0),
-                       np.where(w.fwd_act, t.acts + t.last_graph, t.nograd_peak))
+                       np.where(w.fwd_act, fw.saved, t.nograd_peak))
     in_layer_saved = t.acts + np.where(w.in_rec, bw.rec_prefix,
                                        np.where(w.in_attn, t.recompute - t.layer + t.layer_attn, t.recompute))
     in_layer_grads = np.where(w.in_rec, bw.rec_prefix, np.where(w.in_attn, t.layer_attn, t.layer))
