@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
+from itertools import chain
+from operator import attrgetter
 
 import numpy as np
 
@@ -1013,7 +1015,7 @@ def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=Non
 
     present = set().union(*[st.bytes for st in states])  # the components some row has, in Component's order:
     have = [comp for comp in Component if comp in present]
-    base = dict(zip(have, _columns([[st.bytes.get(comp, 0) for comp in have] for st in states], extra)))
+    base = dict(zip(have, _columns([st.bytes.get(comp, 0) for st in states for comp in have], len(have), extra)))
     # gradients held through accumulated micro-batches: (rows, 1...) x the accumulation grid
     held = _held_rows(states, cfgs, grad_accum, t.zeros.shape[1:], column)
     s = _stack_state_terms([state_terms(st, c) for st, c in zip(states, cfgs)], extra, held)
@@ -1021,15 +1023,15 @@ def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=Non
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=None), states
 
 
-def _columns(table: list, extra: tuple) -> list[np.ndarray]:
-    """The columns of ``table`` (a list of rows, each a list of the same fields' values) as int64 ``(rows, 1...)``
-    arrays (``extra``: the trailing 1s), one per field in order.
+def _columns(values: list, width: int, extra: tuple) -> list[np.ndarray]:
+    """The columns of a table given row by row (``values``: each row's ``width`` fields' values in turn) as int64
+    ``(rows, 1...)`` arrays (``extra``: the trailing 1s), one per field in order.
 
-    One ``np.array`` of the whole table, each column a view of it: every value converted to int64 as
-    ``np.asarray(column, dtype=np.int64)`` converts it, in one call instead of one per field
+    One ``np.fromiter`` of the whole table, each column a view of it: every value converted to int64 as
+    ``np.asarray(column, dtype=np.int64)`` converts an int, in one call instead of one per field
     (tests/test_rows11_speed.py)."""
-    a = np.array(table, dtype=np.int64)
-    return list(a.T.reshape(a.shape[::-1] + extra))
+    a = np.fromiter(values, dtype=np.int64, count=len(values)).reshape(-1, width)
+    return list(np.ascontiguousarray(a.T).reshape((width, len(a)) + extra))  # each column contiguous
 
 
 def _held_rows(states: list, cfgs: list[TrainConfig], grad_accum, grid: tuple, column) -> np.ndarray:
@@ -1045,6 +1047,7 @@ def _held_rows(states: list, cfgs: list[TrainConfig], grad_accum, grid: tuple, c
 #: :class:`StateTerms`' fields stacked as int64 columns (:func:`_stack_state_terms`), and :class:`BackwardCasts`'.
 _STATE_COLUMNS = tuple(f.name for f in fields(StateTerms) if f.name not in ("casts", "rollout_on", "grads_held"))
 _CAST_COLUMNS = tuple(f.name for f in fields(BackwardCasts))
+_STATE_VALUES, _CAST_VALUES = attrgetter(*_STATE_COLUMNS), attrgetter(*_CAST_COLUMNS)
 
 
 def _stack_state_terms(rows: list[StateTerms], extra: tuple, grads_held) -> StateTerms:
@@ -1052,7 +1055,7 @@ def _stack_state_terms(rows: list[StateTerms], extra: tuple, grads_held) -> Stat
     configuration, every field's and every cast's column from one table (:func:`_columns`); the rollout flag is
     shared (the rows agree on it) and ``grads_held`` given whole."""
     n = len(_STATE_COLUMNS)
-    cols = _columns([[r.__dict__[k] for k in _STATE_COLUMNS] + [r.casts.__dict__[k] for k in _CAST_COLUMNS]
-                     for r in rows], extra)
+    cols = _columns(list(chain.from_iterable(_STATE_VALUES(r) + _CAST_VALUES(r.casts) for r in rows)),
+                    n + len(_CAST_COLUMNS), extra)
     return StateTerms(**dict(zip(_STATE_COLUMNS, cols[:n])), casts=BackwardCasts(*cols[n:]),
                       rollout_on=rows[0].rollout_on, grads_held=grads_held)

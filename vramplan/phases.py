@@ -102,13 +102,14 @@ class StepTerms:
 
         Each row's terms have one shape (:meth:`broadcast`): ``np.array`` of them is ``np.stack`` of them, in a
         third of its time. With an ``order``, when every term of every row has one dtype (float64 bytes), one
-        ``np.array`` of all of them (rows x terms x grid) and one index of it instead of one per term: each term
-        is a view of it, with the long way's values, shape and dtype (nothing converts; tests/test_rows11_speed.py).
+        ``np.array`` of all of them (terms x rows x grid) and one index of it instead of one per term: each term
+        is a (contiguous) view of it, with the long way's values, shape and dtype (nothing converts;
+        tests/test_rows11_speed.py).
         (Without one, one ``np.array`` per term costs fewer instructions than the table's: its leaves cost alike.)"""
         if order is not None:
-            values = [[r.__dict__[name] for name in TERM_NAMES] for r in rows]
+            values = [[r.__dict__[name] for r in rows] for name in TERM_NAMES]
             if len({v.dtype for vs in values for v in vs}) == 1:
-                return StepTerms(*np.array(values)[order].swapaxes(0, 1))
+                return StepTerms(*np.take(np.array(values), order, axis=1))  # terms x rows x grid, C-contiguous
         t = StepTerms(**{name: np.array([r.__dict__[name] for r in rows]) for name in TERM_NAMES})
         return t if order is None else t.take(order)
 

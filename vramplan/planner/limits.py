@@ -85,39 +85,56 @@ class DeviceTotals:
         """One-GPU device totals (float64 bytes) of a :func:`vramplan.memory.step_memory_rows` result, row by row.
 
         The chain of :meth:`__call__` on every row at once (rows grouped by the recipe and stack
-        whose figures apply); each row equals ``self(step_memory(spec, cfg), cfg, card)``.
+        whose figures apply); each row equals ``self(step_memory(spec, cfg), cfg, card)``. ``mem`` needs only the
+        components :meth:`reads` names for ``cfgs``.
+
+        When no row's optimiser is paged the paged bytes are the scalar 0.0 (every element of the chain's
+        ``tensors - paged`` is then what it is less an array of zeros), and with one group of rows the chain's
+        result (of the peak's shape) is returned as it is rather than copied into a new array: the same values,
+        shape and dtype (tests/test_rows11_speed.py).
         """
         if card.name not in self._profiles:
             self._profiles[card.name] = card_profile(card)
+        prof = self._profiles[card.name]
         peak, act, _ = np.ceil(mem.peak), *peak_terms({c: np.ceil(v) for c, v in mem.components.items()
                                                          if c in ACTIVATION_COMPONENTS}, "adamw")
         shape = (len(cfgs),) + (1,) * (peak.ndim - 1)
         # a search's rows repeat a few optimisers, states and recipes: each worked out once (by identity: every
         # object is held by ``cfgs``/``states`` while this runs)
         pages: dict[str, bool] = {}
-        paged_row = np.array([pages[c.optimizer] if c.optimizer in pages else
-                              pages.setdefault(c.optimizer, get_optimizer(c.optimizer).paged) for c in cfgs]).reshape(shape)
-        paged = np.where(paged_row, np.ceil(mem.components.get(Component.OPTIMIZER_STATES, 0)), 0.0)
+        flags = [pages[c.optimizer] if c.optimizer in pages else
+                 pages.setdefault(c.optimizer, get_optimizer(c.optimizer).paged) for c in cfgs]
+        paged = (np.where(np.array(flags).reshape(shape), np.ceil(mem.components.get(Component.OPTIMIZER_STATES, 0)),
+                          0.0) if any(flags) else 0.0)
         sums: dict[int, int] = {}
         loaded = np.array([sums[id(st)] if id(st) in sums else
                            sums.setdefault(id(st), sum(st.bytes.get(c, 0) for c in LOADED_COMPONENTS)) for st in states],
                           dtype=np.float64).reshape(shape)
         load_reserved = np.array([st.load_reserved for st in states], dtype=np.float64).reshape(shape)
+        groups = _recipe_groups(cfgs)
+        if len(groups) == 1:  # every row in order: the whole arrays
+            (method, stack), = groups
+            total = device_total(peak, card, method=method, activation_bytes=act, paged_bytes=paged, profile=prof,
+                                 stack=stack, loaded_bytes=(loaded, load_reserved))
+            if total.shape == peak.shape:
+                return total
         act, paged = np.broadcast_to(act, peak.shape), np.broadcast_to(paged, peak.shape)
         out = np.empty(peak.shape)
-        groups: dict[tuple, list[int]] = {}
-        names: dict[int, str] = {}
-        for i, c in enumerate(cfgs):
-            r = c.recipe
-            name = names[id(r)] if id(r) in names else names.setdefault(id(r), r.name)
-            groups.setdefault((name, c.framework), []).append(i)
         for (method, stack), idx in groups.items():
             # (one group, every row in order: the whole arrays, as the rows picked would be)
             ix = slice(None) if len(idx) == len(cfgs) else np.array(idx, dtype=np.intp)
             out[ix] = device_total(peak[ix], card, method=method, activation_bytes=act[ix], paged_bytes=paged[ix],
-                                   profile=self._profiles[card.name], stack=stack,
-                                   loaded_bytes=(loaded[ix], load_reserved[ix]))
+                                   profile=prof, stack=stack, loaded_bytes=(loaded[ix], load_reserved[ix]))
         return out
+
+    @staticmethod
+    def reads(cfgs: list[TrainConfig]) -> frozenset:
+        """The components :meth:`rows` reads of a step memory of ``cfgs`` (``combine_phases``' ``components=``): the
+        activation group, and the optimiser states only when some configuration's optimiser is paged (the chain
+        reads them as paged bytes, 0 for the others)."""
+        if any(get_optimizer(o).paged for o in {c.optimizer for c in cfgs}):
+            return DEVICE_CHAIN_READS
+        return _ACTIVATION_READS
 
     def floor(self, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool = False,
               batch: np.ndarray | None = None) -> float | None:
@@ -221,6 +238,22 @@ class DeviceTotals:
         return float(device_total(tensors, card, method=cfg.recipe.name, activation_bytes=0,
                                   paged_bytes=0 if any_optimizer else paged, profile=self._profiles[card.name],
                                   stack=cfg.framework, loaded_bytes=loaded))
+
+
+#: :meth:`DeviceTotals.reads` where no optimiser is paged: the activation group only.
+_ACTIVATION_READS = frozenset(ACTIVATION_COMPONENTS)
+
+
+def _recipe_groups(cfgs: list[TrainConfig]) -> dict[tuple, list[int]]:
+    """The rows of ``cfgs`` by (recipe name, stack), in order of first appearance: the figures of the device chain
+    that apply to them (each recipe's name read once, by identity)."""
+    groups: dict[tuple, list[int]] = {}
+    names: dict[int, str] = {}
+    for i, c in enumerate(cfgs):
+        r = c.recipe
+        name = names[id(r)] if id(r) in names else names.setdefault(id(r), r.name)
+        groups.setdefault((name, c.framework), []).append(i)
+    return groups
 
 
 def _kept_per_identity(store: dict, compute, spec: ModelSpec, cfg: TrainConfig, card: GPUSpec, any_optimizer: bool,

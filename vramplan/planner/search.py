@@ -518,8 +518,8 @@ def _single_totals(spec: ModelSpec, cands: list, card: GPUSpec, reps: dict, whic
     """One-GPU device totals (bytes, candidates x micro-batches): one :func:`step_memory_rows` call over the
     shared configurations ``reps``, one :meth:`DeviceTotals.rows` chain over the candidates. ``states``: the model
     state of each of ``reps``, when the caller has them."""
-    # only what the device chain reads (the peak, the activation group, the optimiser states) is worked out
-    read = DEVICE_CHAIN_READS
+    # only what the device chain reads (the peak, the activation group, the optimiser states if some are paged)
+    read = totals.reads([cfg for cfg, _ in cands])
     mem, sts = step_memory_rows_shared(spec, list(reps.values()), batch=b_grid, grad_accum=a_grid, terms=totals.terms,
                                        components=read, states=states)
     mem = StepMemory(components={c: v[which] for c, v in mem.components.items() if c in read}, phases={},
