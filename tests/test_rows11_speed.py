@@ -8,6 +8,8 @@ Speed is measured by ``benchmarks/cli_speed.py``; these tests pin what each shor
   and every component equal the formulas written out (below), and one call over stacked rows equals one per row;
 * ``phases._at_peak`` keeps each ``idx == k`` between the components of one peak and starts from ``zeros`` itself;
 * ``combine_phases(components=...)`` works out only the components asked for (each equal to the whole breakdown's);
+* no head cast (``StateTerms.head_grad_cast`` the int 0, as a stack keeps a column of zeros): no head-cast end worked
+  out, every output what zeros give;
 * ``StepTerms.stack`` with an order: one ``np.array`` of every term and one ``np.take`` (the long way: one array per
   term, then one index per term), values, dtype, shape, each term C-contiguous; rows of mixed dtypes the long way;
 * ``memory._stack_state_terms`` / ``memory._columns``: the int64 columns of one ``np.fromiter`` (the long way: one
@@ -48,7 +50,8 @@ def _configs(spec=SPEC):
 
 
 def _long_backward(t, s, g, r):
-    """The fields of ``phases._backward_walk`` whose shared sub-expressions are now worked out once, written out."""
+    """The fields of ``phases._backward_walk`` whose shared sub-expressions are now worked out once, written out
+    (its head-cast end where there is one; without: :func:`test_no_head_cast_as_the_int_0_gives_what_a_zero_column_or_array_gives`)."""
     c = s.casts
     grads_before = np.maximum(s.grads_bwd - s.grads_tail, 0)
     saved_side = (t.acts - t.head_acts + np.maximum(r.cache_bwd - c.head_cache, 0) + t.recompute
@@ -59,10 +62,12 @@ def _long_backward(t, s, g, r):
     saved_attn = (saved_side - t.layer + t.layer_attn + s.head_grad + s.layer_grad
                   - (c.layer_cache - c.attn_cache))
     grads_attn = grads_before + t.layer_attn + c.attn_cache
-    head_end = np.where(s.head_grad_cast > 0, t.acts + np.maximum(r.cache_bwd - c.head_cache, 0) + r.held
-                        + s.head_grad + s.head_grad_cast + t.logits_kept + g.at(g.bwd_start), 0)
-    return dict(saved_side=saved_side, grads_side=grads_side, attn_side_cache=attn_side_cache, saved_attn=saved_attn,
-                grads_attn=grads_attn, head_end=head_end)
+    out = dict(saved_side=saved_side, grads_side=grads_side, attn_side_cache=attn_side_cache, saved_attn=saved_attn,
+               grads_attn=grads_attn)
+    if not ph._no_bytes(s.head_grad_cast):
+        out["head_end"] = np.where(s.head_grad_cast > 0, t.acts + np.maximum(r.cache_bwd - c.head_cache, 0) + r.held
+                                   + s.head_grad + s.head_grad_cast + t.logits_kept + g.at(g.bwd_start), 0)
+    return out
 
 
 def _long_phases(t, s, r, fw, bw, g):
@@ -81,14 +86,16 @@ def _same(a, b) -> bool:
 @pytest.mark.parametrize("gathering", [ph.ONE_DEVICE, Gathering(comm=3 << 20, gathered=5 << 20, bwd_work=7 << 20,
                                                                   fwd_mid=2 << 20, rollout_gather=1 << 20)])
 def test_combine_phases_shared_sub_expressions_equal_the_formulas_written_out(gathering):
-    b = np.arange(1, 9)
+    b, heads = np.arange(1, 9), 0
     for cfg in _configs():
         st = mem.model_state(SPEC, cfg)
         t, s = mem.step_terms(SPEC, cfg, batch=b), mem.state_terms(st, cfg, mem.held_gradients(st, cfg))
         r = ph._resident(t, st.bytes, s, gathering)
         fw = ph._forward_walk(t, gathering, np.minimum(s.casts.head_cache, r.cache))
         bw = ph._backward_walk(t, s, gathering, r)
-        for name, want in _long_backward(t, s, gathering, r).items():
+        long = _long_backward(t, s, gathering, r)
+        heads += "head_end" in long and bool(np.any(long["head_end"]))
+        for name, want in long.items():
             assert _same(getattr(bw, name), want), (cfg.method, name)
         assert _same(bw.head_saved, np.maximum(r.cache_bwd - s.casts.head_cache, 0))
         assert _same(bw.layer_branch, np.maximum(bw.mlp_work, bw.attn_work))
@@ -98,6 +105,7 @@ def test_combine_phases_shared_sub_expressions_equal_the_formulas_written_out(ga
         for p, want in _long_phases(t, s, r, fw, bw, gathering).items():
             if p is not Phase.ROLLOUT or s.rollout_on:
                 assert _same(phases[p], want), (cfg.method, p)
+    assert heads  # some configuration has a head-cast end
 
 
 def test_at_peak_with_masks_kept_between_components_equals_the_where_chain():
@@ -172,11 +180,18 @@ def test_state_columns_from_one_table_equal_one_column_per_field():
     def column(values):
         return np.asarray(values, dtype=np.int64).reshape((len(rows),) + extra)
 
+    for part in (rows, [r for r in rows if not r.head_grad_cast]):
+        got = mem._stack_state_terms(part, extra, "held")
+        assert got.grads_held == "held" and got.rollout_on == part[0].rollout_on
+        for f in fields(StateTerms):
+            if f.name not in ("casts", "rollout_on", "grads_held"):
+                want = np.asarray([getattr(r, f.name) for r in part], dtype=np.int64).reshape((len(part),) + extra)
+                if f.name == "head_grad_cast" and not want.any():  # no row has one: the int 0
+                    assert type(got.head_grad_cast) is int and got.head_grad_cast == 0
+                    continue
+                assert _same(getattr(got, f.name), want), f.name
+    assert any(r.head_grad_cast for r in rows)
     got = mem._stack_state_terms(rows, extra, "held")
-    assert got.grads_held == "held" and got.rollout_on == rows[0].rollout_on
-    for f in fields(StateTerms):
-        if f.name not in ("casts", "rollout_on", "grads_held"):
-            assert _same(getattr(got, f.name), column([getattr(r, f.name) for r in rows])), f.name
     for f in fields(BackwardCasts):
         assert _same(getattr(got.casts, f.name), column([getattr(r.casts, f.name) for r in rows])), f.name
     table = [[st.bytes.get(c, 0) for c in Component] for st in states]
@@ -206,3 +221,37 @@ def test_device_totals_rows_reading_only_what_reads_names_equal_each_rows_chain(
         alone = DeviceTotals()
         for j, cfg in enumerate(cfgs):
             assert np.array_equal(got[j], alone(mem.step_memory(SPEC, cfg, batch=b, grad_accum=a), cfg, card)), j
+
+
+@pytest.mark.parametrize("gathering", [ph.ONE_DEVICE, Gathering(gathered=5 << 20, bwd_start=3 << 20)])
+def test_no_head_cast_as_the_int_0_gives_what_a_zero_column_or_array_gives(gathering):
+    """``combine_phases`` with ``head_grad_cast`` the int 0 (no head-cast end worked out) equals it with zeros -- a
+    column of a stack, an array of the grid, a float 0.0 (the long way's ``np.where``) -- every phase, the peak, its
+    phase and every component: values, dtype and shape; stacked rows and one configuration, an accumulation grid."""
+    from dataclasses import replace
+
+    b = np.arange(1, 7)
+    cfgs = [c for c in _configs() if not c.recipe.behaviour.generates]
+    for a in (None, np.array([1, 2, 1, 4, 1, 3])):
+        for cfg in cfgs:
+            st = mem.model_state(SPEC, cfg)
+            t, s = mem.step_terms(SPEC, cfg, batch=b), mem.state_terms(st, cfg, mem.held_gradients(st, cfg, a))
+            if s.head_grad_cast:
+                continue
+            s = replace(s, head_grad_cast=0)
+            got = combine_phases(t, st.bytes, s, gathering)
+            for zero in (np.zeros(b.shape, dtype=np.int64), 0.0, np.int64(0)):
+                want = combine_phases(t, st.bytes, replace(s, head_grad_cast=zero), gathering)
+                for p in PHASE_ORDER:
+                    assert _same(got[0][p], want[0][p]), (cfg.method, p)
+                assert _same(got[1], want[1]) and _same(got[2], want[2])
+                assert list(got[3]) == list(want[3])
+                for c, v in got[3].items():
+                    assert _same(v, want[3][c]), (cfg.method, c)
+    rows = [c for c in cfgs if c.method in ("lora", "dpo")]
+    stacked, _ = mem.step_memory_rows_shared(SPEC, rows, batch=b)
+    for j, cfg in enumerate(rows):
+        one = mem.step_memory(SPEC, cfg, batch=b)
+        assert _same(stacked.peak[j], one.peak) and _same(stacked.peak_phase[j], one.peak_phase)
+        for c, v in one.components.items():
+            assert np.array_equal(stacked.components[c][j], v), c

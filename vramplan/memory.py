@@ -1053,9 +1053,12 @@ _STATE_VALUES, _CAST_VALUES = attrgetter(*_STATE_COLUMNS), attrgetter(*_CAST_COL
 def _stack_state_terms(rows: list[StateTerms], extra: tuple, grads_held) -> StateTerms:
     """One :class:`StateTerms` of int64 ``(rows, 1...)`` columns (``extra``: the trailing 1s) from one per
     configuration, every field's and every cast's column from one table (:func:`_columns`); the rollout flag is
-    shared (the rows agree on it) and ``grads_held`` given whole."""
+    shared (the rows agree on it) and ``grads_held`` given whole. ``head_grad_cast`` is the int 0 where every row's
+    is 0 (:func:`vramplan.phases.combine_phases` then has no head-cast end to work out)."""
     n = len(_STATE_COLUMNS)
     cols = _columns(list(chain.from_iterable(_STATE_VALUES(r) + _CAST_VALUES(r.casts) for r in rows)),
                     n + len(_CAST_COLUMNS), extra)
-    return StateTerms(**dict(zip(_STATE_COLUMNS, cols[:n])), casts=BackwardCasts(*cols[n:]),
-                      rollout_on=rows[0].rollout_on, grads_held=grads_held)
+    by_name = dict(zip(_STATE_COLUMNS, cols[:n]))
+    if not any(r.head_grad_cast for r in rows):  # the int 0, as one row's: combine_phases then skips that end
+        by_name["head_grad_cast"] = 0
+    return StateTerms(**by_name, casts=BackwardCasts(*cols[n:]), rollout_on=rows[0].rollout_on, grads_held=grads_held)

@@ -317,9 +317,12 @@ def _backward_walk(t: StepTerms, s: StateTerms, g: Gathering, r: _Resident) -> _
     # gradient freed once it ran): the 16-bit gradient of its weight's autocast cast beside the fp32 cast
     # autograd makes of it (the dry run: qwen2.5-7b GRPO full, eager, 2k, peaks there)
     # (the head's own cast, saved by that matmul, freed with it)
-    head_end = np.where(s.head_grad_cast > 0, t.acts + head_saved + r.held
-                        + s.head_grad + s.head_grad_cast
-                        + t.logits_kept + g.at(g.bwd_start), 0)
+    # (no such cast -- ``head_grad_cast`` the int 0 -- no such end: the scalar 0.0, against which every element of
+    # ``np.maximum`` and ``>`` below is what it is against the zeros ``np.where`` gives; the shapes those zeros would
+    # add are the gradient end's, which every use of them meets: tests/test_rows11_speed.py)
+    head_end = 0.0 if _no_bytes(s.head_grad_cast) else np.where(
+        s.head_grad_cast > 0, t.acts + head_saved + r.held + s.head_grad + s.head_grad_cast
+        + t.logits_kept + g.at(g.bwd_start), 0)
     acts_end = np.maximum(logits_end, head_end)
     work = work + g.at(g.bwd_work)
     all_grads = s.grads_bwd + s.grads_end_extra + g.at(g.bwd_end)
@@ -329,6 +332,11 @@ def _backward_walk(t: StepTerms, s: StateTerms, g: Gathering, r: _Resident) -> _
                      rec_work=rec_work, attn_side_cache=attn_side_cache, saved_attn=saved_attn, grads_attn=grads_attn,
                      attn_work=attn_work, work=work, acts_end=acts_end, logits_end=logits_end, head_end=head_end,
                      grads_end=grads_end, head_saved=head_saved, layer_branch=layer_branch, all_grads=all_grads)
+
+
+def _no_bytes(value: Bytes) -> bool:
+    """Whether ``value`` is the int 0 (a term no row has: :func:`vramplan.memory.state_terms`' and a stack's)."""
+    return type(value) is int and value == 0
 
 
 def combine_phases(t: StepTerms, base: dict[Component, int], s: StateTerms, g: Gathering = ONE_DEVICE,
