@@ -10,6 +10,7 @@ Speed is measured by ``benchmarks/cli_speed.py``; these tests pin what each shor
 * ``combine_phases(components=...)`` works out only the components asked for (each equal to the whole breakdown's);
 * no head cast (``StateTerms.head_grad_cast`` the int 0, as a stack keeps a column of zeros): no head-cast end worked
   out, every output what zeros give;
+* ``phases._resident`` keeps the states, casts and held gradients as given (not filled to the grid as float64);
 * ``StepTerms.stack`` with an order: one ``np.array`` of every term and one ``np.take`` (the long way: one array per
   term, then one index per term), values, dtype, shape, each term C-contiguous; rows of mixed dtypes the long way;
 * ``memory._stack_state_terms`` / ``memory._columns``: the int64 columns of one ``np.fromiter`` (the long way: one
@@ -255,3 +256,39 @@ def test_no_head_cast_as_the_int_0_gives_what_a_zero_column_or_array_gives(gathe
         assert _same(stacked.peak[j], one.peak) and _same(stacked.peak_phase[j], one.peak_phase)
         for c, v in one.components.items():
             assert np.array_equal(stacked.components[c][j], v), c
+
+
+def _long_resident(t, base, s, g):
+    """``phases._resident`` as it was: the states, casts and held gradients filled to the grid as float64."""
+    zeros = t.zeros
+    static = sum(base.get(c, 0) for c in ph.RESIDENT_COMPONENTS) + zeros + g.comm
+    return ph._Resident(static=static, states=s.states + zeros, cache=s.cache + zeros,
+                        cache_bwd=s.casts.cache_bwd + zeros, held=s.grads_held + zeros)
+
+
+@pytest.mark.parametrize("gathering", [ph.ONE_DEVICE, Gathering(comm=3 << 20, gathered=5 << 20, bwd_work=7 << 20,
+                                                                  fwd_mid=2 << 20, rollout_gather=1 << 20)])
+def test_resident_terms_as_given_equal_them_filled_to_the_grid(monkeypatch, gathering):
+    """``combine_phases`` with the states, casts and held gradients as ``StateTerms`` has them (ints, int64 columns)
+    equals it with them filled to the grid as float64 (the long way): every phase, the peak, its phase and every
+    component, values, dtype and shape -- one configuration (scalars) and stacked rows (columns), accumulation."""
+    b, a = np.arange(1, 7), np.array([1, 2, 1, 4, 1, 3])
+    cases = []
+    for cfg in _configs():
+        st = mem.model_state(SPEC, cfg)
+        for acc in (None, a):
+            cases.append((mem.step_terms(SPEC, cfg, batch=b), st.bytes,
+                          mem.state_terms(st, cfg, mem.held_gradients(st, cfg, acc))))
+    got = [combine_phases(t, base, s, gathering) for t, base, s in cases]
+    cfgs = [c for c in _configs() if not c.recipe.behaviour.generates]
+    rows = mem.step_memory_rows_shared(SPEC, cfgs, batch=b, grad_accum=a)[0]
+    monkeypatch.setattr(ph, "_resident", _long_resident)
+    want = [combine_phases(t, base, s, gathering) for t, base, s in cases]
+    long_rows = mem.step_memory_rows_shared(SPEC, cfgs, batch=b, grad_accum=a)[0]
+    pairs = list(zip(got, want)) + [((rows.phases, rows.peak, rows.peak_phase, rows.components),
+                                     (long_rows.phases, long_rows.peak, long_rows.peak_phase, long_rows.components))]
+    for g_, w_ in pairs:
+        assert all(_same(g_[0][p], w_[0][p]) for p in PHASE_ORDER)
+        assert _same(g_[1], w_[1]) and _same(g_[2], w_[2]) and list(g_[3]) == list(w_[3])
+        for c, v in g_[3].items():
+            assert _same(v, w_[3][c]), c

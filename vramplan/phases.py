@@ -203,20 +203,23 @@ ONE_DEVICE = Gathering()
 
 @dataclass(frozen=True)
 class _Resident:
-    """The batch-independent terms on the grid: resident bytes, states, casts and held gradients."""
+    """The batch-independent terms: resident bytes on the grid; states, casts and held gradients as given."""
 
     static: np.ndarray
-    states: np.ndarray
-    cache: np.ndarray
-    cache_bwd: np.ndarray
-    held: np.ndarray
+    states: Bytes
+    cache: Bytes
+    cache_bwd: Bytes
+    held: Bytes
 
 
 def _resident(t: StepTerms, base: dict[Component, int], s: StateTerms, g: Gathering) -> _Resident:
-    zeros = t.zeros
-    static = sum(base.get(c, 0) for c in RESIDENT_COMPONENTS) + zeros + g.comm
-    return _Resident(static=static, states=s.states + zeros, cache=s.cache + zeros,
-                     cache_bwd=s.casts.cache_bwd + zeros, held=s.grads_held + zeros)
+    """The resident bytes on the grid (float64); the states, casts and held gradients as :class:`StateTerms` has them
+    (ints, int64 columns of a stack), not filled to the grid as float64: every use adds them to, compares them with or
+    picks them beside a float64 term of the grid (the phases and the components at the peak all are), where each
+    element is converted as ``+ zeros`` converted it, and their differences among themselves (whole bytes below
+    2**53) are exact either way (tests/test_rows11_speed.py)."""
+    static = sum(base.get(c, 0) for c in RESIDENT_COMPONENTS) + t.zeros + g.comm
+    return _Resident(static=static, states=s.states, cache=s.cache, cache_bwd=s.casts.cache_bwd, held=s.grads_held)
 
 
 @dataclass(frozen=True)
