@@ -687,7 +687,8 @@ class _TermsSum:
         return StepTerms(**{**self.terms, **final})
 
 
-def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepTerms:
+def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None,
+               ranks: tuple[int, ...] | None = None) -> StepTerms:
     """The batch-dependent terms of a step (:class:`vramplan.phases.StepTerms`, bytes over batch/seq),
     shared by :func:`step_memory` and the sharded planner (:func:`vramplan.distributed.parallel_step_memory`).
 
@@ -696,7 +697,15 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> Step
     (:func:`_layer_terms`), its head and loss (:func:`_head_terms`) and its temporaries
     (:func:`_temporary_terms`); then the loss's kept logits, a reference's eager scores, the rollout and
     the shared attention mask; last the method's own hook (``Behaviour.step_terms``).
+
+    ``ranks``: the LoRA ranks to evaluate in this one pass (a tuple; None: the config's own rank). The configuration
+    is taken with its rank a tuple, a rank axis (:func:`vramplan.activations.rank_column`): the terms that read the
+    rank (through a layer's saved tensors) gain a leading axis, one row per rank, and the others keep the grid's
+    shape; :meth:`vramplan.phases.StepTerms.rank_rows` splits them. Everything between the layer's sums and the
+    terms is element-wise, so each row equals, to the byte, the terms of ``cfg`` with that rank.
     """
+    if ranks is not None:
+        cfg = cfg.with_(rank=tuple(ranks))
     cfg = attention_as_run(model, cfg)
     model = cfg.stack.as_built(model)
     recipe = cfg.recipe
@@ -994,11 +1003,9 @@ def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=Non
     distinct: list[StepTerms] = []  # each configuration's terms once (those of several optimisers are one object)
     at: dict[int, int] = {}  # id of one of them -> its place in ``distinct``
     rows = []
-    for c in cfgs:
-        k = (model, fields_but(c, "optimizer"), grid)  # the activation terms do not read the optimiser
-        if k not in by_terms:
-            t = step_terms(model, c, batch, seq)
-            by_terms[k] = t.broadcast(t.zeros.shape)
+    keys = [(model, fields_but(c, "optimizer"), grid) for c in cfgs]  # the activation terms do not read the optimiser
+    _fill_terms(model, cfgs, keys, batch, seq, by_terms)
+    for k in keys:
         terms = by_terms[k]
         j = at.setdefault(id(terms), len(at))
         if j == len(distinct):
@@ -1020,6 +1027,40 @@ def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=Non
     s = _stack_state_terms([state_terms(st, c) for st, c in zip(states, cfgs)], column, held)
     phases, peak, idx, comps = combine_phases(t, base, s, components=components)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=None), states
+
+
+def _fill_terms(model: ModelSpec, cfgs: list[TrainConfig], keys: list, batch, seq, by_terms: dict) -> None:
+    """Put in ``by_terms`` the activation terms (:func:`step_terms`, broadcast to the grid) of each of ``cfgs`` whose
+    key (``keys``, in order) is not there yet. Low-rank configurations equal but in their rank, alpha and optimiser
+    (no term reads alpha or the optimiser) are evaluated in one pass over their ranks (``step_terms``' ``ranks``: a
+    rank axis), each rank's row (:meth:`StepTerms.rank_rows`) kept under its own configuration's key: the same
+    values as one call per configuration (tests/test_rank11_speed.py). The others, and a rank alone in its group,
+    take one call each."""
+    groups: dict = {}  # the fields but rank, alpha and optimiser -> {rank: the keys of its configurations}
+    firsts: dict = {}  # the same -> its first configuration (the one evaluated over the group's ranks)
+    pending = set()
+    for c, k in zip(cfgs, keys):
+        if k in by_terms or k in pending:
+            continue
+        if c.recipe.adapter.low_rank:
+            g = fields_but(c, "optimizer", "rank", "alpha")
+            groups.setdefault(g, {}).setdefault(c.rank, []).append(k)
+            firsts.setdefault(g, c)
+            pending.add(k)
+            continue
+        t = step_terms(model, c, batch, seq)
+        by_terms[k] = t.broadcast(t.zeros.shape)
+    for g, by_rank in groups.items():
+        c = firsts[g]
+        if len(by_rank) == 1:  # one rank: the configuration's own terms
+            t = step_terms(model, c, batch, seq)
+            rows = [t.broadcast(t.zeros.shape)]
+        else:
+            t = step_terms(model, c, batch, seq, ranks=tuple(by_rank))
+            rows = t.rank_rows(len(by_rank), t.zeros.shape)
+        for row, ks in zip(rows, by_rank.values()):
+            for k in ks:
+                by_terms[k] = row
 
 
 def _held_rows(states: list, cfgs: list[TrainConfig], grad_accum, grid: tuple, column) -> np.ndarray:
