@@ -109,18 +109,14 @@ class StepTerms:
         to ``(n, *shape)`` and row ``i`` takes its element ``i``; a term without it (it does not read the rank) is
         every row's, broadcast once. The same values and dtypes as each rank's own terms broadcast."""
         axis, terms = (n,) + shape, self.__dict__
-        rows: list[list] = [[] for _ in range(n)]
-        for name in TERM_NAMES:  # (in field order: each row's terms built positionally)
+        cols = []  # each term's n rows, in field order (each row's terms are built positionally)
+        for name in TERM_NAMES:
             v = terms[name]
-            if np.ndim(v) == len(axis):
-                a = v if np.shape(v) == axis else filled(v, axis)
-                for i, row in enumerate(rows):
-                    row.append(a[i])
+            if type(v) is np.ndarray and v.ndim == len(axis):  # (a term that reads the rank: an array)
+                cols.append(list(v if v.shape == axis else filled(v, axis)))  # its rows: views along the axis
             else:
-                a = v if np.shape(v) == shape else filled(v, shape)
-                for row in rows:
-                    row.append(a)
-        return [StepTerms(*row) for row in rows]
+                cols.append((v if np.shape(v) == shape else filled(v, shape),) * n)
+        return [StepTerms(*row) for row in zip(*cols)]
 
     def take(self, rows: np.ndarray) -> "StepTerms":
         """The terms of a :meth:`stack` at ``rows`` (an index array along its leading axis: the stack of those rows)."""
