@@ -248,7 +248,7 @@ class _Layer:
     attn_in: tuple[str, ...]   #: the linears reading the attention block's normed input
     mlp_in: tuple[str, ...]    #: the linears reading the MLP block's normed input
     shared: bool               #: a parallel block with one norm: attention and the MLP read one normed tensor
-    rank: Any = 0              #: the LoRA rank: the config's, or a rank axis's column (:func:`rank_column`)
+    rank: Any                  #: the LoRA rank: the config's, or a rank axis's column (:func:`rank_column`)
 
 
 #: The last :func:`_layer_setup`: ``(model, cfg, copy, regime, layer)``. A step's terms ask for one copy's
