@@ -9,7 +9,9 @@ Speed is measured by ``benchmarks/cli_speed.py``; these tests pin what the short
   (gated, plain, MoE, parallel, soft-capped) and over a scalar, a micro-batch and a micro-batch x sequence grid;
 * ``memory.step_memory_rows_shared`` evaluates the low-rank configurations equal but in rank, alpha and optimiser in
   one such pass, keeping each rank's row under its own configuration's key: every row it returns equals
-  ``step_memory`` of that configuration, and the kept terms equal each configuration's own.
+  ``step_memory`` of that configuration, and the kept terms equal each configuration's own;
+* a whole fit (one GPU, and two, whose sharded search fills its terms through ``memory.fill_step_terms`` too)
+  answers as one ``step_terms`` call per configuration.
 """
 
 from __future__ import annotations
@@ -134,3 +136,35 @@ def test_step_memory_rows_shared_rows_equal_step_memory(spec_name, generates, mo
     monkeypatch.setattr(memory, "step_terms", counted)
     again, _ = step_memory_rows_shared(spec, cfgs, batch=batch, terms=kept)
     assert calls == [] and _equal(again.peak, mem.peak)
+
+
+def _fill_one_at_a_time(model, cfgs, keys, batch, seq, by_terms):
+    """``memory.fill_step_terms`` the long way: one ``step_terms`` call per configuration not kept."""
+    for c, k in zip(cfgs, keys):
+        if k not in by_terms:
+            t = memory.step_terms(model, c, batch, seq)
+            by_terms[k] = t.broadcast(t.zeros.shape)
+
+
+@pytest.mark.parametrize("model,gpu,gpus", [("llama-2-13b", "rtx4000ada", 1), ("llama-2-7b", "rtx4090", 2)])
+def test_fit_with_the_rank_axis_equals_one_terms_call_per_configuration(monkeypatch, model, gpu, gpus):
+    """A whole fit (every method; on two GPUs the sharded search's terms too) answers as one call per configuration."""
+    import vramplan
+    from vramplan.planner import search as search_mod
+
+    passes = []
+    real = memory.step_terms
+
+    def counted(model_, cfg, batch=None, seq=None, ranks=None):
+        passes.append(ranks)
+        return real(model_, cfg, batch, seq, ranks)
+
+    monkeypatch.setattr(memory, "step_terms", counted)
+    got = vramplan.fit(model, gpu, gpus=gpus).to_json()
+    assert sum(r is not None for r in passes) >= 10  # the rank axis was taken
+    monkeypatch.setattr(memory, "fill_step_terms", _fill_one_at_a_time)
+    monkeypatch.setattr(search_mod, "fill_step_terms", _fill_one_at_a_time)
+    passes.clear()
+    want = vramplan.fit(model, gpu, gpus=gpus).to_json()
+    assert all(r is None for r in passes)
+    assert got == want

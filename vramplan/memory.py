@@ -1004,7 +1004,7 @@ def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=Non
     at: dict[int, int] = {}  # id of one of them -> its place in ``distinct``
     rows = []
     keys = [(model, fields_but(c, "optimizer"), grid) for c in cfgs]  # the activation terms do not read the optimiser
-    _fill_terms(model, cfgs, keys, batch, seq, by_terms)
+    fill_step_terms(model, cfgs, keys, batch, seq, by_terms)
     for k in keys:
         terms = by_terms[k]
         j = at.setdefault(id(terms), len(at))
@@ -1029,9 +1029,10 @@ def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=Non
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=None), states
 
 
-def _fill_terms(model: ModelSpec, cfgs: list[TrainConfig], keys: list, batch, seq, by_terms: dict) -> None:
-    """Put in ``by_terms`` the activation terms (:func:`step_terms`, broadcast to the grid) of each of ``cfgs`` whose
-    key (``keys``, in order) is not there yet. Low-rank configurations equal but in their rank, alpha and optimiser
+def fill_step_terms(model: ModelSpec, cfgs: list[TrainConfig], keys: list, batch, seq, by_terms: dict) -> None:
+    """Put in ``by_terms`` the activation terms (:func:`step_terms` over ``batch`` and ``seq``, broadcast to the grid)
+    of each of ``cfgs`` whose key (``keys``, in order: the caller's, one that tells apart configurations whose terms
+    differ -- :func:`step_memory_rows_shared`'s, the sharded search's) is not there yet. Low-rank configurations equal but in their rank, alpha and optimiser
     (no term reads alpha or the optimiser) are evaluated in one pass over their ranks (``step_terms``' ``ranks``: a
     rank axis), each rank's row (:meth:`StepTerms.rank_rows`) kept under its own configuration's key: the same
     values as one call per configuration (tests/test_rank11_speed.py). The others, and a rank alone in its group,
