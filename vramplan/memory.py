@@ -983,6 +983,24 @@ def step_memory_rows(model: ModelSpec, cfgs: list[TrainConfig], batch=None, seq=
     return step_memory_rows_shared(model, cfgs, batch, seq, grad_accum)
 
 
+#: The techniques :func:`step_terms` does not read: they change when gradients are freed (the optimiser step inside
+#: backward) or where the optimiser's states live (host memory), not what a forward and its backward hold -- the
+#: model state and the phases' state terms read them (:data:`STATE_TECHNIQUES`, :func:`state_terms`). The activation
+#: terms :func:`step_memory_rows_shared` keeps are keyed without them (:func:`terms_fields`), so a technique trial of
+#: ``recommend_techniques`` that only adds one of them reuses the terms without it (tests/test_lead11_speed.py).
+TERMS_BLIND_TECHNIQUES = frozenset({"opt_in_bwd", "opt_offload"})
+
+
+def terms_fields(cfg: TrainConfig) -> tuple:
+    """The fields of ``cfg`` that :func:`step_terms` reads: all but the optimiser, and of the techniques those outside
+    :data:`TERMS_BLIND_TECHNIQUES` (in their order, last): equal for two configurations exactly when they differ at
+    most in those (:func:`~vramplan.config.fields_but`'s values, the techniques filtered)."""
+    techs = cfg.techniques
+    if techs and not TERMS_BLIND_TECHNIQUES.isdisjoint(techs):
+        techs = tuple(t for t in techs if t not in TERMS_BLIND_TECHNIQUES)
+    return fields_but(cfg, "optimizer", "techniques") + (techs,)
+
+
 def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=None, seq=None, grad_accum=None,
                             terms: dict | None = None, components: "bool | frozenset" = True,
                             states: list | None = None) -> tuple[StepMemory, list]:
@@ -1003,7 +1021,7 @@ def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=Non
     distinct: list[StepTerms] = []  # each configuration's terms once (those of several optimisers are one object)
     at: dict[int, int] = {}  # id of one of them -> its place in ``distinct``
     rows = []
-    keys = [(model, fields_but(c, "optimizer"), grid) for c in cfgs]  # the activation terms do not read the optimiser
+    keys = [(model, terms_fields(c), grid) for c in cfgs]  # (the activation terms do not read the optimiser)
     fill_step_terms(model, cfgs, keys, batch, seq, by_terms)
     for k in keys:
         terms = by_terms[k]
