@@ -127,7 +127,7 @@ def test_step_memory_rows_shared_rows_equal_step_memory(spec_name, generates, mo
             assert _equal(mem.phases[ph][i], v), (cfg, ph)
         for comp, v in one.components.items():
             assert _equal(mem.components[comp][i], v), (cfg, comp)
-        t = kept[(spec, memory.fields_but(cfg, "optimizer"), (memory._grid_key(batch), memory._grid_key(None)))]
+        t = kept[(spec, memory.terms_fields(cfg), (memory._grid_key(batch), memory._grid_key(None)))]
         own = real(spec, cfg, batch).broadcast(t.zeros.shape)
         for n in TERM_NAMES:
             assert _equal(getattr(t, n), getattr(own, n)), (cfg, n)
