@@ -10,7 +10,9 @@ Speed is measured by ``benchmarks/cli_speed.py``; these tests pin what each shor
 * ``throughput._adapter_work`` given the ranks and adapted sums as columns (``throughput._adapted_rows``) gives, row
   by row, each configuration's own adapter FLOPs and DoRA parameters; a sum beyond int64 is timed one by one alike;
 * ``search._shared_rows`` (each candidate's fields but its optimiser and attention looked up once, the key's other
-  two parts under them) groups candidates, repeated ones and those of several recipes, as ``search._shared_key``.
+  two parts under them) groups candidates, repeated ones and those of several recipes, as ``search._shared_key``;
+* ``search._choices`` stacks step times already on the grid as they are (``phases.filled`` only for any other):
+  the same picks as broadcasting each.
 """
 
 from __future__ import annotations
@@ -161,3 +163,35 @@ def test_shared_rows_of_repeated_and_mixed_candidates_equal_shared_key(model, gp
         cfg = next(c for c, _ in cands if c.attention.same_as is not None
                    and vramplan.config.fields_but(c, "optimizer", "attn") == rest)
         assert tie == ties_stand_in(spec, cfg)
+
+
+def _long_choices(total, times, which, usable):
+    """``search._choices`` as it was: every step time's arrays broadcast to the grid (``phases.filled``) and stacked."""
+    from vramplan.phases import filled
+
+    shape = total.shape[1:]
+
+    def grid(values):
+        return np.array([filled(v, shape) for v in values])[which]
+    tps, step = grid([t.tokens_per_s for t in times]), grid([t.step_s for t in times])
+    ok = total <= np.asarray(usable, dtype=np.int64).reshape((-1,) + (1,) * len(shape))
+    best = np.where(ok.any(axis=-1), np.argmax(np.where(ok, tps, -np.inf), axis=-1), np.argmin(total, axis=-1))
+    at = (np.arange(total.shape[0]), best)
+    return best.tolist(), total[at].tolist(), ok[at].tolist(), tps[at].tolist(), step[at].tolist()
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "grpo", "ia3"])
+def test_choices_of_grid_shaped_times_equal_the_long_way(method):
+    """``search._choices`` stacking step times already on the grid as they are (and broadcasting any other) picks
+    what broadcasting each to the grid picks: the same indices, peaks, fits, tokens/s and step seconds."""
+    spec, card = get_model("13b"), get_gpu("rtx4000ada")
+    b = search_mod.MICRO_BATCHES[:9]
+    cands = [(c, None) for c in _candidates(spec, card, method, seq=1024)]
+    reps, which = search_mod._shared_rows(spec, cands, {})
+    times = throughput.step_time_rows(spec, list(reps.values()), card, batch=b)
+    rng = np.random.default_rng(11)
+    total = rng.uniform(1e9, 3e10, size=(len(cands), len(b)))
+    usable = [int(u) for u in rng.uniform(5e9, 2e10, size=len(cands))]
+    assert search_mod._choices(total, times, which, usable) == _long_choices(total, times, which, usable)
+    odd = [dataclasses.replace(t, tokens_per_s=t.tokens_per_s[:1]) for t in times]  # not grid-shaped: broadcast
+    assert search_mod._choices(total, odd, which, usable) == _long_choices(total, odd, which, usable)

@@ -478,6 +478,8 @@ def _choices(total: np.ndarray, times: list[StepTime], which: np.ndarray, usable
     shape = total.shape[1:]
 
     def grid(values) -> np.ndarray:  # (shared configurations x micro-batches) -> (candidates x micro-batches)
+        if all(type(v) is np.ndarray and v.shape == shape for v in values):  # already the grid's (step_time_rows')
+            return np.array(values)[which]  # (filled(v, shape) would be a copy of each)
         return np.array([filled(v, shape) for v in values])[which]  # np.stack of np.broadcast_to's, faster
     tps, step = grid([t.tokens_per_s for t in times]), grid([t.step_s for t in times])
     ok = total <= np.asarray(usable, dtype=np.int64).reshape((-1,) + (1,) * len(shape))
