@@ -44,7 +44,7 @@ dry run (``benchmarks/dryrun_vs_analytic.py``; evidence in ``reports/``):
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -182,13 +182,18 @@ def _layer_sums(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Reg
     stack, versions, techniques of :data:`LAYER_TECHNIQUES`, attention, dropout, targets and rank -- not its method,
     micro-batch, checkpointing, optimiser or other techniques, so the searches of a fit (LoRA and every method
     training the same LoRA policy, with and without checkpointing, with each technique set) compute each once.
-    Equal inputs, equal sums (tests/test_fit_speed.py, tests/test_first10_speed.py)."""
+    Equal inputs, equal sums (tests/test_fit_speed.py, tests/test_first10_speed.py). A config whose rank is a
+    tuple of ranks (a rank axis: :func:`rank_column`) gets sums with a leading rank axis, kept under that tuple and
+    the grid's dimensions."""
     key = None
+    rank = cfg.rank
+    if type(rank) is tuple:  # a rank axis (:func:`rank_column`): the column's shape reads the grid's dimensions
+        rank = (rank, max(T.ndim, s.ndim))
     if s.ndim == 0 and not cfg.attention.materialises_scores:
         key = (model, _copy_fields(copy), _regime_fields(regime), cfg.framework, cfg.versions,
                LAYER_TECHNIQUES.intersection(cfg.techniques) if cfg.techniques else _NO_TECHNIQUES, cfg.attn,
                cfg.dropout, cfg.targets,
-               cfg.rank, float(s), input_requires_grad, part)
+               rank, float(s), input_requires_grad, part)
         try:
             kept = _SUMS.get(key)
         except TypeError:  # a spec built with list fields (from a log's JSON): nothing kept
@@ -196,6 +201,8 @@ def _layer_sums(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Reg
         if kept is not None:
             return kept
     ly = _layer_setup(model, cfg, copy, regime)
+    if type(rank) is tuple:
+        ly = replace(ly, rank=rank_column(*rank))
     acc = _Saved()
     if part == "attention_inputs":
         out = _attention_inputs(ly, acc, input_requires_grad)
@@ -209,6 +216,16 @@ def _layer_sums(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Reg
             _SUMS.clear()
         _SUMS[key] = out
     return out
+
+
+def rank_column(ranks: tuple[int, ...], ndim: int) -> np.ndarray:
+    """A rank axis: the LoRA ranks ``ranks`` as an int64 column of shape ``(R, 1, ...)`` against a grid of ``ndim``
+    dimensions. A configuration whose ``rank`` is such a tuple (:func:`vramplan.memory.step_terms`' ``ranks``) gets
+    the saved bytes of every rank at once. The rank enters a layer's sums in one product (:func:`_lora_inputs`:
+    ``lora_A``'s output, saved by ``lora_B``; integers, exact, as with the config's int rank), and everything after
+    it is element-wise float64 arithmetic in the same order, so row ``i`` is, byte for byte, the sums of the config
+    with rank ``ranks[i]`` (tests/test_rank11_speed.py)."""
+    return np.array(ranks, dtype=np.int64).reshape((len(ranks),) + (1,) * ndim)
 
 
 @dataclass(frozen=True)
@@ -231,6 +248,7 @@ class _Layer:
     attn_in: tuple[str, ...]   #: the linears reading the attention block's normed input
     mlp_in: tuple[str, ...]    #: the linears reading the MLP block's normed input
     shared: bool               #: a parallel block with one norm: attention and the MLP read one normed tensor
+    rank: Any                  #: the LoRA rank: the config's, or a rank axis's column (:func:`rank_column`)
 
 
 #: The last :func:`_layer_setup`: ``(model, cfg, copy, regime, layer)``. A step's terms ask for one copy's
@@ -274,7 +292,7 @@ def _new_layer(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Regi
                   keeps_4bit_input=keeps, layer_norm=layer_norm,
                   ln_out=(4 if regime.autocast is not None else d.norm_out) if layer_norm else None,
                   attn_in=attn_in, mlp_in=mlp_in,
-                  shared=model.parallel_block and model.norms_per_layer == 1 and not model.is_moe)
+                  shared=model.parallel_block and model.norms_per_layer == 1 and not model.is_moe, rank=cfg.rank)
 
 
 class _Saved:
@@ -359,6 +377,7 @@ def _lora_inputs(ly: _Layer, names, width: int, fresh: bool, xb: int, dora_saved
     element per module (litgpt's fused qkv: one module). ``lora_A``'s output (rank wide) is saved by
     ``lora_B``. DoRA (PEFT ``DoraLinearLayer``): ``m / ||W + BA||`` scales the base result and the LoRA
     result; both saved (``lora_B``'s output in autocast's dtype under autocast, else the adapter's).
+    The rank is the layer's (``_Layer.rank``: a rank axis's column makes the bytes a column too).
     """
     d, cfg, regime = ly.d, ly.cfg, ly.regime
     adapted = [n for n in names if n in ly.targets]
@@ -377,7 +396,7 @@ def _lora_inputs(ly: _Layer, names, width: int, fresh: bool, xb: int, dora_saved
     if ly.dropout and adapted:
         qkv_only = cfg.stack.lora_qkv_pad and set(adapted) <= {"q_proj", "k_proj", "v_proj"}
         b += DROPOUT_SAVED_BYTES * width * (1 if qkv_only else len(adapted))
-    b += target * cfg.rank * len(adapted)  # lora_A's output, saved by lora_B
+    b += target * ly.rank * len(adapted)  # lora_A's output, saved by lora_B
     if ly.copy.adapter.dora and dora_saved:
         b += sum((target + d.proj_out) * ly.lin[n].out_features for n in adapted)
     return b, input_saved

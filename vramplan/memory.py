@@ -687,7 +687,8 @@ class _TermsSum:
         return StepTerms(**{**self.terms, **final})
 
 
-def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepTerms:
+def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None,
+               ranks: tuple[int, ...] | None = None) -> StepTerms:
     """The batch-dependent terms of a step (:class:`vramplan.phases.StepTerms`, bytes over batch/seq),
     shared by :func:`step_memory` and the sharded planner (:func:`vramplan.distributed.parallel_step_memory`).
 
@@ -696,7 +697,15 @@ def step_terms(model: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> Step
     (:func:`_layer_terms`), its head and loss (:func:`_head_terms`) and its temporaries
     (:func:`_temporary_terms`); then the loss's kept logits, a reference's eager scores, the rollout and
     the shared attention mask; last the method's own hook (``Behaviour.step_terms``).
+
+    ``ranks``: the LoRA ranks to evaluate in this one pass (a tuple; None: the config's own rank). The configuration
+    is taken with its rank a tuple, a rank axis (:func:`vramplan.activations.rank_column`): the terms that read the
+    rank (through a layer's saved tensors) gain a leading axis, one row per rank, and the others keep the grid's
+    shape; :meth:`vramplan.phases.StepTerms.rank_rows` splits them. Everything between the layer's sums and the
+    terms is element-wise, so each row equals, to the byte, the terms of ``cfg`` with that rank.
     """
+    if ranks is not None:
+        cfg = cfg.with_(rank=tuple(ranks))
     cfg = attention_as_run(model, cfg)
     model = cfg.stack.as_built(model)
     recipe = cfg.recipe
@@ -974,6 +983,24 @@ def step_memory_rows(model: ModelSpec, cfgs: list[TrainConfig], batch=None, seq=
     return step_memory_rows_shared(model, cfgs, batch, seq, grad_accum)
 
 
+#: The techniques :func:`step_terms` does not read: they change when gradients are freed (the optimiser step inside
+#: backward) or where the optimiser's states live (host memory), not what a forward and its backward hold -- the
+#: model state and the phases' state terms read them (:data:`STATE_TECHNIQUES`, :func:`state_terms`). The activation
+#: terms :func:`step_memory_rows_shared` keeps are keyed without them (:func:`terms_fields`), so a technique trial of
+#: ``recommend_techniques`` that only adds one of them reuses the terms without it (tests/test_lead11_speed.py).
+TERMS_BLIND_TECHNIQUES = frozenset({"opt_in_bwd", "opt_offload"})
+
+
+def terms_fields(cfg: TrainConfig) -> tuple:
+    """The fields of ``cfg`` that :func:`step_terms` reads: all but the optimiser, and of the techniques those outside
+    :data:`TERMS_BLIND_TECHNIQUES` (in their order, last): equal for two configurations exactly when they differ at
+    most in those (:func:`~vramplan.config.fields_but`'s values, the techniques filtered)."""
+    techs = cfg.techniques
+    if techs and not TERMS_BLIND_TECHNIQUES.isdisjoint(techs):
+        techs = tuple(t for t in techs if t not in TERMS_BLIND_TECHNIQUES)
+    return fields_but(cfg, "optimizer", "techniques") + (techs,)
+
+
 def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=None, seq=None, grad_accum=None,
                             terms: dict | None = None, components: "bool | frozenset" = True,
                             states: list | None = None) -> tuple[StepMemory, list]:
@@ -994,11 +1021,9 @@ def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=Non
     distinct: list[StepTerms] = []  # each configuration's terms once (those of several optimisers are one object)
     at: dict[int, int] = {}  # id of one of them -> its place in ``distinct``
     rows = []
-    for c in cfgs:
-        k = (model, fields_but(c, "optimizer"), grid)  # the activation terms do not read the optimiser
-        if k not in by_terms:
-            t = step_terms(model, c, batch, seq)
-            by_terms[k] = t.broadcast(t.zeros.shape)
+    keys = [(model, terms_fields(c), grid) for c in cfgs]  # (the activation terms do not read the optimiser)
+    fill_step_terms(model, cfgs, keys, batch, seq, by_terms)
+    for k in keys:
         terms = by_terms[k]
         j = at.setdefault(id(terms), len(at))
         if j == len(distinct):
@@ -1020,6 +1045,41 @@ def step_memory_rows_shared(model: ModelSpec, cfgs: list[TrainConfig], batch=Non
     s = _stack_state_terms([state_terms(st, c) for st, c in zip(states, cfgs)], column, held)
     phases, peak, idx, comps = combine_phases(t, base, s, components=components)
     return StepMemory(components=comps, phases=phases, peak=peak, peak_phase=idx, state=None), states
+
+
+def fill_step_terms(model: ModelSpec, cfgs: list[TrainConfig], keys: list, batch, seq, by_terms: dict) -> None:
+    """Put in ``by_terms`` the activation terms (:func:`step_terms` over ``batch`` and ``seq``, broadcast to the grid)
+    of each of ``cfgs`` whose key (``keys``, in order: the caller's, one that tells apart configurations whose terms
+    differ -- :func:`step_memory_rows_shared`'s, the sharded search's) is not there yet. Low-rank configurations equal but in their rank, alpha and optimiser
+    (no term reads alpha or the optimiser) are evaluated in one pass over their ranks (``step_terms``' ``ranks``: a
+    rank axis), each rank's row (:meth:`StepTerms.rank_rows`) kept under its own configuration's key: the same
+    values as one call per configuration (tests/test_rank11_speed.py). The others, and a rank alone in its group,
+    take one call each."""
+    groups: dict = {}  # the fields but rank, alpha and optimiser -> {rank: the keys of its configurations}
+    firsts: dict = {}  # the same -> its first configuration (the one evaluated over the group's ranks)
+    pending = set()
+    for c, k in zip(cfgs, keys):
+        if k in by_terms or k in pending:
+            continue
+        if c.recipe.adapter.low_rank:
+            g = fields_but(c, "optimizer", "rank", "alpha")
+            groups.setdefault(g, {}).setdefault(c.rank, []).append(k)
+            firsts.setdefault(g, c)
+            pending.add(k)
+            continue
+        t = step_terms(model, c, batch, seq)
+        by_terms[k] = t.broadcast(t.zeros.shape)
+    for g, by_rank in groups.items():
+        c = firsts[g]
+        if len(by_rank) == 1:  # one rank: the configuration's own terms
+            t = step_terms(model, c, batch, seq)
+            rows = [t.broadcast(t.zeros.shape)]
+        else:
+            t = step_terms(model, c, batch, seq, ranks=tuple(by_rank))
+            rows = t.rank_rows(len(by_rank), t.zeros.shape)
+        for row, ks in zip(rows, by_rank.values()):
+            for k in ks:
+                by_terms[k] = row
 
 
 def _held_rows(states: list, cfgs: list[TrainConfig], grad_accum, grid: tuple, column) -> np.ndarray:

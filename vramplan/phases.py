@@ -103,6 +103,21 @@ class StepTerms:
         third of its time."""
         return StepTerms(**{name: np.array([getattr(r, name) for r in rows]) for name in TERM_NAMES})
 
+    def rank_rows(self, n: int, shape: tuple[int, ...]) -> list["StepTerms"]:
+        """The ``n`` rows of terms with a leading rank axis (:func:`vramplan.memory.step_terms`' ``ranks``), each
+        :meth:`broadcast` to ``shape`` (the grid's): a term with that axis (one dimension more than the grid) is filled
+        to ``(n, *shape)`` and row ``i`` takes its element ``i``; a term without it (it does not read the rank) is
+        every row's, broadcast once. The same values and dtypes as each rank's own terms broadcast."""
+        axis, terms = (n,) + shape, self.__dict__
+        cols = []  # each term's n rows, in field order (each row's terms are built positionally)
+        for name in TERM_NAMES:
+            v = terms[name]
+            if type(v) is np.ndarray and v.ndim == len(axis):  # (a term that reads the rank: an array)
+                cols.append(list(v if v.shape == axis else filled(v, axis)))  # its rows: views along the axis
+            else:
+                cols.append((v if np.shape(v) == shape else filled(v, shape),) * n)
+        return [StepTerms(*row) for row in zip(*cols)]
+
     def take(self, rows: np.ndarray) -> "StepTerms":
         """The terms of a :meth:`stack` at ``rows`` (an index array along its leading axis: the stack of those rows)."""
         return StepTerms(**{name: getattr(self, name)[rows] for name in TERM_NAMES})

@@ -368,7 +368,9 @@ def grpo_terms(model, cfg, terms: Any, batch, seq) -> Any:
         last = lg if gen_ac else float(dl)
         # autocast's casts of the fp32 trainable weights, cached while one forward runs (a full model's generate):
         # every layer's by the last layer's end (the keys re-concatenated), gone once the forward has returned
-        st = model_state(model, cfg)
+        # (a PEFT policy's generate casts nothing, and its model state -- which reads the rank, a tuple of ranks
+        # under memory.step_terms' rank axis -- is not asked for)
+        st = model_state(model, cfg) if gen_ac else None
         casts = model.num_layers * st.layer_cast if gen_ac else 0
         # (at a layer's attention its MLP's weights are not cast yet)
         mlp_casts = st.layer_cast - st.attn_cast if gen_ac else 0

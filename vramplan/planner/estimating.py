@@ -288,17 +288,18 @@ def _peaks(mem, cfg: TrainConfig, card: GPUSpec | None, profile, extra: int, loa
 
 
 def estimate_peaks_rows(spec: ModelSpec, cfgs: list[TrainConfig], card: GPUSpec | None,
-                        profile: Any = LOOK_UP) -> list[Peaks]:
+                        profile: Any = LOOK_UP, terms: dict | None = None) -> list[Peaks]:
     """:func:`estimate_peaks` of several one-GPU configurations at their own batch and sequence, equal to it
     config by config: one :func:`vramplan.memory.step_memory_rows` call (the phase arithmetic once for all;
     the configurations must agree on batch, sequence and accumulation, and on whether they generate), then
-    each row's device chain. ``profile``: as :func:`estimate_peaks`'."""
+    each row's device chain. ``profile``: as :func:`estimate_peaks`'. ``terms``: a dict the caller keeps between
+    calls over configurations of one shape (:func:`~vramplan.memory.step_memory_rows_shared`'s)."""
     from ..memory import StepMemory, step_memory_rows_shared
 
     if len({(c.batch, c.seq, c.grad_accum) for c in cfgs}) > 1:
         raise ValueError("estimate_peaks_rows: configurations of different shapes")
     # step_memory_rows, with only the components the device chain reads
-    mem, states = step_memory_rows_shared(spec, cfgs, components=DEVICE_CHAIN_READS)
+    mem, states = step_memory_rows_shared(spec, cfgs, terms=terms, components=DEVICE_CHAIN_READS)
     out = []
     for i, (cfg, st) in enumerate(zip(cfgs, states)):
         row = StepMemory(components={c: v[i] for c, v in mem.components.items()}, phases={},

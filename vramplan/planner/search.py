@@ -43,7 +43,7 @@ from ..distributed import (SHARDED_PARAMS, SINGLE, STRATEGIES, Parallel, accumul
                            make_parallel, parallel_step_memory, shard_state)
 from ..errors import CardUnsupportedError, VramplanError
 from ..gpus import GPUSpec, catalogue
-from ..memory import StepMemory, model_state, step_memory_rows_shared, step_terms, ties_stand_in
+from ..memory import StepMemory, fill_step_terms, model_state, step_memory_rows_shared, step_terms, ties_stand_in
 from ..phases import filled
 from ..methods import Adapter, resolve
 from ..models import ModelSpec
@@ -454,11 +454,11 @@ def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Paral
             results[p] = (_single_totals(spec, cands, card, reps, which, b_grid, a_grid, totals,
                                          [states[k] for k in reps]), times)
             continue
+        # each shared configuration's activation terms once per grid (the ranks of a low-rank setting in one pass)
+        tkeys = [(k, tuple(b_grid)) for k in reps]
+        fill_step_terms(spec, list(reps.values()), tkeys, b_grid, None, terms)
         mems = []
-        for k, r in reps.items():
-            tkey = (k, tuple(b_grid))
-            if tkey not in terms:
-                terms[tkey] = step_terms(spec, r, batch=b_grid)
+        for (k, r), tkey in zip(reps.items(), tkeys):
             mems.append(accumulation_step_memory(spec, r, p, b_grid, a_grid, state=sharded[k], terms=terms[tkey],
                                                  components=DEVICE_CHAIN_READS))  # what the device totals read
         rows = [totals(mems[j], cfg, card, p) for j, (cfg, _) in zip(which, cands)]

@@ -157,17 +157,20 @@ def _choose(on: tuple[str, ...], candidates: list[str], cost: dict[str, float], 
     return chosen
 
 
-def _estimate_singles(spec, cfg: TrainConfig, card, profile, names: list[str], cache: dict) -> None:
+def _estimate_singles(spec, cfg: TrainConfig, card, profile, names: list[str], cache: dict, terms: dict) -> None:
     """Fill ``cache`` (sorted techniques -> :class:`Peaks`) with the one-GPU peaks of ``cfg`` plus each of
     ``names`` alone, in one :func:`~vramplan.planner.estimating.estimate_peaks_rows` call (:func:`_estimate_many`)."""
-    _estimate_many(spec, cfg, card, profile, [cfg.techniques + (name,) for name in names], cache)
+    _estimate_many(spec, cfg, card, profile, [cfg.techniques + (name,) for name in names], cache, terms)
 
 
-def _estimate_many(spec, cfg: TrainConfig, card, profile, combos: list[tuple[str, ...]], cache: dict) -> None:
+def _estimate_many(spec, cfg: TrainConfig, card, profile, combos: list[tuple[str, ...]], cache: dict,
+                   terms: dict) -> None:
     """Fill ``cache`` (sorted techniques -> :class:`Peaks`) with the one-GPU peaks of ``cfg`` with each set of
     techniques of ``combos`` requested, in one :func:`~vramplan.planner.estimating.estimate_peaks_rows` call. A
     set that ``cfg`` refuses (a conflict, accumulation) is left out; if the rows cannot be evaluated together,
-    nothing is filled (each is then estimated on its own, raising what it raises)."""
+    nothing is filled (each is then estimated on its own, raising what it raises). ``terms``: the activation terms
+    kept between the calls of one :func:`recommend_techniques` (every set is ``cfg``'s shape: a later round's set
+    that adds only a technique the terms do not read, ``vramplan.memory.TERMS_BLIND_TECHNIQUES``, reuses them)."""
     cfgs, keys = [], []
     for techs in combos:
         key = tuple(sorted(techs))
@@ -181,7 +184,7 @@ def _estimate_many(spec, cfg: TrainConfig, card, profile, combos: list[tuple[str
     if len(cfgs) < 2:
         return
     try:
-        peaks = estimate_peaks_rows(spec, cfgs, card, profile)
+        peaks = estimate_peaks_rows(spec, cfgs, card, profile, terms=terms)
     except VramplanError:
         return
     cache.update(zip(keys, peaks))
@@ -221,6 +224,7 @@ def recommend_techniques(model, cfg: TrainConfig, gpu, *, parallel: Parallel | N
     usable = comfortable_limit(capacity, band_for_config(cfg, multi=par.distributed).hi, margin)  # the verdict's "comfortable"
     floor = max(MIN_SAVING_BYTES, int(MIN_SAVING_FRACTION * capacity))
     cache: dict[tuple, Estimate | Peaks] = {}
+    terms: dict = {}  # the activation terms of the technique sets tried, kept between _estimate_many's calls
     profile = card_profile(card)
 
     def est(techs: tuple[str, ...]):
@@ -235,7 +239,7 @@ def recommend_techniques(model, cfg: TrainConfig, gpu, *, parallel: Parallel | N
     catalogue = techniques()
     if not par.distributed:  # every technique alone, in one vectorised call (est's answers, to the byte)
         _estimate_singles(spec, cfg, card, profile, [name for name, t in catalogue.items()
-                                                     if t.saver and not cfg.uses(name)], cache)
+                                                     if t.saver and not cfg.uses(name)], cache, terms)
 
     def saving(name: str, before, after) -> TechniqueSaving:
         t = catalogue[name]
@@ -258,7 +262,7 @@ def recommend_techniques(model, cfg: TrainConfig, gpu, *, parallel: Parallel | N
     singles.sort(key=lambda s: (s.cost, -s.saving_bytes, s.technique))
 
     cost = {n: catalogue[n].cost_for(cfg) for n in candidates}
-    many = None if par.distributed else (lambda combos: _estimate_many(spec, cfg, card, profile, combos, cache))
+    many = None if par.distributed else (lambda combos: _estimate_many(spec, cfg, card, profile, combos, cache, terms))
     chosen = _choose(cfg.techniques, candidates, cost, est, base, floor, usable, capacity, many)
     recommended: list[TechniqueSaving] = []
     before = base
