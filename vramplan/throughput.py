@@ -619,10 +619,10 @@ def _group_times(spec: ModelSpec, cfgs: list[TrainConfig], gpu: GPUSpec, batch, 
         which.append(j)
     cfg = reps[0]
     adapted = _adapted_rows(spec, reps) if cfg.recipe.adapter.low_rank else None
-    if adapted is None and len(reps) > 1:  # (nothing adapted: equal works; else a sum beyond int64)
-        if cfg.recipe.adapter.low_rank:
-            return [t for c, x in zip(cfgs, inputs) for t in _group_times(spec, [c], gpu, batch, grad_accum, parallel,
-                                                                          [x], eff, passes)]
+    if adapted is None and len(reps) > 1 and cfg.recipe.adapter.low_rank:  # a sum beyond int64: one at a time
+        return [t for c, x in zip(cfgs, inputs) for t in _group_times(spec, [c], gpu, batch, grad_accum, parallel,
+                                                                      [x], eff, passes)]
+    # (no low-rank adapter: the configurations' works are equal, the first one's stands for all)
     w = _step_work(spec, cfg, batch, passes=passes, adapted=adapted)
     a = np.asarray(cfg.grad_accum if grad_accum is None else grad_accum, dtype=np.float64)
     peak = gpu.tensor_tflops(cfg.regime.compute_dtype) * 1e12
