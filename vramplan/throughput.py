@@ -231,10 +231,13 @@ def step_work(spec: ModelSpec, cfg: TrainConfig, batch=None, seq=None) -> StepWo
 _NOT_IN_PASSES = ("optimizer", "rank", "alpha", "targets", "dropout")
 
 
-def _step_work(spec: ModelSpec, cfg: TrainConfig, batch=None, seq=None, passes: dict | None = None) -> StepWork:
+def _step_work(spec: ModelSpec, cfg: TrainConfig, batch=None, seq=None, passes: dict | None = None,
+               adapted: tuple | None = None) -> StepWork:
     """:func:`step_work`; ``passes``: a dict the caller keeps over one ``batch``/``seq`` grid, of each configuration's
     :func:`_pass_work` by its fields but :data:`_NOT_IN_PASSES` (the candidates of a search at every rank and
-    targets share them; each step work gets its own copy, which the rollout adds to)."""
+    targets share them; each step work gets its own copy, which the rollout adds to); ``adapted``: the low-rank
+    adapters of several configurations equal to ``cfg`` but in their rank and targets (:func:`_adapted_rows`): the
+    work's adapter FLOPs and DoRA's parameters are then one row each (the rest, which neither reads, is ``cfg``'s)."""
     recipe = cfg.recipe
     b = np.asarray(cfg.batch if batch is None else batch, dtype=np.float64)
     s = np.asarray(cfg.seq if seq is None else seq, dtype=np.float64)
@@ -254,7 +257,7 @@ def _step_work(spec: ModelSpec, cfg: TrainConfig, batch=None, seq=None, passes: 
         p.passes += r.passes
         if recipe.adapter.quantized_base:
             p.dequant += spec.linear_params / 1e9 * r.dequant_passes
-    adapter, dora = _adapter_work(spec, cfg, tokens, zeros)
+    adapter, dora = _adapter_work(spec, cfg, tokens, zeros, adapted)
     rollout = zeros.copy() if r is None else r.scoring_flops + zeros
     return StepWork(tokens=tokens, batch=b + zeros, model_flops=p.flops + rollout, adapter_flops=adapter,
                     rollout_flops=rollout,
@@ -344,31 +347,54 @@ def _rollout_work(spec: ModelSpec, cfg: TrainConfig, b, s, zeros):
     return generation_work(spec, cfg.regime, recipe.copies[0], recipe.behaviour.generation(cfg), b, s, fwd_mm)
 
 
-def _adapter_work(spec: ModelSpec, cfg: TrainConfig, tokens, zeros):
+def _adapter_work(spec: ModelSpec, cfg: TrainConfig, tokens, zeros, adapted: tuple | None = None):
     """``(adapter FLOPs, DoRA's weight-norm parameters)`` of one micro-step: LoRA's own matmuls,
     ``6 r (in + out)`` per adapted linear and token for each trained low-rank copy (forward, input and
     weight gradients; ``2 r (in + out)`` more per recomputed forward), ``2 r (in + out)`` for a
     generating method's scoring forward; DoRA multiplies ``B A`` (``2 r in out``) per forward to take
-    the weight norm and reads every adapted weight for it."""
+    the weight norm and reads every adapted weight for it.
+
+    ``adapted``: ``(ranks, edges, areas)``, int64 columns (:func:`_adapted_rows`) of configurations equal to
+    ``cfg`` but in their rank and targets: the FLOPs are then one row per configuration (the integer products
+    exact in int64, as in Python's ints; each element sees the same operations in the same order as one
+    configuration's scalars) and DoRA's parameters a float64 column."""
     recipe = cfg.recipe
     adapter = zeros.copy()
-    sums = _adapted_sums(spec, cfg)
-    if sums is None:
-        return adapter, 0.0
-    edges, areas = sums  # (integers: each sum over the shapes times the rank is the rank times the sum, exactly)
+    if adapted is None:
+        sums = _adapted_sums(spec, cfg)
+        if sums is None:
+            return adapter, 0.0
+        rank, (edges, areas) = cfg.rank, sums  # (integers: each sum over the shapes times the rank is the rank
+        # times the sum, exactly)
+    else:
+        rank, edges, areas = adapted
     gc = 1 if cfg.grad_ckpt else 0
-    lora_per_token = 6 * cfg.rank * edges
-    fwd_per_token = 2 * cfg.rank * edges
+    lora_per_token = 6 * rank * edges
+    fwd_per_token = 2 * rank * edges
     grad_copies = [c for c in recipe.copies if c.forward is Forward.GRAD and c.adapter in LOW_RANK]
     forwards = 1 + gc + (1 if recipe.behaviour.generates else 0)
-    adapter += len(grad_copies) * tokens * (lora_per_token + gc * fwd_per_token)
+    adapter = adapter + len(grad_copies) * tokens * (lora_per_token + gc * fwd_per_token)
     if recipe.behaviour.generates:
-        adapter += tokens * fwd_per_token
+        adapter = adapter + tokens * fwd_per_token
     dora = 0.0
     if recipe.adapter.dora:
-        dora = float(areas * forwards)
-        adapter += 2 * cfg.rank * areas * forwards
+        dora = float(areas * forwards) if adapted is None else (areas * forwards).astype(np.float64)
+        adapter = adapter + 2 * rank * areas * forwards
     return adapter, dora
+
+
+def _adapted_rows(spec: ModelSpec, cfgs: list[TrainConfig]) -> tuple | None:
+    """``(ranks, edges, areas)`` of ``cfgs`` (low-rank configurations of one recipe), int64 columns: each one's rank
+    and :func:`_adapted_sums`, what :func:`_adapter_work` reads of it; None when they adapt nothing, or a sum is
+    beyond int64 (each is then worked out on its own)."""
+    sums = [_adapted_sums(spec, c) for c in cfgs]
+    if any(s is None for s in sums):
+        return None
+    rows = [(c.rank, e, ar) for c, (e, ar) in zip(cfgs, sums)]
+    if 6 * 3 * max(r for r, _, _ in rows) * max(max(e, ar) for _, e, ar in rows) >= 2 ** 62:
+        return None  # (what _adapter_work multiplies, at most 6 x rank x sum x 3 forwards, stays inside int64)
+    cols = np.array(rows, dtype=np.int64).T.reshape(3, -1, 1)
+    return cols[0], cols[1], cols[2]
 
 
 def flops_per_token(spec: ModelSpec, cfg: TrainConfig, seq=None) -> np.ndarray:
@@ -518,23 +544,108 @@ def step_time_rows(spec: ModelSpec, cfgs: list[TrainConfig], gpu: GPUSpec, batch
     """:func:`step_time` of each of ``cfgs`` over the same ``batch``/``grad_accum`` grid, equal to it.
 
     The work of a step (:func:`step_work`) does not depend on the optimiser: it is counted once
-    per configuration that differs in more than its optimiser. ``inputs``: each config's
-    :class:`StepTimeInputs` (None: the defaults for all).
+    per configuration that differs in more than its optimiser. On one GPU without a calibration profile (a grid
+    of micro-batches), the configurations equal but in their optimiser, rank and targets are timed together
+    (:func:`_group_times`). ``inputs``: each config's :class:`StepTimeInputs` (None: the defaults for all).
     """
-    works: dict = {}
-    passes: dict = {}  # the model copies' passes (_pass_work), shared by the configurations of every rank and targets
-    micros: dict = {}  # the micro-step's seconds by the same key, without a profile (_step_time)
     if grad_accum is not None:  # float64 once (what _step_time makes of it), not once per configuration
         grad_accum = np.asarray(grad_accum, dtype=np.float64)
     eff = card_efficiency(gpu)  # the card's, for every configuration
+    inputs = [DEFAULT_INPUTS] * len(cfgs) if inputs is None else inputs
+    if not parallel.distributed and np.ndim(batch) == 1 and np.ndim(grad_accum) <= 1 and not _any_profile(gpu, inputs):
+        groups: dict = {}  # configuration but _NOT_IN_GROUP -> the indices of its configurations
+        for i, cfg in enumerate(cfgs):
+            groups.setdefault(fields_but(cfg, *_NOT_IN_GROUP), []).append(i)
+        out: list = [None] * len(cfgs)
+        passes: dict = {}
+        for rows in groups.values():
+            times = _group_times(spec, [cfgs[i] for i in rows], gpu, batch, grad_accum, parallel,
+                                 [inputs[i] for i in rows], eff, passes)
+            for i, t in zip(rows, times):
+                out[i] = t
+        return out
+    works: dict = {}
+    passes = {}  # the model copies' passes (_pass_work), shared by the configurations of every rank and targets
+    micros: dict = {}  # the micro-step's seconds by the same key, without a profile (_step_time)
     out = []
     for i, cfg in enumerate(cfgs):
         k = fields_but(cfg, "optimizer")
         if k not in works:
             works[k] = _step_work(spec, cfg, batch, passes=passes)
-        out.append(_step_time(spec, cfg, gpu, batch, grad_accum=grad_accum, parallel=parallel,
-                              inputs=DEFAULT_INPUTS if inputs is None else inputs[i], work=works[k],
-                              kept=(micros, k), eff=eff))
+        out.append(_step_time(spec, cfg, gpu, batch, grad_accum=grad_accum, parallel=parallel, inputs=inputs[i],
+                              work=works[k], kept=(micros, k), eff=eff))
+    return out
+
+
+#: the fields that enter a step's time only through the adapter's FLOPs, DoRA's norm (rank and targets) and the
+#: optimiser's seconds, or not at all (alpha): :func:`step_time_rows` times the configurations equal but in these
+#: together
+_NOT_IN_GROUP = ("optimizer", "rank", "alpha", "targets")
+
+
+def _any_profile(gpu: GPUSpec, inputs: list[StepTimeInputs]) -> bool:
+    """Whether any of ``inputs`` times with a calibration profile (:func:`_step_time`'s ``prof`` not None)."""
+    loaded = _LOAD
+    for x in inputs:
+        if not x.use_profile:
+            continue
+        if x.profile is not _LOAD:
+            if x.profile is not None:
+                return True
+            continue
+        if loaded is _LOAD:
+            loaded = _profile(gpu)
+        if loaded is not None:
+            return True
+    return False
+
+
+def _group_times(spec: ModelSpec, cfgs: list[TrainConfig], gpu: GPUSpec, batch, grad_accum, parallel: Parallel,
+                 inputs: list[StepTimeInputs], eff: Efficiency, passes: dict) -> list[StepTime]:
+    """:func:`_step_time` of configurations ``cfgs`` equal but in :data:`_NOT_IN_GROUP`, on one GPU without a
+    calibration profile (``batch`` a grid): their work is one :func:`_step_work` whose adapter FLOPs and DoRA
+    parameters have one row per configuration but its optimiser (:func:`_adapted_rows`); the micro-step's
+    seconds (:func:`_default_micro`) and what the optimiser does not enter (:func:`_optimizer_free`) are worked
+    out once on those rows -- elementwise, each row sees its own configuration's operations in their order;
+    the optimiser's seconds are a column over the configurations (:func:`_step_arrays`). Each StepTime's arrays
+    are rows of these, equal to :func:`step_time`'s (tests/test_time11_speed.py)."""
+    row_of: dict = {}  # configuration but its optimiser -> its row
+    reps: list[TrainConfig] = []
+    which = []
+    for cfg in cfgs:
+        j = row_of.setdefault(fields_but(cfg, "optimizer"), len(row_of))
+        if j == len(reps):
+            reps.append(cfg)
+        which.append(j)
+    cfg = reps[0]
+    adapted = _adapted_rows(spec, reps) if cfg.recipe.adapter.low_rank else None
+    if adapted is None and len(reps) > 1 and cfg.recipe.adapter.low_rank:  # a sum beyond int64: one at a time
+        return [t for c, x in zip(cfgs, inputs) for t in _group_times(spec, [c], gpu, batch, grad_accum, parallel,
+                                                                      [x], eff, passes)]
+    # (no low-rank adapter: the configurations' works are equal, the first one's stands for all)
+    w = _step_work(spec, cfg, batch, passes=passes, adapted=adapted)
+    a = np.asarray(cfg.grad_accum if grad_accum is None else grad_accum, dtype=np.float64)
+    peak = gpu.tensor_tflops(cfg.regime.compute_dtype) * 1e12
+    micro, parts, net_s, host_s, overlapped, tokens_step, flops = _optimizer_free(
+        cfg, *_default_micro(spec, gpu, w, None, eff, peak), a, w, parallel, None, None, spec, gpu)
+    opt = [_optimizer_seconds(spec, c, gpu, parallel, x.state or model_state(spec, c)) for c, x in zip(cfgs, inputs)]
+    rows = np.array(which, dtype=np.intp)
+    two_d = adapted is not None  # (over a one-dimensional grid, the rows' arrays are two-dimensional)
+    step, tps, ach, mfu, (opt_part, comm_part, host_part) = _step_arrays(
+        overlapped[rows] if two_d else overlapped, np.array(opt, dtype=np.float64).reshape(-1, 1), net_s, host_s,
+        tokens_step, flops, peak)
+    if two_d:  # each row's parts and micro-step seconds, taken once (a part the rows share stays whole)
+        own = [({k: (v[j] if v.ndim == 2 else v) for k, v in parts.items()}, micro[j]) for j in range(len(reps))]
+    else:
+        own = [(parts, micro)] * len(reps)
+    sources = {u: _default_source(eff, u) for u in {x.use_profile for x in inputs}}
+    out = []
+    for j, x, o, s, t, ac, m, op, cp, hp in zip(which, inputs, opt, step, tps, ach, mfu, opt_part, comm_part,
+                                               host_part):
+        out.append(StepTime(step_s=s, micro_s=own[j][1], optimizer_s=o, comm_s=net_s, host_s=host_s,
+                            tokens_per_step=tokens_step, tokens_per_s=t, achieved_tflops=ac, mfu=m, grad_accum=a,
+                            calibrated=False, source=sources[x.use_profile],
+                            parts={**own[j][0], "optimizer_s": op, "comm_s": cp, "host_s": hp}))
     return out
 
 
@@ -557,8 +668,7 @@ def _step_time(spec: ModelSpec, cfg: TrainConfig, gpu: GPUSpec, batch=None, seq=
     prof = None if not use_profile else (_profile(gpu) if profile is _LOAD else profile)
     key = cfg.recipe.name
     micro = None
-    source = (f"defaults for {eff.card_class} cards ({eff.matmul_source}; stack efficiency {eff.stack:g}); "
-              f"no calibration profile" + ("" if use_profile else " used"))
+    source = _default_source(eff, use_profile)
     calibrated = False
     parts: dict[str, np.ndarray] = {}
     if prof is not None:
@@ -604,15 +714,29 @@ def _optimizer_free(cfg: TrainConfig, micro, parts: dict, a, w: StepWork, parall
 def _with_optimizer(micro, parts: dict, net_s, host_s, overlapped, tokens_step, flops, a, opt_s: float, peak: float,
                     calibrated: bool, source: str) -> StepTime:
     """The :class:`StepTime` of :func:`_optimizer_free`'s part and the optimiser's seconds ``opt_s``."""
+    step, tps, ach, mfu, (opt_part, comm_part, host_part) = _step_arrays(overlapped, opt_s, net_s, host_s, tokens_step,
+                                                                         flops, peak)
+    parts = dict(parts)
+    parts.update(optimizer_s=opt_part, comm_s=comm_part, host_s=host_part)
+    return StepTime(step_s=step, micro_s=micro, optimizer_s=opt_s, comm_s=net_s, host_s=host_s, tokens_per_step=tokens_step,
+                    tokens_per_s=tps, achieved_tflops=ach, mfu=mfu, grad_accum=a, calibrated=calibrated,
+                    source=source, parts=parts)
+
+
+def _step_arrays(overlapped, opt_s, net_s, host_s, tokens_step, flops, peak: float) -> tuple:
+    """``(step s, tokens/s, achieved TFLOP/s, MFU, (optimizer, comm, host seconds as parts))`` of an optimiser step:
+    the overlapped micro-steps, the optimiser's seconds ``opt_s`` and the host's. Elementwise: ``opt_s`` may be a
+    column over configurations (:func:`_group_times`), each row then what one configuration's float gives."""
     step = overlapped + opt_s + host_s
-    tps = tokens_step / step
     ach = flops / step / 1e12
     zeros = 0 * step
-    parts = dict(parts)
-    parts.update(optimizer_s=opt_s + zeros, comm_s=net_s + zeros, host_s=host_s + zeros)
-    return StepTime(step_s=step, micro_s=micro, optimizer_s=opt_s, comm_s=net_s, host_s=host_s, tokens_per_step=tokens_step,
-                    tokens_per_s=tps, achieved_tflops=ach, mfu=ach * 1e12 / peak, grad_accum=a, calibrated=calibrated,
-                    source=source, parts=parts)
+    return step, tokens_step / step, ach, ach * 1e12 / peak, (opt_s + zeros, net_s + zeros, host_s + zeros)
+
+
+def _default_source(eff: Efficiency, use_profile: bool) -> str:
+    """The ``source`` of a step time from the default efficiencies ``eff`` (no profile, or ``use_profile`` False)."""
+    return (f"defaults for {eff.card_class} cards ({eff.matmul_source}; stack efficiency {eff.stack:g}); "
+            f"no calibration profile" + ("" if use_profile else " used"))
 
 
 def _default_micro(spec: ModelSpec, gpu: GPUSpec, w: StepWork, prof, eff: Efficiency, peak: float) -> tuple:

@@ -421,9 +421,12 @@ def _shared_key(cfg: TrainConfig, tie: bool, rest: tuple | None = None) -> tuple
     totals differ (paged states live outside the allocator's reserve): one per optimiser.
     (``rest``: ``fields_but(cfg, "optimizer", "attn")`` when the caller has it.)
     """
-    return (fields_but(cfg, "optimizer", "attn") if rest is None else rest,
-            (cfg.attention.same_as if tie else None) or cfg.attn,
-            get_optimizer(cfg.optimizer).same_states_as or cfg.optimizer)
+    return (fields_but(cfg, "optimizer", "attn") if rest is None else rest,) + _stand_ins(cfg, tie)
+
+
+def _stand_ins(cfg: TrainConfig, tie: bool) -> tuple[str, str]:
+    """The last two parts of :func:`_shared_key`: ``cfg``'s attention and optimiser as the ones they share with."""
+    return (cfg.attention.same_as if tie else None) or cfg.attn, get_optimizer(cfg.optimizer).same_states_as or cfg.optimizer
 
 
 def _evaluate(spec: ModelSpec, cands: list, card: GPUSpec, parallels: list[Parallel], grids: dict, prof,
@@ -475,6 +478,8 @@ def _choices(total: np.ndarray, times: list[StepTime], which: np.ndarray, usable
     shape = total.shape[1:]
 
     def grid(values) -> np.ndarray:  # (shared configurations x micro-batches) -> (candidates x micro-batches)
+        if all(type(v) is np.ndarray and v.shape == shape for v in values):  # already the grid's (step_time_rows')
+            return np.array(values)[which]  # (filled(v, shape) would be a copy of each)
         return np.array([filled(v, shape) for v in values])[which]  # np.stack of np.broadcast_to's, faster
     tps, step = grid([t.tokens_per_s for t in times]), grid([t.step_s for t in times])
     ok = total <= np.asarray(usable, dtype=np.int64).reshape((-1,) + (1,) * len(shape))
@@ -486,29 +491,34 @@ def _choices(total: np.ndarray, times: list[StepTime], which: np.ndarray, usable
 def _shared_rows(spec: ModelSpec, cands: list, ties: dict) -> tuple[dict, np.ndarray]:
     """(shared key -> the first candidate with it, each candidate's row among them): :func:`_shared_key`, whether
     flash ties sdpa asked once per configuration but its optimiser and attention (kept in ``ties``, a planning
-    call's :attr:`DeviceTotals.ties`)."""
+    call's :attr:`DeviceTotals.ties`).
+
+    Each candidate's fields but its optimiser and attention are taken and looked up once: under them, the rows of
+    their configurations by the key's other two parts (:func:`_stand_ins`); a new pair is a new key, that
+    ``rest`` with the pair (the first part of every key under it), in the order of first appearance."""
     try:
         hash(spec)
     except TypeError:  # a spec built with list fields (from a log's JSON): nothing kept between calls
         ties = {}
-    keys = []
-    for cfg, _ in cands:
-        rest = fields_but(cfg, "optimizer", "attn")  # taken once: the ties' key and the shared key's first part
-        if cfg.attention.same_as is None:
-            keys.append(_shared_key(cfg, False, rest))
-            continue
-        base = (spec, rest)
-        tie = ties.get(base)
-        if tie is None:
-            tie = ties[base] = ties_stand_in(spec, cfg)
-        keys.append(_shared_key(cfg, tie, rest))
     reps: dict[tuple, TrainConfig] = {}
-    row: dict[tuple, int] = {}  # shared key -> its row (the order of first appearance, as reps')
+    under: dict[tuple, list] = {}  # fields but optimiser and attention -> [whether flash ties sdpa, {pair: row}]
     which = []
-    for k, (cfg, _) in zip(keys, cands):
-        j = row.setdefault(k, len(row))
-        if j == len(reps):
-            reps[k] = cfg
+    for cfg, _ in cands:
+        rest = fields_but(cfg, "optimizer", "attn")
+        got = under.get(rest)
+        if got is None:
+            got = under[rest] = [None, {}]
+        if got[0] is None and cfg.attention.same_as is not None:
+            base = (spec, rest)
+            tie = ties.get(base)
+            if tie is None:
+                tie = ties[base] = ties_stand_in(spec, cfg)
+            got[0] = tie
+        pair = _stand_ins(cfg, bool(got[0]))
+        j = got[1].get(pair)
+        if j is None:
+            j = got[1][pair] = len(reps)
+            reps[(rest,) + pair] = cfg
         which.append(j)
     return reps, np.array(which, dtype=np.intp)
 
