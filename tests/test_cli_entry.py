@@ -126,6 +126,28 @@ def test_tables_print_the_same_bytes_without_highlighting_where_no_colour_is_emi
     assert coloured.color_system is not None and coloured.render_str("peak 12.5 GiB").spans  # still highlighted
 
 
+def test_tables_print_names_as_written_not_as_emoji(monkeypatch):
+    """cli._console prints ``:word:`` as written (vramplan's text never means an emoji code), coloured or not, and
+    the command's table never loads rich's table of emoji codes."""
+    from vramplan import cli
+
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
+    for colour in (False, True):
+        if colour:
+            monkeypatch.setenv("FORCE_COLOR", "1")
+            monkeypatch.setenv("TERM", "xterm-256color")
+        console = cli._console()
+        assert console.render_str("model :fire: on :smiley:").plain == "model :fire: on :smiley:"
+    out = _py("import io, sys\n"
+              "from contextlib import redirect_stdout\n"
+              "from vramplan.cli import main\n"
+              "with redirect_stdout(io.StringIO()):\n"
+              "    main(['fit', '--model', '1b', '--gpu', 'rtx3080', '--methods', 'lora'])\n"
+              "print('rich._emoji_codes' in sys.modules, 'rich.table' in sys.modules)\n")
+    assert out.split() == ["False", "True"]
+
+
 def test_only_the_programs_own_run_skips_the_exits_final_collections():
     """``main()`` (the script, ``python -m``) registers gc.freeze at exit; ``main(argv)`` in a caller's process does not."""
     out = _py("import atexit, gc, io, sys\n"

@@ -181,12 +181,16 @@ def _console():
     """The console the tables print on. Where it emits no colour (output piped or redirected: rich's
     ``color_system`` is None), rich's automatic highlighting of numbers and names in printed strings
     would only compute styles that are then dropped, so it is off (the same bytes, without its regex
-    passes: about a third of a ``fit`` table's render time); on a colour terminal it stays on."""
+    passes: about a third of a ``fit`` table's render time); on a colour terminal it stays on.
+
+    Emoji codes are off everywhere: vramplan's text never means one, so a name or path holding
+    ``:word:`` prints as written instead of becoming a pictogram, and rich neither loads its table of
+    codes nor scans each printed string for them (about 1% of a ``fit`` table's command)."""
     from rich.console import Console
 
-    console = Console()
+    console = Console(emoji=False)
     if console.color_system is None:
-        console = Console(highlight=False)
+        console = Console(highlight=False, emoji=False)
     return console
 
 
