@@ -112,17 +112,16 @@ class DeviceTotals:
                           dtype=np.float64).reshape(shape)
         load_reserved = np.array([st.load_reserved for st in states], dtype=np.float64).reshape(shape)
         groups = _recipe_groups(cfgs)
-        if len(groups) == 1:  # every row in order: the whole arrays
+        if len(groups) == 1:  # every row in order: the chain on the whole arrays
             (method, stack), = groups
             total = device_total(peak, card, method=method, activation_bytes=act, paged_bytes=paged, profile=prof,
                                  stack=stack, loaded_bytes=(loaded, load_reserved))
-            if total.shape == peak.shape:
-                return total
+            # (of the peak's shape, as the chain's element-wise result is; else filled to it, as float64)
+            return total if total.shape == peak.shape else np.array(np.broadcast_to(total, peak.shape), np.float64)
         act, paged = np.broadcast_to(act, peak.shape), np.broadcast_to(paged, peak.shape)
         out = np.empty(peak.shape)
         for (method, stack), idx in groups.items():
-            # (one group, every row in order: the whole arrays, as the rows picked would be)
-            ix = slice(None) if len(idx) == len(cfgs) else np.array(idx, dtype=np.intp)
+            ix = np.array(idx, dtype=np.intp)
             out[ix] = device_total(peak[ix], card, method=method, activation_bytes=act[ix], paged_bytes=paged[ix],
                                    profile=prof, stack=stack, loaded_bytes=(loaded[ix], load_reserved[ix]))
         return out
