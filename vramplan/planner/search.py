@@ -408,7 +408,7 @@ def _resolve_once(cfg: TrainConfig) -> None:
         pass
 
 
-def _shared_key(cfg: TrainConfig, tie: bool, rest: tuple | None = None) -> tuple:
+def _shared_key(cfg: TrainConfig, tie: bool) -> tuple:
     """The key of the configuration whose tensors and time ``cfg`` shares: its fields, with flash as sdpa where
     they tie (``tie``: :func:`vramplan.memory.ties_stand_in`) and an optimiser as the one whose states it keeps
     (``OptimizerDef.same_states_as``: paged 8-bit AdamW as 8-bit AdamW)
@@ -419,9 +419,9 @@ def _shared_key(cfg: TrainConfig, tie: bool, rest: tuple | None = None) -> tuple
     sequence, ...: then ``tie`` is False and each is evaluated); paged 8-bit AdamW keeps the same states as
     8-bit AdamW (on the GPU while they fit): each pair's tensors and time are evaluated once. Their device
     totals differ (paged states live outside the allocator's reserve): one per optimiser.
-    (``rest``: ``fields_but(cfg, "optimizer", "attn")`` when the caller has it.)
+    (:func:`_shared_rows` builds the same keys, each candidate's fields looked up once.)
     """
-    return (fields_but(cfg, "optimizer", "attn") if rest is None else rest,) + _stand_ins(cfg, tie)
+    return (fields_but(cfg, "optimizer", "attn"),) + _stand_ins(cfg, tie)
 
 
 def _stand_ins(cfg: TrainConfig, tie: bool) -> tuple[str, str]:
