@@ -192,8 +192,7 @@ def _layer_sums(model: ModelSpec, cfg: TrainConfig, copy: ModelCopy, regime: Reg
     if s.ndim == 0 and not cfg.attention.materialises_scores:
         key = (model, _copy_fields(copy), _regime_fields(regime), cfg.framework, cfg.versions,
                LAYER_TECHNIQUES.intersection(cfg.techniques) if cfg.techniques else _NO_TECHNIQUES, cfg.attn,
-               cfg.dropout, cfg.targets,
-               rank, float(s), input_requires_grad, part)
+               cfg.dropout, cfg.targets, rank, float(s), input_requires_grad, part)
         try:
             kept = _SUMS.get(key)
         except TypeError:  # a spec built with list fields (from a log's JSON): nothing kept
