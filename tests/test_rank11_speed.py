@@ -100,16 +100,21 @@ def _search_like(spec_name: str, generates: bool) -> list:
     return out, 2 * len(recipes)
 
 
-@pytest.mark.parametrize("spec_name,generates", [("llama-2-13b", False), ("gemma-2-2b", False), ("qwen3-1.7b", True)])
-def test_step_memory_rows_shared_rows_equal_step_memory(spec_name, generates, monkeypatch):
-    spec = get_model(spec_name)
-    calls = []
-    real = memory.step_terms
+def _counting(real):
+    """``(calls, step_terms)``: ``real`` (``memory.step_terms``) recording each call's ``ranks`` in ``calls``."""
+    calls: list = []
 
     def counted(model, cfg, batch=None, seq=None, ranks=None):
         calls.append(ranks)
         return real(model, cfg, batch, seq, ranks)
+    return calls, counted
 
+
+@pytest.mark.parametrize("spec_name,generates", [("llama-2-13b", False), ("gemma-2-2b", False), ("qwen3-1.7b", True)])
+def test_step_memory_rows_shared_rows_equal_step_memory(spec_name, generates, monkeypatch):
+    spec = get_model(spec_name)
+    real = memory.step_terms
+    calls, counted = _counting(real)
     monkeypatch.setattr(memory, "step_terms", counted)
     batch = np.array([1, 2, 4, 8])
     cfgs, groups = _search_like(spec_name, generates)
@@ -152,13 +157,7 @@ def test_fit_with_the_rank_axis_equals_one_terms_call_per_configuration(monkeypa
     import vramplan
     from vramplan.planner import search as search_mod
 
-    passes = []
-    real = memory.step_terms
-
-    def counted(model_, cfg, batch=None, seq=None, ranks=None):
-        passes.append(ranks)
-        return real(model_, cfg, batch, seq, ranks)
-
+    passes, counted = _counting(memory.step_terms)
     monkeypatch.setattr(memory, "step_terms", counted)
     got = vramplan.fit(model, gpu, gpus=gpus).to_json()
     assert sum(r is not None for r in passes) >= 10  # the rank axis was taken
